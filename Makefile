@@ -1,0 +1,28 @@
+# The two commands a new machine needs (see README):
+#   make run    build moemesh and generate from the embedded default model
+#   make test   everything CI checks: formatting, clippy, unit, reference and end-to-end tests
+.PHONY: run test build fmt lint
+
+CHAT ?= Explain mixture-of-experts models in one sentence.
+
+build:
+	scripts/setup.sh
+	cargo build --release -p moemesh
+
+run: build
+	./target/release/moemesh generate --chat "$(CHAT)" --max-new-tokens 48
+
+fmt:
+	cargo fmt --all -- --check
+
+lint:
+	cargo clippy --workspace --all-targets -- -D warnings
+	@# The engine must not depend on the wire (STYLE.md §2).
+	@! cargo tree -p moemesh-engine -e normal --prefix none | grep -E '^(tonic|prost|tower|tokio|etcd-client) ' \
+	  || (echo "moemesh-engine depends on a wire/runtime crate" && false)
+
+test:
+	scripts/setup.sh --test
+	$(MAKE) fmt
+	$(MAKE) lint
+	cargo test --workspace

@@ -1,0 +1,90 @@
+//! The engine's one error type. Every message names what was wrong (the config key, the tensor, the
+//! limit) so that a service can hand it to a user as it is; `kind()` gives callers a category they
+//! can act on without parsing text (the services map it to a gRPC status once, at their edge).
+
+use std::path::PathBuf;
+
+/// What a caller can do about an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request or the model directory is wrong; retrying the same thing fails the same way.
+    Invalid,
+    /// A needed resource (file, tokenizer, expert) is not there now.
+    Unavailable,
+    /// A bug or an unexpected failure inside the engine.
+    Internal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("config: cannot read {path}: {source}")]
+    ConfigRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config: {path} is not valid JSON for a DeepSeek config: {source}")]
+    ConfigParse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("config: unsupported value for `{key}`: {value} ({expected})")]
+    ConfigUnsupported {
+        key: String,
+        value: String,
+        expected: String,
+    },
+    #[error("weights: cannot open {path}: {reason}")]
+    WeightFile { path: PathBuf, reason: String },
+    #[error("weights: tensor `{name}` is missing from the checkpoint{hint}")]
+    MissingTensor { name: String, hint: String },
+    #[error("weights: tensor `{name}` has shape {actual:?}, expected {expected:?}")]
+    TensorShape {
+        name: String,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
+    #[error("weights: tensor `{name}` has dtype {dtype}, which moemesh does not load ({expected})")]
+    TensorDtype {
+        name: String,
+        dtype: String,
+        expected: String,
+    },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    #[error("kv cache: {0}")]
+    KvCache(String),
+    #[error("tensor computation failed: {0}")]
+    Tensor(#[from] candle_core::Error),
+}
+
+impl EngineError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            EngineError::ConfigRead { .. } | EngineError::WeightFile { .. } => {
+                ErrorKind::Unavailable
+            }
+            EngineError::Tensor(_) => ErrorKind::Internal,
+            _ => ErrorKind::Invalid,
+        }
+    }
+
+    pub(crate) fn unsupported(
+        key: impl Into<String>,
+        value: impl std::fmt::Display,
+        expected: impl Into<String>,
+    ) -> Self {
+        EngineError::ConfigUnsupported {
+            key: key.into(),
+            value: value.to_string(),
+            expected: expected.into(),
+        }
+    }
+}
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;

@@ -1,0 +1,137 @@
+//! The MLA latent KV cache of one sequence.
+//!
+//! MLA needs, per token and layer, only the normalised compressed latent `c_kv`
+//! (`kv_lora_rank` values) and the rotated shared key `k_pe` (`qk_rope_head_dim` values): keys
+//! and values of every head are recomputed from the latent inside attention (the absorbed form),
+//! so the cache is ~`(kv_lora_rank + qk_rope_head_dim)` values per token per layer rather than
+//! `2 · heads · head_dim`. Storage grows in whole blocks of [`BLOCK_TOKENS`] tokens, the unit the
+//! gate's KV budget is counted in.
+//!
+//! Lifecycle: a step first [`reserve`](SequenceCache::reserve)s room for its new tokens, each
+//! layer [`write`](SequenceCache::write)s its rows at the current length and reads the whole
+//! prefix back, and once every layer has run the step [`commit`](SequenceCache::commit)s. A step
+//! that fails before committing leaves the sequence as it was.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+
+/// Tokens per KV block; capacity is always a whole number of blocks.
+pub const BLOCK_TOKENS: usize = 16;
+
+#[derive(Debug)]
+struct LayerKv {
+    /// `[capacity, kv_lora_rank]`.
+    ckv: Tensor,
+    /// `[capacity, qk_rope_head_dim]`.
+    kpe: Tensor,
+}
+
+/// Latent KV for every layer of one sequence.
+#[derive(Debug)]
+pub struct SequenceCache {
+    layers: Vec<LayerKv>,
+    /// Tokens whose KV is committed.
+    len: usize,
+    /// Token slots allocated per layer.
+    capacity: usize,
+    kv_lora_rank: usize,
+    rope_dim: usize,
+    max_len: usize,
+    dtype: DType,
+    device: Device,
+}
+
+impl SequenceCache {
+    /// An empty cache for a model; `max_len` is the context length the cache refuses to exceed.
+    pub fn new(cfg: &ModelConfig, dtype: DType, device: &Device) -> Self {
+        SequenceCache {
+            layers: Vec::new(),
+            len: 0,
+            capacity: 0,
+            kv_lora_rank: cfg.kv_lora_rank,
+            rope_dim: cfg.qk_rope_head_dim,
+            max_len: cfg.max_position_embeddings,
+            dtype,
+            device: device.clone(),
+        }
+    }
+
+    /// Committed tokens (the position the next token gets).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Blocks currently allocated.
+    pub fn blocks(&self) -> usize {
+        self.capacity / BLOCK_TOKENS
+    }
+
+    /// Makes room for `n` more tokens in each of `num_layers` layers.
+    pub fn reserve(&mut self, num_layers: usize, n: usize) -> Result<()> {
+        let need = self.len + n;
+        if need > self.max_len {
+            return Err(EngineError::KvCache(format!(
+                "sequence would reach {need} tokens, over the model's context length of {} (max_position_embeddings)",
+                self.max_len
+            )));
+        }
+        if need <= self.capacity && self.layers.len() == num_layers {
+            return Ok(());
+        }
+        let target = need.max(self.capacity * 2).div_ceil(BLOCK_TOKENS) * BLOCK_TOKENS;
+        let target = target.min(self.max_len.div_ceil(BLOCK_TOKENS) * BLOCK_TOKENS);
+        let mut layers = Vec::with_capacity(num_layers);
+        for l in 0..num_layers {
+            let ckv = Tensor::zeros((target, self.kv_lora_rank), self.dtype, &self.device)?;
+            let kpe = Tensor::zeros((target, self.rope_dim), self.dtype, &self.device)?;
+            if let Some(old) = self.layers.get(l)
+                && self.len > 0
+            {
+                ckv.slice_set(&old.ckv.narrow(0, 0, self.len)?.contiguous()?, 0, 0)?;
+                kpe.slice_set(&old.kpe.narrow(0, 0, self.len)?.contiguous()?, 0, 0)?;
+            }
+            layers.push(LayerKv { ckv, kpe });
+        }
+        self.layers = layers;
+        self.capacity = target;
+        Ok(())
+    }
+
+    /// Stores the new tokens' latent rows for `layer` after the committed prefix and returns the
+    /// whole prefix including them: `(c_kv [len + n, kv_lora_rank], k_pe [len + n, rope])`.
+    pub fn write(&mut self, layer: usize, ckv: &Tensor, kpe: &Tensor) -> Result<(Tensor, Tensor)> {
+        let n = ckv.dim(0)?;
+        let total = self.len + n;
+        let slot = self
+            .layers
+            .get(layer)
+            .filter(|_| total <= self.capacity)
+            .ok_or_else(|| {
+                EngineError::KvCache(format!(
+                    "layer {layer}: no room reserved for {n} tokens after {} (call reserve first)",
+                    self.len
+                ))
+            })?;
+        slot.ckv
+            .slice_set(&ckv.to_dtype(self.dtype)?.contiguous()?, 0, self.len)?;
+        slot.kpe
+            .slice_set(&kpe.to_dtype(self.dtype)?.contiguous()?, 0, self.len)?;
+        Ok((slot.ckv.narrow(0, 0, total)?, slot.kpe.narrow(0, 0, total)?))
+    }
+
+    /// Makes the last `n` written tokens part of the sequence.
+    pub fn commit(&mut self, n: usize) {
+        self.len = (self.len + n).min(self.capacity);
+    }
+
+    /// Forgets everything after the first `len` tokens (storage is kept).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+}

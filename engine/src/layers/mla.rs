@@ -1,0 +1,234 @@
+//! Multi-head Latent Attention (DeepSeek-V2 §2.1), in the absorbed form.
+//!
+//! Keys and values are never materialised per head. With `W_UK`/`W_UV` the two halves of
+//! `kv_b_proj` for head h, `q_nope·k_nope = (q_nope·W_UK)·c_kv` and `p·v = (p·c_kv)·W_UVᵀ`, so the
+//! query is projected into the latent space once and attention runs directly over the cached
+//! latents. The same code serves prefill (many new tokens, causal mask) and decode (one token per
+//! sequence); every sequence of a batch attends only to its own cache.
+
+use candle_core::{D, DType, Tensor};
+
+use super::{Linear, RmsNorm, Rotary};
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::kv_cache::SequenceCache;
+use crate::weights::Loader;
+
+#[derive(Debug, Clone)]
+enum QueryProj {
+    /// V3 / V2: `q_b_proj(q_a_layernorm(q_a_proj(x)))`.
+    LowRank {
+        q_a_proj: Linear,
+        q_a_layernorm: RmsNorm,
+        q_b_proj: Linear,
+    },
+    /// V2-Lite: a plain `q_proj`.
+    Full { q_proj: Linear },
+}
+
+/// One sequence's rows in a batch: rows `start..start + len` of the step's activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqRows {
+    pub start: usize,
+    pub len: usize,
+}
+
+/// What attention needs about a step besides the activations: each sequence's rows and the
+/// rotary tables for every row's position.
+pub struct AttentionStep<'a> {
+    pub rows: &'a [SeqRows],
+    /// `[T, rope / 2]`.
+    pub cos: &'a Tensor,
+    /// `[T, rope / 2]`.
+    pub sin: &'a Tensor,
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    q: QueryProj,
+    kv_a_proj_with_mqa: Linear,
+    kv_a_layernorm: RmsNorm,
+    /// `W_UK`, `[heads, qk_nope_head_dim, kv_lora_rank]`.
+    w_uk: Tensor,
+    /// `W_UVᵀ`, `[heads, kv_lora_rank, v_head_dim]`.
+    w_uv_t: Tensor,
+    o_proj: Linear,
+    heads: usize,
+    nope: usize,
+    rope: usize,
+    v_dim: usize,
+    kv_lora: usize,
+    scale: f64,
+}
+
+impl Attention {
+    pub fn new(cfg: &ModelConfig, loader: &Loader, prefix: &str) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let heads = cfg.num_attention_heads;
+        let qk = cfg.qk_head_dim();
+        let bias = cfg.attention_bias;
+        let q = match cfg.q_lora_rank {
+            Some(r) => QueryProj::LowRank {
+                q_a_proj: Linear::new(loader, &format!("{prefix}.q_a_proj"), h, r, bias)?,
+                q_a_layernorm: RmsNorm::new(
+                    loader,
+                    &format!("{prefix}.q_a_layernorm.weight"),
+                    r,
+                    cfg.rms_norm_eps,
+                )?,
+                q_b_proj: Linear::new(loader, &format!("{prefix}.q_b_proj"), r, heads * qk, false)?,
+            },
+            None => QueryProj::Full {
+                q_proj: Linear::new(loader, &format!("{prefix}.q_proj"), h, heads * qk, false)?,
+            },
+        };
+        let kv_lora = cfg.kv_lora_rank;
+        let (nope, v_dim) = (cfg.qk_nope_head_dim, cfg.v_head_dim);
+        let kv_b = loader.get(
+            &format!("{prefix}.kv_b_proj.weight"),
+            &[heads * (nope + v_dim), kv_lora],
+        )?;
+        let kv_b = kv_b.reshape((heads, nope + v_dim, kv_lora))?;
+        let w_uk = kv_b.narrow(1, 0, nope)?.contiguous()?;
+        let w_uv_t = kv_b.narrow(1, nope, v_dim)?.transpose(1, 2)?.contiguous()?;
+        Ok(Attention {
+            q,
+            kv_a_proj_with_mqa: Linear::new(
+                loader,
+                &format!("{prefix}.kv_a_proj_with_mqa"),
+                h,
+                kv_lora + cfg.qk_rope_head_dim,
+                bias,
+            )?,
+            kv_a_layernorm: RmsNorm::new(
+                loader,
+                &format!("{prefix}.kv_a_layernorm.weight"),
+                kv_lora,
+                cfg.rms_norm_eps,
+            )?,
+            w_uk,
+            w_uv_t,
+            o_proj: Linear::new(loader, &format!("{prefix}.o_proj"), heads * v_dim, h, bias)?,
+            heads,
+            nope,
+            rope: cfg.qk_rope_head_dim,
+            v_dim,
+            kv_lora,
+            scale: cfg.softmax_scale(),
+        })
+    }
+
+    /// `x: [T, hidden]` (already normed) → `[T, hidden]`. Writes each sequence's new latents into
+    /// its cache (`caches[i]` belongs to `step.rows[i]`); the caller commits after the last layer.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        step: &AttentionStep,
+        rotary: &Rotary,
+        caches: &mut [&mut SequenceCache],
+    ) -> Result<Tensor> {
+        let t = x.dim(0)?;
+        let q = match &self.q {
+            QueryProj::LowRank {
+                q_a_proj,
+                q_a_layernorm,
+                q_b_proj,
+            } => q_b_proj.forward(&q_a_layernorm.forward(&q_a_proj.forward(x)?)?)?,
+            QueryProj::Full { q_proj } => q_proj.forward(x)?,
+        };
+        let q = q.reshape((t, self.heads, self.nope + self.rope))?;
+        let q_nope = q.narrow(2, 0, self.nope)?; // [T, H, nope]
+        let q_pe = rotary.apply(
+            &q.narrow(2, self.nope, self.rope)?.contiguous()?,
+            step.cos,
+            step.sin,
+        )?;
+        // Queries in latent space: [H, T, nope] x [H, nope, kv_lora] -> [H, T, kv_lora].
+        let q_lat = q_nope.transpose(0, 1)?.contiguous()?.matmul(&self.w_uk)?;
+        let q_pe = q_pe.transpose(0, 1)?.contiguous()?; // [H, T, rope]
+
+        let kv = self.kv_a_proj_with_mqa.forward(x)?; // [T, kv_lora + rope]
+        let ckv = self
+            .kv_a_layernorm
+            .forward(&kv.narrow(1, 0, self.kv_lora)?.contiguous()?)?;
+        let kpe = kv
+            .narrow(1, self.kv_lora, self.rope)?
+            .contiguous()?
+            .reshape((t, 1, self.rope))?;
+        let kpe = rotary
+            .apply(&kpe, step.cos, step.sin)?
+            .reshape((t, self.rope))?;
+
+        let mut outputs = Vec::with_capacity(step.rows.len());
+        for (rows, cache) in step.rows.iter().zip(caches.iter_mut()) {
+            let past = cache.len();
+            let (c_all, k_all) = cache.write(
+                layer,
+                &ckv.narrow(0, rows.start, rows.len)?,
+                &kpe.narrow(0, rows.start, rows.len)?,
+            )?;
+            let ql = q_lat.narrow(1, rows.start, rows.len)?;
+            let qp = q_pe.narrow(1, rows.start, rows.len)?;
+            outputs.push(self.attend(&ql, &qp, &c_all, &k_all, past)?);
+        }
+        let o = Tensor::cat(&outputs, 0)?; // [T, H * v]
+        self.o_proj.forward(&o)
+    }
+
+    /// One sequence: `ql [H, n, kv_lora]`, `qp [H, n, rope]` against `c [L, kv_lora]`,
+    /// `k [L, rope]` where the n queries sit at positions `past..past + n` → `[n, H * v]`.
+    fn attend(
+        &self,
+        ql: &Tensor,
+        qp: &Tensor,
+        c: &Tensor,
+        k: &Tensor,
+        past: usize,
+    ) -> Result<Tensor> {
+        let (h, n, _) = ql.dims3()?;
+        let l = c.dim(0)?;
+        let ql2 = ql.contiguous()?.reshape((h * n, self.kv_lora))?;
+        let qp2 = qp.contiguous()?.reshape((h * n, self.rope))?;
+        let scores = (ql2.matmul(&c.t()?)? + qp2.matmul(&k.t()?)?)?; // [H*n, L]
+        let scores = (scores.to_dtype(DType::F32)? * self.scale)?.reshape((h, n, l))?;
+        let scores = if n > 1 {
+            scores.broadcast_add(&causal_mask(n, l, past, scores.device())?)?
+        } else {
+            scores
+        };
+        let probs = softmax_last(&scores)?
+            .to_dtype(c.dtype())?
+            .reshape((h * n, l))?;
+        let o_lat = probs.matmul(c)?.reshape((h, n, self.kv_lora))?; // [H, n, kv_lora]
+        let o = o_lat.matmul(&self.w_uv_t)?; // [H, n, v]
+        Ok(o.transpose(0, 1)?
+            .contiguous()?
+            .reshape((n, h * self.v_dim))?)
+    }
+}
+
+/// `[n, L]`: 0 where query i (at position `past + i`) may see key j, −∞ after it.
+fn causal_mask(n: usize, l: usize, past: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..n)
+        .flat_map(|i| {
+            (0..l).map(move |j| {
+                if j <= past + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (n, l), device)?)
+}
+
+/// Softmax over the last dimension, in f32.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?;
+    let max = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    Ok(e.broadcast_div(&sum)?)
+}

@@ -1,0 +1,127 @@
+//! Rotary position embedding on the `qk_rope_head_dim` part of queries and keys, with YaRN
+//! frequency interpolation. DeepSeek rotates adjacent pairs `(x0, x1), (x2, x3), …` by one
+//! frequency each (V2's complex formulation and V3's `rope_interleave`); V3 with
+//! `rope_interleave: false` rotates the two halves instead (`rotate_half`). Queries and keys get
+//! the same treatment, so attention scores do not depend on which output order we pick; we keep
+//! pairs in place.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{ModelConfig, RopeScaling, YarnParams, yarn_get_mscale};
+use crate::error::Result;
+
+#[derive(Debug, Clone)]
+pub struct Rotary {
+    /// One inverse frequency per rotated pair, `[dim / 2]`.
+    inv_freq: Vec<f32>,
+    /// YaRN's cos/sin magnitude correction (1 without scaling).
+    attention_scaling: f32,
+    interleaved: bool,
+    dim: usize,
+}
+
+impl Rotary {
+    pub fn new(cfg: &ModelConfig) -> Self {
+        let dim = cfg.qk_rope_head_dim;
+        let base = cfg.rope_theta;
+        let pos_freqs: Vec<f64> = (0..dim / 2)
+            .map(|i| base.powf((2 * i) as f64 / dim as f64))
+            .collect();
+        let (inv_freq, attention_scaling) = match &cfg.rope_scaling {
+            RopeScaling::None => (pos_freqs.iter().map(|p| 1.0 / p).collect(), 1.0),
+            RopeScaling::Yarn(y) => yarn(y, dim, base, &pos_freqs),
+        };
+        Rotary {
+            inv_freq: inv_freq.into_iter().map(|f: f64| f as f32).collect(),
+            attention_scaling: attention_scaling as f32,
+            interleaved: cfg.rope_interleave,
+            dim,
+        }
+    }
+
+    /// `(cos, sin)` for each position, each `[T, dim / 2]` in `dtype`, already scaled.
+    pub fn cos_sin(
+        &self,
+        positions: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let half = self.dim / 2;
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for &f in &self.inv_freq {
+                // The angle in f32, as transformers computes it (`inv_freq @ position_ids`).
+                let angle = (p as f32 * f) as f64;
+                cos.push((angle.cos() as f32) * self.attention_scaling);
+                sin.push((angle.sin() as f32) * self.attention_scaling);
+            }
+        }
+        let shape = (positions.len(), half);
+        Ok((
+            Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
+            Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
+        ))
+    }
+
+    /// Rotates `x: [T, heads, dim]` by its row's position; `cos`/`sin` are `[T, dim / 2]`.
+    pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (t, heads, dim) = x.dims3()?;
+        let half = dim / 2;
+        let cos = cos.reshape((t, 1, half))?;
+        let sin = sin.reshape((t, 1, half))?;
+        if self.interleaved {
+            let pairs = x.reshape((t, heads, half, 2))?;
+            let a = pairs.narrow(3, 0, 1)?.squeeze(3)?;
+            let b = pairs.narrow(3, 1, 1)?.squeeze(3)?;
+            let ra = (a.broadcast_mul(&cos)? - b.broadcast_mul(&sin)?)?;
+            let rb = (b.broadcast_mul(&cos)? + a.broadcast_mul(&sin)?)?;
+            Ok(Tensor::stack(&[ra, rb], 3)?.reshape((t, heads, dim))?)
+        } else {
+            let a = x.narrow(2, 0, half)?;
+            let b = x.narrow(2, half, half)?;
+            let ra = (a.broadcast_mul(&cos)? - b.broadcast_mul(&sin)?)?;
+            let rb = (b.broadcast_mul(&cos)? + a.broadcast_mul(&sin)?)?;
+            Ok(Tensor::cat(&[ra, rb], 2)?)
+        }
+    }
+}
+
+/// YaRN: interpolate low frequencies by `factor`, keep high ones, blend linearly between the
+/// correction dimensions; scale cos/sin by mscale(factor, mscale) / mscale(factor, mscale_all_dim).
+fn yarn(y: &YarnParams, dim: usize, base: f64, pos_freqs: &[f64]) -> (Vec<f64>, f64) {
+    let attention_factor =
+        y.attention_factor
+            .unwrap_or_else(|| match (y.mscale, y.mscale_all_dim) {
+                (Some(m), Some(ma)) if m != 0.0 && ma != 0.0 => {
+                    yarn_get_mscale(y.factor, m) / yarn_get_mscale(y.factor, ma)
+                }
+                _ => yarn_get_mscale(y.factor, 1.0),
+            });
+    let correction_dim = |rotations: f64| {
+        dim as f64
+            * (y.original_max_position_embeddings as f64 / (rotations * 2.0 * std::f64::consts::PI))
+                .ln()
+            / (2.0 * base.ln())
+    };
+    let (mut low, mut high) = (correction_dim(y.beta_fast), correction_dim(y.beta_slow));
+    if y.truncate {
+        low = low.floor();
+        high = high.ceil();
+    }
+    let low = low.max(0.0);
+    let high = high.min(dim as f64 - 1.0);
+    let span = if low == high { 0.001 } else { high - low };
+    let inv_freq = pos_freqs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let ramp = ((i as f64 - low) / span).clamp(0.0, 1.0);
+            let extrapolation_factor = 1.0 - ramp;
+            let interpolated = 1.0 / (y.factor * p);
+            let extrapolated = 1.0 / p;
+            interpolated * (1.0 - extrapolation_factor) + extrapolated * extrapolation_factor
+        })
+        .collect();
+    (inv_freq, attention_factor)
+}

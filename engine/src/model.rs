@@ -1,0 +1,355 @@
+//! The DeepSeek decoder: embeddings, decoder layers (attention + dense MLP or MoE), final norm
+//! and lm_head. Routed experts are not part of it: each MoE layer routes its tokens and hands
+//! them to an [`Experts`] implementation, in-process or remote.
+//!
+//! One step runs a batch of sequences at once: the rows of all sequences are concatenated
+//! (`[T, hidden]`), projections and experts run over all rows, attention runs per sequence over
+//! its own cache. A sequence contributes one row when decoding and many when (chunk-)prefilling,
+//! so mixed prefill/decode batches need nothing special.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::experts::Experts;
+use crate::kv_cache::SequenceCache;
+use crate::layers::mla::{AttentionStep, SeqRows};
+use crate::layers::{Attention, Linear, Mlp, RmsNorm, Rotary};
+use crate::router::{Router, Routing};
+use crate::weights::Loader;
+
+/// The shared-expert and router half of an MoE layer (routed experts live elsewhere).
+#[derive(Debug, Clone)]
+pub struct MoeBlock {
+    pub router: Router,
+    pub shared_experts: Option<Mlp>,
+}
+
+#[derive(Debug, Clone)]
+pub enum FeedForward {
+    Dense(Mlp),
+    Moe(MoeBlock),
+}
+
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    pub index: usize,
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    pub mlp: FeedForward,
+}
+
+impl DecoderLayer {
+    fn new(cfg: &ModelConfig, loader: &Loader, index: usize) -> Result<Self> {
+        let p = format!("model.layers.{index}");
+        let h = cfg.hidden_size;
+        let mlp = if cfg.is_moe_layer(index) {
+            let shared_experts = if cfg.n_shared_experts > 0 {
+                Some(Mlp::new(
+                    loader,
+                    &format!("{p}.mlp.shared_experts"),
+                    h,
+                    cfg.moe_intermediate_size * cfg.n_shared_experts,
+                )?)
+            } else {
+                None
+            };
+            FeedForward::Moe(MoeBlock {
+                router: Router::new(cfg, loader, &format!("{p}.mlp.gate"))?,
+                shared_experts,
+            })
+        } else {
+            FeedForward::Dense(Mlp::new(
+                loader,
+                &format!("{p}.mlp"),
+                h,
+                cfg.intermediate_size,
+            )?)
+        };
+        Ok(DecoderLayer {
+            index,
+            input_layernorm: RmsNorm::new(
+                loader,
+                &format!("{p}.input_layernorm.weight"),
+                h,
+                cfg.rms_norm_eps,
+            )?,
+            self_attn: Attention::new(cfg, loader, &format!("{p}.self_attn"))?,
+            post_attention_layernorm: RmsNorm::new(
+                loader,
+                &format!("{p}.post_attention_layernorm.weight"),
+                h,
+                cfg.rms_norm_eps,
+            )?,
+            mlp,
+        })
+    }
+
+    /// `x + attention(norm(x))`.
+    pub fn attention_residual(
+        &self,
+        x: &Tensor,
+        step: &AttentionStep,
+        rotary: &Rotary,
+        caches: &mut [&mut SequenceCache],
+    ) -> Result<Tensor> {
+        let a = self.self_attn.forward(
+            &self.input_layernorm.forward(x)?,
+            self.index,
+            step,
+            rotary,
+            caches,
+        )?;
+        Ok((x + a)?)
+    }
+
+    /// The normed input of the feed-forward block.
+    pub fn ffn_input(&self, h: &Tensor) -> Result<Tensor> {
+        self.post_attention_layernorm.forward(h)
+    }
+
+    /// `h + ffn(norm(h))`, calling `experts` for the routed part of an MoE layer.
+    pub fn ffn_residual(&self, h: &Tensor, experts: &dyn Experts) -> Result<Tensor> {
+        let x = self.ffn_input(h)?;
+        let y = match &self.mlp {
+            FeedForward::Dense(mlp) => mlp.forward(&x)?,
+            FeedForward::Moe(moe) => {
+                let routing = moe.router.route(&x)?;
+                let routed = experts.forward(self.index, &x, &routing)?;
+                moe.combine(&x, routed)?
+            }
+        };
+        Ok((h + y)?)
+    }
+}
+
+impl MoeBlock {
+    /// Routes the normed activations.
+    pub fn route(&self, x: &Tensor) -> Result<Routing> {
+        self.router.route(x)
+    }
+
+    /// Routed output plus the shared experts' output for the same normed input.
+    pub fn combine(&self, x: &Tensor, routed: Tensor) -> Result<Tensor> {
+        Ok(match &self.shared_experts {
+            Some(s) => (routed.to_dtype(x.dtype())? + s.forward(x)?)?,
+            None => routed.to_dtype(x.dtype())?,
+        })
+    }
+}
+
+/// What of the dense model to load: the frontend needs only embeddings, the gate everything but
+/// embeddings (it receives activations), the in-process engine all of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parts {
+    pub embeddings: bool,
+    pub decoder: bool,
+}
+
+impl Parts {
+    pub const ALL: Parts = Parts {
+        embeddings: true,
+        decoder: true,
+    };
+}
+
+/// One sequence's share of a step: its cache and how many new rows it contributes.
+pub struct StepSeq<'a> {
+    pub cache: &'a mut SequenceCache,
+    pub new_tokens: usize,
+}
+
+pub struct DeepSeekModel {
+    cfg: ModelConfig,
+    /// `[vocab, hidden]`, when loaded.
+    embed_tokens: Option<Tensor>,
+    layers: Vec<DecoderLayer>,
+    norm: Option<RmsNorm>,
+    lm_head: Option<Linear>,
+    rotary: Rotary,
+    device: Device,
+    dtype: DType,
+}
+
+impl DeepSeekModel {
+    pub fn load(cfg: &ModelConfig, loader: &Loader, parts: Parts) -> Result<Self> {
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let embed_tokens = if parts.embeddings || (parts.decoder && cfg.tie_word_embeddings) {
+            Some(loader.get("model.embed_tokens.weight", &[v, h])?)
+        } else {
+            None
+        };
+        let (layers, norm, lm_head) = if parts.decoder {
+            let layers = (0..cfg.num_hidden_layers)
+                .map(|i| DecoderLayer::new(cfg, loader, i))
+                .collect::<Result<Vec<_>>>()?;
+            let norm = RmsNorm::new(loader, "model.norm.weight", h, cfg.rms_norm_eps)?;
+            let lm_head = match (&embed_tokens, cfg.tie_word_embeddings) {
+                (Some(e), true) => Linear::from_weight(e.clone()),
+                _ => Linear::new(loader, "lm_head", h, v, false)?,
+            };
+            (layers, Some(norm), Some(lm_head))
+        } else {
+            (Vec::new(), None, None)
+        };
+        Ok(DeepSeekModel {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rotary: Rotary::new(cfg),
+            device: loader.device().clone(),
+            dtype: loader.dtype(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn layers(&self) -> &[DecoderLayer] {
+        &self.layers
+    }
+
+    pub fn rotary(&self) -> &Rotary {
+        &self.rotary
+    }
+
+    /// An empty KV cache for one sequence of this model.
+    pub fn new_cache(&self) -> SequenceCache {
+        SequenceCache::new(&self.cfg, self.dtype, &self.device)
+    }
+
+    /// Embedding rows for token ids, `[T, hidden]`.
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        let table = self.embed_tokens.as_ref().ok_or_else(|| {
+            EngineError::InvalidInput("this process did not load the embedding table".into())
+        })?;
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+            return Err(EngineError::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary (vocab_size {})",
+                self.cfg.vocab_size
+            )));
+        }
+        let idx = Tensor::from_slice(ids, ids.len(), &self.device)?;
+        Ok(table.index_select(&idx, 0)?)
+    }
+
+    /// Runs every decoder layer over a step's rows (`hidden: [T, hidden]`, sequences in order)
+    /// and commits the new tokens to each cache. Returns the last layer's output (before the
+    /// final norm). `observe(i, h)` sees the output of layer `i`.
+    pub fn forward_hidden(
+        &self,
+        hidden: &Tensor,
+        seqs: &mut [StepSeq],
+        experts: &dyn Experts,
+        mut observe: impl FnMut(usize, &Tensor),
+    ) -> Result<Tensor> {
+        let (rows, positions) = self.plan(hidden, seqs)?;
+        let (cos, sin) = self.rotary.cos_sin(&positions, self.dtype, &self.device)?;
+        let step = AttentionStep {
+            rows: &rows,
+            cos: &cos,
+            sin: &sin,
+        };
+        let mut caches: Vec<&mut SequenceCache> = seqs.iter_mut().map(|s| &mut *s.cache).collect();
+        let mut x = hidden.to_dtype(self.dtype)?;
+        for layer in &self.layers {
+            let h = layer.attention_residual(&x, &step, &self.rotary, &mut caches)?;
+            x = layer.ffn_residual(&h, experts)?;
+            observe(layer.index, &x);
+        }
+        for s in seqs.iter_mut() {
+            s.cache.commit(s.new_tokens);
+        }
+        Ok(x)
+    }
+
+    /// Checks the step's shape against the caches, reserves KV room, and lays out each
+    /// sequence's rows and positions.
+    pub fn plan(
+        &self,
+        hidden: &Tensor,
+        seqs: &mut [StepSeq],
+    ) -> Result<(Vec<SeqRows>, Vec<usize>)> {
+        let t = hidden.dim(0)?;
+        let total: usize = seqs.iter().map(|s| s.new_tokens).sum();
+        if total != t {
+            return Err(EngineError::InvalidInput(format!(
+                "step has {t} activation rows but its sequences add up to {total} tokens"
+            )));
+        }
+        let mut rows = Vec::with_capacity(seqs.len());
+        let mut positions = Vec::with_capacity(t);
+        let mut start = 0;
+        for s in seqs.iter_mut() {
+            if s.new_tokens == 0 {
+                return Err(EngineError::InvalidInput(
+                    "a sequence in the step has no new tokens".into(),
+                ));
+            }
+            s.cache.reserve(self.cfg.num_hidden_layers, s.new_tokens)?;
+            let past = s.cache.len();
+            positions.extend(past..past + s.new_tokens);
+            rows.push(SeqRows {
+                start,
+                len: s.new_tokens,
+            });
+            start += s.new_tokens;
+        }
+        Ok((rows, positions))
+    }
+
+    /// The final RMSNorm applied to last-layer hidden rows.
+    pub fn final_norm(&self, hidden: &Tensor) -> Result<Tensor> {
+        let norm = self.norm.as_ref().ok_or_else(|| {
+            EngineError::InvalidInput("this process did not load the decoder (final norm)".into())
+        })?;
+        norm.forward(hidden)
+    }
+
+    /// Logits `[rows, vocab]` in f32 from last-layer hidden rows: `lm_head(norm(h))`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let (norm, lm_head) = match (&self.norm, &self.lm_head) {
+            (Some(n), Some(l)) => (n, l),
+            _ => {
+                return Err(EngineError::InvalidInput(
+                    "this process did not load the decoder (final norm and lm_head)".into(),
+                ));
+            }
+        };
+        Ok(lm_head
+            .forward(&norm.forward(hidden)?)?
+            .to_dtype(DType::F32)?)
+    }
+
+    /// Convenience for a step that wants each sequence's last-row logits (`[seqs, vocab]`).
+    pub fn step_last_logits(
+        &self,
+        hidden: &Tensor,
+        seqs: &mut [StepSeq],
+        experts: &dyn Experts,
+    ) -> Result<Tensor> {
+        let lens: Vec<usize> = seqs.iter().map(|s| s.new_tokens).collect();
+        let out = self.forward_hidden(hidden, seqs, experts, |_, _| {})?;
+        let mut last = Vec::with_capacity(lens.len());
+        let mut end = 0;
+        for n in lens {
+            end += n;
+            last.push(end as u32 - 1);
+        }
+        let n = last.len();
+        let idx = Tensor::from_vec(last, n, &self.device)?;
+        self.logits(&out.index_select(&idx, 0)?)
+    }
+}

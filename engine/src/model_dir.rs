@@ -1,0 +1,124 @@
+//! A model as the rest of moemesh sees it before any weights are loaded: its validated config,
+//! where its tensors come from, its tokenizer if it has one, its display name and its
+//! fingerprint. Opened from a checkpoint directory, or built for the embedded default.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use sha2::{Digest, Sha256};
+
+use crate::config::ModelConfig;
+use crate::embedded::{
+    EMBEDDED_MODEL_NAME, embedded_config, embedded_config_json, embedded_weights,
+};
+use crate::error::{EngineError, Result};
+use crate::experts::{ExpertShard, ShardSpec};
+use crate::model::{DeepSeekModel, Parts};
+use crate::text::TextTokenizer;
+use crate::weights::safetensors::SafetensorsSource;
+use crate::weights::{Loader, TensorSource};
+
+/// A model, opened but not loaded.
+pub struct ModelFiles {
+    pub config: ModelConfig,
+    pub source: Arc<dyn TensorSource>,
+    /// `None` for a directory without `tokenizer.json` (token-id input only).
+    pub tokenizer: Option<TextTokenizer>,
+    /// The directory's name, or the embedded model's name.
+    pub name: String,
+    /// Hex digest of the config and the weights: processes serving different models refuse to
+    /// work together.
+    pub fingerprint: String,
+    /// The directory, when opened from one.
+    pub dir: Option<PathBuf>,
+}
+
+fn fingerprint(config_bytes: &[u8], source: &dyn TensorSource) -> String {
+    let mut h = Sha256::new();
+    h.update(config_bytes);
+    h.update(source.digest());
+    h.finalize()
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl ModelFiles {
+    /// Opens a checkpoint directory: `config.json`, safetensors, and `tokenizer.json` if present.
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(EngineError::WeightFile {
+                path: dir.to_path_buf(),
+                reason: "not a directory".into(),
+            });
+        }
+        let config_path = dir.join("config.json");
+        let config = ModelConfig::from_file(&config_path)?;
+        let config_bytes =
+            std::fs::read(&config_path).map_err(|source| EngineError::ConfigRead {
+                path: config_path.clone(),
+                source,
+            })?;
+        let source: Arc<dyn TensorSource> = Arc::new(SafetensorsSource::open_dir(dir)?);
+        let tokenizer = TextTokenizer::from_dir(dir)?;
+        let name = dir
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| dir.display().to_string());
+        Ok(ModelFiles {
+            fingerprint: fingerprint(&config_bytes, source.as_ref()),
+            config,
+            source,
+            tokenizer,
+            name,
+            dir: Some(dir.to_path_buf()),
+        })
+    }
+
+    /// The embedded default model with the DeepSeek-R1 tokenizer.
+    pub fn embedded() -> Result<Self> {
+        let config = embedded_config()?;
+        let source: Arc<dyn TensorSource> = Arc::new(embedded_weights(&config)?);
+        let config_bytes = embedded_config_json().to_string().into_bytes();
+        Ok(ModelFiles {
+            fingerprint: fingerprint(&config_bytes, source.as_ref()),
+            config,
+            source,
+            tokenizer: Some(TextTokenizer::embedded_deepseek_r1()?),
+            name: EMBEDDED_MODEL_NAME.to_string(),
+            dir: None,
+        })
+    }
+
+    /// `open(dir)` when a directory is given, else the embedded model.
+    pub fn open_or_embedded(dir: Option<&Path>) -> Result<Self> {
+        match dir {
+            Some(d) => Self::open(d),
+            None => Self::embedded(),
+        }
+    }
+
+    pub fn loader(&self, device: &Device, dtype: DType) -> Loader<'_> {
+        Loader::new(self.source.as_ref(), &self.config, device, dtype)
+    }
+
+    /// Loads the whole model in-process (dense part and every routed expert), warning about
+    /// checkpoint tensors that nothing used.
+    pub fn load_all(&self, device: &Device, dtype: DType) -> Result<(DeepSeekModel, ExpertShard)> {
+        let loader = self.loader(device, dtype);
+        let model = DeepSeekModel::load(&self.config, &loader, Parts::ALL)?;
+        let experts = ExpertShard::load(&self.config, &loader, &ShardSpec::all(&self.config))?;
+        let unused = loader.unused(self.config.num_hidden_layers);
+        if !unused.is_empty() {
+            tracing::warn!(
+                count = unused.len(),
+                first = ?unused.iter().take(5).collect::<Vec<_>>(),
+                "checkpoint tensors that the model does not use"
+            );
+        }
+        Ok((model, experts))
+    }
+}

@@ -1,0 +1,218 @@
+//! The MoE router (DeepSeek's `Gate`): which routed experts each token goes to, and with what
+//! weight.
+//!
+//! - V3 `noaux_tc`: `s = sigmoid(x·Wᵀ)`; the correction bias is added for *selection only*;
+//!   groups are ranked by the sum of their two best biased scores, the best `topk_group` groups
+//!   are kept, experts outside them are excluded (−∞), the top-k biased scores choose the experts,
+//!   and their *unbiased* scores are the weights (normalised when `norm_topk_prob`), times
+//!   `routed_scaling_factor`.
+//! - V2 `greedy`: softmax, top-k. `group_limited_greedy`: groups ranked by their max score.
+//!   Weights are the softmax scores times `routed_scaling_factor`; with `norm_topk_prob` (and
+//!   k > 1) they are normalised to sum to 1 instead, as DeepSeek's V2 code does.
+//!
+//! The router runs in f32 on the host: it is a `[T, E]` problem of a few thousand numbers, and
+//! exactness (ties, −∞ masks) matters more here than speed.
+
+use candle_core::{DType, Tensor};
+
+use crate::config::{ModelConfig, ScoringFunc, TopkMethod};
+use crate::error::Result;
+use crate::weights::Loader;
+
+/// The routing decision for a batch of tokens: `k` (expert id, weight) pairs per token,
+/// row-major `[T, k]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routing {
+    pub k: usize,
+    pub expert_ids: Vec<u32>,
+    pub weights: Vec<f32>,
+}
+
+impl Routing {
+    pub fn num_tokens(&self) -> usize {
+        self.expert_ids.len().checked_div(self.k).unwrap_or(0)
+    }
+
+    /// Token `t`'s `(expert, weight)` pairs.
+    pub fn token(&self, t: usize) -> impl Iterator<Item = (u32, f32)> + '_ {
+        let r = t * self.k..(t + 1) * self.k;
+        self.expert_ids[r.clone()]
+            .iter()
+            .copied()
+            .zip(self.weights[r].iter().copied())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Router {
+    /// `[E, hidden]`, f32.
+    weight: Tensor,
+    /// `e_score_correction_bias` (V3), `[E]`.
+    bias: Option<Vec<f32>>,
+    scoring: ScoringFunc,
+    method: TopkMethod,
+    top_k: usize,
+    n_group: usize,
+    topk_group: usize,
+    norm_topk_prob: bool,
+    scaling: f32,
+}
+
+impl Router {
+    /// Loads `{prefix}.weight` (and `{prefix}.e_score_correction_bias` for `noaux_tc`).
+    pub fn new(cfg: &ModelConfig, loader: &Loader, prefix: &str) -> Result<Self> {
+        let e = cfg.n_routed_experts;
+        let weight = loader.get_f32(&format!("{prefix}.weight"), &[e, cfg.hidden_size])?;
+        let bias = match cfg.topk_method {
+            TopkMethod::NoauxTc => Some(
+                loader
+                    .get_f32(&format!("{prefix}.e_score_correction_bias"), &[e])?
+                    .to_vec1::<f32>()?,
+            ),
+            _ => None,
+        };
+        Ok(Router {
+            weight,
+            bias,
+            scoring: cfg.scoring_func,
+            method: cfg.topk_method,
+            top_k: cfg.num_experts_per_tok,
+            n_group: cfg.n_group,
+            topk_group: cfg.topk_group,
+            norm_topk_prob: cfg.norm_topk_prob,
+            scaling: cfg.routed_scaling_factor as f32,
+        })
+    }
+
+    /// Routes `x: [T, hidden]` (the post-attention-normed activations).
+    pub fn route(&self, x: &Tensor) -> Result<Routing> {
+        let weight = self.weight.to_device(x.device())?;
+        let logits = x.to_dtype(DType::F32)?.matmul(&weight.t()?)?;
+        let logits: Vec<Vec<f32>> = logits.to_device(&candle_core::Device::Cpu)?.to_vec2()?;
+        let mut expert_ids = Vec::with_capacity(logits.len() * self.top_k);
+        let mut weights = Vec::with_capacity(logits.len() * self.top_k);
+        for row in &logits {
+            let (ids, w) = self.route_token(row);
+            expert_ids.extend(ids);
+            weights.extend(w);
+        }
+        Ok(Routing {
+            k: self.top_k,
+            expert_ids,
+            weights,
+        })
+    }
+
+    /// One token's routing from its router logits.
+    pub fn route_token(&self, logits: &[f32]) -> (Vec<u32>, Vec<f32>) {
+        let scores: Vec<f32> = match self.scoring {
+            ScoringFunc::Sigmoid => logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect(),
+            ScoringFunc::Softmax => softmax(logits),
+        };
+        let mut choice: Vec<f32> = match &self.bias {
+            Some(b) => scores.iter().zip(b).map(|(s, b)| s + b).collect(),
+            None => scores.clone(),
+        };
+        let per_group = scores.len() / self.n_group;
+        let grouped = matches!(
+            self.method,
+            TopkMethod::NoauxTc | TopkMethod::GroupLimitedGreedy
+        );
+        if grouped && self.topk_group < self.n_group {
+            let group_scores: Vec<f32> = choice
+                .chunks(per_group)
+                .map(|g| match self.method {
+                    TopkMethod::NoauxTc => top_values(g, 2).iter().sum(),
+                    _ => g.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+                })
+                .collect();
+            let kept = top_indices(&group_scores, self.topk_group);
+            for (g, chunk) in choice.chunks_mut(per_group).enumerate() {
+                if !kept.contains(&g) {
+                    chunk.fill(f32::NEG_INFINITY);
+                }
+            }
+        }
+        let ids = top_indices(&choice, self.top_k);
+        let mut w: Vec<f32> = ids.iter().map(|&i| scores[i]).collect();
+        let normalise =
+            self.norm_topk_prob && (self.method == TopkMethod::NoauxTc || self.top_k > 1);
+        if normalise {
+            let sum: f32 = w.iter().sum::<f32>() + 1e-20;
+            w.iter_mut().for_each(|x| *x /= sum);
+        }
+        // V3 scales after normalising; V2 scales only when it does not normalise.
+        if self.method == TopkMethod::NoauxTc || !normalise {
+            w.iter_mut().for_each(|x| *x *= self.scaling);
+        }
+        (ids.into_iter().map(|i| i as u32).collect(), w)
+    }
+}
+
+fn softmax(x: &[f32]) -> Vec<f32> {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = x.iter().map(|v| (v - max).exp()).collect();
+    let sum: f32 = e.iter().sum();
+    e.into_iter().map(|v| v / sum).collect()
+}
+
+/// Indices of the `k` largest values, largest first; ties go to the lower index.
+fn top_indices(x: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..x.len()).collect();
+    idx.sort_by(|&a, &b| x[b].total_cmp(&x[a]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}
+
+fn top_values(x: &[f32], k: usize) -> Vec<f32> {
+    top_indices(x, k).into_iter().map(|i| x[i]).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router(method: TopkMethod, scoring: ScoringFunc, bias: Option<Vec<f32>>) -> Router {
+        Router {
+            weight: Tensor::zeros((8, 2), DType::F32, &candle_core::Device::Cpu).expect("zeros"),
+            bias,
+            scoring,
+            method,
+            top_k: 2,
+            n_group: 4,
+            topk_group: 2,
+            norm_topk_prob: true,
+            scaling: 2.5,
+        }
+    }
+
+    #[test]
+    fn noaux_tc_selects_on_biased_scores_but_weighs_by_unbiased_ones() {
+        // Group scores use the top-2 biased scores of each pair of experts.
+        let bias = vec![0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 5.0, -5.0];
+        let r = router(TopkMethod::NoauxTc, ScoringFunc::Sigmoid, Some(bias));
+        let logits = [3.0, 2.9, 0.0, 0.0, 0.0, 0.0, -3.0, 4.0];
+        let (ids, w) = r.route_token(&logits);
+        // Group 3 (experts 6, 7) sums to ~5.05+~-4.02 ≈ 1.03; group 0 ≈ 1.9; groups 1, 2 = 1.0.
+        // Kept: groups 0 and 3. Top-2 biased: expert 6 (5.05) then expert 0 (0.95).
+        assert_eq!(ids, vec![6, 0]);
+        let s6 = 1.0 / (1.0 + 3f32.exp());
+        let s0 = 1.0 / (1.0 + (-3f32).exp());
+        let expect = [s6 / (s6 + s0) * 2.5, s0 / (s6 + s0) * 2.5];
+        assert!(
+            (w[0] - expect[0]).abs() < 1e-6 && (w[1] - expect[1]).abs() < 1e-6,
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn group_limited_greedy_ranks_groups_by_max() {
+        let mut r = router(TopkMethod::GroupLimitedGreedy, ScoringFunc::Softmax, None);
+        r.norm_topk_prob = false;
+        r.topk_group = 1;
+        // Group 1 holds the single best expert (3); group 0 has the best sum but a lower max.
+        let logits = [1.9, 1.9, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0];
+        let (ids, _) = r.route_token(&logits);
+        assert_eq!(ids, vec![3, 2]);
+    }
+}

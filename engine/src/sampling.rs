@@ -1,0 +1,256 @@
+//! Choosing the next token from a row of logits, per sequence.
+//!
+//! Temperature 0 is greedy (argmax, ties to the lowest id, as `torch.argmax`). Otherwise the
+//! logits are divided by the temperature, cut to the `top_k` best, softmaxed, cut to the smallest
+//! prefix whose mass reaches `top_p`, and sampled with the sequence's own ChaCha8 generator —
+//! seeded from the request's seed when given, so the same seed gives the same tokens whatever
+//! else shares the batch. The reported logprob is the token's log-softmax under the raw
+//! logits (temperature 1, no filtering), as vLLM and TGI report it.
+
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::{EngineError, Result};
+
+/// Per-request sampling parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 0 means no top-k cut.
+    pub top_k: usize,
+    /// In (0, 1]; 1 means no nucleus cut.
+    pub top_p: f32,
+    /// Seed of the sequence's generator; `None` draws one from the OS.
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Checks every field; the message names the field and its allowed range.
+    pub fn validate(&self, vocab_size: usize) -> Result<()> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Err(EngineError::InvalidInput(format!(
+                "sampling.temperature must be a finite number >= 0 (0 = greedy), got {}",
+                self.temperature
+            )));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(EngineError::InvalidInput(format!(
+                "sampling.top_p must be in (0, 1], got {}",
+                self.top_p
+            )));
+        }
+        if self.top_k > vocab_size {
+            return Err(EngineError::InvalidInput(format!(
+                "sampling.top_k must be at most the vocabulary size ({vocab_size}), got {}",
+                self.top_k
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+}
+
+/// A sampled token and its log-probability.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    pub logprob: f32,
+}
+
+/// One sequence's sampler: its parameters and its random generator.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: ChaCha8Rng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = match params.seed {
+            Some(s) => ChaCha8Rng::seed_from_u64(s),
+            None => ChaCha8Rng::from_rng(&mut rand::rng()),
+        };
+        Sampler { params, rng }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token from `logits` (`[vocab]`, f32).
+    pub fn sample(&mut self, logits: &[f32]) -> Result<Sampled> {
+        if logits.is_empty() {
+            return Err(EngineError::InvalidInput(
+                "cannot sample from an empty logits row".into(),
+            ));
+        }
+        let token = if self.params.is_greedy() {
+            argmax(logits)
+        } else {
+            self.draw(logits)
+        };
+        Ok(Sampled {
+            token: token as u32,
+            logprob: log_softmax_at(logits, token),
+        })
+    }
+
+    fn draw(&mut self, logits: &[f32]) -> usize {
+        let inv_t = 1.0 / self.params.temperature;
+        let mut cand: Vec<(usize, f32)> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| !l.is_nan())
+            .map(|(i, &l)| (i, l * inv_t))
+            .collect();
+        let by_logit_desc =
+            |a: &(usize, f32), b: &(usize, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let k = self.params.top_k;
+        if k > 0 && k < cand.len() {
+            cand.select_nth_unstable_by(k - 1, by_logit_desc);
+            cand.truncate(k);
+        }
+        cand.sort_unstable_by(by_logit_desc);
+        let Some(&(best, max)) = cand.first() else {
+            return argmax(logits);
+        };
+        let mut probs: Vec<f64> = cand
+            .iter()
+            .map(|&(_, l)| f64::from(l - max).exp())
+            .collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+        if self.params.top_p < 1.0 {
+            let mut cum = 0.0;
+            let mut keep = probs.len();
+            for (i, p) in probs.iter().enumerate() {
+                cum += p;
+                if cum >= f64::from(self.params.top_p) {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+            let kept: f64 = probs.iter().sum();
+            probs.iter_mut().for_each(|p| *p /= kept);
+        }
+        let u: f64 = self.rng.random();
+        let mut acc = 0.0;
+        for (i, p) in probs.iter().enumerate() {
+            acc += p;
+            if u < acc {
+                return cand[i].0;
+            }
+        }
+        // Rounding left `acc` a hair under 1 and `u` above it: the last kept candidate.
+        cand.get(probs.len().saturating_sub(1))
+            .map_or(best, |c| c.0)
+    }
+}
+
+/// Index of the largest value; ties go to the lowest index; NaNs are never chosen.
+pub fn argmax(x: &[f32]) -> usize {
+    let mut best = 0;
+    let mut best_v = f32::NEG_INFINITY;
+    for (i, &v) in x.iter().enumerate() {
+        if v > best_v {
+            best = i;
+            best_v = v;
+        }
+    }
+    best
+}
+
+fn log_softmax_at(logits: &[f32], i: usize) -> f32 {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|v| !v.is_nan())
+        .fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits
+        .iter()
+        .filter(|v| !v.is_nan())
+        .map(|&v| f64::from(v - max).exp())
+        .sum();
+    (f64::from(logits[i] - max) - sum.ln()) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            seed: Some(seed),
+        }
+    }
+
+    #[test]
+    fn greedy_is_argmax_with_lowest_index_on_ties() {
+        let mut s = Sampler::new(SamplingParams::default());
+        let out = s.sample(&[0.1, 2.0, 2.0, -1.0]).expect("sample");
+        assert_eq!(out.token, 1);
+        let expect = 2.0 - (0.1f64.exp() + 2.0 * 2f64.exp() + (-1f64).exp()).ln();
+        assert!((f64::from(out.logprob) - expect).abs() < 1e-6);
+    }
+
+    #[test]
+    fn same_seed_same_tokens_and_different_seed_differs() {
+        let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
+        let run = |seed| {
+            let mut s = Sampler::new(params(1.0, 0, 1.0, seed));
+            (0..64)
+                .map(|_| s.sample(&logits).expect("sample").token)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(7), run(7));
+        assert_ne!(run(7), run(8));
+    }
+
+    #[test]
+    fn top_k_and_top_p_restrict_the_support() {
+        let logits = [5.0, 4.0, 3.0, 0.0, -1.0];
+        let mut s = Sampler::new(params(1.0, 2, 1.0, 1));
+        for _ in 0..200 {
+            assert!(s.sample(&logits).expect("sample").token < 2);
+        }
+        // p(0) = e^5 / Σ ≈ 0.66, so top_p 0.5 keeps only token 0.
+        let mut s = Sampler::new(params(1.0, 0, 0.5, 1));
+        for _ in 0..200 {
+            assert_eq!(s.sample(&logits).expect("sample").token, 0);
+        }
+    }
+
+    #[test]
+    fn validation_names_field_and_limit() {
+        let bad = [
+            (params(-0.1, 0, 1.0, 0), "temperature"),
+            (params(1.0, 0, 0.0, 0), "top_p"),
+            (params(1.0, 0, 1.5, 0), "top_p"),
+            (params(1.0, 11, 1.0, 0), "top_k"),
+        ];
+        for (p, field) in bad {
+            let msg = p.validate(10).expect_err(field).to_string();
+            assert!(msg.contains(field), "{msg}");
+        }
+        params(0.7, 10, 0.9, 0).validate(10).expect("valid");
+    }
+}

@@ -1,0 +1,191 @@
+//! `moemesh generate`: one request through a model loaded in this process, streamed to stdout.
+//!
+//! Text mode prints the text as it is generated and a one-line summary on stderr; `--json`
+//! prints one JSON object per token and a final object with `token_ids`, `text`,
+//! `finish_reason` and `usage`.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use moemesh_engine::text::ChatMessage;
+use moemesh_engine::{
+    DType, Device, GenerationRequest, InProcessEngine, ModelFiles, SamplingParams,
+};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ComputeDtype {
+    /// float32: matches the reference outputs to ~1e-5.
+    F32,
+    /// bfloat16: half the memory traffic, ~2 significant digits.
+    Bf16,
+}
+
+#[derive(Args, Debug)]
+#[command(allow_negative_numbers = true)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "chat", "prompt_ids"])))]
+pub struct GenerateArgs {
+    /// Model directory (config.json, safetensors, optional tokenizer.json). Without it, the
+    /// embedded default model (random DeepSeek-V3-architecture weights, DeepSeek-R1 tokenizer).
+    #[arg(long, env = "MOEMESH_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Plain-text prompt, tokenized with the model's tokenizer (BOS added as the tokenizer does).
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// A user message, rendered with the model's chat template (with the generation prompt).
+    #[arg(long)]
+    pub chat: Option<String>,
+    /// Optional system message for --chat.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// Prompt as comma-separated token ids (works without a tokenizer), e.g. 5,17,42.
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    pub prompt_ids: Option<Vec<u32>>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 64, env = "MOEMESH_MAX_NEW_TOKENS")]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P, in (0, 1].
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Keep only the K most likely tokens (0 = no limit).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Seed for sampling; the same seed gives the same output.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop when this text appears (repeatable); the stop text is not printed.
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Compute dtype on the CPU.
+    #[arg(long, value_enum, default_value_t = ComputeDtype::F32, env = "MOEMESH_DTYPE")]
+    pub dtype: ComputeDtype,
+    /// One JSON object per line instead of plain text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    let files =
+        ModelFiles::open_or_embedded(args.model.as_deref()).with_context(|| match &args.model {
+            Some(d) => format!("opening model directory {}", d.display()),
+            None => "building the embedded default model".to_string(),
+        })?;
+    let dtype = match args.dtype {
+        ComputeDtype::F32 => DType::F32,
+        ComputeDtype::Bf16 => DType::BF16,
+    };
+    let prompt_ids = prompt_ids(&args, &files)?;
+    let engine = InProcessEngine::load(&files, &Device::Cpu, dtype).context("loading the model")?;
+    let req = GenerationRequest {
+        prompt_ids,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+        },
+        max_new_tokens: args.max_new_tokens,
+        stop: args.stop.clone(),
+        ignore_eos: args.ignore_eos,
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut write_err = None;
+    let json = args.json;
+    let result = engine.generate(&req, &mut |chunk| {
+        let r = if json {
+            let line = serde_json::json!({
+                "token_id": chunk.token_id,
+                "logprob": chunk.logprob,
+                "text": chunk.text,
+            });
+            writeln!(out, "{line}")
+        } else {
+            write!(out, "{}", chunk.text)
+        };
+        // A closed stdout (e.g. `| head`) ends generation like a client that left.
+        match r.and_then(|_| out.flush()) {
+            Ok(()) => true,
+            Err(e) => {
+                write_err = Some(e);
+                false
+            }
+        }
+    })?;
+    if let Some(e) = write_err {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            return Ok(());
+        }
+        return Err(e).context("writing to stdout");
+    }
+    let completion = result.token_ids.len();
+    let decode_s = (result.total_time - result.time_to_first_token).as_secs_f64();
+    let decode_tps = if completion > 1 && decode_s > 0.0 {
+        (completion - 1) as f64 / decode_s
+    } else {
+        0.0
+    };
+    if json {
+        let last = serde_json::json!({
+            "token_ids": result.token_ids,
+            "logprobs": result.logprobs,
+            "text": result.text,
+            "finish_reason": result.finish_reason.as_str(),
+            "model": engine.name,
+            "usage": {
+                "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": completion,
+                "time_to_first_token_ms": result.time_to_first_token.as_secs_f64() * 1e3,
+                "total_ms": result.total_time.as_secs_f64() * 1e3,
+                "decode_tokens_per_s": decode_tps,
+            },
+        });
+        writeln!(out, "{last}")?;
+    } else {
+        writeln!(out)?;
+        eprintln!(
+            "[{} | {} prompt + {} generated tokens | finish: {} | first token {:.1} ms | decode {:.1} tok/s]",
+            engine.name,
+            result.prompt_tokens,
+            completion,
+            result.finish_reason.as_str(),
+            result.time_to_first_token.as_secs_f64() * 1e3,
+            decode_tps
+        );
+    }
+    Ok(())
+}
+
+fn prompt_ids(args: &GenerateArgs, files: &ModelFiles) -> anyhow::Result<Vec<u32>> {
+    if let Some(ids) = &args.prompt_ids {
+        return Ok(ids.clone());
+    }
+    let Some(tok) = files.tokenizer.as_ref() else {
+        bail!(
+            "the model directory {} has no tokenizer.json, so --prompt and --chat cannot be used; pass token ids with --prompt-ids",
+            files
+                .dir
+                .as_ref()
+                .map_or_else(|| files.name.clone(), |d| d.display().to_string())
+        );
+    };
+    if let Some(p) = &args.prompt {
+        return Ok(tok.encode(p, true)?);
+    }
+    let Some(user) = &args.chat else {
+        bail!("one of --prompt, --chat or --prompt-ids is required");
+    };
+    let mut messages = Vec::new();
+    if let Some(s) = &args.system {
+        messages.push(ChatMessage::new("system", s.as_str()));
+    }
+    messages.push(ChatMessage::new("user", user.as_str()));
+    Ok(tok.encode_chat(&messages, true)?)
+}

@@ -1,0 +1,46 @@
+//! The binary's self-description: every subcommand and flag a user reads about in the README is
+//! in `--help`. (Also makes `cargo test --workspace` build the binary that `tests/` runs.)
+
+use std::process::Command;
+
+fn help(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_moemesh"))
+        .args(args)
+        .output()
+        .expect("run moemesh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 help")
+}
+
+#[test]
+fn generate_help_documents_every_flag_and_its_env_var() {
+    let h = help(&["generate", "--help"]);
+    for flag in [
+        "--model",
+        "--prompt",
+        "--chat",
+        "--system",
+        "--prompt-ids",
+        "--max-new-tokens",
+        "--temperature",
+        "--top-p",
+        "--top-k",
+        "--seed",
+        "--stop",
+        "--ignore-eos",
+        "--dtype",
+        "--json",
+    ] {
+        assert!(h.contains(flag), "generate --help lacks {flag}:\n{h}");
+    }
+    assert!(h.contains("MOEMESH_MODEL"), "env var documented:\n{h}");
+}
+
+#[test]
+fn top_level_help_lists_generate() {
+    assert!(help(&["--help"]).contains("generate"));
+}

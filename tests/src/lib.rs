@@ -1,0 +1,75 @@
+//! Helpers for the end-to-end tests in `tests/tests/`: build the `moemesh` binary once and run it
+//! as a user would.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The `moemesh` binary under test.
+///
+/// `cargo test --workspace` builds it next to this test executable (the `moemesh` package has
+/// integration tests of its own, so cargo builds its binary before running any test), with the
+/// same dependency features as everything else in that build. Running this crate alone
+/// (`cargo test -p moemesh-tests`) builds it through escargot instead, which may compile the
+/// dependencies a second time with `moemesh`'s own feature set. `MOEMESH_BIN` overrides both.
+pub fn moemesh_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("MOEMESH_BIN") {
+            return PathBuf::from(p);
+        }
+        let beside = std::env::current_exe().ok().and_then(|exe| {
+            Some(
+                exe.parent()?
+                    .parent()?
+                    .join(format!("moemesh{}", std::env::consts::EXE_SUFFIX)),
+            )
+        });
+        if let Some(p) = beside.filter(|p| p.is_file()) {
+            return p;
+        }
+        let run = escargot::CargoBuild::new()
+            .package("moemesh")
+            .bin("moemesh")
+            .current_release()
+            .current_target()
+            .manifest_path(workspace_root().join("Cargo.toml"))
+            .run()
+            .unwrap_or_else(|e| panic!("building the moemesh binary failed: {e}"));
+        run.path().to_path_buf()
+    })
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace root")
+        .to_path_buf()
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    workspace_root().join("tests/fixtures").join(name)
+}
+
+/// Runs `moemesh ARGS…` to completion.
+pub fn moemesh(args: &[&str]) -> Output {
+    Command::new(moemesh_bin())
+        .args(args)
+        .env_remove("MOEMESH_MODEL")
+        .output()
+        .unwrap_or_else(|e| panic!("running moemesh {args:?}: {e}"))
+}
+
+/// The JSON lines of a successful `--json` run; panics with stderr if the run failed.
+pub fn json_lines(out: &Output) -> Vec<serde_json::Value> {
+    assert!(
+        out.status.success(),
+        "moemesh failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
