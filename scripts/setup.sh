@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing moemesh needs on a fresh Debian machine, and nothing that
 # is already there. Idempotent; safe to run before every build.
-#   scripts/setup.sh          build prerequisites (C/C++ compiler for the tokenizer's regex engine)
-#   scripts/setup.sh --test   the above plus what the tests need
+#   scripts/setup.sh          build prerequisites (C/C++ compiler, protoc for etcd-client)
+#   scripts/setup.sh --test   the above plus what the tests need (etcd-server)
 set -euo pipefail
 
 want_test=0
@@ -13,8 +13,11 @@ command -v cc >/dev/null 2>&1 || missing+=(gcc)
 command -v c++ >/dev/null 2>&1 || missing+=(g++)
 command -v make >/dev/null 2>&1 || missing+=(make)
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+# etcd-client compiles etcd's protos with protoc (moemesh's own protos use protox, pure Rust).
+command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 if (( want_test )); then
-  :  # the multi-process mesh tests add etcd-server here
+  # The mesh tests start a real etcd server on free loopback ports.
+  command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 fi
 
 if (( ${#missing[@]} )); then

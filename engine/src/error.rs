@@ -59,6 +59,9 @@ pub enum EngineError {
     InvalidInput(String),
     #[error("kv cache: {0}")]
     KvCache(String),
+    /// Routed experts could not be computed (no live worker, or every replica failed).
+    #[error("{0}")]
+    ExpertsUnavailable(String),
     #[error("tensor computation failed: {0}")]
     Tensor(#[from] candle_core::Error),
 }
@@ -66,9 +69,9 @@ pub enum EngineError {
 impl EngineError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            EngineError::ConfigRead { .. } | EngineError::WeightFile { .. } => {
-                ErrorKind::Unavailable
-            }
+            EngineError::ConfigRead { .. }
+            | EngineError::WeightFile { .. }
+            | EngineError::ExpertsUnavailable(_) => ErrorKind::Unavailable,
             EngineError::Tensor(_) => ErrorKind::Internal,
             _ => ErrorKind::Invalid,
         }

@@ -16,11 +16,36 @@ use crate::layers::Mlp;
 use crate::router::Routing;
 use crate::weights::Loader;
 
-/// Computes the routed-expert part of an MoE layer.
+/// Routed-expert output that may still be computing elsewhere.
+pub struct PendingExperts(Box<dyn FnOnce() -> Result<Tensor> + Send>);
+
+impl PendingExperts {
+    /// Already computed.
+    pub fn ready(t: Tensor) -> Self {
+        PendingExperts(Box::new(move || Ok(t)))
+    }
+
+    /// Computed when [`wait`](Self::wait) runs `f` (e.g. blocking on remote replies).
+    pub fn deferred(f: impl FnOnce() -> Result<Tensor> + Send + 'static) -> Self {
+        PendingExperts(Box::new(f))
+    }
+
+    pub fn wait(self) -> Result<Tensor> {
+        (self.0)()
+    }
+}
+
+/// Computes the routed-expert part of an MoE layer, in two phases so that the caller can run
+/// the shared experts while routed ones are away (in another process).
 pub trait Experts: Send + Sync {
-    /// `x: [T, hidden]` (post-attention-normed) → `[T, hidden]`, the weighted sum of each token's
-    /// routed experts.
-    fn forward(&self, layer: usize, x: &Tensor, routing: &Routing) -> Result<Tensor>;
+    /// Starts `x: [T, hidden]` (post-attention-normed) through each token's routed experts; the
+    /// result is `[T, hidden]`, the weighted sum of each token's experts.
+    fn dispatch(&self, layer: usize, x: &Tensor, routing: &Routing) -> Result<PendingExperts>;
+
+    /// `dispatch` and wait.
+    fn forward(&self, layer: usize, x: &Tensor, routing: &Routing) -> Result<Tensor> {
+        self.dispatch(layer, x, routing)?.wait()
+    }
 }
 
 /// Which routed experts a shard holds: for every MoE layer in `layers`, experts in `experts`.
@@ -128,13 +153,17 @@ impl ExpertShard {
 }
 
 impl Experts for ExpertShard {
-    fn forward(&self, layer: usize, x: &Tensor, routing: &Routing) -> Result<Tensor> {
+    fn dispatch(&self, layer: usize, x: &Tensor, routing: &Routing) -> Result<PendingExperts> {
         let mut assignments = Vec::with_capacity(routing.expert_ids.len());
         for t in 0..routing.num_tokens() {
             for (e, w) in routing.token(t) {
                 assignments.push((t as u32, e, w));
             }
         }
-        self.forward_assigned(layer, x, &assignments)
+        Ok(PendingExperts::ready(self.forward_assigned(
+            layer,
+            x,
+            &assignments,
+        )?))
     }
 }

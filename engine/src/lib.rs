@@ -25,9 +25,9 @@ pub mod text;
 pub mod weights;
 
 pub use candle_core::{DType, Device, Tensor};
-pub use config::ModelConfig;
+pub use config::{Arch, ModelConfig};
 pub use error::{EngineError, ErrorKind, Result};
-pub use experts::{ExpertShard, Experts, ShardSpec};
+pub use experts::{ExpertShard, Experts, PendingExperts, ShardSpec};
 pub use generate::{FinishReason, GenerationOutput, GenerationRequest, InProcessEngine, Limits};
 pub use kv_cache::SequenceCache;
 pub use model::{DeepSeekModel, Parts, StepSeq};

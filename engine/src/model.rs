@@ -15,7 +15,7 @@ use crate::experts::Experts;
 use crate::kv_cache::SequenceCache;
 use crate::layers::mla::{AttentionStep, SeqRows};
 use crate::layers::{Attention, Linear, Mlp, RmsNorm, Rotary};
-use crate::router::{Router, Routing};
+use crate::router::Router;
 use crate::weights::Loader;
 
 /// The shared-expert and router half of an MoE layer (routed experts live elsewhere).
@@ -116,26 +116,21 @@ impl DecoderLayer {
             FeedForward::Dense(mlp) => mlp.forward(&x)?,
             FeedForward::Moe(moe) => {
                 let routing = moe.router.route(&x)?;
-                let routed = experts.forward(self.index, &x, &routing)?;
-                moe.combine(&x, routed)?
+                let pending = experts.dispatch(self.index, &x, &routing)?;
+                // The shared experts run here while the routed ones may be computing elsewhere.
+                let shared = moe
+                    .shared_experts
+                    .as_ref()
+                    .map(|s| s.forward(&x))
+                    .transpose()?;
+                let routed = pending.wait()?.to_dtype(x.dtype())?;
+                match shared {
+                    Some(s) => (routed + s)?,
+                    None => routed,
+                }
             }
         };
         Ok((h + y)?)
-    }
-}
-
-impl MoeBlock {
-    /// Routes the normed activations.
-    pub fn route(&self, x: &Tensor) -> Result<Routing> {
-        self.router.route(x)
-    }
-
-    /// Routed output plus the shared experts' output for the same normed input.
-    pub fn combine(&self, x: &Tensor, routed: Tensor) -> Result<Tensor> {
-        Ok(match &self.shared_experts {
-            Some(s) => (routed.to_dtype(x.dtype())? + s.forward(x)?)?,
-            None => routed.to_dtype(x.dtype())?,
-        })
     }
 }
 

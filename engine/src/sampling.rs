@@ -88,6 +88,18 @@ impl Sampler {
         Sampler { params, rng }
     }
 
+    /// A sampler that continues another one's random stream after `drawn` samples (a sequence
+    /// moved to another gate samples exactly what it would have).
+    pub fn resume(params: SamplingParams, drawn: u32) -> Self {
+        let mut s = Sampler::new(params);
+        if !params.is_greedy() {
+            for _ in 0..drawn {
+                let _: f64 = s.rng.random();
+            }
+        }
+        s
+    }
+
     pub fn params(&self) -> &SamplingParams {
         &self.params
     }

@@ -26,6 +26,9 @@ pub enum ComputeDtype {
 #[command(allow_negative_numbers = true)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "chat", "prompt_ids"])))]
 pub struct GenerateArgs {
+    /// Address of a running mesh's frontend (`host:port`); without it the model runs in this process.
+    #[arg(long, env = "MOEMESH_ADDR", conflicts_with_all = ["model", "dtype"])]
+    pub addr: Option<String>,
     /// Model directory (config.json, safetensors, optional tokenizer.json). Without it, the
     /// embedded default model (random DeepSeek-V3-architecture weights, DeepSeek-R1 tokenizer).
     #[arg(long, env = "MOEMESH_MODEL")]
@@ -72,6 +75,9 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    if let Some(addr) = args.addr.clone() {
+        return crate::generate_cmd::remote::run(&addr, &args);
+    }
     let files =
         ModelFiles::open_or_embedded(args.model.as_deref()).with_context(|| match &args.model {
             Some(d) => format!("opening model directory {}", d.display()),
@@ -188,4 +194,117 @@ fn prompt_ids(args: &GenerateArgs, files: &ModelFiles) -> anyhow::Result<Vec<u32
     }
     messages.push(ChatMessage::new("user", user.as_str()));
     Ok(tok.encode_chat(&messages, true)?)
+}
+
+/// `generate --addr`: the same request through a running mesh's Generation API.
+mod remote {
+    use std::io::Write;
+
+    use anyhow::Context;
+    use moemesh_proto::v1::generation_client::GenerationClient;
+    use moemesh_proto::v1::{self, generate_request::Input};
+
+    use super::GenerateArgs;
+
+    pub fn run(addr: &str, args: &GenerateArgs) -> anyhow::Result<()> {
+        let input = if let Some(ids) = &args.prompt_ids {
+            Input::Tokens(v1::TokenIds { ids: ids.clone() })
+        } else if let Some(p) = &args.prompt {
+            Input::Prompt(p.clone())
+        } else {
+            let mut messages = Vec::new();
+            if let Some(s) = &args.system {
+                messages.push(v1::ChatMessage {
+                    role: "system".into(),
+                    content: s.clone(),
+                });
+            }
+            messages.push(v1::ChatMessage {
+                role: "user".into(),
+                content: args.chat.clone().unwrap_or_default(),
+            });
+            Input::Chat(v1::ChatInput { messages })
+        };
+        let req = v1::GenerateRequest {
+            input: Some(input),
+            sampling: Some(v1::SamplingParams {
+                temperature: args.temperature,
+                top_p: Some(args.top_p),
+                top_k: args.top_k as u32,
+                seed: args.seed,
+            }),
+            stopping: Some(v1::StoppingCriteria {
+                max_new_tokens: Some(args.max_new_tokens as u32),
+                stop: args.stop.clone(),
+                ignore_eos: args.ignore_eos,
+            }),
+            request_id: String::new(),
+        };
+        let json = args.json;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let mut client = GenerationClient::connect(format!("http://{addr}"))
+                .await
+                .with_context(|| format!("connecting to the frontend at {addr}"))?;
+            let mut stream = client.generate(req).await.map_err(|s| anyhow::anyhow!("{}: {}", code(&s), s.message()))?.into_inner();
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            let (mut ids, mut logprobs, mut text) = (Vec::<u32>::new(), Vec::<f32>::new(), String::new());
+            let mut finish = None;
+            while let Some(msg) = stream.message().await.map_err(|s| anyhow::anyhow!("{}: {}", code(&s), s.message()))? {
+                if json {
+                    for (i, t) in msg.token_ids.iter().enumerate() {
+                        let piece = if i + 1 == msg.token_ids.len() { msg.text.as_str() } else { "" };
+                        let lp = msg.logprobs.get(i).copied().unwrap_or(0.0);
+                        writeln!(out, "{}", serde_json::json!({"token_id": t, "logprob": lp, "text": piece}))?;
+                    }
+                } else {
+                    write!(out, "{}", msg.text)?;
+                }
+                out.flush()?;
+                ids.extend(&msg.token_ids);
+                logprobs.extend(&msg.logprobs);
+                text.push_str(&msg.text);
+                if msg.finish_reason != v1::FinishReason::Unspecified as i32 {
+                    finish = Some((msg.finish_reason, msg.usage));
+                }
+            }
+            let (reason, usage) = finish.context("the stream ended without a finish reason")?;
+            let reason = match v1::FinishReason::try_from(reason) {
+                Ok(v1::FinishReason::Length) => "length",
+                Ok(v1::FinishReason::Stop) => "stop",
+                Ok(v1::FinishReason::Eos) => "eos",
+                Ok(v1::FinishReason::Cancelled) => "cancelled",
+                _ => "unknown",
+            };
+            let usage = usage.unwrap_or_default();
+            if json {
+                let last = serde_json::json!({
+                    "token_ids": ids, "logprobs": logprobs, "text": text, "finish_reason": reason,
+                    "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                              "time_to_first_token_ms": usage.time_to_first_token_ms},
+                });
+                writeln!(out, "{last}")?;
+            } else {
+                writeln!(out)?;
+                eprintln!("[{addr} | {} prompt + {} generated tokens | finish: {reason} | first token {:.1} ms]",
+                    usage.prompt_tokens, usage.completion_tokens, usage.time_to_first_token_ms);
+            }
+            anyhow::Ok(())
+        })
+    }
+
+    /// `InvalidArgument` → `INVALID_ARGUMENT`, as gRPC documentation and grpcurl spell codes.
+    fn code(s: &tonic::Status) -> String {
+        let mut out = String::new();
+        for (i, c) in format!("{:?}", s.code()).chars().enumerate() {
+            if c.is_uppercase() && i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_uppercase());
+        }
+        out
+    }
 }

@@ -1,7 +1,9 @@
-//! `moemesh`: one binary, one subcommand per job. Today `generate` runs a model in-process; the
-//! mesh roles (`up`, `frontend`, `gate`, `expert`) join it as subcommands.
+//! `moemesh`: one binary, one subcommand per job: the three mesh roles, `up` (a whole local
+//! mesh), and `generate` (in-process, or as a client of a running mesh with `--addr`).
 
 mod generate_cmd;
+mod roles;
+mod up_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -18,21 +20,33 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Generate text from a prompt with the whole model in this process.
+    /// Generate text: in-process (the whole model here), or from a running mesh with --addr.
     Generate(generate_cmd::GenerateArgs),
+    /// Start a complete local mesh: expert workers, a gate and a frontend, as separate processes.
+    Up(up_cmd::UpArgs),
+    /// Serve the public Generation API (tokenizer, scheduling, streaming).
+    Frontend(moemesh_frontend::FrontendConfig),
+    /// Serve the dense part of the model (attention, KV cache, router, shared experts, sampling).
+    Gate(moemesh_gate::GateConfig),
+    /// Serve routed experts.
+    Expert(moemesh_expert::ExpertConfig),
 }
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MOEMESH_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate_cmd::run(args),
+        Command::Up(args) => up_cmd::run(args),
+        Command::Frontend(cfg) => roles::frontend(cfg),
+        Command::Gate(cfg) => roles::gate(cfg),
+        Command::Expert(cfg) => roles::expert(cfg),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,72 @@
+//! Serving boilerplate every role shares: gRPC health and reflection, the shutdown signal, and
+//! the readiness line that `moemesh up` and the tests wait for.
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+/// Health service (overall status `""` starts NOT_SERVING) and reflection over moemesh's and
+/// the health protocol's descriptors, so grpcurl and ghz need no .proto files.
+pub fn health_and_reflection() -> (
+    HealthReporter,
+    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+) {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(moemesh_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the compiled-in descriptor sets are valid");
+    (reporter, health, reflection)
+}
+
+/// Sets the overall health status (the `""` service), which readiness probes check.
+pub async fn set_health(reporter: &HealthReporter, serving: bool) {
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    reporter.set_service_status("", status).await;
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+/// Prints the one-line JSON readiness record on stdout: `{"event":"ready","role":…,"address":…,"id":…}`.
+/// Printed only once the role serves and (if it registers) is registered.
+pub fn announce_ready(role: &str, address: SocketAddr, id: &str) {
+    println!(
+        "{}",
+        serde_json::json!({"event": "ready", "role": role, "address": address.to_string(), "id": id})
+    );
+}
+
+/// Waits for `fut`, but at most `limit`; used to bound draining at shutdown.
+pub async fn bounded<F: Future>(limit: std::time::Duration, fut: F) -> Option<F::Output> {
+    tokio::time::timeout(limit, fut).await.ok()
+}

@@ -1,0 +1,97 @@
+//! `moemesh expert` configuration: flags and `MOEMESH_*` environment variables.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+
+#[derive(Args, Debug, Clone)]
+pub struct ExpertConfig {
+    /// Address to serve gRPC on (port 0 picks a free port; the ready line says which).
+    #[arg(long, env = "MOEMESH_LISTEN", default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Address to announce in the registry (default: the bound address).
+    #[arg(long, env = "MOEMESH_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Model directory; the embedded default model when omitted.
+    #[arg(long, env = "MOEMESH_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Routed experts to serve in every served layer, e.g. `0-15` or `0-3,8,12-15` (default: all).
+    #[arg(long, env = "MOEMESH_EXPERTS")]
+    pub experts: Option<String>,
+    /// MoE layers to serve, e.g. `1-26` (default: every MoE layer).
+    #[arg(long, env = "MOEMESH_LAYERS")]
+    pub layers: Option<String>,
+    /// Device: `cpu` (CUDA devices `cuda:N` arrive with the CUDA backend).
+    #[arg(long, env = "MOEMESH_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// etcd endpoints, comma-separated (e.g. `http://127.0.0.1:2379`); without it the worker does
+    /// not register and a gate must be given its address.
+    #[arg(long, env = "MOEMESH_ETCD", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// Cluster name in registry keys.
+    #[arg(long, env = "MOEMESH_CLUSTER", default_value = "default")]
+    pub cluster: String,
+    /// Registry id (default: `expert-<advertised address>`).
+    #[arg(long, env = "MOEMESH_ID")]
+    pub id: Option<String>,
+    /// Registry lease TTL in seconds (how long a crashed worker stays listed).
+    #[arg(long, env = "MOEMESH_LEASE_TTL", default_value_t = 5)]
+    pub lease_ttl: i64,
+    /// Compute dtype: `f32` (exact) or `bf16`.
+    #[arg(long, env = "MOEMESH_DTYPE", default_value = "f32")]
+    pub dtype: String,
+    /// Most seconds to wait for in-flight calls at shutdown.
+    #[arg(long, env = "MOEMESH_DRAIN_TIMEOUT", default_value_t = 10)]
+    pub drain_timeout: u64,
+}
+
+/// Parses `0-15`, `3`, `0-3,8,12-15` into a sorted list without duplicates.
+pub fn parse_range(s: &str, what: &str) -> Result<Vec<u32>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || format!("--{what}: {part:?} is not a number or a range like 0-15");
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (u32, u32) = (
+                    a.trim().parse().map_err(|_| bad())?,
+                    b.trim().parse().map_err(|_| bad())?,
+                );
+                if a > b {
+                    return Err(format!("--{what}: range {part:?} runs backwards"));
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    if out.is_empty() {
+        return Err(format!("--{what}: empty list"));
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges_and_lists() {
+        assert_eq!(
+            parse_range("0-3,8,12-13", "experts"),
+            Ok(vec![0, 1, 2, 3, 8, 12, 13])
+        );
+        assert!(
+            parse_range("5-2", "experts")
+                .expect_err("backwards")
+                .contains("backwards")
+        );
+        assert!(
+            parse_range("x", "layers")
+                .expect_err("nan")
+                .contains("--layers")
+        );
+    }
+}

@@ -1,0 +1,285 @@
+//! `Expert.Forward` and `Expert.Info`, and the worker's life cycle.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures::Stream;
+use moemesh_common::registry::{Member, Registry, RegistryConfig, Role};
+use moemesh_common::{MeshError, MeshResult, codec, device, serve};
+use moemesh_engine::{Device, ExpertShard, ModelFiles, ShardSpec};
+use moemesh_proto::v1::expert_server::{Expert, ExpertServer};
+use moemesh_proto::v1::{ExpertInfoRequest, ExpertInfoResponse, ForwardRequest, ForwardResponse};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::config::{ExpertConfig, parse_range};
+
+struct Worker {
+    shard: Arc<ExpertShard>,
+    info: ExpertInfoResponse,
+    device: Device,
+    hidden_size: usize,
+    /// Calls being computed now (drained at shutdown).
+    in_flight: Arc<AtomicUsize>,
+    /// Set at shutdown: streams finish their current call and end.
+    closing: Arc<AtomicBool>,
+}
+
+impl Worker {
+    fn forward(&self, req: &ForwardRequest) -> MeshResult<ForwardResponse> {
+        let hidden = req
+            .hidden
+            .as_ref()
+            .ok_or_else(|| MeshError::Invalid("hidden: missing".into()))?;
+        let x = codec::decode(hidden, "hidden", &self.device)?;
+        let (t, h) = x
+            .dims2()
+            .map_err(|_| MeshError::Invalid("hidden: expected a 2-D tensor".into()))?;
+        if h != self.hidden_size {
+            return Err(MeshError::Invalid(format!(
+                "hidden: width {h}, the model's hidden_size is {}",
+                self.hidden_size
+            )));
+        }
+        if req.pairs_per_token.len() != t {
+            return Err(MeshError::Invalid(format!(
+                "pairs_per_token has {} entries for {t} tokens",
+                req.pairs_per_token.len()
+            )));
+        }
+        let total: usize = req.pairs_per_token.iter().map(|&n| n as usize).sum();
+        if req.expert_ids.len() != total || req.weights.len() != total {
+            return Err(MeshError::Invalid(format!(
+                "expert_ids ({}) and weights ({}) must both have sum(pairs_per_token) = {total} entries",
+                req.expert_ids.len(),
+                req.weights.len()
+            )));
+        }
+        let layer = req.layer as usize;
+        let mut assignments = Vec::with_capacity(total);
+        let mut k = 0;
+        for (row, &n) in req.pairs_per_token.iter().enumerate() {
+            for _ in 0..n {
+                let e = req.expert_ids[k];
+                if !self.shard.has(layer, e as usize) {
+                    return Err(MeshError::Invalid(format!(
+                        "expert {e} of layer {layer} is not served by this worker ({})",
+                        self.info.id
+                    )));
+                }
+                assignments.push((row as u32, e, req.weights[k]));
+                k += 1;
+            }
+        }
+        let out = self.shard.forward_assigned(layer, &x, &assignments)?;
+        let dtype = moemesh_proto::v1::DType::try_from(hidden.dtype)
+            .unwrap_or(moemesh_proto::v1::DType::F32);
+        Ok(ForwardResponse {
+            call_id: req.call_id,
+            output: Some(codec::encode(&out, dtype)?),
+        })
+    }
+}
+
+#[derive(Clone)]
+struct ExpertService {
+    worker: Arc<Worker>,
+}
+
+type ForwardStream = Pin<Box<dyn Stream<Item = Result<ForwardResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Expert for ExpertService {
+    type ForwardStream = ForwardStream;
+
+    async fn forward(
+        &self,
+        request: Request<Streaming<ForwardRequest>>,
+    ) -> Result<Response<ForwardStream>, Status> {
+        let mut incoming = request.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        let worker = self.worker.clone();
+        tokio::spawn(async move {
+            loop {
+                if worker.closing.load(Ordering::SeqCst) {
+                    let _ = tx
+                        .send(Err(Status::unavailable("expert worker is shutting down")))
+                        .await;
+                    break;
+                }
+                let req = match incoming.message().await {
+                    Ok(Some(r)) => r,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "forward stream ended");
+                        break;
+                    }
+                };
+                worker.in_flight.fetch_add(1, Ordering::SeqCst);
+                let w = worker.clone();
+                let result = tokio::task::spawn_blocking(move || w.forward(&req)).await;
+                worker.in_flight.fetch_sub(1, Ordering::SeqCst);
+                let reply = match result {
+                    Ok(r) => r.map_err(Status::from),
+                    Err(e) => Err(Status::from(MeshError::Internal(format!(
+                        "expert task: {e}"
+                    )))),
+                };
+                if tx.send(reply).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn info(
+        &self,
+        _: Request<ExpertInfoRequest>,
+    ) -> Result<Response<ExpertInfoResponse>, Status> {
+        Ok(Response::new(self.worker.info.clone()))
+    }
+}
+
+/// Loads the shard, serves on `listener` until `shutdown` resolves, then leaves the registry and
+/// drains.
+pub async fn run(
+    cfg: ExpertConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> MeshResult<()> {
+    let device = device::parse_device(&cfg.device)?;
+    let dtype = device::parse_dtype(&cfg.dtype)?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| MeshError::Internal(e.to_string()))?;
+    let advertise = cfg.advertise.clone().unwrap_or_else(|| local.to_string());
+    let id = cfg
+        .id
+        .clone()
+        .unwrap_or_else(|| format!("expert-{advertise}"));
+
+    let model = cfg.model.clone();
+    let files = tokio::task::spawn_blocking(move || ModelFiles::open_or_embedded(model.as_deref()))
+        .await
+        .map_err(|e| MeshError::Internal(e.to_string()))??;
+    let mc = &files.config;
+    let moe_layers: Vec<u32> = mc.moe_layers().into_iter().map(|l| l as u32).collect();
+    let layers = match &cfg.layers {
+        Some(s) => parse_range(s, "layers").map_err(MeshError::Invalid)?,
+        None => moe_layers.clone(),
+    };
+    if let Some(bad) = layers.iter().find(|l| !moe_layers.contains(l)) {
+        return Err(MeshError::Invalid(format!(
+            "--layers: layer {bad} has no routed experts (MoE layers: {moe_layers:?})"
+        )));
+    }
+    let experts = match &cfg.experts {
+        Some(s) => parse_range(s, "experts").map_err(MeshError::Invalid)?,
+        None => (0..mc.n_routed_experts as u32).collect(),
+    };
+    if let Some(bad) = experts.iter().find(|&&e| e as usize >= mc.n_routed_experts) {
+        return Err(MeshError::Invalid(format!(
+            "--experts: expert {bad} does not exist (the model has {} routed experts)",
+            mc.n_routed_experts
+        )));
+    }
+    let spec = ShardSpec {
+        layers: layers.iter().map(|&l| l as usize).collect(),
+        experts: experts.iter().map(|&e| e as usize).collect(),
+    };
+    let hidden_size = mc.hidden_size;
+    let (shard, files) = {
+        let device = device.clone();
+        tokio::task::spawn_blocking(move || {
+            let loader = files.loader(&device, dtype);
+            let shard = ExpertShard::load(&files.config, &loader, &spec);
+            drop(loader);
+            shard.map(|s| (s, files))
+        })
+        .await
+        .map_err(|e| MeshError::Internal(e.to_string()))??
+    };
+    let info = ExpertInfoResponse {
+        id: id.clone(),
+        layers: layers.clone(),
+        experts: experts.clone(),
+        device: cfg.device.clone(),
+        fingerprint: files.fingerprint.clone(),
+    };
+    tracing::info!(%id, address = %advertise, layers = ?layers, experts = ?experts, fingerprint = %files.fingerprint, "expert worker loaded");
+
+    let worker = Arc::new(Worker {
+        shard: Arc::new(shard),
+        info,
+        device,
+        hidden_size,
+        in_flight: Arc::new(AtomicUsize::new(0)),
+        closing: Arc::new(AtomicBool::new(false)),
+    });
+    let (reporter, health, reflection) = serve::health_and_reflection();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(
+            ExpertServer::new(ExpertService {
+                worker: worker.clone(),
+            })
+            .max_decoding_message_size(256 << 20)
+            .max_encoding_message_size(256 << 20),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = stop_rx.await;
+        });
+    let server = tokio::spawn(server);
+    serve::set_health(&reporter, true).await;
+
+    let registry = Registry::new(
+        &RegistryConfig {
+            etcd: cfg.etcd.clone(),
+            cluster: cfg.cluster.clone(),
+            model: files.name.clone(),
+            lease_ttl_s: cfg.lease_ttl,
+        },
+        Vec::new(),
+    )?;
+    let registration = registry
+        .register(Member {
+            id: id.clone(),
+            role: Role::Expert,
+            address: advertise.clone(),
+            layers,
+            experts,
+            device: cfg.device.clone(),
+            fingerprint: files.fingerprint.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        })
+        .await?;
+    serve::announce_ready("expert", local, &id);
+
+    shutdown.await;
+    tracing::info!(%id, "shutting down: leaving the registry, then draining");
+    serve::set_health(&reporter, false).await;
+    registration.deregister().await;
+    worker.closing.store(true, Ordering::SeqCst);
+    let in_flight = worker.in_flight.clone();
+    let drained = serve::bounded(Duration::from_secs(cfg.drain_timeout), async move {
+        while in_flight.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    if drained.is_none() {
+        tracing::warn!("drain timeout: exiting with calls in flight");
+    }
+    let _ = stop_tx.send(());
+    // Open gate streams keep tonic's graceful shutdown waiting; bound it.
+    let _ = serve::bounded(Duration::from_secs(2), server).await;
+    Ok(())
+}

@@ -1,0 +1,37 @@
+//! `moemesh frontend` configuration: flags and `MOEMESH_*` environment variables.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+
+#[derive(Args, Debug, Clone)]
+pub struct FrontendConfig {
+    /// Address to serve the public gRPC API on (port 0 picks a free port; the ready line says which).
+    #[arg(long, env = "MOEMESH_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Model directory; the embedded default model when omitted. Must be the gates' model.
+    #[arg(long, env = "MOEMESH_MODEL")]
+    pub model: Option<PathBuf>,
+    /// etcd endpoints, comma-separated; the frontend watches gates there.
+    #[arg(long, env = "MOEMESH_ETCD", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// Without etcd: the gates' addresses (`host:port`, comma-separated).
+    #[arg(long, env = "MOEMESH_GATE_ADDRS", value_delimiter = ',')]
+    pub gate_addrs: Vec<String>,
+    /// Cluster name in registry keys.
+    #[arg(long, env = "MOEMESH_CLUSTER", default_value = "default")]
+    pub cluster: String,
+    /// max_new_tokens when a request does not set it.
+    #[arg(long, env = "MOEMESH_DEFAULT_MAX_NEW_TOKENS", default_value_t = 256)]
+    pub default_max_new_tokens: u32,
+    /// Largest max_new_tokens a request may ask for.
+    #[arg(long, env = "MOEMESH_MAX_NEW_TOKENS_LIMIT", default_value_t = 4096)]
+    pub max_new_tokens_limit: u32,
+    /// Most stop strings per request.
+    #[arg(long, env = "MOEMESH_MAX_STOP_SEQUENCES", default_value_t = 16)]
+    pub max_stop_sequences: usize,
+    /// Largest prompt text (or chat) in bytes.
+    #[arg(long, env = "MOEMESH_MAX_PROMPT_BYTES", default_value_t = 1 << 20)]
+    pub max_prompt_bytes: usize,
+}

@@ -1,0 +1,343 @@
+//! One gate's step loop. Every running sequence on the gate joins every step: new sequences
+//! bring their whole prompt (prefill), running ones their last sampled token (decode). After
+//! each step the sampled ids go through each sequence's detokenizer and stop checks and out to
+//! its client; finished and abandoned sequences are released on the gate in the next step.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use moemesh_common::{MeshError, MeshResult, codec};
+use moemesh_engine::generate::{FinishReason, TextTracker, finish_check};
+use moemesh_engine::text::TextTokenizer;
+use moemesh_engine::{DeepSeekModel, GenerationRequest};
+use moemesh_proto::v1::gate_client::GateClient;
+use moemesh_proto::v1::{self, GenerateResponse, SeqSampling, SeqStep, StepRequest, StepResponse};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+
+/// What every gate link shares: the embedding table, tokenizer and model limits.
+pub struct Ctx {
+    pub model: DeepSeekModel,
+    pub tokenizer: Option<TextTokenizer>,
+    pub eos: Vec<u32>,
+    pub context_length: usize,
+    pub next_seq: AtomicU64,
+}
+
+pub type ClientTx = mpsc::UnboundedSender<Result<GenerateResponse, Status>>;
+
+/// A request accepted by the service, on its way to a gate.
+pub struct NewSeq {
+    pub req: GenerationRequest,
+    /// Detokenizer and stop strings (built while validating the request).
+    pub text: TextTracker,
+    pub tx: ClientTx,
+    pub start: Instant,
+}
+
+struct Seq {
+    id: u64,
+    req: GenerationRequest,
+    tx: ClientTx,
+    start: Instant,
+    ttft: Option<Duration>,
+    generated: Vec<u32>,
+    /// Tokens whose KV the gate holds for this sequence.
+    gate_pos: usize,
+    text: TextTracker,
+}
+
+impl Seq {
+    /// The tokens this sequence adds in the next step.
+    fn next_input(&self) -> Vec<u32> {
+        if self.gate_pos == 0 {
+            let mut all = self.req.prompt_ids.clone();
+            all.extend(&self.generated);
+            all
+        } else {
+            self.generated.last().map(|t| vec![*t]).unwrap_or_default()
+        }
+    }
+}
+
+/// The handle the service uses to give sequences to a gate.
+#[derive(Clone)]
+pub struct GateLink {
+    pub address: String,
+    tx: mpsc::UnboundedSender<NewSeq>,
+    /// Sequences running or queued on this gate (for spreading load).
+    pub load: Arc<AtomicUsize>,
+}
+
+impl GateLink {
+    pub fn spawn(address: String, ctx: Arc<Ctx>) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let load = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(run(address.clone(), rx, ctx, load.clone()));
+        GateLink { address, tx, load }
+    }
+
+    /// Queues a sequence for this gate; false when the gate's step loop has stopped.
+    pub fn submit(&self, seq: NewSeq) -> bool {
+        self.load.fetch_add(1, Ordering::SeqCst);
+        let ok = self.tx.send(seq).is_ok();
+        if !ok {
+            self.load.fetch_sub(1, Ordering::SeqCst);
+        }
+        ok
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+struct Conn {
+    tx: mpsc::Sender<StepRequest>,
+    rx: Streaming<StepResponse>,
+}
+
+async fn connect(address: &str) -> MeshResult<Conn> {
+    let unavailable =
+        |e: &dyn std::fmt::Display| MeshError::Unavailable(format!("gate {address}: {e}"));
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| unavailable(&e))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true);
+    let channel = endpoint.connect().await.map_err(|e| unavailable(&e))?;
+    let mut client = GateClient::new(channel)
+        .max_decoding_message_size(256 << 20)
+        .max_encoding_message_size(256 << 20);
+    let (tx, rx) = mpsc::channel(2);
+    let rx = client
+        .step(ReceiverStream::new(rx))
+        .await
+        .map_err(|e| unavailable(&e))?
+        .into_inner();
+    Ok(Conn { tx, rx })
+}
+
+async fn exchange(conn: &mut Conn, address: &str, req: StepRequest) -> MeshResult<StepResponse> {
+    conn.tx
+        .send(req)
+        .await
+        .map_err(|_| MeshError::Unavailable(format!("gate {address}: step stream closed")))?;
+    match conn.rx.message().await {
+        Ok(Some(r)) => Ok(r),
+        Ok(None) => Err(MeshError::Unavailable(format!(
+            "gate {address}: step stream closed"
+        ))),
+        Err(s) => Err(MeshError::Peer {
+            peer: format!("gate {address}"),
+            status: s,
+        }),
+    }
+}
+
+async fn run(
+    address: String,
+    mut rx: mpsc::UnboundedReceiver<NewSeq>,
+    ctx: Arc<Ctx>,
+    load: Arc<AtomicUsize>,
+) {
+    let mut seqs: Vec<Seq> = Vec::new();
+    let mut release: Vec<u64> = Vec::new();
+    let mut conn: Option<Conn> = None;
+    let mut step_id = 0u64;
+    loop {
+        if seqs.is_empty() && release.is_empty() {
+            match rx.recv().await {
+                Some(n) => seqs.push(admit(n, &ctx)),
+                None => return,
+            }
+        }
+        while let Ok(n) = rx.try_recv() {
+            seqs.push(admit(n, &ctx));
+        }
+        seqs.retain(|s| {
+            if s.tx.is_closed() {
+                tracing::debug!(seq = s.id, "client went away; releasing");
+                release.push(s.id);
+                load.fetch_sub(1, Ordering::SeqCst);
+                false
+            } else {
+                true
+            }
+        });
+
+        step_id += 1;
+        let inputs: Vec<Vec<u32>> = seqs.iter().map(Seq::next_input).collect();
+        let step = match build_step(step_id, &seqs, &inputs, &ctx, std::mem::take(&mut release)) {
+            Ok(s) => s,
+            Err(e) => {
+                fail_all(&mut seqs, &load, Status::from(e));
+                continue;
+            }
+        };
+        let result = async {
+            if conn.is_none() {
+                conn = Some(connect(&address).await?);
+            }
+            match conn.as_mut() {
+                Some(c) => exchange(c, &address, step).await,
+                None => Err(MeshError::Internal("no gate connection".into())),
+            }
+        }
+        .await;
+        match result {
+            Ok(resp) => {
+                let by_seq: HashMap<u64, &v1::SeqResult> =
+                    resp.results.iter().map(|r| (r.seq_id, r)).collect();
+                let mut finished = Vec::new();
+                for (i, (s, input)) in seqs.iter_mut().zip(&inputs).enumerate() {
+                    let Some(r) = by_seq.get(&s.id) else { continue };
+                    s.gate_pos += input.len();
+                    if deliver(s, r, &ctx) {
+                        finished.push(i);
+                    }
+                }
+                for i in finished.into_iter().rev() {
+                    let s = seqs.remove(i);
+                    release.push(s.id);
+                    load.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+            Err(e) => {
+                // The gate's stream is gone (it ended the stream after a failed step, or died):
+                // its KV for these sequences is gone with it.
+                conn = None;
+                release.clear();
+                if !seqs.is_empty() {
+                    tracing::warn!(gate = %address, error = %e, sequences = seqs.len(), "step failed");
+                }
+                fail_all(&mut seqs, &load, Status::from(e));
+            }
+        }
+    }
+}
+
+fn admit(n: NewSeq, ctx: &Ctx) -> Seq {
+    Seq {
+        id: ctx.next_seq.fetch_add(1, Ordering::Relaxed),
+        req: n.req,
+        tx: n.tx,
+        start: n.start,
+        ttft: None,
+        generated: Vec::new(),
+        gate_pos: 0,
+        text: n.text,
+    }
+}
+
+fn build_step(
+    step_id: u64,
+    seqs: &[Seq],
+    inputs: &[Vec<u32>],
+    ctx: &Ctx,
+    release: Vec<u64>,
+) -> MeshResult<StepRequest> {
+    let ids: Vec<u32> = inputs.iter().flatten().copied().collect();
+    let activations = if ids.is_empty() {
+        None
+    } else {
+        let emb = ctx.model.embed(&ids)?;
+        Some(codec::encode(&emb, v1::DType::Bf16)?)
+    };
+    let seq_steps = seqs
+        .iter()
+        .zip(inputs)
+        .map(|(s, input)| SeqStep {
+            seq_id: s.id,
+            start_position: s.gate_pos as u32,
+            num_tokens: input.len() as u32,
+            sample: true,
+            sampling: Some(SeqSampling {
+                temperature: s.req.sampling.temperature,
+                top_p: s.req.sampling.top_p,
+                top_k: s.req.sampling.top_k as u32,
+                seed: s.req.sampling.seed.unwrap_or(0),
+                samples_drawn: s.generated.len() as u32,
+            }),
+        })
+        .collect();
+    Ok(StepRequest {
+        step_id,
+        seqs: seq_steps,
+        activations,
+        release,
+    })
+}
+
+/// Hands one sampled token to the sequence's client; true when the sequence is finished.
+fn deliver(s: &mut Seq, r: &v1::SeqResult, ctx: &Ctx) -> bool {
+    let token = r.token_id;
+    s.generated.push(token);
+    if s.ttft.is_none() {
+        s.ttft = Some(s.start.elapsed());
+    }
+    let is_eos = !s.req.ignore_eos && ctx.eos.contains(&token);
+    let (mut piece, stopped) = if is_eos {
+        (String::new(), false)
+    } else {
+        match s.text.push(token) {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = s.tx.send(Err(Status::from(MeshError::from(e))));
+                return true;
+            }
+        }
+    };
+    let seq_len = s.req.prompt_ids.len() + s.generated.len();
+    let finish = finish_check(
+        token,
+        s.generated.len(),
+        seq_len,
+        &s.req,
+        &ctx.eos,
+        ctx.context_length,
+        stopped,
+    );
+    if finish.is_some() && !stopped {
+        match s.text.finish() {
+            Ok(rest) => piece.push_str(&rest),
+            Err(e) => tracing::warn!(error = %e, "detokenizer flush failed"),
+        }
+    }
+    let mut msg = GenerateResponse {
+        text: piece,
+        token_ids: vec![token],
+        logprobs: vec![r.logprob],
+        finish_reason: v1::FinishReason::Unspecified as i32,
+        usage: None,
+    };
+    if let Some(reason) = finish {
+        msg.finish_reason = wire_reason(reason) as i32;
+        msg.usage = Some(v1::Usage {
+            prompt_tokens: s.req.prompt_ids.len() as u32,
+            completion_tokens: s.generated.len() as u32,
+            time_to_first_token_ms: s.ttft.unwrap_or_default().as_secs_f64() * 1e3,
+        });
+    }
+    // A closed channel means the client left; the next step releases the sequence.
+    let _ = s.tx.send(Ok(msg));
+    finish.is_some()
+}
+
+pub fn wire_reason(r: FinishReason) -> v1::FinishReason {
+    match r {
+        FinishReason::Length => v1::FinishReason::Length,
+        FinishReason::Stop => v1::FinishReason::Stop,
+        FinishReason::Eos => v1::FinishReason::Eos,
+        FinishReason::Cancelled => v1::FinishReason::Cancelled,
+    }
+}
+
+fn fail_all(seqs: &mut Vec<Seq>, load: &AtomicUsize, status: Status) {
+    for s in seqs.drain(..) {
+        let _ = s.tx.send(Err(status.clone()));
+        load.fetch_sub(1, Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,117 @@
+//! Turning a `GenerateRequest` off the wire into a validated engine request. Every rejection is
+//! INVALID_ARGUMENT with the field and the limit in the message.
+
+use moemesh_common::{MeshError, MeshResult};
+use moemesh_engine::text::{ChatMessage, TextTokenizer};
+use moemesh_engine::{GenerationRequest, Limits, ModelConfig, SamplingParams};
+use moemesh_proto::v1::{self, generate_request::Input};
+
+use crate::config::FrontendConfig;
+
+fn need_tokenizer<'a>(
+    tok: Option<&'a TextTokenizer>,
+    field: &str,
+) -> MeshResult<&'a TextTokenizer> {
+    tok.ok_or_else(|| {
+        MeshError::Invalid(format!(
+            "{field}: this model has no tokenizer (its directory has no tokenizer.json); send token ids in `tokens`"
+        ))
+    })
+}
+
+/// Prompt ids for `prompt` or `chat`, plus the rendered chat text (empty for a prompt).
+pub fn tokenize(
+    prompt: Option<&str>,
+    chat: Option<&v1::ChatInput>,
+    tok: Option<&TextTokenizer>,
+    max_bytes: usize,
+) -> MeshResult<(Vec<u32>, String)> {
+    if let Some(p) = prompt {
+        if p.is_empty() {
+            return Err(MeshError::Invalid(
+                "prompt: empty (it must have at least 1 character)".into(),
+            ));
+        }
+        if p.len() > max_bytes {
+            return Err(MeshError::Invalid(format!(
+                "prompt: {} bytes, the limit is {max_bytes}",
+                p.len()
+            )));
+        }
+        let tok = need_tokenizer(tok, "prompt")?;
+        return Ok((tok.encode(p, true)?, String::new()));
+    }
+    let Some(chat) = chat else {
+        return Err(MeshError::Invalid(
+            "input: one of prompt, chat or tokens is required".into(),
+        ));
+    };
+    let bytes: usize = chat
+        .messages
+        .iter()
+        .map(|m| m.content.len() + m.role.len())
+        .sum();
+    if bytes > max_bytes {
+        return Err(MeshError::Invalid(format!(
+            "chat.messages: {bytes} bytes, the limit is {max_bytes}"
+        )));
+    }
+    let tok = need_tokenizer(tok, "chat")?;
+    let messages: Vec<ChatMessage> = chat
+        .messages
+        .iter()
+        .map(|m| ChatMessage::new(&m.role, &m.content))
+        .collect();
+    let rendered = tok.apply_chat_template(&messages, true)?;
+    Ok((tok.encode(&rendered, false)?, rendered))
+}
+
+/// Validates and converts a request; `seed` is used when the request sets none.
+pub fn to_engine_request(
+    req: &v1::GenerateRequest,
+    cfg: &FrontendConfig,
+    model: &ModelConfig,
+    tok: Option<&TextTokenizer>,
+    seed: u64,
+) -> MeshResult<GenerationRequest> {
+    let prompt_ids = match &req.input {
+        Some(Input::Tokens(t)) => {
+            if t.ids.is_empty() {
+                return Err(MeshError::Invalid(
+                    "tokens.ids: empty (at least 1 token id is required)".into(),
+                ));
+            }
+            t.ids.clone()
+        }
+        Some(Input::Prompt(p)) => tokenize(Some(p), None, tok, cfg.max_prompt_bytes)?.0,
+        Some(Input::Chat(c)) => tokenize(None, Some(c), tok, cfg.max_prompt_bytes)?.0,
+        None => tokenize(None, None, tok, cfg.max_prompt_bytes)?.0,
+    };
+    let s = req.sampling.unwrap_or_default();
+    let stopping = req.stopping.clone().unwrap_or_default();
+    let out = GenerationRequest {
+        prompt_ids,
+        sampling: SamplingParams {
+            temperature: s.temperature,
+            top_k: s.top_k as usize,
+            top_p: s.top_p.unwrap_or(1.0),
+            seed: Some(s.seed.unwrap_or(seed)),
+        },
+        max_new_tokens: stopping
+            .max_new_tokens
+            .unwrap_or(cfg.default_max_new_tokens) as usize,
+        stop: stopping.stop,
+        ignore_eos: stopping.ignore_eos,
+    };
+    let limits = Limits {
+        max_new_tokens: cfg.max_new_tokens_limit as usize,
+        max_stop_sequences: cfg.max_stop_sequences,
+    };
+    out.validate(model.vocab_size, model.max_position_embeddings, &limits)?;
+    if tok.is_none() && out.stop.iter().any(|s| !s.is_empty()) {
+        return Err(MeshError::Invalid(
+            "stopping.stop: stop strings need a tokenizer, and this model has none".into(),
+        ));
+    }
+    Ok(out)
+}

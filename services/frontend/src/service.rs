@@ -1,0 +1,280 @@
+//! `Generation.Generate`, `Tokenize` and `ModelInfo`, and the frontend's life cycle.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use moemesh_common::registry::{Member, Registry, RegistryConfig, Role};
+use moemesh_common::{MeshError, MeshResult, serve};
+use moemesh_engine::generate::TextTracker;
+use moemesh_engine::{Arch, DType, Device, ModelFiles, Parts};
+use moemesh_proto::v1::generation_server::{Generation, GenerationServer};
+use moemesh_proto::v1::{
+    GenerateRequest, GenerateResponse, MemberInfo, ModelInfoRequest, ModelInfoResponse,
+    TokenizeRequest, TokenizeResponse, tokenize_request,
+};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tonic::{Request, Response, Status};
+
+use crate::config::FrontendConfig;
+use crate::gate_link::{Ctx, GateLink, NewSeq};
+use crate::request;
+
+struct Frontend {
+    cfg: FrontendConfig,
+    ctx: Arc<Ctx>,
+    name: String,
+    fingerprint: String,
+    arch: &'static str,
+    gates: watch::Receiver<Vec<Member>>,
+    experts: watch::Receiver<Vec<Member>>,
+    /// Step loops by gate address, created when a gate first appears.
+    links: Mutex<BTreeMap<String, GateLink>>,
+    seed: AtomicU64,
+}
+
+impl Frontend {
+    /// The live gate with the least load.
+    fn pick_gate(&self) -> MeshResult<GateLink> {
+        let gates = self.gates.borrow().clone();
+        if gates.is_empty() {
+            return Err(MeshError::Unavailable("no gate is available".into()));
+        }
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        links.retain(|addr, l| !l.is_closed() || gates.iter().any(|g| &g.address == addr));
+        let mut best: Option<GateLink> = None;
+        for g in &gates {
+            let link = links
+                .entry(g.address.clone())
+                .or_insert_with(|| GateLink::spawn(g.address.clone(), self.ctx.clone()))
+                .clone();
+            let better = best
+                .as_ref()
+                .is_none_or(|b| link.load.load(Ordering::SeqCst) < b.load.load(Ordering::SeqCst));
+            if better {
+                best = Some(link);
+            }
+        }
+        best.ok_or_else(|| MeshError::Unavailable("no gate is available".into()))
+    }
+
+    fn member_info(m: &Member) -> MemberInfo {
+        MemberInfo {
+            id: m.id.clone(),
+            address: m.address.clone(),
+            layers: m.layers.clone(),
+            experts: m.experts.clone(),
+            device: m.device.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct GenerationService(Arc<Frontend>);
+
+type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Generation for GenerationService {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<GenerateStream>, Status> {
+        let start = Instant::now();
+        let f = &self.0;
+        let req = request.into_inner();
+        let seed = f.seed.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
+        let engine_req = request::to_engine_request(
+            &req,
+            &f.cfg,
+            f.ctx.model.config(),
+            f.ctx.tokenizer.as_ref(),
+            seed,
+        )?;
+        let text = TextTracker::new(f.ctx.tokenizer.as_ref(), &engine_req.stop)
+            .map_err(MeshError::from)?;
+        tracing::debug!(request_id = %req.request_id, prompt_tokens = engine_req.prompt_ids.len(), "generate");
+        let (tx, rx) = mpsc::unbounded_channel();
+        let link = f.pick_gate()?;
+        let queued = link.submit(NewSeq {
+            req: engine_req,
+            text,
+            tx,
+            start,
+        });
+        if !queued {
+            let msg = format!("gate {} is not accepting work", link.address);
+            return Err(MeshError::Unavailable(msg).into());
+        }
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+    }
+
+    async fn tokenize(
+        &self,
+        request: Request<TokenizeRequest>,
+    ) -> Result<Response<TokenizeResponse>, Status> {
+        let f = &self.0;
+        let (prompt, chat) = match &request.get_ref().input {
+            Some(tokenize_request::Input::Prompt(p)) => (Some(p.as_str()), None),
+            Some(tokenize_request::Input::Chat(c)) => (None, Some(c)),
+            None => (None, None),
+        };
+        let (ids, rendered) = request::tokenize(
+            prompt,
+            chat,
+            f.ctx.tokenizer.as_ref(),
+            f.cfg.max_prompt_bytes,
+        )?;
+        Ok(Response::new(TokenizeResponse { ids, rendered }))
+    }
+
+    async fn model_info(
+        &self,
+        _: Request<ModelInfoRequest>,
+    ) -> Result<Response<ModelInfoResponse>, Status> {
+        let f = &self.0;
+        let cfg = f.ctx.model.config();
+        Ok(Response::new(ModelInfoResponse {
+            model_name: f.name.clone(),
+            architecture: f.arch.to_string(),
+            context_length: cfg.max_position_embeddings as u32,
+            vocab_size: cfg.vocab_size as u32,
+            has_tokenizer: f.ctx.tokenizer.is_some(),
+            fingerprint: f.fingerprint.clone(),
+            gates: f.gates.borrow().iter().map(Frontend::member_info).collect(),
+            expert_workers: f
+                .experts
+                .borrow()
+                .iter()
+                .map(Frontend::member_info)
+                .collect(),
+            max_new_tokens_limit: f.cfg.max_new_tokens_limit,
+        }))
+    }
+}
+
+pub async fn run(
+    cfg: FrontendConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> MeshResult<()> {
+    if cfg.etcd.is_empty() && cfg.gate_addrs.is_empty() {
+        return Err(MeshError::Invalid(
+            "the frontend needs gates: give --etcd (registry) or --gate-addrs (static list)".into(),
+        ));
+    }
+    if cfg.default_max_new_tokens == 0 || cfg.default_max_new_tokens > cfg.max_new_tokens_limit {
+        return Err(MeshError::Invalid(format!(
+            "--default-max-new-tokens must be between 1 and --max-new-tokens-limit ({})",
+            cfg.max_new_tokens_limit
+        )));
+    }
+    let local = listener
+        .local_addr()
+        .map_err(|e| MeshError::Internal(e.to_string()))?;
+    let model_dir = cfg.model.clone();
+    let (files, model) = tokio::task::spawn_blocking(move || {
+        let files = ModelFiles::open_or_embedded(model_dir.as_deref())?;
+        let loader = files.loader(&Device::Cpu, DType::BF16);
+        let model = moemesh_engine::DeepSeekModel::load(
+            &files.config,
+            &loader,
+            Parts {
+                embeddings: true,
+                decoder: false,
+            },
+        );
+        drop(loader);
+        model.map(|m| (files, m))
+    })
+    .await
+    .map_err(|e| MeshError::Internal(e.to_string()))??;
+
+    let mut eos = files.config.eos_token_ids.clone();
+    if let Some(id) = files
+        .tokenizer
+        .as_ref()
+        .and_then(|t| t.eos_token().and_then(|e| t.token_to_id(e)))
+        && !eos.contains(&id)
+    {
+        eos.push(id);
+    }
+    let static_gates = cfg
+        .gate_addrs
+        .iter()
+        .map(|a| Member {
+            id: format!("gate-{a}"),
+            role: Role::Gate,
+            address: a.clone(),
+            layers: Vec::new(),
+            experts: Vec::new(),
+            device: String::new(),
+            fingerprint: files.fingerprint.clone(),
+            version: String::new(),
+        })
+        .collect();
+    let registry = Registry::new(
+        &RegistryConfig {
+            etcd: cfg.etcd.clone(),
+            cluster: cfg.cluster.clone(),
+            model: files.name.clone(),
+            lease_ttl_s: 5,
+        },
+        static_gates,
+    )?;
+    let gates = registry.watch(Role::Gate);
+    let experts = registry.watch(Role::Expert);
+    let frontend = Arc::new(Frontend {
+        ctx: Arc::new(Ctx {
+            context_length: files.config.max_position_embeddings,
+            model,
+            tokenizer: files.tokenizer.clone(),
+            eos,
+            next_seq: AtomicU64::new(1),
+        }),
+        name: files.name.clone(),
+        fingerprint: files.fingerprint.clone(),
+        arch: match files.config.arch {
+            Arch::V3 => "deepseek_v3",
+            Arch::V2 => "deepseek_v2",
+        },
+        gates,
+        experts,
+        links: Mutex::new(BTreeMap::new()),
+        seed: AtomicU64::new(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0x1234_5678),
+        ),
+        cfg,
+    });
+
+    let (reporter, health, reflection) = serve::health_and_reflection();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(GenerationServer::new(GenerationService(frontend)))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = stop_rx.await;
+            }),
+    );
+    serve::set_health(&reporter, true).await;
+    tracing::info!(address = %local, model = %files.name, "frontend serving");
+    serve::announce_ready("frontend", local, "frontend");
+    shutdown.await;
+    serve::set_health(&reporter, false).await;
+    let _ = stop_tx.send(());
+    let _ = serve::bounded(Duration::from_secs(5), server).await;
+    Ok(())
+}

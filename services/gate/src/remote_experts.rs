@@ -1,0 +1,176 @@
+//! The engine's [`Experts`] trait over gRPC: each MoE layer's tokens are grouped per worker and
+//! sent once per worker with their (expert, weight) pairs; replies are weighted partial sums
+//! that add up to the routed output. A failed call is retried on other replicas of the same
+//! experts (expert calls are pure). The engine runs on its own thread; the calls run on the
+//! tokio runtime, so the engine computes shared experts while they are in flight.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use moemesh_common::{MeshError, MeshResult, codec};
+use moemesh_engine::{DType, Device, EngineError, Experts, PendingExperts, Routing, Tensor};
+use moemesh_proto::v1::{self, ForwardRequest};
+use tokio::runtime::Handle;
+
+use crate::workers::{WorkerClient, WorkerPool};
+
+const MAX_ATTEMPTS: usize = 4;
+
+/// (token row, expert, weight).
+type Pair = (u32, u32, f32);
+/// Worker id → its client and the pairs it computes this round.
+type Groups = BTreeMap<String, (Arc<WorkerClient>, Vec<Pair>)>;
+
+pub struct RemoteExperts {
+    pub pool: Arc<WorkerPool>,
+    pub handle: Handle,
+    pub wire: v1::DType,
+    pub timeout: Duration,
+}
+
+impl Experts for RemoteExperts {
+    fn dispatch(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        routing: &Routing,
+    ) -> moemesh_engine::Result<PendingExperts> {
+        let x = x.to_device(&Device::Cpu)?;
+        let dtype = x.dtype();
+        let mut pairs = Vec::with_capacity(routing.expert_ids.len());
+        for t in 0..routing.num_tokens() {
+            for (e, w) in routing.token(t) {
+                pairs.push((t as u32, e, w));
+            }
+        }
+        let job = execute(
+            self.pool.clone(),
+            layer as u32,
+            x,
+            pairs,
+            self.wire,
+            self.timeout,
+        );
+        let task = self.handle.spawn(job);
+        let handle = self.handle.clone();
+        Ok(PendingExperts::deferred(move || {
+            let out = handle.block_on(task).map_err(|e| {
+                EngineError::ExpertsUnavailable(format!("expert dispatch task: {e}"))
+            })?;
+            let out = out.map_err(|e| match e {
+                MeshError::Engine(inner) => inner,
+                other => EngineError::ExpertsUnavailable(other.to_string()),
+            })?;
+            Ok(out.to_dtype(dtype)?)
+        }))
+    }
+}
+
+/// Sends every (token, expert, weight) pair to some worker, retrying failed workers' pairs on
+/// other replicas; returns the routed output `[T, hidden]` in f32.
+async fn execute(
+    pool: Arc<WorkerPool>,
+    layer: u32,
+    x: Tensor,
+    mut pairs: Vec<Pair>,
+    wire: v1::DType,
+    timeout: Duration,
+) -> MeshResult<Tensor> {
+    let (t, h) = x.dims2().map_err(EngineError::from)?;
+    let mut out = Tensor::zeros((t, h), DType::F32, &Device::Cpu).map_err(EngineError::from)?;
+    let mut excluded: HashSet<String> = HashSet::new();
+    let round = pool.next_round();
+    for attempt in 0..MAX_ATTEMPTS {
+        // Group by worker: worker id -> (client, its pairs).
+        let mut groups: Groups = BTreeMap::new();
+        for &(tok, e, w) in &pairs {
+            let client = pool.pick(layer, e, &excluded, round)?;
+            groups
+                .entry(client.member.id.clone())
+                .or_insert_with(|| (client, Vec::new()))
+                .1
+                .push((tok, e, w));
+        }
+        let calls = groups.into_values().map(|(client, group)| {
+            let x = &x;
+            async move {
+                let (rows, req) = build_request(layer, x, &group, wire)?;
+                let reply = client.call(req, timeout).await;
+                Ok::<_, MeshError>((client, group, rows, reply))
+            }
+        });
+        let mut failed = Vec::new();
+        for result in join_all(calls).await {
+            let (client, group, rows, reply) = result?;
+            match reply.and_then(|r| {
+                let o = r
+                    .output
+                    .ok_or_else(|| MeshError::Internal("reply without output".into()))?;
+                codec::decode(&o, "output", &Device::Cpu)
+            }) {
+                Ok(partial) => {
+                    let idx = Tensor::from_vec(
+                        rows,
+                        partial.dim(0).map_err(EngineError::from)?,
+                        &Device::Cpu,
+                    )
+                    .map_err(EngineError::from)?;
+                    let partial = partial.to_dtype(DType::F32).map_err(EngineError::from)?;
+                    out = out
+                        .index_add(&idx, &partial, 0)
+                        .map_err(EngineError::from)?;
+                }
+                Err(e @ MeshError::Internal(_)) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(worker = %client.member.id, layer, attempt, error = %e, "expert call failed; retrying on another replica");
+                    pool.mark_failed(&client.member.id);
+                    excluded.insert(client.member.id.clone());
+                    failed.extend(group);
+                }
+            }
+        }
+        if failed.is_empty() {
+            return Ok(out);
+        }
+        pairs = failed;
+    }
+    Err(MeshError::Unavailable(format!(
+        "layer {layer}: expert calls still failing after {MAX_ATTEMPTS} attempts"
+    )))
+}
+
+/// One worker's request: its distinct tokens (each once) and their pairs. Returns the token rows
+/// in request order, for adding the reply back.
+fn build_request(
+    layer: u32,
+    x: &Tensor,
+    group: &[(u32, u32, f32)],
+    wire: v1::DType,
+) -> MeshResult<(Vec<u32>, ForwardRequest)> {
+    let mut by_token: BTreeMap<u32, Vec<(u32, f32)>> = BTreeMap::new();
+    for &(tok, e, w) in group {
+        by_token.entry(tok).or_default().push((e, w));
+    }
+    let rows: Vec<u32> = by_token.keys().copied().collect();
+    let idx =
+        Tensor::from_vec(rows.clone(), rows.len(), &Device::Cpu).map_err(EngineError::from)?;
+    let hidden = x.index_select(&idx, 0).map_err(EngineError::from)?;
+    let mut req = ForwardRequest {
+        call_id: 0,
+        layer,
+        hidden: Some(codec::encode(&hidden, wire)?),
+        pairs_per_token: Vec::with_capacity(rows.len()),
+        expert_ids: Vec::with_capacity(group.len()),
+        weights: Vec::with_capacity(group.len()),
+    };
+    for pairs in by_token.values() {
+        req.pairs_per_token.push(pairs.len() as u32);
+        for &(e, w) in pairs {
+            req.expert_ids.push(e);
+            req.weights.push(w);
+        }
+    }
+    Ok((rows, req))
+}

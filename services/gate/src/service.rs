@@ -1,0 +1,262 @@
+//! `Gate.Step` / `Gate.Info` and the gate's life cycle: load the dense model, follow the expert
+//! workers (registry watch, or the static list resolved through their `Info`), serve, register,
+//! and on shutdown leave the registry before stopping.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::Stream;
+use moemesh_common::registry::{Member, Registry, RegistryConfig, Role};
+use moemesh_common::{MeshError, MeshResult, codec, device, serve};
+use moemesh_engine::{ModelFiles, Parts};
+use moemesh_proto::v1::expert_client::ExpertClient;
+use moemesh_proto::v1::gate_server::{Gate, GateServer};
+use moemesh_proto::v1::{
+    ExpertInfoRequest, GateInfoRequest, GateInfoResponse, StepRequest, StepResponse,
+};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::config::GateConfig;
+use crate::remote_experts::RemoteExperts;
+use crate::step_engine::{Command, StepEngine};
+use crate::workers::WorkerPool;
+
+#[derive(Clone)]
+struct GateService {
+    engine: mpsc::Sender<Command>,
+    next_conn: Arc<AtomicU64>,
+}
+
+type StepStream = Pin<Box<dyn Stream<Item = Result<StepResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Gate for GateService {
+    type StepStream = StepStream;
+
+    async fn step(
+        &self,
+        request: Request<Streaming<StepRequest>>,
+    ) -> Result<Response<StepStream>, Status> {
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let mut incoming = request.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        let engine = self.engine.clone();
+        tokio::spawn(async move {
+            loop {
+                let req = match incoming.message().await {
+                    Ok(Some(r)) => r,
+                    Ok(None) | Err(_) => break,
+                };
+                let (reply_tx, reply_rx) = oneshot::channel();
+                if engine
+                    .send(Command::Step {
+                        conn,
+                        req,
+                        reply: reply_tx,
+                    })
+                    .await
+                    .is_err()
+                {
+                    let _ = tx
+                        .send(Err(Status::unavailable("gate is shutting down")))
+                        .await;
+                    break;
+                }
+                let reply = match reply_rx.await {
+                    Ok(r) => r.map_err(Status::from),
+                    Err(_) => Err(Status::unavailable("gate engine stopped")),
+                };
+                let failed = reply.is_err();
+                if tx.send(reply).await.is_err() || failed {
+                    break;
+                }
+            }
+            // The frontend left (or a step failed and ended the stream): free its sequences.
+            let _ = engine.send(Command::ReleaseConn { conn }).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn info(
+        &self,
+        _: Request<GateInfoRequest>,
+    ) -> Result<Response<GateInfoResponse>, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.engine
+            .send(Command::Info { reply: tx })
+            .await
+            .map_err(|_| Status::unavailable("gate engine stopped"))?;
+        rx.await
+            .map(Response::new)
+            .map_err(|_| Status::unavailable("gate engine stopped"))
+    }
+}
+
+/// Resolves statically configured workers into members by asking each for its `Info`
+/// (retrying for up to a minute while they start).
+async fn static_members(addrs: &[String]) -> MeshResult<Vec<Member>> {
+    let mut out = Vec::new();
+    for addr in addrs {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let info = loop {
+            let attempt = async {
+                let mut c = ExpertClient::connect(format!("http://{addr}"))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                c.info(ExpertInfoRequest {})
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            .await;
+            match attempt {
+                Ok(r) => break r.into_inner(),
+                Err(e) if tokio::time::Instant::now() > deadline => {
+                    return Err(MeshError::Unavailable(format!(
+                        "expert worker at {addr} did not answer Info: {e}"
+                    )));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        };
+        out.push(Member {
+            id: info.id,
+            role: Role::Expert,
+            address: addr.clone(),
+            layers: info.layers,
+            experts: info.experts,
+            device: info.device,
+            fingerprint: info.fingerprint,
+            version: String::new(),
+        });
+    }
+    Ok(out)
+}
+
+pub async fn run(
+    cfg: GateConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> MeshResult<()> {
+    let device = device::parse_device(&cfg.device)?;
+    let dtype = device::parse_dtype(&cfg.dtype)?;
+    if cfg.etcd.is_empty() && cfg.expert_addrs.is_empty() {
+        return Err(MeshError::Invalid(
+            "the gate needs expert workers: give --etcd (registry) or --expert-addrs (static list)"
+                .into(),
+        ));
+    }
+    let local = listener
+        .local_addr()
+        .map_err(|e| MeshError::Internal(e.to_string()))?;
+    let advertise = cfg.advertise.clone().unwrap_or_else(|| local.to_string());
+    let id = cfg
+        .id
+        .clone()
+        .unwrap_or_else(|| format!("gate-{advertise}"));
+
+    let model_dir = cfg.model.clone();
+    let dev = device.clone();
+    let (files, model) = tokio::task::spawn_blocking(move || {
+        let files = ModelFiles::open_or_embedded(model_dir.as_deref())?;
+        let loader = files.loader(&dev, dtype);
+        let model = moemesh_engine::DeepSeekModel::load(
+            &files.config,
+            &loader,
+            Parts {
+                embeddings: false,
+                decoder: true,
+            },
+        );
+        drop(loader);
+        model.map(|m| (files, m))
+    })
+    .await
+    .map_err(|e| MeshError::Internal(e.to_string()))??;
+
+    let pool = Arc::new(WorkerPool::new(files.fingerprint.clone()));
+    let members = if cfg.etcd.is_empty() {
+        static_members(&cfg.expert_addrs).await?
+    } else {
+        Vec::new()
+    };
+    let registry = Registry::new(
+        &RegistryConfig {
+            etcd: cfg.etcd.clone(),
+            cluster: cfg.cluster.clone(),
+            model: files.name.clone(),
+            lease_ttl_s: cfg.lease_ttl,
+        },
+        members,
+    )?;
+    let mut workers = registry.watch(Role::Expert);
+    pool.update(&workers.borrow_and_update());
+    let p = pool.clone();
+    tokio::spawn(async move {
+        while workers.changed().await.is_ok() {
+            let list = workers.borrow_and_update().clone();
+            p.update(&list);
+        }
+    });
+
+    let experts = RemoteExperts {
+        pool: pool.clone(),
+        handle: tokio::runtime::Handle::current(),
+        wire: codec::wire_dtype_for(dtype),
+        timeout: Duration::from_secs(cfg.expert_timeout),
+    };
+    let (cmd_tx, cmd_rx) = mpsc::channel(64);
+    let engine = StepEngine::new(model, experts, id.clone(), files.fingerprint.clone());
+    std::thread::Builder::new()
+        .name("gate-engine".into())
+        .spawn(move || engine.run(cmd_rx))
+        .map_err(|e| MeshError::Internal(format!("starting the engine thread: {e}")))?;
+
+    let (reporter, health, reflection) = serve::health_and_reflection();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let service = GateService {
+        engine: cmd_tx,
+        next_conn: Arc::new(AtomicU64::new(1)),
+    };
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(
+                GateServer::new(service)
+                    .max_decoding_message_size(256 << 20)
+                    .max_encoding_message_size(256 << 20),
+            )
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = stop_rx.await;
+            }),
+    );
+    serve::set_health(&reporter, true).await;
+    let registration = registry
+        .register(Member {
+            id: id.clone(),
+            role: Role::Gate,
+            address: advertise.clone(),
+            layers: Vec::new(),
+            experts: Vec::new(),
+            device: cfg.device.clone(),
+            fingerprint: files.fingerprint.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        })
+        .await?;
+    tracing::info!(%id, address = %advertise, workers = pool.members().len(), "gate serving");
+    serve::announce_ready("gate", local, &id);
+
+    shutdown.await;
+    tracing::info!(%id, "shutting down");
+    serve::set_health(&reporter, false).await;
+    registration.deregister().await;
+    let _ = stop_tx.send(());
+    let _ = serve::bounded(Duration::from_secs(5), server).await;
+    Ok(())
+}

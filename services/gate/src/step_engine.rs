@@ -1,0 +1,258 @@
+//! The gate's engine thread: owns the dense model and every sequence's KV cache and sampler, and
+//! runs one step at a time. Sequences are keyed by (frontend connection, sequence id); a
+//! connection's sequences are freed when its stream ends. Runs on a dedicated OS thread because
+//! model math is synchronous CPU (or device) work that must not block the async runtime.
+
+use std::collections::{HashMap, HashSet};
+
+use moemesh_common::{MeshError, MeshResult, codec};
+use moemesh_engine::{
+    DeepSeekModel, Device, Sampler, SamplingParams, SequenceCache, StepSeq, Tensor,
+};
+use moemesh_proto::v1::{GateInfoResponse, SeqResult, StepRequest, StepResponse};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::remote_experts::RemoteExperts;
+
+pub enum Command {
+    Step {
+        conn: u64,
+        req: StepRequest,
+        reply: oneshot::Sender<MeshResult<StepResponse>>,
+    },
+    /// The connection's stream ended: free all of its sequences.
+    ReleaseConn { conn: u64 },
+    Info {
+        reply: oneshot::Sender<GateInfoResponse>,
+    },
+}
+
+struct SeqState {
+    cache: SequenceCache,
+    sampler: Sampler,
+}
+
+pub struct StepEngine {
+    pub model: DeepSeekModel,
+    pub experts: RemoteExperts,
+    pub id: String,
+    pub fingerprint: String,
+    seqs: HashMap<(u64, u64), SeqState>,
+}
+
+impl StepEngine {
+    pub fn new(
+        model: DeepSeekModel,
+        experts: RemoteExperts,
+        id: String,
+        fingerprint: String,
+    ) -> Self {
+        StepEngine {
+            model,
+            experts,
+            id,
+            fingerprint,
+            seqs: HashMap::new(),
+        }
+    }
+
+    /// Serves commands until every sender is gone.
+    pub fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        while let Some(cmd) = rx.blocking_recv() {
+            match cmd {
+                Command::Step { conn, req, reply } => {
+                    let result = self.step(conn, req);
+                    let _ = reply.send(result);
+                }
+                Command::ReleaseConn { conn } => {
+                    let before = self.seqs.len();
+                    self.seqs.retain(|(c, _), _| *c != conn);
+                    tracing::debug!(
+                        conn,
+                        freed = before - self.seqs.len(),
+                        "connection closed; KV freed"
+                    );
+                }
+                Command::Info { reply } => {
+                    let _ = reply.send(GateInfoResponse {
+                        id: self.id.clone(),
+                        fingerprint: self.fingerprint.clone(),
+                        live_sequences: self.seqs.len() as u32,
+                        kv_tokens: self.kv_tokens(),
+                    });
+                }
+            }
+        }
+    }
+
+    fn kv_tokens(&self) -> u64 {
+        self.seqs.values().map(|s| s.cache.len() as u64).sum()
+    }
+
+    fn step(&mut self, conn: u64, req: StepRequest) -> MeshResult<StepResponse> {
+        for id in &req.release {
+            self.seqs.remove(&(conn, *id));
+        }
+        if req.seqs.is_empty() {
+            return Ok(self.response(req.step_id, Vec::new()));
+        }
+        let cfg = self.model.config().clone();
+        let act = req
+            .activations
+            .as_ref()
+            .ok_or_else(|| MeshError::Invalid("activations: missing".into()))?;
+        let hidden = codec::decode(act, "activations", self.model.device())?;
+        let (rows, width) = hidden
+            .dims2()
+            .map_err(|_| MeshError::Invalid("activations: expected [tokens, hidden]".into()))?;
+        if width != cfg.hidden_size {
+            return Err(MeshError::Invalid(format!(
+                "activations: width {width}, the model's hidden_size is {}",
+                cfg.hidden_size
+            )));
+        }
+        let total: usize = req.seqs.iter().map(|s| s.num_tokens as usize).sum();
+        if total != rows {
+            return Err(MeshError::Invalid(format!(
+                "activations has {rows} rows but the sequences add up to {total} tokens"
+            )));
+        }
+        let mut seen = HashSet::new();
+        // Take the states out of the map so the step can hold them all mutably at once.
+        let mut states = Vec::with_capacity(req.seqs.len());
+        let mut failure = None;
+        for s in &req.seqs {
+            if !seen.insert(s.seq_id) || s.num_tokens == 0 {
+                failure = Some(MeshError::Invalid(format!(
+                    "seqs: sequence {} appears twice or has no tokens",
+                    s.seq_id
+                )));
+                break;
+            }
+            match self.take_state(conn, s) {
+                Ok(st) => states.push((s.seq_id, st)),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        let result = match failure {
+            Some(e) => Err(e),
+            None => self.run_step(&req, &hidden, &mut states),
+        };
+        // Put the states back (a failed step leaves their caches as they were: nothing committed).
+        for (id, st) in states {
+            self.seqs.insert((conn, id), st);
+        }
+        let results = result?;
+        Ok(self.response(req.step_id, results))
+    }
+
+    fn take_state(&mut self, conn: u64, s: &moemesh_proto::v1::SeqStep) -> MeshResult<SeqState> {
+        if let Some(st) = self.seqs.remove(&(conn, s.seq_id)) {
+            if st.cache.len() != s.start_position as usize {
+                let held = st.cache.len();
+                self.seqs.insert((conn, s.seq_id), st);
+                return Err(MeshError::Precondition(format!(
+                    "sequence {}: the gate holds {held} tokens but the step starts at position {}",
+                    s.seq_id, s.start_position
+                )));
+            }
+            return Ok(st);
+        }
+        if s.start_position != 0 {
+            return Err(MeshError::Precondition(format!(
+                "sequence {} is unknown to this gate (step starts at position {}); prefill it from position 0",
+                s.seq_id, s.start_position
+            )));
+        }
+        let p = s.sampling.as_ref().ok_or_else(|| {
+            MeshError::Invalid(format!(
+                "sequence {}: sampling is required on its first step",
+                s.seq_id
+            ))
+        })?;
+        let params = SamplingParams {
+            temperature: p.temperature,
+            top_k: p.top_k as usize,
+            top_p: p.top_p,
+            seed: Some(p.seed),
+        };
+        params.validate(self.model.config().vocab_size)?;
+        Ok(SeqState {
+            cache: self.model.new_cache(),
+            sampler: Sampler::resume(params, p.samples_drawn),
+        })
+    }
+
+    fn run_step(
+        &self,
+        req: &StepRequest,
+        hidden: &Tensor,
+        states: &mut [(u64, SeqState)],
+    ) -> MeshResult<Vec<SeqResult>> {
+        let mut step_seqs: Vec<StepSeq> = states
+            .iter_mut()
+            .zip(&req.seqs)
+            .map(|((_, st), s)| StepSeq {
+                cache: &mut st.cache,
+                new_tokens: s.num_tokens as usize,
+            })
+            .collect();
+        let out = self
+            .model
+            .forward_hidden(hidden, &mut step_seqs, &self.experts, |_, _| {})?;
+        drop(step_seqs);
+        // Logits only for the last row of sequences that sample.
+        let mut rows = Vec::new();
+        let mut end = 0u32;
+        for s in &req.seqs {
+            end += s.num_tokens;
+            if s.sample {
+                rows.push(end - 1);
+            }
+        }
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = rows.len();
+        let idx = Tensor::from_vec(rows, n, self.model.device())
+            .map_err(moemesh_engine::EngineError::from)?;
+        let picked = out
+            .index_select(&idx, 0)
+            .map_err(moemesh_engine::EngineError::from)?;
+        let logits = self
+            .model
+            .logits(&picked)?
+            .to_device(&Device::Cpu)
+            .and_then(|l| l.to_vec2::<f32>())
+            .map_err(moemesh_engine::EngineError::from)?;
+        let mut results = Vec::with_capacity(n);
+        let mut li = logits.into_iter();
+        for ((id, st), s) in states.iter_mut().zip(&req.seqs) {
+            if !s.sample {
+                continue;
+            }
+            let row = li
+                .next()
+                .ok_or_else(|| MeshError::Internal("logits rows".into()))?;
+            let sampled = st.sampler.sample(&row)?;
+            results.push(SeqResult {
+                seq_id: *id,
+                token_id: sampled.token,
+                logprob: sampled.logprob,
+            });
+        }
+        Ok(results)
+    }
+
+    fn response(&self, step_id: u64, results: Vec<SeqResult>) -> StepResponse {
+        StepResponse {
+            step_id,
+            results,
+            live_sequences: self.seqs.len() as u32,
+            kv_tokens: self.kv_tokens(),
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! Running one mesh role in this process: bind the configured address, serve until Ctrl-C or
+//! SIGTERM, then shut down as the role's `run` describes.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use moemesh_common::serve::shutdown_signal;
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))
+}
+
+pub fn frontend(cfg: moemesh_frontend::FrontendConfig) -> anyhow::Result<()> {
+    tracing::info!(config = ?cfg, "frontend");
+    runtime()?.block_on(async {
+        let listener = bind(cfg.listen).await?;
+        moemesh_frontend::run(cfg, listener, shutdown_signal())
+            .await
+            .context("frontend")
+    })
+}
+
+pub fn gate(cfg: moemesh_gate::GateConfig) -> anyhow::Result<()> {
+    tracing::info!(config = ?cfg, "gate");
+    runtime()?.block_on(async {
+        let listener = bind(cfg.listen).await?;
+        moemesh_gate::run(cfg, listener, shutdown_signal())
+            .await
+            .context("gate")
+    })
+}
+
+pub fn expert(cfg: moemesh_expert::ExpertConfig) -> anyhow::Result<()> {
+    tracing::info!(config = ?cfg, "expert");
+    runtime()?.block_on(async {
+        let listener = bind(cfg.listen).await?;
+        moemesh_expert::run(cfg, listener, shutdown_signal())
+            .await
+            .context("expert worker")
+    })
+}
