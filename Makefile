@@ -1,7 +1,7 @@
 # The two commands a new machine needs (see README):
 #   make run    build moemesh and generate from the embedded default model
 #   make test   everything CI checks: formatting, clippy, unit, reference and end-to-end tests
-.PHONY: run test build fmt lint
+.PHONY: run test build fmt lint e2e
 
 CHAT ?= Explain mixture-of-experts models in one sentence.
 
@@ -20,6 +20,12 @@ lint:
 	@# The engine must not depend on the wire (STYLE.md §2).
 	@! cargo tree -p moemesh-engine -e normal --prefix none | grep -E '^(tonic|prost|tower|tokio|etcd-client) ' \
 	  || (echo "moemesh-engine depends on a wire/runtime crate" && false)
+
+# The end-to-end tests run target/debug/moemesh; `cargo test --workspace` rebuilds it first
+# (the moemesh package has tests of its own). To run only tests/: make e2e.
+e2e:
+	cargo build -p moemesh
+	cargo test -p moemesh-tests
 
 test:
 	scripts/setup.sh --test

@@ -73,3 +73,21 @@ pub fn json_lines(out: &Output) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect()
 }
+
+pub mod mesh;
+
+/// The reference prompt and greedy continuation of a fixture.
+pub fn reference_greedy(model: &str, prompt: usize) -> (Vec<u32>, Vec<u32>) {
+    let text =
+        std::fs::read_to_string(fixture(model).join("reference.json")).expect("reference.json");
+    let r: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let p = &r["prompts"][prompt];
+    let ids = |k: &str| -> Vec<u32> {
+        p[k].as_array()
+            .expect(k)
+            .iter()
+            .map(|v| v.as_u64().expect("id") as u32)
+            .collect()
+    };
+    (ids("input_ids"), ids("greedy_new_tokens"))
+}

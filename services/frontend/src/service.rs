@@ -26,6 +26,9 @@ use crate::config::FrontendConfig;
 use crate::gate_link::{Ctx, GateLink, NewSeq};
 use crate::request;
 
+/// How long a request waits for a gate to appear before UNAVAILABLE.
+const GATE_WAIT: Duration = Duration::from_secs(5);
+
 struct Frontend {
     cfg: FrontendConfig,
     ctx: Arc<Ctx>,
@@ -40,9 +43,12 @@ struct Frontend {
 }
 
 impl Frontend {
-    /// The live gate with the least load.
-    fn pick_gate(&self) -> MeshResult<GateLink> {
-        let gates = self.gates.borrow().clone();
+    /// The live gate with the least load; waits a little for one when none is listed (a
+    /// gate restarting, or the registry catching up), then UNAVAILABLE.
+    async fn pick_gate(&self) -> MeshResult<GateLink> {
+        let mut rx = self.gates.clone();
+        let _ = tokio::time::timeout(GATE_WAIT, rx.wait_for(|g| !g.is_empty())).await;
+        let gates = rx.borrow().clone();
         if gates.is_empty() {
             return Err(MeshError::Unavailable("no gate is available".into()));
         }
@@ -103,7 +109,7 @@ impl Generation for GenerationService {
             .map_err(MeshError::from)?;
         tracing::debug!(request_id = %req.request_id, prompt_tokens = engine_req.prompt_ids.len(), "generate");
         let (tx, rx) = mpsc::unbounded_channel();
-        let link = f.pick_gate()?;
+        let link = f.pick_gate().await?;
         let queued = link.submit(NewSeq {
             req: engine_req,
             text,
@@ -230,8 +236,12 @@ pub async fn run(
         },
         static_gates,
     )?;
-    let gates = registry.watch(Role::Gate);
-    let experts = registry.watch(Role::Expert);
+    let gates = registry
+        .watch_synced(Role::Gate, Duration::from_secs(10))
+        .await;
+    let experts = registry
+        .watch_synced(Role::Expert, Duration::from_secs(10))
+        .await;
     let frontend = Arc::new(Frontend {
         ctx: Arc::new(Ctx {
             context_length: files.config.max_position_embeddings,

@@ -30,6 +30,7 @@ use crate::workers::WorkerPool;
 #[derive(Clone)]
 struct GateService {
     engine: mpsc::Sender<Command>,
+    pool: Arc<WorkerPool>,
     next_conn: Arc<AtomicU64>,
 }
 
@@ -92,9 +93,11 @@ impl Gate for GateService {
             .send(Command::Info { reply: tx })
             .await
             .map_err(|_| Status::unavailable("gate engine stopped"))?;
-        rx.await
-            .map(Response::new)
-            .map_err(|_| Status::unavailable("gate engine stopped"))
+        let mut info = rx
+            .await
+            .map_err(|_| Status::unavailable("gate engine stopped"))?;
+        info.expert_workers = self.pool.members().into_iter().map(|m| m.id).collect();
+        Ok(Response::new(info))
     }
 }
 
@@ -194,7 +197,9 @@ pub async fn run(
         },
         members,
     )?;
-    let mut workers = registry.watch(Role::Expert);
+    let mut workers = registry
+        .watch_synced(Role::Expert, Duration::from_secs(10))
+        .await;
     pool.update(&workers.borrow_and_update());
     let p = pool.clone();
     tokio::spawn(async move {
@@ -221,6 +226,7 @@ pub async fn run(
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let service = GateService {
         engine: cmd_tx,
+        pool: pool.clone(),
         next_conn: Arc::new(AtomicU64::new(1)),
     };
     let server = tokio::spawn(

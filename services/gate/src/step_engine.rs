@@ -79,6 +79,7 @@ impl StepEngine {
                         fingerprint: self.fingerprint.clone(),
                         live_sequences: self.seqs.len() as u32,
                         kv_tokens: self.kv_tokens(),
+                        expert_workers: Vec::new(),
                     });
                 }
             }

@@ -123,6 +123,25 @@ impl Registry {
         }
     }
 
+    /// Like [`watch`](Self::watch), but returns once the first listing has arrived (at most
+    /// `limit` later), so a process does not report ready with an empty view of the mesh.
+    pub async fn watch_synced(
+        &self,
+        role: Role,
+        limit: std::time::Duration,
+    ) -> watch::Receiver<Vec<Member>> {
+        let mut rx = self.watch(role);
+        if matches!(self, Registry::Etcd(_))
+            && tokio::time::timeout(limit, rx.changed()).await.is_err()
+        {
+            tracing::warn!(
+                ?role,
+                "no registry listing yet (etcd unreachable?); starting with an empty view"
+            );
+        }
+        rx
+    }
+
     /// The live members of `role`, kept current by a background task.
     pub fn watch(&self, role: Role) -> watch::Receiver<Vec<Member>> {
         match self {

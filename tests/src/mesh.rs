@@ -1,0 +1,370 @@
+//! Real processes for the mesh tests: an etcd server and moemesh roles, each on free loopback
+//! ports, in its own process group, with its log in the test's temp dir. Readiness is etcd
+//! answering a request (it has a leader) and each role's ready line; a child that dies before it
+//! is ready fails the test with its log tail. Only the processes started here are stopped.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+
+use crate::moemesh_bin;
+
+/// A port that was free a moment ago (bound to port 0 and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// A started child process in its own process group.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn signal(&mut self, sig: Signal) {
+        let _ = killpg(Pid::from_raw(self.child.id() as i32), sig);
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        self.signal(Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait (at most 20 s) for the exit status.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        self.signal(Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether any process of this process group is still alive.
+    pub fn group_alive(&self) -> bool {
+        killpg(Pid::from_raw(self.child.id() as i32), None).is_ok()
+    }
+
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if !self.exited() {
+            self.kill();
+        }
+        if std::env::var_os("MOEMESH_TEST_KEEP_LOGS").is_some() {
+            let keep =
+                std::env::temp_dir().join(format!("moemesh-{}-{}.log", self.name, self.child.id()));
+            let _ = std::fs::copy(&self.log, keep);
+        }
+    }
+}
+
+/// A real etcd server (Debian's etcd-server) on free ports, with its data in a temp dir.
+pub struct Etcd {
+    pub endpoint: String,
+    client_port: u16,
+    peer_port: u16,
+    data: PathBuf,
+    dir: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl Etcd {
+    pub fn start(dir: &Path) -> Etcd {
+        let mut e = Etcd {
+            client_port: free_port(),
+            peer_port: free_port(),
+            endpoint: String::new(),
+            data: dir.join("etcd-data"),
+            dir: dir.to_path_buf(),
+            proc: None,
+        };
+        e.endpoint = format!("http://127.0.0.1:{}", e.client_port);
+        e.launch();
+        e
+    }
+
+    fn launch(&mut self) {
+        let log = self.dir.join("etcd.log");
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("etcd log");
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new("etcd")
+            .args(["--name", "moemesh-test", "--data-dir"])
+            .arg(&self.data)
+            .args([
+                "--listen-client-urls",
+                &self.endpoint,
+                "--advertise-client-urls",
+                &self.endpoint,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("moemesh-test={peer}")])
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out)
+            .process_group(0)
+            .spawn()
+            .expect("etcd is installed (scripts/setup.sh --test installs etcd-server)");
+        let mut proc = Proc {
+            name: "etcd".into(),
+            child,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if answers(&self.endpoint) {
+                break;
+            }
+            assert!(
+                !proc.exited(),
+                "etcd exited before it was ready:\n{}",
+                tail(&proc.log)
+            );
+            assert!(
+                Instant::now() < deadline,
+                "etcd not ready in 30 s:\n{}",
+                tail(&proc.log)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.proc = Some(proc);
+    }
+
+    /// Stops etcd (SIGKILL: an outage, not a clean shutdown).
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// Starts it again with the same data and ports.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+}
+
+/// Whether etcd at `endpoint` serves a read (it has a leader). Runs on its own thread and
+/// runtime so that callers may be inside async tests.
+fn answers(endpoint: &str) -> bool {
+    let endpoint = endpoint.to_string();
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return false;
+        };
+        rt.block_on(async {
+            let Ok(mut c) = etcd_client::Client::connect([endpoint.as_str()], None).await else {
+                return false;
+            };
+            c.get("/moemesh-health", None).await.is_ok()
+        })
+    })
+    .join()
+    .unwrap_or(false)
+}
+
+/// Starts `moemesh <role> <args…> --listen 127.0.0.1:0` and waits for its ready line.
+/// Returns the process and the address it serves on.
+pub fn start_role(dir: &Path, name: &str, role: &str, args: &[String]) -> (Proc, String) {
+    let mut all = vec!["--listen".to_string(), "127.0.0.1:0".to_string()];
+    all.extend_from_slice(args);
+    start_moemesh(dir, name, role, &all)
+}
+
+/// Starts `moemesh <subcommand> <args…>` in its own process group and waits for its ready line.
+pub fn start_moemesh(dir: &Path, name: &str, subcommand: &str, args: &[String]) -> (Proc, String) {
+    let log = dir.join(format!("{name}.log"));
+    let err = std::fs::File::create(&log).expect("log file");
+    let mut child = Command::new(moemesh_bin())
+        .arg(subcommand)
+        .args(args)
+        .env("MOEMESH_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && v["event"] == "ready"
+            {
+                let _ = tx.send(v["address"].as_str().unwrap_or_default().to_string());
+            }
+        }
+    });
+    let mut proc = Proc {
+        name: name.to_string(),
+        child,
+        log,
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(addr) => return (proc, addr),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {}
+        }
+        assert!(
+            !proc.exited(),
+            "{name} exited before it was ready:\n{}",
+            tail(&proc.log)
+        );
+        assert!(
+            Instant::now() < deadline,
+            "{name} not ready in 120 s:\n{}",
+            tail(&proc.log)
+        );
+    }
+}
+
+/// A mesh on etcd: workers, one gate, one frontend.
+pub struct Mesh {
+    // Fields drop in order: processes first, the temp dir (with their logs) last.
+    pub frontend: (Proc, String),
+    pub gate: (Proc, String),
+    pub workers: Vec<(Proc, String)>,
+    pub etcd: Etcd,
+    pub cluster: String,
+    pub model: Option<PathBuf>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Mesh {
+    /// `shards`: the `--experts` range of each worker.
+    pub fn start(model: Option<&Path>, shards: &[&str]) -> Mesh {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let etcd = Etcd::start(dir.path());
+        let cluster = format!("test{}", free_port());
+        let model = model.map(Path::to_path_buf);
+        let mut workers = Vec::new();
+        for (i, shard) in shards.iter().enumerate() {
+            workers.push(start_worker(
+                dir.path(),
+                &etcd,
+                &cluster,
+                model.as_deref(),
+                &format!("worker{i}"),
+                shard,
+            ));
+        }
+        let mut args = common_args(&etcd, &cluster, model.as_deref());
+        args.extend(["--lease-ttl".into(), "3".into()]);
+        let gate = start_role(dir.path(), "gate", "gate", &args);
+        let frontend = start_role(
+            dir.path(),
+            "frontend",
+            "frontend",
+            &common_args(&etcd, &cluster, model.as_deref()),
+        );
+        Mesh {
+            dir,
+            etcd,
+            cluster,
+            model,
+            workers,
+            gate,
+            frontend,
+        }
+    }
+
+    /// Starts another worker of this mesh (same etcd, cluster and model unless `model` is given).
+    pub fn add_worker(&self, name: &str, experts: &str, model: Option<&Path>) -> (Proc, String) {
+        let model = model.map(Path::to_path_buf).or_else(|| self.model.clone());
+        start_worker(
+            self.dir.path(),
+            &self.etcd,
+            &self.cluster,
+            model.as_deref(),
+            name,
+            experts,
+        )
+    }
+
+    pub fn frontend_url(&self) -> String {
+        format!("http://{}", self.frontend.1)
+    }
+
+    pub fn gate_url(&self) -> String {
+        format!("http://{}", self.gate.1)
+    }
+}
+
+fn common_args(etcd: &Etcd, cluster: &str, model: Option<&Path>) -> Vec<String> {
+    let mut a = vec![
+        "--etcd".to_string(),
+        etcd.endpoint.clone(),
+        "--cluster".into(),
+        cluster.to_string(),
+    ];
+    if let Some(m) = model {
+        a.extend(["--model".into(), m.display().to_string()]);
+    }
+    a
+}
+
+fn start_worker(
+    dir: &Path,
+    etcd: &Etcd,
+    cluster: &str,
+    model: Option<&Path>,
+    name: &str,
+    experts: &str,
+) -> (Proc, String) {
+    let mut args = common_args(etcd, cluster, model);
+    args.extend([
+        "--experts".into(),
+        experts.to_string(),
+        "--lease-ttl".into(),
+        "3".into(),
+    ]);
+    args.extend(["--id".into(), name.to_string()]);
+    start_role(dir, name, "expert", &args)
+}

@@ -1,0 +1,442 @@
+//! The mesh as users and SREs meet it: real etcd, real frontend, gate and expert-worker
+//! processes on loopback, driven through the public gRPC API.
+
+use std::time::{Duration, Instant};
+
+use moemesh_proto::v1::gate_client::GateClient;
+use moemesh_proto::v1::generate_request::Input;
+use moemesh_proto::v1::generation_client::GenerationClient;
+use moemesh_proto::v1::{self, GateInfoRequest, GenerateRequest};
+use moemesh_tests::mesh::Mesh;
+use moemesh_tests::{fixture, reference_greedy};
+use tonic::Code;
+
+fn tokens_request(ids: &[u32], max_new_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        input: Some(Input::Tokens(v1::TokenIds { ids: ids.to_vec() })),
+        sampling: None,
+        stopping: Some(v1::StoppingCriteria {
+            max_new_tokens: Some(max_new_tokens),
+            stop: Vec::new(),
+            ignore_eos: true,
+        }),
+        request_id: String::new(),
+    }
+}
+
+struct Outcome {
+    ids: Vec<u32>,
+    finish: i32,
+}
+
+async fn generate(url: &str, req: GenerateRequest) -> Result<Outcome, tonic::Status> {
+    let mut client = GenerationClient::connect(url.to_string())
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut stream = client.generate(req).await?.into_inner();
+    let mut out = Outcome {
+        ids: Vec::new(),
+        finish: 0,
+    };
+    while let Some(m) = stream.message().await? {
+        out.ids.extend(m.token_ids);
+        if m.finish_reason != 0 {
+            out.finish = m.finish_reason;
+        }
+    }
+    Ok(out)
+}
+
+async fn gate_info(url: &str) -> v1::GateInfoResponse {
+    let mut c = GateClient::connect(url.to_string())
+        .await
+        .expect("gate reachable");
+    c.info(GateInfoRequest {})
+        .await
+        .expect("gate info")
+        .into_inner()
+}
+
+/// Polls `cond` (a readiness signal: registry or gate state) until it holds.
+async fn wait_until<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn gate_uses(mesh: &Mesh, worker: &str) -> bool {
+    gate_info(&mesh.gate_url())
+        .await
+        .expert_workers
+        .iter()
+        .any(|w| w == worker)
+}
+
+/// With the experts spread over three workers, greedy tokens equal the reference (and so the
+/// in-process engine, which the engine tests hold to the same reference) for all three models.
+#[tokio::test(flavor = "multi_thread")]
+async fn mesh_greedy_tokens_equal_reference_for_every_fixture() {
+    for (model, prompt) in [
+        ("tiny-deepseek-v3", 1),
+        ("tiny-deepseek-v3-fp8", 2),
+        ("tiny-deepseek-v2-lite", 2),
+    ] {
+        let dir = fixture(model);
+        let mesh = Mesh::start(Some(&dir), &["0-5", "6-10", "11-15"]);
+        let (input, expected) = reference_greedy(model, prompt);
+        let out = generate(
+            &mesh.frontend_url(),
+            tokens_request(&input, expected.len() as u32),
+        )
+        .await
+        .expect("generate");
+        assert_eq!(out.ids, expected, "{model}");
+        assert_eq!(out.finish, v1::FinishReason::Length as i32);
+
+        // The in-process engine gives the same tokens.
+        let files = moemesh_engine::ModelFiles::open(&dir).expect("open");
+        let engine = moemesh_engine::InProcessEngine::load(
+            &files,
+            &moemesh_engine::Device::Cpu,
+            moemesh_engine::DType::F32,
+        )
+        .expect("load");
+        let req = moemesh_engine::GenerationRequest {
+            prompt_ids: input.clone(),
+            sampling: Default::default(),
+            max_new_tokens: expected.len(),
+            stop: Vec::new(),
+            ignore_eos: true,
+        };
+        assert_eq!(
+            engine
+                .generate(&req, &mut |_| true)
+                .expect("in-process")
+                .token_ids,
+            out.ids,
+            "{model}"
+        );
+    }
+}
+
+/// A replica joins while requests stream, then the original is SIGKILLed: every request
+/// completes with the reference tokens (failed expert calls are retried on the replica).
+#[tokio::test(flavor = "multi_thread")]
+async fn replica_takes_over_from_a_killed_worker_without_failing_requests() {
+    let model = "tiny-deepseek-v3";
+    let mut mesh = Mesh::start(Some(&fixture(model)), &["0-7", "8-15"]);
+    let (input, expected) = reference_greedy(model, 2);
+    let url = mesh.frontend_url();
+    let killed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Traffic runs from before the replica joins until two batches after the kill.
+    let traffic = {
+        let (url, input, n, killed) = (
+            url.clone(),
+            input.clone(),
+            expected.len() as u32,
+            killed.clone(),
+        );
+        tokio::spawn(async move {
+            let mut results = Vec::new();
+            let mut after_kill = 0;
+            while after_kill < 2 {
+                if killed.load(std::sync::atomic::Ordering::SeqCst) {
+                    after_kill += 1;
+                }
+                let batch: Vec<_> = (0..3)
+                    .map(|_| generate(&url, tokens_request(&input, n)))
+                    .collect();
+                results.extend(futures::future::join_all(batch).await);
+            }
+            results
+        })
+    };
+    let replica = mesh.add_worker("worker0-replica", "0-7", None);
+    wait_until("the gate to accept the replica", || {
+        gate_uses(&mesh, "worker0-replica")
+    })
+    .await;
+    mesh.workers[0].0.kill();
+    killed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let results = traffic.await.expect("traffic task");
+    assert!(results.len() >= 6);
+    for r in results {
+        let out = r.expect("no request fails");
+        assert_eq!(out.ids, expected);
+    }
+    // And after the kill, requests keep working on the replica alone.
+    let out = generate(&url, tokens_request(&input, expected.len() as u32))
+        .await
+        .expect("after kill");
+    assert_eq!(out.ids, expected);
+    // The killed worker stayed listed until its lease expired; calls to it were retried.
+    let gate_log = mesh.gate.0.log_text();
+    assert!(
+        gate_log.contains("retrying on another replica"),
+        "the retry path ran"
+    );
+    drop(replica);
+}
+
+/// A worker of another model (different fingerprint) is refused and logged; with experts 8-15
+/// unserved, Generate fails fast with UNAVAILABLE naming a (layer, expert); a proper worker
+/// brings serving back.
+#[tokio::test(flavor = "multi_thread")]
+async fn foreign_worker_is_refused_missing_expert_is_unavailable_and_serving_recovers() {
+    let model = "tiny-deepseek-v3";
+    let mesh = Mesh::start(Some(&fixture(model)), &["0-7"]);
+    // Same directory name (so the same registry prefix), different config bytes: another model.
+    let other = mesh.dir.path().join("other").join(model);
+    std::fs::create_dir_all(&other).expect("dir");
+    std::fs::copy(
+        fixture(model).join("model.safetensors"),
+        other.join("model.safetensors"),
+    )
+    .expect("copy");
+    let mut cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture(model).join("config.json")).expect("cfg"),
+    )
+    .expect("json");
+    cfg["rms_norm_eps"] = serde_json::json!(1e-5);
+    std::fs::write(other.join("config.json"), cfg.to_string()).expect("write");
+    let _foreign = mesh.add_worker("foreign", "8-15", Some(&other));
+    let gate_log = mesh.gate.0.log.clone();
+    wait_until("the gate to log the refusal", || {
+        let log = std::fs::read_to_string(&gate_log).unwrap_or_default();
+        async move { log.contains("refusing expert worker") && log.contains("foreign") }
+    })
+    .await;
+    assert!(!gate_uses(&mesh, "foreign").await);
+
+    let (input, expected) = reference_greedy(model, 1);
+    let started = Instant::now();
+    let err = generate(&mesh.frontend_url(), tokens_request(&input, 8))
+        .await
+        .err()
+        .expect("must fail");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message()
+            .contains("no live expert worker serves (layer "),
+        "{}",
+        err.message()
+    );
+    let expert: u32 = err
+        .message()
+        .rsplit("expert ")
+        .next()
+        .and_then(|s| s.trim_end_matches(')').split(')').next())
+        .and_then(|s| s.parse().ok())
+        .expect("names the expert");
+    assert!((8..16).contains(&expert), "{}", err.message());
+    println!("failed fast in {:?}: {}", started.elapsed(), err.message());
+
+    let _good = mesh.add_worker("worker1", "8-15", None);
+    wait_until("the gate to accept worker1", || gate_uses(&mesh, "worker1")).await;
+    let out = generate(
+        &mesh.frontend_url(),
+        tokens_request(&input, expected.len() as u32),
+    )
+    .await
+    .expect("recovered");
+    assert_eq!(out.ids, expected);
+}
+
+/// etcd goes away for a few seconds while requests run: none fails. A worker started after
+/// etcd returns is used (the original workers are then killed and requests still succeed).
+#[tokio::test(flavor = "multi_thread")]
+async fn etcd_outage_fails_no_request_and_a_later_worker_is_used() {
+    let model = "tiny-deepseek-v3";
+    let mut mesh = Mesh::start(Some(&fixture(model)), &["0-7", "8-15"]);
+    let (input, expected) = reference_greedy(model, 0);
+    let url = mesh.frontend_url();
+    let n = expected.len() as u32;
+    let traffic = {
+        let (url, input) = (url.clone(), input.clone());
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            let until = Instant::now() + Duration::from_secs(6);
+            while Instant::now() < until {
+                out.push(generate(&url, tokens_request(&input, n)).await);
+            }
+            out
+        })
+    };
+    mesh.etcd.stop();
+    // The outage itself lasts a few seconds by design; nothing waits on it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    mesh.etcd.restart();
+    let results = traffic.await.expect("traffic");
+    assert!(!results.is_empty());
+    for r in results {
+        assert_eq!(r.expect("no request fails during the outage").ids, expected);
+    }
+    let _late = mesh.add_worker("late", "0-15", None);
+    wait_until("the gate to use the late worker", || {
+        gate_uses(&mesh, "late")
+    })
+    .await;
+    for w in mesh.workers.iter_mut() {
+        w.0.kill();
+    }
+    let out = generate(&url, tokens_request(&input, n))
+        .await
+        .expect("served by the late worker");
+    assert_eq!(out.ids, expected);
+}
+
+/// Bad requests get INVALID_ARGUMENT naming the field and the limit; the server lives on.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_is_invalid_argument_and_the_next_request_works() {
+    let mesh = Mesh::start(None, &["0-15"]);
+    let url = mesh.frontend_url();
+    let chat = |role: &str| {
+        Input::Chat(v1::ChatInput {
+            messages: vec![v1::ChatMessage {
+                role: role.into(),
+                content: "hi".into(),
+            }],
+        })
+    };
+    let base = GenerateRequest {
+        input: Some(Input::Prompt("Hello".into())),
+        sampling: None,
+        stopping: Some(v1::StoppingCriteria {
+            max_new_tokens: Some(4),
+            stop: Vec::new(),
+            ignore_eos: false,
+        }),
+        request_id: String::new(),
+    };
+    let with = |f: &dyn Fn(&mut GenerateRequest)| {
+        let mut r = base.clone();
+        f(&mut r);
+        r
+    };
+    let sampling = |t: f32, p: Option<f32>, k: u32| {
+        Some(v1::SamplingParams {
+            temperature: t,
+            top_p: p,
+            top_k: k,
+            seed: None,
+        })
+    };
+    let cases: Vec<(GenerateRequest, &[&str])> = vec![
+        (
+            with(&|r| r.input = Some(Input::Prompt(String::new()))),
+            &["prompt", "empty"],
+        ),
+        (
+            with(&|r| r.input = Some(Input::Tokens(v1::TokenIds { ids: vec![5; 4096] }))),
+            &["4096 tokens", "context length is 4096"],
+        ),
+        (
+            with(&|r| r.stopping.as_mut().expect("s").max_new_tokens = Some(0)),
+            &["max_new_tokens", "between 1 and 4096"],
+        ),
+        (
+            with(&|r| r.stopping.as_mut().expect("s").max_new_tokens = Some(5000)),
+            &["max_new_tokens", "4096", "5000"],
+        ),
+        (
+            with(&|r| r.sampling = sampling(-0.5, None, 0)),
+            &["temperature", ">= 0"],
+        ),
+        (
+            with(&|r| r.sampling = sampling(1.0, Some(0.0), 0)),
+            &["top_p", "(0, 1]"],
+        ),
+        (
+            with(&|r| r.sampling = sampling(1.0, Some(1.5), 0)),
+            &["top_p", "(0, 1]"],
+        ),
+        (
+            with(&|r| r.sampling = sampling(1.0, None, 200_000)),
+            &["top_k", "129280"],
+        ),
+        (
+            with(&|r| r.input = Some(chat("wizard"))),
+            &["role", "wizard", "system, user, assistant, tool"],
+        ),
+        (
+            with(&|r| {
+                r.input = Some(Input::Tokens(v1::TokenIds {
+                    ids: vec![1, 129_280],
+                }))
+            }),
+            &["tokens.ids[1]", "129280"],
+        ),
+        (
+            with(&|r| r.input = None),
+            &["input", "prompt, chat or tokens"],
+        ),
+    ];
+    for (req, needles) in cases {
+        let err = generate(&url, req).await.err().expect("must be rejected");
+        assert_eq!(err.code(), Code::InvalidArgument, "{needles:?}: {err:?}");
+        for n in needles {
+            assert!(err.message().contains(n), "{needles:?}: {}", err.message());
+        }
+    }
+    let ok = generate(&url, base.clone())
+        .await
+        .expect("a good request after the bad ones");
+    assert!(!ok.ids.is_empty() && ok.ids.len() <= 4);
+}
+
+/// A client that cancels mid-stream frees its sequence's KV on the gate; the other stream
+/// runs to its end unaffected.
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelled_stream_frees_its_kv_and_others_continue() {
+    let model = "tiny-deepseek-v3";
+    let mesh = Mesh::start(Some(&fixture(model)), &["0-15"]);
+    let url = mesh.frontend_url();
+    let (input, _) = reference_greedy(model, 1);
+    let long = 200u32;
+    let mut a = GenerationClient::connect(url.clone())
+        .await
+        .expect("client");
+    let mut stream_a = a
+        .generate(tokens_request(&input, long))
+        .await
+        .expect("a")
+        .into_inner();
+    let b = tokio::spawn({
+        let (url, input) = (url.clone(), input.clone());
+        async move { generate(&url, tokens_request(&input, long)).await }
+    });
+    for _ in 0..3 {
+        stream_a
+            .message()
+            .await
+            .expect("a streams")
+            .expect("a token");
+    }
+    wait_until("both sequences on the gate", || async {
+        gate_info(&mesh.gate_url()).await.live_sequences == 2
+    })
+    .await;
+    drop(stream_a);
+    drop(a);
+    wait_until(
+        "the cancelled sequence's KV to be freed while the other runs",
+        || async {
+            let info = gate_info(&mesh.gate_url()).await;
+            info.live_sequences == 1 && !b.is_finished()
+        },
+    )
+    .await;
+    let out = b.await.expect("task").expect("b completes");
+    assert_eq!(out.ids.len(), long as usize);
+    assert_eq!(out.finish, v1::FinishReason::Length as i32);
+    wait_until("all KV freed", || async {
+        gate_info(&mesh.gate_url()).await.live_sequences == 0
+    })
+    .await;
+}

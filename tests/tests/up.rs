@@ -1,0 +1,122 @@
+//! `moemesh up`: a whole local mesh from one command, reachable with no .proto files (health and
+//! reflection), serving the reference tokens, and gone — every child — after SIGTERM.
+
+use moemesh_proto::v1::generate_request::Input;
+use moemesh_proto::v1::generation_client::GenerationClient;
+use moemesh_proto::v1::{self, GenerateRequest};
+use moemesh_tests::mesh::start_moemesh;
+use moemesh_tests::{fixture, reference_greedy};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn up_serves_reference_tokens_with_health_and_reflection_and_stops_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = fixture("tiny-deepseek-v3");
+    let args: Vec<String> = [
+        "--model",
+        model.to_str().expect("utf-8"),
+        "--listen",
+        "127.0.0.1:0",
+        "--expert-workers",
+        "3",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (mut up, addr) = start_moemesh(dir.path(), "up", "up", &args);
+    let url = format!("http://{addr}");
+
+    let channel = tonic::transport::Channel::from_shared(url.clone())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = HealthClient::new(channel.clone());
+    let status = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health")
+        .into_inner();
+    assert_eq!(
+        status.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    let mut reflection = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = reflection
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let reply = replies.message().await.expect("reply").expect("one reply");
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("not a service list")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"moemesh.v1.Generation".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
+
+    let (input, expected) = reference_greedy("tiny-deepseek-v3", 3);
+    let mut client = GenerationClient::connect(url.clone())
+        .await
+        .expect("client");
+    let req = GenerateRequest {
+        input: Some(Input::Tokens(v1::TokenIds { ids: input })),
+        sampling: None,
+        stopping: Some(v1::StoppingCriteria {
+            max_new_tokens: Some(expected.len() as u32),
+            stop: vec![],
+            ignore_eos: true,
+        }),
+        request_id: "up-test".into(),
+    };
+    let mut stream = client.generate(req).await.expect("generate").into_inner();
+    let mut ids = Vec::new();
+    while let Some(m) = stream.message().await.expect("stream") {
+        ids.extend(m.token_ids);
+    }
+    assert_eq!(ids, expected);
+
+    // The fixture has no tokenizer: text input is refused, and says why.
+    let text = GenerateRequest {
+        input: Some(Input::Prompt("hello".into())),
+        sampling: None,
+        stopping: None,
+        request_id: String::new(),
+    };
+    let err = client.generate(text).await.expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("no tokenizer") && err.message().contains("tokens"),
+        "{}",
+        err.message()
+    );
+
+    let status = up.terminate().expect("up exits after SIGTERM");
+    assert!(
+        status.success(),
+        "up exit status {status}:\n{}",
+        up.log_text()
+    );
+    assert!(
+        !up.group_alive(),
+        "every process moemesh up started is gone"
+    );
+}
