@@ -440,3 +440,42 @@ async fn cancelled_stream_frees_its_kv_and_others_continue() {
     })
     .await;
 }
+
+/// `moemesh bench` drives concurrent requests and accounts for every one of them.
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_reports_every_request_as_a_table_and_as_json() {
+    let mesh = Mesh::start(Some(&fixture("tiny-deepseek-v3")), &["0-15"]);
+    let addr = mesh.frontend.1.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        moemesh_tests::moemesh(&[
+            "bench",
+            "--addr",
+            &addr,
+            "--concurrency",
+            "3",
+            "--requests",
+            "7",
+            "--prompt-len",
+            "5",
+            "--output-len",
+            "6",
+            "--json",
+        ])
+    })
+    .await
+    .expect("bench process");
+    let lines = moemesh_tests::json_lines(&out);
+    let r = &lines[0];
+    assert_eq!(r["requests"], 7);
+    assert_eq!(r["succeeded"], 7, "{r}");
+    assert_eq!(r["concurrency"], 3);
+    assert!(r["output_tokens_per_s"].as_f64().expect("rate") > 0.0);
+    for key in ["ttft_ms", "itl_ms"] {
+        for p in ["p50", "p90", "p99"] {
+            assert!(
+                r[key][p].as_f64().expect("percentile") > 0.0,
+                "{key}.{p}: {r}"
+            );
+        }
+    }
+}

@@ -25,6 +25,20 @@ pub fn health_and_reflection() -> (
     (reporter, health, reflection)
 }
 
+/// Accepted connections of `listener` with TCP_NODELAY set: every RPC here is a small
+/// request/response exchange on a long-lived stream, where Nagle's algorithm plus delayed ACKs
+/// would add ~40 ms stalls.
+pub fn incoming(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
+    })
+}
+
 /// Sets the overall health status (the `""` service), which readiness probes check.
 pub async fn set_health(reporter: &HealthReporter, serving: bool) {
     let status = if serving {

@@ -19,7 +19,7 @@ use moemesh_proto::v1::{
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::config::FrontendConfig;
@@ -275,7 +275,7 @@ pub async fn run(
             .add_service(health)
             .add_service(reflection)
             .add_service(GenerationServer::new(GenerationService(frontend)))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            .serve_with_incoming_shutdown(serve::incoming(listener), async {
                 let _ = stop_rx.await;
             }),
     );

@@ -19,7 +19,7 @@ use moemesh_proto::v1::{
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::GateConfig;
@@ -238,7 +238,7 @@ pub async fn run(
                     .max_decoding_message_size(256 << 20)
                     .max_encoding_message_size(256 << 20),
             )
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            .serve_with_incoming_shutdown(serve::incoming(listener), async {
                 let _ = stop_rx.await;
             }),
     );

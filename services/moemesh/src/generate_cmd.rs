@@ -245,6 +245,8 @@ mod remote {
             .enable_all()
             .build()?;
         rt.block_on(async move {
+            let started = std::time::Instant::now();
+            let mut first_token: Option<std::time::Duration> = None;
             let mut client = GenerationClient::connect(format!("http://{addr}"))
                 .await
                 .with_context(|| format!("connecting to the frontend at {addr}"))?;
@@ -264,6 +266,9 @@ mod remote {
                     write!(out, "{}", msg.text)?;
                 }
                 out.flush()?;
+                if first_token.is_none() && !msg.token_ids.is_empty() {
+                    first_token = Some(started.elapsed());
+                }
                 ids.extend(&msg.token_ids);
                 logprobs.extend(&msg.logprobs);
                 text.push_str(&msg.text);
@@ -280,16 +285,20 @@ mod remote {
                 _ => "unknown",
             };
             let usage = usage.unwrap_or_default();
+            let total = started.elapsed();
+            let decode_s = (total - first_token.unwrap_or_default()).as_secs_f64();
+            let decode_tps = if ids.len() > 1 && decode_s > 0.0 { (ids.len() - 1) as f64 / decode_s } else { 0.0 };
             if json {
                 let last = serde_json::json!({
                     "token_ids": ids, "logprobs": logprobs, "text": text, "finish_reason": reason,
                     "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-                              "time_to_first_token_ms": usage.time_to_first_token_ms},
+                              "time_to_first_token_ms": usage.time_to_first_token_ms,
+                              "total_ms": total.as_secs_f64() * 1e3, "decode_tokens_per_s": decode_tps},
                 });
                 writeln!(out, "{last}")?;
             } else {
                 writeln!(out)?;
-                eprintln!("[{addr} | {} prompt + {} generated tokens | finish: {reason} | first token {:.1} ms]",
+                eprintln!("[{addr} | {} prompt + {} generated tokens | finish: {reason} | first token {:.1} ms | decode {decode_tps:.1} tok/s]",
                     usage.prompt_tokens, usage.completion_tokens, usage.time_to_first_token_ms);
             }
             anyhow::Ok(())

@@ -1,6 +1,7 @@
 //! `moemesh`: one binary, one subcommand per job: the three mesh roles, `up` (a whole local
 //! mesh), and `generate` (in-process, or as a client of a running mesh with `--addr`).
 
+mod bench_cmd;
 mod generate_cmd;
 mod roles;
 mod up_cmd;
@@ -22,6 +23,8 @@ struct Cli {
 enum Command {
     /// Generate text: in-process (the whole model here), or from a running mesh with --addr.
     Generate(generate_cmd::GenerateArgs),
+    /// Load a running mesh with concurrent Generate calls and report throughput and latency.
+    Bench(bench_cmd::BenchArgs),
     /// Start a complete local mesh: expert workers, a gate and a frontend, as separate processes.
     Up(up_cmd::UpArgs),
     /// Serve the public Generation API (tokenizer, scheduling, streaming).
@@ -44,6 +47,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate_cmd::run(args),
         Command::Up(args) => up_cmd::run(args),
+        Command::Bench(args) => bench_cmd::run(args),
         Command::Frontend(cfg) => roles::frontend(cfg),
         Command::Gate(cfg) => roles::gate(cfg),
         Command::Expert(cfg) => roles::expert(cfg),

@@ -1,0 +1,225 @@
+//! `moemesh bench`: drives `Generation.Generate` on a running mesh with C concurrent clients and
+//! reports throughput and latency: requests/s, output tokens/s, time to first token and
+//! inter-token latency (p50/p90/p99), and failures by gRPC code — as a table and as JSON.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use moemesh_proto::v1::generation_client::GenerationClient;
+use moemesh_proto::v1::{self, GenerateRequest, ModelInfoRequest, generate_request::Input};
+use rand::{RngExt, SeedableRng};
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Frontend address (`host:port`).
+    #[arg(long, env = "MOEMESH_ADDR", default_value = "127.0.0.1:50051")]
+    pub addr: String,
+    /// Concurrent clients, each with one request in flight.
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
+    /// Requests in total.
+    #[arg(long, default_value_t = 16)]
+    pub requests: usize,
+    /// Prompt length in tokens (random ids, the same seed every run).
+    #[arg(long, default_value_t = 32)]
+    pub prompt_len: usize,
+    /// Tokens to generate per request (EOS ignored, so every request generates exactly this many).
+    #[arg(long, default_value_t = 64)]
+    pub output_len: u32,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Default)]
+struct Sample {
+    ttft: Option<Duration>,
+    gaps: Vec<Duration>,
+    tokens: usize,
+    error: Option<String>,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+async fn one(
+    client: &mut GenerationClient<tonic::transport::Channel>,
+    req: GenerateRequest,
+) -> Sample {
+    let start = Instant::now();
+    let mut s = Sample::default();
+    let mut last = start;
+    let result = async {
+        let mut stream = client.generate(req).await?.into_inner();
+        while let Some(m) = stream.message().await? {
+            if m.token_ids.is_empty() {
+                continue;
+            }
+            let now = Instant::now();
+            if s.ttft.is_none() {
+                s.ttft = Some(now - start);
+            } else {
+                s.gaps.push(now - last);
+            }
+            last = now;
+            s.tokens += m.token_ids.len();
+        }
+        Ok::<(), tonic::Status>(())
+    }
+    .await;
+    if let Err(st) = result {
+        s.error = Some(format!("{:?}", st.code()));
+    }
+    s
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.concurrency == 0 || args.requests == 0 || args.prompt_len == 0 || args.output_len == 0 {
+        bail!("--concurrency, --requests, --prompt-len and --output-len must all be at least 1");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let url = format!("http://{}", args.addr);
+        let mut client = GenerationClient::connect(url.clone())
+            .await
+            .with_context(|| format!("connecting to {}", args.addr))?;
+        let info = client
+            .model_info(ModelInfoRequest {})
+            .await
+            .context("ModelInfo")?
+            .into_inner();
+        let vocab = info.vocab_size.max(2);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
+        let prompts: Vec<Vec<u32>> = (0..args.requests)
+            .map(|_| {
+                (0..args.prompt_len)
+                    .map(|_| rng.random_range(2..vocab))
+                    .collect()
+            })
+            .collect();
+        let prompts = Arc::new(prompts);
+        let next = Arc::new(AtomicUsize::new(0));
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..args.concurrency {
+            let (prompts, next, url, out_len) =
+                (prompts.clone(), next.clone(), url.clone(), args.output_len);
+            tasks.push(tokio::spawn(async move {
+                let mut samples = Vec::new();
+                let Ok(mut client) = GenerationClient::connect(url).await else {
+                    return samples;
+                };
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    let Some(p) = prompts.get(i) else { break };
+                    let req = GenerateRequest {
+                        input: Some(Input::Tokens(v1::TokenIds { ids: p.clone() })),
+                        sampling: None,
+                        stopping: Some(v1::StoppingCriteria {
+                            max_new_tokens: Some(out_len),
+                            stop: Vec::new(),
+                            ignore_eos: true,
+                        }),
+                        request_id: format!("bench-{i}"),
+                    };
+                    samples.push(one(&mut client, req).await);
+                }
+                samples
+            }));
+        }
+        let mut samples = Vec::new();
+        for t in tasks {
+            samples.extend(t.await.context("bench client task")?);
+        }
+        let wall = started.elapsed().as_secs_f64();
+        report(&args, &info.model_name, &samples, wall)
+    })
+}
+
+fn report(args: &BenchArgs, model: &str, samples: &[Sample], wall: f64) -> anyhow::Result<()> {
+    let ok: Vec<&Sample> = samples.iter().filter(|s| s.error.is_none()).collect();
+    let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    for s in samples {
+        if let Some(e) = &s.error {
+            *errors.entry(e.clone()).or_default() += 1;
+        }
+    }
+    let tokens: usize = ok.iter().map(|s| s.tokens).sum();
+    let mut ttft: Vec<f64> = ok
+        .iter()
+        .filter_map(|s| s.ttft)
+        .map(|d| d.as_secs_f64() * 1e3)
+        .collect();
+    let mut itl: Vec<f64> = ok
+        .iter()
+        .flat_map(|s| s.gaps.iter())
+        .map(|d| d.as_secs_f64() * 1e3)
+        .collect();
+    ttft.sort_by(f64::total_cmp);
+    itl.sort_by(f64::total_cmp);
+    let pcts = |v: &[f64]| serde_json::json!({"p50": percentile(v, 50.0), "p90": percentile(v, 90.0), "p99": percentile(v, 99.0)});
+    let summary = serde_json::json!({
+        "model": model,
+        "addr": args.addr,
+        "concurrency": args.concurrency,
+        "requests": samples.len(),
+        "succeeded": ok.len(),
+        "errors": errors,
+        "prompt_len": args.prompt_len,
+        "output_len": args.output_len,
+        "wall_s": wall,
+        "requests_per_s": ok.len() as f64 / wall,
+        "output_tokens_per_s": tokens as f64 / wall,
+        "ttft_ms": pcts(&ttft),
+        "itl_ms": pcts(&itl),
+    });
+    if args.json {
+        println!("{summary}");
+        return Ok(());
+    }
+    println!(
+        "moemesh bench — {model} at {} ({} clients, {} requests, prompt {} → {} tokens)",
+        args.addr,
+        args.concurrency,
+        samples.len(),
+        args.prompt_len,
+        args.output_len
+    );
+    println!(
+        "{:<26}{:>12}",
+        "requests/s",
+        format!("{:.2}", ok.len() as f64 / wall)
+    );
+    println!(
+        "{:<26}{:>12}",
+        "output tokens/s",
+        format!("{:.1}", tokens as f64 / wall)
+    );
+    for (name, v) in [
+        ("time to first token (ms)", &ttft),
+        ("inter-token latency (ms)", &itl),
+    ] {
+        println!(
+            "{name:<26}{:>12}{:>12}{:>12}",
+            format!("p50 {:.1}", percentile(v, 50.0)),
+            format!("p90 {:.1}", percentile(v, 90.0)),
+            format!("p99 {:.1}", percentile(v, 99.0))
+        );
+    }
+    println!("{:<26}{:>12}", "failed", samples.len() - ok.len());
+    for (code, n) in errors {
+        println!("  {code:<24}{n:>12}");
+    }
+    Ok(())
+}
