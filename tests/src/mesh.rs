@@ -222,7 +222,7 @@ pub fn start_moemesh(dir: &Path, name: &str, subcommand: &str, args: &[String]) 
     let mut child = Command::new(moemesh_bin())
         .arg(subcommand)
         .args(args)
-        .env("MOEMESH_LOG", "info")
+        .env("MOEMESH_LOG", "info,moemesh_frontend::step=debug")
         .stdout(Stdio::piped())
         .stderr(err)
         .process_group(0)
@@ -280,6 +280,11 @@ pub struct Mesh {
 impl Mesh {
     /// `shards`: the `--experts` range of each worker.
     pub fn start(model: Option<&Path>, shards: &[&str]) -> Mesh {
+        Mesh::start_with(model, shards, &[])
+    }
+
+    /// Like [`start`](Self::start), with extra frontend flags.
+    pub fn start_with(model: Option<&Path>, shards: &[&str], frontend_args: &[&str]) -> Mesh {
         let dir = tempfile::tempdir().expect("tempdir");
         let etcd = Etcd::start(dir.path());
         let cluster = format!("test{}", free_port());
@@ -298,12 +303,9 @@ impl Mesh {
         let mut args = common_args(&etcd, &cluster, model.as_deref());
         args.extend(["--lease-ttl".into(), "3".into()]);
         let gate = start_role(dir.path(), "gate", "gate", &args);
-        let frontend = start_role(
-            dir.path(),
-            "frontend",
-            "frontend",
-            &common_args(&etcd, &cluster, model.as_deref()),
-        );
+        let mut fargs = common_args(&etcd, &cluster, model.as_deref());
+        fargs.extend(frontend_args.iter().map(|a| a.to_string()));
+        let frontend = start_role(dir.path(), "frontend", "frontend", &fargs);
         Mesh {
             dir,
             etcd,

@@ -31,6 +31,13 @@ pub struct FrontendConfig {
     /// Most stop strings per request.
     #[arg(long, env = "MOEMESH_MAX_STOP_SEQUENCES", default_value_t = 16)]
     pub max_stop_sequences: usize,
+    /// Most tokens (prompt chunks + decodes) in one step to a gate; long prompts are prefilled
+    /// in chunks so running decodes keep flowing.
+    #[arg(long, env = "MOEMESH_STEP_TOKEN_BUDGET", default_value_t = 4096)]
+    pub step_token_budget: usize,
+    /// Most sequences running on one gate at once (the rest wait, first come first served).
+    #[arg(long, env = "MOEMESH_MAX_RUNNING", default_value_t = 256)]
+    pub max_running: usize,
     /// Largest prompt text (or chat) in bytes.
     #[arg(long, env = "MOEMESH_MAX_PROMPT_BYTES", default_value_t = 1 << 20)]
     pub max_prompt_bytes: usize,

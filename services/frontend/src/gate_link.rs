@@ -1,7 +1,7 @@
-//! One gate's step loop. Every running sequence on the gate joins every step: new sequences
-//! bring their whole prompt (prefill), running ones their last sampled token (decode). After
-//! each step the sampled ids go through each sequence's detokenizer and stop checks and out to
-//! its client; finished and abandoned sequences are released on the gate in the next step.
+//! One gate's step loop: asks the [`Scheduler`] what goes into the next step (decodes first,
+//! then prompt chunks, then newly admitted sequences, within the token budget), sends it, and
+//! routes the sampled ids through each sequence's detokenizer and stop checks to its client.
+//! Finished and abandoned sequences are released on the gate in the next step.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,8 +18,12 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
+use crate::scheduler::{Entry, Limits, Plan, Scheduler};
+
 /// What every gate link shares: the embedding table, tokenizer and model limits.
 pub struct Ctx {
+    /// Step budget and running-sequence cap.
+    pub limits: Limits,
     pub model: DeepSeekModel,
     pub tokenizer: Option<TextTokenizer>,
     pub eos: Vec<u32>,
@@ -45,21 +49,22 @@ struct Seq {
     start: Instant,
     ttft: Option<Duration>,
     generated: Vec<u32>,
-    /// Tokens whose KV the gate holds for this sequence.
-    gate_pos: usize,
     text: TextTracker,
 }
 
 impl Seq {
-    /// The tokens this sequence adds in the next step.
-    fn next_input(&self) -> Vec<u32> {
-        if self.gate_pos == 0 {
-            let mut all = self.req.prompt_ids.clone();
-            all.extend(&self.generated);
-            all
+    /// Token `i` of the sequence (prompt, then generated).
+    fn token(&self, i: usize) -> u32 {
+        let p = self.req.prompt_ids.len();
+        if i < p {
+            self.req.prompt_ids[i]
         } else {
-            self.generated.last().map(|t| vec![*t]).unwrap_or_default()
+            self.generated[i - p]
         }
+    }
+
+    fn len(&self) -> usize {
+        self.req.prompt_ids.len() + self.generated.len()
     }
 }
 
@@ -143,37 +148,48 @@ async fn run(
     ctx: Arc<Ctx>,
     load: Arc<AtomicUsize>,
 ) {
-    let mut seqs: Vec<Seq> = Vec::new();
+    let mut seqs: HashMap<u64, Seq> = HashMap::new();
+    let mut sched = Scheduler::default();
     let mut release: Vec<u64> = Vec::new();
     let mut conn: Option<Conn> = None;
     let mut step_id = 0u64;
     loop {
-        if seqs.is_empty() && release.is_empty() {
+        if sched.is_idle() && release.is_empty() {
             match rx.recv().await {
-                Some(n) => seqs.push(admit(n, &ctx)),
+                Some(n) => admit(n, &ctx, &mut seqs, &mut sched),
                 None => return,
             }
         }
         while let Ok(n) = rx.try_recv() {
-            seqs.push(admit(n, &ctx));
+            admit(n, &ctx, &mut seqs, &mut sched);
         }
-        seqs.retain(|s| {
-            if s.tx.is_closed() {
-                tracing::debug!(seq = s.id, "client went away; releasing");
-                release.push(s.id);
-                load.fetch_sub(1, Ordering::SeqCst);
-                false
-            } else {
-                true
-            }
-        });
+        let gone: Vec<u64> = seqs
+            .iter()
+            .filter(|(_, s)| s.tx.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            tracing::debug!(seq = id, "client went away; releasing");
+            seqs.remove(&id);
+            sched.remove(id);
+            release.push(id);
+            load.fetch_sub(1, Ordering::SeqCst);
+        }
 
         step_id += 1;
-        let inputs: Vec<Vec<u32>> = seqs.iter().map(Seq::next_input).collect();
-        let step = match build_step(step_id, &seqs, &inputs, &ctx, std::mem::take(&mut release)) {
+        let plan = sched.plan(ctx.limits);
+        tracing::debug!(
+            target: "moemesh_frontend::step",
+            step = step_id,
+            decode = plan.decode,
+            prefill_tokens = plan.prefill_tokens,
+            slots = ?plan.slots.iter().map(|s| (s.id, s.len)).collect::<Vec<_>>(),
+            "step composition"
+        );
+        let step = match build_step(step_id, &plan, &seqs, &ctx, std::mem::take(&mut release)) {
             Ok(s) => s,
             Err(e) => {
-                fail_all(&mut seqs, &load, Status::from(e));
+                fail_all(&mut seqs, &mut sched, &load, Status::from(e));
                 continue;
             }
         };
@@ -191,18 +207,18 @@ async fn run(
             Ok(resp) => {
                 let by_seq: HashMap<u64, &v1::SeqResult> =
                     resp.results.iter().map(|r| (r.seq_id, r)).collect();
-                let mut finished = Vec::new();
-                for (i, (s, input)) in seqs.iter_mut().zip(&inputs).enumerate() {
-                    let Some(r) = by_seq.get(&s.id) else { continue };
-                    s.gate_pos += input.len();
+                for slot in &plan.slots {
+                    let sampled = by_seq.get(&slot.id).filter(|_| slot.sample);
+                    sched.advance(slot, sampled.is_some());
+                    let (Some(r), Some(s)) = (sampled, seqs.get_mut(&slot.id)) else {
+                        continue;
+                    };
                     if deliver(s, r, &ctx) {
-                        finished.push(i);
+                        seqs.remove(&slot.id);
+                        sched.remove(slot.id);
+                        release.push(slot.id);
+                        load.fetch_sub(1, Ordering::SeqCst);
                     }
-                }
-                for i in finished.into_iter().rev() {
-                    let s = seqs.remove(i);
-                    release.push(s.id);
-                    load.fetch_sub(1, Ordering::SeqCst);
                 }
             }
             Err(e) => {
@@ -213,47 +229,50 @@ async fn run(
                 if !seqs.is_empty() {
                     tracing::warn!(gate = %address, error = %e, sequences = seqs.len(), "step failed");
                 }
-                fail_all(&mut seqs, &load, Status::from(e));
+                fail_all(&mut seqs, &mut sched, &load, Status::from(e));
             }
         }
     }
 }
 
-fn admit(n: NewSeq, ctx: &Ctx) -> Seq {
-    Seq {
-        id: ctx.next_seq.fetch_add(1, Ordering::Relaxed),
+fn admit(n: NewSeq, ctx: &Ctx, seqs: &mut HashMap<u64, Seq>, sched: &mut Scheduler) {
+    let id = ctx.next_seq.fetch_add(1, Ordering::Relaxed);
+    let seq = Seq {
+        id,
         req: n.req,
         tx: n.tx,
         start: n.start,
         ttft: None,
         generated: Vec::new(),
-        gate_pos: 0,
         text: n.text,
-    }
+    };
+    sched.waiting.push_back(Entry {
+        id,
+        len: seq.len(),
+        gate_pos: 0,
+    });
+    seqs.insert(id, seq);
 }
 
 fn build_step(
     step_id: u64,
-    seqs: &[Seq],
-    inputs: &[Vec<u32>],
+    plan: &Plan,
+    seqs: &HashMap<u64, Seq>,
     ctx: &Ctx,
     release: Vec<u64>,
 ) -> MeshResult<StepRequest> {
-    let ids: Vec<u32> = inputs.iter().flatten().copied().collect();
-    let activations = if ids.is_empty() {
-        None
-    } else {
-        let emb = ctx.model.embed(&ids)?;
-        Some(codec::encode(&emb, v1::DType::Bf16)?)
-    };
-    let seq_steps = seqs
-        .iter()
-        .zip(inputs)
-        .map(|(s, input)| SeqStep {
+    let mut ids = Vec::with_capacity(plan.decode + plan.prefill_tokens);
+    let mut seq_steps = Vec::with_capacity(plan.slots.len());
+    for slot in &plan.slots {
+        let s = seqs.get(&slot.id).ok_or_else(|| {
+            MeshError::Internal(format!("scheduled sequence {} has no state", slot.id))
+        })?;
+        ids.extend((slot.start..slot.start + slot.len).map(|i| s.token(i)));
+        seq_steps.push(SeqStep {
             seq_id: s.id,
-            start_position: s.gate_pos as u32,
-            num_tokens: input.len() as u32,
-            sample: true,
+            start_position: slot.start as u32,
+            num_tokens: slot.len as u32,
+            sample: slot.sample,
             sampling: Some(SeqSampling {
                 temperature: s.req.sampling.temperature,
                 top_p: s.req.sampling.top_p,
@@ -261,8 +280,14 @@ fn build_step(
                 seed: s.req.sampling.seed.unwrap_or(0),
                 samples_drawn: s.generated.len() as u32,
             }),
-        })
-        .collect();
+        });
+    }
+    let activations = if ids.is_empty() {
+        None
+    } else {
+        let emb = ctx.model.embed(&ids)?;
+        Some(codec::encode(&emb, v1::DType::Bf16)?)
+    };
     Ok(StepRequest {
         step_id,
         seqs: seq_steps,
@@ -335,9 +360,15 @@ pub fn wire_reason(r: FinishReason) -> v1::FinishReason {
     }
 }
 
-fn fail_all(seqs: &mut Vec<Seq>, load: &AtomicUsize, status: Status) {
-    for s in seqs.drain(..) {
+fn fail_all(
+    seqs: &mut HashMap<u64, Seq>,
+    sched: &mut Scheduler,
+    load: &AtomicUsize,
+    status: Status,
+) {
+    for (id, s) in seqs.drain() {
         let _ = s.tx.send(Err(status.clone()));
+        sched.remove(id);
         load.fetch_sub(1, Ordering::SeqCst);
     }
 }

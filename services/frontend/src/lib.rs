@@ -7,6 +7,7 @@
 mod config;
 mod gate_link;
 mod request;
+mod scheduler;
 mod service;
 
 pub use config::FrontendConfig;

@@ -183,6 +183,12 @@ pub async fn run(
             cfg.max_new_tokens_limit
         )));
     }
+    if cfg.max_running == 0 || cfg.step_token_budget < cfg.max_running {
+        return Err(MeshError::Invalid(format!(
+            "--step-token-budget ({}) must be at least --max-running ({}), which must be at least 1, so every running decode fits in a step",
+            cfg.step_token_budget, cfg.max_running
+        )));
+    }
     let local = listener
         .local_addr()
         .map_err(|e| MeshError::Internal(e.to_string()))?;
@@ -244,6 +250,10 @@ pub async fn run(
         .await;
     let frontend = Arc::new(Frontend {
         ctx: Arc::new(Ctx {
+            limits: crate::scheduler::Limits {
+                token_budget: cfg.step_token_budget,
+                max_running: cfg.max_running,
+            },
             context_length: files.config.max_position_embeddings,
             model,
             tokenizer: files.tokenizer.clone(),

@@ -1,0 +1,196 @@
+//! Continuous batching through the mesh: batched output equals unbatched output, and a long
+//! prompt is prefilled in chunks while running decodes keep flowing.
+
+use moemesh_proto::v1::generate_request::Input;
+use moemesh_proto::v1::generation_client::GenerationClient;
+use moemesh_proto::v1::{self, GenerateRequest};
+use moemesh_tests::fixture;
+use moemesh_tests::mesh::Mesh;
+
+fn request(ids: Vec<u32>, max_new: u32, sampling: Option<v1::SamplingParams>) -> GenerateRequest {
+    GenerateRequest {
+        input: Some(Input::Tokens(v1::TokenIds { ids })),
+        sampling,
+        stopping: Some(v1::StoppingCriteria {
+            max_new_tokens: Some(max_new),
+            stop: vec![],
+            ignore_eos: true,
+        }),
+        request_id: String::new(),
+    }
+}
+
+async fn run(url: String, req: GenerateRequest) -> Vec<u32> {
+    let mut c = GenerationClient::connect(url).await.expect("client");
+    let mut s = c.generate(req).await.expect("generate").into_inner();
+    let mut ids = Vec::new();
+    while let Some(m) = s.message().await.expect("stream") {
+        ids.extend(m.token_ids);
+    }
+    ids
+}
+
+/// 32 concurrent requests of mixed prompt and output lengths, half greedy and half seeded
+/// sampling, each give exactly the tokens the in-process engine gives for them alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn batched_output_equals_unbatched_for_greedy_and_seeded_sampling() {
+    let dir = fixture("tiny-deepseek-v3");
+    let mesh = Mesh::start_with(
+        Some(&dir),
+        &["0-7", "8-15"],
+        &["--step-token-budget", "64", "--max-running", "32"],
+    );
+    let files = moemesh_engine::ModelFiles::open(&dir).expect("open");
+    let engine = moemesh_engine::InProcessEngine::load(
+        &files,
+        &moemesh_engine::Device::Cpu,
+        moemesh_engine::DType::F32,
+    )
+    .expect("load");
+    let mut cases = Vec::new();
+    for i in 0..32u32 {
+        let prompt: Vec<u32> = (0..(1 + (i * 7) % 90))
+            .map(|j| 2 + (i * 31 + j * 17) % 500)
+            .collect();
+        let max_new = 4 + (i * 5) % 29;
+        let seeded = i % 2 == 1;
+        let sampling = seeded.then(|| v1::SamplingParams {
+            temperature: 0.9,
+            top_p: Some(0.95),
+            top_k: 40,
+            seed: Some(1000 + u64::from(i)),
+        });
+        cases.push((prompt, max_new, sampling));
+    }
+    let url = mesh.frontend_url();
+    let handles: Vec<_> = cases
+        .iter()
+        .map(|(p, n, s)| tokio::spawn(run(url.clone(), request(p.clone(), *n, *s))))
+        .collect();
+    for (h, (prompt, max_new, sampling)) in handles.into_iter().zip(&cases) {
+        let batched = h.await.expect("task");
+        let alone = engine
+            .generate(
+                &moemesh_engine::GenerationRequest {
+                    prompt_ids: prompt.clone(),
+                    sampling: moemesh_engine::SamplingParams {
+                        temperature: sampling.map_or(0.0, |s| s.temperature),
+                        top_k: sampling.map_or(0, |s| s.top_k as usize),
+                        top_p: sampling.and_then(|s| s.top_p).unwrap_or(1.0),
+                        seed: sampling.and_then(|s| s.seed),
+                    },
+                    max_new_tokens: *max_new as usize,
+                    stop: vec![],
+                    ignore_eos: true,
+                },
+                &mut |_| true,
+            )
+            .expect("in-process")
+            .token_ids;
+        assert_eq!(
+            batched,
+            alone,
+            "prompt of {} tokens, sampling {sampling:?}",
+            prompt.len()
+        );
+    }
+    // The scheduler did batch: some step carried many sequences at once.
+    let log = mesh.frontend.0.log_text();
+    let widest = steps(&log).iter().map(|s| s.slots).max().unwrap_or(0);
+    assert!(widest >= 8, "steps carried at most {widest} sequences");
+}
+
+struct Step {
+    decode: usize,
+    prefill_tokens: usize,
+    slots: usize,
+    long_chunk: Option<usize>,
+}
+
+/// Parses the frontend's `step composition` records. `long` marks the slot of a sequence whose
+/// chunk we follow (by the size of its slot list entries: the long prompt's id is the largest).
+fn steps(log: &str) -> Vec<Step> {
+    log.lines()
+        .filter(|l| l.contains("step composition"))
+        .filter_map(|l| {
+            let field = |k: &str| -> Option<String> {
+                let i = l.find(&format!(" {k}="))? + k.len() + 2;
+                let rest = &l[i..];
+                let end = if rest.starts_with('[') {
+                    rest.find(']')? + 1
+                } else {
+                    rest.find(' ').unwrap_or(rest.len())
+                };
+                Some(rest[..end].to_string())
+            };
+            let slots = field("slots")?;
+            let pairs: Vec<(u64, usize)> = slots
+                .trim_matches(|c| c == '[' || c == ']')
+                .split("), (")
+                .filter(|p| !p.is_empty())
+                .filter_map(|p| {
+                    let p = p.trim_matches(|c| c == '(' || c == ')');
+                    let (a, b) = p.split_once(", ")?;
+                    Some((a.parse().ok()?, b.parse().ok()?))
+                })
+                .collect();
+            Some(Step {
+                decode: field("decode")?.parse().ok()?,
+                prefill_tokens: field("prefill_tokens")?.parse().ok()?,
+                slots: pairs.len(),
+                long_chunk: pairs.iter().filter(|(_, n)| *n > 1).map(|(_, n)| *n).max(),
+            })
+        })
+        .collect()
+}
+
+/// A 2,000-token prompt arriving while 8 sequences decode is prefilled in chunks of at most
+/// one step budget, and every one of those steps still carries all 8 decodes.
+#[tokio::test(flavor = "multi_thread")]
+async fn long_prompt_is_chunked_and_running_decodes_keep_flowing() {
+    let budget = 256;
+    let mesh = Mesh::start_with(None, &["0-15"], &["--step-token-budget", "256"]);
+    let url = mesh.frontend_url();
+    // Eight decoders with short prompts and long outputs.
+    let mut clients = Vec::new();
+    let mut streams = Vec::new();
+    for i in 0..8u32 {
+        let mut c = GenerationClient::connect(url.clone())
+            .await
+            .expect("client");
+        let mut s = c
+            .generate(request(vec![100 + i, 200, 300], 120, None))
+            .await
+            .expect("generate")
+            .into_inner();
+        s.message().await.expect("stream").expect("first token");
+        clients.push(c);
+        streams.push(s);
+    }
+    let long: Vec<u32> = (0..2000u32).map(|i| 1000 + (i * 7919) % 100_000).collect();
+    let long_out = run(url.clone(), request(long, 2, None)).await;
+    assert_eq!(long_out.len(), 2);
+    for s in streams.iter_mut() {
+        while s.message().await.expect("decoder stream").is_some() {}
+    }
+    let all = steps(&mesh.frontend.0.log_text());
+    let prefill_steps: Vec<&Step> = all
+        .iter()
+        .filter(|s| s.long_chunk.is_some_and(|n| n > 10))
+        .collect();
+    assert!(
+        prefill_steps.len() >= 2000 / budget,
+        "the prompt went in {} chunks",
+        prefill_steps.len()
+    );
+    for s in &prefill_steps {
+        assert_eq!(s.decode, 8, "a prefill step left out running decodes");
+        assert!(
+            s.prefill_tokens <= budget - 8,
+            "a step carried {} prompt tokens",
+            s.prefill_tokens
+        );
+    }
+    let chunked: usize = prefill_steps.iter().map(|s| s.prefill_tokens).sum();
+    assert_eq!(chunked, 2000);
+}
