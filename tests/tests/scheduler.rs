@@ -194,3 +194,88 @@ async fn long_prompt_is_chunked_and_running_decodes_keep_flowing() {
     let chunked: usize = prefill_steps.iter().map(|s| s.prefill_tokens).sum();
     assert_eq!(chunked, 2000);
 }
+
+async fn gate_live(url: &str) -> u32 {
+    let mut c = moemesh_proto::v1::gate_client::GateClient::connect(url.to_string())
+        .await
+        .expect("gate");
+    c.info(v1::GateInfoRequest {})
+        .await
+        .expect("info")
+        .into_inner()
+        .live_sequences
+}
+
+/// With the pending-request bound reached, Generate answers RESOURCE_EXHAUSTED at once; the
+/// accepted requests complete, and once they have, new requests are accepted again.
+#[tokio::test(flavor = "multi_thread")]
+async fn queue_overflow_is_resource_exhausted_and_later_requests_succeed() {
+    let mesh = Mesh::start_with(
+        Some(&fixture("tiny-deepseek-v3")),
+        &["0-15"],
+        &["--max-pending", "2"],
+    );
+    let url = mesh.frontend_url();
+    let mut c = GenerationClient::connect(url.clone())
+        .await
+        .expect("client");
+    let mut held = Vec::new();
+    for i in 0..2u32 {
+        let mut s = c
+            .generate(request(vec![5 + i, 6, 7], 150, None))
+            .await
+            .expect("accepted")
+            .into_inner();
+        s.message().await.expect("stream").expect("first token");
+        held.push(s);
+    }
+    let err = c
+        .generate(request(vec![9, 9, 9], 4, None))
+        .await
+        .expect_err("over capacity");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("--max-pending") && err.message().contains('2'),
+        "{}",
+        err.message()
+    );
+    for s in held.iter_mut() {
+        let mut n = 1;
+        while let Some(m) = s.message().await.expect("accepted requests complete") {
+            n += m.token_ids.len();
+        }
+        assert_eq!(n, 150);
+    }
+    let out = run(url, request(vec![9, 9, 9], 4, None)).await;
+    assert_eq!(out.len(), 4);
+}
+
+/// Past the client's deadline the sequence stops with DEADLINE_EXCEEDED and its KV is freed.
+#[tokio::test(flavor = "multi_thread")]
+async fn deadline_exceeded_stops_the_sequence_and_frees_its_kv() {
+    let mesh = Mesh::start(Some(&fixture("tiny-deepseek-v3")), &["0-15"]);
+    let mut c = GenerationClient::connect(mesh.frontend_url())
+        .await
+        .expect("client");
+    let mut req = tonic::Request::new(request(vec![1, 2, 3], 250, None));
+    req.set_timeout(std::time::Duration::from_millis(300));
+    let mut s = c.generate(req).await.expect("accepted").into_inner();
+    let mut got = 0;
+    let status = loop {
+        match s.message().await {
+            Ok(Some(m)) => got += m.token_ids.len(),
+            Ok(None) => panic!("the stream ended without an error after {got} tokens"),
+            Err(st) => break st,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        got < 250,
+        "the deadline stopped generation early ({got} tokens)"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while gate_live(&mesh.gate_url()).await != 0 {
+        assert!(std::time::Instant::now() < deadline, "KV not freed");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

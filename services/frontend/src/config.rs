@@ -38,6 +38,10 @@ pub struct FrontendConfig {
     /// Most sequences running on one gate at once (the rest wait, first come first served).
     #[arg(long, env = "MOEMESH_MAX_RUNNING", default_value_t = 256)]
     pub max_running: usize,
+    /// Most requests accepted and not yet finished (running or waiting); beyond it Generate
+    /// answers RESOURCE_EXHAUSTED at once instead of queueing without bound.
+    #[arg(long, env = "MOEMESH_MAX_PENDING", default_value_t = 1024)]
+    pub max_pending: usize,
     /// Largest prompt text (or chat) in bytes.
     #[arg(long, env = "MOEMESH_MAX_PROMPT_BYTES", default_value_t = 1 << 20)]
     pub max_prompt_bytes: usize,

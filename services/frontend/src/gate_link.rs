@@ -36,6 +36,10 @@ pub type ClientTx = mpsc::UnboundedSender<Result<GenerateResponse, Status>>;
 /// A request accepted by the service, on its way to a gate.
 pub struct NewSeq {
     pub req: GenerationRequest,
+    /// The client's deadline (grpc-timeout), if it sent one.
+    pub deadline: Option<Instant>,
+    /// Admission permit: held until the sequence is finished or dropped.
+    pub permit: tokio::sync::OwnedSemaphorePermit,
     /// Detokenizer and stop strings (built while validating the request).
     pub text: TextTracker,
     pub tx: ClientTx,
@@ -50,6 +54,9 @@ struct Seq {
     ttft: Option<Duration>,
     generated: Vec<u32>,
     text: TextTracker,
+    deadline: Option<Instant>,
+    /// Released (freeing an admission slot) when the sequence is dropped.
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Seq {
@@ -163,14 +170,27 @@ async fn run(
         while let Ok(n) = rx.try_recv() {
             admit(n, &ctx, &mut seqs, &mut sched);
         }
+        let now = Instant::now();
         let gone: Vec<u64> = seqs
             .iter()
-            .filter(|(_, s)| s.tx.is_closed())
+            .filter(|(_, s)| s.tx.is_closed() || s.deadline.is_some_and(|d| d <= now))
             .map(|(id, _)| *id)
             .collect();
         for id in gone {
-            tracing::debug!(seq = id, "client went away; releasing");
-            seqs.remove(&id);
+            if let Some(s) = seqs.remove(&id) {
+                if !s.tx.is_closed() {
+                    let msg = format!(
+                        "the request's deadline passed after {} generated tokens ({} ms since it arrived)",
+                        s.generated.len(),
+                        s.start.elapsed().as_millis()
+                    );
+                    let _ = s.tx.send(Err(Status::deadline_exceeded(msg)));
+                }
+                tracing::debug!(
+                    seq = id,
+                    "client went away or its deadline passed; releasing"
+                );
+            }
             sched.remove(id);
             release.push(id);
             load.fetch_sub(1, Ordering::SeqCst);
@@ -245,6 +265,8 @@ fn admit(n: NewSeq, ctx: &Ctx, seqs: &mut HashMap<u64, Seq>, sched: &mut Schedul
         ttft: None,
         generated: Vec::new(),
         text: n.text,
+        deadline: n.deadline,
+        _permit: n.permit,
     };
     sched.waiting.push_back(Entry {
         id,

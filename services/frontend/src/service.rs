@@ -39,6 +39,8 @@ struct Frontend {
     experts: watch::Receiver<Vec<Member>>,
     /// Step loops by gate address, created when a gate first appears.
     links: Mutex<BTreeMap<String, GateLink>>,
+    /// One permit per accepted, unfinished request (`--max-pending`).
+    admission: Arc<tokio::sync::Semaphore>,
     seed: AtomicU64,
 }
 
@@ -96,6 +98,13 @@ impl Generation for GenerationService {
     ) -> Result<Response<GenerateStream>, Status> {
         let start = Instant::now();
         let f = &self.0;
+        let deadline = grpc_timeout(request.metadata()).map(|t| start + t);
+        let permit = f.admission.clone().try_acquire_owned().map_err(|_| {
+            MeshError::Overloaded(format!(
+                "server is at capacity: {} requests are running or waiting (--max-pending); retry later",
+                f.cfg.max_pending
+            ))
+        })?;
         let req = request.into_inner();
         let seed = f.seed.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
         let engine_req = request::to_engine_request(
@@ -115,6 +124,8 @@ impl Generation for GenerationService {
             text,
             tx,
             start,
+            deadline,
+            permit,
         });
         if !queued {
             let msg = format!("gate {} is not accepting work", link.address);
@@ -269,6 +280,7 @@ pub async fn run(
         gates,
         experts,
         links: Mutex::new(BTreeMap::new()),
+        admission: Arc::new(tokio::sync::Semaphore::new(cfg.max_pending)),
         seed: AtomicU64::new(
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -297,4 +309,41 @@ pub async fn run(
     let _ = stop_tx.send(());
     let _ = serve::bounded(Duration::from_secs(5), server).await;
     Ok(())
+}
+
+/// The client's `grpc-timeout` header (e.g. `500m`, `2S`), as a duration.
+fn grpc_timeout(md: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = md.get("grpc-timeout")?.to_str().ok()?;
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::grpc_timeout;
+    use std::time::Duration;
+
+    #[test]
+    fn parses_grpc_timeout_units() {
+        let mut md = tonic::metadata::MetadataMap::new();
+        for (v, d) in [
+            ("250m", Duration::from_millis(250)),
+            ("2S", Duration::from_secs(2)),
+            ("1M", Duration::from_secs(60)),
+        ] {
+            md.insert("grpc-timeout", v.parse().expect("ascii"));
+            assert_eq!(grpc_timeout(&md), Some(d));
+        }
+        md.insert("grpc-timeout", "12x".parse().expect("ascii"));
+        assert_eq!(grpc_timeout(&md), None);
+    }
 }
