@@ -330,6 +330,13 @@ impl Mesh {
         )
     }
 
+    /// Starts another gate of this mesh.
+    pub fn add_gate(&self, name: &str) -> (Proc, String) {
+        let mut args = common_args(&self.etcd, &self.cluster, self.model.as_deref());
+        args.extend(["--lease-ttl".into(), "3".into()]);
+        start_role(self.dir.path(), name, "gate", &args)
+    }
+
     pub fn frontend_url(&self) -> String {
         format!("http://{}", self.frontend.1)
     }

@@ -40,6 +40,10 @@ pub struct NewSeq {
     pub deadline: Option<Instant>,
     /// Admission permit: held until the sequence is finished or dropped.
     pub permit: tokio::sync::OwnedSemaphorePermit,
+    /// Tokens already generated (non-empty when the sequence moves here from a failed gate:
+    /// it is re-prefilled from prompt + generated and continues its random stream).
+    pub generated: Vec<u32>,
+    pub ttft: Option<Duration>,
     /// Detokenizer and stop strings (built while validating the request).
     pub text: TextTracker,
     pub tx: ClientTx,
@@ -82,29 +86,61 @@ pub struct GateLink {
     tx: mpsc::UnboundedSender<NewSeq>,
     /// Sequences running or queued on this gate (for spreading load).
     pub load: Arc<AtomicUsize>,
+    /// When the gate's stream last broke (cleared by the next good step).
+    pub failed_at: Arc<std::sync::Mutex<Option<Instant>>>,
 }
 
+/// Where a link sends its sequences when its gate dies, to be placed on another gate.
+pub type Reroute = mpsc::UnboundedSender<(String, NewSeq)>;
+
 impl GateLink {
-    pub fn spawn(address: String, ctx: Arc<Ctx>) -> Self {
+    pub fn spawn(address: String, ctx: Arc<Ctx>, reroute: Reroute) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let load = Arc::new(AtomicUsize::new(0));
-        tokio::spawn(run(address.clone(), rx, ctx, load.clone()));
-        GateLink { address, tx, load }
+        let failed_at = Arc::new(std::sync::Mutex::new(None));
+        let link = Link {
+            address: address.clone(),
+            ctx,
+            load: load.clone(),
+            failed_at: failed_at.clone(),
+            reroute,
+        };
+        tokio::spawn(run(link, rx));
+        GateLink {
+            address,
+            tx,
+            load,
+            failed_at,
+        }
     }
 
-    /// Queues a sequence for this gate; false when the gate's step loop has stopped.
-    pub fn submit(&self, seq: NewSeq) -> bool {
+    /// Whether the gate's stream broke within `window`.
+    pub fn recently_failed(&self, window: Duration) -> bool {
+        let at = *self.failed_at.lock().unwrap_or_else(|e| e.into_inner());
+        at.is_some_and(|t| t.elapsed() < window)
+    }
+
+    /// Queues a sequence for this gate; gives it back when the gate's step loop has stopped.
+    pub fn submit(&self, seq: NewSeq) -> Result<(), Box<NewSeq>> {
         self.load.fetch_add(1, Ordering::SeqCst);
-        let ok = self.tx.send(seq).is_ok();
-        if !ok {
+        self.tx.send(seq).map_err(|e| {
             self.load.fetch_sub(1, Ordering::SeqCst);
-        }
-        ok
+            Box::new(e.0)
+        })
     }
 
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()
     }
+}
+
+/// What the step loop task owns besides its sequences.
+struct Link {
+    address: String,
+    ctx: Arc<Ctx>,
+    load: Arc<AtomicUsize>,
+    failed_at: Arc<std::sync::Mutex<Option<Instant>>>,
+    reroute: Reroute,
 }
 
 struct Conn {
@@ -149,12 +185,14 @@ async fn exchange(conn: &mut Conn, address: &str, req: StepRequest) -> MeshResul
     }
 }
 
-async fn run(
-    address: String,
-    mut rx: mpsc::UnboundedReceiver<NewSeq>,
-    ctx: Arc<Ctx>,
-    load: Arc<AtomicUsize>,
-) {
+async fn run(link: Link, mut rx: mpsc::UnboundedReceiver<NewSeq>) {
+    let Link {
+        address,
+        ctx,
+        load,
+        failed_at,
+        reroute,
+    } = link;
     let mut seqs: HashMap<u64, Seq> = HashMap::new();
     let mut sched = Scheduler::default();
     let mut release: Vec<u64> = Vec::new();
@@ -224,7 +262,26 @@ async fn run(
         }
         .await;
         match result {
+            Ok(resp) if resp.error.is_some() => {
+                // The gate could not run this step (e.g. an expert has no live worker): the
+                // step's sequences fail with its status; the gate and the others carry on.
+                *failed_at.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                let err = resp.error.unwrap_or_default();
+                let status = Status::new(
+                    tonic::Code::from_i32(err.code),
+                    format!("gate {address}: {}", err.message),
+                );
+                for slot in &plan.slots {
+                    if let Some(s) = seqs.remove(&slot.id) {
+                        let _ = s.tx.send(Err(status.clone()));
+                        load.fetch_sub(1, Ordering::SeqCst);
+                    }
+                    sched.remove(slot.id);
+                    release.push(slot.id);
+                }
+            }
             Ok(resp) => {
+                *failed_at.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 let by_seq: HashMap<u64, &v1::SeqResult> =
                     resp.results.iter().map(|r| (r.seq_id, r)).collect();
                 for slot in &plan.slots {
@@ -242,14 +299,35 @@ async fn run(
                 }
             }
             Err(e) => {
-                // The gate's stream is gone (it ended the stream after a failed step, or died):
-                // its KV for these sequences is gone with it.
+                // The gate is gone (its stream broke or it cannot be reached), and its KV with
+                // it. Every sequence moves to another gate, to be re-prefilled there from its
+                // tokens so far; with greedy or seeded sampling it continues exactly as it would
+                // have.
                 conn = None;
                 release.clear();
+                *failed_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
                 if !seqs.is_empty() {
-                    tracing::warn!(gate = %address, error = %e, sequences = seqs.len(), "step failed");
+                    tracing::warn!(gate = %address, error = %e, sequences = seqs.len(), "gate failed; moving its sequences");
                 }
-                fail_all(&mut seqs, &mut sched, &load, Status::from(e));
+                for (id, s) in seqs.drain() {
+                    sched.remove(id);
+                    load.fetch_sub(1, Ordering::SeqCst);
+                    let moved = NewSeq {
+                        req: s.req,
+                        text: s.text,
+                        tx: s.tx,
+                        start: s.start,
+                        deadline: s.deadline,
+                        permit: s._permit,
+                        generated: s.generated,
+                        ttft: s.ttft,
+                    };
+                    if let Err(e) = reroute.send((address.clone(), moved)) {
+                        let _ = e.0.1.tx.send(Err(Status::unavailable(format!(
+                            "gate {address} failed and the frontend is shutting down"
+                        ))));
+                    }
+                }
             }
         }
     }
@@ -262,8 +340,8 @@ fn admit(n: NewSeq, ctx: &Ctx, seqs: &mut HashMap<u64, Seq>, sched: &mut Schedul
         req: n.req,
         tx: n.tx,
         start: n.start,
-        ttft: None,
-        generated: Vec::new(),
+        ttft: n.ttft,
+        generated: n.generated,
         text: n.text,
         deadline: n.deadline,
         _permit: n.permit,

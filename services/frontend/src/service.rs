@@ -28,6 +28,8 @@ use crate::request;
 
 /// How long a request waits for a gate to appear before UNAVAILABLE.
 const GATE_WAIT: Duration = Duration::from_secs(5);
+/// How long a gate whose stream broke is passed over while another is listed.
+const FAILED_GATE_BACKOFF: Duration = Duration::from_secs(10);
 
 struct Frontend {
     cfg: FrontendConfig,
@@ -39,18 +41,27 @@ struct Frontend {
     experts: watch::Receiver<Vec<Member>>,
     /// Step loops by gate address, created when a gate first appears.
     links: Mutex<BTreeMap<String, GateLink>>,
+    /// Where gate links hand sequences whose gate died.
+    reroute: crate::gate_link::Reroute,
     /// One permit per accepted, unfinished request (`--max-pending`).
     admission: Arc<tokio::sync::Semaphore>,
     seed: AtomicU64,
 }
 
 impl Frontend {
-    /// The live gate with the least load; waits a little for one when none is listed (a
-    /// gate restarting, or the registry catching up), then UNAVAILABLE.
-    async fn pick_gate(&self) -> MeshResult<GateLink> {
+    /// The live gate with the least load, avoiding `avoid` and gates whose stream broke
+    /// recently; waits a little for one when none is listed (a gate restarting, or the
+    /// registry catching up), then UNAVAILABLE.
+    async fn pick_gate(&self, avoid: Option<&str>) -> MeshResult<GateLink> {
         let mut rx = self.gates.clone();
-        let _ = tokio::time::timeout(GATE_WAIT, rx.wait_for(|g| !g.is_empty())).await;
-        let gates = rx.borrow().clone();
+        let usable = |g: &Vec<Member>| g.iter().any(|m| Some(m.address.as_str()) != avoid);
+        let _ = tokio::time::timeout(GATE_WAIT, rx.wait_for(usable)).await;
+        let gates: Vec<Member> = rx
+            .borrow()
+            .iter()
+            .filter(|m| Some(m.address.as_str()) != avoid)
+            .cloned()
+            .collect();
         if gates.is_empty() {
             return Err(MeshError::Unavailable("no gate is available".into()));
         }
@@ -60,8 +71,13 @@ impl Frontend {
         for g in &gates {
             let link = links
                 .entry(g.address.clone())
-                .or_insert_with(|| GateLink::spawn(g.address.clone(), self.ctx.clone()))
+                .or_insert_with(|| {
+                    GateLink::spawn(g.address.clone(), self.ctx.clone(), self.reroute.clone())
+                })
                 .clone();
+            if link.recently_failed(FAILED_GATE_BACKOFF) && gates.len() > 1 {
+                continue;
+            }
             let better = best
                 .as_ref()
                 .is_none_or(|b| link.load.load(Ordering::SeqCst) < b.load.load(Ordering::SeqCst));
@@ -118,7 +134,7 @@ impl Generation for GenerationService {
             .map_err(MeshError::from)?;
         tracing::debug!(request_id = %req.request_id, prompt_tokens = engine_req.prompt_ids.len(), "generate");
         let (tx, rx) = mpsc::unbounded_channel();
-        let link = f.pick_gate().await?;
+        let link = f.pick_gate(None).await?;
         let queued = link.submit(NewSeq {
             req: engine_req,
             text,
@@ -126,8 +142,10 @@ impl Generation for GenerationService {
             start,
             deadline,
             permit,
+            generated: Vec::new(),
+            ttft: None,
         });
-        if !queued {
+        if queued.is_err() {
             let msg = format!("gate {} is not accepting work", link.address);
             return Err(MeshError::Unavailable(msg).into());
         }
@@ -259,6 +277,7 @@ pub async fn run(
     let experts = registry
         .watch_synced(Role::Expert, Duration::from_secs(10))
         .await;
+    let (reroute_tx, mut reroute_rx) = mpsc::unbounded_channel::<(String, NewSeq)>();
     let frontend = Arc::new(Frontend {
         ctx: Arc::new(Ctx {
             limits: crate::scheduler::Limits {
@@ -280,6 +299,7 @@ pub async fn run(
         gates,
         experts,
         links: Mutex::new(BTreeMap::new()),
+        reroute: reroute_tx,
         admission: Arc::new(tokio::sync::Semaphore::new(cfg.max_pending)),
         seed: AtomicU64::new(
             std::time::SystemTime::now()
@@ -290,6 +310,33 @@ pub async fn run(
         cfg,
     });
 
+    // Sequences of a failed gate go to another live gate (or fail with UNAVAILABLE).
+    let weak = Arc::downgrade(&frontend);
+    tokio::spawn(async move {
+        while let Some((from, seq)) = reroute_rx.recv().await {
+            let Some(f) = weak.upgrade() else { break };
+            let fail = |seq: NewSeq, msg: String| {
+                let _ = seq.tx.send(Err(Status::unavailable(msg)));
+            };
+            match f.pick_gate(Some(&from)).await {
+                Ok(link) => {
+                    if let Err(seq) = link.submit(seq) {
+                        fail(
+                            *seq,
+                            format!(
+                                "gate {from} failed and gate {} is not accepting work",
+                                link.address
+                            ),
+                        );
+                    }
+                }
+                Err(e) => fail(
+                    seq,
+                    format!("gate {from} failed and no other gate is available: {e}"),
+                ),
+            }
+        }
+    });
     let (reporter, health, reflection) = serve::health_and_reflection();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(

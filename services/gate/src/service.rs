@@ -15,7 +15,7 @@ use moemesh_engine::{ModelFiles, Parts};
 use moemesh_proto::v1::expert_client::ExpertClient;
 use moemesh_proto::v1::gate_server::{Gate, GateServer};
 use moemesh_proto::v1::{
-    ExpertInfoRequest, GateInfoRequest, GateInfoResponse, StepRequest, StepResponse,
+    ExpertInfoRequest, GateInfoRequest, GateInfoResponse, StepError, StepRequest, StepResponse,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -70,11 +70,27 @@ impl Gate for GateService {
                     break;
                 }
                 let reply = match reply_rx.await {
-                    Ok(r) => r.map_err(Status::from),
-                    Err(_) => Err(Status::unavailable("gate engine stopped")),
+                    Ok(Ok(r)) => r,
+                    // A failed step is answered in-band so the stream (and every other
+                    // sequence on it) survives; a closed stream means this gate is gone.
+                    Ok(Err(e)) => {
+                        let status = Status::from(e);
+                        StepResponse {
+                            error: Some(StepError {
+                                code: status.code() as i32,
+                                message: status.message().to_string(),
+                            }),
+                            ..Default::default()
+                        }
+                    }
+                    Err(_) => {
+                        let _ = tx
+                            .send(Err(Status::unavailable("gate engine stopped")))
+                            .await;
+                        break;
+                    }
                 };
-                let failed = reply.is_err();
-                if tx.send(reply).await.is_err() || failed {
+                if tx.send(Ok(reply)).await.is_err() {
                     break;
                 }
             }

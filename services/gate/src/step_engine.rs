@@ -251,6 +251,7 @@ impl StepEngine {
     fn response(&self, step_id: u64, results: Vec<SeqResult>) -> StepResponse {
         StepResponse {
             step_id,
+            error: None,
             results,
             live_sequences: self.seqs.len() as u32,
             kv_tokens: self.kv_tokens(),
