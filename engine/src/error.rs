@@ -11,6 +11,8 @@ pub enum ErrorKind {
     Invalid,
     /// A needed resource (file, tokenizer, expert) is not there now.
     Unavailable,
+    /// A bounded resource (KV memory) is full now; retrying later may work.
+    Exhausted,
     /// A bug or an unexpected failure inside the engine.
     Internal,
 }
@@ -59,6 +61,8 @@ pub enum EngineError {
     InvalidInput(String),
     #[error("kv cache: {0}")]
     KvCache(String),
+    #[error("kv cache: {0}")]
+    KvExhausted(String),
     /// Routed experts could not be computed (no live worker, or every replica failed).
     #[error("{0}")]
     ExpertsUnavailable(String),
@@ -73,6 +77,7 @@ impl EngineError {
             | EngineError::WeightFile { .. }
             | EngineError::ExpertsUnavailable(_) => ErrorKind::Unavailable,
             EngineError::Tensor(_) => ErrorKind::Internal,
+            EngineError::KvExhausted(_) => ErrorKind::Exhausted,
             _ => ErrorKind::Invalid,
         }
     }

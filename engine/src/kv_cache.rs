@@ -4,18 +4,22 @@
 //! (`kv_lora_rank` values) and the rotated shared key `k_pe` (`qk_rope_head_dim` values): keys
 //! and values of every head are recomputed from the latent inside attention (the absorbed form),
 //! so the cache is ~`(kv_lora_rank + qk_rope_head_dim)` values per token per layer rather than
-//! `2 · heads · head_dim`. Storage grows in whole blocks of [`BLOCK_TOKENS`] tokens, the unit the
-//! gate's KV budget is counted in.
+//! `2 · heads · head_dim`. Storage comes in blocks of [`BLOCK_TOKENS`] tokens: either the
+//! sequence's own buffers, grown in whole blocks (in-process generation), or blocks of a shared
+//! [`KvPool`] through a block table (the gate, whose KV memory is bounded by the pool).
 //!
 //! Lifecycle: a step first [`reserve`](SequenceCache::reserve)s room for its new tokens, each
 //! layer [`write`](SequenceCache::write)s its rows at the current length and reads the whole
 //! prefix back, and once every layer has run the step [`commit`](SequenceCache::commit)s. A step
 //! that fails before committing leaves the sequence as it was.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
+use crate::kv_pool::KvPool;
 
 /// Tokens per KV block; capacity is always a whole number of blocks.
 pub const BLOCK_TOKENS: usize = 16;
@@ -28,10 +32,17 @@ struct LayerKv {
     kpe: Tensor,
 }
 
+/// Blocks of a shared pool, through a block table.
+struct Paged {
+    pool: Arc<KvPool>,
+    table: Vec<u32>,
+}
+
 /// Latent KV for every layer of one sequence.
-#[derive(Debug)]
 pub struct SequenceCache {
+    /// Own storage (when `paged` is `None`).
     layers: Vec<LayerKv>,
+    paged: Option<Paged>,
     /// Tokens whose KV is committed.
     len: usize,
     /// Token slots allocated per layer.
@@ -48,6 +59,7 @@ impl SequenceCache {
     pub fn new(cfg: &ModelConfig, dtype: DType, device: &Device) -> Self {
         SequenceCache {
             layers: Vec::new(),
+            paged: None,
             len: 0,
             capacity: 0,
             kv_lora_rank: cfg.kv_lora_rank,
@@ -56,6 +68,16 @@ impl SequenceCache {
             dtype,
             device: device.clone(),
         }
+    }
+
+    /// An empty cache whose blocks come from `pool`.
+    pub fn paged(cfg: &ModelConfig, pool: Arc<KvPool>) -> Self {
+        let mut c = SequenceCache::new(cfg, pool.dtype, &pool.device.clone());
+        c.paged = Some(Paged {
+            pool,
+            table: Vec::new(),
+        });
+        c
     }
 
     /// Committed tokens (the position the next token gets).
@@ -80,6 +102,15 @@ impl SequenceCache {
                 "sequence would reach {need} tokens, over the model's context length of {} (max_position_embeddings)",
                 self.max_len
             )));
+        }
+        if let Some(p) = self.paged.as_mut() {
+            let blocks = need.div_ceil(BLOCK_TOKENS);
+            if blocks > p.table.len() {
+                let more = p.pool.allocate(blocks - p.table.len())?;
+                p.table.extend(more);
+            }
+            self.capacity = p.table.len() * BLOCK_TOKENS;
+            return Ok(());
         }
         if need <= self.capacity && self.layers.len() == num_layers {
             return Ok(());
@@ -108,6 +139,16 @@ impl SequenceCache {
     pub fn write(&mut self, layer: usize, ckv: &Tensor, kpe: &Tensor) -> Result<(Tensor, Tensor)> {
         let n = ckv.dim(0)?;
         let total = self.len + n;
+        if let Some(p) = &self.paged {
+            if total > p.table.len() * BLOCK_TOKENS {
+                return Err(EngineError::KvCache(format!(
+                    "layer {layer}: no blocks reserved for {n} tokens after {} (call reserve first)",
+                    self.len
+                )));
+            }
+            p.pool.write(layer, &p.table, self.len, ckv, kpe)?;
+            return p.pool.gather(layer, &p.table, total);
+        }
         let slot = self
             .layers
             .get(layer)
@@ -133,5 +174,23 @@ impl SequenceCache {
     /// Forgets everything after the first `len` tokens (storage is kept).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+    }
+}
+
+impl Drop for SequenceCache {
+    fn drop(&mut self) {
+        if let Some(p) = &self.paged {
+            p.pool.release(&p.table);
+        }
+    }
+}
+
+impl std::fmt::Debug for SequenceCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SequenceCache")
+            .field("len", &self.len)
+            .field("blocks", &self.blocks())
+            .field("paged", &self.paged.is_some())
+            .finish()
     }
 }

@@ -334,3 +334,77 @@ fn seeded_sampling_is_reproducible() {
     assert_eq!(a, run(1234));
     assert_ne!(a, run(4321));
 }
+
+/// Sequences whose KV lives in one shared paged pool (blocks interleaved between them) decode
+/// exactly like sequences with their own buffers, and dropping them returns every block.
+#[test]
+fn paged_pool_caches_decode_like_owned_caches_and_free_their_blocks() {
+    let engine = load(&fixtures_root().join("tiny-deepseek-v3"));
+    let model = &engine.model;
+    let cfg = model.config().clone();
+    let pool = moemesh_engine::KvPool::new(&cfg, 64, DType::F32, &Device::Cpu).expect("pool");
+    let prompts: Vec<Vec<u32>> = vec![vec![5, 17, 42], (2..40).collect(), vec![300; 20]];
+    let steps = 20;
+    let mut caches: Vec<_> = prompts
+        .iter()
+        .map(|_| moemesh_engine::SequenceCache::paged(&cfg, pool.clone()))
+        .collect();
+    let mut inputs = prompts.clone();
+    let mut got: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    for _ in 0..steps {
+        // One sequence per step, round robin, so their blocks interleave in the pool.
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let emb = model.embed(&inputs[i]).expect("embed");
+            let mut s = [StepSeq {
+                cache,
+                new_tokens: inputs[i].len(),
+            }];
+            let logits = model
+                .step_last_logits(&emb, &mut s, &engine.experts)
+                .expect("step");
+            let row: Vec<f32> = logits.squeeze(0).expect("row").to_vec1().expect("vec");
+            let tok = moemesh_engine::sampling::argmax(&row) as u32;
+            got[i].push(tok);
+            inputs[i] = vec![tok];
+        }
+    }
+    for (p, g) in prompts.iter().zip(&got) {
+        let req = moemesh_engine::GenerationRequest {
+            prompt_ids: p.clone(),
+            sampling: Default::default(),
+            max_new_tokens: steps,
+            stop: Vec::new(),
+            ignore_eos: true,
+        };
+        assert_eq!(
+            &engine
+                .generate(&req, &mut |_| true)
+                .expect("owned")
+                .token_ids,
+            g
+        );
+    }
+    assert!(pool.free_blocks() < 64);
+    drop(caches);
+    assert_eq!(pool.free_blocks(), 64, "every block returned");
+}
+
+/// A pool that is too small says so instead of panicking.
+#[test]
+fn an_exhausted_pool_is_a_clear_error() {
+    let engine = load(&fixtures_root().join("tiny-deepseek-v3"));
+    let cfg = engine.model.config().clone();
+    let pool = moemesh_engine::KvPool::new(&cfg, 2, DType::F32, &Device::Cpu).expect("pool");
+    let mut cache = moemesh_engine::SequenceCache::paged(&cfg, pool);
+    let ids: Vec<u32> = (2..42).collect();
+    let emb = engine.model.embed(&ids).expect("embed");
+    let mut s = [StepSeq {
+        cache: &mut cache,
+        new_tokens: ids.len(),
+    }];
+    let err = engine
+        .model
+        .step_last_logits(&emb, &mut s, &engine.experts)
+        .expect_err("40 tokens > 2 blocks");
+    assert!(err.to_string().contains("KV pool exhausted"), "{err}");
+}

@@ -285,6 +285,16 @@ impl Mesh {
 
     /// Like [`start`](Self::start), with extra frontend flags.
     pub fn start_with(model: Option<&Path>, shards: &[&str], frontend_args: &[&str]) -> Mesh {
+        Mesh::start_full(model, shards, &[], frontend_args)
+    }
+
+    /// Like [`start`](Self::start), with extra gate and frontend flags.
+    pub fn start_full(
+        model: Option<&Path>,
+        shards: &[&str],
+        gate_args: &[&str],
+        frontend_args: &[&str],
+    ) -> Mesh {
         let dir = tempfile::tempdir().expect("tempdir");
         let etcd = Etcd::start(dir.path());
         let cluster = format!("test{}", free_port());
@@ -302,6 +312,7 @@ impl Mesh {
         }
         let mut args = common_args(&etcd, &cluster, model.as_deref());
         args.extend(["--lease-ttl".into(), "3".into()]);
+        args.extend(gate_args.iter().map(|a| a.to_string()));
         let gate = start_role(dir.path(), "gate", "gate", &args);
         let mut fargs = common_args(&etcd, &cluster, model.as_deref());
         fargs.extend(frontend_args.iter().map(|a| a.to_string()));

@@ -279,3 +279,49 @@ async fn deadline_exceeded_stops_the_sequence_and_frees_its_kv() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// A gate with a small KV pool (12 blocks = 192 tokens) and four sequences that together need
+/// more: the newest is preempted and recomputed, and every request completes with the tokens
+/// it would have had alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn kv_exhaustion_preempts_and_recomputes_without_failing_or_changing_tokens() {
+    let dir = fixture("tiny-deepseek-v3");
+    let mesh = Mesh::start_full(Some(&dir), &["0-15"], &["--kv-blocks", "12"], &[]);
+    let files = moemesh_engine::ModelFiles::open(&dir).expect("open");
+    let engine = moemesh_engine::InProcessEngine::load(
+        &files,
+        &moemesh_engine::Device::Cpu,
+        moemesh_engine::DType::F32,
+    )
+    .expect("load");
+    let url = mesh.frontend_url();
+    let cases: Vec<Vec<u32>> = (0..4u32)
+        .map(|i| (0..20).map(|j| 2 + (i * 101 + j * 7) % 500).collect())
+        .collect();
+    let handles: Vec<_> = cases
+        .iter()
+        .map(|p| tokio::spawn(run(url.clone(), request(p.clone(), 60, None))))
+        .collect();
+    for (h, prompt) in handles.into_iter().zip(&cases) {
+        let got = h.await.expect("task");
+        let alone = engine
+            .generate(
+                &moemesh_engine::GenerationRequest {
+                    prompt_ids: prompt.clone(),
+                    sampling: Default::default(),
+                    max_new_tokens: 60,
+                    stop: vec![],
+                    ignore_eos: true,
+                },
+                &mut |_| true,
+            )
+            .expect("in-process")
+            .token_ids;
+        assert_eq!(got, alone);
+    }
+    assert!(
+        mesh.frontend.0.log_text().contains("preempting"),
+        "the KV budget forced preemption"
+    );
+    assert_eq!(gate_live(&mesh.gate_url()).await, 0);
+}

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
-use crate::scheduler::{Entry, Limits, Plan, Scheduler};
+use crate::scheduler::{Entry, KvState, Limits, Plan, Scheduler};
 
 /// What every gate link shares: the embedding table, tokenizer and model limits.
 pub struct Ctx {
@@ -148,7 +148,8 @@ struct Conn {
     rx: Streaming<StepResponse>,
 }
 
-async fn connect(address: &str) -> MeshResult<Conn> {
+/// Opens the step stream, and asks the gate for its KV capacity so the first step fits too.
+async fn connect(address: &str) -> MeshResult<(Conn, Option<KvState>)> {
     let unavailable =
         |e: &dyn std::fmt::Display| MeshError::Unavailable(format!("gate {address}: {e}"));
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
@@ -160,12 +161,22 @@ async fn connect(address: &str) -> MeshResult<Conn> {
         .max_decoding_message_size(256 << 20)
         .max_encoding_message_size(256 << 20);
     let (tx, rx) = mpsc::channel(2);
+    let info = client
+        .info(v1::GateInfoRequest {})
+        .await
+        .map_err(|e| unavailable(&e))?
+        .into_inner();
+    let kv = (info.kv_block_tokens > 0).then_some(KvState {
+        free_blocks: info.kv_blocks_free as usize,
+        total_blocks: info.kv_blocks_total as usize,
+        block_tokens: info.kv_block_tokens as usize,
+    });
     let rx = client
         .step(ReceiverStream::new(rx))
         .await
         .map_err(|e| unavailable(&e))?
         .into_inner();
-    Ok(Conn { tx, rx })
+    Ok((Conn { tx, rx }, kv))
 }
 
 async fn exchange(conn: &mut Conn, address: &str, req: StepRequest) -> MeshResult<StepResponse> {
@@ -236,6 +247,21 @@ async fn run(link: Link, mut rx: mpsc::UnboundedReceiver<NewSeq>) {
 
         step_id += 1;
         let plan = sched.plan(ctx.limits);
+        for id in &plan.preempted {
+            tracing::info!(seq = id, gate = %address, "KV full: preempting the newest sequence; it will be prefilled again");
+            release.push(*id);
+        }
+        for id in &plan.rejected {
+            if let Some(s) = seqs.remove(id) {
+                let total = sched.kv.map_or(0, |k| k.total_blocks * k.block_tokens);
+                let msg = format!(
+                    "the sequence ({} tokens) can never fit in gate {address}'s KV cache of {total} tokens",
+                    s.len() + 1
+                );
+                let _ = s.tx.send(Err(Status::resource_exhausted(msg)));
+                load.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
         tracing::debug!(
             target: "moemesh_frontend::step",
             step = step_id,
@@ -253,7 +279,11 @@ async fn run(link: Link, mut rx: mpsc::UnboundedReceiver<NewSeq>) {
         };
         let result = async {
             if conn.is_none() {
-                conn = Some(connect(&address).await?);
+                let (c, kv) = connect(&address).await?;
+                conn = Some(c);
+                if kv.is_some() {
+                    sched.kv = kv;
+                }
             }
             match conn.as_mut() {
                 Some(c) => exchange(c, &address, step).await,
@@ -262,6 +292,28 @@ async fn run(link: Link, mut rx: mpsc::UnboundedReceiver<NewSeq>) {
         }
         .await;
         match result {
+            Ok(resp)
+                if resp
+                    .error
+                    .as_ref()
+                    .is_some_and(|e| e.code == tonic::Code::ResourceExhausted as i32)
+                    && resp.kv_block_tokens > 0 =>
+            {
+                // The pool filled up under us (another frontend shares this gate): take the
+                // gate's numbers and plan again; preemption makes room, nothing fails.
+                tracing::info!(gate = %address, free = resp.kv_blocks_free, "gate KV full; replanning");
+                for slot in &plan.slots {
+                    if slot.start == 0 {
+                        // The gate dropped the sequences this step would have started.
+                        sched.unadmit(slot.id);
+                    }
+                }
+                sched.kv = Some(KvState {
+                    free_blocks: resp.kv_blocks_free as usize,
+                    total_blocks: resp.kv_blocks_total as usize,
+                    block_tokens: resp.kv_block_tokens as usize,
+                });
+            }
             Ok(resp) if resp.error.is_some() => {
                 // The gate could not run this step (e.g. an expert has no live worker): the
                 // step's sequences fail with its status; the gate and the others carry on.
@@ -282,6 +334,13 @@ async fn run(link: Link, mut rx: mpsc::UnboundedReceiver<NewSeq>) {
             }
             Ok(resp) => {
                 *failed_at.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                if resp.kv_block_tokens > 0 {
+                    sched.kv = Some(KvState {
+                        free_blocks: resp.kv_blocks_free as usize,
+                        total_blocks: resp.kv_blocks_total as usize,
+                        block_tokens: resp.kv_block_tokens as usize,
+                    });
+                }
                 let by_seq: HashMap<u64, &v1::SeqResult> =
                     resp.results.iter().map(|r| (r.seq_id, r)).collect();
                 for slot in &plan.slots {
@@ -350,6 +409,7 @@ fn admit(n: NewSeq, ctx: &Ctx, seqs: &mut HashMap<u64, Seq>, sched: &mut Schedul
         id,
         len: seq.len(),
         gate_pos: 0,
+        skipped: 0,
     });
     seqs.insert(id, seq);
 }

@@ -11,6 +11,14 @@
 //!    `max_running` sequences run.
 //!
 //! A sequence samples a token only in the step that brings it fully up to date.
+//!
+//! KV memory: the gate reports its free KV blocks after every step. A step only uses blocks
+//! that are free. A waiting sequence is admitted only when its whole pending prompt fits; when
+//! it does not, later (smaller) arrivals may pass it at most `max_skips` times before admission
+//! waits for it. When the running decodes themselves need more blocks than are free, the
+//! newest running sequence is preempted: the gate frees its KV and it goes back to the head of
+//! the queue, to be prefilled again from its tokens, so nothing fails. A sequence that could
+//! never fit in the gate's whole pool is rejected.
 
 use std::collections::VecDeque;
 
@@ -21,12 +29,16 @@ pub struct Limits {
     pub token_budget: usize,
     /// Most sequences running on the gate at once.
     pub max_running: usize,
+    /// How many times a waiting sequence may be passed over by later arrivals.
+    pub max_skips: u32,
 }
 
 /// What the scheduler knows of a sequence.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub id: u64,
+    /// Times later arrivals were admitted before this one.
+    pub skipped: u32,
     /// Tokens the sequence consists of so far (prompt, then generated).
     pub len: usize,
     /// Tokens whose KV the gate holds.
@@ -59,6 +71,34 @@ pub struct Plan {
     pub decode: usize,
     /// Prompt tokens (prefill chunks) in this step.
     pub prefill_tokens: usize,
+    /// Sequences preempted to make room (their KV must be released on the gate).
+    pub preempted: Vec<u64>,
+    /// Sequences that can never fit in the gate's KV pool.
+    pub rejected: Vec<u64>,
+}
+
+/// The gate's KV capacity as last reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvState {
+    pub free_blocks: usize,
+    pub total_blocks: usize,
+    pub block_tokens: usize,
+}
+
+impl KvState {
+    fn blocks(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.block_tokens.max(1))
+    }
+
+    /// Blocks a sequence at `gate_pos` needs to add `n` tokens.
+    fn need(&self, gate_pos: usize, n: usize) -> usize {
+        self.blocks(gate_pos + n) - self.blocks(gate_pos)
+    }
+
+    /// Most tokens a sequence at `gate_pos` can add with `free` blocks.
+    fn room(&self, gate_pos: usize, free: usize) -> usize {
+        self.blocks(gate_pos) * self.block_tokens - gate_pos + free * self.block_tokens
+    }
 }
 
 #[derive(Debug, Default)]
@@ -67,6 +107,8 @@ pub struct Scheduler {
     pub running: Vec<Entry>,
     /// Sequences not yet admitted, in arrival order.
     pub waiting: VecDeque<Entry>,
+    /// The gate's KV capacity; `None` until the gate has reported it.
+    pub kv: Option<KvState>,
 }
 
 impl Scheduler {
@@ -78,8 +120,47 @@ impl Scheduler {
     pub fn plan(&mut self, limits: Limits) -> Plan {
         let mut budget = limits.token_budget;
         let mut plan = Plan::default();
+        let kv = self.kv;
+        let mut free = kv.map_or(usize::MAX, |k| k.free_blocks);
+        if let Some(k) = kv {
+            // Anything that could never fit in the whole pool is rejected, not queued forever.
+            let too_big = |e: &Entry| k.blocks(e.len + 1) > k.total_blocks;
+            plan.rejected.extend(
+                self.waiting
+                    .iter()
+                    .chain(&self.running)
+                    .filter(|e| too_big(e))
+                    .map(|e| e.id),
+            );
+            self.waiting.retain(|e| !too_big(e));
+            self.running.retain(|e| !too_big(e));
+            // Decodes first: preempt the newest running sequences until they all fit.
+            loop {
+                let need: usize = self
+                    .running
+                    .iter()
+                    .filter(|e| e.pending() == 1)
+                    .map(|e| k.need(e.gate_pos, 1))
+                    .sum();
+                if need <= free || self.running.len() <= 1 {
+                    break;
+                }
+                let Some(mut e) = self.running.pop() else {
+                    break;
+                };
+                free += k.blocks(e.gate_pos);
+                e.gate_pos = 0;
+                plan.preempted.push(e.id);
+                self.waiting.push_front(e);
+            }
+        }
         for e in &self.running {
             if e.pending() == 1 && budget > 0 {
+                let need = kv.map_or(0, |k| k.need(e.gate_pos, 1));
+                if need > free {
+                    continue;
+                }
+                free -= need;
                 plan.slots.push(Slot {
                     id: e.id,
                     start: e.gate_pos,
@@ -92,7 +173,12 @@ impl Scheduler {
         }
         for e in &self.running {
             if e.pending() > 1 && budget > 0 {
-                let n = e.pending().min(budget);
+                let room = kv.map_or(usize::MAX, |k| k.room(e.gate_pos, free));
+                let n = e.pending().min(budget).min(room);
+                if n == 0 {
+                    continue;
+                }
+                free -= kv.map_or(0, |k| k.need(e.gate_pos, n));
                 plan.slots.push(Slot {
                     id: e.id,
                     start: e.gate_pos,
@@ -103,11 +189,27 @@ impl Scheduler {
                 budget -= n;
             }
         }
-        while budget > 0 && self.running.len() < limits.max_running {
-            let Some(e) = self.waiting.pop_front() else {
+        let mut i = 0;
+        while budget > 0 && self.running.len() < limits.max_running && i < self.waiting.len() {
+            let fits = kv.is_none_or(|k| {
+                k.need(self.waiting[i].gate_pos, self.waiting[i].pending()) <= free
+            });
+            if !fits {
+                // Let later arrivals pass this one only a bounded number of times.
+                if self.waiting[i].skipped >= limits.max_skips {
+                    break;
+                }
+                i += 1;
+                continue;
+            }
+            let Some(e) = self.waiting.remove(i) else {
                 break;
             };
+            for passed in self.waiting.iter_mut().take(i) {
+                passed.skipped += 1;
+            }
             let n = e.pending().min(budget);
+            free -= kv.map_or(0, |k| k.need(e.gate_pos, n));
             plan.slots.push(Slot {
                 id: e.id,
                 start: e.gate_pos,
@@ -131,6 +233,15 @@ impl Scheduler {
         }
     }
 
+    /// Puts a just-admitted sequence back at the head of the queue (its first step failed).
+    pub fn unadmit(&mut self, id: u64) {
+        if let Some(i) = self.running.iter().position(|e| e.id == id) {
+            let mut e = self.running.remove(i);
+            e.gate_pos = 0;
+            self.waiting.push_front(e);
+        }
+    }
+
     /// Removes a sequence wherever it is.
     pub fn remove(&mut self, id: u64) {
         self.running.retain(|e| e.id != id);
@@ -143,7 +254,92 @@ mod tests {
     use super::*;
 
     fn entry(id: u64, len: usize, gate_pos: usize) -> Entry {
-        Entry { id, len, gate_pos }
+        Entry {
+            id,
+            len,
+            gate_pos,
+            skipped: 0,
+        }
+    }
+
+    fn limits(token_budget: usize, max_running: usize) -> Limits {
+        Limits {
+            token_budget,
+            max_running,
+            max_skips: 4,
+        }
+    }
+
+    #[test]
+    fn decodes_that_do_not_fit_preempt_the_newest_sequence() {
+        let mut s = Scheduler::default();
+        // Three sequences at a block boundary (32 tokens = 2 blocks each): each decode needs a
+        // new block, and only one is free.
+        for id in 0..3 {
+            s.running.push(entry(id, 33, 32));
+        }
+        s.kv = Some(KvState {
+            free_blocks: 1,
+            total_blocks: 7,
+            block_tokens: 16,
+        });
+        let plan = s.plan(limits(100, 8));
+        // Freeing the newest (2 blocks) leaves 3 free: enough for the other two decodes.
+        assert_eq!(plan.preempted, vec![2]);
+        assert_eq!(plan.decode, 2);
+        assert_eq!(s.waiting.front().map(|e| (e.id, e.gate_pos)), Some((2, 0)));
+    }
+
+    #[test]
+    fn a_sequence_that_cannot_fit_waits_and_smaller_ones_pass_it_a_bounded_number_of_times() {
+        let mut s = Scheduler {
+            kv: Some(KvState {
+                free_blocks: 2,
+                total_blocks: 10,
+                block_tokens: 16,
+            }),
+            ..Default::default()
+        };
+        s.waiting.push_back(entry(1, 100, 0)); // needs 7 blocks
+        for id in 2..10 {
+            s.waiting.push_back(entry(id, 3, 0)); // 1 block each
+        }
+        let mut admitted = Vec::new();
+        for _ in 0..8 {
+            let plan = s.plan(limits(1000, 100));
+            admitted.extend(plan.slots.iter().filter(|x| x.start == 0).map(|x| x.id));
+            for slot in &plan.slots {
+                s.advance(slot, false);
+            }
+            // The gate frees nothing (the admitted ones keep running); report what is left.
+            let used: usize = s.running.iter().map(|e| e.gate_pos.div_ceil(16)).sum();
+            s.kv = Some(KvState {
+                free_blocks: 2usize.saturating_sub(used),
+                total_blocks: 10,
+                block_tokens: 16,
+            });
+        }
+        assert!(!admitted.contains(&1));
+        assert!(
+            admitted.len() <= 4,
+            "passed over more than max_skips times: {admitted:?}"
+        );
+    }
+
+    #[test]
+    fn a_sequence_larger_than_the_whole_pool_is_rejected() {
+        let mut s = Scheduler {
+            kv: Some(KvState {
+                free_blocks: 4,
+                total_blocks: 4,
+                block_tokens: 16,
+            }),
+            ..Default::default()
+        };
+        s.waiting.push_back(entry(1, 200, 0));
+        let plan = s.plan(limits(1000, 10));
+        assert_eq!(plan.rejected, vec![1]);
+        assert!(s.is_idle());
     }
 
     #[test]
@@ -153,10 +349,7 @@ mod tests {
             s.running.push(entry(id, 11, 10)); // decoding
         }
         s.waiting.push_back(entry(100, 2000, 0));
-        let limits = Limits {
-            token_budget: 256,
-            max_running: 64,
-        };
+        let limits = limits(256, 64);
         let mut chunks = 0;
         let mut sent = 0;
         loop {
@@ -184,10 +377,7 @@ mod tests {
         for id in 0..5 {
             s.waiting.push_back(entry(id, 3, 0));
         }
-        let plan = s.plan(Limits {
-            token_budget: 100,
-            max_running: 3,
-        });
+        let plan = s.plan(limits(100, 3));
         let ids: Vec<u64> = plan.slots.iter().map(|x| x.id).collect();
         assert_eq!(ids, vec![0, 1, 2]);
         assert!(plan.slots.iter().all(|x| x.sample && x.len == 3));
@@ -198,10 +388,7 @@ mod tests {
     fn a_partial_chunk_does_not_sample() {
         let mut s = Scheduler::default();
         s.waiting.push_back(entry(1, 10, 0));
-        let plan = s.plan(Limits {
-            token_budget: 4,
-            max_running: 8,
-        });
+        let plan = s.plan(limits(4, 8));
         assert_eq!(
             plan.slots,
             vec![Slot {
@@ -212,10 +399,7 @@ mod tests {
             }]
         );
         s.advance(&plan.slots[0], false);
-        let plan = s.plan(Limits {
-            token_budget: 100,
-            max_running: 8,
-        });
+        let plan = s.plan(limits(100, 8));
         assert_eq!(
             plan.slots,
             vec![Slot {

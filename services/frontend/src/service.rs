@@ -283,6 +283,7 @@ pub async fn run(
             limits: crate::scheduler::Limits {
                 token_budget: cfg.step_token_budget,
                 max_running: cfg.max_running,
+                max_skips: 8,
             },
             context_length: files.config.max_position_embeddings,
             model,

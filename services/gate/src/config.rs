@@ -37,6 +37,12 @@ pub struct GateConfig {
     /// Compute dtype: `f32` (exact) or `bf16`.
     #[arg(long, env = "MOEMESH_DTYPE", default_value = "f32")]
     pub dtype: String,
+    /// KV cache memory in MiB (the paged pool's size); ignored when --kv-blocks is given.
+    #[arg(long, env = "MOEMESH_KV_CACHE_MB", default_value_t = 1024)]
+    pub kv_cache_mb: u64,
+    /// KV pool size in blocks of 16 tokens (overrides --kv-cache-mb).
+    #[arg(long, env = "MOEMESH_KV_BLOCKS")]
+    pub kv_blocks: Option<usize>,
     /// Seconds an expert call may take before it is retried elsewhere.
     #[arg(long, env = "MOEMESH_EXPERT_TIMEOUT", default_value_t = 30)]
     pub expert_timeout: u64,

@@ -75,11 +75,15 @@ impl Gate for GateService {
                     // sequence on it) survives; a closed stream means this gate is gone.
                     Ok(Err(e)) => {
                         let status = Status::from(e);
+                        let kv = kv_state(&engine).await;
                         StepResponse {
                             error: Some(StepError {
                                 code: status.code() as i32,
                                 message: status.message().to_string(),
                             }),
+                            kv_blocks_free: kv.kv_blocks_free,
+                            kv_blocks_total: kv.kv_blocks_total,
+                            kv_block_tokens: kv.kv_block_tokens,
                             ..Default::default()
                         }
                     }
@@ -115,6 +119,15 @@ impl Gate for GateService {
         info.expert_workers = self.pool.members().into_iter().map(|m| m.id).collect();
         Ok(Response::new(info))
     }
+}
+
+/// The gate's KV numbers right now (asked of the engine thread).
+async fn kv_state(engine: &mpsc::Sender<Command>) -> GateInfoResponse {
+    let (tx, rx) = oneshot::channel();
+    if engine.send(Command::Info { reply: tx }).await.is_err() {
+        return GateInfoResponse::default();
+    }
+    rx.await.unwrap_or_default()
 }
 
 /// Resolves statically configured workers into members by asking each for its `Info`
@@ -231,8 +244,28 @@ pub async fn run(
         wire: codec::wire_dtype_for(dtype),
         timeout: Duration::from_secs(cfg.expert_timeout),
     };
+    let blocks = cfg.kv_blocks.unwrap_or_else(|| {
+        moemesh_engine::KvPool::blocks_for_bytes(&files.config, dtype, cfg.kv_cache_mb << 20)
+    });
+    let kv_pool =
+        moemesh_engine::KvPool::new(&files.config, blocks, dtype, &device).map_err(|e| {
+            MeshError::Invalid(format!(
+                "--kv-cache-mb/--kv-blocks: {e} (got {blocks} blocks)"
+            ))
+        })?;
+    tracing::info!(
+        blocks,
+        block_tokens = moemesh_engine::kv_cache::BLOCK_TOKENS,
+        "KV pool allocated"
+    );
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
-    let engine = StepEngine::new(model, experts, id.clone(), files.fingerprint.clone());
+    let engine = StepEngine::new(
+        model,
+        experts,
+        id.clone(),
+        files.fingerprint.clone(),
+        kv_pool,
+    );
     std::thread::Builder::new()
         .name("gate-engine".into())
         .spawn(move || engine.run(cmd_rx))

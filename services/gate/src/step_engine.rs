@@ -5,7 +5,11 @@
 
 use std::collections::{HashMap, HashSet};
 
+use std::sync::Arc;
+
 use moemesh_common::{MeshError, MeshResult, codec};
+use moemesh_engine::KvPool;
+use moemesh_engine::kv_cache::BLOCK_TOKENS;
 use moemesh_engine::{
     DeepSeekModel, Device, Sampler, SamplingParams, SequenceCache, StepSeq, Tensor,
 };
@@ -37,6 +41,7 @@ pub struct StepEngine {
     pub experts: RemoteExperts,
     pub id: String,
     pub fingerprint: String,
+    pool: Arc<KvPool>,
     seqs: HashMap<(u64, u64), SeqState>,
 }
 
@@ -46,12 +51,14 @@ impl StepEngine {
         experts: RemoteExperts,
         id: String,
         fingerprint: String,
+        pool: Arc<KvPool>,
     ) -> Self {
         StepEngine {
             model,
             experts,
             id,
             fingerprint,
+            pool,
             seqs: HashMap::new(),
         }
     }
@@ -80,6 +87,9 @@ impl StepEngine {
                         live_sequences: self.seqs.len() as u32,
                         kv_tokens: self.kv_tokens(),
                         expert_workers: Vec::new(),
+                        kv_blocks_free: self.pool.free_blocks() as u32,
+                        kv_blocks_total: self.pool.num_blocks() as u32,
+                        kv_block_tokens: BLOCK_TOKENS as u32,
                     });
                 }
             }
@@ -142,9 +152,12 @@ impl StepEngine {
             Some(e) => Err(e),
             None => self.run_step(&req, &hidden, &mut states),
         };
-        // Put the states back (a failed step leaves their caches as they were: nothing committed).
-        for (id, st) in states {
-            self.seqs.insert((conn, id), st);
+        // Put the states back (a failed step leaves their caches as they were: nothing committed),
+        // except sequences this step would have started: they hold no tokens, only blocks.
+        for ((id, st), s) in states.into_iter().zip(&req.seqs) {
+            if result.is_ok() || s.start_position > 0 {
+                self.seqs.insert((conn, id), st);
+            }
         }
         let results = result?;
         Ok(self.response(req.step_id, results))
@@ -182,7 +195,7 @@ impl StepEngine {
         };
         params.validate(self.model.config().vocab_size)?;
         Ok(SeqState {
-            cache: self.model.new_cache(),
+            cache: SequenceCache::paged(self.model.config(), self.pool.clone()),
             sampler: Sampler::resume(params, p.samples_drawn),
         })
     }
@@ -255,6 +268,9 @@ impl StepEngine {
             results,
             live_sequences: self.seqs.len() as u32,
             kv_tokens: self.kv_tokens(),
+            kv_blocks_free: self.pool.free_blocks() as u32,
+            kv_blocks_total: self.pool.num_blocks() as u32,
+            kv_block_tokens: BLOCK_TOKENS as u32,
         }
     }
 }

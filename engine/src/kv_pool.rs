@@ -1,0 +1,133 @@
+//! A paged KV pool shared by many sequences (the gate's KV memory).
+//!
+//! The pool preallocates, per layer, `num_blocks × BLOCK_TOKENS` rows of latent (`c_kv`) and
+//! rotary-key (`k_pe`) storage. A sequence owns a block table; it gets blocks as it grows and
+//! gives them all back when it is dropped (finish, cancel, deadline, preemption), so KV memory
+//! is bounded by the pool and fragmentation-free. Attention reads a sequence's rows by
+//! gathering them through its block table.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::kv_cache::BLOCK_TOKENS;
+
+pub struct KvPool {
+    /// Per layer: `[num_blocks * BLOCK_TOKENS, kv_lora_rank]`.
+    ckv: Vec<Tensor>,
+    /// Per layer: `[num_blocks * BLOCK_TOKENS, qk_rope_head_dim]`.
+    kpe: Vec<Tensor>,
+    free: Mutex<Vec<u32>>,
+    num_blocks: usize,
+    pub(crate) dtype: DType,
+    pub(crate) device: Device,
+}
+
+impl KvPool {
+    /// A pool of `num_blocks` blocks for every layer of the model.
+    pub fn new(
+        cfg: &ModelConfig,
+        num_blocks: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Arc<Self>> {
+        if num_blocks == 0 {
+            return Err(EngineError::KvCache(
+                "the KV pool needs at least one block".into(),
+            ));
+        }
+        let rows = num_blocks * BLOCK_TOKENS;
+        let mut ckv = Vec::with_capacity(cfg.num_hidden_layers);
+        let mut kpe = Vec::with_capacity(cfg.num_hidden_layers);
+        for _ in 0..cfg.num_hidden_layers {
+            ckv.push(Tensor::zeros((rows, cfg.kv_lora_rank), dtype, device)?);
+            kpe.push(Tensor::zeros((rows, cfg.qk_rope_head_dim), dtype, device)?);
+        }
+        Ok(Arc::new(KvPool {
+            ckv,
+            kpe,
+            free: Mutex::new((0..num_blocks as u32).rev().collect()),
+            num_blocks,
+            dtype,
+            device: device.clone(),
+        }))
+    }
+
+    /// Blocks that fit in `bytes` for this model and dtype.
+    pub fn blocks_for_bytes(cfg: &ModelConfig, dtype: DType, bytes: u64) -> usize {
+        let per_block =
+            (BLOCK_TOKENS * cfg.num_hidden_layers * cfg.kv_cache_width() * dtype.size_in_bytes())
+                as u64;
+        (bytes / per_block.max(1)) as usize
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub(crate) fn allocate(&self, n: usize) -> Result<Vec<u32>> {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() < n {
+            return Err(EngineError::KvExhausted(format!(
+                "KV pool exhausted: {n} more blocks needed, {} of {} free",
+                free.len(),
+                self.num_blocks
+            )));
+        }
+        let at = free.len() - n;
+        Ok(free.split_off(at))
+    }
+
+    pub(crate) fn release(&self, blocks: &[u32]) {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        free.extend_from_slice(blocks);
+    }
+
+    /// Writes rows for positions `start..start + n` of a sequence with block table `table`.
+    pub(crate) fn write(
+        &self,
+        layer: usize,
+        table: &[u32],
+        start: usize,
+        ckv: &Tensor,
+        kpe: &Tensor,
+    ) -> Result<()> {
+        let n = ckv.dim(0)?;
+        let (ckv, kpe) = (ckv.to_dtype(self.dtype)?, kpe.to_dtype(self.dtype)?);
+        let mut done = 0;
+        while done < n {
+            let pos = start + done;
+            let block = table[pos / BLOCK_TOKENS] as usize;
+            let offset = pos % BLOCK_TOKENS;
+            let run = (BLOCK_TOKENS - offset).min(n - done);
+            let row = block * BLOCK_TOKENS + offset;
+            self.ckv[layer].slice_set(&ckv.narrow(0, done, run)?.contiguous()?, 0, row)?;
+            self.kpe[layer].slice_set(&kpe.narrow(0, done, run)?.contiguous()?, 0, row)?;
+            done += run;
+        }
+        Ok(())
+    }
+
+    /// The first `len` rows of a sequence: `(c_kv [len, kv_lora_rank], k_pe [len, rope])`.
+    pub(crate) fn gather(
+        &self,
+        layer: usize,
+        table: &[u32],
+        len: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let rows: Vec<u32> = (0..len)
+            .map(|p| table[p / BLOCK_TOKENS] * BLOCK_TOKENS as u32 + (p % BLOCK_TOKENS) as u32)
+            .collect();
+        let idx = Tensor::from_vec(rows, len, &self.device)?;
+        Ok((
+            self.ckv[layer].index_select(&idx, 0)?,
+            self.kpe[layer].index_select(&idx, 0)?,
+        ))
+    }
+}
