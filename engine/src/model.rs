@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
-use crate::experts::Experts;
+use crate::experts::{Experts, PendingExperts};
 use crate::kv_cache::SequenceCache;
 use crate::layers::mla::{AttentionStep, SeqRows};
 use crate::layers::{Attention, Linear, Mlp, RmsNorm, Rotary};
@@ -111,27 +111,61 @@ impl DecoderLayer {
 
     /// `h + ffn(norm(h))`, calling `experts` for the routed part of an MoE layer.
     pub fn ffn_residual(&self, h: &Tensor, experts: &dyn Experts) -> Result<Tensor> {
+        let started = self.ffn_start(h, experts)?;
+        self.ffn_finish(started)
+    }
+
+    /// First half of the feed-forward block: norms, routes, and sends routed experts off
+    /// (a dense layer computes its MLP here).
+    pub fn ffn_start(&self, h: &Tensor, experts: &dyn Experts) -> Result<FfnInFlight> {
         let x = self.ffn_input(h)?;
-        let y = match &self.mlp {
-            FeedForward::Dense(mlp) => mlp.forward(&x)?,
+        let work = match &self.mlp {
+            FeedForward::Dense(mlp) => Work::Done(mlp.forward(&x)?),
             FeedForward::Moe(moe) => {
                 let routing = moe.router.route(&x)?;
-                let pending = experts.dispatch(self.index, &x, &routing)?;
-                // The shared experts run here while the routed ones may be computing elsewhere.
+                Work::Routed(experts.dispatch(self.index, &x, &routing)?)
+            }
+        };
+        Ok(FfnInFlight {
+            h: h.clone(),
+            x,
+            work,
+        })
+    }
+
+    /// Second half: the shared experts (computed while the routed ones were away), then the
+    /// routed output, then the residual.
+    pub fn ffn_finish(&self, f: FfnInFlight) -> Result<Tensor> {
+        let y = match (f.work, &self.mlp) {
+            (Work::Done(y), _) => y,
+            (Work::Routed(pending), FeedForward::Moe(moe)) => {
                 let shared = moe
                     .shared_experts
                     .as_ref()
-                    .map(|s| s.forward(&x))
+                    .map(|s| s.forward(&f.x))
                     .transpose()?;
-                let routed = pending.wait()?.to_dtype(x.dtype())?;
+                let routed = pending.wait()?.to_dtype(f.x.dtype())?;
                 match shared {
                     Some(s) => (routed + s)?,
                     None => routed,
                 }
             }
+            (Work::Routed(pending), FeedForward::Dense(_)) => pending.wait()?,
         };
-        Ok((h + y)?)
+        Ok((f.h + y)?)
     }
+}
+
+enum Work {
+    Done(Tensor),
+    Routed(PendingExperts),
+}
+
+/// A feed-forward block between [`DecoderLayer::ffn_start`] and [`DecoderLayer::ffn_finish`].
+pub struct FfnInFlight {
+    h: Tensor,
+    x: Tensor,
+    work: Work,
 }
 
 /// What of the dense model to load: the frontend needs only embeddings, the gate everything but
@@ -268,6 +302,73 @@ impl DeepSeekModel {
             s.cache.commit(s.new_tokens);
         }
         Ok(x)
+    }
+
+    /// Like [`forward_hidden`](Self::forward_hidden), but splits the step's sequences into two
+    /// micro-batches of about equal tokens and interleaves them per layer: while one half's
+    /// routed experts are away (in expert workers), the other half runs its attention, and the
+    /// first half's shared experts run while the second half's experts are away. The result is
+    /// the same as the one-batch forward (each sequence's attention is its own; experts act
+    /// per token).
+    pub fn forward_hidden_overlapped(
+        &self,
+        hidden: &Tensor,
+        seqs: &mut [StepSeq],
+        experts: &dyn Experts,
+    ) -> Result<Tensor> {
+        if seqs.len() < 2 {
+            return self.forward_hidden(hidden, seqs, experts, |_, _| {});
+        }
+        let (rows, positions) = self.plan(hidden, seqs)?;
+        let total = hidden.dim(0)?;
+        // Split by sequences at the point closest to half the tokens (at least one each side).
+        let split = (1..seqs.len())
+            .min_by_key(|&i| (2 * rows[i].start).abs_diff(total))
+            .unwrap_or(1);
+        let cut = rows[split].start;
+        let (cos, sin) = self.rotary.cos_sin(&positions, self.dtype, &self.device)?;
+        let rows_a: Vec<SeqRows> = rows[..split].to_vec();
+        let rows_b: Vec<SeqRows> = rows[split..]
+            .iter()
+            .map(|r| SeqRows {
+                start: r.start - cut,
+                len: r.len,
+            })
+            .collect();
+        let (cos_a, sin_a) = (cos.narrow(0, 0, cut)?, sin.narrow(0, 0, cut)?);
+        let (cos_b, sin_b) = (
+            cos.narrow(0, cut, total - cut)?,
+            sin.narrow(0, cut, total - cut)?,
+        );
+        let step_a = AttentionStep {
+            rows: &rows_a,
+            cos: &cos_a,
+            sin: &sin_a,
+        };
+        let step_b = AttentionStep {
+            rows: &rows_b,
+            cos: &cos_b,
+            sin: &sin_b,
+        };
+        let x = hidden.to_dtype(self.dtype)?;
+        let (mut xa, mut xb) = (x.narrow(0, 0, cut)?, x.narrow(0, cut, total - cut)?);
+        {
+            let (sa, sb) = seqs.split_at_mut(split);
+            let mut ca: Vec<&mut SequenceCache> = sa.iter_mut().map(|s| &mut *s.cache).collect();
+            let mut cb: Vec<&mut SequenceCache> = sb.iter_mut().map(|s| &mut *s.cache).collect();
+            for layer in &self.layers {
+                let ha = layer.attention_residual(&xa, &step_a, &self.rotary, &mut ca)?;
+                let fa = layer.ffn_start(&ha, experts)?;
+                let hb = layer.attention_residual(&xb, &step_b, &self.rotary, &mut cb)?;
+                let fb = layer.ffn_start(&hb, experts)?;
+                xa = layer.ffn_finish(fa)?;
+                xb = layer.ffn_finish(fb)?;
+            }
+        }
+        for s in seqs.iter_mut() {
+            s.cache.commit(s.new_tokens);
+        }
+        Ok(Tensor::cat(&[xa, xb], 0)?)
     }
 
     /// Checks the step's shape against the caches, reserves KV room, and lays out each

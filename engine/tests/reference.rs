@@ -408,3 +408,69 @@ fn an_exhausted_pool_is_a_clear_error() {
         .expect_err("40 tokens > 2 blocks");
     assert!(err.to_string().contains("KV pool exhausted"), "{err}");
 }
+
+/// The two-micro-batch forward gives the plain forward's logits for a mixed prefill/decode batch.
+#[test]
+fn overlapped_micro_batches_equal_the_single_batch_forward() {
+    let engine = load(&fixtures_root().join("tiny-deepseek-v3"));
+    let model = &engine.model;
+    let prompts: Vec<Vec<u32>> = vec![
+        vec![5, 17, 42],
+        (2..40).collect(),
+        vec![7],
+        vec![300; 9],
+        vec![11, 12],
+    ];
+    let run = |overlap: bool| -> Vec<Vec<f32>> {
+        let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
+        let mut inputs = prompts.clone();
+        let mut rows = Vec::new();
+        for _ in 0..3 {
+            let flat: Vec<u32> = inputs.iter().flatten().copied().collect();
+            let emb = model.embed(&flat).expect("embed");
+            let lens: Vec<usize> = inputs.iter().map(Vec::len).collect();
+            let mut seqs: Vec<StepSeq> = caches
+                .iter_mut()
+                .zip(&lens)
+                .map(|(c, &n)| StepSeq {
+                    cache: c,
+                    new_tokens: n,
+                })
+                .collect();
+            let out = if overlap {
+                model
+                    .forward_hidden_overlapped(&emb, &mut seqs, &engine.experts)
+                    .expect("overlapped")
+            } else {
+                model
+                    .forward_hidden(&emb, &mut seqs, &engine.experts, |_, _| {})
+                    .expect("plain")
+            };
+            let mut end = 0;
+            for (i, n) in lens.iter().enumerate() {
+                end += n;
+                let last = out.narrow(0, end - 1, 1).expect("row");
+                let logits: Vec<f32> = model
+                    .logits(&last)
+                    .expect("logits")
+                    .squeeze(0)
+                    .expect("sq")
+                    .to_vec1()
+                    .expect("v");
+                let tok = moemesh_engine::sampling::argmax(&logits) as u32;
+                inputs[i] = vec![tok];
+                rows.push(logits);
+            }
+        }
+        rows
+    };
+    let (plain, overlapped) = (run(false), run(true));
+    for (a, b) in plain.iter().zip(&overlapped) {
+        let d = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(d < 1e-4, "micro-batching changed logits by {d}");
+    }
+}

@@ -43,6 +43,11 @@ pub struct GateConfig {
     /// KV pool size in blocks of 16 tokens (overrides --kv-cache-mb).
     #[arg(long, env = "MOEMESH_KV_BLOCKS")]
     pub kv_blocks: Option<usize>,
+    /// Split each step into two micro-batches so one half's attention overlaps the other half's
+    /// expert round trip. Off by default: on CPU it measured slower (docs/BENCHMARKS.md), since
+    /// the halves compete for the same cores; `--overlap true` turns it on.
+    #[arg(long, env = "MOEMESH_OVERLAP", default_value_t = false, action = clap::ArgAction::Set)]
+    pub overlap: bool,
     /// Seconds an expert call may take before it is retried elsewhere.
     #[arg(long, env = "MOEMESH_EXPERT_TIMEOUT", default_value_t = 30)]
     pub expert_timeout: u64,

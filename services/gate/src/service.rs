@@ -259,13 +259,14 @@ pub async fn run(
         "KV pool allocated"
     );
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
-    let engine = StepEngine::new(
+    let mut engine = StepEngine::new(
         model,
         experts,
         id.clone(),
         files.fingerprint.clone(),
         kv_pool,
     );
+    engine.overlap = cfg.overlap;
     std::thread::Builder::new()
         .name("gate-engine".into())
         .spawn(move || engine.run(cmd_rx))

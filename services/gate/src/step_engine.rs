@@ -42,6 +42,8 @@ pub struct StepEngine {
     pub id: String,
     pub fingerprint: String,
     pool: Arc<KvPool>,
+    /// Two-micro-batch overlap of attention and expert round trips.
+    pub overlap: bool,
     seqs: HashMap<(u64, u64), SeqState>,
 }
 
@@ -59,6 +61,7 @@ impl StepEngine {
             id,
             fingerprint,
             pool,
+            overlap: false,
             seqs: HashMap::new(),
         }
     }
@@ -214,9 +217,13 @@ impl StepEngine {
                 new_tokens: s.num_tokens as usize,
             })
             .collect();
-        let out = self
-            .model
-            .forward_hidden(hidden, &mut step_seqs, &self.experts, |_, _| {})?;
+        let out = if self.overlap {
+            self.model
+                .forward_hidden_overlapped(hidden, &mut step_seqs, &self.experts)?
+        } else {
+            self.model
+                .forward_hidden(hidden, &mut step_seqs, &self.experts, |_, _| {})?
+        };
         drop(step_seqs);
         // Logits only for the last row of sequences that sample.
         let mut rows = Vec::new();
