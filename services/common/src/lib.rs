@@ -5,6 +5,7 @@
 pub mod codec;
 pub mod device;
 pub mod error;
+pub mod layers;
 pub mod registry;
 pub mod serve;
 

@@ -38,8 +38,6 @@ pub struct NewSeq {
     pub req: GenerationRequest,
     /// The client's deadline (grpc-timeout), if it sent one.
     pub deadline: Option<Instant>,
-    /// Admission permit: held until the sequence is finished or dropped.
-    pub permit: tokio::sync::OwnedSemaphorePermit,
     /// Tokens already generated (non-empty when the sequence moves here from a failed gate:
     /// it is re-prefilled from prompt + generated and continues its random stream).
     pub generated: Vec<u32>,
@@ -59,8 +57,6 @@ struct Seq {
     generated: Vec<u32>,
     text: TextTracker,
     deadline: Option<Instant>,
-    /// Released (freeing an admission slot) when the sequence is dropped.
-    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Seq {
@@ -377,7 +373,6 @@ async fn run(link: Link, mut rx: mpsc::UnboundedReceiver<NewSeq>) {
                         tx: s.tx,
                         start: s.start,
                         deadline: s.deadline,
-                        permit: s._permit,
                         generated: s.generated,
                         ttft: s.ttft,
                     };
@@ -403,7 +398,6 @@ fn admit(n: NewSeq, ctx: &Ctx, seqs: &mut HashMap<u64, Seq>, sched: &mut Schedul
         generated: n.generated,
         text: n.text,
         deadline: n.deadline,
-        _permit: n.permit,
     };
     sched.waiting.push_back(Entry {
         id,

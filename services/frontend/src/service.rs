@@ -43,8 +43,6 @@ struct Frontend {
     links: Mutex<BTreeMap<String, GateLink>>,
     /// Where gate links hand sequences whose gate died.
     reroute: crate::gate_link::Reroute,
-    /// One permit per accepted, unfinished request (`--max-pending`).
-    admission: Arc<tokio::sync::Semaphore>,
     seed: AtomicU64,
 }
 
@@ -115,12 +113,6 @@ impl Generation for GenerationService {
         let start = Instant::now();
         let f = &self.0;
         let deadline = grpc_timeout(request.metadata()).map(|t| start + t);
-        let permit = f.admission.clone().try_acquire_owned().map_err(|_| {
-            MeshError::Overloaded(format!(
-                "server is at capacity: {} requests are running or waiting (--max-pending); retry later",
-                f.cfg.max_pending
-            ))
-        })?;
         let req = request.into_inner();
         let seed = f.seed.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
         let engine_req = request::to_engine_request(
@@ -141,7 +133,6 @@ impl Generation for GenerationService {
             tx,
             start,
             deadline,
-            permit,
             generated: Vec::new(),
             ttft: None,
         });
@@ -301,7 +292,6 @@ pub async fn run(
         experts,
         links: Mutex::new(BTreeMap::new()),
         reroute: reroute_tx,
-        admission: Arc::new(tokio::sync::Semaphore::new(cfg.max_pending)),
         seed: AtomicU64::new(
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -340,8 +330,19 @@ pub async fn run(
     });
     let (reporter, health, reflection) = serve::health_and_reflection();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    // Load shedding at the door: at most --max-pending Generate streams open at once; the permit
+    // is held by each response stream until it ends.
+    let max_pending = frontend.cfg.max_pending;
+    let shed = moemesh_common::layers::InflightLimitLayer::new(
+        "/moemesh.v1.Generation/Generate",
+        max_pending,
+        format!(
+            "server is at capacity: {max_pending} requests are running or waiting (--max-pending); retry later"
+        ),
+    );
     let server = tokio::spawn(
         tonic::transport::Server::builder()
+            .layer(shed)
             .add_service(health)
             .add_service(reflection)
             .add_service(GenerationServer::new(GenerationService(frontend)))

@@ -1,0 +1,135 @@
+//! Tower layers for cross-cutting server behaviour.
+//!
+//! [`InflightLimitLayer`] bounds how many calls of one streaming RPC may be open at once. Unlike
+//! tower's `ConcurrencyLimit`, which frees its slot when the handler returns, the permit here
+//! travels with the response *body*, so a server-streaming call holds it until its stream ends
+//! (or its client goes away). When no permit is free the call is answered at once with
+//! RESOURCE_EXHAUSTED: load is shed at the door instead of queueing without bound.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http_body::{Body, Frame, SizeHint};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower::{Layer, Service};
+
+/// Limits open calls of the gRPC method at `path` (e.g. `/moemesh.v1.Generation/Generate`).
+#[derive(Clone)]
+pub struct InflightLimitLayer {
+    path: &'static str,
+    permits: Arc<Semaphore>,
+    message: Arc<str>,
+}
+
+impl InflightLimitLayer {
+    /// `message` is the RESOURCE_EXHAUSTED text; it should name the limit and its flag.
+    pub fn new(path: &'static str, limit: usize, message: impl Into<Arc<str>>) -> Self {
+        InflightLimitLayer {
+            path,
+            permits: Arc::new(Semaphore::new(limit)),
+            message: message.into(),
+        }
+    }
+}
+
+impl<S> Layer<S> for InflightLimitLayer {
+    type Service = InflightLimit<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        InflightLimit {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct InflightLimit<S> {
+    inner: S,
+    layer: InflightLimitLayer,
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for InflightLimit<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = http::Response<PermitBody<ResBody>>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+        let permit = if req.uri().path() == self.layer.path {
+            match self.layer.permits.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    let status = tonic::Status::resource_exhausted(self.layer.message.to_string());
+                    return Box::pin(async move {
+                        Ok(status
+                            .into_http::<ResBody>()
+                            .map(PermitBody::without_permit))
+                    });
+                }
+            }
+        } else {
+            None
+        };
+        // The readied service handles this call; a fresh clone takes its place (tower's rule
+        // for services that are driven to readiness before `call`).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let resp = inner.call(req).await?;
+            Ok(resp.map(|body| PermitBody {
+                inner: body,
+                _permit: permit,
+            }))
+        })
+    }
+}
+
+/// A response body that holds an in-flight permit until it is finished or dropped.
+#[derive(Default)]
+pub struct PermitBody<B> {
+    inner: B,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl<B> PermitBody<B> {
+    fn without_permit(inner: B) -> Self {
+        PermitBody {
+            inner,
+            _permit: None,
+        }
+    }
+}
+
+impl<B: Body + Unpin> Body for PermitBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
