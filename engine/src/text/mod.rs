@@ -1,7 +1,8 @@
-//! Text in and out of token space: the model's tokenizer (`tokenizer.json` through the
-//! `tokenizers` crate), its chat template (`tokenizer_config.json`, rendered with minijinja the
-//! way transformers renders it), and incremental detokenisation for streaming. Used by the
-//! in-process generator and by the frontend; nothing here touches the model.
+//! Text in and out of token space: the model's tokenizer ([`TextTokenizer`], `tokenizer.json`
+//! through the `tokenizers` crate), its chat template ([`ChatTemplate`], from
+//! `tokenizer_config.json`, rendered the way transformers renders it) and incremental
+//! detokenisation for streaming ([`IncrementalDecoder`]). The in-process generator and the
+//! frontend use these; nothing here touches the model.
 
 pub mod chat_template;
 pub mod detokenizer;

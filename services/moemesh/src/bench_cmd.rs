@@ -33,6 +33,14 @@ pub struct BenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Instead of a mesh, run the whole model in this process (the embedded default, or
+    /// --model), decoding up to --concurrency sequences as one batch: the no-network reference
+    /// for the mesh numbers.
+    #[arg(long, conflicts_with = "addr")]
+    pub in_process: bool,
+    /// Model directory for --in-process.
+    #[arg(long, requires = "in_process")]
+    pub model: Option<std::path::PathBuf>,
 }
 
 #[derive(Default)]
@@ -85,6 +93,9 @@ async fn one(
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.concurrency == 0 || args.requests == 0 || args.prompt_len == 0 || args.output_len == 0 {
         bail!("--concurrency, --requests, --prompt-len and --output-len must all be at least 1");
+    }
+    if args.in_process {
+        return in_process(&args);
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -145,6 +156,69 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let wall = started.elapsed().as_secs_f64();
         report(&args, &info.model_name, &samples, wall)
     })
+}
+
+/// Waves of up to `concurrency` requests, each wave prefilled together and decoded as one batch.
+fn in_process(args: &BenchArgs) -> anyhow::Result<()> {
+    use moemesh_engine::{DType, Device, InProcessEngine, ModelFiles, StepSeq};
+    let files = ModelFiles::open_or_embedded(args.model.as_deref()).context("opening the model")?;
+    let engine =
+        InProcessEngine::load(&files, &Device::Cpu, DType::F32).context("loading the model")?;
+    let model = &engine.model;
+    let vocab = model.config().vocab_size as u32;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
+    let prompts: Vec<Vec<u32>> = (0..args.requests)
+        .map(|_| {
+            (0..args.prompt_len)
+                .map(|_| rng.random_range(2..vocab))
+                .collect()
+        })
+        .collect();
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    for wave in prompts.chunks(args.concurrency) {
+        let t0 = Instant::now();
+        let mut caches: Vec<_> = wave.iter().map(|_| model.new_cache()).collect();
+        let mut inputs: Vec<Vec<u32>> = wave.to_vec();
+        let mut wave_samples: Vec<Sample> = wave.iter().map(|_| Sample::default()).collect();
+        let mut last = t0;
+        for step in 0..args.output_len {
+            let flat: Vec<u32> = inputs.iter().flatten().copied().collect();
+            let emb = model.embed(&flat)?;
+            let mut seqs: Vec<StepSeq> = caches
+                .iter_mut()
+                .zip(&inputs)
+                .map(|(c, i)| StepSeq {
+                    cache: c,
+                    new_tokens: i.len(),
+                })
+                .collect();
+            let logits = model
+                .step_last_logits(&emb, &mut seqs, &engine.experts)?
+                .to_vec2::<f32>()?;
+            let now = Instant::now();
+            for (i, row) in logits.iter().enumerate() {
+                let tok = moemesh_engine::sampling::argmax(row) as u32;
+                inputs[i] = vec![tok];
+                let s = &mut wave_samples[i];
+                if step == 0 {
+                    s.ttft = Some(now - t0);
+                } else {
+                    s.gaps.push(now - last);
+                }
+                s.tokens += 1;
+            }
+            last = now;
+        }
+        samples.extend(wave_samples);
+    }
+    let wall = started.elapsed().as_secs_f64();
+    report(
+        args,
+        &format!("{} (in-process)", files.name),
+        &samples,
+        wall,
+    )
 }
 
 fn report(args: &BenchArgs, model: &str, samples: &[Sample], wall: f64) -> anyhow::Result<()> {

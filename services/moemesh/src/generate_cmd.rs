@@ -33,7 +33,7 @@ pub struct GenerateArgs {
     /// embedded default model (random DeepSeek-V3-architecture weights, DeepSeek-R1 tokenizer).
     #[arg(long, env = "MOEMESH_MODEL")]
     pub model: Option<PathBuf>,
-    /// Plain-text prompt, tokenized with the model's tokenizer (BOS added as the tokenizer does).
+    /// Plain-text prompt, tokenized with the model's tokenizer (special tokens as the tokenizer adds them).
     #[arg(long)]
     pub prompt: Option<String>,
     /// A user message, rendered with the model's chat template (with the generation prompt).
