@@ -82,6 +82,8 @@ pub struct GateLink {
     tx: mpsc::UnboundedSender<NewSeq>,
     /// Sequences running or queued on this gate (for spreading load).
     pub load: Arc<AtomicUsize>,
+    /// The gate's free KV blocks as last reported (`usize::MAX` until known).
+    pub free_kv: Arc<AtomicUsize>,
     /// When the gate's stream last broke (cleared by the next good step).
     pub failed_at: Arc<std::sync::Mutex<Option<Instant>>>,
 }
@@ -94,10 +96,12 @@ impl GateLink {
         let (tx, rx) = mpsc::unbounded_channel();
         let load = Arc::new(AtomicUsize::new(0));
         let failed_at = Arc::new(std::sync::Mutex::new(None));
+        let free_kv = Arc::new(AtomicUsize::new(usize::MAX));
         let link = Link {
             address: address.clone(),
             ctx,
             load: load.clone(),
+            free_kv: free_kv.clone(),
             failed_at: failed_at.clone(),
             reroute,
         };
@@ -106,6 +110,7 @@ impl GateLink {
             address,
             tx,
             load,
+            free_kv,
             failed_at,
         }
     }
@@ -135,6 +140,7 @@ struct Link {
     address: String,
     ctx: Arc<Ctx>,
     load: Arc<AtomicUsize>,
+    free_kv: Arc<AtomicUsize>,
     failed_at: Arc<std::sync::Mutex<Option<Instant>>>,
     reroute: Reroute,
 }
@@ -197,6 +203,7 @@ async fn run(link: Link, mut rx: mpsc::UnboundedReceiver<NewSeq>) {
         address,
         ctx,
         load,
+        free_kv,
         failed_at,
         reroute,
     } = link;
@@ -241,6 +248,9 @@ async fn run(link: Link, mut rx: mpsc::UnboundedReceiver<NewSeq>) {
             load.fetch_sub(1, Ordering::SeqCst);
         }
 
+        if let Some(k) = sched.kv {
+            free_kv.store(k.free_blocks, Ordering::Relaxed);
+        }
         step_id += 1;
         let plan = sched.plan(ctx.limits);
         for id in &plan.preempted {

@@ -47,7 +47,7 @@ struct Frontend {
 }
 
 impl Frontend {
-    /// The live gate with the least load, avoiding `avoid` and gates whose stream broke
+    /// The live gate with the fewest sequences (then the most free KV), avoiding `avoid` and gates whose stream broke
     /// recently; waits a little for one when none is listed (a gate restarting, or the
     /// registry catching up), then UNAVAILABLE.
     async fn pick_gate(&self, avoid: Option<&str>) -> MeshResult<GateLink> {
@@ -76,9 +76,14 @@ impl Frontend {
             if link.recently_failed(FAILED_GATE_BACKOFF) && gates.len() > 1 {
                 continue;
             }
-            let better = best
-                .as_ref()
-                .is_none_or(|b| link.load.load(Ordering::SeqCst) < b.load.load(Ordering::SeqCst));
+            // Fewest sequences first; among equals, the most free KV.
+            let key = |l: &GateLink| {
+                (
+                    l.load.load(Ordering::SeqCst),
+                    std::cmp::Reverse(l.free_kv.load(Ordering::Relaxed)),
+                )
+            };
+            let better = best.as_ref().is_none_or(|b| key(&link) < key(b));
             if better {
                 best = Some(link);
             }
