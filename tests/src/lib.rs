@@ -91,3 +91,45 @@ pub fn reference_greedy(model: &str, prompt: usize) -> (Vec<u32>, Vec<u32>) {
     };
     (ids("input_ids"), ids("greedy_new_tokens"))
 }
+
+/// What the in-process engine generates for a request alone (EOS ignored): the reference the
+/// mesh's batched, preempted or failed-over output must equal. `sampling` is
+/// `(temperature, top_k, top_p, seed)`; `None` is greedy.
+pub fn in_process_tokens(
+    engine: &moemesh_engine::InProcessEngine,
+    prompt: &[u32],
+    sampling: Option<(f32, usize, f32, u64)>,
+    max_new_tokens: usize,
+) -> Vec<u32> {
+    let sampling = match sampling {
+        Some((temperature, top_k, top_p, seed)) => moemesh_engine::SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            seed: Some(seed),
+        },
+        None => moemesh_engine::SamplingParams::default(),
+    };
+    let req = moemesh_engine::GenerationRequest {
+        prompt_ids: prompt.to_vec(),
+        sampling,
+        max_new_tokens,
+        stop: Vec::new(),
+        ignore_eos: true,
+    };
+    engine
+        .generate(&req, &mut |_| true)
+        .expect("in-process generation")
+        .token_ids
+}
+
+/// The whole model of a fixture, loaded in this process (f32, CPU).
+pub fn in_process_engine(model: &str) -> moemesh_engine::InProcessEngine {
+    let files = moemesh_engine::ModelFiles::open(&fixture(model)).expect("open fixture");
+    moemesh_engine::InProcessEngine::load(
+        &files,
+        &moemesh_engine::Device::Cpu,
+        moemesh_engine::DType::F32,
+    )
+    .expect("load fixture")
+}

@@ -45,13 +45,7 @@ async fn killing_one_of_two_gates_loses_no_request_and_changes_no_token() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let files = moemesh_engine::ModelFiles::open(&dir).expect("open");
-    let engine = moemesh_engine::InProcessEngine::load(
-        &files,
-        &moemesh_engine::Device::Cpu,
-        moemesh_engine::DType::F32,
-    )
-    .expect("load");
+    let engine = moemesh_tests::in_process_engine("tiny-deepseek-v3");
     let out_len = 150u32;
     let cases: Vec<(Vec<u32>, Option<v1::SamplingParams>)> = (0..8u32)
         .map(|i| {
@@ -100,24 +94,19 @@ async fn killing_one_of_two_gates_loses_no_request_and_changes_no_token() {
         while let Some(m) = s.message().await.expect("no request fails") {
             ids.extend(m.token_ids);
         }
-        let alone = engine
-            .generate(
-                &moemesh_engine::GenerationRequest {
-                    prompt_ids: prompt.clone(),
-                    sampling: moemesh_engine::SamplingParams {
-                        temperature: sampling.map_or(0.0, |s| s.temperature),
-                        top_k: sampling.map_or(0, |s| s.top_k as usize),
-                        top_p: sampling.and_then(|s| s.top_p).unwrap_or(1.0),
-                        seed: sampling.and_then(|s| s.seed),
-                    },
-                    max_new_tokens: out_len as usize,
-                    stop: vec![],
-                    ignore_eos: true,
-                },
-                &mut |_| true,
-            )
-            .expect("in-process")
-            .token_ids;
+        let alone = moemesh_tests::in_process_tokens(
+            &engine,
+            prompt,
+            sampling.map(|s| {
+                (
+                    s.temperature,
+                    s.top_k as usize,
+                    s.top_p.unwrap_or(1.0),
+                    s.seed.unwrap_or(0),
+                )
+            }),
+            out_len as usize,
+        );
         assert_eq!(
             ids,
             alone,

@@ -42,13 +42,7 @@ async fn batched_output_equals_unbatched_for_greedy_and_seeded_sampling() {
         &["--overlap", "true"],
         &["--step-token-budget", "64", "--max-running", "32"],
     );
-    let files = moemesh_engine::ModelFiles::open(&dir).expect("open");
-    let engine = moemesh_engine::InProcessEngine::load(
-        &files,
-        &moemesh_engine::Device::Cpu,
-        moemesh_engine::DType::F32,
-    )
-    .expect("load");
+    let engine = moemesh_tests::in_process_engine("tiny-deepseek-v3");
     let mut cases = Vec::new();
     for i in 0..32u32 {
         let prompt: Vec<u32> = (0..(1 + (i * 7) % 90))
@@ -71,24 +65,19 @@ async fn batched_output_equals_unbatched_for_greedy_and_seeded_sampling() {
         .collect();
     for (h, (prompt, max_new, sampling)) in handles.into_iter().zip(&cases) {
         let batched = h.await.expect("task");
-        let alone = engine
-            .generate(
-                &moemesh_engine::GenerationRequest {
-                    prompt_ids: prompt.clone(),
-                    sampling: moemesh_engine::SamplingParams {
-                        temperature: sampling.map_or(0.0, |s| s.temperature),
-                        top_k: sampling.map_or(0, |s| s.top_k as usize),
-                        top_p: sampling.and_then(|s| s.top_p).unwrap_or(1.0),
-                        seed: sampling.and_then(|s| s.seed),
-                    },
-                    max_new_tokens: *max_new as usize,
-                    stop: vec![],
-                    ignore_eos: true,
-                },
-                &mut |_| true,
-            )
-            .expect("in-process")
-            .token_ids;
+        let alone = moemesh_tests::in_process_tokens(
+            &engine,
+            prompt,
+            sampling.map(|s| {
+                (
+                    s.temperature,
+                    s.top_k as usize,
+                    s.top_p.unwrap_or(1.0),
+                    s.seed.unwrap_or(0),
+                )
+            }),
+            *max_new as usize,
+        );
         assert_eq!(
             batched,
             alone,
@@ -289,13 +278,7 @@ async fn deadline_exceeded_stops_the_sequence_and_frees_its_kv() {
 async fn kv_exhaustion_preempts_and_recomputes_without_failing_or_changing_tokens() {
     let dir = fixture("tiny-deepseek-v3");
     let mesh = Mesh::start_full(Some(&dir), &["0-15"], &["--kv-blocks", "12"], &[]);
-    let files = moemesh_engine::ModelFiles::open(&dir).expect("open");
-    let engine = moemesh_engine::InProcessEngine::load(
-        &files,
-        &moemesh_engine::Device::Cpu,
-        moemesh_engine::DType::F32,
-    )
-    .expect("load");
+    let engine = moemesh_tests::in_process_engine("tiny-deepseek-v3");
     let url = mesh.frontend_url();
     let cases: Vec<Vec<u32>> = (0..4u32)
         .map(|i| (0..20).map(|j| 2 + (i * 101 + j * 7) % 500).collect())
@@ -306,19 +289,7 @@ async fn kv_exhaustion_preempts_and_recomputes_without_failing_or_changing_token
         .collect();
     for (h, prompt) in handles.into_iter().zip(&cases) {
         let got = h.await.expect("task");
-        let alone = engine
-            .generate(
-                &moemesh_engine::GenerationRequest {
-                    prompt_ids: prompt.clone(),
-                    sampling: Default::default(),
-                    max_new_tokens: 60,
-                    stop: vec![],
-                    ignore_eos: true,
-                },
-                &mut |_| true,
-            )
-            .expect("in-process")
-            .token_ids;
+        let alone = moemesh_tests::in_process_tokens(&engine, prompt, None, 60);
         assert_eq!(got, alone);
     }
     assert!(

@@ -6,6 +6,7 @@ pub mod codec;
 pub mod device;
 pub mod error;
 pub mod layers;
+pub mod member_args;
 pub mod registry;
 pub mod serve;
 

@@ -1,18 +1,14 @@
 //! `moemesh expert` configuration: flags and `MOEMESH_*` environment variables.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Args;
+use moemesh_common::member_args::MemberArgs;
 
 #[derive(Args, Debug, Clone)]
 pub struct ExpertConfig {
-    /// Address to serve gRPC on (port 0 picks a free port; the ready line says which).
-    #[arg(long, env = "MOEMESH_LISTEN", default_value = "127.0.0.1:0")]
-    pub listen: SocketAddr,
-    /// Address to announce in the registry (default: the bound address).
-    #[arg(long, env = "MOEMESH_ADVERTISE")]
-    pub advertise: Option<String>,
+    #[command(flatten)]
+    pub member: MemberArgs,
     /// Model directory; the embedded default model when omitted.
     #[arg(long, env = "MOEMESH_MODEL")]
     pub model: Option<PathBuf>,
@@ -22,25 +18,6 @@ pub struct ExpertConfig {
     /// MoE layers to serve, e.g. `1-26` (default: every MoE layer).
     #[arg(long, env = "MOEMESH_LAYERS")]
     pub layers: Option<String>,
-    /// Device: `cpu` (CUDA devices `cuda:N` arrive with the CUDA backend).
-    #[arg(long, env = "MOEMESH_DEVICE", default_value = "cpu")]
-    pub device: String,
-    /// etcd endpoints, comma-separated (e.g. `http://127.0.0.1:2379`); without it the worker does
-    /// not register and a gate must be given its address.
-    #[arg(long, env = "MOEMESH_ETCD", value_delimiter = ',')]
-    pub etcd: Vec<String>,
-    /// Cluster name in registry keys.
-    #[arg(long, env = "MOEMESH_CLUSTER", default_value = "default")]
-    pub cluster: String,
-    /// Registry id (default: `expert-<advertised address>`).
-    #[arg(long, env = "MOEMESH_ID")]
-    pub id: Option<String>,
-    /// Registry lease TTL in seconds (how long a crashed worker stays listed).
-    #[arg(long, env = "MOEMESH_LEASE_TTL", default_value_t = 5)]
-    pub lease_ttl: i64,
-    /// Compute dtype: `f32` (exact) or `bf16`.
-    #[arg(long, env = "MOEMESH_DTYPE", default_value = "f32")]
-    pub dtype: String,
     /// Most seconds to wait for in-flight calls at shutdown.
     #[arg(long, env = "MOEMESH_DRAIN_TIMEOUT", default_value_t = 10)]
     pub drain_timeout: u64,

@@ -153,13 +153,18 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> MeshResult<()> {
-    let device = device::parse_device(&cfg.device)?;
-    let dtype = device::parse_dtype(&cfg.dtype)?;
+    let device = device::parse_device(&cfg.member.device)?;
+    let dtype = device::parse_dtype(&cfg.member.dtype)?;
     let local = listener
         .local_addr()
         .map_err(|e| MeshError::Internal(e.to_string()))?;
-    let advertise = cfg.advertise.clone().unwrap_or_else(|| local.to_string());
+    let advertise = cfg
+        .member
+        .advertise
+        .clone()
+        .unwrap_or_else(|| local.to_string());
     let id = cfg
+        .member
         .id
         .clone()
         .unwrap_or_else(|| format!("expert-{advertise}"));
@@ -209,7 +214,7 @@ pub async fn run(
         id: id.clone(),
         layers: layers.clone(),
         experts: experts.clone(),
-        device: cfg.device.clone(),
+        device: cfg.member.device.clone(),
         fingerprint: files.fingerprint.clone(),
     };
     tracing::info!(%id, address = %advertise, layers = ?layers, experts = ?experts, fingerprint = %files.fingerprint, "expert worker loaded");
@@ -242,10 +247,10 @@ pub async fn run(
 
     let registry = Registry::new(
         &RegistryConfig {
-            etcd: cfg.etcd.clone(),
-            cluster: cfg.cluster.clone(),
+            etcd: cfg.member.etcd.clone(),
+            cluster: cfg.member.cluster.clone(),
             model: files.name.clone(),
-            lease_ttl_s: cfg.lease_ttl,
+            lease_ttl_s: cfg.member.lease_ttl,
         },
         Vec::new(),
     )?;
@@ -256,7 +261,7 @@ pub async fn run(
             address: advertise.clone(),
             layers,
             experts,
-            device: cfg.device.clone(),
+            device: cfg.member.device.clone(),
             fingerprint: files.fingerprint.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
         })

@@ -175,9 +175,9 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> MeshResult<()> {
-    let device = device::parse_device(&cfg.device)?;
-    let dtype = device::parse_dtype(&cfg.dtype)?;
-    if cfg.etcd.is_empty() && cfg.expert_addrs.is_empty() {
+    let device = device::parse_device(&cfg.member.device)?;
+    let dtype = device::parse_dtype(&cfg.member.dtype)?;
+    if cfg.member.etcd.is_empty() && cfg.expert_addrs.is_empty() {
         return Err(MeshError::Invalid(
             "the gate needs expert workers: give --etcd (registry) or --expert-addrs (static list)"
                 .into(),
@@ -186,8 +186,13 @@ pub async fn run(
     let local = listener
         .local_addr()
         .map_err(|e| MeshError::Internal(e.to_string()))?;
-    let advertise = cfg.advertise.clone().unwrap_or_else(|| local.to_string());
+    let advertise = cfg
+        .member
+        .advertise
+        .clone()
+        .unwrap_or_else(|| local.to_string());
     let id = cfg
+        .member
         .id
         .clone()
         .unwrap_or_else(|| format!("gate-{advertise}"));
@@ -212,17 +217,17 @@ pub async fn run(
     .map_err(|e| MeshError::Internal(e.to_string()))??;
 
     let pool = Arc::new(WorkerPool::new(files.fingerprint.clone()));
-    let members = if cfg.etcd.is_empty() {
+    let members = if cfg.member.etcd.is_empty() {
         static_members(&cfg.expert_addrs).await?
     } else {
         Vec::new()
     };
     let registry = Registry::new(
         &RegistryConfig {
-            etcd: cfg.etcd.clone(),
-            cluster: cfg.cluster.clone(),
+            etcd: cfg.member.etcd.clone(),
+            cluster: cfg.member.cluster.clone(),
             model: files.name.clone(),
-            lease_ttl_s: cfg.lease_ttl,
+            lease_ttl_s: cfg.member.lease_ttl,
         },
         members,
     )?;
@@ -300,7 +305,7 @@ pub async fn run(
             address: advertise.clone(),
             layers: Vec::new(),
             experts: Vec::new(),
-            device: cfg.device.clone(),
+            device: cfg.member.device.clone(),
             fingerprint: files.fingerprint.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
         })

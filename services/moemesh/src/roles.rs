@@ -32,7 +32,7 @@ pub fn frontend(cfg: moemesh_frontend::FrontendConfig) -> anyhow::Result<()> {
 pub fn gate(cfg: moemesh_gate::GateConfig) -> anyhow::Result<()> {
     tracing::info!(config = ?cfg, "gate");
     runtime()?.block_on(async {
-        let listener = bind(cfg.listen).await?;
+        let listener = bind(cfg.member.listen).await?;
         moemesh_gate::run(cfg, listener, shutdown_signal())
             .await
             .context("gate")
@@ -42,7 +42,7 @@ pub fn gate(cfg: moemesh_gate::GateConfig) -> anyhow::Result<()> {
 pub fn expert(cfg: moemesh_expert::ExpertConfig) -> anyhow::Result<()> {
     tracing::info!(config = ?cfg, "expert");
     runtime()?.block_on(async {
-        let listener = bind(cfg.listen).await?;
+        let listener = bind(cfg.member.listen).await?;
         moemesh_expert::run(cfg, listener, shutdown_signal())
             .await
             .context("expert worker")

@@ -1,0 +1,35 @@
+//! The flags every registered mesh member (gate, expert worker) shares: where it listens, how
+//! it is announced, which registry and cluster it joins, and the device it computes on.
+
+use std::net::SocketAddr;
+
+use clap::Args;
+
+#[derive(Args, Debug, Clone)]
+pub struct MemberArgs {
+    /// Address to serve gRPC on (port 0 picks a free port; the ready line says which).
+    #[arg(long, env = "MOEMESH_LISTEN", default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Address to announce in the registry (default: the bound address).
+    #[arg(long, env = "MOEMESH_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// etcd endpoints, comma-separated (e.g. `http://127.0.0.1:2379`). The process registers
+    /// there; a gate also watches the expert workers there.
+    #[arg(long, env = "MOEMESH_ETCD", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// Cluster name in registry keys.
+    #[arg(long, env = "MOEMESH_CLUSTER", default_value = "default")]
+    pub cluster: String,
+    /// Registry id (default: `<role>-<advertised address>`).
+    #[arg(long, env = "MOEMESH_ID")]
+    pub id: Option<String>,
+    /// Registry lease TTL in seconds (how long a crashed process stays listed).
+    #[arg(long, env = "MOEMESH_LEASE_TTL", default_value_t = 5)]
+    pub lease_ttl: i64,
+    /// Device: `cpu` (CUDA devices `cuda:N` arrive with the CUDA backend).
+    #[arg(long, env = "MOEMESH_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype: `f32` (exact) or `bf16`.
+    #[arg(long, env = "MOEMESH_DTYPE", default_value = "f32")]
+    pub dtype: String,
+}
