@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 
 use clap::Args;
 
+use crate::registry::RegistryConfig;
+
 #[derive(Args, Debug, Clone)]
 pub struct MemberArgs {
     /// Address to serve gRPC on (port 0 picks a free port; the ready line says which).
@@ -32,4 +34,26 @@ pub struct MemberArgs {
     /// Compute dtype: `f32` (exact) or `bf16`.
     #[arg(long, env = "MOEMESH_DTYPE", default_value = "f32")]
     pub dtype: String,
+}
+
+impl MemberArgs {
+    /// The address to announce and the registry id of a `role` process bound to `local`.
+    pub fn identity(&self, role: &str, local: SocketAddr) -> (String, String) {
+        let advertise = self.advertise.clone().unwrap_or_else(|| local.to_string());
+        let id = self
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("{role}-{advertise}"));
+        (advertise, id)
+    }
+
+    /// The registry this member joins, for the model called `model`.
+    pub fn registry_config(&self, model: &str) -> RegistryConfig {
+        RegistryConfig {
+            etcd: self.etcd.clone(),
+            cluster: self.cluster.clone(),
+            model: model.to_string(),
+            lease_ttl_s: self.lease_ttl,
+        }
+    }
 }

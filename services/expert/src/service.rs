@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::Stream;
-use moemesh_common::registry::{Member, Registry, RegistryConfig, Role};
+use moemesh_common::registry::{Member, Registry, Role};
 use moemesh_common::{MeshError, MeshResult, codec, device, serve};
 use moemesh_engine::{Device, ExpertShard, ModelFiles, ShardSpec};
 use moemesh_proto::v1::expert_server::{Expert, ExpertServer};
@@ -158,16 +158,7 @@ pub async fn run(
     let local = listener
         .local_addr()
         .map_err(|e| MeshError::Internal(e.to_string()))?;
-    let advertise = cfg
-        .member
-        .advertise
-        .clone()
-        .unwrap_or_else(|| local.to_string());
-    let id = cfg
-        .member
-        .id
-        .clone()
-        .unwrap_or_else(|| format!("expert-{advertise}"));
+    let (advertise, id) = cfg.member.identity("expert", local);
 
     let model = cfg.model.clone();
     let files = tokio::task::spawn_blocking(move || ModelFiles::open_or_embedded(model.as_deref()))
@@ -245,15 +236,7 @@ pub async fn run(
     let server = tokio::spawn(server);
     serve::set_health(&reporter, true).await;
 
-    let registry = Registry::new(
-        &RegistryConfig {
-            etcd: cfg.member.etcd.clone(),
-            cluster: cfg.member.cluster.clone(),
-            model: files.name.clone(),
-            lease_ttl_s: cfg.member.lease_ttl,
-        },
-        Vec::new(),
-    )?;
+    let registry = Registry::new(&cfg.member.registry_config(&files.name), Vec::new())?;
     let registration = registry
         .register(Member {
             id: id.clone(),

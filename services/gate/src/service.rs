@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::Stream;
-use moemesh_common::registry::{Member, Registry, RegistryConfig, Role};
+use moemesh_common::registry::{Member, Registry, Role};
 use moemesh_common::{MeshError, MeshResult, codec, device, serve};
 use moemesh_engine::{ModelFiles, Parts};
 use moemesh_proto::v1::expert_client::ExpertClient;
@@ -186,16 +186,7 @@ pub async fn run(
     let local = listener
         .local_addr()
         .map_err(|e| MeshError::Internal(e.to_string()))?;
-    let advertise = cfg
-        .member
-        .advertise
-        .clone()
-        .unwrap_or_else(|| local.to_string());
-    let id = cfg
-        .member
-        .id
-        .clone()
-        .unwrap_or_else(|| format!("gate-{advertise}"));
+    let (advertise, id) = cfg.member.identity("gate", local);
 
     let model_dir = cfg.model.clone();
     let dev = device.clone();
@@ -222,15 +213,7 @@ pub async fn run(
     } else {
         Vec::new()
     };
-    let registry = Registry::new(
-        &RegistryConfig {
-            etcd: cfg.member.etcd.clone(),
-            cluster: cfg.member.cluster.clone(),
-            model: files.name.clone(),
-            lease_ttl_s: cfg.member.lease_ttl,
-        },
-        members,
-    )?;
+    let registry = Registry::new(&cfg.member.registry_config(&files.name), members)?;
     let mut workers = registry
         .watch_synced(Role::Expert, Duration::from_secs(10))
         .await;
