@@ -13,7 +13,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
-use crate::config::{ModelConfig, RawConfig};
+use crate::config::{ModelConfig, RawConfig, TopkMethod};
 use crate::error::Result;
 use crate::weights::memory::MemorySource;
 
@@ -70,114 +70,119 @@ pub fn embedded_config() -> Result<ModelConfig> {
     ModelConfig::from_raw(&raw)
 }
 
-struct Init {
-    rng: ChaCha8Rng,
-    tensors: HashMap<String, Tensor>,
+/// One checkpoint tensor of a generated model and the normal distribution its values come from.
+#[derive(Debug, Clone)]
+pub struct TensorInit {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub mean: f32,
+    pub std: f32,
 }
 
-impl Init {
-    fn normal(&mut self, n: usize, scale: f32, offset: f32) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                let z: f32 = StandardNormal.sample(&mut self.rng);
-                offset + scale * z
-            })
-            .collect()
-    }
-
-    /// Stored as bf16, like a real checkpoint, so f32 and bf16 runs see the same weights.
-    fn put(&mut self, name: String, values: Vec<f32>, shape: &[usize]) -> Result<()> {
-        let t = Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(DType::BF16)?;
-        self.tensors.insert(name, t);
-        Ok(())
-    }
-
-    fn linear(&mut self, name: String, out_f: usize, in_f: usize, gain: f32) -> Result<()> {
-        let v = self.normal(out_f * in_f, gain / (in_f as f32).sqrt(), 0.0);
-        self.put(name, v, &[out_f, in_f])
-    }
-
-    fn norm(&mut self, name: String, n: usize) -> Result<()> {
-        let v = self.normal(n, 0.1, 1.0);
-        self.put(name, v, &[n])
-    }
-}
-
-/// Builds the embedded model's weights (about 70 M parameters, ~1 s).
-pub fn embedded_weights(cfg: &ModelConfig) -> Result<MemorySource> {
-    let mut w = Init {
-        rng: ChaCha8Rng::seed_from_u64(SEED),
-        tensors: HashMap::new(),
-    };
+/// Every tensor a DeepSeek checkpoint of `cfg`'s shape holds (bf16 layout, no FP8 scales), in a
+/// fixed order, with the initialisation generated models use: projections `N(0, gain²/in)`,
+/// norms `N(1, 0.1²)`, embeddings `N(0, 1)`. The scales keep activations of order one through
+/// the layers, so the routing of a random model is as spread as a trained one's.
+pub fn checkpoint_layout(cfg: &ModelConfig) -> Vec<TensorInit> {
+    let mut l = Layout(Vec::new());
     let h = cfg.hidden_size;
     let heads = cfg.num_attention_heads;
     let qk = cfg.qk_head_dim();
-    let v = w.normal(cfg.vocab_size * h, 1.0, 0.0);
-    w.put("model.embed_tokens.weight".into(), v, &[cfg.vocab_size, h])?;
+    l.put(
+        "model.embed_tokens.weight".into(),
+        &[cfg.vocab_size, h],
+        0.0,
+        1.0,
+    );
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
-        w.norm(format!("{p}.input_layernorm.weight"), h)?;
-        w.norm(format!("{p}.post_attention_layernorm.weight"), h)?;
+        l.norm(format!("{p}.input_layernorm.weight"), h);
+        l.norm(format!("{p}.post_attention_layernorm.weight"), h);
         let a = format!("{p}.self_attn");
         match cfg.q_lora_rank {
             Some(r) => {
-                w.linear(format!("{a}.q_a_proj.weight"), r, h, 1.0)?;
-                w.norm(format!("{a}.q_a_layernorm.weight"), r)?;
-                w.linear(format!("{a}.q_b_proj.weight"), heads * qk, r, 1.0)?;
+                l.linear(format!("{a}.q_a_proj.weight"), r, h, 1.0);
+                l.norm(format!("{a}.q_a_layernorm.weight"), r);
+                l.linear(format!("{a}.q_b_proj.weight"), heads * qk, r, 1.0);
             }
-            None => w.linear(format!("{a}.q_proj.weight"), heads * qk, h, 1.0)?,
+            None => l.linear(format!("{a}.q_proj.weight"), heads * qk, h, 1.0),
         }
-        w.linear(
+        l.linear(
             format!("{a}.kv_a_proj_with_mqa.weight"),
             cfg.kv_cache_width(),
             h,
             1.0,
-        )?;
-        w.norm(format!("{a}.kv_a_layernorm.weight"), cfg.kv_lora_rank)?;
-        w.linear(
-            format!("{a}.kv_b_proj.weight"),
-            heads * (cfg.qk_nope_head_dim + cfg.v_head_dim),
-            cfg.kv_lora_rank,
-            1.0,
-        )?;
-        w.linear(format!("{a}.o_proj.weight"), h, heads * cfg.v_head_dim, 1.0)?;
+        );
+        l.norm(format!("{a}.kv_a_layernorm.weight"), cfg.kv_lora_rank);
+        let kv_b = heads * (cfg.qk_nope_head_dim + cfg.v_head_dim);
+        l.linear(format!("{a}.kv_b_proj.weight"), kv_b, cfg.kv_lora_rank, 1.0);
+        l.linear(format!("{a}.o_proj.weight"), h, heads * cfg.v_head_dim, 1.0);
         let m = format!("{p}.mlp");
         if cfg.is_moe_layer(i) {
             let mi = cfg.moe_intermediate_size;
             for e in 0..cfg.n_routed_experts {
-                w.linear(format!("{m}.experts.{e}.gate_proj.weight"), mi, h, 1.0)?;
-                w.linear(format!("{m}.experts.{e}.up_proj.weight"), mi, h, 1.0)?;
-                w.linear(format!("{m}.experts.{e}.down_proj.weight"), h, mi, 0.5)?;
+                l.mlp(&format!("{m}.experts.{e}"), h, mi);
             }
-            let si = mi * cfg.n_shared_experts;
-            w.linear(format!("{m}.shared_experts.gate_proj.weight"), si, h, 1.0)?;
-            w.linear(format!("{m}.shared_experts.up_proj.weight"), si, h, 1.0)?;
-            w.linear(format!("{m}.shared_experts.down_proj.weight"), h, si, 0.5)?;
-            w.linear(format!("{m}.gate.weight"), cfg.n_routed_experts, h, 2.0)?;
-            let b = w.normal(cfg.n_routed_experts, 0.1, 0.0);
-            w.put(
-                format!("{m}.gate.e_score_correction_bias"),
-                b,
-                &[cfg.n_routed_experts],
-            )?;
+            l.mlp(&format!("{m}.shared_experts"), h, mi * cfg.n_shared_experts);
+            l.linear(format!("{m}.gate.weight"), cfg.n_routed_experts, h, 2.0);
+            if cfg.topk_method == TopkMethod::NoauxTc {
+                let name = format!("{m}.gate.e_score_correction_bias");
+                l.put(name, &[cfg.n_routed_experts], 0.0, 0.1);
+            }
         } else {
-            w.linear(
-                format!("{m}.gate_proj.weight"),
-                cfg.intermediate_size,
-                h,
-                1.0,
-            )?;
-            w.linear(format!("{m}.up_proj.weight"), cfg.intermediate_size, h, 1.0)?;
-            w.linear(
-                format!("{m}.down_proj.weight"),
-                h,
-                cfg.intermediate_size,
-                0.5,
-            )?;
+            l.mlp(&m, h, cfg.intermediate_size);
         }
     }
-    w.norm("model.norm.weight".into(), h)?;
-    w.linear("lm_head.weight".into(), cfg.vocab_size, h, 4.0)?;
+    l.norm("model.norm.weight".into(), h);
+    l.linear("lm_head.weight".into(), cfg.vocab_size, h, 4.0);
+    l.0
+}
+
+struct Layout(Vec<TensorInit>);
+
+impl Layout {
+    fn put(&mut self, name: String, shape: &[usize], mean: f32, std: f32) {
+        self.0.push(TensorInit {
+            name,
+            shape: shape.to_vec(),
+            mean,
+            std,
+        });
+    }
+
+    fn linear(&mut self, name: String, out_f: usize, in_f: usize, gain: f32) {
+        self.put(name, &[out_f, in_f], 0.0, gain / (in_f as f32).sqrt());
+    }
+
+    fn norm(&mut self, name: String, n: usize) {
+        self.put(name, &[n], 1.0, 0.1);
+    }
+
+    fn mlp(&mut self, prefix: &str, hidden: usize, inner: usize) {
+        self.linear(format!("{prefix}.gate_proj.weight"), inner, hidden, 1.0);
+        self.linear(format!("{prefix}.up_proj.weight"), inner, hidden, 1.0);
+        self.linear(format!("{prefix}.down_proj.weight"), hidden, inner, 0.5);
+    }
+}
+
+/// Builds the embedded model's weights (about 70 M parameters, ~1 s), drawing every tensor of
+/// [`checkpoint_layout`] in order from one seeded stream; stored as bf16, like a real checkpoint,
+/// so f32 and bf16 runs see the same weights.
+pub fn embedded_weights(cfg: &ModelConfig) -> Result<MemorySource> {
+    let mut rng = ChaCha8Rng::seed_from_u64(SEED);
+    let mut tensors = HashMap::new();
+    for t in checkpoint_layout(cfg) {
+        let n: usize = t.shape.iter().product();
+        let values: Vec<f32> = (0..n)
+            .map(|_| {
+                let z: f32 = StandardNormal.sample(&mut rng);
+                t.mean + t.std * z
+            })
+            .collect();
+        let tensor =
+            Tensor::from_vec(values, t.shape.as_slice(), &Device::Cpu)?.to_dtype(DType::BF16)?;
+        tensors.insert(t.name, tensor);
+    }
     let identity = format!("{EMBEDDED_MODEL_NAME} seed={SEED:#x}");
-    Ok(MemorySource::new(w.tensors, identity))
+    Ok(MemorySource::new(tensors, identity))
 }

@@ -12,7 +12,6 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
-use crate::layers::Mlp;
 use crate::router::Routing;
 use crate::weights::Loader;
 
@@ -65,10 +64,23 @@ impl ShardSpec {
     }
 }
 
+/// Most token rows the dense expert form takes on (see [`ExpertShard::forward_assigned`]).
+pub const DENSE_MAX_ROWS: usize = 256;
+
+/// One MoE layer's held experts, stacked so that all of them can run as one GEMM.
+struct LayerExperts {
+    /// expert id → slot in the stacks.
+    slots: BTreeMap<usize, usize>,
+    /// `[slots · 2I, hidden]`: slot s's gate rows `2sI..2sI+I`, then its up rows.
+    gate_up: Tensor,
+    /// `[slots, hidden, I]`.
+    down: Tensor,
+}
+
 /// Routed-expert weights held in this process.
 pub struct ExpertShard {
-    /// (layer, expert) → the expert's MLP.
-    experts: BTreeMap<(usize, usize), Mlp>,
+    layers: BTreeMap<usize, LayerExperts>,
+    inner: usize,
     device: Device,
     dtype: DType,
 }
@@ -76,7 +88,8 @@ pub struct ExpertShard {
 impl ExpertShard {
     /// Loads `model.layers.{l}.mlp.experts.{e}.*` for every (l, e) of `spec`.
     pub fn load(cfg: &ModelConfig, loader: &Loader, spec: &ShardSpec) -> Result<Self> {
-        let mut experts = BTreeMap::new();
+        let (h, inner) = (cfg.hidden_size, cfg.moe_intermediate_size);
+        let mut layers = BTreeMap::new();
         for &l in &spec.layers {
             if !cfg.is_moe_layer(l) {
                 return Err(EngineError::InvalidInput(format!(
@@ -84,6 +97,8 @@ impl ExpertShard {
                     cfg.moe_layers()
                 )));
             }
+            let mut slots = BTreeMap::new();
+            let (mut gate_up, mut down) = (Vec::new(), Vec::new());
             for &e in &spec.experts {
                 if e >= cfg.n_routed_experts {
                     return Err(EngineError::InvalidInput(format!(
@@ -91,13 +106,25 @@ impl ExpertShard {
                         cfg.n_routed_experts
                     )));
                 }
-                let prefix = format!("model.layers.{l}.mlp.experts.{e}");
-                let mlp = Mlp::new(loader, &prefix, cfg.hidden_size, cfg.moe_intermediate_size)?;
-                experts.insert((l, e), mlp);
+                if slots.contains_key(&e) {
+                    continue;
+                }
+                let p = format!("model.layers.{l}.mlp.experts.{e}");
+                slots.insert(e, slots.len());
+                gate_up.push(loader.get(&format!("{p}.gate_proj.weight"), &[inner, h])?);
+                gate_up.push(loader.get(&format!("{p}.up_proj.weight"), &[inner, h])?);
+                down.push(loader.get(&format!("{p}.down_proj.weight"), &[h, inner])?);
             }
+            let layer = LayerExperts {
+                slots,
+                gate_up: Tensor::cat(&gate_up, 0)?,
+                down: Tensor::stack(&down, 0)?,
+            };
+            layers.insert(l, layer);
         }
         Ok(ExpertShard {
-            experts,
+            layers,
+            inner,
             device: loader.device().clone(),
             dtype: loader.dtype(),
         })
@@ -105,49 +132,128 @@ impl ExpertShard {
 
     /// Whether this shard holds expert `expert` of `layer`.
     pub fn has(&self, layer: usize, expert: usize) -> bool {
-        self.experts.contains_key(&(layer, expert))
+        self.layers
+            .get(&layer)
+            .is_some_and(|l| l.slots.contains_key(&expert))
     }
 
     /// The (layer, expert) pairs held.
     pub fn held(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
-        self.experts.keys().copied()
+        self.layers
+            .iter()
+            .flat_map(|(&l, le)| le.slots.keys().map(move |&e| (l, e)))
     }
 
     /// `out[t] = Σ w · expert(x[t])` over `assignments`, a list of (token row, expert, weight);
     /// a token may appear several times (once per expert it was routed to here).
+    ///
+    /// Two ways to compute it, with the same result up to summation order: one expert at a
+    /// time over its tokens (reads only the experts used, but costs ~10 kernel launches per
+    /// expert), or every held expert over every token as two GEMMs (reads every expert's
+    /// weights once, a handful of launches). On a GPU the launches dominate as soon as there
+    /// is about one assignment per held expert, so the dense form takes over there, up to
+    /// [`DENSE_MAX_ROWS`] rows: beyond that its wasted FLOPs (held/k times the useful ones)
+    /// cost more than the launches it saves (a 2,048-token prefill ran 10× slower dense). The
+    /// CPU always goes expert by expert (its FLOPs are what cost).
     pub fn forward_assigned(
         &self,
         layer: usize,
         x: &Tensor,
         assignments: &[(u32, u32, f32)],
     ) -> Result<Tensor> {
-        let (t, hidden) = x.dims2()?;
-        let mut by_expert: BTreeMap<u32, (Vec<u32>, Vec<f32>)> = BTreeMap::new();
-        for &(row, expert, w) in assignments {
+        let le = self.layer(layer)?;
+        let t = x.dim(0)?;
+        for &(row, expert, _) in assignments {
             if row as usize >= t {
                 return Err(EngineError::InvalidInput(format!(
                     "assignment names token row {row}, but the batch has {t} rows"
                 )));
             }
-            let entry = by_expert.entry(expert).or_default();
+            if !le.slots.contains_key(&(expert as usize)) {
+                return Err(EngineError::InvalidInput(format!(
+                    "expert {expert} of layer {layer} is not held by this shard"
+                )));
+            }
+        }
+        let dense =
+            !self.device.is_cpu() && 2 * assignments.len() >= le.slots.len() && t <= DENSE_MAX_ROWS;
+        if dense {
+            self.forward_dense(layer, x, assignments)
+        } else {
+            self.forward_sparse(layer, x, assignments)
+        }
+    }
+
+    fn layer(&self, layer: usize) -> Result<&LayerExperts> {
+        self.layers.get(&layer).ok_or_else(|| {
+            EngineError::InvalidInput(format!(
+                "layer {layer}: no experts of it are held by this shard"
+            ))
+        })
+    }
+
+    /// Expert by expert. Assignments must be valid (see `forward_assigned`).
+    pub fn forward_sparse(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        assignments: &[(u32, u32, f32)],
+    ) -> Result<Tensor> {
+        let le = self.layer(layer)?;
+        let (t, hidden) = x.dims2()?;
+        let inner = self.inner;
+        let mut by_slot: BTreeMap<usize, (Vec<u32>, Vec<f32>)> = BTreeMap::new();
+        for &(row, expert, w) in assignments {
+            let slot = le.slots.get(&(expert as usize)).copied().ok_or_else(|| {
+                EngineError::InvalidInput(format!(
+                    "expert {expert} of layer {layer} is not held by this shard"
+                ))
+            })?;
+            let entry = by_slot.entry(slot).or_default();
             entry.0.push(row);
             entry.1.push(w);
         }
         // Accumulate in f32 whatever the compute dtype: up to k experts add into each row.
         let mut out = Tensor::zeros((t, hidden), DType::F32, &self.device)?;
-        for (expert, (rows, ws)) in by_expert {
-            let mlp = self.experts.get(&(layer, expert as usize)).ok_or_else(|| {
-                EngineError::InvalidInput(format!(
-                    "expert {expert} of layer {layer} is not held by this shard"
-                ))
-            })?;
+        for (slot, (rows, ws)) in by_slot {
             let n = rows.len();
             let idx = Tensor::from_vec(rows, n, &self.device)?;
             let xe = x.index_select(&idx, 0)?;
-            let ye = mlp.forward(&xe)?.to_dtype(DType::F32)?;
+            let gu = xe.matmul(&le.gate_up.narrow(0, 2 * slot * inner, 2 * inner)?.t()?)?;
+            let h = (gu.narrow(1, 0, inner)?.silu()? * gu.narrow(1, inner, inner)?)?;
+            let ye = h.matmul(&le.down.get(slot)?.t()?)?.to_dtype(DType::F32)?;
             let w = Tensor::from_vec(ws, (n, 1), &self.device)?;
             out = out.index_add(&idx, &ye.broadcast_mul(&w)?, 0)?;
         }
+        Ok(out.to_dtype(self.dtype)?)
+    }
+
+    /// Every held expert over every token; the weights of unassigned (token, expert) pairs are
+    /// zero. Assignments must be valid (see `forward_assigned`).
+    pub fn forward_dense(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        assignments: &[(u32, u32, f32)],
+    ) -> Result<Tensor> {
+        let le = self.layer(layer)?;
+        let (t, hidden) = x.dims2()?;
+        let (n, inner) = (le.slots.len(), self.inner);
+        let mut weights = vec![0f32; t * n];
+        for &(row, expert, w) in assignments {
+            if let Some(&slot) = le.slots.get(&(expert as usize)) {
+                weights[row as usize * n + slot] += w;
+            }
+        }
+        let gu = x.matmul(&le.gate_up.t()?)?.reshape((t, n, 2, inner))?;
+        let h = (gu.narrow(2, 0, 1)?.silu()? * gu.narrow(2, 1, 1)?)?
+            .reshape((t, n, inner))?
+            .transpose(0, 1)?
+            .contiguous()?; // [n, T, I]
+        let y = h.matmul(&le.down.transpose(1, 2)?)?; // [n, T, hidden]
+        let y = y.to_dtype(DType::F32)?.transpose(0, 1)?.contiguous()?; // [T, n, hidden]
+        let w = Tensor::from_vec(weights, (t, 1, n), &self.device)?;
+        let out = w.matmul(&y)?.reshape((t, hidden))?;
         Ok(out.to_dtype(self.dtype)?)
     }
 }

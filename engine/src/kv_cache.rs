@@ -166,6 +166,21 @@ impl SequenceCache {
         Ok((slot.ckv.narrow(0, 0, total)?, slot.kpe.narrow(0, 0, total)?))
     }
 
+    /// The pool of a paged cache.
+    pub(crate) fn pool(&self) -> Option<&Arc<KvPool>> {
+        self.paged.as_ref().map(|p| &p.pool)
+    }
+
+    /// Pool rows of positions `0..n` of a paged cache (reserved beforehand).
+    pub(crate) fn pool_rows(&self, n: usize) -> Option<impl Iterator<Item = u32> + '_> {
+        let p = self.paged.as_ref()?;
+        (n <= p.table.len() * BLOCK_TOKENS).then(|| {
+            (0..n).map(|pos| {
+                p.table[pos / BLOCK_TOKENS] * BLOCK_TOKENS as u32 + (pos % BLOCK_TOKENS) as u32
+            })
+        })
+    }
+
     /// Makes the last `n` written tokens part of the sequence.
     pub fn commit(&mut self, n: usize) {
         self.len = (self.len + n).min(self.capacity);

@@ -115,6 +115,29 @@ impl KvPool {
     }
 
     /// The first `len` rows of a sequence: `(c_kv [len, kv_lora_rank], k_pe [len, rope])`.
+    /// Writes row `i` of `ckv`/`kpe` to pool row `rows[i]` (`ckv_rows`/`kpe_rows` hold each
+    /// destination row repeated across the width, as `scatter_set` wants).
+    pub(crate) fn scatter(
+        &self,
+        layer: usize,
+        ckv_rows: &Tensor,
+        ckv: &Tensor,
+        kpe_rows: &Tensor,
+        kpe: &Tensor,
+    ) -> Result<()> {
+        self.ckv[layer].scatter_set(ckv_rows, &ckv.to_dtype(self.dtype)?.contiguous()?, 0)?;
+        self.kpe[layer].scatter_set(kpe_rows, &kpe.to_dtype(self.dtype)?.contiguous()?, 0)?;
+        Ok(())
+    }
+
+    /// Rows `idx` (`[n]`, u32) of layer `layer`: `([n, kv_lora_rank], [n, rope])`.
+    pub(crate) fn gather_rows(&self, layer: usize, idx: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.ckv[layer].index_select(idx, 0)?,
+            self.kpe[layer].index_select(idx, 0)?,
+        ))
+    }
+
     pub(crate) fn gather(
         &self,
         layer: usize,

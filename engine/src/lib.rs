@@ -22,6 +22,7 @@ pub mod model_dir;
 pub mod router;
 pub mod sampling;
 pub mod stop;
+pub mod synthetic;
 pub mod text;
 pub mod weights;
 

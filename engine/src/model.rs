@@ -13,7 +13,7 @@ use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::experts::{Experts, PendingExperts};
 use crate::kv_cache::SequenceCache;
-use crate::layers::mla::{AttentionStep, SeqRows};
+use crate::layers::mla::{AttentionStep, DecodeBatch, SeqRows};
 use crate::layers::{Attention, Linear, Mlp, RmsNorm, Rotary};
 use crate::router::Router;
 use crate::weights::Loader;
@@ -31,9 +31,14 @@ pub enum FeedForward {
     Moe(MoeBlock),
 }
 
+/// The residual stream between layers is f32 whatever the compute dtype: it accumulates the
+/// output of every layer, and rounding it to bf16 at each addition is where a bf16 model drifts
+/// most from its f32 reference. Norms read it in f32 and hand the compute dtype to the matmuls;
+/// the router scores the f32 normed activations (a flipped expert choice is a large error).
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {
     pub index: usize,
+    dtype: DType,
     input_layernorm: RmsNorm,
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
@@ -69,6 +74,7 @@ impl DecoderLayer {
         };
         Ok(DecoderLayer {
             index,
+            dtype: loader.dtype(),
             input_layernorm: RmsNorm::new(
                 loader,
                 &format!("{p}.input_layernorm.weight"),
@@ -86,7 +92,7 @@ impl DecoderLayer {
         })
     }
 
-    /// `x + attention(norm(x))`.
+    /// `x + attention(norm(x))`, `x` f32.
     pub fn attention_residual(
         &self,
         x: &Tensor,
@@ -95,18 +101,13 @@ impl DecoderLayer {
         caches: &mut [&mut SequenceCache],
     ) -> Result<Tensor> {
         let a = self.self_attn.forward(
-            &self.input_layernorm.forward(x)?,
+            &self.input_layernorm.forward_as(x, self.dtype)?,
             self.index,
             step,
             rotary,
             caches,
         )?;
-        Ok((x + a)?)
-    }
-
-    /// The normed input of the feed-forward block.
-    pub fn ffn_input(&self, h: &Tensor) -> Result<Tensor> {
-        self.post_attention_layernorm.forward(h)
+        Ok((x + a.to_dtype(DType::F32)?)?)
     }
 
     /// `h + ffn(norm(h))`, calling `experts` for the routed part of an MoE layer.
@@ -118,11 +119,12 @@ impl DecoderLayer {
     /// First half of the feed-forward block: norms, routes, and sends routed experts off
     /// (a dense layer computes its MLP here).
     pub fn ffn_start(&self, h: &Tensor, experts: &dyn Experts) -> Result<FfnInFlight> {
-        let x = self.ffn_input(h)?;
+        let xf = self.post_attention_layernorm.forward_as(h, DType::F32)?;
+        let x = xf.to_dtype(self.dtype)?;
         let work = match &self.mlp {
             FeedForward::Dense(mlp) => Work::Done(mlp.forward(&x)?),
             FeedForward::Moe(moe) => {
-                let routing = moe.router.route(&x)?;
+                let routing = moe.router.route(&xf)?;
                 Work::Routed(experts.dispatch(self.index, &x, &routing)?)
             }
         };
@@ -152,7 +154,7 @@ impl DecoderLayer {
             }
             (Work::Routed(pending), FeedForward::Dense(_)) => pending.wait()?,
         };
-        Ok((f.h + y)?)
+        Ok((f.h + y.to_dtype(DType::F32)?)?)
     }
 }
 
@@ -275,7 +277,7 @@ impl DeepSeekModel {
     }
 
     /// Runs every decoder layer over a step's rows (`hidden: [T, hidden]`, sequences in order)
-    /// and commits the new tokens to each cache. Returns the last layer's output (before the
+    /// and commits the new tokens to each cache. Returns the last layer's output, f32 (before the
     /// final norm). `observe(i, h)` sees the output of layer `i`.
     pub fn forward_hidden(
         &self,
@@ -286,13 +288,14 @@ impl DeepSeekModel {
     ) -> Result<Tensor> {
         let (rows, positions) = self.plan(hidden, seqs)?;
         let (cos, sin) = self.rotary.cos_sin(&positions, self.dtype, &self.device)?;
+        let mut caches: Vec<&mut SequenceCache> = seqs.iter_mut().map(|s| &mut *s.cache).collect();
         let step = AttentionStep {
             rows: &rows,
             cos: &cos,
             sin: &sin,
+            decode: self.decode_batch(&rows, &caches)?,
         };
-        let mut caches: Vec<&mut SequenceCache> = seqs.iter_mut().map(|s| &mut *s.cache).collect();
-        let mut x = hidden.to_dtype(self.dtype)?;
+        let mut x = hidden.to_dtype(DType::F32)?;
         for layer in &self.layers {
             let h = layer.attention_residual(&x, &step, &self.rotary, &mut caches)?;
             x = layer.ffn_residual(&h, experts)?;
@@ -340,22 +343,24 @@ impl DeepSeekModel {
             cos.narrow(0, cut, total - cut)?,
             sin.narrow(0, cut, total - cut)?,
         );
-        let step_a = AttentionStep {
-            rows: &rows_a,
-            cos: &cos_a,
-            sin: &sin_a,
-        };
-        let step_b = AttentionStep {
-            rows: &rows_b,
-            cos: &cos_b,
-            sin: &sin_b,
-        };
-        let x = hidden.to_dtype(self.dtype)?;
+        let x = hidden.to_dtype(DType::F32)?;
         let (mut xa, mut xb) = (x.narrow(0, 0, cut)?, x.narrow(0, cut, total - cut)?);
         {
             let (sa, sb) = seqs.split_at_mut(split);
             let mut ca: Vec<&mut SequenceCache> = sa.iter_mut().map(|s| &mut *s.cache).collect();
             let mut cb: Vec<&mut SequenceCache> = sb.iter_mut().map(|s| &mut *s.cache).collect();
+            let step_a = AttentionStep {
+                rows: &rows_a,
+                cos: &cos_a,
+                sin: &sin_a,
+                decode: self.decode_batch(&rows_a, &ca)?,
+            };
+            let step_b = AttentionStep {
+                rows: &rows_b,
+                cos: &cos_b,
+                sin: &sin_b,
+                decode: self.decode_batch(&rows_b, &cb)?,
+            };
             for layer in &self.layers {
                 let ha = layer.attention_residual(&xa, &step_a, &self.rotary, &mut ca)?;
                 let fa = layer.ffn_start(&ha, experts)?;
@@ -369,6 +374,20 @@ impl DeepSeekModel {
             s.cache.commit(s.new_tokens);
         }
         Ok(Tensor::cat(&[xa, xb], 0)?)
+    }
+
+    fn decode_batch(
+        &self,
+        rows: &[SeqRows],
+        caches: &[&mut SequenceCache],
+    ) -> Result<Option<DecodeBatch>> {
+        DecodeBatch::plan(
+            rows,
+            caches,
+            self.cfg.kv_lora_rank,
+            self.cfg.qk_rope_head_dim,
+            &self.device,
+        )
     }
 
     /// Checks the step's shape against the caches, reserves KV room, and lays out each
@@ -411,7 +430,7 @@ impl DeepSeekModel {
         let norm = self.norm.as_ref().ok_or_else(|| {
             EngineError::InvalidInput("this process did not load the decoder (final norm)".into())
         })?;
-        norm.forward(hidden)
+        norm.forward_as(hidden, self.dtype)
     }
 
     /// Logits `[rows, vocab]` in f32 from last-layer hidden rows: `lm_head(norm(h))`.
@@ -425,7 +444,7 @@ impl DeepSeekModel {
             }
         };
         Ok(lm_head
-            .forward(&norm.forward(hidden)?)?
+            .forward(&norm.forward_as(hidden, self.dtype)?)?
             .to_dtype(DType::F32)?)
     }
 

@@ -15,6 +15,7 @@ use crate::embedded::{
 use crate::error::{EngineError, Result};
 use crate::experts::{ExpertShard, ShardSpec};
 use crate::model::{DeepSeekModel, Parts};
+use crate::synthetic::{SyntheticSource, synthetic_config, synthetic_config_json};
 use crate::text::TextTokenizer;
 use crate::weights::safetensors::SafetensorsSource;
 use crate::weights::{Loader, TensorSource};
@@ -47,7 +48,11 @@ fn fingerprint(config_bytes: &[u8], source: &dyn TensorSource) -> String {
 
 impl ModelFiles {
     /// Opens a checkpoint directory: `config.json`, safetensors, and `tokenizer.json` if present.
+    /// `synthetic:NAME` instead names a generated benchmark model (see [`crate::synthetic`]).
     pub fn open(dir: &Path) -> Result<Self> {
+        if let Some(name) = dir.to_str().and_then(|s| s.strip_prefix("synthetic:")) {
+            return Self::synthetic(name);
+        }
         if !dir.is_dir() {
             return Err(EngineError::WeightFile {
                 path: dir.to_path_buf(),
@@ -89,6 +94,21 @@ impl ModelFiles {
             source,
             tokenizer: Some(TextTokenizer::embedded_deepseek_r1()?),
             name: EMBEDDED_MODEL_NAME.to_string(),
+            dir: None,
+        })
+    }
+
+    /// A synthetic model: random weights generated on the loading device, no tokenizer.
+    pub fn synthetic(name: &str) -> Result<Self> {
+        let config = synthetic_config(name)?;
+        let source: Arc<dyn TensorSource> = Arc::new(SyntheticSource::new(name, &config));
+        let config_bytes = synthetic_config_json(name)?.to_string().into_bytes();
+        Ok(ModelFiles {
+            fingerprint: fingerprint(&config_bytes, source.as_ref()),
+            config,
+            source,
+            tokenizer: None,
+            name: format!("synthetic:{name}"),
             dir: None,
         })
     }

@@ -474,3 +474,110 @@ fn overlapped_micro_batches_equal_the_single_batch_forward() {
         assert!(d < 1e-4, "micro-batching changed logits by {d}");
     }
 }
+
+/// The two ways an expert shard computes routed experts (expert by expert, and every expert as
+/// one GEMM with zero weights for unassigned pairs) agree. Both are f32 sums of the same
+/// products in a different order: 1e-5 of the output's scale is ample.
+#[test]
+fn dense_and_sparse_expert_forms_agree() {
+    let engine = load(&fixtures_root().join("tiny-deepseek-v3"));
+    let cfg = engine.model.config().clone();
+    let layer = cfg.moe_layers()[0];
+    let x = Tensor::randn(0f32, 1.0, (5, cfg.hidden_size), &Device::Cpu).expect("x");
+    // Token 0 twice to the same expert (weights add), token 4 unassigned.
+    let assignments = [
+        (0, 3, 0.5),
+        (0, 3, 0.25),
+        (0, 7, 1.0),
+        (1, 0, 0.3),
+        (2, 15, 2.0),
+        (3, 7, -1.0),
+        (3, 8, 0.1),
+    ];
+    let sparse = engine
+        .experts
+        .forward_sparse(layer, &x, &assignments)
+        .expect("sparse");
+    let dense = engine
+        .experts
+        .forward_dense(layer, &x, &assignments)
+        .expect("dense");
+    let scale = max_abs(&sparse);
+    let d = max_abs_diff(&sparse, &dense);
+    assert!(
+        scale > 0.0 && d <= 1e-5 * scale,
+        "diff {d} at scale {scale}"
+    );
+    let last: Vec<f32> = dense.get(4).expect("row").to_vec1().expect("vec");
+    assert!(last.iter().all(|&v| v == 0.0), "unassigned token is zero");
+    assert!(
+        engine
+            .experts
+            .forward_assigned(layer, &x, &[(9, 0, 1.0)])
+            .is_err(),
+        "row out of range"
+    );
+}
+
+/// Decoding sequences of one pool are attended as one padded batch, also when the step mixes
+/// them with prefills (whose rows sit between theirs): the tokens equal those of each sequence
+/// generated alone with its own cache.
+#[test]
+fn batched_decode_attention_over_the_pool_matches_single_sequences() {
+    for fixture in ["tiny-deepseek-v3", "tiny-deepseek-v2-lite"] {
+        let engine = load(&fixtures_root().join(fixture));
+        let model = &engine.model;
+        let cfg = model.config().clone();
+        let pool = moemesh_engine::KvPool::new(&cfg, 64, DType::F32, &Device::Cpu).expect("pool");
+        let prompts: Vec<Vec<u32>> = vec![vec![5, 17, 42], (2..40).collect(), vec![300; 20]];
+        let steps = 12;
+        let mut caches: Vec<_> = prompts
+            .iter()
+            .map(|_| moemesh_engine::SequenceCache::paged(&cfg, pool.clone()))
+            .collect();
+        let mut inputs = prompts.clone();
+        let mut got: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+        // Step s runs sequences 0..=s (sequence s prefills while the earlier ones decode), then
+        // every sequence decodes together.
+        for s in 0..steps + prompts.len() {
+            let active: Vec<usize> = (0..prompts.len().min(s + 1))
+                .filter(|&i| got[i].len() < steps)
+                .collect();
+            if active.is_empty() {
+                break;
+            }
+            let flat: Vec<u32> = active.iter().flat_map(|&i| inputs[i].clone()).collect();
+            let emb = model.embed(&flat).expect("embed");
+            let mut seqs: Vec<StepSeq> = caches
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| active.contains(i))
+                .map(|(i, cache)| StepSeq {
+                    cache,
+                    new_tokens: inputs[i].len(),
+                })
+                .collect();
+            let logits = model
+                .step_last_logits(&emb, &mut seqs, &engine.experts)
+                .expect("step")
+                .to_vec2::<f32>()
+                .expect("rows");
+            for (row, &i) in logits.iter().zip(&active) {
+                let tok = moemesh_engine::sampling::argmax(row) as u32;
+                got[i].push(tok);
+                inputs[i] = vec![tok];
+            }
+        }
+        for (p, g) in prompts.iter().zip(&got) {
+            let req = moemesh_engine::GenerationRequest {
+                prompt_ids: p.clone(),
+                sampling: Default::default(),
+                max_new_tokens: steps,
+                stop: Vec::new(),
+                ignore_eos: true,
+            };
+            let alone = engine.generate(&req, &mut |_| true).expect("owned");
+            assert_eq!(&alone.token_ids, g, "{fixture}: prompt {p:?}");
+        }
+    }
+}

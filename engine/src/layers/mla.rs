@@ -6,12 +6,15 @@
 //! latents. The same code serves prefill (many new tokens, causal mask) and decode (one token per
 //! sequence); every sequence of a batch attends only to its own cache.
 
-use candle_core::{D, DType, Tensor};
+use std::sync::Arc;
+
+use candle_core::{D, DType, Device, Tensor};
 
 use super::{Linear, RmsNorm, Rotary};
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::kv_cache::SequenceCache;
+use crate::kv_pool::KvPool;
 use crate::weights::Loader;
 
 #[derive(Debug, Clone)]
@@ -41,6 +44,90 @@ pub struct AttentionStep<'a> {
     pub cos: &'a Tensor,
     /// `[T, rope / 2]`.
     pub sin: &'a Tensor,
+    /// The step's decoding sequences, batched (see [`DecodeBatch`]).
+    pub decode: Option<DecodeBatch>,
+}
+
+/// The sequences of a step that decode one token each from caches in one KV pool, attended as
+/// one batch: every layer scatters their new latents into the pool and gathers their prefixes,
+/// padded to the longest and masked, with one kernel each, then runs the attention as batched
+/// matmuls. Per-sequence attention costs about ten launches per sequence and layer, which is
+/// most of a GPU decode step at batch 64. The index tensors are the same for every layer, so
+/// they are built once per step.
+pub struct DecodeBatch {
+    /// Indices into the step's sequences (and rows order: increasing).
+    seqs: Vec<usize>,
+    pool: Arc<KvPool>,
+    /// `[B]`: the activation row of each decoding sequence's token.
+    rows: Tensor,
+    /// `[B, kv_lora_rank]` and `[B, rope]`: each token's pool row, repeated across the width.
+    write_ckv: Tensor,
+    write_kpe: Tensor,
+    /// `[B · Lmax]`: pool rows of every sequence's positions `0..=len`, padded.
+    gather: Tensor,
+    /// `[B, 1, Lmax]`: 0 for real positions, −∞ for padding.
+    mask: Tensor,
+    lmax: usize,
+    /// Whether every row of the step is in the batch (in order).
+    all: bool,
+}
+
+impl DecodeBatch {
+    /// `None` when fewer than two sequences of the step decode from a shared pool.
+    pub fn plan(
+        rows: &[SeqRows],
+        caches: &[&mut SequenceCache],
+        kv_lora: usize,
+        rope: usize,
+        device: &Device,
+    ) -> Result<Option<Self>> {
+        let pool = match caches.first().and_then(|c| c.pool()) {
+            Some(p) => p.clone(),
+            None => return Ok(None),
+        };
+        let seqs: Vec<usize> = (0..rows.len())
+            .filter(|&i| {
+                rows[i].len == 1 && caches[i].pool().is_some_and(|p| Arc::ptr_eq(p, &pool))
+            })
+            .collect();
+        if seqs.len() < 2 {
+            return Ok(None);
+        }
+        let b = seqs.len();
+        let lmax = seqs.iter().map(|&i| caches[i].len() + 1).max().unwrap_or(1);
+        let mut gather = Vec::with_capacity(b * lmax);
+        let mut mask = Vec::with_capacity(b * lmax);
+        let mut targets = Vec::with_capacity(b);
+        for &i in &seqs {
+            let n = caches[i].len() + 1;
+            let own: Vec<u32> = caches[i]
+                .pool_rows(n)
+                .ok_or_else(|| {
+                    EngineError::KvCache("decode batch: KV blocks were not reserved".into())
+                })?
+                .collect();
+            let last = own[n - 1];
+            targets.push(last);
+            gather.extend_from_slice(&own);
+            gather.extend(std::iter::repeat_n(last, lmax - n));
+            mask.extend(std::iter::repeat_n(0f32, n));
+            mask.extend(std::iter::repeat_n(f32::NEG_INFINITY, lmax - n));
+        }
+        let row_ids: Vec<u32> = seqs.iter().map(|&i| rows[i].start as u32).collect();
+        let all = b == rows.len();
+        let t = Tensor::from_vec(targets, (b, 1), device)?;
+        Ok(Some(DecodeBatch {
+            pool,
+            rows: Tensor::from_vec(row_ids, b, device)?,
+            write_ckv: t.broadcast_as((b, kv_lora))?.contiguous()?,
+            write_kpe: t.broadcast_as((b, rope))?.contiguous()?,
+            gather: Tensor::from_vec(gather, b * lmax, device)?,
+            mask: Tensor::from_vec(mask, (b, 1, lmax), device)?,
+            lmax,
+            all,
+            seqs,
+        }))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -160,8 +247,28 @@ impl Attention {
             .apply(&kpe, step.cos, step.sin)?
             .reshape((t, self.rope))?;
 
+        let batched = match &step.decode {
+            Some(db) => Some(self.attend_decode_batch(db, layer, &q_lat, &q_pe, &ckv, &kpe)?),
+            None => None,
+        };
+        let in_batch = |i: usize| step.decode.as_ref().is_some_and(|db| db.seqs.contains(&i));
+        if let (Some(o), Some(db)) = (&batched, &step.decode)
+            && db.all
+        {
+            return self.o_proj.forward(o);
+        }
         let mut outputs = Vec::with_capacity(step.rows.len());
-        for (rows, cache) in step.rows.iter().zip(caches.iter_mut()) {
+        // Row order of `outputs` concatenated: the batch first, then the others.
+        let mut order: Vec<u32> = Vec::new();
+        if let (Some(o), Some(db)) = (batched, &step.decode) {
+            outputs.push(o);
+            order.extend(db.seqs.iter().map(|&i| step.rows[i].start as u32));
+        }
+        for (i, (rows, cache)) in step.rows.iter().zip(caches.iter_mut()).enumerate() {
+            if in_batch(i) {
+                continue;
+            }
+            order.extend((rows.start..rows.start + rows.len).map(|r| r as u32));
             let past = cache.len();
             let (c_all, k_all) = cache.write(
                 layer,
@@ -172,8 +279,56 @@ impl Attention {
             let qp = q_pe.narrow(1, rows.start, rows.len)?;
             outputs.push(self.attend(&ql, &qp, &c_all, &k_all, past)?);
         }
-        let o = Tensor::cat(&outputs, 0)?; // [T, H * v]
+        let mut o = Tensor::cat(&outputs, 0)?; // [T, H * v], in `order`
+        if step.decode.is_some() {
+            // Back to row order: position r of the result is the output of row r.
+            let mut inverse = vec![0u32; order.len()];
+            for (at, &row) in order.iter().enumerate() {
+                inverse[row as usize] = at as u32;
+            }
+            let n = inverse.len();
+            o = o.index_select(&Tensor::from_vec(inverse, n, o.device())?, 0)?;
+        }
         self.o_proj.forward(&o)
+    }
+
+    /// The decode batch: `q_lat [H, T, kv_lora]`, `q_pe [H, T, rope]`, the step's new latents
+    /// `ckv [T, kv_lora]`, `kpe [T, rope]` → `[B, H · v]`.
+    fn attend_decode_batch(
+        &self,
+        db: &DecodeBatch,
+        layer: usize,
+        q_lat: &Tensor,
+        q_pe: &Tensor,
+        ckv: &Tensor,
+        kpe: &Tensor,
+    ) -> Result<Tensor> {
+        let b = db.seqs.len();
+        let (ckv_b, kpe_b, ql, qp) = if db.all {
+            (ckv.clone(), kpe.clone(), q_lat.clone(), q_pe.clone())
+        } else {
+            (
+                ckv.index_select(&db.rows, 0)?,
+                kpe.index_select(&db.rows, 0)?,
+                q_lat.index_select(&db.rows, 1)?,
+                q_pe.index_select(&db.rows, 1)?,
+            )
+        };
+        db.pool
+            .scatter(layer, &db.write_ckv, &ckv_b, &db.write_kpe, &kpe_b)?;
+        let (c, k) = db.pool.gather_rows(layer, &db.gather)?;
+        let c = c.reshape((b, db.lmax, self.kv_lora))?;
+        let k = k.reshape((b, db.lmax, self.rope))?;
+        let ql = ql.transpose(0, 1)?.contiguous()?; // [B, H, kv_lora]
+        let qp = qp.transpose(0, 1)?.contiguous()?; // [B, H, rope]
+        let scores = (ql.matmul(&c.transpose(1, 2)?)? + qp.matmul(&k.transpose(1, 2)?)?)?;
+        let scores = (scores.to_dtype(DType::F32)? * self.scale)?.broadcast_add(&db.mask)?;
+        let probs = softmax_last(&scores)?.to_dtype(c.dtype())?; // [B, H, Lmax]
+        let o_lat = probs.matmul(&c)?; // [B, H, kv_lora]
+        let o = o_lat.transpose(0, 1)?.contiguous()?.matmul(&self.w_uv_t)?; // [H, B, v]
+        Ok(o.transpose(0, 1)?
+            .contiguous()?
+            .reshape((b, self.heads * self.v_dim))?)
     }
 
     /// One sequence: `ql [H, n, kv_lora]`, `qp [H, n, rope]` against `c [L, kv_lora]`,

@@ -1,5 +1,6 @@
-//! RMSNorm as DeepSeek (and transformers) compute it: statistics in f32, the result cast back to
-//! the input dtype before the weight multiplies it.
+//! RMSNorm: statistics, scaling and the weight product in f32, the result cast to the dtype the
+//! next matmul wants. In f32 this is exactly transformers' computation; in bf16 it rounds once
+//! (after the weight) instead of twice.
 
 use candle_core::{D, DType, Tensor};
 
@@ -8,7 +9,7 @@ use crate::weights::Loader;
 
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
-    /// `[dim]`, in the compute dtype.
+    /// `[dim]`, f32.
     weight: Tensor,
     eps: f64,
 }
@@ -16,18 +17,22 @@ pub struct RmsNorm {
 impl RmsNorm {
     pub fn new(loader: &Loader, name: &str, dim: usize, eps: f64) -> Result<Self> {
         Ok(RmsNorm {
-            weight: loader.get(name, &[dim])?,
+            weight: loader.get_f32(name, &[dim])?,
             eps,
         })
     }
 
-    /// `x: [T, dim] -> [T, dim]`.
+    /// `x: [T, dim] -> [T, dim]`, in `x`'s dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
+        self.forward_as(x, x.dtype())
+    }
+
+    /// `x: [T, dim] -> [T, dim]` in `dtype`.
+    pub fn forward_as(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
         let xf = x.to_dtype(DType::F32)?;
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
         let inv = (var + self.eps)?.sqrt()?.recip()?;
-        let normed = xf.broadcast_mul(&inv)?.to_dtype(dtype)?;
-        Ok(normed.broadcast_mul(&self.weight)?)
+        let normed = xf.broadcast_mul(&inv)?.broadcast_mul(&self.weight)?;
+        Ok(normed.to_dtype(dtype)?)
     }
 }

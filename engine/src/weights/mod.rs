@@ -41,6 +41,9 @@ pub enum RawData<'a> {
     Bytes(&'a [u8]),
     /// A tensor that already lives in memory (embedded model).
     Tensor(Tensor),
+    /// Random normal values drawn on the loading device, seeded per tensor (synthetic benchmark
+    /// models, too large to generate on the host).
+    Random { mean: f32, std: f32, seed: u64 },
 }
 
 /// A set of named tensors.
@@ -61,6 +64,30 @@ pub struct Loader<'s> {
     dtype: DType,
     quant: Option<Fp8Quant>,
     used: Mutex<HashSet<String>>,
+}
+
+/// `N(mean, std²)` values of `shape` on `device`, the same for the same seed on the same kind of
+/// device (a GPU draws with its own generator; candle's CPU generator cannot be seeded, so the
+/// CPU draws from a seeded ChaCha stream).
+fn random_normal(
+    mean: f32,
+    std: f32,
+    seed: u64,
+    shape: &[usize],
+    device: &Device,
+) -> Result<Tensor> {
+    if device.is_cpu() {
+        use rand::SeedableRng;
+        use rand_distr::Distribution;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let normal = rand_distr::Normal::new(mean, std)
+            .map_err(|e| EngineError::InvalidInput(format!("random tensor with std {std}: {e}")))?;
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
+        return Ok(Tensor::from_vec(values, shape, device)?);
+    }
+    device.set_seed(seed)?;
+    Ok(Tensor::randn(mean, std, shape, device)?)
 }
 
 impl<'s> Loader<'s> {
@@ -121,6 +148,11 @@ impl<'s> Loader<'s> {
         self.mark_used(name);
         let tensor = match (raw.dtype, raw.data) {
             (_, RawData::Tensor(t)) => t,
+            (_, RawData::Random { mean, std, seed }) => {
+                return random_normal(mean, std, seed, shape, &self.device)?
+                    .to_dtype(dtype)
+                    .map_err(Into::into);
+            }
             (StoredDtype::F8E4M3, RawData::Bytes(bytes)) => self.dequantize(name, shape, bytes)?,
             (StoredDtype::F32, RawData::Bytes(b)) => {
                 Tensor::from_raw_buffer(b, DType::F32, shape, &Device::Cpu)?
@@ -181,6 +213,13 @@ impl<'s> Loader<'s> {
         }
         let scale_values: Vec<f32> = match scales.data {
             RawData::Tensor(t) => t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+            RawData::Random { .. } => {
+                return Err(EngineError::TensorDtype {
+                    name: scale_name,
+                    dtype: "generated".into(),
+                    expected: "stored FP8 block scales".into(),
+                });
+            }
             RawData::Bytes(b) => {
                 let dt = match scales.dtype {
                     StoredDtype::F32 => DType::F32,

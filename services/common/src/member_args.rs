@@ -28,7 +28,8 @@ pub struct MemberArgs {
     /// Registry lease TTL in seconds (how long a crashed process stays listed).
     #[arg(long, env = "MOEMESH_LEASE_TTL", default_value_t = 5)]
     pub lease_ttl: i64,
-    /// Device: `cpu` (CUDA devices `cuda:N` arrive with the CUDA backend).
+    /// Device: `cpu`, or `cuda:N` in a CUDA build (scripts/build-cuda.sh); the process pins
+    /// itself to that one GPU.
     #[arg(long, env = "MOEMESH_DEVICE", default_value = "cpu")]
     pub device: String,
     /// Compute dtype: `f32` (exact) or `bf16`.

@@ -37,6 +37,8 @@ impl Experts for RemoteExperts {
         x: &Tensor,
         routing: &Routing,
     ) -> moemesh_engine::Result<PendingExperts> {
+        // The wire is host memory: activations go down once per layer, the sum comes back up.
+        let device = x.device().clone();
         let x = x.to_device(&Device::Cpu)?;
         let dtype = x.dtype();
         let mut pairs = Vec::with_capacity(routing.expert_ids.len());
@@ -63,7 +65,7 @@ impl Experts for RemoteExperts {
                 MeshError::Engine(inner) => inner,
                 other => EngineError::ExpertsUnavailable(other.to_string()),
             })?;
-            Ok(out.to_dtype(dtype)?)
+            Ok(out.to_dtype(dtype)?.to_device(&device)?)
         }))
     }
 }

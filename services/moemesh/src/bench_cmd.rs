@@ -38,9 +38,21 @@ pub struct BenchArgs {
     /// for the mesh numbers.
     #[arg(long, conflicts_with = "addr")]
     pub in_process: bool,
-    /// Model directory for --in-process.
+    /// Model for --in-process: a directory, or `synthetic:v2-lite` (random weights generated on
+    /// the device); the embedded default when omitted.
     #[arg(long, requires = "in_process")]
     pub model: Option<std::path::PathBuf>,
+    /// Device for --in-process: `cpu` or `cuda:N`.
+    #[arg(long, requires = "in_process", default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype for --in-process: `f32` or `bf16`.
+    #[arg(long, requires = "in_process", default_value = "f32")]
+    pub dtype: String,
+    /// Run once per listed concurrency (comma-separated), each with as many requests as
+    /// clients, in one process (the in-process model is loaded once); one JSON line or table
+    /// per run.
+    #[arg(long, value_delimiter = ',')]
+    pub sweep: Vec<usize>,
 }
 
 #[derive(Default)]
@@ -91,11 +103,35 @@ async fn one(
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if !args.sweep.is_empty() {
+        if args.in_process {
+            let engine = load_in_process(&args)?;
+            for &c in &args.sweep {
+                let a = BenchArgs {
+                    concurrency: c,
+                    requests: c,
+                    sweep: Vec::new(),
+                    ..args.clone()
+                };
+                run_in_process(&a, &engine)?;
+            }
+            return Ok(());
+        }
+        for &c in &args.sweep {
+            run(BenchArgs {
+                concurrency: c,
+                requests: c,
+                sweep: Vec::new(),
+                ..args.clone()
+            })?;
+        }
+        return Ok(());
+    }
     if args.concurrency == 0 || args.requests == 0 || args.prompt_len == 0 || args.output_len == 0 {
         bail!("--concurrency, --requests, --prompt-len and --output-len must all be at least 1");
     }
     if args.in_process {
-        return in_process(&args);
+        return run_in_process(&args, &load_in_process(&args)?);
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -158,13 +194,39 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     })
 }
 
-/// Waves of up to `concurrency` requests, each wave prefilled together and decoded as one batch.
-fn in_process(args: &BenchArgs) -> anyhow::Result<()> {
-    use moemesh_engine::{DType, Device, InProcessEngine, ModelFiles, StepSeq};
-    let files = ModelFiles::open_or_embedded(args.model.as_deref()).context("opening the model")?;
-    let engine =
-        InProcessEngine::load(&files, &Device::Cpu, DType::F32).context("loading the model")?;
+fn load_in_process(args: &BenchArgs) -> anyhow::Result<moemesh_engine::InProcessEngine> {
+    let files = moemesh_engine::ModelFiles::open_or_embedded(args.model.as_deref())
+        .context("opening the model")?;
+    let device = moemesh_common::device::parse_device(&args.device)?;
+    let dtype = moemesh_common::device::parse_dtype(&args.dtype)?;
+    let t = Instant::now();
+    let engine = moemesh_engine::InProcessEngine::load(&files, &device, dtype)
+        .context("loading the model")?;
+    eprintln!(
+        "moemesh bench: {} loaded on {} in {:.1} s",
+        files.name,
+        args.device,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(engine)
+}
+
+/// Waves of up to `concurrency` requests, each wave prefilled together and decoded as one batch,
+/// with the KV in a paged pool as in the gate.
+fn run_in_process(
+    args: &BenchArgs,
+    engine: &moemesh_engine::InProcessEngine,
+) -> anyhow::Result<()> {
+    use moemesh_engine::{KvPool, SequenceCache, StepSeq};
     let model = &engine.model;
+    let per_seq = (args.prompt_len + args.output_len as usize)
+        .div_ceil(moemesh_engine::kv_cache::BLOCK_TOKENS);
+    let pool = KvPool::new(
+        model.config(),
+        per_seq * args.concurrency.min(args.requests),
+        model.dtype(),
+        model.device(),
+    )?;
     let vocab = model.config().vocab_size as u32;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
     let prompts: Vec<Vec<u32>> = (0..args.requests)
@@ -178,7 +240,10 @@ fn in_process(args: &BenchArgs) -> anyhow::Result<()> {
     let mut samples = Vec::new();
     for wave in prompts.chunks(args.concurrency) {
         let t0 = Instant::now();
-        let mut caches: Vec<_> = wave.iter().map(|_| model.new_cache()).collect();
+        let mut caches: Vec<_> = wave
+            .iter()
+            .map(|_| SequenceCache::paged(model.config(), pool.clone()))
+            .collect();
         let mut inputs: Vec<Vec<u32>> = wave.to_vec();
         let mut wave_samples: Vec<Sample> = wave.iter().map(|_| Sample::default()).collect();
         let mut last = t0;
@@ -215,7 +280,7 @@ fn in_process(args: &BenchArgs) -> anyhow::Result<()> {
     let wall = started.elapsed().as_secs_f64();
     report(
         args,
-        &format!("{} (in-process)", files.name),
+        &format!("{} (in-process)", engine.name),
         &samples,
         wall,
     )

@@ -10,9 +10,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use moemesh_engine::text::ChatMessage;
-use moemesh_engine::{
-    DType, Device, GenerationRequest, InProcessEngine, ModelFiles, SamplingParams,
-};
+use moemesh_engine::{DType, GenerationRequest, InProcessEngine, ModelFiles, SamplingParams};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ComputeDtype {
@@ -27,7 +25,7 @@ pub enum ComputeDtype {
 #[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "chat", "prompt_ids"])))]
 pub struct GenerateArgs {
     /// Address of a running mesh's frontend (`host:port`); without it the model runs in this process.
-    #[arg(long, env = "MOEMESH_ADDR", conflicts_with_all = ["model", "dtype"])]
+    #[arg(long, env = "MOEMESH_ADDR", conflicts_with_all = ["model", "dtype", "device"])]
     pub addr: Option<String>,
     /// Model directory (config.json, safetensors, optional tokenizer.json). Without it, the
     /// embedded default model (random DeepSeek-V3-architecture weights, DeepSeek-R1 tokenizer).
@@ -66,9 +64,12 @@ pub struct GenerateArgs {
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     pub ignore_eos: bool,
-    /// Compute dtype on the CPU.
+    /// Compute dtype.
     #[arg(long, value_enum, default_value_t = ComputeDtype::F32, env = "MOEMESH_DTYPE")]
     pub dtype: ComputeDtype,
+    /// Device of the in-process model: `cpu`, or `cuda:N` in a CUDA build.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// One JSON object per line instead of plain text.
     #[arg(long)]
     pub json: bool,
@@ -88,7 +89,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         ComputeDtype::Bf16 => DType::BF16,
     };
     let prompt_ids = prompt_ids(&args, &files)?;
-    let engine = InProcessEngine::load(&files, &Device::Cpu, dtype).context("loading the model")?;
+    let device = moemesh_common::device::parse_device(&args.device)?;
+    let engine = InProcessEngine::load(&files, &device, dtype).context("loading the model")?;
     let req = GenerationRequest {
         prompt_ids,
         sampling: SamplingParams {

@@ -5,6 +5,7 @@ mod bench_cmd;
 mod generate_cmd;
 mod roles;
 mod up_cmd;
+mod verify_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +28,8 @@ enum Command {
     Bench(bench_cmd::BenchArgs),
     /// Start a complete local mesh: expert workers, a gate and a frontend, as separate processes.
     Up(up_cmd::UpArgs),
+    /// Check the engine on a device against the HF transformers reference fixtures.
+    Verify(verify_cmd::VerifyArgs),
     /// Serve the public Generation API (tokenizer, scheduling, streaming).
     Frontend(moemesh_frontend::FrontendConfig),
     /// Serve the dense part of the model (attention, KV cache, router, shared experts, sampling).
@@ -49,6 +52,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => generate_cmd::run(args),
         Command::Up(args) => up_cmd::run(args),
         Command::Bench(args) => bench_cmd::run(args),
+        Command::Verify(args) => verify_cmd::run(args),
         Command::Frontend(cfg) => roles::frontend(cfg),
         Command::Gate(cfg) => roles::gate(cfg),
         Command::Expert(cfg) => roles::expert(cfg),

@@ -32,6 +32,16 @@ pub struct UpArgs {
     /// Compute dtype of gate and workers: `f32` or `bf16`.
     #[arg(long, env = "MOEMESH_DTYPE", default_value = "f32")]
     pub dtype: String,
+    /// Device of the gate and of every expert worker: `cpu` or `cuda:N`.
+    #[arg(long, env = "MOEMESH_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Devices of the expert workers, comma-separated, assigned round-robin (e.g. `cuda:1,cuda:2`
+    /// puts the gate on --device and the experts on two other GPUs); defaults to --device.
+    #[arg(long, env = "MOEMESH_EXPERT_DEVICES", value_delimiter = ',')]
+    pub expert_devices: Vec<String>,
+    /// Extra flags for the gate, e.g. `--gate-args=--overlap` (repeatable).
+    #[arg(long, allow_hyphen_values = true)]
+    pub gate_args: Vec<String>,
 }
 
 struct Proc {
@@ -117,6 +127,11 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 let mut a = common(&args);
                 a.extend(["--listen".into(), "127.0.0.1:0".into(), "--dtype".into(), args.dtype.clone()]);
                 a.extend(["--experts".into(), format!("{lo}-{}", hi - 1)]);
+                let device = match args.expert_devices.as_slice() {
+                    [] => args.device.clone(),
+                    list => list[i % list.len()].clone(),
+                };
+                a.extend(["--device".into(), device]);
                 let (p, addr) = start("expert", a).await?;
                 eprintln!("moemesh up: expert worker {i} (experts {lo}-{}) on {addr}", hi - 1);
                 procs.push(p);
@@ -124,6 +139,8 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             }
             let mut a = common(&args);
             a.extend(["--listen".into(), "127.0.0.1:0".into(), "--dtype".into(), args.dtype.clone()]);
+            a.extend(["--device".into(), args.device.clone()]);
+            a.extend(args.gate_args.iter().cloned());
             if args.etcd.is_none() {
                 a.extend(["--expert-addrs".into(), worker_addrs.join(",")]);
             }

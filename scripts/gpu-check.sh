@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Runs on a GPU machine, from the repository root: correctness checks, then benchmarks, then one
+# table. Needs dist/moemesh-cuda.gz (or dist/moemesh-cuda) from scripts/build-cuda.sh.
+#
+#   scripts/gpu-check.sh                      # checks + benchmarks on cuda:0
+#   scripts/gpu-check.sh --check              # correctness only
+#   scripts/gpu-check.sh --bench              # benchmarks only
+#   EXPERT_DEVICES=cuda:1 scripts/gpu-check.sh --bench   # gate on GPU 0, expert workers on GPU 1
+#
+# Logs and JSON go to $OUT (default /tmp/moemesh-gpu); the table comes last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+MODE=${1:-all}
+OUT=${OUT:-/tmp/moemesh-gpu}
+mkdir -p "$OUT"
+BIN=dist/moemesh-cuda
+if [[ ! -x $BIN ]]; then
+    BIN=/tmp/moemesh-cuda
+    gunzip -c dist/moemesh-cuda.gz >"$BIN" && chmod +x "$BIN" || exit 1
+fi
+# cuBLAS/cuRAND/NVRTC 13 live beside PyTorch on the lent machines; libcuda is the driver's.
+for d in /opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib /usr/local/cuda/lib64; do
+    [[ -d $d ]] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+done
+export MOEMESH_LOG=${MOEMESH_LOG:-warn}
+PY=python3
+[[ -x /opt/torch/.venv/bin/python3 ]] && PY=/opt/torch/.venv/bin/python3
+nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpus.txt"
+status=0
+PORT=50161
+
+# Starts `moemesh up ARGS…` in the background and waits for its ready line (60 s at most).
+up() {
+    "$BIN" up --listen "127.0.0.1:$PORT" "$@" >"$OUT/up.out" 2>"$OUT/up.err" &
+    UP_PID=$!
+    for _ in $(seq 600); do
+        grep -q '"event":"ready"' "$OUT/up.out" 2>/dev/null && return 0
+        kill -0 $UP_PID 2>/dev/null || { cat "$OUT/up.err"; return 1; }
+        sleep 0.1
+    done
+    echo "moemesh up did not get ready" >&2
+    return 1
+}
+down() {
+    kill -TERM "$UP_PID" 2>/dev/null
+    wait "$UP_PID" 2>/dev/null
+}
+
+if [[ $MODE != --bench ]]; then
+    echo "== verify: fixtures against HF transformers (f32 reference)"
+    "$BIN" verify --device cuda:0 --dtype f32,bf16 | tee "$OUT/verify.txt" || status=1
+
+    # f32 is the strict check (both sides are the reference to 1e-5); in bf16 the workers' split
+    # of the experts changes GEMM shapes and rounding, so a near-tie may flip: reported only.
+    for dt in f32 bf16; do
+    echo "== mesh equals in-process on the GPU (greedy, $dt)"
+    for fx in tiny-deepseek-v3 tiny-deepseek-v2-lite tiny-deepseek-v3-fp8; do
+        ids=$($PY -c "import json;print(','.join(map(str,json.load(open('tests/fixtures/$fx/reference.json'))['prompts'][2]['input_ids'])))" 2>/dev/null || echo 5,17,42,7,99,300,12)
+        common=(--prompt-ids "$ids" --max-new-tokens 32 --ignore-eos --json)
+        "$BIN" generate --model "tests/fixtures/$fx" --device cuda:0 --dtype $dt "${common[@]}" >"$OUT/inproc_$fx.jsonl" || status=1
+        if up --model "tests/fixtures/$fx" --device cuda:0 --dtype $dt --expert-workers 2; then
+            "$BIN" generate --addr "127.0.0.1:$PORT" "${common[@]}" >"$OUT/mesh_$fx.jsonl" || status=1
+            down
+        else
+            status=1
+        fi
+        $PY - "$OUT/inproc_$fx.jsonl" "$OUT/mesh_$fx.jsonl" "$fx $dt" <<'EOF' || { [[ $dt == f32 ]] && status=1; }
+import json, sys
+def ids(path):
+    # The last line is the summary with every generated id.
+    out = []
+    for line in open(path):
+        if line.strip():
+            out = json.loads(line).get("token_ids", out)
+    return out
+a, b = ids(sys.argv[1]), ids(sys.argv[2])
+ok = len(a) == 32 and a == b
+print(f"{sys.argv[3]:<24} in-process {len(a)} tokens, mesh {len(b)} tokens: {'equal' if ok else 'DIFFERENT'}")
+sys.exit(0 if ok else 1)
+EOF
+    done
+    done
+fi
+
+if [[ $MODE != --check ]]; then
+    MODEL=synthetic:v2-lite
+    BENCH=(--prompt-len 128 --output-len 32 --json)
+    echo "== in-process decode and prefill, $MODEL (bf16)"
+    "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 --sweep 1,8,32,64 "${BENCH[@]}" \
+        | sed 's/^{/{"mode":"in-process",/' >"$OUT/inproc.jsonl" || status=1
+    for L in 512 2048; do
+        "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 --concurrency 1 --requests 3 \
+            --prompt-len $L --output-len 1 --json | sed 's/^{/{"mode":"in-process-prefill",/' >>"$OUT/inproc.jsonl" || status=1
+    done
+    ED=${EXPERT_DEVICES:-}
+    for overlap in off on; do
+        gate_args=(--gate-args=--kv-cache-mb=16384)
+        [[ $overlap == on ]] && gate_args+=(--gate-args=--overlap=true)
+        dev_args=(--device cuda:0)
+        [[ -n $ED ]] && dev_args+=(--expert-devices "$ED")
+        echo "== mesh (gate + 2 expert workers as processes, experts on ${ED:-cuda:0}), overlap $overlap"
+        if up --model $MODEL --dtype bf16 --expert-workers 2 "${dev_args[@]}" "${gate_args[@]}"; then
+            sweep=1,8,32,64
+            [[ $overlap == on ]] && sweep=8,64
+            "$BIN" bench --addr "127.0.0.1:$PORT" --sweep $sweep "${BENCH[@]}" \
+                | sed "s/^{/{\"mode\":\"mesh-overlap-$overlap\",/" >>"$OUT/mesh.jsonl" || status=1
+            if [[ $overlap == off ]]; then
+                for L in 512 2048; do
+                    "$BIN" bench --addr "127.0.0.1:$PORT" --concurrency 1 --requests 3 --prompt-len $L \
+                        --output-len 1 --json | sed 's/^{/{"mode":"mesh-prefill",/' >>"$OUT/mesh.jsonl" || status=1
+                done
+            fi
+            down
+        else
+            status=1
+        fi
+    done
+    if [[ -z ${SKIP_HF:-} ]]; then
+        echo "== HF transformers baseline (scripts/bench/hf_baseline.py) and copy bandwidth"
+        OUT=$OUT PYTHONUNBUFFERED=1 $PY scripts/bench/hf_baseline.py >"$OUT/hf.txt" 2>&1 || { tail -5 "$OUT/hf.txt"; status=1; }
+    fi
+    $PY scripts/bench/report.py "$OUT" | tee "$OUT/table.md"
+fi
+exit $status
