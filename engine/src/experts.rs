@@ -64,6 +64,9 @@ impl ShardSpec {
     }
 }
 
+/// An assignment checked against a shard: (token row, slot in the stacks, weight).
+type Resolved = (usize, usize, f32);
+
 /// Most token rows the dense expert form takes on (see [`ExpertShard::forward_assigned`]).
 pub const DENSE_MAX_ROWS: usize = 256;
 
@@ -163,18 +166,6 @@ impl ExpertShard {
     ) -> Result<Tensor> {
         let le = self.layer(layer)?;
         let t = x.dim(0)?;
-        for &(row, expert, _) in assignments {
-            if row as usize >= t {
-                return Err(EngineError::InvalidInput(format!(
-                    "assignment names token row {row}, but the batch has {t} rows"
-                )));
-            }
-            if !le.slots.contains_key(&(expert as usize)) {
-                return Err(EngineError::InvalidInput(format!(
-                    "expert {expert} of layer {layer} is not held by this shard"
-                )));
-            }
-        }
         let dense =
             !self.device.is_cpu() && 2 * assignments.len() >= le.slots.len() && t <= DENSE_MAX_ROWS;
         if dense {
@@ -182,6 +173,34 @@ impl ExpertShard {
         } else {
             self.forward_sparse(layer, x, assignments)
         }
+    }
+
+    /// Checks `assignments` against the batch (`t` rows) and the held experts of `layer`, and
+    /// resolves each to `(row, slot, weight)`.
+    fn resolve(
+        &self,
+        layer: usize,
+        t: usize,
+        assignments: &[(u32, u32, f32)],
+    ) -> Result<(&LayerExperts, Vec<Resolved>)> {
+        let le = self.layer(layer)?;
+        let resolved = assignments
+            .iter()
+            .map(|&(row, expert, w)| {
+                if row as usize >= t {
+                    return Err(EngineError::InvalidInput(format!(
+                        "assignment names token row {row}, but the batch has {t} rows"
+                    )));
+                }
+                let slot = le.slots.get(&(expert as usize)).copied().ok_or_else(|| {
+                    EngineError::InvalidInput(format!(
+                        "expert {expert} of layer {layer} is not held by this shard"
+                    ))
+                })?;
+                Ok((row as usize, slot, w))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((le, resolved))
     }
 
     fn layer(&self, layer: usize) -> Result<&LayerExperts> {
@@ -192,25 +211,20 @@ impl ExpertShard {
         })
     }
 
-    /// Expert by expert. Assignments must be valid (see `forward_assigned`).
+    /// Expert by expert.
     pub fn forward_sparse(
         &self,
         layer: usize,
         x: &Tensor,
         assignments: &[(u32, u32, f32)],
     ) -> Result<Tensor> {
-        let le = self.layer(layer)?;
         let (t, hidden) = x.dims2()?;
+        let (le, resolved) = self.resolve(layer, t, assignments)?;
         let inner = self.inner;
         let mut by_slot: BTreeMap<usize, (Vec<u32>, Vec<f32>)> = BTreeMap::new();
-        for &(row, expert, w) in assignments {
-            let slot = le.slots.get(&(expert as usize)).copied().ok_or_else(|| {
-                EngineError::InvalidInput(format!(
-                    "expert {expert} of layer {layer} is not held by this shard"
-                ))
-            })?;
+        for (row, slot, w) in resolved {
             let entry = by_slot.entry(slot).or_default();
-            entry.0.push(row);
+            entry.0.push(row as u32);
             entry.1.push(w);
         }
         // Accumulate in f32 whatever the compute dtype: up to k experts add into each row.
@@ -229,21 +243,19 @@ impl ExpertShard {
     }
 
     /// Every held expert over every token; the weights of unassigned (token, expert) pairs are
-    /// zero. Assignments must be valid (see `forward_assigned`).
+    /// zero.
     pub fn forward_dense(
         &self,
         layer: usize,
         x: &Tensor,
         assignments: &[(u32, u32, f32)],
     ) -> Result<Tensor> {
-        let le = self.layer(layer)?;
         let (t, hidden) = x.dims2()?;
+        let (le, resolved) = self.resolve(layer, t, assignments)?;
         let (n, inner) = (le.slots.len(), self.inner);
         let mut weights = vec![0f32; t * n];
-        for &(row, expert, w) in assignments {
-            if let Some(&slot) = le.slots.get(&(expert as usize)) {
-                weights[row as usize * n + slot] += w;
-            }
+        for (row, slot, w) in resolved {
+            weights[row * n + slot] += w;
         }
         let gu = x.matmul(&le.gate_up.t()?)?.reshape((t, n, 2, inner))?;
         let h = (gu.narrow(2, 0, 1)?.silu()? * gu.narrow(2, 1, 1)?)?

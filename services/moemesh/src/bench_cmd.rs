@@ -103,6 +103,9 @@ async fn one(
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.sweep.contains(&0) {
+        bail!("--sweep: every concurrency must be at least 1");
+    }
     if !args.sweep.is_empty() {
         if args.in_process {
             let engine = load_in_process(&args)?;
