@@ -1,7 +1,7 @@
 # The two commands a new machine needs (see README):
 #   make run    build moemesh and generate from the embedded default model
 #   make test   everything CI checks: formatting, clippy, unit, reference and end-to-end tests
-.PHONY: run test build fmt lint e2e
+.PHONY: run test build fmt lint e2e cuda-check
 
 CHAT ?= Explain mixture-of-experts models in one sentence.
 
@@ -27,8 +27,15 @@ e2e:
 	cargo build -p moemesh
 	cargo test -p moemesh-tests
 
+# The CUDA feature's Rust code, type-checked without the toolkit (a stand-in nvcc), so that it
+# cannot rot unseen in a CPU-only CI. The kernels themselves are compiled by scripts/build-cuda.sh
+# and checked on a GPU by scripts/gpu-check.sh.
+cuda-check:
+	scripts/build-cuda.sh --check
+
 test:
 	scripts/setup.sh --test
 	$(MAKE) fmt
 	$(MAKE) lint
+	$(MAKE) cuda-check
 	cargo test --workspace

@@ -5,6 +5,7 @@
 #   scripts/gpu-check.sh                      # checks + benchmarks on cuda:0
 #   scripts/gpu-check.sh --check              # correctness only
 #   scripts/gpu-check.sh --bench              # benchmarks only
+#   scripts/gpu-check.sh --profile            # ncu: kernel time of one decode step, batch 1 and 64
 #   EXPERT_DEVICES=cuda:1 scripts/gpu-check.sh --bench   # gate on GPU 0, expert workers on GPU 1
 #
 # Logs and JSON go to $OUT (default /tmp/moemesh-gpu); the table comes last.
@@ -46,9 +47,31 @@ down() {
     wait "$UP_PID" 2>/dev/null
 }
 
+if [[ $MODE == --profile ]]; then
+    # One decode step (step 8 of the first wave) under Nsight Compute: every kernel's duration,
+    # summed by kernel name, beside the step's wall time from the same bench's own timing.
+    for b in 1 64; do
+        echo "== ncu: one decode step, in-process, synthetic:v2-lite bf16, batch $b"
+        MOEMESH_PROFILE_STEP=8 timeout 540 ncu --profile-from-start off --clock-control none \
+            --metrics gpu__time_duration.sum --csv --print-units base \
+            "$BIN" bench --in-process --model synthetic:v2-lite --device cuda:0 --dtype bf16 \
+            --concurrency $b --requests $b --prompt-len 128 --output-len 12 --json \
+            >"$OUT/ncu_b$b.csv" 2>"$OUT/ncu_b$b.err" || { tail -5 "$OUT/ncu_b$b.err"; status=1; }
+        $PY scripts/bench/ncu_summary.py "$OUT/ncu_b$b.csv" | tee "$OUT/ncu_b$b.txt"
+    done
+    exit $status
+fi
+
 if [[ $MODE != --bench ]]; then
     echo "== verify: fixtures against HF transformers (f32 reference)"
     "$BIN" verify --device cuda:0 --dtype f32,bf16 | tee "$OUT/verify.txt" || status=1
+    if command -v compute-sanitizer >/dev/null; then
+        echo "== compute-sanitizer memcheck: the fused kernels on one fixture (f32)"
+        mkdir -p "$OUT/one" && ln -sfn "$PWD/tests/fixtures/tiny-deepseek-v3" "$OUT/one/tiny-deepseek-v3"
+        timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 \
+            "$BIN" verify --fixtures "$OUT/one" --device cuda:0 --dtype f32 >"$OUT/memcheck.txt" 2>&1 \
+            && echo "memcheck: clean" || { tail -20 "$OUT/memcheck.txt"; status=1; }
+    fi
 
     # f32 is the strict check (both sides are the reference to 1e-5); in bf16 the workers' split
     # of the experts changes GEMM shapes and rounding, so a near-tie may flip: reported only.
@@ -88,6 +111,9 @@ if [[ $MODE != --check ]]; then
     echo "== in-process decode and prefill, $MODEL (bf16)"
     "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 --sweep 1,8,32,64 "${BENCH[@]}" \
         | sed 's/^{/{"mode":"in-process",/' >"$OUT/inproc.jsonl" || status=1
+    echo "== the same with candle ops only (MOEMESH_FUSED_KERNELS=0), for the kernels' effect"
+    MOEMESH_FUSED_KERNELS=0 "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 \
+        --sweep 1,8,32,64 "${BENCH[@]}" | sed 's/^{/{"mode":"in-process-unfused",/' >>"$OUT/inproc.jsonl" || status=1
     for L in 512 2048; do
         "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 --concurrency 1 --requests 3 \
             --prompt-len $L --output-len 1 --json | sed 's/^{/{"mode":"in-process-prefill",/' >>"$OUT/inproc.jsonl" || status=1

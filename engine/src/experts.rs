@@ -41,6 +41,18 @@ pub trait Experts: Send + Sync {
     /// result is `[T, hidden]`, the weighted sum of each token's experts.
     fn dispatch(&self, layer: usize, x: &Tensor, routing: &Routing) -> Result<PendingExperts>;
 
+    /// Like [`dispatch`](Self::dispatch) for a routing that is still on the GPU. Implementations
+    /// that can use it there (the in-process shard) avoid a host round trip; the default
+    /// returns `None` and the caller copies the routing to the host and calls `dispatch`.
+    fn dispatch_device(
+        &self,
+        _layer: usize,
+        _x: &Tensor,
+        _routing: &crate::cuda::DeviceRouting,
+    ) -> Result<Option<PendingExperts>> {
+        Ok(None)
+    }
+
     /// `dispatch` and wait.
     fn forward(&self, layer: usize, x: &Tensor, routing: &Routing) -> Result<Tensor> {
         self.dispatch(layer, x, routing)?.wait()
@@ -78,6 +90,9 @@ struct LayerExperts {
     gate_up: Tensor,
     /// `[slots, hidden, I]`.
     down: Tensor,
+    /// `[n_routed_experts]` (i32): each expert's slot, −1 if not held; on a GPU with the fused
+    /// kernels only.
+    slot_of: Option<Tensor>,
 }
 
 /// Routed-expert weights held in this process.
@@ -118,10 +133,24 @@ impl ExpertShard {
                 gate_up.push(loader.get(&format!("{p}.up_proj.weight"), &[inner, h])?);
                 down.push(loader.get(&format!("{p}.down_proj.weight"), &[h, inner])?);
             }
+            let slot_of = if crate::cuda::gpu(loader.device()).is_some() {
+                let mut table = vec![-1i32; cfg.n_routed_experts];
+                for (&e, &s) in &slots {
+                    table[e] = s as i32;
+                }
+                Some(Tensor::from_vec(
+                    table,
+                    cfg.n_routed_experts,
+                    loader.device(),
+                )?)
+            } else {
+                None
+            };
             let layer = LayerExperts {
                 slots,
                 gate_up: Tensor::cat(&gate_up, 0)?,
                 down: Tensor::stack(&down, 0)?,
+                slot_of,
             };
             layers.insert(l, layer);
         }
@@ -158,6 +187,10 @@ impl ExpertShard {
     /// [`DENSE_MAX_ROWS`] rows: beyond that its wasted FLOPs (held/k times the useful ones)
     /// cost more than the launches it saves (a 2,048-token prefill ran 10× slower dense). The
     /// CPU always goes expert by expert (its FLOPs are what cost).
+    ///
+    /// With the fused CUDA kernels (engine/src/cuda), batches up to [`DENSE_MAX_ROWS`] rows take
+    /// a third way: the pairs are sorted by expert on the host and two grouped GEMV kernels read
+    /// each used expert's weights once for all of its tokens (f32 accumulation, f32 result).
     pub fn forward_assigned(
         &self,
         layer: usize,
@@ -166,6 +199,19 @@ impl ExpertShard {
     ) -> Result<Tensor> {
         let le = self.layer(layer)?;
         let t = x.dim(0)?;
+        if t <= DENSE_MAX_ROWS
+            && let Some(g) = crate::cuda::gpu(&self.device)
+        {
+            let (le, resolved) = self.resolve(layer, t, assignments)?;
+            if resolved.is_empty() {
+                return Ok(Tensor::zeros(x.dims(), self.dtype, &self.device)?);
+            }
+            let host =
+                crate::cuda::HostAssignments::build(t, le.slots.len(), &resolved, &self.device)?;
+            if let Some(out) = g.experts_assigned(x, &host, &le.gate_up, &le.down)? {
+                return Ok(out.to_dtype(self.dtype)?);
+            }
+        }
         let dense =
             !self.device.is_cpu() && 2 * assignments.len() >= le.slots.len() && t <= DENSE_MAX_ROWS;
         if dense {
@@ -271,6 +317,28 @@ impl ExpertShard {
 }
 
 impl Experts for ExpertShard {
+    fn dispatch_device(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        routing: &crate::cuda::DeviceRouting,
+    ) -> Result<Option<PendingExperts>> {
+        let Some(g) = crate::cuda::gpu(x.device()) else {
+            return Ok(None);
+        };
+        let le = self.layer(layer)?;
+        let Some(slot_of) = &le.slot_of else {
+            return Ok(None);
+        };
+        if x.dim(0)? > DENSE_MAX_ROWS {
+            return Ok(None);
+        }
+        Ok(
+            g.experts_routed(x, routing, slot_of, &le.gate_up, &le.down)?
+                .map(PendingExperts::ready),
+        )
+    }
+
     fn dispatch(&self, layer: usize, x: &Tensor, routing: &Routing) -> Result<PendingExperts> {
         let mut assignments = Vec::with_capacity(routing.expert_ids.len());
         for t in 0..routing.num_tokens() {

@@ -130,6 +130,12 @@ impl KvPool {
         Ok(())
     }
 
+    /// Layer `layer`'s storage, `([rows, kv_lora_rank], [rows, rope])`, for kernels that read or
+    /// write it in place.
+    pub(crate) fn layer(&self, layer: usize) -> (&Tensor, &Tensor) {
+        (&self.ckv[layer], &self.kpe[layer])
+    }
+
     /// Rows `idx` (`[n]`, u32) of layer `layer`: `([n, kv_lora_rank], [n, rope])`.
     pub(crate) fn gather_rows(&self, layer: usize, idx: &Tensor) -> Result<(Tensor, Tensor)> {
         Ok((

@@ -10,6 +10,7 @@
 //! (CPU now, CUDA later) is a parameter of loading, never a global.
 
 pub mod config;
+pub mod cuda;
 pub mod embedded;
 pub mod error;
 pub mod experts;

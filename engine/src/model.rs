@@ -107,6 +107,11 @@ impl DecoderLayer {
             rotary,
             caches,
         )?;
+        if let Some(g) = crate::cuda::gpu(x.device())
+            && let Some(h) = g.residual_add(x, Some(&a), None)?
+        {
+            return Ok(h);
+        }
         Ok((x + a.to_dtype(DType::F32)?)?)
     }
 
@@ -119,14 +124,19 @@ impl DecoderLayer {
     /// First half of the feed-forward block: norms, routes, and sends routed experts off
     /// (a dense layer computes its MLP here).
     pub fn ffn_start(&self, h: &Tensor, experts: &dyn Experts) -> Result<FfnInFlight> {
-        let xf = self.post_attention_layernorm.forward_as(h, DType::F32)?;
-        let x = xf.to_dtype(self.dtype)?;
+        let (x, xf) = self.post_attention_layernorm.forward_pair(h, self.dtype)?;
         let work = match &self.mlp {
             FeedForward::Dense(mlp) => Work::Done(mlp.forward(&x)?),
-            FeedForward::Moe(moe) => {
-                let routing = moe.router.route(&xf)?;
-                Work::Routed(experts.dispatch(self.index, &x, &routing)?)
-            }
+            FeedForward::Moe(moe) => match moe.router.route_device(&xf)? {
+                Some(routing) => match experts.dispatch_device(self.index, &x, &routing)? {
+                    Some(pending) => Work::Routed(pending),
+                    None => Work::Routed(experts.dispatch(self.index, &x, &routing.to_host()?)?),
+                },
+                None => {
+                    let routing = moe.router.route(&xf)?;
+                    Work::Routed(experts.dispatch(self.index, &x, &routing)?)
+                }
+            },
         };
         Ok(FfnInFlight {
             h: h.clone(),
@@ -138,6 +148,29 @@ impl DecoderLayer {
     /// Second half: the shared experts (computed while the routed ones were away), then the
     /// routed output, then the residual.
     pub fn ffn_finish(&self, f: FfnInFlight) -> Result<Tensor> {
+        if let Some(g) = crate::cuda::gpu(f.h.device()) {
+            // One kernel for shared + routed + residual, the routed sum kept in f32.
+            let (a, b) = match (f.work, &self.mlp) {
+                (Work::Done(y), _) => (Some(y), None),
+                (Work::Routed(pending), FeedForward::Moe(moe)) => {
+                    let shared = moe
+                        .shared_experts
+                        .as_ref()
+                        .map(|s| s.forward(&f.x))
+                        .transpose()?;
+                    (shared, Some(pending.wait()?.to_dtype(DType::F32)?))
+                }
+                (Work::Routed(pending), FeedForward::Dense(_)) => (Some(pending.wait()?), None),
+            };
+            if let Some(out) = g.residual_add(&f.h, a.as_ref(), b.as_ref())? {
+                return Ok(out);
+            }
+            let mut out = f.h;
+            for d in [a, b].into_iter().flatten() {
+                out = (out + d.to_dtype(DType::F32)?)?;
+            }
+            return Ok(out);
+        }
         let y = match (f.work, &self.mlp) {
             (Work::Done(y), _) => y,
             (Work::Routed(pending), FeedForward::Moe(moe)) => {

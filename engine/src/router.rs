@@ -49,6 +49,8 @@ pub struct Router {
     weight: Tensor,
     /// `e_score_correction_bias` (V3), `[E]`.
     bias: Option<Vec<f32>>,
+    /// The same bias on the weight's device, for the routing kernel.
+    bias_device: Option<Tensor>,
     scoring: ScoringFunc,
     method: TopkMethod,
     top_k: usize,
@@ -63,17 +65,20 @@ impl Router {
     pub fn new(cfg: &ModelConfig, loader: &Loader, prefix: &str) -> Result<Self> {
         let e = cfg.n_routed_experts;
         let weight = loader.get_f32(&format!("{prefix}.weight"), &[e, cfg.hidden_size])?;
-        let bias = match cfg.topk_method {
-            TopkMethod::NoauxTc => Some(
-                loader
-                    .get_f32(&format!("{prefix}.e_score_correction_bias"), &[e])?
-                    .to_vec1::<f32>()?,
-            ),
+        let bias_device = match cfg.topk_method {
+            TopkMethod::NoauxTc => {
+                Some(loader.get_f32(&format!("{prefix}.e_score_correction_bias"), &[e])?)
+            }
             _ => None,
         };
+        let bias = bias_device
+            .as_ref()
+            .map(|b| b.to_vec1::<f32>())
+            .transpose()?;
         Ok(Router {
             weight,
             bias,
+            bias_device,
             scoring: cfg.scoring_func,
             method: cfg.topk_method,
             top_k: cfg.num_experts_per_tok,
@@ -101,6 +106,35 @@ impl Router {
             expert_ids,
             weights,
         })
+    }
+
+    /// Routes on the GPU with the routing kernel (same rules, same tie-breaking as
+    /// [`route_token`](Self::route_token)): the result stays on the device, so the in-process
+    /// experts need no host round trip. `None` off the GPU.
+    pub fn route_device(&self, x: &Tensor) -> Result<Option<crate::cuda::DeviceRouting>> {
+        let Some(g) = crate::cuda::gpu(x.device()) else {
+            return Ok(None);
+        };
+        let weight = self.weight.to_device(x.device())?;
+        let logits = x.to_dtype(DType::F32)?.matmul(&weight.t()?)?;
+        let normalise =
+            self.norm_topk_prob && (self.method == TopkMethod::NoauxTc || self.top_k > 1);
+        let params = crate::cuda::RouteParams {
+            bias: self.bias_device.as_ref(),
+            softmax: self.scoring == ScoringFunc::Softmax,
+            method: match self.method {
+                TopkMethod::Greedy => 0,
+                TopkMethod::GroupLimitedGreedy => 1,
+                TopkMethod::NoauxTc => 2,
+            },
+            k: self.top_k,
+            n_group: self.n_group,
+            topk_group: self.topk_group,
+            normalise,
+            scale: self.method == TopkMethod::NoauxTc || !normalise,
+            scaling: self.scaling,
+        };
+        g.route(&logits, &params)
     }
 
     /// One token's routing from its router logits.
@@ -175,6 +209,7 @@ mod tests {
     fn router(method: TopkMethod, scoring: ScoringFunc, bias: Option<Vec<f32>>) -> Router {
         Router {
             weight: Tensor::zeros((8, 2), DType::F32, &candle_core::Device::Cpu).expect("zeros"),
+            bias_device: None,
             bias,
             scoring,
             method,

@@ -75,22 +75,24 @@ gpu = open(os.path.join(out, "gpus.txt")).read().strip().replace("\n", "; ") if 
 print(f"GPU: {gpu}")
 print(f"copy bandwidth (read+write, measured this run): {fmt(bw / 1e12 if bw else None, '.2f')} TB/s")
 print()
-print("| batch | floor ms | in-process ms/step | tok/s | % of floor | mesh ms/step | tok/s | mesh/in-process | mesh µs per MoE layer | overlap-on mesh ms/step | HF ms/step | HF tok/s |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+print("| batch | floor ms | in-process ms/step | tok/s | % of floor | unfused ms/step | mesh ms/step | tok/s | mesh/in-process | mesh µs per MoE layer | overlap-on mesh ms/step | HF ms/step | HF tok/s |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 for b in (1, 8, 32, 64):
     ctx = 128 + 16  # prompt + half the generated tokens
     floor = step_bytes(b, ctx) / bw * 1e3 if bw else None
     ip = ms_step(pick("in-process", b))
+    uf = ms_step(pick("in-process-unfused", b))
     me = ms_step(pick("mesh-overlap-off", b))
     ov = ms_step(pick("mesh-overlap-on", b))
     hms = hf.get(f"decode_ms_per_step_b{b}")
     print(
-        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
             b,
             fmt(floor, ".2f"),
             fmt(ip, ".2f"),
             fmt(b / ip * 1e3 if ip else None, ".0f"),
             fmt(floor / ip * 100 if ip and floor else None, ".0f") + ("%" if ip and floor else ""),
+            fmt(uf, ".2f"),
             fmt(me, ".2f"),
             fmt(b / me * 1e3 if me else None, ".0f"),
             fmt(ip / me * 100 if ip and me else None, ".0f") + ("%" if ip and me else ""),

@@ -67,13 +67,17 @@ pub struct DecodeBatch {
     gather: Tensor,
     /// `[B, 1, Lmax]`: 0 for real positions, −∞ for padding.
     mask: Tensor,
+    /// `[B]`: each sequence's pool row for its new token, and its length with it (u32).
+    targets: Tensor,
+    lens: Tensor,
     lmax: usize,
     /// Whether every row of the step is in the batch (in order).
     all: bool,
 }
 
 impl DecodeBatch {
-    /// `None` when fewer than two sequences of the step decode from a shared pool.
+    /// `None` when fewer than two sequences of the step decode from a shared pool (one is enough
+    /// on a GPU with the fused kernels, whose decode attention needs the batch's tables).
     pub fn plan(
         rows: &[SeqRows],
         caches: &[&mut SequenceCache],
@@ -90,7 +94,12 @@ impl DecodeBatch {
                 rows[i].len == 1 && caches[i].pool().is_some_and(|p| Arc::ptr_eq(p, &pool))
             })
             .collect();
-        if seqs.len() < 2 {
+        let min_batch = if crate::cuda::gpu(device).is_some() {
+            1
+        } else {
+            2
+        };
+        if seqs.len() < min_batch {
             return Ok(None);
         }
         let b = seqs.len();
@@ -98,6 +107,7 @@ impl DecodeBatch {
         let mut gather = Vec::with_capacity(b * lmax);
         let mut mask = Vec::with_capacity(b * lmax);
         let mut targets = Vec::with_capacity(b);
+        let mut lens = Vec::with_capacity(b);
         for &i in &seqs {
             let n = caches[i].len() + 1;
             let own: Vec<u32> = caches[i]
@@ -108,6 +118,7 @@ impl DecodeBatch {
                 .collect();
             let last = own[n - 1];
             targets.push(last);
+            lens.push(n as u32);
             gather.extend_from_slice(&own);
             gather.extend(std::iter::repeat_n(last, lmax - n));
             mask.extend(std::iter::repeat_n(0f32, n));
@@ -115,8 +126,11 @@ impl DecodeBatch {
         }
         let row_ids: Vec<u32> = seqs.iter().map(|&i| rows[i].start as u32).collect();
         let all = b == rows.len();
-        let t = Tensor::from_vec(targets, (b, 1), device)?;
+        let targets = Tensor::from_vec(targets, b, device)?;
+        let t = targets.reshape((b, 1))?;
         Ok(Some(DecodeBatch {
+            targets,
+            lens: Tensor::from_vec(lens, b, device)?,
             pool,
             rows: Tensor::from_vec(row_ids, b, device)?,
             write_ckv: t.broadcast_as((b, kv_lora))?.contiguous()?,
@@ -215,16 +229,15 @@ impl Attention {
         rotary: &Rotary,
         caches: &mut [&mut SequenceCache],
     ) -> Result<Tensor> {
+        if let Some(db) = &step.decode
+            && db.all
+            && let Some(g) = crate::cuda::gpu(x.device())
+            && let Some(o) = self.forward_decode_fused(&g, x, layer, step, db, rotary)?
+        {
+            return self.o_proj.forward(&o);
+        }
         let t = x.dim(0)?;
-        let q = match &self.q {
-            QueryProj::LowRank {
-                q_a_proj,
-                q_a_layernorm,
-                q_b_proj,
-            } => q_b_proj.forward(&q_a_layernorm.forward(&q_a_proj.forward(x)?)?)?,
-            QueryProj::Full { q_proj } => q_proj.forward(x)?,
-        };
-        let q = q.reshape((t, self.heads, self.nope + self.rope))?;
+        let q = self.queries(x)?;
         let q_nope = q.narrow(2, 0, self.nope)?; // [T, H, nope]
         let q_pe = rotary.apply(
             &q.narrow(2, self.nope, self.rope)?.contiguous()?,
@@ -290,6 +303,103 @@ impl Attention {
             o = o.index_select(&Tensor::from_vec(inverse, n, o.device())?, 0)?;
         }
         self.o_proj.forward(&o)
+    }
+
+    /// The queries of `x`'s rows, `[T, H, nope + rope]`.
+    fn queries(&self, x: &Tensor) -> Result<Tensor> {
+        let t = x.dim(0)?;
+        let q = match &self.q {
+            QueryProj::LowRank {
+                q_a_proj,
+                q_a_layernorm,
+                q_b_proj,
+            } => q_b_proj.forward(&q_a_layernorm.forward(&q_a_proj.forward(x)?)?)?,
+            QueryProj::Full { q_proj } => q_proj.forward(x)?,
+        };
+        Ok(q.reshape((t, self.heads, self.nope + self.rope))?)
+    }
+
+    /// A step whose rows are all decoding tokens of one pool, with the fused kernels: the new
+    /// latents are normed, rotated and written into the pool by one kernel, the query's rotary
+    /// part lands in the heads-first layout by another, and attention reads the pool through the
+    /// block tables (no gather, no padding mask). `[B, H · v]`, or `None` if a kernel does not
+    /// fit the shapes (the caller then takes the general path, which writes the cache itself).
+    fn forward_decode_fused(
+        &self,
+        g: &crate::cuda::Gpu,
+        x: &Tensor,
+        layer: usize,
+        step: &AttentionStep,
+        db: &DecodeBatch,
+        rotary: &Rotary,
+    ) -> Result<Option<Tensor>> {
+        let b = db.seqs.len();
+        let kv = self.kv_a_proj_with_mqa.forward(x)?; // [B, kv_lora + rope]
+        let (pool_ckv, pool_kpe) = db.pool.layer(layer);
+        let q = self.queries(x)?;
+        let Some(q_pe) = g.rope_to_heads_first(
+            &q.narrow(2, self.nope, self.rope)?,
+            step.cos,
+            step.sin,
+            rotary.interleaved(),
+        )?
+        else {
+            return Ok(None);
+        };
+        let written = g.kv_write(
+            &kv,
+            self.kv_a_layernorm.weight(),
+            self.kv_a_layernorm.eps(),
+            step.cos,
+            step.sin,
+            rotary.interleaved(),
+            &db.targets,
+            pool_ckv,
+            pool_kpe,
+        )?;
+        if !written {
+            return Ok(None);
+        }
+        // [H, B, nope] x [H, nope, kv_lora] -> [H, B, kv_lora].
+        let q_lat = q
+            .narrow(2, 0, self.nope)?
+            .transpose(0, 1)?
+            .contiguous()?
+            .matmul(&self.w_uk)?;
+        let tables = crate::cuda::DecodeTables {
+            qrows: &db.rows,
+            lens: &db.lens,
+            table: &db.gather,
+            lmax: db.lmax,
+        };
+        let Some(o_lat) = g.mla_decode(&q_lat, &q_pe, pool_ckv, pool_kpe, &tables, self.scale)?
+        else {
+            // The latents are in the pool already; attend the unfused way over the same pool.
+            let (c, k) = db.pool.gather_rows(layer, &db.gather)?;
+            let c = c.reshape((b, db.lmax, self.kv_lora))?;
+            let k = k.reshape((b, db.lmax, self.rope))?;
+            let ql = q_lat.transpose(0, 1)?.contiguous()?;
+            let qp = q_pe.transpose(0, 1)?.contiguous()?;
+            let scores = (ql.matmul(&c.transpose(1, 2)?)? + qp.matmul(&k.transpose(1, 2)?)?)?;
+            let scores = (scores.to_dtype(DType::F32)? * self.scale)?.broadcast_add(&db.mask)?;
+            let probs = softmax_last(&scores)?.to_dtype(c.dtype())?;
+            let o = probs
+                .matmul(&c)?
+                .transpose(0, 1)?
+                .contiguous()?
+                .matmul(&self.w_uv_t)?;
+            return Ok(Some(
+                o.transpose(0, 1)?
+                    .contiguous()?
+                    .reshape((b, self.heads * self.v_dim))?,
+            ));
+        };
+        let o = o_lat.matmul(&self.w_uv_t)?; // [H, B, v]
+        Ok(Some(
+            o.transpose(0, 1)?
+                .contiguous()?
+                .reshape((b, self.heads * self.v_dim))?,
+        ))
     }
 
     /// The decode batch: `q_lat [H, T, kv_lora]`, `q_pe [H, T, rope]`, the step's new latents

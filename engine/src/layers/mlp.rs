@@ -7,27 +7,57 @@ use super::Linear;
 use crate::error::Result;
 use crate::weights::Loader;
 
+/// The gate and up projections: separate, or (on a GPU with the fused kernels) stacked into one
+/// `[2·inner, hidden]` weight so that both are one GEMM and SwiGLU one kernel.
+#[derive(Debug, Clone)]
+enum GateUp {
+    Separate { gate_proj: Linear, up_proj: Linear },
+    Stacked(Linear),
+}
+
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    gate_up: GateUp,
     down_proj: Linear,
 }
 
 impl Mlp {
     /// Loads `{prefix}.{gate,up,down}_proj.weight` for a hidden → `inner` → hidden block.
     pub fn new(loader: &Loader, prefix: &str, hidden: usize, inner: usize) -> Result<Self> {
+        let gate_proj = Linear::new(loader, &format!("{prefix}.gate_proj"), hidden, inner, false)?;
+        let up_proj = Linear::new(loader, &format!("{prefix}.up_proj"), hidden, inner, false)?;
+        let gate_up = if crate::cuda::gpu(loader.device()).is_some() {
+            GateUp::Stacked(Linear::from_weight(Tensor::cat(
+                &[gate_proj.weight(), up_proj.weight()],
+                0,
+            )?))
+        } else {
+            GateUp::Separate { gate_proj, up_proj }
+        };
         Ok(Mlp {
-            gate_proj: Linear::new(loader, &format!("{prefix}.gate_proj"), hidden, inner, false)?,
-            up_proj: Linear::new(loader, &format!("{prefix}.up_proj"), hidden, inner, false)?,
+            gate_up,
             down_proj: Linear::new(loader, &format!("{prefix}.down_proj"), inner, hidden, false)?,
         })
     }
 
     /// `x: [T, hidden] -> [T, hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
-        let up = self.up_proj.forward(x)?;
-        self.down_proj.forward(&(gate * up)?)
+        let h = match &self.gate_up {
+            GateUp::Separate { gate_proj, up_proj } => {
+                (gate_proj.forward(x)?.silu()? * up_proj.forward(x)?)?
+            }
+            GateUp::Stacked(gate_up) => {
+                let gu = gate_up.forward(x)?;
+                match crate::cuda::gpu(x.device()).map(|g| g.silu_mul(&gu)) {
+                    Some(Ok(Some(h))) => h,
+                    Some(Err(e)) => return Err(e),
+                    _ => {
+                        let inner = gu.dim(1)? / 2;
+                        (gu.narrow(1, 0, inner)?.silu()? * gu.narrow(1, inner, inner)?)?
+                    }
+                }
+            }
+        };
+        self.down_proj.forward(&h)
     }
 }

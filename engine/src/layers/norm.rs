@@ -29,10 +29,36 @@ impl RmsNorm {
 
     /// `x: [T, dim] -> [T, dim]` in `dtype`.
     pub fn forward_as(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
+        if let Some(g) = crate::cuda::gpu(x.device())
+            && let Some((y, _)) = g.rms_norm(x, &self.weight, self.eps, dtype, false)?
+        {
+            return Ok(y);
+        }
         let xf = x.to_dtype(DType::F32)?;
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
         let inv = (var + self.eps)?.sqrt()?.recip()?;
         let normed = xf.broadcast_mul(&inv)?.broadcast_mul(&self.weight)?;
         Ok(normed.to_dtype(dtype)?)
+    }
+
+    /// The normed rows both in `dtype` (for the matmuls) and in f32 (for the router), from one
+    /// pass on the GPU.
+    pub fn forward_pair(&self, x: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
+        if let Some(g) = crate::cuda::gpu(x.device())
+            && let Some((y, Some(yf))) = g.rms_norm(x, &self.weight, self.eps, dtype, true)?
+        {
+            return Ok((y, yf));
+        }
+        let yf = self.forward_as(x, DType::F32)?;
+        Ok((yf.to_dtype(dtype)?, yf))
+    }
+
+    /// `[dim]`, f32.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn eps(&self) -> f64 {
+        self.eps
     }
 }

@@ -40,6 +40,11 @@ impl Rotary {
     }
 
     /// `(cos, sin)` for each position, each `[T, dim / 2]` in `dtype`, already scaled.
+    /// Whether rotary pairs are adjacent elements (`rope_interleave`) rather than the two halves.
+    pub fn interleaved(&self) -> bool {
+        self.interleaved
+    }
+
     pub fn cos_sin(
         &self,
         positions: &[usize],

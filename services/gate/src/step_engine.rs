@@ -243,9 +243,27 @@ impl StepEngine {
         let picked = out
             .index_select(&idx, 0)
             .map_err(moemesh_engine::EngineError::from)?;
-        let logits = self
-            .model
-            .logits(&picked)?
+        let logits = self.model.logits(&picked)?;
+        // Greedy rows are picked on the GPU: a few bytes come back instead of the vocabulary.
+        let all_greedy = states
+            .iter()
+            .zip(&req.seqs)
+            .all(|(st, s)| !s.sample || st.1.sampler.params().is_greedy());
+        if all_greedy
+            && let Some(g) = moemesh_engine::cuda::gpu(logits.device())
+            && let Some(picks) = g.argmax_logprob(&logits)?
+        {
+            let sampling = states.iter().zip(&req.seqs).filter(|(_, s)| s.sample);
+            return Ok(sampling
+                .zip(picks)
+                .map(|(((id, _), _), (token_id, logprob))| SeqResult {
+                    seq_id: *id,
+                    token_id,
+                    logprob,
+                })
+                .collect());
+        }
+        let logits = logits
             .to_device(&Device::Cpu)
             .and_then(|l| l.to_vec2::<f32>())
             .map_err(moemesh_engine::EngineError::from)?;

@@ -239,6 +239,9 @@ fn run_in_process(
                 .collect()
         })
         .collect();
+    let profile_step: Option<u32> = std::env::var("MOEMESH_PROFILE_STEP")
+        .ok()
+        .and_then(|v| v.parse().ok());
     let started = Instant::now();
     let mut samples = Vec::new();
     for wave in prompts.chunks(args.concurrency) {
@@ -251,6 +254,12 @@ fn run_in_process(
         let mut wave_samples: Vec<Sample> = wave.iter().map(|_| Sample::default()).collect();
         let mut last = t0;
         for step in 0..args.output_len {
+            // MOEMESH_PROFILE_STEP=N: only decode step N of the first wave is seen by a profiler
+            // started with collection off (scripts/gpu-check.sh --profile).
+            let profiled = samples.is_empty() && profile_step == Some(step);
+            if profiled {
+                moemesh_engine::cuda::profiler(true)?;
+            }
             let flat: Vec<u32> = inputs.iter().flatten().copied().collect();
             let emb = model.embed(&flat)?;
             let mut seqs: Vec<StepSeq> = caches
@@ -261,12 +270,16 @@ fn run_in_process(
                     new_tokens: i.len(),
                 })
                 .collect();
-            let logits = model
-                .step_last_logits(&emb, &mut seqs, &engine.experts)?
-                .to_vec2::<f32>()?;
+            let logits = model.step_last_logits(&emb, &mut seqs, &engine.experts)?;
+            let tokens: Vec<u32> = match moemesh_engine::cuda::gpu(logits.device()) {
+                Some(g) => match g.argmax_logprob(&logits)? {
+                    Some(picks) => picks.into_iter().map(|(t, _)| t).collect(),
+                    None => host_argmax(&logits)?,
+                },
+                None => host_argmax(&logits)?,
+            };
             let now = Instant::now();
-            for (i, row) in logits.iter().enumerate() {
-                let tok = moemesh_engine::sampling::argmax(row) as u32;
+            for (i, &tok) in tokens.iter().enumerate() {
                 inputs[i] = vec![tok];
                 let s = &mut wave_samples[i];
                 if step == 0 {
@@ -277,6 +290,9 @@ fn run_in_process(
                 s.tokens += 1;
             }
             last = now;
+            if profiled {
+                moemesh_engine::cuda::profiler(false)?;
+            }
         }
         samples.extend(wave_samples);
     }
@@ -287,6 +303,14 @@ fn run_in_process(
         &samples,
         wall,
     )
+}
+
+fn host_argmax(logits: &moemesh_engine::Tensor) -> anyhow::Result<Vec<u32>> {
+    Ok(logits
+        .to_vec2::<f32>()?
+        .iter()
+        .map(|row| moemesh_engine::sampling::argmax(row) as u32)
+        .collect())
 }
 
 fn report(args: &BenchArgs, model: &str, samples: &[Sample], wall: f64) -> anyhow::Result<()> {

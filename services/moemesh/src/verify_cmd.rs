@@ -12,6 +12,13 @@
 //!   (bf16 rounding moves logits by a few hundredths; a closer call may legitimately flip).
 //! - f32: max-abs logit error ≤ 1e-3 (the CPU tests' bound) and greedy tokens equal up to the
 //!   first margin < 1e-3.
+//!
+//! Each fixture and dtype is checked along two paths: `prefill` (each prompt's logits from one
+//! full-sequence forward, greedy continuation through a per-sequence cache) and `paged` (all
+//! prompts together in a paged KV pool, fed one token per step as one decode batch, so that each
+//! prompt position's logits come from the batched decode path — on a GPU the fused kernels:
+//! latent write, MLA over the block tables, device routing, grouped experts — then the greedy
+//! continuation as a batch, with the arg-max taken on the device).
 
 use std::path::{Path, PathBuf};
 
@@ -40,6 +47,7 @@ pub struct VerifyArgs {
 
 struct Check {
     fixture: String,
+    path: &'static str,
     dtype: String,
     min_cosine: f64,
     worst_position: f64,
@@ -67,19 +75,21 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
     for dir in &dirs {
         for d in &args.dtype {
             let dtype = moemesh_common::device::parse_dtype(d)?;
-            let c = check(dir, &device, dtype, d)
+            let both = check(dir, &device, dtype, d)
                 .with_context(|| format!("{} in {d}", dir.display()))?;
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::json!({"fixture": c.fixture, "device": args.device, "dtype": c.dtype,
+            for c in both {
+                if args.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"fixture": c.fixture, "path": c.path, "device": args.device, "dtype": c.dtype,
                         "min_cosine": c.min_cosine, "worst_position_cosine": c.worst_position,
                         "max_abs": c.max_abs,
                         "greedy_equal": c.greedy_equal, "greedy_compared": c.greedy_compared,
                         "passed": c.passed})
-                );
+                    );
+                }
+                checks.push(c);
             }
-            checks.push(c);
         }
     }
     if !args.json {
@@ -88,13 +98,14 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
             args.device
         );
         println!(
-            "{:<24}{:>6}{:>12}{:>12}{:>12}{:>16}{:>8}",
-            "fixture", "dtype", "cos", "worst pos", "max |Δ|", "greedy equal", "result"
+            "{:<24}{:>8}{:>6}{:>12}{:>12}{:>12}{:>16}{:>8}",
+            "fixture", "path", "dtype", "cos", "worst pos", "max |Δ|", "greedy equal", "result"
         );
         for c in &checks {
             println!(
-                "{:<24}{:>6}{:>12.6}{:>12.6}{:>12.2e}{:>16}{:>8}",
+                "{:<24}{:>8}{:>6}{:>12.6}{:>12.6}{:>12.2e}{:>16}{:>8}",
                 c.fixture,
+                c.path,
                 c.dtype,
                 c.min_cosine,
                 c.worst_position,
@@ -111,7 +122,12 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn check(dir: &Path, device: &Device, dtype: DType, dtype_name: &str) -> anyhow::Result<Check> {
+fn check(
+    dir: &Path,
+    device: &Device,
+    dtype: DType,
+    dtype_name: &str,
+) -> anyhow::Result<Vec<Check>> {
     let files = ModelFiles::open(dir)?;
     let engine = InProcessEngine::load(&files, device, dtype)?;
     let reference =
@@ -138,11 +154,13 @@ fn check(dir: &Path, device: &Device, dtype: DType, dtype_name: &str) -> anyhow:
     } else {
         (0.1, false)
     };
+    let fixture = dir
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let mut c = Check {
-        fixture: dir
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+        fixture: fixture.clone(),
+        path: "prefill",
         dtype: dtype_name.to_string(),
         min_cosine: 1.0,
         worst_position: 1.0,
@@ -151,6 +169,7 @@ fn check(dir: &Path, device: &Device, dtype: DType, dtype_name: &str) -> anyhow:
         greedy_compared: 0,
         passed: true,
     };
+    let mut paged_inputs = Vec::new();
     for (p, prompt) in prompts.iter().enumerate() {
         let ids = ids_of(&format!("prompt{p}.input_ids"))?;
         let want = get(&format!("prompt{p}.logits"))?;
@@ -175,6 +194,12 @@ fn check(dir: &Path, device: &Device, dtype: DType, dtype_name: &str) -> anyhow:
             .position(|&m| m < margin_floor)
             .unwrap_or(expected.len())
             .min(expected.len());
+        paged_inputs.push(PagedPrompt {
+            ids: ids.clone(),
+            want: want.clone(),
+            expected: expected.clone(),
+            comparable,
+        });
         let req = GenerationRequest {
             prompt_ids: ids,
             sampling: SamplingParams {
@@ -199,10 +224,138 @@ fn check(dir: &Path, device: &Device, dtype: DType, dtype_name: &str) -> anyhow:
             c.passed = false;
         }
     }
-    if exact {
-        c.passed &= c.max_abs <= 1e-3;
-    } else {
-        c.passed &= c.min_cosine >= 0.999;
+    let mut paged = paged_check(&engine, &paged_inputs)?;
+    paged.fixture = fixture;
+    paged.dtype = dtype_name.to_string();
+    let mut out = vec![c, paged];
+    for c in &mut out {
+        if exact {
+            c.passed &= c.max_abs <= 1e-3;
+        } else {
+            c.passed &= c.min_cosine >= 0.999;
+        }
+    }
+    Ok(out)
+}
+
+struct PagedPrompt {
+    ids: Vec<u32>,
+    /// `[len, vocab]`, the reference logits at every prompt position.
+    want: Tensor,
+    expected: Vec<u32>,
+    /// How many of `expected` are compared (up to the first small reference margin).
+    comparable: usize,
+}
+
+/// All prompts as one batch in a paged pool: every prompt position through the batched decode
+/// path (teacher-forced), then the greedy continuation as a batch.
+fn paged_check(engine: &InProcessEngine, prompts: &[PagedPrompt]) -> anyhow::Result<Check> {
+    use moemesh_engine::kv_cache::BLOCK_TOKENS;
+    use moemesh_engine::{KvPool, SequenceCache};
+    let model = &engine.model;
+    let cfg = model.config();
+    let blocks: usize = prompts
+        .iter()
+        .map(|p| (p.ids.len() + p.expected.len()).div_ceil(BLOCK_TOKENS) + 1)
+        .sum();
+    let pool = KvPool::new(cfg, blocks, model.dtype(), model.device())?;
+    let mut caches: Vec<SequenceCache> = prompts
+        .iter()
+        .map(|_| SequenceCache::paged(cfg, pool.clone()))
+        .collect();
+    let mut rows: Vec<Vec<Vec<f32>>> = prompts.iter().map(|_| Vec::new()).collect();
+    let mut generated: Vec<Vec<u32>> = prompts.iter().map(|_| Vec::new()).collect();
+    let longest = prompts
+        .iter()
+        .map(|p| p.ids.len() + p.comparable)
+        .max()
+        .unwrap_or(0);
+    for pos in 0..longest {
+        // Sequences still in their prompt feed the prompt's token; the others their last pick.
+        let active: Vec<usize> = (0..prompts.len())
+            .filter(|&i| pos < prompts[i].ids.len() + prompts[i].comparable)
+            .collect();
+        let tokens: Vec<u32> = active
+            .iter()
+            .map(|&i| {
+                let p = &prompts[i];
+                if pos < p.ids.len() {
+                    Ok(p.ids[pos])
+                } else {
+                    generated[i]
+                        .last()
+                        .copied()
+                        .context("no token generated yet")
+                }
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let emb = model.embed(&tokens)?;
+        let mut seqs: Vec<StepSeq> = caches
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| active.contains(i))
+            .map(|(_, cache)| StepSeq {
+                cache,
+                new_tokens: 1,
+            })
+            .collect();
+        let logits = model.step_last_logits(&emb, &mut seqs, &engine.experts)?;
+        let picks: Vec<u32> = match moemesh_engine::cuda::gpu(logits.device())
+            .map(|g| g.argmax_logprob(&logits))
+            .transpose()?
+            .flatten()
+        {
+            Some(p) => p.into_iter().map(|(t, _)| t).collect(),
+            None => logits
+                .to_device(&Device::Cpu)?
+                .to_vec2::<f32>()?
+                .iter()
+                .map(|r| moemesh_engine::sampling::argmax(r) as u32)
+                .collect(),
+        };
+        let host: Vec<Vec<f32>> = logits.to_device(&Device::Cpu)?.to_vec2()?;
+        for ((&i, row), pick) in active.iter().zip(host).zip(picks) {
+            if pos < prompts[i].ids.len() {
+                rows[i].push(row);
+            }
+            if pos + 1 >= prompts[i].ids.len() {
+                generated[i].push(pick);
+            }
+        }
+    }
+    let mut c = Check {
+        fixture: String::new(),
+        path: "paged",
+        dtype: String::new(),
+        min_cosine: 1.0,
+        worst_position: 1.0,
+        max_abs: 0.0,
+        greedy_equal: 0,
+        greedy_compared: 0,
+        passed: true,
+    };
+    for (i, p) in prompts.iter().enumerate() {
+        let vocab = rows[i].first().map_or(0, |r| r.len());
+        let flat: Vec<f32> = rows[i].iter().flatten().copied().collect();
+        let got = Tensor::from_vec(flat, (rows[i].len(), vocab), &Device::Cpu)?;
+        let (cos, worst, max_abs) = compare(&got, &p.want)?;
+        if !cos.is_finite() || !worst.is_finite() || !max_abs.is_finite() {
+            c.passed = false;
+        }
+        c.min_cosine = c.min_cosine.min(cos);
+        c.worst_position = c.worst_position.min(worst);
+        c.max_abs = c.max_abs.max(max_abs);
+        let equal = generated[i]
+            .iter()
+            .zip(&p.expected)
+            .take(p.comparable)
+            .take_while(|(a, b)| a == b)
+            .count();
+        c.greedy_equal += equal;
+        c.greedy_compared += p.comparable;
+        if equal < p.comparable {
+            c.passed = false;
+        }
     }
     Ok(c)
 }

@@ -1,0 +1,705 @@
+// moemesh's own CUDA kernels: the fused pieces of a DeepSeek decode step that candle lacks.
+// Compiled to PTX by engine/build.rs (feature `cuda`) and loaded once per device; the Rust side is
+// engine/src/cuda/mod.rs, which checks shapes, alignment and dtypes before every launch.
+//
+// Conventions:
+// - Every kernel exists for f32 and bf16 activations/weights (`_f32` / `_bf16` suffix); the
+//   arithmetic is f32 in both (bf16 values are widened on load and rounded once on store).
+// - Rows handed to the vectorised loads (`load8`) are 8 elements long multiples and 16-byte
+//   aligned; mod.rs guarantees it or falls back to candle ops.
+// - Where the result must not depend on scheduling (the MoE combine, softmax sums), the
+//   summation order is fixed; atomics only place work, never add values.
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+typedef __nv_bfloat16 bf16;
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(bf16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ bf16 from_f<bf16>(float x) { return __float2bfloat16(x); }
+
+// Eight consecutive elements, widened to f32.
+__device__ __forceinline__ void load8(const float* p, float v[8]) {
+    const float4 a = *reinterpret_cast<const float4*>(p);
+    const float4 b = *reinterpret_cast<const float4*>(p + 4);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+__device__ __forceinline__ void load8(const bf16* p, float v[8]) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    v[0] = __uint_as_float(u.x << 16); v[1] = __uint_as_float(u.x & 0xffff0000u);
+    v[2] = __uint_as_float(u.y << 16); v[3] = __uint_as_float(u.y & 0xffff0000u);
+    v[4] = __uint_as_float(u.z << 16); v[5] = __uint_as_float(u.z & 0xffff0000u);
+    v[6] = __uint_as_float(u.w << 16); v[7] = __uint_as_float(u.w & 0xffff0000u);
+}
+// Weights are read once per step: keep them out of L1.
+__device__ __forceinline__ void load8_stream(const float* p, float v[8]) {
+    const float4 a = __ldcs(reinterpret_cast<const float4*>(p));
+    const float4 b = __ldcs(reinterpret_cast<const float4*>(p + 4));
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+__device__ __forceinline__ void load8_stream(const bf16* p, float v[8]) {
+    const uint4 u = __ldcs(reinterpret_cast<const uint4*>(p));
+    v[0] = __uint_as_float(u.x << 16); v[1] = __uint_as_float(u.x & 0xffff0000u);
+    v[2] = __uint_as_float(u.y << 16); v[3] = __uint_as_float(u.y & 0xffff0000u);
+    v[4] = __uint_as_float(u.z << 16); v[5] = __uint_as_float(u.z & 0xffff0000u);
+    v[6] = __uint_as_float(u.w << 16); v[7] = __uint_as_float(u.w & 0xffff0000u);
+}
+
+__device__ __forceinline__ float dot8(const float a[8], const float b[8]) {
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) s = fmaf(a[i], b[i], s);
+    return s;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+__device__ float block_sum(float v) {
+    __shared__ float part[32];
+    __shared__ float total;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        float s = lane < (int)(blockDim.x >> 5) ? part[lane] : 0.f;
+        s = warp_sum(s);
+        if (lane == 0) total = s;
+    }
+    __syncthreads();
+    const float r = total;
+    __syncthreads();
+    return r;
+}
+
+__device__ __forceinline__ float silu(float x) { return x / (1.f + expf(-x)); }
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm: out = x / sqrt(mean(x²) + eps) · w, one block per row. `out` in TO (may be null),
+// `out_f32` an optional second f32 copy (the router scores the f32 normed activations).
+
+template <typename TI, typename TO>
+__device__ void rms_norm(const TI* __restrict__ x, const float* __restrict__ w, TO* out,
+                         float* out_f32, int d, float eps) {
+    const size_t row = blockIdx.x;
+    const TI* xr = x + row * d;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        const float v = to_f(xr[i]);
+        ss = fmaf(v, v, ss);
+    }
+    ss = block_sum(ss);
+    const float inv = 1.f / sqrtf(ss / (float)d + eps);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        const float v = to_f(xr[i]) * inv * w[i];
+        if (out) out[row * d + i] = from_f<TO>(v);
+        if (out_f32) out_f32[row * d + i] = v;
+    }
+}
+
+#define RMS_NORM(NAME, TI, TO)                                                                  \
+    extern "C" __global__ void NAME(const TI* x, const float* w, TO* out, float* out_f32,       \
+                                    int d, float eps) {                                         \
+        rms_norm<TI, TO>(x, w, out, out_f32, d, eps);                                           \
+    }
+RMS_NORM(rms_norm_f32_f32, float, float)
+RMS_NORM(rms_norm_f32_bf16, float, bf16)
+RMS_NORM(rms_norm_bf16_bf16, bf16, bf16)
+RMS_NORM(rms_norm_bf16_f32, bf16, float)
+
+// ---------------------------------------------------------------------------------------------
+// Residual: out = x + (a) + (b), x and out f32 (the residual stream), `a` in T and `b` f32, either
+// null. The two deltas are added first, as the unfused path does (shared + routed, then residual).
+
+template <typename T>
+__device__ void residual_add(const float* x, const T* a, const float* b, float* out, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float d = 0.f;
+        if (b) d = b[i];
+        if (a) d = b ? to_f(a[i]) + d : to_f(a[i]);
+        out[i] = x[i] + d;
+    }
+}
+extern "C" __global__ void residual_add_f32(const float* x, const float* a, const float* b,
+                                            float* out, unsigned long long n) {
+    residual_add<float>(x, a, b, out, n);
+}
+extern "C" __global__ void residual_add_bf16(const float* x, const bf16* a, const float* b,
+                                             float* out, unsigned long long n) {
+    residual_add<bf16>(x, a, b, out, n);
+}
+
+// SwiGLU on a fused gate|up row: out[t, j] = silu(gu[t, j]) · gu[t, inner + j].
+template <typename T>
+__device__ void silu_mul(const T* gu, T* out, int rows, int inner) {
+    const size_t n = (size_t)rows * inner;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const size_t t = i / inner, j = i % inner;
+        const float g = to_f(gu[t * 2 * inner + j]);
+        const float u = to_f(gu[t * 2 * inner + inner + j]);
+        out[i] = from_f<T>(silu(g) * u);
+    }
+}
+extern "C" __global__ void silu_mul_f32(const float* gu, float* out, int rows, int inner) {
+    silu_mul<float>(gu, out, rows, inner);
+}
+extern "C" __global__ void silu_mul_bf16(const bf16* gu, bf16* out, int rows, int inner) {
+    silu_mul<bf16>(gu, out, rows, inner);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary embedding over pairs, one thread per (token, head, pair). Element (t, h, d) of the input
+// is at x[t*sx_t + h*sx_h + d] and goes to out[t*so_t + h*so_h + d]; `cos`/`sin` are [T, dim/2]
+// (attention scaling included). Interleaved pairs are (2i, 2i+1), otherwise (i, i + dim/2).
+
+template <typename T>
+__device__ void rope(const T* x, long long sx_t, long long sx_h, T* out, long long so_t,
+                     long long so_h, const T* cos_t, const T* sin_t, int tokens, int heads,
+                     int dim, int interleaved) {
+    const int half = dim / 2;
+    const size_t n = (size_t)tokens * heads * half;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const int p = (int)(i % half);
+        const size_t th = i / half;
+        const int h = (int)(th % heads);
+        const size_t t = th / heads;
+        const T* xr = x + t * sx_t + h * sx_h;
+        T* orow = out + t * so_t + h * so_h;
+        const float c = to_f(cos_t[t * half + p]), s = to_f(sin_t[t * half + p]);
+        const int ia = interleaved ? 2 * p : p;
+        const int ib = interleaved ? 2 * p + 1 : p + half;
+        const float a = to_f(xr[ia]), b = to_f(xr[ib]);
+        orow[ia] = from_f<T>(a * c - b * s);
+        orow[ib] = from_f<T>(b * c + a * s);
+    }
+}
+#define ROPE(NAME, T)                                                                           \
+    extern "C" __global__ void NAME(const T* x, long long sx_t, long long sx_h, T* out,         \
+                                    long long so_t, long long so_h, const T* cos_t,             \
+                                    const T* sin_t, int tokens, int heads, int dim,             \
+                                    int interleaved) {                                          \
+        rope<T>(x, sx_t, sx_h, out, so_t, so_h, cos_t, sin_t, tokens, heads, dim, interleaved); \
+    }
+ROPE(rope_f32, float)
+ROPE(rope_bf16, bf16)
+
+// ---------------------------------------------------------------------------------------------
+// The new latents of decoding tokens, straight into the KV pool: for token t (one block each),
+// `kv[t] = [c (kv_lora) | k_pe (rope)]` from kv_a_proj; c is RMS-normed (weight `w`), k_pe rotated,
+// and both are written at pool row `dst[t]`.
+
+template <typename T>
+__device__ void kv_write(const T* kv, const float* w, float eps, const T* cos_t, const T* sin_t,
+                         int interleaved, const uint32_t* dst, T* pool_ckv, T* pool_kpe,
+                         int kv_lora, int rope_dim) {
+    const size_t t = blockIdx.x;
+    const int width = kv_lora + rope_dim;
+    const T* row = kv + t * width;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < kv_lora; i += blockDim.x) {
+        const float v = to_f(row[i]);
+        ss = fmaf(v, v, ss);
+    }
+    ss = block_sum(ss);
+    const float inv = 1.f / sqrtf(ss / (float)kv_lora + eps);
+    const size_t r = dst[t];
+    for (int i = threadIdx.x; i < kv_lora; i += blockDim.x) {
+        // Round the normed value to T first, as the unfused path stores it.
+        pool_ckv[r * kv_lora + i] = from_f<T>(to_f(row[i]) * inv * w[i]);
+    }
+    const int half = rope_dim / 2;
+    const T* pe = row + kv_lora;
+    for (int p = threadIdx.x; p < half; p += blockDim.x) {
+        const float c = to_f(cos_t[t * half + p]), s = to_f(sin_t[t * half + p]);
+        const int ia = interleaved ? 2 * p : p;
+        const int ib = interleaved ? 2 * p + 1 : p + half;
+        const float a = to_f(pe[ia]), b = to_f(pe[ib]);
+        pool_kpe[r * rope_dim + ia] = from_f<T>(a * c - b * s);
+        pool_kpe[r * rope_dim + ib] = from_f<T>(b * c + a * s);
+    }
+}
+#define KV_WRITE(NAME, T)                                                                       \
+    extern "C" __global__ void NAME(const T* kv, const float* w, float eps, const T* cos_t,    \
+                                    const T* sin_t, int interleaved, const uint32_t* dst,       \
+                                    T* pool_ckv, T* pool_kpe, int kv_lora, int rope_dim) {      \
+        kv_write<T>(kv, w, eps, cos_t, sin_t, interleaved, dst, pool_ckv, pool_kpe, kv_lora,    \
+                    rope_dim);                                                                  \
+    }
+KV_WRITE(kv_write_f32, float)
+KV_WRITE(kv_write_bf16, bf16)
+
+// ---------------------------------------------------------------------------------------------
+// MLA decode attention in the absorbed form, over the paged latent pool. One block per
+// (sequence b, group of MLA_HB heads); the sequence's cache rows are streamed through shared
+// memory in tiles of `tile` positions, each tile read once for all the group's heads, with an
+// online softmax. Scores: (q_lat·c + q_pe·k_pe)·scale; output: o_lat = Σ p·c, unnormalised until
+// the end.
+// q_lat element (h, t, d) at q_lat[h*sq_h + t*sq_t + d]; q_pe likewise with sp_*; the sequence's
+// query row is qrows[b], its length lens[b] (cache plus the new token, already in the pool), its
+// pool rows table[b*lmax + 0..len]. Output element (h, b, d) at out[h*so_h + b*so_b + d].
+
+#define MLA_HB 4
+#define MLA_MAXD 4  // kv_lora ≤ MLA_MAXD · blockDim.x
+
+template <typename T>
+__device__ void mla_decode(const T* q_lat, long long sq_h, long long sq_t, const T* q_pe,
+                           long long sp_h, long long sp_t, const T* ckv, const T* kpe,
+                           const uint32_t* table, int lmax, const uint32_t* lens,
+                           const uint32_t* qrows, T* out, long long so_h, long long so_b,
+                           int heads, int kv_lora, int rope_dim, int tile, float scale) {
+    extern __shared__ float smem[];
+    const int width = kv_lora + rope_dim;
+    const int stride = width + 4;  // rows padded so that 8 rows read one column bank-free
+    float* q_s = smem;                       // [MLA_HB][stride]
+    float* kv_s = q_s + MLA_HB * stride;     // [tile][stride]
+    float* p_s = kv_s + tile * stride;       // [MLA_HB][tile]
+    float* m_s = p_s + MLA_HB * tile;        // [MLA_HB]
+    float* l_s = m_s + MLA_HB;               // [MLA_HB]
+    float* c_s = l_s + MLA_HB;               // [MLA_HB]
+
+    const int b = blockIdx.x;
+    const int h0 = blockIdx.y * MLA_HB;
+    const int nh = min(MLA_HB, heads - h0);
+    const int len = (int)lens[b];
+    const size_t qt = qrows[b];
+    const int tid = threadIdx.x, nt = blockDim.x;
+
+    for (int i = tid; i < MLA_HB * width; i += nt) {
+        const int hh = i / width, d = i % width;
+        float v = 0.f;
+        if (hh < nh) {
+            const size_t h = h0 + hh;
+            v = d < kv_lora ? to_f(q_lat[h * sq_h + qt * sq_t + d])
+                            : to_f(q_pe[h * sp_h + qt * sp_t + (d - kv_lora)]);
+        }
+        q_s[hh * stride + d] = v;
+    }
+    if (tid < MLA_HB) {
+        m_s[tid] = -INFINITY;
+        l_s[tid] = 0.f;
+    }
+    float acc[MLA_HB][MLA_MAXD];
+#pragma unroll
+    for (int hh = 0; hh < MLA_HB; ++hh)
+#pragma unroll
+        for (int i = 0; i < MLA_MAXD; ++i) acc[hh][i] = 0.f;
+
+    // Threads per score: the largest power of two with MLA_HB·tile·g ≤ blockDim.x (≤ 32).
+    int g = 1;
+    while (g < 32 && MLA_HB * tile * g * 2 <= nt) g *= 2;
+    const int lane_g = tid % g, which = tid / g;
+    const int chunks_c = kv_lora / 8, chunks_k = rope_dim / 8;
+
+    for (int start = 0; start < len; start += tile) {
+        const int n = min(tile, len - start);
+        __syncthreads();
+        for (int i = tid; i < n * (chunks_c + chunks_k); i += nt) {
+            const int j = i / (chunks_c + chunks_k), c = i % (chunks_c + chunks_k);
+            const size_t row = table[(size_t)b * lmax + start + j];
+            float v[8];
+            int d;
+            if (c < chunks_c) {
+                load8(ckv + row * kv_lora + c * 8, v);
+                d = c * 8;
+            } else {
+                load8(kpe + row * rope_dim + (c - chunks_c) * 8, v);
+                d = kv_lora + (c - chunks_c) * 8;
+            }
+#pragma unroll
+            for (int e = 0; e < 8; ++e) kv_s[j * stride + d + e] = v[e];
+        }
+        __syncthreads();
+        {
+            // Every thread takes part in the shuffles; those past the last score add zeros.
+            const bool mine = which < MLA_HB * tile;
+            const int hh = which / tile, j = which % tile;
+            float s = 0.f;
+            if (mine && j < n) {
+                const float* qa = q_s + hh * stride;
+                const float* ka = kv_s + j * stride;
+                for (int d = lane_g; d < width; d += g) s = fmaf(qa[d], ka[d], s);
+            }
+            for (int o = g / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o, g);
+            if (mine && lane_g == 0)
+                p_s[hh * tile + j] = (j < n && hh < nh) ? s * scale : -INFINITY;
+        }
+        __syncthreads();
+        if (tid < MLA_HB) {
+            const float m_old = m_s[tid];
+            float mx = m_old;
+            for (int j = 0; j < n; ++j) mx = fmaxf(mx, p_s[tid * tile + j]);
+            // A head past `nh` has only −∞ scores; keep its state finite.
+            const bool live = mx != -INFINITY;
+            const float corr = (live && m_old != -INFINITY) ? expf(m_old - mx) : (live ? 0.f : 1.f);
+            float sum = 0.f;
+            for (int j = 0; j < tile; ++j) {
+                const float e = (live && j < n) ? expf(p_s[tid * tile + j] - mx) : 0.f;
+                p_s[tid * tile + j] = e;
+                sum += e;
+            }
+            l_s[tid] = l_s[tid] * corr + sum;
+            m_s[tid] = mx;
+            c_s[tid] = corr;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int hh = 0; hh < MLA_HB; ++hh) {
+            const float corr = c_s[hh];
+#pragma unroll
+            for (int i = 0; i < MLA_MAXD; ++i) {
+                const int d = tid + i * nt;
+                if (d < kv_lora) {
+                    float a = acc[hh][i] * corr;
+                    for (int j = 0; j < n; ++j) a = fmaf(p_s[hh * tile + j], kv_s[j * stride + d], a);
+                    acc[hh][i] = a;
+                }
+            }
+        }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int hh = 0; hh < MLA_HB; ++hh) {
+        if (hh >= nh) break;
+        const float inv = 1.f / l_s[hh];
+        const size_t h = h0 + hh;
+#pragma unroll
+        for (int i = 0; i < MLA_MAXD; ++i) {
+            const int d = tid + i * nt;
+            if (d < kv_lora) out[h * so_h + (size_t)b * so_b + d] = from_f<T>(acc[hh][i] * inv);
+        }
+    }
+}
+#define MLA_DECODE(NAME, T)                                                                     \
+    extern "C" __global__ void NAME(                                                            \
+        const T* q_lat, long long sq_h, long long sq_t, const T* q_pe, long long sp_h,          \
+        long long sp_t, const T* ckv, const T* kpe, const uint32_t* table, int lmax,            \
+        const uint32_t* lens, const uint32_t* qrows, T* out, long long so_h, long long so_b,    \
+        int heads, int kv_lora, int rope_dim, int tile, float scale) {                          \
+        mla_decode<T>(q_lat, sq_h, sq_t, q_pe, sp_h, sp_t, ckv, kpe, table, lmax, lens, qrows,  \
+                      out, so_h, so_b, heads, kv_lora, rope_dim, tile, scale);                  \
+    }
+MLA_DECODE(mla_decode_f32, float)
+MLA_DECODE(mla_decode_bf16, bf16)
+
+// ---------------------------------------------------------------------------------------------
+// MoE routing on the device, one thread per token, exactly as engine/src/router.rs does it on
+// the host (same tie rule: the lower index wins). logits [T, E] f32 → ids [T, k], weights [T, k].
+// scoring: 0 sigmoid, 1 softmax. method: 0 greedy, 1 group_limited_greedy, 2 noaux_tc.
+
+#define ROUTE_MAX_E 256
+
+extern "C" __global__ void moe_route(const float* logits, int tokens, int n_exp,
+                                     const float* bias, int scoring, int method, int k,
+                                     int n_group, int topk_group, int normalise,
+                                     int scale_weights, float scaling, uint32_t* ids,
+                                     float* weights) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= tokens) return;
+    const float* l = logits + (size_t)t * n_exp;
+    float score[ROUTE_MAX_E], choice[ROUTE_MAX_E];
+    if (scoring == 0) {
+        for (int e = 0; e < n_exp; ++e) score[e] = 1.f / (1.f + expf(-l[e]));
+    } else {
+        float mx = -INFINITY;
+        for (int e = 0; e < n_exp; ++e) mx = fmaxf(mx, l[e]);
+        float sum = 0.f;
+        for (int e = 0; e < n_exp; ++e) {
+            score[e] = expf(l[e] - mx);
+            sum += score[e];
+        }
+        for (int e = 0; e < n_exp; ++e) score[e] = score[e] / sum;
+    }
+    for (int e = 0; e < n_exp; ++e) choice[e] = bias ? score[e] + bias[e] : score[e];
+    if (method != 0 && topk_group < n_group) {
+        const int per = n_exp / n_group;
+        float gs[ROUTE_MAX_E];
+        for (int gi = 0; gi < n_group; ++gi) {
+            const float* c = choice + gi * per;
+            if (method == 2) {
+                // Sum of the group's two best (one when the group has one expert).
+                int b1 = 0;
+                for (int e = 1; e < per; ++e)
+                    if (c[e] > c[b1]) b1 = e;
+                int b2 = -1;
+                for (int e = 0; e < per; ++e)
+                    if (e != b1 && (b2 < 0 || c[e] > c[b2])) b2 = e;
+                gs[gi] = b2 < 0 ? c[b1] : c[b1] + c[b2];
+            } else {
+                float m = -INFINITY;
+                for (int e = 0; e < per; ++e) m = fmaxf(m, c[e]);
+                gs[gi] = m;
+            }
+        }
+        uint32_t kept[ROUTE_MAX_E / 32] = {0};
+        for (int r = 0; r < topk_group; ++r) {
+            int best = -1;
+            for (int gi = 0; gi < n_group; ++gi) {
+                if (kept[gi >> 5] & (1u << (gi & 31))) continue;
+                if (best < 0 || gs[gi] > gs[best]) best = gi;
+            }
+            kept[best >> 5] |= 1u << (best & 31);
+        }
+        for (int gi = 0; gi < n_group; ++gi)
+            if (!(kept[gi >> 5] & (1u << (gi & 31))))
+                for (int e = 0; e < per; ++e) choice[gi * per + e] = -INFINITY;
+    }
+    uint32_t taken[ROUTE_MAX_E / 32] = {0};
+    float w[ROUTE_MAX_E];
+    float sum = 0.f;
+    for (int r = 0; r < k; ++r) {
+        int best = -1;
+        for (int e = 0; e < n_exp; ++e) {
+            if (taken[e >> 5] & (1u << (e & 31))) continue;
+            if (best < 0 || choice[e] > choice[best]) best = e;
+        }
+        taken[best >> 5] |= 1u << (best & 31);
+        ids[(size_t)t * k + r] = (uint32_t)best;
+        w[r] = score[best];
+        sum += w[r];
+    }
+    sum += 1e-20f;
+    for (int r = 0; r < k; ++r) {
+        float v = w[r];
+        if (normalise) v = v / sum;
+        if (scale_weights) v = v * scaling;
+        weights[(size_t)t * k + r] = v;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Grouped routed experts. A step's (token, expert) pairs are sorted by expert slot so that each
+// expert's weights are read once for all of its tokens:
+//   moe_align:    ids [P] (P = T·k) → per-slot offsets [S+1], sorted[q] = pair p, pos[p] = q.
+//   moe_gate_up:  h[q, j] = silu(x[row(q)]·Wg[s, j]) · (x[row(q)]·Wu[s, j])   (f32)
+//   moe_down:     y[q, r] = h[q]·Wd[s, r]                                      (f32)
+//   moe_combine:  out[t, r] = Σ_j w[t, j] · y[pos[t, j], r], in j order        (f32)
+// row(q) = sorted[q] / k_div (k_div = k for device routing, 1 when `sorted` holds rows).
+
+#define ALIGN_MAX_S 1024
+
+extern "C" __global__ void moe_align(const uint32_t* ids, int pairs, const int* slot_of,
+                                     int n_slots, uint32_t* offsets, uint32_t* sorted,
+                                     uint32_t* pos) {
+    __shared__ uint32_t cnt[ALIGN_MAX_S];
+    __shared__ uint32_t cur[ALIGN_MAX_S];
+    for (int s = threadIdx.x; s < n_slots; s += blockDim.x) cnt[s] = 0;
+    __syncthreads();
+    for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+        const int s = slot_of ? slot_of[ids[p]] : (int)ids[p];
+        if (s >= 0 && s < n_slots) atomicAdd(&cnt[s], 1u);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        uint32_t acc = 0;
+        for (int s = 0; s < n_slots; ++s) {
+            offsets[s] = acc;
+            cur[s] = acc;
+            acc += cnt[s];
+        }
+        offsets[n_slots] = acc;
+    }
+    __syncthreads();
+    for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+        const int s = slot_of ? slot_of[ids[p]] : (int)ids[p];
+        if (s >= 0 && s < n_slots) {
+            const uint32_t q = atomicAdd(&cur[s], 1u);
+            sorted[q] = (uint32_t)p;
+            pos[p] = q;
+        } else {
+            pos[p] = 0xffffffffu;
+        }
+    }
+}
+
+#define MOE_GROUP 8      // tokens sharing one pass over a weight row
+#define MOE_WARPS 4      // warps per block
+#define MOE_ROWS 16      // output rows per block
+
+template <typename T>
+__device__ void moe_gate_up(const T* x, int hidden, const T* w_gu, int inner,
+                            const uint32_t* offsets, const uint32_t* sorted, int k_div,
+                            float* h_out) {
+    const int s = blockIdx.y;
+    const uint32_t beg = offsets[s], end = offsets[s + 1];
+    if (beg == end) return;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int chunks = hidden / 8;
+    for (int j = blockIdx.x * MOE_ROWS + warp; j < min(inner, (int)(blockIdx.x + 1) * MOE_ROWS);
+         j += MOE_WARPS) {
+        const T* wg = w_gu + ((size_t)2 * s * inner + j) * hidden;
+        const T* wu = wg + (size_t)inner * hidden;
+        for (uint32_t g0 = beg; g0 < end; g0 += MOE_GROUP) {
+            const int n = min((int)(end - g0), MOE_GROUP);
+            const T* xr[MOE_GROUP];
+#pragma unroll
+            for (int i = 0; i < MOE_GROUP; ++i)
+                xr[i] = x + (size_t)(sorted[g0 + min(i, n - 1)] / k_div) * hidden;
+            float ag[MOE_GROUP], au[MOE_GROUP];
+#pragma unroll
+            for (int i = 0; i < MOE_GROUP; ++i) ag[i] = au[i] = 0.f;
+            for (int c = lane; c < chunks; c += 32) {
+                float a[8], b[8];
+                load8_stream(wg + c * 8, a);
+                load8_stream(wu + c * 8, b);
+#pragma unroll
+                for (int i = 0; i < MOE_GROUP; ++i) {
+                    if (i < n) {
+                        float v[8];
+                        load8(xr[i] + c * 8, v);
+                        ag[i] += dot8(a, v);
+                        au[i] += dot8(b, v);
+                    }
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < MOE_GROUP; ++i) {
+                if (i < n) {
+                    const float gs = warp_sum(ag[i]);
+                    const float us = warp_sum(au[i]);
+                    if (lane == 0) h_out[(size_t)(g0 + i) * inner + j] = silu(gs) * us;
+                }
+            }
+        }
+    }
+}
+
+template <typename T>
+__device__ void moe_down(const float* h, int inner, const T* w_down, int hidden,
+                         const uint32_t* offsets, float* y) {
+    const int s = blockIdx.y;
+    const uint32_t beg = offsets[s], end = offsets[s + 1];
+    if (beg == end) return;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int chunks = inner / 8;
+    for (int r = blockIdx.x * MOE_ROWS + warp; r < min(hidden, (int)(blockIdx.x + 1) * MOE_ROWS);
+         r += MOE_WARPS) {
+        const T* wr = w_down + ((size_t)s * hidden + r) * inner;
+        for (uint32_t g0 = beg; g0 < end; g0 += MOE_GROUP) {
+            const int n = min((int)(end - g0), MOE_GROUP);
+            float acc[MOE_GROUP];
+#pragma unroll
+            for (int i = 0; i < MOE_GROUP; ++i) acc[i] = 0.f;
+            for (int c = lane; c < chunks; c += 32) {
+                float a[8];
+                load8_stream(wr + c * 8, a);
+#pragma unroll
+                for (int i = 0; i < MOE_GROUP; ++i) {
+                    if (i < n) {
+                        float v[8];
+                        load8(h + (size_t)(g0 + i) * inner + c * 8, v);
+                        acc[i] += dot8(a, v);
+                    }
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < MOE_GROUP; ++i) {
+                if (i < n) {
+                    const float v = warp_sum(acc[i]);
+                    if (lane == 0) y[(size_t)(g0 + i) * hidden + r] = v;
+                }
+            }
+        }
+    }
+}
+
+#define MOE_KERNELS(SUFFIX, T)                                                                  \
+    extern "C" __global__ void moe_gate_up_##SUFFIX(const T* x, int hidden, const T* w_gu,      \
+                                                    int inner, const uint32_t* offsets,          \
+                                                    const uint32_t* sorted, int k_div,           \
+                                                    float* h_out) {                              \
+        moe_gate_up<T>(x, hidden, w_gu, inner, offsets, sorted, k_div, h_out);                  \
+    }                                                                                           \
+    extern "C" __global__ void moe_down_##SUFFIX(const float* h, int inner, const T* w_down,    \
+                                                 int hidden, const uint32_t* offsets, float* y) { \
+        moe_down<T>(h, inner, w_down, hidden, offsets, y);                                      \
+    }
+MOE_KERNELS(f32, float)
+MOE_KERNELS(bf16, bf16)
+
+// out[t, r] = Σ_j w[j] · y[pos[j], r] over token t's entries j: t·k..t·k+k when row_ptr is null,
+// row_ptr[t]..row_ptr[t+1] otherwise. pos = 0xffffffff skips an entry (an expert not held here).
+extern "C" __global__ void moe_combine(const float* y, int hidden, const uint32_t* pos,
+                                       const float* w, const uint32_t* row_ptr, int k,
+                                       float* out) {
+    const size_t t = blockIdx.x;
+    const uint32_t beg = row_ptr ? row_ptr[t] : (uint32_t)(t * k);
+    const uint32_t end = row_ptr ? row_ptr[t + 1] : (uint32_t)(t * k + k);
+    for (int r = threadIdx.x; r < hidden; r += blockDim.x) {
+        float sum = 0.f;
+        for (uint32_t j = beg; j < end; ++j) {
+            const uint32_t q = pos[j];
+            if (q != 0xffffffffu) sum = fmaf(w[j], y[(size_t)q * hidden + r], sum);
+        }
+        out[t * hidden + r] = sum;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Greedy sampling on the device: per row of f32 logits, the arg-max (lowest index on ties, NaN
+// never chosen) and its log-softmax, as engine/src/sampling.rs computes them (sum in f64).
+
+extern "C" __global__ void argmax_logprob(const float* logits, int vocab, uint32_t* token,
+                                          float* logprob) {
+    const float* l = logits + (size_t)blockIdx.x * vocab;
+    __shared__ float bv[1024];
+    __shared__ int bi[1024];
+    __shared__ double part[32];
+    float best = -INFINITY;
+    int idx = -1;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        const float v = l[i];
+        if (v != v) continue;
+        if (idx < 0 || v > best) {
+            best = v;
+            idx = i;
+        }
+    }
+    bv[threadIdx.x] = best;
+    bi[threadIdx.x] = idx;
+    __syncthreads();
+    for (int o = blockDim.x / 2; o > 0; o >>= 1) {
+        if ((int)threadIdx.x < o) {
+            const float v2 = bv[threadIdx.x + o];
+            const int i2 = bi[threadIdx.x + o];
+            const float v1 = bv[threadIdx.x];
+            const int i1 = bi[threadIdx.x];
+            const bool take = i2 >= 0 && (i1 < 0 || v2 > v1 || (v2 == v1 && i2 < i1));
+            if (take) {
+                bv[threadIdx.x] = v2;
+                bi[threadIdx.x] = i2;
+            }
+        }
+        __syncthreads();
+    }
+    const float mx = bv[0];
+    const int arg = bi[0] < 0 ? 0 : bi[0];
+    double s = 0.0;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        const float v = l[i];
+        if (v == v) s += exp((double)(v - mx));
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double tot = 0.0;
+        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) tot += part[w];
+        token[blockIdx.x] = (uint32_t)arg;
+        logprob[blockIdx.x] = (float)((double)(l[arg] - mx) - log(tot));
+    }
+}
