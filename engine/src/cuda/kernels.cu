@@ -260,7 +260,8 @@ __device__ void mla_decode(const T* q_lat, long long sq_h, long long sq_t, const
                            long long sp_h, long long sp_t, const T* ckv, const T* kpe,
                            const uint32_t* table, int lmax, const uint32_t* lens,
                            const uint32_t* qrows, T* out, long long so_h, long long so_b,
-                           int heads, int kv_lora, int rope_dim, int tile, float scale) {
+                           int heads, int kv_lora, int rope_dim, int tile, float scale,
+                           int splits, float* part_o, float* part_ml) {
     extern __shared__ float smem[];
     const int width = kv_lora + rope_dim;
     const int stride = width + 4;  // rows padded so that 8 rows read one column bank-free
@@ -275,6 +276,9 @@ __device__ void mla_decode(const T* q_lat, long long sq_h, long long sq_t, const
     const int h0 = blockIdx.y * MLA_HB;
     const int nh = min(MLA_HB, heads - h0);
     const int len = (int)lens[b];
+    // Split-K (flash decoding): block z takes positions [pos0, pos1) of the sequence.
+    const int chunk = (len + splits - 1) / splits;
+    const int pos0 = min(len, (int)blockIdx.z * chunk), pos1 = min(len, pos0 + chunk);
     const size_t qt = qrows[b];
     const int tid = threadIdx.x, nt = blockDim.x;
 
@@ -304,8 +308,8 @@ __device__ void mla_decode(const T* q_lat, long long sq_h, long long sq_t, const
     const int lane_g = tid % g, which = tid / g;
     const int chunks_c = kv_lora / 8, chunks_k = rope_dim / 8;
 
-    for (int start = 0; start < len; start += tile) {
-        const int n = min(tile, len - start);
+    for (int start = pos0; start < pos1; start += tile) {
+        const int n = min(tile, pos1 - start);
         __syncthreads();
         for (int i = tid; i < n * (chunks_c + chunks_k); i += nt) {
             const int j = i / (chunks_c + chunks_k), c = i % (chunks_c + chunks_k);
@@ -371,6 +375,24 @@ __device__ void mla_decode(const T* q_lat, long long sq_h, long long sq_t, const
         }
     }
     __syncthreads();
+    if (part_o) {
+        // Unnormalised partial state; mla_combine merges the splits.
+#pragma unroll
+        for (int hh = 0; hh < MLA_HB; ++hh) {
+            if (hh >= nh) break;
+            const size_t slot = ((size_t)b * heads + h0 + hh) * splits + blockIdx.z;
+#pragma unroll
+            for (int i = 0; i < MLA_MAXD; ++i) {
+                const int d = tid + i * nt;
+                if (d < kv_lora) part_o[slot * kv_lora + d] = acc[hh][i];
+            }
+            if (tid == 0) {
+                part_ml[slot * 2] = m_s[hh];
+                part_ml[slot * 2 + 1] = l_s[hh];
+            }
+        }
+        return;
+    }
 #pragma unroll
     for (int hh = 0; hh < MLA_HB; ++hh) {
         if (hh >= nh) break;
@@ -388,95 +410,193 @@ __device__ void mla_decode(const T* q_lat, long long sq_h, long long sq_t, const
         const T* q_lat, long long sq_h, long long sq_t, const T* q_pe, long long sp_h,          \
         long long sp_t, const T* ckv, const T* kpe, const uint32_t* table, int lmax,            \
         const uint32_t* lens, const uint32_t* qrows, T* out, long long so_h, long long so_b,    \
-        int heads, int kv_lora, int rope_dim, int tile, float scale) {                          \
+        int heads, int kv_lora, int rope_dim, int tile, float scale, int splits, float* part_o, \
+        float* part_ml) {                                                                       \
         mla_decode<T>(q_lat, sq_h, sq_t, q_pe, sp_h, sp_t, ckv, kpe, table, lmax, lens, qrows,  \
-                      out, so_h, so_b, heads, kv_lora, rope_dim, tile, scale);                  \
+                      out, so_h, so_b, heads, kv_lora, rope_dim, tile, scale, splits, part_o,   \
+                      part_ml);                                                                 \
     }
 MLA_DECODE(mla_decode_f32, float)
 MLA_DECODE(mla_decode_bf16, bf16)
+
+// Merges mla_decode's splits: one block per (sequence, head).
+template <typename T>
+__device__ void mla_combine(const float* part_o, const float* part_ml, int splits, int heads,
+                            int kv_lora, T* out, long long so_h, long long so_b) {
+    const int b = blockIdx.x, h = blockIdx.y;
+    const size_t base = ((size_t)b * heads + h) * splits;
+    float mx = -INFINITY;
+    for (int z = 0; z < splits; ++z) mx = fmaxf(mx, part_ml[(base + z) * 2]);
+    float denom = 0.f;
+    for (int z = 0; z < splits; ++z) {
+        const float m = part_ml[(base + z) * 2];
+        if (m != -INFINITY) denom += expf(m - mx) * part_ml[(base + z) * 2 + 1];
+    }
+    for (int d = threadIdx.x; d < kv_lora; d += blockDim.x) {
+        float o = 0.f;
+        for (int z = 0; z < splits; ++z) {
+            const float m = part_ml[(base + z) * 2];
+            if (m != -INFINITY) o += expf(m - mx) * part_o[(base + z) * kv_lora + d];
+        }
+        out[(size_t)h * so_h + (size_t)b * so_b + d] = from_f<T>(o / denom);
+    }
+}
+extern "C" __global__ void mla_combine_f32(const float* part_o, const float* part_ml, int splits,
+                                           int heads, int kv_lora, float* out, long long so_h,
+                                           long long so_b) {
+    mla_combine<float>(part_o, part_ml, splits, heads, kv_lora, out, so_h, so_b);
+}
+extern "C" __global__ void mla_combine_bf16(const float* part_o, const float* part_ml,
+                                            int splits, int heads, int kv_lora, bf16* out,
+                                            long long so_h, long long so_b) {
+    mla_combine<bf16>(part_o, part_ml, splits, heads, kv_lora, out, so_h, so_b);
+}
 
 // ---------------------------------------------------------------------------------------------
 // MoE routing on the device, one thread per token, exactly as engine/src/router.rs does it on
 // the host (same tie rule: the lower index wins). logits [T, E] f32 → ids [T, k], weights [T, k].
 // scoring: 0 sigmoid, 1 softmax. method: 0 greedy, 1 group_limited_greedy, 2 noaux_tc.
 
-#define ROUTE_MAX_E 256
+#define ROUTE_MAX_M 8    // experts per lane: E ≤ 256
+#define ROUTE_MAX_K 16
+#define ROUTE_WARPS 4
+#define ROUTE_NONE 0x7fffffff
 
+// (value, index) `a` beats `b`: a real entry over none, then the larger value, then the lower
+// index — the host's order (sort descending, ties to the lower index).
+__device__ __forceinline__ bool beats(float va, int ia, float vb, int ib) {
+    if (ia == ROUTE_NONE) return false;
+    if (ib == ROUTE_NONE) return true;
+    return va > vb || (va == vb && ia < ib);
+}
+
+// Warp-wide best (value, index, payload); every lane gets it.
+__device__ __forceinline__ void warp_best(float& v, int& i, float& p) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float v2 = __shfl_xor_sync(0xffffffffu, v, o);
+        const int i2 = __shfl_xor_sync(0xffffffffu, i, o);
+        const float p2 = __shfl_xor_sync(0xffffffffu, p, o);
+        if (beats(v2, i2, v, i)) {
+            v = v2;
+            i = i2;
+            p = p2;
+        }
+    }
+}
+
+// One warp per token; lane l holds experts l, l+32, … (at most 8 each).
 extern "C" __global__ void moe_route(const float* logits, int tokens, int n_exp,
                                      const float* bias, int scoring, int method, int k,
                                      int n_group, int topk_group, int normalise,
                                      int scale_weights, float scaling, uint32_t* ids,
                                      float* weights) {
-    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    __shared__ float choice_s[ROUTE_WARPS][ROUTE_MAX_M * 32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int t = blockIdx.x * ROUTE_WARPS + warp;
     if (t >= tokens) return;
     const float* l = logits + (size_t)t * n_exp;
-    float score[ROUTE_MAX_E], choice[ROUTE_MAX_E];
+    float score[ROUTE_MAX_M], choice[ROUTE_MAX_M];
+#pragma unroll
+    for (int m = 0; m < ROUTE_MAX_M; ++m) {
+        const int e = lane + 32 * m;
+        score[m] = e < n_exp ? l[e] : -INFINITY;
+    }
     if (scoring == 0) {
-        for (int e = 0; e < n_exp; ++e) score[e] = 1.f / (1.f + expf(-l[e]));
+#pragma unroll
+        for (int m = 0; m < ROUTE_MAX_M; ++m) score[m] = 1.f / (1.f + expf(-score[m]));
     } else {
         float mx = -INFINITY;
-        for (int e = 0; e < n_exp; ++e) mx = fmaxf(mx, l[e]);
+#pragma unroll
+        for (int m = 0; m < ROUTE_MAX_M; ++m)
+            if (lane + 32 * m < n_exp) mx = fmaxf(mx, score[m]);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
         float sum = 0.f;
-        for (int e = 0; e < n_exp; ++e) {
-            score[e] = expf(l[e] - mx);
-            sum += score[e];
+#pragma unroll
+        for (int m = 0; m < ROUTE_MAX_M; ++m) {
+            score[m] = lane + 32 * m < n_exp ? expf(score[m] - mx) : 0.f;
+            sum += score[m];
         }
-        for (int e = 0; e < n_exp; ++e) score[e] = score[e] / sum;
+        sum = warp_sum(sum);
+#pragma unroll
+        for (int m = 0; m < ROUTE_MAX_M; ++m) score[m] = score[m] / sum;
     }
-    for (int e = 0; e < n_exp; ++e) choice[e] = bias ? score[e] + bias[e] : score[e];
+#pragma unroll
+    for (int m = 0; m < ROUTE_MAX_M; ++m) {
+        const int e = lane + 32 * m;
+        choice[m] = e < n_exp ? (bias ? score[m] + bias[e] : score[m]) : -INFINITY;
+    }
     if (method != 0 && topk_group < n_group) {
+        // Group scores, one lane per group (n_group ≤ 32), from the choices in shared memory.
+        float* cs = choice_s[warp];
+#pragma unroll
+        for (int m = 0; m < ROUTE_MAX_M; ++m)
+            if (lane + 32 * m < n_exp) cs[lane + 32 * m] = choice[m];
+        __syncwarp();
         const int per = n_exp / n_group;
-        float gs[ROUTE_MAX_E];
-        for (int gi = 0; gi < n_group; ++gi) {
-            const float* c = choice + gi * per;
+        float gs = -INFINITY;
+        int gi = ROUTE_NONE;
+        if (lane < n_group) {
+            const float* c = cs + lane * per;
+            gi = lane;
             if (method == 2) {
-                // Sum of the group's two best (one when the group has one expert).
                 int b1 = 0;
                 for (int e = 1; e < per; ++e)
                     if (c[e] > c[b1]) b1 = e;
                 int b2 = -1;
                 for (int e = 0; e < per; ++e)
                     if (e != b1 && (b2 < 0 || c[e] > c[b2])) b2 = e;
-                gs[gi] = b2 < 0 ? c[b1] : c[b1] + c[b2];
+                gs = b2 < 0 ? c[b1] : c[b1] + c[b2];
             } else {
-                float m = -INFINITY;
-                for (int e = 0; e < per; ++e) m = fmaxf(m, c[e]);
-                gs[gi] = m;
+                float mg = -INFINITY;
+                for (int e = 0; e < per; ++e) mg = fmaxf(mg, c[e]);
+                gs = mg;
             }
         }
-        uint32_t kept[ROUTE_MAX_E / 32] = {0};
+        bool kept = false;
         for (int r = 0; r < topk_group; ++r) {
-            int best = -1;
-            for (int gi = 0; gi < n_group; ++gi) {
-                if (kept[gi >> 5] & (1u << (gi & 31))) continue;
-                if (best < 0 || gs[gi] > gs[best]) best = gi;
-            }
-            kept[best >> 5] |= 1u << (best & 31);
+            float v = kept ? -INFINITY : gs, p = 0.f;
+            int i = kept ? ROUTE_NONE : gi;
+            warp_best(v, i, p);
+            if (i == lane) kept = true;
         }
-        for (int gi = 0; gi < n_group; ++gi)
-            if (!(kept[gi >> 5] & (1u << (gi & 31))))
-                for (int e = 0; e < per; ++e) choice[gi * per + e] = -INFINITY;
+        const unsigned kept_mask = __ballot_sync(0xffffffffu, kept);
+#pragma unroll
+        for (int m = 0; m < ROUTE_MAX_M; ++m) {
+            const int e = lane + 32 * m;
+            if (e < n_exp && !((kept_mask >> (e / per)) & 1u)) choice[m] = -INFINITY;
+        }
     }
-    uint32_t taken[ROUTE_MAX_E / 32] = {0};
-    float w[ROUTE_MAX_E];
+    unsigned taken = 0;
+    float w[ROUTE_MAX_K];
     float sum = 0.f;
     for (int r = 0; r < k; ++r) {
-        int best = -1;
-        for (int e = 0; e < n_exp; ++e) {
-            if (taken[e >> 5] & (1u << (e & 31))) continue;
-            if (best < 0 || choice[e] > choice[best]) best = e;
+        float v = 0.f, p = 0.f;
+        int i = ROUTE_NONE;
+#pragma unroll
+        for (int m = 0; m < ROUTE_MAX_M; ++m) {
+            const int e = lane + 32 * m;
+            if (e < n_exp && !((taken >> m) & 1u) && beats(choice[m], e, v, i)) {
+                v = choice[m];
+                i = e;
+                p = score[m];
+            }
         }
-        taken[best >> 5] |= 1u << (best & 31);
-        ids[(size_t)t * k + r] = (uint32_t)best;
-        w[r] = score[best];
-        sum += w[r];
+        warp_best(v, i, p);
+        if ((i & 31) == lane) taken |= 1u << (i >> 5);
+        if (lane == 0) ids[(size_t)t * k + r] = (uint32_t)i;
+        w[r] = p;
+        sum += p;
     }
     sum += 1e-20f;
-    for (int r = 0; r < k; ++r) {
-        float v = w[r];
-        if (normalise) v = v / sum;
-        if (scale_weights) v = v * scaling;
-        weights[(size_t)t * k + r] = v;
+    if (lane == 0) {
+        for (int r = 0; r < k; ++r) {
+            float v = w[r];
+            if (normalise) v = v / sum;
+            if (scale_weights) v = v * scaling;
+            weights[(size_t)t * k + r] = v;
+        }
     }
 }
 
@@ -616,6 +736,115 @@ __device__ void moe_down(const float* h, int inner, const T* w_down, int hidden,
     }
 }
 
+
+// bf16 experts on the tensor cores (mma.sync m16n8k16, f32 accumulation): a warp computes 16
+// weight rows × 8 tokens per instruction. Each lane loads 16 contiguous bytes of a weight row and
+// of a token's activations per 32-wide k block and feeds them to two MMAs; the MMA's k order is
+// a permutation of memory order, the same for both operands (a fragment's k positions depend only
+// on lane % 4), so the dot products are unchanged.
+
+__device__ __forceinline__ void mma_bf16(float c[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                         uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint4 ldcs16(const bf16* p) {
+    return __ldcs(reinterpret_cast<const uint4*>(p));
+}
+__device__ __forceinline__ uint4 ld16(const bf16* p) { return *reinterpret_cast<const uint4*>(p); }
+
+// c += A[16 rows, 32 k] · B[32 k, 8 tokens] for one 32-wide k block: lo/hi are this lane's 16
+// bytes of rows g and g+8, b its 16 bytes of token g.
+__device__ __forceinline__ void mma_k32(float c[4], uint4 lo, uint4 hi, uint4 b) {
+    mma_bf16(c, lo.x, hi.x, lo.y, hi.y, b.x, b.y);
+    mma_bf16(c, lo.z, hi.z, lo.w, hi.w, b.z, b.w);
+}
+
+// h[q, j] = silu(x·Wg[j]) · (x·Wu[j]) for 16 columns j per warp; h in bf16 (what the unfused
+// bf16 path stores too). Needs hidden % 32 == 0 and inner % 16 == 0.
+extern "C" __global__ void moe_gate_up_mma(const bf16* x, int hidden, const bf16* w_gu, int inner,
+                                           const uint32_t* offsets, const uint32_t* sorted,
+                                           int k_div, bf16* h_out) {
+    const int s = blockIdx.y;
+    const uint32_t beg = offsets[s], end = offsets[s + 1];
+    if (beg == end) return;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int j0 = (blockIdx.x * MOE_WARPS + warp) * 16;
+    if (j0 >= inner) return;
+    const bf16* wg0 = w_gu + ((size_t)2 * s * inner + j0 + g) * hidden + t * 8;
+    const bf16* wg1 = wg0 + (size_t)8 * hidden;
+    const bf16* wu0 = wg0 + (size_t)inner * hidden;
+    const bf16* wu1 = wu0 + (size_t)8 * hidden;
+    for (uint32_t g0 = beg; g0 < end; g0 += 8) {
+        const int n = min((int)(end - g0), 8);
+        const bf16* xr = x + (size_t)(sorted[g0 + min(g, n - 1)] / k_div) * hidden + t * 8;
+        float cg[4] = {0.f, 0.f, 0.f, 0.f}, cu[4] = {0.f, 0.f, 0.f, 0.f};
+        // Software pipeline: the next block's loads are issued before this block's MMAs.
+        uint4 a0 = ldcs16(wg0), a1 = ldcs16(wg1), u0 = ldcs16(wu0), u1 = ldcs16(wu1);
+        uint4 b = ld16(xr);
+#pragma unroll 2
+        for (int k = 0; k < hidden; k += 32) {
+            const int kn = k + 32 < hidden ? k + 32 : k;
+            const uint4 na0 = ldcs16(wg0 + kn), na1 = ldcs16(wg1 + kn);
+            const uint4 nu0 = ldcs16(wu0 + kn), nu1 = ldcs16(wu1 + kn);
+            const uint4 nb = ld16(xr + kn);
+            mma_k32(cg, a0, a1, b);
+            mma_k32(cu, u0, u1, b);
+            a0 = na0;
+            a1 = na1;
+            u0 = nu0;
+            u1 = nu1;
+            b = nb;
+        }
+        // c0, c1: rows g, tokens 2t, 2t+1; c2, c3: row g + 8, same tokens.
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int tok = 2 * t + (e & 1), row = g + (e >> 1) * 8;
+            if (tok < n)
+                h_out[(size_t)(g0 + tok) * inner + j0 + row] = __float2bfloat16(silu(cg[e]) * cu[e]);
+        }
+    }
+}
+
+// y[q, r] = h[q]·Wd[r] for 16 rows r per warp, f32 out. Needs inner % 32 == 0, hidden % 16 == 0.
+extern "C" __global__ void moe_down_mma(const bf16* h, int inner, const bf16* w_down, int hidden,
+                                        const uint32_t* offsets, float* y) {
+    const int s = blockIdx.y;
+    const uint32_t beg = offsets[s], end = offsets[s + 1];
+    if (beg == end) return;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int r0 = (blockIdx.x * MOE_WARPS + warp) * 16;
+    if (r0 >= hidden) return;
+    const bf16* w0 = w_down + ((size_t)s * hidden + r0 + g) * inner + t * 8;
+    const bf16* w1 = w0 + (size_t)8 * inner;
+    for (uint32_t g0 = beg; g0 < end; g0 += 8) {
+        const int n = min((int)(end - g0), 8);
+        const bf16* hr = h + (size_t)(g0 + min(g, n - 1)) * inner + t * 8;
+        float c[4] = {0.f, 0.f, 0.f, 0.f};
+        uint4 a0 = ldcs16(w0), a1 = ldcs16(w1), b = ld16(hr);
+#pragma unroll 2
+        for (int k = 0; k < inner; k += 32) {
+            const int kn = k + 32 < inner ? k + 32 : k;
+            const uint4 na0 = ldcs16(w0 + kn), na1 = ldcs16(w1 + kn), nb = ld16(hr + kn);
+            mma_k32(c, a0, a1, b);
+            a0 = na0;
+            a1 = na1;
+            b = nb;
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int tok = 2 * t + (e & 1), row = g + (e >> 1) * 8;
+            if (tok < n) y[(size_t)(g0 + tok) * hidden + r0 + row] = c[e];
+        }
+    }
+}
+
 #define MOE_KERNELS(SUFFIX, T)                                                                  \
     extern "C" __global__ void moe_gate_up_##SUFFIX(const T* x, int hidden, const T* w_gu,      \
                                                     int inner, const uint32_t* offsets,          \
@@ -638,7 +867,7 @@ extern "C" __global__ void moe_combine(const float* y, int hidden, const uint32_
     const size_t t = blockIdx.x;
     const uint32_t beg = row_ptr ? row_ptr[t] : (uint32_t)(t * k);
     const uint32_t end = row_ptr ? row_ptr[t + 1] : (uint32_t)(t * k + k);
-    for (int r = threadIdx.x; r < hidden; r += blockDim.x) {
+    for (int r = blockIdx.y * blockDim.x + threadIdx.x; r < hidden; r += gridDim.y * blockDim.x) {
         float sum = 0.f;
         for (uint32_t j = beg; j < end; ++j) {
             const uint32_t q = pos[j];
@@ -690,7 +919,7 @@ extern "C" __global__ void argmax_logprob(const float* logits, int vocab, uint32
     double s = 0.0;
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
         const float v = l[i];
-        if (v == v) s += exp((double)(v - mx));
+        if (v == v) s += (double)expf(v - mx);
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);

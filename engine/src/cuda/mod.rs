@@ -56,6 +56,10 @@ pub fn gpu(device: &Device) -> Option<Gpu> {
     imp::gpu(device)
 }
 
+/// Multiprocessors of the GPUs moemesh is tuned for (H100 SXM: 132; H200: 132), for sizing
+/// split grids; a different count changes only how well a grid fills the chip.
+const SMS: usize = 132;
+
 fn is_kernel_dtype(d: DType) -> bool {
     matches!(d, DType::F32 | DType::BF16)
 }
@@ -466,9 +470,28 @@ impl Gpu {
             .find(|&tl| smem(tl) <= 48 * 1024)
             .unwrap_or(4);
         let out = self.alloc(dt, &[h, b, kv_lora])?;
+        // Split each sequence over enough blocks for about two waves of the GPU's
+        // multiprocessors (flash decoding), at least one tile per split.
+        let blocks = b * h.div_ceil(HB);
+        let splits = (2 * SMS)
+            .div_ceil(blocks)
+            .min(tables.lmax.div_ceil(tile))
+            .clamp(1, 64);
+        let parts = if splits > 1 {
+            Some((
+                self.alloc(DType::F32, &[b, h, splits, kv_lora])?,
+                self.alloc(DType::F32, &[b, h, splits, 2])?,
+            ))
+        } else {
+            None
+        };
+        let (part_o, part_ml) = match &parts {
+            Some((o, ml)) => (self.ptr(o)?, self.ptr(ml)?),
+            None => (0, 0),
+        };
         self.launch(
             &format!("mla_decode_{}", suffix(dt)),
-            (b as u32, h.div_ceil(HB) as u32, 1),
+            (b as u32, h.div_ceil(HB) as u32, splits as u32),
             threads as u32,
             smem(tile) as u32,
             &[
@@ -492,8 +515,29 @@ impl Gpu {
                 i32_arg(rope, "rotary width")?,
                 i32_arg(tile, "tile")?,
                 Arg::F32(scale as f32),
+                i32_arg(splits, "splits")?,
+                Arg::Ptr(part_o),
+                Arg::Ptr(part_ml),
             ],
         )?;
+        if parts.is_some() {
+            self.launch(
+                &format!("mla_combine_{}", suffix(dt)),
+                (b as u32, h as u32, 1),
+                128,
+                0,
+                &[
+                    Arg::Ptr(part_o),
+                    Arg::Ptr(part_ml),
+                    i32_arg(splits, "splits")?,
+                    i32_arg(h, "heads")?,
+                    i32_arg(kv_lora, "kv_lora_rank")?,
+                    Arg::Ptr(self.ptr(&out)?),
+                    Arg::I64((b * kv_lora) as i64),
+                    Arg::I64(kv_lora as i64),
+                ],
+            )?;
+        }
         Ok(Some(out))
     }
 
@@ -507,8 +551,10 @@ impl Gpu {
             || e > 256
             || p.k == 0
             || p.k > e
+            || p.k > 16
             || p.n_group == 0
-            || p.n_group > e
+            || p.n_group > 32
+            || e % p.n_group != 0
             || p.topk_group == 0
             || t == 0
         {
@@ -516,10 +562,11 @@ impl Gpu {
         }
         let ids = self.alloc(DType::U32, &[t, p.k])?;
         let weights = self.alloc(DType::F32, &[t, p.k])?;
+        // One warp per token, four per block.
         self.launch(
             "moe_route",
-            (t.div_ceil(64) as u32, 1, 1),
-            64,
+            (t.div_ceil(4) as u32, 1, 1),
+            128,
             0,
             &[
                 Arg::Ptr(self.ptr(logits)?),
@@ -566,8 +613,10 @@ impl Gpu {
         Ok(ok.then_some((hidden, inner)))
     }
 
-    /// The two grouped expert GEMVs over pairs already sorted by slot: `h [P, I]` then
-    /// `y [P, hidden]`, both f32.
+    /// The two grouped expert products over pairs already sorted by slot: `h [P, I]` then
+    /// `y [P, hidden]` (f32). bf16 weights run on the tensor cores (`h` in bf16, as the unfused
+    /// bf16 path rounds it); f32 weights, or widths that are not multiples of 32, on the CUDA
+    /// cores in f32.
     #[allow(clippy::too_many_arguments)]
     fn experts_core(
         &self,
@@ -582,12 +631,27 @@ impl Gpu {
         hidden: usize,
         inner: usize,
     ) -> Result<Tensor> {
-        const ROWS: usize = 16;
-        let sfx = suffix(x.dtype());
-        let h = self.alloc(DType::F32, &[pairs, inner])?;
+        let mma = x.dtype() == DType::BF16 && hidden % 32 == 0 && inner % 32 == 0;
+        // Blocks of 4 warps; a warp takes 16 rows (tensor cores) or 4 rows (CUDA cores).
+        let rows_per_block = if mma { 64 } else { 16 };
+        let (gate_up_fn, down_fn, h_dtype) = if mma {
+            (
+                "moe_gate_up_mma".to_string(),
+                "moe_down_mma".to_string(),
+                DType::BF16,
+            )
+        } else {
+            let sfx = suffix(x.dtype());
+            (
+                format!("moe_gate_up_{sfx}"),
+                format!("moe_down_{sfx}"),
+                DType::F32,
+            )
+        };
+        let h = self.alloc(h_dtype, &[pairs, inner])?;
         self.launch(
-            &format!("moe_gate_up_{sfx}"),
-            (inner.div_ceil(ROWS) as u32, slots as u32, 1),
+            &gate_up_fn,
+            (inner.div_ceil(rows_per_block) as u32, slots as u32, 1),
             128,
             0,
             &[
@@ -603,8 +667,8 @@ impl Gpu {
         )?;
         let y = self.alloc(DType::F32, &[pairs, hidden])?;
         self.launch(
-            &format!("moe_down_{sfx}"),
-            (hidden.div_ceil(ROWS) as u32, slots as u32, 1),
+            &down_fn,
+            (hidden.div_ceil(rows_per_block) as u32, slots as u32, 1),
             128,
             0,
             &[
@@ -664,7 +728,7 @@ impl Gpu {
         let out = self.alloc(DType::F32, &[t, hidden])?;
         self.launch(
             "moe_combine",
-            (t as u32, 1, 1),
+            (t as u32, hidden.div_ceil(256) as u32, 1),
             256,
             0,
             &[
@@ -707,7 +771,7 @@ impl Gpu {
         let out = self.alloc(DType::F32, &[t, hidden])?;
         self.launch(
             "moe_combine",
-            (t as u32, 1, 1),
+            (t as u32, hidden.div_ceil(256) as u32, 1),
             256,
             0,
             &[
