@@ -1,6 +1,6 @@
 //! The engine's [`Experts`] trait over gRPC: each MoE layer's tokens are grouped per worker and
-//! sent once per worker with their (expert, weight) pairs; replies are weighted partial sums
-//! that add up to the routed output. A failed call is retried on other replicas of the same
+//! sent once per worker with their (expert, weight) pairs; replies are weighted partial sums in
+//! f32 that add up to the routed output. A failed call is retried on other replicas of the same
 //! experts (expert calls are pure). The engine runs on its own thread; the calls run on the
 //! tokio runtime, so the engine computes shared experts while they are in flight.
 
@@ -119,6 +119,8 @@ async fn execute(
                         &Device::Cpu,
                     )
                     .map_err(EngineError::from)?;
+                    // Workers send their f32 accumulators (older ones the request's dtype):
+                    // the partial sums add up in f32 and round to the compute dtype once.
                     let partial = partial.to_dtype(DType::F32).map_err(EngineError::from)?;
                     out = out
                         .index_add(&idx, &partial, 0)
