@@ -101,6 +101,9 @@ pub struct ExpertShard {
     inner: usize,
     device: Device,
     dtype: DType,
+    /// `forward_*` return f32 instead of the compute dtype (see
+    /// [`with_f32_output`](Self::with_f32_output)).
+    f32_output: bool,
 }
 
 impl ExpertShard {
@@ -159,7 +162,24 @@ impl ExpertShard {
             inner,
             device: loader.device().clone(),
             dtype: loader.dtype(),
+            f32_output: false,
         })
+    }
+
+    /// Returns the weighted sums in f32 (the accumulator, not rounded to the compute dtype): for
+    /// expert workers, whose partial sums the gate adds to other workers' before rounding once.
+    pub fn with_f32_output(mut self) -> Self {
+        self.f32_output = true;
+        self
+    }
+
+    /// The dtype of `forward_*`'s result.
+    fn output_dtype(&self) -> DType {
+        if self.f32_output {
+            DType::F32
+        } else {
+            self.dtype
+        }
     }
 
     /// Whether this shard holds expert `expert` of `layer`.
@@ -209,7 +229,7 @@ impl ExpertShard {
             let host =
                 crate::cuda::HostAssignments::build(t, le.slots.len(), &resolved, &self.device)?;
             if let Some(out) = g.experts_assigned(x, &host, &le.gate_up, &le.down)? {
-                return Ok(out.to_dtype(self.dtype)?);
+                return Ok(out.to_dtype(self.output_dtype())?);
             }
         }
         let dense =
@@ -285,7 +305,7 @@ impl ExpertShard {
             let w = Tensor::from_vec(ws, (n, 1), &self.device)?;
             out = out.index_add(&idx, &ye.broadcast_mul(&w)?, 0)?;
         }
-        Ok(out.to_dtype(self.dtype)?)
+        Ok(out.to_dtype(self.output_dtype())?)
     }
 
     /// Every held expert over every token; the weights of unassigned (token, expert) pairs are
@@ -312,7 +332,7 @@ impl ExpertShard {
         let y = y.to_dtype(DType::F32)?.transpose(0, 1)?.contiguous()?; // [T, n, hidden]
         let w = Tensor::from_vec(weights, (t, 1, n), &self.device)?;
         let out = w.matmul(&y)?.reshape((t, hidden))?;
-        Ok(out.to_dtype(self.dtype)?)
+        Ok(out.to_dtype(self.output_dtype())?)
     }
 }
 

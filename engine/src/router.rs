@@ -89,11 +89,16 @@ impl Router {
         })
     }
 
-    /// Routes `x: [T, hidden]` (the post-attention-normed activations).
-    pub fn route(&self, x: &Tensor) -> Result<Routing> {
+    /// Router logits of `x: [T, hidden]`, f32 on the host.
+    fn logits(&self, x: &Tensor) -> Result<Vec<Vec<f32>>> {
         let weight = self.weight.to_device(x.device())?;
         let logits = x.to_dtype(DType::F32)?.matmul(&weight.t()?)?;
-        let logits: Vec<Vec<f32>> = logits.to_device(&candle_core::Device::Cpu)?.to_vec2()?;
+        Ok(logits.to_device(&candle_core::Device::Cpu)?.to_vec2()?)
+    }
+
+    /// Routes `x: [T, hidden]` (the post-attention-normed activations).
+    pub fn route(&self, x: &Tensor) -> Result<Routing> {
+        let logits = self.logits(x)?;
         let mut expert_ids = Vec::with_capacity(logits.len() * self.top_k);
         let mut weights = Vec::with_capacity(logits.len() * self.top_k);
         for row in &logits {
@@ -137,8 +142,71 @@ impl Router {
         g.route(&logits, &params)
     }
 
-    /// One token's routing from its router logits.
-    pub fn route_token(&self, logits: &[f32]) -> (Vec<u32>, Vec<f32>) {
+    /// How close each token of `x: [T, hidden]` is to a different expert choice (see
+    /// [`decision_margin`](Self::decision_margin)).
+    pub fn margins(&self, x: &Tensor) -> Result<Vec<f32>> {
+        Ok(self
+            .logits(x)?
+            .iter()
+            .map(|row| self.decision_margin(row))
+            .collect())
+    }
+
+    /// How far one token's routing is from a tie, as the smallest change ε of the router
+    /// logits (every logit moving by at most ε) that could change which experts are chosen:
+    ///
+    /// - sigmoid scores move by at most ε/4 (the sigmoid's slope is ≤ 1/4), so the gap g
+    ///   between the k-th and (k+1)-th selection score closes only when ε ≥ 2g, and the gap
+    ///   between the last kept and first dropped group (a V3 group score is a sum of two
+    ///   scores) only when ε ≥ g;
+    /// - softmax preserves the order of the logits (no bias), so a logit gap g closes only when
+    ///   ε ≥ g/2, for experts and for groups (a V2 group score is its max).
+    ///
+    /// `f32::INFINITY` when nothing is dropped. Used to tell routing near-ties (where bf16
+    /// rounding may legitimately pick other experts) from decisions it must not change.
+    pub fn decision_margin(&self, logits: &[f32]) -> f32 {
+        let (_, choice, group_gap) = match self.scoring {
+            ScoringFunc::Sigmoid => self.selection_scores(logits),
+            // Rank by the logits themselves: the same order as the softmax scores.
+            ScoringFunc::Softmax => self.selection_by_logits(logits),
+        };
+        let kept: Vec<f32> = choice.iter().copied().filter(|v| v.is_finite()).collect();
+        let top = top_values(&kept, self.top_k + 1);
+        let expert_gap = match (top.get(self.top_k - 1), top.get(self.top_k)) {
+            (Some(a), Some(b)) => a - b,
+            _ => f32::INFINITY,
+        };
+        match self.scoring {
+            ScoringFunc::Sigmoid => (2.0 * expert_gap).min(group_gap),
+            ScoringFunc::Softmax => (expert_gap / 2.0).min(group_gap / 2.0),
+        }
+    }
+
+    /// `selection_scores` over the raw logits (softmax routing has no bias).
+    fn selection_by_logits(&self, logits: &[f32]) -> (Vec<f32>, Vec<f32>, f32) {
+        let mut choice = logits.to_vec();
+        let per_group = choice.len() / self.n_group;
+        let mut group_gap = f32::INFINITY;
+        if self.method == TopkMethod::GroupLimitedGreedy && self.topk_group < self.n_group {
+            let group_max: Vec<f32> = choice
+                .chunks(per_group)
+                .map(|g| g.iter().copied().fold(f32::NEG_INFINITY, f32::max))
+                .collect();
+            let ranked = top_values(&group_max, self.topk_group + 1);
+            group_gap = ranked[self.topk_group - 1] - ranked[self.topk_group];
+            let kept = top_indices(&group_max, self.topk_group);
+            for (g, chunk) in choice.chunks_mut(per_group).enumerate() {
+                if !kept.contains(&g) {
+                    chunk.fill(f32::NEG_INFINITY);
+                }
+            }
+        }
+        (logits.to_vec(), choice, group_gap)
+    }
+
+    /// The scores (weights come from these), the selection scores with excluded groups at −∞,
+    /// and the gap between the last kept and the first excluded group score (∞ when ungrouped).
+    fn selection_scores(&self, logits: &[f32]) -> (Vec<f32>, Vec<f32>, f32) {
         let scores: Vec<f32> = match self.scoring {
             ScoringFunc::Sigmoid => logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect(),
             ScoringFunc::Softmax => softmax(logits),
@@ -152,6 +220,7 @@ impl Router {
             self.method,
             TopkMethod::NoauxTc | TopkMethod::GroupLimitedGreedy
         );
+        let mut group_gap = f32::INFINITY;
         if grouped && self.topk_group < self.n_group {
             let group_scores: Vec<f32> = choice
                 .chunks(per_group)
@@ -160,6 +229,8 @@ impl Router {
                     _ => g.iter().copied().fold(f32::NEG_INFINITY, f32::max),
                 })
                 .collect();
+            let ranked = top_values(&group_scores, self.topk_group + 1);
+            group_gap = ranked[self.topk_group - 1] - ranked[self.topk_group];
             let kept = top_indices(&group_scores, self.topk_group);
             for (g, chunk) in choice.chunks_mut(per_group).enumerate() {
                 if !kept.contains(&g) {
@@ -167,6 +238,12 @@ impl Router {
                 }
             }
         }
+        (scores, choice, group_gap)
+    }
+
+    /// One token's routing from its router logits.
+    pub fn route_token(&self, logits: &[f32]) -> (Vec<u32>, Vec<f32>) {
+        let (scores, choice, _) = self.selection_scores(logits);
         let ids = top_indices(&choice, self.top_k);
         let mut w: Vec<f32> = ids.iter().map(|&i| scores[i]).collect();
         let normalise =
@@ -238,6 +315,31 @@ mod tests {
             (w[0] - expect[0]).abs() < 1e-6 && (w[1] - expect[1]).abs() < 1e-6,
             "{w:?}"
         );
+    }
+
+    #[test]
+    fn decision_margin_is_the_closest_group_or_expert_boundary() {
+        let bias = vec![0.0; 8];
+        let r = router(TopkMethod::NoauxTc, ScoringFunc::Sigmoid, Some(bias));
+        let s = |l: f32| 1.0 / (1.0 + (-l).exp());
+        // Groups (top-2 sums): 0 → s(3)+s(2.9), 1 → s(1)+s(0.2), 2 → s(0.9)+s(0.1), 3 → 1.0.
+        // Kept: groups 0 and 1; a logit change ε moves a group sum by ≤ ε/2 and a difference
+        // of two by ≤ ε, so the margin is the group gap itself. The experts' boundary (2nd
+        // s(2.9) vs 3rd s(1)) closes at twice their gap.
+        let logits = [3.0, 2.9, 1.0, 0.2, 0.9, 0.1, 0.0, 0.0];
+        let group_gap = (s(1.0) + s(0.2)) - (s(0.9) + s(0.1));
+        let expert_gap = s(2.9) - s(1.0);
+        assert!(group_gap < 2.0 * expert_gap);
+        assert!((r.decision_margin(&logits) - group_gap).abs() < 1e-6);
+        // Far-apart groups: the expert boundary is the closer one.
+        let logits = [3.0, 2.9, 2.85, 0.0, -3.0, -3.0, -3.0, -3.0];
+        let expert_gap = s(2.9) - s(2.85);
+        assert!((r.decision_margin(&logits) - 2.0 * expert_gap).abs() < 1e-6);
+        // Softmax: half the logit gap between the 3rd (1.9) and the 4th (1.8) expert.
+        let mut r = router(TopkMethod::Greedy, ScoringFunc::Softmax, None);
+        r.top_k = 3;
+        let logits = [3.0, 2.0, 1.9, 1.8, 0.0, 0.0, 0.0, 0.0];
+        assert!((r.decision_margin(&logits) - 0.05).abs() < 1e-6);
     }
 
     #[test]

@@ -76,12 +76,13 @@ impl Worker {
                 k += 1;
             }
         }
+        // The shard returns its f32 accumulator (see `with_f32_output` below), sent as f32
+        // whatever the request's dtype: the gate adds every worker's partial sum in f32 and
+        // rounds once, as the in-process engine does, instead of rounding each partial first.
         let out = self.shard.forward_assigned(layer, &x, &assignments)?;
-        let dtype = moemesh_proto::v1::DType::try_from(hidden.dtype)
-            .unwrap_or(moemesh_proto::v1::DType::F32);
         Ok(ForwardResponse {
             call_id: req.call_id,
-            output: Some(codec::encode(&out, dtype)?),
+            output: Some(codec::encode(&out, moemesh_proto::v1::DType::F32)?),
         })
     }
 }
@@ -196,7 +197,7 @@ pub async fn run(
             let loader = files.loader(&device, dtype);
             let shard = ExpertShard::load(&files.config, &loader, &spec);
             drop(loader);
-            shard.map(|s| (s, files))
+            shard.map(|s| (s.with_f32_output(), files))
         })
         .await
         .map_err(|e| MeshError::Internal(e.to_string()))??
@@ -270,4 +271,65 @@ pub async fn run(
     // Open gate streams keep tonic's graceful shutdown waiting; bound it.
     let _ = serve::bounded(Duration::from_secs(2), server).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use moemesh_engine::DType;
+    use moemesh_proto::v1;
+
+    use super::*;
+
+    /// A bf16 worker answers a bf16 request with its f32 accumulator, not a bf16 rounding of it.
+    #[test]
+    fn bf16_worker_returns_f32_partial_sums() {
+        let files = ModelFiles::open_or_embedded(None).expect("embedded model");
+        let cfg = &files.config;
+        let layer = cfg.moe_layers()[0];
+        let spec = ShardSpec {
+            layers: vec![layer],
+            experts: vec![0, 1],
+        };
+        let loader = files.loader(&Device::Cpu, DType::BF16);
+        let shard = ExpertShard::load(cfg, &loader, &spec).expect("shard");
+        let worker = Worker {
+            shard: Arc::new(shard.with_f32_output()),
+            info: ExpertInfoResponse::default(),
+            device: Device::Cpu,
+            hidden_size: cfg.hidden_size,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            closing: Arc::new(AtomicBool::new(false)),
+        };
+        let x = moemesh_engine::Tensor::randn(0f32, 1.0, (3, cfg.hidden_size), &Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::BF16))
+            .expect("activations");
+        let req = ForwardRequest {
+            call_id: 7,
+            layer: layer as u32,
+            hidden: Some(codec::encode(&x, v1::DType::Bf16).expect("encode")),
+            pairs_per_token: vec![2, 1, 1],
+            expert_ids: vec![0, 1, 1, 0],
+            weights: vec![0.7, 0.3, 1.1, 0.45],
+        };
+        let reply = worker.forward(&req).expect("forward");
+        assert_eq!(reply.call_id, 7);
+        let out = reply.output.expect("output");
+        assert_eq!(out.dtype, v1::DType::F32 as i32);
+        let got: Vec<Vec<f32>> = codec::decode(&out, "output", &Device::Cpu)
+            .and_then(|t| Ok(t.to_vec2().map_err(moemesh_engine::EngineError::from)?))
+            .expect("decode");
+        // The same shard computing in-process (output in f32) gives exactly these values.
+        let assignments = [(0, 0, 0.7), (0, 1, 0.3), (1, 1, 1.1), (2, 0, 0.45)];
+        let want: Vec<Vec<f32>> = worker
+            .shard
+            .forward_assigned(layer, &x, &assignments)
+            .and_then(|t| Ok(t.to_vec2()?))
+            .expect("shard forward");
+        assert_eq!(got, want);
+        // ...and they are not all representable in bf16 (the old reply rounded them).
+        let rounded: Vec<Vec<f32>> = moemesh_engine::Tensor::new(got.clone(), &Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::BF16)?.to_dtype(DType::F32)?.to_vec2())
+            .expect("round");
+        assert_ne!(got, rounded, "expected f32 values that bf16 cannot hold");
+    }
 }

@@ -1,6 +1,6 @@
 //! The engine's [`Experts`] trait over gRPC: each MoE layer's tokens are grouped per worker and
-//! sent once per worker with their (expert, weight) pairs; replies are weighted partial sums
-//! that add up to the routed output. A failed call is retried on other replicas of the same
+//! sent once per worker with their (expert, weight) pairs; replies are weighted partial sums in
+//! f32 that add up to the routed output. A failed call is retried on other replicas of the same
 //! experts (expert calls are pure). The engine runs on its own thread; the calls run on the
 //! tokio runtime, so the engine computes shared experts while they are in flight.
 
@@ -40,7 +40,6 @@ impl Experts for RemoteExperts {
         // The wire is host memory: activations go down once per layer, the sum comes back up.
         let device = x.device().clone();
         let x = x.to_device(&Device::Cpu)?;
-        let dtype = x.dtype();
         let mut pairs = Vec::with_capacity(routing.expert_ids.len());
         for t in 0..routing.num_tokens() {
             for (e, w) in routing.token(t) {
@@ -65,7 +64,9 @@ impl Experts for RemoteExperts {
                 MeshError::Engine(inner) => inner,
                 other => EngineError::ExpertsUnavailable(other.to_string()),
             })?;
-            Ok(out.to_dtype(dtype)?.to_device(&device)?)
+            // The f32 sum goes back as it is: the model rounds it once where it adds it (on a
+            // GPU it stays f32 into the residual, as the in-process experts' sum does).
+            Ok(out.to_device(&device)?)
         }))
     }
 }
@@ -119,6 +120,8 @@ async fn execute(
                         &Device::Cpu,
                     )
                     .map_err(EngineError::from)?;
+                    // Workers send their f32 accumulators (older ones the request's dtype):
+                    // the partial sums add up in f32 and round to the compute dtype once.
                     let partial = partial.to_dtype(DType::F32).map_err(EngineError::from)?;
                     out = out
                         .index_add(&idx, &partial, 0)
