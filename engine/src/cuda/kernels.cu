@@ -764,84 +764,133 @@ __device__ __forceinline__ void mma_k32(float c[4], uint4 lo, uint4 hi, uint4 b)
     mma_bf16(c, lo.z, hi.z, lo.w, hi.w, b.z, b.w);
 }
 
-// h[q, j] = silu(x·Wg[j]) · (x·Wu[j]) for 16 columns j per warp; h in bf16 (what the unfused
+// Work split: a block's 4 warps take 2 tiles of 16 rows, each tile's k range in two halves
+// (warps 2i and 2i+1), added through shared memory in a fixed order. Halving the k range doubles
+// the number of warp tasks, so the last wave of a grid that is ~1.3 waves deep idles less.
+
+// The k blocks (of 32) of half `khalf` of `n32` blocks.
+__device__ __forceinline__ void k_half(int n32, int khalf, int& kb0, int& kb1) {
+    const int mid = (n32 + 1) / 2;
+    kb0 = khalf ? mid : 0;
+    kb1 = khalf ? n32 : mid;
+}
+
+// h[q, j] = silu(x·Wg[j]) · (x·Wu[j]) for 16 columns j per tile; h in bf16 (what the unfused
 // bf16 path stores too). Needs hidden % 32 == 0 and inner % 16 == 0.
 extern "C" __global__ void moe_gate_up_mma(const bf16* x, int hidden, const bf16* w_gu, int inner,
                                            const uint32_t* offsets, const uint32_t* sorted,
                                            int k_div, bf16* h_out) {
+    __shared__ float other[2][32][8];
     const int s = blockIdx.y;
     const uint32_t beg = offsets[s], end = offsets[s + 1];
     if (beg == end) return;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int tile = warp >> 1, khalf = warp & 1;
     const int g = lane >> 2, t = lane & 3;
-    const int j0 = (blockIdx.x * MOE_WARPS + warp) * 16;
-    if (j0 >= inner) return;
-    const bf16* wg0 = w_gu + ((size_t)2 * s * inner + j0 + g) * hidden + t * 8;
+    const int j0 = (blockIdx.x * 2 + tile) * 16;
+    const bool valid = j0 < inner;  // every warp still takes part in the barriers
+    const int jc = valid ? j0 : 0;
+    const bf16* wg0 = w_gu + ((size_t)2 * s * inner + jc + g) * hidden + t * 8;
     const bf16* wg1 = wg0 + (size_t)8 * hidden;
     const bf16* wu0 = wg0 + (size_t)inner * hidden;
     const bf16* wu1 = wu0 + (size_t)8 * hidden;
+    int kb0, kb1;
+    k_half(hidden / 32, khalf, kb0, kb1);
+    const int k_begin = kb0 * 32, k_end = kb1 * 32;
     for (uint32_t g0 = beg; g0 < end; g0 += 8) {
         const int n = min((int)(end - g0), 8);
         const bf16* xr = x + (size_t)(sorted[g0 + min(g, n - 1)] / k_div) * hidden + t * 8;
         float cg[4] = {0.f, 0.f, 0.f, 0.f}, cu[4] = {0.f, 0.f, 0.f, 0.f};
-        // Software pipeline: the next block's loads are issued before this block's MMAs.
-        uint4 a0 = ldcs16(wg0), a1 = ldcs16(wg1), u0 = ldcs16(wu0), u1 = ldcs16(wu1);
-        uint4 b = ld16(xr);
+        if (valid && k_begin < k_end) {
+            // Software pipeline: the next block's loads are issued before this block's MMAs.
+            uint4 a0 = ldcs16(wg0 + k_begin), a1 = ldcs16(wg1 + k_begin);
+            uint4 u0 = ldcs16(wu0 + k_begin), u1 = ldcs16(wu1 + k_begin);
+            uint4 b = ld16(xr + k_begin);
 #pragma unroll 2
-        for (int k = 0; k < hidden; k += 32) {
-            const int kn = k + 32 < hidden ? k + 32 : k;
-            const uint4 na0 = ldcs16(wg0 + kn), na1 = ldcs16(wg1 + kn);
-            const uint4 nu0 = ldcs16(wu0 + kn), nu1 = ldcs16(wu1 + kn);
-            const uint4 nb = ld16(xr + kn);
-            mma_k32(cg, a0, a1, b);
-            mma_k32(cu, u0, u1, b);
-            a0 = na0;
-            a1 = na1;
-            u0 = nu0;
-            u1 = nu1;
-            b = nb;
+            for (int k = k_begin; k < k_end; k += 32) {
+                const int kn = k + 32 < k_end ? k + 32 : k;
+                const uint4 na0 = ldcs16(wg0 + kn), na1 = ldcs16(wg1 + kn);
+                const uint4 nu0 = ldcs16(wu0 + kn), nu1 = ldcs16(wu1 + kn);
+                const uint4 nb = ld16(xr + kn);
+                mma_k32(cg, a0, a1, b);
+                mma_k32(cu, u0, u1, b);
+                a0 = na0;
+                a1 = na1;
+                u0 = nu0;
+                u1 = nu1;
+                b = nb;
+            }
         }
-        // c0, c1: rows g, tokens 2t, 2t+1; c2, c3: row g + 8, same tokens.
+        if (khalf) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int tok = 2 * t + (e & 1), row = g + (e >> 1) * 8;
-            if (tok < n)
-                h_out[(size_t)(g0 + tok) * inner + j0 + row] = __float2bfloat16(silu(cg[e]) * cu[e]);
+            for (int e = 0; e < 4; ++e) {
+                other[tile][lane][e] = cg[e];
+                other[tile][lane][4 + e] = cu[e];
+            }
         }
+        __syncthreads();
+        if (!khalf && valid) {
+            // c0, c1: rows g, tokens 2t, 2t+1; c2, c3: row g + 8, same tokens.
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int tok = 2 * t + (e & 1), row = g + (e >> 1) * 8;
+                const float gs = cg[e] + other[tile][lane][e];
+                const float us = cu[e] + other[tile][lane][4 + e];
+                if (tok < n)
+                    h_out[(size_t)(g0 + tok) * inner + j0 + row] = __float2bfloat16(silu(gs) * us);
+            }
+        }
+        __syncthreads();
     }
 }
 
-// y[q, r] = h[q]·Wd[r] for 16 rows r per warp, f32 out. Needs inner % 32 == 0, hidden % 16 == 0.
+// y[q, r] = h[q]·Wd[r] for 16 rows r per tile, f32 out. Needs inner % 32 == 0, hidden % 16 == 0.
 extern "C" __global__ void moe_down_mma(const bf16* h, int inner, const bf16* w_down, int hidden,
                                         const uint32_t* offsets, float* y) {
+    __shared__ float other[2][32][4];
     const int s = blockIdx.y;
     const uint32_t beg = offsets[s], end = offsets[s + 1];
     if (beg == end) return;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int tile = warp >> 1, khalf = warp & 1;
     const int g = lane >> 2, t = lane & 3;
-    const int r0 = (blockIdx.x * MOE_WARPS + warp) * 16;
-    if (r0 >= hidden) return;
-    const bf16* w0 = w_down + ((size_t)s * hidden + r0 + g) * inner + t * 8;
+    const int r0 = (blockIdx.x * 2 + tile) * 16;
+    const bool valid = r0 < hidden;
+    const int rc = valid ? r0 : 0;
+    const bf16* w0 = w_down + ((size_t)s * hidden + rc + g) * inner + t * 8;
     const bf16* w1 = w0 + (size_t)8 * inner;
+    int kb0, kb1;
+    k_half(inner / 32, khalf, kb0, kb1);
+    const int k_begin = kb0 * 32, k_end = kb1 * 32;
     for (uint32_t g0 = beg; g0 < end; g0 += 8) {
         const int n = min((int)(end - g0), 8);
         const bf16* hr = h + (size_t)(g0 + min(g, n - 1)) * inner + t * 8;
         float c[4] = {0.f, 0.f, 0.f, 0.f};
-        uint4 a0 = ldcs16(w0), a1 = ldcs16(w1), b = ld16(hr);
+        if (valid && k_begin < k_end) {
+            uint4 a0 = ldcs16(w0 + k_begin), a1 = ldcs16(w1 + k_begin), b = ld16(hr + k_begin);
 #pragma unroll 2
-        for (int k = 0; k < inner; k += 32) {
-            const int kn = k + 32 < inner ? k + 32 : k;
-            const uint4 na0 = ldcs16(w0 + kn), na1 = ldcs16(w1 + kn), nb = ld16(hr + kn);
-            mma_k32(c, a0, a1, b);
-            a0 = na0;
-            a1 = na1;
-            b = nb;
+            for (int k = k_begin; k < k_end; k += 32) {
+                const int kn = k + 32 < k_end ? k + 32 : k;
+                const uint4 na0 = ldcs16(w0 + kn), na1 = ldcs16(w1 + kn), nb = ld16(hr + kn);
+                mma_k32(c, a0, a1, b);
+                a0 = na0;
+                a1 = na1;
+                b = nb;
+            }
         }
+        if (khalf) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int tok = 2 * t + (e & 1), row = g + (e >> 1) * 8;
-            if (tok < n) y[(size_t)(g0 + tok) * hidden + r0 + row] = c[e];
+            for (int e = 0; e < 4; ++e) other[tile][lane][e] = c[e];
         }
+        __syncthreads();
+        if (!khalf && valid) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int tok = 2 * t + (e & 1), row = g + (e >> 1) * 8;
+                if (tok < n) y[(size_t)(g0 + tok) * hidden + r0 + row] = c[e] + other[tile][lane][e];
+            }
+        }
+        __syncthreads();
     }
 }
 

@@ -67,7 +67,7 @@ fn is_kernel_dtype(d: DType) -> bool {
 /// Whether `t` starts on a 16-byte boundary (the vectorised loads need it; allocations are
 /// aligned, views into them may not be).
 fn aligned16(t: &Tensor) -> bool {
-    (t.layout().start_offset() * t.dtype().size_in_bytes()) % 16 == 0
+    (t.layout().start_offset() * t.dtype().size_in_bytes()).is_multiple_of(16)
 }
 
 fn suffix(d: DType) -> &'static str {
@@ -288,7 +288,8 @@ impl Gpu {
         let Ok((t, two_i)) = gu.dims2() else {
             return Ok(None);
         };
-        if !gu.is_contiguous() || !is_kernel_dtype(gu.dtype()) || two_i % 2 != 0 || t == 0 {
+        if !gu.is_contiguous() || !is_kernel_dtype(gu.dtype()) || !two_i.is_multiple_of(2) || t == 0
+        {
             return Ok(None);
         }
         let inner = two_i / 2;
@@ -330,7 +331,7 @@ impl Gpu {
             || !sin.is_contiguous()
             || cos.dims() != [t, dim / 2]
             || sin.dims() != [t, dim / 2]
-            || dim % 2 != 0
+            || !dim.is_multiple_of(2)
             || t == 0
         {
             return Ok(None);
@@ -450,8 +451,8 @@ impl Gpu {
             || pool_kpe.dtype() != dt
             || pool_ckv.dim(1)? != kv_lora
             || pool_kpe.dim(1)? != rope
-            || kv_lora % 8 != 0
-            || rope % 8 != 0
+            || !kv_lora.is_multiple_of(8)
+            || !rope.is_multiple_of(8)
             || kv_lora > 4 * threads
             || !aligned16(pool_ckv)
             || !aligned16(pool_kpe)
@@ -554,7 +555,7 @@ impl Gpu {
             || p.k > 16
             || p.n_group == 0
             || p.n_group > 32
-            || e % p.n_group != 0
+            || !e.is_multiple_of(p.n_group)
             || p.topk_group == 0
             || t == 0
         {
@@ -598,8 +599,8 @@ impl Gpu {
         };
         let dt = x.dtype();
         let ok = hidden == hidden2
-            && hidden % 8 == 0
-            && inner % 8 == 0
+            && hidden.is_multiple_of(8)
+            && inner.is_multiple_of(8)
             && is_kernel_dtype(dt)
             && gate_up.dtype() == dt
             && down.dtype() == dt
@@ -631,9 +632,10 @@ impl Gpu {
         hidden: usize,
         inner: usize,
     ) -> Result<Tensor> {
-        let mma = x.dtype() == DType::BF16 && hidden % 32 == 0 && inner % 32 == 0;
-        // Blocks of 4 warps; a warp takes 16 rows (tensor cores) or 4 rows (CUDA cores).
-        let rows_per_block = if mma { 64 } else { 16 };
+        let mma = x.dtype() == DType::BF16 && hidden.is_multiple_of(32) && inner.is_multiple_of(32);
+        // Blocks of 4 warps: two 16-row tiles, each over two k halves (tensor cores), or 16
+        // rows, 4 per warp (CUDA cores).
+        let rows_per_block = if mma { 32 } else { 16 };
         let (gate_up_fn, down_fn, h_dtype) = if mma {
             (
                 "moe_gate_up_mma".to_string(),
