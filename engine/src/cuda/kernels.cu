@@ -161,41 +161,46 @@ extern "C" __global__ void silu_mul_bf16(const bf16* gu, bf16* out, int rows, in
 }
 
 // ---------------------------------------------------------------------------------------------
-// Rotary embedding over pairs, one thread per (token, head, pair). Element (t, h, d) of the input
-// is at x[t*sx_t + h*sx_h + d] and goes to out[t*so_t + h*so_h + d]; `cos`/`sin` are [T, dim/2]
-// (attention scaling included). Interleaved pairs are (2i, 2i+1), otherwise (i, i + dim/2).
+// The query of decoding tokens, split for the absorbed attention in one pass: q [T, H, nope + rope]
+// (contiguous) → q_nope [H, T, nope] (copied) and q_pe [H, T, rope] (rotated), both heads-first.
+// One thread per (token, head, element of nope + rope/2).
 
 template <typename T>
-__device__ void rope(const T* x, long long sx_t, long long sx_h, T* out, long long so_t,
-                     long long so_h, const T* cos_t, const T* sin_t, int tokens, int heads,
-                     int dim, int interleaved) {
-    const int half = dim / 2;
-    const size_t n = (size_t)tokens * heads * half;
+__device__ void split_q(const T* q, T* q_nope, T* q_pe, const T* cos_t, const T* sin_t, int tokens,
+                        int heads, int nope, int rope_dim, int interleaved) {
+    const int half = rope_dim / 2;
+    const int per = nope + half;
+    const size_t n = (size_t)tokens * heads * per;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {
-        const int p = (int)(i % half);
-        const size_t th = i / half;
+        const int e = (int)(i % per);
+        const size_t th = i / per;
         const int h = (int)(th % heads);
         const size_t t = th / heads;
-        const T* xr = x + t * sx_t + h * sx_h;
-        T* orow = out + t * so_t + h * so_h;
-        const float c = to_f(cos_t[t * half + p]), s = to_f(sin_t[t * half + p]);
-        const int ia = interleaved ? 2 * p : p;
-        const int ib = interleaved ? 2 * p + 1 : p + half;
-        const float a = to_f(xr[ia]), b = to_f(xr[ib]);
-        orow[ia] = from_f<T>(a * c - b * s);
-        orow[ib] = from_f<T>(b * c + a * s);
+        const T* row = q + (t * heads + h) * (size_t)(nope + rope_dim);
+        if (e < nope) {
+            q_nope[((size_t)h * tokens + t) * nope + e] = row[e];
+        } else {
+            const int p = e - nope;
+            const T* pe = row + nope;
+            T* out = q_pe + ((size_t)h * tokens + t) * rope_dim;
+            const float c = to_f(cos_t[t * half + p]), s = to_f(sin_t[t * half + p]);
+            const int ia = interleaved ? 2 * p : p;
+            const int ib = interleaved ? 2 * p + 1 : p + half;
+            const float a = to_f(pe[ia]), b = to_f(pe[ib]);
+            out[ia] = from_f<T>(a * c - b * s);
+            out[ib] = from_f<T>(b * c + a * s);
+        }
     }
 }
-#define ROPE(NAME, T)                                                                           \
-    extern "C" __global__ void NAME(const T* x, long long sx_t, long long sx_h, T* out,         \
-                                    long long so_t, long long so_h, const T* cos_t,             \
-                                    const T* sin_t, int tokens, int heads, int dim,             \
-                                    int interleaved) {                                          \
-        rope<T>(x, sx_t, sx_h, out, so_t, so_h, cos_t, sin_t, tokens, heads, dim, interleaved); \
+#define SPLIT_Q(NAME, T)                                                                        \
+    extern "C" __global__ void NAME(const T* q, T* q_nope, T* q_pe, const T* cos_t,             \
+                                    const T* sin_t, int tokens, int heads, int nope,            \
+                                    int rope_dim, int interleaved) {                            \
+        split_q<T>(q, q_nope, q_pe, cos_t, sin_t, tokens, heads, nope, rope_dim, interleaved);  \
     }
-ROPE(rope_f32, float)
-ROPE(rope_bf16, bf16)
+SPLIT_Q(split_q_f32, float)
+SPLIT_Q(split_q_bf16, bf16)
 
 // ---------------------------------------------------------------------------------------------
 // The new latents of decoding tokens, straight into the KV pool: for token t (one block each),

@@ -310,56 +310,58 @@ impl Gpu {
         Ok(Some(out))
     }
 
-    /// Rotary embedding of `x [T, H, dim]` (any strides on T and H, unit stride inside a head)
-    /// into a new contiguous `[H, T, dim]` tensor — the layout the attention reads.
-    pub fn rope_to_heads_first(
+    /// The decoding query `q [T, H, nope + rope]` (contiguous), split heads-first in one pass:
+    /// `(q_nope [H, T, nope], rotated q_pe [H, T, rope])`.
+    pub fn split_q(
         &self,
-        x: &Tensor,
+        q: &Tensor,
+        nope: usize,
         cos: &Tensor,
         sin: &Tensor,
         interleaved: bool,
-    ) -> Result<Option<Tensor>> {
-        let Ok((t, h, dim)) = x.dims3() else {
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let Ok((t, h, width)) = q.dims3() else {
             return Ok(None);
         };
-        let st = x.stride();
-        if st[2] != 1
-            || !is_kernel_dtype(x.dtype())
-            || cos.dtype() != x.dtype()
-            || sin.dtype() != x.dtype()
+        let rope = width.saturating_sub(nope);
+        let dt = q.dtype();
+        if !q.is_contiguous()
+            || !is_kernel_dtype(dt)
+            || rope == 0
+            || !rope.is_multiple_of(2)
+            || cos.dtype() != dt
+            || sin.dtype() != dt
             || !cos.is_contiguous()
             || !sin.is_contiguous()
-            || cos.dims() != [t, dim / 2]
-            || sin.dims() != [t, dim / 2]
-            || !dim.is_multiple_of(2)
+            || cos.dims() != [t, rope / 2]
+            || sin.dims() != [t, rope / 2]
             || t == 0
         {
             return Ok(None);
         }
-        let out = self.alloc(x.dtype(), &[h, t, dim])?;
-        let n = t * h * dim / 2;
+        let q_nope = self.alloc(dt, &[h, t, nope])?;
+        let q_pe = self.alloc(dt, &[h, t, rope])?;
+        let n = t * h * (nope + rope / 2);
         let blocks = n.div_ceil(256).clamp(1, 65_535) as u32;
         self.launch(
-            &format!("rope_{}", suffix(x.dtype())),
+            &format!("split_q_{}", suffix(dt)),
             (blocks, 1, 1),
             256,
             0,
             &[
-                Arg::Ptr(self.ptr(x)?),
-                Arg::I64(st[0] as i64),
-                Arg::I64(st[1] as i64),
-                Arg::Ptr(self.ptr(&out)?),
-                Arg::I64(dim as i64),
-                Arg::I64((t * dim) as i64),
+                Arg::Ptr(self.ptr(q)?),
+                Arg::Ptr(self.ptr(&q_nope)?),
+                Arg::Ptr(self.ptr(&q_pe)?),
                 Arg::Ptr(self.ptr(cos)?),
                 Arg::Ptr(self.ptr(sin)?),
                 i32_arg(t, "tokens")?,
                 i32_arg(h, "heads")?,
-                i32_arg(dim, "rotary width")?,
+                i32_arg(nope, "nope width")?,
+                i32_arg(rope, "rotary width")?,
                 Arg::I32(i32::from(interleaved)),
             ],
         )?;
-        Ok(Some(out))
+        Ok(Some((q_nope, q_pe)))
     }
 
     /// Normalises and rotates decoding tokens' new latents (`kv [T, kv_lora + rope]` from

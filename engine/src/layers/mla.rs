@@ -337,12 +337,8 @@ impl Attention {
         let kv = self.kv_a_proj_with_mqa.forward(x)?; // [B, kv_lora + rope]
         let (pool_ckv, pool_kpe) = db.pool.layer(layer);
         let q = self.queries(x)?;
-        let Some(q_pe) = g.rope_to_heads_first(
-            &q.narrow(2, self.nope, self.rope)?,
-            step.cos,
-            step.sin,
-            rotary.interleaved(),
-        )?
+        let Some((q_nope, q_pe)) =
+            g.split_q(&q, self.nope, step.cos, step.sin, rotary.interleaved())?
         else {
             return Ok(None);
         };
@@ -361,11 +357,7 @@ impl Attention {
             return Ok(None);
         }
         // [H, B, nope] x [H, nope, kv_lora] -> [H, B, kv_lora].
-        let q_lat = q
-            .narrow(2, 0, self.nope)?
-            .transpose(0, 1)?
-            .contiguous()?
-            .matmul(&self.w_uk)?;
+        let q_lat = q_nope.matmul(&self.w_uk)?;
         let tables = crate::cuda::DecodeTables {
             qrows: &db.rows,
             lens: &db.lens,
