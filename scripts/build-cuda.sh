@@ -17,15 +17,29 @@ if [[ "${1:-}" == "--check" ]]; then
     # candle-kernels' build script runs nvcc even for `cargo check`; its own check of the
     # feature-gated Rust code is what we want, so the kernels' build is pointed at a no-op nvcc.
     export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/cuda-check}"
-    fake="$CARGO_TARGET_DIR/fake-nvcc"
+    # Absolute: build scripts run in their own crate's folder, where a relative PATH entry fails.
+    fake="$(realpath -m "$CARGO_TARGET_DIR")/fake-nvcc"
     mkdir -p "$fake"
     cat >"$fake/nvcc" <<'EOF'
 #!/bin/sh
-# Stand-in for nvcc during `cargo check`: answers --version, makes empty outputs.
-case "$*" in *--version*) echo "Cuda compilation tools, release 13.0, V13.0.88"; exit 0;; esac
-out=""; prev=""
-for a in "$@"; do [ "$prev" = "-o" ] && out="$a"; prev="$a"; done
+# Stand-in for nvcc during `cargo check`: answers --version as nvcc 13.0 does (cudarc reads its
+# fourth line), makes empty outputs.
+case "$*" in *--version*) printf '%s\n' "nvcc: NVIDIA (R) Cuda compiler driver" \
+    "Copyright (c) 2005-2025 NVIDIA Corporation" "Built on (stand-in)" \
+    "Cuda compilation tools, release 13.0, V13.0.88" "Build cuda_13.0 (stand-in)"; exit 0;; esac
+case "$*" in *--list-gpu-code*) echo sm_90; exit 0;; esac
+# `-o FILE`, or `--output-directory DIR` with one FILE.ptx per FILE.cu (candle-kernels' builder).
+out=""; dir=""; prev=""; srcs=""
+for a in "$@"; do
+    [ "$prev" = "-o" ] && out="$a"
+    [ "$prev" = "--output-directory" ] && dir="$a"
+    case "$a" in *.cu) srcs="$srcs $a";; esac
+    prev="$a"
+done
 [ -n "$out" ] && : >"$out"
+if [ -n "$dir" ]; then
+    for f in $srcs; do b=$(basename "$f" .cu); : >"$dir/$b.ptx"; done
+fi
 exit 0
 EOF
     chmod +x "$fake/nvcc"

@@ -1,0 +1,360 @@
+//! The MoE kernels: routing on the device, and the routed experts as grouped products over
+//! (token, expert) pairs sorted by expert — tensor cores for bf16, CUDA cores for f32 — with a
+//! combine in a fixed order.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::{Arg, Gpu, aligned16, i32_arg, is_kernel_dtype, suffix};
+use crate::error::Result;
+
+/// The routing of a batch, on the device: `ids [T, k]` (u32) and `weights [T, k]` (f32).
+#[derive(Debug, Clone)]
+pub struct DeviceRouting {
+    pub ids: Tensor,
+    pub weights: Tensor,
+    pub k: usize,
+}
+
+impl DeviceRouting {
+    /// The same routing on the host (one copy of `T·k` ids and weights).
+    pub fn to_host(&self) -> Result<crate::router::Routing> {
+        Ok(crate::router::Routing {
+            k: self.k,
+            expert_ids: self.ids.flatten_all()?.to_vec1::<u32>()?,
+            weights: self.weights.flatten_all()?.to_vec1::<f32>()?,
+        })
+    }
+}
+
+/// Router constants the routing kernel needs (see engine/src/router.rs for their meaning).
+pub struct RouteParams<'a> {
+    pub bias: Option<&'a Tensor>,
+    pub softmax: bool,
+    /// 0 greedy, 1 group_limited_greedy, 2 noaux_tc.
+    pub method: i32,
+    pub k: usize,
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub normalise: bool,
+    pub scale: bool,
+    pub scaling: f32,
+}
+
+/// Routed-expert assignments built on the host (an expert worker's request): pairs sorted by
+/// slot, and for each token row the positions of its pairs, with their weights.
+pub struct HostAssignments {
+    /// `[slots + 1 | pairs | rows + 1 | pairs]` (u32): slot offsets, each sorted pair's token
+    /// row, each row's entry range, each entry's sorted pair.
+    pub packed: Tensor,
+    /// `[pairs]`, the weight of each entry (row order).
+    pub weights: Tensor,
+    pub slots: usize,
+    pub pairs: usize,
+    pub rows: usize,
+}
+
+impl HostAssignments {
+    /// From `(row, slot, weight)` triples over `rows` token rows and `slots` held experts.
+    pub fn build(
+        rows: usize,
+        slots: usize,
+        assignments: &[(usize, usize, f32)],
+        device: &Device,
+    ) -> Result<Self> {
+        let pairs = assignments.len();
+        let mut offsets = vec![0u32; slots + 1];
+        for &(_, s, _) in assignments {
+            offsets[s + 1] += 1;
+        }
+        for s in 0..slots {
+            offsets[s + 1] += offsets[s];
+        }
+        let mut cursor = offsets.clone();
+        let mut sorted_rows = vec![0u32; pairs];
+        let mut pos_of = vec![0u32; pairs];
+        for (i, &(r, s, _)) in assignments.iter().enumerate() {
+            let q = cursor[s];
+            cursor[s] += 1;
+            sorted_rows[q as usize] = r as u32;
+            pos_of[i] = q;
+        }
+        // Entries grouped by row, each row's in assignment order (fixed summation order).
+        let mut row_ptr = vec![0u32; rows + 1];
+        for &(r, _, _) in assignments {
+            row_ptr[r + 1] += 1;
+        }
+        for r in 0..rows {
+            row_ptr[r + 1] += row_ptr[r];
+        }
+        let mut fill = row_ptr.clone();
+        let mut entry_pos = vec![0u32; pairs];
+        let mut entry_w = vec![0f32; pairs];
+        for (i, &(r, _, w)) in assignments.iter().enumerate() {
+            let at = fill[r] as usize;
+            fill[r] += 1;
+            entry_pos[at] = pos_of[i];
+            entry_w[at] = w;
+        }
+        let mut packed = offsets;
+        packed.extend_from_slice(&sorted_rows);
+        packed.extend_from_slice(&row_ptr);
+        packed.extend_from_slice(&entry_pos);
+        let n = packed.len();
+        Ok(HostAssignments {
+            packed: Tensor::from_vec(packed, n, device)?,
+            weights: Tensor::from_vec(entry_w, pairs, device)?,
+            slots,
+            pairs,
+            rows,
+        })
+    }
+}
+
+impl Gpu {
+    /// Routing from f32 router logits `[T, E]`, on the device.
+    pub fn route(&self, logits: &Tensor, p: &RouteParams) -> Result<Option<DeviceRouting>> {
+        let Ok((t, e)) = logits.dims2() else {
+            return Ok(None);
+        };
+        if logits.dtype() != DType::F32
+            || !logits.is_contiguous()
+            || e > 256
+            || p.k == 0
+            || p.k > e
+            || p.k > 16
+            || p.n_group == 0
+            || p.n_group > 32
+            || !e.is_multiple_of(p.n_group)
+            || p.topk_group == 0
+            || t == 0
+        {
+            return Ok(None);
+        }
+        let ids = self.alloc(DType::U32, &[t, p.k])?;
+        let weights = self.alloc(DType::F32, &[t, p.k])?;
+        // One warp per token, four per block.
+        self.launch(
+            "moe_route",
+            (t.div_ceil(4) as u32, 1, 1),
+            128,
+            0,
+            &[
+                Arg::Ptr(self.ptr(logits)?),
+                i32_arg(t, "tokens")?,
+                i32_arg(e, "experts")?,
+                Arg::Ptr(p.bias.map_or(Ok(0), |b| self.ptr(b))?),
+                Arg::I32(i32::from(p.softmax)),
+                Arg::I32(p.method),
+                i32_arg(p.k, "top-k")?,
+                i32_arg(p.n_group, "n_group")?,
+                i32_arg(p.topk_group, "topk_group")?,
+                Arg::I32(i32::from(p.normalise)),
+                Arg::I32(i32::from(p.scale)),
+                Arg::F32(p.scaling),
+                Arg::Ptr(self.ptr(&ids)?),
+                Arg::Ptr(self.ptr(&weights)?),
+            ],
+        )?;
+        Ok(Some(DeviceRouting {
+            ids,
+            weights,
+            k: p.k,
+        }))
+    }
+
+    fn experts_fit(x: &Tensor, gate_up: &Tensor, down: &Tensor) -> Result<Option<(usize, usize)>> {
+        let (Ok((_, hidden)), Ok((_, hidden2, inner))) = (x.dims2(), down.dims3()) else {
+            return Ok(None);
+        };
+        let dt = x.dtype();
+        let ok = hidden == hidden2
+            && hidden.is_multiple_of(8)
+            && inner.is_multiple_of(8)
+            && is_kernel_dtype(dt)
+            && gate_up.dtype() == dt
+            && down.dtype() == dt
+            && x.is_contiguous()
+            && gate_up.is_contiguous()
+            && down.is_contiguous()
+            && aligned16(x)
+            && aligned16(gate_up)
+            && aligned16(down)
+            && gate_up.dim(1)? == hidden;
+        Ok(ok.then_some((hidden, inner)))
+    }
+
+    /// The two grouped expert products over pairs already sorted by slot: `h [P, I]` then
+    /// `y [P, hidden]` (f32). bf16 weights run on the tensor cores (`h` in bf16, as the unfused
+    /// bf16 path rounds it); f32 weights, or widths that are not multiples of 32, on the CUDA
+    /// cores in f32.
+    #[allow(clippy::too_many_arguments)]
+    fn experts_core(
+        &self,
+        x: &Tensor,
+        gate_up: &Tensor,
+        down: &Tensor,
+        slots: usize,
+        pairs: usize,
+        offsets: u64,
+        sorted: u64,
+        k_div: usize,
+        hidden: usize,
+        inner: usize,
+    ) -> Result<Tensor> {
+        let mma = x.dtype() == DType::BF16 && hidden.is_multiple_of(32) && inner.is_multiple_of(32);
+        // Blocks of 4 warps: two 16-row tiles, each over two k halves (tensor cores), or 16
+        // rows, 4 per warp (CUDA cores).
+        let rows_per_block = if mma { 32 } else { 16 };
+        let (gate_up_fn, down_fn, h_dtype) = if mma {
+            (
+                "moe_gate_up_mma".to_string(),
+                "moe_down_mma".to_string(),
+                DType::BF16,
+            )
+        } else {
+            let sfx = suffix(x.dtype());
+            (
+                format!("moe_gate_up_{sfx}"),
+                format!("moe_down_{sfx}"),
+                DType::F32,
+            )
+        };
+        let h = self.alloc(h_dtype, &[pairs, inner])?;
+        self.launch(
+            &gate_up_fn,
+            (inner.div_ceil(rows_per_block) as u32, slots as u32, 1),
+            128,
+            0,
+            &[
+                Arg::Ptr(self.ptr(x)?),
+                i32_arg(hidden, "hidden size")?,
+                Arg::Ptr(self.ptr(gate_up)?),
+                i32_arg(inner, "expert inner size")?,
+                Arg::Ptr(offsets),
+                Arg::Ptr(sorted),
+                i32_arg(k_div, "top-k")?,
+                Arg::Ptr(self.ptr(&h)?),
+            ],
+        )?;
+        let y = self.alloc(DType::F32, &[pairs, hidden])?;
+        self.launch(
+            &down_fn,
+            (hidden.div_ceil(rows_per_block) as u32, slots as u32, 1),
+            128,
+            0,
+            &[
+                Arg::Ptr(self.ptr(&h)?),
+                i32_arg(inner, "expert inner size")?,
+                Arg::Ptr(self.ptr(down)?),
+                i32_arg(hidden, "hidden size")?,
+                Arg::Ptr(offsets),
+                Arg::Ptr(self.ptr(&y)?),
+            ],
+        )?;
+        Ok(y)
+    }
+
+    /// Routed experts for device routing: `x [T, hidden]`, the stacked weights of `slots`
+    /// experts (`gate_up [slots·2I, hidden]`, `down [slots, hidden, I]`), `slot_of [E]` (i32,
+    /// −1 for experts not held) → `Σ_k w·expert(x)`, `[T, hidden]` f32.
+    pub fn experts_routed(
+        &self,
+        x: &Tensor,
+        routing: &DeviceRouting,
+        slot_of: &Tensor,
+        gate_up: &Tensor,
+        down: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        let Some((hidden, inner)) = Self::experts_fit(x, gate_up, down)? else {
+            return Ok(None);
+        };
+        let t = x.dim(0)?;
+        let slots = down.dim(0)?;
+        let pairs = t * routing.k;
+        if routing.ids.dims() != [t, routing.k] || slots > 1024 || slot_of.dtype() != DType::I32 {
+            return Ok(None);
+        }
+        let offsets = self.alloc(DType::U32, &[slots + 1])?;
+        let sorted = self.alloc(DType::U32, &[pairs])?;
+        let pos = self.alloc(DType::U32, &[pairs])?;
+        self.launch(
+            "moe_align",
+            (1, 1, 1),
+            1024,
+            0,
+            &[
+                Arg::Ptr(self.ptr(&routing.ids)?),
+                i32_arg(pairs, "pairs")?,
+                Arg::Ptr(self.ptr(slot_of)?),
+                i32_arg(slots, "slots")?,
+                Arg::Ptr(self.ptr(&offsets)?),
+                Arg::Ptr(self.ptr(&sorted)?),
+                Arg::Ptr(self.ptr(&pos)?),
+            ],
+        )?;
+        let (off_p, sorted_p) = (self.ptr(&offsets)?, self.ptr(&sorted)?);
+        let y = self.experts_core(
+            x, gate_up, down, slots, pairs, off_p, sorted_p, routing.k, hidden, inner,
+        )?;
+        let out = self.alloc(DType::F32, &[t, hidden])?;
+        self.launch(
+            "moe_combine",
+            (t as u32, hidden.div_ceil(256) as u32, 1),
+            256,
+            0,
+            &[
+                Arg::Ptr(self.ptr(&y)?),
+                i32_arg(hidden, "hidden size")?,
+                Arg::Ptr(self.ptr(&pos)?),
+                Arg::Ptr(self.ptr(&routing.weights)?),
+                Arg::Ptr(0),
+                i32_arg(routing.k, "top-k")?,
+                Arg::Ptr(self.ptr(&out)?),
+            ],
+        )?;
+        Ok(Some(out))
+    }
+
+    /// Routed experts for host-built assignments (an expert worker's request) → `[T, hidden]` f32.
+    pub fn experts_assigned(
+        &self,
+        x: &Tensor,
+        a: &HostAssignments,
+        gate_up: &Tensor,
+        down: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        let Some((hidden, inner)) = Self::experts_fit(x, gate_up, down)? else {
+            return Ok(None);
+        };
+        let t = x.dim(0)?;
+        if a.rows != t || a.slots != down.dim(0)? || a.pairs == 0 {
+            return Ok(None);
+        }
+        let base = self.ptr(&a.packed)?;
+        let at = |elems: usize| base + 4 * elems as u64;
+        let offsets = at(0);
+        let sorted = at(a.slots + 1);
+        let row_ptr = at(a.slots + 1 + a.pairs);
+        let entry_pos = at(a.slots + 1 + a.pairs + a.rows + 1);
+        let y = self.experts_core(
+            x, gate_up, down, a.slots, a.pairs, offsets, sorted, 1, hidden, inner,
+        )?;
+        let out = self.alloc(DType::F32, &[t, hidden])?;
+        self.launch(
+            "moe_combine",
+            (t as u32, hidden.div_ceil(256) as u32, 1),
+            256,
+            0,
+            &[
+                Arg::Ptr(self.ptr(&y)?),
+                i32_arg(hidden, "hidden size")?,
+                Arg::Ptr(entry_pos),
+                Arg::Ptr(self.ptr(&a.weights)?),
+                Arg::Ptr(row_ptr),
+                Arg::I32(0),
+                Arg::Ptr(self.ptr(&out)?),
+            ],
+        )?;
+        Ok(Some(out))
+    }
+}
