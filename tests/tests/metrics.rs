@@ -76,6 +76,14 @@ async fn a_scrape_after_known_traffic_shows_the_expected_counts() {
         parse_metrics(&scrape(addr))
     };
 
+    let text = scrape(mesh.frontend.0.metrics.as_deref().expect("metrics address"));
+    assert!(
+        text.contains("# TYPE moemesh_frontend_requests_total counter")
+            && text.contains(
+                "# HELP moemesh_frontend_requests_total Generate calls by final gRPC status"
+            ),
+        "{text}"
+    );
     let f = metrics_of(&mesh.frontend.0);
     assert_eq!(
         sum(&f, "moemesh_frontend_requests_total", &[("code", "Ok")]),

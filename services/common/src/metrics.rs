@@ -31,68 +31,88 @@ pub struct MetricsArgs {
     pub metrics_listen: Option<SocketAddr>,
 }
 
-/// Metric names, with what each counts. Labels are listed with each.
-pub mod names {
+/// Declares the metric names (module `names`) and [`describe`], which gives each its type and
+/// its doc comment as the `# HELP` line.
+macro_rules! metrics_table {
+    ($( $(#[doc = $doc:literal])* $kind:ident $name:ident = $value:literal; )*) => {
+        /// Metric names, with what each counts. Labels are listed with each.
+        pub mod names {
+            $( $(#[doc = $doc])* pub const $name: &str = $value; )*
+        }
+
+        /// Registers every metric's type and help text with the installed recorder.
+        fn describe() {
+            $( metrics_table!(@describe $kind, $value, concat!($($doc),*).trim()); )*
+        }
+    };
+    (@describe counter, $name:expr, $help:expr) => { metrics::describe_counter!($name, $help) };
+    (@describe gauge, $name:expr, $help:expr) => { metrics::describe_gauge!($name, $help) };
+    (@describe histogram, $name:expr, $help:expr) => { metrics::describe_histogram!($name, $help) };
+}
+
+metrics_table! {
     // Frontend.
     /// Generate calls by final gRPC status: `code` (`Ok`, `InvalidArgument`, …; `Cancelled`
     /// when the client went away before the end).
-    pub const REQUESTS: &str = "moemesh_frontend_requests_total";
+    counter REQUESTS = "moemesh_frontend_requests_total";
     /// Tokens streamed to clients.
-    pub const TOKENS_GENERATED: &str = "moemesh_frontend_generated_tokens_total";
+    counter TOKENS_GENERATED = "moemesh_frontend_generated_tokens_total";
     /// Prompt tokens of accepted requests.
-    pub const PROMPT_TOKENS: &str = "moemesh_frontend_prompt_tokens_total";
+    counter PROMPT_TOKENS = "moemesh_frontend_prompt_tokens_total";
     /// Time from a request's arrival to its first token.
-    pub const TTFT: &str = "moemesh_frontend_time_to_first_token_seconds";
+    histogram TTFT = "moemesh_frontend_time_to_first_token_seconds";
     /// Time between consecutive tokens of one request.
-    pub const ITL: &str = "moemesh_frontend_inter_token_latency_seconds";
+    histogram ITL = "moemesh_frontend_inter_token_latency_seconds";
     /// Sequences waiting for admission, per `gate`.
-    pub const QUEUE_DEPTH: &str = "moemesh_frontend_queue_depth";
+    gauge QUEUE_DEPTH = "moemesh_frontend_queue_depth";
     /// Sequences running, per `gate`.
-    pub const RUNNING: &str = "moemesh_frontend_running_sequences";
+    gauge RUNNING = "moemesh_frontend_running_sequences";
     /// A step's round trip seen from the frontend (send to answer), per `gate`.
-    pub const FRONTEND_STEP: &str = "moemesh_frontend_step_duration_seconds";
+    histogram FRONTEND_STEP = "moemesh_frontend_step_duration_seconds";
     /// Sequences preempted because the gate's KV was full, per `gate`.
-    pub const PREEMPTIONS: &str = "moemesh_frontend_preemptions_total";
+    counter PREEMPTIONS = "moemesh_frontend_preemptions_total";
 
     // Gate.
     /// Steps run by the gate's engine, by `outcome` (`ok`, `error`).
-    pub const GATE_STEPS: &str = "moemesh_gate_steps_total";
+    counter GATE_STEPS = "moemesh_gate_steps_total";
     /// Time the engine spent on one step (attention, experts, sampling).
-    pub const GATE_STEP: &str = "moemesh_gate_step_duration_seconds";
+    histogram GATE_STEP = "moemesh_gate_step_duration_seconds";
     /// Tokens (prefill and decode) through the gate's steps.
-    pub const GATE_STEP_TOKENS: &str = "moemesh_gate_step_tokens_total";
+    counter GATE_STEP_TOKENS = "moemesh_gate_step_tokens_total";
     /// Sequences holding KV on the gate.
-    pub const GATE_SEQUENCES: &str = "moemesh_gate_live_sequences";
-    /// Paged KV blocks in use / free / in the pool.
-    pub const KV_USED: &str = "moemesh_gate_kv_blocks_used";
-    pub const KV_FREE: &str = "moemesh_gate_kv_blocks_free";
-    pub const KV_TOTAL: &str = "moemesh_gate_kv_blocks_total";
+    gauge GATE_SEQUENCES = "moemesh_gate_live_sequences";
+    /// Paged KV blocks holding some sequence's tokens.
+    gauge KV_USED = "moemesh_gate_kv_blocks_used";
+    /// Paged KV blocks free.
+    gauge KV_FREE = "moemesh_gate_kv_blocks_free";
+    /// Paged KV blocks in the pool (--kv-cache-mb or --kv-blocks).
+    gauge KV_TOTAL = "moemesh_gate_kv_blocks_total";
     /// Routed (token, expert) pairs, per `layer` and `expert`: the load a rebalancer needs.
-    pub const EXPERT_TOKENS: &str = "moemesh_gate_expert_tokens_total";
+    counter EXPERT_TOKENS = "moemesh_gate_expert_tokens_total";
     /// One Forward call to an expert worker, per `worker`.
-    pub const DISPATCH: &str = "moemesh_gate_expert_dispatch_duration_seconds";
+    histogram DISPATCH = "moemesh_gate_expert_dispatch_duration_seconds";
     /// Failed expert calls whose pairs were retried on another replica, per failed `worker`.
-    pub const RETRIES: &str = "moemesh_gate_expert_retries_total";
+    counter RETRIES = "moemesh_gate_expert_retries_total";
     /// Expert workers the gate accepts (same model fingerprint).
-    pub const GATE_WORKERS: &str = "moemesh_gate_expert_workers";
+    gauge GATE_WORKERS = "moemesh_gate_expert_workers";
     /// (layer, expert) pairs of the model that no accepted worker serves.
-    pub const MISSING_EXPERTS: &str = "moemesh_gate_missing_experts";
+    gauge MISSING_EXPERTS = "moemesh_gate_missing_experts";
 
     // Expert worker.
     /// Forward calls, by `code`.
-    pub const FORWARDS: &str = "moemesh_expert_forward_calls_total";
+    counter FORWARDS = "moemesh_expert_forward_calls_total";
     /// Time to compute one Forward call.
-    pub const FORWARD: &str = "moemesh_expert_forward_duration_seconds";
+    histogram FORWARD = "moemesh_expert_forward_duration_seconds";
     /// (token, expert) pairs computed, per `layer` and `expert`.
-    pub const WORKER_EXPERT_TOKENS: &str = "moemesh_expert_tokens_total";
+    counter WORKER_EXPERT_TOKENS = "moemesh_expert_tokens_total";
 
     // Registry (every role).
     /// Members seen through the registry watch, per watched `role` (`gate`, `expert`).
-    pub const REGISTRY_MEMBERS: &str = "moemesh_registry_members";
+    gauge REGISTRY_MEMBERS = "moemesh_registry_members";
     /// Successful lease keep-alives, per `role` of this process.
-    pub const LEASE_RENEWALS: &str = "moemesh_registry_lease_renewals_total";
+    counter LEASE_RENEWALS = "moemesh_registry_lease_renewals_total";
     /// Failed etcd operations, per `op` (`keepalive`, `register`, `watch`, `revoke`).
-    pub const ETCD_ERRORS: &str = "moemesh_registry_etcd_errors_total";
+    counter ETCD_ERRORS = "moemesh_registry_etcd_errors_total";
 }
 
 /// Latency buckets (seconds) for every `_seconds` histogram: 0.5 ms to 60 s.
@@ -115,6 +135,7 @@ fn handle() -> MeshResult<PrometheusHandle> {
     let h = recorder.handle();
     metrics::set_global_recorder(recorder)
         .map_err(|e| MeshError::Internal(format!("installing the metrics recorder: {e}")))?;
+    describe();
     let _ = HANDLE.set(h.clone());
     Ok(h)
 }
