@@ -2,7 +2,8 @@
 # Installs what building and testing moemesh needs on a fresh Debian machine, and nothing that
 # is already there. Idempotent; safe to run before every build.
 #   scripts/setup.sh          build prerequisites (C/C++ compiler, protoc for etcd-client)
-#   scripts/setup.sh --test   the above plus what the tests need (etcd-server)
+#   scripts/setup.sh --test   the above plus what the tests need (etcd-server; promtool, from
+#                             Debian's prometheus package, checks deploy/prometheus/)
 set -euo pipefail
 
 want_test=0
@@ -18,6 +19,8 @@ command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 if (( want_test )); then
   # The mesh tests start a real etcd server on free loopback ports.
   command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+  # promtool checks and unit-tests the alert rules in deploy/prometheus/.
+  command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 fi
 
 if (( ${#missing[@]} )); then

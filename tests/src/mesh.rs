@@ -34,6 +34,8 @@ pub struct Proc {
     pub name: String,
     child: Child,
     pub log: PathBuf,
+    /// The `/metrics` address from the ready line (with `--metrics-listen`).
+    pub metrics: Option<String>,
 }
 
 impl Proc {
@@ -150,6 +152,7 @@ impl Etcd {
             name: "etcd".into(),
             child,
             log,
+            metrics: None,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -236,7 +239,7 @@ pub fn start_moemesh(dir: &Path, name: &str, subcommand: &str, args: &[String]) 
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
                 && v["event"] == "ready"
             {
-                let _ = tx.send(v["address"].as_str().unwrap_or_default().to_string());
+                let _ = tx.send(v);
             }
         }
     });
@@ -244,11 +247,16 @@ pub fn start_moemesh(dir: &Path, name: &str, subcommand: &str, args: &[String]) 
         name: name.to_string(),
         child,
         log,
+        metrics: None,
     };
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(addr) => return (proc, addr),
+            Ok(ready) => {
+                proc.metrics = ready["metrics"].as_str().map(str::to_string);
+                let addr = ready["address"].as_str().unwrap_or_default().to_string();
+                return (proc, addr);
+            }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {}
         }
@@ -295,6 +303,23 @@ impl Mesh {
         gate_args: &[&str],
         frontend_args: &[&str],
     ) -> Mesh {
+        Mesh::start_opts(model, shards, &[], gate_args, frontend_args)
+    }
+
+    /// Like [`start`](Self::start), with every process serving `/metrics` on a free port (its
+    /// [`Proc::metrics`]).
+    pub fn start_with_metrics(model: Option<&Path>, shards: &[&str]) -> Mesh {
+        let m = ["--metrics-listen", "127.0.0.1:0"];
+        Mesh::start_opts(model, shards, &m, &m, &m)
+    }
+
+    fn start_opts(
+        model: Option<&Path>,
+        shards: &[&str],
+        worker_args: &[&str],
+        gate_args: &[&str],
+        frontend_args: &[&str],
+    ) -> Mesh {
         let dir = tempfile::tempdir().expect("tempdir");
         let etcd = Etcd::start(dir.path());
         let cluster = format!("test{}", free_port());
@@ -308,6 +333,7 @@ impl Mesh {
                 model.as_deref(),
                 &format!("worker{i}"),
                 shard,
+                worker_args,
             ));
         }
         let mut args = common_args(&etcd, &cluster, model.as_deref());
@@ -338,6 +364,7 @@ impl Mesh {
             model.as_deref(),
             name,
             experts,
+            &[],
         )
     }
 
@@ -377,8 +404,10 @@ fn start_worker(
     model: Option<&Path>,
     name: &str,
     experts: &str,
+    extra: &[&str],
 ) -> (Proc, String) {
     let mut args = common_args(etcd, cluster, model);
+    args.extend(extra.iter().map(|a| a.to_string()));
     args.extend([
         "--experts".into(),
         experts.to_string(),
@@ -387,4 +416,89 @@ fn start_worker(
     ]);
     args.extend(["--id".into(), name.to_string()]);
     start_role(dir, name, "expert", &args)
+}
+
+/// `GET /metrics` from `addr` (`host:port`): the Prometheus text.
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr)
+        .unwrap_or_else(|e| panic!("connecting to the metrics port {addr}: {e}"));
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    write!(
+        conn,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("sending the scrape");
+    let mut resp = String::new();
+    conn.read_to_string(&mut resp)
+        .unwrap_or_else(|e| panic!("reading /metrics from {addr}: {e}"));
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("not an HTTP response from {addr}: {resp}"));
+    assert!(head.starts_with("HTTP/1.1 200"), "{addr}: {head}");
+    body.to_string()
+}
+
+/// One sample of a Prometheus text exposition: name, labels, value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+/// The samples of a Prometheus text exposition (comments skipped). Label values here never
+/// hold commas or escaped quotes, which keeps this parser small.
+pub fn parse_metrics(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("not a sample line: {line}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|e| panic!("sample value in {line}: {e}"));
+        let (name, labels) = match series.split_once('{') {
+            Some((n, rest)) => {
+                let inner = rest.trim_end_matches('}');
+                let labels = inner
+                    .split(',')
+                    .filter(|kv| !kv.is_empty())
+                    .map(|kv| {
+                        let (k, v) = kv
+                            .split_once('=')
+                            .unwrap_or_else(|| panic!("label in {line}"));
+                        (k.to_string(), v.trim_matches('"').to_string())
+                    })
+                    .collect();
+                (n.to_string(), labels)
+            }
+            None => (series.to_string(), Vec::new()),
+        };
+        out.push(Sample {
+            name,
+            labels,
+            value,
+        });
+    }
+    out
+}
+
+/// The sum of the samples named `name` whose labels include every pair of `with`; `None` when
+/// there is none.
+pub fn metric_sum(samples: &[Sample], name: &str, with: &[(&str, &str)]) -> Option<f64> {
+    let matching: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.name == name)
+        .filter(|s| {
+            with.iter()
+                .all(|(k, v)| s.labels.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .map(|s| s.value)
+        .collect();
+    (!matching.is_empty()).then(|| matching.iter().sum())
 }

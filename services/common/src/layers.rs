@@ -21,6 +21,8 @@ pub struct InflightLimitLayer {
     path: &'static str,
     permits: Arc<Semaphore>,
     message: Arc<str>,
+    /// Counts the calls turned away.
+    rejected: metrics::Counter,
 }
 
 impl InflightLimitLayer {
@@ -30,7 +32,15 @@ impl InflightLimitLayer {
             path,
             permits: Arc::new(Semaphore::new(limit)),
             message: message.into(),
+            rejected: metrics::Counter::noop(),
         }
+    }
+
+    /// Counts every call turned away on `rejected` (a handle taken after the recorder is
+    /// installed).
+    pub fn count_rejected(mut self, rejected: metrics::Counter) -> Self {
+        self.rejected = rejected;
+        self
     }
 }
 
@@ -73,6 +83,7 @@ where
             match self.layer.permits.clone().try_acquire_owned() {
                 Ok(p) => Some(p),
                 Err(_) => {
+                    self.layer.rejected.increment(1);
                     let status = tonic::Status::resource_exhausted(self.layer.message.to_string());
                     return Box::pin(async move {
                         Ok(status

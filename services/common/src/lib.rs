@@ -7,6 +7,7 @@ pub mod device;
 pub mod error;
 pub mod layers;
 pub mod member_args;
+pub mod metrics;
 pub mod registry;
 pub mod serve;
 

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 
 use clap::Args;
 
+use crate::metrics::MetricsArgs;
 use crate::registry::RegistryConfig;
 
 #[derive(Args, Debug, Clone)]
@@ -35,6 +36,8 @@ pub struct MemberArgs {
     /// Compute dtype: `f32` (exact) or `bf16`.
     #[arg(long, env = "MOEMESH_DTYPE", default_value = "f32")]
     pub dtype: String,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
 }
 
 impl MemberArgs {

@@ -71,13 +71,20 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Prints the one-line JSON readiness record on stdout: `{"event":"ready","role":…,"address":…,"id":…}`.
-/// Printed only once the role serves and (if it registers) is registered.
-pub fn announce_ready(role: &str, address: SocketAddr, id: &str) {
-    println!(
-        "{}",
-        serde_json::json!({"event": "ready", "role": role, "address": address.to_string(), "id": id})
-    );
+/// Prints the one-line JSON readiness record on stdout: `{"event":"ready","role":…,"address":…,"id":…}`,
+/// plus `"metrics":"host:port"` when the role serves `/metrics`. Printed only once the role
+/// serves and (if it registers) is registered.
+pub fn announce_ready(
+    role: &str,
+    address: SocketAddr,
+    id: &str,
+    metrics: Option<&crate::metrics::MetricsServer>,
+) {
+    let mut line = serde_json::json!({"event": "ready", "role": role, "address": address.to_string(), "id": id});
+    if let Some(m) = metrics {
+        line["metrics"] = serde_json::Value::String(m.address.to_string());
+    }
+    println!("{line}");
 }
 
 /// Waits for `fut`, but at most `limit`; used to bound draining at shutdown.

@@ -1,5 +1,6 @@
 //! `Expert.Forward` and `Expert.Info`, and the worker's life cycle.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -7,8 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::Stream;
+use moemesh_common::metrics::{code_label, names};
 use moemesh_common::registry::{Member, Registry, Role};
-use moemesh_common::{MeshError, MeshResult, codec, device, serve};
+use moemesh_common::{MeshError, MeshResult, codec, device, metrics as mesh_metrics, serve};
 use moemesh_engine::{Device, ExpertShard, ModelFiles, ShardSpec};
 use moemesh_proto::v1::expert_server::{Expert, ExpertServer};
 use moemesh_proto::v1::{ExpertInfoRequest, ExpertInfoResponse, ForwardRequest, ForwardResponse};
@@ -80,6 +82,15 @@ impl Worker {
         // whatever the request's dtype: the gate adds every worker's partial sum in f32 and
         // rounds once, as the in-process engine does, instead of rounding each partial first.
         let out = self.shard.forward_assigned(layer, &x, &assignments)?;
+        let mut per_expert: BTreeMap<u32, u64> = BTreeMap::new();
+        for &(_, e, _) in &assignments {
+            *per_expert.entry(e).or_default() += 1;
+        }
+        let layer_label = layer.to_string();
+        for (e, n) in per_expert {
+            metrics::counter!(names::WORKER_EXPERT_TOKENS, "layer" => layer_label.clone(), "expert" => e.to_string())
+                .increment(n);
+        }
         Ok(ForwardResponse {
             call_id: req.call_id,
             output: Some(codec::encode(&out, moemesh_proto::v1::DType::F32)?),
@@ -123,6 +134,7 @@ impl Expert for ExpertService {
                 };
                 worker.in_flight.fetch_add(1, Ordering::SeqCst);
                 let w = worker.clone();
+                let started = std::time::Instant::now();
                 let result = tokio::task::spawn_blocking(move || w.forward(&req)).await;
                 worker.in_flight.fetch_sub(1, Ordering::SeqCst);
                 let reply = match result {
@@ -131,6 +143,11 @@ impl Expert for ExpertService {
                         "expert task: {e}"
                     )))),
                 };
+                let code = reply
+                    .as_ref()
+                    .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+                metrics::histogram!(names::FORWARD).record(started.elapsed().as_secs_f64());
+                metrics::counter!(names::FORWARDS, "code" => code_label(code)).increment(1);
                 if tx.send(reply).await.is_err() {
                     break;
                 }
@@ -160,6 +177,8 @@ pub async fn run(
         .local_addr()
         .map_err(|e| MeshError::Internal(e.to_string()))?;
     let (advertise, id) = cfg.member.identity("expert", local);
+    // First, so that everything started below records into it.
+    let metrics_server = mesh_metrics::start(&cfg.member.metrics).await?;
 
     let model = cfg.model.clone();
     let files = tokio::task::spawn_blocking(move || ModelFiles::open_or_embedded(model.as_deref()))
@@ -250,7 +269,7 @@ pub async fn run(
             version: env!("CARGO_PKG_VERSION").to_string(),
         })
         .await?;
-    serve::announce_ready("expert", local, &id);
+    serve::announce_ready("expert", local, &id, metrics_server.as_ref());
 
     shutdown.await;
     tracing::info!(%id, "shutting down: leaving the registry, then draining");

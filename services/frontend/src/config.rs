@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Args;
+use moemesh_common::metrics::MetricsArgs;
 
 #[derive(Args, Debug, Clone)]
 pub struct FrontendConfig {
@@ -45,4 +46,6 @@ pub struct FrontendConfig {
     /// Largest prompt text (or chat) in bytes.
     #[arg(long, env = "MOEMESH_MAX_PROMPT_BYTES", default_value_t = 1 << 20)]
     pub max_prompt_bytes: usize,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
 }

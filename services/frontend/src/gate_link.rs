@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use moemesh_common::metrics::names;
 use moemesh_common::{MeshError, MeshResult, codec};
 use moemesh_engine::generate::{FinishReason, TextTracker, finish_check};
 use moemesh_engine::text::TextTokenizer;
@@ -212,6 +213,11 @@ async fn run(link: Link, mut rx: mpsc::UnboundedReceiver<NewSeq>) {
     let mut release: Vec<u64> = Vec::new();
     let mut conn: Option<Conn> = None;
     let mut step_id = 0u64;
+    let gate = address.clone();
+    let queue_depth = metrics::gauge!(names::QUEUE_DEPTH, "gate" => gate.clone());
+    let running = metrics::gauge!(names::RUNNING, "gate" => gate.clone());
+    let step_seconds = metrics::histogram!(names::FRONTEND_STEP, "gate" => gate.clone());
+    let preemptions = metrics::counter!(names::PREEMPTIONS, "gate" => gate);
     loop {
         if sched.is_idle() && release.is_empty() {
             match rx.recv().await {
@@ -253,6 +259,9 @@ async fn run(link: Link, mut rx: mpsc::UnboundedReceiver<NewSeq>) {
         }
         step_id += 1;
         let plan = sched.plan(ctx.limits);
+        queue_depth.set(sched.waiting.len() as f64);
+        running.set(sched.running.len() as f64);
+        preemptions.increment(plan.preempted.len() as u64);
         for id in &plan.preempted {
             tracing::info!(seq = id, gate = %address, "KV full: preempting the newest sequence; it will be prefilled again");
             release.push(*id);
@@ -283,6 +292,7 @@ async fn run(link: Link, mut rx: mpsc::UnboundedReceiver<NewSeq>) {
                 continue;
             }
         };
+        let sent = Instant::now();
         let result = async {
             if conn.is_none() {
                 let (c, kv) = connect(&address).await?;
@@ -297,6 +307,9 @@ async fn run(link: Link, mut rx: mpsc::UnboundedReceiver<NewSeq>) {
             }
         }
         .await;
+        if result.is_ok() {
+            step_seconds.record(sent.elapsed().as_secs_f64());
+        }
         match result {
             Ok(resp)
                 if resp

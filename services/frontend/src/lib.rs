@@ -6,6 +6,7 @@
 
 mod config;
 mod gate_link;
+mod metered;
 mod request;
 mod scheduler;
 mod service;

@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
+use moemesh_common::metrics::names;
 use moemesh_common::registry::{Member, Registry, RegistryConfig, Role};
-use moemesh_common::{MeshError, MeshResult, serve};
+use moemesh_common::{MeshError, MeshResult, metrics as mesh_metrics, serve};
 use moemesh_engine::generate::TextTracker;
 use moemesh_engine::{Arch, DType, Device, ModelFiles, Parts};
 use moemesh_proto::v1::generation_server::{Generation, GenerationServer};
@@ -24,7 +25,7 @@ use tonic::{Request, Response, Status};
 
 use crate::config::FrontendConfig;
 use crate::gate_link::{Ctx, GateLink, NewSeq};
-use crate::request;
+use crate::{metered, request};
 
 /// How long a request waits for a gate to appear before UNAVAILABLE.
 const GATE_WAIT: Duration = Duration::from_secs(5);
@@ -107,11 +108,10 @@ struct GenerationService(Arc<Frontend>);
 
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl Generation for GenerationService {
-    type GenerateStream = GenerateStream;
-
-    async fn generate(
+impl GenerationService {
+    /// Validates and tokenizes a Generate request and hands it to a gate's step loop; the
+    /// returned stream carries its tokens.
+    async fn start_generate(
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateStream>, Status> {
@@ -132,6 +132,7 @@ impl Generation for GenerationService {
         tracing::debug!(request_id = %req.request_id, prompt_tokens = engine_req.prompt_ids.len(), "generate");
         let (tx, rx) = mpsc::unbounded_channel();
         let link = f.pick_gate(None).await?;
+        let prompt_tokens = engine_req.prompt_ids.len() as u64;
         let queued = link.submit(NewSeq {
             req: engine_req,
             text,
@@ -145,7 +146,25 @@ impl Generation for GenerationService {
             let msg = format!("gate {} is not accepting work", link.address);
             return Err(MeshError::Unavailable(msg).into());
         }
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+        metrics::counter!(names::PROMPT_TOKENS).increment(prompt_tokens);
+        let stream = metered::Metered::new(UnboundedReceiverStream::new(rx), start);
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[tonic::async_trait]
+impl Generation for GenerationService {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<GenerateStream>, Status> {
+        let result = self.start_generate(request).await;
+        if let Err(status) = &result {
+            metered::count_request(status.code());
+        }
+        result
     }
 
     async fn tokenize(
@@ -217,6 +236,8 @@ pub async fn run(
     let local = listener
         .local_addr()
         .map_err(|e| MeshError::Internal(e.to_string()))?;
+    // First, so that everything started below records into it.
+    let metrics_server = mesh_metrics::start(&cfg.metrics).await?;
     let model_dir = cfg.model.clone();
     let (files, model) = tokio::task::spawn_blocking(move || {
         let files = ModelFiles::open_or_embedded(model_dir.as_deref())?;
@@ -344,7 +365,11 @@ pub async fn run(
         format!(
             "server is at capacity: {max_pending} requests are running or waiting (--max-pending); retry later"
         ),
-    );
+    )
+    .count_rejected(metrics::counter!(
+        names::REQUESTS,
+        "code" => mesh_metrics::code_label(tonic::Code::ResourceExhausted)
+    ));
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .layer(shed)
@@ -357,7 +382,7 @@ pub async fn run(
     );
     serve::set_health(&reporter, true).await;
     tracing::info!(address = %local, model = %files.name, "frontend serving");
-    serve::announce_ready("frontend", local, "frontend");
+    serve::announce_ready("frontend", local, "frontend", metrics_server.as_ref());
     shutdown.await;
     serve::set_health(&reporter, false).await;
     let _ = stop_tx.send(());

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
+use moemesh_common::metrics::names;
 use moemesh_common::{MeshError, MeshResult, codec};
 use moemesh_engine::{DType, Device, EngineError, Experts, PendingExperts, Routing, Tensor};
 use moemesh_proto::v1::{self, ForwardRequest};
@@ -85,6 +86,16 @@ async fn execute(
     let mut out = Tensor::zeros((t, h), DType::F32, &Device::Cpu).map_err(EngineError::from)?;
     let mut excluded: HashSet<String> = HashSet::new();
     let round = pool.next_round();
+    // The load per (layer, expert), counted once per routed pair (not again on retries).
+    let layer_label = layer.to_string();
+    let mut per_expert: BTreeMap<u32, u64> = BTreeMap::new();
+    for &(_, e, _) in &pairs {
+        *per_expert.entry(e).or_default() += 1;
+    }
+    for (e, n) in per_expert {
+        metrics::counter!(names::EXPERT_TOKENS, "layer" => layer_label.clone(), "expert" => e.to_string())
+            .increment(n);
+    }
     for attempt in 0..MAX_ATTEMPTS {
         // Group by worker: worker id -> (client, its pairs).
         let mut groups: Groups = BTreeMap::new();
@@ -100,7 +111,10 @@ async fn execute(
             let x = &x;
             async move {
                 let (rows, req) = build_request(layer, x, &group, wire)?;
+                let sent = std::time::Instant::now();
                 let reply = client.call(req, timeout).await;
+                metrics::histogram!(names::DISPATCH, "worker" => client.member.id.clone())
+                    .record(sent.elapsed().as_secs_f64());
                 Ok::<_, MeshError>((client, group, rows, reply))
             }
         });
@@ -130,6 +144,8 @@ async fn execute(
                 Err(e @ MeshError::Internal(_)) => return Err(e),
                 Err(e) => {
                     tracing::warn!(worker = %client.member.id, layer, attempt, error = %e, "expert call failed; retrying on another replica");
+                    metrics::counter!(names::RETRIES, "worker" => client.member.id.clone())
+                        .increment(1);
                     pool.mark_failed(&client.member.id);
                     excluded.insert(client.member.id.clone());
                     failed.extend(group);

@@ -9,8 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::Stream;
+use moemesh_common::metrics::names;
 use moemesh_common::registry::{Member, Registry, Role};
-use moemesh_common::{MeshError, MeshResult, codec, device, serve};
+use moemesh_common::{MeshError, MeshResult, codec, device, metrics as mesh_metrics, serve};
 use moemesh_engine::{ModelFiles, Parts};
 use moemesh_proto::v1::expert_client::ExpertClient;
 use moemesh_proto::v1::gate_server::{Gate, GateServer};
@@ -187,6 +188,8 @@ pub async fn run(
         .local_addr()
         .map_err(|e| MeshError::Internal(e.to_string()))?;
     let (advertise, id) = cfg.member.identity("gate", local);
+    // First, so that everything started below records into it.
+    let metrics_server = mesh_metrics::start(&cfg.member.metrics).await?;
 
     let model_dir = cfg.model.clone();
     let dev = device.clone();
@@ -217,12 +220,24 @@ pub async fn run(
     let mut workers = registry
         .watch_synced(Role::Expert, Duration::from_secs(10))
         .await;
-    pool.update(&workers.borrow_and_update());
+    let moe_layers: Vec<u32> = files
+        .config
+        .moe_layers()
+        .into_iter()
+        .map(|l| l as u32)
+        .collect();
+    let n_experts = files.config.n_routed_experts as u32;
+    let update = move |pool: &WorkerPool, list: &[Member]| {
+        pool.update(list);
+        metrics::gauge!(names::GATE_WORKERS).set(pool.members().len() as f64);
+        metrics::gauge!(names::MISSING_EXPERTS).set(pool.missing(&moe_layers, n_experts) as f64);
+    };
+    update(&pool, &workers.borrow_and_update());
     let p = pool.clone();
     tokio::spawn(async move {
         while workers.changed().await.is_ok() {
             let list = workers.borrow_and_update().clone();
-            p.update(&list);
+            update(&p, &list);
         }
     });
 
@@ -255,6 +270,7 @@ pub async fn run(
         kv_pool,
     );
     engine.overlap = cfg.overlap;
+    engine.record_kv();
     std::thread::Builder::new()
         .name("gate-engine".into())
         .spawn(move || engine.run(cmd_rx))
@@ -294,7 +310,7 @@ pub async fn run(
         })
         .await?;
     tracing::info!(%id, address = %advertise, workers = pool.members().len(), "gate serving");
-    serve::announce_ready("gate", local, &id);
+    serve::announce_ready("gate", local, &id, metrics_server.as_ref());
 
     shutdown.await;
     tracing::info!(%id, "shutting down");

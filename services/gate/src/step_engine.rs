@@ -6,7 +6,9 @@
 use std::collections::{HashMap, HashSet};
 
 use std::sync::Arc;
+use std::time::Instant;
 
+use moemesh_common::metrics::names;
 use moemesh_common::{MeshError, MeshResult, codec};
 use moemesh_engine::KvPool;
 use moemesh_engine::kv_cache::BLOCK_TOKENS;
@@ -71,12 +73,25 @@ impl StepEngine {
         while let Some(cmd) = rx.blocking_recv() {
             match cmd {
                 Command::Step { conn, req, reply } => {
+                    let started = Instant::now();
+                    let tokens: u64 = req.seqs.iter().map(|s| s.num_tokens as u64).sum();
                     let result = self.step(conn, req);
+                    if tokens > 0 {
+                        metrics::histogram!(names::GATE_STEP)
+                            .record(started.elapsed().as_secs_f64());
+                        let outcome = if result.is_ok() { "ok" } else { "error" };
+                        metrics::counter!(names::GATE_STEPS, "outcome" => outcome).increment(1);
+                        if result.is_ok() {
+                            metrics::counter!(names::GATE_STEP_TOKENS).increment(tokens);
+                        }
+                    }
+                    self.record_kv();
                     let _ = reply.send(result);
                 }
                 Command::ReleaseConn { conn } => {
                     let before = self.seqs.len();
                     self.seqs.retain(|(c, _), _| *c != conn);
+                    self.record_kv();
                     tracing::debug!(
                         conn,
                         freed = before - self.seqs.len(),
@@ -97,6 +112,15 @@ impl StepEngine {
                 }
             }
         }
+    }
+
+    /// Publishes the KV pool's and the sequence table's state.
+    pub fn record_kv(&self) {
+        let (free, total) = (self.pool.free_blocks(), self.pool.num_blocks());
+        metrics::gauge!(names::KV_FREE).set(free as f64);
+        metrics::gauge!(names::KV_TOTAL).set(total as f64);
+        metrics::gauge!(names::KV_USED).set(total.saturating_sub(free) as f64);
+        metrics::gauge!(names::GATE_SEQUENCES).set(self.seqs.len() as f64);
     }
 
     fn kv_tokens(&self) -> u64 {

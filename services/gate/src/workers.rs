@@ -210,6 +210,16 @@ impl WorkerPool {
         st.table = table;
     }
 
+    /// How many of the (layer, expert) pairs in `layers` × `0..experts` no accepted worker serves.
+    pub fn missing(&self, layers: &[u32], experts: u32) -> usize {
+        let st = self.state.read().unwrap_or_else(|e| e.into_inner());
+        layers
+            .iter()
+            .flat_map(|&l| (0..experts).map(move |e| (l, e)))
+            .filter(|k| st.table.get(k).is_none_or(|ids| ids.is_empty()))
+            .count()
+    }
+
     /// Live workers (accepted ones).
     pub fn members(&self) -> Vec<Member> {
         let st = self.state.read().unwrap_or_else(|e| e.into_inner());

@@ -39,6 +39,13 @@ pub struct UpArgs {
     /// puts the gate on --device and the experts on two other GPUs); defaults to --device.
     #[arg(long, env = "MOEMESH_EXPERT_DEVICES", value_delimiter = ',')]
     pub expert_devices: Vec<String>,
+    /// Serve Prometheus metrics: the frontend on this port, the gate on the next, expert worker i
+    /// on port + 2 + i (each on --metrics-host, at `/metrics`). Off when not given.
+    #[arg(long, env = "MOEMESH_METRICS_BASE_PORT")]
+    pub metrics_base_port: Option<u16>,
+    /// Interface the metrics ports bind to.
+    #[arg(long, env = "MOEMESH_METRICS_HOST", default_value = "127.0.0.1")]
+    pub metrics_host: std::net::IpAddr,
     /// Extra flags for the gate, e.g. `--gate-args=--overlap` (repeatable).
     #[arg(long, allow_hyphen_values = true)]
     pub gate_args: Vec<String>,
@@ -55,6 +62,8 @@ async fn start(role: &str, args: Vec<String>) -> anyhow::Result<(Proc, String)> 
     let mut child = Command::new(exe)
         .arg(role)
         .args(&args)
+        // Each child gets its own metrics port (or none) from `up`, never a shared one.
+        .env_remove("MOEMESH_METRICS_LISTEN")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
@@ -83,6 +92,23 @@ async fn start(role: &str, args: Vec<String>) -> anyhow::Result<(Proc, String)> 
         },
         addr,
     ))
+}
+
+/// `--metrics-listen` for the process `offset` ports above --metrics-base-port, if it is set.
+fn metrics_flag(args: &UpArgs, offset: usize) -> anyhow::Result<Vec<String>> {
+    let Some(base) = args.metrics_base_port else {
+        return Ok(Vec::new());
+    };
+    let port = u16::try_from(usize::from(base) + offset)
+        .ok()
+        .filter(|_| base != 0)
+        .with_context(|| {
+            format!(
+                "--metrics-base-port {base}: needs {offset} more ports above it, within 1-65535"
+            )
+        })?;
+    let addr = std::net::SocketAddr::new(args.metrics_host, port);
+    Ok(vec!["--metrics-listen".into(), addr.to_string()])
 }
 
 fn common(args: &UpArgs) -> Vec<String> {
@@ -132,6 +158,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                     list => list[i % list.len()].clone(),
                 };
                 a.extend(["--device".into(), device]);
+                a.extend(metrics_flag(&args, 2 + i)?);
                 let (p, addr) = start("expert", a).await?;
                 eprintln!("moemesh up: expert worker {i} (experts {lo}-{}) on {addr}", hi - 1);
                 procs.push(p);
@@ -140,6 +167,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             let mut a = common(&args);
             a.extend(["--listen".into(), "127.0.0.1:0".into(), "--dtype".into(), args.dtype.clone()]);
             a.extend(["--device".into(), args.device.clone()]);
+            a.extend(metrics_flag(&args, 1)?);
             a.extend(args.gate_args.iter().cloned());
             if args.etcd.is_none() {
                 a.extend(["--expert-addrs".into(), worker_addrs.join(",")]);
@@ -149,6 +177,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             procs.push(p);
             let mut a = common(&args);
             a.extend(["--listen".into(), args.listen.clone()]);
+            a.extend(metrics_flag(&args, 0)?);
             if args.etcd.is_none() {
                 a.extend(["--gate-addrs".into(), gate_addr]);
             }
@@ -195,5 +224,43 @@ async fn stop_all(procs: &mut [Proc]) {
         {
             let _ = p.child.kill().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        up: UpArgs,
+    }
+
+    fn up(args: &[&str]) -> UpArgs {
+        Cli::try_parse_from(std::iter::once("up").chain(args.iter().copied()))
+            .expect("valid flags")
+            .up
+    }
+
+    #[test]
+    fn metrics_ports_count_up_from_the_base_port() {
+        let args = up(&["--metrics-base-port", "9090"]);
+        let flag = |offset| metrics_flag(&args, offset).expect("in range");
+        assert_eq!(flag(0), ["--metrics-listen", "127.0.0.1:9090"]);
+        assert_eq!(flag(1), ["--metrics-listen", "127.0.0.1:9091"]);
+        assert_eq!(flag(3), ["--metrics-listen", "127.0.0.1:9093"]);
+        assert!(metrics_flag(&up(&[]), 0).expect("off").is_empty());
+        let high = up(&["--metrics-base-port", "65534", "--metrics-host", "0.0.0.0"]);
+        assert_eq!(
+            metrics_flag(&high, 1).expect("in range"),
+            ["--metrics-listen", "0.0.0.0:65535"]
+        );
+        let err = metrics_flag(&high, 2).expect_err("past 65535");
+        assert!(
+            err.to_string().contains("--metrics-base-port 65534"),
+            "{err}"
+        );
     }
 }

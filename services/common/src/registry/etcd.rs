@@ -15,6 +15,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::{Member, RegistryConfig, Role};
 use crate::error::{MeshError, MeshResult};
+use crate::metrics::names;
 
 const RETRY: Duration = Duration::from_millis(500);
 
@@ -52,11 +53,15 @@ impl EtcdRegistry {
         })?;
         let lease = put_with_lease(&mut client, &key, &value, self.cfg.lease_ttl_s)
             .await
-            .map_err(|e| MeshError::Registry(format!("registering {key}: {e}")))?;
+            .map_err(|e| {
+                etcd_error("register");
+                MeshError::Registry(format!("registering {key}: {e}"))
+            })?;
         tracing::info!(%key, lease, "registered");
         let (stop_tx, stop_rx) = oneshot::channel();
         let task = tokio::spawn(keep_alive(
             self.cfg.clone(),
+            member.role.name(),
             client,
             key,
             value,
@@ -71,7 +76,12 @@ impl EtcdRegistry {
 
     pub fn watch(&self, role: Role) -> watch::Receiver<Vec<Member>> {
         let (tx, rx) = watch::channel(Vec::new());
-        tokio::spawn(watch_prefix(self.cfg.clone(), self.cfg.prefix(role), tx));
+        tokio::spawn(watch_prefix(
+            self.cfg.clone(),
+            self.cfg.prefix(role),
+            role.name(),
+            tx,
+        ));
         rx
     }
 }
@@ -104,8 +114,14 @@ impl EtcdRegistration {
     }
 }
 
+/// Counts a failed etcd operation (`op`: keepalive, register, watch, revoke).
+fn etcd_error(op: &'static str) {
+    metrics::counter!(names::ETCD_ERRORS, "op" => op).increment(1);
+}
+
 async fn keep_alive(
     cfg: RegistryConfig,
+    role: &'static str,
     mut client: Client,
     key: String,
     value: String,
@@ -121,6 +137,7 @@ async fn keep_alive(
         }
         match renew(&mut client, lease).await {
             Ok(true) => {
+                metrics::counter!(names::LEASE_RENEWALS, "role" => role).increment(1);
                 if !healthy {
                     tracing::info!(%key, "etcd reachable again; lease still valid");
                 }
@@ -135,12 +152,14 @@ async fn keep_alive(
                         healthy = true;
                     }
                     Err(e) => {
+                        etcd_error("register");
                         tracing::warn!(%key, error = %e, "re-registering failed; retrying");
                         healthy = false;
                     }
                 }
             }
             Err(e) => {
+                etcd_error("keepalive");
                 if healthy {
                     tracing::warn!(%key, error = %e, "lease keep-alive failed; retrying");
                 }
@@ -154,7 +173,10 @@ async fn keep_alive(
     // Revoke first so watchers drop us at once instead of after the TTL.
     match client.lease_revoke(lease).await {
         Ok(_) => tracing::info!(%key, "deregistered"),
-        Err(e) => tracing::warn!(%key, error = %e, "revoking the lease failed; it will expire"),
+        Err(e) => {
+            etcd_error("revoke");
+            tracing::warn!(%key, error = %e, "revoking the lease failed; it will expire")
+        }
     }
 }
 
@@ -183,7 +205,13 @@ fn parse(kv: &etcd_client::KeyValue) -> Option<(String, Member)> {
     }
 }
 
-async fn watch_prefix(cfg: RegistryConfig, prefix: String, tx: watch::Sender<Vec<Member>>) {
+async fn watch_prefix(
+    cfg: RegistryConfig,
+    prefix: String,
+    role: &'static str,
+    tx: watch::Sender<Vec<Member>>,
+) {
+    let members_gauge = metrics::gauge!(names::REGISTRY_MEMBERS, "role" => role);
     let mut members: BTreeMap<String, Member> = BTreeMap::new();
     let mut revision: Option<i64> = None;
     let mut logged_down = false;
@@ -199,6 +227,7 @@ async fn watch_prefix(cfg: RegistryConfig, prefix: String, tx: watch::Sender<Vec
                     .await?;
                 members = resp.kvs().iter().filter_map(parse).collect();
                 revision = resp.header().map(|h| h.revision());
+                members_gauge.set(members.len() as f64);
                 let _ = tx.send(members.values().cloned().collect());
             }
             let start = revision.unwrap_or(0) + 1;
@@ -235,11 +264,15 @@ async fn watch_prefix(cfg: RegistryConfig, prefix: String, tx: watch::Sender<Vec
                 if let Some(h) = resp.header() {
                     revision = Some(h.revision());
                 }
+                members_gauge.set(members.len() as f64);
                 let _ = tx.send(members.values().cloned().collect());
             }
             Ok(())
         }
         .await;
+        if result.is_err() {
+            etcd_error("watch");
+        }
         if let Err(e) = result
             && !logged_down
         {

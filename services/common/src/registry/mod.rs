@@ -23,6 +23,14 @@ pub enum Role {
 }
 
 impl Role {
+    /// The role's name (`gate`, `expert`), as in metric labels and the ready line.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Role::Gate => "gate",
+            Role::Expert => "expert",
+        }
+    }
+
     pub fn key_segment(&self) -> &'static str {
         match self {
             Role::Gate => "gates",

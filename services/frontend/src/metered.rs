@@ -1,0 +1,91 @@
+//! Request metrics from the response stream itself: every Generate stream passes through
+//! [`Metered`], which sees each token as it goes to the client (time to first token,
+//! inter-token latency, tokens generated) and the stream's end (requests by final status).
+//! Watching the stream, not the step loop, counts every way a request can end in one place:
+//! finished, failed on a gate, rerouted and failed, or abandoned by its client.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use futures::Stream;
+use moemesh_common::metrics::{code_label, names};
+use moemesh_proto::v1::{FinishReason, GenerateResponse};
+use tonic::Status;
+
+/// Counts a Generate call that ended with `code`.
+pub fn count_request(code: tonic::Code) {
+    metrics::counter!(names::REQUESTS, "code" => code_label(code)).increment(1);
+}
+
+pub struct Metered<S> {
+    inner: S,
+    /// When the request arrived.
+    start: Instant,
+    /// When the previous token went out.
+    last: Option<Instant>,
+    /// Whether the final status has been counted.
+    done: bool,
+}
+
+impl<S> Metered<S> {
+    pub fn new(inner: S, start: Instant) -> Self {
+        Metered {
+            inner,
+            start,
+            last: None,
+            done: false,
+        }
+    }
+
+    fn finish(&mut self, code: tonic::Code) {
+        if !self.done {
+            self.done = true;
+            count_request(code);
+        }
+    }
+}
+
+impl<S> Stream for Metered<S>
+where
+    S: Stream<Item = Result<GenerateResponse, Status>> + Unpin,
+{
+    type Item = Result<GenerateResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let item = std::task::ready!(Pin::new(&mut self.inner).poll_next(cx));
+        match &item {
+            Some(Ok(msg)) => {
+                let now = Instant::now();
+                if !msg.token_ids.is_empty() {
+                    match self.last {
+                        None => metrics::histogram!(names::TTFT)
+                            .record(now.duration_since(self.start).as_secs_f64()),
+                        Some(prev) => metrics::histogram!(names::ITL)
+                            .record(now.duration_since(prev).as_secs_f64()),
+                    }
+                    self.last = Some(now);
+                    metrics::counter!(names::TOKENS_GENERATED)
+                        .increment(msg.token_ids.len() as u64);
+                }
+                if msg.finish_reason != FinishReason::Unspecified as i32 {
+                    self.finish(tonic::Code::Ok);
+                }
+            }
+            Some(Err(status)) => {
+                let code = status.code();
+                self.finish(code);
+            }
+            // The sender went away without a final message (the frontend is stopping).
+            None => self.finish(tonic::Code::Unavailable),
+        }
+        Poll::Ready(item)
+    }
+}
+
+impl<S> Drop for Metered<S> {
+    fn drop(&mut self) {
+        // Dropped before its end: the client went away.
+        self.finish(tonic::Code::Cancelled);
+    }
+}
