@@ -11,9 +11,10 @@ use candle_core::{DType, Device};
 
 use crate::error::{EngineError, Result};
 use crate::experts::ExpertShard;
+use crate::kv_cache::SequenceCache;
 use crate::model::{DeepSeekModel, StepSeq};
 use crate::model_dir::ModelFiles;
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{Sampled, Sampler, SamplingParams};
 use crate::stop::StopMatcher;
 use crate::text::{IncrementalDecoder, TextTokenizer};
 
@@ -252,7 +253,18 @@ impl InProcessEngine {
         let eos = self.eos_ids();
         let mut text = TextTracker::new(self.tokenizer.as_ref(), &req.stop)?;
         let mut sampler = Sampler::new(req.sampling);
-        let mut cache = self.model.new_cache();
+        // On a GPU with the fused kernels the decode attention reads a paged pool: give the
+        // request one of its own, sized for the prompt and every token it may generate.
+        let mut cache = match crate::cuda::gpu(self.model.device()) {
+            Some(_) => {
+                let tokens = (req.prompt_ids.len() + req.max_new_tokens).min(context);
+                let blocks = tokens.div_ceil(crate::kv_cache::BLOCK_TOKENS) + 1;
+                let pool =
+                    crate::KvPool::new(cfg, blocks, self.model.dtype(), self.model.device())?;
+                SequenceCache::paged(cfg, pool)
+            }
+            None => self.model.new_cache(),
+        };
         let mut out = GenerationOutput {
             token_ids: Vec::new(),
             logprobs: Vec::new(),
@@ -272,8 +284,15 @@ impl InProcessEngine {
             let logits = self
                 .model
                 .step_last_logits(&hidden, &mut seqs, &self.experts)?;
-            let row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
-            let s = sampler.sample(&row)?;
+            // Greedy picks happen on the GPU (a few bytes back instead of the vocabulary).
+            let device_pick = match crate::cuda::gpu(logits.device()) {
+                Some(g) if sampler.params().is_greedy() => g.argmax_logprob(&logits)?,
+                _ => None,
+            };
+            let s = match device_pick.as_deref() {
+                Some(&[(token, logprob)]) => Sampled { token, logprob },
+                _ => sampler.sample(&logits.squeeze(0)?.to_vec1::<f32>()?)?,
+            };
             if out.token_ids.is_empty() {
                 out.time_to_first_token = start.elapsed();
             }
