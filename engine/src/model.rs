@@ -148,47 +148,46 @@ impl DecoderLayer {
     /// Second half: the shared experts (computed while the routed ones were away), then the
     /// routed output, then the residual.
     pub fn ffn_finish(&self, f: FfnInFlight) -> Result<Tensor> {
-        if let Some(g) = crate::cuda::gpu(f.h.device()) {
-            // One kernel for shared + routed + residual, the routed sum kept in f32.
-            let (a, b) = match (f.work, &self.mlp) {
-                (Work::Done(y), _) => (Some(y), None),
-                (Work::Routed(pending), FeedForward::Moe(moe)) => {
-                    let shared = moe
-                        .shared_experts
-                        .as_ref()
-                        .map(|s| s.forward(&f.x))
-                        .transpose()?;
-                    (shared, Some(pending.wait()?.to_dtype(DType::F32)?))
-                }
-                (Work::Routed(pending), FeedForward::Dense(_)) => (Some(pending.wait()?), None),
-            };
-            if let Some(out) = g.residual_add(&f.h, a.as_ref(), b.as_ref())? {
-                return Ok(out);
-            }
-            let mut out = f.h;
-            for d in [a, b].into_iter().flatten() {
-                out = (out + d.to_dtype(DType::F32)?)?;
-            }
-            return Ok(out);
-        }
-        let y = match (f.work, &self.mlp) {
-            (Work::Done(y), _) => y,
+        // `part`: the dense MLP's or the shared experts' output (compute dtype); `routed`: the
+        // routed experts' weighted sum. The shared experts run before waiting for the routed.
+        let (part, routed) = match (f.work, &self.mlp) {
+            (Work::Done(y), _) => (Some(y), None),
             (Work::Routed(pending), FeedForward::Moe(moe)) => {
                 let shared = moe
                     .shared_experts
                     .as_ref()
                     .map(|s| s.forward(&f.x))
                     .transpose()?;
-                let routed = pending.wait()?.to_dtype(f.x.dtype())?;
-                match shared {
-                    Some(s) => (routed + s)?,
-                    None => routed,
-                }
+                (shared, Some(pending.wait()?))
             }
-            (Work::Routed(pending), FeedForward::Dense(_)) => pending.wait()?,
+            (Work::Routed(pending), FeedForward::Dense(_)) => (Some(pending.wait()?), None),
         };
-        Ok((f.h + y.to_dtype(DType::F32)?)?)
+        if let Some(g) = crate::cuda::gpu(f.h.device()) {
+            // One kernel for part + routed + residual, the routed sum kept in f32.
+            let routed = routed.map(|r| r.to_dtype(DType::F32)).transpose()?;
+            return match g.residual_add(&f.h, part.as_ref(), routed.as_ref())? {
+                Some(out) => Ok(out),
+                None => Ok(add_deltas(f.h, routed, part, f.x.dtype())?),
+            };
+        }
+        Ok(add_deltas(f.h, routed, part, f.x.dtype())?)
     }
+}
+
+/// `h + (routed + part)`, the deltas added in the compute dtype and the result in f32.
+fn add_deltas(
+    h: Tensor,
+    routed: Option<Tensor>,
+    part: Option<Tensor>,
+    dtype: DType,
+) -> candle_core::Result<Tensor> {
+    let y = match (routed, part) {
+        (Some(r), Some(p)) => (r.to_dtype(dtype)? + p)?,
+        (Some(r), None) => r.to_dtype(dtype)?,
+        (None, Some(p)) => p,
+        (None, None) => return Ok(h),
+    };
+    h + y.to_dtype(DType::F32)?
 }
 
 enum Work {

@@ -296,23 +296,8 @@ impl Gpu {
         let y = self.experts_core(
             x, gate_up, down, slots, pairs, off_p, sorted_p, routing.k, hidden, inner,
         )?;
-        let out = self.alloc(DType::F32, &[t, hidden])?;
-        self.launch(
-            "moe_combine",
-            (t as u32, hidden.div_ceil(256) as u32, 1),
-            256,
-            0,
-            &[
-                Arg::Ptr(self.ptr(&y)?),
-                i32_arg(hidden, "hidden size")?,
-                Arg::Ptr(self.ptr(&pos)?),
-                Arg::Ptr(self.ptr(&routing.weights)?),
-                Arg::Ptr(0),
-                i32_arg(routing.k, "top-k")?,
-                Arg::Ptr(self.ptr(&out)?),
-            ],
-        )?;
-        Ok(Some(out))
+        let (pos, w) = (self.ptr(&pos)?, self.ptr(&routing.weights)?);
+        Ok(Some(self.combine(&y, t, hidden, pos, w, 0, routing.k)?))
     }
 
     /// Routed experts for host-built assignments (an expert worker's request) → `[T, hidden]` f32.
@@ -339,6 +324,23 @@ impl Gpu {
         let y = self.experts_core(
             x, gate_up, down, a.slots, a.pairs, offsets, sorted, 1, hidden, inner,
         )?;
+        let w = self.ptr(&a.weights)?;
+        Ok(Some(self.combine(&y, t, hidden, entry_pos, w, row_ptr, 0)?))
+    }
+
+    /// `out[t] = Σ_j w[j] · y[pos[j]]` over token t's entries, in entry order (f32): entries
+    /// `t·k..t·k+k` when `row_ptr` is 0, else `row_ptr[t]..row_ptr[t+1]`.
+    #[allow(clippy::too_many_arguments)]
+    fn combine(
+        &self,
+        y: &Tensor,
+        t: usize,
+        hidden: usize,
+        pos: u64,
+        w: u64,
+        row_ptr: u64,
+        k: usize,
+    ) -> Result<Tensor> {
         let out = self.alloc(DType::F32, &[t, hidden])?;
         self.launch(
             "moe_combine",
@@ -346,15 +348,15 @@ impl Gpu {
             256,
             0,
             &[
-                Arg::Ptr(self.ptr(&y)?),
+                Arg::Ptr(self.ptr(y)?),
                 i32_arg(hidden, "hidden size")?,
-                Arg::Ptr(entry_pos),
-                Arg::Ptr(self.ptr(&a.weights)?),
+                Arg::Ptr(pos),
+                Arg::Ptr(w),
                 Arg::Ptr(row_ptr),
-                Arg::I32(0),
+                i32_arg(k, "top-k")?,
                 Arg::Ptr(self.ptr(&out)?),
             ],
         )?;
-        Ok(Some(out))
+        Ok(out)
     }
 }

@@ -57,6 +57,53 @@ struct Check {
     passed: bool,
 }
 
+impl Check {
+    fn new(fixture: &str, path: &'static str, dtype: &str) -> Self {
+        Check {
+            fixture: fixture.to_string(),
+            path,
+            dtype: dtype.to_string(),
+            min_cosine: 1.0,
+            worst_position: 1.0,
+            max_abs: 0.0,
+            greedy_equal: 0,
+            greedy_compared: 0,
+            passed: true,
+        }
+    }
+
+    /// Adds one prompt: its logits against the reference's, and its greedy tokens against the
+    /// reference's up to `comparable` of them.
+    fn add_prompt(
+        &mut self,
+        got: &Tensor,
+        want: &Tensor,
+        generated: &[u32],
+        expected: &[u32],
+        comparable: usize,
+    ) -> anyhow::Result<()> {
+        let (cos, worst, max_abs) = compare(got, want)?;
+        if !cos.is_finite() || !worst.is_finite() || !max_abs.is_finite() {
+            self.passed = false;
+        }
+        self.min_cosine = self.min_cosine.min(cos);
+        self.worst_position = self.worst_position.min(worst);
+        self.max_abs = self.max_abs.max(max_abs);
+        let equal = generated
+            .iter()
+            .zip(expected)
+            .take(comparable)
+            .take_while(|(a, b)| a == b)
+            .count();
+        self.greedy_equal += equal;
+        self.greedy_compared += comparable;
+        if equal < comparable {
+            self.passed = false;
+        }
+        Ok(())
+    }
+}
+
 pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
     let device = moemesh_common::device::parse_device(&args.device)?;
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(&args.fixtures)
@@ -158,29 +205,12 @@ fn check(
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let mut c = Check {
-        fixture: fixture.clone(),
-        path: "prefill",
-        dtype: dtype_name.to_string(),
-        min_cosine: 1.0,
-        worst_position: 1.0,
-        max_abs: 0.0,
-        greedy_equal: 0,
-        greedy_compared: 0,
-        passed: true,
-    };
+    let mut c = Check::new(&fixture, "prefill", dtype_name);
     let mut paged_inputs = Vec::new();
     for (p, prompt) in prompts.iter().enumerate() {
         let ids = ids_of(&format!("prompt{p}.input_ids"))?;
         let want = get(&format!("prompt{p}.logits"))?;
         let got = full_logits(&engine, &ids)?;
-        let (cos, worst, max_abs) = compare(&got, want)?;
-        if !cos.is_finite() || !worst.is_finite() || !max_abs.is_finite() {
-            c.passed = false;
-        }
-        c.min_cosine = c.min_cosine.min(cos);
-        c.worst_position = c.worst_position.min(worst);
-        c.max_abs = c.max_abs.max(max_abs);
 
         let expected = ids_of(&format!("prompt{p}.greedy_tokens"))?;
         let margins: Vec<f64> = prompt["greedy_top1_minus_top2_logit"]
@@ -211,18 +241,7 @@ fn check(
             ignore_eos: true,
         };
         let out = engine.generate(&req, &mut |_| true)?;
-        let equal = out
-            .token_ids
-            .iter()
-            .zip(&expected)
-            .take(comparable)
-            .take_while(|(a, b)| a == b)
-            .count();
-        c.greedy_equal += equal;
-        c.greedy_compared += comparable;
-        if equal < comparable {
-            c.passed = false;
-        }
+        c.add_prompt(&got, want, &out.token_ids, &expected, comparable)?;
     }
     let mut paged = paged_check(&engine, &paged_inputs)?;
     paged.fixture = fixture;
@@ -323,39 +342,12 @@ fn paged_check(engine: &InProcessEngine, prompts: &[PagedPrompt]) -> anyhow::Res
             }
         }
     }
-    let mut c = Check {
-        fixture: String::new(),
-        path: "paged",
-        dtype: String::new(),
-        min_cosine: 1.0,
-        worst_position: 1.0,
-        max_abs: 0.0,
-        greedy_equal: 0,
-        greedy_compared: 0,
-        passed: true,
-    };
+    let mut c = Check::new("", "paged", "");
     for (i, p) in prompts.iter().enumerate() {
         let vocab = rows[i].first().map_or(0, |r| r.len());
         let flat: Vec<f32> = rows[i].iter().flatten().copied().collect();
         let got = Tensor::from_vec(flat, (rows[i].len(), vocab), &Device::Cpu)?;
-        let (cos, worst, max_abs) = compare(&got, &p.want)?;
-        if !cos.is_finite() || !worst.is_finite() || !max_abs.is_finite() {
-            c.passed = false;
-        }
-        c.min_cosine = c.min_cosine.min(cos);
-        c.worst_position = c.worst_position.min(worst);
-        c.max_abs = c.max_abs.max(max_abs);
-        let equal = generated[i]
-            .iter()
-            .zip(&p.expected)
-            .take(p.comparable)
-            .take_while(|(a, b)| a == b)
-            .count();
-        c.greedy_equal += equal;
-        c.greedy_compared += p.comparable;
-        if equal < p.comparable {
-            c.passed = false;
-        }
+        c.add_prompt(&got, &p.want, &generated[i], &p.expected, p.comparable)?;
     }
     Ok(c)
 }
