@@ -65,6 +65,11 @@ fi
 if [[ $MODE != --bench ]]; then
     echo "== verify: fixtures against HF transformers (f32 reference)"
     "$BIN" verify --device cuda:0 --dtype f32,bf16 | tee "$OUT/verify.txt" || status=1
+    if $PY -c "import torch, transformers" 2>/dev/null; then
+        echo "== HF transformers itself in f32 and bf16 against the same references (for comparison)"
+        $PY scripts/bench/hf_bf16_reference.py tests/fixtures --json "$OUT/hf_bf16.json" 2>"$OUT/hf_bf16.err" \
+            | tee "$OUT/hf_bf16.txt" || tail -5 "$OUT/hf_bf16.err"
+    fi
     if command -v compute-sanitizer >/dev/null; then
         echo "== compute-sanitizer memcheck: the fused kernels on one fixture (f32)"
         mkdir -p "$OUT/one" && ln -sfn "$PWD/tests/fixtures/tiny-deepseek-v3" "$OUT/one/tiny-deepseek-v3"

@@ -20,6 +20,7 @@ pub mod kv_pool;
 pub mod layers;
 pub mod model;
 pub mod model_dir;
+pub mod near_ties;
 pub mod router;
 pub mod sampling;
 pub mod stop;

@@ -582,36 +582,6 @@ fn batched_decode_attention_over_the_pool_matches_single_sequences() {
     }
 }
 
-/// Records, for every token of an f32 forward, the smallest routing decision margin over the
-/// MoE layers (the router's input is the f32 normed activations, which `dispatch` receives
-/// unchanged in f32).
-struct MarginRecorder<'a> {
-    engine: &'a InProcessEngine,
-    margins: std::sync::Mutex<Vec<f32>>,
-}
-
-impl moemesh_engine::Experts for MarginRecorder<'_> {
-    fn dispatch(
-        &self,
-        layer: usize,
-        x: &Tensor,
-        routing: &moemesh_engine::Routing,
-    ) -> moemesh_engine::Result<moemesh_engine::PendingExperts> {
-        let layer_ref = &self.engine.model.layers()[layer];
-        if let moemesh_engine::model::FeedForward::Moe(moe) = &layer_ref.mlp {
-            let m = moe.router.margins(x)?;
-            let mut all = self.margins.lock().unwrap_or_else(|e| e.into_inner());
-            if all.is_empty() {
-                all.resize(m.len(), f32::INFINITY);
-            }
-            for (a, b) in all.iter_mut().zip(m) {
-                *a = a.min(b);
-            }
-        }
-        self.engine.experts.dispatch(layer, x, routing)
-    }
-}
-
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let (mut d, mut x, mut y) = (0f64, 0f64, 0f64);
     for (&p, &q) in a.iter().zip(b) {
@@ -649,21 +619,8 @@ fn bf16_logits_match_transformers_away_from_routing_near_ties() {
         let (mut worst, mut excluded, mut total) = (1f64, 0usize, 0usize);
         for p in 0..r.num_prompts() {
             let ids = r.ids(&format!("prompt{p}.input_ids"));
-            let recorder = MarginRecorder {
-                engine: &f32_engine,
-                margins: std::sync::Mutex::new(Vec::new()),
-            };
-            let model = &f32_engine.model;
-            let mut cache = model.new_cache();
-            let emb = model.embed(&ids).expect("embed");
-            let mut seqs = [StepSeq {
-                cache: &mut cache,
-                new_tokens: ids.len(),
-            }];
-            model
-                .forward_hidden(&emb, &mut seqs, &recorder, |_, _| {})
-                .expect("f32 forward");
-            let margins = recorder.margins.into_inner().expect("margins");
+            let margins =
+                moemesh_engine::near_ties::routing_margins(&f32_engine, &ids).expect("f32 margins");
             let (_, got) = full_forward(&bf16, &ids);
             let got: Vec<Vec<f32>> = got.to_vec2().expect("logits");
             let want: Vec<Vec<f32>> = r

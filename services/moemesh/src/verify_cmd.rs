@@ -3,13 +3,20 @@
 //! run by `scripts/gpu-check.sh` where there is a GPU (CI has none).
 //!
 //! Criteria, per fixture and dtype:
-//! - bf16: each prompt's logits (all positions, flattened) have cosine similarity ≥ 0.999 with
-//!   the f32 reference (bf16 activations carry ~3 significant digits, so element-wise bounds do
-//!   not apply). The worst single position is reported too: where a router score is a near-tie,
-//!   bf16 rounding can send one token to a different expert, and that position alone drops to
-//!   ~0.95–0.99 (seen on the CPU in bf16 for the V3 fixtures), as it would in any bf16 engine;
-//!   greedy tokens equal the reference's up to the first step whose top-1/top-2 margin is < 0.1
-//!   (bf16 rounding moves logits by a few hundredths; a closer call may legitimately flip).
+//! - bf16: every position's logits have cosine similarity ≥ 0.999 with the f32 reference (bf16
+//!   activations carry ~3 significant digits, so element-wise bounds do not apply), except at
+//!   routing near-ties; greedy tokens equal the reference's up to the first step whose top-1/top-2
+//!   margin is < 0.1 (bf16 rounding moves logits by a few hundredths; a closer call may
+//!   legitimately flip) or whose position is a routing near-tie.
+//!
+//!   A routing near-tie is a position whose f32 routing decision margin
+//!   ([`moemesh_engine::near_ties`], from an f32 forward on the CPU) is below [`NEAR_TIE`]:
+//!   bf16 rounding moves router logits by 0.002–0.006 on these fixtures, so such a token may go
+//!   to other experts, and its logits then drop to cosine ~0.95–0.99 — in any bf16 engine:
+//!   HF transformers itself in bf16 fails the plain criterion on the same fixtures (docs/
+//!   BENCHMARKS.md, "bf16 against the f32 reference"). At most [`MAX_NEAR_TIE_SHARE`] of the
+//!   positions may be near-ties, so the check cannot pass by leaving everything out. The plain
+//!   figures (cosine of all positions flattened, worst position) are printed beside it.
 //! - f32: max-abs logit error ≤ 1e-3 (the CPU tests' bound) and greedy tokens equal up to the
 //!   first margin < 1e-3.
 //!
@@ -27,6 +34,15 @@ use clap::Args;
 use moemesh_engine::{
     DType, Device, GenerationRequest, InProcessEngine, ModelFiles, SamplingParams, StepSeq, Tensor,
 };
+
+/// Below this f32 routing margin (router-logit units) a bf16 position is a near-tie: 4× the
+/// largest margin seen to flip under bf16 rounding on the fixtures (0.005).
+const NEAR_TIE: f32 = 0.02;
+/// At most this share of a check's positions may be near-ties (V2-Lite's softmax top-6 of 16
+/// has many close calls: 14 of 58 positions).
+const MAX_NEAR_TIE_SHARE: f64 = 0.4;
+/// Per-position cosine bound in bf16, away from near-ties (measured ≥ 0.9998 on the CPU).
+const MIN_COSINE: f64 = 0.999;
 
 #[derive(Args, Debug)]
 pub struct VerifyArgs {
@@ -51,6 +67,12 @@ struct Check {
     dtype: String,
     min_cosine: f64,
     worst_position: f64,
+    /// The worst position's cosine leaving routing near-ties out (bf16 only).
+    worst_away: f64,
+    near_ties: usize,
+    positions: usize,
+    /// Prompts whose greedy comparison ended at a difference on a near-tie step.
+    greedy_stopped_at_tie: usize,
     max_abs: f32,
     greedy_equal: usize,
     greedy_compared: usize,
@@ -65,6 +87,10 @@ impl Check {
             dtype: dtype.to_string(),
             min_cosine: 1.0,
             worst_position: 1.0,
+            worst_away: 1.0,
+            near_ties: 0,
+            positions: 0,
+            greedy_stopped_at_tie: 0,
             max_abs: 0.0,
             greedy_equal: 0,
             greedy_compared: 0,
@@ -72,36 +98,62 @@ impl Check {
         }
     }
 
-    /// Adds one prompt: its logits against the reference's, and its greedy tokens against the
-    /// reference's up to `comparable` of them.
+    /// Adds one prompt: its logits against the reference's (near-tie positions are left out of
+    /// `worst_away`), and its greedy tokens against the reference's up to `comparable` of them
+    /// or up to a first difference at a near-tie step, whichever comes first.
     fn add_prompt(
         &mut self,
         got: &Tensor,
         want: &Tensor,
+        ties: &Ties,
         generated: &[u32],
         expected: &[u32],
         comparable: usize,
     ) -> anyhow::Result<()> {
-        let (cos, worst, max_abs) = compare(got, want)?;
-        if !cos.is_finite() || !worst.is_finite() || !max_abs.is_finite() {
+        let c = compare(got, want)?;
+        if !c.flat.is_finite() || c.rows.iter().any(|r| !r.is_finite()) || !c.max_abs.is_finite() {
             self.passed = false;
         }
-        self.min_cosine = self.min_cosine.min(cos);
-        self.worst_position = self.worst_position.min(worst);
-        self.max_abs = self.max_abs.max(max_abs);
+        self.min_cosine = self.min_cosine.min(c.flat);
+        for (t, &row) in c.rows.iter().enumerate() {
+            self.worst_position = self.worst_position.min(row);
+            self.positions += 1;
+            if ties.prompt.get(t).copied().unwrap_or(false) {
+                self.near_ties += 1;
+            } else {
+                self.worst_away = self.worst_away.min(row);
+            }
+        }
+        self.max_abs = self.max_abs.max(c.max_abs);
         let equal = generated
             .iter()
             .zip(expected)
             .take(comparable)
             .take_while(|(a, b)| a == b)
             .count();
+        // A first difference where the routing was a near-tie ends the comparison there.
+        let compared = if equal < comparable && ties.steps.get(equal).copied().unwrap_or(false) {
+            self.greedy_stopped_at_tie += 1;
+            equal
+        } else {
+            comparable
+        };
         self.greedy_equal += equal;
-        self.greedy_compared += comparable;
-        if equal < comparable {
+        self.greedy_compared += compared;
+        if equal < compared {
             self.passed = false;
         }
         Ok(())
     }
+}
+
+/// Routing near-ties of one prompt (all false in f32, where none are excused).
+#[derive(Clone)]
+struct Ties {
+    /// Per prompt position.
+    prompt: Vec<bool>,
+    /// Per greedy step of the reference continuation (the position that decides it).
+    steps: Vec<bool>,
 }
 
 pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
@@ -130,8 +182,11 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
                         "{}",
                         serde_json::json!({"fixture": c.fixture, "path": c.path, "device": args.device, "dtype": c.dtype,
                         "min_cosine": c.min_cosine, "worst_position_cosine": c.worst_position,
+                        "worst_position_cosine_away_from_near_ties": c.worst_away,
+                        "routing_near_ties": c.near_ties, "positions": c.positions,
                         "max_abs": c.max_abs,
                         "greedy_equal": c.greedy_equal, "greedy_compared": c.greedy_compared,
+                        "greedy_stopped_at_near_tie": c.greedy_stopped_at_tie,
                         "passed": c.passed})
                     );
                 }
@@ -145,17 +200,28 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
             args.device
         );
         println!(
-            "{:<24}{:>8}{:>6}{:>12}{:>12}{:>12}{:>16}{:>8}",
-            "fixture", "path", "dtype", "cos", "worst pos", "max |Δ|", "greedy equal", "result"
+            "{:<24}{:>8}{:>6}{:>10}{:>11}{:>11}{:>11}{:>10}{:>14}{:>8}",
+            "fixture",
+            "path",
+            "dtype",
+            "cos",
+            "worst pos",
+            "near-ties",
+            "worst away",
+            "max |Δ|",
+            "greedy equal",
+            "result"
         );
         for c in &checks {
             println!(
-                "{:<24}{:>8}{:>6}{:>12.6}{:>12.6}{:>12.2e}{:>16}{:>8}",
+                "{:<24}{:>8}{:>6}{:>10.6}{:>11.6}{:>11}{:>11.6}{:>10.2e}{:>14}{:>8}",
                 c.fixture,
                 c.path,
                 c.dtype,
                 c.min_cosine,
                 c.worst_position,
+                format!("{}/{}", c.near_ties, c.positions),
+                c.worst_away,
                 c.max_abs,
                 format!("{}/{}", c.greedy_equal, c.greedy_compared),
                 if c.passed { "pass" } else { "FAIL" }
@@ -201,6 +267,12 @@ fn check(
     } else {
         (0.1, false)
     };
+    // Routing margins come from the exact computation: f32 on the CPU, whatever is checked.
+    let f32_cpu = if exact {
+        None
+    } else {
+        Some(InProcessEngine::load(&files, &Device::Cpu, DType::F32)?)
+    };
     let fixture = dir
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
@@ -224,7 +296,28 @@ fn check(
             .position(|&m| m < margin_floor)
             .unwrap_or(expected.len())
             .min(expected.len());
+        let mut ties = Ties {
+            prompt: vec![false; ids.len()],
+            steps: vec![false; expected.len()],
+        };
+        if let Some(f32_cpu) = &f32_cpu {
+            // Over the prompt and the reference continuation: greedy step s is decided at
+            // position len - 1 + s, as long as the tokens before it equal the reference's.
+            let mut seq = ids.clone();
+            seq.extend_from_slice(&expected);
+            let routing = moemesh_engine::near_ties::routing_margins(f32_cpu, &seq)?;
+            let tie: Vec<bool> = routing.iter().map(|&m| m < NEAR_TIE).collect();
+            ties.prompt.copy_from_slice(&tie[..ids.len()]);
+            for (s, t) in ties.steps.iter_mut().enumerate() {
+                *t = (ids.len() + s)
+                    .checked_sub(1)
+                    .and_then(|p| tie.get(p))
+                    .copied()
+                    .unwrap_or(false);
+            }
+        }
         paged_inputs.push(PagedPrompt {
+            ties: ties.clone(),
             ids: ids.clone(),
             want: want.clone(),
             expected: expected.clone(),
@@ -241,7 +334,7 @@ fn check(
             ignore_eos: true,
         };
         let out = engine.generate(&req, &mut |_| true)?;
-        c.add_prompt(&got, want, &out.token_ids, &expected, comparable)?;
+        c.add_prompt(&got, want, &ties, &out.token_ids, &expected, comparable)?;
     }
     let mut paged = paged_check(&engine, &paged_inputs)?;
     paged.fixture = fixture;
@@ -251,7 +344,8 @@ fn check(
         if exact {
             c.passed &= c.max_abs <= 1e-3;
         } else {
-            c.passed &= c.min_cosine >= 0.999;
+            c.passed &= c.worst_away >= MIN_COSINE
+                && c.near_ties as f64 <= MAX_NEAR_TIE_SHARE * c.positions as f64;
         }
     }
     Ok(out)
@@ -261,6 +355,7 @@ struct PagedPrompt {
     ids: Vec<u32>,
     /// `[len, vocab]`, the reference logits at every prompt position.
     want: Tensor,
+    ties: Ties,
     expected: Vec<u32>,
     /// How many of `expected` are compared (up to the first small reference margin).
     comparable: usize,
@@ -347,7 +442,14 @@ fn paged_check(engine: &InProcessEngine, prompts: &[PagedPrompt]) -> anyhow::Res
         let vocab = rows[i].first().map_or(0, |r| r.len());
         let flat: Vec<f32> = rows[i].iter().flatten().copied().collect();
         let got = Tensor::from_vec(flat, (rows[i].len(), vocab), &Device::Cpu)?;
-        c.add_prompt(&got, &p.want, &generated[i], &p.expected, p.comparable)?;
+        c.add_prompt(
+            &got,
+            &p.want,
+            &p.ties,
+            &generated[i],
+            &p.expected,
+            p.comparable,
+        )?;
     }
     Ok(c)
 }
@@ -365,15 +467,21 @@ fn full_logits(engine: &InProcessEngine, ids: &[u32]) -> anyhow::Result<Tensor> 
     Ok(model.logits(&out)?.to_device(&Device::Cpu)?)
 }
 
-/// (cosine similarity of the flattened logits, the smallest cosine of one row, max-abs
-/// difference).
-fn compare(got: &Tensor, want: &Tensor) -> anyhow::Result<(f64, f64, f32)> {
+struct Comparison {
+    /// Cosine similarity of the flattened logits.
+    flat: f64,
+    /// Each position's cosine similarity.
+    rows: Vec<f64>,
+    max_abs: f32,
+}
+
+fn compare(got: &Tensor, want: &Tensor) -> anyhow::Result<Comparison> {
     let got: Vec<Vec<f32>> = got.to_vec2()?;
     let want: Vec<Vec<f32>> = want.to_dtype(DType::F32)?.to_vec2()?;
     if got.len() != want.len() {
         bail!("{} logit rows, reference has {}", got.len(), want.len());
     }
-    let mut min_cos = 1f64;
+    let mut rows = Vec::with_capacity(got.len());
     let mut max_abs = 0f32;
     let (mut all_dot, mut all_gg, mut all_ww) = (0f64, 0f64, 0f64);
     for (g, w) in got.iter().zip(&want) {
@@ -384,13 +492,13 @@ fn compare(got: &Tensor, want: &Tensor) -> anyhow::Result<(f64, f64, f32)> {
             ww += b as f64 * b as f64;
             max_abs = max_abs.max((a - b).abs());
         }
-        let cos = dot / (gg.sqrt() * ww.sqrt()).max(f64::MIN_POSITIVE);
-        if !cos.is_finite() {
-            return Ok((f64::NAN, f64::NAN, f32::NAN));
-        }
-        min_cos = min_cos.min(cos);
+        rows.push(dot / (gg.sqrt() * ww.sqrt()).max(f64::MIN_POSITIVE));
         (all_dot, all_gg, all_ww) = (all_dot + dot, all_gg + gg, all_ww + ww);
     }
-    let all = all_dot / (all_gg.sqrt() * all_ww.sqrt()).max(f64::MIN_POSITIVE);
-    Ok((all, min_cos, max_abs))
+    let flat = all_dot / (all_gg.sqrt() * all_ww.sqrt()).max(f64::MIN_POSITIVE);
+    Ok(Comparison {
+        flat,
+        rows,
+        max_abs,
+    })
 }
