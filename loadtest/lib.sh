@@ -20,6 +20,8 @@ moemesh_bin() {
 start_mesh() {
   local logdir="$1"; shift
   mkdir -p "$logdir"
+  # Emptied here, not by the background job's redirection, so no earlier run's line is read.
+  : >"$logdir/up.out"
   "$(moemesh_bin)" up --listen 127.0.0.1:0 "$@" >"$logdir/up.out" 2>"$logdir/up.err" &
   MESH_PID=$!
   local waited=0
@@ -30,7 +32,7 @@ start_mesh() {
       tail -20 "$logdir/up.err" >&2
       return 1
     fi
-    MESH_ADDR=$(sed -n 's/.*"role":"up","address":"\([^"]*\)".*/\1/p' "$logdir/up.out" | head -1)
+    MESH_ADDR=$(grep '"role":"up"' "$logdir/up.out" | grep -o '"address":"[^"]*"' | cut -d'"' -f4 | head -1)
     if [[ -z "$MESH_ADDR" ]]; then
       (( waited++ < 3000 )) || { echo "moemesh up not ready after 5 minutes" >&2; stop_mesh; return 1; }
       sleep 0.1

@@ -149,12 +149,18 @@ fn kubernetes_manifests_and_compose_files_validate_offline() {
     eprintln!("{stdout}");
     // Every kustomization was rendered and checked (a renderer is on this kind of machine), and
     // both Compose files; a silently skipped part would not print its line.
-    let rendered = stdout.lines().filter(|l| l.starts_with("ok   k8s/")).count();
+    let rendered = stdout
+        .lines()
+        .filter(|l| l.starts_with("ok   k8s/"))
+        .count();
     if stdout.contains("NOT rendered") {
         eprintln!("*** kustomize/kubectl missing: only k8s/base's files were checked ***");
     } else {
         assert_eq!(rendered, 4, "expected base and three overlays:\n{stdout}");
     }
     assert!(stdout.contains("checked compose/compose.yaml"), "{stdout}");
-    assert!(stdout.contains("checked compose/compose.gpu.yaml"), "{stdout}");
+    assert!(
+        stdout.contains("checked compose/compose.gpu.yaml"),
+        "{stdout}"
+    );
 }

@@ -411,7 +411,8 @@ fn same_model(
     mut all: watch::Receiver<Vec<Member>>,
     fingerprint: String,
 ) -> watch::Receiver<Vec<Member>> {
-    let split = move |list: &[Member], refused: &mut std::collections::HashSet<(String, String)>| {
+    let split = move |list: &[Member],
+                      refused: &mut std::collections::HashSet<(String, String)>| {
         let mut keep = Vec::new();
         for m in list {
             if m.fingerprint == fingerprint {

@@ -190,7 +190,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    if args.concurrency() == 0 || args.requests() == 0 || args.prompt_len == 0 || args.output_len == 0
+    if args.concurrency() == 0
+        || args.requests() == 0
+        || args.prompt_len == 0
+        || args.output_len == 0
     {
         bail!("--concurrency, --requests, --prompt-len and --output-len must all be at least 1");
     }

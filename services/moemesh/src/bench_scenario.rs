@@ -227,9 +227,9 @@ async fn call(
             None => body.await,
             Some((limit, is_stream_cut)) => match tokio::time::timeout(limit, body).await {
                 Ok(outcome) => outcome,
-                Err(_) if is_stream_cut => Err(Status::cancelled(
-                    "context canceled (stream-call-duration)",
-                )),
+                Err(_) if is_stream_cut => {
+                    Err(Status::cancelled("context canceled (stream-call-duration)"))
+                }
                 Err(_) => Err(Status::deadline_exceeded("context deadline exceeded")),
             },
         }

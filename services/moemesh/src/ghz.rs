@@ -172,7 +172,10 @@ pub struct Plan {
     pub requests: Vec<GenerateRequest>,
     /// The scenario's `data`, echoed in the report's options.
     pub data: serde_json::Value,
-    pub metadata: Vec<(tonic::metadata::AsciiMetadataKey, tonic::metadata::AsciiMetadataValue)>,
+    pub metadata: Vec<(
+        tonic::metadata::AsciiMetadataKey,
+        tonic::metadata::AsciiMetadataValue,
+    )>,
     pub total: u64,
     pub concurrency: u64,
     pub connections: u64,
@@ -211,6 +214,11 @@ impl Scenario {
 
     /// Checks every field and decodes `data` into GenerateRequests. Errors name the field.
     pub fn plan(self, o: Overrides) -> anyhow::Result<Plan> {
+        if self.proto.is_some() || self.protoset.is_some() || !self.import_paths.is_empty() {
+            eprintln!(
+                "moemesh bench: proto, protoset and import-paths are not read; the schema is compiled in"
+            );
+        }
         if !GENERATE_CALLS.contains(&self.call.as_str()) {
             bail!(
                 "call: moemesh bench drives only {}, not {:?}",
@@ -227,7 +235,9 @@ impl Scenario {
             && f != "json"
             && f != "pretty"
         {
-            bail!("format: moemesh bench writes only ghz's JSON report (json or pretty), not {f:?}");
+            bail!(
+                "format: moemesh bench writes only ghz's JSON report (json or pretty), not {f:?}"
+            );
         }
         let duration_stop = match self.duration_stop.as_deref() {
             None | Some("close") => DurationStop::Close,
@@ -409,7 +419,10 @@ fn histogram(sorted: &[Duration]) -> serde_json::Value {
     let mut counts = vec![0usize; marks.len()];
     for d in sorted {
         let s = d.as_secs_f64();
-        let bucket = marks.iter().position(|&m| s <= m).unwrap_or(marks.len() - 1);
+        let bucket = marks
+            .iter()
+            .position(|&m| s <= m)
+            .unwrap_or(marks.len() - 1);
         counts[bucket] += 1;
     }
     marks
@@ -508,7 +521,7 @@ pub fn report(
             "timeout": plan.timeout.map_or(0, nanos),
             "dial-timeout": nanos(plan.connect_timeout),
             "data": plan.data,
-            "metadata": plan.metadata.iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_string())).collect::<BTreeMap<_, _>>(),
+            "metadata": plan.metadata.iter().map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or_default().to_string())).collect::<BTreeMap<_, _>>(),
             "binary": false,
             "CPUs": std::thread::available_parallelism().map_or(1, |n| n.get()),
             "name": plan.name,
@@ -586,20 +599,27 @@ mod tests {
             ],
         }))
         .expect("valid");
-        assert_eq!((plan.total, plan.concurrency, plan.connections), (200, 50, 1));
+        assert_eq!(
+            (plan.total, plan.concurrency, plan.connections),
+            (200, 50, 1)
+        );
         assert_eq!(plan.timeout, Some(Duration::from_secs(20)));
         assert_eq!(plan.duration_stop, DurationStop::Close);
         assert_eq!(plan.requests.len(), 2);
         let stopping = plan.requests[0].stopping.clone().expect("stopping");
-        assert_eq!((stopping.max_new_tokens, stopping.ignore_eos), (Some(8), true));
-        assert_eq!(plan.requests[1].sampling.as_ref().and_then(|s| s.seed), Some(42));
+        assert_eq!(
+            (stopping.max_new_tokens, stopping.ignore_eos),
+            (Some(8), true)
+        );
+        assert_eq!(
+            plan.requests[1].sampling.as_ref().and_then(|s| s.seed),
+            Some(42)
+        );
     }
 
     #[test]
     fn scenario_errors_name_the_field() {
-        let base = || {
-            serde_json::json!({"call": "moemesh.v1.Generation.Generate", "insecure": true, "data": {"prompt": "x"}})
-        };
+        let base = || serde_json::json!({"call": "moemesh.v1.Generation.Generate", "insecure": true, "data": {"prompt": "x"}});
         let err = |mut patch: serde_json::Value| {
             let mut v = base();
             v.as_object_mut()
@@ -643,7 +663,13 @@ mod tests {
             error: Some((tonic::Code::ResourceExhausted, "at capacity".into())),
             ..ok(1)
         });
-        let r = report(&plan, &results, Duration::from_secs(2), EndReason::Normal, at);
+        let r = report(
+            &plan,
+            &results,
+            Duration::from_secs(2),
+            EndReason::Normal,
+            at,
+        );
         assert_eq!(r["count"], 11);
         assert_eq!(r["statusCodeDistribution"]["OK"], 10);
         assert_eq!(r["statusCodeDistribution"]["ResourceExhausted"], 1);
