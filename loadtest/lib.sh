@@ -32,7 +32,7 @@ start_mesh() {
       tail -20 "$logdir/up.err" >&2
       return 1
     fi
-    MESH_ADDR=$(grep '"role":"up"' "$logdir/up.out" | grep -o '"address":"[^"]*"' | cut -d'"' -f4 | head -1)
+    MESH_ADDR=$(grep '"role":"up"' "$logdir/up.out" | grep -o '"address":"[^"]*"' | cut -d'"' -f4 | head -1 || true)
     if [[ -z "$MESH_ADDR" ]]; then
       (( waited++ < 3000 )) || { echo "moemesh up not ready after 5 minutes" >&2; stop_mesh; return 1; }
       sleep 0.1
