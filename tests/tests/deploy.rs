@@ -1,12 +1,14 @@
 //! deploy/: the Prometheus alert rules pass `promtool check rules` and their unit tests
-//! (`promtool test rules`), and the rules and the Grafana dashboard name only metrics that the
-//! services export.
+//! (`promtool test rules`), the rules and the Grafana dashboard name only metrics that the
+//! services export, and the Kubernetes manifests and Compose files pass `deploy/validate.py`
+//! (rendered, validated against the Kubernetes, CRD and Compose schemas offline, and checked
+//! against the binary's own flags).
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use moemesh_tests::workspace_root;
+use moemesh_tests::{moemesh_bin, workspace_root};
 
 /// The metric names the services define (`services/common/src/metrics.rs`, module `names`).
 fn exported_names() -> BTreeSet<String> {
@@ -97,5 +99,68 @@ fn rules_and_dashboard_use_only_exported_metrics() {
         dashboard["panels"]
             .as_array()
             .is_some_and(|p| !p.is_empty())
+    );
+}
+
+/// The Python of the virtual environment `scripts/setup.sh --test` makes for deploy/validate.py.
+fn deploy_python() -> PathBuf {
+    let venv = std::env::var_os("MOEMESH_DEPLOY_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache")
+                });
+            cache.join("moemesh-deploy-venv")
+        });
+    venv.join("bin/python")
+}
+
+#[test]
+fn kubernetes_manifests_and_compose_files_validate_offline() {
+    let python = deploy_python();
+    if !python.is_file() {
+        // CI runs scripts/setup.sh --test first, so there a missing environment is a failure.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{} is missing: scripts/setup.sh --test installs it",
+            python.display()
+        );
+        eprintln!(
+            "\n*** SKIPPED: {} is missing, so deploy/k8s and deploy/compose are NOT checked. \
+             scripts/setup.sh --test installs it. ***\n",
+            python.display()
+        );
+        return;
+    }
+    let out = Command::new(&python)
+        .arg(workspace_root().join("deploy/validate.py"))
+        .arg("--moemesh")
+        .arg(moemesh_bin())
+        .output()
+        .expect("running deploy/validate.py");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "deploy/validate.py failed:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{stdout}");
+    // Every kustomization was rendered and checked (a renderer is on this kind of machine), and
+    // both Compose files; a silently skipped part would not print its line.
+    let rendered = stdout
+        .lines()
+        .filter(|l| l.starts_with("ok   k8s/"))
+        .count();
+    if stdout.contains("NOT rendered") {
+        eprintln!("*** kustomize/kubectl missing: only k8s/base's files were checked ***");
+    } else {
+        assert_eq!(rendered, 4, "expected base and three overlays:\n{stdout}");
+    }
+    assert!(stdout.contains("checked compose/compose.yaml"), "{stdout}");
+    assert!(
+        stdout.contains("checked compose/compose.gpu.yaml"),
+        "{stdout}"
     );
 }

@@ -46,6 +46,11 @@ pub struct FrontendConfig {
     /// Largest prompt text (or chat) in bytes.
     #[arg(long, env = "MOEMESH_MAX_PROMPT_BYTES", default_value_t = 1 << 20)]
     pub max_prompt_bytes: usize,
+    /// Most seconds to let accepted Generate streams finish after SIGTERM: the frontend turns
+    /// NOT_SERVING and stops accepting calls at once, then waits this long for the streams in
+    /// flight (keep the orchestrator's grace period above it).
+    #[arg(long, env = "MOEMESH_DRAIN_TIMEOUT", default_value_t = 30)]
+    pub drain_timeout: u64,
     #[command(flatten)]
     pub metrics: MetricsArgs,
 }

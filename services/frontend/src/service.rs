@@ -288,9 +288,12 @@ pub async fn run(
         },
         static_gates,
     )?;
-    let gates = registry
-        .watch_synced(Role::Gate, Duration::from_secs(10))
-        .await;
+    let gates = same_model(
+        registry
+            .watch_synced(Role::Gate, Duration::from_secs(10))
+            .await,
+        files.fingerprint.clone(),
+    );
     let experts = registry
         .watch_synced(Role::Expert, Duration::from_secs(10))
         .await;
@@ -359,6 +362,7 @@ pub async fn run(
     // Load shedding at the door: at most --max-pending Generate streams open at once; the permit
     // is held by each response stream until it ends.
     let max_pending = frontend.cfg.max_pending;
+    let drain_timeout = frontend.cfg.drain_timeout;
     let shed = moemesh_common::layers::InflightLimitLayer::new(
         "/moemesh.v1.Generation/Generate",
         max_pending,
@@ -384,10 +388,55 @@ pub async fn run(
     tracing::info!(address = %local, model = %files.name, "frontend serving");
     serve::announce_ready("frontend", local, "frontend", metrics_server.as_ref());
     shutdown.await;
+    // Graceful: new calls are refused (GOAWAY), accepted streams run to their end, bounded.
+    tracing::info!(
+        drain_timeout_s = drain_timeout,
+        "shutting down: draining accepted streams"
+    );
     serve::set_health(&reporter, false).await;
     let _ = stop_tx.send(());
-    let _ = serve::bounded(Duration::from_secs(5), server).await;
+    if serve::bounded(Duration::from_secs(drain_timeout), server)
+        .await
+        .is_none()
+    {
+        tracing::warn!("drain timeout: exiting with Generate streams in flight");
+    }
     Ok(())
+}
+
+/// The gates of `all` whose model fingerprint is ours, kept current. A gate serving other
+/// weights under the same registry prefix (a model version rolled in place) would decode this
+/// frontend's embeddings with the wrong model, so it is refused, and the refusal logged once.
+fn same_model(
+    mut all: watch::Receiver<Vec<Member>>,
+    fingerprint: String,
+) -> watch::Receiver<Vec<Member>> {
+    let split = move |list: &[Member],
+                      refused: &mut std::collections::HashSet<(String, String)>| {
+        let mut keep = Vec::new();
+        for m in list {
+            if m.fingerprint == fingerprint {
+                keep.push(m.clone());
+            } else if refused.insert((m.id.clone(), m.fingerprint.clone())) {
+                tracing::error!(
+                    gate = %m.id, address = %m.address, theirs = %m.fingerprint, ours = %fingerprint,
+                    "refusing a gate of a different model fingerprint"
+                );
+            }
+        }
+        keep
+    };
+    let mut refused = std::collections::HashSet::new();
+    let (tx, rx) = watch::channel(split(&all.borrow_and_update(), &mut refused));
+    tokio::spawn(async move {
+        while all.changed().await.is_ok() {
+            let list = split(&all.borrow_and_update(), &mut refused);
+            if tx.send(list).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 /// The client's `grpc-timeout` header (e.g. `500m`, `2S`), as a duration.

@@ -26,6 +26,11 @@ pub struct GateConfig {
     /// the halves compete for the same cores; `--overlap true` turns it on.
     #[arg(long, env = "MOEMESH_OVERLAP", default_value_t = false, action = clap::ArgAction::Set)]
     pub overlap: bool,
+    /// Most seconds to let running sequences finish after SIGTERM. The gate leaves the
+    /// registry first (frontends send it no new sequences) and waits until it holds none; any
+    /// left at the deadline move to another gate, re-prefilled by their frontend.
+    #[arg(long, env = "MOEMESH_DRAIN_TIMEOUT", default_value_t = 30)]
+    pub drain_timeout: u64,
     /// Seconds an expert call may take before it is retried elsewhere.
     #[arg(long, env = "MOEMESH_EXPERT_TIMEOUT", default_value_t = 30)]
     pub expert_timeout: u64,

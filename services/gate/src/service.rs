@@ -278,6 +278,7 @@ pub async fn run(
 
     let (reporter, health, reflection) = serve::health_and_reflection();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let engine = cmd_tx.clone();
     let service = GateService {
         engine: cmd_tx,
         pool: pool.clone(),
@@ -313,9 +314,18 @@ pub async fn run(
     serve::announce_ready("gate", local, &id, metrics_server.as_ref());
 
     shutdown.await;
-    tracing::info!(%id, "shutting down");
+    tracing::info!(%id, "shutting down: leaving the registry, then draining sequences");
     serve::set_health(&reporter, false).await;
     registration.deregister().await;
+    let drained = serve::bounded(Duration::from_secs(cfg.drain_timeout), async {
+        while kv_state(&engine).await.live_sequences > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    if drained.is_none() {
+        tracing::warn!("drain timeout: stopping with sequences running; their frontends move them");
+    }
     let _ = stop_tx.send(());
     let _ = serve::bounded(Duration::from_secs(5), server).await;
     Ok(())

@@ -1,6 +1,7 @@
 //! `moemesh bench`: drives `Generation.Generate` on a running mesh with C concurrent clients and
 //! reports throughput and latency: requests/s, output tokens/s, time to first token and
-//! inter-token latency (p50/p90/p99), and failures by gRPC code — as a table and as JSON.
+//! inter-token latency (p50/p90/p99), and failures by gRPC code — as a table and as JSON. With
+//! `--scenario` it runs a ghz config file instead (`bench_scenario.rs`) and writes ghz's report.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,17 +14,37 @@ use moemesh_proto::v1::generation_client::GenerationClient;
 use moemesh_proto::v1::{self, GenerateRequest, ModelInfoRequest, generate_request::Input};
 use rand::{RngExt, SeedableRng};
 
+/// The frontend `moemesh up` and `moemesh frontend` listen on by default.
+const DEFAULT_ADDR: &str = "127.0.0.1:50051";
+
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Frontend address (`host:port`).
-    #[arg(long, env = "MOEMESH_ADDR", default_value = "127.0.0.1:50051")]
-    pub addr: String,
-    /// Concurrent clients, each with one request in flight.
-    #[arg(long, default_value_t = 1)]
-    pub concurrency: usize,
-    /// Requests in total.
-    #[arg(long, default_value_t = 16)]
-    pub requests: usize,
+    /// Frontend address (`host:port`) [default: 127.0.0.1:50051, or the scenario's "host"].
+    #[arg(long, env = "MOEMESH_ADDR")]
+    pub addr: Option<String>,
+    /// A ghz JSON config file (e.g. loadtest/scenarios/short-chat.json) to run instead of the
+    /// synthetic load: its data, concurrency, total or duration, rps, timeout and stream limits
+    /// are used as ghz would, and ghz's JSON report is written (to --output, the file's
+    /// "output", or stdout) with time to first token and inter-token latency added under
+    /// "tokenMetrics". --addr, --concurrency, --requests, --rps and --duration override the
+    /// file.
+    #[arg(long, conflicts_with_all = ["in_process", "sweep", "prompt_len", "output_len", "json"])]
+    pub scenario: Option<std::path::PathBuf>,
+    /// With --scenario: where the JSON report goes.
+    #[arg(long, requires = "scenario")]
+    pub output: Option<String>,
+    /// With --scenario: most calls started per second, over all clients.
+    #[arg(long, requires = "scenario")]
+    pub rps: Option<u64>,
+    /// With --scenario: run this long (Go syntax: 45s, 2m) instead of a number of requests.
+    #[arg(long, requires = "scenario", value_parser = crate::ghz::parse_go_duration)]
+    pub duration: Option<Duration>,
+    /// Concurrent clients, each with one request in flight [default: 1, or the scenario's].
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Requests in total [default: 16, or the scenario's "total"].
+    #[arg(long)]
+    pub requests: Option<usize>,
     /// Prompt length in tokens (random ids, the same seed every run).
     #[arg(long, default_value_t = 32)]
     pub prompt_len: usize,
@@ -53,6 +74,42 @@ pub struct BenchArgs {
     /// per run.
     #[arg(long, value_delimiter = ',')]
     pub sweep: Vec<usize>,
+}
+
+impl BenchArgs {
+    fn concurrency(&self) -> usize {
+        self.concurrency.unwrap_or(1)
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.unwrap_or(16)
+    }
+
+    fn addr(&self) -> &str {
+        self.addr.as_deref().unwrap_or(DEFAULT_ADDR)
+    }
+}
+
+/// `--scenario`: run the ghz file, write its report, print a summary on stderr.
+fn run_scenario(args: &BenchArgs, path: &std::path::Path) -> anyhow::Result<()> {
+    let plan = crate::ghz::Scenario::load(path)?.plan(crate::ghz::Overrides {
+        host: args.addr.clone(),
+        total: args.requests.map(|n| n as u64),
+        concurrency: args.concurrency.map(|n| n as u64),
+        rps: args.rps,
+        duration: args.duration,
+        output: args.output.clone(),
+    })?;
+    let output = plan.output.clone();
+    let report = crate::bench_scenario::run(plan)?;
+    eprint!("{}", crate::bench_scenario::summary(&report));
+    let text = serde_json::to_string_pretty(&report)?;
+    match output.as_deref() {
+        None | Some("-") => println!("{text}"),
+        Some(file) => std::fs::write(file, text + "\n")
+            .with_context(|| format!("writing the report to {file}"))?,
+    }
+    Ok(())
 }
 
 #[derive(Default)]
@@ -103,6 +160,9 @@ async fn one(
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(path) = &args.scenario {
+        return run_scenario(&args, path);
+    }
     if args.sweep.contains(&0) {
         bail!("--sweep: every concurrency must be at least 1");
     }
@@ -111,8 +171,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             let engine = load_in_process(&args)?;
             for &c in &args.sweep {
                 let a = BenchArgs {
-                    concurrency: c,
-                    requests: c,
+                    concurrency: Some(c),
+                    requests: Some(c),
                     sweep: Vec::new(),
                     ..args.clone()
                 };
@@ -122,15 +182,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         for &c in &args.sweep {
             run(BenchArgs {
-                concurrency: c,
-                requests: c,
+                concurrency: Some(c),
+                requests: Some(c),
                 sweep: Vec::new(),
                 ..args.clone()
             })?;
         }
         return Ok(());
     }
-    if args.concurrency == 0 || args.requests == 0 || args.prompt_len == 0 || args.output_len == 0 {
+    if args.concurrency() == 0
+        || args.requests() == 0
+        || args.prompt_len == 0
+        || args.output_len == 0
+    {
         bail!("--concurrency, --requests, --prompt-len and --output-len must all be at least 1");
     }
     if args.in_process {
@@ -140,10 +204,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let url = format!("http://{}", args.addr);
+        let url = format!("http://{}", args.addr());
         let mut client = GenerationClient::connect(url.clone())
             .await
-            .with_context(|| format!("connecting to {}", args.addr))?;
+            .with_context(|| format!("connecting to {}", args.addr()))?;
         let info = client
             .model_info(ModelInfoRequest {})
             .await
@@ -151,7 +215,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             .into_inner();
         let vocab = info.vocab_size.max(2);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
-        let prompts: Vec<Vec<u32>> = (0..args.requests)
+        let prompts: Vec<Vec<u32>> = (0..args.requests())
             .map(|_| {
                 (0..args.prompt_len)
                     .map(|_| rng.random_range(2..vocab))
@@ -162,7 +226,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let next = Arc::new(AtomicUsize::new(0));
         let started = Instant::now();
         let mut tasks = Vec::new();
-        for _ in 0..args.concurrency {
+        for _ in 0..args.concurrency() {
             let (prompts, next, url, out_len) =
                 (prompts.clone(), next.clone(), url.clone(), args.output_len);
             tasks.push(tokio::spawn(async move {
@@ -226,13 +290,13 @@ fn run_in_process(
         .div_ceil(moemesh_engine::kv_cache::BLOCK_TOKENS);
     let pool = KvPool::new(
         model.config(),
-        per_seq * args.concurrency.min(args.requests),
+        per_seq * args.concurrency().min(args.requests()),
         model.dtype(),
         model.device(),
     )?;
     let vocab = model.config().vocab_size as u32;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
-    let prompts: Vec<Vec<u32>> = (0..args.requests)
+    let prompts: Vec<Vec<u32>> = (0..args.requests())
         .map(|_| {
             (0..args.prompt_len)
                 .map(|_| rng.random_range(2..vocab))
@@ -244,7 +308,7 @@ fn run_in_process(
         .and_then(|v| v.parse().ok());
     let started = Instant::now();
     let mut samples = Vec::new();
-    for wave in prompts.chunks(args.concurrency) {
+    for wave in prompts.chunks(args.concurrency()) {
         let t0 = Instant::now();
         let mut caches: Vec<_> = wave
             .iter()
@@ -337,8 +401,8 @@ fn report(args: &BenchArgs, model: &str, samples: &[Sample], wall: f64) -> anyho
     let pcts = |v: &[f64]| serde_json::json!({"p50": percentile(v, 50.0), "p90": percentile(v, 90.0), "p99": percentile(v, 99.0)});
     let summary = serde_json::json!({
         "model": model,
-        "addr": args.addr,
-        "concurrency": args.concurrency,
+        "addr": args.addr(),
+        "concurrency": args.concurrency(),
         "requests": samples.len(),
         "succeeded": ok.len(),
         "errors": errors,
@@ -356,8 +420,8 @@ fn report(args: &BenchArgs, model: &str, samples: &[Sample], wall: f64) -> anyho
     }
     println!(
         "moemesh bench — {model} at {} ({} clients, {} requests, prompt {} → {} tokens)",
-        args.addr,
-        args.concurrency,
+        args.addr(),
+        args.concurrency(),
         samples.len(),
         args.prompt_len,
         args.output_len

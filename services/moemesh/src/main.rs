@@ -2,7 +2,10 @@
 //! mesh), and `generate` (in-process, or as a client of a running mesh with `--addr`).
 
 mod bench_cmd;
+mod bench_scenario;
 mod generate_cmd;
+mod ghz;
+mod health_cmd;
 mod roles;
 mod up_cmd;
 mod verify_cmd;
@@ -24,8 +27,11 @@ struct Cli {
 enum Command {
     /// Generate text: in-process (the whole model here), or from a running mesh with --addr.
     Generate(generate_cmd::GenerateArgs),
-    /// Load a running mesh with concurrent Generate calls and report throughput and latency.
+    /// Load a running mesh with concurrent Generate calls and report throughput and latency
+    /// (or run a ghz scenario file with --scenario and write ghz's JSON report).
     Bench(bench_cmd::BenchArgs),
+    /// Check a role's grpc.health.v1 status (exit 0 when SERVING), for container health checks.
+    Health(health_cmd::HealthArgs),
     /// Start a complete local mesh: expert workers, a gate and a frontend, as separate processes.
     Up(up_cmd::UpArgs),
     /// Check the engine on a device against the HF transformers reference fixtures.
@@ -52,6 +58,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => generate_cmd::run(args),
         Command::Up(args) => up_cmd::run(args),
         Command::Bench(args) => bench_cmd::run(args),
+        Command::Health(args) => health_cmd::run(args),
         Command::Verify(args) => verify_cmd::run(args),
         Command::Frontend(cfg) => roles::frontend(cfg),
         Command::Gate(cfg) => roles::gate(cfg),

@@ -49,6 +49,9 @@ pub struct UpArgs {
     /// Extra flags for the gate, e.g. `--gate-args=--overlap` (repeatable).
     #[arg(long, allow_hyphen_values = true)]
     pub gate_args: Vec<String>,
+    /// Extra flags for the frontend, e.g. `--frontend-args=--max-pending=8` (repeatable).
+    #[arg(long, allow_hyphen_values = true)]
+    pub frontend_args: Vec<String>,
 }
 
 struct Proc {
@@ -178,6 +181,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             let mut a = common(&args);
             a.extend(["--listen".into(), args.listen.clone()]);
             a.extend(metrics_flag(&args, 0)?);
+            a.extend(args.frontend_args.iter().cloned());
             if args.etcd.is_none() {
                 a.extend(["--gate-addrs".into(), gate_addr]);
             }
