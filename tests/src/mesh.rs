@@ -14,6 +14,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
 use crate::moemesh_bin;
+use crate::tls::TestCa;
 
 /// A port that was free a moment ago (bound to port 0 and released).
 pub fn free_port() -> u16 {
@@ -211,10 +212,14 @@ fn answers(endpoint: &str) -> bool {
 }
 
 /// Starts `moemesh <role> <args…> --listen 127.0.0.1:0` and waits for its ready line.
-/// Returns the process and the address it serves on.
+/// Returns the process and the address it serves on. A role given no TLS files runs with
+/// `--plaintext` (roles refuse to start without choosing).
 pub fn start_role(dir: &Path, name: &str, role: &str, args: &[String]) -> (Proc, String) {
     let mut all = vec!["--listen".to_string(), "127.0.0.1:0".to_string()];
     all.extend_from_slice(args);
+    if !args.iter().any(|a| a == "--tls-cert" || a == "--plaintext") {
+        all.push("--plaintext".into());
+    }
     start_moemesh(dir, name, role, &all)
 }
 
@@ -303,14 +308,26 @@ impl Mesh {
         gate_args: &[&str],
         frontend_args: &[&str],
     ) -> Mesh {
-        Mesh::start_opts(model, shards, &[], gate_args, frontend_args)
+        Mesh::start_opts(model, shards, &[], gate_args, frontend_args, None)
     }
 
     /// Like [`start`](Self::start), with every process serving `/metrics` on a free port (its
     /// [`Proc::metrics`]).
     pub fn start_with_metrics(model: Option<&Path>, shards: &[&str]) -> Mesh {
         let m = ["--metrics-listen", "127.0.0.1:0"];
-        Mesh::start_opts(model, shards, &m, &m, &m)
+        Mesh::start_opts(model, shards, &m, &m, &m, None)
+    }
+
+    /// Like [`start_with`](Self::start_with), with TLS on every hop: each process gets a
+    /// certificate from `ca`, in the CA's directory (`<ca>-worker<i>.pem`, `<ca>-gate.pem`,
+    /// `<ca>-frontend.pem`, each with its `-key.pem`).
+    pub fn start_tls(
+        ca: &TestCa,
+        model: Option<&Path>,
+        shards: &[&str],
+        frontend_args: &[&str],
+    ) -> Mesh {
+        Mesh::start_opts(model, shards, &[], &[], frontend_args, Some(ca))
     }
 
     fn start_opts(
@@ -319,29 +336,37 @@ impl Mesh {
         worker_args: &[&str],
         gate_args: &[&str],
         frontend_args: &[&str],
+        ca: Option<&TestCa>,
     ) -> Mesh {
         let dir = tempfile::tempdir().expect("tempdir");
+        let tls = |name: &str| ca.map(|ca| ca.flags(&ca.leaf(name, name))).unwrap_or_default();
         let etcd = Etcd::start(dir.path());
         let cluster = format!("test{}", free_port());
         let model = model.map(Path::to_path_buf);
         let mut workers = Vec::new();
         for (i, shard) in shards.iter().enumerate() {
+            let name = format!("worker{i}");
+            let mut args: Vec<String> = worker_args.iter().map(|a| a.to_string()).collect();
+            args.extend(tls(&name));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
             workers.push(start_worker(
                 dir.path(),
                 &etcd,
                 &cluster,
                 model.as_deref(),
-                &format!("worker{i}"),
+                &name,
                 shard,
-                worker_args,
+                &args,
             ));
         }
         let mut args = common_args(&etcd, &cluster, model.as_deref());
         args.extend(["--lease-ttl".into(), "3".into()]);
         args.extend(gate_args.iter().map(|a| a.to_string()));
+        args.extend(tls("gate"));
         let gate = start_role(dir.path(), "gate", "gate", &args);
         let mut fargs = common_args(&etcd, &cluster, model.as_deref());
         fargs.extend(frontend_args.iter().map(|a| a.to_string()));
+        fargs.extend(tls("frontend"));
         let frontend = start_role(dir.path(), "frontend", "frontend", &fargs);
         Mesh {
             dir,

@@ -2,11 +2,13 @@
 //! it is announced, which registry and cluster it joins, and the device it computes on.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use clap::Args;
 
 use crate::metrics::MetricsArgs;
 use crate::registry::RegistryConfig;
+use crate::tls::{Tls, TlsArgs};
 
 #[derive(Args, Debug, Clone)]
 pub struct MemberArgs {
@@ -38,6 +40,10 @@ pub struct MemberArgs {
     pub dtype: String,
     #[command(flatten)]
     pub metrics: MetricsArgs,
+    /// TLS for the member's own port (mutual: clients need a certificate the CA signed) and
+    /// for the peers it dials.
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 impl MemberArgs {
@@ -52,12 +58,13 @@ impl MemberArgs {
     }
 
     /// The registry this member joins, for the model called `model`.
-    pub fn registry_config(&self, model: &str) -> RegistryConfig {
+    pub fn registry_config(&self, model: &str, tls: Option<Arc<Tls>>) -> RegistryConfig {
         RegistryConfig {
             etcd: self.etcd.clone(),
             cluster: self.cluster.clone(),
             model: model.to_string(),
             lease_ttl_s: self.lease_ttl,
+            tls,
         }
     }
 }

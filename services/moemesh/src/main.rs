@@ -2,6 +2,7 @@
 //! mesh), and `generate` (in-process, or as a client of a running mesh with `--addr`).
 
 mod bench_cmd;
+mod client_args;
 mod generate_cmd;
 mod roles;
 mod up_cmd;
@@ -47,6 +48,7 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    moemesh_common::tls::install_crypto_provider();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate_cmd::run(args),
