@@ -103,10 +103,22 @@ pub struct Etcd {
     data: PathBuf,
     dir: PathBuf,
     proc: Option<Proc>,
+    /// With TLS: etcd's certificate, key and CA (it requires client certificates from that CA).
+    tls: Option<[PathBuf; 3]>,
 }
 
 impl Etcd {
     pub fn start(dir: &Path) -> Etcd {
+        Etcd::start_opts(dir, None)
+    }
+
+    /// etcd serving `https://` with a certificate from `ca`, requiring client certificates.
+    pub fn start_tls(dir: &Path, ca: &TestCa) -> Etcd {
+        let leaf = ca.leaf("etcd", "etcd");
+        Etcd::start_opts(dir, Some([leaf.cert, leaf.key, ca.ca_path.clone()]))
+    }
+
+    fn start_opts(dir: &Path, tls: Option<[PathBuf; 3]>) -> Etcd {
         let mut e = Etcd {
             client_port: free_port(),
             peer_port: free_port(),
@@ -114,8 +126,10 @@ impl Etcd {
             data: dir.join("etcd-data"),
             dir: dir.to_path_buf(),
             proc: None,
+            tls,
         };
-        e.endpoint = format!("http://127.0.0.1:{}", e.client_port);
+        let scheme = if e.tls.is_some() { "https" } else { "http" };
+        e.endpoint = format!("{scheme}://127.0.0.1:{}", e.client_port);
         e.launch();
         e
     }
@@ -128,7 +142,18 @@ impl Etcd {
             .open(&log)
             .expect("etcd log");
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        if let Some([cert, key, ca]) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(cert)
+                .arg("--key-file")
+                .arg(key)
+                .arg("--trusted-ca-file")
+                .arg(ca)
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .args(["--name", "moemesh-test", "--data-dir"])
             .arg(&self.data)
             .args([
@@ -157,7 +182,7 @@ impl Etcd {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if answers(&self.endpoint) {
+            if answers(&self.endpoint, self.tls.as_ref()) {
                 break;
             }
             assert!(
@@ -190,9 +215,18 @@ impl Etcd {
 }
 
 /// Whether etcd at `endpoint` serves a read (it has a leader). Runs on its own thread and
-/// runtime so that callers may be inside async tests.
-fn answers(endpoint: &str) -> bool {
+/// runtime so that callers may be inside async tests. With TLS it presents etcd's own
+/// certificate, which is good as a client certificate too.
+fn answers(endpoint: &str, tls: Option<&[PathBuf; 3]>) -> bool {
     let endpoint = endpoint.to_string();
+    let options = tls.map(|[cert, key, ca]| {
+        let read = |p: &PathBuf| std::fs::read(p).expect("etcd TLS file");
+        etcd_client::ConnectOptions::new().with_tls(
+            etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(read(ca)))
+                .identity(etcd_client::Identity::from_pem(read(cert), read(key))),
+        )
+    });
     std::thread::spawn(move || {
         let Ok(rt) = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -201,7 +235,7 @@ fn answers(endpoint: &str) -> bool {
             return false;
         };
         rt.block_on(async {
-            let Ok(mut c) = etcd_client::Client::connect([endpoint.as_str()], None).await else {
+            let Ok(mut c) = etcd_client::Client::connect([endpoint.as_str()], options).await else {
                 return false;
             };
             c.get("/moemesh-health", None).await.is_ok()
@@ -318,9 +352,9 @@ impl Mesh {
         Mesh::start_opts(model, shards, &m, &m, &m, None)
     }
 
-    /// Like [`start_with`](Self::start_with), with TLS on every hop: each process gets a
-    /// certificate from `ca`, in the CA's directory (`<ca>-worker<i>.pem`, `<ca>-gate.pem`,
-    /// `<ca>-frontend.pem`, each with its `-key.pem`).
+    /// Like [`start_with`](Self::start_with), with TLS on every hop, etcd included: each process
+    /// gets a certificate from `ca`, in the CA's directory (`<ca>-worker<i>.pem`,
+    /// `<ca>-gate.pem`, `<ca>-frontend.pem`, `<ca>-etcd.pem`, each with its `-key.pem`).
     pub fn start_tls(
         ca: &TestCa,
         model: Option<&Path>,
@@ -340,7 +374,10 @@ impl Mesh {
     ) -> Mesh {
         let dir = tempfile::tempdir().expect("tempdir");
         let tls = |name: &str| ca.map(|ca| ca.flags(&ca.leaf(name, name))).unwrap_or_default();
-        let etcd = Etcd::start(dir.path());
+        let etcd = match ca {
+            Some(ca) => Etcd::start_tls(dir.path(), ca),
+            None => Etcd::start(dir.path()),
+        };
         let cluster = format!("test{}", free_port());
         let model = model.map(Path::to_path_buf);
         let mut workers = Vec::new();

@@ -1,5 +1,5 @@
-//! Security as an operator turns it on: mutual TLS between the roles (certificates from a CA
-//! made here), certificate reload, API keys with their limits, and the audit log. Real etcd,
+//! Security as an operator turns it on: mutual TLS between the roles and to etcd (certificates
+//! from a CA made here), certificate reload, API keys with their limits, and the audit log. Real etcd,
 //! real processes.
 
 use std::path::Path;
@@ -102,6 +102,8 @@ async fn mtls_mesh_generates_refuses_foreign_certificates_and_reloads_its_own() 
     let model = fixture("tiny-deepseek-v3");
     let mesh = Mesh::start_tls(&ca, Some(&model), &["0-15"], &[]);
     let (frontend, gate, worker) = (&mesh.frontend.1, &mesh.gate.1, &mesh.workers[0].1);
+    // The roles found each other through an etcd that takes only clients with a certificate.
+    assert!(mesh.etcd.endpoint.starts_with("https://"), "{}", mesh.etcd.endpoint);
 
     // The whole mesh over TLS: the reference tokens come back through frontend → gate → worker.
     let (input, expected) = reference_greedy("tiny-deepseek-v3", 0);
