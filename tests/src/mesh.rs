@@ -373,7 +373,10 @@ impl Mesh {
         ca: Option<&TestCa>,
     ) -> Mesh {
         let dir = tempfile::tempdir().expect("tempdir");
-        let tls = |name: &str| ca.map(|ca| ca.flags(&ca.leaf(name, name))).unwrap_or_default();
+        let tls = |name: &str| {
+            ca.map(|ca| ca.flags(&ca.leaf(name, name)))
+                .unwrap_or_default()
+        };
         let etcd = match ca {
             Some(ca) => Etcd::start_tls(dir.path(), ca),
             None => Etcd::start(dir.path()),

@@ -57,16 +57,20 @@ impl TestCa {
     pub fn leaf(&self, file: &str, cn: &str) -> Leaf {
         let mut params =
             rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("names");
+        params.subject_alt_names.push(rcgen::SanType::IpAddress(
+            std::net::Ipv4Addr::LOCALHOST.into(),
+        ));
         params
-            .subject_alt_names
-            .push(rcgen::SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
-        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
         params.extended_key_usages = vec![
             rcgen::ExtendedKeyUsagePurpose::ServerAuth,
             rcgen::ExtendedKeyUsagePurpose::ClientAuth,
         ];
         let key = rcgen::KeyPair::generate().expect("leaf key");
-        let cert = params.signed_by(&key, &self.issuer).expect("leaf certificate");
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .expect("leaf certificate");
         let leaf = Leaf {
             cert: self.dir.join(format!("{}-{file}.pem", self.name)),
             key: self.dir.join(format!("{}-{file}-key.pem", self.name)),
@@ -132,7 +136,9 @@ pub async fn probe(addr: &str, ca: &TestCa, identity: Option<&Leaf>) -> std::io:
                 .collect::<Result<Vec<_>, _>>()
                 .expect("leaf PEM");
             let key = PrivateKeyDer::from_pem_slice(&pem(&leaf.key)).expect("key PEM");
-            builder.with_client_auth_cert(chain, key).expect("client identity")
+            builder
+                .with_client_auth_cert(chain, key)
+                .expect("client identity")
         }
         None => builder.with_no_client_auth(),
     };

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use moemesh_proto::v1::gate_client::GateClient;
 use moemesh_proto::v1::generate_request::Input;
 use moemesh_proto::v1::generation_client::GenerationClient;
-use moemesh_proto::v1::{self, GateInfoRequest, GenerateRequest, ModelInfoRequest, TokenizeRequest};
+use moemesh_proto::v1::{
+    self, GateInfoRequest, GenerateRequest, ModelInfoRequest, TokenizeRequest,
+};
 use moemesh_tests::mesh::Mesh;
 use moemesh_tests::tls::{TestCa, alert, channel, probe};
 use moemesh_tests::{fixture, moemesh, reference_greedy};
@@ -103,11 +105,17 @@ async fn mtls_mesh_generates_refuses_foreign_certificates_and_reloads_its_own() 
     let mesh = Mesh::start_tls(&ca, Some(&model), &["0-15"], &[]);
     let (frontend, gate, worker) = (&mesh.frontend.1, &mesh.gate.1, &mesh.workers[0].1);
     // The roles found each other through an etcd that takes only clients with a certificate.
-    assert!(mesh.etcd.endpoint.starts_with("https://"), "{}", mesh.etcd.endpoint);
+    assert!(
+        mesh.etcd.endpoint.starts_with("https://"),
+        "{}",
+        mesh.etcd.endpoint
+    );
 
     // The whole mesh over TLS: the reference tokens come back through frontend → gate → worker.
     let (input, expected) = reference_greedy("tiny-deepseek-v3", 0);
-    let public = channel(frontend, &ca, None).await.expect("TLS to the frontend");
+    let public = channel(frontend, &ca, None)
+        .await
+        .expect("TLS to the frontend");
     let (ids, _) = generate(public, tokens_request(&input, expected.len() as u32), None)
         .await
         .expect("generate over TLS");
@@ -118,9 +126,19 @@ async fn mtls_mesh_generates_refuses_foreign_certificates_and_reloads_its_own() 
     let stranger = other.leaf("client", "stranger");
     for (name, addr) in [("gate", gate), ("worker", worker)] {
         let none = probe(addr, &ca, None).await.expect_err("no certificate");
-        assert_eq!(alert(&none), Some(AlertDescription::CertificateRequired), "{name}: {none}");
-        let foreign = probe(addr, &ca, Some(&stranger)).await.expect_err("foreign certificate");
-        assert_eq!(alert(&foreign), Some(AlertDescription::UnknownCA), "{name}: {foreign}");
+        assert_eq!(
+            alert(&none),
+            Some(AlertDescription::CertificateRequired),
+            "{name}: {none}"
+        );
+        let foreign = probe(addr, &ca, Some(&stranger))
+            .await
+            .expect_err("foreign certificate");
+        assert_eq!(
+            alert(&foreign),
+            Some(AlertDescription::UnknownCA),
+            "{name}: {foreign}"
+        );
         probe(addr, &ca, Some(&client))
             .await
             .unwrap_or_else(|e| panic!("{name} refused a certificate of its CA: {e}"));
@@ -133,9 +151,17 @@ async fn mtls_mesh_generates_refuses_foreign_certificates_and_reloads_its_own() 
     };
     assert!(refused, "the gate answered a plaintext call");
     // The frontend's public port: a client certificate is optional, but a foreign one is refused.
-    probe(frontend, &ca, None).await.expect("no client certificate is fine");
-    let foreign = probe(frontend, &ca, Some(&stranger)).await.expect_err("foreign certificate");
-    assert_eq!(alert(&foreign), Some(AlertDescription::UnknownCA), "{foreign}");
+    probe(frontend, &ca, None)
+        .await
+        .expect("no client certificate is fine");
+    let foreign = probe(frontend, &ca, Some(&stranger))
+        .await
+        .expect_err("foreign certificate");
+    assert_eq!(
+        alert(&foreign),
+        Some(AlertDescription::UnknownCA),
+        "{foreign}"
+    );
 
     // Reload: the gate's files are replaced (key first, then certificate, as a careless
     // rotation would); new connections get the new certificate, without a restart.
@@ -143,14 +169,18 @@ async fn mtls_mesh_generates_refuses_foreign_certificates_and_reloads_its_own() 
     let renewed = ca.leaf("gate", "gate renewed");
     assert_ne!(old, renewed.der);
     let started = Instant::now();
-    wait_until("the gate to present its new certificate", Duration::from_secs(20), || async {
-        probe(gate, &ca, Some(&client)).await.ok() == Some(renewed.der.clone())
-    })
+    wait_until(
+        "the gate to present its new certificate",
+        Duration::from_secs(20),
+        || async { probe(gate, &ca, Some(&client)).await.ok() == Some(renewed.der.clone()) },
+    )
     .await;
     eprintln!("gate certificate reloaded in {:?}", started.elapsed());
     // A fresh frontend connection to the gate still works (the frontend keeps its stream; a new
     // client sees the same tokens).
-    let public = channel(frontend, &ca, Some(&client)).await.expect("TLS with a client cert");
+    let public = channel(frontend, &ca, Some(&client))
+        .await
+        .expect("TLS with a client cert");
     let (ids, _) = generate(public, tokens_request(&input, expected.len() as u32), None)
         .await
         .expect("generate after the reload");
@@ -216,32 +246,49 @@ async fn api_keys_and_their_limits_decide_the_status_and_every_call_is_audited()
         assert_eq!(err.message(), "missing or invalid API key");
     }
     let mut basic = info(None);
-    basic
-        .metadata_mut()
-        .insert("authorization", "Basic alice-secret-0123456789".parse().expect("ascii"));
-    let err = client.model_info(basic).await.expect_err("not a bearer token");
-    assert_eq!(err.code(), Code::Unauthenticated);
-    let err = generate(ch.clone(), tokens_request(&[1, 2, 3], 2), Some("nope-nope-nope-nope"))
+    basic.metadata_mut().insert(
+        "authorization",
+        "Basic alice-secret-0123456789".parse().expect("ascii"),
+    );
+    let err = client
+        .model_info(basic)
         .await
-        .expect_err("refused");
+        .expect_err("not a bearer token");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let err = generate(
+        ch.clone(),
+        tokens_request(&[1, 2, 3], 2),
+        Some("nope-nope-nope-nope"),
+    )
+    .await
+    .expect_err("refused");
     assert_eq!(err.code(), Code::Unauthenticated);
     // Health needs no key (probes carry none).
     let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
     let serving = health
-        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
         .await
         .expect("health without a key")
         .into_inner();
-    assert_eq!(serving.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    assert_eq!(
+        serving.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
 
     // A key limited to ModelInfo: PERMISSION_DENIED elsewhere.
     client
         .model_info(info(Some("info-only-secret-0123456789")))
         .await
         .expect("its one method");
-    let err = generate(ch.clone(), tokens_request(&[1, 2, 3], 2), Some("info-only-secret-0123456789"))
-        .await
-        .expect_err("not its method");
+    let err = generate(
+        ch.clone(),
+        tokens_request(&[1, 2, 3], 2),
+        Some("info-only-secret-0123456789"),
+    )
+    .await
+    .expect_err("not its method");
     assert_eq!(err.code(), Code::PermissionDenied);
     assert_eq!(err.message(), "this API key may not call this method");
 
@@ -250,11 +297,21 @@ async fn api_keys_and_their_limits_decide_the_status_and_every_call_is_audited()
     let limited = Some("limited-secret-0123456789");
     let burst_start = Instant::now();
     for _ in 0..2 {
-        client.model_info(info(limited)).await.expect("within the burst");
+        client
+            .model_info(info(limited))
+            .await
+            .expect("within the burst");
     }
-    let err = client.model_info(info(limited)).await.expect_err("over the rate");
+    let err = client
+        .model_info(info(limited))
+        .await
+        .expect_err("over the rate");
     assert_eq!(err.code(), Code::ResourceExhausted);
-    assert!(err.message().contains("2 requests/s (burst 2)"), "{}", err.message());
+    assert!(
+        err.message().contains("2 requests/s (burst 2)"),
+        "{}",
+        err.message()
+    );
     wait_until("the bucket to refill", Duration::from_secs(5), || {
         let mut c = client.clone();
         async move { c.model_info(info(limited)).await.is_ok() }
@@ -285,7 +342,11 @@ async fn api_keys_and_their_limits_decide_the_status_and_every_call_is_audited()
     drop(first);
     wait_until("the stream slot to free", Duration::from_secs(10), || {
         let ch = ch.clone();
-        async move { generate(ch, tokens_request(&[1, 2, 3], 2), one).await.is_ok() }
+        async move {
+            generate(ch, tokens_request(&[1, 2, 3], 2), one)
+                .await
+                .is_ok()
+        }
     })
     .await;
 
@@ -302,7 +363,9 @@ async fn api_keys_and_their_limits_decide_the_status_and_every_call_is_audited()
         request_id: "audit-1".into(),
     };
     let alice = Some("alice-secret-0123456789");
-    let (ids, text) = generate(ch.clone(), req, alice).await.expect("alice generates");
+    let (ids, text) = generate(ch.clone(), req, alice)
+        .await
+        .expect("alice generates");
     let prompt_ids = client
         .tokenize(with_key(
             TokenizeRequest {
@@ -316,7 +379,9 @@ async fn api_keys_and_their_limits_decide_the_status_and_every_call_is_audited()
         .ids;
     let mut line = None;
     wait_until("the audit line of audit-1", Duration::from_secs(10), || {
-        line = audit_lines(&audit).into_iter().find(|l| l["request_id"] == "audit-1");
+        line = audit_lines(&audit)
+            .into_iter()
+            .find(|l| l["request_id"] == "audit-1");
         std::future::ready(line.is_some())
     })
     .await;
@@ -330,14 +395,26 @@ async fn api_keys_and_their_limits_decide_the_status_and_every_call_is_audited()
     assert_eq!(ids.len(), 6);
     assert_eq!(line["prompt_sha256"], hex_sha256(prompt.as_bytes()));
     assert_eq!(line["output_sha256"], hex_sha256(text.as_bytes()));
-    assert!(line.get("prompt").is_none() && line.get("output").is_none(), "texts are not logged: {line}");
-    assert!(line["time"].as_str().is_some_and(|t| t.ends_with('Z')), "{line}");
+    assert!(
+        line.get("prompt").is_none() && line.get("output").is_none(),
+        "texts are not logged: {line}"
+    );
+    assert!(
+        line["time"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{line}"
+    );
 
     // Refusals and the cancelled stream have their lines too.
     let lines = audit_lines(&audit);
     let count = |f: &dyn Fn(&serde_json::Value) -> bool| lines.iter().filter(|l| f(l)).count();
-    assert!(count(&|l| l["status"] == "Unauthenticated" && l["key_id"].is_null()) >= 4, "{lines:?}");
-    assert_eq!(count(&|l| l["status"] == "PermissionDenied" && l["key_id"] == "info-only"), 1);
+    assert!(
+        count(&|l| l["status"] == "Unauthenticated" && l["key_id"].is_null()) >= 4,
+        "{lines:?}"
+    );
+    assert_eq!(
+        count(&|l| l["status"] == "PermissionDenied" && l["key_id"] == "info-only"),
+        1
+    );
     assert!(count(&|l| l["status"] == "ResourceExhausted" && l["key_id"] == "limited") >= 1);
     assert_eq!(
         count(&|l| l["key_id"] == "one-stream" && l["finish_reason"] == "cancelled"),

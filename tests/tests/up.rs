@@ -88,7 +88,10 @@ async fn up_serves_reference_tokens_with_health_and_reflection_and_stops_cleanly
         Err(_) => true,
         Ok(mut c) => c.info(v1::GateInfoRequest {}).await.is_err(),
     };
-    assert!(refused, "the gate of `moemesh up` answered a plaintext call");
+    assert!(
+        refused,
+        "the gate of `moemesh up` answered a plaintext call"
+    );
 
     let (input, expected) = reference_greedy("tiny-deepseek-v3", 3);
     let mut client = GenerationClient::connect(url.clone())

@@ -198,7 +198,8 @@ impl Material {
                 .map_err(|e| invalid("--tls-ca", &names.ca, e))?;
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
         let verifier = match client_auth {
             ClientAuth::Required => verifier,
             ClientAuth::Optional => verifier.allow_unauthenticated(),

@@ -258,10 +258,7 @@ pub async fn run(
     let server = tokio::spawn(server);
     serve::set_health(&reporter, true).await;
 
-    let registry = Registry::new(
-        &cfg.member.registry_config(&files.name, tls),
-        Vec::new(),
-    )?;
+    let registry = Registry::new(&cfg.member.registry_config(&files.name, tls), Vec::new())?;
     let registration = registry
         .register(Member {
             id: id.clone(),

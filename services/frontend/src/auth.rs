@@ -146,7 +146,12 @@ impl ApiKey {
             Some(n) => Some((Arc::new(Semaphore::new(n)), n)),
             None => None,
         };
-        if let Some(m) = spec.methods.iter().flatten().find(|m| !METHODS.contains(&m.as_str())) {
+        if let Some(m) = spec
+            .methods
+            .iter()
+            .flatten()
+            .find(|m| !METHODS.contains(&m.as_str()))
+        {
             return Err(bad(format!("methods: {m:?} is not one of {METHODS:?}")));
         }
         Ok(ApiKey {
@@ -175,9 +180,8 @@ pub struct ApiKeys {
 impl ApiKeys {
     /// Reads `path` and starts watching it; errors name the file and the key.
     pub fn load(path: &Path) -> MeshResult<Arc<Self>> {
-        let bytes = std::fs::read(path).map_err(|e| {
-            MeshError::Invalid(format!("--api-keys-file {}: {e}", path.display()))
-        })?;
+        let bytes = std::fs::read(path)
+            .map_err(|e| MeshError::Invalid(format!("--api-keys-file {}: {e}", path.display())))?;
         let keys = parse(path, &bytes, &[])?;
         if keys.is_empty() {
             return Err(MeshError::Invalid(format!(
@@ -236,7 +240,10 @@ fn parse(path: &Path, bytes: &[u8], old: &[Arc<ApiKey>]) -> MeshResult<Vec<Arc<A
             Some(k) => k.clone(),
             None => Arc::new(ApiKey::new(spec, path)?),
         };
-        if let Some(dup) = out.iter().find(|k| k.id == key.id || k.digest == key.digest) {
+        if let Some(dup) = out
+            .iter()
+            .find(|k| k.id == key.id || k.digest == key.digest)
+        {
             return Err(MeshError::Invalid(format!(
                 "--api-keys-file {}: keys {:?} and {:?} share an id or a secret",
                 path.display(),
@@ -372,7 +379,9 @@ where
                     audit.refused(method, key.as_deref(), status.code());
                 }
                 return Box::pin(async move {
-                    Ok(status.into_http::<ResBody>().map(|b| PermitBody::new(b, None)))
+                    Ok(status
+                        .into_http::<ResBody>()
+                        .map(|b| PermitBody::new(b, None)))
                 });
             }
         };
@@ -424,16 +433,16 @@ mod tests {
         let err = |t: &str| keys(t).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err("[[key]]\nid = \"a\"\nkey = \"short\"").contains("at least 16"));
         assert!(err("[[key]]\nid = \"a\"").contains("exactly one of key and key_sha256"));
-        assert!(
-            err("[[key]]\nid = \"a\"\nkey_sha256 = \"xyz\"").contains("64 hexadecimal digits")
-        );
+        assert!(err("[[key]]\nid = \"a\"\nkey_sha256 = \"xyz\"").contains("64 hexadecimal digits"));
         let twice = "[[key]]\nid = \"a\"\nkey = \"0123456789abcdef\"\n[[key]]\nid = \"a\"\nkey = \"0123456789abcdeg\"";
         assert!(err(twice).contains("share an id"));
         assert!(
             err("[[key]]\nid = \"a\"\nkey = \"0123456789abcdef\"\nmethods = [\"Step\"]")
                 .contains("\"Step\" is not one of")
         );
-        assert!(err("[[key]]\nid = \"a\"\nkey = \"0123456789abcdef\"\ncolour = 1").contains("colour"));
+        assert!(
+            err("[[key]]\nid = \"a\"\nkey = \"0123456789abcdef\"\ncolour = 1").contains("colour")
+        );
     }
 
     #[test]
@@ -449,7 +458,10 @@ mod tests {
         ));
         let generate = "/moemesh.v1.Generation/Generate";
         let none = http::HeaderMap::new();
-        assert_eq!(code(&l.judge(generate, &none)), tonic::Code::Unauthenticated);
+        assert_eq!(
+            code(&l.judge(generate, &none)),
+            tonic::Code::Unauthenticated
+        );
         assert_eq!(
             code(&l.judge(generate, &headers("Bearer key-a-0123456788"))),
             tonic::Code::Unauthenticated
@@ -459,29 +471,45 @@ mod tests {
             tonic::Code::Unauthenticated
         );
         // Health and reflection need no key.
-        assert_eq!(code(&l.judge("/grpc.health.v1.Health/Check", &none)), tonic::Code::Ok);
+        assert_eq!(
+            code(&l.judge("/grpc.health.v1.Health/Check", &none)),
+            tonic::Code::Ok
+        );
         // Key a: a bucket of 2 that refills once in 1000 s.
         let a = headers("bearer key-a-0123456789");
         assert_eq!(code(&l.judge(generate, &a)), tonic::Code::Ok);
-        assert_eq!(code(&l.judge("/moemesh.v1.Generation/Tokenize", &a)), tonic::Code::Ok);
+        assert_eq!(
+            code(&l.judge("/moemesh.v1.Generation/Tokenize", &a)),
+            tonic::Code::Ok
+        );
         match l.judge(generate, &a) {
             Verdict::Refuse(s, Some(id)) => {
                 assert_eq!(s.code(), tonic::Code::ResourceExhausted);
-                assert!(s.message().contains("0.001 requests/s (burst 2)"), "{}", s.message());
+                assert!(
+                    s.message().contains("0.001 requests/s (burst 2)"),
+                    "{}",
+                    s.message()
+                );
                 assert_eq!(&*id, "a");
             }
             _ => panic!("the third call is over the limit"),
         }
         // Key b is stored as a digest and may call ModelInfo only.
         let b = headers("Bearer hashed-key-0123456789");
-        assert_eq!(code(&l.judge("/moemesh.v1.Generation/ModelInfo", &b)), tonic::Code::Ok);
+        assert_eq!(
+            code(&l.judge("/moemesh.v1.Generation/ModelInfo", &b)),
+            tonic::Code::Ok
+        );
         assert_eq!(code(&l.judge(generate, &b)), tonic::Code::PermissionDenied);
         // Key c: one Generate stream at a time; the permit frees the slot.
         let c = headers("Bearer key-c-0123456789");
         let first = l.judge(generate, &c);
         assert_eq!(code(&first), tonic::Code::Ok);
         assert_eq!(code(&l.judge(generate, &c)), tonic::Code::ResourceExhausted);
-        assert_eq!(code(&l.judge("/moemesh.v1.Generation/Tokenize", &c)), tonic::Code::Ok);
+        assert_eq!(
+            code(&l.judge("/moemesh.v1.Generation/Tokenize", &c)),
+            tonic::Code::Ok
+        );
         drop(first);
         assert_eq!(code(&l.judge(generate, &c)), tonic::Code::Ok);
     }

@@ -263,7 +263,11 @@ pub async fn run(
     } else {
         frontend_tls.clone()
     };
-    let api_keys = cfg.api_keys_file.as_deref().map(ApiKeys::load).transpose()?;
+    let api_keys = cfg
+        .api_keys_file
+        .as_deref()
+        .map(ApiKeys::load)
+        .transpose()?;
     let local = listener
         .local_addr()
         .map_err(|e| MeshError::Internal(e.to_string()))?;

@@ -65,8 +65,8 @@ impl WorkerClient {
         }
         let endpoint = tls::endpoint(&self.member.address, self.tls.as_deref())
             .map_err(|e| self.peer_err(e))?
-                .connect_timeout(Duration::from_secs(2))
-                .tcp_nodelay(true);
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true);
         let channel = endpoint.connect().await.map_err(|e| self.peer_err(e))?;
         let mut client = ExpertClient::new(channel)
             .max_decoding_message_size(256 << 20)

@@ -57,8 +57,8 @@ impl ClientArgs {
         let endpoint = match &self.tls_ca {
             None => Endpoint::from_shared(format!("http://{addr}"))?,
             Some(ca) => {
-                let mut tls =
-                    ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca, "--tls-ca")?));
+                let mut tls = ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(read(ca, "--tls-ca")?));
                 if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
                     tls = tls.identity(Identity::from_pem(
                         read(cert, "--tls-cert")?,

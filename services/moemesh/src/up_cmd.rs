@@ -112,10 +112,12 @@ impl DevPki {
     fn flags(&self, name: &str) -> anyhow::Result<Vec<String>> {
         let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()])
             .context("certificate names")?;
+        params.subject_alt_names.push(rcgen::SanType::IpAddress(
+            std::net::Ipv4Addr::LOCALHOST.into(),
+        ));
         params
-            .subject_alt_names
-            .push(rcgen::SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
         params.extended_key_usages = vec![
             rcgen::ExtendedKeyUsagePurpose::ServerAuth,
             rcgen::ExtendedKeyUsagePurpose::ClientAuth,
@@ -263,10 +265,12 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         );
     }
     drop(files);
-    let listen: std::net::SocketAddr = args
-        .listen
-        .parse()
-        .with_context(|| format!("--listen {:?}: not an address like 127.0.0.1:50051", args.listen))?;
+    let listen: std::net::SocketAddr = args.listen.parse().with_context(|| {
+        format!(
+            "--listen {:?}: not an address like 127.0.0.1:50051",
+            args.listen
+        )
+    })?;
     if !args.plaintext && !args.public_plaintext && !listen.ip().is_loopback() {
         bail!(
             "--listen {listen}: the public port is plaintext, and this address is reachable from \
