@@ -13,7 +13,7 @@ use moemesh_proto::v1::{
 };
 use moemesh_tests::mesh::Mesh;
 use moemesh_tests::tls::{TestCa, alert, channel, probe};
-use moemesh_tests::{fixture, moemesh, reference_greedy};
+use moemesh_tests::{fixture, json_lines, moemesh, reference_greedy};
 use rustls::AlertDescription;
 use sha2::{Digest, Sha256};
 use tonic::Code;
@@ -121,8 +121,36 @@ async fn mtls_mesh_generates_refuses_foreign_certificates_and_reloads_its_own() 
         .expect("generate over TLS");
     assert_eq!(ids, expected);
 
-    // Internal services take only clients with a certificate from the mesh's CA.
+    // `moemesh generate` as a TLS client, with a client certificate.
     let client = ca.leaf("client", "test client");
+    let prompt_ids: Vec<String> = input.iter().map(u32::to_string).collect();
+    let (ca_path, cert, key) = (
+        ca.ca_path.display().to_string(),
+        client.cert.display().to_string(),
+        client.key.display().to_string(),
+    );
+    let max = expected.len().to_string();
+    let out = moemesh(&[
+        "generate",
+        "--addr",
+        frontend,
+        "--tls-ca",
+        &ca_path,
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--prompt-ids",
+        &prompt_ids.join(","),
+        "--max-new-tokens",
+        &max,
+        "--ignore-eos",
+        "--json",
+    ]);
+    let last = json_lines(&out).pop().expect("a summary line");
+    assert_eq!(last["token_ids"], serde_json::json!(expected));
+
+    // Internal services take only clients with a certificate from the mesh's CA.
     let stranger = other.leaf("client", "stranger");
     for (name, addr) in [("gate", gate), ("worker", worker)] {
         let none = probe(addr, &ca, None).await.expect_err("no certificate");
@@ -277,6 +305,31 @@ async fn api_keys_and_their_limits_decide_the_status_and_every_call_is_audited()
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
 
+    // `moemesh generate --api-key`, and without one.
+    let addr = &mesh.frontend.1;
+    let cli = [
+        "generate",
+        "--addr",
+        addr,
+        "--prompt-ids",
+        "1,2,3",
+        "--max-new-tokens",
+        "2",
+    ];
+    let out = moemesh(&cli);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("UNAUTHENTICATED: missing or invalid API key"),
+        "{err}"
+    );
+    let out = moemesh(&[&cli[..], &["--api-key", "alice-secret-0123456789"]].concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // A key limited to ModelInfo: PERMISSION_DENIED elsewhere.
     client
         .model_info(info(Some("info-only-secret-0123456789")))
@@ -421,4 +474,26 @@ async fn api_keys_and_their_limits_decide_the_status_and_every_call_is_audited()
         1,
         "{lines:?}"
     );
+
+    // The keys file is re-read when it changes: a new key works, a removed one no longer does.
+    let rotated = KEYS.replace("alice", "bob");
+    std::fs::write(&keys, rotated).expect("rewriting the keys file");
+    wait_until(
+        "the new key to be accepted",
+        Duration::from_secs(10),
+        || {
+            let mut c = client.clone();
+            async move {
+                c.model_info(info(Some("bob-secret-0123456789")))
+                    .await
+                    .is_ok()
+            }
+        },
+    )
+    .await;
+    let err = client
+        .model_info(info(alice))
+        .await
+        .expect_err("alice was removed");
+    assert_eq!(err.code(), Code::Unauthenticated);
 }

@@ -375,9 +375,9 @@ pub fn incoming(
             let (tcp, peer) = match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    if tx.send(Err(e)).await.is_err() {
-                        return;
-                    }
+                    // Out of file descriptors, say: only time helps, so don't spin.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             };
@@ -398,4 +398,85 @@ pub fn incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx).boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(cert: Option<&Path>, key: Option<&Path>, ca: Option<&Path>, plain: bool) -> TlsArgs {
+        TlsArgs {
+            tls_cert: cert.map(Path::to_path_buf),
+            tls_key: key.map(Path::to_path_buf),
+            tls_ca: ca.map(Path::to_path_buf),
+            tls_server_name: None,
+            plaintext: plain,
+        }
+    }
+
+    fn message(r: MeshResult<()>) -> String {
+        r.err().map(|e| e.to_string()).unwrap_or_default()
+    }
+
+    #[test]
+    fn the_transport_must_be_chosen_once() {
+        let p = Path::new("x.pem");
+        let none = message(args(None, None, None, false).check());
+        for flag in ["--tls-cert", "--tls-key", "--tls-ca", "--plaintext"] {
+            assert!(none.contains(flag), "{none}");
+        }
+        assert!(message(args(None, None, Some(p), true).check()).contains("conflicts"));
+        assert!(message(args(Some(p), Some(p), None, false).check()).contains("all of"));
+        assert!(args(None, None, None, true).check().is_ok());
+        assert!(args(Some(p), Some(p), Some(p), false).check().is_ok());
+    }
+
+    /// A CA and two leaves it signed, as PEM files in `dir`.
+    fn pki(dir: &Path) -> [PathBuf; 5] {
+        let mut ca = rcgen::CertificateParams::default();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let ca_cert = ca.self_signed(&ca_key).expect("CA");
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let path = |name: &str| dir.join(name);
+        std::fs::write(path("ca.pem"), ca_cert.pem()).expect("write");
+        for leaf in ["a", "b"] {
+            let params =
+                rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("names");
+            let key = rcgen::KeyPair::generate().expect("key");
+            let cert = params.signed_by(&key, &issuer).expect("leaf");
+            std::fs::write(path(&format!("{leaf}.pem")), cert.pem()).expect("write");
+            std::fs::write(path(&format!("{leaf}-key.pem")), key.serialize_pem()).expect("write");
+        }
+        ["ca.pem", "a.pem", "a-key.pem", "b.pem", "b-key.pem"].map(path)
+    }
+
+    #[tokio::test]
+    async fn files_that_do_not_fit_are_refused_with_their_flag_and_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let [ca, a, a_key, _b, b_key] = pki(dir.path());
+        let load = |cert: &Path, key: &Path, ca: &Path| {
+            args(Some(cert), Some(key), Some(ca), false)
+                .load(ClientAuth::Required)
+                .map(|_| ())
+        };
+        assert!(load(&a, &a_key, &ca).is_ok());
+        let mismatch = message(load(&a, &b_key, &ca));
+        assert!(
+            mismatch.contains("--tls-cert") && mismatch.contains("b-key.pem"),
+            "{mismatch}"
+        );
+        let not_a_key = message(load(&a, &a, &ca));
+        assert!(
+            not_a_key.contains("--tls-key") && not_a_key.contains("a.pem"),
+            "{not_a_key}"
+        );
+        let not_a_ca = message(load(&a, &a_key, &a_key));
+        assert!(
+            not_a_ca.contains("--tls-ca") && not_a_ca.contains("no PEM CERTIFICATE"),
+            "{not_a_ca}"
+        );
+        let missing = message(load(&a, &a_key, &dir.path().join("nope.pem")));
+        assert!(missing.contains("nope.pem"), "{missing}");
+    }
 }
