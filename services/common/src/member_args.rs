@@ -1,5 +1,6 @@
 //! The flags every registered mesh member (gate, expert worker) shares: where it listens, how
-//! it is announced, which registry and cluster it joins, and the device it computes on.
+//! it is announced, which registry and cluster it joins, the device it computes on, its metrics
+//! port and its TLS files.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
