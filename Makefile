@@ -20,6 +20,9 @@ lint:
 	@# The engine must not depend on the wire (STYLE.md §2).
 	@! cargo tree -p moemesh-engine -e normal --prefix none | grep -E '^(tonic|prost|tower|tokio|etcd-client) ' \
 	  || (echo "moemesh-engine depends on a wire/runtime crate" && false)
+	@# One rustls crypto provider, ring: aws-lc-rs must not come in through a default feature.
+	@! cargo tree --workspace --prefix none | grep -E '^aws-lc-(rs|sys) ' \
+	  || (echo "aws-lc-rs is in the dependency tree; only ring may provide rustls' crypto" && false)
 
 # The end-to-end tests run target/debug/moemesh; `cargo test --workspace` rebuilds it first
 # (the moemesh package has tests of its own). To run only tests/: make e2e.

@@ -14,6 +14,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
 use crate::moemesh_bin;
+use crate::tls::TestCa;
 
 /// A port that was free a moment ago (bound to port 0 and released).
 pub fn free_port() -> u16 {
@@ -107,10 +108,22 @@ pub struct Etcd {
     data: PathBuf,
     dir: PathBuf,
     proc: Option<Proc>,
+    /// With TLS: etcd's certificate, key and CA (it requires client certificates from that CA).
+    tls: Option<[PathBuf; 3]>,
 }
 
 impl Etcd {
     pub fn start(dir: &Path) -> Etcd {
+        Etcd::start_opts(dir, None)
+    }
+
+    /// etcd serving `https://` with a certificate from `ca`, requiring client certificates.
+    pub fn start_tls(dir: &Path, ca: &TestCa) -> Etcd {
+        let leaf = ca.leaf("etcd", "etcd");
+        Etcd::start_opts(dir, Some([leaf.cert, leaf.key, ca.ca_path.clone()]))
+    }
+
+    fn start_opts(dir: &Path, tls: Option<[PathBuf; 3]>) -> Etcd {
         let mut e = Etcd {
             client_port: free_port(),
             peer_port: free_port(),
@@ -118,8 +131,10 @@ impl Etcd {
             data: dir.join("etcd-data"),
             dir: dir.to_path_buf(),
             proc: None,
+            tls,
         };
-        e.endpoint = format!("http://127.0.0.1:{}", e.client_port);
+        let scheme = if e.tls.is_some() { "https" } else { "http" };
+        e.endpoint = format!("{scheme}://127.0.0.1:{}", e.client_port);
         e.launch();
         e
     }
@@ -132,7 +147,18 @@ impl Etcd {
             .open(&log)
             .expect("etcd log");
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        if let Some([cert, key, ca]) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(cert)
+                .arg("--key-file")
+                .arg(key)
+                .arg("--trusted-ca-file")
+                .arg(ca)
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .args(["--name", "moemesh-test", "--data-dir"])
             .arg(&self.data)
             .args([
@@ -161,7 +187,7 @@ impl Etcd {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if answers(&self.endpoint) {
+            if answers(&self.endpoint, self.tls.as_ref()) {
                 break;
             }
             assert!(
@@ -194,9 +220,18 @@ impl Etcd {
 }
 
 /// Whether etcd at `endpoint` serves a read (it has a leader). Runs on its own thread and
-/// runtime so that callers may be inside async tests.
-fn answers(endpoint: &str) -> bool {
+/// runtime so that callers may be inside async tests. With TLS it presents etcd's own
+/// certificate, which is good as a client certificate too.
+fn answers(endpoint: &str, tls: Option<&[PathBuf; 3]>) -> bool {
     let endpoint = endpoint.to_string();
+    let options = tls.map(|[cert, key, ca]| {
+        let read = |p: &PathBuf| std::fs::read(p).expect("etcd TLS file");
+        etcd_client::ConnectOptions::new().with_tls(
+            etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(read(ca)))
+                .identity(etcd_client::Identity::from_pem(read(cert), read(key))),
+        )
+    });
     std::thread::spawn(move || {
         let Ok(rt) = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -205,7 +240,7 @@ fn answers(endpoint: &str) -> bool {
             return false;
         };
         rt.block_on(async {
-            let Ok(mut c) = etcd_client::Client::connect([endpoint.as_str()], None).await else {
+            let Ok(mut c) = etcd_client::Client::connect([endpoint.as_str()], options).await else {
                 return false;
             };
             c.get("/moemesh-health", None).await.is_ok()
@@ -216,10 +251,14 @@ fn answers(endpoint: &str) -> bool {
 }
 
 /// Starts `moemesh <role> <args…> --listen 127.0.0.1:0` and waits for its ready line.
-/// Returns the process and the address it serves on.
+/// Returns the process and the address it serves on. A role given no TLS files runs with
+/// `--plaintext` (roles refuse to start without choosing).
 pub fn start_role(dir: &Path, name: &str, role: &str, args: &[String]) -> (Proc, String) {
     let mut all = vec!["--listen".to_string(), "127.0.0.1:0".to_string()];
     all.extend_from_slice(args);
+    if !args.iter().any(|a| a == "--tls-cert" || a == "--plaintext") {
+        all.push("--plaintext".into());
+    }
     start_moemesh(dir, name, role, &all)
 }
 
@@ -308,14 +347,26 @@ impl Mesh {
         gate_args: &[&str],
         frontend_args: &[&str],
     ) -> Mesh {
-        Mesh::start_opts(model, shards, &[], gate_args, frontend_args)
+        Mesh::start_opts(model, shards, &[], gate_args, frontend_args, None)
     }
 
     /// Like [`start`](Self::start), with every process serving `/metrics` on a free port (its
     /// [`Proc::metrics`]).
     pub fn start_with_metrics(model: Option<&Path>, shards: &[&str]) -> Mesh {
         let m = ["--metrics-listen", "127.0.0.1:0"];
-        Mesh::start_opts(model, shards, &m, &m, &m)
+        Mesh::start_opts(model, shards, &m, &m, &m, None)
+    }
+
+    /// Like [`start_with`](Self::start_with), with TLS on every hop, etcd included: each process
+    /// gets a certificate from `ca`, in the CA's directory (`<ca>-worker<i>.pem`,
+    /// `<ca>-gate.pem`, `<ca>-frontend.pem`, `<ca>-etcd.pem`, each with its `-key.pem`).
+    pub fn start_tls(
+        ca: &TestCa,
+        model: Option<&Path>,
+        shards: &[&str],
+        frontend_args: &[&str],
+    ) -> Mesh {
+        Mesh::start_opts(model, shards, &[], &[], frontend_args, Some(ca))
     }
 
     fn start_opts(
@@ -324,29 +375,43 @@ impl Mesh {
         worker_args: &[&str],
         gate_args: &[&str],
         frontend_args: &[&str],
+        ca: Option<&TestCa>,
     ) -> Mesh {
         let dir = tempfile::tempdir().expect("tempdir");
-        let etcd = Etcd::start(dir.path());
+        let tls = |name: &str| {
+            ca.map(|ca| ca.flags(&ca.leaf(name, name)))
+                .unwrap_or_default()
+        };
+        let etcd = match ca {
+            Some(ca) => Etcd::start_tls(dir.path(), ca),
+            None => Etcd::start(dir.path()),
+        };
         let cluster = format!("test{}", free_port());
         let model = model.map(Path::to_path_buf);
         let mut workers = Vec::new();
         for (i, shard) in shards.iter().enumerate() {
+            let name = format!("worker{i}");
+            let mut args: Vec<String> = worker_args.iter().map(|a| a.to_string()).collect();
+            args.extend(tls(&name));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
             workers.push(start_worker(
                 dir.path(),
                 &etcd,
                 &cluster,
                 model.as_deref(),
-                &format!("worker{i}"),
+                &name,
                 shard,
-                worker_args,
+                &args,
             ));
         }
         let mut args = common_args(&etcd, &cluster, model.as_deref());
         args.extend(["--lease-ttl".into(), "3".into()]);
         args.extend(gate_args.iter().map(|a| a.to_string()));
+        args.extend(tls("gate"));
         let gate = start_role(dir.path(), "gate", "gate", &args);
         let mut fargs = common_args(&etcd, &cluster, model.as_deref());
         fargs.extend(frontend_args.iter().map(|a| a.to_string()));
+        fargs.extend(tls("frontend"));
         let frontend = start_role(dir.path(), "frontend", "frontend", &fargs);
         Mesh {
             dir,

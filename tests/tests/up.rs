@@ -1,6 +1,8 @@
 //! `moemesh up`: a whole local mesh from one command, reachable with no .proto files (health and
-//! reflection), serving the reference tokens, and gone — every child — after SIGTERM.
+//! reflection), with mutual TLS inside, serving the reference tokens, and gone — every child —
+//! after SIGTERM.
 
+use moemesh_proto::v1::gate_client::GateClient;
 use moemesh_proto::v1::generate_request::Input;
 use moemesh_proto::v1::generation_client::GenerationClient;
 use moemesh_proto::v1::{self, GenerateRequest};
@@ -71,6 +73,24 @@ async fn up_serves_reference_tokens_with_health_and_reflection_and_stops_cleanly
     assert!(
         names.contains(&"grpc.health.v1.Health".to_string()),
         "{names:?}"
+    );
+
+    // The internal hops run mutual TLS by default: the gate answers no plaintext call (the
+    // public port above is plaintext on loopback).
+    let log = up.log_text();
+    let gate = log
+        .lines()
+        .find_map(|l| l.strip_prefix("moemesh up: gate on "))
+        .unwrap_or_else(|| panic!("no gate address in the log:\n{log}"))
+        .trim()
+        .to_string();
+    let refused = match GateClient::connect(format!("http://{gate}")).await {
+        Err(_) => true,
+        Ok(mut c) => c.info(v1::GateInfoRequest {}).await.is_err(),
+    };
+    assert!(
+        refused,
+        "the gate of `moemesh up` answered a plaintext call"
     );
 
     let (input, expected) = reference_greedy("tiny-deepseek-v3", 3);

@@ -117,6 +117,14 @@ pub struct PermitBody<B> {
 }
 
 impl<B> PermitBody<B> {
+    /// `inner`, holding `permit` (if any) until it is finished or dropped.
+    pub fn new(inner: B, permit: Option<OwnedSemaphorePermit>) -> Self {
+        PermitBody {
+            inner,
+            _permit: permit,
+        }
+    }
+
     fn without_permit(inner: B) -> Self {
         PermitBody {
             inner,

@@ -1,6 +1,6 @@
 //! Shared by the frontend, gate and expert services: the registry (etcd or static), the wire
 //! codec for tensors, the error type and its one mapping to gRPC statuses, and the serving
-//! boilerplate (health, reflection, shutdown, the readiness line).
+//! boilerplate (health, reflection, shutdown, the readiness line), and TLS on every hop.
 
 pub mod codec;
 pub mod device;
@@ -9,6 +9,8 @@ pub mod layers;
 pub mod member_args;
 pub mod metrics;
 pub mod registry;
+pub mod reload;
 pub mod serve;
+pub mod tls;
 
 pub use error::{MeshError, MeshResult};

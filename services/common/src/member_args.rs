@@ -1,12 +1,15 @@
 //! The flags every registered mesh member (gate, expert worker) shares: where it listens, how
-//! it is announced, which registry and cluster it joins, and the device it computes on.
+//! it is announced, which registry and cluster it joins, the device it computes on, its metrics
+//! port and its TLS files.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use clap::Args;
 
 use crate::metrics::MetricsArgs;
 use crate::registry::RegistryConfig;
+use crate::tls::{Tls, TlsArgs};
 
 #[derive(Args, Debug, Clone)]
 pub struct MemberArgs {
@@ -38,6 +41,10 @@ pub struct MemberArgs {
     pub dtype: String,
     #[command(flatten)]
     pub metrics: MetricsArgs,
+    /// TLS for the member's own port (mutual: clients need a certificate the CA signed) and
+    /// for the peers it dials.
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 impl MemberArgs {
@@ -52,12 +59,13 @@ impl MemberArgs {
     }
 
     /// The registry this member joins, for the model called `model`.
-    pub fn registry_config(&self, model: &str) -> RegistryConfig {
+    pub fn registry_config(&self, model: &str, tls: Option<Arc<Tls>>) -> RegistryConfig {
         RegistryConfig {
             etcd: self.etcd.clone(),
             cluster: self.cluster.clone(),
             model: model.to_string(),
             lease_ttl_s: self.lease_ttl,
+            tls,
         }
     }
 }

@@ -71,6 +71,8 @@ metrics_table! {
     histogram FRONTEND_STEP = "moemesh_frontend_step_duration_seconds";
     /// Sequences preempted because the gate's KV was full, per `gate`.
     counter PREEMPTIONS = "moemesh_frontend_preemptions_total";
+    /// Audit log lines dropped because its writer fell behind (it queues 65,536).
+    counter AUDIT_DROPPED = "moemesh_frontend_audit_dropped_total";
 
     // Gate.
     /// Steps run by the gate's engine, by `outcome` (`ok`, `error`).

@@ -10,6 +10,7 @@ use std::time::Duration;
 use futures::Stream;
 use moemesh_common::metrics::{code_label, names};
 use moemesh_common::registry::{Member, Registry, Role};
+use moemesh_common::tls::{self, ClientAuth};
 use moemesh_common::{MeshError, MeshResult, codec, device, metrics as mesh_metrics, serve};
 use moemesh_engine::{Device, ExpertShard, ModelFiles, ShardSpec};
 use moemesh_proto::v1::expert_server::{Expert, ExpertServer};
@@ -173,6 +174,7 @@ pub async fn run(
 ) -> MeshResult<()> {
     let device = device::parse_device(&cfg.member.device)?;
     let dtype = device::parse_dtype(&cfg.member.dtype)?;
+    let tls = cfg.member.tls.load(ClientAuth::Required)?;
     let local = listener
         .local_addr()
         .map_err(|e| MeshError::Internal(e.to_string()))?;
@@ -250,13 +252,13 @@ pub async fn run(
             .max_decoding_message_size(256 << 20)
             .max_encoding_message_size(256 << 20),
         )
-        .serve_with_incoming_shutdown(serve::incoming(listener), async {
+        .serve_with_incoming_shutdown(tls::incoming(listener, tls.clone()), async {
             let _ = stop_rx.await;
         });
     let server = tokio::spawn(server);
     serve::set_health(&reporter, true).await;
 
-    let registry = Registry::new(&cfg.member.registry_config(&files.name), Vec::new())?;
+    let registry = Registry::new(&cfg.member.registry_config(&files.name, tls), Vec::new())?;
     let registration = registry
         .register(Member {
             id: id.clone(),

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use moemesh_common::metrics::MetricsArgs;
+use moemesh_common::tls::TlsArgs;
 
 #[derive(Args, Debug, Clone)]
 pub struct FrontendConfig {
@@ -53,4 +54,27 @@ pub struct FrontendConfig {
     pub drain_timeout: u64,
     #[command(flatten)]
     pub metrics: MetricsArgs,
+    /// TLS: the public port (client certificates optional, verified against --tls-ca when
+    /// presented) and the hop to the gates (mutual TLS).
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// Serve the public port without TLS while --tls-cert/--tls-key/--tls-ca still secure the
+    /// hop to the gates: for a port on loopback (`moemesh up` does this) or behind a proxy that
+    /// terminates TLS.
+    #[arg(long, env = "MOEMESH_PUBLIC_PLAINTEXT")]
+    pub public_plaintext: bool,
+    /// API keys (TOML: `[[key]]` tables with `id`, `key` or `key_sha256`, and optional
+    /// `requests_per_second`, `burst`, `max_streams`, `methods`; see the README). With it, every
+    /// Generation call needs `authorization: Bearer <key>`; health and reflection stay open.
+    /// Reloaded when the file changes. Without it the API is open to anyone who reaches the port.
+    #[arg(long, env = "MOEMESH_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// Append one JSON line per Generate call (and per refused call) to this file, or `-` for
+    /// stdout: time, key id, request id, status, finish reason, token counts, SHA-256 of the
+    /// prompt and of the output. Off when not given.
+    #[arg(long, env = "MOEMESH_AUDIT_LOG")]
+    pub audit_log: Option<String>,
+    /// Also write the prompt and output texts to the audit log (they are only hashed otherwise).
+    #[arg(long, env = "MOEMESH_AUDIT_LOG_TEXT", requires = "audit_log")]
+    pub audit_log_text: bool,
 }

@@ -30,6 +30,8 @@ pub struct Ctx {
     pub eos: Vec<u32>,
     pub context_length: usize,
     pub next_seq: AtomicU64,
+    /// The TLS files for the hop to the gates; `None` with --plaintext.
+    pub tls: Option<Arc<moemesh_common::tls::Tls>>,
 }
 
 pub type ClientTx = mpsc::UnboundedSender<Result<GenerateResponse, Status>>;
@@ -152,10 +154,14 @@ struct Conn {
 }
 
 /// Opens the step stream, and asks the gate for its KV capacity so the first step fits too.
-async fn connect(address: &str) -> MeshResult<(Conn, Option<KvState>)> {
+/// A new stream takes the TLS files as they are now.
+async fn connect(
+    address: &str,
+    tls: Option<&moemesh_common::tls::Tls>,
+) -> MeshResult<(Conn, Option<KvState>)> {
     let unavailable =
         |e: &dyn std::fmt::Display| MeshError::Unavailable(format!("gate {address}: {e}"));
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+    let endpoint = moemesh_common::tls::endpoint(address, tls)
         .map_err(|e| unavailable(&e))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true);
@@ -295,7 +301,7 @@ async fn run(link: Link, mut rx: mpsc::UnboundedReceiver<NewSeq>) {
         let sent = Instant::now();
         let result = async {
             if conn.is_none() {
-                let (c, kv) = connect(&address).await?;
+                let (c, kv) = connect(&address, ctx.tls.as_deref()).await?;
                 conn = Some(c);
                 if kv.is_some() {
                     sched.kv = kv;

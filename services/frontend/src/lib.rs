@@ -4,6 +4,8 @@
 //! incrementally, applies stop strings and limits, and frees a sequence's KV on the gate when it
 //! finishes or its client goes away.
 
+mod audit;
+mod auth;
 mod config;
 mod gate_link;
 mod metered;

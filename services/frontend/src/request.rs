@@ -66,26 +66,27 @@ pub fn tokenize(
     Ok((tok.encode(&rendered, false)?, rendered))
 }
 
-/// Validates and converts a request; `seed` is used when the request sets none.
+/// Validates and converts a request; `seed` is used when the request sets none. Also returns the
+/// rendered chat (empty for other inputs).
 pub fn to_engine_request(
     req: &v1::GenerateRequest,
     cfg: &FrontendConfig,
     model: &ModelConfig,
     tok: Option<&TextTokenizer>,
     seed: u64,
-) -> MeshResult<GenerationRequest> {
-    let prompt_ids = match &req.input {
+) -> MeshResult<(GenerationRequest, String)> {
+    let (prompt_ids, rendered) = match &req.input {
         Some(Input::Tokens(t)) => {
             if t.ids.is_empty() {
                 return Err(MeshError::Invalid(
                     "tokens.ids: empty (at least 1 token id is required)".into(),
                 ));
             }
-            t.ids.clone()
+            (t.ids.clone(), String::new())
         }
-        Some(Input::Prompt(p)) => tokenize(Some(p), None, tok, cfg.max_prompt_bytes)?.0,
-        Some(Input::Chat(c)) => tokenize(None, Some(c), tok, cfg.max_prompt_bytes)?.0,
-        None => tokenize(None, None, tok, cfg.max_prompt_bytes)?.0,
+        Some(Input::Prompt(p)) => tokenize(Some(p), None, tok, cfg.max_prompt_bytes)?,
+        Some(Input::Chat(c)) => tokenize(None, Some(c), tok, cfg.max_prompt_bytes)?,
+        None => tokenize(None, None, tok, cfg.max_prompt_bytes)?,
     };
     let s = req.sampling.unwrap_or_default();
     let stopping = req.stopping.clone().unwrap_or_default();
@@ -113,5 +114,23 @@ pub fn to_engine_request(
             "stopping.stop: stop strings need a tokenizer, and this model has none".into(),
         ));
     }
-    Ok(out)
+    Ok((out, rendered))
+}
+
+/// The prompt as the model reads it, for the audit log: a prompt's UTF-8 bytes, the rendered
+/// chat, or token ids as little-endian u32s; plus its text when it has one.
+pub fn audit_prompt<'a>(
+    req: &'a v1::GenerateRequest,
+    rendered: &'a str,
+) -> (std::borrow::Cow<'a, [u8]>, Option<&'a str>) {
+    use std::borrow::Cow;
+    match &req.input {
+        Some(Input::Prompt(p)) => (Cow::Borrowed(p.as_bytes()), Some(p.as_str())),
+        Some(Input::Chat(_)) => (Cow::Borrowed(rendered.as_bytes()), Some(rendered)),
+        Some(Input::Tokens(t)) => (
+            Cow::Owned(t.ids.iter().flat_map(|id| id.to_le_bytes()).collect()),
+            None,
+        ),
+        None => (Cow::Borrowed(&[]), None),
+    }
 }

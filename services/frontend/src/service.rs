@@ -23,6 +23,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::audit::{AuditLog, Audited, Trail};
+use crate::auth::{ApiKeys, AuthLayer, KeyId};
 use crate::config::FrontendConfig;
 use crate::gate_link::{Ctx, GateLink, NewSeq};
 use crate::{metered, request};
@@ -45,6 +47,8 @@ struct Frontend {
     /// Where gate links hand sequences whose gate died.
     reroute: crate::gate_link::Reroute,
     seed: AtomicU64,
+    /// `--audit-log`, when given.
+    audit: Option<AuditLog>,
 }
 
 impl Frontend {
@@ -110,23 +114,28 @@ type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>
 
 impl GenerationService {
     /// Validates and tokenizes a Generate request and hands it to a gate's step loop; the
-    /// returned stream carries its tokens.
+    /// returned stream carries its tokens. `trail` gets the prompt once it is known.
     async fn start_generate(
         &self,
         request: Request<GenerateRequest>,
+        start: Instant,
+        trail: Option<&mut Trail>,
     ) -> Result<Response<GenerateStream>, Status> {
-        let start = Instant::now();
         let f = &self.0;
         let deadline = grpc_timeout(request.metadata()).map(|t| start + t);
         let req = request.into_inner();
         let seed = f.seed.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
-        let engine_req = request::to_engine_request(
+        let (engine_req, rendered) = request::to_engine_request(
             &req,
             &f.cfg,
             f.ctx.model.config(),
             f.ctx.tokenizer.as_ref(),
             seed,
         )?;
+        if let Some(trail) = trail {
+            let (bytes, text) = request::audit_prompt(&req, &rendered);
+            trail.prompt(&bytes, text, engine_req.prompt_ids.len());
+        }
         let text = TextTracker::new(f.ctx.tokenizer.as_ref(), &engine_req.stop)
             .map_err(MeshError::from)?;
         tracing::debug!(request_id = %req.request_id, prompt_tokens = engine_req.prompt_ids.len(), "generate");
@@ -160,11 +169,25 @@ impl Generation for GenerationService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateStream>, Status> {
-        let result = self.start_generate(request).await;
-        if let Err(status) = &result {
-            metered::count_request(status.code());
+        let start = Instant::now();
+        let mut trail = self.0.audit.as_ref().map(|log| {
+            let key = request.extensions().get::<KeyId>().map(|k| &*k.0);
+            log.generate(key, &request.get_ref().request_id, start)
+        });
+        let result = self.start_generate(request, start, trail.as_mut()).await;
+        match (result, trail) {
+            (Err(status), trail) => {
+                metered::count_request(status.code());
+                if let Some(mut t) = trail {
+                    t.end(status.code(), None);
+                }
+                Err(status)
+            }
+            (Ok(stream), Some(trail)) => {
+                Ok(stream.map(|s| Box::pin(Audited::new(s, trail)) as GenerateStream))
+            }
+            (Ok(stream), None) => Ok(stream),
         }
-        result
     }
 
     async fn tokenize(
@@ -233,6 +256,18 @@ pub async fn run(
             cfg.step_token_budget, cfg.max_running
         )));
     }
+    // The transport and the keys file are checked before anything is loaded.
+    let frontend_tls = cfg.tls.load(moemesh_common::tls::ClientAuth::Optional)?;
+    let public_tls = if cfg.public_plaintext {
+        None
+    } else {
+        frontend_tls.clone()
+    };
+    let api_keys = cfg
+        .api_keys_file
+        .as_deref()
+        .map(ApiKeys::load)
+        .transpose()?;
     let local = listener
         .local_addr()
         .map_err(|e| MeshError::Internal(e.to_string()))?;
@@ -285,6 +320,7 @@ pub async fn run(
             cluster: cfg.cluster.clone(),
             model: files.name.clone(),
             lease_ttl_s: 5,
+            tls: frontend_tls.clone(),
         },
         static_gates,
     )?;
@@ -297,6 +333,13 @@ pub async fn run(
     let experts = registry
         .watch_synced(Role::Expert, Duration::from_secs(10))
         .await;
+    let (audit, audit_writer) = match &cfg.audit_log {
+        Some(target) => {
+            let (log, writer) = AuditLog::open(target, cfg.audit_log_text)?;
+            (Some(log), Some(writer))
+        }
+        None => (None, None),
+    };
     let (reroute_tx, mut reroute_rx) = mpsc::unbounded_channel::<(String, NewSeq)>();
     let frontend = Arc::new(Frontend {
         ctx: Arc::new(Ctx {
@@ -310,6 +353,7 @@ pub async fn run(
             tokenizer: files.tokenizer.clone(),
             eos,
             next_seq: AtomicU64::new(1),
+            tls: frontend_tls,
         }),
         name: files.name.clone(),
         fingerprint: files.fingerprint.clone(),
@@ -327,6 +371,7 @@ pub async fn run(
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(0x1234_5678),
         ),
+        audit: audit.clone(),
         cfg,
     });
 
@@ -374,15 +419,21 @@ pub async fn run(
         names::REQUESTS,
         "code" => mesh_metrics::code_label(tonic::Code::ResourceExhausted)
     ));
+    // Outermost: a call without a valid key takes no load-shedding permit.
+    let auth = AuthLayer::new(api_keys, audit);
     let server = tokio::spawn(
         tonic::transport::Server::builder()
+            .layer(auth)
             .layer(shed)
             .add_service(health)
             .add_service(reflection)
             .add_service(GenerationServer::new(GenerationService(frontend)))
-            .serve_with_incoming_shutdown(serve::incoming(listener), async {
-                let _ = stop_rx.await;
-            }),
+            .serve_with_incoming_shutdown(
+                moemesh_common::tls::incoming(listener, public_tls),
+                async {
+                    let _ = stop_rx.await;
+                },
+            ),
     );
     serve::set_health(&reporter, true).await;
     tracing::info!(address = %local, model = %files.name, "frontend serving");
@@ -400,6 +451,10 @@ pub async fn run(
         .is_none()
     {
         tracing::warn!("drain timeout: exiting with Generate streams in flight");
+    }
+    if let Some(writer) = audit_writer {
+        // The server is gone, and with it every handle on the log: its last lines get written.
+        let _ = serve::bounded(Duration::from_secs(2), writer.finished()).await;
     }
     Ok(())
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use futures::Stream;
 use moemesh_common::metrics::names;
 use moemesh_common::registry::{Member, Registry, Role};
+use moemesh_common::tls::{self, ClientAuth, Tls};
 use moemesh_common::{MeshError, MeshResult, codec, device, metrics as mesh_metrics, serve};
 use moemesh_engine::{ModelFiles, Parts};
 use moemesh_proto::v1::expert_client::ExpertClient;
@@ -133,15 +134,18 @@ async fn kv_state(engine: &mpsc::Sender<Command>) -> GateInfoResponse {
 
 /// Resolves statically configured workers into members by asking each for its `Info`
 /// (retrying for up to a minute while they start).
-async fn static_members(addrs: &[String]) -> MeshResult<Vec<Member>> {
+async fn static_members(addrs: &[String], tls: Option<&Tls>) -> MeshResult<Vec<Member>> {
     let mut out = Vec::new();
     for addr in addrs {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         let info = loop {
             let attempt = async {
-                let mut c = ExpertClient::connect(format!("http://{addr}"))
+                let channel = tls::endpoint(addr, tls)
+                    .map_err(|e| e.to_string())?
+                    .connect()
                     .await
                     .map_err(|e| e.to_string())?;
+                let mut c = ExpertClient::new(channel);
                 c.info(ExpertInfoRequest {})
                     .await
                     .map_err(|e| e.to_string())
@@ -184,6 +188,7 @@ pub async fn run(
                 .into(),
         ));
     }
+    let tls = cfg.member.tls.load(ClientAuth::Required)?;
     let local = listener
         .local_addr()
         .map_err(|e| MeshError::Internal(e.to_string()))?;
@@ -210,13 +215,16 @@ pub async fn run(
     .await
     .map_err(|e| MeshError::Internal(e.to_string()))??;
 
-    let pool = Arc::new(WorkerPool::new(files.fingerprint.clone()));
+    let pool = Arc::new(WorkerPool::new(files.fingerprint.clone(), tls.clone()));
     let members = if cfg.member.etcd.is_empty() {
-        static_members(&cfg.expert_addrs).await?
+        static_members(&cfg.expert_addrs, tls.as_deref()).await?
     } else {
         Vec::new()
     };
-    let registry = Registry::new(&cfg.member.registry_config(&files.name), members)?;
+    let registry = Registry::new(
+        &cfg.member.registry_config(&files.name, tls.clone()),
+        members,
+    )?;
     let mut workers = registry
         .watch_synced(Role::Expert, Duration::from_secs(10))
         .await;
@@ -293,7 +301,7 @@ pub async fn run(
                     .max_decoding_message_size(256 << 20)
                     .max_encoding_message_size(256 << 20),
             )
-            .serve_with_incoming_shutdown(serve::incoming(listener), async {
+            .serve_with_incoming_shutdown(tls::incoming(listener, tls), async {
                 let _ = stop_rx.await;
             }),
     );

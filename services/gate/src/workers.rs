@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use moemesh_common::registry::Member;
+use moemesh_common::tls::{self, Tls};
 use moemesh_common::{MeshError, MeshResult};
 use moemesh_proto::v1::expert_client::ExpertClient;
 use moemesh_proto::v1::{ForwardRequest, ForwardResponse};
@@ -30,6 +31,8 @@ pub struct WorkerClient {
     pub member: Member,
     conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
     next_call: AtomicU64,
+    /// The TLS files for this hop (a reopened stream takes them as they are then).
+    tls: Option<Arc<Tls>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -37,11 +40,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl WorkerClient {
-    fn new(member: Member) -> Self {
+    fn new(member: Member, tls: Option<Arc<Tls>>) -> Self {
         WorkerClient {
             member,
             conn: tokio::sync::Mutex::new(None),
             next_call: AtomicU64::new(1),
+            tls,
         }
     }
 
@@ -59,11 +63,10 @@ impl WorkerClient {
         {
             return Ok(c.clone());
         }
-        let endpoint =
-            tonic::transport::Endpoint::from_shared(format!("http://{}", self.member.address))
-                .map_err(|e| self.peer_err(e))?
-                .connect_timeout(Duration::from_secs(2))
-                .tcp_nodelay(true);
+        let endpoint = tls::endpoint(&self.member.address, self.tls.as_deref())
+            .map_err(|e| self.peer_err(e))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true);
         let channel = endpoint.connect().await.map_err(|e| self.peer_err(e))?;
         let mut client = ExpertClient::new(channel)
             .max_decoding_message_size(256 << 20)
@@ -149,16 +152,19 @@ pub struct WorkerPool {
     state: RwLock<PoolState>,
     fingerprint: String,
     rr: AtomicU64,
+    /// The gate's TLS files, for every worker's stream; `None` with --plaintext.
+    tls: Option<Arc<Tls>>,
 }
 
 const SUSPECT_FOR: Duration = Duration::from_secs(2);
 
 impl WorkerPool {
-    pub fn new(fingerprint: String) -> Self {
+    pub fn new(fingerprint: String, tls: Option<Arc<Tls>>) -> Self {
         WorkerPool {
             state: RwLock::new(PoolState::default()),
             fingerprint,
             rr: AtomicU64::new(0),
+            tls,
         }
     }
 
@@ -180,7 +186,7 @@ impl WorkerPool {
             }
             let client = match st.workers.get(&m.id) {
                 Some(c) if c.member == *m => c.clone(),
-                _ => Arc::new(WorkerClient::new(m.clone())),
+                _ => Arc::new(WorkerClient::new(m.clone(), self.tls.clone())),
             };
             for &l in &m.layers {
                 for &e in &m.experts {

@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use moemesh_proto::v1::generation_client::GenerationClient;
 use moemesh_proto::v1::{self, GenerateRequest, ModelInfoRequest, generate_request::Input};
+
+use crate::client_args::Client;
 use rand::{RngExt, SeedableRng};
 
 /// The frontend `moemesh up` and `moemesh frontend` listen on by default.
@@ -74,6 +75,9 @@ pub struct BenchArgs {
     /// per run.
     #[arg(long, value_delimiter = ',')]
     pub sweep: Vec<usize>,
+    /// TLS and the API key for --addr.
+    #[command(flatten)]
+    pub client: crate::client_args::ClientArgs,
 }
 
 impl BenchArgs {
@@ -128,10 +132,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-async fn one(
-    client: &mut GenerationClient<tonic::transport::Channel>,
-    req: GenerateRequest,
-) -> Sample {
+async fn one(client: &mut Client, req: GenerateRequest) -> Sample {
     let start = Instant::now();
     let mut s = Sample::default();
     let mut last = start;
@@ -204,10 +205,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let url = format!("http://{}", args.addr());
-        let mut client = GenerationClient::connect(url.clone())
-            .await
-            .with_context(|| format!("connecting to {}", args.addr()))?;
+        let mut client = args.client.connect(args.addr()).await?;
         let info = client
             .model_info(ModelInfoRequest {})
             .await
@@ -227,11 +225,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let started = Instant::now();
         let mut tasks = Vec::new();
         for _ in 0..args.concurrency() {
-            let (prompts, next, url, out_len) =
-                (prompts.clone(), next.clone(), url.clone(), args.output_len);
+            let (prompts, next, out_len) = (prompts.clone(), next.clone(), args.output_len);
+            let (client_args, addr) = (args.client.clone(), args.addr().to_string());
             tasks.push(tokio::spawn(async move {
                 let mut samples = Vec::new();
-                let Ok(mut client) = GenerationClient::connect(url).await else {
+                let Ok(mut client) = client_args.connect(&addr).await else {
                     return samples;
                 };
                 loop {

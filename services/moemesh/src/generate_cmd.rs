@@ -73,6 +73,9 @@ pub struct GenerateArgs {
     /// One JSON object per line instead of plain text.
     #[arg(long)]
     pub json: bool,
+    /// With --addr: TLS and the API key.
+    #[command(flatten)]
+    pub client: crate::client_args::ClientArgs,
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
@@ -203,7 +206,6 @@ mod remote {
     use std::io::Write;
 
     use anyhow::Context;
-    use moemesh_proto::v1::generation_client::GenerationClient;
     use moemesh_proto::v1::{self, generate_request::Input};
 
     use super::GenerateArgs;
@@ -249,9 +251,7 @@ mod remote {
         rt.block_on(async move {
             let started = std::time::Instant::now();
             let mut first_token: Option<std::time::Duration> = None;
-            let mut client = GenerationClient::connect(format!("http://{addr}"))
-                .await
-                .with_context(|| format!("connecting to the frontend at {addr}"))?;
+            let mut client = args.client.connect(addr).await?;
             let mut stream = client.generate(req).await.map_err(|s| anyhow::anyhow!("{}: {}", code(&s), s.message()))?.into_inner();
             let stdout = std::io::stdout();
             let mut out = stdout.lock();

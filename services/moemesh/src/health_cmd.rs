@@ -22,6 +22,10 @@ pub struct HealthArgs {
     /// Give up after this many seconds (connecting included).
     #[arg(long, default_value_t = 2)]
     pub timeout: u64,
+    /// TLS as for the role's own peers: with mTLS on the gate and expert workers, the role's own
+    /// certificate (`MOEMESH_TLS_*` in its container) is what the probe presents.
+    #[command(flatten)]
+    pub client: crate::client_args::ClientArgs,
 }
 
 /// Succeeds (exit 0) only when the status is SERVING; otherwise the error names the status.
@@ -32,11 +36,7 @@ pub fn run(args: HealthArgs) -> anyhow::Result<()> {
     let limit = Duration::from_secs(args.timeout);
     let status = rt.block_on(async {
         tokio::time::timeout(limit, async {
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", args.addr))
-                .with_context(|| format!("--addr {:?} is not host:port", args.addr))?
-                .connect()
-                .await
-                .with_context(|| format!("connecting to {}", args.addr))?;
+            let channel = args.client.channel(&args.addr).await?;
             let reply = HealthClient::new(channel)
                 .check(HealthCheckRequest {
                     service: args.service.clone(),

@@ -3,6 +3,7 @@
 
 mod bench_cmd;
 mod bench_scenario;
+mod client_args;
 mod generate_cmd;
 mod ghz;
 mod health_cmd;
@@ -53,6 +54,7 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    moemesh_common::tls::install_crypto_provider();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate_cmd::run(args),

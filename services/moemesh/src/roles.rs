@@ -21,6 +21,8 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
 
 pub fn frontend(cfg: moemesh_frontend::FrontendConfig) -> anyhow::Result<()> {
     tracing::info!(config = ?cfg, "frontend");
+    // TLS or --plaintext must be chosen before any port is bound.
+    cfg.tls.check()?;
     runtime()?.block_on(async {
         let listener = bind(cfg.listen).await?;
         moemesh_frontend::run(cfg, listener, shutdown_signal())
@@ -31,6 +33,7 @@ pub fn frontend(cfg: moemesh_frontend::FrontendConfig) -> anyhow::Result<()> {
 
 pub fn gate(cfg: moemesh_gate::GateConfig) -> anyhow::Result<()> {
     tracing::info!(config = ?cfg, "gate");
+    cfg.member.tls.check()?;
     runtime()?.block_on(async {
         let listener = bind(cfg.member.listen).await?;
         moemesh_gate::run(cfg, listener, shutdown_signal())
@@ -41,6 +44,7 @@ pub fn gate(cfg: moemesh_gate::GateConfig) -> anyhow::Result<()> {
 
 pub fn expert(cfg: moemesh_expert::ExpertConfig) -> anyhow::Result<()> {
     tracing::info!(config = ?cfg, "expert");
+    cfg.member.tls.check()?;
     runtime()?.block_on(async {
         let listener = bind(cfg.member.listen).await?;
         moemesh_expert::run(cfg, listener, shutdown_signal())

@@ -2,6 +2,11 @@
 //! gate and one frontend, each its own process — started in order, each waited for through its
 //! readiness line, stopped together (SIGTERM, then SIGKILL) on Ctrl-C/SIGTERM or when any of
 //! them exits.
+//!
+//! The internal hops (frontend → gate → workers) run mutual TLS with an ephemeral CA and one
+//! certificate per process, made at start in a private temporary directory and deleted at exit
+//! (`--plaintext` turns TLS off). The public port is plaintext on a loopback address; another
+//! address needs `--public-plaintext` to say so (or the roles run alone, with real certificates).
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -49,9 +54,121 @@ pub struct UpArgs {
     /// Extra flags for the gate, e.g. `--gate-args=--overlap` (repeatable).
     #[arg(long, allow_hyphen_values = true)]
     pub gate_args: Vec<String>,
-    /// Extra flags for the frontend, e.g. `--frontend-args=--max-pending=8` (repeatable).
+    /// Extra flags for the frontend, e.g. `--frontend-args=--api-keys-file=keys.toml` (repeatable).
     #[arg(long, allow_hyphen_values = true)]
     pub frontend_args: Vec<String>,
+    /// Run every hop without TLS (by default the internal hops use mutual TLS with an ephemeral
+    /// CA made at start).
+    #[arg(long, env = "MOEMESH_PLAINTEXT")]
+    pub plaintext: bool,
+    /// Serve the public port (--listen) without TLS on a non-loopback address too. On loopback
+    /// it is plaintext anyway.
+    #[arg(long, env = "MOEMESH_PUBLIC_PLAINTEXT")]
+    pub public_plaintext: bool,
+}
+
+/// Variables that would give the children another transport than the one `up` chooses.
+const TRANSPORT_ENV: [&str; 6] = [
+    "MOEMESH_TLS_CERT",
+    "MOEMESH_TLS_KEY",
+    "MOEMESH_TLS_CA",
+    "MOEMESH_TLS_SERVER_NAME",
+    "MOEMESH_PLAINTEXT",
+    "MOEMESH_PUBLIC_PLAINTEXT",
+];
+
+/// The ephemeral CA and the per-process certificates, in a directory only this user can read.
+struct DevPki {
+    dir: tempfile::TempDir,
+    ca: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl DevPki {
+    fn new() -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("moemesh-up-pki-")
+            .tempdir()
+            .context("creating the directory for the mesh's certificates")?;
+        let mut params = rcgen::CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "moemesh up ephemeral CA");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let key = rcgen::KeyPair::generate().context("CA key")?;
+        let cert = params.self_signed(&key).context("CA certificate")?;
+        write_private(&dir.path().join("ca.pem"), cert.pem().as_bytes())?;
+        Ok(DevPki {
+            dir,
+            ca: rcgen::Issuer::new(params, key),
+        })
+    }
+
+    /// `--tls-cert/--tls-key/--tls-ca` for the process `name`: a certificate for localhost and
+    /// 127.0.0.1, good as server and as client.
+    fn flags(&self, name: &str) -> anyhow::Result<Vec<String>> {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .context("certificate names")?;
+        params.subject_alt_names.push(rcgen::SanType::IpAddress(
+            std::net::Ipv4Addr::LOCALHOST.into(),
+        ));
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = rcgen::KeyPair::generate().context("key")?;
+        let cert = params
+            .signed_by(&key, &self.ca)
+            .with_context(|| format!("certificate for {name}"))?;
+        let (cert_path, key_path) = (
+            self.dir.path().join(format!("{name}.pem")),
+            self.dir.path().join(format!("{name}-key.pem")),
+        );
+        write_private(&cert_path, cert.pem().as_bytes())?;
+        write_private(&key_path, key.serialize_pem().as_bytes())?;
+        let path = |p: &std::path::Path| p.display().to_string();
+        Ok(vec![
+            "--tls-cert".into(),
+            path(&cert_path),
+            "--tls-key".into(),
+            path(&key_path),
+            "--tls-ca".into(),
+            path(&self.dir.path().join("ca.pem")),
+        ])
+    }
+}
+
+/// Writes a file only its owner can read.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options
+        .open(path)
+        .and_then(|mut f| f.write_all(bytes))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// How each child is told its transport.
+struct Transport {
+    pki: Option<DevPki>,
+}
+
+impl Transport {
+    fn flags(&self, name: &str) -> anyhow::Result<Vec<String>> {
+        match &self.pki {
+            Some(pki) => pki.flags(name),
+            None => Ok(vec!["--plaintext".into()]),
+        }
+    }
 }
 
 struct Proc {
@@ -62,7 +179,11 @@ struct Proc {
 /// Starts `moemesh <args>` and waits for its ready line; returns the process and its address.
 async fn start(role: &str, args: Vec<String>) -> anyhow::Result<(Proc, String)> {
     let exe = std::env::current_exe().context("locating the moemesh binary")?;
-    let mut child = Command::new(exe)
+    let mut command = Command::new(exe);
+    for var in TRANSPORT_ENV {
+        command.env_remove(var);
+    }
+    let mut child = command
         .arg(role)
         .args(&args)
         // Each child gets its own metrics port (or none) from `up`, never a shared one.
@@ -144,6 +265,22 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         );
     }
     drop(files);
+    let listen: std::net::SocketAddr = args.listen.parse().with_context(|| {
+        format!(
+            "--listen {:?}: not an address like 127.0.0.1:50051",
+            args.listen
+        )
+    })?;
+    if !args.plaintext && !args.public_plaintext && !listen.ip().is_loopback() {
+        bail!(
+            "--listen {listen}: the public port is plaintext, and this address is reachable from \
+             other machines; pass --public-plaintext to accept that (or run the roles alone with \
+             --tls-cert/--tls-key/--tls-ca for a TLS public port)"
+        );
+    }
+    let transport = Transport {
+        pki: (!args.plaintext).then(DevPki::new).transpose()?,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -162,6 +299,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 };
                 a.extend(["--device".into(), device]);
                 a.extend(metrics_flag(&args, 2 + i)?);
+                a.extend(transport.flags(&format!("expert-{i}"))?);
                 let (p, addr) = start("expert", a).await?;
                 eprintln!("moemesh up: expert worker {i} (experts {lo}-{}) on {addr}", hi - 1);
                 procs.push(p);
@@ -172,6 +310,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             a.extend(["--device".into(), args.device.clone()]);
             a.extend(metrics_flag(&args, 1)?);
             a.extend(args.gate_args.iter().cloned());
+            a.extend(transport.flags("gate")?);
             if args.etcd.is_none() {
                 a.extend(["--expert-addrs".into(), worker_addrs.join(",")]);
             }
@@ -181,14 +320,19 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             let mut a = common(&args);
             a.extend(["--listen".into(), args.listen.clone()]);
             a.extend(metrics_flag(&args, 0)?);
-            a.extend(args.frontend_args.iter().cloned());
             if args.etcd.is_none() {
                 a.extend(["--gate-addrs".into(), gate_addr]);
             }
+            a.extend(transport.flags("frontend")?);
+            if transport.pki.is_some() {
+                a.push("--public-plaintext".into());
+            }
+            a.extend(args.frontend_args.iter().cloned());
             let (p, addr) = start("frontend", a).await?;
             procs.push(p);
             println!("{}", serde_json::json!({"event": "ready", "role": "up", "address": addr}));
-            eprintln!("moemesh up: frontend (moemesh.v1.Generation) on {addr}; Ctrl-C stops the mesh");
+            let internal = if transport.pki.is_some() { "mutual TLS (ephemeral CA)" } else { "plaintext" };
+            eprintln!("moemesh up: frontend (moemesh.v1.Generation) on {addr}, plaintext; internal hops: {internal}; Ctrl-C stops the mesh");
             anyhow::Ok(())
         }
         .await;

@@ -44,3 +44,42 @@ fn generate_help_documents_every_flag_and_its_env_var() {
 fn top_level_help_lists_generate() {
     assert!(help(&["--help"]).contains("generate"));
 }
+
+#[test]
+fn role_help_documents_the_security_flags_and_their_env_vars() {
+    for role in ["frontend", "gate", "expert"] {
+        let h = help(&[role, "--help"]);
+        for flag in [
+            "--tls-cert",
+            "--tls-key",
+            "--tls-ca",
+            "--tls-server-name",
+            "--plaintext",
+            "MOEMESH_TLS_CERT",
+            "MOEMESH_PLAINTEXT",
+        ] {
+            assert!(h.contains(flag), "{role} --help lacks {flag}:\n{h}");
+        }
+    }
+    let h = help(&["frontend", "--help"]);
+    for flag in [
+        "--api-keys-file",
+        "MOEMESH_API_KEYS_FILE",
+        "--audit-log",
+        "MOEMESH_AUDIT_LOG",
+        "--audit-log-text",
+        "--public-plaintext",
+    ] {
+        assert!(h.contains(flag), "frontend --help lacks {flag}:\n{h}");
+    }
+    for cmd in ["generate", "bench"] {
+        let h = help(&[cmd, "--help"]);
+        for flag in ["--tls-ca", "--api-key", "MOEMESH_API_KEY"] {
+            assert!(h.contains(flag), "{cmd} --help lacks {flag}:\n{h}");
+        }
+    }
+    let h = help(&["up", "--help"]);
+    for flag in ["--plaintext", "--public-plaintext", "--frontend-args"] {
+        assert!(h.contains(flag), "up --help lacks {flag}:\n{h}");
+    }
+}

@@ -24,11 +24,22 @@ pub struct EtcdRegistry {
     cfg: RegistryConfig,
 }
 
+/// Connects to etcd; `https://` endpoints get TLS with the role's files as they are now (etcd's
+/// channel redials with that config, so changed files reach etcd at the next reconnect here).
 async fn connect(cfg: &RegistryConfig) -> Result<Client, etcd_client::Error> {
-    let opts = ConnectOptions::new()
+    let mut opts = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
         .with_timeout(Duration::from_secs(3));
+    if let Some(tls) = &cfg.tls
+        && uses_tls(cfg)
+    {
+        opts = opts.with_tls(tls.client_config());
+    }
     Client::connect(&cfg.etcd, Some(opts)).await
+}
+
+fn uses_tls(cfg: &RegistryConfig) -> bool {
+    cfg.etcd.iter().any(|e| e.starts_with("https://"))
 }
 
 impl EtcdRegistry {
@@ -37,6 +48,12 @@ impl EtcdRegistry {
             return Err(MeshError::Invalid(format!(
                 "registry lease TTL must be at least 2 s, got {}",
                 cfg.lease_ttl_s
+            )));
+        }
+        if uses_tls(&cfg) && cfg.tls.is_none() {
+            return Err(MeshError::Invalid(format!(
+                "--etcd {:?}: https endpoints need the TLS files (--tls-cert, --tls-key, --tls-ca)",
+                cfg.etcd
             )));
         }
         Ok(EtcdRegistry { cfg })

@@ -64,7 +64,7 @@ pub struct Member {
 }
 
 /// Where the registry lives and which mesh this process belongs to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct RegistryConfig {
     /// etcd endpoints; empty means the static registry.
     pub etcd: Vec<String>,
@@ -74,6 +74,8 @@ pub struct RegistryConfig {
     pub model: String,
     /// Lease time-to-live in seconds: how long a dead process stays listed.
     pub lease_ttl_s: i64,
+    /// The role's TLS files, used for `https://` endpoints (client certificate and CA).
+    pub tls: Option<std::sync::Arc<crate::tls::Tls>>,
 }
 
 impl RegistryConfig {
