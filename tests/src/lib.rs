@@ -75,6 +75,7 @@ pub fn json_lines(out: &Output) -> Vec<serde_json::Value> {
 }
 
 pub mod mesh;
+pub mod otlp;
 
 /// The reference prompt and greedy continuation of a fixture.
 pub fn reference_greedy(model: &str, prompt: usize) -> (Vec<u32>, Vec<u32>) {

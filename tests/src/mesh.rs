@@ -213,19 +213,42 @@ fn answers(endpoint: &str) -> bool {
 /// Starts `moemesh <role> <args…> --listen 127.0.0.1:0` and waits for its ready line.
 /// Returns the process and the address it serves on.
 pub fn start_role(dir: &Path, name: &str, role: &str, args: &[String]) -> (Proc, String) {
+    start_role_env(dir, name, role, args, &[])
+}
+
+/// [`start_role`] with extra environment variables.
+pub fn start_role_env(
+    dir: &Path,
+    name: &str,
+    role: &str,
+    args: &[String],
+    env: &[(String, String)],
+) -> (Proc, String) {
     let mut all = vec!["--listen".to_string(), "127.0.0.1:0".to_string()];
     all.extend_from_slice(args);
-    start_moemesh(dir, name, role, &all)
+    start_moemesh_env(dir, name, role, &all, env)
 }
 
 /// Starts `moemesh <subcommand> <args…>` in its own process group and waits for its ready line.
 pub fn start_moemesh(dir: &Path, name: &str, subcommand: &str, args: &[String]) -> (Proc, String) {
+    start_moemesh_env(dir, name, subcommand, args, &[])
+}
+
+/// [`start_moemesh`] with extra environment variables.
+pub fn start_moemesh_env(
+    dir: &Path,
+    name: &str,
+    subcommand: &str,
+    args: &[String],
+    env: &[(String, String)],
+) -> (Proc, String) {
     let log = dir.join(format!("{name}.log"));
     let err = std::fs::File::create(&log).expect("log file");
     let mut child = Command::new(moemesh_bin())
         .arg(subcommand)
         .args(args)
         .env("MOEMESH_LOG", "info,moemesh_frontend::step=debug")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::piped())
         .stderr(err)
         .process_group(0)
@@ -273,6 +296,22 @@ pub fn start_moemesh(dir: &Path, name: &str, subcommand: &str, args: &[String]) 
     }
 }
 
+/// Extra flags and environment variables for a mesh's processes.
+#[derive(Debug, Clone, Default)]
+pub struct MeshOpts {
+    pub worker_args: Vec<String>,
+    pub gate_args: Vec<String>,
+    pub frontend_args: Vec<String>,
+    /// For every process.
+    pub env: Vec<(String, String)>,
+    /// For the frontend only (after `env`, so it wins).
+    pub frontend_env: Vec<(String, String)>,
+}
+
+fn owned(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| a.to_string()).collect()
+}
+
 /// A mesh on etcd: workers, one gate, one frontend.
 pub struct Mesh {
     // Fields drop in order: processes first, the temp dir (with their logs) last.
@@ -303,23 +342,29 @@ impl Mesh {
         gate_args: &[&str],
         frontend_args: &[&str],
     ) -> Mesh {
-        Mesh::start_opts(model, shards, &[], gate_args, frontend_args)
+        let opts = MeshOpts {
+            gate_args: owned(gate_args),
+            frontend_args: owned(frontend_args),
+            ..MeshOpts::default()
+        };
+        Mesh::start_opts(model, shards, &opts)
     }
 
     /// Like [`start`](Self::start), with every process serving `/metrics` on a free port (its
     /// [`Proc::metrics`]).
     pub fn start_with_metrics(model: Option<&Path>, shards: &[&str]) -> Mesh {
-        let m = ["--metrics-listen", "127.0.0.1:0"];
-        Mesh::start_opts(model, shards, &m, &m, &m)
+        let m = owned(&["--metrics-listen", "127.0.0.1:0"]);
+        let opts = MeshOpts {
+            worker_args: m.clone(),
+            gate_args: m.clone(),
+            frontend_args: m,
+            ..MeshOpts::default()
+        };
+        Mesh::start_opts(model, shards, &opts)
     }
 
-    fn start_opts(
-        model: Option<&Path>,
-        shards: &[&str],
-        worker_args: &[&str],
-        gate_args: &[&str],
-        frontend_args: &[&str],
-    ) -> Mesh {
+    /// Like [`start`](Self::start), with extra flags and environment for its processes.
+    pub fn start_opts(model: Option<&Path>, shards: &[&str], opts: &MeshOpts) -> Mesh {
         let dir = tempfile::tempdir().expect("tempdir");
         let etcd = Etcd::start(dir.path());
         let cluster = format!("test{}", free_port());
@@ -333,16 +378,23 @@ impl Mesh {
                 model.as_deref(),
                 &format!("worker{i}"),
                 shard,
-                worker_args,
+                &opts.worker_args,
+                &opts.env,
             ));
         }
         let mut args = common_args(&etcd, &cluster, model.as_deref());
         args.extend(["--lease-ttl".into(), "3".into()]);
-        args.extend(gate_args.iter().map(|a| a.to_string()));
-        let gate = start_role(dir.path(), "gate", "gate", &args);
+        args.extend(opts.gate_args.iter().cloned());
+        let gate = start_role_env(dir.path(), "gate", "gate", &args, &opts.env);
         let mut fargs = common_args(&etcd, &cluster, model.as_deref());
-        fargs.extend(frontend_args.iter().map(|a| a.to_string()));
-        let frontend = start_role(dir.path(), "frontend", "frontend", &fargs);
+        fargs.extend(opts.frontend_args.iter().cloned());
+        let fenv: Vec<(String, String)> = opts
+            .env
+            .iter()
+            .chain(&opts.frontend_env)
+            .cloned()
+            .collect();
+        let frontend = start_role_env(dir.path(), "frontend", "frontend", &fargs, &fenv);
         Mesh {
             dir,
             etcd,
@@ -364,6 +416,7 @@ impl Mesh {
             model.as_deref(),
             name,
             experts,
+            &[],
             &[],
         )
     }
@@ -404,10 +457,11 @@ fn start_worker(
     model: Option<&Path>,
     name: &str,
     experts: &str,
-    extra: &[&str],
+    extra: &[String],
+    env: &[(String, String)],
 ) -> (Proc, String) {
     let mut args = common_args(etcd, cluster, model);
-    args.extend(extra.iter().map(|a| a.to_string()));
+    args.extend(extra.iter().cloned());
     args.extend([
         "--experts".into(),
         experts.to_string(),
@@ -415,7 +469,7 @@ fn start_worker(
         "3".into(),
     ]);
     args.extend(["--id".into(), name.to_string()]);
-    start_role(dir, name, "expert", &args)
+    start_role_env(dir, name, "expert", &args, env)
 }
 
 /// `GET /metrics` from `addr` (`host:port`): the Prometheus text.

@@ -5,10 +5,14 @@
 pub mod codec;
 pub mod device;
 pub mod error;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz;
 pub mod layers;
+pub mod limits;
 pub mod member_args;
 pub mod metrics;
 pub mod registry;
 pub mod serve;
+pub mod telemetry;
 
 pub use error::{MeshError, MeshResult};

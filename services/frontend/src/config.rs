@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Args;
+use moemesh_common::limits::ServerLimits;
 use moemesh_common::metrics::MetricsArgs;
 
 #[derive(Args, Debug, Clone)]
@@ -46,6 +47,11 @@ pub struct FrontendConfig {
     /// Largest prompt text (or chat) in bytes.
     #[arg(long, env = "MOEMESH_MAX_PROMPT_BYTES", default_value_t = 1 << 20)]
     pub max_prompt_bytes: usize,
+    /// Longest stop string in bytes.
+    #[arg(long, env = "MOEMESH_MAX_STOP_BYTES", default_value_t = 256)]
+    pub max_stop_bytes: usize,
+    #[command(flatten)]
+    pub limits: ServerLimits,
     #[command(flatten)]
     pub metrics: MetricsArgs,
 }

@@ -5,6 +5,8 @@
 //! finishes or its client goes away.
 
 mod config;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz;
 mod gate_link;
 mod metered;
 mod request;

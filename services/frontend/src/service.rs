@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures::Stream;
 use moemesh_common::metrics::names;
 use moemesh_common::registry::{Member, Registry, RegistryConfig, Role};
-use moemesh_common::{MeshError, MeshResult, metrics as mesh_metrics, serve};
+use moemesh_common::{MeshError, MeshResult, metrics as mesh_metrics, serve, telemetry};
 use moemesh_engine::generate::TextTracker;
 use moemesh_engine::{Arch, DType, Device, ModelFiles, Parts};
 use moemesh_proto::v1::generation_server::{Generation, GenerationServer};
@@ -27,6 +27,8 @@ use crate::config::FrontendConfig;
 use crate::gate_link::{Ctx, GateLink, NewSeq};
 use crate::{metered, request};
 
+/// `--max-message-mb` when not given: a public request is text or token ids, far below this.
+const DEFAULT_MAX_MESSAGE_MB: usize = 4;
 /// How long a request waits for a gate to appear before UNAVAILABLE.
 const GATE_WAIT: Duration = Duration::from_secs(5);
 /// How long a gate whose stream broke is passed over while another is listed.
@@ -114,21 +116,29 @@ impl GenerationService {
     async fn start_generate(
         &self,
         request: Request<GenerateRequest>,
+        span: &tracing::Span,
     ) -> Result<Response<GenerateStream>, Status> {
         let start = Instant::now();
         let f = &self.0;
         let deadline = grpc_timeout(request.metadata()).map(|t| start + t);
         let req = request.into_inner();
+        span.record("request_id", req.request_id.as_str());
         let seed = f.seed.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
-        let engine_req = request::to_engine_request(
-            &req,
-            &f.cfg,
-            f.ctx.model.config(),
-            f.ctx.tokenizer.as_ref(),
-            seed,
-        )?;
-        let text = TextTracker::new(f.ctx.tokenizer.as_ref(), &engine_req.stop)
-            .map_err(MeshError::from)?;
+        let (engine_req, text) = {
+            let _tokenize = tracing::debug_span!(parent: span, "tokenize").entered();
+            let engine_req = request::to_engine_request(
+                &req,
+                &f.cfg,
+                f.ctx.model.config(),
+                f.ctx.tokenizer.as_ref(),
+                seed,
+            )
+            ?;
+            let text = TextTracker::new(f.ctx.tokenizer.as_ref(), &engine_req.stop)
+                .map_err(MeshError::from)?;
+            (engine_req, text)
+        };
+        span.record("prompt_tokens", engine_req.prompt_ids.len());
         tracing::debug!(request_id = %req.request_id, prompt_tokens = engine_req.prompt_ids.len(), "generate");
         let (tx, rx) = mpsc::unbounded_channel();
         let link = f.pick_gate(None).await?;
@@ -141,13 +151,15 @@ impl GenerationService {
             deadline,
             generated: Vec::new(),
             ttft: None,
+            queue: crate::gate_link::queue_span(&span),
+            span: span.clone(),
         });
         if queued.is_err() {
             let msg = format!("gate {} is not accepting work", link.address);
             return Err(MeshError::Unavailable(msg).into());
         }
         metrics::counter!(names::PROMPT_TOKENS).increment(prompt_tokens);
-        let stream = metered::Metered::new(UnboundedReceiverStream::new(rx), start);
+        let stream = metered::Metered::new(UnboundedReceiverStream::new(rx), start, span.clone());
         Ok(Response::new(Box::pin(stream)))
     }
 }
@@ -160,9 +172,26 @@ impl Generation for GenerationService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateStream>, Status> {
-        let result = self.start_generate(request).await;
+        // The request's trace: its root, unless the caller sent a `traceparent` of its own.
+        let span = tracing::info_span!(
+            parent: None,
+            "generate",
+            otel.kind = "server",
+            request_id = tracing::field::Empty,
+            prompt_tokens = tracing::field::Empty,
+            completion_tokens = tracing::field::Empty,
+            ttft_ms = tracing::field::Empty,
+            finish_reason = tracing::field::Empty,
+            grpc_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        if let Some(cx) = telemetry::metadata_context(request.metadata()) {
+            telemetry::set_parent(&span, cx);
+        }
+        let result = self.start_generate(request, &span).await;
         if let Err(status) = &result {
             metered::count_request(status.code());
+            metered::record_end(&span, status.code());
         }
         result
     }
@@ -233,6 +262,7 @@ pub async fn run(
             cfg.step_token_budget, cfg.max_running
         )));
     }
+    cfg.limits.validate().map_err(MeshError::Invalid)?;
     let local = listener
         .local_addr()
         .map_err(|e| MeshError::Internal(e.to_string()))?;
@@ -370,13 +400,19 @@ pub async fn run(
         names::REQUESTS,
         "code" => mesh_metrics::code_label(tonic::Code::ResourceExhausted)
     ));
+    let limits = frontend.cfg.limits.clone();
+    let max_message = limits.max_message_bytes(DEFAULT_MAX_MESSAGE_MB);
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
+        limits
+            .server()
             .layer(shed)
             .add_service(health)
             .add_service(reflection)
-            .add_service(GenerationServer::new(GenerationService(frontend)))
-            .serve_with_incoming_shutdown(serve::incoming(listener), async {
+            .add_service(
+                GenerationServer::new(GenerationService(frontend))
+                    .max_decoding_message_size(max_message),
+            )
+            .serve_with_incoming_shutdown(limits.incoming(listener), async {
                 let _ = stop_rx.await;
             }),
     );

@@ -39,15 +39,15 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MOEMESH_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
+    // Logs (MOEMESH_LOG) and, when OTEL_EXPORTER_OTLP_ENDPOINT is set, traces; dropped (flushing
+    // the last spans) once the command has returned, after a role's shutdown too.
+    let telemetry = moemesh_common::telemetry::init(match &cli.command {
+        Command::Frontend(_) => "moemesh-frontend",
+        Command::Gate(_) => "moemesh-gate",
+        Command::Expert(_) => "moemesh-expert",
+        _ => "moemesh",
+    });
     let result = match cli.command {
         Command::Generate(args) => generate_cmd::run(args),
         Command::Up(args) => up_cmd::run(args),
@@ -57,6 +57,7 @@ fn main() -> std::process::ExitCode {
         Command::Gate(cfg) => roles::gate(cfg),
         Command::Expert(cfg) => roles::expert(cfg),
     };
+    drop(telemetry);
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
