@@ -2,4 +2,6 @@
 //! `GenerateRequest` built from, or decoded from, the input bytes.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| moemesh_frontend::fuzz::generate_request(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    moemesh_frontend::fuzz::generate_request(data);
+});

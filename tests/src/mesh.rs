@@ -388,12 +388,8 @@ impl Mesh {
         let gate = start_role_env(dir.path(), "gate", "gate", &args, &opts.env);
         let mut fargs = common_args(&etcd, &cluster, model.as_deref());
         fargs.extend(opts.frontend_args.iter().cloned());
-        let fenv: Vec<(String, String)> = opts
-            .env
-            .iter()
-            .chain(&opts.frontend_env)
-            .cloned()
-            .collect();
+        let fenv: Vec<(String, String)> =
+            opts.env.iter().chain(&opts.frontend_env).cloned().collect();
         let frontend = start_role_env(dir.path(), "frontend", "frontend", &fargs, &fenv);
         Mesh {
             dir,

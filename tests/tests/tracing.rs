@@ -94,7 +94,11 @@ async fn one_generate_is_one_trace_across_frontend_gate_and_experts() {
     );
 
     // SIGTERM: the frontend flushes its spans on the way out.
-    let status = mesh.frontend.0.terminate().expect("the frontend exits on SIGTERM");
+    let status = mesh
+        .frontend
+        .0
+        .terminate()
+        .expect("the frontend exits on SIGTERM");
     assert!(status.success(), "frontend exit: {status}");
     let root = collector
         .wait_for(wait, |spans| {
@@ -173,11 +177,18 @@ async fn one_generate_is_one_trace_across_frontend_gate_and_experts() {
     assert_eq!(g_steps.len(), steps);
     let f_parents: BTreeSet<&str> = g_steps.iter().map(|s| s.parent_span_id.as_str()).collect();
     assert_eq!(f_parents.len(), steps, "one gate step per frontend step");
-    assert!(g_steps.iter().all(|s| parent(s).name == "step"
-        && parent(s).service == "moemesh-frontend"));
+    assert!(
+        g_steps
+            .iter()
+            .all(|s| parent(s).name == "step" && parent(s).service == "moemesh-frontend")
+    );
     let sampling = in_trace("moemesh-gate", "sampling");
     assert_eq!(sampling.len(), steps);
-    assert!(sampling.iter().all(|s| parent(s).service == "moemesh-gate" && parent(s).name == "step"));
+    assert!(
+        sampling
+            .iter()
+            .all(|s| parent(s).service == "moemesh-gate" && parent(s).name == "step")
+    );
     let dispatches = in_trace("moemesh-gate", "expert_dispatch");
     for g in &g_steps {
         let mine: Vec<&&SpanRecord> = dispatches
@@ -207,7 +218,10 @@ async fn one_generate_is_one_trace_across_frontend_gate_and_experts() {
     let mut per_dispatch: BTreeMap<&str, usize> = BTreeMap::new();
     for f in &forwards {
         let d = parent(f);
-        assert_eq!((d.service.as_str(), d.name.as_str()), ("moemesh-gate", "expert_dispatch"));
+        assert_eq!(
+            (d.service.as_str(), d.name.as_str()),
+            ("moemesh-gate", "expert_dispatch")
+        );
         assert_eq!(d.attr("layer"), f.attr("layer"));
         assert_eq!(d.attr("worker"), f.attr("worker"));
         *per_dispatch.entry(d.span_id.as_str()).or_default() += 1;

@@ -65,7 +65,9 @@ pub fn decode(t: &v1::Tensor, field: &str, device: &Device) -> MeshResult<Tensor
         .filter(|&&d| d > 0)
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
         .and_then(|n| n.checked_mul(size));
-    let want = elems.and_then(|e| e.checked_mul(size)).filter(|_| strides.is_some());
+    let want = elems
+        .and_then(|e| e.checked_mul(size))
+        .filter(|_| strides.is_some());
     if want != Some(t.data.len()) {
         return Err(MeshError::Invalid(format!(
             "{field}: shape {shape:?} of {dtype:?} needs {} bytes, got {}",
@@ -80,7 +82,11 @@ pub fn decode(t: &v1::Tensor, field: &str, device: &Device) -> MeshResult<Tensor
 /// The activations of a `Gate.Step` request, `[total tokens, hidden_size]`, checked against its
 /// sequences: each sequence at most once and with at least one token, and their token counts
 /// adding up to the rows. Only for a step that has sequences.
-pub fn decode_step(req: &v1::StepRequest, hidden_size: usize, device: &Device) -> MeshResult<Tensor> {
+pub fn decode_step(
+    req: &v1::StepRequest,
+    hidden_size: usize,
+    device: &Device,
+) -> MeshResult<Tensor> {
     let act = req
         .activations
         .as_ref()

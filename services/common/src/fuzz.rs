@@ -21,15 +21,28 @@ use crate::codec;
 /// The hidden size of the model the harnesses pretend to serve.
 pub const HIDDEN: usize = 8;
 
+/// What a harness did with an input (the seeded tests check that both paths are reached).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The bytes did not make a message.
+    Skipped,
+    /// Accepted, and every property held.
+    Accepted,
+    /// Refused with INVALID_ARGUMENT.
+    Rejected,
+}
+
 /// One `Gate.Step` request's activations, from arbitrary bytes.
-pub fn step_request(data: &[u8]) {
+pub fn step_request(data: &[u8]) -> Outcome {
     let mut u = Unstructured::new(data);
     let req = match u.arbitrary::<bool>() {
         Ok(true) => v1::StepRequest::decode(u.take_rest()).ok(),
         Ok(false) => step_from(&mut u).ok(),
         Err(_) => None,
     };
-    let Some(req) = req else { return };
+    let Some(req) = req else {
+        return Outcome::Skipped;
+    };
     match codec::decode_step(&req, HIDDEN, &Device::Cpu) {
         Ok(t) => {
             let (rows, width) = t.dims2().expect("decode_step returns [tokens, hidden]");
@@ -42,20 +55,23 @@ pub fn step_request(data: &[u8]) {
             assert_eq!(ids.len(), req.seqs.len(), "a sequence appears twice");
             assert!(req.seqs.iter().all(|s| s.num_tokens > 0));
             read_back(&t);
+            Outcome::Accepted
         }
         Err(e) => rejected(e),
     }
 }
 
 /// One `Expert.Forward` request's tokens and pairs, from arbitrary bytes.
-pub fn forward_request(data: &[u8]) {
+pub fn forward_request(data: &[u8]) -> Outcome {
     let mut u = Unstructured::new(data);
     let req = match u.arbitrary::<bool>() {
         Ok(true) => v1::ForwardRequest::decode(u.take_rest()).ok(),
         Ok(false) => forward_from(&mut u).ok(),
         Err(_) => None,
     };
-    let Some(req) = req else { return };
+    let Some(req) = req else {
+        return Outcome::Skipped;
+    };
     match codec::decode_forward(&req, HIDDEN, &Device::Cpu) {
         Ok((x, pairs)) => {
             let (tokens, width) = x.dims2().expect("decode_forward returns [tokens, hidden]");
@@ -64,6 +80,7 @@ pub fn forward_request(data: &[u8]) {
             assert!(pairs.iter().all(|&(row, _, _)| (row as usize) < tokens));
             assert!(pairs.windows(2).all(|w| w[0].0 <= w[1].0), "rows in order");
             read_back(&x);
+            Outcome::Accepted
         }
         Err(e) => rejected(e),
     }
@@ -77,11 +94,15 @@ fn read_back(t: &moemesh_engine::Tensor) {
     assert_eq!(v.iter().map(Vec::len).sum::<usize>(), t.elem_count());
 }
 
-fn rejected(e: MeshError) {
-    assert!(matches!(e, MeshError::Invalid(_)), "not INVALID_ARGUMENT: {e:?}");
+fn rejected(e: MeshError) -> Outcome {
+    assert!(
+        matches!(e, MeshError::Invalid(_)),
+        "not INVALID_ARGUMENT: {e:?}"
+    );
     let status = tonic::Status::from(e);
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(!status.message().is_empty());
+    Outcome::Rejected
 }
 
 /// A dimension: mostly small, sometimes anything.
@@ -197,7 +218,9 @@ fn forward_from(u: &mut Unstructured) -> Result<v1::ForwardRequest> {
 
 /// Runs `harness` on `n` inputs of random length (up to 512 bytes) and content from a fixed
 /// seed, so that a failure reproduces: the stable stand-in for `cargo fuzz run`, for tests.
-pub fn run_seeded(harness: fn(&[u8]), seed: u64, n: usize) {
+/// Returns how many inputs were accepted and how many rejected.
+pub fn run_seeded(harness: fn(&[u8]) -> Outcome, seed: u64, n: usize) -> (usize, usize) {
+    let (mut accepted, mut rejected) = (0, 0);
     // splitmix64: enough randomness for inputs, and no dependency for the `fuzzing` feature.
     let mut state = seed;
     let mut next = move || {
@@ -210,15 +233,31 @@ pub fn run_seeded(harness: fn(&[u8]), seed: u64, n: usize) {
     for i in 0..n {
         let len = (next() % 513) as usize;
         let data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
-        if let Err(panic) = std::panic::catch_unwind(|| harness(&data)) {
-            let msg = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("(not a string)");
-            panic!("input {i} of seed {seed:#x} panicked: {msg}\ninput: {data:?}");
+        match std::panic::catch_unwind(|| harness(&data)) {
+            Ok(Outcome::Accepted) => accepted += 1,
+            Ok(Outcome::Rejected) => rejected += 1,
+            Ok(Outcome::Skipped) => {}
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("(not a string)");
+                panic!("input {i} of seed {seed:#x} panicked: {msg}\ninput: {data:?}");
+            }
         }
     }
+    (accepted, rejected)
+}
+
+/// Checks that a seeded run exercised both paths: at least `min` of `n` inputs accepted and as
+/// many rejected (the structured half of the inputs is built to land on both sides of every
+/// check, so a harness that stops reaching one of them fails here).
+pub fn assert_both_paths((accepted, rejected): (usize, usize), n: usize, min: usize) {
+    assert!(
+        accepted >= min && rejected >= min,
+        "of {n} inputs {accepted} were accepted and {rejected} rejected; expected at least {min} of each"
+    );
 }
 
 #[cfg(test)]
@@ -227,12 +266,12 @@ mod tests {
 
     #[test]
     fn step_decoding_survives_seeded_random_inputs() {
-        run_seeded(step_request, 0x5eed_0001, 4000);
+        assert_both_paths(run_seeded(step_request, 0x5eed_0001, 4000), 4000, 200);
     }
 
     #[test]
     fn forward_decoding_survives_seeded_random_inputs() {
-        run_seeded(forward_request, 0x5eed_0002, 4000);
+        assert_both_paths(run_seeded(forward_request, 0x5eed_0002, 4000), 4000, 200);
     }
 
     #[test]
@@ -256,6 +295,6 @@ mod tests {
         assert_eq!(t.dims2().expect("2-D"), (2, HIDDEN));
         let mut bytes = vec![1u8];
         bytes.extend(req.encode_to_vec());
-        step_request(&bytes);
+        assert_eq!(step_request(&bytes), Outcome::Accepted);
     }
 }

@@ -24,6 +24,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::server::{Connected, TcpConnectInfo};
+use tower::layer::util::{Identity, Stack};
+
+use crate::layers::OversizeStatusLayer;
 
 /// The HTTP/2 client connection preface's length (RFC 9113 §3.4).
 const PREFACE_LEN: usize = 24;
@@ -60,13 +63,18 @@ pub struct ServerLimits {
 impl ServerLimits {
     /// `--max-message-mb` in bytes, or `default_mb` MiB when it was not given.
     pub fn max_message_bytes(&self, default_mb: usize) -> usize {
-        self.max_message_mb.unwrap_or(default_mb).saturating_mul(1 << 20)
+        self.max_message_mb
+            .unwrap_or(default_mb)
+            .saturating_mul(1 << 20)
     }
 
     /// Checks the values before any port is bound; the message names the flag.
     pub fn validate(&self) -> Result<(), String> {
         let positive = [
-            ("--max-concurrent-streams", u64::from(self.max_concurrent_streams)),
+            (
+                "--max-concurrent-streams",
+                u64::from(self.max_concurrent_streams),
+            ),
             ("--max-header-bytes", u64::from(self.max_header_bytes)),
             ("--handshake-timeout", self.handshake_timeout),
             ("--keepalive-interval", self.keepalive_interval),
@@ -84,14 +92,16 @@ impl ServerLimits {
     }
 
     /// A tonic server builder with these limits (the per-message size is set on each service,
-    /// with [`max_message_bytes`](Self::max_message_bytes)).
-    pub fn server(&self) -> tonic::transport::Server {
+    /// with [`max_message_bytes`](Self::max_message_bytes); an oversized message is answered
+    /// with RESOURCE_EXHAUSTED).
+    pub fn server(&self) -> tonic::transport::Server<Stack<OversizeStatusLayer, Identity>> {
         tonic::transport::Server::builder()
             .max_concurrent_streams(self.max_concurrent_streams)
             .http2_max_header_list_size(self.max_header_bytes)
             .http2_keepalive_interval(Some(Duration::from_secs(self.keepalive_interval)))
             .http2_keepalive_timeout(Some(Duration::from_secs(self.keepalive_timeout)))
             .timeout(Duration::from_secs(self.request_timeout))
+            .layer(OversizeStatusLayer)
     }
 
     /// The listener's connections (TCP_NODELAY set, see [`crate::serve::incoming`]), each of

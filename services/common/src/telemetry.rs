@@ -114,7 +114,9 @@ pub fn init(service: &str) -> Telemetry {
         Some(endpoint) => match start_exporter(service) {
             Ok(e) => Some((e, endpoint)),
             Err(err) => {
-                eprintln!("moemesh: tracing is off: the OTLP exporter for {endpoint} failed: {err}");
+                eprintln!(
+                    "moemesh: tracing is off: the OTLP exporter for {endpoint} failed: {err}"
+                );
                 None
             }
         },
@@ -222,10 +224,7 @@ pub fn remote_context(traceparent: &str) -> Option<opentelemetry::Context> {
         return None;
     }
     let cx = TraceContextPropagator::new().extract(&One(traceparent));
-    cx.span()
-        .span_context()
-        .is_sampled()
-        .then_some(cx.clone())
+    cx.span().span_context().is_sampled().then_some(cx.clone())
 }
 
 /// The trace context a client sent in its call's metadata, if it sent a valid one.
@@ -290,7 +289,9 @@ mod tests {
             cx.span().span_context().trace_id().to_string(),
             "4bf92f3577b34da6a3ce929d0e0e4736"
         );
-        assert!(remote_context("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00").is_none());
+        assert!(
+            remote_context("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00").is_none()
+        );
         assert!(remote_context("").is_none());
         assert!(remote_context("not a traceparent").is_none());
         // Without an exporter no span is traced, and nothing is propagated.

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::Stream;
-use moemesh_common::metrics::{code_label, names};
 use moemesh_common::member_args::DEFAULT_MAX_MESSAGE_MB;
+use moemesh_common::metrics::{code_label, names};
 use moemesh_common::registry::{Member, Registry, Role};
 use moemesh_common::{
     MeshError, MeshResult, codec, device, metrics as mesh_metrics, serve, telemetry,

@@ -12,6 +12,7 @@ use std::sync::OnceLock;
 use arbitrary::{Result, Unstructured};
 use clap::Parser;
 use moemesh_common::MeshError;
+use moemesh_common::fuzz::Outcome;
 use moemesh_engine::generate::TextTracker;
 use moemesh_engine::text::TextTokenizer;
 use moemesh_engine::{ModelConfig, ModelFiles};
@@ -50,7 +51,9 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let cfg = Args::try_parse_from(ARGS).expect("the harness's flags parse").cfg;
+        let cfg = Args::try_parse_from(ARGS)
+            .expect("the harness's flags parse")
+            .cfg;
         let files = ModelFiles::open_or_embedded(None).expect("the embedded model opens");
         Fixture {
             cfg,
@@ -61,7 +64,7 @@ fn fixture() -> &'static Fixture {
 }
 
 /// One `Generate` request, from arbitrary bytes.
-pub fn generate_request(data: &[u8]) {
+pub fn generate_request(data: &[u8]) -> Outcome {
     let f = fixture();
     let mut u = Unstructured::new(data);
     let req = match u.arbitrary::<bool>() {
@@ -69,7 +72,9 @@ pub fn generate_request(data: &[u8]) {
         Ok(false) => request_from(&mut u).ok(),
         Err(_) => None,
     };
-    let Some(req) = req else { return };
+    let Some(req) = req else {
+        return Outcome::Skipped;
+    };
     let out = crate::request::to_engine_request(&req, &f.cfg, &f.model, f.tokenizer.as_ref(), 7);
     let out = match out {
         Ok(out) => out,
@@ -84,12 +89,13 @@ pub fn generate_request(data: &[u8]) {
     assert!(out.stop.iter().all(|s| s.len() <= f.cfg.max_stop_bytes));
     assert!(req.request_id.len() <= crate::request::MAX_REQUEST_ID_BYTES);
     assert!(out.sampling.validate(vocab).is_ok());
-    if let Err(e) = TextTracker::new(f.tokenizer.as_ref(), &out.stop) {
-        rejected(MeshError::from(e));
+    match TextTracker::new(f.tokenizer.as_ref(), &out.stop) {
+        Ok(_) => Outcome::Accepted,
+        Err(e) => rejected(MeshError::from(e)),
     }
 }
 
-fn rejected(e: MeshError) {
+fn rejected(e: MeshError) -> Outcome {
     let status = tonic::Status::from(e);
     assert_eq!(
         status.code(),
@@ -98,6 +104,7 @@ fn rejected(e: MeshError) {
         status.message()
     );
     assert!(!status.message().is_empty());
+    Outcome::Rejected
 }
 
 /// A string: usually short, drawn from text the tokenizer and template find interesting.
@@ -115,8 +122,8 @@ fn text(u: &mut Unstructured) -> Result<String> {
         "\n",
     ];
     let mut s = String::new();
-    for _ in 0..u.int_in_range(0..=6)? {
-        if u.arbitrary()? {
+    for _ in 0..u.int_in_range(0..=4)? {
+        if u.ratio(3, 4)? {
             s.push_str(u.choose(&PIECES)?);
         } else {
             s.push_str(&u.arbitrary::<String>()?);
@@ -125,17 +132,30 @@ fn text(u: &mut Unstructured) -> Result<String> {
     Ok(s)
 }
 
+/// A number from `usual` most of the time, anything otherwise (NaN and infinities included).
+fn pick<'a, T: arbitrary::Arbitrary<'a> + Copy>(
+    u: &mut Unstructured<'a>,
+    usual: &[T],
+) -> Result<T> {
+    if u.ratio(7, 8)? {
+        u.choose(usual).copied()
+    } else {
+        u.arbitrary()
+    }
+}
+
 fn request_from(u: &mut Unstructured) -> Result<v1::GenerateRequest> {
     let vocab = fixture().model.vocab_size as u32;
-    let input = match u.int_in_range(0..=3)? {
+    let input = match u.int_in_range(0..=9)? {
         0 => None,
-        1 => Some(Input::Prompt(text(u)?)),
-        2 => {
+        1..=3 => Some(Input::Prompt(text(u)?)),
+        4..=5 => {
             let n = u.int_in_range(0..=4)?;
             let mut messages = Vec::with_capacity(n);
             for _ in 0..n {
                 let role = if u.ratio(3, 4)? {
-                    u.choose(&["user", "assistant", "system", "tool"])?.to_string()
+                    u.choose(&["user", "assistant", "system", "tool"])?
+                        .to_string()
                 } else {
                     text(u)?
                 };
@@ -148,46 +168,55 @@ fn request_from(u: &mut Unstructured) -> Result<v1::GenerateRequest> {
         }
         _ => {
             let n = u.int_in_range(0..=40)?;
-            let ids = (0..n)
-                .map(|_| {
-                    if u.ratio(1, 16)? {
-                        u.arbitrary()
-                    } else {
-                        u.int_in_range(0..=vocab - 1)
-                    }
-                })
+            let mut ids: Vec<u32> = (0..n)
+                .map(|_| u.int_in_range(0..=vocab - 1))
                 .collect::<Result<_>>()?;
+            if u.ratio(1, 8)? {
+                ids.push(u.arbitrary()?);
+            }
             Some(Input::Tokens(v1::TokenIds { ids }))
         }
     };
     let sampling = if u.arbitrary()? {
         Some(v1::SamplingParams {
-            temperature: u.arbitrary()?,
-            top_p: u.arbitrary()?,
-            top_k: u.arbitrary()?,
+            temperature: pick(u, &[0.0, 0.7, 1.0])?,
+            top_p: if u.arbitrary()? {
+                Some(pick(u, &[0.9, 1.0])?)
+            } else {
+                None
+            },
+            top_k: pick(u, &[0, 1, 50])?,
             seed: u.arbitrary()?,
         })
     } else {
         None
     };
     let stopping = if u.arbitrary()? {
-        let n = u.int_in_range(0..=6)?;
+        let n = u.int_in_range(0..=5)?;
         Some(v1::StoppingCriteria {
-            max_new_tokens: match u.int_in_range(0..=3)? {
+            max_new_tokens: match u.int_in_range(0..=5)? {
                 0 => None,
                 1 => Some(u.arbitrary()?),
                 _ => Some(u.int_in_range(0..=70)?),
             },
-            stop: (0..n).map(|_| text(u)).collect::<Result<_>>()?,
+            stop: (0..n)
+                .map(|_| {
+                    if u.ratio(3, 4)? {
+                        Ok(u.choose(&["\n", "</s>", "stop", "é", ""])?.to_string())
+                    } else {
+                        text(u)
+                    }
+                })
+                .collect::<Result<_>>()?,
             ignore_eos: u.arbitrary()?,
         })
     } else {
         None
     };
-    let request_id = if u.ratio(1, 16)? {
-        "r".repeat(u.int_in_range(250..=260)?)
-    } else {
-        text(u)?
+    let request_id = match u.int_in_range(0..=15)? {
+        0 => "r".repeat(u.int_in_range(250..=260)?),
+        1 => text(u)?,
+        _ => String::new(),
     };
     Ok(v1::GenerateRequest {
         input,
@@ -203,7 +232,9 @@ mod tests {
 
     #[test]
     fn the_validator_survives_seeded_random_inputs() {
-        moemesh_common::fuzz::run_seeded(generate_request, 0x5eed_0003, 3000);
+        let n = 3000;
+        let outcome = moemesh_common::fuzz::run_seeded(generate_request, 0x5eed_0003, n);
+        moemesh_common::fuzz::assert_both_paths(outcome, n, 100);
     }
 
     #[test]
@@ -219,11 +250,12 @@ mod tests {
             }),
             ..Default::default()
         };
-        let out = crate::request::to_engine_request(&req, &f.cfg, &f.model, f.tokenizer.as_ref(), 7)
-            .expect("valid");
+        let out =
+            crate::request::to_engine_request(&req, &f.cfg, &f.model, f.tokenizer.as_ref(), 7)
+                .expect("valid");
         assert_eq!(out.max_new_tokens, 8);
         let mut bytes = vec![1u8];
         bytes.extend(req.encode_to_vec());
-        generate_request(&bytes);
+        assert_eq!(generate_request(&bytes), Outcome::Accepted);
     }
 }

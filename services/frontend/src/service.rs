@@ -132,8 +132,7 @@ impl GenerationService {
                 f.ctx.model.config(),
                 f.ctx.tokenizer.as_ref(),
                 seed,
-            )
-            ?;
+            )?;
             let text = TextTracker::new(f.ctx.tokenizer.as_ref(), &engine_req.stop)
                 .map_err(MeshError::from)?;
             (engine_req, text)

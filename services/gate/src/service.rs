@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::Stream;
-use moemesh_common::metrics::names;
 use moemesh_common::member_args::DEFAULT_MAX_MESSAGE_MB;
+use moemesh_common::metrics::names;
 use moemesh_common::registry::{Member, Registry, Role};
 use moemesh_common::{MeshError, MeshResult, codec, device, metrics as mesh_metrics, serve};
 use moemesh_engine::{ModelFiles, Parts};

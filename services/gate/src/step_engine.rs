@@ -141,7 +141,8 @@ impl StepEngine {
         if req.seqs.is_empty() {
             return Ok(self.response(req.step_id, Vec::new()));
         }
-        let hidden = codec::decode_step(&req, self.model.config().hidden_size, self.model.device())?;
+        let hidden =
+            codec::decode_step(&req, self.model.config().hidden_size, self.model.device())?;
         // Take the states out of the map so the step can hold them all mutably at once.
         let mut states = Vec::with_capacity(req.seqs.len());
         let mut failure = None;
