@@ -373,9 +373,7 @@ impl Mesh {
         for (i, shard) in shards.iter().enumerate() {
             workers.push(start_worker(
                 dir.path(),
-                &etcd,
-                &cluster,
-                model.as_deref(),
+                common_args(&etcd, &cluster, model.as_deref()),
                 &format!("worker{i}"),
                 shard,
                 &opts.worker_args,
@@ -407,9 +405,7 @@ impl Mesh {
         let model = model.map(Path::to_path_buf).or_else(|| self.model.clone());
         start_worker(
             self.dir.path(),
-            &self.etcd,
-            &self.cluster,
-            model.as_deref(),
+            common_args(&self.etcd, &self.cluster, model.as_deref()),
             name,
             experts,
             &[],
@@ -446,17 +442,15 @@ fn common_args(etcd: &Etcd, cluster: &str, model: Option<&Path>) -> Vec<String> 
     a
 }
 
+/// `common`: the registry and model flags ([`common_args`]).
 fn start_worker(
     dir: &Path,
-    etcd: &Etcd,
-    cluster: &str,
-    model: Option<&Path>,
+    mut args: Vec<String>,
     name: &str,
     experts: &str,
     extra: &[String],
     env: &[(String, String)],
 ) -> (Proc, String) {
-    let mut args = common_args(etcd, cluster, model);
     args.extend(extra.iter().cloned());
     args.extend([
         "--experts".into(),

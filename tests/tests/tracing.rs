@@ -137,6 +137,13 @@ async fn one_generate_is_one_trace_across_frontend_gate_and_experts() {
             assert_eq!(s.trace_id, root.trace_id, "a stray trace: {s:?}");
         }
     }
+    let mut census: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+    for s in &trace {
+        *census
+            .entry((s.service.as_str(), s.name.as_str()))
+            .or_default() += 1;
+    }
+    eprintln!("trace {}: {census:?}", root.trace_id);
     let parent = |s: &SpanRecord| by_id[s.parent_span_id.as_str()];
     let in_trace = |service: &str, name: &str| -> Vec<&SpanRecord> {
         trace

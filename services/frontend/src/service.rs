@@ -150,7 +150,7 @@ impl GenerationService {
             deadline,
             generated: Vec::new(),
             ttft: None,
-            queue: crate::gate_link::queue_span(&span),
+            queue: crate::gate_link::queue_span(span),
             span: span.clone(),
         });
         if queued.is_err() {
