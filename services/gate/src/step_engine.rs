@@ -351,3 +351,106 @@ fn step_spans(req: &StepRequest) -> (Span, Vec<Span>) {
         .collect();
     (lead, others)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use moemesh_proto::v1::SeqStep;
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_sdk::error::OTelSdkResult;
+    use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::*;
+
+    /// Keeps every finished span.
+    #[derive(Debug, Clone, Default)]
+    struct Keep(Arc<Mutex<Vec<SpanData>>>);
+
+    impl SpanExporter for Keep {
+        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(batch);
+            Ok(())
+        }
+    }
+
+    const A: &str = "00-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-1111111111111111-01";
+    const B: &str = "00-bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-2222222222222222-01";
+    const UNSAMPLED: &str = "00-cccccccccccccccccccccccccccccccc-3333333333333333-00";
+
+    #[test]
+    fn each_traced_sequence_gets_a_gate_span_and_the_shared_work_goes_under_the_first() {
+        let keep = Keep::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(keep.clone())
+            .build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let seq = |seq_id, traceparent: &str| SeqStep {
+            seq_id,
+            num_tokens: 1,
+            traceparent: traceparent.into(),
+            ..Default::default()
+        };
+        let req = StepRequest {
+            step_id: 9,
+            seqs: vec![seq(1, ""), seq(2, A), seq(3, UNSAMPLED), seq(4, B)],
+            activations: None,
+            release: Vec::new(),
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            let (lead, others) = step_spans(&req);
+            lead.in_scope(|| {
+                let _sampling = moemesh_common::child_span!("sampling").entered();
+            });
+            // Outside a traced step the same work makes no span (and starts no trace).
+            let _untraced = moemesh_common::child_span!("sampling").entered();
+            drop((lead, others));
+            // A step with no sampled context has no spans at all.
+            let (lead, others) = step_spans(&StepRequest {
+                seqs: vec![seq(1, ""), seq(3, UNSAMPLED)],
+                ..req.clone()
+            });
+            assert!(lead.is_none() && others.is_empty());
+        });
+        let spans = keep.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let of_trace = |name: &str, trace: &str| {
+            spans
+                .iter()
+                .filter(|s| s.name == name && s.span_context.trace_id().to_string() == trace)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(spans.iter().filter(|s| s.name == "step").count(), 2);
+        let lead = of_trace("step", &"a".repeat(32));
+        let other = of_trace("step", &"b".repeat(32));
+        assert_eq!((lead.len(), other.len()), (1, 1));
+        let (lead, other) = (lead[0], other[0]);
+        // Each under its own sequence's frontend span.
+        assert_eq!(lead.parent_span_id.to_string(), "1111111111111111");
+        assert_eq!(other.parent_span_id.to_string(), "2222222222222222");
+        // Linked both ways.
+        assert!(
+            lead.links
+                .iter()
+                .any(|l| l.span_context.span_id().to_string() == "2222222222222222")
+        );
+        assert!(
+            other
+                .links
+                .iter()
+                .any(|l| l.span_context.span_id() == lead.span_context.span_id())
+        );
+        // The shared work is under the first traced sequence's gate span only.
+        let sampling: Vec<&SpanData> = spans.iter().filter(|s| s.name == "sampling").collect();
+        assert_eq!(sampling.len(), 1);
+        assert_eq!(sampling[0].parent_span_id, lead.span_context.span_id());
+        assert_eq!(
+            sampling[0].span_context.trace_id(),
+            lead.span_context.trace_id()
+        );
+    }
+}
