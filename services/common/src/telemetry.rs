@@ -40,6 +40,11 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
+/// What each role's `--help` says about tracing (its settings are the standard variables).
+pub const HELP: &str = "Tracing: set OTEL_EXPORTER_OTLP_ENDPOINT (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT), e.g. \
+http://127.0.0.1:4317, to export spans over OTLP/gRPC; off when unset. OTEL_SERVICE_NAME, \
+OTEL_TRACES_SAMPLER(_ARG) and OTEL_BSP_* apply. Logs: MOEMESH_LOG (e.g. info,moemesh_gate=debug).";
+
 /// An OpenTelemetry context (a remote parent), for the services that pass one along.
 pub use opentelemetry::Context as TraceContext;
 

@@ -31,10 +31,13 @@ enum Command {
     /// Check the engine on a device against the HF transformers reference fixtures.
     Verify(verify_cmd::VerifyArgs),
     /// Serve the public Generation API (tokenizer, scheduling, streaming).
+    #[command(after_help = moemesh_common::telemetry::HELP)]
     Frontend(moemesh_frontend::FrontendConfig),
     /// Serve the dense part of the model (attention, KV cache, router, shared experts, sampling).
+    #[command(after_help = moemesh_common::telemetry::HELP)]
     Gate(moemesh_gate::GateConfig),
     /// Serve routed experts.
+    #[command(after_help = moemesh_common::telemetry::HELP)]
     Expert(moemesh_expert::ExpertConfig),
 }
 

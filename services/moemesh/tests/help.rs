@@ -44,3 +44,28 @@ fn generate_help_documents_every_flag_and_its_env_var() {
 fn top_level_help_lists_generate() {
     assert!(help(&["--help"]).contains("generate"));
 }
+
+#[test]
+fn role_help_documents_the_limits_and_tracing() {
+    for role in ["frontend", "gate", "expert"] {
+        let h = help(&[role, "--help"]);
+        for flag in [
+            "--max-message-mb",
+            "--max-concurrent-streams",
+            "--max-header-bytes",
+            "--handshake-timeout",
+            "--keepalive-interval",
+            "--keepalive-timeout",
+            "--request-timeout",
+            "MOEMESH_MAX_MESSAGE_MB",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ] {
+            assert!(h.contains(flag), "{role} --help lacks {flag}:\n{h}");
+        }
+    }
+    let h = help(&["frontend", "--help"]);
+    assert!(
+        h.contains("--max-stop-bytes") && h.contains("--max-prompt-bytes"),
+        "{h}"
+    );
+}
