@@ -122,7 +122,10 @@ impl GenerationService {
         let f = &self.0;
         let deadline = grpc_timeout(request.metadata()).map(|t| start + t);
         let req = request.into_inner();
-        span.record("request_id", req.request_id.as_str());
+        // Not one that validation will refuse for its length: that stays off the span too.
+        if req.request_id.len() <= request::MAX_REQUEST_ID_BYTES {
+            span.record("request_id", req.request_id.as_str());
+        }
         let seed = f.seed.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
         let (engine_req, text) = {
             let _tokenize = tracing::debug_span!(parent: span, "tokenize").entered();
