@@ -75,6 +75,7 @@ pub fn json_lines(out: &Output) -> Vec<serde_json::Value> {
 }
 
 pub mod mesh;
+pub mod otlp;
 pub mod tls;
 
 /// The reference prompt and greedy continuation of a fixture.

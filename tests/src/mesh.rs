@@ -254,22 +254,45 @@ fn answers(endpoint: &str, tls: Option<&[PathBuf; 3]>) -> bool {
 /// Returns the process and the address it serves on. A role given no TLS files runs with
 /// `--plaintext` (roles refuse to start without choosing).
 pub fn start_role(dir: &Path, name: &str, role: &str, args: &[String]) -> (Proc, String) {
+    start_role_env(dir, name, role, args, &[])
+}
+
+/// [`start_role`] with extra environment variables.
+pub fn start_role_env(
+    dir: &Path,
+    name: &str,
+    role: &str,
+    args: &[String],
+    env: &[(String, String)],
+) -> (Proc, String) {
     let mut all = vec!["--listen".to_string(), "127.0.0.1:0".to_string()];
     all.extend_from_slice(args);
     if !args.iter().any(|a| a == "--tls-cert" || a == "--plaintext") {
         all.push("--plaintext".into());
     }
-    start_moemesh(dir, name, role, &all)
+    start_moemesh_env(dir, name, role, &all, env)
 }
 
 /// Starts `moemesh <subcommand> <args…>` in its own process group and waits for its ready line.
 pub fn start_moemesh(dir: &Path, name: &str, subcommand: &str, args: &[String]) -> (Proc, String) {
+    start_moemesh_env(dir, name, subcommand, args, &[])
+}
+
+/// [`start_moemesh`] with extra environment variables.
+pub fn start_moemesh_env(
+    dir: &Path,
+    name: &str,
+    subcommand: &str,
+    args: &[String],
+    env: &[(String, String)],
+) -> (Proc, String) {
     let log = dir.join(format!("{name}.log"));
     let err = std::fs::File::create(&log).expect("log file");
     let mut child = Command::new(moemesh_bin())
         .arg(subcommand)
         .args(args)
         .env("MOEMESH_LOG", "info,moemesh_frontend::step=debug")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::piped())
         .stderr(err)
         .process_group(0)
@@ -317,6 +340,22 @@ pub fn start_moemesh(dir: &Path, name: &str, subcommand: &str, args: &[String]) 
     }
 }
 
+/// Extra flags and environment variables for a mesh's processes.
+#[derive(Debug, Clone, Default)]
+pub struct MeshOpts {
+    pub worker_args: Vec<String>,
+    pub gate_args: Vec<String>,
+    pub frontend_args: Vec<String>,
+    /// For every process.
+    pub env: Vec<(String, String)>,
+    /// For the frontend only (after `env`, so it wins).
+    pub frontend_env: Vec<(String, String)>,
+}
+
+fn owned(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| a.to_string()).collect()
+}
+
 /// A mesh on etcd: workers, one gate, one frontend.
 pub struct Mesh {
     // Fields drop in order: processes first, the temp dir (with their logs) last.
@@ -347,14 +386,25 @@ impl Mesh {
         gate_args: &[&str],
         frontend_args: &[&str],
     ) -> Mesh {
-        Mesh::start_opts(model, shards, &[], gate_args, frontend_args, None)
+        let opts = MeshOpts {
+            gate_args: owned(gate_args),
+            frontend_args: owned(frontend_args),
+            ..MeshOpts::default()
+        };
+        Mesh::start_opts(model, shards, &opts)
     }
 
     /// Like [`start`](Self::start), with every process serving `/metrics` on a free port (its
     /// [`Proc::metrics`]).
     pub fn start_with_metrics(model: Option<&Path>, shards: &[&str]) -> Mesh {
-        let m = ["--metrics-listen", "127.0.0.1:0"];
-        Mesh::start_opts(model, shards, &m, &m, &m, None)
+        let m = owned(&["--metrics-listen", "127.0.0.1:0"]);
+        let opts = MeshOpts {
+            worker_args: m.clone(),
+            gate_args: m.clone(),
+            frontend_args: m,
+            ..MeshOpts::default()
+        };
+        Mesh::start_opts(model, shards, &opts)
     }
 
     /// Like [`start_with`](Self::start_with), with TLS on every hop, etcd included: each process
@@ -366,15 +416,22 @@ impl Mesh {
         shards: &[&str],
         frontend_args: &[&str],
     ) -> Mesh {
-        Mesh::start_opts(model, shards, &[], &[], frontend_args, Some(ca))
+        let opts = MeshOpts {
+            frontend_args: owned(frontend_args),
+            ..MeshOpts::default()
+        };
+        Mesh::start_opts_ca(model, shards, &opts, Some(ca))
     }
 
-    fn start_opts(
+    /// Like [`start`](Self::start), with extra flags and environment for its processes.
+    pub fn start_opts(model: Option<&Path>, shards: &[&str], opts: &MeshOpts) -> Mesh {
+        Mesh::start_opts_ca(model, shards, opts, None)
+    }
+
+    fn start_opts_ca(
         model: Option<&Path>,
         shards: &[&str],
-        worker_args: &[&str],
-        gate_args: &[&str],
-        frontend_args: &[&str],
+        opts: &MeshOpts,
         ca: Option<&TestCa>,
     ) -> Mesh {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -391,28 +448,28 @@ impl Mesh {
         let mut workers = Vec::new();
         for (i, shard) in shards.iter().enumerate() {
             let name = format!("worker{i}");
-            let mut args: Vec<String> = worker_args.iter().map(|a| a.to_string()).collect();
+            let mut args = opts.worker_args.clone();
             args.extend(tls(&name));
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
             workers.push(start_worker(
                 dir.path(),
-                &etcd,
-                &cluster,
-                model.as_deref(),
+                common_args(&etcd, &cluster, model.as_deref()),
                 &name,
                 shard,
                 &args,
+                &opts.env,
             ));
         }
         let mut args = common_args(&etcd, &cluster, model.as_deref());
         args.extend(["--lease-ttl".into(), "3".into()]);
-        args.extend(gate_args.iter().map(|a| a.to_string()));
+        args.extend(opts.gate_args.iter().cloned());
         args.extend(tls("gate"));
-        let gate = start_role(dir.path(), "gate", "gate", &args);
+        let gate = start_role_env(dir.path(), "gate", "gate", &args, &opts.env);
         let mut fargs = common_args(&etcd, &cluster, model.as_deref());
-        fargs.extend(frontend_args.iter().map(|a| a.to_string()));
+        fargs.extend(opts.frontend_args.iter().cloned());
         fargs.extend(tls("frontend"));
-        let frontend = start_role(dir.path(), "frontend", "frontend", &fargs);
+        let fenv: Vec<(String, String)> =
+            opts.env.iter().chain(&opts.frontend_env).cloned().collect();
+        let frontend = start_role_env(dir.path(), "frontend", "frontend", &fargs, &fenv);
         Mesh {
             dir,
             etcd,
@@ -429,11 +486,10 @@ impl Mesh {
         let model = model.map(Path::to_path_buf).or_else(|| self.model.clone());
         start_worker(
             self.dir.path(),
-            &self.etcd,
-            &self.cluster,
-            model.as_deref(),
+            common_args(&self.etcd, &self.cluster, model.as_deref()),
             name,
             experts,
+            &[],
             &[],
         )
     }
@@ -467,17 +523,16 @@ fn common_args(etcd: &Etcd, cluster: &str, model: Option<&Path>) -> Vec<String> 
     a
 }
 
+/// `common`: the registry and model flags ([`common_args`]).
 fn start_worker(
     dir: &Path,
-    etcd: &Etcd,
-    cluster: &str,
-    model: Option<&Path>,
+    mut args: Vec<String>,
     name: &str,
     experts: &str,
-    extra: &[&str],
+    extra: &[String],
+    env: &[(String, String)],
 ) -> (Proc, String) {
-    let mut args = common_args(etcd, cluster, model);
-    args.extend(extra.iter().map(|a| a.to_string()));
+    args.extend(extra.iter().cloned());
     args.extend([
         "--experts".into(),
         experts.to_string(),
@@ -485,7 +540,7 @@ fn start_worker(
         "3".into(),
     ]);
     args.extend(["--id".into(), name.to_string()]);
-    start_role(dir, name, "expert", &args)
+    start_role_env(dir, name, "expert", &args, env)
 }
 
 /// `GET /metrics` from `addr` (`host:port`): the Prometheus text.

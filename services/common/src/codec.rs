@@ -6,6 +6,10 @@ use moemesh_proto::v1;
 
 use crate::error::{MeshError, MeshResult};
 
+/// Most dimensions a wire tensor may have (moemesh sends 2-D ones; the bound keeps a hostile
+/// shape from costing memory before the byte count is checked).
+const MAX_RANK: usize = 8;
+
 /// Encodes a 2-D tensor as f32 or bf16 bytes.
 pub fn encode(t: &Tensor, dtype: v1::DType) -> MeshResult<v1::Tensor> {
     let (candle_dtype, _) = wire_dtype(dtype)?;
@@ -46,9 +50,24 @@ pub fn decode(t: &v1::Tensor, field: &str, device: &Device) -> MeshResult<Tensor
     let (candle_dtype, size) = wire_dtype(dtype).map_err(|_| {
         MeshError::Invalid(format!("{field}.dtype must be D_TYPE_F32 or D_TYPE_BF16"))
     })?;
+    if t.shape.len() > MAX_RANK {
+        return Err(MeshError::Invalid(format!(
+            "{field}: {} dimensions, at most {MAX_RANK} are allowed",
+            t.shape.len()
+        )));
+    }
     let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
     let elems = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
-    let want = elems.and_then(|e| e.checked_mul(size));
+    // With a zero dimension there are no elements, but the strides of the other dimensions
+    // must still be representable.
+    let strides = shape
+        .iter()
+        .filter(|&&d| d > 0)
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .and_then(|n| n.checked_mul(size));
+    let want = elems
+        .and_then(|e| e.checked_mul(size))
+        .filter(|_| strides.is_some());
     if want != Some(t.data.len()) {
         return Err(MeshError::Invalid(format!(
             "{field}: shape {shape:?} of {dtype:?} needs {} bytes, got {}",
@@ -58,6 +77,95 @@ pub fn decode(t: &v1::Tensor, field: &str, device: &Device) -> MeshResult<Tensor
     }
     Tensor::from_raw_buffer(&t.data, candle_dtype, &shape, device)
         .map_err(|e| MeshError::Invalid(format!("{field}: {e}")))
+}
+
+/// The activations of a `Gate.Step` request, `[total tokens, hidden_size]`, checked against its
+/// sequences: each sequence at most once and with at least one token, and their token counts
+/// adding up to the rows. Only for a step that has sequences.
+pub fn decode_step(
+    req: &v1::StepRequest,
+    hidden_size: usize,
+    device: &Device,
+) -> MeshResult<Tensor> {
+    let act = req
+        .activations
+        .as_ref()
+        .ok_or_else(|| MeshError::Invalid("activations: missing".into()))?;
+    let hidden = decode(act, "activations", device)?;
+    let (rows, width) = hidden
+        .dims2()
+        .map_err(|_| MeshError::Invalid("activations: expected [tokens, hidden]".into()))?;
+    if width != hidden_size {
+        return Err(MeshError::Invalid(format!(
+            "activations: width {width}, the model's hidden_size is {hidden_size}"
+        )));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(req.seqs.len());
+    if let Some(s) = req
+        .seqs
+        .iter()
+        .find(|s| !seen.insert(s.seq_id) || s.num_tokens == 0)
+    {
+        return Err(MeshError::Invalid(format!(
+            "seqs: sequence {} appears twice or has no tokens",
+            s.seq_id
+        )));
+    }
+    let total: u64 = req.seqs.iter().map(|s| u64::from(s.num_tokens)).sum();
+    if total != rows as u64 {
+        return Err(MeshError::Invalid(format!(
+            "activations has {rows} rows but the sequences add up to {total} tokens"
+        )));
+    }
+    Ok(hidden)
+}
+
+/// One (token row, expert, weight) pair of a `Expert.Forward` call.
+pub type Assignment = (u32, u32, f32);
+
+/// The tokens of an `Expert.Forward` request, `[tokens, hidden_size]`, and its (row, expert,
+/// weight) pairs, checked for consistency (whether this worker serves those experts is the
+/// worker's to check).
+pub fn decode_forward(
+    req: &v1::ForwardRequest,
+    hidden_size: usize,
+    device: &Device,
+) -> MeshResult<(Tensor, Vec<Assignment>)> {
+    let hidden = req
+        .hidden
+        .as_ref()
+        .ok_or_else(|| MeshError::Invalid("hidden: missing".into()))?;
+    let x = decode(hidden, "hidden", device)?;
+    let (t, h) = x
+        .dims2()
+        .map_err(|_| MeshError::Invalid("hidden: expected a 2-D tensor".into()))?;
+    if h != hidden_size {
+        return Err(MeshError::Invalid(format!(
+            "hidden: width {h}, the model's hidden_size is {hidden_size}"
+        )));
+    }
+    if req.pairs_per_token.len() != t {
+        return Err(MeshError::Invalid(format!(
+            "pairs_per_token has {} entries for {t} tokens",
+            req.pairs_per_token.len()
+        )));
+    }
+    let total: u64 = req.pairs_per_token.iter().map(|&n| u64::from(n)).sum();
+    if req.expert_ids.len() as u64 != total || req.weights.len() as u64 != total {
+        return Err(MeshError::Invalid(format!(
+            "expert_ids ({}) and weights ({}) must both have sum(pairs_per_token) = {total} entries",
+            req.expert_ids.len(),
+            req.weights.len()
+        )));
+    }
+    let mut pairs = Vec::with_capacity(req.expert_ids.len());
+    let mut ids = req.expert_ids.iter().zip(&req.weights);
+    for (row, &n) in req.pairs_per_token.iter().enumerate() {
+        for (&e, &w) in ids.by_ref().take(n as usize) {
+            pairs.push((row as u32, e, w));
+        }
+    }
+    Ok((x, pairs))
 }
 
 fn wire_dtype(d: v1::DType) -> MeshResult<(DType, usize)> {

@@ -5,6 +5,9 @@
 //! travels with the response *body*, so a server-streaming call holds it until its stream ends
 //! (or its client goes away). When no permit is free the call is answered at once with
 //! RESOURCE_EXHAUSTED: load is shed at the door instead of queueing without bound.
+//!
+//! [`OversizeStatusLayer`] answers a request message over the size limit with
+//! RESOURCE_EXHAUSTED, the code gRPC specifies for it, where tonic says OUT_OF_RANGE.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -142,6 +145,97 @@ impl<B: Body + Unpin> Body for PermitBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Rewrites tonic's OUT_OF_RANGE for a request message over `max_decoding_message_size` into
+/// RESOURCE_EXHAUSTED (gRPC's status-code guide: "sent message larger than configured limit"),
+/// keeping tonic's message, which names the size and the limit. The status is in the response
+/// headers (a trailers-only answer) or in the body's trailers; both are looked at.
+#[derive(Clone, Copy, Default)]
+pub struct OversizeStatusLayer;
+
+impl<S> Layer<S> for OversizeStatusLayer {
+    type Service = OversizeStatus<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        OversizeStatus { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct OversizeStatus<S> {
+    inner: S,
+}
+
+/// The start of tonic's message for an oversized request (`codec/decode.rs`), as it is in the
+/// `grpc-message` header (percent-encoded: spaces are `%20`).
+const OVERSIZE_MESSAGE: &[u8] = b"Error,%20decoded%20message%20length%20too%20large";
+
+/// Turns an oversize OUT_OF_RANGE in `h` into RESOURCE_EXHAUSTED.
+fn fix_oversize_status(h: &mut http::HeaderMap) {
+    let oversize = h.get("grpc-status").map(|v| v.as_bytes()) == Some(b"11".as_slice())
+        && h.get("grpc-message")
+            .is_some_and(|m| m.as_bytes().starts_with(OVERSIZE_MESSAGE));
+    if oversize {
+        h.insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for OversizeStatus<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<OversizeBody<ResBody>>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let mut resp = fut.await?;
+            fix_oversize_status(resp.headers_mut());
+            Ok(resp.map(|inner| OversizeBody { inner }))
+        })
+    }
+}
+
+/// A response body whose trailers go through [`fix_oversize_status`].
+#[derive(Default)]
+pub struct OversizeBody<B> {
+    inner: B,
+}
+
+impl<B: Body + Unpin> Body for OversizeBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        Poll::Ready(frame.map(|f| {
+            f.map(|mut f| {
+                if let Some(t) = f.trailers_mut() {
+                    fix_oversize_status(t);
+                }
+                f
+            })
+        }))
     }
 
     fn is_end_stream(&self) -> bool {

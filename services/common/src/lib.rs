@@ -5,12 +5,16 @@
 pub mod codec;
 pub mod device;
 pub mod error;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz;
 pub mod layers;
+pub mod limits;
 pub mod member_args;
 pub mod metrics;
 pub mod registry;
 pub mod reload;
 pub mod serve;
+pub mod telemetry;
 pub mod tls;
 
 pub use error::{MeshError, MeshResult};

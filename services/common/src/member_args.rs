@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use clap::Args;
 
+use crate::limits::ServerLimits;
 use crate::metrics::MetricsArgs;
 use crate::registry::RegistryConfig;
 use crate::tls::{Tls, TlsArgs};
@@ -40,12 +41,18 @@ pub struct MemberArgs {
     #[arg(long, env = "MOEMESH_DTYPE", default_value = "f32")]
     pub dtype: String,
     #[command(flatten)]
+    pub limits: ServerLimits,
+    #[command(flatten)]
     pub metrics: MetricsArgs,
     /// TLS for the member's own port (mutual: clients need a certificate the CA signed) and
     /// for the peers it dials.
     #[command(flatten)]
     pub tls: TlsArgs,
 }
+
+/// `--max-message-mb` of gates and expert workers when not given: a step's or a layer call's
+/// activations (4096 tokens × 7168 × bf16 is 56 MiB) with room to spare.
+pub const DEFAULT_MAX_MESSAGE_MB: usize = 256;
 
 impl MemberArgs {
     /// The address to announce and the registry id of a `role` process bound to `local`.

@@ -8,10 +8,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::Stream;
+use moemesh_common::member_args::DEFAULT_MAX_MESSAGE_MB;
 use moemesh_common::metrics::{code_label, names};
 use moemesh_common::registry::{Member, Registry, Role};
 use moemesh_common::tls::{self, ClientAuth};
-use moemesh_common::{MeshError, MeshResult, codec, device, metrics as mesh_metrics, serve};
+use moemesh_common::{
+    MeshError, MeshResult, codec, device, metrics as mesh_metrics, serve, telemetry,
+};
 use moemesh_engine::{Device, ExpertShard, ModelFiles, ShardSpec};
 use moemesh_proto::v1::expert_server::{Expert, ExpertServer};
 use moemesh_proto::v1::{ExpertInfoRequest, ExpertInfoResponse, ForwardRequest, ForwardResponse};
@@ -35,49 +38,16 @@ struct Worker {
 
 impl Worker {
     fn forward(&self, req: &ForwardRequest) -> MeshResult<ForwardResponse> {
-        let hidden = req
-            .hidden
-            .as_ref()
-            .ok_or_else(|| MeshError::Invalid("hidden: missing".into()))?;
-        let x = codec::decode(hidden, "hidden", &self.device)?;
-        let (t, h) = x
-            .dims2()
-            .map_err(|_| MeshError::Invalid("hidden: expected a 2-D tensor".into()))?;
-        if h != self.hidden_size {
-            return Err(MeshError::Invalid(format!(
-                "hidden: width {h}, the model's hidden_size is {}",
-                self.hidden_size
-            )));
-        }
-        if req.pairs_per_token.len() != t {
-            return Err(MeshError::Invalid(format!(
-                "pairs_per_token has {} entries for {t} tokens",
-                req.pairs_per_token.len()
-            )));
-        }
-        let total: usize = req.pairs_per_token.iter().map(|&n| n as usize).sum();
-        if req.expert_ids.len() != total || req.weights.len() != total {
-            return Err(MeshError::Invalid(format!(
-                "expert_ids ({}) and weights ({}) must both have sum(pairs_per_token) = {total} entries",
-                req.expert_ids.len(),
-                req.weights.len()
-            )));
-        }
+        let (x, assignments) = codec::decode_forward(req, self.hidden_size, &self.device)?;
         let layer = req.layer as usize;
-        let mut assignments = Vec::with_capacity(total);
-        let mut k = 0;
-        for (row, &n) in req.pairs_per_token.iter().enumerate() {
-            for _ in 0..n {
-                let e = req.expert_ids[k];
-                if !self.shard.has(layer, e as usize) {
-                    return Err(MeshError::Invalid(format!(
-                        "expert {e} of layer {layer} is not served by this worker ({})",
-                        self.info.id
-                    )));
-                }
-                assignments.push((row as u32, e, req.weights[k]));
-                k += 1;
-            }
+        if let Some((_, e, _)) = assignments
+            .iter()
+            .find(|(_, e, _)| !self.shard.has(layer, *e as usize))
+        {
+            return Err(MeshError::Invalid(format!(
+                "expert {e} of layer {layer} is not served by this worker ({})",
+                self.info.id
+            )));
         }
         // The shard returns its f32 accumulator (see `with_f32_output` below), sent as f32
         // whatever the request's dtype: the gate adds every worker's partial sum in f32 and
@@ -134,9 +104,35 @@ impl Expert for ExpertService {
                     }
                 };
                 worker.in_flight.fetch_add(1, Ordering::SeqCst);
+                // A child of the gate's dispatch span when the call carries a sampled context;
+                // the worker starts no trace of its own.
+                let span = match telemetry::remote_context(&req.traceparent) {
+                    Some(cx) => {
+                        let span = tracing::debug_span!(
+                            parent: None,
+                            "expert_forward",
+                            otel.kind = "server",
+                            worker = %worker.info.id,
+                            layer = req.layer,
+                            tokens = req.pairs_per_token.len(),
+                            pairs = req.expert_ids.len(),
+                            otel.status_code = tracing::field::Empty,
+                        );
+                        telemetry::set_parent(&span, cx);
+                        span
+                    }
+                    None => tracing::Span::none(),
+                };
                 let w = worker.clone();
                 let started = std::time::Instant::now();
-                let result = tokio::task::spawn_blocking(move || w.forward(&req)).await;
+                let result = tokio::task::spawn_blocking(move || {
+                    let result = span.in_scope(|| w.forward(&req));
+                    if result.is_err() {
+                        span.record("otel.status_code", "ERROR");
+                    }
+                    result
+                })
+                .await;
                 worker.in_flight.fetch_sub(1, Ordering::SeqCst);
                 let reply = match result {
                     Ok(r) => r.map_err(Status::from),
@@ -175,6 +171,7 @@ pub async fn run(
     let device = device::parse_device(&cfg.member.device)?;
     let dtype = device::parse_dtype(&cfg.member.dtype)?;
     let tls = cfg.member.tls.load(ClientAuth::Required)?;
+    cfg.member.limits.validate().map_err(MeshError::Invalid)?;
     let local = listener
         .local_addr()
         .map_err(|e| MeshError::Internal(e.to_string()))?;
@@ -242,19 +239,24 @@ pub async fn run(
     });
     let (reporter, health, reflection) = serve::health_and_reflection();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
+    let limits = &cfg.member.limits;
+    let server = limits
+        .server()
         .add_service(health)
         .add_service(reflection)
         .add_service(
             ExpertServer::new(ExpertService {
                 worker: worker.clone(),
             })
-            .max_decoding_message_size(256 << 20)
+            .max_decoding_message_size(limits.max_message_bytes(DEFAULT_MAX_MESSAGE_MB))
             .max_encoding_message_size(256 << 20),
         )
-        .serve_with_incoming_shutdown(tls::incoming(listener, tls.clone()), async {
-            let _ = stop_rx.await;
-        });
+        .serve_with_incoming_shutdown(
+            limits.incoming(tls::incoming(listener, tls.clone())),
+            async {
+                let _ = stop_rx.await;
+            },
+        );
     let server = tokio::spawn(server);
     serve::set_health(&reporter, true).await;
 
@@ -331,6 +333,7 @@ mod tests {
             pairs_per_token: vec![2, 1, 1],
             expert_ids: vec![0, 1, 1, 0],
             weights: vec![0.7, 0.3, 1.1, 0.45],
+            traceparent: String::new(),
         };
         let reply = worker.forward(&req).expect("forward");
         assert_eq!(reply.call_id, 7);

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Args;
+use moemesh_common::limits::ServerLimits;
 use moemesh_common::metrics::MetricsArgs;
 use moemesh_common::tls::TlsArgs;
 
@@ -52,6 +53,11 @@ pub struct FrontendConfig {
     /// flight (keep the orchestrator's grace period above it).
     #[arg(long, env = "MOEMESH_DRAIN_TIMEOUT", default_value_t = 30)]
     pub drain_timeout: u64,
+    /// Longest stop string in bytes.
+    #[arg(long, env = "MOEMESH_MAX_STOP_BYTES", default_value_t = 256)]
+    pub max_stop_bytes: usize,
+    #[command(flatten)]
+    pub limits: ServerLimits,
     #[command(flatten)]
     pub metrics: MetricsArgs,
     /// TLS: the public port (client certificates optional, verified against --tls-ca when

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use moemesh_common::metrics::names;
-use moemesh_common::{MeshError, MeshResult, codec};
+use moemesh_common::{MeshError, MeshResult, codec, telemetry};
 use moemesh_engine::generate::{FinishReason, TextTracker, finish_check};
 use moemesh_engine::text::TextTokenizer;
 use moemesh_engine::{DeepSeekModel, GenerationRequest};
@@ -18,6 +18,7 @@ use moemesh_proto::v1::{self, GenerateResponse, SeqSampling, SeqStep, StepReques
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
+use tracing::Span;
 
 use crate::scheduler::{Entry, KvState, Limits, Plan, Scheduler};
 
@@ -49,6 +50,20 @@ pub struct NewSeq {
     pub text: TextTracker,
     pub tx: ClientTx,
     pub start: Instant,
+    /// The request's `generate` span (the root of its trace).
+    pub span: Span,
+    /// Its `queue` span, which ends when the sequence is first scheduled.
+    pub queue: Span,
+}
+
+/// A `queue` span under a request's `generate` span: the time until the sequence is first
+/// scheduled into a step.
+pub fn queue_span(request: &Span) -> Span {
+    if telemetry::is_traced(request) {
+        tracing::debug_span!(parent: request, "queue")
+    } else {
+        Span::none()
+    }
 }
 
 struct Seq {
@@ -60,6 +75,12 @@ struct Seq {
     generated: Vec<u32>,
     text: TextTracker,
     deadline: Option<Instant>,
+    /// The request's `generate` span.
+    span: Span,
+    /// Whether that span is exported (then every step of the sequence gets a span of its own).
+    traced: bool,
+    /// Open until the sequence is first scheduled.
+    queue: Span,
 }
 
 impl Seq {
@@ -291,7 +312,16 @@ async fn run(link: Link, mut rx: mpsc::UnboundedReceiver<NewSeq>) {
             slots = ?plan.slots.iter().map(|s| (s.id, s.len)).collect::<Vec<_>>(),
             "step composition"
         );
-        let step = match build_step(step_id, &plan, &seqs, &ctx, std::mem::take(&mut release)) {
+        let step = build_step(
+            step_id,
+            &plan,
+            &mut seqs,
+            &ctx,
+            std::mem::take(&mut release),
+            &address,
+        );
+        // The sequences' `step` spans end when the gate's answer is in (dropped with this).
+        let (step, _step_spans) = match step {
             Ok(s) => s,
             Err(e) => {
                 fail_all(&mut seqs, &mut sched, &load, Status::from(e));
@@ -404,6 +434,8 @@ async fn run(link: Link, mut rx: mpsc::UnboundedReceiver<NewSeq>) {
                         deadline: s.deadline,
                         generated: s.generated,
                         ttft: s.ttft,
+                        queue: queue_span(&s.span),
+                        span: s.span,
                     };
                     if let Err(e) = reroute.send((address.clone(), moved)) {
                         let _ = e.0.1.tx.send(Err(Status::unavailable(format!(
@@ -427,6 +459,9 @@ fn admit(n: NewSeq, ctx: &Ctx, seqs: &mut HashMap<u64, Seq>, sched: &mut Schedul
         generated: n.generated,
         text: n.text,
         deadline: n.deadline,
+        traced: telemetry::is_traced(&n.span),
+        span: n.span,
+        queue: n.queue,
     };
     sched.waiting.push_back(Entry {
         id,
@@ -437,20 +472,45 @@ fn admit(n: NewSeq, ctx: &Ctx, seqs: &mut HashMap<u64, Seq>, sched: &mut Schedul
     seqs.insert(id, seq);
 }
 
+/// The step's request, and a `step` span for each traced sequence in it (its context goes to
+/// the gate in that sequence's `traceparent`).
 fn build_step(
     step_id: u64,
     plan: &Plan,
-    seqs: &HashMap<u64, Seq>,
+    seqs: &mut HashMap<u64, Seq>,
     ctx: &Ctx,
     release: Vec<u64>,
-) -> MeshResult<StepRequest> {
+    gate: &str,
+) -> MeshResult<(StepRequest, Vec<Span>)> {
     let mut ids = Vec::with_capacity(plan.decode + plan.prefill_tokens);
     let mut seq_steps = Vec::with_capacity(plan.slots.len());
+    let mut spans = Vec::new();
     for slot in &plan.slots {
-        let s = seqs.get(&slot.id).ok_or_else(|| {
+        let s = seqs.get_mut(&slot.id).ok_or_else(|| {
             MeshError::Internal(format!("scheduled sequence {} has no state", slot.id))
         })?;
         ids.extend((slot.start..slot.start + slot.len).map(|i| s.token(i)));
+        s.queue = Span::none();
+        let mut traceparent = String::new();
+        if s.traced {
+            let phase = if slot.len == 1 && slot.start >= s.req.prompt_ids.len() {
+                "decode"
+            } else {
+                "prefill"
+            };
+            let span = tracing::debug_span!(
+                parent: &s.span,
+                "step",
+                step = step_id,
+                phase,
+                position = slot.start,
+                tokens = slot.len,
+                batch_sequences = plan.slots.len(),
+                gate,
+            );
+            traceparent = telemetry::traceparent(&span);
+            spans.push(span);
+        }
         seq_steps.push(SeqStep {
             seq_id: s.id,
             start_position: slot.start as u32,
@@ -463,6 +523,7 @@ fn build_step(
                 seed: s.req.sampling.seed.unwrap_or(0),
                 samples_drawn: s.generated.len() as u32,
             }),
+            traceparent,
         });
     }
     let activations = if ids.is_empty() {
@@ -471,12 +532,15 @@ fn build_step(
         let emb = ctx.model.embed(&ids)?;
         Some(codec::encode(&emb, v1::DType::Bf16)?)
     };
-    Ok(StepRequest {
-        step_id,
-        seqs: seq_steps,
-        activations,
-        release,
-    })
+    Ok((
+        StepRequest {
+            step_id,
+            seqs: seq_steps,
+            activations,
+            release,
+        },
+        spans,
+    ))
 }
 
 /// Hands one sampled token to the sequence's client; true when the sequence is finished.
@@ -523,6 +587,10 @@ fn deliver(s: &mut Seq, r: &v1::SeqResult, ctx: &Ctx) -> bool {
     };
     if let Some(reason) = finish {
         msg.finish_reason = wire_reason(reason) as i32;
+        let ttft_ms = s.ttft.unwrap_or_default().as_secs_f64() * 1e3;
+        s.span.record("completion_tokens", s.generated.len());
+        s.span.record("ttft_ms", ttft_ms);
+        s.span.record("finish_reason", reason.as_str());
         msg.usage = Some(v1::Usage {
             prompt_tokens: s.req.prompt_ids.len() as u32,
             completion_tokens: s.generated.len() as u32,

@@ -7,6 +7,8 @@
 mod audit;
 mod auth;
 mod config;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz;
 mod gate_link;
 mod metered;
 mod request;

@@ -2,7 +2,8 @@
 //! [`Metered`], which sees each token as it goes to the client (time to first token,
 //! inter-token latency, tokens generated) and the stream's end (requests by final status).
 //! Watching the stream, not the step loop, counts every way a request can end in one place:
-//! finished, failed on a gate, rerouted and failed, or abandoned by its client.
+//! finished, failed on a gate, rerouted and failed, or abandoned by its client. The final status
+//! is also recorded on the request's `generate` span.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -18,6 +19,15 @@ pub fn count_request(code: tonic::Code) {
     metrics::counter!(names::REQUESTS, "code" => code_label(code)).increment(1);
 }
 
+/// Records how a request ended on its `generate` span (an error status marks the span failed;
+/// a client that went away is not the server's error).
+pub fn record_end(span: &tracing::Span, code: tonic::Code) {
+    span.record("grpc_code", code_label(code));
+    if !matches!(code, tonic::Code::Ok | tonic::Code::Cancelled) {
+        span.record("otel.status_code", "ERROR");
+    }
+}
+
 pub struct Metered<S> {
     inner: S,
     /// When the request arrived.
@@ -26,15 +36,19 @@ pub struct Metered<S> {
     last: Option<Instant>,
     /// Whether the final status has been counted.
     done: bool,
+    /// The request's `generate` span, which ends when the stream does (or later, when the step
+    /// loop lets go of the sequence).
+    span: tracing::Span,
 }
 
 impl<S> Metered<S> {
-    pub fn new(inner: S, start: Instant) -> Self {
+    pub fn new(inner: S, start: Instant, span: tracing::Span) -> Self {
         Metered {
             inner,
             start,
             last: None,
             done: false,
+            span,
         }
     }
 
@@ -42,6 +56,7 @@ impl<S> Metered<S> {
         if !self.done {
             self.done = true;
             count_request(code);
+            record_end(&self.span, code);
         }
     }
 }

@@ -8,6 +8,9 @@ use moemesh_proto::v1::{self, generate_request::Input};
 
 use crate::config::FrontendConfig;
 
+/// Longest `request_id` (it is logged and put on the request's trace span).
+pub const MAX_REQUEST_ID_BYTES: usize = 256;
+
 fn need_tokenizer<'a>(
     tok: Option<&'a TextTokenizer>,
     field: &str,
@@ -75,6 +78,12 @@ pub fn to_engine_request(
     tok: Option<&TextTokenizer>,
     seed: u64,
 ) -> MeshResult<(GenerationRequest, String)> {
+    if req.request_id.len() > MAX_REQUEST_ID_BYTES {
+        return Err(MeshError::Invalid(format!(
+            "request_id: {} bytes, the limit is {MAX_REQUEST_ID_BYTES}",
+            req.request_id.len()
+        )));
+    }
     let (prompt_ids, rendered) = match &req.input {
         Some(Input::Tokens(t)) => {
             if t.ids.is_empty() {
@@ -109,6 +118,18 @@ pub fn to_engine_request(
         max_stop_sequences: cfg.max_stop_sequences,
     };
     out.validate(model.vocab_size, model.max_position_embeddings, &limits)?;
+    if let Some((i, s)) = out
+        .stop
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.len() > cfg.max_stop_bytes)
+    {
+        return Err(MeshError::Invalid(format!(
+            "stopping.stop[{i}]: {} bytes, the limit is {} (--max-stop-bytes)",
+            s.len(),
+            cfg.max_stop_bytes
+        )));
+    }
     if tok.is_none() && out.stop.iter().any(|s| !s.is_empty()) {
         return Err(MeshError::Invalid(
             "stopping.stop: stop strings need a tokenizer, and this model has none".into(),

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures::Stream;
 use moemesh_common::metrics::names;
 use moemesh_common::registry::{Member, Registry, RegistryConfig, Role};
-use moemesh_common::{MeshError, MeshResult, metrics as mesh_metrics, serve};
+use moemesh_common::{MeshError, MeshResult, metrics as mesh_metrics, serve, telemetry};
 use moemesh_engine::generate::TextTracker;
 use moemesh_engine::{Arch, DType, Device, ModelFiles, Parts};
 use moemesh_proto::v1::generation_server::{Generation, GenerationServer};
@@ -29,6 +29,8 @@ use crate::config::FrontendConfig;
 use crate::gate_link::{Ctx, GateLink, NewSeq};
 use crate::{metered, request};
 
+/// `--max-message-mb` when not given: a public request is text or token ids, far below this.
+const DEFAULT_MAX_MESSAGE_MB: usize = 4;
 /// How long a request waits for a gate to appear before UNAVAILABLE.
 const GATE_WAIT: Duration = Duration::from_secs(5);
 /// How long a gate whose stream broke is passed over while another is listed.
@@ -120,24 +122,34 @@ impl GenerationService {
         request: Request<GenerateRequest>,
         start: Instant,
         trail: Option<&mut Trail>,
+        span: &tracing::Span,
     ) -> Result<Response<GenerateStream>, Status> {
         let f = &self.0;
         let deadline = grpc_timeout(request.metadata()).map(|t| start + t);
         let req = request.into_inner();
+        // Not one that validation will refuse for its length: that stays off the span too.
+        if req.request_id.len() <= request::MAX_REQUEST_ID_BYTES {
+            span.record("request_id", req.request_id.as_str());
+        }
         let seed = f.seed.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
-        let (engine_req, rendered) = request::to_engine_request(
-            &req,
-            &f.cfg,
-            f.ctx.model.config(),
-            f.ctx.tokenizer.as_ref(),
-            seed,
-        )?;
+        let (engine_req, rendered, text) = {
+            let _tokenize = tracing::debug_span!(parent: span, "tokenize").entered();
+            let (engine_req, rendered) = request::to_engine_request(
+                &req,
+                &f.cfg,
+                f.ctx.model.config(),
+                f.ctx.tokenizer.as_ref(),
+                seed,
+            )?;
+            let text = TextTracker::new(f.ctx.tokenizer.as_ref(), &engine_req.stop)
+                .map_err(MeshError::from)?;
+            (engine_req, rendered, text)
+        };
+        span.record("prompt_tokens", engine_req.prompt_ids.len());
         if let Some(trail) = trail {
             let (bytes, text) = request::audit_prompt(&req, &rendered);
             trail.prompt(&bytes, text, engine_req.prompt_ids.len());
         }
-        let text = TextTracker::new(f.ctx.tokenizer.as_ref(), &engine_req.stop)
-            .map_err(MeshError::from)?;
         tracing::debug!(request_id = %req.request_id, prompt_tokens = engine_req.prompt_ids.len(), "generate");
         let (tx, rx) = mpsc::unbounded_channel();
         let link = f.pick_gate(None).await?;
@@ -150,13 +162,15 @@ impl GenerationService {
             deadline,
             generated: Vec::new(),
             ttft: None,
+            queue: crate::gate_link::queue_span(span),
+            span: span.clone(),
         });
         if queued.is_err() {
             let msg = format!("gate {} is not accepting work", link.address);
             return Err(MeshError::Unavailable(msg).into());
         }
         metrics::counter!(names::PROMPT_TOKENS).increment(prompt_tokens);
-        let stream = metered::Metered::new(UnboundedReceiverStream::new(rx), start);
+        let stream = metered::Metered::new(UnboundedReceiverStream::new(rx), start, span.clone());
         Ok(Response::new(Box::pin(stream)))
     }
 }
@@ -169,15 +183,34 @@ impl Generation for GenerationService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateStream>, Status> {
+        // The request's trace: its root, unless the caller sent a `traceparent` of its own.
+        let span = tracing::info_span!(
+            parent: None,
+            "generate",
+            otel.kind = "server",
+            request_id = tracing::field::Empty,
+            prompt_tokens = tracing::field::Empty,
+            completion_tokens = tracing::field::Empty,
+            ttft_ms = tracing::field::Empty,
+            finish_reason = tracing::field::Empty,
+            grpc_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        if let Some(cx) = telemetry::metadata_context(request.metadata()) {
+            telemetry::set_parent(&span, cx);
+        }
         let start = Instant::now();
         let mut trail = self.0.audit.as_ref().map(|log| {
             let key = request.extensions().get::<KeyId>().map(|k| &*k.0);
             log.generate(key, &request.get_ref().request_id, start)
         });
-        let result = self.start_generate(request, start, trail.as_mut()).await;
+        let result = self
+            .start_generate(request, start, trail.as_mut(), &span)
+            .await;
         match (result, trail) {
             (Err(status), trail) => {
                 metered::count_request(status.code());
+                metered::record_end(&span, status.code());
                 if let Some(mut t) = trail {
                     t.end(status.code(), None);
                 }
@@ -256,6 +289,7 @@ pub async fn run(
             cfg.step_token_budget, cfg.max_running
         )));
     }
+    cfg.limits.validate().map_err(MeshError::Invalid)?;
     // The transport and the keys file are checked before anything is loaded.
     let frontend_tls = cfg.tls.load(moemesh_common::tls::ClientAuth::Optional)?;
     let public_tls = if cfg.public_plaintext {
@@ -419,17 +453,23 @@ pub async fn run(
         names::REQUESTS,
         "code" => mesh_metrics::code_label(tonic::Code::ResourceExhausted)
     ));
+    let limits = frontend.cfg.limits.clone();
+    let max_message = limits.max_message_bytes(DEFAULT_MAX_MESSAGE_MB);
     // Outermost: a call without a valid key takes no load-shedding permit.
     let auth = AuthLayer::new(api_keys, audit);
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
+        limits
+            .server()
             .layer(auth)
             .layer(shed)
             .add_service(health)
             .add_service(reflection)
-            .add_service(GenerationServer::new(GenerationService(frontend)))
+            .add_service(
+                GenerationServer::new(GenerationService(frontend))
+                    .max_decoding_message_size(max_message),
+            )
             .serve_with_incoming_shutdown(
-                moemesh_common::tls::incoming(listener, public_tls),
+                limits.incoming(moemesh_common::tls::incoming(listener, public_tls)),
                 async {
                     let _ = stop_rx.await;
                 },

@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use moemesh_common::metrics::names;
-use moemesh_common::{MeshError, MeshResult, codec};
+use moemesh_common::{MeshError, MeshResult, codec, telemetry};
 use moemesh_engine::{DType, Device, EngineError, Experts, PendingExperts, Routing, Tensor};
 use moemesh_proto::v1::{self, ForwardRequest};
 use tokio::runtime::Handle;
+use tracing::{Instrument, Span};
 
 use crate::workers::{WorkerClient, WorkerPool};
 
@@ -54,6 +55,8 @@ impl Experts for RemoteExperts {
             pairs,
             self.wire,
             self.timeout,
+            // The step's span (on the engine thread), under which each call's span goes.
+            Span::current(),
         );
         let task = self.handle.spawn(job);
         let handle = self.handle.clone();
@@ -81,6 +84,7 @@ async fn execute(
     mut pairs: Vec<Pair>,
     wire: v1::DType,
     timeout: Duration,
+    step: Span,
 ) -> MeshResult<Tensor> {
     let (t, h) = x.dims2().map_err(EngineError::from)?;
     let mut out = Tensor::zeros((t, h), DType::F32, &Device::Cpu).map_err(EngineError::from)?;
@@ -109,10 +113,30 @@ async fn execute(
         }
         let calls = groups.into_values().map(|(client, group)| {
             let x = &x;
+            let step = &step;
             async move {
-                let (rows, req) = build_request(layer, x, &group, wire)?;
+                let (rows, mut req) = build_request(layer, x, &group, wire)?;
+                let span = if step.is_none() {
+                    Span::none()
+                } else {
+                    tracing::debug_span!(
+                        parent: step,
+                        "expert_dispatch",
+                        otel.kind = "client",
+                        layer,
+                        worker = %client.member.id,
+                        tokens = rows.len(),
+                        pairs = group.len(),
+                        attempt,
+                        otel.status_code = tracing::field::Empty,
+                    )
+                };
+                req.traceparent = telemetry::traceparent(&span);
                 let sent = std::time::Instant::now();
-                let reply = client.call(req, timeout).await;
+                let reply = client.call(req, timeout).instrument(span.clone()).await;
+                if reply.is_err() {
+                    span.record("otel.status_code", "ERROR");
+                }
                 metrics::histogram!(names::DISPATCH, "worker" => client.member.id.clone())
                     .record(sent.elapsed().as_secs_f64());
                 Ok::<_, MeshError>((client, group, rows, reply))
@@ -185,6 +209,7 @@ fn build_request(
         pairs_per_token: Vec::with_capacity(rows.len()),
         expert_ids: Vec::with_capacity(group.len()),
         weights: Vec::with_capacity(group.len()),
+        traceparent: String::new(),
     };
     for pairs in by_token.values() {
         req.pairs_per_token.push(pairs.len() as u32);

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::Stream;
+use moemesh_common::member_args::DEFAULT_MAX_MESSAGE_MB;
 use moemesh_common::metrics::names;
 use moemesh_common::registry::{Member, Registry, Role};
 use moemesh_common::tls::{self, ClientAuth, Tls};
@@ -189,6 +190,7 @@ pub async fn run(
         ));
     }
     let tls = cfg.member.tls.load(ClientAuth::Required)?;
+    cfg.member.limits.validate().map_err(MeshError::Invalid)?;
     let local = listener
         .local_addr()
         .map_err(|e| MeshError::Internal(e.to_string()))?;
@@ -292,16 +294,18 @@ pub async fn run(
         pool: pool.clone(),
         next_conn: Arc::new(AtomicU64::new(1)),
     };
+    let limits = &cfg.member.limits;
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
+        limits
+            .server()
             .add_service(health)
             .add_service(reflection)
             .add_service(
                 GateServer::new(service)
-                    .max_decoding_message_size(256 << 20)
+                    .max_decoding_message_size(limits.max_message_bytes(DEFAULT_MAX_MESSAGE_MB))
                     .max_encoding_message_size(256 << 20),
             )
-            .serve_with_incoming_shutdown(tls::incoming(listener, tls), async {
+            .serve_with_incoming_shutdown(limits.incoming(tls::incoming(listener, tls)), async {
                 let _ = stop_rx.await;
             }),
     );

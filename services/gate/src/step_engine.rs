@@ -3,12 +3,13 @@
 //! connection's sequences are freed when its stream ends. Runs on a dedicated OS thread because
 //! model math is synchronous CPU (or device) work that must not block the async runtime.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use moemesh_common::metrics::names;
+use moemesh_common::telemetry::{self, TraceContext};
 use moemesh_common::{MeshError, MeshResult, codec};
 use moemesh_engine::KvPool;
 use moemesh_engine::kv_cache::BLOCK_TOKENS;
@@ -17,6 +18,7 @@ use moemesh_engine::{
 };
 use moemesh_proto::v1::{GateInfoResponse, SeqResult, StepRequest, StepResponse};
 use tokio::sync::{mpsc, oneshot};
+use tracing::Span;
 
 use crate::remote_experts::RemoteExperts;
 
@@ -75,7 +77,12 @@ impl StepEngine {
                 Command::Step { conn, req, reply } => {
                     let started = Instant::now();
                     let tokens: u64 = req.seqs.iter().map(|s| s.num_tokens as u64).sum();
-                    let result = self.step(conn, req);
+                    let (lead, _others) = step_spans(&req);
+                    let result = lead.in_scope(|| self.step(conn, req));
+                    if let Err(e) = &result {
+                        lead.record("otel.status_code", "ERROR");
+                        lead.record("error", tracing::field::display(e));
+                    }
                     if tokens > 0 {
                         metrics::histogram!(names::GATE_STEP)
                             .record(started.elapsed().as_secs_f64());
@@ -134,39 +141,12 @@ impl StepEngine {
         if req.seqs.is_empty() {
             return Ok(self.response(req.step_id, Vec::new()));
         }
-        let cfg = self.model.config().clone();
-        let act = req
-            .activations
-            .as_ref()
-            .ok_or_else(|| MeshError::Invalid("activations: missing".into()))?;
-        let hidden = codec::decode(act, "activations", self.model.device())?;
-        let (rows, width) = hidden
-            .dims2()
-            .map_err(|_| MeshError::Invalid("activations: expected [tokens, hidden]".into()))?;
-        if width != cfg.hidden_size {
-            return Err(MeshError::Invalid(format!(
-                "activations: width {width}, the model's hidden_size is {}",
-                cfg.hidden_size
-            )));
-        }
-        let total: usize = req.seqs.iter().map(|s| s.num_tokens as usize).sum();
-        if total != rows {
-            return Err(MeshError::Invalid(format!(
-                "activations has {rows} rows but the sequences add up to {total} tokens"
-            )));
-        }
-        let mut seen = HashSet::new();
+        let hidden =
+            codec::decode_step(&req, self.model.config().hidden_size, self.model.device())?;
         // Take the states out of the map so the step can hold them all mutably at once.
         let mut states = Vec::with_capacity(req.seqs.len());
         let mut failure = None;
         for s in &req.seqs {
-            if !seen.insert(s.seq_id) || s.num_tokens == 0 {
-                failure = Some(MeshError::Invalid(format!(
-                    "seqs: sequence {} appears twice or has no tokens",
-                    s.seq_id
-                )));
-                break;
-            }
             match self.take_state(conn, s) {
                 Ok(st) => states.push((s.seq_id, st)),
                 Err(e) => {
@@ -262,6 +242,7 @@ impl StepEngine {
             return Ok(Vec::new());
         }
         let n = rows.len();
+        let _sampling = moemesh_common::child_span!("sampling", rows = n).entered();
         let idx = Tensor::from_vec(rows, n, self.model.device())
             .map_err(moemesh_engine::EngineError::from)?;
         let picked = out
@@ -321,5 +302,155 @@ impl StepEngine {
             kv_blocks_total: self.pool.num_blocks() as u32,
             kv_block_tokens: BLOCK_TOKENS as u32,
         }
+    }
+}
+
+/// The gate's spans for one step: a `step` span for every sequence whose `traceparent` is
+/// sampled, each a child of that sequence's frontend `step` span. The step's shared work
+/// (expert dispatch, sampling) happens once for the whole batch, so it goes under one of them,
+/// the first (returned first, to be entered while the step runs); it links to the others' and
+/// they to it. A step with no traced sequence gets no spans: the gate starts no trace itself.
+fn step_spans(req: &StepRequest) -> (Span, Vec<Span>) {
+    let traced: Vec<(u64, TraceContext)> = req
+        .seqs
+        .iter()
+        .filter_map(|s| telemetry::remote_context(&s.traceparent).map(|cx| (s.seq_id, cx)))
+        .collect();
+    let Some(((lead_seq, lead_cx), rest)) = traced.split_first() else {
+        return (Span::none(), Vec::new());
+    };
+    let tokens: u64 = req.seqs.iter().map(|s| u64::from(s.num_tokens)).sum();
+    let span = |seq: u64, shared: bool| {
+        tracing::debug_span!(
+            parent: None,
+            "step",
+            otel.kind = "server",
+            step = req.step_id,
+            seq,
+            batch_sequences = req.seqs.len(),
+            batch_tokens = tokens,
+            shared_work = shared,
+            error = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        )
+    };
+    let lead = span(*lead_seq, true);
+    telemetry::set_parent(&lead, lead_cx.clone());
+    for (_, cx) in rest {
+        telemetry::link(&lead, telemetry::remote_span_context(cx));
+    }
+    let lead_context = telemetry::span_context(&lead);
+    let others = rest
+        .iter()
+        .map(|(seq, cx)| {
+            let s = span(*seq, false);
+            telemetry::set_parent(&s, cx.clone());
+            telemetry::link(&s, lead_context.clone());
+            s
+        })
+        .collect();
+    (lead, others)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use moemesh_proto::v1::SeqStep;
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_sdk::error::OTelSdkResult;
+    use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::*;
+
+    /// Keeps every finished span.
+    #[derive(Debug, Clone, Default)]
+    struct Keep(Arc<Mutex<Vec<SpanData>>>);
+
+    impl SpanExporter for Keep {
+        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(batch);
+            Ok(())
+        }
+    }
+
+    const A: &str = "00-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-1111111111111111-01";
+    const B: &str = "00-bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-2222222222222222-01";
+    const UNSAMPLED: &str = "00-cccccccccccccccccccccccccccccccc-3333333333333333-00";
+
+    #[test]
+    fn each_traced_sequence_gets_a_gate_span_and_the_shared_work_goes_under_the_first() {
+        let keep = Keep::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(keep.clone())
+            .build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let seq = |seq_id, traceparent: &str| SeqStep {
+            seq_id,
+            num_tokens: 1,
+            traceparent: traceparent.into(),
+            ..Default::default()
+        };
+        let req = StepRequest {
+            step_id: 9,
+            seqs: vec![seq(1, ""), seq(2, A), seq(3, UNSAMPLED), seq(4, B)],
+            activations: None,
+            release: Vec::new(),
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            let (lead, others) = step_spans(&req);
+            lead.in_scope(|| {
+                let _sampling = moemesh_common::child_span!("sampling").entered();
+            });
+            // Outside a traced step the same work makes no span (and starts no trace).
+            let _untraced = moemesh_common::child_span!("sampling").entered();
+            drop((lead, others));
+            // A step with no sampled context has no spans at all.
+            let (lead, others) = step_spans(&StepRequest {
+                seqs: vec![seq(1, ""), seq(3, UNSAMPLED)],
+                ..req.clone()
+            });
+            assert!(lead.is_none() && others.is_empty());
+        });
+        let spans = keep.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let of_trace = |name: &str, trace: &str| {
+            spans
+                .iter()
+                .filter(|s| s.name == name && s.span_context.trace_id().to_string() == trace)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(spans.iter().filter(|s| s.name == "step").count(), 2);
+        let lead = of_trace("step", &"a".repeat(32));
+        let other = of_trace("step", &"b".repeat(32));
+        assert_eq!((lead.len(), other.len()), (1, 1));
+        let (lead, other) = (lead[0], other[0]);
+        // Each under its own sequence's frontend span.
+        assert_eq!(lead.parent_span_id.to_string(), "1111111111111111");
+        assert_eq!(other.parent_span_id.to_string(), "2222222222222222");
+        // Linked both ways.
+        assert!(
+            lead.links
+                .iter()
+                .any(|l| l.span_context.span_id().to_string() == "2222222222222222")
+        );
+        assert!(
+            other
+                .links
+                .iter()
+                .any(|l| l.span_context.span_id() == lead.span_context.span_id())
+        );
+        // The shared work is under the first traced sequence's gate span only.
+        let sampling: Vec<&SpanData> = spans.iter().filter(|s| s.name == "sampling").collect();
+        assert_eq!(sampling.len(), 1);
+        assert_eq!(sampling[0].parent_span_id, lead.span_context.span_id());
+        assert_eq!(
+            sampling[0].span_context.trace_id(),
+            lead.span_context.trace_id()
+        );
     }
 }

@@ -38,24 +38,27 @@ enum Command {
     /// Check the engine on a device against the HF transformers reference fixtures.
     Verify(verify_cmd::VerifyArgs),
     /// Serve the public Generation API (tokenizer, scheduling, streaming).
+    #[command(after_help = moemesh_common::telemetry::HELP)]
     Frontend(moemesh_frontend::FrontendConfig),
     /// Serve the dense part of the model (attention, KV cache, router, shared experts, sampling).
+    #[command(after_help = moemesh_common::telemetry::HELP)]
     Gate(moemesh_gate::GateConfig),
     /// Serve routed experts.
+    #[command(after_help = moemesh_common::telemetry::HELP)]
     Expert(moemesh_expert::ExpertConfig),
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MOEMESH_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     moemesh_common::tls::install_crypto_provider();
     let cli = Cli::parse();
+    // Logs (MOEMESH_LOG) and, when OTEL_EXPORTER_OTLP_ENDPOINT is set, traces; dropped (flushing
+    // the last spans) once the command has returned, after a role's shutdown too.
+    let telemetry = moemesh_common::telemetry::init(match &cli.command {
+        Command::Frontend(_) => "moemesh-frontend",
+        Command::Gate(_) => "moemesh-gate",
+        Command::Expert(_) => "moemesh-expert",
+        _ => "moemesh",
+    });
     let result = match cli.command {
         Command::Generate(args) => generate_cmd::run(args),
         Command::Up(args) => up_cmd::run(args),
@@ -66,6 +69,7 @@ fn main() -> std::process::ExitCode {
         Command::Gate(cfg) => roles::gate(cfg),
         Command::Expert(cfg) => roles::expert(cfg),
     };
+    drop(telemetry);
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

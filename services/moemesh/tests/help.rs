@@ -83,3 +83,28 @@ fn role_help_documents_the_security_flags_and_their_env_vars() {
         assert!(h.contains(flag), "up --help lacks {flag}:\n{h}");
     }
 }
+
+#[test]
+fn role_help_documents_the_limits_and_tracing() {
+    for role in ["frontend", "gate", "expert"] {
+        let h = help(&[role, "--help"]);
+        for flag in [
+            "--max-message-mb",
+            "--max-concurrent-streams",
+            "--max-header-bytes",
+            "--handshake-timeout",
+            "--keepalive-interval",
+            "--keepalive-timeout",
+            "--request-timeout",
+            "MOEMESH_MAX_MESSAGE_MB",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ] {
+            assert!(h.contains(flag), "{role} --help lacks {flag}:\n{h}");
+        }
+    }
+    let h = help(&["frontend", "--help"]);
+    assert!(
+        h.contains("--max-stop-bytes") && h.contains("--max-prompt-bytes"),
+        "{h}"
+    );
+}

@@ -1,0 +1,261 @@
+//! Fuzz harness for the frontend's request validator: a `GenerateRequest` off the wire (decoded
+//! from arbitrary bytes, or built from them field by field) goes through the same validation,
+//! tokenization, chat templating and stop-string setup as `Generate` does, with the embedded
+//! model's tokenizer and small limits. Nothing may panic; a rejection must be INVALID_ARGUMENT;
+//! what is accepted must be within every limit.
+//!
+//! `cargo fuzz` drives it (`fuzz/`, nightly); the test below runs it on seeded random inputs on
+//! stable. Built for tests and with the `fuzzing` feature only.
+
+use std::sync::OnceLock;
+
+use arbitrary::{Result, Unstructured};
+use clap::Parser;
+use moemesh_common::MeshError;
+use moemesh_common::fuzz::Outcome;
+use moemesh_engine::generate::TextTracker;
+use moemesh_engine::text::TextTokenizer;
+use moemesh_engine::{ModelConfig, ModelFiles};
+use moemesh_proto::v1::{self, generate_request::Input};
+use prost::Message;
+
+use crate::FrontendConfig;
+
+/// The limits the harness validates against (small, so that the fuzzer reaches them).
+const ARGS: [&str; 11] = [
+    "frontend",
+    "--gate-addrs",
+    "127.0.0.1:1",
+    "--max-prompt-bytes",
+    "2048",
+    "--max-stop-sequences",
+    "4",
+    "--max-stop-bytes",
+    "16",
+    "--max-new-tokens-limit",
+    "64",
+];
+
+#[derive(Parser)]
+struct Args {
+    #[command(flatten)]
+    cfg: FrontendConfig,
+}
+
+struct Fixture {
+    cfg: FrontendConfig,
+    model: ModelConfig,
+    tokenizer: Option<TextTokenizer>,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let cfg = Args::try_parse_from(ARGS)
+            .expect("the harness's flags parse")
+            .cfg;
+        let files = ModelFiles::open_or_embedded(None).expect("the embedded model opens");
+        Fixture {
+            cfg,
+            model: files.config,
+            tokenizer: files.tokenizer,
+        }
+    })
+}
+
+/// One `Generate` request, from arbitrary bytes.
+pub fn generate_request(data: &[u8]) -> Outcome {
+    let f = fixture();
+    let mut u = Unstructured::new(data);
+    let req = match u.arbitrary::<bool>() {
+        Ok(true) => v1::GenerateRequest::decode(u.take_rest()).ok(),
+        Ok(false) => request_from(&mut u).ok(),
+        Err(_) => None,
+    };
+    let Some(req) = req else {
+        return Outcome::Skipped;
+    };
+    let out = crate::request::to_engine_request(&req, &f.cfg, &f.model, f.tokenizer.as_ref(), 7);
+    let out = match out {
+        Ok((out, _rendered)) => out,
+        Err(e) => return rejected(e),
+    };
+    let vocab = f.model.vocab_size;
+    assert!(!out.prompt_ids.is_empty());
+    assert!(out.prompt_ids.len() < f.model.max_position_embeddings);
+    assert!(out.prompt_ids.iter().all(|&id| (id as usize) < vocab));
+    assert!((1..=f.cfg.max_new_tokens_limit as usize).contains(&out.max_new_tokens));
+    assert!(out.stop.len() <= f.cfg.max_stop_sequences);
+    assert!(out.stop.iter().all(|s| s.len() <= f.cfg.max_stop_bytes));
+    assert!(req.request_id.len() <= crate::request::MAX_REQUEST_ID_BYTES);
+    assert!(out.sampling.validate(vocab).is_ok());
+    match TextTracker::new(f.tokenizer.as_ref(), &out.stop) {
+        Ok(_) => Outcome::Accepted,
+        Err(e) => rejected(MeshError::from(e)),
+    }
+}
+
+fn rejected(e: MeshError) -> Outcome {
+    let status = tonic::Status::from(e);
+    assert_eq!(
+        status.code(),
+        tonic::Code::InvalidArgument,
+        "{}",
+        status.message()
+    );
+    assert!(!status.message().is_empty());
+    Outcome::Rejected
+}
+
+/// A string: usually short, drawn from text the tokenizer and template find interesting.
+fn text(u: &mut Unstructured) -> Result<String> {
+    const PIECES: [&str; 10] = [
+        "Hello",
+        " world",
+        "<｜User｜>",
+        "<｜end▁of▁sentence｜>",
+        "{{ messages }}",
+        "{% if %}",
+        "é",
+        "🦀",
+        "\u{0}",
+        "\n",
+    ];
+    let mut s = String::new();
+    for _ in 0..u.int_in_range(0..=4)? {
+        if u.ratio(3, 4)? {
+            s.push_str(u.choose(&PIECES)?);
+        } else {
+            s.push_str(&u.arbitrary::<String>()?);
+        }
+    }
+    Ok(s)
+}
+
+/// A number from `usual` most of the time, anything otherwise (NaN and infinities included).
+fn pick<'a, T: arbitrary::Arbitrary<'a> + Copy>(
+    u: &mut Unstructured<'a>,
+    usual: &[T],
+) -> Result<T> {
+    if u.ratio(7, 8)? {
+        u.choose(usual).copied()
+    } else {
+        u.arbitrary()
+    }
+}
+
+fn request_from(u: &mut Unstructured) -> Result<v1::GenerateRequest> {
+    let vocab = fixture().model.vocab_size as u32;
+    let input = match u.int_in_range(0..=9)? {
+        0 => None,
+        1..=3 => Some(Input::Prompt(text(u)?)),
+        4..=5 => {
+            let n = u.int_in_range(0..=4)?;
+            let mut messages = Vec::with_capacity(n);
+            for _ in 0..n {
+                let role = if u.ratio(3, 4)? {
+                    u.choose(&["user", "assistant", "system", "tool"])?
+                        .to_string()
+                } else {
+                    text(u)?
+                };
+                messages.push(v1::ChatMessage {
+                    role,
+                    content: text(u)?,
+                });
+            }
+            Some(Input::Chat(v1::ChatInput { messages }))
+        }
+        _ => {
+            let n = u.int_in_range(0..=40)?;
+            let mut ids: Vec<u32> = (0..n)
+                .map(|_| u.int_in_range(0..=vocab - 1))
+                .collect::<Result<_>>()?;
+            if u.ratio(1, 8)? {
+                ids.push(u.arbitrary()?);
+            }
+            Some(Input::Tokens(v1::TokenIds { ids }))
+        }
+    };
+    let sampling = if u.arbitrary()? {
+        Some(v1::SamplingParams {
+            temperature: pick(u, &[0.0, 0.7, 1.0])?,
+            top_p: if u.arbitrary()? {
+                Some(pick(u, &[0.9, 1.0])?)
+            } else {
+                None
+            },
+            top_k: pick(u, &[0, 1, 50])?,
+            seed: u.arbitrary()?,
+        })
+    } else {
+        None
+    };
+    let stopping = if u.arbitrary()? {
+        let n = u.int_in_range(0..=5)?;
+        Some(v1::StoppingCriteria {
+            max_new_tokens: match u.int_in_range(0..=5)? {
+                0 => None,
+                1 => Some(u.arbitrary()?),
+                _ => Some(u.int_in_range(0..=70)?),
+            },
+            stop: (0..n)
+                .map(|_| {
+                    if u.ratio(3, 4)? {
+                        Ok(u.choose(&["\n", "</s>", "stop", "é", ""])?.to_string())
+                    } else {
+                        text(u)
+                    }
+                })
+                .collect::<Result<_>>()?,
+            ignore_eos: u.arbitrary()?,
+        })
+    } else {
+        None
+    };
+    let request_id = match u.int_in_range(0..=15)? {
+        0 => "r".repeat(u.int_in_range(250..=260)?),
+        1 => text(u)?,
+        _ => String::new(),
+    };
+    Ok(v1::GenerateRequest {
+        input,
+        sampling,
+        stopping,
+        request_id,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_validator_survives_seeded_random_inputs() {
+        let n = 3000;
+        let outcome = moemesh_common::fuzz::run_seeded(generate_request, 0x5eed_0003, n);
+        moemesh_common::fuzz::assert_both_paths(outcome, n, 100);
+    }
+
+    #[test]
+    fn the_harness_accepts_a_valid_request() {
+        // The accepting path must be reachable, not only the rejections.
+        let f = fixture();
+        let req = v1::GenerateRequest {
+            input: Some(Input::Prompt("Hello world".into())),
+            stopping: Some(v1::StoppingCriteria {
+                max_new_tokens: Some(8),
+                stop: vec!["\n".into()],
+                ignore_eos: false,
+            }),
+            ..Default::default()
+        };
+        let out =
+            crate::request::to_engine_request(&req, &f.cfg, &f.model, f.tokenizer.as_ref(), 7)
+                .expect("valid");
+        assert_eq!(out.0.max_new_tokens, 8);
+        let mut bytes = vec![1u8];
+        bytes.extend(req.encode_to_vec());
+        assert_eq!(generate_request(&bytes), Outcome::Accepted);
+    }
+}
