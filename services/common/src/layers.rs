@@ -64,7 +64,8 @@ pub struct InflightLimit<S> {
     layer: InflightLimitLayer,
 }
 
-type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+/// The future of the layers' services: boxed, because it awaits the inner service's.
+pub type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for InflightLimit<S>
 where

@@ -20,10 +20,8 @@
 //! re-read when it changes; keys whose secret and limits stay the same keep their bucket and open
 //! streams.
 
-use std::future::Future;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -346,7 +344,7 @@ impl AuthLayer {
     }
 }
 
-type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+use moemesh_common::layers::BoxFuture;
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for Auth<S>
 where
