@@ -141,14 +141,38 @@ async fn oversized_and_slow_requests_are_refused_and_the_frontend_keeps_serving(
         err.message()
     );
 
-    // Metadata over --max-header-bytes is refused; the connection and the server live on.
-    let mut req = tonic::Request::new(TokenizeRequest {
-        input: Some(tokenize_request::Input::Prompt("hi".into())),
-    });
-    req.metadata_mut()
-        .insert("x-padding", "p".repeat(16 << 10).parse().expect("ascii"));
-    // HTTP/2 answers 431 (Request Header Fields Too Large), which gRPC clients see as UNKNOWN.
-    let err = client.tokenize(req).await.expect_err("16 KiB of metadata");
+    // Metadata over --max-header-bytes (8192) is refused with RESOURCE_EXHAUSTED naming the
+    // size and the limit; the connection and the server live on.
+    let padded = |bytes: usize| {
+        let mut req = tonic::Request::new(TokenizeRequest {
+            input: Some(tokenize_request::Input::Prompt("hi".into())),
+        });
+        req.metadata_mut()
+            .insert("x-padding", "p".repeat(bytes).parse().expect("ascii"));
+        req
+    };
+    let err = client
+        .tokenize(padded(16 << 10))
+        .await
+        .expect_err("16 KiB of metadata");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("--max-header-bytes") && err.message().contains("8192"),
+        "{}",
+        err.message()
+    );
+    // Just under the limit (the other fields of the request take well under 1 KiB): served.
+    let mut near = client
+        .tokenize(padded(7 << 10))
+        .await
+        .expect("7 KiB of metadata");
+    assert!(!near.get_mut().ids.is_empty());
+    // Beyond HTTP/2's own limit (4 × 8192, at least 64 KiB) the header block is not even
+    // buffered: HTTP/2 answers 431, which gRPC clients see as UNKNOWN.
+    let err = client
+        .tokenize(padded(80 << 10))
+        .await
+        .expect_err("80 KiB of metadata");
     assert!(err.message().contains("431"), "{err:?}");
     assert!(
         tokenize(&mut client, "after the headers")

@@ -7,7 +7,8 @@
 //! RESOURCE_EXHAUSTED: load is shed at the door instead of queueing without bound.
 //!
 //! [`OversizeStatusLayer`] answers a request message over the size limit with
-//! RESOURCE_EXHAUSTED, the code gRPC specifies for it, where tonic says OUT_OF_RANGE.
+//! RESOURCE_EXHAUSTED, the code gRPC specifies for it, where tonic says OUT_OF_RANGE, and does the
+//! same for request metadata over `--max-header-bytes`.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -161,20 +162,69 @@ impl<B: Body + Unpin> Body for PermitBody<B> {
 /// RESOURCE_EXHAUSTED (gRPC's status-code guide: "sent message larger than configured limit"),
 /// keeping tonic's message, which names the size and the limit. The status is in the response
 /// headers (a trailers-only answer) or in the body's trailers; both are looked at.
-#[derive(Clone, Copy, Default)]
-pub struct OversizeStatusLayer;
+///
+/// It also refuses a request whose metadata is over `max_header_bytes` with RESOURCE_EXHAUSTED
+/// naming the size and the limit, as gRPC's own servers do for their soft metadata limit. HTTP/2
+/// itself can only answer 431, which gRPC clients see as UNKNOWN, so the HTTP/2 limit is set
+/// higher (see [`header_hard_limit`]) and this layer enforces the one the operator chose.
+#[derive(Clone, Copy)]
+pub struct OversizeStatusLayer {
+    max_header_bytes: usize,
+}
+
+impl OversizeStatusLayer {
+    pub fn new(max_header_bytes: usize) -> Self {
+        OversizeStatusLayer { max_header_bytes }
+    }
+}
+
+/// The HTTP/2 header list limit that goes with a metadata limit of `max_header_bytes`: four
+/// times it, and at least 64 KiB. Between the two a client gets a gRPC status; only a header
+/// block beyond this one is cut off by HTTP/2 (431) before the server buffers it.
+pub fn header_hard_limit(max_header_bytes: u32) -> u32 {
+    max_header_bytes.saturating_mul(4).max(64 << 10)
+}
+
+/// A request's header list size as HTTP/2 counts it (RFC 9113 §6.5.2: each field's name and
+/// value plus 32 bytes), the pseudo-header fields included.
+fn header_list_size<B>(req: &http::Request<B>) -> usize {
+    const FIELD_OVERHEAD: usize = 32;
+    let pseudo = [
+        (":method".len(), req.method().as_str().len()),
+        (":scheme".len(), req.uri().scheme_str().map_or(0, str::len)),
+        (
+            ":authority".len(),
+            req.uri().authority().map_or(0, |a| a.as_str().len()),
+        ),
+        (
+            ":path".len(),
+            req.uri().path_and_query().map_or(0, |p| p.as_str().len()),
+        ),
+    ];
+    let pseudo: usize = pseudo.iter().map(|(n, v)| n + v + FIELD_OVERHEAD).sum();
+    let fields: usize = req
+        .headers()
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + FIELD_OVERHEAD)
+        .sum();
+    pseudo + fields
+}
 
 impl<S> Layer<S> for OversizeStatusLayer {
     type Service = OversizeStatus<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        OversizeStatus { inner }
+        OversizeStatus {
+            inner,
+            max_header_bytes: self.max_header_bytes,
+        }
     }
 }
 
 #[derive(Clone)]
 pub struct OversizeStatus<S> {
     inner: S,
+    max_header_bytes: usize,
 }
 
 /// The start of tonic's message for an oversized request (`codec/decode.rs`), as it is in the
@@ -195,6 +245,7 @@ impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for OversizeStatus<S>
 where
     S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
     S::Future: Send + 'static,
+    ResBody: Default + Send + 'static,
 {
     type Response = http::Response<OversizeBody<ResBody>>;
     type Error = S::Error;
@@ -205,6 +256,21 @@ where
     }
 
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+        let size = header_list_size(&req);
+        if size > self.max_header_bytes {
+            // The inner service was readied for this call and is not called: it stays ready
+            // for the next one.
+            let status = tonic::Status::resource_exhausted(format!(
+                "request metadata is {size} bytes, over the limit of {} bytes \
+                 (--max-header-bytes)",
+                self.max_header_bytes
+            ));
+            return Box::pin(async move {
+                Ok(status
+                    .into_http::<ResBody>()
+                    .map(|inner| OversizeBody { inner }))
+            });
+        }
         let fut = self.inner.call(req);
         Box::pin(async move {
             let mut resp = fut.await?;

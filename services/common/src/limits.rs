@@ -10,7 +10,8 @@
 //!   activity, so a peer that trickles a partial frame gets a ping after `--keepalive-interval`
 //!   and is closed when it does not answer within `--keepalive-timeout`;
 //! - what one connection can make the server buffer is bounded by `--max-concurrent-streams`
-//!   × `--max-message-mb`, headers by `--max-header-bytes`, and a call that has not delivered
+//!   × `--max-message-mb`, headers by 4 × `--max-header-bytes`, at least 64 KiB (HTTP/2's limit; metadata over
+//!   `--max-header-bytes` itself gets RESOURCE_EXHAUSTED), and a call that has not delivered
 //!   its request within `--request-timeout` is cancelled.
 
 use std::future::Future;
@@ -25,7 +26,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::transport::server::Connected;
 use tower::layer::util::{Identity, Stack};
 
-use crate::layers::OversizeStatusLayer;
+use crate::layers::{OversizeStatusLayer, header_hard_limit};
 
 /// The HTTP/2 client connection preface's length (RFC 9113 §3.4).
 const PREFACE_LEN: usize = 24;
@@ -40,7 +41,9 @@ pub struct ServerLimits {
     /// Most concurrent calls (HTTP/2 streams) on one client connection.
     #[arg(long, env = "MOEMESH_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
     pub max_concurrent_streams: u32,
-    /// Largest request header block (gRPC metadata), in bytes.
+    /// Largest request header block (gRPC metadata, counted as HTTP/2 does: each field's name
+    /// and value plus 32 bytes), in bytes. A larger one gets RESOURCE_EXHAUSTED naming the
+    /// limit; one over 4× this (at least 64 KiB) is cut off by HTTP/2 with status 431.
     #[arg(long, env = "MOEMESH_MAX_HEADER_BYTES", default_value_t = 16 << 10)]
     pub max_header_bytes: u32,
     /// Seconds a new connection has to send the HTTP/2 connection preface; slower (or silent)
@@ -91,16 +94,16 @@ impl ServerLimits {
     }
 
     /// A tonic server builder with these limits (the per-message size is set on each service,
-    /// with [`max_message_bytes`](Self::max_message_bytes); an oversized message is answered
-    /// with RESOURCE_EXHAUSTED).
+    /// with [`max_message_bytes`](Self::max_message_bytes); an oversized message or metadata is
+    /// answered with RESOURCE_EXHAUSTED).
     pub fn server(&self) -> tonic::transport::Server<Stack<OversizeStatusLayer, Identity>> {
         tonic::transport::Server::builder()
             .max_concurrent_streams(self.max_concurrent_streams)
-            .http2_max_header_list_size(self.max_header_bytes)
+            .http2_max_header_list_size(header_hard_limit(self.max_header_bytes))
             .http2_keepalive_interval(Some(Duration::from_secs(self.keepalive_interval)))
             .http2_keepalive_timeout(Some(Duration::from_secs(self.keepalive_timeout)))
             .timeout(Duration::from_secs(self.request_timeout))
-            .layer(OversizeStatusLayer)
+            .layer(OversizeStatusLayer::new(self.max_header_bytes as usize))
     }
 
     /// `conns` (the listener's connections, after TLS where it is on: see
