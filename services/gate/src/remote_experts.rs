@@ -1,8 +1,9 @@
 //! The engine's [`Experts`] trait over gRPC: each MoE layer's tokens are grouped per worker and
-//! sent once per worker with their (expert, weight) pairs; replies are weighted partial sums in
-//! f32 that add up to the routed output. A failed call is retried on other replicas of the same
-//! experts (expert calls are pure). The engine runs on its own thread; the calls run on the
-//! tokio runtime, so the engine computes shared experts while they are in flight.
+//! sent to each worker with their (expert, weight) pairs, in one call (a few for a big step);
+//! replies are weighted partial sums in f32 that add up to the routed output. A failed call is
+//! retried on other replicas of the same experts (expert calls are pure). The engine runs on its
+//! own thread; the calls run on the tokio runtime, so the engine computes shared experts while
+//! they are in flight.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -19,6 +20,12 @@ use tracing::{Instrument, Span};
 use crate::workers::{WorkerClient, WorkerPool};
 
 const MAX_ATTEMPTS: usize = 4;
+
+/// Largest activation payload of one expert call, in bytes (the f32 reply's, the larger of the
+/// two directions). A worker's share of a big step is sent as several calls under it, far from
+/// the 256 MiB message limit on both ends: one message over that limit would fail the call, and
+/// the worker would be taken for a failed one and its replicas tried with the same message.
+const MAX_CALL_BYTES: usize = 64 << 20;
 
 /// (token row, expert, weight).
 type Pair = (u32, u32, f32);
@@ -111,7 +118,13 @@ async fn execute(
                 .1
                 .push((tok, e, w));
         }
-        let calls = groups.into_values().map(|(client, group)| {
+        let max_rows = (MAX_CALL_BYTES / (h * 4).max(1)).max(1);
+        let calls = groups.into_values().flat_map(|(client, group)| {
+            split_rows(group, max_rows)
+                .into_iter()
+                .map(move |chunk| (client.clone(), chunk))
+        });
+        let calls = calls.map(|(client, group)| {
             let x = &x;
             let step = &step;
             async move {
@@ -186,6 +199,29 @@ async fn execute(
     )))
 }
 
+/// Splits a worker's pairs into runs of at most `max_rows` distinct tokens, each run one request.
+/// Consecutive pairs of one token stay in one run. (After a retry a token's pairs may come in two
+/// places; then two requests carry its row, and their partial sums add up the same.)
+fn split_rows(group: Vec<Pair>, max_rows: usize) -> Vec<Vec<Pair>> {
+    let mut chunks: Vec<Vec<Pair>> = Vec::new();
+    let mut rows = 0;
+    let mut last = None;
+    for pair in group {
+        if last != Some(pair.0) {
+            if rows == max_rows || chunks.is_empty() {
+                chunks.push(Vec::new());
+                rows = 0;
+            }
+            rows += 1;
+            last = Some(pair.0);
+        }
+        if let Some(chunk) = chunks.last_mut() {
+            chunk.push(pair);
+        }
+    }
+    chunks
+}
+
 /// One worker's request: its distinct tokens (each once) and their pairs. Returns the token rows
 /// in request order, for adding the reply back.
 fn build_request(
@@ -219,4 +255,34 @@ fn build_request(
         }
     }
     Ok((rows, req))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_rows_keeps_a_tokens_pairs_together_and_every_pair_once() {
+        // Tokens 0..5 with 1, 2, 1, 3, 2 pairs.
+        let group: Vec<Pair> = [(0, 1), (1, 2), (2, 1), (3, 3), (4, 2)]
+            .iter()
+            .flat_map(|&(tok, n)| (0..n).map(move |e| (tok, e, 0.5)))
+            .collect();
+        for max_rows in 1..=6 {
+            let chunks = split_rows(group.clone(), max_rows);
+            assert_eq!(
+                chunks.len(),
+                5usize.div_ceil(max_rows),
+                "max_rows {max_rows}"
+            );
+            for c in &chunks {
+                let mut toks: Vec<u32> = c.iter().map(|p| p.0).collect();
+                toks.dedup();
+                assert!(!toks.is_empty() && toks.len() <= max_rows, "{c:?}");
+            }
+            // Order and content kept, so no token is split across two requests.
+            assert_eq!(chunks.concat(), group, "max_rows {max_rows}");
+        }
+        assert!(split_rows(Vec::new(), 4).is_empty());
+    }
 }
