@@ -130,49 +130,82 @@ impl Sampler {
             .filter(|(_, l)| !l.is_nan())
             .map(|(i, &l)| (i, l * inv_t))
             .collect();
-        let by_logit_desc =
-            |a: &(usize, f32), b: &(usize, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         let k = self.params.top_k;
         if k > 0 && k < cand.len() {
             cand.select_nth_unstable_by(k - 1, by_logit_desc);
             cand.truncate(k);
         }
-        cand.sort_unstable_by(by_logit_desc);
-        let Some(&(best, max)) = cand.first() else {
+        // The candidates are walked from the most likely down, for the nucleus and for the draw.
+        // Sorting a whole vocabulary (129k entries for DeepSeek) for each token takes
+        // milliseconds, and the walk nearly always ends within the first few hundred, so only
+        // those are sorted up front, and more only as the walk gets there.
+        let mut sorted = SORTED_HEAD.min(cand.len());
+        if sorted == 0 {
             return argmax(logits);
-        };
-        let mut probs: Vec<f64> = cand
-            .iter()
-            .map(|&(_, l)| f64::from(l - max).exp())
-            .collect();
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= total);
+        }
+        if sorted < cand.len() {
+            cand.select_nth_unstable_by(sorted - 1, by_logit_desc);
+        }
+        cand[..sorted].sort_unstable_by(by_logit_desc);
+        let (best, max) = cand[0];
+        let weight = |l: f32| f64::from(l - max).exp();
+        let total: f64 = cand.iter().map(|&(_, l)| weight(l)).sum();
+        // Once the walk reaches the end of the sorted prefix, the next best candidates (four
+        // times as many) are selected from the rest and sorted.
+        fn sort_rest(cand: &mut [(usize, f32)], sorted: &mut usize, upto: usize) {
+            if upto < *sorted || *sorted == cand.len() {
+                return;
+            }
+            let next = (*sorted * 4).min(cand.len());
+            if next < cand.len() {
+                cand[*sorted..].select_nth_unstable_by(next - *sorted - 1, by_logit_desc);
+            }
+            cand[*sorted..next].sort_unstable_by(by_logit_desc);
+            *sorted = next;
+        }
+        // The nucleus: the shortest prefix whose probability reaches top_p.
+        let mut keep = cand.len();
+        let mut kept = total;
         if self.params.top_p < 1.0 {
+            let target = f64::from(self.params.top_p) * total;
             let mut cum = 0.0;
-            let mut keep = probs.len();
-            for (i, p) in probs.iter().enumerate() {
-                cum += p;
-                if cum >= f64::from(self.params.top_p) {
+            for i in 0..cand.len() {
+                sort_rest(&mut cand, &mut sorted, i);
+                cum += weight(cand[i].1);
+                if cum >= target {
                     keep = i + 1;
+                    kept = cum;
                     break;
                 }
             }
-            probs.truncate(keep);
-            let kept: f64 = probs.iter().sum();
-            probs.iter_mut().for_each(|p| *p /= kept);
         }
-        let u: f64 = self.rng.random();
+        let u = self.rng.random::<f64>() * kept;
         let mut acc = 0.0;
-        for (i, p) in probs.iter().enumerate() {
-            acc += p;
+        for i in 0..keep {
+            sort_rest(&mut cand, &mut sorted, i);
+            acc += weight(cand[i].1);
             if u < acc {
                 return cand[i].0;
             }
         }
-        // Rounding left `acc` a hair under 1 and `u` above it: the last kept candidate.
-        cand.get(probs.len().saturating_sub(1))
-            .map_or(best, |c| c.0)
+        // Rounding left `acc` a hair under `kept` and `u` above it: the last kept candidate.
+        cand.get(keep - 1).map_or(best, |c| c.0)
     }
+}
+
+/// How many of the most likely candidates [`Sampler::draw`] sorts before it walks them.
+const SORTED_HEAD: usize = 256;
+
+/// Descending logit, ties to the lower id: the order candidates are walked in.
+fn by_logit_desc(a: &(usize, f32), b: &(usize, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// Samples one row for each sampler, the rows in parallel: a row costs a few passes over the
+/// vocabulary, and a step samples for every sequence of its batch.
+pub fn sample_batch(jobs: &mut [(&mut Sampler, &[f32])]) -> Result<Vec<Sampled>> {
+    use rayon::prelude::*;
+    jobs.par_iter_mut().map(|(s, row)| s.sample(row)).collect()
 }
 
 /// Index of the largest value; ties go to the lowest index; NaNs are never chosen.
@@ -205,6 +238,93 @@ fn log_softmax_at(logits: &[f32], i: usize) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The draw as it was before the partial sort: the whole candidate list sorted, then
+    /// walked. The reference for `partial_sort_draws_what_a_full_sort_draws`.
+    fn reference_draw(params: &SamplingParams, rng: &mut ChaCha8Rng, logits: &[f32]) -> usize {
+        let inv_t = 1.0 / params.temperature;
+        let mut cand: Vec<(usize, f32)> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| !l.is_nan())
+            .map(|(i, &l)| (i, l * inv_t))
+            .collect();
+        let by_logit_desc =
+            |a: &(usize, f32), b: &(usize, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let k = params.top_k;
+        if k > 0 && k < cand.len() {
+            cand.select_nth_unstable_by(k - 1, by_logit_desc);
+            cand.truncate(k);
+        }
+        cand.sort_unstable_by(by_logit_desc);
+        let Some(&(best, max)) = cand.first() else {
+            return argmax(logits);
+        };
+        let mut probs: Vec<f64> = cand
+            .iter()
+            .map(|&(_, l)| f64::from(l - max).exp())
+            .collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+        if params.top_p < 1.0 {
+            let mut cum = 0.0;
+            let mut keep = probs.len();
+            for (i, p) in probs.iter().enumerate() {
+                cum += p;
+                if cum >= f64::from(params.top_p) {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+            let kept: f64 = probs.iter().sum();
+            probs.iter_mut().for_each(|p| *p /= kept);
+        }
+        let u: f64 = rng.random();
+        let mut acc = 0.0;
+        for (i, p) in probs.iter().enumerate() {
+            acc += p;
+            if u < acc {
+                return cand[i].0;
+            }
+        }
+        // Rounding left `acc` a hair under 1 and `u` above it: the last kept candidate.
+        cand.get(probs.len().saturating_sub(1))
+            .map_or(best, |c| c.0)
+    }
+
+    #[test]
+    fn partial_sort_draws_what_a_full_sort_draws() {
+        use rand_distr::{Distribution, Normal};
+        // Peaked rows end the walk within the sorted head; flat ones (spread 0.05) go far past
+        // it, into the lazily sorted tail. A repeated value checks that ties go by id.
+        let mut noise = ChaCha8Rng::seed_from_u64(1);
+        let mut rows = Vec::new();
+        for (vocab, spread) in [(129_280, 3.0), (129_280, 0.05), (5_000, 1.0), (300, 0.5)] {
+            let normal = Normal::new(0.0f32, spread).expect("normal");
+            let mut row: Vec<f32> = (0..vocab).map(|_| normal.sample(&mut noise)).collect();
+            row[7] = row[3];
+            rows.push(row);
+        }
+        let mut draws = 0;
+        for row in &rows {
+            for temperature in [0.6, 1.0, 1.7] {
+                for top_k in [0, 40, 2_000] {
+                    for top_p in [1.0, 0.95, 0.5] {
+                        let p = params(temperature, top_k, top_p, draws as u64);
+                        let mut fast = Sampler::new(p);
+                        let mut rng = ChaCha8Rng::seed_from_u64(draws as u64);
+                        for _ in 0..8 {
+                            let want = reference_draw(&p, &mut rng, row);
+                            assert_eq!(fast.draw(row), want, "{p:?}, vocab {}", row.len());
+                            draws += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(draws, 4 * 27 * 8);
+    }
 
     fn params(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
         SamplingParams {

@@ -272,8 +272,9 @@ impl StepEngine {
             .to_device(&Device::Cpu)
             .and_then(|l| l.to_vec2::<f32>())
             .map_err(moemesh_engine::EngineError::from)?;
-        let mut results = Vec::with_capacity(n);
-        let mut li = logits.into_iter();
+        let mut ids = Vec::with_capacity(n);
+        let mut jobs = Vec::with_capacity(n);
+        let mut li = logits.iter();
         for ((id, st), s) in states.iter_mut().zip(&req.seqs) {
             if !s.sample {
                 continue;
@@ -281,14 +282,19 @@ impl StepEngine {
             let row = li
                 .next()
                 .ok_or_else(|| MeshError::Internal("logits rows".into()))?;
-            let sampled = st.sampler.sample(&row)?;
-            results.push(SeqResult {
-                seq_id: *id,
-                token_id: sampled.token,
-                logprob: sampled.logprob,
-            });
+            ids.push(*id);
+            jobs.push((&mut st.sampler, row.as_slice()));
         }
-        Ok(results)
+        let sampled = moemesh_engine::sampling::sample_batch(&mut jobs)?;
+        Ok(ids
+            .into_iter()
+            .zip(sampled)
+            .map(|(seq_id, s)| SeqResult {
+                seq_id,
+                token_id: s.token,
+                logprob: s.logprob,
+            })
+            .collect())
     }
 
     fn response(&self, step_id: u64, results: Vec<SeqResult>) -> StepResponse {

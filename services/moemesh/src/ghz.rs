@@ -618,6 +618,32 @@ mod tests {
     }
 
     #[test]
+    fn every_committed_scenario_plans() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../loadtest/scenarios");
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&dir).expect("loadtest/scenarios") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "json") {
+                let plan = Scenario::load(&path)
+                    .and_then(|s| s.plan(Overrides::default()))
+                    .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                assert!(!plan.requests.is_empty(), "{}", path.display());
+                // ghz's default timeout (20 s) would count a long generation on a slow machine
+                // as DeadlineExceeded instead of measuring it (loadtest/README.md): each file
+                // sets its own.
+                let raw: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(&path).expect("read"))
+                        .expect("json");
+                assert!(raw.get("timeout").is_some(), "{}", path.display());
+                names.push(plan.name);
+            }
+        }
+        names.sort();
+        assert!(names.contains(&"sampled chat".to_string()), "{names:?}");
+        assert!(names.len() >= 6, "{names:?}");
+    }
+
+    #[test]
     fn scenario_errors_name_the_field() {
         let base = || serde_json::json!({"call": "moemesh.v1.Generation.Generate", "insecure": true, "data": {"prompt": "x"}});
         let err = |mut patch: serde_json::Value| {
