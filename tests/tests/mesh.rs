@@ -478,4 +478,35 @@ async fn bench_reports_every_request_as_a_table_and_as_json() {
             );
         }
     }
+    assert_eq!(r["sampling"], "greedy");
+
+    // Sampled requests: the frontend accepts the flags' parameters and every request completes.
+    let addr = mesh.frontend.1.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        moemesh_tests::moemesh(&[
+            "bench",
+            "--addr",
+            &addr,
+            "--concurrency",
+            "2",
+            "--requests",
+            "4",
+            "--prompt-len",
+            "5",
+            "--output-len",
+            "6",
+            "--temperature",
+            "0.9",
+            "--top-p",
+            "0.9",
+            "--top-k",
+            "50",
+            "--json",
+        ])
+    })
+    .await
+    .expect("bench process");
+    let r = &moemesh_tests::json_lines(&out)[0];
+    assert_eq!(r["succeeded"], 4, "{r}");
+    assert_eq!(r["sampling"]["top_k"], 50, "{r}");
 }

@@ -29,7 +29,7 @@ pub struct BenchArgs {
     /// "output", or stdout) with time to first token and inter-token latency added under
     /// "tokenMetrics". --addr, --concurrency, --requests, --rps and --duration override the
     /// file.
-    #[arg(long, conflicts_with_all = ["in_process", "sweep", "prompt_len", "output_len", "json"])]
+    #[arg(long, conflicts_with_all = ["in_process", "sweep", "prompt_len", "output_len", "json", "temperature", "top_p", "top_k"])]
     pub scenario: Option<std::path::PathBuf>,
     /// With --scenario: where the JSON report goes.
     #[arg(long, requires = "scenario")]
@@ -52,6 +52,16 @@ pub struct BenchArgs {
     /// Tokens to generate per request (EOS ignored, so every request generates exactly this many).
     #[arg(long, default_value_t = 64)]
     pub output_len: u32,
+    /// Sampling temperature of every request; 0 is greedy. Sampled requests are seeded by their
+    /// index, so runs draw the same tokens.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus mass in (0, 1] for sampled requests (1: no cut).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Keep only the k most likely tokens in sampled requests (0: no cut).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: u32,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -91,6 +101,36 @@ impl BenchArgs {
 
     fn addr(&self) -> &str {
         self.addr.as_deref().unwrap_or(DEFAULT_ADDR)
+    }
+
+    /// The sampling parameters of request `i`.
+    fn sampling(&self, i: usize) -> moemesh_engine::SamplingParams {
+        moemesh_engine::SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k as usize,
+            top_p: self.top_p,
+            seed: Some(i as u64),
+        }
+    }
+
+    /// Checks --temperature, --top-p and --top-k as the frontend checks a request's.
+    fn check_sampling(&self, vocab: usize) -> anyhow::Result<()> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            bail!(
+                "--temperature must be a finite number >= 0 (0 = greedy), got {}",
+                self.temperature
+            );
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            bail!("--top-p must be in (0, 1], got {}", self.top_p);
+        }
+        if self.top_k as usize > vocab {
+            bail!(
+                "--top-k must be at most the vocabulary size ({vocab}), got {}",
+                self.top_k
+            );
+        }
+        Ok(())
     }
 }
 
@@ -212,6 +252,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             .context("ModelInfo")?
             .into_inner();
         let vocab = info.vocab_size.max(2);
+        args.check_sampling(vocab as usize)?;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
         let prompts: Vec<Vec<u32>> = (0..args.requests())
             .map(|_| {
@@ -226,6 +267,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let mut tasks = Vec::new();
         for _ in 0..args.concurrency() {
             let (prompts, next, out_len) = (prompts.clone(), next.clone(), args.output_len);
+            let (temperature, top_p, top_k) = (args.temperature, args.top_p, args.top_k);
             let (client_args, addr) = (args.client.clone(), args.addr().to_string());
             tasks.push(tokio::spawn(async move {
                 let mut samples = Vec::new();
@@ -237,7 +279,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     let Some(p) = prompts.get(i) else { break };
                     let req = GenerateRequest {
                         input: Some(Input::Tokens(v1::TokenIds { ids: p.clone() })),
-                        sampling: None,
+                        sampling: (temperature > 0.0).then_some(v1::SamplingParams {
+                            temperature,
+                            top_p: Some(top_p),
+                            top_k,
+                            seed: Some(i as u64),
+                        }),
                         stopping: Some(v1::StoppingCriteria {
                             max_new_tokens: Some(out_len),
                             stop: Vec::new(),
@@ -293,6 +340,7 @@ fn run_in_process(
         model.device(),
     )?;
     let vocab = model.config().vocab_size as u32;
+    args.check_sampling(vocab as usize)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
     let prompts: Vec<Vec<u32>> = (0..args.requests())
         .map(|_| {
@@ -306,7 +354,10 @@ fn run_in_process(
         .and_then(|v| v.parse().ok());
     let started = Instant::now();
     let mut samples = Vec::new();
-    for wave in prompts.chunks(args.concurrency()) {
+    for (w, wave) in prompts.chunks(args.concurrency()).enumerate() {
+        let mut samplers: Vec<moemesh_engine::Sampler> = (0..wave.len())
+            .map(|i| moemesh_engine::Sampler::new(args.sampling(w * args.concurrency() + i)))
+            .collect();
         let t0 = Instant::now();
         let mut caches: Vec<_> = wave
             .iter()
@@ -333,7 +384,9 @@ fn run_in_process(
                 })
                 .collect();
             let logits = model.step_last_logits(&emb, &mut seqs, &engine.experts)?;
+            // As the gate does: greedy rows are picked on the GPU, sampled ones on the host.
             let tokens: Vec<u32> = match moemesh_engine::cuda::gpu(logits.device()) {
+                _ if args.temperature > 0.0 => host_sample(&logits, &mut samplers)?,
                 Some(g) => match g.argmax_logprob(&logits)? {
                     Some(picks) => picks.into_iter().map(|(t, _)| t).collect(),
                     None => host_argmax(&logits)?,
@@ -365,6 +418,22 @@ fn run_in_process(
         &samples,
         wall,
     )
+}
+
+fn host_sample(
+    logits: &moemesh_engine::Tensor,
+    samplers: &mut [moemesh_engine::Sampler],
+) -> anyhow::Result<Vec<u32>> {
+    let rows = logits.to_vec2::<f32>()?;
+    let mut jobs: Vec<_> = samplers
+        .iter_mut()
+        .zip(&rows)
+        .map(|(s, r)| (s, r.as_slice()))
+        .collect();
+    Ok(moemesh_engine::sampling::sample_batch(&mut jobs)?
+        .into_iter()
+        .map(|s| s.token)
+        .collect())
 }
 
 fn host_argmax(logits: &moemesh_engine::Tensor) -> anyhow::Result<Vec<u32>> {
@@ -406,6 +475,11 @@ fn report(args: &BenchArgs, model: &str, samples: &[Sample], wall: f64) -> anyho
         "errors": errors,
         "prompt_len": args.prompt_len,
         "output_len": args.output_len,
+        "sampling": if args.temperature > 0.0 {
+            serde_json::json!({"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k})
+        } else {
+            serde_json::json!("greedy")
+        },
         "wall_s": wall,
         "requests_per_s": ok.len() as f64 / wall,
         "output_tokens_per_s": tokens as f64 / wall,
@@ -416,9 +490,21 @@ fn report(args: &BenchArgs, model: &str, samples: &[Sample], wall: f64) -> anyho
         println!("{summary}");
         return Ok(());
     }
+    let sampling = if args.temperature > 0.0 {
+        format!(
+            "temperature {}, top_p {}, top_k {}",
+            args.temperature, args.top_p, args.top_k
+        )
+    } else {
+        "greedy".to_string()
+    };
+    let at = if args.in_process {
+        String::new()
+    } else {
+        format!(" at {}", args.addr())
+    };
     println!(
-        "moemesh bench — {model} at {} ({} clients, {} requests, prompt {} → {} tokens)",
-        args.addr(),
+        "moemesh bench — {model}{at} ({} clients, {} requests, prompt {} → {} tokens, {sampling})",
         args.concurrency(),
         samples.len(),
         args.prompt_len,
