@@ -6,6 +6,8 @@
 #   scripts/gpu-check.sh --check              # correctness only
 #   scripts/gpu-check.sh --bench              # benchmarks only
 #   scripts/gpu-check.sh --profile            # ncu: kernel time of one decode step, batch 1 and 64
+#   scripts/gpu-check.sh --sampling           # greedy vs sampled decoding, in-process and mesh
+#   GATE_BINS="old.gz new.gz" scripts/gpu-check.sh --sampling   # the mesh once per gate binary
 #   EXPERT_DEVICES=cuda:1 scripts/gpu-check.sh --bench   # gate on GPU 0, expert workers on GPU 1
 #
 # Logs and JSON go to $OUT (default /tmp/moemesh-gpu); the table comes last.
@@ -32,7 +34,7 @@ PORT=50161
 
 # Starts `moemesh up ARGS…` in the background and waits for its ready line (60 s at most).
 up() {
-    "$BIN" up --listen "127.0.0.1:$PORT" "$@" >"$OUT/up.out" 2>"$OUT/up.err" &
+    "${UP_BIN:-$BIN}" up --listen "127.0.0.1:$PORT" "$@" >"$OUT/up.out" 2>"$OUT/up.err" &
     UP_PID=$!
     for _ in $(seq 600); do
         grep -q '"event":"ready"' "$OUT/up.out" 2>/dev/null && return 0
@@ -59,6 +61,47 @@ if [[ $MODE == --profile ]]; then
             >"$OUT/ncu_b$b.csv" 2>"$OUT/ncu_b$b.err" || { tail -5 "$OUT/ncu_b$b.err"; status=1; }
         $PY scripts/bench/ncu_summary.py "$OUT/ncu_b$b.csv" | tee "$OUT/ncu_b$b.txt"
     done
+    exit $status
+fi
+
+if [[ $MODE == --sampling ]]; then
+    # Sampled rows go back to the host and are sampled there (greedy ones are picked on the GPU):
+    # what that costs per step, in-process and through the mesh. GATE_BINS (gzipped moemesh-cuda
+    # binaries) runs the mesh once with each, for before/after comparisons; the load always
+    # comes from $BIN's `bench`.
+    MODEL=synthetic:v2-lite
+    BENCH=(--prompt-len 128 --output-len 32 --json)
+    SAMPLED=(--temperature 0.8 --top-p 0.95)
+    : >"$OUT/sampling.jsonl"
+    for how in greedy sampled; do
+        extra=(); [[ $how == sampled ]] && extra=("${SAMPLED[@]}")
+        "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 --sweep 1,8,32,64 \
+            "${BENCH[@]}" "${extra[@]}" | sed "s/^{/{\"mode\":\"in-process $how\",/" >>"$OUT/sampling.jsonl" || status=1
+    done
+    for gz in ${GATE_BINS:-}; do
+        name=$(basename "$gz" .gz)
+        UP_BIN=/tmp/gate-$name
+        gunzip -c "$gz" >"$UP_BIN" && chmod +x "$UP_BIN" || { status=1; continue; }
+        if up --model $MODEL --dtype bf16 --expert-workers 2 --device cuda:0 --gate-args=--kv-cache-mb=16384; then
+            for how in greedy sampled; do
+                extra=(); [[ $how == sampled ]] && extra=("${SAMPLED[@]}")
+                "$BIN" bench --addr "127.0.0.1:$PORT" --sweep 8,64 "${BENCH[@]}" "${extra[@]}" \
+                    | sed "s/^{/{\"mode\":\"mesh $name $how\",/" >>"$OUT/sampling.jsonl" || status=1
+            done
+            down
+        else
+            status=1
+        fi
+    done
+    unset UP_BIN
+    $PY - "$OUT/sampling.jsonl" <<'EOF' | tee "$OUT/sampling.md"
+import json, sys
+print("| run | batch | tokens/s | ITL p50 ms | ITL p99 ms |")
+print("| --- | ---: | ---: | ---: | ---: |")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(f"| {r['mode']} | {r['concurrency']} | {r['output_tokens_per_s']:.0f} | {r['itl_ms']['p50']:.2f} | {r['itl_ms']['p99']:.2f} |")
+EOF
     exit $status
 fi
 
