@@ -13,9 +13,7 @@ use moemesh_common::telemetry::{self, TraceContext};
 use moemesh_common::{MeshError, MeshResult, codec};
 use moemesh_engine::KvPool;
 use moemesh_engine::kv_cache::BLOCK_TOKENS;
-use moemesh_engine::{
-    DeepSeekModel, Device, Sampler, SamplingParams, SequenceCache, StepSeq, Tensor,
-};
+use moemesh_engine::{DeepSeekModel, Sampler, SamplingParams, SequenceCache, StepSeq, Tensor};
 use moemesh_proto::v1::{GateInfoResponse, SeqResult, StepRequest, StepResponse};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Span;
@@ -268,13 +266,15 @@ impl StepEngine {
                 })
                 .collect());
         }
+        // One copy from the device, straight into one buffer of all the rows.
+        let vocab = logits.dim(1).map_err(moemesh_engine::EngineError::from)?;
         let logits = logits
-            .to_device(&Device::Cpu)
-            .and_then(|l| l.to_vec2::<f32>())
+            .flatten_all()
+            .and_then(|l| l.to_vec1::<f32>())
             .map_err(moemesh_engine::EngineError::from)?;
         let mut ids = Vec::with_capacity(n);
         let mut jobs = Vec::with_capacity(n);
-        let mut li = logits.iter();
+        let mut li = logits.chunks_exact(vocab.max(1));
         for ((id, st), s) in states.iter_mut().zip(&req.seqs) {
             if !s.sample {
                 continue;
@@ -283,7 +283,7 @@ impl StepEngine {
                 .next()
                 .ok_or_else(|| MeshError::Internal("logits rows".into()))?;
             ids.push(*id);
-            jobs.push((&mut st.sampler, row.as_slice()));
+            jobs.push((&mut st.sampler, row));
         }
         let sampled = moemesh_engine::sampling::sample_batch(&mut jobs)?;
         Ok(ids

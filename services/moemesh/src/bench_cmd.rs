@@ -424,12 +424,9 @@ fn host_sample(
     logits: &moemesh_engine::Tensor,
     samplers: &mut [moemesh_engine::Sampler],
 ) -> anyhow::Result<Vec<u32>> {
-    let rows = logits.to_vec2::<f32>()?;
-    let mut jobs: Vec<_> = samplers
-        .iter_mut()
-        .zip(&rows)
-        .map(|(s, r)| (s, r.as_slice()))
-        .collect();
+    let vocab = logits.dim(1)?.max(1);
+    let rows = logits.flatten_all()?.to_vec1::<f32>()?;
+    let mut jobs: Vec<_> = samplers.iter_mut().zip(rows.chunks_exact(vocab)).collect();
     Ok(moemesh_engine::sampling::sample_batch(&mut jobs)?
         .into_iter()
         .map(|s| s.token)
