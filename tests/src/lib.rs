@@ -78,6 +78,23 @@ pub mod mesh;
 pub mod otlp;
 pub mod tls;
 
+/// A greedy Generate of the token ids `ids` that makes exactly `max_new_tokens` (EOS ignored).
+pub fn tokens_request(ids: &[u32], max_new_tokens: u32) -> moemesh_proto::v1::GenerateRequest {
+    use moemesh_proto::v1;
+    v1::GenerateRequest {
+        input: Some(v1::generate_request::Input::Tokens(v1::TokenIds {
+            ids: ids.to_vec(),
+        })),
+        sampling: None,
+        stopping: Some(v1::StoppingCriteria {
+            max_new_tokens: Some(max_new_tokens),
+            stop: Vec::new(),
+            ignore_eos: true,
+        }),
+        request_id: String::new(),
+    }
+}
+
 /// The reference prompt and greedy continuation of a fixture.
 pub fn reference_greedy(model: &str, prompt: usize) -> (Vec<u32>, Vec<u32>) {
     let text =

@@ -5,11 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use moemesh_proto::v1::generate_request::Input;
 use moemesh_proto::v1::generation_client::GenerationClient;
 use moemesh_proto::v1::{self, FinishReason, GenerateRequest, ModelInfoRequest};
-use moemesh_tests::fixture;
 use moemesh_tests::mesh::{Mesh, Proc};
+use moemesh_tests::{fixture, tokens_request};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
@@ -17,19 +16,9 @@ use nix::unistd::Pid;
 /// when the signal lands right after its first token.
 const OUT_LEN: u32 = 240;
 
+/// A request for `max_new_tokens` tokens after a short prompt.
 fn request(max_new_tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        input: Some(Input::Tokens(v1::TokenIds {
-            ids: vec![5, 17, 42],
-        })),
-        sampling: None,
-        stopping: Some(v1::StoppingCriteria {
-            max_new_tokens: Some(max_new_tokens),
-            stop: Vec::new(),
-            ignore_eos: true,
-        }),
-        request_id: String::new(),
-    }
+    tokens_request(&[5, 17, 42], max_new_tokens)
 }
 
 fn sigterm(p: &Proc) {

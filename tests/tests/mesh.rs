@@ -8,21 +8,9 @@ use moemesh_proto::v1::generate_request::Input;
 use moemesh_proto::v1::generation_client::GenerationClient;
 use moemesh_proto::v1::{self, GateInfoRequest, GenerateRequest};
 use moemesh_tests::mesh::Mesh;
+use moemesh_tests::tokens_request;
 use moemesh_tests::{fixture, reference_greedy};
 use tonic::Code;
-
-fn tokens_request(ids: &[u32], max_new_tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        input: Some(Input::Tokens(v1::TokenIds { ids: ids.to_vec() })),
-        sampling: None,
-        stopping: Some(v1::StoppingCriteria {
-            max_new_tokens: Some(max_new_tokens),
-            stop: Vec::new(),
-            ignore_eos: true,
-        }),
-        request_id: String::new(),
-    }
-}
 
 struct Outcome {
     ids: Vec<u32>,
@@ -445,25 +433,29 @@ async fn cancelled_stream_frees_its_kv_and_others_continue() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bench_reports_every_request_as_a_table_and_as_json() {
     let mesh = Mesh::start(Some(&fixture("tiny-deepseek-v3")), &["0-15"]);
-    let addr = mesh.frontend.1.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        moemesh_tests::moemesh(&[
-            "bench",
-            "--addr",
-            &addr,
-            "--concurrency",
-            "3",
-            "--requests",
-            "7",
-            "--prompt-len",
-            "5",
-            "--output-len",
-            "6",
-            "--json",
-        ])
-    })
-    .await
-    .expect("bench process");
+    // `moemesh bench` against the mesh with 5-token prompts and 6 new tokens, plus `extra`.
+    let bench = |extra: &[&str]| {
+        let mut args = vec![
+            "bench".to_string(),
+            "--addr".into(),
+            mesh.frontend.1.clone(),
+            "--prompt-len".into(),
+            "5".into(),
+            "--output-len".into(),
+            "6".into(),
+            "--json".into(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                moemesh_tests::moemesh(&args)
+            })
+            .await
+            .expect("bench process")
+        }
+    };
+    let out = bench(&["--concurrency", "3", "--requests", "7"]).await;
     let lines = moemesh_tests::json_lines(&out);
     let r = &lines[0];
     assert_eq!(r["requests"], 7);
@@ -481,32 +473,33 @@ async fn bench_reports_every_request_as_a_table_and_as_json() {
     assert_eq!(r["sampling"], "greedy");
 
     // Sampled requests: the frontend accepts the flags' parameters and every request completes.
-    let addr = mesh.frontend.1.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        moemesh_tests::moemesh(&[
-            "bench",
-            "--addr",
-            &addr,
-            "--concurrency",
-            "2",
-            "--requests",
-            "4",
-            "--prompt-len",
-            "5",
-            "--output-len",
-            "6",
-            "--temperature",
-            "0.9",
-            "--top-p",
-            "0.9",
-            "--top-k",
-            "50",
-            "--json",
-        ])
-    })
-    .await
-    .expect("bench process");
+    let out = bench(&[
+        "--concurrency",
+        "2",
+        "--requests",
+        "4",
+        "--temperature",
+        "0.9",
+        "--top-p",
+        "0.9",
+        "--top-k",
+        "50",
+    ])
+    .await;
     let r = &moemesh_tests::json_lines(&out)[0];
     assert_eq!(r["succeeded"], 4, "{r}");
     assert_eq!(r["sampling"]["top_k"], 50, "{r}");
+
+    // A sampling flag out of range is refused before any request, naming the flag and its range.
+    let out = bench(&["--top-p", "1.5"]).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("--top-p must be in (0, 1]"), "{err}");
+    let out = bench(&["--temperature", "0.5", "--top-k", "1000000"]).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("--top-k must be at most the vocabulary size"),
+        "{err}"
+    );
 }

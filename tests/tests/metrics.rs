@@ -1,25 +1,12 @@
 //! Prometheus metrics as an operator scrapes them: a mesh with `--metrics-listen` on every
 //! process, known traffic through the public API, then each process's `/metrics`.
 
-use moemesh_proto::v1::generate_request::Input;
+use moemesh_proto::v1::GenerateRequest;
 use moemesh_proto::v1::generation_client::GenerationClient;
-use moemesh_proto::v1::{self, GenerateRequest};
 use moemesh_tests::fixture;
 use moemesh_tests::mesh::{Mesh, Sample, metric_sum, parse_metrics, scrape};
+use moemesh_tests::tokens_request;
 use tonic::Code;
-
-fn tokens_request(ids: &[u32], max_new_tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        input: Some(Input::Tokens(v1::TokenIds { ids: ids.to_vec() })),
-        sampling: None,
-        stopping: Some(v1::StoppingCriteria {
-            max_new_tokens: Some(max_new_tokens),
-            stop: Vec::new(),
-            ignore_eos: true,
-        }),
-        request_id: String::new(),
-    }
-}
 
 /// Runs one Generate to its end; the number of tokens streamed.
 async fn generate(url: &str, req: GenerateRequest) -> Result<usize, tonic::Status> {

@@ -13,24 +13,12 @@ use moemesh_proto::v1::{
 };
 use moemesh_tests::mesh::Mesh;
 use moemesh_tests::tls::{TestCa, alert, channel, probe};
+use moemesh_tests::tokens_request;
 use moemesh_tests::{fixture, json_lines, moemesh, reference_greedy};
 use rustls::AlertDescription;
 use sha2::{Digest, Sha256};
 use tonic::Code;
 use tonic::transport::Channel;
-
-fn tokens_request(ids: &[u32], max_new_tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        input: Some(Input::Tokens(v1::TokenIds { ids: ids.to_vec() })),
-        sampling: None,
-        stopping: Some(v1::StoppingCriteria {
-            max_new_tokens: Some(max_new_tokens),
-            stop: Vec::new(),
-            ignore_eos: true,
-        }),
-        request_id: String::new(),
-    }
-}
 
 /// A request carrying `authorization: Bearer <key>` (when given).
 fn with_key<T>(msg: T, key: Option<&str>) -> tonic::Request<T> {
