@@ -339,6 +339,24 @@ impl DeepSeekModel {
         Ok(x)
     }
 
+    /// The whole of `ids` as one new sequence, in one step (a fresh cache, dropped afterwards):
+    /// the last layer's output for every position, as [`forward_hidden`](Self::forward_hidden)
+    /// returns it. For reference comparisons that need every position, not for serving.
+    pub fn forward_sequence(
+        &self,
+        ids: &[u32],
+        experts: &dyn Experts,
+        observe: impl FnMut(usize, &Tensor),
+    ) -> Result<Tensor> {
+        let mut cache = self.new_cache();
+        let emb = self.embed(ids)?;
+        let mut seqs = [StepSeq {
+            cache: &mut cache,
+            new_tokens: ids.len(),
+        }];
+        self.forward_hidden(&emb, &mut seqs, experts, observe)
+    }
+
     /// Like [`forward_hidden`](Self::forward_hidden), but splits the step's sequences into two
     /// micro-batches of about equal tokens and interleaves them per layer: while one half's
     /// routed experts are away (in expert workers), the other half runs its attention, and the

@@ -7,7 +7,7 @@
 
 use crate::experts::{Experts, PendingExperts};
 use crate::generate::InProcessEngine;
-use crate::model::{FeedForward, StepSeq};
+use crate::model::FeedForward;
 use crate::router::Routing;
 use crate::{Result, Tensor};
 
@@ -20,14 +20,7 @@ pub fn routing_margins(engine: &InProcessEngine, ids: &[u32]) -> Result<Vec<f32>
         engine,
         margins: std::sync::Mutex::new(vec![f32::INFINITY; ids.len()]),
     };
-    let model = &engine.model;
-    let mut cache = model.new_cache();
-    let emb = model.embed(ids)?;
-    let mut seqs = [StepSeq {
-        cache: &mut cache,
-        new_tokens: ids.len(),
-    }];
-    model.forward_hidden(&emb, &mut seqs, &recorder, |_, _| {})?;
+    engine.model.forward_sequence(ids, &recorder, |_, _| {})?;
     Ok(recorder
         .margins
         .into_inner()

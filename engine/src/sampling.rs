@@ -123,18 +123,7 @@ impl Sampler {
     }
 
     fn draw(&mut self, logits: &[f32]) -> usize {
-        let inv_t = 1.0 / self.params.temperature;
-        let mut cand: Vec<(usize, f32)> = logits
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| !l.is_nan())
-            .map(|(i, &l)| (i, l * inv_t))
-            .collect();
-        let k = self.params.top_k;
-        if k > 0 && k < cand.len() {
-            cand.select_nth_unstable_by(k - 1, by_logit_desc);
-            cand.truncate(k);
-        }
+        let mut cand = candidates(&self.params, logits);
         // The candidates are walked from the most likely down, for the nucleus and for the draw.
         // Sorting a whole vocabulary (129k entries for DeepSeek) for each token takes
         // milliseconds, and the walk nearly always ends within the first few hundred, so only
@@ -193,6 +182,24 @@ impl Sampler {
     }
 }
 
+/// The tokens a draw chooses from, as (id, logit / temperature): NaNs left out, and cut to the
+/// `top_k` best (in no particular order) when that is set.
+fn candidates(params: &SamplingParams, logits: &[f32]) -> Vec<(usize, f32)> {
+    let inv_t = 1.0 / params.temperature;
+    let mut cand: Vec<(usize, f32)> = logits
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| !l.is_nan())
+        .map(|(i, &l)| (i, l * inv_t))
+        .collect();
+    let k = params.top_k;
+    if k > 0 && k < cand.len() {
+        cand.select_nth_unstable_by(k - 1, by_logit_desc);
+        cand.truncate(k);
+    }
+    cand
+}
+
 /// How many of the most likely candidates [`Sampler::draw`] sorts before it walks them.
 const SORTED_HEAD: usize = 256;
 
@@ -242,20 +249,8 @@ mod tests {
     /// The draw as it was before the partial sort: the whole candidate list sorted, then
     /// walked. The reference for `partial_sort_draws_what_a_full_sort_draws`.
     fn reference_draw(params: &SamplingParams, rng: &mut ChaCha8Rng, logits: &[f32]) -> usize {
-        let inv_t = 1.0 / params.temperature;
-        let mut cand: Vec<(usize, f32)> = logits
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| !l.is_nan())
-            .map(|(i, &l)| (i, l * inv_t))
-            .collect();
-        let by_logit_desc =
-            |a: &(usize, f32), b: &(usize, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        let k = params.top_k;
-        if k > 0 && k < cand.len() {
-            cand.select_nth_unstable_by(k - 1, by_logit_desc);
-            cand.truncate(k);
-        }
+        // The candidates are built as before; what changed is how they are walked.
+        let mut cand = candidates(params, logits);
         cand.sort_unstable_by(by_logit_desc);
         let Some(&(best, max)) = cand.first() else {
             return argmax(logits);

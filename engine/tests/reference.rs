@@ -121,15 +121,9 @@ fn load(dir: &Path) -> InProcessEngine {
 /// Full-sequence forward (no cache reuse): `(per-layer outputs incl. embeddings, logits)`.
 fn full_forward(engine: &InProcessEngine, ids: &[u32]) -> (Vec<Tensor>, Tensor) {
     let model = &engine.model;
-    let mut cache = model.new_cache();
-    let emb = model.embed(ids).expect("embed");
-    let mut hidden = vec![emb.clone()];
-    let mut seqs = [StepSeq {
-        cache: &mut cache,
-        new_tokens: ids.len(),
-    }];
+    let mut hidden = vec![model.embed(ids).expect("embed")];
     let out = model
-        .forward_hidden(&emb, &mut seqs, &engine.experts as &ExpertShard, |_, h| {
+        .forward_sequence(ids, &engine.experts as &ExpertShard, |_, h| {
             hidden.push(h.clone())
         })
         .expect("forward");

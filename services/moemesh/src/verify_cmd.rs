@@ -457,13 +457,7 @@ fn paged_check(engine: &InProcessEngine, prompts: &[PagedPrompt]) -> anyhow::Res
 /// Logits at every position of `ids`, `[len, vocab]` f32 on the host.
 fn full_logits(engine: &InProcessEngine, ids: &[u32]) -> anyhow::Result<Tensor> {
     let model = &engine.model;
-    let mut cache = model.new_cache();
-    let emb = model.embed(ids)?;
-    let mut seqs = [StepSeq {
-        cache: &mut cache,
-        new_tokens: ids.len(),
-    }];
-    let out = model.forward_hidden(&emb, &mut seqs, &engine.experts, |_, _| {})?;
+    let out = model.forward_sequence(ids, &engine.experts, |_, _| {})?;
     Ok(model.logits(&out)?.to_device(&Device::Cpu)?)
 }
 
