@@ -79,6 +79,27 @@ pub fn decode(t: &v1::Tensor, field: &str, device: &Device) -> MeshResult<Tensor
         .map_err(|e| MeshError::Invalid(format!("{field}: {e}")))
 }
 
+/// The `[tokens, hidden_size]` activations in the message's field `field` (which must be set),
+/// and their number of rows.
+fn decode_rows(
+    t: Option<&v1::Tensor>,
+    field: &str,
+    hidden_size: usize,
+    device: &Device,
+) -> MeshResult<(Tensor, usize)> {
+    let t = t.ok_or_else(|| MeshError::Invalid(format!("{field}: missing")))?;
+    let x = decode(t, field, device)?;
+    let (rows, width) = x
+        .dims2()
+        .map_err(|_| MeshError::Invalid(format!("{field}: expected [tokens, hidden]")))?;
+    if width != hidden_size {
+        return Err(MeshError::Invalid(format!(
+            "{field}: width {width}, the model's hidden_size is {hidden_size}"
+        )));
+    }
+    Ok((x, rows))
+}
+
 /// The activations of a `Gate.Step` request, `[total tokens, hidden_size]`, checked against its
 /// sequences: each sequence at most once and with at least one token, and their token counts
 /// adding up to the rows. Only for a step that has sequences.
@@ -87,19 +108,7 @@ pub fn decode_step(
     hidden_size: usize,
     device: &Device,
 ) -> MeshResult<Tensor> {
-    let act = req
-        .activations
-        .as_ref()
-        .ok_or_else(|| MeshError::Invalid("activations: missing".into()))?;
-    let hidden = decode(act, "activations", device)?;
-    let (rows, width) = hidden
-        .dims2()
-        .map_err(|_| MeshError::Invalid("activations: expected [tokens, hidden]".into()))?;
-    if width != hidden_size {
-        return Err(MeshError::Invalid(format!(
-            "activations: width {width}, the model's hidden_size is {hidden_size}"
-        )));
-    }
+    let (hidden, rows) = decode_rows(req.activations.as_ref(), "activations", hidden_size, device)?;
     let mut seen = std::collections::HashSet::with_capacity(req.seqs.len());
     if let Some(s) = req
         .seqs
@@ -131,19 +140,7 @@ pub fn decode_forward(
     hidden_size: usize,
     device: &Device,
 ) -> MeshResult<(Tensor, Vec<Assignment>)> {
-    let hidden = req
-        .hidden
-        .as_ref()
-        .ok_or_else(|| MeshError::Invalid("hidden: missing".into()))?;
-    let x = decode(hidden, "hidden", device)?;
-    let (t, h) = x
-        .dims2()
-        .map_err(|_| MeshError::Invalid("hidden: expected a 2-D tensor".into()))?;
-    if h != hidden_size {
-        return Err(MeshError::Invalid(format!(
-            "hidden: width {h}, the model's hidden_size is {hidden_size}"
-        )));
-    }
+    let (x, t) = decode_rows(req.hidden.as_ref(), "hidden", hidden_size, device)?;
     if req.pairs_per_token.len() != t {
         return Err(MeshError::Invalid(format!(
             "pairs_per_token has {} entries for {t} tokens",
