@@ -54,6 +54,16 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// SIGSTOP: the process hangs as a VM pause or CPU starvation would (its sockets stay open).
+    pub fn pause(&mut self) {
+        self.signal(Signal::SIGSTOP);
+    }
+
+    /// SIGCONT after [`pause`](Self::pause).
+    pub fn resume(&mut self) {
+        self.signal(Signal::SIGCONT);
+    }
+
     /// SIGTERM and wait (at most 20 s) for the exit status.
     pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
         self.signal(Signal::SIGTERM);
@@ -209,6 +219,20 @@ impl Etcd {
     pub fn stop(&mut self) {
         if let Some(mut p) = self.proc.take() {
             p.kill();
+        }
+    }
+
+    /// SIGSTOP: etcd hangs with its connections open (a paused VM, a stalled disk).
+    pub fn pause(&mut self) {
+        if let Some(p) = self.proc.as_mut() {
+            p.pause();
+        }
+    }
+
+    /// SIGCONT after [`pause`](Self::pause).
+    pub fn resume(&mut self) {
+        if let Some(p) = self.proc.as_mut() {
+            p.resume();
         }
     }
 
@@ -496,8 +520,14 @@ impl Mesh {
 
     /// Starts another gate of this mesh.
     pub fn add_gate(&self, name: &str) -> (Proc, String) {
+        self.add_gate_with(name, &[])
+    }
+
+    /// Starts another gate of this mesh with extra flags.
+    pub fn add_gate_with(&self, name: &str, extra: &[String]) -> (Proc, String) {
         let mut args = common_args(&self.etcd, &self.cluster, self.model.as_deref());
         args.extend(["--lease-ttl".into(), "3".into()]);
+        args.extend(extra.iter().cloned());
         start_role(self.dir.path(), name, "gate", &args)
     }
 

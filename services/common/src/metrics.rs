@@ -113,6 +113,8 @@ metrics_table! {
     gauge REGISTRY_MEMBERS = "moemesh_registry_members";
     /// Successful lease keep-alives, per `role` of this process.
     counter LEASE_RENEWALS = "moemesh_registry_lease_renewals_total";
+    /// Registrations written again after etcd reported the lease gone or the key missing, per `role`.
+    counter REREGISTRATIONS = "moemesh_registry_reregistrations_total";
     /// Failed etcd operations, per `op` (`keepalive`, `register`, `watch`, `revoke`).
     counter ETCD_ERRORS = "moemesh_registry_etcd_errors_total";
 }

@@ -49,6 +49,25 @@ pub async fn set_health(reporter: &HealthReporter, serving: bool) {
     reporter.set_service_status("", status).await;
 }
 
+/// Mirrors a registration into the overall health: NOT_SERVING while the registry has lost this
+/// process (a lease that expired during a stall, until it is written again), SERVING once it is
+/// listed again, so readiness probes agree with what the other roles can see. Abort the returned
+/// task at shutdown, before marking the role NOT_SERVING for good.
+pub fn health_follows(
+    reporter: HealthReporter,
+    mut registered: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while registered.changed().await.is_ok() {
+            let now = *registered.borrow_and_update();
+            if !now {
+                tracing::warn!("not in the registry: health NOT_SERVING until registered again");
+            }
+            set_health(&reporter, now).await;
+        }
+    })
+}
+
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

@@ -275,7 +275,10 @@ pub async fn run(
         .await?;
     serve::announce_ready("expert", local, &id, metrics_server.as_ref());
 
+    let follow = serve::health_follows(reporter.clone(), registration.registered());
+
     shutdown.await;
+    follow.abort();
     tracing::info!(%id, "shutting down: leaving the registry, then draining");
     serve::set_health(&reporter, false).await;
     registration.deregister().await;

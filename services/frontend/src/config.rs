@@ -38,6 +38,20 @@ pub struct FrontendConfig {
     /// in chunks so running decodes keep flowing.
     #[arg(long, env = "MOEMESH_STEP_TOKEN_BUDGET", default_value_t = 4096)]
     pub step_token_budget: usize,
+    /// Seconds one step may take at its gate, from sending it to its answer (opening the stream
+    /// included), before the gate is taken for hung: its sequences move to another gate and are
+    /// prefilled again there, continuing exactly as they would have (greedy or seeded). Keep it
+    /// above the slowest legitimate step: a full --step-token-budget prefill chunk, plus the
+    /// gate's --expert-timeout when an expert worker fails mid-step.
+    #[arg(long, env = "MOEMESH_STEP_TIMEOUT", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub step_timeout: u64,
+    /// Milliseconds to open the step stream to a gate (TCP connect, TLS handshake, its Info
+    /// call and the stream's headers); a gate that accepts connections and never answers costs
+    /// at most this before its sequences go elsewhere.
+    #[arg(long, env = "MOEMESH_GATE_CONNECT_TIMEOUT_MS", default_value_t = 3000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub gate_connect_timeout_ms: u64,
     /// Most sequences running on one gate at once (the rest wait, first come first served).
     #[arg(long, env = "MOEMESH_MAX_RUNNING", default_value_t = 256)]
     pub max_running: usize,

@@ -33,6 +33,10 @@ pub struct Ctx {
     pub next_seq: AtomicU64,
     /// The TLS files for the hop to the gates; `None` with --plaintext.
     pub tls: Option<Arc<moemesh_common::tls::Tls>>,
+    /// `--step-timeout`: a step's whole round trip, after which the gate is taken for hung.
+    pub step_timeout: Duration,
+    /// `--gate-connect-timeout-ms`: opening the step stream.
+    pub connect_timeout: Duration,
 }
 
 pub type ClientTx = mpsc::UnboundedSender<Result<GenerateResponse, Status>>;
@@ -331,7 +335,17 @@ async fn run(link: Link, mut rx: mpsc::UnboundedReceiver<NewSeq>) {
         let sent = Instant::now();
         let result = async {
             if conn.is_none() {
-                let (c, kv) = connect(&address, ctx.tls.as_deref()).await?;
+                let (c, kv) = tokio::time::timeout(
+                    ctx.connect_timeout,
+                    connect(&address, ctx.tls.as_deref()),
+                )
+                .await
+                .map_err(|_| {
+                    MeshError::Unavailable(format!(
+                        "gate {address}: no step stream within {:?} (--gate-connect-timeout-ms)",
+                        ctx.connect_timeout
+                    ))
+                })??;
                 conn = Some(c);
                 if kv.is_some() {
                     sched.kv = kv;
@@ -341,8 +355,17 @@ async fn run(link: Link, mut rx: mpsc::UnboundedReceiver<NewSeq>) {
                 Some(c) => exchange(c, &address, step).await,
                 None => Err(MeshError::Internal("no gate connection".into())),
             }
-        }
-        .await;
+        };
+        // A gate that stops answering (paused, wedged, partitioned) is treated like a dead one
+        // once the step deadline passes: its stream is dropped and its sequences move.
+        let result = tokio::time::timeout(ctx.step_timeout, result)
+            .await
+            .unwrap_or_else(|_| {
+                Err(MeshError::Unavailable(format!(
+                    "gate {address}: no answer to step {step_id} within {:?} (--step-timeout); taking it for hung",
+                    ctx.step_timeout
+                )))
+            });
         if result.is_ok() {
             step_seconds.record(sent.elapsed().as_secs_f64());
         }

@@ -388,6 +388,8 @@ pub async fn run(
             eos,
             next_seq: AtomicU64::new(1),
             tls: frontend_tls,
+            step_timeout: Duration::from_secs(cfg.step_timeout),
+            connect_timeout: Duration::from_millis(cfg.gate_connect_timeout_ms),
         }),
         name: files.name.clone(),
         fingerprint: files.fingerprint.clone(),

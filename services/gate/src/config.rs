@@ -31,7 +31,15 @@ pub struct GateConfig {
     /// left at the deadline move to another gate, re-prefilled by their frontend.
     #[arg(long, env = "MOEMESH_DRAIN_TIMEOUT", default_value_t = 30)]
     pub drain_timeout: u64,
-    /// Seconds an expert call may take before it is retried elsewhere.
+    /// Seconds an expert call may take (sending it and waiting for the reply) before the worker
+    /// is taken for hung and the call is retried on a replica. Also the longest a layer's
+    /// dispatch waits for the registry to list a live worker for an expert that has none.
     #[arg(long, env = "MOEMESH_EXPERT_TIMEOUT", default_value_t = 30)]
     pub expert_timeout: u64,
+    /// Milliseconds to open a stream to an expert worker (TCP connect, TLS handshake, stream
+    /// headers). A worker that accepts connections and never answers costs at most this, once;
+    /// after that it is avoided with a growing backoff and probed in the background.
+    #[arg(long, env = "MOEMESH_EXPERT_CONNECT_TIMEOUT_MS", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub expert_connect_timeout_ms: u64,
 }

@@ -95,8 +95,13 @@ async fn execute(
 ) -> MeshResult<Tensor> {
     let (t, h) = x.dims2().map_err(EngineError::from)?;
     let mut out = Tensor::zeros((t, h), DType::F32, &Device::Cpu).map_err(EngineError::from)?;
-    let mut excluded: HashSet<String> = HashSet::new();
+    // Serials of workers that failed this dispatch.
+    let mut excluded: HashSet<u64> = HashSet::new();
     let round = pool.next_round();
+    let mut changes = pool.changes();
+    // How long pairs with no live replica wait for the registry to show one (a worker
+    // restarting, or every lease expiring at once after an etcd outage and coming back).
+    let wait_until = tokio::time::Instant::now() + timeout;
     // The load per (layer, expert), counted once per routed pair (not again on retries).
     let layer_label = layer.to_string();
     let mut per_expert: BTreeMap<u32, u64> = BTreeMap::new();
@@ -107,16 +112,31 @@ async fn execute(
         metrics::counter!(names::EXPERT_TOKENS, "layer" => layer_label.clone(), "expert" => e.to_string())
             .increment(n);
     }
-    for attempt in 0..MAX_ATTEMPTS {
+    let mut attempt = 0;
+    while attempt < MAX_ATTEMPTS {
         // Group by worker: worker id -> (client, its pairs).
         let mut groups: Groups = BTreeMap::new();
+        let mut unplaced = None;
+        // Changes from here on wake the wait below.
+        changes.borrow_and_update();
         for &(tok, e, w) in &pairs {
-            let client = pool.pick(layer, e, &excluded, round)?;
-            groups
-                .entry(client.member.id.clone())
-                .or_insert_with(|| (client, Vec::new()))
-                .1
-                .push((tok, e, w));
+            match pool.pick(layer, e, &excluded, round) {
+                Ok(client) => groups
+                    .entry(client.member.id.clone())
+                    .or_insert_with(|| (client, Vec::new()))
+                    .1
+                    .push((tok, e, w)),
+                Err(err) => {
+                    unplaced = Some(err);
+                    break;
+                }
+            }
+        }
+        if let Some(err) = unplaced {
+            match tokio::time::timeout_at(wait_until, changes.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return Err(err),
+            }
         }
         let max_rows = (MAX_CALL_BYTES / (h * 4).max(1)).max(1);
         let calls = groups.into_values().flat_map(|(client, group)| {
@@ -183,8 +203,8 @@ async fn execute(
                     tracing::warn!(worker = %client.member.id, layer, attempt, error = %e, "expert call failed; retrying on another replica");
                     metrics::counter!(names::RETRIES, "worker" => client.member.id.clone())
                         .increment(1);
-                    pool.mark_failed(&client.member.id);
-                    excluded.insert(client.member.id.clone());
+                    client.mark_failed();
+                    excluded.insert(client.serial);
                     failed.extend(group);
                 }
             }
@@ -193,6 +213,7 @@ async fn execute(
             return Ok(out);
         }
         pairs = failed;
+        attempt += 1;
     }
     Err(MeshError::Unavailable(format!(
         "layer {layer}: expert calls still failing after {MAX_ATTEMPTS} attempts"

@@ -217,7 +217,11 @@ pub async fn run(
     .await
     .map_err(|e| MeshError::Internal(e.to_string()))??;
 
-    let pool = Arc::new(WorkerPool::new(files.fingerprint.clone(), tls.clone()));
+    let pool = Arc::new(WorkerPool::new(
+        files.fingerprint.clone(),
+        tls.clone(),
+        Duration::from_millis(cfg.expert_connect_timeout_ms),
+    ));
     let members = if cfg.member.etcd.is_empty() {
         static_members(&cfg.expert_addrs, tls.as_deref()).await?
     } else {
@@ -325,7 +329,10 @@ pub async fn run(
     tracing::info!(%id, address = %advertise, workers = pool.members().len(), "gate serving");
     serve::announce_ready("gate", local, &id, metrics_server.as_ref());
 
+    let follow = serve::health_follows(reporter.clone(), registration.registered());
+
     shutdown.await;
+    follow.abort();
     tracing::info!(%id, "shutting down: leaving the registry, then draining sequences");
     serve::set_health(&reporter, false).await;
     registration.deregister().await;

@@ -1,10 +1,12 @@
 //! Expert workers as the gate sees them: one client per worker (a long-lived `Expert.Forward`
 //! stream, calls matched to replies by id) and the routing table (layer, expert) → replicas,
 //! rebuilt from every registry update. Workers whose model fingerprint differs from the gate's
-//! are refused, loudly.
+//! are refused, loudly. Every wait on a worker is bounded (stream open, each call); a worker
+//! that fails is avoided with a growing backoff and reopened in the background; a worker that
+//! leaves the registry has its waiting calls released at once.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -13,7 +15,7 @@ use moemesh_common::tls::{self, Tls};
 use moemesh_common::{MeshError, MeshResult};
 use moemesh_proto::v1::expert_client::ExpertClient;
 use moemesh_proto::v1::{ForwardRequest, ForwardResponse};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
@@ -26,26 +28,68 @@ struct Conn {
     alive: Arc<AtomicBool>,
 }
 
-/// A worker and its (lazily opened, reopened after failure) stream.
+impl Conn {
+    /// Marks the stream dead and answers every call waiting on it with `status` (they are then
+    /// retried on another replica), instead of leaving them to their timeout.
+    fn fail(&self, status: Status) {
+        self.alive.store(false, Ordering::SeqCst);
+        for (_, waiter) in lock(&self.waiters).drain() {
+            let _ = waiter.send(Err(status.clone()));
+        }
+    }
+}
+
+/// Ids of [`WorkerClient`]s: a worker that leaves the registry and comes back is a new client,
+/// so a failure of the old one does not exclude the new one.
+static NEXT_SERIAL: AtomicU64 = AtomicU64::new(1);
+
+/// A worker and its stream: opened lazily or in the background ([`WorkerClient::warm`]),
+/// reopened after a failure. Every wait on the worker is bounded: opening the stream
+/// (connect, TLS handshake, stream headers) by the connect timeout, a call by its timeout.
 pub struct WorkerClient {
     pub member: Member,
-    conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    /// This client's id (see [`NEXT_SERIAL`]).
+    pub serial: u64,
+    /// The open stream, if any.
+    conn: Mutex<Option<Arc<Conn>>>,
+    /// Held while a stream is being opened, so concurrent callers share one attempt.
+    dial: tokio::sync::Mutex<()>,
+    /// A background open is under way.
+    warming: AtomicBool,
+    /// Set when the worker left the registry: no new calls.
+    closed: AtomicBool,
+    /// Until when to avoid this worker after a failure; the wait doubles with each failure in a
+    /// row (2 s up to 30 s) and resets on a good call.
+    suspect_until: Mutex<Option<Instant>>,
+    failures: AtomicU32,
     next_call: AtomicU64,
     /// The TLS files for this hop (a reopened stream takes them as they are then).
     tls: Option<Arc<Tls>>,
+    connect_timeout: Duration,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Shortest and longest time a failed worker is avoided.
+const SUSPECT_MIN: Duration = Duration::from_secs(2);
+const SUSPECT_MAX: Duration = Duration::from_secs(30);
+
 impl WorkerClient {
-    fn new(member: Member, tls: Option<Arc<Tls>>) -> Self {
+    fn new(member: Member, tls: Option<Arc<Tls>>, connect_timeout: Duration) -> Self {
         WorkerClient {
             member,
-            conn: tokio::sync::Mutex::new(None),
+            serial: NEXT_SERIAL.fetch_add(1, Ordering::Relaxed),
+            conn: Mutex::new(None),
+            dial: tokio::sync::Mutex::new(()),
+            warming: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            suspect_until: Mutex::new(None),
+            failures: AtomicU32::new(0),
             next_call: AtomicU64::new(1),
             tls,
+            connect_timeout,
         }
     }
 
@@ -56,16 +100,106 @@ impl WorkerClient {
         ))
     }
 
-    async fn connection(&self) -> MeshResult<Arc<Conn>> {
-        let mut guard = self.conn.lock().await;
-        if let Some(c) = guard.as_ref()
-            && c.alive.load(Ordering::SeqCst)
-        {
-            return Ok(c.clone());
+    /// The open stream, if it is alive.
+    fn live(&self) -> Option<Arc<Conn>> {
+        lock(&self.conn)
+            .as_ref()
+            .filter(|c| c.alive.load(Ordering::SeqCst))
+            .cloned()
+    }
+
+    /// Whether a stream is open now (calls to it need no connect).
+    pub fn is_ready(&self) -> bool {
+        self.live().is_some()
+    }
+
+    /// Whether the worker failed recently and is being avoided.
+    pub fn is_suspect(&self, now: Instant) -> bool {
+        lock(&self.suspect_until).is_some_and(|t| now < t)
+    }
+
+    /// A call or an open failed: avoid the worker for a while, longer with each failure in a row.
+    pub fn mark_failed(&self) {
+        let n = self.failures.fetch_add(1, Ordering::Relaxed).min(8);
+        let wait = (SUSPECT_MIN * (1u32 << n)).min(SUSPECT_MAX);
+        *lock(&self.suspect_until) = Some(Instant::now() + wait);
+    }
+
+    fn mark_ok(&self) {
+        if self.failures.swap(0, Ordering::Relaxed) > 0 {
+            *lock(&self.suspect_until) = None;
         }
+    }
+
+    /// The worker left the registry (or changed address): calls waiting on it are answered
+    /// UNAVAILABLE now, and go to a replica, rather than waiting for their timeout.
+    pub fn close(&self, why: &str) {
+        self.closed.store(true, Ordering::SeqCst);
+        if let Some(c) = lock(&self.conn).take() {
+            c.fail(Status::unavailable(format!(
+                "expert worker {}: {why}",
+                self.member.id
+            )));
+        }
+    }
+
+    /// Opens the stream in the background (once at a time), so that the first call to a new or
+    /// recovered worker does not pay for the connect; a worker that cannot be opened in time is
+    /// marked failed without any step waiting on it.
+    pub fn warm(self: &Arc<Self>) {
+        if self.is_ready()
+            || self.closed.load(Ordering::SeqCst)
+            || self.warming.swap(true, Ordering::SeqCst)
+        {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.warming.store(false, Ordering::SeqCst);
+            return;
+        };
+        let me = self.clone();
+        rt.spawn(async move {
+            if let Err(e) = me.connection().await {
+                tracing::warn!(worker = %me.member.id, error = %e, "expert worker cannot be reached; avoiding it");
+                me.mark_failed();
+            }
+            me.warming.store(false, Ordering::SeqCst);
+        });
+    }
+
+    async fn connection(&self) -> MeshResult<Arc<Conn>> {
+        if let Some(c) = self.live() {
+            return Ok(c);
+        }
+        let _dial = self.dial.lock().await;
+        if let Some(c) = self.live() {
+            return Ok(c);
+        }
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(self.peer_err("left the registry"));
+        }
+        let conn = tokio::time::timeout(self.connect_timeout, self.open())
+            .await
+            .map_err(|_| {
+                self.peer_err(format!(
+                    "no stream within {:?} (connect, handshake and stream open)",
+                    self.connect_timeout
+                ))
+            })??;
+        *lock(&self.conn) = Some(conn.clone());
+        if self.closed.load(Ordering::SeqCst) {
+            // Closed while we were opening: close() found nothing to fail.
+            self.close("left the registry");
+            return Err(self.peer_err("left the registry"));
+        }
+        Ok(conn)
+    }
+
+    /// Connect, handshake and open the `Forward` stream (bounded by the caller).
+    async fn open(&self) -> MeshResult<Arc<Conn>> {
         let endpoint = tls::endpoint(&self.member.address, self.tls.as_deref())
             .map_err(|e| self.peer_err(e))?
-            .connect_timeout(Duration::from_secs(2))
+            .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true);
         let channel = endpoint.connect().await.map_err(|e| self.peer_err(e))?;
         let mut client = ExpertClient::new(channel)
@@ -77,14 +211,18 @@ impl WorkerClient {
             .await
             .map_err(|e| self.peer_err(e))?
             .into_inner();
-        let waiters: Waiters = Arc::default();
-        let alive = Arc::new(AtomicBool::new(true));
-        let (w, a, id) = (waiters.clone(), alive.clone(), self.member.id.clone());
+        let conn = Arc::new(Conn {
+            tx,
+            waiters: Arc::default(),
+            alive: Arc::new(AtomicBool::new(true)),
+        });
+        let (w, id) = (Arc::downgrade(&conn), self.member.id.clone());
+        let waiters = conn.waiters.clone();
         tokio::spawn(async move {
             let end = loop {
                 match replies.message().await {
                     Ok(Some(r)) => {
-                        if let Some(waiter) = lock(&w).remove(&r.call_id) {
+                        if let Some(waiter) = lock(&waiters).remove(&r.call_id) {
                             let _ = waiter.send(Ok(r));
                         }
                     }
@@ -93,17 +231,20 @@ impl WorkerClient {
                 };
             };
             tracing::debug!(worker = %id, status = %end, "expert stream ended");
-            a.store(false, Ordering::SeqCst);
-            for (_, waiter) in lock(&w).drain() {
-                let _ = waiter.send(Err(end.clone()));
+            match w.upgrade() {
+                Some(conn) => conn.fail(end),
+                None => {
+                    for (_, waiter) in lock(&waiters).drain() {
+                        let _ = waiter.send(Err(end.clone()));
+                    }
+                }
             }
         });
-        let conn = Arc::new(Conn { tx, waiters, alive });
-        *guard = Some(conn.clone());
         Ok(conn)
     }
 
-    /// One call: sends `req` (its call_id is assigned here) and waits for the reply.
+    /// One call: opens the stream if needed (bounded by the connect timeout), sends `req` (its
+    /// call_id is assigned here) and waits for the reply, sending and waiting bounded by `timeout`.
     pub async fn call(
         &self,
         mut req: ForwardRequest,
@@ -111,14 +252,21 @@ impl WorkerClient {
     ) -> MeshResult<ForwardResponse> {
         let conn = self.connection().await?;
         req.call_id = self.next_call.fetch_add(1, Ordering::Relaxed);
+        let call_id = req.call_id;
         let (tx, rx) = oneshot::channel();
-        lock(&conn.waiters).insert(req.call_id, tx);
-        if conn.tx.send(req).await.is_err() {
-            conn.alive.store(false, Ordering::SeqCst);
-            return Err(self.peer_err("stream closed"));
-        }
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(Ok(r))) => Ok(r),
+        lock(&conn.waiters).insert(call_id, tx);
+        let exchange = async {
+            if conn.tx.send(req).await.is_err() {
+                conn.alive.store(false, Ordering::SeqCst);
+                return Err(self.peer_err("stream closed"));
+            }
+            rx.await.map_err(|_| self.peer_err("stream closed"))
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(Ok(Ok(r))) => {
+                self.mark_ok();
+                Ok(r)
+            }
             Ok(Ok(Err(status))) if status.code() == tonic::Code::InvalidArgument => {
                 Err(MeshError::Internal(format!(
                     "expert worker {} rejected a call: {}",
@@ -127,9 +275,14 @@ impl WorkerClient {
                 )))
             }
             Ok(Ok(Err(status))) => Err(self.peer_err(status.message())),
-            Ok(Err(_)) => Err(self.peer_err("stream closed")),
+            Ok(Err(e)) => Err(e),
             Err(_) => {
-                conn.alive.store(false, Ordering::SeqCst);
+                lock(&conn.waiters).remove(&call_id);
+                // A worker that misses a reply is taken for hung: its stream is dropped (and
+                // every call on it released), the next call opens a new one.
+                conn.fail(Status::unavailable(format!(
+                    "a call on this stream got no reply within {timeout:?}"
+                )));
                 Err(self.peer_err(format!("no reply within {timeout:?}")))
             }
         }
@@ -141,8 +294,6 @@ struct PoolState {
     workers: BTreeMap<String, Arc<WorkerClient>>,
     /// (layer, expert) → ids of workers serving it.
     table: HashMap<(u32, u32), Vec<String>>,
-    /// Workers that failed a call recently, until when to avoid them.
-    suspect: HashMap<String, Instant>,
     /// (id, fingerprint) pairs already reported as refused.
     refused: HashSet<(String, String)>,
 }
@@ -154,18 +305,28 @@ pub struct WorkerPool {
     rr: AtomicU64,
     /// The gate's TLS files, for every worker's stream; `None` with --plaintext.
     tls: Option<Arc<Tls>>,
+    /// Bound on opening a worker's stream (`--expert-connect-timeout-ms`).
+    connect_timeout: Duration,
+    /// Bumped on every registry update, so a dispatch that found no live replica can wait for
+    /// one to appear.
+    changes: watch::Sender<u64>,
 }
 
-const SUSPECT_FOR: Duration = Duration::from_secs(2);
-
 impl WorkerPool {
-    pub fn new(fingerprint: String, tls: Option<Arc<Tls>>) -> Self {
+    pub fn new(fingerprint: String, tls: Option<Arc<Tls>>, connect_timeout: Duration) -> Self {
         WorkerPool {
             state: RwLock::new(PoolState::default()),
             fingerprint,
             rr: AtomicU64::new(0),
             tls,
+            connect_timeout,
+            changes: watch::channel(0).0,
         }
+    }
+
+    /// Resolves when the member list changes next.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Replaces the member list (from the registry). Existing clients are kept when a worker's
@@ -186,7 +347,15 @@ impl WorkerPool {
             }
             let client = match st.workers.get(&m.id) {
                 Some(c) if c.member == *m => c.clone(),
-                _ => Arc::new(WorkerClient::new(m.clone(), self.tls.clone())),
+                _ => {
+                    let c = Arc::new(WorkerClient::new(
+                        m.clone(),
+                        self.tls.clone(),
+                        self.connect_timeout,
+                    ));
+                    c.warm();
+                    c
+                }
             };
             for &l in &m.layers {
                 for &e in &m.experts {
@@ -212,8 +381,16 @@ impl WorkerPool {
                 "expert workers changed"
             );
         }
+        // Workers that left (or moved): their waiting calls go to replicas now.
+        for (id, old) in &st.workers {
+            if workers.get(id).is_none_or(|new| new.serial != old.serial) {
+                old.close("left the registry");
+            }
+        }
         st.workers = workers;
         st.table = table;
+        drop(st);
+        self.changes.send_modify(|n| *n += 1);
     }
 
     /// How many of the (layer, expert) pairs in `layers` × `0..experts` no accepted worker serves.
@@ -232,24 +409,21 @@ impl WorkerPool {
         st.workers.values().map(|w| w.member.clone()).collect()
     }
 
-    pub fn mark_failed(&self, id: &str) {
-        let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
-        st.suspect
-            .insert(id.to_string(), Instant::now() + SUSPECT_FOR);
-    }
-
     /// Starts a new dispatch round (advances the replica rotation).
     pub fn next_round(&self) -> u64 {
         self.rr.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// A worker for (layer, expert), avoiding `excluded` and (when possible) recently failed
-    /// ones; rotates over replicas by `round`.
+    /// A worker for (layer, expert), never one in `excluded` (serials that failed this round);
+    /// rotates over replicas by `round`. Preference: workers with an open stream that have not
+    /// failed recently, then ones not yet connected (opened by the call), then recently failed
+    /// ones. While a connected replica exists, the others are opened in the background instead,
+    /// so a worker that cannot be reached (a tarpit) costs no step any time.
     pub fn pick(
         &self,
         layer: u32,
         expert: u32,
-        excluded: &HashSet<String>,
+        excluded: &HashSet<u64>,
         round: u64,
     ) -> MeshResult<Arc<WorkerClient>> {
         let st = self.state.read().unwrap_or_else(|e| e.into_inner());
@@ -259,22 +433,31 @@ impl WorkerPool {
             )));
         };
         let now = Instant::now();
-        let usable: Vec<&String> = ids.iter().filter(|id| !excluded.contains(*id)).collect();
-        let healthy: Vec<&String> = usable
+        let usable: Vec<&Arc<WorkerClient>> = ids
+            .iter()
+            .filter_map(|id| st.workers.get(id))
+            .filter(|w| !excluded.contains(&w.serial))
+            .collect();
+        let fresh: Vec<&Arc<WorkerClient>> = usable
             .iter()
             .copied()
-            .filter(|id| st.suspect.get(*id).is_none_or(|t| *t < now))
+            .filter(|w| !w.is_suspect(now))
             .collect();
-        let choices = if healthy.is_empty() { usable } else { healthy };
-        if choices.is_empty() {
-            return Err(MeshError::Unavailable(format!(
-                "every expert worker serving (layer {layer}, expert {expert}) failed: {ids:?}"
-            )));
+        let ready: Vec<&Arc<WorkerClient>> =
+            fresh.iter().copied().filter(|w| w.is_ready()).collect();
+        if !ready.is_empty() {
+            for w in &fresh {
+                w.warm();
+            }
         }
-        let id = choices[(round as usize) % choices.len()];
-        st.workers
-            .get(id)
-            .cloned()
-            .ok_or_else(|| MeshError::Internal(format!("routing table names unknown worker {id}")))
+        let choices = [ready, fresh, usable]
+            .into_iter()
+            .find(|c| !c.is_empty())
+            .ok_or_else(|| {
+                MeshError::Unavailable(format!(
+                    "every expert worker serving (layer {layer}, expert {expert}) failed: {ids:?}"
+                ))
+            })?;
+        Ok(choices[(round as usize) % choices.len()].clone())
     }
 }

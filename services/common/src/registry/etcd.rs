@@ -1,11 +1,15 @@
 //! The etcd backend.
 //!
 //! - One lease per registration, kept alive every ttl/3 on its own task (a busy engine cannot
-//!   starve it). If etcd goes away the task keeps retrying; when etcd is back and the lease has
-//!   expired, it grants a new lease and writes the key again, so registrations return on their own.
-//! - Watchers list the prefix, then watch from the next revision; on any error they reconnect
-//!   and resume from the last revision seen (re-listing if that revision was compacted). Until
-//!   then the last known member list stays in force: an etcd outage does not stop serving.
+//!   starve it); each round also checks that the key is still there under that lease. If etcd
+//!   goes away the task keeps retrying, every call bounded in time. When the lease is gone
+//!   (expired during a stall of this process or of etcd, revoked, or etcd restored from an older
+//!   snapshot) it grants a new lease and writes the key again; a missing key is written again.
+//!   Registrations return on their own, and [`EtcdRegistration::registered`] says false meanwhile.
+//! - Watchers list the prefix, then watch from the next revision; on any error they reconnect,
+//!   list again and watch from there (so a compacted revision or a store restored from an older
+//!   snapshot cannot leave them waiting). Until then the last known member list stays in force:
+//!   an etcd outage does not stop serving.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -18,6 +22,8 @@ use crate::error::{MeshError, MeshResult};
 use crate::metrics::names;
 
 const RETRY: Duration = Duration::from_millis(500);
+/// Bound on each etcd call of the keep-alive loop (a paused etcd accepts TCP and never answers).
+const ETCD_CALL: Duration = Duration::from_secs(3);
 
 #[derive(Clone)]
 pub struct EtcdRegistry {
@@ -76,18 +82,24 @@ impl EtcdRegistry {
             })?;
         tracing::info!(%key, lease, "registered");
         let (stop_tx, stop_rx) = oneshot::channel();
-        let task = tokio::spawn(keep_alive(
-            self.cfg.clone(),
-            member.role.name(),
-            client,
+        let (registered_tx, registered) = watch::channel(true);
+        let entry = Entry {
+            role: member.role.name(),
             key,
             value,
+        };
+        let task = tokio::spawn(keep_alive(
+            self.cfg.clone(),
+            entry,
+            client,
             lease,
+            registered_tx,
             stop_rx,
         ));
         Ok(EtcdRegistration {
             stop: Some(stop_tx),
             task,
+            registered,
         })
     }
 
@@ -120,9 +132,16 @@ async fn put_with_lease(
 pub struct EtcdRegistration {
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
+    /// Whether the key is known to be in etcd: false from the moment etcd reports the lease
+    /// gone (or the key missing) until it is written again; unchanged while etcd is unreachable.
+    registered: watch::Receiver<bool>,
 }
 
 impl EtcdRegistration {
+    pub fn registered(&self) -> watch::Receiver<bool> {
+        self.registered.clone()
+    }
+
     pub async fn deregister(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -136,15 +155,22 @@ fn etcd_error(op: &'static str) {
     metrics::counter!(names::ETCD_ERRORS, "op" => op).increment(1);
 }
 
-async fn keep_alive(
-    cfg: RegistryConfig,
+/// What a registration writes: `value` under `key`, for a process of `role`.
+struct Entry {
     role: &'static str,
-    mut client: Client,
     key: String,
     value: String,
+}
+
+async fn keep_alive(
+    cfg: RegistryConfig,
+    entry: Entry,
+    mut client: Client,
     mut lease: i64,
+    registered: watch::Sender<bool>,
     mut stop: oneshot::Receiver<()>,
 ) {
+    let Entry { role, key, value } = entry;
     let period = Duration::from_millis((cfg.lease_ttl_s as u64 * 1000) / 3);
     let mut healthy = true;
     loop {
@@ -152,21 +178,43 @@ async fn keep_alive(
             _ = &mut stop => break,
             _ = tokio::time::sleep(if healthy { period } else { RETRY }) => {}
         }
-        match renew(&mut client, lease).await {
-            Ok(true) => {
+        match renew(&mut client, lease, &key).await {
+            Ok(Renewal::Alive) => {
                 metrics::counter!(names::LEASE_RENEWALS, "role" => role).increment(1);
                 if !healthy {
                     tracing::info!(%key, "etcd reachable again; lease still valid");
                 }
                 healthy = true;
+                registered.send_replace(true);
             }
-            Ok(false) => {
-                // The lease expired while etcd was unreachable: register again.
-                match put_with_lease(&mut client, &key, &value, cfg.lease_ttl_s).await {
+            Ok(gone) => {
+                // The lease expired (a stall or an etcd outage longer than the TTL), was
+                // revoked, or the key went (deleted, or etcd restored from a snapshot): this
+                // process is invisible to watchers until it is written again.
+                registered.send_replace(false);
+                let write = async {
+                    match gone {
+                        Renewal::KeyMissing => client
+                            .put(
+                                key.as_str(),
+                                value.as_str(),
+                                Some(PutOptions::new().with_lease(lease)),
+                            )
+                            .await
+                            .map(|_| lease),
+                        _ => put_with_lease(&mut client, &key, &value, cfg.lease_ttl_s).await,
+                    }
+                };
+                let result = tokio::time::timeout(2 * ETCD_CALL, write)
+                    .await
+                    .unwrap_or_else(|_| Err(too_slow()));
+                match result {
                     Ok(l) => {
-                        tracing::info!(%key, lease = l, "lease had expired; registered again");
+                        tracing::warn!(%key, lease = l, reason = gone.as_str(), "registration was lost; registered again");
+                        metrics::counter!(names::REREGISTRATIONS, "role" => role).increment(1);
                         lease = l;
                         healthy = true;
+                        registered.send_replace(true);
                     }
                     Err(e) => {
                         etcd_error("register");
@@ -176,39 +224,79 @@ async fn keep_alive(
                 }
             }
             Err(e) => {
+                // etcd unreachable or slow: keep serving (the last state stands) and retry.
                 etcd_error("keepalive");
                 if healthy {
                     tracing::warn!(%key, error = %e, "lease keep-alive failed; retrying");
                 }
                 healthy = false;
-                if let Ok(c) = connect(&cfg).await {
+                if let Ok(Ok(c)) = tokio::time::timeout(ETCD_CALL, connect(&cfg)).await {
                     client = c;
                 }
             }
         }
     }
     // Revoke first so watchers drop us at once instead of after the TTL.
-    match client.lease_revoke(lease).await {
-        Ok(_) => tracing::info!(%key, "deregistered"),
-        Err(e) => {
+    match tokio::time::timeout(ETCD_CALL, client.lease_revoke(lease)).await {
+        Ok(Ok(_)) => tracing::info!(%key, "deregistered"),
+        Ok(Err(e)) => {
             etcd_error("revoke");
             tracing::warn!(%key, error = %e, "revoking the lease failed; it will expire")
+        }
+        Err(_) => {
+            etcd_error("revoke");
+            tracing::warn!(%key, "revoking the lease timed out; it will expire")
         }
     }
 }
 
-/// One keep-alive round trip: `Ok(false)` when etcd says the lease no longer exists.
-async fn renew(client: &mut Client, lease: i64) -> Result<bool, etcd_client::Error> {
-    let (mut keeper, mut stream) = client.lease_keep_alive(lease).await?;
-    keeper.keep_alive().await?;
-    match tokio::time::timeout(Duration::from_secs(3), stream.message()).await {
-        Ok(Ok(Some(resp))) => Ok(resp.ttl() > 0),
-        Ok(Ok(None)) => Ok(false),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(etcd_client::Error::WatchError(
-            "keep-alive response timed out".into(),
-        )),
+/// The error for an etcd call that ran past [`ETCD_CALL`].
+fn too_slow() -> etcd_client::Error {
+    etcd_client::Error::WatchError("etcd did not answer in time".into())
+}
+
+/// What one keep-alive round found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Renewal {
+    /// The lease is renewed and the key is there, under it.
+    Alive,
+    /// etcd says the lease does not exist (expired or revoked): a new lease is needed.
+    LeaseGone,
+    /// The lease lives but the key is not ours any more (deleted, or an older snapshot).
+    KeyMissing,
+}
+
+impl Renewal {
+    fn as_str(self) -> &'static str {
+        match self {
+            Renewal::Alive => "alive",
+            Renewal::LeaseGone => "lease expired or revoked",
+            Renewal::KeyMissing => "key missing",
+        }
     }
+}
+
+/// One keep-alive round trip plus a check that the key still carries the lease. Every etcd call
+/// is bounded by [`ETCD_CALL`], so a paused or partitioned etcd cannot stall the loop. `Err` means
+/// etcd could not be asked (unreachable, slow); the `Renewal` variants are etcd's own answers.
+async fn renew(client: &mut Client, lease: i64, key: &str) -> Result<Renewal, etcd_client::Error> {
+    // etcd-client sends the first keep-alive itself and reads its answer: a TTL of 0 comes back
+    // as `LeaseKeepAliveError("lease not found")`.
+    match tokio::time::timeout(ETCD_CALL, client.lease_keep_alive(lease)).await {
+        Err(_) => return Err(too_slow()),
+        Ok(Err(etcd_client::Error::LeaseKeepAliveError(msg))) if msg.contains("not found") => {
+            return Ok(Renewal::LeaseGone);
+        }
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(_)) => {}
+    }
+    let resp = tokio::time::timeout(ETCD_CALL, client.get(key, None))
+        .await
+        .map_err(|_| too_slow())??;
+    Ok(match resp.kvs().first() {
+        Some(kv) if kv.lease() == lease => Renewal::Alive,
+        _ => Renewal::KeyMissing,
+    })
 }
 
 fn parse(kv: &etcd_client::KeyValue) -> Option<(String, Member)> {
@@ -231,6 +319,8 @@ async fn watch_prefix(
     let members_gauge = metrics::gauge!(names::REGISTRY_MEMBERS, "role" => role);
     let mut members: BTreeMap<String, Member> = BTreeMap::new();
     let mut revision: Option<i64> = None;
+    // Whether a first listing was sent (an empty one counts).
+    let mut synced = false;
     let mut logged_down = false;
     loop {
         if tx.is_closed() {
@@ -238,12 +328,18 @@ async fn watch_prefix(
         }
         let result = async {
             let mut client = connect(&cfg).await?;
-            if revision.is_none() {
-                let resp = client
-                    .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-                    .await?;
-                members = resp.kvs().iter().filter_map(parse).collect();
-                revision = resp.header().map(|h| h.revision());
+            // A fresh listing on every (re)connect, not only the first: after an outage the
+            // store may have been compacted past our revision or restored from an older
+            // snapshot (whose revisions are behind ours, so a watch from our revision would
+            // wait for ever). The listing is a few small keys.
+            let resp = client
+                .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+                .await?;
+            let listed: BTreeMap<String, Member> = resp.kvs().iter().filter_map(parse).collect();
+            revision = resp.header().map(|h| h.revision());
+            if listed != members || !synced {
+                members = listed;
+                synced = true;
                 members_gauge.set(members.len() as f64);
                 let _ = tx.send(members.values().cloned().collect());
             }

@@ -97,6 +97,15 @@ pub struct Registration {
 }
 
 impl Registration {
+    /// Whether this process is listed in the registry now (always true for the static one).
+    /// Turns false when etcd reports the registration lost and true once it is written again.
+    pub fn registered(&self) -> watch::Receiver<bool> {
+        match &self.inner {
+            Some(r) => r.registered(),
+            None => watch::channel(true).1,
+        }
+    }
+
     /// Leaves the registry now (revokes the lease), so watchers stop sending work at once.
     pub async fn deregister(self) {
         if let Some(r) = self.inner {
