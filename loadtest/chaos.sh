@@ -21,8 +21,9 @@ secs="${1:-600}"
 out="$here/results/chaos"
 mkdir -p "$out"
 cd "$root"
-if [[ -z "${MOEMESH:-}" ]]; then cargo build --release -p moemesh; fi
+# --workspace in both builds: one feature set, so the dependencies are compiled once.
+if [[ -z "${MOEMESH:-}" ]]; then cargo build --release --workspace --bins; fi
 bin="${MOEMESH:-$root/target/release/moemesh}"
 echo "== chaos: ${secs} s of faults under load — $(machine_note)" >&2
 MOEMESH_BIN="$bin" MOEMESH_CHAOS_SECS="$secs" MOEMESH_CHAOS_REPORT="$out/summary.json" \
-  cargo test --release -p moemesh-tests --test chaos -- --ignored --nocapture
+  cargo test --release --workspace --test chaos -- --ignored --nocapture
