@@ -202,7 +202,11 @@ async fn run_all(url: &str, cases: &[(Vec<u32>, Vec<u32>)]) -> Duration {
     let runs = cases
         .iter()
         .map(|(p, want)| async move { (generate(url, p, 16).await, want) });
-    for (got, want) in futures::future::join_all(runs).await {
+    // Bounded, so that a mesh that waits on a hung peer for ever fails here instead of hanging.
+    let results = tokio::time::timeout(Duration::from_secs(120), futures::future::join_all(runs))
+        .await
+        .expect("the requests finish within 120 s");
+    for (got, want) in results {
         assert_eq!(&got.expect("no request fails"), want);
     }
     started.elapsed()
