@@ -110,3 +110,46 @@ pub fn announce_ready(
 pub async fn bounded<F: Future>(limit: std::time::Duration, fut: F) -> Option<F::Output> {
     tokio::time::timeout(limit, fut).await.ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_stream::StreamExt;
+    use tonic_health::pb::health_server::Health;
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus as Wire};
+
+    #[tokio::test]
+    async fn health_follows_the_registration_until_aborted() {
+        let (reporter, _server) = tonic_health::server::health_reporter();
+        set_health(&reporter, true).await;
+        let service = tonic_health::server::HealthService::from_health_reporter(reporter.clone());
+        let mut updates = service
+            .watch(tonic::Request::new(HealthCheckRequest {
+                service: String::new(),
+            }))
+            .await
+            .expect("watch")
+            .into_inner();
+        let mut next = async || {
+            updates
+                .next()
+                .await
+                .expect("an update")
+                .expect("a status")
+                .status
+        };
+        assert_eq!(next().await, Wire::Serving as i32);
+        let (registered, rx) = tokio::sync::watch::channel(true);
+        let follow = health_follows(reporter.clone(), rx);
+        registered.send_replace(false);
+        assert_eq!(next().await, Wire::NotServing as i32, "lease lost");
+        registered.send_replace(true);
+        assert_eq!(next().await, Wire::Serving as i32, "registered again");
+        // At shutdown the role aborts the follower and goes NOT_SERVING for good.
+        follow.abort();
+        let _ = follow.await;
+        registered.send_replace(true);
+        set_health(&reporter, false).await;
+        assert_eq!(next().await, Wire::NotServing as i32);
+    }
+}

@@ -461,3 +461,67 @@ impl WorkerPool {
         Ok(choices[(round as usize) % choices.len()].clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moemesh_common::registry::Role;
+
+    fn member(id: &str, experts: Vec<u32>) -> Member {
+        Member {
+            id: id.into(),
+            role: Role::Expert,
+            address: "127.0.0.1:9".into(),
+            layers: vec![1],
+            experts,
+            device: "cpu".into(),
+            fingerprint: "fp".into(),
+            version: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_failed_worker_is_avoided_longer_each_time_and_forgiven_by_a_good_call() {
+        let w = WorkerClient::new(member("a", vec![0]), None, Duration::from_secs(1));
+        let now = Instant::now();
+        assert!(!w.is_suspect(now));
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            w.mark_failed();
+            let until = lock(&w.suspect_until).expect("suspect");
+            waits.push(until.duration_since(now).as_secs_f64().round() as u64);
+        }
+        // 2, 4, 8, 16 s, then capped at 30 s.
+        assert_eq!(waits, vec![2, 4, 8, 16, 30, 30]);
+        assert!(w.is_suspect(Instant::now()));
+        w.mark_ok();
+        assert!(!w.is_suspect(Instant::now()));
+    }
+
+    #[tokio::test]
+    async fn leaving_the_registry_closes_a_worker_and_a_comeback_is_a_new_client() {
+        let pool = WorkerPool::new("fp".into(), None, Duration::from_millis(200));
+        let changes = pool.changes();
+        pool.update(&[member("a", vec![0, 1]), member("b", vec![1])]);
+        assert!(changes.has_changed().expect("open"));
+        let none = HashSet::new();
+        let a = pool.pick(1, 0, &none, 0).expect("a serves expert 0");
+        assert_eq!(a.member.id, "a");
+        // Excluding a's serial leaves expert 0 with no replica, expert 1 with b.
+        let excluded: HashSet<u64> = [a.serial].into();
+        assert!(pool.pick(1, 0, &excluded, 0).is_err());
+        assert_eq!(pool.pick(1, 1, &excluded, 0).expect("b").member.id, "b");
+        // a leaves: closed, so no call can start on it.
+        pool.update(&[member("b", vec![1])]);
+        assert!(a.closed.load(Ordering::SeqCst));
+        assert!(
+            a.call(ForwardRequest::default(), Duration::from_secs(1))
+                .await
+                .is_err()
+        );
+        // a comes back: a new client, not excluded by the old one's failure.
+        pool.update(&[member("a", vec![0, 1]), member("b", vec![1])]);
+        let again = pool.pick(1, 0, &excluded, 0).expect("a is back");
+        assert_ne!(again.serial, a.serial);
+    }
+}
