@@ -22,8 +22,10 @@ use crate::error::{EngineError, Result};
 mod attention;
 mod experts;
 
-pub use attention::DecodeTables;
-pub use experts::{DeviceRouting, HostAssignments, RouteParams};
+pub use attention::{DecodeTables, PrefillQuery};
+pub use experts::{
+    DeviceRouting, GROUPED_MIN_PAIRS_PER_SLOT, HostAssignments, HostPairs, RouteParams,
+};
 
 /// A kernel argument. Tensors go as raw device addresses (see [`Gpu::ptr`]).
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +50,36 @@ pub fn kernels_enabled() -> bool {
         std::env::var("MOEMESH_FUSED_KERNELS")
             .map(|v| !matches!(v.as_str(), "0" | "false" | "off"))
             .unwrap_or(true)
+    })
+}
+
+/// Whether prefill-sized batches take the prefill kernels (default): flash MLA prefill
+/// attention ([`Gpu::mla_prefill`]) and the grouped expert GEMM over padded per-expert segments.
+/// `MOEMESH_FLASH_PREFILL=0` runs the earlier path (attention through materialised scores and a
+/// host-built causal mask; experts one after another beyond [`crate::experts::DENSE_MAX_ROWS`]
+/// rows), for A/B measurements. Read once.
+pub fn flash_prefill_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        kernels_enabled()
+            && std::env::var("MOEMESH_FLASH_PREFILL")
+                .map(|v| !matches!(v.as_str(), "0" | "false" | "off"))
+                .unwrap_or(true)
+    })
+}
+
+/// Most context positions whose keys and values prefill attention expands at once
+/// (`MOEMESH_PREFILL_KV_CHUNK`, default 4096): a longer context is attended chunk by chunk and
+/// merged by log-sum-exp, so the expanded keys and values stay bounded
+/// (4096 × 16 heads × 256 bf16 = 32 MiB for DeepSeek-V2-Lite). Read once.
+pub fn prefill_kv_chunk() -> usize {
+    static CHUNK: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CHUNK.get_or_init(|| {
+        std::env::var("MOEMESH_PREFILL_KV_CHUNK")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n: &usize| n > 0)
+            .unwrap_or(4096)
     })
 }
 

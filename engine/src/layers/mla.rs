@@ -153,6 +153,10 @@ pub struct Attention {
     w_uk: Tensor,
     /// `W_UVᵀ`, `[heads, kv_lora_rank, v_head_dim]`.
     w_uv_t: Tensor,
+    /// `kv_b_proj` itself, `[heads · (nope + v), kv_lora_rank]`, kept on a GPU only: prefill
+    /// attention there expands keys and values with it (the non-absorbed form,
+    /// [`Attention::attend_flash`]).
+    kv_b: Option<Tensor>,
     o_proj: Linear,
     heads: usize,
     nope: usize,
@@ -189,9 +193,9 @@ impl Attention {
             &format!("{prefix}.kv_b_proj.weight"),
             &[heads * (nope + v_dim), kv_lora],
         )?;
-        let kv_b = kv_b.reshape((heads, nope + v_dim, kv_lora))?;
-        let w_uk = kv_b.narrow(1, 0, nope)?.contiguous()?;
-        let w_uv_t = kv_b.narrow(1, nope, v_dim)?.transpose(1, 2)?.contiguous()?;
+        let kv_b3 = kv_b.reshape((heads, nope + v_dim, kv_lora))?;
+        let w_uk = kv_b3.narrow(1, 0, nope)?.contiguous()?;
+        let w_uv_t = kv_b3.narrow(1, nope, v_dim)?.transpose(1, 2)?.contiguous()?;
         Ok(Attention {
             q,
             kv_a_proj_with_mqa: Linear::new(
@@ -209,6 +213,7 @@ impl Attention {
             )?,
             w_uk,
             w_uv_t,
+            kv_b: crate::cuda::gpu(loader.device()).map(|_| kv_b),
             o_proj: Linear::new(loader, &format!("{prefix}.o_proj"), heads * v_dim, h, bias)?,
             heads,
             nope,
@@ -239,14 +244,23 @@ impl Attention {
         let t = x.dim(0)?;
         let q = self.queries(x)?;
         let q_nope = q.narrow(2, 0, self.nope)?; // [T, H, nope]
-        let q_pe = rotary.apply(
-            &q.narrow(2, self.nope, self.rope)?.contiguous()?,
-            step.cos,
-            step.sin,
-        )?;
-        // Queries in latent space: [H, T, nope] x [H, nope, kv_lora] -> [H, T, kv_lora].
-        let q_lat = q_nope.transpose(0, 1)?.contiguous()?.matmul(&self.w_uk)?;
-        let q_pe = q_pe.transpose(0, 1)?.contiguous()?; // [H, T, rope]
+        let q_pe_rows = rotary
+            .apply(
+                &q.narrow(2, self.nope, self.rope)?.contiguous()?,
+                step.cos,
+                step.sin,
+            )?
+            .contiguous()?; // [T, H, rope]
+        // Prefill attention on the GPU takes the flash kernel (non-absorbed form); the decode
+        // batch and everything else attend in latent space.
+        let flash = crate::cuda::gpu(x.device()).filter(|_| crate::cuda::flash_prefill_enabled());
+        let latent = if flash.is_none() || step.decode.is_some() {
+            // Queries in latent space: [H, T, nope] x [H, nope, kv_lora] -> [H, T, kv_lora].
+            let q_lat = q_nope.transpose(0, 1)?.contiguous()?.matmul(&self.w_uk)?;
+            Some((q_lat, q_pe_rows.transpose(0, 1)?.contiguous()?)) // q_pe: [H, T, rope]
+        } else {
+            None
+        };
 
         let kv = self.kv_a_proj_with_mqa.forward(x)?; // [T, kv_lora + rope]
         let ckv = self
@@ -260,9 +274,11 @@ impl Attention {
             .apply(&kpe, step.cos, step.sin)?
             .reshape((t, self.rope))?;
 
-        let batched = match &step.decode {
-            Some(db) => Some(self.attend_decode_batch(db, layer, &q_lat, &q_pe, &ckv, &kpe)?),
-            None => None,
+        let batched = match (&step.decode, &latent) {
+            (Some(db), Some((q_lat, q_pe))) => {
+                Some(self.attend_decode_batch(db, layer, q_lat, q_pe, &ckv, &kpe)?)
+            }
+            _ => None,
         };
         let in_batch = |i: usize| step.decode.as_ref().is_some_and(|db| db.seqs.contains(&i));
         if let (Some(o), Some(db)) = (&batched, &step.decode)
@@ -288,8 +304,37 @@ impl Attention {
                 &ckv.narrow(0, rows.start, rows.len)?,
                 &kpe.narrow(0, rows.start, rows.len)?,
             )?;
-            let ql = q_lat.narrow(1, rows.start, rows.len)?;
-            let qp = q_pe.narrow(1, rows.start, rows.len)?;
+            if let Some(g) = &flash {
+                let q = crate::cuda::PrefillQuery {
+                    q_nope: &q_nope.narrow(0, rows.start, rows.len)?,
+                    q_pe: &q_pe_rows.narrow(0, rows.start, rows.len)?,
+                    past,
+                };
+                if let Some(o) = self.attend_flash(g, &q, &c_all, &k_all)? {
+                    outputs.push(o);
+                    continue;
+                }
+            }
+            let (q_lat, q_pe) = match &latent {
+                Some(l) => (l.0.clone(), l.1.clone()),
+                None => {
+                    let rows_nope = q_nope.narrow(0, rows.start, rows.len)?;
+                    let rows_pe = q_pe_rows.narrow(0, rows.start, rows.len)?;
+                    (
+                        rows_nope.transpose(0, 1)?.contiguous()?.matmul(&self.w_uk)?,
+                        rows_pe.transpose(0, 1)?.contiguous()?,
+                    )
+                }
+            };
+            // Without `latent` the queries above are this sequence's rows only.
+            let (ql, qp) = if latent.is_some() {
+                (
+                    q_lat.narrow(1, rows.start, rows.len)?,
+                    q_pe.narrow(1, rows.start, rows.len)?,
+                )
+            } else {
+                (q_lat, q_pe)
+            };
             outputs.push(self.attend(&ql, &qp, &c_all, &k_all, past)?);
         }
         let mut o = Tensor::cat(&outputs, 0)?; // [T, H * v], in `order`
@@ -431,6 +476,30 @@ impl Attention {
         Ok(o.transpose(0, 1)?
             .contiguous()?
             .reshape((b, self.heads * self.v_dim))?)
+    }
+
+    /// One sequence's prefill on the GPU with the flash kernel: its queries against its whole
+    /// context (`c [L, kv_lora]`, `k [L, rope]`) → `[n, H · v]`, or `None` if the kernel does
+    /// not take the shapes.
+    fn attend_flash(
+        &self,
+        g: &crate::cuda::Gpu,
+        q: &crate::cuda::PrefillQuery,
+        c: &Tensor,
+        k: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        let Some(kv_b) = &self.kv_b else {
+            return Ok(None);
+        };
+        g.mla_prefill(
+            q,
+            &c.contiguous()?,
+            &k.contiguous()?,
+            kv_b,
+            self.v_dim,
+            self.scale,
+            crate::cuda::prefill_kv_chunk(),
+        )
     }
 
     /// One sequence: `ql [H, n, kv_lora]`, `qp [H, n, rope]` against `c [L, kv_lora]`,
