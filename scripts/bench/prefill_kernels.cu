@@ -56,6 +56,26 @@ struct Timer {
 };
 
 // ---- grouped experts
+typedef void (*GgFn)(const bf16*, int, const bf16*, int, const uint32_t*, const uint32_t*, void*);
+template <bool GU, int BM, int BN, int BK, int ST, int WM, int WN>
+__global__ void __launch_bounds__(WM* WN * 32) gg_var(const bf16* a, int K, const bf16* w, int N,
+                                                     const uint32_t* sr, const uint32_t* bs, void* out) {
+    moe_gg<GU, BM, BN, BK, ST, WM, WN>(a, K, w, N, sr, bs, out);
+}
+struct Variant {
+    const char* name;
+    GgFn gu, down;
+    int bm, bn, threads, smem, bk;
+};
+template <int BM, int BN, int BK, int ST, int WM, int WN> Variant variant(const char* name) {
+    Variant v{name, (GgFn)gg_var<true, BM, BN, BK, ST, WM, WN>, (GgFn)gg_var<false, BM, BN, BK, ST, WM, WN>,
+              BM, BN, WM * WN * 32, ST * (BM + BN) * BK * 2, BK};
+    CK(cudaFuncSetAttribute((const void*)v.gu, cudaFuncAttributeMaxDynamicSharedMemorySize, v.smem));
+    CK(cudaFuncSetAttribute((const void*)v.down, cudaFuncAttributeMaxDynamicSharedMemorySize, v.smem));
+    return v;
+}
+static std::vector<Variant> variants;
+
 static void experts(int T, int hidden, int inner, int S, int k, int check_rows, bool time_it) {
     std::vector<uint32_t> ids(T * k);
     std::vector<float> w(T * k);
@@ -70,16 +90,16 @@ static void experts(int T, int hidden, int inner, int S, int k, int check_rows, 
     auto wgu = rand_bf16((size_t)S * 2 * inner * hidden, 1.f / sqrtf(hidden));
     auto wd = rand_bf16((size_t)S * hidden * inner, 1.f / sqrtf(inner));
     const int P = T * k;
-    const int max_blocks = (P + GG_BM - 1) / GG_BM + S;
+    const int max_blocks = (P + 63) / 64 + S;  // for bm >= 64
     uint32_t *d_ids = dev(ids), *d_sorted, *d_bs, *d_pos, *d_off, *d_sorted2, *d_pos2;
     float* d_w = dev(w);
     bf16 *d_x = dev(x), *d_wgu = dev(wgu), *d_wd = dev(wd), *d_h, *d_h2;
     float *d_y, *d_out, *d_y2, *d_out2;
-    CK(cudaMalloc(&d_sorted, max_blocks * GG_BM * 4));
+    CK(cudaMalloc(&d_sorted, max_blocks * 128 * 4));
     CK(cudaMalloc(&d_bs, max_blocks * 4));
     CK(cudaMalloc(&d_pos, P * 4));
-    CK(cudaMalloc(&d_h, (size_t)max_blocks * GG_BM * inner * 2));
-    CK(cudaMalloc(&d_y, (size_t)max_blocks * GG_BM * hidden * 4));
+    CK(cudaMalloc(&d_h, (size_t)max_blocks * 128 * inner * 2));
+    CK(cudaMalloc(&d_y, (size_t)max_blocks * 128 * hidden * 4));
     CK(cudaMalloc(&d_out, (size_t)T * hidden * 4));
     CK(cudaMalloc(&d_off, (S + 1) * 4));
     CK(cudaMalloc(&d_sorted2, P * 4));
@@ -87,24 +107,15 @@ static void experts(int T, int hidden, int inner, int S, int k, int check_rows, 
     CK(cudaMalloc(&d_h2, (size_t)P * inner * 2));
     CK(cudaMalloc(&d_y2, (size_t)P * hidden * 4));
     CK(cudaMalloc(&d_out2, (size_t)T * hidden * 4));
-    auto run_new = [&]() {
-        moe_align_blocks<<<1, 1024>>>(d_ids, P, nullptr, S, nullptr, k, max_blocks, d_sorted, d_bs, d_pos);
-        moe_gg_gate_up<<<dim3((inner + 63) / 64, max_blocks), 128>>>(d_x, hidden, d_wgu, inner, d_sorted, d_bs, d_h);
-        moe_gg_down<<<dim3((hidden + 127) / 128, max_blocks), 128>>>(d_h, inner, d_wd, hidden, d_sorted, d_bs, d_y);
-        moe_combine<<<dim3(T, (hidden + 255) / 256), 256>>>(d_y, hidden, d_pos, d_w, nullptr, k, d_out);
-    };
     auto run_old = [&]() {
         moe_align<<<1, 1024>>>(d_ids, P, nullptr, S, d_off, d_sorted2, d_pos2);
         moe_gate_up_mma<<<dim3((inner + 31) / 32, S), 128>>>(d_x, hidden, d_wgu, inner, d_off, d_sorted2, k, d_h2);
         moe_down_mma<<<dim3((hidden + 31) / 32, S), 128>>>(d_h2, inner, d_wd, hidden, d_off, d_y2);
         moe_combine<<<dim3(T, (hidden + 255) / 256), 256>>>(d_y2, hidden, d_pos2, d_w, nullptr, k, d_out2);
     };
-    run_new();
-    run_old();
-    CK(cudaDeviceSynchronize());
-    auto out = host(d_out, (size_t)T * hidden);
-    auto out2 = host(d_out2, (size_t)T * hidden);
-    double err = 0, err2 = 0;
+    // CPU reference rows.
+    std::vector<int> rows;
+    std::vector<std::vector<double>> refs;
     std::vector<float> hrow(inner);
     for (int c = 0; c < check_rows; ++c) {
         const int t = (int)((long)c * (T - 1) / std::max(1, check_rows - 1));
@@ -128,31 +139,62 @@ static void experts(int T, int hidden, int inner, int S, int k, int check_rows, 
                 ref[r] += w[t * k + j] * y;
             }
         }
-        double mx = 0;
-        for (int r = 0; r < hidden; ++r) mx = std::max(mx, fabs(ref[r]));
-        for (int r = 0; r < hidden; ++r) {
-            err = std::max(err, fabs(out[(size_t)t * hidden + r] - ref[r]) / mx);
-            err2 = std::max(err2, fabs(out2[(size_t)t * hidden + r] - ref[r]) / mx);
+        rows.push_back(t);
+        refs.push_back(ref);
+    }
+    auto check = [&](const float* d, const char* name) {
+        auto out = host(d, (size_t)T * hidden);
+        double err = 0;
+        for (size_t c = 0; c < rows.size(); ++c) {
+            double mx = 0;
+            for (int r = 0; r < hidden; ++r) mx = std::max(mx, fabs(refs[c][r]));
+            for (int r = 0; r < hidden; ++r)
+                err = std::max(err, fabs(out[(size_t)rows[c] * hidden + r] - refs[c][r]) / mx);
+        }
+        char what[200];
+        snprintf(what, sizeof what, "experts T=%d h=%d i=%d S=%d k=%d: %s", T, hidden, inner, S, k, name);
+        report(what, err, 2e-2);
+    };
+    const double flop = 2.0 * P * 3.0 * hidden * inner;
+    Timer tm;
+    for (auto& v : variants) {
+        if (hidden % v.bk || inner % v.bk) continue;
+        auto run_new = [&](int part) {
+            if (part & 1)
+                moe_align_blocks<<<1, 1024>>>(d_ids, P, nullptr, S, nullptr, k, max_blocks, v.bm, d_sorted, d_bs, d_pos);
+            const int mb = (P + v.bm - 1) / v.bm + S;
+            if (part & 2)
+                v.gu<<<dim3((inner + v.bn / 2 - 1) / (v.bn / 2), mb), v.threads, v.smem>>>(d_x, hidden, d_wgu, inner, d_sorted, d_bs, d_h);
+            if (part & 4)
+                v.down<<<dim3((hidden + v.bn - 1) / v.bn, mb), v.threads, v.smem>>>(d_h, inner, d_wd, hidden, d_sorted, d_bs, d_y);
+            if (part & 8)
+                moe_combine<<<dim3(T, (hidden + 255) / 256), 256>>>(d_y, hidden, d_pos, d_w, nullptr, k, d_out);
+        };
+        run_new(15);
+        CK(cudaGetLastError());
+        CK(cudaDeviceSynchronize());
+        check(d_out, v.name);
+        if (time_it) {
+            float ms[5];
+            const int parts[5] = {15, 1, 2, 4, 8};
+            for (int pi = 0; pi < 5; ++pi) {
+                run_new(15);
+                tm.start();
+                for (int it = 0; it < 10; ++it) run_new(parts[pi]);
+                ms[pi] = tm.stop() / 10;
+            }
+            printf("TIME experts T=%d %s: %.3f ms/layer (%.0f TFLOP/s): align %.3f gate_up %.3f down %.3f combine %.3f\n",
+                   T, v.name, ms[0], flop / ms[0] / 1e9, ms[1], ms[2], ms[3], ms[4]);
         }
     }
-    char what[200];
-    snprintf(what, sizeof what, "experts T=%d hidden=%d inner=%d S=%d k=%d: grouped GEMM", T, hidden, inner, S, k);
-    report(what, err, 2e-2);
-    snprintf(what, sizeof what, "experts T=%d hidden=%d inner=%d S=%d k=%d: decode kernels", T, hidden, inner, S, k);
-    report(what, err2, 2e-2);
+    run_old();
+    CK(cudaDeviceSynchronize());
+    check(d_out2, "decode kernels");
     if (time_it) {
-        Timer tm;
-        const double flop = 2.0 * P * 3.0 * hidden * inner;
-        for (int it = 0; it < 3; ++it) run_new();
         tm.start();
-        for (int it = 0; it < 10; ++it) run_new();
-        float ms = tm.stop() / 10;
-        printf("TIME experts T=%d: grouped GEMM %.3f ms/layer (%.0f TFLOP/s)\n", T, ms, flop / ms / 1e9);
-        run_old();
-        tm.start();
-        for (int it = 0; it < 3; ++it) run_old();
-        ms = tm.stop() / 3;
-        printf("TIME experts T=%d: decode kernels %.3f ms/layer (%.0f TFLOP/s)\n", T, ms, flop / ms / 1e9);
+        for (int it = 0; it < 2; ++it) run_old();
+        const float ms = tm.stop() / 2;
+        printf("TIME experts T=%d decode kernels: %.3f ms/layer (%.0f TFLOP/s)\n", T, ms, flop / ms / 1e9);
     }
     cudaFree(d_ids); cudaFree(d_sorted); cudaFree(d_bs); cudaFree(d_pos); cudaFree(d_w); cudaFree(d_x);
     cudaFree(d_wgu); cudaFree(d_wd); cudaFree(d_h); cudaFree(d_y); cudaFree(d_out); cudaFree(d_off);
@@ -258,6 +300,14 @@ int main() {
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
     printf("device: %s\n", prop.name);
+    variants.push_back(variant<64, 128, 32, 4, 2, 2>("gg 64x128 k32 s4 w2x2 (moemesh k32)"));
+    variants.push_back(variant<64, 128, 64, 3, 2, 2>("gg 64x128 k64 s3 w2x2 (moemesh k64)"));
+    variants.push_back(variant<64, 128, 64, 4, 2, 2>("gg 64x128 k64 s4 w2x2"));
+    variants.push_back(variant<128, 128, 32, 4, 2, 4>("gg 128x128 k32 s4 w2x4"));
+    variants.push_back(variant<128, 128, 64, 3, 2, 4>("gg 128x128 k64 s3 w2x4"));
+    variants.push_back(variant<64, 256, 32, 4, 2, 4>("gg 64x256 k32 s4 w2x4"));
+    variants.push_back(variant<64, 256, 64, 3, 2, 4>("gg 64x256 k64 s3 w2x4"));
+    variants.push_back(variant<128, 128, 64, 3, 4, 2>("gg 128x128 k64 s3 w4x2"));
     // Fixture shapes, every row checked; then V2-Lite shapes with sampled rows, timed.
     experts(50, 128, 96, 16, 6, 50, false);
     experts(37, 128, 160, 16, 4, 37, false);

@@ -160,6 +160,8 @@ impl HostPairs {
 /// Rows of one block of the grouped GEMM (`GG_BM` in kernels.cu): each expert's segment is
 /// padded to a multiple of it.
 const GG_BM: usize = 64;
+/// Columns of one block of the grouped GEMM (`GG_BN` in kernels.cu).
+const GG_BN: usize = 128;
 
 /// Average (token, expert) pairs per held expert from which a batch takes the grouped GEMM:
 /// below it (decode batches) the GEMV-style kernels, which read each expert's weights once for
@@ -358,19 +360,26 @@ impl Gpu {
                 Arg::Ptr(pair_rows),
                 i32_arg(k_div, "top-k")?,
                 i32_arg(max_blocks, "expert blocks")?,
+                i32_arg(GG_BM, "block rows")?,
                 Arg::Ptr(self.ptr(&sorted)?),
                 Arg::Ptr(self.ptr(&block_slot)?),
                 Arg::Ptr(self.ptr(&pos)?),
             ],
         )?;
         let rows = max_blocks * GG_BM;
+        // k steps of 64 in 3 stages where both widths allow, else of 32 in 4 (kernels.cu).
+        let (sfx, smem) = if hidden.is_multiple_of(64) && inner.is_multiple_of(64) {
+            ("k64", 3 * (GG_BM + GG_BN) * 64 * 2)
+        } else {
+            ("k32", 4 * (GG_BM + GG_BN) * 32 * 2)
+        };
         let h = self.alloc(DType::BF16, &[rows, inner])?;
         // A gate/up tile is 64 gate and the same 64 up columns; a down tile 128 columns.
         self.launch(
-            "moe_gg_gate_up",
-            (inner.div_ceil(64) as u32, max_blocks as u32, 1),
+            &format!("moe_gg_gate_up_{sfx}"),
+            (inner.div_ceil(GG_BN / 2) as u32, max_blocks as u32, 1),
             128,
-            0,
+            smem as u32,
             &[
                 Arg::Ptr(self.ptr(x)?),
                 i32_arg(hidden, "hidden size")?,
@@ -383,10 +392,10 @@ impl Gpu {
         )?;
         let y = self.alloc(DType::F32, &[rows, hidden])?;
         self.launch(
-            "moe_gg_down",
-            (hidden.div_ceil(128) as u32, max_blocks as u32, 1),
+            &format!("moe_gg_down_{sfx}"),
+            (hidden.div_ceil(GG_BN) as u32, max_blocks as u32, 1),
             128,
-            0,
+            smem as u32,
             &[
                 Arg::Ptr(self.ptr(&h)?),
                 i32_arg(inner, "expert inner size")?,

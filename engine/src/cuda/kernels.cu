@@ -994,7 +994,7 @@ extern "C" __global__ void argmax_logprob(const float* logits, int vocab, uint32
 // last block), with no host synchronisation: the grid is sized by an upper bound on the block
 // count (pairs / GG_BM + slots) and surplus blocks exit. Then one launch per projection for all
 // experts, each block a GG_BM × GG_BN tile on the tensor cores (mma.sync m16n8k16 bf16, f32
-// accumulation) fed by a GG_STAGES-deep cp.async pipeline through swizzled shared memory:
+// accumulation) fed by a multi-stage cp.async pipeline through swizzled shared memory:
 //   moe_gg_gate_up: h[q, j] = silu(x[row(q)]·Wg[s, j]) · (x[row(q)]·Wu[s, j])   (bf16, as the
 //                   decode kernels store it); a tile holds 64 gate and the same 64 up columns.
 //   moe_gg_down:    y[q, r] = h[q]·Wd[s, r]                                      (f32)
@@ -1003,8 +1003,6 @@ extern "C" __global__ void argmax_logprob(const float* logits, int vocab, uint32
 
 #define GG_BM 64
 #define GG_BN 128
-#define GG_BK 32
-#define GG_STAGES 4
 #define GG_NONE 0xffffffffu
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
@@ -1035,16 +1033,17 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 
 // Pair p goes to slot slot_of[ids[p]] (ids[p] itself when slot_of is null; out of range: not
 // held here, pos[p] = GG_NONE); its token row is pair_rows[p], or p / k_div when that is null.
-// Out: sorted_rows [max_blocks·GG_BM] (GG_NONE for padding), block_slot [max_blocks], pos [P].
+// Segments are padded to `bm` rows (the GEMM's block rows).
+// Out: sorted_rows [max_blocks·bm] (GG_NONE for padding), block_slot [max_blocks], pos [P].
 extern "C" __global__ void moe_align_blocks(const uint32_t* ids, int pairs, const int* slot_of,
                                             int n_slots, const uint32_t* pair_rows, int k_div,
-                                            int max_blocks, uint32_t* sorted_rows,
+                                            int max_blocks, int bm, uint32_t* sorted_rows,
                                             uint32_t* block_slot, uint32_t* pos) {
     __shared__ uint32_t cnt[ALIGN_MAX_S];
     __shared__ uint32_t cur[ALIGN_MAX_S];
     __shared__ uint32_t start[ALIGN_MAX_S + 1];
     for (int s = threadIdx.x; s < n_slots; s += blockDim.x) cnt[s] = 0;
-    for (int i = threadIdx.x; i < max_blocks * GG_BM; i += blockDim.x) sorted_rows[i] = GG_NONE;
+    for (int i = threadIdx.x; i < max_blocks * bm; i += blockDim.x) sorted_rows[i] = GG_NONE;
     for (int b = threadIdx.x; b < max_blocks; b += blockDim.x) block_slot[b] = GG_NONE;
     __syncthreads();
     for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
@@ -1057,13 +1056,13 @@ extern "C" __global__ void moe_align_blocks(const uint32_t* ids, int pairs, cons
         for (int s = 0; s < n_slots; ++s) {
             start[s] = acc;
             cur[s] = acc;
-            acc += (cnt[s] + GG_BM - 1) / GG_BM * GG_BM;
+            acc += (cnt[s] + bm - 1) / bm * bm;
         }
         start[n_slots] = acc;
     }
     __syncthreads();
     for (int s = threadIdx.x; s < n_slots; s += blockDim.x)
-        for (uint32_t b = start[s] / GG_BM; b < start[s + 1] / GG_BM; ++b) block_slot[b] = s;
+        for (uint32_t b = start[s] / bm; b < start[s + 1] / bm; ++b) block_slot[b] = s;
     for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
         const int s = slot_of ? slot_of[ids[p]] : (int)ids[p];
         if (s >= 0 && s < n_slots) {
@@ -1076,107 +1075,121 @@ extern "C" __global__ void moe_align_blocks(const uint32_t* ids, int pairs, cons
     }
 }
 
-// Shared-memory tile of `rows` × GG_BK bf16: 16-byte chunk c of row r sits at chunk
-// c ^ ((r >> 1) & 3), so the 8 rows an ldmatrix phase reads fall in 8 different bank groups.
-__device__ __forceinline__ int gg_off(int r, int c) { return r * GG_BK + ((c ^ ((r >> 1) & 3)) << 3); }
+// Shared-memory tile of rows × BK bf16: 16-byte chunk c of row r sits at chunk c ^ f(r), so the
+// 8 rows an ldmatrix phase reads fall in 8 different bank groups (BK 32: two rows share a
+// 128-byte line; BK 64: one row is a line).
+template <int BK> __device__ __forceinline__ int gg_off(int r, int c) {
+    if (BK == 64) return r * 64 + ((c ^ (r & 7)) << 3);
+    return r * 32 + ((c ^ ((r >> 1) & 3)) << 3);
+}
 
-// GATE_UP: a = x [T, K] gathered by sorted_rows, w = w_gu [slots·2N, K], out = h [Ppad, N] bf16.
+// One BM × BN tile of a grouped product, WM × WN warps (each (BM/WM) × (BN/WN)), BK-wide k
+// steps through a STAGES-deep cp.async pipeline in dynamic shared memory
+// (STAGES · (BM + BN) · BK · 2 bytes).
+// GATE_UP: a = x [T, K] gathered by sorted_rows, w = w_gu [slots·2N, K], out = h [Ppad, N] bf16;
+//   a warp's columns are (BN/WN)/2 gate columns and the same up columns, so the SwiGLU is
+//   applied in registers.
 // Otherwise: a = h [Ppad, K] by block row, w = w_down [slots·N, K], out = y [Ppad, N] f32.
-// K % 32 == 0, N % 8 == 0, 16-byte aligned rows.
-template <bool GATE_UP>
+// K % BK == 0, N % 8 == 0, 16-byte aligned rows.
+template <bool GATE_UP, int BM, int BN, int BK, int STAGES, int WM, int WN>
 __device__ __forceinline__ void moe_gg(const bf16* __restrict__ a, int K, const bf16* __restrict__ w,
                                        int N, const uint32_t* sorted_rows,
                                        const uint32_t* block_slot, void* out) {
-    __shared__ __align__(128) bf16 sa[GG_STAGES][GG_BM * GG_BK];
-    __shared__ __align__(128) bf16 sb[GG_STAGES][GG_BN * GG_BK];
+    constexpr int THREADS = WM * WN * 32;
+    constexpr int TM = BM / WM, TN = BN / WN;  // warp tile
+    constexpr int FM = TM / 16, FN = TN / 8;  // fragments per warp
+    constexpr int CH = BK / 8;  // 16-byte chunks per row
+    constexpr int A_PER = BM * CH / THREADS, B_PER = BN * CH / THREADS;
+    static_assert(TM % 16 == 0 && TN % 16 == 0 && A_PER >= 1 && B_PER >= 1, "tile shape");
+    extern __shared__ __align__(128) unsigned char gg_smem[];
+    bf16* sa = reinterpret_cast<bf16*>(gg_smem);
+    bf16* sb = sa + STAGES * BM * BK;
     const uint32_t blk = blockIdx.y;
     const uint32_t s = block_slot[blk];
     if (s == GG_NONE) return;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int n0 = blockIdx.x * (GATE_UP ? GG_BN / 2 : GG_BN);
-    // Loads: A 64 rows × 4 chunks (2 per thread), B 128 rows × 4 chunks (4 per thread).
-    const bf16* asrc[2];
-    bool aok[2];
-    int arow[2], achk[2];
+    const int n0 = blockIdx.x * (GATE_UP ? BN / 2 : BN);
+    const bf16* asrc[A_PER];
+    bool aok[A_PER];
+    int aoff[A_PER];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        const int id = tid + i * 128;
-        arow[i] = id >> 2;
-        achk[i] = id & 3;
-        const uint32_t q = blk * GG_BM + arow[i];
+    for (int i = 0; i < A_PER; ++i) {
+        const int id = tid + i * THREADS, r = id / CH, c = id % CH;
+        aoff[i] = gg_off<BK>(r, c);
+        const uint32_t q = blk * BM + r;
         if (GATE_UP) {
             const uint32_t row = sorted_rows[q];
             aok[i] = row != GG_NONE;
-            asrc[i] = a + (size_t)(aok[i] ? row : 0) * K + achk[i] * 8;
+            asrc[i] = a + (size_t)(aok[i] ? row : 0) * K + c * 8;
         } else {
             aok[i] = true;
-            asrc[i] = a + (size_t)q * K + achk[i] * 8;
+            asrc[i] = a + (size_t)q * K + c * 8;
         }
     }
-    const bf16* bsrc[4];
-    bool bok[4];
-    int brow[4], bchk[4];
+    const bf16* bsrc[B_PER];
+    bool bok[B_PER];
+    int boff[B_PER];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int id = tid + i * 128;
-        brow[i] = id >> 2;
-        bchk[i] = id & 3;
-        const int n = brow[i];
+    for (int i = 0; i < B_PER; ++i) {
+        const int id = tid + i * THREADS, n = id / CH, c = id % CH;
+        boff[i] = gg_off<BK>(n, c);
         size_t wrow;
         if (GATE_UP) {
-            const int j = n0 + (n >> 6) * 32 + (n & 31);
+            const int local = n % TN;
+            const int j = n0 + (n / TN) * (TN / 2) + local % (TN / 2);
             bok[i] = j < N;
-            wrow = (size_t)s * 2 * N + ((n >> 5) & 1) * (size_t)N + (bok[i] ? j : 0);
+            wrow = (size_t)s * 2 * N + (local >= TN / 2 ? (size_t)N : 0) + (bok[i] ? j : 0);
         } else {
             const int r = n0 + n;
             bok[i] = r < N;
             wrow = (size_t)s * N + (bok[i] ? r : 0);
         }
-        bsrc[i] = w + wrow * K + bchk[i] * 8;
+        bsrc[i] = w + wrow * K + c * 8;
     }
-    const int kt_n = K / GG_BK;
+    const int kt_n = K / BK;
     auto load = [&](int kt, int st) {
-        const int k0 = kt * GG_BK;
+        const int k0 = kt * BK;
+        bf16* A = sa + st * BM * BK;
+        bf16* B = sb + st * BN * BK;
 #pragma unroll
-        for (int i = 0; i < 2; ++i) cp_async16(&sa[st][gg_off(arow[i], achk[i])], asrc[i] + k0, aok[i]);
+        for (int i = 0; i < A_PER; ++i) cp_async16(A + aoff[i], asrc[i] + k0, aok[i]);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) cp_async16(&sb[st][gg_off(brow[i], bchk[i])], bsrc[i] + k0, bok[i]);
+        for (int i = 0; i < B_PER; ++i) cp_async16(B + boff[i], bsrc[i] + k0, bok[i]);
     };
 #pragma unroll
-    for (int st = 0; st < GG_STAGES - 1; ++st) {
+    for (int st = 0; st < STAGES - 1; ++st) {
         if (st < kt_n) load(st, st);
         cp_async_commit();
     }
-    // Warps 2 × 2: warp rows wm·32 + 0..31, tile columns wn·64 + 0..63.
-    const int wm = warp >> 1, wn = warp & 1;
-    float acc[2][8][4];
+    const int wm = warp / WN, wn = warp % WN;
+    float acc[FM][FN][4];
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
+    for (int mi = 0; mi < FM; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < 8; ++ni)
+        for (int ni = 0; ni < FN; ++ni)
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
     for (int kt = 0; kt < kt_n; ++kt) {
-        cp_async_wait<GG_STAGES - 2>();
+        cp_async_wait<STAGES - 2>();
         __syncthreads();
-        const int nk = kt + GG_STAGES - 1;
-        if (nk < kt_n) load(nk, nk % GG_STAGES);
+        const int nk = kt + STAGES - 1;
+        if (nk < kt_n) load(nk, nk % STAGES);
         cp_async_commit();
-        const bf16* A = sa[kt % GG_STAGES];
-        const bf16* B = sb[kt % GG_STAGES];
+        const bf16* A = sa + (kt % STAGES) * BM * BK;
+        const bf16* B = sb + (kt % STAGES) * BN * BK;
 #pragma unroll
-        for (int kk = 0; kk < 2; ++kk) {
-            uint32_t af[2][4];
+        for (int kk = 0; kk < BK / 16; ++kk) {
+            uint32_t af[FM][4];
 #pragma unroll
-            for (int mi = 0; mi < 2; ++mi)
-                ldmatrix_x4(af[mi], A + gg_off(wm * 32 + mi * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+            for (int mi = 0; mi < FM; ++mi)
+                ldmatrix_x4(af[mi], A + gg_off<BK>(wm * TM + mi * 16 + (lane & 15), kk * 2 + (lane >> 4)));
 #pragma unroll
-            for (int np = 0; np < 4; ++np) {
+            for (int np = 0; np < FN / 2; ++np) {
                 uint32_t bf[4];
-                ldmatrix_x4(bf, B + gg_off(wn * 64 + np * 16 + (lane & 7) + ((lane >> 4) << 3),
-                                           kk * 2 + ((lane >> 3) & 1)));
+                ldmatrix_x4(bf, B + gg_off<BK>(wn * TN + np * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                               kk * 2 + ((lane >> 3) & 1)));
 #pragma unroll
-                for (int mi = 0; mi < 2; ++mi) {
+                for (int mi = 0; mi < FM; ++mi) {
                     mma_bf16(acc[mi][2 * np], af[mi][0], af[mi][1], af[mi][2], af[mi][3], bf[0], bf[1]);
                     mma_bf16(acc[mi][2 * np + 1], af[mi][0], af[mi][1], af[mi][2], af[mi][3], bf[2], bf[3]);
                 }
@@ -1186,27 +1199,27 @@ __device__ __forceinline__ void moe_gg(const bf16* __restrict__ a, int K, const 
     cp_async_wait<0>();
     const int g = lane >> 2, t4 = lane & 3;
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi) {
+    for (int mi = 0; mi < FM; ++mi) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-            const size_t q = (size_t)blk * GG_BM + wm * 32 + mi * 16 + g + half * 8;
+            const size_t q = (size_t)blk * BM + wm * TM + mi * 16 + g + half * 8;
             if (GATE_UP) {
                 bf16* h = reinterpret_cast<bf16*>(out);
 #pragma unroll
-                for (int ni = 0; ni < 4; ++ni) {
-                    const int j = n0 + wn * 32 + ni * 8 + 2 * t4;
+                for (int ni = 0; ni < FN / 2; ++ni) {
+                    const int j = n0 + wn * (TN / 2) + ni * 8 + 2 * t4;
                     if (j < N) {
-                        const float h0 = silu(acc[mi][ni][2 * half]) * acc[mi][ni + 4][2 * half];
+                        const float h0 = silu(acc[mi][ni][2 * half]) * acc[mi][ni + FN / 2][2 * half];
                         const float h1 =
-                            silu(acc[mi][ni][2 * half + 1]) * acc[mi][ni + 4][2 * half + 1];
+                            silu(acc[mi][ni][2 * half + 1]) * acc[mi][ni + FN / 2][2 * half + 1];
                         *reinterpret_cast<uint32_t*>(h + q * N + j) = pack_bf16(h0, h1);
                     }
                 }
             } else {
                 float* y = reinterpret_cast<float*>(out);
 #pragma unroll
-                for (int ni = 0; ni < 8; ++ni) {
-                    const int r = n0 + wn * 64 + ni * 8 + 2 * t4;
+                for (int ni = 0; ni < FN; ++ni) {
+                    const int r = n0 + wn * TN + ni * 8 + 2 * t4;
                     if (r < N)
                         *reinterpret_cast<float2*>(y + q * N + r) =
                             make_float2(acc[mi][ni][2 * half], acc[mi][ni][2 * half + 1]);
@@ -1216,18 +1229,27 @@ __device__ __forceinline__ void moe_gg(const bf16* __restrict__ a, int K, const 
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128) moe_gg_gate_up(const bf16* x, int hidden,
-                                                                const bf16* w_gu, int inner,
-                                                                const uint32_t* sorted_rows,
-                                                                const uint32_t* block_slot, bf16* h) {
-    moe_gg<true>(x, hidden, w_gu, inner, sorted_rows, block_slot, h);
-}
-extern "C" __global__ void __launch_bounds__(128) moe_gg_down(const bf16* h, int inner,
-                                                             const bf16* w_down, int hidden,
-                                                             const uint32_t* sorted_rows,
-                                                             const uint32_t* block_slot, float* y) {
-    moe_gg<false>(h, inner, w_down, hidden, sorted_rows, block_slot, y);
-}
+// The shapes moemesh launches (engine/src/cuda/experts.rs sizes grids and shared memory from
+// the same numbers): 64-row blocks (prefill segments of a few hundred pairs per expert waste
+// little padding), 128 columns, 4 warps; k steps of 64 in 3 stages (72 KiB of shared memory)
+// where both widths are multiples of 64, else of 32 in 4 stages (48 KiB). Measured on the H100
+// against 128 × 128 and 64 × 256 tiles and other depths (scripts/bench/prefill_kernels.cu):
+// 64 × 128 × 64 was fastest at 512, 2,048 and 8,192 tokens.
+#define GG_KERNELS(SFX, BK, STAGES)                                                               \
+    extern "C" __global__ void __launch_bounds__(128)                                            \
+        moe_gg_gate_up_##SFX(const bf16* x, int hidden, const bf16* w_gu, int inner,             \
+                             const uint32_t* sorted_rows, const uint32_t* block_slot, bf16* h) { \
+        moe_gg<true, GG_BM, GG_BN, BK, STAGES, 2, 2>(x, hidden, w_gu, inner, sorted_rows,       \
+                                                     block_slot, h);                             \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(128)                                            \
+        moe_gg_down_##SFX(const bf16* h, int inner, const bf16* w_down, int hidden,              \
+                          const uint32_t* sorted_rows, const uint32_t* block_slot, float* y) {   \
+        moe_gg<false, GG_BM, GG_BN, BK, STAGES, 2, 2>(h, inner, w_down, hidden, sorted_rows,    \
+                                                      block_slot, y);                            \
+    }
+GG_KERNELS(k64, 64, 3)
+GG_KERNELS(k32, 32, 4)
 
 // ---------------------------------------------------------------------------------------------
 // MLA prefill attention in the non-absorbed form (as vLLM and FlashInfer prefill do): per head,

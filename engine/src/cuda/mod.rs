@@ -288,6 +288,7 @@ impl Gpu {
 #[cfg(feature = "cuda")]
 mod imp {
     use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
     use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
     use candle_core::op::BackpropOp;
@@ -389,6 +390,14 @@ mod imp {
         args: &[Arg],
     ) -> Result<()> {
         let func = inner.dev.get_or_load_custom_func(name, MODULE, PTX)?;
+        if smem > 48 * 1024 {
+            // Dynamic shared memory beyond the default 48 KiB needs the kernel's opt-in.
+            func.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(|e| cuda_err(name, e))?;
+        }
         let mut b = func.builder();
         for a in args {
             match a {
