@@ -252,6 +252,57 @@ impl Gpu {
     }
 }
 
+impl Gpu {
+    /// Writes `ckv [n, kv_lora]` and `kpe [n, rope]` (normed and rotated) at pool rows
+    /// `rows [n]` (u32) of one layer's `pool_ckv`/`pool_kpe`, in one launch. `false` (nothing
+    /// written) when the inputs do not fit the kernel.
+    pub fn pool_write(
+        &self,
+        ckv: &Tensor,
+        kpe: &Tensor,
+        rows: &Tensor,
+        pool_ckv: &Tensor,
+        pool_kpe: &Tensor,
+    ) -> Result<bool> {
+        let (Ok((n, kv_lora)), Ok((n2, rope)), Ok((_, kv_lora2)), Ok((_, rope2))) =
+            (ckv.dims2(), kpe.dims2(), pool_ckv.dims2(), pool_kpe.dims2())
+        else {
+            return Ok(false);
+        };
+        let dt = ckv.dtype();
+        if n != n2
+            || n == 0
+            || kv_lora != kv_lora2
+            || rope != rope2
+            || !is_kernel_dtype(dt)
+            || [kpe.dtype(), pool_ckv.dtype(), pool_kpe.dtype()]
+                .iter()
+                .any(|&d| d != dt)
+            || ![ckv, kpe, pool_ckv, pool_kpe].iter().all(|t| t.is_contiguous())
+            || rows.dtype() != DType::U32
+            || rows.dims() != [n]
+        {
+            return Ok(false);
+        }
+        self.launch(
+            &format!("pool_write_{}", suffix(dt)),
+            (n as u32, 1, 1),
+            128,
+            0,
+            &[
+                Arg::Ptr(self.ptr(ckv)?),
+                Arg::Ptr(self.ptr(kpe)?),
+                Arg::Ptr(self.ptr(rows)?),
+                Arg::Ptr(self.ptr(pool_ckv)?),
+                Arg::Ptr(self.ptr(pool_kpe)?),
+                i32_arg(kv_lora, "kv_lora_rank")?,
+                i32_arg(rope, "rotary width")?,
+            ],
+        )?;
+        Ok(true)
+    }
+}
+
 /// One sequence's new queries for [`Gpu::mla_prefill`]: `q_nope [n, H, nope]` and the rotated
 /// `q_pe [n, H, rope]` (rows and heads may be strided, the last dimension contiguous), the first
 /// at position `past` (the tokens already in the cache).

@@ -1568,3 +1568,24 @@ extern "C" __global__ void mla_prefill_simple_f32(FA_PARAMS, int nope, int rope,
 extern "C" __global__ void mla_prefill_simple_bf16(FA_PARAMS, int nope, int rope, int vd) {
     mla_prefill_simple<bf16>(FA_ARGS, nope, rope, vd);
 }
+
+// ---------------------------------------------------------------------------------------------
+// A prefill chunk's latents (already normed and rotated) into the paged pool: token t's
+// `ckv [kv_lora]` and `kpe [rope]` rows to pool row rows[t], one block per token (one launch
+// instead of two copies per 16-token block).
+template <typename T>
+__device__ __forceinline__ void pool_write(const T* ckv, const T* kpe, const uint32_t* rows,
+                                           T* pool_ckv, T* pool_kpe, int kv_lora, int rope) {
+    const size_t t = blockIdx.x, dst = rows[t];
+    for (int i = threadIdx.x; i < kv_lora; i += blockDim.x)
+        pool_ckv[dst * kv_lora + i] = ckv[t * kv_lora + i];
+    for (int i = threadIdx.x; i < rope; i += blockDim.x) pool_kpe[dst * rope + i] = kpe[t * rope + i];
+}
+extern "C" __global__ void pool_write_f32(const float* ckv, const float* kpe, const uint32_t* rows,
+                                          float* pool_ckv, float* pool_kpe, int kv_lora, int rope) {
+    pool_write<float>(ckv, kpe, rows, pool_ckv, pool_kpe, kv_lora, rope);
+}
+extern "C" __global__ void pool_write_bf16(const bf16* ckv, const bf16* kpe, const uint32_t* rows,
+                                           bf16* pool_ckv, bf16* pool_kpe, int kv_lora, int rope) {
+    pool_write<bf16>(ckv, kpe, rows, pool_ckv, pool_kpe, kv_lora, rope);
+}
