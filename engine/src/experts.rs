@@ -228,8 +228,7 @@ impl ExpertShard {
             && let Some(g) = crate::cuda::gpu(&self.device)
         {
             let (le, resolved) = self.resolve(layer, t, assignments)?;
-            let pairs =
-                crate::cuda::HostPairs::build(t, le.slots.len(), &resolved, &self.device)?;
+            let pairs = crate::cuda::HostPairs::build(t, le.slots.len(), &resolved, &self.device)?;
             if let Some(out) = g.experts_pairs(x, &pairs, &le.gate_up, &le.down)? {
                 return Ok(out.to_dtype(self.output_dtype())?);
             }
@@ -365,9 +364,10 @@ impl Experts for ExpertShard {
         let Some(slot_of) = &le.slot_of else {
             return Ok(None);
         };
-        Ok(g
-            .experts_routed(x, routing, slot_of, &le.gate_up, &le.down, DENSE_MAX_ROWS)?
-            .map(PendingExperts::ready))
+        Ok(
+            g.experts_routed(x, routing, slot_of, &le.gate_up, &le.down, DENSE_MAX_ROWS)?
+                .map(PendingExperts::ready),
+        )
     }
 
     fn dispatch(&self, layer: usize, x: &Tensor, routing: &Routing) -> Result<PendingExperts> {

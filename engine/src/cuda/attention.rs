@@ -278,7 +278,9 @@ impl Gpu {
             || [kpe.dtype(), pool_ckv.dtype(), pool_kpe.dtype()]
                 .iter()
                 .any(|&d| d != dt)
-            || ![ckv, kpe, pool_ckv, pool_kpe].iter().all(|t| t.is_contiguous())
+            || ![ckv, kpe, pool_ckv, pool_kpe]
+                .iter()
+                .all(|t| t.is_contiguous())
             || rows.dtype() != DType::U32
             || rows.dims() != [n]
         {
@@ -373,7 +375,9 @@ impl Gpu {
             _ => None,
         };
         // The tensor-core kernel copies 16-byte pieces: rows, heads and bases 16-byte aligned.
-        let aligned = [qn_rs, qn_hs, qp_rs, qp_hs, rope].iter().all(|s| s % 8 == 0)
+        let aligned = [qn_rs, qn_hs, qp_rs, qp_hs, rope]
+            .iter()
+            .all(|s| s % 8 == 0)
             && aligned16(q.q_nope)
             && aligned16(q.q_pe)
             && aligned16(k_pe);

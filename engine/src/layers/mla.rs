@@ -195,7 +195,10 @@ impl Attention {
         )?;
         let kv_b3 = kv_b.reshape((heads, nope + v_dim, kv_lora))?;
         let w_uk = kv_b3.narrow(1, 0, nope)?.contiguous()?;
-        let w_uv_t = kv_b3.narrow(1, nope, v_dim)?.transpose(1, 2)?.contiguous()?;
+        let w_uv_t = kv_b3
+            .narrow(1, nope, v_dim)?
+            .transpose(1, 2)?
+            .contiguous()?;
         Ok(Attention {
             q,
             kv_a_proj_with_mqa: Linear::new(
@@ -321,7 +324,10 @@ impl Attention {
                     let rows_nope = q_nope.narrow(0, rows.start, rows.len)?;
                     let rows_pe = q_pe_rows.narrow(0, rows.start, rows.len)?;
                     (
-                        rows_nope.transpose(0, 1)?.contiguous()?.matmul(&self.w_uk)?,
+                        rows_nope
+                            .transpose(0, 1)?
+                            .contiguous()?
+                            .matmul(&self.w_uk)?,
                         rows_pe.transpose(0, 1)?.contiguous()?,
                     )
                 }
