@@ -223,7 +223,7 @@ impl ExpertShard {
         let le = self.layer(layer)?;
         let t = x.dim(0)?;
         if self.dtype == DType::BF16
-            && crate::cuda::flash_prefill_enabled()
+            && crate::cuda::grouped_experts_enabled()
             && assignments.len() >= crate::cuda::GROUPED_MIN_PAIRS_PER_SLOT * le.slots.len()
             && let Some(g) = crate::cuda::gpu(&self.device)
         {

@@ -253,6 +253,60 @@ impl Gpu {
 }
 
 impl Gpu {
+    /// Rotary of a `[T, H, rope]` or `[T, rope]` view whose last dimension is contiguous (rows
+    /// and heads may be strided, e.g. the rotary part of `q [T, H, nope + rope]`) → contiguous
+    /// `[T, H, rope]` / `[T, rope]`, in f32 and rounded once. `cos`/`sin` `[T, rope / 2]`.
+    pub fn rope_rows(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        interleaved: bool,
+    ) -> Result<Option<Tensor>> {
+        let dims = x.dims().to_vec();
+        let st = x.stride().to_vec();
+        let (t, heads, rope, rs, hs) = match (dims.as_slice(), st.as_slice()) {
+            ([t, h, d], [rs, hs, 1]) => (*t, *h, *d, *rs, *hs),
+            ([t, d], [rs, 1]) => (*t, 1, *d, *rs, 0),
+            _ => return Ok(None),
+        };
+        let dt = x.dtype();
+        if !is_kernel_dtype(dt)
+            || rope == 0
+            || !rope.is_multiple_of(2)
+            || t == 0
+            || cos.dtype() != dt
+            || sin.dtype() != dt
+            || !cos.is_contiguous()
+            || !sin.is_contiguous()
+            || cos.dims() != [t, rope / 2]
+            || sin.dims() != [t, rope / 2]
+        {
+            return Ok(None);
+        }
+        let out = self.alloc(dt, &dims)?;
+        let n = t * heads * rope / 2;
+        self.launch(
+            &format!("rope_rows_{}", suffix(dt)),
+            (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
+            256,
+            0,
+            &[
+                Arg::Ptr(self.ptr(x)?),
+                i32_arg(rs, "row stride")?,
+                i32_arg(hs, "head stride")?,
+                Arg::Ptr(self.ptr(cos)?),
+                Arg::Ptr(self.ptr(sin)?),
+                Arg::Ptr(self.ptr(&out)?),
+                i32_arg(t, "tokens")?,
+                i32_arg(heads, "heads")?,
+                i32_arg(rope, "rotary width")?,
+                Arg::I32(i32::from(interleaved)),
+            ],
+        )?;
+        Ok(Some(out))
+    }
+
     /// Writes `ckv [n, kv_lora]` and `kpe [n, rope]` (normed and rotated) at pool rows
     /// `rows [n]` (u32) of one layer's `pool_ckv`/`pool_kpe`, in one launch. `false` (nothing
     /// written) when the inputs do not fit the kernel.
@@ -369,9 +423,13 @@ impl Gpu {
         if !fits {
             return Ok(None);
         }
-        let mma_name = match (nope, rope, v_dim) {
-            (128, 64, 128) => Some("mla_prefill_mma_192_128"),
-            (32, 16, 32) => Some("mla_prefill_mma_48_32"),
+        let variant = super::prefill_attn_kernel();
+        let mma_name = match (nope, rope, v_dim, variant) {
+            (_, _, _, "simple") => None,
+            (128, 64, 128, "split") => Some("mla_prefill_mma_split_192_128"),
+            (32, 16, 32, "split") => Some("mla_prefill_mma_split_48_32"),
+            (128, 64, 128, _) => Some("mla_prefill_mma_192_128"),
+            (32, 16, 32, _) => Some("mla_prefill_mma_48_32"),
             _ => None,
         };
         // The tensor-core kernel copies 16-byte pieces: rows, heads and bases 16-byte aligned.

@@ -320,7 +320,7 @@ impl Gpu {
             && hidden.is_multiple_of(32)
             && inner.is_multiple_of(32)
             && slots <= 1024
-            && super::flash_prefill_enabled()
+            && super::grouped_experts_enabled()
     }
 
     /// The grouped GEMM: pairs sorted by slot into segments padded to [`GG_BM`] rows on the

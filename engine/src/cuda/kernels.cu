@@ -1321,7 +1321,9 @@ __device__ __forceinline__ float fa_lse_merged(const PrefillArgs& p, int i, int 
     return mx == -INFINITY ? mx : mx + log2f(exp2f(prev - mx) + exp2f(lse - mx));
 }
 
-template <int NOPE, int ROPE, int VD>
+// SPLIT_P: p·v as (p_hi + p_lo)·v with both halves in bf16 (two MMAs), so the probabilities keep
+// ~16 significant bits instead of bf16's 8 (an A/B option: MOEMESH_PREFILL_ATTN=split).
+template <int NOPE, int ROPE, int VD, bool SPLIT_P>
 __device__ __forceinline__ void mla_prefill_mma(const PrefillArgs& p) {
     constexpr int QK = NOPE + ROPE;
     constexpr int KS = QK + 8;  // smem row strides (elements): 16 bytes of padding
@@ -1460,12 +1462,27 @@ __device__ __forceinline__ void mla_prefill_mma(const PrefillArgs& p) {
             const uint32_t a1 = pack_bf16(sacc[2 * kc][2], sacc[2 * kc][3]);
             const uint32_t a2 = pack_bf16(sacc[2 * kc + 1][0], sacc[2 * kc + 1][1]);
             const uint32_t a3 = pack_bf16(sacc[2 * kc + 1][2], sacc[2 * kc + 1][3]);
+            uint32_t l0 = 0, l1 = 0, l2 = 0, l3 = 0;
+            if (SPLIT_P) {
+                auto lo = [](uint32_t hi, float x0, float x1) {
+                    const __nv_bfloat162 h = *reinterpret_cast<const __nv_bfloat162*>(&hi);
+                    return pack_bf16(x0 - __low2float(h), x1 - __high2float(h));
+                };
+                l0 = lo(a0, sacc[2 * kc][0], sacc[2 * kc][1]);
+                l1 = lo(a1, sacc[2 * kc][2], sacc[2 * kc][3]);
+                l2 = lo(a2, sacc[2 * kc + 1][0], sacc[2 * kc + 1][1]);
+                l3 = lo(a3, sacc[2 * kc + 1][2], sacc[2 * kc + 1][3]);
+            }
 #pragma unroll
             for (int dp = 0; dp < VD / 16; ++dp) {
                 uint32_t bfr[4];
                 ldmatrix_x4_trans(bfr, &sv[(kc * 16 + (lane & 15)) * VS + dp * 16 + (lane >> 4) * 8]);
                 mma_bf16(oacc[2 * dp], a0, a1, a2, a3, bfr[0], bfr[1]);
                 mma_bf16(oacc[2 * dp + 1], a0, a1, a2, a3, bfr[2], bfr[3]);
+                if (SPLIT_P) {
+                    mma_bf16(oacc[2 * dp], l0, l1, l2, l3, bfr[0], bfr[1]);
+                    mma_bf16(oacc[2 * dp + 1], l0, l1, l2, l3, bfr[2], bfr[3]);
+                }
             }
         }
     }
@@ -1509,12 +1526,14 @@ __device__ __forceinline__ void mla_prefill_mma(const PrefillArgs& p) {
     PrefillArgs{qn, qn_rs, qn_hs, qp, qp_rs, qp_hs, kv, kv_rs, kpe, kpe_rs, nq, L, H, q_pos0, \
                 k_pos0, scale_log2, o_state, lse_state, merge, out, o_rs}
 
-extern "C" __global__ void __launch_bounds__(128) mla_prefill_mma_192_128(FA_PARAMS) {
-    mla_prefill_mma<128, 64, 128>(FA_ARGS);
-}
-extern "C" __global__ void __launch_bounds__(128) mla_prefill_mma_48_32(FA_PARAMS) {
-    mla_prefill_mma<32, 16, 32>(FA_ARGS);
-}
+#define FA_MMA(NAME, NOPE, ROPE, VD, SPLIT)                                                     \
+    extern "C" __global__ void __launch_bounds__(128) NAME(FA_PARAMS) {                          \
+        mla_prefill_mma<NOPE, ROPE, VD, SPLIT>(FA_ARGS);                                         \
+    }
+FA_MMA(mla_prefill_mma_192_128, 128, 64, 128, false)
+FA_MMA(mla_prefill_mma_48_32, 32, 16, 32, false)
+FA_MMA(mla_prefill_mma_split_192_128, 128, 64, 128, true)
+FA_MMA(mla_prefill_mma_split_48_32, 32, 16, 32, true)
 
 // The same on the CUDA cores, for f32 and for shapes the tensor-core version does not take: one
 // warp per (query row, head); each key's score is a warp sum, lane d holds output dims d, d + 32,
@@ -1588,4 +1607,41 @@ extern "C" __global__ void pool_write_f32(const float* ckv, const float* kpe, co
 extern "C" __global__ void pool_write_bf16(const bf16* ckv, const bf16* kpe, const uint32_t* rows,
                                            bf16* pool_ckv, bf16* pool_kpe, int kv_lora, int rope) {
     pool_write<bf16>(ckv, kpe, rows, pool_ckv, pool_kpe, kv_lora, rope);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary on the rows of a strided [T, H, rope] view (x (t, h, d) at x[t·rs + h·hs + d]) into a
+// contiguous [T, H, rope], computed in f32 and rounded once (as split_q and kv_write do); one
+// thread per (token, head, pair). cos/sin [T, rope / 2].
+template <typename T>
+__device__ __forceinline__ void rope_rows(const T* x, int rs, int hs, const T* cos_t,
+                                          const T* sin_t, T* out, int tokens, int heads, int rope,
+                                          int interleaved) {
+    const int half = rope / 2;
+    const size_t n = (size_t)tokens * heads * half;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const int pr = (int)(i % half);
+        const size_t th = i / half;
+        const int h = (int)(th % heads);
+        const size_t t = th / heads;
+        const T* row = x + t * (size_t)rs + (size_t)h * hs;
+        T* o = out + th * rope;
+        const float c = to_f(cos_t[t * half + pr]), s = to_f(sin_t[t * half + pr]);
+        const int ia = interleaved ? 2 * pr : pr;
+        const int ib = interleaved ? 2 * pr + 1 : pr + half;
+        const float a = to_f(row[ia]), b = to_f(row[ib]);
+        o[ia] = from_f<T>(a * c - b * s);
+        o[ib] = from_f<T>(b * c + a * s);
+    }
+}
+extern "C" __global__ void rope_rows_f32(const float* x, int rs, int hs, const float* cos_t,
+                                         const float* sin_t, float* out, int tokens, int heads,
+                                         int rope, int interleaved) {
+    rope_rows<float>(x, rs, hs, cos_t, sin_t, out, tokens, heads, rope, interleaved);
+}
+extern "C" __global__ void rope_rows_bf16(const bf16* x, int rs, int hs, const bf16* cos_t,
+                                          const bf16* sin_t, bf16* out, int tokens, int heads,
+                                          int rope, int interleaved) {
+    rope_rows<bf16>(x, rs, hs, cos_t, sin_t, out, tokens, heads, rope, interleaved);
 }

@@ -53,18 +53,46 @@ pub fn kernels_enabled() -> bool {
     })
 }
 
-/// Whether prefill-sized batches take the prefill kernels (default): flash MLA prefill
-/// attention ([`Gpu::mla_prefill`]) and the grouped expert GEMM over padded per-expert segments.
-/// `MOEMESH_FLASH_PREFILL=0` runs the earlier path (attention through materialised scores and a
-/// host-built causal mask; experts one after another beyond [`crate::experts::DENSE_MAX_ROWS`]
-/// rows), for A/B measurements. Read once.
-pub fn flash_prefill_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+/// Which prefill kernels are on, read once from `MOEMESH_FLASH_PREFILL`: both (default), none
+/// (`0`, the earlier path: attention through materialised scores and a host-built causal mask,
+/// experts one after another beyond [`crate::experts::DENSE_MAX_ROWS`] rows), or one of them
+/// (`attention`, `experts`), for A/B measurements.
+fn prefill_kernels() -> (bool, bool) {
+    static ON: std::sync::OnceLock<(bool, bool)> = std::sync::OnceLock::new();
     *ON.get_or_init(|| {
-        kernels_enabled()
-            && std::env::var("MOEMESH_FLASH_PREFILL")
-                .map(|v| !matches!(v.as_str(), "0" | "false" | "off"))
-                .unwrap_or(true)
+        if !kernels_enabled() {
+            return (false, false);
+        }
+        match std::env::var("MOEMESH_FLASH_PREFILL").as_deref() {
+            Ok("0" | "false" | "off") => (false, false),
+            Ok("attention") => (true, false),
+            Ok("experts") => (false, true),
+            _ => (true, true),
+        }
+    })
+}
+
+/// Whether prefill attention takes the flash kernel ([`Gpu::mla_prefill`]), with the fused
+/// rotary and the one-launch pool write around it (see [`prefill_kernels`]).
+pub fn flash_prefill_enabled() -> bool {
+    prefill_kernels().0
+}
+
+/// Whether prefill-sized expert batches take the grouped GEMM (see [`prefill_kernels`]).
+pub fn grouped_experts_enabled() -> bool {
+    prefill_kernels().1
+}
+
+/// Which flash prefill kernel bf16 takes, read once from `MOEMESH_PREFILL_ATTN`: `mma` (default,
+/// tensor cores, probabilities rounded to bf16 for p·v as FlashAttention does), `split` (p·v as
+/// two bf16 products of the probabilities' high and low parts) or `simple` (CUDA cores, f32
+/// throughout), for A/B runs of speed and rounding.
+fn prefill_attn_kernel() -> &'static str {
+    static K: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+    K.get_or_init(|| match std::env::var("MOEMESH_PREFILL_ATTN").as_deref() {
+        Ok("split") => "split",
+        Ok("simple") => "simple",
+        _ => "mma",
     })
 }
 

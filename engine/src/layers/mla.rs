@@ -247,16 +247,15 @@ impl Attention {
         let t = x.dim(0)?;
         let q = self.queries(x)?;
         let q_nope = q.narrow(2, 0, self.nope)?; // [T, H, nope]
-        let q_pe_rows = rotary
-            .apply(
-                &q.narrow(2, self.nope, self.rope)?.contiguous()?,
-                step.cos,
-                step.sin,
-            )?
-            .contiguous()?; // [T, H, rope]
-        // Prefill attention on the GPU takes the flash kernel (non-absorbed form); the decode
-        // batch and everything else attend in latent space.
+        // Prefill attention on the GPU takes the flash kernel (non-absorbed form), with the
+        // rotary as one kernel; the decode batch and everything else attend in latent space.
         let flash = crate::cuda::gpu(x.device()).filter(|_| crate::cuda::flash_prefill_enabled());
+        let q_pe_rows = self.rotate(
+            flash.as_ref(),
+            rotary,
+            &q.narrow(2, self.nope, self.rope)?,
+            step,
+        )?; // [T, H, rope]
         let latent = if flash.is_none() || step.decode.is_some() {
             // Queries in latent space: [H, T, nope] x [H, nope, kv_lora] -> [H, T, kv_lora].
             let q_lat = q_nope.transpose(0, 1)?.contiguous()?.matmul(&self.w_uk)?;
@@ -269,13 +268,12 @@ impl Attention {
         let ckv = self
             .kv_a_layernorm
             .forward(&kv.narrow(1, 0, self.kv_lora)?.contiguous()?)?;
-        let kpe = kv
-            .narrow(1, self.kv_lora, self.rope)?
-            .contiguous()?
-            .reshape((t, 1, self.rope))?;
-        let kpe = rotary
-            .apply(&kpe, step.cos, step.sin)?
-            .reshape((t, self.rope))?;
+        let kpe = self.rotate(
+            flash.as_ref(),
+            rotary,
+            &kv.narrow(1, self.kv_lora, self.rope)?,
+            step,
+        )?; // [T, rope]
 
         let batched = match (&step.decode, &latent) {
             (Some(db), Some((q_lat, q_pe))) => {
@@ -354,6 +352,29 @@ impl Attention {
             o = o.index_select(&Tensor::from_vec(inverse, n, o.device())?, 0)?;
         }
         self.o_proj.forward(&o)
+    }
+
+    /// `x [T, heads, rope]` or `[T, rope]` (a view) rotated by each row's position, contiguous:
+    /// one kernel on a GPU with the prefill kernels, else the candle ops.
+    fn rotate(
+        &self,
+        g: Option<&crate::cuda::Gpu>,
+        rotary: &Rotary,
+        x: &Tensor,
+        step: &AttentionStep,
+    ) -> Result<Tensor> {
+        if let Some(g) = g
+            && let Some(r) = g.rope_rows(x, step.cos, step.sin, rotary.interleaved())?
+        {
+            return Ok(r);
+        }
+        if let Ok((t, rope)) = x.dims2() {
+            let x = x.contiguous()?.reshape((t, 1, rope))?;
+            return Ok(rotary.apply(&x, step.cos, step.sin)?.reshape((t, rope))?);
+        }
+        Ok(rotary
+            .apply(&x.contiguous()?, step.cos, step.sin)?
+            .contiguous()?)
     }
 
     /// The queries of `x`'s rows, `[T, H, nope + rope]`.
