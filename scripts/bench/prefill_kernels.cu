@@ -202,6 +202,7 @@ static void experts(int T, int hidden, int inner, int S, int k, int check_rows, 
 }
 
 // ---- flash MLA prefill
+static bool g_split = false;
 template <typename TI>
 static void launch_fa(bool mma, int nope, int rope, int vd, const TI* qn, const TI* qp, const TI* kv,
                       const TI* kpe, int T, int L, int H, int q_pos0, int k_pos0, float scale_log2,
@@ -210,7 +211,10 @@ static void launch_fa(bool mma, int nope, int rope, int vd, const TI* qn, const 
     const int kv_rs = H * (nope + vd);
     if (mma) {
         dim3 grid((T + FA_BQ - 1) / FA_BQ, H);
-        if (nope == 128)
+        if (nope == 128 && g_split)
+            mla_prefill_mma_split_192_128<<<grid, 128>>>(qn, qn_rs, qn_hs, qn + nope, qn_rs, qn_hs, kv, kv_rs, kpe, rope, T, L, H,
+                                                   q_pos0, k_pos0, scale_log2, os, ls, merge, out, H * vd);
+        else if (nope == 128)
             mla_prefill_mma_192_128<<<grid, 128>>>(qn, qn_rs, qn_hs, qn + nope, qn_rs, qn_hs, kv, kv_rs, kpe, rope, T, L, H,
                                                    q_pos0, k_pos0, scale_log2, os, ls, merge, out, H * vd);
         else
@@ -302,12 +306,12 @@ int main() {
     printf("device: %s\n", prop.name);
     variants.push_back(variant<64, 128, 32, 4, 2, 2>("gg 64x128 k32 s4 w2x2 (moemesh k32)"));
     variants.push_back(variant<64, 128, 64, 3, 2, 2>("gg 64x128 k64 s3 w2x2 (moemesh k64)"));
-    variants.push_back(variant<64, 128, 64, 4, 2, 2>("gg 64x128 k64 s4 w2x2"));
-    variants.push_back(variant<128, 128, 32, 4, 2, 4>("gg 128x128 k32 s4 w2x4"));
-    variants.push_back(variant<128, 128, 64, 3, 2, 4>("gg 128x128 k64 s3 w2x4"));
-    variants.push_back(variant<64, 256, 32, 4, 2, 4>("gg 64x256 k32 s4 w2x4"));
-    variants.push_back(variant<64, 256, 64, 3, 2, 4>("gg 64x256 k64 s3 w2x4"));
-    variants.push_back(variant<128, 128, 64, 3, 4, 2>("gg 128x128 k64 s3 w4x2"));
+    variants.push_back(variant<128, 128, 64, 3, 2, 2>("gg 128x128 k64 s3 w2x2"));
+    variants.push_back(variant<128, 128, 32, 4, 2, 2>("gg 128x128 k32 s4 w2x2"));
+    variants.push_back(variant<64, 256, 32, 4, 1, 4>("gg 64x256 k32 s4 w1x4"));
+    variants.push_back(variant<64, 256, 64, 3, 1, 4>("gg 64x256 k64 s3 w1x4"));
+    variants.push_back(variant<128, 256, 32, 3, 2, 4>("gg 128x256 k32 s3 w2x4"));
+    variants.push_back(variant<64, 128, 64, 3, 1, 2>("gg 64x128 k64 s3 w1x2"));
     // Fixture shapes, every row checked; then V2-Lite shapes with sampled rows, timed.
     experts(50, 128, 96, 16, 6, 50, false);
     experts(37, 128, 160, 16, 4, 37, false);
@@ -323,6 +327,9 @@ int main() {
     flash(true, 128, 64, 128, 16, 512, 0, {}, 3, true);
     flash(true, 128, 64, 128, 16, 8192, 0, {}, 3, true);
     flash(true, 128, 64, 128, 16, 8192, 0, {0, 4096, 8192}, 3, true);
+    g_split = true;
+    printf("split p:\n");
+    flash(true, 128, 64, 128, 16, 2048, 0, {}, 9, true);
     printf("%s\n", failures ? "FAILED" : "all checks passed");
     return failures ? 1 : 0;
 }
