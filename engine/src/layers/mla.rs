@@ -244,7 +244,6 @@ impl Attention {
         {
             return self.o_proj.forward(&o);
         }
-        let t = x.dim(0)?;
         let q = self.queries(x)?;
         let q_nope = q.narrow(2, 0, self.nope)?; // [T, H, nope]
         // Prefill attention on the GPU takes the flash kernel (non-absorbed form), with the
