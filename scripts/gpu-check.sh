@@ -85,13 +85,14 @@ if [[ $MODE == --prefill ]]; then
         MOEMESH_FLASH_PREFILL=$fp "${IP[@]}" --sweep 1,8,32,64 --prompt-len 128 --output-len 32 \
             | sed "s/^{/{\"mode\":\"in-process decode flash=$fp\",\"prompt\":128,/" >>"$OUT/prefill.jsonl" || status=1
     done
-    # Each kernel alone (the other part on the earlier path), and the split-probability variant.
+    # Each kernel alone (the other part on the earlier path), and attention with the probabilities
+    # rounded to bf16 (MOEMESH_PREFILL_ATTN=mma).
     for fp in attention experts; do
         MOEMESH_FLASH_PREFILL=$fp "${IP[@]}" --concurrency 1 --requests 3 --prompt-len 2048 --output-len 1 \
             | sed "s/^{/{\"mode\":\"in-process flash=$fp\",\"prompt\":2048,/" >>"$OUT/prefill.jsonl" || status=1
     done
-    MOEMESH_PREFILL_ATTN=split "${IP[@]}" --concurrency 1 --requests 3 --prompt-len 2048 --output-len 1 \
-        | sed "s/^{/{\"mode\":\"in-process flash=1 attn=split\",\"prompt\":2048,/" >>"$OUT/prefill.jsonl" || status=1
+    MOEMESH_PREFILL_ATTN=mma "${IP[@]}" --concurrency 1 --requests 3 --prompt-len 2048 --output-len 1 \
+        | sed "s/^{/{\"mode\":\"in-process flash=1 attn=mma\",\"prompt\":2048,/" >>"$OUT/prefill.jsonl" || status=1
     echo "== ncu: one 2,048-token prefill (step 0), new path"
     MOEMESH_PROFILE_STEP=0 timeout 300 ncu --profile-from-start off --clock-control none \
         --metrics gpu__time_duration.sum --csv --print-units base "${IP[@]}" --concurrency 1 \

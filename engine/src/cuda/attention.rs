@@ -382,7 +382,8 @@ impl Gpu {
     /// `kv_b [H·(nope + v), kv_lora]` (`kv_b_proj`) at most `chunk` positions at a time; chunks
     /// are merged by log-sum-exp. → `[n, H · v]`, or `None` if the shapes do not fit a kernel.
     /// bf16 runs on the tensor cores for (nope, rope, v) = (128, 64, 128) (DeepSeek V2/V3) and
-    /// (32, 16, 32) (the test fixtures); f32 and other shapes on the CUDA cores.
+    /// (32, 16, 32) (the test fixtures), the probabilities split into two bf16 parts for p·v
+    /// unless `MOEMESH_PREFILL_ATTN` says otherwise; f32 and other shapes on the CUDA cores.
     #[allow(clippy::too_many_arguments)]
     pub fn mla_prefill(
         &self,

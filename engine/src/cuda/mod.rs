@@ -83,16 +83,21 @@ pub fn grouped_experts_enabled() -> bool {
     prefill_kernels().1
 }
 
-/// Which flash prefill kernel bf16 takes, read once from `MOEMESH_PREFILL_ATTN`: `mma` (default,
-/// tensor cores, probabilities rounded to bf16 for p·v as FlashAttention does), `split` (p·v as
-/// two bf16 products of the probabilities' high and low parts) or `simple` (CUDA cores, f32
-/// throughout), for A/B runs of speed and rounding.
+/// Which flash prefill kernel bf16 takes, read once from `MOEMESH_PREFILL_ATTN`: `split`
+/// (default: tensor cores, p·v as two bf16 products of the probabilities' high and low parts),
+/// `mma` (tensor cores, probabilities rounded to bf16 for p·v as FlashAttention does; 3% faster
+/// at 2,048 tokens) or `simple` (CUDA cores, f32 throughout), for A/B runs of speed and rounding.
+///
+/// `split` is the default because the rounded probabilities fail `moemesh verify` in bf16 on
+/// tiny-deepseek-v3 (one position away from routing near-ties at cosine 0.99890 against the
+/// 0.999 bound; `split` 0.99983, `simple` 0.99982, the earlier absorbed path 0.99981; H100,
+/// docs/BENCHMARKS.md 2026-11-26).
 fn prefill_attn_kernel() -> &'static str {
     static K: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
     K.get_or_init(|| match std::env::var("MOEMESH_PREFILL_ATTN").as_deref() {
-        Ok("split") => "split",
+        Ok("mma") => "mma",
         Ok("simple") => "simple",
-        _ => "mma",
+        _ => "split",
     })
 }
 
