@@ -515,6 +515,20 @@ mod tests {
     }
 
     #[test]
+    fn host_pairs_go_in_row_order_and_keep_each_rows_order() {
+        // (row, slot, weight): row 2 uses slot 0, row 0 slots 1 then 0, row 1 nothing.
+        let a = [(2, 0, 0.25), (0, 1, 0.5), (0, 0, 1.0)];
+        let h = HostPairs::build(3, 2, &a, &Device::Cpu).expect("build");
+        let packed = h.packed.to_vec1::<u32>().expect("packed");
+        // Pair j is entry j of its row: slots, then rows, then each row's pair range.
+        assert_eq!(&packed[..3], &[1, 0, 0]);
+        assert_eq!(&packed[3..6], &[0, 0, 2]);
+        assert_eq!(&packed[6..], &[0, 2, 2, 3]);
+        assert_eq!(h.weights.to_vec1::<f32>().expect("w"), vec![0.5, 1.0, 0.25]);
+        assert_eq!((h.slots, h.pairs, h.rows), (2, 3, 3));
+    }
+
+    #[test]
     fn no_kernels_without_a_gpu() {
         assert!(gpu(&Device::Cpu).is_none());
     }
