@@ -7,6 +7,8 @@
 #   scripts/gpu-check.sh --bench              # benchmarks only
 #   scripts/gpu-check.sh --profile            # ncu: kernel time of one decode step, batch 1 and 64
 #   scripts/gpu-check.sh --sampling           # greedy vs sampled decoding, in-process and mesh
+#   scripts/gpu-check.sh --prefill            # prefill: flash/grouped path vs the earlier one
+#   scripts/gpu-check.sh --prefill-e2e        # prefill through the mesh, end-to-end at concurrency 64
 #   GATE_BINS="old.gz new.gz" scripts/gpu-check.sh --sampling   # the mesh once per gate binary
 #   EXPERT_DEVICES=cuda:1 scripts/gpu-check.sh --bench   # gate on GPU 0, expert workers on GPU 1
 #
@@ -61,6 +63,113 @@ if [[ $MODE == --profile ]]; then
             >"$OUT/ncu_b$b.csv" 2>"$OUT/ncu_b$b.err" || { tail -5 "$OUT/ncu_b$b.err"; status=1; }
         $PY scripts/bench/ncu_summary.py "$OUT/ncu_b$b.csv" | tee "$OUT/ncu_b$b.txt"
     done
+    exit $status
+fi
+
+if [[ $MODE == --prefill ]]; then
+    # In-process prefill with the prefill kernels (flash MLA prefill, grouped expert GEMM) and
+    # without (MOEMESH_FLASH_PREFILL=0), same binary and card: one prompt of 512 / 2,048 / 8,192
+    # tokens (TTFT p50 of 3 requests, the first warms up), a batch of 8 × 2,048 (p50 of 3 waves),
+    # and the decode sweep, which must not regress. Then the kernel time of one 2,048-token
+    # prefill (Nsight Compute, new path; Nsight Systems for both where it is installed).
+    MODEL=synthetic:v2-lite
+    IP=("$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 --json)
+    : >"$OUT/prefill.jsonl"
+    for fp in 1 0; do
+        for L in 512 2048 8192; do
+            MOEMESH_FLASH_PREFILL=$fp "${IP[@]}" --concurrency 1 --requests 3 --prompt-len $L --output-len 1 \
+                | sed "s/^{/{\"mode\":\"in-process flash=$fp\",\"prompt\":$L,/" >>"$OUT/prefill.jsonl" || status=1
+        done
+        MOEMESH_FLASH_PREFILL=$fp "${IP[@]}" --concurrency 8 --requests 24 --prompt-len 2048 --output-len 1 \
+            | sed "s/^{/{\"mode\":\"in-process flash=$fp batch 8\",\"prompt\":2048,/" >>"$OUT/prefill.jsonl" || status=1
+        MOEMESH_FLASH_PREFILL=$fp "${IP[@]}" --sweep 1,8,32,64 --prompt-len 128 --output-len 32 \
+            | sed "s/^{/{\"mode\":\"in-process decode flash=$fp\",\"prompt\":128,/" >>"$OUT/prefill.jsonl" || status=1
+    done
+    # Each kernel alone (the other part on the earlier path), and attention with the probabilities
+    # rounded to bf16 (MOEMESH_PREFILL_ATTN=mma).
+    for fp in attention experts; do
+        MOEMESH_FLASH_PREFILL=$fp "${IP[@]}" --concurrency 1 --requests 3 --prompt-len 2048 --output-len 1 \
+            | sed "s/^{/{\"mode\":\"in-process flash=$fp\",\"prompt\":2048,/" >>"$OUT/prefill.jsonl" || status=1
+    done
+    MOEMESH_PREFILL_ATTN=mma "${IP[@]}" --concurrency 1 --requests 3 --prompt-len 2048 --output-len 1 \
+        | sed "s/^{/{\"mode\":\"in-process flash=1 attn=mma\",\"prompt\":2048,/" >>"$OUT/prefill.jsonl" || status=1
+    echo "== ncu: one 2,048-token prefill (step 0), new path"
+    MOEMESH_PROFILE_STEP=0 timeout 300 ncu --profile-from-start off --clock-control none \
+        --metrics gpu__time_duration.sum --csv --print-units base "${IP[@]}" --concurrency 1 \
+        --requests 1 --prompt-len 2048 --output-len 1 >"$OUT/ncu_prefill.csv" 2>"$OUT/ncu_prefill.err" \
+        && $PY scripts/bench/ncu_summary.py "$OUT/ncu_prefill.csv" | tee "$OUT/ncu_prefill.txt" \
+        || tail -5 "$OUT/ncu_prefill.err"
+    if command -v nsys >/dev/null; then
+        for fp in 1 0; do
+            echo "== nsys: 2,048-token prefills, MOEMESH_FLASH_PREFILL=$fp"
+            MOEMESH_FLASH_PREFILL=$fp timeout 200 nsys profile -o "$OUT/nsys_fp$fp" --force-overwrite true \
+                "${IP[@]}" --concurrency 1 --requests 2 --prompt-len 2048 --output-len 1 >/dev/null 2>&1
+            nsys stats --report cuda_gpu_kern_sum --format csv "$OUT/nsys_fp$fp.nsys-rep" \
+                >"$OUT/nsys_fp$fp.csv" 2>/dev/null && head -25 "$OUT/nsys_fp$fp.csv"
+        done
+    fi
+    $PY - "$OUT/prefill.jsonl" <<'EOF2' | tee "$OUT/prefill.md"
+import json, sys
+print("| run | prompt | batch | TTFT p50 ms | prefill tok/s | ITL p50 ms |")
+print("| --- | ---: | ---: | ---: | ---: | ---: |")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    c, L, t = r["concurrency"], r["prompt"], r["ttft_ms"]["p50"]
+    itl = (r.get("itl_ms") or {}).get("p50")
+    print(f"| {r['mode']} | {L} | {c} | {t:.1f} | {c * L / t * 1e3:.0f} | {'' if itl is None else f'{itl:.2f}'} |")
+EOF2
+    exit $status
+fi
+
+if [[ $MODE == --prefill-e2e ]]; then
+    # Through the mesh (gate + 2 expert workers on the one GPU), with and without the prefill
+    # kernels (`moemesh up` passes MOEMESH_FLASH_PREFILL to the roles it starts): one prompt of
+    # 512 / 2,048 / 8,192 tokens, then end to end at concurrency 64 (128/32 and 1,024/256), the
+    # latter also in-process.
+    MODEL=synthetic:v2-lite
+    : >"$OUT/e2e.jsonl"
+    E2E=(--concurrency 64 --requests 64 --json)
+    for fp in 1 0; do
+        if MOEMESH_FLASH_PREFILL=$fp up --model $MODEL --dtype bf16 --expert-workers 2 --device cuda:0 \
+            --gate-args=--kv-cache-mb=16384; then
+            lens="512 2048 8192"
+            [[ $fp == 0 ]] && lens="512 2048"  # the earlier path takes minutes at 8,192
+            for L in $lens; do
+                "$BIN" bench --addr "127.0.0.1:$PORT" --concurrency 1 --requests 3 --prompt-len $L --output-len 1 --json \
+                    | sed "s/^{/{\"mode\":\"mesh flash=$fp\",\"prompt\":$L,\"out\":1,/" >>"$OUT/e2e.jsonl" || status=1
+            done
+            if [[ $fp == 1 ]]; then
+                for po in 128/32 1024/256; do
+                    "$BIN" bench --addr "127.0.0.1:$PORT" "${E2E[@]}" --prompt-len ${po%/*} --output-len ${po#*/} \
+                        | sed "s/^{/{\"mode\":\"mesh e2e flash=$fp\",\"prompt\":${po%/*},\"out\":${po#*/},/" >>"$OUT/e2e.jsonl" || status=1
+                done
+            fi
+            down
+        else
+            status=1
+        fi
+    done
+    for po in 128/32 1024/256; do
+        "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 "${E2E[@]}" --prompt-len ${po%/*} \
+            --output-len ${po#*/} | sed "s/^{/{\"mode\":\"in-process e2e flash=1\",\"prompt\":${po%/*},\"out\":${po#*/},/" \
+            >>"$OUT/e2e.jsonl" || status=1
+    done
+    $PY - "$OUT/e2e.jsonl" <<'EOF2' | tee "$OUT/e2e.md"
+import json, sys
+print("| run | prompt / new | concurrency | output tok/s | TTFT p50 ms | ITL p50 ms | prefill tok/s (c=1) |")
+print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    c, L, t = r["concurrency"], r["prompt"], r["ttft_ms"]["p50"]
+    pf = f"{L / t * 1e3:.0f}" if c == 1 else ""
+    itl = (r.get("itl_ms") or {}).get("p50")
+    print(f"| {r['mode']} | {L} / {r['out']} | {c} | {r['output_tokens_per_s']:.0f} | {t:.1f} | {'' if itl is None else f'{itl:.2f}'} | {pf} |")
+EOF2
+    if [[ -z ${SKIP_HF:-} ]]; then
+        echo "== HF transformers baseline (scripts/bench/hf_baseline.py)"
+        OUT=$OUT PYTHONUNBUFFERED=1 timeout 240 $PY scripts/bench/hf_baseline.py >"$OUT/hf.txt" 2>&1 || tail -5 "$OUT/hf.txt"
+        grep -i prefill "$OUT/hf.txt"
+    fi
     exit $status
 fi
 

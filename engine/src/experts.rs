@@ -208,8 +208,11 @@ impl ExpertShard {
     /// cost more than the launches it saves (a 2,048-token prefill ran 10× slower dense). The
     /// CPU always goes expert by expert (its FLOPs are what cost).
     ///
-    /// With the fused CUDA kernels (engine/src/cuda), batches up to [`DENSE_MAX_ROWS`] rows take
-    /// a third way: the pairs are sorted by expert on the host and two grouped GEMV kernels read
+    /// With the fused CUDA kernels (engine/src/cuda), prefill-sized batches in bf16 (at least
+    /// [`crate::cuda::GROUPED_MIN_PAIRS_PER_SLOT`] pairs per held expert) take the grouped GEMM:
+    /// pairs sorted into padded per-expert segments on the device, one tensor-core launch per
+    /// projection for all experts, then the combine. Other batches up to [`DENSE_MAX_ROWS`] rows
+    /// take a fourth way: the pairs are sorted by expert on the host and two grouped GEMV kernels read
     /// each used expert's weights once for all of its tokens (f32 accumulation, f32 result).
     pub fn forward_assigned(
         &self,
@@ -219,6 +222,17 @@ impl ExpertShard {
     ) -> Result<Tensor> {
         let le = self.layer(layer)?;
         let t = x.dim(0)?;
+        if self.dtype == DType::BF16
+            && crate::cuda::grouped_experts_enabled()
+            && assignments.len() >= crate::cuda::GROUPED_MIN_PAIRS_PER_SLOT * le.slots.len()
+            && let Some(g) = crate::cuda::gpu(&self.device)
+        {
+            let (le, resolved) = self.resolve(layer, t, assignments)?;
+            let pairs = crate::cuda::HostPairs::build(t, le.slots.len(), &resolved, &self.device)?;
+            if let Some(out) = g.experts_pairs(x, &pairs, &le.gate_up, &le.down)? {
+                return Ok(out.to_dtype(self.output_dtype())?);
+            }
+        }
         if t <= DENSE_MAX_ROWS
             && let Some(g) = crate::cuda::gpu(&self.device)
         {
@@ -350,11 +364,8 @@ impl Experts for ExpertShard {
         let Some(slot_of) = &le.slot_of else {
             return Ok(None);
         };
-        if x.dim(0)? > DENSE_MAX_ROWS {
-            return Ok(None);
-        }
         Ok(
-            g.experts_routed(x, routing, slot_of, &le.gate_up, &le.down)?
+            g.experts_routed(x, routing, slot_of, &le.gate_up, &le.down, DENSE_MAX_ROWS)?
                 .map(PendingExperts::ready),
         )
     }

@@ -100,6 +100,20 @@ impl KvPool {
     ) -> Result<()> {
         let n = ckv.dim(0)?;
         let (ckv, kpe) = (ckv.to_dtype(self.dtype)?, kpe.to_dtype(self.dtype)?);
+        if n > 1
+            && crate::cuda::flash_prefill_enabled()
+            && let Some(g) = crate::cuda::gpu(&self.device)
+        {
+            // A prefill chunk on the GPU: one launch instead of two copies per block.
+            let rows: Vec<u32> = (start..start + n)
+                .map(|p| table[p / BLOCK_TOKENS] * BLOCK_TOKENS as u32 + (p % BLOCK_TOKENS) as u32)
+                .collect();
+            let rows = Tensor::from_vec(rows, n, &self.device)?;
+            let (ckv, kpe) = (ckv.contiguous()?, kpe.contiguous()?);
+            if g.pool_write(&ckv, &kpe, &rows, &self.ckv[layer], &self.kpe[layer])? {
+                return Ok(());
+            }
+        }
         let mut done = 0;
         while done < n {
             let pos = start + done;

@@ -251,3 +251,264 @@ impl Gpu {
         Ok(Some(out))
     }
 }
+
+impl Gpu {
+    /// Rotary of a `[T, H, rope]` or `[T, rope]` view whose last dimension is contiguous (rows
+    /// and heads may be strided, e.g. the rotary part of `q [T, H, nope + rope]`) → contiguous
+    /// `[T, H, rope]` / `[T, rope]`, in f32 and rounded once. `cos`/`sin` `[T, rope / 2]`.
+    pub fn rope_rows(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        interleaved: bool,
+    ) -> Result<Option<Tensor>> {
+        let dims = x.dims().to_vec();
+        let st = x.stride().to_vec();
+        let (t, heads, rope, rs, hs) = match (dims.as_slice(), st.as_slice()) {
+            ([t, h, d], [rs, hs, 1]) => (*t, *h, *d, *rs, *hs),
+            ([t, d], [rs, 1]) => (*t, 1, *d, *rs, 0),
+            _ => return Ok(None),
+        };
+        let dt = x.dtype();
+        if !is_kernel_dtype(dt)
+            || rope == 0
+            || !rope.is_multiple_of(2)
+            || t == 0
+            || cos.dtype() != dt
+            || sin.dtype() != dt
+            || !cos.is_contiguous()
+            || !sin.is_contiguous()
+            || cos.dims() != [t, rope / 2]
+            || sin.dims() != [t, rope / 2]
+        {
+            return Ok(None);
+        }
+        let out = self.alloc(dt, &dims)?;
+        let n = t * heads * rope / 2;
+        self.launch(
+            &format!("rope_rows_{}", suffix(dt)),
+            (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
+            256,
+            0,
+            &[
+                Arg::Ptr(self.ptr(x)?),
+                i32_arg(rs, "row stride")?,
+                i32_arg(hs, "head stride")?,
+                Arg::Ptr(self.ptr(cos)?),
+                Arg::Ptr(self.ptr(sin)?),
+                Arg::Ptr(self.ptr(&out)?),
+                i32_arg(t, "tokens")?,
+                i32_arg(heads, "heads")?,
+                i32_arg(rope, "rotary width")?,
+                Arg::I32(i32::from(interleaved)),
+            ],
+        )?;
+        Ok(Some(out))
+    }
+
+    /// Writes `ckv [n, kv_lora]` and `kpe [n, rope]` (normed and rotated) at pool rows
+    /// `rows [n]` (u32) of one layer's `pool_ckv`/`pool_kpe`, in one launch. `false` (nothing
+    /// written) when the inputs do not fit the kernel.
+    pub fn pool_write(
+        &self,
+        ckv: &Tensor,
+        kpe: &Tensor,
+        rows: &Tensor,
+        pool_ckv: &Tensor,
+        pool_kpe: &Tensor,
+    ) -> Result<bool> {
+        let (Ok((n, kv_lora)), Ok((n2, rope)), Ok((_, kv_lora2)), Ok((_, rope2))) =
+            (ckv.dims2(), kpe.dims2(), pool_ckv.dims2(), pool_kpe.dims2())
+        else {
+            return Ok(false);
+        };
+        let dt = ckv.dtype();
+        if n != n2
+            || n == 0
+            || kv_lora != kv_lora2
+            || rope != rope2
+            || !is_kernel_dtype(dt)
+            || [kpe.dtype(), pool_ckv.dtype(), pool_kpe.dtype()]
+                .iter()
+                .any(|&d| d != dt)
+            || ![ckv, kpe, pool_ckv, pool_kpe]
+                .iter()
+                .all(|t| t.is_contiguous())
+            || rows.dtype() != DType::U32
+            || rows.dims() != [n]
+        {
+            return Ok(false);
+        }
+        self.launch(
+            &format!("pool_write_{}", suffix(dt)),
+            (n as u32, 1, 1),
+            128,
+            0,
+            &[
+                Arg::Ptr(self.ptr(ckv)?),
+                Arg::Ptr(self.ptr(kpe)?),
+                Arg::Ptr(self.ptr(rows)?),
+                Arg::Ptr(self.ptr(pool_ckv)?),
+                Arg::Ptr(self.ptr(pool_kpe)?),
+                i32_arg(kv_lora, "kv_lora_rank")?,
+                i32_arg(rope, "rotary width")?,
+            ],
+        )?;
+        Ok(true)
+    }
+}
+
+/// One sequence's new queries for [`Gpu::mla_prefill`]: `q_nope [n, H, nope]` and the rotated
+/// `q_pe [n, H, rope]` (rows and heads may be strided, the last dimension contiguous), the first
+/// at position `past` (the tokens already in the cache).
+pub struct PrefillQuery<'a> {
+    pub q_nope: &'a Tensor,
+    pub q_pe: &'a Tensor,
+    pub past: usize,
+}
+
+/// Row and head strides (elements) of a `[n, H, d]` view whose last dimension is contiguous.
+fn row_head_strides(t: &Tensor) -> Option<(usize, usize)> {
+    let s = t.stride();
+    (t.rank() == 3 && s[2] == 1).then(|| (s[0], s[1]))
+}
+
+impl Gpu {
+    /// Prefill attention for one sequence in the non-absorbed form (flash-style: online softmax,
+    /// causal mask in the kernel, nothing of size queries × context materialised): the queries
+    /// against the sequence's whole context, its latents `c [L, kv_lora]` and rotated `k_pe
+    /// [L, rope]` (L = past + n, the new tokens' included). Keys and values are expanded with
+    /// `kv_b [H·(nope + v), kv_lora]` (`kv_b_proj`) at most `chunk` positions at a time; chunks
+    /// are merged by log-sum-exp. → `[n, H · v]`, or `None` if the shapes do not fit a kernel.
+    /// bf16 runs on the tensor cores for (nope, rope, v) = (128, 64, 128) (DeepSeek V2/V3) and
+    /// (32, 16, 32) (the test fixtures), the probabilities split into two bf16 parts for p·v
+    /// unless `MOEMESH_PREFILL_ATTN` says otherwise; f32 and other shapes on the CUDA cores.
+    #[allow(clippy::too_many_arguments)]
+    pub fn mla_prefill(
+        &self,
+        q: &PrefillQuery,
+        c: &Tensor,
+        k_pe: &Tensor,
+        kv_b: &Tensor,
+        v_dim: usize,
+        scale: f64,
+        chunk: usize,
+    ) -> Result<Option<Tensor>> {
+        let (Ok((n, heads, nope)), Ok((n2, heads2, rope)), Ok((l, kv_lora)), Ok((l2, rope2))) =
+            (q.q_nope.dims3(), q.q_pe.dims3(), c.dims2(), k_pe.dims2())
+        else {
+            return Ok(None);
+        };
+        let dt = q.q_nope.dtype();
+        let (Some((qn_rs, qn_hs)), Some((qp_rs, qp_hs))) =
+            (row_head_strides(q.q_nope), row_head_strides(q.q_pe))
+        else {
+            return Ok(None);
+        };
+        let fits = n == n2
+            && heads == heads2
+            && rope == rope2
+            && l == l2
+            && l == q.past + n
+            && n > 0
+            && is_kernel_dtype(dt)
+            && [q.q_pe.dtype(), c.dtype(), k_pe.dtype(), kv_b.dtype()]
+                .iter()
+                .all(|&d| d == dt)
+            && c.is_contiguous()
+            && k_pe.is_contiguous()
+            && kv_b.dims() == [heads * (nope + v_dim), kv_lora]
+            && v_dim <= 256
+            && chunk > 0;
+        if !fits {
+            return Ok(None);
+        }
+        let variant = super::prefill_attn_kernel();
+        let mma_name = match (nope, rope, v_dim, variant) {
+            (_, _, _, "simple") => None,
+            (128, 64, 128, "split") => Some("mla_prefill_mma_split_192_128"),
+            (32, 16, 32, "split") => Some("mla_prefill_mma_split_48_32"),
+            (128, 64, 128, _) => Some("mla_prefill_mma_192_128"),
+            (32, 16, 32, _) => Some("mla_prefill_mma_48_32"),
+            _ => None,
+        };
+        // The tensor-core kernel copies 16-byte pieces: rows, heads and bases 16-byte aligned.
+        let aligned = [qn_rs, qn_hs, qp_rs, qp_hs, rope]
+            .iter()
+            .all(|s| s % 8 == 0)
+            && aligned16(q.q_nope)
+            && aligned16(q.q_pe)
+            && aligned16(k_pe);
+        let mma = dt == DType::BF16 && aligned && mma_name.is_some();
+        let out = self.alloc(dt, &[n, heads * v_dim])?;
+        let chunks = l.div_ceil(chunk);
+        let (o_state, lse_state) = if chunks > 1 {
+            (
+                Some(self.alloc(DType::F32, &[n, heads, v_dim])?),
+                Some(self.alloc(DType::F32, &[n, heads])?),
+            )
+        } else {
+            (None, None)
+        };
+        let state_ptr = |t: &Option<Tensor>| t.as_ref().map_or(Ok(0), |t| self.ptr(t));
+        let kv_b_t = kv_b.t()?;
+        let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
+        for ci in 0..chunks {
+            let c0 = ci * chunk;
+            let len = chunk.min(l - c0);
+            // [len, H·(nope + v)]: each head's k_nope, then its v.
+            let kv = c.narrow(0, c0, len)?.matmul(&kv_b_t)?;
+            let kpe = k_pe.narrow(0, c0, len)?;
+            let last = ci + 1 == chunks;
+            let mut args = vec![
+                Arg::Ptr(self.ptr(q.q_nope)?),
+                i32_arg(qn_rs, "query row stride")?,
+                i32_arg(qn_hs, "query head stride")?,
+                Arg::Ptr(self.ptr(q.q_pe)?),
+                i32_arg(qp_rs, "query row stride")?,
+                i32_arg(qp_hs, "query head stride")?,
+                Arg::Ptr(self.ptr(&kv)?),
+                i32_arg(heads * (nope + v_dim), "expanded key width")?,
+                Arg::Ptr(self.ptr(&kpe)?),
+                i32_arg(rope, "rotary width")?,
+                i32_arg(n, "prefill tokens")?,
+                i32_arg(len, "context chunk")?,
+                i32_arg(heads, "heads")?,
+                i32_arg(q.past, "past tokens")?,
+                i32_arg(c0, "chunk start")?,
+                Arg::F32(scale_log2),
+                Arg::Ptr(state_ptr(&o_state)?),
+                Arg::Ptr(state_ptr(&lse_state)?),
+                Arg::I32(i32::from(ci > 0)),
+                Arg::Ptr(if last { self.ptr(&out)? } else { 0 }),
+                i32_arg(heads * v_dim, "output width")?,
+            ];
+            match mma_name.filter(|_| mma) {
+                Some(name) => self.launch(
+                    name,
+                    (n.div_ceil(64) as u32, heads as u32, 1),
+                    128,
+                    0,
+                    &args,
+                )?,
+                None => {
+                    args.extend([
+                        i32_arg(nope, "nope width")?,
+                        i32_arg(rope, "rotary width")?,
+                        i32_arg(v_dim, "value width")?,
+                    ]);
+                    // One warp per (query, head), four per block.
+                    self.launch(
+                        &format!("mla_prefill_simple_{}", suffix(dt)),
+                        (n.div_ceil(4) as u32, heads as u32, 1),
+                        128,
+                        0,
+                        &args,
+                    )?;
+                }
+            }
+        }
+        Ok(Some(out))
+    }
+}

@@ -110,6 +110,65 @@ impl HostAssignments {
     }
 }
 
+/// Routed-expert pairs built on the host for the grouped GEMM (an expert worker's prefill-sized
+/// request): the pairs in token-row order, so that pair j is entry j of its row.
+pub struct HostPairs {
+    /// `[pairs | pairs | rows + 1]` (u32): each pair's slot, its token row, each row's pair range.
+    pub packed: Tensor,
+    /// `[pairs]`: each pair's weight.
+    pub weights: Tensor,
+    pub slots: usize,
+    pub pairs: usize,
+    pub rows: usize,
+}
+
+impl HostPairs {
+    /// From `(row, slot, weight)` triples over `rows` token rows and `slots` held experts; each
+    /// row keeps its triples' order (the combine's fixed summation order).
+    pub fn build(
+        rows: usize,
+        slots: usize,
+        assignments: &[(usize, usize, f32)],
+        device: &Device,
+    ) -> Result<Self> {
+        let pairs = assignments.len();
+        let mut order: Vec<usize> = (0..pairs).collect();
+        order.sort_by_key(|&i| assignments[i].0);
+        let mut packed = Vec::with_capacity(2 * pairs + rows + 1);
+        packed.extend(order.iter().map(|&i| assignments[i].1 as u32));
+        packed.extend(order.iter().map(|&i| assignments[i].0 as u32));
+        let mut row_ptr = vec![0u32; rows + 1];
+        for &(r, _, _) in assignments {
+            row_ptr[r + 1] += 1;
+        }
+        for r in 0..rows {
+            row_ptr[r + 1] += row_ptr[r];
+        }
+        packed.extend_from_slice(&row_ptr);
+        let weights: Vec<f32> = order.iter().map(|&i| assignments[i].2).collect();
+        let n = packed.len();
+        Ok(HostPairs {
+            packed: Tensor::from_vec(packed, n, device)?,
+            weights: Tensor::from_vec(weights, pairs, device)?,
+            slots,
+            pairs,
+            rows,
+        })
+    }
+}
+
+/// Rows of one block of the grouped GEMM (`GG_BM` in kernels.cu): each expert's segment is
+/// padded to a multiple of it.
+const GG_BM: usize = 64;
+/// Columns of one block of the grouped GEMM (`GG_BN` in kernels.cu).
+const GG_BN: usize = 128;
+
+/// Average (token, expert) pairs per held expert from which a batch takes the grouped GEMM:
+/// below it (decode batches) the GEMV-style kernels, which read each expert's weights once for
+/// all of its tokens without padding, are faster; above it the GEMM's tiles reuse the weights
+/// across 64 tokens (13× faster at a 2,048-token prefill, scripts/bench/prefill_kernels.cu).
+pub const GROUPED_MIN_PAIRS_PER_SLOT: usize = 8;
+
 impl Gpu {
     /// Routing from f32 router logits `[T, E]`, on the device.
     pub fn route(&self, logits: &Tensor, p: &RouteParams) -> Result<Option<DeviceRouting>> {
@@ -254,9 +313,107 @@ impl Gpu {
         Ok(y)
     }
 
+    /// Whether the grouped GEMM takes these shapes: bf16, both projections' k widths multiples
+    /// of 32 (hidden and inner), at most `ALIGN_MAX_S` slots.
+    fn grouped_fits(x: &Tensor, hidden: usize, inner: usize, slots: usize) -> bool {
+        x.dtype() == DType::BF16
+            && hidden.is_multiple_of(32)
+            && inner.is_multiple_of(32)
+            && slots <= 1024
+            && super::grouped_experts_enabled()
+    }
+
+    /// The grouped GEMM: pairs sorted by slot into segments padded to [`GG_BM`] rows on the
+    /// device (`ids`/`slot_of` as for `moe_align`, `pair_rows` 0 for row = pair / k_div), then
+    /// gate/up and down as one launch each for all experts → `(y [blocks·GG_BM, hidden] f32,
+    /// pos [pairs])`, pair p's row of `y` at `pos[p]`.
+    #[allow(clippy::too_many_arguments)]
+    fn experts_grouped(
+        &self,
+        x: &Tensor,
+        gate_up: &Tensor,
+        down: &Tensor,
+        ids: u64,
+        pairs: usize,
+        slot_of: u64,
+        slots: usize,
+        pair_rows: u64,
+        k_div: usize,
+        hidden: usize,
+        inner: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        // Every slot's segment wastes less than one block: an upper bound without a host sync.
+        let max_blocks = pairs.div_ceil(GG_BM) + slots;
+        let sorted = self.alloc(DType::U32, &[max_blocks * GG_BM])?;
+        let block_slot = self.alloc(DType::U32, &[max_blocks])?;
+        let pos = self.alloc(DType::U32, &[pairs])?;
+        self.launch(
+            "moe_align_blocks",
+            (1, 1, 1),
+            1024,
+            0,
+            &[
+                Arg::Ptr(ids),
+                i32_arg(pairs, "pairs")?,
+                Arg::Ptr(slot_of),
+                i32_arg(slots, "slots")?,
+                Arg::Ptr(pair_rows),
+                i32_arg(k_div, "top-k")?,
+                i32_arg(max_blocks, "expert blocks")?,
+                i32_arg(GG_BM, "block rows")?,
+                Arg::Ptr(self.ptr(&sorted)?),
+                Arg::Ptr(self.ptr(&block_slot)?),
+                Arg::Ptr(self.ptr(&pos)?),
+            ],
+        )?;
+        let rows = max_blocks * GG_BM;
+        // k steps of 64 in 3 stages where both widths allow, else of 32 in 4 (kernels.cu).
+        let (sfx, smem) = if hidden.is_multiple_of(64) && inner.is_multiple_of(64) {
+            ("k64", 3 * (GG_BM + GG_BN) * 64 * 2)
+        } else {
+            ("k32", 4 * (GG_BM + GG_BN) * 32 * 2)
+        };
+        let h = self.alloc(DType::BF16, &[rows, inner])?;
+        // A gate/up tile is 64 gate and the same 64 up columns; a down tile 128 columns.
+        self.launch(
+            &format!("moe_gg_gate_up_{sfx}"),
+            (inner.div_ceil(GG_BN / 2) as u32, max_blocks as u32, 1),
+            128,
+            smem as u32,
+            &[
+                Arg::Ptr(self.ptr(x)?),
+                i32_arg(hidden, "hidden size")?,
+                Arg::Ptr(self.ptr(gate_up)?),
+                i32_arg(inner, "expert inner size")?,
+                Arg::Ptr(self.ptr(&sorted)?),
+                Arg::Ptr(self.ptr(&block_slot)?),
+                Arg::Ptr(self.ptr(&h)?),
+            ],
+        )?;
+        let y = self.alloc(DType::F32, &[rows, hidden])?;
+        self.launch(
+            &format!("moe_gg_down_{sfx}"),
+            (hidden.div_ceil(GG_BN) as u32, max_blocks as u32, 1),
+            128,
+            smem as u32,
+            &[
+                Arg::Ptr(self.ptr(&h)?),
+                i32_arg(inner, "expert inner size")?,
+                Arg::Ptr(self.ptr(down)?),
+                i32_arg(hidden, "hidden size")?,
+                Arg::Ptr(self.ptr(&sorted)?),
+                Arg::Ptr(self.ptr(&block_slot)?),
+                Arg::Ptr(self.ptr(&y)?),
+            ],
+        )?;
+        Ok((y, pos))
+    }
+
     /// Routed experts for device routing: `x [T, hidden]`, the stacked weights of `slots`
     /// experts (`gate_up [slots·2I, hidden]`, `down [slots, hidden, I]`), `slot_of [E]` (i32,
-    /// −1 for experts not held) → `Σ_k w·expert(x)`, `[T, hidden]` f32.
+    /// −1 for experts not held) → `Σ_k w·expert(x)`, `[T, hidden]` f32. Prefill-sized batches
+    /// (at least [`GROUPED_MIN_PAIRS_PER_SLOT`] pairs per slot, bf16) take the grouped GEMM;
+    /// others the GEMV-style kernels, up to `max_rows` rows (`None` beyond).
     pub fn experts_routed(
         &self,
         x: &Tensor,
@@ -264,6 +421,7 @@ impl Gpu {
         slot_of: &Tensor,
         gate_up: &Tensor,
         down: &Tensor,
+        max_rows: usize,
     ) -> Result<Option<Tensor>> {
         let Some((hidden, inner)) = Self::experts_fit(x, gate_up, down)? else {
             return Ok(None);
@@ -272,6 +430,28 @@ impl Gpu {
         let slots = down.dim(0)?;
         let pairs = t * routing.k;
         if routing.ids.dims() != [t, routing.k] || slots > 1024 || slot_of.dtype() != DType::I32 {
+            return Ok(None);
+        }
+        if Self::grouped_fits(x, hidden, inner, slots)
+            && pairs >= GROUPED_MIN_PAIRS_PER_SLOT * slots
+        {
+            let (y, pos) = self.experts_grouped(
+                x,
+                gate_up,
+                down,
+                self.ptr(&routing.ids)?,
+                pairs,
+                self.ptr(slot_of)?,
+                slots,
+                0,
+                routing.k,
+                hidden,
+                inner,
+            )?;
+            let (pos, w) = (self.ptr(&pos)?, self.ptr(&routing.weights)?);
+            return Ok(Some(self.combine(&y, t, hidden, pos, w, 0, routing.k)?));
+        }
+        if t > max_rows {
             return Ok(None);
         }
         let offsets = self.alloc(DType::U32, &[slots + 1])?;
@@ -326,6 +506,53 @@ impl Gpu {
         )?;
         let w = self.ptr(&a.weights)?;
         Ok(Some(self.combine(&y, t, hidden, entry_pos, w, row_ptr, 0)?))
+    }
+
+    /// Routed experts for host-built pairs through the grouped GEMM (an expert worker's
+    /// prefill-sized request) → `[T, hidden]` f32, or `None` if the shapes do not fit it.
+    pub fn experts_pairs(
+        &self,
+        x: &Tensor,
+        a: &HostPairs,
+        gate_up: &Tensor,
+        down: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        let Some((hidden, inner)) = Self::experts_fit(x, gate_up, down)? else {
+            return Ok(None);
+        };
+        let t = x.dim(0)?;
+        if a.rows != t
+            || a.slots != down.dim(0)?
+            || a.pairs == 0
+            || !Self::grouped_fits(x, hidden, inner, a.slots)
+        {
+            return Ok(None);
+        }
+        let base = self.ptr(&a.packed)?;
+        let at = |elems: usize| base + 4 * elems as u64;
+        let (y, pos) = self.experts_grouped(
+            x,
+            gate_up,
+            down,
+            at(0),
+            a.pairs,
+            0,
+            a.slots,
+            at(a.pairs),
+            1,
+            hidden,
+            inner,
+        )?;
+        let (pos, w) = (self.ptr(&pos)?, self.ptr(&a.weights)?);
+        Ok(Some(self.combine(
+            &y,
+            t,
+            hidden,
+            pos,
+            w,
+            at(2 * a.pairs),
+            0,
+        )?))
     }
 
     /// `out[t] = Σ_j w[j] · y[pos[j]]` over token t's entries, in entry order (f32): entries

@@ -986,3 +986,663 @@ extern "C" __global__ void argmax_logprob(const float* logits, int vocab, uint32
         logprob[blockIdx.x] = (float)((double)(l[arg] - mx) - log(tot));
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Prefill-sized routed experts: a grouped GEMM over padded per-expert segments (the
+// `moe_align_block_size` idea). moe_align_blocks sorts a step's (token, expert) pairs by slot
+// into segments padded to GG_BM rows, one expert slot per GG_BM-row block (0xffffffff past the
+// last block), with no host synchronisation: the grid is sized by an upper bound on the block
+// count (pairs / GG_BM + slots) and surplus blocks exit. Then one launch per projection for all
+// experts, each block a GG_BM × GG_BN tile on the tensor cores (mma.sync m16n8k16 bf16, f32
+// accumulation) fed by a multi-stage cp.async pipeline through swizzled shared memory:
+//   moe_gg_gate_up: h[q, j] = silu(x[row(q)]·Wg[s, j]) · (x[row(q)]·Wu[s, j])   (bf16, as the
+//                   decode kernels store it); a tile holds 64 gate and the same 64 up columns.
+//   moe_gg_down:    y[q, r] = h[q]·Wd[s, r]                                      (f32)
+// Padding rows read zeros and are never combined. moe_combine then adds each token's k entries
+// in a fixed order (so the result does not depend on scheduling).
+
+#define GG_BM 64
+#define GG_BN 128
+#define GG_NONE 0xffffffffu
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    const int n = valid ? 16 : 0;  // 0: fill the 16 bytes with zeros, read nothing
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* smem) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void* smem) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// Pair p goes to slot slot_of[ids[p]] (ids[p] itself when slot_of is null; out of range: not
+// held here, pos[p] = GG_NONE); its token row is pair_rows[p], or p / k_div when that is null.
+// Segments are padded to `bm` rows (the GEMM's block rows).
+// Out: sorted_rows [max_blocks·bm] (GG_NONE for padding), block_slot [max_blocks], pos [P].
+extern "C" __global__ void moe_align_blocks(const uint32_t* ids, int pairs, const int* slot_of,
+                                            int n_slots, const uint32_t* pair_rows, int k_div,
+                                            int max_blocks, int bm, uint32_t* sorted_rows,
+                                            uint32_t* block_slot, uint32_t* pos) {
+    __shared__ uint32_t cnt[ALIGN_MAX_S];
+    __shared__ uint32_t cur[ALIGN_MAX_S];
+    __shared__ uint32_t start[ALIGN_MAX_S + 1];
+    for (int s = threadIdx.x; s < n_slots; s += blockDim.x) cnt[s] = 0;
+    for (int i = threadIdx.x; i < max_blocks * bm; i += blockDim.x) sorted_rows[i] = GG_NONE;
+    for (int b = threadIdx.x; b < max_blocks; b += blockDim.x) block_slot[b] = GG_NONE;
+    __syncthreads();
+    for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+        const int s = slot_of ? slot_of[ids[p]] : (int)ids[p];
+        if (s >= 0 && s < n_slots) atomicAdd(&cnt[s], 1u);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        uint32_t acc = 0;
+        for (int s = 0; s < n_slots; ++s) {
+            start[s] = acc;
+            cur[s] = acc;
+            acc += (cnt[s] + bm - 1) / bm * bm;
+        }
+        start[n_slots] = acc;
+    }
+    __syncthreads();
+    for (int s = threadIdx.x; s < n_slots; s += blockDim.x)
+        for (uint32_t b = start[s] / bm; b < start[s + 1] / bm; ++b) block_slot[b] = s;
+    for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+        const int s = slot_of ? slot_of[ids[p]] : (int)ids[p];
+        if (s >= 0 && s < n_slots) {
+            const uint32_t q = atomicAdd(&cur[s], 1u);
+            sorted_rows[q] = pair_rows ? pair_rows[p] : (uint32_t)(p / k_div);
+            pos[p] = q;
+        } else {
+            pos[p] = GG_NONE;
+        }
+    }
+}
+
+// Shared-memory tile of rows × BK bf16: 16-byte chunk c of row r sits at chunk c ^ f(r), so the
+// 8 rows an ldmatrix phase reads fall in 8 different bank groups (BK 32: two rows share a
+// 128-byte line; BK 64: one row is a line).
+template <int BK> __device__ __forceinline__ int gg_off(int r, int c) {
+    if (BK == 64) return r * 64 + ((c ^ (r & 7)) << 3);
+    return r * 32 + ((c ^ ((r >> 1) & 3)) << 3);
+}
+
+// One BM × BN tile of a grouped product, WM × WN warps (each (BM/WM) × (BN/WN)), BK-wide k
+// steps through a STAGES-deep cp.async pipeline in dynamic shared memory
+// (STAGES · (BM + BN) · BK · 2 bytes).
+// GATE_UP: a = x [T, K] gathered by sorted_rows, w = w_gu [slots·2N, K], out = h [Ppad, N] bf16;
+//   a warp's columns are (BN/WN)/2 gate columns and the same up columns, so the SwiGLU is
+//   applied in registers.
+// Otherwise: a = h [Ppad, K] by block row, w = w_down [slots·N, K], out = y [Ppad, N] f32.
+// K % BK == 0, N % 8 == 0, 16-byte aligned rows.
+template <bool GATE_UP, int BM, int BN, int BK, int STAGES, int WM, int WN>
+__device__ __forceinline__ void moe_gg(const bf16* __restrict__ a, int K, const bf16* __restrict__ w,
+                                       int N, const uint32_t* sorted_rows,
+                                       const uint32_t* block_slot, void* out) {
+    constexpr int THREADS = WM * WN * 32;
+    constexpr int TM = BM / WM, TN = BN / WN;  // warp tile
+    constexpr int FM = TM / 16, FN = TN / 8;  // fragments per warp
+    constexpr int CH = BK / 8;  // 16-byte chunks per row
+    constexpr int A_PER = BM * CH / THREADS, B_PER = BN * CH / THREADS;
+    static_assert(TM % 16 == 0 && TN % 16 == 0 && A_PER >= 1 && B_PER >= 1, "tile shape");
+    extern __shared__ __align__(128) unsigned char gg_smem[];
+    bf16* sa = reinterpret_cast<bf16*>(gg_smem);
+    bf16* sb = sa + STAGES * BM * BK;
+    const uint32_t blk = blockIdx.y;
+    const uint32_t s = block_slot[blk];
+    if (s == GG_NONE) return;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int n0 = blockIdx.x * (GATE_UP ? BN / 2 : BN);
+    const bf16* asrc[A_PER];
+    bool aok[A_PER];
+    int aoff[A_PER];
+#pragma unroll
+    for (int i = 0; i < A_PER; ++i) {
+        const int id = tid + i * THREADS, r = id / CH, c = id % CH;
+        aoff[i] = gg_off<BK>(r, c);
+        const uint32_t q = blk * BM + r;
+        if (GATE_UP) {
+            const uint32_t row = sorted_rows[q];
+            aok[i] = row != GG_NONE;
+            asrc[i] = a + (size_t)(aok[i] ? row : 0) * K + c * 8;
+        } else {
+            aok[i] = true;
+            asrc[i] = a + (size_t)q * K + c * 8;
+        }
+    }
+    const bf16* bsrc[B_PER];
+    bool bok[B_PER];
+    int boff[B_PER];
+#pragma unroll
+    for (int i = 0; i < B_PER; ++i) {
+        const int id = tid + i * THREADS, n = id / CH, c = id % CH;
+        boff[i] = gg_off<BK>(n, c);
+        size_t wrow;
+        if (GATE_UP) {
+            const int local = n % TN;
+            const int j = n0 + (n / TN) * (TN / 2) + local % (TN / 2);
+            bok[i] = j < N;
+            wrow = (size_t)s * 2 * N + (local >= TN / 2 ? (size_t)N : 0) + (bok[i] ? j : 0);
+        } else {
+            const int r = n0 + n;
+            bok[i] = r < N;
+            wrow = (size_t)s * N + (bok[i] ? r : 0);
+        }
+        bsrc[i] = w + wrow * K + c * 8;
+    }
+    const int kt_n = K / BK;
+    auto load = [&](int kt, int st) {
+        const int k0 = kt * BK;
+        bf16* A = sa + st * BM * BK;
+        bf16* B = sb + st * BN * BK;
+#pragma unroll
+        for (int i = 0; i < A_PER; ++i) cp_async16(A + aoff[i], asrc[i] + k0, aok[i]);
+#pragma unroll
+        for (int i = 0; i < B_PER; ++i) cp_async16(B + boff[i], bsrc[i] + k0, bok[i]);
+    };
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (st < kt_n) load(st, st);
+        cp_async_commit();
+    }
+    const int wm = warp / WN, wn = warp % WN;
+    float acc[FM][FN][4];
+#pragma unroll
+    for (int mi = 0; mi < FM; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < FN; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
+    for (int kt = 0; kt < kt_n; ++kt) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        const int nk = kt + STAGES - 1;
+        if (nk < kt_n) load(nk, nk % STAGES);
+        cp_async_commit();
+        const bf16* A = sa + (kt % STAGES) * BM * BK;
+        const bf16* B = sb + (kt % STAGES) * BN * BK;
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) {
+            uint32_t af[FM][4];
+#pragma unroll
+            for (int mi = 0; mi < FM; ++mi)
+                ldmatrix_x4(af[mi], A + gg_off<BK>(wm * TM + mi * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+#pragma unroll
+            for (int np = 0; np < FN / 2; ++np) {
+                uint32_t bf[4];
+                ldmatrix_x4(bf, B + gg_off<BK>(wn * TN + np * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                               kk * 2 + ((lane >> 3) & 1)));
+#pragma unroll
+                for (int mi = 0; mi < FM; ++mi) {
+                    mma_bf16(acc[mi][2 * np], af[mi][0], af[mi][1], af[mi][2], af[mi][3], bf[0], bf[1]);
+                    mma_bf16(acc[mi][2 * np + 1], af[mi][0], af[mi][1], af[mi][2], af[mi][3], bf[2], bf[3]);
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+    const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int mi = 0; mi < FM; ++mi) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const size_t q = (size_t)blk * BM + wm * TM + mi * 16 + g + half * 8;
+            if (GATE_UP) {
+                bf16* h = reinterpret_cast<bf16*>(out);
+#pragma unroll
+                for (int ni = 0; ni < FN / 2; ++ni) {
+                    const int j = n0 + wn * (TN / 2) + ni * 8 + 2 * t4;
+                    if (j < N) {
+                        const float h0 = silu(acc[mi][ni][2 * half]) * acc[mi][ni + FN / 2][2 * half];
+                        const float h1 =
+                            silu(acc[mi][ni][2 * half + 1]) * acc[mi][ni + FN / 2][2 * half + 1];
+                        *reinterpret_cast<uint32_t*>(h + q * N + j) = pack_bf16(h0, h1);
+                    }
+                }
+            } else {
+                float* y = reinterpret_cast<float*>(out);
+#pragma unroll
+                for (int ni = 0; ni < FN; ++ni) {
+                    const int r = n0 + wn * TN + ni * 8 + 2 * t4;
+                    if (r < N)
+                        *reinterpret_cast<float2*>(y + q * N + r) =
+                            make_float2(acc[mi][ni][2 * half], acc[mi][ni][2 * half + 1]);
+                }
+            }
+        }
+    }
+}
+
+// The shapes moemesh launches (engine/src/cuda/experts.rs sizes grids and shared memory from
+// the same numbers): 64-row blocks (prefill segments of a few hundred pairs per expert waste
+// little padding), 128 columns, 4 warps; k steps of 64 in 3 stages (72 KiB of shared memory)
+// where both widths are multiples of 64, else of 32 in 4 stages (48 KiB). Measured on the H100
+// against 128 × 128 and 64 × 256 tiles and other depths (scripts/bench/prefill_kernels.cu):
+// 64 × 128 × 64 was fastest at 512, 2,048 and 8,192 tokens.
+#define GG_KERNELS(SFX, BK, STAGES)                                                               \
+    extern "C" __global__ void __launch_bounds__(128)                                            \
+        moe_gg_gate_up_##SFX(const bf16* x, int hidden, const bf16* w_gu, int inner,             \
+                             const uint32_t* sorted_rows, const uint32_t* block_slot, bf16* h) { \
+        moe_gg<true, GG_BM, GG_BN, BK, STAGES, 2, 2>(x, hidden, w_gu, inner, sorted_rows,       \
+                                                     block_slot, h);                             \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(128)                                            \
+        moe_gg_down_##SFX(const bf16* h, int inner, const bf16* w_down, int hidden,              \
+                          const uint32_t* sorted_rows, const uint32_t* block_slot, float* y) {   \
+        moe_gg<false, GG_BM, GG_BN, BK, STAGES, 2, 2>(h, inner, w_down, hidden, sorted_rows,    \
+                                                      block_slot, y);                            \
+    }
+GG_KERNELS(k64, 64, 3)
+GG_KERNELS(k32, 32, 4)
+
+// ---------------------------------------------------------------------------------------------
+// MLA prefill attention in the non-absorbed form (as vLLM and FlashInfer prefill do): per head,
+// q = [q_nope | q_pe] (NOPE + ROPE), k = [k_nope | k_pe] with k_nope, v from kv_b_proj applied
+// to the latents (`kv` [L, H·(NOPE+VD)], each head's k_nope then v) and k_pe [L, ROPE] shared
+// by the heads. Query i sits at position q_pos0 + i, key j at k_pos0 + j; i sees j iff
+// k_pos0 + j ≤ q_pos0 + i (the causal mask, evaluated in the kernel; nothing of size T × L is
+// stored). Online softmax in base 2 (scores pre-multiplied by scale·log2 e).
+//
+// The keys of a long context come in bounded chunks (one launch each): a launch either writes
+// the bf16/f32 output, or keeps its normalised output and log-sum-exp (base 2) in f32 state
+// (`o_state` [T, H, VD], `lse_state` [T, H]); `merge` first combines with the state the
+// previous chunk left, so the result is the softmax over all chunks.
+//
+// Tensor-core version (bf16): one block of 4 warps per (64 queries, head), each warp 16 query
+// rows; keys in tiles of 64 through shared memory (cp.async), q·k and p·v with mma.sync
+// m16n8k16 (f32 accumulation), fragments by ldmatrix. Padded smem rows keep ldmatrix free of
+// bank conflicts.
+
+#define FA_BQ 64
+#define FA_BKV 64
+
+struct PrefillArgs {
+    const void* qn;  // q_nope (i, h, d) at qn[i·qn_rs + h·qn_hs + d]
+    int qn_rs, qn_hs;
+    const void* qp;  // q_pe (i, h, d) at qp[i·qp_rs + h·qp_hs + d] (rotary applied)
+    int qp_rs, qp_hs;
+    const void* kv;  // k_nope (j, h, d) at kv[j·kv_rs + h·(NOPE+VD) + d], v at + NOPE
+    int kv_rs;
+    const void* kpe;  // k_pe (j, d) at kpe[j·kpe_rs + d]
+    int kpe_rs;
+    int nq, L, H, q_pos0, k_pos0;
+    float scale_log2;
+    float* o_state;  // [T, H, VD] f32
+    float* lse_state;  // [T, H] f32
+    int merge;
+    void* out;  // (i, h, d) at out[i·o_rs + h·VD + d], null: write the state instead
+    int o_rs;
+};
+
+// Folds this chunk's normalised output `o` (row lse `lse`) into the state / output for one
+// query row and head, `n` consecutive dims starting at d.
+template <typename TO>
+__device__ __forceinline__ void fa_store(const PrefillArgs& p, int vd, int i, int h, int d,
+                                         float lse, float* o, int n) {
+    float* os = p.o_state + ((size_t)i * p.H + h) * vd + d;
+    if (p.merge) {
+        const float prev = p.lse_state[(size_t)i * p.H + h];
+        const float mx = fmaxf(prev, lse);
+        if (mx != -INFINITY) {
+            const float a = exp2f(prev - mx), b = exp2f(lse - mx);
+            const float inv = 1.f / (a + b);
+            for (int e = 0; e < n; ++e) o[e] = (os[e] * a + o[e] * b) * inv;
+        } else {
+            for (int e = 0; e < n; ++e) o[e] = 0.f;
+        }
+    }
+    if (p.out) {
+        TO* out = reinterpret_cast<TO*>(p.out) + (size_t)i * p.o_rs + (size_t)h * vd + d;
+        for (int e = 0; e < n; ++e) out[e] = from_f<TO>(o[e]);
+    } else {
+        for (int e = 0; e < n; ++e) os[e] = o[e];
+    }
+}
+__device__ __forceinline__ float fa_lse_merged(const PrefillArgs& p, int i, int h, float lse) {
+    if (!p.merge) return lse;
+    const float prev = p.lse_state[(size_t)i * p.H + h];
+    const float mx = fmaxf(prev, lse);
+    return mx == -INFINITY ? mx : mx + log2f(exp2f(prev - mx) + exp2f(lse - mx));
+}
+
+// SPLIT_P: p·v as (p_hi + p_lo)·v with both halves in bf16 (two MMAs), so the probabilities keep
+// ~16 significant bits instead of bf16's 8. The default (MOEMESH_PREFILL_ATTN, engine/src/cuda/
+// mod.rs says why); 3% slower than rounding p at 2,048 tokens.
+template <int NOPE, int ROPE, int VD, bool SPLIT_P>
+__device__ __forceinline__ void mla_prefill_mma(const PrefillArgs& p) {
+    constexpr int QK = NOPE + ROPE;
+    constexpr int KS = QK + 8;  // smem row strides (elements): 16 bytes of padding
+    constexpr int VS = VD + 8;
+    __shared__ __align__(128) bf16 sk[FA_BKV * KS];
+    __shared__ __align__(128) bf16 sv[FA_BKV * VS];
+    const int h = blockIdx.y;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * FA_BQ;  // longest rows first
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t4 = lane & 3;
+    const bf16* qn = reinterpret_cast<const bf16*>(p.qn);
+    const bf16* qp = reinterpret_cast<const bf16*>(p.qp);
+    const bf16* kv = reinterpret_cast<const bf16*>(p.kv);
+    const bf16* kpe = reinterpret_cast<const bf16*>(p.kpe);
+    // The query tile, through the key buffer, into registers.
+    for (int id = tid; id < FA_BQ * (QK / 8); id += 128) {
+        const int r = id / (QK / 8), c = id % (QK / 8);
+        const int i = q0 + r;
+        const bool ok = i < p.nq;
+        const int ic = ok ? i : 0;
+        const bf16* src = c < NOPE / 8 ? qn + (size_t)ic * p.qn_rs + (size_t)h * p.qn_hs + c * 8
+                                       : qp + (size_t)ic * p.qp_rs + (size_t)h * p.qp_hs + (c - NOPE / 8) * 8;
+        cp_async16(&sk[r * KS + c * 8], src, ok);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    uint32_t qf[QK / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < QK / 16; ++kk)
+        ldmatrix_x4(qf[kk], &sk[(warp * 16 + (lane & 15)) * KS + kk * 16 + (lane >> 4) * 8]);
+    __syncthreads();
+
+    // Keys this tile can see: j < L and k_pos0 + j ≤ q_pos0 + (last query row of the tile).
+    const int q_last = min(q0 + FA_BQ, p.nq) - 1;
+    const int j_end = min(p.L, p.q_pos0 + q_last - p.k_pos0 + 1);
+    const int n_tiles = j_end > 0 ? (j_end + FA_BKV - 1) / FA_BKV : 0;
+    auto load_k = [&](int kt) {
+        for (int id = tid; id < FA_BKV * (QK / 8); id += 128) {
+            const int r = id / (QK / 8), c = id % (QK / 8);
+            const int j = kt * FA_BKV + r;
+            const bool ok = j < p.L;
+            const int jc = ok ? j : 0;
+            const bf16* src = c < NOPE / 8 ? kv + (size_t)jc * p.kv_rs + (size_t)h * (NOPE + VD) + c * 8
+                                           : kpe + (size_t)jc * p.kpe_rs + (c - NOPE / 8) * 8;
+            cp_async16(&sk[r * KS + c * 8], src, ok);
+        }
+    };
+    auto load_v = [&](int kt) {
+        for (int id = tid; id < FA_BKV * (VD / 8); id += 128) {
+            const int r = id / (VD / 8), c = id % (VD / 8);
+            const int j = kt * FA_BKV + r;
+            const bool ok = j < p.L;
+            const int jc = ok ? j : 0;
+            cp_async16(&sv[r * VS + c * 8],
+                       kv + (size_t)jc * p.kv_rs + (size_t)h * (NOPE + VD) + NOPE + c * 8, ok);
+        }
+    };
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+    float oacc[VD / 8][4];
+#pragma unroll
+    for (int n = 0; n < VD / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) oacc[n][e] = 0.f;
+    if (n_tiles > 0) load_k(0);
+    cp_async_commit();
+    for (int kt = 0; kt < n_tiles; ++kt) {
+        cp_async_wait<0>();
+        __syncthreads();  // k tile in; every warp is done with the previous v tile
+        load_v(kt);
+        cp_async_commit();
+        float sacc[FA_BKV / 8][4];
+#pragma unroll
+        for (int n = 0; n < FA_BKV / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) sacc[n][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < QK / 16; ++kk) {
+#pragma unroll
+            for (int np = 0; np < FA_BKV / 16; ++np) {
+                uint32_t bfr[4];
+                ldmatrix_x4(bfr, &sk[(np * 16 + (lane & 7) + ((lane >> 4) << 3)) * KS + kk * 16 +
+                                     ((lane >> 3) & 1) * 8]);
+                mma_bf16(sacc[2 * np], qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], bfr[0], bfr[1]);
+                mma_bf16(sacc[2 * np + 1], qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], bfr[2], bfr[3]);
+            }
+        }
+        // Mask, scale, online softmax (rows g and g + 8 of the warp's 16).
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int n = 0; n < FA_BKV / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int j = kt * FA_BKV + n * 8 + 2 * t4 + (e & 1);
+                const int i = q0 + warp * 16 + g + (e >> 1) * 8;
+                const bool ok = j < p.L && p.k_pos0 + j <= p.q_pos0 + i;
+                const float v = ok ? sacc[n][e] * p.scale_log2 : -INFINITY;
+                sacc[n][e] = v;
+                mx[e >> 1] = fmaxf(mx[e >> 1], v);
+            }
+        float alpha[2], base[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            const float mn = fmaxf(m[r], mx[r]);
+            base[r] = mn == -INFINITY ? 0.f : mn;
+            alpha[r] = exp2f(m[r] - base[r]);
+            m[r] = mn;
+            l[r] *= alpha[r];
+        }
+#pragma unroll
+        for (int n = 0; n < FA_BKV / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float pr = exp2f(sacc[n][e] - base[e >> 1]);
+                sacc[n][e] = pr;
+                l[e >> 1] += pr;
+            }
+#pragma unroll
+        for (int n = 0; n < VD / 8; ++n) {
+            oacc[n][0] *= alpha[0];
+            oacc[n][1] *= alpha[0];
+            oacc[n][2] *= alpha[1];
+            oacc[n][3] *= alpha[1];
+        }
+        __syncthreads();  // every warp is done with the k tile
+        const bool more = kt + 1 < n_tiles;
+        if (more) load_k(kt + 1);
+        cp_async_commit();
+        cp_async_wait<1>();  // the v tile (the next k tile may still be in flight)
+        __syncthreads();
+#pragma unroll
+        for (int kc = 0; kc < FA_BKV / 16; ++kc) {
+            const uint32_t a0 = pack_bf16(sacc[2 * kc][0], sacc[2 * kc][1]);
+            const uint32_t a1 = pack_bf16(sacc[2 * kc][2], sacc[2 * kc][3]);
+            const uint32_t a2 = pack_bf16(sacc[2 * kc + 1][0], sacc[2 * kc + 1][1]);
+            const uint32_t a3 = pack_bf16(sacc[2 * kc + 1][2], sacc[2 * kc + 1][3]);
+            uint32_t l0 = 0, l1 = 0, l2 = 0, l3 = 0;
+            if (SPLIT_P) {
+                auto lo = [](uint32_t hi, float x0, float x1) {
+                    const __nv_bfloat162 h = *reinterpret_cast<const __nv_bfloat162*>(&hi);
+                    return pack_bf16(x0 - __low2float(h), x1 - __high2float(h));
+                };
+                l0 = lo(a0, sacc[2 * kc][0], sacc[2 * kc][1]);
+                l1 = lo(a1, sacc[2 * kc][2], sacc[2 * kc][3]);
+                l2 = lo(a2, sacc[2 * kc + 1][0], sacc[2 * kc + 1][1]);
+                l3 = lo(a3, sacc[2 * kc + 1][2], sacc[2 * kc + 1][3]);
+            }
+#pragma unroll
+            for (int dp = 0; dp < VD / 16; ++dp) {
+                uint32_t bfr[4];
+                ldmatrix_x4_trans(bfr, &sv[(kc * 16 + (lane & 15)) * VS + dp * 16 + (lane >> 4) * 8]);
+                mma_bf16(oacc[2 * dp], a0, a1, a2, a3, bfr[0], bfr[1]);
+                mma_bf16(oacc[2 * dp + 1], a0, a1, a2, a3, bfr[2], bfr[3]);
+                if (SPLIT_P) {
+                    mma_bf16(oacc[2 * dp], l0, l1, l2, l3, bfr[0], bfr[1]);
+                    mma_bf16(oacc[2 * dp + 1], l0, l1, l2, l3, bfr[2], bfr[3]);
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int i = q0 + warp * 16 + g + r * 8;
+        if (i >= p.nq) continue;
+        const float lse = l[r] > 0.f ? m[r] + log2f(l[r]) : -INFINITY;
+        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+#pragma unroll
+        for (int n = 0; n < VD / 8; ++n) {
+            float o[2] = {oacc[n][2 * r] * inv, oacc[n][2 * r + 1] * inv};
+            fa_store<bf16>(p, VD, i, h, n * 8 + 2 * t4, lse, o, 2);
+        }
+    }
+    // The state's lse is written after every dim of the row was merged (fa_store read it).
+    __syncwarp();
+    if (!p.out && t4 == 0) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int i = q0 + warp * 16 + g + r * 8;
+            if (i >= p.nq) continue;
+            const float lse = l[r] > 0.f ? m[r] + log2f(l[r]) : -INFINITY;
+            p.lse_state[(size_t)i * p.H + h] = fa_lse_merged(p, i, h, lse);
+        }
+    }
+}
+
+// Kernel parameters: PrefillArgs' fields, in order.
+#define FA_PARAMS \
+    const void* qn, int qn_rs, int qn_hs, const void* qp, int qp_rs, int qp_hs, const void* kv,  \
+    int kv_rs, const void* kpe, int kpe_rs, int nq, int L, int H, int q_pos0, int k_pos0,            \
+    float scale_log2, float* o_state, float* lse_state, int merge, void* out, int o_rs
+#define FA_ARGS \
+    PrefillArgs{qn, qn_rs, qn_hs, qp, qp_rs, qp_hs, kv, kv_rs, kpe, kpe_rs, nq, L, H, q_pos0, \
+                k_pos0, scale_log2, o_state, lse_state, merge, out, o_rs}
+
+#define FA_MMA(NAME, NOPE, ROPE, VD, SPLIT)                                                     \
+    extern "C" __global__ void __launch_bounds__(128) NAME(FA_PARAMS) {                          \
+        mla_prefill_mma<NOPE, ROPE, VD, SPLIT>(FA_ARGS);                                         \
+    }
+FA_MMA(mla_prefill_mma_192_128, 128, 64, 128, false)
+FA_MMA(mla_prefill_mma_48_32, 32, 16, 32, false)
+FA_MMA(mla_prefill_mma_split_192_128, 128, 64, 128, true)
+FA_MMA(mla_prefill_mma_split_48_32, 32, 16, 32, true)
+
+// The same on the CUDA cores, for f32 and for shapes the tensor-core version does not take: one
+// warp per (query row, head); each key's score is a warp sum, lane d holds output dims d, d + 32,
+// …; at most FA_SIMPLE_VD (256) value dims.
+#define FA_SIMPLE_VD 256
+template <typename T>
+__device__ __forceinline__ void mla_prefill_simple(const PrefillArgs& p, int nope, int rope, int vd) {
+    const int i = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int h = blockIdx.y, lane = threadIdx.x & 31;
+    if (i >= p.nq) return;
+    const T* qn = reinterpret_cast<const T*>(p.qn) + (size_t)i * p.qn_rs + (size_t)h * p.qn_hs;
+    const T* qp = reinterpret_cast<const T*>(p.qp) + (size_t)i * p.qp_rs + (size_t)h * p.qp_hs;
+    const T* kv = reinterpret_cast<const T*>(p.kv);
+    const T* kpe = reinterpret_cast<const T*>(p.kpe);
+    float o[FA_SIMPLE_VD / 32];
+    for (int e = 0; e < FA_SIMPLE_VD / 32; ++e) o[e] = 0.f;
+    float m = -INFINITY, l = 0.f;
+    const int j_end = min(p.L, p.q_pos0 + i - p.k_pos0 + 1);
+    for (int j = 0; j < j_end; ++j) {
+        const T* kr = kv + (size_t)j * p.kv_rs + (size_t)h * (nope + vd);
+        float s = 0.f;
+        for (int d = lane; d < nope; d += 32) s = fmaf(to_f(qn[d]), to_f(kr[d]), s);
+        for (int d = lane; d < rope; d += 32)
+            s = fmaf(to_f(qp[d]), to_f(kpe[(size_t)j * p.kpe_rs + d]), s);
+        s = warp_sum(s) * p.scale_log2;
+        const float mn = fmaxf(m, s);
+        const float alpha = exp2f(m - mn), pr = exp2f(s - mn);
+        l = l * alpha + pr;
+        for (int e = 0; e < FA_SIMPLE_VD / 32; ++e) {
+            const int d = lane + 32 * e;
+            if (d < vd) o[e] = o[e] * alpha + pr * to_f(kr[nope + d]);
+        }
+        m = mn;
+    }
+    const float lse = l > 0.f ? m + log2f(l) : -INFINITY;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    for (int e = 0; e < FA_SIMPLE_VD / 32; ++e) {
+        const int d = lane + 32 * e;
+        if (d < vd) {
+            float v = o[e] * inv;
+            fa_store<T>(p, vd, i, h, d, lse, &v, 1);
+        }
+    }
+    __syncwarp();
+    if (!p.out && lane == 0) p.lse_state[(size_t)i * p.H + h] = fa_lse_merged(p, i, h, lse);
+}
+
+extern "C" __global__ void mla_prefill_simple_f32(FA_PARAMS, int nope, int rope, int vd) {
+    mla_prefill_simple<float>(FA_ARGS, nope, rope, vd);
+}
+extern "C" __global__ void mla_prefill_simple_bf16(FA_PARAMS, int nope, int rope, int vd) {
+    mla_prefill_simple<bf16>(FA_ARGS, nope, rope, vd);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A prefill chunk's latents (already normed and rotated) into the paged pool: token t's
+// `ckv [kv_lora]` and `kpe [rope]` rows to pool row rows[t], one block per token (one launch
+// instead of two copies per 16-token block).
+template <typename T>
+__device__ __forceinline__ void pool_write(const T* ckv, const T* kpe, const uint32_t* rows,
+                                           T* pool_ckv, T* pool_kpe, int kv_lora, int rope) {
+    const size_t t = blockIdx.x, dst = rows[t];
+    for (int i = threadIdx.x; i < kv_lora; i += blockDim.x)
+        pool_ckv[dst * kv_lora + i] = ckv[t * kv_lora + i];
+    for (int i = threadIdx.x; i < rope; i += blockDim.x) pool_kpe[dst * rope + i] = kpe[t * rope + i];
+}
+extern "C" __global__ void pool_write_f32(const float* ckv, const float* kpe, const uint32_t* rows,
+                                          float* pool_ckv, float* pool_kpe, int kv_lora, int rope) {
+    pool_write<float>(ckv, kpe, rows, pool_ckv, pool_kpe, kv_lora, rope);
+}
+extern "C" __global__ void pool_write_bf16(const bf16* ckv, const bf16* kpe, const uint32_t* rows,
+                                           bf16* pool_ckv, bf16* pool_kpe, int kv_lora, int rope) {
+    pool_write<bf16>(ckv, kpe, rows, pool_ckv, pool_kpe, kv_lora, rope);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary on the rows of a strided [T, H, rope] view (x (t, h, d) at x[t·rs + h·hs + d]) into a
+// contiguous [T, H, rope], computed in f32 and rounded once (as split_q and kv_write do); one
+// thread per (token, head, pair). cos/sin [T, rope / 2].
+template <typename T>
+__device__ __forceinline__ void rope_rows(const T* x, int rs, int hs, const T* cos_t,
+                                          const T* sin_t, T* out, int tokens, int heads, int rope,
+                                          int interleaved) {
+    const int half = rope / 2;
+    const size_t n = (size_t)tokens * heads * half;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const int pr = (int)(i % half);
+        const size_t th = i / half;
+        const int h = (int)(th % heads);
+        const size_t t = th / heads;
+        const T* row = x + t * (size_t)rs + (size_t)h * hs;
+        T* o = out + th * rope;
+        const float c = to_f(cos_t[t * half + pr]), s = to_f(sin_t[t * half + pr]);
+        const int ia = interleaved ? 2 * pr : pr;
+        const int ib = interleaved ? 2 * pr + 1 : pr + half;
+        const float a = to_f(row[ia]), b = to_f(row[ib]);
+        o[ia] = from_f<T>(a * c - b * s);
+        o[ib] = from_f<T>(b * c + a * s);
+    }
+}
+extern "C" __global__ void rope_rows_f32(const float* x, int rs, int hs, const float* cos_t,
+                                         const float* sin_t, float* out, int tokens, int heads,
+                                         int rope, int interleaved) {
+    rope_rows<float>(x, rs, hs, cos_t, sin_t, out, tokens, heads, rope, interleaved);
+}
+extern "C" __global__ void rope_rows_bf16(const bf16* x, int rs, int hs, const bf16* cos_t,
+                                          const bf16* sin_t, bf16* out, int tokens, int heads,
+                                          int rope, int interleaved) {
+    rope_rows<bf16>(x, rs, hs, cos_t, sin_t, out, tokens, heads, rope, interleaved);
+}

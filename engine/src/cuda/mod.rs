@@ -22,8 +22,10 @@ use crate::error::{EngineError, Result};
 mod attention;
 mod experts;
 
-pub use attention::DecodeTables;
-pub use experts::{DeviceRouting, HostAssignments, RouteParams};
+pub use attention::{DecodeTables, PrefillQuery};
+pub use experts::{
+    DeviceRouting, GROUPED_MIN_PAIRS_PER_SLOT, HostAssignments, HostPairs, RouteParams,
+};
 
 /// A kernel argument. Tensors go as raw device addresses (see [`Gpu::ptr`]).
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +50,69 @@ pub fn kernels_enabled() -> bool {
         std::env::var("MOEMESH_FUSED_KERNELS")
             .map(|v| !matches!(v.as_str(), "0" | "false" | "off"))
             .unwrap_or(true)
+    })
+}
+
+/// Which prefill kernels are on, read once from `MOEMESH_FLASH_PREFILL`: both (default), none
+/// (`0`, the earlier path: attention through materialised scores and a host-built causal mask,
+/// experts one after another beyond [`crate::experts::DENSE_MAX_ROWS`] rows), or one of them
+/// (`attention`, `experts`), for A/B measurements.
+fn prefill_kernels() -> (bool, bool) {
+    static ON: std::sync::OnceLock<(bool, bool)> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        if !kernels_enabled() {
+            return (false, false);
+        }
+        match std::env::var("MOEMESH_FLASH_PREFILL").as_deref() {
+            Ok("0" | "false" | "off") => (false, false),
+            Ok("attention") => (true, false),
+            Ok("experts") => (false, true),
+            _ => (true, true),
+        }
+    })
+}
+
+/// Whether prefill attention takes the flash kernel ([`Gpu::mla_prefill`]), with the fused
+/// rotary and the one-launch pool write around it (see [`prefill_kernels`]).
+pub fn flash_prefill_enabled() -> bool {
+    prefill_kernels().0
+}
+
+/// Whether prefill-sized expert batches take the grouped GEMM (see [`prefill_kernels`]).
+pub fn grouped_experts_enabled() -> bool {
+    prefill_kernels().1
+}
+
+/// Which flash prefill kernel bf16 takes, read once from `MOEMESH_PREFILL_ATTN`: `split`
+/// (default: tensor cores, p·v as two bf16 products of the probabilities' high and low parts),
+/// `mma` (tensor cores, probabilities rounded to bf16 for p·v as FlashAttention does; 3% faster
+/// at 2,048 tokens) or `simple` (CUDA cores, f32 throughout), for A/B runs of speed and rounding.
+///
+/// `split` is the default because the rounded probabilities fail `moemesh verify` in bf16 on
+/// tiny-deepseek-v3 (one position away from routing near-ties at cosine 0.99890 against the
+/// 0.999 bound; `split` 0.99983, `simple` 0.99982, the earlier absorbed path 0.99981; H100,
+/// docs/BENCHMARKS.md 2026-11-26).
+fn prefill_attn_kernel() -> &'static str {
+    static K: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+    K.get_or_init(|| match std::env::var("MOEMESH_PREFILL_ATTN").as_deref() {
+        Ok("mma") => "mma",
+        Ok("simple") => "simple",
+        _ => "split",
+    })
+}
+
+/// Most context positions whose keys and values prefill attention expands at once
+/// (`MOEMESH_PREFILL_KV_CHUNK`, default 4096): a longer context is attended chunk by chunk and
+/// merged by log-sum-exp, so the expanded keys and values stay bounded
+/// (4096 × 16 heads × 256 bf16 = 32 MiB for DeepSeek-V2-Lite). Read once.
+pub fn prefill_kv_chunk() -> usize {
+    static CHUNK: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CHUNK.get_or_init(|| {
+        std::env::var("MOEMESH_PREFILL_KV_CHUNK")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n: &usize| n > 0)
+            .unwrap_or(4096)
     })
 }
 
@@ -256,6 +321,7 @@ impl Gpu {
 #[cfg(feature = "cuda")]
 mod imp {
     use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
     use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
     use candle_core::op::BackpropOp;
@@ -357,6 +423,14 @@ mod imp {
         args: &[Arg],
     ) -> Result<()> {
         let func = inner.dev.get_or_load_custom_func(name, MODULE, PTX)?;
+        if smem > 48 * 1024 {
+            // Dynamic shared memory beyond the default 48 KiB needs the kernel's opt-in.
+            func.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(|e| cuda_err(name, e))?;
+        }
         let mut b = func.builder();
         for a in args {
             match a {
@@ -436,6 +510,20 @@ mod tests {
         // Row 0's entries in assignment order: (slot 1 → sorted pair 2), (slot 0 → pair 1); row 2
         // → pair 0.
         assert_eq!(&packed[10..], &[2, 1, 0]);
+        assert_eq!(h.weights.to_vec1::<f32>().expect("w"), vec![0.5, 1.0, 0.25]);
+        assert_eq!((h.slots, h.pairs, h.rows), (2, 3, 3));
+    }
+
+    #[test]
+    fn host_pairs_go_in_row_order_and_keep_each_rows_order() {
+        // (row, slot, weight): row 2 uses slot 0, row 0 slots 1 then 0, row 1 nothing.
+        let a = [(2, 0, 0.25), (0, 1, 0.5), (0, 0, 1.0)];
+        let h = HostPairs::build(3, 2, &a, &Device::Cpu).expect("build");
+        let packed = h.packed.to_vec1::<u32>().expect("packed");
+        // Pair j is entry j of its row: slots, then rows, then each row's pair range.
+        assert_eq!(&packed[..3], &[1, 0, 0]);
+        assert_eq!(&packed[3..6], &[0, 0, 2]);
+        assert_eq!(&packed[6..], &[0, 2, 2, 3]);
         assert_eq!(h.weights.to_vec1::<f32>().expect("w"), vec![0.5, 1.0, 0.25]);
         assert_eq!((h.slots, h.pairs, h.rows), (2, 3, 3));
     }

@@ -153,6 +153,10 @@ pub struct Attention {
     w_uk: Tensor,
     /// `W_UVᵀ`, `[heads, kv_lora_rank, v_head_dim]`.
     w_uv_t: Tensor,
+    /// `kv_b_proj` itself, `[heads · (nope + v), kv_lora_rank]`, kept on a GPU only: prefill
+    /// attention there expands keys and values with it (the non-absorbed form,
+    /// [`Attention::attend_flash`]).
+    kv_b: Option<Tensor>,
     o_proj: Linear,
     heads: usize,
     nope: usize,
@@ -189,9 +193,12 @@ impl Attention {
             &format!("{prefix}.kv_b_proj.weight"),
             &[heads * (nope + v_dim), kv_lora],
         )?;
-        let kv_b = kv_b.reshape((heads, nope + v_dim, kv_lora))?;
-        let w_uk = kv_b.narrow(1, 0, nope)?.contiguous()?;
-        let w_uv_t = kv_b.narrow(1, nope, v_dim)?.transpose(1, 2)?.contiguous()?;
+        let kv_b3 = kv_b.reshape((heads, nope + v_dim, kv_lora))?;
+        let w_uk = kv_b3.narrow(1, 0, nope)?.contiguous()?;
+        let w_uv_t = kv_b3
+            .narrow(1, nope, v_dim)?
+            .transpose(1, 2)?
+            .contiguous()?;
         Ok(Attention {
             q,
             kv_a_proj_with_mqa: Linear::new(
@@ -209,6 +216,7 @@ impl Attention {
             )?,
             w_uk,
             w_uv_t,
+            kv_b: crate::cuda::gpu(loader.device()).map(|_| kv_b),
             o_proj: Linear::new(loader, &format!("{prefix}.o_proj"), heads * v_dim, h, bias)?,
             heads,
             nope,
@@ -236,33 +244,41 @@ impl Attention {
         {
             return self.o_proj.forward(&o);
         }
-        let t = x.dim(0)?;
         let q = self.queries(x)?;
         let q_nope = q.narrow(2, 0, self.nope)?; // [T, H, nope]
-        let q_pe = rotary.apply(
-            &q.narrow(2, self.nope, self.rope)?.contiguous()?,
-            step.cos,
-            step.sin,
-        )?;
-        // Queries in latent space: [H, T, nope] x [H, nope, kv_lora] -> [H, T, kv_lora].
-        let q_lat = q_nope.transpose(0, 1)?.contiguous()?.matmul(&self.w_uk)?;
-        let q_pe = q_pe.transpose(0, 1)?.contiguous()?; // [H, T, rope]
+        // Prefill attention on the GPU takes the flash kernel (non-absorbed form), with the
+        // rotary as one kernel; the decode batch and everything else attend in latent space.
+        let flash = crate::cuda::gpu(x.device()).filter(|_| crate::cuda::flash_prefill_enabled());
+        let q_pe_rows = self.rotate(
+            flash.as_ref(),
+            rotary,
+            &q.narrow(2, self.nope, self.rope)?,
+            step,
+        )?; // [T, H, rope]
+        let latent = if flash.is_none() || step.decode.is_some() {
+            // Queries in latent space: [H, T, nope] x [H, nope, kv_lora] -> [H, T, kv_lora].
+            let q_lat = q_nope.transpose(0, 1)?.contiguous()?.matmul(&self.w_uk)?;
+            Some((q_lat, q_pe_rows.transpose(0, 1)?.contiguous()?)) // q_pe: [H, T, rope]
+        } else {
+            None
+        };
 
         let kv = self.kv_a_proj_with_mqa.forward(x)?; // [T, kv_lora + rope]
         let ckv = self
             .kv_a_layernorm
             .forward(&kv.narrow(1, 0, self.kv_lora)?.contiguous()?)?;
-        let kpe = kv
-            .narrow(1, self.kv_lora, self.rope)?
-            .contiguous()?
-            .reshape((t, 1, self.rope))?;
-        let kpe = rotary
-            .apply(&kpe, step.cos, step.sin)?
-            .reshape((t, self.rope))?;
+        let kpe = self.rotate(
+            flash.as_ref(),
+            rotary,
+            &kv.narrow(1, self.kv_lora, self.rope)?,
+            step,
+        )?; // [T, rope]
 
-        let batched = match &step.decode {
-            Some(db) => Some(self.attend_decode_batch(db, layer, &q_lat, &q_pe, &ckv, &kpe)?),
-            None => None,
+        let batched = match (&step.decode, &latent) {
+            (Some(db), Some((q_lat, q_pe))) => {
+                Some(self.attend_decode_batch(db, layer, q_lat, q_pe, &ckv, &kpe)?)
+            }
+            _ => None,
         };
         let in_batch = |i: usize| step.decode.as_ref().is_some_and(|db| db.seqs.contains(&i));
         if let (Some(o), Some(db)) = (&batched, &step.decode)
@@ -288,8 +304,40 @@ impl Attention {
                 &ckv.narrow(0, rows.start, rows.len)?,
                 &kpe.narrow(0, rows.start, rows.len)?,
             )?;
-            let ql = q_lat.narrow(1, rows.start, rows.len)?;
-            let qp = q_pe.narrow(1, rows.start, rows.len)?;
+            if let Some(g) = &flash {
+                let q = crate::cuda::PrefillQuery {
+                    q_nope: &q_nope.narrow(0, rows.start, rows.len)?,
+                    q_pe: &q_pe_rows.narrow(0, rows.start, rows.len)?,
+                    past,
+                };
+                if let Some(o) = self.attend_flash(g, &q, &c_all, &k_all)? {
+                    outputs.push(o);
+                    continue;
+                }
+            }
+            let (q_lat, q_pe) = match &latent {
+                Some(l) => (l.0.clone(), l.1.clone()),
+                None => {
+                    let rows_nope = q_nope.narrow(0, rows.start, rows.len)?;
+                    let rows_pe = q_pe_rows.narrow(0, rows.start, rows.len)?;
+                    (
+                        rows_nope
+                            .transpose(0, 1)?
+                            .contiguous()?
+                            .matmul(&self.w_uk)?,
+                        rows_pe.transpose(0, 1)?.contiguous()?,
+                    )
+                }
+            };
+            // Without `latent` the queries above are this sequence's rows only.
+            let (ql, qp) = if latent.is_some() {
+                (
+                    q_lat.narrow(1, rows.start, rows.len)?,
+                    q_pe.narrow(1, rows.start, rows.len)?,
+                )
+            } else {
+                (q_lat, q_pe)
+            };
             outputs.push(self.attend(&ql, &qp, &c_all, &k_all, past)?);
         }
         let mut o = Tensor::cat(&outputs, 0)?; // [T, H * v], in `order`
@@ -303,6 +351,29 @@ impl Attention {
             o = o.index_select(&Tensor::from_vec(inverse, n, o.device())?, 0)?;
         }
         self.o_proj.forward(&o)
+    }
+
+    /// `x [T, heads, rope]` or `[T, rope]` (a view) rotated by each row's position, contiguous:
+    /// one kernel on a GPU with the prefill kernels, else the candle ops.
+    fn rotate(
+        &self,
+        g: Option<&crate::cuda::Gpu>,
+        rotary: &Rotary,
+        x: &Tensor,
+        step: &AttentionStep,
+    ) -> Result<Tensor> {
+        if let Some(g) = g
+            && let Some(r) = g.rope_rows(x, step.cos, step.sin, rotary.interleaved())?
+        {
+            return Ok(r);
+        }
+        if let Ok((t, rope)) = x.dims2() {
+            let x = x.contiguous()?.reshape((t, 1, rope))?;
+            return Ok(rotary.apply(&x, step.cos, step.sin)?.reshape((t, rope))?);
+        }
+        Ok(rotary
+            .apply(&x.contiguous()?, step.cos, step.sin)?
+            .contiguous()?)
     }
 
     /// The queries of `x`'s rows, `[T, H, nope + rope]`.
@@ -431,6 +502,30 @@ impl Attention {
         Ok(o.transpose(0, 1)?
             .contiguous()?
             .reshape((b, self.heads * self.v_dim))?)
+    }
+
+    /// One sequence's prefill on the GPU with the flash kernel: its queries against its whole
+    /// context (`c [L, kv_lora]`, `k [L, rope]`) → `[n, H · v]`, or `None` if the kernel does
+    /// not take the shapes.
+    fn attend_flash(
+        &self,
+        g: &crate::cuda::Gpu,
+        q: &crate::cuda::PrefillQuery,
+        c: &Tensor,
+        k: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        let Some(kv_b) = &self.kv_b else {
+            return Ok(None);
+        };
+        g.mla_prefill(
+            q,
+            &c.contiguous()?,
+            &k.contiguous()?,
+            kv_b,
+            self.v_dim,
+            self.scale,
+            crate::cuda::prefill_kv_chunk(),
+        )
     }
 
     /// One sequence: `ql [H, n, kv_lora]`, `qp [H, n, rope]` against `c [L, kv_lora]`,

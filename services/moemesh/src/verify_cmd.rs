@@ -25,7 +25,10 @@
 //! prompts together in a paged KV pool, fed one token per step as one decode batch, so that each
 //! prompt position's logits come from the batched decode path — on a GPU the fused kernels:
 //! latent write, MLA over the block tables, device routing, grouped experts — then the greedy
-//! continuation as a batch, with the arg-max taken on the device).
+//! continuation as a batch, with the arg-max taken on the device), and `chunked` (the prompts
+//! prefilled together in chunks of 16 tokens through a paged pool, as the scheduler's chunked
+//! prefill does: on a GPU the flash prefill kernel over the pool's earlier context and the
+//! grouped expert GEMM).
 
 use std::path::{Path, PathBuf};
 
@@ -38,6 +41,9 @@ use moemesh_engine::{
 /// Below this f32 routing margin (router-logit units) a bf16 position is a near-tie: 4× the
 /// largest margin seen to flip under bf16 rounding on the fixtures (0.005).
 const NEAR_TIE: f32 = 0.02;
+/// Tokens per prompt and step in the `chunked` check: the fixtures' prompts (up to 100 tokens)
+/// then take up to 7 steps, each after the first attending to earlier chunks through the pool.
+const PREFILL_CHUNK: usize = 16;
 /// At most this share of a check's positions may be near-ties (V2-Lite's softmax top-6 of 16
 /// has many close calls: 14 of 58 positions).
 const MAX_NEAR_TIE_SHARE: f64 = 0.4;
@@ -174,9 +180,9 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
     for dir in &dirs {
         for d in &args.dtype {
             let dtype = moemesh_common::device::parse_dtype(d)?;
-            let both = check(dir, &device, dtype, d)
+            let found = check(dir, &device, dtype, d)
                 .with_context(|| format!("{} in {d}", dir.display()))?;
-            for c in both {
+            for c in found {
                 if args.json {
                     println!(
                         "{}",
@@ -337,9 +343,12 @@ fn check(
         c.add_prompt(&got, want, &ties, &out.token_ids, &expected, comparable)?;
     }
     let mut paged = paged_check(&engine, &paged_inputs)?;
-    paged.fixture = fixture;
+    paged.fixture = fixture.clone();
     paged.dtype = dtype_name.to_string();
-    let mut out = vec![c, paged];
+    let mut chunked = chunked_check(&engine, &paged_inputs)?;
+    chunked.fixture = fixture;
+    chunked.dtype = dtype_name.to_string();
+    let mut out = vec![c, paged, chunked];
     for c in &mut out {
         if exact {
             c.passed &= c.max_abs <= 1e-3;
@@ -450,6 +459,59 @@ fn paged_check(engine: &InProcessEngine, prompts: &[PagedPrompt]) -> anyhow::Res
             &p.expected,
             p.comparable,
         )?;
+    }
+    Ok(c)
+}
+
+/// Prefill steps of [`PREFILL_CHUNK`] tokens per prompt, all prompts together in a paged pool (as
+/// the scheduler's chunked prefill does): every chunk after the first attends to the earlier
+/// ones through the pool, and every prompt position's logits are compared. Greedy continuation
+/// is the other checks' business.
+fn chunked_check(engine: &InProcessEngine, prompts: &[PagedPrompt]) -> anyhow::Result<Check> {
+    use moemesh_engine::kv_cache::BLOCK_TOKENS;
+    use moemesh_engine::{KvPool, SequenceCache};
+    let model = &engine.model;
+    let cfg = model.config();
+    let blocks: usize = prompts
+        .iter()
+        .map(|p| p.ids.len().div_ceil(BLOCK_TOKENS) + 1)
+        .sum();
+    let pool = KvPool::new(cfg, blocks, model.dtype(), model.device())?;
+    let mut caches: Vec<SequenceCache> = prompts
+        .iter()
+        .map(|_| SequenceCache::paged(cfg, pool.clone()))
+        .collect();
+    let mut rows: Vec<Vec<Vec<f32>>> = prompts.iter().map(|_| Vec::new()).collect();
+    let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
+    for at in (0..longest).step_by(PREFILL_CHUNK) {
+        let active: Vec<usize> = (0..prompts.len())
+            .filter(|&i| at < prompts[i].ids.len())
+            .collect();
+        let chunk = |i: usize| &prompts[i].ids[at..prompts[i].ids.len().min(at + PREFILL_CHUNK)];
+        let tokens: Vec<u32> = active.iter().flat_map(|&i| chunk(i)).copied().collect();
+        let emb = model.embed(&tokens)?;
+        let mut seqs: Vec<StepSeq> = caches
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| active.contains(i))
+            .map(|(i, cache)| StepSeq {
+                cache,
+                new_tokens: chunk(i).len(),
+            })
+            .collect();
+        let hidden = model.forward_hidden(&emb, &mut seqs, &engine.experts, |_, _| {})?;
+        let host: Vec<Vec<f32>> = model.logits(&hidden)?.to_device(&Device::Cpu)?.to_vec2()?;
+        let mut host = host.into_iter();
+        for &i in &active {
+            rows[i].extend(host.by_ref().take(chunk(i).len()));
+        }
+    }
+    let mut c = Check::new("", "chunked", "");
+    for (i, p) in prompts.iter().enumerate() {
+        let vocab = rows[i].first().map_or(0, |r| r.len());
+        let flat: Vec<f32> = rows[i].iter().flatten().copied().collect();
+        let got = Tensor::from_vec(flat, (rows[i].len(), vocab), &Device::Cpu)?;
+        c.add_prompt(&got, &p.want, &p.ties, &[], &[], 0)?;
     }
     Ok(c)
 }
