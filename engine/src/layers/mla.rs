@@ -1,21 +1,34 @@
-//! Multi-head Latent Attention (DeepSeek-V2 §2.1), in the absorbed form.
+//! Multi-head Latent Attention (DeepSeek-V2 §2.1).
 //!
-//! Keys and values are never materialised per head. With `W_UK`/`W_UV` the two halves of
-//! `kv_b_proj` for head h, `q_nope·k_nope = (q_nope·W_UK)·c_kv` and `p·v = (p·c_kv)·W_UVᵀ`, so the
-//! query is projected into the latent space once and attention runs directly over the cached
-//! latents. The same code serves prefill (many new tokens, causal mask) and decode (one token per
-//! sequence); every sequence of a batch attends only to its own cache.
+//! Decode (and prefill on a GPU) runs in the absorbed form: keys and values are never
+//! materialised per head. With `W_UK`/`W_UV` the two halves of `kv_b_proj` for head h,
+//! `q_nope·k_nope = (q_nope·W_UK)·c_kv` and `p·v = (p·c_kv)·W_UVᵀ`, so the query is projected
+//! into the latent space once and attention runs directly over the cached latents. Every
+//! sequence of a batch attends only to its own cache.
+//!
+//! Prefill on the CPU (more than one new row of a sequence) runs in the non-absorbed form, as
+//! vLLM and FlashInfer prefill: the cached latents are expanded by `kv_b_proj` into per-head
+//! keys (nope + rope, 192 wide for V2/V3) and values (128) in chunks of [`PREFILL_KEY_CHUNK`]
+//! positions, and [`TiledAttention`] attends over each chunk with an online softmax and the
+//! causal mask by index. Memory is bounded by the chunk and the output, never queries × keys,
+//! and per query–key pair it is about a third of the absorbed form's work.
 
 use std::sync::Arc;
 
 use candle_core::{D, DType, Device, Tensor};
 
+use super::tiled_attention::{HeadsView, TiledAttention};
 use super::{Linear, RmsNorm, Rotary};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::SequenceCache;
 use crate::kv_pool::KvPool;
 use crate::weights::Loader;
+
+/// Cached positions expanded into per-head keys and values at once by the CPU prefill:
+/// `[chunk, heads, nope + v]` plus `[chunk, heads, nope + rope]` f32, about 21 MB for V2/V3
+/// (16 heads) and 0.6 MB for the embedded model.
+const PREFILL_KEY_CHUNK: usize = 1024;
 
 #[derive(Debug, Clone)]
 enum QueryProj {
@@ -153,6 +166,8 @@ pub struct Attention {
     w_uk: Tensor,
     /// `W_UVᵀ`, `[heads, kv_lora_rank, v_head_dim]`.
     w_uv_t: Tensor,
+    /// `kv_b_proj`, `[heads · (nope + v), kv_lora_rank]`: the CPU prefill expands latents with it.
+    kv_b: Tensor,
     o_proj: Linear,
     heads: usize,
     nope: usize,
@@ -189,9 +204,12 @@ impl Attention {
             &format!("{prefix}.kv_b_proj.weight"),
             &[heads * (nope + v_dim), kv_lora],
         )?;
-        let kv_b = kv_b.reshape((heads, nope + v_dim, kv_lora))?;
-        let w_uk = kv_b.narrow(1, 0, nope)?.contiguous()?;
-        let w_uv_t = kv_b.narrow(1, nope, v_dim)?.transpose(1, 2)?.contiguous()?;
+        let per_head = kv_b.reshape((heads, nope + v_dim, kv_lora))?;
+        let w_uk = per_head.narrow(1, 0, nope)?.contiguous()?;
+        let w_uv_t = per_head
+            .narrow(1, nope, v_dim)?
+            .transpose(1, 2)?
+            .contiguous()?;
         Ok(Attention {
             q,
             kv_a_proj_with_mqa: Linear::new(
@@ -209,6 +227,7 @@ impl Attention {
             )?,
             w_uk,
             w_uv_t,
+            kv_b,
             o_proj: Linear::new(loader, &format!("{prefix}.o_proj"), heads * v_dim, h, bias)?,
             heads,
             nope,
@@ -239,14 +258,20 @@ impl Attention {
         let t = x.dim(0)?;
         let q = self.queries(x)?;
         let q_nope = q.narrow(2, 0, self.nope)?; // [T, H, nope]
-        let q_pe = rotary.apply(
+        let q_pe_rows = rotary.apply(
             &q.narrow(2, self.nope, self.rope)?.contiguous()?,
             step.cos,
             step.sin,
-        )?;
+        )?; // [T, H, rope]
+        // Prefill rows on the CPU attend in the non-absorbed form (tiled); the rest absorbed.
+        let tiled = |rows: &SeqRows| rows.len > 1 && x.device().is_cpu();
         // Queries in latent space: [H, T, nope] x [H, nope, kv_lora] -> [H, T, kv_lora].
-        let q_lat = q_nope.transpose(0, 1)?.contiguous()?.matmul(&self.w_uk)?;
-        let q_pe = q_pe.transpose(0, 1)?.contiguous()?; // [H, T, rope]
+        let q_lat = if step.rows.iter().all(tiled) {
+            None
+        } else {
+            Some(q_nope.transpose(0, 1)?.contiguous()?.matmul(&self.w_uk)?)
+        };
+        let q_pe = q_pe_rows.transpose(0, 1)?.contiguous()?; // [H, T, rope]
 
         let kv = self.kv_a_proj_with_mqa.forward(x)?; // [T, kv_lora + rope]
         let ckv = self
@@ -260,8 +285,13 @@ impl Attention {
             .apply(&kpe, step.cos, step.sin)?
             .reshape((t, self.rope))?;
 
+        let latent = || {
+            q_lat
+                .as_ref()
+                .expect("latent queries are computed whenever a row attends absorbed")
+        };
         let batched = match &step.decode {
-            Some(db) => Some(self.attend_decode_batch(db, layer, &q_lat, &q_pe, &ckv, &kpe)?),
+            Some(db) => Some(self.attend_decode_batch(db, layer, latent(), &q_pe, &ckv, &kpe)?),
             None => None,
         };
         let in_batch = |i: usize| step.decode.as_ref().is_some_and(|db| db.seqs.contains(&i));
@@ -288,7 +318,13 @@ impl Attention {
                 &ckv.narrow(0, rows.start, rows.len)?,
                 &kpe.narrow(0, rows.start, rows.len)?,
             )?;
-            let ql = q_lat.narrow(1, rows.start, rows.len)?;
+            if tiled(rows) {
+                let qn = q_nope.narrow(0, rows.start, rows.len)?;
+                let qp = q_pe_rows.narrow(0, rows.start, rows.len)?;
+                outputs.push(self.attend_tiled(&qn, &qp, &c_all, &k_all, past)?);
+                continue;
+            }
+            let ql = latent().narrow(1, rows.start, rows.len)?;
             let qp = q_pe.narrow(1, rows.start, rows.len)?;
             outputs.push(self.attend(&ql, &qp, &c_all, &k_all, past)?);
         }
@@ -431,6 +467,62 @@ impl Attention {
         Ok(o.transpose(0, 1)?
             .contiguous()?
             .reshape((b, self.heads * self.v_dim))?)
+    }
+
+    /// One sequence's prefill on the CPU, non-absorbed and tiled: `q_nope [n, H, nope]`,
+    /// `q_pe [n, H, rope]` (rotated) against the cached latents `c [L, kv_lora]`, `k [L, rope]`,
+    /// the n queries at positions `past..past + n = L` → `[n, H * v]`.
+    fn attend_tiled(
+        &self,
+        q_nope: &Tensor,
+        q_pe: &Tensor,
+        c: &Tensor,
+        k: &Tensor,
+        past: usize,
+    ) -> Result<Tensor> {
+        let (n, h, _) = q_nope.dims3()?;
+        let l = c.dim(0)?;
+        let dtype = c.dtype();
+        let dk = self.nope + self.rope;
+        let dkv = self.nope + self.v_dim;
+        let q = Tensor::cat(&[q_nope, q_pe], 2)?.to_dtype(DType::F32)?; // [n, H, dk]
+        let q = q.flatten_all()?.to_vec1::<f32>()?;
+        let kv_b_t = self.kv_b.t()?; // [kv_lora, H * (nope + v)]
+        let mut att = TiledAttention::new(h, n, self.v_dim, past, self.scale as f32);
+        for k0 in (0..l).step_by(PREFILL_KEY_CHUNK) {
+            let lc = PREFILL_KEY_CHUNK.min(l - k0);
+            let kv = c.narrow(0, k0, lc)?.matmul(&kv_b_t)?; // [lc, H * (nope + v)]
+            let kv = kv.to_dtype(DType::F32)?.reshape((lc, h, dkv))?;
+            let kpe = k
+                .narrow(0, k0, lc)?
+                .to_dtype(DType::F32)?
+                .reshape((lc, 1, self.rope))?;
+            let keys = Tensor::cat(
+                &[
+                    &kv.narrow(2, 0, self.nope)?,
+                    &kpe.broadcast_as((lc, h, self.rope))?,
+                ],
+                2,
+            )?; // [lc, H, dk]
+            let keys = keys.flatten_all()?.to_vec1::<f32>()?;
+            let kv = kv.flatten_all()?.to_vec1::<f32>()?;
+            let values = HeadsView {
+                data: &kv,
+                offset: self.nope,
+                row: h * dkv,
+                head: dkv,
+                dim: self.v_dim,
+            }; // [lc, H, v] inside [lc, H, nope + v]
+            att.update(
+                HeadsView::contiguous(&q, h, dk),
+                HeadsView::contiguous(&keys, h, dk),
+                values,
+                k0,
+                lc,
+            );
+        }
+        let o = Tensor::from_vec(att.finish(), (n, h * self.v_dim), c.device())?; // [n, H * v]
+        Ok(o.to_dtype(dtype)?)
     }
 
     /// One sequence: `ql [H, n, kv_lora]`, `qp [H, n, rope]` against `c [L, kv_lora]`,
