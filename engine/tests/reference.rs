@@ -4,8 +4,8 @@
 //! Every fixture directory found is checked, so a new reference model is covered by dropping it
 //! in. Tolerances:
 //! - logits: max-abs 1e-3 (the bound). Both sides run in f32 from the same
-//!   bf16/FP8-dequantised weights; what differs is summation order (absorbed MLA, matmul
-//!   blocking), worth ~1e-5 here.
+//!   bf16/FP8-dequantised weights; what differs is summation order (absorbed MLA in decode,
+//!   tiled online-softmax MLA in CPU prefill, matmul blocking), worth ~1e-5 here.
 //! - hidden states (transformers 5.17 reports the embeddings, then each decoder layer's output,
 //!   except that the last entry is taken *after* the final norm: `logits = lm_head(hs[L])`
 //!   exactly, checked against the fixture weights): max-abs 1e-3 relative to the layer's largest magnitude (the residual stream
@@ -220,6 +220,47 @@ fn greedy_decode_through_the_kv_cache_matches_transformers() {
                 dir.display(),
                 expected.len()
             );
+        }
+    }
+}
+
+/// A prompt prefilled in three chunks (each chunk's queries attend to the cached earlier ones,
+/// as chunked prefill does) gives the reference logits at the end of every chunk.
+#[test]
+fn chunked_prefill_matches_transformers() {
+    for dir in fixture_dirs() {
+        let r = Reference::load(&dir);
+        let engine = load(&dir);
+        let model = &engine.model;
+        for p in 0..r.num_prompts() {
+            let ids = r.ids(&format!("prompt{p}.input_ids"));
+            if ids.len() < 4 {
+                continue;
+            }
+            let reference = r.tensor(&format!("prompt{p}.logits"));
+            let third = ids.len() / 3;
+            let mut cache = model.new_cache();
+            for (start, end) in [
+                (0, third),
+                (third, 2 * third + 1),
+                (2 * third + 1, ids.len()),
+            ] {
+                let emb = model.embed(&ids[start..end]).expect("embed");
+                let mut s = [StepSeq {
+                    cache: &mut cache,
+                    new_tokens: end - start,
+                }];
+                let logits = model
+                    .step_last_logits(&emb, &mut s, &engine.experts)
+                    .expect("chunk");
+                let want = reference.narrow(0, end - 1, 1).expect("row");
+                let d = max_abs_diff(&logits, &want);
+                assert!(
+                    d <= LOGIT_TOL,
+                    "{}: prompt {p}: chunk {start}..{end}: max-abs {d} > {LOGIT_TOL}",
+                    dir.display()
+                );
+            }
         }
     }
 }

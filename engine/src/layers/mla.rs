@@ -1,21 +1,34 @@
-//! Multi-head Latent Attention (DeepSeek-V2 §2.1), in the absorbed form.
+//! Multi-head Latent Attention (DeepSeek-V2 §2.1).
 //!
-//! Keys and values are never materialised per head. With `W_UK`/`W_UV` the two halves of
-//! `kv_b_proj` for head h, `q_nope·k_nope = (q_nope·W_UK)·c_kv` and `p·v = (p·c_kv)·W_UVᵀ`, so the
-//! query is projected into the latent space once and attention runs directly over the cached
-//! latents. The same code serves prefill (many new tokens, causal mask) and decode (one token per
-//! sequence); every sequence of a batch attends only to its own cache.
+//! Decode (and prefill on a GPU) runs in the absorbed form: keys and values are never
+//! materialised per head. With `W_UK`/`W_UV` the two halves of `kv_b_proj` for head h,
+//! `q_nope·k_nope = (q_nope·W_UK)·c_kv` and `p·v = (p·c_kv)·W_UVᵀ`, so the query is projected
+//! into the latent space once and attention runs directly over the cached latents. Every
+//! sequence of a batch attends only to its own cache.
+//!
+//! Prefill on the CPU (more than one new row of a sequence) runs in the non-absorbed form, as
+//! vLLM and FlashInfer prefill: the cached latents are expanded by `kv_b_proj` into per-head
+//! keys (nope + rope, 192 wide for V2/V3) and values (128) in chunks of [`PREFILL_KEY_CHUNK`]
+//! positions, and [`TiledAttention`] attends over each chunk with an online softmax and the
+//! causal mask by index. Memory is bounded by the chunk and the output, never queries × keys,
+//! and per query–key pair it is about a third of the absorbed form's work.
 
 use std::sync::Arc;
 
 use candle_core::{D, DType, Device, Tensor};
 
+use super::tiled_attention::{HeadsView, TiledAttention};
 use super::{Linear, RmsNorm, Rotary};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::SequenceCache;
 use crate::kv_pool::KvPool;
 use crate::weights::Loader;
+
+/// Cached positions expanded into per-head keys and values at once by the CPU prefill:
+/// `[chunk, heads, nope + v]` plus `[chunk, heads, nope + rope]` f32, about 21 MB for V2/V3
+/// (16 heads) and 0.6 MB for the embedded model.
+const PREFILL_KEY_CHUNK: usize = 1024;
 
 #[derive(Debug, Clone)]
 enum QueryProj {
@@ -153,10 +166,11 @@ pub struct Attention {
     w_uk: Tensor,
     /// `W_UVᵀ`, `[heads, kv_lora_rank, v_head_dim]`.
     w_uv_t: Tensor,
-    /// `kv_b_proj` itself, `[heads · (nope + v), kv_lora_rank]`, kept on a GPU only: prefill
-    /// attention there expands keys and values with it (the non-absorbed form,
-    /// [`Attention::attend_flash`]).
-    kv_b: Option<Tensor>,
+    /// `kv_b_proj` itself, `[heads · (nope + v), kv_lora_rank]`: prefill attention expands
+    /// the cached latents into per-head keys and values with it (the non-absorbed form: the
+    /// flash kernel on a GPU, [`Attention::attend_flash`]; tiles on the CPU,
+    /// [`Attention::attend_tiled`]).
+    kv_b: Tensor,
     o_proj: Linear,
     heads: usize,
     nope: usize,
@@ -216,7 +230,7 @@ impl Attention {
             )?,
             w_uk,
             w_uv_t,
-            kv_b: crate::cuda::gpu(loader.device()).map(|_| kv_b),
+            kv_b,
             o_proj: Linear::new(loader, &format!("{prefix}.o_proj"), heads * v_dim, h, bias)?,
             heads,
             nope,
@@ -247,15 +261,19 @@ impl Attention {
         let q = self.queries(x)?;
         let q_nope = q.narrow(2, 0, self.nope)?; // [T, H, nope]
         // Prefill attention on the GPU takes the flash kernel (non-absorbed form), with the
-        // rotary as one kernel; the decode batch and everything else attend in latent space.
+        // rotary as one kernel; on the CPU prefill rows attend non-absorbed in tiles; the
+        // decode batch and everything else attend in latent space.
         let flash = crate::cuda::gpu(x.device()).filter(|_| crate::cuda::flash_prefill_enabled());
+        let tiled = |rows: &SeqRows| rows.len > 1 && x.device().is_cpu();
         let q_pe_rows = self.rotate(
             flash.as_ref(),
             rotary,
             &q.narrow(2, self.nope, self.rope)?,
             step,
         )?; // [T, H, rope]
-        let latent = if flash.is_none() || step.decode.is_some() {
+        let absorbed_rows =
+            step.decode.is_some() || (flash.is_none() && !step.rows.iter().all(tiled));
+        let latent = if absorbed_rows {
             // Queries in latent space: [H, T, nope] x [H, nope, kv_lora] -> [H, T, kv_lora].
             let q_lat = q_nope.transpose(0, 1)?.contiguous()?.matmul(&self.w_uk)?;
             Some((q_lat, q_pe_rows.transpose(0, 1)?.contiguous()?)) // q_pe: [H, T, rope]
@@ -314,6 +332,12 @@ impl Attention {
                     outputs.push(o);
                     continue;
                 }
+            }
+            if tiled(rows) {
+                let qn = q_nope.narrow(0, rows.start, rows.len)?;
+                let qp = q_pe_rows.narrow(0, rows.start, rows.len)?;
+                outputs.push(self.attend_tiled(&qn, &qp, &c_all, &k_all, past)?);
+                continue;
             }
             let (q_lat, q_pe) = match &latent {
                 Some(l) => (l.0.clone(), l.1.clone()),
@@ -514,18 +538,71 @@ impl Attention {
         c: &Tensor,
         k: &Tensor,
     ) -> Result<Option<Tensor>> {
-        let Some(kv_b) = &self.kv_b else {
-            return Ok(None);
-        };
         g.mla_prefill(
             q,
             &c.contiguous()?,
             &k.contiguous()?,
-            kv_b,
+            &self.kv_b,
             self.v_dim,
             self.scale,
             crate::cuda::prefill_kv_chunk(),
         )
+    }
+
+    /// One sequence's prefill on the CPU, non-absorbed and tiled: `q_nope [n, H, nope]`,
+    /// `q_pe [n, H, rope]` (rotated) against the cached latents `c [L, kv_lora]`, `k [L, rope]`,
+    /// the n queries at positions `past..past + n = L` → `[n, H * v]`.
+    fn attend_tiled(
+        &self,
+        q_nope: &Tensor,
+        q_pe: &Tensor,
+        c: &Tensor,
+        k: &Tensor,
+        past: usize,
+    ) -> Result<Tensor> {
+        let (n, h, _) = q_nope.dims3()?;
+        let l = c.dim(0)?;
+        let dtype = c.dtype();
+        let dk = self.nope + self.rope;
+        let dkv = self.nope + self.v_dim;
+        let q = Tensor::cat(&[q_nope, q_pe], 2)?.to_dtype(DType::F32)?; // [n, H, dk]
+        let q = q.flatten_all()?.to_vec1::<f32>()?;
+        let kv_b_t = self.kv_b.t()?; // [kv_lora, H * (nope + v)]
+        let mut att = TiledAttention::new(h, n, self.v_dim, past, self.scale as f32);
+        for k0 in (0..l).step_by(PREFILL_KEY_CHUNK) {
+            let lc = PREFILL_KEY_CHUNK.min(l - k0);
+            let kv = c.narrow(0, k0, lc)?.matmul(&kv_b_t)?; // [lc, H * (nope + v)]
+            let kv = kv.to_dtype(DType::F32)?.reshape((lc, h, dkv))?;
+            let kpe = k
+                .narrow(0, k0, lc)?
+                .to_dtype(DType::F32)?
+                .reshape((lc, 1, self.rope))?;
+            let keys = Tensor::cat(
+                &[
+                    &kv.narrow(2, 0, self.nope)?,
+                    &kpe.broadcast_as((lc, h, self.rope))?,
+                ],
+                2,
+            )?; // [lc, H, dk]
+            let keys = keys.flatten_all()?.to_vec1::<f32>()?;
+            let kv = kv.flatten_all()?.to_vec1::<f32>()?;
+            let values = HeadsView {
+                data: &kv,
+                offset: self.nope,
+                row: h * dkv,
+                head: dkv,
+                dim: self.v_dim,
+            }; // [lc, H, v] inside [lc, H, nope + v]
+            att.update(
+                HeadsView::contiguous(&q, h, dk),
+                HeadsView::contiguous(&keys, h, dk),
+                values,
+                k0,
+                lc,
+            );
+        }
+        let o = Tensor::from_vec(att.finish(), (n, h * self.v_dim), c.device())?; // [n, H * v]
+        Ok(o.to_dtype(dtype)?)
     }
 
     /// One sequence: `ql [H, n, kv_lora]`, `qp [H, n, rope]` against `c [L, kv_lora]`,

@@ -8,6 +8,7 @@ pub mod mla;
 pub mod mlp;
 pub mod norm;
 pub mod rotary;
+pub mod tiled_attention;
 
 pub use linear::Linear;
 pub use mla::Attention;

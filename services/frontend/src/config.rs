@@ -35,8 +35,13 @@ pub struct FrontendConfig {
     #[arg(long, env = "MOEMESH_MAX_STOP_SEQUENCES", default_value_t = 16)]
     pub max_stop_sequences: usize,
     /// Most tokens (prompt chunks + decodes) in one step to a gate; long prompts are prefilled
-    /// in chunks so running decodes keep flowing.
-    #[arg(long, env = "MOEMESH_STEP_TOKEN_BUDGET", default_value_t = 4096)]
+    /// in chunks so running decodes keep flowing. The budget trades a long prompt's time to first
+    /// token against the stall it puts on every running decode. 512 was measured best on a CPU
+    /// mesh (docs/BENCHMARKS.md, 2026-11-26): with 2,000-token prompts arriving among 7 decodes,
+    /// inter-token p99 0.4–0.8 s against 2.7–3.2 s at 4096, and the prompts' time to first token
+    /// shorter too; it also leaves half of each step to prompts at the default --max-running
+    /// (256). A GPU gate, whose step time grows slowly with its tokens, wants a larger budget.
+    #[arg(long, env = "MOEMESH_STEP_TOKEN_BUDGET", default_value_t = 512)]
     pub step_token_budget: usize,
     /// Seconds one step may take at its gate, from sending it to its answer (opening the stream
     /// included), before the gate is taken for hung: its sequences move to another gate and are
