@@ -191,6 +191,11 @@ pub async fn run(
     }
     let tls = cfg.member.tls.load(ClientAuth::Required)?;
     cfg.member.limits.validate().map_err(MeshError::Invalid)?;
+    if cfg.max_step_sequences == 0 {
+        return Err(MeshError::Invalid(
+            "--max-step-sequences must be at least 1".into(),
+        ));
+    }
     let local = listener
         .local_addr()
         .map_err(|e| MeshError::Internal(e.to_string()))?;
@@ -280,6 +285,7 @@ pub async fn run(
         kv_pool,
     );
     engine.overlap = cfg.overlap;
+    engine.max_step_sequences = cfg.max_step_sequences;
     engine.record_kv();
     std::thread::Builder::new()
         .name("gate-engine".into())
