@@ -98,8 +98,12 @@ impl Expert for ExpertService {
                 let req = match incoming.message().await {
                     Ok(Some(r)) => r,
                     Ok(None) => break,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "forward stream ended");
+                    // A message that does not decode (malformed, or over --max-message-mb) ends
+                    // the stream with its status, not with OK: the server's status layer makes it
+                    // INVALID_ARGUMENT or RESOURCE_EXHAUSTED naming the limit.
+                    Err(status) => {
+                        tracing::debug!(error = %status, "forward stream ended");
+                        let _ = tx.send(Err(status)).await;
                         break;
                     }
                 };

@@ -55,7 +55,15 @@ impl Gate for GateService {
             loop {
                 let req = match incoming.message().await {
                     Ok(Some(r)) => r,
-                    Ok(None) | Err(_) => break,
+                    Ok(None) => break,
+                    // A message that does not decode (malformed, or over --max-message-mb) ends
+                    // the stream with its status, not with OK: the server's status layer makes it
+                    // INVALID_ARGUMENT or RESOURCE_EXHAUSTED naming the limit. (If the frontend
+                    // went away, no one reads this.)
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
                 };
                 let (reply_tx, reply_rx) = oneshot::channel();
                 if engine
