@@ -246,6 +246,12 @@ pub async fn run(
     let limits = &cfg.member.limits;
     let server = limits
         .server()
+        // Under TLS, only gates send tokens to experts: a peer whose certificate lacks the
+        // gate role gets PERMISSION_DENIED (health and reflection stay open to probes).
+        .layer(tls::RequireRoleLayer::new(
+            "/moemesh.v1.Expert/Forward",
+            tls::CertRole::Gate,
+        ))
         .add_service(health)
         .add_service(reflection)
         .add_service(

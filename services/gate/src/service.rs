@@ -312,6 +312,12 @@ pub async fn run(
     let server = tokio::spawn(
         limits
             .server()
+            // Under TLS, only frontends run steps: a peer whose certificate lacks the
+            // frontend role gets PERMISSION_DENIED (health and reflection stay open to probes).
+            .layer(tls::RequireRoleLayer::new(
+                "/moemesh.v1.Gate/Step",
+                tls::CertRole::Frontend,
+            ))
             .add_service(health)
             .add_service(reflection)
             .add_service(
