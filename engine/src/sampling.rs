@@ -1,6 +1,7 @@
 //! Choosing the next token from a row of logits, per sequence.
 //!
-//! Temperature 0 is greedy (argmax, ties to the lowest id, as `torch.argmax`). Otherwise the
+//! A temperature below [`GREEDY_BELOW`] (0 included) is greedy (argmax, ties to the lowest id,
+//! as `torch.argmax`): dividing logits by a tinier one overflows them. Otherwise the
 //! logits are divided by the temperature, cut to the `top_k` best, softmaxed, cut to the smallest
 //! prefix whose mass reaches `top_p`, and sampled with the sequence's own ChaCha8 generator —
 //! seeded from the request's seed when given, so the same seed gives the same tokens whatever
@@ -12,10 +13,15 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::error::{EngineError, Result};
 
+/// Temperatures below this are greedy decoding, as vLLM rules (`_SAMPLING_EPS`): dividing
+/// logits by anything smaller (down to the subnormals) overflows them to infinities. The one
+/// place the rule lives; the proto comments and the README state it.
+pub const GREEDY_BELOW: f32 = 1e-5;
+
 /// Per-request sampling parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingParams {
-    /// 0 means greedy.
+    /// Below [`GREEDY_BELOW`] (0 included) means greedy.
     pub temperature: f32,
     /// 0 means no top-k cut.
     pub top_k: usize,
@@ -41,7 +47,7 @@ impl SamplingParams {
     pub fn validate(&self, vocab_size: usize) -> Result<()> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
             return Err(EngineError::InvalidInput(format!(
-                "sampling.temperature must be a finite number >= 0 (0 = greedy), got {}",
+                "sampling.temperature must be a finite number >= 0 (below {GREEDY_BELOW} = greedy), got {}",
                 self.temperature
             )));
         }
@@ -60,8 +66,9 @@ impl SamplingParams {
         Ok(())
     }
 
+    /// Whether the next token is the argmax: a temperature below [`GREEDY_BELOW`].
     pub fn is_greedy(&self) -> bool {
-        self.temperature == 0.0
+        self.temperature < GREEDY_BELOW
     }
 }
 
@@ -379,5 +386,27 @@ mod tests {
             assert!(msg.contains(field), "{msg}");
         }
         params(0.7, 10, 0.9, 0).validate(10).expect("valid");
+    }
+
+    #[test]
+    fn temperatures_below_the_threshold_are_greedy_and_sample_finite_tokens() {
+        // Large logits, so that dividing them by a tiny temperature would overflow to +inf.
+        let logits = [100.0, 300.0, 200.0, -50.0];
+        let subnormal = f32::from_bits(1);
+        assert!(subnormal > 0.0 && !subnormal.is_normal());
+        for t in [0.0, subnormal, 5e-38, 1e-30, 9.9e-6] {
+            let p = params(t, 0, 1.0, 7);
+            p.validate(4).expect("a tiny temperature is valid");
+            assert!(p.is_greedy(), "{t} is below {GREEDY_BELOW}");
+            let mut s = Sampler::new(p);
+            for _ in 0..20 {
+                let got = s.sample(&logits).expect("sample");
+                assert_eq!(got.token, 1, "temperature {t}");
+                assert!(got.logprob.is_finite() && got.logprob <= 0.0, "{got:?}");
+            }
+        }
+        for t in [GREEDY_BELOW, 1e-4, 0.7] {
+            assert!(!params(t, 0, 1.0, 7).is_greedy(), "{t} samples");
+        }
     }
 }

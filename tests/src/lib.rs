@@ -76,6 +76,7 @@ pub fn json_lines(out: &Output) -> Vec<serde_json::Value> {
 
 pub mod mesh;
 pub mod otlp;
+pub mod raw;
 pub mod tls;
 
 /// A greedy Generate of the token ids `ids` that makes exactly `max_new_tokens` (EOS ignored).

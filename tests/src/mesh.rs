@@ -129,7 +129,7 @@ impl Etcd {
 
     /// etcd serving `https://` with a certificate from `ca`, requiring client certificates.
     pub fn start_tls(dir: &Path, ca: &TestCa) -> Etcd {
-        let leaf = ca.leaf("etcd", "etcd");
+        let leaf = ca.leaf("etcd", "etcd", &[]);
         Etcd::start_opts(dir, Some([leaf.cert, leaf.key, ca.ca_path.clone()]))
     }
 
@@ -459,8 +459,8 @@ impl Mesh {
         ca: Option<&TestCa>,
     ) -> Mesh {
         let dir = tempfile::tempdir().expect("tempdir");
-        let tls = |name: &str| {
-            ca.map(|ca| ca.flags(&ca.leaf(name, name)))
+        let tls = |name: &str, role: &str| {
+            ca.map(|ca| ca.flags(&ca.leaf(name, name, &[role])))
                 .unwrap_or_default()
         };
         let etcd = match ca {
@@ -473,7 +473,7 @@ impl Mesh {
         for (i, shard) in shards.iter().enumerate() {
             let name = format!("worker{i}");
             let mut args = opts.worker_args.clone();
-            args.extend(tls(&name));
+            args.extend(tls(&name, "expert"));
             workers.push(start_worker(
                 dir.path(),
                 common_args(&etcd, &cluster, model.as_deref()),
@@ -486,11 +486,11 @@ impl Mesh {
         let mut args = common_args(&etcd, &cluster, model.as_deref());
         args.extend(["--lease-ttl".into(), "3".into()]);
         args.extend(opts.gate_args.iter().cloned());
-        args.extend(tls("gate"));
+        args.extend(tls("gate", "gate"));
         let gate = start_role_env(dir.path(), "gate", "gate", &args, &opts.env);
         let mut fargs = common_args(&etcd, &cluster, model.as_deref());
         fargs.extend(opts.frontend_args.iter().cloned());
-        fargs.extend(tls("frontend"));
+        fargs.extend(tls("frontend", "frontend"));
         let fenv: Vec<(String, String)> =
             opts.env.iter().chain(&opts.frontend_env).cloned().collect();
         let frontend = start_role_env(dir.path(), "frontend", "frontend", &fargs, &fenv);

@@ -52,14 +52,22 @@ impl TestCa {
         }
     }
 
-    /// A certificate for localhost and 127.0.0.1 with the subject `cn`, good as server and
-    /// client, written to `<ca name>-<file>.pem` and `<ca name>-<file>-key.pem` (replacing them).
-    pub fn leaf(&self, file: &str, cn: &str) -> Leaf {
+    /// A certificate for localhost and 127.0.0.1 with the subject `cn` and the mesh `roles`
+    /// (`frontend`, `gate`, `expert`, `client`: URI SANs `spiffe://moemesh/role/<role>`), good as
+    /// server and client, written to `<ca name>-<file>.pem` and `<ca name>-<file>-key.pem`
+    /// (replacing them).
+    pub fn leaf(&self, file: &str, cn: &str, roles: &[&str]) -> Leaf {
         let mut params =
             rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("names");
         params.subject_alt_names.push(rcgen::SanType::IpAddress(
             std::net::Ipv4Addr::LOCALHOST.into(),
         ));
+        for role in roles {
+            params.subject_alt_names.push(rcgen::SanType::URI(
+                rcgen::string::Ia5String::try_from(format!("spiffe://moemesh/role/{role}"))
+                    .expect("an ASCII URI"),
+            ));
+        }
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, cn);

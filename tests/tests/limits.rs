@@ -167,12 +167,19 @@ async fn oversized_and_slow_requests_are_refused_and_the_frontend_keeps_serving(
         .await
         .expect("7 KiB of metadata");
     assert!(!near.get_mut().ids.is_empty());
-    // Beyond HTTP/2's own limit (4 × 8192, at least 64 KiB) the header block is not even
-    // buffered: HTTP/2 answers 431, which gRPC clients see as UNKNOWN.
+    // Far over it, still a status for this request alone (HTTP/2's own limit is far higher).
     let err = client
-        .tokenize(padded(80 << 10))
+        .tokenize(padded(200_000))
         .await
-        .expect_err("80 KiB of metadata");
+        .expect_err("200 KB of metadata");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("8192"), "{}", err.message());
+    // Beyond HTTP/2's own limit (16 × 8192, at least 1 MiB) the header block is not kept:
+    // HTTP/2 answers 431, which gRPC clients see as UNKNOWN.
+    let err = client
+        .tokenize(padded(1100 << 10))
+        .await
+        .expect_err("1.1 MiB of metadata");
     assert!(err.message().contains("431"), "{err:?}");
     assert!(
         tokenize(&mut client, "after the headers")

@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use moemesh_proto::v1::expert_client::ExpertClient;
 use moemesh_proto::v1::gate_client::GateClient;
 use moemesh_proto::v1::generate_request::Input;
 use moemesh_proto::v1::generation_client::GenerationClient;
@@ -110,7 +111,7 @@ async fn mtls_mesh_generates_refuses_foreign_certificates_and_reloads_its_own() 
     assert_eq!(ids, expected);
 
     // `moemesh generate` as a TLS client, with a client certificate.
-    let client = ca.leaf("client", "test client");
+    let client = ca.leaf("client", "test client", &["client"]);
     let prompt_ids: Vec<String> = input.iter().map(u32::to_string).collect();
     let (ca_path, cert, key) = (
         ca.ca_path.display().to_string(),
@@ -139,7 +140,7 @@ async fn mtls_mesh_generates_refuses_foreign_certificates_and_reloads_its_own() 
     assert_eq!(last["token_ids"], serde_json::json!(expected));
 
     // Internal services take only clients with a certificate from the mesh's CA.
-    let stranger = other.leaf("client", "stranger");
+    let stranger = other.leaf("client", "stranger", &["frontend"]);
     for (name, addr) in [("gate", gate), ("worker", worker)] {
         let none = probe(addr, &ca, None).await.expect_err("no certificate");
         assert_eq!(
@@ -159,6 +160,54 @@ async fn mtls_mesh_generates_refuses_foreign_certificates_and_reloads_its_own() 
             .await
             .unwrap_or_else(|e| panic!("{name} refused a certificate of its CA: {e}"));
     }
+    // Role-bound certificates: the public-port client certificate (role `client`) passes the
+    // TLS handshake, but Gate.Step and Expert.Forward refuse it, naming the role they expect;
+    // health stays open to it. A frontend-role certificate may step, and only a gate-role one
+    // may call the workers.
+    let as_client = channel(gate, &ca, Some(&client))
+        .await
+        .expect("TLS to the gate");
+    let err = GateClient::new(as_client.clone())
+        .step(tokio_stream::iter([v1::StepRequest::default()]))
+        .await
+        .expect_err("a client certificate may not step");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("frontend role")
+            && err.message().contains("spiffe://moemesh/role/frontend"),
+        "{}",
+        err.message()
+    );
+    let health = tonic_health::pb::health_client::HealthClient::new(as_client)
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect("health with a client certificate");
+    assert_eq!(
+        health.into_inner().status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let frontend_leaf = ca.leaf("frontend2", "another frontend", &["frontend"]);
+    let as_frontend = channel(gate, &ca, Some(&frontend_leaf))
+        .await
+        .expect("TLS to the gate");
+    let mut steps = GateClient::new(as_frontend)
+        .step(tokio_stream::iter([v1::StepRequest::default()]))
+        .await
+        .expect("a frontend certificate may step")
+        .into_inner();
+    assert!(steps.message().await.expect("a step answer").is_some());
+    for leaf in [&client, &frontend_leaf] {
+        let to_worker = channel(worker, &ca, Some(leaf))
+            .await
+            .expect("TLS to the worker");
+        let err = ExpertClient::new(to_worker)
+            .forward(tokio_stream::iter([v1::ForwardRequest::default()]))
+            .await
+            .expect_err("only gates may forward");
+        assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+        assert!(err.message().contains("gate role"), "{}", err.message());
+    }
+
     // Plaintext gRPC reaches nothing.
     let plain = GateClient::connect(mesh.gate_url()).await;
     let refused = match plain {
@@ -182,7 +231,7 @@ async fn mtls_mesh_generates_refuses_foreign_certificates_and_reloads_its_own() 
     // Reload: the gate's files are replaced (key first, then certificate, as a careless
     // rotation would); new connections get the new certificate, without a restart.
     let old = probe(gate, &ca, Some(&client)).await.expect("gate");
-    let renewed = ca.leaf("gate", "gate renewed");
+    let renewed = ca.leaf("gate", "gate renewed", &["gate"]);
     assert_ne!(old, renewed.der);
     let started = Instant::now();
     wait_until(

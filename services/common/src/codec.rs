@@ -100,15 +100,50 @@ fn decode_rows(
     Ok((x, rows))
 }
 
+/// The first (row, column) of a `[rows, width]` f32 or bf16 tensor's little-endian bytes that
+/// holds a NaN or an infinity (all exponent bits set, in either format).
+fn first_non_finite(t: &v1::Tensor, width: usize) -> Option<(usize, usize)> {
+    let at = |i: usize| (i / width.max(1), i % width.max(1));
+    if t.dtype == v1::DType::F32 as i32 {
+        t.data
+            .chunks_exact(4)
+            .position(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000)
+            .map(at)
+    } else {
+        t.data
+            .chunks_exact(2)
+            .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80)
+            .map(at)
+    }
+}
+
 /// The activations of a `Gate.Step` request, `[total tokens, hidden_size]`, checked against its
-/// sequences: each sequence at most once and with at least one token, and their token counts
-/// adding up to the rows. Only for a step that has sequences.
+/// sequences: at most `max_seqs` of them (`--max-step-sequences`), each at most once and with at
+/// least one token, and their token counts adding up to the rows; every value finite (a NaN or
+/// infinity would come out as token 0 with a NaN logprob). Only for a step that has sequences.
 pub fn decode_step(
     req: &v1::StepRequest,
     hidden_size: usize,
+    max_seqs: usize,
     device: &Device,
 ) -> MeshResult<Tensor> {
+    if req.seqs.len() > max_seqs {
+        return Err(MeshError::Invalid(format!(
+            "seqs: {} sequences in one step, over the limit of {max_seqs} (--max-step-sequences)",
+            req.seqs.len()
+        )));
+    }
     let (hidden, rows) = decode_rows(req.activations.as_ref(), "activations", hidden_size, device)?;
+    if let Some((row, col)) = req
+        .activations
+        .as_ref()
+        .and_then(|t| first_non_finite(t, hidden_size))
+    {
+        return Err(MeshError::Invalid(format!(
+            "activations: row {row}, column {col} is not finite (NaN or infinity); every \
+             activation must be a finite number"
+        )));
+    }
     let mut seen = std::collections::HashSet::with_capacity(req.seqs.len());
     if let Some(s) = req
         .seqs
@@ -199,6 +234,74 @@ mod tests {
                 .expect("vec");
             assert_eq!(back, vec![vec![1.5, -2.0, 3.25], vec![0.0, 7.0, -0.5]]);
         }
+    }
+
+    /// A valid two-sequence step of `hidden` columns (f32 zeros), one token each.
+    fn step(hidden: usize) -> v1::StepRequest {
+        v1::StepRequest {
+            seqs: (1..=2)
+                .map(|id| v1::SeqStep {
+                    seq_id: id,
+                    num_tokens: 1,
+                    ..Default::default()
+                })
+                .collect(),
+            activations: Some(v1::Tensor {
+                dtype: v1::DType::F32 as i32,
+                shape: vec![2, hidden as u32],
+                data: vec![0; 2 * hidden * 4],
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// `e` is INVALID_ARGUMENT and its message holds each of `words`.
+    fn assert_invalid_naming(e: MeshError, words: &[&str]) {
+        assert!(matches!(e, MeshError::Invalid(_)), "{e:?}");
+        let e = e.to_string();
+        assert!(
+            words.iter().all(|w| e.contains(w)),
+            "{e} lacks one of {words:?}"
+        );
+    }
+
+    #[test]
+    fn non_finite_activations_are_invalid_and_named() {
+        let ok = step(3);
+        decode_step(&ok, 3, 8, &Device::Cpu).expect("zeros are fine");
+        for (dtype, bad) in [
+            (v1::DType::F32, f32::NAN.to_le_bytes().to_vec()),
+            (v1::DType::F32, f32::INFINITY.to_le_bytes().to_vec()),
+            (v1::DType::F32, f32::NEG_INFINITY.to_le_bytes().to_vec()),
+            (v1::DType::Bf16, half::bf16::NAN.to_le_bytes().to_vec()),
+            (
+                v1::DType::Bf16,
+                half::bf16::NEG_INFINITY.to_le_bytes().to_vec(),
+            ),
+        ] {
+            let mut req = step(3);
+            let t = req.activations.as_mut().expect("set");
+            let size = bad.len();
+            t.dtype = dtype as i32;
+            t.data = vec![0; 6 * size];
+            // Row 1, column 2.
+            t.data[5 * size..].copy_from_slice(&bad);
+            let e = decode_step(&req, 3, 8, &Device::Cpu).expect_err("non-finite");
+            assert_invalid_naming(e, &["activations", "row 1, column 2", "finite"]);
+        }
+        // The largest finite values pass.
+        let mut req = step(3);
+        let t = req.activations.as_mut().expect("set");
+        t.data = f32::MAX.to_le_bytes().repeat(6);
+        decode_step(&req, 3, 8, &Device::Cpu).expect("finite");
+    }
+
+    #[test]
+    fn a_step_over_the_sequence_cap_is_refused_naming_field_and_limit() {
+        let req = step(3);
+        decode_step(&req, 3, 2, &Device::Cpu).expect("2 sequences, cap 2");
+        let e = decode_step(&req, 3, 1, &Device::Cpu).expect_err("2 > 1");
+        assert_invalid_naming(e, &["seqs", "limit of 1", "--max-step-sequences"]);
     }
 
     #[test]

@@ -43,7 +43,7 @@ pub fn step_request(data: &[u8]) -> Outcome {
     let Some(req) = req else {
         return Outcome::Skipped;
     };
-    match codec::decode_step(&req, HIDDEN, &Device::Cpu) {
+    match codec::decode_step(&req, HIDDEN, usize::MAX, &Device::Cpu) {
         Ok(t) => {
             let (rows, width) = t.dims2().expect("decode_step returns [tokens, hidden]");
             assert_eq!(width, HIDDEN);
@@ -291,7 +291,7 @@ mod tests {
             }),
             release: Vec::new(),
         };
-        let t = codec::decode_step(&req, HIDDEN, &Device::Cpu).expect("valid");
+        let t = codec::decode_step(&req, HIDDEN, usize::MAX, &Device::Cpu).expect("valid");
         assert_eq!(t.dims2().expect("2-D"), (2, HIDDEN));
         let mut bytes = vec![1u8];
         bytes.extend(req.encode_to_vec());

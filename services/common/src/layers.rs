@@ -6,9 +6,9 @@
 //! (or its client goes away). When no permit is free the call is answered at once with
 //! RESOURCE_EXHAUSTED: load is shed at the door instead of queueing without bound.
 //!
-//! [`OversizeStatusLayer`] answers a request message over the size limit with
-//! RESOURCE_EXHAUSTED, the code gRPC specifies for it, where tonic says OUT_OF_RANGE, and does the
-//! same for request metadata over `--max-header-bytes`.
+//! [`EdgeStatusLayer`] gives transport-level answers the status gRPC specifies: RESOURCE_EXHAUSTED
+//! for a request message or metadata over its limit, INVALID_ARGUMENT for a request message that
+//! does not decode; and it counts a method's calls by final status, whatever answered them.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -25,8 +25,6 @@ pub struct InflightLimitLayer {
     path: &'static str,
     permits: Arc<Semaphore>,
     message: Arc<str>,
-    /// Counts the calls turned away.
-    rejected: metrics::Counter,
 }
 
 impl InflightLimitLayer {
@@ -36,15 +34,7 @@ impl InflightLimitLayer {
             path,
             permits: Arc::new(Semaphore::new(limit)),
             message: message.into(),
-            rejected: metrics::Counter::noop(),
         }
-    }
-
-    /// Counts every call turned away on `rejected` (a handle taken after the recorder is
-    /// installed).
-    pub fn count_rejected(mut self, rejected: metrics::Counter) -> Self {
-        self.rejected = rejected;
-        self
     }
 }
 
@@ -88,7 +78,6 @@ where
             match self.layer.permits.clone().try_acquire_owned() {
                 Ok(p) => Some(p),
                 Err(_) => {
-                    self.layer.rejected.increment(1);
                     let status = tonic::Status::resource_exhausted(self.layer.message.to_string());
                     return Box::pin(async move {
                         Ok(status
@@ -158,31 +147,63 @@ impl<B: Body + Unpin> Body for PermitBody<B> {
     }
 }
 
-/// Rewrites tonic's OUT_OF_RANGE for a request message over `max_decoding_message_size` into
-/// RESOURCE_EXHAUSTED (gRPC's status-code guide: "sent message larger than configured limit"),
-/// keeping tonic's message, which names the size and the limit. The status is in the response
-/// headers (a trailers-only answer) or in the body's trailers; both are looked at.
+/// Called once per counted call with its final gRPC status code.
+pub type CountFinal = fn(tonic::Code);
+
+/// The server's edge, where transport-level answers get the status gRPC specifies and, for one
+/// method, every call's final status is counted. Outermost, so that it sees every refusal.
 ///
-/// It also refuses a request whose metadata is over `max_header_bytes` with RESOURCE_EXHAUSTED
-/// naming the size and the limit, as gRPC's own servers do for their soft metadata limit. HTTP/2
-/// itself can only answer 431, which gRPC clients see as UNKNOWN, so the HTTP/2 limit is set
-/// higher (see [`header_hard_limit`]) and this layer enforces the one the operator chose.
+/// - A request message over `max_decoding_message_size`: tonic says OUT_OF_RANGE; this makes it
+///   RESOURCE_EXHAUSTED (gRPC's status-code guide: "sent message larger than configured limit"),
+///   keeping tonic's message, which names the size and the limit.
+/// - A request message that does not decode (invalid UTF-8 in a string, a truncated length,
+///   wire type 7, groups nested past prost's recursion limit, a truncated or ill-flagged gRPC
+///   frame): tonic says INTERNAL, which blames the server; this makes it INVALID_ARGUMENT,
+///   keeping the message, which names the message type and field. Servers only: a client that
+///   cannot decode a response still sees INTERNAL.
+/// - Request metadata over `max_header_bytes`: RESOURCE_EXHAUSTED naming the size and the limit,
+///   as gRPC's own servers do for their soft metadata limit. HTTP/2 can only refuse a stream
+///   (431, which clients see as UNKNOWN) or, past its continuation-frame budget, the whole
+///   connection (GOAWAY ENHANCE_YOUR_CALM), so its limit is set far higher (see
+///   [`header_hard_limit`]) and this layer answers the one the operator chose, per request.
+///
+/// The status is in the response headers (a trailers-only answer) or in the body's trailers;
+/// both are looked at. With [`count`](Self::count), the calls of one method are counted by their
+/// final code: whatever answered them (a refusal here, an outer-layer refusal inside, the
+/// handler's error, the stream's end), and CANCELLED when the body is dropped before its end
+/// (the client went away).
 #[derive(Clone, Copy)]
-pub struct OversizeStatusLayer {
+pub struct EdgeStatusLayer {
     max_header_bytes: usize,
+    count: Option<(&'static str, CountFinal)>,
 }
 
-impl OversizeStatusLayer {
+impl EdgeStatusLayer {
     pub fn new(max_header_bytes: usize) -> Self {
-        OversizeStatusLayer { max_header_bytes }
+        EdgeStatusLayer {
+            max_header_bytes,
+            count: None,
+        }
+    }
+
+    /// Calls `count` once for every call of the method at `path` (e.g.
+    /// `/moemesh.v1.Generation/Generate`) with its final status code.
+    pub fn count(mut self, path: &'static str, count: CountFinal) -> Self {
+        self.count = Some((path, count));
+        self
     }
 }
 
-/// The HTTP/2 header list limit that goes with a metadata limit of `max_header_bytes`: four
-/// times it, and at least 64 KiB. Between the two a client gets a gRPC status; only a header
-/// block beyond this one is cut off by HTTP/2 (431) before the server buffers it.
+/// The HTTP/2 header list limit that goes with a metadata limit of `max_header_bytes`: 16 times
+/// it, and at least 1 MiB, far enough above the metadata limit that an oversized request gets
+/// its RESOURCE_EXHAUSTED from [`EdgeStatusLayer`] while its connection's other streams go on.
+/// Why so far: h2 answers a header block over this limit with 431 only while the block fits
+/// in 1.25 × this limit's worth of CONTINUATION frames; beyond that (and beyond 4 × the limit
+/// decoded) it sends GOAWAY (ENHANCE_YOUR_CALM) and every stream on the connection fails. At the
+/// old 64 KiB, a 200 KB header block did that. h2 keeps one header block at a time per
+/// connection, and the edge layer refuses an oversized request before any handler runs.
 pub fn header_hard_limit(max_header_bytes: u32) -> u32 {
-    max_header_bytes.saturating_mul(4).max(64 << 10)
+    max_header_bytes.saturating_mul(16).max(1 << 20)
 }
 
 /// A request's header list size as HTTP/2 counts it (RFC 9113 §6.5.2: each field's name and
@@ -210,44 +231,62 @@ fn header_list_size<B>(req: &http::Request<B>) -> usize {
     pseudo + fields
 }
 
-impl<S> Layer<S> for OversizeStatusLayer {
-    type Service = OversizeStatus<S>;
+impl<S> Layer<S> for EdgeStatusLayer {
+    type Service = EdgeStatus<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        OversizeStatus {
+        EdgeStatus {
             inner,
-            max_header_bytes: self.max_header_bytes,
+            layer: *self,
         }
     }
 }
 
 #[derive(Clone)]
-pub struct OversizeStatus<S> {
+pub struct EdgeStatus<S> {
     inner: S,
-    max_header_bytes: usize,
+    layer: EdgeStatusLayer,
 }
 
 /// The start of tonic's message for an oversized request (`codec/decode.rs`), as it is in the
 /// `grpc-message` header (percent-encoded: spaces are `%20`).
 const OVERSIZE_MESSAGE: &[u8] = b"Error,%20decoded%20message%20length%20too%20large";
 
-/// Turns an oversize OUT_OF_RANGE in `h` into RESOURCE_EXHAUSTED.
-fn fix_oversize_status(h: &mut http::HeaderMap) {
-    let oversize = h.get("grpc-status").map(|v| v.as_bytes()) == Some(b"11".as_slice())
-        && h.get("grpc-message")
-            .is_some_and(|m| m.as_bytes().starts_with(OVERSIZE_MESSAGE));
-    if oversize {
-        h.insert("grpc-status", http::HeaderValue::from_static("8"));
-    }
+/// The starts of the INTERNAL messages tonic gives a request that does not decode: prost's
+/// `DecodeError` (tonic-prost's codec), and tonic's own for a gRPC frame with a bad compression
+/// flag, one cut short by the end of the stream, or one that does not decompress.
+const DECODE_MESSAGES: [&[u8]; 4] = [
+    b"failed%20to%20decode%20Protobuf%20message",
+    b"protocol%20error:%20received%20message%20with",
+    b"Unexpected%20EOF%20decoding%20stream",
+    b"Error%20decompressing",
+];
+
+/// Gives an oversize OUT_OF_RANGE in `h` RESOURCE_EXHAUSTED, and a decode error's INTERNAL
+/// INVALID_ARGUMENT; the final code, if `h` has one.
+fn fix_status(h: &mut http::HeaderMap) -> Option<tonic::Code> {
+    let code = h.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok()?;
+    let message = h.get("grpc-message").map_or(&[][..], |m| m.as_bytes());
+    let fixed = match tonic::Code::from_i32(code) {
+        tonic::Code::OutOfRange if message.starts_with(OVERSIZE_MESSAGE) => {
+            tonic::Code::ResourceExhausted
+        }
+        tonic::Code::Internal if DECODE_MESSAGES.iter().any(|m| message.starts_with(m)) => {
+            tonic::Code::InvalidArgument
+        }
+        other => return Some(other),
+    };
+    h.insert("grpc-status", http::HeaderValue::from(fixed as i32));
+    Some(fixed)
 }
 
-impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for OversizeStatus<S>
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for EdgeStatus<S>
 where
     S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
     S::Future: Send + 'static,
     ResBody: Default + Send + 'static,
 {
-    type Response = http::Response<OversizeBody<ResBody>>;
+    type Response = http::Response<EdgeBody<ResBody>>;
     type Error = S::Error;
     type Future = BoxFuture<Self::Response, Self::Error>;
 
@@ -256,37 +295,50 @@ where
     }
 
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+        let count = self
+            .layer
+            .count
+            .filter(|(path, _)| req.uri().path() == *path)
+            .map(|(_, count)| count);
         let size = header_list_size(&req);
-        if size > self.max_header_bytes {
+        let max = self.layer.max_header_bytes;
+        let answer = move |mut resp: http::Response<ResBody>| {
+            let code = fix_status(resp.headers_mut());
+            // A trailers-only answer is final now; otherwise the body's trailers will say.
+            let count = match (count, code) {
+                (Some(f), Some(code)) => {
+                    f(code);
+                    None
+                }
+                (count, _) => count,
+            };
+            resp.map(|inner| EdgeBody { inner, count })
+        };
+        if size > max {
             // The inner service was readied for this call and is not called: it stays ready
             // for the next one.
             let status = tonic::Status::resource_exhausted(format!(
-                "request metadata is {size} bytes, over the limit of {} bytes \
-                 (--max-header-bytes)",
-                self.max_header_bytes
+                "request metadata is {size} bytes, over the limit of {max} bytes \
+                 (--max-header-bytes)"
             ));
-            return Box::pin(async move {
-                Ok(status
-                    .into_http::<ResBody>()
-                    .map(|inner| OversizeBody { inner }))
-            });
+            let resp = answer(status.into_http::<ResBody>());
+            return Box::pin(async move { Ok(resp) });
         }
         let fut = self.inner.call(req);
-        Box::pin(async move {
-            let mut resp = fut.await?;
-            fix_oversize_status(resp.headers_mut());
-            Ok(resp.map(|inner| OversizeBody { inner }))
-        })
+        Box::pin(async move { Ok(answer(fut.await?)) })
     }
 }
 
-/// A response body whose trailers go through [`fix_oversize_status`].
+/// A response body whose trailers go through [`fix_status`], and which counts its call's final
+/// code when it has one to count.
 #[derive(Default)]
-pub struct OversizeBody<B> {
+pub struct EdgeBody<B> {
     inner: B,
+    /// Set until the call's final code has been counted.
+    count: Option<CountFinal>,
 }
 
-impl<B: Body + Unpin> Body for OversizeBody<B> {
+impl<B: Body + Unpin> Body for EdgeBody<B> {
     type Data = B::Data;
     type Error = B::Error;
 
@@ -294,15 +346,15 @@ impl<B: Body + Unpin> Body for OversizeBody<B> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        Poll::Ready(frame.map(|f| {
-            f.map(|mut f| {
-                if let Some(t) = f.trailers_mut() {
-                    fix_oversize_status(t);
-                }
-                f
-            })
-        }))
+        let mut frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if let Some(Ok(f)) = &mut frame
+            && let Some(t) = f.trailers_mut()
+            && let Some(code) = fix_status(t)
+            && let Some(count) = self.count.take()
+        {
+            count(code);
+        }
+        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -311,5 +363,72 @@ impl<B: Body + Unpin> Body for OversizeBody<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for EdgeBody<B> {
+    fn drop(&mut self) {
+        // Dropped before its trailers: the client went away (or the connection did).
+        if let Some(count) = self.count.take() {
+            count(tonic::Code::Cancelled);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `status` as the headers of a trailers-only answer, through [`fix_status`].
+    fn fixed(status: tonic::Status) -> (Option<tonic::Code>, tonic::Status) {
+        let mut resp = status.into_http::<tonic::body::Body>();
+        let code = fix_status(resp.headers_mut());
+        let back = tonic::Status::from_header_map(resp.headers()).expect("a status");
+        (code, back)
+    }
+
+    #[test]
+    fn decode_errors_become_invalid_argument_and_oversize_resource_exhausted() {
+        use prost::Message;
+        // What tonic-prost's codec answers for each kind of malformed message.
+        let malformed: [&[u8]; 4] = [
+            &[0x0a, 0x02, 0xff, 0xfe], // field 1 (a string): invalid UTF-8
+            &[0x0a, 0x10, b'a'],       // a length of 16, and 1 byte
+            &[0x0f],                   // wire type 7
+            &[0x7b; 200],              // 200 nested groups
+        ];
+        for bytes in malformed {
+            let err = moemesh_proto::v1::TokenizeRequest::decode(bytes).expect_err("malformed");
+            let (code, status) = fixed(tonic::Status::internal(err.to_string()));
+            assert_eq!(code, Some(tonic::Code::InvalidArgument), "{status:?}");
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(
+                status
+                    .message()
+                    .starts_with("failed to decode Protobuf message"),
+                "{status:?}"
+            );
+        }
+        for message in [
+            "Unexpected EOF decoding stream.",
+            "protocol error: received message with invalid compression flag: 7 (valid flags are 0 and 1), while sending request",
+        ] {
+            let (code, _) = fixed(tonic::Status::internal(message));
+            assert_eq!(code, Some(tonic::Code::InvalidArgument), "{message}");
+        }
+        let (code, status) = fixed(tonic::Status::out_of_range(
+            "Error, decoded message length too large: found 2097152 bytes, the limit is: 1048576 bytes",
+        ));
+        assert_eq!(code, Some(tonic::Code::ResourceExhausted));
+        assert!(status.message().contains("1048576"), "{status:?}");
+        // Anything else keeps its code.
+        for status in [
+            tonic::Status::internal("internal error"),
+            tonic::Status::out_of_range("position 9 is past the end"),
+            tonic::Status::ok(""),
+        ] {
+            let want = status.code();
+            assert_eq!(fixed(status).0, Some(want));
+        }
     }
 }

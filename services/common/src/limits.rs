@@ -10,9 +10,10 @@
 //!   activity, so a peer that trickles a partial frame gets a ping after `--keepalive-interval`
 //!   and is closed when it does not answer within `--keepalive-timeout`;
 //! - what one connection can make the server buffer is bounded by `--max-concurrent-streams`
-//!   × `--max-message-mb`, headers by 4 × `--max-header-bytes`, at least 64 KiB (HTTP/2's limit; metadata over
-//!   `--max-header-bytes` itself gets RESOURCE_EXHAUSTED), and a call that has not delivered
-//!   its request within `--request-timeout` is cancelled.
+//!   × `--max-message-mb`, a header block by 16 × `--max-header-bytes`, at least 1 MiB (HTTP/2's
+//!   limit, kept far above the metadata limit so that metadata over `--max-header-bytes` gets
+//!   RESOURCE_EXHAUSTED for its own request alone; see [`header_hard_limit`]), and a call that has
+//!   not delivered its request within `--request-timeout` is cancelled.
 
 use std::future::Future;
 use std::io;
@@ -26,7 +27,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::transport::server::Connected;
 use tower::layer::util::{Identity, Stack};
 
-use crate::layers::{OversizeStatusLayer, header_hard_limit};
+use crate::layers::{CountFinal, EdgeStatusLayer, header_hard_limit};
 
 /// The HTTP/2 client connection preface's length (RFC 9113 §3.4).
 const PREFACE_LEN: usize = 24;
@@ -43,7 +44,8 @@ pub struct ServerLimits {
     pub max_concurrent_streams: u32,
     /// Largest request header block (gRPC metadata, counted as HTTP/2 does: each field's name
     /// and value plus 32 bytes), in bytes. A larger one gets RESOURCE_EXHAUSTED naming the
-    /// limit; one over 4× this (at least 64 KiB) is cut off by HTTP/2 with status 431.
+    /// limit, and the connection's other calls go on; one over 16× this (at least 1 MiB) is cut
+    /// off by HTTP/2 (status 431; well beyond, the connection is closed).
     #[arg(long, env = "MOEMESH_MAX_HEADER_BYTES", default_value_t = 16 << 10)]
     pub max_header_bytes: u32,
     /// Seconds a new connection has to send the HTTP/2 connection preface; slower (or silent)
@@ -95,15 +97,33 @@ impl ServerLimits {
 
     /// A tonic server builder with these limits (the per-message size is set on each service,
     /// with [`max_message_bytes`](Self::max_message_bytes); an oversized message or metadata is
-    /// answered with RESOURCE_EXHAUSTED).
-    pub fn server(&self) -> tonic::transport::Server<Stack<OversizeStatusLayer, Identity>> {
+    /// answered with RESOURCE_EXHAUSTED, a malformed one with INVALID_ARGUMENT: see
+    /// [`EdgeStatusLayer`]).
+    pub fn server(&self) -> tonic::transport::Server<Stack<EdgeStatusLayer, Identity>> {
+        self.server_with(EdgeStatusLayer::new(self.max_header_bytes as usize))
+    }
+
+    /// [`server`](Self::server), counting every call of the method at `path` by its final
+    /// status with `count`, refusals by these limits included.
+    pub fn server_counting(
+        &self,
+        path: &'static str,
+        count: CountFinal,
+    ) -> tonic::transport::Server<Stack<EdgeStatusLayer, Identity>> {
+        self.server_with(EdgeStatusLayer::new(self.max_header_bytes as usize).count(path, count))
+    }
+
+    fn server_with(
+        &self,
+        edge: EdgeStatusLayer,
+    ) -> tonic::transport::Server<Stack<EdgeStatusLayer, Identity>> {
         tonic::transport::Server::builder()
             .max_concurrent_streams(self.max_concurrent_streams)
             .http2_max_header_list_size(header_hard_limit(self.max_header_bytes))
             .http2_keepalive_interval(Some(Duration::from_secs(self.keepalive_interval)))
             .http2_keepalive_timeout(Some(Duration::from_secs(self.keepalive_timeout)))
             .timeout(Duration::from_secs(self.request_timeout))
-            .layer(OversizeStatusLayer::new(self.max_header_bytes as usize))
+            .layer(edge)
     }
 
     /// `conns` (the listener's connections, after TLS where it is on: see
@@ -201,7 +221,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for HandshakeDeadline<T> {
     }
 }
 
-/// The peer's addresses, as for a plain TCP connection (so `Request::remote_addr` works).
+/// The peer's connection info, as the connection inside gives it.
 impl<T: Connected> Connected for HandshakeDeadline<T> {
     type ConnectInfo = T::ConnectInfo;
 

@@ -7,6 +7,13 @@
 //! require a client certificate signed by that CA (mutual TLS); the frontend's public port accepts
 //! clients without one, but verifies any that is presented.
 //!
+//! Certificates carry their holder's role as a URI SAN, `spiffe://moemesh/role/<role>` (see
+//! [`CertRole`]); the gate answers `Gate.Step` only to a peer whose certificate has the frontend
+//! role, and an expert worker answers `Expert.Forward` only to the gate role
+//! ([`RequireRoleLayer`]), so a client certificate issued for the public port (role `client`)
+//! opens no internal call.
+//! Health and reflection stay open to any certificate of the CA, for probes.
+//!
 //! The files are polled ([`crate::reload`]) and, when they change and parse, swapped in: a new
 //! connection (accepted or dialed) uses the new certificate, key and CA; a connection that is
 //! already open keeps the session it negotiated. Files that do not parse (say, a key written
@@ -275,6 +282,155 @@ pub fn endpoint(address: &str, tls: Option<&Tls>) -> Result<Endpoint, tonic::tra
     }
 }
 
+/// A mesh role as a certificate states it: a URI SAN `spiffe://moemesh/role/<name>` (a
+/// certificate shared by several roles carries one SAN for each).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CertRole {
+    /// May call `Gate.Step`.
+    Frontend,
+    /// May call `Expert.Forward`.
+    Gate,
+    /// An expert worker (calls no internal method; named so its certificate says what it is).
+    Expert,
+    /// A client of the public port: no internal calls.
+    Client,
+}
+
+impl CertRole {
+    pub const ALL: [CertRole; 4] = [
+        CertRole::Frontend,
+        CertRole::Gate,
+        CertRole::Expert,
+        CertRole::Client,
+    ];
+    /// What comes before the role's name in its URI SAN.
+    pub const URI_PREFIX: &'static str = "spiffe://moemesh/role/";
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CertRole::Frontend => "frontend",
+            CertRole::Gate => "gate",
+            CertRole::Expert => "expert",
+            CertRole::Client => "client",
+        }
+    }
+
+    /// The URI SAN that gives a certificate this role.
+    pub fn uri(self) -> String {
+        format!("{}{}", Self::URI_PREFIX, self.name())
+    }
+
+    /// The roles a certificate (DER) carries; none for one that does not parse or has no role
+    /// SAN.
+    pub fn of_certificate(der: &[u8]) -> Vec<CertRole> {
+        use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+        let Ok((_, cert)) = X509Certificate::from_der(der) else {
+            return Vec::new();
+        };
+        let Ok(Some(san)) = cert.subject_alternative_name() else {
+            return Vec::new();
+        };
+        san.value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::URI(uri) => uri.strip_prefix(Self::URI_PREFIX),
+                _ => None,
+            })
+            .filter_map(|name| Self::ALL.into_iter().find(|r| r.name() == name))
+            .collect()
+    }
+}
+
+/// What a server knows of a connection's peer; tonic puts it in every request's extensions.
+#[derive(Clone, Debug)]
+pub struct PeerInfo {
+    /// The TCP addresses.
+    pub tcp: TcpConnectInfo,
+    /// The roles in the peer's certificate: `None` on a plaintext connection, empty under TLS
+    /// when the peer presented no certificate or one without a role.
+    pub roles: Option<Vec<CertRole>>,
+}
+
+/// Answers calls of the method at `path` with PERMISSION_DENIED unless the peer's certificate
+/// carries `role` (on a TLS connection; a plaintext mesh has no identities to check).
+#[derive(Clone, Copy)]
+pub struct RequireRoleLayer {
+    path: &'static str,
+    role: CertRole,
+}
+
+impl RequireRoleLayer {
+    pub fn new(path: &'static str, role: CertRole) -> Self {
+        RequireRoleLayer { path, role }
+    }
+
+    /// Why a peer with `info` may not make this call, if it may not.
+    fn refusal(&self, info: Option<&PeerInfo>) -> Option<String> {
+        let roles = info?.roles.as_ref()?;
+        if roles.contains(&self.role) {
+            return None;
+        }
+        let held: Vec<&str> = roles.iter().map(|r| r.name()).collect();
+        Some(format!(
+            "{} needs a client certificate with the {} role (URI SAN {}); this peer's \
+             certificate carries {}",
+            self.path.trim_start_matches("/moemesh.v1."),
+            self.role.name(),
+            self.role.uri(),
+            if held.is_empty() {
+                "no role".to_string()
+            } else {
+                format!("the role(s) {}", held.join(", "))
+            }
+        ))
+    }
+}
+
+impl<S> tower::Layer<S> for RequireRoleLayer {
+    type Service = RequireRole<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RequireRole {
+            inner,
+            layer: *self,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RequireRole<S> {
+    inner: S,
+    layer: RequireRoleLayer,
+}
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for RequireRole<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = crate::layers::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+        if req.uri().path() == self.layer.path
+            && let Some(why) = self.layer.refusal(req.extensions().get::<PeerInfo>())
+        {
+            tracing::info!(method = self.layer.path, "{why}");
+            // The inner service was readied for this call and is not called: it stays ready.
+            let resp = tonic::Status::permission_denied(why).into_http::<ResBody>();
+            return Box::pin(async move { Ok(resp) });
+        }
+        Box::pin(self.inner.call(req))
+    }
+}
+
 /// A connection accepted by a role's server: plain TCP, or TCP after a TLS handshake.
 pub enum ServerIo {
     Plain(TcpStream),
@@ -282,12 +438,22 @@ pub enum ServerIo {
 }
 
 impl Connected for ServerIo {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = PeerInfo;
 
-    fn connect_info(&self) -> TcpConnectInfo {
+    fn connect_info(&self) -> PeerInfo {
         match self {
-            ServerIo::Plain(s) => s.connect_info(),
-            ServerIo::Tls(s) => s.get_ref().0.connect_info(),
+            ServerIo::Plain(s) => PeerInfo {
+                tcp: s.connect_info(),
+                roles: None,
+            },
+            ServerIo::Tls(s) => {
+                let (tcp, session) = s.get_ref();
+                let cert = session.peer_certificates().and_then(|c| c.first());
+                PeerInfo {
+                    tcp: tcp.connect_info(),
+                    roles: Some(cert.map_or_else(Vec::new, |c| CertRole::of_certificate(c))),
+                }
+            }
         }
     }
 }
@@ -449,6 +615,65 @@ mod tests {
             std::fs::write(path(&format!("{leaf}-key.pem")), key.serialize_pem()).expect("write");
         }
         ["ca.pem", "a.pem", "a-key.pem", "b.pem", "b-key.pem"].map(path)
+    }
+
+    /// A self-signed certificate (DER) with `uris` as URI SANs.
+    fn with_uris(uris: &[&str]) -> Vec<u8> {
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("names");
+        for uri in uris {
+            params.subject_alt_names.push(rcgen::SanType::URI(
+                rcgen::string::Ia5String::try_from(uri.to_string()).expect("ASCII"),
+            ));
+        }
+        let key = rcgen::KeyPair::generate().expect("key");
+        params.self_signed(&key).expect("cert").der().to_vec()
+    }
+
+    #[test]
+    fn roles_come_from_uri_sans_and_only_the_required_one_passes() {
+        let frontend = with_uris(&["spiffe://moemesh/role/frontend"]);
+        let shared = with_uris(&[
+            "spiffe://moemesh/role/gate",
+            "https://example.com/x",
+            "spiffe://moemesh/role/expert",
+        ]);
+        let client = with_uris(&["spiffe://moemesh/role/client"]);
+        let foreign = with_uris(&["spiffe://moemesh/role/root", "spiffe://other/role/gate"]);
+        assert_eq!(CertRole::of_certificate(&frontend), [CertRole::Frontend]);
+        assert_eq!(
+            CertRole::of_certificate(&shared),
+            [CertRole::Gate, CertRole::Expert]
+        );
+        assert_eq!(CertRole::of_certificate(&client), [CertRole::Client]);
+        assert!(CertRole::of_certificate(&foreign).is_empty());
+        assert!(CertRole::of_certificate(b"not DER").is_empty());
+
+        let step = RequireRoleLayer::new("/moemesh.v1.Gate/Step", CertRole::Frontend);
+        let peer = |der: Option<&[u8]>| PeerInfo {
+            tcp: TcpConnectInfo {
+                local_addr: None,
+                remote_addr: None,
+            },
+            roles: der.map(CertRole::of_certificate),
+        };
+        assert_eq!(step.refusal(Some(&peer(Some(&frontend[..])))), None);
+        // Plaintext: no identities to check.
+        assert_eq!(step.refusal(Some(&peer(None))), None);
+        let why = step
+            .refusal(Some(&peer(Some(&client[..]))))
+            .expect("refused");
+        assert!(
+            why.contains("Gate/Step")
+                && why.contains("frontend role")
+                && why.contains("spiffe://moemesh/role/frontend")
+                && why.contains("client"),
+            "{why}"
+        );
+        let why = step
+            .refusal(Some(&peer(Some(&foreign[..]))))
+            .expect("refused");
+        assert!(why.contains("no role"), "{why}");
     }
 
     #[tokio::test]

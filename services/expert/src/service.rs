@@ -98,8 +98,12 @@ impl Expert for ExpertService {
                 let req = match incoming.message().await {
                     Ok(Some(r)) => r,
                     Ok(None) => break,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "forward stream ended");
+                    // A message that does not decode (malformed, or over --max-message-mb) ends
+                    // the stream with its status, not with OK: the server's status layer makes it
+                    // INVALID_ARGUMENT or RESOURCE_EXHAUSTED naming the limit.
+                    Err(status) => {
+                        tracing::debug!(error = %status, "forward stream ended");
+                        let _ = tx.send(Err(status)).await;
                         break;
                     }
                 };
@@ -242,6 +246,12 @@ pub async fn run(
     let limits = &cfg.member.limits;
     let server = limits
         .server()
+        // Under TLS, only gates send tokens to experts: a peer whose certificate lacks the
+        // gate role gets PERMISSION_DENIED (health and reflection stay open to probes).
+        .layer(tls::RequireRoleLayer::new(
+            "/moemesh.v1.Expert/Forward",
+            tls::CertRole::Gate,
+        ))
         .add_service(health)
         .add_service(reflection)
         .add_service(

@@ -1,9 +1,13 @@
 //! Request metrics from the response stream itself: every Generate stream passes through
 //! [`Metered`], which sees each token as it goes to the client (time to first token,
-//! inter-token latency, tokens generated) and the stream's end (requests by final status).
-//! Watching the stream, not the step loop, counts every way a request can end in one place:
-//! finished, failed on a gate, rerouted and failed, or abandoned by its client. The final status
-//! is also recorded on the request's `generate` span.
+//! inter-token latency, tokens generated) and the stream's end, which it records on the
+//! request's `generate` span. Watching the stream, not the step loop, sees every way a request
+//! can end in one place: finished, failed on a gate, rerouted and failed, or abandoned by its
+//! client.
+//!
+//! Requests by final status ([`count_request`]) are counted at the server's edge
+//! (`EdgeStatusLayer`, set up in `service::run`), which also sees the calls that never reach the
+//! handler: malformed or oversized messages, oversized metadata, refused keys, shed load.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -14,7 +18,7 @@ use moemesh_common::metrics::{code_label, names};
 use moemesh_proto::v1::{FinishReason, GenerateResponse};
 use tonic::Status;
 
-/// Counts a Generate call that ended with `code`.
+/// Counts a Generate call that ended with `code` (the server's edge layer calls it once per call).
 pub fn count_request(code: tonic::Code) {
     metrics::counter!(names::REQUESTS, "code" => code_label(code)).increment(1);
 }
@@ -34,7 +38,7 @@ pub struct Metered<S> {
     start: Instant,
     /// When the previous token went out.
     last: Option<Instant>,
-    /// Whether the final status has been counted.
+    /// Whether the final status has been recorded.
     done: bool,
     /// The request's `generate` span, which ends when the stream does (or later, when the step
     /// loop lets go of the sequence).
@@ -55,7 +59,6 @@ impl<S> Metered<S> {
     fn finish(&mut self, code: tonic::Code) {
         if !self.done {
             self.done = true;
-            count_request(code);
             record_end(&self.span, code);
         }
     }
@@ -91,8 +94,15 @@ where
                 let code = status.code();
                 self.finish(code);
             }
-            // The sender went away without a final message (the frontend is stopping).
-            None => self.finish(tonic::Code::Unavailable),
+            // The sender went away without a final message (the frontend is stopping): the
+            // client gets UNAVAILABLE rather than a stream that ends OK without finishing.
+            None if !self.done => {
+                self.finish(tonic::Code::Unavailable);
+                return Poll::Ready(Some(Err(Status::unavailable(
+                    "the frontend stopped before this request finished",
+                ))));
+            }
+            None => {}
         }
         Poll::Ready(item)
     }

@@ -31,6 +31,8 @@ use crate::{metered, request};
 
 /// `--max-message-mb` when not given: a public request is text or token ids, far below this.
 const DEFAULT_MAX_MESSAGE_MB: usize = 4;
+/// The public streaming call, which load shedding bounds and the request metrics count.
+const GENERATE_PATH: &str = "/moemesh.v1.Generation/Generate";
 /// How long a request waits for a gate to appear before UNAVAILABLE.
 const GATE_WAIT: Duration = Duration::from_secs(5);
 /// How long a gate whose stream broke is passed over while another is listed.
@@ -209,7 +211,6 @@ impl Generation for GenerationService {
             .await;
         match (result, trail) {
             (Err(status), trail) => {
-                metered::count_request(status.code());
                 metered::record_end(&span, status.code());
                 if let Some(mut t) = trail {
                     t.end(status.code(), None);
@@ -445,23 +446,21 @@ pub async fn run(
     let max_pending = frontend.cfg.max_pending;
     let drain_timeout = frontend.cfg.drain_timeout;
     let shed = moemesh_common::layers::InflightLimitLayer::new(
-        "/moemesh.v1.Generation/Generate",
+        GENERATE_PATH,
         max_pending,
         format!(
             "server is at capacity: {max_pending} requests are running or waiting (--max-pending); retry later"
         ),
-    )
-    .count_rejected(metrics::counter!(
-        names::REQUESTS,
-        "code" => mesh_metrics::code_label(tonic::Code::ResourceExhausted)
-    ));
+    );
     let limits = frontend.cfg.limits.clone();
     let max_message = limits.max_message_bytes(DEFAULT_MAX_MESSAGE_MB);
-    // Outermost: a call without a valid key takes no load-shedding permit.
+    // Before shedding: a call without a valid key takes no load-shedding permit.
     let auth = AuthLayer::new(api_keys, audit);
+    // The edge layer (outermost) counts every Generate call by its final status, whatever
+    // answered it: the limits, the key checks, load shedding, the codec, or the handler.
     let server = tokio::spawn(
         limits
-            .server()
+            .server_counting(GENERATE_PATH, metered::count_request)
             .layer(auth)
             .layer(shed)
             .add_service(health)

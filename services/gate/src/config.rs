@@ -31,6 +31,10 @@ pub struct GateConfig {
     /// left at the deadline move to another gate, re-prefilled by their frontend.
     #[arg(long, env = "MOEMESH_DRAIN_TIMEOUT", default_value_t = 30)]
     pub drain_timeout: u64,
+    /// Most sequences one `Gate.Step` may carry; a larger step is refused with INVALID_ARGUMENT
+    /// naming `seqs` and this limit. A frontend sends at most its --max-running (default 256).
+    #[arg(long, env = "MOEMESH_MAX_STEP_SEQUENCES", default_value_t = 1024)]
+    pub max_step_sequences: usize,
     /// Seconds an expert call may take (sending it and waiting for the reply) before the worker
     /// is taken for hung and the call is retried on a replica. Also the longest a layer's
     /// dispatch waits for the registry to list a live worker for an expert that has none.

@@ -55,7 +55,15 @@ impl Gate for GateService {
             loop {
                 let req = match incoming.message().await {
                     Ok(Some(r)) => r,
-                    Ok(None) | Err(_) => break,
+                    Ok(None) => break,
+                    // A message that does not decode (malformed, or over --max-message-mb) ends
+                    // the stream with its status, not with OK: the server's status layer makes it
+                    // INVALID_ARGUMENT or RESOURCE_EXHAUSTED naming the limit. (If the frontend
+                    // went away, no one reads this.)
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
                 };
                 let (reply_tx, reply_rx) = oneshot::channel();
                 if engine
@@ -191,6 +199,11 @@ pub async fn run(
     }
     let tls = cfg.member.tls.load(ClientAuth::Required)?;
     cfg.member.limits.validate().map_err(MeshError::Invalid)?;
+    if cfg.max_step_sequences == 0 {
+        return Err(MeshError::Invalid(
+            "--max-step-sequences must be at least 1".into(),
+        ));
+    }
     let local = listener
         .local_addr()
         .map_err(|e| MeshError::Internal(e.to_string()))?;
@@ -284,6 +297,7 @@ pub async fn run(
         kv_pool,
     );
     engine.overlap = cfg.overlap;
+    engine.max_step_sequences = cfg.max_step_sequences;
     engine.record_kv();
     std::thread::Builder::new()
         .name("gate-engine".into())
@@ -302,6 +316,12 @@ pub async fn run(
     let server = tokio::spawn(
         limits
             .server()
+            // Under TLS, only frontends run steps: a peer whose certificate lacks the
+            // frontend role gets PERMISSION_DENIED (health and reflection stay open to probes).
+            .layer(tls::RequireRoleLayer::new(
+                "/moemesh.v1.Gate/Step",
+                tls::CertRole::Frontend,
+            ))
             .add_service(health)
             .add_service(reflection)
             .add_service(

@@ -46,6 +46,8 @@ pub struct StepEngine {
     pool: Arc<KvPool>,
     /// Two-micro-batch overlap of attention and expert round trips.
     pub overlap: bool,
+    /// `--max-step-sequences`: the most sequences one step may carry.
+    pub max_step_sequences: usize,
     seqs: HashMap<(u64, u64), SeqState>,
 }
 
@@ -64,6 +66,7 @@ impl StepEngine {
             fingerprint,
             pool,
             overlap: false,
+            max_step_sequences: usize::MAX,
             seqs: HashMap::new(),
         }
     }
@@ -139,8 +142,12 @@ impl StepEngine {
         if req.seqs.is_empty() {
             return Ok(self.response(req.step_id, Vec::new()));
         }
-        let hidden =
-            codec::decode_step(&req, self.model.config().hidden_size, self.model.device())?;
+        let hidden = codec::decode_step(
+            &req,
+            self.model.config().hidden_size,
+            self.max_step_sequences,
+            self.model.device(),
+        )?;
         // Take the states out of the map so the step can hold them all mutably at once.
         let mut states = Vec::with_capacity(req.seqs.len());
         let mut failure = None;

@@ -113,6 +113,12 @@ impl BenchArgs {
         }
     }
 
+    /// Whether requests sample (not greedy), by the engine's rule (a temperature of at least
+    /// `moemesh_engine::GREEDY_BELOW`).
+    fn sampled(&self) -> bool {
+        !self.sampling(0).is_greedy()
+    }
+
     /// Checks --temperature, --top-p and --top-k as the frontend checks a request's.
     fn check_sampling(&self, vocab: usize) -> anyhow::Result<()> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
@@ -268,6 +274,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         for _ in 0..args.concurrency() {
             let (prompts, next, out_len) = (prompts.clone(), next.clone(), args.output_len);
             let (temperature, top_p, top_k) = (args.temperature, args.top_p, args.top_k);
+            let sampled = args.sampled();
             let (client_args, addr) = (args.client.clone(), args.addr().to_string());
             tasks.push(tokio::spawn(async move {
                 let mut samples = Vec::new();
@@ -279,7 +286,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     let Some(p) = prompts.get(i) else { break };
                     let req = GenerateRequest {
                         input: Some(Input::Tokens(v1::TokenIds { ids: p.clone() })),
-                        sampling: (temperature > 0.0).then_some(v1::SamplingParams {
+                        sampling: sampled.then_some(v1::SamplingParams {
                             temperature,
                             top_p: Some(top_p),
                             top_k,
@@ -386,7 +393,7 @@ fn run_in_process(
             let logits = model.step_last_logits(&emb, &mut seqs, &engine.experts)?;
             // As the gate does: greedy rows are picked on the GPU, sampled ones on the host.
             let tokens: Vec<u32> = match moemesh_engine::cuda::gpu(logits.device()) {
-                _ if args.temperature > 0.0 => host_sample(&logits, &mut samplers)?,
+                _ if args.sampled() => host_sample(&logits, &mut samplers)?,
                 Some(g) => match g.argmax_logprob(&logits)? {
                     Some(picks) => picks.into_iter().map(|(t, _)| t).collect(),
                     None => host_argmax(&logits)?,
@@ -472,7 +479,7 @@ fn report(args: &BenchArgs, model: &str, samples: &[Sample], wall: f64) -> anyho
         "errors": errors,
         "prompt_len": args.prompt_len,
         "output_len": args.output_len,
-        "sampling": if args.temperature > 0.0 {
+        "sampling": if args.sampled() {
             serde_json::json!({"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k})
         } else {
             serde_json::json!("greedy")
@@ -487,7 +494,7 @@ fn report(args: &BenchArgs, model: &str, samples: &[Sample], wall: f64) -> anyho
         println!("{summary}");
         return Ok(());
     }
-    let sampling = if args.temperature > 0.0 {
+    let sampling = if args.sampled() {
         format!(
             "temperature {}, top_p {}, top_k {}",
             args.temperature, args.top_p, args.top_k

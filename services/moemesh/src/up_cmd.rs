@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
+use moemesh_common::tls::CertRole;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -77,7 +78,9 @@ const TRANSPORT_ENV: [&str; 6] = [
     "MOEMESH_PUBLIC_PLAINTEXT",
 ];
 
-/// The ephemeral CA and the per-process certificates, in a directory only this user can read.
+/// The ephemeral CA and the per-process certificates, in a directory only this user can read
+/// (mode 0700; the files 0600). Each certificate carries its process's role as a URI SAN
+/// (`spiffe://moemesh/role/<role>`), which the gate and the workers check on their internal calls.
 struct DevPki {
     dir: tempfile::TempDir,
     ca: rcgen::Issuer<'static, rcgen::KeyPair>,
@@ -85,8 +88,12 @@ struct DevPki {
 
 impl DevPki {
     fn new() -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix("moemesh-up-pki-")
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("moemesh-up-pki-");
+        // Created with mode 0700 (not the umask's usual 0755), so no one else may even list it.
+        #[cfg(unix)]
+        builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700));
+        let dir = builder
             .tempdir()
             .context("creating the directory for the mesh's certificates")?;
         let mut params = rcgen::CertificateParams::default();
@@ -107,13 +114,16 @@ impl DevPki {
         })
     }
 
-    /// `--tls-cert/--tls-key/--tls-ca` for the process `name`: a certificate for localhost and
-    /// 127.0.0.1, good as server and as client.
-    fn flags(&self, name: &str) -> anyhow::Result<Vec<String>> {
+    /// `--tls-cert/--tls-key/--tls-ca` for the process `name` in `role`: a certificate for
+    /// localhost and 127.0.0.1 carrying the role, good as server and as client.
+    fn flags(&self, name: &str, role: CertRole) -> anyhow::Result<Vec<String>> {
         let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()])
             .context("certificate names")?;
         params.subject_alt_names.push(rcgen::SanType::IpAddress(
             std::net::Ipv4Addr::LOCALHOST.into(),
+        ));
+        params.subject_alt_names.push(rcgen::SanType::URI(
+            rcgen::string::Ia5String::try_from(role.uri()).context("role URI")?,
         ));
         params
             .distinguished_name
@@ -163,9 +173,9 @@ struct Transport {
 }
 
 impl Transport {
-    fn flags(&self, name: &str) -> anyhow::Result<Vec<String>> {
+    fn flags(&self, name: &str, role: CertRole) -> anyhow::Result<Vec<String>> {
         match &self.pki {
-            Some(pki) => pki.flags(name),
+            Some(pki) => pki.flags(name, role),
             None => Ok(vec!["--plaintext".into()]),
         }
     }
@@ -299,7 +309,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 };
                 a.extend(["--device".into(), device]);
                 a.extend(metrics_flag(&args, 2 + i)?);
-                a.extend(transport.flags(&format!("expert-{i}"))?);
+                a.extend(transport.flags(&format!("expert-{i}"), CertRole::Expert)?);
                 let (p, addr) = start("expert", a).await?;
                 eprintln!("moemesh up: expert worker {i} (experts {lo}-{}) on {addr}", hi - 1);
                 procs.push(p);
@@ -310,7 +320,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             a.extend(["--device".into(), args.device.clone()]);
             a.extend(metrics_flag(&args, 1)?);
             a.extend(args.gate_args.iter().cloned());
-            a.extend(transport.flags("gate")?);
+            a.extend(transport.flags("gate", CertRole::Gate)?);
             if args.etcd.is_none() {
                 a.extend(["--expert-addrs".into(), worker_addrs.join(",")]);
             }
@@ -323,7 +333,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             if args.etcd.is_none() {
                 a.extend(["--gate-addrs".into(), gate_addr]);
             }
-            a.extend(transport.flags("frontend")?);
+            a.extend(transport.flags("frontend", CertRole::Frontend)?);
             if transport.pki.is_some() {
                 a.push("--public-plaintext".into());
             }
@@ -390,6 +400,28 @@ mod tests {
         Cli::try_parse_from(std::iter::once("up").chain(args.iter().copied()))
             .expect("valid flags")
             .up
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_pki_directory_is_private_and_certificates_carry_their_role() {
+        use rustls::pki_types::pem::PemObject;
+        use std::os::unix::fs::PermissionsExt;
+        let pki = DevPki::new().expect("pki");
+        let mode = std::fs::metadata(pki.dir.path())
+            .expect("dir")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+        let flags = pki.flags("gate", CertRole::Gate).expect("flags");
+        let pem = std::fs::read(&flags[1]).expect("certificate");
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(&pem).expect("PEM");
+        assert_eq!(CertRole::of_certificate(&der), [CertRole::Gate]);
+        let mode = std::fs::metadata(&flags[3])
+            .expect("key")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
     }
 
     #[test]
