@@ -40,9 +40,12 @@ pub struct FrontendConfig {
     /// mesh (docs/BENCHMARKS.md, 2026-11-26): with 2,000-token prompts arriving among 7 decodes,
     /// inter-token p99 0.4–0.8 s against 2.7–3.2 s at 4096, and the prompts' time to first token
     /// shorter too; it also leaves half of each step to prompts at the default --max-running
-    /// (256). A GPU gate, whose step time grows slowly with its tokens, wants a larger budget.
-    #[arg(long, env = "MOEMESH_STEP_TOKEN_BUDGET", default_value_t = 512)]
-    pub step_token_budget: usize,
+    /// (256). A GPU gate's step time grows slowly with its tokens, so a GPU gate (as its Info
+    /// reports) gets 4096 by default, which keeps a 2,048-token prompt's prefill in one step
+    /// (docs/BENCHMARKS.md). Given explicitly, the budget applies to every gate. [default: 512
+    /// for a CPU gate, 4096 for a GPU gate, and never below --max-running]
+    #[arg(long, env = "MOEMESH_STEP_TOKEN_BUDGET")]
+    pub step_token_budget: Option<usize>,
     /// Seconds one step may take at its gate, from sending it to its answer (opening the stream
     /// included), before the gate is taken for hung: its sequences move to another gate and are
     /// prefilled again there, continuing exactly as they would have (greedy or seeded). Keep it

@@ -33,6 +33,9 @@ pub struct Ctx {
     pub next_seq: AtomicU64,
     /// The TLS files for the hop to the gates; `None` with --plaintext.
     pub tls: Option<Arc<moemesh_common::tls::Tls>>,
+    /// The step budget for a gate whose Info reports a GPU (`limits.token_budget` is the
+    /// CPU gates'; the two are equal when --step-token-budget is given).
+    pub gpu_token_budget: usize,
     /// `--step-timeout`: a step's whole round trip, after which the gate is taken for hung.
     pub step_timeout: Duration,
     /// `--gate-connect-timeout-ms`: opening the step stream.
@@ -178,12 +181,12 @@ struct Conn {
     rx: Streaming<StepResponse>,
 }
 
-/// Opens the step stream, and asks the gate for its KV capacity so the first step fits too.
-/// A new stream takes the TLS files as they are now.
+/// Opens the step stream, and asks the gate for its KV capacity (so the first step fits too)
+/// and its device. A new stream takes the TLS files as they are now.
 async fn connect(
     address: &str,
     tls: Option<&moemesh_common::tls::Tls>,
-) -> MeshResult<(Conn, Option<KvState>)> {
+) -> MeshResult<(Conn, Option<KvState>, String)> {
     let unavailable =
         |e: &dyn std::fmt::Display| MeshError::Unavailable(format!("gate {address}: {e}"));
     let endpoint = moemesh_common::tls::endpoint(address, tls)
@@ -210,7 +213,7 @@ async fn connect(
         .await
         .map_err(|e| unavailable(&e))?
         .into_inner();
-    Ok((Conn { tx, rx }, kv))
+    Ok((Conn { tx, rx }, kv, info.device))
 }
 
 async fn exchange(conn: &mut Conn, address: &str, req: StepRequest) -> MeshResult<StepResponse> {
@@ -241,6 +244,8 @@ async fn run(link: Link, mut rx: mpsc::UnboundedReceiver<NewSeq>) {
     } = link;
     let mut seqs: HashMap<u64, Seq> = HashMap::new();
     let mut sched = Scheduler::default();
+    // The CPU budget until the gate's Info says it computes on a GPU.
+    let mut limits = ctx.limits;
     let mut release: Vec<u64> = Vec::new();
     let mut conn: Option<Conn> = None;
     let mut step_id = 0u64;
@@ -289,7 +294,7 @@ async fn run(link: Link, mut rx: mpsc::UnboundedReceiver<NewSeq>) {
             free_kv.store(k.free_blocks, Ordering::Relaxed);
         }
         step_id += 1;
-        let plan = sched.plan(ctx.limits);
+        let plan = sched.plan(limits);
         queue_depth.set(sched.waiting.len() as f64);
         running.set(sched.running.len() as f64);
         preemptions.increment(plan.preempted.len() as u64);
@@ -335,7 +340,7 @@ async fn run(link: Link, mut rx: mpsc::UnboundedReceiver<NewSeq>) {
         let sent = Instant::now();
         let result = async {
             if conn.is_none() {
-                let (c, kv) = tokio::time::timeout(
+                let (c, kv, device) = tokio::time::timeout(
                     ctx.connect_timeout,
                     connect(&address, ctx.tls.as_deref()),
                 )
@@ -349,6 +354,10 @@ async fn run(link: Link, mut rx: mpsc::UnboundedReceiver<NewSeq>) {
                 conn = Some(c);
                 if kv.is_some() {
                     sched.kv = kv;
+                }
+                // Steps are sized by the gate's device from the next plan on.
+                if device.starts_with("cuda") {
+                    limits.token_budget = ctx.gpu_token_budget;
                 }
             }
             match conn.as_mut() {

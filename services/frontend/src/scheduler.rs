@@ -22,6 +22,13 @@
 
 use std::collections::VecDeque;
 
+/// `--step-token-budget` when not given, for a gate on the CPU: measured best for a long
+/// prompt's time to first token and the running decodes' inter-token p99 (docs/BENCHMARKS.md).
+pub const CPU_STEP_TOKEN_BUDGET: usize = 512;
+/// The same for a GPU gate, whose step time grows slowly with its tokens: a 2,048-token prompt
+/// is prefilled in one step.
+pub const GPU_STEP_TOKEN_BUDGET: usize = 4096;
+
 /// Scheduler limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {

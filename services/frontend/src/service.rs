@@ -284,10 +284,11 @@ pub async fn run(
             cfg.max_new_tokens_limit
         )));
     }
-    if cfg.max_running == 0 || cfg.step_token_budget < cfg.max_running {
+    if cfg.max_running == 0 || cfg.step_token_budget.is_some_and(|b| b < cfg.max_running) {
         return Err(MeshError::Invalid(format!(
             "--step-token-budget ({}) must be at least --max-running ({}), which must be at least 1, so every running decode fits in a step",
-            cfg.step_token_budget, cfg.max_running
+            cfg.step_token_budget.unwrap_or(0),
+            cfg.max_running
         )));
     }
     cfg.limits.validate().map_err(MeshError::Invalid)?;
@@ -379,7 +380,10 @@ pub async fn run(
     let frontend = Arc::new(Frontend {
         ctx: Arc::new(Ctx {
             limits: crate::scheduler::Limits {
-                token_budget: cfg.step_token_budget,
+                token_budget: cfg
+                    .step_token_budget
+                    .unwrap_or(crate::scheduler::CPU_STEP_TOKEN_BUDGET)
+                    .max(cfg.max_running),
                 max_running: cfg.max_running,
                 max_skips: 8,
             },
@@ -389,6 +393,10 @@ pub async fn run(
             eos,
             next_seq: AtomicU64::new(1),
             tls: frontend_tls,
+            gpu_token_budget: cfg
+                .step_token_budget
+                .unwrap_or(crate::scheduler::GPU_STEP_TOKEN_BUDGET)
+                .max(cfg.max_running),
             step_timeout: Duration::from_secs(cfg.step_timeout),
             connect_timeout: Duration::from_millis(cfg.gate_connect_timeout_ms),
         }),

@@ -35,6 +35,8 @@ struct GateService {
     engine: mpsc::Sender<Command>,
     pool: Arc<WorkerPool>,
     next_conn: Arc<AtomicU64>,
+    /// `--device`, reported by Info.
+    device: String,
 }
 
 type StepStream = Pin<Box<dyn Stream<Item = Result<StepResponse, Status>> + Send>>;
@@ -128,6 +130,7 @@ impl Gate for GateService {
             .await
             .map_err(|_| Status::unavailable("gate engine stopped"))?;
         info.expert_workers = self.pool.members().into_iter().map(|m| m.id).collect();
+        info.device = self.device.clone();
         Ok(Response::new(info))
     }
 }
@@ -311,6 +314,7 @@ pub async fn run(
         engine: cmd_tx,
         pool: pool.clone(),
         next_conn: Arc::new(AtomicU64::new(1)),
+        device: cfg.member.device.clone(),
     };
     let limits = &cfg.member.limits;
     let server = tokio::spawn(

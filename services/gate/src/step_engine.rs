@@ -116,6 +116,7 @@ impl StepEngine {
                         kv_blocks_free: self.pool.free_blocks() as u32,
                         kv_blocks_total: self.pool.num_blocks() as u32,
                         kv_block_tokens: BLOCK_TOKENS as u32,
+                        device: String::new(),
                     });
                 }
             }
