@@ -657,3 +657,30 @@ pub fn metric_sum(samples: &[Sample], name: &str, with: &[(&str, &str)]) -> Opti
         .collect();
     (!matching.is_empty()).then(|| matching.iter().sum())
 }
+
+/// Waits (at most 30 s) until the frontend at `url` lists `n` gates in its ModelInfo.
+pub async fn wait_for_gates(url: &str, n: usize) {
+    use moemesh_proto::v1::ModelInfoRequest;
+    use moemesh_proto::v1::generation_client::GenerationClient;
+    let mut info = GenerationClient::connect(url.to_string())
+        .await
+        .expect("client");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let gates = info
+            .model_info(ModelInfoRequest {})
+            .await
+            .expect("model info")
+            .into_inner()
+            .gates
+            .len();
+        if gates >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the frontend lists {gates} gates, not {n}, after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

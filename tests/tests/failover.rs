@@ -1,12 +1,10 @@
 //! A gate dies mid-generation: its sequences move to the other gate, are re-prefilled from the
 //! frontend's token history, and finish with exactly the tokens of an uninterrupted run.
 
-use std::time::{Duration, Instant};
-
 use moemesh_proto::v1::gate_client::GateClient;
 use moemesh_proto::v1::generate_request::Input;
 use moemesh_proto::v1::generation_client::GenerationClient;
-use moemesh_proto::v1::{self, GateInfoRequest, GenerateRequest, ModelInfoRequest};
+use moemesh_proto::v1::{self, GateInfoRequest, GenerateRequest};
 use moemesh_tests::fixture;
 use moemesh_tests::mesh::Mesh;
 
@@ -25,25 +23,7 @@ async fn killing_one_of_two_gates_loses_no_request_and_changes_no_token() {
     let mut mesh = Mesh::start(Some(&dir), &["0-15"]);
     let (mut gate_b, addr_b) = mesh.add_gate("gate-b");
     let url = mesh.frontend_url();
-    let mut info = GenerationClient::connect(url.clone())
-        .await
-        .expect("client");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while info
-        .model_info(ModelInfoRequest {})
-        .await
-        .expect("info")
-        .into_inner()
-        .gates
-        .len()
-        < 2
-    {
-        assert!(
-            Instant::now() < deadline,
-            "frontend never saw the second gate"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    moemesh_tests::mesh::wait_for_gates(&url, 2).await;
 
     let engine = moemesh_tests::in_process_engine("tiny-deepseek-v3");
     let out_len = 150u32;

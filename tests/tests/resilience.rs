@@ -315,25 +315,7 @@ async fn a_hung_gates_sequences_finish_on_another_gate_with_the_same_tokens() {
     let mesh = Mesh::start_with(Some(&dir), &["0-15"], &["--step-timeout", "5"]);
     let (mut gate_b, addr_b) = mesh.add_gate("gate-b");
     let url = mesh.frontend_url();
-    let mut info = GenerationClient::connect(url.clone())
-        .await
-        .expect("client");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while info
-        .model_info(ModelInfoRequest {})
-        .await
-        .expect("info")
-        .into_inner()
-        .gates
-        .len()
-        < 2
-    {
-        assert!(
-            Instant::now() < deadline,
-            "frontend never saw the second gate"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    moemesh_tests::mesh::wait_for_gates(&url, 2).await;
     let engine = moemesh_tests::in_process_engine(MODEL);
     let out_len = 150u32;
     let prompts: Vec<Vec<u32>> = (0..6).map(prompt).collect();
