@@ -372,20 +372,31 @@ struct PagedPrompt {
 
 /// All prompts as one batch in a paged pool: every prompt position through the batched decode
 /// path (teacher-forced), then the greedy continuation as a batch.
-fn paged_check(engine: &InProcessEngine, prompts: &[PagedPrompt]) -> anyhow::Result<Check> {
+/// One empty paged cache per sequence of the given lengths (tokens it will hold), all in one
+/// pool just big enough for them.
+fn paged_caches(
+    engine: &InProcessEngine,
+    lens: impl Iterator<Item = usize>,
+) -> anyhow::Result<Vec<moemesh_engine::SequenceCache>> {
     use moemesh_engine::kv_cache::BLOCK_TOKENS;
     use moemesh_engine::{KvPool, SequenceCache};
     let model = &engine.model;
     let cfg = model.config();
-    let blocks: usize = prompts
-        .iter()
-        .map(|p| (p.ids.len() + p.expected.len()).div_ceil(BLOCK_TOKENS) + 1)
-        .sum();
+    let lens: Vec<usize> = lens.collect();
+    let blocks: usize = lens.iter().map(|l| l.div_ceil(BLOCK_TOKENS) + 1).sum();
     let pool = KvPool::new(cfg, blocks, model.dtype(), model.device())?;
-    let mut caches: Vec<SequenceCache> = prompts
+    Ok(lens
         .iter()
         .map(|_| SequenceCache::paged(cfg, pool.clone()))
-        .collect();
+        .collect())
+}
+
+fn paged_check(engine: &InProcessEngine, prompts: &[PagedPrompt]) -> anyhow::Result<Check> {
+    let model = &engine.model;
+    let mut caches = paged_caches(
+        engine,
+        prompts.iter().map(|p| p.ids.len() + p.expected.len()),
+    )?;
     let mut rows: Vec<Vec<Vec<f32>>> = prompts.iter().map(|_| Vec::new()).collect();
     let mut generated: Vec<Vec<u32>> = prompts.iter().map(|_| Vec::new()).collect();
     let longest = prompts
@@ -468,19 +479,8 @@ fn paged_check(engine: &InProcessEngine, prompts: &[PagedPrompt]) -> anyhow::Res
 /// ones through the pool, and every prompt position's logits are compared. Greedy continuation
 /// is the other checks' business.
 fn chunked_check(engine: &InProcessEngine, prompts: &[PagedPrompt]) -> anyhow::Result<Check> {
-    use moemesh_engine::kv_cache::BLOCK_TOKENS;
-    use moemesh_engine::{KvPool, SequenceCache};
     let model = &engine.model;
-    let cfg = model.config();
-    let blocks: usize = prompts
-        .iter()
-        .map(|p| p.ids.len().div_ceil(BLOCK_TOKENS) + 1)
-        .sum();
-    let pool = KvPool::new(cfg, blocks, model.dtype(), model.device())?;
-    let mut caches: Vec<SequenceCache> = prompts
-        .iter()
-        .map(|_| SequenceCache::paged(cfg, pool.clone()))
-        .collect();
+    let mut caches = paged_caches(engine, prompts.iter().map(|p| p.ids.len()))?;
     let mut rows: Vec<Vec<Vec<f32>>> = prompts.iter().map(|_| Vec::new()).collect();
     let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
     for at in (0..longest).step_by(PREFILL_CHUNK) {
