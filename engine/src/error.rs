@@ -15,6 +15,9 @@ pub enum ErrorKind {
     Exhausted,
     /// A bug or an unexpected failure inside the engine.
     Internal,
+    /// The request does not match the state held for its sequence (e.g. a step for positions
+    /// this replica does not hold): resend from a state that does.
+    Precondition,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +69,12 @@ pub enum EngineError {
     /// Routed experts could not be computed (no live worker, or every replica failed).
     #[error("{0}")]
     ExpertsUnavailable(String),
+    /// A step does not match what is held for one of its sequences.
+    #[error("{0}")]
+    SequenceState(String),
+    /// A broken invariant inside the engine (a bug).
+    #[error("internal: {0}")]
+    Internal(String),
     #[error("tensor computation failed: {0}")]
     Tensor(#[from] candle_core::Error),
 }
@@ -76,7 +85,8 @@ impl EngineError {
             EngineError::ConfigRead { .. }
             | EngineError::WeightFile { .. }
             | EngineError::ExpertsUnavailable(_) => ErrorKind::Unavailable,
-            EngineError::Tensor(_) => ErrorKind::Internal,
+            EngineError::Tensor(_) | EngineError::Internal(_) => ErrorKind::Internal,
+            EngineError::SequenceState(_) => ErrorKind::Precondition,
             EngineError::KvExhausted(_) => ErrorKind::Exhausted,
             _ => ErrorKind::Invalid,
         }

@@ -1,22 +1,21 @@
 //! In-process generation: one request through the whole model in this process (what
 //! `moemesh generate --model DIR` runs, and the reference the mesh is compared against).
 //!
-//! The request types and the finish logic here (validation, EOS, stop strings, length limits,
-//! incremental text) are the same ones the frontend applies to requests that run through the
-//! mesh, so both paths agree token for token.
+//! The request types here (and their validation) are the ones the frontend applies to requests
+//! that run through the mesh, and generation runs the same serving core ([`crate::serving`]):
+//! scheduler, step runner and sequence decoder. Both paths agree token for token.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use candle_core::{DType, Device};
 
 use crate::error::{EngineError, Result};
 use crate::experts::ExpertShard;
-use crate::kv_cache::SequenceCache;
-use crate::model::{DeepSeekModel, StepSeq};
+use crate::model::DeepSeekModel;
 use crate::model_dir::ModelFiles;
-use crate::sampling::{Sampled, Sampler, SamplingParams};
-use crate::stop::StopMatcher;
-use crate::text::{IncrementalDecoder, TextTokenizer};
+use crate::sampling::SamplingParams;
+use crate::serving::LocalServer;
+use crate::text::TextTokenizer;
 
 /// Why a generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -140,70 +139,6 @@ pub struct GenerationOutput {
     pub total_time: Duration,
 }
 
-/// Per-sequence text state: incremental detokenisation and stop strings.
-pub struct TextTracker {
-    decoder: Option<IncrementalDecoder>,
-    stops: StopMatcher,
-}
-
-impl TextTracker {
-    pub fn new(tokenizer: Option<&TextTokenizer>, stop: &[String]) -> Result<Self> {
-        if tokenizer.is_none() && stop.iter().any(|s| !s.is_empty()) {
-            return Err(EngineError::InvalidInput(
-                "stopping.stop: stop strings need a tokenizer, and this model directory has no tokenizer.json".into(),
-            ));
-        }
-        Ok(TextTracker {
-            decoder: tokenizer.map(|t| IncrementalDecoder::new(t.clone(), true)),
-            stops: StopMatcher::new(stop),
-        })
-    }
-
-    /// Text to emit for a new token, and whether a stop string completed.
-    pub fn push(&mut self, token: u32) -> Result<(String, bool)> {
-        let Some(dec) = self.decoder.as_mut() else {
-            return Ok((String::new(), false));
-        };
-        let piece = dec.push(token)?;
-        let o = self.stops.push(&piece);
-        Ok((o.emit, o.stopped.is_some()))
-    }
-
-    /// Held-back text at the end (not called after a stop).
-    pub fn finish(&mut self) -> Result<String> {
-        let Some(dec) = self.decoder.as_mut() else {
-            return Ok(String::new());
-        };
-        let rest = dec.finish()?;
-        let o = self.stops.push(&rest);
-        if o.stopped.is_some() {
-            return Ok(o.emit);
-        }
-        Ok(o.emit + &self.stops.finish())
-    }
-}
-
-/// Decides, after each token, whether the sequence is done.
-pub fn finish_check(
-    token: u32,
-    generated: usize,
-    seq_len: usize,
-    req: &GenerationRequest,
-    eos: &[u32],
-    context_length: usize,
-    stopped_by_text: bool,
-) -> Option<FinishReason> {
-    if stopped_by_text {
-        Some(FinishReason::Stop)
-    } else if !req.ignore_eos && eos.contains(&token) {
-        Some(FinishReason::Eos)
-    } else if generated >= req.max_new_tokens || seq_len >= context_length {
-        Some(FinishReason::Length)
-    } else {
-        None
-    }
-}
-
 /// The whole model in this process.
 pub struct InProcessEngine {
     pub model: DeepSeekModel,
@@ -225,114 +160,24 @@ impl InProcessEngine {
         })
     }
 
-    /// End-of-sequence ids: the config's, plus the tokenizer's EOS token.
-    pub fn eos_ids(&self) -> Vec<u32> {
-        let mut eos = self.model.config().eos_token_ids.clone();
-        if let Some(id) = self
-            .tokenizer
-            .as_ref()
-            .and_then(|t| t.eos_token().and_then(|e| t.token_to_id(e)))
-            && !eos.contains(&id)
-        {
-            eos.push(id);
-        }
-        eos
-    }
-
     /// Generates for one request, calling `on_token` for every token; `on_token` returning
-    /// false cancels the generation.
+    /// false cancels the generation. Runs the serving core ([`LocalServer`]) with one sequence.
     pub fn generate(
         &self,
         req: &GenerationRequest,
         on_token: &mut dyn FnMut(&TokenChunk) -> bool,
     ) -> Result<GenerationOutput> {
-        let cfg = self.model.config();
-        let context = cfg.max_position_embeddings;
-        req.validate(cfg.vocab_size, context, &self.limits)?;
-        let start = Instant::now();
-        let eos = self.eos_ids();
-        let mut text = TextTracker::new(self.tokenizer.as_ref(), &req.stop)?;
-        let mut sampler = Sampler::new(req.sampling);
-        // On a GPU with the fused kernels the decode attention reads a paged pool: give the
-        // request one of its own, sized for the prompt and every token it may generate.
-        let mut cache = match crate::cuda::gpu(self.model.device()) {
-            Some(_) => {
-                let tokens = (req.prompt_ids.len() + req.max_new_tokens).min(context);
-                let blocks = tokens.div_ceil(crate::kv_cache::BLOCK_TOKENS) + 1;
-                let pool =
-                    crate::KvPool::new(cfg, blocks, self.model.dtype(), self.model.device())?;
-                SequenceCache::paged(cfg, pool)
-            }
-            None => self.model.new_cache(),
-        };
-        let mut out = GenerationOutput {
-            token_ids: Vec::new(),
-            logprobs: Vec::new(),
-            text: String::new(),
-            finish_reason: FinishReason::Length,
-            prompt_tokens: req.prompt_ids.len(),
-            time_to_first_token: Duration::ZERO,
-            total_time: Duration::ZERO,
-        };
-        let mut input = req.prompt_ids.clone();
-        loop {
-            let hidden = self.model.embed(&input)?;
-            let mut seqs = [StepSeq {
-                cache: &mut cache,
-                new_tokens: input.len(),
-            }];
-            let logits = self
-                .model
-                .step_last_logits(&hidden, &mut seqs, &self.experts)?;
-            // Greedy picks happen on the GPU (a few bytes back instead of the vocabulary).
-            let device_pick = match crate::cuda::gpu(logits.device()) {
-                Some(g) if sampler.params().is_greedy() => g.argmax_logprob(&logits)?,
-                _ => None,
-            };
-            let s = match device_pick.as_deref() {
-                Some(&[(token, logprob)]) => Sampled { token, logprob },
-                _ => sampler.sample(&logits.squeeze(0)?.to_vec1::<f32>()?)?,
-            };
-            if out.token_ids.is_empty() {
-                out.time_to_first_token = start.elapsed();
-            }
-            out.token_ids.push(s.token);
-            out.logprobs.push(s.logprob);
-            let (piece, stopped) = if eos.contains(&s.token) && !req.ignore_eos {
-                (String::new(), false)
-            } else {
-                text.push(s.token)?
-            };
-            let finish = finish_check(
-                s.token,
-                out.token_ids.len(),
-                cache.len() + 1,
-                req,
-                &eos,
-                context,
-                stopped,
-            );
-            let mut piece = piece;
-            if finish.is_some() && !stopped {
-                piece.push_str(&text.finish()?);
-            }
-            out.text.push_str(&piece);
-            let chunk = TokenChunk {
-                token_id: s.token,
-                logprob: s.logprob,
-                text: piece,
-            };
-            if !on_token(&chunk) {
-                out.finish_reason = FinishReason::Cancelled;
-                break;
-            }
-            if let Some(reason) = finish {
-                out.finish_reason = reason;
-                break;
-            }
-            input = vec![s.token];
-        }
-        out.total_time = start.elapsed();
-        Ok(out)
+        let tokens = req.prompt_ids.len() + req.max_new_tokens;
+        let mut server = LocalServer::new(
+            &self.model,
+            &self.experts,
+            self.tokenizer.as_ref(),
+            1,
+            tokens,
+        )?;
+        server.limits = self.limits;
+        let mut outs = server.run(vec![req.clone()], &mut |_, chunk| on_token(chunk))?;
+        outs.pop()
+            .ok_or_else(|| EngineError::Internal("no output for the request".into()))
     }
 }

@@ -4,7 +4,9 @@
 //! layers ([`layers`]: RMSNorm, YaRN rotary, MLA, SwiGLU), the MoE router ([`router`]), routed
 //! experts behind the [`experts::Experts`] trait, the latent KV cache ([`kv_cache`]), the model
 //! ([`model`]), sampling ([`sampling`]), text ([`text`]: tokenizer, chat template, incremental
-//! detokenisation), stop strings ([`stop`]) and in-process generation ([`generate`]).
+//! detokenisation), stop strings ([`stop`]), the serving core shared by the mesh and in-process
+//! serving ([`serving`]: scheduler, step runner, sequence decoder) and in-process generation
+//! ([`generate`]).
 //!
 //! Services build on these types; nothing here depends on gRPC, tokio or etcd, and the device
 //! (CPU now, CUDA later) is a parameter of loading, never a global.
@@ -23,6 +25,7 @@ pub mod model_dir;
 pub mod near_ties;
 pub mod router;
 pub mod sampling;
+pub mod serving;
 pub mod stop;
 pub mod synthetic;
 pub mod text;

@@ -223,6 +223,7 @@ pub struct StepSeq<'a> {
     pub new_tokens: usize,
 }
 
+#[derive(Debug, Clone)]
 pub struct DeepSeekModel {
     cfg: ModelConfig,
     /// `[vocab, hidden]`, when loaded.

@@ -47,6 +47,7 @@ impl From<MeshError> for tonic::Status {
                 ErrorKind::Invalid => Status::invalid_argument(e.to_string()),
                 ErrorKind::Unavailable => Status::unavailable(e.to_string()),
                 ErrorKind::Exhausted => Status::resource_exhausted(e.to_string()),
+                ErrorKind::Precondition => Status::failed_precondition(e.to_string()),
                 ErrorKind::Internal => {
                     tracing::error!(error = %e, "engine failure");
                     Status::internal("internal engine error")

@@ -56,11 +56,13 @@ const ENDPOINT_VARS: [&str; 2] = [
 
 /// The crates whose spans are exported (at debug level: the hot-path spans are debug so that
 /// the `info` log formatter never sees them).
-const TRACED_CRATES: [&str; 4] = [
+const TRACED_CRATES: [&str; 5] = [
     "moemesh_frontend",
     "moemesh_gate",
     "moemesh_expert",
     "moemesh_common",
+    // The serving core's step spans (the gate's `sampling`), not the model's internals.
+    "moemesh_engine::serving",
 ];
 
 /// Keeps the exporter alive; dropping it flushes the spans not yet sent.

@@ -13,7 +13,7 @@ use arbitrary::{Result, Unstructured};
 use clap::Parser;
 use moemesh_common::MeshError;
 use moemesh_common::fuzz::Outcome;
-use moemesh_engine::generate::TextTracker;
+use moemesh_engine::serving::SequenceDecoder;
 use moemesh_engine::text::TextTokenizer;
 use moemesh_engine::{ModelConfig, ModelFiles};
 use moemesh_proto::v1::{self, generate_request::Input};
@@ -89,7 +89,8 @@ pub fn generate_request(data: &[u8]) -> Outcome {
     assert!(out.stop.iter().all(|s| s.len() <= f.cfg.max_stop_bytes));
     assert!(req.request_id.len() <= crate::request::MAX_REQUEST_ID_BYTES);
     assert!(out.sampling.validate(vocab).is_ok());
-    match TextTracker::new(f.tokenizer.as_ref(), &out.stop) {
+    let context = f.model.max_position_embeddings;
+    match SequenceDecoder::new(&out, f.tokenizer.as_ref(), Vec::new().into(), context) {
         Ok(_) => Outcome::Accepted,
         Err(e) => rejected(MeshError::from(e)),
     }

@@ -1,16 +1,20 @@
-//! One gate's step loop: asks the [`Scheduler`] what goes into the next step (decodes first,
-//! then prompt chunks, then newly admitted sequences, within the token budget), sends it, and
-//! routes the sampled ids through each sequence's detokenizer and stop checks to its client.
-//! Finished and abandoned sequences are released on the gate in the next step.
+//! One gate's step loop: a [`Batch`] from the serving core plans each step (decodes first, then
+//! prompt chunks, then newly admitted sequences, within the token budget); this module sends it
+//! to the gate over the step stream and settles each outcome: tokens go through each
+//! sequence's decoder to its client, a full KV pool replans, a failed step fails its sequences,
+//! a lost gate moves every sequence to another. Every sequence leaves the link through one
+//! [`StepLoop::retire`], which settles its load count and its stream.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use moemesh_common::metrics::names;
 use moemesh_common::{MeshError, MeshResult, codec, telemetry};
-use moemesh_engine::generate::{FinishReason, TextTracker, finish_check};
+use moemesh_engine::generate::FinishReason;
+use moemesh_engine::serving::{
+    Batch, KvState, Limits, SeqOutput, Sequence, SequenceDecoder, Step, Token,
+};
 use moemesh_engine::text::TextTokenizer;
 use moemesh_engine::{DeepSeekModel, GenerationRequest};
 use moemesh_proto::v1::gate_client::GateClient;
@@ -20,15 +24,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 use tracing::Span;
 
-use crate::scheduler::{Entry, KvState, Limits, Plan, Scheduler};
-
 /// What every gate link shares: the embedding table, tokenizer and model limits.
 pub struct Ctx {
     /// Step budget and running-sequence cap.
     pub limits: Limits,
     pub model: DeepSeekModel,
     pub tokenizer: Option<TextTokenizer>,
-    pub eos: Vec<u32>,
+    pub eos: Arc<[u32]>,
     pub context_length: usize,
     pub next_seq: AtomicU64,
     /// The TLS files for the hop to the gates; `None` with --plaintext.
@@ -53,8 +55,8 @@ pub struct NewSeq {
     /// it is re-prefilled from prompt + generated and continues its random stream).
     pub generated: Vec<u32>,
     pub ttft: Option<Duration>,
-    /// Detokenizer and stop strings (built while validating the request).
-    pub text: TextTracker,
+    /// Text, stop strings and finish rule (built while validating the request).
+    pub decoder: SequenceDecoder,
     pub tx: ClientTx,
     pub start: Instant,
     /// The request's `generate` span (the root of its trace).
@@ -73,14 +75,11 @@ pub fn queue_span(request: &Span) -> Span {
     }
 }
 
-struct Seq {
-    id: u64,
-    req: GenerationRequest,
+/// What the frontend keeps of a sequence besides the serving core's state: its client.
+struct Client {
     tx: ClientTx,
     start: Instant,
     ttft: Option<Duration>,
-    generated: Vec<u32>,
-    text: TextTracker,
     deadline: Option<Instant>,
     /// The request's `generate` span.
     span: Span,
@@ -90,20 +89,16 @@ struct Seq {
     queue: Span,
 }
 
-impl Seq {
-    /// Token `i` of the sequence (prompt, then generated).
-    fn token(&self, i: usize) -> u32 {
-        let p = self.req.prompt_ids.len();
-        if i < p {
-            self.req.prompt_ids[i]
-        } else {
-            self.generated[i - p]
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.req.prompt_ids.len() + self.generated.len()
-    }
+/// Why a sequence leaves a link.
+enum Outcome {
+    /// Its last token went to the client.
+    Finished,
+    /// It fails with this status.
+    Failed(Status),
+    /// Its client left, or its deadline passed.
+    Gone,
+    /// Its gate was lost: it moves to another.
+    Moved,
 }
 
 /// The handle the service uses to give sequences to a gate.
@@ -128,15 +123,15 @@ impl GateLink {
         let load = Arc::new(AtomicUsize::new(0));
         let failed_at = Arc::new(std::sync::Mutex::new(None));
         let free_kv = Arc::new(AtomicUsize::new(usize::MAX));
-        let link = Link {
-            address: address.clone(),
+        let link = StepLoop::new(
+            address.clone(),
             ctx,
-            load: load.clone(),
-            free_kv: free_kv.clone(),
-            failed_at: failed_at.clone(),
+            load.clone(),
+            free_kv.clone(),
+            failed_at.clone(),
             reroute,
-        };
-        tokio::spawn(run(link, rx));
+        );
+        tokio::spawn(link.run(rx));
         GateLink {
             address,
             tx,
@@ -164,16 +159,6 @@ impl GateLink {
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()
     }
-}
-
-/// What the step loop task owns besides its sequences.
-struct Link {
-    address: String,
-    ctx: Arc<Ctx>,
-    load: Arc<AtomicUsize>,
-    free_kv: Arc<AtomicUsize>,
-    failed_at: Arc<std::sync::Mutex<Option<Instant>>>,
-    reroute: Reroute,
 }
 
 struct Conn {
@@ -233,405 +218,425 @@ async fn exchange(conn: &mut Conn, address: &str, req: StepRequest) -> MeshResul
     }
 }
 
-async fn run(link: Link, mut rx: mpsc::UnboundedReceiver<NewSeq>) {
-    let Link {
-        address,
-        ctx,
-        load,
-        free_kv,
-        failed_at,
-        reroute,
-    } = link;
-    let mut seqs: HashMap<u64, Seq> = HashMap::new();
-    let mut sched = Scheduler::default();
-    // The CPU budget until the gate's Info says it computes on a GPU.
-    let mut limits = ctx.limits;
-    let mut release: Vec<u64> = Vec::new();
-    let mut conn: Option<Conn> = None;
-    let mut step_id = 0u64;
-    let gate = address.clone();
-    let queue_depth = metrics::gauge!(names::QUEUE_DEPTH, "gate" => gate.clone());
-    let running = metrics::gauge!(names::RUNNING, "gate" => gate.clone());
-    let step_seconds = metrics::histogram!(names::FRONTEND_STEP, "gate" => gate.clone());
-    let preemptions = metrics::counter!(names::PREEMPTIONS, "gate" => gate);
-    loop {
-        if sched.is_idle() && release.is_empty() {
-            match rx.recv().await {
-                Some(n) => admit(n, &ctx, &mut seqs, &mut sched),
-                None => return,
-            }
-        }
-        while let Ok(n) = rx.try_recv() {
-            admit(n, &ctx, &mut seqs, &mut sched);
-        }
-        let now = Instant::now();
-        let gone: Vec<u64> = seqs
-            .iter()
-            .filter(|(_, s)| s.tx.is_closed() || s.deadline.is_some_and(|d| d <= now))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in gone {
-            if let Some(s) = seqs.remove(&id) {
-                if !s.tx.is_closed() {
-                    let msg = format!(
-                        "the request's deadline passed after {} generated tokens ({} ms since it arrived)",
-                        s.generated.len(),
-                        s.start.elapsed().as_millis()
-                    );
-                    let _ = s.tx.send(Err(Status::deadline_exceeded(msg)));
-                }
-                tracing::debug!(
-                    seq = id,
-                    "client went away or its deadline passed; releasing"
-                );
-            }
-            sched.remove(id);
-            release.push(id);
-            load.fetch_sub(1, Ordering::SeqCst);
-        }
+/// One gate's step loop.
+struct StepLoop {
+    address: String,
+    ctx: Arc<Ctx>,
+    batch: Batch<Client>,
+    /// The CPU budget until the gate's Info says it computes on a GPU.
+    limits: Limits,
+    conn: Option<Conn>,
+    step_id: u64,
+    load: Arc<AtomicUsize>,
+    free_kv: Arc<AtomicUsize>,
+    failed_at: Arc<std::sync::Mutex<Option<Instant>>>,
+    reroute: Reroute,
+    queue_depth: metrics::Gauge,
+    running: metrics::Gauge,
+    step_seconds: metrics::Histogram,
+    preemptions: metrics::Counter,
+}
 
-        if let Some(k) = sched.kv {
-            free_kv.store(k.free_blocks, Ordering::Relaxed);
+impl StepLoop {
+    fn new(
+        address: String,
+        ctx: Arc<Ctx>,
+        load: Arc<AtomicUsize>,
+        free_kv: Arc<AtomicUsize>,
+        failed_at: Arc<std::sync::Mutex<Option<Instant>>>,
+        reroute: Reroute,
+    ) -> Self {
+        let gate = address.clone();
+        StepLoop {
+            queue_depth: metrics::gauge!(names::QUEUE_DEPTH, "gate" => gate.clone()),
+            running: metrics::gauge!(names::RUNNING, "gate" => gate.clone()),
+            step_seconds: metrics::histogram!(names::FRONTEND_STEP, "gate" => gate.clone()),
+            preemptions: metrics::counter!(names::PREEMPTIONS, "gate" => gate),
+            limits: ctx.limits,
+            address,
+            ctx,
+            batch: Batch::default(),
+            conn: None,
+            step_id: 0,
+            load,
+            free_kv,
+            failed_at,
+            reroute,
         }
-        step_id += 1;
-        let plan = sched.plan(limits);
-        queue_depth.set(sched.waiting.len() as f64);
-        running.set(sched.running.len() as f64);
-        preemptions.increment(plan.preempted.len() as u64);
-        for id in &plan.preempted {
-            tracing::info!(seq = id, gate = %address, "KV full: preempting the newest sequence; it will be prefilled again");
-            release.push(*id);
-        }
-        for id in &plan.rejected {
-            if let Some(s) = seqs.remove(id) {
-                let total = sched.kv.map_or(0, |k| k.total_blocks * k.block_tokens);
-                let msg = format!(
-                    "the sequence ({} tokens) can never fit in gate {address}'s KV cache of {total} tokens",
-                    s.len() + 1
-                );
-                let _ = s.tx.send(Err(Status::resource_exhausted(msg)));
-                load.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Steps until the service drops its sender and no sequence is left.
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<NewSeq>) {
+        loop {
+            if self.batch.is_idle() {
+                match rx.recv().await {
+                    Some(n) => self.admit(n),
+                    None => return,
+                }
             }
+            while let Ok(n) = rx.try_recv() {
+                self.admit(n);
+            }
+            self.drop_gone();
+            let Some((step, request, _step_spans)) = self.next_step() else {
+                continue;
+            };
+            // The sequences' `step` spans end when the gate's answer is in (dropped with this
+            // iteration).
+            let sent = Instant::now();
+            match self.exchange(request).await {
+                Ok(resp) if is_kv_full(&resp) => self.on_kv_full(&step, &resp),
+                Ok(resp) if resp.error.is_some() => self.on_step_error(&step, resp),
+                Ok(resp) => {
+                    self.step_seconds.record(sent.elapsed().as_secs_f64());
+                    self.on_ok(&step, resp);
+                }
+                Err(e) => self.on_gate_lost(e),
+            }
+        }
+    }
+
+    fn admit(&mut self, n: NewSeq) {
+        let id = self.ctx.next_seq.fetch_add(1, Ordering::Relaxed);
+        self.batch.admit(Sequence {
+            id,
+            req: n.req,
+            generated: n.generated,
+            decoder: n.decoder,
+            payload: Client {
+                tx: n.tx,
+                start: n.start,
+                ttft: n.ttft,
+                deadline: n.deadline,
+                traced: telemetry::is_traced(&n.span),
+                span: n.span,
+                queue: n.queue,
+            },
+        });
+    }
+
+    /// Sequences whose client went away or whose deadline passed.
+    fn drop_gone(&mut self) {
+        let now = Instant::now();
+        let gone = self.batch.remove_where(|s| {
+            s.payload.tx.is_closed() || s.payload.deadline.is_some_and(|d| d <= now)
+        });
+        for s in gone {
+            tracing::debug!(
+                seq = s.id,
+                "client went away or its deadline passed; releasing"
+            );
+            self.retire(s, Outcome::Gone);
+        }
+    }
+
+    /// Plans the next step and builds its request, with a `step` span for each traced sequence
+    /// in it (its context goes to the gate in that sequence's `traceparent`). `None` when a
+    /// sequence could not be put on the wire (they all failed).
+    fn next_step(&mut self) -> Option<(Step, StepRequest, Vec<Span>)> {
+        if let Some(k) = self.batch.kv() {
+            self.free_kv.store(k.free_blocks, Ordering::Relaxed);
+        }
+        self.step_id += 1;
+        let (step, rejected) = self.batch.next_step(self.limits);
+        let (running, waiting) = self.batch.counts();
+        self.queue_depth.set(waiting as f64);
+        self.running.set(running as f64);
+        self.preemptions.increment(step.plan.preempted.len() as u64);
+        for id in &step.plan.preempted {
+            tracing::info!(seq = id, gate = %self.address, "KV full: preempting the newest sequence; it will be prefilled again");
+        }
+        let total = self
+            .batch
+            .kv()
+            .map_or(0, |k| k.total_blocks * k.block_tokens);
+        for s in rejected {
+            let msg = format!(
+                "the sequence ({} tokens) can never fit in gate {}'s KV cache of {total} tokens",
+                s.len() + 1,
+                self.address
+            );
+            self.retire(s, Outcome::Failed(Status::resource_exhausted(msg)));
         }
         tracing::debug!(
             target: "moemesh_frontend::step",
-            step = step_id,
-            decode = plan.decode,
-            prefill_tokens = plan.prefill_tokens,
-            slots = ?plan.slots.iter().map(|s| (s.id, s.len)).collect::<Vec<_>>(),
+            step = self.step_id,
+            decode = step.plan.decode,
+            prefill_tokens = step.plan.prefill_tokens,
+            slots = ?step.plan.slots.iter().map(|s| (s.id, s.len)).collect::<Vec<_>>(),
             "step composition"
         );
-        let step = build_step(
-            step_id,
-            &plan,
-            &mut seqs,
-            &ctx,
-            std::mem::take(&mut release),
-            &address,
-        );
-        // The sequences' `step` spans end when the gate's answer is in (dropped with this).
-        let (step, _step_spans) = match step {
-            Ok(s) => s,
+        match self.build_request(&step) {
+            Ok((request, spans)) => Some((step, request, spans)),
             Err(e) => {
-                fail_all(&mut seqs, &mut sched, &load, Status::from(e));
-                continue;
+                let status = Status::from(e);
+                for s in self.batch.remove_where(|_| true) {
+                    self.retire(s, Outcome::Failed(status.clone()));
+                }
+                None
             }
+        }
+    }
+
+    fn build_request(&mut self, step: &Step) -> MeshResult<(StepRequest, Vec<Span>)> {
+        let mut seq_steps = Vec::with_capacity(step.slots.len());
+        let mut spans = Vec::new();
+        let batch_sequences = step.slots.len();
+        for slot in &step.slots {
+            let s = self.batch.get_mut(slot.key).ok_or_else(|| {
+                MeshError::Internal(format!("scheduled sequence {} has no state", slot.key))
+            })?;
+            let prompt_len = s.req.prompt_ids.len();
+            let c = &mut s.payload;
+            c.queue = Span::none();
+            let mut traceparent = String::new();
+            if c.traced {
+                let phase = if slot.tokens == 1 && slot.start >= prompt_len {
+                    "decode"
+                } else {
+                    "prefill"
+                };
+                let span = tracing::debug_span!(
+                    parent: &c.span,
+                    "step",
+                    step = self.step_id,
+                    phase,
+                    position = slot.start,
+                    tokens = slot.tokens,
+                    batch_sequences,
+                    gate = %self.address,
+                );
+                traceparent = telemetry::traceparent(&span);
+                spans.push(span);
+            }
+            let (p, drawn) = slot.sampling.unwrap_or_default();
+            seq_steps.push(SeqStep {
+                seq_id: slot.key,
+                start_position: slot.start as u32,
+                num_tokens: slot.tokens as u32,
+                sample: slot.sample,
+                sampling: Some(SeqSampling {
+                    temperature: p.temperature,
+                    top_p: p.top_p,
+                    top_k: p.top_k as u32,
+                    seed: p.seed.unwrap_or(0),
+                    samples_drawn: drawn,
+                }),
+                traceparent,
+            });
+        }
+        let activations = if step.ids.is_empty() {
+            None
+        } else {
+            let emb = self.ctx.model.embed(&step.ids)?;
+            Some(codec::encode(&emb, v1::DType::Bf16)?)
         };
-        let sent = Instant::now();
+        Ok((
+            StepRequest {
+                step_id: self.step_id,
+                seqs: seq_steps,
+                activations,
+                release: step.release.clone(),
+            },
+            spans,
+        ))
+    }
+
+    /// Sends a step and waits for its answer, opening the stream first if needed. A gate that
+    /// stops answering (paused, wedged, partitioned) is taken for dead once `--step-timeout`
+    /// passes.
+    async fn exchange(&mut self, request: StepRequest) -> MeshResult<StepResponse> {
+        let (address, timeout, step_id) =
+            (self.address.clone(), self.ctx.step_timeout, self.step_id);
         let result = async {
-            if conn.is_none() {
+            if self.conn.is_none() {
                 let (c, kv, device) = tokio::time::timeout(
-                    ctx.connect_timeout,
-                    connect(&address, ctx.tls.as_deref()),
+                    self.ctx.connect_timeout,
+                    connect(&address, self.ctx.tls.as_deref()),
                 )
                 .await
                 .map_err(|_| {
                     MeshError::Unavailable(format!(
                         "gate {address}: no step stream within {:?} (--gate-connect-timeout-ms)",
-                        ctx.connect_timeout
+                        self.ctx.connect_timeout
                     ))
                 })??;
-                conn = Some(c);
-                if kv.is_some() {
-                    sched.kv = kv;
+                self.conn = Some(c);
+                if let Some(kv) = kv {
+                    self.batch.set_kv(kv);
                 }
                 // Steps are sized by the gate's device from the next plan on.
                 if device.starts_with("cuda") {
-                    limits.token_budget = ctx.gpu_token_budget;
+                    self.limits.token_budget = self.ctx.gpu_token_budget;
                 }
             }
-            match conn.as_mut() {
-                Some(c) => exchange(c, &address, step).await,
+            match self.conn.as_mut() {
+                Some(c) => exchange(c, &address, request).await,
                 None => Err(MeshError::Internal("no gate connection".into())),
             }
         };
-        // A gate that stops answering (paused, wedged, partitioned) is treated like a dead one
-        // once the step deadline passes: its stream is dropped and its sequences move.
-        let result = tokio::time::timeout(ctx.step_timeout, result)
+        tokio::time::timeout(timeout, result)
             .await
             .unwrap_or_else(|_| {
                 Err(MeshError::Unavailable(format!(
-                    "gate {address}: no answer to step {step_id} within {:?} (--step-timeout); taking it for hung",
-                    ctx.step_timeout
+                    "gate {address}: no answer to step {step_id} within {timeout:?} (--step-timeout); taking it for hung"
                 )))
-            });
-        if result.is_ok() {
-            step_seconds.record(sent.elapsed().as_secs_f64());
-        }
-        match result {
-            Ok(resp)
-                if resp
-                    .error
-                    .as_ref()
-                    .is_some_and(|e| e.code == tonic::Code::ResourceExhausted as i32)
-                    && resp.kv_block_tokens > 0 =>
-            {
-                // The pool filled up under us (another frontend shares this gate): take the
-                // gate's numbers and plan again; preemption makes room, nothing fails.
-                tracing::info!(gate = %address, free = resp.kv_blocks_free, "gate KV full; replanning");
-                for slot in &plan.slots {
-                    if slot.start == 0 {
-                        // The gate dropped the sequences this step would have started.
-                        sched.unadmit(slot.id);
-                    }
-                }
-                sched.kv = Some(KvState {
-                    free_blocks: resp.kv_blocks_free as usize,
-                    total_blocks: resp.kv_blocks_total as usize,
-                    block_tokens: resp.kv_block_tokens as usize,
-                });
-            }
-            Ok(resp) if resp.error.is_some() => {
-                // The gate could not run this step (e.g. an expert has no live worker): the
-                // step's sequences fail with its status; the gate and the others carry on.
-                *failed_at.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                let err = resp.error.unwrap_or_default();
-                let status = Status::new(
-                    tonic::Code::from_i32(err.code),
-                    format!("gate {address}: {}", err.message),
-                );
-                for slot in &plan.slots {
-                    if let Some(s) = seqs.remove(&slot.id) {
-                        let _ = s.tx.send(Err(status.clone()));
-                        load.fetch_sub(1, Ordering::SeqCst);
-                    }
-                    sched.remove(slot.id);
-                    release.push(slot.id);
-                }
-            }
-            Ok(resp) => {
-                *failed_at.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                if resp.kv_block_tokens > 0 {
-                    sched.kv = Some(KvState {
-                        free_blocks: resp.kv_blocks_free as usize,
-                        total_blocks: resp.kv_blocks_total as usize,
-                        block_tokens: resp.kv_block_tokens as usize,
-                    });
-                }
-                let by_seq: HashMap<u64, &v1::SeqResult> =
-                    resp.results.iter().map(|r| (r.seq_id, r)).collect();
-                for slot in &plan.slots {
-                    let sampled = by_seq.get(&slot.id).filter(|_| slot.sample);
-                    sched.advance(slot, sampled.is_some());
-                    let (Some(r), Some(s)) = (sampled, seqs.get_mut(&slot.id)) else {
-                        continue;
-                    };
-                    if deliver(s, r, &ctx) {
-                        seqs.remove(&slot.id);
-                        sched.remove(slot.id);
-                        release.push(slot.id);
-                        load.fetch_sub(1, Ordering::SeqCst);
-                    }
-                }
-            }
-            Err(e) => {
-                // The gate is gone (its stream broke or it cannot be reached), and its KV with
-                // it. Every sequence moves to another gate, to be re-prefilled there from its
-                // tokens so far; with greedy or seeded sampling it continues exactly as it would
-                // have.
-                conn = None;
-                release.clear();
-                *failed_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-                if !seqs.is_empty() {
-                    tracing::warn!(gate = %address, error = %e, sequences = seqs.len(), "gate failed; moving its sequences");
-                }
-                for (id, s) in seqs.drain() {
-                    sched.remove(id);
-                    load.fetch_sub(1, Ordering::SeqCst);
-                    let moved = NewSeq {
-                        req: s.req,
-                        text: s.text,
-                        tx: s.tx,
-                        start: s.start,
-                        deadline: s.deadline,
-                        generated: s.generated,
-                        ttft: s.ttft,
-                        queue: queue_span(&s.span),
-                        span: s.span,
-                    };
-                    if let Err(e) = reroute.send((address.clone(), moved)) {
-                        let _ = e.0.1.tx.send(Err(Status::unavailable(format!(
-                            "gate {address} failed and the frontend is shutting down"
-                        ))));
-                    }
-                }
-            }
-        }
+            })
     }
-}
 
-fn admit(n: NewSeq, ctx: &Ctx, seqs: &mut HashMap<u64, Seq>, sched: &mut Scheduler) {
-    let id = ctx.next_seq.fetch_add(1, Ordering::Relaxed);
-    let seq = Seq {
-        id,
-        req: n.req,
-        tx: n.tx,
-        start: n.start,
-        ttft: n.ttft,
-        generated: n.generated,
-        text: n.text,
-        deadline: n.deadline,
-        traced: telemetry::is_traced(&n.span),
-        span: n.span,
-        queue: n.queue,
-    };
-    sched.waiting.push_back(Entry {
-        id,
-        len: seq.len(),
-        gate_pos: 0,
-        skipped: 0,
-    });
-    seqs.insert(id, seq);
-}
-
-/// The step's request, and a `step` span for each traced sequence in it (its context goes to
-/// the gate in that sequence's `traceparent`).
-fn build_step(
-    step_id: u64,
-    plan: &Plan,
-    seqs: &mut HashMap<u64, Seq>,
-    ctx: &Ctx,
-    release: Vec<u64>,
-    gate: &str,
-) -> MeshResult<(StepRequest, Vec<Span>)> {
-    let mut ids = Vec::with_capacity(plan.decode + plan.prefill_tokens);
-    let mut seq_steps = Vec::with_capacity(plan.slots.len());
-    let mut spans = Vec::new();
-    for slot in &plan.slots {
-        let s = seqs.get_mut(&slot.id).ok_or_else(|| {
-            MeshError::Internal(format!("scheduled sequence {} has no state", slot.id))
-        })?;
-        ids.extend((slot.start..slot.start + slot.len).map(|i| s.token(i)));
-        s.queue = Span::none();
-        let mut traceparent = String::new();
-        if s.traced {
-            let phase = if slot.len == 1 && slot.start >= s.req.prompt_ids.len() {
-                "decode"
-            } else {
-                "prefill"
+    /// The step ran: tokens go to their clients; finished sequences leave.
+    fn on_ok(&mut self, step: &Step, resp: StepResponse) {
+        self.gate_answered();
+        if let Some(kv) = kv_state(&resp) {
+            self.batch.set_kv(kv);
+        }
+        let outputs: Vec<SeqOutput<u64>> = resp
+            .results
+            .iter()
+            .map(|r| SeqOutput {
+                key: r.seq_id,
+                token: r.token_id,
+                logprob: r.logprob,
+            })
+            .collect();
+        let done = self.batch.on_tokens(step, &outputs, deliver);
+        for (s, finish) in done {
+            let outcome = match finish {
+                Ok(_) => Outcome::Finished,
+                Err(e) => Outcome::Failed(Status::from(MeshError::from(e))),
             };
-            let span = tracing::debug_span!(
-                parent: &s.span,
-                "step",
-                step = step_id,
-                phase,
-                position = slot.start,
-                tokens = slot.len,
-                batch_sequences = plan.slots.len(),
-                gate,
-            );
-            traceparent = telemetry::traceparent(&span);
-            spans.push(span);
+            self.retire(s, outcome);
         }
-        seq_steps.push(SeqStep {
-            seq_id: s.id,
-            start_position: slot.start as u32,
-            num_tokens: slot.len as u32,
-            sample: slot.sample,
-            sampling: Some(SeqSampling {
-                temperature: s.req.sampling.temperature,
-                top_p: s.req.sampling.top_p,
-                top_k: s.req.sampling.top_k as u32,
-                seed: s.req.sampling.seed.unwrap_or(0),
-                samples_drawn: s.generated.len() as u32,
-            }),
-            traceparent,
-        });
     }
-    let activations = if ids.is_empty() {
-        None
-    } else {
-        let emb = ctx.model.embed(&ids)?;
-        Some(codec::encode(&emb, v1::DType::Bf16)?)
-    };
-    Ok((
-        StepRequest {
-            step_id,
-            seqs: seq_steps,
-            activations,
-            release,
-        },
-        spans,
-    ))
-}
 
-/// Hands one sampled token to the sequence's client; true when the sequence is finished.
-fn deliver(s: &mut Seq, r: &v1::SeqResult, ctx: &Ctx) -> bool {
-    let token = r.token_id;
-    s.generated.push(token);
-    if s.ttft.is_none() {
-        s.ttft = Some(s.start.elapsed());
+    /// The pool filled up under us (another frontend shares this gate): take the gate's numbers
+    /// and plan again; preemption makes room, nothing fails.
+    fn on_kv_full(&mut self, step: &Step, resp: &StepResponse) {
+        tracing::info!(gate = %self.address, free = resp.kv_blocks_free, "gate KV full; replanning");
+        if let Some(kv) = kv_state(resp) {
+            self.batch.on_kv_full(step, kv);
+        }
     }
-    let is_eos = !s.req.ignore_eos && ctx.eos.contains(&token);
-    let (mut piece, stopped) = if is_eos {
-        (String::new(), false)
-    } else {
-        match s.text.push(token) {
-            Ok(x) => x,
-            Err(e) => {
-                let _ = s.tx.send(Err(Status::from(MeshError::from(e))));
-                return true;
+
+    /// The gate could not run this step (e.g. an expert has no live worker): the step's
+    /// sequences fail with its status; the gate and the others carry on.
+    fn on_step_error(&mut self, step: &Step, resp: StepResponse) {
+        self.gate_answered();
+        let err = resp.error.unwrap_or_default();
+        let status = Status::new(
+            tonic::Code::from_i32(err.code),
+            format!("gate {}: {}", self.address, err.message),
+        );
+        for s in self.batch.on_step_failed(step) {
+            self.retire(s, Outcome::Failed(status.clone()));
+        }
+    }
+
+    /// The gate is gone (its stream broke, it cannot be reached, or it stopped answering), and
+    /// its KV with it. Every sequence moves to another gate, to be prefilled again there from
+    /// its tokens so far; with greedy or seeded sampling it continues exactly as it would have.
+    fn on_gate_lost(&mut self, e: MeshError) {
+        self.conn = None;
+        *self.failed_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        let moved = self.batch.on_lost();
+        if !moved.is_empty() {
+            tracing::warn!(gate = %self.address, error = %e, sequences = moved.len(), "gate failed; moving its sequences");
+        }
+        for s in moved {
+            self.retire(s, Outcome::Moved);
+        }
+    }
+
+    fn gate_answered(&self) {
+        *self.failed_at.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// A sequence leaves this link: its load count is given back, and its stream gets what the
+    /// outcome owes it (its last token has already gone when it finished).
+    fn retire(&self, s: Sequence<Client>, outcome: Outcome) {
+        self.load.fetch_sub(1, Ordering::SeqCst);
+        let c = s.payload;
+        match outcome {
+            Outcome::Finished => {}
+            Outcome::Failed(status) => {
+                let _ = c.tx.send(Err(status));
+            }
+            Outcome::Gone => {
+                if !c.tx.is_closed() {
+                    let msg = format!(
+                        "the request's deadline passed after {} generated tokens ({} ms since it arrived)",
+                        s.generated.len(),
+                        c.start.elapsed().as_millis()
+                    );
+                    let _ = c.tx.send(Err(Status::deadline_exceeded(msg)));
+                }
+            }
+            Outcome::Moved => {
+                let moved = NewSeq {
+                    req: s.req,
+                    decoder: s.decoder,
+                    tx: c.tx,
+                    start: c.start,
+                    deadline: c.deadline,
+                    generated: s.generated,
+                    ttft: c.ttft,
+                    queue: queue_span(&c.span),
+                    span: c.span,
+                };
+                if let Err(e) = self.reroute.send((self.address.clone(), moved)) {
+                    let _ = e.0.1.tx.send(Err(Status::unavailable(format!(
+                        "gate {} failed and the frontend is shutting down",
+                        self.address
+                    ))));
+                }
             }
         }
-    };
-    let seq_len = s.req.prompt_ids.len() + s.generated.len();
-    let finish = finish_check(
-        token,
-        s.generated.len(),
-        seq_len,
-        &s.req,
-        &ctx.eos,
-        ctx.context_length,
-        stopped,
-    );
-    if finish.is_some() && !stopped {
-        match s.text.finish() {
-            Ok(rest) => piece.push_str(&rest),
-            Err(e) => tracing::warn!(error = %e, "detokenizer flush failed"),
-        }
+    }
+}
+
+/// The step was refused for KV room (with the gate's numbers to plan again with).
+fn is_kv_full(resp: &StepResponse) -> bool {
+    resp.error
+        .as_ref()
+        .is_some_and(|e| e.code == tonic::Code::ResourceExhausted as i32)
+        && resp.kv_block_tokens > 0
+}
+
+fn kv_state(resp: &StepResponse) -> Option<KvState> {
+    (resp.kv_block_tokens > 0).then_some(KvState {
+        free_blocks: resp.kv_blocks_free as usize,
+        total_blocks: resp.kv_blocks_total as usize,
+        block_tokens: resp.kv_block_tokens as usize,
+    })
+}
+
+/// Hands one token to the sequence's client (a closed channel means the client left; the next
+/// step releases the sequence).
+fn deliver(s: &mut Sequence<Client>, t: &Token) {
+    let c = &mut s.payload;
+    if c.ttft.is_none() {
+        c.ttft = Some(c.start.elapsed());
     }
     let mut msg = GenerateResponse {
-        text: piece,
-        token_ids: vec![token],
-        logprobs: vec![r.logprob],
+        text: t.text.clone(),
+        token_ids: vec![t.token],
+        logprobs: vec![t.logprob],
         finish_reason: v1::FinishReason::Unspecified as i32,
         usage: None,
     };
-    if let Some(reason) = finish {
+    if let Some(reason) = t.finish {
         msg.finish_reason = wire_reason(reason) as i32;
-        let ttft_ms = s.ttft.unwrap_or_default().as_secs_f64() * 1e3;
-        s.span.record("completion_tokens", s.generated.len());
-        s.span.record("ttft_ms", ttft_ms);
-        s.span.record("finish_reason", reason.as_str());
+        let ttft = c.ttft.unwrap_or_default().as_secs_f64() * 1e3;
+        c.span.record("completion_tokens", s.generated.len());
+        c.span.record("ttft_ms", ttft);
+        c.span.record("finish_reason", reason.as_str());
         msg.usage = Some(v1::Usage {
             prompt_tokens: s.req.prompt_ids.len() as u32,
             completion_tokens: s.generated.len() as u32,
-            time_to_first_token_ms: s.ttft.unwrap_or_default().as_secs_f64() * 1e3,
+            time_to_first_token_ms: ttft,
         });
     }
-    // A closed channel means the client left; the next step releases the sequence.
-    let _ = s.tx.send(Ok(msg));
-    finish.is_some()
+    let _ = c.tx.send(Ok(msg));
 }
 
 pub fn wire_reason(r: FinishReason) -> v1::FinishReason {
@@ -640,18 +645,5 @@ pub fn wire_reason(r: FinishReason) -> v1::FinishReason {
         FinishReason::Stop => v1::FinishReason::Stop,
         FinishReason::Eos => v1::FinishReason::Eos,
         FinishReason::Cancelled => v1::FinishReason::Cancelled,
-    }
-}
-
-fn fail_all(
-    seqs: &mut HashMap<u64, Seq>,
-    sched: &mut Scheduler,
-    load: &AtomicUsize,
-    status: Status,
-) {
-    for (id, s) in seqs.drain() {
-        let _ = s.tx.send(Err(status.clone()));
-        sched.remove(id);
-        load.fetch_sub(1, Ordering::SeqCst);
     }
 }

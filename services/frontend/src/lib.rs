@@ -12,7 +12,6 @@ pub mod fuzz;
 mod gate_link;
 mod metered;
 mod request;
-mod scheduler;
 mod service;
 
 pub use config::FrontendConfig;

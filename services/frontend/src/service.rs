@@ -11,7 +11,7 @@ use futures::Stream;
 use moemesh_common::metrics::names;
 use moemesh_common::registry::{Member, Registry, RegistryConfig, Role};
 use moemesh_common::{MeshError, MeshResult, metrics as mesh_metrics, serve, telemetry};
-use moemesh_engine::generate::TextTracker;
+use moemesh_engine::serving::SequenceDecoder;
 use moemesh_engine::{Arch, DType, Device, ModelFiles, Parts};
 use moemesh_proto::v1::generation_server::{Generation, GenerationServer};
 use moemesh_proto::v1::{
@@ -134,7 +134,7 @@ impl GenerationService {
             span.record("request_id", req.request_id.as_str());
         }
         let seed = f.seed.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
-        let (engine_req, rendered, text) = {
+        let (engine_req, rendered, decoder) = {
             let _tokenize = tracing::debug_span!(parent: span, "tokenize").entered();
             let (engine_req, rendered) = request::to_engine_request(
                 &req,
@@ -143,9 +143,14 @@ impl GenerationService {
                 f.ctx.tokenizer.as_ref(),
                 seed,
             )?;
-            let text = TextTracker::new(f.ctx.tokenizer.as_ref(), &engine_req.stop)
-                .map_err(MeshError::from)?;
-            (engine_req, rendered, text)
+            let decoder = SequenceDecoder::new(
+                &engine_req,
+                f.ctx.tokenizer.as_ref(),
+                f.ctx.eos.clone(),
+                f.ctx.context_length,
+            )
+            .map_err(MeshError::from)?;
+            (engine_req, rendered, decoder)
         };
         span.record("prompt_tokens", engine_req.prompt_ids.len());
         if let Some(trail) = trail {
@@ -158,7 +163,7 @@ impl GenerationService {
         let prompt_tokens = engine_req.prompt_ids.len() as u64;
         let queued = link.submit(NewSeq {
             req: engine_req,
-            text,
+            decoder,
             tx,
             start,
             deadline,
@@ -327,15 +332,7 @@ pub async fn run(
     .await
     .map_err(|e| MeshError::Internal(e.to_string()))??;
 
-    let mut eos = files.config.eos_token_ids.clone();
-    if let Some(id) = files
-        .tokenizer
-        .as_ref()
-        .and_then(|t| t.eos_token().and_then(|e| t.token_to_id(e)))
-        && !eos.contains(&id)
-    {
-        eos.push(id);
-    }
+    let eos = moemesh_engine::serving::eos_ids(&files.config, files.tokenizer.as_ref());
     let static_gates = cfg
         .gate_addrs
         .iter()
@@ -379,10 +376,10 @@ pub async fn run(
     let (reroute_tx, mut reroute_rx) = mpsc::unbounded_channel::<(String, NewSeq)>();
     let frontend = Arc::new(Frontend {
         ctx: Arc::new(Ctx {
-            limits: crate::scheduler::Limits {
+            limits: moemesh_engine::serving::Limits {
                 token_budget: cfg
                     .step_token_budget
-                    .unwrap_or(crate::scheduler::CPU_STEP_TOKEN_BUDGET)
+                    .unwrap_or(moemesh_engine::serving::CPU_STEP_TOKEN_BUDGET)
                     .max(cfg.max_running),
                 max_running: cfg.max_running,
                 max_skips: 8,
@@ -390,12 +387,12 @@ pub async fn run(
             context_length: files.config.max_position_embeddings,
             model,
             tokenizer: files.tokenizer.clone(),
-            eos,
+            eos: eos.into(),
             next_seq: AtomicU64::new(1),
             tls: frontend_tls,
             gpu_token_budget: cfg
                 .step_token_budget
-                .unwrap_or(crate::scheduler::GPU_STEP_TOKEN_BUDGET)
+                .unwrap_or(moemesh_engine::serving::GPU_STEP_TOKEN_BUDGET)
                 .max(cfg.max_running),
             step_timeout: Duration::from_secs(cfg.step_timeout),
             connect_timeout: Duration::from_millis(cfg.gate_connect_timeout_ms),

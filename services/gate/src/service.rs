@@ -299,7 +299,7 @@ pub async fn run(
         files.fingerprint.clone(),
         kv_pool,
     );
-    engine.overlap = cfg.overlap;
+    engine.runner.overlap = cfg.overlap;
     engine.max_step_sequences = cfg.max_step_sequences;
     engine.record_kv();
     std::thread::Builder::new()

@@ -3,17 +3,14 @@
 //! connection's sequences are freed when its stream ends. Runs on a dedicated OS thread because
 //! model math is synchronous CPU (or device) work that must not block the async runtime.
 
-use std::collections::HashMap;
-
 use std::sync::Arc;
 use std::time::Instant;
 
 use moemesh_common::metrics::names;
 use moemesh_common::telemetry::{self, TraceContext};
-use moemesh_common::{MeshError, MeshResult, codec};
-use moemesh_engine::KvPool;
-use moemesh_engine::kv_cache::BLOCK_TOKENS;
-use moemesh_engine::{DeepSeekModel, Sampler, SamplingParams, SequenceCache, StepSeq, Tensor};
+use moemesh_common::{MeshResult, codec};
+use moemesh_engine::serving::{SlotSpec, StepRunner};
+use moemesh_engine::{DeepSeekModel, KvPool, SamplingParams};
 use moemesh_proto::v1::{GateInfoResponse, SeqResult, StepRequest, StepResponse};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Span;
@@ -33,22 +30,16 @@ pub enum Command {
     },
 }
 
-struct SeqState {
-    cache: SequenceCache,
-    sampler: Sampler,
-}
+/// A sequence: (frontend connection, its sequence id).
+type Key = (u64, u64);
 
 pub struct StepEngine {
-    pub model: DeepSeekModel,
+    pub runner: StepRunner<Key>,
     pub experts: RemoteExperts,
     pub id: String,
     pub fingerprint: String,
-    pool: Arc<KvPool>,
-    /// Two-micro-batch overlap of attention and expert round trips.
-    pub overlap: bool,
     /// `--max-step-sequences`: the most sequences one step may carry.
     pub max_step_sequences: usize,
-    seqs: HashMap<(u64, u64), SeqState>,
 }
 
 impl StepEngine {
@@ -60,14 +51,11 @@ impl StepEngine {
         pool: Arc<KvPool>,
     ) -> Self {
         StepEngine {
-            model,
+            runner: StepRunner::new(model, pool),
             experts,
             id,
             fingerprint,
-            pool,
-            overlap: false,
             max_step_sequences: usize::MAX,
-            seqs: HashMap::new(),
         }
     }
 
@@ -97,25 +85,21 @@ impl StepEngine {
                     let _ = reply.send(result);
                 }
                 Command::ReleaseConn { conn } => {
-                    let before = self.seqs.len();
-                    self.seqs.retain(|(c, _), _| *c != conn);
+                    let freed = self.runner.retain(|(c, _)| *c != conn);
                     self.record_kv();
-                    tracing::debug!(
-                        conn,
-                        freed = before - self.seqs.len(),
-                        "connection closed; KV freed"
-                    );
+                    tracing::debug!(conn, freed, "connection closed; KV freed");
                 }
                 Command::Info { reply } => {
+                    let kv = self.runner.kv();
                     let _ = reply.send(GateInfoResponse {
                         id: self.id.clone(),
                         fingerprint: self.fingerprint.clone(),
-                        live_sequences: self.seqs.len() as u32,
-                        kv_tokens: self.kv_tokens(),
+                        live_sequences: self.runner.live() as u32,
+                        kv_tokens: self.runner.kv_tokens(),
                         expert_workers: Vec::new(),
-                        kv_blocks_free: self.pool.free_blocks() as u32,
-                        kv_blocks_total: self.pool.num_blocks() as u32,
-                        kv_block_tokens: BLOCK_TOKENS as u32,
+                        kv_blocks_free: kv.free_blocks as u32,
+                        kv_blocks_total: kv.total_blocks as u32,
+                        kv_block_tokens: kv.block_tokens as u32,
                         device: String::new(),
                     });
                 }
@@ -125,196 +109,70 @@ impl StepEngine {
 
     /// Publishes the KV pool's and the sequence table's state.
     pub fn record_kv(&self) {
-        let (free, total) = (self.pool.free_blocks(), self.pool.num_blocks());
+        let kv = self.runner.kv();
+        let (free, total) = (kv.free_blocks, kv.total_blocks);
         metrics::gauge!(names::KV_FREE).set(free as f64);
         metrics::gauge!(names::KV_TOTAL).set(total as f64);
         metrics::gauge!(names::KV_USED).set(total.saturating_sub(free) as f64);
-        metrics::gauge!(names::GATE_SEQUENCES).set(self.seqs.len() as f64);
-    }
-
-    fn kv_tokens(&self) -> u64 {
-        self.seqs.values().map(|s| s.cache.len() as u64).sum()
+        metrics::gauge!(names::GATE_SEQUENCES).set(self.runner.live() as f64);
     }
 
     fn step(&mut self, conn: u64, req: StepRequest) -> MeshResult<StepResponse> {
         for id in &req.release {
-            self.seqs.remove(&(conn, *id));
+            self.runner.release(&(conn, *id));
         }
         if req.seqs.is_empty() {
             return Ok(self.response(req.step_id, Vec::new()));
         }
+        let model = self.runner.model();
         let hidden = codec::decode_step(
             &req,
-            self.model.config().hidden_size,
+            model.config().hidden_size,
             self.max_step_sequences,
-            self.model.device(),
+            model.device(),
         )?;
-        // Take the states out of the map so the step can hold them all mutably at once.
-        let mut states = Vec::with_capacity(req.seqs.len());
-        let mut failure = None;
-        for s in &req.seqs {
-            match self.take_state(conn, s) {
-                Ok(st) => states.push((s.seq_id, st)),
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            }
-        }
-        let result = match failure {
-            Some(e) => Err(e),
-            None => self.run_step(&req, &hidden, &mut states),
-        };
-        // Put the states back (a failed step leaves their caches as they were: nothing committed),
-        // except sequences this step would have started: they hold no tokens, only blocks.
-        for ((id, st), s) in states.into_iter().zip(&req.seqs) {
-            if result.is_ok() || s.start_position > 0 {
-                self.seqs.insert((conn, id), st);
-            }
-        }
-        let results = result?;
+        let slots: Vec<SlotSpec<Key>> = req
+            .seqs
+            .iter()
+            .map(|s| SlotSpec {
+                key: (conn, s.seq_id),
+                start: s.start_position as usize,
+                tokens: s.num_tokens as usize,
+                sample: s.sample,
+                sampling: s.sampling.as_ref().map(|p| {
+                    let params = SamplingParams {
+                        temperature: p.temperature,
+                        top_k: p.top_k as usize,
+                        top_p: p.top_p,
+                        seed: Some(p.seed),
+                    };
+                    (params, p.samples_drawn)
+                }),
+            })
+            .collect();
+        let outputs = self.runner.step(&slots, &hidden, &self.experts)?;
+        let results = outputs
+            .into_iter()
+            .map(|o| SeqResult {
+                seq_id: o.key.1,
+                token_id: o.token,
+                logprob: o.logprob,
+            })
+            .collect();
         Ok(self.response(req.step_id, results))
     }
 
-    fn take_state(&mut self, conn: u64, s: &moemesh_proto::v1::SeqStep) -> MeshResult<SeqState> {
-        if let Some(st) = self.seqs.remove(&(conn, s.seq_id)) {
-            if st.cache.len() != s.start_position as usize {
-                let held = st.cache.len();
-                self.seqs.insert((conn, s.seq_id), st);
-                return Err(MeshError::Precondition(format!(
-                    "sequence {}: the gate holds {held} tokens but the step starts at position {}",
-                    s.seq_id, s.start_position
-                )));
-            }
-            return Ok(st);
-        }
-        if s.start_position != 0 {
-            return Err(MeshError::Precondition(format!(
-                "sequence {} is unknown to this gate (step starts at position {}); prefill it from position 0",
-                s.seq_id, s.start_position
-            )));
-        }
-        let p = s.sampling.as_ref().ok_or_else(|| {
-            MeshError::Invalid(format!(
-                "sequence {}: sampling is required on its first step",
-                s.seq_id
-            ))
-        })?;
-        let params = SamplingParams {
-            temperature: p.temperature,
-            top_k: p.top_k as usize,
-            top_p: p.top_p,
-            seed: Some(p.seed),
-        };
-        params.validate(self.model.config().vocab_size)?;
-        Ok(SeqState {
-            cache: SequenceCache::paged(self.model.config(), self.pool.clone()),
-            sampler: Sampler::resume(params, p.samples_drawn),
-        })
-    }
-
-    fn run_step(
-        &self,
-        req: &StepRequest,
-        hidden: &Tensor,
-        states: &mut [(u64, SeqState)],
-    ) -> MeshResult<Vec<SeqResult>> {
-        let mut step_seqs: Vec<StepSeq> = states
-            .iter_mut()
-            .zip(&req.seqs)
-            .map(|((_, st), s)| StepSeq {
-                cache: &mut st.cache,
-                new_tokens: s.num_tokens as usize,
-            })
-            .collect();
-        let out = if self.overlap {
-            self.model
-                .forward_hidden_overlapped(hidden, &mut step_seqs, &self.experts)?
-        } else {
-            self.model
-                .forward_hidden(hidden, &mut step_seqs, &self.experts, |_, _| {})?
-        };
-        drop(step_seqs);
-        // Logits only for the last row of sequences that sample.
-        let mut rows = Vec::new();
-        let mut end = 0u32;
-        for s in &req.seqs {
-            end += s.num_tokens;
-            if s.sample {
-                rows.push(end - 1);
-            }
-        }
-        if rows.is_empty() {
-            return Ok(Vec::new());
-        }
-        let n = rows.len();
-        let _sampling = moemesh_common::child_span!("sampling", rows = n).entered();
-        let idx = Tensor::from_vec(rows, n, self.model.device())
-            .map_err(moemesh_engine::EngineError::from)?;
-        let picked = out
-            .index_select(&idx, 0)
-            .map_err(moemesh_engine::EngineError::from)?;
-        let logits = self.model.logits(&picked)?;
-        // Greedy rows are picked on the GPU: a few bytes come back instead of the vocabulary.
-        let all_greedy = states
-            .iter()
-            .zip(&req.seqs)
-            .all(|(st, s)| !s.sample || st.1.sampler.params().is_greedy());
-        if all_greedy
-            && let Some(g) = moemesh_engine::cuda::gpu(logits.device())
-            && let Some(picks) = g.argmax_logprob(&logits)?
-        {
-            let sampling = states.iter().zip(&req.seqs).filter(|(_, s)| s.sample);
-            return Ok(sampling
-                .zip(picks)
-                .map(|(((id, _), _), (token_id, logprob))| SeqResult {
-                    seq_id: *id,
-                    token_id,
-                    logprob,
-                })
-                .collect());
-        }
-        // One copy from the device, straight into one buffer of all the rows.
-        let vocab = logits.dim(1).map_err(moemesh_engine::EngineError::from)?;
-        let logits = logits
-            .flatten_all()
-            .and_then(|l| l.to_vec1::<f32>())
-            .map_err(moemesh_engine::EngineError::from)?;
-        let mut ids = Vec::with_capacity(n);
-        let mut jobs = Vec::with_capacity(n);
-        let mut li = logits.chunks_exact(vocab.max(1));
-        for ((id, st), s) in states.iter_mut().zip(&req.seqs) {
-            if !s.sample {
-                continue;
-            }
-            let row = li
-                .next()
-                .ok_or_else(|| MeshError::Internal("logits rows".into()))?;
-            ids.push(*id);
-            jobs.push((&mut st.sampler, row));
-        }
-        let sampled = moemesh_engine::sampling::sample_batch(&mut jobs)?;
-        Ok(ids
-            .into_iter()
-            .zip(sampled)
-            .map(|(seq_id, s)| SeqResult {
-                seq_id,
-                token_id: s.token,
-                logprob: s.logprob,
-            })
-            .collect())
-    }
-
     fn response(&self, step_id: u64, results: Vec<SeqResult>) -> StepResponse {
+        let kv = self.runner.kv();
         StepResponse {
             step_id,
             error: None,
             results,
-            live_sequences: self.seqs.len() as u32,
-            kv_tokens: self.kv_tokens(),
-            kv_blocks_free: self.pool.free_blocks() as u32,
-            kv_blocks_total: self.pool.num_blocks() as u32,
-            kv_block_tokens: BLOCK_TOKENS as u32,
+            live_sequences: self.runner.live() as u32,
+            kv_tokens: self.runner.kv_tokens(),
+            kv_blocks_free: kv.free_blocks as u32,
+            kv_blocks_total: kv.total_blocks as u32,
+            kv_block_tokens: kv.block_tokens as u32,
         }
     }
 }

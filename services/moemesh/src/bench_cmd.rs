@@ -330,93 +330,72 @@ fn load_in_process(args: &BenchArgs) -> anyhow::Result<moemesh_engine::InProcess
     Ok(engine)
 }
 
-/// Waves of up to `concurrency` requests, each wave prefilled together and decoded as one batch,
-/// with the KV in a paged pool as in the gate.
+/// Requests at a fixed concurrency (a finished one lets the next in), through the serving core
+/// the mesh runs: the frontend's scheduler and the gate's step runner, with local experts and
+/// no wire.
 fn run_in_process(
     args: &BenchArgs,
     engine: &moemesh_engine::InProcessEngine,
 ) -> anyhow::Result<()> {
-    use moemesh_engine::{KvPool, SequenceCache, StepSeq};
+    use moemesh_engine::GenerationRequest;
+    use moemesh_engine::serving::LocalServer;
     let model = &engine.model;
-    let per_seq = (args.prompt_len + args.output_len as usize)
-        .div_ceil(moemesh_engine::kv_cache::BLOCK_TOKENS);
-    let pool = KvPool::new(
-        model.config(),
-        per_seq * args.concurrency().min(args.requests()),
-        model.dtype(),
-        model.device(),
-    )?;
     let vocab = model.config().vocab_size as u32;
     args.check_sampling(vocab as usize)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
-    let prompts: Vec<Vec<u32>> = (0..args.requests())
-        .map(|_| {
-            (0..args.prompt_len)
+    let requests: Vec<GenerationRequest> = (0..args.requests())
+        .map(|i| GenerationRequest {
+            prompt_ids: (0..args.prompt_len)
                 .map(|_| rng.random_range(2..vocab))
-                .collect()
+                .collect(),
+            sampling: args.sampling(i),
+            max_new_tokens: args.output_len as usize,
+            stop: Vec::new(),
+            ignore_eos: true,
         })
         .collect();
-    let profile_step: Option<u32> = std::env::var("MOEMESH_PROFILE_STEP")
+    let mut server = LocalServer::new(
+        model,
+        &engine.experts,
+        engine.tokenizer.as_ref(),
+        args.concurrency().min(args.requests()),
+        args.prompt_len + args.output_len as usize,
+    )?;
+    server.limits.max_new_tokens = server.limits.max_new_tokens.max(args.output_len as usize);
+    // MOEMESH_PROFILE_STEP=N: only step N (from 0) is seen by a profiler started with
+    // collection off (scripts/gpu-check.sh --profile).
+    if let Some(n) = std::env::var("MOEMESH_PROFILE_STEP")
         .ok()
-        .and_then(|v| v.parse().ok());
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        let mut steps = 0u64;
+        server.around_step = Some(Box::new(move |_, before| {
+            if steps == n {
+                moemesh_engine::cuda::profiler(before)?;
+            }
+            if !before {
+                steps += 1;
+            }
+            Ok(())
+        }));
+    }
+    let mut samples: Vec<Sample> = requests.iter().map(|_| Sample::default()).collect();
+    let mut last: Vec<Option<Instant>> = vec![None; requests.len()];
     let started = Instant::now();
-    let mut samples = Vec::new();
-    for (w, wave) in prompts.chunks(args.concurrency()).enumerate() {
-        let mut samplers: Vec<moemesh_engine::Sampler> = (0..wave.len())
-            .map(|i| moemesh_engine::Sampler::new(args.sampling(w * args.concurrency() + i)))
-            .collect();
-        let t0 = Instant::now();
-        let mut caches: Vec<_> = wave
-            .iter()
-            .map(|_| SequenceCache::paged(model.config(), pool.clone()))
-            .collect();
-        let mut inputs: Vec<Vec<u32>> = wave.to_vec();
-        let mut wave_samples: Vec<Sample> = wave.iter().map(|_| Sample::default()).collect();
-        let mut last = t0;
-        for step in 0..args.output_len {
-            // MOEMESH_PROFILE_STEP=N: only decode step N of the first wave is seen by a profiler
-            // started with collection off (scripts/gpu-check.sh --profile).
-            let profiled = samples.is_empty() && profile_step == Some(step);
-            if profiled {
-                moemesh_engine::cuda::profiler(true)?;
-            }
-            let flat: Vec<u32> = inputs.iter().flatten().copied().collect();
-            let emb = model.embed(&flat)?;
-            let mut seqs: Vec<StepSeq> = caches
-                .iter_mut()
-                .zip(&inputs)
-                .map(|(c, i)| StepSeq {
-                    cache: c,
-                    new_tokens: i.len(),
-                })
-                .collect();
-            let logits = model.step_last_logits(&emb, &mut seqs, &engine.experts)?;
-            // As the gate does: greedy rows are picked on the GPU, sampled ones on the host.
-            let tokens: Vec<u32> = match moemesh_engine::cuda::gpu(logits.device()) {
-                _ if args.sampled() => host_sample(&logits, &mut samplers)?,
-                Some(g) => match g.argmax_logprob(&logits)? {
-                    Some(picks) => picks.into_iter().map(|(t, _)| t).collect(),
-                    None => host_argmax(&logits)?,
-                },
-                None => host_argmax(&logits)?,
-            };
-            let now = Instant::now();
-            for (i, &tok) in tokens.iter().enumerate() {
-                inputs[i] = vec![tok];
-                let s = &mut wave_samples[i];
-                if step == 0 {
-                    s.ttft = Some(now - t0);
-                } else {
-                    s.gaps.push(now - last);
-                }
-                s.tokens += 1;
-            }
-            last = now;
-            if profiled {
-                moemesh_engine::cuda::profiler(false)?;
-            }
+    let outputs = server.run(requests, &mut |i, _chunk| {
+        let now = Instant::now();
+        let s = &mut samples[i];
+        if let Some(t) = last[i] {
+            s.gaps.push(now - t);
         }
-        samples.extend(wave_samples);
+        last[i] = Some(now);
+        s.tokens += 1;
+        true
+    })?;
+    // Time to first token from when the request got its place (as a client at this
+    // concurrency would send it).
+    for (s, o) in samples.iter_mut().zip(&outputs) {
+        s.ttft = Some(o.time_to_first_token);
     }
     let wall = started.elapsed().as_secs_f64();
     report(
@@ -425,27 +404,6 @@ fn run_in_process(
         &samples,
         wall,
     )
-}
-
-fn host_sample(
-    logits: &moemesh_engine::Tensor,
-    samplers: &mut [moemesh_engine::Sampler],
-) -> anyhow::Result<Vec<u32>> {
-    let vocab = logits.dim(1)?.max(1);
-    let rows = logits.flatten_all()?.to_vec1::<f32>()?;
-    let mut jobs: Vec<_> = samplers.iter_mut().zip(rows.chunks_exact(vocab)).collect();
-    Ok(moemesh_engine::sampling::sample_batch(&mut jobs)?
-        .into_iter()
-        .map(|s| s.token)
-        .collect())
-}
-
-fn host_argmax(logits: &moemesh_engine::Tensor) -> anyhow::Result<Vec<u32>> {
-    Ok(logits
-        .to_vec2::<f32>()?
-        .iter()
-        .map(|row| moemesh_engine::sampling::argmax(row) as u32)
-        .collect())
 }
 
 fn report(args: &BenchArgs, model: &str, samples: &[Sample], wall: f64) -> anyhow::Result<()> {

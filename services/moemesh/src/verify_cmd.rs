@@ -370,20 +370,17 @@ struct PagedPrompt {
     comparable: usize,
 }
 
-/// All prompts as one batch in a paged pool: every prompt position through the batched decode
-/// path (teacher-forced), then the greedy continuation as a batch.
 /// One empty paged cache per sequence of the given lengths (tokens it will hold), all in one
 /// pool just big enough for them.
 fn paged_caches(
     engine: &InProcessEngine,
     lens: impl Iterator<Item = usize>,
 ) -> anyhow::Result<Vec<moemesh_engine::SequenceCache>> {
-    use moemesh_engine::kv_cache::BLOCK_TOKENS;
-    use moemesh_engine::{KvPool, SequenceCache};
+    use moemesh_engine::{KvPool, SequenceCache, serving::blocks_for};
     let model = &engine.model;
     let cfg = model.config();
     let lens: Vec<usize> = lens.collect();
-    let blocks: usize = lens.iter().map(|l| l.div_ceil(BLOCK_TOKENS) + 1).sum();
+    let blocks: usize = lens.iter().map(|&l| blocks_for(1, l)).sum();
     let pool = KvPool::new(cfg, blocks, model.dtype(), model.device())?;
     Ok(lens
         .iter()
@@ -391,12 +388,17 @@ fn paged_caches(
         .collect())
 }
 
+/// All prompts as one batch through the serving core's step runner (paged KV, the token pick
+/// the gate uses): every prompt position through the batched decode path (teacher-forced),
+/// then the greedy continuation as a batch.
 fn paged_check(engine: &InProcessEngine, prompts: &[PagedPrompt]) -> anyhow::Result<Check> {
+    use moemesh_engine::serving::{SlotSpec, StepRunner, blocks_for};
     let model = &engine.model;
-    let mut caches = paged_caches(
-        engine,
-        prompts.iter().map(|p| p.ids.len() + p.expected.len()),
-    )?;
+    let blocks: usize = prompts
+        .iter()
+        .map(|p| blocks_for(1, p.ids.len() + p.expected.len()))
+        .sum();
+    let mut runner = StepRunner::<usize>::with_blocks(model.clone(), blocks)?;
     let mut rows: Vec<Vec<Vec<f32>>> = prompts.iter().map(|_| Vec::new()).collect();
     let mut generated: Vec<Vec<u32>> = prompts.iter().map(|_| Vec::new()).collect();
     let longest = prompts
@@ -423,37 +425,26 @@ fn paged_check(engine: &InProcessEngine, prompts: &[PagedPrompt]) -> anyhow::Res
                 }
             })
             .collect::<anyhow::Result<_>>()?;
-        let emb = model.embed(&tokens)?;
-        let mut seqs: Vec<StepSeq> = caches
-            .iter_mut()
-            .enumerate()
-            .filter(|(i, _)| active.contains(i))
-            .map(|(_, cache)| StepSeq {
-                cache,
-                new_tokens: 1,
+        let slots: Vec<SlotSpec<usize>> = active
+            .iter()
+            .map(|&i| SlotSpec {
+                key: i,
+                start: pos,
+                tokens: 1,
+                sample: true,
+                sampling: Some((SamplingParams::default(), 0)),
             })
             .collect();
-        let logits = model.step_last_logits(&emb, &mut seqs, &engine.experts)?;
-        let picks: Vec<u32> = match moemesh_engine::cuda::gpu(logits.device())
-            .map(|g| g.argmax_logprob(&logits))
-            .transpose()?
-            .flatten()
-        {
-            Some(p) => p.into_iter().map(|(t, _)| t).collect(),
-            None => logits
-                .to_device(&Device::Cpu)?
-                .to_vec2::<f32>()?
-                .iter()
-                .map(|r| moemesh_engine::sampling::argmax(r) as u32)
-                .collect(),
-        };
+        let emb = model.embed(&tokens)?;
+        let (picks, logits) = runner.step_with_logits(&slots, &emb, &engine.experts)?;
+        let logits = logits.context("the step returned no logits")?;
         let host: Vec<Vec<f32>> = logits.to_device(&Device::Cpu)?.to_vec2()?;
         for ((&i, row), pick) in active.iter().zip(host).zip(picks) {
             if pos < prompts[i].ids.len() {
                 rows[i].push(row);
             }
             if pos + 1 >= prompts[i].ids.len() {
-                generated[i].push(pick);
+                generated[i].push(pick.token);
             }
         }
     }

@@ -1,0 +1,258 @@
+//! The sequences of one step loop, without I/O: what the next step carries (through the
+//! [`Scheduler`]), and what each outcome of a step does to the sequences. The frontend drives
+//! one per gate over gRPC; [`LocalServer`](super::LocalServer) drives one over a
+//! [`StepRunner`](super::StepRunner) in this process. `T` is the driver's own per-sequence
+//! state (a client stream and spans, or an output being collected).
+
+use std::collections::HashMap;
+
+use crate::error::EngineError;
+use crate::generate::{FinishReason, GenerationRequest};
+
+use super::decoder::SequenceDecoder;
+use super::runner::{SeqOutput, SlotSpec};
+use super::scheduler::{Entry, KvState, Limits, Plan, Scheduler};
+
+/// A sequence in a step loop.
+pub struct Sequence<T> {
+    pub id: u64,
+    pub req: GenerationRequest,
+    /// Tokens generated so far (non-empty when the sequence resumes after a failover: it is
+    /// prefilled again from prompt + generated and continues its random stream).
+    pub generated: Vec<u32>,
+    pub decoder: SequenceDecoder,
+    pub payload: T,
+}
+
+impl<T> Sequence<T> {
+    /// Token `i` of the sequence (prompt, then generated).
+    pub fn token(&self, i: usize) -> u32 {
+        let p = self.req.prompt_ids.len();
+        if i < p {
+            self.req.prompt_ids[i]
+        } else {
+            self.generated[i - p]
+        }
+    }
+
+    /// Tokens so far (prompt and generated).
+    pub fn len(&self) -> usize {
+        self.req.prompt_ids.len() + self.generated.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What the next step carries.
+#[derive(Debug, Clone, Default)]
+pub struct Step {
+    /// The scheduler's plan (slots, counts, preempted and rejected ids).
+    pub plan: Plan,
+    /// The slots as the runner takes them, in the plan's order.
+    pub slots: Vec<SlotSpec<u64>>,
+    /// The slots' token ids, in order.
+    pub ids: Vec<u32>,
+    /// Sequences whose KV the runner frees before the step.
+    pub release: Vec<u64>,
+}
+
+/// A token for its client.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Token {
+    pub token: u32,
+    pub logprob: f32,
+    /// Text completed by this token (includes the held-back rest when it finishes).
+    pub text: String,
+    pub finish: Option<FinishReason>,
+}
+
+/// The sequences of a step loop and its scheduler.
+pub struct Batch<T> {
+    seqs: HashMap<u64, Sequence<T>>,
+    sched: Scheduler,
+    release: Vec<u64>,
+}
+
+impl<T> Default for Batch<T> {
+    fn default() -> Self {
+        Batch {
+            seqs: HashMap::new(),
+            sched: Scheduler::default(),
+            release: Vec::new(),
+        }
+    }
+}
+
+impl<T> Batch<T> {
+    /// Queues a sequence (first come, first served).
+    pub fn admit(&mut self, seq: Sequence<T>) {
+        self.sched.waiting.push_back(Entry {
+            id: seq.id,
+            len: seq.len(),
+            gate_pos: 0,
+            skipped: 0,
+        });
+        self.seqs.insert(seq.id, seq);
+    }
+
+    /// No sequence to run and no KV to release.
+    pub fn is_idle(&self) -> bool {
+        self.sched.is_idle() && self.release.is_empty()
+    }
+
+    /// Sequences held (running or waiting).
+    pub fn len(&self) -> usize {
+        self.seqs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seqs.is_empty()
+    }
+
+    /// Sequences running and waiting, as the scheduler counts them.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.sched.running.len(), self.sched.waiting.len())
+    }
+
+    pub fn get_mut(&mut self, id: u64) -> Option<&mut Sequence<T>> {
+        self.seqs.get_mut(&id)
+    }
+
+    /// The runner's KV capacity as last reported (`None` until known).
+    pub fn kv(&self) -> Option<KvState> {
+        self.sched.kv
+    }
+
+    pub fn set_kv(&mut self, kv: KvState) {
+        self.sched.kv = Some(kv);
+    }
+
+    /// Removes every sequence `gone` says yes to; their KV is released in the next step.
+    pub fn remove_where(&mut self, mut gone: impl FnMut(&Sequence<T>) -> bool) -> Vec<Sequence<T>> {
+        let ids: Vec<u64> = self
+            .seqs
+            .values()
+            .filter(|s| gone(s))
+            .map(|s| s.id)
+            .collect();
+        ids.into_iter().filter_map(|id| self.take(id)).collect()
+    }
+
+    fn take(&mut self, id: u64) -> Option<Sequence<T>> {
+        self.sched.remove(id);
+        self.release.push(id);
+        self.seqs.remove(&id)
+    }
+
+    /// Plans the next step. Preempted sequences' KV is released in it (they are prefilled again
+    /// later); sequences that can never fit are removed and returned.
+    pub fn next_step(&mut self, limits: Limits) -> (Step, Vec<Sequence<T>>) {
+        let plan = self.sched.plan(limits);
+        self.release.extend(&plan.preempted);
+        let rejected = plan
+            .rejected
+            .iter()
+            .filter_map(|&id| self.take(id))
+            .collect();
+        let mut step = Step {
+            slots: Vec::with_capacity(plan.slots.len()),
+            ids: Vec::with_capacity(plan.decode + plan.prefill_tokens),
+            release: std::mem::take(&mut self.release),
+            plan: Plan::default(),
+        };
+        for slot in &plan.slots {
+            let Some(s) = self.seqs.get(&slot.id) else {
+                continue;
+            };
+            step.ids
+                .extend((slot.start..slot.start + slot.len).map(|i| s.token(i)));
+            step.slots.push(SlotSpec {
+                key: slot.id,
+                start: slot.start,
+                tokens: slot.len,
+                sample: slot.sample,
+                sampling: Some((s.req.sampling, s.generated.len() as u32)),
+            });
+        }
+        step.plan = plan;
+        (step, rejected)
+    }
+
+    /// The step ran: records what the runner now holds, and hands each picked token to its
+    /// sequence's decoder and then to `deliver`. Returns the sequences that finished (removed;
+    /// their KV is released in the next step), with why, or the decoder's error.
+    pub fn on_tokens(
+        &mut self,
+        step: &Step,
+        outputs: &[SeqOutput<u64>],
+        mut deliver: impl FnMut(&mut Sequence<T>, &Token),
+    ) -> Vec<(Sequence<T>, Result<FinishReason, EngineError>)> {
+        let by_id: HashMap<u64, &SeqOutput<u64>> = outputs.iter().map(|o| (o.key, o)).collect();
+        let mut done = Vec::new();
+        for slot in &step.plan.slots {
+            let out = by_id.get(&slot.id).filter(|_| slot.sample);
+            self.sched.advance(slot, out.is_some());
+            let (Some(o), Some(s)) = (out, self.seqs.get_mut(&slot.id)) else {
+                continue;
+            };
+            s.generated.push(o.token);
+            match s.decoder.push(o.token) {
+                Ok(e) => {
+                    let token = Token {
+                        token: o.token,
+                        logprob: o.logprob,
+                        text: e.text,
+                        finish: e.finish,
+                    };
+                    deliver(s, &token);
+                    if let Some(reason) = e.finish
+                        && let Some(s) = self.take(slot.id)
+                    {
+                        done.push((s, Ok(reason)));
+                    }
+                }
+                Err(err) => {
+                    if let Some(s) = self.take(slot.id) {
+                        done.push((s, Err(err)));
+                    }
+                }
+            }
+        }
+        done
+    }
+
+    /// The runner had no KV room for the step (another client shares it): nothing ran; plan
+    /// again with its numbers (preemption makes room, nothing fails). Sequences the step would
+    /// have started go back to the head of the queue.
+    pub fn on_kv_full(&mut self, step: &Step, kv: KvState) {
+        for slot in &step.plan.slots {
+            if slot.start == 0 {
+                self.sched.unadmit(slot.id);
+            }
+        }
+        self.sched.kv = Some(kv);
+    }
+
+    /// The step failed for its sequences (not for the runner as a whole): they are removed and
+    /// returned, their KV released in the next step; the others carry on.
+    pub fn on_step_failed(&mut self, step: &Step) -> Vec<Sequence<T>> {
+        step.plan
+            .slots
+            .iter()
+            .filter_map(|slot| self.take(slot.id))
+            .collect()
+    }
+
+    /// The runner is gone, and the KV it held: every sequence is removed and returned, to be
+    /// placed elsewhere and prefilled again from its tokens so far.
+    pub fn on_lost(&mut self) -> Vec<Sequence<T>> {
+        let all: Vec<Sequence<T>> = self.seqs.drain().map(|(_, s)| s).collect();
+        for s in &all {
+            self.sched.remove(s.id);
+        }
+        self.release.clear();
+        all
+    }
+}
