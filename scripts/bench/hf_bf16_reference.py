@@ -2,7 +2,7 @@
 # with `moemesh verify`'s plain criterion: cosine of each prompt's flattened logits >= 0.999 and
 # greedy tokens equal up to the first reference top-1/top-2 margin < 0.1. Shows what a bf16
 # engine that is the reference can reach on these fixtures (routing near-ties, see
-# services/moemesh/src/verify_cmd.rs). Run by scripts/gpu-check.sh --check where torch and
+# services/tools/src/verify.rs). Run by scripts/gpu-check.sh --check where torch and
 # transformers are installed:
 #
 #   python3 scripts/bench/hf_bf16_reference.py tests/fixtures [--json OUT.json]

@@ -75,7 +75,7 @@ pub struct GenerateArgs {
     pub json: bool,
     /// With --addr: TLS and the API key.
     #[command(flatten)]
-    pub client: crate::client_args::ClientArgs,
+    pub client: moemesh_tools::client_args::ClientArgs,
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {

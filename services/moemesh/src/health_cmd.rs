@@ -25,7 +25,7 @@ pub struct HealthArgs {
     /// TLS as for the role's own peers: with mTLS on the gate and expert workers, the role's own
     /// certificate (`MOEMESH_TLS_*` in its container) is what the probe presents.
     #[command(flatten)]
-    pub client: crate::client_args::ClientArgs,
+    pub client: moemesh_tools::client_args::ClientArgs,
 }
 
 /// Succeeds (exit 0) only when the status is SERVING; otherwise the error names the status.

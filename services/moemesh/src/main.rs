@@ -1,15 +1,13 @@
 //! `moemesh`: one binary, one subcommand per job: the three mesh roles, `up` (a whole local
-//! mesh), and `generate` (in-process, or as a client of a running mesh with `--addr`).
+//! mesh), `generate` (in-process, or as a client of a running mesh with `--addr`), and the
+//! tools from `moemesh-tools` (`bench`, `verify`), which the role crates do not link.
 
-mod bench_cmd;
-mod bench_scenario;
-mod client_args;
 mod generate_cmd;
-mod ghz;
 mod health_cmd;
 mod roles;
 mod up_cmd;
-mod verify_cmd;
+
+use moemesh_tools::{bench as bench_cmd, verify as verify_cmd};
 
 use clap::{Parser, Subcommand};
 
