@@ -41,9 +41,28 @@ pub struct SeqOutput<K> {
     pub logprob: f32,
 }
 
+/// Which logits a step hands back besides its picks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    None,
+    /// The sampling rows'.
+    Sampled,
+    /// Every row's, and no picks.
+    All,
+}
+
 struct SeqState {
     cache: SequenceCache,
     sampler: Sampler,
+}
+
+/// Blocks of KV that fit in `bytes` for this model and dtype.
+pub fn blocks_for_bytes(
+    cfg: &crate::config::ModelConfig,
+    dtype: candle_core::DType,
+    bytes: u64,
+) -> usize {
+    KvPool::blocks_for_bytes(cfg, dtype, bytes)
 }
 
 /// Blocks a pool needs for `seqs` sequences of up to `tokens` tokens each (one spare block per
@@ -134,7 +153,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
         hidden: &Tensor,
         experts: &dyn Experts,
     ) -> Result<Vec<SeqOutput<K>>> {
-        Ok(self.step_inner(slots, hidden, experts, false)?.0)
+        Ok(self.step_inner(slots, hidden, experts, Keep::None)?.0)
     }
 
     /// [`step`](Self::step), also returning the logits of the sampling rows (`[rows, vocab]`,
@@ -145,7 +164,20 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
         hidden: &Tensor,
         experts: &dyn Experts,
     ) -> Result<(Vec<SeqOutput<K>>, Option<Tensor>)> {
-        self.step_inner(slots, hidden, experts, true)
+        self.step_inner(slots, hidden, experts, Keep::Sampled)
+    }
+
+    /// [`step`](Self::step) returning the logits of every row (`[rows, vocab]`, f32) and
+    /// picking nothing, for checks of every prompt position (chunked prefill included).
+    pub fn step_all_logits(
+        &mut self,
+        slots: &[SlotSpec<K>],
+        hidden: &Tensor,
+        experts: &dyn Experts,
+    ) -> Result<Tensor> {
+        self.step_inner(slots, hidden, experts, Keep::All)?
+            .1
+            .ok_or_else(|| EngineError::Internal("a step of no rows has no logits".into()))
     }
 
     fn step_inner(
@@ -153,7 +185,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
         slots: &[SlotSpec<K>],
         hidden: &Tensor,
         experts: &dyn Experts,
-        keep_logits: bool,
+        keep: Keep,
     ) -> Result<(Vec<SeqOutput<K>>, Option<Tensor>)> {
         if slots.is_empty() {
             return Ok((Vec::new(), None));
@@ -172,7 +204,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
         }
         let result = match failure {
             Some(e) => Err(e),
-            None => self.run(slots, hidden, &mut states, experts, keep_logits),
+            None => self.run(slots, hidden, &mut states, experts, keep),
         };
         // Put the states back (a failed step leaves their caches as they were: nothing
         // committed), except sequences this step would have started: they hold no tokens.
@@ -221,7 +253,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
         hidden: &Tensor,
         states: &mut [SeqState],
         experts: &dyn Experts,
-        keep_logits: bool,
+        keep: Keep,
     ) -> Result<(Vec<SeqOutput<K>>, Option<Tensor>)> {
         let mut step_seqs: Vec<StepSeq> = states
             .iter_mut()
@@ -239,6 +271,9 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
                 .forward_hidden(hidden, &mut step_seqs, experts, |_, _| {})?
         };
         drop(step_seqs);
+        if keep == Keep::All {
+            return Ok((Vec::new(), Some(self.model.logits(&out)?)));
+        }
         // Logits only for the last row of sequences that sample.
         let mut rows = Vec::new();
         let mut end = 0;
@@ -280,7 +315,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
                 logprob: s.logprob,
             })
             .collect();
-        Ok((outputs, keep_logits.then_some(logits)))
+        Ok((outputs, (keep == Keep::Sampled).then_some(logits)))
     }
 }
 

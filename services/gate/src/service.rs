@@ -278,27 +278,20 @@ pub async fn run(
         timeout: Duration::from_secs(cfg.expert_timeout),
     };
     let blocks = cfg.kv_blocks.unwrap_or_else(|| {
-        moemesh_engine::KvPool::blocks_for_bytes(&files.config, dtype, cfg.kv_cache_mb << 20)
+        moemesh_engine::serving::blocks_for_bytes(&files.config, dtype, cfg.kv_cache_mb << 20)
     });
-    let kv_pool =
-        moemesh_engine::KvPool::new(&files.config, blocks, dtype, &device).map_err(|e| {
-            MeshError::Invalid(format!(
-                "--kv-cache-mb/--kv-blocks: {e} (got {blocks} blocks)"
-            ))
-        })?;
+    let runner = moemesh_engine::serving::StepRunner::with_blocks(model, blocks).map_err(|e| {
+        MeshError::Invalid(format!(
+            "--kv-cache-mb/--kv-blocks: {e} (got {blocks} blocks)"
+        ))
+    })?;
     tracing::info!(
         blocks,
-        block_tokens = moemesh_engine::kv_cache::BLOCK_TOKENS,
+        block_tokens = runner.kv().block_tokens,
         "KV pool allocated"
     );
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
-    let mut engine = StepEngine::new(
-        model,
-        experts,
-        id.clone(),
-        files.fingerprint.clone(),
-        kv_pool,
-    );
+    let mut engine = StepEngine::new(runner, experts, id.clone(), files.fingerprint.clone());
     engine.runner.overlap = cfg.overlap;
     engine.max_step_sequences = cfg.max_step_sequences;
     engine.record_kv();

@@ -3,14 +3,13 @@
 //! connection's sequences are freed when its stream ends. Runs on a dedicated OS thread because
 //! model math is synchronous CPU (or device) work that must not block the async runtime.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use moemesh_common::metrics::names;
 use moemesh_common::telemetry::{self, TraceContext};
 use moemesh_common::{MeshResult, codec};
+use moemesh_engine::SamplingParams;
 use moemesh_engine::serving::{SlotSpec, StepRunner};
-use moemesh_engine::{DeepSeekModel, KvPool, SamplingParams};
 use moemesh_proto::v1::{GateInfoResponse, SeqResult, StepRequest, StepResponse};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Span;
@@ -31,7 +30,7 @@ pub enum Command {
 }
 
 /// A sequence: (frontend connection, its sequence id).
-type Key = (u64, u64);
+pub type Key = (u64, u64);
 
 pub struct StepEngine {
     pub runner: StepRunner<Key>,
@@ -44,14 +43,13 @@ pub struct StepEngine {
 
 impl StepEngine {
     pub fn new(
-        model: DeepSeekModel,
+        runner: StepRunner<Key>,
         experts: RemoteExperts,
         id: String,
         fingerprint: String,
-        pool: Arc<KvPool>,
     ) -> Self {
         StepEngine {
-            runner: StepRunner::new(model, pool),
+            runner,
             experts,
             id,
             fingerprint,

@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::Args;
 use moemesh_engine::{
-    DType, Device, GenerationRequest, InProcessEngine, ModelFiles, SamplingParams, StepSeq, Tensor,
+    DType, Device, GenerationRequest, InProcessEngine, ModelFiles, SamplingParams, Tensor,
 };
 
 /// Below this f32 routing margin (router-logit units) a bf16 position is a near-tie: 4× the
@@ -370,24 +370,6 @@ struct PagedPrompt {
     comparable: usize,
 }
 
-/// One empty paged cache per sequence of the given lengths (tokens it will hold), all in one
-/// pool just big enough for them.
-fn paged_caches(
-    engine: &InProcessEngine,
-    lens: impl Iterator<Item = usize>,
-) -> anyhow::Result<Vec<moemesh_engine::SequenceCache>> {
-    use moemesh_engine::{KvPool, SequenceCache, serving::blocks_for};
-    let model = &engine.model;
-    let cfg = model.config();
-    let lens: Vec<usize> = lens.collect();
-    let blocks: usize = lens.iter().map(|&l| blocks_for(1, l)).sum();
-    let pool = KvPool::new(cfg, blocks, model.dtype(), model.device())?;
-    Ok(lens
-        .iter()
-        .map(|_| SequenceCache::paged(cfg, pool.clone()))
-        .collect())
-}
-
 /// All prompts as one batch through the serving core's step runner (paged KV, the token pick
 /// the gate uses): every prompt position through the batched decode path (teacher-forced),
 /// then the greedy continuation as a batch.
@@ -470,8 +452,10 @@ fn paged_check(engine: &InProcessEngine, prompts: &[PagedPrompt]) -> anyhow::Res
 /// ones through the pool, and every prompt position's logits are compared. Greedy continuation
 /// is the other checks' business.
 fn chunked_check(engine: &InProcessEngine, prompts: &[PagedPrompt]) -> anyhow::Result<Check> {
+    use moemesh_engine::serving::{SlotSpec, StepRunner, blocks_for};
     let model = &engine.model;
-    let mut caches = paged_caches(engine, prompts.iter().map(|p| p.ids.len()))?;
+    let blocks: usize = prompts.iter().map(|p| blocks_for(1, p.ids.len())).sum();
+    let mut runner = StepRunner::<usize>::with_blocks(model.clone(), blocks)?;
     let mut rows: Vec<Vec<Vec<f32>>> = prompts.iter().map(|_| Vec::new()).collect();
     let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
     for at in (0..longest).step_by(PREFILL_CHUNK) {
@@ -480,18 +464,19 @@ fn chunked_check(engine: &InProcessEngine, prompts: &[PagedPrompt]) -> anyhow::R
             .collect();
         let chunk = |i: usize| &prompts[i].ids[at..prompts[i].ids.len().min(at + PREFILL_CHUNK)];
         let tokens: Vec<u32> = active.iter().flat_map(|&i| chunk(i)).copied().collect();
-        let emb = model.embed(&tokens)?;
-        let mut seqs: Vec<StepSeq> = caches
-            .iter_mut()
-            .enumerate()
-            .filter(|(i, _)| active.contains(i))
-            .map(|(i, cache)| StepSeq {
-                cache,
-                new_tokens: chunk(i).len(),
+        let slots: Vec<SlotSpec<usize>> = active
+            .iter()
+            .map(|&i| SlotSpec {
+                key: i,
+                start: at,
+                tokens: chunk(i).len(),
+                sample: false,
+                sampling: Some((SamplingParams::default(), 0)),
             })
             .collect();
-        let hidden = model.forward_hidden(&emb, &mut seqs, &engine.experts, |_, _| {})?;
-        let host: Vec<Vec<f32>> = model.logits(&hidden)?.to_device(&Device::Cpu)?.to_vec2()?;
+        let emb = model.embed(&tokens)?;
+        let logits = runner.step_all_logits(&slots, &emb, &engine.experts)?;
+        let host: Vec<Vec<f32>> = logits.to_device(&Device::Cpu)?.to_vec2()?;
         let mut host = host.into_iter();
         for &i in &active {
             rows[i].extend(host.by_ref().take(chunk(i).len()));
