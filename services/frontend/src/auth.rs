@@ -274,6 +274,29 @@ impl AuthLayer {
     pub fn new(keys: Option<Arc<ApiKeys>>, audit: Option<AuditLog>) -> Self {
         AuthLayer { keys, audit }
     }
+
+    /// The same check for a call that came over HTTP (the OpenAI API) to `method` of the
+    /// Generation service: the same keys, grants, rates and stream caps. On a pass, the key (if
+    /// keys are configured) and the stream permit to hold while the call runs.
+    pub fn check_http(
+        &self,
+        method: &str,
+        headers: &http::HeaderMap,
+    ) -> Result<(Option<KeyId>, Option<tokio::sync::OwnedSemaphorePermit>), tonic::Status> {
+        match self.judge(&format!("{PROTECTED}{method}"), headers) {
+            Verdict::Pass(None) => Ok((None, None)),
+            Verdict::Pass(Some((key, permit))) => Ok((Some(key), permit)),
+            Verdict::Refuse(status, key) => {
+                if method == GENERATE {
+                    crate::metered::count_request(status.code());
+                }
+                if let Some(audit) = &self.audit {
+                    audit.refused(method, key.as_deref(), status.code());
+                }
+                Err(status)
+            }
+        }
+    }
 }
 
 impl<S> Layer<S> for AuthLayer {

@@ -14,6 +14,11 @@ pub struct FrontendConfig {
     #[arg(long, env = "MOEMESH_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
     /// Model directory; the embedded default model when omitted. Must be the gates' model.
+    /// Also serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
+    /// /v1/models, /health) on this address, plaintext HTTP/1.1 (put TLS in front of it, or
+    /// keep it on loopback). API keys apply as `Authorization: Bearer`.
+    #[arg(long, env = "MOEMESH_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
     #[arg(long, env = "MOEMESH_MODEL")]
     pub model: Option<PathBuf>,
     /// etcd endpoints, comma-separated; the frontend watches gates there.

@@ -11,6 +11,7 @@ mod config;
 pub mod fuzz;
 mod gate_link;
 mod metered;
+mod openai;
 mod request;
 mod service;
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use moemesh_common::metrics::names;
 use moemesh_common::registry::{Member, Registry, RegistryConfig, Role};
 use moemesh_common::{MeshError, MeshResult, metrics as mesh_metrics, serve, telemetry};
@@ -461,6 +461,10 @@ pub async fn run(
     let max_message = limits.max_message_bytes(DEFAULT_MAX_MESSAGE_MB);
     // Before shedding: a call without a valid key takes no load-shedding permit.
     let auth = AuthLayer::new(api_keys, audit);
+    let http = match frontend.cfg.http_listen {
+        Some(addr) => Some(serve_http(addr, frontend.clone(), auth.clone()).await?),
+        None => None,
+    };
     // The edge layer (outermost) counts every Generate call by its final status, whatever
     // answered it: the limits, the key checks, load shedding, the codec, or the handler.
     let server = tokio::spawn(
@@ -485,6 +489,10 @@ pub async fn run(
     tracing::info!(address = %local, model = %files.name, "frontend serving");
     serve::announce_ready("frontend", local, "frontend", metrics_server.as_ref());
     shutdown.await;
+    if let Some(http) = http {
+        // New HTTP connections are refused; running completions end with the gRPC ones.
+        let _ = http.stop.send(());
+    }
     // Graceful: new calls are refused (GOAWAY), accepted streams run to their end, bounded.
     tracing::info!(
         drain_timeout_s = drain_timeout,
@@ -503,6 +511,70 @@ pub async fn run(
         let _ = serve::bounded(Duration::from_secs(2), writer.finished()).await;
     }
     Ok(())
+}
+
+/// The OpenAI-compatible HTTP API's server.
+struct HttpApi {
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Binds `--http-listen` and serves the OpenAI-compatible API there: every completion is a
+/// Generate call into `frontend`, checked by `auth` as a gRPC call is.
+async fn serve_http(
+    addr: std::net::SocketAddr,
+    frontend: Arc<Frontend>,
+    auth: AuthLayer,
+) -> MeshResult<HttpApi> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| MeshError::Invalid(format!("--http-listen {addr}: {e}")))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| MeshError::Internal(format!("--http-listen {addr}: {e}")))?;
+    let service = GenerationService(frontend.clone());
+    let generate: crate::openai::Generator = Arc::new(move |req, headers| {
+        let (service, auth) = (service.clone(), auth.clone());
+        Box::pin(async move {
+            let (key, permit) = auth.check_http("Generate", &headers)?;
+            let mut request = Request::from_parts(
+                tonic::metadata::MetadataMap::from_headers(headers),
+                tonic::Extensions::default(),
+                req,
+            );
+            if let Some(key) = key {
+                request.extensions_mut().insert(key);
+            }
+            let stream = service.generate(request).await?.into_inner();
+            // The key's stream permit is held until the stream is dropped.
+            Ok(stream
+                .map(move |m| {
+                    let _held = &permit;
+                    m
+                })
+                .boxed())
+        })
+    });
+    let app = crate::openai::router(crate::openai::Api {
+        model: frontend.name.clone(),
+        generate,
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "the HTTP API stopped");
+        }
+    });
+    tracing::info!(address = %local, "OpenAI-compatible HTTP API serving");
+    println!(
+        "{}",
+        serde_json::json!({"event": "listening", "api": "openai-http", "address": local.to_string()})
+    );
+    Ok(HttpApi { stop })
 }
 
 /// The gates of `all` whose model fingerprint is ours, kept current. A gate serving other

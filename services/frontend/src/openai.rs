@@ -1,0 +1,504 @@
+//! The OpenAI-compatible HTTP API (`--http-listen`): `POST /v1/chat/completions` and
+//! `/v1/completions` (streamed as server-sent events, or whole), `GET /v1/models` and
+//! `GET /health`. A thin adapter: each request becomes a `Generate` call into the same service
+//! the gRPC API uses, so batching, limits, API keys (as `Authorization: Bearer`), the audit log
+//! and the metrics are the same. Errors come in OpenAI's JSON shape with the matching HTTP
+//! status. A client that disconnects drops its stream, which cancels the sequence and frees its
+//! KV on the next step.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::{Stream, StreamExt};
+use moemesh_proto::v1::{
+    self, ChatInput, ChatMessage, GenerateRequest, GenerateResponse, StoppingCriteria,
+    generate_request::Input,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tonic::{Code, Status};
+
+/// Starts a generation as the gRPC `Generate` does (key check included); the stream carries
+/// its tokens, and dropping it cancels the sequence.
+pub type Generator = Arc<
+    dyn Fn(
+            GenerateRequest,
+            HeaderMap,
+        ) -> futures::future::BoxFuture<
+            'static,
+            Result<futures::stream::BoxStream<'static, Result<GenerateResponse, Status>>, Status>,
+        > + Send
+        + Sync,
+>;
+
+#[derive(Clone)]
+pub struct Api {
+    pub model: String,
+    pub generate: Generator,
+}
+
+pub fn router(api: Api) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .fallback(|| async {
+            error(Status::not_found(
+                "no such route: the API serves /v1/chat/completions, /v1/completions, /v1/models and /health",
+            ))
+        })
+        .with_state(api)
+}
+
+/// A string or a list of strings (`stop`, `prompt`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Message {
+    role: String,
+    #[serde(default)]
+    content: Option<String>,
+}
+
+/// What the two endpoints share.
+#[derive(Debug, Deserialize)]
+struct Common {
+    #[serde(default)]
+    model: Option<String>,
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<u32>,
+    seed: Option<u64>,
+    stop: Option<OneOrMany>,
+    #[serde(default)]
+    stream: bool,
+    n: Option<u32>,
+    stream_options: Option<StreamOptions>,
+    user: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatRequest {
+    messages: Vec<Message>,
+    logprobs: Option<bool>,
+    top_logprobs: Option<u32>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionRequest {
+    prompt: OneOrMany,
+    logprobs: Option<u32>,
+    echo: Option<bool>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+/// An OpenAI-shaped error response for a status.
+fn error(status: Status) -> Response {
+    let (http, kind) = match status.code() {
+        Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
+            (StatusCode::BAD_REQUEST, "invalid_request_error")
+        }
+        Code::Unauthenticated => (StatusCode::UNAUTHORIZED, "authentication_error"),
+        Code::PermissionDenied => (StatusCode::FORBIDDEN, "permission_error"),
+        Code::NotFound => (StatusCode::NOT_FOUND, "not_found_error"),
+        Code::ResourceExhausted => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
+        Code::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, "timeout_error"),
+        Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable_error"),
+        Code::Unimplemented => (StatusCode::NOT_IMPLEMENTED, "invalid_request_error"),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
+    };
+    // The field a message names ("stopping.max_new_tokens must …") becomes `param`.
+    let message = status.message().to_string();
+    let param = message
+        .split([':', ' '])
+        .next()
+        .filter(|p| p.contains('.') || p.contains('_'))
+        .map(str::to_string);
+    let body = json!({"error": {
+        "message": message,
+        "type": kind,
+        "param": param,
+        "code": format!("{:?}", status.code()).to_lowercase(),
+    }});
+    (http, Json(body)).into_response()
+}
+
+/// A JSON body that does not parse is a 400 in OpenAI's shape, not axum's plain text.
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Status> {
+    serde_json::from_slice(body).map_err(|e| Status::invalid_argument(format!("request body: {e}")))
+}
+
+impl Common {
+    /// The parts of a Generate request both endpoints fill the same way.
+    fn check(&self, api: &Api) -> Result<(), Status> {
+        if let Some(m) = self.model.as_deref()
+            && !m.is_empty()
+            && m != api.model
+        {
+            return Err(Status::not_found(format!(
+                "model: {m:?} is not served here; this server serves {:?}",
+                api.model
+            )));
+        }
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(Status::invalid_argument(
+                "n: only 1 choice per request is supported",
+            ));
+        }
+        Ok(())
+    }
+
+    fn request(self, input: Input) -> GenerateRequest {
+        GenerateRequest {
+            input: Some(input),
+            sampling: Some(v1::SamplingParams {
+                // OpenAI's default temperature is 1.
+                temperature: self.temperature.unwrap_or(1.0),
+                top_p: self.top_p,
+                top_k: self.top_k.unwrap_or(0),
+                seed: self.seed,
+            }),
+            stopping: Some(StoppingCriteria {
+                max_new_tokens: self.max_completion_tokens.or(self.max_tokens),
+                stop: self.stop.map(OneOrMany::into_vec).unwrap_or_default(),
+                ignore_eos: false,
+            }),
+            request_id: self.user.unwrap_or_default(),
+        }
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn finish_reason(r: i32) -> Option<&'static str> {
+    match v1::FinishReason::try_from(r).ok()? {
+        v1::FinishReason::Eos | v1::FinishReason::Stop => Some("stop"),
+        v1::FinishReason::Length => Some("length"),
+        v1::FinishReason::Cancelled => Some("abort"),
+        v1::FinishReason::Unspecified => None,
+    }
+}
+
+fn usage(u: &v1::Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    })
+}
+
+/// Which endpoint a response is for.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+struct Shape {
+    kind: Kind,
+    id: String,
+    model: String,
+    created: u64,
+    logprobs: bool,
+    include_usage: bool,
+}
+
+impl Shape {
+    fn new(kind: Kind, model: &str, logprobs: bool, include_usage: bool) -> Self {
+        let prefix = if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        };
+        let n = std::time::SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        Shape {
+            kind,
+            id: format!("{prefix}-{n:x}"),
+            model: model.to_string(),
+            created: now(),
+            logprobs,
+            include_usage,
+        }
+    }
+
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.kind, chunk) {
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+            (Kind::Completion, _) => "text_completion",
+        }
+    }
+
+    fn logprobs(&self, texts: &[String], logprobs: &[f32]) -> Value {
+        if !self.logprobs {
+            return Value::Null;
+        }
+        match self.kind {
+            Kind::Chat => json!({"content": texts.iter().zip(logprobs).map(|(t, l)| json!({
+                "token": t, "logprob": l, "bytes": t.as_bytes(), "top_logprobs": [],
+            })).collect::<Vec<_>>()}),
+            Kind::Completion => json!({
+                "tokens": texts,
+                "token_logprobs": logprobs,
+                "top_logprobs": Value::Null,
+                "text_offset": Value::Null,
+            }),
+        }
+    }
+
+    fn choice(&self, text: &str, finish: Option<&str>, logprobs: Value, chunk: bool) -> Value {
+        match (self.kind, chunk) {
+            (Kind::Chat, false) => json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish,
+                "logprobs": logprobs,
+            }),
+            (Kind::Chat, true) => json!({
+                "index": 0,
+                "delta": {"content": text},
+                "finish_reason": finish,
+                "logprobs": logprobs,
+            }),
+            (Kind::Completion, _) => json!({
+                "index": 0,
+                "text": text,
+                "finish_reason": finish,
+                "logprobs": logprobs,
+            }),
+        }
+    }
+
+    fn body(&self, choices: Vec<Value>, usage: Option<Value>, chunk: bool) -> Value {
+        let mut v = json!({
+            "id": self.id,
+            "object": self.object(chunk),
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        });
+        if let Some(u) = usage {
+            v["usage"] = u;
+        }
+        v
+    }
+}
+
+async fn chat(State(api): State<Api>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let req: ChatRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(s) => return error(s),
+    };
+    if let Err(s) = req.common.check(&api) {
+        return error(s);
+    }
+    if req.top_logprobs.is_some_and(|n| n > 0) {
+        return error(Status::invalid_argument(
+            "top_logprobs: alternatives are not returned yet; only the chosen token's logprob (logprobs: true)",
+        ));
+    }
+    let messages = req
+        .messages
+        .into_iter()
+        .map(|m| ChatMessage {
+            role: m.role,
+            content: m.content.unwrap_or_default(),
+        })
+        .collect();
+    let include_usage = req
+        .common
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
+    let shape = Shape::new(
+        Kind::Chat,
+        &api.model,
+        req.logprobs.unwrap_or(false),
+        include_usage,
+    );
+    let stream = req.common.stream;
+    let grpc = req.common.request(Input::Chat(ChatInput { messages }));
+    run(api, headers, grpc, shape, stream).await
+}
+
+async fn completions(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let req: CompletionRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(s) => return error(s),
+    };
+    if let Err(s) = req.common.check(&api) {
+        return error(s);
+    }
+    if req.echo.unwrap_or(false) {
+        return error(Status::invalid_argument("echo: not supported"));
+    }
+    if req.logprobs.is_some_and(|n| n > 1) {
+        return error(Status::invalid_argument(
+            "logprobs: alternatives are not returned yet; 0 or 1 gives the chosen token's logprob",
+        ));
+    }
+    let mut prompts = req.prompt.into_vec();
+    if prompts.len() != 1 {
+        return error(Status::invalid_argument(format!(
+            "prompt: {} prompts; one per request is supported",
+            prompts.len()
+        )));
+    }
+    let prompt = prompts.pop().unwrap_or_default();
+    let include_usage = req
+        .common
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
+    let shape = Shape::new(
+        Kind::Completion,
+        &api.model,
+        req.logprobs.is_some(),
+        include_usage,
+    );
+    let stream = req.common.stream;
+    let grpc = req.common.request(Input::Prompt(prompt));
+    run(api, headers, grpc, shape, stream).await
+}
+
+async fn run(
+    api: Api,
+    headers: HeaderMap,
+    req: GenerateRequest,
+    shape: Shape,
+    stream: bool,
+) -> Response {
+    let tokens = match (api.generate)(req, headers).await {
+        Ok(s) => s,
+        Err(status) => return error(status),
+    };
+    if stream {
+        Sse::new(events(tokens, shape)).into_response()
+    } else {
+        whole(tokens, shape).await
+    }
+}
+
+/// The whole response at once.
+async fn whole(
+    mut tokens: futures::stream::BoxStream<'static, Result<GenerateResponse, Status>>,
+    shape: Shape,
+) -> Response {
+    let (mut text, mut pieces, mut logprobs) = (String::new(), Vec::new(), Vec::new());
+    let mut finish = None;
+    let mut used = None;
+    while let Some(m) = tokens.next().await {
+        let m = match m {
+            Ok(m) => m,
+            Err(status) => return error(status),
+        };
+        text.push_str(&m.text);
+        pieces.push(m.text.clone());
+        logprobs.extend(&m.logprobs);
+        finish = finish.or(finish_reason(m.finish_reason));
+        if let Some(u) = &m.usage {
+            used = Some(usage(u));
+        }
+    }
+    let lp = shape.logprobs(&pieces, &logprobs);
+    let choice = shape.choice(&text, finish, lp, false);
+    Json(shape.body(vec![choice], used, false)).into_response()
+}
+
+/// Server-sent events: a chunk per token (the first names the assistant role), the last with
+/// the finish reason, usage when asked for, then `[DONE]`. An error after the stream started
+/// is sent as an event in OpenAI's error shape.
+fn events(
+    tokens: futures::stream::BoxStream<'static, Result<GenerateResponse, Status>>,
+    shape: Shape,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    let shape = Arc::new(shape);
+    let first = {
+        let s = shape.clone();
+        futures::stream::once(async move {
+            (s.kind == Kind::Chat).then(|| {
+                let choice = json!({"index": 0, "delta": {"role": "assistant", "content": ""},
+                    "finish_reason": Value::Null, "logprobs": Value::Null});
+                s.body(vec![choice], None, true)
+            })
+        })
+    };
+    let s = shape.clone();
+    let chunks = tokens.flat_map(move |m| {
+        let out: Vec<Value> = match m {
+            Ok(m) => {
+                let lp = s.logprobs(std::slice::from_ref(&m.text), &m.logprobs);
+                let finish = finish_reason(m.finish_reason);
+                let mut v = vec![s.body(vec![s.choice(&m.text, finish, lp, true)], None, true)];
+                if let Some(u) = m.usage.as_ref().filter(|_| s.include_usage) {
+                    v.push(s.body(Vec::new(), Some(usage(u)), true));
+                }
+                v
+            }
+            Err(status) => {
+                let (code, message) = (status.code(), status.message().to_string());
+                vec![json!({"error": {"message": message, "type": "server_error",
+                    "param": Value::Null, "code": format!("{code:?}").to_lowercase()}})]
+            }
+        };
+        futures::stream::iter(out.into_iter().map(Some))
+    });
+    first
+        .chain(chunks)
+        .filter_map(|v| async move { v })
+        .map(|v| Ok(Event::default().data(v.to_string())))
+        .chain(futures::stream::once(async {
+            Ok(Event::default().data("[DONE]"))
+        }))
+}
+
+async fn models(State(api): State<Api>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{"id": api.model, "object": "model", "created": 0, "owned_by": "moemesh"}],
+    }))
+}

@@ -1,0 +1,169 @@
+//! The OpenAI-compatible HTTP API (`moemesh frontend --http-listen`) against a real mesh (etcd,
+//! frontend, gate, expert workers; the embedded model, which has a tokenizer): its answers are
+//! the gRPC Generate's for the same request, streamed and whole agree, a seed reproduces, and
+//! bad requests get OpenAI's error JSON with the HTTP status a client library expects.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+use moemesh_proto::v1::generate_request::Input;
+use moemesh_proto::v1::generation_client::GenerationClient;
+use moemesh_proto::v1::{self, ChatInput, ChatMessage, GenerateRequest};
+use moemesh_tests::mesh::{Mesh, free_port};
+use serde_json::{Value, json};
+
+/// One HTTP/1.0 exchange (the server closes the connection after the response, so a streamed
+/// body ends with it): the status and the body.
+fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the HTTP API");
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).expect("send");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read the response");
+    let (head, body) = out.split_once("\r\n\r\n").expect("headers end");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status line");
+    (status, body.to_string())
+}
+
+fn json_of(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+/// The `data:` payloads of a server-sent event stream.
+fn events(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+async fn grpc_text(url: &str, input: Input, max_new_tokens: u32) -> (String, u32) {
+    let mut client = GenerationClient::connect(url.to_string())
+        .await
+        .expect("connect");
+    let req = GenerateRequest {
+        input: Some(input),
+        sampling: Some(v1::SamplingParams::default()),
+        stopping: Some(v1::StoppingCriteria {
+            max_new_tokens: Some(max_new_tokens),
+            ..Default::default()
+        }),
+        request_id: String::new(),
+    };
+    let mut stream = client.generate(req).await.expect("accepted").into_inner();
+    let (mut text, mut tokens) = (String::new(), 0);
+    while let Some(m) = stream.message().await.expect("stream") {
+        text.push_str(&m.text);
+        tokens += m.token_ids.len() as u32;
+    }
+    (text, tokens)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_openai_api_answers_as_generate_does_streamed_or_whole_with_openai_errors() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mesh = Mesh::start_with(None, &["0-15"], &["--http-listen", &listen]);
+    let url = mesh.frontend_url();
+
+    let (status, body) = http(port, "GET", "/v1/models", None);
+    assert_eq!(status, 200, "{body}");
+    let models = json_of(&body);
+    let model = models["data"][0]["id"]
+        .as_str()
+        .expect("a model id")
+        .to_string();
+    assert_eq!(models["object"], "list");
+
+    // Greedy chat: the same text and token count as Generate with the same messages.
+    let chat = json!({"model": model, "messages": [{"role": "user", "content": "Name a color."}],
+        "max_tokens": 6, "temperature": 0, "logprobs": true});
+    let (status, body) = http(port, "POST", "/v1/chat/completions", Some(&chat));
+    assert_eq!(status, 200, "{body}");
+    let whole = json_of(&body);
+    let input = Input::Chat(ChatInput {
+        messages: vec![ChatMessage {
+            role: "user".into(),
+            content: "Name a color.".into(),
+        }],
+    });
+    let (want, tokens) = grpc_text(&url, input, 6).await;
+    assert_eq!(whole["object"], "chat.completion");
+    assert_eq!(whole["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(whole["choices"][0]["message"]["content"], want.as_str());
+    assert_eq!(whole["usage"]["completion_tokens"], tokens);
+    assert_eq!(
+        whole["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .map(Vec::len),
+        Some(tokens as usize)
+    );
+    let finish = if tokens == 6 { "length" } else { "stop" };
+    assert_eq!(whole["choices"][0]["finish_reason"], finish);
+
+    // The same request streamed: the deltas add up to the same text; usage on request; [DONE].
+    let mut streamed = chat.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let (status, body) = http(port, "POST", "/v1/chat/completions", Some(&streamed));
+    assert_eq!(status, 200, "{body}");
+    let evs = events(&body);
+    assert_eq!(evs.last().map(String::as_str), Some("[DONE]"), "{body}");
+    let chunks: Vec<Value> = evs[..evs.len() - 1].iter().map(|e| json_of(e)).collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, want);
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk")
+    );
+    let usage = chunks
+        .iter()
+        .find(|c| c["usage"].is_object())
+        .expect("a usage chunk");
+    assert_eq!(usage["usage"]["completion_tokens"], tokens);
+
+    // A completion with a seed: the same seed gives the same text.
+    let completion = json!({"prompt": "Once upon a time", "max_tokens": 8,
+        "temperature": 0.9, "seed": 1234});
+    let (s1, b1) = http(port, "POST", "/v1/completions", Some(&completion));
+    let (s2, b2) = http(port, "POST", "/v1/completions", Some(&completion));
+    assert_eq!((s1, s2), (200, 200), "{b1} {b2}");
+    let (c1, c2) = (json_of(&b1), json_of(&b2));
+    assert_eq!(c1["object"], "text_completion");
+    assert_eq!(c1["choices"][0]["text"], c2["choices"][0]["text"]);
+
+    // OpenAI's error shape, with the status a client library maps to its exception.
+    let bad = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0});
+    let (status, body) = http(port, "POST", "/v1/chat/completions", Some(&bad));
+    assert_eq!(status, 400, "{body}");
+    let err = json_of(&body);
+    assert_eq!(err["error"]["type"], "invalid_request_error");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("max_new_tokens") && m.contains("4096")),
+        "{body}"
+    );
+    let (status, body) = http(port, "POST", "/v1/chat/completions", None);
+    assert_eq!(status, 400, "an empty body: {body}");
+    let other = json!({"model": "not-this-one", "prompt": "x"});
+    let (status, body) = http(port, "POST", "/v1/completions", Some(&other));
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("not-this-one"), "{body}");
+    let (status, _) = http(port, "GET", "/health", None);
+    assert_eq!(status, 200);
+    drop(mesh);
+}
