@@ -98,7 +98,7 @@ impl SequenceCache {
     pub fn reserve(&mut self, num_layers: usize, n: usize) -> Result<()> {
         let need = self.len + n;
         if need > self.max_len {
-            return Err(EngineError::KvCache(format!(
+            return Err(EngineError::KvLimit(format!(
                 "sequence would reach {need} tokens, over the model's context length of {} (max_position_embeddings)",
                 self.max_len
             )));

@@ -34,7 +34,7 @@ impl KvPool {
         device: &Device,
     ) -> Result<Arc<Self>> {
         if num_blocks == 0 {
-            return Err(EngineError::KvCache(
+            return Err(EngineError::KvLimit(
                 "the KV pool needs at least one block".into(),
             ));
         }

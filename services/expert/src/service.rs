@@ -91,7 +91,10 @@ impl Expert for ExpertService {
             loop {
                 if worker.closing.load(Ordering::SeqCst) {
                     let _ = tx
-                        .send(Err(Status::unavailable("expert worker is shutting down")))
+                        .send(Err(MeshError::Unavailable(
+                            "expert worker is shutting down".into(),
+                        )
+                        .into()))
                         .await;
                     break;
                 }

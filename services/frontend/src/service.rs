@@ -426,7 +426,7 @@ pub async fn run(
         while let Some((from, seq)) = reroute_rx.recv().await {
             let Some(f) = weak.upgrade() else { break };
             let fail = |seq: NewSeq, msg: String| {
-                let _ = seq.tx.send(Err(Status::unavailable(msg)));
+                let _ = seq.tx.send(Err(MeshError::Unavailable(msg).into()));
             };
             match f.pick_gate(Some(&from)).await {
                 Ok(link) => {

@@ -78,7 +78,9 @@ impl Gate for GateService {
                     .is_err()
                 {
                     let _ = tx
-                        .send(Err(Status::unavailable("gate is shutting down")))
+                        .send(Err(
+                            MeshError::Unavailable("gate is shutting down".into()).into()
+                        ))
                         .await;
                     break;
                 }
@@ -102,7 +104,9 @@ impl Gate for GateService {
                     }
                     Err(_) => {
                         let _ = tx
-                            .send(Err(Status::unavailable("gate engine stopped")))
+                            .send(Err(
+                                MeshError::Unavailable("gate engine stopped".into()).into()
+                            ))
                             .await;
                         break;
                     }
@@ -125,10 +129,10 @@ impl Gate for GateService {
         self.engine
             .send(Command::Info { reply: tx })
             .await
-            .map_err(|_| Status::unavailable("gate engine stopped"))?;
+            .map_err(|_| MeshError::Unavailable("gate engine stopped".into()))?;
         let mut info = rx
             .await
-            .map_err(|_| Status::unavailable("gate engine stopped"))?;
+            .map_err(|_| MeshError::Unavailable("gate engine stopped".into()))?;
         info.expert_workers = self.pool.members().into_iter().map(|m| m.id).collect();
         info.device = self.device.clone();
         Ok(Response::new(info))
