@@ -15,6 +15,7 @@ pub mod embedded;
 pub mod error;
 pub mod experts;
 pub mod generate;
+pub mod kv_blocks;
 pub mod kv_cache;
 pub mod kv_pool;
 pub mod layers;
