@@ -347,20 +347,28 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         }
         .await;
         if result.is_ok() {
-            let exited = async {
-                loop {
-                    for p in procs.iter_mut() {
-                        if let Ok(Some(status)) = p.child.try_wait() {
-                            return (p.role.clone(), status);
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            };
+            // The first child to exit, woken by its exit (SIGCHLD), not found by polling.
+            let mut waits: Vec<_> = procs
+                .iter_mut()
+                .map(|p| Box::pin(async { (p.role.as_str(), p.child.wait().await) }))
+                .collect();
+            let exited = std::future::poll_fn(|cx| {
+                waits
+                    .iter_mut()
+                    .find_map(|w| match w.as_mut().poll(cx) {
+                        std::task::Poll::Ready(done) => Some(done),
+                        std::task::Poll::Pending => None,
+                    })
+                    .map_or(std::task::Poll::Pending, std::task::Poll::Ready)
+            });
             tokio::select! {
                 _ = moemesh_common::serve::shutdown_signal() => eprintln!("moemesh up: stopping"),
-                (role, status) = exited => eprintln!("moemesh up: {role} exited ({status}); stopping the mesh"),
+                (role, status) = exited => match status {
+                    Ok(status) => eprintln!("moemesh up: {role} exited ({status}); stopping the mesh"),
+                    Err(e) => eprintln!("moemesh up: cannot wait for {role} ({e}); stopping the mesh"),
+                },
             }
+            drop(waits);
         }
         stop_all(&mut procs).await;
         result
