@@ -17,7 +17,7 @@ fmt:
 
 lint:
 	cargo clippy --workspace --all-targets -- -D warnings
-	@# The engine must not depend on the wire (STYLE.md §2).
+	@# The engine must not depend on the wire (docs/DESIGN.md, Crates: model math with no gRPC types).
 	@! cargo tree -p moemesh-engine -e normal --prefix none | grep -E '^(tonic|prost|tower|tokio|etcd-client) ' \
 	  || (echo "moemesh-engine depends on a wire/runtime crate" && false)
 	@# One rustls crypto provider, ring: aws-lc-rs must not come in through a default feature.

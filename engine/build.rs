@@ -1,12 +1,28 @@
 //! With feature `cuda`, compiles src/cuda/kernels.cu to PTX with nvcc (the toolkit comes from
 //! scripts/build-cuda.sh); the PTX is embedded and loaded on the device at first use. Without the
-//! feature there is nothing to do.
+//! feature there is nothing to do. kernels.cu is one translation unit that `#include`s the kernel
+//! files of each subject (beside the Rust that launches them), so there is still one PTX module.
 
 use std::path::PathBuf;
 use std::process::Command;
 
+/// The translation unit nvcc compiles.
+const KERNELS: &str = "src/cuda/kernels.cu";
+
+/// Everything it includes, each watched for changes.
+const PARTS: [&str; 5] = [
+    "src/cuda/common.cuh",
+    "src/cuda/norm.cu",
+    "src/cuda/attention.cu",
+    "src/cuda/experts.cu",
+    "src/cuda/sampling.cu",
+];
+
 fn main() {
-    println!("cargo:rerun-if-changed=src/cuda/kernels.cu");
+    println!("cargo:rerun-if-changed={KERNELS}");
+    for part in PARTS {
+        println!("cargo:rerun-if-changed={part}");
+    }
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -21,11 +37,11 @@ fn main() {
         .arg(format!("-arch=sm_{cap}"))
         .arg("-o")
         .arg(&out)
-        .arg("src/cuda/kernels.cu")
+        .arg(KERNELS)
         .status();
     match status {
         Ok(s) if s.success() => {}
-        Ok(s) => panic!("nvcc failed on src/cuda/kernels.cu ({s}); see its messages above"),
+        Ok(s) => panic!("nvcc failed on {KERNELS} ({s}); see its messages above"),
         Err(e) => panic!(
             "cannot run `{nvcc}` ({e}): the `cuda` feature needs the CUDA toolkit; \
              build with scripts/build-cuda.sh"

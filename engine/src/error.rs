@@ -62,10 +62,20 @@ pub enum EngineError {
     ChatTemplate(String),
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// A sequence or pool asked for more than the model or the configuration allows (the context
+    /// length, a pool of no blocks): the caller's request or flags are wrong.
+    #[error("kv cache: {0}")]
+    KvLimit(String),
+    /// The KV bookkeeping is inconsistent (blocks written or read without a reservation): a bug
+    /// in the engine, never the client's fault.
     #[error("kv cache: {0}")]
     KvCache(String),
     #[error("kv cache: {0}")]
     KvExhausted(String),
+    /// This process was asked for a part of the model it did not load (a wiring fault between
+    /// roles, not a bad request).
+    #[error("{0}")]
+    NotLoaded(String),
     /// Routed experts could not be computed (no live worker, or every replica failed).
     #[error("{0}")]
     ExpertsUnavailable(String),
@@ -80,15 +90,28 @@ pub enum EngineError {
 }
 
 impl EngineError {
+    /// The category of this error. Every variant is named, so a new one has to be placed
+    /// deliberately: an engine fault must never reach a client as INVALID_ARGUMENT.
     pub fn kind(&self) -> ErrorKind {
         match self {
+            // The model directory is wrong: loading it again fails the same way.
+            EngineError::ConfigParse { .. }
+            | EngineError::ConfigUnsupported { .. }
+            | EngineError::MissingTensor { .. }
+            | EngineError::TensorShape { .. }
+            | EngineError::TensorDtype { .. } => ErrorKind::Invalid,
+            // The text or the template cannot be encoded or rendered as asked.
+            EngineError::Tokenizer(_) | EngineError::ChatTemplate(_) => ErrorKind::Invalid,
+            EngineError::InvalidInput(_) | EngineError::KvLimit(_) => ErrorKind::Invalid,
             EngineError::ConfigRead { .. }
             | EngineError::WeightFile { .. }
             | EngineError::ExpertsUnavailable(_) => ErrorKind::Unavailable,
-            EngineError::Tensor(_) | EngineError::Internal(_) => ErrorKind::Internal,
+            EngineError::Internal(_) => ErrorKind::Internal,
             EngineError::SequenceState(_) => ErrorKind::Precondition,
             EngineError::KvExhausted(_) => ErrorKind::Exhausted,
-            _ => ErrorKind::Invalid,
+            EngineError::KvCache(_) | EngineError::NotLoaded(_) | EngineError::Tensor(_) => {
+                ErrorKind::Internal
+            }
         }
     }
 
@@ -106,3 +129,69 @@ impl EngineError {
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_faults_are_not_the_callers_fault() {
+        let reserve = EngineError::KvCache("decode batch: KV blocks were not reserved".into());
+        assert_eq!(reserve.kind(), ErrorKind::Internal);
+        let wiring = EngineError::NotLoaded("this process did not load the embedding table".into());
+        assert_eq!(wiring.kind(), ErrorKind::Internal);
+        let candle = EngineError::Tensor(candle_core::Error::Msg("shape mismatch".into()));
+        assert_eq!(candle.kind(), ErrorKind::Internal);
+    }
+
+    #[test]
+    fn each_category_has_its_variants() {
+        let cases = [
+            (
+                EngineError::InvalidInput("token id 9 is outside".into()),
+                ErrorKind::Invalid,
+            ),
+            (
+                EngineError::KvLimit("over the context length".into()),
+                ErrorKind::Invalid,
+            ),
+            (
+                EngineError::Tokenizer("cannot encode".into()),
+                ErrorKind::Invalid,
+            ),
+            (
+                EngineError::ChatTemplate("rendering failed".into()),
+                ErrorKind::Invalid,
+            ),
+            (
+                EngineError::unsupported("model_type", "llama", "deepseek_v3"),
+                ErrorKind::Invalid,
+            ),
+            (
+                EngineError::MissingTensor {
+                    name: "lm_head.weight".into(),
+                    hint: String::new(),
+                },
+                ErrorKind::Invalid,
+            ),
+            (
+                EngineError::KvExhausted("no free blocks".into()),
+                ErrorKind::Exhausted,
+            ),
+            (
+                EngineError::ExpertsUnavailable("no live worker".into()),
+                ErrorKind::Unavailable,
+            ),
+            (
+                EngineError::WeightFile {
+                    path: "model.safetensors".into(),
+                    reason: "gone".into(),
+                },
+                ErrorKind::Unavailable,
+            ),
+        ];
+        for (err, kind) in cases {
+            assert_eq!(err.kind(), kind, "{err}");
+        }
+    }
+}

@@ -19,10 +19,11 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
+use crate::kv_blocks::pool_row;
 use crate::kv_pool::KvPool;
 
-/// Tokens per KV block; capacity is always a whole number of blocks.
-pub const BLOCK_TOKENS: usize = 16;
+/// Tokens per KV block (defined in [`crate::kv_blocks`]; still reachable here for the services).
+pub use crate::kv_blocks::BLOCK_TOKENS;
 
 #[derive(Debug)]
 struct LayerKv {
@@ -98,7 +99,7 @@ impl SequenceCache {
     pub fn reserve(&mut self, num_layers: usize, n: usize) -> Result<()> {
         let need = self.len + n;
         if need > self.max_len {
-            return Err(EngineError::KvCache(format!(
+            return Err(EngineError::KvLimit(format!(
                 "sequence would reach {need} tokens, over the model's context length of {} (max_position_embeddings)",
                 self.max_len
             )));
@@ -174,11 +175,7 @@ impl SequenceCache {
     /// Pool rows of positions `0..n` of a paged cache (reserved beforehand).
     pub(crate) fn pool_rows(&self, n: usize) -> Option<impl Iterator<Item = u32> + '_> {
         let p = self.paged.as_ref()?;
-        (n <= p.table.len() * BLOCK_TOKENS).then(|| {
-            (0..n).map(|pos| {
-                p.table[pos / BLOCK_TOKENS] * BLOCK_TOKENS as u32 + (pos % BLOCK_TOKENS) as u32
-            })
-        })
+        (n <= p.table.len() * BLOCK_TOKENS).then(|| (0..n).map(|pos| pool_row(&p.table, pos)))
     }
 
     /// Makes the last `n` written tokens part of the sequence.

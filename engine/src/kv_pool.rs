@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
-use crate::kv_cache::BLOCK_TOKENS;
+use crate::kv_blocks::{BLOCK_TOKENS, pool_row};
 
 pub struct KvPool {
     /// Per layer: `[num_blocks * BLOCK_TOKENS, kv_lora_rank]`.
@@ -34,7 +34,7 @@ impl KvPool {
         device: &Device,
     ) -> Result<Arc<Self>> {
         if num_blocks == 0 {
-            return Err(EngineError::KvCache(
+            return Err(EngineError::KvLimit(
                 "the KV pool needs at least one block".into(),
             ));
         }
@@ -105,9 +105,7 @@ impl KvPool {
             && let Some(g) = crate::cuda::gpu(&self.device)
         {
             // A prefill chunk on the GPU: one launch instead of two copies per block.
-            let rows: Vec<u32> = (start..start + n)
-                .map(|p| table[p / BLOCK_TOKENS] * BLOCK_TOKENS as u32 + (p % BLOCK_TOKENS) as u32)
-                .collect();
+            let rows: Vec<u32> = (start..start + n).map(|p| pool_row(table, p)).collect();
             let rows = Tensor::from_vec(rows, n, &self.device)?;
             let (ckv, kpe) = (ckv.contiguous()?, kpe.contiguous()?);
             if g.pool_write(&ckv, &kpe, &rows, &self.ckv[layer], &self.kpe[layer])? {
@@ -164,9 +162,7 @@ impl KvPool {
         table: &[u32],
         len: usize,
     ) -> Result<(Tensor, Tensor)> {
-        let rows: Vec<u32> = (0..len)
-            .map(|p| table[p / BLOCK_TOKENS] * BLOCK_TOKENS as u32 + (p % BLOCK_TOKENS) as u32)
-            .collect();
+        let rows: Vec<u32> = (0..len).map(|p| pool_row(table, p)).collect();
         let idx = Tensor::from_vec(rows, len, &self.device)?;
         Ok((
             self.ckv[layer].index_select(&idx, 0)?,

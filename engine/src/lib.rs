@@ -1,15 +1,19 @@
 //! moemesh's model engine: DeepSeek-V2/V3 math with no knowledge of the wire.
 //!
-//! Config ([`config`]), weights ([`weights`]: safetensors, FP8 dequantisation, in-memory), the
-//! layers ([`layers`]: RMSNorm, YaRN rotary, MLA, SwiGLU), the MoE router ([`router`]), routed
-//! experts behind the [`experts::Experts`] trait, the latent KV cache ([`kv_cache`]), the model
-//! ([`model`]), sampling ([`sampling`]), text ([`text`]: tokenizer, chat template, incremental
-//! detokenisation), stop strings ([`stop`]), the serving core shared by the mesh and in-process
-//! serving ([`serving`]: scheduler, step runner, sequence decoder) and in-process generation
-//! ([`generate`]).
+//! Config ([`config`]) and the model directory ([`model_dir`]; the embedded default in
+//! [`embedded`], benchmark models with random weights in [`synthetic`]), weights ([`weights`]:
+//! safetensors, FP8 dequantisation, in-memory), the layers ([`layers`]: RMSNorm, YaRN rotary, MLA,
+//! SwiGLU), the MoE router ([`router`]), routed experts behind the [`experts::Experts`] trait, KV
+//! memory ([`kv_blocks`] the paged layout, [`kv_cache`] one sequence's latent cache, [`kv_pool`]
+//! the shared pool), the model ([`model`]), sampling ([`sampling`]), text ([`text`]: tokenizer,
+//! chat template, incremental detokenisation), stop strings ([`stop`]), the serving core shared
+//! by the mesh and in-process serving ([`serving`]: scheduler, batch, step runner, sequence
+//! decoder), in-process generation ([`generate`]), routing near-ties for reduced-precision checks ([`near_ties`]), the CUDA
+//! kernels ([`cuda`]) and the error type ([`error`]).
 //!
 //! Services build on these types; nothing here depends on gRPC, tokio or etcd, and the device
-//! (CPU now, CUDA later) is a parameter of loading, never a global.
+//! (the CPU, or a CUDA GPU in a build with the `cuda` feature) is a parameter of loading, never a
+//! global.
 
 pub mod config;
 pub mod cuda;
@@ -17,6 +21,7 @@ pub mod embedded;
 pub mod error;
 pub mod experts;
 pub mod generate;
+pub mod kv_blocks;
 pub mod kv_cache;
 pub mod kv_pool;
 pub mod layers;

@@ -297,7 +297,7 @@ impl DeepSeekModel {
     /// Embedding rows for token ids, `[T, hidden]`.
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
         let table = self.embed_tokens.as_ref().ok_or_else(|| {
-            EngineError::InvalidInput("this process did not load the embedding table".into())
+            EngineError::NotLoaded("this process did not load the embedding table".into())
         })?;
         if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
             return Err(EngineError::InvalidInput(format!(
@@ -479,7 +479,7 @@ impl DeepSeekModel {
     /// The final RMSNorm applied to last-layer hidden rows.
     pub fn final_norm(&self, hidden: &Tensor) -> Result<Tensor> {
         let norm = self.norm.as_ref().ok_or_else(|| {
-            EngineError::InvalidInput("this process did not load the decoder (final norm)".into())
+            EngineError::NotLoaded("this process did not load the decoder (final norm)".into())
         })?;
         norm.forward_as(hidden, self.dtype)
     }
@@ -489,7 +489,7 @@ impl DeepSeekModel {
         let (norm, lm_head) = match (&self.norm, &self.lm_head) {
             (Some(n), Some(l)) => (n, l),
             _ => {
-                return Err(EngineError::InvalidInput(
+                return Err(EngineError::NotLoaded(
                     "this process did not load the decoder (final norm and lm_head)".into(),
                 ));
             }

@@ -157,10 +157,10 @@ impl HostPairs {
     }
 }
 
-/// Rows of one block of the grouped GEMM (`GG_BM` in kernels.cu): each expert's segment is
+/// Rows of one block of the grouped GEMM (`GG_BM` in experts.cu): each expert's segment is
 /// padded to a multiple of it.
 const GG_BM: usize = 64;
-/// Columns of one block of the grouped GEMM (`GG_BN` in kernels.cu).
+/// Columns of one block of the grouped GEMM (`GG_BN` in experts.cu).
 const GG_BN: usize = 128;
 
 /// Average (token, expert) pairs per held expert from which a batch takes the grouped GEMM:
@@ -367,7 +367,7 @@ impl Gpu {
             ],
         )?;
         let rows = max_blocks * GG_BM;
-        // k steps of 64 in 3 stages where both widths allow, else of 32 in 4 (kernels.cu).
+        // k steps of 64 in 3 stages where both widths allow, else of 32 in 4 (experts.cu).
         let (sfx, smem) = if hidden.is_multiple_of(64) && inner.is_multiple_of(64) {
             ("k64", 3 * (GG_BM + GG_BN) * 64 * 2)
         } else {

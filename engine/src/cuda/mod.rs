@@ -1,4 +1,5 @@
-//! moemesh's own CUDA kernels (`kernels.cu`) behind tensor-in, tensor-out functions.
+//! moemesh's own CUDA kernels (`kernels.cu`, which includes one `.cu` file per subject beside
+//! the Rust that launches it) behind tensor-in, tensor-out functions.
 //!
 //! A decode step built from candle ops alone costs ~130 launches per MoE layer plus a host round
 //! trip for routing; these kernels fuse the pieces so that a layer is ~20 launches with no host
@@ -445,7 +446,7 @@ mod imp {
             block_dim: (block, 1, 1),
             shared_mem_bytes: smem,
         };
-        // SAFETY: each wrapper in super passes the argument list its kernel in kernels.cu
+        // SAFETY: each wrapper in super passes the argument list its kernel in the .cu files
         // declares (pointers as 64-bit addresses, `int` as i32, `long long` as i64), with
         // pointers into live tensors whose sizes it checked against the launch's index space.
         unsafe { b.launch(cfg) }.map_err(|e| cuda_err(name, e))?;

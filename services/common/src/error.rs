@@ -20,6 +20,12 @@ pub enum MeshError {
     /// The caller's deadline passed (DEADLINE_EXCEEDED).
     #[error("{0}")]
     Deadline(String),
+    /// The caller did not say who it is, or its credential is not known (UNAUTHENTICATED).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller is known but may not do this (PERMISSION_DENIED).
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("registry: {0}")]
     Registry(String),
     #[error(transparent)]
@@ -42,6 +48,8 @@ impl From<MeshError> for tonic::Status {
             MeshError::Overloaded(m) => Status::resource_exhausted(m),
             MeshError::Precondition(m) => Status::failed_precondition(m),
             MeshError::Deadline(m) => Status::deadline_exceeded(m),
+            MeshError::Unauthenticated(m) => Status::unauthenticated(m),
+            MeshError::PermissionDenied(m) => Status::permission_denied(m),
             MeshError::Registry(m) => Status::unavailable(format!("registry: {m}")),
             MeshError::Engine(e) => match e.kind() {
                 ErrorKind::Invalid => Status::invalid_argument(e.to_string()),
@@ -71,5 +79,108 @@ impl From<MeshError> for tonic::Status {
                 Status::internal("internal error")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::{Code, Status};
+
+    fn status(e: impl Into<MeshError>) -> Status {
+        Status::from(e.into())
+    }
+
+    #[test]
+    fn each_variant_has_its_code_and_keeps_its_message() {
+        let cases = [
+            (
+                MeshError::Invalid("max_tokens 0".into()),
+                Code::InvalidArgument,
+            ),
+            (
+                MeshError::Unavailable("no live gate".into()),
+                Code::Unavailable,
+            ),
+            (
+                MeshError::Overloaded("queue full".into()),
+                Code::ResourceExhausted,
+            ),
+            (
+                MeshError::Precondition("unknown seq 7".into()),
+                Code::FailedPrecondition,
+            ),
+            (
+                MeshError::Deadline("deadline passed".into()),
+                Code::DeadlineExceeded,
+            ),
+            (
+                MeshError::Unauthenticated("missing key".into()),
+                Code::Unauthenticated,
+            ),
+            (
+                MeshError::PermissionDenied("not this method".into()),
+                Code::PermissionDenied,
+            ),
+        ];
+        for (err, code) in cases {
+            let message = err.to_string();
+            let s = status(err);
+            assert_eq!(s.code(), code, "{message}");
+            assert_eq!(s.message(), message);
+        }
+        let s = status(MeshError::Registry("etcd is down".into()));
+        assert_eq!(
+            (s.code(), s.message()),
+            (Code::Unavailable, "registry: etcd is down")
+        );
+    }
+
+    #[test]
+    fn engine_errors_map_by_kind() {
+        let s = status(EngineError::InvalidInput("token id 9 is outside".into()));
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert_eq!(s.message(), "invalid input: token id 9 is outside");
+        let s = status(EngineError::KvExhausted("no free blocks".into()));
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        let s = status(EngineError::ExpertsUnavailable(
+            "layer 3: no live worker".into(),
+        ));
+        assert_eq!(
+            (s.code(), s.message()),
+            (Code::Unavailable, "layer 3: no live worker")
+        );
+    }
+
+    #[test]
+    fn internal_faults_are_internal_and_say_nothing_more() {
+        for e in [
+            EngineError::KvCache("decode batch: KV blocks were not reserved".into()),
+            EngineError::NotLoaded("this process did not load the embedding table".into()),
+        ] {
+            let s = status(e);
+            assert_eq!(s.code(), Code::Internal);
+            assert_eq!(s.message(), "internal engine error");
+        }
+        let s = status(MeshError::Internal("lock poisoned at step 9".into()));
+        assert_eq!((s.code(), s.message()), (Code::Internal, "internal error"));
+    }
+
+    #[test]
+    fn peer_statuses_pass_through_only_when_actionable() {
+        let peer = |status| MeshError::Peer {
+            peer: "gate g1".into(),
+            status,
+        };
+        let s = status(peer(Status::resource_exhausted("kv full")));
+        assert_eq!(
+            (s.code(), s.message()),
+            (Code::ResourceExhausted, "gate g1: kv full")
+        );
+        let s = status(peer(Status::internal("panic at step.rs:9")));
+        assert_eq!(
+            (s.code(), s.message()),
+            (Code::Unavailable, "gate g1 failed")
+        );
     }
 }

@@ -19,6 +19,8 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Layer, Service};
 
+use crate::MeshError;
+
 /// Limits open calls of the gRPC method at `path` (e.g. `/moemesh.v1.Generation/Generate`).
 #[derive(Clone)]
 pub struct InflightLimitLayer {
@@ -78,7 +80,8 @@ where
             match self.layer.permits.clone().try_acquire_owned() {
                 Ok(p) => Some(p),
                 Err(_) => {
-                    let status = tonic::Status::resource_exhausted(self.layer.message.to_string());
+                    let status =
+                        tonic::Status::from(MeshError::Overloaded(self.layer.message.to_string()));
                     return Box::pin(async move {
                         Ok(status
                             .into_http::<ResBody>()
@@ -317,10 +320,10 @@ where
         if size > max {
             // The inner service was readied for this call and is not called: it stays ready
             // for the next one.
-            let status = tonic::Status::resource_exhausted(format!(
+            let status = tonic::Status::from(MeshError::Overloaded(format!(
                 "request metadata is {size} bytes, over the limit of {max} bytes \
                  (--max-header-bytes)"
-            ));
+            )));
             let resp = answer(status.into_http::<ResBody>());
             return Box::pin(async move { Ok(resp) });
         }

@@ -1,11 +1,20 @@
-//! Serving boilerplate every role shares: gRPC health and reflection, the shutdown signal, and
-//! the readiness line that `moemesh up` and the tests wait for.
+//! Serving boilerplate every role shares: gRPC health and reflection, the shutdown signal, the
+//! readiness line that `moemesh up` and the tests wait for, and one start-up/shutdown sequence
+//! ([`Serving`]) with guard-counted draining ([`Drain`]) for the frontend, the gate and the expert
+//! worker.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::Duration;
 
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
+
+use crate::MeshResult;
+use crate::registry::{Member, Registration, Registry};
 
 /// Health service (overall status `""` starts NOT_SERVING) and reflection over moemesh's and
 /// the health protocol's descriptors, so grpcurl and ghz need no .proto files.
@@ -111,6 +120,138 @@ pub async fn bounded<F: Future>(limit: std::time::Duration, fut: F) -> Option<F:
     tokio::time::timeout(limit, fut).await.ok()
 }
 
+/// A role between start-up and shutdown: its server task, its health, and (for the roles that
+/// register) its registry entry. Every role starts and stops through it, in the order the design
+/// asks for: serve, report SERVING, register, announce readiness; then NOT_SERVING, leave the
+/// registry, drain, stop the server.
+pub struct Serving {
+    /// The overall health status that readiness probes check.
+    reporter: HealthReporter,
+    /// Tells the server to stop accepting and close its connections gracefully.
+    stop: oneshot::Sender<()>,
+    /// The server, until its last connection is closed.
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    /// This process's registry entry, and the task mirroring it into health (registering roles).
+    registration: Option<(Registration, JoinHandle<()>)>,
+}
+
+impl Serving {
+    /// Spawns the server that `serve` builds around the stop signal it is given (for
+    /// `serve_with_incoming_shutdown`), then reports SERVING.
+    pub async fn start<F>(
+        reporter: HealthReporter,
+        serve: impl FnOnce(Pin<Box<dyn Future<Output = ()> + Send>>) -> F,
+    ) -> Self
+    where
+        F: Future<Output = Result<(), tonic::transport::Error>> + Send + 'static,
+    {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(serve(Box::pin(async {
+            let _ = stopped.await;
+        })));
+        set_health(&reporter, true).await;
+        Serving {
+            reporter,
+            stop,
+            server,
+            registration: None,
+        }
+    }
+
+    /// Registers `member` (only now that this role serves), and from then on mirrors the
+    /// registration into health (see [`health_follows`]).
+    pub async fn register(&mut self, registry: &Registry, member: Member) -> MeshResult<()> {
+        let registration = registry.register(member).await?;
+        let follow = health_follows(self.reporter.clone(), registration.registered());
+        self.registration = Some((registration, follow));
+        Ok(())
+    }
+
+    /// NOT_SERVING for good, then out of the registry (its lease revoked), so that no new work
+    /// is sent here. The shutdowns below begin with it; calling it first is harmless.
+    pub async fn leave(&mut self) {
+        let registration = self.registration.take().map(|(registration, follow)| {
+            follow.abort();
+            registration
+        });
+        set_health(&self.reporter, false).await;
+        if let Some(registration) = registration {
+            registration.deregister().await;
+        }
+    }
+
+    /// Shutdown for a role whose work outlives single calls (sequences on a gate, calls on an
+    /// expert's long-lived streams): leaves, waits for `drained` (at most `limit`, naming `what`
+    /// if it gives up), then stops the server and gives its streams `grace` to close.
+    pub async fn drain_then_stop(
+        mut self,
+        drained: impl Future<Output = ()>,
+        limit: Duration,
+        what: &str,
+        grace: Duration,
+    ) {
+        self.leave().await;
+        if bounded(limit, drained).await.is_none() {
+            tracing::warn!("drain timeout: stopping with {what} unfinished");
+        }
+        let _ = self.stop.send(());
+        let _ = bounded(grace, self.server).await;
+    }
+
+    /// Shutdown for a role whose work is its accepted calls (the frontend's Generate streams):
+    /// leaves, stops accepting at once (GOAWAY), and waits at most `limit` for the accepted calls
+    /// to end, naming `what` if it gives up.
+    pub async fn stop_then_drain(mut self, limit: Duration, what: &str) {
+        self.leave().await;
+        let _ = self.stop.send(());
+        if bounded(limit, self.server).await.is_none() {
+            tracing::warn!("drain timeout: exiting with {what} in flight");
+        }
+    }
+}
+
+/// Work that shutdown waits for, counted by guards instead of polled: each unit of work holds
+/// an [`InFlightGuard`] from [`InFlight::enter`], and [`Drain::drained`] resolves the moment the
+/// last guard is dropped (every sender of the channel is gone).
+pub struct Drain {
+    /// The one strong sender not held by work; dropped when draining starts.
+    tx: mpsc::Sender<()>,
+    /// Closed once `tx` and every guard are dropped.
+    rx: mpsc::Receiver<()>,
+}
+
+/// Hands out guards; cloned into the service. Holds no guard itself, so it never delays a drain.
+#[derive(Clone)]
+pub struct InFlight(mpsc::WeakSender<()>);
+
+/// One unit of work in flight; dropping it ends it.
+pub struct InFlightGuard {
+    _held: mpsc::Sender<()>,
+}
+
+impl Drain {
+    pub fn new() -> (Drain, InFlight) {
+        let (tx, rx) = mpsc::channel(1);
+        let in_flight = InFlight(tx.downgrade());
+        (Drain { tx, rx }, in_flight)
+    }
+
+    /// Resolves once every guard has been dropped.
+    pub async fn drained(self) {
+        let Drain { tx, mut rx } = self;
+        drop(tx);
+        // Nothing is ever sent: `recv` returns `None` when the last sender is gone.
+        let _ = rx.recv().await;
+    }
+}
+
+impl InFlight {
+    /// A guard for one unit of work; `None` once a drain has finished (nothing waits any more).
+    pub fn enter(&self) -> Option<InFlightGuard> {
+        self.0.upgrade().map(|tx| InFlightGuard { _held: tx })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,5 +292,101 @@ mod tests {
         registered.send_replace(true);
         set_health(&reporter, false).await;
         assert_eq!(next().await, Wire::NotServing as i32);
+    }
+
+    #[tokio::test]
+    async fn drained_waits_for_the_last_guard() {
+        let (drain, in_flight) = Drain::new();
+        let first = in_flight.enter().expect("a guard while serving");
+        let second = in_flight.enter().expect("a guard while serving");
+        let mut drained = std::pin::pin!(drain.drained());
+        assert!(
+            futures::poll!(&mut drained).is_pending(),
+            "two calls in flight"
+        );
+        drop(first);
+        assert!(
+            futures::poll!(&mut drained).is_pending(),
+            "one call in flight"
+        );
+        drop(second);
+        drained.await;
+        assert!(in_flight.enter().is_none(), "nothing waits after the drain");
+    }
+
+    /// The way out of a registering role: NOT_SERVING (and out of the registry) at once, the
+    /// server still answering while its work drains, and stopped once the last guard is gone.
+    #[tokio::test]
+    async fn drain_then_stop_leaves_first_and_stops_after_the_work() {
+        use tonic_health::pb::health_client::HealthClient;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        let (reporter, health, _) = health_and_reflection();
+        let mut serving = Serving::start(reporter, |stop| {
+            tonic::transport::Server::builder()
+                .add_service(health)
+                .serve_with_incoming_shutdown(incoming(listener), stop)
+        })
+        .await;
+        let member = Member {
+            id: "expert-test".into(),
+            role: crate::registry::Role::Expert,
+            address: url.clone(),
+            layers: vec![1],
+            experts: vec![0],
+            device: "cpu".into(),
+            fingerprint: "f".into(),
+            version: String::new(),
+        };
+        serving
+            .register(&Registry::Static(Vec::new()), member)
+            .await
+            .expect("register");
+        let connect = |url: String| async move {
+            let channel = tonic::transport::Endpoint::from_shared(url)?
+                .connect()
+                .await?;
+            Ok::<_, tonic::transport::Error>(HealthClient::new(channel))
+        };
+        let mut client = connect(url.clone()).await.expect("connect");
+        let mut updates = client
+            .watch(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        let mut next = async || {
+            updates
+                .next()
+                .await
+                .expect("an update")
+                .expect("a status")
+                .status
+        };
+        assert_eq!(next().await, Wire::Serving as i32);
+
+        let (drain, in_flight) = Drain::new();
+        let call = in_flight.enter().expect("a call in flight");
+        let stopping = tokio::spawn(serving.drain_then_stop(
+            drain.drained(),
+            Duration::from_secs(60),
+            "calls",
+            Duration::from_secs(60),
+        ));
+        assert_eq!(
+            next().await,
+            Wire::NotServing as i32,
+            "left before draining"
+        );
+        assert!(!stopping.is_finished(), "a call is still in flight");
+        drop(updates);
+        drop(client);
+        drop(call);
+        stopping.await.expect("shutdown");
+        assert!(connect(url).await.is_err(), "the server stopped listening");
     }
 }

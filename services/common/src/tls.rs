@@ -424,7 +424,7 @@ where
         {
             tracing::info!(method = self.layer.path, "{why}");
             // The inner service was readied for this call and is not called: it stays ready.
-            let resp = tonic::Status::permission_denied(why).into_http::<ResBody>();
+            let resp = tonic::Status::from(MeshError::PermissionDenied(why)).into_http::<ResBody>();
             return Box::pin(async move { Ok(resp) });
         }
         Box::pin(self.inner.call(req))

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::Stream;
@@ -30,8 +30,8 @@ struct Worker {
     info: ExpertInfoResponse,
     device: Device,
     hidden_size: usize,
-    /// Calls being computed now (drained at shutdown).
-    in_flight: Arc<AtomicUsize>,
+    /// Calls being computed now: each holds a guard, and shutdown waits for the last one.
+    in_flight: serve::InFlight,
     /// Set at shutdown: streams finish their current call and end.
     closing: Arc<AtomicBool>,
 }
@@ -91,7 +91,10 @@ impl Expert for ExpertService {
             loop {
                 if worker.closing.load(Ordering::SeqCst) {
                     let _ = tx
-                        .send(Err(Status::unavailable("expert worker is shutting down")))
+                        .send(Err(MeshError::Unavailable(
+                            "expert worker is shutting down".into(),
+                        )
+                        .into()))
                         .await;
                     break;
                 }
@@ -107,7 +110,7 @@ impl Expert for ExpertService {
                         break;
                     }
                 };
-                worker.in_flight.fetch_add(1, Ordering::SeqCst);
+                let call = worker.in_flight.enter();
                 // A child of the gate's dispatch span when the call carries a sampled context;
                 // the worker starts no trace of its own.
                 let span = match telemetry::remote_context(&req.traceparent) {
@@ -137,7 +140,7 @@ impl Expert for ExpertService {
                     result
                 })
                 .await;
-                worker.in_flight.fetch_sub(1, Ordering::SeqCst);
+                drop(call);
                 let reply = match result {
                     Ok(r) => r.map_err(Status::from),
                     Err(e) => Err(Status::from(MeshError::Internal(format!(
@@ -233,18 +236,18 @@ pub async fn run(
     };
     tracing::info!(%id, address = %advertise, layers = ?layers, experts = ?experts, fingerprint = %files.fingerprint, "expert worker loaded");
 
+    let (calls, in_flight) = serve::Drain::new();
     let worker = Arc::new(Worker {
         shard: Arc::new(shard),
         info,
         device,
         hidden_size,
-        in_flight: Arc::new(AtomicUsize::new(0)),
+        in_flight,
         closing: Arc::new(AtomicBool::new(false)),
     });
     let (reporter, health, reflection) = serve::health_and_reflection();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let limits = &cfg.member.limits;
-    let server = limits
+    let router = limits
         .server()
         // Under TLS, only gates send tokens to experts: a peer whose certificate lacks the
         // gate role gets PERMISSION_DENIED (health and reflection stay open to probes).
@@ -260,52 +263,45 @@ pub async fn run(
             })
             .max_decoding_message_size(limits.max_message_bytes(DEFAULT_MAX_MESSAGE_MB))
             .max_encoding_message_size(256 << 20),
-        )
-        .serve_with_incoming_shutdown(
-            limits.incoming(tls::incoming(listener, tls.clone())),
-            async {
-                let _ = stop_rx.await;
-            },
         );
-    let server = tokio::spawn(server);
-    serve::set_health(&reporter, true).await;
+    let incoming = limits.incoming(tls::incoming(listener, tls.clone()));
+    let mut serving = serve::Serving::start(reporter, |stop| {
+        router.serve_with_incoming_shutdown(incoming, stop)
+    })
+    .await;
 
     let registry = Registry::new(&cfg.member.registry_config(&files.name, tls), Vec::new())?;
-    let registration = registry
-        .register(Member {
-            id: id.clone(),
-            role: Role::Expert,
-            address: advertise.clone(),
-            layers,
-            experts,
-            device: cfg.member.device.clone(),
-            fingerprint: files.fingerprint.clone(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-        })
+    serving
+        .register(
+            &registry,
+            Member {
+                id: id.clone(),
+                role: Role::Expert,
+                address: advertise.clone(),
+                layers,
+                experts,
+                device: cfg.member.device.clone(),
+                fingerprint: files.fingerprint.clone(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            },
+        )
         .await?;
     serve::announce_ready("expert", local, &id, metrics_server.as_ref());
 
-    let follow = serve::health_follows(reporter.clone(), registration.registered());
-
     shutdown.await;
-    follow.abort();
     tracing::info!(%id, "shutting down: leaving the registry, then draining");
-    serve::set_health(&reporter, false).await;
-    registration.deregister().await;
+    serving.leave().await;
+    // Streams finish their current call and end; open gate streams would keep tonic's graceful
+    // shutdown waiting, hence the short grace after the drain.
     worker.closing.store(true, Ordering::SeqCst);
-    let in_flight = worker.in_flight.clone();
-    let drained = serve::bounded(Duration::from_secs(cfg.drain_timeout), async move {
-        while in_flight.load(Ordering::SeqCst) > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    if drained.is_none() {
-        tracing::warn!("drain timeout: exiting with calls in flight");
-    }
-    let _ = stop_tx.send(());
-    // Open gate streams keep tonic's graceful shutdown waiting; bound it.
-    let _ = serve::bounded(Duration::from_secs(2), server).await;
+    serving
+        .drain_then_stop(
+            calls.drained(),
+            Duration::from_secs(cfg.drain_timeout),
+            "calls",
+            Duration::from_secs(2),
+        )
+        .await;
     Ok(())
 }
 
@@ -333,7 +329,7 @@ mod tests {
             info: ExpertInfoResponse::default(),
             device: Device::Cpu,
             hidden_size: cfg.hidden_size,
-            in_flight: Arc::new(AtomicUsize::new(0)),
+            in_flight: serve::Drain::new().1,
             closing: Arc::new(AtomicBool::new(false)),
         };
         let x = moemesh_engine::Tensor::randn(0f32, 1.0, (3, cfg.hidden_size), &Device::Cpu)

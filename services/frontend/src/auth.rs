@@ -333,20 +333,20 @@ impl AuthLayer {
             .and_then(|token| keys.find(token));
         let Some(key) = key else {
             return Verdict::Refuse(
-                tonic::Status::unauthenticated("missing or invalid API key"),
+                MeshError::Unauthenticated("missing or invalid API key".into()).into(),
                 None,
             );
         };
-        let refuse = |status| Verdict::Refuse(status, Some(key.id.clone()));
+        let refuse = |e: MeshError| Verdict::Refuse(e.into(), Some(key.id.clone()));
         if !key.allows(method) {
-            return refuse(tonic::Status::permission_denied(
-                "this API key may not call this method",
+            return refuse(MeshError::PermissionDenied(
+                "this API key may not call this method".into(),
             ));
         }
         if let Some((bucket, rps, burst)) = &key.rate
             && bucket.check().is_err()
         {
-            return refuse(tonic::Status::resource_exhausted(format!(
+            return refuse(MeshError::Overloaded(format!(
                 "API key {:?}: over its limit of {rps} requests/s (burst {burst}); retry later",
                 key.id
             )));
@@ -355,7 +355,7 @@ impl AuthLayer {
             Some((open, limit)) if method == GENERATE => match open.clone().try_acquire_owned() {
                 Ok(p) => Some(p),
                 Err(_) => {
-                    return refuse(tonic::Status::resource_exhausted(format!(
+                    return refuse(MeshError::Overloaded(format!(
                         "API key {:?}: {limit} Generate streams are open, its limit (max_streams); retry when one ends",
                         key.id
                     )));

@@ -93,7 +93,7 @@ struct Client {
 enum Outcome {
     /// Its last token went to the client.
     Finished,
-    /// It fails with this status.
+    /// It fails with this status (made from a [`MeshError`]).
     Failed(Status),
     /// Its client left, or its deadline passed.
     Gone,
@@ -356,7 +356,7 @@ impl StepLoop {
                 s.len() + 1,
                 self.address
             );
-            self.retire(s, Outcome::Failed(Status::resource_exhausted(msg)));
+            self.retire(s, Outcome::Failed(MeshError::Overloaded(msg).into()));
         }
         tracing::debug!(
             target: "moemesh_frontend::step",
@@ -503,7 +503,7 @@ impl StepLoop {
         for (s, finish) in done {
             let outcome = match finish {
                 Ok(_) => Outcome::Finished,
-                Err(e) => Outcome::Failed(Status::from(MeshError::from(e))),
+                Err(e) => Outcome::Failed(MeshError::from(e).into()),
             };
             self.retire(s, outcome);
         }
@@ -523,10 +523,10 @@ impl StepLoop {
     fn on_step_error(&mut self, step: &Step, resp: StepResponse) {
         self.gate_answered();
         let err = resp.error.unwrap_or_default();
-        let status = Status::new(
-            tonic::Code::from_i32(err.code),
-            format!("gate {}: {}", self.address, err.message),
-        );
+        let status = Status::from(MeshError::Peer {
+            peer: format!("gate {}", self.address),
+            status: Status::new(tonic::Code::from_i32(err.code), err.message),
+        });
         for s in self.batch.on_step_failed(step) {
             self.retire(s, Outcome::Failed(status.clone()));
         }
@@ -568,7 +568,7 @@ impl StepLoop {
                         s.generated.len(),
                         c.start.elapsed().as_millis()
                     );
-                    let _ = c.tx.send(Err(Status::deadline_exceeded(msg)));
+                    let _ = c.tx.send(Err(MeshError::Deadline(msg).into()));
                 }
             }
             Outcome::Moved => {
@@ -584,10 +584,11 @@ impl StepLoop {
                     span: c.span,
                 };
                 if let Err(e) = self.reroute.send((self.address.clone(), moved)) {
-                    let _ = e.0.1.tx.send(Err(Status::unavailable(format!(
+                    let _ = e.0.1.tx.send(Err(MeshError::Unavailable(format!(
                         "gate {} failed and the frontend is shutting down",
                         self.address
-                    ))));
+                    ))
+                    .into()));
                 }
             }
         }

@@ -14,6 +14,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use futures::Stream;
+use moemesh_common::MeshError;
 use moemesh_common::metrics::{code_label, names};
 use moemesh_proto::v1::{FinishReason, GenerateResponse};
 use tonic::Status;
@@ -98,9 +99,10 @@ where
             // client gets UNAVAILABLE rather than a stream that ends OK without finishing.
             None if !self.done => {
                 self.finish(tonic::Code::Unavailable);
-                return Poll::Ready(Some(Err(Status::unavailable(
-                    "the frontend stopped before this request finished",
-                ))));
+                return Poll::Ready(Some(Err(MeshError::Unavailable(
+                    "the frontend stopped before this request finished".into(),
+                )
+                .into())));
             }
             None => {}
         }

@@ -423,7 +423,7 @@ pub async fn run(
         while let Some((from, seq)) = reroute_rx.recv().await {
             let Some(f) = weak.upgrade() else { break };
             let fail = |seq: NewSeq, msg: String| {
-                let _ = seq.tx.send(Err(Status::unavailable(msg)));
+                let _ = seq.tx.send(Err(MeshError::Unavailable(msg).into()));
             };
             match f.pick_gate(Some(&from)).await {
                 Ok(link) => {
@@ -445,7 +445,6 @@ pub async fn run(
         }
     });
     let (reporter, health, reflection) = serve::health_and_reflection();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     // Load shedding at the door: at most --max-pending Generate streams open at once; the permit
     // is held by each response stream until it ends.
     let max_pending = frontend.cfg.max_pending;
@@ -467,25 +466,22 @@ pub async fn run(
     };
     // The edge layer (outermost) counts every Generate call by its final status, whatever
     // answered it: the limits, the key checks, load shedding, the codec, or the handler.
-    let server = tokio::spawn(
-        limits
-            .server_counting(GENERATE_PATH, metered::count_request)
-            .layer(auth)
-            .layer(shed)
-            .add_service(health)
-            .add_service(reflection)
-            .add_service(
-                GenerationServer::new(GenerationService(frontend))
-                    .max_decoding_message_size(max_message),
-            )
-            .serve_with_incoming_shutdown(
-                limits.incoming(moemesh_common::tls::incoming(listener, public_tls)),
-                async {
-                    let _ = stop_rx.await;
-                },
-            ),
-    );
-    serve::set_health(&reporter, true).await;
+    let router = limits
+        .server_counting(GENERATE_PATH, metered::count_request)
+        .layer(auth)
+        .layer(shed)
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(
+            GenerationServer::new(GenerationService(frontend))
+                .max_decoding_message_size(max_message),
+        );
+    let incoming = limits.incoming(moemesh_common::tls::incoming(listener, public_tls));
+    // The frontend does not register: gates and clients find it by its address.
+    let serving = serve::Serving::start(reporter, |stop| {
+        router.serve_with_incoming_shutdown(incoming, stop)
+    })
+    .await;
     tracing::info!(address = %local, model = %files.name, "frontend serving");
     serve::announce_ready("frontend", local, "frontend", metrics_server.as_ref());
     shutdown.await;
@@ -498,14 +494,9 @@ pub async fn run(
         drain_timeout_s = drain_timeout,
         "shutting down: draining accepted streams"
     );
-    serve::set_health(&reporter, false).await;
-    let _ = stop_tx.send(());
-    if serve::bounded(Duration::from_secs(drain_timeout), server)
-        .await
-        .is_none()
-    {
-        tracing::warn!("drain timeout: exiting with Generate streams in flight");
-    }
+    serving
+        .stop_then_drain(Duration::from_secs(drain_timeout), "Generate streams")
+        .await;
     if let Some(writer) = audit_writer {
         // The server is gone, and with it every handle on the log: its last lines get written.
         let _ = serve::bounded(Duration::from_secs(2), writer.finished()).await;

@@ -21,7 +21,7 @@ use moemesh_proto::v1::{
     ExpertInfoRequest, GateInfoRequest, GateInfoResponse, StepError, StepRequest, StepResponse,
 };
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -37,6 +37,9 @@ struct GateService {
     next_conn: Arc<AtomicU64>,
     /// `--device`, reported by Info.
     device: String,
+    /// Marked after every step answer and every closed Step stream: the only events that end
+    /// sequences, which a draining gate waits on (see `run`).
+    stepped: Arc<watch::Sender<()>>,
 }
 
 type StepStream = Pin<Box<dyn Stream<Item = Result<StepResponse, Status>> + Send>>;
@@ -53,6 +56,7 @@ impl Gate for GateService {
         let mut incoming = request.into_inner();
         let (tx, rx) = mpsc::channel(4);
         let engine = self.engine.clone();
+        let stepped = self.stepped.clone();
         tokio::spawn(async move {
             loop {
                 let req = match incoming.message().await {
@@ -78,7 +82,9 @@ impl Gate for GateService {
                     .is_err()
                 {
                     let _ = tx
-                        .send(Err(Status::unavailable("gate is shutting down")))
+                        .send(Err(
+                            MeshError::Unavailable("gate is shutting down".into()).into()
+                        ))
                         .await;
                     break;
                 }
@@ -102,17 +108,21 @@ impl Gate for GateService {
                     }
                     Err(_) => {
                         let _ = tx
-                            .send(Err(Status::unavailable("gate engine stopped")))
+                            .send(Err(
+                                MeshError::Unavailable("gate engine stopped".into()).into()
+                            ))
                             .await;
                         break;
                     }
                 };
+                stepped.send_replace(());
                 if tx.send(Ok(reply)).await.is_err() {
                     break;
                 }
             }
             // The frontend left (or a step failed and ended the stream): free its sequences.
             let _ = engine.send(Command::ReleaseConn { conn }).await;
+            stepped.send_replace(());
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -125,10 +135,10 @@ impl Gate for GateService {
         self.engine
             .send(Command::Info { reply: tx })
             .await
-            .map_err(|_| Status::unavailable("gate engine stopped"))?;
+            .map_err(|_| MeshError::Unavailable("gate engine stopped".into()))?;
         let mut info = rx
             .await
-            .map_err(|_| Status::unavailable("gate engine stopped"))?;
+            .map_err(|_| MeshError::Unavailable("gate engine stopped".into()))?;
         info.expert_workers = self.pool.members().into_iter().map(|m| m.id).collect();
         info.device = self.device.clone();
         Ok(Response::new(info))
@@ -301,68 +311,74 @@ pub async fn run(
         .map_err(|e| MeshError::Internal(format!("starting the engine thread: {e}")))?;
 
     let (reporter, health, reflection) = serve::health_and_reflection();
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let engine = cmd_tx.clone();
+    let (stepped, mut stepped_rx) = watch::channel(());
     let service = GateService {
         engine: cmd_tx,
         pool: pool.clone(),
         next_conn: Arc::new(AtomicU64::new(1)),
         device: cfg.member.device.clone(),
+        stepped: Arc::new(stepped),
     };
     let limits = &cfg.member.limits;
-    let server = tokio::spawn(
-        limits
-            .server()
-            // Under TLS, only frontends run steps: a peer whose certificate lacks the
-            // frontend role gets PERMISSION_DENIED (health and reflection stay open to probes).
-            .layer(tls::RequireRoleLayer::new(
-                "/moemesh.v1.Gate/Step",
-                tls::CertRole::Frontend,
-            ))
-            .add_service(health)
-            .add_service(reflection)
-            .add_service(
-                GateServer::new(service)
-                    .max_decoding_message_size(limits.max_message_bytes(DEFAULT_MAX_MESSAGE_MB))
-                    .max_encoding_message_size(256 << 20),
-            )
-            .serve_with_incoming_shutdown(limits.incoming(tls::incoming(listener, tls)), async {
-                let _ = stop_rx.await;
-            }),
-    );
-    serve::set_health(&reporter, true).await;
-    let registration = registry
-        .register(Member {
-            id: id.clone(),
-            role: Role::Gate,
-            address: advertise.clone(),
-            layers: Vec::new(),
-            experts: Vec::new(),
-            device: cfg.member.device.clone(),
-            fingerprint: files.fingerprint.clone(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-        })
+    let router = limits
+        .server()
+        // Under TLS, only frontends run steps: a peer whose certificate lacks the
+        // frontend role gets PERMISSION_DENIED (health and reflection stay open to probes).
+        .layer(tls::RequireRoleLayer::new(
+            "/moemesh.v1.Gate/Step",
+            tls::CertRole::Frontend,
+        ))
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(
+            GateServer::new(service)
+                .max_decoding_message_size(limits.max_message_bytes(DEFAULT_MAX_MESSAGE_MB))
+                .max_encoding_message_size(256 << 20),
+        );
+    let incoming = limits.incoming(tls::incoming(listener, tls));
+    let mut serving = serve::Serving::start(reporter, |stop| {
+        router.serve_with_incoming_shutdown(incoming, stop)
+    })
+    .await;
+    serving
+        .register(
+            &registry,
+            Member {
+                id: id.clone(),
+                role: Role::Gate,
+                address: advertise.clone(),
+                layers: Vec::new(),
+                experts: Vec::new(),
+                device: cfg.member.device.clone(),
+                fingerprint: files.fingerprint.clone(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            },
+        )
         .await?;
     tracing::info!(%id, address = %advertise, workers = pool.members().len(), "gate serving");
     serve::announce_ready("gate", local, &id, metrics_server.as_ref());
 
-    let follow = serve::health_follows(reporter.clone(), registration.registered());
-
     shutdown.await;
-    follow.abort();
     tracing::info!(%id, "shutting down: leaving the registry, then draining sequences");
-    serve::set_health(&reporter, false).await;
-    registration.deregister().await;
-    let drained = serve::bounded(Duration::from_secs(cfg.drain_timeout), async {
-        while kv_state(&engine).await.live_sequences > 0 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+    // Sequences end only through Step streams (a release, a finished step, a closed stream),
+    // each of which marks `stepped`; the engine's count, asked after the mark is seen, includes
+    // that change. So the drain wakes on events, never on a timer.
+    let drained = async move {
+        loop {
+            stepped_rx.borrow_and_update();
+            if kv_state(&engine).await.live_sequences == 0 || stepped_rx.changed().await.is_err() {
+                break;
+            }
         }
-    })
-    .await;
-    if drained.is_none() {
-        tracing::warn!("drain timeout: stopping with sequences running; their frontends move them");
-    }
-    let _ = stop_tx.send(());
-    let _ = serve::bounded(Duration::from_secs(5), server).await;
+    };
+    serving
+        .drain_then_stop(
+            drained,
+            Duration::from_secs(cfg.drain_timeout),
+            "sequences (their frontends move them)",
+            Duration::from_secs(5),
+        )
+        .await;
     Ok(())
 }

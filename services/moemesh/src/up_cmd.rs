@@ -52,7 +52,11 @@ pub struct UpArgs {
     /// Interface the metrics ports bind to.
     #[arg(long, env = "MOEMESH_METRICS_HOST", default_value = "127.0.0.1")]
     pub metrics_host: std::net::IpAddr,
-    /// Extra flags for the gate, e.g. `--gate-args=--overlap` (repeatable).
+    /// Also serve the OpenAI-compatible HTTP API on this address (the frontend's
+    /// `--http-listen`): /v1/chat/completions, /v1/completions, /v1/models, /health.
+    #[arg(long, env = "MOEMESH_HTTP_LISTEN")]
+    pub http_listen: Option<std::net::SocketAddr>,
+    /// Extra flags for the gate, e.g. `--gate-args=--overlap=true` (repeatable).
     #[arg(long, allow_hyphen_values = true)]
     pub gate_args: Vec<String>,
     /// Extra flags for the frontend, e.g. `--frontend-args=--api-keys-file=keys.toml` (repeatable).
@@ -337,8 +341,14 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             if transport.pki.is_some() {
                 a.push("--public-plaintext".into());
             }
+            if let Some(http) = args.http_listen {
+                a.extend(["--http-listen".into(), http.to_string()]);
+            }
             a.extend(args.frontend_args.iter().cloned());
             let (p, addr) = start("frontend", a).await?;
+            if let Some(http) = args.http_listen {
+                eprintln!("moemesh up: OpenAI-compatible HTTP API on http://{http}/v1");
+            }
             procs.push(p);
             println!("{}", serde_json::json!({"event": "ready", "role": "up", "address": addr}));
             let internal = if transport.pki.is_some() { "mutual TLS (ephemeral CA)" } else { "plaintext" };
@@ -347,20 +357,28 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         }
         .await;
         if result.is_ok() {
-            let exited = async {
-                loop {
-                    for p in procs.iter_mut() {
-                        if let Ok(Some(status)) = p.child.try_wait() {
-                            return (p.role.clone(), status);
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            };
+            // The first child to exit, woken by its exit (SIGCHLD), not found by polling.
+            let mut waits: Vec<_> = procs
+                .iter_mut()
+                .map(|p| Box::pin(async { (p.role.as_str(), p.child.wait().await) }))
+                .collect();
+            let exited = std::future::poll_fn(|cx| {
+                waits
+                    .iter_mut()
+                    .find_map(|w| match w.as_mut().poll(cx) {
+                        std::task::Poll::Ready(done) => Some(done),
+                        std::task::Poll::Pending => None,
+                    })
+                    .map_or(std::task::Poll::Pending, std::task::Poll::Ready)
+            });
             tokio::select! {
                 _ = moemesh_common::serve::shutdown_signal() => eprintln!("moemesh up: stopping"),
-                (role, status) = exited => eprintln!("moemesh up: {role} exited ({status}); stopping the mesh"),
+                (role, status) = exited => match status {
+                    Ok(status) => eprintln!("moemesh up: {role} exited ({status}); stopping the mesh"),
+                    Err(e) => eprintln!("moemesh up: cannot wait for {role} ({e}); stopping the mesh"),
+                },
             }
+            drop(waits);
         }
         stop_all(&mut procs).await;
         result

@@ -1,0 +1,699 @@
+// MLA attention: the decode path over the paged latent pool (query split, latent write, absorbed
+// decode attention and its split merge) and the prefill path (non-absorbed flash attention, the
+// chunk's latents into the pool, rotary on strided rows). Launched from
+// engine/src/cuda/attention.rs.
+
+#include "common.cuh"
+
+// ---------------------------------------------------------------------------------------------
+// The query of decoding tokens, split for the absorbed attention in one pass: q [T, H, nope + rope]
+// (contiguous) → q_nope [H, T, nope] (copied) and q_pe [H, T, rope] (rotated), both heads-first.
+// One thread per (token, head, element of nope + rope/2).
+
+template <typename T>
+__device__ void split_q(const T* q, T* q_nope, T* q_pe, const T* cos_t, const T* sin_t, int tokens,
+                        int heads, int nope, int rope_dim, int interleaved) {
+    const int half = rope_dim / 2;
+    const int per = nope + half;
+    const size_t n = (size_t)tokens * heads * per;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const int e = (int)(i % per);
+        const size_t th = i / per;
+        const int h = (int)(th % heads);
+        const size_t t = th / heads;
+        const T* row = q + (t * heads + h) * (size_t)(nope + rope_dim);
+        if (e < nope) {
+            q_nope[((size_t)h * tokens + t) * nope + e] = row[e];
+        } else {
+            const int p = e - nope;
+            const T* pe = row + nope;
+            T* out = q_pe + ((size_t)h * tokens + t) * rope_dim;
+            const float c = to_f(cos_t[t * half + p]), s = to_f(sin_t[t * half + p]);
+            const int ia = interleaved ? 2 * p : p;
+            const int ib = interleaved ? 2 * p + 1 : p + half;
+            const float a = to_f(pe[ia]), b = to_f(pe[ib]);
+            out[ia] = from_f<T>(a * c - b * s);
+            out[ib] = from_f<T>(b * c + a * s);
+        }
+    }
+}
+#define SPLIT_Q(NAME, T)                                                                        \
+    extern "C" __global__ void NAME(const T* q, T* q_nope, T* q_pe, const T* cos_t,             \
+                                    const T* sin_t, int tokens, int heads, int nope,            \
+                                    int rope_dim, int interleaved) {                            \
+        split_q<T>(q, q_nope, q_pe, cos_t, sin_t, tokens, heads, nope, rope_dim, interleaved);  \
+    }
+SPLIT_Q(split_q_f32, float)
+SPLIT_Q(split_q_bf16, bf16)
+
+// ---------------------------------------------------------------------------------------------
+// The new latents of decoding tokens, straight into the KV pool: for token t (one block each),
+// `kv[t] = [c (kv_lora) | k_pe (rope)]` from kv_a_proj; c is RMS-normed (weight `w`), k_pe rotated,
+// and both are written at pool row `dst[t]`.
+
+template <typename T>
+__device__ void kv_write(const T* kv, const float* w, float eps, const T* cos_t, const T* sin_t,
+                         int interleaved, const uint32_t* dst, T* pool_ckv, T* pool_kpe,
+                         int kv_lora, int rope_dim) {
+    const size_t t = blockIdx.x;
+    const int width = kv_lora + rope_dim;
+    const T* row = kv + t * width;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < kv_lora; i += blockDim.x) {
+        const float v = to_f(row[i]);
+        ss = fmaf(v, v, ss);
+    }
+    ss = block_sum(ss);
+    const float inv = 1.f / sqrtf(ss / (float)kv_lora + eps);
+    const size_t r = dst[t];
+    for (int i = threadIdx.x; i < kv_lora; i += blockDim.x) {
+        // Round the normed value to T first, as the unfused path stores it.
+        pool_ckv[r * kv_lora + i] = from_f<T>(to_f(row[i]) * inv * w[i]);
+    }
+    const int half = rope_dim / 2;
+    const T* pe = row + kv_lora;
+    for (int p = threadIdx.x; p < half; p += blockDim.x) {
+        const float c = to_f(cos_t[t * half + p]), s = to_f(sin_t[t * half + p]);
+        const int ia = interleaved ? 2 * p : p;
+        const int ib = interleaved ? 2 * p + 1 : p + half;
+        const float a = to_f(pe[ia]), b = to_f(pe[ib]);
+        pool_kpe[r * rope_dim + ia] = from_f<T>(a * c - b * s);
+        pool_kpe[r * rope_dim + ib] = from_f<T>(b * c + a * s);
+    }
+}
+#define KV_WRITE(NAME, T)                                                                       \
+    extern "C" __global__ void NAME(const T* kv, const float* w, float eps, const T* cos_t,    \
+                                    const T* sin_t, int interleaved, const uint32_t* dst,       \
+                                    T* pool_ckv, T* pool_kpe, int kv_lora, int rope_dim) {      \
+        kv_write<T>(kv, w, eps, cos_t, sin_t, interleaved, dst, pool_ckv, pool_kpe, kv_lora,    \
+                    rope_dim);                                                                  \
+    }
+KV_WRITE(kv_write_f32, float)
+KV_WRITE(kv_write_bf16, bf16)
+
+// ---------------------------------------------------------------------------------------------
+// MLA decode attention in the absorbed form, over the paged latent pool. One block per
+// (sequence b, group of MLA_HB heads); the sequence's cache rows are streamed through shared
+// memory in tiles of `tile` positions, each tile read once for all the group's heads, with an
+// online softmax. Scores: (q_lat·c + q_pe·k_pe)·scale; output: o_lat = Σ p·c, unnormalised until
+// the end.
+// q_lat element (h, t, d) at q_lat[h*sq_h + t*sq_t + d]; q_pe likewise with sp_*; the sequence's
+// query row is qrows[b], its length lens[b] (cache plus the new token, already in the pool), its
+// pool rows table[b*lmax + 0..len]. Output element (h, b, d) at out[h*so_h + b*so_b + d].
+
+#define MLA_HB 4
+#define MLA_MAXD 4  // kv_lora ≤ MLA_MAXD · blockDim.x
+
+template <typename T>
+__device__ void mla_decode(const T* q_lat, long long sq_h, long long sq_t, const T* q_pe,
+                           long long sp_h, long long sp_t, const T* ckv, const T* kpe,
+                           const uint32_t* table, int lmax, const uint32_t* lens,
+                           const uint32_t* qrows, T* out, long long so_h, long long so_b,
+                           int heads, int kv_lora, int rope_dim, int tile, float scale,
+                           int splits, float* part_o, float* part_ml) {
+    extern __shared__ float smem[];
+    const int width = kv_lora + rope_dim;
+    const int stride = width + 4;  // rows padded so that 8 rows read one column bank-free
+    float* q_s = smem;                       // [MLA_HB][stride]
+    float* kv_s = q_s + MLA_HB * stride;     // [tile][stride]
+    float* p_s = kv_s + tile * stride;       // [MLA_HB][tile]
+    float* m_s = p_s + MLA_HB * tile;        // [MLA_HB]
+    float* l_s = m_s + MLA_HB;               // [MLA_HB]
+    float* c_s = l_s + MLA_HB;               // [MLA_HB]
+
+    const int b = blockIdx.x;
+    const int h0 = blockIdx.y * MLA_HB;
+    const int nh = min(MLA_HB, heads - h0);
+    const int len = (int)lens[b];
+    // Split-K (flash decoding): block z takes positions [pos0, pos1) of the sequence.
+    const int chunk = (len + splits - 1) / splits;
+    const int pos0 = min(len, (int)blockIdx.z * chunk), pos1 = min(len, pos0 + chunk);
+    const size_t qt = qrows[b];
+    const int tid = threadIdx.x, nt = blockDim.x;
+
+    for (int i = tid; i < MLA_HB * width; i += nt) {
+        const int hh = i / width, d = i % width;
+        float v = 0.f;
+        if (hh < nh) {
+            const size_t h = h0 + hh;
+            v = d < kv_lora ? to_f(q_lat[h * sq_h + qt * sq_t + d])
+                            : to_f(q_pe[h * sp_h + qt * sp_t + (d - kv_lora)]);
+        }
+        q_s[hh * stride + d] = v;
+    }
+    if (tid < MLA_HB) {
+        m_s[tid] = -INFINITY;
+        l_s[tid] = 0.f;
+    }
+    float acc[MLA_HB][MLA_MAXD];
+#pragma unroll
+    for (int hh = 0; hh < MLA_HB; ++hh)
+#pragma unroll
+        for (int i = 0; i < MLA_MAXD; ++i) acc[hh][i] = 0.f;
+
+    // Threads per score: the largest power of two with MLA_HB·tile·g ≤ blockDim.x (≤ 32).
+    int g = 1;
+    while (g < 32 && MLA_HB * tile * g * 2 <= nt) g *= 2;
+    const int lane_g = tid % g, which = tid / g;
+    const int chunks_c = kv_lora / 8, chunks_k = rope_dim / 8;
+
+    for (int start = pos0; start < pos1; start += tile) {
+        const int n = min(tile, pos1 - start);
+        __syncthreads();
+        for (int i = tid; i < n * (chunks_c + chunks_k); i += nt) {
+            const int j = i / (chunks_c + chunks_k), c = i % (chunks_c + chunks_k);
+            const size_t row = table[(size_t)b * lmax + start + j];
+            float v[8];
+            int d;
+            if (c < chunks_c) {
+                load8(ckv + row * kv_lora + c * 8, v);
+                d = c * 8;
+            } else {
+                load8(kpe + row * rope_dim + (c - chunks_c) * 8, v);
+                d = kv_lora + (c - chunks_c) * 8;
+            }
+#pragma unroll
+            for (int e = 0; e < 8; ++e) kv_s[j * stride + d + e] = v[e];
+        }
+        __syncthreads();
+        {
+            // Every thread takes part in the shuffles; those past the last score add zeros.
+            const bool mine = which < MLA_HB * tile;
+            const int hh = which / tile, j = which % tile;
+            float s = 0.f;
+            if (mine && j < n) {
+                const float* qa = q_s + hh * stride;
+                const float* ka = kv_s + j * stride;
+                for (int d = lane_g; d < width; d += g) s = fmaf(qa[d], ka[d], s);
+            }
+            for (int o = g / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o, g);
+            if (mine && lane_g == 0)
+                p_s[hh * tile + j] = (j < n && hh < nh) ? s * scale : -INFINITY;
+        }
+        __syncthreads();
+        if (tid < MLA_HB) {
+            const float m_old = m_s[tid];
+            float mx = m_old;
+            for (int j = 0; j < n; ++j) mx = fmaxf(mx, p_s[tid * tile + j]);
+            // A head past `nh` has only −∞ scores; keep its state finite.
+            const bool live = mx != -INFINITY;
+            const float corr = (live && m_old != -INFINITY) ? expf(m_old - mx) : (live ? 0.f : 1.f);
+            float sum = 0.f;
+            for (int j = 0; j < tile; ++j) {
+                const float e = (live && j < n) ? expf(p_s[tid * tile + j] - mx) : 0.f;
+                p_s[tid * tile + j] = e;
+                sum += e;
+            }
+            l_s[tid] = l_s[tid] * corr + sum;
+            m_s[tid] = mx;
+            c_s[tid] = corr;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int hh = 0; hh < MLA_HB; ++hh) {
+            const float corr = c_s[hh];
+#pragma unroll
+            for (int i = 0; i < MLA_MAXD; ++i) {
+                const int d = tid + i * nt;
+                if (d < kv_lora) {
+                    float a = acc[hh][i] * corr;
+                    for (int j = 0; j < n; ++j) a = fmaf(p_s[hh * tile + j], kv_s[j * stride + d], a);
+                    acc[hh][i] = a;
+                }
+            }
+        }
+    }
+    __syncthreads();
+    if (part_o) {
+        // Unnormalised partial state; mla_combine merges the splits.
+#pragma unroll
+        for (int hh = 0; hh < MLA_HB; ++hh) {
+            if (hh >= nh) break;
+            const size_t slot = ((size_t)b * heads + h0 + hh) * splits + blockIdx.z;
+#pragma unroll
+            for (int i = 0; i < MLA_MAXD; ++i) {
+                const int d = tid + i * nt;
+                if (d < kv_lora) part_o[slot * kv_lora + d] = acc[hh][i];
+            }
+            if (tid == 0) {
+                part_ml[slot * 2] = m_s[hh];
+                part_ml[slot * 2 + 1] = l_s[hh];
+            }
+        }
+        return;
+    }
+#pragma unroll
+    for (int hh = 0; hh < MLA_HB; ++hh) {
+        if (hh >= nh) break;
+        const float inv = 1.f / l_s[hh];
+        const size_t h = h0 + hh;
+#pragma unroll
+        for (int i = 0; i < MLA_MAXD; ++i) {
+            const int d = tid + i * nt;
+            if (d < kv_lora) out[h * so_h + (size_t)b * so_b + d] = from_f<T>(acc[hh][i] * inv);
+        }
+    }
+}
+#define MLA_DECODE(NAME, T)                                                                     \
+    extern "C" __global__ void NAME(                                                            \
+        const T* q_lat, long long sq_h, long long sq_t, const T* q_pe, long long sp_h,          \
+        long long sp_t, const T* ckv, const T* kpe, const uint32_t* table, int lmax,            \
+        const uint32_t* lens, const uint32_t* qrows, T* out, long long so_h, long long so_b,    \
+        int heads, int kv_lora, int rope_dim, int tile, float scale, int splits, float* part_o, \
+        float* part_ml) {                                                                       \
+        mla_decode<T>(q_lat, sq_h, sq_t, q_pe, sp_h, sp_t, ckv, kpe, table, lmax, lens, qrows,  \
+                      out, so_h, so_b, heads, kv_lora, rope_dim, tile, scale, splits, part_o,   \
+                      part_ml);                                                                 \
+    }
+MLA_DECODE(mla_decode_f32, float)
+MLA_DECODE(mla_decode_bf16, bf16)
+
+// Merges mla_decode's splits: one block per (sequence, head).
+template <typename T>
+__device__ void mla_combine(const float* part_o, const float* part_ml, int splits, int heads,
+                            int kv_lora, T* out, long long so_h, long long so_b) {
+    const int b = blockIdx.x, h = blockIdx.y;
+    const size_t base = ((size_t)b * heads + h) * splits;
+    float mx = -INFINITY;
+    for (int z = 0; z < splits; ++z) mx = fmaxf(mx, part_ml[(base + z) * 2]);
+    float denom = 0.f;
+    for (int z = 0; z < splits; ++z) {
+        const float m = part_ml[(base + z) * 2];
+        if (m != -INFINITY) denom += expf(m - mx) * part_ml[(base + z) * 2 + 1];
+    }
+    for (int d = threadIdx.x; d < kv_lora; d += blockDim.x) {
+        float o = 0.f;
+        for (int z = 0; z < splits; ++z) {
+            const float m = part_ml[(base + z) * 2];
+            if (m != -INFINITY) o += expf(m - mx) * part_o[(base + z) * kv_lora + d];
+        }
+        out[(size_t)h * so_h + (size_t)b * so_b + d] = from_f<T>(o / denom);
+    }
+}
+extern "C" __global__ void mla_combine_f32(const float* part_o, const float* part_ml, int splits,
+                                           int heads, int kv_lora, float* out, long long so_h,
+                                           long long so_b) {
+    mla_combine<float>(part_o, part_ml, splits, heads, kv_lora, out, so_h, so_b);
+}
+extern "C" __global__ void mla_combine_bf16(const float* part_o, const float* part_ml,
+                                            int splits, int heads, int kv_lora, bf16* out,
+                                            long long so_h, long long so_b) {
+    mla_combine<bf16>(part_o, part_ml, splits, heads, kv_lora, out, so_h, so_b);
+}
+
+// ---------------------------------------------------------------------------------------------
+// MLA prefill attention in the non-absorbed form (as vLLM and FlashInfer prefill do): per head,
+// q = [q_nope | q_pe] (NOPE + ROPE), k = [k_nope | k_pe] with k_nope, v from kv_b_proj applied
+// to the latents (`kv` [L, H·(NOPE+VD)], each head's k_nope then v) and k_pe [L, ROPE] shared
+// by the heads. Query i sits at position q_pos0 + i, key j at k_pos0 + j; i sees j iff
+// k_pos0 + j ≤ q_pos0 + i (the causal mask, evaluated in the kernel; nothing of size T × L is
+// stored). Online softmax in base 2 (scores pre-multiplied by scale·log2 e).
+//
+// The keys of a long context come in bounded chunks (one launch each): a launch either writes
+// the bf16/f32 output, or keeps its normalised output and log-sum-exp (base 2) in f32 state
+// (`o_state` [T, H, VD], `lse_state` [T, H]); `merge` first combines with the state the
+// previous chunk left, so the result is the softmax over all chunks.
+//
+// Tensor-core version (bf16): one block of 4 warps per (64 queries, head), each warp 16 query
+// rows; keys in tiles of 64 through shared memory (cp.async), q·k and p·v with mma.sync
+// m16n8k16 (f32 accumulation), fragments by ldmatrix. Padded smem rows keep ldmatrix free of
+// bank conflicts.
+
+#define FA_BQ 64
+#define FA_BKV 64
+
+struct PrefillArgs {
+    const void* qn;  // q_nope (i, h, d) at qn[i·qn_rs + h·qn_hs + d]
+    int qn_rs, qn_hs;
+    const void* qp;  // q_pe (i, h, d) at qp[i·qp_rs + h·qp_hs + d] (rotary applied)
+    int qp_rs, qp_hs;
+    const void* kv;  // k_nope (j, h, d) at kv[j·kv_rs + h·(NOPE+VD) + d], v at + NOPE
+    int kv_rs;
+    const void* kpe;  // k_pe (j, d) at kpe[j·kpe_rs + d]
+    int kpe_rs;
+    int nq, L, H, q_pos0, k_pos0;
+    float scale_log2;
+    float* o_state;  // [T, H, VD] f32
+    float* lse_state;  // [T, H] f32
+    int merge;
+    void* out;  // (i, h, d) at out[i·o_rs + h·VD + d], null: write the state instead
+    int o_rs;
+};
+
+// Folds this chunk's normalised output `o` (row lse `lse`) into the state / output for one
+// query row and head, `n` consecutive dims starting at d.
+template <typename TO>
+__device__ __forceinline__ void fa_store(const PrefillArgs& p, int vd, int i, int h, int d,
+                                         float lse, float* o, int n) {
+    float* os = p.o_state + ((size_t)i * p.H + h) * vd + d;
+    if (p.merge) {
+        const float prev = p.lse_state[(size_t)i * p.H + h];
+        const float mx = fmaxf(prev, lse);
+        if (mx != -INFINITY) {
+            const float a = exp2f(prev - mx), b = exp2f(lse - mx);
+            const float inv = 1.f / (a + b);
+            for (int e = 0; e < n; ++e) o[e] = (os[e] * a + o[e] * b) * inv;
+        } else {
+            for (int e = 0; e < n; ++e) o[e] = 0.f;
+        }
+    }
+    if (p.out) {
+        TO* out = reinterpret_cast<TO*>(p.out) + (size_t)i * p.o_rs + (size_t)h * vd + d;
+        for (int e = 0; e < n; ++e) out[e] = from_f<TO>(o[e]);
+    } else {
+        for (int e = 0; e < n; ++e) os[e] = o[e];
+    }
+}
+__device__ __forceinline__ float fa_lse_merged(const PrefillArgs& p, int i, int h, float lse) {
+    if (!p.merge) return lse;
+    const float prev = p.lse_state[(size_t)i * p.H + h];
+    const float mx = fmaxf(prev, lse);
+    return mx == -INFINITY ? mx : mx + log2f(exp2f(prev - mx) + exp2f(lse - mx));
+}
+
+// SPLIT_P: p·v as (p_hi + p_lo)·v with both halves in bf16 (two MMAs), so the probabilities keep
+// ~16 significant bits instead of bf16's 8. The default (MOEMESH_PREFILL_ATTN, engine/src/cuda/
+// mod.rs says why); 3% slower than rounding p at 2,048 tokens.
+template <int NOPE, int ROPE, int VD, bool SPLIT_P>
+__device__ __forceinline__ void mla_prefill_mma(const PrefillArgs& p) {
+    constexpr int QK = NOPE + ROPE;
+    constexpr int KS = QK + 8;  // smem row strides (elements): 16 bytes of padding
+    constexpr int VS = VD + 8;
+    __shared__ __align__(128) bf16 sk[FA_BKV * KS];
+    __shared__ __align__(128) bf16 sv[FA_BKV * VS];
+    const int h = blockIdx.y;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * FA_BQ;  // longest rows first
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t4 = lane & 3;
+    const bf16* qn = reinterpret_cast<const bf16*>(p.qn);
+    const bf16* qp = reinterpret_cast<const bf16*>(p.qp);
+    const bf16* kv = reinterpret_cast<const bf16*>(p.kv);
+    const bf16* kpe = reinterpret_cast<const bf16*>(p.kpe);
+    // The query tile, through the key buffer, into registers.
+    for (int id = tid; id < FA_BQ * (QK / 8); id += 128) {
+        const int r = id / (QK / 8), c = id % (QK / 8);
+        const int i = q0 + r;
+        const bool ok = i < p.nq;
+        const int ic = ok ? i : 0;
+        const bf16* src = c < NOPE / 8 ? qn + (size_t)ic * p.qn_rs + (size_t)h * p.qn_hs + c * 8
+                                       : qp + (size_t)ic * p.qp_rs + (size_t)h * p.qp_hs + (c - NOPE / 8) * 8;
+        cp_async16(&sk[r * KS + c * 8], src, ok);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    uint32_t qf[QK / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < QK / 16; ++kk)
+        ldmatrix_x4(qf[kk], &sk[(warp * 16 + (lane & 15)) * KS + kk * 16 + (lane >> 4) * 8]);
+    __syncthreads();
+
+    // Keys this tile can see: j < L and k_pos0 + j ≤ q_pos0 + (last query row of the tile).
+    const int q_last = min(q0 + FA_BQ, p.nq) - 1;
+    const int j_end = min(p.L, p.q_pos0 + q_last - p.k_pos0 + 1);
+    const int n_tiles = j_end > 0 ? (j_end + FA_BKV - 1) / FA_BKV : 0;
+    auto load_k = [&](int kt) {
+        for (int id = tid; id < FA_BKV * (QK / 8); id += 128) {
+            const int r = id / (QK / 8), c = id % (QK / 8);
+            const int j = kt * FA_BKV + r;
+            const bool ok = j < p.L;
+            const int jc = ok ? j : 0;
+            const bf16* src = c < NOPE / 8 ? kv + (size_t)jc * p.kv_rs + (size_t)h * (NOPE + VD) + c * 8
+                                           : kpe + (size_t)jc * p.kpe_rs + (c - NOPE / 8) * 8;
+            cp_async16(&sk[r * KS + c * 8], src, ok);
+        }
+    };
+    auto load_v = [&](int kt) {
+        for (int id = tid; id < FA_BKV * (VD / 8); id += 128) {
+            const int r = id / (VD / 8), c = id % (VD / 8);
+            const int j = kt * FA_BKV + r;
+            const bool ok = j < p.L;
+            const int jc = ok ? j : 0;
+            cp_async16(&sv[r * VS + c * 8],
+                       kv + (size_t)jc * p.kv_rs + (size_t)h * (NOPE + VD) + NOPE + c * 8, ok);
+        }
+    };
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+    float oacc[VD / 8][4];
+#pragma unroll
+    for (int n = 0; n < VD / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) oacc[n][e] = 0.f;
+    if (n_tiles > 0) load_k(0);
+    cp_async_commit();
+    for (int kt = 0; kt < n_tiles; ++kt) {
+        cp_async_wait<0>();
+        __syncthreads();  // k tile in; every warp is done with the previous v tile
+        load_v(kt);
+        cp_async_commit();
+        float sacc[FA_BKV / 8][4];
+#pragma unroll
+        for (int n = 0; n < FA_BKV / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) sacc[n][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < QK / 16; ++kk) {
+#pragma unroll
+            for (int np = 0; np < FA_BKV / 16; ++np) {
+                uint32_t bfr[4];
+                ldmatrix_x4(bfr, &sk[(np * 16 + (lane & 7) + ((lane >> 4) << 3)) * KS + kk * 16 +
+                                     ((lane >> 3) & 1) * 8]);
+                mma_bf16(sacc[2 * np], qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], bfr[0], bfr[1]);
+                mma_bf16(sacc[2 * np + 1], qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], bfr[2], bfr[3]);
+            }
+        }
+        // Mask, scale, online softmax (rows g and g + 8 of the warp's 16).
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int n = 0; n < FA_BKV / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int j = kt * FA_BKV + n * 8 + 2 * t4 + (e & 1);
+                const int i = q0 + warp * 16 + g + (e >> 1) * 8;
+                const bool ok = j < p.L && p.k_pos0 + j <= p.q_pos0 + i;
+                const float v = ok ? sacc[n][e] * p.scale_log2 : -INFINITY;
+                sacc[n][e] = v;
+                mx[e >> 1] = fmaxf(mx[e >> 1], v);
+            }
+        float alpha[2], base[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            const float mn = fmaxf(m[r], mx[r]);
+            base[r] = mn == -INFINITY ? 0.f : mn;
+            alpha[r] = exp2f(m[r] - base[r]);
+            m[r] = mn;
+            l[r] *= alpha[r];
+        }
+#pragma unroll
+        for (int n = 0; n < FA_BKV / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float pr = exp2f(sacc[n][e] - base[e >> 1]);
+                sacc[n][e] = pr;
+                l[e >> 1] += pr;
+            }
+#pragma unroll
+        for (int n = 0; n < VD / 8; ++n) {
+            oacc[n][0] *= alpha[0];
+            oacc[n][1] *= alpha[0];
+            oacc[n][2] *= alpha[1];
+            oacc[n][3] *= alpha[1];
+        }
+        __syncthreads();  // every warp is done with the k tile
+        const bool more = kt + 1 < n_tiles;
+        if (more) load_k(kt + 1);
+        cp_async_commit();
+        cp_async_wait<1>();  // the v tile (the next k tile may still be in flight)
+        __syncthreads();
+#pragma unroll
+        for (int kc = 0; kc < FA_BKV / 16; ++kc) {
+            const uint32_t a0 = pack_bf16(sacc[2 * kc][0], sacc[2 * kc][1]);
+            const uint32_t a1 = pack_bf16(sacc[2 * kc][2], sacc[2 * kc][3]);
+            const uint32_t a2 = pack_bf16(sacc[2 * kc + 1][0], sacc[2 * kc + 1][1]);
+            const uint32_t a3 = pack_bf16(sacc[2 * kc + 1][2], sacc[2 * kc + 1][3]);
+            uint32_t l0 = 0, l1 = 0, l2 = 0, l3 = 0;
+            if (SPLIT_P) {
+                auto lo = [](uint32_t hi, float x0, float x1) {
+                    const __nv_bfloat162 h = *reinterpret_cast<const __nv_bfloat162*>(&hi);
+                    return pack_bf16(x0 - __low2float(h), x1 - __high2float(h));
+                };
+                l0 = lo(a0, sacc[2 * kc][0], sacc[2 * kc][1]);
+                l1 = lo(a1, sacc[2 * kc][2], sacc[2 * kc][3]);
+                l2 = lo(a2, sacc[2 * kc + 1][0], sacc[2 * kc + 1][1]);
+                l3 = lo(a3, sacc[2 * kc + 1][2], sacc[2 * kc + 1][3]);
+            }
+#pragma unroll
+            for (int dp = 0; dp < VD / 16; ++dp) {
+                uint32_t bfr[4];
+                ldmatrix_x4_trans(bfr, &sv[(kc * 16 + (lane & 15)) * VS + dp * 16 + (lane >> 4) * 8]);
+                mma_bf16(oacc[2 * dp], a0, a1, a2, a3, bfr[0], bfr[1]);
+                mma_bf16(oacc[2 * dp + 1], a0, a1, a2, a3, bfr[2], bfr[3]);
+                if (SPLIT_P) {
+                    mma_bf16(oacc[2 * dp], l0, l1, l2, l3, bfr[0], bfr[1]);
+                    mma_bf16(oacc[2 * dp + 1], l0, l1, l2, l3, bfr[2], bfr[3]);
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int i = q0 + warp * 16 + g + r * 8;
+        if (i >= p.nq) continue;
+        const float lse = l[r] > 0.f ? m[r] + log2f(l[r]) : -INFINITY;
+        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+#pragma unroll
+        for (int n = 0; n < VD / 8; ++n) {
+            float o[2] = {oacc[n][2 * r] * inv, oacc[n][2 * r + 1] * inv};
+            fa_store<bf16>(p, VD, i, h, n * 8 + 2 * t4, lse, o, 2);
+        }
+    }
+    // The state's lse is written after every dim of the row was merged (fa_store read it).
+    __syncwarp();
+    if (!p.out && t4 == 0) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int i = q0 + warp * 16 + g + r * 8;
+            if (i >= p.nq) continue;
+            const float lse = l[r] > 0.f ? m[r] + log2f(l[r]) : -INFINITY;
+            p.lse_state[(size_t)i * p.H + h] = fa_lse_merged(p, i, h, lse);
+        }
+    }
+}
+
+// Kernel parameters: PrefillArgs' fields, in order.
+#define FA_PARAMS \
+    const void* qn, int qn_rs, int qn_hs, const void* qp, int qp_rs, int qp_hs, const void* kv,  \
+    int kv_rs, const void* kpe, int kpe_rs, int nq, int L, int H, int q_pos0, int k_pos0,            \
+    float scale_log2, float* o_state, float* lse_state, int merge, void* out, int o_rs
+#define FA_ARGS \
+    PrefillArgs{qn, qn_rs, qn_hs, qp, qp_rs, qp_hs, kv, kv_rs, kpe, kpe_rs, nq, L, H, q_pos0, \
+                k_pos0, scale_log2, o_state, lse_state, merge, out, o_rs}
+
+#define FA_MMA(NAME, NOPE, ROPE, VD, SPLIT)                                                     \
+    extern "C" __global__ void __launch_bounds__(128) NAME(FA_PARAMS) {                          \
+        mla_prefill_mma<NOPE, ROPE, VD, SPLIT>(FA_ARGS);                                         \
+    }
+FA_MMA(mla_prefill_mma_192_128, 128, 64, 128, false)
+FA_MMA(mla_prefill_mma_48_32, 32, 16, 32, false)
+FA_MMA(mla_prefill_mma_split_192_128, 128, 64, 128, true)
+FA_MMA(mla_prefill_mma_split_48_32, 32, 16, 32, true)
+
+// The same on the CUDA cores, for f32 and for shapes the tensor-core version does not take: one
+// warp per (query row, head); each key's score is a warp sum, lane d holds output dims d, d + 32,
+// …; at most FA_SIMPLE_VD (256) value dims.
+#define FA_SIMPLE_VD 256
+template <typename T>
+__device__ __forceinline__ void mla_prefill_simple(const PrefillArgs& p, int nope, int rope, int vd) {
+    const int i = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int h = blockIdx.y, lane = threadIdx.x & 31;
+    if (i >= p.nq) return;
+    const T* qn = reinterpret_cast<const T*>(p.qn) + (size_t)i * p.qn_rs + (size_t)h * p.qn_hs;
+    const T* qp = reinterpret_cast<const T*>(p.qp) + (size_t)i * p.qp_rs + (size_t)h * p.qp_hs;
+    const T* kv = reinterpret_cast<const T*>(p.kv);
+    const T* kpe = reinterpret_cast<const T*>(p.kpe);
+    float o[FA_SIMPLE_VD / 32];
+    for (int e = 0; e < FA_SIMPLE_VD / 32; ++e) o[e] = 0.f;
+    float m = -INFINITY, l = 0.f;
+    const int j_end = min(p.L, p.q_pos0 + i - p.k_pos0 + 1);
+    for (int j = 0; j < j_end; ++j) {
+        const T* kr = kv + (size_t)j * p.kv_rs + (size_t)h * (nope + vd);
+        float s = 0.f;
+        for (int d = lane; d < nope; d += 32) s = fmaf(to_f(qn[d]), to_f(kr[d]), s);
+        for (int d = lane; d < rope; d += 32)
+            s = fmaf(to_f(qp[d]), to_f(kpe[(size_t)j * p.kpe_rs + d]), s);
+        s = warp_sum(s) * p.scale_log2;
+        const float mn = fmaxf(m, s);
+        const float alpha = exp2f(m - mn), pr = exp2f(s - mn);
+        l = l * alpha + pr;
+        for (int e = 0; e < FA_SIMPLE_VD / 32; ++e) {
+            const int d = lane + 32 * e;
+            if (d < vd) o[e] = o[e] * alpha + pr * to_f(kr[nope + d]);
+        }
+        m = mn;
+    }
+    const float lse = l > 0.f ? m + log2f(l) : -INFINITY;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    for (int e = 0; e < FA_SIMPLE_VD / 32; ++e) {
+        const int d = lane + 32 * e;
+        if (d < vd) {
+            float v = o[e] * inv;
+            fa_store<T>(p, vd, i, h, d, lse, &v, 1);
+        }
+    }
+    __syncwarp();
+    if (!p.out && lane == 0) p.lse_state[(size_t)i * p.H + h] = fa_lse_merged(p, i, h, lse);
+}
+
+extern "C" __global__ void mla_prefill_simple_f32(FA_PARAMS, int nope, int rope, int vd) {
+    mla_prefill_simple<float>(FA_ARGS, nope, rope, vd);
+}
+extern "C" __global__ void mla_prefill_simple_bf16(FA_PARAMS, int nope, int rope, int vd) {
+    mla_prefill_simple<bf16>(FA_ARGS, nope, rope, vd);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A prefill chunk's latents (already normed and rotated) into the paged pool: token t's
+// `ckv [kv_lora]` and `kpe [rope]` rows to pool row rows[t], one block per token (one launch
+// instead of two copies per 16-token block).
+template <typename T>
+__device__ __forceinline__ void pool_write(const T* ckv, const T* kpe, const uint32_t* rows,
+                                           T* pool_ckv, T* pool_kpe, int kv_lora, int rope) {
+    const size_t t = blockIdx.x, dst = rows[t];
+    for (int i = threadIdx.x; i < kv_lora; i += blockDim.x)
+        pool_ckv[dst * kv_lora + i] = ckv[t * kv_lora + i];
+    for (int i = threadIdx.x; i < rope; i += blockDim.x) pool_kpe[dst * rope + i] = kpe[t * rope + i];
+}
+extern "C" __global__ void pool_write_f32(const float* ckv, const float* kpe, const uint32_t* rows,
+                                          float* pool_ckv, float* pool_kpe, int kv_lora, int rope) {
+    pool_write<float>(ckv, kpe, rows, pool_ckv, pool_kpe, kv_lora, rope);
+}
+extern "C" __global__ void pool_write_bf16(const bf16* ckv, const bf16* kpe, const uint32_t* rows,
+                                           bf16* pool_ckv, bf16* pool_kpe, int kv_lora, int rope) {
+    pool_write<bf16>(ckv, kpe, rows, pool_ckv, pool_kpe, kv_lora, rope);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary on the rows of a strided [T, H, rope] view (x (t, h, d) at x[t·rs + h·hs + d]) into a
+// contiguous [T, H, rope], computed in f32 and rounded once (as split_q and kv_write do); one
+// thread per (token, head, pair). cos/sin [T, rope / 2].
+template <typename T>
+__device__ __forceinline__ void rope_rows(const T* x, int rs, int hs, const T* cos_t,
+                                          const T* sin_t, T* out, int tokens, int heads, int rope,
+                                          int interleaved) {
+    const int half = rope / 2;
+    const size_t n = (size_t)tokens * heads * half;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const int pr = (int)(i % half);
+        const size_t th = i / half;
+        const int h = (int)(th % heads);
+        const size_t t = th / heads;
+        const T* row = x + t * (size_t)rs + (size_t)h * hs;
+        T* o = out + th * rope;
+        const float c = to_f(cos_t[t * half + pr]), s = to_f(sin_t[t * half + pr]);
+        const int ia = interleaved ? 2 * pr : pr;
+        const int ib = interleaved ? 2 * pr + 1 : pr + half;
+        const float a = to_f(row[ia]), b = to_f(row[ib]);
+        o[ia] = from_f<T>(a * c - b * s);
+        o[ib] = from_f<T>(b * c + a * s);
+    }
+}
+extern "C" __global__ void rope_rows_f32(const float* x, int rs, int hs, const float* cos_t,
+                                         const float* sin_t, float* out, int tokens, int heads,
+                                         int rope, int interleaved) {
+    rope_rows<float>(x, rs, hs, cos_t, sin_t, out, tokens, heads, rope, interleaved);
+}
+extern "C" __global__ void rope_rows_bf16(const bf16* x, int rs, int hs, const bf16* cos_t,
+                                          const bf16* sin_t, bf16* out, int tokens, int heads,
+                                          int rope, int interleaved) {
+    rope_rows<bf16>(x, rs, hs, cos_t, sin_t, out, tokens, heads, rope, interleaved);
+}

@@ -1,0 +1,708 @@
+// MoE on the device: routing (as engine/src/router.rs), the per-slot sort of (token, expert)
+// pairs, the decode-sized expert products (plain and on the tensor cores), the combine, and the
+// prefill-sized grouped GEMM. Launched from engine/src/cuda/experts.rs.
+
+#include "common.cuh"
+
+// ---------------------------------------------------------------------------------------------
+// MoE routing on the device, one thread per token, exactly as engine/src/router.rs does it on
+// the host (same tie rule: the lower index wins). logits [T, E] f32 → ids [T, k], weights [T, k].
+// scoring: 0 sigmoid, 1 softmax. method: 0 greedy, 1 group_limited_greedy, 2 noaux_tc.
+
+#define ROUTE_MAX_M 8    // experts per lane: E ≤ 256
+#define ROUTE_MAX_K 16
+#define ROUTE_WARPS 4
+#define ROUTE_NONE 0x7fffffff
+
+// (value, index) `a` beats `b`: a real entry over none, then the larger value, then the lower
+// index — the host's order (sort descending, ties to the lower index).
+__device__ __forceinline__ bool beats(float va, int ia, float vb, int ib) {
+    if (ia == ROUTE_NONE) return false;
+    if (ib == ROUTE_NONE) return true;
+    return va > vb || (va == vb && ia < ib);
+}
+
+// Warp-wide best (value, index, payload); every lane gets it.
+__device__ __forceinline__ void warp_best(float& v, int& i, float& p) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float v2 = __shfl_xor_sync(0xffffffffu, v, o);
+        const int i2 = __shfl_xor_sync(0xffffffffu, i, o);
+        const float p2 = __shfl_xor_sync(0xffffffffu, p, o);
+        if (beats(v2, i2, v, i)) {
+            v = v2;
+            i = i2;
+            p = p2;
+        }
+    }
+}
+
+// One warp per token; lane l holds experts l, l+32, … (at most 8 each).
+extern "C" __global__ void moe_route(const float* logits, int tokens, int n_exp,
+                                     const float* bias, int scoring, int method, int k,
+                                     int n_group, int topk_group, int normalise,
+                                     int scale_weights, float scaling, uint32_t* ids,
+                                     float* weights) {
+    __shared__ float choice_s[ROUTE_WARPS][ROUTE_MAX_M * 32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int t = blockIdx.x * ROUTE_WARPS + warp;
+    if (t >= tokens) return;
+    const float* l = logits + (size_t)t * n_exp;
+    float score[ROUTE_MAX_M], choice[ROUTE_MAX_M];
+#pragma unroll
+    for (int m = 0; m < ROUTE_MAX_M; ++m) {
+        const int e = lane + 32 * m;
+        score[m] = e < n_exp ? l[e] : -INFINITY;
+    }
+    if (scoring == 0) {
+#pragma unroll
+        for (int m = 0; m < ROUTE_MAX_M; ++m) score[m] = 1.f / (1.f + expf(-score[m]));
+    } else {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int m = 0; m < ROUTE_MAX_M; ++m)
+            if (lane + 32 * m < n_exp) mx = fmaxf(mx, score[m]);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        float sum = 0.f;
+#pragma unroll
+        for (int m = 0; m < ROUTE_MAX_M; ++m) {
+            score[m] = lane + 32 * m < n_exp ? expf(score[m] - mx) : 0.f;
+            sum += score[m];
+        }
+        sum = warp_sum(sum);
+#pragma unroll
+        for (int m = 0; m < ROUTE_MAX_M; ++m) score[m] = score[m] / sum;
+    }
+#pragma unroll
+    for (int m = 0; m < ROUTE_MAX_M; ++m) {
+        const int e = lane + 32 * m;
+        choice[m] = e < n_exp ? (bias ? score[m] + bias[e] : score[m]) : -INFINITY;
+    }
+    if (method != 0 && topk_group < n_group) {
+        // Group scores, one lane per group (n_group ≤ 32), from the choices in shared memory.
+        float* cs = choice_s[warp];
+#pragma unroll
+        for (int m = 0; m < ROUTE_MAX_M; ++m)
+            if (lane + 32 * m < n_exp) cs[lane + 32 * m] = choice[m];
+        __syncwarp();
+        const int per = n_exp / n_group;
+        float gs = -INFINITY;
+        int gi = ROUTE_NONE;
+        if (lane < n_group) {
+            const float* c = cs + lane * per;
+            gi = lane;
+            if (method == 2) {
+                int b1 = 0;
+                for (int e = 1; e < per; ++e)
+                    if (c[e] > c[b1]) b1 = e;
+                int b2 = -1;
+                for (int e = 0; e < per; ++e)
+                    if (e != b1 && (b2 < 0 || c[e] > c[b2])) b2 = e;
+                gs = b2 < 0 ? c[b1] : c[b1] + c[b2];
+            } else {
+                float mg = -INFINITY;
+                for (int e = 0; e < per; ++e) mg = fmaxf(mg, c[e]);
+                gs = mg;
+            }
+        }
+        bool kept = false;
+        for (int r = 0; r < topk_group; ++r) {
+            float v = kept ? -INFINITY : gs, p = 0.f;
+            int i = kept ? ROUTE_NONE : gi;
+            warp_best(v, i, p);
+            if (i == lane) kept = true;
+        }
+        const unsigned kept_mask = __ballot_sync(0xffffffffu, kept);
+#pragma unroll
+        for (int m = 0; m < ROUTE_MAX_M; ++m) {
+            const int e = lane + 32 * m;
+            if (e < n_exp && !((kept_mask >> (e / per)) & 1u)) choice[m] = -INFINITY;
+        }
+    }
+    unsigned taken = 0;
+    float w[ROUTE_MAX_K];
+    float sum = 0.f;
+    for (int r = 0; r < k; ++r) {
+        float v = 0.f, p = 0.f;
+        int i = ROUTE_NONE;
+#pragma unroll
+        for (int m = 0; m < ROUTE_MAX_M; ++m) {
+            const int e = lane + 32 * m;
+            if (e < n_exp && !((taken >> m) & 1u) && beats(choice[m], e, v, i)) {
+                v = choice[m];
+                i = e;
+                p = score[m];
+            }
+        }
+        warp_best(v, i, p);
+        if ((i & 31) == lane) taken |= 1u << (i >> 5);
+        if (lane == 0) ids[(size_t)t * k + r] = (uint32_t)i;
+        w[r] = p;
+        sum += p;
+    }
+    sum += 1e-20f;
+    if (lane == 0) {
+        for (int r = 0; r < k; ++r) {
+            float v = w[r];
+            if (normalise) v = v / sum;
+            if (scale_weights) v = v * scaling;
+            weights[(size_t)t * k + r] = v;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Grouped routed experts. A step's (token, expert) pairs are sorted by expert slot so that each
+// expert's weights are read once for all of its tokens:
+//   moe_align:    ids [P] (P = T·k) → per-slot offsets [S+1], sorted[q] = pair p, pos[p] = q.
+//   moe_gate_up:  h[q, j] = silu(x[row(q)]·Wg[s, j]) · (x[row(q)]·Wu[s, j])   (f32)
+//   moe_down:     y[q, r] = h[q]·Wd[s, r]                                      (f32)
+//   moe_combine:  out[t, r] = Σ_j w[t, j] · y[pos[t, j], r], in j order        (f32)
+// row(q) = sorted[q] / k_div (k_div = k for device routing, 1 when `sorted` holds rows).
+
+#define ALIGN_MAX_S 1024
+
+extern "C" __global__ void moe_align(const uint32_t* ids, int pairs, const int* slot_of,
+                                     int n_slots, uint32_t* offsets, uint32_t* sorted,
+                                     uint32_t* pos) {
+    __shared__ uint32_t cnt[ALIGN_MAX_S];
+    __shared__ uint32_t cur[ALIGN_MAX_S];
+    for (int s = threadIdx.x; s < n_slots; s += blockDim.x) cnt[s] = 0;
+    __syncthreads();
+    for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+        const int s = slot_of ? slot_of[ids[p]] : (int)ids[p];
+        if (s >= 0 && s < n_slots) atomicAdd(&cnt[s], 1u);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        uint32_t acc = 0;
+        for (int s = 0; s < n_slots; ++s) {
+            offsets[s] = acc;
+            cur[s] = acc;
+            acc += cnt[s];
+        }
+        offsets[n_slots] = acc;
+    }
+    __syncthreads();
+    for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+        const int s = slot_of ? slot_of[ids[p]] : (int)ids[p];
+        if (s >= 0 && s < n_slots) {
+            const uint32_t q = atomicAdd(&cur[s], 1u);
+            sorted[q] = (uint32_t)p;
+            pos[p] = q;
+        } else {
+            pos[p] = 0xffffffffu;
+        }
+    }
+}
+
+#define MOE_GROUP 8      // tokens sharing one pass over a weight row
+#define MOE_WARPS 4      // warps per block
+#define MOE_ROWS 16      // output rows per block
+
+template <typename T>
+__device__ void moe_gate_up(const T* x, int hidden, const T* w_gu, int inner,
+                            const uint32_t* offsets, const uint32_t* sorted, int k_div,
+                            float* h_out) {
+    const int s = blockIdx.y;
+    const uint32_t beg = offsets[s], end = offsets[s + 1];
+    if (beg == end) return;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int chunks = hidden / 8;
+    for (int j = blockIdx.x * MOE_ROWS + warp; j < min(inner, (int)(blockIdx.x + 1) * MOE_ROWS);
+         j += MOE_WARPS) {
+        const T* wg = w_gu + ((size_t)2 * s * inner + j) * hidden;
+        const T* wu = wg + (size_t)inner * hidden;
+        for (uint32_t g0 = beg; g0 < end; g0 += MOE_GROUP) {
+            const int n = min((int)(end - g0), MOE_GROUP);
+            const T* xr[MOE_GROUP];
+#pragma unroll
+            for (int i = 0; i < MOE_GROUP; ++i)
+                xr[i] = x + (size_t)(sorted[g0 + min(i, n - 1)] / k_div) * hidden;
+            float ag[MOE_GROUP], au[MOE_GROUP];
+#pragma unroll
+            for (int i = 0; i < MOE_GROUP; ++i) ag[i] = au[i] = 0.f;
+            for (int c = lane; c < chunks; c += 32) {
+                float a[8], b[8];
+                load8_stream(wg + c * 8, a);
+                load8_stream(wu + c * 8, b);
+#pragma unroll
+                for (int i = 0; i < MOE_GROUP; ++i) {
+                    if (i < n) {
+                        float v[8];
+                        load8(xr[i] + c * 8, v);
+                        ag[i] += dot8(a, v);
+                        au[i] += dot8(b, v);
+                    }
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < MOE_GROUP; ++i) {
+                if (i < n) {
+                    const float gs = warp_sum(ag[i]);
+                    const float us = warp_sum(au[i]);
+                    if (lane == 0) h_out[(size_t)(g0 + i) * inner + j] = silu(gs) * us;
+                }
+            }
+        }
+    }
+}
+
+template <typename T>
+__device__ void moe_down(const float* h, int inner, const T* w_down, int hidden,
+                         const uint32_t* offsets, float* y) {
+    const int s = blockIdx.y;
+    const uint32_t beg = offsets[s], end = offsets[s + 1];
+    if (beg == end) return;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int chunks = inner / 8;
+    for (int r = blockIdx.x * MOE_ROWS + warp; r < min(hidden, (int)(blockIdx.x + 1) * MOE_ROWS);
+         r += MOE_WARPS) {
+        const T* wr = w_down + ((size_t)s * hidden + r) * inner;
+        for (uint32_t g0 = beg; g0 < end; g0 += MOE_GROUP) {
+            const int n = min((int)(end - g0), MOE_GROUP);
+            float acc[MOE_GROUP];
+#pragma unroll
+            for (int i = 0; i < MOE_GROUP; ++i) acc[i] = 0.f;
+            for (int c = lane; c < chunks; c += 32) {
+                float a[8];
+                load8_stream(wr + c * 8, a);
+#pragma unroll
+                for (int i = 0; i < MOE_GROUP; ++i) {
+                    if (i < n) {
+                        float v[8];
+                        load8(h + (size_t)(g0 + i) * inner + c * 8, v);
+                        acc[i] += dot8(a, v);
+                    }
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < MOE_GROUP; ++i) {
+                if (i < n) {
+                    const float v = warp_sum(acc[i]);
+                    if (lane == 0) y[(size_t)(g0 + i) * hidden + r] = v;
+                }
+            }
+        }
+    }
+}
+
+
+// bf16 experts on the tensor cores (mma.sync m16n8k16, f32 accumulation): a warp computes 16
+// weight rows × 8 tokens per instruction. Each lane loads 16 contiguous bytes of a weight row and
+// of a token's activations per 32-wide k block and feeds them to two MMAs; the MMA's k order is
+// a permutation of memory order, the same for both operands (a fragment's k positions depend only
+// on lane % 4), so the dot products are unchanged.
+
+__device__ __forceinline__ uint4 ldcs16(const bf16* p) {
+    return __ldcs(reinterpret_cast<const uint4*>(p));
+}
+__device__ __forceinline__ uint4 ld16(const bf16* p) { return *reinterpret_cast<const uint4*>(p); }
+
+// c += A[16 rows, 32 k] · B[32 k, 8 tokens] for one 32-wide k block: lo/hi are this lane's 16
+// bytes of rows g and g+8, b its 16 bytes of token g.
+__device__ __forceinline__ void mma_k32(float c[4], uint4 lo, uint4 hi, uint4 b) {
+    mma_bf16(c, lo.x, hi.x, lo.y, hi.y, b.x, b.y);
+    mma_bf16(c, lo.z, hi.z, lo.w, hi.w, b.z, b.w);
+}
+
+// Work split: a block's 4 warps take 2 tiles of 16 rows, each tile's k range in two halves
+// (warps 2i and 2i+1), added through shared memory in a fixed order. Halving the k range doubles
+// the number of warp tasks, so the last wave of a grid that is ~1.3 waves deep idles less.
+
+// The k blocks (of 32) of half `khalf` of `n32` blocks.
+__device__ __forceinline__ void k_half(int n32, int khalf, int& kb0, int& kb1) {
+    const int mid = (n32 + 1) / 2;
+    kb0 = khalf ? mid : 0;
+    kb1 = khalf ? n32 : mid;
+}
+
+// h[q, j] = silu(x·Wg[j]) · (x·Wu[j]) for 16 columns j per tile; h in bf16 (what the unfused
+// bf16 path stores too). Needs hidden % 32 == 0 and inner % 16 == 0.
+extern "C" __global__ void moe_gate_up_mma(const bf16* x, int hidden, const bf16* w_gu, int inner,
+                                           const uint32_t* offsets, const uint32_t* sorted,
+                                           int k_div, bf16* h_out) {
+    __shared__ float other[2][32][8];
+    const int s = blockIdx.y;
+    const uint32_t beg = offsets[s], end = offsets[s + 1];
+    if (beg == end) return;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int tile = warp >> 1, khalf = warp & 1;
+    const int g = lane >> 2, t = lane & 3;
+    const int j0 = (blockIdx.x * 2 + tile) * 16;
+    const bool valid = j0 < inner;  // every warp still takes part in the barriers
+    const int jc = valid ? j0 : 0;
+    const bf16* wg0 = w_gu + ((size_t)2 * s * inner + jc + g) * hidden + t * 8;
+    const bf16* wg1 = wg0 + (size_t)8 * hidden;
+    const bf16* wu0 = wg0 + (size_t)inner * hidden;
+    const bf16* wu1 = wu0 + (size_t)8 * hidden;
+    int kb0, kb1;
+    k_half(hidden / 32, khalf, kb0, kb1);
+    const int k_begin = kb0 * 32, k_end = kb1 * 32;
+    for (uint32_t g0 = beg; g0 < end; g0 += 8) {
+        const int n = min((int)(end - g0), 8);
+        const bf16* xr = x + (size_t)(sorted[g0 + min(g, n - 1)] / k_div) * hidden + t * 8;
+        float cg[4] = {0.f, 0.f, 0.f, 0.f}, cu[4] = {0.f, 0.f, 0.f, 0.f};
+        if (valid && k_begin < k_end) {
+            // Software pipeline: the next block's loads are issued before this block's MMAs.
+            uint4 a0 = ldcs16(wg0 + k_begin), a1 = ldcs16(wg1 + k_begin);
+            uint4 u0 = ldcs16(wu0 + k_begin), u1 = ldcs16(wu1 + k_begin);
+            uint4 b = ld16(xr + k_begin);
+#pragma unroll 2
+            for (int k = k_begin; k < k_end; k += 32) {
+                const int kn = k + 32 < k_end ? k + 32 : k;
+                const uint4 na0 = ldcs16(wg0 + kn), na1 = ldcs16(wg1 + kn);
+                const uint4 nu0 = ldcs16(wu0 + kn), nu1 = ldcs16(wu1 + kn);
+                const uint4 nb = ld16(xr + kn);
+                mma_k32(cg, a0, a1, b);
+                mma_k32(cu, u0, u1, b);
+                a0 = na0;
+                a1 = na1;
+                u0 = nu0;
+                u1 = nu1;
+                b = nb;
+            }
+        }
+        if (khalf) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                other[tile][lane][e] = cg[e];
+                other[tile][lane][4 + e] = cu[e];
+            }
+        }
+        __syncthreads();
+        if (!khalf && valid) {
+            // c0, c1: rows g, tokens 2t, 2t+1; c2, c3: row g + 8, same tokens.
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int tok = 2 * t + (e & 1), row = g + (e >> 1) * 8;
+                const float gs = cg[e] + other[tile][lane][e];
+                const float us = cu[e] + other[tile][lane][4 + e];
+                if (tok < n)
+                    h_out[(size_t)(g0 + tok) * inner + j0 + row] = __float2bfloat16(silu(gs) * us);
+            }
+        }
+        __syncthreads();
+    }
+}
+
+// y[q, r] = h[q]·Wd[r] for 16 rows r per tile, f32 out. Needs inner % 32 == 0, hidden % 16 == 0.
+extern "C" __global__ void moe_down_mma(const bf16* h, int inner, const bf16* w_down, int hidden,
+                                        const uint32_t* offsets, float* y) {
+    __shared__ float other[2][32][4];
+    const int s = blockIdx.y;
+    const uint32_t beg = offsets[s], end = offsets[s + 1];
+    if (beg == end) return;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int tile = warp >> 1, khalf = warp & 1;
+    const int g = lane >> 2, t = lane & 3;
+    const int r0 = (blockIdx.x * 2 + tile) * 16;
+    const bool valid = r0 < hidden;
+    const int rc = valid ? r0 : 0;
+    const bf16* w0 = w_down + ((size_t)s * hidden + rc + g) * inner + t * 8;
+    const bf16* w1 = w0 + (size_t)8 * inner;
+    int kb0, kb1;
+    k_half(inner / 32, khalf, kb0, kb1);
+    const int k_begin = kb0 * 32, k_end = kb1 * 32;
+    for (uint32_t g0 = beg; g0 < end; g0 += 8) {
+        const int n = min((int)(end - g0), 8);
+        const bf16* hr = h + (size_t)(g0 + min(g, n - 1)) * inner + t * 8;
+        float c[4] = {0.f, 0.f, 0.f, 0.f};
+        if (valid && k_begin < k_end) {
+            uint4 a0 = ldcs16(w0 + k_begin), a1 = ldcs16(w1 + k_begin), b = ld16(hr + k_begin);
+#pragma unroll 2
+            for (int k = k_begin; k < k_end; k += 32) {
+                const int kn = k + 32 < k_end ? k + 32 : k;
+                const uint4 na0 = ldcs16(w0 + kn), na1 = ldcs16(w1 + kn), nb = ld16(hr + kn);
+                mma_k32(c, a0, a1, b);
+                a0 = na0;
+                a1 = na1;
+                b = nb;
+            }
+        }
+        if (khalf) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) other[tile][lane][e] = c[e];
+        }
+        __syncthreads();
+        if (!khalf && valid) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int tok = 2 * t + (e & 1), row = g + (e >> 1) * 8;
+                if (tok < n) y[(size_t)(g0 + tok) * hidden + r0 + row] = c[e] + other[tile][lane][e];
+            }
+        }
+        __syncthreads();
+    }
+}
+
+#define MOE_KERNELS(SUFFIX, T)                                                                  \
+    extern "C" __global__ void moe_gate_up_##SUFFIX(const T* x, int hidden, const T* w_gu,      \
+                                                    int inner, const uint32_t* offsets,          \
+                                                    const uint32_t* sorted, int k_div,           \
+                                                    float* h_out) {                              \
+        moe_gate_up<T>(x, hidden, w_gu, inner, offsets, sorted, k_div, h_out);                  \
+    }                                                                                           \
+    extern "C" __global__ void moe_down_##SUFFIX(const float* h, int inner, const T* w_down,    \
+                                                 int hidden, const uint32_t* offsets, float* y) { \
+        moe_down<T>(h, inner, w_down, hidden, offsets, y);                                      \
+    }
+MOE_KERNELS(f32, float)
+MOE_KERNELS(bf16, bf16)
+
+// out[t, r] = Σ_j w[j] · y[pos[j], r] over token t's entries j: t·k..t·k+k when row_ptr is null,
+// row_ptr[t]..row_ptr[t+1] otherwise. pos = 0xffffffff skips an entry (an expert not held here).
+extern "C" __global__ void moe_combine(const float* y, int hidden, const uint32_t* pos,
+                                       const float* w, const uint32_t* row_ptr, int k,
+                                       float* out) {
+    const size_t t = blockIdx.x;
+    const uint32_t beg = row_ptr ? row_ptr[t] : (uint32_t)(t * k);
+    const uint32_t end = row_ptr ? row_ptr[t + 1] : (uint32_t)(t * k + k);
+    for (int r = blockIdx.y * blockDim.x + threadIdx.x; r < hidden; r += gridDim.y * blockDim.x) {
+        float sum = 0.f;
+        for (uint32_t j = beg; j < end; ++j) {
+            const uint32_t q = pos[j];
+            if (q != 0xffffffffu) sum = fmaf(w[j], y[(size_t)q * hidden + r], sum);
+        }
+        out[t * hidden + r] = sum;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prefill-sized routed experts: a grouped GEMM over padded per-expert segments (the
+// `moe_align_block_size` idea). moe_align_blocks sorts a step's (token, expert) pairs by slot
+// into segments padded to GG_BM rows, one expert slot per GG_BM-row block (0xffffffff past the
+// last block), with no host synchronisation: the grid is sized by an upper bound on the block
+// count (pairs / GG_BM + slots) and surplus blocks exit. Then one launch per projection for all
+// experts, each block a GG_BM × GG_BN tile on the tensor cores (mma.sync m16n8k16 bf16, f32
+// accumulation) fed by a multi-stage cp.async pipeline through swizzled shared memory:
+//   moe_gg_gate_up: h[q, j] = silu(x[row(q)]·Wg[s, j]) · (x[row(q)]·Wu[s, j])   (bf16, as the
+//                   decode kernels store it); a tile holds 64 gate and the same 64 up columns.
+//   moe_gg_down:    y[q, r] = h[q]·Wd[s, r]                                      (f32)
+// Padding rows read zeros and are never combined. moe_combine then adds each token's k entries
+// in a fixed order (so the result does not depend on scheduling).
+
+#define GG_BM 64
+#define GG_BN 128
+#define GG_NONE 0xffffffffu
+
+// Pair p goes to slot slot_of[ids[p]] (ids[p] itself when slot_of is null; out of range: not
+// held here, pos[p] = GG_NONE); its token row is pair_rows[p], or p / k_div when that is null.
+// Segments are padded to `bm` rows (the GEMM's block rows).
+// Out: sorted_rows [max_blocks·bm] (GG_NONE for padding), block_slot [max_blocks], pos [P].
+extern "C" __global__ void moe_align_blocks(const uint32_t* ids, int pairs, const int* slot_of,
+                                            int n_slots, const uint32_t* pair_rows, int k_div,
+                                            int max_blocks, int bm, uint32_t* sorted_rows,
+                                            uint32_t* block_slot, uint32_t* pos) {
+    __shared__ uint32_t cnt[ALIGN_MAX_S];
+    __shared__ uint32_t cur[ALIGN_MAX_S];
+    __shared__ uint32_t start[ALIGN_MAX_S + 1];
+    for (int s = threadIdx.x; s < n_slots; s += blockDim.x) cnt[s] = 0;
+    for (int i = threadIdx.x; i < max_blocks * bm; i += blockDim.x) sorted_rows[i] = GG_NONE;
+    for (int b = threadIdx.x; b < max_blocks; b += blockDim.x) block_slot[b] = GG_NONE;
+    __syncthreads();
+    for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+        const int s = slot_of ? slot_of[ids[p]] : (int)ids[p];
+        if (s >= 0 && s < n_slots) atomicAdd(&cnt[s], 1u);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        uint32_t acc = 0;
+        for (int s = 0; s < n_slots; ++s) {
+            start[s] = acc;
+            cur[s] = acc;
+            acc += (cnt[s] + bm - 1) / bm * bm;
+        }
+        start[n_slots] = acc;
+    }
+    __syncthreads();
+    for (int s = threadIdx.x; s < n_slots; s += blockDim.x)
+        for (uint32_t b = start[s] / bm; b < start[s + 1] / bm; ++b) block_slot[b] = s;
+    for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+        const int s = slot_of ? slot_of[ids[p]] : (int)ids[p];
+        if (s >= 0 && s < n_slots) {
+            const uint32_t q = atomicAdd(&cur[s], 1u);
+            sorted_rows[q] = pair_rows ? pair_rows[p] : (uint32_t)(p / k_div);
+            pos[p] = q;
+        } else {
+            pos[p] = GG_NONE;
+        }
+    }
+}
+
+// Shared-memory tile of rows × BK bf16: 16-byte chunk c of row r sits at chunk c ^ f(r), so the
+// 8 rows an ldmatrix phase reads fall in 8 different bank groups (BK 32: two rows share a
+// 128-byte line; BK 64: one row is a line).
+template <int BK> __device__ __forceinline__ int gg_off(int r, int c) {
+    if (BK == 64) return r * 64 + ((c ^ (r & 7)) << 3);
+    return r * 32 + ((c ^ ((r >> 1) & 3)) << 3);
+}
+
+// One BM × BN tile of a grouped product, WM × WN warps (each (BM/WM) × (BN/WN)), BK-wide k
+// steps through a STAGES-deep cp.async pipeline in dynamic shared memory
+// (STAGES · (BM + BN) · BK · 2 bytes).
+// GATE_UP: a = x [T, K] gathered by sorted_rows, w = w_gu [slots·2N, K], out = h [Ppad, N] bf16;
+//   a warp's columns are (BN/WN)/2 gate columns and the same up columns, so the SwiGLU is
+//   applied in registers.
+// Otherwise: a = h [Ppad, K] by block row, w = w_down [slots·N, K], out = y [Ppad, N] f32.
+// K % BK == 0, N % 8 == 0, 16-byte aligned rows.
+template <bool GATE_UP, int BM, int BN, int BK, int STAGES, int WM, int WN>
+__device__ __forceinline__ void moe_gg(const bf16* __restrict__ a, int K, const bf16* __restrict__ w,
+                                       int N, const uint32_t* sorted_rows,
+                                       const uint32_t* block_slot, void* out) {
+    constexpr int THREADS = WM * WN * 32;
+    constexpr int TM = BM / WM, TN = BN / WN;  // warp tile
+    constexpr int FM = TM / 16, FN = TN / 8;  // fragments per warp
+    constexpr int CH = BK / 8;  // 16-byte chunks per row
+    constexpr int A_PER = BM * CH / THREADS, B_PER = BN * CH / THREADS;
+    static_assert(TM % 16 == 0 && TN % 16 == 0 && A_PER >= 1 && B_PER >= 1, "tile shape");
+    extern __shared__ __align__(128) unsigned char gg_smem[];
+    bf16* sa = reinterpret_cast<bf16*>(gg_smem);
+    bf16* sb = sa + STAGES * BM * BK;
+    const uint32_t blk = blockIdx.y;
+    const uint32_t s = block_slot[blk];
+    if (s == GG_NONE) return;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int n0 = blockIdx.x * (GATE_UP ? BN / 2 : BN);
+    const bf16* asrc[A_PER];
+    bool aok[A_PER];
+    int aoff[A_PER];
+#pragma unroll
+    for (int i = 0; i < A_PER; ++i) {
+        const int id = tid + i * THREADS, r = id / CH, c = id % CH;
+        aoff[i] = gg_off<BK>(r, c);
+        const uint32_t q = blk * BM + r;
+        if (GATE_UP) {
+            const uint32_t row = sorted_rows[q];
+            aok[i] = row != GG_NONE;
+            asrc[i] = a + (size_t)(aok[i] ? row : 0) * K + c * 8;
+        } else {
+            aok[i] = true;
+            asrc[i] = a + (size_t)q * K + c * 8;
+        }
+    }
+    const bf16* bsrc[B_PER];
+    bool bok[B_PER];
+    int boff[B_PER];
+#pragma unroll
+    for (int i = 0; i < B_PER; ++i) {
+        const int id = tid + i * THREADS, n = id / CH, c = id % CH;
+        boff[i] = gg_off<BK>(n, c);
+        size_t wrow;
+        if (GATE_UP) {
+            const int local = n % TN;
+            const int j = n0 + (n / TN) * (TN / 2) + local % (TN / 2);
+            bok[i] = j < N;
+            wrow = (size_t)s * 2 * N + (local >= TN / 2 ? (size_t)N : 0) + (bok[i] ? j : 0);
+        } else {
+            const int r = n0 + n;
+            bok[i] = r < N;
+            wrow = (size_t)s * N + (bok[i] ? r : 0);
+        }
+        bsrc[i] = w + wrow * K + c * 8;
+    }
+    const int kt_n = K / BK;
+    auto load = [&](int kt, int st) {
+        const int k0 = kt * BK;
+        bf16* A = sa + st * BM * BK;
+        bf16* B = sb + st * BN * BK;
+#pragma unroll
+        for (int i = 0; i < A_PER; ++i) cp_async16(A + aoff[i], asrc[i] + k0, aok[i]);
+#pragma unroll
+        for (int i = 0; i < B_PER; ++i) cp_async16(B + boff[i], bsrc[i] + k0, bok[i]);
+    };
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (st < kt_n) load(st, st);
+        cp_async_commit();
+    }
+    const int wm = warp / WN, wn = warp % WN;
+    float acc[FM][FN][4];
+#pragma unroll
+    for (int mi = 0; mi < FM; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < FN; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
+    for (int kt = 0; kt < kt_n; ++kt) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        const int nk = kt + STAGES - 1;
+        if (nk < kt_n) load(nk, nk % STAGES);
+        cp_async_commit();
+        const bf16* A = sa + (kt % STAGES) * BM * BK;
+        const bf16* B = sb + (kt % STAGES) * BN * BK;
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) {
+            uint32_t af[FM][4];
+#pragma unroll
+            for (int mi = 0; mi < FM; ++mi)
+                ldmatrix_x4(af[mi], A + gg_off<BK>(wm * TM + mi * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+#pragma unroll
+            for (int np = 0; np < FN / 2; ++np) {
+                uint32_t bf[4];
+                ldmatrix_x4(bf, B + gg_off<BK>(wn * TN + np * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                               kk * 2 + ((lane >> 3) & 1)));
+#pragma unroll
+                for (int mi = 0; mi < FM; ++mi) {
+                    mma_bf16(acc[mi][2 * np], af[mi][0], af[mi][1], af[mi][2], af[mi][3], bf[0], bf[1]);
+                    mma_bf16(acc[mi][2 * np + 1], af[mi][0], af[mi][1], af[mi][2], af[mi][3], bf[2], bf[3]);
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+    const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int mi = 0; mi < FM; ++mi) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const size_t q = (size_t)blk * BM + wm * TM + mi * 16 + g + half * 8;
+            if (GATE_UP) {
+                bf16* h = reinterpret_cast<bf16*>(out);
+#pragma unroll
+                for (int ni = 0; ni < FN / 2; ++ni) {
+                    const int j = n0 + wn * (TN / 2) + ni * 8 + 2 * t4;
+                    if (j < N) {
+                        const float h0 = silu(acc[mi][ni][2 * half]) * acc[mi][ni + FN / 2][2 * half];
+                        const float h1 =
+                            silu(acc[mi][ni][2 * half + 1]) * acc[mi][ni + FN / 2][2 * half + 1];
+                        *reinterpret_cast<uint32_t*>(h + q * N + j) = pack_bf16(h0, h1);
+                    }
+                }
+            } else {
+                float* y = reinterpret_cast<float*>(out);
+#pragma unroll
+                for (int ni = 0; ni < FN; ++ni) {
+                    const int r = n0 + wn * TN + ni * 8 + 2 * t4;
+                    if (r < N)
+                        *reinterpret_cast<float2*>(y + q * N + r) =
+                            make_float2(acc[mi][ni][2 * half], acc[mi][ni][2 * half + 1]);
+                }
+            }
+        }
+    }
+}
+
+// The shapes moemesh launches (engine/src/cuda/experts.rs sizes grids and shared memory from
+// the same numbers): 64-row blocks (prefill segments of a few hundred pairs per expert waste
+// little padding), 128 columns, 4 warps; k steps of 64 in 3 stages (72 KiB of shared memory)
+// where both widths are multiples of 64, else of 32 in 4 stages (48 KiB). Measured on the H100
+// against 128 × 128 and 64 × 256 tiles and other depths (scripts/bench/prefill_kernels.cu):
+// 64 × 128 × 64 was fastest at 512, 2,048 and 8,192 tokens.
+#define GG_KERNELS(SFX, BK, STAGES)                                                               \
+    extern "C" __global__ void __launch_bounds__(128)                                            \
+        moe_gg_gate_up_##SFX(const bf16* x, int hidden, const bf16* w_gu, int inner,             \
+                             const uint32_t* sorted_rows, const uint32_t* block_slot, bf16* h) { \
+        moe_gg<true, GG_BM, GG_BN, BK, STAGES, 2, 2>(x, hidden, w_gu, inner, sorted_rows,       \
+                                                     block_slot, h);                             \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(128)                                            \
+        moe_gg_down_##SFX(const bf16* h, int inner, const bf16* w_down, int hidden,              \
+                          const uint32_t* sorted_rows, const uint32_t* block_slot, float* y) {   \
+        moe_gg<false, GG_BM, GG_BN, BK, STAGES, 2, 2>(h, inner, w_down, hidden, sorted_rows,    \
+                                                      block_slot, y);                            \
+    }
+GG_KERNELS(k64, 64, 3)
+GG_KERNELS(k32, 32, 4)
