@@ -345,20 +345,9 @@ async fn chat(State(api): State<Api>, headers: HeaderMap, body: axum::body::Byte
             content: m.content.unwrap_or_default(),
         })
         .collect();
-    let include_usage = req
-        .common
-        .stream_options
-        .as_ref()
-        .is_some_and(|o| o.include_usage);
-    let shape = Shape::new(
-        Kind::Chat,
-        &api.model,
-        req.logprobs.unwrap_or(false),
-        include_usage,
-    );
-    let stream = req.common.stream;
-    let grpc = req.common.request(Input::Chat(ChatInput { messages }));
-    run(api, headers, grpc, shape, stream).await
+    let logprobs = req.logprobs.unwrap_or(false);
+    let input = Input::Chat(ChatInput { messages });
+    run(api, headers, req.common, input, Kind::Chat, logprobs).await
 }
 
 async fn completions(
@@ -389,29 +378,34 @@ async fn completions(
         )));
     }
     let prompt = prompts.pop().unwrap_or_default();
-    let include_usage = req
-        .common
-        .stream_options
-        .as_ref()
-        .is_some_and(|o| o.include_usage);
-    let shape = Shape::new(
+    let logprobs = req.logprobs.is_some();
+    run(
+        api,
+        headers,
+        req.common,
+        Input::Prompt(prompt),
         Kind::Completion,
-        &api.model,
-        req.logprobs.is_some(),
-        include_usage,
-    );
-    let stream = req.common.stream;
-    let grpc = req.common.request(Input::Prompt(prompt));
-    run(api, headers, grpc, shape, stream).await
+        logprobs,
+    )
+    .await
 }
 
+/// Starts the generation and answers: as events when the request streams, else whole.
 async fn run(
     api: Api,
     headers: HeaderMap,
-    req: GenerateRequest,
-    shape: Shape,
-    stream: bool,
+    common: Common,
+    input: Input,
+    kind: Kind,
+    logprobs: bool,
 ) -> Response {
+    let include_usage = common
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
+    let shape = Shape::new(kind, &api.model, logprobs, include_usage);
+    let stream = common.stream;
+    let req = common.request(input);
     let tokens = match (api.generate)(req, headers).await {
         Ok(s) => s,
         Err(status) => return error(status),
