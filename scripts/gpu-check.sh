@@ -9,6 +9,7 @@
 #   scripts/gpu-check.sh --sampling           # greedy vs sampled decoding, in-process and mesh
 #   scripts/gpu-check.sh --prefill            # prefill: flash/grouped path vs the earlier one
 #   scripts/gpu-check.sh --prefill-e2e        # prefill through the mesh, end-to-end at concurrency 64
+#   BINS="old.gz new.gz" scripts/gpu-check.sh --core   # serving core: in-process and mesh, c=1 and 64
 #   GATE_BINS="old.gz new.gz" scripts/gpu-check.sh --sampling   # the mesh once per gate binary
 #   EXPERT_DEVICES=cuda:1 scripts/gpu-check.sh --bench   # gate on GPU 0, expert workers on GPU 1
 #
@@ -170,6 +171,48 @@ EOF2
         OUT=$OUT PYTHONUNBUFFERED=1 timeout 240 $PY scripts/bench/hf_baseline.py >"$OUT/hf.txt" 2>&1 || tail -5 "$OUT/hf.txt"
         grep -i prefill "$OUT/hf.txt"
     fi
+    exit $status
+fi
+
+if [[ $MODE == --core ]]; then
+    # The serving core before and after a change: for each gzipped moemesh-cuda binary in BINS
+    # (in order; default: $BIN alone), in-process and through the mesh (gate + 2 workers on the
+    # one GPU), greedy, 128-token prompts and 32 new tokens, requests at concurrency 1 and 64
+    # (prompts included), all in one call so that every row shares the machine.
+    MODEL=synthetic:v2-lite
+    BENCH=(--prompt-len 128 --output-len 32 --json)
+    : >"$OUT/core.jsonl"
+    for gz in ${BINS:-$BIN}; do
+        name=$(basename "$gz" .gz)
+        B=$gz
+        if [[ $gz == *.gz ]]; then
+            B=/tmp/core-$name; gunzip -c "$gz" >"$B" && chmod +x "$B" || { status=1; continue; }
+        fi
+        for c in 1 64; do
+            "$B" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 --concurrency $c \
+                --requests $((c == 1 ? 8 : 128)) "${BENCH[@]}" \
+                | sed "s/^{/{\"mode\":\"in-process $name\",/" >>"$OUT/core.jsonl" || status=1
+        done
+        if UP_BIN=$B up --model $MODEL --dtype bf16 --expert-workers 2 --device cuda:0 \
+            --gate-args=--kv-cache-mb=16384; then
+            for c in 1 64; do
+                "$B" bench --addr "127.0.0.1:$PORT" --concurrency $c --requests $((c == 1 ? 8 : 128)) \
+                    "${BENCH[@]}" | sed "s/^{/{\"mode\":\"mesh $name\",/" >>"$OUT/core.jsonl" || status=1
+            done
+            down
+        else
+            status=1
+        fi
+    done
+    $PY - "$OUT/core.jsonl" <<'EOF2' | tee "$OUT/core.md"
+import json, sys
+print("| run | concurrency | output tok/s | TTFT p50 ms | ITL p50 ms | ITL p99 ms |")
+print("| --- | ---: | ---: | ---: | ---: | ---: |")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    itl = r.get("itl_ms") or {}
+    print(f"| {r['mode']} | {r['concurrency']} | {r['output_tokens_per_s']:.0f} | {r['ttft_ms']['p50']:.1f} | {itl.get('p50', 0):.2f} | {itl.get('p99', 0):.2f} |")
+EOF2
     exit $status
 fi
 

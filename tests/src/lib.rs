@@ -153,3 +153,19 @@ pub fn in_process_engine(model: &str) -> moemesh_engine::InProcessEngine {
     )
     .expect("load fixture")
 }
+
+/// The Python of the virtual environment `scripts/setup.sh --test` makes: deploy/validate.py's
+/// checkers and the `openai` client (`MOEMESH_DEPLOY_VENV` overrides where it is).
+pub fn test_python() -> PathBuf {
+    let venv = std::env::var_os("MOEMESH_DEPLOY_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache")
+                });
+            cache.join("moemesh-deploy-venv")
+        });
+    venv.join("bin/python")
+}

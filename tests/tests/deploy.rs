@@ -5,7 +5,7 @@
 //! against the binary's own flags).
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use moemesh_tests::{moemesh_bin, workspace_root};
@@ -102,24 +102,9 @@ fn rules_and_dashboard_use_only_exported_metrics() {
     );
 }
 
-/// The Python of the virtual environment `scripts/setup.sh --test` makes for deploy/validate.py.
-fn deploy_python() -> PathBuf {
-    let venv = std::env::var_os("MOEMESH_DEPLOY_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache")
-                });
-            cache.join("moemesh-deploy-venv")
-        });
-    venv.join("bin/python")
-}
-
 #[test]
 fn kubernetes_manifests_and_compose_files_validate_offline() {
-    let python = deploy_python();
+    let python = moemesh_tests::test_python();
     if !python.is_file() {
         // CI runs scripts/setup.sh --test first, so there a missing environment is a failure.
         assert!(

@@ -10,6 +10,7 @@ use moemesh_proto::v1::generate_request::Input;
 use moemesh_proto::v1::generation_client::GenerationClient;
 use moemesh_proto::v1::{self, ChatInput, ChatMessage, GenerateRequest};
 use moemesh_tests::mesh::{Mesh, free_port};
+use moemesh_tests::{test_python, workspace_root};
 use serde_json::{Value, json};
 
 /// One HTTP/1.0 exchange (the server closes the connection after the response, so a streamed
@@ -165,5 +166,69 @@ async fn the_openai_api_answers_as_generate_does_streamed_or_whole_with_openai_e
     assert!(body.contains("not-this-one"), "{body}");
     let (status, _) = http(port, "GET", "/health", None);
     assert_eq!(status, 200);
+    drop(mesh);
+}
+
+/// The keys file of the SDK test: one key.
+const KEYS: &str = r#"
+[[key]]
+id = "sdk"
+key = "sdk-secret-0123456789"
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_official_openai_python_client_streams_completes_and_gets_its_errors() {
+    let python = test_python();
+    if !python.is_file() {
+        // CI runs scripts/setup.sh --test first, so there a missing environment is a failure.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{} is missing: scripts/setup.sh --test installs it",
+            python.display()
+        );
+        eprintln!(
+            "\n*** SKIPPED: {} is missing, so the openai client is NOT tried. \
+             scripts/setup.sh --test installs it. ***\n",
+            python.display()
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = dir.path().join("keys.toml");
+    std::fs::write(&keys, KEYS).expect("keys file");
+    let keys = keys.display().to_string();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mesh = Mesh::start_with(
+        None,
+        &["0-15"],
+        &["--http-listen", &listen, "--api-keys-file", &keys],
+    );
+    let base = format!("http://127.0.0.1:{port}/v1");
+    let script = workspace_root().join("tests/python/openai_client.py");
+    let out = std::process::Command::new(&python)
+        .arg(&script)
+        .arg(&base)
+        .arg("sdk-secret-0123456789")
+        .output()
+        .expect("run the openai client");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the openai client failed:\n{stderr}");
+    let seen = json_of(String::from_utf8_lossy(&out.stdout).trim());
+    // Greedy: the stream and the whole answer agree, and so do their usages.
+    assert_eq!(seen["chat_text"], seen["stream_text"], "{seen}");
+    assert_eq!(seen["chat_usage"], seen["stream_usage"], "{seen}");
+    assert!(
+        seen["chat_usage"]
+            .as_u64()
+            .is_some_and(|n| (1..=6).contains(&n)),
+        "{seen}"
+    );
+    assert_eq!(seen["cached_tokens"], 0);
+    assert!(["length", "stop"].contains(&seen["chat_finish"].as_str().unwrap_or_default()));
+    assert_eq!(seen["seeded_equal"], true, "{seen}");
+    assert!(["length", "stop"].contains(&seen["stop_finish"].as_str().unwrap_or_default()));
+    assert_eq!(seen["bad_request"][0], 400, "{seen}");
+    assert_eq!(seen["bad_key"], 401, "{seen}");
     drop(mesh);
 }
