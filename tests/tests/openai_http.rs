@@ -232,3 +232,56 @@ async fn the_official_openai_python_client_streams_completes_and_gets_its_errors
     assert_eq!(seen["bad_key"], 401, "{seen}");
     drop(mesh);
 }
+
+/// A frontend is ready only while a gate of its model is registered: gRPC health (what
+/// Kubernetes readiness checks) and the HTTP `/health` turn NOT_SERVING / 503 when the gate
+/// leaves, and back when one registers.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frontend_without_a_gate_is_not_ready() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut mesh = Mesh::start_with(None, &["0-15"], &["--http-listen", &listen]);
+    let channel = tonic::transport::Channel::from_shared(mesh.frontend_url())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = HealthClient::new(channel);
+    let mut updates = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    // Waits (on the Watch stream, no polling) for the next status equal to `want`.
+    async fn until(
+        updates: &mut tonic::Streaming<tonic_health::pb::HealthCheckResponse>,
+        want: ServingStatus,
+    ) {
+        let wait = async {
+            while let Some(u) = updates.message().await.expect("health stream") {
+                if u.status == want as i32 {
+                    return;
+                }
+            }
+            panic!("the health stream ended before {want:?}");
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(30), wait)
+            .await
+            .unwrap_or_else(|_| panic!("no {want:?} within 30 s"));
+    }
+    until(&mut updates, ServingStatus::Serving).await;
+    assert_eq!(http(port, "GET", "/health", None).0, 200);
+    // The gate leaves (SIGTERM: it revokes its lease at once).
+    mesh.gate.0.terminate();
+    until(&mut updates, ServingStatus::NotServing).await;
+    let (status, body) = http(port, "GET", "/health", None);
+    assert_eq!(status, 503, "{body}");
+    let (_gate, _) = mesh.add_gate("gate-2");
+    until(&mut updates, ServingStatus::Serving).await;
+    assert_eq!(http(port, "GET", "/health", None).0, 200);
+}

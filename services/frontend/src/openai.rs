@@ -42,6 +42,8 @@ pub type Generator = Arc<
 pub struct Api {
     pub model: String,
     pub generate: Generator,
+    /// Whether a gate is there to serve (what `/health` reports, as gRPC health does).
+    pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
 }
 
 pub fn router(api: Api) -> Router {
@@ -49,7 +51,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
-        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/health", get(health))
         .fallback(|| async {
             error(Status::not_found(
                 "no such route: the API serves /v1/chat/completions, /v1/completions, /v1/models and /health",
@@ -488,6 +490,15 @@ fn events(
         .chain(futures::stream::once(async {
             Ok(Event::default().data("[DONE]"))
         }))
+}
+
+/// 200 while a gate of this model is registered, 503 otherwise.
+async fn health(State(api): State<Api>) -> Response {
+    if (api.ready)() {
+        Json(json!({"status": "ok"})).into_response()
+    } else {
+        error(Status::unavailable("no gate of this model is registered"))
+    }
 }
 
 async fn models(State(api): State<Api>) -> Json<Value> {

@@ -445,6 +445,8 @@ pub async fn run(
         }
     });
     let (reporter, health, reflection) = serve::health_and_reflection();
+    let gate_health = reporter.clone();
+    let mut usable_gates = frontend.gates.clone();
     // Load shedding at the door: at most --max-pending Generate streams open at once; the permit
     // is held by each response stream until it ends.
     let max_pending = frontend.cfg.max_pending;
@@ -482,9 +484,26 @@ pub async fn run(
         router.serve_with_incoming_shutdown(incoming, stop)
     })
     .await;
+    // Ready only while there is a gate of this model to send work to: a frontend without one
+    // would accept every Generate and fail it UNAVAILABLE.
+    let follow_gates = tokio::spawn(async move {
+        loop {
+            let usable = !usable_gates.borrow_and_update().is_empty();
+            if !usable {
+                tracing::warn!(
+                    "no gate of this model is registered: health NOT_SERVING until one is"
+                );
+            }
+            serve::set_health(&gate_health, usable).await;
+            if usable_gates.changed().await.is_err() {
+                break;
+            }
+        }
+    });
     tracing::info!(address = %local, model = %files.name, "frontend serving");
     serve::announce_ready("frontend", local, "frontend", metrics_server.as_ref());
     shutdown.await;
+    follow_gates.abort();
     if let Some(http) = http {
         // New HTTP connections are refused; running completions end with the gRPC ones.
         let _ = http.stop.send(());
@@ -545,9 +564,11 @@ async fn serve_http(
                 .boxed())
         })
     });
+    let gates = frontend.gates.clone();
     let app = crate::openai::router(crate::openai::Api {
         model: frontend.name.clone(),
         generate,
+        ready: Arc::new(move || !gates.borrow().is_empty()),
     });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
