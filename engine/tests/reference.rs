@@ -370,6 +370,54 @@ fn seeded_sampling_is_reproducible() {
     assert_ne!(a, run(4321));
 }
 
+/// The serving core in one process: more requests than `concurrency`, in a KV pool sized for
+/// exactly `concurrency` of them, all finish (a finished sequence's blocks go to the next one
+/// in the step that releases them), each with the tokens it gets alone.
+#[test]
+fn local_server_runs_more_requests_than_its_concurrency_in_a_pool_just_big_enough() {
+    use moemesh_engine::serving::LocalServer;
+    let engine = load(&fixtures_root().join("tiny-deepseek-v3"));
+    let req = |i: u32, seed| moemesh_engine::GenerationRequest {
+        // 21 prompt + 20 new tokens: 3 blocks of 16 each, and a pool of 4 a sequence
+        // (`blocks_for`), so the next prompt (2 blocks) fits only once the last one's are free.
+        prompt_ids: (0..21).map(|k| 3 + (i + 7 * k) % 90).collect(),
+        sampling: moemesh_engine::SamplingParams {
+            temperature: if i % 2 == 0 { 0.0 } else { 0.9 },
+            top_k: 0,
+            top_p: 1.0,
+            seed: Some(seed),
+        },
+        max_new_tokens: 20,
+        stop: Vec::new(),
+        ignore_eos: true,
+    };
+    let requests: Vec<_> = (0..5).map(|i| req(i, 100 + u64::from(i))).collect();
+    let alone: Vec<Vec<u32>> = requests
+        .iter()
+        .map(|r| engine.generate(r, &mut |_| true).expect("alone").token_ids)
+        .collect();
+    for concurrency in [1, 2] {
+        let mut server = LocalServer::new(
+            &engine.model,
+            &engine.experts,
+            engine.tokenizer.as_ref(),
+            concurrency,
+            21 + 20,
+        )
+        .expect("server");
+        let mut seen = vec![0usize; requests.len()];
+        let outs = server
+            .run(requests.clone(), &mut |i, _| {
+                seen[i] += 1;
+                true
+            })
+            .expect("every request finishes");
+        let got: Vec<Vec<u32>> = outs.into_iter().map(|o| o.token_ids).collect();
+        assert_eq!(got, alone, "concurrency {concurrency}");
+        assert_eq!(seen, vec![20; requests.len()]);
+    }
+}
+
 /// Sequences whose KV lives in one shared paged pool (blocks interleaved between them) decode
 /// exactly like sequences with their own buffers, and dropping them returns every block.
 #[test]

@@ -105,6 +105,9 @@ impl<'a> LocalServer<'a> {
         let mut outputs: Vec<Option<GenerationOutput>> = (0..n).map(|_| None).collect();
         let mut pending = requests.into_iter().zip(decoders).enumerate();
         let mut batch: Batch<Collect> = Batch::default();
+        // The pool as the runner reports it after each step (as the gate does in its answer);
+        // sequences that finish count as freed at once (the next step releases them first).
+        batch.set_kv(self.runner.kv());
         // A step refused for KV room is planned again with the pool's numbers; twice in a row
         // means the plan and the pool disagree (a bug), not a full pool.
         let mut refused = false;
@@ -138,7 +141,6 @@ impl<'a> LocalServer<'a> {
             if batch.is_idle() {
                 break;
             }
-            batch.set_kv(self.runner.kv());
             let (step, rejected) = batch.next_step(self.step_limits);
             if let Some(s) = rejected.first() {
                 return Err(EngineError::KvExhausted(format!(
@@ -152,7 +154,10 @@ impl<'a> LocalServer<'a> {
                 self.runner.release(id);
             }
             if step.slots.is_empty() {
-                if batch.is_idle() {
+                // Only KV to free (or sequences the pool cannot take yet, which the plan would
+                // have preempted for): plan again with the pool as it is now.
+                if !step.release.is_empty() || batch.is_idle() {
+                    batch.set_kv(self.runner.kv());
                     continue;
                 }
                 return Err(EngineError::Internal(
@@ -173,6 +178,7 @@ impl<'a> LocalServer<'a> {
                 Err(e) => return Err(e),
             };
             refused = false;
+            batch.set_kv(self.runner.kv());
             if let Some(hook) = self.around_step.as_mut() {
                 hook(&step, false)?;
             }

@@ -249,9 +249,15 @@ impl Scheduler {
         }
     }
 
-    /// Removes a sequence wherever it is.
+    /// Removes a sequence wherever it is. The blocks it holds count as free from the next plan
+    /// on: the step that plan makes releases them before it runs.
     pub fn remove(&mut self, id: u64) {
-        self.running.retain(|e| e.id != id);
+        if let Some(i) = self.running.iter().position(|e| e.id == id) {
+            let e = self.running.remove(i);
+            if let Some(k) = self.kv.as_mut() {
+                k.free_blocks = (k.free_blocks + k.blocks(e.gate_pos)).min(k.total_blocks);
+            }
+        }
         self.waiting.retain(|e| e.id != id);
     }
 }
@@ -416,5 +422,26 @@ mod tests {
                 sample: true
             }]
         );
+    }
+
+    #[test]
+    fn a_removed_sequence_frees_its_blocks_for_the_next_plan() {
+        // A pool of 2 blocks of 16 tokens: one running sequence holds both; the next one can be
+        // admitted in the very step that releases the first, not a step later.
+        let mut s = Scheduler {
+            kv: Some(KvState {
+                free_blocks: 0,
+                total_blocks: 2,
+                block_tokens: 16,
+            }),
+            ..Scheduler::default()
+        };
+        s.running.push(entry(1, 32, 31));
+        s.waiting.push_back(entry(2, 20, 0));
+        s.remove(1);
+        let plan = s.plan(limits(64, 4));
+        assert_eq!(plan.slots.len(), 1);
+        assert_eq!(plan.slots[0].id, 2);
+        assert_eq!(s.kv.map(|k| k.free_blocks), Some(2));
     }
 }
