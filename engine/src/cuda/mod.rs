@@ -21,6 +21,7 @@ use crate::error::{EngineError, Result};
 
 mod attention;
 mod experts;
+pub mod ipc;
 
 pub use attention::{DecodeTables, PrefillQuery};
 pub use experts::{

@@ -4,6 +4,18 @@
 //! retried on other replicas of the same experts (expert calls are pure). The engine runs on its
 //! own thread; the calls run on the tokio runtime, so the engine computes shared experts while
 //! they are in flight.
+//!
+//! Two transports for the tensors (see `moemesh_common::transport`): a worker whose stream has
+//! a CUDA IPC session gets the layer's activations copied GPU to GPU into a buffer slot of that
+//! session (all `T` rows, the request naming each of its tokens' rows) and answers with its f32
+//! partial sums over all `T` rows in the slot's output buffer; the others get the rows they need
+//! in the gRPC message, as before. The handshake is the gRPC call itself: the gate synchronises
+//! its stream after queueing the input copies and before sending (so the worker reads finished
+//! data), the worker synchronises before it replies (so the reply means the output is written),
+//! and the gate queues its copy out of the slot before freeing the slot for the next call, on its
+//! one stream, ahead of the next input copy. Deadlines, retries and replicas are the same for
+//! both: a worker that misses its deadline is failed on the control plane and its pairs go to a
+//! replica, on whichever transport that replica has.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -12,12 +24,13 @@ use std::time::Duration;
 use futures::future::join_all;
 use moemesh_common::metrics::names;
 use moemesh_common::{MeshError, MeshResult, codec, telemetry};
+use moemesh_engine::cuda::ipc;
 use moemesh_engine::{DType, Device, EngineError, Experts, PendingExperts, Routing, Tensor};
-use moemesh_proto::v1::{self, ForwardRequest};
+use moemesh_proto::v1::{self, ForwardRequest, SharedActivations};
 use tokio::runtime::Handle;
 use tracing::{Instrument, Span};
 
-use crate::workers::{WorkerClient, WorkerPool};
+use crate::workers::{Conn, SlotGuard, WorkerClient, WorkerPool};
 
 const MAX_ATTEMPTS: usize = 4;
 
@@ -46,9 +59,10 @@ impl Experts for RemoteExperts {
         x: &Tensor,
         routing: &Routing,
     ) -> moemesh_engine::Result<PendingExperts> {
-        // The wire is host memory: activations go down once per layer, the sum comes back up.
+        // The activations stay where they are: workers with a CUDA IPC session read them from
+        // the device; `execute` copies them to the host once if any worker takes gRPC.
         let device = x.device().clone();
-        let x = x.to_device(&Device::Cpu)?;
+        let x = x.clone();
         let mut pairs = Vec::with_capacity(routing.expert_ids.len());
         for t in 0..routing.num_tokens() {
             for (e, w) in routing.token(t) {
@@ -82,8 +96,22 @@ impl Experts for RemoteExperts {
     }
 }
 
+/// One call of a dispatch round, on its transport.
+enum Plan {
+    /// Rows in the message (gRPC): the worker's pairs, split to bound the message size.
+    Wire(Arc<WorkerClient>, Vec<Pair>),
+    /// Rows in a CUDA IPC slot, already written: all of the worker's pairs in one call.
+    Shared(Arc<WorkerClient>, Vec<Pair>, Arc<Conn>, SlotGuard),
+}
+
+/// A worker's answer: rows of the step (gRPC) or every row of it on the device (CUDA IPC).
+enum Partial {
+    Host(Vec<u32>, Tensor),
+    Device(Tensor),
+}
+
 /// Sends every (token, expert, weight) pair to some worker, retrying failed workers' pairs on
-/// other replicas; returns the routed output `[T, hidden]` in f32.
+/// other replicas; returns the routed output `[T, hidden]` in f32 on `x`'s device.
 async fn execute(
     pool: Arc<WorkerPool>,
     layer: u32,
@@ -94,7 +122,21 @@ async fn execute(
     step: Span,
 ) -> MeshResult<Tensor> {
     let (t, h) = x.dims2().map_err(EngineError::from)?;
-    let mut out = Tensor::zeros((t, h), DType::F32, &Device::Cpu).map_err(EngineError::from)?;
+    let device = x.device().clone();
+    // gRPC partial sums add up on the host, CUDA IPC ones on the device; the two meet at the end.
+    let mut host_out: Option<Tensor> = None;
+    let mut dev_out: Option<Tensor> = None;
+    // The activations on the host, made once if some call takes gRPC.
+    let mut x_host: Option<Tensor> = if device.is_cpu() {
+        Some(x.clone())
+    } else {
+        None
+    };
+    let x_dev = if device.is_cuda() {
+        Some(x.contiguous().map_err(EngineError::from)?)
+    } else {
+        None
+    };
     // Serials of workers that failed this dispatch.
     let mut excluded: HashSet<u64> = HashSet::new();
     let round = pool.next_round();
@@ -139,16 +181,53 @@ async fn execute(
             }
         }
         let max_rows = (MAX_CALL_BYTES / (h * 4).max(1)).max(1);
-        let calls = groups.into_values().flat_map(|(client, group)| {
-            split_rows(group, max_rows)
-                .into_iter()
-                .map(move |chunk| (client.clone(), chunk))
-        });
-        let calls = calls.map(|(client, group)| {
-            let x = &x;
+        // Plan the calls: a CUDA IPC slot where the worker's stream has a free one (its input
+        // written now), gRPC otherwise.
+        let mut plans = Vec::new();
+        let mut wrote = false;
+        for (client, group) in groups.into_values() {
+            let slot = x_dev.as_ref().and_then(|xd| {
+                let (conn, slot) = client.ipc_slot(t)?;
+                (slot.session.dtype == xd.dtype()).then_some((conn, slot))
+            });
+            match (slot, &x_dev) {
+                (Some((conn, slot)), Some(xd)) => {
+                    slot.slot().input.write(xd)?;
+                    wrote = true;
+                    plans.push(Plan::Shared(client, group, conn, slot));
+                }
+                _ => plans.extend(
+                    split_rows(group, max_rows)
+                        .into_iter()
+                        .map(|chunk| Plan::Wire(client.clone(), chunk)),
+                ),
+            }
+        }
+        if wrote {
+            // The one host handshake on the gate's side: the inputs are in place before any
+            // worker is told to read them.
+            ipc::synchronize(&device)?;
+        }
+        if x_host.is_none() && plans.iter().any(|p| matches!(p, Plan::Wire(..))) {
+            x_host = Some(x.to_device(&Device::Cpu).map_err(EngineError::from)?);
+        }
+        let calls = plans.into_iter().map(|plan| {
+            let x_host = &x_host;
             let step = &step;
             async move {
-                let (rows, mut req) = build_request(layer, x, &group, wire)?;
+                let (client, group, shared) = match plan {
+                    Plan::Wire(client, group) => (client, group, None),
+                    Plan::Shared(client, group, conn, slot) => (client, group, Some((conn, slot))),
+                };
+                let (rows, mut req) = match (&shared, x_host) {
+                    (Some((_, slot)), _) => build_shared_request(layer, &group, slot, t),
+                    (None, Some(xh)) => build_request(layer, xh, &group, wire)?,
+                    (None, None) => {
+                        return Err(MeshError::Internal(
+                            "activations were not copied to the host for a gRPC call".into(),
+                        ));
+                    }
+                };
                 let span = if step.is_none() {
                     Span::none()
                 } else {
@@ -166,25 +245,52 @@ async fn execute(
                 };
                 req.traceparent = telemetry::traceparent(&span);
                 let sent = std::time::Instant::now();
-                let reply = client.call(req, timeout).instrument(span.clone()).await;
+                let reply = async {
+                    match &shared {
+                        Some((conn, _)) => client.call_on(conn, req, timeout).await,
+                        None => client.call(req, timeout).await,
+                    }
+                }
+                .instrument(span.clone())
+                .await;
                 if reply.is_err() {
                     span.record("otel.status_code", "ERROR");
                 }
                 metrics::histogram!(names::DISPATCH, "worker" => client.member.id.clone())
                     .record(sent.elapsed().as_secs_f64());
-                Ok::<_, MeshError>((client, group, rows, reply))
+                let partial = reply.and_then(|r| match &shared {
+                    // Copied out (queued on the gate's stream) before the slot is freed.
+                    Some((_, slot)) if r.shared_output => Ok(Partial::Device(
+                        slot.slot().output.read(DType::F32, &[t, h])?,
+                    )),
+                    Some(_) => Err(MeshError::Internal(
+                        "a CUDA IPC call was answered without its shared output".into(),
+                    )),
+                    None => {
+                        let o = r
+                            .output
+                            .ok_or_else(|| MeshError::Internal("reply without output".into()))?;
+                        Ok(Partial::Host(
+                            rows,
+                            codec::decode(&o, "output", &Device::Cpu)?,
+                        ))
+                    }
+                });
+                drop(shared);
+                Ok::<_, MeshError>((client, group, partial))
             }
         });
         let mut failed = Vec::new();
         for result in join_all(calls).await {
-            let (client, group, rows, reply) = result?;
-            match reply.and_then(|r| {
-                let o = r
-                    .output
-                    .ok_or_else(|| MeshError::Internal("reply without output".into()))?;
-                codec::decode(&o, "output", &Device::Cpu)
-            }) {
-                Ok(partial) => {
+            let (client, group, partial) = result?;
+            match partial {
+                Ok(Partial::Device(partial)) => {
+                    dev_out = Some(match dev_out.take() {
+                        None => partial,
+                        Some(o) => (o + partial).map_err(EngineError::from)?,
+                    });
+                }
+                Ok(Partial::Host(rows, partial)) => {
                     let idx = Tensor::from_vec(
                         rows,
                         partial.dim(0).map_err(EngineError::from)?,
@@ -194,9 +300,15 @@ async fn execute(
                     // Workers send their f32 accumulators (older ones the request's dtype):
                     // the partial sums add up in f32 and round to the compute dtype once.
                     let partial = partial.to_dtype(DType::F32).map_err(EngineError::from)?;
-                    out = out
-                        .index_add(&idx, &partial, 0)
-                        .map_err(EngineError::from)?;
+                    let out = match host_out.take() {
+                        Some(o) => o,
+                        None => Tensor::zeros((t, h), DType::F32, &Device::Cpu)
+                            .map_err(EngineError::from)?,
+                    };
+                    host_out = Some(
+                        out.index_add(&idx, &partial, 0)
+                            .map_err(EngineError::from)?,
+                    );
                 }
                 Err(e @ MeshError::Internal(_)) => return Err(e),
                 Err(e) => {
@@ -210,6 +322,17 @@ async fn execute(
             }
         }
         if failed.is_empty() {
+            let host_out = match host_out {
+                Some(o) => Some(o.to_device(&device).map_err(EngineError::from)?),
+                None => None,
+            };
+            let out = match (host_out, dev_out) {
+                (Some(a), Some(b)) => (a + b).map_err(EngineError::from)?,
+                (Some(o), None) | (None, Some(o)) => o,
+                (None, None) => {
+                    Tensor::zeros((t, h), DType::F32, &device).map_err(EngineError::from)?
+                }
+            };
             return Ok(out);
         }
         pairs = failed;
@@ -251,10 +374,7 @@ fn build_request(
     group: &[(u32, u32, f32)],
     wire: v1::DType,
 ) -> MeshResult<(Vec<u32>, ForwardRequest)> {
-    let mut by_token: BTreeMap<u32, Vec<(u32, f32)>> = BTreeMap::new();
-    for &(tok, e, w) in group {
-        by_token.entry(tok).or_default().push((e, w));
-    }
+    let by_token = by_token(group);
     let rows: Vec<u32> = by_token.keys().copied().collect();
     let idx =
         Tensor::from_vec(rows.clone(), rows.len(), &Device::Cpu).map_err(EngineError::from)?;
@@ -267,7 +387,51 @@ fn build_request(
         expert_ids: Vec::with_capacity(group.len()),
         weights: Vec::with_capacity(group.len()),
         traceparent: String::new(),
+        shared: None,
     };
+    push_pairs(&mut req, &by_token);
+    Ok((rows, req))
+}
+
+/// A worker's request on its CUDA IPC slot: its distinct tokens (each once, with its row in the
+/// slot's `[t, hidden]` input) and their pairs. Returns the token rows, as [`build_request`].
+fn build_shared_request(
+    layer: u32,
+    group: &[Pair],
+    slot: &SlotGuard,
+    t: usize,
+) -> (Vec<u32>, ForwardRequest) {
+    let by_token = by_token(group);
+    let rows: Vec<u32> = by_token.keys().copied().collect();
+    let mut req = ForwardRequest {
+        call_id: 0,
+        layer,
+        hidden: None,
+        pairs_per_token: Vec::with_capacity(rows.len()),
+        expert_ids: Vec::with_capacity(group.len()),
+        weights: Vec::with_capacity(group.len()),
+        traceparent: String::new(),
+        shared: Some(SharedActivations {
+            session: slot.session.id,
+            slot: slot.index as u32,
+            rows: t as u32,
+            dtype: codec::wire_dtype_for(slot.session.dtype) as i32,
+            token_rows: rows.clone(),
+        }),
+    };
+    push_pairs(&mut req, &by_token);
+    (rows, req)
+}
+
+fn by_token(group: &[Pair]) -> BTreeMap<u32, Vec<(u32, f32)>> {
+    let mut by_token: BTreeMap<u32, Vec<(u32, f32)>> = BTreeMap::new();
+    for &(tok, e, w) in group {
+        by_token.entry(tok).or_default().push((e, w));
+    }
+    by_token
+}
+
+fn push_pairs(req: &mut ForwardRequest, by_token: &BTreeMap<u32, Vec<(u32, f32)>>) {
     for pairs in by_token.values() {
         req.pairs_per_token.push(pairs.len() as u32);
         for &(e, w) in pairs {
@@ -275,7 +439,6 @@ fn build_request(
             req.weights.push(w);
         }
     }
-    Ok((rows, req))
 }
 
 #[cfg(test)]

@@ -117,6 +117,7 @@ impl StepEngine {
                         kv_blocks_total: self.pool.num_blocks() as u32,
                         kv_block_tokens: BLOCK_TOKENS as u32,
                         device: String::new(),
+                        expert_transports: Vec::new(),
                     });
                 }
             }
