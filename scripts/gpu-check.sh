@@ -9,6 +9,7 @@
 #   scripts/gpu-check.sh --sampling           # greedy vs sampled decoding, in-process and mesh
 #   scripts/gpu-check.sh --prefill            # prefill: flash/grouped path vs the earlier one
 #   scripts/gpu-check.sh --prefill-e2e        # prefill through the mesh, end-to-end at concurrency 64
+#   scripts/gpu-check.sh --ipc                # expert data plane: CUDA IPC vs gRPC vs in-process
 #   GATE_BINS="old.gz new.gz" scripts/gpu-check.sh --sampling   # the mesh once per gate binary
 #   EXPERT_DEVICES=cuda:1 scripts/gpu-check.sh --bench   # gate on GPU 0, expert workers on GPU 1
 #
@@ -170,6 +171,82 @@ EOF2
         OUT=$OUT PYTHONUNBUFFERED=1 timeout 240 $PY scripts/bench/hf_baseline.py >"$OUT/hf.txt" 2>&1 || tail -5 "$OUT/hf.txt"
         grep -i prefill "$OUT/hf.txt"
     fi
+    exit $status
+fi
+
+if [[ $MODE == --ipc ]]; then
+    # The expert data plane (issue 17): the mesh (gate + 2 expert workers on the one GPU, or on
+    # EXPERT_DEVICES) with the activations on CUDA IPC (`--expert-transport auto`) and on gRPC
+    # (`--expert-transport grpc`, the baseline), against in-process, same binary and card: decode
+    # at batch 1 and 64 (128-token prompts, 32 new tokens; ms/step = ITL p50) and end to end at
+    # concurrency 64 (128 / 32, prompts included). Then the greedy tokens of two fixtures through
+    # the IPC mesh against in-process (f32, must be equal). Each phase prints its wall time.
+    MODEL=synthetic:v2-lite
+    BENCH=(--prompt-len 128 --output-len 32 --json)
+    E2E=(--concurrency 64 --requests 64 --prompt-len 128 --output-len 32 --json)
+    ED=${EXPERT_DEVICES:-}
+    dev_args=(--device cuda:0)
+    [[ -n $ED ]] && dev_args+=(--expert-devices "$ED")
+    : >"$OUT/ipc.jsonl"
+    MESH_LOG="warn,moemesh_gate::workers=info,moemesh_expert::service=info"
+    for run in ${IPC_RUNS:-ipc grpc ipc-overlap in-process}; do
+        t0=$SECONDS
+        case $run in
+            in-process)
+                "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 --sweep 1,64 "${BENCH[@]}" \
+                    | sed "s/^{/{\"mode\":\"$run\",/" >>"$OUT/ipc.jsonl" || status=1
+                "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 "${E2E[@]}" \
+                    | sed "s/^{/{\"mode\":\"$run e2e\",/" >>"$OUT/ipc.jsonl" || status=1
+                ;;
+            *)
+                t=auto; [[ $run == grpc ]] && t=grpc
+                gate_args=(--gate-args=--kv-cache-mb=16384 --gate-args=--expert-transport=$t)
+                [[ $run == ipc-overlap ]] && gate_args+=(--gate-args=--overlap=true)
+                if MOEMESH_LOG=$MESH_LOG up --model $MODEL --dtype bf16 --expert-workers 2 "${dev_args[@]}" "${gate_args[@]}"; then
+                    "$BIN" bench --addr "127.0.0.1:$PORT" --sweep 1,64 "${BENCH[@]}" \
+                        | sed "s/^{/{\"mode\":\"mesh $run\",/" >>"$OUT/ipc.jsonl" || status=1
+                    "$BIN" bench --addr "127.0.0.1:$PORT" "${E2E[@]}" \
+                        | sed "s/^{/{\"mode\":\"mesh $run e2e\",/" >>"$OUT/ipc.jsonl" || status=1
+                    down
+                    grep -h 'transport' "$OUT/up.err" "$OUT/up.out" | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-300 \
+                        | sort -u | head -8 | tee -a "$OUT/transports.txt"
+                else
+                    status=1
+                fi
+                ;;
+        esac
+        echo "== $run: $((SECONDS - t0)) s"
+    done
+    if [[ -z ${SKIP_FIXTURES:-} ]]; then
+        for fx in tiny-deepseek-v3 tiny-deepseek-v2-lite; do
+            t0=$SECONDS
+            ids=$($PY -c "import json;print(','.join(map(str,json.load(open('tests/fixtures/$fx/reference.json'))['prompts'][2]['input_ids'])))" 2>/dev/null || echo 5,17,42,7,99,300,12)
+            common=(--prompt-ids "$ids" --max-new-tokens 32 --ignore-eos --json)
+            "$BIN" generate --model "tests/fixtures/$fx" --device cuda:0 --dtype f32 "${common[@]}" >"$OUT/inproc_$fx.jsonl" || status=1
+            if MOEMESH_LOG=$MESH_LOG up --model "tests/fixtures/$fx" --device cuda:0 --dtype f32 --expert-workers 2; then
+                "$BIN" generate --addr "127.0.0.1:$PORT" "${common[@]}" >"$OUT/mesh_$fx.jsonl" || status=1
+                down
+                echo "cuda-ipc log lines: $(cat "$OUT/up.err" "$OUT/up.out" | grep -c 'cuda-ipc')"
+            else
+                status=1
+            fi
+            $PY - "$OUT/inproc_$fx.jsonl" "$OUT/mesh_$fx.jsonl" "$fx f32 ipc" <<'EOF' || status=1
+import json, sys
+def ids(path):
+    out = []
+    for line in open(path):
+        if line.strip():
+            out = json.loads(line).get("token_ids", out)
+    return out
+a, b = ids(sys.argv[1]), ids(sys.argv[2])
+ok = len(a) == 32 and a == b
+print(f"{sys.argv[3]:<28} in-process {len(a)} tokens, mesh {len(b)} tokens: {'equal' if ok else 'DIFFERENT'}")
+sys.exit(0 if ok else 1)
+EOF
+            echo "== fixture $fx: $((SECONDS - t0)) s"
+        done
+    fi
+    $PY scripts/bench/ipc_report.py "$OUT/ipc.jsonl" | tee "$OUT/ipc.md"
     exit $status
 fi
 
