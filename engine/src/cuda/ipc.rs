@@ -32,6 +32,26 @@ pub fn synchronize(device: &Device) -> Result<()> {
     Ok(device.synchronize()?)
 }
 
+/// A point in a device's stream: [`Fence::wait`] returns once everything queued before it has
+/// run, and nothing queued after it is waited for (unlike a whole-stream synchronise).
+pub struct Fence {
+    inner: imp::Fence,
+}
+
+/// Marks the current end of `device`'s stream (on the CPU, a fence that is always passed).
+pub fn fence(device: &Device) -> Result<Fence> {
+    Ok(Fence {
+        inner: imp::fence(device)?,
+    })
+}
+
+impl Fence {
+    /// Blocks until the work queued before the fence has run.
+    pub fn wait(&self) -> Result<()> {
+        imp::wait(&self.inner)
+    }
+}
+
 /// A span of device memory of a known size, in this process's address space.
 pub struct Region {
     inner: imp::Region,
@@ -153,6 +173,27 @@ mod imp {
     use candle_core::{DType, Device, Storage, Tensor};
 
     use crate::error::{EngineError, Result};
+
+    /// An event recorded on the stream; `None` on the CPU.
+    pub struct Fence(Option<candle_core::cuda_backend::cudarc::driver::CudaEvent>);
+
+    pub fn fence(device: &Device) -> Result<Fence> {
+        match device {
+            Device::Cuda(d) => Ok(Fence(Some(
+                d.cuda_stream()
+                    .record_event(None)
+                    .map_err(|e| err("record event", e))?,
+            ))),
+            _ => Ok(Fence(None)),
+        }
+    }
+
+    pub fn wait(f: &Fence) -> Result<()> {
+        match &f.0 {
+            Some(e) => e.synchronize().map_err(|e| err("event synchronize", e)),
+            None => Ok(()),
+        }
+    }
 
     pub struct Region {
         dev: CudaDevice,
@@ -323,6 +364,17 @@ mod imp {
     /// Uninhabited: a build without CUDA never has a shared region.
     pub enum Region {}
 
+    /// Nothing to wait for without a GPU.
+    pub struct Fence;
+
+    pub fn fence(_device: &Device) -> Result<Fence> {
+        Ok(Fence)
+    }
+
+    pub fn wait(_f: &Fence) -> Result<()> {
+        Ok(())
+    }
+
     pub fn bytes(r: &Region) -> usize {
         match *r {}
     }
@@ -366,5 +418,8 @@ mod tests {
         assert!(SharedBuffer::alloc(&Device::Cpu, 1024).is_err());
         assert!(OpenedBuffer::open(&Device::Cpu, &[0; HANDLE_BYTES], 1024).is_err());
         assert!(OpenedBuffer::open(&Device::Cpu, &[0; 3], 1024).is_err());
+        fence(&Device::Cpu)
+            .and_then(|f| f.wait())
+            .expect("a CPU fence is always passed");
     }
 }

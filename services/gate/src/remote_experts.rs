@@ -59,25 +59,62 @@ impl Experts for RemoteExperts {
         x: &Tensor,
         routing: &Routing,
     ) -> moemesh_engine::Result<PendingExperts> {
-        // The activations stay where they are: workers with a CUDA IPC session read them from
-        // the device; `execute` copies them to the host once if any worker takes gRPC.
         let device = x.device().clone();
-        let x = x.clone();
+        let (t, h) = x.dims2()?;
         let mut pairs = Vec::with_capacity(routing.expert_ids.len());
         for t in 0..routing.num_tokens() {
             for (e, w) in routing.token(t) {
                 pairs.push((t as u32, e, w));
             }
         }
-        let job = execute(
-            self.pool.clone(),
+        let x_dev = if device.is_cuda() {
+            Some(x.contiguous()?)
+        } else {
+            None
+        };
+        // The first round is planned here, on the engine thread, before the engine queues the
+        // shared experts: the CUDA IPC input copies are queued and waited for (the gate's side of
+        // the handshake), and the gRPC workers' rows copied to the host, without waiting for the
+        // shared experts' kernels; those then run while the workers compute.
+        let round = self.pool.next_round();
+        let first = plan_round(
+            &self.pool,
             layer as u32,
-            x,
+            &pairs,
+            &HashSet::new(),
+            round,
+            x_dev.as_ref(),
+            t,
+            max_rows(h),
+        )
+        .map_err(into_engine)?
+        .ok();
+        if let Some(fence) = first.as_ref().and_then(|p| p.fence.as_ref()) {
+            fence.wait()?;
+        }
+        let needs_host = first
+            .as_ref()
+            .is_none_or(|p| p.plans.iter().any(|c| matches!(c, Plan::Wire(..))));
+        let x_host = if needs_host {
+            Some(x.to_device(&Device::Cpu)?)
+        } else {
+            None
+        };
+        let job = execute(
+            Dispatch {
+                pool: self.pool.clone(),
+                layer: layer as u32,
+                x: x.clone(),
+                x_dev,
+                x_host,
+                round,
+                wire: self.wire,
+                timeout: self.timeout,
+                // The step's span (on the engine thread), under which each call's span goes.
+                step: Span::current(),
+            },
+            first,
             pairs,
-            self.wire,
-            self.timeout,
-            // The step's span (on the engine thread), under which each call's span goes.
-            Span::current(),
         );
         let task = self.handle.spawn(job);
         let handle = self.handle.clone();
@@ -85,15 +122,23 @@ impl Experts for RemoteExperts {
             let out = handle.block_on(task).map_err(|e| {
                 EngineError::ExpertsUnavailable(format!("expert dispatch task: {e}"))
             })?;
-            let out = out.map_err(|e| match e {
-                MeshError::Engine(inner) => inner,
-                other => EngineError::ExpertsUnavailable(other.to_string()),
-            })?;
             // The f32 sum goes back as it is: the model rounds it once where it adds it (on a
             // GPU it stays f32 into the residual, as the in-process experts' sum does).
-            Ok(out.to_device(&device)?)
+            Ok(out.map_err(into_engine)?.to_device(&device)?)
         }))
     }
+}
+
+fn into_engine(e: MeshError) -> EngineError {
+    match e {
+        MeshError::Engine(inner) => inner,
+        other => EngineError::ExpertsUnavailable(other.to_string()),
+    }
+}
+
+/// Most distinct tokens in one gRPC call for hidden size `h` (see [`MAX_CALL_BYTES`]).
+fn max_rows(h: usize) -> usize {
+    (MAX_CALL_BYTES / (h * 4).max(1)).max(1)
 }
 
 /// One call of a dispatch round, on its transport.
@@ -104,42 +149,115 @@ enum Plan {
     Shared(Arc<WorkerClient>, Vec<Pair>, Arc<Conn>, SlotGuard),
 }
 
+/// A round's calls, and what must pass before they are sent.
+struct Planned {
+    plans: Vec<Plan>,
+    /// Passed once the CUDA IPC input copies queued with the plan have run.
+    fence: Option<ipc::Fence>,
+}
+
+/// Groups `pairs` by the worker picked for each and plans each worker's calls: a CUDA IPC slot
+/// (its input copy queued now) where the worker's stream has a free one, gRPC otherwise.
+/// `Ok(Err(_))` when some pair has no live replica now.
+#[allow(clippy::too_many_arguments)]
+fn plan_round(
+    pool: &WorkerPool,
+    layer: u32,
+    pairs: &[Pair],
+    excluded: &HashSet<u64>,
+    round: u64,
+    x_dev: Option<&Tensor>,
+    t: usize,
+    max_rows: usize,
+) -> MeshResult<MeshResult<Planned>> {
+    // Worker id -> (client, its pairs).
+    let mut groups: Groups = BTreeMap::new();
+    for &(tok, e, w) in pairs {
+        match pool.pick(layer, e, excluded, round) {
+            Ok(client) => groups
+                .entry(client.member.id.clone())
+                .or_insert_with(|| (client, Vec::new()))
+                .1
+                .push((tok, e, w)),
+            Err(err) => return Ok(Err(err)),
+        }
+    }
+    let mut plans = Vec::new();
+    let mut wrote = false;
+    for (client, group) in groups.into_values() {
+        let slot = x_dev.and_then(|xd| {
+            let (conn, slot) = client.ipc_slot(t)?;
+            (slot.session.dtype == xd.dtype()).then_some((conn, slot, xd))
+        });
+        match slot {
+            Some((conn, slot, xd)) => {
+                slot.slot().input.write(xd)?;
+                wrote = true;
+                plans.push(Plan::Shared(client, group, conn, slot));
+            }
+            None => plans.extend(
+                split_rows(group, max_rows)
+                    .into_iter()
+                    .map(|chunk| Plan::Wire(client.clone(), chunk)),
+            ),
+        }
+    }
+    let fence = match x_dev {
+        Some(xd) if wrote => Some(ipc::fence(xd.device())?),
+        _ => None,
+    };
+    Ok(Ok(Planned { plans, fence }))
+}
+
 /// A worker's answer: rows of the step (gRPC) or every row of it on the device (CUDA IPC).
 enum Partial {
     Host(Vec<u32>, Tensor),
     Device(Tensor),
 }
 
-/// Sends every (token, expert, weight) pair to some worker, retrying failed workers' pairs on
-/// other replicas; returns the routed output `[T, hidden]` in f32 on `x`'s device.
-async fn execute(
+/// What one layer's dispatch works with.
+struct Dispatch {
     pool: Arc<WorkerPool>,
     layer: u32,
+    /// The activations `[T, hidden]` where the engine computed them.
     x: Tensor,
-    mut pairs: Vec<Pair>,
+    /// `x` contiguous on the GPU (for CUDA IPC); `None` on the CPU.
+    x_dev: Option<Tensor>,
+    /// `x` on the host, once some call takes gRPC.
+    x_host: Option<Tensor>,
+    /// The replica rotation's round.
+    round: u64,
     wire: v1::DType,
     timeout: Duration,
     step: Span,
+}
+
+/// Sends every (token, expert, weight) pair to some worker, retrying failed workers' pairs on
+/// other replicas; returns the routed output `[T, hidden]` in f32 on `x`'s device. `first` is
+/// the first round's plan when the engine thread made it.
+async fn execute(
+    d: Dispatch,
+    mut first: Option<Planned>,
+    mut pairs: Vec<Pair>,
 ) -> MeshResult<Tensor> {
+    let Dispatch {
+        pool,
+        layer,
+        x,
+        x_dev,
+        mut x_host,
+        round,
+        wire,
+        timeout,
+        step,
+    } = d;
     let (t, h) = x.dims2().map_err(EngineError::from)?;
     let device = x.device().clone();
     // gRPC partial sums add up on the host, CUDA IPC ones on the device; the two meet at the end.
     let mut host_out: Option<Tensor> = None;
     let mut dev_out: Option<Tensor> = None;
-    // The activations on the host, made once if some call takes gRPC.
-    let mut x_host: Option<Tensor> = if device.is_cpu() {
-        Some(x.clone())
-    } else {
-        None
-    };
-    let x_dev = if device.is_cuda() {
-        Some(x.contiguous().map_err(EngineError::from)?)
-    } else {
-        None
-    };
     // Serials of workers that failed this dispatch.
     let mut excluded: HashSet<u64> = HashSet::new();
-    let round = pool.next_round();
     let mut changes = pool.changes();
     // How long pairs with no live replica wait for the registry to show one (a worker
     // restarting, or every lease expiring at once after an etcd outage and coming back).
@@ -156,58 +274,34 @@ async fn execute(
     }
     let mut attempt = 0;
     while attempt < MAX_ATTEMPTS {
-        // Group by worker: worker id -> (client, its pairs).
-        let mut groups: Groups = BTreeMap::new();
-        let mut unplaced = None;
         // Changes from here on wake the wait below.
         changes.borrow_and_update();
-        for &(tok, e, w) in &pairs {
-            match pool.pick(layer, e, &excluded, round) {
-                Ok(client) => groups
-                    .entry(client.member.id.clone())
-                    .or_insert_with(|| (client, Vec::new()))
-                    .1
-                    .push((tok, e, w)),
-                Err(err) => {
-                    unplaced = Some(err);
-                    break;
+        let planned = match first.take() {
+            Some(p) => p,
+            None => match plan_round(
+                &pool,
+                layer,
+                &pairs,
+                &excluded,
+                round,
+                x_dev.as_ref(),
+                t,
+                max_rows(h),
+            )? {
+                Ok(p) => {
+                    if let Some(fence) = &p.fence {
+                        // A retry: short, and rare enough to block for here.
+                        fence.wait()?;
+                    }
+                    p
                 }
-            }
-        }
-        if let Some(err) = unplaced {
-            match tokio::time::timeout_at(wait_until, changes.changed()).await {
-                Ok(Ok(())) => continue,
-                _ => return Err(err),
-            }
-        }
-        let max_rows = (MAX_CALL_BYTES / (h * 4).max(1)).max(1);
-        // Plan the calls: a CUDA IPC slot where the worker's stream has a free one (its input
-        // written now), gRPC otherwise.
-        let mut plans = Vec::new();
-        let mut wrote = false;
-        for (client, group) in groups.into_values() {
-            let slot = x_dev.as_ref().and_then(|xd| {
-                let (conn, slot) = client.ipc_slot(t)?;
-                (slot.session.dtype == xd.dtype()).then_some((conn, slot))
-            });
-            match (slot, &x_dev) {
-                (Some((conn, slot)), Some(xd)) => {
-                    slot.slot().input.write(xd)?;
-                    wrote = true;
-                    plans.push(Plan::Shared(client, group, conn, slot));
-                }
-                _ => plans.extend(
-                    split_rows(group, max_rows)
-                        .into_iter()
-                        .map(|chunk| Plan::Wire(client.clone(), chunk)),
-                ),
-            }
-        }
-        if wrote {
-            // The one host handshake on the gate's side: the inputs are in place before any
-            // worker is told to read them.
-            ipc::synchronize(&device)?;
-        }
+                Err(err) => match tokio::time::timeout_at(wait_until, changes.changed()).await {
+                    Ok(Ok(())) => continue,
+                    _ => return Err(err),
+                },
+            },
+        };
+        let plans = planned.plans;
         if x_host.is_none() && plans.iter().any(|p| matches!(p, Plan::Wire(..))) {
             x_host = Some(x.to_device(&Device::Cpu).map_err(EngineError::from)?);
         }
