@@ -721,6 +721,35 @@ mod tests {
         assert!(!w.is_suspect(Instant::now()));
     }
 
+    /// A gate on the CPU offers no device transport: the worker's stream takes gRPC, and the
+    /// pool reports that (Gate.Info, the metric) once the stream opens.
+    #[tokio::test]
+    async fn a_cpu_gate_keeps_grpc_and_reports_it() {
+        let offer = IpcOffer {
+            mode: TransportMode::Auto,
+            gate_id: "g".into(),
+            device: Device::Cpu,
+            dtype: DType::F32,
+            hidden: 8,
+            rows: 4,
+        };
+        let pool = WorkerPool::new("fp".into(), None, Duration::from_millis(200)).with_ipc(offer);
+        pool.update(&[member("a", vec![0])]);
+        let w = pool.pick(1, 0, &HashSet::new(), 0).expect("a");
+        assert_eq!(w.transport(), transport::PENDING);
+        // Nothing listens there: the refusal comes before any call to the worker.
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+        assert!(w.negotiate(&mut ExpertClient::new(channel)).await.is_none());
+        assert_eq!(w.transport(), transport::GRPC);
+        assert!(w.ipc_slot(1).is_none());
+        let reported: Vec<_> = pool
+            .transports()
+            .into_iter()
+            .map(|(m, t)| (m.id, t))
+            .collect();
+        assert_eq!(reported, vec![("a".to_string(), transport::GRPC)]);
+    }
+
     #[tokio::test]
     async fn leaving_the_registry_closes_a_worker_and_a_comeback_is_a_new_client() {
         let pool = WorkerPool::new("fp".into(), None, Duration::from_millis(200));
