@@ -181,6 +181,8 @@ if [[ $MODE == --ipc ]]; then
     # at batch 1 and 64 (128-token prompts, 32 new tokens; ms/step = ITL p50) and end to end at
     # concurrency 64 (128 / 32, prompts included). Then the greedy tokens of two fixtures through
     # the IPC mesh against in-process (f32, must be equal). Each phase prints its wall time.
+    # IPC_RUNS picks the runs: ipc, grpc, ipc-overlap, in-process, and ipc-mps / grpc-mps (the
+    # mesh under an MPS daemon started for the run).
     MODEL=synthetic:v2-lite
     BENCH=(--prompt-len 128 --output-len 32 --json)
     E2E=(--concurrency 64 --requests 64 --prompt-len 128 --output-len 32 --json)
@@ -199,7 +201,14 @@ if [[ $MODE == --ipc ]]; then
                     | sed "s/^{/{\"mode\":\"$run e2e\",/" >>"$OUT/ipc.jsonl" || status=1
                 ;;
             *)
-                t=auto; [[ $run == grpc ]] && t=grpc
+                t=auto; [[ $run == grpc* ]] && t=grpc
+                if [[ $run == *-mps ]]; then
+                    # MPS lets the three processes' kernels run at once instead of time-slicing
+                    # the GPU; the daemon is this run's own and stops after it.
+                    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+                    mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+                    nvidia-cuda-mps-control -d || { echo "no MPS here"; continue; }
+                fi
                 gate_args=(--gate-args=--kv-cache-mb=16384 --gate-args=--expert-transport=$t)
                 [[ $run == ipc-overlap ]] && gate_args+=(--gate-args=--overlap=true)
                 if MOEMESH_LOG=$MESH_LOG up --model $MODEL --dtype bf16 --expert-workers 2 "${dev_args[@]}" "${gate_args[@]}"; then
@@ -212,6 +221,10 @@ if [[ $MODE == --ipc ]]; then
                         | sort -u | head -8 | tee -a "$OUT/transports.txt"
                 else
                     status=1
+                fi
+                if [[ $run == *-mps ]]; then
+                    echo quit | nvidia-cuda-mps-control
+                    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
                 fi
                 ;;
         esac
