@@ -211,7 +211,26 @@ if [[ $MODE == --ipc ]]; then
                 fi
                 gate_args=(--gate-args=--kv-cache-mb=16384 --gate-args=--expert-transport=$t)
                 [[ $run == ipc-overlap ]] && gate_args+=(--gate-args=--overlap=true)
-                if MOEMESH_LOG=$MESH_LOG up --model $MODEL --dtype bf16 --expert-workers 2 "${dev_args[@]}" "${gate_args[@]}"; then
+                metrics_args=()
+                [[ -n ${SCRAPE:-} ]] && metrics_args=(--metrics-base-port 9300)
+                if MOEMESH_LOG=$MESH_LOG up --model $MODEL --dtype bf16 --expert-workers 2 "${dev_args[@]}" "${gate_args[@]}" "${metrics_args[@]}"; then
+                    if [[ -n ${SCRAPE:-} ]]; then
+                        # Batch 1 only, then where a layer call's time goes: the gate's whole call
+                        # (dispatch histogram) against the worker's compute (forward histogram).
+                        "$BIN" bench --addr "127.0.0.1:$PORT" --concurrency 1 --requests 3 --prompt-len 16 \
+                            --output-len 64 --json >/dev/null || status=1
+                        $PY - "$run" >>"$OUT/scrape.txt" <<'EOF'
+import re, sys, urllib.request
+def mean(port, name):
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    s = sum(float(v) for v in re.findall(rf"^{name}_sum(?:{{[^}}]*}})? (\S+)$", text, re.M))
+    n = sum(float(v) for v in re.findall(rf"^{name}_count(?:{{[^}}]*}})? (\S+)$", text, re.M))
+    return s / n * 1e6 if n else float("nan"), n
+d, dn = mean(9301, "moemesh_gate_expert_dispatch_duration_seconds")
+f, fn = mean(9302, "moemesh_expert_forward_duration_seconds")
+print(f"{sys.argv[1]}: batch 1, per layer call: gate dispatch {d:.0f} us mean ({dn:.0f} calls), worker 0 forward {f:.0f} us mean ({fn:.0f} calls)")
+EOF
+                    fi
                     "$BIN" bench --addr "127.0.0.1:$PORT" --sweep 1,64 "${BENCH[@]}" \
                         | sed "s/^{/{\"mode\":\"mesh $run\",/" >>"$OUT/ipc.jsonl" || status=1
                     "$BIN" bench --addr "127.0.0.1:$PORT" "${E2E[@]}" \
