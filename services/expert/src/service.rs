@@ -422,6 +422,11 @@ pub async fn run(
             "/moemesh.v1.Expert/Forward",
             tls::CertRole::Gate,
         ))
+        // The same for the device transport: only a gate may make this worker map its buffers.
+        .layer(tls::RequireRoleLayer::new(
+            "/moemesh.v1.Expert/OpenTransport",
+            tls::CertRole::Gate,
+        ))
         .add_service(health)
         .add_service(reflection)
         .add_service(

@@ -77,6 +77,9 @@ impl Experts for RemoteExperts {
         // the handshake), and the gRPC workers' rows copied to the host, without waiting for the
         // shared experts' kernels; those then run while the workers compute.
         let round = self.pool.next_round();
+        // `pick` opens replicas' streams in the background on the runtime (`WorkerClient::warm`),
+        // which it finds through the current context: enter it on this (engine) thread.
+        let _runtime = self.handle.enter();
         let first = plan_round(
             &self.pool,
             layer as u32,
