@@ -181,8 +181,9 @@ if [[ $MODE == --ipc ]]; then
     # at batch 1 and 64 (128-token prompts, 32 new tokens; ms/step = ITL p50) and end to end at
     # concurrency 64 (128 / 32, prompts included). Then the greedy tokens of two fixtures through
     # the IPC mesh against in-process (f32, must be equal). Each phase prints its wall time.
-    # IPC_RUNS picks the runs: ipc, grpc, ipc-overlap, in-process, and ipc-mps / grpc-mps (the
-    # mesh under an MPS daemon started for the run).
+    # IPC_RUNS picks the runs: ipc, grpc, ipc-overlap, in-process, ipc-mps / grpc-mps (the
+    # mesh under an MPS daemon started for the run) and ipc-failover / grpc-failover (a worker
+    # killed and one stopped mid-load, with replicas).
     MODEL=synthetic:v2-lite
     BENCH=(--prompt-len 128 --output-len 32 --json)
     E2E=(--concurrency 64 --requests 64 --prompt-len 128 --output-len 32 --json)
@@ -199,6 +200,33 @@ if [[ $MODE == --ipc ]]; then
                     | sed "s/^{/{\"mode\":\"$run\",/" >>"$OUT/ipc.jsonl" || status=1
                 "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 "${E2E[@]}" \
                     | sed "s/^{/{\"mode\":\"$run e2e\",/" >>"$OUT/ipc.jsonl" || status=1
+                ;;
+            *-failover)
+                # A worker killed and another stopped mid-load, each with a replica (`up
+                # --expert-replicas 2`): every request must still succeed, the dead one found by
+                # its closed stream, the hung one by the per-call deadline (--expert-timeout 5).
+                t=auto; [[ $run == grpc* ]] && t=grpc
+                if MOEMESH_LOG=$MESH_LOG up --model $MODEL --dtype bf16 --expert-workers 2 --expert-replicas 2 \
+                    "${dev_args[@]}" --gate-args=--kv-cache-mb=16384 --gate-args=--expert-transport=$t \
+                    --gate-args=--expert-timeout=5; then
+                    "$BIN" bench --addr "127.0.0.1:$PORT" --concurrency 64 --requests 192 --prompt-len 128 \
+                        --output-len 64 --json >"$OUT/failover_$run.json" &
+                    BENCH_PID=$!
+                    pid_of() { grep -o "expert worker $1 replica 0 .*pid [0-9]*" "$OUT/up.err" | grep -o '[0-9]*$' | head -1; }
+                    dead=$(pid_of 0); hung=$(pid_of 1)
+                    sleep 3; kill -KILL "$dead" && echo "killed worker 0 replica 0 (pid $dead) mid-load"
+                    sleep 3; kill -STOP "$hung" && echo "stopped worker 1 replica 0 (pid $hung) mid-load"
+                    wait $BENCH_PID || status=1
+                    kill -CONT "$hung"
+                    down
+                    $PY -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"$run: {r['succeeded']}/{r['requests']} requests ok, errors {r['errors']}, {r['output_tokens_per_s']:.0f} output tok/s\")" \
+                        "$OUT/failover_$run.json" | tee -a "$OUT/failover.txt"
+                    echo "retried calls: $(grep -c 'retrying on another replica' "$OUT/up.err")" | tee -a "$OUT/failover.txt"
+                    grep -o 'expert call failed; retrying on another replica.\{0,200\}' "$OUT/up.err" | sed 's/\x1b\[[0-9;]*m//g' \
+                        | head -3 | tee -a "$OUT/failover.txt"
+                else
+                    status=1
+                fi
                 ;;
             *)
                 t=auto; [[ $run == grpc* ]] && t=grpc
