@@ -207,7 +207,7 @@ if [[ $MODE == --ipc ]]; then
                 # its closed stream, the hung one by the per-call deadline (--expert-timeout 5).
                 t=auto; [[ $run == grpc* ]] && t=grpc
                 if MOEMESH_LOG=$MESH_LOG up --model $MODEL --dtype bf16 --expert-workers 2 --expert-replicas 2 \
-                    "${dev_args[@]}" --gate-args=--kv-cache-mb=16384 --gate-args=--expert-transport=$t \
+                    "${dev_args[@]}" --gate-args=--kv-cache-mb=4096 --gate-args=--expert-transport=$t \
                     --gate-args=--expert-timeout=5; then
                     "$BIN" bench --addr "127.0.0.1:$PORT" --concurrency 64 --requests 192 --prompt-len 128 \
                         --output-len 64 --json >"$OUT/failover_$run.json" &
