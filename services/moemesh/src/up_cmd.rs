@@ -410,6 +410,13 @@ mod tests {
             .up
     }
 
+    #[test]
+    fn one_replica_per_shard_unless_asked_and_never_zero() {
+        assert_eq!(up(&[]).expert_replicas, 1);
+        assert_eq!(up(&["--expert-replicas", "2"]).expert_replicas, 2);
+        assert!(Cli::try_parse_from(["up", "--expert-replicas", "0"]).is_err());
+    }
+
     #[cfg(unix)]
     #[test]
     fn the_pki_directory_is_private_and_certificates_carry_their_role() {
