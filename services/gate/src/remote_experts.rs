@@ -9,9 +9,10 @@
 //! a CUDA IPC session gets the layer's activations copied GPU to GPU into a buffer slot of that
 //! session (all `T` rows, the request naming each of its tokens' rows) and answers with its f32
 //! partial sums over all `T` rows in the slot's output buffer; the others get the rows they need
-//! in the gRPC message, as before. The handshake is the gRPC call itself: the gate synchronises
-//! its stream after queueing the input copies and before sending (so the worker reads finished
-//! data), the worker synchronises before it replies (so the reply means the output is written),
+//! in the gRPC message, as before. The handshake is the gRPC call itself: the gate waits on an
+//! event recorded after its input copies (on the engine thread, before the shared experts are
+//! queued) and only then sends (so the worker reads finished data), the worker synchronises
+//! before it replies (so the reply means the output is written),
 //! and the gate queues its copy out of the slot before freeing the slot for the next call, on its
 //! one stream, ahead of the next input copy. Deadlines, retries and replicas are the same for
 //! both: a worker that misses its deadline is failed on the control plane and its pairs go to a
