@@ -10,6 +10,7 @@
 #   scripts/gpu-check.sh --prefill            # prefill: flash/grouped path vs the earlier one
 #   scripts/gpu-check.sh --prefill-e2e        # prefill through the mesh, end-to-end at concurrency 64
 #   BINS="old.gz new.gz" scripts/gpu-check.sh --core   # serving core: in-process and mesh, c=1 and 64
+#   scripts/gpu-check.sh --ipc                # expert data plane: CUDA IPC vs gRPC vs in-process
 #   GATE_BINS="old.gz new.gz" scripts/gpu-check.sh --sampling   # the mesh once per gate binary
 #   EXPERT_DEVICES=cuda:1 scripts/gpu-check.sh --bench   # gate on GPU 0, expert workers on GPU 1
 #
@@ -213,6 +214,142 @@ for line in open(sys.argv[1]):
     itl = r.get("itl_ms") or {}
     print(f"| {r['mode']} | {r['concurrency']} | {r['output_tokens_per_s']:.0f} | {r['ttft_ms']['p50']:.1f} | {itl.get('p50', 0):.2f} | {itl.get('p99', 0):.2f} |")
 EOF2
+    exit $status
+fi
+
+if [[ $MODE == --ipc ]]; then
+    # The expert data plane (issue 17): the mesh (gate + 2 expert workers on the one GPU, or on
+    # EXPERT_DEVICES) with the activations on CUDA IPC (`--expert-transport auto`) and on gRPC
+    # (`--expert-transport grpc`, the baseline), against in-process, same binary and card: decode
+    # at batch 1 and 64 (128-token prompts, 32 new tokens; ms/step = ITL p50) and end to end at
+    # concurrency 64 (128 / 32, prompts included). Then the greedy tokens of two fixtures through
+    # the IPC mesh against in-process (f32, must be equal). Each phase prints its wall time.
+    # IPC_RUNS picks the runs: ipc, grpc, ipc-overlap, in-process, ipc-mps / grpc-mps (the
+    # mesh under an MPS daemon started for the run) and ipc-failover / grpc-failover (a worker
+    # killed and one stopped mid-load, with replicas).
+    MODEL=synthetic:v2-lite
+    BENCH=(--prompt-len 128 --output-len 32 --json)
+    E2E=(--concurrency 64 --requests 64 --prompt-len 128 --output-len 32 --json)
+    ED=${EXPERT_DEVICES:-}
+    dev_args=(--device cuda:0)
+    [[ -n $ED ]] && dev_args+=(--expert-devices "$ED")
+    : >"$OUT/ipc.jsonl"
+    MESH_LOG="warn,moemesh_gate::workers=info,moemesh_expert::service=info"
+    for run in ${IPC_RUNS:-ipc grpc ipc-overlap in-process}; do
+        t0=$SECONDS
+        case $run in
+            in-process)
+                "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 --sweep 1,64 "${BENCH[@]}" \
+                    | sed "s/^{/{\"mode\":\"$run\",/" >>"$OUT/ipc.jsonl" || status=1
+                "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 "${E2E[@]}" \
+                    | sed "s/^{/{\"mode\":\"$run e2e\",/" >>"$OUT/ipc.jsonl" || status=1
+                ;;
+            *-failover)
+                # A worker hung mid-load (SIGSTOP), with a replica (`up --expert-replicas 2`):
+                # every request must still succeed, the hung worker found by the per-call
+                # deadline (--expert-timeout 5) and its share re-sent to the replica. (A killed
+                # worker makes `up` stop the whole mesh, so the kill is left to the CPU tests,
+                # which run their own processes.)
+                t=auto; [[ $run == grpc* ]] && t=grpc
+                if MOEMESH_LOG=$MESH_LOG up --model $MODEL --dtype bf16 --expert-workers 2 --expert-replicas 2 \
+                    "${dev_args[@]}" --gate-args=--kv-cache-mb=4096 --gate-args=--expert-transport=$t \
+                    --gate-args=--expert-timeout=5; then
+                    "$BIN" bench --addr "127.0.0.1:$PORT" --concurrency 64 --requests 192 --prompt-len 128 \
+                        --output-len 64 --json >"$OUT/failover_$run.json" &
+                    BENCH_PID=$!
+                    hung=$(grep -o "expert worker 0 replica 0 .*pid [0-9]*" "$OUT/up.err" | grep -o '[0-9]*$' | head -1)
+                    sleep 3; kill -STOP "$hung" && echo "stopped worker 0 replica 0 (pid $hung) mid-load"
+                    wait $BENCH_PID || status=1
+                    kill -CONT "$hung"
+                    down
+                    $PY -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"$run: {r['succeeded']}/{r['requests']} requests ok, errors {r['errors']}, {r['output_tokens_per_s']:.0f} output tok/s\")" \
+                        "$OUT/failover_$run.json" | tee -a "$OUT/failover.txt"
+                    echo "retried calls: $(grep -c 'retrying on another replica' "$OUT/up.err")" | tee -a "$OUT/failover.txt"
+                    grep -o 'expert call failed; retrying on another replica.\{0,200\}' "$OUT/up.err" | sed 's/\x1b\[[0-9;]*m//g' \
+                        | head -3 | tee -a "$OUT/failover.txt"
+                else
+                    status=1
+                fi
+                ;;
+            *)
+                t=auto; [[ $run == grpc* ]] && t=grpc
+                if [[ $run == *-mps ]]; then
+                    # MPS lets the three processes' kernels run at once instead of time-slicing
+                    # the GPU; the daemon is this run's own and stops after it.
+                    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+                    mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+                    nvidia-cuda-mps-control -d || { echo "no MPS here"; continue; }
+                fi
+                gate_args=(--gate-args=--kv-cache-mb=16384 --gate-args=--expert-transport=$t)
+                [[ $run == ipc-overlap ]] && gate_args+=(--gate-args=--overlap=true)
+                metrics_args=()
+                [[ -n ${SCRAPE:-} ]] && metrics_args=(--metrics-base-port 9300)
+                if MOEMESH_LOG=$MESH_LOG up --model $MODEL --dtype bf16 --expert-workers 2 "${dev_args[@]}" "${gate_args[@]}" "${metrics_args[@]}"; then
+                    if [[ -n ${SCRAPE:-} ]]; then
+                        # Batch 1 only, then where a layer call's time goes: the gate's whole call
+                        # (dispatch histogram) against the worker's compute (forward histogram).
+                        "$BIN" bench --addr "127.0.0.1:$PORT" --concurrency 1 --requests 3 --prompt-len 16 \
+                            --output-len 64 --json >/dev/null || status=1
+                        $PY - "$run" >>"$OUT/scrape.txt" <<'EOF'
+import re, sys, urllib.request
+def mean(port, name):
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    s = sum(float(v) for v in re.findall(rf"^{name}_sum(?:{{[^}}]*}})? (\S+)$", text, re.M))
+    n = sum(float(v) for v in re.findall(rf"^{name}_count(?:{{[^}}]*}})? (\S+)$", text, re.M))
+    return s / n * 1e6 if n else float("nan"), n
+d, dn = mean(9301, "moemesh_gate_expert_dispatch_duration_seconds")
+f, fn = mean(9302, "moemesh_expert_forward_duration_seconds")
+print(f"{sys.argv[1]}: batch 1, per layer call: gate dispatch {d:.0f} us mean ({dn:.0f} calls), worker 0 forward {f:.0f} us mean ({fn:.0f} calls)")
+EOF
+                    fi
+                    "$BIN" bench --addr "127.0.0.1:$PORT" --sweep 1,64 "${BENCH[@]}" \
+                        | sed "s/^{/{\"mode\":\"mesh $run\",/" >>"$OUT/ipc.jsonl" || status=1
+                    "$BIN" bench --addr "127.0.0.1:$PORT" "${E2E[@]}" \
+                        | sed "s/^{/{\"mode\":\"mesh $run e2e\",/" >>"$OUT/ipc.jsonl" || status=1
+                    down
+                    grep -h 'transport' "$OUT/up.err" "$OUT/up.out" | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-300 \
+                        | sort -u | head -8 | tee -a "$OUT/transports.txt"
+                else
+                    status=1
+                fi
+                if [[ $run == *-mps ]]; then
+                    echo quit | nvidia-cuda-mps-control
+                    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+                fi
+                ;;
+        esac
+        echo "== $run: $((SECONDS - t0)) s"
+    done
+    if [[ -z ${SKIP_FIXTURES:-} ]]; then
+        for fx in tiny-deepseek-v3 tiny-deepseek-v2-lite; do
+            t0=$SECONDS
+            ids=$($PY -c "import json;print(','.join(map(str,json.load(open('tests/fixtures/$fx/reference.json'))['prompts'][2]['input_ids'])))" 2>/dev/null || echo 5,17,42,7,99,300,12)
+            common=(--prompt-ids "$ids" --max-new-tokens 32 --ignore-eos --json)
+            "$BIN" generate --model "tests/fixtures/$fx" --device cuda:0 --dtype f32 "${common[@]}" >"$OUT/inproc_$fx.jsonl" || status=1
+            if MOEMESH_LOG=$MESH_LOG up --model "tests/fixtures/$fx" --device cuda:0 --dtype f32 --expert-workers 2; then
+                "$BIN" generate --addr "127.0.0.1:$PORT" "${common[@]}" >"$OUT/mesh_$fx.jsonl" || status=1
+                down
+                echo "cuda-ipc log lines: $(cat "$OUT/up.err" "$OUT/up.out" | grep -c 'cuda-ipc')"
+            else
+                status=1
+            fi
+            $PY - "$OUT/inproc_$fx.jsonl" "$OUT/mesh_$fx.jsonl" "$fx f32 ipc" <<'EOF' || status=1
+import json, sys
+def ids(path):
+    out = []
+    for line in open(path):
+        if line.strip():
+            out = json.loads(line).get("token_ids", out)
+    return out
+a, b = ids(sys.argv[1]), ids(sys.argv[2])
+ok = len(a) == 32 and a == b
+print(f"{sys.argv[3]:<28} in-process {len(a)} tokens, mesh {len(b)} tokens: {'equal' if ok else 'DIFFERENT'}")
+sys.exit(0 if ok else 1)
+EOF
+            echo "== fixture $fx: $((SECONDS - t0)) s"
+        done
+    fi
+    $PY scripts/bench/ipc_report.py "$OUT/ipc.jsonl" | tee "$OUT/ipc.md"
     exit $status
 fi
 

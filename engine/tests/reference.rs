@@ -382,7 +382,7 @@ fn local_server_runs_more_requests_than_its_concurrency_in_a_pool_just_big_enoug
         // (`blocks_for`), so the next prompt (2 blocks) fits only once the last one's are free.
         prompt_ids: (0..21).map(|k| 3 + (i + 7 * k) % 90).collect(),
         sampling: moemesh_engine::SamplingParams {
-            temperature: if i % 2 == 0 { 0.0 } else { 0.9 },
+            temperature: if i.is_multiple_of(2) { 0.0 } else { 0.9 },
             top_k: 0,
             top_p: 1.0,
             seed: Some(seed),

@@ -22,6 +22,7 @@ use crate::error::{EngineError, Result};
 
 mod attention;
 mod experts;
+pub mod ipc;
 
 pub use attention::{DecodeTables, PrefillQuery};
 pub use experts::{

@@ -213,6 +213,7 @@ fn forward_from(u: &mut Unstructured) -> Result<v1::ForwardRequest> {
         expert_ids,
         weights,
         traceparent: String::new(),
+        shared: None,
     })
 }
 

@@ -16,5 +16,6 @@ pub mod reload;
 pub mod serve;
 pub mod telemetry;
 pub mod tls;
+pub mod transport;
 
 pub use error::{MeshError, MeshResult};

@@ -99,6 +99,9 @@ metrics_table! {
     gauge GATE_WORKERS = "moemesh_gate_expert_workers";
     /// (layer, expert) pairs of the model that no accepted worker serves.
     gauge MISSING_EXPERTS = "moemesh_gate_missing_experts";
+    /// 1 for the transport each expert `worker`'s activations take (`transport`: grpc or
+    /// cuda-ipc), set when its stream opens.
+    gauge WORKER_TRANSPORT = "moemesh_gate_expert_transport";
 
     // Expert worker.
     /// Forward calls, by `code`.

@@ -1,10 +1,16 @@
-//! `Expert.Forward` and `Expert.Info`, and the worker's life cycle.
+//! `Expert.Forward`, `Expert.Info` and `Expert.OpenTransport`, and the worker's life cycle.
+//!
+//! A gate on the same host may hand the worker CUDA IPC buffers (`OpenTransport`): the worker maps
+//! them (one session per gate; a gate's new session replaces and unmaps its old one) and then
+//! serves that gate's calls that name the session by reading the activations from the slot's
+//! input buffer and writing its f32 partial sums into the slot's output buffer, synchronising its
+//! stream before it replies. The gRPC tensor path stays for every other call.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::Stream;
@@ -13,17 +19,40 @@ use moemesh_common::metrics::{code_label, names};
 use moemesh_common::registry::{Member, Registry, Role};
 use moemesh_common::tls::{self, ClientAuth};
 use moemesh_common::{
-    MeshError, MeshResult, codec, device, metrics as mesh_metrics, serve, telemetry,
+    MeshError, MeshResult, codec, device, metrics as mesh_metrics, serve, telemetry, transport,
 };
-use moemesh_engine::{Device, ExpertShard, ModelFiles, ShardSpec};
+use moemesh_engine::cuda::ipc::{self, OpenedBuffer};
+use moemesh_engine::{DType, Device, ExpertShard, ModelFiles, ShardSpec};
 use moemesh_proto::v1::expert_server::{Expert, ExpertServer};
-use moemesh_proto::v1::{ExpertInfoRequest, ExpertInfoResponse, ForwardRequest, ForwardResponse};
+use moemesh_proto::v1::{
+    self as pb, ExpertInfoRequest, ExpertInfoResponse, ForwardRequest, ForwardResponse,
+    OpenTransportRequest, OpenTransportResponse,
+};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::{ExpertConfig, parse_range};
+
+/// One gate's CUDA IPC buffers, mapped into this worker.
+struct Session {
+    /// Per slot: the gate's input buffer `[rows, hidden]` and output buffer `[rows, hidden]` f32.
+    slots: Vec<(OpenedBuffer, OpenedBuffer)>,
+    /// Rows each buffer holds.
+    rows: usize,
+}
+
+/// The sessions of the gates that set one up.
+#[derive(Default)]
+struct Sessions {
+    by_id: HashMap<u64, Arc<Session>>,
+    /// Gate id → its session id (one per gate).
+    by_gate: HashMap<String, u64>,
+}
+
+/// Session ids (0 means refused on the wire).
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
 struct Worker {
     shard: Arc<ExpertShard>,
@@ -34,12 +63,112 @@ struct Worker {
     in_flight: serve::InFlight,
     /// Set at shutdown: streams finish their current call and end.
     closing: Arc<AtomicBool>,
+    /// CUDA IPC sessions by id.
+    sessions: std::sync::Mutex<Sessions>,
 }
 
 impl Worker {
+    fn sessions(&self) -> std::sync::MutexGuard<'_, Sessions> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Maps a gate's buffers (after [`transport::worker_check`]); replaces that gate's session.
+    fn open_session(&self, req: &OpenTransportRequest) -> MeshResult<u64> {
+        let dtype = match pb::DType::try_from(req.dtype) {
+            Ok(pb::DType::Bf16) => DType::BF16,
+            _ => DType::F32,
+        };
+        let rows = req.rows as usize;
+        let in_bytes = rows * self.hidden_size * dtype.size_in_bytes();
+        let out_bytes = rows * self.hidden_size * DType::F32.size_in_bytes();
+        let mut slots = Vec::with_capacity(req.input_handles.len());
+        for (i, o) in req.input_handles.iter().zip(&req.output_handles) {
+            slots.push((
+                OpenedBuffer::open(&self.device, i, in_bytes)?,
+                OpenedBuffer::open(&self.device, o, out_bytes)?,
+            ));
+        }
+        let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
+        let session = Arc::new(Session { slots, rows });
+        let old = {
+            let mut st = self.sessions();
+            st.by_id.insert(id, session);
+            st.by_gate
+                .insert(req.gate_id.clone(), id)
+                .and_then(|old| st.by_id.remove(&old))
+        };
+        // Unmapped here (or when its last call finishes), outside the lock.
+        drop(old);
+        Ok(id)
+    }
+
+    /// A call whose activations are in a session's slot: reads them there, writes the partial
+    /// sums back there, and synchronises before the reply says they are written.
+    fn forward_shared(
+        &self,
+        req: &ForwardRequest,
+        shared: &pb::SharedActivations,
+    ) -> MeshResult<ForwardResponse> {
+        let session = self.sessions().by_id.get(&shared.session).cloned();
+        let Some(session) = session else {
+            // Not INVALID_ARGUMENT: the gate retries the call (its stream's session is gone).
+            return Err(MeshError::Unavailable(format!(
+                "no transport session {} on this worker (replaced or never opened)",
+                shared.session
+            )));
+        };
+        let Some((input, output)) = session.slots.get(shared.slot as usize) else {
+            return Err(MeshError::Invalid(format!(
+                "shared.slot {} of a session with {} slots",
+                shared.slot,
+                session.slots.len()
+            )));
+        };
+        let assignments = transport::shared_assignments(req, shared, session.rows)?;
+        let dtype = match pb::DType::try_from(shared.dtype) {
+            Ok(pb::DType::Bf16) => DType::BF16,
+            Ok(pb::DType::F32) => DType::F32,
+            _ => return Err(MeshError::Invalid("shared.dtype is not f32 or bf16".into())),
+        };
+        let rows = shared.rows as usize;
+        let x = input.read(dtype, &[rows, self.hidden_size])?;
+        let out = self.compute(req.layer as usize, &x, &assignments)?;
+        let out = out
+            .to_dtype(DType::F32)
+            .map_err(moemesh_engine::EngineError::from)?;
+        output.write(
+            &out.contiguous()
+                .map_err(moemesh_engine::EngineError::from)?,
+        )?;
+        ipc::synchronize(&self.device)?;
+        Ok(ForwardResponse {
+            call_id: req.call_id,
+            output: None,
+            shared_output: true,
+        })
+    }
+
     fn forward(&self, req: &ForwardRequest) -> MeshResult<ForwardResponse> {
+        if let Some(shared) = &req.shared {
+            return self.forward_shared(req, shared);
+        }
         let (x, assignments) = codec::decode_forward(req, self.hidden_size, &self.device)?;
-        let layer = req.layer as usize;
+        let out = self.compute(req.layer as usize, &x, &assignments)?;
+        Ok(ForwardResponse {
+            call_id: req.call_id,
+            output: Some(codec::encode(&out, moemesh_proto::v1::DType::F32)?),
+            shared_output: false,
+        })
+    }
+
+    /// The shard's weighted sum for `assignments` over `x`'s rows, after checking that every
+    /// expert is served here.
+    fn compute(
+        &self,
+        layer: usize,
+        x: &moemesh_engine::Tensor,
+        assignments: &[codec::Assignment],
+    ) -> MeshResult<moemesh_engine::Tensor> {
         if let Some((_, e, _)) = assignments
             .iter()
             .find(|(_, e, _)| !self.shard.has(layer, *e as usize))
@@ -52,9 +181,9 @@ impl Worker {
         // The shard returns its f32 accumulator (see `with_f32_output` below), sent as f32
         // whatever the request's dtype: the gate adds every worker's partial sum in f32 and
         // rounds once, as the in-process engine does, instead of rounding each partial first.
-        let out = self.shard.forward_assigned(layer, &x, &assignments)?;
+        let out = self.shard.forward_assigned(layer, x, assignments)?;
         let mut per_expert: BTreeMap<u32, u64> = BTreeMap::new();
-        for &(_, e, _) in &assignments {
+        for &(_, e, _) in assignments {
             *per_expert.entry(e).or_default() += 1;
         }
         let layer_label = layer.to_string();
@@ -62,10 +191,7 @@ impl Worker {
             metrics::counter!(names::WORKER_EXPERT_TOKENS, "layer" => layer_label.clone(), "expert" => e.to_string())
                 .increment(n);
         }
-        Ok(ForwardResponse {
-            call_id: req.call_id,
-            output: Some(codec::encode(&out, moemesh_proto::v1::DType::F32)?),
-        })
+        Ok(out)
     }
 }
 
@@ -166,6 +292,49 @@ impl Expert for ExpertService {
     ) -> Result<Response<ExpertInfoResponse>, Status> {
         Ok(Response::new(self.worker.info.clone()))
     }
+
+    async fn open_transport(
+        &self,
+        request: Request<OpenTransportRequest>,
+    ) -> Result<Response<OpenTransportResponse>, Status> {
+        let req = request.into_inner();
+        let w = &self.worker;
+        let checked = transport::worker_check(
+            &req,
+            &transport::host_id(),
+            ipc::available(&w.device),
+            w.hidden_size,
+        );
+        let result = match checked {
+            Err(reason) => Err(reason),
+            Ok(()) => {
+                let w = w.clone();
+                tokio::task::spawn_blocking(move || w.open_session(&req))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+            }
+        };
+        let reply = match result {
+            Ok(session) => {
+                tracing::info!(worker = %w.info.id, session, transport = transport::CUDA_IPC, "gate transport opened");
+                OpenTransportResponse {
+                    session,
+                    transport: transport::CUDA_IPC.into(),
+                    reason: String::new(),
+                }
+            }
+            Err(reason) => {
+                tracing::info!(worker = %w.info.id, transport = transport::GRPC, %reason, "gate transport refused");
+                OpenTransportResponse {
+                    session: 0,
+                    transport: transport::GRPC.into(),
+                    reason,
+                }
+            }
+        };
+        Ok(Response::new(reply))
+    }
 }
 
 /// Loads the shard, serves on `listener` until `shutdown` resolves, then leaves the registry and
@@ -244,6 +413,7 @@ pub async fn run(
         hidden_size,
         in_flight,
         closing: Arc::new(AtomicBool::new(false)),
+        sessions: Default::default(),
     });
     let (reporter, health, reflection) = serve::health_and_reflection();
     let limits = &cfg.member.limits;
@@ -253,6 +423,11 @@ pub async fn run(
         // gate role gets PERMISSION_DENIED (health and reflection stay open to probes).
         .layer(tls::RequireRoleLayer::new(
             "/moemesh.v1.Expert/Forward",
+            tls::CertRole::Gate,
+        ))
+        // The same for the device transport: only a gate may make this worker map its buffers.
+        .layer(tls::RequireRoleLayer::new(
+            "/moemesh.v1.Expert/OpenTransport",
             tls::CertRole::Gate,
         ))
         .add_service(health)
@@ -312,6 +487,79 @@ mod tests {
 
     use super::*;
 
+    fn cpu_worker() -> Arc<Worker> {
+        let files = ModelFiles::open_or_embedded(None).expect("embedded model");
+        let cfg = &files.config;
+        let spec = ShardSpec {
+            layers: vec![cfg.moe_layers()[0]],
+            experts: vec![0, 1],
+        };
+        let loader = files.loader(&Device::Cpu, DType::F32);
+        let shard = ExpertShard::load(cfg, &loader, &spec).expect("shard");
+        Arc::new(Worker {
+            shard: Arc::new(shard.with_f32_output()),
+            info: ExpertInfoResponse::default(),
+            device: Device::Cpu,
+            hidden_size: cfg.hidden_size,
+            in_flight: serve::Drain::new().1,
+            closing: Arc::new(AtomicBool::new(false)),
+            sessions: Default::default(),
+        })
+    }
+
+    /// A CPU worker refuses CUDA IPC with a reason (the gate keeps gRPC), not with an error.
+    #[tokio::test]
+    async fn a_cpu_worker_refuses_cuda_ipc_and_keeps_grpc() {
+        let worker = cpu_worker();
+        let svc = ExpertService {
+            worker: worker.clone(),
+        };
+        let req = OpenTransportRequest {
+            gate_id: "gate-1".into(),
+            host_id: transport::host_id(),
+            kind: transport::CUDA_IPC.into(),
+            rows: 8,
+            hidden: worker.hidden_size as u32,
+            dtype: v1::DType::F32 as i32,
+            input_handles: vec![vec![0; ipc::HANDLE_BYTES]],
+            output_handles: vec![vec![0; ipc::HANDLE_BYTES]],
+        };
+        let reply = svc
+            .open_transport(Request::new(req))
+            .await
+            .expect("a refusal is an answer")
+            .into_inner();
+        assert_eq!(reply.session, 0);
+        assert_eq!(reply.transport, transport::GRPC);
+        assert!(reply.reason.contains("CPU"), "{}", reply.reason);
+        assert!(worker.sessions().by_id.is_empty());
+    }
+
+    /// A call naming a session the worker does not hold fails as UNAVAILABLE, so the gate retries
+    /// it (on a replica, or on this worker's next stream) instead of failing the step.
+    #[test]
+    fn a_call_on_an_unknown_session_is_retryable() {
+        let worker = cpu_worker();
+        let req = ForwardRequest {
+            call_id: 1,
+            layer: 1,
+            pairs_per_token: vec![1],
+            expert_ids: vec![0],
+            weights: vec![1.0],
+            shared: Some(v1::SharedActivations {
+                session: 42,
+                slot: 0,
+                rows: 1,
+                dtype: v1::DType::F32 as i32,
+                token_rows: vec![0],
+            }),
+            ..Default::default()
+        };
+        let err = worker.forward(&req).expect_err("no such session");
+        assert!(matches!(err, MeshError::Unavailable(_)), "{err}");
+        assert_eq!(Status::from(err).code(), tonic::Code::Unavailable);
+    }
+
     /// A bf16 worker answers a bf16 request with its f32 accumulator, not a bf16 rounding of it.
     #[test]
     fn bf16_worker_returns_f32_partial_sums() {
@@ -331,6 +579,7 @@ mod tests {
             hidden_size: cfg.hidden_size,
             in_flight: serve::Drain::new().1,
             closing: Arc::new(AtomicBool::new(false)),
+            sessions: Default::default(),
         };
         let x = moemesh_engine::Tensor::randn(0f32, 1.0, (3, cfg.hidden_size), &Device::Cpu)
             .and_then(|t| t.to_dtype(DType::BF16))
@@ -343,6 +592,7 @@ mod tests {
             expert_ids: vec![0, 1, 1, 0],
             weights: vec![0.7, 0.3, 1.1, 0.45],
             traceparent: String::new(),
+            shared: None,
         };
         let reply = worker.forward(&req).expect("forward");
         assert_eq!(reply.call_id, 7);

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use moemesh_common::member_args::MemberArgs;
+use moemesh_common::transport::TransportMode;
 
 #[derive(Args, Debug, Clone)]
 pub struct GateConfig {
@@ -46,4 +47,20 @@ pub struct GateConfig {
     #[arg(long, env = "MOEMESH_EXPERT_CONNECT_TIMEOUT_MS", default_value_t = 2000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub expert_connect_timeout_ms: u64,
+    /// How activations reach expert workers: `auto` sets up CUDA IPC (device buffers shared on
+    /// one host, any GPU) with every CUDA worker that accepts and keeps gRPC for the others;
+    /// `grpc` sends every tensor in the gRPC messages (the baseline, or a way around a driver
+    /// problem).
+    #[arg(
+        long,
+        env = "MOEMESH_EXPERT_TRANSPORT",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub expert_transport: TransportMode,
+    /// Rows (tokens) each CUDA IPC buffer holds: 2 slots per worker of [rows, hidden] in the
+    /// compute dtype plus [rows, hidden] f32. A layer call with more tokens takes gRPC.
+    #[arg(long, env = "MOEMESH_EXPERT_IPC_ROWS", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub expert_ipc_rows: u32,
 }

@@ -4,6 +4,19 @@
 //! retried on other replicas of the same experts (expert calls are pure). The engine runs on its
 //! own thread; the calls run on the tokio runtime, so the engine computes shared experts while
 //! they are in flight.
+//!
+//! Two transports for the tensors (see `moemesh_common::transport`): a worker whose stream has
+//! a CUDA IPC session gets the layer's activations copied GPU to GPU into a buffer slot of that
+//! session (all `T` rows, the request naming each of its tokens' rows) and answers with its f32
+//! partial sums over all `T` rows in the slot's output buffer; the others get the rows they need
+//! in the gRPC message, as before. The handshake is the gRPC call itself: the gate waits on an
+//! event recorded after its input copies (on the engine thread, before the shared experts are
+//! queued) and only then sends (so the worker reads finished data), the worker synchronises
+//! before it replies (so the reply means the output is written),
+//! and the gate queues its copy out of the slot before freeing the slot for the next call, on its
+//! one stream, ahead of the next input copy. Deadlines, retries and replicas are the same for
+//! both: a worker that misses its deadline is failed on the control plane and its pairs go to a
+//! replica, on whichever transport that replica has.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -12,12 +25,13 @@ use std::time::Duration;
 use futures::future::join_all;
 use moemesh_common::metrics::names;
 use moemesh_common::{MeshError, MeshResult, codec, telemetry};
+use moemesh_engine::cuda::ipc;
 use moemesh_engine::{DType, Device, EngineError, Experts, PendingExperts, Routing, Tensor};
-use moemesh_proto::v1::{self, ForwardRequest};
+use moemesh_proto::v1::{self, ForwardRequest, SharedActivations};
 use tokio::runtime::Handle;
 use tracing::{Instrument, Span};
 
-use crate::workers::{WorkerClient, WorkerPool};
+use crate::workers::{Conn, SlotGuard, WorkerClient, WorkerPool};
 
 const MAX_ATTEMPTS: usize = 4;
 
@@ -46,24 +60,65 @@ impl Experts for RemoteExperts {
         x: &Tensor,
         routing: &Routing,
     ) -> moemesh_engine::Result<PendingExperts> {
-        // The wire is host memory: activations go down once per layer, the sum comes back up.
         let device = x.device().clone();
-        let x = x.to_device(&Device::Cpu)?;
+        let (t, h) = x.dims2()?;
         let mut pairs = Vec::with_capacity(routing.expert_ids.len());
         for t in 0..routing.num_tokens() {
             for (e, w) in routing.token(t) {
                 pairs.push((t as u32, e, w));
             }
         }
-        let job = execute(
-            self.pool.clone(),
+        let x_dev = if device.is_cuda() {
+            Some(x.contiguous()?)
+        } else {
+            None
+        };
+        // The first round is planned here, on the engine thread, before the engine queues the
+        // shared experts: the CUDA IPC input copies are queued and waited for (the gate's side of
+        // the handshake), and the gRPC workers' rows copied to the host, without waiting for the
+        // shared experts' kernels; those then run while the workers compute.
+        let round = self.pool.next_round();
+        // `pick` opens replicas' streams in the background on the runtime (`WorkerClient::warm`),
+        // which it finds through the current context: enter it on this (engine) thread.
+        let _runtime = self.handle.enter();
+        let first = plan_round(
+            &self.pool,
             layer as u32,
-            x,
+            &pairs,
+            &HashSet::new(),
+            round,
+            x_dev.as_ref(),
+            t,
+            max_rows(h),
+        )
+        .map_err(into_engine)?
+        .ok();
+        if let Some(fence) = first.as_ref().and_then(|p| p.fence.as_ref()) {
+            fence.wait()?;
+        }
+        let needs_host = first
+            .as_ref()
+            .is_none_or(|p| p.plans.iter().any(|c| matches!(c, Plan::Wire(..))));
+        let x_host = if needs_host {
+            Some(x.to_device(&Device::Cpu)?)
+        } else {
+            None
+        };
+        let job = execute(
+            Dispatch {
+                pool: self.pool.clone(),
+                layer: layer as u32,
+                x: x.clone(),
+                x_dev,
+                x_host,
+                round,
+                wire: self.wire,
+                timeout: self.timeout,
+                // The step's span (on the engine thread), under which each call's span goes.
+                step: Span::current(),
+            },
+            first,
             pairs,
-            self.wire,
-            self.timeout,
-            // The step's span (on the engine thread), under which each call's span goes.
-            Span::current(),
         );
         let task = self.handle.spawn(job);
         let handle = self.handle.clone();
@@ -71,33 +126,142 @@ impl Experts for RemoteExperts {
             let out = handle.block_on(task).map_err(|e| {
                 EngineError::ExpertsUnavailable(format!("expert dispatch task: {e}"))
             })?;
-            let out = out.map_err(|e| match e {
-                MeshError::Engine(inner) => inner,
-                other => EngineError::ExpertsUnavailable(other.to_string()),
-            })?;
             // The f32 sum goes back as it is: the model rounds it once where it adds it (on a
             // GPU it stays f32 into the residual, as the in-process experts' sum does).
-            Ok(out.to_device(&device)?)
+            Ok(out.map_err(into_engine)?.to_device(&device)?)
         }))
     }
 }
 
-/// Sends every (token, expert, weight) pair to some worker, retrying failed workers' pairs on
-/// other replicas; returns the routed output `[T, hidden]` in f32.
-async fn execute(
+fn into_engine(e: MeshError) -> EngineError {
+    match e {
+        MeshError::Engine(inner) => inner,
+        other => EngineError::ExpertsUnavailable(other.to_string()),
+    }
+}
+
+/// Most distinct tokens in one gRPC call for hidden size `h` (see [`MAX_CALL_BYTES`]).
+fn max_rows(h: usize) -> usize {
+    (MAX_CALL_BYTES / (h * 4).max(1)).max(1)
+}
+
+/// One call of a dispatch round, on its transport.
+enum Plan {
+    /// Rows in the message (gRPC): the worker's pairs, split to bound the message size.
+    Wire(Arc<WorkerClient>, Vec<Pair>),
+    /// Rows in a CUDA IPC slot, already written: all of the worker's pairs in one call.
+    Shared(Arc<WorkerClient>, Vec<Pair>, Arc<Conn>, SlotGuard),
+}
+
+/// A round's calls, and what must pass before they are sent.
+struct Planned {
+    plans: Vec<Plan>,
+    /// Passed once the CUDA IPC input copies queued with the plan have run.
+    fence: Option<ipc::Fence>,
+}
+
+/// Groups `pairs` by the worker picked for each and plans each worker's calls: a CUDA IPC slot
+/// (its input copy queued now) where the worker's stream has a free one, gRPC otherwise.
+/// `Ok(Err(_))` when some pair has no live replica now.
+#[allow(clippy::too_many_arguments)]
+fn plan_round(
+    pool: &WorkerPool,
+    layer: u32,
+    pairs: &[Pair],
+    excluded: &HashSet<u64>,
+    round: u64,
+    x_dev: Option<&Tensor>,
+    t: usize,
+    max_rows: usize,
+) -> MeshResult<MeshResult<Planned>> {
+    // Worker id -> (client, its pairs).
+    let mut groups: Groups = BTreeMap::new();
+    for &(tok, e, w) in pairs {
+        match pool.pick(layer, e, excluded, round) {
+            Ok(client) => groups
+                .entry(client.member.id.clone())
+                .or_insert_with(|| (client, Vec::new()))
+                .1
+                .push((tok, e, w)),
+            Err(err) => return Ok(Err(err)),
+        }
+    }
+    let mut plans = Vec::new();
+    let mut wrote = false;
+    for (client, group) in groups.into_values() {
+        let slot = x_dev.and_then(|xd| {
+            let (conn, slot) = client.ipc_slot(t)?;
+            (slot.session.dtype == xd.dtype()).then_some((conn, slot, xd))
+        });
+        match slot {
+            Some((conn, slot, xd)) => {
+                slot.slot().input.write(xd)?;
+                wrote = true;
+                plans.push(Plan::Shared(client, group, conn, slot));
+            }
+            None => plans.extend(
+                split_rows(group, max_rows)
+                    .into_iter()
+                    .map(|chunk| Plan::Wire(client.clone(), chunk)),
+            ),
+        }
+    }
+    let fence = match x_dev {
+        Some(xd) if wrote => Some(ipc::fence(xd.device())?),
+        _ => None,
+    };
+    Ok(Ok(Planned { plans, fence }))
+}
+
+/// A worker's answer: rows of the step (gRPC) or every row of it on the device (CUDA IPC).
+enum Partial {
+    Host(Vec<u32>, Tensor),
+    Device(Tensor),
+}
+
+/// What one layer's dispatch works with.
+struct Dispatch {
     pool: Arc<WorkerPool>,
     layer: u32,
+    /// The activations `[T, hidden]` where the engine computed them.
     x: Tensor,
-    mut pairs: Vec<Pair>,
+    /// `x` contiguous on the GPU (for CUDA IPC); `None` on the CPU.
+    x_dev: Option<Tensor>,
+    /// `x` on the host, once some call takes gRPC.
+    x_host: Option<Tensor>,
+    /// The replica rotation's round.
+    round: u64,
     wire: v1::DType,
     timeout: Duration,
     step: Span,
+}
+
+/// Sends every (token, expert, weight) pair to some worker, retrying failed workers' pairs on
+/// other replicas; returns the routed output `[T, hidden]` in f32 on `x`'s device. `first` is
+/// the first round's plan when the engine thread made it.
+async fn execute(
+    d: Dispatch,
+    mut first: Option<Planned>,
+    mut pairs: Vec<Pair>,
 ) -> MeshResult<Tensor> {
+    let Dispatch {
+        pool,
+        layer,
+        x,
+        x_dev,
+        mut x_host,
+        round,
+        wire,
+        timeout,
+        step,
+    } = d;
     let (t, h) = x.dims2().map_err(EngineError::from)?;
-    let mut out = Tensor::zeros((t, h), DType::F32, &Device::Cpu).map_err(EngineError::from)?;
+    let device = x.device().clone();
+    // gRPC partial sums add up on the host, CUDA IPC ones on the device; the two meet at the end.
+    let mut host_out: Option<Tensor> = None;
+    let mut dev_out: Option<Tensor> = None;
     // Serials of workers that failed this dispatch.
     let mut excluded: HashSet<u64> = HashSet::new();
-    let round = pool.next_round();
     let mut changes = pool.changes();
     // How long pairs with no live replica wait for the registry to show one (a worker
     // restarting, or every lease expiring at once after an etcd outage and coming back).
@@ -114,41 +278,54 @@ async fn execute(
     }
     let mut attempt = 0;
     while attempt < MAX_ATTEMPTS {
-        // Group by worker: worker id -> (client, its pairs).
-        let mut groups: Groups = BTreeMap::new();
-        let mut unplaced = None;
         // Changes from here on wake the wait below.
         changes.borrow_and_update();
-        for &(tok, e, w) in &pairs {
-            match pool.pick(layer, e, &excluded, round) {
-                Ok(client) => groups
-                    .entry(client.member.id.clone())
-                    .or_insert_with(|| (client, Vec::new()))
-                    .1
-                    .push((tok, e, w)),
-                Err(err) => {
-                    unplaced = Some(err);
-                    break;
+        let planned = match first.take() {
+            Some(p) => p,
+            None => match plan_round(
+                &pool,
+                layer,
+                &pairs,
+                &excluded,
+                round,
+                x_dev.as_ref(),
+                t,
+                max_rows(h),
+            )? {
+                Ok(p) => {
+                    if let Some(fence) = &p.fence {
+                        // A retry: short, and rare enough to block for here.
+                        fence.wait()?;
+                    }
+                    p
                 }
-            }
+                Err(err) => match tokio::time::timeout_at(wait_until, changes.changed()).await {
+                    Ok(Ok(())) => continue,
+                    _ => return Err(err),
+                },
+            },
+        };
+        let plans = planned.plans;
+        if x_host.is_none() && plans.iter().any(|p| matches!(p, Plan::Wire(..))) {
+            x_host = Some(x.to_device(&Device::Cpu).map_err(EngineError::from)?);
         }
-        if let Some(err) = unplaced {
-            match tokio::time::timeout_at(wait_until, changes.changed()).await {
-                Ok(Ok(())) => continue,
-                _ => return Err(err),
-            }
-        }
-        let max_rows = (MAX_CALL_BYTES / (h * 4).max(1)).max(1);
-        let calls = groups.into_values().flat_map(|(client, group)| {
-            split_rows(group, max_rows)
-                .into_iter()
-                .map(move |chunk| (client.clone(), chunk))
-        });
-        let calls = calls.map(|(client, group)| {
-            let x = &x;
+        let calls = plans.into_iter().map(|plan| {
+            let x_host = &x_host;
             let step = &step;
             async move {
-                let (rows, mut req) = build_request(layer, x, &group, wire)?;
+                let (client, group, shared) = match plan {
+                    Plan::Wire(client, group) => (client, group, None),
+                    Plan::Shared(client, group, conn, slot) => (client, group, Some((conn, slot))),
+                };
+                let (rows, mut req) = match (&shared, x_host) {
+                    (Some((_, slot)), _) => build_shared_request(layer, &group, slot, t),
+                    (None, Some(xh)) => build_request(layer, xh, &group, wire)?,
+                    (None, None) => {
+                        return Err(MeshError::Internal(
+                            "activations were not copied to the host for a gRPC call".into(),
+                        ));
+                    }
+                };
                 let span = if step.is_none() {
                     Span::none()
                 } else {
@@ -166,25 +343,52 @@ async fn execute(
                 };
                 req.traceparent = telemetry::traceparent(&span);
                 let sent = std::time::Instant::now();
-                let reply = client.call(req, timeout).instrument(span.clone()).await;
+                let reply = async {
+                    match &shared {
+                        Some((conn, _)) => client.call_on(conn, req, timeout).await,
+                        None => client.call(req, timeout).await,
+                    }
+                }
+                .instrument(span.clone())
+                .await;
                 if reply.is_err() {
                     span.record("otel.status_code", "ERROR");
                 }
                 metrics::histogram!(names::DISPATCH, "worker" => client.member.id.clone())
                     .record(sent.elapsed().as_secs_f64());
-                Ok::<_, MeshError>((client, group, rows, reply))
+                let partial = reply.and_then(|r| match &shared {
+                    // Copied out (queued on the gate's stream) before the slot is freed.
+                    Some((_, slot)) if r.shared_output => Ok(Partial::Device(
+                        slot.slot().output.read(DType::F32, &[t, h])?,
+                    )),
+                    Some(_) => Err(MeshError::Internal(
+                        "a CUDA IPC call was answered without its shared output".into(),
+                    )),
+                    None => {
+                        let o = r
+                            .output
+                            .ok_or_else(|| MeshError::Internal("reply without output".into()))?;
+                        Ok(Partial::Host(
+                            rows,
+                            codec::decode(&o, "output", &Device::Cpu)?,
+                        ))
+                    }
+                });
+                drop(shared);
+                Ok::<_, MeshError>((client, group, partial))
             }
         });
         let mut failed = Vec::new();
         for result in join_all(calls).await {
-            let (client, group, rows, reply) = result?;
-            match reply.and_then(|r| {
-                let o = r
-                    .output
-                    .ok_or_else(|| MeshError::Internal("reply without output".into()))?;
-                codec::decode(&o, "output", &Device::Cpu)
-            }) {
-                Ok(partial) => {
+            let (client, group, partial) = result?;
+            match partial {
+                Ok(Partial::Device(partial)) => {
+                    dev_out = Some(match dev_out.take() {
+                        None => partial,
+                        Some(o) => (o + partial).map_err(EngineError::from)?,
+                    });
+                }
+                Ok(Partial::Host(rows, partial)) => {
                     let idx = Tensor::from_vec(
                         rows,
                         partial.dim(0).map_err(EngineError::from)?,
@@ -194,9 +398,15 @@ async fn execute(
                     // Workers send their f32 accumulators (older ones the request's dtype):
                     // the partial sums add up in f32 and round to the compute dtype once.
                     let partial = partial.to_dtype(DType::F32).map_err(EngineError::from)?;
-                    out = out
-                        .index_add(&idx, &partial, 0)
-                        .map_err(EngineError::from)?;
+                    let out = match host_out.take() {
+                        Some(o) => o,
+                        None => Tensor::zeros((t, h), DType::F32, &Device::Cpu)
+                            .map_err(EngineError::from)?,
+                    };
+                    host_out = Some(
+                        out.index_add(&idx, &partial, 0)
+                            .map_err(EngineError::from)?,
+                    );
                 }
                 Err(e @ MeshError::Internal(_)) => return Err(e),
                 Err(e) => {
@@ -210,6 +420,17 @@ async fn execute(
             }
         }
         if failed.is_empty() {
+            let host_out = match host_out {
+                Some(o) => Some(o.to_device(&device).map_err(EngineError::from)?),
+                None => None,
+            };
+            let out = match (host_out, dev_out) {
+                (Some(a), Some(b)) => (a + b).map_err(EngineError::from)?,
+                (Some(o), None) | (None, Some(o)) => o,
+                (None, None) => {
+                    Tensor::zeros((t, h), DType::F32, &device).map_err(EngineError::from)?
+                }
+            };
             return Ok(out);
         }
         pairs = failed;
@@ -251,10 +472,7 @@ fn build_request(
     group: &[(u32, u32, f32)],
     wire: v1::DType,
 ) -> MeshResult<(Vec<u32>, ForwardRequest)> {
-    let mut by_token: BTreeMap<u32, Vec<(u32, f32)>> = BTreeMap::new();
-    for &(tok, e, w) in group {
-        by_token.entry(tok).or_default().push((e, w));
-    }
+    let by_token = by_token(group);
     let rows: Vec<u32> = by_token.keys().copied().collect();
     let idx =
         Tensor::from_vec(rows.clone(), rows.len(), &Device::Cpu).map_err(EngineError::from)?;
@@ -267,7 +485,51 @@ fn build_request(
         expert_ids: Vec::with_capacity(group.len()),
         weights: Vec::with_capacity(group.len()),
         traceparent: String::new(),
+        shared: None,
     };
+    push_pairs(&mut req, &by_token);
+    Ok((rows, req))
+}
+
+/// A worker's request on its CUDA IPC slot: its distinct tokens (each once, with its row in the
+/// slot's `[t, hidden]` input) and their pairs. Returns the token rows, as [`build_request`].
+fn build_shared_request(
+    layer: u32,
+    group: &[Pair],
+    slot: &SlotGuard,
+    t: usize,
+) -> (Vec<u32>, ForwardRequest) {
+    let by_token = by_token(group);
+    let rows: Vec<u32> = by_token.keys().copied().collect();
+    let mut req = ForwardRequest {
+        call_id: 0,
+        layer,
+        hidden: None,
+        pairs_per_token: Vec::with_capacity(rows.len()),
+        expert_ids: Vec::with_capacity(group.len()),
+        weights: Vec::with_capacity(group.len()),
+        traceparent: String::new(),
+        shared: Some(SharedActivations {
+            session: slot.session.id,
+            slot: slot.index as u32,
+            rows: t as u32,
+            dtype: codec::wire_dtype_for(slot.session.dtype) as i32,
+            token_rows: rows.clone(),
+        }),
+    };
+    push_pairs(&mut req, &by_token);
+    (rows, req)
+}
+
+fn by_token(group: &[Pair]) -> BTreeMap<u32, Vec<(u32, f32)>> {
+    let mut by_token: BTreeMap<u32, Vec<(u32, f32)>> = BTreeMap::new();
+    for &(tok, e, w) in group {
+        by_token.entry(tok).or_default().push((e, w));
+    }
+    by_token
+}
+
+fn push_pairs(req: &mut ForwardRequest, by_token: &BTreeMap<u32, Vec<(u32, f32)>>) {
     for pairs in by_token.values() {
         req.pairs_per_token.push(pairs.len() as u32);
         for &(e, w) in pairs {
@@ -275,7 +537,6 @@ fn build_request(
             req.weights.push(w);
         }
     }
-    Ok((rows, req))
 }
 
 #[cfg(test)]

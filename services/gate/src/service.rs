@@ -28,7 +28,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::config::GateConfig;
 use crate::remote_experts::RemoteExperts;
 use crate::step_engine::{Command, StepEngine};
-use crate::workers::WorkerPool;
+use crate::workers::{IpcOffer, WorkerPool};
 
 #[derive(Clone)]
 struct GateService {
@@ -139,7 +139,14 @@ impl Gate for GateService {
         let mut info = rx
             .await
             .map_err(|_| MeshError::Unavailable("gate engine stopped".into()))?;
-        info.expert_workers = self.pool.members().into_iter().map(|m| m.id).collect();
+        let (workers, transports) = self
+            .pool
+            .transports()
+            .into_iter()
+            .map(|(m, t)| (m.id, t.to_string()))
+            .unzip();
+        info.expert_workers = workers;
+        info.expert_transports = transports;
         info.device = self.device.clone();
         Ok(Response::new(info))
     }
@@ -243,11 +250,21 @@ pub async fn run(
     .await
     .map_err(|e| MeshError::Internal(e.to_string()))??;
 
-    let pool = Arc::new(WorkerPool::new(
-        files.fingerprint.clone(),
-        tls.clone(),
-        Duration::from_millis(cfg.expert_connect_timeout_ms),
-    ));
+    let pool = Arc::new(
+        WorkerPool::new(
+            files.fingerprint.clone(),
+            tls.clone(),
+            Duration::from_millis(cfg.expert_connect_timeout_ms),
+        )
+        .with_ipc(IpcOffer {
+            mode: cfg.expert_transport,
+            gate_id: id.clone(),
+            device: device.clone(),
+            dtype,
+            hidden: files.config.hidden_size,
+            rows: cfg.expert_ipc_rows as usize,
+        }),
+    );
     let members = if cfg.member.etcd.is_empty() {
         static_members(&cfg.expert_addrs, tls.as_deref()).await?
     } else {

@@ -99,6 +99,7 @@ impl StepEngine {
                         kv_blocks_total: kv.total_blocks as u32,
                         kv_block_tokens: kv.block_tokens as u32,
                         device: String::new(),
+                        expert_transports: Vec::new(),
                     });
                 }
             }

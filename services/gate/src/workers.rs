@@ -4,28 +4,113 @@
 //! are refused, loudly. Every wait on a worker is bounded (stream open, each call); a worker
 //! that fails is avoided with a growing backoff and reopened in the background; a worker that
 //! leaves the registry has its waiting calls released at once.
+//!
+//! When the gate runs on a GPU, opening a worker's stream also offers the worker CUDA IPC
+//! (`Expert.OpenTransport`): the gate allocates [`IPC_SLOTS`] pairs of device buffers for it and
+//! sends their handles; a worker that maps them gets each call's activations through them, and a
+//! worker that refuses (or any error) keeps the gRPC tensor path. The session belongs to the
+//! stream: a stream that fails (a hung or dead worker) takes its buffers with it, and the next
+//! stream negotiates fresh ones, so a late write from a call that timed out lands nowhere that a
+//! later call reads.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use moemesh_common::metrics::names;
 use moemesh_common::registry::Member;
 use moemesh_common::tls::{self, Tls};
-use moemesh_common::{MeshError, MeshResult};
+use moemesh_common::transport::{self, TransportMode};
+use moemesh_common::{MeshError, MeshResult, codec};
+use moemesh_engine::cuda::ipc::{self, SharedBuffer};
+use moemesh_engine::{DType, Device};
 use moemesh_proto::v1::expert_client::ExpertClient;
-use moemesh_proto::v1::{ForwardRequest, ForwardResponse};
-use tokio::sync::{mpsc, oneshot, watch};
+use moemesh_proto::v1::{ForwardRequest, ForwardResponse, OpenTransportRequest};
+use tokio::sync::{OwnedMutexGuard, mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<ForwardResponse, Status>>>>>;
 
+/// Buffer slots per (gate, worker) session: one per dispatch in flight at once (the engine's two
+/// micro-batches); a third concurrent call to the worker takes gRPC.
+pub const IPC_SLOTS: usize = 2;
+
+/// What the gate offers its workers for CUDA IPC.
+#[derive(Clone)]
+pub struct IpcOffer {
+    /// `--expert-transport`.
+    pub mode: TransportMode,
+    /// The gate's registry id (the worker keeps one session per gate).
+    pub gate_id: String,
+    /// The gate's compute device; the buffers live there.
+    pub device: Device,
+    /// The activations' compute dtype.
+    pub dtype: DType,
+    /// The model's hidden size.
+    pub hidden: usize,
+    /// Rows per buffer (`--expert-ipc-rows`).
+    pub rows: usize,
+}
+
+/// The buffers one call uses: the activations in, the worker's f32 partial sums out.
+pub struct IpcSlot {
+    /// `[rows, hidden]` in the session's dtype, written by the gate.
+    pub input: SharedBuffer,
+    /// `[rows, hidden]` f32, written by the worker.
+    pub output: SharedBuffer,
+    /// Held by the call using the slot, until the output's copy is queued on the gate's stream.
+    busy: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// CUDA IPC buffers shared with one worker for the life of one stream.
+pub struct IpcSession {
+    /// The worker's id for this session.
+    pub id: u64,
+    /// Rows each buffer holds.
+    pub rows: usize,
+    /// The input buffers' dtype.
+    pub dtype: DType,
+    pub slots: Vec<IpcSlot>,
+}
+
+/// A slot held for one call; dropping it frees the slot for the next call.
+pub struct SlotGuard {
+    pub session: Arc<IpcSession>,
+    pub index: usize,
+    _busy: OwnedMutexGuard<()>,
+}
+
+impl SlotGuard {
+    pub fn slot(&self) -> &IpcSlot {
+        &self.session.slots[self.index]
+    }
+}
+
+impl IpcSession {
+    /// A free slot for a call of `rows` rows, if the session's buffers hold that many.
+    fn try_slot(self: &Arc<Self>, rows: usize) -> Option<SlotGuard> {
+        if rows == 0 || rows > self.rows {
+            return None;
+        }
+        self.slots.iter().enumerate().find_map(|(index, s)| {
+            s.busy.clone().try_lock_owned().ok().map(|g| SlotGuard {
+                session: self.clone(),
+                index,
+                _busy: g,
+            })
+        })
+    }
+}
+
 /// One open `Forward` stream.
-struct Conn {
+pub struct Conn {
     tx: mpsc::Sender<ForwardRequest>,
     waiters: Waiters,
     alive: Arc<AtomicBool>,
+    /// The CUDA IPC session negotiated with this stream, if the worker accepted one.
+    ipc: Option<Arc<IpcSession>>,
 }
 
 impl Conn {
@@ -66,6 +151,10 @@ pub struct WorkerClient {
     /// The TLS files for this hop (a reopened stream takes them as they are then).
     tls: Option<Arc<Tls>>,
     connect_timeout: Duration,
+    /// What to offer for CUDA IPC when a stream opens; `None`: gRPC only.
+    offer: Option<Arc<IpcOffer>>,
+    /// The transport the current stream uses ([`transport::PENDING`] before the first).
+    transport: Mutex<&'static str>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -77,7 +166,12 @@ const SUSPECT_MIN: Duration = Duration::from_secs(2);
 const SUSPECT_MAX: Duration = Duration::from_secs(30);
 
 impl WorkerClient {
-    fn new(member: Member, tls: Option<Arc<Tls>>, connect_timeout: Duration) -> Self {
+    fn new(
+        member: Member,
+        tls: Option<Arc<Tls>>,
+        connect_timeout: Duration,
+        offer: Option<Arc<IpcOffer>>,
+    ) -> Self {
         WorkerClient {
             member,
             serial: NEXT_SERIAL.fetch_add(1, Ordering::Relaxed),
@@ -90,7 +184,22 @@ impl WorkerClient {
             next_call: AtomicU64::new(1),
             tls,
             connect_timeout,
+            offer,
+            transport: Mutex::new(transport::PENDING),
         }
+    }
+
+    /// The transport this worker's activations take now.
+    pub fn transport(&self) -> &'static str {
+        *lock(&self.transport)
+    }
+
+    /// The open stream and a free CUDA IPC slot of it for a call of `rows` rows, when the stream
+    /// is open with an IPC session and a slot is free; otherwise the call takes gRPC.
+    pub fn ipc_slot(&self, rows: usize) -> Option<(Arc<Conn>, SlotGuard)> {
+        let conn = self.live()?;
+        let slot = conn.ipc.as_ref()?.try_slot(rows)?;
+        Some((conn, slot))
     }
 
     fn peer_err(&self, what: impl std::fmt::Display) -> MeshError {
@@ -205,6 +314,7 @@ impl WorkerClient {
         let mut client = ExpertClient::new(channel)
             .max_decoding_message_size(256 << 20)
             .max_encoding_message_size(256 << 20);
+        let ipc = self.negotiate(&mut client).await;
         let (tx, rx) = mpsc::channel(16);
         let mut replies = client
             .forward(ReceiverStream::new(rx))
@@ -215,6 +325,7 @@ impl WorkerClient {
             tx,
             waiters: Arc::default(),
             alive: Arc::new(AtomicBool::new(true)),
+            ipc,
         });
         let (w, id) = (Arc::downgrade(&conn), self.member.id.clone());
         let waiters = conn.waiters.clone();
@@ -243,14 +354,107 @@ impl WorkerClient {
         Ok(conn)
     }
 
+    /// Chooses this stream's transport: offers CUDA IPC when the gate and worker allow it, and
+    /// keeps gRPC on any refusal or error. Logs the choice and sets the transport metric.
+    async fn negotiate(
+        &self,
+        client: &mut ExpertClient<tonic::transport::Channel>,
+    ) -> Option<Arc<IpcSession>> {
+        let offer = self.offer.as_ref()?;
+        let choice = transport::gate_choice(
+            offer.mode,
+            matches!(offer.device, Device::Cuda(_)),
+            ipc::available(&offer.device),
+            &self.member.device,
+        );
+        let result = match choice {
+            Ok(()) => self.offer_ipc(client, offer).await,
+            Err(reason) => Err(reason),
+        };
+        let chosen = match &result {
+            Ok(session) => {
+                tracing::info!(worker = %self.member.id, transport = transport::CUDA_IPC, session = session.id, slots = session.slots.len(), rows = session.rows, "expert transport chosen");
+                transport::CUDA_IPC
+            }
+            Err(reason) => {
+                tracing::info!(worker = %self.member.id, transport = transport::GRPC, %reason, "expert transport chosen");
+                transport::GRPC
+            }
+        };
+        *lock(&self.transport) = chosen;
+        for t in [transport::GRPC, transport::CUDA_IPC] {
+            metrics::gauge!(names::WORKER_TRANSPORT, "worker" => self.member.id.clone(), "transport" => t)
+                .set(if t == chosen { 1.0 } else { 0.0 });
+        }
+        result.ok()
+    }
+
+    /// Allocates this stream's buffers and asks the worker to map them.
+    async fn offer_ipc(
+        &self,
+        client: &mut ExpertClient<tonic::transport::Channel>,
+        offer: &IpcOffer,
+    ) -> Result<Arc<IpcSession>, String> {
+        let in_bytes = offer.rows * offer.hidden * offer.dtype.size_in_bytes();
+        let out_bytes = offer.rows * offer.hidden * DType::F32.size_in_bytes();
+        let mut slots = Vec::with_capacity(IPC_SLOTS);
+        for _ in 0..IPC_SLOTS {
+            slots.push(IpcSlot {
+                input: SharedBuffer::alloc(&offer.device, in_bytes).map_err(|e| e.to_string())?,
+                output: SharedBuffer::alloc(&offer.device, out_bytes).map_err(|e| e.to_string())?,
+                busy: Arc::default(),
+            });
+        }
+        let mut req = OpenTransportRequest {
+            gate_id: offer.gate_id.clone(),
+            host_id: transport::host_id(),
+            kind: transport::CUDA_IPC.into(),
+            rows: offer.rows as u32,
+            hidden: offer.hidden as u32,
+            dtype: codec::wire_dtype_for(offer.dtype) as i32,
+            input_handles: Vec::with_capacity(IPC_SLOTS),
+            output_handles: Vec::with_capacity(IPC_SLOTS),
+        };
+        for s in &slots {
+            req.input_handles
+                .push(s.input.handle().map_err(|e| e.to_string())?);
+            req.output_handles
+                .push(s.output.handle().map_err(|e| e.to_string())?);
+        }
+        let reply = client
+            .open_transport(req)
+            .await
+            .map_err(|s| format!("OpenTransport: {}", s.message()))?
+            .into_inner();
+        if reply.session == 0 || reply.transport != transport::CUDA_IPC {
+            return Err(format!("the worker refused: {}", reply.reason));
+        }
+        Ok(Arc::new(IpcSession {
+            id: reply.session,
+            rows: offer.rows,
+            dtype: offer.dtype,
+            slots,
+        }))
+    }
+
     /// One call: opens the stream if needed (bounded by the connect timeout), sends `req` (its
     /// call_id is assigned here) and waits for the reply, sending and waiting bounded by `timeout`.
     pub async fn call(
         &self,
-        mut req: ForwardRequest,
+        req: ForwardRequest,
         timeout: Duration,
     ) -> MeshResult<ForwardResponse> {
         let conn = self.connection().await?;
+        self.call_on(&conn, req, timeout).await
+    }
+
+    /// [`call`](Self::call) on a given stream (the one whose IPC slot the request names).
+    pub async fn call_on(
+        &self,
+        conn: &Arc<Conn>,
+        mut req: ForwardRequest,
+        timeout: Duration,
+    ) -> MeshResult<ForwardResponse> {
         req.call_id = self.next_call.fetch_add(1, Ordering::Relaxed);
         let call_id = req.call_id;
         let (tx, rx) = oneshot::channel();
@@ -307,6 +511,8 @@ pub struct WorkerPool {
     tls: Option<Arc<Tls>>,
     /// Bound on opening a worker's stream (`--expert-connect-timeout-ms`).
     connect_timeout: Duration,
+    /// What each worker is offered for CUDA IPC ([`WorkerPool::with_ipc`]); `None`: gRPC only.
+    offer: Option<Arc<IpcOffer>>,
     /// Bumped on every registry update, so a dispatch that found no live replica can wait for
     /// one to appear.
     changes: watch::Sender<u64>,
@@ -320,8 +526,24 @@ impl WorkerPool {
             rr: AtomicU64::new(0),
             tls,
             connect_timeout,
+            offer: None,
             changes: watch::channel(0).0,
         }
+    }
+
+    /// Offers CUDA IPC to every worker whose stream opens from now on (see [`IpcOffer`]).
+    pub fn with_ipc(mut self, offer: IpcOffer) -> Self {
+        self.offer = Some(Arc::new(offer));
+        self
+    }
+
+    /// Live workers (as [`members`](Self::members)) with the transport each one's activations take.
+    pub fn transports(&self) -> Vec<(Member, &'static str)> {
+        let st = self.state.read().unwrap_or_else(|e| e.into_inner());
+        st.workers
+            .values()
+            .map(|w| (w.member.clone(), w.transport()))
+            .collect()
     }
 
     /// Resolves when the member list changes next.
@@ -352,6 +574,7 @@ impl WorkerPool {
                         m.clone(),
                         self.tls.clone(),
                         self.connect_timeout,
+                        self.offer.clone(),
                     ));
                     c.warm();
                     c
@@ -482,7 +705,7 @@ mod tests {
 
     #[test]
     fn a_failed_worker_is_avoided_longer_each_time_and_forgiven_by_a_good_call() {
-        let w = WorkerClient::new(member("a", vec![0]), None, Duration::from_secs(1));
+        let w = WorkerClient::new(member("a", vec![0]), None, Duration::from_secs(1), None);
         let now = Instant::now();
         assert!(!w.is_suspect(now));
         let mut waits = Vec::new();
@@ -496,6 +719,35 @@ mod tests {
         assert!(w.is_suspect(Instant::now()));
         w.mark_ok();
         assert!(!w.is_suspect(Instant::now()));
+    }
+
+    /// A gate on the CPU offers no device transport: the worker's stream takes gRPC, and the
+    /// pool reports that (Gate.Info, the metric) once the stream opens.
+    #[tokio::test]
+    async fn a_cpu_gate_keeps_grpc_and_reports_it() {
+        let offer = IpcOffer {
+            mode: TransportMode::Auto,
+            gate_id: "g".into(),
+            device: Device::Cpu,
+            dtype: DType::F32,
+            hidden: 8,
+            rows: 4,
+        };
+        let pool = WorkerPool::new("fp".into(), None, Duration::from_millis(200)).with_ipc(offer);
+        pool.update(&[member("a", vec![0])]);
+        let w = pool.pick(1, 0, &HashSet::new(), 0).expect("a");
+        assert_eq!(w.transport(), transport::PENDING);
+        // Nothing listens there: the refusal comes before any call to the worker.
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+        assert!(w.negotiate(&mut ExpertClient::new(channel)).await.is_none());
+        assert_eq!(w.transport(), transport::GRPC);
+        assert!(w.ipc_slot(1).is_none());
+        let reported: Vec<_> = pool
+            .transports()
+            .into_iter()
+            .map(|(m, t)| (m.id, t))
+            .collect();
+        assert_eq!(reported, vec![("a".to_string(), transport::GRPC)]);
     }
 
     #[tokio::test]

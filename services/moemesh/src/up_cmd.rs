@@ -29,6 +29,11 @@ pub struct UpArgs {
     /// Number of expert-worker processes; the routed experts are split evenly between them.
     #[arg(long, env = "MOEMESH_EXPERT_WORKERS", default_value_t = 2)]
     pub expert_workers: usize,
+    /// Processes per expert shard: 2 starts every shard twice (replicas the gate balances over
+    /// and fails over to), on the next device of --expert-devices.
+    #[arg(long, env = "MOEMESH_EXPERT_REPLICAS", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub expert_replicas: u16,
     /// etcd endpoint(s); without it the processes find each other through a static list.
     #[arg(long, env = "MOEMESH_ETCD")]
     pub etcd: Option<String>,
@@ -302,20 +307,23 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         let mut procs = Vec::new();
         let result = async {
             let mut worker_addrs = Vec::new();
-            for i in 0..args.expert_workers {
+            let replicas = usize::from(args.expert_replicas);
+            for k in 0..args.expert_workers * replicas {
+                // Shard i, replica r: replicas of one shard go on consecutive devices.
+                let (i, r) = (k / replicas, k % replicas);
                 let (lo, hi) = (i * n_experts / args.expert_workers, (i + 1) * n_experts / args.expert_workers);
                 let mut a = common(&args);
                 a.extend(["--listen".into(), "127.0.0.1:0".into(), "--dtype".into(), args.dtype.clone()]);
                 a.extend(["--experts".into(), format!("{lo}-{}", hi - 1)]);
                 let device = match args.expert_devices.as_slice() {
                     [] => args.device.clone(),
-                    list => list[i % list.len()].clone(),
+                    list => list[k % list.len()].clone(),
                 };
                 a.extend(["--device".into(), device]);
-                a.extend(metrics_flag(&args, 2 + i)?);
-                a.extend(transport.flags(&format!("expert-{i}"), CertRole::Expert)?);
+                a.extend(metrics_flag(&args, 2 + k)?);
+                a.extend(transport.flags(&format!("expert-{k}"), CertRole::Expert)?);
                 let (p, addr) = start("expert", a).await?;
-                eprintln!("moemesh up: expert worker {i} (experts {lo}-{}) on {addr}", hi - 1);
+                eprintln!("moemesh up: expert worker {i} replica {r} (experts {lo}-{}) on {addr}, pid {}", hi - 1, p.child.id().unwrap_or(0));
                 procs.push(p);
                 worker_addrs.push(addr);
             }
@@ -418,6 +426,13 @@ mod tests {
         Cli::try_parse_from(std::iter::once("up").chain(args.iter().copied()))
             .expect("valid flags")
             .up
+    }
+
+    #[test]
+    fn one_replica_per_shard_unless_asked_and_never_zero() {
+        assert_eq!(up(&[]).expert_replicas, 1);
+        assert_eq!(up(&["--expert-replicas", "2"]).expert_replicas, 2);
+        assert!(Cli::try_parse_from(["up", "--expert-replicas", "0"]).is_err());
     }
 
     #[cfg(unix)]

@@ -1,0 +1,425 @@
+//! CUDA IPC: device buffers that two processes on one host share, so that a gate and an expert
+//! worker exchange activations and partial sums GPU to GPU with no host copy of a tensor.
+//!
+//! The gate allocates every shared buffer ([`SharedBuffer::alloc`], plain `cuMemAlloc` memory:
+//! the stream-ordered pool that candle allocates from cannot be exported with
+//! `cuIpcGetMemHandle`) and sends each one's 64-byte handle to the worker over gRPC; the worker
+//! maps it ([`OpenedBuffer::open`], `cuIpcOpenMemHandle` with lazy peer access, so the same GPU
+//! and another GPU of the host both work) and unmaps it on drop with `cuIpcCloseMemHandle`,
+//! never freeing it. Tensors go in and out with device-to-device copies on the device's one
+//! stream ([`Region::write`], [`Region::read`]); ordering between the two processes is the
+//! caller's (the gate service synchronises its stream before it sends a call and the worker
+//! synchronises before it replies, so a reply means the data is in place).
+//!
+//! Who calls it: `services/gate` (remote experts) and `services/expert`. In a build without CUDA
+//! nothing here can be constructed: [`SharedBuffer::alloc`] and [`OpenedBuffer::open`] return an
+//! error, and callers fall back to the gRPC tensor path.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{EngineError, Result};
+
+/// Bytes of a CUDA IPC memory handle (`CUipcMemHandle`).
+pub const HANDLE_BYTES: usize = 64;
+
+/// Whether this build can share buffers on `device` (a CUDA build and a CUDA device).
+pub fn available(device: &Device) -> bool {
+    cfg!(feature = "cuda") && matches!(device, Device::Cuda(_))
+}
+
+/// Waits until every copy and kernel queued on `device`'s stream has finished (a no-op on the CPU).
+pub fn synchronize(device: &Device) -> Result<()> {
+    Ok(device.synchronize()?)
+}
+
+/// A point in a device's stream: [`Fence::wait`] returns once everything queued before it has
+/// run, and nothing queued after it is waited for (unlike a whole-stream synchronise).
+pub struct Fence {
+    inner: imp::Fence,
+}
+
+/// Marks the current end of `device`'s stream (on the CPU, a fence that is always passed).
+pub fn fence(device: &Device) -> Result<Fence> {
+    Ok(Fence {
+        inner: imp::fence(device)?,
+    })
+}
+
+impl Fence {
+    /// Blocks until the work queued before the fence has run.
+    pub fn wait(&self) -> Result<()> {
+        imp::wait(&self.inner)
+    }
+}
+
+/// A span of device memory of a known size, in this process's address space.
+pub struct Region {
+    inner: imp::Region,
+}
+
+impl Region {
+    /// Size in bytes.
+    pub fn bytes(&self) -> usize {
+        imp::bytes(&self.inner)
+    }
+
+    /// Queues a copy of contiguous `t` (f32 or bf16, on this region's device) to the start of the
+    /// region. Fails, copying nothing, when `t` does not fit.
+    pub fn write(&self, t: &Tensor) -> Result<()> {
+        let need = t.elem_count() * t.dtype().size_in_bytes();
+        if need > self.bytes() {
+            return Err(EngineError::InvalidInput(format!(
+                "shared buffer: a {:?} tensor of {need} bytes does not fit in {} bytes",
+                t.dims(),
+                self.bytes()
+            )));
+        }
+        imp::write(&self.inner, t)
+    }
+
+    /// A new tensor of `dtype` and `shape` copied (queued) from the start of the region.
+    pub fn read(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        let need = shape.iter().product::<usize>() * dtype.size_in_bytes();
+        if need > self.bytes() {
+            return Err(EngineError::InvalidInput(format!(
+                "shared buffer: a {shape:?} {dtype:?} tensor of {need} bytes is more than its {} bytes",
+                self.bytes()
+            )));
+        }
+        imp::read(&self.inner, dtype, shape)
+    }
+}
+
+/// Device memory this process allocated for another process to map; freed on drop. The peer
+/// must have unmapped it (or gone) before then for the memory to be reused.
+pub struct SharedBuffer {
+    region: Region,
+}
+
+impl SharedBuffer {
+    /// Allocates `bytes` on CUDA `device` for sharing.
+    pub fn alloc(device: &Device, bytes: usize) -> Result<Self> {
+        Ok(SharedBuffer {
+            region: Region {
+                inner: imp::alloc(device, bytes)?,
+            },
+        })
+    }
+
+    /// The IPC handle another process opens with [`OpenedBuffer::open`].
+    pub fn handle(&self) -> Result<Vec<u8>> {
+        imp::handle(&self.region.inner)
+    }
+}
+
+impl std::ops::Deref for SharedBuffer {
+    type Target = Region;
+    fn deref(&self) -> &Region {
+        &self.region
+    }
+}
+
+impl Drop for SharedBuffer {
+    fn drop(&mut self) {
+        imp::free(&self.region.inner);
+    }
+}
+
+/// Another process's [`SharedBuffer`], mapped into this one; unmapped (never freed) on drop.
+pub struct OpenedBuffer {
+    region: Region,
+}
+
+impl OpenedBuffer {
+    /// Maps the buffer of `bytes` whose handle is `handle` for use on CUDA `device`.
+    pub fn open(device: &Device, handle: &[u8], bytes: usize) -> Result<Self> {
+        if handle.len() != HANDLE_BYTES {
+            return Err(EngineError::InvalidInput(format!(
+                "IPC handle of {} bytes (expected {HANDLE_BYTES})",
+                handle.len()
+            )));
+        }
+        Ok(OpenedBuffer {
+            region: Region {
+                inner: imp::open(device, handle, bytes)?,
+            },
+        })
+    }
+}
+
+impl std::ops::Deref for OpenedBuffer {
+    type Target = Region;
+    fn deref(&self) -> &Region {
+        &self.region
+    }
+}
+
+impl Drop for OpenedBuffer {
+    fn drop(&mut self) {
+        imp::close(&self.region.inner);
+    }
+}
+
+fn unsupported() -> EngineError {
+    EngineError::InvalidInput("CUDA IPC needs a CUDA build and a CUDA device".into())
+}
+
+#[cfg(feature = "cuda")]
+mod imp {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, sys};
+    use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
+    use candle_core::op::BackpropOp;
+    use candle_core::{DType, Device, Storage, Tensor};
+
+    use crate::error::{EngineError, Result};
+
+    /// An event recorded on the stream; `None` on the CPU.
+    pub struct Fence(Option<candle_core::cuda_backend::cudarc::driver::CudaEvent>);
+
+    pub fn fence(device: &Device) -> Result<Fence> {
+        match device {
+            Device::Cuda(d) => Ok(Fence(Some(
+                d.cuda_stream()
+                    .record_event(None)
+                    .map_err(|e| err("record event", e))?,
+            ))),
+            _ => Ok(Fence(None)),
+        }
+    }
+
+    pub fn wait(f: &Fence) -> Result<()> {
+        match &f.0 {
+            Some(e) => e.synchronize().map_err(|e| err("event synchronize", e)),
+            None => Ok(()),
+        }
+    }
+
+    pub struct Region {
+        dev: CudaDevice,
+        ptr: sys::CUdeviceptr,
+        bytes: usize,
+    }
+
+    fn err(what: &str, e: impl std::fmt::Display) -> EngineError {
+        EngineError::Tensor(candle_core::Error::Msg(format!("CUDA IPC {what}: {e}")))
+    }
+
+    fn cuda(device: &Device) -> Result<CudaDevice> {
+        match device {
+            Device::Cuda(d) => Ok(d.clone()),
+            _ => Err(super::unsupported()),
+        }
+    }
+
+    fn bind(dev: &CudaDevice) -> Result<()> {
+        dev.cuda_stream()
+            .context()
+            .bind_to_thread()
+            .map_err(|e| err("bind context", e))
+    }
+
+    pub fn bytes(r: &Region) -> usize {
+        r.bytes
+    }
+
+    pub fn alloc(device: &Device, bytes: usize) -> Result<Region> {
+        let dev = cuda(device)?;
+        bind(&dev)?;
+        let mut ptr: sys::CUdeviceptr = 0;
+        // SAFETY: the context of `dev` is current on this thread (bind above); cuMemAlloc writes
+        // one device address into `ptr`, which we own until `free`.
+        unsafe { sys::cuMemAlloc_v2(&mut ptr, bytes.max(1)) }
+            .result()
+            .map_err(|e| err(&format!("cuMemAlloc of {bytes} bytes"), e))?;
+        Ok(Region { dev, ptr, bytes })
+    }
+
+    pub fn free(r: &Region) {
+        if bind(&r.dev).is_err() {
+            return;
+        }
+        // Work queued on the stream may still read or write the buffer.
+        let _ = r.dev.cuda_stream().synchronize();
+        // SAFETY: `ptr` came from cuMemAlloc in `alloc` and is freed once, here (Drop).
+        let _ = unsafe { sys::cuMemFree_v2(r.ptr) };
+    }
+
+    pub fn handle(r: &Region) -> Result<Vec<u8>> {
+        bind(&r.dev)?;
+        let mut h = sys::CUipcMemHandle_st { reserved: [0; 64] };
+        // SAFETY: `ptr` is the base of a live cuMemAlloc allocation; the handle is plain bytes.
+        unsafe { sys::cuIpcGetMemHandle(&mut h, r.ptr) }
+            .result()
+            .map_err(|e| err("cuIpcGetMemHandle", e))?;
+        Ok(h.reserved.iter().map(|&c| c as u8).collect())
+    }
+
+    pub fn open(device: &Device, handle: &[u8], bytes: usize) -> Result<Region> {
+        let dev = cuda(device)?;
+        bind(&dev)?;
+        let mut h = sys::CUipcMemHandle_st { reserved: [0; 64] };
+        for (d, &s) in h.reserved.iter_mut().zip(handle) {
+            *d = s as core::ffi::c_char;
+        }
+        let mut ptr: sys::CUdeviceptr = 0;
+        // SAFETY: the context is current (bind above); the driver validates the handle and
+        // writes a mapped address into `ptr`, which `close` unmaps once.
+        unsafe {
+            sys::cuIpcOpenMemHandle_v2(
+                &mut ptr,
+                h,
+                sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
+            )
+        }
+        .result()
+        .map_err(|e| err("cuIpcOpenMemHandle", e))?;
+        Ok(Region { dev, ptr, bytes })
+    }
+
+    pub fn close(r: &Region) {
+        if bind(&r.dev).is_err() {
+            return;
+        }
+        let _ = r.dev.cuda_stream().synchronize();
+        // SAFETY: `ptr` came from cuIpcOpenMemHandle in `open` and is closed once, here (Drop);
+        // an opened pointer is never freed.
+        let _ = unsafe { sys::cuIpcCloseMemHandle(r.ptr) };
+    }
+
+    /// The device address of contiguous `t`'s first element on `dev`.
+    fn tensor_ptr(dev: &CudaDevice, t: &Tensor) -> Result<sys::CUdeviceptr> {
+        if !t.is_contiguous() {
+            return Err(err("copy", "tensor is not contiguous"));
+        }
+        let (storage, layout) = t.storage_and_layout();
+        let Storage::Cuda(cs) = &*storage else {
+            return Err(err("copy", "tensor is not on a CUDA device"));
+        };
+        let stream = dev.cuda_stream();
+        // The guards only record events when cudarc tracks them; moemesh runs one stream per
+        // device with tracking off (services/common/src/device.rs), and every copy here is
+        // queued on that stream, ordered with the tensor's other uses and its free.
+        let base = match &cs.slice {
+            CudaStorageSlice::BF16(s) => s.device_ptr(&stream).0,
+            CudaStorageSlice::F32(s) => s.device_ptr(&stream).0,
+            _ => return Err(err("copy", format!("dtype {:?}", cs.dtype()))),
+        };
+        Ok(base + (layout.start_offset() * t.dtype().size_in_bytes()) as u64)
+    }
+
+    fn copy(
+        dev: &CudaDevice,
+        dst: sys::CUdeviceptr,
+        src: sys::CUdeviceptr,
+        n: usize,
+    ) -> Result<()> {
+        bind(dev)?;
+        let stream = dev.cuda_stream();
+        // SAFETY: both spans hold at least `n` bytes (checked by the callers against the region
+        // size and the tensor's element count) and stay alive until the copy has run: tensors
+        // are freed in stream order, regions are unmapped or freed only after a synchronise.
+        unsafe { sys::cuMemcpyDtoDAsync_v2(dst, src, n, stream.cu_stream()) }
+            .result()
+            .map_err(|e| err("cuMemcpyDtoDAsync", e))
+    }
+
+    pub fn write(r: &Region, t: &Tensor) -> Result<()> {
+        let src = tensor_ptr(&r.dev, t)?;
+        copy(
+            &r.dev,
+            r.ptr,
+            src,
+            t.elem_count() * t.dtype().size_in_bytes(),
+        )
+    }
+
+    pub fn read(r: &Region, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        let n = shape.iter().product::<usize>().max(1);
+        let dev = &r.dev;
+        // SAFETY: the copy below fills all `n` elements before anything reads the tensor (same
+        // stream).
+        let storage = unsafe {
+            match dtype {
+                DType::F32 => CudaStorage::wrap_cuda_slice(dev.alloc::<f32>(n)?, dev.clone()),
+                DType::BF16 => {
+                    CudaStorage::wrap_cuda_slice(dev.alloc::<half::bf16>(n)?, dev.clone())
+                }
+                other => return Err(err("read", format!("dtype {other:?}"))),
+            }
+        };
+        let t = Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false);
+        let dst = tensor_ptr(dev, &t)?;
+        copy(dev, dst, r.ptr, n * dtype.size_in_bytes())?;
+        Ok(t)
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod imp {
+    use candle_core::{DType, Device, Tensor};
+
+    use crate::error::Result;
+
+    /// Uninhabited: a build without CUDA never has a shared region.
+    pub enum Region {}
+
+    /// Nothing to wait for without a GPU.
+    pub struct Fence;
+
+    pub fn fence(_device: &Device) -> Result<Fence> {
+        Ok(Fence)
+    }
+
+    pub fn wait(_f: &Fence) -> Result<()> {
+        Ok(())
+    }
+
+    pub fn bytes(r: &Region) -> usize {
+        match *r {}
+    }
+
+    pub fn alloc(_device: &Device, _bytes: usize) -> Result<Region> {
+        Err(super::unsupported())
+    }
+
+    pub fn free(r: &Region) {
+        match *r {}
+    }
+
+    pub fn handle(r: &Region) -> Result<Vec<u8>> {
+        match *r {}
+    }
+
+    pub fn open(_device: &Device, _handle: &[u8], _bytes: usize) -> Result<Region> {
+        Err(super::unsupported())
+    }
+
+    pub fn close(r: &Region) {
+        match *r {}
+    }
+
+    pub fn write(r: &Region, _t: &Tensor) -> Result<()> {
+        match *r {}
+    }
+
+    pub fn read(r: &Region, _dtype: DType, _shape: &[usize]) -> Result<Tensor> {
+        match *r {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_shared_buffers_on_the_cpu() {
+        assert!(!available(&Device::Cpu));
+        assert!(SharedBuffer::alloc(&Device::Cpu, 1024).is_err());
+        assert!(OpenedBuffer::open(&Device::Cpu, &[0; HANDLE_BYTES], 1024).is_err());
+        assert!(OpenedBuffer::open(&Device::Cpu, &[0; 3], 1024).is_err());
+        fence(&Device::Cpu)
+            .and_then(|f| f.wait())
+            .expect("a CPU fence is always passed");
+    }
+}

@@ -1,0 +1,299 @@
+//! The expert data plane's transports and the rules for choosing one: gRPC stays the control
+//! plane (registration, health, each call's routing metadata, failover); the activations and
+//! partial sums travel either in the gRPC messages (`grpc`, always available) or in device
+//! buffers shared between the gate and the worker (`cuda-ipc`, same host, any GPU of it).
+//!
+//! The gate asks for a device transport when it opens a worker's stream (`Expert.OpenTransport`);
+//! [`gate_choice`] says whether it asks at all, [`worker_check`] whether the worker accepts.
+//! Both are pure so that the negotiation's rules are unit-tested without a GPU; the CUDA calls
+//! live in `moemesh_engine::cuda::ipc`.
+
+use moemesh_proto::v1;
+
+use crate::codec::Assignment;
+use crate::error::{MeshError, MeshResult};
+
+/// Activations in the gRPC messages.
+pub const GRPC: &str = "grpc";
+/// Activations in CUDA device buffers shared by the two processes (one host).
+pub const CUDA_IPC: &str = "cuda-ipc";
+/// Not connected yet: the transport is chosen when the stream opens.
+pub const PENDING: &str = "pending";
+
+/// The gate's `--expert-transport`: `auto` asks every CUDA worker for CUDA IPC, `grpc` never asks
+/// (the baseline for measurements, or a fallback if a driver misbehaves).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TransportMode {
+    Auto,
+    Grpc,
+}
+
+/// Identifies this host for CUDA IPC (which works only between processes of one host): the kernel
+/// boot id, which two containers on one host share, or the host name where it cannot be read.
+pub fn host_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default()
+}
+
+/// Whether a gate should ask a worker for CUDA IPC: `Err(reason)` names why not (the gate then
+/// uses gRPC for it and logs the reason).
+pub fn gate_choice(
+    mode: TransportMode,
+    gate_on_cuda: bool,
+    ipc_built: bool,
+    worker_device: &str,
+) -> Result<(), String> {
+    if mode == TransportMode::Grpc {
+        return Err("--expert-transport grpc".into());
+    }
+    if !gate_on_cuda {
+        return Err("the gate runs on the CPU".into());
+    }
+    if !ipc_built {
+        return Err("this build has no CUDA".into());
+    }
+    if !(worker_device == "cuda" || worker_device.starts_with("cuda:")) {
+        return Err(format!("the worker runs on {worker_device:?}"));
+    }
+    Ok(())
+}
+
+/// The worker's checks of an `OpenTransport` request before it maps anything: `Err(reason)` is a
+/// refusal (the gate keeps gRPC), never a failed call.
+pub fn worker_check(
+    req: &v1::OpenTransportRequest,
+    own_host: &str,
+    on_cuda: bool,
+    hidden: usize,
+) -> Result<(), String> {
+    if req.kind != CUDA_IPC {
+        return Err(format!("transport {:?} is not offered", req.kind));
+    }
+    if !on_cuda {
+        return Err("this worker runs on the CPU".into());
+    }
+    if req.host_id.is_empty() || req.host_id != own_host {
+        return Err("the gate is on another host".into());
+    }
+    if req.hidden as usize != hidden {
+        return Err(format!(
+            "buffers laid out for hidden size {} but the model's is {hidden}",
+            req.hidden
+        ));
+    }
+    if !matches!(
+        v1::DType::try_from(req.dtype),
+        Ok(v1::DType::F32 | v1::DType::Bf16)
+    ) {
+        return Err(format!("input dtype {} is not f32 or bf16", req.dtype));
+    }
+    if req.rows == 0 || req.input_handles.is_empty() {
+        return Err("no buffers offered".into());
+    }
+    if req.input_handles.len() != req.output_handles.len() {
+        return Err(format!(
+            "{} input buffers but {} output buffers",
+            req.input_handles.len(),
+            req.output_handles.len()
+        ));
+    }
+    Ok(())
+}
+
+/// The (row, expert, weight) assignments of a call whose activations are in a shared buffer of
+/// `shared.rows` rows: like `codec::decode_forward`, but each token's row is `shared.token_rows`.
+pub fn shared_assignments(
+    req: &v1::ForwardRequest,
+    shared: &v1::SharedActivations,
+    capacity: usize,
+) -> MeshResult<Vec<Assignment>> {
+    let rows = shared.rows as usize;
+    if rows == 0 || rows > capacity {
+        return Err(MeshError::Invalid(format!(
+            "shared.rows {rows} is outside 1..={capacity} (the session's buffers)"
+        )));
+    }
+    if shared.token_rows.len() != req.pairs_per_token.len() {
+        return Err(MeshError::Invalid(format!(
+            "shared.token_rows has {} entries for {} tokens in pairs_per_token",
+            shared.token_rows.len(),
+            req.pairs_per_token.len()
+        )));
+    }
+    if let Some(bad) = shared.token_rows.iter().find(|&&r| r as usize >= rows) {
+        return Err(MeshError::Invalid(format!(
+            "shared.token_rows: row {bad} is past the {rows} rows written"
+        )));
+    }
+    let total: u64 = req.pairs_per_token.iter().map(|&n| u64::from(n)).sum();
+    if req.expert_ids.len() as u64 != total || req.weights.len() as u64 != total {
+        return Err(MeshError::Invalid(format!(
+            "expert_ids ({}) and weights ({}) must both have sum(pairs_per_token) = {total} entries",
+            req.expert_ids.len(),
+            req.weights.len()
+        )));
+    }
+    let mut pairs = Vec::with_capacity(req.expert_ids.len());
+    let mut ids = req.expert_ids.iter().zip(&req.weights);
+    for (&row, &n) in shared.token_rows.iter().zip(&req.pairs_per_token) {
+        for (&e, &w) in ids.by_ref().take(n as usize) {
+            pairs.push((row, e, w));
+        }
+    }
+    Ok(pairs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open_req() -> v1::OpenTransportRequest {
+        v1::OpenTransportRequest {
+            gate_id: "g".into(),
+            host_id: "host-a".into(),
+            kind: CUDA_IPC.into(),
+            rows: 64,
+            hidden: 16,
+            dtype: v1::DType::Bf16 as i32,
+            input_handles: vec![vec![0; 64]; 2],
+            output_handles: vec![vec![0; 64]; 2],
+        }
+    }
+
+    #[test]
+    fn the_gate_asks_only_cuda_workers_from_a_cuda_gate_unless_told_grpc() {
+        assert_eq!(
+            gate_choice(TransportMode::Auto, true, true, "cuda:1"),
+            Ok(())
+        );
+        assert_eq!(gate_choice(TransportMode::Auto, true, true, "cuda"), Ok(()));
+        for (mode, gate_gpu, built, dev, why) in [
+            (
+                TransportMode::Grpc,
+                true,
+                true,
+                "cuda:0",
+                "--expert-transport",
+            ),
+            (TransportMode::Auto, false, true, "cuda:0", "CPU"),
+            (TransportMode::Auto, true, false, "cuda:0", "no CUDA"),
+            (TransportMode::Auto, true, true, "cpu", "\"cpu\""),
+        ] {
+            let reason = gate_choice(mode, gate_gpu, built, dev).expect_err("refused");
+            assert!(reason.contains(why), "{reason}");
+        }
+    }
+
+    #[test]
+    fn the_worker_refuses_what_it_cannot_map_and_accepts_its_own_host() {
+        assert_eq!(worker_check(&open_req(), "host-a", true, 16), Ok(()));
+        let cases: Vec<(v1::OpenTransportRequest, bool, &str)> = vec![
+            (open_req(), false, "CPU"),
+            (
+                v1::OpenTransportRequest {
+                    host_id: "host-b".into(),
+                    ..open_req()
+                },
+                true,
+                "another host",
+            ),
+            (
+                v1::OpenTransportRequest {
+                    host_id: String::new(),
+                    ..open_req()
+                },
+                true,
+                "another host",
+            ),
+            (
+                v1::OpenTransportRequest {
+                    kind: "nccl".into(),
+                    ..open_req()
+                },
+                true,
+                "not offered",
+            ),
+            (
+                v1::OpenTransportRequest {
+                    hidden: 8,
+                    ..open_req()
+                },
+                true,
+                "hidden size 8",
+            ),
+            (
+                v1::OpenTransportRequest {
+                    dtype: 0,
+                    ..open_req()
+                },
+                true,
+                "dtype",
+            ),
+            (
+                v1::OpenTransportRequest {
+                    output_handles: vec![vec![0; 64]],
+                    ..open_req()
+                },
+                true,
+                "2 input buffers but 1",
+            ),
+            (
+                v1::OpenTransportRequest {
+                    rows: 0,
+                    ..open_req()
+                },
+                true,
+                "no buffers",
+            ),
+        ];
+        for (req, on_cuda, why) in cases {
+            let reason = worker_check(&req, "host-a", on_cuda, 16).expect_err("refused");
+            assert!(reason.contains(why), "{reason} (expected {why})");
+        }
+    }
+
+    #[test]
+    fn shared_assignments_use_each_tokens_row_and_check_bounds() {
+        let req = v1::ForwardRequest {
+            pairs_per_token: vec![2, 1],
+            expert_ids: vec![3, 5, 7],
+            weights: vec![0.5, 0.25, 1.0],
+            ..Default::default()
+        };
+        let shared = v1::SharedActivations {
+            rows: 10,
+            token_rows: vec![9, 2],
+            ..Default::default()
+        };
+        assert_eq!(
+            shared_assignments(&req, &shared, 16).expect("valid"),
+            vec![(9, 3, 0.5), (9, 5, 0.25), (2, 7, 1.0)]
+        );
+        let past = v1::SharedActivations {
+            token_rows: vec![10, 2],
+            ..shared.clone()
+        };
+        assert!(matches!(
+            shared_assignments(&req, &past, 16),
+            Err(MeshError::Invalid(m)) if m.contains("row 10")
+        ));
+        assert!(
+            shared_assignments(&req, &shared, 8).is_err(),
+            "over capacity"
+        );
+        let short = v1::SharedActivations {
+            token_rows: vec![1],
+            ..shared.clone()
+        };
+        assert!(shared_assignments(&req, &short, 16).is_err());
+        let missing = v1::ForwardRequest {
+            weights: vec![0.5],
+            ..req.clone()
+        };
+        assert!(shared_assignments(&missing, &shared, 16).is_err());
+    }
+}
