@@ -12,6 +12,7 @@
 #   BINS="old.gz new.gz" scripts/gpu-check.sh --core   # serving core: in-process and mesh, c=1 and 64
 #   scripts/gpu-check.sh --ipc                # expert data plane: CUDA IPC vs gRPC vs in-process
 #   GATE_BINS="old.gz new.gz" scripts/gpu-check.sh --sampling   # the mesh once per gate binary
+#   SKIP_MEMCHECK=1 scripts/gpu-check.sh --check   # without the compute-sanitizer pass (minutes)
 #   EXPERT_DEVICES=cuda:1 scripts/gpu-check.sh --bench   # gate on GPU 0, expert workers on GPU 1
 #
 # Logs and JSON go to $OUT (default /tmp/moemesh-gpu); the table comes last.
@@ -402,7 +403,7 @@ if [[ $MODE != --bench ]]; then
         $PY scripts/bench/hf_bf16_reference.py tests/fixtures --json "$OUT/hf_bf16.json" 2>"$OUT/hf_bf16.err" \
             | tee "$OUT/hf_bf16.txt" || tail -5 "$OUT/hf_bf16.err"
     fi
-    if command -v compute-sanitizer >/dev/null; then
+    if [[ -z ${SKIP_MEMCHECK:-} ]] && command -v compute-sanitizer >/dev/null; then
         echo "== compute-sanitizer memcheck: the fused kernels on one fixture (f32)"
         mkdir -p "$OUT/one" && ln -sfn "$PWD/tests/fixtures/tiny-deepseek-v3" "$OUT/one/tiny-deepseek-v3"
         timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 \
