@@ -17,6 +17,9 @@ pub enum MeshError {
     /// A sequence's state does not match what the caller assumed (FAILED_PRECONDITION).
     #[error("{0}")]
     Precondition(String),
+    /// What the caller named does not exist here (NOT_FOUND): a model, a route.
+    #[error("{0}")]
+    NotFound(String),
     /// The caller's deadline passed (DEADLINE_EXCEEDED).
     #[error("{0}")]
     Deadline(String),
@@ -47,6 +50,7 @@ impl From<MeshError> for tonic::Status {
             MeshError::Unavailable(m) => Status::unavailable(m),
             MeshError::Overloaded(m) => Status::resource_exhausted(m),
             MeshError::Precondition(m) => Status::failed_precondition(m),
+            MeshError::NotFound(m) => Status::not_found(m),
             MeshError::Deadline(m) => Status::deadline_exceeded(m),
             MeshError::Unauthenticated(m) => Status::unauthenticated(m),
             MeshError::PermissionDenied(m) => Status::permission_denied(m),
@@ -113,6 +117,10 @@ mod tests {
             (
                 MeshError::Deadline("deadline passed".into()),
                 Code::DeadlineExceeded,
+            ),
+            (
+                MeshError::NotFound("model \"x\" is not served here".into()),
+                Code::NotFound,
             ),
             (
                 MeshError::Unauthenticated("missing key".into()),

@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::{Stream, StreamExt};
+use moemesh_common::MeshError;
 use moemesh_proto::v1::{
     self, ChatInput, ChatMessage, GenerateRequest, GenerateResponse, StoppingCriteria,
     generate_request::Input,
@@ -53,7 +54,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .fallback(|| async {
-            error(Status::not_found(
+            error(not_found(
                 "no such route: the API serves /v1/chat/completions, /v1/completions, /v1/models and /health",
             ))
         })
@@ -127,6 +128,18 @@ struct CompletionRequest {
     common: Common,
 }
 
+fn invalid(m: impl Into<String>) -> Status {
+    MeshError::Invalid(m.into()).into()
+}
+
+fn not_found(m: impl Into<String>) -> Status {
+    MeshError::NotFound(m.into()).into()
+}
+
+fn unavailable(m: impl Into<String>) -> Status {
+    MeshError::Unavailable(m.into()).into()
+}
+
 /// An OpenAI-shaped error response for a status.
 fn error(status: Status) -> Response {
     let (http, kind) = match status.code() {
@@ -160,7 +173,7 @@ fn error(status: Status) -> Response {
 
 /// A JSON body that does not parse is a 400 in OpenAI's shape, not axum's plain text.
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Status> {
-    serde_json::from_slice(body).map_err(|e| Status::invalid_argument(format!("request body: {e}")))
+    serde_json::from_slice(body).map_err(|e| invalid(format!("request body: {e}")))
 }
 
 impl Common {
@@ -170,15 +183,13 @@ impl Common {
             && !m.is_empty()
             && m != api.model
         {
-            return Err(Status::not_found(format!(
+            return Err(not_found(format!(
                 "model: {m:?} is not served here; this server serves {:?}",
                 api.model
             )));
         }
         if self.n.is_some_and(|n| n != 1) {
-            return Err(Status::invalid_argument(
-                "n: only 1 choice per request is supported",
-            ));
+            return Err(invalid("n: only 1 choice per request is supported"));
         }
         Ok(())
     }
@@ -335,7 +346,7 @@ async fn chat(State(api): State<Api>, headers: HeaderMap, body: axum::body::Byte
         return error(s);
     }
     if req.top_logprobs.is_some_and(|n| n > 0) {
-        return error(Status::invalid_argument(
+        return error(invalid(
             "top_logprobs: alternatives are not returned yet; only the chosen token's logprob (logprobs: true)",
         ));
     }
@@ -365,16 +376,16 @@ async fn completions(
         return error(s);
     }
     if req.echo.unwrap_or(false) {
-        return error(Status::invalid_argument("echo: not supported"));
+        return error(invalid("echo: not supported"));
     }
     if req.logprobs.is_some_and(|n| n > 1) {
-        return error(Status::invalid_argument(
+        return error(invalid(
             "logprobs: alternatives are not returned yet; 0 or 1 gives the chosen token's logprob",
         ));
     }
     let mut prompts = req.prompt.into_vec();
     if prompts.len() != 1 {
-        return error(Status::invalid_argument(format!(
+        return error(invalid(format!(
             "prompt: {} prompts; one per request is supported",
             prompts.len()
         )));
@@ -497,7 +508,7 @@ async fn health(State(api): State<Api>) -> Response {
     if (api.ready)() {
         Json(json!({"status": "ok"})).into_response()
     } else {
-        error(Status::unavailable("no gate of this model is registered"))
+        error(unavailable("no gate of this model is registered"))
     }
 }
 

@@ -245,10 +245,9 @@ impl WorkerClient {
     pub fn close(&self, why: &str) {
         self.closed.store(true, Ordering::SeqCst);
         if let Some(c) = lock(&self.conn).take() {
-            c.fail(Status::unavailable(format!(
-                "expert worker {}: {why}",
-                self.member.id
-            )));
+            c.fail(
+                MeshError::Unavailable(format!("expert worker {}: {why}", self.member.id)).into(),
+            );
         }
     }
 
@@ -337,7 +336,7 @@ impl WorkerClient {
                             let _ = waiter.send(Ok(r));
                         }
                     }
-                    Ok(None) => break Status::unavailable("stream closed"),
+                    Ok(None) => break MeshError::Unavailable("stream closed".into()).into(),
                     Err(s) => break s,
                 };
             };
@@ -484,9 +483,12 @@ impl WorkerClient {
                 lock(&conn.waiters).remove(&call_id);
                 // A worker that misses a reply is taken for hung: its stream is dropped (and
                 // every call on it released), the next call opens a new one.
-                conn.fail(Status::unavailable(format!(
-                    "a call on this stream got no reply within {timeout:?}"
-                )));
+                conn.fail(
+                    MeshError::Unavailable(format!(
+                        "a call on this stream got no reply within {timeout:?}"
+                    ))
+                    .into(),
+                );
                 Err(self.peer_err(format!("no reply within {timeout:?}")))
             }
         }
