@@ -51,6 +51,45 @@ async fn up_serves_reference_tokens_with_health_and_reflection_and_stops_cleanly
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
 
+    // Health by the service's own name answers as the overall status does.
+    let named = health
+        .check(HealthCheckRequest {
+            service: "moemesh.v1.Generation".into(),
+        })
+        .await
+        .expect("health of moemesh.v1.Generation")
+        .into_inner();
+    assert_eq!(
+        named.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    // grpcio-reflection speaks v1alpha: it lists the same services.
+    {
+        use tonic_reflection::pb::v1alpha::ServerReflectionRequest as AlphaRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient as AlphaClient;
+        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest as AlphaMessage;
+        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse as AlphaResponse;
+        let req = AlphaRequest {
+            host: String::new(),
+            message_request: Some(AlphaMessage::ListServices(String::new())),
+        };
+        let mut replies = AlphaClient::new(channel.clone())
+            .server_reflection_info(tokio_stream::iter(vec![req]))
+            .await
+            .expect("v1alpha reflection")
+            .into_inner();
+        let reply = replies.message().await.expect("reply").expect("one reply");
+        let Some(AlphaResponse::ListServicesResponse(list)) = reply.message_response else {
+            panic!("not a service list")
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(
+            names.contains(&"moemesh.v1.Generation".to_string()),
+            "{names:?}"
+        );
+    }
+
     let mut reflection = ServerReflectionClient::new(channel);
     let req = ServerReflectionRequest {
         host: String::new(),
@@ -72,6 +111,13 @@ async fn up_serves_reference_tokens_with_health_and_reflection_and_stops_cleanly
     );
     assert!(
         names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
+    // The frontend advertises only what it serves: not the gate's or the workers' services.
+    assert!(
+        !names
+            .iter()
+            .any(|n| n == "moemesh.v1.Gate" || n == "moemesh.v1.Expert"),
         "{names:?}"
     );
 

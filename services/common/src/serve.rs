@@ -16,22 +16,53 @@ use tonic_health::server::HealthReporter;
 use crate::MeshResult;
 use crate::registry::{Member, Registration, Registry};
 
-/// Health service (overall status `""` starts NOT_SERVING) and reflection over moemesh's and
-/// the health protocol's descriptors, so grpcurl and ghz need no .proto files.
-pub fn health_and_reflection() -> (
-    HealthReporter,
+/// A role's health: the overall status (`""`, what readiness probes check) and its gRPC
+/// service's own name (`moemesh.v1.Generation`, `.Gate`, `.Expert`), always set together, so a
+/// client that checks the service by name gets the same answer.
+#[derive(Clone)]
+pub struct RoleHealth {
+    reporter: HealthReporter,
+    service: &'static str,
+}
+
+impl RoleHealth {
+    pub fn new(reporter: HealthReporter, service: &'static str) -> Self {
+        RoleHealth { reporter, service }
+    }
+}
+
+/// Health (every status starts NOT_SERVING) and reflection, v1 and v1alpha, over moemesh's and
+/// the health protocol's descriptors, advertising only what this role serves (`service`, health
+/// and reflection), so grpcurl, ghz and grpcio-reflection need no .proto files.
+pub fn health_and_reflection(
+    service: &'static str,
+) -> (
+    RoleHealth,
     tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
-    tonic_reflection::server::v1::ServerReflectionServer<
-        impl tonic_reflection::server::v1::ServerReflection,
-    >,
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
 ) {
     let (reporter, health) = tonic_health::server::health_reporter();
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(moemesh_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(moemesh_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(service)
+            .with_service_name("grpc.health.v1.Health")
+    };
+    let v1 = builder()
         .build_v1()
         .expect("the compiled-in descriptor sets are valid");
-    (reporter, health, reflection)
+    let v1alpha = builder()
+        .build_v1alpha()
+        .expect("the compiled-in descriptor sets are valid");
+    (RoleHealth::new(reporter, service), health, (v1, v1alpha))
 }
 
 /// Accepted connections of `listener` with TCP_NODELAY set: every RPC here is a small
@@ -48,14 +79,21 @@ pub fn incoming(
     })
 }
 
-/// Sets the overall health status (the `""` service), which readiness probes check.
-pub async fn set_health(reporter: &HealthReporter, serving: bool) {
+/// Sets the overall health status (the `""` service, which readiness probes check) and the
+/// role's service's.
+pub async fn set_health(health: &RoleHealth, serving: bool) {
     let status = if serving {
         ServingStatus::Serving
     } else {
         ServingStatus::NotServing
     };
-    reporter.set_service_status("", status).await;
+    health.reporter.set_service_status("", status).await;
+    if !health.service.is_empty() {
+        health
+            .reporter
+            .set_service_status(health.service, status)
+            .await;
+    }
 }
 
 /// Mirrors a registration into the overall health: NOT_SERVING while the registry has lost this
@@ -63,7 +101,7 @@ pub async fn set_health(reporter: &HealthReporter, serving: bool) {
 /// listed again, so readiness probes agree with what the other roles can see. Abort the returned
 /// task at shutdown, before marking the role NOT_SERVING for good.
 pub fn health_follows(
-    reporter: HealthReporter,
+    reporter: RoleHealth,
     mut registered: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -126,7 +164,7 @@ pub async fn bounded<F: Future>(limit: std::time::Duration, fut: F) -> Option<F:
 /// registry, drain, stop the server.
 pub struct Serving {
     /// The overall health status that readiness probes check.
-    reporter: HealthReporter,
+    reporter: RoleHealth,
     /// Tells the server to stop accepting and close its connections gracefully.
     stop: oneshot::Sender<()>,
     /// The server, until its last connection is closed.
@@ -139,7 +177,7 @@ impl Serving {
     /// Spawns the server that `serve` builds around the stop signal it is given (for
     /// `serve_with_incoming_shutdown`), then reports SERVING.
     pub async fn start<F>(
-        reporter: HealthReporter,
+        reporter: RoleHealth,
         serve: impl FnOnce(Pin<Box<dyn Future<Output = ()> + Send>>) -> F,
     ) -> Self
     where
@@ -261,9 +299,10 @@ mod tests {
 
     #[tokio::test]
     async fn health_follows_the_registration_until_aborted() {
-        let (reporter, _server) = tonic_health::server::health_reporter();
+        let (inner, _server) = tonic_health::server::health_reporter();
+        let reporter = RoleHealth::new(inner.clone(), "moemesh.v1.Expert");
         set_health(&reporter, true).await;
-        let service = tonic_health::server::HealthService::from_health_reporter(reporter.clone());
+        let service = tonic_health::server::HealthService::from_health_reporter(inner);
         let mut updates = service
             .watch(tonic::Request::new(HealthCheckRequest {
                 service: String::new(),
@@ -324,7 +363,7 @@ mod tests {
             .await
             .expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("address"));
-        let (reporter, health, _) = health_and_reflection();
+        let (reporter, health, _) = health_and_reflection("moemesh.v1.Expert");
         let mut serving = Serving::start(reporter, |stop| {
             tonic::transport::Server::builder()
                 .add_service(health)

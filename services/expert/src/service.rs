@@ -415,7 +415,7 @@ pub async fn run(
         closing: Arc::new(AtomicBool::new(false)),
         sessions: Default::default(),
     });
-    let (reporter, health, reflection) = serve::health_and_reflection();
+    let (reporter, health, reflection) = serve::health_and_reflection("moemesh.v1.Expert");
     let limits = &cfg.member.limits;
     let router = limits
         .server()
@@ -431,7 +431,8 @@ pub async fn run(
             tls::CertRole::Gate,
         ))
         .add_service(health)
-        .add_service(reflection)
+        .add_service(reflection.0)
+        .add_service(reflection.1)
         .add_service(
             ExpertServer::new(ExpertService {
                 worker: worker.clone(),

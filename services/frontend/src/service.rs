@@ -444,7 +444,7 @@ pub async fn run(
             }
         }
     });
-    let (reporter, health, reflection) = serve::health_and_reflection();
+    let (reporter, health, reflection) = serve::health_and_reflection("moemesh.v1.Generation");
     let gate_health = reporter.clone();
     let mut usable_gates = frontend.gates.clone();
     // Load shedding at the door: at most --max-pending Generate streams open at once; the permit
@@ -473,7 +473,8 @@ pub async fn run(
         .layer(auth)
         .layer(shed)
         .add_service(health)
-        .add_service(reflection)
+        .add_service(reflection.0)
+        .add_service(reflection.1)
         .add_service(
             GenerationServer::new(GenerationService(frontend))
                 .max_decoding_message_size(max_message),

@@ -327,7 +327,7 @@ pub async fn run(
         .spawn(move || engine.run(cmd_rx))
         .map_err(|e| MeshError::Internal(format!("starting the engine thread: {e}")))?;
 
-    let (reporter, health, reflection) = serve::health_and_reflection();
+    let (reporter, health, reflection) = serve::health_and_reflection("moemesh.v1.Gate");
     let engine = cmd_tx.clone();
     let (stepped, mut stepped_rx) = watch::channel(());
     let service = GateService {
@@ -347,7 +347,8 @@ pub async fn run(
             tls::CertRole::Frontend,
         ))
         .add_service(health)
-        .add_service(reflection)
+        .add_service(reflection.0)
+        .add_service(reflection.1)
         .add_service(
             GateServer::new(service)
                 .max_decoding_message_size(limits.max_message_bytes(DEFAULT_MAX_MESSAGE_MB))
