@@ -185,6 +185,45 @@ def exec_probe_port(cmd):
     return port_of(cmd[cmd.index("--addr") + 1])
 
 
+def secret_mode_problems(spec, container):
+    """Secret files the container cannot read. Kubernetes writes them owned by root, in group
+    `fsGroup` when the pod sets one (and adds that group to the container's), with the volume's
+    mode (default 0644, per item overridable): the process (runAsUser/runAsGroup) must be root,
+    or the group must be one of its groups with group read, or others must have read."""
+    pod, own = spec.get("securityContext", {}), container.get("securityContext", {})
+    uid = own.get("runAsUser", pod.get("runAsUser"))
+    gid = own.get("runAsGroup", pod.get("runAsGroup"))
+    file_gid = pod.get("fsGroup", 0)
+    groups = {g for g in [gid, pod.get("fsGroup"), *pod.get("supplementalGroups", [])] if g is not None}
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    found = []
+    for m in container.get("volumeMounts", []):
+        secret = volumes.get(m["name"], {}).get("secret")
+        if secret is None:
+            continue
+        modes = [secret.get("defaultMode", 0o644)] + [i["mode"] for i in secret.get("items", []) if "mode" in i]
+        for mode in modes:
+            readable = uid == 0 or mode & 0o004 or (mode & 0o040 and file_gid in groups)
+            if not readable:
+                found.append(
+                    f"secret volume {m['name']!r} (mode {mode:#o}, group {file_gid}) is unreadable by "
+                    f"uid {uid} gid {gid}: set the pod's fsGroup to {gid} or make the mode world-readable"
+                )
+    return found
+
+
+def self_test():
+    """The secret check must catch the production overlay's old mistake (0440, no fsGroup)."""
+    spec = {
+        "securityContext": {"runAsUser": 10001, "runAsGroup": 10001},
+        "volumes": [{"name": "tls", "secret": {"secretName": "t", "defaultMode": 0o440}}],
+    }
+    container = {"volumeMounts": [{"name": "tls", "mountPath": "/tls"}]}
+    assert secret_mode_problems(spec, container), "0440 without fsGroup must be refused"
+    spec["securityContext"]["fsGroup"] = 10001
+    assert not secret_mode_problems(spec, container), "0440 with fsGroup 10001 is readable"
+
+
 def check_workloads(docs, where, experts_expected, known, problems):
     configmaps = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
     workloads = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
@@ -227,6 +266,8 @@ def check_workloads(docs, where, experts_expected, known, problems):
                 else:
                     problems.add(here, f"{kind} is neither a gRPC probe nor `moemesh health`")
             check_container(here, role, env, ports, probes, known, problems)
+            for p in secret_mode_problems(spec, c):
+                problems.add(here, p)
             grace = spec.get("terminationGracePeriodSeconds", 30)
             pre_stop = c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
             sleep = int(pre_stop[1]) if pre_stop[:1] == ["sleep"] else 0
@@ -314,6 +355,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--moemesh", required=True, help="the moemesh binary whose flags the manifests must use")
     args = ap.parse_args()
+    self_test()
     known = role_env(args.moemesh)
     crds = crd_validators()
     problems = Problems()
