@@ -186,3 +186,69 @@ async fn up_serves_reference_tokens_with_health_and_reflection_and_stops_cleanly
         "every process moemesh up started is gone"
     );
 }
+
+/// Under `up` with `--expert-replicas 2`, a killed expert worker leaves the mesh running and its
+/// replica takes its calls: the reference tokens still come back, and `up` is still there.
+#[tokio::test(flavor = "multi_thread")]
+async fn up_keeps_serving_when_an_expert_worker_dies_and_its_replica_takes_over() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = fixture("tiny-deepseek-v3");
+    let args: Vec<String> = [
+        "--model",
+        model.to_str().expect("utf-8"),
+        "--listen",
+        "127.0.0.1:0",
+        "--expert-workers",
+        "1",
+        "--expert-replicas",
+        "2",
+        "--gate-args=--expert-timeout=10",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (mut up, addr) = start_moemesh(dir.path(), "up", "up", &args);
+    let log = up.log_text();
+    let pid: i32 = log
+        .lines()
+        .find(|l| l.contains("expert worker 0 replica 0"))
+        .and_then(|l| l.rsplit("pid ").next())
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pid for replica 0 in the log:\n{log}"));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill replica 0");
+
+    let (prompt, expected) = reference_greedy("tiny-deepseek-v3", 0);
+    let mut client = GenerationClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    for _ in 0..2 {
+        let req = GenerateRequest {
+            input: Some(Input::Tokens(v1::TokenIds {
+                ids: prompt.clone(),
+            })),
+            sampling: None,
+            stopping: Some(v1::StoppingCriteria {
+                max_new_tokens: Some(expected.len() as u32),
+                stop: Vec::new(),
+                ignore_eos: true,
+            }),
+            request_id: String::new(),
+        };
+        let mut stream = client.generate(req).await.expect("accepted").into_inner();
+        let mut ids = Vec::new();
+        while let Some(m) = stream.message().await.expect("no failed request") {
+            ids.extend(m.token_ids);
+        }
+        assert_eq!(ids, expected);
+    }
+    assert!(!up.exited(), "up stopped the mesh:\n{}", up.log_text());
+    assert!(
+        up.log_text().contains("an expert worker exited"),
+        "{}",
+        up.log_text()
+    );
+}

@@ -1,7 +1,8 @@
 //! `moemesh up`: a complete local mesh — N expert workers (the routed experts split evenly), one
 //! gate and one frontend, each its own process — started in order, each waited for through its
-//! readiness line, stopped together (SIGTERM, then SIGKILL) on Ctrl-C/SIGTERM or when any of
-//! them exits.
+//! readiness line, stopped together (SIGTERM, then SIGKILL) on Ctrl-C/SIGTERM or when the gate
+//! or the frontend exits (an expert worker that exits leaves the rest running, so failover to
+//! its replicas can be tried).
 //!
 //! The internal hops (frontend → gate → workers) run mutual TLS with an ephemeral CA and one
 //! certificate per process, made at start in a private temporary directory and deleted at exit
@@ -365,26 +366,41 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         }
         .await;
         if result.is_ok() {
-            // The first child to exit, woken by its exit (SIGCHLD), not found by polling.
+            // Children's exits, each woken by its exit (SIGCHLD), not found by polling. An expert
+            // worker that exits leaves the mesh running (its replicas, if any, take its calls;
+            // without one, requests that need its experts fail UNAVAILABLE), so failover can be
+            // tried under `up`; the gate or the frontend exiting stops the mesh.
             let mut waits: Vec<_> = procs
                 .iter_mut()
                 .map(|p| Box::pin(async { (p.role.as_str(), p.child.wait().await) }))
                 .collect();
-            let exited = std::future::poll_fn(|cx| {
-                waits
-                    .iter_mut()
-                    .find_map(|w| match w.as_mut().poll(cx) {
-                        std::task::Poll::Ready(done) => Some(done),
-                        std::task::Poll::Pending => None,
-                    })
-                    .map_or(std::task::Poll::Pending, std::task::Poll::Ready)
-            });
-            tokio::select! {
-                _ = moemesh_common::serve::shutdown_signal() => eprintln!("moemesh up: stopping"),
-                (role, status) = exited => match status {
-                    Ok(status) => eprintln!("moemesh up: {role} exited ({status}); stopping the mesh"),
-                    Err(e) => eprintln!("moemesh up: cannot wait for {role} ({e}); stopping the mesh"),
-                },
+            loop {
+                let exited = std::future::poll_fn(|cx| {
+                    waits
+                        .iter_mut()
+                        .enumerate()
+                        .find_map(|(i, w)| match w.as_mut().poll(cx) {
+                            std::task::Poll::Ready(done) => Some((i, done)),
+                            std::task::Poll::Pending => None,
+                        })
+                        .map_or(std::task::Poll::Pending, std::task::Poll::Ready)
+                });
+                tokio::select! {
+                    _ = moemesh_common::serve::shutdown_signal() => {
+                        eprintln!("moemesh up: stopping");
+                        break;
+                    }
+                    (i, (role, status)) = exited => {
+                        let status = status.map_or_else(|e| format!("cannot wait for it: {e}"), |s| s.to_string());
+                        if role == "expert" {
+                            eprintln!("moemesh up: an expert worker exited ({status}); the mesh keeps running (its replicas serve its experts; without one, requests that need them fail)");
+                            drop(waits.remove(i));
+                            continue;
+                        }
+                        eprintln!("moemesh up: {role} exited ({status}); stopping the mesh");
+                        break;
+                    }
+                }
             }
             drop(waits);
         }
