@@ -3,34 +3,37 @@
 # installed (and MOEMESH_LOADTEST_TOOL is not "bench"), otherwise `moemesh bench --scenario`,
 # which reads the same files and writes the same JSON report plus per-token metrics.
 #
-#   loadtest/run.sh [--up] [--addr HOST:PORT] [SCENARIO...]
+#   loadtest/run.sh [--up] [--addr HOST:PORT] [--out DIR] [SCENARIO...]
 #
 #   --up             start a local mesh (`moemesh up`, CPU, embedded model) on a free port first,
 #                    and stop it at the end
 #   --addr H:P       the frontend to load (default: each scenario's "host", 127.0.0.1:50051)
+#   --out DIR        where the reports go (default: a new loadtest/runs/<UTC time>/, which git
+#                    ignores; pass --out loadtest/results to replace the committed reference runs)
 #   SCENARIO         names or paths (default: short-chat long-prompt long-generation mixed)
 #
-# Reports go to loadtest/results/<scenario>.json; a Markdown table of all of them to
-# loadtest/results/summary.md.
+# Reports go to DIR/<scenario>.json; a Markdown table of all of them to DIR/summary.md.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=loadtest/lib.sh
 source "$here/lib.sh"
 
-up=0; addr=""; scenarios=()
+up=0; addr=""; out_dir=""; scenarios=()
 while (( $# )); do
   case "$1" in
     --up) up=1 ;;
     --addr) addr="$2"; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    --out) out_dir="$2"; shift ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) scenarios+=("$1") ;;
   esac
   shift
 done
 (( ${#scenarios[@]} )) || scenarios=(short-chat long-prompt long-generation mixed)
 
-results="$here/results"
+results="${out_dir:-$here/runs/$(date -u +%Y%m%dT%H%M%SZ)}"
 mkdir -p "$results"
+echo "loadtest: reports go to $results" >&2
 if (( up )); then
   trap stop_mesh EXIT
   start_mesh "$results/mesh-logs"
