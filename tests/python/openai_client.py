@@ -19,11 +19,13 @@ seen["model"] = model
 messages = [{"role": "user", "content": "Name a color."}]
 whole = client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0)
 seen["chat_text"] = whole.choices[0].message.content
+# With --reasoning-parser deepseek-r1, what precedes </think> (here: all of it) is reasoning.
+seen["chat_reasoning"] = getattr(whole.choices[0].message, "reasoning_content", None)
 seen["chat_finish"] = whole.choices[0].finish_reason
 seen["chat_usage"] = whole.usage.completion_tokens
 seen["cached_tokens"] = whole.usage.prompt_tokens_details.cached_tokens
 
-parts, usage = [], None
+parts, thoughts, usage = [], [], None
 stream = client.chat.completions.create(
     model=model, messages=messages, max_tokens=6, temperature=0, stream=True,
     stream_options={"include_usage": True},
@@ -34,7 +36,11 @@ for chunk in stream:
     for c in chunk.choices:
         if c.delta.content:
             parts.append(c.delta.content)
+        r = getattr(c.delta, "reasoning_content", None)
+        if r:
+            thoughts.append(r)
 seen["stream_text"] = "".join(parts)
+seen["stream_reasoning"] = "".join(thoughts)
 seen["stream_usage"] = usage
 
 texts = [

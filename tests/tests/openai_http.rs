@@ -202,7 +202,14 @@ async fn the_official_openai_python_client_streams_completes_and_gets_its_errors
     let mesh = Mesh::start_with(
         None,
         &["0-15"],
-        &["--http-listen", &listen, "--api-keys-file", &keys],
+        &[
+            "--http-listen",
+            &listen,
+            "--api-keys-file",
+            &keys,
+            "--reasoning-parser",
+            "deepseek-r1",
+        ],
     );
     let base = format!("http://127.0.0.1:{port}/v1");
     let script = workspace_root().join("tests/python/openai_client.py");
@@ -215,8 +222,17 @@ async fn the_official_openai_python_client_streams_completes_and_gets_its_errors
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "the openai client failed:\n{stderr}");
     let seen = json_of(String::from_utf8_lossy(&out.stdout).trim());
-    // Greedy: the stream and the whole answer agree, and so do their usages.
+    // Greedy: the stream and the whole answer agree, and so do their usages. The random-weight
+    // model never writes `</think>`, so with the R1 parser all of it is reasoning.
     assert_eq!(seen["chat_text"], seen["stream_text"], "{seen}");
+    assert_eq!(seen["chat_text"], "", "{seen}");
+    assert!(
+        seen["chat_reasoning"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
+        "{seen}"
+    );
+    assert_eq!(seen["chat_reasoning"], seen["stream_reasoning"], "{seen}");
     assert_eq!(seen["chat_usage"], seen["stream_usage"], "{seen}");
     assert!(
         seen["chat_usage"]

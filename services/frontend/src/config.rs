@@ -19,6 +19,10 @@ pub struct FrontendConfig {
     /// keep it on loopback). API keys apply as `Authorization: Bearer`.
     #[arg(long, env = "MOEMESH_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
+    /// How the HTTP API splits chat output: `deepseek-r1` puts what comes before `</think>` in
+    /// `reasoning_content` (as vLLM's `deepseek_r1` parser), `none` leaves it all in `content`.
+    #[arg(long, env = "MOEMESH_REASONING_PARSER", default_value = "none", value_parser = ["none", "deepseek-r1", "deepseek_r1"])]
+    pub reasoning_parser: String,
     #[arg(long, env = "MOEMESH_MODEL")]
     pub model: Option<PathBuf>,
     /// etcd endpoints, comma-separated; the frontend watches gates there.

@@ -45,6 +45,72 @@ pub struct Api {
     pub generate: Generator,
     /// Whether a gate is there to serve (what `/health` reports, as gRPC health does).
     pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// `--reasoning-parser deepseek-r1`: chat output up to `</think>` is `reasoning_content`.
+    pub reasoning: bool,
+}
+
+/// DeepSeek-R1's reasoning split, as vLLM's `deepseek_r1` parser makes it: the assistant turn
+/// starts in its reasoning (an opening `<think>`, if the model writes one, is dropped), and
+/// `</think>` ends it; what follows is the answer. Fed piece by piece, it holds back a tail that
+/// might be the start of a tag, so a tag split over two tokens is still found.
+#[derive(Debug, Default)]
+pub struct ReasoningSplit {
+    answering: bool,
+    /// Text not yet emitted because it might begin a tag.
+    held: String,
+    /// Whether anything of the reasoning has been seen (only a leading `<think>` is dropped).
+    started: bool,
+}
+
+const THINK: &str = "<think>";
+const END_THINK: &str = "</think>";
+
+impl ReasoningSplit {
+    /// The reasoning and the answer text this piece completes.
+    pub fn push(&mut self, piece: &str) -> (String, String) {
+        self.held.push_str(piece);
+        let (mut reasoning, mut answer) = (String::new(), String::new());
+        if self.answering {
+            answer = std::mem::take(&mut self.held);
+            return (reasoning, answer);
+        }
+        if !self.started {
+            let t = self.held.trim_start();
+            if THINK.starts_with(t) && t.len() < THINK.len() {
+                return (reasoning, answer);
+            }
+            if let Some(rest) = t.strip_prefix(THINK) {
+                self.held = rest.to_string();
+            }
+            self.started = true;
+        }
+        if let Some(at) = self.held.find(END_THINK) {
+            reasoning.push_str(&self.held[..at]);
+            answer.push_str(&self.held[at + END_THINK.len()..]);
+            self.held.clear();
+            self.answering = true;
+            return (reasoning, answer);
+        }
+        // Keep back the longest tail that is a prefix of `</think>`.
+        let keep = (1..END_THINK.len())
+            .rev()
+            .find(|&n| self.held.ends_with(&END_THINK[..n]))
+            .unwrap_or(0);
+        let cut = self.held.len() - keep;
+        reasoning.push_str(&self.held[..cut]);
+        self.held.drain(..cut);
+        (reasoning, answer)
+    }
+
+    /// What is held back at the end (the sequence finished without completing a tag).
+    pub fn finish(&mut self) -> (String, String) {
+        let rest = std::mem::take(&mut self.held);
+        if self.answering {
+            (String::new(), rest)
+        } else {
+            (rest, String::new())
+        }
+    }
 }
 
 pub fn router(api: Api) -> Router {
@@ -252,6 +318,8 @@ struct Shape {
     created: u64,
     logprobs: bool,
     include_usage: bool,
+    /// Split chat output into `reasoning_content` and `content`.
+    reasoning: bool,
 }
 
 impl Shape {
@@ -271,6 +339,7 @@ impl Shape {
             created: now(),
             logprobs,
             include_usage,
+            reasoning: false,
         }
     }
 
@@ -300,16 +369,35 @@ impl Shape {
     }
 
     fn choice(&self, text: &str, finish: Option<&str>, logprobs: Value, chunk: bool) -> Value {
+        self.chat_choice(None, text, finish, logprobs, chunk)
+    }
+
+    /// A choice; for chat with the reasoning split on, `reasoning` is `reasoning_content`.
+    fn chat_choice(
+        &self,
+        reasoning: Option<&str>,
+        text: &str,
+        finish: Option<&str>,
+        logprobs: Value,
+        chunk: bool,
+    ) -> Value {
+        let mut message = json!({"content": text});
+        if let Some(r) = reasoning {
+            message["reasoning_content"] = json!(r);
+        }
         match (self.kind, chunk) {
-            (Kind::Chat, false) => json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": finish,
-                "logprobs": logprobs,
-            }),
+            (Kind::Chat, false) => {
+                message["role"] = json!("assistant");
+                json!({
+                    "index": 0,
+                    "message": message,
+                    "finish_reason": finish,
+                    "logprobs": logprobs,
+                })
+            }
             (Kind::Chat, true) => json!({
                 "index": 0,
-                "delta": {"content": text},
+                "delta": message,
                 "finish_reason": finish,
                 "logprobs": logprobs,
             }),
@@ -416,7 +504,8 @@ async fn run(
         .stream_options
         .as_ref()
         .is_some_and(|o| o.include_usage);
-    let shape = Shape::new(kind, &api.model, logprobs, include_usage);
+    let mut shape = Shape::new(kind, &api.model, logprobs, include_usage);
+    shape.reasoning = api.reasoning && kind == Kind::Chat;
     let stream = common.stream;
     let req = common.request(input);
     let tokens = match (api.generate)(req, headers).await {
@@ -452,7 +541,16 @@ async fn whole(
         }
     }
     let lp = shape.logprobs(&pieces, &logprobs);
-    let choice = shape.choice(&text, finish, lp, false);
+    let choice = if shape.reasoning {
+        let mut split = ReasoningSplit::default();
+        let (mut r, mut a) = split.push(&text);
+        let (r2, a2) = split.finish();
+        r.push_str(&r2);
+        a.push_str(&a2);
+        shape.chat_choice(Some(&r), &a, finish, lp, false)
+    } else {
+        shape.choice(&text, finish, lp, false)
+    };
     Json(shape.body(vec![choice], used, false)).into_response()
 }
 
@@ -475,12 +573,24 @@ fn events(
         })
     };
     let s = shape.clone();
+    let mut split = ReasoningSplit::default();
     let chunks = tokens.flat_map(move |m| {
         let out: Vec<Value> = match m {
             Ok(m) => {
                 let lp = s.logprobs(std::slice::from_ref(&m.text), &m.logprobs);
                 let finish = finish_reason(m.finish_reason);
-                let mut v = vec![s.body(vec![s.choice(&m.text, finish, lp, true)], None, true)];
+                let choice = if s.reasoning {
+                    let (mut r, mut a) = split.push(&m.text);
+                    if finish.is_some() {
+                        let (r2, a2) = split.finish();
+                        r.push_str(&r2);
+                        a.push_str(&a2);
+                    }
+                    s.chat_choice(Some(&r), &a, finish, lp, true)
+                } else {
+                    s.choice(&m.text, finish, lp, true)
+                };
+                let mut v = vec![s.body(vec![choice], None, true)];
                 if let Some(u) = m.usage.as_ref().filter(|_| s.include_usage) {
                     v.push(s.body(Vec::new(), Some(usage(u)), true));
                 }
@@ -517,4 +627,50 @@ async fn models(State(api): State<Api>) -> Json<Value> {
         "object": "list",
         "data": [{"id": api.model, "object": "model", "created": 0, "owned_by": "moemesh"}],
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `pieces` and returns (reasoning, answer) as a client would add them up.
+    fn split(pieces: &[&str]) -> (String, String) {
+        let mut s = ReasoningSplit::default();
+        let (mut r, mut a) = (String::new(), String::new());
+        for p in pieces {
+            let (x, y) = s.push(p);
+            r.push_str(&x);
+            a.push_str(&y);
+        }
+        let (x, y) = s.finish();
+        (r + &x, a + &y)
+    }
+
+    #[test]
+    fn reasoning_ends_at_the_closing_tag_even_split_over_tokens() {
+        // As vLLM's parser: the text on either side of the tag is kept as it is.
+        let want = ("Let me think.".to_string(), "\n\nBlue.".to_string());
+        assert_eq!(split(&["Let me think.</think>\n\nBlue."]), want);
+        assert_eq!(
+            split(&["Let me", " think.</", "thi", "nk>", "\n", "\nBlue."]),
+            want
+        );
+        assert_eq!(
+            split(&["<think>", "\nLet me think.", "</think>", "Blue."]).1,
+            "Blue."
+        );
+        assert_eq!(split(&["<thi", "nk>Let me think.</think>\n\nBlue."]), want);
+    }
+
+    #[test]
+    fn without_a_closing_tag_everything_is_reasoning_and_a_lone_angle_bracket_is_text() {
+        assert_eq!(
+            split(&["still thinking"]),
+            ("still thinking".into(), String::new())
+        );
+        assert_eq!(
+            split(&["a < b", " and c </", "x"]),
+            ("a < b and c </x".into(), String::new())
+        );
+    }
 }

@@ -570,6 +570,7 @@ async fn serve_http(
         model: frontend.name.clone(),
         generate,
         ready: Arc::new(move || !gates.borrow().is_empty()),
+        reasoning: frontend.cfg.reasoning_parser != "none",
     });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
