@@ -160,6 +160,11 @@ async fn the_openai_api_answers_as_generate_does_streamed_or_whole_with_openai_e
     );
     let (status, body) = http(port, "POST", "/v1/chat/completions", None);
     assert_eq!(status, 400, "an empty body: {body}");
+    let tools = json!({"messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "function", "function": {"name": "f"}}]});
+    let (status, body) = http(port, "POST", "/v1/chat/completions", Some(&tools));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("tools"), "{body}");
     let other = json!({"model": "not-this-one", "prompt": "x"});
     let (status, body) = http(port, "POST", "/v1/completions", Some(&other));
     assert_eq!(status, 404, "{body}");

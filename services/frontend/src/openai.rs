@@ -181,6 +181,8 @@ struct ChatRequest {
     messages: Vec<Message>,
     logprobs: Option<bool>,
     top_logprobs: Option<u32>,
+    tools: Option<Value>,
+    response_format: Option<Value>,
     #[serde(flatten)]
     common: Common,
 }
@@ -432,6 +434,16 @@ async fn chat(State(api): State<Api>, headers: HeaderMap, body: axum::body::Byte
     };
     if let Err(s) = req.common.check(&api) {
         return error(s);
+    }
+    if req.tools.as_ref().is_some_and(|t| !t.is_null()) {
+        return error(invalid("tools: tool calling is not supported"));
+    }
+    if let Some(f) = req.response_format.as_ref().filter(|f| !f.is_null())
+        && f.get("type").and_then(Value::as_str) != Some("text")
+    {
+        return error(invalid(
+            "response_format: only {\"type\": \"text\"} is supported (no JSON schema yet)",
+        ));
     }
     if req.top_logprobs.is_some_and(|n| n > 0) {
         return error(invalid(
