@@ -171,6 +171,38 @@ async fn the_openai_api_answers_as_generate_does_streamed_or_whole_with_openai_e
     assert!(body.contains("not-this-one"), "{body}");
     let (status, _) = http(port, "GET", "/health", None);
     assert_eq!(status, 200);
+
+    // Over gRPC: ModelInfo names the special ids and the version; request_id is echoed.
+    let mut client = GenerationClient::connect(url.clone())
+        .await
+        .expect("connect");
+    let info = client
+        .model_info(v1::ModelInfoRequest {})
+        .await
+        .expect("model info")
+        .into_inner();
+    assert!(!info.eos_token_ids.is_empty(), "{info:?}");
+    assert!(
+        info.bos_token_id.is_some(),
+        "the R1 tokenizer has a BOS: {info:?}"
+    );
+    assert_eq!(info.version, env!("CARGO_PKG_VERSION"));
+    let req = GenerateRequest {
+        input: Some(Input::Prompt("Hello".into())),
+        sampling: None,
+        stopping: Some(v1::StoppingCriteria {
+            max_new_tokens: Some(3),
+            ..Default::default()
+        }),
+        request_id: "req-42".into(),
+    };
+    let mut stream = client.generate(req).await.expect("accepted").into_inner();
+    let mut messages = 0;
+    while let Some(m) = stream.message().await.expect("stream") {
+        assert_eq!(m.request_id, "req-42");
+        messages += 1;
+    }
+    assert!(messages > 0);
     drop(mesh);
 }
 

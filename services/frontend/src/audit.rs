@@ -304,6 +304,7 @@ mod tests {
             logprobs: vec![0.0; ids.len()],
             finish_reason: reason as i32,
             usage: None,
+            request_id: String::new(),
         })
     }
 

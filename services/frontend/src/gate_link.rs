@@ -49,6 +49,8 @@ pub type ClientTx = mpsc::UnboundedSender<Result<GenerateResponse, Status>>;
 /// A request accepted by the service, on its way to a gate.
 pub struct NewSeq {
     pub req: GenerationRequest,
+    /// The client's `request_id`, echoed on every message.
+    pub request_id: String,
     /// The client's deadline (grpc-timeout), if it sent one.
     pub deadline: Option<Instant>,
     /// Tokens already generated (non-empty when the sequence moves here from a failed gate:
@@ -77,6 +79,7 @@ pub fn queue_span(request: &Span) -> Span {
 
 /// What the frontend keeps of a sequence besides the serving core's state: its client.
 struct Client {
+    request_id: String,
     tx: ClientTx,
     start: Instant,
     ttft: Option<Duration>,
@@ -304,6 +307,7 @@ impl StepLoop {
             generated: n.generated,
             decoder: n.decoder,
             payload: Client {
+                request_id: n.request_id,
                 tx: n.tx,
                 start: n.start,
                 ttft: n.ttft,
@@ -574,6 +578,7 @@ impl StepLoop {
             Outcome::Moved => {
                 let moved = NewSeq {
                     req: s.req,
+                    request_id: c.request_id,
                     decoder: s.decoder,
                     tx: c.tx,
                     start: c.start,
@@ -624,6 +629,7 @@ fn deliver(s: &mut Sequence<Client>, t: &Token) {
         logprobs: vec![t.logprob],
         finish_reason: v1::FinishReason::Unspecified as i32,
         usage: None,
+        request_id: c.request_id.clone(),
     };
     if let Some(reason) = t.finish {
         msg.finish_reason = wire_reason(reason) as i32;

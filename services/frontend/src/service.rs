@@ -163,6 +163,7 @@ impl GenerationService {
         let prompt_tokens = engine_req.prompt_ids.len() as u64;
         let queued = link.submit(NewSeq {
             req: engine_req,
+            request_id: req.request_id.clone(),
             decoder,
             tx,
             start,
@@ -269,6 +270,13 @@ impl Generation for GenerationService {
                 .map(Frontend::member_info)
                 .collect(),
             max_new_tokens_limit: f.cfg.max_new_tokens_limit,
+            eos_token_ids: f.ctx.eos.to_vec(),
+            bos_token_id: f
+                .ctx
+                .tokenizer
+                .as_ref()
+                .and_then(|t| t.bos_token().and_then(|b| t.token_to_id(b))),
+            version: env!("CARGO_PKG_VERSION").to_string(),
         }))
     }
 }
