@@ -182,6 +182,17 @@ pub fn decode_forward(
             req.pairs_per_token.len()
         )));
     }
+    let pairs = assignments(req, |i| i as u32)?;
+    Ok((x, pairs))
+}
+
+/// The (row, expert, weight) pairs of an `Expert.Forward` call whose token `i` is in row
+/// `row(i)` (its own index, or a row of a shared buffer), checked against `pairs_per_token`.
+/// The caller has checked that `pairs_per_token` has one entry per token.
+pub fn assignments(
+    req: &v1::ForwardRequest,
+    row: impl Fn(usize) -> u32,
+) -> MeshResult<Vec<Assignment>> {
     let total: u64 = req.pairs_per_token.iter().map(|&n| u64::from(n)).sum();
     if req.expert_ids.len() as u64 != total || req.weights.len() as u64 != total {
         return Err(MeshError::Invalid(format!(
@@ -192,12 +203,12 @@ pub fn decode_forward(
     }
     let mut pairs = Vec::with_capacity(req.expert_ids.len());
     let mut ids = req.expert_ids.iter().zip(&req.weights);
-    for (row, &n) in req.pairs_per_token.iter().enumerate() {
+    for (i, &n) in req.pairs_per_token.iter().enumerate() {
         for (&e, &w) in ids.by_ref().take(n as usize) {
-            pairs.push((row as u32, e, w));
+            pairs.push((row(i), e, w));
         }
     }
-    Ok((x, pairs))
+    Ok(pairs)
 }
 
 fn wire_dtype(d: v1::DType) -> MeshResult<(DType, usize)> {

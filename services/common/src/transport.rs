@@ -10,7 +10,7 @@
 
 use moemesh_proto::v1;
 
-use crate::codec::Assignment;
+use crate::codec::{self, Assignment};
 use crate::error::{MeshError, MeshResult};
 
 /// Activations in the gRPC messages.
@@ -129,22 +129,7 @@ pub fn shared_assignments(
             "shared.token_rows: row {bad} is past the {rows} rows written"
         )));
     }
-    let total: u64 = req.pairs_per_token.iter().map(|&n| u64::from(n)).sum();
-    if req.expert_ids.len() as u64 != total || req.weights.len() as u64 != total {
-        return Err(MeshError::Invalid(format!(
-            "expert_ids ({}) and weights ({}) must both have sum(pairs_per_token) = {total} entries",
-            req.expert_ids.len(),
-            req.weights.len()
-        )));
-    }
-    let mut pairs = Vec::with_capacity(req.expert_ids.len());
-    let mut ids = req.expert_ids.iter().zip(&req.weights);
-    for (&row, &n) in shared.token_rows.iter().zip(&req.pairs_per_token) {
-        for (&e, &w) in ids.by_ref().take(n as usize) {
-            pairs.push((row, e, w));
-        }
-    }
-    Ok(pairs)
+    codec::assignments(req, |i| shared.token_rows[i])
 }
 
 #[cfg(test)]
