@@ -49,9 +49,13 @@ texts = [
     for _ in range(2)
 ]
 seen["seeded_equal"] = texts[0] == texts[1]
+# The same seeded request with a stop string taken from its own text (when the text is long
+# enough): it must end there, with finish_reason "stop", and the stop string not returned.
+seen["stop_used"] = len(texts[0]) > 5
 stop = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8,
-                                 temperature=0.9, seed=1234, stop=[texts[0][2:5]] if len(texts[0]) > 5 else None)
+                                 temperature=0.9, seed=1234, stop=[texts[0][2:5]] if seen["stop_used"] else None)
 seen["stop_finish"] = stop.choices[0].finish_reason
+seen["stop_text_is_prefix"] = texts[0].startswith(stop.choices[0].text) and len(stop.choices[0].text) <= 2
 
 try:
     client.chat.completions.create(model=model, messages=messages, max_tokens=0)

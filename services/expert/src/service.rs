@@ -488,16 +488,17 @@ mod tests {
 
     use super::*;
 
-    fn cpu_worker() -> Arc<Worker> {
+    /// A CPU worker for experts 0 and 1 of the embedded model's first MoE layer, in `dtype`.
+    fn worker(dtype: DType) -> Worker {
         let files = ModelFiles::open_or_embedded(None).expect("embedded model");
         let cfg = &files.config;
         let spec = ShardSpec {
             layers: vec![cfg.moe_layers()[0]],
             experts: vec![0, 1],
         };
-        let loader = files.loader(&Device::Cpu, DType::F32);
+        let loader = files.loader(&Device::Cpu, dtype);
         let shard = ExpertShard::load(cfg, &loader, &spec).expect("shard");
-        Arc::new(Worker {
+        Worker {
             shard: Arc::new(shard.with_f32_output()),
             info: ExpertInfoResponse::default(),
             device: Device::Cpu,
@@ -505,7 +506,11 @@ mod tests {
             in_flight: serve::Drain::new().1,
             closing: Arc::new(AtomicBool::new(false)),
             sessions: Default::default(),
-        })
+        }
+    }
+
+    fn cpu_worker() -> Arc<Worker> {
+        Arc::new(worker(DType::F32))
     }
 
     /// A CPU worker refuses CUDA IPC with a reason (the gate keeps gRPC), not with an error.
@@ -567,21 +572,7 @@ mod tests {
         let files = ModelFiles::open_or_embedded(None).expect("embedded model");
         let cfg = &files.config;
         let layer = cfg.moe_layers()[0];
-        let spec = ShardSpec {
-            layers: vec![layer],
-            experts: vec![0, 1],
-        };
-        let loader = files.loader(&Device::Cpu, DType::BF16);
-        let shard = ExpertShard::load(cfg, &loader, &spec).expect("shard");
-        let worker = Worker {
-            shard: Arc::new(shard.with_f32_output()),
-            info: ExpertInfoResponse::default(),
-            device: Device::Cpu,
-            hidden_size: cfg.hidden_size,
-            in_flight: serve::Drain::new().1,
-            closing: Arc::new(AtomicBool::new(false)),
-            sessions: Default::default(),
-        };
+        let worker = worker(DType::BF16);
         let x = moemesh_engine::Tensor::randn(0f32, 1.0, (3, cfg.hidden_size), &Device::Cpu)
             .and_then(|t| t.to_dtype(DType::BF16))
             .expect("activations");
