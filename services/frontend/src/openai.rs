@@ -47,6 +47,8 @@ pub struct Api {
     pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
     /// `--reasoning-parser deepseek-r1`: chat output up to `</think>` is `reasoning_content`.
     pub reasoning: bool,
+    /// The largest request body read (`--max-prompt-bytes` × 2 + 1 MiB for the JSON around it).
+    pub max_body_bytes: usize,
 }
 
 /// DeepSeek-R1's reasoning split, as vLLM's `deepseek_r1` parser makes it: the assistant turn
@@ -124,6 +126,9 @@ pub fn router(api: Api) -> Router {
                 "no such route: the API serves /v1/chat/completions, /v1/completions, /v1/models and /health",
             ))
         })
+        // Bodies are read by the handlers against `max_body_bytes`, so an oversized one gets an
+        // OpenAI-shaped error naming the limit rather than axum's plain-text 413.
+        .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(api)
 }
 
@@ -427,7 +432,20 @@ impl Shape {
     }
 }
 
-async fn chat(State(api): State<Api>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+/// The request body, at most `limit` bytes.
+async fn read_body(body: axum::body::Body, limit: usize) -> Result<axum::body::Bytes, Status> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        invalid(format!(
+            "request body: over the limit of {limit} bytes (twice --max-prompt-bytes plus 1 MiB), or unreadable: {e}"
+        ))
+    })
+}
+
+async fn chat(State(api): State<Api>, headers: HeaderMap, body: axum::body::Body) -> Response {
+    let body = match read_body(body, api.max_body_bytes).await {
+        Ok(b) => b,
+        Err(s) => return error(s),
+    };
     let req: ChatRequest = match parse(&body) {
         Ok(r) => r,
         Err(s) => return error(s),
@@ -466,8 +484,12 @@ async fn chat(State(api): State<Api>, headers: HeaderMap, body: axum::body::Byte
 async fn completions(
     State(api): State<Api>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Response {
+    let body = match read_body(body, api.max_body_bytes).await {
+        Ok(b) => b,
+        Err(s) => return error(s),
+    };
     let req: CompletionRequest = match parse(&body) {
         Ok(r) => r,
         Err(s) => return error(s),

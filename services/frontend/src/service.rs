@@ -579,6 +579,7 @@ async fn serve_http(
         generate,
         ready: Arc::new(move || !gates.borrow().is_empty()),
         reasoning: frontend.cfg.reasoning_parser != "none",
+        max_body_bytes: frontend.cfg.max_prompt_bytes.saturating_mul(2) + (1 << 20),
     });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
