@@ -225,7 +225,8 @@ if [[ $MODE == --ipc ]]; then
     # at batch 1 and 64 (128-token prompts, 32 new tokens; ms/step = ITL p50) and end to end at
     # concurrency 64 (128 / 32, prompts included). Then the greedy tokens of two fixtures through
     # the IPC mesh against in-process (f32, must be equal). Each phase prints its wall time.
-    # IPC_RUNS picks the runs: ipc, grpc, ipc-overlap, in-process, ipc-mps / grpc-mps (the
+    # IPC_RUNS picks the runs: ipc (device-ordered), ipc-host (host-ordered), grpc, ipc-overlap,
+    # in-process, *-nomps (no MPS: `up --mps off`), ipc-mps / grpc-mps / ipc-host-mps (the
     # mesh under an MPS daemon started for the run) and ipc-failover / grpc-failover (a worker
     # killed and one stopped mid-load, with replicas).
     MODEL=synthetic:v2-lite
@@ -282,7 +283,13 @@ if [[ $MODE == --ipc ]]; then
                     nvidia-cuda-mps-control -d || { echo "no MPS here"; continue; }
                 fi
                 gate_args=(--gate-args=--kv-cache-mb=16384 --gate-args=--expert-transport=$t)
-                [[ $run == ipc-overlap ]] && gate_args+=(--gate-args=--overlap=true)
+                [[ $run == ipc-overlap* ]] && gate_args+=(--gate-args=--overlap=true)
+                # The host-ordered handshake (each call synchronised on both hosts), for comparison
+                # with the default device-ordered one.
+                [[ $run == ipc-host* ]] && gate_args+=(--gate-args=--expert-ipc-sync=host)
+                # `up` runs the processes under a private MPS daemon when they share a GPU
+                # (--mps auto); *-nomps runs leave them to time-slice it.
+                [[ $run == *-nomps ]] && gate_args+=(--mps off)
                 metrics_args=()
                 [[ -n ${SCRAPE:-} ]] && metrics_args=(--metrics-base-port 9300)
                 if MOEMESH_LOG=$MESH_LOG up --model $MODEL --dtype bf16 --expert-workers 2 "${dev_args[@]}" "${gate_args[@]}" "${metrics_args[@]}"; then

@@ -53,6 +53,15 @@ pub trait Experts: Send + Sync {
         Ok(None)
     }
 
+    /// Called once per forward pass, after its last layer and before it commits anything to
+    /// the caches (also when a layer failed). An implementation whose results may still be
+    /// arriving on the device (the gate's device-ordered expert calls) waits for them here and
+    /// reports a call that was released rather than computed, so that the step fails whole
+    /// instead of committing a wrong token. The default has nothing in flight.
+    fn settle(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// `dispatch` and wait.
     fn forward(&self, layer: usize, x: &Tensor, routing: &Routing) -> Result<Tensor> {
         self.dispatch(layer, x, routing)?.wait()
@@ -289,6 +298,47 @@ impl ExpertShard {
                 "layer {layer}: no experts of it are held by this shard"
             ))
         })
+    }
+
+    /// Layer `layer`'s `[n_routed_experts]` slot table (i32, −1 for experts not held), on a GPU.
+    pub fn slot_table(&self, layer: usize) -> Result<Option<&Tensor>> {
+        Ok(self.layer(layer)?.slot_of.as_ref())
+    }
+
+    /// A slot table for layer `layer` that maps only `experts` (each held here) to their slots:
+    /// for a call that computes some of the held experts (their replicas elsewhere take the rest).
+    pub fn slot_table_for(&self, layer: usize, experts: &[u32]) -> Result<Tensor> {
+        let le = self.layer(layer)?;
+        let n = le.slot_of.as_ref().map_or(0, |t| t.elem_count());
+        let mut table = vec![-1i32; n];
+        for &e in experts {
+            let (Some(&slot), Some(entry)) =
+                (le.slots.get(&(e as usize)), table.get_mut(e as usize))
+            else {
+                return Err(EngineError::InvalidInput(format!(
+                    "expert {e} of layer {layer} is not held by this shard"
+                )));
+            };
+            *entry = slot as i32;
+        }
+        Ok(Tensor::from_vec(table, n, &self.device)?)
+    }
+
+    /// The routed experts of `layer` for a routing that is on the GPU, restricted to the experts
+    /// that `slot_of` maps (see [`slot_table`](Self::slot_table)): `[T, hidden]` f32, rows with
+    /// no expert here zero. `None` when the device kernels do not take these shapes.
+    pub fn forward_routed_device(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        routing: &crate::cuda::DeviceRouting,
+        slot_of: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        let Some(g) = crate::cuda::gpu(x.device()) else {
+            return Ok(None);
+        };
+        let le = self.layer(layer)?;
+        g.experts_routed(x, routing, slot_of, &le.gate_up, &le.down, usize::MAX)
     }
 
     /// Expert by expert.

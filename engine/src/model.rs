@@ -329,11 +329,18 @@ impl DeepSeekModel {
             decode: self.decode_batch(&rows, &caches)?,
         };
         let mut x = hidden.to_dtype(DType::F32)?;
-        for layer in &self.layers {
-            let h = layer.attention_residual(&x, &step, &self.rotary, &mut caches)?;
-            x = layer.ffn_residual(&h, experts)?;
-            observe(layer.index, &x);
-        }
+        let layers = (|| {
+            for layer in &self.layers {
+                let h = layer.attention_residual(&x, &step, &self.rotary, &mut caches)?;
+                x = layer.ffn_residual(&h, experts)?;
+                observe(layer.index, &x);
+            }
+            Ok::<_, crate::error::EngineError>(())
+        })();
+        // Settled on failure too (the experts' device work of the step is then waited for).
+        let settled = experts.settle();
+        layers?;
+        settled?;
         for s in seqs.iter_mut() {
             s.cache.commit(s.new_tokens);
         }
@@ -412,14 +419,20 @@ impl DeepSeekModel {
                 sin: &sin_b,
                 decode: self.decode_batch(&rows_b, &cb)?,
             };
-            for layer in &self.layers {
-                let ha = layer.attention_residual(&xa, &step_a, &self.rotary, &mut ca)?;
-                let fa = layer.ffn_start(&ha, experts)?;
-                let hb = layer.attention_residual(&xb, &step_b, &self.rotary, &mut cb)?;
-                let fb = layer.ffn_start(&hb, experts)?;
-                xa = layer.ffn_finish(fa)?;
-                xb = layer.ffn_finish(fb)?;
-            }
+            let layers = (|| {
+                for layer in &self.layers {
+                    let ha = layer.attention_residual(&xa, &step_a, &self.rotary, &mut ca)?;
+                    let fa = layer.ffn_start(&ha, experts)?;
+                    let hb = layer.attention_residual(&xb, &step_b, &self.rotary, &mut cb)?;
+                    let fb = layer.ffn_start(&hb, experts)?;
+                    xa = layer.ffn_finish(fa)?;
+                    xb = layer.ffn_finish(fb)?;
+                }
+                Ok::<_, crate::error::EngineError>(())
+            })();
+            let settled = experts.settle();
+            layers?;
+            settled?;
         }
         for s in seqs.iter_mut() {
             s.cache.commit(s.new_tokens);

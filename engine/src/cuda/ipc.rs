@@ -66,27 +66,85 @@ impl Region {
     /// Queues a copy of contiguous `t` (f32 or bf16, on this region's device) to the start of the
     /// region. Fails, copying nothing, when `t` does not fit.
     pub fn write(&self, t: &Tensor) -> Result<()> {
+        self.write_at(0, t)
+    }
+
+    /// Queues a copy of contiguous `t` (f32, bf16 or u32) to `offset` bytes into the region.
+    pub fn write_at(&self, offset: usize, t: &Tensor) -> Result<()> {
         let need = t.elem_count() * t.dtype().size_in_bytes();
-        if need > self.bytes() {
-            return Err(EngineError::InvalidInput(format!(
-                "shared buffer: a {:?} tensor of {need} bytes does not fit in {} bytes",
-                t.dims(),
-                self.bytes()
-            )));
-        }
-        imp::write(&self.inner, t)
+        self.check(offset, need, || {
+            format!("a {:?} {:?} tensor", t.dims(), t.dtype())
+        })?;
+        imp::write(&self.inner, offset, t)
     }
 
     /// A new tensor of `dtype` and `shape` copied (queued) from the start of the region.
     pub fn read(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        self.read_at(0, dtype, shape)
+    }
+
+    /// A new tensor of `dtype` (f32, bf16 or u32) and `shape` copied (queued) from `offset` bytes
+    /// into the region.
+    pub fn read_at(&self, offset: usize, dtype: DType, shape: &[usize]) -> Result<Tensor> {
         let need = shape.iter().product::<usize>() * dtype.size_in_bytes();
-        if need > self.bytes() {
+        self.check(offset, need, || format!("a {shape:?} {dtype:?} tensor"))?;
+        imp::read(&self.inner, offset, dtype, shape)
+    }
+
+    fn check(&self, offset: usize, need: usize, what: impl FnOnce() -> String) -> Result<()> {
+        if offset
+            .checked_add(need)
+            .is_none_or(|end| end > self.bytes())
+        {
             return Err(EngineError::InvalidInput(format!(
-                "shared buffer: a {shape:?} {dtype:?} tensor of {need} bytes is more than its {} bytes",
+                "shared buffer: {} of {need} bytes at offset {offset} does not fit in {} bytes",
+                what(),
                 self.bytes()
             )));
         }
-        imp::read(&self.inner, dtype, shape)
+        Ok(())
+    }
+
+    fn check_word(&self, word: usize) -> Result<()> {
+        self.check(4 * word, 4, || format!("flag word {word}"))
+    }
+
+    /// Queues, on the device's stream, the write of `value` to u32 word `word` of the region,
+    /// after everything queued before it and with a memory fence, so that a peer that sees the
+    /// value also sees the data written before it (`cuStreamWriteValue32`).
+    pub fn signal(&self, word: usize, value: u32) -> Result<()> {
+        self.check_word(word)?;
+        imp::signal(&self.inner, word, value)
+    }
+
+    /// Queues, on the device's stream, a wait until u32 word `word` of the region is at least
+    /// `value` in the cyclic order (`(i32)(word - value) >= 0`, `cuStreamWaitValue32` GEQ):
+    /// nothing queued after it runs before. The host does not block.
+    pub fn wait_geq(&self, word: usize, value: u32) -> Result<()> {
+        self.check_word(word)?;
+        imp::wait_geq(&self.inner, word, value)
+    }
+
+    /// Queues a copy of u32 word `word` of this region to word `to_word` of `to`.
+    pub fn copy_word(&self, word: usize, to: &Region, to_word: usize) -> Result<()> {
+        self.check_word(word)?;
+        to.check_word(to_word)?;
+        imp::copy_word(&self.inner, word, &to.inner, to_word)
+    }
+
+    /// Sets `count` u32 words from `word` to `value` now, on a stream of its own, and returns when
+    /// they are written: for zeroing flags before first use, and for releasing waits queued on
+    /// the device's stream (which this does not wait for).
+    pub fn fill_words_now(&self, word: usize, count: usize, value: u32) -> Result<()> {
+        self.check(4 * word, 4 * count, || format!("{count} flag words"))?;
+        imp::fill_words(&self.inner, word, count, value)
+    }
+
+    /// Reads `count` u32 words from `word` now, on a stream of its own (not ordered with the
+    /// device's stream: callers wait for that first).
+    pub fn read_words_now(&self, word: usize, count: usize) -> Result<Vec<u32>> {
+        self.check(4 * word, 4 * count, || format!("{count} flag words"))?;
+        imp::read_words(&self.inner, word, count)
     }
 }
 
@@ -303,6 +361,7 @@ mod imp {
         let base = match &cs.slice {
             CudaStorageSlice::BF16(s) => s.device_ptr(&stream).0,
             CudaStorageSlice::F32(s) => s.device_ptr(&stream).0,
+            CudaStorageSlice::U32(s) => s.device_ptr(&stream).0,
             _ => return Err(err("copy", format!("dtype {:?}", cs.dtype()))),
         };
         Ok(base + (layout.start_offset() * t.dtype().size_in_bytes()) as u64)
@@ -324,17 +383,17 @@ mod imp {
             .map_err(|e| err("cuMemcpyDtoDAsync", e))
     }
 
-    pub fn write(r: &Region, t: &Tensor) -> Result<()> {
+    pub fn write(r: &Region, offset: usize, t: &Tensor) -> Result<()> {
         let src = tensor_ptr(&r.dev, t)?;
         copy(
             &r.dev,
-            r.ptr,
+            r.ptr + offset as u64,
             src,
             t.elem_count() * t.dtype().size_in_bytes(),
         )
     }
 
-    pub fn read(r: &Region, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+    pub fn read(r: &Region, offset: usize, dtype: DType, shape: &[usize]) -> Result<Tensor> {
         let n = shape.iter().product::<usize>().max(1);
         let dev = &r.dev;
         // SAFETY: the copy below fills all `n` elements before anything reads the tensor (same
@@ -345,13 +404,97 @@ mod imp {
                 DType::BF16 => {
                     CudaStorage::wrap_cuda_slice(dev.alloc::<half::bf16>(n)?, dev.clone())
                 }
+                DType::U32 => CudaStorage::wrap_cuda_slice(dev.alloc::<u32>(n)?, dev.clone()),
                 other => return Err(err("read", format!("dtype {other:?}"))),
             }
         };
         let t = Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false);
         let dst = tensor_ptr(dev, &t)?;
-        copy(dev, dst, r.ptr, n * dtype.size_in_bytes())?;
+        copy(dev, dst, r.ptr + offset as u64, n * dtype.size_in_bytes())?;
         Ok(t)
+    }
+
+    pub fn signal(r: &Region, word: usize, value: u32) -> Result<()> {
+        bind(&r.dev)?;
+        let stream = r.dev.cuda_stream();
+        // SAFETY: the word lies inside the live region (checked by the caller); the write is
+        // queued on the device's stream, which outlives the call.
+        unsafe {
+            sys::cuStreamWriteValue32_v2(
+                stream.cu_stream(),
+                r.ptr + 4 * word as u64,
+                value,
+                sys::CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32,
+            )
+        }
+        .result()
+        .map_err(|e| err("cuStreamWriteValue32", e))
+    }
+
+    pub fn wait_geq(r: &Region, word: usize, value: u32) -> Result<()> {
+        bind(&r.dev)?;
+        let stream = r.dev.cuda_stream();
+        // SAFETY: as for `signal`; the wait reads the word until the condition holds.
+        unsafe {
+            sys::cuStreamWaitValue32_v2(
+                stream.cu_stream(),
+                r.ptr + 4 * word as u64,
+                value,
+                sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32,
+            )
+        }
+        .result()
+        .map_err(|e| err("cuStreamWaitValue32", e))
+    }
+
+    pub fn copy_word(r: &Region, word: usize, to: &Region, to_word: usize) -> Result<()> {
+        copy(
+            &r.dev,
+            to.ptr + 4 * to_word as u64,
+            r.ptr + 4 * word as u64,
+            4,
+        )
+    }
+
+    /// Runs `f` on a new non-blocking stream of `r`'s context, synchronises it and destroys it.
+    fn on_side_stream(
+        r: &Region,
+        what: &str,
+        f: impl FnOnce(sys::CUstream) -> sys::CUresult,
+    ) -> Result<()> {
+        bind(&r.dev)?;
+        let mut s: sys::CUstream = std::ptr::null_mut();
+        // SAFETY: the context is current (bind above); the driver writes a new stream into `s`,
+        // destroyed below.
+        unsafe { sys::cuStreamCreate(&mut s, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32) }
+            .result()
+            .map_err(|e| err("cuStreamCreate", e))?;
+        let queued = f(s).result().map_err(|e| err(what, e));
+        // SAFETY: `s` is the stream created above, synchronised and then destroyed once.
+        let synced = unsafe { sys::cuStreamSynchronize(s) }
+            .result()
+            .map_err(|e| err("cuStreamSynchronize", e));
+        // SAFETY: as above.
+        let _ = unsafe { sys::cuStreamDestroy_v2(s) };
+        queued.and(synced)
+    }
+
+    pub fn fill_words(r: &Region, word: usize, count: usize, value: u32) -> Result<()> {
+        on_side_stream(r, "cuMemsetD32Async", |s| {
+            // SAFETY: the words lie inside the live region (checked by the caller).
+            unsafe { sys::cuMemsetD32Async(r.ptr + 4 * word as u64, value, count, s) }
+        })
+    }
+
+    pub fn read_words(r: &Region, word: usize, count: usize) -> Result<Vec<u32>> {
+        let mut out = vec![0u32; count];
+        let dst = out.as_mut_ptr();
+        on_side_stream(r, "cuMemcpyDtoHAsync", |s| {
+            // SAFETY: `out` holds `count` u32 and outlives the copy (synchronised before
+            // `on_side_stream` returns); the words lie inside the live region.
+            unsafe { sys::cuMemcpyDtoHAsync_v2(dst.cast(), r.ptr + 4 * word as u64, 4 * count, s) }
+        })?;
+        Ok(out)
     }
 }
 
@@ -399,11 +542,31 @@ mod imp {
         match *r {}
     }
 
-    pub fn write(r: &Region, _t: &Tensor) -> Result<()> {
+    pub fn write(r: &Region, _offset: usize, _t: &Tensor) -> Result<()> {
         match *r {}
     }
 
-    pub fn read(r: &Region, _dtype: DType, _shape: &[usize]) -> Result<Tensor> {
+    pub fn read(r: &Region, _offset: usize, _dtype: DType, _shape: &[usize]) -> Result<Tensor> {
+        match *r {}
+    }
+
+    pub fn signal(r: &Region, _word: usize, _value: u32) -> Result<()> {
+        match *r {}
+    }
+
+    pub fn wait_geq(r: &Region, _word: usize, _value: u32) -> Result<()> {
+        match *r {}
+    }
+
+    pub fn copy_word(r: &Region, _word: usize, _to: &Region, _to_word: usize) -> Result<()> {
+        match *r {}
+    }
+
+    pub fn fill_words(r: &Region, _word: usize, _count: usize, _value: u32) -> Result<()> {
+        match *r {}
+    }
+
+    pub fn read_words(r: &Region, _word: usize, _count: usize) -> Result<Vec<u32>> {
         match *r {}
     }
 }

@@ -39,6 +39,80 @@ pub fn host_id() -> String {
         .unwrap_or_default()
 }
 
+/// The gate's `--expert-ipc-sync`: how the two processes order their work on a CUDA IPC session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IpcSync {
+    /// On the GPUs: the gate's stream writes a flag after the input, the worker's stream waits
+    /// for it and writes one back after the output, which the gate's stream waits for. No host
+    /// synchronises per layer; the gate's host only queues work (see docs/DESIGN.md).
+    Device,
+    /// On the hosts: the gate synchronises before each call and the worker before each reply.
+    Host,
+}
+
+/// A device-ordered call's input buffer: the rows, then the routing, each part 256-byte aligned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceLayout {
+    /// Byte offset of the `[rows, top_k]` u32 expert ids.
+    pub ids: usize,
+    /// Byte offset of the `[rows, top_k]` f32 weights.
+    pub weights: usize,
+    /// Bytes of the whole input buffer.
+    pub bytes: usize,
+}
+
+impl DeviceLayout {
+    pub fn new(rows: usize, hidden: usize, dtype_bytes: usize, top_k: usize) -> Self {
+        let align = |n: usize| n.div_ceil(256) * 256;
+        let ids = align(rows * hidden * dtype_bytes);
+        let weights = ids + align(rows * top_k * 4);
+        DeviceLayout {
+            ids,
+            weights,
+            bytes: weights + align(rows * top_k * 4),
+        }
+    }
+}
+
+/// The flags buffers of a device-ordered session, in u32 words. The gate's holds, per slot, the
+/// word it waits on (`done`) and a ring of words saying what the worker's wait saw for each call
+/// (`seen`); the worker's holds, per slot, the word it waits on (`ready`) and its copy of what
+/// that word held when the wait passed (`scratch`). Every word starts at 0; call numbers start
+/// at 1.
+pub mod flags {
+    /// Calls per slot whose `seen` word is kept (more than any step makes on one slot: one per
+    /// MoE layer and micro-batch).
+    pub const RING: usize = 256;
+    /// Words in the gate's flags buffer for `slots` slots.
+    pub fn gate_words(slots: usize) -> usize {
+        slots + slots * RING
+    }
+    /// Words in the worker's flags buffer for `slots` slots.
+    pub fn worker_words(slots: usize) -> usize {
+        2 * slots
+    }
+    /// The gate's word that slot `slot`'s output is written (the worker writes the call number).
+    pub fn done(slot: usize) -> usize {
+        slot
+    }
+    /// The gate's word for call `seq` of slot `slot`: what the worker's wait saw, which is `seq`
+    /// exactly when the gate's input was there, and past it when the wait was released.
+    pub fn seen(slots: usize, slot: usize, seq: u32) -> usize {
+        slots + slot * RING + seq as usize % RING
+    }
+    /// The worker's word that slot `slot`'s input is written (the gate writes the call number).
+    pub fn ready(slot: usize) -> usize {
+        slot
+    }
+    /// The worker's copy of `ready` taken when its wait passed.
+    pub fn scratch(slots: usize, slot: usize) -> usize {
+        slots + slot
+    }
+    /// What a released wait is set to, past the last call number: far enough ahead that every
+    /// queued wait passes, and never equal to a call number in flight.
+    pub const RELEASE_STRIDE: u32 = 1 << 30;
+}
+
 /// Whether a gate should ask a worker for CUDA IPC: `Err(reason)` names why not (the gate then
 /// uses gRPC for it and logs the reason).
 pub fn gate_choice(
@@ -94,6 +168,9 @@ pub fn worker_check(
     if req.rows == 0 || req.input_handles.is_empty() {
         return Err("no buffers offered".into());
     }
+    if req.device_sync && (req.top_k == 0 || req.gate_flags_handle.is_empty()) {
+        return Err("device-ordered calls asked for without top_k or a flags buffer".into());
+    }
     if req.input_handles.len() != req.output_handles.len() {
         return Err(format!(
             "{} input buffers but {} output buffers",
@@ -146,6 +223,9 @@ mod tests {
             dtype: v1::DType::Bf16 as i32,
             input_handles: vec![vec![0; 64]; 2],
             output_handles: vec![vec![0; 64]; 2],
+            device_sync: false,
+            top_k: 0,
+            gate_flags_handle: Vec::new(),
         }
     }
 
@@ -234,11 +314,71 @@ mod tests {
                 true,
                 "no buffers",
             ),
+            (
+                v1::OpenTransportRequest {
+                    device_sync: true,
+                    top_k: 0,
+                    gate_flags_handle: vec![0; 64],
+                    ..open_req()
+                },
+                true,
+                "top_k",
+            ),
+            (
+                v1::OpenTransportRequest {
+                    device_sync: true,
+                    top_k: 6,
+                    ..open_req()
+                },
+                true,
+                "flags buffer",
+            ),
         ];
         for (req, on_cuda, why) in cases {
             let reason = worker_check(&req, "host-a", on_cuda, 16).expect_err("refused");
             assert!(reason.contains(why), "{reason} (expected {why})");
         }
+    }
+
+    #[test]
+    fn the_device_layout_keeps_rows_ids_and_weights_apart_and_aligned() {
+        let l = DeviceLayout::new(64, 2048, 2, 6);
+        assert_eq!(l.ids, 64 * 2048 * 2);
+        assert_eq!(l.weights, l.ids + 64 * 6 * 4); // 1536 bytes, a multiple of 256
+        assert_eq!(l.bytes, l.weights + 64 * 6 * 4);
+        // Odd sizes round each part up to 256 bytes.
+        let l = DeviceLayout::new(3, 16, 4, 5);
+        assert_eq!((l.ids, l.weights, l.bytes), (256, 512, 768));
+        for rows in [1, 7, 256] {
+            let l = DeviceLayout::new(rows, 24, 2, 3);
+            assert!(l.ids >= rows * 24 * 2 && l.ids.is_multiple_of(256));
+            assert!(l.weights >= l.ids + rows * 3 * 4 && l.weights.is_multiple_of(256));
+            assert!(l.bytes >= l.weights + rows * 3 * 4);
+        }
+        // The flag words of two slots never overlap, and a ring holds RING calls per slot.
+        let mut words = std::collections::HashSet::new();
+        for slot in 0..2 {
+            assert!(words.insert(flags::done(slot)));
+            for seq in 1..=flags::RING as u32 {
+                assert!(
+                    words.insert(flags::seen(2, slot, seq)),
+                    "slot {slot} seq {seq}"
+                );
+            }
+        }
+        assert_eq!(words.len(), flags::gate_words(2));
+        assert!(words.iter().all(|&w| w < flags::gate_words(2)));
+        assert_eq!(
+            (
+                flags::ready(0),
+                flags::ready(1),
+                flags::scratch(2, 0),
+                flags::scratch(2, 1)
+            ),
+            (0, 1, 2, 3),
+            "the worker's words"
+        );
+        assert_eq!(flags::worker_words(2), 4);
     }
 
     #[test]

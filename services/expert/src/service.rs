@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::Stream;
@@ -18,10 +18,12 @@ use moemesh_common::member_args::DEFAULT_MAX_MESSAGE_MB;
 use moemesh_common::metrics::{code_label, names};
 use moemesh_common::registry::{Member, Registry, Role};
 use moemesh_common::tls::{self, ClientAuth};
+use moemesh_common::transport::{DeviceLayout, flags};
 use moemesh_common::{
     MeshError, MeshResult, codec, device, metrics as mesh_metrics, serve, telemetry, transport,
 };
-use moemesh_engine::cuda::ipc::{self, OpenedBuffer};
+use moemesh_engine::cuda::DeviceRouting;
+use moemesh_engine::cuda::ipc::{self, OpenedBuffer, SharedBuffer};
 use moemesh_engine::{DType, Device, ExpertShard, ModelFiles, ShardSpec};
 use moemesh_proto::v1::expert_server::{Expert, ExpertServer};
 use moemesh_proto::v1::{
@@ -41,6 +43,37 @@ struct Session {
     slots: Vec<(OpenedBuffer, OpenedBuffer)>,
     /// Rows each buffer holds.
     rows: usize,
+    /// Present when device-ordered calls were accepted.
+    device: Option<DeviceSide>,
+}
+
+/// This worker's side of a device-ordered session (see `SharedActivations.device_seq`).
+struct DeviceSide {
+    layout: DeviceLayout,
+    top_k: usize,
+    /// The gate's flags (`flags::done`, `flags::seen`), written here.
+    gate_flags: OpenedBuffer,
+    /// This worker's flags (`flags::ready`, `flags::scratch`), written by the gate.
+    own_flags: SharedBuffer,
+    /// Per slot, the highest call number queued here.
+    queued: Vec<AtomicU32>,
+}
+
+impl Drop for Session {
+    /// Releases every wait this session queued on the worker's stream (the gate's `ready` words
+    /// may never come: the gate went away) before the buffers are unmapped, which synchronises
+    /// the stream.
+    fn drop(&mut self) {
+        let Some(d) = &self.device else {
+            return;
+        };
+        for (slot, q) in d.queued.iter().enumerate() {
+            let past = q.load(Ordering::SeqCst).wrapping_add(flags::RELEASE_STRIDE);
+            if let Err(e) = d.own_flags.fill_words_now(flags::ready(slot), 1, past) {
+                tracing::error!(slot, error = %e, "could not release a device-ordered wait");
+            }
+        }
+    }
 }
 
 /// The sessions of the gates that set one up.
@@ -65,7 +98,13 @@ struct Worker {
     closing: Arc<AtomicBool>,
     /// CUDA IPC sessions by id.
     sessions: std::sync::Mutex<Sessions>,
+    /// Slot tables of device-ordered calls that compute some of a layer's held experts, by
+    /// (layer, experts).
+    slot_tables: std::sync::Mutex<HashMap<(usize, Vec<u32>), moemesh_engine::Tensor>>,
 }
+
+/// Most cached slot tables (a table per replica split in use; cleared when full).
+const MAX_SLOT_TABLES: usize = 4096;
 
 impl Worker {
     fn sessions(&self) -> std::sync::MutexGuard<'_, Sessions> {
@@ -73,13 +112,28 @@ impl Worker {
     }
 
     /// Maps a gate's buffers (after [`transport::worker_check`]); replaces that gate's session.
-    fn open_session(&self, req: &OpenTransportRequest) -> MeshResult<u64> {
+    /// Returns the session id, and for device-ordered calls this worker's flags handle (or why
+    /// they were refused: the session then takes host-ordered calls).
+    fn open_session(
+        &self,
+        req: &OpenTransportRequest,
+    ) -> MeshResult<(u64, Result<Vec<u8>, String>)> {
         let dtype = match pb::DType::try_from(req.dtype) {
             Ok(pb::DType::Bf16) => DType::BF16,
             _ => DType::F32,
         };
         let rows = req.rows as usize;
-        let in_bytes = rows * self.hidden_size * dtype.size_in_bytes();
+        let layout = DeviceLayout::new(
+            rows,
+            self.hidden_size,
+            dtype.size_in_bytes(),
+            req.top_k as usize,
+        );
+        let in_bytes = if req.device_sync {
+            layout.bytes
+        } else {
+            rows * self.hidden_size * dtype.size_in_bytes()
+        };
         let out_bytes = rows * self.hidden_size * DType::F32.size_in_bytes();
         let mut slots = Vec::with_capacity(req.input_handles.len());
         for (i, o) in req.input_handles.iter().zip(&req.output_handles) {
@@ -88,8 +142,28 @@ impl Worker {
                 OpenedBuffer::open(&self.device, o, out_bytes)?,
             ));
         }
+        let device = if !req.device_sync {
+            Err("not asked for".into())
+        } else if let Some(other) = self.device_owner(&req.gate_id) {
+            // The worker runs every call on one stream, in arrival order: device-ordered calls of
+            // two gates there could wait on each other (each gate's later call queued ahead of
+            // the other's earlier one), so one gate at a time has them.
+            Err(format!(
+                "gate {other} has device-ordered calls on this worker (one gate at a time)"
+            ))
+        } else {
+            self.open_device_side(req, layout, slots.len())
+        };
+        let handle = match &device {
+            Ok(d) => d.own_flags.handle().map_err(|e| e.to_string()),
+            Err(why) => Err(why.clone()),
+        };
         let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
-        let session = Arc::new(Session { slots, rows });
+        let session = Arc::new(Session {
+            slots,
+            rows,
+            device: device.ok(),
+        });
         let old = {
             let mut st = self.sessions();
             st.by_id.insert(id, session);
@@ -97,9 +171,173 @@ impl Worker {
                 .insert(req.gate_id.clone(), id)
                 .and_then(|old| st.by_id.remove(&old))
         };
-        // Unmapped here (or when its last call finishes), outside the lock.
+        // Released and unmapped here (or when its last call finishes), outside the lock.
         drop(old);
-        Ok(id)
+        Ok((id, handle))
+    }
+
+    /// Another gate than `gate_id` that holds a device-ordered session here.
+    fn device_owner(&self, gate_id: &str) -> Option<String> {
+        let st = self.sessions();
+        st.by_gate.iter().find_map(|(gate, id)| {
+            (gate != gate_id && st.by_id.get(id).is_some_and(|s| s.device.is_some()))
+                .then(|| gate.clone())
+        })
+    }
+
+    /// Sets up device-ordered calls: maps the gate's flags, allocates and zeroes this worker's,
+    /// and checks that this driver lets a stream write and wait on memory.
+    fn open_device_side(
+        &self,
+        req: &OpenTransportRequest,
+        layout: DeviceLayout,
+        slots: usize,
+    ) -> Result<DeviceSide, String> {
+        let gate_flags = OpenedBuffer::open(
+            &self.device,
+            &req.gate_flags_handle,
+            4 * flags::gate_words(slots),
+        )
+        .map_err(|e| format!("mapping the gate's flags: {e}"))?;
+        let words = flags::worker_words(slots);
+        let own_flags = SharedBuffer::alloc(&self.device, 4 * words).map_err(|e| e.to_string())?;
+        let probe = || -> moemesh_engine::Result<()> {
+            own_flags.fill_words_now(0, words, 0)?;
+            own_flags.signal(flags::scratch(slots, 0), 1)?;
+            own_flags.wait_geq(flags::scratch(slots, 0), 1)?;
+            ipc::synchronize(&self.device)?;
+            own_flags.fill_words_now(0, words, 0)
+        };
+        probe().map_err(|e| format!("stream memory operations: {e}"))?;
+        Ok(DeviceSide {
+            layout,
+            top_k: req.top_k as usize,
+            gate_flags,
+            own_flags,
+            queued: (0..slots).map(|_| AtomicU32::new(0)).collect(),
+        })
+    }
+
+    /// Drops the sessions a gate's stream used once the stream ends: the gate dropped them with
+    /// it (a new stream negotiates new ones), and their queued waits are released.
+    fn end_sessions(&self, used: &std::collections::HashSet<u64>) {
+        let gone: Vec<Arc<Session>> = {
+            let mut st = self.sessions();
+            let mut gone = Vec::new();
+            for id in used {
+                if let Some(s) = st.by_id.remove(id) {
+                    gone.push(s);
+                }
+            }
+            st.by_gate.retain(|_, id| !used.contains(id));
+            gone
+        };
+        drop(gone);
+    }
+
+    /// A device-ordered call: queues, on this worker's stream, the wait for the gate's input,
+    /// the experts over every row with the routing read from the slot, the partial sums into the
+    /// slot's output, and the flags back to the gate; nothing here waits for the device.
+    fn forward_device(
+        &self,
+        req: &ForwardRequest,
+        shared: &pb::SharedActivations,
+    ) -> MeshResult<ForwardResponse> {
+        let session = self.sessions().by_id.get(&shared.session).cloned();
+        let Some(session) = session else {
+            return Err(MeshError::Unavailable(format!(
+                "no transport session {} on this worker (replaced or never opened)",
+                shared.session
+            )));
+        };
+        let Some(d) = &session.device else {
+            return Err(MeshError::Invalid(format!(
+                "shared.device_seq on session {} that takes host-ordered calls only",
+                shared.session
+            )));
+        };
+        let index = shared.slot as usize;
+        let Some((input, output)) = session.slots.get(index) else {
+            return Err(MeshError::Invalid(format!(
+                "shared.slot {} of a session with {} slots",
+                shared.slot,
+                session.slots.len()
+            )));
+        };
+        let rows = shared.rows as usize;
+        if rows == 0 || rows > session.rows {
+            return Err(MeshError::Invalid(format!(
+                "shared.rows {rows} is outside 1..={} (the session's buffers)",
+                session.rows
+            )));
+        }
+        let dtype = match pb::DType::try_from(shared.dtype) {
+            Ok(pb::DType::Bf16) => DType::BF16,
+            Ok(pb::DType::F32) => DType::F32,
+            _ => return Err(MeshError::Invalid("shared.dtype is not f32 or bf16".into())),
+        };
+        let layer = req.layer as usize;
+        let seq = shared.device_seq;
+        let slots = session.slots.len();
+        let slot_of = self.slot_table(layer, &shared.experts)?;
+        let own = &d.own_flags;
+        own.wait_geq(flags::ready(index), seq)?;
+        d.queued[index].store(seq, Ordering::SeqCst);
+        // What the wait saw: `seq` when the gate's input is there, more when it was released.
+        own.copy_word(flags::ready(index), own, flags::scratch(slots, index))?;
+        let x = input.read_at(0, dtype, &[rows, self.hidden_size])?;
+        let routing = DeviceRouting {
+            ids: input.read_at(d.layout.ids, DType::U32, &[rows, d.top_k])?,
+            weights: input.read_at(d.layout.weights, DType::F32, &[rows, d.top_k])?,
+            k: d.top_k,
+        };
+        let out = self
+            .shard
+            .forward_routed_device(layer, &x, &routing, &slot_of)?
+            .ok_or_else(|| {
+                MeshError::Invalid(format!(
+                    "layer {layer}: the device expert kernels do not take {rows} rows of {dtype:?}"
+                ))
+            })?;
+        output.write(&out)?;
+        own.copy_word(
+            flags::scratch(slots, index),
+            &d.gate_flags,
+            flags::seen(slots, index, seq),
+        )?;
+        d.gate_flags.signal(flags::done(index), seq)?;
+        Ok(ForwardResponse {
+            call_id: req.call_id,
+            output: None,
+            shared_output: true,
+        })
+    }
+
+    /// The slot table for a call computing `experts` of `layer` (empty: every held one).
+    fn slot_table(&self, layer: usize, experts: &[u32]) -> MeshResult<moemesh_engine::Tensor> {
+        if experts.is_empty() {
+            return self
+                .shard
+                .slot_table(layer)?
+                .cloned()
+                .ok_or_else(|| MeshError::Invalid("device-ordered calls need a GPU shard".into()));
+        }
+        let key = (layer, experts.to_vec());
+        if let Some(t) = self
+            .slot_tables
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return Ok(t.clone());
+        }
+        let t = self.shard.slot_table_for(layer, experts)?;
+        let mut cache = self.slot_tables.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= MAX_SLOT_TABLES {
+            cache.clear();
+        }
+        cache.insert(key, t.clone());
+        Ok(t)
     }
 
     /// A call whose activations are in a session's slot: reads them there, writes the partial
@@ -150,6 +388,9 @@ impl Worker {
 
     fn forward(&self, req: &ForwardRequest) -> MeshResult<ForwardResponse> {
         if let Some(shared) = &req.shared {
+            if shared.device_seq != 0 {
+                return self.forward_device(req, shared);
+            }
             return self.forward_shared(req, shared);
         }
         let (x, assignments) = codec::decode_forward(req, self.hidden_size, &self.device)?;
@@ -214,6 +455,8 @@ impl Expert for ExpertService {
         let (tx, rx) = mpsc::channel(4);
         let worker = self.worker.clone();
         tokio::spawn(async move {
+            // The sessions this stream's calls named: they end with it.
+            let mut used = std::collections::HashSet::new();
             loop {
                 if worker.closing.load(Ordering::SeqCst) {
                     let _ = tx
@@ -236,6 +479,9 @@ impl Expert for ExpertService {
                         break;
                     }
                 };
+                if let Some(shared) = &req.shared {
+                    used.insert(shared.session);
+                }
                 let call = worker.in_flight.enter();
                 // A child of the gate's dispatch span when the call carries a sampled context;
                 // the worker starts no trace of its own.
@@ -282,6 +528,10 @@ impl Expert for ExpertService {
                     break;
                 }
             }
+            if !used.is_empty() {
+                let w = worker.clone();
+                let _ = tokio::task::spawn_blocking(move || w.end_sessions(&used)).await;
+            }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -316,12 +566,19 @@ impl Expert for ExpertService {
             }
         };
         let reply = match result {
-            Ok(session) => {
-                tracing::info!(worker = %w.info.id, session, transport = transport::CUDA_IPC, "gate transport opened");
+            Ok((session, device)) => {
+                let sync = if device.is_ok() { "device" } else { "host" };
+                tracing::info!(worker = %w.info.id, session, transport = transport::CUDA_IPC, sync, "gate transport opened");
+                let (worker_flags_handle, device_sync_reason) = match device {
+                    Ok(h) => (h, String::new()),
+                    Err(why) => (Vec::new(), why),
+                };
                 OpenTransportResponse {
                     session,
                     transport: transport::CUDA_IPC.into(),
                     reason: String::new(),
+                    worker_flags_handle,
+                    device_sync_reason,
                 }
             }
             Err(reason) => {
@@ -330,6 +587,8 @@ impl Expert for ExpertService {
                     session: 0,
                     transport: transport::GRPC.into(),
                     reason,
+                    worker_flags_handle: Vec::new(),
+                    device_sync_reason: String::new(),
                 }
             }
         };
@@ -414,6 +673,7 @@ pub async fn run(
         in_flight,
         closing: Arc::new(AtomicBool::new(false)),
         sessions: Default::default(),
+        slot_tables: Default::default(),
     });
     let (reporter, health, reflection) = serve::health_and_reflection("moemesh.v1.Expert");
     let limits = &cfg.member.limits;
@@ -506,6 +766,7 @@ mod tests {
             in_flight: serve::Drain::new().1,
             closing: Arc::new(AtomicBool::new(false)),
             sessions: Default::default(),
+            slot_tables: Default::default(),
         }
     }
 
@@ -529,6 +790,9 @@ mod tests {
             dtype: v1::DType::F32 as i32,
             input_handles: vec![vec![0; ipc::HANDLE_BYTES]],
             output_handles: vec![vec![0; ipc::HANDLE_BYTES]],
+            device_sync: true,
+            top_k: 2,
+            gate_flags_handle: vec![0; ipc::HANDLE_BYTES],
         };
         let reply = svc
             .open_transport(Request::new(req))
@@ -558,12 +822,30 @@ mod tests {
                 rows: 1,
                 dtype: v1::DType::F32 as i32,
                 token_rows: vec![0],
+                ..Default::default()
             }),
             ..Default::default()
         };
         let err = worker.forward(&req).expect_err("no such session");
         assert!(matches!(err, MeshError::Unavailable(_)), "{err}");
         assert_eq!(Status::from(err).code(), tonic::Code::Unavailable);
+        // The same for a device-ordered call (its routing on the device, none in the message).
+        let device_call = ForwardRequest {
+            pairs_per_token: Vec::new(),
+            expert_ids: Vec::new(),
+            weights: Vec::new(),
+            shared: Some(v1::SharedActivations {
+                session: 42,
+                slot: 0,
+                rows: 1,
+                dtype: v1::DType::F32 as i32,
+                device_seq: 3,
+                ..Default::default()
+            }),
+            ..req
+        };
+        let err = worker.forward(&device_call).expect_err("no such session");
+        assert!(matches!(err, MeshError::Unavailable(_)), "{err}");
     }
 
     /// A bf16 worker answers a bf16 request with its f32 accumulator, not a bf16 rounding of it.

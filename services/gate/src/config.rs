@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use moemesh_common::member_args::MemberArgs;
-use moemesh_common::transport::TransportMode;
+use moemesh_common::transport::{IpcSync, TransportMode};
 
 #[derive(Args, Debug, Clone)]
 pub struct GateConfig {
@@ -63,4 +63,16 @@ pub struct GateConfig {
     #[arg(long, env = "MOEMESH_EXPERT_IPC_ROWS", default_value_t = 4096,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub expert_ipc_rows: u32,
+    /// How a CUDA IPC session orders the gate's and the worker's work: `device` (the default)
+    /// with flags that each GPU's stream writes and waits for, so that no host synchronises per
+    /// layer and the gate's host queues a whole step ahead; `host` synchronises both hosts on
+    /// every call (the earlier handshake, kept for comparison). A worker whose driver cannot wait
+    /// on memory from a stream gets `host`.
+    #[arg(
+        long,
+        env = "MOEMESH_EXPERT_IPC_SYNC",
+        value_enum,
+        default_value = "device"
+    )]
+    pub expert_ipc_sync: IpcSync,
 }

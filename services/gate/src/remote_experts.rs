@@ -18,20 +18,23 @@
 //! both: a worker that misses its deadline is failed on the control plane and its pairs go to a
 //! replica, on whichever transport that replica has.
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use moemesh_common::metrics::names;
+use moemesh_common::transport::flags;
 use moemesh_common::{MeshError, MeshResult, codec, telemetry};
 use moemesh_engine::cuda::ipc;
 use moemesh_engine::{DType, Device, EngineError, Experts, PendingExperts, Routing, Tensor};
 use moemesh_proto::v1::{self, ForwardRequest, SharedActivations};
 use tokio::runtime::Handle;
+use tokio::sync::mpsc;
 use tracing::{Instrument, Span};
 
-use crate::workers::{Conn, SlotGuard, WorkerClient, WorkerPool};
+use crate::workers::{Conn, IpcSession, SlotGuard, WorkerClient, WorkerPool};
 
 const MAX_ATTEMPTS: usize = 4;
 
@@ -51,9 +54,400 @@ pub struct RemoteExperts {
     pub handle: Handle,
     pub wire: v1::DType,
     pub timeout: Duration,
+    /// The model's routed experts per MoE layer (every one is given to some worker in a
+    /// device-ordered layer).
+    n_experts: usize,
+    /// The step's device-ordered calls, watched against their deadline.
+    watch: Arc<Watch>,
+}
+
+impl RemoteExperts {
+    pub fn new(
+        pool: Arc<WorkerPool>,
+        handle: Handle,
+        wire: v1::DType,
+        timeout: Duration,
+        n_experts: usize,
+    ) -> Self {
+        let watch = Arc::new(Watch {
+            timeout,
+            step: Mutex::new(None),
+            failed: AtomicBool::new(false),
+        });
+        Watch::start(&watch);
+        RemoteExperts {
+            pool,
+            handle,
+            wire,
+            timeout,
+            n_experts,
+            watch,
+        }
+    }
+
+    /// Whether the last step failed because a device-ordered call was released (its worker
+    /// died, hung or left): the step may be run again at once, its calls going elsewhere.
+    pub fn take_device_failure(&self) -> bool {
+        self.watch.failed.swap(false, Ordering::SeqCst)
+    }
+}
+
+/// One device-ordered call of the step in progress.
+struct Sent {
+    client: Arc<WorkerClient>,
+    conn: Arc<Conn>,
+    session: Arc<IpcSession>,
+    slot: usize,
+    seq: u32,
+}
+
+/// The step in progress's device-ordered calls.
+struct InFlight {
+    device: Device,
+    deadline: Instant,
+    sent: Vec<Sent>,
+    /// Workers (serials) whose streams the watch failed for this step.
+    failed: HashSet<u64>,
+}
+
+/// The index of the first call (session, slot, number), in the order sent, whose slot's `done`
+/// word (`done[session][slot]`, `None` when it could not be read) has not reached its number
+/// in the cyclic order the device waits use.
+fn first_unfinished(
+    calls: &[(u64, usize, u32)],
+    done: &HashMap<u64, Option<Vec<u32>>>,
+) -> Option<usize> {
+    calls.iter().position(|&(session, slot, seq)| {
+        match done
+            .get(&session)
+            .and_then(|w| w.as_ref()?.get(slot).copied())
+        {
+            Some(word) => (word.wrapping_sub(seq) as i32) < 0,
+            None => true,
+        }
+    })
+}
+
+/// Bounds a step's device-ordered calls: the gate's stream waits on the device for each
+/// worker's flag, which a dead or hung worker never writes, so a thread watches the step's
+/// deadline (`--expert-timeout`) and, past it, fails the workers' streams, which releases the
+/// waits ([`IpcSession::break_and_release`]); the step then fails whole at `settle` and is run
+/// again without them.
+struct Watch {
+    /// `--expert-timeout`: how long a step's device-ordered calls may take.
+    timeout: Duration,
+    step: Mutex<Option<InFlight>>,
+    /// Set when a step failed on a released call (see [`RemoteExperts::take_device_failure`]).
+    failed: AtomicBool,
+}
+
+impl Watch {
+    fn start(me: &Arc<Self>) {
+        let weak = Arc::downgrade(me);
+        let spawned = std::thread::Builder::new()
+            .name("expert-watch".into())
+            .spawn(move || {
+                while let Some(w) = weak.upgrade() {
+                    w.check(Instant::now(), w.timeout);
+                    drop(w);
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the expert-call watch thread");
+        }
+    }
+
+    /// Past the deadline: fails the stream of the worker whose call holds the step up (the
+    /// first call, in the order sent, that the worker has not marked done; the calls after it
+    /// wait on the gate's stream, which waits on that one), which releases its waits, and gives
+    /// the rest of the step another deadline. A step whose calls are all done is the gate's own
+    /// slowness: nothing is failed.
+    fn check(&self, now: Instant, timeout: Duration) {
+        let mut step = lock(&self.step);
+        let Some(f) = step.as_mut() else {
+            return;
+        };
+        if now < f.deadline {
+            return;
+        }
+        f.deadline = now + timeout;
+        // Each session's `done` words, read beside the stream (which may be blocked).
+        let mut done: HashMap<u64, Option<Vec<u32>>> = HashMap::new();
+        for c in &f.sent {
+            done.entry(c.session.id).or_insert_with(|| {
+                let d = c.session.device.as_ref()?;
+                d.gate_flags.read_words_now(0, d.slots).ok()
+            });
+        }
+        let calls: Vec<(u64, usize, u32)> = f
+            .sent
+            .iter()
+            .map(|c| (c.session.id, c.slot, c.seq))
+            .collect();
+        let Some(i) = first_unfinished(&calls, &done) else {
+            return;
+        };
+        let c = &f.sent[i];
+        if !f.failed.insert(c.client.serial) {
+            return;
+        }
+        tracing::warn!(worker = %c.client.member.id, timeout = ?timeout, "a device-ordered expert call missed its deadline; failing the worker's stream");
+        metrics::counter!(names::RETRIES, "worker" => c.client.member.id.clone()).increment(1);
+        c.client.mark_failed();
+        c.conn.fail(
+            MeshError::Unavailable("a device-ordered call missed its deadline".into()).into(),
+        );
+    }
+
+    fn track(&self, device: &Device, sent: Sent) {
+        let mut step = lock(&self.step);
+        let f = step.get_or_insert_with(|| InFlight {
+            device: device.clone(),
+            deadline: Instant::now() + self.timeout,
+            sent: Vec::new(),
+            failed: HashSet::new(),
+        });
+        f.sent.push(sent);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether every device-ordered call of a finished step was computed: its session is not
+/// broken and the worker's wait saw exactly the call's number (calls older than the ring on
+/// their slot are past checking). `Err` names the first worker that fails this.
+fn verify_calls(sent: &[Sent]) -> Result<(), (Arc<WorkerClient>, Arc<Conn>, String)> {
+    // Each session's flags are read once.
+    let mut words: HashMap<u64, Vec<u32>> = HashMap::new();
+    // The newest call number per (session, slot), to skip calls the ring no longer holds.
+    let mut newest: HashMap<(u64, usize), u32> = HashMap::new();
+    for c in sent {
+        newest.insert((c.session.id, c.slot), c.seq);
+    }
+    for c in sent {
+        let bad = |why: String| Err((c.client.clone(), c.conn.clone(), why));
+        if c.session.is_broken() {
+            return bad("its stream failed during the step".into());
+        }
+        let Some(d) = &c.session.device else {
+            return bad("a device-ordered call on a session without device flags".into());
+        };
+        let last = newest
+            .get(&(c.session.id, c.slot))
+            .copied()
+            .unwrap_or(c.seq);
+        if last.wrapping_sub(c.seq) as usize >= flags::RING {
+            continue;
+        }
+        let all = match words.entry(c.session.id) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                match d.gate_flags.read_words_now(0, flags::gate_words(d.slots)) {
+                    Ok(w) => v.insert(w),
+                    Err(e) => return bad(format!("reading its flags: {e}")),
+                }
+            }
+        };
+        let seen = all
+            .get(flags::seen(d.slots, c.slot, c.seq))
+            .copied()
+            .unwrap_or(0);
+        if seen != c.seq {
+            return bad(format!(
+                "call {} of slot {} was released, not computed (its wait saw {seen})",
+                c.seq, c.slot
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A device-ordered call being set up: the worker, its stream, the slot and the message's room.
+struct DevicePlan {
+    client: Arc<WorkerClient>,
+    conn: Arc<Conn>,
+    slot: SlotGuard,
+    permit: mpsc::OwnedPermit<ForwardRequest>,
+    /// The experts this worker computes; empty for all it holds.
+    experts: Vec<u32>,
+}
+
+impl RemoteExperts {
+    /// Plans a device-ordered layer: every expert given to a worker (the replica rotation's
+    /// choice), each of those workers with an open device-ordered session, a free slot and room
+    /// on its stream. `None` when any of that is missing (the layer then takes the host path).
+    fn plan_device(
+        &self,
+        layer: u32,
+        rows: usize,
+        dtype: DType,
+        k: usize,
+    ) -> Option<Vec<DevicePlan>> {
+        if self.n_experts == 0 {
+            return None;
+        }
+        let round = self.pool.next_round();
+        let none = HashSet::new();
+        let mut groups: BTreeMap<u64, (Arc<WorkerClient>, Vec<u32>)> = BTreeMap::new();
+        for e in 0..self.n_experts as u32 {
+            let client = self.pool.pick(layer, e, &none, round).ok()?;
+            groups
+                .entry(client.serial)
+                .or_insert_with(|| (client, Vec::new()))
+                .1
+                .push(e);
+        }
+        let mut planned = Vec::with_capacity(groups.len());
+        for (client, experts) in groups.into_values() {
+            let (conn, slot) = client.device_slot(rows)?;
+            let d = slot.session.device.as_ref()?;
+            if slot.session.dtype != dtype || d.top_k != k {
+                return None;
+            }
+            let permit = conn.tx.clone().try_reserve_owned().ok()?;
+            let all = experts.len() == client.member.experts.len();
+            planned.push(DevicePlan {
+                client,
+                conn,
+                slot,
+                permit,
+                experts: if all { Vec::new() } else { experts },
+            });
+        }
+        Some(planned)
+    }
 }
 
 impl Experts for RemoteExperts {
+    fn dispatch_device(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        routing: &moemesh_engine::cuda::DeviceRouting,
+    ) -> moemesh_engine::Result<Option<PendingExperts>> {
+        let device = x.device().clone();
+        if !device.is_cuda() {
+            return Ok(None);
+        }
+        let (t, h) = x.dims2()?;
+        // `pick` opens replicas' streams in the background on the runtime.
+        let _runtime = self.handle.enter();
+        let Some(planned) = self.plan_device(layer as u32, t, x.dtype(), routing.k) else {
+            return Ok(None);
+        };
+        let x = x.contiguous()?;
+        let ids = routing.ids.contiguous()?;
+        let weights = routing.weights.contiguous()?;
+        let mut waits: Vec<(SlotGuard, u32)> = Vec::with_capacity(planned.len());
+        let mut failure = None;
+        for p in planned {
+            let Some(d) = p.slot.session.device.as_ref() else {
+                continue;
+            };
+            let index = p.slot.index;
+            let seq = d.next_seq(index);
+            let input = &p.slot.slot().input;
+            // The rows and the routing, then the worker's `ready` word (fenced after them).
+            let queued = input
+                .write_at(0, &x)
+                .and_then(|()| input.write_at(d.layout.ids, &ids))
+                .and_then(|()| input.write_at(d.layout.weights, &weights))
+                .and_then(|()| d.worker_flags.signal(flags::ready(index), seq));
+            if let Err(e) = queued {
+                failure = Some(e);
+                break;
+            }
+            p.permit.send(ForwardRequest {
+                call_id: p.client.next_call_id(),
+                layer: layer as u32,
+                hidden: None,
+                pairs_per_token: Vec::new(),
+                expert_ids: Vec::new(),
+                weights: Vec::new(),
+                traceparent: String::new(),
+                shared: Some(SharedActivations {
+                    session: p.slot.session.id,
+                    slot: index as u32,
+                    rows: t as u32,
+                    dtype: codec::wire_dtype_for(x.dtype()) as i32,
+                    token_rows: Vec::new(),
+                    device_seq: seq,
+                    experts: p.experts,
+                }),
+            });
+            self.watch.track(
+                &device,
+                Sent {
+                    client: p.client,
+                    conn: p.conn,
+                    session: p.slot.session.clone(),
+                    slot: index,
+                    seq,
+                },
+            );
+            waits.push((p.slot, seq));
+        }
+        let wait_all =
+            move |waits: Vec<(SlotGuard, u32)>| -> moemesh_engine::Result<Option<Tensor>> {
+                let mut sum: Option<Tensor> = None;
+                for (slot, seq) in waits {
+                    let Some(d) = slot.session.device.as_ref() else {
+                        continue;
+                    };
+                    // The gate's stream waits for the worker's `done` word, then copies the output
+                    // out; the slot is free for the next call once that copy is queued.
+                    d.gate_flags.wait_geq(flags::done(slot.index), seq)?;
+                    let part = slot.slot().output.read(DType::F32, &[t, h])?;
+                    sum = Some(match sum {
+                        None => part,
+                        Some(s) => (s + part)?,
+                    });
+                }
+                Ok(sum)
+            };
+        if let Some(e) = failure {
+            // Calls already sent are waited for, so that their slots are not reused under them.
+            let _ = wait_all(waits);
+            return Err(e);
+        }
+        Ok(Some(PendingExperts::deferred(move || {
+            match wait_all(waits)? {
+                Some(sum) => Ok(sum),
+                None => Ok(Tensor::zeros((t, h), DType::F32, &device)?),
+            }
+        })))
+    }
+
+    fn settle(&self) -> moemesh_engine::Result<()> {
+        let Some(device) = lock(&self.watch.step).as_ref().map(|f| f.device.clone()) else {
+            return Ok(());
+        };
+        // Bounded: past the deadline the watch releases every wait of the step.
+        let waited = ipc::fence(&device).and_then(|f| f.wait());
+        let Some(step) = lock(&self.watch.step).take() else {
+            return waited;
+        };
+        waited?;
+        match verify_calls(&step.sent) {
+            Ok(()) => Ok(()),
+            Err((client, conn, why)) => {
+                self.watch.failed.store(true, Ordering::SeqCst);
+                if !step.failed.contains(&client.serial) {
+                    client.mark_failed();
+                    conn.fail(MeshError::Unavailable(why.clone()).into());
+                }
+                tracing::warn!(worker = %client.member.id, reason = %why, "a device-ordered expert call was not computed; the step runs again");
+                Err(EngineError::ExpertsUnavailable(format!(
+                    "expert worker {}: {why}",
+                    client.member.id
+                )))
+            }
+        }
+    }
+
     fn dispatch(
         &self,
         layer: usize,
@@ -515,6 +909,8 @@ fn build_shared_request(
             rows: t as u32,
             dtype: codec::wire_dtype_for(slot.session.dtype) as i32,
             token_rows: rows.clone(),
+            device_seq: 0,
+            experts: Vec::new(),
         }),
     };
     push_pairs(&mut req, &by_token);
@@ -542,6 +938,38 @@ fn push_pairs(req: &mut ForwardRequest, by_token: &BTreeMap<u32, Vec<(u32, f32)>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_watch_blames_the_first_call_not_marked_done_in_the_order_sent() {
+        // Session 1 (slots 0 and 1) and session 2 (slot 0); calls in the order sent.
+        let calls = vec![(1, 0, 5), (2, 0, 9), (1, 1, 3), (2, 0, 10), (1, 0, 6)];
+        let done = |a: Vec<u32>, b: Vec<u32>| HashMap::from([(1, Some(a)), (2, Some(b))]);
+        // Session 2 has done 9 but not 10; session 1 is stuck at 5 on slot 0 → call 0.
+        assert_eq!(
+            first_unfinished(&calls, &done(vec![4, 3], vec![9])),
+            Some(0)
+        );
+        // Session 1 slot 0 done through 5, slot 1 through 3; session 2 stuck before 10.
+        assert_eq!(
+            first_unfinished(&calls, &done(vec![5, 3], vec![9])),
+            Some(3)
+        );
+        // Everything done: the gate itself is slow, nobody is blamed.
+        assert_eq!(first_unfinished(&calls, &done(vec![6, 3], vec![10])), None);
+        // A released word (far past) counts as done; numbers compare cyclically across the wrap.
+        assert_eq!(
+            first_unfinished(&[(1, 0, u32::MAX), (1, 0, 1)], &done(vec![0], vec![])),
+            Some(1),
+            "u32::MAX is done at 0, 1 is not"
+        );
+        assert_eq!(
+            first_unfinished(&calls, &done(vec![6 + flags::RELEASE_STRIDE, 3], vec![10])),
+            None
+        );
+        // Flags that cannot be read blame their session.
+        let unreadable = HashMap::from([(1, Some(vec![6, 3])), (2, None)]);
+        assert_eq!(first_unfinished(&calls, &unreadable), Some(1));
+    }
 
     #[test]
     fn split_rows_keeps_a_tokens_pairs_together_and_every_pair_once() {

@@ -263,6 +263,8 @@ pub async fn run(
             dtype,
             hidden: files.config.hidden_size,
             rows: cfg.expert_ipc_rows as usize,
+            sync: cfg.expert_ipc_sync,
+            top_k: files.config.num_experts_per_tok,
         }),
     );
     let members = if cfg.member.etcd.is_empty() {
@@ -298,12 +300,13 @@ pub async fn run(
         }
     });
 
-    let experts = RemoteExperts {
-        pool: pool.clone(),
-        handle: tokio::runtime::Handle::current(),
-        wire: codec::wire_dtype_for(dtype),
-        timeout: Duration::from_secs(cfg.expert_timeout),
-    };
+    let experts = RemoteExperts::new(
+        pool.clone(),
+        tokio::runtime::Handle::current(),
+        codec::wire_dtype_for(dtype),
+        Duration::from_secs(cfg.expert_timeout),
+        files.config.n_routed_experts,
+    );
     let blocks = cfg.kv_blocks.unwrap_or_else(|| {
         moemesh_engine::serving::blocks_for_bytes(&files.config, dtype, cfg.kv_cache_mb << 20)
     });

@@ -29,6 +29,9 @@ pub enum Command {
     },
 }
 
+/// How many times a step is run again after a released device-ordered expert call.
+const DEVICE_RETRIES: usize = 2;
+
 /// A sequence: (frontend connection, its sequence id).
 pub type Key = (u64, u64);
 
@@ -149,7 +152,19 @@ impl StepEngine {
                 }),
             })
             .collect();
-        let outputs = self.runner.step(&slots, &hidden, &self.experts)?;
+        // A step whose device-ordered expert call was released (a worker died, hung or left
+        // mid-step) committed nothing; it runs again at once, its calls going to replicas or
+        // the host path, so that no request sees the failure.
+        let mut attempt = 0;
+        let outputs = loop {
+            match self.runner.step(&slots, &hidden, &self.experts) {
+                Err(e) if self.experts.take_device_failure() && attempt < DEVICE_RETRIES => {
+                    attempt += 1;
+                    tracing::warn!(step = req.step_id, attempt, error = %e, "step failed on a released expert call; running it again");
+                }
+                other => break other?,
+            }
+        };
         let results = outputs
             .into_iter()
             .map(|o| SeqResult {

@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 use moemesh_common::metrics::names;
 use moemesh_common::registry::Member;
 use moemesh_common::tls::{self, Tls};
-use moemesh_common::transport::{self, TransportMode};
+use moemesh_common::transport::{self, DeviceLayout, IpcSync, TransportMode, flags};
 use moemesh_common::{MeshError, MeshResult, codec};
-use moemesh_engine::cuda::ipc::{self, SharedBuffer};
+use moemesh_engine::cuda::ipc::{self, OpenedBuffer, SharedBuffer};
 use moemesh_engine::{DType, Device};
 use moemesh_proto::v1::expert_client::ExpertClient;
 use moemesh_proto::v1::{ForwardRequest, ForwardResponse, OpenTransportRequest};
@@ -52,6 +52,10 @@ pub struct IpcOffer {
     pub hidden: usize,
     /// Rows per buffer (`--expert-ipc-rows`).
     pub rows: usize,
+    /// `--expert-ipc-sync`.
+    pub sync: IpcSync,
+    /// Experts per token (the routing's width in a device-ordered input buffer).
+    pub top_k: usize,
 }
 
 /// The buffers one call uses: the activations in, the worker's f32 partial sums out.
@@ -64,6 +68,39 @@ pub struct IpcSlot {
     busy: Arc<tokio::sync::Mutex<()>>,
 }
 
+/// The device-ordered side of a session (see `SharedActivations.device_seq` in the proto and
+/// docs/DESIGN.md): flags that the two GPUs' streams write and wait for.
+pub struct DeviceSync {
+    /// The input buffers' layout: rows, then the routing.
+    pub layout: DeviceLayout,
+    pub top_k: usize,
+    /// This gate's flags (`flags::done`, `flags::seen`), written by the worker.
+    pub gate_flags: SharedBuffer,
+    /// The worker's flags (`flags::ready` per slot), written by this gate.
+    pub worker_flags: OpenedBuffer,
+    /// Per slot, the number of its last call.
+    seqs: Vec<AtomicU32>,
+    /// Slots, for the flag words' positions.
+    pub slots: usize,
+}
+
+impl DeviceSync {
+    /// The next call number of `slot` (never 0: the flags start at 0).
+    pub fn next_seq(&self, slot: usize) -> u32 {
+        let s = self.seqs[slot]
+            .fetch_add(1, Ordering::SeqCst)
+            .wrapping_add(1);
+        if s == 0 {
+            // Wrapped: skip 0 (the waits compare cyclically, so 1 still follows u32::MAX).
+            self.seqs[slot]
+                .fetch_add(1, Ordering::SeqCst)
+                .wrapping_add(1)
+        } else {
+            s
+        }
+    }
+}
+
 /// CUDA IPC buffers shared with one worker for the life of one stream.
 pub struct IpcSession {
     /// The worker's id for this session.
@@ -73,6 +110,10 @@ pub struct IpcSession {
     /// The input buffers' dtype.
     pub dtype: DType,
     pub slots: Vec<IpcSlot>,
+    /// Present when the worker accepted device-ordered calls.
+    pub device: Option<DeviceSync>,
+    /// Set once the stream failed: no new calls, and device-ordered waits were released.
+    broken: AtomicBool,
 }
 
 /// A slot held for one call; dropping it frees the slot for the next call.
@@ -89,9 +130,34 @@ impl SlotGuard {
 }
 
 impl IpcSession {
+    /// Whether the session's stream failed (its device-ordered calls were released).
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::SeqCst)
+    }
+
+    /// Marks the session failed and releases every device-ordered wait of this gate's stream on
+    /// it: each slot's `done` word is set past any call number in flight (and never equal to
+    /// one, so [`settle`](crate::remote_experts) sees that those calls were not computed).
+    pub fn break_and_release(&self) {
+        if self.broken.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let Some(d) = &self.device else {
+            return;
+        };
+        for (slot, seq) in d.seqs.iter().enumerate() {
+            let past = seq
+                .load(Ordering::SeqCst)
+                .wrapping_add(flags::RELEASE_STRIDE);
+            if let Err(e) = d.gate_flags.fill_words_now(flags::done(slot), 1, past) {
+                tracing::error!(session = self.id, slot, error = %e, "could not release a device-ordered wait");
+            }
+        }
+    }
+
     /// A free slot for a call of `rows` rows, if the session's buffers hold that many.
     fn try_slot(self: &Arc<Self>, rows: usize) -> Option<SlotGuard> {
-        if rows == 0 || rows > self.rows {
+        if rows == 0 || rows > self.rows || self.is_broken() {
             return None;
         }
         self.slots.iter().enumerate().find_map(|(index, s)| {
@@ -106,18 +172,21 @@ impl IpcSession {
 
 /// One open `Forward` stream.
 pub struct Conn {
-    tx: mpsc::Sender<ForwardRequest>,
+    pub(crate) tx: mpsc::Sender<ForwardRequest>,
     waiters: Waiters,
     alive: Arc<AtomicBool>,
     /// The CUDA IPC session negotiated with this stream, if the worker accepted one.
-    ipc: Option<Arc<IpcSession>>,
+    pub(crate) ipc: Option<Arc<IpcSession>>,
 }
 
 impl Conn {
     /// Marks the stream dead and answers every call waiting on it with `status` (they are then
     /// retried on another replica), instead of leaving them to their timeout.
-    fn fail(&self, status: Status) {
+    pub(crate) fn fail(&self, status: Status) {
         self.alive.store(false, Ordering::SeqCst);
+        if let Some(ipc) = &self.ipc {
+            ipc.break_and_release();
+        }
         for (_, waiter) in lock(&self.waiters).drain() {
             let _ = waiter.send(Err(status.clone()));
         }
@@ -200,6 +269,21 @@ impl WorkerClient {
         let conn = self.live()?;
         let slot = conn.ipc.as_ref()?.try_slot(rows)?;
         Some((conn, slot))
+    }
+
+    /// The open stream and a free slot of its session for a device-ordered call of `rows` rows:
+    /// the stream is open, its session accepted device-ordered calls and is not broken.
+    pub fn device_slot(&self, rows: usize) -> Option<(Arc<Conn>, SlotGuard)> {
+        let conn = self.live()?;
+        let session = conn.ipc.as_ref()?;
+        session.device.as_ref()?;
+        let slot = session.try_slot(rows)?;
+        Some((conn, slot))
+    }
+
+    /// A call id for a request sent without waiting for its reply (device-ordered calls).
+    pub fn next_call_id(&self) -> u64 {
+        self.next_call.fetch_add(1, Ordering::Relaxed)
     }
 
     fn peer_err(&self, what: impl std::fmt::Display) -> MeshError {
@@ -314,7 +398,9 @@ impl WorkerClient {
             .max_decoding_message_size(256 << 20)
             .max_encoding_message_size(256 << 20);
         let ipc = self.negotiate(&mut client).await;
-        let (tx, rx) = mpsc::channel(16);
+        // Device-ordered calls are queued a whole step ahead (a call per MoE layer per micro-batch)
+        // without waiting for replies; the bound only limits a stalled stream.
+        let (tx, rx) = mpsc::channel(256);
         let mut replies = client
             .forward(ReceiverStream::new(rx))
             .await
@@ -372,7 +458,12 @@ impl WorkerClient {
         };
         let chosen = match &result {
             Ok(session) => {
-                tracing::info!(worker = %self.member.id, transport = transport::CUDA_IPC, session = session.id, slots = session.slots.len(), rows = session.rows, "expert transport chosen");
+                let sync = if session.device.is_some() {
+                    "device"
+                } else {
+                    "host"
+                };
+                tracing::info!(worker = %self.member.id, transport = transport::CUDA_IPC, session = session.id, slots = session.slots.len(), rows = session.rows, sync, "expert transport chosen");
                 transport::CUDA_IPC
             }
             Err(reason) => {
@@ -394,7 +485,18 @@ impl WorkerClient {
         client: &mut ExpertClient<tonic::transport::Channel>,
         offer: &IpcOffer,
     ) -> Result<Arc<IpcSession>, String> {
-        let in_bytes = offer.rows * offer.hidden * offer.dtype.size_in_bytes();
+        let device_sync = offer.sync == IpcSync::Device && offer.top_k > 0;
+        let layout = DeviceLayout::new(
+            offer.rows,
+            offer.hidden,
+            offer.dtype.size_in_bytes(),
+            offer.top_k,
+        );
+        let in_bytes = if device_sync {
+            layout.bytes
+        } else {
+            offer.rows * offer.hidden * offer.dtype.size_in_bytes()
+        };
         let out_bytes = offer.rows * offer.hidden * DType::F32.size_in_bytes();
         let mut slots = Vec::with_capacity(IPC_SLOTS);
         for _ in 0..IPC_SLOTS {
@@ -404,6 +506,14 @@ impl WorkerClient {
                 busy: Arc::default(),
             });
         }
+        let gate_flags = if device_sync {
+            let words = flags::gate_words(IPC_SLOTS);
+            let buf = SharedBuffer::alloc(&offer.device, 4 * words).map_err(|e| e.to_string())?;
+            buf.fill_words_now(0, words, 0).map_err(|e| e.to_string())?;
+            Some(buf)
+        } else {
+            None
+        };
         let mut req = OpenTransportRequest {
             gate_id: offer.gate_id.clone(),
             host_id: transport::host_id(),
@@ -413,6 +523,12 @@ impl WorkerClient {
             dtype: codec::wire_dtype_for(offer.dtype) as i32,
             input_handles: Vec::with_capacity(IPC_SLOTS),
             output_handles: Vec::with_capacity(IPC_SLOTS),
+            device_sync,
+            top_k: if device_sync { offer.top_k as u32 } else { 0 },
+            gate_flags_handle: match &gate_flags {
+                Some(b) => b.handle().map_err(|e| e.to_string())?,
+                None => Vec::new(),
+            },
         };
         for s in &slots {
             req.input_handles
@@ -428,11 +544,37 @@ impl WorkerClient {
         if reply.session == 0 || reply.transport != transport::CUDA_IPC {
             return Err(format!("the worker refused: {}", reply.reason));
         }
+        let device = match (gate_flags, reply.worker_flags_handle.is_empty()) {
+            (Some(gate_flags), false) => {
+                let bytes = 4 * flags::worker_words(IPC_SLOTS);
+                match OpenedBuffer::open(&offer.device, &reply.worker_flags_handle, bytes) {
+                    Ok(worker_flags) => Some(DeviceSync {
+                        layout,
+                        top_k: offer.top_k,
+                        gate_flags,
+                        worker_flags,
+                        seqs: (0..IPC_SLOTS).map(|_| AtomicU32::new(0)).collect(),
+                        slots: IPC_SLOTS,
+                    }),
+                    Err(e) => {
+                        tracing::warn!(worker = %self.member.id, error = %e, "cannot map the worker's flags; its calls are host-ordered");
+                        None
+                    }
+                }
+            }
+            (Some(_), true) => {
+                tracing::info!(worker = %self.member.id, reason = %reply.device_sync_reason, "the worker takes host-ordered calls only");
+                None
+            }
+            (None, _) => None,
+        };
         Ok(Arc::new(IpcSession {
             id: reply.session,
             rows: offer.rows,
             dtype: offer.dtype,
             slots,
+            device,
+            broken: AtomicBool::new(false),
         }))
     }
 
@@ -734,6 +876,8 @@ mod tests {
             dtype: DType::F32,
             hidden: 8,
             rows: 4,
+            sync: IpcSync::Device,
+            top_k: 2,
         };
         let pool = WorkerPool::new("fp".into(), None, Duration::from_millis(200)).with_ipc(offer);
         pool.update(&[member("a", vec![0])]);

@@ -4,6 +4,7 @@
 
 mod generate_cmd;
 mod health_cmd;
+mod mps;
 mod roles;
 mod up_cmd;
 

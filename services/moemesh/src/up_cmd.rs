@@ -62,6 +62,13 @@ pub struct UpArgs {
     /// `--http-listen`): /v1/chat/completions, /v1/completions, /v1/models, /health.
     #[arg(long, env = "MOEMESH_HTTP_LISTEN")]
     pub http_listen: Option<std::net::SocketAddr>,
+    /// CUDA MPS: `auto` starts a private MPS daemon for the mesh when two of its processes share
+    /// a GPU and nvidia-cuda-mps-control is installed (their kernels then run side by side
+    /// instead of time-slicing the GPU: about 2x the mesh's decode speed on one H100); `on`
+    /// whenever the mesh runs on CUDA; `off` never. A daemon named by CUDA_MPS_PIPE_DIRECTORY
+    /// is used as it is.
+    #[arg(long, env = "MOEMESH_MPS", value_enum, default_value = "auto")]
+    pub mps: crate::mps::MpsMode,
     /// Extra flags for the gate, e.g. `--gate-args=--overlap=true` (repeatable).
     #[arg(long, allow_hyphen_values = true)]
     pub gate_args: Vec<String>,
@@ -197,9 +204,14 @@ struct Proc {
 }
 
 /// Starts `moemesh <args>` and waits for its ready line; returns the process and its address.
-async fn start(role: &str, args: Vec<String>) -> anyhow::Result<(Proc, String)> {
+async fn start(
+    role: &str,
+    args: Vec<String>,
+    env: &[(String, PathBuf)],
+) -> anyhow::Result<(Proc, String)> {
     let exe = std::env::current_exe().context("locating the moemesh binary")?;
     let mut command = Command::new(exe);
+    command.envs(env.iter().map(|(k, v)| (k, v)));
     for var in TRANSPORT_ENV {
         command.env_remove(var);
     }
@@ -301,6 +313,37 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let transport = Transport {
         pki: (!args.plaintext).then(DevPki::new).transpose()?,
     };
+    let mps = {
+        let on_cuda = std::iter::once(&args.device)
+            .chain(&args.expert_devices)
+            .any(|d| d.starts_with("cuda"));
+        let shares = crate::mps::shares_gpu(
+            &args.device,
+            &args.expert_devices,
+            args.expert_workers * usize::from(args.expert_replicas),
+        );
+        let control = crate::mps::find_on_path(crate::mps::CONTROL);
+        let external = std::env::var_os("CUDA_MPS_PIPE_DIRECTORY").is_some();
+        let (start, why) =
+            crate::mps::decide(args.mps, on_cuda, shares, control.is_some(), external)?;
+        match control.filter(|_| start) {
+            Some(control) => {
+                let d = crate::mps::MpsDaemon::start(&control)?;
+                eprintln!(
+                    "moemesh up: MPS daemon started ({why}), pipe {}",
+                    d.pipe_dir().display()
+                );
+                Some(d)
+            }
+            None => {
+                if on_cuda {
+                    eprintln!("moemesh up: no MPS daemon of its own ({why})");
+                }
+                None
+            }
+        }
+    };
+    let child_env = mps.as_ref().map(|d| d.env()).unwrap_or_default();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -323,7 +366,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 a.extend(["--device".into(), device]);
                 a.extend(metrics_flag(&args, 2 + k)?);
                 a.extend(transport.flags(&format!("expert-{k}"), CertRole::Expert)?);
-                let (p, addr) = start("expert", a).await?;
+                let (p, addr) = start("expert", a, &child_env).await?;
                 eprintln!("moemesh up: expert worker {i} replica {r} (experts {lo}-{}) on {addr}, pid {}", hi - 1, p.child.id().unwrap_or(0));
                 procs.push(p);
                 worker_addrs.push(addr);
@@ -337,7 +380,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             if args.etcd.is_none() {
                 a.extend(["--expert-addrs".into(), worker_addrs.join(",")]);
             }
-            let (p, gate_addr) = start("gate", a).await?;
+            let (p, gate_addr) = start("gate", a, &child_env).await?;
             eprintln!("moemesh up: gate on {gate_addr}");
             procs.push(p);
             let mut a = common(&args);
@@ -354,7 +397,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 a.extend(["--http-listen".into(), http.to_string()]);
             }
             a.extend(args.frontend_args.iter().cloned());
-            let (p, addr) = start("frontend", a).await?;
+            let (p, addr) = start("frontend", a, &child_env).await?;
             if let Some(http) = args.http_listen {
                 eprintln!("moemesh up: OpenAI-compatible HTTP API on http://{http}/v1");
             }
