@@ -11,6 +11,7 @@
 #   scripts/gpu-check.sh --prefill-e2e        # prefill through the mesh, end-to-end at concurrency 64
 #   BINS="old.gz new.gz" scripts/gpu-check.sh --core   # serving core: in-process and mesh, c=1 and 64
 #   scripts/gpu-check.sh --ipc                # expert data plane: CUDA IPC vs gRPC vs in-process
+#   scripts/gpu-check.sh --multi              # gates and workers over 2 or 4 GPUs vs one GPU in-process
 #   GATE_BINS="old.gz new.gz" scripts/gpu-check.sh --sampling   # the mesh once per gate binary
 #   SKIP_MEMCHECK=1 scripts/gpu-check.sh --check   # without the compute-sanitizer pass (minutes)
 #   EXPERT_DEVICES=cuda:1 scripts/gpu-check.sh --bench   # gate on GPU 0, expert workers on GPU 1
@@ -215,6 +216,74 @@ for line in open(sys.argv[1]):
     itl = r.get("itl_ms") or {}
     print(f"| {r['mode']} | {r['concurrency']} | {r['output_tokens_per_s']:.0f} | {r['ttft_ms']['p50']:.1f} | {itl.get('p50', 0):.2f} | {itl.get('p99', 0):.2f} |")
 EOF2
+    exit $status
+fi
+
+if [[ $MODE == --multi ]]; then
+    # Several GPUs of one host (issue 17): gates and expert workers spread over them, against
+    # one GPU in-process, same binary and call. With 4 GPUs: 4 gates (two on cuda:0, two on
+    # cuda:1, under `up`'s MPS daemon: one gate's host cannot keep a GPU busy) and 2 workers
+    # (cuda:2, cuda:3); with 2: 1 gate (cuda:0) and 2 workers on cuda:1. Decode at batch 1, 64 and
+    # 256, end to end at concurrency 64, 256 and 512 (128 / 32, prompts included), then the
+    # greedy tokens of two fixtures through that mesh against in-process (f32, must be equal).
+    # GATES overrides the number of gates on 4 GPUs.
+    MODEL=synthetic:v2-lite
+    BENCH=(--prompt-len 128 --output-len 32 --json)
+    n=$(nvidia-smi -L | wc -l)
+    if (( n >= 4 )); then
+        layout=(--device cuda:0 --gates "${GATES:-4}" --gate-devices cuda:0,cuda:1 --expert-devices cuda:2,cuda:3)
+    else
+        layout=(--device cuda:0 --expert-devices cuda:1)
+    fi
+    echo "layout on $n GPUs: ${layout[*]}"
+    : >"$OUT/ipc.jsonl"
+    MESH_LOG="warn,moemesh_gate::workers=info,moemesh_expert::service=info"
+    t0=$SECONDS
+    "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 --sweep 1,64,256 "${BENCH[@]}" \
+        | sed 's/^{/{"mode":"in-process",/' >>"$OUT/ipc.jsonl" || status=1
+    for c in 64 256 512; do
+        "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 --concurrency $c --requests $((2 * c)) "${BENCH[@]}" \
+            | sed 's/^{/{"mode":"in-process e2e",/' >>"$OUT/ipc.jsonl" || status=1
+    done
+    echo "== in-process: $((SECONDS - t0)) s"; t0=$SECONDS
+    if MOEMESH_LOG=$MESH_LOG up --model $MODEL --dtype bf16 --expert-workers 2 "${layout[@]}" --gate-args=--kv-cache-mb=8192; then
+        "$BIN" bench --addr "127.0.0.1:$PORT" --sweep 1,64,256 "${BENCH[@]}" \
+            | sed 's/^{/{"mode":"mesh multi",/' >>"$OUT/ipc.jsonl" || status=1
+        for c in 64 256 512; do
+            "$BIN" bench --addr "127.0.0.1:$PORT" --concurrency $c --requests $((2 * c)) "${BENCH[@]}" \
+                | sed 's/^{/{"mode":"mesh multi e2e",/' >>"$OUT/ipc.jsonl" || status=1
+        done
+        down
+        grep -h 'transport chosen\|MPS\|gate [0-9] on' "$OUT/up.err" "$OUT/up.out" | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-200 | sort -u | head -12
+    else
+        status=1
+    fi
+    echo "== mesh: $((SECONDS - t0)) s"
+    for fx in tiny-deepseek-v3 tiny-deepseek-v2-lite; do
+        ids=$($PY -c "import json;print(','.join(map(str,json.load(open('tests/fixtures/$fx/reference.json'))['prompts'][2]['input_ids'])))" 2>/dev/null || echo 5,17,42,7,99,300,12)
+        common=(--prompt-ids "$ids" --max-new-tokens 32 --ignore-eos --json)
+        "$BIN" generate --model "tests/fixtures/$fx" --device cuda:0 --dtype f32 "${common[@]}" >"$OUT/inproc_$fx.jsonl" || status=1
+        if MOEMESH_LOG=$MESH_LOG up --model "tests/fixtures/$fx" --dtype f32 --expert-workers 2 "${layout[@]}"; then
+            "$BIN" generate --addr "127.0.0.1:$PORT" "${common[@]}" >"$OUT/mesh_$fx.jsonl" || status=1
+            down
+        else
+            status=1
+        fi
+        $PY - "$OUT/inproc_$fx.jsonl" "$OUT/mesh_$fx.jsonl" "$fx f32 multi-GPU" <<'EOF' || status=1
+import json, sys
+def ids(path):
+    out = []
+    for line in open(path):
+        if line.strip():
+            out = json.loads(line).get("token_ids", out)
+    return out
+a, b = ids(sys.argv[1]), ids(sys.argv[2])
+ok = len(a) == 32 and a == b
+print(f"{sys.argv[3]:<32} in-process {len(a)} tokens, mesh {len(b)} tokens: {'equal' if ok else 'DIFFERENT'}")
+sys.exit(0 if ok else 1)
+EOF
+    done
+    $PY scripts/bench/ipc_report.py "$OUT/ipc.jsonl" | tee "$OUT/ipc.md"
     exit $status
 fi
 

@@ -57,7 +57,22 @@ pub struct Region {
     inner: imp::Region,
 }
 
+/// A new handle on `device`'s GPU with a stream of its own (the same CUDA context, so memory of
+/// one is usable from the other): for work that must not queue behind the device's other work,
+/// such as one gate's device-ordered expert calls on a worker that several gates share.
+pub fn stream_device(device: &Device) -> Result<Device> {
+    imp::stream_device(device)
+}
+
 impl Region {
+    /// The same memory, with its copies and flag operations queued on `device`'s stream (a
+    /// device of the same GPU, e.g. from [`stream_device`]). The view owns nothing.
+    pub fn on(&self, device: &Device) -> Result<Region> {
+        Ok(Region {
+            inner: imp::on(&self.inner, device)?,
+        })
+    }
+
     /// Size in bytes.
     pub fn bytes(&self) -> usize {
         imp::bytes(&self.inner)
@@ -279,6 +294,27 @@ mod imp {
 
     pub fn bytes(r: &Region) -> usize {
         r.bytes
+    }
+
+    pub fn on(r: &Region, device: &Device) -> Result<Region> {
+        Ok(Region {
+            dev: cuda(device)?,
+            ptr: r.ptr,
+            bytes: r.bytes,
+        })
+    }
+
+    pub fn stream_device(device: &Device) -> Result<Device> {
+        let dev = cuda(device)?;
+        let ordinal = dev.cuda_stream().context().ordinal();
+        let other = Device::new_cuda_with_stream(ordinal)?;
+        if let Device::Cuda(d) = &other {
+            // SAFETY: as for the process's main device (services/common/src/device.rs): every
+            // tensor made on this device is used on its one stream, or on another stream only
+            // after the work that wrote it is known to be done.
+            unsafe { d.disable_event_tracking() };
+        }
+        Ok(other)
     }
 
     pub fn alloc(device: &Device, bytes: usize) -> Result<Region> {
@@ -520,6 +556,14 @@ mod imp {
 
     pub fn bytes(r: &Region) -> usize {
         match *r {}
+    }
+
+    pub fn on(r: &Region, _device: &Device) -> Result<Region> {
+        match *r {}
+    }
+
+    pub fn stream_device(_device: &Device) -> Result<Device> {
+        Err(super::unsupported())
     }
 
     pub fn alloc(_device: &Device, _bytes: usize) -> Result<Region> {

@@ -49,6 +49,10 @@ struct Session {
 
 /// This worker's side of a device-ordered session (see `SharedActivations.device_seq`).
 struct DeviceSide {
+    /// The session's own stream (a device handle of the worker's GPU): each gate's calls queue
+    /// on their own stream, so that one gate's wait never holds up another gate's calls (two
+    /// gates' calls on one stream could wait on each other).
+    stream: Device,
     layout: DeviceLayout,
     top_k: usize,
     /// The gate's flags (`flags::done`, `flags::seen`), written here.
@@ -72,6 +76,11 @@ impl Drop for Session {
             if let Err(e) = d.own_flags.fill_words_now(flags::ready(slot), 1, past) {
                 tracing::error!(slot, error = %e, "could not release a device-ordered wait");
             }
+        }
+        // The buffers are unmapped next (each synchronises the main stream): first let the
+        // session's stream run out.
+        if let Err(e) = ipc::synchronize(&d.stream) {
+            tracing::error!(error = %e, "could not synchronise a session's stream");
         }
     }
 }
@@ -142,17 +151,10 @@ impl Worker {
                 OpenedBuffer::open(&self.device, o, out_bytes)?,
             ));
         }
-        let device = if !req.device_sync {
-            Err("not asked for".into())
-        } else if let Some(other) = self.device_owner(&req.gate_id) {
-            // The worker runs every call on one stream, in arrival order: device-ordered calls of
-            // two gates there could wait on each other (each gate's later call queued ahead of
-            // the other's earlier one), so one gate at a time has them.
-            Err(format!(
-                "gate {other} has device-ordered calls on this worker (one gate at a time)"
-            ))
-        } else {
+        let device = if req.device_sync {
             self.open_device_side(req, layout, slots.len())
+        } else {
+            Err("not asked for".into())
         };
         let handle = match &device {
             Ok(d) => d.own_flags.handle().map_err(|e| e.to_string()),
@@ -176,15 +178,6 @@ impl Worker {
         Ok((id, handle))
     }
 
-    /// Another gate than `gate_id` that holds a device-ordered session here.
-    fn device_owner(&self, gate_id: &str) -> Option<String> {
-        let st = self.sessions();
-        st.by_gate.iter().find_map(|(gate, id)| {
-            (gate != gate_id && st.by_id.get(id).is_some_and(|s| s.device.is_some()))
-                .then(|| gate.clone())
-        })
-    }
-
     /// Sets up device-ordered calls: maps the gate's flags, allocates and zeroes this worker's,
     /// and checks that this driver lets a stream write and wait on memory.
     fn open_device_side(
@@ -201,6 +194,11 @@ impl Worker {
         .map_err(|e| format!("mapping the gate's flags: {e}"))?;
         let words = flags::worker_words(slots);
         let own_flags = SharedBuffer::alloc(&self.device, 4 * words).map_err(|e| e.to_string())?;
+        let stream =
+            ipc::stream_device(&self.device).map_err(|e| format!("a session stream: {e}"))?;
+        // The shard's weights were written on the main stream; the session reads them on its
+        // own from now on.
+        ipc::synchronize(&self.device).map_err(|e| e.to_string())?;
         let probe = || -> moemesh_engine::Result<()> {
             own_flags.fill_words_now(0, words, 0)?;
             own_flags.signal(flags::scratch(slots, 0), 1)?;
@@ -210,6 +208,7 @@ impl Worker {
         };
         probe().map_err(|e| format!("stream memory operations: {e}"))?;
         Ok(DeviceSide {
+            stream,
             layout,
             top_k: req.top_k as usize,
             gate_flags,
@@ -280,11 +279,14 @@ impl Worker {
         let seq = shared.device_seq;
         let slots = session.slots.len();
         let slot_of = self.slot_table(layer, &shared.experts)?;
-        let own = &d.own_flags;
+        // Everything below queues on the session's stream.
+        let own = d.own_flags.on(&d.stream)?;
+        let (input, output) = (input.on(&d.stream)?, output.on(&d.stream)?);
+        let gate_flags = d.gate_flags.on(&d.stream)?;
         own.wait_geq(flags::ready(index), seq)?;
         d.queued[index].store(seq, Ordering::SeqCst);
         // What the wait saw: `seq` when the gate's input is there, more when it was released.
-        own.copy_word(flags::ready(index), own, flags::scratch(slots, index))?;
+        own.copy_word(flags::ready(index), &own, flags::scratch(slots, index))?;
         let x = input.read_at(0, dtype, &[rows, self.hidden_size])?;
         let routing = DeviceRouting {
             ids: input.read_at(d.layout.ids, DType::U32, &[rows, d.top_k])?,
@@ -302,10 +304,10 @@ impl Worker {
         output.write(&out)?;
         own.copy_word(
             flags::scratch(slots, index),
-            &d.gate_flags,
+            &gate_flags,
             flags::seen(slots, index, seq),
         )?;
-        d.gate_flags.signal(flags::done(index), seq)?;
+        gate_flags.signal(flags::done(index), seq)?;
         Ok(ForwardResponse {
             call_id: req.call_id,
             output: None,
@@ -332,6 +334,8 @@ impl Worker {
             return Ok(t.clone());
         }
         let t = self.shard.slot_table_for(layer, experts)?;
+        // Uploaded on the main stream, read on sessions' streams.
+        ipc::synchronize(&self.device)?;
         let mut cache = self.slot_tables.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= MAX_SLOT_TABLES {
             cache.clear();

@@ -47,7 +47,20 @@ enum Command {
     Expert(moemesh_expert::ExpertConfig),
 }
 
+/// Hardware work queues a CUDA context may use (the driver's default is 8). Device-ordered
+/// expert calls leave waits on streams (`cuStreamWaitValue32`); streams that share a queue wait
+/// behind each other, and with several gates on MPS (which shares queues between its clients)
+/// that made two gates' waits hold each other up until the deadline (4 × H200, 4 gates, 512
+/// concurrent requests: every request failed with 8, all succeeded with 32).
+const CUDA_DEVICE_MAX_CONNECTIONS: &str = "32";
+
 fn main() -> std::process::ExitCode {
+    if std::env::var_os("CUDA_DEVICE_MAX_CONNECTIONS").is_none() {
+        // SAFETY: the first statement of main: no other thread exists yet to read the
+        // environment concurrently, and the CUDA driver reads it later, at initialisation (also
+        // in `up`'s children and its MPS daemon, which inherit it).
+        unsafe { std::env::set_var("CUDA_DEVICE_MAX_CONNECTIONS", CUDA_DEVICE_MAX_CONNECTIONS) };
+    }
     moemesh_common::tls::install_crypto_provider();
     let cli = Cli::parse();
     // Logs (MOEMESH_LOG) and, when OTEL_EXPORTER_OTLP_ENDPOINT is set, traces; dropped (flushing

@@ -26,18 +26,15 @@ pub enum MpsMode {
     Off,
 }
 
-/// Whether two of the mesh's GPU processes share a device: the gate on `device` and the
-/// workers on `expert_devices` round-robin (`device` when empty), `workers` of them.
-pub fn shares_gpu(device: &str, expert_devices: &[String], workers: usize) -> bool {
+/// Whether two of the mesh's processes, on `devices`, share a GPU.
+pub fn shares_gpu(devices: &[String]) -> bool {
     let mut seen = std::collections::HashSet::new();
-    let mut cuda = |d: &str| d.starts_with("cuda") && !seen.insert(d.to_string());
-    let gate = cuda(device);
-    gate || (0..workers).any(|k| {
-        let d = match expert_devices {
-            [] => device,
-            list => list[k % list.len()].as_str(),
-        };
-        cuda(d)
+    devices.iter().filter(|d| d.starts_with("cuda")).any(|d| {
+        !seen.insert(if d.as_str() == "cuda" {
+            "cuda:0"
+        } else {
+            d.as_str()
+        })
     })
 }
 
@@ -156,18 +153,17 @@ mod tests {
 
     #[test]
     fn a_gpu_is_shared_when_two_processes_land_on_it() {
-        let list = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let shares = |v: &[&str]| shares_gpu(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
         // Gate and workers on cuda:0.
-        assert!(shares_gpu("cuda:0", &[], 2));
-        assert!(shares_gpu("cuda:0", &[], 1));
-        // Gate on 0, one worker each on 1 and 2: nothing shared.
-        assert!(!shares_gpu("cuda:0", &list(&["cuda:1", "cuda:2"]), 2));
-        // Three workers round-robin over two GPUs: the third shares cuda:1.
-        assert!(shares_gpu("cuda:0", &list(&["cuda:1", "cuda:2"]), 3));
-        // A worker on the gate's GPU.
-        assert!(shares_gpu("cuda:0", &list(&["cuda:0"]), 1));
+        assert!(shares(&["cuda:0", "cuda:0", "cuda:0"]));
+        // `cuda` is `cuda:0`.
+        assert!(shares(&["cuda", "cuda:0"]));
+        // One process per GPU: nothing shared.
+        assert!(!shares(&["cuda:0", "cuda:1", "cuda:2", "cuda:3"]));
+        // Two gates, two workers on four GPUs, then a third worker on cuda:2.
+        assert!(shares(&["cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:2"]));
         // The CPU is never a shared GPU.
-        assert!(!shares_gpu("cpu", &[], 4));
+        assert!(!shares(&["cpu", "cpu", "cpu"]));
     }
 
     #[test]

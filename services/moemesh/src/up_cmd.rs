@@ -51,8 +51,18 @@ pub struct UpArgs {
     /// puts the gate on --device and the experts on two other GPUs); defaults to --device.
     #[arg(long, env = "MOEMESH_EXPERT_DEVICES", value_delimiter = ',')]
     pub expert_devices: Vec<String>,
-    /// Serve Prometheus metrics: the frontend on this port, the gate on the next, expert worker i
-    /// on port + 2 + i (each on --metrics-host, at `/metrics`). Off when not given.
+    /// Gate processes: each holds its own KV cache and runs its own sequences (the frontend
+    /// balances new sequences over them), all sharing the expert workers. More gates use more
+    /// GPUs (--gate-devices) for attention and the dense layers.
+    #[arg(long, env = "MOEMESH_GATES", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub gates: u16,
+    /// Devices of the gates, comma-separated, assigned round-robin; defaults to --device.
+    #[arg(long, env = "MOEMESH_GATE_DEVICES", value_delimiter = ',')]
+    pub gate_devices: Vec<String>,
+    /// Serve Prometheus metrics: the frontend on this port, the (first) gate on the next, expert
+    /// worker i on port + 2 + i, further gates after the workers (each on --metrics-host, at
+    /// `/metrics`). Off when not given.
     #[arg(long, env = "MOEMESH_METRICS_BASE_PORT")]
     pub metrics_base_port: Option<u16>,
     /// Interface the metrics ports bind to.
@@ -267,6 +277,31 @@ fn metrics_flag(args: &UpArgs, offset: usize) -> anyhow::Result<Vec<String>> {
     Ok(vec!["--metrics-listen".into(), addr.to_string()])
 }
 
+/// Gate `g`'s device: --gate-devices round-robin, else --device.
+fn gate_device(args: &UpArgs, g: usize) -> String {
+    match args.gate_devices.as_slice() {
+        [] => args.device.clone(),
+        list => list[g % list.len()].clone(),
+    }
+}
+
+/// Expert worker process `k`'s device: --expert-devices round-robin, else --device.
+fn worker_device(args: &UpArgs, k: usize) -> String {
+    match args.expert_devices.as_slice() {
+        [] => args.device.clone(),
+        list => list[k % list.len()].clone(),
+    }
+}
+
+/// The device of every GPU-using process `up` starts (gates and expert workers).
+fn process_devices(args: &UpArgs) -> Vec<String> {
+    let workers = args.expert_workers * usize::from(args.expert_replicas);
+    (0..usize::from(args.gates))
+        .map(|g| gate_device(args, g))
+        .chain((0..workers).map(|k| worker_device(args, k)))
+        .collect()
+}
+
 fn common(args: &UpArgs) -> Vec<String> {
     let mut v = Vec::new();
     if let Some(m) = &args.model {
@@ -314,14 +349,8 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         pki: (!args.plaintext).then(DevPki::new).transpose()?,
     };
     let mps = {
-        let on_cuda = std::iter::once(&args.device)
-            .chain(&args.expert_devices)
-            .any(|d| d.starts_with("cuda"));
-        let shares = crate::mps::shares_gpu(
-            &args.device,
-            &args.expert_devices,
-            args.expert_workers * usize::from(args.expert_replicas),
-        );
+        let on_cuda = process_devices(&args).iter().any(|d| d.starts_with("cuda"));
+        let shares = crate::mps::shares_gpu(&process_devices(&args));
         let control = crate::mps::find_on_path(crate::mps::CONTROL);
         let external = std::env::var_os("CUDA_MPS_PIPE_DIRECTORY").is_some();
         let (start, why) =
@@ -359,11 +388,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 let mut a = common(&args);
                 a.extend(["--listen".into(), "127.0.0.1:0".into(), "--dtype".into(), args.dtype.clone()]);
                 a.extend(["--experts".into(), format!("{lo}-{}", hi - 1)]);
-                let device = match args.expert_devices.as_slice() {
-                    [] => args.device.clone(),
-                    list => list[k % list.len()].clone(),
-                };
-                a.extend(["--device".into(), device]);
+                a.extend(["--device".into(), worker_device(&args, k)]);
                 a.extend(metrics_flag(&args, 2 + k)?);
                 a.extend(transport.flags(&format!("expert-{k}"), CertRole::Expert)?);
                 let (p, addr) = start("expert", a, &child_env).await?;
@@ -371,23 +396,29 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 procs.push(p);
                 worker_addrs.push(addr);
             }
-            let mut a = common(&args);
-            a.extend(["--listen".into(), "127.0.0.1:0".into(), "--dtype".into(), args.dtype.clone()]);
-            a.extend(["--device".into(), args.device.clone()]);
-            a.extend(metrics_flag(&args, 1)?);
-            a.extend(args.gate_args.iter().cloned());
-            a.extend(transport.flags("gate", CertRole::Gate)?);
-            if args.etcd.is_none() {
-                a.extend(["--expert-addrs".into(), worker_addrs.join(",")]);
+            let mut gate_addrs = Vec::new();
+            let workers = args.expert_workers * replicas;
+            for g in 0..usize::from(args.gates) {
+                let mut a = common(&args);
+                a.extend(["--listen".into(), "127.0.0.1:0".into(), "--dtype".into(), args.dtype.clone()]);
+                a.extend(["--device".into(), gate_device(&args, g)]);
+                let port = if g == 0 { 1 } else { 2 + workers + g - 1 };
+                a.extend(metrics_flag(&args, port)?);
+                a.extend(args.gate_args.iter().cloned());
+                a.extend(transport.flags(&format!("gate-{g}"), CertRole::Gate)?);
+                if args.etcd.is_none() {
+                    a.extend(["--expert-addrs".into(), worker_addrs.join(",")]);
+                }
+                let (p, gate_addr) = start("gate", a, &child_env).await?;
+                eprintln!("moemesh up: gate {g} on {gate_addr} ({})", gate_device(&args, g));
+                procs.push(p);
+                gate_addrs.push(gate_addr);
             }
-            let (p, gate_addr) = start("gate", a, &child_env).await?;
-            eprintln!("moemesh up: gate on {gate_addr}");
-            procs.push(p);
             let mut a = common(&args);
             a.extend(["--listen".into(), args.listen.clone()]);
             a.extend(metrics_flag(&args, 0)?);
             if args.etcd.is_none() {
-                a.extend(["--gate-addrs".into(), gate_addr]);
+                a.extend(["--gate-addrs".into(), gate_addrs.join(",")]);
             }
             a.extend(transport.flags("frontend", CertRole::Frontend)?);
             if transport.pki.is_some() {
@@ -491,6 +522,7 @@ mod tests {
     fn one_replica_per_shard_unless_asked_and_never_zero() {
         assert_eq!(up(&[]).expert_replicas, 1);
         assert_eq!(up(&["--expert-replicas", "2"]).expert_replicas, 2);
+        assert!(Cli::try_parse_from(["up", "--gates", "0"]).is_err());
         assert!(Cli::try_parse_from(["up", "--expert-replicas", "0"]).is_err());
     }
 
@@ -533,6 +565,49 @@ mod tests {
         assert!(
             err.to_string().contains("--metrics-base-port 65534"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn gates_and_workers_go_round_robin_over_their_devices() {
+        let a = up(&[
+            "--device",
+            "cuda:0",
+            "--gates",
+            "2",
+            "--gate-devices",
+            "cuda:0,cuda:1",
+            "--expert-devices",
+            "cuda:2,cuda:3",
+        ]);
+        assert_eq!(
+            process_devices(&a),
+            ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+        );
+        assert!(!crate::mps::shares_gpu(&process_devices(&a)));
+        // Without device lists every process is on --device (and MPS is for them).
+        let b = up(&[
+            "--device",
+            "cuda:0",
+            "--gates",
+            "2",
+            "--expert-workers",
+            "3",
+        ]);
+        assert_eq!(process_devices(&b), vec!["cuda:0"; 5]);
+        assert!(crate::mps::shares_gpu(&process_devices(&b)));
+        // Replicas count as processes: 2 shards × 2 replicas on two GPUs.
+        let c = up(&[
+            "--device",
+            "cuda:0",
+            "--expert-replicas",
+            "2",
+            "--expert-devices",
+            "cuda:1,cuda:2",
+        ]);
+        assert_eq!(
+            process_devices(&c),
+            ["cuda:0", "cuda:1", "cuda:2", "cuda:1", "cuda:2"]
         );
     }
 }
