@@ -54,6 +54,22 @@ down() {
     kill -TERM "$UP_PID" 2>/dev/null
     wait "$UP_PID" 2>/dev/null
 }
+# Whether two `generate --json` outputs (in-process, mesh) hold the same 32 greedy tokens.
+same_tokens() {
+    $PY - "$1" "$2" "$3" <<'EOF'
+import json, sys
+def ids(path):
+    out = []
+    for line in open(path):
+        if line.strip():
+            out = json.loads(line).get("token_ids", out)
+    return out
+a, b = ids(sys.argv[1]), ids(sys.argv[2])
+ok = len(a) == 32 and a == b
+print(f"{sys.argv[3]:<32} in-process {len(a)} tokens, mesh {len(b)} tokens: {'equal' if ok else 'DIFFERENT'}")
+sys.exit(0 if ok else 1)
+EOF
+}
 
 if [[ $MODE == --profile ]]; then
     # One decode step (step 8 of the first wave) under Nsight Compute: every kernel's duration,
@@ -269,19 +285,7 @@ if [[ $MODE == --multi ]]; then
         else
             status=1
         fi
-        $PY - "$OUT/inproc_$fx.jsonl" "$OUT/mesh_$fx.jsonl" "$fx f32 multi-GPU" <<'EOF' || status=1
-import json, sys
-def ids(path):
-    out = []
-    for line in open(path):
-        if line.strip():
-            out = json.loads(line).get("token_ids", out)
-    return out
-a, b = ids(sys.argv[1]), ids(sys.argv[2])
-ok = len(a) == 32 and a == b
-print(f"{sys.argv[3]:<32} in-process {len(a)} tokens, mesh {len(b)} tokens: {'equal' if ok else 'DIFFERENT'}")
-sys.exit(0 if ok else 1)
-EOF
+        same_tokens "$OUT/inproc_$fx.jsonl" "$OUT/mesh_$fx.jsonl" "$fx f32 multi-GPU" || status=1
     done
     $PY scripts/bench/ipc_report.py "$OUT/ipc.jsonl" | tee "$OUT/ipc.md"
     exit $status
@@ -410,19 +414,7 @@ EOF
             else
                 status=1
             fi
-            $PY - "$OUT/inproc_$fx.jsonl" "$OUT/mesh_$fx.jsonl" "$fx f32 ipc" <<'EOF' || status=1
-import json, sys
-def ids(path):
-    out = []
-    for line in open(path):
-        if line.strip():
-            out = json.loads(line).get("token_ids", out)
-    return out
-a, b = ids(sys.argv[1]), ids(sys.argv[2])
-ok = len(a) == 32 and a == b
-print(f"{sys.argv[3]:<28} in-process {len(a)} tokens, mesh {len(b)} tokens: {'equal' if ok else 'DIFFERENT'}")
-sys.exit(0 if ok else 1)
-EOF
+            same_tokens "$OUT/inproc_$fx.jsonl" "$OUT/mesh_$fx.jsonl" "$fx f32 ipc" || status=1
             echo "== fixture $fx: $((SECONDS - t0)) s"
         done
     fi
@@ -501,20 +493,7 @@ if [[ $MODE != --bench ]]; then
         else
             status=1
         fi
-        $PY - "$OUT/inproc_$fx.jsonl" "$OUT/mesh_$fx.jsonl" "$fx $dt" <<'EOF' || { [[ $dt == f32 ]] && status=1; }
-import json, sys
-def ids(path):
-    # The last line is the summary with every generated id.
-    out = []
-    for line in open(path):
-        if line.strip():
-            out = json.loads(line).get("token_ids", out)
-    return out
-a, b = ids(sys.argv[1]), ids(sys.argv[2])
-ok = len(a) == 32 and a == b
-print(f"{sys.argv[3]:<24} in-process {len(a)} tokens, mesh {len(b)} tokens: {'equal' if ok else 'DIFFERENT'}")
-sys.exit(0 if ok else 1)
-EOF
+        same_tokens "$OUT/inproc_$fx.jsonl" "$OUT/mesh_$fx.jsonl" "$fx $dt" || { [[ $dt == f32 ]] && status=1; }
     done
     done
 fi

@@ -234,6 +234,21 @@ impl Worker {
         drop(gone);
     }
 
+    /// The session a call names. Its absence is UNAVAILABLE, not INVALID_ARGUMENT: the gate
+    /// retries the call (its stream's session is gone, replaced or never opened).
+    fn session(&self, shared: &pb::SharedActivations) -> MeshResult<Arc<Session>> {
+        self.sessions()
+            .by_id
+            .get(&shared.session)
+            .cloned()
+            .ok_or_else(|| {
+                MeshError::Unavailable(format!(
+                    "no transport session {} on this worker (replaced or never opened)",
+                    shared.session
+                ))
+            })
+    }
+
     /// A device-ordered call: queues, on this worker's stream, the wait for the gate's input,
     /// the experts over every row with the routing read from the slot, the partial sums into the
     /// slot's output, and the flags back to the gate; nothing here waits for the device.
@@ -242,13 +257,7 @@ impl Worker {
         req: &ForwardRequest,
         shared: &pb::SharedActivations,
     ) -> MeshResult<ForwardResponse> {
-        let session = self.sessions().by_id.get(&shared.session).cloned();
-        let Some(session) = session else {
-            return Err(MeshError::Unavailable(format!(
-                "no transport session {} on this worker (replaced or never opened)",
-                shared.session
-            )));
-        };
+        let session = self.session(shared)?;
         let Some(d) = &session.device else {
             return Err(MeshError::Invalid(format!(
                 "shared.device_seq on session {} that takes host-ordered calls only",
@@ -351,14 +360,7 @@ impl Worker {
         req: &ForwardRequest,
         shared: &pb::SharedActivations,
     ) -> MeshResult<ForwardResponse> {
-        let session = self.sessions().by_id.get(&shared.session).cloned();
-        let Some(session) = session else {
-            // Not INVALID_ARGUMENT: the gate retries the call (its stream's session is gone).
-            return Err(MeshError::Unavailable(format!(
-                "no transport session {} on this worker (replaced or never opened)",
-                shared.session
-            )));
-        };
+        let session = self.session(shared)?;
         let Some((input, output)) = session.slots.get(shared.slot as usize) else {
             return Err(MeshError::Invalid(format!(
                 "shared.slot {} of a session with {} slots",
