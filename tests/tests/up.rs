@@ -126,9 +126,9 @@ async fn up_serves_reference_tokens_with_health_and_reflection_and_stops_cleanly
     let log = up.log_text();
     let gate = log
         .lines()
-        .find_map(|l| l.strip_prefix("moemesh up: gate on "))
+        .find_map(|l| l.strip_prefix("moemesh up: gate 0 on "))
+        .and_then(|rest| rest.split_whitespace().next())
         .unwrap_or_else(|| panic!("no gate address in the log:\n{log}"))
-        .trim()
         .to_string();
     let refused = match GateClient::connect(format!("http://{gate}")).await {
         Err(_) => true,
@@ -251,4 +251,60 @@ async fn up_keeps_serving_when_an_expert_worker_dies_and_its_replica_takes_over(
         "{}",
         up.log_text()
     );
+}
+
+/// `up --gates 2`: two gate processes share the expert workers; concurrent requests through the
+/// one frontend all get the reference tokens.
+#[tokio::test(flavor = "multi_thread")]
+async fn up_with_two_gates_serves_reference_tokens_to_concurrent_requests() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = fixture("tiny-deepseek-v3");
+    let args: Vec<String> = [
+        "--model",
+        model.to_str().expect("utf-8"),
+        "--listen",
+        "127.0.0.1:0",
+        "--expert-workers",
+        "2",
+        "--gates",
+        "2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (mut up, addr) = start_moemesh(dir.path(), "up", "up", &args);
+    let log = up.log_text();
+    for g in ["gate 0 on", "gate 1 on"] {
+        assert!(log.contains(g), "no {g:?} in the log:\n{log}");
+    }
+    let client = GenerationClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let calls = (0..6).map(|i| {
+        let mut client = client.clone();
+        async move {
+            let (prompt, expected) = reference_greedy("tiny-deepseek-v3", i % 3);
+            let req = GenerateRequest {
+                input: Some(Input::Tokens(v1::TokenIds { ids: prompt })),
+                sampling: None,
+                stopping: Some(v1::StoppingCriteria {
+                    max_new_tokens: Some(expected.len() as u32),
+                    stop: Vec::new(),
+                    ignore_eos: true,
+                }),
+                request_id: String::new(),
+            };
+            let mut stream = client.generate(req).await.expect("accepted").into_inner();
+            let mut ids = Vec::new();
+            while let Some(m) = stream.message().await.expect("no failed request") {
+                ids.extend(m.token_ids);
+            }
+            (ids, expected)
+        }
+    });
+    for (ids, expected) in futures::future::join_all(calls).await {
+        assert_eq!(ids, expected);
+    }
+    let status = up.terminate().expect("up exits after SIGTERM");
+    assert!(status.success(), "{status:?}\n{}", up.log_text());
 }
