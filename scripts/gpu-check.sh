@@ -149,7 +149,8 @@ if [[ $MODE == --prefill-e2e ]]; then
     MODEL=synthetic:v2-lite
     : >"$OUT/e2e.jsonl"
     E2E=(--concurrency 64 --requests 64 --json)
-    for fp in 1 0; do
+    # FLASH_MODES="1" skips the earlier path (minutes).
+    for fp in ${FLASH_MODES:-1 0}; do
         if MOEMESH_FLASH_PREFILL=$fp up --model $MODEL --dtype bf16 --expert-workers 2 --device cuda:0 \
             --gate-args=--kv-cache-mb=16384; then
             lens="512 2048 8192"
