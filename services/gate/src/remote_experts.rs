@@ -59,6 +59,65 @@ pub struct RemoteExperts {
     n_experts: usize,
     /// The step's device-ordered calls, watched against their deadline.
     watch: Arc<Watch>,
+    /// Tokens routed per (layer, expert) on device-ordered layers, counted on the GPU.
+    load: Mutex<DeviceLoad>,
+}
+
+/// Steps between two reads of the device-side expert load into the metrics.
+const LOAD_FLUSH_STEPS: u32 = 64;
+
+/// The routing of device-ordered layers never reaches the host, so the tokens per (layer,
+/// expert) (`moemesh_gate_expert_tokens_total`, which the host path counts per call) add up on
+/// the GPU, one `[n_experts]` f32 count per layer (exact below 2^24 per expert between reads),
+/// read every [`LOAD_FLUSH_STEPS`] steps at `settle`, when the step's work is done anyway. (A step
+/// run again after a released call counts its layers again: rare, and only the metric sees it.)
+#[derive(Default)]
+struct DeviceLoad {
+    counts: BTreeMap<u32, Tensor>,
+    /// `[n]` f32 ones, as long as the largest layer's pairs so far (sliced per layer).
+    ones: Option<Tensor>,
+    steps: u32,
+}
+
+impl DeviceLoad {
+    fn add(&mut self, layer: u32, ids: &Tensor, n_experts: usize) -> moemesh_engine::Result<()> {
+        let flat = ids.flatten_all()?;
+        let n = flat.dim(0)?;
+        let ones = match &self.ones {
+            Some(o) if o.dim(0)? >= n => o.narrow(0, 0, n)?,
+            _ => {
+                let o = Tensor::ones(n, DType::F32, ids.device())?;
+                self.ones = Some(o.clone());
+                o
+            }
+        };
+        let counts = match self.counts.remove(&layer) {
+            Some(c) => c,
+            None => Tensor::zeros(n_experts, DType::F32, ids.device())?,
+        };
+        self.counts
+            .insert(layer, counts.index_add(&flat, &ones, 0)?);
+        Ok(())
+    }
+
+    /// Every [`LOAD_FLUSH_STEPS`]th call: the counts into the metrics, and zero again.
+    fn step_done(&mut self) -> moemesh_engine::Result<()> {
+        self.steps += 1;
+        if self.steps < LOAD_FLUSH_STEPS || self.counts.is_empty() {
+            return Ok(());
+        }
+        self.steps = 0;
+        for (layer, counts) in std::mem::take(&mut self.counts) {
+            let label = layer.to_string();
+            for (e, n) in counts.to_vec1::<f32>()?.into_iter().enumerate() {
+                if n > 0.0 {
+                    metrics::counter!(names::EXPERT_TOKENS, "layer" => label.clone(), "expert" => e.to_string())
+                        .increment(n as u64);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl RemoteExperts {
@@ -82,6 +141,7 @@ impl RemoteExperts {
             timeout,
             n_experts,
             watch,
+            load: Mutex::default(),
         }
     }
 
@@ -340,6 +400,7 @@ impl Experts for RemoteExperts {
         };
         let x = x.contiguous()?;
         let ids = routing.ids.contiguous()?;
+        lock(&self.load).add(layer as u32, &ids, self.n_experts)?;
         let weights = routing.weights.contiguous()?;
         let mut waits: Vec<(SlotGuard, u32)> = Vec::with_capacity(planned.len());
         let mut failure = None;
@@ -432,7 +493,7 @@ impl Experts for RemoteExperts {
         };
         waited?;
         match verify_calls(&step.sent) {
-            Ok(()) => Ok(()),
+            Ok(()) => lock(&self.load).step_done(),
             Err((client, conn, why)) => {
                 self.watch.failed.store(true, Ordering::SeqCst);
                 if !step.failed.contains(&client.serial) {
@@ -938,6 +999,28 @@ fn push_pairs(req: &mut ForwardRequest, by_token: &BTreeMap<u32, Vec<(u32, f32)>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_load_counts_every_routed_pair_per_layer_and_expert() {
+        let dev = Device::Cpu;
+        let mut load = DeviceLoad::default();
+        // Layer 1: two tokens, top-2; layer 2: one token. Then layer 1 again, with fewer pairs
+        // than the ones buffer holds.
+        let ids = |v: Vec<u32>, rows: usize| Tensor::from_vec(v, (rows, 2), &dev).expect("ids");
+        load.add(1, &ids(vec![0, 3, 3, 1], 2), 4).expect("add");
+        load.add(2, &ids(vec![2, 2], 1), 4).expect("add");
+        load.add(1, &ids(vec![3, 0], 1), 4).expect("add");
+        let counts = |l: u32| load.counts[&l].to_vec1::<f32>().expect("counts");
+        assert_eq!(counts(1), vec![2.0, 1.0, 0.0, 3.0]);
+        assert_eq!(counts(2), vec![0.0, 0.0, 2.0, 0.0]);
+        // Read (and zeroed) only on the flush step.
+        for _ in 1..LOAD_FLUSH_STEPS {
+            load.step_done().expect("step");
+        }
+        assert_eq!(load.counts.len(), 2);
+        load.step_done().expect("flush");
+        assert!(load.counts.is_empty());
+    }
 
     #[test]
     fn the_watch_blames_the_first_call_not_marked_done_in_the_order_sent() {
