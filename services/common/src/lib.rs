@@ -11,6 +11,7 @@ pub mod layers;
 pub mod limits;
 pub mod member_args;
 pub mod metrics;
+pub mod placement;
 pub mod registry;
 pub mod reload;
 pub mod serve;
