@@ -45,6 +45,17 @@ async fn gate_info(url: &str) -> v1::GateInfoResponse {
         .into_inner()
 }
 
+trait ExpectLoad {
+    fn expect_load(self) -> Vec<v1::LayerLoad>;
+}
+
+impl ExpectLoad for v1::GateInfoResponse {
+    fn expect_load(self) -> Vec<v1::LayerLoad> {
+        assert!(!self.expert_load.is_empty(), "no expert load in {self:?}");
+        self.expert_load
+    }
+}
+
 /// Polls `cond` (a readiness signal: registry or gate state) until it holds.
 async fn wait_until<F, Fut>(what: &str, mut cond: F)
 where
@@ -87,8 +98,31 @@ async fn mesh_greedy_tokens_equal_reference_for_every_fixture() {
         assert_eq!(out.ids, expected, "{model}");
         assert_eq!(out.finish, v1::FinishReason::Length as i32);
 
-        // The in-process engine gives the same tokens.
+        // The gate's expert load (the placement planner's input): every MoE layer routed the
+        // same number of rows, each to top_k experts, and the rows are the prompt's and every
+        // generated token's but the last (whose KV is never needed). The first MoE layer's count
+        // is the reference; a later sequence's cached prefix rows would not count.
         let files = moemesh_engine::ModelFiles::open(&dir).expect("open");
+        let cfg = &files.config;
+        let load = gate_info(&mesh.gate_url()).await.expect_load();
+        let moe = cfg.moe_layers();
+        assert_eq!(
+            load.iter().map(|l| l.layer as usize).collect::<Vec<_>>(),
+            moe,
+            "{model}: a count for every MoE layer"
+        );
+        let rows = (input.len() + expected.len() - 1) as u64;
+        for l in &load {
+            assert_eq!(l.tokens.len(), cfg.n_routed_experts, "{model}");
+            assert_eq!(
+                l.tokens.iter().sum::<u64>(),
+                rows * cfg.num_experts_per_tok as u64,
+                "{model} layer {}",
+                l.layer
+            );
+        }
+
+        // The in-process engine gives the same tokens.
         let engine = moemesh_engine::InProcessEngine::load(
             &files,
             &moemesh_engine::Device::Cpu,

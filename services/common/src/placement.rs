@@ -37,7 +37,10 @@ impl Plan {
 pub enum PlanError {
     NoWorkers,
     /// The workers hold fewer experts together than the model has.
-    TooLittleRoom { experts: usize, room: usize },
+    TooLittleRoom {
+        experts: usize,
+        room: usize,
+    },
 }
 
 impl std::fmt::Display for PlanError {
@@ -160,7 +163,10 @@ mod tests {
                 held[e as usize] += 1;
             }
         }
-        assert!(held.iter().all(|&c| c >= 1), "an expert is not held: {held:?}");
+        assert!(
+            held.iter().all(|&c| c >= 1),
+            "an expert is not held: {held:?}"
+        );
         assert_eq!(held, p.copies, "copies match the holds");
     }
 

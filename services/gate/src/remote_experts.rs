@@ -61,6 +61,27 @@ pub struct RemoteExperts {
     watch: Arc<Watch>,
     /// Tokens routed per (layer, expert) on device-ordered layers, counted on the GPU.
     load: Mutex<DeviceLoad>,
+    /// Tokens routed per (layer, expert) since start, both paths (for `Gate.Info`).
+    totals: Arc<LoadTotals>,
+}
+
+/// Tokens routed per (layer, expert) since the gate started.
+#[derive(Default)]
+pub struct LoadTotals(Mutex<BTreeMap<u32, Vec<u64>>>);
+
+impl LoadTotals {
+    fn add(&self, layer: u32, expert: usize, n: u64, n_experts: usize) {
+        let mut t = lock(&self.0);
+        let row = t.entry(layer).or_insert_with(|| vec![0; n_experts]);
+        if let Some(c) = row.get_mut(expert) {
+            *c += n;
+        }
+    }
+
+    /// Every layer's counts, in layer order.
+    pub fn snapshot(&self) -> Vec<(u32, Vec<u64>)> {
+        lock(&self.0).iter().map(|(&l, v)| (l, v.clone())).collect()
+    }
 }
 
 /// Steps between two reads of the device-side expert load into the metrics.
@@ -100,8 +121,9 @@ impl DeviceLoad {
         Ok(())
     }
 
-    /// Every [`LOAD_FLUSH_STEPS`]th call: the counts into the metrics, and zero again.
-    fn step_done(&mut self) -> moemesh_engine::Result<()> {
+    /// Every [`LOAD_FLUSH_STEPS`]th call: the counts into the metrics and `totals`, and zero
+    /// again.
+    fn step_done(&mut self, totals: &LoadTotals) -> moemesh_engine::Result<()> {
         self.steps += 1;
         if self.steps < LOAD_FLUSH_STEPS || self.counts.is_empty() {
             return Ok(());
@@ -109,8 +131,11 @@ impl DeviceLoad {
         self.steps = 0;
         for (layer, counts) in std::mem::take(&mut self.counts) {
             let label = layer.to_string();
-            for (e, n) in counts.to_vec1::<f32>()?.into_iter().enumerate() {
+            let counts = counts.to_vec1::<f32>()?;
+            let n_experts = counts.len();
+            for (e, n) in counts.into_iter().enumerate() {
                 if n > 0.0 {
+                    totals.add(layer, e, n as u64, n_experts);
                     metrics::counter!(names::EXPERT_TOKENS, "layer" => label.clone(), "expert" => e.to_string())
                         .increment(n as u64);
                 }
@@ -142,7 +167,13 @@ impl RemoteExperts {
             n_experts,
             watch,
             load: Mutex::default(),
+            totals: Arc::default(),
         }
+    }
+
+    /// Tokens routed per (layer, expert) since start.
+    pub fn load_totals(&self) -> Vec<(u32, Vec<u64>)> {
+        self.totals.snapshot()
     }
 
     /// Whether the last step failed because a device-ordered call was released (its worker
@@ -493,7 +524,7 @@ impl Experts for RemoteExperts {
         };
         waited?;
         match verify_calls(&step.sent) {
-            Ok(()) => lock(&self.load).step_done(),
+            Ok(()) => lock(&self.load).step_done(&self.totals),
             Err((client, conn, why)) => {
                 self.watch.failed.store(true, Ordering::SeqCst);
                 if !step.failed.contains(&client.serial) {
@@ -522,6 +553,17 @@ impl Experts for RemoteExperts {
             for (e, w) in routing.token(t) {
                 pairs.push((t as u32, e, w));
             }
+        }
+        // The load per (layer, expert), counted once per routed pair (not again on retries).
+        let layer_label = layer.to_string();
+        let mut per_expert: BTreeMap<u32, u64> = BTreeMap::new();
+        for &(_, e, _) in &pairs {
+            *per_expert.entry(e).or_default() += 1;
+        }
+        for (e, n) in per_expert {
+            metrics::counter!(names::EXPERT_TOKENS, "layer" => layer_label.clone(), "expert" => e.to_string())
+                .increment(n);
+            self.totals.add(layer as u32, e as usize, n, self.n_experts);
         }
         let x_dev = if device.is_cuda() {
             Some(x.contiguous()?)
@@ -721,16 +763,6 @@ async fn execute(
     // How long pairs with no live replica wait for the registry to show one (a worker
     // restarting, or every lease expiring at once after an etcd outage and coming back).
     let wait_until = tokio::time::Instant::now() + timeout;
-    // The load per (layer, expert), counted once per routed pair (not again on retries).
-    let layer_label = layer.to_string();
-    let mut per_expert: BTreeMap<u32, u64> = BTreeMap::new();
-    for &(_, e, _) in &pairs {
-        *per_expert.entry(e).or_default() += 1;
-    }
-    for (e, n) in per_expert {
-        metrics::counter!(names::EXPERT_TOKENS, "layer" => layer_label.clone(), "expert" => e.to_string())
-            .increment(n);
-    }
     let mut attempt = 0;
     while attempt < MAX_ATTEMPTS {
         // Changes from here on wake the wait below.
@@ -1014,12 +1046,18 @@ mod tests {
         assert_eq!(counts(1), vec![2.0, 1.0, 0.0, 3.0]);
         assert_eq!(counts(2), vec![0.0, 0.0, 2.0, 0.0]);
         // Read (and zeroed) only on the flush step.
+        let totals = LoadTotals::default();
         for _ in 1..LOAD_FLUSH_STEPS {
-            load.step_done().expect("step");
+            load.step_done(&totals).expect("step");
         }
         assert_eq!(load.counts.len(), 2);
-        load.step_done().expect("flush");
+        assert!(totals.snapshot().is_empty());
+        load.step_done(&totals).expect("flush");
         assert!(load.counts.is_empty());
+        assert_eq!(
+            totals.snapshot(),
+            vec![(1, vec![2, 1, 0, 3]), (2, vec![0, 0, 2, 0])]
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use moemesh_common::telemetry::{self, TraceContext};
 use moemesh_common::{MeshResult, codec};
 use moemesh_engine::SamplingParams;
 use moemesh_engine::serving::{SlotSpec, StepRunner};
-use moemesh_proto::v1::{GateInfoResponse, SeqResult, StepRequest, StepResponse};
+use moemesh_proto::v1::{GateInfoResponse, LayerLoad, SeqResult, StepRequest, StepResponse};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Span;
 
@@ -103,6 +103,12 @@ impl StepEngine {
                         kv_block_tokens: kv.block_tokens as u32,
                         device: String::new(),
                         expert_transports: Vec::new(),
+                        expert_load: self
+                            .experts
+                            .load_totals()
+                            .into_iter()
+                            .map(|(layer, tokens)| LayerLoad { layer, tokens })
+                            .collect(),
                     });
                 }
             }
