@@ -69,6 +69,7 @@ async fn grpc_text(url: &str, input: Input, max_new_tokens: u32) -> (String, u32
             ..Default::default()
         }),
         request_id: String::new(),
+        cache_salt: String::new(),
     };
     let mut stream = client.generate(req).await.expect("accepted").into_inner();
     let (mut text, mut tokens) = (String::new(), 0);
@@ -212,6 +213,7 @@ async fn the_openai_api_answers_as_generate_does_streamed_or_whole_with_openai_e
             ..Default::default()
         }),
         request_id: "req-42".into(),
+        cache_salt: String::new(),
     };
     let mut stream = client.generate(req).await.expect("accepted").into_inner();
     let mut messages = 0;

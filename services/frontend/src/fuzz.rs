@@ -224,6 +224,7 @@ fn request_from(u: &mut Unstructured) -> Result<v1::GenerateRequest> {
         sampling,
         stopping,
         request_id,
+        cache_salt: u.arbitrary()?,
     })
 }
 

@@ -62,6 +62,10 @@ pub struct UpArgs {
     /// `--http-listen`): /v1/chat/completions, /v1/completions, /v1/models, /health.
     #[arg(long, env = "MOEMESH_HTTP_LISTEN")]
     pub http_listen: Option<std::net::SocketAddr>,
+    /// The gate's prefix cache (`moemesh gate --prefix-cache`): full KV blocks of finished
+    /// prompts are kept and reused by prompts that start the same way.
+    #[arg(long, env = "MOEMESH_PREFIX_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub prefix_cache: bool,
     /// Extra flags for the gate, e.g. `--gate-args=--overlap=true` (repeatable).
     #[arg(long, allow_hyphen_values = true)]
     pub gate_args: Vec<String>,
@@ -332,6 +336,9 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             a.extend(["--listen".into(), "127.0.0.1:0".into(), "--dtype".into(), args.dtype.clone()]);
             a.extend(["--device".into(), args.device.clone()]);
             a.extend(metrics_flag(&args, 1)?);
+            if !args.prefix_cache {
+                a.push("--prefix-cache=false".into());
+            }
             a.extend(args.gate_args.iter().cloned());
             a.extend(transport.flags("gate", CertRole::Gate)?);
             if args.etcd.is_none() {
