@@ -314,6 +314,30 @@ mod tests {
     const UNSAMPLED: &str = "00-cccccccccccccccccccccccccccccccc-3333333333333333-00";
 
     #[test]
+    fn token_ids_come_one_per_row_for_every_sequence_or_not_at_all() {
+        let seq = |seq_id, num_tokens, token_ids: Vec<u32>| SeqStep {
+            seq_id,
+            num_tokens,
+            token_ids,
+            ..Default::default()
+        };
+        let req = |seqs| StepRequest {
+            seqs,
+            ..Default::default()
+        };
+        let ids = step_ids(&req(vec![seq(1, 2, vec![5, 6]), seq(2, 1, vec![7])]));
+        assert_eq!(ids.expect("valid"), vec![5, 6, 7]);
+        // A sequence without ids: the step runs uncached.
+        let ids = step_ids(&req(vec![seq(1, 2, vec![5, 6]), seq(2, 1, vec![])]));
+        assert!(ids.expect("valid").is_empty());
+        let err = step_ids(&req(vec![seq(1, 2, vec![5])])).expect_err("refused");
+        assert_eq!(
+            tonic::Status::from(err).code(),
+            tonic::Code::InvalidArgument
+        );
+    }
+
+    #[test]
     fn each_traced_sequence_gets_a_gate_span_and_the_shared_work_goes_under_the_first() {
         let keep = Keep::default();
         let provider = SdkTracerProvider::builder()
