@@ -27,14 +27,20 @@ fn request(ids: &[u32], salt: &str) -> GenerateRequest {
 
 /// The generated ids and the final usage's cached prompt tokens.
 async fn run(url: &str, ids: &[u32], salt: &str) -> (Vec<u32>, u32) {
+    run_as(url, ids, salt, None).await
+}
+
+/// [`run`] with `authorization: Bearer <key>` when a key is given.
+async fn run_as(url: &str, ids: &[u32], salt: &str, key: Option<&str>) -> (Vec<u32>, u32) {
     let mut c = GenerationClient::connect(url.to_string())
         .await
         .expect("client");
-    let mut s = c
-        .generate(request(ids, salt))
-        .await
-        .expect("generate")
-        .into_inner();
+    let mut req = tonic::Request::new(request(ids, salt));
+    if let Some(k) = key {
+        let value = format!("Bearer {k}").parse().expect("ascii key");
+        req.metadata_mut().insert("authorization", value);
+    }
+    let mut s = c.generate(req).await.expect("generate").into_inner();
     let (mut out, mut cached) = (Vec::new(), None);
     while let Some(m) = s.message().await.expect("stream") {
         out.extend(m.token_ids);
@@ -50,10 +56,15 @@ fn prompt(seed: u32, len: u32) -> Vec<u32> {
 }
 
 fn mesh(gate_args: &[&str]) -> Mesh {
+    mesh_with(gate_args, &[])
+}
+
+fn mesh_with(gate_args: &[&str], frontend_args: &[&str]) -> Mesh {
     let mut args: Vec<String> = gate_args.iter().map(|a| a.to_string()).collect();
     args.extend(["--metrics-listen".into(), "127.0.0.1:0".into()]);
     let opts = MeshOpts {
         gate_args: args,
+        frontend_args: frontend_args.iter().map(|a| a.to_string()).collect(),
         ..MeshOpts::default()
     };
     Mesh::start_opts(Some(&fixture("tiny-deepseek-v3")), &["0-7", "8-15"], &opts)
@@ -126,4 +137,34 @@ async fn with_the_cache_off_every_prompt_is_computed() {
         gate_metric(&mesh, "moemesh_gate_prefix_cache_hit_blocks_total"),
         0.0
     );
+}
+
+/// With API keys on, each key has its own cache space: a prompt one key sent is cached for that
+/// key only, whatever `cache_salt` the other sends.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_api_key_has_its_own_cache_space() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = dir.path().join("keys.toml");
+    std::fs::write(
+        &keys,
+        "[[key]]\nid = \"team-a\"\nkey = \"team-a-secret-0123456789\"\n\n\
+         [[key]]\nid = \"team-b\"\nkey = \"team-b-secret-0123456789\"\n",
+    )
+    .expect("keys file");
+    let keys = keys.display().to_string();
+    let mesh = mesh_with(&[], &["--api-keys-file", &keys]);
+    let url = mesh.frontend_url();
+    let (a, b) = (
+        Some("team-a-secret-0123456789"),
+        Some("team-b-secret-0123456789"),
+    );
+    let p = prompt(1, 40);
+    let first = run_as(&url, &p, "", a).await;
+    assert_eq!(first.1, 0);
+    // The other key, with no salt and with the salt the key id would make: nothing cached.
+    assert_eq!(run_as(&url, &p, "", b).await.1, 0);
+    assert_eq!(run_as(&url, &p, "team-a", b).await.1, 0);
+    // The same key again: its own blocks.
+    let again = run_as(&url, &p, "", a).await;
+    assert_eq!(again, (first.0, 32));
 }
