@@ -69,3 +69,28 @@ pub struct GateConfig {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub expert_ipc_rows: u32,
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        cfg: super::GateConfig,
+    }
+
+    #[test]
+    fn the_prefix_cache_is_on_unless_turned_off() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("gate").chain(args.iter().copied()))
+                .expect("the flags parse")
+                .cfg
+                .prefix_cache
+        };
+        assert!(parse(&[]));
+        assert!(!parse(&["--prefix-cache=false"]));
+        assert!(!parse(&["--prefix-cache", "false"]));
+        assert!(parse(&["--prefix-cache", "true"]));
+    }
+}

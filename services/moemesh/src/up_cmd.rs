@@ -259,6 +259,11 @@ fn metrics_flag(args: &UpArgs, offset: usize) -> anyhow::Result<Vec<String>> {
     Ok(vec!["--metrics-listen".into(), addr.to_string()])
 }
 
+/// The gate's `--prefix-cache` when `up` turns it off (the gate's default is on).
+fn prefix_cache_flag(args: &UpArgs) -> Option<String> {
+    (!args.prefix_cache).then(|| "--prefix-cache=false".to_string())
+}
+
 fn common(args: &UpArgs) -> Vec<String> {
     let mut v = Vec::new();
     if let Some(m) = &args.model {
@@ -336,9 +341,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             a.extend(["--listen".into(), "127.0.0.1:0".into(), "--dtype".into(), args.dtype.clone()]);
             a.extend(["--device".into(), args.device.clone()]);
             a.extend(metrics_flag(&args, 1)?);
-            if !args.prefix_cache {
-                a.push("--prefix-cache=false".into());
-            }
+            a.extend(prefix_cache_flag(&args));
             a.extend(args.gate_args.iter().cloned());
             a.extend(transport.flags("gate", CertRole::Gate)?);
             if args.etcd.is_none() {
@@ -478,6 +481,15 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
+
+    #[test]
+    fn the_gate_keeps_its_prefix_cache_unless_up_turns_it_off() {
+        assert_eq!(prefix_cache_flag(&up(&[])), None);
+        assert_eq!(
+            prefix_cache_flag(&up(&["--prefix-cache", "false"])).as_deref(),
+            Some("--prefix-cache=false")
+        );
     }
 
     #[test]
