@@ -329,7 +329,8 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
             let Some(c) = st.chain.as_mut() else {
                 continue;
             };
-            let blocks = (s.tokens - 1) / BLOCK_TOKENS;
+            // The last row is always computed: its logits pick the next token.
+            let blocks = s.tokens.saturating_sub(1) / BLOCK_TOKENS;
             if blocks == 0
                 || !c.partial.is_empty()
                 || c.hashes.len() * BLOCK_TOKENS != st.cache.len()
