@@ -178,6 +178,51 @@ impl SequenceCache {
         (n <= p.table.len() * BLOCK_TOKENS).then(|| (0..n).map(|pos| pool_row(&p.table, pos)))
     }
 
+    /// The block table of a paged cache (empty for own storage).
+    pub(crate) fn block_ids(&self) -> &[u32] {
+        self.paged.as_ref().map_or(&[], |p| &p.table)
+    }
+
+    /// Appends cached full blocks (already referenced for this sequence) after the committed
+    /// tokens, as if their tokens had been computed. The committed length must be a whole number
+    /// of blocks; blocks reserved past it are given back first. On error the blocks are given
+    /// back.
+    pub(crate) fn attach(&mut self, blocks: Vec<u32>) -> Result<()> {
+        let Some(p) = self.paged.as_mut() else {
+            return Err(EngineError::KvCache(
+                "cached blocks can only be attached to a paged cache".into(),
+            ));
+        };
+        let need = self.len + blocks.len() * BLOCK_TOKENS;
+        if !self.len.is_multiple_of(BLOCK_TOKENS) || need > self.max_len {
+            p.pool.release(&blocks);
+            return Err(EngineError::KvCache(format!(
+                "cannot attach {} cached blocks after {} tokens (context length {})",
+                blocks.len(),
+                self.len,
+                self.max_len
+            )));
+        }
+        let spare = p.table.split_off(self.len / BLOCK_TOKENS);
+        p.pool.release(&spare);
+        p.table.extend(blocks);
+        self.len = need;
+        self.capacity = p.table.len() * BLOCK_TOKENS;
+        Ok(())
+    }
+
+    /// Undoes [`attach`](Self::attach): back to `len` committed tokens (a whole number of blocks),
+    /// giving back every block after them.
+    pub(crate) fn detach(&mut self, len: usize) {
+        if let Some(p) = self.paged.as_mut() {
+            let keep = len.div_ceil(BLOCK_TOKENS).min(p.table.len());
+            let gone = p.table.split_off(keep);
+            p.pool.release(&gone);
+            self.capacity = p.table.len() * BLOCK_TOKENS;
+            self.len = self.len.min(len).min(self.capacity);
+        }
+    }
+
     /// Makes the last `n` written tokens part of the sequence.
     pub fn commit(&mut self, n: usize) {
         self.len = (self.len + n).min(self.capacity);

@@ -5,6 +5,11 @@
 //! gives them all back when it is dropped (finish, cancel, deadline, preemption), so KV memory
 //! is bounded by the pool and fragmentation-free. Attention reads a sequence's rows by
 //! gathering them through its block table.
+//!
+//! Which blocks are free, shared or cached is [`Blocks`]'s business (the prefix cache, in
+//! [`crate::prefix_cache`]): a full block its sequence registered stays cached after the
+//! sequence leaves and is evicted, least recently used first, only when an allocation needs it,
+//! so "free" here counts cached blocks nobody uses.
 
 use std::sync::{Arc, Mutex};
 
@@ -13,13 +18,15 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_blocks::{BLOCK_TOKENS, pool_row};
+use crate::prefix_cache::{BlockHash, Blocks, PrefixCacheStats};
 
 pub struct KvPool {
     /// Per layer: `[num_blocks * BLOCK_TOKENS, kv_lora_rank]`.
     ckv: Vec<Tensor>,
     /// Per layer: `[num_blocks * BLOCK_TOKENS, qk_rope_head_dim]`.
     kpe: Vec<Tensor>,
-    free: Mutex<Vec<u32>>,
+    /// Free, in-use and cached blocks.
+    blocks: Mutex<Blocks>,
     num_blocks: usize,
     pub(crate) dtype: DType,
     pub(crate) device: Device,
@@ -48,7 +55,7 @@ impl KvPool {
         Ok(Arc::new(KvPool {
             ckv,
             kpe,
-            free: Mutex::new((0..num_blocks as u32).rev().collect()),
+            blocks: Mutex::new(Blocks::new(num_blocks)),
             num_blocks,
             dtype,
             device: device.clone(),
@@ -67,26 +74,53 @@ impl KvPool {
         self.num_blocks
     }
 
+    /// Blocks an allocation can take: free ones and cached ones no sequence uses.
     pub fn free_blocks(&self) -> usize {
-        self.free.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.lock().available()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Blocks> {
+        self.blocks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether full blocks are kept and shared by prompts that start the same way.
+    pub fn prefix_caching(&self) -> bool {
+        self.lock().enabled()
+    }
+
+    /// Turns prefix caching on or off (`--prefix-cache`); off forgets every cached block.
+    pub fn set_prefix_caching(&self, on: bool) {
+        self.lock().set_enabled(on);
+    }
+
+    /// The prefix cache's counters.
+    pub fn prefix_stats(&self) -> PrefixCacheStats {
+        self.lock().stats()
     }
 
     pub(crate) fn allocate(&self, n: usize) -> Result<Vec<u32>> {
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        if free.len() < n {
-            return Err(EngineError::KvExhausted(format!(
-                "KV pool exhausted: {n} more blocks needed, {} of {} free",
-                free.len(),
+        let mut blocks = self.lock();
+        let available = blocks.available();
+        blocks.allocate(n).ok_or_else(|| {
+            EngineError::KvExhausted(format!(
+                "KV pool exhausted: {n} more blocks needed, {available} of {} free",
                 self.num_blocks
-            )));
-        }
-        let at = free.len() - n;
-        Ok(free.split_off(at))
+            ))
+        })
     }
 
     pub(crate) fn release(&self, blocks: &[u32]) {
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        free.extend_from_slice(blocks);
+        self.lock().release(blocks);
+    }
+
+    /// References the cached blocks of the longest cached prefix of `hashes`.
+    pub(crate) fn acquire_cached(&self, hashes: &[BlockHash]) -> Vec<u32> {
+        self.lock().acquire(hashes)
+    }
+
+    /// Registers a block its sequence has written whole.
+    pub(crate) fn register(&self, block: u32, hash: BlockHash) {
+        self.lock().register(block, hash);
     }
 
     /// Writes rows for positions `start..start + n` of a sequence with block table `table`.

@@ -28,6 +28,7 @@ pub mod layers;
 pub mod model;
 pub mod model_dir;
 pub mod near_ties;
+pub mod prefix_cache;
 pub mod router;
 pub mod sampling;
 pub mod serving;

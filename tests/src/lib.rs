@@ -93,6 +93,7 @@ pub fn tokens_request(ids: &[u32], max_new_tokens: u32) -> moemesh_proto::v1::Ge
             ignore_eos: true,
         }),
         request_id: String::new(),
+        cache_salt: String::new(),
     }
 }
 

@@ -57,6 +57,7 @@ async fn killing_one_of_two_gates_loses_no_request_and_changes_no_token() {
                 ignore_eos: true,
             }),
             request_id: String::new(),
+            cache_salt: String::new(),
         };
         let mut s = c.generate(req).await.expect("accepted").into_inner();
         let first = s.message().await.expect("stream").expect("first token");

@@ -38,6 +38,7 @@ fn generate_with_stops(stop: Vec<String>) -> GenerateRequest {
             ignore_eos: false,
         }),
         request_id: String::new(),
+        cache_salt: String::new(),
     }
 }
 

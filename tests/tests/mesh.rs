@@ -339,6 +339,7 @@ async fn bad_input_is_invalid_argument_and_the_next_request_works() {
             ignore_eos: false,
         }),
         request_id: String::new(),
+        cache_salt: String::new(),
     };
     let with = |f: &dyn Fn(&mut GenerateRequest)| {
         let mut r = base.clone();

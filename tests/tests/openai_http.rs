@@ -69,6 +69,7 @@ async fn grpc_text(url: &str, input: Input, max_new_tokens: u32) -> (String, u32
             ..Default::default()
         }),
         request_id: String::new(),
+        cache_salt: String::new(),
     };
     let mut stream = client.generate(req).await.expect("accepted").into_inner();
     let (mut text, mut tokens) = (String::new(), 0);
@@ -120,6 +121,32 @@ async fn the_openai_api_answers_as_generate_does_streamed_or_whole_with_openai_e
     );
     let finish = if tokens == 6 { "length" } else { "stop" };
     assert_eq!(whole["choices"][0]["finish_reason"], finish);
+
+    // A longer prompt sent again comes from the gate's prefix cache (whole 16-token blocks) and
+    // says so in usage; with another cache_salt it does not.
+    let mut long = json!({"model": model, "max_tokens": 2, "temperature": 0, "messages": [{"role": "user",
+        "content": "Describe the colors of a sunset over a calm sea on a clear summer evening, \
+                    then say which of them you like most, and why, in one short sentence."}]});
+    let cached = || {
+        let (status, body) = http(port, "POST", "/v1/chat/completions", Some(&long));
+        assert_eq!(status, 200, "{body}");
+        let usage = json_of(&body)["usage"].clone();
+        usage["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("usage without cached_tokens: {usage}"))
+    };
+    let (first, second) = (cached(), cached());
+    assert!(
+        second >= 16 && second > first && second % 16 == 0,
+        "cached tokens {first}, then {second}"
+    );
+    long["cache_salt"] = json!("another tenant");
+    let (status, body) = http(port, "POST", "/v1/chat/completions", Some(&long));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        json_of(&body)["usage"]["prompt_tokens_details"]["cached_tokens"],
+        0
+    );
 
     // The same request streamed: the deltas add up to the same text; usage on request; [DONE].
     let mut streamed = chat.clone();
@@ -212,6 +239,7 @@ async fn the_openai_api_answers_as_generate_does_streamed_or_whole_with_openai_e
             ..Default::default()
         }),
         request_id: "req-42".into(),
+        cache_salt: String::new(),
     };
     let mut stream = client.generate(req).await.expect("accepted").into_inner();
     let mut messages = 0;

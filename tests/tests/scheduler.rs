@@ -17,6 +17,7 @@ fn request(ids: Vec<u32>, max_new: u32, sampling: Option<v1::SamplingParams>) ->
             ignore_eos: true,
         }),
         request_id: String::new(),
+        cache_salt: String::new(),
     }
 }
 

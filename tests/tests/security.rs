@@ -451,6 +451,7 @@ async fn api_keys_and_their_limits_decide_the_status_and_every_call_is_audited()
             ignore_eos: true,
         }),
         request_id: "audit-1".into(),
+        cache_salt: String::new(),
     };
     let alice = Some("alice-secret-0123456789");
     let (ids, text) = generate(ch.clone(), req, alice)

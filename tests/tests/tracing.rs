@@ -63,6 +63,7 @@ async fn one_generate_is_one_trace_across_frontend_gate_and_experts() {
                 ignore_eos: true,
             }),
             request_id: REQUEST_ID.into(),
+            cache_salt: String::new(),
         })
         .await
         .expect("generate")

@@ -152,6 +152,7 @@ async fn up_serves_reference_tokens_with_health_and_reflection_and_stops_cleanly
             ignore_eos: true,
         }),
         request_id: "up-test".into(),
+        cache_salt: String::new(),
     };
     let mut stream = client.generate(req).await.expect("generate").into_inner();
     let mut ids = Vec::new();
@@ -166,6 +167,7 @@ async fn up_serves_reference_tokens_with_health_and_reflection_and_stops_cleanly
         sampling: None,
         stopping: None,
         request_id: String::new(),
+        cache_salt: String::new(),
     };
     let err = client.generate(text).await.expect_err("refused");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
@@ -237,6 +239,7 @@ async fn up_keeps_serving_when_an_expert_worker_dies_and_its_replica_takes_over(
                 ignore_eos: true,
             }),
             request_id: String::new(),
+            cache_salt: String::new(),
         };
         let mut stream = client.generate(req).await.expect("accepted").into_inner();
         let mut ids = Vec::new();
@@ -293,6 +296,7 @@ async fn up_with_two_gates_serves_reference_tokens_to_concurrent_requests() {
                     ignore_eos: true,
                 }),
                 request_id: String::new(),
+                cache_salt: String::new(),
             };
             let mut stream = client.generate(req).await.expect("accepted").into_inner();
             let mut ids = Vec::new();

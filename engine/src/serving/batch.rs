@@ -21,6 +21,12 @@ pub struct Sequence<T> {
     /// prefilled again from prompt + generated and continues its random stream).
     pub generated: Vec<u32>,
     pub decoder: SequenceDecoder,
+    /// The prefix cache's salt (a digest of the tenant's and the request's salts; `None`:
+    /// unsalted): only sequences with the same salt share cached KV blocks.
+    pub cache_salt: Option<[u8; 32]>,
+    /// Prompt tokens the runner took from its prefix cache instead of computing them, in the
+    /// sequence's latest prefill (reported in the request's usage).
+    pub cached_tokens: usize,
     pub payload: T,
 }
 
@@ -163,9 +169,13 @@ impl<T> Batch<T> {
             plan: Plan::default(),
         };
         for slot in &plan.slots {
-            let Some(s) = self.seqs.get(&slot.id) else {
+            let Some(s) = self.seqs.get_mut(&slot.id) else {
                 continue;
             };
+            if slot.start == 0 {
+                // A (re)prefill from scratch: its cache hits are counted afresh.
+                s.cached_tokens = 0;
+            }
             step.ids
                 .extend((slot.start..slot.start + slot.len).map(|i| s.token(i)));
             step.slots.push(SlotSpec {
@@ -174,10 +184,22 @@ impl<T> Batch<T> {
                 tokens: slot.len,
                 sample: slot.sample,
                 sampling: Some((s.req.sampling, s.generated.len() as u32)),
+                cache_salt: s.cache_salt,
             });
         }
         step.plan = plan;
         (step, rejected)
+    }
+
+    /// The runner took `hits` (sequence, tokens) of the step's rows from its prefix cache: they
+    /// count as the sequences' cached prompt tokens. Call before [`on_tokens`](Self::on_tokens),
+    /// which may finish them.
+    pub fn on_prefix_hits(&mut self, hits: &[(u64, usize)]) {
+        for &(id, tokens) in hits {
+            if let Some(s) = self.seqs.get_mut(&id) {
+                s.cached_tokens = (s.cached_tokens + tokens).min(s.req.prompt_ids.len());
+            }
+        }
     }
 
     /// The step ran: records what the runner now holds, and hands each picked token to its

@@ -130,6 +130,8 @@ impl<'a> LocalServer<'a> {
                     req,
                     generated: Vec::new(),
                     decoder,
+                    cache_salt: None,
+                    cached_tokens: 0,
                     payload: Collect {
                         index,
                         start: Instant::now(),
@@ -178,6 +180,7 @@ impl<'a> LocalServer<'a> {
                 Err(e) => return Err(e),
             };
             refused = false;
+            batch.on_prefix_hits(&self.runner.take_prefix_hits());
             batch.set_kv(self.runner.kv());
             if let Some(hook) = self.around_step.as_mut() {
                 hook(&step, false)?;

@@ -2,6 +2,14 @@
 //! a step's rows, and the one token picker (greedy on the GPU when every sampling row is greedy,
 //! else the logits come to the host and each row's sampler draws). The gate runs it behind gRPC;
 //! in-process generation, `bench` and `verify` run it directly.
+//!
+//! Prefix caching: when a step comes with its rows' token ids, the runner follows each
+//! sequence's hash chain ([`crate::prefix_cache`]). A slot that starts on a block boundary first
+//! takes the cached blocks that continue the chain (at most up to its last row, which is always
+//! computed so that there are logits) and computes only the rows after them; every block the
+//! step fills is registered for later sequences. Callers see no difference but speed: the
+//! sequence holds `start + tokens` tokens after the step either way, and
+//! [`take_prefix_hits`](StepRunner::take_prefix_hits) tells how many came from the cache.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -14,6 +22,7 @@ use crate::experts::Experts;
 use crate::kv_cache::{BLOCK_TOKENS, SequenceCache};
 use crate::kv_pool::KvPool;
 use crate::model::{DeepSeekModel, StepSeq};
+use crate::prefix_cache::{BlockHash, PrefixCacheStats, block_hash, chain, chain_root};
 use crate::sampling::{Sampled, Sampler, SamplingParams};
 
 use super::scheduler::KvState;
@@ -31,6 +40,10 @@ pub struct SlotSpec<K> {
     /// Sampling for a sequence the runner does not hold yet, and how many draws its random
     /// stream has already made (non-zero when it resumes elsewhere after a failover).
     pub sampling: Option<(SamplingParams, u32)>,
+    /// The prefix cache's salt for a sequence the runner does not hold yet (a digest of the
+    /// tenant's and the request's salts): sequences share cached blocks only within one salt.
+    /// `None` is the unsalted space.
+    pub cache_salt: Option<[u8; 32]>,
 }
 
 /// A picked token.
@@ -54,6 +67,25 @@ enum Keep {
 struct SeqState {
     cache: SequenceCache,
     sampler: Sampler,
+    /// The sequence's hash chain; `None` when its token ids are unknown (a step came without
+    /// them) or caching is off.
+    chain: Option<PrefixChain>,
+}
+
+/// A sequence's place in the prefix cache's hash chain.
+struct PrefixChain {
+    /// The chain's root: model fingerprint and salt.
+    root: BlockHash,
+    /// The hash of each full block so far, in order.
+    hashes: Vec<BlockHash>,
+    /// The ids after the last full block.
+    partial: Vec<u32>,
+}
+
+impl PrefixChain {
+    fn last(&self) -> BlockHash {
+        self.hashes.last().copied().unwrap_or(self.root)
+    }
 }
 
 /// Blocks of KV that fit in `bytes` for this model and dtype.
@@ -80,6 +112,11 @@ pub struct StepRunner<K> {
     /// Two-micro-batch overlap of attention and expert round trips (the gate with remote
     /// experts).
     pub overlap: bool,
+    /// The model fingerprint every hash chain starts from.
+    fingerprint: String,
+    /// Tokens each sequence of the last step took from the prefix cache (only those that took
+    /// some).
+    hits: Vec<(K, usize)>,
 }
 
 impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
@@ -89,7 +126,26 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
             pool,
             seqs: HashMap::new(),
             overlap: false,
+            fingerprint: String::new(),
+            hits: Vec::new(),
         }
+    }
+
+    /// Turns prefix caching on or off (on by default) and names the model whose KV the cache
+    /// holds (its fingerprint starts every hash chain).
+    pub fn set_prefix_cache(&mut self, on: bool, fingerprint: &str) {
+        self.pool.set_prefix_caching(on);
+        self.fingerprint = fingerprint.to_string();
+    }
+
+    /// The prefix cache's counters.
+    pub fn prefix_stats(&self) -> PrefixCacheStats {
+        self.pool.prefix_stats()
+    }
+
+    /// For each sequence of the last step that took tokens from the prefix cache: how many.
+    pub fn take_prefix_hits(&mut self) -> Vec<(K, usize)> {
+        std::mem::take(&mut self.hits)
     }
 
     /// A runner with a pool of `blocks` KV blocks on the model's device.
@@ -141,7 +197,20 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
         experts: &dyn Experts,
     ) -> Result<Vec<SeqOutput<K>>> {
         let hidden = self.model.embed(ids)?;
-        self.step(slots, &hidden, experts)
+        self.step_tokens(slots, &hidden, ids, experts)
+    }
+
+    /// [`step`](Self::step) for rows whose token ids are known (`ids`, one per row of `hidden`):
+    /// cached prefix blocks are reused and full blocks registered. Ids of another length are
+    /// ignored (the step runs uncached).
+    pub fn step_tokens(
+        &mut self,
+        slots: &[SlotSpec<K>],
+        hidden: &Tensor,
+        ids: &[u32],
+        experts: &dyn Experts,
+    ) -> Result<Vec<SeqOutput<K>>> {
+        Ok(self.step_inner(slots, hidden, ids, experts, Keep::None)?.0)
     }
 
     /// Runs one step: `hidden` holds the slots' rows in order. Returns a token for every slot
@@ -153,7 +222,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
         hidden: &Tensor,
         experts: &dyn Experts,
     ) -> Result<Vec<SeqOutput<K>>> {
-        Ok(self.step_inner(slots, hidden, experts, Keep::None)?.0)
+        Ok(self.step_inner(slots, hidden, &[], experts, Keep::None)?.0)
     }
 
     /// [`step`](Self::step), also returning the logits of the sampling rows (`[rows, vocab]`,
@@ -164,7 +233,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
         hidden: &Tensor,
         experts: &dyn Experts,
     ) -> Result<(Vec<SeqOutput<K>>, Option<Tensor>)> {
-        self.step_inner(slots, hidden, experts, Keep::Sampled)
+        self.step_inner(slots, hidden, &[], experts, Keep::Sampled)
     }
 
     /// [`step`](Self::step) returning the logits of every row (`[rows, vocab]`, f32) and
@@ -175,7 +244,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
         hidden: &Tensor,
         experts: &dyn Experts,
     ) -> Result<Tensor> {
-        self.step_inner(slots, hidden, experts, Keep::All)?
+        self.step_inner(slots, hidden, &[], experts, Keep::All)?
             .1
             .ok_or_else(|| EngineError::Internal("a step of no rows has no logits".into()))
     }
@@ -184,17 +253,21 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
         &mut self,
         slots: &[SlotSpec<K>],
         hidden: &Tensor,
+        ids: &[u32],
         experts: &dyn Experts,
         keep: Keep,
     ) -> Result<(Vec<SeqOutput<K>>, Option<Tensor>)> {
+        self.hits.clear();
         if slots.is_empty() {
             return Ok((Vec::new(), None));
         }
+        let rows: usize = slots.iter().map(|s| s.tokens).sum();
+        let ids = if ids.len() == rows { ids } else { &[] };
         // Take the states out of the map so the step can hold them all mutably at once.
         let mut states = Vec::with_capacity(slots.len());
         let mut failure = None;
         for s in slots {
-            match self.take_state(s) {
+            match self.take_state(s, !ids.is_empty()) {
                 Ok(st) => states.push(st),
                 Err(e) => {
                     failure = Some(e);
@@ -202,22 +275,122 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
                 }
             }
         }
+        let before: Vec<usize> = states.iter().map(|st| st.cache.len()).collect();
         let result = match failure {
             Some(e) => Err(e),
-            None => self.run(slots, hidden, &mut states, experts, keep),
+            None => self
+                .take_cached(slots, ids, &mut states)
+                .and_then(|skips| {
+                    let out = self.run(slots, &skips, hidden, &mut states, experts, keep)?;
+                    Ok((out, skips))
+                })
+                .map(|(out, skips)| {
+                    self.extend_chains(slots, ids, &skips, &mut states);
+                    out
+                }),
         };
         // Put the states back (a failed step leaves their caches as they were: nothing
-        // committed), except sequences this step would have started: they hold no tokens.
-        for (st, s) in states.into_iter().zip(slots) {
+        // committed, no cached block kept), except sequences this step would have started: they
+        // hold no tokens.
+        for ((mut st, s), len) in states.into_iter().zip(slots).zip(before) {
+            if result.is_err() && st.cache.len() > len {
+                st.cache.detach(len);
+                if let Some(c) = st.chain.as_mut() {
+                    c.hashes.truncate(len / BLOCK_TOKENS);
+                }
+            }
             if result.is_ok() || s.start > 0 {
                 self.seqs.insert(s.key, st);
             }
         }
+        if result.is_err() {
+            self.hits.clear();
+        }
         result
     }
 
-    fn take_state(&mut self, s: &SlotSpec<K>) -> Result<SeqState> {
-        if let Some(st) = self.seqs.remove(&s.key) {
+    /// Attaches, for each slot that starts on a block boundary, the cached blocks continuing its
+    /// chain (leaving at least the slot's last row to compute). Returns the rows of each slot
+    /// that came from the cache.
+    fn take_cached(
+        &mut self,
+        slots: &[SlotSpec<K>],
+        ids: &[u32],
+        states: &mut [SeqState],
+    ) -> Result<Vec<usize>> {
+        let mut skips = vec![0; slots.len()];
+        if ids.is_empty() || !self.pool.prefix_caching() {
+            return Ok(skips);
+        }
+        let mut at = 0;
+        for ((s, st), skip) in slots.iter().zip(states.iter_mut()).zip(skips.iter_mut()) {
+            let rows = &ids[at..at + s.tokens];
+            at += s.tokens;
+            let Some(c) = st.chain.as_mut() else {
+                continue;
+            };
+            // The last row is always computed: its logits pick the next token.
+            let blocks = s.tokens.saturating_sub(1) / BLOCK_TOKENS;
+            if blocks == 0
+                || !c.partial.is_empty()
+                || c.hashes.len() * BLOCK_TOKENS != st.cache.len()
+            {
+                continue;
+            }
+            let hashes = chain(&c.last(), &rows[..blocks * BLOCK_TOKENS]);
+            let found = self.pool.acquire_cached(&hashes);
+            if found.is_empty() {
+                continue;
+            }
+            let n = found.len();
+            st.cache.attach(found)?;
+            c.hashes.extend_from_slice(&hashes[..n]);
+            *skip = n * BLOCK_TOKENS;
+            self.hits.push((s.key, *skip));
+        }
+        Ok(skips)
+    }
+
+    /// After a step ran: follows each sequence's chain over the rows it computed and registers
+    /// the blocks they filled.
+    fn extend_chains(
+        &self,
+        slots: &[SlotSpec<K>],
+        ids: &[u32],
+        skips: &[usize],
+        states: &mut [SeqState],
+    ) {
+        let mut at = 0;
+        for ((s, st), &skip) in slots.iter().zip(states.iter_mut()).zip(skips) {
+            let rows = ids.get(at + skip..at + s.tokens);
+            at += s.tokens;
+            let Some(c) = st.chain.as_mut() else {
+                continue;
+            };
+            let Some(rows) = rows else {
+                st.chain = None;
+                continue;
+            };
+            for &id in rows {
+                c.partial.push(id);
+                if c.partial.len() == BLOCK_TOKENS {
+                    let h = block_hash(&c.last(), &c.partial);
+                    c.partial.clear();
+                    if let Some(&block) = st.cache.block_ids().get(c.hashes.len()) {
+                        self.pool.register(block, h);
+                    }
+                    c.hashes.push(h);
+                }
+            }
+        }
+    }
+
+    fn take_state(&mut self, s: &SlotSpec<K>, with_ids: bool) -> Result<SeqState> {
+        if let Some(mut st) = self.seqs.remove(&s.key) {
+            if !with_ids {
+                // The chain cannot follow tokens it does not see.
+                st.chain = None;
+            }
             if st.cache.len() != s.start {
                 let held = st.cache.len();
                 self.seqs.insert(s.key, st);
@@ -241,26 +414,52 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
             ))
         })?;
         params.validate(self.model.config().vocab_size)?;
+        let chain = (with_ids && self.pool.prefix_caching()).then(|| PrefixChain {
+            root: chain_root(
+                &self.fingerprint,
+                s.cache_salt.as_ref().map_or(&[][..], |salt| &salt[..]),
+            ),
+            hashes: Vec::new(),
+            partial: Vec::new(),
+        });
         Ok(SeqState {
             cache: SequenceCache::paged(self.model.config(), self.pool.clone()),
             sampler: Sampler::resume(params, drawn),
+            chain,
         })
     }
 
     fn run(
         &self,
         slots: &[SlotSpec<K>],
+        skips: &[usize],
         hidden: &Tensor,
         states: &mut [SeqState],
         experts: &dyn Experts,
         keep: Keep,
     ) -> Result<(Vec<SeqOutput<K>>, Option<Tensor>)> {
+        // Rows that came from the prefix cache are not computed.
+        let computed: Vec<usize> = slots.iter().zip(skips).map(|(s, k)| s.tokens - k).collect();
+        let kept;
+        let hidden = if skips.iter().any(|&k| k > 0) {
+            let mut idx = Vec::with_capacity(computed.iter().sum());
+            let mut at = 0u32;
+            for (s, &k) in slots.iter().zip(skips) {
+                idx.extend(at + k as u32..at + s.tokens as u32);
+                at += s.tokens as u32;
+            }
+            let n = idx.len();
+            kept = hidden.index_select(&Tensor::from_vec(idx, n, hidden.device())?, 0)?;
+            &kept
+        } else {
+            hidden
+        };
         let mut step_seqs: Vec<StepSeq> = states
             .iter_mut()
-            .zip(slots)
-            .map(|(st, s)| StepSeq {
+            .zip(&computed)
+            .map(|(st, &n)| StepSeq {
                 cache: &mut st.cache,
-                new_tokens: s.tokens,
+                new_tokens: n,
             })
             .collect();
         let out = if self.overlap {
@@ -277,8 +476,8 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
         // Logits only for the last row of sequences that sample.
         let mut rows = Vec::new();
         let mut end = 0;
-        for s in slots {
-            end += s.tokens;
+        for (s, n) in slots.iter().zip(&computed) {
+            end += n;
             if s.sample {
                 rows.push(end as u32 - 1);
             }

@@ -10,7 +10,9 @@
 //! 3. waiting sequences are admitted in arrival order while there is budget and fewer than
 //!    `max_running` sequences run.
 //!
-//! A sequence samples a token only in the step that brings it fully up to date.
+//! A sequence samples a token only in the step that brings it fully up to date. A prompt chunk
+//! that does not finish its prompt ends on a KV block boundary when it can, so the gate's prefix
+//! cache, which reuses whole blocks at a chunk's start, can serve the next chunk too.
 //!
 //! KV memory: the gate reports its free KV blocks after every step. A step only uses blocks
 //! that are free. A waiting sequence is admitted only when its whole pending prompt fits; when
@@ -102,6 +104,21 @@ impl KvState {
         self.blocks(gate_pos + n) - self.blocks(gate_pos)
     }
 
+    /// `n` tokens from `gate_pos`, cut back so that a chunk which does not finish the prompt
+    /// (`n < pending`) ends on a block boundary, unless that leaves nothing.
+    fn chunk(&self, gate_pos: usize, n: usize, pending: usize) -> usize {
+        if n >= pending {
+            return n;
+        }
+        let end = gate_pos + n;
+        let aligned = end - end % self.block_tokens.max(1);
+        if aligned > gate_pos {
+            aligned - gate_pos
+        } else {
+            n
+        }
+    }
+
     /// Most tokens a sequence at `gate_pos` can add with `free` blocks.
     fn room(&self, gate_pos: usize, free: usize) -> usize {
         self.blocks(gate_pos) * self.block_tokens - gate_pos + free * self.block_tokens
@@ -182,6 +199,7 @@ impl Scheduler {
             if e.pending() > 1 && budget > 0 {
                 let room = kv.map_or(usize::MAX, |k| k.room(e.gate_pos, free));
                 let n = e.pending().min(budget).min(room);
+                let n = kv.map_or(n, |k| k.chunk(e.gate_pos, n, e.pending()));
                 if n == 0 {
                     continue;
                 }
@@ -216,6 +234,7 @@ impl Scheduler {
                 passed.skipped += 1;
             }
             let n = e.pending().min(budget);
+            let n = kv.map_or(n, |k| k.chunk(e.gate_pos, n, e.pending()));
             free -= kv.map_or(0, |k| k.need(e.gate_pos, n));
             plan.slots.push(Slot {
                 id: e.id,
@@ -421,6 +440,44 @@ mod tests {
                 len: 6,
                 sample: true
             }]
+        );
+    }
+
+    #[test]
+    fn prompt_chunks_end_on_block_boundaries_when_the_gate_reports_its_blocks() {
+        let mut s = Scheduler {
+            kv: Some(KvState {
+                free_blocks: 100,
+                total_blocks: 100,
+                block_tokens: 16,
+            }),
+            ..Scheduler::default()
+        };
+        s.running.push(entry(1, 11, 10)); // one decode
+        s.waiting.push_back(entry(2, 100, 0));
+        // 40 of budget: 1 decode, then 39 prompt tokens cut back to 32 (two whole blocks).
+        let plan = s.plan(limits(40, 4));
+        let chunk = plan.slots.iter().find(|x| x.id == 2).copied();
+        assert_eq!(
+            chunk.map(|c| (c.start, c.len, c.sample)),
+            Some((0, 32, false))
+        );
+        for slot in &plan.slots {
+            s.advance(slot, slot.sample);
+        }
+        // A budget under one block still makes progress.
+        let plan = s.plan(limits(10, 4));
+        let chunk = plan.slots.iter().find(|x| x.id == 2).copied();
+        assert_eq!(chunk.map(|c| (c.start, c.len)), Some((32, 9)));
+        for slot in &plan.slots {
+            s.advance(slot, slot.sample);
+        }
+        // The last chunk is whatever is left.
+        let plan = s.plan(limits(200, 4));
+        let chunk = plan.slots.iter().find(|x| x.id == 2).copied();
+        assert_eq!(
+            chunk.map(|c| (c.start, c.len, c.sample)),
+            Some((41, 59, true))
         );
     }
 

@@ -161,6 +161,8 @@ fn step_from(u: &mut Unstructured) -> Result<v1::StepRequest> {
             sample: u.arbitrary()?,
             sampling: None,
             traceparent: String::new(),
+            token_ids: Vec::new(),
+            cache_salt: Vec::new(),
         });
     }
     let rows = seqs

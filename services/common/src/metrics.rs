@@ -89,6 +89,19 @@ metrics_table! {
     gauge KV_FREE = "moemesh_gate_kv_blocks_free";
     /// Paged KV blocks in the pool (--kv-cache-mb or --kv-blocks).
     gauge KV_TOTAL = "moemesh_gate_kv_blocks_total";
+    /// Prefix-cache lookups: a sequence's step with at least one full block that could come
+    /// from the cache.
+    counter PREFIX_LOOKUPS = "moemesh_gate_prefix_cache_lookups_total";
+    /// Full KV blocks asked for by prefix-cache lookups.
+    counter PREFIX_QUERIED_BLOCKS = "moemesh_gate_prefix_cache_queried_blocks_total";
+    /// KV blocks found in the prefix cache (hit rate: this over the queried blocks).
+    counter PREFIX_HIT_BLOCKS = "moemesh_gate_prefix_cache_hit_blocks_total";
+    /// Prompt tokens whose KV came from the prefix cache (not computed).
+    counter PREFIX_HIT_TOKENS = "moemesh_gate_prefix_cache_hit_tokens_total";
+    /// Cached KV blocks evicted (least recently used first) to make room.
+    counter PREFIX_EVICTIONS = "moemesh_gate_prefix_cache_evictions_total";
+    /// KV blocks holding a cached prefix (in use or kept for later).
+    gauge PREFIX_CACHED_BLOCKS = "moemesh_gate_prefix_cache_blocks";
     /// Routed (token, expert) pairs, per `layer` and `expert`: the load a rebalancer needs.
     counter EXPERT_TOKENS = "moemesh_gate_expert_tokens_total";
     /// One Forward call to an expert worker, per `worker`.

@@ -224,6 +224,11 @@ fn request_from(u: &mut Unstructured) -> Result<v1::GenerateRequest> {
         sampling,
         stopping,
         request_id,
+        cache_salt: if u.ratio(1, 16)? {
+            "s".repeat(u.int_in_range(0..=300)?)
+        } else {
+            String::new()
+        },
     })
 }
 
@@ -236,6 +241,51 @@ mod tests {
         let n = 3000;
         let outcome = moemesh_common::fuzz::run_seeded(generate_request, 0x5eed_0003, n);
         moemesh_common::fuzz::assert_both_paths(outcome, n, 100);
+    }
+
+    #[test]
+    fn a_cache_salt_over_the_limit_is_refused_naming_the_field_and_the_limit() {
+        let f = fixture();
+        let req = |salt: String| v1::GenerateRequest {
+            input: Some(Input::Tokens(v1::TokenIds { ids: vec![5, 17] })),
+            stopping: Some(v1::StoppingCriteria {
+                max_new_tokens: Some(8),
+                ..Default::default()
+            }),
+            cache_salt: salt,
+            ..Default::default()
+        };
+        let check = |salt| {
+            crate::request::to_engine_request(&req(salt), &f.cfg, &f.model, None, 7).map(|_| ())
+        };
+        if let Err(e) = check("s".repeat(256)) {
+            panic!("a 256-byte salt is refused: {e}");
+        }
+        let err = check("s".repeat(257)).expect_err("refused");
+        let status = tonic::Status::from(err);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(status.message(), "cache_salt: 257 bytes, the limit is 256");
+    }
+
+    #[test]
+    fn the_cache_salt_separates_keys_and_salts_and_is_none_without_either() {
+        use crate::request::cache_salt;
+        assert_eq!(cache_salt(None, ""), None);
+        let all = [
+            cache_salt(Some("team-a"), ""),
+            cache_salt(Some("team-b"), ""),
+            cache_salt(None, "team-a"),
+            cache_salt(Some("team-a"), "x"),
+            cache_salt(Some("team-ax"), ""),
+            cache_salt(None, "x"),
+        ];
+        for (i, a) in all.iter().enumerate() {
+            assert!(a.is_some());
+            for b in &all[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+        assert_eq!(cache_salt(Some("k"), "s"), cache_salt(Some("k"), "s"));
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub type ClientTx = mpsc::UnboundedSender<Result<GenerateResponse, Status>>;
 /// A request accepted by the service, on its way to a gate.
 pub struct NewSeq {
     pub req: GenerationRequest,
+    /// The prefix cache's salt (`request::cache_salt`).
+    pub cache_salt: Option<[u8; 32]>,
     /// The client's `request_id`, echoed on every message.
     pub request_id: String,
     /// The client's deadline (grpc-timeout), if it sent one.
@@ -306,6 +308,8 @@ impl StepLoop {
             req: n.req,
             generated: n.generated,
             decoder: n.decoder,
+            cache_salt: n.cache_salt,
+            cached_tokens: 0,
             payload: Client {
                 request_id: n.request_id,
                 tx: n.tx,
@@ -384,6 +388,7 @@ impl StepLoop {
 
     fn build_request(&mut self, step: &Step) -> MeshResult<(StepRequest, Vec<Span>)> {
         let mut seq_steps = Vec::with_capacity(step.slots.len());
+        let mut row = 0;
         let mut spans = Vec::new();
         let batch_sequences = step.slots.len();
         for slot in &step.slots {
@@ -391,6 +396,7 @@ impl StepLoop {
                 MeshError::Internal(format!("scheduled sequence {} has no state", slot.key))
             })?;
             let prompt_len = s.req.prompt_ids.len();
+            let cache_salt = s.cache_salt.map(Vec::from).unwrap_or_default();
             let c = &mut s.payload;
             c.queue = Span::none();
             let mut traceparent = String::new();
@@ -427,7 +433,15 @@ impl StepLoop {
                     samples_drawn: drawn,
                 }),
                 traceparent,
+                // The gate names cached KV blocks by these.
+                token_ids: step
+                    .ids
+                    .get(row..row + slot.tokens)
+                    .map(<[u32]>::to_vec)
+                    .unwrap_or_default(),
+                cache_salt,
             });
+            row += slot.tokens;
         }
         let activations = if step.ids.is_empty() {
             None
@@ -503,6 +517,12 @@ impl StepLoop {
                 logprob: r.logprob,
             })
             .collect();
+        let hits: Vec<(u64, usize)> = resp
+            .cached
+            .iter()
+            .map(|c| (c.seq_id, c.tokens as usize))
+            .collect();
+        self.batch.on_prefix_hits(&hits);
         let done = self.batch.on_tokens(step, &outputs, deliver);
         for (s, finish) in done {
             let outcome = match finish {
@@ -578,6 +598,7 @@ impl StepLoop {
             Outcome::Moved => {
                 let moved = NewSeq {
                     req: s.req,
+                    cache_salt: s.cache_salt,
                     request_id: c.request_id,
                     decoder: s.decoder,
                     tx: c.tx,
@@ -641,6 +662,7 @@ fn deliver(s: &mut Sequence<Client>, t: &Token) {
             prompt_tokens: s.req.prompt_ids.len() as u32,
             completion_tokens: s.generated.len() as u32,
             time_to_first_token_ms: ttft,
+            cached_prompt_tokens: s.cached_tokens as u32,
         });
     }
     let _ = c.tx.send(Ok(msg));

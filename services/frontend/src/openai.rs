@@ -173,6 +173,8 @@ struct Common {
     n: Option<u32>,
     stream_options: Option<StreamOptions>,
     user: Option<String>,
+    /// Isolates the request in the prefix cache (as vLLM's `cache_salt`).
+    cache_salt: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -283,6 +285,7 @@ impl Common {
                 ignore_eos: false,
             }),
             request_id: self.user.unwrap_or_default(),
+            cache_salt: self.cache_salt.unwrap_or_default(),
         }
     }
 }
@@ -307,7 +310,7 @@ fn usage(u: &v1::Usage) -> Value {
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.prompt_tokens + u.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens},
     })
 }
 

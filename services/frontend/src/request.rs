@@ -10,6 +10,25 @@ use crate::config::FrontendConfig;
 
 /// Longest `request_id` (it is logged and put on the request's trace span).
 pub const MAX_REQUEST_ID_BYTES: usize = 256;
+/// Longest `cache_salt`.
+pub const MAX_CACHE_SALT_BYTES: usize = 256;
+
+/// The prefix-cache salt a gate gets for a request: a digest of the caller's API key id (when
+/// keys are on, so tenants never share cached blocks) and the request's own `cache_salt`.
+/// `None` when there is neither (the shared, unsalted space).
+pub fn cache_salt(key: Option<&str>, salt: &str) -> Option<[u8; 32]> {
+    use sha2::{Digest, Sha256};
+    if key.is_none() && salt.is_empty() {
+        return None;
+    }
+    let mut h = Sha256::new();
+    for part in [key.unwrap_or(""), salt] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    h.update([u8::from(key.is_some())]);
+    Some(h.finalize().into())
+}
 
 fn need_tokenizer<'a>(
     tok: Option<&'a TextTokenizer>,
@@ -82,6 +101,12 @@ pub fn to_engine_request(
         return Err(MeshError::Invalid(format!(
             "request_id: {} bytes, the limit is {MAX_REQUEST_ID_BYTES}",
             req.request_id.len()
+        )));
+    }
+    if req.cache_salt.len() > MAX_CACHE_SALT_BYTES {
+        return Err(MeshError::Invalid(format!(
+            "cache_salt: {} bytes, the limit is {MAX_CACHE_SALT_BYTES}",
+            req.cache_salt.len()
         )));
     }
     let (prompt_ids, rendered) = match &req.input {

@@ -128,6 +128,7 @@ impl GenerationService {
     ) -> Result<Response<GenerateStream>, Status> {
         let f = &self.0;
         let deadline = grpc_timeout(request.metadata()).map(|t| start + t);
+        let key = request.extensions().get::<KeyId>().map(|k| k.0.clone());
         let req = request.into_inner();
         // Not one that validation will refuse for its length: that stays off the span too.
         if req.request_id.len() <= request::MAX_REQUEST_ID_BYTES {
@@ -163,6 +164,7 @@ impl GenerationService {
         let prompt_tokens = engine_req.prompt_ids.len() as u64;
         let queued = link.submit(NewSeq {
             req: engine_req,
+            cache_salt: request::cache_salt(key.as_deref(), &req.cache_salt),
             request_id: req.request_id.clone(),
             decoder,
             tx,

@@ -27,6 +27,11 @@ pub struct GateConfig {
     /// the halves compete for the same cores; `--overlap true` turns it on.
     #[arg(long, env = "MOEMESH_OVERLAP", default_value_t = false, action = clap::ArgAction::Set)]
     pub overlap: bool,
+    /// Keep full KV blocks after their sequences finish and reuse them for prompts that start
+    /// with the same tokens (within one cache salt); they are evicted least recently used first
+    /// when the pool needs room. `--prefix-cache false` computes every prompt in full.
+    #[arg(long, env = "MOEMESH_PREFIX_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub prefix_cache: bool,
     /// Most seconds to let running sequences finish after SIGTERM. The gate leaves the
     /// registry first (frontends send it no new sequences) and waits until it holds none; any
     /// left at the deadline move to another gate, re-prefilled by their frontend.
@@ -75,4 +80,29 @@ pub struct GateConfig {
         default_value = "device"
     )]
     pub expert_ipc_sync: IpcSync,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        cfg: super::GateConfig,
+    }
+
+    #[test]
+    fn the_prefix_cache_is_on_unless_turned_off() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("gate").chain(args.iter().copied()))
+                .expect("the flags parse")
+                .cfg
+                .prefix_cache
+        };
+        assert!(parse(&[]));
+        assert!(!parse(&["--prefix-cache=false"]));
+        assert!(!parse(&["--prefix-cache", "false"]));
+        assert!(parse(&["--prefix-cache", "true"]));
+    }
 }

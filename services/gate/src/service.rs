@@ -318,11 +318,15 @@ pub async fn run(
     tracing::info!(
         blocks,
         block_tokens = runner.kv().block_tokens,
+        prefix_cache = cfg.prefix_cache,
         "KV pool allocated"
     );
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let mut engine = StepEngine::new(runner, experts, id.clone(), files.fingerprint.clone());
     engine.runner.overlap = cfg.overlap;
+    engine
+        .runner
+        .set_prefix_cache(cfg.prefix_cache, &files.fingerprint);
     engine.max_step_sequences = cfg.max_step_sequences;
     engine.record_kv();
     std::thread::Builder::new()

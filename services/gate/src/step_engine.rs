@@ -7,10 +7,12 @@ use std::time::Instant;
 
 use moemesh_common::metrics::names;
 use moemesh_common::telemetry::{self, TraceContext};
-use moemesh_common::{MeshResult, codec};
+use moemesh_common::{MeshError, MeshResult, codec};
 use moemesh_engine::SamplingParams;
 use moemesh_engine::serving::{SlotSpec, StepRunner};
-use moemesh_proto::v1::{GateInfoResponse, LayerLoad, SeqResult, StepRequest, StepResponse};
+use moemesh_proto::v1::{
+    GateInfoResponse, LayerLoad, SeqCached, SeqResult, StepRequest, StepResponse,
+};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Span;
 
@@ -123,6 +125,13 @@ impl StepEngine {
         metrics::gauge!(names::KV_TOTAL).set(total as f64);
         metrics::gauge!(names::KV_USED).set(total.saturating_sub(free) as f64);
         metrics::gauge!(names::GATE_SEQUENCES).set(self.runner.live() as f64);
+        let p = self.runner.prefix_stats();
+        metrics::counter!(names::PREFIX_LOOKUPS).absolute(p.lookups);
+        metrics::counter!(names::PREFIX_QUERIED_BLOCKS).absolute(p.queried_blocks);
+        metrics::counter!(names::PREFIX_HIT_BLOCKS).absolute(p.hit_blocks);
+        metrics::counter!(names::PREFIX_HIT_TOKENS).absolute(p.hit_blocks * kv.block_tokens as u64);
+        metrics::counter!(names::PREFIX_EVICTIONS).absolute(p.evictions);
+        metrics::gauge!(names::PREFIX_CACHED_BLOCKS).set(p.cached_blocks as f64);
     }
 
     fn step(&mut self, conn: u64, req: StepRequest) -> MeshResult<StepResponse> {
@@ -139,10 +148,22 @@ impl StepEngine {
             self.max_step_sequences,
             model.device(),
         )?;
-        let slots: Vec<SlotSpec<Key>> = req
+        let ids = step_ids(&req)?;
+        let slots = req
             .seqs
             .iter()
-            .map(|s| SlotSpec {
+            .map(|s| {
+                let cache_salt = match s.cache_salt.len() {
+                    0 => None,
+                    _ => Some(<[u8; 32]>::try_from(&s.cache_salt[..]).map_err(|_| {
+                        MeshError::Invalid(format!(
+                            "seqs: sequence {}: cache_salt has {} bytes; it is empty or a 32-byte digest",
+                            s.seq_id,
+                            s.cache_salt.len()
+                        ))
+                    })?),
+                };
+                Ok(SlotSpec {
                 key: (conn, s.seq_id),
                 start: s.start_position as usize,
                 tokens: s.num_tokens as usize,
@@ -156,14 +177,19 @@ impl StepEngine {
                     };
                     (params, p.samples_drawn)
                 }),
+                cache_salt,
             })
-            .collect();
+            })
+            .collect::<MeshResult<Vec<SlotSpec<Key>>>>()?;
         // A step whose device-ordered expert call was released (a worker died, hung or left
         // mid-step) committed nothing; it runs again at once, its calls going to replicas or
         // the host path, so that no request sees the failure.
         let mut attempt = 0;
         let outputs = loop {
-            match self.runner.step(&slots, &hidden, &self.experts) {
+            match self
+                .runner
+                .step_tokens(&slots, &hidden, &ids, &self.experts)
+            {
                 Err(e) if self.experts.take_device_failure() && attempt < DEVICE_RETRIES => {
                     attempt += 1;
                     tracing::warn!(step = req.step_id, attempt, error = %e, "step failed on a released expert call; running it again");
@@ -171,6 +197,15 @@ impl StepEngine {
                 other => break other?,
             }
         };
+        let cached = self
+            .runner
+            .take_prefix_hits()
+            .into_iter()
+            .map(|(key, tokens)| SeqCached {
+                seq_id: key.1,
+                tokens: tokens as u32,
+            })
+            .collect();
         let results = outputs
             .into_iter()
             .map(|o| SeqResult {
@@ -179,7 +214,9 @@ impl StepEngine {
                 logprob: o.logprob,
             })
             .collect();
-        Ok(self.response(req.step_id, results))
+        let mut resp = self.response(req.step_id, results);
+        resp.cached = cached;
+        Ok(resp)
     }
 
     fn response(&self, step_id: u64, results: Vec<SeqResult>) -> StepResponse {
@@ -193,8 +230,34 @@ impl StepEngine {
             kv_blocks_free: kv.free_blocks as u32,
             kv_blocks_total: kv.total_blocks as u32,
             kv_block_tokens: kv.block_tokens as u32,
+            cached: Vec::new(),
         }
     }
+}
+
+/// The step's token ids, one per activation row (for the prefix cache): every sequence's, or
+/// none when no sequence sent them (a step that mixes the two caches none of them).
+fn step_ids(req: &StepRequest) -> MeshResult<Vec<u32>> {
+    if let Some(s) = req
+        .seqs
+        .iter()
+        .find(|s| !s.token_ids.is_empty() && s.token_ids.len() != s.num_tokens as usize)
+    {
+        return Err(MeshError::Invalid(format!(
+            "seqs: sequence {} has {} token_ids for {} tokens; send one id per row or none",
+            s.seq_id,
+            s.token_ids.len(),
+            s.num_tokens
+        )));
+    }
+    if req.seqs.iter().any(|s| s.token_ids.is_empty()) {
+        return Ok(Vec::new());
+    }
+    Ok(req
+        .seqs
+        .iter()
+        .flat_map(|s| s.token_ids.iter().copied())
+        .collect())
 }
 
 /// The gate's spans for one step: a `step` span for every sequence whose `traceparent` is
@@ -273,6 +336,30 @@ mod tests {
     const A: &str = "00-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-1111111111111111-01";
     const B: &str = "00-bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-2222222222222222-01";
     const UNSAMPLED: &str = "00-cccccccccccccccccccccccccccccccc-3333333333333333-00";
+
+    #[test]
+    fn token_ids_come_one_per_row_for_every_sequence_or_not_at_all() {
+        let seq = |seq_id, num_tokens, token_ids: Vec<u32>| SeqStep {
+            seq_id,
+            num_tokens,
+            token_ids,
+            ..Default::default()
+        };
+        let req = |seqs| StepRequest {
+            seqs,
+            ..Default::default()
+        };
+        let ids = step_ids(&req(vec![seq(1, 2, vec![5, 6]), seq(2, 1, vec![7])]));
+        assert_eq!(ids.expect("valid"), vec![5, 6, 7]);
+        // A sequence without ids: the step runs uncached.
+        let ids = step_ids(&req(vec![seq(1, 2, vec![5, 6]), seq(2, 1, vec![])]));
+        assert!(ids.expect("valid").is_empty());
+        let err = step_ids(&req(vec![seq(1, 2, vec![5])])).expect_err("refused");
+        assert_eq!(
+            tonic::Status::from(err).code(),
+            tonic::Code::InvalidArgument
+        );
+    }
 
     #[test]
     fn each_traced_sequence_gets_a_gate_span_and_the_shared_work_goes_under_the_first() {

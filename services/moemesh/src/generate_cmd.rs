@@ -243,6 +243,7 @@ mod remote {
                 ignore_eos: args.ignore_eos,
             }),
             request_id: String::new(),
+            cache_salt: String::new(),
         };
         let json = args.json;
         let rt = tokio::runtime::Builder::new_multi_thread()

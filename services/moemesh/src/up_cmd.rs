@@ -79,6 +79,10 @@ pub struct UpArgs {
     /// is used as it is.
     #[arg(long, env = "MOEMESH_MPS", value_enum, default_value = "auto")]
     pub mps: crate::mps::MpsMode,
+    /// The gate's prefix cache (`moemesh gate --prefix-cache`): full KV blocks of finished
+    /// prompts are kept and reused by prompts that start the same way.
+    #[arg(long, env = "MOEMESH_PREFIX_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub prefix_cache: bool,
     /// Extra flags for the gate, e.g. `--gate-args=--overlap=true` (repeatable).
     #[arg(long, allow_hyphen_values = true)]
     pub gate_args: Vec<String>,
@@ -302,6 +306,11 @@ fn process_devices(args: &UpArgs) -> Vec<String> {
         .collect()
 }
 
+/// The gate's `--prefix-cache` when `up` turns it off (the gate's default is on).
+fn prefix_cache_flag(args: &UpArgs) -> Option<String> {
+    (!args.prefix_cache).then(|| "--prefix-cache=false".to_string())
+}
+
 fn common(args: &UpArgs) -> Vec<String> {
     let mut v = Vec::new();
     if let Some(m) = &args.model {
@@ -404,6 +413,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 a.extend(["--device".into(), gate_device(&args, g)]);
                 let port = if g == 0 { 1 } else { 2 + workers + g - 1 };
                 a.extend(metrics_flag(&args, port)?);
+                a.extend(prefix_cache_flag(&args));
                 a.extend(args.gate_args.iter().cloned());
                 a.extend(transport.flags(&format!("gate-{g}"), CertRole::Gate)?);
                 if args.etcd.is_none() {
@@ -546,6 +556,15 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
+
+    #[test]
+    fn the_gate_keeps_its_prefix_cache_unless_up_turns_it_off() {
+        assert_eq!(prefix_cache_flag(&up(&[])), None);
+        assert_eq!(
+            prefix_cache_flag(&up(&["--prefix-cache", "false"])).as_deref(),
+            Some("--prefix-cache=false")
+        );
     }
 
     #[test]

@@ -298,6 +298,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                             ignore_eos: true,
                         }),
                         request_id: format!("bench-{i}"),
+                        cache_salt: String::new(),
                     };
                     samples.push(one(&mut client, req).await);
                 }

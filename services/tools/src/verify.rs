@@ -415,6 +415,7 @@ fn paged_check(engine: &InProcessEngine, prompts: &[PagedPrompt]) -> anyhow::Res
                 tokens: 1,
                 sample: true,
                 sampling: Some((SamplingParams::default(), 0)),
+                cache_salt: None,
             })
             .collect();
         let emb = model.embed(&tokens)?;
@@ -472,6 +473,7 @@ fn chunked_check(engine: &InProcessEngine, prompts: &[PagedPrompt]) -> anyhow::R
                 tokens: chunk(i).len(),
                 sample: false,
                 sampling: Some((SamplingParams::default(), 0)),
+                cache_salt: None,
             })
             .collect();
         let emb = model.embed(&tokens)?;
