@@ -542,3 +542,58 @@ async fn bench_reports_every_request_as_a_table_and_as_json() {
         "{err}"
     );
 }
+
+/// `moemesh rebalance --plan` reads a gate's measured expert load and workers and prints a plan
+/// that holds every expert, gives each worker at most its room, and leaves the busiest worker no
+/// busier than today.
+#[tokio::test(flavor = "multi_thread")]
+async fn rebalance_plans_from_the_gates_measured_load() {
+    let model = "tiny-deepseek-v3";
+    let mesh = Mesh::start(Some(&fixture(model)), &["0-11", "12-15"]);
+    for prompt in 0..3 {
+        let (input, expected) = reference_greedy(model, prompt);
+        let out = generate(
+            &mesh.frontend_url(),
+            tokens_request(&input, expected.len() as u32),
+        )
+        .await
+        .expect("generate");
+        assert_eq!(out.ids, expected);
+    }
+    let gate = mesh.gate_url();
+    let addr = gate.trim_start_matches("http://").to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(moemesh_tests::moemesh_bin())
+            .args(["rebalance", "--addr", &addr, "--json", "--spare", "2"])
+            .output()
+            .expect("run moemesh rebalance")
+    })
+    .await
+    .expect("join");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert!(plan["routed_tokens"].as_u64().unwrap_or(0) > 0, "{plan}");
+    let workers = plan["workers"].as_array().expect("workers");
+    assert_eq!(workers.len(), 2, "{plan}");
+    let mut held = std::collections::BTreeSet::new();
+    for w in workers {
+        let now = w["experts_now"].as_array().expect("now").len();
+        let planned = w["experts_planned"].as_array().expect("planned");
+        assert!(planned.len() <= now + 2, "over its room: {w}");
+        held.extend(planned.iter().filter_map(|e| e.as_u64()));
+    }
+    assert_eq!(held, (0..16).collect(), "every expert held: {plan}");
+    // Today's shards are 12 and 4 experts: the plan evens them out.
+    let (now, planned) = (
+        plan["busiest_now"].as_f64().expect("now"),
+        plan["busiest_planned"].as_f64().expect("planned"),
+    );
+    assert!(
+        planned < now,
+        "planned {planned} is not below today's {now}: {plan}"
+    );
+}

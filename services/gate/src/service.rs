@@ -19,6 +19,7 @@ use moemesh_proto::v1::expert_client::ExpertClient;
 use moemesh_proto::v1::gate_server::{Gate, GateServer};
 use moemesh_proto::v1::{
     ExpertInfoRequest, GateInfoRequest, GateInfoResponse, StepError, StepRequest, StepResponse,
+    WorkerExperts,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -139,14 +140,14 @@ impl Gate for GateService {
         let mut info = rx
             .await
             .map_err(|_| MeshError::Unavailable("gate engine stopped".into()))?;
-        let (workers, transports) = self
-            .pool
-            .transports()
-            .into_iter()
-            .map(|(m, t)| (m.id, t.to_string()))
-            .unzip();
-        info.expert_workers = workers;
-        info.expert_transports = transports;
+        for (m, t) in self.pool.transports() {
+            info.worker_experts.push(WorkerExperts {
+                id: m.id.clone(),
+                experts: m.experts.clone(),
+            });
+            info.expert_workers.push(m.id);
+            info.expert_transports.push(t.to_string());
+        }
         info.device = self.device.clone();
         Ok(Response::new(info))
     }

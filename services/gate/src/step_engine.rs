@@ -111,6 +111,7 @@ impl StepEngine {
                             .into_iter()
                             .map(|(layer, tokens)| LayerLoad { layer, tokens })
                             .collect(),
+                        worker_experts: Vec::new(),
                     });
                 }
             }

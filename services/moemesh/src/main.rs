@@ -5,6 +5,7 @@
 mod generate_cmd;
 mod health_cmd;
 mod mps;
+mod rebalance_cmd;
 mod roles;
 mod up_cmd;
 
@@ -32,6 +33,8 @@ enum Command {
     Bench(bench_cmd::BenchArgs),
     /// Check a role's grpc.health.v1 status (exit 0 when SERVING), for container health checks.
     Health(health_cmd::HealthArgs),
+    /// Expert placement from a gate's measured load: the planner's choice beside today's.
+    Rebalance(rebalance_cmd::RebalanceArgs),
     /// Start a complete local mesh: expert workers, a gate and a frontend, as separate processes.
     Up(up_cmd::UpArgs),
     /// Check the engine on a device against the HF transformers reference fixtures.
@@ -76,6 +79,7 @@ fn main() -> std::process::ExitCode {
         Command::Up(args) => up_cmd::run(args),
         Command::Bench(args) => bench_cmd::run(args),
         Command::Health(args) => health_cmd::run(args),
+        Command::Rebalance(args) => rebalance_cmd::run(args),
         Command::Verify(args) => verify_cmd::run(args),
         Command::Frontend(cfg) => roles::frontend(cfg),
         Command::Gate(cfg) => roles::gate(cfg),
