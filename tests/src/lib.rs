@@ -91,6 +91,7 @@ pub fn tokens_request(ids: &[u32], max_new_tokens: u32) -> moemesh_proto::v1::Ge
             max_new_tokens: Some(max_new_tokens),
             stop: Vec::new(),
             ignore_eos: true,
+            ..Default::default()
         }),
         request_id: String::new(),
     }
@@ -127,6 +128,7 @@ pub fn in_process_tokens(
             top_k,
             top_p,
             seed: Some(seed),
+            ..Default::default()
         },
         None => moemesh_engine::SamplingParams::default(),
     };
@@ -136,6 +138,7 @@ pub fn in_process_tokens(
         max_new_tokens,
         stop: Vec::new(),
         ignore_eos: true,
+        ..Default::default()
     };
     engine
         .generate(&req, &mut |_| true)

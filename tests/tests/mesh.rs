@@ -101,6 +101,7 @@ async fn mesh_greedy_tokens_equal_reference_for_every_fixture() {
             max_new_tokens: expected.len(),
             stop: Vec::new(),
             ignore_eos: true,
+            ..Default::default()
         };
         assert_eq!(
             engine
@@ -303,6 +304,7 @@ async fn bad_input_is_invalid_argument_and_the_next_request_works() {
             max_new_tokens: Some(4),
             stop: Vec::new(),
             ignore_eos: false,
+            ..Default::default()
         }),
         request_id: String::new(),
     };
@@ -317,6 +319,7 @@ async fn bad_input_is_invalid_argument_and_the_next_request_works() {
             top_p: p,
             top_k: k,
             seed: None,
+            ..Default::default()
         })
     };
     let cases: Vec<(GenerateRequest, &[&str])> = vec![

@@ -150,6 +150,7 @@ async fn up_serves_reference_tokens_with_health_and_reflection_and_stops_cleanly
             max_new_tokens: Some(expected.len() as u32),
             stop: vec![],
             ignore_eos: true,
+            ..Default::default()
         }),
         request_id: "up-test".into(),
     };
@@ -235,6 +236,7 @@ async fn up_keeps_serving_when_an_expert_worker_dies_and_its_replica_takes_over(
                 max_new_tokens: Some(expected.len() as u32),
                 stop: Vec::new(),
                 ignore_eos: true,
+                ..Default::default()
             }),
             request_id: String::new(),
         };
