@@ -43,13 +43,18 @@ impl FinishReason {
 }
 
 /// A validated-on-use generation request in token space.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct GenerationRequest {
     pub prompt_ids: Vec<u32>,
     pub sampling: SamplingParams,
     pub max_new_tokens: usize,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// Ids that end the sequence like EOS does (finish reason stop; the id is not turned into text).
+    pub stop_token_ids: Vec<u32>,
+    /// Neither EOS nor a stop id can be picked before this many tokens are generated (stop
+    /// strings still apply). At most `max_new_tokens`.
+    pub min_new_tokens: usize,
 }
 
 /// Server-side limits a request is checked against.
@@ -113,9 +118,34 @@ impl GenerationRequest {
                 limits.max_stop_sequences
             )));
         }
+        if self.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+            return Err(EngineError::InvalidInput(format!(
+                "stopping.stop_token_ids has {} ids; at most {MAX_STOP_TOKEN_IDS} are allowed",
+                self.stop_token_ids.len()
+            )));
+        }
+        if let Some((i, id)) = self
+            .stop_token_ids
+            .iter()
+            .enumerate()
+            .find(|(_, id)| **id as usize >= vocab_size)
+        {
+            return Err(EngineError::InvalidInput(format!(
+                "stopping.stop_token_ids[{i}]: token id {id} is outside the vocabulary (ids must be below {vocab_size})"
+            )));
+        }
+        if self.min_new_tokens > self.max_new_tokens {
+            return Err(EngineError::InvalidInput(format!(
+                "stopping.min_new_tokens must be at most max_new_tokens ({}), got {}",
+                self.max_new_tokens, self.min_new_tokens
+            )));
+        }
         self.sampling.validate(vocab_size)
     }
 }
+
+/// Most ids in `stopping.stop_token_ids`.
+pub const MAX_STOP_TOKEN_IDS: usize = 64;
 
 /// One generated token as it is streamed.
 #[derive(Debug, Clone, PartialEq)]

@@ -47,4 +47,4 @@ pub use kv_pool::KvPool;
 pub use model::{DeepSeekModel, Parts, StepSeq};
 pub use model_dir::ModelFiles;
 pub use router::Routing;
-pub use sampling::{GREEDY_BELOW, Sampler, SamplingParams};
+pub use sampling::{GREEDY_BELOW, Sampler, SamplerStart, SamplingParams};

@@ -172,6 +172,7 @@ fn sharded_checkpoint_loads_like_the_single_file() {
             max_new_tokens: 8,
             stop: Vec::new(),
             ignore_eos: true,
+            ..Default::default()
         };
         engine
             .generate(&req, &mut |_| true)

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device};
 use moemesh_engine::serving::{SlotSpec, StepRunner};
-use moemesh_engine::{InProcessEngine, ModelFiles, SamplingParams};
+use moemesh_engine::{InProcessEngine, ModelFiles, SamplerStart};
 
 fn load() -> InProcessEngine {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-deepseek-v3");
@@ -41,7 +41,7 @@ fn generate(
         start,
         tokens,
         sample,
-        sampling: Some((SamplingParams::default(), 0)),
+        sampling: Some(SamplerStart::default()),
         cache_salt: salt,
     };
     let mut run = Run {

@@ -207,6 +207,7 @@ fn greedy_decode_through_the_kv_cache_matches_transformers() {
                 max_new_tokens: expected.len(),
                 stop: Vec::new(),
                 ignore_eos: true,
+                ..Default::default()
             };
             let out = engine.generate(&req, &mut |_| true).expect("generate");
             assert_eq!(
@@ -355,10 +356,12 @@ fn seeded_sampling_is_reproducible() {
                 top_k: 50,
                 top_p: 0.95,
                 seed: Some(seed),
+                ..Default::default()
             },
             max_new_tokens: 24,
             stop: Vec::new(),
             ignore_eos: true,
+            ..Default::default()
         };
         engine
             .generate(&req, &mut |_| true)
@@ -386,10 +389,12 @@ fn local_server_runs_more_requests_than_its_concurrency_in_a_pool_just_big_enoug
             top_k: 0,
             top_p: 1.0,
             seed: Some(seed),
+            ..Default::default()
         },
         max_new_tokens: 20,
         stop: Vec::new(),
         ignore_eos: true,
+        ..Default::default()
     };
     let requests: Vec<_> = (0..5).map(|i| req(i, 100 + u64::from(i))).collect();
     let alone: Vec<Vec<u32>> = requests
@@ -458,6 +463,7 @@ fn paged_pool_caches_decode_like_owned_caches_and_free_their_blocks() {
             max_new_tokens: steps,
             stop: Vec::new(),
             ignore_eos: true,
+            ..Default::default()
         };
         assert_eq!(
             &engine
@@ -658,6 +664,7 @@ fn batched_decode_attention_over_the_pool_matches_single_sequences() {
                 max_new_tokens: steps,
                 stop: Vec::new(),
                 ignore_eos: true,
+                ..Default::default()
             };
             let alone = engine.generate(&req, &mut |_| true).expect("owned");
             assert_eq!(&alone.token_ids, g, "{fixture}: prompt {p:?}");

@@ -91,6 +91,7 @@ pub fn tokens_request(ids: &[u32], max_new_tokens: u32) -> moemesh_proto::v1::Ge
             max_new_tokens: Some(max_new_tokens),
             stop: Vec::new(),
             ignore_eos: true,
+            ..Default::default()
         }),
         request_id: String::new(),
         cache_salt: String::new(),
@@ -128,6 +129,7 @@ pub fn in_process_tokens(
             top_k,
             top_p,
             seed: Some(seed),
+            ..Default::default()
         },
         None => moemesh_engine::SamplingParams::default(),
     };
@@ -137,6 +139,7 @@ pub fn in_process_tokens(
         max_new_tokens,
         stop: Vec::new(),
         ignore_eos: true,
+        ..Default::default()
     };
     engine
         .generate(&req, &mut |_| true)

@@ -37,6 +37,7 @@ async fn killing_one_of_two_gates_loses_no_request_and_changes_no_token() {
                 top_p: Some(0.9),
                 top_k: 50,
                 seed: Some(77 + u64::from(i)),
+                ..Default::default()
             });
             (prompt, sampling)
         })
@@ -55,6 +56,7 @@ async fn killing_one_of_two_gates_loses_no_request_and_changes_no_token() {
                 max_new_tokens: Some(out_len),
                 stop: vec![],
                 ignore_eos: true,
+                ..Default::default()
             }),
             request_id: String::new(),
             cache_salt: String::new(),

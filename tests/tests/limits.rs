@@ -36,6 +36,7 @@ fn generate_with_stops(stop: Vec<String>) -> GenerateRequest {
             max_new_tokens: Some(4),
             stop,
             ignore_eos: false,
+            ..Default::default()
         }),
         request_id: String::new(),
         cache_salt: String::new(),

@@ -135,6 +135,7 @@ async fn mesh_greedy_tokens_equal_reference_for_every_fixture() {
             max_new_tokens: expected.len(),
             stop: Vec::new(),
             ignore_eos: true,
+            ..Default::default()
         };
         assert_eq!(
             engine
@@ -337,6 +338,7 @@ async fn bad_input_is_invalid_argument_and_the_next_request_works() {
             max_new_tokens: Some(4),
             stop: Vec::new(),
             ignore_eos: false,
+            ..Default::default()
         }),
         request_id: String::new(),
         cache_salt: String::new(),
@@ -352,6 +354,7 @@ async fn bad_input_is_invalid_argument_and_the_next_request_works() {
             top_p: p,
             top_k: k,
             seed: None,
+            ..Default::default()
         })
     };
     let cases: Vec<(GenerateRequest, &[&str])> = vec![

@@ -19,6 +19,7 @@ fn request(ids: &[u32], salt: &str) -> GenerateRequest {
             max_new_tokens: Some(NEW),
             stop: Vec::new(),
             ignore_eos: true,
+            ..Default::default()
         }),
         request_id: String::new(),
         cache_salt: salt.into(),

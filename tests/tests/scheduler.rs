@@ -15,6 +15,7 @@ fn request(ids: Vec<u32>, max_new: u32, sampling: Option<v1::SamplingParams>) ->
             max_new_tokens: Some(max_new),
             stop: vec![],
             ignore_eos: true,
+            ..Default::default()
         }),
         request_id: String::new(),
         cache_salt: String::new(),
@@ -56,6 +57,7 @@ async fn batched_output_equals_unbatched_for_greedy_and_seeded_sampling() {
             top_p: Some(0.95),
             top_k: 40,
             seed: Some(1000 + u64::from(i)),
+            ..Default::default()
         });
         cases.push((prompt, max_new, sampling));
     }

@@ -449,6 +449,7 @@ async fn api_keys_and_their_limits_decide_the_status_and_every_call_is_audited()
             max_new_tokens: Some(6),
             stop: Vec::new(),
             ignore_eos: true,
+            ..Default::default()
         }),
         request_id: "audit-1".into(),
         cache_salt: String::new(),

@@ -61,6 +61,7 @@ async fn one_generate_is_one_trace_across_frontend_gate_and_experts() {
                 max_new_tokens: Some(new_tokens as u32),
                 stop: Vec::new(),
                 ignore_eos: true,
+                ..Default::default()
             }),
             request_id: REQUEST_ID.into(),
             cache_salt: String::new(),

@@ -150,6 +150,7 @@ async fn up_serves_reference_tokens_with_health_and_reflection_and_stops_cleanly
             max_new_tokens: Some(expected.len() as u32),
             stop: vec![],
             ignore_eos: true,
+            ..Default::default()
         }),
         request_id: "up-test".into(),
         cache_salt: String::new(),
@@ -237,6 +238,7 @@ async fn up_keeps_serving_when_an_expert_worker_dies_and_its_replica_takes_over(
                 max_new_tokens: Some(expected.len() as u32),
                 stop: Vec::new(),
                 ignore_eos: true,
+                ..Default::default()
             }),
             request_id: String::new(),
             cache_salt: String::new(),
@@ -294,6 +296,7 @@ async fn up_with_two_gates_serves_reference_tokens_to_concurrent_requests() {
                     max_new_tokens: Some(expected.len() as u32),
                     stop: Vec::new(),
                     ignore_eos: true,
+                    ..Default::default()
                 }),
                 request_id: String::new(),
                 cache_salt: String::new(),

@@ -183,7 +183,8 @@ impl<T> Batch<T> {
                 start: slot.start,
                 tokens: slot.len,
                 sample: slot.sample,
-                sampling: Some((s.req.sampling, s.generated.len() as u32)),
+                // Read by the runner only on a sequence's first step there.
+                sampling: (slot.start == 0).then(|| s.decoder.sampler_start(&s.req, &s.generated)),
                 cache_salt: s.cache_salt,
             });
         }

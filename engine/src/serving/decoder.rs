@@ -1,5 +1,6 @@
 //! What a sequence's tokens mean to its client: incremental text, stop strings, and the finish
-//! rule (EOS, stop string, `max_new_tokens`, context length). The one place both the frontend
+//! rule (EOS, stop id, stop string, `max_new_tokens`, context length; `min_new_tokens` holds
+//! off EOS and stop ids, in the sampler and here). The one place both the frontend
 //! (mesh) and in-process generation decide that a sequence is done.
 
 use std::sync::Arc;
@@ -7,6 +8,7 @@ use std::sync::Arc;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::generate::{FinishReason, GenerationRequest};
+use crate::sampling::SamplerStart;
 use crate::stop::StopMatcher;
 use crate::text::{IncrementalDecoder, TextTokenizer};
 
@@ -38,6 +40,10 @@ pub struct SequenceDecoder {
     stops: StopMatcher,
     eos: Arc<[u32]>,
     ignore_eos: bool,
+    /// Ids that end the sequence as EOS does, with finish reason stop.
+    stop_ids: Arc<[u32]>,
+    /// EOS and stop ids end nothing before this many tokens (the sampler suppresses them too).
+    min_new_tokens: usize,
     max_new_tokens: usize,
     context_length: usize,
     prompt_len: usize,
@@ -62,6 +68,8 @@ impl SequenceDecoder {
             stops: StopMatcher::new(&req.stop),
             eos,
             ignore_eos: req.ignore_eos,
+            stop_ids: Arc::from(req.stop_token_ids.as_slice()),
+            min_new_tokens: req.min_new_tokens,
             max_new_tokens: req.max_new_tokens,
             context_length,
             prompt_len: req.prompt_ids.len(),
@@ -74,12 +82,48 @@ impl SequenceDecoder {
         self.generated
     }
 
+    /// How a runner starts this sequence's sampler, `generated` tokens in (non-empty after a
+    /// failover): the request's parameters, its random stream's position, and the history its
+    /// penalties and `min_new_tokens` read (copied only when they read it).
+    pub fn sampler_start(&self, req: &GenerationRequest, generated: &[u32]) -> SamplerStart {
+        let p = req.sampling;
+        let suppressing = self.min_new_tokens > generated.len();
+        let suppressed: Vec<u32> = if suppressing {
+            let eos = if self.ignore_eos {
+                &[][..]
+            } else {
+                &self.eos[..]
+            };
+            eos.iter().chain(self.stop_ids.iter()).copied().collect()
+        } else {
+            Vec::new()
+        };
+        SamplerStart {
+            params: p,
+            drawn: generated.len() as u32,
+            prompt: if p.repetition_penalty != 1.0 {
+                Arc::from(req.prompt_ids.as_slice())
+            } else {
+                Arc::from(Vec::new())
+            },
+            generated: if p.has_penalties() || suppressing {
+                Arc::from(generated)
+            } else {
+                Arc::from(Vec::new())
+            },
+            min_new_tokens: if suppressing { self.min_new_tokens } else { 0 },
+            suppressed: Arc::from(suppressed),
+        }
+    }
+
     /// Takes the next generated token.
     pub fn push(&mut self, token: u32) -> Result<Emitted> {
         self.generated += 1;
-        let is_eos = !self.ignore_eos && self.eos.contains(&token);
-        let (mut text, stopped) = if is_eos {
-            (String::new(), false)
+        let allowed = self.generated > self.min_new_tokens;
+        let is_eos = allowed && !self.ignore_eos && self.eos.contains(&token);
+        let is_stop_id = allowed && !is_eos && self.stop_ids.contains(&token);
+        let (mut text, stopped) = if is_eos || is_stop_id {
+            (String::new(), is_stop_id)
         } else {
             self.text(token)?
         };
@@ -136,6 +180,7 @@ mod tests {
             max_new_tokens,
             stop: Vec::new(),
             ignore_eos,
+            ..Default::default()
         }
     }
 
@@ -167,5 +212,36 @@ mod tests {
             .err()
             .expect("refused");
         assert!(e.to_string().contains("stopping.stop"), "{e}");
+    }
+
+    #[test]
+    fn stop_ids_end_a_sequence_and_min_new_tokens_holds_off_eos_and_stop_ids() {
+        let eos: Arc<[u32]> = Arc::from(vec![2u32]);
+        let mut r = req(10, false);
+        r.stop_token_ids = vec![4];
+        let mut d = SequenceDecoder::new(&r, None, eos.clone(), 100).expect("new");
+        assert_eq!(d.push(9).expect("push").finish, None);
+        assert_eq!(d.push(4).expect("push").finish, Some(FinishReason::Stop));
+
+        r.min_new_tokens = 2;
+        let mut d = SequenceDecoder::new(&r, None, eos, 100).expect("new");
+        let start = d.sampler_start(&r, &[]);
+        assert_eq!(
+            (start.min_new_tokens, &start.suppressed[..]),
+            (2, &[2, 4][..])
+        );
+        assert_eq!(
+            d.push(2).expect("push").finish,
+            None,
+            "EOS as token 1 of at least 2"
+        );
+        assert_eq!(
+            d.push(4).expect("push").finish,
+            None,
+            "a stop id as token 2 of at least 2"
+        );
+        // Resumed after two tokens, nothing is suppressed any more.
+        assert_eq!(d.sampler_start(&r, &[2, 4]).min_new_tokens, 0);
+        assert_eq!(d.push(4).expect("push").finish, Some(FinishReason::Stop));
     }
 }

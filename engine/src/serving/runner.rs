@@ -23,12 +23,12 @@ use crate::kv_cache::{BLOCK_TOKENS, SequenceCache};
 use crate::kv_pool::KvPool;
 use crate::model::{DeepSeekModel, StepSeq};
 use crate::prefix_cache::{BlockHash, PrefixCacheStats, block_hash, chain, chain_root};
-use crate::sampling::{Sampled, Sampler, SamplingParams};
+use crate::sampling::{Sampled, Sampler, SamplerStart};
 
 use super::scheduler::KvState;
 
 /// One sequence's part of a step, as the runner takes it.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SlotSpec<K> {
     pub key: K,
     /// Position of the first row (the tokens the runner already holds for the sequence).
@@ -37,9 +37,8 @@ pub struct SlotSpec<K> {
     pub tokens: usize,
     /// Whether the sequence's next token is picked from its last row.
     pub sample: bool,
-    /// Sampling for a sequence the runner does not hold yet, and how many draws its random
-    /// stream has already made (non-zero when it resumes elsewhere after a failover).
-    pub sampling: Option<(SamplingParams, u32)>,
+    /// Sampling for a sequence the runner does not hold yet (read only on its first step here).
+    pub sampling: Option<SamplerStart>,
     /// The prefix cache's salt for a sequence the runner does not hold yet (a digest of the
     /// tenant's and the request's salts): sequences share cached blocks only within one salt.
     /// `None` is the unsalted space.
@@ -407,13 +406,13 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
                 s.key, s.start
             )));
         }
-        let (params, drawn) = s.sampling.ok_or_else(|| {
+        let start = s.sampling.as_ref().ok_or_else(|| {
             EngineError::InvalidInput(format!(
                 "sequence {:?}: sampling is required on its first step",
                 s.key
             ))
         })?;
-        params.validate(self.model.config().vocab_size)?;
+        start.params.validate(self.model.config().vocab_size)?;
         let chain = (with_ids && self.pool.prefix_caching()).then(|| PrefixChain {
             root: chain_root(
                 &self.fingerprint,
@@ -424,7 +423,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
         });
         Ok(SeqState {
             cache: SequenceCache::paged(self.model.config(), self.pool.clone()),
-            sampler: Sampler::resume(params, drawn),
+            sampler: start.sampler(),
             chain,
         })
     }
@@ -530,11 +529,14 @@ pub fn pick(logits: &Tensor, samplers: &mut [&mut Sampler]) -> Result<Vec<Sample
             samplers.len()
         )));
     }
-    if samplers.iter().all(|s| s.params().is_greedy())
+    if samplers.iter().all(|s| !s.needs_host())
         && let Some(g) = crate::cuda::gpu(logits.device())
         && let Some(picks) = g.argmax_logprob(logits)?
     {
-        // The greedy draw advances nothing; the samplers stay as they are.
+        // The greedy draw advances no random stream; the samplers only count the token.
+        for (s, &(token, _)) in samplers.iter_mut().zip(&picks) {
+            s.record(token);
+        }
         return Ok(picks
             .into_iter()
             .map(|(token, logprob)| Sampled { token, logprob })

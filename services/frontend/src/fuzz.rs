@@ -188,6 +188,7 @@ fn request_from(u: &mut Unstructured) -> Result<v1::GenerateRequest> {
             },
             top_k: pick(u, &[0, 1, 50])?,
             seed: u.arbitrary()?,
+            ..Default::default()
         })
     } else {
         None
@@ -210,6 +211,10 @@ fn request_from(u: &mut Unstructured) -> Result<v1::GenerateRequest> {
                 })
                 .collect::<Result<_>>()?,
             ignore_eos: u.arbitrary()?,
+            stop_token_ids: (0..u.int_in_range(0..=2)?)
+                .map(|_| u.arbitrary())
+                .collect::<Result<_>>()?,
+            min_new_tokens: u.int_in_range(0..=3)?,
         })
     } else {
         None
@@ -298,6 +303,7 @@ mod tests {
                 max_new_tokens: Some(8),
                 stop: vec!["\n".into()],
                 ignore_eos: false,
+                ..Default::default()
             }),
             ..Default::default()
         };

@@ -419,19 +419,31 @@ impl StepLoop {
                 traceparent = telemetry::traceparent(&span);
                 spans.push(span);
             }
-            let (p, drawn) = slot.sampling.unwrap_or_default();
+            // Only a sequence's first step on the gate carries its sampling.
+            let sampling = slot.sampling.as_ref().map(|st| {
+                let p = st.params;
+                SeqSampling {
+                    temperature: p.temperature,
+                    top_p: p.top_p,
+                    top_k: p.top_k as u32,
+                    seed: p.seed.unwrap_or(0),
+                    samples_drawn: st.drawn,
+                    min_p: p.min_p,
+                    repetition_penalty: p.repetition_penalty,
+                    presence_penalty: p.presence_penalty,
+                    frequency_penalty: p.frequency_penalty,
+                    prompt_ids: st.prompt.to_vec(),
+                    generated_ids: st.generated.to_vec(),
+                    min_new_tokens: st.min_new_tokens as u32,
+                    suppressed_ids: st.suppressed.to_vec(),
+                }
+            });
             seq_steps.push(SeqStep {
                 seq_id: slot.key,
                 start_position: slot.start as u32,
                 num_tokens: slot.tokens as u32,
                 sample: slot.sample,
-                sampling: Some(SeqSampling {
-                    temperature: p.temperature,
-                    top_p: p.top_p,
-                    top_k: p.top_k as u32,
-                    seed: p.seed.unwrap_or(0),
-                    samples_drawn: drawn,
-                }),
+                sampling,
                 traceparent,
                 // The gate names cached KV blocks by these.
                 token_ids: step

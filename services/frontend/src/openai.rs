@@ -175,6 +175,16 @@ struct Common {
     user: Option<String>,
     /// Isolates the request in the prefix cache (as vLLM's `cache_salt`).
     cache_salt: Option<String>,
+    /// OpenAI's penalties, in [-2, 2].
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    /// vLLM's extensions, with vLLM's names.
+    min_p: Option<f32>,
+    repetition_penalty: Option<f32>,
+    stop_token_ids: Option<Vec<u32>>,
+    min_tokens: Option<u32>,
+    #[serde(default)]
+    ignore_eos: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -278,11 +288,17 @@ impl Common {
                 top_p: self.top_p,
                 top_k: self.top_k.unwrap_or(0),
                 seed: self.seed,
+                min_p: self.min_p,
+                repetition_penalty: self.repetition_penalty,
+                presence_penalty: self.presence_penalty.unwrap_or(0.0),
+                frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
             }),
             stopping: Some(StoppingCriteria {
                 max_new_tokens: self.max_completion_tokens.or(self.max_tokens),
                 stop: self.stop.map(OneOrMany::into_vec).unwrap_or_default(),
-                ignore_eos: false,
+                ignore_eos: self.ignore_eos,
+                stop_token_ids: self.stop_token_ids.unwrap_or_default(),
+                min_new_tokens: self.min_tokens.unwrap_or(0),
             }),
             request_id: self.user.unwrap_or_default(),
             cache_salt: self.cache_salt.unwrap_or_default(),

@@ -131,12 +131,18 @@ pub fn to_engine_request(
             top_k: s.top_k as usize,
             top_p: s.top_p.unwrap_or(1.0),
             seed: Some(s.seed.unwrap_or(seed)),
+            min_p: s.min_p.unwrap_or(0.0),
+            repetition_penalty: s.repetition_penalty.unwrap_or(1.0),
+            presence_penalty: s.presence_penalty,
+            frequency_penalty: s.frequency_penalty,
         },
         max_new_tokens: stopping
             .max_new_tokens
             .unwrap_or(cfg.default_max_new_tokens) as usize,
         stop: stopping.stop,
         ignore_eos: stopping.ignore_eos,
+        stop_token_ids: stopping.stop_token_ids,
+        min_new_tokens: stopping.min_new_tokens as usize,
     };
     let limits = Limits {
         max_new_tokens: cfg.max_new_tokens_limit as usize,

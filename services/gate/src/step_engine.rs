@@ -8,8 +8,8 @@ use std::time::Instant;
 use moemesh_common::metrics::names;
 use moemesh_common::telemetry::{self, TraceContext};
 use moemesh_common::{MeshError, MeshResult, codec};
-use moemesh_engine::SamplingParams;
 use moemesh_engine::serving::{SlotSpec, StepRunner};
+use moemesh_engine::{SamplerStart, SamplingParams};
 use moemesh_proto::v1::{
     GateInfoResponse, LayerLoad, SeqCached, SeqResult, StepRequest, StepResponse,
 };
@@ -169,14 +169,22 @@ impl StepEngine {
                 start: s.start_position as usize,
                 tokens: s.num_tokens as usize,
                 sample: s.sample,
-                sampling: s.sampling.as_ref().map(|p| {
-                    let params = SamplingParams {
+                sampling: s.sampling.as_ref().map(|p| SamplerStart {
+                    params: SamplingParams {
                         temperature: p.temperature,
                         top_k: p.top_k as usize,
                         top_p: p.top_p,
                         seed: Some(p.seed),
-                    };
-                    (params, p.samples_drawn)
+                        min_p: p.min_p,
+                        repetition_penalty: p.repetition_penalty,
+                        presence_penalty: p.presence_penalty,
+                        frequency_penalty: p.frequency_penalty,
+                    },
+                    drawn: p.samples_drawn,
+                    prompt: p.prompt_ids.as_slice().into(),
+                    generated: p.generated_ids.as_slice().into(),
+                    min_new_tokens: p.min_new_tokens as usize,
+                    suppressed: p.suppressed_ids.as_slice().into(),
                 }),
                 cache_salt,
             })

@@ -101,10 +101,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             top_k: args.top_k,
             top_p: args.top_p,
             seed: args.seed,
+            ..Default::default()
         },
         max_new_tokens: args.max_new_tokens,
         stop: args.stop.clone(),
         ignore_eos: args.ignore_eos,
+        ..Default::default()
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -236,11 +238,13 @@ mod remote {
                 top_p: Some(args.top_p),
                 top_k: args.top_k as u32,
                 seed: args.seed,
+                ..Default::default()
             }),
             stopping: Some(v1::StoppingCriteria {
                 max_new_tokens: Some(args.max_new_tokens as u32),
                 stop: args.stop.clone(),
                 ignore_eos: args.ignore_eos,
+                ..Default::default()
             }),
             request_id: String::new(),
             cache_salt: String::new(),

@@ -110,6 +110,7 @@ impl BenchArgs {
             top_k: self.top_k as usize,
             top_p: self.top_p,
             seed: Some(i as u64),
+            ..Default::default()
         }
     }
 
@@ -291,11 +292,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                             top_p: Some(top_p),
                             top_k,
                             seed: Some(i as u64),
+                            ..Default::default()
                         }),
                         stopping: Some(v1::StoppingCriteria {
                             max_new_tokens: Some(out_len),
                             stop: Vec::new(),
                             ignore_eos: true,
+                            ..Default::default()
                         }),
                         request_id: format!("bench-{i}"),
                         cache_salt: String::new(),
@@ -353,6 +356,7 @@ fn run_in_process(
             max_new_tokens: args.output_len as usize,
             stop: Vec::new(),
             ignore_eos: true,
+            ..Default::default()
         })
         .collect();
     let mut server = LocalServer::new(

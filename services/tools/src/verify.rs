@@ -338,6 +338,7 @@ fn check(
             max_new_tokens: expected.len(),
             stop: Vec::new(),
             ignore_eos: true,
+            ..Default::default()
         };
         let out = engine.generate(&req, &mut |_| true)?;
         c.add_prompt(&got, want, &ties, &out.token_ids, &expected, comparable)?;
@@ -414,7 +415,7 @@ fn paged_check(engine: &InProcessEngine, prompts: &[PagedPrompt]) -> anyhow::Res
                 start: pos,
                 tokens: 1,
                 sample: true,
-                sampling: Some((SamplingParams::default(), 0)),
+                sampling: Some(moemesh_engine::SamplerStart::default()),
                 cache_salt: None,
             })
             .collect();
@@ -472,7 +473,7 @@ fn chunked_check(engine: &InProcessEngine, prompts: &[PagedPrompt]) -> anyhow::R
                 start: at,
                 tokens: chunk(i).len(),
                 sample: false,
-                sampling: Some((SamplingParams::default(), 0)),
+                sampling: Some(moemesh_engine::SamplerStart::default()),
                 cache_salt: None,
             })
             .collect();
