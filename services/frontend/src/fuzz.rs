@@ -89,6 +89,8 @@ pub fn generate_request(data: &[u8]) -> Outcome {
     assert!(out.stop.iter().all(|s| s.len() <= f.cfg.max_stop_bytes));
     assert!(req.request_id.len() <= crate::request::MAX_REQUEST_ID_BYTES);
     assert!(out.sampling.validate(vocab).is_ok());
+    assert!(out.stop_token_ids.iter().all(|&id| (id as usize) < vocab));
+    assert!(out.min_new_tokens <= out.max_new_tokens);
     let context = f.model.max_position_embeddings;
     match SequenceDecoder::new(&out, f.tokenizer.as_ref(), Vec::new().into(), context) {
         Ok(_) => Outcome::Accepted,
@@ -211,8 +213,15 @@ fn request_from(u: &mut Unstructured) -> Result<v1::GenerateRequest> {
                 })
                 .collect::<Result<_>>()?,
             ignore_eos: u.arbitrary()?,
+            // Mostly inside the vocabulary, sometimes far outside it.
             stop_token_ids: (0..u.int_in_range(0..=2)?)
-                .map(|_| u.arbitrary())
+                .map(|_| {
+                    if u.ratio(9, 10)? {
+                        u.int_in_range(0..=64)
+                    } else {
+                        u.arbitrary()
+                    }
+                })
                 .collect::<Result<_>>()?,
             min_new_tokens: u.int_in_range(0..=3)?,
         })

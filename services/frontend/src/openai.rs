@@ -700,6 +700,38 @@ mod tests {
     }
 
     #[test]
+    fn penalties_and_vllm_extensions_reach_the_generate_request() {
+        let body = br#"{"prompt": "x", "presence_penalty": 0.5, "frequency_penalty": -1.0,
+            "min_p": 0.1, "repetition_penalty": 1.3, "stop_token_ids": [7, 9], "min_tokens": 3,
+            "ignore_eos": true}"#;
+        let req: CompletionRequest = parse(body).expect("parses");
+        let g = req.common.request(Input::Prompt("x".into()));
+        let s = g.sampling.expect("sampling");
+        assert_eq!(
+            (
+                s.presence_penalty,
+                s.frequency_penalty,
+                s.min_p,
+                s.repetition_penalty
+            ),
+            (0.5, -1.0, Some(0.1), Some(1.3))
+        );
+        let st = g.stopping.expect("stopping");
+        assert_eq!(
+            (st.stop_token_ids, st.min_new_tokens, st.ignore_eos),
+            (vec![7, 9], 3, true)
+        );
+        // Unset, they are off.
+        let req: CompletionRequest = parse(br#"{"prompt": "x"}"#).expect("parses");
+        let g = req.common.request(Input::Prompt("x".into()));
+        let s = g.sampling.expect("sampling");
+        assert_eq!(
+            (s.presence_penalty, s.min_p, s.repetition_penalty),
+            (0.0, None, None)
+        );
+    }
+
+    #[test]
     fn reasoning_ends_at_the_closing_tag_even_split_over_tokens() {
         // As vLLM's parser: the text on either side of the tag is kept as it is.
         let want = ("Let me think.".to_string(), "\n\nBlue.".to_string());
