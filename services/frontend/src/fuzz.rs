@@ -214,7 +214,11 @@ fn request_from(u: &mut Unstructured) -> Result<v1::GenerateRequest> {
                 .collect::<Result<_>>()?,
             ignore_eos: u.arbitrary()?,
             // Mostly inside the vocabulary, sometimes far outside it.
-            stop_token_ids: (0..u.int_in_range(0..=2)?)
+            stop_token_ids: (0..if u.ratio(1, 2)? {
+                0
+            } else {
+                u.int_in_range(1..=2)?
+            })
                 .map(|_| {
                     if u.ratio(9, 10)? {
                         u.int_in_range(0..=64)
@@ -223,7 +227,12 @@ fn request_from(u: &mut Unstructured) -> Result<v1::GenerateRequest> {
                     }
                 })
                 .collect::<Result<_>>()?,
-            min_new_tokens: u.int_in_range(0..=3)?,
+            // Mostly none (a larger one than max_new_tokens is refused).
+            min_new_tokens: if u.ratio(1, 4)? {
+                u.int_in_range(1..=3)?
+            } else {
+                0
+            },
         })
     } else {
         None
