@@ -41,6 +41,7 @@ impl Case {
             sampling: Some(self.sampling),
             stopping: Some(self.stopping.clone()),
             request_id: String::new(),
+            cache_salt: String::new(),
         }
     }
 
@@ -163,6 +164,7 @@ async fn bad_new_fields_are_invalid_argument_naming_field_and_range() {
             ..Default::default()
         }),
         request_id: String::new(),
+        cache_salt: String::new(),
     };
     type Edit = dyn Fn(&mut GenerateRequest);
     let cases: Vec<(&Edit, &[&str])> = vec![
