@@ -289,18 +289,7 @@ async fn up_with_two_gates_serves_reference_tokens_to_concurrent_requests() {
         let mut client = client.clone();
         async move {
             let (prompt, expected) = reference_greedy("tiny-deepseek-v3", i % 3);
-            let req = GenerateRequest {
-                input: Some(Input::Tokens(v1::TokenIds { ids: prompt })),
-                sampling: None,
-                stopping: Some(v1::StoppingCriteria {
-                    max_new_tokens: Some(expected.len() as u32),
-                    stop: Vec::new(),
-                    ignore_eos: true,
-                    ..Default::default()
-                }),
-                request_id: String::new(),
-                cache_salt: String::new(),
-            };
+            let req = moemesh_tests::tokens_request(&prompt, expected.len() as u32);
             let mut stream = client.generate(req).await.expect("accepted").into_inner();
             let mut ids = Vec::new();
             while let Some(m) = stream.message().await.expect("no failed request") {
