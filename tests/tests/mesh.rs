@@ -502,6 +502,8 @@ async fn bench_reports_every_request_as_a_table_and_as_json() {
     let r = &lines[0];
     assert_eq!(r["requests"], 7);
     assert_eq!(r["succeeded"], 7, "{r}");
+    // One warm-up wave (3 requests) ran first and is not counted.
+    assert_eq!(r["warmup_waves"], 1, "{r}");
     assert_eq!(r["concurrency"], 3);
     assert!(r["output_tokens_per_s"].as_f64().expect("rate") > 0.0);
     for key in ["ttft_ms", "itl_ms"] {

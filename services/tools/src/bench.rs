@@ -85,6 +85,12 @@ pub struct BenchArgs {
     /// per run.
     #[arg(long, value_delimiter = ',')]
     pub sweep: Vec<usize>,
+    /// Waves of --concurrency requests of the same shape run first and left out of the
+    /// figures: the first requests after a start pay for first allocations, kernel loading and
+    /// cuBLAS set-up (a fresh in-process run always, a server just started too), which a
+    /// long-running server does not. 0 measures from the first request.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
     /// TLS and the API key for --addr.
     #[command(flatten)]
     pub client: crate::client_args::ClientArgs,
@@ -260,61 +266,74 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             .into_inner();
         let vocab = info.vocab_size.max(2);
         args.check_sampling(vocab as usize)?;
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
-        let prompts: Vec<Vec<u32>> = (0..args.requests())
-            .map(|_| {
-                (0..args.prompt_len)
-                    .map(|_| rng.random_range(2..vocab))
-                    .collect()
-            })
-            .collect();
-        let prompts = Arc::new(prompts);
-        let next = Arc::new(AtomicUsize::new(0));
+        let prompts = |seed: u64, n: usize| -> Vec<Vec<u32>> {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            (0..n)
+                .map(|_| {
+                    (0..args.prompt_len)
+                        .map(|_| rng.random_range(2..vocab))
+                        .collect()
+                })
+                .collect()
+        };
+        let warm = args.warmup * args.concurrency().min(args.requests());
+        if warm > 0 {
+            drive(&args, prompts(7, warm)).await?;
+        }
+        let prompts = prompts(42, args.requests());
         let started = Instant::now();
-        let mut tasks = Vec::new();
-        for _ in 0..args.concurrency() {
-            let (prompts, next, out_len) = (prompts.clone(), next.clone(), args.output_len);
-            let (temperature, top_p, top_k) = (args.temperature, args.top_p, args.top_k);
-            let sampled = args.sampled();
-            let (client_args, addr) = (args.client.clone(), args.addr().to_string());
-            tasks.push(tokio::spawn(async move {
-                let mut samples = Vec::new();
-                let Ok(mut client) = client_args.connect(&addr).await else {
-                    return samples;
-                };
-                loop {
-                    let i = next.fetch_add(1, Ordering::SeqCst);
-                    let Some(p) = prompts.get(i) else { break };
-                    let req = GenerateRequest {
-                        input: Some(Input::Tokens(v1::TokenIds { ids: p.clone() })),
-                        sampling: sampled.then_some(v1::SamplingParams {
-                            temperature,
-                            top_p: Some(top_p),
-                            top_k,
-                            seed: Some(i as u64),
-                            ..Default::default()
-                        }),
-                        stopping: Some(v1::StoppingCriteria {
-                            max_new_tokens: Some(out_len),
-                            stop: Vec::new(),
-                            ignore_eos: true,
-                            ..Default::default()
-                        }),
-                        request_id: format!("bench-{i}"),
-                        cache_salt: String::new(),
-                    };
-                    samples.push(one(&mut client, req).await);
-                }
-                samples
-            }));
-        }
-        let mut samples = Vec::new();
-        for t in tasks {
-            samples.extend(t.await.context("bench client task")?);
-        }
+        let samples = drive(&args, prompts).await?;
         let wall = started.elapsed().as_secs_f64();
         report(&args, &info.model_name, &samples, wall)
     })
+}
+
+/// Sends `prompts` at --concurrency (a finished request lets the next in) and times each.
+async fn drive(args: &BenchArgs, prompts: Vec<Vec<u32>>) -> anyhow::Result<Vec<Sample>> {
+    let prompts = Arc::new(prompts);
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..args.concurrency() {
+        let (prompts, next, out_len) = (prompts.clone(), next.clone(), args.output_len);
+        let (temperature, top_p, top_k) = (args.temperature, args.top_p, args.top_k);
+        let sampled = args.sampled();
+        let (client_args, addr) = (args.client.clone(), args.addr().to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let Ok(mut client) = client_args.connect(&addr).await else {
+                return samples;
+            };
+            loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let Some(p) = prompts.get(i) else { break };
+                let req = GenerateRequest {
+                    input: Some(Input::Tokens(v1::TokenIds { ids: p.clone() })),
+                    sampling: sampled.then_some(v1::SamplingParams {
+                        temperature,
+                        top_p: Some(top_p),
+                        top_k,
+                        seed: Some(i as u64),
+                        ..Default::default()
+                    }),
+                    stopping: Some(v1::StoppingCriteria {
+                        max_new_tokens: Some(out_len),
+                        stop: Vec::new(),
+                        ignore_eos: true,
+                        ..Default::default()
+                    }),
+                    request_id: format!("bench-{i}"),
+                    cache_salt: String::new(),
+                };
+                samples.push(one(&mut client, req).await);
+            }
+            samples
+        }));
+    }
+    let mut samples = Vec::new();
+    for t in tasks {
+        samples.extend(t.await.context("bench client task")?);
+    }
+    Ok(samples)
 }
 
 fn load_in_process(args: &BenchArgs) -> anyhow::Result<moemesh_engine::InProcessEngine> {
@@ -367,6 +386,24 @@ fn run_in_process(
         args.prompt_len + args.output_len as usize,
     )?;
     server.limits.max_new_tokens = server.limits.max_new_tokens.max(args.output_len as usize);
+    // Warm-up waves of the same shape (other prompts), left out of the figures (and unseen by
+    // the profiler hook below).
+    let warm = args.warmup * args.concurrency().min(args.requests());
+    if warm > 0 {
+        let warm_requests: Vec<GenerationRequest> = (0..warm)
+            .map(|i| GenerationRequest {
+                prompt_ids: (0..args.prompt_len)
+                    .map(|_| rng.random_range(2..vocab))
+                    .collect(),
+                sampling: args.sampling(args.requests() + i),
+                max_new_tokens: args.output_len as usize,
+                stop: Vec::new(),
+                ignore_eos: true,
+                ..Default::default()
+            })
+            .collect();
+        server.run(warm_requests, &mut |_, _| true)?;
+    }
     // MOEMESH_PROFILE_STEP=N: only step N (from 0) is seen by a profiler started with
     // collection off (scripts/gpu-check.sh --profile).
     if let Some(n) = std::env::var("MOEMESH_PROFILE_STEP")
@@ -438,6 +475,7 @@ fn report(args: &BenchArgs, model: &str, samples: &[Sample], wall: f64) -> anyho
         "addr": args.addr(),
         "concurrency": args.concurrency(),
         "requests": samples.len(),
+        "warmup_waves": args.warmup,
         "succeeded": ok.len(),
         "errors": errors,
         "prompt_len": args.prompt_len,
