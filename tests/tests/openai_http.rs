@@ -184,6 +184,45 @@ async fn the_openai_api_answers_as_generate_does_streamed_or_whole_with_openai_e
     assert_eq!(c1["object"], "text_completion");
     assert_eq!(c1["choices"][0]["text"], c2["choices"][0]["text"]);
 
+    // n = 2: two choices, indexed; choice 1 is what seed + 1 gives alone (vLLM's rule); the
+    // usage counts the prompt once and both completions. Streamed, each chunk names its choice.
+    let mut two = completion.clone();
+    two["n"] = json!(2);
+    two["max_tokens"] = json!(4);
+    two["ignore_eos"] = json!(true);
+    let (status, body) = http(port, "POST", "/v1/completions", Some(&two));
+    assert_eq!(status, 200, "{body}");
+    let both = json_of(&body);
+    let mut alone = two.clone();
+    alone["n"] = json!(1);
+    alone["seed"] = json!(1235);
+    let (status, body) = http(port, "POST", "/v1/completions", Some(&alone));
+    assert_eq!(status, 200, "{body}");
+    let alone = json_of(&body);
+    assert_eq!(both["choices"][1]["index"], 1);
+    assert_eq!(both["choices"][1]["text"], alone["choices"][0]["text"]);
+    assert_eq!(
+        both["usage"]["prompt_tokens"],
+        alone["usage"]["prompt_tokens"]
+    );
+    assert_eq!(both["usage"]["completion_tokens"], 8);
+    two["stream"] = json!(true);
+    let (status, body) = http(port, "POST", "/v1/completions", Some(&two));
+    assert_eq!(status, 200, "{body}");
+    let evs = events(&body);
+    let mut texts = [String::new(), String::new()];
+    for c in evs[..evs.len() - 1].iter().map(|e| json_of(e)) {
+        let i = c["choices"][0]["index"].as_u64().expect("an index") as usize;
+        texts[i].push_str(c["choices"][0]["text"].as_str().unwrap_or_default());
+    }
+    assert_eq!(texts[0], both["choices"][0]["text"].as_str().expect("text"));
+    assert_eq!(texts[1], both["choices"][1]["text"].as_str().expect("text"));
+    let mut many = two.clone();
+    many["n"] = json!(17);
+    let (status, body) = http(port, "POST", "/v1/completions", Some(&many));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("16"), "{body}");
+
     // OpenAI's error shape, with the status a client library maps to its exception.
     let bad = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0});
     let (status, body) = http(port, "POST", "/v1/chat/completions", Some(&bad));

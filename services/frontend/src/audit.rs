@@ -250,15 +250,22 @@ fn reason_name(r: i32) -> &'static str {
 }
 
 /// A Generate response stream that keeps its call's [`Trail`] and writes it when the stream ends
-/// or is dropped (the client went away).
+/// or is dropped (the client went away). With several choices the stream holds one finish per
+/// choice; the record is written once, at the end, with the last one's reason.
 pub struct Audited<S> {
     inner: S,
     trail: Trail,
+    /// The reason of the last finished choice seen.
+    finished: Option<&'static str>,
 }
 
 impl<S> Audited<S> {
     pub fn new(inner: S, trail: Trail) -> Self {
-        Audited { inner, trail }
+        Audited {
+            inner,
+            trail,
+            finished: None,
+        }
     }
 }
 
@@ -274,13 +281,15 @@ where
             Some(Ok(msg)) => {
                 self.trail.saw(msg);
                 if msg.finish_reason != FinishReason::Unspecified as i32 {
-                    self.trail
-                        .end(tonic::Code::Ok, Some(reason_name(msg.finish_reason)));
+                    self.finished = Some(reason_name(msg.finish_reason));
                 }
             }
             Some(Err(status)) => self.trail.end(status.code(), None),
-            // The sender went away without a final message (the frontend is stopping).
-            None => self.trail.end(tonic::Code::Unavailable, None),
+            None => match self.finished {
+                Some(reason) => self.trail.end(tonic::Code::Ok, Some(reason)),
+                // The sender went away without a final message (the frontend is stopping).
+                None => self.trail.end(tonic::Code::Unavailable, None),
+            },
         }
         Poll::Ready(item)
     }
@@ -288,7 +297,11 @@ where
 
 impl<S> Drop for Audited<S> {
     fn drop(&mut self) {
-        self.trail.end(tonic::Code::Cancelled, None);
+        match self.finished {
+            // Dropped after its (last seen) finish, before its end was polled.
+            Some(reason) => self.trail.end(tonic::Code::Ok, Some(reason)),
+            None => self.trail.end(tonic::Code::Cancelled, None),
+        }
     }
 }
 
@@ -305,6 +318,7 @@ mod tests {
             finish_reason: reason as i32,
             usage: None,
             request_id: String::new(),
+            index: 0,
         })
     }
 

@@ -273,9 +273,6 @@ impl Common {
                 api.model
             )));
         }
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(invalid("n: only 1 choice per request is supported"));
-        }
         Ok(())
     }
 
@@ -292,6 +289,8 @@ impl Common {
                 repetition_penalty: self.repetition_penalty,
                 presence_penalty: self.presence_penalty.unwrap_or(0.0),
                 frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+                // Checked against its limit (`request::MAX_CHOICES`) with the rest.
+                n: self.n.unwrap_or(1),
             }),
             stopping: Some(StoppingCriteria {
                 max_new_tokens: self.max_completion_tokens.or(self.max_tokens),
@@ -321,6 +320,17 @@ fn finish_reason(r: i32) -> Option<&'static str> {
     }
 }
 
+/// The usage of a request's choices together: the prompt once, the completions summed.
+fn add_usage(total: Option<v1::Usage>, u: v1::Usage) -> Option<v1::Usage> {
+    Some(match total {
+        None => u,
+        Some(t) => v1::Usage {
+            completion_tokens: t.completion_tokens + u.completion_tokens,
+            ..t
+        },
+    })
+}
+
 fn usage(u: &v1::Usage) -> Value {
     json!({
         "prompt_tokens": u.prompt_tokens,
@@ -346,6 +356,8 @@ struct Shape {
     include_usage: bool,
     /// Split chat output into `reasoning_content` and `content`.
     reasoning: bool,
+    /// How many choices the request asked for (`n`).
+    n: u32,
 }
 
 impl Shape {
@@ -366,6 +378,7 @@ impl Shape {
             logprobs,
             include_usage,
             reasoning: false,
+            n: 1,
         }
     }
 
@@ -394,13 +407,21 @@ impl Shape {
         }
     }
 
-    fn choice(&self, text: &str, finish: Option<&str>, logprobs: Value, chunk: bool) -> Value {
-        self.chat_choice(None, text, finish, logprobs, chunk)
+    fn choice(
+        &self,
+        index: u32,
+        text: &str,
+        finish: Option<&str>,
+        logprobs: Value,
+        chunk: bool,
+    ) -> Value {
+        self.chat_choice(index, None, text, finish, logprobs, chunk)
     }
 
     /// A choice; for chat with the reasoning split on, `reasoning` is `reasoning_content`.
     fn chat_choice(
         &self,
+        index: u32,
         reasoning: Option<&str>,
         text: &str,
         finish: Option<&str>,
@@ -415,20 +436,20 @@ impl Shape {
             (Kind::Chat, false) => {
                 message["role"] = json!("assistant");
                 json!({
-                    "index": 0,
+                    "index": index,
                     "message": message,
                     "finish_reason": finish,
                     "logprobs": logprobs,
                 })
             }
             (Kind::Chat, true) => json!({
-                "index": 0,
+                "index": index,
                 "delta": message,
                 "finish_reason": finish,
                 "logprobs": logprobs,
             }),
             (Kind::Completion, _) => json!({
-                "index": 0,
+                "index": index,
                 "text": text,
                 "finish_reason": finish,
                 "logprobs": logprobs,
@@ -559,6 +580,7 @@ async fn run(
         .is_some_and(|o| o.include_usage);
     let mut shape = Shape::new(kind, &api.model, logprobs, include_usage);
     shape.reasoning = api.reasoning && kind == Kind::Chat;
+    shape.n = common.n.unwrap_or(1).max(1);
     let stream = common.stream;
     let req = common.request(input);
     let tokens = match (api.generate)(req, headers).await {
@@ -572,44 +594,65 @@ async fn run(
     }
 }
 
-/// The whole response at once.
+/// One choice of a whole response, as its messages come in.
+#[derive(Default)]
+struct Gathered {
+    text: String,
+    /// Each token's text, for `logprobs`.
+    pieces: Vec<String>,
+    logprobs: Vec<f32>,
+    finish: Option<&'static str>,
+}
+
+/// The whole response at once: a choice per index, the usage of all of them.
 async fn whole(
     mut tokens: futures::stream::BoxStream<'static, Result<GenerateResponse, Status>>,
     shape: Shape,
 ) -> Response {
-    let (mut text, mut pieces, mut logprobs) = (String::new(), Vec::new(), Vec::new());
-    let mut finish = None;
+    let mut choices: Vec<Gathered> = Vec::new();
+    choices.resize_with(shape.n as usize, Gathered::default);
     let mut used = None;
     while let Some(m) = tokens.next().await {
         let m = match m {
             Ok(m) => m,
             Err(status) => return error(status),
         };
-        text.push_str(&m.text);
-        pieces.push(m.text.clone());
-        logprobs.extend(&m.logprobs);
-        finish = finish.or(finish_reason(m.finish_reason));
-        if let Some(u) = &m.usage {
-            used = Some(usage(u));
+        let i = m.index as usize;
+        if choices.len() <= i {
+            choices.resize_with(i + 1, Gathered::default);
+        }
+        let c = &mut choices[i];
+        c.text.push_str(&m.text);
+        c.pieces.push(m.text.clone());
+        c.logprobs.extend(&m.logprobs);
+        c.finish = c.finish.or(finish_reason(m.finish_reason));
+        if let Some(u) = m.usage {
+            used = add_usage(used, u);
         }
     }
-    let lp = shape.logprobs(&pieces, &logprobs);
-    let choice = if shape.reasoning {
-        let mut split = ReasoningSplit::default();
-        let (mut r, mut a) = split.push(&text);
-        let (r2, a2) = split.finish();
-        r.push_str(&r2);
-        a.push_str(&a2);
-        shape.chat_choice(Some(&r), &a, finish, lp, false)
-    } else {
-        shape.choice(&text, finish, lp, false)
-    };
-    Json(shape.body(vec![choice], used, false)).into_response()
+    let choices = (0u32..)
+        .zip(&choices)
+        .map(|(i, c)| {
+            let lp = shape.logprobs(&c.pieces, &c.logprobs);
+            if shape.reasoning {
+                let mut split = ReasoningSplit::default();
+                let (mut r, mut a) = split.push(&c.text);
+                let (r2, a2) = split.finish();
+                r.push_str(&r2);
+                a.push_str(&a2);
+                shape.chat_choice(i, Some(&r), &a, c.finish, lp, false)
+            } else {
+                shape.choice(i, &c.text, c.finish, lp, false)
+            }
+        })
+        .collect();
+    Json(shape.body(choices, used.as_ref().map(usage), false)).into_response()
 }
 
-/// Server-sent events: a chunk per token (the first names the assistant role), the last with
-/// the finish reason, usage when asked for, then `[DONE]`. An error after the stream started
-/// is sent as an event in OpenAI's error shape.
+/// Server-sent events: a chunk per token (the first of each choice names the assistant role),
+/// each choice's last with its finish reason, usage (of all the choices) when asked for once the
+/// last choice has finished, then `[DONE]`. An error after the stream started is sent as an
+/// event in OpenAI's error shape.
 fn events(
     tokens: futures::stream::BoxStream<'static, Result<GenerateResponse, Status>>,
     shape: Shape,
@@ -617,34 +660,44 @@ fn events(
     let shape = Arc::new(shape);
     let first = {
         let s = shape.clone();
-        futures::stream::once(async move {
+        futures::stream::iter((0..s.n).map(move |i| {
             (s.kind == Kind::Chat).then(|| {
-                let choice = json!({"index": 0, "delta": {"role": "assistant", "content": ""},
+                let choice = json!({"index": i, "delta": {"role": "assistant", "content": ""},
                     "finish_reason": Value::Null, "logprobs": Value::Null});
                 s.body(vec![choice], None, true)
             })
-        })
+        }))
     };
     let s = shape.clone();
-    let mut split = ReasoningSplit::default();
+    let mut splits: Vec<ReasoningSplit> = Vec::new();
+    let (mut used, mut finished) = (None, 0);
     let chunks = tokens.flat_map(move |m| {
         let out: Vec<Value> = match m {
             Ok(m) => {
                 let lp = s.logprobs(std::slice::from_ref(&m.text), &m.logprobs);
                 let finish = finish_reason(m.finish_reason);
                 let choice = if s.reasoning {
+                    let i = m.index as usize;
+                    if splits.len() <= i {
+                        splits.resize_with(i + 1, ReasoningSplit::default);
+                    }
+                    let split = &mut splits[i];
                     let (mut r, mut a) = split.push(&m.text);
                     if finish.is_some() {
                         let (r2, a2) = split.finish();
                         r.push_str(&r2);
                         a.push_str(&a2);
                     }
-                    s.chat_choice(Some(&r), &a, finish, lp, true)
+                    s.chat_choice(m.index, Some(&r), &a, finish, lp, true)
                 } else {
-                    s.choice(&m.text, finish, lp, true)
+                    s.choice(m.index, &m.text, finish, lp, true)
                 };
                 let mut v = vec![s.body(vec![choice], None, true)];
-                if let Some(u) = m.usage.as_ref().filter(|_| s.include_usage) {
+                if let Some(u) = m.usage {
+                    used = add_usage(used, u);
+                    finished += 1;
+                }
+                if let Some(u) = used.as_ref().filter(|_| s.include_usage && finished == s.n) {
                     v.push(s.body(Vec::new(), Some(usage(u)), true));
                 }
                 v

@@ -15,14 +15,16 @@ use moemesh_engine::serving::SequenceDecoder;
 use moemesh_engine::{Arch, DType, Device, ModelFiles, Parts};
 use moemesh_proto::v1::generation_server::{Generation, GenerationServer};
 use moemesh_proto::v1::{
-    GenerateRequest, GenerateResponse, MemberInfo, ModelInfoRequest, ModelInfoResponse,
-    TokenizeRequest, TokenizeResponse, tokenize_request,
+    AbortRequest, AbortResponse, CompleteResponse, GenerateRequest, GenerateResponse, MemberInfo,
+    ModelInfoRequest, ModelInfoResponse, TokenizeRequest, TokenizeResponse, Usage,
+    tokenize_request,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::abort::Running;
 use crate::audit::{AuditLog, Audited, Trail};
 use crate::auth::{ApiKeys, AuthLayer, KeyId};
 use crate::config::FrontendConfig;
@@ -31,8 +33,12 @@ use crate::{metered, request};
 
 /// `--max-message-mb` when not given: a public request is text or token ids, far below this.
 const DEFAULT_MAX_MESSAGE_MB: usize = 4;
-/// The public streaming call, which load shedding bounds and the request metrics count.
-const GENERATE_PATH: &str = "/moemesh.v1.Generation/Generate";
+/// The public calls that run a generation (streamed and whole), which load shedding bounds and
+/// the request metrics count.
+const GENERATE_PATHS: &[&str] = &[
+    "/moemesh.v1.Generation/Generate",
+    "/moemesh.v1.Generation/Complete",
+];
 /// How long a request waits for a gate to appear before UNAVAILABLE.
 const GATE_WAIT: Duration = Duration::from_secs(5);
 /// How long a gate whose stream broke is passed over while another is listed.
@@ -53,6 +59,8 @@ struct Frontend {
     seed: AtomicU64,
     /// `--audit-log`, when given.
     audit: Option<AuditLog>,
+    /// The running requests that have a request_id, for `Abort`.
+    running: Arc<Running>,
 }
 
 impl Frontend {
@@ -135,7 +143,7 @@ impl GenerationService {
             span.record("request_id", req.request_id.as_str());
         }
         let seed = f.seed.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
-        let (engine_req, rendered, decoder) = {
+        let (choices, rendered) = {
             let _tokenize = tracing::debug_span!(parent: span, "tokenize").entered();
             let (engine_req, rendered) = request::to_engine_request(
                 &req,
@@ -144,43 +152,67 @@ impl GenerationService {
                 f.ctx.tokenizer.as_ref(),
                 seed,
             )?;
-            let decoder = SequenceDecoder::new(
-                &engine_req,
-                f.ctx.tokenizer.as_ref(),
-                f.ctx.eos.clone(),
-                f.ctx.context_length,
-            )
-            .map_err(MeshError::from)?;
-            (engine_req, rendered, decoder)
+            // One sequence per choice; choice i draws from seed + i (vLLM's rule for n > 1).
+            let mut choices = Vec::new();
+            for i in 0..request::choices(&req) {
+                let mut choice = engine_req.clone();
+                choice.sampling.seed = engine_req
+                    .sampling
+                    .seed
+                    .map(|s| s.wrapping_add(u64::from(i)));
+                let decoder = SequenceDecoder::new(
+                    &choice,
+                    f.ctx.tokenizer.as_ref(),
+                    f.ctx.eos.clone(),
+                    f.ctx.context_length,
+                )
+                .map_err(MeshError::from)?;
+                choices.push((choice, decoder));
+            }
+            (choices, rendered)
         };
-        span.record("prompt_tokens", engine_req.prompt_ids.len());
+        let prompt_len = choices.first().map_or(0, |(r, _)| r.prompt_ids.len());
+        span.record("prompt_tokens", prompt_len);
         if let Some(trail) = trail {
             let (bytes, text) = request::audit_prompt(&req, &rendered);
-            trail.prompt(&bytes, text, engine_req.prompt_ids.len());
+            trail.prompt(&bytes, text, prompt_len);
         }
-        tracing::debug!(request_id = %req.request_id, prompt_tokens = engine_req.prompt_ids.len(), "generate");
+        tracing::debug!(request_id = %req.request_id, prompt_tokens = prompt_len, choices = choices.len(), "generate");
+        // The choices share one stream (their messages carry their index), one gate (so the
+        // later ones find the prompt in its prefix cache) and one abort flag.
         let (tx, rx) = mpsc::unbounded_channel();
         let link = f.pick_gate(None).await?;
-        let prompt_tokens = engine_req.prompt_ids.len() as u64;
-        let queued = link.submit(NewSeq {
-            req: engine_req,
-            cache_salt: request::cache_salt(key.as_deref(), &req.cache_salt),
-            request_id: req.request_id.clone(),
-            decoder,
-            tx,
-            start,
-            deadline,
-            generated: Vec::new(),
-            ttft: None,
-            queue: crate::gate_link::queue_span(span),
-            span: span.clone(),
-        });
-        if queued.is_err() {
-            let msg = format!("gate {} is not accepting work", link.address);
-            return Err(MeshError::Unavailable(msg).into());
+        let (aborted, registered) = f.running.register(key.clone(), &req.request_id);
+        let cache_salt = request::cache_salt(key.as_deref(), &req.cache_salt);
+        for (index, (choice, decoder)) in (0u32..).zip(choices) {
+            let queued = link.submit(NewSeq {
+                req: choice,
+                cache_salt,
+                request_id: req.request_id.clone(),
+                index,
+                aborted: aborted.clone(),
+                decoder,
+                tx: tx.clone(),
+                start,
+                deadline,
+                generated: Vec::new(),
+                ttft: None,
+                queue: crate::gate_link::queue_span(span),
+                span: span.clone(),
+            });
+            if queued.is_err() {
+                let msg = format!("gate {} is not accepting work", link.address);
+                return Err(MeshError::Unavailable(msg).into());
+            }
         }
-        metrics::counter!(names::PROMPT_TOKENS).increment(prompt_tokens);
-        let stream = metered::Metered::new(UnboundedReceiverStream::new(rx), start, span.clone());
+        drop(tx);
+        metrics::counter!(names::PROMPT_TOKENS).increment(prompt_len as u64);
+        let stream = metered::Metered::new(UnboundedReceiverStream::new(rx), start, span.clone())
+            // Abort can find the request for as long as its stream is open.
+            .map(move |m| {
+                let _running = &registered;
+                m
+            });
         Ok(Response::new(Box::pin(stream)))
     }
 }
@@ -229,6 +261,46 @@ impl Generation for GenerationService {
                 Ok(stream.map(|s| Box::pin(Audited::new(s, trail)) as GenerateStream))
             }
             (Ok(stream), None) => Ok(stream),
+        }
+    }
+
+    async fn complete(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<CompleteResponse>, Status> {
+        let request_id = request.get_ref().request_id.clone();
+        let stream = self.generate(request).await?.into_inner();
+        Ok(Response::new(whole(stream, request_id).await?))
+    }
+
+    async fn abort(
+        &self,
+        request: Request<AbortRequest>,
+    ) -> Result<Response<AbortResponse>, Status> {
+        let key = request.extensions().get::<KeyId>().map(|k| k.0.clone());
+        let id = &request.get_ref().request_id;
+        if id.is_empty() {
+            return Err(MeshError::Invalid(
+                "request_id: empty; give the request_id the request to abort was sent with".into(),
+            )
+            .into());
+        }
+        match self.0.running.abort(key.clone(), id) {
+            0 => {
+                let whose = if key.is_some() {
+                    " of this API key"
+                } else {
+                    ""
+                };
+                Err(MeshError::NotFound(format!(
+                    "request_id {id:?}: no running request{whose} has this id (it finished, or never ran)"
+                ))
+                .into())
+            }
+            n => {
+                tracing::info!(request_id = %id, requests = n, "aborting");
+                Ok(Response::new(AbortResponse { aborted: n as u32 }))
+            }
         }
     }
 
@@ -424,6 +496,7 @@ pub async fn run(
                 .unwrap_or(0x1234_5678),
         ),
         audit: audit.clone(),
+        running: Arc::default(),
         cfg,
     });
 
@@ -462,7 +535,7 @@ pub async fn run(
     let max_pending = frontend.cfg.max_pending;
     let drain_timeout = frontend.cfg.drain_timeout;
     let shed = moemesh_common::layers::InflightLimitLayer::new(
-        GENERATE_PATH,
+        GENERATE_PATHS,
         max_pending,
         format!(
             "server is at capacity: {max_pending} requests are running or waiting (--max-pending); retry later"
@@ -479,7 +552,7 @@ pub async fn run(
     // The edge layer (outermost) counts every Generate call by its final status, whatever
     // answered it: the limits, the key checks, load shedding, the codec, or the handler.
     let router = limits
-        .server_counting(GENERATE_PATH, metered::count_request)
+        .server_counting(GENERATE_PATHS, metered::count_request)
         .layer(auth)
         .layer(shed)
         .add_service(health)
@@ -635,6 +708,46 @@ fn same_model(
         }
     });
     rx
+}
+
+/// A Generate stream gathered into `Complete`'s answer: each choice whole (its pieces joined in
+/// order), and the request's usage (the prompt once, completions summed, the earliest first
+/// token). The first error status is the answer.
+async fn whole(
+    mut stream: impl Stream<Item = Result<GenerateResponse, Status>> + Unpin,
+    request_id: String,
+) -> Result<CompleteResponse, Status> {
+    let mut choices: Vec<GenerateResponse> = Vec::new();
+    while let Some(m) = stream.next().await {
+        let m = m?;
+        let i = m.index as usize;
+        if choices.len() <= i {
+            choices.resize_with(i + 1, GenerateResponse::default);
+        }
+        let c = &mut choices[i];
+        c.index = m.index;
+        c.request_id.clone_from(&m.request_id);
+        c.text.push_str(&m.text);
+        c.token_ids.extend(m.token_ids);
+        c.logprobs.extend(m.logprobs);
+        if m.finish_reason != 0 {
+            c.finish_reason = m.finish_reason;
+            c.usage = m.usage;
+        }
+    }
+    let usage = choices
+        .iter()
+        .filter_map(|c| c.usage)
+        .reduce(|total, u| Usage {
+            completion_tokens: total.completion_tokens + u.completion_tokens,
+            time_to_first_token_ms: total.time_to_first_token_ms.min(u.time_to_first_token_ms),
+            ..total
+        });
+    Ok(CompleteResponse {
+        choices,
+        usage,
+        request_id,
+    })
 }
 
 /// The client's `grpc-timeout` header (e.g. `500m`, `2S`), as a duration.
