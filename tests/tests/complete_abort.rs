@@ -11,6 +11,7 @@ use moemesh_tests::mesh::Mesh;
 use moemesh_tests::tokens_request;
 use tonic::Code;
 use tonic::transport::Channel;
+use tonic_types::StatusExt;
 
 async fn client(url: &str) -> GenerationClient<Channel> {
     GenerationClient::connect(url.to_string())
@@ -112,6 +113,14 @@ async fn complete_returns_what_generate_streams_and_n_choices_each_follow_their_
         err.message().contains("sampling.n") && err.message().contains("16"),
         "{err:?}"
     );
+    // The field also comes as a google.rpc BadRequest violation, for clients that read details.
+    let bad = err.get_details_bad_request().expect("BadRequest details");
+    let fields: Vec<&str> = bad
+        .field_violations
+        .iter()
+        .map(|v| v.field.as_str())
+        .collect();
+    assert_eq!(fields, ["sampling.n"]);
     drop(mesh);
 }
 

@@ -229,6 +229,7 @@ async fn the_openai_api_answers_as_generate_does_streamed_or_whole_with_openai_e
     assert_eq!(status, 400, "{body}");
     let err = json_of(&body);
     assert_eq!(err["error"]["type"], "invalid_request_error");
+    assert_eq!(err["error"]["param"], "stopping.max_new_tokens", "{body}");
     assert!(
         err["error"]["message"]
             .as_str()

@@ -25,6 +25,7 @@ use moemesh_proto::v1::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tonic::{Code, Status};
+use tonic_types::StatusExt;
 
 /// Starts a generation as the gRPC `Generate` does (key check included); the stream carries
 /// its tokens, and dropping it cancels the sequence.
@@ -240,13 +241,12 @@ fn error(status: Status) -> Response {
         Code::Unimplemented => (StatusCode::NOT_IMPLEMENTED, "invalid_request_error"),
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
     };
-    // The field a message names ("stopping.max_new_tokens must …") becomes `param`.
+    // The field the status's BadRequest violation names becomes `param`.
     let message = status.message().to_string();
-    let param = message
-        .split([':', ' '])
-        .next()
-        .filter(|p| p.contains('.') || p.contains('_'))
-        .map(str::to_string);
+    let param = status
+        .get_details_bad_request()
+        .and_then(|b| b.field_violations.into_iter().next())
+        .map(|v| v.field);
     let body = json!({"error": {
         "message": message,
         "type": kind,
