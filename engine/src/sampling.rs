@@ -147,6 +147,8 @@ pub struct SamplerStart {
     pub min_new_tokens: usize,
     /// The EOS and stop ids (empty when `min_new_tokens` is 0).
     pub suppressed: std::sync::Arc<[u32]>,
+    /// Alternatives to report with each token (`crate::logprobs`); 0 for none.
+    pub top_logprobs: usize,
 }
 
 impl SamplerStart {
@@ -155,6 +157,7 @@ impl SamplerStart {
         Sampler::resume(self.params, self.drawn)
             .with_history(&self.prompt, &self.generated)
             .with_min_new_tokens(self.min_new_tokens, &self.suppressed)
+            .with_top_logprobs(self.top_logprobs)
     }
 }
 
@@ -181,6 +184,8 @@ pub struct Sampler {
     suppressed: Vec<u32>,
     /// See `suppressed`.
     min_new_tokens: usize,
+    /// Alternatives the runner reports with each token (0: none); see [`Sampler::top_logprobs`].
+    top_logprobs: usize,
 }
 
 impl Sampler {
@@ -197,6 +202,7 @@ impl Sampler {
             generated: 0,
             suppressed: Vec::new(),
             min_new_tokens: 0,
+            top_logprobs: 0,
         }
     }
 
@@ -223,9 +229,24 @@ impl Sampler {
         self
     }
 
-    /// Whether this row's pick needs the host: anything but plain greedy argmax.
+    /// Asks the runner for the `n` most likely ids with each token (`crate::logprobs`).
+    pub fn with_top_logprobs(mut self, n: usize) -> Self {
+        self.top_logprobs = n;
+        self
+    }
+
+    /// How many alternatives the runner reports with each token of this sequence.
+    pub fn top_logprobs(&self) -> usize {
+        self.top_logprobs
+    }
+
+    /// Whether this row's pick needs the host: anything but plain greedy argmax, or a row whose
+    /// alternatives are reported (they are computed from the host copy of the row).
     pub fn needs_host(&self) -> bool {
-        !self.params.is_greedy() || self.params.has_penalties() || self.suppressing()
+        !self.params.is_greedy()
+            || self.params.has_penalties()
+            || self.suppressing()
+            || self.top_logprobs > 0
     }
 
     /// Notes a token picked elsewhere (the device's greedy pick) as generated.
@@ -674,6 +695,7 @@ mod tests {
             generated: generated.to_vec().into(),
             min_new_tokens: 0,
             suppressed: Vec::new().into(),
+            top_logprobs: 0,
         };
         let mut whole = start(&[]).sampler();
         let all: Vec<u32> = (0..30)

@@ -122,6 +122,43 @@ async fn the_openai_api_answers_as_generate_does_streamed_or_whole_with_openai_e
     let finish = if tokens == 6 { "length" } else { "stop" };
     assert_eq!(whole["choices"][0]["finish_reason"], finish);
 
+    // top_logprobs: each token with its 3 best alternatives, best first, the greedy pick the
+    // first of them; without logprobs: true it is refused, as OpenAI does.
+    let mut top = chat.clone();
+    top["top_logprobs"] = json!(3);
+    let (status, body) = http(port, "POST", "/v1/chat/completions", Some(&top));
+    assert_eq!(status, 200, "{body}");
+    let content = json_of(&body)["choices"][0]["logprobs"]["content"].clone();
+    let content = content.as_array().expect("logprobs.content");
+    assert_eq!(content.len(), tokens as usize);
+    for t in content {
+        let alts = t["top_logprobs"].as_array().expect("top_logprobs");
+        assert_eq!(alts.len(), 3, "{t}");
+        assert_eq!(alts[0]["token"], t["token"], "{t}");
+        assert_eq!(alts[0]["logprob"], t["logprob"], "{t}");
+        let lps: Vec<f64> = alts.iter().filter_map(|a| a["logprob"].as_f64()).collect();
+        assert!(lps.windows(2).all(|w| w[0] >= w[1]), "{t}");
+    }
+    top["logprobs"] = json!(false);
+    let (status, body) = http(port, "POST", "/v1/chat/completions", Some(&top));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("top_logprobs"), "{body}");
+    // The legacy completions API: `logprobs: 2` is the chosen token's and 2 alternatives, as a
+    // map of text to logprob per token.
+    let legacy = json!({"prompt": "Once upon a time", "max_tokens": 3, "temperature": 0,
+        "logprobs": 2, "ignore_eos": true});
+    let (status, body) = http(port, "POST", "/v1/completions", Some(&legacy));
+    assert_eq!(status, 200, "{body}");
+    let lp = json_of(&body)["choices"][0]["logprobs"].clone();
+    let per_token = lp["top_logprobs"].as_array().expect("top_logprobs");
+    assert_eq!(per_token.len(), 3, "{lp}");
+    assert!(
+        per_token
+            .iter()
+            .all(|m| m.as_object().is_some_and(|m| (1..=2).contains(&m.len()))),
+        "{lp}"
+    );
+
     // A longer prompt sent again comes from the gate's prefix cache (whole 16-token blocks) and
     // says so in usage; with another cache_salt it does not.
     let mut long = json!({"model": model, "max_tokens": 2, "temperature": 0, "messages": [{"role": "user",

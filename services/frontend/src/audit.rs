@@ -319,6 +319,7 @@ mod tests {
             usage: None,
             request_id: String::new(),
             index: 0,
+            top_logprobs: Vec::new(),
         })
     }
 

@@ -457,6 +457,7 @@ impl StepLoop {
                     generated_ids: st.generated.to_vec(),
                     min_new_tokens: st.min_new_tokens as u32,
                     suppressed_ids: st.suppressed.to_vec(),
+                    top_logprobs: st.top_logprobs as u32,
                 }
             });
             seq_steps.push(SeqStep {
@@ -548,6 +549,12 @@ impl StepLoop {
                 key: r.seq_id,
                 token: r.token_id,
                 logprob: r.logprob,
+                top: r
+                    .top_ids
+                    .iter()
+                    .copied()
+                    .zip(r.top_logprobs.iter().copied())
+                    .collect(),
             })
             .collect();
         let hits: Vec<(u64, usize)> = resp
@@ -694,6 +701,7 @@ fn deliver(s: &mut Sequence<Client>, t: &Token) {
             usage: None,
             request_id: c.request_id.clone(),
             index: c.index,
+            top_logprobs: top_logprobs(t),
         },
     };
     let _ = s.payload.tx.send(Ok(msg));
@@ -725,7 +733,19 @@ fn last_message(
         }),
         request_id: c.request_id.clone(),
         index: c.index,
+        top_logprobs: token.map(top_logprobs).unwrap_or_default(),
     }
+}
+
+/// A token's alternatives on the wire: one entry per token, or none when not asked for.
+fn top_logprobs(t: &Token) -> Vec<v1::TopLogprobs> {
+    if t.top.is_empty() {
+        return Vec::new();
+    }
+    vec![v1::TopLogprobs {
+        token_ids: t.top.iter().map(|a| a.0).collect(),
+        logprobs: t.top.iter().map(|a| a.1).collect(),
+    }]
 }
 
 pub fn wire_reason(r: FinishReason) -> v1::FinishReason {

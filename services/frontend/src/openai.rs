@@ -50,6 +50,9 @@ pub struct Api {
     pub reasoning: bool,
     /// The largest request body read (`--max-prompt-bytes` × 2 + 1 MiB for the JSON around it).
     pub max_body_bytes: usize,
+    /// A token id's text, for the alternatives of `top_logprobs` (its id in brackets when the
+    /// model has no tokenizer).
+    pub token_text: Arc<dyn Fn(u32) -> String + Send + Sync>,
 }
 
 /// DeepSeek-R1's reasoning split, as vLLM's `deepseek_r1` parser makes it: the assistant turn
@@ -291,6 +294,8 @@ impl Common {
                 frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
                 // Checked against its limit (`request::MAX_CHOICES`) with the rest.
                 n: self.n.unwrap_or(1),
+                // Set by the endpoint, whose field it is (`top_logprobs` or `logprobs`).
+                top_logprobs: 0,
             }),
             stopping: Some(StoppingCriteria {
                 max_new_tokens: self.max_completion_tokens.or(self.max_tokens),
@@ -358,10 +363,15 @@ struct Shape {
     reasoning: bool,
     /// How many choices the request asked for (`n`).
     n: u32,
+    /// Whether alternatives come with each token (`top_logprobs`, or a completion's `logprobs`
+    /// above 0).
+    top: bool,
+    /// A token id's text.
+    token_text: Arc<dyn Fn(u32) -> String + Send + Sync>,
 }
 
 impl Shape {
-    fn new(kind: Kind, model: &str, logprobs: bool, include_usage: bool) -> Self {
+    fn new(kind: Kind, api: &Api, logprobs: bool, include_usage: bool) -> Self {
         let prefix = if kind == Kind::Chat {
             "chatcmpl"
         } else {
@@ -373,12 +383,14 @@ impl Shape {
         Shape {
             kind,
             id: format!("{prefix}-{n:x}"),
-            model: model.to_string(),
+            model: api.model.clone(),
             created: now(),
             logprobs,
             include_usage,
             reasoning: false,
             n: 1,
+            top: false,
+            token_text: api.token_text.clone(),
         }
     }
 
@@ -390,20 +402,57 @@ impl Shape {
         }
     }
 
-    fn logprobs(&self, texts: &[String], logprobs: &[f32]) -> Value {
+    /// The logprobs of tokens whose texts are `texts`, with their alternatives `tops` (one per
+    /// token, or none when not asked for), in the endpoint's shape.
+    fn logprobs(&self, texts: &[String], logprobs: &[f32], tops: &[v1::TopLogprobs]) -> Value {
         if !self.logprobs {
             return Value::Null;
         }
+        let alternatives = |i: usize| -> Vec<(String, f32)> {
+            tops.get(i).map_or_else(Vec::new, |t| {
+                t.token_ids
+                    .iter()
+                    .zip(&t.logprobs)
+                    .map(|(&id, &l)| ((self.token_text)(id), l))
+                    .collect()
+            })
+        };
         match self.kind {
-            Kind::Chat => json!({"content": texts.iter().zip(logprobs).map(|(t, l)| json!({
-                "token": t, "logprob": l, "bytes": t.as_bytes(), "top_logprobs": [],
-            })).collect::<Vec<_>>()}),
-            Kind::Completion => json!({
-                "tokens": texts,
-                "token_logprobs": logprobs,
-                "top_logprobs": Value::Null,
-                "text_offset": Value::Null,
-            }),
+            Kind::Chat => {
+                let content: Vec<Value> = texts
+                    .iter()
+                    .zip(logprobs)
+                    .enumerate()
+                    .map(|(i, (t, l))| {
+                        let top: Vec<Value> = alternatives(i)
+                            .into_iter()
+                            .map(|(t, l)| json!({"token": t, "logprob": l, "bytes": t.as_bytes()}))
+                            .collect();
+                        json!({"token": t, "logprob": l, "bytes": t.as_bytes(), "top_logprobs": top})
+                    })
+                    .collect();
+                json!({ "content": content })
+            }
+            Kind::Completion => {
+                // The legacy shape: per token, a map of each alternative's text to its logprob.
+                let top = self.top.then(|| {
+                    (0..texts.len())
+                        .map(|i| {
+                            let m: serde_json::Map<String, Value> = alternatives(i)
+                                .into_iter()
+                                .map(|(t, l)| (t, json!(l)))
+                                .collect();
+                            Value::Object(m)
+                        })
+                        .collect::<Vec<_>>()
+                });
+                json!({
+                    "tokens": texts,
+                    "token_logprobs": logprobs,
+                    "top_logprobs": top,
+                    "text_offset": Value::Null,
+                })
+            }
         }
     }
 
@@ -503,9 +552,10 @@ async fn chat(State(api): State<Api>, headers: HeaderMap, body: axum::body::Body
             "response_format: only {\"type\": \"text\"} is supported (no JSON schema yet)",
         ));
     }
-    if req.top_logprobs.is_some_and(|n| n > 0) {
+    let top = req.top_logprobs.unwrap_or(0);
+    if top > 0 && req.logprobs != Some(true) {
         return error(invalid(
-            "top_logprobs: alternatives are not returned yet; only the chosen token's logprob (logprobs: true)",
+            "top_logprobs: needs logprobs: true (the alternatives come with each token's logprob)",
         ));
     }
     let messages = req
@@ -518,7 +568,8 @@ async fn chat(State(api): State<Api>, headers: HeaderMap, body: axum::body::Body
         .collect();
     let logprobs = req.logprobs.unwrap_or(false);
     let input = Input::Chat(ChatInput { messages });
-    run(api, headers, req.common, input, Kind::Chat, logprobs).await
+    let lp = Logprobs { on: logprobs, top };
+    run(api, headers, req.common, input, Kind::Chat, lp).await
 }
 
 async fn completions(
@@ -540,11 +591,6 @@ async fn completions(
     if req.echo.unwrap_or(false) {
         return error(invalid("echo: not supported"));
     }
-    if req.logprobs.is_some_and(|n| n > 1) {
-        return error(invalid(
-            "logprobs: alternatives are not returned yet; 0 or 1 gives the chosen token's logprob",
-        ));
-    }
     let mut prompts = req.prompt.into_vec();
     if prompts.len() != 1 {
         return error(invalid(format!(
@@ -553,7 +599,11 @@ async fn completions(
         )));
     }
     let prompt = prompts.pop().unwrap_or_default();
-    let logprobs = req.logprobs.is_some();
+    // The legacy API's `logprobs: N` is both: the chosen token's and N alternatives.
+    let logprobs = Logprobs {
+        on: req.logprobs.is_some(),
+        top: req.logprobs.unwrap_or(0),
+    };
     run(
         api,
         headers,
@@ -565,6 +615,15 @@ async fn completions(
     .await
 }
 
+/// What a request asked of logprobs.
+#[derive(Clone, Copy)]
+struct Logprobs {
+    /// The chosen token's.
+    on: bool,
+    /// Alternatives per token (checked against its limit with the rest of the request).
+    top: u32,
+}
+
 /// Starts the generation and answers: as events when the request streams, else whole.
 async fn run(
     api: Api,
@@ -572,17 +631,21 @@ async fn run(
     common: Common,
     input: Input,
     kind: Kind,
-    logprobs: bool,
+    logprobs: Logprobs,
 ) -> Response {
     let include_usage = common
         .stream_options
         .as_ref()
         .is_some_and(|o| o.include_usage);
-    let mut shape = Shape::new(kind, &api.model, logprobs, include_usage);
+    let mut shape = Shape::new(kind, &api, logprobs.on, include_usage);
+    shape.top = logprobs.top > 0;
     shape.reasoning = api.reasoning && kind == Kind::Chat;
     shape.n = common.n.unwrap_or(1).max(1);
     let stream = common.stream;
-    let req = common.request(input);
+    let mut req = common.request(input);
+    if let Some(s) = req.sampling.as_mut() {
+        s.top_logprobs = logprobs.top;
+    }
     let tokens = match (api.generate)(req, headers).await {
         Ok(s) => s,
         Err(status) => return error(status),
@@ -601,6 +664,8 @@ struct Gathered {
     /// Each token's text, for `logprobs`.
     pieces: Vec<String>,
     logprobs: Vec<f32>,
+    /// Each token's alternatives, when asked for.
+    tops: Vec<v1::TopLogprobs>,
     finish: Option<&'static str>,
 }
 
@@ -625,6 +690,7 @@ async fn whole(
         c.text.push_str(&m.text);
         c.pieces.push(m.text.clone());
         c.logprobs.extend(&m.logprobs);
+        c.tops.extend(m.top_logprobs);
         c.finish = c.finish.or(finish_reason(m.finish_reason));
         if let Some(u) = m.usage {
             used = add_usage(used, u);
@@ -633,7 +699,7 @@ async fn whole(
     let choices = (0u32..)
         .zip(&choices)
         .map(|(i, c)| {
-            let lp = shape.logprobs(&c.pieces, &c.logprobs);
+            let lp = shape.logprobs(&c.pieces, &c.logprobs, &c.tops);
             if shape.reasoning {
                 let mut split = ReasoningSplit::default();
                 let (mut r, mut a) = split.push(&c.text);
@@ -674,7 +740,7 @@ fn events(
     let chunks = tokens.flat_map(move |m| {
         let out: Vec<Value> = match m {
             Ok(m) => {
-                let lp = s.logprobs(std::slice::from_ref(&m.text), &m.logprobs);
+                let lp = s.logprobs(std::slice::from_ref(&m.text), &m.logprobs, &m.top_logprobs);
                 let finish = finish_reason(m.finish_reason);
                 let choice = if s.reasoning {
                     let i = m.index as usize;

@@ -156,6 +156,7 @@ pub fn to_engine_request(
         ignore_eos: stopping.ignore_eos,
         stop_token_ids: stopping.stop_token_ids,
         min_new_tokens: stopping.min_new_tokens as usize,
+        top_logprobs: s.top_logprobs as usize,
     };
     let limits = Limits {
         max_new_tokens: cfg.max_new_tokens_limit as usize,

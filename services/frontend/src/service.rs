@@ -649,12 +649,18 @@ async fn serve_http(
         })
     });
     let gates = frontend.gates.clone();
+    let tokenizer = frontend.ctx.tokenizer.clone();
+    let token_text = Arc::new(move |id: u32| match &tokenizer {
+        Some(t) => t.decode(&[id], false).unwrap_or_else(|_| format!("[{id}]")),
+        None => format!("[{id}]"),
+    });
     let app = crate::openai::router(crate::openai::Api {
         model: frontend.name.clone(),
         generate,
         ready: Arc::new(move || !gates.borrow().is_empty()),
         reasoning: frontend.cfg.reasoning_parser != "none",
         max_body_bytes: frontend.cfg.max_prompt_bytes.saturating_mul(2) + (1 << 20),
+        token_text,
     });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
@@ -730,6 +736,7 @@ async fn whole(
         c.text.push_str(&m.text);
         c.token_ids.extend(m.token_ids);
         c.logprobs.extend(m.logprobs);
+        c.top_logprobs.extend(m.top_logprobs);
         if m.finish_reason != 0 {
             c.finish_reason = m.finish_reason;
             c.usage = m.usage;
