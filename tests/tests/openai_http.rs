@@ -465,3 +465,59 @@ async fn a_frontend_without_a_gate_is_not_ready() {
     until(&mut updates, ServingStatus::Serving).await;
     assert_eq!(http(port, "GET", "/health", None).0, 200);
 }
+
+/// `--max-pending` counts HTTP completions with the gRPC calls: with one running, the next is a
+/// 429 in OpenAI's shape naming the limit, on either API; once it ends, HTTP is served again.
+#[tokio::test(flavor = "multi_thread")]
+async fn max_pending_bounds_the_http_api_too() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mesh = Mesh::start_with(
+        None,
+        &["0-15"],
+        &["--http-listen", &listen, "--max-pending", "1"],
+    );
+    let mut client = GenerationClient::connect(mesh.frontend_url())
+        .await
+        .expect("connect");
+    // A long gRPC stream takes the one permit; its first token says it is running.
+    let mut long = moemesh_tests::tokens_request(&[5, 17, 42], 4000);
+    long.request_id = "hold".into();
+    let mut stream = client.generate(long).await.expect("accepted").into_inner();
+    stream.message().await.expect("stream").expect("a token");
+    let completion = json!({"prompt": "Hi", "max_tokens": 2});
+    let (status, body) = http(port, "POST", "/v1/completions", Some(&completion));
+    assert_eq!(status, 429, "{body}");
+    let err = json_of(&body);
+    assert_eq!(err["error"]["type"], "rate_limit_error", "{body}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("--max-pending")),
+        "{body}"
+    );
+    // The stream ends (aborted) and its permit with it: HTTP is served again.
+    client
+        .abort(v1::AbortRequest {
+            request_id: "hold".into(),
+        })
+        .await
+        .expect("abort");
+    while stream.message().await.expect("stream").is_some() {}
+    drop(stream);
+    // The server lets go of the permit when it drops the finished response body, a moment
+    // after the client has read its end.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (status, body) = http(port, "POST", "/v1/completions", Some(&completion));
+        if status == 200 {
+            break;
+        }
+        assert!(
+            status == 429 && std::time::Instant::now() < deadline,
+            "{status} {body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    drop(mesh);
+}

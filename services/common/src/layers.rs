@@ -41,6 +41,17 @@ impl InflightLimitLayer {
     }
 }
 
+impl InflightLimitLayer {
+    /// A permit for a call that reaches the service another way (the frontend's HTTP API),
+    /// counted with the gRPC calls; RESOURCE_EXHAUSTED with the layer's message when none is free.
+    pub fn try_acquire(&self) -> Result<OwnedSemaphorePermit, tonic::Status> {
+        self.permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| MeshError::Overloaded(self.message.to_string()).into())
+    }
+}
+
 impl<S> Layer<S> for InflightLimitLayer {
     type Service = InflightLimit<S>;
 

@@ -546,7 +546,7 @@ pub async fn run(
     // Before shedding: a call without a valid key takes no load-shedding permit.
     let auth = AuthLayer::new(api_keys, audit);
     let http = match frontend.cfg.http_listen {
-        Some(addr) => Some(serve_http(addr, frontend.clone(), auth.clone()).await?),
+        Some(addr) => Some(serve_http(addr, frontend.clone(), auth.clone(), shed.clone()).await?),
         None => None,
     };
     // The edge layer (outermost) counts every Generate call by its final status, whatever
@@ -613,11 +613,13 @@ struct HttpApi {
 }
 
 /// Binds `--http-listen` and serves the OpenAI-compatible API there: every completion is a
-/// Generate call into `frontend`, checked by `auth` as a gRPC call is.
+/// Generate call into `frontend`, checked by `auth` as a gRPC call is, and holding one of the
+/// `--max-pending` permits of `shed` (shared with gRPC) until its stream ends.
 async fn serve_http(
     addr: std::net::SocketAddr,
     frontend: Arc<Frontend>,
     auth: AuthLayer,
+    shed: moemesh_common::layers::InflightLimitLayer,
 ) -> MeshResult<HttpApi> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -627,9 +629,13 @@ async fn serve_http(
         .map_err(|e| MeshError::Internal(format!("--http-listen {addr}: {e}")))?;
     let service = GenerationService(frontend.clone());
     let generate: crate::openai::Generator = Arc::new(move |req, headers| {
-        let (service, auth) = (service.clone(), auth.clone());
+        let (service, auth, shed) = (service.clone(), auth.clone(), shed.clone());
         Box::pin(async move {
             let (key, permit) = auth.check_http("Generate", &headers)?;
+            // After the key check, as on gRPC: a call without a valid key takes no permit.
+            let pending = shed
+                .try_acquire()
+                .inspect_err(|s| metered::count_request(s.code()))?;
             let mut request = Request::from_parts(
                 tonic::metadata::MetadataMap::from_headers(headers),
                 tonic::Extensions::default(),
@@ -639,10 +645,11 @@ async fn serve_http(
                 request.extensions_mut().insert(key);
             }
             let stream = service.generate(request).await?.into_inner();
-            // The key's stream permit is held until the stream is dropped.
+            // The key's stream permit and the --max-pending one are held until the stream is
+            // dropped.
             Ok(stream
                 .map(move |m| {
-                    let _held = &permit;
+                    let _held = (&permit, &pending);
                     m
                 })
                 .boxed())
