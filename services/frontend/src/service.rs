@@ -207,12 +207,14 @@ impl GenerationService {
         }
         drop(tx);
         metrics::counter!(names::PROMPT_TOKENS).increment(prompt_len as u64);
-        let stream = metered::Metered::new(UnboundedReceiverStream::new(rx), start, span.clone())
-            // Abort can find the request for as long as its stream is open.
-            .map(move |m| {
-                let _running = &registered;
-                m
-            });
+        let n = request::choices(&req);
+        let stream =
+            metered::Metered::new(UnboundedReceiverStream::new(rx), start, span.clone(), n)
+                // Abort can find the request for as long as its stream is open.
+                .map(move |m| {
+                    let _running = &registered;
+                    m
+                });
         Ok(Response::new(Box::pin(stream)))
     }
 }
@@ -242,6 +244,7 @@ impl Generation for GenerationService {
             telemetry::set_parent(&span, cx);
         }
         let start = Instant::now();
+        let choices = request::choices(request.get_ref());
         let mut trail = self.0.audit.as_ref().map(|log| {
             let key = request.extensions().get::<KeyId>().map(|k| &*k.0);
             log.generate(key, &request.get_ref().request_id, start)
@@ -258,7 +261,7 @@ impl Generation for GenerationService {
                 Err(status)
             }
             (Ok(stream), Some(trail)) => {
-                Ok(stream.map(|s| Box::pin(Audited::new(s, trail)) as GenerateStream))
+                Ok(stream.map(|s| Box::pin(Audited::new(s, trail, choices)) as GenerateStream))
             }
             (Ok(stream), None) => Ok(stream),
         }
