@@ -785,8 +785,52 @@ fn grpc_timeout(md: &tonic::metadata::MetadataMap) -> Option<Duration> {
 
 #[cfg(test)]
 mod tests {
-    use super::grpc_timeout;
+    use super::{grpc_timeout, whole};
+    use moemesh_proto::v1::{GenerateResponse, Usage};
     use std::time::Duration;
+
+    fn msg(index: u32, text: &str, id: u32, finish: i32, ttft: f64) -> GenerateResponse {
+        GenerateResponse {
+            text: text.into(),
+            token_ids: vec![id],
+            logprobs: vec![-0.5],
+            finish_reason: finish,
+            usage: (finish != 0).then_some(Usage {
+                prompt_tokens: 4,
+                completion_tokens: 2,
+                time_to_first_token_ms: ttft,
+                cached_prompt_tokens: 0,
+            }),
+            request_id: "r".into(),
+            index,
+            top_logprobs: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn complete_gathers_interleaved_choices_and_sums_their_usage() {
+        let stream = futures::stream::iter(vec![
+            Ok(msg(1, "x", 7, 0, 0.0)),
+            Ok(msg(0, "a", 5, 0, 0.0)),
+            Ok(msg(0, "b", 6, 1, 30.0)),
+            Ok(msg(1, "y", 8, 3, 20.0)),
+        ]);
+        let got = whole(stream, "r".into()).await.expect("whole");
+        let texts: Vec<&str> = got.choices.iter().map(|c| c.text.as_str()).collect();
+        assert_eq!(texts, ["ab", "xy"]);
+        assert_eq!(got.choices[1].token_ids, [7, 8]);
+        assert_eq!(got.choices[1].finish_reason, 3);
+        let u = got.usage.expect("usage");
+        assert_eq!((u.prompt_tokens, u.completion_tokens), (4, 4));
+        assert_eq!(u.time_to_first_token_ms, 20.0);
+        // An error anywhere is the answer.
+        let failing = futures::stream::iter(vec![
+            Ok(msg(0, "a", 5, 0, 0.0)),
+            Err(tonic::Status::unavailable("gate gone")),
+        ]);
+        let err = whole(failing, "r".into()).await.expect_err("fails");
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+    }
 
     #[test]
     fn parses_grpc_timeout_units() {
