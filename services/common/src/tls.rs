@@ -603,10 +603,19 @@ pub fn incoming(
                 // A client that speaks plaintext here would get a TLS alert, which its HTTP/2
                 // stack reads as a frame of a wrong size (FRAME_SIZE_ERROR): say what it is.
                 let mut first = [0u8; 1];
-                let peeked = tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await;
-                if let Ok(Ok(1)) = peeked
-                    && first[0] != TLS_HANDSHAKE_RECORD
-                {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
+                    Ok(Ok(1..)) => {}
+                    Ok(Ok(0)) => return,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "connection failed before its TLS handshake");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                }
+                if first[0] != TLS_HANDSHAKE_RECORD {
                     tracing::warn!(
                         %peer,
                         "a client spoke plaintext (not a TLS handshake) to this TLS port: the client needs TLS (for moemesh clients, --tls-ca), or this server --plaintext"

@@ -181,8 +181,9 @@ impl GenerationService {
         // The choices share one stream (their messages carry their index), one gate (so the
         // later ones find the prompt in its prefix cache) and one abort flag.
         let (tx, rx) = mpsc::unbounded_channel();
-        let link = f.pick_gate(None).await?;
+        // Abortable from here on, while it waits for a gate too.
         let (aborted, registered) = f.running.register(key.clone(), &req.request_id);
+        let link = f.pick_gate(None).await?;
         let cache_salt = request::cache_salt(key.as_deref(), &req.cache_salt);
         for (index, (choice, decoder)) in (0u32..).zip(choices) {
             let queued = link.submit(NewSeq {
