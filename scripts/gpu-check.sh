@@ -424,18 +424,21 @@ EOF
 fi
 
 if [[ $MODE == --sampling ]]; then
-    # Sampled rows go back to the host and are sampled there (greedy ones are picked on the GPU):
-    # what that costs per step, in-process and through the mesh. GATE_BINS (gzipped moemesh-cuda
-    # binaries) runs the mesh once with each, for before/after comparisons; the load always
-    # comes from $BIN's `bench`.
+    # Greedy vs sampled decoding (DeepSeek-R1's defaults, T 0.6 and top_p 0.95): sampled rows
+    # are sampled on the GPU (the default) or, with MOEMESH_DEVICE_SAMPLING=0 ("sampled-host"),
+    # copied to the host sampler; what each costs per step, in-process and through the mesh.
+    # GATE_BINS (gzipped moemesh-cuda binaries) runs the mesh once with each, for before/after
+    # comparisons; the load always comes from $BIN's `bench`.
     MODEL=synthetic:v2-lite
     BENCH=(--prompt-len 128 --output-len 32 --json)
-    SAMPLED=(--temperature 0.8 --top-p 0.95)
+    SAMPLED=(--temperature 0.6 --top-p 0.95)
     : >"$OUT/sampling.jsonl"
-    for how in greedy sampled; do
-        extra=(); [[ $how == sampled ]] && extra=("${SAMPLED[@]}")
-        "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 --sweep 1,8,32,64 \
-            "${BENCH[@]}" "${extra[@]}" | sed "s/^{/{\"mode\":\"in-process $how\",/" >>"$OUT/sampling.jsonl" || status=1
+    for how in greedy sampled sampled-host; do
+        extra=(); [[ $how == sampled* ]] && extra=("${SAMPLED[@]}")
+        ds=1; [[ $how == sampled-host ]] && ds=0
+        MOEMESH_DEVICE_SAMPLING=$ds "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 \
+            --sweep ${SAMPLING_SWEEP:-1,8,32,64,256} "${BENCH[@]}" "${extra[@]}" \
+            | sed "s/^{/{\"mode\":\"in-process $how\",/" >>"$OUT/sampling.jsonl" || status=1
     done
     for gz in ${GATE_BINS:-}; do
         name=$(basename "$gz" .gz)
@@ -476,7 +479,7 @@ if [[ $MODE != --bench ]]; then
         echo "== compute-sanitizer memcheck: the fused kernels on one fixture (f32)"
         mkdir -p "$OUT/one" && ln -sfn "$PWD/tests/fixtures/tiny-deepseek-v3" "$OUT/one/tiny-deepseek-v3"
         timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 \
-            "$BIN" verify --fixtures "$OUT/one" --device cuda:0 --dtype f32 >"$OUT/memcheck.txt" 2>&1 \
+            "$BIN" verify --fixtures "$OUT/one" --device cuda:0 --dtype f32 --sampler quick >"$OUT/memcheck.txt" 2>&1 \
             && echo "memcheck: clean" || { tail -20 "$OUT/memcheck.txt"; status=1; }
     fi
 

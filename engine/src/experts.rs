@@ -233,7 +233,7 @@ impl ExpertShard {
         let t = x.dim(0)?;
         if self.dtype == DType::BF16
             && crate::cuda::grouped_experts_enabled()
-            && assignments.len() >= crate::cuda::GROUPED_MIN_PAIRS_PER_SLOT * le.slots.len()
+            && crate::cuda::takes_grouped(assignments.len(), le.slots.len())
             && let Some(g) = crate::cuda::gpu(&self.device)
         {
             let (le, resolved) = self.resolve(layer, t, assignments)?;

@@ -79,7 +79,7 @@ mod tests {
     }
 
     #[test]
-    fn a_greedy_row_that_asks_for_alternatives_is_picked_on_the_host() {
+    fn a_row_that_asks_for_alternatives_stays_off_the_device_sampler() {
         use crate::sampling::{Sampler, SamplingParams};
         let greedy = Sampler::new(SamplingParams::default());
         assert!(!greedy.needs_host());

@@ -163,11 +163,33 @@ const GG_BM: usize = 64;
 /// Columns of one block of the grouped GEMM (`GG_BN` in experts.cu).
 const GG_BN: usize = 128;
 
-/// Average (token, expert) pairs per held expert from which a batch takes the grouped GEMM:
-/// below it (decode batches) the GEMV-style kernels, which read each expert's weights once for
-/// all of its tokens without padding, are faster; above it the GEMM's tiles reuse the weights
-/// across 64 tokens (13× faster at a 2,048-token prefill, scripts/bench/prefill_kernels.cu).
-pub const GROUPED_MIN_PAIRS_PER_SLOT: usize = 8;
+/// Average (token, expert) pairs per held expert from which a batch takes the grouped GEMM
+/// (segments padded to 64 rows, tensor-core tiles, the weights streamed by cp.async in 3
+/// stages); below it the GEMV-style kernels, which read each expert's weights once for all of
+/// its tokens without padding. Measured on an H200 (docs/BENCHMARKS.md, 2026-11-27, V2-Lite's
+/// 64 experts, decode step in-process): the grouped GEMM is faster from batch 8 (0.75 pairs per
+/// expert: 9.5–9.8 vs 11.1 ms) up (batch 64: 14.8 vs 18.9 ms), because it streams the weights
+/// closer to the memory's speed and its padded FLOPs cost less than that; at batch 1–4 the two
+/// were within the run-to-run spread. The earlier value, 8, came from prefill-sized batches.
+pub const GROUPED_MIN_PAIRS_PER_SLOT: f64 = 0.5;
+
+/// [`GROUPED_MIN_PAIRS_PER_SLOT`], or `MOEMESH_GROUPED_MIN_PAIRS` where set (read once; a
+/// positive number, fractions allowed), for A/B runs of where the grouped GEMM takes over.
+pub fn grouped_min_pairs_per_slot() -> f64 {
+    static N: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("MOEMESH_GROUPED_MIN_PAIRS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n: &f64| n > 0.0 && n.is_finite())
+            .unwrap_or(GROUPED_MIN_PAIRS_PER_SLOT)
+    })
+}
+
+/// Whether `pairs` (token, expert) pairs over `slots` held experts take the grouped GEMM.
+pub fn takes_grouped(pairs: usize, slots: usize) -> bool {
+    pairs as f64 >= grouped_min_pairs_per_slot() * slots as f64
+}
 
 impl Gpu {
     /// Routing from f32 router logits `[T, E]`, on the device.
@@ -432,9 +454,7 @@ impl Gpu {
         if routing.ids.dims() != [t, routing.k] || slots > 1024 || slot_of.dtype() != DType::I32 {
             return Ok(None);
         }
-        if Self::grouped_fits(x, hidden, inner, slots)
-            && pairs >= GROUPED_MIN_PAIRS_PER_SLOT * slots
-        {
+        if Self::grouped_fits(x, hidden, inner, slots) && takes_grouped(pairs, slots) {
             let (y, pos) = self.experts_grouped(
                 x,
                 gate_up,

@@ -27,6 +27,7 @@ pub mod ipc;
 pub use attention::{DecodeTables, PrefillQuery};
 pub use experts::{
     DeviceRouting, GROUPED_MIN_PAIRS_PER_SLOT, HostAssignments, HostPairs, RouteParams,
+    grouped_min_pairs_per_slot, takes_grouped,
 };
 
 /// A kernel argument. Tensors go as raw device addresses (see [`Gpu::ptr`]).
@@ -43,6 +44,36 @@ fn i32_arg(v: usize, what: &str) -> Result<Arg> {
     i32::try_from(v)
         .map(Arg::I32)
         .map_err(|_| EngineError::InvalidInput(format!("{what} {v} is too large for a kernel")))
+}
+
+/// `(token, logprob)` per row from a sampling kernel's output: `n` tokens, then `n` logprobs'
+/// bits.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn tokens_and_logprobs(out: &[u32], n: usize) -> Vec<(u32, f32)> {
+    out.iter()
+        .take(n)
+        .zip(out.iter().skip(n))
+        .map(|(&t, &l)| (t, f32::from_bits(l)))
+        .collect()
+}
+
+/// Threads per row of `sample_rows` (sampling.cu's `SAMPLE_THREADS`).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const SAMPLE_THREADS: u32 = 512;
+/// Its dynamic shared memory (sampling.cu's `SAMPLE_DYN_SMEM`: 16 bins per thread of a mass
+/// (f64), a count and a smallest id (u32)).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const SAMPLE_DYN_SMEM: u32 = 16 * SAMPLE_THREADS * (8 + 4 + 4);
+
+/// Whether rows that are not plain greedy are sampled on the device (default), read once from
+/// `MOEMESH_DEVICE_SAMPLING` (`0` copies the logits to the host sampler instead, for A/B runs).
+pub fn device_sampling_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var("MOEMESH_DEVICE_SAMPLING")
+            .map(|v| !matches!(v.as_str(), "0" | "false" | "off"))
+            .unwrap_or(true)
+    })
 }
 
 /// Whether the fused kernels are on (default), read once from `MOEMESH_FUSED_KERNELS`.
@@ -281,8 +312,9 @@ impl Gpu {
         if logits.dtype() != DType::F32 || !logits.is_contiguous() || n == 0 || v == 0 {
             return Ok(None);
         }
-        let tok = self.alloc(DType::U32, &[n])?;
-        let lp = self.alloc(DType::F32, &[n])?;
+        // Tokens, then the logprobs' bits: one copy back.
+        let out = self.alloc(DType::U32, &[2 * n])?;
+        let at = self.ptr(&out)?;
         self.launch(
             "argmax_logprob",
             (n as u32, 1, 1),
@@ -291,13 +323,66 @@ impl Gpu {
             &[
                 Arg::Ptr(self.ptr(logits)?),
                 i32_arg(v, "vocabulary size")?,
-                Arg::Ptr(self.ptr(&tok)?),
-                Arg::Ptr(self.ptr(&lp)?),
+                Arg::Ptr(at),
+                Arg::Ptr(at + 4 * n as u64),
             ],
         )?;
-        let tok = tok.to_vec1::<u32>()?;
-        let lp = lp.to_vec1::<f32>()?;
-        Ok(Some(tok.into_iter().zip(lp).collect()))
+        Ok(Some(tokens_and_logprobs(&out.to_vec1::<u32>()?, n)))
+    }
+
+    /// Sampling of each row of f32 `logits [N, V]` as `plans` say (engine/src/sampling.rs's
+    /// semantics: penalties, suppressed ids, temperature, min_p, top_k, top_p, the Philox draw
+    /// walked in id order): `(token, logprob)` per row, with the plans and the adjusted ids as
+    /// the only upload and two small copies back. The logits are left as they are.
+    pub fn sample(
+        &self,
+        logits: &Tensor,
+        plans: &[crate::sampling::RowPlan],
+    ) -> Result<Option<Vec<(u32, f32)>>> {
+        let Ok((n, v)) = logits.dims2() else {
+            return Ok(None);
+        };
+        if logits.dtype() != DType::F32
+            || !logits.is_contiguous()
+            || n == 0
+            || v == 0
+            || n != plans.len()
+        {
+            return Ok(None);
+        }
+        let (mut table, adjust) = crate::sampling::pack_plans(plans);
+        // One upload: the row table, then the adjustment table.
+        let adjust_at = table.len();
+        let any_adjust = !adjust.is_empty();
+        table.extend(adjust);
+        let len = table.len();
+        let table = Tensor::from_vec(table, len, logits.device())?;
+        // Rows with adjustments read a copy of their logits with the adjustments applied.
+        let work = if any_adjust {
+            Some(self.alloc(DType::F32, &[n, v])?)
+        } else {
+            None
+        };
+        let work_ptr = match &work {
+            Some(w) => self.ptr(w)?,
+            None => 0,
+        };
+        let out = self.alloc(DType::U32, &[2 * n])?;
+        self.launch(
+            "sample_rows",
+            (n as u32, 1, 1),
+            SAMPLE_THREADS,
+            SAMPLE_DYN_SMEM,
+            &[
+                Arg::Ptr(self.ptr(logits)?),
+                Arg::Ptr(work_ptr),
+                i32_arg(v, "vocabulary size")?,
+                Arg::Ptr(self.ptr(&table)?),
+                i32_arg(adjust_at, "sampling table")?,
+                Arg::Ptr(self.ptr(&out)?),
+            ],
+        )?;
+        Ok(Some(tokens_and_logprobs(&out.to_vec1::<u32>()?, n)))
     }
 
     fn ptr(&self, t: &Tensor) -> Result<u64> {

@@ -58,3 +58,597 @@ extern "C" __global__ void argmax_logprob(const float* logits, int vocab, uint32
         logprob[blockIdx.x] = (float)((double)(l[arg] - mx) - log(tot));
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Sampling on the device: one block per row does what engine/src/sampling.rs's host sampler
+// does (`RowPlan::adjusted`, then `RowPlan::draw` or the arg-max), reading the row table and the
+// adjustment table that `pack_plans` lays out there. No sort: each cut (min_p, top_k, top_p) is
+// a prefix of the walk order (scaled logit descending, id ascending), found as a key by a radix
+// search over the logits' order-preserving bits, 4 bits a pass, counting (top_k) or summing
+// probability mass in f64 (top_p) over the ids still in the bracket; ties at the found key go
+// by id (the r-th tied id in id order, one ordered pass). The draw walks the kept ids in id
+// order, as the host does, with the same Philox4x32-10 uniform, so the two draw the same token
+// but where rounding of the masses differs (weights here are f32 `expf`, summed in f64).
+
+#define SAMPLE_THREADS 512
+#define SAMPLE_WARPS (SAMPLE_THREADS / 32)
+static_assert(SAMPLE_THREADS % 32 == 0 && SAMPLE_THREADS <= 1024, "whole warps, one block");
+#define SAMPLE_PLAN_WORDS 12
+#define SAMPLE_NONE 0xFFFFFFFFu
+
+struct SampleCut {
+    uint32_t key;
+    uint32_t id;
+};
+
+// A float's bits mapped so that unsigned order is total order (sampling.rs: `order_key`).
+__device__ __forceinline__ uint32_t sample_key(float v) {
+    const uint32_t b = __float_as_uint(v);
+    return (b >> 31) ? ~b : (b | 0x80000000u);
+}
+
+__device__ __forceinline__ float sample_unkey(uint32_t k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k);
+}
+
+__device__ __forceinline__ bool cut_keeps(SampleCut c, uint32_t k, uint32_t i) {
+    return k > c.key || (k == c.key && i <= c.id);
+}
+
+__device__ __forceinline__ SampleCut cut_tighter(SampleCut a, SampleCut b) {
+    return (b.key > a.key || (b.key == a.key && b.id < a.id)) ? b : a;
+}
+
+// Finite or +inf, not NaN, not -inf: a candidate (sampling.rs: `valid`).
+__device__ __forceinline__ bool sample_valid(float v) { return v == v && v != -INFINITY; }
+
+// The candidate key of a[i] at inverse temperature inv_t, or false when a[i] is no candidate.
+// The product is rounded on its own (no FMA contraction), as the host computes it.
+__device__ __forceinline__ bool sample_elem(const float* a, int i, float inv_t, uint32_t* key) {
+    const float v = a[i];
+    if (!sample_valid(v)) return false;
+    *key = sample_key(__fmul_rn(v, inv_t));
+    return true;
+}
+
+// An f32 weight exp(s - max), as a double (the host computes exp in f64 of the same f32
+// difference; the two differ by about one f32 rounding).
+__device__ __forceinline__ double sample_weight(uint32_t key, float mx) {
+    return (double)expf(__fsub_rn(sample_unkey(key), mx));
+}
+
+// Calls f(i, a[i]) for every i of this thread's share of a row, with float4 loads where the
+// row allows them (four times fewer loads in flight per byte: these passes are latency-bound).
+template <class F>
+__device__ __forceinline__ void sample_each(const float* a, int vocab, F f) {
+    if ((vocab & 3) == 0 && (((size_t)a) & 15) == 0) {
+        const float4* a4 = reinterpret_cast<const float4*>(a);
+        const int n4 = vocab >> 2;
+#pragma unroll 4
+        for (int j = threadIdx.x; j < n4; j += SAMPLE_THREADS) {
+            const float4 v = a4[j];
+            f(4 * j, v.x);
+            f(4 * j + 1, v.y);
+            f(4 * j + 2, v.z);
+            f(4 * j + 3, v.w);
+        }
+    } else {
+        for (int i = threadIdx.x; i < vocab; i += SAMPLE_THREADS) f(i, a[i]);
+    }
+}
+
+// The candidate key of value v at inverse temperature inv_t, or false when v is no candidate.
+__device__ __forceinline__ bool sample_val(float v, float inv_t, uint32_t* key) {
+    if (!sample_valid(v)) return false;
+    *key = sample_key(__fmul_rn(v, inv_t));
+    return true;
+}
+
+// Philox4x32-10 of counter (c_lo, c_hi, 0, 0) under key (k_lo, k_hi); 53 bits of its first two
+// words as a uniform in [0, 1) (sampling.rs: `uniform`).
+__device__ double philox_uniform(uint32_t k0, uint32_t k1, uint32_t c0, uint32_t c1) {
+    uint32_t c2 = 0, c3 = 0;
+#pragma unroll
+    for (int r = 0; r < 10; ++r) {
+        if (r > 0) {
+            k0 += 0x9E3779B9u;
+            k1 += 0xBB67AE85u;
+        }
+        const uint32_t hi0 = __umulhi(0xD2511F53u, c0), lo0 = 0xD2511F53u * c0;
+        const uint32_t hi1 = __umulhi(0xCD9E8D57u, c2), lo1 = 0xCD9E8D57u * c2;
+        const uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
+        c0 = n0;
+        c1 = lo1;
+        c2 = n2;
+        c3 = lo0;
+    }
+    return ((double)(c0 >> 5) * 67108864.0 + (double)(c1 >> 6)) / 9007199254740992.0;
+}
+
+// Block-wide reductions over SAMPLE_THREADS threads; every thread gets the result. Each starts
+// with a barrier, so the shared scratch of the previous one is free.
+__device__ float sample_max_f(float v, float* sh) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = v;
+    __syncthreads();
+    v = (threadIdx.x & 31) < SAMPLE_WARPS ? sh[threadIdx.x & 31] : -INFINITY;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+__device__ uint32_t sample_max_u(uint32_t v, uint32_t* sh) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = v;
+    __syncthreads();
+    v = (threadIdx.x & 31) < SAMPLE_WARPS ? sh[threadIdx.x & 31] : 0u;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+__device__ __forceinline__ uint32_t sample_max_u_warp(uint32_t v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+__device__ uint32_t sample_sum_u(uint32_t v, uint32_t* sh) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = v;
+    __syncthreads();
+    v = (threadIdx.x & 31) < SAMPLE_WARPS ? sh[threadIdx.x & 31] : 0u;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sums in a fixed order (lane tree, then warps in order), so a row's result never depends on
+// timing.
+__device__ double sample_sum_d(double v, double* sh) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = v;
+    __syncthreads();
+    double s = 0.0;
+    for (int w = 0; w < SAMPLE_WARPS; ++w) s += sh[w];
+    return s;
+}
+
+// The arg-max of a row as sampling.rs's `argmax`: strictly greater than -inf, ties to the
+// lowest id, NaN never; 0 when nothing is.
+__device__ uint32_t sample_argmax(const float* a, int vocab, float* shv, uint32_t* shi) {
+    float best = -INFINITY;
+    uint32_t bi = SAMPLE_NONE;
+    for (int i = threadIdx.x; i < vocab; i += SAMPLE_THREADS) {
+        const float v = a[i];
+        if (v > best) {
+            best = v;
+            bi = (uint32_t)i;
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float v2 = __shfl_xor_sync(0xffffffffu, best, o);
+        const uint32_t i2 = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (i2 != SAMPLE_NONE && (bi == SAMPLE_NONE || v2 > best || (v2 == best && i2 < bi))) {
+            best = v2;
+            bi = i2;
+        }
+    }
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) {
+        shv[threadIdx.x >> 5] = best;
+        shi[threadIdx.x >> 5] = bi;
+    }
+    __syncthreads();
+    best = -INFINITY;
+    bi = SAMPLE_NONE;
+    for (int w = 0; w < SAMPLE_WARPS; ++w) {
+        const uint32_t i2 = shi[w];
+        const float v2 = shv[w];
+        if (i2 != SAMPLE_NONE && (bi == SAMPLE_NONE || v2 > best || (v2 == best && i2 < bi))) {
+            best = v2;
+            bi = i2;
+        }
+    }
+    return bi == SAMPLE_NONE ? 0u : bi;
+}
+
+// The id of the r-th (1-based) candidate in id order whose key is `key` and that `cut` keeps;
+// SAMPLE_NONE when there are fewer. Each warp counts its contiguous segment of the row; the
+// warp whose segment holds the r-th walks it again, 32 ids at a time.
+__device__ uint32_t sample_nth_tie(const float* a, int vocab, float inv_t, SampleCut cut,
+                                   uint32_t key, uint32_t r, uint32_t* shu, uint32_t* found) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int seg = ((vocab + SAMPLE_THREADS - 1) / SAMPLE_THREADS) * 32;
+    const int begin = w * seg, end = min(begin + seg, vocab);
+    uint32_t c = 0;
+    for (int i = begin + lane; i < end; i += 32) {
+        uint32_t k;
+        c += sample_elem(a, i, inv_t, &k) && k == key && cut_keeps(cut, k, (uint32_t)i);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) c += __shfl_xor_sync(0xffffffffu, c, o);
+    __syncthreads();
+    if (lane == 0) shu[w] = c;
+    __syncthreads();
+    uint32_t before = 0;
+    int sw = -1;
+    for (int j = 0; j < SAMPLE_WARPS; ++j) {
+        if (before + shu[j] >= r) {
+            sw = j;
+            break;
+        }
+        before += shu[j];
+    }
+    if (threadIdx.x == 0) *found = SAMPLE_NONE;
+    __syncthreads();
+    if (w == sw) {
+        for (int base = begin; base < end; base += 32) {
+            const int i = base + lane;
+            uint32_t k = 0;
+            const bool p = i < end && sample_elem(a, i, inv_t, &k) && k == key &&
+                           cut_keeps(cut, k, (uint32_t)i);
+            const uint32_t bal = __ballot_sync(0xffffffffu, p);
+            const uint32_t n = __popc(bal);
+            if (before + n >= r) {
+                // The (r - before)-th set bit of bal.
+                uint32_t m = bal;
+                for (uint32_t t = 1; t < r - before; ++t) m &= m - 1;
+                if (lane == 0) *found = (uint32_t)(base + __ffs(m) - 1);
+                break;
+            }
+            before += n;
+        }
+    }
+    __syncthreads();
+    return *found;
+}
+
+// Per-thread digit histograms in dynamic shared memory: bin b of thread t at [b][t], so a
+// warp's updates never conflict and each in-bracket id costs one load and one store (not 16
+// predicated adds): mass (f64), count, and in the last pass the smallest id (u32).
+// SAMPLE_WARPS >= 16 warps then reduce one bin each.
+#define SAMPLE_BINS 16
+#define SAMPLE_DYN_SMEM (SAMPLE_BINS * SAMPLE_THREADS * (8 + 4 + 4))
+static_assert(SAMPLE_WARPS >= SAMPLE_BINS, "one warp per bin reduces the histograms");
+
+struct SampleBins {
+    double* mass;    // [SAMPLE_BINS][SAMPLE_THREADS]
+    uint32_t* count; // [SAMPLE_BINS][SAMPLE_THREADS]
+    uint32_t* low;   // [SAMPLE_BINS][SAMPLE_THREADS]: smallest id
+    double* bins;    // [SAMPLE_BINS] reduced
+    uint32_t* counts;
+    uint32_t* lows;
+};
+
+// Clears this thread's column.
+__device__ __forceinline__ void sample_clear_bins(SampleBins h, bool mass, bool low) {
+#pragma unroll
+    for (int b = 0; b < SAMPLE_BINS; ++b) {
+        const int at = b * SAMPLE_THREADS + threadIdx.x;
+        h.count[at] = 0;
+        if (mass) h.mass[at] = 0.0;
+        if (low) h.low[at] = SAMPLE_NONE;
+    }
+}
+
+// Sums bin `w` (this warp's) over the threads into bins/counts/lows (mass and the smallest id
+// only where asked).
+__device__ __forceinline__ void sample_reduce_bins(SampleBins h, bool mass, bool low) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    __syncthreads();
+    if (w < SAMPLE_BINS) {
+        double s = 0.0;
+        uint32_t n = 0, l = SAMPLE_NONE;
+        for (int j = lane; j < SAMPLE_THREADS; j += 32) {
+            const int at = w * SAMPLE_THREADS + j;
+            if (mass) s += h.mass[at];
+            n += h.count[at];
+            if (low) l = min(l, h.low[at]);
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            s += __shfl_xor_sync(0xffffffffu, s, o);
+            n += __shfl_xor_sync(0xffffffffu, n, o);
+            l = min(l, __shfl_xor_sync(0xffffffffu, l, o));
+        }
+        if (lane == 0) {
+            h.bins[w] = s;
+            h.counts[w] = n;
+            h.lows[w] = l;
+        }
+    }
+    __syncthreads();
+}
+
+// The cut that keeps the first `rank` (>= 1) candidates in walk order among those `cut`
+// keeps: top_k. False when `cut` keeps no more than `rank` (no cut, as on the host).
+__device__ bool sample_select_rank(const float* a, int vocab, float inv_t, SampleCut cut,
+                                   uint32_t rank, SampleBins h, uint32_t* shu, uint32_t* found,
+                                   SampleCut* out) {
+    uint32_t prefix = 0, above = 0, low = SAMPLE_NONE;
+    for (int shift = 28; shift >= 0; shift -= 4) {
+        const uint32_t hi = shift == 28 ? 0u : (0xFFFFFFFFu << (shift + 4));
+        const bool last = shift == 0;
+        sample_clear_bins(h, false, last);
+        sample_each(a, vocab, [&](int i, float v) {
+            uint32_t k;
+            if (!sample_val(v, inv_t, &k) || (k & hi) != prefix || !cut_keeps(cut, k, (uint32_t)i))
+                return;
+            const int at = ((k >> shift) & 15u) * SAMPLE_THREADS + threadIdx.x;
+            h.count[at] += 1;
+            if (last) h.low[at] = min(h.low[at], (uint32_t)i);
+        });
+        sample_reduce_bins(h, false, last);
+        if (shift == 28) {
+            uint32_t total = 0;
+            for (int b = 0; b < SAMPLE_BINS; ++b) total += h.counts[b];
+            if (rank >= total) return false;
+        }
+        int d = 15;
+        for (; d > 0; --d) {
+            if (above + h.counts[d] >= rank) break;
+            above += h.counts[d];
+        }
+        prefix |= (uint32_t)d << shift;
+        if (last) low = h.lows[d];
+    }
+    const uint32_t need = rank - above;
+    const uint32_t id =
+        need == 1 ? low : sample_nth_tie(a, vocab, inv_t, cut, prefix, need, shu, found);
+    *out = SampleCut{prefix, id};
+    return true;
+}
+
+// The cut at the first candidate in walk order (among those `cut` keeps) where the mass so far
+// reaches top_p × the mass of all of them: top_p. False when the whole mass stays below it
+// (rounding).
+__device__ bool sample_select_mass(const float* a, int vocab, float inv_t, float mx, SampleCut cut,
+                                   float top_p, SampleBins h, uint32_t* shu, uint32_t* found,
+                                   SampleCut* out) {
+    uint32_t prefix = 0, ties = 0, low = SAMPLE_NONE;
+    double above = 0.0, target = 0.0;
+    for (int shift = 28; shift >= 0; shift -= 4) {
+        const uint32_t hi = shift == 28 ? 0u : (0xFFFFFFFFu << (shift + 4));
+        const bool last = shift == 0;
+        sample_clear_bins(h, true, last);
+        sample_each(a, vocab, [&](int i, float v) {
+            uint32_t k;
+            if (!sample_val(v, inv_t, &k) || (k & hi) != prefix || !cut_keeps(cut, k, (uint32_t)i))
+                return;
+            const int at = ((k >> shift) & 15u) * SAMPLE_THREADS + threadIdx.x;
+            h.mass[at] += sample_weight(k, mx);
+            h.count[at] += 1;
+            if (last) h.low[at] = min(h.low[at], (uint32_t)i);
+        });
+        sample_reduce_bins(h, true, last);
+        if (shift == 28) {
+            // The first pass sees every candidate: their mass is the total.
+            double total = 0.0;
+            for (int b = 0; b < SAMPLE_BINS; ++b) total += h.bins[b];
+            target = (double)top_p * total;
+        }
+        int d = 15;
+        for (; d >= 0; --d) {
+            if (above + h.bins[d] >= target) break;
+            above += h.bins[d];
+        }
+        if (d < 0) return false;
+        prefix |= (uint32_t)d << shift;
+        ties = h.counts[d];
+        if (last) low = h.lows[d];
+    }
+    // Ties at the found key weigh the same: the walk takes r of them, in id order.
+    const double x = sample_weight(prefix, mx);
+    double need = x > 0.0 ? ceil((target - above) / x) : 1.0;
+    need = fmin(fmax(need, 1.0), (double)ties);
+    const uint32_t id = need == 1.0 ? low
+                                    : sample_nth_tie(a, vocab, inv_t, cut, prefix,
+                                                     (uint32_t)need, shu, found);
+    *out = SampleCut{prefix, id};
+    return true;
+}
+
+// One block (SAMPLE_THREADS threads) per row of f32 `logits [rows, vocab]`. `plans` holds the
+// row table and then the adjustment table (`adjust_at` words in). `work` is a `[rows, vocab]`
+// scratch for the adjusted rows (only rows with adjustments touch it; null when none has).
+// Writes each row's token to out[row] and its raw log-softmax's bits to out[rows + row].
+// Dynamic shared memory: SAMPLE_DYN_SMEM bytes (the digit histograms).
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
+    sample_rows(const float* logits, float* work, int vocab, const uint32_t* plans, int adjust_at,
+                uint32_t* out) {
+    __shared__ float shf[32];
+    __shared__ uint32_t shu[32];
+    __shared__ double shd[32];
+    __shared__ uint32_t binu[SAMPLE_BINS], binl[SAMPLE_BINS];
+    __shared__ double bind[SAMPLE_BINS];
+    extern __shared__ double sample_dyn[];
+    double* mb = sample_dyn;
+    uint32_t* cb = reinterpret_cast<uint32_t*>(sample_dyn + SAMPLE_BINS * SAMPLE_THREADS);
+    __shared__ uint32_t found;
+    __shared__ int sel_warp;
+    __shared__ double sel_before, sel_target;
+    __shared__ uint32_t picked;
+
+    const int row = blockIdx.x;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const uint32_t* P = plans + (size_t)row * SAMPLE_PLAN_WORDS;
+    const uint32_t* adjust = plans + adjust_at;
+    const float* raw = logits + (size_t)row * vocab;
+    const bool sampled = !(P[0] & 1u);
+    const float inv_t = __uint_as_float(P[1]);
+
+    // The adjusted row: penalties and suppressed ids, in sampling.rs's `RowPlan::adjusted` order;
+    // the raw row's maximum on the way (for the reported logprob), and the candidates' best key
+    // and count where the row is not adjusted.
+    float mraw = -INFINITY;
+    uint32_t mk = 0, n = 0;
+    const float* a = raw;
+    const uint32_t ab = P[10], ae = P[11];
+    const bool adjusted = ae > ab;
+    if (adjusted) {
+        float* wr = work + (size_t)row * vocab;
+        sample_each(raw, vocab, [&](int i, float v) {
+            wr[i] = v;
+            if (v == v) mraw = fmaxf(mraw, v);
+        });
+        __syncthreads();
+        const float rep = __uint_as_float(P[5]);
+        for (uint32_t j = ab + threadIdx.x; j < ae; j += SAMPLE_THREADS) {
+            const uint32_t id = adjust[3 * j], mode = adjust[3 * j + 1];
+            const float sub = __uint_as_float(adjust[3 * j + 2]);
+            if (id >= (uint32_t)vocab) continue;
+            float v = wr[id];
+            if (mode & 1u) v = v > 0.0f ? __fdiv_rn(v, rep) : __fmul_rn(v, rep);
+            v = __fsub_rn(v, sub);
+            if (mode & 2u) v = -INFINITY;
+            wr[id] = v;
+        }
+        __syncthreads();
+        a = wr;
+        if (sampled) {
+            sample_each(a, vocab, [&](int, float v) {
+                uint32_t k;
+                if (sample_val(v, inv_t, &k)) {
+                    mk = max(mk, k);
+                    ++n;
+                }
+            });
+        }
+    } else if (sampled) {
+        sample_each(raw, vocab, [&](int, float v) {
+            if (v == v) mraw = fmaxf(mraw, v);
+            uint32_t k;
+            if (sample_val(v, inv_t, &k)) {
+                mk = max(mk, k);
+                ++n;
+            }
+        });
+    } else {
+        sample_each(raw, vocab, [&](int, float v) {
+            if (v == v) mraw = fmaxf(mraw, v);
+        });
+    }
+    mraw = sample_max_f(mraw, shf);
+
+    uint32_t token;
+    double sraw = 0.0;
+    bool have_sraw = false;
+    if (sampled) {
+        mk = sample_max_u(mk, shu);
+        n = sample_sum_u(n, shu);
+    }
+    if (!sampled || n == 0) {
+        token = sample_argmax(a, vocab, shf, shu);
+    } else {
+        const float mx = sample_unkey(mk);
+        SampleCut cut{0u, SAMPLE_NONE};
+        if (P[0] & 2u) cut = SampleCut{sample_key(__fadd_rn(mx, __uint_as_float(P[3]))), SAMPLE_NONE};
+        const SampleBins h{mb, cb, cb + SAMPLE_BINS * SAMPLE_THREADS, bind, binu, binl};
+        SampleCut c2;
+        const uint32_t top_k = P[4];
+        if (top_k > 0 && sample_select_rank(a, vocab, inv_t, cut, top_k, h, shu, &found, &c2))
+            cut = cut_tighter(cut, c2);
+        const float top_p = __uint_as_float(P[2]);
+        if (top_p < 1.0f && sample_select_mass(a, vocab, inv_t, mx, cut, top_p, h, shu, &found, &c2))
+            cut = cut_tighter(cut, c2);
+        // The draw: kept ids in id order, each warp over one contiguous segment; the raw row's
+        // softmax sum on the way.
+        const int seg = ((vocab + SAMPLE_THREADS - 1) / SAMPLE_THREADS) * 32;
+        const int begin = w * seg, end = min(begin + seg, vocab);
+        double part = 0.0, sr = 0.0;
+        uint32_t last = 0;  // 1 + the last kept id, 0 for none
+#pragma unroll 4
+        for (int i = begin + lane; i < end; i += 32) {
+            const float v = a[i];
+            const float r0 = adjusted ? raw[i] : v;
+            if (r0 == r0) sr += (double)expf(r0 - mraw);
+            uint32_t k;
+            if (sample_val(v, inv_t, &k) && cut_keeps(cut, k, (uint32_t)i)) {
+                part += sample_weight(k, mx);
+                last = (uint32_t)i + 1;
+            }
+        }
+        sraw = sample_sum_d(sr, shd);
+        have_sraw = true;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+        const uint32_t last_all = sample_max_u(last, shu);
+        __syncthreads();
+        if (lane == 0) shd[w] = part;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            double kept = 0.0;
+            for (int j = 0; j < SAMPLE_WARPS; ++j) kept += shd[j];
+            const double u = philox_uniform(P[6], P[7], P[8], P[9]);
+            const double target = u * kept;
+            double before = 0.0;
+            int sw = -1;
+            for (int j = 0; j < SAMPLE_WARPS; ++j) {
+                if (target < before + shd[j]) {
+                    sw = j;
+                    break;
+                }
+                before += shd[j];
+            }
+            sel_warp = sw;
+            sel_before = before;
+            sel_target = target;
+            picked = last_all == 0 ? 0u : last_all - 1;
+        }
+        __syncthreads();
+        if (w == sel_warp) {
+            double acc = sel_before;
+            const double target = sel_target;
+            uint32_t mine = SAMPLE_NONE;
+            for (int base = begin; base < end; base += 32) {
+                const int i = base + lane;
+                uint32_t k;
+                double x = 0.0;
+                if (i < end && sample_elem(a, i, inv_t, &k) && cut_keeps(cut, k, (uint32_t)i))
+                    x = sample_weight(k, mx);
+                // Inclusive scan over the lanes, in f64.
+#pragma unroll
+                for (int o = 1; o < 32; o <<= 1) {
+                    const double y = __shfl_up_sync(0xffffffffu, x, o);
+                    if (lane >= o) x += y;
+                }
+                const uint32_t hit = __ballot_sync(0xffffffffu, target < acc + x);
+                if (hit) {
+                    mine = (uint32_t)(base + __ffs(hit) - 1);
+                    break;
+                }
+                acc += __shfl_sync(0xffffffffu, x, 31);
+            }
+            // Rounding left the scan a hair under the target: the segment's last kept id.
+            if (mine == SAMPLE_NONE) {
+                const uint32_t l = sample_max_u_warp(last);
+                mine = l == 0 ? 0u : l - 1;
+            }
+            if (lane == 0) picked = mine;
+        }
+        __syncthreads();
+        token = picked;
+    }
+    if (!have_sraw) {
+        double sr = 0.0;
+        sample_each(raw, vocab, [&](int, float v) {
+            if (v == v) sr += (double)expf(v - mraw);
+        });
+        sraw = sample_sum_d(sr, shd);
+    }
+    if (threadIdx.x == 0) {
+        out[row] = token;
+        out[gridDim.x + row] =
+            __float_as_uint((float)((double)(raw[token] - mraw) - log(sraw)));
+    }
+}

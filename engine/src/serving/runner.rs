@@ -532,9 +532,10 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
 }
 
 /// The next token of every row of `logits` (`[rows, vocab]`, f32), row `i` drawn by
-/// `samplers[i]`. When every row is greedy and the logits are on a GPU with moemesh's kernels,
-/// the pick happens there and only the ids and log-probabilities come back; otherwise the rows
-/// come to the host in one copy and are sampled in parallel.
+/// `samplers[i]`. On a GPU with moemesh's kernels the pick happens there and only the ids and
+/// log-probabilities come back: the plain arg-max when every row is plain greedy, otherwise the
+/// device sampler (the host sampler's semantics, [`crate::sampling`]). Elsewhere, or for a row
+/// that needs the host, the rows come to the host in one copy and are sampled in parallel.
 pub fn pick(logits: &Tensor, samplers: &mut [&mut Sampler]) -> Result<Vec<Sampled>> {
     let (n, vocab) = logits.dims2()?;
     if n != samplers.len() {
@@ -543,18 +544,26 @@ pub fn pick(logits: &Tensor, samplers: &mut [&mut Sampler]) -> Result<Vec<Sample
             samplers.len()
         )));
     }
-    if samplers.iter().all(|s| !s.needs_host())
-        && let Some(g) = crate::cuda::gpu(logits.device())
-        && let Some(picks) = g.argmax_logprob(logits)?
-    {
-        // The greedy draw advances no random stream; the samplers only count the token.
-        for (s, &(token, _)) in samplers.iter_mut().zip(&picks) {
-            s.record(token);
+    if let Some(g) = crate::cuda::gpu(logits.device()) {
+        let picks = if samplers.iter().all(|s| s.is_plain_greedy()) {
+            g.argmax_logprob(logits)?.map(|p| (p, Vec::new()))
+        } else if crate::cuda::device_sampling_enabled() && samplers.iter().all(|s| !s.needs_host())
+        {
+            let plans: Vec<_> = samplers.iter().map(|s| s.plan()).collect();
+            g.sample(logits, &plans)?.map(|p| (p, plans))
+        } else {
+            None
+        };
+        if let Some((picks, plans)) = picks {
+            for (i, (s, &(token, _))) in samplers.iter_mut().zip(&picks).enumerate() {
+                // A greedy pick advances no random stream; the samplers count the token.
+                s.record_pick(token, plans.get(i).is_some_and(|p| !p.greedy));
+            }
+            return Ok(picks
+                .into_iter()
+                .map(|(token, logprob)| Sampled { token, logprob })
+                .collect());
         }
-        return Ok(picks
-            .into_iter()
-            .map(|(token, logprob)| Sampled { token, logprob })
-            .collect());
     }
     let host = logits.flatten_all()?.to_vec1::<f32>()?;
     let mut jobs: Vec<(&mut Sampler, &[f32])> = samplers

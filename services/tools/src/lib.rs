@@ -7,4 +7,5 @@ pub mod bench;
 mod bench_scenario;
 pub mod client_args;
 pub mod ghz;
+pub mod sampler_check;
 pub mod verify;

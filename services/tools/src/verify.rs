@@ -65,6 +65,20 @@ pub struct VerifyArgs {
     /// Print one JSON object per check instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// The device sampler's check against the host sampler (on a GPU; see
+    /// `sampler_check`): with the fixtures (`auto`), a reduced one with them (`quick`, for
+    /// compute-sanitizer), alone (`only`), or not (`off`).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub sampler: SamplerMode,
+}
+
+/// See [`VerifyArgs::sampler`].
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SamplerMode {
+    Auto,
+    Quick,
+    Only,
+    Off,
 }
 
 struct Check {
@@ -164,6 +178,38 @@ struct Ties {
 
 pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
     let device = moemesh_common::device::parse_device(&args.device)?;
+    let sampler = if args.sampler == SamplerMode::Off {
+        Vec::new()
+    } else {
+        crate::sampler_check::run(&device, args.sampler == SamplerMode::Quick)?
+    };
+    if !sampler.is_empty() {
+        if args.json {
+            for c in &sampler {
+                println!(
+                    "{}",
+                    serde_json::json!({"sampler_case": c.case, "device": args.device,
+                    "draws": c.draws, "equal": c.equal, "max_logprob_err": c.max_logprob_err,
+                    "chi2": c.chi2.map(|x| x.0), "df": c.chi2.map(|x| x.1), "passed": c.passed})
+                );
+            }
+        } else {
+            crate::sampler_check::print(&args.device, &sampler);
+        }
+    }
+    let sampler_failed = sampler.iter().filter(|c| !c.passed).count();
+    if args.sampler == SamplerMode::Only {
+        if !args.json {
+            crate::sampler_check::print_timings(&crate::sampler_check::timings(&device)?);
+        }
+        if sampler_failed > 0 {
+            bail!(
+                "{sampler_failed} of {} sampler checks failed",
+                sampler.len()
+            );
+        }
+        return Ok(());
+    }
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(&args.fixtures)
         .with_context(|| format!("reading {}", args.fixtures.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -234,9 +280,9 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let failed = checks.iter().filter(|c| !c.passed).count();
+    let failed = checks.iter().filter(|c| !c.passed).count() + sampler_failed;
     if failed > 0 {
-        bail!("{failed} of {} checks failed", checks.len());
+        bail!("{failed} of {} checks failed", checks.len() + sampler.len());
     }
     Ok(())
 }
