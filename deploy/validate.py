@@ -16,7 +16,11 @@ makes (kubernetes-validate, which bundles the Kubernetes JSON schemas, and jsons
    (read from `moemesh <role> --help`), ports in probes and flags agree with the declared
    ports, $(VAR) references resolve, grace periods cover preStop plus the drain timeout,
    liveness cannot kill a draining pod, GPU images ask for one GPU, expert shards cover every
-   routed expert once, and every selector selects something.
+   routed expert once, and every selector selects something. Autoscaling (KEDA ScaledObjects,
+   whose schema is vendored in k8s/schemas/ too): each scales a Deployment that exists and no
+   HPA also scales, keeps at least 2 replicas, and its Prometheus queries read only metrics
+   moemesh exports (services/common/src/metrics.rs), with numeric thresholds; a CPU trigger's
+   pods request CPU.
 4. The Compose files are validated against the Compose Specification's JSON schema (vendored in
    compose/compose-spec.json), and their services get the same flag and port checks.
 
@@ -48,7 +52,10 @@ RENDER = {
     "overlays/production": 64,
     "overlays/external-etcd": 64,
     "overlays/cpu-embedded": 16,
+    "overlays/autoscaling": 64,
 }
+# Where the exported metric names are declared (the one list of them).
+METRICS_RS = DEPLOY.parent / "services" / "common" / "src" / "metrics.rs"
 
 # Shared flag names of work landing in parallel (TLS, API keys, audit log): accepted even when
 # the binary under test does not have them yet.
@@ -212,8 +219,99 @@ def secret_mode_problems(spec, container):
     return found
 
 
+def exported_metrics():
+    """Every metric name moemesh exports, from the constants in metrics.rs."""
+    names = set(re.findall(r'"(moemesh_[a-z0-9_]+)"', METRICS_RS.read_text()))
+    if not names:
+        sys.exit(f"{METRICS_RS} declares no moemesh_* metric")
+    return names
+
+
+def query_problems(query, exported):
+    """The metric names of a PromQL query that moemesh does not export (a histogram's _bucket,
+    _sum and _count series count as the histogram)."""
+    found = []
+    for name in re.findall(r"\bmoemesh_[a-z0-9_]+", query):
+        base = re.sub(r"_(bucket|sum|count)$", "", name)
+        if name not in exported and base not in exported:
+            found.append(f"query reads {name}, which moemesh does not export")
+    if not found and not re.search(r"\bmoemesh_", query):
+        found.append("query reads no moemesh metric")
+    return found
+
+
+def check_scaling(docs, where, exported, problems):
+    """KEDA ScaledObjects against the workloads they scale and the metrics they read."""
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    hpa_targets = {
+        d["spec"]["scaleTargetRef"]["name"] for d in docs if d["kind"] == "HorizontalPodAutoscaler"
+    }
+    for d in docs:
+        if d["kind"] != "ScaledObject":
+            continue
+        here = f"{where} {name_of(d)}"
+        spec = d["spec"]
+        ref = spec["scaleTargetRef"]
+        target = deployments.get(ref["name"]) if ref.get("kind", "Deployment") == "Deployment" else None
+        if target is None:
+            problems.add(here, f"scaleTargetRef {ref.get('kind', 'Deployment')}/{ref['name']} does not exist")
+        if ref["name"] in hpa_targets:
+            problems.add(here, f"an HPA also scales {ref['name']}: KEDA makes its own, and the two would fight")
+        low, high = spec.get("minReplicaCount", 0), spec.get("maxReplicaCount", 100)
+        if low < 2:
+            problems.add(here, f"minReplicaCount {low}: keep at least 2 (the PDB lets one pod go; a lone pod could be drained away)")
+        if high < low:
+            problems.add(here, f"maxReplicaCount {high} < minReplicaCount {low}")
+        for i, t in enumerate(spec["triggers"]):
+            at, meta = f"{here} triggers[{i}] ({t['type']})", t.get("metadata", {})
+            if t["type"] == "prometheus":
+                for key in ("serverAddress", "query", "threshold"):
+                    if not meta.get(key):
+                        problems.add(at, f"no {key}")
+                for p in query_problems(meta.get("query", ""), exported):
+                    problems.add(at, p)
+                for key in ("threshold", "activationThreshold"):
+                    if key in meta:
+                        try:
+                            if float(meta[key]) < 0:
+                                raise ValueError
+                        except ValueError:
+                            problems.add(at, f"{key} {meta[key]!r} is not a number >= 0")
+            elif t["type"] in ("cpu", "memory"):
+                if t.get("metricType") != "Utilization" or "value" not in meta:
+                    problems.add(at, "a resource trigger needs metricType Utilization and a value")
+                containers = (target or {}).get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
+                for c in containers:
+                    if t["type"] not in c.get("resources", {}).get("requests", {}):
+                        problems.add(at, f"container {c['name']} requests no {t['type']}: utilization is of the request")
+            else:
+                problems.add(at, f"trigger type {t['type']!r}: only prometheus, cpu and memory are used here")
+
+
 def self_test():
-    """The secret check must catch the production overlay's old mistake (0440, no fsGroup)."""
+    """The checks must catch what they are for: the production overlay's old secret mistake
+    (0440, no fsGroup), and a ScaledObject on a missing Deployment reading a metric that does
+    not exist, beside an HPA of the same Deployment."""
+    docs = [
+        {"kind": "Deployment", "metadata": {"name": "moemesh-gate"}, "spec": {"template": {"spec": {"containers": []}}}},
+        {"kind": "HorizontalPodAutoscaler", "metadata": {"name": "h"}, "spec": {"scaleTargetRef": {"name": "moemesh-gate"}}},
+        {"kind": "ScaledObject", "metadata": {"name": "s"}, "spec": {
+            "scaleTargetRef": {"name": "moemesh-gaet"}, "minReplicaCount": 2, "triggers": [
+                {"type": "prometheus", "metadata": {"serverAddress": "http://p:9090", "threshold": "x",
+                                                     "query": "sum(moemesh_gate_kv_blocks_usde)"}}]}},
+        {"kind": "ScaledObject", "metadata": {"name": "t"}, "spec": {
+            "scaleTargetRef": {"name": "moemesh-gate"}, "minReplicaCount": 1, "triggers": [
+                {"type": "prometheus", "metadata": {"serverAddress": "http://p:9090", "threshold": "1",
+                                                     "query": "histogram_quantile(0.9, rate(moemesh_expert_forward_duration_seconds_bucket[1m]))"}}]}},
+    ]
+    found = Problems()
+    check_scaling(docs, "self-test", {"moemesh_gate_kv_blocks_used", "moemesh_expert_forward_duration_seconds"}, found)
+    text = "\n".join(found.items)
+    for needle in ("moemesh-gaet does not exist", "moemesh_gate_kv_blocks_usde", "threshold 'x'",
+                   "an HPA also scales moemesh-gate", "minReplicaCount 1"):
+        assert needle in text, f"the scaling checks missed {needle!r}:\n{text}"
+    assert "forward_duration" not in text, f"a histogram's _bucket series is exported:\n{text}"
+
     spec = {
         "securityContext": {"runAsUser": 10001, "runAsGroup": 10001},
         "volumes": [{"name": "tls", "secret": {"secretName": "t", "defaultMode": 0o440}}],
@@ -357,6 +455,7 @@ def main():
     args = ap.parse_args()
     self_test()
     known = role_env(args.moemesh)
+    exported = exported_metrics()
     crds = crd_validators()
     problems = Problems()
     render = renderer()
@@ -381,6 +480,7 @@ def main():
             before = len(problems.items)
             validate_schemas(docs, where, crds, problems)
             check_workloads(docs, where, experts, known, problems)
+            check_scaling(docs, where, exported, problems)
             kinds = sorted({d["kind"] for d in docs})
             status = "ok  " if len(problems.items) == before else "FAIL"
             print(f"{status} {where}: {len(docs)} objects ({', '.join(kinds)}), rendered by {' '.join(render)}, "

@@ -55,6 +55,9 @@ pub struct GenerationRequest {
     /// Neither EOS nor a stop id can be picked before this many tokens are generated (stop
     /// strings still apply). At most `max_new_tokens`.
     pub min_new_tokens: usize,
+    /// Report this many most likely ids with each token (`crate::logprobs`); 0 for none. At
+    /// most [`crate::logprobs::MAX_TOP_LOGPROBS`]. Served by the serving core's runner.
+    pub top_logprobs: usize,
 }
 
 /// Server-side limits a request is checked against.
@@ -138,6 +141,13 @@ impl GenerationRequest {
             return Err(EngineError::InvalidInput(format!(
                 "stopping.min_new_tokens must be at most max_new_tokens ({}), got {}",
                 self.max_new_tokens, self.min_new_tokens
+            )));
+        }
+        let max_top = crate::logprobs::MAX_TOP_LOGPROBS;
+        if self.top_logprobs > max_top {
+            return Err(EngineError::InvalidInput(format!(
+                "sampling.top_logprobs must be at most {max_top}, got {}",
+                self.top_logprobs
             )));
         }
         self.sampling.validate(vocab_size)

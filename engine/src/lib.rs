@@ -25,6 +25,7 @@ pub mod kv_blocks;
 pub mod kv_cache;
 pub mod kv_pool;
 pub mod layers;
+pub mod logprobs;
 pub mod model;
 pub mod model_dir;
 pub mod near_ties;

@@ -149,6 +149,8 @@ pub struct SamplerStart {
     pub min_new_tokens: usize,
     /// The EOS and stop ids (empty when `min_new_tokens` is 0).
     pub suppressed: std::sync::Arc<[u32]>,
+    /// Alternatives to report with each token (`crate::logprobs`); 0 for none.
+    pub top_logprobs: usize,
 }
 
 impl SamplerStart {
@@ -157,6 +159,7 @@ impl SamplerStart {
         Sampler::resume(self.params, self.drawn)
             .with_history(&self.prompt, &self.generated)
             .with_min_new_tokens(self.min_new_tokens, &self.suppressed)
+            .with_top_logprobs(self.top_logprobs)
     }
 }
 
@@ -186,6 +189,8 @@ pub struct Sampler {
     suppressed: Vec<u32>,
     /// See `suppressed`.
     min_new_tokens: usize,
+    /// Alternatives the runner reports with each token (0: none); see [`Sampler::top_logprobs`].
+    top_logprobs: usize,
 }
 
 impl Sampler {
@@ -202,6 +207,7 @@ impl Sampler {
             generated: 0,
             suppressed: Vec::new(),
             min_new_tokens: 0,
+            top_logprobs: 0,
         }
     }
 
@@ -228,6 +234,17 @@ impl Sampler {
         self
     }
 
+    /// Asks the runner for the `n` most likely ids with each token (`crate::logprobs`).
+    pub fn with_top_logprobs(mut self, n: usize) -> Self {
+        self.top_logprobs = n;
+        self
+    }
+
+    /// How many alternatives the runner reports with each token of this sequence.
+    pub fn top_logprobs(&self) -> usize {
+        self.top_logprobs
+    }
+
     /// Whether this row's pick is the plain arg-max of the raw row: greedy, no penalty, nothing
     /// suppressed.
     pub fn is_plain_greedy(&self) -> bool {
@@ -235,10 +252,12 @@ impl Sampler {
     }
 
     /// Whether this row must be picked on the host: the device sampler
-    /// ([`crate::cuda::Gpu::sample`]) does everything [`Sampler::sample`] does, so nothing needs
-    /// the host today; a feature the device lacks makes this true.
+    /// ([`crate::cuda::Gpu::sample`]) does everything [`Sampler::sample`] does; what the device
+    /// lacks makes this true: the alternatives of `top_logprobs`, which the runner computes on
+    /// the host from the raw row (a plain greedy row may still take the device's arg-max: its
+    /// alternatives come from the same raw row).
     pub fn needs_host(&self) -> bool {
-        false
+        self.top_logprobs > 0
     }
 
     /// Notes a token picked elsewhere (on the device) as generated; `drew` says whether the pick
@@ -1055,6 +1074,7 @@ mod tests {
             generated: generated.to_vec().into(),
             min_new_tokens: 0,
             suppressed: Vec::new().into(),
+            top_logprobs: 0,
         };
         let mut whole = start(&[]).sampler();
         let all: Vec<u32> = (0..30)

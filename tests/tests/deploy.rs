@@ -141,7 +141,17 @@ fn kubernetes_manifests_and_compose_files_validate_offline() {
     if stdout.contains("NOT rendered") {
         eprintln!("*** kustomize/kubectl missing: only k8s/base's files were checked ***");
     } else {
-        assert_eq!(rendered, 4, "expected base and three overlays:\n{stdout}");
+        assert_eq!(rendered, 5, "expected base and four overlays:\n{stdout}");
+        // The autoscaling overlay scales on serving signals: KEDA's objects replace the HPA.
+        let autoscaling = stdout
+            .lines()
+            .find(|l| l.starts_with("ok   k8s/overlays/autoscaling:"))
+            .unwrap_or_else(|| panic!("no autoscaling overlay:\n{stdout}"));
+        assert!(autoscaling.contains("ScaledObject"), "{autoscaling}");
+        assert!(
+            !autoscaling.contains("HorizontalPodAutoscaler"),
+            "{autoscaling}"
+        );
     }
     assert!(stdout.contains("checked compose/compose.yaml"), "{stdout}");
     assert!(

@@ -1,6 +1,7 @@
 //! Issue 19's Generate fields end to end: penalties, min_p, stop_token_ids and min_new_tokens
 //! through a real mesh (etcd, frontend, gate, expert worker) give exactly what the in-process
-//! engine's host sampler gives, and a bad value is INVALID_ARGUMENT naming the field and range.
+//! engine's host sampler gives, top_logprobs are the raw distribution's best as a full forward
+//! pass in process computes it, and a bad value is INVALID_ARGUMENT naming the field and range.
 
 use moemesh_proto::v1::generate_request::Input;
 use moemesh_proto::v1::generation_client::GenerationClient;
@@ -64,6 +65,7 @@ impl Case {
             ignore_eos: self.stopping.ignore_eos,
             stop_token_ids: self.stopping.stop_token_ids.clone(),
             min_new_tokens: self.stopping.min_new_tokens as usize,
+            top_logprobs: 0,
         }
     }
 }
@@ -196,6 +198,10 @@ async fn bad_new_fields_are_invalid_argument_naming_field_and_range() {
             &|r| r.stopping.as_mut().expect("s").min_new_tokens = 5,
             &["stopping.min_new_tokens", "max_new_tokens (4)"],
         ),
+        (
+            &|r| r.sampling.as_mut().expect("s").top_logprobs = 21,
+            &["sampling.top_logprobs", "at most 20"],
+        ),
     ];
     for (edit, needles) in cases {
         let mut req = base.clone();
@@ -209,4 +215,104 @@ async fn bad_new_fields_are_invalid_argument_naming_field_and_range() {
     generate(&url, base)
         .await
         .expect("a good request after the bad ones");
+}
+
+/// The raw log-softmax of the next token after `ids`, from a full forward pass in process (f64).
+fn raw_logprobs(engine: &moemesh_engine::InProcessEngine, ids: &[u32]) -> Vec<f64> {
+    let model = &engine.model;
+    let out = model
+        .forward_sequence(ids, &engine.experts, |_, _| {})
+        .expect("forward");
+    let logits = model.logits(&out).expect("logits");
+    let rows: Vec<Vec<f32>> = logits.to_vec2().expect("rows");
+    let last = rows.last().expect("a row");
+    let max = last.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = last.iter().map(|&v| f64::from(v - max).exp()).sum();
+    last.iter()
+        .map(|&v| f64::from(v - max) - sum.ln())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn top_logprobs_are_the_raw_distributions_best_at_each_position() {
+    let dir = fixture(MODEL);
+    let mesh = Mesh::start(Some(&dir), &["0-15"]);
+    let engine = in_process_engine(MODEL);
+    let (prompt, greedy) = reference_greedy(MODEL, 1);
+    let mut client = GenerationClient::connect(mesh.frontend_url())
+        .await
+        .expect("connect");
+    // Greedy and seeded sampling: each token comes with its 5 best alternatives.
+    for sampling in [
+        v1::SamplingParams {
+            top_logprobs: 5,
+            ..Default::default()
+        },
+        v1::SamplingParams {
+            top_logprobs: 5,
+            temperature: 1.0,
+            seed: Some(3),
+            ..Default::default()
+        },
+    ] {
+        let req = GenerateRequest {
+            input: Some(Input::Tokens(v1::TokenIds {
+                ids: prompt.clone(),
+            })),
+            sampling: Some(sampling),
+            stopping: Some(v1::StoppingCriteria {
+                max_new_tokens: Some(6),
+                ignore_eos: true,
+                ..Default::default()
+            }),
+            request_id: String::new(),
+            cache_salt: String::new(),
+        };
+        let mut stream = client.generate(req).await.expect("accepted").into_inner();
+        let mut ids = prompt.clone();
+        while let Some(m) = stream.message().await.expect("stream") {
+            assert_eq!(m.top_logprobs.len(), m.token_ids.len(), "{m:?}");
+            for ((&token, &logprob), top) in
+                m.token_ids.iter().zip(&m.logprobs).zip(&m.top_logprobs)
+            {
+                let want = raw_logprobs(&engine, &ids);
+                assert_eq!(top.token_ids.len(), 5);
+                // Best first, each the raw log-softmax of its id, and nothing better left out
+                // (bf16 activations on the wire: a small tolerance).
+                let tol = 2e-2;
+                for w in top.logprobs.windows(2) {
+                    assert!(w[0] >= w[1], "{top:?}");
+                }
+                for (&id, &lp) in top.token_ids.iter().zip(&top.logprobs) {
+                    let r = want[id as usize];
+                    assert!((f64::from(lp) - r).abs() < tol, "id {id}: {lp} vs {r}");
+                }
+                let mut sorted = want.clone();
+                sorted.sort_by(|a, b| b.total_cmp(a));
+                let worst = f64::from(top.logprobs[4]);
+                assert!(
+                    sorted[4] < worst + tol,
+                    "the 5th best is {}, got {worst}",
+                    sorted[4]
+                );
+                // The picked token's logprob is its entry when it is among them.
+                if let Some(i) = top.token_ids.iter().position(|&t| t == token) {
+                    assert_eq!(top.logprobs[i], logprob);
+                }
+                if sampling.temperature == 0.0 {
+                    assert_eq!(top.token_ids[0], token, "greedy picks the best");
+                }
+                ids.push(token);
+            }
+        }
+        assert_eq!(ids.len(), prompt.len() + 6);
+        if sampling.temperature == 0.0 {
+            assert_eq!(
+                ids[prompt.len()..],
+                greedy[..6],
+                "alternatives change no pick"
+            );
+        }
+    }
+    drop(mesh);
 }

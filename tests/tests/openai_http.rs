@@ -122,6 +122,43 @@ async fn the_openai_api_answers_as_generate_does_streamed_or_whole_with_openai_e
     let finish = if tokens == 6 { "length" } else { "stop" };
     assert_eq!(whole["choices"][0]["finish_reason"], finish);
 
+    // top_logprobs: each token with its 3 best alternatives, best first, the greedy pick the
+    // first of them; without logprobs: true it is refused, as OpenAI does.
+    let mut top = chat.clone();
+    top["top_logprobs"] = json!(3);
+    let (status, body) = http(port, "POST", "/v1/chat/completions", Some(&top));
+    assert_eq!(status, 200, "{body}");
+    let content = json_of(&body)["choices"][0]["logprobs"]["content"].clone();
+    let content = content.as_array().expect("logprobs.content");
+    assert_eq!(content.len(), tokens as usize);
+    for t in content {
+        let alts = t["top_logprobs"].as_array().expect("top_logprobs");
+        assert_eq!(alts.len(), 3, "{t}");
+        assert_eq!(alts[0]["token"], t["token"], "{t}");
+        assert_eq!(alts[0]["logprob"], t["logprob"], "{t}");
+        let lps: Vec<f64> = alts.iter().filter_map(|a| a["logprob"].as_f64()).collect();
+        assert!(lps.windows(2).all(|w| w[0] >= w[1]), "{t}");
+    }
+    top["logprobs"] = json!(false);
+    let (status, body) = http(port, "POST", "/v1/chat/completions", Some(&top));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("top_logprobs"), "{body}");
+    // The legacy completions API: `logprobs: 2` is the chosen token's and 2 alternatives, as a
+    // map of text to logprob per token.
+    let legacy = json!({"prompt": "Once upon a time", "max_tokens": 3, "temperature": 0,
+        "logprobs": 2, "ignore_eos": true});
+    let (status, body) = http(port, "POST", "/v1/completions", Some(&legacy));
+    assert_eq!(status, 200, "{body}");
+    let lp = json_of(&body)["choices"][0]["logprobs"].clone();
+    let per_token = lp["top_logprobs"].as_array().expect("top_logprobs");
+    assert_eq!(per_token.len(), 3, "{lp}");
+    assert!(
+        per_token
+            .iter()
+            .all(|m| m.as_object().is_some_and(|m| (1..=2).contains(&m.len()))),
+        "{lp}"
+    );
+
     // A longer prompt sent again comes from the gate's prefix cache (whole 16-token blocks) and
     // says so in usage; with another cache_salt it does not.
     let mut long = json!({"model": model, "max_tokens": 2, "temperature": 0, "messages": [{"role": "user",
@@ -184,12 +221,52 @@ async fn the_openai_api_answers_as_generate_does_streamed_or_whole_with_openai_e
     assert_eq!(c1["object"], "text_completion");
     assert_eq!(c1["choices"][0]["text"], c2["choices"][0]["text"]);
 
+    // n = 2: two choices, indexed; choice 1 is what seed + 1 gives alone (vLLM's rule); the
+    // usage counts the prompt once and both completions. Streamed, each chunk names its choice.
+    let mut two = completion.clone();
+    two["n"] = json!(2);
+    two["max_tokens"] = json!(4);
+    two["ignore_eos"] = json!(true);
+    let (status, body) = http(port, "POST", "/v1/completions", Some(&two));
+    assert_eq!(status, 200, "{body}");
+    let both = json_of(&body);
+    let mut alone = two.clone();
+    alone["n"] = json!(1);
+    alone["seed"] = json!(1235);
+    let (status, body) = http(port, "POST", "/v1/completions", Some(&alone));
+    assert_eq!(status, 200, "{body}");
+    let alone = json_of(&body);
+    assert_eq!(both["choices"][1]["index"], 1);
+    assert_eq!(both["choices"][1]["text"], alone["choices"][0]["text"]);
+    assert_eq!(
+        both["usage"]["prompt_tokens"],
+        alone["usage"]["prompt_tokens"]
+    );
+    assert_eq!(both["usage"]["completion_tokens"], 8);
+    two["stream"] = json!(true);
+    let (status, body) = http(port, "POST", "/v1/completions", Some(&two));
+    assert_eq!(status, 200, "{body}");
+    let evs = events(&body);
+    let mut texts = [String::new(), String::new()];
+    for c in evs[..evs.len() - 1].iter().map(|e| json_of(e)) {
+        let i = c["choices"][0]["index"].as_u64().expect("an index") as usize;
+        texts[i].push_str(c["choices"][0]["text"].as_str().unwrap_or_default());
+    }
+    assert_eq!(texts[0], both["choices"][0]["text"].as_str().expect("text"));
+    assert_eq!(texts[1], both["choices"][1]["text"].as_str().expect("text"));
+    let mut many = two.clone();
+    many["n"] = json!(17);
+    let (status, body) = http(port, "POST", "/v1/completions", Some(&many));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("16"), "{body}");
+
     // OpenAI's error shape, with the status a client library maps to its exception.
     let bad = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0});
     let (status, body) = http(port, "POST", "/v1/chat/completions", Some(&bad));
     assert_eq!(status, 400, "{body}");
     let err = json_of(&body);
     assert_eq!(err["error"]["type"], "invalid_request_error");
+    assert_eq!(err["error"]["param"], "stopping.max_new_tokens", "{body}");
     assert!(
         err["error"]["message"]
             .as_str()
@@ -387,4 +464,60 @@ async fn a_frontend_without_a_gate_is_not_ready() {
     let (_gate, _) = mesh.add_gate("gate-2");
     until(&mut updates, ServingStatus::Serving).await;
     assert_eq!(http(port, "GET", "/health", None).0, 200);
+}
+
+/// `--max-pending` counts HTTP completions with the gRPC calls: with one running, the next is a
+/// 429 in OpenAI's shape naming the limit, on either API; once it ends, HTTP is served again.
+#[tokio::test(flavor = "multi_thread")]
+async fn max_pending_bounds_the_http_api_too() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mesh = Mesh::start_with(
+        None,
+        &["0-15"],
+        &["--http-listen", &listen, "--max-pending", "1"],
+    );
+    let mut client = GenerationClient::connect(mesh.frontend_url())
+        .await
+        .expect("connect");
+    // A long gRPC stream takes the one permit; its first token says it is running.
+    let mut long = moemesh_tests::tokens_request(&[5, 17, 42], 4000);
+    long.request_id = "hold".into();
+    let mut stream = client.generate(long).await.expect("accepted").into_inner();
+    stream.message().await.expect("stream").expect("a token");
+    let completion = json!({"prompt": "Hi", "max_tokens": 2});
+    let (status, body) = http(port, "POST", "/v1/completions", Some(&completion));
+    assert_eq!(status, 429, "{body}");
+    let err = json_of(&body);
+    assert_eq!(err["error"]["type"], "rate_limit_error", "{body}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("--max-pending")),
+        "{body}"
+    );
+    // The stream ends (aborted) and its permit with it: HTTP is served again.
+    client
+        .abort(v1::AbortRequest {
+            request_id: "hold".into(),
+        })
+        .await
+        .expect("abort");
+    while stream.message().await.expect("stream").is_some() {}
+    drop(stream);
+    // The server lets go of the permit when it drops the finished response body, a moment
+    // after the client has read its end.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (status, body) = http(port, "POST", "/v1/completions", Some(&completion));
+        if status == 200 {
+            break;
+        }
+        assert!(
+            status == 429 && std::time::Instant::now() < deadline,
+            "{status} {body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    drop(mesh);
 }

@@ -69,6 +69,8 @@ pub struct Step {
 pub struct Token {
     pub token: u32,
     pub logprob: f32,
+    /// The most likely ids at this position and their logprobs, when the request asked.
+    pub top: Vec<(u32, f32)>,
     /// Text completed by this token (includes the held-back rest when it finishes).
     pub text: String,
     pub finish: Option<FinishReason>,
@@ -226,6 +228,7 @@ impl<T> Batch<T> {
                     let token = Token {
                         token: o.token,
                         logprob: o.logprob,
+                        top: o.top.clone(),
                         text: e.text,
                         finish: e.finish,
                     };

@@ -113,6 +113,7 @@ impl SequenceDecoder {
             },
             min_new_tokens: if suppressing { self.min_new_tokens } else { 0 },
             suppressed: Arc::from(suppressed),
+            top_logprobs: req.top_logprobs,
         }
     }
 

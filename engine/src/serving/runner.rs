@@ -46,11 +46,14 @@ pub struct SlotSpec<K> {
 }
 
 /// A picked token.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SeqOutput<K> {
     pub key: K,
     pub token: u32,
     pub logprob: f32,
+    /// The most likely ids at this position and their raw logprobs, best first, when the
+    /// sequence's sampler asks for them (`crate::logprobs::top_logprobs`); else empty.
+    pub top: Vec<(u32, f32)>,
 }
 
 /// Which logits a step hands back besides its picks.
@@ -504,13 +507,24 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
             }
         }
         let picked = pick(&logits, &mut samplers)?;
+        // Alternatives from the raw rows that ask for them; such rows were picked on the host,
+        // and only they are copied again here.
+        let mut tops = Vec::with_capacity(n);
+        for (i, s) in samplers.iter().enumerate() {
+            tops.push(match s.top_logprobs() {
+                0 => Vec::new(),
+                k => crate::logprobs::top_logprobs(&logits.get(i)?.to_vec1::<f32>()?, k),
+            });
+        }
         let outputs = keys
             .into_iter()
             .zip(picked)
-            .map(|(key, s)| SeqOutput {
+            .zip(tops)
+            .map(|((key, s), top)| SeqOutput {
                 key,
                 token: s.token,
                 logprob: s.logprob,
+                top,
             })
             .collect();
         Ok((outputs, (keep == Keep::Sampled).then_some(logits)))

@@ -1,7 +1,11 @@
 //! The services' error type and its single conversion into a gRPC status. Messages name the
 //! field, limit, expert or peer involved; details of internal failures are logged, not leaked.
+//! An INVALID_ARGUMENT whose message starts with the field it is about (`sampling.n: …`,
+//! `stopping.max_new_tokens must …`) also carries that field as a google.rpc `BadRequest` field
+//! violation, so a client can tell which field without reading the text.
 
 use moemesh_engine::{EngineError, ErrorKind};
+use tonic_types::{ErrorDetails, StatusExt};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MeshError {
@@ -42,11 +46,40 @@ pub enum MeshError {
 
 pub type MeshResult<T> = Result<T, MeshError>;
 
+/// The request field an invalid-argument message is about: its first word, when that is a
+/// field path (`stopping.stop_token_ids[1]`, `prompt`) followed by `:`, or a dotted or
+/// underscored path followed by a space (`stopping.max_new_tokens must …`).
+pub fn field_of(message: &str) -> Option<&str> {
+    let end = message.find([':', ' '])?;
+    let head = &message[..end];
+    let path = head.starts_with(|c: char| c.is_ascii_lowercase())
+        && head
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._[]".contains(c));
+    let named = message[end..].starts_with(':') || head.contains(['.', '_']);
+    (path && named).then_some(head)
+}
+
+/// INVALID_ARGUMENT with `message`, and `field` (when known) as a `BadRequest` violation whose
+/// description is the message.
+fn invalid_argument(message: String, field: Option<&str>) -> tonic::Status {
+    match field {
+        Some(field) => {
+            let details = ErrorDetails::with_bad_request_violation(field, message.as_str());
+            tonic::Status::with_error_details(tonic::Code::InvalidArgument, message, details)
+        }
+        None => tonic::Status::invalid_argument(message),
+    }
+}
+
 impl From<MeshError> for tonic::Status {
     fn from(e: MeshError) -> Self {
         use tonic::Status;
         match e {
-            MeshError::Invalid(m) => Status::invalid_argument(m),
+            MeshError::Invalid(m) => {
+                let field = field_of(&m).map(str::to_string);
+                invalid_argument(m, field.as_deref())
+            }
             MeshError::Unavailable(m) => Status::unavailable(m),
             MeshError::Overloaded(m) => Status::resource_exhausted(m),
             MeshError::Precondition(m) => Status::failed_precondition(m),
@@ -55,6 +88,10 @@ impl From<MeshError> for tonic::Status {
             MeshError::Unauthenticated(m) => Status::unauthenticated(m),
             MeshError::PermissionDenied(m) => Status::permission_denied(m),
             MeshError::Registry(m) => Status::unavailable(format!("registry: {m}")),
+            MeshError::Engine(EngineError::InvalidInput(m)) => {
+                let field = field_of(&m).map(str::to_string);
+                invalid_argument(EngineError::InvalidInput(m).to_string(), field.as_deref())
+            }
             MeshError::Engine(e) => match e.kind() {
                 ErrorKind::Invalid => Status::invalid_argument(e.to_string()),
                 ErrorKind::Unavailable => Status::unavailable(e.to_string()),
@@ -142,6 +179,55 @@ mod tests {
             (s.code(), s.message()),
             (Code::Unavailable, "registry: etcd is down")
         );
+    }
+
+    /// The field a client decodes from the status's details.
+    fn violation(s: &Status) -> Option<String> {
+        let b = s.get_details_bad_request()?;
+        assert_eq!(b.field_violations.len(), 1);
+        Some(b.field_violations[0].field.clone())
+    }
+
+    #[test]
+    fn invalid_arguments_carry_the_field_as_a_bad_request_violation() {
+        let cases = [
+            (
+                "sampling.n: 17 choices, the limit is 16",
+                Some("sampling.n"),
+            ),
+            (
+                "stopping.max_new_tokens must be between 1 and 4096, got 0",
+                Some("stopping.max_new_tokens"),
+            ),
+            (
+                "stopping.stop_token_ids[1]: token id 129280 is outside",
+                Some("stopping.stop_token_ids[1]"),
+            ),
+            ("prompt: empty", Some("prompt")),
+            ("the frontend needs gates: give --etcd", None),
+            ("request body: not JSON", None),
+            ("--step-token-budget (1) must be at least 2", None),
+        ];
+        for (message, field) in cases {
+            let s = status(MeshError::Invalid(message.into()));
+            assert_eq!((s.code(), s.message()), (Code::InvalidArgument, message));
+            assert_eq!(violation(&s).as_deref(), field, "{message}");
+        }
+        let s = status(EngineError::InvalidInput(
+            "tokens.ids[0]: token id 9 is outside".into(),
+        ));
+        assert_eq!(violation(&s).as_deref(), Some("tokens.ids[0]"));
+        assert_eq!(
+            s.message(),
+            "invalid input: tokens.ids[0]: token id 9 is outside"
+        );
+        let description = s
+            .get_details_bad_request()
+            .expect("details")
+            .field_violations[0]
+            .description
+            .clone();
+        assert_eq!(description, s.message());
     }
 
     #[test]

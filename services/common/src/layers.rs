@@ -1,6 +1,6 @@
 //! Tower layers for cross-cutting server behaviour.
 //!
-//! [`InflightLimitLayer`] bounds how many calls of one streaming RPC may be open at once. Unlike
+//! [`InflightLimitLayer`] bounds how many calls of some RPCs may be open at once. Unlike
 //! tower's `ConcurrencyLimit`, which frees its slot when the handler returns, the permit here
 //! travels with the response *body*, so a server-streaming call holds it until its stream ends
 //! (or its client goes away). When no permit is free the call is answered at once with
@@ -21,22 +21,34 @@ use tower::{Layer, Service};
 
 use crate::MeshError;
 
-/// Limits open calls of the gRPC method at `path` (e.g. `/moemesh.v1.Generation/Generate`).
+/// Limits open calls of the gRPC methods at `paths` (e.g. `/moemesh.v1.Generation/Generate`),
+/// together.
 #[derive(Clone)]
 pub struct InflightLimitLayer {
-    path: &'static str,
+    paths: &'static [&'static str],
     permits: Arc<Semaphore>,
     message: Arc<str>,
 }
 
 impl InflightLimitLayer {
     /// `message` is the RESOURCE_EXHAUSTED text; it should name the limit and its flag.
-    pub fn new(path: &'static str, limit: usize, message: impl Into<Arc<str>>) -> Self {
+    pub fn new(paths: &'static [&'static str], limit: usize, message: impl Into<Arc<str>>) -> Self {
         InflightLimitLayer {
-            path,
+            paths,
             permits: Arc::new(Semaphore::new(limit)),
             message: message.into(),
         }
+    }
+}
+
+impl InflightLimitLayer {
+    /// A permit for a call that reaches the service another way (the frontend's HTTP API),
+    /// counted with the gRPC calls; RESOURCE_EXHAUSTED with the layer's message when none is free.
+    pub fn try_acquire(&self) -> Result<OwnedSemaphorePermit, tonic::Status> {
+        self.permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| MeshError::Overloaded(self.message.to_string()).into())
     }
 }
 
@@ -76,7 +88,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
-        let permit = if req.uri().path() == self.layer.path {
+        let permit = if self.layer.paths.contains(&req.uri().path()) {
             match self.layer.permits.clone().try_acquire_owned() {
                 Ok(p) => Some(p),
                 Err(_) => {
@@ -178,7 +190,7 @@ pub type CountFinal = fn(tonic::Code);
 #[derive(Clone, Copy)]
 pub struct EdgeStatusLayer {
     max_header_bytes: usize,
-    count: Option<(&'static str, CountFinal)>,
+    count: Option<(&'static [&'static str], CountFinal)>,
 }
 
 impl EdgeStatusLayer {
@@ -189,10 +201,10 @@ impl EdgeStatusLayer {
         }
     }
 
-    /// Calls `count` once for every call of the method at `path` (e.g.
+    /// Calls `count` once for every call of the methods at `paths` (e.g.
     /// `/moemesh.v1.Generation/Generate`) with its final status code.
-    pub fn count(mut self, path: &'static str, count: CountFinal) -> Self {
-        self.count = Some((path, count));
+    pub fn count(mut self, paths: &'static [&'static str], count: CountFinal) -> Self {
+        self.count = Some((paths, count));
         self
     }
 }
@@ -301,7 +313,7 @@ where
         let count = self
             .layer
             .count
-            .filter(|(path, _)| req.uri().path() == *path)
+            .filter(|(paths, _)| paths.contains(&req.uri().path()))
             .map(|(_, count)| count);
         let size = header_list_size(&req);
         let max = self.layer.max_header_bytes;

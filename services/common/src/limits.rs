@@ -103,14 +103,14 @@ impl ServerLimits {
         self.server_with(EdgeStatusLayer::new(self.max_header_bytes as usize))
     }
 
-    /// [`server`](Self::server), counting every call of the method at `path` by its final
+    /// [`server`](Self::server), counting every call of the methods at `paths` by its final
     /// status with `count`, refusals by these limits included.
     pub fn server_counting(
         &self,
-        path: &'static str,
+        paths: &'static [&'static str],
         count: CountFinal,
     ) -> tonic::transport::Server<Stack<EdgeStatusLayer, Identity>> {
-        self.server_with(EdgeStatusLayer::new(self.max_header_bytes as usize).count(path, count))
+        self.server_with(EdgeStatusLayer::new(self.max_header_bytes as usize).count(paths, count))
     }
 
     fn server_with(

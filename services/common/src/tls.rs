@@ -431,9 +431,48 @@ where
     }
 }
 
+/// The first byte of a TLS handshake record (RFC 8446 §5.1: content type 22), which a TLS
+/// client's first message starts with.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// What a plaintext gRPC client on a TLS port is told.
+pub const PLAINTEXT_ON_TLS: &str = "this port requires TLS and the client connected in plaintext: connect with TLS (for moemesh clients, --tls-ca CA.pem; grpcurl without -plaintext), or run the server with --plaintext";
+
+/// Answers a plaintext client on a TLS port: an HTTP/2 one (its first byte is the preface's
+/// `P`) gets UNAVAILABLE saying so on every call, for as long as a handshake may take; any
+/// other is closed.
+async fn refuse_plaintext(tcp: TcpStream, first: u8) {
+    if first != b'P' {
+        return;
+    }
+    let service = hyper::service::service_fn(|_req| async {
+        let status = tonic::Status::unavailable(PLAINTEXT_ON_TLS);
+        Ok::<_, std::convert::Infallible>(status.into_http::<tonic::body::Body>())
+    });
+    let conn = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+    let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn).await;
+}
+
+/// Logs a TLS ClientHello arriving on a plaintext port (`first` is what the connection sent
+/// first): the server would answer it with HTTP/2 and the client would fail with a confusing
+/// handshake error, so the server's log says what is wrong.
+fn tls_on_plaintext(tcp: &TcpStream, first: &[u8]) {
+    if first.first() == Some(&TLS_HANDSHAKE_RECORD) {
+        let peer = tcp
+            .peer_addr()
+            .map_or_else(|_| "unknown".to_string(), |a| a.to_string());
+        tracing::warn!(
+            %peer,
+            "a client started a TLS handshake on this plaintext port: the client should connect without TLS (for moemesh clients, no --tls-ca), or this server should run with TLS files"
+        );
+    }
+}
+
 /// A connection accepted by a role's server: plain TCP, or TCP after a TLS handshake.
 pub enum ServerIo {
-    Plain(TcpStream),
+    /// Plain TCP, and whether its first bytes have been looked at ([`tls_on_plaintext`]).
+    Plain(TcpStream, bool),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
@@ -442,7 +481,7 @@ impl Connected for ServerIo {
 
     fn connect_info(&self) -> PeerInfo {
         match self {
-            ServerIo::Plain(s) => PeerInfo {
+            ServerIo::Plain(s, _) => PeerInfo {
                 tcp: s.connect_info(),
                 roles: None,
             },
@@ -465,7 +504,15 @@ impl AsyncRead for ServerIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
-            ServerIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ServerIo::Plain(s, sniffed) => {
+                let before = buf.filled().len();
+                let read = Pin::new(&mut *s).poll_read(cx, buf);
+                if !*sniffed && buf.filled().len() > before {
+                    *sniffed = true;
+                    tls_on_plaintext(s, &buf.filled()[before..]);
+                }
+                read
+            }
             ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
@@ -478,7 +525,7 @@ impl AsyncWrite for ServerIo {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
-            ServerIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ServerIo::Plain(s, _) => Pin::new(s).poll_write(cx, buf),
             ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
@@ -489,28 +536,28 @@ impl AsyncWrite for ServerIo {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
-            ServerIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            ServerIo::Plain(s, _) => Pin::new(s).poll_write_vectored(cx, bufs),
             ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
-            ServerIo::Plain(s) => s.is_write_vectored(),
+            ServerIo::Plain(s, _) => s.is_write_vectored(),
             ServerIo::Tls(s) => s.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
-            ServerIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            ServerIo::Plain(s, _) => Pin::new(s).poll_flush(cx),
             ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
-            ServerIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ServerIo::Plain(s, _) => Pin::new(s).poll_shutdown(cx),
             ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
@@ -527,7 +574,7 @@ pub fn incoming(
     use futures::StreamExt;
     let Some(tls) = tls else {
         return crate::serve::incoming(listener)
-            .map(|conn| conn.map(ServerIo::Plain))
+            .map(|conn| conn.map(|c| ServerIo::Plain(c, false)))
             .boxed();
     };
     let (tx, rx) = mpsc::channel(64);
@@ -553,6 +600,29 @@ pub fn incoming(
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.current.load().server.clone());
             let tx = tx.clone();
             tokio::spawn(async move {
+                // A client that speaks plaintext here would get a TLS alert, which its HTTP/2
+                // stack reads as a frame of a wrong size (FRAME_SIZE_ERROR): say what it is.
+                let mut first = [0u8; 1];
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
+                    Ok(Ok(1..)) => {}
+                    Ok(Ok(0)) => return,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "connection failed before its TLS handshake");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                }
+                if first[0] != TLS_HANDSHAKE_RECORD {
+                    tracing::warn!(
+                        %peer,
+                        "a client spoke plaintext (not a TLS handshake) to this TLS port: the client needs TLS (for moemesh clients, --tls-ca), or this server --plaintext"
+                    );
+                    refuse_plaintext(tcp, first[0]).await;
+                    return;
+                }
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(conn)) => {
                         let _ = tx.send(Ok(ServerIo::Tls(Box::new(conn)))).await;

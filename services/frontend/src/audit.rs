@@ -250,15 +250,25 @@ fn reason_name(r: i32) -> &'static str {
 }
 
 /// A Generate response stream that keeps its call's [`Trail`] and writes it when the stream ends
-/// or is dropped (the client went away).
+/// or is dropped (the client went away). With several choices the stream holds one finish per
+/// choice; the record is written at the last one, with its reason.
 pub struct Audited<S> {
     inner: S,
     trail: Trail,
+    /// The request's choices (`sampling.n`).
+    choices: u32,
+    /// Choices finished so far.
+    finished: u32,
 }
 
 impl<S> Audited<S> {
-    pub fn new(inner: S, trail: Trail) -> Self {
-        Audited { inner, trail }
+    pub fn new(inner: S, trail: Trail, choices: u32) -> Self {
+        Audited {
+            inner,
+            trail,
+            choices,
+            finished: 0,
+        }
     }
 }
 
@@ -274,8 +284,11 @@ where
             Some(Ok(msg)) => {
                 self.trail.saw(msg);
                 if msg.finish_reason != FinishReason::Unspecified as i32 {
-                    self.trail
-                        .end(tonic::Code::Ok, Some(reason_name(msg.finish_reason)));
+                    self.finished += 1;
+                    if self.finished >= self.choices {
+                        self.trail
+                            .end(tonic::Code::Ok, Some(reason_name(msg.finish_reason)));
+                    }
                 }
             }
             Some(Err(status)) => self.trail.end(status.code(), None),
@@ -305,6 +318,8 @@ mod tests {
             finish_reason: reason as i32,
             usage: None,
             request_id: String::new(),
+            index: 0,
+            top_logprobs: Vec::new(),
         })
     }
 
@@ -327,10 +342,27 @@ mod tests {
             msg("Hi", &[5], FinishReason::Unspecified),
             msg(" there", &[6], FinishReason::Length),
         ];
-        let got: Vec<_> = Audited::new(futures::stream::iter(items), trail)
+        let got: Vec<_> = Audited::new(futures::stream::iter(items), trail, 1)
             .collect()
             .await;
         assert_eq!(got.len(), 2);
+        // Two choices: written at the second finish, with every choice's tokens.
+        let mut trail = log.generate(Some("team-a"), "r-2", Instant::now());
+        trail.prompt(b"Hello", Some("Hello"), 3);
+        let items = vec![
+            msg("a", &[5], FinishReason::Eos),
+            msg("b", &[6], FinishReason::Unspecified),
+            msg("c", &[7], FinishReason::Length),
+        ];
+        let mut s = Audited::new(
+            futures::stream::iter(items).chain(futures::stream::pending()),
+            trail,
+            2,
+        );
+        for _ in 0..3 {
+            assert!(s.next().await.is_some());
+        }
+        drop(s);
         // A call whose client left after one token.
         let mut trail = log.generate(None, "", Instant::now());
         trail.prompt(&[1, 0, 0, 0], None, 1);
@@ -338,6 +370,7 @@ mod tests {
             futures::stream::iter(vec![msg("x", &[9], FinishReason::Unspecified)])
                 .chain(futures::stream::pending()),
             trail,
+            1,
         );
         assert!(s.next().await.is_some());
         drop(s);
@@ -346,7 +379,15 @@ mod tests {
         writer.finished().await;
 
         let l = lines(&path).await;
-        assert_eq!(l.len(), 3, "{l:?}");
+        assert_eq!(l.len(), 4, "{l:?}");
+        // Written in order: r-1, r-2, the cancelled call, the refusal; r-2 is checked last.
+        let l: Vec<_> = [0, 2, 3, 1].iter().map(|&i| l[i].clone()).collect();
+        let two = &l[3];
+        assert_eq!(
+            (&two["request_id"], &two["status"], &two["finish_reason"]),
+            (&"r-2".into(), &"Ok".into(), &"length".into())
+        );
+        assert_eq!(two["completion_tokens"], 3);
         assert_eq!(l[0]["key_id"], "team-a");
         assert_eq!(l[0]["request_id"], "r-1");
         assert_eq!(l[0]["status"], "Ok");

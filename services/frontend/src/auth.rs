@@ -11,6 +11,7 @@
 //! burst = 10                    # optional: the bucket's size (default: requests/s rounded up)
 //! max_streams = 2               # optional: Generate streams open at once
 //! methods = ["Generate", "Tokenize", "ModelInfo"]  # optional: what the key may call (default: all)
+//!                                                  # ("Generate" also grants Complete and Abort)
 //! ```
 //!
 //! A missing or unknown key is UNAUTHENTICATED, a method the key may not call is
@@ -40,8 +41,10 @@ use crate::audit::AuditLog;
 
 /// The public service's path prefix; calls under it need a key.
 const PROTECTED: &str = "/moemesh.v1.Generation/";
-/// The one streaming method, which `max_streams` counts.
+/// The generating method, whose grant also covers `Complete` and `Abort`.
 const GENERATE: &str = "Generate";
+/// The methods that run a generation, which `max_streams` counts.
+const GENERATING: [&str; 2] = ["Generate", "Complete"];
 /// What `methods` may name.
 const METHODS: [&str; 3] = ["Generate", "Tokenize", "ModelInfo"];
 /// Shortest accepted `key`: shorter secrets can be guessed.
@@ -162,10 +165,15 @@ impl ApiKey {
     }
 
     fn allows(&self, method: &str) -> bool {
+        // Complete is Generate answered whole; Abort ends what Generate started.
+        let grant = match method {
+            "Complete" | "Abort" => GENERATE,
+            m => m,
+        };
         self.spec
             .methods
             .as_ref()
-            .is_none_or(|m| m.iter().any(|x| x == method))
+            .is_none_or(|m| m.iter().any(|x| x == grant))
     }
 }
 
@@ -352,15 +360,17 @@ impl AuthLayer {
             )));
         }
         let permit = match &key.streams {
-            Some((open, limit)) if method == GENERATE => match open.clone().try_acquire_owned() {
-                Ok(p) => Some(p),
-                Err(_) => {
-                    return refuse(MeshError::Overloaded(format!(
-                        "API key {:?}: {limit} Generate streams are open, its limit (max_streams); retry when one ends",
-                        key.id
-                    )));
+            Some((open, limit)) if GENERATING.contains(&method) => {
+                match open.clone().try_acquire_owned() {
+                    Ok(p) => Some(p),
+                    Err(_) => {
+                        return refuse(MeshError::Overloaded(format!(
+                            "API key {:?}: {limit} Generate streams are open, its limit (max_streams); retry when one ends",
+                            key.id
+                        )));
+                    }
                 }
-            },
+            }
             _ => None,
         };
         Verdict::Pass(Some((KeyId(key.id.clone()), permit)))
@@ -522,11 +532,22 @@ mod tests {
             tonic::Code::Ok
         );
         assert_eq!(code(&l.judge(generate, &b)), tonic::Code::PermissionDenied);
-        // Key c: one Generate stream at a time; the permit frees the slot.
+        // Complete and Abort go with the Generate grant.
+        for m in ["Complete", "Abort"] {
+            let path = format!("/moemesh.v1.Generation/{m}");
+            assert_eq!(code(&l.judge(&path, &b)), tonic::Code::PermissionDenied);
+        }
+        // Key c: one generation (Generate or Complete) at a time; the permit frees the slot.
         let c = headers("Bearer key-c-0123456789");
         let first = l.judge(generate, &c);
         assert_eq!(code(&first), tonic::Code::Ok);
         assert_eq!(code(&l.judge(generate, &c)), tonic::Code::ResourceExhausted);
+        let complete = "/moemesh.v1.Generation/Complete";
+        assert_eq!(code(&l.judge(complete, &c)), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            code(&l.judge("/moemesh.v1.Generation/Abort", &c)),
+            tonic::Code::Ok
+        );
         assert_eq!(
             code(&l.judge("/moemesh.v1.Generation/Tokenize", &c)),
             tonic::Code::Ok

@@ -91,6 +91,8 @@ pub fn generate_request(data: &[u8]) -> Outcome {
     assert!(out.sampling.validate(vocab).is_ok());
     assert!(out.stop_token_ids.iter().all(|&id| (id as usize) < vocab));
     assert!(out.min_new_tokens <= out.max_new_tokens);
+    assert!(out.top_logprobs <= moemesh_engine::logprobs::MAX_TOP_LOGPROBS);
+    assert!((1..=crate::request::MAX_CHOICES).contains(&crate::request::choices(&req)));
     let context = f.model.max_position_embeddings;
     match SequenceDecoder::new(&out, f.tokenizer.as_ref(), Vec::new().into(), context) {
         Ok(_) => Outcome::Accepted,
@@ -190,6 +192,17 @@ fn request_from(u: &mut Unstructured) -> Result<v1::GenerateRequest> {
             },
             top_k: pick(u, &[0, 1, 50])?,
             seed: u.arbitrary()?,
+            // Choices and alternatives now and then, over their limits too.
+            n: if u.ratio(1, 8)? {
+                pick(u, &[0, 2, 16, 17])?
+            } else {
+                0
+            },
+            top_logprobs: if u.ratio(1, 8)? {
+                pick(u, &[1, 20, 21])?
+            } else {
+                0
+            },
             ..Default::default()
         })
     } else {

@@ -6,7 +6,7 @@
 //! [`StepLoop::retire`], which settles its load count and its stream.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use moemesh_common::metrics::names;
@@ -53,6 +53,10 @@ pub struct NewSeq {
     pub cache_salt: Option<[u8; 32]>,
     /// The client's `request_id`, echoed on every message.
     pub request_id: String,
+    /// Which of the request's choices this sequence is (`GenerateResponse.index`).
+    pub index: u32,
+    /// Raised by `Abort`; shared by the request's choices (`crate::abort`).
+    pub aborted: Arc<AtomicBool>,
     /// The client's deadline (grpc-timeout), if it sent one.
     pub deadline: Option<Instant>,
     /// Tokens already generated (non-empty when the sequence moves here from a failed gate:
@@ -82,6 +86,10 @@ pub fn queue_span(request: &Span) -> Span {
 /// What the frontend keeps of a sequence besides the serving core's state: its client.
 struct Client {
     request_id: String,
+    /// The choice's index.
+    index: u32,
+    /// Raised by `Abort`.
+    aborted: Arc<AtomicBool>,
     tx: ClientTx,
     start: Instant,
     ttft: Option<Duration>,
@@ -102,6 +110,8 @@ enum Outcome {
     Failed(Status),
     /// Its client left, or its deadline passed.
     Gone,
+    /// `Abort` ended it: its stream ends with finish reason CANCELLED.
+    Aborted,
     /// Its gate was lost: it moves to another.
     Moved,
 }
@@ -312,6 +322,8 @@ impl StepLoop {
             cached_tokens: 0,
             payload: Client {
                 request_id: n.request_id,
+                index: n.index,
+                aborted: n.aborted,
                 tx: n.tx,
                 start: n.start,
                 ttft: n.ttft,
@@ -323,18 +335,27 @@ impl StepLoop {
         });
     }
 
-    /// Sequences whose client went away or whose deadline passed.
+    /// Sequences whose client went away, whose deadline passed or that `Abort` ended; their KV
+    /// is released with the next step.
     fn drop_gone(&mut self) {
         let now = Instant::now();
         let gone = self.batch.remove_where(|s| {
-            s.payload.tx.is_closed() || s.payload.deadline.is_some_and(|d| d <= now)
+            let c = &s.payload;
+            c.tx.is_closed()
+                || c.deadline.is_some_and(|d| d <= now)
+                || c.aborted.load(Ordering::Relaxed)
         });
         for s in gone {
-            tracing::debug!(
-                seq = s.id,
-                "client went away or its deadline passed; releasing"
-            );
-            self.retire(s, Outcome::Gone);
+            if s.payload.aborted.load(Ordering::Relaxed) {
+                tracing::debug!(seq = s.id, request_id = %s.payload.request_id, "aborted; releasing");
+                self.retire(s, Outcome::Aborted);
+            } else {
+                tracing::debug!(
+                    seq = s.id,
+                    "client went away or its deadline passed; releasing"
+                );
+                self.retire(s, Outcome::Gone);
+            }
         }
     }
 
@@ -436,6 +457,7 @@ impl StepLoop {
                     generated_ids: st.generated.to_vec(),
                     min_new_tokens: st.min_new_tokens as u32,
                     suppressed_ids: st.suppressed.to_vec(),
+                    top_logprobs: st.top_logprobs as u32,
                 }
             });
             seq_steps.push(SeqStep {
@@ -527,6 +549,12 @@ impl StepLoop {
                 key: r.seq_id,
                 token: r.token_id,
                 logprob: r.logprob,
+                top: r
+                    .top_ids
+                    .iter()
+                    .copied()
+                    .zip(r.top_logprobs.iter().copied())
+                    .collect(),
             })
             .collect();
         let hits: Vec<(u64, usize)> = resp
@@ -591,9 +619,14 @@ impl StepLoop {
     /// outcome owes it (its last token has already gone when it finished).
     fn retire(&self, s: Sequence<Client>, outcome: Outcome) {
         self.load.fetch_sub(1, Ordering::SeqCst);
+        if let Outcome::Aborted = outcome {
+            let msg = last_message(&s, FinishReason::Cancelled, String::new(), None);
+            let _ = s.payload.tx.send(Ok(msg));
+            return;
+        }
         let c = s.payload;
         match outcome {
-            Outcome::Finished => {}
+            Outcome::Finished | Outcome::Aborted => {}
             Outcome::Failed(status) => {
                 let _ = c.tx.send(Err(status));
             }
@@ -612,6 +645,8 @@ impl StepLoop {
                     req: s.req,
                     cache_salt: s.cache_salt,
                     request_id: c.request_id,
+                    index: c.index,
+                    aborted: c.aborted,
                     decoder: s.decoder,
                     tx: c.tx,
                     start: c.start,
@@ -656,28 +691,61 @@ fn deliver(s: &mut Sequence<Client>, t: &Token) {
     if c.ttft.is_none() {
         c.ttft = Some(c.start.elapsed());
     }
-    let mut msg = GenerateResponse {
-        text: t.text.clone(),
-        token_ids: vec![t.token],
-        logprobs: vec![t.logprob],
-        finish_reason: v1::FinishReason::Unspecified as i32,
-        usage: None,
-        request_id: c.request_id.clone(),
+    let msg = match t.finish {
+        Some(reason) => last_message(s, reason, t.text.clone(), Some(t)),
+        None => GenerateResponse {
+            text: t.text.clone(),
+            token_ids: vec![t.token],
+            logprobs: vec![t.logprob],
+            finish_reason: v1::FinishReason::Unspecified as i32,
+            usage: None,
+            request_id: c.request_id.clone(),
+            index: c.index,
+            top_logprobs: top_logprobs(t),
+        },
     };
-    if let Some(reason) = t.finish {
-        msg.finish_reason = wire_reason(reason) as i32;
-        let ttft = c.ttft.unwrap_or_default().as_secs_f64() * 1e3;
-        c.span.record("completion_tokens", s.generated.len());
-        c.span.record("ttft_ms", ttft);
-        c.span.record("finish_reason", reason.as_str());
-        msg.usage = Some(v1::Usage {
+    let _ = s.payload.tx.send(Ok(msg));
+}
+
+/// A sequence's last message: its last token (none when `Abort` ended it), the finish reason
+/// and its usage, which also go on the request's span.
+fn last_message(
+    s: &Sequence<Client>,
+    reason: FinishReason,
+    text: String,
+    token: Option<&Token>,
+) -> GenerateResponse {
+    let c = &s.payload;
+    let ttft = c.ttft.unwrap_or_default().as_secs_f64() * 1e3;
+    c.span.record("completion_tokens", s.generated.len());
+    c.span.record("ttft_ms", ttft);
+    c.span.record("finish_reason", reason.as_str());
+    GenerateResponse {
+        text,
+        token_ids: token.map(|t| vec![t.token]).unwrap_or_default(),
+        logprobs: token.map(|t| vec![t.logprob]).unwrap_or_default(),
+        finish_reason: wire_reason(reason) as i32,
+        usage: Some(v1::Usage {
             prompt_tokens: s.req.prompt_ids.len() as u32,
             completion_tokens: s.generated.len() as u32,
             time_to_first_token_ms: ttft,
             cached_prompt_tokens: s.cached_tokens as u32,
-        });
+        }),
+        request_id: c.request_id.clone(),
+        index: c.index,
+        top_logprobs: token.map(top_logprobs).unwrap_or_default(),
     }
-    let _ = c.tx.send(Ok(msg));
+}
+
+/// A token's alternatives on the wire: one entry per token, or none when not asked for.
+fn top_logprobs(t: &Token) -> Vec<v1::TopLogprobs> {
+    if t.top.is_empty() {
+        return Vec::new();
+    }
+    vec![v1::TopLogprobs {
+        token_ids: t.top.iter().map(|a| a.0).collect(),
+        logprobs: t.top.iter().map(|a| a.1).collect(),
+    }]
 }
 
 pub fn wire_reason(r: FinishReason) -> v1::FinishReason {

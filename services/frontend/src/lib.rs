@@ -4,6 +4,7 @@
 //! incrementally, applies stop strings and limits, and frees a sequence's KV on the gate when it
 //! finishes or its client goes away.
 
+mod abort;
 mod audit;
 mod auth;
 mod config;

@@ -41,18 +41,24 @@ pub struct Metered<S> {
     last: Option<Instant>,
     /// Whether the final status has been recorded.
     done: bool,
+    /// The request's choices (`sampling.n`), each of which ends with a finish reason.
+    choices: u32,
+    /// Choices finished so far.
+    finished: u32,
     /// The request's `generate` span, which ends when the stream does (or later, when the step
     /// loop lets go of the sequence).
     span: tracing::Span,
 }
 
 impl<S> Metered<S> {
-    pub fn new(inner: S, start: Instant, span: tracing::Span) -> Self {
+    pub fn new(inner: S, start: Instant, span: tracing::Span, choices: u32) -> Self {
         Metered {
             inner,
             start,
             last: None,
             done: false,
+            choices,
+            finished: 0,
             span,
         }
     }
@@ -88,7 +94,10 @@ where
                         .increment(msg.token_ids.len() as u64);
                 }
                 if msg.finish_reason != FinishReason::Unspecified as i32 {
-                    self.finish(tonic::Code::Ok);
+                    self.finished += 1;
+                    if self.finished >= self.choices {
+                        self.finish(tonic::Code::Ok);
+                    }
                 }
             }
             Some(Err(status)) => {

@@ -25,6 +25,7 @@ use moemesh_proto::v1::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tonic::{Code, Status};
+use tonic_types::StatusExt;
 
 /// Starts a generation as the gRPC `Generate` does (key check included); the stream carries
 /// its tokens, and dropping it cancels the sequence.
@@ -49,6 +50,9 @@ pub struct Api {
     pub reasoning: bool,
     /// The largest request body read (`--max-prompt-bytes` × 2 + 1 MiB for the JSON around it).
     pub max_body_bytes: usize,
+    /// A token id's text, for the alternatives of `top_logprobs` (its id in brackets when the
+    /// model has no tokenizer).
+    pub token_text: Arc<dyn Fn(u32) -> String + Send + Sync>,
 }
 
 /// DeepSeek-R1's reasoning split, as vLLM's `deepseek_r1` parser makes it: the assistant turn
@@ -240,13 +244,12 @@ fn error(status: Status) -> Response {
         Code::Unimplemented => (StatusCode::NOT_IMPLEMENTED, "invalid_request_error"),
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
     };
-    // The field a message names ("stopping.max_new_tokens must …") becomes `param`.
+    // The field the status's BadRequest violation names becomes `param`.
     let message = status.message().to_string();
-    let param = message
-        .split([':', ' '])
-        .next()
-        .filter(|p| p.contains('.') || p.contains('_'))
-        .map(str::to_string);
+    let param = status
+        .get_details_bad_request()
+        .and_then(|b| b.field_violations.into_iter().next())
+        .map(|v| v.field);
     let body = json!({"error": {
         "message": message,
         "type": kind,
@@ -273,9 +276,6 @@ impl Common {
                 api.model
             )));
         }
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(invalid("n: only 1 choice per request is supported"));
-        }
         Ok(())
     }
 
@@ -292,6 +292,10 @@ impl Common {
                 repetition_penalty: self.repetition_penalty,
                 presence_penalty: self.presence_penalty.unwrap_or(0.0),
                 frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+                // Checked against its limit (`request::MAX_CHOICES`) with the rest.
+                n: self.n.unwrap_or(1),
+                // Set by the endpoint, whose field it is (`top_logprobs` or `logprobs`).
+                top_logprobs: 0,
             }),
             stopping: Some(StoppingCriteria {
                 max_new_tokens: self.max_completion_tokens.or(self.max_tokens),
@@ -321,6 +325,17 @@ fn finish_reason(r: i32) -> Option<&'static str> {
     }
 }
 
+/// The usage of a request's choices together: the prompt once, the completions summed.
+fn add_usage(total: Option<v1::Usage>, u: v1::Usage) -> Option<v1::Usage> {
+    Some(match total {
+        None => u,
+        Some(t) => v1::Usage {
+            completion_tokens: t.completion_tokens + u.completion_tokens,
+            ..t
+        },
+    })
+}
+
 fn usage(u: &v1::Usage) -> Value {
     json!({
         "prompt_tokens": u.prompt_tokens,
@@ -346,10 +361,17 @@ struct Shape {
     include_usage: bool,
     /// Split chat output into `reasoning_content` and `content`.
     reasoning: bool,
+    /// How many choices the request asked for (`n`).
+    n: u32,
+    /// Whether alternatives come with each token (`top_logprobs`, or a completion's `logprobs`
+    /// above 0).
+    top: bool,
+    /// A token id's text.
+    token_text: Arc<dyn Fn(u32) -> String + Send + Sync>,
 }
 
 impl Shape {
-    fn new(kind: Kind, model: &str, logprobs: bool, include_usage: bool) -> Self {
+    fn new(kind: Kind, api: &Api, logprobs: bool, include_usage: bool) -> Self {
         let prefix = if kind == Kind::Chat {
             "chatcmpl"
         } else {
@@ -361,11 +383,14 @@ impl Shape {
         Shape {
             kind,
             id: format!("{prefix}-{n:x}"),
-            model: model.to_string(),
+            model: api.model.clone(),
             created: now(),
             logprobs,
             include_usage,
             reasoning: false,
+            n: 1,
+            top: false,
+            token_text: api.token_text.clone(),
         }
     }
 
@@ -377,30 +402,75 @@ impl Shape {
         }
     }
 
-    fn logprobs(&self, texts: &[String], logprobs: &[f32]) -> Value {
+    /// The logprobs of tokens whose texts are `texts`, with their alternatives `tops` (one per
+    /// token, or none when not asked for), in the endpoint's shape.
+    fn logprobs(&self, texts: &[String], logprobs: &[f32], tops: &[v1::TopLogprobs]) -> Value {
         if !self.logprobs {
             return Value::Null;
         }
+        let alternatives = |i: usize| -> Vec<(String, f32)> {
+            tops.get(i).map_or_else(Vec::new, |t| {
+                t.token_ids
+                    .iter()
+                    .zip(&t.logprobs)
+                    .map(|(&id, &l)| ((self.token_text)(id), l))
+                    .collect()
+            })
+        };
         match self.kind {
-            Kind::Chat => json!({"content": texts.iter().zip(logprobs).map(|(t, l)| json!({
-                "token": t, "logprob": l, "bytes": t.as_bytes(), "top_logprobs": [],
-            })).collect::<Vec<_>>()}),
-            Kind::Completion => json!({
-                "tokens": texts,
-                "token_logprobs": logprobs,
-                "top_logprobs": Value::Null,
-                "text_offset": Value::Null,
-            }),
+            Kind::Chat => {
+                let content: Vec<Value> = texts
+                    .iter()
+                    .zip(logprobs)
+                    .enumerate()
+                    .map(|(i, (t, l))| {
+                        let top: Vec<Value> = alternatives(i)
+                            .into_iter()
+                            .map(|(t, l)| json!({"token": t, "logprob": l, "bytes": t.as_bytes()}))
+                            .collect();
+                        json!({"token": t, "logprob": l, "bytes": t.as_bytes(), "top_logprobs": top})
+                    })
+                    .collect();
+                json!({ "content": content })
+            }
+            Kind::Completion => {
+                // The legacy shape: per token, a map of each alternative's text to its logprob.
+                let top = self.top.then(|| {
+                    (0..texts.len())
+                        .map(|i| {
+                            let m: serde_json::Map<String, Value> = alternatives(i)
+                                .into_iter()
+                                .map(|(t, l)| (t, json!(l)))
+                                .collect();
+                            Value::Object(m)
+                        })
+                        .collect::<Vec<_>>()
+                });
+                json!({
+                    "tokens": texts,
+                    "token_logprobs": logprobs,
+                    "top_logprobs": top,
+                    "text_offset": Value::Null,
+                })
+            }
         }
     }
 
-    fn choice(&self, text: &str, finish: Option<&str>, logprobs: Value, chunk: bool) -> Value {
-        self.chat_choice(None, text, finish, logprobs, chunk)
+    fn choice(
+        &self,
+        index: u32,
+        text: &str,
+        finish: Option<&str>,
+        logprobs: Value,
+        chunk: bool,
+    ) -> Value {
+        self.chat_choice(index, None, text, finish, logprobs, chunk)
     }
 
     /// A choice; for chat with the reasoning split on, `reasoning` is `reasoning_content`.
     fn chat_choice(
         &self,
+        index: u32,
         reasoning: Option<&str>,
         text: &str,
         finish: Option<&str>,
@@ -415,20 +485,20 @@ impl Shape {
             (Kind::Chat, false) => {
                 message["role"] = json!("assistant");
                 json!({
-                    "index": 0,
+                    "index": index,
                     "message": message,
                     "finish_reason": finish,
                     "logprobs": logprobs,
                 })
             }
             (Kind::Chat, true) => json!({
-                "index": 0,
+                "index": index,
                 "delta": message,
                 "finish_reason": finish,
                 "logprobs": logprobs,
             }),
             (Kind::Completion, _) => json!({
-                "index": 0,
+                "index": index,
                 "text": text,
                 "finish_reason": finish,
                 "logprobs": logprobs,
@@ -482,9 +552,10 @@ async fn chat(State(api): State<Api>, headers: HeaderMap, body: axum::body::Body
             "response_format: only {\"type\": \"text\"} is supported (no JSON schema yet)",
         ));
     }
-    if req.top_logprobs.is_some_and(|n| n > 0) {
+    let top = req.top_logprobs.unwrap_or(0);
+    if top > 0 && req.logprobs != Some(true) {
         return error(invalid(
-            "top_logprobs: alternatives are not returned yet; only the chosen token's logprob (logprobs: true)",
+            "top_logprobs: needs logprobs: true (the alternatives come with each token's logprob)",
         ));
     }
     let messages = req
@@ -497,7 +568,8 @@ async fn chat(State(api): State<Api>, headers: HeaderMap, body: axum::body::Body
         .collect();
     let logprobs = req.logprobs.unwrap_or(false);
     let input = Input::Chat(ChatInput { messages });
-    run(api, headers, req.common, input, Kind::Chat, logprobs).await
+    let lp = Logprobs { on: logprobs, top };
+    run(api, headers, req.common, input, Kind::Chat, lp).await
 }
 
 async fn completions(
@@ -519,11 +591,6 @@ async fn completions(
     if req.echo.unwrap_or(false) {
         return error(invalid("echo: not supported"));
     }
-    if req.logprobs.is_some_and(|n| n > 1) {
-        return error(invalid(
-            "logprobs: alternatives are not returned yet; 0 or 1 gives the chosen token's logprob",
-        ));
-    }
     let mut prompts = req.prompt.into_vec();
     if prompts.len() != 1 {
         return error(invalid(format!(
@@ -532,7 +599,11 @@ async fn completions(
         )));
     }
     let prompt = prompts.pop().unwrap_or_default();
-    let logprobs = req.logprobs.is_some();
+    // The legacy API's `logprobs: N` is both: the chosen token's and N alternatives.
+    let logprobs = Logprobs {
+        on: req.logprobs.is_some(),
+        top: req.logprobs.unwrap_or(0),
+    };
     run(
         api,
         headers,
@@ -544,6 +615,15 @@ async fn completions(
     .await
 }
 
+/// What a request asked of logprobs.
+#[derive(Clone, Copy)]
+struct Logprobs {
+    /// The chosen token's.
+    on: bool,
+    /// Alternatives per token (checked against its limit with the rest of the request).
+    top: u32,
+}
+
 /// Starts the generation and answers: as events when the request streams, else whole.
 async fn run(
     api: Api,
@@ -551,16 +631,21 @@ async fn run(
     common: Common,
     input: Input,
     kind: Kind,
-    logprobs: bool,
+    logprobs: Logprobs,
 ) -> Response {
     let include_usage = common
         .stream_options
         .as_ref()
         .is_some_and(|o| o.include_usage);
-    let mut shape = Shape::new(kind, &api.model, logprobs, include_usage);
+    let mut shape = Shape::new(kind, &api, logprobs.on, include_usage);
+    shape.top = logprobs.top > 0;
     shape.reasoning = api.reasoning && kind == Kind::Chat;
+    shape.n = common.n.unwrap_or(1).max(1);
     let stream = common.stream;
-    let req = common.request(input);
+    let mut req = common.request(input);
+    if let Some(s) = req.sampling.as_mut() {
+        s.top_logprobs = logprobs.top;
+    }
     let tokens = match (api.generate)(req, headers).await {
         Ok(s) => s,
         Err(status) => return error(status),
@@ -572,44 +657,68 @@ async fn run(
     }
 }
 
-/// The whole response at once.
+/// One choice of a whole response, as its messages come in.
+#[derive(Default)]
+struct Gathered {
+    text: String,
+    /// Each token's text, for `logprobs`.
+    pieces: Vec<String>,
+    logprobs: Vec<f32>,
+    /// Each token's alternatives, when asked for.
+    tops: Vec<v1::TopLogprobs>,
+    finish: Option<&'static str>,
+}
+
+/// The whole response at once: a choice per index, the usage of all of them.
 async fn whole(
     mut tokens: futures::stream::BoxStream<'static, Result<GenerateResponse, Status>>,
     shape: Shape,
 ) -> Response {
-    let (mut text, mut pieces, mut logprobs) = (String::new(), Vec::new(), Vec::new());
-    let mut finish = None;
+    let mut choices: Vec<Gathered> = Vec::new();
+    choices.resize_with(shape.n as usize, Gathered::default);
     let mut used = None;
     while let Some(m) = tokens.next().await {
         let m = match m {
             Ok(m) => m,
             Err(status) => return error(status),
         };
-        text.push_str(&m.text);
-        pieces.push(m.text.clone());
-        logprobs.extend(&m.logprobs);
-        finish = finish.or(finish_reason(m.finish_reason));
-        if let Some(u) = &m.usage {
-            used = Some(usage(u));
+        let i = m.index as usize;
+        if choices.len() <= i {
+            choices.resize_with(i + 1, Gathered::default);
+        }
+        let c = &mut choices[i];
+        c.text.push_str(&m.text);
+        c.pieces.push(m.text.clone());
+        c.logprobs.extend(&m.logprobs);
+        c.tops.extend(m.top_logprobs);
+        c.finish = c.finish.or(finish_reason(m.finish_reason));
+        if let Some(u) = m.usage {
+            used = add_usage(used, u);
         }
     }
-    let lp = shape.logprobs(&pieces, &logprobs);
-    let choice = if shape.reasoning {
-        let mut split = ReasoningSplit::default();
-        let (mut r, mut a) = split.push(&text);
-        let (r2, a2) = split.finish();
-        r.push_str(&r2);
-        a.push_str(&a2);
-        shape.chat_choice(Some(&r), &a, finish, lp, false)
-    } else {
-        shape.choice(&text, finish, lp, false)
-    };
-    Json(shape.body(vec![choice], used, false)).into_response()
+    let choices = (0u32..)
+        .zip(&choices)
+        .map(|(i, c)| {
+            let lp = shape.logprobs(&c.pieces, &c.logprobs, &c.tops);
+            if shape.reasoning {
+                let mut split = ReasoningSplit::default();
+                let (mut r, mut a) = split.push(&c.text);
+                let (r2, a2) = split.finish();
+                r.push_str(&r2);
+                a.push_str(&a2);
+                shape.chat_choice(i, Some(&r), &a, c.finish, lp, false)
+            } else {
+                shape.choice(i, &c.text, c.finish, lp, false)
+            }
+        })
+        .collect();
+    Json(shape.body(choices, used.as_ref().map(usage), false)).into_response()
 }
 
-/// Server-sent events: a chunk per token (the first names the assistant role), the last with
-/// the finish reason, usage when asked for, then `[DONE]`. An error after the stream started
-/// is sent as an event in OpenAI's error shape.
+/// Server-sent events: a chunk per token (the first of each choice names the assistant role),
+/// each choice's last with its finish reason, usage (of all the choices) when asked for once the
+/// last choice has finished, then `[DONE]`. An error after the stream started is sent as an
+/// event in OpenAI's error shape.
 fn events(
     tokens: futures::stream::BoxStream<'static, Result<GenerateResponse, Status>>,
     shape: Shape,
@@ -617,34 +726,44 @@ fn events(
     let shape = Arc::new(shape);
     let first = {
         let s = shape.clone();
-        futures::stream::once(async move {
+        futures::stream::iter((0..s.n).map(move |i| {
             (s.kind == Kind::Chat).then(|| {
-                let choice = json!({"index": 0, "delta": {"role": "assistant", "content": ""},
+                let choice = json!({"index": i, "delta": {"role": "assistant", "content": ""},
                     "finish_reason": Value::Null, "logprobs": Value::Null});
                 s.body(vec![choice], None, true)
             })
-        })
+        }))
     };
     let s = shape.clone();
-    let mut split = ReasoningSplit::default();
+    let mut splits: Vec<ReasoningSplit> = Vec::new();
+    let (mut used, mut finished) = (None, 0);
     let chunks = tokens.flat_map(move |m| {
         let out: Vec<Value> = match m {
             Ok(m) => {
-                let lp = s.logprobs(std::slice::from_ref(&m.text), &m.logprobs);
+                let lp = s.logprobs(std::slice::from_ref(&m.text), &m.logprobs, &m.top_logprobs);
                 let finish = finish_reason(m.finish_reason);
                 let choice = if s.reasoning {
+                    let i = m.index as usize;
+                    if splits.len() <= i {
+                        splits.resize_with(i + 1, ReasoningSplit::default);
+                    }
+                    let split = &mut splits[i];
                     let (mut r, mut a) = split.push(&m.text);
                     if finish.is_some() {
                         let (r2, a2) = split.finish();
                         r.push_str(&r2);
                         a.push_str(&a2);
                     }
-                    s.chat_choice(Some(&r), &a, finish, lp, true)
+                    s.chat_choice(m.index, Some(&r), &a, finish, lp, true)
                 } else {
-                    s.choice(&m.text, finish, lp, true)
+                    s.choice(m.index, &m.text, finish, lp, true)
                 };
                 let mut v = vec![s.body(vec![choice], None, true)];
-                if let Some(u) = m.usage.as_ref().filter(|_| s.include_usage) {
+                if let Some(u) = m.usage {
+                    used = add_usage(used, u);
+                    finished += 1;
+                }
+                if let Some(u) = used.as_ref().filter(|_| s.include_usage && finished == s.n) {
                     v.push(s.body(Vec::new(), Some(usage(u)), true));
                 }
                 v

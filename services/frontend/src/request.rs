@@ -12,6 +12,13 @@ use crate::config::FrontendConfig;
 pub const MAX_REQUEST_ID_BYTES: usize = 256;
 /// Longest `cache_salt`.
 pub const MAX_CACHE_SALT_BYTES: usize = 256;
+/// Most choices (`sampling.n`) per request: each is a sequence of its own in the batch.
+pub const MAX_CHOICES: u32 = 16;
+
+/// How many choices a validated request asks for (`sampling.n`; 0 means 1).
+pub fn choices(req: &v1::GenerateRequest) -> u32 {
+    req.sampling.map_or(1, |s| s.n.max(1))
+}
 
 /// The prefix-cache salt a gate gets for a request: a digest of the caller's API key id (when
 /// keys are on, so tenants never share cached blocks) and the request's own `cache_salt`.
@@ -123,6 +130,12 @@ pub fn to_engine_request(
         None => tokenize(None, None, tok, cfg.max_prompt_bytes)?,
     };
     let s = req.sampling.unwrap_or_default();
+    if s.n > MAX_CHOICES {
+        return Err(MeshError::Invalid(format!(
+            "sampling.n: {} choices, the limit is {MAX_CHOICES}",
+            s.n
+        )));
+    }
     let stopping = req.stopping.clone().unwrap_or_default();
     let out = GenerationRequest {
         prompt_ids,
@@ -143,6 +156,7 @@ pub fn to_engine_request(
         ignore_eos: stopping.ignore_eos,
         stop_token_ids: stopping.stop_token_ids,
         min_new_tokens: stopping.min_new_tokens as usize,
+        top_logprobs: s.top_logprobs as usize,
     };
     let limits = Limits {
         max_new_tokens: cfg.max_new_tokens_limit as usize,

@@ -15,14 +15,16 @@ use moemesh_engine::serving::SequenceDecoder;
 use moemesh_engine::{Arch, DType, Device, ModelFiles, Parts};
 use moemesh_proto::v1::generation_server::{Generation, GenerationServer};
 use moemesh_proto::v1::{
-    GenerateRequest, GenerateResponse, MemberInfo, ModelInfoRequest, ModelInfoResponse,
-    TokenizeRequest, TokenizeResponse, tokenize_request,
+    AbortRequest, AbortResponse, CompleteResponse, GenerateRequest, GenerateResponse, MemberInfo,
+    ModelInfoRequest, ModelInfoResponse, TokenizeRequest, TokenizeResponse, Usage,
+    tokenize_request,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::abort::Running;
 use crate::audit::{AuditLog, Audited, Trail};
 use crate::auth::{ApiKeys, AuthLayer, KeyId};
 use crate::config::FrontendConfig;
@@ -31,8 +33,12 @@ use crate::{metered, request};
 
 /// `--max-message-mb` when not given: a public request is text or token ids, far below this.
 const DEFAULT_MAX_MESSAGE_MB: usize = 4;
-/// The public streaming call, which load shedding bounds and the request metrics count.
-const GENERATE_PATH: &str = "/moemesh.v1.Generation/Generate";
+/// The public calls that run a generation (streamed and whole), which load shedding bounds and
+/// the request metrics count.
+const GENERATE_PATHS: &[&str] = &[
+    "/moemesh.v1.Generation/Generate",
+    "/moemesh.v1.Generation/Complete",
+];
 /// How long a request waits for a gate to appear before UNAVAILABLE.
 const GATE_WAIT: Duration = Duration::from_secs(5);
 /// How long a gate whose stream broke is passed over while another is listed.
@@ -53,6 +59,8 @@ struct Frontend {
     seed: AtomicU64,
     /// `--audit-log`, when given.
     audit: Option<AuditLog>,
+    /// The running requests that have a request_id, for `Abort`.
+    running: Arc<Running>,
 }
 
 impl Frontend {
@@ -135,7 +143,7 @@ impl GenerationService {
             span.record("request_id", req.request_id.as_str());
         }
         let seed = f.seed.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
-        let (engine_req, rendered, decoder) = {
+        let (choices, rendered) = {
             let _tokenize = tracing::debug_span!(parent: span, "tokenize").entered();
             let (engine_req, rendered) = request::to_engine_request(
                 &req,
@@ -144,43 +152,70 @@ impl GenerationService {
                 f.ctx.tokenizer.as_ref(),
                 seed,
             )?;
-            let decoder = SequenceDecoder::new(
-                &engine_req,
-                f.ctx.tokenizer.as_ref(),
-                f.ctx.eos.clone(),
-                f.ctx.context_length,
-            )
-            .map_err(MeshError::from)?;
-            (engine_req, rendered, decoder)
+            // One sequence per choice; choice i draws from seed + i (vLLM's rule for n > 1).
+            let mut choices = Vec::new();
+            for i in 0..request::choices(&req) {
+                let mut choice = engine_req.clone();
+                choice.sampling.seed = engine_req
+                    .sampling
+                    .seed
+                    .map(|s| s.wrapping_add(u64::from(i)));
+                let decoder = SequenceDecoder::new(
+                    &choice,
+                    f.ctx.tokenizer.as_ref(),
+                    f.ctx.eos.clone(),
+                    f.ctx.context_length,
+                )
+                .map_err(MeshError::from)?;
+                choices.push((choice, decoder));
+            }
+            (choices, rendered)
         };
-        span.record("prompt_tokens", engine_req.prompt_ids.len());
+        let prompt_len = choices.first().map_or(0, |(r, _)| r.prompt_ids.len());
+        span.record("prompt_tokens", prompt_len);
         if let Some(trail) = trail {
             let (bytes, text) = request::audit_prompt(&req, &rendered);
-            trail.prompt(&bytes, text, engine_req.prompt_ids.len());
+            trail.prompt(&bytes, text, prompt_len);
         }
-        tracing::debug!(request_id = %req.request_id, prompt_tokens = engine_req.prompt_ids.len(), "generate");
+        tracing::debug!(request_id = %req.request_id, prompt_tokens = prompt_len, choices = choices.len(), "generate");
+        // The choices share one stream (their messages carry their index), one gate (so the
+        // later ones find the prompt in its prefix cache) and one abort flag.
         let (tx, rx) = mpsc::unbounded_channel();
+        // Abortable from here on, while it waits for a gate too.
+        let (aborted, registered) = f.running.register(key.clone(), &req.request_id);
         let link = f.pick_gate(None).await?;
-        let prompt_tokens = engine_req.prompt_ids.len() as u64;
-        let queued = link.submit(NewSeq {
-            req: engine_req,
-            cache_salt: request::cache_salt(key.as_deref(), &req.cache_salt),
-            request_id: req.request_id.clone(),
-            decoder,
-            tx,
-            start,
-            deadline,
-            generated: Vec::new(),
-            ttft: None,
-            queue: crate::gate_link::queue_span(span),
-            span: span.clone(),
-        });
-        if queued.is_err() {
-            let msg = format!("gate {} is not accepting work", link.address);
-            return Err(MeshError::Unavailable(msg).into());
+        let cache_salt = request::cache_salt(key.as_deref(), &req.cache_salt);
+        for (index, (choice, decoder)) in (0u32..).zip(choices) {
+            let queued = link.submit(NewSeq {
+                req: choice,
+                cache_salt,
+                request_id: req.request_id.clone(),
+                index,
+                aborted: aborted.clone(),
+                decoder,
+                tx: tx.clone(),
+                start,
+                deadline,
+                generated: Vec::new(),
+                ttft: None,
+                queue: crate::gate_link::queue_span(span),
+                span: span.clone(),
+            });
+            if queued.is_err() {
+                let msg = format!("gate {} is not accepting work", link.address);
+                return Err(MeshError::Unavailable(msg).into());
+            }
         }
-        metrics::counter!(names::PROMPT_TOKENS).increment(prompt_tokens);
-        let stream = metered::Metered::new(UnboundedReceiverStream::new(rx), start, span.clone());
+        drop(tx);
+        metrics::counter!(names::PROMPT_TOKENS).increment(prompt_len as u64);
+        let n = request::choices(&req);
+        let stream =
+            metered::Metered::new(UnboundedReceiverStream::new(rx), start, span.clone(), n)
+                // Abort can find the request for as long as its stream is open.
+                .map(move |m| {
+                    let _running = &registered;
+                    m
+                });
         Ok(Response::new(Box::pin(stream)))
     }
 }
@@ -210,6 +245,7 @@ impl Generation for GenerationService {
             telemetry::set_parent(&span, cx);
         }
         let start = Instant::now();
+        let choices = request::choices(request.get_ref());
         let mut trail = self.0.audit.as_ref().map(|log| {
             let key = request.extensions().get::<KeyId>().map(|k| &*k.0);
             log.generate(key, &request.get_ref().request_id, start)
@@ -226,9 +262,49 @@ impl Generation for GenerationService {
                 Err(status)
             }
             (Ok(stream), Some(trail)) => {
-                Ok(stream.map(|s| Box::pin(Audited::new(s, trail)) as GenerateStream))
+                Ok(stream.map(|s| Box::pin(Audited::new(s, trail, choices)) as GenerateStream))
             }
             (Ok(stream), None) => Ok(stream),
+        }
+    }
+
+    async fn complete(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<CompleteResponse>, Status> {
+        let request_id = request.get_ref().request_id.clone();
+        let stream = self.generate(request).await?.into_inner();
+        Ok(Response::new(whole(stream, request_id).await?))
+    }
+
+    async fn abort(
+        &self,
+        request: Request<AbortRequest>,
+    ) -> Result<Response<AbortResponse>, Status> {
+        let key = request.extensions().get::<KeyId>().map(|k| k.0.clone());
+        let id = &request.get_ref().request_id;
+        if id.is_empty() {
+            return Err(MeshError::Invalid(
+                "request_id: empty; give the request_id the request to abort was sent with".into(),
+            )
+            .into());
+        }
+        match self.0.running.abort(key.clone(), id) {
+            0 => {
+                let whose = if key.is_some() {
+                    " of this API key"
+                } else {
+                    ""
+                };
+                Err(MeshError::NotFound(format!(
+                    "request_id {id:?}: no running request{whose} has this id (it finished, or never ran)"
+                ))
+                .into())
+            }
+            n => {
+                tracing::info!(request_id = %id, requests = n, "aborting");
+                Ok(Response::new(AbortResponse { aborted: n as u32 }))
+            }
         }
     }
 
@@ -424,6 +500,7 @@ pub async fn run(
                 .unwrap_or(0x1234_5678),
         ),
         audit: audit.clone(),
+        running: Arc::default(),
         cfg,
     });
 
@@ -462,7 +539,7 @@ pub async fn run(
     let max_pending = frontend.cfg.max_pending;
     let drain_timeout = frontend.cfg.drain_timeout;
     let shed = moemesh_common::layers::InflightLimitLayer::new(
-        GENERATE_PATH,
+        GENERATE_PATHS,
         max_pending,
         format!(
             "server is at capacity: {max_pending} requests are running or waiting (--max-pending); retry later"
@@ -473,13 +550,13 @@ pub async fn run(
     // Before shedding: a call without a valid key takes no load-shedding permit.
     let auth = AuthLayer::new(api_keys, audit);
     let http = match frontend.cfg.http_listen {
-        Some(addr) => Some(serve_http(addr, frontend.clone(), auth.clone()).await?),
+        Some(addr) => Some(serve_http(addr, frontend.clone(), auth.clone(), shed.clone()).await?),
         None => None,
     };
     // The edge layer (outermost) counts every Generate call by its final status, whatever
     // answered it: the limits, the key checks, load shedding, the codec, or the handler.
     let router = limits
-        .server_counting(GENERATE_PATH, metered::count_request)
+        .server_counting(GENERATE_PATHS, metered::count_request)
         .layer(auth)
         .layer(shed)
         .add_service(health)
@@ -540,11 +617,13 @@ struct HttpApi {
 }
 
 /// Binds `--http-listen` and serves the OpenAI-compatible API there: every completion is a
-/// Generate call into `frontend`, checked by `auth` as a gRPC call is.
+/// Generate call into `frontend`, checked by `auth` as a gRPC call is, and holding one of the
+/// `--max-pending` permits of `shed` (shared with gRPC) until its stream ends.
 async fn serve_http(
     addr: std::net::SocketAddr,
     frontend: Arc<Frontend>,
     auth: AuthLayer,
+    shed: moemesh_common::layers::InflightLimitLayer,
 ) -> MeshResult<HttpApi> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -554,9 +633,13 @@ async fn serve_http(
         .map_err(|e| MeshError::Internal(format!("--http-listen {addr}: {e}")))?;
     let service = GenerationService(frontend.clone());
     let generate: crate::openai::Generator = Arc::new(move |req, headers| {
-        let (service, auth) = (service.clone(), auth.clone());
+        let (service, auth, shed) = (service.clone(), auth.clone(), shed.clone());
         Box::pin(async move {
             let (key, permit) = auth.check_http("Generate", &headers)?;
+            // After the key check, as on gRPC: a call without a valid key takes no permit.
+            let pending = shed
+                .try_acquire()
+                .inspect_err(|s| metered::count_request(s.code()))?;
             let mut request = Request::from_parts(
                 tonic::metadata::MetadataMap::from_headers(headers),
                 tonic::Extensions::default(),
@@ -566,22 +649,29 @@ async fn serve_http(
                 request.extensions_mut().insert(key);
             }
             let stream = service.generate(request).await?.into_inner();
-            // The key's stream permit is held until the stream is dropped.
+            // The key's stream permit and the --max-pending one are held until the stream is
+            // dropped.
             Ok(stream
                 .map(move |m| {
-                    let _held = &permit;
+                    let _held = (&permit, &pending);
                     m
                 })
                 .boxed())
         })
     });
     let gates = frontend.gates.clone();
+    let tokenizer = frontend.ctx.tokenizer.clone();
+    let token_text = Arc::new(move |id: u32| match &tokenizer {
+        Some(t) => t.decode(&[id], false).unwrap_or_else(|_| format!("[{id}]")),
+        None => format!("[{id}]"),
+    });
     let app = crate::openai::router(crate::openai::Api {
         model: frontend.name.clone(),
         generate,
         ready: Arc::new(move || !gates.borrow().is_empty()),
         reasoning: frontend.cfg.reasoning_parser != "none",
         max_body_bytes: frontend.cfg.max_prompt_bytes.saturating_mul(2) + (1 << 20),
+        token_text,
     });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
@@ -637,6 +727,47 @@ fn same_model(
     rx
 }
 
+/// A Generate stream gathered into `Complete`'s answer: each choice whole (its pieces joined in
+/// order), and the request's usage (the prompt once, completions summed, the earliest first
+/// token). The first error status is the answer.
+async fn whole(
+    mut stream: impl Stream<Item = Result<GenerateResponse, Status>> + Unpin,
+    request_id: String,
+) -> Result<CompleteResponse, Status> {
+    let mut choices: Vec<GenerateResponse> = Vec::new();
+    while let Some(m) = stream.next().await {
+        let m = m?;
+        let i = m.index as usize;
+        if choices.len() <= i {
+            choices.resize_with(i + 1, GenerateResponse::default);
+        }
+        let c = &mut choices[i];
+        c.index = m.index;
+        c.request_id.clone_from(&m.request_id);
+        c.text.push_str(&m.text);
+        c.token_ids.extend(m.token_ids);
+        c.logprobs.extend(m.logprobs);
+        c.top_logprobs.extend(m.top_logprobs);
+        if m.finish_reason != 0 {
+            c.finish_reason = m.finish_reason;
+            c.usage = m.usage;
+        }
+    }
+    let usage = choices
+        .iter()
+        .filter_map(|c| c.usage)
+        .reduce(|total, u| Usage {
+            completion_tokens: total.completion_tokens + u.completion_tokens,
+            time_to_first_token_ms: total.time_to_first_token_ms.min(u.time_to_first_token_ms),
+            ..total
+        });
+    Ok(CompleteResponse {
+        choices,
+        usage,
+        request_id,
+    })
+}
+
 /// The client's `grpc-timeout` header (e.g. `500m`, `2S`), as a duration.
 fn grpc_timeout(md: &tonic::metadata::MetadataMap) -> Option<Duration> {
     let v = md.get("grpc-timeout")?.to_str().ok()?;
@@ -655,8 +786,52 @@ fn grpc_timeout(md: &tonic::metadata::MetadataMap) -> Option<Duration> {
 
 #[cfg(test)]
 mod tests {
-    use super::grpc_timeout;
+    use super::{grpc_timeout, whole};
+    use moemesh_proto::v1::{GenerateResponse, Usage};
     use std::time::Duration;
+
+    fn msg(index: u32, text: &str, id: u32, finish: i32, ttft: f64) -> GenerateResponse {
+        GenerateResponse {
+            text: text.into(),
+            token_ids: vec![id],
+            logprobs: vec![-0.5],
+            finish_reason: finish,
+            usage: (finish != 0).then_some(Usage {
+                prompt_tokens: 4,
+                completion_tokens: 2,
+                time_to_first_token_ms: ttft,
+                cached_prompt_tokens: 0,
+            }),
+            request_id: "r".into(),
+            index,
+            top_logprobs: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn complete_gathers_interleaved_choices_and_sums_their_usage() {
+        let stream = futures::stream::iter(vec![
+            Ok(msg(1, "x", 7, 0, 0.0)),
+            Ok(msg(0, "a", 5, 0, 0.0)),
+            Ok(msg(0, "b", 6, 1, 30.0)),
+            Ok(msg(1, "y", 8, 3, 20.0)),
+        ]);
+        let got = whole(stream, "r".into()).await.expect("whole");
+        let texts: Vec<&str> = got.choices.iter().map(|c| c.text.as_str()).collect();
+        assert_eq!(texts, ["ab", "xy"]);
+        assert_eq!(got.choices[1].token_ids, [7, 8]);
+        assert_eq!(got.choices[1].finish_reason, 3);
+        let u = got.usage.expect("usage");
+        assert_eq!((u.prompt_tokens, u.completion_tokens), (4, 4));
+        assert_eq!(u.time_to_first_token_ms, 20.0);
+        // An error anywhere is the answer.
+        let failing = futures::stream::iter(vec![
+            Ok(msg(0, "a", 5, 0, 0.0)),
+            Err(tonic::Status::unavailable("gate gone")),
+        ]);
+        let err = whole(failing, "r".into()).await.expect_err("fails");
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+    }
 
     #[test]
     fn parses_grpc_timeout_units() {

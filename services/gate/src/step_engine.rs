@@ -164,6 +164,13 @@ impl StepEngine {
                         ))
                     })?),
                 };
+                let max_top = moemesh_engine::logprobs::MAX_TOP_LOGPROBS;
+                if let Some(p) = s.sampling.as_ref().filter(|p| p.top_logprobs as usize > max_top) {
+                    return Err(MeshError::Invalid(format!(
+                        "seqs: sequence {}: sampling.top_logprobs is {}, the limit is {max_top}",
+                        s.seq_id, p.top_logprobs
+                    )));
+                }
                 Ok(SlotSpec {
                 key: (conn, s.seq_id),
                 start: s.start_position as usize,
@@ -185,6 +192,7 @@ impl StepEngine {
                     generated: p.generated_ids.as_slice().into(),
                     min_new_tokens: p.min_new_tokens as usize,
                     suppressed: p.suppressed_ids.as_slice().into(),
+                    top_logprobs: p.top_logprobs as usize,
                 }),
                 cache_salt,
             })
@@ -221,6 +229,8 @@ impl StepEngine {
                 seq_id: o.key.1,
                 token_id: o.token,
                 logprob: o.logprob,
+                top_ids: o.top.iter().map(|t| t.0).collect(),
+                top_logprobs: o.top.iter().map(|t| t.1).collect(),
             })
             .collect();
         let mut resp = self.response(req.step_id, results);

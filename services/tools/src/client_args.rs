@@ -83,9 +83,17 @@ impl ClientArgs {
                 Endpoint::from_shared(format!("https://{addr}"))?.tls_config(tls)?
             }
         };
-        endpoint
-            .connect()
-            .await
-            .with_context(|| format!("connecting to {addr}"))
+        endpoint.connect().await.map_err(|e| {
+            // rustls's words for a server that answered a ClientHello in plaintext (HTTP/2).
+            let plaintext_server = format!("{e:?}").contains("InvalidContentType");
+            if self.tls_ca.is_some() && plaintext_server {
+                anyhow::Error::new(e).context(format!(
+                    "connecting to {addr} with TLS (--tls-ca): the server answered in plaintext, so it \
+                     runs without TLS (--plaintext); connect without --tls-ca, or give the server TLS files"
+                ))
+            } else {
+                anyhow::Error::new(e).context(format!("connecting to {addr}"))
+            }
+        })
     }
 }

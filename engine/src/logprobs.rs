@@ -1,0 +1,108 @@
+//! The most likely ids of a row of logits and their log-probabilities (`top_logprobs`): what a
+//! response reports besides the picked token, as vLLM's `logprobs=N` and OpenAI's
+//! `top_logprobs` do. A pure function of the raw row (temperature 1, no penalty, no cut), so
+//! it says what the model thought whatever the request's sampling did; the runner calls it for
+//! the rows that ask (`Sampler::top_logprobs`), which the pick keeps on the host.
+
+/// Most alternatives a request may ask for per token (OpenAI's and vLLM's default limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// The `n` largest entries of `raw_row`, best first, ties to the lower id, each with its
+/// log-softmax over the whole row (NaNs are never chosen and count for nothing). Fewer when the
+/// row has fewer ids.
+pub fn top_logprobs(raw_row: &[f32], n: usize) -> Vec<(u32, f32)> {
+    if n == 0 {
+        return Vec::new();
+    }
+    // Kept sorted by descending logit then ascending id; the row is walked in id order, so an
+    // equal logit never displaces an earlier (lower) id.
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
+    for (i, &v) in raw_row.iter().enumerate() {
+        if v.is_nan() || (best.len() == n && best.last().is_some_and(|&(_, w)| v <= w)) {
+            continue;
+        }
+        let at = best.partition_point(|&(_, w)| w >= v);
+        best.insert(at, (i as u32, v));
+        best.truncate(n);
+    }
+    let max = best.first().map_or(f32::NEG_INFINITY, |&(_, v)| v);
+    // The same sum as the picked token's logprob (`sampling`), so the two agree exactly.
+    let sum: f64 = raw_row
+        .iter()
+        .filter(|v| !v.is_nan())
+        .map(|&v| f64::from(v - max).exp())
+        .sum();
+    let log_sum = sum.ln();
+    best.into_iter()
+        .map(|(i, v)| (i, (f64::from(v - max) - log_sum) as f32))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reference: a full sort of (id, log-softmax) in f64, by value then id.
+    fn reference(row: &[f32], n: usize) -> Vec<(u32, f64)> {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = row.iter().map(|&v| f64::from(v - max).exp()).sum();
+        let mut all: Vec<(u32, f64)> = (0u32..)
+            .zip(row)
+            .map(|(i, &v)| (i, f64::from(v - max) - sum.ln()))
+            .collect();
+        all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        all.truncate(n);
+        all
+    }
+
+    #[test]
+    fn the_best_ids_with_their_log_softmax_best_first() {
+        // 5000 logits on a 0.01 grid of 2000 values: many ties, which the reference breaks by id.
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let row: Vec<f32> = (0..5000)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state % 2000) as f32 / 100.0 - 10.0
+            })
+            .collect();
+        for n in [1, 5, 20] {
+            let got = top_logprobs(&row, n);
+            let want = reference(&row, n);
+            assert_eq!(got.len(), n);
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(g.0, w.0, "n={n}: {got:?} vs {want:?}");
+                assert!((f64::from(g.1) - w.1).abs() < 1e-5, "{g:?} vs {w:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_that_asks_for_alternatives_stays_off_the_device_sampler() {
+        use crate::sampling::{Sampler, SamplingParams};
+        let greedy = Sampler::new(SamplingParams::default());
+        assert!(!greedy.needs_host());
+        let asking = greedy.with_top_logprobs(3);
+        assert!(asking.needs_host());
+        assert_eq!(asking.top_logprobs(), 3);
+    }
+
+    #[test]
+    fn ties_go_to_the_lower_id_and_nans_are_skipped() {
+        let row = [1.0, 3.0, f32::NAN, 3.0, 2.0, 3.0];
+        let got = top_logprobs(&row, 4);
+        let ids: Vec<u32> = got.iter().map(|g| g.0).collect();
+        assert_eq!(ids, [1, 3, 5, 4]);
+        assert_eq!(got[0].1, got[1].1);
+        assert!(got[0].1 > got[3].1 && got[3].1 < 0.0);
+        let p: f64 = [1.0f64, 3.0, 3.0, 2.0, 3.0]
+            .iter()
+            .map(|v| (v - 3.0).exp())
+            .sum();
+        assert!((f64::from(got[0].1) + p.ln()).abs() < 1e-6);
+        // More than the row has: all of it; none asked: none.
+        assert_eq!(top_logprobs(&row, 10).len(), 5);
+        assert!(top_logprobs(&row, 0).is_empty());
+    }
+}
