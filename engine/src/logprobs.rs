@@ -79,12 +79,14 @@ mod tests {
     }
 
     #[test]
-    fn a_row_that_asks_for_alternatives_stays_off_the_device_sampler() {
+    fn a_row_that_asks_for_alternatives_keeps_its_pick_on_the_device() {
         use crate::sampling::{Sampler, SamplingParams};
         let greedy = Sampler::new(SamplingParams::default());
-        assert!(!greedy.needs_host());
         let asking = greedy.with_top_logprobs(3);
-        assert!(asking.needs_host());
+        // The alternatives come from the raw row whatever picked the token, so the row keeps
+        // the device's pick (and the rest of its batch with it).
+        assert!(!asking.needs_host());
+        assert!(asking.is_plain_greedy());
         assert_eq!(asking.top_logprobs(), 3);
     }
 

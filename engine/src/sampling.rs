@@ -252,12 +252,11 @@ impl Sampler {
     }
 
     /// Whether this row must be picked on the host: the device sampler
-    /// ([`crate::cuda::Gpu::sample`]) does everything [`Sampler::sample`] does; what the device
-    /// lacks makes this true: the alternatives of `top_logprobs`, which the runner computes on
-    /// the host from the raw row (a plain greedy row may still take the device's arg-max: its
-    /// alternatives come from the same raw row).
+    /// ([`crate::cuda::Gpu::sample`]) does everything [`Sampler::sample`] does, so nothing needs
+    /// the host today (a row's `top_logprobs` alternatives are read by the runner from its raw
+    /// row, wherever the pick happened); a feature the device lacks would make this true.
     pub fn needs_host(&self) -> bool {
-        self.top_logprobs > 0
+        false
     }
 
     /// Notes a token picked elsewhere (on the device) as generated; `drew` says whether the pick
