@@ -165,48 +165,47 @@ __device__ double philox_uniform(uint32_t k0, uint32_t k1, uint32_t c0, uint32_t
     return ((double)(c0 >> 5) * 67108864.0 + (double)(c1 >> 6)) / 9007199254740992.0;
 }
 
-// Block-wide reductions over SAMPLE_THREADS threads; every thread gets the result. Each starts
-// with a barrier, so the shared scratch of the previous one is free.
-__device__ float sample_max_f(float v, float* sh) {
+// Reductions by `op` (max or sum) with identity `id`: over a warp, and block-wide over
+// SAMPLE_THREADS threads, where every thread gets the result. The block-wide one starts with a
+// barrier, so the shared scratch of the previous one is free.
+struct SampleMax {
+    template <class T>
+    __device__ __forceinline__ T operator()(T a, T b) const { return a > b ? a : b; }
+};
+struct SampleAdd {
+    template <class T>
+    __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+
+template <class T, class Op>
+__device__ __forceinline__ T sample_warp_reduce(T v, Op op) {
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    __syncthreads();
-    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = v;
-    __syncthreads();
-    v = (threadIdx.x & 31) < SAMPLE_WARPS ? sh[threadIdx.x & 31] : -INFINITY;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
 
-__device__ uint32_t sample_max_u(uint32_t v, uint32_t* sh) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+template <class T, class Op>
+__device__ T sample_block_reduce(T v, T id, Op op, T* sh) {
+    v = sample_warp_reduce(v, op);
     __syncthreads();
     if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = v;
     __syncthreads();
-    v = (threadIdx.x & 31) < SAMPLE_WARPS ? sh[threadIdx.x & 31] : 0u;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
+    v = (threadIdx.x & 31) < SAMPLE_WARPS ? sh[threadIdx.x & 31] : id;
+    return sample_warp_reduce(v, op);
 }
 
+// The raw row's maximum skips NaN before it gets here, so `>` is fmaxf on what it sees.
+__device__ __forceinline__ float sample_max_f(float v, float* sh) {
+    return sample_block_reduce(v, -INFINITY, SampleMax{}, sh);
+}
+__device__ __forceinline__ uint32_t sample_max_u(uint32_t v, uint32_t* sh) {
+    return sample_block_reduce(v, 0u, SampleMax{}, sh);
+}
 __device__ __forceinline__ uint32_t sample_max_u_warp(uint32_t v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
+    return sample_warp_reduce(v, SampleMax{});
 }
-
-__device__ uint32_t sample_sum_u(uint32_t v, uint32_t* sh) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    __syncthreads();
-    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = v;
-    __syncthreads();
-    v = (threadIdx.x & 31) < SAMPLE_WARPS ? sh[threadIdx.x & 31] : 0u;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
+__device__ __forceinline__ uint32_t sample_sum_u(uint32_t v, uint32_t* sh) {
+    return sample_block_reduce(v, 0u, SampleAdd{}, sh);
 }
 
 // Sums in a fixed order (lane tree, then warps in order), so a row's result never depends on

@@ -366,8 +366,9 @@ fn run_in_process(
     let vocab = model.config().vocab_size as u32;
     args.check_sampling(vocab as usize)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
-    let requests: Vec<GenerationRequest> = (0..args.requests())
-        .map(|i| GenerationRequest {
+    // Requests `ids` (their seeds), each with its own random prompt.
+    let mut make = |ids: std::ops::Range<usize>| -> Vec<GenerationRequest> {
+        ids.map(|i| GenerationRequest {
             prompt_ids: (0..args.prompt_len)
                 .map(|_| rng.random_range(2..vocab))
                 .collect(),
@@ -377,7 +378,9 @@ fn run_in_process(
             ignore_eos: true,
             ..Default::default()
         })
-        .collect();
+        .collect()
+    };
+    let requests = make(0..args.requests());
     let mut server = LocalServer::new(
         model,
         &engine.experts,
@@ -390,18 +393,7 @@ fn run_in_process(
     // the profiler hook below).
     let warm = args.warmup * args.concurrency().min(args.requests());
     if warm > 0 {
-        let warm_requests: Vec<GenerationRequest> = (0..warm)
-            .map(|i| GenerationRequest {
-                prompt_ids: (0..args.prompt_len)
-                    .map(|_| rng.random_range(2..vocab))
-                    .collect(),
-                sampling: args.sampling(args.requests() + i),
-                max_new_tokens: args.output_len as usize,
-                stop: Vec::new(),
-                ignore_eos: true,
-                ..Default::default()
-            })
-            .collect();
+        let warm_requests = make(args.requests()..args.requests() + warm);
         server.run(warm_requests, &mut |_, _| true)?;
     }
     // MOEMESH_PROFILE_STEP=N: only step N (from 0) is seen by a profiler started with
