@@ -7,6 +7,7 @@
 #   scripts/gpu-check.sh --bench              # benchmarks only
 #   scripts/gpu-check.sh --profile            # ncu: kernel time of one decode step, batch 1 and 64
 #   scripts/gpu-check.sh --sampling           # greedy vs sampled decoding, in-process and mesh
+#   scripts/gpu-check.sh --graphs             # decode steps as CUDA graphs vs eager (in-process)
 #   scripts/gpu-check.sh --prefill            # prefill: flash/grouped path vs the earlier one
 #   scripts/gpu-check.sh --prefill-e2e        # prefill through the mesh, end-to-end at concurrency 64
 #   BINS="old.gz new.gz" scripts/gpu-check.sh --core   # serving core: in-process and mesh, c=1 and 64
@@ -423,6 +424,58 @@ EOF
     exit $status
 fi
 
+# Greedy tokens with decode graphs (the default) and without, in-process, for every fixture.
+graphs_unchanged() {
+    for dt in f32 bf16; do
+        for fx in tiny-deepseek-v3 tiny-deepseek-v2-lite tiny-deepseek-v3-fp8; do
+            ids=$($PY -c "import json;print(','.join(map(str,json.load(open('tests/fixtures/$fx/reference.json'))['prompts'][2]['input_ids'])))" 2>/dev/null || echo 5,17,42,7,99,300,12)
+            common=(--model "tests/fixtures/$fx" --device cuda:0 --dtype $dt --prompt-ids "$ids" --max-new-tokens 32 --ignore-eos --json)
+            "$BIN" generate "${common[@]}" >"$OUT/graph_$fx.jsonl" || status=1
+            MOEMESH_CUDA_GRAPHS=0 "$BIN" generate "${common[@]}" >"$OUT/eager_$fx.jsonl" || status=1
+            same_tokens "$OUT/graph_$fx.jsonl" "$OUT/eager_$fx.jsonl" "$fx $dt graphs vs eager" || status=1
+        done
+    done
+}
+
+if [[ $MODE == --graphs ]]; then
+    # Decode steps as CUDA graphs (default) against eager launches (MOEMESH_CUDA_GRAPHS=0), same
+    # binary, same GPU: the decode step (ITL p50 of a sweep), greedy and sampled (R1's T 0.6,
+    # top_p 0.95), then end to end at concurrency 64.
+    MODEL=synthetic:v2-lite
+    echo "== greedy tokens unchanged by the graphs"
+    graphs_unchanged
+    for run in graphs eager graphs-again; do
+        envs=()
+        [[ $run == eager ]] && envs=(MOEMESH_CUDA_GRAPHS=0)
+        for s in greedy sampled; do
+            sargs=()
+            [[ $s == sampled ]] && sargs=(--temperature 0.6 --top-p 0.95)
+            echo "== decode step, $run, $s"
+            env "${envs[@]}" "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 \
+                --sweep "${GRAPH_SWEEP:-1,8,64,256}" --prompt-len 128 --output-len 32 --json "${sargs[@]}" \
+                | sed "s/^{/{\"mode\":\"$run $s\",/" >>"$OUT/graphs.jsonl" || status=1
+        done
+        [[ $run == graphs-again ]] && continue
+        for shape in "128 32" "1024 256"; do
+            set -- $shape
+            echo "== end to end, $run, c=64, $1/$2"
+            env "${envs[@]}" "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 \
+                --concurrency 64 --requests 64 --prompt-len "$1" --output-len "$2" --json \
+                | sed "s|^{|{\"mode\":\"$run e2e $1/$2\",|" >>"$OUT/graphs.jsonl" || status=1
+        done
+    done
+    $PY - "$OUT/graphs.jsonl" <<'EOF' | tee "$OUT/graphs.md"
+import json, sys
+print("| run | batch | tokens/s | TTFT p50 ms | ITL p50 ms | ITL p99 ms |")
+print("| --- | ---: | ---: | ---: | ---: | ---: |")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    t = (r.get('ttft_ms') or {}).get('p50', float('nan'))
+    print(f"| {r['mode']} | {r['concurrency']} | {r['output_tokens_per_s']:.0f} | {t:.1f} | {r['itl_ms']['p50']:.2f} | {r['itl_ms']['p99']:.2f} |")
+EOF
+    exit $status
+fi
+
 if [[ $MODE == --sampling ]]; then
     # Greedy vs sampled decoding (DeepSeek-R1's defaults, T 0.6 and top_p 0.95): sampled rows
     # are sampled on the GPU (the default) or, with MOEMESH_DEVICE_SAMPLING=0 ("sampled-host"),
@@ -482,6 +535,9 @@ if [[ $MODE != --bench ]]; then
             "$BIN" verify --fixtures "$OUT/one" --device cuda:0 --dtype f32 --sampler quick >"$OUT/memcheck.txt" 2>&1 \
             && echo "memcheck: clean" || { tail -20 "$OUT/memcheck.txt"; status=1; }
     fi
+
+    echo "== greedy tokens unchanged by the decode graphs (in-process)"
+    graphs_unchanged
 
     # f32 is the strict check (both sides are the reference to 1e-5); in bf16 the workers' split
     # of the experts changes GEMM shapes and rounding, so a near-tie may flip: reported only.

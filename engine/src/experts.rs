@@ -62,6 +62,14 @@ pub trait Experts: Send + Sync {
         Ok(())
     }
 
+    /// Whether a forward pass over this implementation can be captured as a CUDA graph
+    /// ([`crate::graphs`]): all its work is queued on the model's device stream, nothing waits
+    /// for the device or for another process, and nothing it keeps outlives the pass. Default:
+    /// no (the gate's remote experts answer over the network).
+    fn graph_capturable(&self) -> bool {
+        false
+    }
+
     /// `dispatch` and wait.
     fn forward(&self, layer: usize, x: &Tensor, routing: &Routing) -> Result<Tensor> {
         self.dispatch(layer, x, routing)?.wait()
@@ -401,6 +409,14 @@ impl ExpertShard {
 }
 
 impl Experts for ExpertShard {
+    /// On a GPU with the kernels, every held layer routes on the device
+    /// ([`dispatch_device`](Experts::dispatch_device)); a batch its kernels do not take would
+    /// copy the routing to the host, which spoils the capture and leaves that shape eager.
+    fn graph_capturable(&self) -> bool {
+        crate::cuda::gpu(&self.device).is_some()
+            && self.layers.values().all(|l| l.slot_of.is_some())
+    }
+
     fn dispatch_device(
         &self,
         layer: usize,

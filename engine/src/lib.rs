@@ -21,6 +21,7 @@ pub mod embedded;
 pub mod error;
 pub mod experts;
 pub mod generate;
+pub mod graphs;
 pub mod kv_blocks;
 pub mod kv_cache;
 pub mod kv_pool;

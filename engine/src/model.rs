@@ -328,21 +328,39 @@ impl DeepSeekModel {
             sin: &sin,
             decode: self.decode_batch(&rows, &caches)?,
         };
-        let mut x = hidden.to_dtype(DType::F32)?;
-        let layers = (|| {
-            for layer in &self.layers {
-                let h = layer.attention_residual(&x, &step, &self.rotary, &mut caches)?;
-                x = layer.ffn_residual(&h, experts)?;
-                observe(layer.index, &x);
-            }
-            Ok::<_, crate::error::EngineError>(())
-        })();
+        let layers = self.run_layers(
+            hidden.to_dtype(DType::F32)?,
+            &step,
+            &mut caches,
+            experts,
+            &mut observe,
+        );
         // Settled on failure too (the experts' device work of the step is then waited for).
         let settled = experts.settle();
-        layers?;
+        let x = layers?;
         settled?;
         for s in seqs.iter_mut() {
             s.cache.commit(s.new_tokens);
+        }
+        Ok(x)
+    }
+
+    /// Every decoder layer over `x [T, hidden]` (f32) for one step: the one layer loop of
+    /// [`forward_hidden`](Self::forward_hidden) and of a decode step's CUDA graph
+    /// ([`crate::graphs`], whose batch the fused kernels attend without `caches`). Neither
+    /// settles the experts nor commits.
+    pub(crate) fn run_layers(
+        &self,
+        mut x: Tensor,
+        step: &AttentionStep,
+        caches: &mut [&mut SequenceCache],
+        experts: &dyn Experts,
+        observe: &mut dyn FnMut(usize, &Tensor),
+    ) -> Result<Tensor> {
+        for layer in &self.layers {
+            let h = layer.attention_residual(&x, step, &self.rotary, caches)?;
+            x = layer.ffn_residual(&h, experts)?;
+            observe(layer.index, &x);
         }
         Ok(x)
     }

@@ -403,6 +403,46 @@ impl Gpu {
     ) -> Result<()> {
         imp::launch(&self.inner, name, grid, block, smem, args)
     }
+
+    /// Starts capturing the device's stream into a graph (relaxed mode: other threads may use
+    /// the driver meanwhile). Until [`end_capture`](Self::end_capture), work queued on the
+    /// stream is recorded, not run; allocations become the graph's own (fixed addresses, freed
+    /// inside it when their tensors drop before the capture ends); anything that waits for the
+    /// device (a copy to the host) fails and spoils the capture.
+    pub fn begin_capture(&self) -> Result<()> {
+        imp::begin_capture(&self.inner)
+    }
+
+    /// Runs `f` with candle's small host-to-device uploads (a strided kernel's dims and
+    /// strides) served from a device cache keyed by their bytes: an eager run fills it, and a
+    /// capture inside `f` then records copies from the cached device buffers instead of from
+    /// host memory that is gone when the graph replays (an upload the cache lacks fails the
+    /// capture).
+    pub fn with_cached_uploads<R>(&self, f: impl FnOnce() -> R) -> R {
+        imp::with_cached_uploads(&self.inner, f)
+    }
+
+    /// Ends a capture and returns its graph, instantiated and uploaded; an error if the
+    /// capture failed. Always leaves the stream out of capture mode, with any error the capture
+    /// left in the driver's context cleared.
+    pub fn end_capture(&self) -> Result<StepGraph> {
+        Ok(StepGraph {
+            inner: imp::end_capture(&self.inner)?,
+        })
+    }
+}
+
+/// A captured piece of the device's work (a decode step, [`crate::graphs`]), replayed with the
+/// addresses and launch shapes it was captured with.
+pub struct StepGraph {
+    inner: imp::Graph,
+}
+
+impl StepGraph {
+    /// Queues one replay on the stream it was captured from.
+    pub fn launch(&self) -> Result<()> {
+        imp::launch_graph(&self.inner)
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -416,6 +456,12 @@ mod imp {
 
     use super::{Arg, Gpu};
     use crate::error::{EngineError, Result};
+
+    use candle_core::cuda_backend::cudarc::cublas::sys::{cublasSetWorkspace_v2, cublasStatus_t};
+    use candle_core::cuda_backend::cudarc::driver::sys::{
+        CUgraphInstantiate_flags, CUstreamCaptureMode,
+    };
+    use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaSlice};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/moemesh_kernels.ptx"));
     const MODULE: &str = "moemesh_kernels";
@@ -474,6 +520,74 @@ mod imp {
             }
         };
         Ok(base + (layout.start_offset() * t.dtype().size_in_bytes()) as u64)
+    }
+
+    /// A captured graph of one device's stream.
+    pub struct Graph(CudaGraph);
+
+    // SAFETY: a graph is not internally synchronised (CUDA's graph thread-safety rules), and
+    // moemesh never shares one: it lives in one step runner, which only `&mut` methods reach,
+    // so one thread at a time launches it. Moving it between threads is allowed by the driver.
+    unsafe impl Send for Graph {}
+
+    /// cuBLAS's workspace for the device's handle, allocated once per handle and kept for the
+    /// process's life (the handle keeps using it).
+    static CUBLAS_WORKSPACES: std::sync::Mutex<Vec<(usize, CudaSlice<u8>)>> =
+        std::sync::Mutex::new(Vec::new());
+    /// 32 MiB, what cuBLAS asks for on Hopper.
+    const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
+
+    pub fn begin_capture(inner: &Inner) -> Result<()> {
+        // Without a workspace of its own, cuBLAS allocates one inside the capture (graph memory,
+        // valid only while that graph runs) and keeps using it afterwards: an illegal address
+        // in the next eager GEMM. Give the handle one first.
+        let blas = inner.dev.cublas_handle();
+        let handle = *blas.handle();
+        let mut held = CUBLAS_WORKSPACES.lock().unwrap_or_else(|e| e.into_inner());
+        if !held.iter().any(|(h, _)| *h == handle as usize) {
+            let ws = inner.dev.alloc_zeros::<u8>(CUBLAS_WORKSPACE_BYTES)?;
+            let stream = inner.dev.cuda_stream();
+            let ptr = ws.device_ptr(&stream).0;
+            // SAFETY: `handle` is candle's live cuBLAS handle for this device; the workspace is
+            // a device allocation of the size given, kept alive (in `CUBLAS_WORKSPACES`) for as
+            // long as the process, so the handle never sees it freed.
+            let status = unsafe {
+                cublasSetWorkspace_v2(handle, ptr as *mut std::ffi::c_void, CUBLAS_WORKSPACE_BYTES)
+            };
+            if status != cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(cuda_err("cublasSetWorkspace", format!("{status:?}")));
+            }
+            held.push((handle as usize, ws));
+        }
+        drop(held);
+        inner
+            .dev
+            .cuda_stream()
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .map_err(|e| cuda_err("begin graph capture", e))
+    }
+
+    pub fn end_capture(inner: &Inner) -> Result<Graph> {
+        let stream = inner.dev.cuda_stream();
+        let ended = stream.end_capture(CUgraphInstantiate_flags(0));
+        // Frees queued on a spoiled capture record their errors in the context; a failed
+        // capture is reported by `ended`, and the next launch must not see them.
+        let leftover = stream.context().check_err();
+        let graph = ended
+            .map_err(|e| cuda_err("end graph capture", e))?
+            .ok_or_else(|| cuda_err("end graph capture", "nothing was captured"))?;
+        leftover.map_err(|e| cuda_err("graph capture", e))?;
+        graph.upload().map_err(|e| cuda_err("graph upload", e))?;
+        Ok(Graph(graph))
+    }
+
+    pub fn launch_graph(graph: &Graph) -> Result<()> {
+        graph.0.launch().map_err(|e| cuda_err("graph launch", e))
+    }
+
+    pub fn with_cached_uploads<R>(inner: &Inner, f: impl FnOnce() -> R) -> R {
+        let _cached = inner.dev.enable_cuda_graph_htod_cache();
+        f()
     }
 
     pub fn alloc(inner: &Inner, dtype: DType, shape: &[usize]) -> Result<Tensor> {
@@ -564,6 +678,25 @@ mod imp {
     }
 
     pub fn alloc(inner: &Inner, _dtype: DType, _shape: &[usize]) -> Result<Tensor> {
+        match *inner {}
+    }
+
+    /// Uninhabited, as [`Inner`].
+    pub enum Graph {}
+
+    pub fn begin_capture(inner: &Inner) -> Result<()> {
+        match *inner {}
+    }
+
+    pub fn end_capture(inner: &Inner) -> Result<Graph> {
+        match *inner {}
+    }
+
+    pub fn launch_graph(graph: &Graph) -> Result<()> {
+        match *graph {}
+    }
+
+    pub fn with_cached_uploads<R>(inner: &Inner, _f: impl FnOnce() -> R) -> R {
         match *inner {}
     }
 

@@ -73,19 +73,26 @@ pub struct DecodeBatch {
     pool: Arc<KvPool>,
     /// `[B]`: the activation row of each decoding sequence's token.
     rows: Tensor,
-    /// `[B, kv_lora_rank]` and `[B, rope]`: each token's pool row, repeated across the width.
-    write_ckv: Tensor,
-    write_kpe: Tensor,
+    /// The scatter indices and the padding mask of the unfused attention (`None` for a batch
+    /// that only the fused kernels attend: a CUDA graph's).
+    unfused: Option<Unfused>,
     /// `[B · Lmax]`: pool rows of every sequence's positions `0..=len`, padded.
     gather: Tensor,
-    /// `[B, 1, Lmax]`: 0 for real positions, −∞ for padding.
-    mask: Tensor,
     /// `[B]`: each sequence's pool row for its new token, and its length with it (u32).
     targets: Tensor,
     lens: Tensor,
     lmax: usize,
     /// Whether every row of the step is in the batch (in order).
     all: bool,
+}
+
+/// What the unfused decode attention needs besides the tables.
+struct Unfused {
+    /// `[B, kv_lora_rank]` and `[B, rope]`: each token's pool row, repeated across the width.
+    write_ckv: Tensor,
+    write_kpe: Tensor,
+    /// `[B, 1, Lmax]`: 0 for real positions, −∞ for padding.
+    mask: Tensor,
 }
 
 impl DecodeBatch {
@@ -146,14 +153,57 @@ impl DecodeBatch {
             lens: Tensor::from_vec(lens, b, device)?,
             pool,
             rows: Tensor::from_vec(row_ids, b, device)?,
-            write_ckv: t.broadcast_as((b, kv_lora))?.contiguous()?,
-            write_kpe: t.broadcast_as((b, rope))?.contiguous()?,
+            unfused: Some(Unfused {
+                write_ckv: t.broadcast_as((b, kv_lora))?.contiguous()?,
+                write_kpe: t.broadcast_as((b, rope))?.contiguous()?,
+                mask: Tensor::from_vec(mask, (b, 1, lmax), device)?,
+            }),
             gather: Tensor::from_vec(gather, b * lmax, device)?,
-            mask: Tensor::from_vec(mask, (b, 1, lmax), device)?,
             lmax,
             all,
             seqs,
         }))
+    }
+
+    /// A batch of `b` rows (every row of its step, in order) over tables that already sit on
+    /// the device (a CUDA graph's fixed buffers, [`crate::graphs`]): `targets`, `lens`, `rows`
+    /// `[b]` and `gather [b · lmax]`, all u32. Only the fused kernels attend it.
+    pub(crate) fn from_tables(
+        pool: Arc<KvPool>,
+        targets: Tensor,
+        lens: Tensor,
+        rows: Tensor,
+        gather: Tensor,
+        lmax: usize,
+    ) -> Result<Self> {
+        let b = targets.dim(0)?;
+        if lens.dims() != [b] || rows.dims() != [b] || gather.dims() != [b * lmax] {
+            return Err(EngineError::Internal(format!(
+                "decode tables for {b} rows: lens {:?}, rows {:?}, gather {:?} (lmax {lmax})",
+                lens.dims(),
+                rows.dims(),
+                gather.dims()
+            )));
+        }
+        Ok(DecodeBatch {
+            seqs: (0..b).collect(),
+            pool,
+            rows,
+            unfused: None,
+            gather,
+            targets,
+            lens,
+            lmax,
+            all: true,
+        })
+    }
+
+    fn unfused(&self) -> Result<&Unfused> {
+        self.unfused.as_ref().ok_or_else(|| {
+            EngineError::Internal(
+                "this decode batch is attended by the fused kernels only (a CUDA graph's), and they did not fit".into(),
+            )
+        })
     }
 }
 
@@ -303,6 +353,13 @@ impl Attention {
             && db.all
         {
             return self.o_proj.forward(o);
+        }
+        if caches.len() != step.rows.len() {
+            return Err(EngineError::Internal(format!(
+                "attention step of {} sequences got {} caches",
+                step.rows.len(),
+                caches.len()
+            )));
         }
         let mut outputs = Vec::with_capacity(step.rows.len());
         // Row order of `outputs` concatenated: the batch first, then the others.
@@ -468,7 +525,8 @@ impl Attention {
             let ql = q_lat.transpose(0, 1)?.contiguous()?;
             let qp = q_pe.transpose(0, 1)?.contiguous()?;
             let scores = (ql.matmul(&c.transpose(1, 2)?)? + qp.matmul(&k.transpose(1, 2)?)?)?;
-            let scores = (scores.to_dtype(DType::F32)? * self.scale)?.broadcast_add(&db.mask)?;
+            let scores =
+                (scores.to_dtype(DType::F32)? * self.scale)?.broadcast_add(&db.unfused()?.mask)?;
             let probs = softmax_last(&scores)?.to_dtype(c.dtype())?;
             let o = probs
                 .matmul(&c)?
@@ -511,15 +569,21 @@ impl Attention {
                 q_pe.index_select(&db.rows, 1)?,
             )
         };
-        db.pool
-            .scatter(layer, &db.write_ckv, &ckv_b, &db.write_kpe, &kpe_b)?;
+        let unfused = db.unfused()?;
+        db.pool.scatter(
+            layer,
+            &unfused.write_ckv,
+            &ckv_b,
+            &unfused.write_kpe,
+            &kpe_b,
+        )?;
         let (c, k) = db.pool.gather_rows(layer, &db.gather)?;
         let c = c.reshape((b, db.lmax, self.kv_lora))?;
         let k = k.reshape((b, db.lmax, self.rope))?;
         let ql = ql.transpose(0, 1)?.contiguous()?; // [B, H, kv_lora]
         let qp = qp.transpose(0, 1)?.contiguous()?; // [B, H, rope]
         let scores = (ql.matmul(&c.transpose(1, 2)?)? + qp.matmul(&k.transpose(1, 2)?)?)?;
-        let scores = (scores.to_dtype(DType::F32)? * self.scale)?.broadcast_add(&db.mask)?;
+        let scores = (scores.to_dtype(DType::F32)? * self.scale)?.broadcast_add(&unfused.mask)?;
         let probs = softmax_last(&scores)?.to_dtype(c.dtype())?; // [B, H, Lmax]
         let o_lat = probs.matmul(&c)?; // [B, H, kv_lora]
         let o = o_lat.transpose(0, 1)?.contiguous()?.matmul(&self.w_uv_t)?; // [H, B, v]

@@ -39,18 +39,28 @@ impl Rotary {
         }
     }
 
-    /// `(cos, sin)` for each position, each `[T, dim / 2]` in `dtype`, already scaled.
     /// Whether rotary pairs are adjacent elements (`rope_interleave`) rather than the two halves.
     pub fn interleaved(&self) -> bool {
         self.interleaved
     }
 
+    /// `(cos, sin)` for each position, each `[T, dim / 2]` in `dtype`, already scaled.
     pub fn cos_sin(
         &self,
         positions: &[usize],
         dtype: DType,
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
+        let (cos, sin) = self.cos_sin_host(positions);
+        let shape = (positions.len(), self.dim / 2);
+        Ok((
+            Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
+            Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
+        ))
+    }
+
+    /// [`cos_sin`](Self::cos_sin)'s values in f32 on the host, row-major `[T, dim / 2]` each.
+    pub fn cos_sin_host(&self, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
         let half = self.dim / 2;
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
@@ -62,11 +72,12 @@ impl Rotary {
                 sin.push((angle.sin() as f32) * self.attention_scaling);
             }
         }
-        let shape = (positions.len(), half);
-        Ok((
-            Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
-            Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
-        ))
+        (cos, sin)
+    }
+
+    /// Rotated width (`qk_rope_head_dim`).
+    pub fn dim(&self) -> usize {
+        self.dim
     }
 
     /// Rotates `x: [T, heads, dim]` by its row's position; `cos`/`sin` are `[T, dim / 2]`.

@@ -80,6 +80,11 @@ impl<'a> LocalServer<'a> {
         })
     }
 
+    /// How decode steps went through CUDA graphs so far.
+    pub fn graph_stats(&self) -> crate::graphs::GraphStats {
+        self.runner.graph_stats()
+    }
+
     /// Runs `requests`, at most `max_running` at a time (a finished one lets the next in, as
     /// requests arriving at a fixed concurrency). `on_token(i, chunk)` sees every token of
     /// request `i`; returning false cancels that request. Outputs are in request order. Every

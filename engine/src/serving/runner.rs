@@ -19,6 +19,7 @@ use candle_core::Tensor;
 
 use crate::error::{EngineError, Result};
 use crate::experts::Experts;
+use crate::graphs::{DecodeGraphs, GraphStats};
 use crate::kv_cache::{BLOCK_TOKENS, SequenceCache};
 use crate::kv_pool::KvPool;
 use crate::model::{DeepSeekModel, StepSeq};
@@ -119,6 +120,8 @@ pub struct StepRunner<K> {
     /// Tokens each sequence of the last step took from the prefix cache (only those that took
     /// some).
     hits: Vec<(K, usize)>,
+    /// Decode steps as CUDA graphs (on a GPU, with in-process experts).
+    graphs: DecodeGraphs,
 }
 
 impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
@@ -130,6 +133,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
             overlap: false,
             fingerprint: String::new(),
             hits: Vec::new(),
+            graphs: DecodeGraphs::new(),
         }
     }
 
@@ -138,6 +142,11 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
     pub fn set_prefix_cache(&mut self, on: bool, fingerprint: &str) {
         self.pool.set_prefix_caching(on);
         self.fingerprint = fingerprint.to_string();
+    }
+
+    /// How decode steps went through CUDA graphs.
+    pub fn graph_stats(&self) -> GraphStats {
+        self.graphs.stats()
     }
 
     /// The prefix cache's counters.
@@ -150,8 +159,10 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
         std::mem::take(&mut self.hits)
     }
 
-    /// A runner with a pool of `blocks` KV blocks on the model's device.
+    /// A runner with a pool of `blocks` KV blocks on the model's device (one more on a GPU,
+    /// for the decode graphs' padding rows, so that `blocks` stay the sequences').
     pub fn with_blocks(model: DeepSeekModel, blocks: usize) -> Result<Self> {
+        let blocks = blocks + usize::from(crate::cuda::gpu(model.device()).is_some());
         let pool = KvPool::new(model.config(), blocks, model.dtype(), model.device())?;
         Ok(Self::new(model, pool))
     }
@@ -432,7 +443,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
     }
 
     fn run(
-        &self,
+        &mut self,
         slots: &[SlotSpec<K>],
         skips: &[usize],
         hidden: &Tensor,
@@ -464,7 +475,12 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
                 new_tokens: n,
             })
             .collect();
-        let out = if self.overlap {
+        let graphed = self
+            .graphs
+            .step(&self.model, &self.pool, hidden, &mut step_seqs, experts)?;
+        let out = if let Some(out) = graphed {
+            out
+        } else if self.overlap {
             self.model
                 .forward_hidden_overlapped(hidden, &mut step_seqs, experts)?
         } else {

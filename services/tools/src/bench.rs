@@ -432,6 +432,13 @@ fn run_in_process(
         s.ttft = Some(o.time_to_first_token);
     }
     let wall = started.elapsed().as_secs_f64();
+    let g = server.graph_stats();
+    if g != Default::default() {
+        eprintln!(
+            "decode CUDA graphs: {} shapes captured, {} steps replayed, {} shapes left eager",
+            g.captured, g.replayed, g.failed
+        );
+    }
     report(
         args,
         &format!("{} (in-process)", engine.name),
