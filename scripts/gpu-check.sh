@@ -55,9 +55,10 @@ down() {
     kill -TERM "$UP_PID" 2>/dev/null
     wait "$UP_PID" 2>/dev/null
 }
-# Whether two `generate --json` outputs (in-process, mesh) hold the same 32 greedy tokens.
+# Whether two `generate --json` outputs (in-process, mesh; or the names in $4 and $5) hold the
+# same 32 greedy tokens.
 same_tokens() {
-    $PY - "$1" "$2" "$3" <<'EOF'
+    $PY - "$1" "$2" "$3" "${4:-in-process}" "${5:-mesh}" <<'EOF'
 import json, sys
 def ids(path):
     out = []
@@ -67,7 +68,7 @@ def ids(path):
     return out
 a, b = ids(sys.argv[1]), ids(sys.argv[2])
 ok = len(a) == 32 and a == b
-print(f"{sys.argv[3]:<32} in-process {len(a)} tokens, mesh {len(b)} tokens: {'equal' if ok else 'DIFFERENT'}")
+print(f"{sys.argv[3]:<32} {sys.argv[4]} {len(a)} tokens, {sys.argv[5]} {len(b)} tokens: {'equal' if ok else 'DIFFERENT'}")
 sys.exit(0 if ok else 1)
 EOF
 }
@@ -432,7 +433,7 @@ graphs_unchanged() {
             common=(--model "tests/fixtures/$fx" --device cuda:0 --dtype $dt --prompt-ids "$ids" --max-new-tokens 32 --ignore-eos --json)
             "$BIN" generate "${common[@]}" >"$OUT/graph_$fx.jsonl" || status=1
             MOEMESH_CUDA_GRAPHS=0 "$BIN" generate "${common[@]}" >"$OUT/eager_$fx.jsonl" || status=1
-            same_tokens "$OUT/graph_$fx.jsonl" "$OUT/eager_$fx.jsonl" "$fx $dt graphs vs eager" || status=1
+            same_tokens "$OUT/graph_$fx.jsonl" "$OUT/eager_$fx.jsonl" "$fx $dt" graphs eager || status=1
         done
     done
 }

@@ -269,26 +269,41 @@ __device__ void mla_decode(const T* q_lat, long long sq_h, long long sq_t, const
 MLA_DECODE(mla_decode_f32, float)
 MLA_DECODE(mla_decode_bf16, bf16)
 
-// Merges mla_decode's splits: one block per (sequence, head).
+// Merges mla_decode's splits: one block per (sequence, head). The first warp turns the splits'
+// (max, sum) into one weight each, exp(m_z − m) / Σ_z exp(m_z − m)·l_z, in shared memory; then
+// every output element is an independent weighted sum over the splits (no chain of dependent
+// loads per element). Empty splits (m = −∞) weigh 0 and are not read. At most 64 splits.
+#define MLA_MAX_SPLITS 64
 template <typename T>
 __device__ void mla_combine(const float* part_o, const float* part_ml, int splits, int heads,
                             int kv_lora, T* out, long long so_h, long long so_b) {
+    __shared__ float wz[MLA_MAX_SPLITS];
     const int b = blockIdx.x, h = blockIdx.y;
     const size_t base = ((size_t)b * heads + h) * splits;
-    float mx = -INFINITY;
-    for (int z = 0; z < splits; ++z) mx = fmaxf(mx, part_ml[(base + z) * 2]);
-    float denom = 0.f;
-    for (int z = 0; z < splits; ++z) {
-        const float m = part_ml[(base + z) * 2];
-        if (m != -INFINITY) denom += expf(m - mx) * part_ml[(base + z) * 2 + 1];
+    if (threadIdx.x < 32) {
+        const int lane = threadIdx.x;
+        float mx = -INFINITY;
+        for (int z = lane; z < splits; z += 32) mx = fmaxf(mx, part_ml[(base + z) * 2]);
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        float denom = 0.f;
+        for (int z = lane; z < splits; z += 32) {
+            const float m = part_ml[(base + z) * 2];
+            if (m != -INFINITY) denom += expf(m - mx) * part_ml[(base + z) * 2 + 1];
+        }
+        for (int o = 16; o > 0; o >>= 1) denom += __shfl_xor_sync(0xffffffffu, denom, o);
+        for (int z = lane; z < splits; z += 32) {
+            const float m = part_ml[(base + z) * 2];
+            wz[z] = m != -INFINITY ? expf(m - mx) / denom : 0.f;
+        }
     }
+    __syncthreads();
     for (int d = threadIdx.x; d < kv_lora; d += blockDim.x) {
         float o = 0.f;
         for (int z = 0; z < splits; ++z) {
-            const float m = part_ml[(base + z) * 2];
-            if (m != -INFINITY) o += expf(m - mx) * part_o[(base + z) * kv_lora + d];
+            const float wgt = wz[z];
+            if (wgt != 0.f) o = fmaf(wgt, part_o[(base + z) * kv_lora + d], o);
         }
-        out[(size_t)h * so_h + (size_t)b * so_b + d] = from_f<T>(o / denom);
+        out[(size_t)h * so_h + (size_t)b * so_b + d] = from_f<T>(o);
     }
 }
 extern "C" __global__ void mla_combine_f32(const float* part_o, const float* part_ml, int splits,
