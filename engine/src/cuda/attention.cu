@@ -269,6 +269,182 @@ __device__ void mla_decode(const T* q_lat, long long sq_h, long long sq_t, const
 MLA_DECODE(mla_decode_f32, float)
 MLA_DECODE(mla_decode_bf16, bf16)
 
+// Tensor-core MLA decode (bf16; kv_lora 512, rope 64, heads a multiple of 16), as FlashMLA
+// shapes it: one block of 4 warps per (sequence, 16 heads, split), so a latent row is read
+// once for 16 heads instead of once per 4. Per tile of MLA_MMA_TILE positions, gathered from
+// the pool through the table by cp.async: S = Q·Kᵀ on the tensor cores (each warp 16
+// positions, K = 576), the online softmax per head in shared memory (natural exp, as
+// `mla_decode`), then O += P·V with V the tile's first 512 columns (each warp 128 of the output
+// dims) and P as two bf16 parts (high and low, as the flash prefill's default), so the
+// probabilities keep ~16 significant bits. Same outputs as `mla_decode` (the split state, or
+// the normalised result when there is one split), to f32 rounding.
+#define MLA_MMA_TILE 64
+#define MLA_MMA_QK 576
+#define MLA_MMA_VD 512
+#define MLA_MMA_KS (MLA_MMA_QK + 8)    // smem row stride (bf16): 16 bytes of padding
+#define MLA_MMA_SS (MLA_MMA_TILE + 4)  // score row stride (f32)
+#define MLA_MMA_SMEM \
+    ((16 + MLA_MMA_TILE) * MLA_MMA_KS * 2 + 16 * MLA_MMA_SS * 4 + 3 * 16 * 4)
+
+extern "C" __global__ void __launch_bounds__(128)
+    mla_decode_mma_bf16(const bf16* q_lat, long long sq_h, long long sq_t, const bf16* q_pe,
+                        long long sp_h, long long sp_t, const bf16* ckv, const bf16* kpe,
+                        const uint32_t* table, int lmax, const uint32_t* lens,
+                        const uint32_t* qrows, bf16* out, long long so_h, long long so_b,
+                        int heads, float scale, int splits, float* part_o, float* part_ml) {
+    extern __shared__ __align__(128) unsigned char mla_smem[];
+    bf16* sq = reinterpret_cast<bf16*>(mla_smem);                   // [16][KS]
+    bf16* sk = sq + 16 * MLA_MMA_KS;                                  // [TILE][KS]
+    float* ss = reinterpret_cast<float*>(sk + MLA_MMA_TILE * MLA_MMA_KS);  // [16][SS]
+    float* sm = ss + 16 * MLA_MMA_SS;  // per head: running max,
+    float* sl = sm + 16;               // running sum,
+    float* sa = sl + 16;               // this tile's rescale
+    const int b = blockIdx.x, h0 = blockIdx.y * 16;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int len = (int)lens[b];
+    const int chunk = (len + splits - 1) / splits;
+    const int pos0 = min(len, (int)blockIdx.z * chunk), pos1 = min(len, pos0 + chunk);
+    const size_t qt = qrows[b];
+    constexpr int CH = MLA_MMA_QK / 8, CC = MLA_MMA_VD / 8;  // 16-byte chunks per row
+    for (int id = tid; id < 16 * CH; id += 128) {
+        const int r = id / CH, c = id % CH;
+        const size_t h = h0 + r;
+        const bf16* src = c < CC ? q_lat + h * sq_h + qt * sq_t + c * 8
+                                 : q_pe + h * sp_h + qt * sp_t + (c - CC) * 8;
+        cp_async16(&sq[r * MLA_MMA_KS + c * 8], src, true);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    if (tid < 16) {
+        sm[tid] = -INFINITY;
+        sl[tid] = 0.f;
+    }
+    float oacc[16][4];
+#pragma unroll
+    for (int n = 0; n < 16; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) oacc[n][e] = 0.f;
+
+    for (int start = pos0; start < pos1; start += MLA_MMA_TILE) {
+        const int n_valid = min(MLA_MMA_TILE, pos1 - start);
+        __syncthreads();  // the previous tile's K and P are no longer read
+        for (int id = tid; id < MLA_MMA_TILE * CH; id += 128) {
+            const int j = id / CH, c = id % CH;
+            const bool ok = j < n_valid;
+            const size_t row = ok ? table[(size_t)b * lmax + start + j] : 0;
+            const bf16* src = c < CC ? ckv + row * MLA_MMA_VD + c * 8
+                                     : kpe + row * (MLA_MMA_QK - MLA_MMA_VD) + (c - CC) * 8;
+            cp_async16(&sk[j * MLA_MMA_KS + c * 8], src, ok);
+        }
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+        // S for this warp's 16 positions: two n-tiles of 8.
+        float sacc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll 4
+        for (int kk = 0; kk < MLA_MMA_QK / 16; ++kk) {
+            uint32_t a[4], bfr[4];
+            ldmatrix_x4(a, &sq[(lane & 15) * MLA_MMA_KS + kk * 16 + (lane >> 4) * 8]);
+            ldmatrix_x4(bfr, &sk[(warp * 16 + (lane & 7) + ((lane >> 4) << 3)) * MLA_MMA_KS +
+                                 kk * 16 + ((lane >> 3) & 1) * 8]);
+            mma_bf16(sacc[0], a[0], a[1], a[2], a[3], bfr[0], bfr[1]);
+            mma_bf16(sacc[1], a[0], a[1], a[2], a[3], bfr[2], bfr[3]);
+        }
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int j = warp * 16 + n * 8 + 2 * t4 + (e & 1);
+                const int r = g + (e >> 1) * 8;
+                ss[r * MLA_MMA_SS + j] = j < n_valid ? sacc[n][e] * scale : -INFINITY;
+            }
+        __syncthreads();
+        {
+            // Online softmax: 8 threads per head, 8 positions each.
+            const int r = tid >> 3, sub = tid & 7;
+            float* row = ss + r * MLA_MMA_SS + sub * 8;
+            float mx = -INFINITY;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) mx = fmaxf(mx, row[e]);
+#pragma unroll
+            for (int o = 4; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+            const float m_old = sm[r];
+            const float m_new = fmaxf(m_old, mx);
+            const float base = m_new == -INFINITY ? 0.f : m_new;
+            float sum = 0.f;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const float p = row[e] == -INFINITY ? 0.f : expf(row[e] - base);
+                row[e] = p;
+                sum += p;
+            }
+#pragma unroll
+            for (int o = 4; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+            __syncwarp();
+            if (sub == 0) {
+                const float alpha = m_old == -INFINITY ? 0.f : expf(m_old - base);
+                sl[r] = sl[r] * alpha + sum;
+                sm[r] = m_new;
+                sa[r] = alpha;
+            }
+        }
+        __syncthreads();
+        const float al0 = sa[g], al1 = sa[g + 8];
+#pragma unroll
+        for (int n = 0; n < 16; ++n) {
+            oacc[n][0] *= al0;
+            oacc[n][1] *= al0;
+            oacc[n][2] *= al1;
+            oacc[n][3] *= al1;
+        }
+#pragma unroll
+        for (int kc = 0; kc < MLA_MMA_TILE / 16; ++kc) {
+            const float* p0 = ss + g * MLA_MMA_SS + kc * 16 + 2 * t4;
+            const float* p1 = p0 + 8 * MLA_MMA_SS;
+            const uint32_t a0 = pack_bf16(p0[0], p0[1]), a1 = pack_bf16(p1[0], p1[1]);
+            const uint32_t a2 = pack_bf16(p0[8], p0[9]), a3 = pack_bf16(p1[8], p1[9]);
+            auto lo = [](uint32_t hi, float x0, float x1) {
+                const __nv_bfloat162 hh = *reinterpret_cast<const __nv_bfloat162*>(&hi);
+                return pack_bf16(x0 - __low2float(hh), x1 - __high2float(hh));
+            };
+            const uint32_t l0 = lo(a0, p0[0], p0[1]), l1 = lo(a1, p1[0], p1[1]);
+            const uint32_t l2 = lo(a2, p0[8], p0[9]), l3 = lo(a3, p1[8], p1[9]);
+#pragma unroll
+            for (int dp = 0; dp < 8; ++dp) {
+                uint32_t bfr[4];
+                ldmatrix_x4_trans(bfr, &sk[(kc * 16 + (lane & 15)) * MLA_MMA_KS + warp * 128 +
+                                           dp * 16 + (lane >> 4) * 8]);
+                mma_bf16(oacc[2 * dp], a0, a1, a2, a3, bfr[0], bfr[1]);
+                mma_bf16(oacc[2 * dp + 1], a0, a1, a2, a3, bfr[2], bfr[3]);
+                mma_bf16(oacc[2 * dp], l0, l1, l2, l3, bfr[0], bfr[1]);
+                mma_bf16(oacc[2 * dp + 1], l0, l1, l2, l3, bfr[2], bfr[3]);
+            }
+        }
+    }
+    __syncthreads();
+    const float lrow[2] = {sl[g], sl[g + 8]};
+#pragma unroll
+    for (int n = 0; n < 16; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int r = g + (e >> 1) * 8;
+            const int d = warp * 128 + n * 8 + 2 * t4 + (e & 1);
+            const size_t h = h0 + r;
+            if (part_o) {
+                const size_t slot = ((size_t)b * heads + h) * splits + blockIdx.z;
+                part_o[slot * MLA_MMA_VD + d] = oacc[n][e];
+            } else {
+                out[h * so_h + (size_t)b * so_b + d] = from_f<bf16>(oacc[n][e] / lrow[e >> 1]);
+            }
+        }
+    if (part_o && tid < 16) {
+        const size_t slot = ((size_t)b * heads + h0 + tid) * splits + blockIdx.z;
+        part_ml[slot * 2] = sm[tid];
+        part_ml[slot * 2 + 1] = sl[tid];
+    }
+}
+
 // Merges mla_decode's splits: one block per (sequence, head). The first warp turns the splits'
 // (max, sum) into one weight each, exp(m_z − m) / Σ_z exp(m_z − m)·l_z, in shared memory; then
 // every output element is an independent weighted sum over the splits (no chain of dependent

@@ -134,7 +134,9 @@ impl Gpu {
     }
 
     /// MLA decode attention over the paged pool: `q_lat [H, T, kv_lora]`, `q_pe [H, T, rope]`
-    /// (contiguous) against one layer's pool → `o_lat [H, B, kv_lora]`.
+    /// (contiguous) against one layer's pool → `o_lat [H, B, kv_lora]`: on the tensor cores
+    /// ([`mla_decode_mma`](Self::mla_decode_mma)) where the shapes allow and
+    /// `MOEMESH_MLA_DECODE` is not `simple`, else [`mla_decode_simple`](Self::mla_decode_simple).
     pub fn mla_decode(
         &self,
         q_lat: &Tensor,
@@ -144,32 +146,80 @@ impl Gpu {
         tables: &DecodeTables,
         scale: f64,
     ) -> Result<Option<Tensor>> {
+        if super::mla_decode_kernel() == "mma"
+            && let Some(o) = self.mla_decode_mma(q_lat, q_pe, pool_ckv, pool_kpe, tables, scale)?
+        {
+            return Ok(Some(o));
+        }
+        self.mla_decode_simple(q_lat, q_pe, pool_ckv, pool_kpe, tables, scale)
+    }
+
+    /// The decode kernels' shapes, when they take these inputs.
+    fn decode_fits(
+        q_lat: &Tensor,
+        q_pe: &Tensor,
+        pool_ckv: &Tensor,
+        pool_kpe: &Tensor,
+        tables: &DecodeTables,
+    ) -> Result<Option<DecodeShape>> {
         let (Ok((h, t, kv_lora)), Ok((h2, t2, rope))) = (q_lat.dims3(), q_pe.dims3()) else {
             return Ok(None);
         };
         let b = tables.qrows.dim(0)?;
         let dt = q_lat.dtype();
+        let fits = h == h2
+            && t == t2
+            && q_lat.is_contiguous()
+            && q_pe.is_contiguous()
+            && is_kernel_dtype(dt)
+            && q_pe.dtype() == dt
+            && pool_ckv.dtype() == dt
+            && pool_kpe.dtype() == dt
+            && pool_ckv.dim(1)? == kv_lora
+            && pool_kpe.dim(1)? == rope
+            && kv_lora.is_multiple_of(8)
+            && rope.is_multiple_of(8)
+            && aligned16(pool_ckv)
+            && aligned16(pool_kpe)
+            && aligned16(q_lat)
+            && aligned16(q_pe)
+            && b > 0
+            && tables.table.dtype() == DType::U32
+            && tables.lens.dtype() == DType::U32
+            && tables.qrows.dtype() == DType::U32;
+        Ok(fits.then_some(DecodeShape {
+            h,
+            t,
+            kv_lora,
+            rope,
+            b,
+        }))
+    }
+
+    /// [`mla_decode`](Self::mla_decode) on the CUDA cores in f32 (f32 or bf16 tensors, four
+    /// heads a block).
+    pub fn mla_decode_simple(
+        &self,
+        q_lat: &Tensor,
+        q_pe: &Tensor,
+        pool_ckv: &Tensor,
+        pool_kpe: &Tensor,
+        tables: &DecodeTables,
+        scale: f64,
+    ) -> Result<Option<Tensor>> {
+        let Some(DecodeShape {
+            h,
+            t,
+            kv_lora,
+            rope,
+            b,
+        }) = Self::decode_fits(q_lat, q_pe, pool_ckv, pool_kpe, tables)?
+        else {
+            return Ok(None);
+        };
+        let dt = q_lat.dtype();
         let threads = 256usize;
-        if h != h2
-            || t != t2
-            || !q_lat.is_contiguous()
-            || !q_pe.is_contiguous()
-            || !is_kernel_dtype(dt)
-            || q_pe.dtype() != dt
-            || pool_ckv.dtype() != dt
-            || pool_kpe.dtype() != dt
-            || pool_ckv.dim(1)? != kv_lora
-            || pool_kpe.dim(1)? != rope
-            || !kv_lora.is_multiple_of(8)
-            || !rope.is_multiple_of(8)
-            || kv_lora > 4 * threads
-            || !aligned16(pool_ckv)
-            || !aligned16(pool_kpe)
-            || b == 0
-            || tables.table.dtype() != DType::U32
-            || tables.lens.dtype() != DType::U32
-            || tables.qrows.dtype() != DType::U32
-        {
+        if kv_lora > 4 * threads {
             return Ok(None);
         }
         const HB: usize = 4;
@@ -252,7 +302,119 @@ impl Gpu {
     }
 }
 
+/// A decode attention call's shapes: heads, query rows, latent and rotary widths, sequences.
+struct DecodeShape {
+    h: usize,
+    t: usize,
+    kv_lora: usize,
+    rope: usize,
+    b: usize,
+}
+
+/// The tensor-core decode kernel's shapes (attention.cu's `MLA_MMA_*`): latent and latent +
+/// rotary widths, positions per tile, shared memory.
+const MMA_VD: usize = 512;
+const MMA_QK: usize = 576;
+const MMA_TILE: usize = 64;
+const MMA_SMEM: usize = (16 + MMA_TILE) * (MMA_QK + 8) * 2 + 16 * (MMA_TILE + 4) * 4 + 3 * 16 * 4;
+
 impl Gpu {
+    /// [`mla_decode`](Self::mla_decode) on the tensor cores: one block per (sequence, 16 heads,
+    /// split). `None` unless bf16 with DeepSeek's 512 + 64 latent and heads in groups of 16.
+    pub fn mla_decode_mma(
+        &self,
+        q_lat: &Tensor,
+        q_pe: &Tensor,
+        pool_ckv: &Tensor,
+        pool_kpe: &Tensor,
+        tables: &DecodeTables,
+        scale: f64,
+    ) -> Result<Option<Tensor>> {
+        let Some(DecodeShape {
+            h,
+            t,
+            kv_lora,
+            rope,
+            b,
+        }) = Self::decode_fits(q_lat, q_pe, pool_ckv, pool_kpe, tables)?
+        else {
+            return Ok(None);
+        };
+        if q_lat.dtype() != DType::BF16
+            || kv_lora != MMA_VD
+            || rope != MMA_QK - MMA_VD
+            || !h.is_multiple_of(16)
+        {
+            return Ok(None);
+        }
+        let out = self.alloc(DType::BF16, &[h, b, kv_lora])?;
+        // About two waves of blocks, at least a tile of positions per split.
+        let blocks = b * (h / 16);
+        let splits = (2 * SMS)
+            .div_ceil(blocks)
+            .min(tables.lmax.div_ceil(MMA_TILE))
+            .clamp(1, 64);
+        let parts = if splits > 1 {
+            Some((
+                self.alloc(DType::F32, &[b, h, splits, kv_lora])?,
+                self.alloc(DType::F32, &[b, h, splits, 2])?,
+            ))
+        } else {
+            None
+        };
+        let (part_o, part_ml) = match &parts {
+            Some((o, ml)) => (self.ptr(o)?, self.ptr(ml)?),
+            None => (0, 0),
+        };
+        self.launch(
+            "mla_decode_mma_bf16",
+            (b as u32, (h / 16) as u32, splits as u32),
+            128,
+            MMA_SMEM as u32,
+            &[
+                Arg::Ptr(self.ptr(q_lat)?),
+                Arg::I64((t * kv_lora) as i64),
+                Arg::I64(kv_lora as i64),
+                Arg::Ptr(self.ptr(q_pe)?),
+                Arg::I64((t * rope) as i64),
+                Arg::I64(rope as i64),
+                Arg::Ptr(self.ptr(pool_ckv)?),
+                Arg::Ptr(self.ptr(pool_kpe)?),
+                Arg::Ptr(self.ptr(tables.table)?),
+                i32_arg(tables.lmax, "longest sequence")?,
+                Arg::Ptr(self.ptr(tables.lens)?),
+                Arg::Ptr(self.ptr(tables.qrows)?),
+                Arg::Ptr(self.ptr(&out)?),
+                Arg::I64((b * kv_lora) as i64),
+                Arg::I64(kv_lora as i64),
+                i32_arg(h, "heads")?,
+                Arg::F32(scale as f32),
+                i32_arg(splits, "splits")?,
+                Arg::Ptr(part_o),
+                Arg::Ptr(part_ml),
+            ],
+        )?;
+        if parts.is_some() {
+            self.launch(
+                "mla_combine_bf16",
+                (b as u32, h as u32, 1),
+                128,
+                0,
+                &[
+                    Arg::Ptr(part_o),
+                    Arg::Ptr(part_ml),
+                    i32_arg(splits, "splits")?,
+                    i32_arg(h, "heads")?,
+                    i32_arg(kv_lora, "kv_lora_rank")?,
+                    Arg::Ptr(self.ptr(&out)?),
+                    Arg::I64((b * kv_lora) as i64),
+                    Arg::I64(kv_lora as i64),
+                ],
+            )?;
+        }
+        Ok(Some(out))
+    }
+
     /// Rotary of a `[T, H, rope]` or `[T, rope]` view whose last dimension is contiguous (rows
     /// and heads may be strided, e.g. the rotary part of `q [T, H, nope + rope]`) → contiguous
     /// `[T, H, rope]` / `[T, rope]`, in f32 and rounded once. `cos`/`sin` `[T, rope / 2]`.

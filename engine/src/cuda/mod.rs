@@ -134,6 +134,17 @@ fn prefill_attn_kernel() -> &'static str {
     })
 }
 
+/// Which MLA decode kernel bf16 takes, read once from `MOEMESH_MLA_DECODE`: `mma` (default:
+/// tensor cores, 16 heads a block, where the shapes allow) or `simple` (CUDA cores, f32, four
+/// heads a block), for A/B runs.
+fn mla_decode_kernel() -> &'static str {
+    static K: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+    K.get_or_init(|| match std::env::var("MOEMESH_MLA_DECODE").as_deref() {
+        Ok("simple") => "simple",
+        _ => "mma",
+    })
+}
+
 /// Most context positions whose keys and values prefill attention expands at once
 /// (`MOEMESH_PREFILL_KV_CHUNK`, default 4096): a longer context is attended chunk by chunk and
 /// merged by log-sum-exp, so the expanded keys and values stay bounded

@@ -7,5 +7,6 @@ pub mod bench;
 mod bench_scenario;
 pub mod client_args;
 pub mod ghz;
+pub mod kernel_check;
 pub mod sampler_check;
 pub mod verify;

@@ -198,6 +198,27 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
         }
     }
     let sampler_failed = sampler.iter().filter(|c| !c.passed).count();
+    let kernels = crate::kernel_check::run(&device)?;
+    if !kernels.is_empty() {
+        if args.json {
+            for c in &kernels {
+                println!(
+                    "{}",
+                    serde_json::json!({"kernel_case": c.case, "device": args.device,
+                    "max_rel_err": c.max_rel, "cosine": c.cosine, "passed": c.passed})
+                );
+            }
+        } else {
+            crate::kernel_check::print(&args.device, &kernels);
+        }
+    }
+    let kernels_failed = kernels.iter().filter(|c| !c.passed).count();
+    if kernels_failed > 0 {
+        bail!(
+            "{kernels_failed} of {} MLA decode kernel checks failed",
+            kernels.len()
+        );
+    }
     if args.sampler == SamplerMode::Only {
         if !args.json {
             crate::sampler_check::print_timings(&crate::sampler_check::timings(&device)?);
