@@ -1,7 +1,8 @@
 //! The OpenAI-compatible HTTP API (`moemesh frontend --http-listen`) against a real mesh (etcd,
 //! frontend, gate, expert workers; the embedded model, which has a tokenizer): its answers are
 //! the gRPC Generate's for the same request, streamed and whole agree, a seed reproduces, and
-//! bad requests get OpenAI's error JSON with the HTTP status a client library expects.
+//! bad requests get OpenAI's error JSON with the HTTP status a client library expects, and
+//! vLLM's `prompt_logprobs` comes back in vLLM's shape with Generate's values.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -519,5 +520,97 @@ async fn max_pending_bounds_the_http_api_too() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    drop(mesh);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prompt_logprobs_come_in_vllms_shape() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mesh = Mesh::start_with(None, &["0-15"], &["--http-listen", &listen]);
+    let text = "The sky is blue and the grass is";
+
+    // gRPC's answer for the same prompt is the reference.
+    let mut client = GenerationClient::connect(mesh.frontend_url())
+        .await
+        .expect("connect");
+    let req = GenerateRequest {
+        input: Some(Input::Prompt(text.into())),
+        sampling: Some(v1::SamplingParams {
+            prompt_logprobs: Some(2),
+            ..Default::default()
+        }),
+        stopping: Some(v1::StoppingCriteria {
+            max_new_tokens: Some(2),
+            ..Default::default()
+        }),
+        request_id: String::new(),
+        cache_salt: String::new(),
+    };
+    let want = client.complete(req).await.expect("complete").into_inner();
+    let want = &want.choices[0].prompt_logprobs;
+    assert!(want.len() >= 5, "{want:?}");
+    let check = |p: &Value, top: usize| {
+        let p = p.as_array().expect("prompt_logprobs is a list");
+        assert_eq!(p.len(), want.len() + 1, "one per prompt token");
+        assert!(p[0].is_null(), "the first prompt token has none");
+        for (entry, w) in p[1..].iter().zip(want) {
+            let m = entry.as_object().expect("a map per position");
+            let own = &m[&w.token_id.to_string()];
+            assert!(
+                (own["logprob"].as_f64().expect("logprob") - f64::from(w.logprob)).abs() < 1e-3
+            );
+            assert_eq!(own["rank"], w.rank);
+            assert!(own["decoded_token"].is_string());
+            let alts = w.top.as_ref().map_or(&[][..], |t| &t.token_ids[..]);
+            for (k, id) in alts.iter().take(top).enumerate() {
+                assert_eq!(m[&id.to_string()]["rank"], k + 1, "{entry}");
+            }
+            // The prompt token and the alternatives, once each.
+            let mut ids: Vec<u32> = alts[..top.min(alts.len())].to_vec();
+            ids.push(w.token_id);
+            ids.sort_unstable();
+            ids.dedup();
+            assert_eq!(m.len(), ids.len(), "{entry}");
+        }
+    };
+    // Completions: on every choice (as vLLM), whole or streamed on the first chunk.
+    let mut body = json!({"prompt": text, "max_tokens": 2, "temperature": 0, "n": 2,
+        "prompt_logprobs": 2});
+    let (status, got) = http(port, "POST", "/v1/completions", Some(&body));
+    assert_eq!(status, 200, "{got}");
+    let got = json_of(&got);
+    check(&got["choices"][0]["prompt_logprobs"], 2);
+    assert_eq!(
+        got["choices"][1]["prompt_logprobs"],
+        got["choices"][0]["prompt_logprobs"]
+    );
+    body["stream"] = json!(true);
+    body["n"] = json!(1);
+    let (status, got) = http(port, "POST", "/v1/completions", Some(&body));
+    assert_eq!(status, 200, "{got}");
+    let with: Vec<Value> = events(&got)
+        .iter()
+        .filter(|e| e.as_str() != "[DONE]")
+        .map(|e| json_of(e))
+        .filter(|c| !c["choices"][0]["prompt_logprobs"].is_null())
+        .collect();
+    assert_eq!(with.len(), 1, "{got}");
+    check(&with[0]["choices"][0]["prompt_logprobs"], 2);
+    // Chat: beside the choices; 0 alternatives gives the prompt tokens' own only.
+    let chat = json!({"messages": [{"role": "user", "content": text}], "max_tokens": 2,
+        "prompt_logprobs": 0});
+    let (status, got) = http(port, "POST", "/v1/chat/completions", Some(&chat));
+    assert_eq!(status, 200, "{got}");
+    let p = json_of(&got)["prompt_logprobs"].clone();
+    let p = p.as_array().expect("a list");
+    assert!(p[0].is_null() && p.len() > 5);
+    assert!(
+        p[1..]
+            .iter()
+            .all(|e| e.as_object().is_some_and(|m| m.len() == 1)),
+        "{got}"
+    );
+
     drop(mesh);
 }

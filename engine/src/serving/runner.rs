@@ -10,6 +10,12 @@
 //! step fills is registered for later sequences. Callers see no difference but speed: the
 //! sequence holds `start + tokens` tokens after the step either way, and
 //! [`take_prefix_hits`](StepRunner::take_prefix_hits) tells how many came from the cache.
+//!
+//! Prompt logprobs: a slot that carries [`PromptAsk`] gets the logits of its rows too (in
+//! groups of [`PROMPT_LOGPROB_ROWS`], each copied to the host), and never takes cached blocks
+//! (a cached row has no logits; vLLM recomputes such prompts too). Every other slot keeps
+//! computing only its sampling row's logits. [`take_prompt_logprobs`](StepRunner::take_prompt_logprobs)
+//! hands them out after the step.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -21,6 +27,7 @@ use crate::error::{EngineError, Result};
 use crate::experts::Experts;
 use crate::kv_cache::{BLOCK_TOKENS, SequenceCache};
 use crate::kv_pool::KvPool;
+use crate::logprobs::{MAX_TOP_LOGPROBS, PromptLogprob, prompt_logprob};
 use crate::model::{DeepSeekModel, StepSeq};
 use crate::prefix_cache::{BlockHash, PrefixCacheStats, block_hash, chain, chain_root};
 use crate::sampling::{Sampled, Sampler, SamplerStart};
@@ -43,7 +50,25 @@ pub struct SlotSpec<K> {
     /// tenant's and the request's salts): sequences share cached blocks only within one salt.
     /// `None` is the unsalted space.
     pub cache_salt: Option<[u8; 32]>,
+    /// Prompt logprobs to compute from this slot's rows; `None` for none (only the sampling
+    /// row's logits are computed).
+    pub prompt_logprobs: Option<PromptAsk>,
 }
+
+/// A slot's request for prompt logprobs.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PromptAsk {
+    /// Alternatives to report at each position (at most [`MAX_TOP_LOGPROBS`]).
+    pub top: usize,
+    /// The token that follows each of the slot's first `targets.len()` rows: row `j`'s logits
+    /// give `targets[j]`'s logprob. At most the slot's rows (the prompt's last row has no
+    /// prompt token after it, so a final chunk has one target fewer than rows).
+    pub targets: Vec<u32>,
+}
+
+/// Rows whose logits are computed and copied to the host at once for prompt logprobs (64 rows
+/// of a 129k vocabulary are 33 MB of f32).
+pub const PROMPT_LOGPROB_ROWS: usize = 64;
 
 /// A picked token.
 #[derive(Debug, Clone, PartialEq)]
@@ -119,6 +144,8 @@ pub struct StepRunner<K> {
     /// Tokens each sequence of the last step took from the prefix cache (only those that took
     /// some).
     hits: Vec<(K, usize)>,
+    /// The prompt logprobs of the last step's slots that asked for them, in slot order.
+    prompt_logprobs: Vec<(K, Vec<PromptLogprob>)>,
 }
 
 impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
@@ -130,6 +157,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
             overlap: false,
             fingerprint: String::new(),
             hits: Vec::new(),
+            prompt_logprobs: Vec::new(),
         }
     }
 
@@ -148,6 +176,12 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
     /// For each sequence of the last step that took tokens from the prefix cache: how many.
     pub fn take_prefix_hits(&mut self) -> Vec<(K, usize)> {
         std::mem::take(&mut self.hits)
+    }
+
+    /// For each slot of the last step that asked for prompt logprobs ([`SlotSpec::prompt_logprobs`]):
+    /// one per target, in order.
+    pub fn take_prompt_logprobs(&mut self) -> Vec<(K, Vec<PromptLogprob>)> {
+        std::mem::take(&mut self.prompt_logprobs)
     }
 
     /// A runner with a pool of `blocks` KV blocks on the model's device.
@@ -260,9 +294,11 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
         keep: Keep,
     ) -> Result<(Vec<SeqOutput<K>>, Option<Tensor>)> {
         self.hits.clear();
+        self.prompt_logprobs.clear();
         if slots.is_empty() {
             return Ok((Vec::new(), None));
         }
+        self.check_prompt_asks(slots)?;
         let rows: usize = slots.iter().map(|s| s.tokens).sum();
         let ids = if ids.len() == rows { ids } else { &[] };
         // Take the states out of the map so the step can hold them all mutably at once.
@@ -283,7 +319,10 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
             None => self
                 .take_cached(slots, ids, &mut states)
                 .and_then(|skips| {
-                    let out = self.run(slots, &skips, hidden, &mut states, experts, keep)?;
+                    let mut lps = Vec::new();
+                    let out =
+                        self.run(slots, &skips, hidden, &mut states, experts, keep, &mut lps)?;
+                    self.prompt_logprobs = lps;
                     Ok((out, skips))
                 })
                 .map(|(out, skips)| {
@@ -307,8 +346,89 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
         }
         if result.is_err() {
             self.hits.clear();
+            self.prompt_logprobs.clear();
         }
         result
+    }
+
+    /// Rejects a step whose prompt-logprob requests cannot be served, before anything runs.
+    fn check_prompt_asks(&self, slots: &[SlotSpec<K>]) -> Result<()> {
+        let vocab = self.model.config().vocab_size;
+        for s in slots {
+            let Some(ask) = &s.prompt_logprobs else {
+                continue;
+            };
+            if ask.top > MAX_TOP_LOGPROBS {
+                return Err(EngineError::InvalidInput(format!(
+                    "sequence {:?}: prompt_logprobs asks {} alternatives, the limit is {MAX_TOP_LOGPROBS}",
+                    s.key, ask.top
+                )));
+            }
+            if ask.targets.len() > s.tokens {
+                return Err(EngineError::InvalidInput(format!(
+                    "sequence {:?}: {} prompt-logprob targets for {} rows (at most one per row)",
+                    s.key,
+                    ask.targets.len(),
+                    s.tokens
+                )));
+            }
+            if let Some(t) = ask.targets.iter().find(|&&t| t as usize >= vocab) {
+                return Err(EngineError::InvalidInput(format!(
+                    "sequence {:?}: prompt-logprob target {t} is outside the vocabulary (ids must be below {vocab})",
+                    s.key
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The prompt logprobs of the slots that ask, from `out` (the hidden rows the step
+    /// computed, `computed[i]` of them for slot `i`, in order).
+    fn prompt_logprobs(
+        &self,
+        slots: &[SlotSpec<K>],
+        computed: &[usize],
+        out: &Tensor,
+    ) -> Result<Vec<(K, Vec<PromptLogprob>)>> {
+        use rayon::prelude::*;
+        let mut all = Vec::new();
+        let mut first = 0;
+        for (s, &n) in slots.iter().zip(computed) {
+            let at = first;
+            first += n;
+            let Some(ask) = &s.prompt_logprobs else {
+                continue;
+            };
+            if n != s.tokens {
+                return Err(EngineError::Internal(format!(
+                    "sequence {:?} asks for prompt logprobs but {} of its {} rows came from the prefix cache",
+                    s.key,
+                    s.tokens - n,
+                    s.tokens
+                )));
+            }
+            let mut lps = Vec::with_capacity(ask.targets.len());
+            for (g, targets) in ask.targets.chunks(PROMPT_LOGPROB_ROWS).enumerate() {
+                let rows = out.narrow(0, at + g * PROMPT_LOGPROB_ROWS, targets.len())?;
+                let host = self.model.logits(&rows)?.flatten_all()?.to_vec1::<f32>()?;
+                let vocab = host.len() / targets.len();
+                let group: Vec<Option<PromptLogprob>> = host
+                    .par_chunks_exact(vocab.max(1))
+                    .zip(targets.par_iter())
+                    .map(|(row, &t)| prompt_logprob(row, t, ask.top))
+                    .collect();
+                for (lp, &t) in group.into_iter().zip(targets) {
+                    lps.push(lp.ok_or_else(|| {
+                        EngineError::InvalidInput(format!(
+                            "sequence {:?}: prompt-logprob target {t} is outside the logits row ({vocab} ids)",
+                            s.key
+                        ))
+                    })?);
+                }
+            }
+            all.push((s.key, lps));
+        }
+        Ok(all)
     }
 
     /// Attaches, for each slot that starts on a block boundary, the cached blocks continuing its
@@ -331,6 +451,10 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
             let Some(c) = st.chain.as_mut() else {
                 continue;
             };
+            if s.prompt_logprobs.is_some() {
+                // Every row's logits are wanted: nothing may come from the cache.
+                continue;
+            }
             // The last row is always computed: its logits pick the next token.
             let blocks = s.tokens.saturating_sub(1) / BLOCK_TOKENS;
             if blocks == 0
@@ -431,6 +555,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         slots: &[SlotSpec<K>],
@@ -439,6 +564,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
         states: &mut [SeqState],
         experts: &dyn Experts,
         keep: Keep,
+        prompt_logprobs: &mut Vec<(K, Vec<PromptLogprob>)>,
     ) -> Result<(Vec<SeqOutput<K>>, Option<Tensor>)> {
         // Rows that came from the prefix cache are not computed.
         let computed: Vec<usize> = slots.iter().zip(skips).map(|(s, k)| s.tokens - k).collect();
@@ -475,6 +601,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
         if keep == Keep::All {
             return Ok((Vec::new(), Some(self.model.logits(&out)?)));
         }
+        *prompt_logprobs = self.prompt_logprobs(slots, &computed, &out)?;
         // Logits only for the last row of sequences that sample.
         let mut rows = Vec::new();
         let mut end = 0;

@@ -189,6 +189,8 @@ struct Common {
     min_tokens: Option<u32>,
     #[serde(default)]
     ignore_eos: bool,
+    /// vLLM's `prompt_logprobs`: each prompt token's logprob, with this many alternatives.
+    prompt_logprobs: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -296,6 +298,7 @@ impl Common {
                 n: self.n.unwrap_or(1),
                 // Set by the endpoint, whose field it is (`top_logprobs` or `logprobs`).
                 top_logprobs: 0,
+                prompt_logprobs: self.prompt_logprobs,
             }),
             stopping: Some(StoppingCriteria {
                 max_new_tokens: self.max_completion_tokens.or(self.max_tokens),
@@ -454,6 +457,25 @@ impl Shape {
                 })
             }
         }
+    }
+
+    /// Prompt logprobs as vLLM returns them: `null` for the first prompt token, then for each
+    /// token a map from token id (as a string) to `{logprob, rank, decoded_token}`, holding the
+    /// prompt token and its alternatives (ranked 1, 2, …).
+    fn prompt_logprobs(&self, lps: &[v1::PromptLogprob]) -> Value {
+        let entry = |id: u32, logprob: f32, rank: u32| json!({"logprob": logprob, "rank": rank, "decoded_token": (self.token_text)(id)});
+        let mut out = vec![Value::Null];
+        for p in lps {
+            let mut m = serde_json::Map::new();
+            if let Some(t) = &p.top {
+                for (k, (&id, &l)) in (1u32..).zip(t.token_ids.iter().zip(&t.logprobs)) {
+                    m.insert(id.to_string(), entry(id, l, k));
+                }
+            }
+            m.insert(p.token_id.to_string(), entry(p.token_id, p.logprob, p.rank));
+            out.push(Value::Object(m));
+        }
+        Value::Array(out)
     }
 
     fn choice(
@@ -666,6 +688,8 @@ struct Gathered {
     logprobs: Vec<f32>,
     /// Each token's alternatives, when asked for.
     tops: Vec<v1::TopLogprobs>,
+    /// The prompt's logprobs (choice 0's, when asked for).
+    prompt: Vec<v1::PromptLogprob>,
     finish: Option<&'static str>,
 }
 
@@ -691,11 +715,18 @@ async fn whole(
         c.pieces.push(m.text.clone());
         c.logprobs.extend(&m.logprobs);
         c.tops.extend(m.top_logprobs);
+        c.prompt.extend(m.prompt_logprobs);
         c.finish = c.finish.or(finish_reason(m.finish_reason));
         if let Some(u) = m.usage {
             used = add_usage(used, u);
         }
     }
+    // Computed once (with choice 0) and, as vLLM does, on every choice of a completion, or
+    // beside the choices of a chat completion.
+    let prompt = choices
+        .first()
+        .filter(|c| !c.prompt.is_empty())
+        .map(|c| shape.prompt_logprobs(&c.prompt));
     let choices = (0u32..)
         .zip(&choices)
         .map(|(i, c)| {
@@ -711,8 +742,18 @@ async fn whole(
                 shape.choice(i, &c.text, c.finish, lp, false)
             }
         })
+        .map(|mut choice| {
+            if let Some(p) = prompt.as_ref().filter(|_| shape.kind == Kind::Completion) {
+                choice["prompt_logprobs"] = p.clone();
+            }
+            choice
+        })
         .collect();
-    Json(shape.body(choices, used.as_ref().map(usage), false)).into_response()
+    let mut body = shape.body(choices, used.as_ref().map(usage), false);
+    if let Some(p) = prompt.filter(|_| shape.kind == Kind::Chat) {
+        body["prompt_logprobs"] = p;
+    }
+    Json(body).into_response()
 }
 
 /// Server-sent events: a chunk per token (the first of each choice names the assistant role),
@@ -758,7 +799,19 @@ fn events(
                 } else {
                     s.choice(m.index, &m.text, finish, lp, true)
                 };
-                let mut v = vec![s.body(vec![choice], None, true)];
+                // Choice 0's first chunk carries the prompt's logprobs (on the choice of a
+                // completion, beside it in a chat completion, as the whole response has them).
+                let prompt =
+                    (!m.prompt_logprobs.is_empty()).then(|| s.prompt_logprobs(&m.prompt_logprobs));
+                let mut choice = choice;
+                if let Some(p) = prompt.as_ref().filter(|_| s.kind == Kind::Completion) {
+                    choice["prompt_logprobs"] = p.clone();
+                }
+                let mut body = s.body(vec![choice], None, true);
+                if let Some(p) = prompt.filter(|_| s.kind == Kind::Chat) {
+                    body["prompt_logprobs"] = p;
+                }
+                let mut v = vec![body];
                 if let Some(u) = m.usage {
                     used = add_usage(used, u);
                     finished += 1;

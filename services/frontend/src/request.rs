@@ -157,6 +157,7 @@ pub fn to_engine_request(
         stop_token_ids: stopping.stop_token_ids,
         min_new_tokens: stopping.min_new_tokens as usize,
         top_logprobs: s.top_logprobs as usize,
+        prompt_logprobs: s.prompt_logprobs.map(|n| n as usize),
     };
     let limits = Limits {
         max_new_tokens: cfg.max_new_tokens_limit as usize,

@@ -160,6 +160,10 @@ impl GenerationService {
                     .sampling
                     .seed
                     .map(|s| s.wrapping_add(u64::from(i)));
+                if i > 0 {
+                    // The prompt's logprobs come once, with choice 0.
+                    choice.prompt_logprobs = None;
+                }
                 let decoder = SequenceDecoder::new(
                     &choice,
                     f.ctx.tokenizer.as_ref(),
@@ -748,6 +752,7 @@ async fn whole(
         c.token_ids.extend(m.token_ids);
         c.logprobs.extend(m.logprobs);
         c.top_logprobs.extend(m.top_logprobs);
+        c.prompt_logprobs.extend(m.prompt_logprobs);
         if m.finish_reason != 0 {
             c.finish_reason = m.finish_reason;
             c.usage = m.usage;
@@ -805,6 +810,7 @@ mod tests {
             request_id: "r".into(),
             index,
             top_logprobs: Vec::new(),
+            prompt_logprobs: Vec::new(),
         }
     }
 

@@ -463,6 +463,7 @@ fn paged_check(engine: &InProcessEngine, prompts: &[PagedPrompt]) -> anyhow::Res
                 sample: true,
                 sampling: Some(moemesh_engine::SamplerStart::default()),
                 cache_salt: None,
+                prompt_logprobs: None,
             })
             .collect();
         let emb = model.embed(&tokens)?;
@@ -521,6 +522,7 @@ fn chunked_check(engine: &InProcessEngine, prompts: &[PagedPrompt]) -> anyhow::R
                 sample: false,
                 sampling: Some(moemesh_engine::SamplerStart::default()),
                 cache_salt: None,
+                prompt_logprobs: None,
             })
             .collect();
         let emb = model.embed(&tokens)?;
