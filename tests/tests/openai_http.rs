@@ -1,8 +1,9 @@
 //! The OpenAI-compatible HTTP API (`moemesh frontend --http-listen`) against a real mesh (etcd,
 //! frontend, gate, expert workers; the embedded model, which has a tokenizer): its answers are
 //! the gRPC Generate's for the same request, streamed and whole agree, a seed reproduces, and
-//! bad requests get OpenAI's error JSON with the HTTP status a client library expects, and
-//! vLLM's `prompt_logprobs` comes back in vLLM's shape with Generate's values.
+//! bad requests get OpenAI's error JSON with the HTTP status a client library expects (its
+//! `param` spelled as OpenAI's and vLLM's fields are), and vLLM's `prompt_logprobs` comes back
+//! in vLLM's shape with Generate's values.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -267,7 +268,8 @@ async fn the_openai_api_answers_as_generate_does_streamed_or_whole_with_openai_e
     assert_eq!(status, 400, "{body}");
     let err = json_of(&body);
     assert_eq!(err["error"]["type"], "invalid_request_error");
-    assert_eq!(err["error"]["param"], "stopping.max_new_tokens", "{body}");
+    // `param` in OpenAI's spelling; the message keeps the Generate field path.
+    assert_eq!(err["error"]["param"], "max_tokens", "{body}");
     assert!(
         err["error"]["message"]
             .as_str()
@@ -524,7 +526,7 @@ async fn max_pending_bounds_the_http_api_too() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn prompt_logprobs_come_in_vllms_shape() {
+async fn prompt_logprobs_come_in_vllms_shape_and_errors_name_openai_params() {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let mesh = Mesh::start_with(None, &["0-15"], &["--http-listen", &listen]);
@@ -612,5 +614,56 @@ async fn prompt_logprobs_come_in_vllms_shape() {
         "{got}"
     );
 
+    // Errors name the field as OpenAI (or vLLM) spells it.
+    let msgs = json!([{"role": "user", "content": "hi"}]);
+    let cases = [
+        ("/v1/completions", json!({"prompt": "x", "n": 17}), "n"),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "max_tokens": 0}),
+            "max_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": msgs, "max_completion_tokens": 0}),
+            "max_completion_tokens",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "logprobs": 21}),
+            "logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": msgs, "logprobs": true, "top_logprobs": 21}),
+            "top_logprobs",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "prompt_logprobs": 21}),
+            "prompt_logprobs",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "temperature": -1}),
+            "temperature",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "stop_token_ids": [1, 999999]}),
+            "stop_token_ids",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "max_tokens": 2, "min_tokens": 3}),
+            "min_tokens",
+        ),
+        ("/v1/completions", json!({"prompt": ""}), "prompt"),
+    ];
+    for (path, body, param) in cases {
+        let (status, got) = http(port, "POST", path, Some(&body));
+        assert_eq!(status, 400, "{body}: {got}");
+        assert_eq!(json_of(&got)["error"]["param"], param, "{body}: {got}");
+    }
     drop(mesh);
 }

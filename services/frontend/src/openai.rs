@@ -231,8 +231,37 @@ fn unavailable(m: impl Into<String>) -> Status {
     MeshError::Unavailable(m.into()).into()
 }
 
-/// An OpenAI-shaped error response for a status.
+/// An OpenAI-shaped error response for a status whose fields are already OpenAI's.
 fn error(status: Status) -> Response {
+    error_in(status, None)
+}
+
+/// The OpenAI (or vLLM extension) name of the request field a Generate field path stands for,
+/// as `param` says it: `sampling.n` is `n`, `stopping.stop[1]` is `stop`,
+/// `stopping.max_new_tokens` is `max_tokens`. `ep` is the endpoint and whether the request
+/// named `max_completion_tokens`; without it only the names both endpoints share are mapped.
+fn openai_param(field: &str, ep: Option<(Kind, bool)>) -> String {
+    let path = field.split('[').next().unwrap_or(field);
+    let input = match ep {
+        Some((Kind::Chat, _)) => "messages",
+        Some((Kind::Completion, _)) => "prompt",
+        None => path,
+    };
+    let name = match path {
+        "sampling.top_logprobs" if matches!(ep, Some((Kind::Completion, _))) => "logprobs",
+        "stopping.max_new_tokens" if matches!(ep, Some((_, true))) => "max_completion_tokens",
+        "stopping.max_new_tokens" => "max_tokens",
+        "stopping.min_new_tokens" => "min_tokens",
+        "input" | "prompt" | "chat" | "chat.messages" | "tokens.ids" => input,
+        "request_id" => "user",
+        other => other.rsplit('.').next().unwrap_or(other),
+    };
+    name.to_string()
+}
+
+/// An OpenAI-shaped error response for a status from the Generate path: its field named as
+/// the endpoint `ep` spells it ([`openai_param`]).
+fn error_in(status: Status, ep: Option<(Kind, bool)>) -> Response {
     let (http, kind) = match status.code() {
         Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
             (StatusCode::BAD_REQUEST, "invalid_request_error")
@@ -251,7 +280,7 @@ fn error(status: Status) -> Response {
     let param = status
         .get_details_bad_request()
         .and_then(|b| b.field_violations.into_iter().next())
-        .map(|v| v.field);
+        .map(|v| openai_param(&v.field, ep));
     let body = json!({"error": {
         "message": message,
         "type": kind,
@@ -664,13 +693,14 @@ async fn run(
     shape.reasoning = api.reasoning && kind == Kind::Chat;
     shape.n = common.n.unwrap_or(1).max(1);
     let stream = common.stream;
+    let ep = Some((kind, common.max_completion_tokens.is_some()));
     let mut req = common.request(input);
     if let Some(s) = req.sampling.as_mut() {
         s.top_logprobs = logprobs.top;
     }
     let tokens = match (api.generate)(req, headers).await {
         Ok(s) => s,
-        Err(status) => return error(status),
+        Err(status) => return error_in(status, ep),
     };
     if stream {
         Sse::new(events(tokens, shape)).into_response()
@@ -704,7 +734,7 @@ async fn whole(
     while let Some(m) = tokens.next().await {
         let m = match m {
             Ok(m) => m,
-            Err(status) => return error(status),
+            Err(status) => return error_in(status, Some((shape.kind, false))),
         };
         let i = m.index as usize;
         if choices.len() <= i {
@@ -901,6 +931,36 @@ mod tests {
             (s.presence_penalty, s.min_p, s.repetition_penalty),
             (0.0, None, None)
         );
+    }
+
+    #[test]
+    fn params_are_named_as_openai_spells_them() {
+        let chat = Some((Kind::Chat, false));
+        let completion = Some((Kind::Completion, false));
+        for (field, ep, want) in [
+            ("sampling.n", chat, "n"),
+            ("sampling.temperature", None, "temperature"),
+            ("sampling.top_logprobs", chat, "top_logprobs"),
+            ("sampling.top_logprobs", completion, "logprobs"),
+            ("sampling.prompt_logprobs", completion, "prompt_logprobs"),
+            ("stopping.max_new_tokens", chat, "max_tokens"),
+            (
+                "stopping.max_new_tokens",
+                Some((Kind::Chat, true)),
+                "max_completion_tokens",
+            ),
+            ("stopping.min_new_tokens", completion, "min_tokens"),
+            ("stopping.stop[2]", completion, "stop"),
+            ("stopping.stop_token_ids[1]", chat, "stop_token_ids"),
+            ("chat.messages", chat, "messages"),
+            ("input", completion, "prompt"),
+            ("request_id", chat, "user"),
+            // Already OpenAI's: unchanged.
+            ("response_format", None, "response_format"),
+            ("prompt", None, "prompt"),
+        ] {
+            assert_eq!(openai_param(field, ep), want, "{field}");
+        }
     }
 
     #[test]
