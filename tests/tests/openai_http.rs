@@ -470,7 +470,8 @@ async fn a_frontend_without_a_gate_is_not_ready() {
 }
 
 /// `--max-pending` counts HTTP completions with the gRPC calls: with one running, the next is a
-/// 429 in OpenAI's shape naming the limit, on either API; once it ends, HTTP is served again.
+/// 429 in OpenAI's shape naming the limit, on either API; once it ends, HTTP is served again;
+/// a completion's `n` choices count as `n`.
 #[tokio::test(flavor = "multi_thread")]
 async fn max_pending_bounds_the_http_api_too() {
     let port = free_port();
@@ -522,6 +523,18 @@ async fn max_pending_bounds_the_http_api_too() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    // n choices count as n requests here too: two are more than --max-pending 1 ever runs.
+    let pair = json!({"prompt": "Hi", "max_tokens": 2, "n": 2});
+    let (status, body) = http(port, "POST", "/v1/completions", Some(&pair));
+    assert_eq!(status, 400, "{body}");
+    let err = json_of(&body);
+    assert_eq!(err["error"]["param"], "n", "{body}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("--max-pending")),
+        "{body}"
+    );
     drop(mesh);
 }
 
