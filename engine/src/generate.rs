@@ -64,6 +64,9 @@ pub struct GenerationRequest {
     /// [`crate::logprobs::MAX_PROMPT_LOGPROB_ENTRIES`] entries. Such a sequence bypasses the
     /// prefix cache (every prompt row must be computed for its logits), as vLLM does.
     pub prompt_logprobs: Option<usize>,
+    /// What the output must follow (a regex or a JSON schema): each step's pick is masked to
+    /// the ids the grammar allows ([`crate::constraint`]). Needs a tokenizer.
+    pub constraint: Option<crate::constraint::ConstraintSpec>,
 }
 
 /// Server-side limits a request is checked against.
@@ -168,6 +171,31 @@ impl GenerationRequest {
             if entries > max {
                 return Err(EngineError::InvalidInput(format!(
                     "sampling.prompt_logprobs: {positions} prompt positions × (1 + {top} alternatives) = {entries} entries, the limit is {max} (ask fewer alternatives or send a shorter prompt)"
+                )));
+            }
+        }
+        if let Some(c) = &self.constraint {
+            let field = c.field();
+            let max = crate::constraint::MAX_CONSTRAINT_BYTES;
+            let len = match c {
+                crate::constraint::ConstraintSpec::Regex(t)
+                | crate::constraint::ConstraintSpec::JsonSchema(t) => t.len(),
+                crate::constraint::ConstraintSpec::JsonObject => 0,
+            };
+            if len > max {
+                return Err(EngineError::InvalidInput(format!(
+                    "{field}: {len} bytes, the limit is {max}"
+                )));
+            }
+            // The grammar ends the output with EOS; these would hold it off or run past it.
+            if self.ignore_eos {
+                return Err(EngineError::InvalidInput(format!(
+                    "stopping.ignore_eos: cannot be combined with {field} (a complete output ends with EOS)"
+                )));
+            }
+            if self.min_new_tokens > 0 {
+                return Err(EngineError::InvalidInput(format!(
+                    "stopping.min_new_tokens: cannot be combined with {field} (the grammar decides where the output ends)"
                 )));
             }
         }

@@ -44,6 +44,7 @@ fn generate(
         sampling: Some(SamplerStart::default()),
         cache_salt: salt,
         prompt_logprobs: None,
+        allowed: None,
     };
     let mut run = Run {
         tokens: Vec::new(),
@@ -208,6 +209,7 @@ fn a_sequence_asking_for_prompt_logprobs_takes_nothing_from_the_cache() {
             top: 2,
             targets: p[1..].to_vec(),
         }),
+        allowed: None,
     };
     let mut run = |key, asks| {
         on.step_ids(&[slot(key, asks)], &p, &engine.experts)

@@ -41,7 +41,7 @@ impl Case {
             input: Some(Input::Tokens(v1::TokenIds {
                 ids: prompt.to_vec(),
             })),
-            sampling: Some(self.sampling),
+            sampling: Some(self.sampling.clone()),
             stopping: Some(self.stopping.clone()),
             request_id: String::new(),
             cache_salt: String::new(),
@@ -69,6 +69,7 @@ impl Case {
             min_new_tokens: self.stopping.min_new_tokens as usize,
             top_logprobs: 0,
             prompt_logprobs: None,
+            constraint: None,
         }
     }
 }
@@ -96,7 +97,7 @@ async fn new_sampling_and_finish_fields_match_the_in_process_sampler() {
     };
     // Greedy under penalties: the reference greedy text repeats tokens, so it must change.
     let case = Case {
-        sampling: penalised,
+        sampling: penalised.clone(),
         stopping: stopping(Vec::new(), 0),
     };
     let (ids, _) = generate(&url, case.wire(&prompt)).await.expect("penalised");
@@ -111,7 +112,7 @@ async fn new_sampling_and_finish_fields_match_the_in_process_sampler() {
     let stop = ids[3];
     let first = ids.iter().position(|&t| t == stop).expect("present");
     let case = Case {
-        sampling: penalised,
+        sampling: penalised.clone(),
         stopping: stopping(vec![stop], 0),
     };
     let (got, finish) = generate(&url, case.wire(&prompt)).await.expect("stop id");
@@ -266,7 +267,7 @@ async fn top_logprobs_are_the_raw_distributions_best_at_each_position() {
             input: Some(Input::Tokens(v1::TokenIds {
                 ids: prompt.clone(),
             })),
-            sampling: Some(sampling),
+            sampling: Some(sampling.clone()),
             stopping: Some(v1::StoppingCriteria {
                 max_new_tokens: Some(6),
                 ignore_eos: true,
@@ -463,6 +464,129 @@ async fn prompt_logprobs_are_a_full_forward_passs_log_softmax_chunked_and_past_t
     for (a, b) in whole.choices[0].prompt_logprobs.iter().zip(lps) {
         assert_eq!(a.token_id, b.token_id);
         assert!((a.logprob - b.logprob).abs() < 1e-3, "{a:?} vs {b:?}");
+    }
+    drop(mesh);
+}
+
+/// A request whose output is constrained, as the wire takes it.
+fn constrained(kind: v1::constraint::Kind, sampling: v1::SamplingParams) -> GenerateRequest {
+    GenerateRequest {
+        input: Some(Input::Prompt("Answer:".into())),
+        sampling: Some(v1::SamplingParams {
+            constraint: Some(v1::Constraint { kind: Some(kind) }),
+            ..sampling
+        }),
+        stopping: Some(v1::StoppingCriteria {
+            max_new_tokens: Some(48),
+            ..Default::default()
+        }),
+        request_id: String::new(),
+        cache_salt: String::new(),
+    }
+}
+
+/// Generates to the end: the text and the finish reason.
+async fn text_of(url: &str, req: GenerateRequest) -> Result<(String, i32), tonic::Status> {
+    let mut client = GenerationClient::connect(url.to_string())
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut stream = client.generate(req).await?.into_inner();
+    let (mut text, mut finish) = (String::new(), 0);
+    while let Some(m) = stream.message().await? {
+        text.push_str(&m.text);
+        if m.finish_reason != 0 {
+            finish = m.finish_reason;
+        }
+    }
+    Ok((text, finish))
+}
+
+/// Constrained decoding through the mesh, on the embedded model (random weights and the R1
+/// tokenizer, so nothing but the token mask keeps its output in shape): a regex-constrained and
+/// a JSON-schema-constrained generation, greedy and sampled, end with EOS on text that matches
+/// the regex / is an instance of the schema; a bad regex or schema is INVALID_ARGUMENT naming
+/// the field, and so are the fields a constraint cannot be combined with.
+#[tokio::test(flavor = "multi_thread")]
+async fn constrained_output_matches_its_regex_or_schema() {
+    use v1::constraint::Kind;
+    let mesh = Mesh::start(None, &["0-15"]);
+    let url = mesh.frontend_url();
+    let greedy = v1::SamplingParams::default();
+    let sampled = v1::SamplingParams {
+        temperature: 1.0,
+        seed: Some(11),
+        ..Default::default()
+    };
+    for sampling in [greedy, sampled] {
+        let (text, finish) = text_of(
+            &url,
+            constrained(Kind::Regex("[0-9]{3}-[0-9]{4}".into()), sampling.clone()),
+        )
+        .await
+        .expect("regex");
+        let b = text.as_bytes();
+        assert!(
+            b.len() == 8
+                && b[3] == b'-'
+                && b.iter()
+                    .enumerate()
+                    .all(|(i, c)| i == 3 || c.is_ascii_digit()),
+            "{text:?} does not match [0-9]{{3}}-[0-9]{{4}}"
+        );
+        assert_eq!(finish, v1::FinishReason::Eos as i32, "{text:?}");
+
+        let schema = r#"{"type":"object","properties":{"answer":{"enum":["yes","no"]},"score":{"type":"integer","minimum":0,"maximum":9}},"required":["answer","score"],"additionalProperties":false}"#;
+        let (text, finish) = text_of(
+            &url,
+            constrained(Kind::JsonSchema(schema.into()), sampling.clone()),
+        )
+        .await
+        .expect("schema");
+        let v: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?} is not JSON: {e}"));
+        let o = v.as_object().expect("an object");
+        assert_eq!(o.len(), 2, "{text}");
+        assert!(matches!(o["answer"].as_str(), Some("yes" | "no")), "{text}");
+        assert!(o["score"].as_u64().is_some_and(|s| s <= 9), "{text}");
+        assert_eq!(finish, v1::FinishReason::Eos as i32, "{text:?}");
+    }
+
+    // Bad constraints, and what a constraint cannot be combined with.
+    let cases: Vec<(GenerateRequest, &[&str])> = vec![
+        (
+            constrained(Kind::JsonSchema("{not json".into()), Default::default()),
+            &["sampling.constraint.json_schema", "not valid JSON"],
+        ),
+        (
+            constrained(
+                Kind::JsonSchema(r#"{"type":"no-such-type"}"#.into()),
+                Default::default(),
+            ),
+            &["sampling.constraint.json_schema"],
+        ),
+        (
+            constrained(Kind::Regex("(unclosed".into()), Default::default()),
+            &["sampling.constraint.regex"],
+        ),
+        (
+            {
+                let mut r = constrained(Kind::Regex("a".into()), Default::default());
+                r.stopping.as_mut().expect("set").ignore_eos = true;
+                r
+            },
+            &["stopping.ignore_eos", "sampling.constraint.regex"],
+        ),
+    ];
+    for (req, needles) in cases {
+        let err = text_of(&url, req).await.expect_err("refused");
+        assert_eq!(err.code(), Code::InvalidArgument, "{needles:?}: {err:?}");
+        for n in needles {
+            assert!(err.message().contains(n), "{needles:?}: {}", err.message());
+        }
+        let field = tonic_types::StatusExt::get_details_bad_request(&err)
+            .and_then(|b| b.field_violations.into_iter().next())
+            .map(|v| v.field);
+        assert_eq!(field.as_deref(), Some(needles[0]), "{err:?}");
     }
     drop(mesh);
 }

@@ -680,3 +680,64 @@ async fn prompt_logprobs_come_in_vllms_shape_and_errors_name_openai_params() {
     }
     drop(mesh);
 }
+
+/// Structured outputs over HTTP, on the embedded model (random weights: only the token mask
+/// keeps the output in shape): OpenAI's `response_format` with a JSON schema gives content that
+/// is an instance of it, vLLM's `guided_regex` text that matches; a schema that is not one is a
+/// 400 whose `param` is `response_format`.
+#[tokio::test(flavor = "multi_thread")]
+async fn response_format_and_guided_regex_shape_the_output() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mesh = Mesh::start_with(None, &["0-15"], &["--http-listen", &listen]);
+    let schema = json!({"type": "object", "properties": {"color": {"enum": ["red", "blue"]}},
+        "required": ["color"], "additionalProperties": false});
+    let chat = json!({"messages": [{"role": "user", "content": "Name a color."}],
+        "max_tokens": 32, "temperature": 0,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}});
+    let (status, body) = http(port, "POST", "/v1/chat/completions", Some(&chat));
+    assert_eq!(status, 200, "{body}");
+    let got = json_of(&body);
+    let content = got["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content");
+    let v = json_of(content);
+    assert!(
+        matches!(v["color"].as_str(), Some("red" | "blue")),
+        "{content}"
+    );
+    assert_eq!(v.as_object().map(|o| o.len()), Some(1), "{content}");
+    assert_eq!(got["choices"][0]["finish_reason"], "stop", "{body}");
+
+    let completion = json!({"prompt": "Code:", "max_tokens": 16, "temperature": 1, "seed": 3,
+        "guided_regex": "[A-Z]{2}[0-9]{2}"});
+    let (status, body) = http(port, "POST", "/v1/completions", Some(&completion));
+    assert_eq!(status, 200, "{body}");
+    let text = json_of(&body)["choices"][0]["text"]
+        .as_str()
+        .expect("text")
+        .to_string();
+    let b = text.as_bytes();
+    assert!(
+        b.len() == 4
+            && b[..2].iter().all(u8::is_ascii_uppercase)
+            && b[2..].iter().all(u8::is_ascii_digit),
+        "{text:?}"
+    );
+
+    for bad in [
+        json!({"type": "json_schema", "json_schema": {"name": "c"}}),
+        json!({"type": "json_schema", "json_schema": {"schema": {"type": "no-such-type"}}}),
+        json!({"type": "xml"}),
+    ] {
+        let req = json!({"messages": [{"role": "user", "content": "hi"}], "response_format": bad});
+        let (status, body) = http(port, "POST", "/v1/chat/completions", Some(&req));
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert_eq!(
+            json_of(&body)["error"]["param"],
+            "response_format",
+            "{body}"
+        );
+    }
+    drop(mesh);
+}

@@ -64,14 +64,14 @@ async fn batched_output_equals_unbatched_for_greedy_and_seeded_sampling() {
     let url = mesh.frontend_url();
     let handles: Vec<_> = cases
         .iter()
-        .map(|(p, n, s)| tokio::spawn(run(url.clone(), request(p.clone(), *n, *s))))
+        .map(|(p, n, s)| tokio::spawn(run(url.clone(), request(p.clone(), *n, s.clone()))))
         .collect();
     for (h, (prompt, max_new, sampling)) in handles.into_iter().zip(&cases) {
         let batched = h.await.expect("task");
         let alone = moemesh_tests::in_process_tokens(
             &engine,
             prompt,
-            sampling.map(|s| {
+            sampling.as_ref().map(|s| {
                 (
                     s.temperature,
                     s.top_k as usize,

@@ -216,6 +216,7 @@ impl<T> Batch<T> {
                 sampling: (slot.start == 0).then(|| s.decoder.sampler_start(&s.req, &s.generated)),
                 cache_salt: s.cache_salt,
                 prompt_logprobs: s.prompt_ask(slot.start, slot.len),
+                allowed: slot.sample.then(|| s.decoder.allowed()).flatten(),
             });
         }
         step.plan = plan;

@@ -53,6 +53,10 @@ pub struct SlotSpec<K> {
     /// Prompt logprobs to compute from this slot's rows; `None` for none (only the sampling
     /// row's logits are computed).
     pub prompt_logprobs: Option<PromptAsk>,
+    /// For a sampling slot whose output is constrained: the ids its pick may take, a bit mask
+    /// (bit `i % 32` of word `i / 32`; ids past it may not); every other logit is -inf before
+    /// the pick ([`crate::constraint`]). `None`: any id.
+    pub allowed: Option<Arc<[u32]>>,
 }
 
 /// A slot's request for prompt logprobs.
@@ -299,6 +303,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
             return Ok((Vec::new(), None));
         }
         self.check_prompt_asks(slots)?;
+        self.check_masks(slots)?;
         let rows: usize = slots.iter().map(|s| s.tokens).sum();
         let ids = if ids.len() == rows { ids } else { &[] };
         // Take the states out of the map so the step can hold them all mutably at once.
@@ -349,6 +354,27 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
             self.prompt_logprobs.clear();
         }
         result
+    }
+
+    /// Rejects a step with a token mask that allows no id of the vocabulary, before anything
+    /// runs (its row would have nothing to pick).
+    fn check_masks(&self, slots: &[SlotSpec<K>]) -> Result<()> {
+        let vocab = self.model.config().vocab_size;
+        for s in slots {
+            let Some(mask) = &s.allowed else {
+                continue;
+            };
+            let none = (0..vocab as u32)
+                .step_by(32)
+                .all(|id| mask.get(id as usize / 32).is_none_or(|&w| w == 0));
+            if none || !s.sample {
+                return Err(EngineError::InvalidInput(format!(
+                    "sequence {:?}: its token mask allows no id (or it does not sample)",
+                    s.key
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Rejects a step whose prompt-logprob requests cannot be served, before anything runs.
@@ -625,6 +651,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
         let _sampling = span.entered();
         let idx = Tensor::from_vec(rows, n, self.model.device())?;
         let logits = self.model.logits(&out.index_select(&idx, 0)?)?;
+        let logits = masked(logits, slots.iter().filter(|s| s.sample))?;
         let mut keys = Vec::with_capacity(n);
         let mut samplers = Vec::with_capacity(n);
         for (st, s) in states.iter_mut().zip(slots) {
@@ -656,6 +683,39 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
             .collect();
         Ok((outputs, (keep == Keep::Sampled).then_some(logits)))
     }
+}
+
+/// `logits` (`[rows, vocab]`, one row per sampling slot in `sampling`) with -inf for every id
+/// a row's mask does not allow ([`SlotSpec::allowed`]); the rows without a mask are untouched,
+/// and only the masked rows' biases are built and added (on the logits' device).
+fn masked<'a, K: 'a>(
+    logits: Tensor,
+    sampling: impl Iterator<Item = &'a SlotSpec<K>>,
+) -> Result<Tensor> {
+    let (_, vocab) = logits.dims2()?;
+    let mut rows = Vec::new();
+    let mut bias = Vec::new();
+    for (i, s) in sampling.enumerate() {
+        let Some(mask) = &s.allowed else {
+            continue;
+        };
+        rows.push(i as u32);
+        bias.extend((0..vocab as u32).map(|id| {
+            if crate::constraint::allows(mask, id) {
+                0.0
+            } else {
+                f32::NEG_INFINITY
+            }
+        }));
+    }
+    if rows.is_empty() {
+        return Ok(logits);
+    }
+    let m = rows.len();
+    let device = logits.device().clone();
+    let bias = Tensor::from_vec(bias, (m, vocab), &device)?;
+    let idx = Tensor::from_vec(rows, m, &device)?;
+    Ok(logits.index_add(&idx, &bias, 0)?)
 }
 
 /// The next token of every row of `logits` (`[rows, vocab]`, f32), row `i` drawn by
@@ -699,4 +759,48 @@ pub fn pick(logits: &Tensor, samplers: &mut [&mut Sampler]) -> Result<Vec<Sample
         .zip(host.chunks_exact(vocab.max(1)))
         .collect();
     crate::sampling::sample_batch(&mut jobs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(allowed: Option<&[u32]>) -> SlotSpec<u64> {
+        SlotSpec {
+            key: 0,
+            start: 0,
+            tokens: 1,
+            sample: true,
+            sampling: None,
+            cache_salt: None,
+            prompt_logprobs: None,
+            allowed: allowed.map(Arc::from),
+        }
+    }
+
+    #[test]
+    fn a_mask_leaves_its_rows_allowed_ids_and_no_other_row() {
+        let vocab = 40;
+        let rows: Vec<f32> = (0..2 * vocab).map(|i| (i % 7) as f32).collect();
+        let logits =
+            Tensor::from_vec(rows.clone(), (2, vocab), &candle_core::Device::Cpu).expect("logits");
+        // Row 1 may take ids 3 and 35 (word 1, bit 3); a mask shorter than the vocabulary
+        // allows nothing past it.
+        let mask = [1u32 << 3, 1 << 3];
+        let slots = [slot(None), slot(Some(&mask))];
+        let out: Vec<Vec<f32>> = masked(logits, slots.iter())
+            .expect("masked")
+            .to_vec2()
+            .expect("rows");
+        assert_eq!(out[0], rows[..vocab]);
+        for (id, &v) in out[1].iter().enumerate() {
+            if id == 3 || id == 35 {
+                assert_eq!(v, rows[vocab + id]);
+            } else {
+                assert_eq!(v, f32::NEG_INFINITY, "id {id}");
+            }
+        }
+        let picked = crate::sampling::argmax(&out[1]);
+        assert!(picked == 3 || picked == 35);
+    }
 }

@@ -172,6 +172,10 @@ fn step_from(u: &mut Unstructured) -> Result<v1::StepRequest> {
             prompt_targets: (0..u.int_in_range(0..=6)?)
                 .map(|_| u.arbitrary())
                 .collect::<Result<_>>()?,
+            // A token mask now and then: empty words, stray bits, past the vocabulary.
+            allowed_tokens: (0..u.int_in_range(0..=3)?)
+                .map(|_| u.arbitrary())
+                .collect::<Result<_>>()?,
         });
     }
     let rows = seqs

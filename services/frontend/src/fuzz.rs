@@ -213,6 +213,19 @@ fn request_from(u: &mut Unstructured) -> Result<v1::GenerateRequest> {
             } else {
                 None
             },
+            // A constraint now and then: good, bad, and one that cannot compile.
+            constraint: if u.ratio(1, 16)? {
+                use v1::constraint::Kind;
+                let kind = match u.int_in_range(0..=3)? {
+                    0 => Kind::Regex("[0-9]{2}".into()),
+                    1 => Kind::Regex("(".into()),
+                    2 => Kind::JsonSchema(r#"{"type":"integer"}"#.into()),
+                    _ => Kind::JsonObject(u.arbitrary()?),
+                };
+                Some(v1::Constraint { kind: Some(kind) })
+            } else {
+                None
+            },
             ..Default::default()
         })
     } else {

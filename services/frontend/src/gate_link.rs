@@ -481,6 +481,11 @@ impl StepLoop {
                 cache_salt,
                 prompt_logprobs,
                 prompt_targets,
+                allowed_tokens: slot
+                    .allowed
+                    .as_deref()
+                    .map(<[u32]>::to_vec)
+                    .unwrap_or_default(),
             });
             row += slot.tokens;
         }

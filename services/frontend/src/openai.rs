@@ -191,6 +191,12 @@ struct Common {
     ignore_eos: bool,
     /// vLLM's `prompt_logprobs`: each prompt token's logprob, with this many alternatives.
     prompt_logprobs: Option<u32>,
+    /// OpenAI's structured output: `{"type": "json_schema", "json_schema": {"schema": …}}`,
+    /// `{"type": "json_object"}` or `{"type": "text"}` (vLLM takes it on both endpoints).
+    response_format: Option<Value>,
+    /// vLLM's guided decoding extensions.
+    guided_regex: Option<String>,
+    guided_json: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -205,7 +211,6 @@ struct ChatRequest {
     logprobs: Option<bool>,
     top_logprobs: Option<u32>,
     tools: Option<Value>,
-    response_format: Option<Value>,
     #[serde(flatten)]
     common: Common,
 }
@@ -247,7 +252,11 @@ fn openai_param(field: &str, ep: Option<(Kind, bool)>) -> String {
         Some((Kind::Completion, _)) => "prompt",
         None => path,
     };
+    if path.starts_with("response_format") || path.starts_with("sampling.constraint.json") {
+        return "response_format".into();
+    }
     let name = match path {
+        "sampling.constraint.regex" => "guided_regex",
         "sampling.top_logprobs" if matches!(ep, Some((Kind::Completion, _))) => "logprobs",
         "stopping.max_new_tokens" if matches!(ep, Some((_, true))) => "max_completion_tokens",
         "stopping.max_new_tokens" => "max_tokens",
@@ -310,8 +319,51 @@ impl Common {
         Ok(())
     }
 
-    fn request(self, input: Input) -> GenerateRequest {
-        GenerateRequest {
+    /// The output constraint `response_format`, `guided_regex` or `guided_json` asks for (at
+    /// most one of them).
+    fn constraint(&self) -> Result<Option<v1::Constraint>, Status> {
+        use v1::constraint::Kind;
+        let format = match self.response_format.as_ref().filter(|f| !f.is_null()) {
+            None => None,
+            Some(f) => match f.get("type").and_then(Value::as_str) {
+                Some("text") => None,
+                Some("json_object") => Some(Kind::JsonObject(true)),
+                Some("json_schema") => {
+                    let schema = f
+                        .get("json_schema")
+                        .and_then(|j| j.get("schema"))
+                        .filter(|s| s.is_object())
+                        .ok_or_else(|| {
+                            invalid("response_format.json_schema.schema: required, a JSON schema object")
+                        })?;
+                    Some(Kind::JsonSchema(schema.to_string()))
+                }
+                other => {
+                    return Err(invalid(format!(
+                        "response_format.type: {other:?}; one of \"text\", \"json_object\" or \"json_schema\""
+                    )));
+                }
+            },
+        };
+        let regex = self.guided_regex.clone().map(Kind::Regex);
+        let json = match &self.guided_json {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(Kind::JsonSchema(s.clone())),
+            Some(v) => Some(Kind::JsonSchema(v.to_string())),
+        };
+        let mut kinds = [format, regex, json].into_iter().flatten();
+        let kind = kinds.next();
+        if kinds.next().is_some() {
+            return Err(invalid(
+                "response_format: give one of response_format, guided_regex and guided_json",
+            ));
+        }
+        Ok(kind.map(|k| v1::Constraint { kind: Some(k) }))
+    }
+
+    fn request(self, input: Input) -> Result<GenerateRequest, Status> {
+        let constraint = self.constraint()?;
+        Ok(GenerateRequest {
             input: Some(input),
             sampling: Some(v1::SamplingParams {
                 // OpenAI's default temperature is 1.
@@ -328,6 +380,7 @@ impl Common {
                 // Set by the endpoint, whose field it is (`top_logprobs` or `logprobs`).
                 top_logprobs: 0,
                 prompt_logprobs: self.prompt_logprobs,
+                constraint,
             }),
             stopping: Some(StoppingCriteria {
                 max_new_tokens: self.max_completion_tokens.or(self.max_tokens),
@@ -338,7 +391,7 @@ impl Common {
             }),
             request_id: self.user.unwrap_or_default(),
             cache_salt: self.cache_salt.unwrap_or_default(),
-        }
+        })
     }
 }
 
@@ -596,13 +649,6 @@ async fn chat(State(api): State<Api>, headers: HeaderMap, body: axum::body::Body
     if req.tools.as_ref().is_some_and(|t| !t.is_null()) {
         return error(invalid("tools: tool calling is not supported"));
     }
-    if let Some(f) = req.response_format.as_ref().filter(|f| !f.is_null())
-        && f.get("type").and_then(Value::as_str) != Some("text")
-    {
-        return error(invalid(
-            "response_format: only {\"type\": \"text\"} is supported (no JSON schema yet)",
-        ));
-    }
     let top = req.top_logprobs.unwrap_or(0);
     if top > 0 && req.logprobs != Some(true) {
         return error(invalid(
@@ -694,7 +740,10 @@ async fn run(
     shape.n = common.n.unwrap_or(1).max(1);
     let stream = common.stream;
     let ep = Some((kind, common.max_completion_tokens.is_some()));
-    let mut req = common.request(input);
+    let mut req = match common.request(input) {
+        Ok(r) => r,
+        Err(status) => return error_in(status, ep),
+    };
     if let Some(s) = req.sampling.as_mut() {
         s.top_logprobs = logprobs.top;
     }
@@ -907,7 +956,10 @@ mod tests {
             "min_p": 0.1, "repetition_penalty": 1.3, "stop_token_ids": [7, 9], "min_tokens": 3,
             "ignore_eos": true}"#;
         let req: CompletionRequest = parse(body).expect("parses");
-        let g = req.common.request(Input::Prompt("x".into()));
+        let g = req
+            .common
+            .request(Input::Prompt("x".into()))
+            .expect("valid");
         let s = g.sampling.expect("sampling");
         assert_eq!(
             (
@@ -925,7 +977,10 @@ mod tests {
         );
         // Unset, they are off.
         let req: CompletionRequest = parse(br#"{"prompt": "x"}"#).expect("parses");
-        let g = req.common.request(Input::Prompt("x".into()));
+        let g = req
+            .common
+            .request(Input::Prompt("x".into()))
+            .expect("valid");
         let s = g.sampling.expect("sampling");
         assert_eq!(
             (s.presence_penalty, s.min_p, s.repetition_penalty),
@@ -955,6 +1010,13 @@ mod tests {
             ("chat.messages", chat, "messages"),
             ("input", completion, "prompt"),
             ("request_id", chat, "user"),
+            ("sampling.constraint.regex", completion, "guided_regex"),
+            ("sampling.constraint.json_schema", chat, "response_format"),
+            (
+                "response_format.json_schema.schema",
+                None,
+                "response_format",
+            ),
             // Already OpenAI's: unchanged.
             ("response_format", None, "response_format"),
             ("prompt", None, "prompt"),

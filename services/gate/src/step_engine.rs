@@ -199,6 +199,8 @@ impl StepEngine {
                     top: top as usize,
                     targets: s.prompt_targets.clone(),
                 }),
+                allowed: (!s.allowed_tokens.is_empty())
+                    .then(|| s.allowed_tokens.as_slice().into()),
             })
             })
             .collect::<MeshResult<Vec<SlotSpec<Key>>>>()?;

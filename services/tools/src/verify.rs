@@ -464,6 +464,7 @@ fn paged_check(engine: &InProcessEngine, prompts: &[PagedPrompt]) -> anyhow::Res
                 sampling: Some(moemesh_engine::SamplerStart::default()),
                 cache_salt: None,
                 prompt_logprobs: None,
+                allowed: None,
             })
             .collect();
         let emb = model.embed(&tokens)?;
@@ -523,6 +524,7 @@ fn chunked_check(engine: &InProcessEngine, prompts: &[PagedPrompt]) -> anyhow::R
                 sampling: Some(moemesh_engine::SamplerStart::default()),
                 cache_salt: None,
                 prompt_logprobs: None,
+                allowed: None,
             })
             .collect();
         let emb = model.embed(&tokens)?;
