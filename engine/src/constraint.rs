@@ -248,6 +248,19 @@ mod tests {
         assert!(c.is_complete());
         let mut c = g.constraint(&spec, &eos).expect("compiles");
         assert!(feed(&tok, &mut c, r#"{"no": 1}"#).is_err());
+        // Any JSON object, compact.
+        let mut c = g
+            .constraint(&ConstraintSpec::JsonObject, &eos)
+            .expect("compiles");
+        assert!(
+            feed(&tok, &mut c, "[1]").is_err(),
+            "an array is not an object"
+        );
+        let mut c = g
+            .constraint(&ConstraintSpec::JsonObject, &eos)
+            .expect("compiles");
+        feed(&tok, &mut c, r#"{"a":[1,{"b":null}]}"#).expect("an object");
+        assert!(allows(&c.mask(), eos[0]));
         for (bad, field) in [
             (
                 ConstraintSpec::JsonSchema("{not json".into()),
