@@ -58,6 +58,15 @@ pub struct GenerationRequest {
     /// Report this many most likely ids with each token (`crate::logprobs`); 0 for none. At
     /// most [`crate::logprobs::MAX_TOP_LOGPROBS`]. Served by the serving core's runner.
     pub top_logprobs: usize,
+    /// Report each prompt token's logprob given the tokens before it (every token but the
+    /// first), with this many alternatives (`crate::logprobs::prompt_logprob`); `None` for none.
+    /// At most [`crate::logprobs::MAX_TOP_LOGPROBS`] alternatives and
+    /// [`crate::logprobs::MAX_PROMPT_LOGPROB_ENTRIES`] entries. Such a sequence bypasses the
+    /// prefix cache (every prompt row must be computed for its logits), as vLLM does.
+    pub prompt_logprobs: Option<usize>,
+    /// What the output must follow (a regex or a JSON schema): each step's pick is masked to
+    /// the ids the grammar allows ([`crate::constraint`]). Needs a tokenizer.
+    pub constraint: Option<crate::constraint::ConstraintSpec>,
 }
 
 /// Server-side limits a request is checked against.
@@ -150,6 +159,46 @@ impl GenerationRequest {
                 self.top_logprobs
             )));
         }
+        if let Some(top) = self.prompt_logprobs {
+            if top > max_top {
+                return Err(EngineError::InvalidInput(format!(
+                    "sampling.prompt_logprobs must be at most {max_top}, got {top}"
+                )));
+            }
+            let max = crate::logprobs::MAX_PROMPT_LOGPROB_ENTRIES;
+            let positions = self.prompt_ids.len() - 1;
+            let entries = positions.saturating_mul(top + 1);
+            if entries > max {
+                return Err(EngineError::InvalidInput(format!(
+                    "sampling.prompt_logprobs: {positions} prompt positions × (1 + {top} alternatives) = {entries} entries, the limit is {max} (ask fewer alternatives or send a shorter prompt)"
+                )));
+            }
+        }
+        if let Some(c) = &self.constraint {
+            let field = c.field();
+            let max = crate::constraint::MAX_CONSTRAINT_BYTES;
+            let len = match c {
+                crate::constraint::ConstraintSpec::Regex(t)
+                | crate::constraint::ConstraintSpec::JsonSchema(t) => t.len(),
+                crate::constraint::ConstraintSpec::JsonObject => 0,
+            };
+            if len > max {
+                return Err(EngineError::InvalidInput(format!(
+                    "{field}: {len} bytes, the limit is {max}"
+                )));
+            }
+            // The grammar ends the output with EOS; these would hold it off or run past it.
+            if self.ignore_eos {
+                return Err(EngineError::InvalidInput(format!(
+                    "stopping.ignore_eos: cannot be combined with {field} (a complete output ends with EOS)"
+                )));
+            }
+            if self.min_new_tokens > 0 {
+                return Err(EngineError::InvalidInput(format!(
+                    "stopping.min_new_tokens: cannot be combined with {field} (the grammar decides where the output ends)"
+                )));
+            }
+        }
         self.sampling.validate(vocab_size)
     }
 }
@@ -171,6 +220,9 @@ pub struct TokenChunk {
 #[derive(Debug, Clone)]
 pub struct GenerationOutput {
     pub token_ids: Vec<u32>,
+    /// Each prompt token's logprob after the first, when the request asked
+    /// ([`GenerationRequest::prompt_logprobs`]); else empty.
+    pub prompt_logprobs: Vec<crate::logprobs::PromptLogprob>,
     pub logprobs: Vec<f32>,
     pub text: String,
     pub finish_reason: FinishReason,
@@ -219,5 +271,41 @@ impl InProcessEngine {
         let mut outs = server.run(vec![req.clone()], &mut |_, chunk| on_token(chunk))?;
         outs.pop()
             .ok_or_else(|| EngineError::Internal("no output for the request".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::logprobs::MAX_PROMPT_LOGPROB_ENTRIES;
+
+    #[test]
+    fn prompt_logprobs_are_bounded_by_alternatives_and_by_entries() {
+        let req = |len: usize, top| GenerationRequest {
+            prompt_ids: vec![1; len],
+            max_new_tokens: 1,
+            prompt_logprobs: Some(top),
+            ..Default::default()
+        };
+        let check = |r: GenerationRequest| r.validate(1000, 1 << 20, &Limits::default());
+        assert!(
+            check(req(1, 0)).is_ok(),
+            "a 1-token prompt has nothing to report"
+        );
+        assert!(check(req(4096, 20)).is_ok());
+        let err = check(req(4, 21)).expect_err("21 alternatives").to_string();
+        assert!(
+            err.contains("sampling.prompt_logprobs must be at most 20"),
+            "{err}"
+        );
+        // Exactly at the limit, then one position over.
+        let at = MAX_PROMPT_LOGPROB_ENTRIES / 4 + 1;
+        assert!(check(req(at, 3)).is_ok());
+        let err = check(req(at + 1, 3)).expect_err("over").to_string();
+        assert!(
+            err.contains("sampling.prompt_logprobs: 32769 prompt positions")
+                && err.contains("131072"),
+            "{err}"
+        );
     }
 }

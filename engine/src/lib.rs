@@ -16,6 +16,7 @@
 //! global.
 
 pub mod config;
+pub mod constraint;
 pub mod cuda;
 pub mod embedded;
 pub mod error;

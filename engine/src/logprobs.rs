@@ -2,7 +2,12 @@
 //! response reports besides the picked token, as vLLM's `logprobs=N` and OpenAI's
 //! `top_logprobs` do. A pure function of the raw row (temperature 1, no penalty, no cut), so
 //! it says what the model thought whatever the request's sampling did; the runner calls it for
-//! the rows that ask (`Sampler::top_logprobs`), which the pick keeps on the host.
+//! the rows that ask (`Sampler::top_logprobs`), wherever the pick happened.
+//!
+//! Prompt logprobs (vLLM's `prompt_logprobs`): for each prompt token after the first, its
+//! log-probability under the model given the tokens before it, its rank, and the most likely
+//! alternatives at its position ([`prompt_logprob`]). The runner computes them from every row of
+//! the prefill chunks of the sequences that ask (and only those), never from the prefix cache.
 
 /// Most alternatives a request may ask for per token (OpenAI's and vLLM's default limit).
 pub const MAX_TOP_LOGPROBS: usize = 20;
@@ -36,6 +41,49 @@ pub fn top_logprobs(raw_row: &[f32], n: usize) -> Vec<(u32, f32)> {
     best.into_iter()
         .map(|(i, v)| (i, (f64::from(v - max) - log_sum) as f32))
         .collect()
+}
+
+/// Most entries (prompt positions × (1 + alternatives)) one request's prompt logprobs may hold:
+/// they come back in one message, and every position costs a copy of a logits row to the host.
+/// 131,072 is a 32k-token prompt with 3 alternatives, or a 128k one with none, about 1.2 MB on
+/// the wire.
+pub const MAX_PROMPT_LOGPROB_ENTRIES: usize = 131_072;
+
+/// One prompt token's log-probability given the tokens before it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptLogprob {
+    /// The prompt token.
+    pub token: u32,
+    /// Its log-softmax under the raw logits of the position before it.
+    pub logprob: f32,
+    /// 1 + how many ids have a larger logit there (1: the model's first choice).
+    pub rank: u32,
+    /// The most likely ids there and their logprobs, best first ([`top_logprobs`]).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// `token`'s log-probability, rank and the `top` best alternatives in `raw_row` (the logits of
+/// the position before `token`). `None` when `token` is outside the row.
+pub fn prompt_logprob(raw_row: &[f32], token: u32, top: usize) -> Option<PromptLogprob> {
+    let v = *raw_row.get(token as usize)?;
+    let max = raw_row
+        .iter()
+        .copied()
+        .filter(|v| !v.is_nan())
+        .fold(f32::NEG_INFINITY, f32::max);
+    // The same sum as `top_logprobs` and the sampled token's logprob, so they agree exactly.
+    let sum: f64 = raw_row
+        .iter()
+        .filter(|v| !v.is_nan())
+        .map(|&v| f64::from(v - max).exp())
+        .sum();
+    let above = raw_row.iter().filter(|&&w| w > v).count();
+    Some(PromptLogprob {
+        token,
+        logprob: (f64::from(v - max) - sum.ln()) as f32,
+        rank: u32::try_from(above + 1).unwrap_or(u32::MAX),
+        top: top_logprobs(raw_row, top),
+    })
 }
 
 #[cfg(test)]
@@ -88,6 +136,20 @@ mod tests {
         assert!(!asking.needs_host());
         assert!(asking.is_plain_greedy());
         assert_eq!(asking.top_logprobs(), 3);
+    }
+
+    #[test]
+    fn a_prompt_tokens_logprob_rank_and_alternatives() {
+        let row = [1.0, 3.0, 0.5, 2.0];
+        let want = reference(&row, 4);
+        for (rank, &(id, lp)) in want.iter().enumerate() {
+            let got = prompt_logprob(&row, id, 2).expect("in the row");
+            assert_eq!(got.token, id);
+            assert_eq!(got.rank as usize, rank + 1);
+            assert!((f64::from(got.logprob) - lp).abs() < 1e-6, "{got:?}");
+            assert_eq!(got.top, top_logprobs(&row, 2));
+        }
+        assert!(prompt_logprob(&row, 4, 0).is_none());
     }
 
     #[test]

@@ -43,6 +43,8 @@ fn generate(
         sample,
         sampling: Some(SamplerStart::default()),
         cache_salt: salt,
+        prompt_logprobs: None,
+        allowed: None,
     };
     let mut run = Run {
         tokens: Vec::new(),
@@ -184,4 +186,50 @@ fn salted_sequences_never_take_each_others_blocks() {
     assert_eq!(generate(&mut on, &engine, 4, &a, &[40], x, 2).cached, 32);
     assert_eq!(generate(&mut on, &engine, 5, &a, &[40], y, 2).cached, 32);
     assert_eq!(generate(&mut on, &engine, 6, &a, &[40], None, 2).cached, 32);
+}
+
+/// A sequence that asks for prompt logprobs computes every prompt row (it takes no cached
+/// block: a cached row has no logits, and vLLM recomputes such prompts too), gets the same
+/// logprobs as when nothing was cached, and leaves its blocks cached for sequences that do not
+/// ask.
+#[test]
+fn a_sequence_asking_for_prompt_logprobs_takes_nothing_from_the_cache() {
+    use moemesh_engine::serving::PromptAsk;
+    let engine = load();
+    let p = prompt(4, 40);
+    let mut on = runner(&engine, 64, true);
+    let slot = |key, asks: bool| SlotSpec {
+        key,
+        start: 0,
+        tokens: p.len(),
+        sample: true,
+        sampling: Some(SamplerStart::default()),
+        cache_salt: None,
+        prompt_logprobs: asks.then(|| PromptAsk {
+            top: 2,
+            targets: p[1..].to_vec(),
+        }),
+        allowed: None,
+    };
+    let mut run = |key, asks| {
+        on.step_ids(&[slot(key, asks)], &p, &engine.experts)
+            .expect("prefill");
+        let hits: usize = on.take_prefix_hits().iter().map(|h| h.1).sum();
+        let lps = on.take_prompt_logprobs();
+        on.release(&key);
+        (hits, lps)
+    };
+    let (hits, cold) = run(0, true);
+    assert_eq!(hits, 0);
+    assert_eq!(cold.len(), 1);
+    assert_eq!(cold[0].0, 0);
+    assert_eq!(cold[0].1.len(), p.len() - 1);
+    // The blocks are cached: a sequence that does not ask takes its two full ones.
+    let (hits, none) = run(1, false);
+    assert_eq!(hits, 32);
+    assert!(none.is_empty(), "{none:?}");
+    // One that asks computes them all again, to the same logprobs.
+    let (hits, warm) = run(2, true);
+    assert_eq!(hits, 0);
+    assert_eq!(warm[0].1, cold[0].1);
 }

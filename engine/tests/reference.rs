@@ -225,6 +225,93 @@ fn greedy_decode_through_the_kv_cache_matches_transformers() {
     }
 }
 
+/// Prompt logprobs (vLLM's `prompt_logprobs`) through the serving core, the prompt prefilled
+/// in chunks: each prompt token's logprob is the log-softmax of transformers' logits at the
+/// position before it (tolerance 2 × the logits'), its rank and alternatives agree with that
+/// row, and the same request again (its blocks now in the prefix cache) computes them again,
+/// to the same values.
+#[test]
+fn prompt_logprobs_are_the_log_softmax_of_transformers_logits() {
+    use moemesh_engine::serving::LocalServer;
+    const TOL: f32 = 2.0 * LOGIT_TOL;
+    for dir in fixture_dirs() {
+        let r = Reference::load(&dir);
+        let engine = load(&dir);
+        for p in 0..r.num_prompts() {
+            let ids = r.ids(&format!("prompt{p}.input_ids"));
+            let logits: Vec<Vec<f32>> = r
+                .tensor(&format!("prompt{p}.logits"))
+                .to_dtype(DType::F32)
+                .expect("f32")
+                .to_vec2()
+                .expect("rows");
+            let req = moemesh_engine::GenerationRequest {
+                prompt_ids: ids.clone(),
+                max_new_tokens: 2,
+                ignore_eos: true,
+                prompt_logprobs: Some(3),
+                ..Default::default()
+            };
+            let mut server =
+                LocalServer::new(&engine.model, &engine.experts, None, 1, ids.len() + 2)
+                    .expect("server");
+            // Chunks of 16 (a block) for the longer prompts.
+            server.step_limits.token_budget = 20;
+            let outs = server
+                .run(vec![req.clone(), req], &mut |_, _| true)
+                .expect("run");
+            for out in &outs {
+                assert_eq!(out.prompt_logprobs.len(), ids.len() - 1, "prompt {p}");
+                for (i, lp) in out.prompt_logprobs.iter().enumerate() {
+                    let row = &logits[i];
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let lse = max + row.iter().map(|&v| (v - max).exp()).sum::<f32>().ln();
+                    let t = ids[i + 1];
+                    let v = row[t as usize];
+                    let what = format!("{}: prompt {p}: position {}", dir.display(), i + 1);
+                    assert_eq!(lp.token, t, "{what}");
+                    assert!(
+                        (lp.logprob - (v - lse)).abs() <= TOL,
+                        "{what}: {lp:?} vs {}",
+                        v - lse
+                    );
+                    // The rank, up to ids within the tolerance of the token's logit.
+                    let surely_above = row.iter().filter(|&&w| w > v + LOGIT_TOL).count();
+                    let maybe_above = row.iter().filter(|&&w| w > v - LOGIT_TOL).count() - 1;
+                    assert!(
+                        (surely_above + 1..=maybe_above + 1).contains(&(lp.rank as usize)),
+                        "{what}: rank {} not in {}..={}",
+                        lp.rank,
+                        surely_above + 1,
+                        maybe_above + 1
+                    );
+                    assert_eq!(lp.top.len(), 3, "{what}");
+                    for (k, &(id, l)) in lp.top.iter().enumerate() {
+                        let want = row[id as usize] - lse;
+                        assert!(
+                            (l - want).abs() <= TOL,
+                            "{what}: alternative {id}: {l} vs {want}"
+                        );
+                        // The k-th best of the reference row, up to near ties.
+                        let mut sorted = row.clone();
+                        sorted.sort_by(|a, b| b.total_cmp(a));
+                        assert!(
+                            (row[id as usize] - sorted[k]).abs() <= 2.0 * LOGIT_TOL,
+                            "{what}: alternative {k} is {id} ({}), the reference's is {}",
+                            row[id as usize],
+                            sorted[k]
+                        );
+                    }
+                }
+            }
+            assert_eq!(
+                outs[0].prompt_logprobs, outs[1].prompt_logprobs,
+                "prompt {p}: computed again, not from the cache"
+            );
+        }
+    }
+}
+
 /// A prompt prefilled in three chunks (each chunk's queries attend to the cached earlier ones,
 /// as chunked prefill does) gives the reference logits at the end of every chunk.
 #[test]

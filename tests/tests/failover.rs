@@ -51,7 +51,7 @@ async fn killing_one_of_two_gates_loses_no_request_and_changes_no_token() {
             input: Some(Input::Tokens(v1::TokenIds {
                 ids: prompt.clone(),
             })),
-            sampling: *sampling,
+            sampling: sampling.clone(),
             stopping: Some(v1::StoppingCriteria {
                 max_new_tokens: Some(out_len),
                 stop: vec![],
@@ -80,7 +80,7 @@ async fn killing_one_of_two_gates_loses_no_request_and_changes_no_token() {
         let alone = moemesh_tests::in_process_tokens(
             &engine,
             prompt,
-            sampling.map(|s| {
+            sampling.as_ref().map(|s| {
                 (
                     s.temperature,
                     s.top_k as usize,

@@ -1,7 +1,9 @@
 //! The OpenAI-compatible HTTP API (`moemesh frontend --http-listen`) against a real mesh (etcd,
 //! frontend, gate, expert workers; the embedded model, which has a tokenizer): its answers are
 //! the gRPC Generate's for the same request, streamed and whole agree, a seed reproduces, and
-//! bad requests get OpenAI's error JSON with the HTTP status a client library expects.
+//! bad requests get OpenAI's error JSON with the HTTP status a client library expects (its
+//! `param` spelled as OpenAI's and vLLM's fields are), and vLLM's `prompt_logprobs` comes back
+//! in vLLM's shape with Generate's values.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -266,7 +268,8 @@ async fn the_openai_api_answers_as_generate_does_streamed_or_whole_with_openai_e
     assert_eq!(status, 400, "{body}");
     let err = json_of(&body);
     assert_eq!(err["error"]["type"], "invalid_request_error");
-    assert_eq!(err["error"]["param"], "stopping.max_new_tokens", "{body}");
+    // `param` in OpenAI's spelling; the message keeps the Generate field path.
+    assert_eq!(err["error"]["param"], "max_tokens", "{body}");
     assert!(
         err["error"]["message"]
             .as_str()
@@ -467,7 +470,8 @@ async fn a_frontend_without_a_gate_is_not_ready() {
 }
 
 /// `--max-pending` counts HTTP completions with the gRPC calls: with one running, the next is a
-/// 429 in OpenAI's shape naming the limit, on either API; once it ends, HTTP is served again.
+/// 429 in OpenAI's shape naming the limit, on either API; once it ends, HTTP is served again;
+/// a completion's `n` choices count as `n`.
 #[tokio::test(flavor = "multi_thread")]
 async fn max_pending_bounds_the_http_api_too() {
     let port = free_port();
@@ -518,6 +522,222 @@ async fn max_pending_bounds_the_http_api_too() {
             "{status} {body}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // n choices count as n requests here too: two are more than --max-pending 1 ever runs.
+    let pair = json!({"prompt": "Hi", "max_tokens": 2, "n": 2});
+    let (status, body) = http(port, "POST", "/v1/completions", Some(&pair));
+    assert_eq!(status, 400, "{body}");
+    let err = json_of(&body);
+    assert_eq!(err["error"]["param"], "n", "{body}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("--max-pending")),
+        "{body}"
+    );
+    drop(mesh);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prompt_logprobs_come_in_vllms_shape_and_errors_name_openai_params() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mesh = Mesh::start_with(None, &["0-15"], &["--http-listen", &listen]);
+    let text = "The sky is blue and the grass is";
+
+    // gRPC's answer for the same prompt is the reference.
+    let mut client = GenerationClient::connect(mesh.frontend_url())
+        .await
+        .expect("connect");
+    let req = GenerateRequest {
+        input: Some(Input::Prompt(text.into())),
+        sampling: Some(v1::SamplingParams {
+            prompt_logprobs: Some(2),
+            ..Default::default()
+        }),
+        stopping: Some(v1::StoppingCriteria {
+            max_new_tokens: Some(2),
+            ..Default::default()
+        }),
+        request_id: String::new(),
+        cache_salt: String::new(),
+    };
+    let want = client.complete(req).await.expect("complete").into_inner();
+    let want = &want.choices[0].prompt_logprobs;
+    assert!(want.len() >= 5, "{want:?}");
+    let check = |p: &Value, top: usize| {
+        let p = p.as_array().expect("prompt_logprobs is a list");
+        assert_eq!(p.len(), want.len() + 1, "one per prompt token");
+        assert!(p[0].is_null(), "the first prompt token has none");
+        for (entry, w) in p[1..].iter().zip(want) {
+            let m = entry.as_object().expect("a map per position");
+            let own = &m[&w.token_id.to_string()];
+            assert!(
+                (own["logprob"].as_f64().expect("logprob") - f64::from(w.logprob)).abs() < 1e-3
+            );
+            assert_eq!(own["rank"], w.rank);
+            assert!(own["decoded_token"].is_string());
+            let alts = w.top.as_ref().map_or(&[][..], |t| &t.token_ids[..]);
+            for (k, id) in alts.iter().take(top).enumerate() {
+                assert_eq!(m[&id.to_string()]["rank"], k + 1, "{entry}");
+            }
+            // The prompt token and the alternatives, once each.
+            let mut ids: Vec<u32> = alts[..top.min(alts.len())].to_vec();
+            ids.push(w.token_id);
+            ids.sort_unstable();
+            ids.dedup();
+            assert_eq!(m.len(), ids.len(), "{entry}");
+        }
+    };
+    // Completions: on every choice (as vLLM), whole or streamed on the first chunk.
+    let mut body = json!({"prompt": text, "max_tokens": 2, "temperature": 0, "n": 2,
+        "prompt_logprobs": 2});
+    let (status, got) = http(port, "POST", "/v1/completions", Some(&body));
+    assert_eq!(status, 200, "{got}");
+    let got = json_of(&got);
+    check(&got["choices"][0]["prompt_logprobs"], 2);
+    assert_eq!(
+        got["choices"][1]["prompt_logprobs"],
+        got["choices"][0]["prompt_logprobs"]
+    );
+    body["stream"] = json!(true);
+    body["n"] = json!(1);
+    let (status, got) = http(port, "POST", "/v1/completions", Some(&body));
+    assert_eq!(status, 200, "{got}");
+    let with: Vec<Value> = events(&got)
+        .iter()
+        .filter(|e| e.as_str() != "[DONE]")
+        .map(|e| json_of(e))
+        .filter(|c| !c["choices"][0]["prompt_logprobs"].is_null())
+        .collect();
+    assert_eq!(with.len(), 1, "{got}");
+    check(&with[0]["choices"][0]["prompt_logprobs"], 2);
+    // Chat: beside the choices; 0 alternatives gives the prompt tokens' own only.
+    let chat = json!({"messages": [{"role": "user", "content": text}], "max_tokens": 2,
+        "prompt_logprobs": 0});
+    let (status, got) = http(port, "POST", "/v1/chat/completions", Some(&chat));
+    assert_eq!(status, 200, "{got}");
+    let p = json_of(&got)["prompt_logprobs"].clone();
+    let p = p.as_array().expect("a list");
+    assert!(p[0].is_null() && p.len() > 5);
+    assert!(
+        p[1..]
+            .iter()
+            .all(|e| e.as_object().is_some_and(|m| m.len() == 1)),
+        "{got}"
+    );
+
+    // Errors name the field as OpenAI (or vLLM) spells it.
+    let msgs = json!([{"role": "user", "content": "hi"}]);
+    let cases = [
+        ("/v1/completions", json!({"prompt": "x", "n": 17}), "n"),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "max_tokens": 0}),
+            "max_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": msgs, "max_completion_tokens": 0}),
+            "max_completion_tokens",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "logprobs": 21}),
+            "logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": msgs, "logprobs": true, "top_logprobs": 21}),
+            "top_logprobs",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "prompt_logprobs": 21}),
+            "prompt_logprobs",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "temperature": -1}),
+            "temperature",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "stop_token_ids": [1, 999999]}),
+            "stop_token_ids",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "max_tokens": 2, "min_tokens": 3}),
+            "min_tokens",
+        ),
+        ("/v1/completions", json!({"prompt": ""}), "prompt"),
+    ];
+    for (path, body, param) in cases {
+        let (status, got) = http(port, "POST", path, Some(&body));
+        assert_eq!(status, 400, "{body}: {got}");
+        assert_eq!(json_of(&got)["error"]["param"], param, "{body}: {got}");
+    }
+    drop(mesh);
+}
+
+/// Structured outputs over HTTP, on the embedded model (random weights: only the token mask
+/// keeps the output in shape): OpenAI's `response_format` with a JSON schema gives content that
+/// is an instance of it, vLLM's `guided_regex` text that matches; a schema that is not one is a
+/// 400 whose `param` is `response_format`.
+#[tokio::test(flavor = "multi_thread")]
+async fn response_format_and_guided_regex_shape_the_output() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mesh = Mesh::start_with(None, &["0-15"], &["--http-listen", &listen]);
+    let schema = json!({"type": "object", "properties": {"color": {"enum": ["red", "blue"]}},
+        "required": ["color"], "additionalProperties": false});
+    let chat = json!({"messages": [{"role": "user", "content": "Name a color."}],
+        "max_tokens": 32, "temperature": 0,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}});
+    let (status, body) = http(port, "POST", "/v1/chat/completions", Some(&chat));
+    assert_eq!(status, 200, "{body}");
+    let got = json_of(&body);
+    let content = got["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content");
+    let v = json_of(content);
+    assert!(
+        matches!(v["color"].as_str(), Some("red" | "blue")),
+        "{content}"
+    );
+    assert_eq!(v.as_object().map(|o| o.len()), Some(1), "{content}");
+    assert_eq!(got["choices"][0]["finish_reason"], "stop", "{body}");
+
+    let completion = json!({"prompt": "Code:", "max_tokens": 16, "temperature": 1, "seed": 3,
+        "guided_regex": "[A-Z]{2}[0-9]{2}"});
+    let (status, body) = http(port, "POST", "/v1/completions", Some(&completion));
+    assert_eq!(status, 200, "{body}");
+    let text = json_of(&body)["choices"][0]["text"]
+        .as_str()
+        .expect("text")
+        .to_string();
+    let b = text.as_bytes();
+    assert!(
+        b.len() == 4
+            && b[..2].iter().all(u8::is_ascii_uppercase)
+            && b[2..].iter().all(u8::is_ascii_digit),
+        "{text:?}"
+    );
+
+    for bad in [
+        json!({"type": "json_schema", "json_schema": {"name": "c"}}),
+        json!({"type": "json_schema", "json_schema": {"schema": {"type": "no-such-type"}}}),
+        json!({"type": "xml"}),
+    ] {
+        let req = json!({"messages": [{"role": "user", "content": "hi"}], "response_format": bad});
+        let (status, body) = http(port, "POST", "/v1/chat/completions", Some(&req));
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert_eq!(
+            json_of(&body)["error"]["param"],
+            "response_format",
+            "{body}"
+        );
     }
     drop(mesh);
 }

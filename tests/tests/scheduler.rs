@@ -64,14 +64,14 @@ async fn batched_output_equals_unbatched_for_greedy_and_seeded_sampling() {
     let url = mesh.frontend_url();
     let handles: Vec<_> = cases
         .iter()
-        .map(|(p, n, s)| tokio::spawn(run(url.clone(), request(p.clone(), *n, *s))))
+        .map(|(p, n, s)| tokio::spawn(run(url.clone(), request(p.clone(), *n, s.clone()))))
         .collect();
     for (h, (prompt, max_new, sampling)) in handles.into_iter().zip(&cases) {
         let batched = h.await.expect("task");
         let alone = moemesh_tests::in_process_tokens(
             &engine,
             prompt,
-            sampling.map(|s| {
+            sampling.as_ref().map(|s| {
                 (
                     s.temperature,
                     s.top_k as usize,
@@ -242,6 +242,90 @@ async fn queue_overflow_is_resource_exhausted_and_later_requests_succeed() {
     }
     let out = run(url, request(vec![9, 9, 9], 4, None)).await;
     assert_eq!(out.len(), 4);
+}
+
+/// A request for n choices is n sequences, and counts as n requests against `--max-pending`
+/// (as vLLM's max_num_seqs counts each): more choices than the limit is INVALID_ARGUMENT naming
+/// `sampling.n` and the limit; running choices hold their permits, so a request whose choices do
+/// not fit now is RESOURCE_EXHAUSTED while a smaller one still fits; they are freed at the end.
+#[tokio::test(flavor = "multi_thread")]
+async fn choices_count_as_requests_against_max_pending() {
+    let mesh = Mesh::start_with(
+        Some(&fixture("tiny-deepseek-v3")),
+        &["0-15"],
+        &["--max-pending", "3"],
+    );
+    let url = mesh.frontend_url();
+    let mut c = GenerationClient::connect(url.clone())
+        .await
+        .expect("client");
+    let n = |n| {
+        Some(v1::SamplingParams {
+            n,
+            ..Default::default()
+        })
+    };
+    let err = c
+        .generate(request(vec![1, 2, 3], 4, n(4)))
+        .await
+        .expect_err("more choices than the server runs");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    for needle in ["sampling.n: 4 choices", "--max-pending", "at most 3"] {
+        assert!(err.message().contains(needle), "{}", err.message());
+    }
+    // Two running choices hold two of the three permits.
+    let mut two = c
+        .generate(request(vec![5, 6, 7], 200, n(2)))
+        .await
+        .expect("accepted")
+        .into_inner();
+    two.message().await.expect("stream").expect("a token");
+    let err = c
+        .generate(request(vec![9, 9, 9], 4, n(2)))
+        .await
+        .expect_err("two more choices do not fit");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("--max-pending"), "{}", err.message());
+    let mut one = c
+        .generate(request(vec![8, 8, 8], 200, None))
+        .await
+        .expect("one more fits")
+        .into_inner();
+    one.message().await.expect("stream").expect("a token");
+    let err = c
+        .generate(request(vec![9, 9, 9], 4, None))
+        .await
+        .expect_err("full");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    for s in [&mut two, &mut one] {
+        while s
+            .message()
+            .await
+            .expect("accepted requests complete")
+            .is_some()
+        {}
+    }
+    drop((two, one));
+    // The server lets go of the permits when it drops the finished response bodies, a moment
+    // after the client has read their ends.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match c.generate(request(vec![9, 9, 9], 4, n(3))).await {
+            Ok(s) => {
+                let mut s = s.into_inner();
+                let mut got = 0;
+                while let Some(m) = s.message().await.expect("stream") {
+                    got += m.token_ids.len();
+                }
+                assert_eq!(got, 12, "three choices of 4 tokens");
+                break;
+            }
+            Err(e) => assert!(
+                e.code() == tonic::Code::ResourceExhausted && std::time::Instant::now() < deadline,
+                "{e:?}"
+            ),
+        }
+    }
 }
 
 /// Past the client's deadline the sequence stops with DEADLINE_EXCEEDED and its KV is freed.

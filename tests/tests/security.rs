@@ -269,6 +269,11 @@ key = "one-stream-secret-0123456789"
 max_streams = 1
 
 [[key]]
+id = "two-streams"
+key = "two-streams-secret-0123456789"
+max_streams = 2
+
+[[key]]
 id = "info-only"
 key = "info-only-secret-0123456789"
 methods = ["ModelInfo"]
@@ -429,6 +434,41 @@ async fn api_keys_and_their_limits_decide_the_status_and_every_call_is_audited()
         .expect_err("second stream");
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert!(err.message().contains("max_streams"), "{}", err.message());
+    // A request for n choices counts n streams: three choices are more than "two-streams" may
+    // ever run (INVALID_ARGUMENT naming sampling.n and the limit) ...
+    let two = Some("two-streams-secret-0123456789");
+    let choices = |n| {
+        Some(moemesh_proto::v1::SamplingParams {
+            n,
+            ..Default::default()
+        })
+    };
+    let mut three = tokens_request(&[1, 2, 3], 2);
+    three.sampling = choices(3);
+    let err = generate(ch.clone(), three, two)
+        .await
+        .expect_err("three choices for a two-stream key");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("sampling.n: 3 choices") && err.message().contains("max_streams"),
+        "{}",
+        err.message()
+    );
+    // ... and two running hold both of its streams.
+    let mut long_pair = tokens_request(&[1, 2, 3], 4000);
+    long_pair.sampling = choices(2);
+    let mut held = GenerationClient::new(ch.clone())
+        .generate(with_key(long_pair, two))
+        .await
+        .expect("two choices")
+        .into_inner();
+    held.message().await.expect("a token").expect("streaming");
+    let err = generate(ch.clone(), tokens_request(&[1, 2, 3], 2), two)
+        .await
+        .expect_err("a third stream");
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(err.message().contains("max_streams"), "{}", err.message());
+    drop(held);
     drop(first);
     wait_until("the stream slot to free", Duration::from_secs(10), || {
         let ch = ch.clone();

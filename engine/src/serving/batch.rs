@@ -8,9 +8,10 @@ use std::collections::HashMap;
 
 use crate::error::EngineError;
 use crate::generate::{FinishReason, GenerationRequest};
+use crate::logprobs::PromptLogprob;
 
 use super::decoder::SequenceDecoder;
-use super::runner::{SeqOutput, SlotSpec};
+use super::runner::{PromptAsk, SeqOutput, SlotSpec};
 use super::scheduler::{Entry, KvState, Limits, Plan, Scheduler};
 
 /// A sequence in a step loop.
@@ -27,6 +28,9 @@ pub struct Sequence<T> {
     /// Prompt tokens the runner took from its prefix cache instead of computing them, in the
     /// sequence's latest prefill (reported in the request's usage).
     pub cached_tokens: usize,
+    /// Prompt logprobs gathered from the prefill chunks so far, when the request asks for them;
+    /// handed to the sequence's first token ([`Token::prompt_logprobs`]).
+    pub prompt_logprobs: Vec<PromptLogprob>,
     pub payload: T,
 }
 
@@ -48,6 +52,25 @@ impl<T> Sequence<T> {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// What the runner computes for this slot's prompt logprobs: asked only while the first
+    /// token has not been generated (a sequence prefilled again after preemption or a failover
+    /// already delivered them), for the rows followed by a prompt token.
+    fn prompt_ask(&self, start: usize, len: usize) -> Option<PromptAsk> {
+        let top = self.req.prompt_logprobs?;
+        if !self.generated.is_empty() {
+            return None;
+        }
+        let prompt = &self.req.prompt_ids;
+        let end = (start + len + 1).min(prompt.len());
+        Some(PromptAsk {
+            top,
+            targets: prompt
+                .get(start + 1..end)
+                .map(<[u32]>::to_vec)
+                .unwrap_or_default(),
+        })
     }
 }
 
@@ -73,6 +96,8 @@ pub struct Token {
     pub top: Vec<(u32, f32)>,
     /// Text completed by this token (includes the held-back rest when it finishes).
     pub text: String,
+    /// With a sequence's first token, its prompt logprobs when the request asked; else empty.
+    pub prompt_logprobs: Vec<PromptLogprob>,
     pub finish: Option<FinishReason>,
 }
 
@@ -175,8 +200,10 @@ impl<T> Batch<T> {
                 continue;
             };
             if slot.start == 0 {
-                // A (re)prefill from scratch: its cache hits are counted afresh.
+                // A (re)prefill from scratch: its cache hits are counted afresh, and prompt
+                // logprobs not yet delivered are computed again.
                 s.cached_tokens = 0;
+                s.prompt_logprobs.clear();
             }
             step.ids
                 .extend((slot.start..slot.start + slot.len).map(|i| s.token(i)));
@@ -188,6 +215,8 @@ impl<T> Batch<T> {
                 // Read by the runner only on a sequence's first step there.
                 sampling: (slot.start == 0).then(|| s.decoder.sampler_start(&s.req, &s.generated)),
                 cache_salt: s.cache_salt,
+                prompt_logprobs: s.prompt_ask(slot.start, slot.len),
+                allowed: slot.sample.then(|| s.decoder.allowed()).flatten(),
             });
         }
         step.plan = plan;
@@ -201,6 +230,16 @@ impl<T> Batch<T> {
         for &(id, tokens) in hits {
             if let Some(s) = self.seqs.get_mut(&id) {
                 s.cached_tokens = (s.cached_tokens + tokens).min(s.req.prompt_ids.len());
+            }
+        }
+    }
+
+    /// The runner computed prompt logprobs for (sequence, its rows' logprobs): they are kept
+    /// until the sequence's first token. Call before [`on_tokens`](Self::on_tokens).
+    pub fn on_prompt_logprobs(&mut self, lps: Vec<(u64, Vec<PromptLogprob>)>) {
+        for (id, lp) in lps {
+            if let Some(s) = self.seqs.get_mut(&id) {
+                s.prompt_logprobs.extend(lp);
             }
         }
     }
@@ -230,6 +269,7 @@ impl<T> Batch<T> {
                         logprob: o.logprob,
                         top: o.top.clone(),
                         text: e.text,
+                        prompt_logprobs: std::mem::take(&mut s.prompt_logprobs),
                         finish: e.finish,
                     };
                     deliver(s, &token);

@@ -48,6 +48,8 @@ pub struct SequenceDecoder {
     context_length: usize,
     prompt_len: usize,
     generated: usize,
+    /// The request's grammar state, when its output is constrained.
+    constraint: Option<crate::constraint::Constraint>,
 }
 
 impl SequenceDecoder {
@@ -63,7 +65,18 @@ impl SequenceDecoder {
                 "stopping.stop: stop strings need a tokenizer, and this model directory has no tokenizer.json".into(),
             ));
         }
+        let constraint = match (&req.constraint, tokenizer) {
+            (None, _) => None,
+            (Some(c), None) => {
+                return Err(EngineError::InvalidInput(format!(
+                    "{}: constrained output needs a tokenizer, and this model directory has no tokenizer.json",
+                    c.field()
+                )));
+            }
+            (Some(c), Some(t)) => Some(t.grammars()?.constraint(c, &eos)?),
+        };
         Ok(SequenceDecoder {
+            constraint,
             decoder: tokenizer.map(|t| IncrementalDecoder::new(t.clone(), true)),
             stops: StopMatcher::new(&req.stop),
             eos,
@@ -117,8 +130,17 @@ impl SequenceDecoder {
         }
     }
 
+    /// The ids the sequence's constraint allows next (a bit mask, see
+    /// [`crate::constraint::Constraint::mask`]); `None` when its output is free.
+    pub fn allowed(&self) -> Option<Arc<[u32]>> {
+        self.constraint.as_ref().map(|c| c.mask())
+    }
+
     /// Takes the next generated token.
     pub fn push(&mut self, token: u32) -> Result<Emitted> {
+        if let Some(c) = self.constraint.as_mut() {
+            c.advance(token)?;
+        }
         self.generated += 1;
         let allowed = self.generated > self.min_new_tokens;
         let is_eos = allowed && !self.ignore_eos && self.eos.contains(&token);

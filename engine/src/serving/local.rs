@@ -123,6 +123,7 @@ impl<'a> LocalServer<'a> {
                 };
                 let out = GenerationOutput {
                     token_ids: Vec::new(),
+                    prompt_logprobs: Vec::new(),
                     logprobs: Vec::new(),
                     text: String::new(),
                     finish_reason: FinishReason::Length,
@@ -137,6 +138,7 @@ impl<'a> LocalServer<'a> {
                     decoder,
                     cache_salt: None,
                     cached_tokens: 0,
+                    prompt_logprobs: Vec::new(),
                     payload: Collect {
                         index,
                         start: Instant::now(),
@@ -186,6 +188,7 @@ impl<'a> LocalServer<'a> {
             };
             refused = false;
             batch.on_prefix_hits(&self.runner.take_prefix_hits());
+            batch.on_prompt_logprobs(self.runner.take_prompt_logprobs());
             batch.set_kv(self.runner.kv());
             if let Some(hook) = self.around_step.as_mut() {
                 hook(&step, false)?;
@@ -194,6 +197,9 @@ impl<'a> LocalServer<'a> {
                 let c = &mut s.payload;
                 if c.out.token_ids.is_empty() {
                     c.out.time_to_first_token = c.start.elapsed();
+                }
+                if c.out.token_ids.is_empty() {
+                    c.out.prompt_logprobs = t.prompt_logprobs.clone();
                 }
                 c.out.token_ids.push(t.token);
                 c.out.logprobs.push(t.logprob);

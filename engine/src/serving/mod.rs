@@ -21,7 +21,10 @@ mod scheduler;
 pub use batch::{Batch, Sequence, Step, Token};
 pub use decoder::{Emitted, SequenceDecoder, eos_ids};
 pub use local::{AroundStep, LocalServer, OnToken};
-pub use runner::{SeqOutput, SlotSpec, StepRunner, blocks_for, blocks_for_bytes, pick};
+pub use runner::{
+    PROMPT_LOGPROB_ROWS, PromptAsk, SeqOutput, SlotSpec, StepRunner, blocks_for, blocks_for_bytes,
+    pick,
+};
 pub use scheduler::{
     CPU_STEP_TOKEN_BUDGET, Entry, GPU_STEP_TOKEN_BUDGET, KvState, Limits, Plan, Scheduler, Slot,
 };

@@ -10,6 +10,12 @@
 //! step fills is registered for later sequences. Callers see no difference but speed: the
 //! sequence holds `start + tokens` tokens after the step either way, and
 //! [`take_prefix_hits`](StepRunner::take_prefix_hits) tells how many came from the cache.
+//!
+//! Prompt logprobs: a slot that carries [`PromptAsk`] gets the logits of its rows too (in
+//! groups of [`PROMPT_LOGPROB_ROWS`], each copied to the host), and never takes cached blocks
+//! (a cached row has no logits; vLLM recomputes such prompts too). Every other slot keeps
+//! computing only its sampling row's logits. [`take_prompt_logprobs`](StepRunner::take_prompt_logprobs)
+//! hands them out after the step.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -22,6 +28,7 @@ use crate::experts::Experts;
 use crate::graphs::{DecodeGraphs, GraphStats};
 use crate::kv_cache::{BLOCK_TOKENS, SequenceCache};
 use crate::kv_pool::KvPool;
+use crate::logprobs::{MAX_TOP_LOGPROBS, PromptLogprob, prompt_logprob};
 use crate::model::{DeepSeekModel, StepSeq};
 use crate::prefix_cache::{BlockHash, PrefixCacheStats, block_hash, chain, chain_root};
 use crate::sampling::{Sampled, Sampler, SamplerStart};
@@ -44,7 +51,29 @@ pub struct SlotSpec<K> {
     /// tenant's and the request's salts): sequences share cached blocks only within one salt.
     /// `None` is the unsalted space.
     pub cache_salt: Option<[u8; 32]>,
+    /// Prompt logprobs to compute from this slot's rows; `None` for none (only the sampling
+    /// row's logits are computed).
+    pub prompt_logprobs: Option<PromptAsk>,
+    /// For a sampling slot whose output is constrained: the ids its pick may take, a bit mask
+    /// (bit `i % 32` of word `i / 32`; ids past it may not); every other logit is -inf before
+    /// the pick ([`crate::constraint`]). `None`: any id.
+    pub allowed: Option<Arc<[u32]>>,
 }
+
+/// A slot's request for prompt logprobs.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PromptAsk {
+    /// Alternatives to report at each position (at most [`MAX_TOP_LOGPROBS`]).
+    pub top: usize,
+    /// The token that follows each of the slot's first `targets.len()` rows: row `j`'s logits
+    /// give `targets[j]`'s logprob. At most the slot's rows (the prompt's last row has no
+    /// prompt token after it, so a final chunk has one target fewer than rows).
+    pub targets: Vec<u32>,
+}
+
+/// Rows whose logits are computed and copied to the host at once for prompt logprobs (64 rows
+/// of a 129k vocabulary are 33 MB of f32).
+pub const PROMPT_LOGPROB_ROWS: usize = 64;
 
 /// A picked token.
 #[derive(Debug, Clone, PartialEq)]
@@ -120,6 +149,8 @@ pub struct StepRunner<K> {
     /// Tokens each sequence of the last step took from the prefix cache (only those that took
     /// some).
     hits: Vec<(K, usize)>,
+    /// The prompt logprobs of the last step's slots that asked for them, in slot order.
+    prompt_logprobs: Vec<(K, Vec<PromptLogprob>)>,
     /// Decode steps as CUDA graphs (on a GPU, with in-process experts).
     graphs: DecodeGraphs,
 }
@@ -133,6 +164,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
             overlap: false,
             fingerprint: String::new(),
             hits: Vec::new(),
+            prompt_logprobs: Vec::new(),
             graphs: DecodeGraphs::new(),
         }
     }
@@ -157,6 +189,12 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
     /// For each sequence of the last step that took tokens from the prefix cache: how many.
     pub fn take_prefix_hits(&mut self) -> Vec<(K, usize)> {
         std::mem::take(&mut self.hits)
+    }
+
+    /// For each slot of the last step that asked for prompt logprobs ([`SlotSpec::prompt_logprobs`]):
+    /// one per target, in order.
+    pub fn take_prompt_logprobs(&mut self) -> Vec<(K, Vec<PromptLogprob>)> {
+        std::mem::take(&mut self.prompt_logprobs)
     }
 
     /// A runner with a pool of `blocks` KV blocks on the model's device (one more on a GPU,
@@ -271,9 +309,12 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
         keep: Keep,
     ) -> Result<(Vec<SeqOutput<K>>, Option<Tensor>)> {
         self.hits.clear();
+        self.prompt_logprobs.clear();
         if slots.is_empty() {
             return Ok((Vec::new(), None));
         }
+        self.check_prompt_asks(slots)?;
+        self.check_masks(slots)?;
         let rows: usize = slots.iter().map(|s| s.tokens).sum();
         let ids = if ids.len() == rows { ids } else { &[] };
         // Take the states out of the map so the step can hold them all mutably at once.
@@ -294,7 +335,10 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
             None => self
                 .take_cached(slots, ids, &mut states)
                 .and_then(|skips| {
-                    let out = self.run(slots, &skips, hidden, &mut states, experts, keep)?;
+                    let mut lps = Vec::new();
+                    let out =
+                        self.run(slots, &skips, hidden, &mut states, experts, keep, &mut lps)?;
+                    self.prompt_logprobs = lps;
                     Ok((out, skips))
                 })
                 .map(|(out, skips)| {
@@ -318,8 +362,110 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
         }
         if result.is_err() {
             self.hits.clear();
+            self.prompt_logprobs.clear();
         }
         result
+    }
+
+    /// Rejects a step with a token mask that allows no id of the vocabulary, before anything
+    /// runs (its row would have nothing to pick).
+    fn check_masks(&self, slots: &[SlotSpec<K>]) -> Result<()> {
+        let vocab = self.model.config().vocab_size;
+        for s in slots {
+            let Some(mask) = &s.allowed else {
+                continue;
+            };
+            let none = (0..vocab as u32)
+                .step_by(32)
+                .all(|id| mask.get(id as usize / 32).is_none_or(|&w| w == 0));
+            if none || !s.sample {
+                return Err(EngineError::InvalidInput(format!(
+                    "sequence {:?}: its token mask allows no id (or it does not sample)",
+                    s.key
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Rejects a step whose prompt-logprob requests cannot be served, before anything runs.
+    fn check_prompt_asks(&self, slots: &[SlotSpec<K>]) -> Result<()> {
+        let vocab = self.model.config().vocab_size;
+        for s in slots {
+            let Some(ask) = &s.prompt_logprobs else {
+                continue;
+            };
+            if ask.top > MAX_TOP_LOGPROBS {
+                return Err(EngineError::InvalidInput(format!(
+                    "sequence {:?}: prompt_logprobs asks {} alternatives, the limit is {MAX_TOP_LOGPROBS}",
+                    s.key, ask.top
+                )));
+            }
+            if ask.targets.len() > s.tokens {
+                return Err(EngineError::InvalidInput(format!(
+                    "sequence {:?}: {} prompt-logprob targets for {} rows (at most one per row)",
+                    s.key,
+                    ask.targets.len(),
+                    s.tokens
+                )));
+            }
+            if let Some(t) = ask.targets.iter().find(|&&t| t as usize >= vocab) {
+                return Err(EngineError::InvalidInput(format!(
+                    "sequence {:?}: prompt-logprob target {t} is outside the vocabulary (ids must be below {vocab})",
+                    s.key
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The prompt logprobs of the slots that ask, from `out` (the hidden rows the step
+    /// computed, `computed[i]` of them for slot `i`, in order).
+    fn prompt_logprobs(
+        &self,
+        slots: &[SlotSpec<K>],
+        computed: &[usize],
+        out: &Tensor,
+    ) -> Result<Vec<(K, Vec<PromptLogprob>)>> {
+        use rayon::prelude::*;
+        let mut all = Vec::new();
+        let mut first = 0;
+        for (s, &n) in slots.iter().zip(computed) {
+            let at = first;
+            first += n;
+            let Some(ask) = &s.prompt_logprobs else {
+                continue;
+            };
+            if n != s.tokens {
+                return Err(EngineError::Internal(format!(
+                    "sequence {:?} asks for prompt logprobs but {} of its {} rows came from the prefix cache",
+                    s.key,
+                    s.tokens - n,
+                    s.tokens
+                )));
+            }
+            let mut lps = Vec::with_capacity(ask.targets.len());
+            for (g, targets) in ask.targets.chunks(PROMPT_LOGPROB_ROWS).enumerate() {
+                let rows = out.narrow(0, at + g * PROMPT_LOGPROB_ROWS, targets.len())?;
+                let host = self.model.logits(&rows)?.flatten_all()?.to_vec1::<f32>()?;
+                let vocab = host.len() / targets.len();
+                let group: Vec<Option<PromptLogprob>> = host
+                    .par_chunks_exact(vocab.max(1))
+                    .zip(targets.par_iter())
+                    .map(|(row, &t)| prompt_logprob(row, t, ask.top))
+                    .collect();
+                for (lp, &t) in group.into_iter().zip(targets) {
+                    lps.push(lp.ok_or_else(|| {
+                        EngineError::InvalidInput(format!(
+                            "sequence {:?}: prompt-logprob target {t} is outside the logits row ({vocab} ids)",
+                            s.key
+                        ))
+                    })?);
+                }
+            }
+            all.push((s.key, lps));
+        }
+        Ok(all)
     }
 
     /// Attaches, for each slot that starts on a block boundary, the cached blocks continuing its
@@ -342,6 +488,10 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
             let Some(c) = st.chain.as_mut() else {
                 continue;
             };
+            if s.prompt_logprobs.is_some() {
+                // Every row's logits are wanted: nothing may come from the cache.
+                continue;
+            }
             // The last row is always computed: its logits pick the next token.
             let blocks = s.tokens.saturating_sub(1) / BLOCK_TOKENS;
             if blocks == 0
@@ -442,6 +592,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &mut self,
         slots: &[SlotSpec<K>],
@@ -450,6 +601,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
         states: &mut [SeqState],
         experts: &dyn Experts,
         keep: Keep,
+        prompt_logprobs: &mut Vec<(K, Vec<PromptLogprob>)>,
     ) -> Result<(Vec<SeqOutput<K>>, Option<Tensor>)> {
         // Rows that came from the prefix cache are not computed.
         let computed: Vec<usize> = slots.iter().zip(skips).map(|(s, k)| s.tokens - k).collect();
@@ -491,6 +643,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
         if keep == Keep::All {
             return Ok((Vec::new(), Some(self.model.logits(&out)?)));
         }
+        *prompt_logprobs = self.prompt_logprobs(slots, &computed, &out)?;
         // Logits only for the last row of sequences that sample.
         let mut rows = Vec::new();
         let mut end = 0;
@@ -514,6 +667,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
         let _sampling = span.entered();
         let idx = Tensor::from_vec(rows, n, self.model.device())?;
         let logits = self.model.logits(&out.index_select(&idx, 0)?)?;
+        let logits = masked(logits, slots.iter().filter(|s| s.sample))?;
         let mut keys = Vec::with_capacity(n);
         let mut samplers = Vec::with_capacity(n);
         for (st, s) in states.iter_mut().zip(slots) {
@@ -545,6 +699,39 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
             .collect();
         Ok((outputs, (keep == Keep::Sampled).then_some(logits)))
     }
+}
+
+/// `logits` (`[rows, vocab]`, one row per sampling slot in `sampling`) with -inf for every id
+/// a row's mask does not allow ([`SlotSpec::allowed`]); the rows without a mask are untouched,
+/// and only the masked rows' biases are built and added (on the logits' device).
+fn masked<'a, K: 'a>(
+    logits: Tensor,
+    sampling: impl Iterator<Item = &'a SlotSpec<K>>,
+) -> Result<Tensor> {
+    let (_, vocab) = logits.dims2()?;
+    let mut rows = Vec::new();
+    let mut bias = Vec::new();
+    for (i, s) in sampling.enumerate() {
+        let Some(mask) = &s.allowed else {
+            continue;
+        };
+        rows.push(i as u32);
+        bias.extend((0..vocab as u32).map(|id| {
+            if crate::constraint::allows(mask, id) {
+                0.0
+            } else {
+                f32::NEG_INFINITY
+            }
+        }));
+    }
+    if rows.is_empty() {
+        return Ok(logits);
+    }
+    let m = rows.len();
+    let device = logits.device().clone();
+    let bias = Tensor::from_vec(bias, (m, vocab), &device)?;
+    let idx = Tensor::from_vec(rows, m, &device)?;
+    Ok(logits.index_add(&idx, &bias, 0)?)
 }
 
 /// The next token of every row of `logits` (`[rows, vocab]`, f32), row `i` drawn by
@@ -588,4 +775,48 @@ pub fn pick(logits: &Tensor, samplers: &mut [&mut Sampler]) -> Result<Vec<Sample
         .zip(host.chunks_exact(vocab.max(1)))
         .collect();
     crate::sampling::sample_batch(&mut jobs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(allowed: Option<&[u32]>) -> SlotSpec<u64> {
+        SlotSpec {
+            key: 0,
+            start: 0,
+            tokens: 1,
+            sample: true,
+            sampling: None,
+            cache_salt: None,
+            prompt_logprobs: None,
+            allowed: allowed.map(Arc::from),
+        }
+    }
+
+    #[test]
+    fn a_mask_leaves_its_rows_allowed_ids_and_no_other_row() {
+        let vocab = 40;
+        let rows: Vec<f32> = (0..2 * vocab).map(|i| (i % 7) as f32).collect();
+        let logits =
+            Tensor::from_vec(rows.clone(), (2, vocab), &candle_core::Device::Cpu).expect("logits");
+        // Row 1 may take ids 3 and 35 (word 1, bit 3); a mask shorter than the vocabulary
+        // allows nothing past it.
+        let mask = [1u32 << 3, 1 << 3];
+        let slots = [slot(None), slot(Some(&mask))];
+        let out: Vec<Vec<f32>> = masked(logits, slots.iter())
+            .expect("masked")
+            .to_vec2()
+            .expect("rows");
+        assert_eq!(out[0], rows[..vocab]);
+        for (id, &v) in out[1].iter().enumerate() {
+            if id == 3 || id == 35 {
+                assert_eq!(v, rows[vocab + id]);
+            } else {
+                assert_eq!(v, f32::NEG_INFINITY, "id {id}");
+            }
+        }
+        let picked = crate::sampling::argmax(&out[1]);
+        assert!(picked == 3 || picked == 35);
+    }
 }

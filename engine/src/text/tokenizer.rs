@@ -48,6 +48,9 @@ struct Inner {
     chat_template: Option<ChatTemplate>,
     /// Why there is no chat template, for the error when a chat request arrives anyway.
     no_template_reason: String,
+    /// Constrained decoding's token trie and parser factory, built on first use (or why they
+    /// cannot be).
+    grammars: std::sync::OnceLock<std::result::Result<Arc<crate::constraint::Grammars>, String>>,
 }
 
 /// A tokenizer with its config. Clones share one loaded tokenizer.
@@ -172,8 +175,30 @@ impl TextTokenizer {
                 } else {
                     format!("there is no {}", origin.config)
                 },
+                grammars: std::sync::OnceLock::new(),
             }),
         })
+    }
+
+    /// Each id's bytes, as the byte-level decoder turns it into text (special tokens behind
+    /// toktrie's marker byte, so no text matches them), for constrained decoding's token trie.
+    pub fn token_bytes(&self) -> std::result::Result<Vec<Vec<u8>>, String> {
+        let json = serde_json::to_value(&self.inner.tokenizer).map_err(|e| e.to_string())?;
+        llguidance::token_bytes_from_tokenizer_json(&json).map_err(|e| e.to_string())
+    }
+
+    /// Constrained decoding's grammars over this vocabulary, built on the first call (a few
+    /// hundred milliseconds for a 129k vocabulary) and shared after.
+    pub fn grammars(&self) -> Result<Arc<crate::constraint::Grammars>> {
+        self.inner
+            .grammars
+            .get_or_init(|| {
+                crate::constraint::Grammars::new(self)
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(EngineError::Tokenizer)
     }
 
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {

@@ -228,6 +228,40 @@ pub fn wire_dtype_for(d: DType) -> v1::DType {
     }
 }
 
+/// A prompt token's logprob on the wire.
+pub fn prompt_logprob_to_wire(p: &moemesh_engine::logprobs::PromptLogprob) -> v1::PromptLogprob {
+    v1::PromptLogprob {
+        token_id: p.token,
+        logprob: p.logprob,
+        rank: p.rank,
+        top: (!p.top.is_empty()).then(|| v1::TopLogprobs {
+            token_ids: p.top.iter().map(|t| t.0).collect(),
+            logprobs: p.top.iter().map(|t| t.1).collect(),
+        }),
+    }
+}
+
+/// A prompt token's logprob off the wire (alternatives beyond the shorter of the two lists are
+/// dropped).
+pub fn prompt_logprob_from_wire(p: &v1::PromptLogprob) -> moemesh_engine::logprobs::PromptLogprob {
+    moemesh_engine::logprobs::PromptLogprob {
+        token: p.token_id,
+        logprob: p.logprob,
+        rank: p.rank,
+        top: p
+            .top
+            .as_ref()
+            .map(|t| {
+                t.token_ids
+                    .iter()
+                    .copied()
+                    .zip(t.logprobs.iter().copied())
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -163,6 +163,19 @@ fn step_from(u: &mut Unstructured) -> Result<v1::StepRequest> {
             traceparent: String::new(),
             token_ids: Vec::new(),
             cache_salt: Vec::new(),
+            // Prompt logprobs now and then, with any count and targets (over the rows too).
+            prompt_logprobs: if u.ratio(1, 8)? {
+                Some(u.arbitrary()?)
+            } else {
+                None
+            },
+            prompt_targets: (0..u.int_in_range(0..=6)?)
+                .map(|_| u.arbitrary())
+                .collect::<Result<_>>()?,
+            // A token mask now and then: empty words, stray bits, past the vocabulary.
+            allowed_tokens: (0..u.int_in_range(0..=3)?)
+                .map(|_| u.arbitrary())
+                .collect::<Result<_>>()?,
         });
     }
     let rows = seqs

@@ -4,7 +4,9 @@
 //! tower's `ConcurrencyLimit`, which frees its slot when the handler returns, the permit here
 //! travels with the response *body*, so a server-streaming call holds it until its stream ends
 //! (or its client goes away). When no permit is free the call is answered at once with
-//! RESOURCE_EXHAUSTED: load is shed at the door instead of queueing without bound.
+//! RESOURCE_EXHAUSTED: load is shed at the door instead of queueing without bound. A call the
+//! layer let in finds [`Pending`] in its extensions, to take more permits once it knows it
+//! counts for more than one (a request for n choices).
 //!
 //! [`EdgeStatusLayer`] gives transport-level answers the status gRPC specifies: RESOURCE_EXHAUSTED
 //! for a request message or metadata over its limit, INVALID_ARGUMENT for a request message that
@@ -27,6 +29,7 @@ use crate::MeshError;
 pub struct InflightLimitLayer {
     paths: &'static [&'static str],
     permits: Arc<Semaphore>,
+    limit: usize,
     message: Arc<str>,
 }
 
@@ -36,6 +39,7 @@ impl InflightLimitLayer {
         InflightLimitLayer {
             paths,
             permits: Arc::new(Semaphore::new(limit)),
+            limit,
             message: message.into(),
         }
     }
@@ -50,7 +54,56 @@ impl InflightLimitLayer {
             .try_acquire_owned()
             .map_err(|_| MeshError::Overloaded(self.message.to_string()).into())
     }
+
+    /// The handle a call let in gets (in its extensions) for more permits.
+    pub fn more(&self) -> Pending {
+        Pending(MorePermits::new(
+            self.permits.clone(),
+            self.limit,
+            self.message.clone(),
+        ))
+    }
 }
+
+/// More permits of a limit whose first permit a call already holds: the layer that took the
+/// first puts its handle in the request's extensions, and a handler that learns the call counts
+/// for more (n choices count as n requests) takes the rest before it starts any work.
+#[derive(Clone)]
+pub struct MorePermits {
+    permits: Arc<Semaphore>,
+    /// How many permits the limit has in all.
+    pub limit: usize,
+    /// RESOURCE_EXHAUSTED text when they are not free now.
+    message: Arc<str>,
+}
+
+impl MorePermits {
+    /// The limit of `limit` permits that `permits` counts; `message` says it is reached.
+    pub fn new(permits: Arc<Semaphore>, limit: usize, message: impl Into<Arc<str>>) -> Self {
+        MorePermits {
+            permits,
+            limit,
+            message: message.into(),
+        }
+    }
+
+    /// `n` more permits (none for 0), held until dropped; RESOURCE_EXHAUSTED with the limit's
+    /// message when they are not all free now (none is taken then).
+    pub fn try_take(&self, n: u32) -> Result<Option<OwnedSemaphorePermit>, MeshError> {
+        if n == 0 {
+            return Ok(None);
+        }
+        self.permits
+            .clone()
+            .try_acquire_many_owned(n)
+            .map(Some)
+            .map_err(|_| MeshError::Overloaded(self.message.to_string()))
+    }
+}
+
+/// [`InflightLimitLayer`]'s [`MorePermits`], in the extensions of each call it let in.
+#[derive(Clone)]
+pub struct Pending(pub MorePermits);
 
 impl<S> Layer<S> for InflightLimitLayer {
     type Service = InflightLimit<S>;
@@ -87,10 +140,13 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<ReqBody>) -> Self::Future {
         let permit = if self.layer.paths.contains(&req.uri().path()) {
             match self.layer.permits.clone().try_acquire_owned() {
-                Ok(p) => Some(p),
+                Ok(p) => {
+                    req.extensions_mut().insert(self.layer.more());
+                    Some(p)
+                }
                 Err(_) => {
                     let status =
                         tonic::Status::from(MeshError::Overloaded(self.layer.message.to_string()));
@@ -393,6 +449,23 @@ impl<B> Drop for EdgeBody<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn more_permits_are_all_or_nothing_and_come_back_when_dropped() {
+        let layer = InflightLimitLayer::new(&["/x"], 3, "at capacity (--max-pending 3)");
+        let first = layer.try_acquire().expect("the door's permit");
+        let more = layer.more().0;
+        assert_eq!(more.limit, 3);
+        assert!(more.try_take(0).expect("nothing to take").is_none());
+        let two = more.try_take(2).expect("two of the three");
+        let err = more.try_take(1).expect_err("none left");
+        assert!(err.to_string().contains("--max-pending 3"), "{err}");
+        drop(two);
+        // Three asked with one held: none is taken.
+        assert!(more.try_take(3).is_err());
+        assert!(more.try_take(2).is_ok());
+        drop(first);
+    }
 
     /// `status` as the headers of a trailers-only answer, through [`fix_status`].
     fn fixed(status: tonic::Status) -> (Option<tonic::Code>, tonic::Status) {

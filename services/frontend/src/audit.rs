@@ -320,6 +320,7 @@ mod tests {
             request_id: String::new(),
             index: 0,
             top_logprobs: Vec::new(),
+            prompt_logprobs: Vec::new(),
         })
     }
 

@@ -9,7 +9,7 @@
 //! key = "a-long-random-secret"  # or key_sha256 = "<hex SHA-256 of the key>", to keep no secret on disk
 //! requests_per_second = 5.0     # optional: a token bucket over every call of this key
 //! burst = 10                    # optional: the bucket's size (default: requests/s rounded up)
-//! max_streams = 2               # optional: Generate streams open at once
+//! max_streams = 2               # optional: Generate streams open at once (n choices count n)
 //! methods = ["Generate", "Tokenize", "ModelInfo"]  # optional: what the key may call (default: all)
 //!                                                  # ("Generate" also grants Complete and Abort)
 //! ```
@@ -53,6 +53,19 @@ const MIN_KEY_BYTES: usize = 16;
 /// The caller's key id, put in each authenticated request's extensions for the handlers.
 #[derive(Clone, Debug)]
 pub struct KeyId(pub Arc<str>);
+
+/// More of the caller key's `max_streams` permits, put in the extensions of a generating call
+/// whose key has that limit: a request for n choices holds n (the layer took the first).
+#[derive(Clone)]
+pub struct KeyStreams(pub moemesh_common::layers::MorePermits);
+
+/// A call the keys let through: its key, the key's stream permit it holds while it runs, and
+/// the handle for more of them.
+pub struct Passed {
+    pub key: KeyId,
+    pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    pub more: Option<KeyStreams>,
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -285,15 +298,14 @@ impl AuthLayer {
 
     /// The same check for a call that came over HTTP (the OpenAI API) to `method` of the
     /// Generation service: the same keys, grants, rates and stream caps. On a pass, the key (if
-    /// keys are configured) and the stream permit to hold while the call runs.
+    /// keys are configured) with the stream permit to hold while the call runs.
     pub fn check_http(
         &self,
         method: &str,
         headers: &http::HeaderMap,
-    ) -> Result<(Option<KeyId>, Option<tokio::sync::OwnedSemaphorePermit>), tonic::Status> {
+    ) -> Result<Option<Passed>, tonic::Status> {
         match self.judge(&format!("{PROTECTED}{method}"), headers) {
-            Verdict::Pass(None) => Ok((None, None)),
-            Verdict::Pass(Some((key, permit))) => Ok((Some(key), permit)),
+            Verdict::Pass(passed) => Ok(passed),
             Verdict::Refuse(status, key) => {
                 if method == GENERATE {
                     crate::metered::count_request(status.code());
@@ -326,7 +338,7 @@ pub struct Auth<S> {
 
 /// What happens to one call.
 enum Verdict {
-    Pass(Option<(KeyId, Option<tokio::sync::OwnedSemaphorePermit>)>),
+    Pass(Option<Passed>),
     Refuse(tonic::Status, Option<Arc<str>>),
 }
 
@@ -359,21 +371,31 @@ impl AuthLayer {
                 key.id
             )));
         }
-        let permit = match &key.streams {
+        let (permit, more) = match &key.streams {
             Some((open, limit)) if GENERATING.contains(&method) => {
+                let message = format!(
+                    "API key {:?}: {limit} Generate streams are open, its limit (max_streams; a request for n choices counts n); retry when one ends",
+                    key.id
+                );
                 match open.clone().try_acquire_owned() {
-                    Ok(p) => Some(p),
-                    Err(_) => {
-                        return refuse(MeshError::Overloaded(format!(
-                            "API key {:?}: {limit} Generate streams are open, its limit (max_streams); retry when one ends",
-                            key.id
-                        )));
-                    }
+                    Ok(p) => (
+                        Some(p),
+                        Some(KeyStreams(moemesh_common::layers::MorePermits::new(
+                            open.clone(),
+                            *limit,
+                            message,
+                        ))),
+                    ),
+                    Err(_) => return refuse(MeshError::Overloaded(message)),
                 }
             }
-            _ => None,
+            _ => (None, None),
         };
-        Verdict::Pass(Some((KeyId(key.id.clone()), permit)))
+        Verdict::Pass(Some(Passed {
+            key: KeyId(key.id.clone()),
+            permit,
+            more,
+        }))
     }
 }
 
@@ -397,9 +419,12 @@ where
     fn call(&mut self, mut req: http::Request<ReqBody>) -> Self::Future {
         let permit = match self.layer.judge(req.uri().path(), req.headers()) {
             Verdict::Pass(None) => None,
-            Verdict::Pass(Some((key, permit))) => {
-                req.extensions_mut().insert(key);
-                permit
+            Verdict::Pass(Some(passed)) => {
+                req.extensions_mut().insert(passed.key);
+                if let Some(more) = passed.more {
+                    req.extensions_mut().insert(more);
+                }
+                passed.permit
             }
             Verdict::Refuse(status, key) => {
                 let method = req.uri().path().rsplit('/').next().unwrap_or_default();

@@ -72,8 +72,9 @@ pub struct FrontendConfig {
     /// Most sequences running on one gate at once (the rest wait, first come first served).
     #[arg(long, env = "MOEMESH_MAX_RUNNING", default_value_t = 256)]
     pub max_running: usize,
-    /// Most requests accepted and not yet finished (running or waiting); beyond it Generate
-    /// answers RESOURCE_EXHAUSTED at once instead of queueing without bound.
+    /// Most requests accepted and not yet finished (running or waiting), a request for n
+    /// choices counting n; beyond it Generate answers RESOURCE_EXHAUSTED at once instead of
+    /// queueing without bound.
     #[arg(long, env = "MOEMESH_MAX_PENDING", default_value_t = 1024)]
     pub max_pending: usize,
     /// Largest prompt text (or chat) in bytes.

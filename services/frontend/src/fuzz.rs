@@ -92,6 +92,11 @@ pub fn generate_request(data: &[u8]) -> Outcome {
     assert!(out.stop_token_ids.iter().all(|&id| (id as usize) < vocab));
     assert!(out.min_new_tokens <= out.max_new_tokens);
     assert!(out.top_logprobs <= moemesh_engine::logprobs::MAX_TOP_LOGPROBS);
+    if let Some(top) = out.prompt_logprobs {
+        use moemesh_engine::logprobs::{MAX_PROMPT_LOGPROB_ENTRIES, MAX_TOP_LOGPROBS};
+        assert!(top <= MAX_TOP_LOGPROBS);
+        assert!((out.prompt_ids.len() - 1) * (top + 1) <= MAX_PROMPT_LOGPROB_ENTRIES);
+    }
     assert!((1..=crate::request::MAX_CHOICES).contains(&crate::request::choices(&req)));
     let context = f.model.max_position_embeddings;
     match SequenceDecoder::new(&out, f.tokenizer.as_ref(), Vec::new().into(), context) {
@@ -202,6 +207,24 @@ fn request_from(u: &mut Unstructured) -> Result<v1::GenerateRequest> {
                 pick(u, &[1, 20, 21])?
             } else {
                 0
+            },
+            prompt_logprobs: if u.ratio(1, 8)? {
+                Some(pick(u, &[0, 20, 21])?)
+            } else {
+                None
+            },
+            // A constraint now and then: good, bad, and one that cannot compile.
+            constraint: if u.ratio(1, 16)? {
+                use v1::constraint::Kind;
+                let kind = match u.int_in_range(0..=3)? {
+                    0 => Kind::Regex("[0-9]{2}".into()),
+                    1 => Kind::Regex("(".into()),
+                    2 => Kind::JsonSchema(r#"{"type":"integer"}"#.into()),
+                    _ => Kind::JsonObject(u.arbitrary()?),
+                };
+                Some(v1::Constraint { kind: Some(kind) })
+            } else {
+                None
             },
             ..Default::default()
         })

@@ -320,6 +320,7 @@ impl StepLoop {
             decoder: n.decoder,
             cache_salt: n.cache_salt,
             cached_tokens: 0,
+            prompt_logprobs: Vec::new(),
             payload: Client {
                 request_id: n.request_id,
                 index: n.index,
@@ -460,6 +461,10 @@ impl StepLoop {
                     top_logprobs: st.top_logprobs as u32,
                 }
             });
+            let (prompt_logprobs, prompt_targets) = match &slot.prompt_logprobs {
+                Some(ask) => (Some(ask.top as u32), ask.targets.clone()),
+                None => (None, Vec::new()),
+            };
             seq_steps.push(SeqStep {
                 seq_id: slot.key,
                 start_position: slot.start as u32,
@@ -474,6 +479,13 @@ impl StepLoop {
                     .map(<[u32]>::to_vec)
                     .unwrap_or_default(),
                 cache_salt,
+                prompt_logprobs,
+                prompt_targets,
+                allowed_tokens: slot
+                    .allowed
+                    .as_deref()
+                    .map(<[u32]>::to_vec)
+                    .unwrap_or_default(),
             });
             row += slot.tokens;
         }
@@ -563,6 +575,15 @@ impl StepLoop {
             .map(|c| (c.seq_id, c.tokens as usize))
             .collect();
         self.batch.on_prefix_hits(&hits);
+        self.batch.on_prompt_logprobs(
+            resp.prompt_logprobs
+                .iter()
+                .map(|p| {
+                    let lps = p.logprobs.iter().map(codec::prompt_logprob_from_wire);
+                    (p.seq_id, lps.collect())
+                })
+                .collect(),
+        );
         let done = self.batch.on_tokens(step, &outputs, deliver);
         for (s, finish) in done {
             let outcome = match finish {
@@ -702,6 +723,7 @@ fn deliver(s: &mut Sequence<Client>, t: &Token) {
             request_id: c.request_id.clone(),
             index: c.index,
             top_logprobs: top_logprobs(t),
+            prompt_logprobs: prompt_logprobs(t),
         },
     };
     let _ = s.payload.tx.send(Ok(msg));
@@ -734,7 +756,16 @@ fn last_message(
         request_id: c.request_id.clone(),
         index: c.index,
         top_logprobs: token.map(top_logprobs).unwrap_or_default(),
+        prompt_logprobs: token.map(prompt_logprobs).unwrap_or_default(),
     }
+}
+
+/// The prompt logprobs a sequence's first token carries, on the wire.
+fn prompt_logprobs(t: &Token) -> Vec<v1::PromptLogprob> {
+    t.prompt_logprobs
+        .iter()
+        .map(codec::prompt_logprob_to_wire)
+        .collect()
 }
 
 /// A token's alternatives on the wire: one entry per token, or none when not asked for.

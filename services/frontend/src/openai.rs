@@ -189,6 +189,14 @@ struct Common {
     min_tokens: Option<u32>,
     #[serde(default)]
     ignore_eos: bool,
+    /// vLLM's `prompt_logprobs`: each prompt token's logprob, with this many alternatives.
+    prompt_logprobs: Option<u32>,
+    /// OpenAI's structured output: `{"type": "json_schema", "json_schema": {"schema": …}}`,
+    /// `{"type": "json_object"}` or `{"type": "text"}` (vLLM takes it on both endpoints).
+    response_format: Option<Value>,
+    /// vLLM's guided decoding extensions.
+    guided_regex: Option<String>,
+    guided_json: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -203,7 +211,6 @@ struct ChatRequest {
     logprobs: Option<bool>,
     top_logprobs: Option<u32>,
     tools: Option<Value>,
-    response_format: Option<Value>,
     #[serde(flatten)]
     common: Common,
 }
@@ -229,8 +236,41 @@ fn unavailable(m: impl Into<String>) -> Status {
     MeshError::Unavailable(m.into()).into()
 }
 
-/// An OpenAI-shaped error response for a status.
+/// An OpenAI-shaped error response for a status whose fields are already OpenAI's.
 fn error(status: Status) -> Response {
+    error_in(status, None)
+}
+
+/// The OpenAI (or vLLM extension) name of the request field a Generate field path stands for,
+/// as `param` says it: `sampling.n` is `n`, `stopping.stop[1]` is `stop`,
+/// `stopping.max_new_tokens` is `max_tokens`. `ep` is the endpoint and whether the request
+/// named `max_completion_tokens`; without it only the names both endpoints share are mapped.
+fn openai_param(field: &str, ep: Option<(Kind, bool)>) -> String {
+    let path = field.split('[').next().unwrap_or(field);
+    let input = match ep {
+        Some((Kind::Chat, _)) => "messages",
+        Some((Kind::Completion, _)) => "prompt",
+        None => path,
+    };
+    if path.starts_with("response_format") || path.starts_with("sampling.constraint.json") {
+        return "response_format".into();
+    }
+    let name = match path {
+        "sampling.constraint.regex" => "guided_regex",
+        "sampling.top_logprobs" if matches!(ep, Some((Kind::Completion, _))) => "logprobs",
+        "stopping.max_new_tokens" if matches!(ep, Some((_, true))) => "max_completion_tokens",
+        "stopping.max_new_tokens" => "max_tokens",
+        "stopping.min_new_tokens" => "min_tokens",
+        "input" | "prompt" | "chat" | "chat.messages" | "tokens.ids" => input,
+        "request_id" => "user",
+        other => other.rsplit('.').next().unwrap_or(other),
+    };
+    name.to_string()
+}
+
+/// An OpenAI-shaped error response for a status from the Generate path: its field named as
+/// the endpoint `ep` spells it ([`openai_param`]).
+fn error_in(status: Status, ep: Option<(Kind, bool)>) -> Response {
     let (http, kind) = match status.code() {
         Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
             (StatusCode::BAD_REQUEST, "invalid_request_error")
@@ -249,7 +289,7 @@ fn error(status: Status) -> Response {
     let param = status
         .get_details_bad_request()
         .and_then(|b| b.field_violations.into_iter().next())
-        .map(|v| v.field);
+        .map(|v| openai_param(&v.field, ep));
     let body = json!({"error": {
         "message": message,
         "type": kind,
@@ -279,8 +319,51 @@ impl Common {
         Ok(())
     }
 
-    fn request(self, input: Input) -> GenerateRequest {
-        GenerateRequest {
+    /// The output constraint `response_format`, `guided_regex` or `guided_json` asks for (at
+    /// most one of them).
+    fn constraint(&self) -> Result<Option<v1::Constraint>, Status> {
+        use v1::constraint::Kind;
+        let format = match self.response_format.as_ref().filter(|f| !f.is_null()) {
+            None => None,
+            Some(f) => match f.get("type").and_then(Value::as_str) {
+                Some("text") => None,
+                Some("json_object") => Some(Kind::JsonObject(true)),
+                Some("json_schema") => {
+                    let schema = f
+                        .get("json_schema")
+                        .and_then(|j| j.get("schema"))
+                        .filter(|s| s.is_object())
+                        .ok_or_else(|| {
+                            invalid("response_format.json_schema.schema: required, a JSON schema object")
+                        })?;
+                    Some(Kind::JsonSchema(schema.to_string()))
+                }
+                other => {
+                    return Err(invalid(format!(
+                        "response_format.type: {other:?}; one of \"text\", \"json_object\" or \"json_schema\""
+                    )));
+                }
+            },
+        };
+        let regex = self.guided_regex.clone().map(Kind::Regex);
+        let json = match &self.guided_json {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(Kind::JsonSchema(s.clone())),
+            Some(v) => Some(Kind::JsonSchema(v.to_string())),
+        };
+        let mut kinds = [format, regex, json].into_iter().flatten();
+        let kind = kinds.next();
+        if kinds.next().is_some() {
+            return Err(invalid(
+                "response_format: give one of response_format, guided_regex and guided_json",
+            ));
+        }
+        Ok(kind.map(|k| v1::Constraint { kind: Some(k) }))
+    }
+
+    fn request(self, input: Input) -> Result<GenerateRequest, Status> {
+        let constraint = self.constraint()?;
+        Ok(GenerateRequest {
             input: Some(input),
             sampling: Some(v1::SamplingParams {
                 // OpenAI's default temperature is 1.
@@ -296,6 +379,8 @@ impl Common {
                 n: self.n.unwrap_or(1),
                 // Set by the endpoint, whose field it is (`top_logprobs` or `logprobs`).
                 top_logprobs: 0,
+                prompt_logprobs: self.prompt_logprobs,
+                constraint,
             }),
             stopping: Some(StoppingCriteria {
                 max_new_tokens: self.max_completion_tokens.or(self.max_tokens),
@@ -306,7 +391,7 @@ impl Common {
             }),
             request_id: self.user.unwrap_or_default(),
             cache_salt: self.cache_salt.unwrap_or_default(),
-        }
+        })
     }
 }
 
@@ -456,6 +541,25 @@ impl Shape {
         }
     }
 
+    /// Prompt logprobs as vLLM returns them: `null` for the first prompt token, then for each
+    /// token a map from token id (as a string) to `{logprob, rank, decoded_token}`, holding the
+    /// prompt token and its alternatives (ranked 1, 2, …).
+    fn prompt_logprobs(&self, lps: &[v1::PromptLogprob]) -> Value {
+        let entry = |id: u32, logprob: f32, rank: u32| json!({"logprob": logprob, "rank": rank, "decoded_token": (self.token_text)(id)});
+        let mut out = vec![Value::Null];
+        for p in lps {
+            let mut m = serde_json::Map::new();
+            if let Some(t) = &p.top {
+                for (k, (&id, &l)) in (1u32..).zip(t.token_ids.iter().zip(&t.logprobs)) {
+                    m.insert(id.to_string(), entry(id, l, k));
+                }
+            }
+            m.insert(p.token_id.to_string(), entry(p.token_id, p.logprob, p.rank));
+            out.push(Value::Object(m));
+        }
+        Value::Array(out)
+    }
+
     fn choice(
         &self,
         index: u32,
@@ -544,13 +648,6 @@ async fn chat(State(api): State<Api>, headers: HeaderMap, body: axum::body::Body
     }
     if req.tools.as_ref().is_some_and(|t| !t.is_null()) {
         return error(invalid("tools: tool calling is not supported"));
-    }
-    if let Some(f) = req.response_format.as_ref().filter(|f| !f.is_null())
-        && f.get("type").and_then(Value::as_str) != Some("text")
-    {
-        return error(invalid(
-            "response_format: only {\"type\": \"text\"} is supported (no JSON schema yet)",
-        ));
     }
     let top = req.top_logprobs.unwrap_or(0);
     if top > 0 && req.logprobs != Some(true) {
@@ -642,13 +739,17 @@ async fn run(
     shape.reasoning = api.reasoning && kind == Kind::Chat;
     shape.n = common.n.unwrap_or(1).max(1);
     let stream = common.stream;
-    let mut req = common.request(input);
+    let ep = Some((kind, common.max_completion_tokens.is_some()));
+    let mut req = match common.request(input) {
+        Ok(r) => r,
+        Err(status) => return error_in(status, ep),
+    };
     if let Some(s) = req.sampling.as_mut() {
         s.top_logprobs = logprobs.top;
     }
     let tokens = match (api.generate)(req, headers).await {
         Ok(s) => s,
-        Err(status) => return error(status),
+        Err(status) => return error_in(status, ep),
     };
     if stream {
         Sse::new(events(tokens, shape)).into_response()
@@ -666,6 +767,8 @@ struct Gathered {
     logprobs: Vec<f32>,
     /// Each token's alternatives, when asked for.
     tops: Vec<v1::TopLogprobs>,
+    /// The prompt's logprobs (choice 0's, when asked for).
+    prompt: Vec<v1::PromptLogprob>,
     finish: Option<&'static str>,
 }
 
@@ -680,7 +783,7 @@ async fn whole(
     while let Some(m) = tokens.next().await {
         let m = match m {
             Ok(m) => m,
-            Err(status) => return error(status),
+            Err(status) => return error_in(status, Some((shape.kind, false))),
         };
         let i = m.index as usize;
         if choices.len() <= i {
@@ -691,11 +794,18 @@ async fn whole(
         c.pieces.push(m.text.clone());
         c.logprobs.extend(&m.logprobs);
         c.tops.extend(m.top_logprobs);
+        c.prompt.extend(m.prompt_logprobs);
         c.finish = c.finish.or(finish_reason(m.finish_reason));
         if let Some(u) = m.usage {
             used = add_usage(used, u);
         }
     }
+    // Computed once (with choice 0) and, as vLLM does, on every choice of a completion, or
+    // beside the choices of a chat completion.
+    let prompt = choices
+        .first()
+        .filter(|c| !c.prompt.is_empty())
+        .map(|c| shape.prompt_logprobs(&c.prompt));
     let choices = (0u32..)
         .zip(&choices)
         .map(|(i, c)| {
@@ -711,8 +821,18 @@ async fn whole(
                 shape.choice(i, &c.text, c.finish, lp, false)
             }
         })
+        .map(|mut choice| {
+            if let Some(p) = prompt.as_ref().filter(|_| shape.kind == Kind::Completion) {
+                choice["prompt_logprobs"] = p.clone();
+            }
+            choice
+        })
         .collect();
-    Json(shape.body(choices, used.as_ref().map(usage), false)).into_response()
+    let mut body = shape.body(choices, used.as_ref().map(usage), false);
+    if let Some(p) = prompt.filter(|_| shape.kind == Kind::Chat) {
+        body["prompt_logprobs"] = p;
+    }
+    Json(body).into_response()
 }
 
 /// Server-sent events: a chunk per token (the first of each choice names the assistant role),
@@ -758,7 +878,19 @@ fn events(
                 } else {
                     s.choice(m.index, &m.text, finish, lp, true)
                 };
-                let mut v = vec![s.body(vec![choice], None, true)];
+                // Choice 0's first chunk carries the prompt's logprobs (on the choice of a
+                // completion, beside it in a chat completion, as the whole response has them).
+                let prompt =
+                    (!m.prompt_logprobs.is_empty()).then(|| s.prompt_logprobs(&m.prompt_logprobs));
+                let mut choice = choice;
+                if let Some(p) = prompt.as_ref().filter(|_| s.kind == Kind::Completion) {
+                    choice["prompt_logprobs"] = p.clone();
+                }
+                let mut body = s.body(vec![choice], None, true);
+                if let Some(p) = prompt.filter(|_| s.kind == Kind::Chat) {
+                    body["prompt_logprobs"] = p;
+                }
+                let mut v = vec![body];
                 if let Some(u) = m.usage {
                     used = add_usage(used, u);
                     finished += 1;
@@ -824,7 +956,10 @@ mod tests {
             "min_p": 0.1, "repetition_penalty": 1.3, "stop_token_ids": [7, 9], "min_tokens": 3,
             "ignore_eos": true}"#;
         let req: CompletionRequest = parse(body).expect("parses");
-        let g = req.common.request(Input::Prompt("x".into()));
+        let g = req
+            .common
+            .request(Input::Prompt("x".into()))
+            .expect("valid");
         let s = g.sampling.expect("sampling");
         assert_eq!(
             (
@@ -842,12 +977,52 @@ mod tests {
         );
         // Unset, they are off.
         let req: CompletionRequest = parse(br#"{"prompt": "x"}"#).expect("parses");
-        let g = req.common.request(Input::Prompt("x".into()));
+        let g = req
+            .common
+            .request(Input::Prompt("x".into()))
+            .expect("valid");
         let s = g.sampling.expect("sampling");
         assert_eq!(
             (s.presence_penalty, s.min_p, s.repetition_penalty),
             (0.0, None, None)
         );
+    }
+
+    #[test]
+    fn params_are_named_as_openai_spells_them() {
+        let chat = Some((Kind::Chat, false));
+        let completion = Some((Kind::Completion, false));
+        for (field, ep, want) in [
+            ("sampling.n", chat, "n"),
+            ("sampling.temperature", None, "temperature"),
+            ("sampling.top_logprobs", chat, "top_logprobs"),
+            ("sampling.top_logprobs", completion, "logprobs"),
+            ("sampling.prompt_logprobs", completion, "prompt_logprobs"),
+            ("stopping.max_new_tokens", chat, "max_tokens"),
+            (
+                "stopping.max_new_tokens",
+                Some((Kind::Chat, true)),
+                "max_completion_tokens",
+            ),
+            ("stopping.min_new_tokens", completion, "min_tokens"),
+            ("stopping.stop[2]", completion, "stop"),
+            ("stopping.stop_token_ids[1]", chat, "stop_token_ids"),
+            ("chat.messages", chat, "messages"),
+            ("input", completion, "prompt"),
+            ("request_id", chat, "user"),
+            ("sampling.constraint.regex", completion, "guided_regex"),
+            ("sampling.constraint.json_schema", chat, "response_format"),
+            (
+                "response_format.json_schema.schema",
+                None,
+                "response_format",
+            ),
+            // Already OpenAI's: unchanged.
+            ("response_format", None, "response_format"),
+            ("prompt", None, "prompt"),
+        ] {
+            assert_eq!(openai_param(field, ep), want, "{field}");
+        }
     }
 
     #[test]

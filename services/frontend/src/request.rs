@@ -2,6 +2,7 @@
 //! INVALID_ARGUMENT with the field and the limit in the message.
 
 use moemesh_common::{MeshError, MeshResult};
+use moemesh_engine::constraint::ConstraintSpec;
 use moemesh_engine::text::{ChatMessage, TextTokenizer};
 use moemesh_engine::{GenerationRequest, Limits, ModelConfig, SamplingParams};
 use moemesh_proto::v1::{self, generate_request::Input};
@@ -17,7 +18,7 @@ pub const MAX_CHOICES: u32 = 16;
 
 /// How many choices a validated request asks for (`sampling.n`; 0 means 1).
 pub fn choices(req: &v1::GenerateRequest) -> u32 {
-    req.sampling.map_or(1, |s| s.n.max(1))
+    req.sampling.as_ref().map_or(1, |s| s.n.max(1))
 }
 
 /// The prefix-cache salt a gate gets for a request: a digest of the caller's API key id (when
@@ -129,7 +130,7 @@ pub fn to_engine_request(
         Some(Input::Chat(c)) => tokenize(None, Some(c), tok, cfg.max_prompt_bytes)?,
         None => tokenize(None, None, tok, cfg.max_prompt_bytes)?,
     };
-    let s = req.sampling.unwrap_or_default();
+    let s = req.sampling.clone().unwrap_or_default();
     if s.n > MAX_CHOICES {
         return Err(MeshError::Invalid(format!(
             "sampling.n: {} choices, the limit is {MAX_CHOICES}",
@@ -157,6 +158,8 @@ pub fn to_engine_request(
         stop_token_ids: stopping.stop_token_ids,
         min_new_tokens: stopping.min_new_tokens as usize,
         top_logprobs: s.top_logprobs as usize,
+        prompt_logprobs: s.prompt_logprobs.map(|n| n as usize),
+        constraint: constraint(s.constraint.as_ref())?,
     };
     let limits = Limits {
         max_new_tokens: cfg.max_new_tokens_limit as usize,
@@ -181,6 +184,23 @@ pub fn to_engine_request(
         ));
     }
     Ok((out, rendered))
+}
+
+/// A request's constraint as the engine takes it (`None` when unset or empty).
+fn constraint(c: Option<&v1::Constraint>) -> MeshResult<Option<ConstraintSpec>> {
+    use v1::constraint::Kind;
+    Ok(match c.and_then(|c| c.kind.as_ref()) {
+        None => None,
+        Some(Kind::Regex(r)) if r.is_empty() => {
+            return Err(MeshError::Invalid(
+                "sampling.constraint.regex: empty".into(),
+            ));
+        }
+        Some(Kind::Regex(r)) => Some(ConstraintSpec::Regex(r.clone())),
+        Some(Kind::JsonSchema(s)) => Some(ConstraintSpec::JsonSchema(s.clone())),
+        Some(Kind::JsonObject(true)) => Some(ConstraintSpec::JsonObject),
+        Some(Kind::JsonObject(false)) => None,
+    })
 }
 
 /// The prompt as the model reads it, for the audit log: a prompt's UTF-8 bytes, the rendered

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
+use moemesh_common::layers::Pending;
 use moemesh_common::metrics::names;
 use moemesh_common::registry::{Member, Registry, RegistryConfig, Role};
 use moemesh_common::{MeshError, MeshResult, metrics as mesh_metrics, serve, telemetry};
@@ -26,7 +27,7 @@ use tonic::{Request, Response, Status};
 
 use crate::abort::Running;
 use crate::audit::{AuditLog, Audited, Trail};
-use crate::auth::{ApiKeys, AuthLayer, KeyId};
+use crate::auth::{ApiKeys, AuthLayer, KeyId, KeyStreams};
 use crate::config::FrontendConfig;
 use crate::gate_link::{Ctx, GateLink, NewSeq};
 use crate::{metered, request};
@@ -137,6 +138,8 @@ impl GenerationService {
         let f = &self.0;
         let deadline = grpc_timeout(request.metadata()).map(|t| start + t);
         let key = request.extensions().get::<KeyId>().map(|k| k.0.clone());
+        let pending = request.extensions().get::<Pending>().cloned();
+        let key_streams = request.extensions().get::<KeyStreams>().cloned();
         let req = request.into_inner();
         // Not one that validation will refuse for its length: that stays off the span too.
         if req.request_id.len() <= request::MAX_REQUEST_ID_BYTES {
@@ -160,6 +163,10 @@ impl GenerationService {
                     .sampling
                     .seed
                     .map(|s| s.wrapping_add(u64::from(i)));
+                if i > 0 {
+                    // The prompt's logprobs come once, with choice 0.
+                    choice.prompt_logprobs = None;
+                }
                 let decoder = SequenceDecoder::new(
                     &choice,
                     f.ctx.tokenizer.as_ref(),
@@ -171,6 +178,9 @@ impl GenerationService {
             }
             (choices, rendered)
         };
+        // Before any work: the permits of its further choices.
+        let n = choices.len() as u32;
+        let more = more_permits(n, pending.as_ref(), key_streams.as_ref())?;
         let prompt_len = choices.first().map_or(0, |(r, _)| r.prompt_ids.len());
         span.record("prompt_tokens", prompt_len);
         if let Some(trail) = trail {
@@ -208,16 +218,49 @@ impl GenerationService {
         }
         drop(tx);
         metrics::counter!(names::PROMPT_TOKENS).increment(prompt_len as u64);
-        let n = request::choices(&req);
         let stream =
             metered::Metered::new(UnboundedReceiverStream::new(rx), start, span.clone(), n)
-                // Abort can find the request for as long as its stream is open.
+                // Abort can find the request for as long as its stream is open, and its
+                // choices count against the limits as long.
                 .map(move |m| {
-                    let _running = &registered;
+                    let _running = (&registered, &more);
                     m
                 });
         Ok(Response::new(Box::pin(stream)))
     }
+}
+
+/// A request for `n` choices is `n` sequences on a gate, so it counts as `n` requests against
+/// `--max-pending` and as `n` streams against its key's `max_streams`, as vLLM's `max_num_seqs`
+/// counts each sequence of a request: the door took one permit of each, this takes the other
+/// `n - 1` (held while the request runs). A request for more choices than a limit has in all is
+/// INVALID_ARGUMENT naming `sampling.n` and the limit; one that does not fit now is
+/// RESOURCE_EXHAUSTED, as a request over the limit at the door is.
+fn more_permits(
+    n: u32,
+    pending: Option<&Pending>,
+    key: Option<&KeyStreams>,
+) -> MeshResult<Vec<tokio::sync::OwnedSemaphorePermit>> {
+    let limits = [
+        pending.map(|p| (&p.0, "requests at once on this server (--max-pending)")),
+        key.map(|k| {
+            (
+                &k.0,
+                "Generate streams at once for this API key (max_streams)",
+            )
+        }),
+    ];
+    let mut held = Vec::new();
+    for (more, what) in limits.into_iter().flatten() {
+        if n as usize > more.limit {
+            return Err(MeshError::Invalid(format!(
+                "sampling.n: {n} choices count as {n} requests, and at most {} {what} may run",
+                more.limit
+            )));
+        }
+        held.extend(more.try_take(n.saturating_sub(1))?);
+    }
+    Ok(held)
 }
 
 #[tonic::async_trait]
@@ -635,7 +678,7 @@ async fn serve_http(
     let generate: crate::openai::Generator = Arc::new(move |req, headers| {
         let (service, auth, shed) = (service.clone(), auth.clone(), shed.clone());
         Box::pin(async move {
-            let (key, permit) = auth.check_http("Generate", &headers)?;
+            let passed = auth.check_http("Generate", &headers)?;
             // After the key check, as on gRPC: a call without a valid key takes no permit.
             let pending = shed
                 .try_acquire()
@@ -645,8 +688,15 @@ async fn serve_http(
                 tonic::Extensions::default(),
                 req,
             );
-            if let Some(key) = key {
-                request.extensions_mut().insert(key);
+            // What the gRPC layers put there: the handles for a request's further choices.
+            request.extensions_mut().insert(shed.more());
+            let mut permit = None;
+            if let Some(p) = passed {
+                request.extensions_mut().insert(p.key);
+                if let Some(more) = p.more {
+                    request.extensions_mut().insert(more);
+                }
+                permit = p.permit;
             }
             let stream = service.generate(request).await?.into_inner();
             // The key's stream permit and the --max-pending one are held until the stream is
@@ -748,6 +798,7 @@ async fn whole(
         c.token_ids.extend(m.token_ids);
         c.logprobs.extend(m.logprobs);
         c.top_logprobs.extend(m.top_logprobs);
+        c.prompt_logprobs.extend(m.prompt_logprobs);
         if m.finish_reason != 0 {
             c.finish_reason = m.finish_reason;
             c.usage = m.usage;
@@ -805,6 +856,7 @@ mod tests {
             request_id: "r".into(),
             index,
             top_logprobs: Vec::new(),
+            prompt_logprobs: Vec::new(),
         }
     }
 

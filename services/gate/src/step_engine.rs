@@ -8,10 +8,10 @@ use std::time::Instant;
 use moemesh_common::metrics::names;
 use moemesh_common::telemetry::{self, TraceContext};
 use moemesh_common::{MeshError, MeshResult, codec};
-use moemesh_engine::serving::{SlotSpec, StepRunner};
+use moemesh_engine::serving::{PromptAsk, SlotSpec, StepRunner};
 use moemesh_engine::{SamplerStart, SamplingParams};
 use moemesh_proto::v1::{
-    GateInfoResponse, LayerLoad, SeqCached, SeqResult, StepRequest, StepResponse,
+    GateInfoResponse, LayerLoad, SeqCached, SeqPromptLogprobs, SeqResult, StepRequest, StepResponse,
 };
 use tokio::sync::{mpsc, oneshot};
 use tracing::Span;
@@ -195,6 +195,12 @@ impl StepEngine {
                     top_logprobs: p.top_logprobs as usize,
                 }),
                 cache_salt,
+                prompt_logprobs: s.prompt_logprobs.map(|top| PromptAsk {
+                    top: top as usize,
+                    targets: s.prompt_targets.clone(),
+                }),
+                allowed: (!s.allowed_tokens.is_empty())
+                    .then(|| s.allowed_tokens.as_slice().into()),
             })
             })
             .collect::<MeshResult<Vec<SlotSpec<Key>>>>()?;
@@ -233,8 +239,18 @@ impl StepEngine {
                 top_logprobs: o.top.iter().map(|t| t.1).collect(),
             })
             .collect();
+        let prompt_logprobs = self
+            .runner
+            .take_prompt_logprobs()
+            .into_iter()
+            .map(|(key, lps)| SeqPromptLogprobs {
+                seq_id: key.1,
+                logprobs: lps.iter().map(codec::prompt_logprob_to_wire).collect(),
+            })
+            .collect();
         let mut resp = self.response(req.step_id, results);
         resp.cached = cached;
+        resp.prompt_logprobs = prompt_logprobs;
         Ok(resp)
     }
 
@@ -250,6 +266,7 @@ impl StepEngine {
             kv_blocks_total: kv.total_blocks as u32,
             kv_block_tokens: kv.block_tokens as u32,
             cached: Vec::new(),
+            prompt_logprobs: Vec::new(),
         }
     }
 }

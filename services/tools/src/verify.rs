@@ -484,6 +484,8 @@ fn paged_check(engine: &InProcessEngine, prompts: &[PagedPrompt]) -> anyhow::Res
                 sample: true,
                 sampling: Some(moemesh_engine::SamplerStart::default()),
                 cache_salt: None,
+                prompt_logprobs: None,
+                allowed: None,
             })
             .collect();
         let emb = model.embed(&tokens)?;
@@ -542,6 +544,8 @@ fn chunked_check(engine: &InProcessEngine, prompts: &[PagedPrompt]) -> anyhow::R
                 sample: false,
                 sampling: Some(moemesh_engine::SamplerStart::default()),
                 cache_salt: None,
+                prompt_logprobs: None,
+                allowed: None,
             })
             .collect();
         let emb = model.embed(&tokens)?;
