@@ -8,6 +8,7 @@
 #   scripts/gpu-check.sh --profile            # ncu: kernel time of one decode step, batch 1 and 64
 #   scripts/gpu-check.sh --sampling           # greedy vs sampled decoding, in-process and mesh
 #   scripts/gpu-check.sh --graphs             # decode steps as CUDA graphs vs eager (in-process)
+#   scripts/gpu-check.sh --api                # constrained output and prompt logprobs through the HTTP API
 #   scripts/gpu-check.sh --prefill            # prefill: flash/grouped path vs the earlier one
 #   scripts/gpu-check.sh --prefill-e2e        # prefill through the mesh, end-to-end at concurrency 64
 #   BINS="old.gz new.gz" scripts/gpu-check.sh --core   # serving core: in-process and mesh, c=1 and 64
@@ -437,6 +438,19 @@ graphs_unchanged() {
         done
     done
 }
+
+if [[ $MODE == --api ]]; then
+    # The GPU paths of issue 19's fields (the constrained row's mask on the device logits, prompt
+    # logprobs from device rows) through a mesh on the GPU, embedded model.
+    echo "== constrained output and prompt logprobs, moemesh up on cuda:0 (embedded model)"
+    if up --device cuda:0 --expert-workers 1 --http-listen 127.0.0.1:$((PORT + 1)); then
+        $PY scripts/bench/api_check.py "http://127.0.0.1:$((PORT + 1))" || status=1
+        down
+    else
+        status=1
+    fi
+    exit $status
+fi
 
 if [[ $MODE == --graphs ]]; then
     # Decode steps as CUDA graphs (default) against eager launches (MOEMESH_CUDA_GRAPHS=0), same
