@@ -38,10 +38,11 @@ fi
 if (( want_test )); then
   # kubernetes-validate bundles the Kubernetes JSON schemas, so manifests are checked offline;
   # jsonschema and PyYAML check the vendored CRD and Compose schemas; the official openai client
-  # is tried against the HTTP API (tests/tests/openai_http.rs). The path is where
+  # is tried against the HTTP API (tests/tests/openai_http.rs), and Python's standard reflection
+  # client (grpcio-reflection) against the gRPC API (tests/tests/up.rs). The path is where
   # tests/tests/deploy.rs looks (MOEMESH_DEPLOY_VENV overrides it in both places).
   venv="${MOEMESH_DEPLOY_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/moemesh-deploy-venv}"
-  pins="kubernetes-validate==1.37.0 jsonschema==4.26.0 PyYAML==6.0.3 openai==3.57.0"
+  pins="kubernetes-validate==1.37.0 jsonschema==4.26.0 PyYAML==6.0.3 openai==3.57.0 grpcio==1.85.3 grpcio-reflection==1.85.1 protobuf==7.36.2"
   if [[ "$(cat "$venv/.pins" 2>/dev/null)" != "$pins" ]]; then
     echo "setup: installing $pins into $venv" >&2
     python3 -m venv "$venv"

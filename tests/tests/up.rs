@@ -144,7 +144,7 @@ async fn up_serves_reference_tokens_with_health_and_reflection_and_stops_cleanly
         .await
         .expect("client");
     let req = GenerateRequest {
-        input: Some(Input::Tokens(v1::TokenIds { ids: input })),
+        input: Some(Input::Tokens(v1::TokenIds { ids: input.clone() })),
         sampling: None,
         stopping: Some(v1::StoppingCriteria {
             max_new_tokens: Some(expected.len() as u32),
@@ -161,6 +161,47 @@ async fn up_serves_reference_tokens_with_health_and_reflection_and_stops_cleanly
         ids.extend(m.token_ids);
     }
     assert_eq!(ids, expected);
+
+    // Python's standard reflection client (grpcio-reflection, v1alpha) finds Generate from the
+    // server's descriptors alone (no generated code) and calls it: the same reference tokens.
+    let python = moemesh_tests::test_python();
+    if python.is_file() {
+        let csv: Vec<String> = input.iter().map(|t| t.to_string()).collect();
+        let out = std::process::Command::new(&python)
+            .arg(moemesh_tests::workspace_root().join("tests/python/grpc_reflection_client.py"))
+            .arg(&addr)
+            .arg(csv.join(","))
+            .arg(expected.len().to_string())
+            .output()
+            .expect("run the grpcio-reflection client");
+        assert!(
+            out.status.success(),
+            "the grpcio-reflection client failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let seen: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("one JSON line from the client");
+        assert_eq!(seen["token_ids"], serde_json::json!(expected), "{seen}");
+        assert_eq!(seen["finish_reason"], "FINISH_REASON_LENGTH", "{seen}");
+        assert!(
+            seen["services"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|n| n == "moemesh.v1.Generation")),
+            "{seen}"
+        );
+    } else {
+        // CI runs scripts/setup.sh --test first, so there a missing environment is a failure.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{} is missing: scripts/setup.sh --test installs it",
+            python.display()
+        );
+        eprintln!(
+            "\n*** SKIPPED: {} is missing, so grpcio-reflection is NOT tried. \
+             scripts/setup.sh --test installs it. ***\n",
+            python.display()
+        );
+    }
 
     // The fixture has no tokenizer: text input is refused, and says why.
     let text = GenerateRequest {
