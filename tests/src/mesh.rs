@@ -684,3 +684,28 @@ pub async fn wait_for_gates(url: &str, n: usize) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The gate's `Info` answer (live sequences, KV blocks used, …).
+pub async fn gate_info(url: &str) -> moemesh_proto::v1::GateInfoResponse {
+    let mut c = moemesh_proto::v1::gate_client::GateClient::connect(url.to_string())
+        .await
+        .expect("gate reachable");
+    c.info(moemesh_proto::v1::GateInfoRequest {})
+        .await
+        .expect("gate info")
+        .into_inner()
+}
+
+/// Polls `cond` until it holds, for at most a minute (the state it watches has no change
+/// notification to wait on: the gate's `Info` is a snapshot).
+pub async fn wait_until<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

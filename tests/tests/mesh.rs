@@ -3,11 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use moemesh_proto::v1::gate_client::GateClient;
 use moemesh_proto::v1::generate_request::Input;
 use moemesh_proto::v1::generation_client::GenerationClient;
-use moemesh_proto::v1::{self, GateInfoRequest, GenerateRequest};
-use moemesh_tests::mesh::Mesh;
+use moemesh_proto::v1::{self, GenerateRequest};
+use moemesh_tests::mesh::{Mesh, gate_info, wait_until};
 use moemesh_tests::tokens_request;
 use moemesh_tests::{fixture, reference_greedy};
 use tonic::Code;
@@ -35,16 +34,6 @@ async fn generate(url: &str, req: GenerateRequest) -> Result<Outcome, tonic::Sta
     Ok(out)
 }
 
-async fn gate_info(url: &str) -> v1::GateInfoResponse {
-    let mut c = GateClient::connect(url.to_string())
-        .await
-        .expect("gate reachable");
-    c.info(GateInfoRequest {})
-        .await
-        .expect("gate info")
-        .into_inner()
-}
-
 trait ExpectLoad {
     fn expect_load(self) -> Vec<v1::LayerLoad>;
 }
@@ -57,18 +46,6 @@ impl ExpectLoad for v1::GateInfoResponse {
 }
 
 /// Polls `cond` (a readiness signal: registry or gate state) until it holds.
-async fn wait_until<F, Fut>(what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !cond().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn gate_uses(mesh: &Mesh, worker: &str) -> bool {
     gate_info(&mesh.gate_url())
         .await

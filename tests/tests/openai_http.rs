@@ -11,7 +11,7 @@ use std::net::TcpStream;
 use moemesh_proto::v1::generate_request::Input;
 use moemesh_proto::v1::generation_client::GenerationClient;
 use moemesh_proto::v1::{self, ChatInput, ChatMessage, GenerateRequest};
-use moemesh_tests::mesh::{Mesh, free_port};
+use moemesh_tests::mesh::{Mesh, free_port, gate_info, wait_until};
 use moemesh_tests::{test_python, workspace_root};
 use serde_json::{Value, json};
 
@@ -740,4 +740,57 @@ async fn response_format_and_guided_regex_shape_the_output() {
         );
     }
     drop(mesh);
+}
+
+/// An HTTP client that goes away mid-stream cancels its sequence: the gate frees its KV while
+/// another request runs on to its end.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_disconnects_mid_stream_frees_its_sequence() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mesh = Mesh::start_with(None, &["0-15"], &["--http-listen", &listen]);
+    let (status, body) = http(port, "GET", "/v1/models", None);
+    assert_eq!(status, 200, "{body}");
+    let model = json_of(&body)["data"][0]["id"]
+        .as_str()
+        .expect("a model id")
+        .to_string();
+    let long = json!({"model": model, "prompt": "Count slowly:", "max_tokens": 400,
+        "temperature": 0, "stream": true, "ignore_eos": true});
+    // The one that leaves: read the first streamed event, then close the connection.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the HTTP API");
+    let body = long.to_string();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("data: {") {
+        let n = s.read(&mut buf).expect("the stream starts");
+        assert!(n > 0, "the stream ended before its first event");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // The one that stays, on its own connection.
+    let stays = std::thread::spawn(move || http(port, "POST", "/v1/completions", Some(&long)));
+    wait_until("both sequences on the gate", || async {
+        gate_info(&mesh.gate_url()).await.live_sequences == 2
+    })
+    .await;
+    drop(s);
+    wait_until(
+        "the gone client's sequence to be freed while the other runs",
+        || async { gate_info(&mesh.gate_url()).await.live_sequences == 1 && !stays.is_finished() },
+    )
+    .await;
+    let (status, body) = stays.join().expect("the other request");
+    assert_eq!(status, 200, "{body}");
+    let events = events(&body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{body}");
+    wait_until("every sequence freed", || async {
+        gate_info(&mesh.gate_url()).await.live_sequences == 0
+    })
+    .await;
 }
