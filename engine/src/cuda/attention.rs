@@ -230,25 +230,8 @@ impl Gpu {
             .find(|&tl| smem(tl) <= 48 * 1024)
             .unwrap_or(4);
         let out = self.alloc(dt, &[h, b, kv_lora])?;
-        // Split each sequence over enough blocks for about two waves of the GPU's
-        // multiprocessors (flash decoding), at least one tile per split.
-        let blocks = b * h.div_ceil(HB);
-        let splits = (2 * SMS)
-            .div_ceil(blocks)
-            .min(tables.lmax.div_ceil(tile))
-            .clamp(1, 64);
-        let parts = if splits > 1 {
-            Some((
-                self.alloc(DType::F32, &[b, h, splits, kv_lora])?,
-                self.alloc(DType::F32, &[b, h, splits, 2])?,
-            ))
-        } else {
-            None
-        };
-        let (part_o, part_ml) = match &parts {
-            Some((o, ml)) => (self.ptr(o)?, self.ptr(ml)?),
-            None => (0, 0),
-        };
+        let split = self.decode_splits(b, h, kv_lora, b * h.div_ceil(HB), tables.lmax, tile)?;
+        let (splits, (part_o, part_ml)) = (split.splits, self.split_ptrs(&split)?);
         self.launch(
             &format!("mla_decode_{}", suffix(dt)),
             (b as u32, h.div_ceil(HB) as u32, splits as u32),
@@ -280,26 +263,20 @@ impl Gpu {
                 Arg::Ptr(part_ml),
             ],
         )?;
-        if parts.is_some() {
-            self.launch(
-                &format!("mla_combine_{}", suffix(dt)),
-                (b as u32, h as u32, 1),
-                128,
-                0,
-                &[
-                    Arg::Ptr(part_o),
-                    Arg::Ptr(part_ml),
-                    i32_arg(splits, "splits")?,
-                    i32_arg(h, "heads")?,
-                    i32_arg(kv_lora, "kv_lora_rank")?,
-                    Arg::Ptr(self.ptr(&out)?),
-                    Arg::I64((b * kv_lora) as i64),
-                    Arg::I64(kv_lora as i64),
-                ],
-            )?;
-        }
+        self.merge_splits(&split, &out)?;
         Ok(Some(out))
     }
+}
+
+/// How a decode attention call splits each sequence (flash decoding), with the partial states
+/// the splits write when there is more than one.
+struct Splits {
+    b: usize,
+    h: usize,
+    kv_lora: usize,
+    splits: usize,
+    /// `part_o [b, h, splits, kv_lora]` and `part_ml [b, h, splits, 2]` (running max, sum), f32.
+    parts: Option<(Tensor, Tensor)>,
 }
 
 /// A decode attention call's shapes: heads, query rows, latent and rotary widths, sequences.
@@ -319,6 +296,71 @@ const MMA_TILE: usize = 64;
 const MMA_SMEM: usize = (16 + MMA_TILE) * (MMA_QK + 8) * 2 + 16 * (MMA_TILE + 4) * 4 + 3 * 16 * 4;
 
 impl Gpu {
+    /// Splits for `blocks` blocks per split over `b` sequences of `h` heads: enough for about
+    /// two waves of the GPU's multiprocessors, at least one `tile` of the `lmax` positions per
+    /// split, at most 64 (`mla_combine`'s bound); partial states allocated when more than one.
+    fn decode_splits(
+        &self,
+        b: usize,
+        h: usize,
+        kv_lora: usize,
+        blocks: usize,
+        lmax: usize,
+        tile: usize,
+    ) -> Result<Splits> {
+        let splits = (2 * SMS)
+            .div_ceil(blocks)
+            .min(lmax.div_ceil(tile))
+            .clamp(1, 64);
+        let parts = if splits > 1 {
+            Some((
+                self.alloc(DType::F32, &[b, h, splits, kv_lora])?,
+                self.alloc(DType::F32, &[b, h, splits, 2])?,
+            ))
+        } else {
+            None
+        };
+        Ok(Splits {
+            b,
+            h,
+            kv_lora,
+            splits,
+            parts,
+        })
+    }
+
+    /// The partial states' addresses (0, 0 for one split: the kernel writes the output).
+    fn split_ptrs(&self, split: &Splits) -> Result<(u64, u64)> {
+        Ok(match &split.parts {
+            Some((o, ml)) => (self.ptr(o)?, self.ptr(ml)?),
+            None => (0, 0),
+        })
+    }
+
+    /// `mla_combine` of the splits into `out [h, b, kv_lora]`; nothing for one split.
+    fn merge_splits(&self, split: &Splits, out: &Tensor) -> Result<()> {
+        let Some((o, ml)) = &split.parts else {
+            return Ok(());
+        };
+        let (b, h, kv_lora) = (split.b, split.h, split.kv_lora);
+        self.launch(
+            &format!("mla_combine_{}", suffix(out.dtype())),
+            (b as u32, h as u32, 1),
+            128,
+            0,
+            &[
+                Arg::Ptr(self.ptr(o)?),
+                Arg::Ptr(self.ptr(ml)?),
+                i32_arg(split.splits, "splits")?,
+                i32_arg(h, "heads")?,
+                i32_arg(kv_lora, "kv_lora_rank")?,
+                Arg::Ptr(self.ptr(out)?),
+                Arg::I64((b * kv_lora) as i64),
+                Arg::I64(kv_lora as i64),
+            ],
+        )
+    }
+
     /// [`mla_decode`](Self::mla_decode) on the tensor cores: one block per (sequence, 16 heads,
     /// split). `None` unless bf16 with DeepSeek's 512 + 64 latent and heads in groups of 16.
     pub fn mla_decode_mma(
@@ -348,24 +390,8 @@ impl Gpu {
             return Ok(None);
         }
         let out = self.alloc(DType::BF16, &[h, b, kv_lora])?;
-        // About two waves of blocks, at least a tile of positions per split.
-        let blocks = b * (h / 16);
-        let splits = (2 * SMS)
-            .div_ceil(blocks)
-            .min(tables.lmax.div_ceil(MMA_TILE))
-            .clamp(1, 64);
-        let parts = if splits > 1 {
-            Some((
-                self.alloc(DType::F32, &[b, h, splits, kv_lora])?,
-                self.alloc(DType::F32, &[b, h, splits, 2])?,
-            ))
-        } else {
-            None
-        };
-        let (part_o, part_ml) = match &parts {
-            Some((o, ml)) => (self.ptr(o)?, self.ptr(ml)?),
-            None => (0, 0),
-        };
+        let split = self.decode_splits(b, h, kv_lora, b * (h / 16), tables.lmax, MMA_TILE)?;
+        let (splits, (part_o, part_ml)) = (split.splits, self.split_ptrs(&split)?);
         self.launch(
             "mla_decode_mma_bf16",
             (b as u32, (h / 16) as u32, splits as u32),
@@ -394,24 +420,7 @@ impl Gpu {
                 Arg::Ptr(part_ml),
             ],
         )?;
-        if parts.is_some() {
-            self.launch(
-                "mla_combine_bf16",
-                (b as u32, h as u32, 1),
-                128,
-                0,
-                &[
-                    Arg::Ptr(part_o),
-                    Arg::Ptr(part_ml),
-                    i32_arg(splits, "splits")?,
-                    i32_arg(h, "heads")?,
-                    i32_arg(kv_lora, "kv_lora_rank")?,
-                    Arg::Ptr(self.ptr(&out)?),
-                    Arg::I64((b * kv_lora) as i64),
-                    Arg::I64(kv_lora as i64),
-                ],
-            )?;
-        }
+        self.merge_splits(&split, &out)?;
         Ok(Some(out))
     }
 
