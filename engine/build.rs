@@ -19,6 +19,7 @@ const PARTS: [&str; 5] = [
 ];
 
 fn main() {
+    println!("cargo::rustc-check-cfg=cfg(moemesh_wgmma)");
     println!("cargo:rerun-if-changed={KERNELS}");
     for part in PARTS {
         println!("cargo:rerun-if-changed={part}");
@@ -32,9 +33,18 @@ fn main() {
         .join("moemesh_kernels.ptx");
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".to_string());
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".to_string());
+    // Hopper (90) gets the arch-specific sm_90a PTX: its wgmma kernels (experts.cu) exist only
+    // there. Such PTX loads on compute capability 9.0 alone (H100, H200); build with another
+    // CUDA_COMPUTE_CAP for other GPUs.
+    let arch = if cap == "90" {
+        println!("cargo:rustc-cfg=moemesh_wgmma");
+        "-arch=compute_90a".to_string()
+    } else {
+        format!("-arch=sm_{cap}")
+    };
     let status = Command::new(&nvcc)
         .args(["--ptx", "-O3", "-std=c++17"])
-        .arg(format!("-arch=sm_{cap}"))
+        .arg(arch)
         .arg("-o")
         .arg(&out)
         .arg(KERNELS)

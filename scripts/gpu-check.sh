@@ -11,6 +11,8 @@
 #   scripts/gpu-check.sh --api                # constrained output and prompt logprobs through the HTTP API
 #   scripts/gpu-check.sh --prefill            # prefill: flash/grouped path vs the earlier one
 #   scripts/gpu-check.sh --prefill-e2e        # prefill through the mesh, end-to-end at concurrency 64
+#   scripts/gpu-check.sh --prefill-gemm       # prefill: wgmma grouped GEMM vs mma.sync (A/B, tokens)
+#   scripts/gpu-check.sh --mesh-prefill       # where a mesh prefill's time goes (MPS, workers, metrics)
 #   BINS="old.gz new.gz" scripts/gpu-check.sh --core   # serving core: in-process and mesh, c=1 and 64
 #   scripts/gpu-check.sh --ipc                # expert data plane: CUDA IPC vs gRPC vs in-process
 #   scripts/gpu-check.sh --multi              # gates and workers over 2 or 4 GPUs vs one GPU in-process
@@ -140,6 +142,105 @@ for line in open(sys.argv[1]):
     c, L, t = r["concurrency"], r["prompt"], r["ttft_ms"]["p50"]
     itl = (r.get("itl_ms") or {}).get("p50")
     print(f"| {r['mode']} | {L} | {c} | {t:.1f} | {c * L / t * 1e3:.0f} | {'' if itl is None else f'{itl:.2f}'} |")
+EOF2
+    exit $status
+fi
+
+if [[ $MODE == --prefill-gemm ]]; then
+    # The grouped expert GEMM's two forms on prefill-sized batches, same binary and card:
+    # warp-specialised wgmma (default on sm_90a) and mma.sync (MOEMESH_PREFILL_GEMM=mma).
+    # Greedy tokens after a 2,048-token prompt compared, then in-process prefill at 512 / 2,048 /
+    # 8,192 tokens and 8 × 2,048 (TTFT p50), through the mesh at 2,048, and the kernel time of
+    # one 2,048-token prefill (Nsight Compute, default form).
+    MODEL=synthetic:v2-lite
+    IP=("$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 --json)
+    ids=$($PY -c "import random;r=random.Random(5);print(','.join(str(r.randrange(100,100000)) for _ in range(2048)))")
+    common=(--model $MODEL --device cuda:0 --dtype bf16 --prompt-ids "$ids" --max-new-tokens 32 --ignore-eos --json)
+    "$BIN" generate "${common[@]}" >"$OUT/gemm_wgmma.jsonl" || status=1
+    MOEMESH_PREFILL_GEMM=mma "$BIN" generate "${common[@]}" >"$OUT/gemm_mma.jsonl" || status=1
+    same_tokens "$OUT/gemm_wgmma.jsonl" "$OUT/gemm_mma.jsonl" "synthetic:v2-lite bf16, 2,048-token prompt" wgmma mma || status=1
+    : >"$OUT/prefill.jsonl"
+    # PF_GEMMS picks the forms (default both); SKIP_NCU=1 leaves the profile out.
+    for g in ${PF_GEMMS:-wgmma mma}; do
+        for L in 512 2048 8192; do
+            MOEMESH_PREFILL_GEMM=$g "${IP[@]}" --concurrency 1 --requests 3 --prompt-len $L --output-len 1 \
+                | sed "s/^{/{\"mode\":\"in-process gemm=$g\",\"prompt\":$L,/" >>"$OUT/prefill.jsonl" || status=1
+        done
+        MOEMESH_PREFILL_GEMM=$g "${IP[@]}" --concurrency 8 --requests 24 --prompt-len 2048 --output-len 1 \
+            | sed "s/^{/{\"mode\":\"in-process gemm=$g batch 8\",\"prompt\":2048,/" >>"$OUT/prefill.jsonl" || status=1
+        if MOEMESH_PREFILL_GEMM=$g up --model $MODEL --dtype bf16 --expert-workers 2 --device cuda:0 \
+            --gate-args=--kv-cache-mb=16384; then
+            "$BIN" bench --addr "127.0.0.1:$PORT" --concurrency 1 --requests 3 --prompt-len 2048 --output-len 1 --json \
+                | sed "s/^{/{\"mode\":\"mesh gemm=$g\",\"prompt\":2048,/" >>"$OUT/prefill.jsonl" || status=1
+            down
+        else
+            status=1
+        fi
+    done
+    if [[ -z ${SKIP_NCU:-} ]]; then
+        echo "== ncu: one 2,048-token prefill (step 0), default form"
+        MOEMESH_PROFILE_STEP=0 timeout 300 ncu --profile-from-start off --clock-control none \
+            --metrics gpu__time_duration.sum --csv --print-units base "${IP[@]}" --concurrency 1 \
+            --requests 1 --prompt-len 2048 --output-len 1 >"$OUT/ncu_prefill.csv" 2>"$OUT/ncu_prefill.err" \
+            && $PY scripts/bench/ncu_summary.py "$OUT/ncu_prefill.csv" | tee "$OUT/ncu_prefill.txt" \
+            || tail -5 "$OUT/ncu_prefill.err"
+    fi
+    $PY - "$OUT/prefill.jsonl" <<'EOF2' | tee "$OUT/prefill.md"
+import json, sys
+print("| run | prompt | batch | TTFT p50 ms | prefill tok/s |")
+print("| --- | ---: | ---: | ---: | ---: |")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    c, L, t = r["concurrency"], r["prompt"], r["ttft_ms"]["p50"]
+    print(f"| {r['mode']} | {L} | {c} | {t:.1f} | {c * L / t * 1e3:.0f} |")
+EOF2
+    exit $status
+fi
+
+if [[ $MODE == --mesh-prefill ]]; then
+    # One 2,048-token prompt through the mesh (TTFT p50 of 3) under a few set-ups, each followed
+    # by the roles' step, dispatch and forward histograms (sum / count), and the same in-process.
+    MODEL=synthetic:v2-lite
+    MP=9400
+    : >"$OUT/meshpf.jsonl"
+    # Set-ups: workers, MPS, then extra `up` flags (MESH_PF_CONFIGS overrides; ';' between).
+    IFS=';' read -ra cfgs <<<"${MESH_PF_CONFIGS:-2 auto;2 off;1 auto}"
+    for cfg in "${cfgs[@]}"; do
+        set -- $cfg
+        w=$1 m=$2
+        shift 2
+        if up --model $MODEL --dtype bf16 --expert-workers $w --device cuda:0 --mps $m \
+            --gate-args=--kv-cache-mb=16384 --metrics-base-port $MP "$@"; then
+            for L in 2048 128; do
+                "$BIN" bench --addr "127.0.0.1:$PORT" --concurrency 1 --requests 3 --prompt-len $L --output-len 1 --json \
+                    | sed "s/^{/{\"mode\":\"mesh $cfg\",\"prompt\":$L,/" >>"$OUT/meshpf.jsonl" || status=1
+            done
+            # MESH_PF_E2E=1: then end to end at concurrency 64 on the same mesh (steady state).
+            if [[ -n ${MESH_PF_E2E:-} ]]; then
+                for po in 128/32 1024/256; do
+                    "$BIN" bench --addr "127.0.0.1:$PORT" --concurrency 64 --requests 64 --prompt-len ${po%/*} \
+                        --output-len ${po#*/} --json | tee -a "$OUT/meshpf_e2e.jsonl" | cut -c1-400 || status=1
+                done
+            fi
+            for i in $(seq 1 $((1 + w))); do
+                echo "-- $cfg, metrics port $((MP + i))"
+                curl -s "127.0.0.1:$((MP + i))/metrics" | grep -E "step_duration|dispatch_duration|forward_duration" | grep -v "^#" | head -24
+            done
+            down
+        else
+            status=1
+        fi
+    done
+    "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 --json --concurrency 1 --requests 3 \
+        --prompt-len 2048 --output-len 1 | sed 's/^{/{"mode":"in-process","prompt":2048,/' >>"$OUT/meshpf.jsonl" || status=1
+    $PY - "$OUT/meshpf.jsonl" <<'EOF2' | tee "$OUT/meshpf.md"
+import json, sys
+print("| run | prompt | TTFT p50 ms | prefill tok/s |")
+print("| --- | ---: | ---: | ---: |")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    L, t = r["prompt"], r["ttft_ms"]["p50"]
+    print(f"| {r['mode']} | {L} | {t:.1f} | {L / t * 1e3:.0f} |")
 EOF2
     exit $status
 fi

@@ -178,9 +178,12 @@ impl DecodeGraphs {
     /// Settings from the environment (`MOEMESH_CUDA_GRAPHS`, `MOEMESH_CUDA_GRAPH_MAX_BATCH`,
     /// `MOEMESH_CUDA_GRAPH_MAX_LEN`).
     pub fn new() -> Self {
+        // Step traces (`MOEMESH_STEP_TRACE`) mark points inside the layers, which a replayed
+        // graph would not: they run steps the ordinary way.
         let enabled = std::env::var("MOEMESH_CUDA_GRAPHS")
             .map(|v| !matches!(v.as_str(), "0" | "false" | "off"))
-            .unwrap_or(true);
+            .unwrap_or(true)
+            && !crate::cuda::trace_enabled();
         DecodeGraphs {
             enabled,
             max_batch: env_usize("MOEMESH_CUDA_GRAPH_MAX_BATCH", DEFAULT_MAX_BATCH),

@@ -100,6 +100,7 @@ impl DecoderLayer {
         rotary: &Rotary,
         caches: &mut [&mut SequenceCache],
     ) -> Result<Tensor> {
+        crate::cuda::trace_mark(x.device(), "attention");
         let a = self.self_attn.forward(
             &self.input_layernorm.forward_as(x, self.dtype)?,
             self.index,
@@ -124,6 +125,7 @@ impl DecoderLayer {
     /// First half of the feed-forward block: norms, routes, and sends routed experts off
     /// (a dense layer computes its MLP here).
     pub fn ffn_start(&self, h: &Tensor, experts: &dyn Experts) -> Result<FfnInFlight> {
+        crate::cuda::trace_mark(h.device(), "ffn");
         let (x, xf) = self.post_attention_layernorm.forward_pair(h, self.dtype)?;
         let work = match &self.mlp {
             FeedForward::Dense(mlp) => Work::Done(mlp.forward(&x)?),
@@ -138,6 +140,7 @@ impl DecoderLayer {
                 }
             },
         };
+        crate::cuda::trace_mark(h.device(), "dispatched");
         Ok(FfnInFlight {
             h: h.clone(),
             x,
@@ -158,7 +161,10 @@ impl DecoderLayer {
                     .as_ref()
                     .map(|s| s.forward(&f.x))
                     .transpose()?;
-                (shared, Some(pending.wait()?))
+                crate::cuda::trace_mark(f.h.device(), "shared");
+                let routed = pending.wait()?;
+                crate::cuda::trace_mark(f.h.device(), "routed");
+                (shared, Some(routed))
             }
             (Work::Routed(pending), FeedForward::Dense(_)) => (Some(pending.wait()?), None),
         };

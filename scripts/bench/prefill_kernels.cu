@@ -1,6 +1,6 @@
 // Standalone check and timing of the prefill kernels in engine/src/cuda/kernels.cu (grouped
 // expert GEMM, flash MLA prefill) against a CPU reference, at DeepSeek-V2-Lite's shapes.
-// Build: nvcc -O3 -std=c++17 -arch=sm_90 -o prefill_kernels scripts/bench/prefill_kernels.cu
+// Build: nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o prefill_kernels scripts/bench/prefill_kernels.cu
 // Run on a GPU machine: ./prefill_kernels  (prints one line per check and timing; exit 1 on a
 // failed check).
 #include "../../engine/src/cuda/kernels.cu"
@@ -70,6 +70,17 @@ struct Variant {
 template <int BM, int BN, int BK, int ST, int WM, int WN> Variant variant(const char* name) {
     Variant v{name, (GgFn)gg_var<true, BM, BN, BK, ST, WM, WN>, (GgFn)gg_var<false, BM, BN, BK, ST, WM, WN>,
               BM, BN, WM * WN * 32, ST * (BM + BN) * BK * 2, BK};
+    CK(cudaFuncSetAttribute((const void*)v.gu, cudaFuncAttributeMaxDynamicSharedMemorySize, v.smem));
+    CK(cudaFuncSetAttribute((const void*)v.down, cudaFuncAttributeMaxDynamicSharedMemorySize, v.smem));
+    return v;
+}
+template <bool GU, int BM, int BN, int ST>
+__global__ void __launch_bounds__(384, 1) ws_var(const bf16* a, int K, const bf16* w, int N, const uint32_t* sr,
+                                                 const uint32_t* bs, void* out) {
+    moe_ws<GU, BM, BN, ST>(a, K, w, N, sr, bs, out);
+}
+template <int BM, int BN, int ST> Variant ws_variant(const char* name) {
+    Variant v{name, (GgFn)ws_var<true, BM, BN, ST>, (GgFn)ws_var<false, BM, BN, ST>, BM, BN, 384, WS_SMEM(BM, BN, ST), 64};
     CK(cudaFuncSetAttribute((const void*)v.gu, cudaFuncAttributeMaxDynamicSharedMemorySize, v.smem));
     CK(cudaFuncSetAttribute((const void*)v.down, cudaFuncAttributeMaxDynamicSharedMemorySize, v.smem));
     return v;
@@ -306,18 +317,22 @@ int main() {
     printf("device: %s\n", prop.name);
     variants.push_back(variant<64, 128, 32, 4, 2, 2>("gg 64x128 k32 s4 w2x2 (moemesh k32)"));
     variants.push_back(variant<64, 128, 64, 3, 2, 2>("gg 64x128 k64 s3 w2x2 (moemesh k64)"));
-    variants.push_back(variant<128, 128, 64, 3, 2, 2>("gg 128x128 k64 s3 w2x2"));
-    variants.push_back(variant<128, 128, 32, 4, 2, 2>("gg 128x128 k32 s4 w2x2"));
-    variants.push_back(variant<64, 256, 32, 4, 1, 4>("gg 64x256 k32 s4 w1x4"));
-    variants.push_back(variant<64, 256, 64, 3, 1, 4>("gg 64x256 k64 s3 w1x4"));
-    variants.push_back(variant<128, 256, 32, 3, 2, 4>("gg 128x256 k32 s3 w2x4"));
-    variants.push_back(variant<64, 128, 64, 3, 1, 2>("gg 64x128 k64 s3 w1x2"));
+    variants.push_back(ws_variant<128, 128, 6>("ws 128x128 s6"));
+    variants.push_back(ws_variant<128, 256, 4>("ws 128x256 s4"));
+    variants.push_back(ws_variant<64, 256, 4>("ws 64x256 s4"));
+    variants.push_back(ws_variant<64, 256, 5>("ws 64x256 s5"));
+    variants.push_back(ws_variant<64, 512, 2>("ws 64x512 s2"));
+    variants.push_back(ws_variant<64, 512, 3>("ws 64x512 s3"));
     // Fixture shapes, every row checked; then V2-Lite shapes with sampled rows, timed.
     experts(50, 128, 96, 16, 6, 50, false);
     experts(37, 128, 160, 16, 4, 37, false);
     experts(2048, 2048, 1408, 64, 6, 6, true);
     experts(512, 2048, 1408, 64, 6, 2, true);
     experts(8192, 2048, 1408, 64, 6, 2, true);
+    if (getenv("PK_EXPERTS_ONLY")) {  // skip the attention checks
+        printf("%s\n", failures ? "FAILED" : "all checks passed");
+        return failures ? 1 : 0;
+    }
     flash(true, 32, 16, 32, 4, 100, 0, {}, 100, false);
     flash(true, 32, 16, 32, 4, 37, 20, {0, 16, 40, 57}, 37, false);
     flash(false, 32, 16, 32, 4, 37, 20, {0, 16, 40, 57}, 37, false);

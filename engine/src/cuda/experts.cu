@@ -706,3 +706,255 @@ __device__ __forceinline__ void moe_gg(const bf16* __restrict__ a, int K, const 
     }
 GG_KERNELS(k64, 64, 3)
 GG_KERNELS(k32, 32, 4)
+
+// ---------------------------------------------------------------------------------------------
+// The same grouped GEMM on Hopper's warpgroup tensor-core instructions (wgmma, sm_90a only:
+// built where `__CUDA_ARCH_FEAT_SM90_ALL` is defined, i.e. the `compute_90a` PTX that
+// engine/build.rs asks for on CUDA_COMPUTE_CAP 90; elsewhere the kernels trap and the Rust side
+// never launches them). A block computes a 128 × BN tile: the k steps of 64 bf16 (one 128-byte
+// row per tile row, which is exactly the 128-byte swizzle's atom, laid out by gg_off<64>) arrive
+// through a STAGES-deep cp.async pipeline, and each k step is four m64n128k16 wgmma per 128
+// columns and consumer warpgroup, both operands read from shared memory (K-major, no
+// transpose), accumulating in registers. The tile's columns, epilogue and padding rules are
+// moe_gg's; segments are padded to 128 rows (moe_align_blocks with bm 128).
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MOEMESH_WGMMA 1
+#endif
+
+// Shared-memory matrix descriptor for a K-major tile with the 128-byte swizzle: start address,
+// leading offset unused (1), stride 1024 bytes between 8-row groups, layout type 1 (128B swizzle).
+__device__ __forceinline__ uint64_t wg_desc(const void* smem) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(smem);
+    return (uint64_t)((a & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) |
+           ((uint64_t)1 << 62);
+}
+
+__device__ __forceinline__ void wg_fence() {
+#ifdef MOEMESH_WGMMA
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wg_commit() {
+#ifdef MOEMESH_WGMMA
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N> __device__ __forceinline__ void wg_wait() {
+#ifdef MOEMESH_WGMMA
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+__device__ __forceinline__ void fence_proxy_async() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// d[64] += A[64 × 16] · B[128 × 16]ᵀ, both from shared memory (descriptors above).
+__device__ __forceinline__ void wg_m64n128k16(float d[64], uint64_t da, uint64_t db) {
+#ifdef MOEMESH_WGMMA
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db), "r"(1));
+#else
+    __trap();
+#endif
+}
+
+
+// Warp-specialised form (BM = 128): warpgroup 0 loads (cp.async, completing on a per-stage
+// mbarrier), warpgroups 1 and 2 each multiply 64 rows × BN columns with wgmma and release a stage
+// to the loader through a second mbarrier once the wgmma that read it has retired. No barrier
+// over the whole block in the k loop, so loads of later stages overlap the tensor cores.
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"((uint32_t)__cvta_generic_to_shared(bar)),
+                 "r"(count));
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(bar);
+    asm volatile(
+        "{\n.reg .pred p;\nWAIT_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+        "@!p bra WAIT_%=;\n}\n" ::"r"(a),
+        "r"(parity)
+        : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"((uint32_t)__cvta_generic_to_shared(bar))
+                 : "memory");
+}
+// The barrier counts one arrival when all of this thread's earlier cp.async have landed.
+__device__ __forceinline__ void mbar_cp_async_arrive(uint64_t* bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(
+                     (uint32_t)__cvta_generic_to_shared(bar))
+                 : "memory");
+}
+
+template <bool GATE_UP, int BM, int BN, int STAGES>
+__device__ __forceinline__ void moe_ws(const bf16* __restrict__ a, int K, const bf16* __restrict__ w,
+                                       int N, const uint32_t* sorted_rows,
+                                       const uint32_t* block_slot, void* out) {
+    constexpr int BK = 64, CH = BK / 8, LOADERS = 128, CONSUMERS = 256;
+    // 128 rows: each consumer warpgroup takes 64 rows and every column; 64 rows: each takes the
+    // 64 rows and half the columns. NW m64n128 accumulators per consumer thread.
+    constexpr int NW = BM == 128 ? BN / 128 : BN / 256;
+    static_assert((BM == 128 || BM == 64) && NW >= 1, "tile shape");
+    constexpr int A_PER = BM * CH / LOADERS, B_PER = BN * CH / LOADERS;
+    static_assert(BN % 128 == 0, "tile shape");
+    extern __shared__ unsigned char wg_smem_raw[];
+    bf16* sa = reinterpret_cast<bf16*>(
+        (reinterpret_cast<uintptr_t>(wg_smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+    bf16* sb = sa + STAGES * BM * BK;
+    uint64_t* full = reinterpret_cast<uint64_t*>(sb + STAGES * BN * BK);
+    uint64_t* empty = full + STAGES;
+    const uint32_t blk = blockIdx.y;
+    const uint32_t s = block_slot[blk];
+    if (s == GG_NONE) return;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int n0 = blockIdx.x * (GATE_UP ? BN / 2 : BN);
+    if (tid == 0) {
+        for (int st = 0; st < STAGES; ++st) {
+            mbar_init(&full[st], LOADERS);
+            mbar_init(&empty[st], CONSUMERS);
+        }
+    }
+    __syncthreads();
+    const int kt_n = K / BK;
+    if (warp < 4) {
+        // Loader warpgroup.
+        const bf16* asrc[A_PER];
+        bool aok[A_PER];
+        int aoff[A_PER];
+#pragma unroll
+        for (int i = 0; i < A_PER; ++i) {
+            const int id = tid + i * LOADERS, r = id / CH, c = id % CH;
+            aoff[i] = gg_off<BK>(r, c);
+            const uint32_t q = blk * BM + r;
+            if (GATE_UP) {
+                const uint32_t row = sorted_rows[q];
+                aok[i] = row != GG_NONE;
+                asrc[i] = a + (size_t)(aok[i] ? row : 0) * K + c * 8;
+            } else {
+                aok[i] = true;
+                asrc[i] = a + (size_t)q * K + c * 8;
+            }
+        }
+        const bf16* bsrc[B_PER];
+        bool bok[B_PER];
+        int boff[B_PER];
+#pragma unroll
+        for (int i = 0; i < B_PER; ++i) {
+            const int id = tid + i * LOADERS, n = id / CH, c = id % CH;
+            boff[i] = gg_off<BK>(n, c);
+            size_t wrow;
+            if (GATE_UP) {
+                // Each 128 tile rows (one accumulator's columns): 64 gate columns, then the
+                // same 64 up columns.
+                const bool up = (n & 127) >= 64;
+                const int j = n0 + (n >> 7) * 64 + (n & 63);
+                bok[i] = j < N;
+                wrow = (size_t)s * 2 * N + (up ? (size_t)N : 0) + (bok[i] ? j : 0);
+            } else {
+                const int r = n0 + n;
+                bok[i] = r < N;
+                wrow = (size_t)s * N + (bok[i] ? r : 0);
+            }
+            bsrc[i] = w + wrow * K + c * 8;
+        }
+        for (int kt = 0; kt < kt_n; ++kt) {
+            const int st = kt % STAGES;
+            mbar_wait(&empty[st], ((kt / STAGES) & 1) ^ 1);
+            const int k0 = kt * BK;
+            bf16* A = sa + st * BM * BK;
+            bf16* B = sb + st * BN * BK;
+#pragma unroll
+            for (int i = 0; i < A_PER; ++i) cp_async16(A + aoff[i], asrc[i] + k0, aok[i]);
+#pragma unroll
+            for (int i = 0; i < B_PER; ++i) cp_async16(B + boff[i], bsrc[i] + k0, bok[i]);
+            mbar_cp_async_arrive(&full[st]);
+        }
+        cp_async_wait<0>();
+        return;
+    }
+    // Consumer warpgroups: cw 0..7, warpgroup wg = cw / 4 takes tile rows 64·wg… (BM 128) or
+    // the tile's columns from wg·BN/2 on (BM 64).
+    const int cw = warp - 4, wg = cw >> 2;
+    const int row0 = BM == 128 ? wg * 64 : 0, group0 = BM == 128 ? 0 : wg * NW;
+    float acc[NW][64];
+#pragma unroll
+    for (int nw = 0; nw < NW; ++nw)
+#pragma unroll
+        for (int e = 0; e < 64; ++e) acc[nw][e] = 0.f;
+    for (int kt = 0; kt < kt_n; ++kt) {
+        const int st = kt % STAGES;
+        mbar_wait(&full[st], (kt / STAGES) & 1);
+        fence_proxy_async();  // the cp.async writes, seen by the tensor cores' async proxy
+        const bf16* A = sa + st * BM * BK + row0 * BK;
+        const bf16* B = sb + st * BN * BK + group0 * 128 * BK;
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) {
+            const uint64_t da = wg_desc(A + kk * 16);
+#pragma unroll
+            for (int nw = 0; nw < NW; ++nw) wg_m64n128k16(acc[nw], da, wg_desc(B + nw * 128 * BK + kk * 16));
+        }
+        wg_commit();
+        wg_wait<1>();
+        if (kt > 0) mbar_arrive(&empty[(kt - 1) % STAGES]);
+    }
+    wg_wait<0>();
+    const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const size_t q = (size_t)blk * BM + row0 + (cw & 3) * 16 + g + half * 8;
+        if (GATE_UP) {
+            bf16* h = reinterpret_cast<bf16*>(out);
+            // Accumulator nw holds group group0 + nw: gate columns in its first 8 column
+            // octets, the same up columns in the next 8.
+#pragma unroll
+            for (int nw = 0; nw < NW; ++nw)
+#pragma unroll
+                for (int x8 = 0; x8 < 8; ++x8) {
+                    const float* ga = acc[nw] + x8 * 4;
+                    const float* ua = acc[nw] + (x8 + 8) * 4;
+                    const int j = n0 + (group0 + nw) * 64 + x8 * 8 + 2 * t4;
+                    if (j < N) {
+                        const float h0 = silu(ga[2 * half]) * ua[2 * half];
+                        const float h1 = silu(ga[2 * half + 1]) * ua[2 * half + 1];
+                        *reinterpret_cast<uint32_t*>(h + q * N + j) = pack_bf16(h0, h1);
+                    }
+                }
+        } else {
+            float* y = reinterpret_cast<float*>(out);
+#pragma unroll
+            for (int nw = 0; nw < NW; ++nw)
+#pragma unroll
+                for (int j8 = 0; j8 < 16; ++j8) {
+                    const int r = n0 + (group0 + nw) * 128 + j8 * 8 + 2 * t4;
+                    if (r < N)
+                        *reinterpret_cast<float2*>(y + q * N + r) =
+                            make_float2(acc[nw][4 * j8 + 2 * half], acc[nw][4 * j8 + 2 * half + 1]);
+                }
+        }
+    }
+}
+#define WS_SMEM(BM, BN, STAGES) ((STAGES) * ((BM) + (BN)) * 64 * 2 + 1024 + 16 * (STAGES))
+
+// The shape moemesh launches (engine/src/cuda/experts.rs: `WS_BM`, `WS_BN`, `WS_SMEM`): 128 × 256
+// tiles, 4 stages (193 KiB of shared memory, one block per multiprocessor), 384 threads. Measured
+// on the H100 (scripts/bench/prefill_kernels.cu) against 128 × 128 in 4 and 6 stages, 128 × 256 in
+// 3, and the same tiles without warp specialisation: fastest at 2,048 and 8,192 tokens; at 512
+// (48 pairs per expert) the 64-row moe_gg tiles waste less padding and stay faster.
+#define WS_KERNELS(SFX, BN, STAGES)                                                               \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                         \
+        moe_ws_gate_up_##SFX(const bf16* x, int hidden, const bf16* w_gu, int inner,             \
+                             const uint32_t* sorted_rows, const uint32_t* block_slot, bf16* h) { \
+        moe_ws<true, 128, BN, STAGES>(x, hidden, w_gu, inner, sorted_rows, block_slot, h);           \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                         \
+        moe_ws_down_##SFX(const bf16* h, int inner, const bf16* w_down, int hidden,              \
+                          const uint32_t* sorted_rows, const uint32_t* block_slot, float* y) {   \
+        moe_ws<false, 128, BN, STAGES>(h, inner, w_down, hidden, sorted_rows, block_slot, y);        \
+    }
+WS_KERNELS(n256, 256, 4)

@@ -162,6 +162,18 @@ impl HostPairs {
 const GG_BM: usize = 64;
 /// Columns of one block of the grouped GEMM (`GG_BN` in experts.cu).
 const GG_BN: usize = 128;
+/// Rows, columns, threads and shared memory of one block of the warp-specialised wgmma form
+/// (`moe_ws_*_n256` and `WS_SMEM(128, 256, 4)` in experts.cu).
+const WS_BM: usize = 128;
+const WS_BN: usize = 256;
+const WS_THREADS: u32 = 384;
+const WS_SMEM: usize = 4 * (WS_BM + WS_BN) * 64 * 2 + 1024 + 16 * 4;
+/// Average pairs per held expert from which the grouped GEMM takes the wgmma form: its
+/// 128-row segments waste more padding than the 64-row ones, which pays only for larger
+/// segments. Measured on the H100 (scripts/bench/prefill_kernels.cu, one V2-Lite layer): 48
+/// pairs per expert (512 tokens) 0.533 vs 0.463 ms for the 64-row mma.sync form; 192 (2,048
+/// tokens) 0.713 vs 0.811; 768 (8,192 tokens) 1.94 vs 2.84.
+pub const WS_MIN_PAIRS_PER_SLOT: usize = 128;
 
 /// Average (token, expert) pairs per held expert from which a batch takes the grouped GEMM
 /// (segments padded to 64 rows, tensor-core tiles, the weights streamed by cp.async in 3
@@ -364,9 +376,39 @@ impl Gpu {
         hidden: usize,
         inner: usize,
     ) -> Result<(Tensor, Tensor)> {
+        let wgmma = super::wgmma_experts_enabled()
+            && hidden.is_multiple_of(64)
+            && inner.is_multiple_of(64)
+            && pairs >= WS_MIN_PAIRS_PER_SLOT * slots;
+        // Block rows, the kernels' names, threads and shared memory: the wgmma form, or k steps
+        // of 64 in 3 stages where both widths allow, else of 32 in 4 (experts.cu).
+        let (bm, bn, gate_up_fn, down_fn, threads, smem) = if wgmma {
+            let (g, d) = ("moe_ws_gate_up_n256", "moe_ws_down_n256");
+            (WS_BM, WS_BN, g, d, WS_THREADS, WS_SMEM)
+        } else if hidden.is_multiple_of(64) && inner.is_multiple_of(64) {
+            let smem = 3 * (GG_BM + GG_BN) * 64 * 2;
+            (
+                GG_BM,
+                GG_BN,
+                "moe_gg_gate_up_k64",
+                "moe_gg_down_k64",
+                128,
+                smem,
+            )
+        } else {
+            let smem = 4 * (GG_BM + GG_BN) * 32 * 2;
+            (
+                GG_BM,
+                GG_BN,
+                "moe_gg_gate_up_k32",
+                "moe_gg_down_k32",
+                128,
+                smem,
+            )
+        };
         // Every slot's segment wastes less than one block: an upper bound without a host sync.
-        let max_blocks = pairs.div_ceil(GG_BM) + slots;
-        let sorted = self.alloc(DType::U32, &[max_blocks * GG_BM])?;
+        let max_blocks = pairs.div_ceil(bm) + slots;
+        let sorted = self.alloc(DType::U32, &[max_blocks * bm])?;
         let block_slot = self.alloc(DType::U32, &[max_blocks])?;
         let pos = self.alloc(DType::U32, &[pairs])?;
         self.launch(
@@ -382,25 +424,19 @@ impl Gpu {
                 Arg::Ptr(pair_rows),
                 i32_arg(k_div, "top-k")?,
                 i32_arg(max_blocks, "expert blocks")?,
-                i32_arg(GG_BM, "block rows")?,
+                i32_arg(bm, "block rows")?,
                 Arg::Ptr(self.ptr(&sorted)?),
                 Arg::Ptr(self.ptr(&block_slot)?),
                 Arg::Ptr(self.ptr(&pos)?),
             ],
         )?;
-        let rows = max_blocks * GG_BM;
-        // k steps of 64 in 3 stages where both widths allow, else of 32 in 4 (experts.cu).
-        let (sfx, smem) = if hidden.is_multiple_of(64) && inner.is_multiple_of(64) {
-            ("k64", 3 * (GG_BM + GG_BN) * 64 * 2)
-        } else {
-            ("k32", 4 * (GG_BM + GG_BN) * 32 * 2)
-        };
+        let rows = max_blocks * bm;
         let h = self.alloc(DType::BF16, &[rows, inner])?;
-        // A gate/up tile is 64 gate and the same 64 up columns; a down tile 128 columns.
+        // A gate/up tile is bn/2 gate and the same bn/2 up columns; a down tile bn columns.
         self.launch(
-            &format!("moe_gg_gate_up_{sfx}"),
-            (inner.div_ceil(GG_BN / 2) as u32, max_blocks as u32, 1),
-            128,
+            gate_up_fn,
+            (inner.div_ceil(bn / 2) as u32, max_blocks as u32, 1),
+            threads,
             smem as u32,
             &[
                 Arg::Ptr(self.ptr(x)?),
@@ -414,9 +450,9 @@ impl Gpu {
         )?;
         let y = self.alloc(DType::F32, &[rows, hidden])?;
         self.launch(
-            &format!("moe_gg_down_{sfx}"),
-            (hidden.div_ceil(GG_BN) as u32, max_blocks as u32, 1),
-            128,
+            down_fn,
+            (hidden.div_ceil(bn) as u32, max_blocks as u32, 1),
+            threads,
             smem as u32,
             &[
                 Arg::Ptr(self.ptr(&h)?),

@@ -116,6 +116,17 @@ pub fn grouped_experts_enabled() -> bool {
     prefill_kernels().1
 }
 
+/// Whether the grouped GEMM may take Hopper's warp-specialised wgmma kernels (`moe_ws_*`) for
+/// prefill-sized batches: only in a build whose PTX targets sm_90a (engine/build.rs, on
+/// `CUDA_COMPUTE_CAP` 90), and not where `MOEMESH_PREFILL_GEMM=mma` asks for the mma.sync
+/// kernels everywhere (read once; for A/B runs).
+pub fn wgmma_experts_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        cfg!(moemesh_wgmma) && std::env::var("MOEMESH_PREFILL_GEMM").as_deref() != Ok("mma")
+    })
+}
+
 /// Which flash prefill kernel bf16 takes, read once from `MOEMESH_PREFILL_ATTN`: `split`
 /// (default: tensor cores, p·v as two bf16 products of the probabilities' high and low parts),
 /// `mma` (tensor cores, probabilities rounded to bf16 for p·v as FlashAttention does; 3% faster
@@ -165,6 +176,32 @@ pub fn prefill_kv_chunk() -> usize {
 /// without CUDA.
 pub fn profiler(on: bool) -> Result<()> {
     imp::profiler(on)
+}
+
+/// Whether `MOEMESH_STEP_TRACE=1` asks for step traces (read once): CUDA events at named points
+/// of a step ([`trace_mark`]), printed by [`trace_flush`] as the time between consecutive points
+/// on the GPU and on the host, to see where a step's time goes without a profiler (the lent GPU
+/// machines have no Nsight Systems). Off by default; when on, every flush waits for the GPU.
+pub fn trace_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MOEMESH_STEP_TRACE").as_deref() == Ok("1"))
+}
+
+/// Records the point `label` on `device`'s stream (a no-op unless [`trace_enabled`], or off a
+/// GPU). Points collect process-wide until [`trace_flush`].
+pub fn trace_mark(device: &Device, label: &'static str) {
+    if trace_enabled() {
+        imp::trace_mark(device, label);
+    }
+}
+
+/// Prints the points collected so far, once there are at least `min_points`, as one JSON line
+/// on stderr (`{"trace": what, "points": n, "gpu_ms": first→last, "host_ms": …, "steps":
+/// {"a→b": [count, gpu ms, host ms], …}}`), and forgets them. Waits for the last point's work.
+pub fn trace_flush(what: &str, min_points: usize) {
+    if trace_enabled() {
+        imp::trace_flush(what, min_points);
+    }
 }
 
 /// The kernels for tensors on `device`, when it is a CUDA device and they are enabled.
@@ -482,6 +519,72 @@ mod imp {
         dev: CudaDevice,
     }
 
+    type TracePoint = (
+        &'static str,
+        candle_core::cuda_backend::cudarc::driver::CudaEvent,
+        std::time::Instant,
+    );
+    static TRACE: std::sync::Mutex<Vec<TracePoint>> = std::sync::Mutex::new(Vec::new());
+
+    pub fn trace_mark(device: &Device, label: &'static str) {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+        let Device::Cuda(dev) = device else {
+            return;
+        };
+        if let Ok(ev) = dev
+            .cuda_stream()
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+        {
+            TRACE.lock().unwrap_or_else(|e| e.into_inner()).push((
+                label,
+                ev,
+                std::time::Instant::now(),
+            ));
+        }
+    }
+
+    pub fn trace_flush(what: &str, min_points: usize) {
+        let points = {
+            let mut t = TRACE.lock().unwrap_or_else(|e| e.into_inner());
+            if t.len() < min_points.max(2) {
+                return;
+            }
+            std::mem::take(&mut *t)
+        };
+        let mut steps: std::collections::BTreeMap<String, (u32, f64, f64)> = Default::default();
+        for w in points.windows(2) {
+            let (a, b) = (&w[0], &w[1]);
+            // Points on streams of different contexts have no common clock: left out.
+            let Ok(gpu) = a.1.elapsed_ms(&b.1) else {
+                continue;
+            };
+            let e = steps.entry(format!("{}→{}", a.0, b.0)).or_default();
+            e.0 += 1;
+            e.1 += f64::from(gpu);
+            e.2 += (b.2 - a.2).as_secs_f64() * 1e3;
+        }
+        let (first, last) = (&points[0], &points[points.len() - 1]);
+        let gpu_ms = first
+            .1
+            .elapsed_ms(&last.1)
+            .map(f64::from)
+            .unwrap_or(f64::NAN);
+        let steps: serde_json::Map<String, serde_json::Value> = steps
+            .into_iter()
+            .map(|(k, (n, g, h))| (k, serde_json::json!([n, g, h])))
+            .collect();
+        eprintln!(
+            "{}",
+            serde_json::json!({
+                "trace": what,
+                "points": points.len(),
+                "gpu_ms": gpu_ms,
+                "host_ms": (last.2 - first.2).as_secs_f64() * 1e3,
+                "steps": steps,
+            })
+        );
+    }
+
     pub fn profiler(on: bool) -> Result<()> {
         use candle_core::cuda_backend::cudarc::driver::{profiler_start, profiler_stop};
         if on {
@@ -683,6 +786,10 @@ mod imp {
     pub fn profiler(_on: bool) -> Result<()> {
         Ok(())
     }
+
+    pub fn trace_mark(_device: &Device, _label: &'static str) {}
+
+    pub fn trace_flush(_what: &str, _min_points: usize) {}
 
     pub fn ptr(inner: &Inner, _t: &Tensor) -> Result<u64> {
         match *inner {}

@@ -627,6 +627,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
                 new_tokens: n,
             })
             .collect();
+        crate::cuda::trace_mark(hidden.device(), "step");
         let graphed = self
             .graphs
             .step(&self.model, &self.pool, hidden, &mut step_seqs, experts)?;
@@ -640,7 +641,9 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
                 .forward_hidden(hidden, &mut step_seqs, experts, |_, _| {})?
         };
         drop(step_seqs);
+        crate::cuda::trace_mark(out.device(), "layers");
         if keep == Keep::All {
+            crate::cuda::trace_flush("step", 0);
             return Ok((Vec::new(), Some(self.model.logits(&out)?)));
         }
         *prompt_logprobs = self.prompt_logprobs(slots, &computed, &out)?;
@@ -654,6 +657,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
             }
         }
         if rows.is_empty() {
+            crate::cuda::trace_flush("step", 0);
             return Ok((Vec::new(), None));
         }
         let n = rows.len();
@@ -677,6 +681,8 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
             }
         }
         let picked = pick(&logits, &mut samplers)?;
+        crate::cuda::trace_mark(logits.device(), "picked");
+        crate::cuda::trace_flush("step", 0);
         // Alternatives from the raw rows that ask for them; such rows were picked on the host,
         // and only they are copied again here.
         let mut tops = Vec::with_capacity(n);

@@ -293,6 +293,7 @@ impl Worker {
         let (input, output) = (input.on(&d.stream)?, output.on(&d.stream)?);
         let gate_flags = d.gate_flags.on(&d.stream)?;
         own.wait_geq(flags::ready(index), seq)?;
+        moemesh_engine::cuda::trace_mark(&d.stream, "worker ready");
         d.queued[index].store(seq, Ordering::SeqCst);
         // What the wait saw: `seq` when the gate's input is there, more when it was released.
         own.copy_word(flags::ready(index), &own, flags::scratch(slots, index))?;
@@ -311,6 +312,9 @@ impl Worker {
                 ))
             })?;
         output.write(&out)?;
+        moemesh_engine::cuda::trace_mark(&d.stream, "worker done");
+        // A trace line per 26 calls (a V2-Lite step's MoE layers) where traces are on.
+        moemesh_engine::cuda::trace_flush("worker", 52);
         own.copy_word(
             flags::scratch(slots, index),
             &gate_flags,
