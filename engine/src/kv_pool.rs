@@ -10,6 +10,13 @@
 //! [`crate::prefix_cache`]): a full block its sequence registered stays cached after the
 //! sequence leaves and is evicted, least recently used first, only when an allocation needs it,
 //! so "free" here counts cached blocks nobody uses.
+//!
+//! With a host tier ([`set_host_tier`](KvPool::set_host_tier), `--host-kv-cache-gb`), an
+//! evicted block's rows are first copied to host memory ([`crate::host_tier`]), and a lookup
+//! that runs out of cached blocks in the pool continues there: each further block found is
+//! copied into a newly allocated pool block and registered again. The copies are exact (row
+//! gathers and writes, no arithmetic). On a GPU they are plain device↔host copies on the
+//! pool's stream (pageable memory, synchronous), not pinned asynchronous ones.
 
 use std::sync::{Arc, Mutex};
 
@@ -17,8 +24,13 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
+use crate::host_tier::HostTier;
 use crate::kv_blocks::{BLOCK_TOKENS, pool_row};
 use crate::prefix_cache::{BlockHash, Blocks, PrefixCacheStats};
+
+/// One block's rows in host memory: per layer, `(c_kv [BLOCK_TOKENS, kv_lora_rank], k_pe
+/// [BLOCK_TOKENS, rope])` on the CPU, in the pool's dtype.
+type HostBlock = Arc<[(Tensor, Tensor)]>;
 
 pub struct KvPool {
     /// Per layer: `[num_blocks * BLOCK_TOKENS, kv_lora_rank]`.
@@ -27,6 +39,8 @@ pub struct KvPool {
     kpe: Vec<Tensor>,
     /// Free, in-use and cached blocks.
     blocks: Mutex<Blocks>,
+    /// The host-memory tier, when there is one (locked after `blocks`, never before).
+    host: Mutex<Option<HostTier<HostBlock>>>,
     num_blocks: usize,
     pub(crate) dtype: DType,
     pub(crate) device: Device,
@@ -56,6 +70,7 @@ impl KvPool {
             ckv,
             kpe,
             blocks: Mutex::new(Blocks::new(num_blocks)),
+            host: Mutex::new(None),
             num_blocks,
             dtype,
             device: device.clone(),
@@ -83,6 +98,80 @@ impl KvPool {
         self.blocks.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn host(&self) -> std::sync::MutexGuard<'_, Option<HostTier<HostBlock>>> {
+        self.host.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Bytes of one block's rows over every layer.
+    pub fn block_bytes(&self) -> u64 {
+        let width: usize = self
+            .ckv
+            .iter()
+            .chain(&self.kpe)
+            .map(|t| t.dim(1).unwrap_or(0))
+            .sum();
+        (BLOCK_TOKENS * width * self.dtype.size_in_bytes()) as u64
+    }
+
+    /// Gives the prefix cache a host-memory tier of `bytes` (`--host-kv-cache-gb`; 0: none):
+    /// evicted blocks go there and come back on a hit.
+    pub fn set_host_tier(&self, bytes: u64) {
+        let tier = (bytes > 0).then(|| HostTier::new(bytes, self.block_bytes()));
+        let on = tier.as_ref().is_some_and(|t| t.capacity() > 0);
+        *self.host() = tier;
+        self.lock().set_keep_evicted(on);
+    }
+
+    /// Most blocks the host tier holds (0 without one).
+    pub fn host_blocks(&self) -> usize {
+        self.host().as_ref().map_or(0, |t| t.capacity())
+    }
+
+    /// Block `b`'s rows, copied to host memory.
+    fn copy_out(&self, b: u32) -> Result<HostBlock> {
+        let rows: Vec<u32> = (0..BLOCK_TOKENS as u32)
+            .map(|i| b * BLOCK_TOKENS as u32 + i)
+            .collect();
+        let idx = Tensor::from_vec(rows, BLOCK_TOKENS, &self.device)?;
+        let mut out = Vec::with_capacity(self.ckv.len());
+        for layer in 0..self.ckv.len() {
+            // index_select makes new storage, so the copy outlives the pool's next write.
+            let (ckv, kpe) = self.gather_rows(layer, &idx)?;
+            out.push((ckv.to_device(&Device::Cpu)?, kpe.to_device(&Device::Cpu)?));
+        }
+        Ok(out.into())
+    }
+
+    /// Writes a block's rows from host memory into pool block `b`.
+    fn copy_in(&self, b: u32, data: &HostBlock) -> Result<()> {
+        for (layer, (ckv, kpe)) in data.iter().enumerate() {
+            let (ckv, kpe) = (ckv.to_device(&self.device)?, kpe.to_device(&self.device)?);
+            self.write(layer, &[b], 0, &ckv, &kpe)?;
+        }
+        Ok(())
+    }
+
+    /// Copies the blocks that allocations evicted to the host tier (before their new owners
+    /// write them). A copy that fails loses only that cache entry.
+    fn keep_evicted(&self, evicted: Vec<(u32, BlockHash)>) {
+        for (b, h) in evicted {
+            // A block the tier holds already (it came from there) needs no copy.
+            if self.host().as_mut().is_none_or(|t| t.refresh(&h)) {
+                continue;
+            }
+            match self.copy_out(b) {
+                Ok(data) => {
+                    if let Some(t) = self.host().as_mut() {
+                        t.put(h, data);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(block = b, error = %e, "could not copy an evicted KV block to the host tier")
+                }
+            }
+        }
+    }
+
     /// Whether full blocks are kept and shared by prompts that start the same way.
     pub fn prefix_caching(&self) -> bool {
         self.lock().enabled()
@@ -95,27 +184,71 @@ impl KvPool {
 
     /// The prefix cache's counters.
     pub fn prefix_stats(&self) -> PrefixCacheStats {
-        self.lock().stats()
+        let mut s = self.lock().stats();
+        s.host = self.host().as_ref().map(|t| t.stats()).unwrap_or_default();
+        s
     }
 
     pub(crate) fn allocate(&self, n: usize) -> Result<Vec<u32>> {
         let mut blocks = self.lock();
         let available = blocks.available();
-        blocks.allocate(n).ok_or_else(|| {
+        let got = blocks.allocate(n).ok_or_else(|| {
             EngineError::KvExhausted(format!(
                 "KV pool exhausted: {n} more blocks needed, {available} of {} free",
                 self.num_blocks
             ))
-        })
+        });
+        let evicted = blocks.take_evicted();
+        drop(blocks);
+        self.keep_evicted(evicted);
+        got
     }
 
     pub(crate) fn release(&self, blocks: &[u32]) {
         self.lock().release(blocks);
     }
 
-    /// References the cached blocks of the longest cached prefix of `hashes`.
+    /// References the cached blocks of the longest cached prefix of `hashes`: those in the pool,
+    /// then those the host tier holds, each copied into a new pool block (while blocks are
+    /// available).
     pub(crate) fn acquire_cached(&self, hashes: &[BlockHash]) -> Vec<u32> {
-        self.lock().acquire(hashes)
+        let mut found = self.lock().acquire(hashes);
+        let mut from_host = 0;
+        for h in &hashes[found.len()..] {
+            if !self.host().as_ref().is_some_and(|t| t.contains(h)) {
+                break;
+            }
+            let Ok(b) = self.allocate(1) else {
+                break;
+            };
+            // Still there unless that allocation's evictions pushed it out of the tier.
+            let Some(data) = self.host().as_mut().and_then(|t| t.hit(h)) else {
+                self.release(&b);
+                break;
+            };
+            if let Err(e) = self.copy_in(b[0], &data) {
+                tracing::warn!(error = %e, "could not copy a KV block back from the host tier");
+                self.release(&b);
+                break;
+            }
+            self.register(b[0], *h);
+            found.push(b[0]);
+            from_host += 1;
+        }
+        if from_host > 0 {
+            self.lock().count_hits(from_host);
+        }
+        found
+    }
+
+    /// How many of `hashes`, in order from the first, are cached (nothing is taken).
+    pub(crate) fn cached_blocks(&self, hashes: &[BlockHash]) -> usize {
+        let n = self.lock().peek(hashes);
+        let host = self.host();
+        let more = host.as_ref().map_or(0, |t| {
+            hashes[n..].iter().take_while(|h| t.contains(h)).count()
+        });
+        n + more
     }
 
     /// Registers a block its sequence has written whole.
