@@ -127,47 +127,75 @@ impl KvPool {
         self.host().as_ref().map_or(0, |t| t.capacity())
     }
 
-    /// Block `b`'s rows, copied to host memory.
-    fn copy_out(&self, b: u32) -> Result<HostBlock> {
-        let rows: Vec<u32> = (0..BLOCK_TOKENS as u32)
-            .map(|i| b * BLOCK_TOKENS as u32 + i)
-            .collect();
-        let idx = Tensor::from_vec(rows, BLOCK_TOKENS, &self.device)?;
-        let mut out = Vec::with_capacity(self.ckv.len());
+    /// The rows of `blocks`, copied to host memory: one gather and (on a GPU) one copy per
+    /// layer for all of them, then each block's rows as tensors of their own (so that the
+    /// tier's byte budget is what it holds).
+    fn copy_out(&self, blocks: &[u32]) -> Result<Vec<HostBlock>> {
+        let bt = BLOCK_TOKENS as u32;
+        let rows: Vec<u32> = blocks.iter().flat_map(|&b| b * bt..(b + 1) * bt).collect();
+        let idx = Tensor::from_vec(rows, blocks.len() * BLOCK_TOKENS, &self.device)?;
+        let mut out: Vec<Vec<(Tensor, Tensor)>> = vec![Vec::new(); blocks.len()];
         for layer in 0..self.ckv.len() {
             // index_select makes new storage, so the copy outlives the pool's next write.
             let (ckv, kpe) = self.gather_rows(layer, &idx)?;
-            out.push((ckv.to_device(&Device::Cpu)?, kpe.to_device(&Device::Cpu)?));
+            let (ckv, kpe) = (ckv.to_device(&Device::Cpu)?, kpe.to_device(&Device::Cpu)?);
+            for (i, block) in out.iter_mut().enumerate() {
+                if blocks.len() == 1 {
+                    block.push((ckv.clone(), kpe.clone()));
+                    continue;
+                }
+                let own = Tensor::arange(i as u32 * bt, (i as u32 + 1) * bt, &Device::Cpu)?;
+                block.push((ckv.index_select(&own, 0)?, kpe.index_select(&own, 0)?));
+            }
         }
-        Ok(out.into())
+        Ok(out.into_iter().map(HostBlock::from).collect())
     }
 
-    /// Writes a block's rows from host memory into pool block `b`.
-    fn copy_in(&self, b: u32, data: &HostBlock) -> Result<()> {
-        for (layer, (ckv, kpe)) in data.iter().enumerate() {
-            let (ckv, kpe) = (ckv.to_device(&self.device)?, kpe.to_device(&self.device)?);
-            self.write(layer, &[b], 0, &ckv, &kpe)?;
+    /// Writes blocks' rows from host memory into pool blocks `blocks` (in order): one copy (on
+    /// a GPU) and one write per layer for all of them.
+    fn copy_in(&self, blocks: &[u32], data: &[HostBlock]) -> Result<()> {
+        for layer in 0..self.ckv.len() {
+            let mut ckv = Vec::with_capacity(data.len());
+            let mut kpe = Vec::with_capacity(data.len());
+            for d in data {
+                let (c, k) = d.get(layer).ok_or_else(|| {
+                    EngineError::KvCache(format!("a host-tier block has no layer {layer}"))
+                })?;
+                ckv.push(c);
+                kpe.push(k);
+            }
+            let ckv = Tensor::cat(&ckv, 0)?.to_device(&self.device)?;
+            let kpe = Tensor::cat(&kpe, 0)?.to_device(&self.device)?;
+            self.write(layer, blocks, 0, &ckv, &kpe)?;
         }
         Ok(())
     }
 
     /// Copies the blocks that allocations evicted to the host tier (before their new owners
-    /// write them). A copy that fails loses only that cache entry.
+    /// write them). A block the tier holds already (it came from there) needs no copy. A copy
+    /// that fails loses only those cache entries.
     fn keep_evicted(&self, evicted: Vec<(u32, BlockHash)>) {
-        for (b, h) in evicted {
-            // A block the tier holds already (it came from there) needs no copy.
-            if self.host().as_mut().is_none_or(|t| t.refresh(&h)) {
-                continue;
-            }
-            match self.copy_out(b) {
-                Ok(data) => {
-                    if let Some(t) = self.host().as_mut() {
-                        t.put(h, data);
+        let fresh: Vec<(u32, BlockHash)> = {
+            let mut host = self.host();
+            let Some(t) = host.as_mut() else {
+                return;
+            };
+            evicted.into_iter().filter(|(_, h)| !t.refresh(h)).collect()
+        };
+        if fresh.is_empty() {
+            return;
+        }
+        let blocks: Vec<u32> = fresh.iter().map(|e| e.0).collect();
+        match self.copy_out(&blocks) {
+            Ok(data) => {
+                if let Some(t) = self.host().as_mut() {
+                    for ((_, h), d) in fresh.into_iter().zip(data) {
+                        t.put(h, d);
                     }
                 }
-                Err(e) => {
-                    tracing::warn!(block = b, error = %e, "could not copy an evicted KV block to the host tier")
-                }
+            }
+            Err(e) => {
+                tracing::warn!(blocks = blocks.len(), error = %e, "could not copy evicted KV blocks to the host tier")
             }
         }
     }
@@ -209,35 +237,34 @@ impl KvPool {
     }
 
     /// References the cached blocks of the longest cached prefix of `hashes`: those in the pool,
-    /// then those the host tier holds, each copied into a new pool block (while blocks are
-    /// available).
+    /// then those the host tier holds (as many as the pool has blocks available for), copied
+    /// into new pool blocks and registered again.
     pub(crate) fn acquire_cached(&self, hashes: &[BlockHash]) -> Vec<u32> {
         let mut found = self.lock().acquire(hashes);
-        let mut from_host = 0;
-        for h in &hashes[found.len()..] {
-            if !self.host().as_ref().is_some_and(|t| t.contains(h)) {
-                break;
-            }
-            let Ok(b) = self.allocate(1) else {
-                break;
-            };
-            // Still there unless that allocation's evictions pushed it out of the tier.
-            let Some(data) = self.host().as_mut().and_then(|t| t.hit(h)) else {
-                self.release(&b);
-                break;
-            };
-            if let Err(e) = self.copy_in(b[0], &data) {
-                tracing::warn!(error = %e, "could not copy a KV block back from the host tier");
-                self.release(&b);
-                break;
-            }
-            self.register(b[0], *h);
-            found.push(b[0]);
-            from_host += 1;
+        let rest = &hashes[found.len()..];
+        let room = self.free_blocks();
+        // Taken (and marked most recently used) before allocating: the allocation's evictions
+        // then drop other blocks from the tier, and these stay valid in any case.
+        let data: Vec<HostBlock> = match self.host().as_mut() {
+            Some(t) => rest.iter().take(room).map_while(|h| t.hit(h)).collect(),
+            None => return found,
+        };
+        if data.is_empty() {
+            return found;
         }
-        if from_host > 0 {
-            self.lock().count_hits(from_host);
+        let Ok(blocks) = self.allocate(data.len()) else {
+            return found;
+        };
+        if let Err(e) = self.copy_in(&blocks, &data) {
+            tracing::warn!(error = %e, "could not copy KV blocks back from the host tier");
+            self.release(&blocks);
+            return found;
         }
+        for (&b, h) in blocks.iter().zip(rest) {
+            self.register(b, *h);
+        }
+        self.lock().count_hits(blocks.len());
+        found.extend(blocks);
         found
     }
 

@@ -272,8 +272,9 @@ impl Blocks {
 /// that gate fill (the frontend follows the same [`chain`] over the token ids and salt it
 /// sends), at most `capacity` of them, the least recently used forgotten first. Compact: 8 bytes
 /// of each name. A guess, never a source of KV: the gate evicts on its own and a shortened name
-/// may collide, which only misplaces a request or misjudges a step's budget; what the gate
-/// reports taking ([`forget`](Self::forget) on a miss) corrects it.
+/// may collide, which only misplaces a request or misjudges a step's budget. A block the gate
+/// evicted is found missing by the next prompt that expects it, which computes it and so puts
+/// it back; names nobody asks for again age out.
 #[derive(Debug, Default)]
 pub struct PrefixIndex {
     /// Most names held (the gate's blocks, device and host tier).
@@ -335,15 +336,6 @@ impl PrefixIndex {
             self.lru.insert(self.tick, k);
         }
         self.trim();
-    }
-
-    /// The gate does not hold these blocks (it computed rows expected from them).
-    pub fn forget(&mut self, hashes: &[BlockHash]) {
-        for h in hashes {
-            if let Some(t) = self.seen.remove(&Self::short(h)) {
-                self.lru.remove(&t);
-            }
-        }
     }
 
     fn trim(&mut self) {
@@ -510,7 +502,7 @@ mod tests {
     }
 
     #[test]
-    fn an_index_matches_chain_prefixes_forgets_misses_and_keeps_chain_heads_longest() {
+    fn an_index_matches_chain_prefixes_and_keeps_chain_heads_longest() {
         let root = chain_root("m", b"");
         let long: Vec<u32> = (0..5 * BLOCK_TOKENS as u32).collect();
         let h = chain(&root, &long);
@@ -518,13 +510,10 @@ mod tests {
         assert_eq!(index.matched(&h), 0);
         index.insert(&h[..3]);
         assert_eq!(index.matched(&h), 3);
-        // A chain that starts elsewhere matches nothing, even if later names are held.
-        assert_eq!(index.matched(&h[1..]), 2);
+        // A name stands for its whole prefix: another salt's chain over the same ids matches
+        // nothing.
         assert_eq!(index.matched(&chain(&chain_root("m", b"s"), &long)), 0);
-        // A miss in the middle cuts the match there.
-        index.forget(&h[1..2]);
-        assert_eq!(index.matched(&h), 1);
-        assert_eq!(index.len(), 2);
+        assert_eq!(index.len(), 3);
         // Over capacity, the least recently seen go first, tails before heads.
         let other = chain(&chain_root("m", b"other"), &long);
         index.insert(&h);

@@ -41,15 +41,8 @@ async fn run_as(url: &str, ids: &[u32], salt: &str, key: Option<&str>) -> (Vec<u
         let value = format!("Bearer {k}").parse().expect("ascii key");
         req.metadata_mut().insert("authorization", value);
     }
-    let mut s = c.generate(req).await.expect("generate").into_inner();
-    let (mut out, mut cached) = (Vec::new(), None);
-    while let Some(m) = s.message().await.expect("stream") {
-        out.extend(m.token_ids);
-        if let Some(u) = m.usage {
-            cached = Some(u.cached_prompt_tokens);
-        }
-    }
-    (out, cached.expect("the last message carries usage"))
+    let s = c.generate(req).await.expect("generate").into_inner();
+    finish((s, Vec::new())).await
 }
 
 fn prompt(seed: u32, len: u32) -> Vec<u32> {
@@ -189,7 +182,8 @@ async fn open(
     (s, first.token_ids)
 }
 
-/// The rest of an [`open`] stream: every token and the cached prompt tokens.
+/// The rest of a stream after the tokens `out` already read: every token and the cached prompt
+/// tokens.
 async fn finish(
     (mut s, mut out): (tonic::Streaming<v1::GenerateResponse>, Vec<u32>),
 ) -> (Vec<u32>, u32) {

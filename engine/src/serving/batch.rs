@@ -5,7 +5,6 @@
 //! state (a client stream and spans, or an output being collected).
 
 use std::collections::HashMap;
-use std::ops::Range;
 
 use crate::error::EngineError;
 use crate::generate::{FinishReason, GenerationRequest};
@@ -247,32 +246,25 @@ impl<T> Batch<T> {
 
     /// The runner took `hits` (sequence, tokens) of `step`'s rows from its prefix cache: they
     /// count as the sequences' cached prompt tokens. Call before [`on_tokens`](Self::on_tokens),
-    /// which may finish them. Returns, for each slot that took fewer rows than expected
-    /// ([`Slot::cached`](super::Slot::cached)), its sequence and the positions expected cached
-    /// but computed; such a sequence expects nothing more from the cache (the blocks after a
-    /// miss cannot be found either: a block is named by its whole prefix).
-    pub fn on_prefix_hits(
-        &mut self,
-        step: &Step,
-        hits: &[(u64, usize)],
-    ) -> Vec<(u64, Range<usize>)> {
+    /// which may finish them. A sequence whose slot took fewer rows than expected
+    /// ([`Slot::cached`](super::Slot::cached)) expects nothing more from the cache (the blocks
+    /// after a miss cannot be found either: a block is named by its whole prefix); the rows it
+    /// computed instead made that step run over budget once.
+    pub fn on_prefix_hits(&mut self, step: &Step, hits: &[(u64, usize)]) {
         for &(id, tokens) in hits {
             if let Some(s) = self.seqs.get_mut(&id) {
                 s.cached_tokens = (s.cached_tokens + tokens).min(s.req.prompt_ids.len());
             }
         }
-        let mut misses = Vec::new();
         for slot in step.plan.slots.iter().filter(|x| x.cached > 0) {
             let got = hits.iter().find(|h| h.0 == slot.id).map_or(0, |h| h.1);
             if got >= slot.cached {
                 continue;
             }
-            misses.push((slot.id, slot.start + got..slot.start + slot.cached));
             if let Some(e) = self.sched.running.iter_mut().find(|e| e.id == slot.id) {
                 e.cached = e.cached.min(slot.start + got);
             }
         }
-        misses
     }
 
     /// The runner computed prompt logprobs for (sequence, its rows' logprobs): they are kept
@@ -410,14 +402,12 @@ mod tests {
         assert_eq!((slot.len, slot.cached), (384, 320));
         assert_eq!(step.ids.len(), 384, "cached rows are sent, with their ids");
         // The runner took only 5 blocks: the 15 blocks expected after them were computed.
-        let misses = batch.on_prefix_hits(&step, &[(1, 80)]);
-        assert_eq!(misses, vec![(1, 80..320)]);
+        batch.on_prefix_hits(&step, &[(1, 80)]);
         assert_eq!(batch.get_mut(1).map(|s| s.cached_tokens), Some(80));
         batch.on_tokens(&step, &[], |_, _| {});
         // The next chunk expects nothing from the cache: the budget's size.
         let (step, _) = batch.next_step(limits);
         let slot = step.plan.slots[0];
         assert_eq!((slot.start, slot.len, slot.cached), (384, 64, 0));
-        assert!(batch.on_prefix_hits(&step, &[]).is_empty());
     }
 }

@@ -557,17 +557,21 @@ mod tests {
         assert_eq!(s.kv.map(|k| k.free_blocks), Some(2));
     }
 
+    /// A scheduler whose gate has room for everything.
+    fn roomy() -> Scheduler {
+        Scheduler {
+            kv: Some(KvState {
+                free_blocks: 1000,
+                total_blocks: 1000,
+                block_tokens: 16,
+            }),
+            ..Scheduler::default()
+        }
+    }
+
     #[test]
     fn rows_expected_from_the_prefix_cache_are_not_charged_against_the_budget() {
-        let kv = KvState {
-            free_blocks: 1000,
-            total_blocks: 1000,
-            block_tokens: 16,
-        };
-        let mut s = Scheduler {
-            kv: Some(kv),
-            ..Scheduler::default()
-        };
+        let mut s = roomy();
         s.running.push(entry(1, 11, 10)); // one decode
         // A 1,000-token prompt whose first 960 tokens (60 blocks) are expected cached.
         let mut long = entry(2, 1000, 0);
@@ -591,15 +595,7 @@ mod tests {
 
     #[test]
     fn a_prompt_whose_cached_part_is_shorter_than_it_is_chunked_after_the_cached_blocks() {
-        let kv = KvState {
-            free_blocks: 1000,
-            total_blocks: 1000,
-            block_tokens: 16,
-        };
-        let mut s = Scheduler {
-            kv: Some(kv),
-            ..Scheduler::default()
-        };
+        let mut s = roomy();
         let mut e = entry(1, 1000, 0);
         e.cached = 320;
         s.waiting.push_back(e);
@@ -618,12 +614,9 @@ mod tests {
             plan.slots.first().map(|x| (x.start, x.len, x.cached)),
             Some((416, 96, 0))
         );
-        // A chunk cut inside the cached part is not cut back to a block inside it: 40 of budget
-        // after 320 cached ends at 360, not 352.
-        let mut s = Scheduler {
-            kv: Some(kv),
-            ..Scheduler::default()
-        };
+        // A chunk is not cut back to a block boundary inside the cached part: 8 of budget after
+        // 320 cached tokens ends at 328, not at 320 (whose last block would then be computed).
+        let mut s = roomy();
         let mut e = entry(1, 1000, 0);
         e.cached = 320;
         s.waiting.push_back(e);

@@ -623,8 +623,8 @@ impl StepLoop {
             .iter()
             .map(|c| (c.seq_id, c.tokens as usize))
             .collect();
-        let misses = self.batch.on_prefix_hits(step, &hits);
-        self.learn_prefixes(step, &misses);
+        self.batch.on_prefix_hits(step, &hits);
+        self.learn_prefixes(step);
         self.batch.on_prompt_logprobs(
             resp.prompt_logprobs
                 .iter()
@@ -645,20 +645,13 @@ impl StepLoop {
     }
 
     /// After a step ran: the gate now holds (and caches) the full prompt blocks its prefill
-    /// chunks reached, and does not hold the blocks it computed rows of that were expected
-    /// from its cache.
-    fn learn_prefixes(&mut self, step: &Step, misses: &[(u64, std::ops::Range<usize>)]) {
+    /// chunks reached, taken from its cache or computed (a block expected cached but missing
+    /// was computed and registered again, so the index stays right).
+    fn learn_prefixes(&mut self, step: &Step) {
         let Some(bt) = self.batch.kv().map(|k| k.block_tokens.max(1)) else {
             return;
         };
         let mut index = lock(&self.shared.index);
-        for (id, gone) in misses {
-            if let Some(s) = self.batch.get_mut(*id) {
-                let p = &s.payload.prefix;
-                let blocks = (gone.start / bt).min(p.len())..(gone.end / bt).min(p.len());
-                index.forget(&p[blocks]);
-            }
-        }
         for slot in &step.plan.slots {
             let Some(s) = self.batch.get_mut(slot.id) else {
                 continue;

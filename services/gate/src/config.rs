@@ -37,7 +37,8 @@ pub struct GateConfig {
     /// prefix hit instead of being computed again, least recently used dropped first (this
     /// also keeps a preempted sequence's blocks). 0 (the default): no host tier. Ignored with
     /// `--prefix-cache false`.
-    #[arg(long, env = "MOEMESH_HOST_KV_CACHE_GB", default_value_t = 0.0, value_parser = host_gb)]
+    #[arg(long, env = "MOEMESH_HOST_KV_CACHE_GB", default_value_t = 0.0, value_parser = host_gb,
+          allow_negative_numbers = true)]
     pub host_kv_cache_gb: f64,
     /// Most seconds to let running sequences finish after SIGTERM. The gate leaves the
     /// registry first (frontends send it no new sequences) and waits until it holds none; any
