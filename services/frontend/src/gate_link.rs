@@ -441,6 +441,7 @@ impl StepLoop {
             step = self.step_id,
             decode = step.plan.decode,
             prefill_tokens = step.plan.prefill_tokens,
+            cached_tokens = step.plan.cached_tokens,
             slots = ?step.plan.slots.iter().map(|s| (s.id, s.len)).collect::<Vec<_>>(),
             "step composition"
         );
