@@ -10,6 +10,13 @@
 //! [`crate::prefix_cache`]): a full block its sequence registered stays cached after the
 //! sequence leaves and is evicted, least recently used first, only when an allocation needs it,
 //! so "free" here counts cached blocks nobody uses.
+//!
+//! With a host tier ([`set_host_tier`](KvPool::set_host_tier), `--host-kv-cache-gb`), an
+//! evicted block's rows are first copied to host memory ([`crate::host_tier`]), and a lookup
+//! that runs out of cached blocks in the pool continues there: each further block found is
+//! copied into a newly allocated pool block and registered again. The copies are exact (row
+//! gathers and writes, no arithmetic). On a GPU they are plain device↔host copies on the
+//! pool's stream (pageable memory, synchronous), not pinned asynchronous ones.
 
 use std::sync::{Arc, Mutex};
 
@@ -17,8 +24,13 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
+use crate::host_tier::HostTier;
 use crate::kv_blocks::{BLOCK_TOKENS, pool_row};
 use crate::prefix_cache::{BlockHash, Blocks, PrefixCacheStats};
+
+/// One block's rows in host memory: per layer, `(c_kv [BLOCK_TOKENS, kv_lora_rank], k_pe
+/// [BLOCK_TOKENS, rope])` on the CPU, in the pool's dtype.
+type HostBlock = Arc<[(Tensor, Tensor)]>;
 
 pub struct KvPool {
     /// Per layer: `[num_blocks * BLOCK_TOKENS, kv_lora_rank]`.
@@ -27,6 +39,8 @@ pub struct KvPool {
     kpe: Vec<Tensor>,
     /// Free, in-use and cached blocks.
     blocks: Mutex<Blocks>,
+    /// The host-memory tier, when there is one (locked after `blocks`, never before).
+    host: Mutex<Option<HostTier<HostBlock>>>,
     num_blocks: usize,
     pub(crate) dtype: DType,
     pub(crate) device: Device,
@@ -56,6 +70,7 @@ impl KvPool {
             ckv,
             kpe,
             blocks: Mutex::new(Blocks::new(num_blocks)),
+            host: Mutex::new(None),
             num_blocks,
             dtype,
             device: device.clone(),
@@ -83,6 +98,108 @@ impl KvPool {
         self.blocks.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn host(&self) -> std::sync::MutexGuard<'_, Option<HostTier<HostBlock>>> {
+        self.host.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Bytes of one block's rows over every layer.
+    pub fn block_bytes(&self) -> u64 {
+        let width: usize = self
+            .ckv
+            .iter()
+            .chain(&self.kpe)
+            .map(|t| t.dim(1).unwrap_or(0))
+            .sum();
+        (BLOCK_TOKENS * width * self.dtype.size_in_bytes()) as u64
+    }
+
+    /// Gives the prefix cache a host-memory tier of `bytes` (`--host-kv-cache-gb`; 0: none):
+    /// evicted blocks go there and come back on a hit.
+    pub fn set_host_tier(&self, bytes: u64) {
+        let tier = (bytes > 0).then(|| HostTier::new(bytes, self.block_bytes()));
+        let on = tier.as_ref().is_some_and(|t| t.capacity() > 0);
+        *self.host() = tier;
+        self.lock().set_keep_evicted(on);
+    }
+
+    /// Most blocks the host tier holds (0 without one).
+    pub fn host_blocks(&self) -> usize {
+        self.host().as_ref().map_or(0, |t| t.capacity())
+    }
+
+    /// The rows of `blocks`, copied to host memory: one gather and (on a GPU) one copy per
+    /// layer for all of them, then each block's rows as tensors of their own (so that the
+    /// tier's byte budget is what it holds).
+    fn copy_out(&self, blocks: &[u32]) -> Result<Vec<HostBlock>> {
+        let bt = BLOCK_TOKENS as u32;
+        let rows: Vec<u32> = blocks.iter().flat_map(|&b| b * bt..(b + 1) * bt).collect();
+        let idx = Tensor::from_vec(rows, blocks.len() * BLOCK_TOKENS, &self.device)?;
+        let mut out: Vec<Vec<(Tensor, Tensor)>> = vec![Vec::new(); blocks.len()];
+        for layer in 0..self.ckv.len() {
+            // index_select makes new storage, so the copy outlives the pool's next write.
+            let (ckv, kpe) = self.gather_rows(layer, &idx)?;
+            let (ckv, kpe) = (ckv.to_device(&Device::Cpu)?, kpe.to_device(&Device::Cpu)?);
+            for (i, block) in out.iter_mut().enumerate() {
+                if blocks.len() == 1 {
+                    block.push((ckv.clone(), kpe.clone()));
+                    continue;
+                }
+                let own = Tensor::arange(i as u32 * bt, (i as u32 + 1) * bt, &Device::Cpu)?;
+                block.push((ckv.index_select(&own, 0)?, kpe.index_select(&own, 0)?));
+            }
+        }
+        Ok(out.into_iter().map(HostBlock::from).collect())
+    }
+
+    /// Writes blocks' rows from host memory into pool blocks `blocks` (in order): one copy (on
+    /// a GPU) and one write per layer for all of them.
+    fn copy_in(&self, blocks: &[u32], data: &[HostBlock]) -> Result<()> {
+        for layer in 0..self.ckv.len() {
+            let mut ckv = Vec::with_capacity(data.len());
+            let mut kpe = Vec::with_capacity(data.len());
+            for d in data {
+                let (c, k) = d.get(layer).ok_or_else(|| {
+                    EngineError::KvCache(format!("a host-tier block has no layer {layer}"))
+                })?;
+                ckv.push(c);
+                kpe.push(k);
+            }
+            let ckv = Tensor::cat(&ckv, 0)?.to_device(&self.device)?;
+            let kpe = Tensor::cat(&kpe, 0)?.to_device(&self.device)?;
+            self.write(layer, blocks, 0, &ckv, &kpe)?;
+        }
+        Ok(())
+    }
+
+    /// Copies the blocks that allocations evicted to the host tier (before their new owners
+    /// write them). A block the tier holds already (it came from there) needs no copy. A copy
+    /// that fails loses only those cache entries.
+    fn keep_evicted(&self, evicted: Vec<(u32, BlockHash)>) {
+        let fresh: Vec<(u32, BlockHash)> = {
+            let mut host = self.host();
+            let Some(t) = host.as_mut() else {
+                return;
+            };
+            evicted.into_iter().filter(|(_, h)| !t.refresh(h)).collect()
+        };
+        if fresh.is_empty() {
+            return;
+        }
+        let blocks: Vec<u32> = fresh.iter().map(|e| e.0).collect();
+        match self.copy_out(&blocks) {
+            Ok(data) => {
+                if let Some(t) = self.host().as_mut() {
+                    for ((_, h), d) in fresh.into_iter().zip(data) {
+                        t.put(h, d);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(blocks = blocks.len(), error = %e, "could not copy evicted KV blocks to the host tier")
+            }
+        }
+    }
+
     /// Whether full blocks are kept and shared by prompts that start the same way.
     pub fn prefix_caching(&self) -> bool {
         self.lock().enabled()
@@ -95,27 +212,70 @@ impl KvPool {
 
     /// The prefix cache's counters.
     pub fn prefix_stats(&self) -> PrefixCacheStats {
-        self.lock().stats()
+        let mut s = self.lock().stats();
+        s.host = self.host().as_ref().map(|t| t.stats()).unwrap_or_default();
+        s
     }
 
     pub(crate) fn allocate(&self, n: usize) -> Result<Vec<u32>> {
         let mut blocks = self.lock();
         let available = blocks.available();
-        blocks.allocate(n).ok_or_else(|| {
+        let got = blocks.allocate(n).ok_or_else(|| {
             EngineError::KvExhausted(format!(
                 "KV pool exhausted: {n} more blocks needed, {available} of {} free",
                 self.num_blocks
             ))
-        })
+        });
+        let evicted = blocks.take_evicted();
+        drop(blocks);
+        self.keep_evicted(evicted);
+        got
     }
 
     pub(crate) fn release(&self, blocks: &[u32]) {
         self.lock().release(blocks);
     }
 
-    /// References the cached blocks of the longest cached prefix of `hashes`.
+    /// References the cached blocks of the longest cached prefix of `hashes`: those in the pool,
+    /// then those the host tier holds (as many as the pool has blocks available for), copied
+    /// into new pool blocks and registered again.
     pub(crate) fn acquire_cached(&self, hashes: &[BlockHash]) -> Vec<u32> {
-        self.lock().acquire(hashes)
+        let mut found = self.lock().acquire(hashes);
+        let rest = &hashes[found.len()..];
+        let room = self.free_blocks();
+        // Taken (and marked most recently used) before allocating: the allocation's evictions
+        // then drop other blocks from the tier, and these stay valid in any case.
+        let data: Vec<HostBlock> = match self.host().as_mut() {
+            Some(t) => rest.iter().take(room).map_while(|h| t.hit(h)).collect(),
+            None => return found,
+        };
+        if data.is_empty() {
+            return found;
+        }
+        let Ok(blocks) = self.allocate(data.len()) else {
+            return found;
+        };
+        if let Err(e) = self.copy_in(&blocks, &data) {
+            tracing::warn!(error = %e, "could not copy KV blocks back from the host tier");
+            self.release(&blocks);
+            return found;
+        }
+        for (&b, h) in blocks.iter().zip(rest) {
+            self.register(b, *h);
+        }
+        self.lock().count_hits(blocks.len());
+        found.extend(blocks);
+        found
+    }
+
+    /// How many of `hashes`, in order from the first, are cached (nothing is taken).
+    pub(crate) fn cached_blocks(&self, hashes: &[BlockHash]) -> usize {
+        let n = self.lock().peek(hashes);
+        let host = self.host();
+        let more = host.as_ref().map_or(0, |t| {
+            hashes[n..].iter().take_while(|h| t.contains(h)).count()
+        });
+        n + more
     }
 
     /// Registers a block its sequence has written whole.

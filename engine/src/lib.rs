@@ -23,6 +23,7 @@ pub mod error;
 pub mod experts;
 pub mod generate;
 pub mod graphs;
+pub mod host_tier;
 pub mod kv_blocks;
 pub mod kv_cache;
 pub mod kv_pool;

@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use sha2::{Digest, Sha256};
 
+use crate::host_tier::HostTierStats;
 use crate::kv_blocks::BLOCK_TOKENS;
 
 /// The name of a full block: SHA-256 over its parent's name and its token ids.
@@ -74,6 +75,9 @@ pub struct PrefixCacheStats {
     pub evictions: u64,
     /// Blocks holding a registered hash now (in use or not).
     pub cached_blocks: u64,
+    /// The host-memory tier's counters (all 0 without one). Its hits are counted in
+    /// `hit_blocks` too.
+    pub host: HostTierStats,
 }
 
 /// Which blocks of the pool are free, in use (and by how many sequences) and cached.
@@ -95,6 +99,11 @@ pub(crate) struct Blocks {
     tick: u64,
     /// Whether blocks are registered and looked up (`--prefix-cache`).
     enabled: bool,
+    /// Whether evicted blocks are noted in `evicted` (a host tier takes them).
+    keep_evicted: bool,
+    /// Blocks evicted by allocations and their names, until the pool copies them to the host
+    /// tier ([`take_evicted`](Self::take_evicted)).
+    evicted: Vec<(u32, BlockHash)>,
     stats: PrefixCacheStats,
 }
 
@@ -109,6 +118,8 @@ impl Blocks {
             lru_tick: vec![0; num_blocks],
             tick: 0,
             enabled: true,
+            keep_evicted: false,
+            evicted: Vec::new(),
             stats: PrefixCacheStats::default(),
         }
     }
@@ -141,6 +152,22 @@ impl Blocks {
         self.stats
     }
 
+    /// Whether evicted blocks are noted for a host tier.
+    pub(crate) fn set_keep_evicted(&mut self, on: bool) {
+        self.keep_evicted = on;
+    }
+
+    /// The blocks evicted since the last call, with their names (their data is still in the
+    /// pool until their new owner writes them).
+    pub(crate) fn take_evicted(&mut self) -> Vec<(u32, BlockHash)> {
+        std::mem::take(&mut self.evicted)
+    }
+
+    /// Counts blocks a lookup found in the host tier (after [`acquire`](Self::acquire)).
+    pub(crate) fn count_hits(&mut self, blocks: usize) {
+        self.stats.hit_blocks += blocks as u64;
+    }
+
     /// `n` blocks for one sequence (each with one reference), taking free blocks first and then
     /// evicting the least recently used cached ones; `None` when fewer than `n` are available.
     pub(crate) fn allocate(&mut self, n: usize) -> Option<Vec<u32>> {
@@ -151,6 +178,9 @@ impl Blocks {
         let mut out = self.free.split_off(self.free.len() - from_free);
         while out.len() < n {
             let (_, b) = self.lru.pop_first()?;
+            if let Some(h) = self.hash[b as usize].filter(|_| self.keep_evicted) {
+                self.evicted.push((b, h));
+            }
             self.forget(b);
             self.stats.evictions += 1;
             out.push(b);
@@ -205,6 +235,18 @@ impl Blocks {
         out
     }
 
+    /// How many of `hashes`, in order from the first, are cached; takes nothing and counts no
+    /// lookup.
+    pub(crate) fn peek(&self, hashes: &[BlockHash]) -> usize {
+        if !self.enabled {
+            return 0;
+        }
+        hashes
+            .iter()
+            .take_while(|h| self.by_hash.contains_key(*h))
+            .count()
+    }
+
     /// Registers a block its sequence has just written whole under `hash`, unless another block
     /// already holds that prefix (then this one stays private and is freed on release).
     pub(crate) fn register(&mut self, block: u32, hash: BlockHash) {
@@ -222,6 +264,86 @@ impl Blocks {
         if let Some(h) = self.hash[b as usize].take() {
             self.by_hash.remove(&h);
             self.stats.cached_blocks = self.stats.cached_blocks.saturating_sub(1);
+        }
+    }
+}
+
+/// What a frontend believes one gate's prefix cache holds: the names of the blocks it has seen
+/// that gate fill (the frontend follows the same [`chain`] over the token ids and salt it
+/// sends), at most `capacity` of them, the least recently used forgotten first. Compact: 8 bytes
+/// of each name. A guess, never a source of KV: the gate evicts on its own and a shortened name
+/// may collide, which only misplaces a request or misjudges a step's budget. A block the gate
+/// evicted is found missing by the next prompt that expects it, which computes it and so puts
+/// it back; names nobody asks for again age out.
+#[derive(Debug, Default)]
+pub struct PrefixIndex {
+    /// Most names held (the gate's blocks, device and host tier).
+    capacity: usize,
+    /// Short name → the tick it was last seen at.
+    seen: HashMap<u64, u64>,
+    /// Tick → short name: the first is the least recently seen.
+    lru: BTreeMap<u64, u64>,
+    tick: u64,
+}
+
+impl PrefixIndex {
+    pub fn new(capacity: usize) -> Self {
+        PrefixIndex {
+            capacity,
+            ..PrefixIndex::default()
+        }
+    }
+
+    fn short(h: &BlockHash) -> u64 {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&h[..8]);
+        u64::from_le_bytes(b)
+    }
+
+    /// Names held.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+
+    /// Sets the most names held, forgetting the least recently seen past it.
+    pub fn set_capacity(&mut self, capacity: usize) {
+        self.capacity = capacity;
+        self.trim();
+    }
+
+    /// How many of `hashes`, in order from the first, the gate is believed to hold.
+    pub fn matched(&self, hashes: &[BlockHash]) -> usize {
+        hashes
+            .iter()
+            .take_while(|h| self.seen.contains_key(&Self::short(h)))
+            .count()
+    }
+
+    /// The gate now holds the blocks of `hashes` (a chain from its first block). The chain's
+    /// head is marked the most recently seen, so that its tail is forgotten first, as the gate's
+    /// own LRU releases a sequence's blocks tail first.
+    pub fn insert(&mut self, hashes: &[BlockHash]) {
+        for h in hashes.iter().rev() {
+            let k = Self::short(h);
+            self.tick += 1;
+            if let Some(old) = self.seen.insert(k, self.tick) {
+                self.lru.remove(&old);
+            }
+            self.lru.insert(self.tick, k);
+        }
+        self.trim();
+    }
+
+    fn trim(&mut self) {
+        while self.seen.len() > self.capacity {
+            let Some((_, k)) = self.lru.pop_first() else {
+                break;
+            };
+            self.seen.remove(&k);
         }
     }
 }
@@ -377,5 +499,43 @@ mod tests {
         blocks.register(b[0], h);
         assert_eq!(blocks.stats().cached_blocks, 0);
         assert_eq!(blocks.stats().evictions, 0);
+    }
+
+    #[test]
+    fn an_index_matches_chain_prefixes_and_keeps_chain_heads_longest() {
+        let root = chain_root("m", b"");
+        let long: Vec<u32> = (0..5 * BLOCK_TOKENS as u32).collect();
+        let h = chain(&root, &long);
+        let mut index = PrefixIndex::new(8);
+        assert_eq!(index.matched(&h), 0);
+        index.insert(&h[..3]);
+        assert_eq!(index.matched(&h), 3);
+        // A name stands for its whole prefix: another salt's chain over the same ids matches
+        // nothing.
+        assert_eq!(index.matched(&chain(&chain_root("m", b"s"), &long)), 0);
+        assert_eq!(index.len(), 3);
+        // Over capacity, the least recently seen go first, tails before heads.
+        let other = chain(&chain_root("m", b"other"), &long);
+        index.insert(&h);
+        index.insert(&other[..4]);
+        assert_eq!(index.len(), 8);
+        assert_eq!(index.matched(&other), 4);
+        assert_eq!(index.matched(&h), 4, "h's last block was forgotten first");
+        index.set_capacity(2);
+        assert_eq!((index.matched(&other), index.matched(&h)), (2, 0));
+    }
+
+    #[test]
+    fn peek_counts_the_cached_prefix_and_takes_nothing() {
+        let mut blocks = Blocks::new(3);
+        let h = chain(&chain_root("m", b""), &[ids(0), ids(16), ids(32)].concat());
+        let a = blocks.allocate(2).expect("room");
+        blocks.register(a[0], h[0]);
+        blocks.register(a[1], h[1]);
+        blocks.release(&a);
+        assert_eq!(blocks.peek(&h), 2);
+        assert_eq!(blocks.peek(&h[2..]), 0);
+        assert_eq!(blocks.available(), 3);
+        assert_eq!(blocks.stats().lookups, 0);
     }
 }

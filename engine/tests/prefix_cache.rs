@@ -233,3 +233,69 @@ fn a_sequence_asking_for_prompt_logprobs_takes_nothing_from_the_cache() {
     assert_eq!(hits, 0);
     assert_eq!(warm[0].1, cold[0].1);
 }
+
+/// A host-memory tier keeps the blocks a small pool evicts: a prompt whose blocks went there
+/// takes them back instead of computing them, and decodes exactly as the same prompt does
+/// when its blocks never left the pool (the copies are exact), and as with the cache off.
+#[test]
+fn blocks_evicted_to_the_host_tier_come_back_exactly() {
+    let engine = load();
+    let a = prompt(1, 40);
+    let other = prompt(9, 70);
+    let mut tiered = runner(&engine, 6, true);
+    tiered.set_host_tier(1 << 20);
+    assert!(tiered.host_tier_blocks() >= 8, "1 MiB holds several blocks");
+    let mut roomy = runner(&engine, 64, true);
+    let mut off = runner(&engine, 6, false);
+    generate(&mut tiered, &engine, 1, &a, &[40], None, 2);
+    generate(&mut roomy, &engine, 1, &a, &[40], None, 2);
+    // Needs 5 of 6 blocks: `a`'s tail block leaves the pool for the host tier.
+    generate(&mut tiered, &engine, 2, &other, &[70], None, 2);
+    let s = tiered.prefix_stats();
+    assert_eq!((s.evictions, s.host.blocks), (1, 1));
+    assert!(s.host.bytes_to_host > 0);
+    // `a` again: its first block from the pool, its second back from the host tier.
+    let again = generate(&mut tiered, &engine, 3, &a, &[40], None, 6);
+    assert_eq!(again.cached, 32);
+    let s = tiered.prefix_stats();
+    assert_eq!(s.host.hit_blocks, 1);
+    assert_eq!(
+        s.host.bytes_to_device,
+        s.host.bytes_to_host / s.host.blocks.max(1)
+    );
+    let pooled = generate(&mut roomy, &engine, 3, &a, &[40], None, 6);
+    assert_eq!(pooled.cached, 32);
+    assert_eq!(again.tokens, pooled.tokens, "tokens as from the pool");
+    assert_eq!(
+        again.logprobs, pooled.logprobs,
+        "bit-identical log-probabilities"
+    );
+    let cold = generate(&mut off, &engine, 3, &a, &[40], None, 6);
+    assert_same(&again, &cold, "a from the host tier vs the cache off");
+}
+
+/// A sequence the frontend preempted is prefilled again from its prompt and generated tokens:
+/// the full blocks it had written come back from the host tier once the pool has evicted them.
+#[test]
+fn a_preempted_sequence_takes_its_blocks_back_from_the_host_tier() {
+    let engine = load();
+    let a = prompt(3, 30);
+    let mut tiered = runner(&engine, 5, true);
+    tiered.set_host_tier(1 << 20);
+    let mut off = runner(&engine, 5, false);
+    // 30 prompt tokens and 20 generated: three full blocks written, then released (preempted).
+    let first = generate(&mut tiered, &engine, 1, &a, &[30], None, 20);
+    let mut resumed: Vec<u32> = a.clone();
+    resumed.extend(&first.tokens[..19]);
+    // Another sequence takes the whole pool: every cached block goes to the host tier.
+    generate(&mut tiered, &engine, 2, &prompt(8, 70), &[70], None, 2);
+    assert_eq!(tiered.prefix_stats().host.blocks, 3);
+    let again = generate(&mut tiered, &engine, 3, &resumed, &[49], None, 4);
+    assert_eq!(again.cached, 48, "three blocks back from the host tier");
+    let cold = generate(&mut off, &engine, 3, &resumed, &[49], None, 4);
+    assert_same(&again, &cold, "resumed from the host tier");
+    assert_eq!(
+        again.tokens[0], first.tokens[19],
+        "continues as before the preemption"
+    );
+}

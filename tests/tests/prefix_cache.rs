@@ -41,15 +41,8 @@ async fn run_as(url: &str, ids: &[u32], salt: &str, key: Option<&str>) -> (Vec<u
         let value = format!("Bearer {k}").parse().expect("ascii key");
         req.metadata_mut().insert("authorization", value);
     }
-    let mut s = c.generate(req).await.expect("generate").into_inner();
-    let (mut out, mut cached) = (Vec::new(), None);
-    while let Some(m) = s.message().await.expect("stream") {
-        out.extend(m.token_ids);
-        if let Some(u) = m.usage {
-            cached = Some(u.cached_prompt_tokens);
-        }
-    }
-    (out, cached.expect("the last message carries usage"))
+    let s = c.generate(req).await.expect("generate").into_inner();
+    finish((s, Vec::new())).await
 }
 
 fn prompt(seed: u32, len: u32) -> Vec<u32> {
@@ -168,4 +161,125 @@ async fn each_api_key_has_its_own_cache_space() {
     // The same key again: its own blocks.
     let again = run_as(&url, &p, "", a).await;
     assert_eq!(again, (first.0, 32));
+}
+
+/// [`run`] of `new` tokens, as a stream whose first message has arrived (the sequence is on its
+/// gate and counts in its load); [`finish`] reads the rest.
+async fn open(
+    url: &str,
+    ids: &[u32],
+    new: u32,
+) -> (tonic::Streaming<v1::GenerateResponse>, Vec<u32>) {
+    let mut c = GenerationClient::connect(url.to_string())
+        .await
+        .expect("client");
+    let mut req = request(ids, "");
+    if let Some(s) = req.stopping.as_mut() {
+        s.max_new_tokens = Some(new);
+    }
+    let mut s = c.generate(req).await.expect("generate").into_inner();
+    let first = s.message().await.expect("stream").expect("a first token");
+    (s, first.token_ids)
+}
+
+/// The rest of a stream after the tokens `out` already read: every token and the cached prompt
+/// tokens.
+async fn finish(
+    (mut s, mut out): (tonic::Streaming<v1::GenerateResponse>, Vec<u32>),
+) -> (Vec<u32>, u32) {
+    let mut cached = None;
+    while let Some(m) = s.message().await.expect("stream") {
+        out.extend(m.token_ids);
+        if let Some(u) = m.usage {
+            cached = Some(u.cached_prompt_tokens);
+        }
+    }
+    (out, cached.expect("the last message carries usage"))
+}
+
+/// A small pool with a host tier: the blocks a long prompt evicts go to host memory, and the
+/// next prompt that starts with them takes them back (reported as cached, counted by the host
+/// tier's metrics) with the same tokens as the in-process engine.
+#[tokio::test(flavor = "multi_thread")]
+async fn blocks_evicted_from_a_small_pool_come_back_from_the_host_tier() {
+    let mesh = mesh(&["--kv-blocks", "12", "--host-kv-cache-gb", "0.01"]);
+    let url = mesh.frontend_url();
+    let engine = in_process_engine("tiny-deepseek-v3");
+    let expect = |p: &[u32]| in_process_tokens(&engine, p, None, NEW as usize);
+    let a = prompt(1, 40);
+    let long = prompt(7, 180);
+    assert_eq!(run(&url, &a, "").await, (expect(&a), 0), "a, first");
+    // 180 + 6 tokens need the whole pool: `a`'s cached blocks leave it for the host tier.
+    assert_eq!(run(&url, &long, "").await, (expect(&long), 0), "long");
+    assert!(gate_metric(&mesh, "moemesh_gate_prefix_cache_evictions_total") >= 2.0);
+    let to_host = gate_metric(&mesh, "moemesh_gate_prefix_cache_host_bytes_to_host_total");
+    assert!(to_host > 0.0, "evicted blocks were copied to the host tier");
+    // `a` again: both full blocks back from the host tier, nothing recomputed.
+    assert_eq!(
+        run(&url, &a, "").await,
+        (expect(&a), 32),
+        "a, from the host tier"
+    );
+    assert_eq!(
+        gate_metric(&mesh, "moemesh_gate_prefix_cache_host_hit_blocks_total"),
+        2.0
+    );
+    assert_eq!(
+        gate_metric(&mesh, "moemesh_gate_prefix_cache_host_hit_tokens_total"),
+        32.0
+    );
+    assert!(
+        gate_metric(
+            &mesh,
+            "moemesh_gate_prefix_cache_host_bytes_to_device_total"
+        ) > 0.0
+    );
+    assert!(gate_metric(&mesh, "moemesh_gate_prefix_cache_host_blocks") >= 2.0);
+}
+
+/// Two gates: a request goes to the gate that prefilled its prefix, even when the other gate is
+/// as idle. Two prompt families are placed on different gates (the second arrives while the
+/// first runs, so least-loaded placement spreads them); their follow-ups, sent one at a time to
+/// two idle gates, each find their family's blocks (plain least-loaded placement would put both
+/// on the same gate, and one would miss), with the single-gate engine's tokens.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_two_gates_requests_sharing_a_prefix_land_on_the_gate_that_holds_it() {
+    let mesh = mesh(&[]);
+    let _gate_b = mesh.add_gate("gate-b");
+    let url = mesh.frontend_url();
+    moemesh_tests::mesh::wait_for_gates(&url, 2).await;
+    let engine = in_process_engine("tiny-deepseek-v3");
+    let expect = |p: &[u32], n| in_process_tokens(&engine, p, None, n);
+    // Two families: a 96-token shared prefix (six blocks), then a per-request tail.
+    let family = |f: u32, tail: u32| {
+        let mut p = prompt(100 + f, 96);
+        p.extend(prompt(tail, 10));
+        p
+    };
+    let (one, two) = (family(1, 1), family(2, 2));
+    let running = open(&url, &one, 40).await;
+    let (out, cached) = run(&url, &two, "").await;
+    assert_eq!(
+        (out, cached),
+        (expect(&two, NEW as usize), 0),
+        "family 2, first"
+    );
+    assert_eq!(
+        finish(running).await,
+        (expect(&one, 40), 0),
+        "family 1, first"
+    );
+    for f in [1, 2] {
+        let p = family(f, 50 + f);
+        let (out, cached) = run(&url, &p, "").await;
+        assert_eq!(
+            out,
+            expect(&p, NEW as usize),
+            "family {f}, follow-up: tokens"
+        );
+        assert_eq!(
+            cached, 96,
+            "family {f}, follow-up: its gate holds the prefix"
+        );
+    }
 }

@@ -126,6 +126,7 @@ impl<T> Batch<T> {
             len: seq.len(),
             gate_pos: 0,
             skipped: 0,
+            cached: 0,
         });
         self.seqs.insert(seq.id, seq);
     }
@@ -179,6 +180,26 @@ impl<T> Batch<T> {
         self.seqs.remove(&id)
     }
 
+    /// Sets, for every waiting sequence that starts from scratch, how many of its first tokens
+    /// the runner is expected to take from its prefix cache (`expect`'s estimate, cut to whole
+    /// blocks and short of the last token): their prefill chunks are budgeted by the rows they
+    /// compute ([`Entry::cached`]). A sequence that asks for prompt logprobs expects none (the
+    /// runner computes its every row). Does nothing before the runner's KV numbers are known.
+    pub fn expect_cached(&mut self, mut expect: impl FnMut(&Sequence<T>) -> usize) {
+        let Some(bt) = self.sched.kv.map(|k| k.block_tokens.max(1)) else {
+            return;
+        };
+        for e in self.sched.waiting.iter_mut().filter(|e| e.gate_pos == 0) {
+            if let Some(s) = self.seqs.get(&e.id) {
+                let n = match s.req.prompt_logprobs {
+                    Some(_) => 0,
+                    None => expect(s),
+                };
+                e.cached = n.min(e.len.saturating_sub(1)) / bt * bt;
+            }
+        }
+    }
+
     /// Plans the next step. Preempted sequences' KV is released in it (they are prefilled again
     /// later); sequences that can never fit are removed and returned.
     pub fn next_step(&mut self, limits: Limits) -> (Step, Vec<Sequence<T>>) {
@@ -223,13 +244,25 @@ impl<T> Batch<T> {
         (step, rejected)
     }
 
-    /// The runner took `hits` (sequence, tokens) of the step's rows from its prefix cache: they
+    /// The runner took `hits` (sequence, tokens) of `step`'s rows from its prefix cache: they
     /// count as the sequences' cached prompt tokens. Call before [`on_tokens`](Self::on_tokens),
-    /// which may finish them.
-    pub fn on_prefix_hits(&mut self, hits: &[(u64, usize)]) {
+    /// which may finish them. A sequence whose slot took fewer rows than expected
+    /// ([`Slot::cached`](super::Slot::cached)) expects nothing more from the cache (the blocks
+    /// after a miss cannot be found either: a block is named by its whole prefix); the rows it
+    /// computed instead made that step run over budget once.
+    pub fn on_prefix_hits(&mut self, step: &Step, hits: &[(u64, usize)]) {
         for &(id, tokens) in hits {
             if let Some(s) = self.seqs.get_mut(&id) {
                 s.cached_tokens = (s.cached_tokens + tokens).min(s.req.prompt_ids.len());
+            }
+        }
+        for slot in step.plan.slots.iter().filter(|x| x.cached > 0) {
+            let got = hits.iter().find(|h| h.0 == slot.id).map_or(0, |h| h.1);
+            if got >= slot.cached {
+                continue;
+            }
+            if let Some(e) = self.sched.running.iter_mut().find(|e| e.id == slot.id) {
+                e.cached = e.cached.min(slot.start + got);
             }
         }
     }
@@ -320,5 +353,61 @@ impl<T> Batch<T> {
         }
         self.release.clear();
         all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn seq(id: u64, prompt: usize) -> Sequence<()> {
+        let req = GenerationRequest {
+            prompt_ids: (0..prompt as u32).collect(),
+            max_new_tokens: 4,
+            ..Default::default()
+        };
+        let decoder = SequenceDecoder::new(&req, None, Arc::from(vec![]), 4096).expect("decoder");
+        Sequence {
+            id,
+            req,
+            generated: Vec::new(),
+            decoder,
+            cache_salt: None,
+            cached_tokens: 0,
+            prompt_logprobs: Vec::new(),
+            payload: (),
+        }
+    }
+
+    #[test]
+    fn expected_cache_hits_shape_the_chunks_and_a_miss_expects_no_more() {
+        let limits = Limits {
+            token_budget: 64,
+            max_running: 8,
+            max_skips: 4,
+        };
+        let mut batch = Batch::default();
+        batch.set_kv(KvState {
+            free_blocks: 100,
+            total_blocks: 100,
+            block_tokens: 16,
+        });
+        batch.admit(seq(1, 500));
+        // The estimate is cut to whole blocks, short of the last token.
+        batch.expect_cached(|_| 330);
+        let (step, _) = batch.next_step(limits);
+        let slot = step.plan.slots[0];
+        assert_eq!((slot.len, slot.cached), (384, 320));
+        assert_eq!(step.ids.len(), 384, "cached rows are sent, with their ids");
+        // The runner took only 5 blocks: the 15 blocks expected after them were computed.
+        batch.on_prefix_hits(&step, &[(1, 80)]);
+        assert_eq!(batch.get_mut(1).map(|s| s.cached_tokens), Some(80));
+        batch.on_tokens(&step, &[], |_, _| {});
+        // The next chunk expects nothing from the cache: the budget's size.
+        let (step, _) = batch.next_step(limits);
+        let slot = step.plan.slots[0];
+        assert_eq!((slot.start, slot.len, slot.cached), (384, 64, 0));
     }
 }

@@ -150,6 +150,12 @@ impl<'a> LocalServer<'a> {
             if batch.is_idle() {
                 break;
             }
+            // The pool is here: what it holds is known, not guessed.
+            let runner = &self.runner;
+            batch.expect_cached(|s| {
+                let ids: Vec<u32> = (0..s.len()).map(|i| s.token(i)).collect();
+                runner.cached_prefix(s.cache_salt, &ids)
+            });
             let (step, rejected) = batch.next_step(self.step_limits);
             if let Some(s) = rejected.first() {
                 return Err(EngineError::KvExhausted(format!(
@@ -187,7 +193,7 @@ impl<'a> LocalServer<'a> {
                 Err(e) => return Err(e),
             };
             refused = false;
-            batch.on_prefix_hits(&self.runner.take_prefix_hits());
+            batch.on_prefix_hits(&step, &self.runner.take_prefix_hits());
             batch.on_prompt_logprobs(self.runner.take_prompt_logprobs());
             batch.set_kv(self.runner.kv());
             if let Some(hook) = self.around_step.as_mut() {

@@ -176,6 +176,22 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
         self.fingerprint = fingerprint.to_string();
     }
 
+    /// Gives the prefix cache a host-memory tier of `bytes` (`--host-kv-cache-gb`; 0: none):
+    /// full blocks evicted from the pool are kept there and come back on a hit.
+    pub fn set_host_tier(&mut self, bytes: u64) {
+        self.pool.set_host_tier(bytes);
+    }
+
+    /// Most blocks the host tier holds (0 without one).
+    pub fn host_tier_blocks(&self) -> usize {
+        self.pool.host_blocks()
+    }
+
+    /// Whether full blocks are kept for later prompts (`--prefix-cache`).
+    pub fn prefix_caching(&self) -> bool {
+        self.pool.prefix_caching()
+    }
+
     /// How decode steps went through CUDA graphs.
     pub fn graph_stats(&self) -> GraphStats {
         self.graphs.stats()
@@ -184,6 +200,18 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
     /// The prefix cache's counters.
     pub fn prefix_stats(&self) -> PrefixCacheStats {
         self.pool.prefix_stats()
+    }
+
+    /// How many of the first tokens of `ids` (a new sequence's, in salt space `salt`) a step
+    /// would take from the prefix cache now: whole blocks, never the last token. Looks, takes
+    /// nothing.
+    pub fn cached_prefix(&self, salt: Option<[u8; 32]>, ids: &[u32]) -> usize {
+        if !self.pool.prefix_caching() || ids.is_empty() {
+            return 0;
+        }
+        let root = chain_root(&self.fingerprint, salt.as_ref().map_or(&[][..], |s| &s[..]));
+        let full = (ids.len() - 1) / BLOCK_TOKENS * BLOCK_TOKENS;
+        self.pool.cached_blocks(&chain(&root, &ids[..full])) * BLOCK_TOKENS
     }
 
     /// For each sequence of the last step that took tokens from the prefix cache: how many.

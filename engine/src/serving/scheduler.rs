@@ -14,6 +14,15 @@
 //! that does not finish its prompt ends on a KV block boundary when it can, so the gate's prefix
 //! cache, which reuses whole blocks at a chunk's start, can serve the next chunk too.
 //!
+//! Prefix cache: a sequence's entry may say how many of its first tokens the runner is
+//! expected to take from its prefix cache (`Entry::cached`, a whole number of blocks; the
+//! caller's estimate). Those rows are sent (the runner needs their ids to find the blocks) but
+//! not charged against the token budget, since they are not computed: a chunk from a
+//! block-aligned position carries up to the budget's worth of computed rows after the cached
+//! ones (never counting its last row as cached: the runner always computes it for its logits).
+//! A wrong estimate costs one step over budget; the caller lowers it from what the runner
+//! reports ([`Slot::cached`] against what came back).
+//!
 //! KV memory: the gate reports its free KV blocks after every step. A step only uses blocks
 //! that are free. A waiting sequence is admitted only when its whole pending prompt fits; when
 //! it does not, later (smaller) arrivals may pass it at most `max_skips` times before admission
@@ -52,6 +61,9 @@ pub struct Entry {
     pub len: usize,
     /// Tokens whose KV the gate holds.
     pub gate_pos: usize,
+    /// Of the sequence's first tokens, how many the runner is expected to take from its prefix
+    /// cache (a whole number of blocks; 0: none expected). Not charged against the budget.
+    pub cached: usize,
 }
 
 impl Entry {
@@ -70,6 +82,9 @@ pub struct Slot {
     pub len: usize,
     /// Whether this step brings the sequence up to date (so it samples).
     pub sample: bool,
+    /// Of `len`, the rows expected from the runner's prefix cache (not charged against the
+    /// budget).
+    pub cached: usize,
 }
 
 /// The composition of one step, as logged and checked by tests.
@@ -78,8 +93,10 @@ pub struct Plan {
     pub slots: Vec<Slot>,
     /// Sequences in decode (one token each).
     pub decode: usize,
-    /// Prompt tokens (prefill chunks) in this step.
+    /// Prompt tokens (prefill chunks) in this step, cached ones included.
     pub prefill_tokens: usize,
+    /// Of those, the rows expected from the runner's prefix cache (not charged).
+    pub cached_tokens: usize,
     /// Sequences preempted to make room (their KV must be released on the gate).
     pub preempted: Vec<u64>,
     /// Sequences that can never fit in the gate's KV pool.
@@ -104,24 +121,56 @@ impl KvState {
         self.blocks(gate_pos + n) - self.blocks(gate_pos)
     }
 
+    /// Rows of a chunk of `n` tokens from `gate_pos` that the runner is expected to take from
+    /// its prefix cache, for a sequence whose first `cached` tokens are expected there: whole
+    /// blocks from a block-aligned start, never the chunk's last row.
+    fn cached_rows(&self, gate_pos: usize, n: usize, cached: usize) -> usize {
+        let bt = self.block_tokens.max(1);
+        if gate_pos >= cached || !gate_pos.is_multiple_of(bt) || n == 0 {
+            return 0;
+        }
+        (cached - gate_pos).min(n - 1) / bt * bt
+    }
+
     /// `n` tokens from `gate_pos`, cut back so that a chunk which does not finish the prompt
-    /// (`n < pending`) ends on a block boundary, unless that leaves nothing.
-    fn chunk(&self, gate_pos: usize, n: usize, pending: usize) -> usize {
+    /// (`n < pending`) ends on a block boundary, unless that leaves nothing or ends within the
+    /// `cached` rows expected from the prefix cache (then the cut would only move a cached
+    /// block's rows into the computed last one).
+    fn chunk(&self, gate_pos: usize, n: usize, pending: usize, cached: usize) -> usize {
         if n >= pending {
             return n;
         }
         let end = gate_pos + n;
         let aligned = end - end % self.block_tokens.max(1);
-        if aligned > gate_pos {
+        if aligned > gate_pos + cached {
             aligned - gate_pos
         } else {
             n
         }
     }
 
+    /// A prefill chunk for `e` within `budget` computed rows and `room` tokens of KV: (tokens
+    /// sent, rows of them expected from the prefix cache).
+    fn prefill(&self, e: &Entry, budget: usize, room: usize) -> (usize, usize) {
+        let ahead = self.cached_rows(e.gate_pos, usize::MAX, e.cached);
+        let n = e.pending().min(room).min(budget.saturating_add(ahead));
+        let n = self.chunk(e.gate_pos, n, e.pending(), ahead);
+        (n, self.cached_rows(e.gate_pos, n, e.cached))
+    }
+
     /// Most tokens a sequence at `gate_pos` can add with `free` blocks.
     fn room(&self, gate_pos: usize, free: usize) -> usize {
         self.blocks(gate_pos) * self.block_tokens - gate_pos + free * self.block_tokens
+    }
+}
+
+/// A prefill chunk for `e` within `budget` computed rows and `room` tokens: (tokens sent, rows of
+/// them expected from the prefix cache). Without the gate's KV numbers nothing is expected
+/// cached and chunks need not end on blocks.
+fn chunk(kv: Option<KvState>, e: &Entry, budget: usize, room: usize) -> (usize, usize) {
+    match kv {
+        Some(k) => k.prefill(e, budget, room),
+        None => (e.pending().min(budget).min(room), 0),
     }
 }
 
@@ -190,6 +239,7 @@ impl Scheduler {
                     start: e.gate_pos,
                     len: 1,
                     sample: true,
+                    cached: 0,
                 });
                 plan.decode += 1;
                 budget -= 1;
@@ -198,8 +248,7 @@ impl Scheduler {
         for e in &self.running {
             if e.pending() > 1 && budget > 0 {
                 let room = kv.map_or(usize::MAX, |k| k.room(e.gate_pos, free));
-                let n = e.pending().min(budget).min(room);
-                let n = kv.map_or(n, |k| k.chunk(e.gate_pos, n, e.pending()));
+                let (n, cached) = chunk(kv, e, budget, room);
                 if n == 0 {
                     continue;
                 }
@@ -209,9 +258,11 @@ impl Scheduler {
                     start: e.gate_pos,
                     len: n,
                     sample: n == e.pending(),
+                    cached,
                 });
                 plan.prefill_tokens += n;
-                budget -= n;
+                plan.cached_tokens += cached;
+                budget = budget.saturating_sub(n - cached);
             }
         }
         let mut i = 0;
@@ -233,17 +284,18 @@ impl Scheduler {
             for passed in self.waiting.iter_mut().take(i) {
                 passed.skipped += 1;
             }
-            let n = e.pending().min(budget);
-            let n = kv.map_or(n, |k| k.chunk(e.gate_pos, n, e.pending()));
+            let (n, cached) = chunk(kv, &e, budget, usize::MAX);
             free -= kv.map_or(0, |k| k.need(e.gate_pos, n));
             plan.slots.push(Slot {
                 id: e.id,
                 start: e.gate_pos,
                 len: n,
                 sample: n == e.pending(),
+                cached,
             });
             plan.prefill_tokens += n;
-            budget -= n;
+            plan.cached_tokens += cached;
+            budget = budget.saturating_sub(n - cached);
             self.running.push(e);
         }
         plan
@@ -291,6 +343,7 @@ mod tests {
             len,
             gate_pos,
             skipped: 0,
+            cached: 0,
         }
     }
 
@@ -427,7 +480,8 @@ mod tests {
                 id: 1,
                 start: 0,
                 len: 4,
-                sample: false
+                sample: false,
+                cached: 0,
             }]
         );
         s.advance(&plan.slots[0], false);
@@ -438,7 +492,8 @@ mod tests {
                 id: 1,
                 start: 4,
                 len: 6,
-                sample: true
+                sample: true,
+                cached: 0,
             }]
         );
     }
@@ -500,5 +555,75 @@ mod tests {
         assert_eq!(plan.slots.len(), 1);
         assert_eq!(plan.slots[0].id, 2);
         assert_eq!(s.kv.map(|k| k.free_blocks), Some(2));
+    }
+
+    /// A scheduler whose gate has room for everything.
+    fn roomy() -> Scheduler {
+        Scheduler {
+            kv: Some(KvState {
+                free_blocks: 1000,
+                total_blocks: 1000,
+                block_tokens: 16,
+            }),
+            ..Scheduler::default()
+        }
+    }
+
+    #[test]
+    fn rows_expected_from_the_prefix_cache_are_not_charged_against_the_budget() {
+        let mut s = roomy();
+        s.running.push(entry(1, 11, 10)); // one decode
+        // A 1,000-token prompt whose first 960 tokens (60 blocks) are expected cached.
+        let mut long = entry(2, 1000, 0);
+        long.cached = 960;
+        s.waiting.push_back(long);
+        s.waiting.push_back(entry(3, 100, 0));
+        let plan = s.plan(limits(64, 8));
+        let slot = |id| plan.slots.iter().find(|x| x.id == id).copied();
+        // The whole prompt goes at once and costs only its 40 computed rows (the last block
+        // holds the prompt's last row, always computed).
+        assert_eq!(
+            slot(2).map(|x| (x.start, x.len, x.cached, x.sample)),
+            Some((0, 1000, 960, true))
+        );
+        // What is left of the budget (64 - 1 - 40) goes to the next prompt, cut to one block.
+        assert_eq!(slot(3).map(|x| (x.len, x.cached)), Some((16, 0)));
+        assert_eq!((plan.prefill_tokens, plan.cached_tokens), (1016, 960));
+        let computed: usize = plan.slots.iter().map(|x| x.len - x.cached).sum();
+        assert!(computed <= 64, "computed rows {computed} within the budget");
+    }
+
+    #[test]
+    fn a_prompt_whose_cached_part_is_shorter_than_it_is_chunked_after_the_cached_blocks() {
+        let mut s = roomy();
+        let mut e = entry(1, 1000, 0);
+        e.cached = 320;
+        s.waiting.push_back(e);
+        // 100 of budget: the 320 cached tokens, then 96 computed (cut to a block boundary).
+        let plan = s.plan(limits(100, 8));
+        assert_eq!(
+            plan.slots.first().map(|x| (x.len, x.cached, x.sample)),
+            Some((416, 320, false))
+        );
+        for slot in &plan.slots {
+            s.advance(slot, false);
+        }
+        // Past the cached part, chunks are the budget's size again.
+        let plan = s.plan(limits(100, 8));
+        assert_eq!(
+            plan.slots.first().map(|x| (x.start, x.len, x.cached)),
+            Some((416, 96, 0))
+        );
+        // A chunk is not cut back to a block boundary inside the cached part: 8 of budget after
+        // 320 cached tokens ends at 328, not at 320 (whose last block would then be computed).
+        let mut s = roomy();
+        let mut e = entry(1, 1000, 0);
+        e.cached = 320;
+        s.waiting.push_back(e);
+        let plan = s.plan(limits(8, 8));
+        assert_eq!(
+            plan.slots.first().map(|x| (x.len, x.cached)),
+            Some((328, 320))
+        );
     }
 }

@@ -102,6 +102,19 @@ metrics_table! {
     counter PREFIX_EVICTIONS = "moemesh_gate_prefix_cache_evictions_total";
     /// KV blocks holding a cached prefix (in use or kept for later).
     gauge PREFIX_CACHED_BLOCKS = "moemesh_gate_prefix_cache_blocks";
+    /// KV blocks brought back from the host tier on a prefix hit (--host-kv-cache-gb); also
+    /// counted in the hit blocks.
+    counter PREFIX_HOST_HIT_BLOCKS = "moemesh_gate_prefix_cache_host_hit_blocks_total";
+    /// Prompt tokens whose KV came back from the host tier.
+    counter PREFIX_HOST_HIT_TOKENS = "moemesh_gate_prefix_cache_host_hit_tokens_total";
+    /// Bytes of evicted KV blocks copied from the pool to the host tier.
+    counter PREFIX_HOST_BYTES_TO_HOST = "moemesh_gate_prefix_cache_host_bytes_to_host_total";
+    /// Bytes of KV blocks copied from the host tier back into the pool.
+    counter PREFIX_HOST_BYTES_TO_DEVICE = "moemesh_gate_prefix_cache_host_bytes_to_device_total";
+    /// KV blocks dropped from the host tier (least recently used first) to stay in its budget.
+    counter PREFIX_HOST_EVICTIONS = "moemesh_gate_prefix_cache_host_evictions_total";
+    /// KV blocks the host tier holds.
+    gauge PREFIX_HOST_BLOCKS = "moemesh_gate_prefix_cache_host_blocks";
     /// Routed (token, expert) pairs, per `layer` and `expert`: the load a rebalancer needs.
     counter EXPERT_TOKENS = "moemesh_gate_expert_tokens_total";
     /// One Forward call to an expert worker, per `worker`.

@@ -88,6 +88,16 @@ pub struct FrontendConfig {
     /// Longest stop string in bytes.
     #[arg(long, env = "MOEMESH_MAX_STOP_BYTES", default_value_t = 256)]
     pub max_stop_bytes: usize,
+    /// With several gates, send a new request to the gate believed to hold the longest prefix
+    /// of its prompt in its prefix cache (the frontend remembers the prompt blocks it prefilled
+    /// on each gate), unless that gate is too busy (--prefix-routing-margin). `false`: the
+    /// least loaded gate, always.
+    #[arg(long, env = "MOEMESH_PREFIX_ROUTING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub prefix_routing: bool,
+    /// How many more sequences (running or queued) than the least loaded gate a gate holding a
+    /// request's prefix may have and still get the request.
+    #[arg(long, env = "MOEMESH_PREFIX_ROUTING_MARGIN", default_value_t = 8)]
+    pub prefix_routing_margin: usize,
     #[command(flatten)]
     pub limits: ServerLimits,
     #[command(flatten)]

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use moemesh_common::metrics::names;
 use moemesh_common::{MeshError, MeshResult, codec, telemetry};
 use moemesh_engine::generate::FinishReason;
+use moemesh_engine::prefix_cache::{BlockHash, PrefixIndex};
 use moemesh_engine::serving::{
     Batch, KvState, Limits, SeqOutput, Sequence, SequenceDecoder, Step, Token,
 };
@@ -51,6 +52,9 @@ pub struct NewSeq {
     pub req: GenerationRequest,
     /// The prefix cache's salt (`request::cache_salt`).
     pub cache_salt: Option<[u8; 32]>,
+    /// The names of the prompt's full KV blocks (`request::prefix_chain`), looked up in and
+    /// added to the gate's [`PrefixIndex`].
+    pub prefix: Arc<[BlockHash]>,
     /// The client's `request_id`, echoed on every message.
     pub request_id: String,
     /// Which of the request's choices this sequence is (`GenerateResponse.index`).
@@ -86,6 +90,8 @@ pub fn queue_span(request: &Span) -> Span {
 /// What the frontend keeps of a sequence besides the serving core's state: its client.
 struct Client {
     request_id: String,
+    /// The names of the prompt's full KV blocks.
+    prefix: Arc<[BlockHash]>,
     /// The choice's index.
     index: u32,
     /// Raised by `Abort`.
@@ -127,6 +133,9 @@ pub struct GateLink {
     pub free_kv: Arc<AtomicUsize>,
     /// When the gate's stream last broke (cleared by the next good step).
     pub failed_at: Arc<std::sync::Mutex<Option<Instant>>>,
+    /// What the gate's prefix cache is believed to hold: the block names of the prompts this
+    /// link has prefilled there (empty, with no room, while the gate reports no prefix cache).
+    pub index: Arc<std::sync::Mutex<PrefixIndex>>,
 }
 
 /// Where a link sends its sequences when its gate dies, to be placed on another gate.
@@ -138,12 +147,16 @@ impl GateLink {
         let load = Arc::new(AtomicUsize::new(0));
         let failed_at = Arc::new(std::sync::Mutex::new(None));
         let free_kv = Arc::new(AtomicUsize::new(usize::MAX));
+        let index = Arc::new(std::sync::Mutex::new(PrefixIndex::new(0)));
         let link = StepLoop::new(
             address.clone(),
             ctx,
-            load.clone(),
-            free_kv.clone(),
-            failed_at.clone(),
+            Shared {
+                load: load.clone(),
+                free_kv: free_kv.clone(),
+                failed_at: failed_at.clone(),
+                index: index.clone(),
+            },
             reroute,
         );
         tokio::spawn(link.run(rx));
@@ -153,12 +166,18 @@ impl GateLink {
             load,
             free_kv,
             failed_at,
+            index,
         }
+    }
+
+    /// How many of `prefix`'s blocks (from the first) this gate is believed to hold.
+    pub fn prefix_blocks(&self, prefix: &[BlockHash]) -> usize {
+        lock(&self.index).matched(prefix)
     }
 
     /// Whether the gate's stream broke within `window`.
     pub fn recently_failed(&self, window: Duration) -> bool {
-        let at = *self.failed_at.lock().unwrap_or_else(|e| e.into_inner());
+        let at = *lock(&self.failed_at);
         at.is_some_and(|t| t.elapsed() < window)
     }
 
@@ -176,6 +195,27 @@ impl GateLink {
     }
 }
 
+/// A poisoned lock still holds good state (its holders only update counters and maps).
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What a step loop shares with its [`GateLink`] handles.
+struct Shared {
+    load: Arc<AtomicUsize>,
+    free_kv: Arc<AtomicUsize>,
+    failed_at: Arc<std::sync::Mutex<Option<Instant>>>,
+    index: Arc<std::sync::Mutex<PrefixIndex>>,
+}
+
+/// What the gate's Info says when its step stream opens.
+struct GateInfo {
+    kv: Option<KvState>,
+    device: String,
+    /// Blocks its prefix cache can hold (device pool and host tier); 0 without one.
+    prefix_blocks: usize,
+}
+
 struct Conn {
     tx: mpsc::Sender<StepRequest>,
     rx: Streaming<StepResponse>,
@@ -186,7 +226,7 @@ struct Conn {
 async fn connect(
     address: &str,
     tls: Option<&moemesh_common::tls::Tls>,
-) -> MeshResult<(Conn, Option<KvState>, String)> {
+) -> MeshResult<(Conn, GateInfo)> {
     let unavailable =
         |e: &dyn std::fmt::Display| MeshError::Unavailable(format!("gate {address}: {e}"));
     let endpoint = moemesh_common::tls::endpoint(address, tls)
@@ -213,7 +253,19 @@ async fn connect(
         .await
         .map_err(|e| unavailable(&e))?
         .into_inner();
-    Ok((Conn { tx, rx }, kv, info.device))
+    let prefix_blocks = if info.prefix_cache {
+        info.kv_blocks_total as usize + info.host_kv_blocks as usize
+    } else {
+        0
+    };
+    Ok((
+        Conn { tx, rx },
+        GateInfo {
+            kv,
+            device: info.device,
+            prefix_blocks,
+        },
+    ))
 }
 
 async fn exchange(conn: &mut Conn, address: &str, req: StepRequest) -> MeshResult<StepResponse> {
@@ -242,9 +294,7 @@ struct StepLoop {
     limits: Limits,
     conn: Option<Conn>,
     step_id: u64,
-    load: Arc<AtomicUsize>,
-    free_kv: Arc<AtomicUsize>,
-    failed_at: Arc<std::sync::Mutex<Option<Instant>>>,
+    shared: Shared,
     reroute: Reroute,
     queue_depth: metrics::Gauge,
     running: metrics::Gauge,
@@ -253,14 +303,7 @@ struct StepLoop {
 }
 
 impl StepLoop {
-    fn new(
-        address: String,
-        ctx: Arc<Ctx>,
-        load: Arc<AtomicUsize>,
-        free_kv: Arc<AtomicUsize>,
-        failed_at: Arc<std::sync::Mutex<Option<Instant>>>,
-        reroute: Reroute,
-    ) -> Self {
+    fn new(address: String, ctx: Arc<Ctx>, shared: Shared, reroute: Reroute) -> Self {
         let gate = address.clone();
         StepLoop {
             queue_depth: metrics::gauge!(names::QUEUE_DEPTH, "gate" => gate.clone()),
@@ -273,9 +316,7 @@ impl StepLoop {
             batch: Batch::default(),
             conn: None,
             step_id: 0,
-            load,
-            free_kv,
-            failed_at,
+            shared,
             reroute,
         }
     }
@@ -323,6 +364,7 @@ impl StepLoop {
             prompt_logprobs: Vec::new(),
             payload: Client {
                 request_id: n.request_id,
+                prefix: n.prefix,
                 index: n.index,
                 aborted: n.aborted,
                 tx: n.tx,
@@ -365,9 +407,15 @@ impl StepLoop {
     /// sequence could not be put on the wire (they all failed).
     fn next_step(&mut self) -> Option<(Step, StepRequest, Vec<Span>)> {
         if let Some(k) = self.batch.kv() {
-            self.free_kv.store(k.free_blocks, Ordering::Relaxed);
+            self.shared.free_kv.store(k.free_blocks, Ordering::Relaxed);
         }
         self.step_id += 1;
+        {
+            let index = lock(&self.shared.index);
+            let bt = self.batch.kv().map_or(0, |k| k.block_tokens);
+            self.batch
+                .expect_cached(|s| index.matched(&s.payload.prefix) * bt);
+        }
         let (step, rejected) = self.batch.next_step(self.limits);
         let (running, waiting) = self.batch.counts();
         self.queue_depth.set(waiting as f64);
@@ -393,6 +441,7 @@ impl StepLoop {
             step = self.step_id,
             decode = step.plan.decode,
             prefill_tokens = step.plan.prefill_tokens,
+            cached_tokens = step.plan.cached_tokens,
             slots = ?step.plan.slots.iter().map(|s| (s.id, s.len)).collect::<Vec<_>>(),
             "step composition"
         );
@@ -514,7 +563,7 @@ impl StepLoop {
             (self.address.clone(), self.ctx.step_timeout, self.step_id);
         let result = async {
             if self.conn.is_none() {
-                let (c, kv, device) = tokio::time::timeout(
+                let (c, info) = tokio::time::timeout(
                     self.ctx.connect_timeout,
                     connect(&address, self.ctx.tls.as_deref()),
                 )
@@ -526,11 +575,12 @@ impl StepLoop {
                     ))
                 })??;
                 self.conn = Some(c);
-                if let Some(kv) = kv {
+                if let Some(kv) = info.kv {
                     self.batch.set_kv(kv);
                 }
+                lock(&self.shared.index).set_capacity(info.prefix_blocks);
                 // Steps are sized by the gate's device from the next plan on.
-                if device.starts_with("cuda") {
+                if info.device.starts_with("cuda") {
                     self.limits.token_budget = self.ctx.gpu_token_budget;
                 }
             }
@@ -574,7 +624,8 @@ impl StepLoop {
             .iter()
             .map(|c| (c.seq_id, c.tokens as usize))
             .collect();
-        self.batch.on_prefix_hits(&hits);
+        self.batch.on_prefix_hits(step, &hits);
+        self.learn_prefixes(step);
         self.batch.on_prompt_logprobs(
             resp.prompt_logprobs
                 .iter()
@@ -591,6 +642,26 @@ impl StepLoop {
                 Err(e) => Outcome::Failed(MeshError::from(e).into()),
             };
             self.retire(s, outcome);
+        }
+    }
+
+    /// After a step ran: the gate now holds (and caches) the full prompt blocks its prefill
+    /// chunks reached, taken from its cache or computed (a block expected cached but missing
+    /// was computed and registered again, so the index stays right).
+    fn learn_prefixes(&mut self, step: &Step) {
+        let Some(bt) = self.batch.kv().map(|k| k.block_tokens.max(1)) else {
+            return;
+        };
+        let mut index = lock(&self.shared.index);
+        for slot in &step.plan.slots {
+            let Some(s) = self.batch.get_mut(slot.id) else {
+                continue;
+            };
+            let p = &s.payload.prefix;
+            // Decodes add nothing: only steps that reach prompt blocks.
+            if slot.start < p.len() * bt {
+                index.insert(&p[..((slot.start + slot.len) / bt).min(p.len())]);
+            }
         }
     }
 
@@ -622,7 +693,7 @@ impl StepLoop {
     /// its tokens so far; with greedy or seeded sampling it continues exactly as it would have.
     fn on_gate_lost(&mut self, e: MeshError) {
         self.conn = None;
-        *self.failed_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        *lock(&self.shared.failed_at) = Some(Instant::now());
         let moved = self.batch.on_lost();
         if !moved.is_empty() {
             tracing::warn!(gate = %self.address, error = %e, sequences = moved.len(), "gate failed; moving its sequences");
@@ -633,13 +704,13 @@ impl StepLoop {
     }
 
     fn gate_answered(&self) {
-        *self.failed_at.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *lock(&self.shared.failed_at) = None;
     }
 
     /// A sequence leaves this link: its load count is given back, and its stream gets what the
     /// outcome owes it (its last token has already gone when it finished).
     fn retire(&self, s: Sequence<Client>, outcome: Outcome) {
-        self.load.fetch_sub(1, Ordering::SeqCst);
+        self.shared.load.fetch_sub(1, Ordering::SeqCst);
         if let Outcome::Aborted = outcome {
             let msg = last_message(&s, FinishReason::Cancelled, String::new(), None);
             let _ = s.payload.tx.send(Ok(msg));
@@ -665,6 +736,7 @@ impl StepLoop {
                 let moved = NewSeq {
                     req: s.req,
                     cache_salt: s.cache_salt,
+                    prefix: c.prefix,
                     request_id: c.request_id,
                     index: c.index,
                     aborted: c.aborted,

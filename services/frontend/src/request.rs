@@ -2,7 +2,10 @@
 //! INVALID_ARGUMENT with the field and the limit in the message.
 
 use moemesh_common::{MeshError, MeshResult};
+use std::sync::Arc;
+
 use moemesh_engine::constraint::ConstraintSpec;
+use moemesh_engine::prefix_cache::{BlockHash, chain, chain_root};
 use moemesh_engine::text::{ChatMessage, TextTokenizer};
 use moemesh_engine::{GenerationRequest, Limits, ModelConfig, SamplingParams};
 use moemesh_proto::v1::{self, generate_request::Input};
@@ -36,6 +39,14 @@ pub fn cache_salt(key: Option<&str>, salt: &str) -> Option<[u8; 32]> {
     }
     h.update([u8::from(key.is_some())]);
     Some(h.finalize().into())
+}
+
+/// The names of the prompt's full KV blocks as the gates' prefix caches name them
+/// (`moemesh_engine::prefix_cache::chain` from the model fingerprint and the request's salt):
+/// the frontend's index of what each gate holds is keyed by them.
+pub fn prefix_chain(fingerprint: &str, salt: Option<[u8; 32]>, prompt: &[u32]) -> Arc<[BlockHash]> {
+    let root = chain_root(fingerprint, salt.as_ref().map_or(&[][..], |s| &s[..]));
+    chain(&root, prompt).into()
 }
 
 fn need_tokenizer<'a>(

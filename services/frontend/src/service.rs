@@ -12,6 +12,7 @@ use moemesh_common::layers::Pending;
 use moemesh_common::metrics::names;
 use moemesh_common::registry::{Member, Registry, RegistryConfig, Role};
 use moemesh_common::{MeshError, MeshResult, metrics as mesh_metrics, serve, telemetry};
+use moemesh_engine::prefix_cache::BlockHash;
 use moemesh_engine::serving::SequenceDecoder;
 use moemesh_engine::{Arch, DType, Device, ModelFiles, Parts};
 use moemesh_proto::v1::generation_server::{Generation, GenerationServer};
@@ -65,10 +66,12 @@ struct Frontend {
 }
 
 impl Frontend {
-    /// The live gate with the fewest sequences (then the most free KV), avoiding `avoid` and gates whose stream broke
+    /// The live gate for a request whose prompt's blocks are named `prefix` ([`choose_gate`]:
+    /// the one believed to hold the longest prefix unless it is too busy, else the fewest
+    /// sequences, then the most free KV), avoiding `avoid` and gates whose stream broke
     /// recently; waits a little for one when none is listed (a gate restarting, or the
     /// registry catching up), then UNAVAILABLE.
-    async fn pick_gate(&self, avoid: Option<&str>) -> MeshResult<GateLink> {
+    async fn pick_gate(&self, avoid: Option<&str>, prefix: &[BlockHash]) -> MeshResult<GateLink> {
         let mut rx = self.gates.clone();
         let usable = |g: &Vec<Member>| g.iter().any(|m| Some(m.address.as_str()) != avoid);
         let _ = tokio::time::timeout(GATE_WAIT, rx.wait_for(usable)).await;
@@ -83,7 +86,7 @@ impl Frontend {
         }
         let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
         links.retain(|addr, l| !l.is_closed() || gates.iter().any(|g| &g.address == addr));
-        let mut best: Option<GateLink> = None;
+        let mut usable = Vec::with_capacity(gates.len());
         for g in &gates {
             let link = links
                 .entry(g.address.clone())
@@ -94,19 +97,27 @@ impl Frontend {
             if link.recently_failed(FAILED_GATE_BACKOFF) && gates.len() > 1 {
                 continue;
             }
-            // Fewest sequences first; among equals, the most free KV.
-            let key = |l: &GateLink| {
-                (
-                    l.load.load(Ordering::SeqCst),
-                    std::cmp::Reverse(l.free_kv.load(Ordering::Relaxed)),
-                )
-            };
-            let better = best.as_ref().is_none_or(|b| key(&link) < key(b));
-            if better {
-                best = Some(link);
-            }
+            usable.push(link);
         }
-        best.ok_or_else(|| MeshError::Unavailable("no gate is available".into()))
+        let margin = self
+            .cfg
+            .prefix_routing
+            .then_some(self.cfg.prefix_routing_margin);
+        let loads: Vec<GateLoad> = usable
+            .iter()
+            .map(|l| GateLoad {
+                prefix_blocks: if margin.is_some() {
+                    l.prefix_blocks(prefix)
+                } else {
+                    0
+                },
+                load: l.load.load(Ordering::SeqCst),
+                free_kv: l.free_kv.load(Ordering::Relaxed),
+            })
+            .collect();
+        choose_gate(&loads, margin)
+            .and_then(|i| usable.get(i).cloned())
+            .ok_or_else(|| MeshError::Unavailable("no gate is available".into()))
     }
 
     fn member_info(m: &Member) -> MemberInfo {
@@ -193,12 +204,15 @@ impl GenerationService {
         let (tx, rx) = mpsc::unbounded_channel();
         // Abortable from here on, while it waits for a gate too.
         let (aborted, registered) = f.running.register(key.clone(), &req.request_id);
-        let link = f.pick_gate(None).await?;
         let cache_salt = request::cache_salt(key.as_deref(), &req.cache_salt);
+        let prompt = choices.first().map_or(&[][..], |(r, _)| &r.prompt_ids[..]);
+        let prefix = request::prefix_chain(&f.fingerprint, cache_salt, prompt);
+        let link = f.pick_gate(None, &prefix).await?;
         for (index, (choice, decoder)) in (0u32..).zip(choices) {
             let queued = link.submit(NewSeq {
                 req: choice,
                 cache_salt,
+                prefix: prefix.clone(),
                 request_id: req.request_id.clone(),
                 index,
                 aborted: aborted.clone(),
@@ -228,6 +242,40 @@ impl GenerationService {
                 });
         Ok(Response::new(Box::pin(stream)))
     }
+}
+
+/// What the frontend knows of a gate when it places a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct GateLoad {
+    /// Blocks of the request's prompt the gate is believed to hold (from the first).
+    prefix_blocks: usize,
+    /// Sequences running or queued there.
+    load: usize,
+    /// Its free KV blocks as last reported.
+    free_kv: usize,
+}
+
+/// Which of `gates` a new request goes to. With prefix routing on (`margin`: how many more
+/// sequences than the least loaded gate a prefix holder may have, `--prefix-routing-margin`),
+/// the gate believed to hold the longest prefix of its prompt, unless its load exceeds the
+/// least loaded gate's by more than the margin; otherwise (and among equal prefixes) the fewest
+/// sequences, then the most free KV. `None` when there is no gate.
+fn choose_gate(gates: &[GateLoad], margin: Option<usize>) -> Option<usize> {
+    let by_load = |g: &GateLoad| (g.load, std::cmp::Reverse(g.free_kv));
+    let least = (0..gates.len()).min_by_key(|&i| by_load(&gates[i]))?;
+    let Some(margin) = margin else {
+        return Some(least);
+    };
+    let floor = gates[least].load.saturating_add(margin);
+    let holder = (0..gates.len())
+        .filter(|&i| gates[i].prefix_blocks > 0 && gates[i].load <= floor)
+        .min_by_key(|&i| {
+            (
+                std::cmp::Reverse(gates[i].prefix_blocks),
+                by_load(&gates[i]),
+            )
+        });
+    Some(holder.unwrap_or(least))
 }
 
 /// A request for `n` choices is `n` sequences on a gate, so it counts as `n` requests against
@@ -555,7 +603,7 @@ pub async fn run(
             let fail = |seq: NewSeq, msg: String| {
                 let _ = seq.tx.send(Err(MeshError::Unavailable(msg).into()));
             };
-            match f.pick_gate(Some(&from)).await {
+            match f.pick_gate(Some(&from), &seq.prefix.clone()).await {
                 Ok(link) => {
                     if let Err(seq) = link.submit(seq) {
                         fail(
@@ -837,7 +885,33 @@ fn grpc_timeout(md: &tonic::metadata::MetadataMap) -> Option<Duration> {
 
 #[cfg(test)]
 mod tests {
-    use super::{grpc_timeout, whole};
+    use super::{GateLoad, choose_gate, grpc_timeout, whole};
+
+    fn gate(prefix_blocks: usize, load: usize, free_kv: usize) -> GateLoad {
+        GateLoad {
+            prefix_blocks,
+            load,
+            free_kv,
+        }
+    }
+
+    #[test]
+    fn a_request_goes_to_the_gate_holding_its_prefix_unless_it_is_too_busy() {
+        assert_eq!(choose_gate(&[], Some(4)), None);
+        // Off, or no gate holds the prefix: the fewest sequences, then the most free KV.
+        let gates = [gate(10, 5, 0), gate(0, 2, 10), gate(0, 2, 50)];
+        assert_eq!(choose_gate(&gates, None), Some(2));
+        let none = [gate(0, 5, 0), gate(0, 2, 10), gate(0, 2, 50)];
+        assert_eq!(choose_gate(&none, Some(4)), Some(2));
+        // The holder, within the margin of the least loaded.
+        assert_eq!(choose_gate(&gates, Some(3)), Some(0));
+        // Past it: the least loaded, even though it must compute the prompt.
+        assert_eq!(choose_gate(&gates, Some(2)), Some(2));
+        // The longest prefix among the holders within the margin, then the load.
+        let gates = [gate(3, 1, 0), gate(8, 9, 0), gate(8, 2, 0), gate(8, 2, 9)];
+        assert_eq!(choose_gate(&gates, Some(4)), Some(3));
+        assert_eq!(choose_gate(&gates, Some(0)), Some(0));
+    }
     use moemesh_proto::v1::{GenerateResponse, Usage};
     use std::time::Duration;
 

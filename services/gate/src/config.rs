@@ -32,6 +32,14 @@ pub struct GateConfig {
     /// when the pool needs room. `--prefix-cache false` computes every prompt in full.
     #[arg(long, env = "MOEMESH_PREFIX_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
     pub prefix_cache: bool,
+    /// Host memory, in GB (10^9 bytes, fractions allowed), for a second tier of the prefix
+    /// cache: full KV blocks evicted from the pool are copied there and copied back on a
+    /// prefix hit instead of being computed again, least recently used dropped first (this
+    /// also keeps a preempted sequence's blocks). 0 (the default): no host tier. Ignored with
+    /// `--prefix-cache false`.
+    #[arg(long, env = "MOEMESH_HOST_KV_CACHE_GB", default_value_t = 0.0, value_parser = host_gb,
+          allow_negative_numbers = true)]
+    pub host_kv_cache_gb: f64,
     /// Most seconds to let running sequences finish after SIGTERM. The gate leaves the
     /// registry first (frontends send it no new sequences) and waits until it holds none; any
     /// left at the deadline move to another gate, re-prefilled by their frontend.
@@ -82,6 +90,26 @@ pub struct GateConfig {
     pub expert_ipc_sync: IpcSync,
 }
 
+/// `--host-kv-cache-gb`: a finite number of GB, at least 0.
+fn host_gb(s: &str) -> Result<f64, String> {
+    let gb: f64 = s
+        .parse()
+        .map_err(|e| format!("--host-kv-cache-gb: {s:?} is not a number of GB ({e})"))?;
+    if !gb.is_finite() || gb < 0.0 {
+        return Err(format!(
+            "--host-kv-cache-gb: {s} GB; it must be a finite number of GB, 0 or more"
+        ));
+    }
+    Ok(gb)
+}
+
+impl GateConfig {
+    /// The host tier's budget in bytes (`--host-kv-cache-gb`).
+    pub fn host_kv_cache_bytes(&self) -> u64 {
+        (self.host_kv_cache_gb * 1e9) as u64
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;
@@ -104,5 +132,19 @@ mod tests {
         assert!(!parse(&["--prefix-cache=false"]));
         assert!(!parse(&["--prefix-cache", "false"]));
         assert!(parse(&["--prefix-cache", "true"]));
+    }
+
+    #[test]
+    fn the_host_tier_is_off_unless_given_and_refuses_a_negative_size() {
+        let gb = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("gate").chain(args.iter().copied()))
+                .map(|c| c.cfg.host_kv_cache_bytes())
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(gb(&[]), Ok(0));
+        assert_eq!(gb(&["--host-kv-cache-gb", "0.5"]), Ok(500_000_000));
+        let err = gb(&["--host-kv-cache-gb", "-1"]).expect_err("negative");
+        assert!(err.contains("--host-kv-cache-gb"), "{err}");
+        assert!(gb(&["--host-kv-cache-gb", "inf"]).is_err());
     }
 }

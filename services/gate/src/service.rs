@@ -328,6 +328,14 @@ pub async fn run(
     engine
         .runner
         .set_prefix_cache(cfg.prefix_cache, &files.fingerprint);
+    if cfg.prefix_cache {
+        engine.runner.set_host_tier(cfg.host_kv_cache_bytes());
+        tracing::info!(
+            host_blocks = engine.runner.host_tier_blocks(),
+            host_kv_cache_gb = cfg.host_kv_cache_gb,
+            "prefix cache host tier"
+        );
+    }
     engine.max_step_sequences = cfg.max_step_sequences;
     engine.record_kv();
     std::thread::Builder::new()

@@ -112,6 +112,8 @@ impl StepEngine {
                             .map(|(layer, tokens)| LayerLoad { layer, tokens })
                             .collect(),
                         worker_experts: Vec::new(),
+                        prefix_cache: self.runner.prefix_caching(),
+                        host_kv_blocks: self.runner.host_tier_blocks() as u32,
                     });
                 }
             }
@@ -133,6 +135,14 @@ impl StepEngine {
         metrics::counter!(names::PREFIX_HIT_TOKENS).absolute(p.hit_blocks * kv.block_tokens as u64);
         metrics::counter!(names::PREFIX_EVICTIONS).absolute(p.evictions);
         metrics::gauge!(names::PREFIX_CACHED_BLOCKS).set(p.cached_blocks as f64);
+        let h = p.host;
+        metrics::counter!(names::PREFIX_HOST_HIT_BLOCKS).absolute(h.hit_blocks);
+        metrics::counter!(names::PREFIX_HOST_HIT_TOKENS)
+            .absolute(h.hit_blocks * kv.block_tokens as u64);
+        metrics::counter!(names::PREFIX_HOST_BYTES_TO_HOST).absolute(h.bytes_to_host);
+        metrics::counter!(names::PREFIX_HOST_BYTES_TO_DEVICE).absolute(h.bytes_to_device);
+        metrics::counter!(names::PREFIX_HOST_EVICTIONS).absolute(h.evictions);
+        metrics::gauge!(names::PREFIX_HOST_BLOCKS).set(h.blocks as f64);
     }
 
     fn step(&mut self, conn: u64, req: StepRequest) -> MeshResult<StepResponse> {

@@ -83,6 +83,11 @@ pub struct UpArgs {
     /// prompts are kept and reused by prompts that start the same way.
     #[arg(long, env = "MOEMESH_PREFIX_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
     pub prefix_cache: bool,
+    /// The gates' host-memory tier for the prefix cache, in GB (`moemesh gate
+    /// --host-kv-cache-gb`; 0: none): evicted KV blocks are kept in host memory and copied
+    /// back on a hit.
+    #[arg(long, env = "MOEMESH_HOST_KV_CACHE_GB", default_value_t = 0.0)]
+    pub host_kv_cache_gb: f64,
     /// Extra flags for the gate, e.g. `--gate-args=--overlap=true` (repeatable).
     #[arg(long, allow_hyphen_values = true)]
     pub gate_args: Vec<String>,
@@ -306,9 +311,17 @@ fn process_devices(args: &UpArgs) -> Vec<String> {
         .collect()
 }
 
-/// The gate's `--prefix-cache` when `up` turns it off (the gate's default is on).
-fn prefix_cache_flag(args: &UpArgs) -> Option<String> {
-    (!args.prefix_cache).then(|| "--prefix-cache=false".to_string())
+/// The gate's prefix-cache flags that differ from its defaults: `--prefix-cache=false` when
+/// `up` turns it off, `--host-kv-cache-gb` when it gives a host tier.
+fn prefix_cache_flag(args: &UpArgs) -> Vec<String> {
+    let mut v = Vec::new();
+    if !args.prefix_cache {
+        v.push("--prefix-cache=false".to_string());
+    }
+    if args.host_kv_cache_gb != 0.0 {
+        v.push(format!("--host-kv-cache-gb={}", args.host_kv_cache_gb));
+    }
+    v
 }
 
 fn common(args: &UpArgs) -> Vec<String> {
@@ -560,10 +573,14 @@ mod tests {
 
     #[test]
     fn the_gate_keeps_its_prefix_cache_unless_up_turns_it_off() {
-        assert_eq!(prefix_cache_flag(&up(&[])), None);
+        assert!(prefix_cache_flag(&up(&[])).is_empty());
         assert_eq!(
-            prefix_cache_flag(&up(&["--prefix-cache", "false"])).as_deref(),
-            Some("--prefix-cache=false")
+            prefix_cache_flag(&up(&["--prefix-cache", "false"])),
+            ["--prefix-cache=false"]
+        );
+        assert_eq!(
+            prefix_cache_flag(&up(&["--host-kv-cache-gb", "2.5"])),
+            ["--host-kv-cache-gb=2.5"]
         );
     }
 
