@@ -279,6 +279,17 @@ impl DeepSeekModel {
         &self.cfg
     }
 
+    /// Skews every MoE layer's router by Zipf exponent `s` (`--router-skew`, see
+    /// [`crate::router::zipf_skew`]); 0 turns it off. A load-testing knob: outputs change.
+    pub fn set_router_skew(&mut self, s: f32) -> Result<()> {
+        for layer in &mut self.layers {
+            if let FeedForward::Moe(moe) = &mut layer.mlp {
+                moe.router.set_skew(layer.index, s)?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn device(&self) -> &Device {
         &self.device
     }

@@ -58,6 +58,47 @@ pub struct Router {
     topk_group: usize,
     norm_topk_prob: bool,
     scaling: f32,
+    /// `--router-skew`: a load-testing bias added to the logits before the top-k (see
+    /// [`zipf_skew`]); `None` when off, which leaves the logits untouched.
+    skew: Option<Skew>,
+}
+
+/// The router skew's per-expert bias, on the host and on the weight's device.
+#[derive(Debug, Clone)]
+struct Skew {
+    /// `[E]`, added to each token's host logits.
+    host: Vec<f32>,
+    /// The same `[E]` on the weight's device, added to the logits of the routing kernel.
+    device: Tensor,
+}
+
+/// The bias a Zipf-skewed router adds to layer `layer`'s `n` router logits: `-s·ln(1 + rank(e))`,
+/// where `rank` is a permutation of the experts drawn from the layer index alone (SplitMix64
+/// seeded with it, then Fisher–Yates), so that every process computes the same one and each
+/// layer has its own hot experts. The expert of rank 0 gets 0; with exponent `s` the softmax
+/// (or sigmoid) weight of rank `r` is scaled by about `(1 + r)^-s`, a Zipf law over the ranks.
+/// A load-testing knob (`--router-skew`): it changes which experts a token goes to, so outputs
+/// differ from the model's own.
+pub fn zipf_skew(n: usize, layer: usize, s: f32) -> Vec<f32> {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ (layer as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    let mut next = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    // order[r] = the expert of rank r.
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = (next() % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    let mut bias = vec![0.0f32; n];
+    for (rank, &e) in order.iter().enumerate() {
+        bias[e] = -s * (1.0 + rank as f32).ln();
+    }
+    bias
 }
 
 impl Router {
@@ -86,14 +127,34 @@ impl Router {
             topk_group: cfg.topk_group,
             norm_topk_prob: cfg.norm_topk_prob,
             scaling: cfg.routed_scaling_factor as f32,
+            skew: None,
         })
     }
 
-    /// Router logits of `x: [T, hidden]`, f32 on the host.
+    /// Skews this router (of MoE layer `layer`) by Zipf exponent `s` ([`zipf_skew`]); `s == 0`
+    /// turns the skew off (the logits are then the model's, bit for bit).
+    pub fn set_skew(&mut self, layer: usize, s: f32) -> Result<()> {
+        self.skew = if s == 0.0 {
+            None
+        } else {
+            let host = zipf_skew(self.weight.dim(0)?, layer, s);
+            let device = Tensor::from_slice(&host, host.len(), self.weight.device())?;
+            Some(Skew { host, device })
+        };
+        Ok(())
+    }
+
+    /// Router logits of `x: [T, hidden]`, f32 on the host (with the skew, if any, added).
     fn logits(&self, x: &Tensor) -> Result<Vec<Vec<f32>>> {
         let weight = self.weight.to_device(x.device())?;
         let logits = x.to_dtype(DType::F32)?.matmul(&weight.t()?)?;
-        Ok(logits.to_device(&candle_core::Device::Cpu)?.to_vec2()?)
+        let mut rows: Vec<Vec<f32>> = logits.to_device(&candle_core::Device::Cpu)?.to_vec2()?;
+        if let Some(skew) = &self.skew {
+            for row in &mut rows {
+                row.iter_mut().zip(&skew.host).for_each(|(l, b)| *l += b);
+            }
+        }
+        Ok(rows)
     }
 
     /// Routes `x: [T, hidden]` (the post-attention-normed activations).
@@ -122,6 +183,11 @@ impl Router {
         };
         let weight = self.weight.to_device(x.device())?;
         let logits = x.to_dtype(DType::F32)?.matmul(&weight.t()?)?;
+        // [T, E] + [E]
+        let logits = match &self.skew {
+            Some(skew) => logits.broadcast_add(&skew.device.to_device(x.device())?)?,
+            None => logits,
+        };
         let normalise =
             self.norm_topk_prob && (self.method == TopkMethod::NoauxTc || self.top_k > 1);
         let params = crate::cuda::RouteParams {
@@ -295,7 +361,75 @@ mod tests {
             topk_group: 2,
             norm_topk_prob: true,
             scaling: 2.5,
+            skew: None,
         }
+    }
+
+    /// A router over 16 experts with random weights (hidden 8), greedy softmax top-2.
+    fn random_router() -> Router {
+        let dev = candle_core::Device::Cpu;
+        Router {
+            weight: Tensor::randn(0f32, 1.0, (16, 8), &dev).expect("randn"),
+            n_group: 1,
+            topk_group: 1,
+            ..router(TopkMethod::Greedy, ScoringFunc::Softmax, None)
+        }
+    }
+
+    #[test]
+    fn a_large_skew_sends_the_tokens_to_the_top_ranked_experts_and_zero_leaves_logits_alone() {
+        let dev = candle_core::Device::Cpu;
+        let mut r = random_router();
+        let x = Tensor::randn(0f32, 1.0, (512, 8), &dev).expect("randn");
+        let plain = r.logits(&x).expect("logits");
+        let bias = zipf_skew(16, 3, 10.0);
+        // Ranks 0 and 1 of layer 3: the two largest biases.
+        let hot = top_indices(&bias, 2);
+        let share = |r: &Router| {
+            let routing = r.route(&x).expect("route");
+            let on_hot = routing
+                .expert_ids
+                .iter()
+                .filter(|&&e| hot.contains(&(e as usize)))
+                .count();
+            on_hot as f64 / routing.expert_ids.len() as f64
+        };
+        let unskewed = share(&r);
+        r.set_skew(3, 10.0).expect("skew");
+        let skewed = share(&r);
+        println!(
+            "share of the top-2 ranked experts: {unskewed:.3} unskewed, {skewed:.3} at S = 10"
+        );
+        assert!(skewed > 0.9, "{skewed}");
+        assert!(skewed > unskewed + 0.3, "{unskewed} -> {skewed}");
+        // The skew is exactly the bias added to each logit.
+        let biased = r.logits(&x).expect("logits");
+        for (p, b) in plain.iter().zip(&biased) {
+            for ((p, b), z) in p.iter().zip(b).zip(&bias) {
+                assert_eq!((p + z).to_bits(), b.to_bits());
+            }
+        }
+        // S = 0: the model's logits, bit for bit.
+        r.set_skew(3, 0.0).expect("skew off");
+        let back = r.logits(&x).expect("logits");
+        let bits = |v: &[Vec<f32>]| v.iter().flatten().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&plain), bits(&back));
+    }
+
+    #[test]
+    fn the_skews_ranks_are_a_permutation_that_differs_by_layer_and_is_stable() {
+        let b0 = zipf_skew(64, 0, 1.0);
+        assert_eq!(b0, zipf_skew(64, 0, 1.0));
+        // Exactly one expert per rank: the sorted biases are -ln(1 + r), r = 0..63.
+        let mut sorted = b0.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        for (r, v) in sorted.iter().enumerate() {
+            assert_eq!(*v, -(1.0 + r as f32).ln());
+        }
+        let hottest: std::collections::BTreeSet<usize> = (0..8)
+            .map(|l| top_indices(&zipf_skew(64, l, 1.0), 1)[0])
+            .collect();
+        assert!(hottest.len() > 4, "hot experts per layer: {hottest:?}");
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod placement;
 pub mod registry;
 pub mod reload;
 pub mod serve;
+pub mod skew;
 pub mod telemetry;
 pub mod tls;
 pub mod transport;

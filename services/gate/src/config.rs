@@ -88,6 +88,14 @@ pub struct GateConfig {
         default_value = "device"
     )]
     pub expert_ipc_sync: IpcSync,
+    /// Load testing: skew every MoE layer's router by this Zipf exponent S, adding
+    /// `-S·ln(1 + rank(e))` to the router logits before the top-k, with each layer's ranks a
+    /// fixed permutation of its experts (so each layer has its own hot experts). 0 (the
+    /// default) is off. It changes which experts tokens go to, and so the model's outputs: a
+    /// knob for measuring expert load balancing without real traffic, never for serving.
+    #[arg(long, env = "MOEMESH_ROUTER_SKEW", default_value_t = 0.0,
+          value_parser = moemesh_common::skew::parse_router_skew, allow_negative_numbers = true)]
+    pub router_skew: f32,
 }
 
 /// `--host-kv-cache-gb`: a finite number of GB, at least 0.
@@ -146,5 +154,20 @@ mod tests {
         let err = gb(&["--host-kv-cache-gb", "-1"]).expect_err("negative");
         assert!(err.contains("--host-kv-cache-gb"), "{err}");
         assert!(gb(&["--host-kv-cache-gb", "inf"]).is_err());
+    }
+
+    #[test]
+    fn the_router_skew_is_off_unless_given_and_refuses_a_negative_exponent() {
+        let skew = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("gate").chain(args.iter().copied()))
+                .map(|c| c.cfg.router_skew)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(skew(&[]), Ok(0.0));
+        assert_eq!(skew(&["--router-skew", "1.5"]), Ok(1.5));
+        for bad in ["-1", "NaN"] {
+            let err = skew(&["--router-skew", bad]).expect_err(bad);
+            assert!(err.contains("--router-skew"), "{err}");
+        }
     }
 }

@@ -234,6 +234,7 @@ pub async fn run(
 
     let model_dir = cfg.model.clone();
     let dev = device.clone();
+    let router_skew = cfg.router_skew;
     let (files, model) = tokio::task::spawn_blocking(move || {
         let files = ModelFiles::open_or_embedded(model_dir.as_deref())?;
         let loader = files.loader(&dev, dtype);
@@ -246,7 +247,9 @@ pub async fn run(
             },
         );
         drop(loader);
-        model.map(|m| (files, m))
+        let mut model = model?;
+        model.set_router_skew(router_skew)?;
+        Ok::<_, MeshError>((files, model))
     })
     .await
     .map_err(|e| MeshError::Internal(e.to_string()))??;

@@ -70,6 +70,11 @@ pub struct GenerateArgs {
     /// Device of the in-process model: `cpu`, or `cuda:N` in a CUDA build.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Load testing: skew the in-process model's routers by this Zipf exponent (as `moemesh
+    /// gate --router-skew`; 0: off). It changes the outputs.
+    #[arg(long, default_value_t = 0.0, conflicts_with = "addr",
+          value_parser = moemesh_common::skew::parse_router_skew, allow_negative_numbers = true)]
+    pub router_skew: f32,
     /// One JSON object per line instead of plain text.
     #[arg(long)]
     pub json: bool,
@@ -93,7 +98,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let prompt_ids = prompt_ids(&args, &files)?;
     let device = moemesh_common::device::parse_device(&args.device)?;
-    let engine = InProcessEngine::load(&files, &device, dtype).context("loading the model")?;
+    let mut engine = InProcessEngine::load(&files, &device, dtype).context("loading the model")?;
+    engine
+        .model
+        .set_router_skew(args.router_skew)
+        .context("skewing the routers")?;
     let req = GenerationRequest {
         prompt_ids,
         sampling: SamplingParams {

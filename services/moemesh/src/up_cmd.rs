@@ -88,6 +88,11 @@ pub struct UpArgs {
     /// back on a hit.
     #[arg(long, env = "MOEMESH_HOST_KV_CACHE_GB", default_value_t = 0.0)]
     pub host_kv_cache_gb: f64,
+    /// Load testing: the gates' router skew (`moemesh gate --router-skew`, a Zipf exponent; 0:
+    /// off). It changes the model's outputs.
+    #[arg(long, env = "MOEMESH_ROUTER_SKEW", default_value_t = 0.0,
+          value_parser = moemesh_common::skew::parse_router_skew, allow_negative_numbers = true)]
+    pub router_skew: f32,
     /// Extra flags for the gate, e.g. `--gate-args=--overlap=true` (repeatable).
     #[arg(long, allow_hyphen_values = true)]
     pub gate_args: Vec<String>,
@@ -427,6 +432,9 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 let port = if g == 0 { 1 } else { 2 + workers + g - 1 };
                 a.extend(metrics_flag(&args, port)?);
                 a.extend(prefix_cache_flag(&args));
+                if args.router_skew != 0.0 {
+                    a.push(format!("--router-skew={}", args.router_skew));
+                }
                 a.extend(args.gate_args.iter().cloned());
                 a.extend(transport.flags(&format!("gate-{g}"), CertRole::Gate)?);
                 if args.etcd.is_none() {

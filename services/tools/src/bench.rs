@@ -77,6 +77,11 @@ pub struct BenchArgs {
     /// Device for --in-process: `cpu` or `cuda:N`.
     #[arg(long, requires = "in_process", default_value = "cpu")]
     pub device: String,
+    /// Load testing, for --in-process: skew the model's routers by this Zipf exponent (as
+    /// `moemesh gate --router-skew`, which a mesh takes instead; 0: off). It changes the outputs.
+    #[arg(long, requires = "in_process", default_value_t = 0.0,
+          value_parser = moemesh_common::skew::parse_router_skew, allow_negative_numbers = true)]
+    pub router_skew: f32,
     /// Compute dtype for --in-process: `f32` or `bf16`.
     #[arg(long, requires = "in_process", default_value = "f32")]
     pub dtype: String,
@@ -342,8 +347,12 @@ fn load_in_process(args: &BenchArgs) -> anyhow::Result<moemesh_engine::InProcess
     let device = moemesh_common::device::parse_device(&args.device)?;
     let dtype = moemesh_common::device::parse_dtype(&args.dtype)?;
     let t = Instant::now();
-    let engine = moemesh_engine::InProcessEngine::load(&files, &device, dtype)
+    let mut engine = moemesh_engine::InProcessEngine::load(&files, &device, dtype)
         .context("loading the model")?;
+    engine
+        .model
+        .set_router_skew(args.router_skew)
+        .context("skewing the routers")?;
     eprintln!(
         "moemesh bench: {} loaded on {} in {:.1} s",
         files.name,

@@ -1,0 +1,31 @@
+//! `--router-skew`: the flag's parser, shared by the roles that build a router (the gate, and
+//! `moemesh generate`/`bench` in process). The bias itself is computed in one place, the
+//! engine's `router::zipf_skew`.
+
+/// `--router-skew`: a Zipf exponent, finite and 0 or more (0: off).
+pub fn parse_router_skew(s: &str) -> Result<f32, String> {
+    let v: f32 = s
+        .parse()
+        .map_err(|e| format!("--router-skew: {s:?} is not a number ({e})"))?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!(
+            "--router-skew: {s}; it must be a finite Zipf exponent, 0 (off) or more"
+        ));
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_router_skew;
+
+    #[test]
+    fn the_skew_is_a_finite_non_negative_exponent() {
+        assert_eq!(parse_router_skew("0"), Ok(0.0));
+        assert_eq!(parse_router_skew("1.2"), Ok(1.2));
+        for bad in ["-0.5", "NaN", "inf", "x"] {
+            let err = parse_router_skew(bad).expect_err(bad);
+            assert!(err.starts_with("--router-skew: "), "{err}");
+        }
+    }
+}
