@@ -544,21 +544,30 @@ async fn rebalance_plans_from_the_gates_measured_load() {
     }
     let gate = mesh.gate_url();
     let addr = gate.trim_start_matches("http://").to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(moemesh_tests::moemesh_bin())
-            .args(["rebalance", "--addr", &addr, "--json", "--spare", "2"])
-            .output()
-            .expect("run moemesh rebalance")
-    })
-    .await
-    .expect("join");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let rebalance = |extra: &'static [&'static str]| {
+        let addr = addr.clone();
+        tokio::task::spawn_blocking(move || {
+            let out = std::process::Command::new(moemesh_tests::moemesh_bin())
+                .args(["rebalance", "--addr", &addr, "--json", "--spare", "2"])
+                .args(extra)
+                .output()
+                .expect("run moemesh rebalance");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("one JSON object")
+        })
+    };
+    let plan = rebalance(&[]).await.expect("join");
+    let cumulative = rebalance(&["--cumulative"]).await.expect("join");
+    // The default plans from the gate's window (60 s, longer than this test so far), which
+    // therefore holds every token routed since start.
+    assert_eq!(plan["load"], "in the last 60s", "{plan}");
+    assert_eq!(cumulative["load"], "since the gate started", "{cumulative}");
     assert!(plan["routed_tokens"].as_u64().unwrap_or(0) > 0, "{plan}");
+    assert_eq!(plan["routed_tokens"], cumulative["routed_tokens"]);
     let workers = plan["workers"].as_array().expect("workers");
     assert_eq!(workers.len(), 2, "{plan}");
     let mut held = std::collections::BTreeSet::new();

@@ -165,7 +165,20 @@ async fn a_scrape_after_known_traffic_shows_the_expected_counts() {
             routed_tokens * top_k,
             "layer {layer}"
         );
+        // Compact: per layer, never per expert; the busiest expert over the mean is 1 or more.
+        let imbalance = sum(
+            &g,
+            "moemesh_gate_expert_load_imbalance",
+            &[("layer", &layer.to_string())],
+        );
+        assert!(imbalance >= 1.0, "layer {layer}: {imbalance}");
     }
+    assert!(
+        g.iter()
+            .all(|s| s.name != "moemesh_gate_expert_tokens_total"
+                || s.labels.iter().all(|(k, _)| k != "expert")),
+        "no per-expert series on the gate"
+    );
     let total = sum(&g, "moemesh_gate_kv_blocks_total", &[]);
     let free = sum(&g, "moemesh_gate_kv_blocks_free", &[]);
     let used = sum(&g, "moemesh_gate_kv_blocks_used", &[]);

@@ -115,8 +115,13 @@ metrics_table! {
     counter PREFIX_HOST_EVICTIONS = "moemesh_gate_prefix_cache_host_evictions_total";
     /// KV blocks the host tier holds.
     gauge PREFIX_HOST_BLOCKS = "moemesh_gate_prefix_cache_host_blocks";
-    /// Routed (token, expert) pairs, per `layer` and `expert`: the load a rebalancer needs.
+    /// Routed (token, expert) pairs, per `layer` (per expert: `Gate.Info.expert_load`).
     counter EXPERT_TOKENS = "moemesh_gate_expert_tokens_total";
+    /// Over the gate's load window (`--load-window-secs`), per `layer`: the busiest expert's
+    /// routed tokens over the mean per expert (1: even).
+    gauge EXPERT_LOAD_IMBALANCE = "moemesh_gate_expert_load_imbalance";
+    /// Over the gate's load window, per `layer`: the id of the busiest expert.
+    gauge EXPERT_LOAD_HOTTEST = "moemesh_gate_expert_load_hottest";
     /// One Forward call to an expert worker, per `worker`.
     histogram DISPATCH = "moemesh_gate_expert_dispatch_duration_seconds";
     /// Failed expert calls whose pairs were retried on another replica, per failed `worker`.

@@ -96,6 +96,12 @@ pub struct GateConfig {
     #[arg(long, env = "MOEMESH_ROUTER_SKEW", default_value_t = 0.0,
           value_parser = moemesh_common::skew::parse_router_skew, allow_negative_numbers = true)]
     pub router_skew: f32,
+    /// Seconds of routed tokens per (layer, expert) the gate keeps as its recent load
+    /// (`Gate.Info.expert_load_window`, the per-layer imbalance gauges), in buckets of a
+    /// twelfth of it: what `moemesh rebalance` plans from.
+    #[arg(long, env = "MOEMESH_LOAD_WINDOW_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub load_window_secs: u64,
 }
 
 /// `--host-kv-cache-gb`: a finite number of GB, at least 0.

@@ -4,6 +4,7 @@
 //! replica (expert calls are pure, so a retry is always safe).
 
 mod config;
+mod expert_load;
 mod remote_experts;
 mod service;
 mod step_engine;

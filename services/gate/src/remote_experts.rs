@@ -34,6 +34,7 @@ use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 use tracing::{Instrument, Span};
 
+use crate::expert_load::ExpertLoad;
 use crate::workers::{Conn, IpcSession, SlotGuard, WorkerClient, WorkerPool};
 
 const MAX_ATTEMPTS: usize = 4;
@@ -61,34 +62,16 @@ pub struct RemoteExperts {
     watch: Arc<Watch>,
     /// Tokens routed per (layer, expert) on device-ordered layers, counted on the GPU.
     load: Mutex<DeviceLoad>,
-    /// Tokens routed per (layer, expert) since start, both paths (for `Gate.Info`).
-    totals: Arc<LoadTotals>,
-}
-
-/// Tokens routed per (layer, expert) since the gate started.
-#[derive(Default)]
-pub struct LoadTotals(Mutex<BTreeMap<u32, Vec<u64>>>);
-
-impl LoadTotals {
-    fn add(&self, layer: u32, expert: usize, n: u64, n_experts: usize) {
-        let mut t = lock(&self.0);
-        let row = t.entry(layer).or_insert_with(|| vec![0; n_experts]);
-        if let Some(c) = row.get_mut(expert) {
-            *c += n;
-        }
-    }
-
-    /// Every layer's counts, in layer order.
-    pub fn snapshot(&self) -> Vec<(u32, Vec<u64>)> {
-        lock(&self.0).iter().map(|(&l, v)| (l, v.clone())).collect()
-    }
+    /// Tokens routed per (layer, expert), since start and over the window, both paths (for
+    /// `Gate.Info` and the metrics).
+    pub routed: Arc<ExpertLoad>,
 }
 
 /// Steps between two reads of the device-side expert load into the metrics.
 const LOAD_FLUSH_STEPS: u32 = 64;
 
 /// The routing of device-ordered layers never reaches the host, so the tokens per (layer,
-/// expert) (`moemesh_gate_expert_tokens_total`, which the host path counts per call) add up on
+/// expert) (`ExpertLoad`, which the host path adds to per call) add up on
 /// the GPU, one `[n_experts]` f32 count per layer (exact below 2^24 per expert between reads),
 /// read every [`LOAD_FLUSH_STEPS`] steps at `settle`, when the step's work is done anyway. (A step
 /// run again after a released call counts its layers again: rare, and only the metric sees it.)
@@ -121,25 +104,23 @@ impl DeviceLoad {
         Ok(())
     }
 
-    /// Every [`LOAD_FLUSH_STEPS`]th call: the counts into the metrics and `totals`, and zero
-    /// again.
-    fn step_done(&mut self, totals: &LoadTotals) -> moemesh_engine::Result<()> {
+    /// Every [`LOAD_FLUSH_STEPS`]th call: the counts into `routed`, and zero again.
+    fn step_done(&mut self, routed: &ExpertLoad) -> moemesh_engine::Result<()> {
         self.steps += 1;
         if self.steps < LOAD_FLUSH_STEPS || self.counts.is_empty() {
             return Ok(());
         }
         self.steps = 0;
         for (layer, counts) in std::mem::take(&mut self.counts) {
-            let label = layer.to_string();
             let counts = counts.to_vec1::<f32>()?;
-            let n_experts = counts.len();
-            for (e, n) in counts.into_iter().enumerate() {
-                if n > 0.0 {
-                    totals.add(layer, e, n as u64, n_experts);
-                    metrics::counter!(names::EXPERT_TOKENS, "layer" => label.clone(), "expert" => e.to_string())
-                        .increment(n as u64);
-                }
-            }
+            routed.add(
+                layer,
+                counts
+                    .into_iter()
+                    .enumerate()
+                    .filter(|&(_, n)| n > 0.0)
+                    .map(|(e, n)| (e as u32, n as u64)),
+            );
         }
         Ok(())
     }
@@ -152,6 +133,7 @@ impl RemoteExperts {
         wire: v1::DType,
         timeout: Duration,
         n_experts: usize,
+        load_window: Duration,
     ) -> Self {
         let watch = Arc::new(Watch {
             timeout,
@@ -167,13 +149,8 @@ impl RemoteExperts {
             n_experts,
             watch,
             load: Mutex::default(),
-            totals: Arc::default(),
+            routed: Arc::new(ExpertLoad::new(n_experts, load_window)),
         }
-    }
-
-    /// Tokens routed per (layer, expert) since start.
-    pub fn load_totals(&self) -> Vec<(u32, Vec<u64>)> {
-        self.totals.snapshot()
     }
 
     /// Whether the last step failed because a device-ordered call was released (its worker
@@ -524,7 +501,7 @@ impl Experts for RemoteExperts {
         };
         waited?;
         match verify_calls(&step.sent) {
-            Ok(()) => lock(&self.load).step_done(&self.totals),
+            Ok(()) => lock(&self.load).step_done(&self.routed),
             Err((client, conn, why)) => {
                 self.watch.failed.store(true, Ordering::SeqCst);
                 if !step.failed.contains(&client.serial) {
@@ -555,16 +532,11 @@ impl Experts for RemoteExperts {
             }
         }
         // The load per (layer, expert), counted once per routed pair (not again on retries).
-        let layer_label = layer.to_string();
         let mut per_expert: BTreeMap<u32, u64> = BTreeMap::new();
         for &(_, e, _) in &pairs {
             *per_expert.entry(e).or_default() += 1;
         }
-        for (e, n) in per_expert {
-            metrics::counter!(names::EXPERT_TOKENS, "layer" => layer_label.clone(), "expert" => e.to_string())
-                .increment(n);
-            self.totals.add(layer as u32, e as usize, n, self.n_experts);
-        }
+        self.routed.add(layer as u32, per_expert);
         let x_dev = if device.is_cuda() {
             Some(x.contiguous()?)
         } else {
@@ -1046,18 +1018,17 @@ mod tests {
         assert_eq!(counts(1), vec![2.0, 1.0, 0.0, 3.0]);
         assert_eq!(counts(2), vec![0.0, 0.0, 2.0, 0.0]);
         // Read (and zeroed) only on the flush step.
-        let totals = LoadTotals::default();
+        let routed = ExpertLoad::new(4, Duration::from_secs(60));
         for _ in 1..LOAD_FLUSH_STEPS {
-            load.step_done(&totals).expect("step");
+            load.step_done(&routed).expect("step");
         }
         assert_eq!(load.counts.len(), 2);
-        assert!(totals.snapshot().is_empty());
-        load.step_done(&totals).expect("flush");
+        assert!(routed.totals().is_empty());
+        load.step_done(&routed).expect("flush");
         assert!(load.counts.is_empty());
-        assert_eq!(
-            totals.snapshot(),
-            vec![(1, vec![2, 1, 0, 3]), (2, vec![0, 0, 2, 0])]
-        );
+        let expect = BTreeMap::from([(1, vec![2, 1, 0, 3]), (2, vec![0, 0, 2, 0])]);
+        assert_eq!(routed.totals(), expect);
+        assert_eq!(routed.windowed(), expect);
     }
 
     #[test]

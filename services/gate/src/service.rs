@@ -310,6 +310,7 @@ pub async fn run(
         codec::wire_dtype_for(dtype),
         Duration::from_secs(cfg.expert_timeout),
         files.config.n_routed_experts,
+        Duration::from_secs(cfg.load_window_secs),
     );
     let blocks = cfg.kv_blocks.unwrap_or_else(|| {
         moemesh_engine::serving::blocks_for_bytes(&files.config, dtype, cfg.kv_cache_mb << 20)

@@ -85,6 +85,7 @@ impl StepEngine {
                         }
                     }
                     self.record_kv();
+                    self.experts.routed.publish();
                     let _ = reply.send(result);
                 }
                 Command::ReleaseConn { conn } => {
@@ -105,12 +106,9 @@ impl StepEngine {
                         kv_block_tokens: kv.block_tokens as u32,
                         device: String::new(),
                         expert_transports: Vec::new(),
-                        expert_load: self
-                            .experts
-                            .load_totals()
-                            .into_iter()
-                            .map(|(layer, tokens)| LayerLoad { layer, tokens })
-                            .collect(),
+                        expert_load: layer_loads(self.experts.routed.totals()),
+                        expert_load_window: layer_loads(self.experts.routed.windowed()),
+                        load_window_secs: self.experts.routed.window().as_secs() as u32,
                         worker_experts: Vec::new(),
                         prefix_cache: self.runner.prefix_caching(),
                         host_kv_blocks: self.runner.host_tier_blocks() as u32,
@@ -351,6 +349,13 @@ fn step_spans(req: &StepRequest) -> (Span, Vec<Span>) {
         })
         .collect();
     (lead, others)
+}
+
+fn layer_loads(counts: crate::expert_load::Counts) -> Vec<LayerLoad> {
+    counts
+        .into_iter()
+        .map(|(layer, tokens)| LayerLoad { layer, tokens })
+        .collect()
 }
 
 #[cfg(test)]

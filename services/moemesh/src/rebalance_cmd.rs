@@ -1,6 +1,6 @@
 //! `moemesh rebalance --plan`: the expert placement the planner (`moemesh_common::placement`)
-//! would choose from a gate's measured load (`Gate.Info`: tokens routed per (layer, expert), and
-//! each worker's experts), beside today's: each worker's share of the routed tokens, the busiest
+//! would choose from a gate's measured load (`Gate.Info`: tokens routed per (layer, expert) over
+//! the gate's recent window, or since it started with `--cumulative`, and each worker's experts), beside today's: each worker's share of the routed tokens, the busiest
 //! worker's, and the `--experts` flag that would start each worker on its planned experts.
 //! Moving experts while traffic flows (issue 22) is not built: the plan is applied by starting
 //! workers with those flags, then stopping the old ones (the gate fails over between them).
@@ -28,6 +28,10 @@ pub struct RebalanceArgs {
     /// Most copies of one expert.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_copies: u32,
+    /// Plan from the tokens routed since the gate started instead of over its recent window
+    /// (`moemesh gate --load-window-secs`).
+    #[arg(long)]
+    pub cumulative: bool,
     /// Print the plan as one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -57,9 +61,16 @@ pub fn run(args: RebalanceArgs) -> anyhow::Result<()> {
     if info.worker_experts.is_empty() {
         bail!("gate {} lists no expert workers", args.addr);
     }
+    let (layers, basis) = if args.cumulative {
+        (&info.expert_load, "since the gate started".to_string())
+    } else {
+        (
+            &info.expert_load_window,
+            format!("in the last {}s", info.load_window_secs),
+        )
+    };
     // Load per expert, summed over the layers (a worker holds the same experts in each).
-    let n = info
-        .expert_load
+    let n = layers
         .iter()
         .map(|l| l.tokens.len())
         .chain(
@@ -70,7 +81,7 @@ pub fn run(args: RebalanceArgs) -> anyhow::Result<()> {
         .max()
         .unwrap_or(0);
     let mut load = vec![0u64; n];
-    for l in &info.expert_load {
+    for l in layers {
         for (e, &t) in l.tokens.iter().enumerate() {
             load[e] += t;
         }
@@ -139,6 +150,7 @@ pub fn run(args: RebalanceArgs) -> anyhow::Result<()> {
             "{}",
             serde_json::json!({
                 "gate": args.addr,
+                "load": basis,
                 "routed_tokens": total,
                 "busiest_now": max(&before),
                 "busiest_planned": max(&after),
@@ -150,7 +162,7 @@ pub fn run(args: RebalanceArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "gate {}: {total} routed tokens over {} experts and {} workers",
+        "gate {}: {total} routed tokens {basis} over {} experts and {} workers",
         args.addr,
         ids.len(),
         today.len()
