@@ -6,6 +6,9 @@
 //!   (expired during a stall of this process or of etcd, revoked, or etcd restored from an older
 //!   snapshot) it grants a new lease and writes the key again; a missing key is written again.
 //!   Registrations return on their own, and [`EtcdRegistration::registered`] says false meanwhile.
+//! - A registration's value can be changed while it lives ([`EtcdRegistration::update`], e.g. an
+//!   expert worker announcing experts it has just loaded): the same task writes it under the same
+//!   lease and answers once etcd has it, and later re-registrations write the new value.
 //! - Watchers list the prefix, then watch from the next revision; on any error they reconnect,
 //!   list again and watch from there (so a compacted revision or a store restored from an older
 //!   snapshot cannot leave them waiting). Until then the last known member list stays in force:
@@ -15,7 +18,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Member, RegistryConfig, Role};
 use crate::error::{MeshError, MeshResult};
@@ -83,6 +86,7 @@ impl EtcdRegistry {
         tracing::info!(%key, lease, "registered");
         let (stop_tx, stop_rx) = oneshot::channel();
         let (registered_tx, registered) = watch::channel(true);
+        let (update_tx, update_rx) = mpsc::channel(1);
         let entry = Entry {
             role: member.role.name(),
             key,
@@ -94,11 +98,16 @@ impl EtcdRegistry {
             client,
             lease,
             registered_tx,
-            stop_rx,
+            Control {
+                stop: stop_rx,
+                update: update_rx,
+            },
         ));
         Ok(EtcdRegistration {
             stop: Some(stop_tx),
+            update: update_tx,
             task,
+            member,
             registered,
         })
     }
@@ -131,7 +140,11 @@ async fn put_with_lease(
 /// A live registration: its keep-alive task and the way to stop it.
 pub struct EtcdRegistration {
     stop: Option<oneshot::Sender<()>>,
+    /// New values for the key, each answered once written (or not).
+    update: mpsc::Sender<Update>,
     task: tokio::task::JoinHandle<()>,
+    /// What the key says now (its id and role name the key).
+    member: Member,
     /// Whether the key is known to be in etcd: false from the moment etcd reports the lease
     /// gone (or the key missing) until it is written again; unchanged while etcd is unreachable.
     registered: watch::Receiver<bool>,
@@ -140,6 +153,28 @@ pub struct EtcdRegistration {
 impl EtcdRegistration {
     pub fn registered(&self) -> watch::Receiver<bool> {
         self.registered.clone()
+    }
+
+    /// Rewrites the key with `member` (same id and role) under the registration's lease;
+    /// returns once etcd has it, so watchers see the new value from then on.
+    pub async fn update(&mut self, member: Member) -> MeshResult<()> {
+        if member.id != self.member.id || member.role != self.member.role {
+            return Err(MeshError::Invalid(format!(
+                "a registration update must keep its id and role ({} {}), got {} {}",
+                self.member.role.name(),
+                self.member.id,
+                member.role.name(),
+                member.id
+            )));
+        }
+        let value =
+            serde_json::to_string(&member).map_err(|e| MeshError::Internal(e.to_string()))?;
+        let (done, written) = oneshot::channel();
+        let gone = || MeshError::Registry("the registration's keep-alive task has ended".into());
+        self.update.send((value, done)).await.map_err(|_| gone())?;
+        written.await.map_err(|_| gone())??;
+        self.member = member;
+        Ok(())
     }
 
     pub async fn deregister(mut self) {
@@ -162,20 +197,61 @@ struct Entry {
     value: String,
 }
 
+/// A new value for the key, and where to say whether it was written.
+type Update = (String, oneshot::Sender<MeshResult<()>>);
+
+/// What the owner of a registration tells its keep-alive task.
+struct Control {
+    stop: oneshot::Receiver<()>,
+    update: mpsc::Receiver<Update>,
+}
+
 async fn keep_alive(
     cfg: RegistryConfig,
     entry: Entry,
     mut client: Client,
     mut lease: i64,
     registered: watch::Sender<bool>,
-    mut stop: oneshot::Receiver<()>,
+    control: Control,
 ) {
-    let Entry { role, key, value } = entry;
+    let Entry {
+        role,
+        key,
+        mut value,
+    } = entry;
+    let Control {
+        mut stop,
+        mut update,
+    } = control;
     let period = Duration::from_millis((cfg.lease_ttl_s as u64 * 1000) / 3);
     let mut healthy = true;
     loop {
         tokio::select! {
             _ = &mut stop => break,
+            Some((new, done)) = update.recv() => {
+                let put = client.put(
+                    key.as_str(),
+                    new.as_str(),
+                    Some(PutOptions::new().with_lease(lease)),
+                );
+                let result = match tokio::time::timeout(ETCD_CALL, put).await {
+                    Ok(Ok(_)) => {
+                        tracing::info!(%key, value = %new, "registration updated");
+                        value = new;
+                        Ok(())
+                    }
+                    Ok(Err(e)) => {
+                        etcd_error("register");
+                        Err(MeshError::Registry(format!("updating {key}: {e}")))
+                    }
+                    Err(_) => {
+                        etcd_error("register");
+                        Err(MeshError::Registry(format!("updating {key}: {}", too_slow())))
+                    }
+                };
+                // (Then a keep-alive round, so that a run of updates cannot hold renewals off.)
+                let _ = done.send(result);
+            }
             _ = tokio::time::sleep(if healthy { period } else { RETRY }) => {}
         }
         match renew(&mut client, lease, &key).await {

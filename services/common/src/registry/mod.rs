@@ -106,6 +106,16 @@ impl Registration {
         }
     }
 
+    /// Changes what the registry lists for this process (same id and role), e.g. an expert
+    /// worker's experts after it loaded more; returns once watchers can see it. The static
+    /// registry's lists never change: a no-op there.
+    pub async fn update(&mut self, member: Member) -> MeshResult<()> {
+        match &mut self.inner {
+            Some(r) => r.update(member).await,
+            None => Ok(()),
+        }
+    }
+
     /// Leaves the registry now (revokes the lease), so watchers stop sending work at once.
     pub async fn deregister(self) {
         if let Some(r) = self.inner {
