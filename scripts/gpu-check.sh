@@ -58,6 +58,20 @@ down() {
     kill -TERM "$UP_PID" 2>/dev/null
     wait "$UP_PID" 2>/dev/null
 }
+# The prefill table of a JSON-lines file of `bench --json` results, each with "mode" and
+# "prompt" added: TTFT p50, tokens/s (batch × prompt ÷ TTFT p50) and ITL p50 per run.
+prefill_table() {
+    $PY - "$1" <<'EOF'
+import json, sys
+print("| run | prompt | batch | TTFT p50 ms | prefill tok/s | ITL p50 ms |")
+print("| --- | ---: | ---: | ---: | ---: | ---: |")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    c, L, t = r["concurrency"], r["prompt"], r["ttft_ms"]["p50"]
+    itl = (r.get("itl_ms") or {}).get("p50")
+    print(f"| {r['mode']} | {L} | {c} | {t:.1f} | {c * L / t * 1e3:.0f} | {'' if itl is None else f'{itl:.2f}'} |")
+EOF
+}
 # Whether two `generate --json` outputs (in-process, mesh; or the names in $4 and $5) hold the
 # same 32 greedy tokens.
 same_tokens() {
@@ -133,16 +147,7 @@ if [[ $MODE == --prefill ]]; then
                 >"$OUT/nsys_fp$fp.csv" 2>/dev/null && head -25 "$OUT/nsys_fp$fp.csv"
         done
     fi
-    $PY - "$OUT/prefill.jsonl" <<'EOF2' | tee "$OUT/prefill.md"
-import json, sys
-print("| run | prompt | batch | TTFT p50 ms | prefill tok/s | ITL p50 ms |")
-print("| --- | ---: | ---: | ---: | ---: | ---: |")
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    c, L, t = r["concurrency"], r["prompt"], r["ttft_ms"]["p50"]
-    itl = (r.get("itl_ms") or {}).get("p50")
-    print(f"| {r['mode']} | {L} | {c} | {t:.1f} | {c * L / t * 1e3:.0f} | {'' if itl is None else f'{itl:.2f}'} |")
-EOF2
+    prefill_table "$OUT/prefill.jsonl" | tee "$OUT/prefill.md"
     exit $status
 fi
 
@@ -185,15 +190,7 @@ if [[ $MODE == --prefill-gemm ]]; then
             && $PY scripts/bench/ncu_summary.py "$OUT/ncu_prefill.csv" | tee "$OUT/ncu_prefill.txt" \
             || tail -5 "$OUT/ncu_prefill.err"
     fi
-    $PY - "$OUT/prefill.jsonl" <<'EOF2' | tee "$OUT/prefill.md"
-import json, sys
-print("| run | prompt | batch | TTFT p50 ms | prefill tok/s |")
-print("| --- | ---: | ---: | ---: | ---: |")
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    c, L, t = r["concurrency"], r["prompt"], r["ttft_ms"]["p50"]
-    print(f"| {r['mode']} | {L} | {c} | {t:.1f} | {c * L / t * 1e3:.0f} |")
-EOF2
+    prefill_table "$OUT/prefill.jsonl" | tee "$OUT/prefill.md"
     exit $status
 fi
 
@@ -233,15 +230,7 @@ if [[ $MODE == --mesh-prefill ]]; then
     done
     "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 --json --concurrency 1 --requests 3 \
         --prompt-len 2048 --output-len 1 | sed 's/^{/{"mode":"in-process","prompt":2048,/' >>"$OUT/meshpf.jsonl" || status=1
-    $PY - "$OUT/meshpf.jsonl" <<'EOF2' | tee "$OUT/meshpf.md"
-import json, sys
-print("| run | prompt | TTFT p50 ms | prefill tok/s |")
-print("| --- | ---: | ---: | ---: |")
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    L, t = r["prompt"], r["ttft_ms"]["p50"]
-    print(f"| {r['mode']} | {L} | {t:.1f} | {L / t * 1e3:.0f} |")
-EOF2
+    prefill_table "$OUT/meshpf.jsonl" | tee "$OUT/meshpf.md"
     exit $status
 fi
 

@@ -106,15 +106,7 @@ pub struct GateConfig {
 
 /// `--host-kv-cache-gb`: a finite number of GB, at least 0.
 fn host_gb(s: &str) -> Result<f64, String> {
-    let gb: f64 = s
-        .parse()
-        .map_err(|e| format!("--host-kv-cache-gb: {s:?} is not a number of GB ({e})"))?;
-    if !gb.is_finite() || gb < 0.0 {
-        return Err(format!(
-            "--host-kv-cache-gb: {s} GB; it must be a finite number of GB, 0 or more"
-        ));
-    }
-    Ok(gb)
+    moemesh_common::skew::finite_non_negative("--host-kv-cache-gb", s)
 }
 
 impl GateConfig {
