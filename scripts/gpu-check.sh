@@ -13,6 +13,7 @@
 #   scripts/gpu-check.sh --prefill-e2e        # prefill through the mesh, end-to-end at concurrency 64
 #   scripts/gpu-check.sh --prefill-gemm       # prefill: wgmma grouped GEMM vs mma.sync (A/B, tokens)
 #   scripts/gpu-check.sh --mesh-prefill       # where a mesh prefill's time goes (MPS, workers, metrics)
+#     (MESH_PF_CONFIGS="2 auto;1 auto", MESH_PF_DECODE=1 decode ITL at batch 1 / 64, MESH_PF_E2E=1)
 #   BINS="old.gz new.gz" scripts/gpu-check.sh --core   # serving core: in-process and mesh, c=1 and 64
 #   scripts/gpu-check.sh --ipc                # expert data plane: CUDA IPC vs gRPC vs in-process
 #   scripts/gpu-check.sh --multi              # gates and workers over 2 or 4 GPUs vs one GPU in-process
@@ -212,6 +213,13 @@ if [[ $MODE == --mesh-prefill ]]; then
                 "$BIN" bench --addr "127.0.0.1:$PORT" --concurrency 1 --requests 3 --prompt-len $L --output-len 1 --json \
                     | sed "s/^{/{\"mode\":\"mesh $cfg\",\"prompt\":$L,/" >>"$OUT/meshpf.jsonl" || status=1
             done
+            # MESH_PF_DECODE=1: decode ITL at batch 1 and 64 (16-token prompts, 128 new tokens).
+            if [[ -n ${MESH_PF_DECODE:-} ]]; then
+                for c in 1 64; do
+                    "$BIN" bench --addr "127.0.0.1:$PORT" --concurrency $c --requests $((c == 1 ? 3 : 64)) --prompt-len 16 \
+                        --output-len 128 --json | sed "s/^{/{\"mode\":\"mesh $cfg decode\",\"prompt\":16,/" >>"$OUT/meshpf.jsonl" || status=1
+                done
+            fi
             # MESH_PF_E2E=1: then end to end at concurrency 64 on the same mesh (steady state).
             if [[ -n ${MESH_PF_E2E:-} ]]; then
                 for po in 128/32 1024/256; do
@@ -230,6 +238,17 @@ if [[ $MODE == --mesh-prefill ]]; then
     done
     "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 --json --concurrency 1 --requests 3 \
         --prompt-len 2048 --output-len 1 | sed 's/^{/{"mode":"in-process","prompt":2048,/' >>"$OUT/meshpf.jsonl" || status=1
+    if [[ -n ${MESH_PF_DECODE:-} ]]; then
+        for c in 1 64; do
+            "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 --json --concurrency $c \
+                --requests $((c == 1 ? 3 : 64)) --prompt-len 16 --output-len 128 \
+                | sed 's/^{/{"mode":"in-process decode","prompt":16,/' >>"$OUT/meshpf.jsonl" || status=1
+        done
+    fi
+    if [[ -n ${MESH_PF_E2E:-} ]]; then
+        "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 --json --concurrency 64 --requests 64 \
+            --prompt-len 128 --output-len 32 | tee -a "$OUT/meshpf_e2e.jsonl" | cut -c1-400 || status=1
+    fi
     prefill_table "$OUT/meshpf.jsonl" | tee "$OUT/meshpf.md"
     exit $status
 fi

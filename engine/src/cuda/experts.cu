@@ -197,6 +197,23 @@ extern "C" __global__ void moe_align(const uint32_t* ids, int pairs, const int* 
     }
 }
 
+// counts[e] += |{p < n : ids[p] = e}| for e < n_experts (ids at or past n_experts left out):
+// the gate's per-layer expert load. A histogram per block in shared memory, then one atomic
+// per (block, expert) into `counts`; any grid.
+extern "C" __global__ void expert_count(const uint32_t* ids, int n, int n_experts,
+                                        uint32_t* counts) {
+    __shared__ uint32_t cnt[ALIGN_MAX_S];
+    for (int e = threadIdx.x; e < n_experts; e += blockDim.x) cnt[e] = 0;
+    __syncthreads();
+    for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < n; p += gridDim.x * blockDim.x) {
+        const uint32_t e = ids[p];
+        if (e < (uint32_t)n_experts) atomicAdd(&cnt[e], 1u);
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < n_experts; e += blockDim.x)
+        if (cnt[e]) atomicAdd(&counts[e], cnt[e]);
+}
+
 #define MOE_GROUP 8      // tokens sharing one pass over a weight row
 #define MOE_WARPS 4      // warps per block
 #define MOE_ROWS 16      // output rows per block

@@ -204,6 +204,41 @@ pub fn takes_grouped(pairs: usize, slots: usize) -> bool {
 }
 
 impl Gpu {
+    /// Adds to `counts` (`[E]` u32, E ≤ 1024) how many of `ids` (u32, contiguous, any shape)
+    /// name each expert; ids ≥ E are left out. One launch, no host sync: the gate's per-layer
+    /// expert load. `false` (nothing done) where the tensors do not fit.
+    pub fn count_experts(&self, ids: &Tensor, counts: &Tensor) -> Result<bool> {
+        let Ok(e) = counts.dims1() else {
+            return Ok(false);
+        };
+        if ids.dtype() != DType::U32
+            || counts.dtype() != DType::U32
+            || e > 1024
+            || !ids.is_contiguous()
+            || !counts.is_contiguous()
+        {
+            return Ok(false);
+        }
+        let n = ids.elem_count();
+        if n == 0 {
+            return Ok(true);
+        }
+        let blocks = n.div_ceil(2048).min(super::SMS) as u32;
+        self.launch(
+            "expert_count",
+            (blocks, 1, 1),
+            256,
+            0,
+            &[
+                Arg::Ptr(self.ptr(ids)?),
+                i32_arg(n, "expert ids")?,
+                i32_arg(e, "experts")?,
+                Arg::Ptr(self.ptr(counts)?),
+            ],
+        )?;
+        Ok(true)
+    }
+
     /// Routing from f32 router logits `[T, E]`, on the device.
     pub fn route(&self, logits: &Tensor, p: &RouteParams) -> Result<Option<DeviceRouting>> {
         let Ok((t, e)) = logits.dims2() else {

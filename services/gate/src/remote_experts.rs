@@ -77,30 +77,31 @@ const LOAD_FLUSH_STEPS: u32 = 64;
 /// run again after a released call counts its layers again: rare, and only the metric sees it.)
 #[derive(Default)]
 struct DeviceLoad {
+    /// Per layer, `[E]` u32 tokens routed since the last flush (on the device).
     counts: BTreeMap<u32, Tensor>,
-    /// `[n]` f32 ones, as long as the largest layer's pairs so far (sliced per layer).
-    ones: Option<Tensor>,
     steps: u32,
 }
 
 impl DeviceLoad {
     fn add(&mut self, layer: u32, ids: &Tensor, n_experts: usize) -> moemesh_engine::Result<()> {
-        let flat = ids.flatten_all()?;
-        let n = flat.dim(0)?;
-        let ones = match &self.ones {
-            Some(o) if o.dim(0)? >= n => o.narrow(0, 0, n)?,
-            _ => {
-                let o = Tensor::ones(n, DType::F32, ids.device())?;
-                self.ones = Some(o.clone());
-                o
-            }
-        };
         let counts = match self.counts.remove(&layer) {
             Some(c) => c,
-            None => Tensor::zeros(n_experts, DType::F32, ids.device())?,
+            None => Tensor::zeros(n_experts, DType::U32, ids.device())?,
         };
-        self.counts
-            .insert(layer, counts.index_add(&flat, &ones, 0)?);
+        // One histogram launch: candle's `index_add` with one output element runs its loop over
+        // the ids in a single thread (2 ms a layer at 2,048 rows, on the step's critical path).
+        let counted = match moemesh_engine::cuda::gpu(ids.device()) {
+            Some(g) => g.count_experts(ids, &counts)?,
+            None => false,
+        };
+        let counts = if counted {
+            counts
+        } else {
+            let flat = ids.flatten_all()?;
+            let ones = Tensor::ones(flat.dim(0)?, DType::U32, ids.device())?;
+            counts.index_add(&flat, &ones, 0)?
+        };
+        self.counts.insert(layer, counts);
         Ok(())
     }
 
@@ -112,13 +113,13 @@ impl DeviceLoad {
         }
         self.steps = 0;
         for (layer, counts) in std::mem::take(&mut self.counts) {
-            let counts = counts.to_vec1::<f32>()?;
+            let counts = counts.to_vec1::<u32>()?;
             routed.add(
                 layer,
                 counts
                     .into_iter()
                     .enumerate()
-                    .filter(|&(_, n)| n > 0.0)
+                    .filter(|&(_, n)| n > 0)
                     .map(|(e, n)| (e as u32, n as u64)),
             );
         }
