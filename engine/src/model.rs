@@ -208,8 +208,8 @@ pub struct FfnInFlight {
     work: Work,
 }
 
-/// What of the dense model to load: the frontend needs only embeddings, the gate everything but
-/// embeddings (it receives activations), the in-process engine all of it.
+/// What of the dense model to load: the frontend needs only embeddings (for a gate that takes
+/// activations), the gate and the in-process engine all of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Parts {
     pub embeddings: bool,
@@ -309,6 +309,11 @@ impl DeepSeekModel {
     /// An empty KV cache for one sequence of this model.
     pub fn new_cache(&self) -> SequenceCache {
         SequenceCache::new(&self.cfg, self.dtype, &self.device)
+    }
+
+    /// Whether this process loaded the embedding table ([`embed`](Self::embed) works).
+    pub fn has_embeddings(&self) -> bool {
+        self.embed_tokens.is_some()
     }
 
     /// Embedding rows for token ids, `[T, hidden]`.

@@ -118,21 +118,14 @@ fn first_non_finite(t: &v1::Tensor, width: usize) -> Option<(usize, usize)> {
 }
 
 /// The activations of a `Gate.Step` request, `[total tokens, hidden_size]`, checked against its
-/// sequences: at most `max_seqs` of them (`--max-step-sequences`), each at most once and with at
-/// least one token, and their token counts adding up to the rows; every value finite (a NaN or
-/// infinity would come out as token 0 with a NaN logprob). Only for a step that has sequences.
+/// sequences ([`check_step_seqs`]); every value finite (a NaN or infinity would come out as
+/// token 0 with a NaN logprob). Only for a step that has sequences.
 pub fn decode_step(
     req: &v1::StepRequest,
     hidden_size: usize,
     max_seqs: usize,
     device: &Device,
 ) -> MeshResult<Tensor> {
-    if req.seqs.len() > max_seqs {
-        return Err(MeshError::Invalid(format!(
-            "seqs: {} sequences in one step, over the limit of {max_seqs} (--max-step-sequences)",
-            req.seqs.len()
-        )));
-    }
     let (hidden, rows) = decode_rows(req.activations.as_ref(), "activations", hidden_size, device)?;
     if let Some((row, col)) = req
         .activations
@@ -142,6 +135,26 @@ pub fn decode_step(
         return Err(MeshError::Invalid(format!(
             "activations: row {row}, column {col} is not finite (NaN or infinity); every \
              activation must be a finite number"
+        )));
+    }
+    check_step_seqs(req, max_seqs, rows, "activations has")?;
+    Ok(hidden)
+}
+
+/// A `Gate.Step` request's sequences checked against the step's `rows` (activation rows, or
+/// token ids where the gate embeds them; `what` names them in the error): at most `max_seqs`
+/// sequences (`--max-step-sequences`), each at most once and with at least one token, their
+/// token counts adding up to the rows.
+pub fn check_step_seqs(
+    req: &v1::StepRequest,
+    max_seqs: usize,
+    rows: usize,
+    what: &str,
+) -> MeshResult<()> {
+    if req.seqs.len() > max_seqs {
+        return Err(MeshError::Invalid(format!(
+            "seqs: {} sequences in one step, over the limit of {max_seqs} (--max-step-sequences)",
+            req.seqs.len()
         )));
     }
     let mut seen = std::collections::HashSet::with_capacity(req.seqs.len());
@@ -158,10 +171,10 @@ pub fn decode_step(
     let total: u64 = req.seqs.iter().map(|s| u64::from(s.num_tokens)).sum();
     if total != rows as u64 {
         return Err(MeshError::Invalid(format!(
-            "activations has {rows} rows but the sequences add up to {total} tokens"
+            "{what} {rows} rows but the sequences add up to {total} tokens"
         )));
     }
-    Ok(hidden)
+    Ok(())
 }
 
 /// One (token row, expert, weight) pair of a `Expert.Forward` call.

@@ -219,6 +219,9 @@ struct GateInfo {
 struct Conn {
     tx: mpsc::Sender<StepRequest>,
     rx: Streaming<StepResponse>,
+    /// The gate embeds token ids itself (its Info's embeds_tokens): steps go without
+    /// activations.
+    embeds: bool,
 }
 
 /// Opens the step stream, and asks the gate for its KV capacity (so the first step fits too)
@@ -259,7 +262,11 @@ async fn connect(
         0
     };
     Ok((
-        Conn { tx, rx },
+        Conn {
+            tx,
+            rx,
+            embeds: info.embeds_tokens,
+        },
         GateInfo {
             kv,
             device: info.device,
@@ -538,17 +545,12 @@ impl StepLoop {
             });
             row += slot.tokens;
         }
-        let activations = if step.ids.is_empty() {
-            None
-        } else {
-            let emb = self.ctx.model.embed(&step.ids)?;
-            Some(codec::encode(&emb, v1::DType::Bf16)?)
-        };
+        // Activations only for a gate that does not embed token ids itself (`exchange`).
         Ok((
             StepRequest {
                 step_id: self.step_id,
                 seqs: seq_steps,
-                activations,
+                activations: None,
                 release: step.release.clone(),
             },
             spans,
@@ -558,7 +560,7 @@ impl StepLoop {
     /// Sends a step and waits for its answer, opening the stream first if needed. A gate that
     /// stops answering (paused, wedged, partitioned) is taken for dead once `--step-timeout`
     /// passes.
-    async fn exchange(&mut self, request: StepRequest) -> MeshResult<StepResponse> {
+    async fn exchange(&mut self, mut request: StepRequest) -> MeshResult<StepResponse> {
         let (address, timeout, step_id) =
             (self.address.clone(), self.ctx.step_timeout, self.step_id);
         let result = async {
@@ -585,7 +587,19 @@ impl StepLoop {
                 }
             }
             match self.conn.as_mut() {
-                Some(c) => exchange(c, &address, request).await,
+                Some(c) => {
+                    if !c.embeds && !request.seqs.is_empty() {
+                        // An older gate: the rows cross the wire embedded, bf16.
+                        let ids: Vec<u32> = request
+                            .seqs
+                            .iter()
+                            .flat_map(|s| s.token_ids.iter().copied())
+                            .collect();
+                        let emb = self.ctx.model.embed(&ids)?;
+                        request.activations = Some(codec::encode(&emb, v1::DType::Bf16)?);
+                    }
+                    exchange(c, &address, request).await
+                }
                 None => Err(MeshError::Internal("no gate connection".into())),
             }
         };

@@ -241,10 +241,9 @@ pub async fn run(
         let model = moemesh_engine::DeepSeekModel::load(
             &files.config,
             &loader,
-            Parts {
-                embeddings: false,
-                decoder: true,
-            },
+            // The embeddings too: the gate embeds the token ids a frontend sends without
+            // activations (Info.embeds_tokens).
+            Parts::ALL,
         );
         drop(loader);
         let mut model = model?;

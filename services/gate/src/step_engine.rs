@@ -112,6 +112,7 @@ impl StepEngine {
                         worker_experts: Vec::new(),
                         prefix_cache: self.runner.prefix_caching(),
                         host_kv_blocks: self.runner.host_tier_blocks() as u32,
+                        embeds_tokens: self.runner.model().has_embeddings(),
                     });
                 }
             }
@@ -151,13 +152,32 @@ impl StepEngine {
             return Ok(self.response(req.step_id, Vec::new()));
         }
         let model = self.runner.model();
-        let hidden = codec::decode_step(
-            &req,
-            model.config().hidden_size,
-            self.max_step_sequences,
-            model.device(),
-        )?;
         let ids = step_ids(&req)?;
+        let hidden = if req.activations.is_none() {
+            // The frontend sent token ids only (the gate's Info says it embeds them): the rows
+            // are embedded here, on the gate's device.
+            if ids.is_empty() {
+                return Err(MeshError::Invalid(
+                    "activations: absent, and not every sequence carries token_ids for its \
+                     rows; a step needs one or the other"
+                        .into(),
+                ));
+            }
+            codec::check_step_seqs(&req, self.max_step_sequences, ids.len(), "token_ids have")?;
+            model.embed(&ids).map_err(|e| match e {
+                moemesh_engine::EngineError::InvalidInput(why) => {
+                    MeshError::Invalid(format!("seqs.token_ids: {why}"))
+                }
+                other => other.into(),
+            })?
+        } else {
+            codec::decode_step(
+                &req,
+                model.config().hidden_size,
+                self.max_step_sequences,
+                model.device(),
+            )?
+        };
         let slots = req
             .seqs
             .iter()
