@@ -284,6 +284,13 @@ mod tests {
             let cfg = gptq_config(false, format);
             let got = load(&src, &cfg).expect("dequantised");
             assert_eq!(got, expected(|i| i / GROUP), "{format}");
+            let loader = Loader::new(&src, &cfg, &Device::Cpu, DType::F32);
+            assert!(
+                loader
+                    .contains(&format!("{STEM}.weight"))
+                    .expect("contains")
+            );
+            assert!(!loader.contains(&format!("{STEM}.bias")).expect("contains"));
             // Every packed tensor counts as used, so a full load reports nothing left over.
             let loader = Loader::new(&src, &cfg, &Device::Cpu, DType::F32);
             loader

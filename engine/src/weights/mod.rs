@@ -216,9 +216,18 @@ impl<'s> Loader<'s> {
         self.get_as(name, shape, DType::F32)
     }
 
-    /// Whether the source has a tensor called `name` (for optional tensors such as biases).
+    /// Whether the source has a tensor called `name` (for optional tensors such as biases),
+    /// counting an INT4 layer's `<layer>.qweight` as its `<layer>.weight`.
     pub fn contains(&self, name: &str) -> Result<bool> {
-        Ok(self.source.raw(name)?.is_some())
+        if self.source.raw(name)?.is_some() {
+            return Ok(true);
+        }
+        match (self.quant, name.strip_suffix(".weight")) {
+            (Some(Quantization::Int4(_)), Some(stem)) => {
+                Ok(self.source.raw(&format!("{stem}.qweight"))?.is_some())
+            }
+            _ => Ok(false),
+        }
     }
 
     fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
