@@ -66,6 +66,63 @@ pub struct Fp8Quant {
     pub block_cols: usize,
 }
 
+/// How a checkpoint's linear weights are quantised (`quantization_config`). Whatever the scheme,
+/// the loader dequantises to the compute dtype (see [`crate::weights`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quantization {
+    /// `quant_method: "fp8"`: e4m3 weights with f32 inverse scales per block (DeepSeek-V3/R1).
+    Fp8(Fp8Quant),
+    /// `quant_method: "gptq"` or `"awq"`: 4-bit weight-only, packed in int32 with per-group scales
+    /// and zero points.
+    Int4(Int4Quant),
+}
+
+/// The two published INT4 weight-only layouts (their packing is documented in
+/// [`crate::weights::int4`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Int4Format {
+    /// GPTQ (AutoGPTQ / GPTQModel): `qweight [in/8, out]` packed along the input dimension,
+    /// `qzeros [groups, out/8]`, `scales [groups, out]`, `g_idx [in]`.
+    Gptq {
+        /// `checkpoint_format: "gptq"` (v1, the default) stores each zero point minus one;
+        /// `"gptq_v2"` stores it as it is.
+        zeros_minus_one: bool,
+        /// `desc_act`: rows were quantised in activation order, so a row's group is read from
+        /// `g_idx` instead of being `row / group_size`.
+        desc_act: bool,
+    },
+    /// AWQ (llm-awq / AutoAWQ, `version: "gemm"`): `qweight [in, out/8]` packed along the output
+    /// dimension in the interleaved order [0, 2, 4, 6, 1, 3, 5, 7], `qzeros [groups, out/8]`
+    /// likewise, `scales [groups, out]`.
+    Awq,
+}
+
+/// INT4 weight-only quantisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Int4Quant {
+    pub format: Int4Format,
+    /// Input rows per scale/zero group; `None` for GPTQ's `group_size: -1` (one group spans the
+    /// whole input dimension).
+    pub group_size: Option<usize>,
+}
+
+impl Quantization {
+    /// A short name of the checkpoint's weight format, as ModelInfo reports it.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Quantization::Fp8(_) => "fp8_e4m3",
+            Quantization::Int4(Int4Quant {
+                format: Int4Format::Gptq { .. },
+                ..
+            }) => "int4_gptq",
+            Quantization::Int4(Int4Quant {
+                format: Int4Format::Awq,
+                ..
+            }) => "int4_awq",
+        }
+    }
+}
+
 /// The permissive serde view of `config.json`: every key optional, so that validation can name what
 /// is missing or wrong instead of serde failing on the first surprise.
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -146,7 +203,8 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
-    pub quantization: Option<Fp8Quant>,
+    /// `None` for an unquantised (bf16/f16/f32) checkpoint.
+    pub quantization: Option<Quantization>,
 }
 
 fn require<T>(v: Option<T>, key: &str) -> Result<T> {
@@ -546,7 +604,7 @@ fn parse_rope(raw: &RawConfig) -> Result<(f64, RopeScaling)> {
     }
 }
 
-fn parse_quantization(v: &Option<Value>) -> Result<Option<Fp8Quant>> {
+fn parse_quantization(v: &Option<Value>) -> Result<Option<Quantization>> {
     let obj = match v {
         None | Some(Value::Null) => return Ok(None),
         Some(Value::Object(o)) => o,
@@ -562,13 +620,18 @@ fn parse_quantization(v: &Option<Value>) -> Result<Option<Fp8Quant>> {
         .get("quant_method")
         .and_then(Value::as_str)
         .unwrap_or("");
-    if method != "fp8" {
-        return Err(EngineError::unsupported(
+    match method {
+        "fp8" => parse_fp8(obj).map(|q| Some(Quantization::Fp8(q))),
+        "gptq" | "awq" => parse_int4(obj, method).map(|q| Some(Quantization::Int4(q))),
+        _ => Err(EngineError::unsupported(
             "quantization_config.quant_method",
             format!("{method:?}"),
-            "moemesh loads \"fp8\" block-quantised checkpoints",
-        ));
+            "moemesh loads \"fp8\" block-quantised, and \"gptq\" or \"awq\" 4-bit checkpoints",
+        )),
     }
+}
+
+fn parse_fp8(obj: &serde_json::Map<String, Value>) -> Result<Fp8Quant> {
     if let Some(fmt) = obj.get("fmt").and_then(Value::as_str)
         && fmt != "e4m3"
     {
@@ -610,10 +673,105 @@ fn parse_quantization(v: &Option<Value>) -> Result<Option<Fp8Quant>> {
             ));
         }
     };
-    Ok(Some(Fp8Quant {
+    Ok(Fp8Quant {
         block_rows: block[0],
         block_cols: block[1],
-    }))
+    })
+}
+
+/// The first of `keys` that is present (AutoAWQ writes `w_bit`/`q_group_size` where
+/// transformers writes `bits`/`group_size`).
+fn first_key<'a>(
+    obj: &'a serde_json::Map<String, Value>,
+    keys: &[&'static str],
+) -> Option<(&'static str, &'a Value)> {
+    keys.iter()
+        .find_map(|&k| obj.get(k).filter(|v| !v.is_null()).map(|v| (k, v)))
+}
+
+fn parse_int4(obj: &serde_json::Map<String, Value>, method: &str) -> Result<Int4Quant> {
+    let key = |k: &str| format!("quantization_config.{k}");
+    match first_key(obj, &["bits", "w_bit"]) {
+        Some((_, v)) if v.as_u64() == Some(4) => {}
+        Some((k, v)) => {
+            return Err(EngineError::unsupported(
+                key(k),
+                v,
+                format!("moemesh loads 4-bit {method} checkpoints only"),
+            ));
+        }
+        None => {
+            return Err(EngineError::unsupported(
+                key("bits"),
+                "missing",
+                format!("a {method} checkpoint states its bits (4)"),
+            ));
+        }
+    }
+    let group_size = match first_key(obj, &["group_size", "q_group_size"]) {
+        None => {
+            return Err(EngineError::unsupported(
+                key("group_size"),
+                "missing",
+                format!("a {method} checkpoint states its group size (e.g. 128)"),
+            ));
+        }
+        Some((_, v)) if v.as_i64() == Some(-1) && method == "gptq" => None,
+        Some((k, v)) => match v.as_u64().filter(|&g| g > 0 && g.is_multiple_of(8)) {
+            Some(g) => Some(g as usize),
+            None => {
+                let expected = if method == "gptq" {
+                    "a positive multiple of 8 (e.g. 128), or -1 for one group per column"
+                } else {
+                    "a positive multiple of 8 (e.g. 128)"
+                };
+                return Err(EngineError::unsupported(key(k), v, expected));
+            }
+        },
+    };
+    let flag = |k: &str, default: bool| -> Result<bool> {
+        match obj.get(k) {
+            None | Some(Value::Null) => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(v) => Err(EngineError::unsupported(key(k), v, "true or false")),
+        }
+    };
+    let format = if method == "gptq" {
+        let zeros_minus_one = match obj.get("checkpoint_format").and_then(Value::as_str) {
+            None | Some("gptq") => true,
+            Some("gptq_v2") => false,
+            Some(other) => {
+                return Err(EngineError::unsupported(
+                    key("checkpoint_format"),
+                    format!("{other:?}"),
+                    "moemesh reads the \"gptq\" and \"gptq_v2\" layouts (not repacked ones such as marlin)",
+                ));
+            }
+        };
+        Int4Format::Gptq {
+            zeros_minus_one,
+            desc_act: flag("desc_act", false)?,
+        }
+    } else {
+        if let Some(version) = obj.get("version").and_then(Value::as_str)
+            && !version.eq_ignore_ascii_case("gemm")
+        {
+            return Err(EngineError::unsupported(
+                key("version"),
+                format!("{version:?}"),
+                "moemesh reads AWQ's \"gemm\" layout (gemv and repacked layouts differ)",
+            ));
+        }
+        if !flag("zero_point", true)? {
+            return Err(EngineError::unsupported(
+                key("zero_point"),
+                false,
+                "moemesh reads AWQ checkpoints with zero points (qzeros)",
+            ));
+        }
+        Int4Format::Awq
+    };
+    Ok(Int4Quant { format, group_size })
 }
 
 #[cfg(test)]
@@ -677,14 +835,119 @@ mod tests {
         );
 
         let mut v = base();
-        v["quantization_config"] = serde_json::json!({"quant_method": "awq"});
-        let err = parse(v).expect_err("awq").to_string();
-        assert!(err.contains("quant_method") && err.contains("awq"), "{err}");
+        v["quantization_config"] = serde_json::json!({"quant_method": "bitsandbytes"});
+        let err = parse(v).expect_err("bitsandbytes").to_string();
+        assert!(
+            err.contains("quant_method") && err.contains("bitsandbytes"),
+            "{err}"
+        );
 
         let mut v = base();
         v["model_type"] = "llama".into();
         let err = parse(v).expect_err("llama").to_string();
         assert!(err.contains("model_type") && err.contains("llama"), "{err}");
+    }
+
+    fn with_quant(q: Value) -> Result<ModelConfig> {
+        let mut v = base();
+        v["quantization_config"] = q;
+        parse(v)
+    }
+
+    #[test]
+    fn reads_gptq_and_awq_int4_configs() {
+        // As GPTQModel/AutoGPTQ write it (transformers' GPTQConfig keys).
+        let gptq = with_quant(serde_json::json!({
+            "quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": false,
+            "sym": true, "damp_percent": 0.01, "true_sequential": true
+        }))
+        .expect("gptq");
+        assert_eq!(
+            gptq.quantization,
+            Some(Quantization::Int4(Int4Quant {
+                format: Int4Format::Gptq {
+                    zeros_minus_one: true,
+                    desc_act: false
+                },
+                group_size: Some(128),
+            }))
+        );
+        let v2 = with_quant(serde_json::json!({
+            "quant_method": "gptq", "bits": 4, "group_size": -1, "desc_act": true,
+            "checkpoint_format": "gptq_v2"
+        }))
+        .expect("gptq v2");
+        assert_eq!(
+            v2.quantization,
+            Some(Quantization::Int4(Int4Quant {
+                format: Int4Format::Gptq {
+                    zeros_minus_one: false,
+                    desc_act: true
+                },
+                group_size: None,
+            }))
+        );
+        // AutoAWQ's own keys.
+        let awq = with_quant(serde_json::json!({
+            "quant_method": "awq", "w_bit": 4, "q_group_size": 64, "zero_point": true,
+            "version": "GEMM"
+        }))
+        .expect("awq");
+        assert_eq!(
+            awq.quantization,
+            Some(Quantization::Int4(Int4Quant {
+                format: Int4Format::Awq,
+                group_size: Some(64),
+            }))
+        );
+        assert_eq!(awq.quantization.map(|q| q.label()), Some("int4_awq"));
+    }
+
+    #[test]
+    fn unsupported_int4_settings_name_the_key_and_limit() {
+        let cases = [
+            (
+                serde_json::json!({"quant_method": "gptq", "bits": 8, "group_size": 128}),
+                ["quantization_config.bits", "8", "4-bit"],
+            ),
+            (
+                serde_json::json!({"quant_method": "awq", "w_bit": 3, "q_group_size": 128}),
+                ["quantization_config.w_bit", "3", "4-bit"],
+            ),
+            (
+                serde_json::json!({"quant_method": "gptq", "bits": 4, "group_size": 100}),
+                ["quantization_config.group_size", "100", "multiple of 8"],
+            ),
+            (
+                serde_json::json!({"quant_method": "awq", "bits": 4, "group_size": -1}),
+                ["quantization_config.group_size", "-1", "positive"],
+            ),
+            (
+                serde_json::json!({"quant_method": "gptq", "bits": 4}),
+                ["quantization_config.group_size", "missing", "group size"],
+            ),
+            (
+                serde_json::json!({"quant_method": "gptq", "bits": 4, "group_size": 128,
+                    "checkpoint_format": "marlin"}),
+                ["quantization_config.checkpoint_format", "marlin", "gptq_v2"],
+            ),
+            (
+                serde_json::json!({"quant_method": "awq", "bits": 4, "group_size": 128,
+                    "version": "gemv"}),
+                ["quantization_config.version", "gemv", "gemm"],
+            ),
+            (
+                serde_json::json!({"quant_method": "gptq", "bits": 4, "group_size": 128,
+                    "desc_act": "yes"}),
+                ["quantization_config.desc_act", "yes", "true or false"],
+            ),
+        ];
+        for (q, needles) in cases {
+            let err = with_quant(q.clone()).expect_err("unsupported").to_string();
+            for n in needles {
+                assert!(err.contains(n), "{q}: {err} lacks {n:?}");
+            }
+        }
     }
 
     #[test]

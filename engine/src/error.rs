@@ -56,6 +56,9 @@ pub enum EngineError {
         dtype: String,
         expected: String,
     },
+    /// A quantised tensor whose packing, scales or groups do not match its layer (named).
+    #[error("weights: quantised tensor `{name}`: {reason}")]
+    QuantizedTensor { name: String, reason: String },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("chat template: {0}")]
@@ -99,7 +102,8 @@ impl EngineError {
             | EngineError::ConfigUnsupported { .. }
             | EngineError::MissingTensor { .. }
             | EngineError::TensorShape { .. }
-            | EngineError::TensorDtype { .. } => ErrorKind::Invalid,
+            | EngineError::TensorDtype { .. }
+            | EngineError::QuantizedTensor { .. } => ErrorKind::Invalid,
             // The text or the template cannot be encoded or rendered as asked.
             EngineError::Tokenizer(_) | EngineError::ChatTemplate(_) => ErrorKind::Invalid,
             EngineError::InvalidInput(_) | EngineError::KvLimit(_) => ErrorKind::Invalid,

@@ -18,7 +18,7 @@ use crate::model::{DeepSeekModel, Parts};
 use crate::synthetic::{SyntheticSource, synthetic_config, synthetic_config_json};
 use crate::text::TextTokenizer;
 use crate::weights::safetensors::SafetensorsSource;
-use crate::weights::{Loader, TensorSource};
+use crate::weights::{LoadedBytes, Loader, TensorSource, checkpoint_format};
 
 /// A model, opened but not loaded.
 pub struct ModelFiles {
@@ -121,6 +121,12 @@ impl ModelFiles {
         }
     }
 
+    /// The checkpoint's weight format (`bf16`, `fp8_e4m3`, `int4_gptq`, ...), as ModelInfo and
+    /// the roles' memory line report it.
+    pub fn weights_format(&self) -> String {
+        checkpoint_format(&self.config, self.source.as_ref())
+    }
+
     pub fn loader(&self, device: &Device, dtype: DType) -> Loader<'_> {
         Loader::new(self.source.as_ref(), &self.config, device, dtype)
     }
@@ -131,6 +137,17 @@ impl ModelFiles {
         let loader = self.loader(device, dtype);
         let model = DeepSeekModel::load(&self.config, &loader, Parts::ALL)?;
         let experts = ExpertShard::load(&self.config, &loader, &ShardSpec::all(&self.config))?;
+        let bytes = loader.loaded_bytes();
+        // The in-process memory line (the mesh roles log theirs in their services).
+        tracing::info!(
+            role = "in-process",
+            device = ?device,
+            weights_format = %self.weights_format(),
+            weight_bytes = bytes.resident_total(),
+            resident = %LoadedBytes::describe(&bytes.resident),
+            checkpoint = %LoadedBytes::describe(&bytes.checkpoint),
+            "memory plan"
+        );
         let unused = loader.unused(self.config.num_hidden_layers);
         if !unused.is_empty() {
             tracing::warn!(

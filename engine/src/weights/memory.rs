@@ -32,6 +32,7 @@ impl TensorSource for MemorySource {
                 DType::F32 => StoredDtype::F32,
                 DType::F16 => StoredDtype::F16,
                 DType::BF16 => StoredDtype::BF16,
+                DType::I32 => StoredDtype::I32,
                 _ => StoredDtype::Other("non-float in-memory tensor"),
             },
             shape: t.dims().to_vec(),

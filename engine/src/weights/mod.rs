@@ -8,15 +8,16 @@
 //! until it is asked for.
 
 pub mod fp8;
+pub mod int4;
 pub mod memory;
 pub mod safetensors;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::{Fp8Quant, ModelConfig};
+use crate::config::{Int4Format, Int4Quant, ModelConfig, Quantization};
 use crate::error::{EngineError, Result};
 
 /// A tensor's element type as stored in a checkpoint.
@@ -26,7 +27,78 @@ pub enum StoredDtype {
     F16,
     BF16,
     F8E4M3,
+    /// Packed INT4 words, zero points and GPTQ's `g_idx`; never a weight on its own.
+    I32,
     Other(&'static str),
+}
+
+impl StoredDtype {
+    /// Bytes per element (0 for a dtype moemesh does not read).
+    fn size(self) -> u64 {
+        match self {
+            StoredDtype::F32 | StoredDtype::I32 => 4,
+            StoredDtype::F16 | StoredDtype::BF16 => 2,
+            StoredDtype::F8E4M3 => 1,
+            StoredDtype::Other(_) => 0,
+        }
+    }
+}
+
+/// What a [`Loader`] handed out: the bytes this process holds for its weights, by the dtype it
+/// holds them in, and what they took in the checkpoint, by stored format. A role logs it once at
+/// start (its memory plan line); the gate and expert Info report the resident total.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadedBytes {
+    /// Bytes of the tensors handed out, by their dtype after conversion (`bf16`, `f32`, ...):
+    /// what the weights take on the device.
+    pub resident: BTreeMap<&'static str, u64>,
+    /// Bytes those tensors take in the checkpoint, by stored format (`fp8_e4m3` counts the
+    /// e4m3 bytes and their block scales, `int4` the packed words, zeros, scales and `g_idx`).
+    pub checkpoint: BTreeMap<&'static str, u64>,
+    /// Tensors handed out.
+    pub tensors: usize,
+}
+
+impl LoadedBytes {
+    /// All resident bytes.
+    pub fn resident_total(&self) -> u64 {
+        self.resident.values().sum()
+    }
+
+    /// All checkpoint bytes.
+    pub fn checkpoint_total(&self) -> u64 {
+        self.checkpoint.values().sum()
+    }
+
+    /// `dtype=bytes` pairs, e.g. `bf16=1073741824 f32=4096`, for a log line.
+    pub fn describe(map: &BTreeMap<&'static str, u64>) -> String {
+        map.iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// The weight format of a checkpoint, as ModelInfo reports it: the quantisation's label
+/// (`fp8_e4m3`, `int4_gptq`, `int4_awq`), else the stored dtype of the output projection (or the
+/// embedding table), e.g. `bf16`.
+pub fn checkpoint_format(cfg: &ModelConfig, source: &dyn TensorSource) -> String {
+    if let Some(q) = cfg.quantization {
+        return q.label().to_string();
+    }
+    let stored = ["lm_head.weight", "model.embed_tokens.weight"]
+        .iter()
+        .find_map(|n| source.raw(n).ok().flatten().map(|r| r.dtype));
+    match stored {
+        Some(StoredDtype::BF16) => "bf16",
+        Some(StoredDtype::F16) => "f16",
+        Some(StoredDtype::F32) => "f32",
+        Some(StoredDtype::F8E4M3) => "fp8_e4m3",
+        Some(StoredDtype::I32) => "i32",
+        Some(StoredDtype::Other(d)) => d,
+        None => "unknown",
+    }
+    .to_string()
 }
 
 /// A stored tensor before conversion: its bytes are borrowed from the source (e.g. an mmap).
@@ -62,8 +134,10 @@ pub struct Loader<'s> {
     source: &'s dyn TensorSource,
     device: Device,
     dtype: DType,
-    quant: Option<Fp8Quant>,
+    quant: Option<Quantization>,
     used: Mutex<HashSet<String>>,
+    /// What was handed out so far (see [`LoadedBytes`]).
+    loaded: Mutex<LoadedBytes>,
 }
 
 /// `N(mean, std²)` values of `shape` on `device`, the same for the same seed on the same kind of
@@ -103,7 +177,24 @@ impl<'s> Loader<'s> {
             dtype,
             quant: cfg.quantization,
             used: Mutex::new(HashSet::new()),
+            loaded: Mutex::new(LoadedBytes::default()),
         }
+    }
+
+    /// The bytes handed out so far, resident and as stored.
+    pub fn loaded_bytes(&self) -> LoadedBytes {
+        self.loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn count(&self, tensor: &Tensor, stored_format: &'static str, stored_bytes: u64) {
+        let mut l = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        let bytes = (tensor.elem_count() * tensor.dtype().size_in_bytes()) as u64;
+        *l.resident.entry(tensor.dtype().as_str()).or_default() += bytes;
+        *l.checkpoint.entry(stored_format).or_default() += stored_bytes;
+        l.tensors += 1;
     }
 
     pub fn device(&self) -> &Device {
@@ -125,19 +216,38 @@ impl<'s> Loader<'s> {
         self.get_as(name, shape, DType::F32)
     }
 
-    /// Whether the source has a tensor called `name` (for optional tensors such as biases).
+    /// Whether the source has a tensor called `name` (for optional tensors such as biases),
+    /// counting an INT4 layer's `<layer>.qweight` as its `<layer>.weight`.
     pub fn contains(&self, name: &str) -> Result<bool> {
-        Ok(self.source.raw(name)?.is_some())
+        if self.source.raw(name)?.is_some() {
+            return Ok(true);
+        }
+        match (self.quant, name.strip_suffix(".weight")) {
+            (Some(Quantization::Int4(_)), Some(stem)) => {
+                Ok(self.source.raw(&format!("{stem}.qweight"))?.is_some())
+            }
+            _ => Ok(false),
+        }
     }
 
     fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        let raw = self
-            .source
-            .raw(name)?
-            .ok_or_else(|| EngineError::MissingTensor {
+        let Some(raw) = self.source.raw(name)? else {
+            // An INT4 checkpoint keeps a quantised layer as `<layer>.qweight` (and its zeros,
+            // scales, g_idx) in place of `<layer>.weight`.
+            if let (Some(Quantization::Int4(q)), Some(stem)) =
+                (self.quant, name.strip_suffix(".weight"))
+                && self.source.raw(&format!("{stem}.qweight"))?.is_some()
+            {
+                let (tensor, stored_bytes) = self.dequantize_int4(stem, shape, q)?;
+                let tensor = tensor.to_dtype(dtype)?.to_device(&self.device)?;
+                self.count(&tensor, "int4", stored_bytes);
+                return Ok(tensor);
+            }
+            return Err(EngineError::MissingTensor {
                 name: name.to_string(),
                 hint: String::new(),
-            })?;
+            });
+        };
         if raw.shape != shape {
             return Err(EngineError::TensorShape {
                 name: name.to_string(),
@@ -146,42 +256,276 @@ impl<'s> Loader<'s> {
             });
         }
         self.mark_used(name);
-        let tensor = match (raw.dtype, raw.data) {
-            (_, RawData::Tensor(t)) => t,
+        let elems: u64 = shape.iter().product::<usize>() as u64;
+        let (tensor, format, stored_bytes) = match (raw.dtype, raw.data) {
+            (d, RawData::Tensor(t)) => (t, stored_label(d), elems * d.size()),
             (_, RawData::Random { mean, std, seed }) => {
-                return random_normal(mean, std, seed, shape, &self.device)?
-                    .to_dtype(dtype)
-                    .map_err(Into::into);
+                let t = random_normal(mean, std, seed, shape, &self.device)?.to_dtype(dtype)?;
+                // Synthetic models stand for bf16 checkpoints.
+                self.count(&t, "bf16", elems * 2);
+                return Ok(t);
             }
-            (StoredDtype::F8E4M3, RawData::Bytes(bytes)) => self.dequantize(name, shape, bytes)?,
-            (StoredDtype::F32, RawData::Bytes(b)) => {
-                Tensor::from_raw_buffer(b, DType::F32, shape, &Device::Cpu)?
+            (StoredDtype::F8E4M3, RawData::Bytes(bytes)) => {
+                let (t, scale_bytes) = self.dequantize(name, shape, bytes)?;
+                (t, "fp8_e4m3", bytes.len() as u64 + scale_bytes)
             }
-            (StoredDtype::F16, RawData::Bytes(b)) => {
-                Tensor::from_raw_buffer(b, DType::F16, shape, &Device::Cpu)?
-            }
-            (StoredDtype::BF16, RawData::Bytes(b)) => {
-                Tensor::from_raw_buffer(b, DType::BF16, shape, &Device::Cpu)?
+            (StoredDtype::F32, RawData::Bytes(b)) => (
+                Tensor::from_raw_buffer(b, DType::F32, shape, &Device::Cpu)?,
+                "f32",
+                b.len() as u64,
+            ),
+            (StoredDtype::F16, RawData::Bytes(b)) => (
+                Tensor::from_raw_buffer(b, DType::F16, shape, &Device::Cpu)?,
+                "f16",
+                b.len() as u64,
+            ),
+            (StoredDtype::BF16, RawData::Bytes(b)) => (
+                Tensor::from_raw_buffer(b, DType::BF16, shape, &Device::Cpu)?,
+                "bf16",
+                b.len() as u64,
+            ),
+            (StoredDtype::I32, _) => {
+                return Err(EngineError::TensorDtype {
+                    name: name.to_string(),
+                    dtype: "I32".into(),
+                    expected: "a floating-point weight (int32 tensors are INT4 packing)".into(),
+                });
             }
             (StoredDtype::Other(d), _) => {
                 return Err(EngineError::TensorDtype {
                     name: name.to_string(),
                     dtype: d.to_string(),
-                    expected: "F32, F16, BF16 or F8_E4M3 with weight_scale_inv".into(),
+                    expected: "F32, F16, BF16, F8_E4M3 with weight_scale_inv, or GPTQ/AWQ INT4"
+                        .into(),
                 });
             }
         };
-        Ok(tensor.to_dtype(dtype)?.to_device(&self.device)?)
+        let tensor = tensor.to_dtype(dtype)?.to_device(&self.device)?;
+        self.count(&tensor, format, stored_bytes);
+        Ok(tensor)
     }
 
-    fn dequantize(&self, name: &str, shape: &[usize], bytes: &[u8]) -> Result<Tensor> {
-        let quant = self.quant.ok_or_else(|| EngineError::TensorDtype {
+    /// A stored floating-point tensor (INT4 scales) as f32 values, checked against `shape`.
+    fn float_values(&self, name: &str, shape: &[usize], what: &str) -> Result<(Vec<f32>, u64)> {
+        let raw = self
+            .source
+            .raw(name)?
+            .ok_or_else(|| EngineError::MissingTensor {
+                name: name.to_string(),
+                hint: format!(" ({what})"),
+            })?;
+        if raw.shape != shape {
+            return Err(EngineError::TensorShape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                actual: raw.shape,
+            });
+        }
+        let dt = match raw.dtype {
+            StoredDtype::F32 => DType::F32,
+            StoredDtype::F16 => DType::F16,
+            StoredDtype::BF16 => DType::BF16,
+            other => {
+                return Err(EngineError::TensorDtype {
+                    name: name.to_string(),
+                    dtype: format!("{other:?}"),
+                    expected: format!("a floating-point tensor ({what})"),
+                });
+            }
+        };
+        let t = match raw.data {
+            RawData::Bytes(b) => Tensor::from_raw_buffer(b, dt, shape, &Device::Cpu)?,
+            RawData::Tensor(t) => t,
+            RawData::Random { .. } => {
+                return Err(EngineError::TensorDtype {
+                    name: name.to_string(),
+                    dtype: "generated".into(),
+                    expected: format!("stored values ({what})"),
+                });
+            }
+        };
+        self.mark_used(name);
+        let bytes = shape.iter().product::<usize>() as u64 * raw.dtype.size();
+        Ok((t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?, bytes))
+    }
+
+    /// A stored int32 tensor (INT4 words, zeros, `g_idx`) as `u32` bit patterns, checked against
+    /// `shape`; `None` when the source has no such tensor.
+    fn int_words(&self, name: &str, shape: &[usize]) -> Result<Option<Vec<u32>>> {
+        let Some(raw) = self.source.raw(name)? else {
+            return Ok(None);
+        };
+        if raw.shape != shape {
+            return Err(EngineError::TensorShape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                actual: raw.shape,
+            });
+        }
+        if raw.dtype != StoredDtype::I32 {
+            return Err(EngineError::TensorDtype {
+                name: name.to_string(),
+                dtype: format!("{:?}", raw.dtype),
+                expected: "I32 (INT4 checkpoints pack their values in int32 words)".into(),
+            });
+        }
+        let words = match raw.data {
+            RawData::Bytes(b) => b
+                .chunks_exact(4)
+                .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+                .collect(),
+            RawData::Tensor(t) => t
+                .flatten_all()?
+                .to_vec1::<i32>()?
+                .into_iter()
+                .map(|v| v as u32)
+                .collect(),
+            RawData::Random { .. } => {
+                return Err(EngineError::TensorDtype {
+                    name: name.to_string(),
+                    dtype: "generated".into(),
+                    expected: "stored int32 words".into(),
+                });
+            }
+        };
+        self.mark_used(name);
+        Ok(Some(words))
+    }
+
+    /// Dequantises the INT4 layer `stem` (`stem.qweight`, `.qzeros`, `.scales`, GPTQ's `.g_idx`)
+    /// into an f32 `[out, in]` tensor on the host; also returns the bytes it took as stored.
+    fn dequantize_int4(&self, stem: &str, shape: &[usize], q: Int4Quant) -> Result<(Tensor, u64)> {
+        let qweight = format!("{stem}.qweight");
+        let bad = |name: &str, reason: String| EngineError::QuantizedTensor {
             name: name.to_string(),
-            dtype: "F8_E4M3".into(),
-            expected:
-                "FP8 tensors need a `quantization_config` with quant_method \"fp8\" in config.json"
-                    .into(),
-        })?;
+            reason,
+        };
+        let &[n_out, n_in] = shape else {
+            return Err(bad(
+                &qweight,
+                format!(
+                    "stands for `{stem}.weight` of shape {shape:?}, but INT4 packs only 2-D linear weights"
+                ),
+            ));
+        };
+        if !n_out.is_multiple_of(8) {
+            return Err(bad(
+                &qweight,
+                format!(
+                    "{n_out} output features are not a multiple of 8 (zero points pack 8 columns per int32)"
+                ),
+            ));
+        }
+        let gptq = matches!(q.format, Int4Format::Gptq { .. });
+        if gptq && !n_in.is_multiple_of(8) {
+            return Err(bad(
+                &qweight,
+                format!(
+                    "{n_in} input features are not a multiple of 8 (GPTQ packs 8 rows per int32)"
+                ),
+            ));
+        }
+        let group_size = q.group_size.unwrap_or(n_in);
+        let groups = n_in.div_ceil(group_size);
+        let packed_shape = if gptq {
+            [n_in / 8, n_out]
+        } else {
+            [n_in, n_out / 8]
+        };
+        let words =
+            self.int_words(&qweight, &packed_shape)?
+                .ok_or_else(|| EngineError::MissingTensor {
+                    name: qweight.clone(),
+                    hint: String::new(),
+                })?;
+        let zeros_name = format!("{stem}.qzeros");
+        let zeros = self
+            .int_words(&zeros_name, &[groups, n_out / 8])?
+            .ok_or_else(|| EngineError::MissingTensor {
+                name: zeros_name.clone(),
+                hint: format!(" (the zero points of INT4 tensor `{qweight}`)"),
+            })?;
+        let (scales, scale_bytes) = self.float_values(
+            &format!("{stem}.scales"),
+            &[groups, n_out],
+            &format!("the group scales of INT4 tensor `{qweight}`"),
+        )?;
+        let by_position: Vec<usize> = (0..n_in).map(|i| i / group_size).collect();
+        let mut stored = 4 * (words.len() + zeros.len()) as u64 + scale_bytes;
+        let values = match q.format {
+            Int4Format::Gptq {
+                zeros_minus_one,
+                desc_act,
+            } => {
+                let g_idx_name = format!("{stem}.g_idx");
+                let group_of_row = match self.int_words(&g_idx_name, &[n_in])? {
+                    None if desc_act => {
+                        return Err(EngineError::MissingTensor {
+                            name: g_idx_name,
+                            hint: " (desc_act checkpoints give each input row's group)".into(),
+                        });
+                    }
+                    None => by_position,
+                    Some(g_idx) => {
+                        stored += 4 * g_idx.len() as u64;
+                        let mut rows = Vec::with_capacity(n_in);
+                        for (i, &g) in g_idx.iter().enumerate() {
+                            let g = g as i32;
+                            if g < 0 || g as usize >= groups {
+                                return Err(bad(
+                                    &g_idx_name,
+                                    format!(
+                                        "row {i} is in group {g}, but there are {groups} groups of {group_size} rows"
+                                    ),
+                                ));
+                            }
+                            if !desc_act && g as usize != by_position[i] {
+                                return Err(bad(
+                                    &g_idx_name,
+                                    format!(
+                                        "row {i} is in group {g}, but desc_act is false, which puts it in group {} (row / group_size {group_size})",
+                                        by_position[i]
+                                    ),
+                                ));
+                            }
+                            rows.push(g as usize);
+                        }
+                        rows
+                    }
+                };
+                let layout = int4::Int4Layout {
+                    in_features: n_in,
+                    out_features: n_out,
+                    group_of_row: &group_of_row,
+                };
+                int4::dequantize_gptq_in_out(&layout, &words, &zeros, &scales, zeros_minus_one)
+            }
+            Int4Format::Awq => {
+                let layout = int4::Int4Layout {
+                    in_features: n_in,
+                    out_features: n_out,
+                    group_of_row: &by_position,
+                };
+                int4::dequantize_awq_in_out(&layout, &words, &zeros, &scales)
+            }
+        };
+        // [in, out] → [out, in], the layout of `<layer>.weight`.
+        let w = Tensor::from_vec(values, (n_in, n_out), &Device::Cpu)?
+            .t()?
+            .contiguous()?;
+        Ok((w, stored))
+    }
+
+    fn dequantize(&self, name: &str, shape: &[usize], bytes: &[u8]) -> Result<(Tensor, u64)> {
+        let Some(Quantization::Fp8(quant)) = self.quant else {
+            return Err(EngineError::TensorDtype {
+                name: name.to_string(),
+                dtype: "F8_E4M3".into(),
+                expected:
+                    "FP8 tensors need a `quantization_config` with quant_method \"fp8\" in config.json"
+                        .into(),
+            });
+        };
         let [rows, cols] = shape else {
             return Err(EngineError::TensorShape {
                 name: name.to_string(),
@@ -211,6 +555,7 @@ impl<'s> Loader<'s> {
                 actual: scales.shape,
             });
         }
+        let scale_bytes = scale_shape.iter().product::<usize>() as u64 * scales.dtype.size();
         let scale_values: Vec<f32> = match scales.data {
             RawData::Tensor(t) => t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
             RawData::Random { .. } => {
@@ -241,7 +586,10 @@ impl<'s> Loader<'s> {
         };
         self.mark_used(&scale_name);
         let values = fp8::dequantize_blocks(bytes, *rows, *cols, &scale_values, quant);
-        Ok(Tensor::from_vec(values, (*rows, *cols), &Device::Cpu)?)
+        Ok((
+            Tensor::from_vec(values, (*rows, *cols), &Device::Cpu)?,
+            scale_bytes,
+        ))
     }
 
     fn mark_used(&self, name: &str) {
@@ -267,6 +615,18 @@ impl<'s> Loader<'s> {
     }
 }
 
+/// The format name a stored dtype is counted under in [`LoadedBytes::checkpoint`].
+fn stored_label(d: StoredDtype) -> &'static str {
+    match d {
+        StoredDtype::F32 => "f32",
+        StoredDtype::F16 => "f16",
+        StoredDtype::BF16 => "bf16",
+        StoredDtype::F8E4M3 => "fp8_e4m3",
+        StoredDtype::I32 => "i32",
+        StoredDtype::Other(d) => d,
+    }
+}
+
 /// The decoder-layer index in a checkpoint name like `model.layers.12.mlp...`.
 pub fn layer_index(name: &str) -> Option<usize> {
     let rest = name.strip_prefix("model.layers.")?;
@@ -281,5 +641,28 @@ mod tests {
     fn layer_index_reads_the_number_after_layers() {
         assert_eq!(layer_index("model.layers.61.mlp.gate.weight"), Some(61));
         assert_eq!(layer_index("model.embed_tokens.weight"), None);
+    }
+
+    #[test]
+    fn the_loader_counts_resident_and_checkpoint_bytes() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/tiny-deepseek-v3-fp8");
+        let files = crate::ModelFiles::open(&dir).expect("fixture");
+        assert_eq!(files.weights_format(), "fp8_e4m3");
+        let loader = files.loader(&Device::Cpu, DType::F32);
+        // q_a_proj: [q_lora_rank 96, hidden 128] in e4m3, one 128×128 block, so one f32 scale.
+        loader
+            .get("model.layers.0.self_attn.q_a_proj.weight", &[96, 128])
+            .expect("fp8 tensor");
+        // A norm stays bf16 in an FP8 checkpoint.
+        loader
+            .get("model.layers.0.input_layernorm.weight", &[128])
+            .expect("norm");
+        let bytes = loader.loaded_bytes();
+        assert_eq!(bytes.tensors, 2);
+        assert_eq!(bytes.checkpoint.get("fp8_e4m3"), Some(&(96 * 128 + 4)));
+        assert_eq!(bytes.checkpoint.get("bf16"), Some(&(128 * 2)));
+        assert_eq!(bytes.resident.get("f32"), Some(&((96 * 128 + 128) * 4)));
+        assert_eq!(bytes.resident_total(), (96 * 128 + 128) * 4);
     }
 }

@@ -159,7 +159,7 @@ fn stored(d: Dtype) -> StoredDtype {
         Dtype::F8_E4M3 => StoredDtype::F8E4M3,
         Dtype::F64 => StoredDtype::Other("F64"),
         Dtype::I64 => StoredDtype::Other("I64"),
-        Dtype::I32 => StoredDtype::Other("I32"),
+        Dtype::I32 => StoredDtype::I32,
         Dtype::U8 => StoredDtype::Other("U8"),
         Dtype::F8_E5M2 => StoredDtype::Other("F8_E5M2"),
         _ => StoredDtype::Other("an unsupported dtype"),

@@ -10,6 +10,7 @@ pub mod fuzz;
 pub mod layers;
 pub mod limits;
 pub mod member_args;
+pub mod memory_plan;
 pub mod metrics;
 pub mod placement;
 pub mod registry;

@@ -24,6 +24,7 @@ use moemesh_common::{
 };
 use moemesh_engine::cuda::DeviceRouting;
 use moemesh_engine::cuda::ipc::{self, OpenedBuffer, SharedBuffer};
+use moemesh_engine::weights::LoadedBytes;
 use moemesh_engine::{DType, Device, ExpertShard, ModelFiles, ShardSpec};
 use moemesh_proto::v1::expert_server::{Expert, ExpertServer};
 use moemesh_proto::v1::{
@@ -654,13 +655,14 @@ pub async fn run(
         experts: experts.iter().map(|&e| e as usize).collect(),
     };
     let hidden_size = mc.hidden_size;
-    let (shard, files) = {
+    let (shard, files, loaded) = {
         let device = device.clone();
         tokio::task::spawn_blocking(move || {
             let loader = files.loader(&device, dtype);
             let shard = ExpertShard::load(&files.config, &loader, &spec);
+            let loaded = loader.loaded_bytes();
             drop(loader);
-            shard.map(|s| (s.with_f32_output(), files))
+            shard.map(|s| (s.with_f32_output(), files, loaded))
         })
         .await
         .map_err(|e| MeshError::Internal(e.to_string()))??
@@ -671,8 +673,22 @@ pub async fn run(
         experts: experts.clone(),
         device: cfg.member.device.clone(),
         fingerprint: files.fingerprint.clone(),
+        weights_dtype: files.weights_format(),
+        weight_bytes: loaded.resident_total(),
     };
     tracing::info!(%id, address = %advertise, layers = ?layers, experts = ?experts, fingerprint = %files.fingerprint, "expert worker loaded");
+    // The memory plan line: what this worker holds on its device (`moemesh plan` predicts it).
+    tracing::info!(
+        role = "expert",
+        device = %cfg.member.device,
+        weights_format = %info.weights_dtype,
+        experts = experts.len(),
+        moe_layers = layers.len(),
+        weight_bytes = loaded.resident_total(),
+        resident = %LoadedBytes::describe(&loaded.resident),
+        checkpoint = %LoadedBytes::describe(&loaded.checkpoint),
+        "memory plan"
+    );
 
     let (calls, in_flight) = serve::Drain::new();
     let worker = Arc::new(Worker {

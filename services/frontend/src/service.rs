@@ -14,6 +14,7 @@ use moemesh_common::registry::{Member, Registry, RegistryConfig, Role};
 use moemesh_common::{MeshError, MeshResult, metrics as mesh_metrics, serve, telemetry};
 use moemesh_engine::prefix_cache::BlockHash;
 use moemesh_engine::serving::SequenceDecoder;
+use moemesh_engine::weights::LoadedBytes;
 use moemesh_engine::{Arch, DType, Device, ModelFiles, Parts};
 use moemesh_proto::v1::generation_server::{Generation, GenerationServer};
 use moemesh_proto::v1::{
@@ -51,6 +52,8 @@ struct Frontend {
     ctx: Arc<Ctx>,
     name: String,
     fingerprint: String,
+    /// The checkpoint's weight format, for ModelInfo.
+    weights_dtype: String,
     arch: &'static str,
     gates: watch::Receiver<Vec<Member>>,
     experts: watch::Receiver<Vec<Member>>,
@@ -446,6 +449,7 @@ impl Generation for GenerationService {
                 .as_ref()
                 .and_then(|t| t.bos_token().and_then(|b| t.token_to_id(b))),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            weights_dtype: f.weights_dtype.clone(),
         }))
     }
 }
@@ -503,8 +507,20 @@ pub async fn run(
                 decoder: false,
             },
         );
+        let loaded = loader.loaded_bytes();
         drop(loader);
-        model.map(|m| (files, m))
+        let model = model?;
+        // The memory plan line: the embedding table, in host memory.
+        tracing::info!(
+            role = "frontend",
+            device = "cpu",
+            weights_format = %files.weights_format(),
+            weight_bytes = loaded.resident_total(),
+            resident = %LoadedBytes::describe(&loaded.resident),
+            checkpoint = %LoadedBytes::describe(&loaded.checkpoint),
+            "memory plan"
+        );
+        Ok::<_, moemesh_engine::EngineError>((files, model))
     })
     .await
     .map_err(|e| MeshError::Internal(e.to_string()))??;
@@ -576,6 +592,7 @@ pub async fn run(
         }),
         name: files.name.clone(),
         fingerprint: files.fingerprint.clone(),
+        weights_dtype: files.weights_format(),
         arch: match files.config.arch {
             Arch::V3 => "deepseek_v3",
             Arch::V2 => "deepseek_v2",

@@ -14,6 +14,7 @@ use moemesh_common::metrics::names;
 use moemesh_common::registry::{Member, Registry, Role};
 use moemesh_common::tls::{self, ClientAuth, Tls};
 use moemesh_common::{MeshError, MeshResult, codec, device, metrics as mesh_metrics, serve};
+use moemesh_engine::weights::LoadedBytes;
 use moemesh_engine::{ModelFiles, Parts};
 use moemesh_proto::v1::expert_client::ExpertClient;
 use moemesh_proto::v1::gate_server::{Gate, GateServer};
@@ -38,6 +39,10 @@ struct GateService {
     next_conn: Arc<AtomicU64>,
     /// `--device`, reported by Info.
     device: String,
+    /// The checkpoint's weight format, reported by Info.
+    weights_dtype: String,
+    /// Bytes of the loaded weights as held on the device, reported by Info.
+    weight_bytes: u64,
     /// Marked after every step answer and every closed Step stream: the only events that end
     /// sequences, which a draining gate waits on (see `run`).
     stepped: Arc<watch::Sender<()>>,
@@ -149,6 +154,8 @@ impl Gate for GateService {
             info.expert_transports.push(t.to_string());
         }
         info.device = self.device.clone();
+        info.weights_dtype = self.weights_dtype.clone();
+        info.weight_bytes = self.weight_bytes;
         Ok(Response::new(info))
     }
 }
@@ -235,7 +242,7 @@ pub async fn run(
     let model_dir = cfg.model.clone();
     let dev = device.clone();
     let router_skew = cfg.router_skew;
-    let (files, model) = tokio::task::spawn_blocking(move || {
+    let (files, model, loaded) = tokio::task::spawn_blocking(move || {
         let files = ModelFiles::open_or_embedded(model_dir.as_deref())?;
         let loader = files.loader(&dev, dtype);
         let model = moemesh_engine::DeepSeekModel::load(
@@ -245,10 +252,11 @@ pub async fn run(
             // activations (Info.embeds_tokens).
             Parts::ALL,
         );
+        let loaded = loader.loaded_bytes();
         drop(loader);
         let mut model = model?;
         model.set_router_skew(router_skew)?;
-        Ok::<_, MeshError>((files, model))
+        Ok::<_, MeshError>((files, model, loaded))
     })
     .await
     .map_err(|e| MeshError::Internal(e.to_string()))??;
@@ -325,6 +333,22 @@ pub async fn run(
         prefix_cache = cfg.prefix_cache,
         "KV pool allocated"
     );
+    let kv_bytes = (blocks
+        * runner.kv().block_tokens
+        * files.config.num_hidden_layers
+        * files.config.kv_cache_width()
+        * dtype.size_in_bytes()) as u64;
+    // The memory plan line: what this gate holds on its device (`moemesh plan` predicts it).
+    tracing::info!(
+        role = "gate",
+        device = %cfg.member.device,
+        weights_format = %files.weights_format(),
+        weight_bytes = loaded.resident_total(),
+        resident = %LoadedBytes::describe(&loaded.resident),
+        checkpoint = %LoadedBytes::describe(&loaded.checkpoint),
+        kv_cache_bytes = kv_bytes,
+        "memory plan"
+    );
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let mut engine = StepEngine::new(runner, experts, id.clone(), files.fingerprint.clone());
     engine.runner.overlap = cfg.overlap;
@@ -354,6 +378,8 @@ pub async fn run(
         pool: pool.clone(),
         next_conn: Arc::new(AtomicU64::new(1)),
         device: cfg.member.device.clone(),
+        weights_dtype: files.weights_format(),
+        weight_bytes: loaded.resident_total(),
         stepped: Arc::new(stepped),
     };
     let limits = &cfg.member.limits;

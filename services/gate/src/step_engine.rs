@@ -112,6 +112,9 @@ impl StepEngine {
                         worker_experts: Vec::new(),
                         prefix_cache: self.runner.prefix_caching(),
                         host_kv_blocks: self.runner.host_tier_blocks() as u32,
+                        // Filled in by the service, which knows the loaded model.
+                        weights_dtype: String::new(),
+                        weight_bytes: 0,
                         embeds_tokens: self.runner.model().has_embeddings(),
                     });
                 }

@@ -1,10 +1,12 @@
 //! `moemesh`: one binary, one subcommand per job: the three mesh roles, `up` (a whole local
-//! mesh), `generate` (in-process, or as a client of a running mesh with `--addr`), and the
+//! mesh), `generate` (in-process, or as a client of a running mesh with `--addr`), `plan` and
+//! `rebalance` (placement), and the
 //! tools from `moemesh-tools` (`bench`, `verify`), which the role crates do not link.
 
 mod generate_cmd;
 mod health_cmd;
 mod mps;
+mod plan_cmd;
 mod rebalance_cmd;
 mod roles;
 mod up_cmd;
@@ -33,6 +35,9 @@ enum Command {
     Bench(bench_cmd::BenchArgs),
     /// Check a role's grpc.health.v1 status (exit 0 when SERVING), for container health checks.
     Health(health_cmd::HealthArgs),
+    /// Memory plan: a model's bytes per part under a weights dtype, its placement on N GPUs of
+    /// G GiB (gate, expert workers and their --experts ranges) and whether it fits.
+    Plan(plan_cmd::PlanArgs),
     /// Expert placement from a gate's measured load: the planner's choice beside today's.
     Rebalance(rebalance_cmd::RebalanceArgs),
     /// Start a complete local mesh: expert workers, a gate and a frontend, as separate processes.
@@ -79,6 +84,7 @@ fn main() -> std::process::ExitCode {
         Command::Up(args) => up_cmd::run(args),
         Command::Bench(args) => bench_cmd::run(args),
         Command::Health(args) => health_cmd::run(args),
+        Command::Plan(args) => plan_cmd::run(args),
         Command::Rebalance(args) => rebalance_cmd::run(args),
         Command::Verify(args) => verify_cmd::run(args),
         Command::Frontend(cfg) => roles::frontend(cfg),

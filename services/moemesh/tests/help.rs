@@ -108,3 +108,21 @@ fn role_help_documents_the_limits_and_tracing() {
         "{h}"
     );
 }
+
+#[test]
+fn plan_help_documents_its_flags() {
+    let h = help(&["plan", "--help"]);
+    for flag in [
+        "--model",
+        "--gpus",
+        "--gpu-mem-gib",
+        "--weights-dtype",
+        "--kv-cache-gib",
+        "--workspace-gib",
+        "--gate-gpu-experts",
+        "--json",
+    ] {
+        assert!(h.contains(flag), "plan --help lacks {flag}:\n{h}");
+    }
+    assert!(help(&["--help"]).contains("plan"));
+}
