@@ -364,6 +364,9 @@ if [[ $MODE == --multi ]]; then
     else
         layout=(--device cuda:0 --expert-devices cuda:1)
     fi
+    # MULTI_LAYOUT overrides it, e.g. "--device cuda:0 --gates 2 --gate-devices cuda:0,cuda:1
+    # --expert-devices cuda:0,cuda:1" (a gate and a worker on each of two GPUs, under MPS).
+    [[ -n ${MULTI_LAYOUT:-} ]] && read -ra layout <<<"$MULTI_LAYOUT"
     echo "layout on $n GPUs: ${layout[*]}"
     : >"$OUT/ipc.jsonl"
     MESH_LOG="warn,moemesh_gate::workers=info,moemesh_expert::service=info"
