@@ -38,6 +38,8 @@ struct GateService {
     next_conn: Arc<AtomicU64>,
     /// `--device`, reported by Info.
     device: String,
+    /// Where the expert workers are found (`etcd` or `static`), reported by Info.
+    registry: &'static str,
     /// Marked after every step answer and every closed Step stream: the only events that end
     /// sequences, which a draining gate waits on (see `run`).
     stepped: Arc<watch::Sender<()>>,
@@ -140,15 +142,18 @@ impl Gate for GateService {
         let mut info = rx
             .await
             .map_err(|_| MeshError::Unavailable("gate engine stopped".into()))?;
-        for (m, t) in self.pool.transports() {
+        for v in self.pool.views() {
             info.worker_experts.push(WorkerExperts {
-                id: m.id.clone(),
-                experts: m.experts.clone(),
+                id: v.member.id.clone(),
+                experts: v.member.experts.clone(),
+                address: v.member.address.clone(),
+                routed_pairs: v.routed_pairs,
             });
-            info.expert_workers.push(m.id);
-            info.expert_transports.push(t.to_string());
+            info.expert_workers.push(v.member.id);
+            info.expert_transports.push(v.transport.to_string());
         }
         info.device = self.device.clone();
+        info.registry = self.registry.to_string();
         Ok(Response::new(info))
     }
 }
@@ -355,6 +360,11 @@ pub async fn run(
         pool: pool.clone(),
         next_conn: Arc::new(AtomicU64::new(1)),
         device: cfg.member.device.clone(),
+        registry: if cfg.member.etcd.is_empty() {
+            "static"
+        } else {
+            "etcd"
+        },
         stepped: Arc::new(stepped),
     };
     let limits = &cfg.member.limits;

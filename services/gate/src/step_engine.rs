@@ -112,6 +112,7 @@ impl StepEngine {
                         worker_experts: Vec::new(),
                         prefix_cache: self.runner.prefix_caching(),
                         host_kv_blocks: self.runner.host_tier_blocks() as u32,
+                        registry: String::new(),
                     });
                 }
             }
@@ -217,6 +218,10 @@ impl StepEngine {
         // the host path, so that no request sees the failure.
         let mut attempt = 0;
         let outputs = loop {
+            // The expert placement stays as it is now for the whole step (every layer routes by
+            // it); a registry update that lands meanwhile takes effect at the next step.
+            let pool = self.experts.pool.clone();
+            let _placement = pool.pin_step();
             match self
                 .runner
                 .step_tokens(&slots, &hidden, &ids, &self.experts)
