@@ -183,6 +183,84 @@ impl ExpertShard {
         })
     }
 
+    /// A shard of the same layers holding `experts` instead (live re-placement on an expert
+    /// worker): experts held here are taken from this shard's stacks (a copy, no read from the
+    /// checkpoint), the others loaded through `loader` (the same checkpoint or synthetic model,
+    /// same device and dtype). This shard is left as it is, so the caller can go on computing
+    /// with it until it swaps the new one in.
+    pub fn regroup(
+        &self,
+        cfg: &ModelConfig,
+        loader: &Loader,
+        experts: &[usize],
+    ) -> Result<ExpertShard> {
+        let (h, inner) = (cfg.hidden_size, cfg.moe_intermediate_size);
+        let mut layers = BTreeMap::new();
+        for (&l, old) in &self.layers {
+            let mut slots = BTreeMap::new();
+            let (mut gate_up, mut down) = (Vec::new(), Vec::new());
+            for &e in experts {
+                if e >= cfg.n_routed_experts {
+                    return Err(EngineError::InvalidInput(format!(
+                        "expert {e} does not exist (n_routed_experts is {})",
+                        cfg.n_routed_experts
+                    )));
+                }
+                if slots.contains_key(&e) {
+                    continue;
+                }
+                slots.insert(e, slots.len());
+                match old.slots.get(&e) {
+                    Some(&s) => {
+                        // Slot s's gate rows then its up rows: [2I, hidden].
+                        gate_up.push(old.gate_up.narrow(0, 2 * s * inner, 2 * inner)?);
+                        // [hidden, I]
+                        down.push(old.down.get(s)?);
+                    }
+                    None => {
+                        let p = format!("model.layers.{l}.mlp.experts.{e}");
+                        gate_up.push(loader.get(&format!("{p}.gate_proj.weight"), &[inner, h])?);
+                        gate_up.push(loader.get(&format!("{p}.up_proj.weight"), &[inner, h])?);
+                        down.push(loader.get(&format!("{p}.down_proj.weight"), &[h, inner])?);
+                    }
+                }
+            }
+            if slots.is_empty() {
+                return Err(EngineError::InvalidInput(
+                    "experts: a shard holds at least one expert".into(),
+                ));
+            }
+            let slot_of = match &old.slot_of {
+                Some(_) => {
+                    let mut table = vec![-1i32; cfg.n_routed_experts];
+                    for (&e, &s) in &slots {
+                        table[e] = s as i32;
+                    }
+                    Some(Tensor::from_vec(table, cfg.n_routed_experts, &self.device)?)
+                }
+                None => None,
+            };
+            layers.insert(
+                l,
+                LayerExperts {
+                    slots,
+                    // [slots · 2I, hidden]
+                    gate_up: Tensor::cat(&gate_up, 0)?,
+                    // [slots, hidden, I]
+                    down: Tensor::stack(&down, 0)?,
+                    slot_of,
+                },
+            );
+        }
+        Ok(ExpertShard {
+            layers,
+            inner: self.inner,
+            device: self.device.clone(),
+            dtype: self.dtype,
+            f32_output: self.f32_output,
+        })
+    }
+
     /// Returns the weighted sums in f32 (the accumulator, not rounded to the compute dtype): for
     /// expert workers, whose partial sums the gate adds to other workers' before rounding once.
     pub fn with_f32_output(mut self) -> Self {
@@ -448,5 +526,55 @@ impl Experts for ExpertShard {
             x,
             &assignments,
         )?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ModelFiles;
+
+    /// A regrouped shard (some experts kept from the old stacks, some loaded) computes exactly
+    /// what a shard loaded fresh with those experts computes, and the old shard is unchanged.
+    #[test]
+    fn a_regrouped_shard_equals_a_fresh_load_of_its_experts() {
+        let files = ModelFiles::open_or_embedded(None).expect("embedded model");
+        let cfg = &files.config;
+        let loader = files.loader(&Device::Cpu, DType::F32);
+        let spec = |experts: Vec<usize>| ShardSpec {
+            layers: cfg.moe_layers(),
+            experts,
+        };
+        let old = ExpertShard::load(cfg, &loader, &spec(vec![0, 1, 2])).expect("old");
+        // Keeps 2 and 0 (in another order), drops 1, adds 3.
+        let target = vec![2, 3, 0];
+        let regrouped = old.regroup(cfg, &loader, &target).expect("regroup");
+        let fresh = ExpertShard::load(cfg, &loader, &spec(target.clone())).expect("fresh");
+        let layer = cfg.moe_layers()[0];
+        assert!(regrouped.has(layer, 3) && !regrouped.has(layer, 1));
+        assert!(old.has(layer, 1) && !old.has(layer, 3));
+        let x = Tensor::randn(0f32, 1.0, (4, cfg.hidden_size), &Device::Cpu).expect("x");
+        let assignments = [
+            (0, 2, 0.5),
+            (0, 3, 0.25),
+            (1, 0, 1.0),
+            (2, 3, 0.7),
+            (3, 2, 0.1),
+        ];
+        for l in cfg.moe_layers() {
+            let got = regrouped
+                .forward_assigned(l, &x, &assignments)
+                .expect("regrouped");
+            let want = fresh.forward_assigned(l, &x, &assignments).expect("fresh");
+            let (got, want): (Vec<Vec<f32>>, Vec<Vec<f32>>) =
+                (got.to_vec2().expect("got"), want.to_vec2().expect("want"));
+            assert_eq!(got, want, "layer {l}");
+        }
+        // Nothing held, or an expert the model lacks, is refused by name.
+        let err = old.regroup(cfg, &loader, &[]).err().expect("empty");
+        assert!(err.to_string().contains("at least one"), "{err}");
+        let n = cfg.n_routed_experts;
+        let err = old.regroup(cfg, &loader, &[n]).err().expect("beyond");
+        assert!(err.to_string().contains(&format!("expert {n}")), "{err}");
     }
 }

@@ -572,9 +572,9 @@ async fn rebalance_plans_from_the_gates_measured_load() {
     assert_eq!(workers.len(), 2, "{plan}");
     let mut held = std::collections::BTreeSet::new();
     for w in workers {
-        let now = w["experts_now"].as_array().expect("now").len();
+        // Room: an even share of the 16 experts over 2 workers, plus --spare 2.
         let planned = w["experts_planned"].as_array().expect("planned");
-        assert!(planned.len() <= now + 2, "over its room: {w}");
+        assert!(planned.len() <= 16 / 2 + 2, "over its room: {w}");
         held.extend(planned.iter().filter_map(|e| e.as_u64()));
     }
     assert_eq!(held, (0..16).collect(), "every expert held: {plan}");

@@ -528,9 +528,8 @@ mod tests {
             + 2 * (ATTN_NORMS + LAYER_NORMS);
         let dense = 2 * fp8(18432, 7168) + fp8(7168, 18432);
         // Embeddings, lm_head and the final norm in bf16.
-        let gate = 3 * (attn + dense)
-            + 58 * (attn + expert_layer + 4 * ROUTER)
-            + 2 * (2 * VOCAB + 7168);
+        let gate =
+            3 * (attn + dense) + 58 * (attn + expert_layer + 4 * ROUTER) + 2 * (2 * VOCAB + 7168);
         assert_eq!(m.gate.total(), gate);
         assert_eq!(gate, 19_295_056_224);
 

@@ -126,6 +126,9 @@ metrics_table! {
     histogram DISPATCH = "moemesh_gate_expert_dispatch_duration_seconds";
     /// Failed expert calls whose pairs were retried on another replica, per failed `worker`.
     counter RETRIES = "moemesh_gate_expert_retries_total";
+    /// Expert calls a worker refused because it gave an expert up (live re-placement), per
+    /// `worker`; their pairs went to the experts' other holders.
+    counter GATE_EXPERT_REFUSALS = "moemesh_gate_expert_refusals_total";
     /// Expert workers the gate accepts (same model fingerprint).
     gauge GATE_WORKERS = "moemesh_gate_expert_workers";
     /// (layer, expert) pairs of the model that no accepted worker serves.
@@ -141,6 +144,13 @@ metrics_table! {
     histogram FORWARD = "moemesh_expert_forward_duration_seconds";
     /// (token, expert) pairs computed, per `layer` and `expert`.
     counter WORKER_EXPERT_TOKENS = "moemesh_expert_tokens_total";
+    /// Forward calls refused because they named experts this worker gave up (`SetExperts`); the
+    /// gate re-sends them to other holders.
+    counter WORKER_REFUSED_CALLS = "moemesh_expert_refused_calls_total";
+    /// `SetExperts` changes, per `outcome` (`ok`, `error`).
+    counter WORKER_SET_EXPERTS = "moemesh_expert_set_experts_total";
+    /// Routed experts this worker holds now (in each served layer).
+    gauge WORKER_HELD_EXPERTS = "moemesh_expert_held_experts";
 
     // Registry (every role).
     /// Members seen through the registry watch, per watched `role` (`gate`, `expert`).

@@ -13,8 +13,8 @@ use tokio::task::JoinHandle;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::MeshResult;
 use crate::registry::{Member, Registration, Registry};
+use crate::{MeshError, MeshResult};
 
 /// A role's health: the overall status (`""`, what readiness probes check) and its gRPC
 /// service's own name (`moemesh.v1.Generation`, `.Gate`, `.Expert`), always set together, so a
@@ -203,6 +203,18 @@ impl Serving {
         let follow = health_follows(self.reporter.clone(), registration.registered());
         self.registration = Some((registration, follow));
         Ok(())
+    }
+
+    /// Rewrites this role's registry entry (same id and role), e.g. an expert worker's experts
+    /// after `SetExperts`; returns once watchers can see it. Before [`register`](Self::register)
+    /// (or after [`leave`](Self::leave)) there is no entry to change.
+    pub async fn update(&mut self, member: Member) -> MeshResult<()> {
+        match &mut self.registration {
+            Some((registration, _)) => registration.update(member).await,
+            None => Err(MeshError::Unavailable(
+                "not registered (starting or leaving)".into(),
+            )),
+        }
     }
 
     /// NOT_SERVING for good, then out of the registry (its lease revoked), so that no new work

@@ -1,4 +1,11 @@
-//! `Expert.Forward`, `Expert.Info` and `Expert.OpenTransport`, and the worker's life cycle.
+//! `Expert.Forward`, `Expert.Info`, `Expert.OpenTransport` and `Expert.SetExperts`, and the
+//! worker's life cycle.
+//!
+//! The experts held are one [`Held`] value behind an `ArcSwap`: every call takes the value current
+//! when it starts and computes with it to the end, and `SetExperts` (live re-placement) builds the
+//! next value in the background and swaps it in whole, so a Forward call never waits for a change
+//! and never sees half of one. The registry entry is owned by [`run`]; `SetExperts` asks it to
+//! announce a new list through [`Worker::announce`].
 //!
 //! A gate on the same host may hand the worker CUDA IPC buffers (`OpenTransport`): the worker maps
 //! them (one session per gate; a gate's new session replaces and unmaps its old one) and then
@@ -13,6 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use futures::Stream;
 use moemesh_common::member_args::DEFAULT_MAX_MESSAGE_MB;
 use moemesh_common::metrics::{code_label, names};
@@ -31,8 +39,9 @@ use moemesh_proto::v1::{
     self as pb, ExpertInfoRequest, ExpertInfoResponse, ForwardRequest, ForwardResponse,
     OpenTransportRequest, OpenTransportResponse,
 };
+use moemesh_proto::v1::{SetExpertsRequest, SetExpertsResponse};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -97,26 +106,92 @@ struct Sessions {
 /// Session ids (0 means refused on the wire).
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
-struct Worker {
+/// The routed experts this worker holds, and what is derived from their placement in the
+/// shard's stacks; replaced whole by `SetExperts`.
+struct Held {
+    /// The weights, in every served layer.
     shard: Arc<ExpertShard>,
-    info: ExpertInfoResponse,
+    /// The experts held (ascending), as `Info` and the registry list them.
+    experts: Vec<u32>,
+    /// Slot tables of device-ordered calls that compute some of a layer's held experts, by
+    /// (layer, experts). They name slots of this shard's stacks, so they live and die with it
+    /// (a new shard numbers its slots anew).
+    slot_tables: std::sync::Mutex<HashMap<(usize, Vec<u32>), moemesh_engine::Tensor>>,
+}
+
+impl Held {
+    fn new(shard: Arc<ExpertShard>, experts: Vec<u32>) -> Self {
+        Held {
+            shard,
+            experts,
+            slot_tables: Default::default(),
+        }
+    }
+}
+
+/// A new expert list for the registry, and where to say whether etcd has it.
+type Announce = (Vec<u32>, oneshot::Sender<MeshResult<()>>);
+
+/// Longest `SetExpertsRequest.release_grace_ms`.
+const MAX_RELEASE_GRACE_MS: u32 = 60_000;
+
+/// What `SetExperts` needs to load experts: the model, the device and the dtype the shard was
+/// loaded with.
+struct Source {
+    files: Arc<ModelFiles>,
+    dtype: DType,
+}
+
+struct Worker {
+    /// The experts held now (see the module doc).
+    held: ArcSwap<Held>,
+    /// Registry id.
+    id: String,
+    /// The MoE layers served (fixed for the process's life).
+    layers: Vec<u32>,
+    /// The device's name as configured (`cpu`, `cuda:N`).
+    device_name: String,
+    /// The model fingerprint.
+    fingerprint: String,
+    /// The checkpoint's weight format, reported by Info.
+    weights_dtype: String,
+    /// Bytes one held expert takes on the device (all its layers), for Info's weight_bytes.
+    bytes_per_expert: u64,
     device: Device,
     hidden_size: usize,
+    /// The model's routed experts per layer (the bound on `SetExperts`).
+    n_experts: usize,
+    /// Where `SetExperts` loads from; `None` when experts cannot change (unit tests).
+    source: Option<Source>,
+    /// Held for the whole of a `SetExperts`: one change at a time.
+    changing: tokio::sync::Mutex<()>,
+    /// To [`run`]'s loop, which owns the registry entry; `None`: nothing to announce to.
+    announce: Option<mpsc::Sender<Announce>>,
     /// Calls being computed now: each holds a guard, and shutdown waits for the last one.
     in_flight: serve::InFlight,
     /// Set at shutdown: streams finish their current call and end.
     closing: Arc<AtomicBool>,
     /// CUDA IPC sessions by id.
     sessions: std::sync::Mutex<Sessions>,
-    /// Slot tables of device-ordered calls that compute some of a layer's held experts, by
-    /// (layer, experts).
-    slot_tables: std::sync::Mutex<HashMap<(usize, Vec<u32>), moemesh_engine::Tensor>>,
 }
 
 /// Most cached slot tables (a table per replica split in use; cleared when full).
 const MAX_SLOT_TABLES: usize = 4096;
 
 impl Worker {
+    fn info(&self) -> ExpertInfoResponse {
+        let experts = self.held.load().experts.clone();
+        ExpertInfoResponse {
+            id: self.id.clone(),
+            layers: self.layers.clone(),
+            weight_bytes: self.bytes_per_expert * experts.len() as u64,
+            experts,
+            device: self.device_name.clone(),
+            fingerprint: self.fingerprint.clone(),
+            weights_dtype: self.weights_dtype.clone(),
+        }
+    }
+
     fn sessions(&self) -> std::sync::MutexGuard<'_, Sessions> {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -288,7 +363,13 @@ impl Worker {
         let layer = req.layer as usize;
         let seq = shared.device_seq;
         let slots = session.slots.len();
-        let slot_of = self.slot_table(layer, &shared.experts)?;
+        // The experts held when the call started, for the whole call.
+        let held = self.held.load_full();
+        // A call naming an expert given up (the gate's placement behind this worker's) fails
+        // here, before anything is queued: the stream ends with UNAVAILABLE, which releases the
+        // gate's waits on it, and the gate runs the step again without this worker (the
+        // device-ordered failover, docs/DESIGN.md).
+        let slot_of = self.slot_table(&held, layer, &shared.experts)?;
         // Everything below queues on the session's stream.
         let own = d.own_flags.on(&d.stream)?;
         let (input, output) = (input.on(&d.stream)?, output.on(&d.stream)?);
@@ -304,7 +385,7 @@ impl Worker {
             weights: input.read_at(d.layout.weights, DType::F32, &[rows, d.top_k])?,
             k: d.top_k,
         };
-        let out = self
+        let out = held
             .shard
             .forward_routed_device(layer, &x, &routing, &slot_of)?
             .ok_or_else(|| {
@@ -326,20 +407,37 @@ impl Worker {
             call_id: req.call_id,
             output: None,
             shared_output: true,
+            not_held: Vec::new(),
         })
     }
 
-    /// The slot table for a call computing `experts` of `layer` (empty: every held one).
-    fn slot_table(&self, layer: usize, experts: &[u32]) -> MeshResult<moemesh_engine::Tensor> {
+    /// The slot table for a call computing `experts` of `layer` (empty: every held one) on the
+    /// shard of `held`. An expert not held is UNAVAILABLE (retryable: the gate's placement is
+    /// behind a `SetExperts`).
+    fn slot_table(
+        &self,
+        held: &Held,
+        layer: usize,
+        experts: &[u32],
+    ) -> MeshResult<moemesh_engine::Tensor> {
         if experts.is_empty() {
-            return self
+            return held
                 .shard
                 .slot_table(layer)?
                 .cloned()
                 .ok_or_else(|| MeshError::Invalid("device-ordered calls need a GPU shard".into()));
         }
+        if let Some(e) = experts
+            .iter()
+            .find(|&&e| !held.shard.has(layer, e as usize))
+        {
+            return Err(MeshError::Unavailable(format!(
+                "expert {e} of layer {layer} is not held by worker {} (its experts are now {:?})",
+                self.id, held.experts
+            )));
+        }
         let key = (layer, experts.to_vec());
-        if let Some(t) = self
+        if let Some(t) = held
             .slot_tables
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -347,10 +445,10 @@ impl Worker {
         {
             return Ok(t.clone());
         }
-        let t = self.shard.slot_table_for(layer, experts)?;
+        let t = held.shard.slot_table_for(layer, experts)?;
         // Uploaded on the main stream, read on sessions' streams.
         ipc::synchronize(&self.device)?;
-        let mut cache = self.slot_tables.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = held.slot_tables.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= MAX_SLOT_TABLES {
             cache.clear();
         }
@@ -379,9 +477,15 @@ impl Worker {
             Ok(pb::DType::F32) => DType::F32,
             _ => return Err(MeshError::Invalid("shared.dtype is not f32 or bf16".into())),
         };
+        let held = self.held.load_full();
+        let layer = req.layer as usize;
+        let not_held = self.not_held(&held, layer, &assignments)?;
+        if !not_held.is_empty() {
+            return Ok(refusal(req.call_id, not_held));
+        }
         let rows = shared.rows as usize;
         let x = input.read(dtype, &[rows, self.hidden_size])?;
-        let out = self.compute(req.layer as usize, &x, &assignments)?;
+        let out = self.compute(&held, layer, &x, &assignments)?;
         let out = out
             .to_dtype(DType::F32)
             .map_err(moemesh_engine::EngineError::from)?;
@@ -394,6 +498,7 @@ impl Worker {
             call_id: req.call_id,
             output: None,
             shared_output: true,
+            not_held: Vec::new(),
         })
     }
 
@@ -405,35 +510,63 @@ impl Worker {
             return self.forward_shared(req, shared);
         }
         let (x, assignments) = codec::decode_forward(req, self.hidden_size, &self.device)?;
-        let out = self.compute(req.layer as usize, &x, &assignments)?;
+        // The experts held when the call started, for the whole call.
+        let held = self.held.load_full();
+        let layer = req.layer as usize;
+        let not_held = self.not_held(&held, layer, &assignments)?;
+        if !not_held.is_empty() {
+            return Ok(refusal(req.call_id, not_held));
+        }
+        let out = self.compute(&held, layer, &x, &assignments)?;
         Ok(ForwardResponse {
             call_id: req.call_id,
             output: Some(codec::encode(&out, moemesh_proto::v1::DType::F32)?),
             shared_output: false,
+            not_held: Vec::new(),
         })
     }
 
-    /// The shard's weighted sum for `assignments` over `x`'s rows, after checking that every
-    /// expert is served here.
+    /// The experts of `assignments` that `held` lacks (given up by a `SetExperts` the gate's
+    /// placement has not caught up with: the call is refused in its reply and re-sent). A layer
+    /// this worker never served is the caller's error.
+    fn not_held(
+        &self,
+        held: &Held,
+        layer: usize,
+        assignments: &[codec::Assignment],
+    ) -> MeshResult<Vec<u32>> {
+        if !self.layers.contains(&(layer as u32)) {
+            return Err(MeshError::Invalid(format!(
+                "layer {layer} is not served by worker {} (its layers: {:?})",
+                self.id, self.layers
+            )));
+        }
+        let mut missing: Vec<u32> = assignments
+            .iter()
+            .map(|&(_, e, _)| e)
+            .filter(|&e| !held.shard.has(layer, e as usize))
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if !missing.is_empty() {
+            metrics::counter!(names::WORKER_REFUSED_CALLS).increment(1);
+            tracing::debug!(worker = %self.id, layer, ?missing, "refusing a call for experts given up");
+        }
+        Ok(missing)
+    }
+
+    /// `held`'s weighted sum for `assignments` over `x`'s rows (every expert checked as held).
     fn compute(
         &self,
+        held: &Held,
         layer: usize,
         x: &moemesh_engine::Tensor,
         assignments: &[codec::Assignment],
     ) -> MeshResult<moemesh_engine::Tensor> {
-        if let Some((_, e, _)) = assignments
-            .iter()
-            .find(|(_, e, _)| !self.shard.has(layer, *e as usize))
-        {
-            return Err(MeshError::Invalid(format!(
-                "expert {e} of layer {layer} is not served by this worker ({})",
-                self.info.id
-            )));
-        }
         // The shard returns its f32 accumulator (see `with_f32_output` below), sent as f32
         // whatever the request's dtype: the gate adds every worker's partial sum in f32 and
         // rounds once, as the in-process engine does, instead of rounding each partial first.
-        let out = self.shard.forward_assigned(layer, x, assignments)?;
+        let out = held.shard.forward_assigned(layer, x, assignments)?;
         let mut per_expert: BTreeMap<u32, u64> = BTreeMap::new();
         for &(_, e, _) in assignments {
             *per_expert.entry(e).or_default() += 1;
@@ -444,6 +577,150 @@ impl Worker {
                 .increment(n);
         }
         Ok(out)
+    }
+}
+
+/// A Forward reply that refuses the call: `not_held` are experts it named that are not held here.
+fn refusal(call_id: u64, not_held: Vec<u32>) -> ForwardResponse {
+    ForwardResponse {
+        call_id,
+        output: None,
+        shared_output: false,
+        not_held,
+    }
+}
+
+/// Sorted, without duplicates.
+fn sorted(mut v: Vec<u32>) -> Vec<u32> {
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+impl Worker {
+    /// Checks a `SetExperts` request: the target list, sorted and deduplicated, and the grace.
+    fn check_set_experts(&self, req: &SetExpertsRequest) -> MeshResult<(Vec<u32>, Duration)> {
+        if req.experts.is_empty() {
+            return Err(MeshError::Invalid(
+                "experts: empty list (a worker holds at least one expert)".into(),
+            ));
+        }
+        if let Some((i, e)) = req
+            .experts
+            .iter()
+            .enumerate()
+            .find(|&(_, &e)| e as usize >= self.n_experts)
+        {
+            return Err(MeshError::Invalid(format!(
+                "experts[{i}]: expert {e} does not exist (the model has {} routed experts, 0-{})",
+                self.n_experts,
+                self.n_experts.saturating_sub(1)
+            )));
+        }
+        if req.release_grace_ms > MAX_RELEASE_GRACE_MS {
+            return Err(MeshError::Invalid(format!(
+                "release_grace_ms: {} is over the limit of {MAX_RELEASE_GRACE_MS}",
+                req.release_grace_ms
+            )));
+        }
+        Ok((
+            sorted(req.experts.clone()),
+            Duration::from_millis(u64::from(req.release_grace_ms)),
+        ))
+    }
+
+    /// A shard holding `experts`, built from `from` (experts it holds are copied, the others
+    /// loaded) on a blocking thread; Forward calls go on meanwhile on whatever is held.
+    async fn build(&self, from: Arc<ExpertShard>, experts: Vec<u32>) -> MeshResult<ExpertShard> {
+        let Some(source) = &self.source else {
+            return Err(MeshError::Precondition(format!(
+                "worker {} cannot load experts (no model source)",
+                self.id
+            )));
+        };
+        let (files, dtype, device) = (source.files.clone(), source.dtype, self.device.clone());
+        tokio::task::spawn_blocking(move || {
+            let loader = files.loader(&device, dtype);
+            let list: Vec<usize> = experts.iter().map(|&e| e as usize).collect();
+            let shard = from.regroup(&files.config, &loader, &list)?;
+            // The new weights were written on the main stream; sessions read them on their own.
+            ipc::synchronize(&device)?;
+            Ok::<_, MeshError>(shard)
+        })
+        .await
+        .map_err(|e| MeshError::Internal(format!("loading experts: {e}")))?
+    }
+
+    /// Swaps `held` in; calls in flight finish on what they started with.
+    fn install(&self, held: Held) {
+        metrics::gauge!(names::WORKER_HELD_EXPERTS).set(held.experts.len() as f64);
+        self.held.store(Arc::new(held));
+    }
+
+    /// Lists `experts` in the registry; returns once etcd has them.
+    async fn announce(&self, experts: Vec<u32>) -> MeshResult<()> {
+        let Some(tx) = &self.announce else {
+            return Ok(());
+        };
+        let (done, written) = oneshot::channel();
+        let gone = || MeshError::Unavailable(format!("worker {} is shutting down", self.id));
+        tx.send((experts, done)).await.map_err(|_| gone())?;
+        written.await.map_err(|_| gone())?
+    }
+
+    /// `SetExperts`: load what is missing next to what is held (union), swap that in, announce the
+    /// target list, keep computing the given-up experts for the grace, then swap in the target
+    /// shard (dropping the others once the calls using them finish). Every intermediate state
+    /// holds at least what the registry lists, so a gate that routes by the registry is never
+    /// refused by a worker that is still announcing.
+    async fn set_experts(&self, req: SetExpertsRequest) -> MeshResult<SetExpertsResponse> {
+        let (target, grace) = self.check_set_experts(&req)?;
+        let Ok(_one) = self.changing.try_lock() else {
+            return Err(MeshError::Precondition(format!(
+                "worker {}: another SetExperts is in progress; retry once it has answered",
+                self.id
+            )));
+        };
+        let old = self.held.load_full();
+        let loaded: Vec<u32> = target
+            .iter()
+            .copied()
+            .filter(|e| !old.experts.contains(e))
+            .collect();
+        let dropped: Vec<u32> = old
+            .experts
+            .iter()
+            .copied()
+            .filter(|e| !target.contains(e))
+            .collect();
+        let started = std::time::Instant::now();
+        tracing::info!(worker = %self.id, ?loaded, ?dropped, "changing the experts held");
+        if !loaded.is_empty() {
+            let union = sorted(old.experts.iter().chain(&loaded).copied().collect());
+            let shard = self.build(old.shard.clone(), union.clone()).await?;
+            self.install(Held::new(Arc::new(shard), union));
+        }
+        let load_ms = started.elapsed().as_millis() as u64;
+        self.announce(target.clone()).await.map_err(|e| {
+            MeshError::Unavailable(format!(
+                "worker {}: the experts {loaded:?} are loaded, but announcing {target:?} failed                  (the registry still lists the old ones; the worker keeps both): {e}",
+                self.id
+            ))
+        })?;
+        if !dropped.is_empty() {
+            // Gates switch when they see the announcement, at their next step.
+            tokio::time::sleep(grace).await;
+            let now = self.held.load_full();
+            let shard = self.build(now.shard.clone(), target.clone()).await?;
+            self.install(Held::new(Arc::new(shard), target.clone()));
+        }
+        tracing::info!(worker = %self.id, experts = ?target, ?loaded, ?dropped, load_ms, "experts changed");
+        Ok(SetExpertsResponse {
+            experts: target,
+            loaded,
+            dropped,
+            load_ms,
+        })
     }
 }
 
@@ -502,7 +779,7 @@ impl Expert for ExpertService {
                             parent: None,
                             "expert_forward",
                             otel.kind = "server",
-                            worker = %worker.info.id,
+                            worker = %worker.id,
                             layer = req.layer,
                             tokens = req.pairs_per_token.len(),
                             pairs = req.expert_ids.len(),
@@ -551,7 +828,20 @@ impl Expert for ExpertService {
         &self,
         _: Request<ExpertInfoRequest>,
     ) -> Result<Response<ExpertInfoResponse>, Status> {
-        Ok(Response::new(self.worker.info.clone()))
+        Ok(Response::new(self.worker.info()))
+    }
+
+    async fn set_experts(
+        &self,
+        request: Request<SetExpertsRequest>,
+    ) -> Result<Response<SetExpertsResponse>, Status> {
+        let result = self.worker.set_experts(request.into_inner()).await;
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        metrics::counter!(names::WORKER_SET_EXPERTS, "outcome" => outcome).increment(1);
+        if let Err(e) = &result {
+            tracing::warn!(worker = %self.worker.id, error = %e, "SetExperts failed");
+        }
+        Ok(Response::new(result?))
     }
 
     async fn open_transport(
@@ -579,7 +869,7 @@ impl Expert for ExpertService {
         let reply = match result {
             Ok((session, device)) => {
                 let sync = if device.is_ok() { "device" } else { "host" };
-                tracing::info!(worker = %w.info.id, session, transport = transport::CUDA_IPC, sync, "gate transport opened");
+                tracing::info!(worker = %w.id, session, transport = transport::CUDA_IPC, sync, "gate transport opened");
                 let (worker_flags_handle, device_sync_reason) = match device {
                     Ok(h) => (h, String::new()),
                     Err(why) => (Vec::new(), why),
@@ -593,7 +883,7 @@ impl Expert for ExpertService {
                 }
             }
             Err(reason) => {
-                tracing::info!(worker = %w.info.id, transport = transport::GRPC, %reason, "gate transport refused");
+                tracing::info!(worker = %w.id, transport = transport::GRPC, %reason, "gate transport refused");
                 OpenTransportResponse {
                     session: 0,
                     transport: transport::GRPC.into(),
@@ -655,6 +945,7 @@ pub async fn run(
         experts: experts.iter().map(|&e| e as usize).collect(),
     };
     let hidden_size = mc.hidden_size;
+    let n_experts = mc.n_routed_experts;
     let (shard, files, loaded) = {
         let device = device.clone();
         tokio::task::spawn_blocking(move || {
@@ -667,21 +958,13 @@ pub async fn run(
         .await
         .map_err(|e| MeshError::Internal(e.to_string()))??
     };
-    let info = ExpertInfoResponse {
-        id: id.clone(),
-        layers: layers.clone(),
-        experts: experts.clone(),
-        device: cfg.member.device.clone(),
-        fingerprint: files.fingerprint.clone(),
-        weights_dtype: files.weights_format(),
-        weight_bytes: loaded.resident_total(),
-    };
+    let weights_dtype = files.weights_format();
     tracing::info!(%id, address = %advertise, layers = ?layers, experts = ?experts, fingerprint = %files.fingerprint, "expert worker loaded");
     // The memory plan line: what this worker holds on its device (`moemesh plan` predicts it).
     tracing::info!(
         role = "expert",
         device = %cfg.member.device,
-        weights_format = %info.weights_dtype,
+        weights_format = %weights_dtype,
         experts = experts.len(),
         moe_layers = layers.len(),
         weight_bytes = loaded.resident_total(),
@@ -689,17 +972,33 @@ pub async fn run(
         checkpoint = %LoadedBytes::describe(&loaded.checkpoint),
         "memory plan"
     );
+    // Every expert of a shard takes the same bytes: Info scales this by the experts held now.
+    let bytes_per_expert = loaded.resident_total() / (experts.len().max(1) as u64);
+    let files = Arc::new(files);
 
     let (calls, in_flight) = serve::Drain::new();
+    let (announce, mut announcements) = mpsc::channel::<Announce>(1);
+    metrics::gauge!(names::WORKER_HELD_EXPERTS).set(experts.len() as f64);
     let worker = Arc::new(Worker {
-        shard: Arc::new(shard),
-        info,
+        held: ArcSwap::from_pointee(Held::new(Arc::new(shard), experts.clone())),
+        id: id.clone(),
+        layers: layers.clone(),
+        device_name: cfg.member.device.clone(),
+        fingerprint: files.fingerprint.clone(),
+        weights_dtype,
+        bytes_per_expert,
         device,
         hidden_size,
+        n_experts,
+        source: Some(Source {
+            files: files.clone(),
+            dtype,
+        }),
+        changing: tokio::sync::Mutex::new(()),
+        announce: Some(announce),
         in_flight,
         closing: Arc::new(AtomicBool::new(false)),
         sessions: Default::default(),
-        slot_tables: Default::default(),
     });
     let (reporter, health, reflection) = serve::health_and_reflection("moemesh.v1.Expert");
     let limits = &cfg.member.limits;
@@ -714,6 +1013,11 @@ pub async fn run(
         // The same for the device transport: only a gate may make this worker map its buffers.
         .layer(tls::RequireRoleLayer::new(
             "/moemesh.v1.Expert/OpenTransport",
+            tls::CertRole::Gate,
+        ))
+        // And for changing the experts held: a gate's certificate (the rebalancer presents one).
+        .layer(tls::RequireRoleLayer::new(
+            "/moemesh.v1.Expert/SetExperts",
             tls::CertRole::Gate,
         ))
         .add_service(health)
@@ -733,24 +1037,30 @@ pub async fn run(
     .await;
 
     let registry = Registry::new(&cfg.member.registry_config(&files.name, tls), Vec::new())?;
-    serving
-        .register(
-            &registry,
-            Member {
-                id: id.clone(),
-                role: Role::Expert,
-                address: advertise.clone(),
-                layers,
-                experts,
-                device: cfg.member.device.clone(),
-                fingerprint: files.fingerprint.clone(),
-                version: env!("CARGO_PKG_VERSION").to_string(),
-            },
-        )
-        .await?;
+    let mut member = Member {
+        id: id.clone(),
+        role: Role::Expert,
+        address: advertise.clone(),
+        layers,
+        experts,
+        device: cfg.member.device.clone(),
+        fingerprint: files.fingerprint.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    serving.register(&registry, member.clone()).await?;
     serve::announce_ready("expert", local, &id, metrics_server.as_ref());
 
-    shutdown.await;
+    // Until shutdown: the registry entry follows the experts SetExperts installs.
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some((experts, done)) = announcements.recv() => {
+                member.experts = experts;
+                let _ = done.send(serving.update(member.clone()).await);
+            }
+        }
+    }
     tracing::info!(%id, "shutting down: leaving the registry, then draining");
     serving.leave().await;
     // Streams finish their current call and end; open gate streams would keep tonic's graceful
@@ -784,15 +1094,28 @@ mod tests {
         };
         let loader = files.loader(&Device::Cpu, dtype);
         let shard = ExpertShard::load(cfg, &loader, &spec).expect("shard");
+        let (hidden_size, n_experts) = (cfg.hidden_size, cfg.n_routed_experts);
+        drop(loader);
         Worker {
-            shard: Arc::new(shard.with_f32_output()),
-            info: ExpertInfoResponse::default(),
+            held: ArcSwap::from_pointee(Held::new(Arc::new(shard.with_f32_output()), vec![0, 1])),
+            id: "worker-test".into(),
+            layers: spec.layers.iter().map(|&l| l as u32).collect(),
+            device_name: "cpu".into(),
+            fingerprint: files.fingerprint.clone(),
+            weights_dtype: files.weights_format(),
+            bytes_per_expert: 0,
             device: Device::Cpu,
-            hidden_size: cfg.hidden_size,
+            hidden_size,
+            n_experts,
+            source: Some(Source {
+                files: Arc::new(files),
+                dtype,
+            }),
+            changing: tokio::sync::Mutex::new(()),
+            announce: None,
             in_flight: serve::Drain::new().1,
             closing: Arc::new(AtomicBool::new(false)),
             sessions: Default::default(),
-            slot_tables: Default::default(),
         }
     }
 
@@ -874,6 +1197,115 @@ mod tests {
         assert!(matches!(err, MeshError::Unavailable(_)), "{err}");
     }
 
+    /// A host-path request for `experts` (one token each, weight 1) in the worker's layer.
+    fn call_for(worker: &Worker, experts: &[u32]) -> ForwardRequest {
+        let x = moemesh_engine::Tensor::randn(
+            0f32,
+            1.0,
+            (experts.len(), worker.hidden_size),
+            &Device::Cpu,
+        )
+        .expect("activations");
+        ForwardRequest {
+            call_id: 9,
+            layer: worker.layers[0],
+            hidden: Some(codec::encode(&x, v1::DType::F32).expect("encode")),
+            pairs_per_token: vec![1; experts.len()],
+            expert_ids: experts.to_vec(),
+            weights: vec![1.0; experts.len()],
+            ..Default::default()
+        }
+    }
+
+    /// SetExperts checks its input (field and limit named), loads the experts it lacks, drops
+    /// those it gives up, and from then on refuses (in the reply, not with an error status)
+    /// calls for a dropped expert while computing the new ones.
+    #[tokio::test]
+    async fn set_experts_checks_loads_drops_and_then_refuses_dropped_experts() {
+        let worker = cpu_worker();
+        let n = worker.n_experts as u32;
+        let bad = [
+            (vec![], 0, "experts: empty list"),
+            (vec![1, n], 0, "experts[1]: expert"),
+            (
+                vec![1],
+                MAX_RELEASE_GRACE_MS + 1,
+                "release_grace_ms: 60001 is over the limit of 60000",
+            ),
+        ];
+        for (experts, grace, want) in bad {
+            let req = SetExpertsRequest {
+                experts,
+                release_grace_ms: grace,
+            };
+            let status = Status::from(worker.set_experts(req).await.expect_err("refused"));
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+            assert!(status.message().contains(want), "{status}");
+        }
+        assert_eq!(worker.info().experts, vec![0, 1], "nothing changed");
+        // One change at a time.
+        {
+            let _busy = worker.changing.try_lock().expect("free");
+            let req = SetExpertsRequest {
+                experts: vec![1],
+                release_grace_ms: 0,
+            };
+            let err = worker.set_experts(req).await.expect_err("busy");
+            assert_eq!(Status::from(err).code(), tonic::Code::FailedPrecondition);
+        }
+        let before = call_for(&worker, &[0]);
+        assert!(worker.forward(&before).expect("held").not_held.is_empty());
+        let reply = worker
+            .set_experts(SetExpertsRequest {
+                experts: vec![2, 1, 2],
+                release_grace_ms: 0,
+            })
+            .await
+            .expect("changed");
+        assert_eq!(
+            (reply.experts, reply.loaded, reply.dropped),
+            (vec![1, 2], vec![2], vec![0])
+        );
+        assert_eq!(worker.info().experts, vec![1, 2]);
+        // Expert 0 was given up: refused in the reply, nothing computed.
+        let refused = worker
+            .forward(&call_for(&worker, &[0, 2]))
+            .expect("an answer");
+        assert_eq!(refused.not_held, vec![0]);
+        assert!(refused.output.is_none());
+        // Expert 2 was loaded: computed, equal to a shard loaded with it from the start.
+        let req = call_for(&worker, &[2, 1]);
+        let got = worker.forward(&req).expect("computed");
+        assert!(got.not_held.is_empty());
+        let files = ModelFiles::open_or_embedded(None).expect("embedded model");
+        let spec = ShardSpec {
+            layers: vec![req.layer as usize],
+            experts: vec![1, 2],
+        };
+        let fresh = ExpertShard::load(
+            &files.config,
+            &files.loader(&Device::Cpu, DType::F32),
+            &spec,
+        )
+        .expect("shard")
+        .with_f32_output();
+        let (x, assignments) =
+            codec::decode_forward(&req, worker.hidden_size, &Device::Cpu).expect("decode");
+        let want: Vec<Vec<f32>> = fresh
+            .forward_assigned(req.layer as usize, &x, &assignments)
+            .and_then(|t| Ok(t.to_vec2()?))
+            .expect("fresh");
+        let got: Vec<Vec<f32>> =
+            codec::decode(&got.output.expect("output"), "output", &Device::Cpu)
+                .and_then(|t| Ok(t.to_vec2().map_err(moemesh_engine::EngineError::from)?))
+                .expect("decode");
+        assert_eq!(got, want);
+        // A layer the worker never served is the caller's error, not a refusal.
+        let mut other = call_for(&worker, &[1]);
+        other.layer = 0;
+        assert!(matches!(worker.forward(&other), Err(MeshError::Invalid(_))));
+    }
+
     /// A bf16 worker answers a bf16 request with its f32 accumulator, not a bf16 rounding of it.
     #[test]
     fn bf16_worker_returns_f32_partial_sums() {
@@ -904,6 +1336,8 @@ mod tests {
         // The same shard computing in-process (output in f32) gives exactly these values.
         let assignments = [(0, 0, 0.7), (0, 1, 0.3), (1, 1, 1.1), (2, 0, 0.45)];
         let want: Vec<Vec<f32>> = worker
+            .held
+            .load()
             .shard
             .forward_assigned(layer, &x, &assignments)
             .and_then(|t| Ok(t.to_vec2()?))

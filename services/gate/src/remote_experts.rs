@@ -1,7 +1,11 @@
 //! The engine's [`Experts`] trait over gRPC: each MoE layer's tokens are grouped per worker and
 //! sent to each worker with their (expert, weight) pairs, in one call (a few for a big step);
 //! replies are weighted partial sums in f32 that add up to the routed output. A failed call is
-//! retried on other replicas of the same experts (expert calls are pure). The engine runs on its
+//! retried on other replicas of the same experts (expert calls are pure). A replicated expert's
+//! tokens are split evenly over its replicas (host path; a device-ordered layer gives each
+//! expert to one replica per layer call, rotating). A worker that refuses a call because it gave
+//! an expert up (`ForwardResponse.not_held`, live re-placement) is not taken for a failed one:
+//! the call's pairs go again, by the newest placement, to the experts' other holders. The engine runs on its
 //! own thread; the calls run on the tokio runtime, so the engine computes shared experts while
 //! they are in flight.
 //!
@@ -35,7 +39,7 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, Span};
 
 use crate::expert_load::ExpertLoad;
-use crate::workers::{Conn, IpcSession, SlotGuard, WorkerClient, WorkerPool};
+use crate::workers::{Conn, Excluded, IpcSession, Placement, SlotGuard, WorkerClient, WorkerPool};
 
 const MAX_ATTEMPTS: usize = 4;
 
@@ -340,7 +344,7 @@ struct DevicePlan {
     conn: Arc<Conn>,
     slot: SlotGuard,
     permit: mpsc::OwnedPermit<ForwardRequest>,
-    /// The experts this worker computes; empty for all it holds.
+    /// The experts this worker computes (explicitly: see `plan_device`).
     experts: Vec<u32>,
 }
 
@@ -359,10 +363,13 @@ impl RemoteExperts {
             return None;
         }
         let round = self.pool.next_round();
-        let none = HashSet::new();
+        let none = Excluded::default();
         let mut groups: BTreeMap<u64, (Arc<WorkerClient>, Vec<u32>)> = BTreeMap::new();
         for e in 0..self.n_experts as u32 {
-            let client = self.pool.pick(layer, e, &none, round).ok()?;
+            let client = self
+                .pool
+                .pick(layer, e, &none, round, Placement::Step)
+                .ok()?;
             groups
                 .entry(client.serial)
                 .or_insert_with(|| (client, Vec::new()))
@@ -377,13 +384,15 @@ impl RemoteExperts {
                 return None;
             }
             let permit = conn.tx.clone().try_reserve_owned().ok()?;
-            let all = experts.len() == client.member.experts.len();
+            // Always the explicit list, never "every expert held": a worker whose experts just
+            // grew (SetExperts) would otherwise also compute experts this placement gives to
+            // another worker, and their sum would count twice.
             planned.push(DevicePlan {
                 client,
                 conn,
                 slot,
                 permit,
-                experts: if all { Vec::new() } else { experts },
+                experts,
             });
         }
         Some(planned)
@@ -555,8 +564,9 @@ impl Experts for RemoteExperts {
             &self.pool,
             layer as u32,
             &pairs,
-            &HashSet::new(),
+            &Excluded::default(),
             round,
+            Placement::Step,
             x_dev.as_ref(),
             t,
             max_rows(h),
@@ -630,24 +640,31 @@ struct Planned {
     fence: Option<ipc::Fence>,
 }
 
-/// Groups `pairs` by the worker picked for each and plans each worker's calls: a CUDA IPC slot
-/// (its input copy queued now) where the worker's stream has a free one, gRPC otherwise.
-/// `Ok(Err(_))` when some pair has no live replica now.
+/// Groups `pairs` by the worker picked for each (under `placement`; the i-th pair of an expert
+/// at `round + i`, which splits a replicated expert's tokens over its replicas) and plans each
+/// worker's calls: a CUDA IPC slot (its input copy queued now) where the worker's stream has a
+/// free one, gRPC otherwise. `Ok(Err(_))` when some pair has no live replica now.
 #[allow(clippy::too_many_arguments)]
 fn plan_round(
     pool: &WorkerPool,
     layer: u32,
     pairs: &[Pair],
-    excluded: &HashSet<u64>,
+    excluded: &Excluded,
     round: u64,
+    placement: Placement,
     x_dev: Option<&Tensor>,
     t: usize,
     max_rows: usize,
 ) -> MeshResult<MeshResult<Planned>> {
     // Worker id -> (client, its pairs).
     let mut groups: Groups = BTreeMap::new();
+    // Pairs of each expert so far.
+    let mut nth: HashMap<u32, u64> = HashMap::new();
     for &(tok, e, w) in pairs {
-        match pool.pick(layer, e, excluded, round) {
+        let i = nth.entry(e).or_default();
+        let turn = round.wrapping_add(*i);
+        *i += 1;
+        match pool.pick(layer, e, excluded, turn, placement) {
             Ok(client) => groups
                 .entry(client.member.id.clone())
                 .or_insert_with(|| (client, Vec::new()))
@@ -683,10 +700,12 @@ fn plan_round(
     Ok(Ok(Planned { plans, fence }))
 }
 
-/// A worker's answer: rows of the step (gRPC) or every row of it on the device (CUDA IPC).
+/// A worker's answer: rows of the step (gRPC) or every row of it on the device (CUDA IPC), or a
+/// refusal naming the experts of the call it does not hold (any more).
 enum Partial {
     Host(Vec<u32>, Tensor),
     Device(Tensor),
+    Refused(Vec<u32>),
 }
 
 /// What one layer's dispatch works with.
@@ -730,8 +749,8 @@ async fn execute(
     // gRPC partial sums add up on the host, CUDA IPC ones on the device; the two meet at the end.
     let mut host_out: Option<Tensor> = None;
     let mut dev_out: Option<Tensor> = None;
-    // Serials of workers that failed this dispatch.
-    let mut excluded: HashSet<u64> = HashSet::new();
+    // Workers that failed this dispatch, and experts that workers refused.
+    let mut excluded = Excluded::default();
     let mut changes = pool.changes();
     // How long pairs with no live replica wait for the registry to show one (a worker
     // restarting, or every lease expiring at once after an etcd outage and coming back).
@@ -742,12 +761,15 @@ async fn execute(
         changes.borrow_and_update();
         let planned = match first.take() {
             Some(p) => p,
+            // Retries (and a first round the engine thread could not plan) route by the newest
+            // placement: the one a refusing worker has announced.
             None => match plan_round(
                 &pool,
                 layer,
                 &pairs,
                 &excluded,
                 round,
+                Placement::Newest,
                 x_dev.as_ref(),
                 t,
                 max_rows(h),
@@ -817,6 +839,7 @@ async fn execute(
                 metrics::histogram!(names::DISPATCH, "worker" => client.member.id.clone())
                     .record(sent.elapsed().as_secs_f64());
                 let partial = reply.and_then(|r| match &shared {
+                    _ if !r.not_held.is_empty() => Ok(Partial::Refused(r.not_held)),
                     // Copied out (queued on the gate's stream) before the slot is freed.
                     Some((_, slot)) if r.shared_output => Ok(Partial::Device(
                         slot.slot().output.read(DType::F32, &[t, h])?,
@@ -841,7 +864,24 @@ async fn execute(
         let mut failed = Vec::new();
         for result in join_all(calls).await {
             let (client, group, partial) = result?;
+            if matches!(partial, Ok(Partial::Host(..) | Partial::Device(_))) {
+                client
+                    .routed_pairs
+                    .fetch_add(group.len() as u64, Ordering::Relaxed);
+            }
             match partial {
+                Ok(Partial::Refused(experts)) => {
+                    // Not a failure: the worker gave these experts up (its new list is in the
+                    // registry, or about to be); nothing was computed, so every pair of the call
+                    // goes again, those experts to their other holders.
+                    tracing::debug!(worker = %client.member.id, layer, ?experts, "expert call refused: experts given up; re-sending");
+                    metrics::counter!(names::GATE_EXPERT_REFUSALS, "worker" => client.member.id.clone())
+                        .increment(1);
+                    excluded
+                        .refused
+                        .extend(experts.into_iter().map(|e| (client.serial, e)));
+                    failed.extend(group);
+                }
                 Ok(Partial::Device(partial)) => {
                     dev_out = Some(match dev_out.take() {
                         None => partial,
@@ -874,7 +914,7 @@ async fn execute(
                     metrics::counter!(names::RETRIES, "worker" => client.member.id.clone())
                         .increment(1);
                     client.mark_failed();
-                    excluded.insert(client.serial);
+                    excluded.workers.insert(client.serial);
                     failed.extend(group);
                 }
             }

@@ -43,6 +43,8 @@ struct GateService {
     weights_dtype: String,
     /// Bytes of the loaded weights as held on the device, reported by Info.
     weight_bytes: u64,
+    /// Where the expert workers are found (`etcd` or `static`), reported by Info.
+    registry: &'static str,
     /// Marked after every step answer and every closed Step stream: the only events that end
     /// sequences, which a draining gate waits on (see `run`).
     stepped: Arc<watch::Sender<()>>,
@@ -145,17 +147,20 @@ impl Gate for GateService {
         let mut info = rx
             .await
             .map_err(|_| MeshError::Unavailable("gate engine stopped".into()))?;
-        for (m, t) in self.pool.transports() {
+        for v in self.pool.views() {
             info.worker_experts.push(WorkerExperts {
-                id: m.id.clone(),
-                experts: m.experts.clone(),
+                id: v.member.id.clone(),
+                experts: v.member.experts.clone(),
+                address: v.member.address.clone(),
+                routed_pairs: v.routed_pairs,
             });
-            info.expert_workers.push(m.id);
-            info.expert_transports.push(t.to_string());
+            info.expert_workers.push(v.member.id);
+            info.expert_transports.push(v.transport.to_string());
         }
         info.device = self.device.clone();
         info.weights_dtype = self.weights_dtype.clone();
         info.weight_bytes = self.weight_bytes;
+        info.registry = self.registry.to_string();
         Ok(Response::new(info))
     }
 }
@@ -380,6 +385,11 @@ pub async fn run(
         device: cfg.member.device.clone(),
         weights_dtype: files.weights_format(),
         weight_bytes: loaded.resident_total(),
+        registry: if cfg.member.etcd.is_empty() {
+            "static"
+        } else {
+            "etcd"
+        },
         stepped: Arc::new(stepped),
     };
     let limits = &cfg.member.limits;

@@ -116,6 +116,7 @@ impl StepEngine {
                         weights_dtype: String::new(),
                         weight_bytes: 0,
                         embeds_tokens: self.runner.model().has_embeddings(),
+                        registry: String::new(),
                     });
                 }
             }
@@ -240,6 +241,10 @@ impl StepEngine {
         // the host path, so that no request sees the failure.
         let mut attempt = 0;
         let outputs = loop {
+            // The expert placement stays as it is now for the whole step (every layer routes by
+            // it); a registry update that lands meanwhile takes effect at the next step.
+            let pool = self.experts.pool.clone();
+            let _placement = pool.pin_step();
             match self
                 .runner
                 .step_tokens(&slots, &hidden, &ids, &self.experts)

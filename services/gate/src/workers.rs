@@ -5,6 +5,14 @@
 //! that fails is avoided with a growing backoff and reopened in the background; a worker that
 //! leaves the registry has its waiting calls released at once.
 //!
+//! Placement changes live (issue 22): a worker that `SetExperts` gave new experts re-registers
+//! under the same id and address with a new list; its client and stream are kept, and only the
+//! routing changes. The gate's engine pins the placement for the length of a step
+//! ([`WorkerPool::pin_step`]): every layer of a step routes by the placement the registry listed
+//! when the step began, and the next step takes the newest. Retries of failed or refused calls
+//! route by the newest placement, so a call that a worker refuses (it gave the expert up) goes
+//! to the expert's new holders.
+//!
 //! When the gate runs on a GPU, opening a worker's stream also offers the worker CUDA IPC
 //! (`Expert.OpenTransport`): the gate allocates [`IPC_SLOTS`] pairs of device buffers for it and
 //! sends their handles; a worker that maps them gets each call's activations through them, and a
@@ -201,7 +209,13 @@ static NEXT_SERIAL: AtomicU64 = AtomicU64::new(1);
 /// reopened after a failure. Every wait on the worker is bounded: opening the stream
 /// (connect, TLS handshake, stream headers) by the connect timeout, a call by its timeout.
 pub struct WorkerClient {
+    /// The registration the client was made for: its id, address, device and fingerprint hold
+    /// for the client's life; its experts may be out of date (the pool's routes say what the
+    /// worker holds now).
     pub member: Member,
+    /// (token, expert) pairs the worker computed for this gate (successful calls on the gRPC and
+    /// host-ordered paths).
+    pub routed_pairs: AtomicU64,
     /// This client's id (see [`NEXT_SERIAL`]).
     pub serial: u64,
     /// The open stream, if any.
@@ -243,6 +257,7 @@ impl WorkerClient {
     ) -> Self {
         WorkerClient {
             member,
+            routed_pairs: AtomicU64::new(0),
             serial: NEXT_SERIAL.fetch_add(1, Ordering::Relaxed),
             conn: Mutex::new(None),
             dial: tokio::sync::Mutex::new(()),
@@ -637,18 +652,84 @@ impl WorkerClient {
     }
 }
 
+/// One placement: (layer, expert) → ids of the workers holding it, as the registry listed them
+/// at one moment.
+#[derive(Default)]
+pub struct Routes {
+    table: HashMap<(u32, u32), Vec<String>>,
+}
+
 #[derive(Default)]
 struct PoolState {
     workers: BTreeMap<String, Arc<WorkerClient>>,
-    /// (layer, expert) → ids of workers serving it.
-    table: HashMap<(u32, u32), Vec<String>>,
+    /// Each accepted worker's registration as listed now (its experts current).
+    members: BTreeMap<String, Member>,
+    /// The newest placement.
+    routes: Arc<Routes>,
     /// (id, fingerprint) pairs already reported as refused.
     refused: HashSet<(String, String)>,
+}
+
+/// Which placement a pick routes by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// The one pinned for the step in progress ([`WorkerPool::pin_step`]); the newest outside
+    /// a step.
+    Step,
+    /// The newest the registry listed (retries).
+    Newest,
+}
+
+/// What a dispatch must not use: workers that failed it (serials), and (worker serial, expert)
+/// pairs a worker refused because it no longer holds the expert.
+#[derive(Debug, Default)]
+pub struct Excluded {
+    pub workers: HashSet<u64>,
+    pub refused: HashSet<(u64, u32)>,
+}
+
+impl Excluded {
+    fn allows(&self, serial: u64, expert: u32) -> bool {
+        !self.workers.contains(&serial) && !self.refused.contains(&(serial, expert))
+    }
+}
+
+/// Unpins the step's placement when dropped.
+pub struct StepPin<'a>(&'a WorkerPool);
+
+impl Drop for StepPin<'_> {
+    fn drop(&mut self) {
+        *self.0.pinned.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+/// An accepted worker as `Gate.Info` reports it.
+pub struct WorkerView {
+    /// Its registration as listed now.
+    pub member: Member,
+    /// The transport its activations take.
+    pub transport: &'static str,
+    /// Pairs it computed for this gate.
+    pub routed_pairs: u64,
+}
+
+/// Whether two registrations are the same worker process at the same place, whatever experts
+/// each lists (a worker that changed its experts keeps its client and stream).
+fn same_process(a: &Member, b: &Member) -> bool {
+    a.id == b.id
+        && a.role == b.role
+        && a.address == b.address
+        && a.device == b.device
+        && a.fingerprint == b.fingerprint
+        && a.layers == b.layers
+        && a.version == b.version
 }
 
 /// The gate's view of the expert workers.
 pub struct WorkerPool {
     state: RwLock<PoolState>,
+    /// The placement of the step in progress, while one runs (see [`pin_step`](Self::pin_step)).
+    pinned: RwLock<Option<Arc<Routes>>>,
     fingerprint: String,
     rr: AtomicU64,
     /// The gate's TLS files, for every worker's stream; `None` with --plaintext.
@@ -666,6 +747,7 @@ impl WorkerPool {
     pub fn new(fingerprint: String, tls: Option<Arc<Tls>>, connect_timeout: Duration) -> Self {
         WorkerPool {
             state: RwLock::new(PoolState::default()),
+            pinned: RwLock::new(None),
             fingerprint,
             rr: AtomicU64::new(0),
             tls,
@@ -681,13 +763,31 @@ impl WorkerPool {
         self
     }
 
-    /// Live workers (as [`members`](Self::members)) with the transport each one's activations take.
-    pub fn transports(&self) -> Vec<(Member, &'static str)> {
+    /// Live workers (as [`members`](Self::members)) with the transport each one's activations
+    /// take and the pairs each computed.
+    pub fn views(&self) -> Vec<WorkerView> {
         let st = self.state.read().unwrap_or_else(|e| e.into_inner());
         st.workers
-            .values()
-            .map(|w| (w.member.clone(), w.transport()))
+            .iter()
+            .map(|(id, w)| WorkerView {
+                member: st.members.get(id).unwrap_or(&w.member).clone(),
+                transport: w.transport(),
+                routed_pairs: w.routed_pairs.load(Ordering::Relaxed),
+            })
             .collect()
+    }
+
+    /// Pins the newest placement for one step: every pick with [`Placement::Step`] routes by it
+    /// until the guard is dropped, so a registry update lands between steps, never inside one.
+    pub fn pin_step(&self) -> StepPin<'_> {
+        let routes = self
+            .state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .routes
+            .clone();
+        *self.pinned.write().unwrap_or_else(|e| e.into_inner()) = Some(routes);
+        StepPin(self)
     }
 
     /// Resolves when the member list changes next.
@@ -695,11 +795,12 @@ impl WorkerPool {
         self.changes.subscribe()
     }
 
-    /// Replaces the member list (from the registry). Existing clients are kept when a worker's
-    /// id and address are unchanged.
+    /// Replaces the member list (from the registry). Existing clients (and their streams) are
+    /// kept when a worker is the same process at the same address, whatever its experts.
     pub fn update(&self, members: &[Member]) {
         let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
         let mut workers = BTreeMap::new();
+        let mut listed = BTreeMap::new();
         let mut table: HashMap<(u32, u32), Vec<String>> = HashMap::new();
         for m in members {
             if m.fingerprint != self.fingerprint {
@@ -712,7 +813,7 @@ impl WorkerPool {
                 continue;
             }
             let client = match st.workers.get(&m.id) {
-                Some(c) if c.member == *m => c.clone(),
+                Some(c) if same_process(&c.member, m) => c.clone(),
                 _ => {
                     let c = Arc::new(WorkerClient::new(
                         m.clone(),
@@ -729,7 +830,15 @@ impl WorkerPool {
                     table.entry((l, e)).or_default().push(m.id.clone());
                 }
             }
+            if st
+                .members
+                .get(&m.id)
+                .is_some_and(|old| old.experts != m.experts)
+            {
+                tracing::info!(worker = %m.id, experts = ?m.experts, "expert worker's experts changed; routing by them from the next step");
+            }
             workers.insert(m.id.clone(), client);
+            listed.insert(m.id.clone(), m.clone());
         }
         let added: Vec<&String> = workers
             .keys()
@@ -755,7 +864,8 @@ impl WorkerPool {
             }
         }
         st.workers = workers;
-        st.table = table;
+        st.members = listed;
+        st.routes = Arc::new(Routes { table });
         drop(st);
         self.changes.send_modify(|n| *n += 1);
     }
@@ -766,14 +876,14 @@ impl WorkerPool {
         layers
             .iter()
             .flat_map(|&l| (0..experts).map(move |e| (l, e)))
-            .filter(|k| st.table.get(k).is_none_or(|ids| ids.is_empty()))
+            .filter(|k| st.routes.table.get(k).is_none_or(|ids| ids.is_empty()))
             .count()
     }
 
-    /// Live workers (accepted ones).
+    /// Live workers (accepted ones), as listed now.
     pub fn members(&self) -> Vec<Member> {
         let st = self.state.read().unwrap_or_else(|e| e.into_inner());
-        st.workers.values().map(|w| w.member.clone()).collect()
+        st.members.values().cloned().collect()
     }
 
     /// Starts a new dispatch round (advances the replica rotation).
@@ -781,20 +891,32 @@ impl WorkerPool {
         self.rr.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// A worker for (layer, expert), never one in `excluded` (serials that failed this round);
-    /// rotates over replicas by `round`. Preference: workers with an open stream that have not
-    /// failed recently, then ones not yet connected (opened by the call), then recently failed
-    /// ones. While a connected replica exists, the others are opened in the background instead,
-    /// so a worker that cannot be reached (a tarpit) costs no step any time.
+    /// A worker for (layer, expert) under `placement`, never one `excluded` (failed this
+    /// dispatch, or refused this expert); rotates over replicas by `round` (a dispatch passes
+    /// `round + i` for the i-th token of an expert, which splits a replicated expert's tokens
+    /// evenly over its replicas). Preference: workers with an open stream that have not failed
+    /// recently, then ones not yet connected (opened by the call), then recently failed ones.
+    /// While a connected replica exists, the others are opened in the background instead, so a
+    /// worker that cannot be reached (a tarpit) costs no step any time.
     pub fn pick(
         &self,
         layer: u32,
         expert: u32,
-        excluded: &HashSet<u64>,
+        excluded: &Excluded,
         round: u64,
+        placement: Placement,
     ) -> MeshResult<Arc<WorkerClient>> {
+        let pinned = match placement {
+            Placement::Step => self
+                .pinned
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            Placement::Newest => None,
+        };
         let st = self.state.read().unwrap_or_else(|e| e.into_inner());
-        let Some(ids) = st.table.get(&(layer, expert)) else {
+        let routes = pinned.as_ref().unwrap_or(&st.routes);
+        let Some(ids) = routes.table.get(&(layer, expert)) else {
             return Err(MeshError::Unavailable(format!(
                 "no live expert worker serves (layer {layer}, expert {expert})"
             )));
@@ -803,7 +925,7 @@ impl WorkerPool {
         let usable: Vec<&Arc<WorkerClient>> = ids
             .iter()
             .filter_map(|id| st.workers.get(id))
-            .filter(|w| !excluded.contains(&w.serial))
+            .filter(|w| excluded.allows(w.serial, expert))
             .collect();
         let fresh: Vec<&Arc<WorkerClient>> = usable
             .iter()
@@ -881,7 +1003,9 @@ mod tests {
         };
         let pool = WorkerPool::new("fp".into(), None, Duration::from_millis(200)).with_ipc(offer);
         pool.update(&[member("a", vec![0])]);
-        let w = pool.pick(1, 0, &HashSet::new(), 0).expect("a");
+        let w = pool
+            .pick(1, 0, &Excluded::default(), 0, Placement::Step)
+            .expect("a");
         assert_eq!(w.transport(), transport::PENDING);
         // Nothing listens there: the refusal comes before any call to the worker.
         let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
@@ -889,9 +1013,9 @@ mod tests {
         assert_eq!(w.transport(), transport::GRPC);
         assert!(w.ipc_slot(1).is_none());
         let reported: Vec<_> = pool
-            .transports()
+            .views()
             .into_iter()
-            .map(|(m, t)| (m.id, t))
+            .map(|v| (v.member.id, v.transport))
             .collect();
         assert_eq!(reported, vec![("a".to_string(), transport::GRPC)]);
     }
@@ -902,13 +1026,17 @@ mod tests {
         let changes = pool.changes();
         pool.update(&[member("a", vec![0, 1]), member("b", vec![1])]);
         assert!(changes.has_changed().expect("open"));
-        let none = HashSet::new();
-        let a = pool.pick(1, 0, &none, 0).expect("a serves expert 0");
+        let none = Excluded::default();
+        let pick = |e, ex: &Excluded| pool.pick(1, e, ex, 0, Placement::Step);
+        let a = pick(0, &none).expect("a serves expert 0");
         assert_eq!(a.member.id, "a");
         // Excluding a's serial leaves expert 0 with no replica, expert 1 with b.
-        let excluded: HashSet<u64> = [a.serial].into();
-        assert!(pool.pick(1, 0, &excluded, 0).is_err());
-        assert_eq!(pool.pick(1, 1, &excluded, 0).expect("b").member.id, "b");
+        let excluded = Excluded {
+            workers: [a.serial].into(),
+            ..Excluded::default()
+        };
+        assert!(pick(0, &excluded).is_err());
+        assert_eq!(pick(1, &excluded).expect("b").member.id, "b");
         // a leaves: closed, so no call can start on it.
         pool.update(&[member("b", vec![1])]);
         assert!(a.closed.load(Ordering::SeqCst));
@@ -919,7 +1047,84 @@ mod tests {
         );
         // a comes back: a new client, not excluded by the old one's failure.
         pool.update(&[member("a", vec![0, 1]), member("b", vec![1])]);
-        let again = pool.pick(1, 0, &excluded, 0).expect("a is back");
+        let again = pool
+            .pick(1, 0, &excluded, 0, Placement::Step)
+            .expect("a is back");
         assert_ne!(again.serial, a.serial);
+    }
+
+    /// A worker that changes its experts keeps its client (and stream); a step in progress
+    /// routes by the placement it began with, the next step and retries by the new one; a
+    /// refused (worker, expert) pair is avoided for that expert only.
+    #[test]
+    fn new_experts_keep_the_client_and_switch_routing_between_steps() {
+        let pool = WorkerPool::new("fp".into(), None, Duration::from_millis(200));
+        pool.update(&[member("a", vec![0, 1]), member("b", vec![2, 3])]);
+        let none = Excluded::default();
+        let serial_a = pool
+            .pick(1, 0, &none, 0, Placement::Step)
+            .expect("a")
+            .serial;
+        let step = pool.pin_step();
+        // b now also holds expert 0; a gave it up.
+        pool.update(&[member("a", vec![1]), member("b", vec![0, 2, 3])]);
+        let in_step = pool.pick(1, 0, &none, 0, Placement::Step).expect("a");
+        assert_eq!(in_step.member.id, "a", "the step keeps its placement");
+        assert_eq!(in_step.serial, serial_a, "same client, same stream");
+        let retry = pool.pick(1, 0, &none, 0, Placement::Newest).expect("b");
+        assert_eq!(retry.member.id, "b", "retries take the newest placement");
+        drop(step);
+        let next = pool.pick(1, 0, &none, 0, Placement::Step).expect("b");
+        assert_eq!(
+            next.member.id, "b",
+            "the next step takes the newest placement"
+        );
+        assert_eq!(
+            pool.members()
+                .iter()
+                .map(|m| m.experts.clone())
+                .collect::<Vec<_>>(),
+            vec![vec![1], vec![0, 2, 3]],
+            "members as listed now"
+        );
+        // Expert 1 is on a only; a refusal of expert 0 by a does not exclude a for expert 1.
+        let refused = Excluded {
+            refused: [(serial_a, 0)].into(),
+            ..Excluded::default()
+        };
+        assert_eq!(
+            pool.pick(1, 1, &refused, 0, Placement::Newest)
+                .expect("a")
+                .member
+                .id,
+            "a"
+        );
+    }
+
+    /// A replicated expert's picks alternate over its replicas as the round advances, so the
+    /// dispatch (round + i for its i-th token) splits its tokens evenly.
+    #[test]
+    fn a_replicated_expert_alternates_between_its_replicas() {
+        let pool = WorkerPool::new("fp".into(), None, Duration::from_millis(200));
+        pool.update(&[member("a", vec![0, 1]), member("b", vec![0, 2])]);
+        let none = Excluded::default();
+        let ids: Vec<String> = (0..4)
+            .map(|i| {
+                pool.pick(1, 0, &none, i, Placement::Step)
+                    .expect("a replica")
+                    .member
+                    .id
+                    .clone()
+            })
+            .collect();
+        assert_eq!(ids, ["a", "b", "a", "b"]);
+        // An expert with one holder always goes there.
+        assert!((0..4).all(|i| {
+            pool.pick(1, 2, &none, i, Placement::Step)
+                .expect("b")
+                .member
+                .id
+                == "b"
+        }));
     }
 }

@@ -4,6 +4,12 @@
 //! or the frontend exits (an expert worker that exits leaves the rest running, so failover to
 //! its replicas can be tried).
 //!
+//! With `--rebalance-every SECS` (and `--etcd`), `up` also moves experts by measured load: every
+//! SECS seconds it runs `moemesh rebalance --apply`'s cycle against its gates (their loads
+//! summed). It lives here, not in the gate, because placement is one decision per mesh: each gate
+//! sees only its own traffic, and gates rebalancing on their own would undo each other's moves.
+//! A mesh run by other means gets the same from `moemesh rebalance --apply` on a schedule.
+//!
 //! The internal hops (frontend → gate → workers) run mutual TLS with an ephemeral CA and one
 //! certificate per process, made at start in a private temporary directory and deleted at exit
 //! (`--plaintext` turns TLS off). The public port is plaintext on a loopback address; another
@@ -93,6 +99,11 @@ pub struct UpArgs {
     #[arg(long, env = "MOEMESH_ROUTER_SKEW", default_value_t = 0.0,
           value_parser = moemesh_common::skew::parse_router_skew, allow_negative_numbers = true)]
     pub router_skew: f32,
+    /// Move experts by measured load every this many seconds (`moemesh rebalance --apply`
+    /// against the gates, their loads summed; a move is made when it lowers the busiest worker's
+    /// share by 2 points or more). Needs --etcd. Off when not given.
+    #[arg(long, env = "MOEMESH_REBALANCE_EVERY", value_parser = clap::value_parser!(u64).range(1..))]
+    pub rebalance_every: Option<u64>,
     /// Extra flags for the gate, e.g. `--gate-args=--overlap=true` (repeatable).
     #[arg(long, allow_hyphen_values = true)]
     pub gate_args: Vec<String>,
@@ -349,6 +360,12 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     if args.expert_workers == 0 {
         bail!("--expert-workers must be at least 1");
     }
+    if args.rebalance_every.is_some() && args.etcd.is_none() {
+        bail!(
+            "--rebalance-every needs --etcd: placement changes reach the gates through the registry \
+             (a mesh without etcd has a fixed list of workers)"
+        );
+    }
     let files = moemesh_engine::ModelFiles::open_or_embedded(args.model.as_deref())
         .context("opening the model")?;
     let n_experts = files.config.n_routed_experts;
@@ -405,6 +422,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let mut procs = Vec::new();
+        let mut rebalancer: Option<tokio::task::JoinHandle<()>> = None;
         let result = async {
             let mut worker_addrs = Vec::new();
             let replicas = usize::from(args.expert_replicas);
@@ -465,6 +483,10 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             }
             procs.push(p);
             println!("{}", serde_json::json!({"event": "ready", "role": "up", "address": addr}));
+            if let Some(every) = args.rebalance_every {
+                let client = client_args(transport.flags("rebalancer", CertRole::Gate)?);
+                rebalancer = Some(tokio::spawn(rebalance_loop(gate_addrs.clone(), client, every)));
+            }
             let internal = if transport.pki.is_some() { "mutual TLS (ephemeral CA)" } else { "plaintext" };
             eprintln!("moemesh up: frontend (moemesh.v1.Generation) on {addr}, plaintext; internal hops: {internal}; Ctrl-C stops the mesh");
             anyhow::Ok(())
@@ -509,9 +531,68 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             }
             drop(waits);
         }
+        if let Some(r) = rebalancer {
+            r.abort();
+        }
         stop_all(&mut procs).await;
         result
     })
+}
+
+/// `--tls-cert/--tls-key/--tls-ca` flags (or `--plaintext`) as a client's TLS settings.
+fn client_args(flags: Vec<String>) -> moemesh_tools::client_args::ClientArgs {
+    let mut c = moemesh_tools::client_args::ClientArgs::default();
+    let mut it = flags.into_iter();
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().map(PathBuf::from);
+        match flag.as_str() {
+            "--tls-cert" => c.tls_cert = value(),
+            "--tls-key" => c.tls_key = value(),
+            "--tls-ca" => c.tls_ca = value(),
+            _ => {}
+        }
+    }
+    c
+}
+
+/// `--rebalance-every`: a rebalance cycle every `every` seconds, each reported on stderr; a cycle
+/// that fails is reported and the next one tried.
+async fn rebalance_loop(
+    gates: Vec<String>,
+    client: moemesh_tools::client_args::ClientArgs,
+    every: u64,
+) {
+    let args = crate::rebalance_cmd::RebalanceArgs {
+        addr: gates,
+        plan: true,
+        apply: true,
+        spare: 2,
+        max_copies: 2,
+        cumulative: false,
+        min_gain: 2.0,
+        release_grace_ms: 1000,
+        apply_timeout: 300,
+        json: false,
+        timeout: 10,
+        client,
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(every));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is at once: skip it, there is no load yet.
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match crate::rebalance_cmd::cycle(&args).await {
+            Ok((p, applied)) => {
+                let (now, planned) = p.busiest();
+                eprintln!(
+                    "moemesh up: rebalance: busiest worker {now:.1}% now, {planned:.1}% planned; {}",
+                    applied.line()
+                );
+            }
+            Err(e) => eprintln!("moemesh up: rebalance failed: {e:#}"),
+        }
+    }
 }
 
 /// SIGTERM in reverse start order (frontend first, workers last), then SIGKILL stragglers.
@@ -547,6 +628,24 @@ mod tests {
         Cli::try_parse_from(std::iter::once("up").chain(args.iter().copied()))
             .expect("valid flags")
             .up
+    }
+
+    #[test]
+    fn rebalancing_is_off_by_default_and_takes_whole_seconds() {
+        assert_eq!(up(&[]).rebalance_every, None);
+        assert_eq!(up(&["--rebalance-every", "30"]).rebalance_every, Some(30));
+        assert!(Cli::try_parse_from(["up", "--rebalance-every", "0"]).is_err());
+        let c = client_args(vec![
+            "--tls-cert".into(),
+            "c.pem".into(),
+            "--tls-key".into(),
+            "k.pem".into(),
+            "--tls-ca".into(),
+            "ca.pem".into(),
+        ]);
+        assert_eq!(c.tls_ca, Some(PathBuf::from("ca.pem")));
+        assert_eq!(c.tls_cert, Some(PathBuf::from("c.pem")));
+        assert!(client_args(vec!["--plaintext".into()]).tls_ca.is_none());
     }
 
     #[test]
