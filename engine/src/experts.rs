@@ -112,6 +112,75 @@ struct LayerExperts {
     slot_of: Option<Tensor>,
 }
 
+impl LayerExperts {
+    /// Layer `l`'s stacks for `experts` (first occurrence of each kept, in order): taken from
+    /// `old`'s stacks where it holds an expert (a copy, no checkpoint read), else loaded through
+    /// `loader`; with the device slot table when `slot_table`.
+    fn build(
+        cfg: &ModelConfig,
+        loader: &Loader,
+        l: usize,
+        experts: &[usize],
+        old: Option<&LayerExperts>,
+        slot_table: bool,
+    ) -> Result<LayerExperts> {
+        let (h, inner) = (cfg.hidden_size, cfg.moe_intermediate_size);
+        let mut slots = BTreeMap::new();
+        let (mut gate_up, mut down) = (Vec::new(), Vec::new());
+        for &e in experts {
+            if e >= cfg.n_routed_experts {
+                return Err(EngineError::InvalidInput(format!(
+                    "expert {e} does not exist (n_routed_experts is {})",
+                    cfg.n_routed_experts
+                )));
+            }
+            if slots.contains_key(&e) {
+                continue;
+            }
+            slots.insert(e, slots.len());
+            match old.and_then(|o| o.slots.get(&e).map(|&s| (o, s))) {
+                Some((o, s)) => {
+                    // Slot s's gate rows then its up rows: [2I, hidden]; down [hidden, I].
+                    gate_up.push(o.gate_up.narrow(0, 2 * s * inner, 2 * inner)?);
+                    down.push(o.down.get(s)?);
+                }
+                None => {
+                    let p = format!("model.layers.{l}.mlp.experts.{e}");
+                    gate_up.push(loader.get(&format!("{p}.gate_proj.weight"), &[inner, h])?);
+                    gate_up.push(loader.get(&format!("{p}.up_proj.weight"), &[inner, h])?);
+                    down.push(loader.get(&format!("{p}.down_proj.weight"), &[h, inner])?);
+                }
+            }
+        }
+        if slots.is_empty() {
+            return Err(EngineError::InvalidInput(
+                "experts: a shard holds at least one expert".into(),
+            ));
+        }
+        let slot_of = if slot_table {
+            let mut table = vec![-1i32; cfg.n_routed_experts];
+            for (&e, &s) in &slots {
+                table[e] = s as i32;
+            }
+            Some(Tensor::from_vec(
+                table,
+                cfg.n_routed_experts,
+                loader.device(),
+            )?)
+        } else {
+            None
+        };
+        Ok(LayerExperts {
+            slots,
+            // [slots · 2I, hidden]
+            gate_up: Tensor::cat(&gate_up, 0)?,
+            // [slots, hidden, I]
+            down: Tensor::stack(&down, 0)?,
+            slot_of,
+        })
+    }
+}
+
 /// Routed-expert weights held in this process.
 pub struct ExpertShard {
     layers: BTreeMap<usize, LayerExperts>,
@@ -126,7 +195,7 @@ pub struct ExpertShard {
 impl ExpertShard {
     /// Loads `model.layers.{l}.mlp.experts.{e}.*` for every (l, e) of `spec`.
     pub fn load(cfg: &ModelConfig, loader: &Loader, spec: &ShardSpec) -> Result<Self> {
-        let (h, inner) = (cfg.hidden_size, cfg.moe_intermediate_size);
+        let inner = cfg.moe_intermediate_size;
         let mut layers = BTreeMap::new();
         for &l in &spec.layers {
             if !cfg.is_moe_layer(l) {
@@ -135,43 +204,8 @@ impl ExpertShard {
                     cfg.moe_layers()
                 )));
             }
-            let mut slots = BTreeMap::new();
-            let (mut gate_up, mut down) = (Vec::new(), Vec::new());
-            for &e in &spec.experts {
-                if e >= cfg.n_routed_experts {
-                    return Err(EngineError::InvalidInput(format!(
-                        "expert {e} does not exist (n_routed_experts is {})",
-                        cfg.n_routed_experts
-                    )));
-                }
-                if slots.contains_key(&e) {
-                    continue;
-                }
-                let p = format!("model.layers.{l}.mlp.experts.{e}");
-                slots.insert(e, slots.len());
-                gate_up.push(loader.get(&format!("{p}.gate_proj.weight"), &[inner, h])?);
-                gate_up.push(loader.get(&format!("{p}.up_proj.weight"), &[inner, h])?);
-                down.push(loader.get(&format!("{p}.down_proj.weight"), &[h, inner])?);
-            }
-            let slot_of = if crate::cuda::gpu(loader.device()).is_some() {
-                let mut table = vec![-1i32; cfg.n_routed_experts];
-                for (&e, &s) in &slots {
-                    table[e] = s as i32;
-                }
-                Some(Tensor::from_vec(
-                    table,
-                    cfg.n_routed_experts,
-                    loader.device(),
-                )?)
-            } else {
-                None
-            };
-            let layer = LayerExperts {
-                slots,
-                gate_up: Tensor::cat(&gate_up, 0)?,
-                down: Tensor::stack(&down, 0)?,
-                slot_of,
-            };
+            let on_gpu = crate::cuda::gpu(loader.device()).is_some();
+            let layer = LayerExperts::build(cfg, loader, l, &spec.experts, None, on_gpu)?;
             layers.insert(l, layer);
         }
         Ok(ExpertShard {
@@ -194,63 +228,11 @@ impl ExpertShard {
         loader: &Loader,
         experts: &[usize],
     ) -> Result<ExpertShard> {
-        let (h, inner) = (cfg.hidden_size, cfg.moe_intermediate_size);
         let mut layers = BTreeMap::new();
         for (&l, old) in &self.layers {
-            let mut slots = BTreeMap::new();
-            let (mut gate_up, mut down) = (Vec::new(), Vec::new());
-            for &e in experts {
-                if e >= cfg.n_routed_experts {
-                    return Err(EngineError::InvalidInput(format!(
-                        "expert {e} does not exist (n_routed_experts is {})",
-                        cfg.n_routed_experts
-                    )));
-                }
-                if slots.contains_key(&e) {
-                    continue;
-                }
-                slots.insert(e, slots.len());
-                match old.slots.get(&e) {
-                    Some(&s) => {
-                        // Slot s's gate rows then its up rows: [2I, hidden].
-                        gate_up.push(old.gate_up.narrow(0, 2 * s * inner, 2 * inner)?);
-                        // [hidden, I]
-                        down.push(old.down.get(s)?);
-                    }
-                    None => {
-                        let p = format!("model.layers.{l}.mlp.experts.{e}");
-                        gate_up.push(loader.get(&format!("{p}.gate_proj.weight"), &[inner, h])?);
-                        gate_up.push(loader.get(&format!("{p}.up_proj.weight"), &[inner, h])?);
-                        down.push(loader.get(&format!("{p}.down_proj.weight"), &[h, inner])?);
-                    }
-                }
-            }
-            if slots.is_empty() {
-                return Err(EngineError::InvalidInput(
-                    "experts: a shard holds at least one expert".into(),
-                ));
-            }
-            let slot_of = match &old.slot_of {
-                Some(_) => {
-                    let mut table = vec![-1i32; cfg.n_routed_experts];
-                    for (&e, &s) in &slots {
-                        table[e] = s as i32;
-                    }
-                    Some(Tensor::from_vec(table, cfg.n_routed_experts, &self.device)?)
-                }
-                None => None,
-            };
-            layers.insert(
-                l,
-                LayerExperts {
-                    slots,
-                    // [slots · 2I, hidden]
-                    gate_up: Tensor::cat(&gate_up, 0)?,
-                    // [slots, hidden, I]
-                    down: Tensor::stack(&down, 0)?,
-                    slot_of,
-                },
-            );
+            let layer =
+                LayerExperts::build(cfg, loader, l, experts, Some(old), old.slot_of.is_some())?;
+            layers.insert(l, layer);
         }
         Ok(ExpertShard {
             layers,
