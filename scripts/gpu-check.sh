@@ -425,7 +425,7 @@ if [[ $MODE == --ipc ]]; then
     dev_args=(--device cuda:0)
     [[ -n $ED ]] && dev_args+=(--expert-devices "$ED")
     : >"$OUT/ipc.jsonl"
-    MESH_LOG="warn,moemesh_gate::workers=info,moemesh_expert::service=info"
+    MESH_LOG="warn,moemesh_gate::workers=info,moemesh_expert::service=info,moemesh_engine::graphs=debug"
     for run in ${IPC_RUNS:-ipc grpc ipc-overlap in-process}; do
         t0=$SECONDS
         case $run in
@@ -476,6 +476,9 @@ if [[ $MODE == --ipc ]]; then
                 # The host-ordered handshake (each call synchronised on both hosts), for comparison
                 # with the default device-ordered one.
                 [[ $run == ipc-host* ]] && gate_args+=(--gate-args=--expert-ipc-sync=host)
+                # Decode steps queued layer by layer from the gate's host (no CUDA graphs), for
+                # comparison with the default (graphs where `--expert-graphs auto` allows them).
+                [[ $run == ipc-eager* ]] && gate_args+=(--gate-args=--expert-graphs=off)
                 # `up` runs the processes under a private MPS daemon when they share a GPU
                 # (--mps auto); *-nomps runs leave them to time-slice it.
                 [[ $run == *-nomps ]] && gate_args+=(--mps off)
@@ -506,6 +509,8 @@ EOF
                     down
                     grep -h 'transport' "$OUT/up.err" "$OUT/up.out" | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-300 \
                         | sort -u | head -8 | tee -a "$OUT/transports.txt"
+                    echo "$run: decode graphs captured by the gate: $(cat "$OUT/up.err" "$OUT/up.out" | grep -c 'captured as a CUDA graph')" \
+                        | tee -a "$OUT/transports.txt"
                 else
                     status=1
                 fi
@@ -526,7 +531,7 @@ EOF
             if MOEMESH_LOG=$MESH_LOG up --model "tests/fixtures/$fx" --device cuda:0 --dtype f32 --expert-workers 2; then
                 "$BIN" generate --addr "127.0.0.1:$PORT" "${common[@]}" >"$OUT/mesh_$fx.jsonl" || status=1
                 down
-                echo "cuda-ipc log lines: $(cat "$OUT/up.err" "$OUT/up.out" | grep -c 'cuda-ipc')"
+                echo "cuda-ipc log lines: $(cat "$OUT/up.err" "$OUT/up.out" | grep -c 'cuda-ipc'), decode graphs captured: $(cat "$OUT/up.err" "$OUT/up.out" | grep -c 'captured as a CUDA graph')"
             else
                 status=1
             fi

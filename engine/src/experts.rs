@@ -70,6 +70,31 @@ pub trait Experts: Send + Sync {
         false
     }
 
+    /// For experts in other processes whose device work a CUDA graph can hold once a step's
+    /// calls are fixed (the gate's device-ordered workers, [`crate::graphs`]): fixes, for a
+    /// decode step of `rows` rows in `dtype` over the MoE layers `layers`, which process computes
+    /// which experts of every layer and through which buffers, and returns a key naming that
+    /// plan (graphs captured under another key must not replay), or `None` when the step should
+    /// run the ordinary way. Until [`graph_end`](Self::graph_end), `dispatch_device` queues device
+    /// work only, for the fixed calls, with the flag values it needs read on the device from a
+    /// table that [`graph_send`](Self::graph_send) fills. Default: `None`.
+    fn graph_begin(&self, _layers: &[usize], _rows: usize, _dtype: DType) -> Result<Option<u64>> {
+        Ok(None)
+    }
+
+    /// Sends the fixed plan's calls for one run of the layers (an eager run or a graph's replay,
+    /// never a capture, which runs nothing) and fills the flag table, before the run is queued.
+    /// `false`, having sent nothing, when the calls cannot go now (the step then runs the
+    /// ordinary way).
+    fn graph_send(&self) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// Ends the plan of [`graph_begin`](Self::graph_begin); `ran`: whether the last run that
+    /// [`graph_send`](Self::graph_send) sent calls for was queued whole (when not, the calls it
+    /// never reached are released so that no worker waits for them).
+    fn graph_end(&self, _ran: bool) {}
+
     /// `dispatch` and wait.
     fn forward(&self, layer: usize, x: &Tensor, routing: &Routing) -> Result<Tensor> {
         self.dispatch(layer, x, routing)?.wait()

@@ -22,8 +22,13 @@
 //!
 //! A bucket whose eager run or capture fails (a shape a fused kernel does not take, say) is
 //! marked and stays eager, logged once; the step itself then runs the ordinary way. Steps with
-//! prompt rows, other experts (the gate's remote ones), or shapes beyond the buckets run the
-//! ordinary way too. `MOEMESH_CUDA_GRAPHS=0` turns graphs off, for A/B runs.
+//! prompt rows, or shapes beyond the buckets run the ordinary way too. `MOEMESH_CUDA_GRAPHS=0`
+//! turns graphs off, for A/B runs.
+//!
+//! Experts in other processes (the gate's device-ordered workers) take part through
+//! [`Experts::graph_begin`]: the step's calls are fixed first, under a key that names the
+//! graphs (a new key drops them), and [`Experts::graph_send`] sends a run's messages and fills
+//! the table its flag kernels read before each eager run or replay.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -157,7 +162,23 @@ pub struct DecodeGraphs {
     shared: Option<Shared>,
     scratch: Option<Scratch>,
     buckets: HashMap<(usize, usize), Bucket>,
+    /// The key of the remote experts' plan the graphs were captured under
+    /// ([`Experts::graph_begin`]).
+    remote_key: Option<u64>,
     stats: GraphStats,
+}
+
+/// A remote experts' plan fixed for one step; ends it when dropped, whatever the step's fate.
+struct RemotePlan<'a> {
+    experts: &'a dyn Experts,
+    /// Whether the last run that calls were sent for was queued whole.
+    ran: bool,
+}
+
+impl Drop for RemotePlan<'_> {
+    fn drop(&mut self) {
+        self.experts.graph_end(self.ran);
+    }
 }
 
 impl Default for DecodeGraphs {
@@ -191,6 +212,7 @@ impl DecodeGraphs {
             shared: None,
             scratch: None,
             buckets: HashMap::new(),
+            remote_key: None,
             stats: GraphStats::default(),
         }
     }
@@ -216,7 +238,6 @@ impl DecodeGraphs {
         if !self.enabled
             || b == 0
             || model.layers().is_empty()
-            || !experts.graph_capturable()
             || crate::cuda::gpu(model.device()).is_none()
             || seqs
                 .iter()
@@ -230,10 +251,32 @@ impl DecodeGraphs {
         };
         let lmax = seqs.iter().map(|s| s.cache.len() + 1).max().unwrap_or(1);
         let lcap = length_bucket(lmax);
-        if lcap > self.max_len
-            || self.buckets.get(&(bb, lcap)).is_some_and(|k| k.failed)
-            || !self.ready(model, pool, hidden.dtype())?
-        {
+        if lcap > self.max_len || !self.ready(model, pool, hidden.dtype())? {
+            return Ok(None);
+        }
+        // Experts in other processes fix the step's calls first (ended when `plan` drops); a
+        // new plan (other workers, buffers or placement) drops the graphs of the old one.
+        let mut plan = if experts.graph_capturable() {
+            None
+        } else {
+            let layers = model.config().moe_layers();
+            let Some(key) = experts.graph_begin(&layers, bb, model.dtype())? else {
+                return Ok(None);
+            };
+            let plan = RemotePlan { experts, ran: true };
+            if self.remote_key != Some(key) {
+                if self.remote_key.is_some() {
+                    tracing::info!(
+                        graphs = self.buckets.len(),
+                        "the expert calls' plan changed; dropping the decode graphs made for the old one"
+                    );
+                }
+                self.buckets.clear();
+                self.remote_key = Some(key);
+            }
+            Some(plan)
+        };
+        if self.buckets.get(&(bb, lcap)).is_some_and(|k| k.failed) {
             return Ok(None);
         }
         let (Some(shared), Some(scratch)) = (&self.shared, &self.scratch) else {
@@ -280,14 +323,33 @@ impl DecodeGraphs {
 
         let run =
             |ints: &Tensor| body(model, shared, self.max_batch, ints, pool, bb, lcap, experts);
+        // Remote experts' calls for the run about to be queued (not for a capture).
+        let send = |plan: &mut Option<RemotePlan>| -> Result<bool> {
+            match plan {
+                None => Ok(true),
+                Some(p) => {
+                    p.ran = false;
+                    experts.graph_send()
+                }
+            }
+        };
         match &bucket.graph {
             Some(graph) => {
+                if !send(&mut plan)? {
+                    return Ok(None);
+                }
                 graph.launch()?;
+                if let Some(p) = plan.as_mut() {
+                    p.ran = true;
+                }
                 self.stats.replayed += 1;
             }
             None => {
                 let g = crate::cuda::gpu(dev)
                     .ok_or_else(|| EngineError::Internal("the GPU went away".into()))?;
+                if !send(&mut plan)? {
+                    return Ok(None);
+                }
                 // The eager run fills candle's cache of small uploads; the capture reads it.
                 if let Err(e) = g.with_cached_uploads(|| run(&bucket.ints)) {
                     // Nothing is committed; the step runs the ordinary way (its KV rows are
@@ -302,6 +364,9 @@ impl DecodeGraphs {
                     self.stats.failed += 1;
                     return Ok(None);
                 }
+                if let Some(p) = plan.as_mut() {
+                    p.ran = true;
+                }
                 // This step is computed; a failed capture only leaves the shape eager.
                 let captured = g.with_cached_uploads(|| {
                     g.begin_capture().and_then(|()| {
@@ -314,6 +379,12 @@ impl DecodeGraphs {
                     Ok(graph) => {
                         bucket.graph = Some(graph);
                         self.stats.captured += 1;
+                        tracing::debug!(
+                            batch = bb,
+                            context = lcap,
+                            remote = plan.is_some(),
+                            "decode step captured as a CUDA graph"
+                        );
                     }
                     Err(e) => {
                         tracing::warn!(

@@ -214,6 +214,30 @@ extern "C" __global__ void expert_count(const uint32_t* ids, int n, int n_expert
         if (cnt[e]) atomicAdd(&counts[e], cnt[e]);
 }
 
+// The flags of device-ordered expert calls replayed from a CUDA graph (the gate's side): a
+// graph's arguments are fixed, so each run's call numbers come from `table`, which the host fills
+// before the run. `flag_signal` stores table[i] to a peer's flag word after everything queued
+// before it (fence, then a release store at system scope, as cuStreamWriteValue32 does);
+// `flag_wait_geq` spins, one thread, until the word reaches table[i] in the cyclic order
+// ((int)(word - v) >= 0, as cuStreamWaitValue32 GEQ), then fences so that what follows on the
+// stream reads what the peer wrote before its flag.
+extern "C" __global__ void flag_signal(uint32_t* word, const uint32_t* table, int i) {
+    __threadfence_system();
+    const uint32_t v = table[i];
+    asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(word), "r"(v) : "memory");
+}
+
+extern "C" __global__ void flag_wait_geq(const uint32_t* word, const uint32_t* table, int i) {
+    const uint32_t v = table[i];
+    for (;;) {
+        uint32_t w;
+        asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(w) : "l"(word) : "memory");
+        if ((int)(w - v) >= 0) break;
+        __nanosleep(256);
+    }
+    __threadfence_system();
+}
+
 #define MOE_GROUP 8      // tokens sharing one pass over a weight row
 #define MOE_WARPS 4      // warps per block
 #define MOE_ROWS 16      // output rows per block

@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::{Arg, Gpu, aligned16, i32_arg, is_kernel_dtype, suffix};
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 
 /// The routing of a batch, on the device: `ids [T, k]` (u32) and `weights [T, k]` (f32).
 #[derive(Debug, Clone)]
@@ -237,6 +237,43 @@ impl Gpu {
             ],
         )?;
         Ok(true)
+    }
+
+    /// Queues a one-thread kernel that stores `table[index]` (u32, on this device) to the u32
+    /// at device address `word` (a peer's flag, mapped into this process) after everything
+    /// queued before it: a flag write whose value is read when the kernel runs, so that a CUDA
+    /// graph can carry it (see [`crate::cuda::ipc::Region::word_address`]).
+    pub fn signal_word(&self, word: u64, table: &Tensor, index: usize) -> Result<()> {
+        self.flag_kernel("flag_signal", word, table, index)
+    }
+
+    /// Queues a one-thread kernel that waits until the u32 at device address `word` reaches
+    /// `table[index]` in the cyclic order (`(i32)(word - value) >= 0`); nothing queued after it
+    /// runs before. The flag is written by a peer (or released by this host); a flag that never
+    /// comes holds the stream, so callers bound it the way they bound `cuStreamWaitValue32`.
+    pub fn wait_word(&self, word: u64, table: &Tensor, index: usize) -> Result<()> {
+        self.flag_kernel("flag_wait_geq", word, table, index)
+    }
+
+    fn flag_kernel(&self, name: &str, word: u64, table: &Tensor, index: usize) -> Result<()> {
+        if table.dtype() != DType::U32 || index >= table.elem_count() || !word.is_multiple_of(4) {
+            return Err(EngineError::Internal(format!(
+                "{name}: entry {index} of a {:?} {:?} table, word at {word:#x}",
+                table.dims(),
+                table.dtype()
+            )));
+        }
+        self.launch(
+            name,
+            (1, 1, 1),
+            1,
+            0,
+            &[
+                Arg::Ptr(word),
+                Arg::Ptr(self.ptr(table)?),
+                i32_arg(index, "flag table entry")?,
+            ],
+        )
     }
 
     /// Routing from f32 router logits `[T, E]`, on the device.

@@ -140,6 +140,14 @@ impl Region {
         imp::wait_geq(&self.inner, word, value)
     }
 
+    /// The device address of u32 word `word` of the region (for kernels that write or wait for
+    /// a flag: [`crate::cuda::Gpu::signal_word`], [`crate::cuda::Gpu::wait_word`]). The address
+    /// is valid while the region (the buffer it views) lives.
+    pub fn word_address(&self, word: usize) -> Result<u64> {
+        self.check_word(word)?;
+        Ok(imp::address(&self.inner) + 4 * word as u64)
+    }
+
     /// Queues a copy of u32 word `word` of this region to word `to_word` of `to`.
     pub fn copy_word(&self, word: usize, to: &Region, to_word: usize) -> Result<()> {
         self.check_word(word)?;
@@ -294,6 +302,10 @@ mod imp {
 
     pub fn bytes(r: &Region) -> usize {
         r.bytes
+    }
+
+    pub fn address(r: &Region) -> u64 {
+        r.ptr
     }
 
     pub fn on(r: &Region, device: &Device) -> Result<Region> {
@@ -591,6 +603,10 @@ mod imp {
     }
 
     pub fn read(r: &Region, _offset: usize, _dtype: DType, _shape: &[usize]) -> Result<Tensor> {
+        match *r {}
+    }
+
+    pub fn address(r: &Region) -> u64 {
         match *r {}
     }
 

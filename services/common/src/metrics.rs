@@ -129,6 +129,10 @@ metrics_table! {
     /// Expert calls a worker refused because it gave an expert up (live re-placement), per
     /// `worker`; their pairs went to the experts' other holders.
     counter GATE_EXPERT_REFUSALS = "moemesh_gate_expert_refusals_total";
+    /// Decode steps the gate replayed as CUDA graphs (`--expert-graphs`).
+    counter GATE_GRAPH_REPLAYS = "moemesh_gate_decode_graph_replays_total";
+    /// Decode graphs the gate captured (one per batch and context bucket, since start).
+    gauge GATE_GRAPHS = "moemesh_gate_decode_graphs";
     /// Expert workers the gate accepts (same model fingerprint).
     gauge GATE_WORKERS = "moemesh_gate_expert_workers";
     /// (layer, expert) pairs of the model that no accepted worker serves.

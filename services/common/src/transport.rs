@@ -50,6 +50,21 @@ pub enum IpcSync {
     Host,
 }
 
+/// The gate's `--expert-graphs`: whether decode steps whose MoE layers all go to
+/// device-ordered workers run as CUDA graphs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExpertGraphs {
+    /// When they cannot stall each other: every worker of the step on another GPU than the
+    /// gate's, or the processes under MPS (`CUDA_MPS_PIPE_DIRECTORY` set, as `moemesh up`
+    /// does when it starts its daemon). A replayed graph waits for each worker's flag with a
+    /// kernel, which under plain time-slicing of one GPU would hold the GPU from the worker.
+    Auto,
+    /// Always (where the step's calls allow it).
+    On,
+    /// Never: every step queues its layers from the host.
+    Off,
+}
+
 /// A device-ordered call's input buffer: the rows, then the routing, each part 256-byte aligned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeviceLayout {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use moemesh_common::member_args::MemberArgs;
-use moemesh_common::transport::{IpcSync, TransportMode};
+use moemesh_common::transport::{ExpertGraphs, IpcSync, TransportMode};
 
 #[derive(Args, Debug, Clone)]
 pub struct GateConfig {
@@ -88,6 +88,17 @@ pub struct GateConfig {
         default_value = "device"
     )]
     pub expert_ipc_sync: IpcSync,
+    /// Decode steps through device-ordered workers as CUDA graphs (the step's ~650 launches and
+    /// its per-layer calls queued as one replay): `auto` when the workers are on other GPUs or
+    /// the processes run under MPS (which `moemesh up` starts where they share a GPU), `on`,
+    /// or `off`. `MOEMESH_CUDA_GRAPHS=0` turns every graph off.
+    #[arg(
+        long,
+        env = "MOEMESH_EXPERT_GRAPHS",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub expert_graphs: ExpertGraphs,
     /// Load testing: skew every MoE layer's router by this Zipf exponent S, adding
     /// `-S·ln(1 + rank(e))` to the router logits before the top-k, with each layer's ranks a
     /// fixed permutation of its experts (so each layer has its own hot experts). 0 (the

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use moemesh_common::metrics::names;
-use moemesh_common::transport::flags;
+use moemesh_common::transport::{ExpertGraphs, flags};
 use moemesh_common::{MeshError, MeshResult, codec, telemetry};
 use moemesh_engine::cuda::ipc;
 use moemesh_engine::{DType, Device, EngineError, Experts, PendingExperts, Routing, Tensor};
@@ -69,6 +69,42 @@ pub struct RemoteExperts {
     /// Tokens routed per (layer, expert), since start and over the window, both paths (for
     /// `Gate.Info` and the metrics).
     pub routed: Arc<ExpertLoad>,
+    /// `--expert-graphs`, and the gate's device as the registry names it (for `auto`).
+    graphs: ExpertGraphs,
+    gate_device: String,
+    /// The decode graph step in progress, if any (see [`Experts::graph_begin`]).
+    graph: Mutex<Option<Arc<GraphPlan>>>,
+    /// The flag table of the newest plan, by its key: graphs captured under a key read their
+    /// call numbers from that table, so it lives as long as the key does.
+    graph_table: Mutex<Option<(u64, Tensor)>>,
+}
+
+/// One worker's call in a decode graph's MoE layer.
+struct GraphCall {
+    client: Arc<WorkerClient>,
+    conn: Arc<Conn>,
+    session: Arc<IpcSession>,
+    slot: usize,
+    experts: Vec<u32>,
+    /// Its entry in the flag table: its place in the order calls are sent in.
+    entry: usize,
+}
+
+/// A decode graph's step: every MoE layer's calls, fixed (see [`Experts::graph_begin`]).
+struct GraphPlan {
+    rows: usize,
+    dtype: DType,
+    layers: HashMap<usize, Vec<GraphCall>>,
+    /// Every call in the order sent (MoE layers in order, then workers): (layer, index in its
+    /// layer's calls).
+    order: Vec<(usize, usize)>,
+    /// `[calls]` u32 on the device: each call's number for the run in progress.
+    table: Tensor,
+    /// Every slot of every session the plan uses, held for the step.
+    _slots: Vec<SlotGuard>,
+    /// The newest number sent per (session, slot) by the last `graph_send`, to release the
+    /// calls of a run that was not queued whole.
+    sent: Mutex<Vec<(Arc<IpcSession>, usize, u32)>>,
 }
 
 /// Steps between two reads of the device-side expert load into the metrics.
@@ -87,6 +123,8 @@ struct DeviceLoad {
 }
 
 impl DeviceLoad {
+    /// Adds a layer's routed ids to its counts. On the GPU the counts stay in one buffer per
+    /// layer for good (a decode graph's kernels add to it at every replay).
     fn add(&mut self, layer: u32, ids: &Tensor, n_experts: usize) -> moemesh_engine::Result<()> {
         let counts = match self.counts.remove(&layer) {
             Some(c) => c,
@@ -116,8 +154,11 @@ impl DeviceLoad {
             return Ok(());
         }
         self.steps = 0;
-        for (layer, counts) in std::mem::take(&mut self.counts) {
-            let counts = counts.to_vec1::<u32>()?;
+        for (&layer, counts) in &self.counts {
+            let read = counts.to_vec1::<u32>()?;
+            // Zeroed where they are: decode graphs hold the buffers' addresses.
+            counts.slice_set(&counts.zeros_like()?, 0, 0)?;
+            let counts = read;
             routed.add(
                 layer,
                 counts
@@ -155,6 +196,30 @@ impl RemoteExperts {
             watch,
             load: Mutex::default(),
             routed: Arc::new(ExpertLoad::new(n_experts, load_window)),
+            graphs: ExpertGraphs::Off,
+            gate_device: String::new(),
+            graph: Mutex::new(None),
+            graph_table: Mutex::new(None),
+        }
+    }
+
+    /// Decode steps as CUDA graphs, by `--expert-graphs`; `gate_device` is the gate's device as
+    /// the registry names it (`auto` compares the workers' with it).
+    pub fn with_graphs(mut self, graphs: ExpertGraphs, gate_device: &str) -> Self {
+        self.graphs = graphs;
+        self.gate_device = gate_device.to_string();
+        self
+    }
+
+    /// Whether `auto` allows graphs with `client`: it is on another GPU, or MPS runs.
+    fn graph_allowed(&self, client: &WorkerClient) -> bool {
+        match self.graphs {
+            ExpertGraphs::Off => false,
+            ExpertGraphs::On => true,
+            ExpertGraphs::Auto => {
+                client.member.device != self.gate_device
+                    || std::env::var_os("CUDA_MPS_PIPE_DIRECTORY").is_some()
+            }
         }
     }
 
@@ -399,6 +464,107 @@ impl RemoteExperts {
     }
 }
 
+impl RemoteExperts {
+    /// The GPU decode graphs run on: where the workers' sessions live, if that is a CUDA device
+    /// with moemesh's kernels (the flag kernels).
+    fn graph_device(&self) -> Option<Device> {
+        self.pool
+            .ipc_device()
+            .filter(|d| moemesh_engine::cuda::gpu(d).is_some())
+    }
+
+    /// A decode graph's MoE layer: the fixed calls' device work only (rows and routing into each
+    /// slot, the `ready` flag from the table; then, deferred, each `done` flag waited for and the
+    /// partial sums added). The messages went out in `graph_send`.
+    fn dispatch_graph(
+        &self,
+        plan: &Arc<GraphPlan>,
+        layer: usize,
+        x: &Tensor,
+        routing: &moemesh_engine::cuda::DeviceRouting,
+    ) -> moemesh_engine::Result<PendingExperts> {
+        let internal = move |what: String| {
+            EngineError::Internal(format!("decode graph, layer {layer}: {what}"))
+        };
+        let (t, h) = x.dims2()?;
+        if t != plan.rows || x.dtype() != plan.dtype {
+            return Err(internal(format!(
+                "{t} rows of {:?} where the plan has {} of {:?}",
+                x.dtype(),
+                plan.rows,
+                plan.dtype
+            )));
+        }
+        let calls = plan
+            .layers
+            .get(&layer)
+            .ok_or_else(|| internal("not a layer of the plan".into()))?;
+        let device = x.device().clone();
+        let g =
+            moemesh_engine::cuda::gpu(&device).ok_or_else(|| internal("no GPU kernels".into()))?;
+        let x = x.contiguous()?;
+        let ids = routing.ids.contiguous()?;
+        let weights = routing.weights.contiguous()?;
+        lock(&self.load).add(layer as u32, &ids, self.n_experts)?;
+        for c in calls {
+            let d = c
+                .session
+                .device
+                .as_ref()
+                .ok_or_else(|| internal("a session without device flags".into()))?;
+            if d.top_k != routing.k {
+                return Err(internal(format!(
+                    "routing of width {} on a session of width {}",
+                    routing.k, d.top_k
+                )));
+            }
+            let input = &c
+                .session
+                .slots
+                .get(c.slot)
+                .ok_or_else(|| internal(format!("no slot {}", c.slot)))?
+                .input;
+            input.write_at(0, &x)?;
+            input.write_at(d.layout.ids, &ids)?;
+            input.write_at(d.layout.weights, &weights)?;
+            g.signal_word(
+                d.worker_flags.word_address(flags::ready(c.slot))?,
+                &plan.table,
+                c.entry,
+            )?;
+        }
+        let plan = plan.clone();
+        Ok(PendingExperts::deferred(move || {
+            let calls = plan
+                .layers
+                .get(&layer)
+                .ok_or_else(|| internal("not a layer of the plan".into()))?;
+            let mut sum: Option<Tensor> = None;
+            for c in calls {
+                let (Some(d), Some(slot)) =
+                    (c.session.device.as_ref(), c.session.slots.get(c.slot))
+                else {
+                    return Err(internal("a call's session changed".into()));
+                };
+                g.wait_word(
+                    d.gate_flags.word_address(flags::done(c.slot))?,
+                    &plan.table,
+                    c.entry,
+                )?;
+                let part = slot.output.read(DType::F32, &[t, h])?;
+                sum = Some(match sum {
+                    None => part,
+                    Some(s) => (s + part)?,
+                });
+            }
+            match sum {
+                Some(s) => Ok(s),
+                None => Ok(Tensor::zeros((t, h), DType::F32, &device)?),
+            }
+        }))
+    }
+}
+
 impl Experts for RemoteExperts {
     fn dispatch_device(
         &self,
@@ -411,6 +577,10 @@ impl Experts for RemoteExperts {
             return Ok(None);
         }
         let (t, h) = x.dims2()?;
+        let graph = lock(&self.graph).clone();
+        if let Some(plan) = graph {
+            return self.dispatch_graph(&plan, layer, x, routing).map(Some);
+        }
         // `pick` opens replicas' streams in the background on the runtime.
         let _runtime = self.handle.enter();
         let Some(planned) = self.plan_device(layer as u32, t, x.dtype(), routing.k) else {
@@ -500,6 +670,202 @@ impl Experts for RemoteExperts {
         })))
     }
 
+    fn graph_begin(
+        &self,
+        layers: &[usize],
+        rows: usize,
+        dtype: DType,
+    ) -> moemesh_engine::Result<Option<u64>> {
+        use std::hash::{Hash, Hasher};
+        if self.graphs == ExpertGraphs::Off || self.n_experts == 0 || layers.is_empty() {
+            return Ok(None);
+        }
+        let Some(device) = self.graph_device() else {
+            return Ok(None);
+        };
+        // `pick` opens replicas' streams in the background on the runtime.
+        let _runtime = self.handle.enter();
+        let none = Excluded::default();
+        // Per worker (serial): its stream, every slot of its session.
+        let mut held: BTreeMap<u64, (Arc<Conn>, Vec<SlotGuard>)> = BTreeMap::new();
+        let mut plan_layers: HashMap<usize, Vec<GraphCall>> = HashMap::new();
+        let mut order = Vec::new();
+        let mut key = std::collections::hash_map::DefaultHasher::new();
+        format!("{dtype:?}").hash(&mut key);
+        for (i, &layer) in layers.iter().enumerate() {
+            // Each expert to one holder; replicas take turns by layer (the eager path rotates
+            // them by call).
+            let mut groups: BTreeMap<u64, (Arc<WorkerClient>, Vec<u32>)> = BTreeMap::new();
+            for e in 0..self.n_experts as u32 {
+                let Ok(client) = self
+                    .pool
+                    .pick(layer as u32, e, &none, i as u64, Placement::Step)
+                else {
+                    return Ok(None);
+                };
+                groups
+                    .entry(client.serial)
+                    .or_insert_with(|| (client, Vec::new()))
+                    .1
+                    .push(e);
+            }
+            let mut calls = Vec::with_capacity(groups.len());
+            for (serial, (client, experts)) in groups {
+                let (conn, slots) = match held.entry(serial) {
+                    std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        if !self.graph_allowed(&client) {
+                            return Ok(None);
+                        }
+                        let Some(taken) = client.device_slots_all(rows) else {
+                            return Ok(None);
+                        };
+                        v.insert(taken)
+                    }
+                };
+                let Some(first) = slots.first() else {
+                    return Ok(None);
+                };
+                let session = first.session.clone();
+                if session.dtype != dtype || session.device.is_none() {
+                    return Ok(None);
+                }
+                let slot = i % slots.len();
+                (layer, serial, session.nonce, slot, &experts).hash(&mut key);
+                order.push((layer, calls.len()));
+                calls.push(GraphCall {
+                    client,
+                    conn: conn.clone(),
+                    session,
+                    slot,
+                    experts,
+                    entry: order.len() - 1,
+                });
+            }
+            plan_layers.insert(layer, calls);
+        }
+        let key = key.finish();
+        let table = {
+            let mut t = lock(&self.graph_table);
+            match t.as_ref() {
+                Some((k, table)) if *k == key && table.dim(0)? == order.len() => table.clone(),
+                _ => {
+                    let table = Tensor::zeros(order.len(), DType::U32, &device)?;
+                    *t = Some((key, table.clone()));
+                    table
+                }
+            }
+        };
+        *lock(&self.graph) = Some(Arc::new(GraphPlan {
+            rows,
+            dtype,
+            layers: plan_layers,
+            order,
+            table,
+            _slots: held.into_values().flat_map(|(_, s)| s).collect(),
+            sent: Mutex::new(Vec::new()),
+        }));
+        Ok(Some(key))
+    }
+
+    fn graph_send(&self) -> moemesh_engine::Result<bool> {
+        let Some(plan) = lock(&self.graph).clone() else {
+            return Ok(false);
+        };
+        let calls: Vec<&GraphCall> = plan
+            .order
+            .iter()
+            .filter_map(|(layer, j)| plan.layers.get(layer)?.get(*j))
+            .collect();
+        if calls.len() != plan.order.len() {
+            return Ok(false);
+        }
+        // Room for every message first: a run is sent whole or not at all.
+        let mut permits = Vec::with_capacity(calls.len());
+        for c in &calls {
+            if c.session.is_broken() {
+                return Ok(false);
+            }
+            match c.conn.tx.clone().try_reserve_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => return Ok(false),
+            }
+        }
+        let mut seqs = Vec::with_capacity(calls.len());
+        let mut newest: HashMap<(u64, usize), (Arc<IpcSession>, u32)> = HashMap::new();
+        for c in &calls {
+            let Some(d) = c.session.device.as_ref() else {
+                return Ok(false);
+            };
+            let seq = d.next_seq(c.slot);
+            seqs.push(seq);
+            newest.insert((c.session.nonce, c.slot), (c.session.clone(), seq));
+        }
+        let device = plan.table.device().clone();
+        let n = seqs.len();
+        plan.table
+            .slice_set(&Tensor::from_vec(seqs.clone(), n, &device)?, 0, 0)?;
+        for ((c, permit), seq) in calls.iter().zip(permits).zip(seqs) {
+            permit.send(ForwardRequest {
+                call_id: c.client.next_call_id(),
+                layer: plan.order[c.entry].0 as u32,
+                hidden: None,
+                pairs_per_token: Vec::new(),
+                expert_ids: Vec::new(),
+                weights: Vec::new(),
+                traceparent: String::new(),
+                shared: Some(SharedActivations {
+                    session: c.session.id,
+                    slot: c.slot as u32,
+                    rows: plan.rows as u32,
+                    dtype: codec::wire_dtype_for(plan.dtype) as i32,
+                    token_rows: Vec::new(),
+                    device_seq: seq,
+                    experts: c.experts.clone(),
+                }),
+            });
+            self.watch.track(
+                &device,
+                Sent {
+                    client: c.client.clone(),
+                    conn: c.conn.clone(),
+                    session: c.session.clone(),
+                    slot: c.slot,
+                    seq,
+                },
+            );
+        }
+        *lock(&plan.sent) = newest
+            .into_iter()
+            .map(|((_, slot), (session, seq))| (session, slot, seq))
+            .collect();
+        Ok(true)
+    }
+
+    fn graph_end(&self, ran: bool) {
+        let Some(plan) = lock(&self.graph).take() else {
+            return;
+        };
+        let sent = std::mem::take(&mut *lock(&plan.sent));
+        if ran || sent.is_empty() {
+            return;
+        }
+        // The run stopped part way: the workers wait for flags it never queued. Once this GPU's
+        // queued work is done (bounded: the watch releases waits on a dead worker), each slot's
+        // `ready` word gets the newest number sent on it, which lets the worker's remaining
+        // waits on it through (those calls compute on stale rows and are never read).
+        if let Err(e) = ipc::fence(plan.table.device()).and_then(|f| f.wait()) {
+            tracing::warn!(error = %e, "waiting for an unfinished graph run's work");
+        }
+        for (session, slot, seq) in sent {
+            if let Some(d) = &session.device
+                && let Err(e) = d.worker_flags.fill_words_now(flags::ready(slot), 1, seq)
+            {
+                tracing::warn!(session = session.id, slot, error = %e, "could not release a worker's waits after an unfinished graph run");
+            }
+        }
+    }
+
     fn settle(&self) -> moemesh_engine::Result<()> {
         let Some(device) = lock(&self.watch.step).as_ref().map(|f| f.device.clone()) else {
             return Ok(());
@@ -533,6 +899,13 @@ impl Experts for RemoteExperts {
         x: &Tensor,
         routing: &Routing,
     ) -> moemesh_engine::Result<PendingExperts> {
+        if lock(&self.graph).is_some() {
+            // A graph step's calls for this layer are sent already and wait for its flags: the
+            // run fails, its calls are released and the step runs the ordinary way.
+            return Err(EngineError::Internal(format!(
+                "layer {layer}: the host path in a decode graph's step"
+            )));
+        }
         let device = x.device().clone();
         let (t, h) = x.dims2()?;
         let mut pairs = Vec::with_capacity(routing.expert_ids.len());
@@ -1056,9 +1429,9 @@ mod tests {
         load.add(1, &ids(vec![0, 3, 3, 1], 2), 4).expect("add");
         load.add(2, &ids(vec![2, 2], 1), 4).expect("add");
         load.add(1, &ids(vec![3, 0], 1), 4).expect("add");
-        let counts = |l: u32| load.counts[&l].to_vec1::<u32>().expect("counts");
-        assert_eq!(counts(1), vec![2, 1, 0, 3]);
-        assert_eq!(counts(2), vec![0, 0, 2, 0]);
+        let counts = |load: &DeviceLoad, l: u32| load.counts[&l].to_vec1::<u32>().expect("counts");
+        assert_eq!(counts(&load, 1), vec![2, 1, 0, 3]);
+        assert_eq!(counts(&load, 2), vec![0, 0, 2, 0]);
         // Read (and zeroed) only on the flush step.
         let routed = ExpertLoad::new(4, Duration::from_secs(60));
         for _ in 1..LOAD_FLUSH_STEPS {
@@ -1067,10 +1440,19 @@ mod tests {
         assert_eq!(load.counts.len(), 2);
         assert!(routed.totals().is_empty());
         load.step_done(&routed).expect("flush");
-        assert!(load.counts.is_empty());
+        // The buffers stay (a decode graph holds their addresses), zeroed.
+        assert_eq!(counts(&load, 1), vec![0; 4]);
+        assert_eq!(counts(&load, 2), vec![0; 4]);
         let expect = BTreeMap::from([(1, vec![2, 1, 0, 3]), (2, vec![0, 0, 2, 0])]);
         assert_eq!(routed.totals(), expect);
         assert_eq!(routed.windowed(), expect);
+        // The next window adds from zero; an all-zero layer adds nothing to the totals.
+        load.add(2, &ids(vec![1, 1], 1), 4).expect("add");
+        for _ in 0..LOAD_FLUSH_STEPS {
+            load.step_done(&routed).expect("step");
+        }
+        let expect = BTreeMap::from([(1, vec![2, 1, 0, 3]), (2, vec![0, 2, 2, 0])]);
+        assert_eq!(routed.totals(), expect);
     }
 
     #[test]

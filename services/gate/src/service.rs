@@ -323,7 +323,8 @@ pub async fn run(
         Duration::from_secs(cfg.expert_timeout),
         files.config.n_routed_experts,
         Duration::from_secs(cfg.load_window_secs),
-    );
+    )
+    .with_graphs(cfg.expert_graphs, &cfg.member.device);
     let blocks = cfg.kv_blocks.unwrap_or_else(|| {
         moemesh_engine::serving::blocks_for_bytes(&files.config, dtype, cfg.kv_cache_mb << 20)
     });

@@ -131,6 +131,9 @@ impl StepEngine {
         metrics::gauge!(names::KV_TOTAL).set(total as f64);
         metrics::gauge!(names::KV_USED).set(total.saturating_sub(free) as f64);
         metrics::gauge!(names::GATE_SEQUENCES).set(self.runner.live() as f64);
+        let g = self.runner.graph_stats();
+        metrics::counter!(names::GATE_GRAPH_REPLAYS).absolute(g.replayed);
+        metrics::gauge!(names::GATE_GRAPHS).set(g.captured as f64);
         let p = self.runner.prefix_stats();
         metrics::counter!(names::PREFIX_LOOKUPS).absolute(p.lookups);
         metrics::counter!(names::PREFIX_QUERIED_BLOCKS).absolute(p.queried_blocks);

@@ -122,7 +122,13 @@ pub struct IpcSession {
     pub device: Option<DeviceSync>,
     /// Set once the stream failed: no new calls, and device-ordered waits were released.
     broken: AtomicBool,
+    /// Unique among this process's sessions (ids are the workers' and may repeat across them):
+    /// what a decode graph's plan names its buffers by.
+    pub nonce: u64,
 }
+
+/// The next [`IpcSession::nonce`].
+static SESSION_NONCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// A slot held for one call; dropping it frees the slot for the next call.
 pub struct SlotGuard {
@@ -161,6 +167,26 @@ impl IpcSession {
                 tracing::error!(session = self.id, slot, error = %e, "could not release a device-ordered wait");
             }
         }
+    }
+
+    /// Every slot of the session, in index order, for calls of `rows` rows: `None` unless the
+    /// buffers hold that many, the session is not broken and no slot is in use (a decode graph's
+    /// step holds them all, its layers taking them in turn).
+    fn all_slots(self: &Arc<Self>, rows: usize) -> Option<Vec<SlotGuard>> {
+        if rows == 0 || rows > self.rows || self.is_broken() {
+            return None;
+        }
+        self.slots
+            .iter()
+            .enumerate()
+            .map(|(index, s)| {
+                s.busy.clone().try_lock_owned().ok().map(|g| SlotGuard {
+                    session: self.clone(),
+                    index,
+                    _busy: g,
+                })
+            })
+            .collect()
     }
 
     /// A free slot for a call of `rows` rows, if the session's buffers hold that many.
@@ -294,6 +320,16 @@ impl WorkerClient {
         session.device.as_ref()?;
         let slot = session.try_slot(rows)?;
         Some((conn, slot))
+    }
+
+    /// The open stream and every slot of its session, for a decode graph's step of `rows` rows
+    /// (see [`IpcSession::all_slots`]); the session accepted device-ordered calls.
+    pub fn device_slots_all(&self, rows: usize) -> Option<(Arc<Conn>, Vec<SlotGuard>)> {
+        let conn = self.live()?;
+        let session = conn.ipc.as_ref()?;
+        session.device.as_ref()?;
+        let slots = session.all_slots(rows)?;
+        Some((conn, slots))
     }
 
     /// A call id for a request sent without waiting for its reply (device-ordered calls).
@@ -590,6 +626,7 @@ impl WorkerClient {
             slots,
             device,
             broken: AtomicBool::new(false),
+            nonce: SESSION_NONCE.fetch_add(1, Ordering::Relaxed),
         }))
     }
 
@@ -755,6 +792,11 @@ impl WorkerPool {
             offer: None,
             changes: watch::channel(0).0,
         }
+    }
+
+    /// The device CUDA IPC sessions' buffers live on (the gate's), if IPC is offered.
+    pub fn ipc_device(&self) -> Option<Device> {
+        self.offer.as_ref().map(|o| o.device.clone())
     }
 
     /// Offers CUDA IPC to every worker whose stream opens from now on (see [`IpcOffer`]).
