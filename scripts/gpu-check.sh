@@ -434,6 +434,11 @@ if [[ $MODE == --ipc ]]; then
                     | sed "s/^{/{\"mode\":\"$run\",/" >>"$OUT/ipc.jsonl" || status=1
                 "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 "${E2E[@]}" \
                     | sed "s/^{/{\"mode\":\"$run e2e\",/" >>"$OUT/ipc.jsonl" || status=1
+                if [[ -n ${IPC_E2E_LONG:-} ]]; then
+                    "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 --concurrency 64 --requests 64 \
+                        --prompt-len 1024 --output-len 256 --json \
+                        | sed "s/^{/{\"mode\":\"$run 1024 \/ 256 e2e\",/" >>"$OUT/ipc.jsonl" || status=1
+                fi
                 ;;
             *-failover)
                 # A worker hung mid-load (SIGSTOP), with a replica (`up --expert-replicas 2`):
@@ -442,10 +447,13 @@ if [[ $MODE == --ipc ]]; then
                 # worker makes `up` stop the whole mesh, so the kill is left to the CPU tests,
                 # which run their own processes.)
                 t=auto; [[ $run == grpc* ]] && t=grpc
-                if MOEMESH_LOG=$MESH_LOG up --model $MODEL --dtype bf16 --expert-workers 2 --expert-replicas 2 \
+                # FAILOVER_WORKERS (default 2) shards, each twice: the lent H100s take at most
+                # three MPS clients per GPU (a fourth process's context fails with "out of
+                # memory"), so on one GPU under MPS use 1 (the gate and two replicas).
+                if MOEMESH_LOG=$MESH_LOG up --model ${FAILOVER_MODEL:-$MODEL} --dtype bf16 --expert-workers ${FAILOVER_WORKERS:-2} --expert-replicas 2 \
                     "${dev_args[@]}" --gate-args=--kv-cache-mb=4096 --gate-args=--expert-transport=$t \
                     --gate-args=--expert-timeout=5; then
-                    "$BIN" bench --addr "127.0.0.1:$PORT" --concurrency 64 --requests 192 --prompt-len 128 \
+                    "$BIN" bench --addr "127.0.0.1:$PORT" --concurrency 64 --requests ${FAILOVER_REQUESTS:-192} --prompt-len 128 \
                         --output-len 64 --json >"$OUT/failover_$run.json" &
                     BENCH_PID=$!
                     hung=$(grep -o "expert worker 0 replica 0 .*pid [0-9]*" "$OUT/up.err" | grep -o '[0-9]*$' | head -1)
@@ -455,7 +463,7 @@ if [[ $MODE == --ipc ]]; then
                     down
                     $PY -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"$run: {r['succeeded']}/{r['requests']} requests ok, errors {r['errors']}, {r['output_tokens_per_s']:.0f} output tok/s\")" \
                         "$OUT/failover_$run.json" | tee -a "$OUT/failover.txt"
-                    echo "retried calls: $(grep -c 'retrying on another replica' "$OUT/up.err")" | tee -a "$OUT/failover.txt"
+                    echo "retried calls: $(grep -c 'retrying on another replica' "$OUT/up.err"), device-ordered calls past their deadline: $(grep -c 'missed its deadline' "$OUT/up.err"), steps run again: $(grep -c 'running it again' "$OUT/up.err"), decode graphs captured: $(grep -c 'captured as a CUDA graph' "$OUT/up.err"), graph plans dropped: $(grep -c "plan changed" "$OUT/up.err")" | tee -a "$OUT/failover.txt"
                     grep -o 'expert call failed; retrying on another replica.\{0,200\}' "$OUT/up.err" | sed 's/\x1b\[[0-9;]*m//g' \
                         | head -3 | tee -a "$OUT/failover.txt"
                 else
@@ -479,6 +487,9 @@ if [[ $MODE == --ipc ]]; then
                 # Decode steps queued layer by layer from the gate's host (no CUDA graphs), for
                 # comparison with the default (graphs where `--expert-graphs auto` allows them).
                 [[ $run == ipc-eager* ]] && gate_args+=(--gate-args=--expert-graphs=off)
+                # The workers' device-ordered waits on the stream (`cuStreamWaitValue32`) instead
+                # of a spinning kernel (the default under MPS).
+                if [[ $run == *-streamwait ]]; then export MOEMESH_IPC_WAIT=stream; else unset MOEMESH_IPC_WAIT; fi
                 # `up` runs the processes under a private MPS daemon when they share a GPU
                 # (--mps auto); *-nomps runs leave them to time-slice it.
                 [[ $run == *-nomps ]] && gate_args+=(--mps off)
@@ -506,6 +517,12 @@ EOF
                         | sed "s/^{/{\"mode\":\"mesh $run\",/" >>"$OUT/ipc.jsonl" || status=1
                     "$BIN" bench --addr "127.0.0.1:$PORT" "${E2E[@]}" \
                         | sed "s/^{/{\"mode\":\"mesh $run e2e\",/" >>"$OUT/ipc.jsonl" || status=1
+                    # IPC_E2E_LONG=1: also 1,024-token prompts and 256 new tokens (issue 15's shape).
+                    if [[ -n ${IPC_E2E_LONG:-} ]]; then
+                        "$BIN" bench --addr "127.0.0.1:$PORT" --concurrency 64 --requests 64 --prompt-len 1024 \
+                            --output-len 256 --json \
+                            | sed "s/^{/{\"mode\":\"mesh $run 1024 \/ 256 e2e\",/" >>"$OUT/ipc.jsonl" || status=1
+                    fi
                     down
                     grep -h 'transport' "$OUT/up.err" "$OUT/up.out" | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-300 \
                         | sort -u | head -8 | tee -a "$OUT/transports.txt"

@@ -434,6 +434,24 @@ impl ExpertShard {
         g.experts_routed(x, routing, slot_of, &le.gate_up, &le.down, usize::MAX)
     }
 
+    /// [`forward_routed_device`](Self::forward_routed_device) with the `[T, hidden]` f32 result
+    /// written at device address `into` (an expert worker's shared output buffer); `false` when
+    /// the device kernels do not take the call.
+    pub fn forward_routed_device_into(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        routing: &crate::cuda::DeviceRouting,
+        slot_of: &Tensor,
+        into: u64,
+    ) -> Result<bool> {
+        let Some(g) = crate::cuda::gpu(x.device()) else {
+            return Ok(false);
+        };
+        let le = self.layer(layer)?;
+        g.experts_routed_into(x, routing, slot_of, &le.gate_up, &le.down, usize::MAX, into)
+    }
+
     /// Expert by expert.
     pub fn forward_sparse(
         &self,

@@ -32,7 +32,7 @@ for r in rows:
         over = f"{(ms - b) / MOE_LAYERS * 1e3:.0f}"
     print(f"| {r['mode']} | {c} | {ms:.2f} | {c / ms * 1e3:.0f} | {rel} | {over} |")
 print()
-print("| run (128 / 32, prompts included) | concurrency | output tok/s | TTFT p50 ms | ITL p50 ms | requests ok |")
+print("| run (128 / 32 unless it names another shape; prompts included) | concurrency | output tok/s | TTFT p50 ms | ITL p50 ms | requests ok |")
 print("| --- | ---: | ---: | ---: | ---: | ---: |")
 for r in rows:
     if r["mode"].endswith("e2e"):

@@ -238,6 +238,76 @@ extern "C" __global__ void flag_wait_geq(const uint32_t* word, const uint32_t* t
     __threadfence_system();
 }
 
+// The same for a value known when the work is queued (an expert worker's side): wait until
+// *word reaches v, then store what was seen to *observed (if not null; a released wait sees
+// more than v, which the gate checks).
+extern "C" __global__ void flag_wait_value(const uint32_t* word, uint32_t v, uint32_t* observed) {
+    uint32_t w;
+    for (;;) {
+        asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(w) : "l"(word) : "memory");
+        if ((int)(w - v) >= 0) break;
+        __nanosleep(256);
+    }
+    if (observed) *observed = w;
+    __threadfence_system();
+}
+
+// After a call's output: *seen = *from (what the wait saw), then `done` = v, released after
+// everything queued before (the output) at system scope.
+extern "C" __global__ void flag_seen_done(const uint32_t* from, uint32_t* seen, uint32_t* done,
+                                         uint32_t v) {
+    *seen = *from;
+    __threadfence_system();
+    asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(done), "r"(v) : "memory");
+}
+
+// out = p0 + p1 + p2 + p3 over n4 float4s (the first `parts` pointers are read): the expert
+// workers' f32 partial sums, read where the workers wrote them.
+extern "C" __global__ void add_parts_f32(float4* out, const float4* p0, const float4* p1,
+                                         const float4* p2, const float4* p3, int parts, int n4) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n4; i += gridDim.x * blockDim.x) {
+        float4 s = p0[i];
+        const float4* more[3] = {p1, p2, p3};
+        for (int p = 1; p < parts; ++p) {
+            const float4 v = more[p - 1][i];
+            s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
+        }
+        out[i] = s;
+    }
+}
+
+// Up to eight copies of n_c u32 words from s_c to d_c in one launch (blockIdx.y = c): the
+// activations and routing into the expert workers' shared buffers, and out of them, without a
+// copy launch each. 16-byte moves where both ends are aligned.
+extern "C" __global__ void copy_batch(const uint32_t* s0, const uint32_t* s1, const uint32_t* s2, const uint32_t* s3, const uint32_t* s4, const uint32_t* s5, const uint32_t* s6, const uint32_t* s7,
+                                      uint32_t* d0, uint32_t* d1, uint32_t* d2, uint32_t* d3, uint32_t* d4, uint32_t* d5, uint32_t* d6, uint32_t* d7,
+                                      int n0, int n1, int n2, int n3, int n4, int n5, int n6, int n7) {
+    const uint32_t* s = nullptr;
+    uint32_t* d = nullptr;
+    int n = 0;
+    switch (blockIdx.y) {
+        case 0: s = s0; d = d0; n = n0; break;
+        case 1: s = s1; d = d1; n = n1; break;
+        case 2: s = s2; d = d2; n = n2; break;
+        case 3: s = s3; d = d3; n = n3; break;
+        case 4: s = s4; d = d4; n = n4; break;
+        case 5: s = s5; d = d5; n = n5; break;
+        case 6: s = s6; d = d6; n = n6; break;
+        case 7: s = s7; d = d7; n = n7; break;
+        default: return;
+    }
+    const int step = gridDim.x * blockDim.x;
+    int start = 0;
+    if ((((uintptr_t)s | (uintptr_t)d) & 15) == 0) {
+        const int n4 = n >> 2;
+        const uint4* s4 = reinterpret_cast<const uint4*>(s);
+        uint4* d4 = reinterpret_cast<uint4*>(d);
+        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n4; i += step) d4[i] = s4[i];
+        start = n4 << 2;
+    }
+    for (int i = start + blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) d[i] = s[i];
+}
+
 #define MOE_GROUP 8      // tokens sharing one pass over a weight row
 #define MOE_WARPS 4      // warps per block
 #define MOE_ROWS 16      // output rows per block

@@ -255,6 +255,136 @@ impl Gpu {
         self.flag_kernel("flag_wait_geq", word, table, index)
     }
 
+    /// Queues a one-thread kernel that waits until the u32 at `word` reaches `value` (cyclic
+    /// order, as [`wait_word`](Self::wait_word)) and then stores what it saw to the u32 at
+    /// `observed` (0: nowhere). A spinning wait wakes within a microsecond of the peer's write,
+    /// where `cuStreamWaitValue32` polls; it holds a thread of the GPU while it waits.
+    pub fn wait_word_value(&self, word: u64, value: u32, observed: u64) -> Result<()> {
+        self.launch(
+            "flag_wait_value",
+            (1, 1, 1),
+            1,
+            0,
+            &[Arg::Ptr(word), Arg::I32(value as i32), Arg::Ptr(observed)],
+        )
+    }
+
+    /// Queues a one-thread kernel that copies the u32 at `from` to `seen`, then stores `value`
+    /// to `done` after everything queued before it (fence, release at system scope).
+    pub fn seen_then_signal(&self, from: u64, seen: u64, done: u64, value: u32) -> Result<()> {
+        self.launch(
+            "flag_seen_done",
+            (1, 1, 1),
+            1,
+            0,
+            &[
+                Arg::Ptr(from),
+                Arg::Ptr(seen),
+                Arg::Ptr(done),
+                Arg::I32(value as i32),
+            ],
+        )
+    }
+
+    /// A new `[shape]` f32 tensor, the sum of the f32 arrays at the device addresses `parts`
+    /// (1 to 4 of them, each of the shape's element count, 16-byte aligned; the expert workers'
+    /// partial sums where they wrote them). `None` when the shape or the parts do not fit.
+    pub fn add_parts(&self, parts: &[u64], shape: &[usize]) -> Result<Option<Tensor>> {
+        let n: usize = shape.iter().product();
+        if parts.is_empty()
+            || parts.len() > 4
+            || n == 0
+            || !n.is_multiple_of(4)
+            || parts.iter().any(|p| !p.is_multiple_of(16))
+        {
+            return Ok(None);
+        }
+        let out = self.alloc(DType::F32, shape)?;
+        let n4 = n / 4;
+        let at = |i: usize| Arg::Ptr(parts.get(i).copied().unwrap_or(parts[0]));
+        self.launch(
+            "add_parts_f32",
+            (n4.div_ceil(256).min(4 * super::SMS) as u32, 1, 1),
+            256,
+            0,
+            &[
+                Arg::Ptr(self.ptr(&out)?),
+                at(0),
+                at(1),
+                at(2),
+                at(3),
+                i32_arg(parts.len(), "parts")?,
+                i32_arg(n4, "elements")?,
+            ],
+        )?;
+        Ok(Some(out))
+    }
+
+    /// The device address of contiguous `t`'s first element (for [`copy_batch`](Self::copy_batch)).
+    pub fn address(&self, t: &Tensor) -> Result<u64> {
+        if !t.is_contiguous() {
+            return Err(EngineError::Internal(format!(
+                "the address of a non-contiguous {:?} tensor",
+                t.dims()
+            )));
+        }
+        self.ptr(t)
+    }
+
+    /// Queues `(source, destination, bytes)` copies between device addresses (4-byte aligned,
+    /// whole u32 words), eight to a launch: several small copies for the price of one launch.
+    pub fn copy_batch(&self, copies: &[(u64, u64, usize)]) -> Result<()> {
+        const PER_LAUNCH: usize = 8;
+        if let Some(c) = copies
+            .iter()
+            .find(|(s, d, n)| !s.is_multiple_of(4) || !d.is_multiple_of(4) || !n.is_multiple_of(4))
+        {
+            return Err(EngineError::Internal(format!(
+                "copy_batch: {c:?} is not in whole aligned u32 words"
+            )));
+        }
+        for chunk in copies.chunks(PER_LAUNCH) {
+            let words = chunk.iter().map(|c| c.2 / 4).max().unwrap_or(0);
+            if words == 0 {
+                continue;
+            }
+            let mut args = Vec::with_capacity(3 * PER_LAUNCH);
+            for i in 0..PER_LAUNCH {
+                args.push(Arg::Ptr(chunk.get(i).map_or(0, |c| c.0)));
+            }
+            for i in 0..PER_LAUNCH {
+                args.push(Arg::Ptr(chunk.get(i).map_or(0, |c| c.1)));
+            }
+            for i in 0..PER_LAUNCH {
+                args.push(i32_arg(chunk.get(i).map_or(0, |c| c.2 / 4), "copy words")?);
+            }
+            let blocks = words.div_ceil(4 * 256).clamp(1, 2 * super::SMS);
+            self.launch(
+                "copy_batch",
+                (blocks as u32, chunk.len() as u32, 1),
+                256,
+                0,
+                &args,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// New tensors of the given dtypes and shapes, copied (queued, one launch per eight) from
+    /// the device addresses given (4-byte aligned; an expert worker's inputs in a gate's shared
+    /// buffer).
+    pub fn read_batch(&self, reads: &[(u64, DType, &[usize])]) -> Result<Vec<Tensor>> {
+        let mut out = Vec::with_capacity(reads.len());
+        let mut copies = Vec::with_capacity(reads.len());
+        for &(src, dtype, shape) in reads {
+            let t = self.alloc(dtype, shape)?;
+            copies.push((src, self.ptr(&t)?, t.elem_count() * dtype.size_in_bytes()));
+            out.push(t);
+        }
+        self.copy_batch(&copies)?;
+        Ok(out)
+    }
+
     fn flag_kernel(&self, name: &str, word: u64, table: &Tensor, index: usize) -> Result<()> {
         if table.dtype() != DType::U32 || index >= table.elem_count() || !word.is_multiple_of(4) {
             return Err(EngineError::Internal(format!(
@@ -553,6 +683,42 @@ impl Gpu {
         down: &Tensor,
         max_rows: usize,
     ) -> Result<Option<Tensor>> {
+        self.routed(x, routing, slot_of, gate_up, down, max_rows, None)
+            .map(Option::flatten)
+    }
+
+    /// [`experts_routed`](Self::experts_routed) with the `[T, hidden]` f32 result written at
+    /// device address `into` (an expert worker's shared output buffer, `4 · T · hidden` bytes)
+    /// instead of a new tensor; `false` when the kernels do not take this call.
+    #[allow(clippy::too_many_arguments)]
+    pub fn experts_routed_into(
+        &self,
+        x: &Tensor,
+        routing: &DeviceRouting,
+        slot_of: &Tensor,
+        gate_up: &Tensor,
+        down: &Tensor,
+        max_rows: usize,
+        into: u64,
+    ) -> Result<bool> {
+        Ok(self
+            .routed(x, routing, slot_of, gate_up, down, max_rows, Some(into))?
+            .is_some())
+    }
+
+    /// Both of the above: `None` when the kernels do not take the call, `Some(None)` when the
+    /// result went to `into`.
+    #[allow(clippy::too_many_arguments)]
+    fn routed(
+        &self,
+        x: &Tensor,
+        routing: &DeviceRouting,
+        slot_of: &Tensor,
+        gate_up: &Tensor,
+        down: &Tensor,
+        max_rows: usize,
+        into: Option<u64>,
+    ) -> Result<Option<Option<Tensor>>> {
         let Some((hidden, inner)) = Self::experts_fit(x, gate_up, down)? else {
             return Ok(None);
         };
@@ -577,7 +743,9 @@ impl Gpu {
                 inner,
             )?;
             let (pos, w) = (self.ptr(&pos)?, self.ptr(&routing.weights)?);
-            return Ok(Some(self.combine(&y, t, hidden, pos, w, 0, routing.k)?));
+            return Ok(Some(
+                self.combine_to(&y, t, hidden, pos, w, 0, routing.k, into)?,
+            ));
         }
         if t > max_rows {
             return Ok(None);
@@ -605,7 +773,9 @@ impl Gpu {
             x, gate_up, down, slots, pairs, off_p, sorted_p, routing.k, hidden, inner,
         )?;
         let (pos, w) = (self.ptr(&pos)?, self.ptr(&routing.weights)?);
-        Ok(Some(self.combine(&y, t, hidden, pos, w, 0, routing.k)?))
+        Ok(Some(
+            self.combine_to(&y, t, hidden, pos, w, 0, routing.k, into)?,
+        ))
     }
 
     /// Routed experts for host-built assignments (an expert worker's request) → `[T, hidden]` f32.
@@ -697,6 +867,45 @@ impl Gpu {
         k: usize,
     ) -> Result<Tensor> {
         let out = self.alloc(DType::F32, &[t, hidden])?;
+        self.combine_at(y, t, hidden, pos, w, row_ptr, k, self.ptr(&out)?)?;
+        Ok(out)
+    }
+
+    /// [`combine`](Self::combine) into a new tensor, or written at `into` (`None` returned).
+    #[allow(clippy::too_many_arguments)]
+    fn combine_to(
+        &self,
+        y: &Tensor,
+        t: usize,
+        hidden: usize,
+        pos: u64,
+        w: u64,
+        row_ptr: u64,
+        k: usize,
+        into: Option<u64>,
+    ) -> Result<Option<Tensor>> {
+        match into {
+            Some(at) => {
+                self.combine_at(y, t, hidden, pos, w, row_ptr, k, at)?;
+                Ok(None)
+            }
+            None => Ok(Some(self.combine(y, t, hidden, pos, w, row_ptr, k)?)),
+        }
+    }
+
+    /// The combine kernel, its `[t, hidden]` f32 output at device address `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn combine_at(
+        &self,
+        y: &Tensor,
+        t: usize,
+        hidden: usize,
+        pos: u64,
+        w: u64,
+        row_ptr: u64,
+        k: usize,
+        out: u64,
+    ) -> Result<()> {
         self.launch(
             "moe_combine",
             (t as u32, hidden.div_ceil(256) as u32, 1),
@@ -709,9 +918,8 @@ impl Gpu {
                 Arg::Ptr(w),
                 Arg::Ptr(row_ptr),
                 i32_arg(k, "top-k")?,
-                Arg::Ptr(self.ptr(&out)?),
+                Arg::Ptr(out),
             ],
-        )?;
-        Ok(out)
+        )
     }
 }

@@ -140,6 +140,13 @@ impl Region {
         imp::wait_geq(&self.inner, word, value)
     }
 
+    /// The device address of `bytes` bytes at `offset` into the region (checked to fit), for
+    /// kernels that read the region where it is ([`crate::cuda::Gpu::add_parts`]).
+    pub fn address(&self, offset: usize, bytes: usize) -> Result<u64> {
+        self.check(offset, bytes, || format!("{bytes} bytes"))?;
+        Ok(imp::address(&self.inner) + offset as u64)
+    }
+
     /// The device address of u32 word `word` of the region (for kernels that write or wait for
     /// a flag: [`crate::cuda::Gpu::signal_word`], [`crate::cuda::Gpu::wait_word`]). The address
     /// is valid while the region (the buffer it views) lives.

@@ -71,6 +71,20 @@ struct DeviceSide {
     own_flags: SharedBuffer,
     /// Per slot, the highest call number queued here.
     queued: Vec<AtomicU32>,
+    /// Whether waits spin in a kernel instead of `cuStreamWaitValue32` (see [`spin_waits`]).
+    spin: bool,
+}
+
+/// Whether device-ordered waits spin in a one-thread kernel (`MOEMESH_IPC_WAIT=kernel`) or use
+/// the stream's memory wait (`stream`). By default they spin under MPS (`CUDA_MPS_PIPE_DIRECTORY`
+/// set, as `moemesh up` sets it): a spinning kernel wakes at once but holds a thread of the GPU,
+/// which would hold the GPU from a gate that time-slices it with this worker.
+fn spin_waits() -> bool {
+    match std::env::var("MOEMESH_IPC_WAIT").as_deref() {
+        Ok("kernel") => true,
+        Ok("stream") => false,
+        _ => std::env::var_os("CUDA_MPS_PIPE_DIRECTORY").is_some(),
+    }
 }
 
 impl Drop for Session {
@@ -290,6 +304,7 @@ impl Worker {
             gate_flags,
             own_flags,
             queued: (0..slots).map(|_| AtomicU32::new(0)).collect(),
+            spin: spin_waits(),
         })
     }
 
@@ -374,35 +389,82 @@ impl Worker {
         let own = d.own_flags.on(&d.stream)?;
         let (input, output) = (input.on(&d.stream)?, output.on(&d.stream)?);
         let gate_flags = d.gate_flags.on(&d.stream)?;
-        own.wait_geq(flags::ready(index), seq)?;
+        // Spinning waits (under MPS) wake at once; a stream's memory wait polls.
+        let spin = d
+            .spin
+            .then(|| moemesh_engine::cuda::gpu(&d.stream))
+            .flatten();
+        match &spin {
+            Some(g) => g.wait_word_value(
+                own.word_address(flags::ready(index))?,
+                seq,
+                own.word_address(flags::scratch(slots, index))?,
+            )?,
+            None => own.wait_geq(flags::ready(index), seq)?,
+        }
         moemesh_engine::cuda::trace_mark(&d.stream, "worker ready");
         d.queued[index].store(seq, Ordering::SeqCst);
-        // What the wait saw: `seq` when the gate's input is there, more when it was released.
-        own.copy_word(flags::ready(index), &own, flags::scratch(slots, index))?;
-        let x = input.read_at(0, dtype, &[rows, self.hidden_size])?;
-        let routing = DeviceRouting {
-            ids: input.read_at(d.layout.ids, DType::U32, &[rows, d.top_k])?,
-            weights: input.read_at(d.layout.weights, DType::F32, &[rows, d.top_k])?,
-            k: d.top_k,
+        // What the wait saw: `seq` when the gate's input is there, more when it was released
+        // (the spinning wait stored it already).
+        if spin.is_none() {
+            own.copy_word(flags::ready(index), &own, flags::scratch(slots, index))?;
+        }
+        let unfit = || {
+            MeshError::Invalid(format!(
+                "layer {layer}: the device expert kernels do not take {rows} rows of {dtype:?}"
+            ))
         };
-        let out = held
+        let g = moemesh_engine::cuda::gpu(&d.stream).ok_or_else(unfit)?;
+        // The rows and the routing out of the gate's buffer in one launch; the experts' sum
+        // straight into the gate's output buffer.
+        let (hidden, k) = (self.hidden_size, d.top_k);
+        let read = g.read_batch(&[
+            (
+                input.address(0, rows * hidden * dtype.size_in_bytes())?,
+                dtype,
+                &[rows, hidden][..],
+            ),
+            (
+                input.address(d.layout.ids, 4 * rows * k)?,
+                DType::U32,
+                &[rows, k][..],
+            ),
+            (
+                input.address(d.layout.weights, 4 * rows * k)?,
+                DType::F32,
+                &[rows, k][..],
+            ),
+        ])?;
+        let [x, ids, weights]: [moemesh_engine::Tensor; 3] = read
+            .try_into()
+            .map_err(|_| MeshError::Internal("reading a call's inputs".into()))?;
+        let routing = DeviceRouting { ids, weights, k };
+        let into = output.address(0, 4 * rows * hidden)?;
+        if !held
             .shard
-            .forward_routed_device(layer, &x, &routing, &slot_of)?
-            .ok_or_else(|| {
-                MeshError::Invalid(format!(
-                    "layer {layer}: the device expert kernels do not take {rows} rows of {dtype:?}"
-                ))
-            })?;
-        output.write(&out)?;
+            .forward_routed_device_into(layer, &x, &routing, &slot_of, into)?
+        {
+            return Err(unfit());
+        }
         moemesh_engine::cuda::trace_mark(&d.stream, "worker done");
         // A trace line per 26 calls (a V2-Lite step's MoE layers) where traces are on.
         moemesh_engine::cuda::trace_flush("worker", 52);
-        own.copy_word(
-            flags::scratch(slots, index),
-            &gate_flags,
-            flags::seen(slots, index, seq),
-        )?;
-        gate_flags.signal(flags::done(index), seq)?;
+        match &spin {
+            Some(g) => g.seen_then_signal(
+                own.word_address(flags::scratch(slots, index))?,
+                gate_flags.word_address(flags::seen(slots, index, seq))?,
+                gate_flags.word_address(flags::done(index))?,
+                seq,
+            )?,
+            None => {
+                own.copy_word(
+                    flags::scratch(slots, index),
+                    &gate_flags,
+                    flags::seen(slots, index, seq),
+                )?;
+                gate_flags.signal(flags::done(index), seq)?;
+            }
+        }
         Ok(ForwardResponse {
             call_id: req.call_id,
             output: None,
@@ -868,7 +930,11 @@ impl Expert for ExpertService {
         };
         let reply = match result {
             Ok((session, device)) => {
-                let sync = if device.is_ok() { "device" } else { "host" };
+                let sync = match &device {
+                    Ok(_) if spin_waits() => "device (spinning waits)",
+                    Ok(_) => "device",
+                    Err(_) => "host",
+                };
                 tracing::info!(worker = %w.id, session, transport = transport::CUDA_IPC, sync, "gate transport opened");
                 let (worker_flags_handle, device_sync_reason) = match device {
                     Ok(h) => (h, String::new()),

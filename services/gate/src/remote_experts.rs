@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use moemesh_common::metrics::names;
-use moemesh_common::transport::{ExpertGraphs, flags};
+use moemesh_common::transport::{DeviceLayout, ExpertGraphs, flags};
 use moemesh_common::{MeshError, MeshResult, codec, telemetry};
 use moemesh_engine::cuda::ipc;
 use moemesh_engine::{DType, Device, EngineError, Experts, PendingExperts, Routing, Tensor};
@@ -313,7 +313,7 @@ impl Watch {
         // Each session's `done` words, read beside the stream (which may be blocked).
         let mut done: HashMap<u64, Option<Vec<u32>>> = HashMap::new();
         for c in &f.sent {
-            done.entry(c.session.id).or_insert_with(|| {
+            done.entry(c.session.nonce).or_insert_with(|| {
                 let d = c.session.device.as_ref()?;
                 d.gate_flags.read_words_now(0, d.slots).ok()
             });
@@ -321,7 +321,7 @@ impl Watch {
         let calls: Vec<(u64, usize, u32)> = f
             .sent
             .iter()
-            .map(|c| (c.session.id, c.slot, c.seq))
+            .map(|c| (c.session.nonce, c.slot, c.seq))
             .collect();
         let Some(i) = first_unfinished(&calls, &done) else {
             return;
@@ -363,7 +363,7 @@ fn verify_calls(sent: &[Sent]) -> Result<(), (Arc<WorkerClient>, Arc<Conn>, Stri
     // The newest call number per (session, slot), to skip calls the ring no longer holds.
     let mut newest: HashMap<(u64, usize), u32> = HashMap::new();
     for c in sent {
-        newest.insert((c.session.id, c.slot), c.seq);
+        newest.insert((c.session.nonce, c.slot), c.seq);
     }
     for c in sent {
         let bad = |why: String| Err((c.client.clone(), c.conn.clone(), why));
@@ -374,13 +374,13 @@ fn verify_calls(sent: &[Sent]) -> Result<(), (Arc<WorkerClient>, Arc<Conn>, Stri
             return bad("a device-ordered call on a session without device flags".into());
         };
         let last = newest
-            .get(&(c.session.id, c.slot))
+            .get(&(c.session.nonce, c.slot))
             .copied()
             .unwrap_or(c.seq);
         if last.wrapping_sub(c.seq) as usize >= flags::RING {
             continue;
         }
-        let all = match words.entry(c.session.id) {
+        let all = match words.entry(c.session.nonce) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(v) => {
                 match d.gate_flags.read_words_now(0, flags::gate_words(d.slots)) {
@@ -401,6 +401,70 @@ fn verify_calls(sent: &[Sent]) -> Result<(), (Arc<WorkerClient>, Arc<Conn>, Stri
         }
     }
     Ok(())
+}
+
+/// Queues a layer's rows `x`, expert ids and weights into each device-ordered input buffer
+/// (laid out by its `DeviceLayout`): one launch for all of them where the addresses allow it,
+/// else three copies each.
+fn write_inputs(
+    inputs: &[(&ipc::SharedBuffer, DeviceLayout)],
+    x: &Tensor,
+    ids: &Tensor,
+    weights: &Tensor,
+) -> moemesh_engine::Result<()> {
+    let sizes = [x, ids, weights].map(|t| t.elem_count() * t.dtype().size_in_bytes());
+    if let Some(g) = moemesh_engine::cuda::gpu(x.device()) {
+        let src = [g.address(x)?, g.address(ids)?, g.address(weights)?];
+        if src.iter().all(|a| a.is_multiple_of(4)) && sizes.iter().all(|n| n.is_multiple_of(4)) {
+            let mut copies = Vec::with_capacity(3 * inputs.len());
+            for (input, layout) in inputs {
+                for (i, at) in [0, layout.ids, layout.weights].into_iter().enumerate() {
+                    copies.push((src[i], input.address(at, sizes[i])?, sizes[i]));
+                }
+            }
+            return g.copy_batch(&copies);
+        }
+    }
+    for (input, layout) in inputs {
+        input.write_at(0, x)?;
+        input.write_at(layout.ids, ids)?;
+        input.write_at(layout.weights, weights)?;
+    }
+    Ok(())
+}
+
+/// The sum of the workers' `[t, h]` f32 partial sums in their slots' output buffers (after
+/// their `done` waits are queued): one kernel reading them where they are when it can, else a
+/// copy of each and adds. Zeros when there are none.
+fn sum_outputs(
+    outputs: &[&ipc::SharedBuffer],
+    t: usize,
+    h: usize,
+    device: &Device,
+) -> moemesh_engine::Result<Tensor> {
+    if outputs.is_empty() {
+        return Ok(Tensor::zeros((t, h), DType::F32, device)?);
+    }
+    if outputs.len() <= 4
+        && let Some(g) = moemesh_engine::cuda::gpu(device)
+    {
+        let parts = outputs
+            .iter()
+            .map(|o| o.address(0, 4 * t * h))
+            .collect::<moemesh_engine::Result<Vec<u64>>>()?;
+        if let Some(sum) = g.add_parts(&parts, &[t, h])? {
+            return Ok(sum);
+        }
+    }
+    let mut sum: Option<Tensor> = None;
+    for o in outputs {
+        let part = o.read(DType::F32, &[t, h])?;
+        sum = Some(match sum {
+            None => part,
+            Some(s) => (s + part)?,
+        });
+    }
+    sum.ok_or_else(|| EngineError::Internal("no expert outputs to add".into()))
 }
 
 /// A device-ordered call being set up: the worker, its stream, the slot and the message's room.
@@ -506,6 +570,7 @@ impl RemoteExperts {
         let ids = routing.ids.contiguous()?;
         let weights = routing.weights.contiguous()?;
         lock(&self.load).add(layer as u32, &ids, self.n_experts)?;
+        let mut inputs = Vec::with_capacity(calls.len());
         for c in calls {
             let d = c
                 .session
@@ -518,15 +583,18 @@ impl RemoteExperts {
                     routing.k, d.top_k
                 )));
             }
-            let input = &c
+            let slot = c
                 .session
                 .slots
                 .get(c.slot)
-                .ok_or_else(|| internal(format!("no slot {}", c.slot)))?
-                .input;
-            input.write_at(0, &x)?;
-            input.write_at(d.layout.ids, &ids)?;
-            input.write_at(d.layout.weights, &weights)?;
+                .ok_or_else(|| internal(format!("no slot {}", c.slot)))?;
+            inputs.push((&slot.input, d.layout));
+        }
+        write_inputs(&inputs, &x, &ids, &weights)?;
+        for c in calls {
+            let Some(d) = c.session.device.as_ref() else {
+                continue;
+            };
             g.signal_word(
                 d.worker_flags.word_address(flags::ready(c.slot))?,
                 &plan.table,
@@ -539,7 +607,7 @@ impl RemoteExperts {
                 .layers
                 .get(&layer)
                 .ok_or_else(|| internal("not a layer of the plan".into()))?;
-            let mut sum: Option<Tensor> = None;
+            let mut outputs = Vec::with_capacity(calls.len());
             for c in calls {
                 let (Some(d), Some(slot)) =
                     (c.session.device.as_ref(), c.session.slots.get(c.slot))
@@ -551,16 +619,9 @@ impl RemoteExperts {
                     &plan.table,
                     c.entry,
                 )?;
-                let part = slot.output.read(DType::F32, &[t, h])?;
-                sum = Some(match sum {
-                    None => part,
-                    Some(s) => (s + part)?,
-                });
+                outputs.push(&slot.output);
             }
-            match sum {
-                Some(s) => Ok(s),
-                None => Ok(Tensor::zeros((t, h), DType::F32, &device)?),
-            }
+            sum_outputs(&outputs, t, h, &device)
         }))
     }
 }
@@ -590,6 +651,16 @@ impl Experts for RemoteExperts {
         let ids = routing.ids.contiguous()?;
         lock(&self.load).add(layer as u32, &ids, self.n_experts)?;
         let weights = routing.weights.contiguous()?;
+        // The rows and the routing into every planned slot first (nothing is sent if that
+        // fails), then each worker's `ready` word (fenced after them) and its message.
+        let inputs = planned
+            .iter()
+            .filter_map(|p| {
+                let d = p.slot.session.device.as_ref()?;
+                Some((&p.slot.slot().input, d.layout))
+            })
+            .collect::<Vec<_>>();
+        write_inputs(&inputs, &x, &ids, &weights)?;
         let mut waits: Vec<(SlotGuard, u32)> = Vec::with_capacity(planned.len());
         let mut failure = None;
         for p in planned {
@@ -598,13 +669,7 @@ impl Experts for RemoteExperts {
             };
             let index = p.slot.index;
             let seq = d.next_seq(index);
-            let input = &p.slot.slot().input;
-            // The rows and the routing, then the worker's `ready` word (fenced after them).
-            let queued = input
-                .write_at(0, &x)
-                .and_then(|()| input.write_at(d.layout.ids, &ids))
-                .and_then(|()| input.write_at(d.layout.weights, &weights))
-                .and_then(|()| d.worker_flags.signal(flags::ready(index), seq));
+            let queued = d.worker_flags.signal(flags::ready(index), seq);
             if let Err(e) = queued {
                 failure = Some(e);
                 break;
@@ -639,23 +704,23 @@ impl Experts for RemoteExperts {
             );
             waits.push((p.slot, seq));
         }
+        let sum_device = device.clone();
         let wait_all =
             move |waits: Vec<(SlotGuard, u32)>| -> moemesh_engine::Result<Option<Tensor>> {
-                let mut sum: Option<Tensor> = None;
-                for (slot, seq) in waits {
+                let mut done = Vec::with_capacity(waits.len());
+                for (slot, seq) in &waits {
                     let Some(d) = slot.session.device.as_ref() else {
                         continue;
                     };
-                    // The gate's stream waits for the worker's `done` word, then copies the output
-                    // out; the slot is free for the next call once that copy is queued.
-                    d.gate_flags.wait_geq(flags::done(slot.index), seq)?;
-                    let part = slot.slot().output.read(DType::F32, &[t, h])?;
-                    sum = Some(match sum {
-                        None => part,
-                        Some(s) => (s + part)?,
-                    });
+                    // The gate's stream waits for the worker's `done` word, then reads the output;
+                    // the slot is free for the next call once that read is queued.
+                    d.gate_flags.wait_geq(flags::done(slot.index), *seq)?;
+                    done.push(&slot.slot().output);
                 }
-                Ok(sum)
+                if done.is_empty() {
+                    return Ok(None);
+                }
+                sum_outputs(&done, t, h, &sum_device).map(Some)
             };
         if let Some(e) = failure {
             // Calls already sent are waited for, so that their slots are not reused under them.

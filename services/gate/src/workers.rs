@@ -122,8 +122,9 @@ pub struct IpcSession {
     pub device: Option<DeviceSync>,
     /// Set once the stream failed: no new calls, and device-ordered waits were released.
     broken: AtomicBool,
-    /// Unique among this process's sessions (ids are the workers' and may repeat across them):
-    /// what a decode graph's plan names its buffers by.
+    /// Unique among this process's sessions (ids are the workers': each worker numbers its own
+    /// from 1, so two workers' sessions share ids): what a step's checks of its calls and a
+    /// decode graph's plan key sessions by.
     pub nonce: u64,
 }
 
