@@ -453,6 +453,10 @@ if [[ $MODE == --ipc ]]; then
                 if MOEMESH_LOG=$MESH_LOG up --model ${FAILOVER_MODEL:-$MODEL} --dtype bf16 --expert-workers ${FAILOVER_WORKERS:-2} --expert-replicas 2 \
                     "${dev_args[@]}" --gate-args=--kv-cache-mb=4096 --gate-args=--expert-transport=$t \
                     --gate-args=--expert-timeout=5; then
+                    # A first wave before the fault, so that no process is stopped inside a
+                    # first-use setup (cuBLAS, modules) rather than mid-load.
+                    "$BIN" bench --addr "127.0.0.1:$PORT" --concurrency 4 --requests 4 --prompt-len 128 \
+                        --output-len 8 --json >/dev/null || status=1
                     "$BIN" bench --addr "127.0.0.1:$PORT" --concurrency 64 --requests ${FAILOVER_REQUESTS:-192} --prompt-len 128 \
                         --output-len 64 --json >"$OUT/failover_$run.json" &
                     BENCH_PID=$!

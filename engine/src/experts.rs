@@ -220,6 +220,9 @@ pub struct ExpertShard {
 impl ExpertShard {
     /// Loads `model.layers.{l}.mlp.experts.{e}.*` for every (l, e) of `spec`.
     pub fn load(cfg: &ModelConfig, loader: &Loader, spec: &ShardSpec) -> Result<Self> {
+        if let Some(g) = crate::cuda::gpu(loader.device()) {
+            g.preload()?;
+        }
         let inner = cfg.moe_intermediate_size;
         let mut layers = BTreeMap::new();
         for &l in &spec.layers {

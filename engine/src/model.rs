@@ -244,6 +244,9 @@ pub struct DeepSeekModel {
 
 impl DeepSeekModel {
     pub fn load(cfg: &ModelConfig, loader: &Loader, parts: Parts) -> Result<Self> {
+        if let Some(g) = crate::cuda::gpu(loader.device()) {
+            g.preload()?;
+        }
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let embed_tokens = if parts.embeddings || (parts.decoder && cfg.tie_word_embeddings) {
             Some(loader.get("model.embed_tokens.weight", &[v, h])?)

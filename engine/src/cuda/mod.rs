@@ -441,6 +441,15 @@ impl Gpu {
         imp::alloc(&self.inner, dtype, shape)
     }
 
+    /// Loads moemesh's kernel module now (the driver compiles its PTX for this GPU, seconds at
+    /// first), instead of at the first launch: at start-up, before a process takes traffic, so
+    /// that the first step is not slowed by it and no process is ever stopped or killed inside
+    /// that compilation while serving (under MPS, a client stopped inside the driver can hold
+    /// the other clients up).
+    pub fn preload(&self) -> Result<()> {
+        imp::preload(&self.inner)
+    }
+
     fn launch(
         &self,
         name: &str,
@@ -729,6 +738,14 @@ mod imp {
         ))
     }
 
+    pub fn preload(inner: &Inner) -> Result<()> {
+        inner
+            .dev
+            .get_or_load_custom_func("expert_count", MODULE, PTX)
+            .map(|_| ())
+            .map_err(|e| cuda_err("loading moemesh's kernels", e))
+    }
+
     pub fn launch(
         inner: &Inner,
         name: &str,
@@ -778,6 +795,10 @@ mod imp {
     /// Uninhabited: a build without CUDA never hands out a [`Gpu`].
     #[derive(Clone)]
     pub enum Inner {}
+
+    pub fn preload(inner: &Inner) -> Result<()> {
+        match *inner {}
+    }
 
     pub fn gpu(_device: &Device) -> Option<Gpu> {
         None

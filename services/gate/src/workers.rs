@@ -1171,3 +1171,35 @@ mod tests {
         }));
     }
 }
+
+#[cfg(test)]
+mod pick_cost {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn pick_cost() {
+        let pool = WorkerPool::new("fp".into(), None, Duration::from_millis(200));
+        let member = |id: &str, experts: Vec<u32>| Member {
+            id: id.into(),
+            role: Role::Expert,
+            address: format!("127.0.0.1:{}", if id == "a" { 9 } else { 10 }),
+            layers: (1..27).collect(),
+            experts,
+            device: "cpu".into(),
+            fingerprint: "fp".into(),
+            version: String::new(),
+        };
+        pool.update(&[member("a", (0..32).collect()), member("b", (32..64).collect())]);
+        let _pin = pool.pin_step();
+        let none = Excluded::default();
+        let t0 = Instant::now();
+        for _ in 0..10 {
+            for l in 1..27u32 {
+                for e in 0..64u32 {
+                    let _ = pool.pick(l, e, &none, l as u64, Placement::Step);
+                }
+            }
+        }
+        eprintln!("per step: {:?}", t0.elapsed() / 10);
+    }
+}
