@@ -173,7 +173,7 @@ impl IpcSession {
     /// Every slot of the session, in index order, for calls of `rows` rows: `None` unless the
     /// buffers hold that many, the session is not broken and no slot is in use (a decode graph's
     /// step holds them all, its layers taking them in turn).
-    fn all_slots(self: &Arc<Self>, rows: usize) -> Option<Vec<SlotGuard>> {
+    pub(crate) fn all_slots(self: &Arc<Self>, rows: usize) -> Option<Vec<SlotGuard>> {
         if rows == 0 || rows > self.rows || self.is_broken() {
             return None;
         }
@@ -346,7 +346,7 @@ impl WorkerClient {
     }
 
     /// The open stream, if it is alive.
-    fn live(&self) -> Option<Arc<Conn>> {
+    pub(crate) fn live(&self) -> Option<Arc<Conn>> {
         lock(&self.conn)
             .as_ref()
             .filter(|c| c.alive.load(Ordering::SeqCst))
@@ -833,6 +833,15 @@ impl WorkerPool {
         StepPin(self)
     }
 
+    /// The placement pinned for the step in progress ([`pin_step`](Self::pin_step)); a new
+    /// `Arc` whenever the registry's list changed.
+    pub fn pinned_routes(&self) -> Option<Arc<Routes>> {
+        self.pinned
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Resolves when the member list changes next.
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
@@ -1169,37 +1178,5 @@ mod tests {
                 .id
                 == "b"
         }));
-    }
-}
-
-#[cfg(test)]
-mod pick_cost {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn pick_cost() {
-        let pool = WorkerPool::new("fp".into(), None, Duration::from_millis(200));
-        let member = |id: &str, experts: Vec<u32>| Member {
-            id: id.into(),
-            role: Role::Expert,
-            address: format!("127.0.0.1:{}", if id == "a" { 9 } else { 10 }),
-            layers: (1..27).collect(),
-            experts,
-            device: "cpu".into(),
-            fingerprint: "fp".into(),
-            version: String::new(),
-        };
-        pool.update(&[member("a", (0..32).collect()), member("b", (32..64).collect())]);
-        let _pin = pool.pin_step();
-        let none = Excluded::default();
-        let t0 = Instant::now();
-        for _ in 0..10 {
-            for l in 1..27u32 {
-                for e in 0..64u32 {
-                    let _ = pool.pick(l, e, &none, l as u64, Placement::Step);
-                }
-            }
-        }
-        eprintln!("per step: {:?}", t0.elapsed() / 10);
     }
 }
