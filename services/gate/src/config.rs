@@ -130,6 +130,7 @@ impl GateConfig {
 #[cfg(test)]
 mod tests {
     use clap::Parser;
+    use moemesh_common::transport::ExpertGraphs;
 
     #[derive(Parser)]
     struct Cli {
@@ -163,6 +164,20 @@ mod tests {
         let err = gb(&["--host-kv-cache-gb", "-1"]).expect_err("negative");
         assert!(err.contains("--host-kv-cache-gb"), "{err}");
         assert!(gb(&["--host-kv-cache-gb", "inf"]).is_err());
+    }
+
+    #[test]
+    fn expert_graphs_default_to_auto_and_refuse_other_values_by_name() {
+        let graphs = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("gate").chain(args.iter().copied()))
+                .map(|c| c.cfg.expert_graphs)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(graphs(&[]), Ok(ExpertGraphs::Auto));
+        assert_eq!(graphs(&["--expert-graphs", "off"]), Ok(ExpertGraphs::Off));
+        assert_eq!(graphs(&["--expert-graphs=on"]), Ok(ExpertGraphs::On));
+        let err = graphs(&["--expert-graphs", "sometimes"]).expect_err("not a value");
+        assert!(err.contains("--expert-graphs"), "{err}");
     }
 
     #[test]

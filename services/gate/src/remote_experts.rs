@@ -117,6 +117,26 @@ struct CachedPlan {
     uses: u32,
 }
 
+/// Experts `0..n` grouped by the worker `pick` gives each (`None` if it gives none for one),
+/// the groups in the order of the workers' `serial`s, each group's experts ascending: one call
+/// per worker of a device-ordered layer.
+fn group_experts<W>(
+    n: u32,
+    mut pick: impl FnMut(u32) -> Option<W>,
+    serial: impl Fn(&W) -> u64,
+) -> Option<Vec<(W, Vec<u32>)>> {
+    let mut groups: BTreeMap<u64, (W, Vec<u32>)> = BTreeMap::new();
+    for e in 0..n {
+        let w = pick(e)?;
+        groups
+            .entry(serial(&w))
+            .or_insert_with(|| (w, Vec::new()))
+            .1
+            .push(e);
+    }
+    Some(groups.into_values().collect())
+}
+
 /// A worker of a plan being made: its client, its stream and every slot of its session.
 type HeldWorker = (Arc<WorkerClient>, Arc<Conn>, Vec<SlotGuard>);
 
@@ -524,20 +544,13 @@ impl RemoteExperts {
         }
         let round = self.pool.next_round();
         let none = Excluded::default();
-        let mut groups: BTreeMap<u64, (Arc<WorkerClient>, Vec<u32>)> = BTreeMap::new();
-        for e in 0..self.n_experts as u32 {
-            let client = self
-                .pool
-                .pick(layer, e, &none, round, Placement::Step)
-                .ok()?;
-            groups
-                .entry(client.serial)
-                .or_insert_with(|| (client, Vec::new()))
-                .1
-                .push(e);
-        }
+        let groups = group_experts(
+            self.n_experts as u32,
+            |e| self.pool.pick(layer, e, &none, round, Placement::Step).ok(),
+            |c| c.serial,
+        )?;
         let mut planned = Vec::with_capacity(groups.len());
-        for (client, experts) in groups.into_values() {
+        for (client, experts) in groups {
             let (conn, slot) = client.device_slot(rows)?;
             let d = slot.session.device.as_ref()?;
             if slot.session.dtype != dtype || d.top_k != k {
@@ -866,22 +879,20 @@ impl Experts for RemoteExperts {
         for (i, &layer) in layers.iter().enumerate() {
             // Each expert to one holder; replicas take turns by layer (the eager path rotates
             // them by call).
-            let mut groups: BTreeMap<u64, (Arc<WorkerClient>, Vec<u32>)> = BTreeMap::new();
-            for e in 0..self.n_experts as u32 {
-                let Ok(client) = self
-                    .pool
-                    .pick(layer as u32, e, &none, i as u64, Placement::Step)
-                else {
-                    return Ok(None);
-                };
-                groups
-                    .entry(client.serial)
-                    .or_insert_with(|| (client, Vec::new()))
-                    .1
-                    .push(e);
-            }
+            let Some(groups) = group_experts(
+                self.n_experts as u32,
+                |e| {
+                    self.pool
+                        .pick(layer as u32, e, &none, i as u64, Placement::Step)
+                        .ok()
+                },
+                |c| c.serial,
+            ) else {
+                return Ok(None);
+            };
             let mut calls = Vec::with_capacity(groups.len());
-            for (serial, (client, experts)) in groups {
+            for (client, experts) in groups {
+                let serial = client.serial;
                 let (_, conn, slots) = match held.entry(serial) {
                     std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
                     std::collections::btree_map::Entry::Vacant(v) => {
@@ -1625,6 +1636,26 @@ mod tests {
         }
         let expect = BTreeMap::from([(1, vec![2, 1, 0, 3]), (2, vec![0, 2, 2, 0])]);
         assert_eq!(routed.totals(), expect);
+    }
+
+    #[test]
+    fn experts_group_by_worker_in_serial_order_each_once() {
+        // Workers by serial: 7 holds the even experts, 3 the odd ones, 5 expert 4 (a replica
+        // rotation's choice); every expert lands in exactly one group, ascending.
+        let holder = |e: u32| match e {
+            4 => 5u64,
+            e if e % 2 == 0 => 7,
+            _ => 3,
+        };
+        let groups = group_experts(8, |e| Some(holder(e)), |w| *w).expect("all picked");
+        assert_eq!(
+            groups,
+            vec![(3, vec![1, 3, 5, 7]), (5, vec![4]), (7, vec![0, 2, 6])]
+        );
+        // One expert without a holder: no plan (the layer takes another path).
+        assert!(group_experts(8, |e| (e != 6).then(|| holder(e)), |w| *w).is_none());
+        // No experts: no calls.
+        assert_eq!(group_experts(0, |e| Some(holder(e)), |w| *w), Some(vec![]));
     }
 
     #[test]
