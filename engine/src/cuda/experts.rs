@@ -803,7 +803,7 @@ impl Gpu {
             x, gate_up, down, a.slots, a.pairs, offsets, sorted, 1, hidden, inner,
         )?;
         let w = self.ptr(&a.weights)?;
-        Ok(Some(self.combine(&y, t, hidden, entry_pos, w, row_ptr, 0)?))
+        self.combine_to(&y, t, hidden, entry_pos, w, row_ptr, 0, None)
     }
 
     /// Routed experts for host-built pairs through the grouped GEMM (an expert worker's
@@ -842,36 +842,12 @@ impl Gpu {
             inner,
         )?;
         let (pos, w) = (self.ptr(&pos)?, self.ptr(&a.weights)?);
-        Ok(Some(self.combine(
-            &y,
-            t,
-            hidden,
-            pos,
-            w,
-            at(2 * a.pairs),
-            0,
-        )?))
+        self.combine_to(&y, t, hidden, pos, w, at(2 * a.pairs), 0, None)
     }
 
     /// `out[t] = Σ_j w[j] · y[pos[j]]` over token t's entries, in entry order (f32): entries
     /// `t·k..t·k+k` when `row_ptr` is 0, else `row_ptr[t]..row_ptr[t+1]`.
-    #[allow(clippy::too_many_arguments)]
-    fn combine(
-        &self,
-        y: &Tensor,
-        t: usize,
-        hidden: usize,
-        pos: u64,
-        w: u64,
-        row_ptr: u64,
-        k: usize,
-    ) -> Result<Tensor> {
-        let out = self.alloc(DType::F32, &[t, hidden])?;
-        self.combine_at(y, t, hidden, pos, w, row_ptr, k, self.ptr(&out)?)?;
-        Ok(out)
-    }
-
-    /// [`combine`](Self::combine) into a new tensor, or written at `into` (`None` returned).
+    /// The result is a new `[t, hidden]` tensor, or is written at `into` (`None` returned).
     #[allow(clippy::too_many_arguments)]
     fn combine_to(
         &self,
@@ -884,28 +860,14 @@ impl Gpu {
         k: usize,
         into: Option<u64>,
     ) -> Result<Option<Tensor>> {
-        match into {
-            Some(at) => {
-                self.combine_at(y, t, hidden, pos, w, row_ptr, k, at)?;
-                Ok(None)
+        let (out, at) = match into {
+            Some(at) => (None, at),
+            None => {
+                let out = self.alloc(DType::F32, &[t, hidden])?;
+                let at = self.ptr(&out)?;
+                (Some(out), at)
             }
-            None => Ok(Some(self.combine(y, t, hidden, pos, w, row_ptr, k)?)),
-        }
-    }
-
-    /// The combine kernel, its `[t, hidden]` f32 output at device address `out`.
-    #[allow(clippy::too_many_arguments)]
-    fn combine_at(
-        &self,
-        y: &Tensor,
-        t: usize,
-        hidden: usize,
-        pos: u64,
-        w: u64,
-        row_ptr: u64,
-        k: usize,
-        out: u64,
-    ) -> Result<()> {
+        };
         self.launch(
             "moe_combine",
             (t as u32, hidden.div_ceil(256) as u32, 1),
@@ -918,8 +880,9 @@ impl Gpu {
                 Arg::Ptr(w),
                 Arg::Ptr(row_ptr),
                 i32_arg(k, "top-k")?,
-                Arg::Ptr(out),
+                Arg::Ptr(at),
             ],
-        )
+        )?;
+        Ok(out)
     }
 }

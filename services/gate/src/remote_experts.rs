@@ -117,6 +117,37 @@ struct CachedPlan {
     uses: u32,
 }
 
+/// The message of a device-ordered call: `layer`'s experts `experts` over `rows` rows in `dtype`
+/// in slot `slot` of the worker's session `session` (`(session, slot)`), call number `seq`.
+fn device_call(
+    call_id: u64,
+    layer: usize,
+    (session, slot): (u64, usize),
+    rows: usize,
+    dtype: DType,
+    seq: u32,
+    experts: Vec<u32>,
+) -> ForwardRequest {
+    ForwardRequest {
+        call_id,
+        layer: layer as u32,
+        hidden: None,
+        pairs_per_token: Vec::new(),
+        expert_ids: Vec::new(),
+        weights: Vec::new(),
+        traceparent: String::new(),
+        shared: Some(SharedActivations {
+            session,
+            slot: slot as u32,
+            rows: rows as u32,
+            dtype: codec::wire_dtype_for(dtype) as i32,
+            token_rows: Vec::new(),
+            device_seq: seq,
+            experts,
+        }),
+    }
+}
+
 /// Experts `0..n` grouped by the worker `pick` gives each (`None` if it gives none for one),
 /// the groups in the order of the workers' `serial`s, each group's experts ascending: one call
 /// per worker of a device-ordered layer.
@@ -787,24 +818,15 @@ impl Experts for RemoteExperts {
                 failure = Some(e);
                 break;
             }
-            p.permit.send(ForwardRequest {
-                call_id: p.client.next_call_id(),
-                layer: layer as u32,
-                hidden: None,
-                pairs_per_token: Vec::new(),
-                expert_ids: Vec::new(),
-                weights: Vec::new(),
-                traceparent: String::new(),
-                shared: Some(SharedActivations {
-                    session: p.slot.session.id,
-                    slot: index as u32,
-                    rows: t as u32,
-                    dtype: codec::wire_dtype_for(x.dtype()) as i32,
-                    token_rows: Vec::new(),
-                    device_seq: seq,
-                    experts: p.experts,
-                }),
-            });
+            p.permit.send(device_call(
+                p.client.next_call_id(),
+                layer,
+                (p.slot.session.id, index),
+                t,
+                x.dtype(),
+                seq,
+                p.experts,
+            ));
             self.watch.track(
                 &device,
                 Sent {
@@ -989,24 +1011,15 @@ impl Experts for RemoteExperts {
         plan.table
             .slice_set(&Tensor::from_vec(seqs.clone(), n, &device)?, 0, 0)?;
         for ((c, permit), seq) in calls.iter().zip(permits).zip(seqs) {
-            permit.send(ForwardRequest {
-                call_id: c.client.next_call_id(),
-                layer: plan.calls.order[c.entry].0 as u32,
-                hidden: None,
-                pairs_per_token: Vec::new(),
-                expert_ids: Vec::new(),
-                weights: Vec::new(),
-                traceparent: String::new(),
-                shared: Some(SharedActivations {
-                    session: c.session.id,
-                    slot: c.slot as u32,
-                    rows: plan.rows as u32,
-                    dtype: codec::wire_dtype_for(plan.dtype) as i32,
-                    token_rows: Vec::new(),
-                    device_seq: seq,
-                    experts: c.experts.clone(),
-                }),
-            });
+            permit.send(device_call(
+                c.client.next_call_id(),
+                plan.calls.order[c.entry].0,
+                (c.session.id, c.slot),
+                plan.rows,
+                plan.dtype,
+                seq,
+                c.experts.clone(),
+            ));
             self.watch.track(
                 &device,
                 Sent {
