@@ -1060,6 +1060,9 @@ impl Experts for RemoteExperts {
                 tracing::warn!(session = session.id, slot, error = %e, "could not release a worker's waits after an unfinished graph run");
             }
         }
+        // Those calls were released on purpose: the step (run again the ordinary way) must not
+        // check them, or their workers would be taken for failed ones.
+        *lock(&self.watch.step) = None;
     }
 
     fn settle(&self) -> moemesh_engine::Result<()> {
