@@ -76,17 +76,29 @@ async fn one_generate_is_one_trace_across_frontend_gate_and_experts() {
     assert_eq!(got, new_tokens);
 
     // One prefill step and then one decode step per further token; the gate's and workers'
-    // spans come in first. Every dispatch has its worker's span once both have exported.
+    // spans come in first. Every dispatch has its worker's span once both have exported. A
+    // process's export batches may arrive out of order (a step's span before its children's),
+    // so the wait is for every step's sampling span and at least one dispatch per MoE layer of
+    // every step too, not just for the step spans.
     let steps = new_tokens;
     let wait = Duration::from_secs(30);
     collector
         .wait_for(wait, |spans| {
-            let dispatches = named(spans, "moemesh-gate", "expert_dispatch").len();
+            let dispatches = named(spans, "moemesh-gate", "expert_dispatch");
             let forwards = named(spans, "moemesh-expert", "expert_forward").len();
-            (named(spans, "moemesh-gate", "step").len() == steps
-                && dispatches > 0
-                && forwards == dispatches)
-                .then_some(())
+            let g_steps = named(spans, "moemesh-gate", "step");
+            let every_step_dispatched = g_steps.iter().all(|g| {
+                dispatches
+                    .iter()
+                    .filter(|d| d.parent_span_id == g.span_id)
+                    .count()
+                    >= moe_layers
+            });
+            (g_steps.len() == steps
+                && named(spans, "moemesh-gate", "sampling").len() == steps
+                && every_step_dispatched
+                && forwards == dispatches.len())
+            .then_some(())
         })
         .await
         .unwrap_or_else(|spans| panic!("gate and worker spans did not arrive: {spans:#?}"));
