@@ -193,9 +193,10 @@ const LOAD_FLUSH_STEPS: u32 = 64;
 
 /// The routing of device-ordered layers never reaches the host, so the tokens per (layer,
 /// expert) (`ExpertLoad`, which the host path adds to per call) add up on
-/// the GPU, one `[n_experts]` f32 count per layer (exact below 2^24 per expert between reads),
-/// read every [`LOAD_FLUSH_STEPS`] steps at `settle`, when the step's work is done anyway. (A step
-/// run again after a released call counts its layers again: rare, and only the metric sees it.)
+/// the GPU, one `[n_experts]` u32 count per layer, kept in the same buffer for good (decode graphs
+/// add to it), read and zeroed every [`LOAD_FLUSH_STEPS`] steps at `settle`, when the step's work
+/// is done anyway. (A step run again after a released call counts its layers again: rare, and
+/// only the metric sees it.)
 #[derive(Default)]
 struct DeviceLoad {
     /// Per layer, `[E]` u32 tokens routed since the last flush (on the device).
