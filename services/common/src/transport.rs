@@ -65,6 +65,37 @@ pub enum ExpertGraphs {
     Off,
 }
 
+/// Whether this process runs as an MPS client as `moemesh up` starts them
+/// (`CUDA_MPS_PIPE_DIRECTORY` set): kernels of the processes sharing the GPU then run side by
+/// side, so a spinning wait in one does not hold the GPU from the others.
+pub fn under_mps() -> bool {
+    std::env::var_os("CUDA_MPS_PIPE_DIRECTORY").is_some()
+}
+
+/// An expert worker's `--ipc-wait`: how its stream waits for a gate's flag on a device-ordered
+/// session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IpcWait {
+    /// `kernel` under MPS ([`under_mps`]), `stream` otherwise.
+    Auto,
+    /// A one-thread spinning kernel: wakes at once, holds a thread of the GPU while it waits
+    /// (under plain time-slicing of one GPU that would hold the GPU from the gate).
+    Kernel,
+    /// The stream's memory wait (`cuStreamWaitValue32`), which the GPU polls.
+    Stream,
+}
+
+impl IpcWait {
+    /// Whether waits spin in a kernel.
+    pub fn spins(self) -> bool {
+        match self {
+            IpcWait::Auto => under_mps(),
+            IpcWait::Kernel => true,
+            IpcWait::Stream => false,
+        }
+    }
+}
+
 /// A device-ordered call's input buffer: the rows, then the routing, each part 256-byte aligned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeviceLayout {

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use moemesh_common::member_args::MemberArgs;
+use moemesh_common::transport::IpcWait;
 
 #[derive(Args, Debug, Clone)]
 pub struct ExpertConfig {
@@ -18,6 +19,12 @@ pub struct ExpertConfig {
     /// MoE layers to serve, e.g. `1-26` (default: every MoE layer).
     #[arg(long, env = "MOEMESH_LAYERS")]
     pub layers: Option<String>,
+    /// How this worker's stream waits for a gate's flag on a device-ordered CUDA IPC session:
+    /// `kernel` (a spinning one-thread kernel, which wakes at once), `stream` (the stream's
+    /// memory wait), or `auto`: `kernel` under MPS (as `moemesh up` runs processes sharing a
+    /// GPU), `stream` otherwise, where a spinning kernel would hold a time-sliced GPU.
+    #[arg(long, env = "MOEMESH_IPC_WAIT", value_enum, default_value = "auto")]
+    pub ipc_wait: IpcWait,
     /// Most seconds to wait for in-flight calls at shutdown.
     #[arg(long, env = "MOEMESH_DRAIN_TIMEOUT", default_value_t = 10)]
     pub drain_timeout: u64,
@@ -52,7 +59,29 @@ pub fn parse_range(s: &str, what: &str) -> Result<Vec<u32>, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_range;
+    use super::{IpcWait, parse_range};
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        cfg: super::ExpertConfig,
+    }
+
+    #[test]
+    fn the_ipc_wait_defaults_to_auto_and_refuses_other_values_by_name() {
+        let wait = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("expert").chain(args.iter().copied()))
+                .map(|c| c.cfg.ipc_wait)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(wait(&[]), Ok(IpcWait::Auto));
+        assert_eq!(wait(&["--ipc-wait", "stream"]), Ok(IpcWait::Stream));
+        assert_eq!(wait(&["--ipc-wait=kernel"]), Ok(IpcWait::Kernel));
+        assert!(IpcWait::Kernel.spins() && !IpcWait::Stream.spins());
+        let err = wait(&["--ipc-wait", "spin"]).expect_err("not a value");
+        assert!(err.contains("--ipc-wait"), "{err}");
+    }
 
     #[test]
     fn ranges_and_lists() {

@@ -71,20 +71,8 @@ struct DeviceSide {
     own_flags: SharedBuffer,
     /// Per slot, the highest call number queued here.
     queued: Vec<AtomicU32>,
-    /// Whether waits spin in a kernel instead of `cuStreamWaitValue32` (see [`spin_waits`]).
+    /// Whether waits spin in a kernel instead of `cuStreamWaitValue32` (`--ipc-wait`).
     spin: bool,
-}
-
-/// Whether device-ordered waits spin in a one-thread kernel (`MOEMESH_IPC_WAIT=kernel`) or use
-/// the stream's memory wait (`stream`). By default they spin under MPS (`CUDA_MPS_PIPE_DIRECTORY`
-/// set, as `moemesh up` sets it): a spinning kernel wakes at once but holds a thread of the GPU,
-/// which would hold the GPU from a gate that time-slices it with this worker.
-fn spin_waits() -> bool {
-    match std::env::var("MOEMESH_IPC_WAIT").as_deref() {
-        Ok("kernel") => true,
-        Ok("stream") => false,
-        _ => std::env::var_os("CUDA_MPS_PIPE_DIRECTORY").is_some(),
-    }
 }
 
 impl Drop for Session {
@@ -187,6 +175,8 @@ struct Worker {
     closing: Arc<AtomicBool>,
     /// CUDA IPC sessions by id.
     sessions: std::sync::Mutex<Sessions>,
+    /// Device-ordered waits spin in a kernel (`--ipc-wait`, resolved at start).
+    spin_waits: bool,
 }
 
 /// Most cached slot tables (a table per replica split in use; cleared when full).
@@ -304,7 +294,7 @@ impl Worker {
             gate_flags,
             own_flags,
             queued: (0..slots).map(|_| AtomicU32::new(0)).collect(),
-            spin: spin_waits(),
+            spin: self.spin_waits,
         })
     }
 
@@ -931,7 +921,7 @@ impl Expert for ExpertService {
         let reply = match result {
             Ok((session, device)) => {
                 let sync = match &device {
-                    Ok(_) if spin_waits() => "device (spinning waits)",
+                    Ok(_) if w.spin_waits => "device (spinning waits)",
                     Ok(_) => "device",
                     Err(_) => "host",
                 };
@@ -1065,6 +1055,7 @@ pub async fn run(
         in_flight,
         closing: Arc::new(AtomicBool::new(false)),
         sessions: Default::default(),
+        spin_waits: cfg.ipc_wait.spins(),
     });
     let (reporter, health, reflection) = serve::health_and_reflection("moemesh.v1.Expert");
     let limits = &cfg.member.limits;
@@ -1182,6 +1173,7 @@ mod tests {
             in_flight: serve::Drain::new().1,
             closing: Arc::new(AtomicBool::new(false)),
             sessions: Default::default(),
+            spin_waits: false,
         }
     }
 

@@ -300,8 +300,7 @@ impl RemoteExperts {
             ExpertGraphs::Off => false,
             ExpertGraphs::On => true,
             ExpertGraphs::Auto => {
-                client.member.device != self.gate_device
-                    || std::env::var_os("CUDA_MPS_PIPE_DIRECTORY").is_some()
+                client.member.device != self.gate_device || moemesh_common::transport::under_mps()
             }
         }
     }
