@@ -17,6 +17,7 @@
 #   BINS="old.gz new.gz" scripts/gpu-check.sh --core   # serving core: in-process and mesh, c=1 and 64
 #   scripts/gpu-check.sh --ipc                # expert data plane: CUDA IPC vs gRPC vs in-process
 #   scripts/gpu-check.sh --multi              # gates and workers over 2 or 4 GPUs vs one GPU in-process
+#   scripts/gpu-check.sh --rebalance          # Zipf-skewed router: throughput before/after `rebalance --apply`
 #   GATE_BINS="old.gz new.gz" scripts/gpu-check.sh --sampling   # the mesh once per gate binary
 #   SKIP_MEMCHECK=1 scripts/gpu-check.sh --check   # without the compute-sanitizer pass (minutes)
 #   EXPERT_DEVICES=cuda:1 scripts/gpu-check.sh --bench   # gate on GPU 0, expert workers on GPU 1
@@ -355,7 +356,8 @@ if [[ $MODE == --multi ]]; then
     # (cuda:2, cuda:3); with 2: 1 gate (cuda:0) and 2 workers on cuda:1. Decode at batch 1, 64 and
     # 256, end to end at concurrency 64, 256 and 512 (128 / 32, prompts included), then the
     # greedy tokens of two fixtures through that mesh against in-process (f32, must be equal).
-    # GATES overrides the number of gates on 4 GPUs.
+    # GATES overrides the number of gates on 4 GPUs, MULTI_WORKERS the number of expert workers
+    # (default 2), MULTI_CONC the end-to-end concurrencies of the mesh (default "64 256 512"), INPROC_CONC the one-GPU run's (same default).
     MODEL=synthetic:v2-lite
     BENCH=(--prompt-len 128 --output-len 32 --json)
     n=$(nvidia-smi -L | wc -l)
@@ -373,15 +375,15 @@ if [[ $MODE == --multi ]]; then
     t0=$SECONDS
     "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 --sweep 1,64,256 "${BENCH[@]}" \
         | sed 's/^{/{"mode":"in-process",/' >>"$OUT/ipc.jsonl" || status=1
-    for c in 64 256 512; do
+    for c in ${INPROC_CONC:-64 256 512}; do
         "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 --concurrency $c --requests $((2 * c)) "${BENCH[@]}" \
             | sed 's/^{/{"mode":"in-process e2e",/' >>"$OUT/ipc.jsonl" || status=1
     done
     echo "== in-process: $((SECONDS - t0)) s"; t0=$SECONDS
-    if MOEMESH_LOG=$MESH_LOG up --model $MODEL --dtype bf16 --expert-workers 2 "${layout[@]}" --gate-args=--kv-cache-mb=8192; then
+    if MOEMESH_LOG=$MESH_LOG up --model $MODEL --dtype bf16 --expert-workers ${MULTI_WORKERS:-2} "${layout[@]}" --gate-args=--kv-cache-mb=8192; then
         "$BIN" bench --addr "127.0.0.1:$PORT" --sweep 1,64,256 "${BENCH[@]}" \
             | sed 's/^{/{"mode":"mesh multi",/' >>"$OUT/ipc.jsonl" || status=1
-        for c in 64 256 512; do
+        for c in ${MULTI_CONC:-64 256 512}; do
             "$BIN" bench --addr "127.0.0.1:$PORT" --concurrency $c --requests $((2 * c)) "${BENCH[@]}" \
                 | sed 's/^{/{"mode":"mesh multi e2e",/' >>"$OUT/ipc.jsonl" || status=1
         done
@@ -395,7 +397,7 @@ if [[ $MODE == --multi ]]; then
         ids=$($PY -c "import json;print(','.join(map(str,json.load(open('tests/fixtures/$fx/reference.json'))['prompts'][2]['input_ids'])))" 2>/dev/null || echo 5,17,42,7,99,300,12)
         common=(--prompt-ids "$ids" --max-new-tokens 32 --ignore-eos --json)
         "$BIN" generate --model "tests/fixtures/$fx" --device cuda:0 --dtype f32 "${common[@]}" >"$OUT/inproc_$fx.jsonl" || status=1
-        if MOEMESH_LOG=$MESH_LOG up --model "tests/fixtures/$fx" --dtype f32 --expert-workers 2 "${layout[@]}"; then
+        if MOEMESH_LOG=$MESH_LOG up --model "tests/fixtures/$fx" --dtype f32 --expert-workers ${MULTI_WORKERS:-2} "${layout[@]}"; then
             "$BIN" generate --addr "127.0.0.1:$PORT" "${common[@]}" >"$OUT/mesh_$fx.jsonl" || status=1
             down
         else
@@ -403,6 +405,63 @@ if [[ $MODE == --multi ]]; then
         fi
         same_tokens "$OUT/inproc_$fx.jsonl" "$OUT/mesh_$fx.jsonl" "$fx f32 multi-GPU" || status=1
     done
+    $PY scripts/bench/ipc_report.py "$OUT/ipc.jsonl" | tee "$OUT/ipc.md"
+    exit $status
+fi
+
+if [[ $MODE == --rebalance ]]; then
+    # Issue 22 on the GPU: the mesh with its router skewed (`--router-skew`, Zipf exponent
+    # REBALANCE_SKEW, default 1), end to end before and after `moemesh rebalance --apply` (live
+    # re-placement by measured load), with a real etcd (etcd on PATH, or .etcd/etcd.gz carried).
+    # Layout: the gate on cuda:0 and one worker on each other GPU (REBALANCE_LAYOUT overrides;
+    # on one GPU, the gate and 2 workers on it). Each phase: decode at batch 64 and 256, end to
+    # end at concurrency 64 and 256 (128 / 32, prompts included).
+    MODEL=synthetic:v2-lite
+    ETCD=$(command -v etcd || true)
+    if [[ -z $ETCD && -f .etcd/etcd.gz ]]; then
+        ETCD=/tmp/etcd; gunzip -c .etcd/etcd.gz >$ETCD && chmod +x $ETCD
+    fi
+    [[ -n $ETCD ]] || { echo "no etcd: install etcd-server or carry .etcd/etcd.gz"; exit 1; }
+    rm -rf /tmp/rb-etcd
+    $ETCD --data-dir /tmp/rb-etcd --listen-client-urls http://127.0.0.1:23791 \
+        --advertise-client-urls http://127.0.0.1:23791 --listen-peer-urls http://127.0.0.1:23801 \
+        --initial-advertise-peer-urls http://127.0.0.1:23801 --initial-cluster default=http://127.0.0.1:23801 \
+        >"$OUT/etcd.log" 2>&1 &
+    ETCD_PID=$!
+    n=$(nvidia-smi -L | wc -l)
+    if (( n >= 2 )); then
+        devs=$(seq -s, -f 'cuda:%g' 1 $((n - 1)))
+        layout=(--device cuda:0 --expert-workers $((n - 1)) --expert-devices "$devs")
+    else
+        layout=(--device cuda:0 --expert-workers 2)
+    fi
+    [[ -n ${REBALANCE_LAYOUT:-} ]] && read -ra layout <<<"$REBALANCE_LAYOUT"
+    echo "layout on $n GPUs: ${layout[*]}, skew ${REBALANCE_SKEW:-1}"
+    : >"$OUT/ipc.jsonl"
+    if MOEMESH_LOG="warn,moemesh_gate::workers=info" up --model $MODEL --dtype bf16 --etcd http://127.0.0.1:23791 --plaintext \
+        --router-skew "${REBALANCE_SKEW:-1}" "${layout[@]}" --gate-args=--kv-cache-mb=8192; then
+        gate=$(grep -o 'gate 0 on [0-9.:]*' "$OUT/up.err" | awk '{print $4}')
+        phase() {
+            "$BIN" bench --addr "127.0.0.1:$PORT" --sweep 64,256 --prompt-len 128 --output-len 32 --json \
+                | sed "s/^{/{\"mode\":\"$1\",/" >>"$OUT/ipc.jsonl" || status=1
+            for c in 64 256; do
+                "$BIN" bench --addr "127.0.0.1:$PORT" --concurrency $c --requests $((2 * c)) --prompt-len 128 \
+                    --output-len 32 --json | sed "s/^{/{\"mode\":\"$1 e2e\",/" >>"$OUT/ipc.jsonl" || status=1
+            done
+        }
+        phase "skewed, before"
+        "$BIN" rebalance --addr "$gate" 2>&1 | tee "$OUT/rebalance_plan.txt" | tail -25
+        t0=$SECONDS
+        "$BIN" rebalance --addr "$gate" --apply 2>&1 | tee "$OUT/rebalance_apply.txt" | tail -8 || status=1
+        echo "== applied in $((SECONDS - t0)) s"
+        phase "skewed, after"
+        "$BIN" rebalance --addr "$gate" 2>&1 | tail -6
+        grep -h 'plan changed\|captured as a CUDA graph' "$OUT/up.err" | wc -l | sed 's/^/plan\/graph log lines: /'
+        down
+    else
+        status=1
+    fi
+    kill $ETCD_PID 2>/dev/null
     $PY scripts/bench/ipc_report.py "$OUT/ipc.jsonl" | tee "$OUT/ipc.md"
     exit $status
 fi
@@ -440,7 +499,7 @@ if [[ $MODE == --ipc ]]; then
                         | sed "s/^{/{\"mode\":\"$run 1024 \/ 256 e2e\",/" >>"$OUT/ipc.jsonl" || status=1
                 fi
                 ;;
-            *-failover)
+            *-failover*)
                 # A worker hung mid-load (SIGSTOP), with a replica (`up --expert-replicas 2`):
                 # every request must still succeed, the hung worker found by the per-call
                 # deadline (--expert-timeout 5) and its share re-sent to the replica. (A killed
@@ -450,9 +509,14 @@ if [[ $MODE == --ipc ]]; then
                 # FAILOVER_WORKERS (default 2) shards, each twice: the lent H100s take at most
                 # three MPS clients per GPU (a fourth process's context fails with "out of
                 # memory"), so on one GPU under MPS use 1 (the gate and two replicas).
+                # *-nomps*: no MPS (`up --mps off`: the processes time-slice the GPU, and
+                # `--expert-graphs auto` leaves graphs off on one GPU); *-graphs: graphs forced on.
+                fo_args=()
+                [[ $run == *-nomps* ]] && fo_args+=(--mps off)
+                [[ $run == *-graphs* ]] && fo_args+=(--gate-args=--expert-graphs=on)
                 if MOEMESH_LOG=$MESH_LOG up --model ${FAILOVER_MODEL:-$MODEL} --dtype bf16 --expert-workers ${FAILOVER_WORKERS:-2} --expert-replicas 2 \
                     "${dev_args[@]}" --gate-args=--kv-cache-mb=4096 --gate-args=--expert-transport=$t \
-                    --gate-args=--expert-timeout=5; then
+                    --gate-args=--expert-timeout=5 "${fo_args[@]}"; then
                     # A first wave before the fault, so that no process is stopped inside a
                     # first-use setup (cuBLAS, modules) rather than mid-load.
                     "$BIN" bench --addr "127.0.0.1:$PORT" --concurrency 4 --requests 4 --prompt-len 128 \
@@ -462,7 +526,22 @@ if [[ $MODE == --ipc ]]; then
                     BENCH_PID=$!
                     hung=$(grep -o "expert worker 0 replica 0 .*pid [0-9]*" "$OUT/up.err" | grep -o '[0-9]*$' | head -1)
                     sleep 3; kill -STOP "$hung" && echo "stopped worker 0 replica 0 (pid $hung) mid-load"
+                    # A run that hangs is cut after FAILOVER_LIMIT seconds (default 150), with
+                    # where every thread of the mesh's processes waits (kernel wait channel).
+                    (
+                        sleep "${FAILOVER_LIMIT:-150}"
+                        echo "failover run still going after ${FAILOVER_LIMIT:-150} s: threads of the mesh"
+                        for p in $(pgrep -f "moemesh-cuda (gate|expert|frontend) "); do
+                            for t in /proc/$p/task/*; do
+                                echo "pid $p $(cat $t/comm 2>/dev/null) $(awk '{print $3}' $t/stat 2>/dev/null) $(cat $t/wchan 2>/dev/null)"
+                            done | sort | uniq -c | sort -rn | head -12
+                        done
+                        nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
+                        kill $BENCH_PID
+                    ) 2>&1 | tee -a "$OUT/failover.txt" &
+                    WATCHDOG=$!
                     wait $BENCH_PID || status=1
+                    pkill -P $WATCHDOG sleep 2>/dev/null; kill $WATCHDOG 2>/dev/null
                     kill -CONT "$hung"
                     down
                     $PY -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"$run: {r['succeeded']}/{r['requests']} requests ok, errors {r['errors']}, {r['output_tokens_per_s']:.0f} output tok/s\")" \

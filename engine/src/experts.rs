@@ -437,22 +437,35 @@ impl ExpertShard {
         g.experts_routed(x, routing, slot_of, &le.gate_up, &le.down, usize::MAX)
     }
 
-    /// [`forward_routed_device`](Self::forward_routed_device) with the `[T, hidden]` f32 result
-    /// written at device address `into` (an expert worker's shared output buffer); `false` when
-    /// the device kernels do not take the call.
-    pub fn forward_routed_device_into(
+    /// [`forward_routed_device`](Self::forward_routed_device) for an expert worker's
+    /// device-ordered call: the rows and routing read where they are (`input`, the gate's shared
+    /// buffer), the `[T, hidden]` f32 result written at device address `into` (the shared output
+    /// buffer), and with `wait` the wait for the gate's flag done in the first kernel; every
+    /// kernel queued on `stream` (a handle of this shard's GPU: the caller's session stream,
+    /// which need not be the one the weights or `slot_of` were made on). `false` when the
+    /// device kernels do not take the call (nothing queued).
+    pub fn forward_routed_at(
         &self,
+        stream: &Device,
         layer: usize,
-        x: &Tensor,
-        routing: &crate::cuda::DeviceRouting,
+        input: &crate::cuda::RowsAt,
         slot_of: &Tensor,
         into: u64,
+        wait: Option<&crate::cuda::WaitFlag>,
     ) -> Result<bool> {
-        let Some(g) = crate::cuda::gpu(x.device()) else {
+        let Some(g) = crate::cuda::gpu(stream) else {
             return Ok(false);
         };
         let le = self.layer(layer)?;
-        g.experts_routed_into(x, routing, slot_of, &le.gate_up, &le.down, usize::MAX, into)
+        g.experts_routed_at(
+            input,
+            slot_of,
+            &le.gate_up,
+            &le.down,
+            usize::MAX,
+            into,
+            wait,
+        )
     }
 
     /// Expert by expert.

@@ -163,11 +163,33 @@ extern "C" __global__ void moe_route(const float* logits, int tokens, int n_exp,
 
 #define ALIGN_MAX_S 1024
 
+// An expert worker's wait for the gate's `ready` flag, folded into the first kernel of its call
+// (when `wait_word` is not null): thread 0 spins until *wait_word reaches wait_value in the
+// cyclic order, stores what it saw to *observed (a released wait sees more, which the gate
+// checks), fences, and the block's barrier holds the other threads until then. As the separate
+// `flag_wait_value`, one launch fewer on the call's critical path.
+__device__ __forceinline__ void align_wait(const uint32_t* wait_word, uint32_t wait_value,
+                                           uint32_t* observed) {
+    if (wait_word && threadIdx.x == 0) {
+        uint32_t w;
+        for (;;) {
+            asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(w) : "l"(wait_word) : "memory");
+            if ((int)(w - wait_value) >= 0) break;
+            __nanosleep(128);
+        }
+        if (observed) *observed = w;
+        __threadfence_system();
+    }
+    __syncthreads();
+}
+
 extern "C" __global__ void moe_align(const uint32_t* ids, int pairs, const int* slot_of,
                                      int n_slots, uint32_t* offsets, uint32_t* sorted,
-                                     uint32_t* pos) {
+                                     uint32_t* pos, const uint32_t* wait_word,
+                                     uint32_t wait_value, uint32_t* observed) {
     __shared__ uint32_t cnt[ALIGN_MAX_S];
     __shared__ uint32_t cur[ALIGN_MAX_S];
+    align_wait(wait_word, wait_value, observed);
     for (int s = threadIdx.x; s < n_slots; s += blockDim.x) cnt[s] = 0;
     __syncthreads();
     for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
@@ -216,17 +238,11 @@ extern "C" __global__ void expert_count(const uint32_t* ids, int n, int n_expert
 
 // The flags of device-ordered expert calls replayed from a CUDA graph (the gate's side): a
 // graph's arguments are fixed, so each run's call numbers come from `table`, which the host fills
-// before the run. `flag_signal` stores table[i] to a peer's flag word after everything queued
+// before the run. `flag_signal_n` stores table[i] to a peer's flag word after everything queued
 // before it (fence, then a release store at system scope, as cuStreamWriteValue32 does);
 // `flag_wait_geq` spins, one thread, until the word reaches table[i] in the cyclic order
 // ((int)(word - v) >= 0, as cuStreamWaitValue32 GEQ), then fences so that what follows on the
 // stream reads what the peer wrote before its flag.
-extern "C" __global__ void flag_signal(uint32_t* word, const uint32_t* table, int i) {
-    __threadfence_system();
-    const uint32_t v = table[i];
-    asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(word), "r"(v) : "memory");
-}
-
 extern "C" __global__ void flag_wait_geq(const uint32_t* word, const uint32_t* table, int i) {
     const uint32_t v = table[i];
     for (;;) {
@@ -238,7 +254,20 @@ extern "C" __global__ void flag_wait_geq(const uint32_t* word, const uint32_t* t
     __threadfence_system();
 }
 
-// The same for a value known when the work is queued (an expert worker's side): wait until
+// Up to four words at once: word j gets table[i_j] (the first n are written).
+extern "C" __global__ void flag_signal_n(uint32_t* w0, uint32_t* w1, uint32_t* w2, uint32_t* w3,
+                                         const uint32_t* table, int i0, int i1, int i2, int i3,
+                                         int n) {
+    __threadfence_system();
+    uint32_t* words[4] = {w0, w1, w2, w3};
+    const int at[4] = {i0, i1, i2, i3};
+    for (int j = 0; j < n && j < 4; ++j) {
+        const uint32_t v = table[at[j]];
+        asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(words[j]), "r"(v) : "memory");
+    }
+}
+
+// flag_wait_geq for a value known when the work is queued (an expert worker's side): wait until
 // *word reaches v, then store what was seen to *observed (if not null; a released wait sees
 // more than v, which the gate checks).
 extern "C" __global__ void flag_wait_value(const uint32_t* word, uint32_t v, uint32_t* observed) {
@@ -265,6 +294,41 @@ extern "C" __global__ void flag_seen_done(const uint32_t* from, uint32_t* seen, 
 // workers' f32 partial sums, read where the workers wrote them.
 extern "C" __global__ void add_parts_f32(float4* out, const float4* p0, const float4* p1,
                                          const float4* p2, const float4* p3, int parts, int n4) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n4; i += gridDim.x * blockDim.x) {
+        float4 s = p0[i];
+        const float4* more[3] = {p1, p2, p3};
+        for (int p = 1; p < parts; ++p) {
+            const float4 v = more[p - 1][i];
+            s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
+        }
+        out[i] = s;
+    }
+}
+
+// add_parts_f32 after flag_wait_geq on each part's `done` word (word j against table[i_j]),
+// in one launch: each block's thread 0 waits for every word, fences, and the barrier holds the
+// block's other threads until then (small sums only: every block polls).
+extern "C" __global__ void wait_add_parts_f32(float4* out, const float4* p0, const float4* p1,
+                                              const float4* p2, const float4* p3, int parts, int n4,
+                                              const uint32_t* w0, const uint32_t* w1,
+                                              const uint32_t* w2, const uint32_t* w3,
+                                              const uint32_t* table, int i0, int i1, int i2,
+                                              int i3) {
+    if (threadIdx.x == 0) {
+        const uint32_t* words[4] = {w0, w1, w2, w3};
+        const int at[4] = {i0, i1, i2, i3};
+        for (int j = 0; j < parts && j < 4; ++j) {
+            const uint32_t v = table[at[j]];
+            for (;;) {
+                uint32_t w;
+                asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(w) : "l"(words[j]) : "memory");
+                if ((int)(w - v) >= 0) break;
+                __nanosleep(128);
+            }
+        }
+        __threadfence_system();
+    }
+    __syncthreads();
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n4; i += gridDim.x * blockDim.x) {
         float4 s = p0[i];
         const float4* more[3] = {p1, p2, p3};
@@ -605,10 +669,13 @@ extern "C" __global__ void moe_combine(const float* y, int hidden, const uint32_
 extern "C" __global__ void moe_align_blocks(const uint32_t* ids, int pairs, const int* slot_of,
                                             int n_slots, const uint32_t* pair_rows, int k_div,
                                             int max_blocks, int bm, uint32_t* sorted_rows,
-                                            uint32_t* block_slot, uint32_t* pos) {
+                                            uint32_t* block_slot, uint32_t* pos,
+                                            const uint32_t* wait_word, uint32_t wait_value,
+                                            uint32_t* observed) {
     __shared__ uint32_t cnt[ALIGN_MAX_S];
     __shared__ uint32_t cur[ALIGN_MAX_S];
     __shared__ uint32_t start[ALIGN_MAX_S + 1];
+    align_wait(wait_word, wait_value, observed);
     for (int s = threadIdx.x; s < n_slots; s += blockDim.x) cnt[s] = 0;
     for (int i = threadIdx.x; i < max_blocks * bm; i += blockDim.x) sorted_rows[i] = GG_NONE;
     for (int b = threadIdx.x; b < max_blocks; b += blockDim.x) block_slot[b] = GG_NONE;

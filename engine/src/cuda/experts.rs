@@ -26,6 +26,53 @@ impl DeviceRouting {
     }
 }
 
+/// An expert call's inputs read where they are (an expert worker's slot of a gate's shared
+/// buffer): `x [rows, hidden]` of `dtype`, and the routing `ids [rows, k]` (u32) and `weights
+/// [rows, k]` (f32), at device addresses (16-byte aligned for `x`, 4 for the routing).
+#[derive(Debug, Clone, Copy)]
+pub struct RowsAt {
+    pub x: u64,
+    pub ids: u64,
+    pub weights: u64,
+    pub rows: usize,
+    pub hidden: usize,
+    pub k: usize,
+    pub dtype: DType,
+}
+
+/// A flag a call waits for in its first kernel, before it reads its inputs: the u32 at device
+/// address `word` reaching `value` (cyclic order); what it saw is stored at `observed`.
+#[derive(Debug, Clone, Copy)]
+pub struct WaitFlag {
+    pub word: u64,
+    pub value: u32,
+    pub observed: u64,
+}
+
+/// The three kernel arguments of an optional [`WaitFlag`] (null word: no wait).
+fn wait_args(wait: Option<&WaitFlag>) -> [Arg; 3] {
+    match wait {
+        Some(w) => [
+            Arg::Ptr(w.word),
+            Arg::I32(w.value as i32),
+            Arg::Ptr(w.observed),
+        ],
+        None => [Arg::Ptr(0), Arg::I32(0), Arg::Ptr(0)],
+    }
+}
+
+/// The inputs of a routed-experts call, as the kernels take them.
+struct RoutedIn {
+    x: u64,
+    dtype: DType,
+    rows: usize,
+    hidden: usize,
+    inner: usize,
+    ids: u64,
+    weights: u64,
+    k: usize,
+}
+
 /// Router constants the routing kernel needs (see engine/src/router.rs for their meaning).
 pub struct RouteParams<'a> {
     pub bias: Option<&'a Tensor>,
@@ -239,12 +286,31 @@ impl Gpu {
         Ok(true)
     }
 
-    /// Queues a one-thread kernel that stores `table[index]` (u32, on this device) to the u32
-    /// at device address `word` (a peer's flag, mapped into this process) after everything
-    /// queued before it: a flag write whose value is read when the kernel runs, so that a CUDA
-    /// graph can carry it (see [`crate::cuda::ipc::Region::word_address`]).
-    pub fn signal_word(&self, word: u64, table: &Tensor, index: usize) -> Result<()> {
-        self.flag_kernel("flag_signal", word, table, index)
+    /// Queues a one-thread kernel that stores `table[i]` (u32, on this device) to the u32 at
+    /// device address `w` (a peer's flag, mapped into this process), for each `(w, i)` (four
+    /// to a launch), after everything queued before it: flag writes whose values are read when
+    /// the kernel runs, so that a CUDA graph can carry them (see
+    /// [`crate::cuda::ipc::Region::word_address`]).
+    pub fn signal_words(&self, words: &[(u64, usize)], table: &Tensor) -> Result<()> {
+        for chunk in words.chunks(4) {
+            let mut args = Vec::with_capacity(10);
+            for j in 0..4 {
+                args.push(Arg::Ptr(chunk.get(j).map_or(0, |w| w.0)));
+            }
+            args.push(Arg::Ptr(self.ptr(table)?));
+            for &(word, i) in chunk {
+                Self::check_flag(table, i, word, "flag_signal_n")?;
+            }
+            for j in 0..4 {
+                args.push(i32_arg(
+                    chunk.get(j).map_or(0, |w| w.1),
+                    "flag table entry",
+                )?);
+            }
+            args.push(i32_arg(chunk.len(), "flag words")?);
+            self.launch("flag_signal_n", (1, 1, 1), 1, 0, &args)?;
+        }
+        Ok(())
     }
 
     /// Queues a one-thread kernel that waits until the u32 at device address `word` reaches
@@ -320,6 +386,65 @@ impl Gpu {
         Ok(Some(out))
     }
 
+    /// [`add_parts`](Self::add_parts) after waiting for each part's flag (`waits[j]`: the word
+    /// at that device address reaching `table[index]`, as [`wait_word`](Self::wait_word)), in
+    /// one launch. For small sums only (every block of the launch polls the flags): `None`
+    /// when the sum is larger than 32 blocks' worth or the parts do not fit `add_parts`
+    /// (nothing queued then).
+    pub fn wait_add_parts(
+        &self,
+        parts: &[u64],
+        waits: &[(u64, usize)],
+        table: &Tensor,
+        shape: &[usize],
+    ) -> Result<Option<Tensor>> {
+        const MAX_BLOCKS: usize = 32;
+        let n: usize = shape.iter().product();
+        if parts.is_empty()
+            || parts.len() > 4
+            || waits.len() != parts.len()
+            || n == 0
+            || !n.is_multiple_of(4)
+            || (n / 4).div_ceil(256) > MAX_BLOCKS
+            || parts.iter().any(|p| !p.is_multiple_of(16))
+        {
+            return Ok(None);
+        }
+        for &(word, index) in waits {
+            Self::check_flag(table, index, word, "wait_add_parts_f32")?;
+        }
+        let out = self.alloc(DType::F32, shape)?;
+        let n4 = n / 4;
+        let at = |i: usize| Arg::Ptr(parts.get(i).copied().unwrap_or(parts[0]));
+        let word = |i: usize| Arg::Ptr(waits.get(i).map_or(0, |w| w.0));
+        let entry = |i: usize| i32_arg(waits.get(i).map_or(0, |w| w.1), "flag table entry");
+        self.launch(
+            "wait_add_parts_f32",
+            (n4.div_ceil(256) as u32, 1, 1),
+            256,
+            0,
+            &[
+                Arg::Ptr(self.ptr(&out)?),
+                at(0),
+                at(1),
+                at(2),
+                at(3),
+                i32_arg(parts.len(), "parts")?,
+                i32_arg(n4, "elements")?,
+                word(0),
+                word(1),
+                word(2),
+                word(3),
+                Arg::Ptr(self.ptr(table)?),
+                entry(0)?,
+                entry(1)?,
+                entry(2)?,
+                entry(3)?,
+            ],
+        )?;
+        Ok(Some(out))
+    }
+
     /// The device address of contiguous `t`'s first element (for [`copy_batch`](Self::copy_batch)).
     pub fn address(&self, t: &Tensor) -> Result<u64> {
         if !t.is_contiguous() {
@@ -385,7 +510,8 @@ impl Gpu {
         Ok(out)
     }
 
-    fn flag_kernel(&self, name: &str, word: u64, table: &Tensor, index: usize) -> Result<()> {
+    /// A flag kernel's table entry and word: a u32 table holding `index`, a 4-byte aligned word.
+    fn check_flag(table: &Tensor, index: usize, word: u64, name: &str) -> Result<()> {
         if table.dtype() != DType::U32 || index >= table.elem_count() || !word.is_multiple_of(4) {
             return Err(EngineError::Internal(format!(
                 "{name}: entry {index} of a {:?} {:?} table, word at {word:#x}",
@@ -393,6 +519,11 @@ impl Gpu {
                 table.dtype()
             )));
         }
+        Ok(())
+    }
+
+    fn flag_kernel(&self, name: &str, word: u64, table: &Tensor, index: usize) -> Result<()> {
+        Self::check_flag(table, index, word, name)?;
         self.launch(
             name,
             (1, 1, 1),
@@ -458,20 +589,34 @@ impl Gpu {
     }
 
     fn experts_fit(x: &Tensor, gate_up: &Tensor, down: &Tensor) -> Result<Option<(usize, usize)>> {
-        let (Ok((_, hidden)), Ok((_, hidden2, inner))) = (x.dims2(), down.dims3()) else {
+        let Ok((_, hidden)) = x.dims2() else {
             return Ok(None);
         };
-        let dt = x.dtype();
+        if !x.is_contiguous() || !aligned16(x) {
+            return Ok(None);
+        }
+        Self::weights_fit(hidden, x.dtype(), gate_up, down)
+    }
+
+    /// Whether the expert kernels take rows of `hidden` `dt` values against these stacked
+    /// weights: `Some((hidden, inner))` if so.
+    fn weights_fit(
+        hidden: usize,
+        dt: DType,
+        gate_up: &Tensor,
+        down: &Tensor,
+    ) -> Result<Option<(usize, usize)>> {
+        let Ok((_, hidden2, inner)) = down.dims3() else {
+            return Ok(None);
+        };
         let ok = hidden == hidden2
             && hidden.is_multiple_of(8)
             && inner.is_multiple_of(8)
             && is_kernel_dtype(dt)
             && gate_up.dtype() == dt
             && down.dtype() == dt
-            && x.is_contiguous()
             && gate_up.is_contiguous()
             && down.is_contiguous()
-            && aligned16(x)
             && aligned16(gate_up)
             && aligned16(down)
             && gate_up.dim(1)? == hidden;
@@ -485,7 +630,7 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     fn experts_core(
         &self,
-        x: &Tensor,
+        (x, x_dtype): (u64, DType),
         gate_up: &Tensor,
         down: &Tensor,
         slots: usize,
@@ -496,7 +641,7 @@ impl Gpu {
         hidden: usize,
         inner: usize,
     ) -> Result<Tensor> {
-        let mma = x.dtype() == DType::BF16 && hidden.is_multiple_of(32) && inner.is_multiple_of(32);
+        let mma = x_dtype == DType::BF16 && hidden.is_multiple_of(32) && inner.is_multiple_of(32);
         // Blocks of 4 warps: two 16-row tiles, each over two k halves (tensor cores), or 16
         // rows, 4 per warp (CUDA cores).
         let rows_per_block = if mma { 32 } else { 16 };
@@ -507,7 +652,7 @@ impl Gpu {
                 DType::BF16,
             )
         } else {
-            let sfx = suffix(x.dtype());
+            let sfx = suffix(x_dtype);
             (
                 format!("moe_gate_up_{sfx}"),
                 format!("moe_down_{sfx}"),
@@ -521,7 +666,7 @@ impl Gpu {
             128,
             0,
             &[
-                Arg::Ptr(self.ptr(x)?),
+                Arg::Ptr(x),
                 i32_arg(hidden, "hidden size")?,
                 Arg::Ptr(self.ptr(gate_up)?),
                 i32_arg(inner, "expert inner size")?,
@@ -551,8 +696,8 @@ impl Gpu {
 
     /// Whether the grouped GEMM takes these shapes: bf16, both projections' k widths multiples
     /// of 32 (hidden and inner), at most `ALIGN_MAX_S` slots.
-    fn grouped_fits(x: &Tensor, hidden: usize, inner: usize, slots: usize) -> bool {
-        x.dtype() == DType::BF16
+    fn grouped_fits(dtype: DType, hidden: usize, inner: usize, slots: usize) -> bool {
+        dtype == DType::BF16
             && hidden.is_multiple_of(32)
             && inner.is_multiple_of(32)
             && slots <= 1024
@@ -566,7 +711,7 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     fn experts_grouped(
         &self,
-        x: &Tensor,
+        x: u64,
         gate_up: &Tensor,
         down: &Tensor,
         ids: u64,
@@ -577,6 +722,7 @@ impl Gpu {
         k_div: usize,
         hidden: usize,
         inner: usize,
+        wait: Option<&WaitFlag>,
     ) -> Result<(Tensor, Tensor)> {
         let wgmma = super::wgmma_experts_enabled()
             && hidden.is_multiple_of(64)
@@ -613,6 +759,7 @@ impl Gpu {
         let sorted = self.alloc(DType::U32, &[max_blocks * bm])?;
         let block_slot = self.alloc(DType::U32, &[max_blocks])?;
         let pos = self.alloc(DType::U32, &[pairs])?;
+        let [wait_word, wait_value, observed] = wait_args(wait);
         self.launch(
             "moe_align_blocks",
             (1, 1, 1),
@@ -630,6 +777,9 @@ impl Gpu {
                 Arg::Ptr(self.ptr(&sorted)?),
                 Arg::Ptr(self.ptr(&block_slot)?),
                 Arg::Ptr(self.ptr(&pos)?),
+                wait_word,
+                wait_value,
+                observed,
             ],
         )?;
         let rows = max_blocks * bm;
@@ -641,7 +791,7 @@ impl Gpu {
             threads,
             smem as u32,
             &[
-                Arg::Ptr(self.ptr(x)?),
+                Arg::Ptr(x),
                 i32_arg(hidden, "hidden size")?,
                 Arg::Ptr(self.ptr(gate_up)?),
                 i32_arg(inner, "expert inner size")?,
@@ -683,27 +833,86 @@ impl Gpu {
         down: &Tensor,
         max_rows: usize,
     ) -> Result<Option<Tensor>> {
-        self.routed(x, routing, slot_of, gate_up, down, max_rows, None)
+        let Some(input) = self.routed_in(x, routing, gate_up, down)? else {
+            return Ok(None);
+        };
+        self.routed(&input, slot_of, gate_up, down, max_rows, None, None)
             .map(Option::flatten)
     }
 
-    /// [`experts_routed`](Self::experts_routed) with the `[T, hidden]` f32 result written at
-    /// device address `into` (an expert worker's shared output buffer, `4 · T · hidden` bytes)
-    /// instead of a new tensor; `false` when the kernels do not take this call.
+    /// [`experts_routed`](Self::experts_routed) for an expert worker's call: the rows and the
+    /// routing read where they are (`input`, the gate's shared buffer), the `[rows, hidden]` f32
+    /// result written at device address `into` (`4 · rows · hidden` bytes), and, with `wait`,
+    /// the wait for the gate's flag done by the call's first kernel. `false` when the kernels
+    /// do not take this call (nothing queued then).
     #[allow(clippy::too_many_arguments)]
-    pub fn experts_routed_into(
+    pub fn experts_routed_at(
         &self,
-        x: &Tensor,
-        routing: &DeviceRouting,
+        input: &RowsAt,
         slot_of: &Tensor,
         gate_up: &Tensor,
         down: &Tensor,
         max_rows: usize,
         into: u64,
+        wait: Option<&WaitFlag>,
     ) -> Result<bool> {
+        let Some((hidden, inner)) = Self::weights_fit(input.hidden, input.dtype, gate_up, down)?
+        else {
+            return Ok(false);
+        };
+        if !input.x.is_multiple_of(16)
+            || !input.ids.is_multiple_of(4)
+            || !input.weights.is_multiple_of(4)
+            || !into.is_multiple_of(16)
+            || input.rows == 0
+            || input.k == 0
+        {
+            return Ok(false);
+        }
+        let routed = RoutedIn {
+            x: input.x,
+            dtype: input.dtype,
+            rows: input.rows,
+            hidden,
+            inner,
+            ids: input.ids,
+            weights: input.weights,
+            k: input.k,
+        };
         Ok(self
-            .routed(x, routing, slot_of, gate_up, down, max_rows, Some(into))?
+            .routed(&routed, slot_of, gate_up, down, max_rows, Some(into), wait)?
             .is_some())
+    }
+
+    /// A tensor call's inputs as the kernels take them (`None`: they do not take them).
+    fn routed_in(
+        &self,
+        x: &Tensor,
+        routing: &DeviceRouting,
+        gate_up: &Tensor,
+        down: &Tensor,
+    ) -> Result<Option<RoutedIn>> {
+        let Some((hidden, inner)) = Self::experts_fit(x, gate_up, down)? else {
+            return Ok(None);
+        };
+        let t = x.dim(0)?;
+        if routing.ids.dims() != [t, routing.k]
+            || routing.weights.dims() != [t, routing.k]
+            || !routing.ids.is_contiguous()
+            || !routing.weights.is_contiguous()
+        {
+            return Ok(None);
+        }
+        Ok(Some(RoutedIn {
+            x: self.ptr(x)?,
+            dtype: x.dtype(),
+            rows: t,
+            hidden,
+            inner,
+            ids: self.ptr(&routing.ids)?,
+            weights: self.ptr(&routing.weights)?,
+            k: routing.k,
+        }))
     }
 
     /// Both of the above: `None` when the kernels do not take the call, `Some(None)` when the
@@ -711,40 +920,47 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     fn routed(
         &self,
-        x: &Tensor,
-        routing: &DeviceRouting,
+        input: &RoutedIn,
         slot_of: &Tensor,
         gate_up: &Tensor,
         down: &Tensor,
         max_rows: usize,
         into: Option<u64>,
+        wait: Option<&WaitFlag>,
     ) -> Result<Option<Option<Tensor>>> {
-        let Some((hidden, inner)) = Self::experts_fit(x, gate_up, down)? else {
-            return Ok(None);
-        };
-        let t = x.dim(0)?;
+        let RoutedIn {
+            x,
+            dtype,
+            rows: t,
+            hidden,
+            inner,
+            ids,
+            weights,
+            k,
+        } = *input;
         let slots = down.dim(0)?;
-        let pairs = t * routing.k;
-        if routing.ids.dims() != [t, routing.k] || slots > 1024 || slot_of.dtype() != DType::I32 {
+        let pairs = t * k;
+        if slots > 1024 || slot_of.dtype() != DType::I32 {
             return Ok(None);
         }
-        if Self::grouped_fits(x, hidden, inner, slots) && takes_grouped(pairs, slots) {
+        if Self::grouped_fits(dtype, hidden, inner, slots) && takes_grouped(pairs, slots) {
             let (y, pos) = self.experts_grouped(
                 x,
                 gate_up,
                 down,
-                self.ptr(&routing.ids)?,
+                ids,
                 pairs,
                 self.ptr(slot_of)?,
                 slots,
                 0,
-                routing.k,
+                k,
                 hidden,
                 inner,
+                wait,
             )?;
-            let (pos, w) = (self.ptr(&pos)?, self.ptr(&routing.weights)?);
+            let pos = self.ptr(&pos)?;
             return Ok(Some(
-                self.combine_to(&y, t, hidden, pos, w, 0, routing.k, into)?,
+                self.combine_to(&y, t, hidden, pos, weights, 0, k, into)?,
             ));
         }
         if t > max_rows {
@@ -753,28 +969,41 @@ impl Gpu {
         let offsets = self.alloc(DType::U32, &[slots + 1])?;
         let sorted = self.alloc(DType::U32, &[pairs])?;
         let pos = self.alloc(DType::U32, &[pairs])?;
+        let [wait_word, wait_value, observed] = wait_args(wait);
         self.launch(
             "moe_align",
             (1, 1, 1),
             1024,
             0,
             &[
-                Arg::Ptr(self.ptr(&routing.ids)?),
+                Arg::Ptr(ids),
                 i32_arg(pairs, "pairs")?,
                 Arg::Ptr(self.ptr(slot_of)?),
                 i32_arg(slots, "slots")?,
                 Arg::Ptr(self.ptr(&offsets)?),
                 Arg::Ptr(self.ptr(&sorted)?),
                 Arg::Ptr(self.ptr(&pos)?),
+                wait_word,
+                wait_value,
+                observed,
             ],
         )?;
         let (off_p, sorted_p) = (self.ptr(&offsets)?, self.ptr(&sorted)?);
         let y = self.experts_core(
-            x, gate_up, down, slots, pairs, off_p, sorted_p, routing.k, hidden, inner,
+            (x, dtype),
+            gate_up,
+            down,
+            slots,
+            pairs,
+            off_p,
+            sorted_p,
+            k,
+            hidden,
+            inner,
         )?;
-        let (pos, w) = (self.ptr(&pos)?, self.ptr(&routing.weights)?);
+        let pos = self.ptr(&pos)?;
         Ok(Some(
-            self.combine_to(&y, t, hidden, pos, w, 0, routing.k, into)?,
+            self.combine_to(&y, t, hidden, pos, weights, 0, k, into)?,
         ))
     }
 
@@ -800,7 +1029,16 @@ impl Gpu {
         let row_ptr = at(a.slots + 1 + a.pairs);
         let entry_pos = at(a.slots + 1 + a.pairs + a.rows + 1);
         let y = self.experts_core(
-            x, gate_up, down, a.slots, a.pairs, offsets, sorted, 1, hidden, inner,
+            (self.ptr(x)?, x.dtype()),
+            gate_up,
+            down,
+            a.slots,
+            a.pairs,
+            offsets,
+            sorted,
+            1,
+            hidden,
+            inner,
         )?;
         let w = self.ptr(&a.weights)?;
         self.combine_to(&y, t, hidden, entry_pos, w, row_ptr, 0, None)
@@ -822,14 +1060,14 @@ impl Gpu {
         if a.rows != t
             || a.slots != down.dim(0)?
             || a.pairs == 0
-            || !Self::grouped_fits(x, hidden, inner, a.slots)
+            || !Self::grouped_fits(x.dtype(), hidden, inner, a.slots)
         {
             return Ok(None);
         }
         let base = self.ptr(&a.packed)?;
         let at = |elems: usize| base + 4 * elems as u64;
         let (y, pos) = self.experts_grouped(
-            x,
+            self.ptr(x)?,
             gate_up,
             down,
             at(0),
@@ -840,6 +1078,7 @@ impl Gpu {
             1,
             hidden,
             inner,
+            None,
         )?;
         let (pos, w) = (self.ptr(&pos)?, self.ptr(&a.weights)?);
         self.combine_to(&y, t, hidden, pos, w, at(2 * a.pairs), 0, None)

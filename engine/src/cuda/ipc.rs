@@ -148,7 +148,7 @@ impl Region {
     }
 
     /// The device address of u32 word `word` of the region (for kernels that write or wait for
-    /// a flag: [`crate::cuda::Gpu::signal_word`], [`crate::cuda::Gpu::wait_word`]). The address
+    /// a flag: [`crate::cuda::Gpu::signal_words`], [`crate::cuda::Gpu::wait_word`]). The address
     /// is valid while the region (the buffer it views) lives.
     pub fn word_address(&self, word: usize) -> Result<u64> {
         self.check_word(word)?;

@@ -30,8 +30,8 @@ use moemesh_common::transport::{DeviceLayout, flags};
 use moemesh_common::{
     MeshError, MeshResult, codec, device, metrics as mesh_metrics, serve, telemetry, transport,
 };
-use moemesh_engine::cuda::DeviceRouting;
 use moemesh_engine::cuda::ipc::{self, OpenedBuffer, SharedBuffer};
+use moemesh_engine::cuda::{RowsAt, WaitFlag};
 use moemesh_engine::weights::LoadedBytes;
 use moemesh_engine::{DType, Device, ExpertShard, ModelFiles, ShardSpec};
 use moemesh_proto::v1::expert_server::{Expert, ExpertServer};
@@ -379,69 +379,54 @@ impl Worker {
         let own = d.own_flags.on(&d.stream)?;
         let (input, output) = (input.on(&d.stream)?, output.on(&d.stream)?);
         let gate_flags = d.gate_flags.on(&d.stream)?;
-        // Spinning waits (under MPS) wake at once; a stream's memory wait polls.
-        let spin = d
-            .spin
-            .then(|| moemesh_engine::cuda::gpu(&d.stream))
-            .flatten();
-        match &spin {
-            Some(g) => g.wait_word_value(
-                own.word_address(flags::ready(index))?,
-                seq,
-                own.word_address(flags::scratch(slots, index))?,
-            )?,
-            None => own.wait_geq(flags::ready(index), seq)?,
-        }
-        moemesh_engine::cuda::trace_mark(&d.stream, "worker ready");
-        d.queued[index].store(seq, Ordering::SeqCst);
-        // What the wait saw: `seq` when the gate's input is there, more when it was released
-        // (the spinning wait stored it already).
-        if spin.is_none() {
-            own.copy_word(flags::ready(index), &own, flags::scratch(slots, index))?;
-        }
         let unfit = || {
             MeshError::Invalid(format!(
                 "layer {layer}: the device expert kernels do not take {rows} rows of {dtype:?}"
             ))
         };
         let g = moemesh_engine::cuda::gpu(&d.stream).ok_or_else(unfit)?;
-        // The rows and the routing out of the gate's buffer in one launch; the experts' sum
-        // straight into the gate's output buffer.
+        // What the wait saw goes to the slot's scratch word: `seq` when the gate's input is
+        // there, more when it was released. A spinning wait (under MPS; it wakes at once) is
+        // done by the call's first kernel; a stream's memory wait polls, queued before it.
+        let observed = own.word_address(flags::scratch(slots, index))?;
+        let wait = if d.spin {
+            Some(WaitFlag {
+                word: own.word_address(flags::ready(index))?,
+                value: seq,
+                observed,
+            })
+        } else {
+            own.wait_geq(flags::ready(index), seq)?;
+            own.copy_word(flags::ready(index), &own, flags::scratch(slots, index))?;
+            moemesh_engine::cuda::trace_mark(&d.stream, "worker ready");
+            None
+        };
+        d.queued[index].store(seq, Ordering::SeqCst);
+        // The rows and the routing read where the gate wrote them; the experts' sum straight
+        // into the gate's output buffer.
         let (hidden, k) = (self.hidden_size, d.top_k);
-        let read = g.read_batch(&[
-            (
-                input.address(0, rows * hidden * dtype.size_in_bytes())?,
-                dtype,
-                &[rows, hidden][..],
-            ),
-            (
-                input.address(d.layout.ids, 4 * rows * k)?,
-                DType::U32,
-                &[rows, k][..],
-            ),
-            (
-                input.address(d.layout.weights, 4 * rows * k)?,
-                DType::F32,
-                &[rows, k][..],
-            ),
-        ])?;
-        let [x, ids, weights]: [moemesh_engine::Tensor; 3] = read
-            .try_into()
-            .map_err(|_| MeshError::Internal("reading a call's inputs".into()))?;
-        let routing = DeviceRouting { ids, weights, k };
+        let input = RowsAt {
+            x: input.address(0, rows * hidden * dtype.size_in_bytes())?,
+            ids: input.address(d.layout.ids, 4 * rows * k)?,
+            weights: input.address(d.layout.weights, 4 * rows * k)?,
+            rows,
+            hidden,
+            k,
+            dtype,
+        };
         let into = output.address(0, 4 * rows * hidden)?;
         if !held
             .shard
-            .forward_routed_device_into(layer, &x, &routing, &slot_of, into)?
+            .forward_routed_at(&d.stream, layer, &input, &slot_of, into, wait.as_ref())?
         {
             return Err(unfit());
         }
         moemesh_engine::cuda::trace_mark(&d.stream, "worker done");
         // A trace line per 26 calls (a V2-Lite step's MoE layers) where traces are on.
         moemesh_engine::cuda::trace_flush("worker", 52);
-        match &spin {
-            Some(g) => g.seen_then_signal(
-                own.word_address(flags::scratch(slots, index))?,
+        match wait {
+            Some(_) => g.seen_then_signal(
+                observed,
                 gate_flags.word_address(flags::seen(slots, index, seq))?,
                 gate_flags.word_address(flags::done(index))?,
                 seq,

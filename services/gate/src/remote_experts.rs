@@ -712,7 +712,6 @@ impl RemoteExperts {
         let x = x.contiguous()?;
         let ids = routing.ids.contiguous()?;
         let weights = routing.weights.contiguous()?;
-        lock(&self.load).add(layer as u32, &ids, self.n_experts)?;
         let mut inputs = Vec::with_capacity(calls.len());
         for c in calls {
             let d = c
@@ -734,16 +733,16 @@ impl RemoteExperts {
             inputs.push((&slot.input, d.layout));
         }
         write_inputs(&inputs, &x, &ids, &weights)?;
+        let mut ready = Vec::with_capacity(calls.len());
         for c in calls {
             let Some(d) = c.session.device.as_ref() else {
                 continue;
             };
-            g.signal_word(
-                d.worker_flags.word_address(flags::ready(c.slot))?,
-                &plan.table,
-                c.entry,
-            )?;
+            ready.push((d.worker_flags.word_address(flags::ready(c.slot))?, c.entry));
         }
+        g.signal_words(&ready, &plan.table)?;
+        // Counted after the signals: off the workers' critical path.
+        lock(&self.load).add(layer as u32, &ids, self.n_experts)?;
         let plan = plan.clone();
         Ok(PendingExperts::deferred(move || {
             let calls = plan
@@ -752,18 +751,26 @@ impl RemoteExperts {
                 .get(&layer)
                 .ok_or_else(|| internal("not a layer of the plan".into()))?;
             let mut outputs = Vec::with_capacity(calls.len());
+            let mut done = Vec::with_capacity(calls.len());
             for c in calls {
                 let (Some(d), Some(slot)) =
                     (c.session.device.as_ref(), c.session.slots.get(c.slot))
                 else {
                     return Err(internal("a call's session changed".into()));
                 };
-                g.wait_word(
-                    d.gate_flags.word_address(flags::done(c.slot))?,
-                    &plan.table,
-                    c.entry,
-                )?;
+                done.push((d.gate_flags.word_address(flags::done(c.slot))?, c.entry));
                 outputs.push(&slot.output);
+            }
+            // Small steps wait and add in one launch; others wait per worker, then add.
+            let parts = outputs
+                .iter()
+                .map(|o| o.address(0, 4 * t * h))
+                .collect::<moemesh_engine::Result<Vec<u64>>>()?;
+            if let Some(sum) = g.wait_add_parts(&parts, &done, &plan.table, &[t, h])? {
+                return Ok(sum);
+            }
+            for &(word, entry) in &done {
+                g.wait_word(word, &plan.table, entry)?;
             }
             sum_outputs(&outputs, t, h, &device)
         }))
