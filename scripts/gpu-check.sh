@@ -373,9 +373,9 @@ if [[ $MODE == --multi ]]; then
     : >"$OUT/ipc.jsonl"
     MESH_LOG="warn,moemesh_gate::workers=info,moemesh_expert::service=info"
     t0=$SECONDS
-    "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 --sweep 1,64,256 "${BENCH[@]}" \
-        | sed 's/^{/{"mode":"in-process",/' >>"$OUT/ipc.jsonl" || status=1
-    for c in ${INPROC_CONC:-64 256 512}; do
+    [[ -z ${MULTI_SKIP_INPROC:-} ]] && { "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 --sweep 1,64,256 "${BENCH[@]}" \
+        | sed 's/^{/{"mode":"in-process",/' >>"$OUT/ipc.jsonl" || status=1; }
+    for c in ${INPROC_CONC-64 256 512}; do
         "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 --concurrency $c --requests $((2 * c)) "${BENCH[@]}" \
             | sed 's/^{/{"mode":"in-process e2e",/' >>"$OUT/ipc.jsonl" || status=1
     done
@@ -388,7 +388,10 @@ if [[ $MODE == --multi ]]; then
                 | sed 's/^{/{"mode":"mesh multi e2e",/' >>"$OUT/ipc.jsonl" || status=1
         done
         down
-        grep -h 'transport chosen\|MPS\|gate [0-9] on' "$OUT/up.err" "$OUT/up.out" | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-200 | sort -u | head -12
+        # The mesh's log (the fixture runs below start their own): its warnings and errors.
+        cp "$OUT/up.err" "$OUT/mesh_up.err"
+        grep -h 'MPS\|gate [0-9] on\|WARN\|ERROR' "$OUT/mesh_up.err" | sed 's/\x1b\[[0-9;]*m//g' \
+            | sed 's/^[0-9T:.Z-]* *//' | cut -c1-300 | sort | uniq -c | sort -rn | head -16
     else
         status=1
     fi

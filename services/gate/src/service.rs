@@ -276,6 +276,7 @@ pub async fn run(
             mode: cfg.expert_transport,
             gate_id: id.clone(),
             device: device.clone(),
+            device_name: cfg.member.device.clone(),
             dtype,
             hidden: files.config.hidden_size,
             rows: cfg.expert_ipc_rows as usize,

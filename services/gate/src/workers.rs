@@ -54,6 +54,10 @@ pub struct IpcOffer {
     pub gate_id: String,
     /// The gate's compute device; the buffers live there.
     pub device: Device,
+    /// The same device as the registry names it (the gate's `--device`, e.g. `cuda:0`): a
+    /// replica registered on it, reached over CUDA IPC (so on this host), is on the gate's own
+    /// GPU and is preferred (see [`prefer_local`]).
+    pub device_name: String,
     /// The activations' compute dtype.
     pub dtype: DType,
     /// The model's hidden size.
@@ -751,6 +755,31 @@ pub struct WorkerView {
     pub routed_pairs: u64,
 }
 
+/// Of the replicas a call may go to, those on the gate's own GPU (`gate_device`, as the registry
+/// names devices) that it reaches over CUDA IPC (so on its host), when there are some and not
+/// all are: their activations never leave the GPU, and with a replica of every expert beside
+/// each gate (`moemesh up --gates N --expert-replicas N`, one of each per GPU) every GPU works
+/// on its own gate's calls instead of each worker taking every gate's. The others stay the
+/// failover: a local replica that fails is not `ready`, and the choice falls to the rest.
+fn prefer_local<'a>(
+    choices: Vec<&'a Arc<WorkerClient>>,
+    gate_device: Option<&str>,
+) -> Vec<&'a Arc<WorkerClient>> {
+    let Some(device) = gate_device else {
+        return choices;
+    };
+    let local: Vec<&Arc<WorkerClient>> = choices
+        .iter()
+        .copied()
+        .filter(|w| w.member.device == device && w.transport() == transport::CUDA_IPC)
+        .collect();
+    if local.is_empty() || local.len() == choices.len() {
+        choices
+    } else {
+        local
+    }
+}
+
 /// Whether two registrations are the same worker process at the same place, whatever experts
 /// each lists (a worker that changed its experts keeps its client and stream).
 fn same_process(a: &Member, b: &Member) -> bool {
@@ -999,6 +1028,7 @@ impl WorkerPool {
                     "every expert worker serving (layer {layer}, expert {expert}) failed: {ids:?}"
                 ))
             })?;
+        let choices = prefer_local(choices, self.offer.as_ref().map(|o| o.device_name.as_str()));
         Ok(choices[(round as usize) % choices.len()].clone())
     }
 }
@@ -1019,6 +1049,39 @@ mod tests {
             fingerprint: "fp".into(),
             version: String::new(),
         }
+    }
+
+    #[test]
+    fn a_replica_on_the_gates_gpu_over_cuda_ipc_is_preferred_and_the_rest_stay_the_failover() {
+        let client = |id: &str, device: &str, transport: &'static str| {
+            let mut m = member(id, vec![0]);
+            m.device = device.into();
+            let w = Arc::new(WorkerClient::new(m, None, Duration::from_secs(1), None));
+            *lock(&w.transport) = transport;
+            w
+        };
+        let local = client("a", "cuda:0", transport::CUDA_IPC);
+        let other_gpu = client("b", "cuda:1", transport::CUDA_IPC);
+        // Same name, but over gRPC: not known to be on this host.
+        let remote = client("c", "cuda:0", transport::GRPC);
+        let ids =
+            |v: Vec<&Arc<WorkerClient>>| v.iter().map(|w| w.member.id.clone()).collect::<Vec<_>>();
+        let all = vec![&local, &other_gpu, &remote];
+        assert_eq!(ids(prefer_local(all.clone(), Some("cuda:0"))), ["a"]);
+        assert_eq!(ids(prefer_local(all.clone(), Some("cuda:1"))), ["b"]);
+        // None on the gate's GPU (the local one failed, or there is none): every choice stays.
+        assert_eq!(
+            ids(prefer_local(vec![&other_gpu, &remote], Some("cuda:0"))),
+            ["b", "c"]
+        );
+        // No device transport offered (a CPU gate): no preference.
+        assert_eq!(ids(prefer_local(all.clone(), None)), ["a", "b", "c"]);
+        // Every choice local: all of them, rotated over as before.
+        let local2 = client("d", "cuda:0", transport::CUDA_IPC);
+        assert_eq!(
+            ids(prefer_local(vec![&local, &local2], Some("cuda:0"))),
+            ["a", "d"]
+        );
     }
 
     #[test]
@@ -1047,6 +1110,7 @@ mod tests {
             mode: TransportMode::Auto,
             gate_id: "g".into(),
             device: Device::Cpu,
+            device_name: "cpu".into(),
             dtype: DType::F32,
             hidden: 8,
             rows: 4,

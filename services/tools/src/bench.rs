@@ -180,6 +180,8 @@ struct Sample {
     gaps: Vec<Duration>,
     tokens: usize,
     error: Option<String>,
+    /// The failed call's status message (the first of each code is reported).
+    error_message: Option<String>,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -214,6 +216,7 @@ async fn one(client: &mut Client, req: GenerateRequest) -> Sample {
     .await;
     if let Err(st) = result {
         s.error = Some(format!("{:?}", st.code()));
+        s.error_message = Some(st.message().to_string());
     }
     s
 }
@@ -459,9 +462,14 @@ fn run_in_process(
 fn report(args: &BenchArgs, model: &str, samples: &[Sample], wall: f64) -> anyhow::Result<()> {
     let ok: Vec<&Sample> = samples.iter().filter(|s| s.error.is_none()).collect();
     let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    // One message per code: what a failed request was told.
+    let mut examples: BTreeMap<String, String> = BTreeMap::new();
     for s in samples {
         if let Some(e) = &s.error {
             *errors.entry(e.clone()).or_default() += 1;
+            if let Some(m) = &s.error_message {
+                examples.entry(e.clone()).or_insert_with(|| m.clone());
+            }
         }
     }
     let tokens: usize = ok.iter().map(|s| s.tokens).sum();
@@ -486,6 +494,7 @@ fn report(args: &BenchArgs, model: &str, samples: &[Sample], wall: f64) -> anyho
         "warmup_waves": args.warmup,
         "succeeded": ok.len(),
         "errors": errors,
+        "error_examples": examples,
         "prompt_len": args.prompt_len,
         "output_len": args.output_len,
         "sampling": if args.sampled() {
@@ -547,6 +556,9 @@ fn report(args: &BenchArgs, model: &str, samples: &[Sample], wall: f64) -> anyho
     println!("{:<26}{:>12}", "failed", samples.len() - ok.len());
     for (code, n) in errors {
         println!("  {code:<24}{n:>12}");
+        if let Some(m) = examples.get(&code) {
+            println!("    e.g. {m}");
+        }
     }
     Ok(())
 }
