@@ -487,7 +487,7 @@ if [[ $MODE == --ipc ]]; then
     dev_args=(--device cuda:0)
     [[ -n $ED ]] && dev_args+=(--expert-devices "$ED")
     : >"$OUT/ipc.jsonl"
-    MESH_LOG="warn,moemesh_gate::workers=info,moemesh_expert::service=info,moemesh_engine::graphs=debug"
+    MESH_LOG="warn,moemesh_gate::workers=info,moemesh_expert::service=info,moemesh_engine::graphs=debug,moemesh_gate::watch=debug"
     for run in ${IPC_RUNS:-ipc grpc ipc-overlap in-process}; do
         t0=$SECONDS
         case $run in
@@ -540,6 +540,8 @@ if [[ $MODE == --ipc ]]; then
                             done | sort | uniq -c | sort -rn | head -12
                         done
                         nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
+                        echo "the watch's lines so far:"
+                        grep -h 'moemesh_gate::watch\|missed its deadline' "$OUT/up.err" | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-220 | tail -6
                         kill $BENCH_PID
                     ) 2>&1 | tee -a "$OUT/failover.txt" &
                     WATCHDOG=$!
@@ -549,6 +551,8 @@ if [[ $MODE == --ipc ]]; then
                     down
                     $PY -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"$run: {r['succeeded']}/{r['requests']} requests ok, errors {r['errors']}, {r['output_tokens_per_s']:.0f} output tok/s\")" \
                         "$OUT/failover_$run.json" | tee -a "$OUT/failover.txt"
+                    echo "the watch's last lines (moemesh_gate::watch):"
+                    grep -h 'moemesh_gate::watch' "$OUT/up.err" | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-220 | tail -6 | tee -a "$OUT/failover.txt"
                     echo "retried calls: $(grep -c 'retrying on another replica' "$OUT/up.err"), device-ordered calls past their deadline: $(grep -c 'missed its deadline' "$OUT/up.err"), steps run again: $(grep -c 'running it again' "$OUT/up.err"), decode graphs captured: $(grep -c 'captured as a CUDA graph' "$OUT/up.err"), graph plans dropped: $(grep -c "plan changed" "$OUT/up.err")" | tee -a "$OUT/failover.txt"
                     grep -o 'expert call failed; retrying on another replica.\{0,200\}' "$OUT/up.err" | sed 's/\x1b\[[0-9;]*m//g' \
                         | head -3 | tee -a "$OUT/failover.txt"

@@ -384,7 +384,16 @@ impl Watch {
     /// the rest of the step another deadline. A step whose calls are all done is the gate's own
     /// slowness: nothing is failed.
     fn check(&self, now: Instant, timeout: Duration) {
-        let mut step = lock(&self.step);
+        // The watch's progress is traced (target `moemesh_gate::watch`, debug): a watch that
+        // stops short of failing a late worker shows where it waits.
+        let mut step = match self.step.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                tracing::debug!(target: "moemesh_gate::watch", "the step's record is busy; waiting for it");
+                lock(&self.step)
+            }
+        };
         let Some(f) = step.as_mut() else {
             return;
         };
@@ -392,6 +401,7 @@ impl Watch {
             return;
         }
         f.deadline = now + timeout;
+        tracing::debug!(target: "moemesh_gate::watch", calls = f.sent.len(), "a step is past its deadline; reading its done words");
         // Each session's `done` words, read beside the stream (which may be blocked).
         let mut done: HashMap<u64, Option<Vec<u32>>> = HashMap::new();
         for c in &f.sent {
@@ -400,6 +410,7 @@ impl Watch {
                 d.gate_flags.read_words_now(0, d.slots).ok()
             });
         }
+        tracing::debug!(target: "moemesh_gate::watch", sessions = done.len(), "done words read");
         let calls: Vec<(u64, usize, u32)> = f
             .sent
             .iter()
@@ -418,6 +429,7 @@ impl Watch {
         c.conn.fail(
             MeshError::Unavailable("a device-ordered call missed its deadline".into()).into(),
         );
+        tracing::debug!(target: "moemesh_gate::watch", worker = %c.client.member.id, "the late worker's stream failed and its waits released");
     }
 
     fn track(&self, device: &Device, sent: Sent) {

@@ -168,6 +168,7 @@ impl IpcSession {
             let past = seq
                 .load(Ordering::SeqCst)
                 .wrapping_add(flags::RELEASE_STRIDE);
+            tracing::debug!(target: "moemesh_gate::watch", session = self.id, slot, "releasing a slot's done word");
             if let Err(e) = d.gate_flags.fill_words_now(flags::done(slot), 1, past) {
                 tracing::error!(session = self.id, slot, error = %e, "could not release a device-ordered wait");
             }
