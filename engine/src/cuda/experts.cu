@@ -168,15 +168,22 @@ extern "C" __global__ void moe_route(const float* logits, int tokens, int n_exp,
 // cyclic order, stores what it saw to *observed (a released wait sees more, which the gate
 // checks), fences, and the block's barrier holds the other threads until then. As the separate
 // `flag_wait_value`, one launch fewer on the call's critical path.
+// The flags' one spin: until *word reaches v in the cyclic order ((int)(word - v) >= 0, as
+// cuStreamWaitValue32 GEQ), polling with acquire loads at system scope every `sleep_ns`; returns
+// the word seen.
+__device__ __forceinline__ uint32_t spin_until(const uint32_t* word, uint32_t v, int sleep_ns) {
+    uint32_t w;
+    for (;;) {
+        asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(w) : "l"(word) : "memory");
+        if ((int)(w - v) >= 0) return w;
+        __nanosleep(sleep_ns);
+    }
+}
+
 __device__ __forceinline__ void align_wait(const uint32_t* wait_word, uint32_t wait_value,
                                            uint32_t* observed) {
     if (wait_word && threadIdx.x == 0) {
-        uint32_t w;
-        for (;;) {
-            asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(w) : "l"(wait_word) : "memory");
-            if ((int)(w - wait_value) >= 0) break;
-            __nanosleep(128);
-        }
+        const uint32_t w = spin_until(wait_word, wait_value, 128);
         if (observed) *observed = w;
         __threadfence_system();
     }
@@ -244,13 +251,7 @@ extern "C" __global__ void expert_count(const uint32_t* ids, int n, int n_expert
 // ((int)(word - v) >= 0, as cuStreamWaitValue32 GEQ), then fences so that what follows on the
 // stream reads what the peer wrote before its flag.
 extern "C" __global__ void flag_wait_geq(const uint32_t* word, const uint32_t* table, int i) {
-    const uint32_t v = table[i];
-    for (;;) {
-        uint32_t w;
-        asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(w) : "l"(word) : "memory");
-        if ((int)(w - v) >= 0) break;
-        __nanosleep(256);
-    }
+    spin_until(word, table[i], 256);
     __threadfence_system();
 }
 
@@ -271,12 +272,7 @@ extern "C" __global__ void flag_signal_n(uint32_t* w0, uint32_t* w1, uint32_t* w
 // *word reaches v, then store what was seen to *observed (if not null; a released wait sees
 // more than v, which the gate checks).
 extern "C" __global__ void flag_wait_value(const uint32_t* word, uint32_t v, uint32_t* observed) {
-    uint32_t w;
-    for (;;) {
-        asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(w) : "l"(word) : "memory");
-        if ((int)(w - v) >= 0) break;
-        __nanosleep(256);
-    }
+    const uint32_t w = spin_until(word, v, 256);
     if (observed) *observed = w;
     __threadfence_system();
 }
@@ -292,8 +288,8 @@ extern "C" __global__ void flag_seen_done(const uint32_t* from, uint32_t* seen, 
 
 // out = p0 + p1 + p2 + p3 over n4 float4s (the first `parts` pointers are read): the expert
 // workers' f32 partial sums, read where the workers wrote them.
-extern "C" __global__ void add_parts_f32(float4* out, const float4* p0, const float4* p1,
-                                         const float4* p2, const float4* p3, int parts, int n4) {
+__device__ __forceinline__ void sum_parts(float4* out, const float4* p0, const float4* p1,
+                                          const float4* p2, const float4* p3, int parts, int n4) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n4; i += gridDim.x * blockDim.x) {
         float4 s = p0[i];
         const float4* more[3] = {p1, p2, p3};
@@ -303,6 +299,11 @@ extern "C" __global__ void add_parts_f32(float4* out, const float4* p0, const fl
         }
         out[i] = s;
     }
+}
+
+extern "C" __global__ void add_parts_f32(float4* out, const float4* p0, const float4* p1,
+                                         const float4* p2, const float4* p3, int parts, int n4) {
+    sum_parts(out, p0, p1, p2, p3, parts, n4);
 }
 
 // add_parts_f32 after flag_wait_geq on each part's `done` word (word j against table[i_j]),
@@ -317,27 +318,11 @@ extern "C" __global__ void wait_add_parts_f32(float4* out, const float4* p0, con
     if (threadIdx.x == 0) {
         const uint32_t* words[4] = {w0, w1, w2, w3};
         const int at[4] = {i0, i1, i2, i3};
-        for (int j = 0; j < parts && j < 4; ++j) {
-            const uint32_t v = table[at[j]];
-            for (;;) {
-                uint32_t w;
-                asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(w) : "l"(words[j]) : "memory");
-                if ((int)(w - v) >= 0) break;
-                __nanosleep(128);
-            }
-        }
+        for (int j = 0; j < parts && j < 4; ++j) spin_until(words[j], table[at[j]], 128);
         __threadfence_system();
     }
     __syncthreads();
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n4; i += gridDim.x * blockDim.x) {
-        float4 s = p0[i];
-        const float4* more[3] = {p1, p2, p3};
-        for (int p = 1; p < parts; ++p) {
-            const float4 v = more[p - 1][i];
-            s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
-        }
-        out[i] = s;
-    }
+    sum_parts(out, p0, p1, p2, p3, parts, n4);
 }
 
 // Up to eight copies of n_c u32 words from s_c to d_c in one launch (blockIdx.y = c): the

@@ -356,34 +356,51 @@ impl Gpu {
     /// (1 to 4 of them, each of the shape's element count, 16-byte aligned; the expert workers'
     /// partial sums where they wrote them). `None` when the shape or the parts do not fit.
     pub fn add_parts(&self, parts: &[u64], shape: &[usize]) -> Result<Option<Tensor>> {
-        let n: usize = shape.iter().product();
-        if parts.is_empty()
-            || parts.len() > 4
-            || n == 0
-            || !n.is_multiple_of(4)
-            || parts.iter().any(|p| !p.is_multiple_of(16))
-        {
+        let Some(n4) = Self::parts_fit(parts, shape) else {
             return Ok(None);
-        }
+        };
+        let blocks = n4.div_ceil(256).min(4 * super::SMS);
+        self.sum_parts("add_parts_f32", parts, shape, blocks, &[])
+            .map(Some)
+    }
+
+    /// The float4 count of a sum of 1 to 4 f32 parts of `shape` at 16-byte aligned addresses,
+    /// if the sum kernels take it.
+    fn parts_fit(parts: &[u64], shape: &[usize]) -> Option<usize> {
+        let n: usize = shape.iter().product();
+        let fit = !parts.is_empty()
+            && parts.len() <= 4
+            && n > 0
+            && n.is_multiple_of(4)
+            && parts.iter().all(|p| p.is_multiple_of(16));
+        fit.then_some(n / 4)
+    }
+
+    /// A new `[shape]` f32 tensor summed from `parts` by `kernel` (`add_parts_f32` or
+    /// `wait_add_parts_f32`, whose arguments begin alike; `extra` are the rest).
+    fn sum_parts(
+        &self,
+        kernel: &str,
+        parts: &[u64],
+        shape: &[usize],
+        blocks: usize,
+        extra: &[Arg],
+    ) -> Result<Tensor> {
         let out = self.alloc(DType::F32, shape)?;
-        let n4 = n / 4;
-        let at = |i: usize| Arg::Ptr(parts.get(i).copied().unwrap_or(parts[0]));
-        self.launch(
-            "add_parts_f32",
-            (n4.div_ceil(256).min(4 * super::SMS) as u32, 1, 1),
-            256,
-            0,
-            &[
-                Arg::Ptr(self.ptr(&out)?),
-                at(0),
-                at(1),
-                at(2),
-                at(3),
-                i32_arg(parts.len(), "parts")?,
-                i32_arg(n4, "elements")?,
-            ],
-        )?;
-        Ok(Some(out))
+        let n4 = shape.iter().product::<usize>() / 4;
+        let at = |i: usize| Arg::Ptr(parts.get(i).or(parts.first()).copied().unwrap_or(0));
+        let mut args = vec![
+            Arg::Ptr(self.ptr(&out)?),
+            at(0),
+            at(1),
+            at(2),
+            at(3),
+            i32_arg(parts.len(), "parts")?,
+            i32_arg(n4, "elements")?,
+        ];
+        args.extend_from_slice(extra);
+        self.launch(kernel, (blocks as u32, 1, 1), 256, 0, &args)?;
+        Ok(out)
     }
 
     /// [`add_parts`](Self::add_parts) after waiting for each part's flag (`waits[j]`: the word
@@ -399,50 +416,30 @@ impl Gpu {
         shape: &[usize],
     ) -> Result<Option<Tensor>> {
         const MAX_BLOCKS: usize = 32;
-        let n: usize = shape.iter().product();
-        if parts.is_empty()
-            || parts.len() > 4
-            || waits.len() != parts.len()
-            || n == 0
-            || !n.is_multiple_of(4)
-            || (n / 4).div_ceil(256) > MAX_BLOCKS
-            || parts.iter().any(|p| !p.is_multiple_of(16))
-        {
+        let Some(n4) = Self::parts_fit(parts, shape) else {
+            return Ok(None);
+        };
+        if waits.len() != parts.len() || n4.div_ceil(256) > MAX_BLOCKS {
             return Ok(None);
         }
         for &(word, index) in waits {
             Self::check_flag(table, index, word, "wait_add_parts_f32")?;
         }
-        let out = self.alloc(DType::F32, shape)?;
-        let n4 = n / 4;
-        let at = |i: usize| Arg::Ptr(parts.get(i).copied().unwrap_or(parts[0]));
         let word = |i: usize| Arg::Ptr(waits.get(i).map_or(0, |w| w.0));
         let entry = |i: usize| i32_arg(waits.get(i).map_or(0, |w| w.1), "flag table entry");
-        self.launch(
-            "wait_add_parts_f32",
-            (n4.div_ceil(256) as u32, 1, 1),
-            256,
-            0,
-            &[
-                Arg::Ptr(self.ptr(&out)?),
-                at(0),
-                at(1),
-                at(2),
-                at(3),
-                i32_arg(parts.len(), "parts")?,
-                i32_arg(n4, "elements")?,
-                word(0),
-                word(1),
-                word(2),
-                word(3),
-                Arg::Ptr(self.ptr(table)?),
-                entry(0)?,
-                entry(1)?,
-                entry(2)?,
-                entry(3)?,
-            ],
-        )?;
-        Ok(Some(out))
+        let extra = [
+            word(0),
+            word(1),
+            word(2),
+            word(3),
+            Arg::Ptr(self.ptr(table)?),
+            entry(0)?,
+            entry(1)?,
+            entry(2)?,
+            entry(3)?,
+        ];
+        self.sum_parts("wait_add_parts_f32", parts, shape, n4.div_ceil(256), &extra)
+            .map(Some)
     }
 
     /// The device address of contiguous `t`'s first element (for [`copy_batch`](Self::copy_batch)).
