@@ -444,6 +444,7 @@ if [[ $MODE == --rebalance ]]; then
     if MOEMESH_LOG="warn,moemesh_gate::workers=info" up --model $MODEL --dtype bf16 --etcd http://127.0.0.1:23791 --plaintext \
         --router-skew "${REBALANCE_SKEW:-1}" "${layout[@]}" --gate-args=--kv-cache-mb=8192; then
         gate=$(grep -o 'gate 0 on [0-9.:]*' "$OUT/up.err" | awk '{print $4}')
+        [[ -n $gate ]] || { echo "no gate address in up's log ($OUT/up.err)"; status=1; }
         phase() {
             "$BIN" bench --addr "127.0.0.1:$PORT" --sweep 64,256 --prompt-len 128 --output-len 32 --json \
                 | sed "s/^{/{\"mode\":\"$1\",/" >>"$OUT/ipc.jsonl" || status=1

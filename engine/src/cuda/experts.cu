@@ -166,8 +166,8 @@ extern "C" __global__ void moe_route(const float* logits, int tokens, int n_exp,
 // An expert worker's wait for the gate's `ready` flag, folded into the first kernel of its call
 // (when `wait_word` is not null): thread 0 spins until *wait_word reaches wait_value in the
 // cyclic order, stores what it saw to *observed (a released wait sees more, which the gate
-// checks), fences, and the block's barrier holds the other threads until then. As the separate
-// `flag_wait_value`, one launch fewer on the call's critical path.
+// checks), fences, and the block's barrier holds the other threads until then: no launch of
+// its own on the call's critical path.
 // The flags' one spin: until *word reaches v in the cyclic order ((int)(word - v) >= 0, as
 // cuStreamWaitValue32 GEQ), polling with acquire loads at system scope every `sleep_ns`; returns
 // the word seen.
@@ -266,15 +266,6 @@ extern "C" __global__ void flag_signal_n(uint32_t* w0, uint32_t* w1, uint32_t* w
         const uint32_t v = table[at[j]];
         asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(words[j]), "r"(v) : "memory");
     }
-}
-
-// flag_wait_geq for a value known when the work is queued (an expert worker's side): wait until
-// *word reaches v, then store what was seen to *observed (if not null; a released wait sees
-// more than v, which the gate checks).
-extern "C" __global__ void flag_wait_value(const uint32_t* word, uint32_t v, uint32_t* observed) {
-    const uint32_t w = spin_until(word, v, 256);
-    if (observed) *observed = w;
-    __threadfence_system();
 }
 
 // After a call's output: *seen = *from (what the wait saw), then `done` = v, released after

@@ -321,20 +321,6 @@ impl Gpu {
         self.flag_kernel("flag_wait_geq", word, table, index)
     }
 
-    /// Queues a one-thread kernel that waits until the u32 at `word` reaches `value` (cyclic
-    /// order, as [`wait_word`](Self::wait_word)) and then stores what it saw to the u32 at
-    /// `observed` (0: nowhere). A spinning wait wakes within a microsecond of the peer's write,
-    /// where `cuStreamWaitValue32` polls; it holds a thread of the GPU while it waits.
-    pub fn wait_word_value(&self, word: u64, value: u32, observed: u64) -> Result<()> {
-        self.launch(
-            "flag_wait_value",
-            (1, 1, 1),
-            1,
-            0,
-            &[Arg::Ptr(word), Arg::I32(value as i32), Arg::Ptr(observed)],
-        )
-    }
-
     /// Queues a one-thread kernel that copies the u32 at `from` to `seen`, then stores `value`
     /// to `done` after everything queued before it (fence, release at system scope).
     pub fn seen_then_signal(&self, from: u64, seen: u64, done: u64, value: u32) -> Result<()> {
@@ -490,21 +476,6 @@ impl Gpu {
             )?;
         }
         Ok(())
-    }
-
-    /// New tensors of the given dtypes and shapes, copied (queued, one launch per eight) from
-    /// the device addresses given (4-byte aligned; an expert worker's inputs in a gate's shared
-    /// buffer).
-    pub fn read_batch(&self, reads: &[(u64, DType, &[usize])]) -> Result<Vec<Tensor>> {
-        let mut out = Vec::with_capacity(reads.len());
-        let mut copies = Vec::with_capacity(reads.len());
-        for &(src, dtype, shape) in reads {
-            let t = self.alloc(dtype, shape)?;
-            copies.push((src, self.ptr(&t)?, t.elem_count() * dtype.size_in_bytes()));
-            out.push(t);
-        }
-        self.copy_batch(&copies)?;
-        Ok(out)
     }
 
     /// A flag kernel's table entry and word: a u32 table holding `index`, a 4-byte aligned word.
