@@ -163,27 +163,55 @@ extern "C" __global__ void moe_route(const float* logits, int tokens, int n_exp,
 
 #define ALIGN_MAX_S 1024
 
+// The flags' one spin: until *word reaches v in the cyclic order ((int)(word - v) >= 0, as
+// cuStreamWaitValue32 GEQ), polling with acquire loads at system scope every `sleep_ns`; the word
+// seen goes to *seen. Returns whether it was reached.
+// A gate's wait on a worker's flag can also be released by the host, with no stream involved
+// (a stream op to release it could queue behind the very wait it releases): `release`, when not
+// null, is a word in pinned host memory (ipc::ReleaseFlag) read every 64 polls, and a wait that
+// sees it set gives up (returns false). While such a wait spins, *waiting holds its release
+// word's index from `waiting` (both in the same pinned block; 0 once the wait ends): what the
+// gate's watch reads to know which worker holds the stream past its deadline.
+__device__ __forceinline__ bool wait_or_release(const uint32_t* word, uint32_t v, int sleep_ns,
+                                                const uint32_t* release, uint32_t* waiting,
+                                                uint32_t* seen) {
+    uint32_t w;
+    asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(w) : "l"(word) : "memory");
+    bool reached = (int)(w - v) >= 0;
+    if (reached) {
+        if (seen) *seen = w;
+        return true;
+    }
+    const uint32_t tag = (release && waiting) ? (uint32_t)(release - waiting) : 0u;
+    if (tag) asm volatile("st.relaxed.sys.global.u32 [%0], %1;" ::"l"(waiting), "r"(tag) : "memory");
+    for (uint32_t i = 1;; ++i) {
+        __nanosleep(sleep_ns);
+        asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(w) : "l"(word) : "memory");
+        if ((int)(w - v) >= 0) {
+            reached = true;
+            break;
+        }
+        if (release && (i & 63) == 0) {
+            uint32_t r;
+            asm volatile("ld.relaxed.sys.global.u32 %0, [%1];" : "=r"(r) : "l"(release) : "memory");
+            if (r) break;
+        }
+    }
+    if (tag) asm volatile("st.relaxed.sys.global.u32 [%0], %1;" ::"l"(waiting), "r"(0u) : "memory");
+    if (seen) *seen = w;
+    return reached;
+}
+
 // An expert worker's wait for the gate's `ready` flag, folded into the first kernel of its call
 // (when `wait_word` is not null): thread 0 spins until *wait_word reaches wait_value in the
 // cyclic order, stores what it saw to *observed (a released wait sees more, which the gate
 // checks), fences, and the block's barrier holds the other threads until then: no launch of
 // its own on the call's critical path.
-// The flags' one spin: until *word reaches v in the cyclic order ((int)(word - v) >= 0, as
-// cuStreamWaitValue32 GEQ), polling with acquire loads at system scope every `sleep_ns`; returns
-// the word seen.
-__device__ __forceinline__ uint32_t spin_until(const uint32_t* word, uint32_t v, int sleep_ns) {
-    uint32_t w;
-    for (;;) {
-        asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(w) : "l"(word) : "memory");
-        if ((int)(w - v) >= 0) return w;
-        __nanosleep(sleep_ns);
-    }
-}
-
 __device__ __forceinline__ void align_wait(const uint32_t* wait_word, uint32_t wait_value,
                                            uint32_t* observed) {
     if (wait_word && threadIdx.x == 0) {
-        const uint32_t w = spin_until(wait_word, wait_value, 128);
+        uint32_t w;
+        wait_or_release(wait_word, wait_value, 128, nullptr, nullptr, &w);
         if (observed) *observed = w;
         __threadfence_system();
     }
@@ -243,15 +271,17 @@ extern "C" __global__ void expert_count(const uint32_t* ids, int n, int n_expert
         if (cnt[e]) atomicAdd(&counts[e], cnt[e]);
 }
 
-// The flags of device-ordered expert calls replayed from a CUDA graph (the gate's side): a
-// graph's arguments are fixed, so each run's call numbers come from `table`, which the host fills
-// before the run. `flag_signal_n` stores table[i] to a peer's flag word after everything queued
-// before it (fence, then a release store at system scope, as cuStreamWriteValue32 does);
-// `flag_wait_geq` spins, one thread, until the word reaches table[i] in the cyclic order
-// ((int)(word - v) >= 0, as cuStreamWaitValue32 GEQ), then fences so that what follows on the
-// stream reads what the peer wrote before its flag.
-extern "C" __global__ void flag_wait_geq(const uint32_t* word, const uint32_t* table, int i) {
-    spin_until(word, table[i], 256);
+// The flags of device-ordered expert calls (the gate's side). In a CUDA graph the arguments are
+// fixed, so each run's call numbers come from `table`, which the host fills before the run; an
+// eager call passes its number as `value` and no table. `flag_signal_n` stores table[i] to a
+// peer's flag word after everything queued before it (fence, then a release store at system
+// scope, as cuStreamWriteValue32 does); `flag_wait_geq` waits, one thread, until the word reaches
+// the number in the cyclic order or the host releases it (wait_or_release), then fences so that
+// what follows on the stream reads what the peer wrote before its flag.
+extern "C" __global__ void flag_wait_geq(const uint32_t* word, const uint32_t* table, int i,
+                                         uint32_t value, const uint32_t* release,
+                                         uint32_t* waiting) {
+    wait_or_release(word, table ? table[i] : value, 256, release, waiting, nullptr);
     __threadfence_system();
 }
 
@@ -297,19 +327,25 @@ extern "C" __global__ void add_parts_f32(float4* out, const float4* p0, const fl
     sum_parts(out, p0, p1, p2, p3, parts, n4);
 }
 
-// add_parts_f32 after flag_wait_geq on each part's `done` word (word j against table[i_j]),
-// in one launch: each block's thread 0 waits for every word, fences, and the barrier holds the
-// block's other threads until then (small sums only: every block polls).
+// add_parts_f32 after flag_wait_geq on each part's `done` word (word j against table[i_j],
+// released by r_j), in one launch: each block's thread 0 waits for every word, fences, and the
+// barrier holds the block's other threads until then (small sums only: every block polls; block
+// 0 keeps the `waiting` record).
 extern "C" __global__ void wait_add_parts_f32(float4* out, const float4* p0, const float4* p1,
                                               const float4* p2, const float4* p3, int parts, int n4,
                                               const uint32_t* w0, const uint32_t* w1,
                                               const uint32_t* w2, const uint32_t* w3,
                                               const uint32_t* table, int i0, int i1, int i2,
-                                              int i3) {
+                                              int i3, const uint32_t* r0, const uint32_t* r1,
+                                              const uint32_t* r2, const uint32_t* r3,
+                                              uint32_t* waiting) {
     if (threadIdx.x == 0) {
         const uint32_t* words[4] = {w0, w1, w2, w3};
+        const uint32_t* release[4] = {r0, r1, r2, r3};
         const int at[4] = {i0, i1, i2, i3};
-        for (int j = 0; j < parts && j < 4; ++j) spin_until(words[j], table[at[j]], 128);
+        uint32_t* record = blockIdx.x == 0 ? waiting : nullptr;
+        for (int j = 0; j < parts && j < 4; ++j)
+            wait_or_release(words[j], table[at[j]], 128, release[j], record, nullptr);
         __threadfence_system();
     }
     __syncthreads();

@@ -49,6 +49,15 @@ pub struct WaitFlag {
     pub observed: u64,
 }
 
+/// A gate's device-ordered wait on a worker's flag: the flag word's device address, and the
+/// [`ReleaseFlag::address`](super::ipc::ReleaseFlag::address) of the host flag that releases
+/// the wait when the worker's stream fails.
+#[derive(Debug, Clone, Copy)]
+pub struct FlagWait {
+    pub word: u64,
+    pub release: u64,
+}
+
 /// The three kernel arguments of an optional [`WaitFlag`] (null word: no wait).
 fn wait_args(wait: Option<&WaitFlag>) -> [Arg; 3] {
     match wait {
@@ -313,12 +322,59 @@ impl Gpu {
         Ok(())
     }
 
-    /// Queues a one-thread kernel that waits until the u32 at device address `word` reaches
-    /// `table[index]` in the cyclic order (`(i32)(word - value) >= 0`); nothing queued after it
-    /// runs before. The flag is written by a peer (or released by this host); a flag that never
-    /// comes holds the stream, so callers bound it the way they bound `cuStreamWaitValue32`.
-    pub fn wait_word(&self, word: u64, table: &Tensor, index: usize) -> Result<()> {
-        self.flag_kernel("flag_wait_geq", word, table, index)
+    /// Queues a one-thread kernel that waits until the flag `w.word` reaches `table[index]` in
+    /// the cyclic order (`(i32)(word - value) >= 0`), or its release flag is set; nothing queued
+    /// after it runs before. The flag is written by a peer; one that never comes holds the
+    /// stream until the host sets `w.release` (see [`super::ipc::ReleaseFlag`]), so callers
+    /// bound it with a deadline.
+    pub fn wait_word(&self, w: FlagWait, table: &Tensor, index: usize) -> Result<()> {
+        Self::check_flag(table, index, w.word, "flag_wait_geq")?;
+        self.flag_wait(w, Arg::Ptr(self.ptr(table)?), index, 0)
+    }
+
+    /// [`wait_word`](Self::wait_word) for the number `value` (no table: an eager call).
+    pub fn wait_value(&self, w: FlagWait, value: u32) -> Result<()> {
+        if !w.word.is_multiple_of(4) {
+            return Err(EngineError::Internal(format!(
+                "flag_wait_geq: word at {:#x}",
+                w.word
+            )));
+        }
+        self.flag_wait(w, Arg::Ptr(0), 0, value)
+    }
+
+    fn flag_wait(&self, w: FlagWait, table: Arg, index: usize, value: u32) -> Result<()> {
+        let waiting = Self::waiting_for(&[w])?;
+        self.launch(
+            "flag_wait_geq",
+            (1, 1, 1),
+            1,
+            0,
+            &[
+                Arg::Ptr(w.word),
+                table,
+                i32_arg(index, "flag table entry")?,
+                Arg::I32(value as i32),
+                Arg::Ptr(w.release),
+                Arg::Ptr(waiting),
+            ],
+        )
+    }
+
+    /// The `waiting` record the waits on `ws` keep (every release flag lives beside it).
+    fn waiting_for(ws: &[FlagWait]) -> Result<u64> {
+        match super::ipc::waiting_record() {
+            Some(r)
+                if ws
+                    .iter()
+                    .all(|w| w.release != 0 && w.release.is_multiple_of(4)) =>
+            {
+                Ok(r)
+            }
+            _ => Err(EngineError::Internal(format!(
+                "a device-ordered wait without a release flag: {ws:?}"
+            ))),
+        }
     }
 
     /// Queues a one-thread kernel that copies the u32 at `from` to `seen`, then stores `value`
@@ -389,15 +445,15 @@ impl Gpu {
         Ok(out)
     }
 
-    /// [`add_parts`](Self::add_parts) after waiting for each part's flag (`waits[j]`: the word
-    /// at that device address reaching `table[index]`, as [`wait_word`](Self::wait_word)), in
+    /// [`add_parts`](Self::add_parts) after waiting for each part's flag (`waits[j]`: the flag
+    /// reaching `table[index]` or released, as [`wait_word`](Self::wait_word)), in
     /// one launch. For small sums only (every block of the launch polls the flags): `None`
     /// when the sum is larger than 32 blocks' worth or the parts do not fit `add_parts`
     /// (nothing queued then).
     pub fn wait_add_parts(
         &self,
         parts: &[u64],
-        waits: &[(u64, usize)],
+        waits: &[(FlagWait, usize)],
         table: &Tensor,
         shape: &[usize],
     ) -> Result<Option<Tensor>> {
@@ -408,10 +464,13 @@ impl Gpu {
         if waits.len() != parts.len() || n4.div_ceil(256) > MAX_BLOCKS {
             return Ok(None);
         }
-        for &(word, index) in waits {
-            Self::check_flag(table, index, word, "wait_add_parts_f32")?;
+        for &(w, index) in waits {
+            Self::check_flag(table, index, w.word, "wait_add_parts_f32")?;
         }
-        let word = |i: usize| Arg::Ptr(waits.get(i).map_or(0, |w| w.0));
+        let flags: Vec<FlagWait> = waits.iter().map(|w| w.0).collect();
+        let waiting = Self::waiting_for(&flags)?;
+        let word = |i: usize| Arg::Ptr(waits.get(i).map_or(0, |w| w.0.word));
+        let release = |i: usize| Arg::Ptr(waits.get(i).map_or(0, |w| w.0.release));
         let entry = |i: usize| i32_arg(waits.get(i).map_or(0, |w| w.1), "flag table entry");
         let extra = [
             word(0),
@@ -423,6 +482,11 @@ impl Gpu {
             entry(1)?,
             entry(2)?,
             entry(3)?,
+            release(0),
+            release(1),
+            release(2),
+            release(3),
+            Arg::Ptr(waiting),
         ];
         self.sum_parts("wait_add_parts_f32", parts, shape, n4.div_ceil(256), &extra)
             .map(Some)
@@ -488,21 +552,6 @@ impl Gpu {
             )));
         }
         Ok(())
-    }
-
-    fn flag_kernel(&self, name: &str, word: u64, table: &Tensor, index: usize) -> Result<()> {
-        Self::check_flag(table, index, word, name)?;
-        self.launch(
-            name,
-            (1, 1, 1),
-            1,
-            0,
-            &[
-                Arg::Ptr(word),
-                Arg::Ptr(self.ptr(table)?),
-                i32_arg(index, "flag table entry")?,
-            ],
-        )
     }
 
     /// Routing from f32 router logits `[T, E]`, on the device.

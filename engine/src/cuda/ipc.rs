@@ -248,6 +248,55 @@ impl Drop for OpenedBuffer {
     }
 }
 
+/// A u32 in pinned host memory that this process's kernels read where it is (a device-mapped
+/// host allocation, valid on every GPU of the process), set by the host with a plain store: the
+/// release of a gate's device-ordered waits on a worker whose stream failed. No stream op is
+/// involved, so a release cannot queue behind the wait it releases (a copy or memset on another
+/// stream of the gate can: streams share the GPU's hardware queues). Set once, never reset: a
+/// released session is done. Its word returns to the process's pool on drop.
+pub struct ReleaseFlag {
+    inner: imp::HostWord,
+}
+
+impl ReleaseFlag {
+    /// A new, unset flag usable by kernels on CUDA `device` (an error without CUDA, or when the
+    /// process's pool of such words is used up).
+    pub fn new(device: &Device) -> Result<Self> {
+        Ok(ReleaseFlag {
+            inner: imp::host_word(device)?,
+        })
+    }
+
+    /// Sets the flag: waits that read it stop within a few microseconds.
+    pub fn release(&self) {
+        imp::host_word_set(&self.inner, 1);
+    }
+
+    /// Whether [`release`](Self::release) was called.
+    pub fn is_released(&self) -> bool {
+        imp::host_word_get(&self.inner) != 0
+    }
+
+    /// The flag's device address, for the wait kernels ([`crate::cuda::FlagWait`]).
+    pub fn address(&self) -> u64 {
+        imp::host_word_address(&self.inner)
+    }
+}
+
+/// The device address of the process's `waiting` record (in the same pinned block as every
+/// [`ReleaseFlag`]; `None` before the first flag is made): while a releasable wait spins, the
+/// record names its flag (see [`waiting_on`]).
+pub fn waiting_record() -> Option<u64> {
+    imp::waiting_record()
+}
+
+/// The [`ReleaseFlag::address`] of the releasable wait that is spinning on a GPU of this process
+/// now (`None` when none is, or no block was ever made): read by the host while the gate's
+/// stream is held, with no stream op.
+pub fn waiting_on() -> Option<u64> {
+    imp::waiting_on()
+}
+
 fn unsupported() -> EngineError {
     EngineError::InvalidInput("CUDA IPC needs a CUDA build and a CUDA device".into())
 }
@@ -534,6 +583,132 @@ mod imp {
         queued.and(synced)
     }
 
+    /// Pinned, device-mapped host words, made once (at the first session) and kept for the
+    /// process's life: word 0 is the `waiting` record, the others are [`HostWord`]s.
+    struct HostBlock {
+        host: *mut u32,
+        device: u64,
+        /// Words returned by dropped flags, reused first.
+        free: Vec<usize>,
+        /// The next never-used word.
+        next: usize,
+    }
+
+    // SAFETY: `host` is pinned host memory owned by the process for its whole life; the words
+    // are accessed through atomics (host) and by kernels (device).
+    unsafe impl Send for HostBlock {}
+
+    const HOST_WORDS: usize = 4096;
+
+    static HOST_BLOCK: std::sync::Mutex<Option<HostBlock>> = std::sync::Mutex::new(None);
+
+    fn host_block(device: &Device) -> Result<std::sync::MutexGuard<'static, Option<HostBlock>>> {
+        let mut block = HOST_BLOCK.lock().unwrap_or_else(|e| e.into_inner());
+        if block.is_none() {
+            bind(&cuda(device)?)?;
+            let mut p: *mut std::ffi::c_void = std::ptr::null_mut();
+            // SAFETY: the context is current (bind above); the driver writes a pointer to
+            // `4 · HOST_WORDS` bytes of pinned memory, mapped into every context's address space
+            // (PORTABLE | DEVICEMAP), into `p`; it is never freed.
+            unsafe {
+                sys::cuMemHostAlloc(
+                    &mut p,
+                    4 * HOST_WORDS,
+                    sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP,
+                )
+            }
+            .result()
+            .map_err(|e| err("cuMemHostAlloc", e))?;
+            // SAFETY: `p` points to 4 · HOST_WORDS writable bytes (above), zeroed before use.
+            unsafe { std::ptr::write_bytes(p.cast::<u32>(), 0, HOST_WORDS) };
+            let mut d: sys::CUdeviceptr = 0;
+            // SAFETY: `p` is a mapped pinned allocation of this process (above).
+            unsafe { sys::cuMemHostGetDevicePointer_v2(&mut d, p, 0) }
+                .result()
+                .map_err(|e| err("cuMemHostGetDevicePointer", e))?;
+            *block = Some(HostBlock {
+                host: p.cast(),
+                device: d,
+                free: Vec::new(),
+                next: 1,
+            });
+        }
+        Ok(block)
+    }
+
+    /// One word of the block (never word 0).
+    pub struct HostWord {
+        word: &'static std::sync::atomic::AtomicU32,
+        index: usize,
+        device: u64,
+    }
+
+    fn atomic_at(host: *mut u32, index: usize) -> &'static std::sync::atomic::AtomicU32 {
+        // SAFETY: `index` < HOST_WORDS, so the word lies in the block, which lives (pinned, never
+        // freed) for the process's life; u32 and AtomicU32 have the same layout.
+        unsafe { std::sync::atomic::AtomicU32::from_ptr(host.add(index)) }
+    }
+
+    pub fn host_word(device: &Device) -> Result<HostWord> {
+        let mut guard = host_block(device)?;
+        let Some(b) = guard.as_mut() else {
+            return Err(err("host words", "no block"));
+        };
+        let index = match b.free.pop() {
+            Some(i) => i,
+            None if b.next < HOST_WORDS => {
+                b.next += 1;
+                b.next - 1
+            }
+            None => {
+                return Err(err(
+                    "host words",
+                    format!("all {} release flags are in use", HOST_WORDS - 1),
+                ));
+            }
+        };
+        let word = atomic_at(b.host, index);
+        word.store(0, std::sync::atomic::Ordering::SeqCst);
+        Ok(HostWord {
+            word,
+            index,
+            device: b.device + 4 * index as u64,
+        })
+    }
+
+    pub fn host_word_set(w: &HostWord, value: u32) {
+        w.word.store(value, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn host_word_get(w: &HostWord) -> u32 {
+        w.word.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn host_word_address(w: &HostWord) -> u64 {
+        w.device
+    }
+
+    impl Drop for HostWord {
+        fn drop(&mut self) {
+            let mut guard = HOST_BLOCK.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(b) = guard.as_mut() {
+                b.free.push(self.index);
+            }
+        }
+    }
+
+    pub fn waiting_record() -> Option<u64> {
+        let guard = HOST_BLOCK.lock().unwrap_or_else(|e| e.into_inner());
+        guard.as_ref().map(|b| b.device)
+    }
+
+    pub fn waiting_on() -> Option<u64> {
+        let guard = HOST_BLOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let b = guard.as_ref()?;
+        let index = atomic_at(b.host, 0).load(std::sync::atomic::Ordering::SeqCst) as usize;
+        (index != 0 && index < HOST_WORDS).then(|| b.device + 4 * index as u64)
+    }
+
     pub fn fill_words(r: &Region, word: usize, count: usize, value: u32) -> Result<()> {
         on_side_stream(r, "cuMemsetD32Async", |s| {
             // SAFETY: the words lie inside the live region (checked by the caller).
@@ -680,6 +855,33 @@ mod imp {
     pub fn read_words(r: &Region, _word: usize, _count: usize) -> Result<Vec<u32>> {
         match *r {}
     }
+
+    /// Uninhabited: a build without CUDA never has a release flag.
+    pub enum HostWord {}
+
+    pub fn host_word(_device: &Device) -> Result<HostWord> {
+        Err(super::unsupported())
+    }
+
+    pub fn host_word_set(w: &HostWord, _value: u32) {
+        match *w {}
+    }
+
+    pub fn host_word_get(w: &HostWord) -> u32 {
+        match *w {}
+    }
+
+    pub fn host_word_address(w: &HostWord) -> u64 {
+        match *w {}
+    }
+
+    pub fn waiting_record() -> Option<u64> {
+        None
+    }
+
+    pub fn waiting_on() -> Option<u64> {
+        None
+    }
 }
 
 #[cfg(test)]
@@ -692,6 +894,9 @@ mod tests {
         assert!(SharedBuffer::alloc(&Device::Cpu, 1024).is_err());
         assert!(OpenedBuffer::open(&Device::Cpu, &[0; HANDLE_BYTES], 1024).is_err());
         assert!(OpenedBuffer::open(&Device::Cpu, &[0; 3], 1024).is_err());
+        assert!(ReleaseFlag::new(&Device::Cpu).is_err());
+        assert_eq!(waiting_record(), None);
+        assert_eq!(waiting_on(), None);
         fence(&Device::Cpu)
             .and_then(|f| f.wait())
             .expect("a CPU fence is always passed");

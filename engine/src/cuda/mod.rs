@@ -26,8 +26,8 @@ pub mod ipc;
 
 pub use attention::{DecodeTables, PrefillQuery};
 pub use experts::{
-    DeviceRouting, GROUPED_MIN_PAIRS_PER_SLOT, HostAssignments, HostPairs, RouteParams, RowsAt,
-    WaitFlag, grouped_min_pairs_per_slot, takes_grouped,
+    DeviceRouting, FlagWait, GROUPED_MIN_PAIRS_PER_SLOT, HostAssignments, HostPairs, RouteParams,
+    RowsAt, WaitFlag, grouped_min_pairs_per_slot, takes_grouped,
 };
 
 /// A kernel argument. Tensors go as raw device addresses (see [`Gpu::ptr`]).

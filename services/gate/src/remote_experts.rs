@@ -31,7 +31,7 @@ use futures::future::join_all;
 use moemesh_common::metrics::names;
 use moemesh_common::transport::{DeviceLayout, ExpertGraphs, flags};
 use moemesh_common::{MeshError, MeshResult, codec, telemetry};
-use moemesh_engine::cuda::ipc;
+use moemesh_engine::cuda::{FlagWait, ipc};
 use moemesh_engine::{DType, Device, EngineError, Experts, PendingExperts, Routing, Tensor};
 use moemesh_proto::v1::{self, ForwardRequest, SharedActivations};
 use tokio::runtime::Handle;
@@ -330,29 +330,21 @@ struct InFlight {
     failed: HashSet<u64>,
 }
 
-/// The index of the first call (session, slot, number), in the order sent, whose slot's `done`
-/// word (`done[session][slot]`, `None` when it could not be read) has not reached its number
-/// in the cyclic order the device waits use.
-fn first_unfinished(
-    calls: &[(u64, usize, u32)],
-    done: &HashMap<u64, Option<Vec<u32>>>,
-) -> Option<usize> {
-    calls.iter().position(|&(session, slot, seq)| {
-        match done
-            .get(&session)
-            .and_then(|w| w.as_ref()?.get(slot).copied())
-        {
-            Some(word) => (word.wrapping_sub(seq) as i32) < 0,
-            None => true,
-        }
-    })
+/// The index of the first call whose session's release flag (the address of each call's
+/// [`ReleaseFlag`](moemesh_engine::cuda::ipc::ReleaseFlag), `None` for a call without one) is
+/// the one the wait spinning now names (`waiting`, from
+/// [`waiting_on`](moemesh_engine::cuda::ipc::waiting_on)): the worker holding the step up.
+fn holding(releases: &[Option<u64>], waiting: Option<u64>) -> Option<usize> {
+    let waiting = waiting?;
+    releases.iter().position(|&r| r == Some(waiting))
 }
 
 /// Bounds a step's device-ordered calls: the gate's stream waits on the device for each
 /// worker's flag, which a dead or hung worker never writes, so a thread watches the step's
-/// deadline (`--expert-timeout`) and, past it, fails the workers' streams, which releases the
-/// waits ([`IpcSession::break_and_release`]); the step then fails whole at `settle` and is run
-/// again without them.
+/// deadline (`--expert-timeout`) and, past it, fails the stream of the worker whose flag the
+/// spinning wait names, which releases its waits with a host store
+/// ([`IpcSession::break_and_release`]); the step then fails whole at `settle` and is run again
+/// without it. Nothing here queues work on the GPU, which the held stream could hold up too.
 struct Watch {
     /// `--expert-timeout`: how long a step's device-ordered calls may take.
     timeout: Duration,
@@ -379,10 +371,10 @@ impl Watch {
     }
 
     /// Past the deadline: fails the stream of the worker whose call holds the step up (the
-    /// first call, in the order sent, that the worker has not marked done; the calls after it
-    /// wait on the gate's stream, which waits on that one), which releases its waits, and gives
-    /// the rest of the step another deadline. A step whose calls are all done is the gate's own
-    /// slowness: nothing is failed.
+    /// worker whose flag the wait spinning now names; the calls after it wait on the gate's
+    /// stream, which waits on that one), which releases its waits, and gives the rest of the
+    /// step another deadline. A step with no wait spinning is the gate's own slowness: nothing
+    /// is failed.
     fn check(&self, now: Instant, timeout: Duration) {
         // The watch's progress is traced (target `moemesh_gate::watch`, debug): a watch that
         // stops short of failing a late worker shows where it waits.
@@ -401,22 +393,14 @@ impl Watch {
             return;
         }
         f.deadline = now + timeout;
-        tracing::debug!(target: "moemesh_gate::watch", calls = f.sent.len(), "a step is past its deadline; reading its done words");
-        // Each session's `done` words, read beside the stream (which may be blocked).
-        let mut done: HashMap<u64, Option<Vec<u32>>> = HashMap::new();
-        for c in &f.sent {
-            done.entry(c.session.nonce).or_insert_with(|| {
-                let d = c.session.device.as_ref()?;
-                d.gate_flags.read_words_now(0, d.slots).ok()
-            });
-        }
-        tracing::debug!(target: "moemesh_gate::watch", sessions = done.len(), "done words read");
-        let calls: Vec<(u64, usize, u32)> = f
+        let waiting = ipc::waiting_on();
+        let releases: Vec<Option<u64>> = f
             .sent
             .iter()
-            .map(|c| (c.session.nonce, c.slot, c.seq))
+            .map(|c| c.session.device.as_ref().map(|d| d.release.address()))
             .collect();
-        let Some(i) = first_unfinished(&calls, &done) else {
+        let Some(i) = holding(&releases, waiting) else {
+            tracing::debug!(target: "moemesh_gate::watch", calls = f.sent.len(), ?waiting, "a step is past its deadline with no call's wait spinning");
             return;
         };
         let c = &f.sent[i];
@@ -770,7 +754,9 @@ impl RemoteExperts {
                 else {
                     return Err(internal("a call's session changed".into()));
                 };
-                done.push((d.gate_flags.word_address(flags::done(c.slot))?, c.entry));
+                let word = d.gate_flags.word_address(flags::done(c.slot))?;
+                let release = d.release.address();
+                done.push((FlagWait { word, release }, c.entry));
                 outputs.push(&slot.output);
             }
             // Small steps wait and add in one launch; others wait per worker, then add.
@@ -781,8 +767,8 @@ impl RemoteExperts {
             if let Some(sum) = g.wait_add_parts(&parts, &done, &plan.table, &[t, h])? {
                 return Ok(sum);
             }
-            for &(word, entry) in &done {
-                g.wait_word(word, &plan.table, entry)?;
+            for &(w, entry) in &done {
+                g.wait_word(w, &plan.table, entry)?;
             }
             sum_outputs(&outputs, t, h, &device)
         }))
@@ -866,9 +852,20 @@ impl Experts for RemoteExperts {
                     let Some(d) = slot.session.device.as_ref() else {
                         continue;
                     };
-                    // The gate's stream waits for the worker's `done` word, then reads the output;
-                    // the slot is free for the next call once that read is queued.
-                    d.gate_flags.wait_geq(flags::done(slot.index), *seq)?;
+                    // The gate's stream waits for the worker's `done` word (or the session's
+                    // release), then reads the output; the slot is free for the next call once
+                    // that read is queued.
+                    let g = moemesh_engine::cuda::gpu(&sum_device).ok_or_else(|| {
+                        EngineError::Internal("device-ordered calls without GPU kernels".into())
+                    })?;
+                    let word = d.gate_flags.word_address(flags::done(slot.index))?;
+                    g.wait_value(
+                        FlagWait {
+                            word,
+                            release: d.release.address(),
+                        },
+                        *seq,
+                    )?;
                     done.push(&slot.slot().output);
                 }
                 if done.is_empty() {
@@ -1694,35 +1691,16 @@ mod tests {
     }
 
     #[test]
-    fn the_watch_blames_the_first_call_not_marked_done_in_the_order_sent() {
-        // Session 1 (slots 0 and 1) and session 2 (slot 0); calls in the order sent.
-        let calls = vec![(1, 0, 5), (2, 0, 9), (1, 1, 3), (2, 0, 10), (1, 0, 6)];
-        let done = |a: Vec<u32>, b: Vec<u32>| HashMap::from([(1, Some(a)), (2, Some(b))]);
-        // Session 2 has done 9 but not 10; session 1 is stuck at 5 on slot 0 → call 0.
-        assert_eq!(
-            first_unfinished(&calls, &done(vec![4, 3], vec![9])),
-            Some(0)
-        );
-        // Session 1 slot 0 done through 5, slot 1 through 3; session 2 stuck before 10.
-        assert_eq!(
-            first_unfinished(&calls, &done(vec![5, 3], vec![9])),
-            Some(3)
-        );
-        // Everything done: the gate itself is slow, nobody is blamed.
-        assert_eq!(first_unfinished(&calls, &done(vec![6, 3], vec![10])), None);
-        // A released word (far past) counts as done; numbers compare cyclically across the wrap.
-        assert_eq!(
-            first_unfinished(&[(1, 0, u32::MAX), (1, 0, 1)], &done(vec![0], vec![])),
-            Some(1),
-            "u32::MAX is done at 0, 1 is not"
-        );
-        assert_eq!(
-            first_unfinished(&calls, &done(vec![6 + flags::RELEASE_STRIDE, 3], vec![10])),
-            None
-        );
-        // Flags that cannot be read blame their session.
-        let unreadable = HashMap::from([(1, Some(vec![6, 3])), (2, None)]);
-        assert_eq!(first_unfinished(&calls, &unreadable), Some(1));
+    fn the_watch_blames_the_call_whose_release_flag_the_spinning_wait_names() {
+        let releases = [Some(0x100), None, Some(0x104), Some(0x100)];
+        // The first call of the named session (its later calls wait behind it anyway).
+        assert_eq!(holding(&releases, Some(0x100)), Some(0));
+        assert_eq!(holding(&releases, Some(0x104)), Some(2));
+        // No wait spinning: the gate itself is slow, nobody is blamed.
+        assert_eq!(holding(&releases, None), None);
+        // A wait of a session this step did not call (a step before it): nobody.
+        assert_eq!(holding(&releases, Some(0x108)), None);
+        assert_eq!(holding(&[], Some(0x100)), None);
     }
 
     #[test]

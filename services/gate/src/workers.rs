@@ -90,6 +90,9 @@ pub struct DeviceSync {
     pub gate_flags: SharedBuffer,
     /// The worker's flags (`flags::ready` per slot), written by this gate.
     pub worker_flags: OpenedBuffer,
+    /// Releases this gate's waits on the worker's `done` words once the session breaks: a host
+    /// store, so a stream held by a worker that never answers is let go all the same.
+    pub release: ipc::ReleaseFlag,
     /// Per slot, the number of its last call.
     seqs: Vec<AtomicU32>,
     /// Slots, for the flag words' positions.
@@ -155,23 +158,15 @@ impl IpcSession {
     }
 
     /// Marks the session failed and releases every device-ordered wait of this gate's stream on
-    /// it: each slot's `done` word is set past any call number in flight (and never equal to
-    /// one, so [`settle`](crate::remote_experts) sees that those calls were not computed).
+    /// it (its [`ReleaseFlag`](ipc::ReleaseFlag)): those waits end without their calls, and
+    /// [`settle`](crate::remote_experts) fails the step, which sees the session broken.
     pub fn break_and_release(&self) {
         if self.broken.swap(true, Ordering::SeqCst) {
             return;
         }
-        let Some(d) = &self.device else {
-            return;
-        };
-        for (slot, seq) in d.seqs.iter().enumerate() {
-            let past = seq
-                .load(Ordering::SeqCst)
-                .wrapping_add(flags::RELEASE_STRIDE);
-            tracing::debug!(target: "moemesh_gate::watch", session = self.id, slot, "releasing a slot's done word");
-            if let Err(e) = d.gate_flags.fill_words_now(flags::done(slot), 1, past) {
-                tracing::error!(session = self.id, slot, error = %e, "could not release a device-ordered wait");
-            }
+        if let Some(d) = &self.device {
+            tracing::debug!(target: "moemesh_gate::watch", session = self.id, "releasing the session's waits");
+            d.release.release();
         }
     }
 
@@ -567,10 +562,17 @@ impl WorkerClient {
             let words = flags::gate_words(IPC_SLOTS);
             let buf = SharedBuffer::alloc(&offer.device, 4 * words).map_err(|e| e.to_string())?;
             buf.fill_words_now(0, words, 0).map_err(|e| e.to_string())?;
-            Some(buf)
+            match ipc::ReleaseFlag::new(&offer.device) {
+                Ok(release) => Some((buf, release)),
+                Err(e) => {
+                    tracing::warn!(worker = %self.member.id, error = %e, "no release flag for device-ordered calls; this session's calls are host-ordered");
+                    None
+                }
+            }
         } else {
             None
         };
+        let device_sync = gate_flags.is_some();
         let mut req = OpenTransportRequest {
             gate_id: offer.gate_id.clone(),
             host_id: transport::host_id(),
@@ -583,7 +585,7 @@ impl WorkerClient {
             device_sync,
             top_k: if device_sync { offer.top_k as u32 } else { 0 },
             gate_flags_handle: match &gate_flags {
-                Some(b) => b.handle().map_err(|e| e.to_string())?,
+                Some((b, _)) => b.handle().map_err(|e| e.to_string())?,
                 None => Vec::new(),
             },
         };
@@ -602,7 +604,7 @@ impl WorkerClient {
             return Err(format!("the worker refused: {}", reply.reason));
         }
         let device = match (gate_flags, reply.worker_flags_handle.is_empty()) {
-            (Some(gate_flags), false) => {
+            (Some((gate_flags, release)), false) => {
                 let bytes = 4 * flags::worker_words(IPC_SLOTS);
                 match OpenedBuffer::open(&offer.device, &reply.worker_flags_handle, bytes) {
                     Ok(worker_flags) => Some(DeviceSync {
@@ -610,6 +612,7 @@ impl WorkerClient {
                         top_k: offer.top_k,
                         gate_flags,
                         worker_flags,
+                        release,
                         seqs: (0..IPC_SLOTS).map(|_| AtomicU32::new(0)).collect(),
                         slots: IPC_SLOTS,
                     }),
