@@ -6,12 +6,25 @@ turns whose history grows (a 24-token user message, a 32-token reply per earlier
 are drawn from a fixed seed in [1000, 30000), inside every vocabulary moemesh serves.
 
     python3 loadtest/make-token-chat.py    # deterministic: rerunning writes the same file
+
+A heavier variant for a GPU (not committed: 32 conversations make a ~1 MB file), one
+conversation per client:
+
+    python3 loadtest/make-token-chat.py --conversations 32 --concurrency 32 --out /tmp/chat-32.json
 """
+import argparse
 import json
 import pathlib
 import random
 
-SYSTEM, USER, REPLY, CONVERSATIONS, TURNS, NEW = 1500, 24, 32, 4, 3, 32
+here = pathlib.Path(__file__).parent
+ap = argparse.ArgumentParser(description="the multi-turn-chat scenario with token-id prompts")
+ap.add_argument("--conversations", type=int, default=4)
+ap.add_argument("--concurrency", type=int, help="clients (default: the text scenario's, 4)")
+ap.add_argument("--out", type=pathlib.Path, default=here / "scenarios/multi-turn-chat-tokens.json")
+args = ap.parse_args()
+
+SYSTEM, USER, REPLY, CONVERSATIONS, TURNS, NEW = 1500, 24, 32, args.conversations, 3, 32
 
 rng = random.Random(21)
 
@@ -35,12 +48,14 @@ for _ in range(CONVERSATIONS):
         history += ids(REPLY)
 # The text scenario's order: the turns of the conversations interleaved, as clients would.
 data = [data[c * TURNS + t] for t in range(TURNS) for c in range(CONVERSATIONS)]
-here = pathlib.Path(__file__).parent
 base = json.loads((here / "scenarios/multi-turn-chat.json").read_text())
 base.update({"name": "multi-turn chat (token ids)", "data": data})
+if args.concurrency:
+    base.update({"name": f"multi-turn chat (token ids, {CONVERSATIONS} conversations)",
+                 "concurrency": args.concurrency})
 # One request per line: the ids are not for reading.
 lines = [f" {json.dumps(k)}: {json.dumps(v)}" for k, v in base.items() if k != "data"]
 items = ",\n".join(f"  {json.dumps(d, separators=(',', ':'))}" for d in data)
 lines.append(f' "data": [\n{items}\n ]')
 text = "{\n" + ",\n".join(lines) + "\n}\n"
-(here / "scenarios/multi-turn-chat-tokens.json").write_text(text)
+args.out.write_text(text)
