@@ -237,6 +237,43 @@ async fn blocks_evicted_from_a_small_pool_come_back_from_the_host_tier() {
     assert!(gate_metric(&mesh, "moemesh_gate_prefix_cache_host_blocks") >= 2.0);
 }
 
+/// A pool too small for four sequences at once, with a host tier: the newest sequence is
+/// preempted, its full blocks (prompt and generated tokens alike) go to the pool's cache and, as
+/// the others grow, on to the host tier; when it is prefilled again it takes them back from
+/// there instead of computing them, and every sequence ends with the tokens it has alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_preempted_sequence_resumes_from_the_host_tier_with_unchanged_tokens() {
+    const LONG: u32 = 60;
+    let mesh = mesh(&["--kv-blocks", "12", "--host-kv-cache-gb", "0.01"]);
+    let url = mesh.frontend_url();
+    let engine = in_process_engine("tiny-deepseek-v3");
+    // 4 × (20 + 60) tokens need 20 blocks of 16; the pool holds 12.
+    let cases: Vec<Vec<u32>> = (0..4u32).map(|i| prompt(11 + 13 * i, 20)).collect();
+    let handles: Vec<_> = cases
+        .iter()
+        .map(|p| {
+            let (url, p) = (url.clone(), p.clone());
+            tokio::spawn(async move { finish(open(&url, &p, LONG).await).await })
+        })
+        .collect();
+    for (h, p) in handles.into_iter().zip(&cases) {
+        let (got, _) = h.await.expect("task");
+        assert_eq!(got, in_process_tokens(&engine, p, None, LONG as usize));
+    }
+    assert!(
+        mesh.frontend.0.log_text().contains("preempting"),
+        "the pool forced a preemption"
+    );
+    assert!(
+        gate_metric(&mesh, "moemesh_gate_prefix_cache_host_bytes_to_host_total") > 0.0,
+        "blocks went to the host tier"
+    );
+    assert!(
+        gate_metric(&mesh, "moemesh_gate_prefix_cache_host_hit_blocks_total") >= 1.0,
+        "a resumed sequence took blocks back from the host tier"
+    );
+}
+
 /// Two gates: a request goes to the gate that prefilled its prefix, even when the other gate is
 /// as idle. Two prompt families are placed on different gates (the second arrives while the
 /// first runs, so least-loaded placement spreads them); their follow-ups, sent one at a time to
