@@ -300,7 +300,7 @@ impl RemoteExperts {
             ExpertGraphs::Off => false,
             ExpertGraphs::On => true,
             ExpertGraphs::Auto => {
-                client.member.device != self.gate_device || moemesh_common::transport::under_mps()
+                moemesh_common::transport::gate_may_spin(&client.member.device, &self.gate_device)
             }
         }
     }
@@ -339,12 +339,33 @@ fn holding(releases: &[Option<u64>], waiting: Option<u64>) -> Option<usize> {
     releases.iter().position(|&r| r == Some(waiting))
 }
 
+/// For calls whose waits do not spin (and so never appear in the waiting record): the index of
+/// the first call (session, slot, number), in the order sent, whose slot's `done` word
+/// (`done[session][slot]`, `None` when it could not be read) has not reached its number in the
+/// cyclic order the device waits use.
+fn first_unfinished(
+    calls: &[(u64, usize, u32)],
+    done: &HashMap<u64, Option<Vec<u32>>>,
+) -> Option<usize> {
+    calls.iter().position(|&(session, slot, seq)| {
+        match done
+            .get(&session)
+            .and_then(|w| w.as_ref()?.get(slot).copied())
+        {
+            Some(word) => (word.wrapping_sub(seq) as i32) < 0,
+            None => true,
+        }
+    })
+}
+
 /// Bounds a step's device-ordered calls: the gate's stream waits on the device for each
 /// worker's flag, which a dead or hung worker never writes, so a thread watches the step's
 /// deadline (`--expert-timeout`) and, past it, fails the stream of the worker whose flag the
 /// spinning wait names, which releases its waits with a host store
 /// ([`IpcSession::break_and_release`]); the step then fails whole at `settle` and is run again
-/// without it. Nothing here queues work on the GPU, which the held stream could hold up too.
+/// without it. With spinning waits nothing here queues work on the GPU, which the held stream
+/// could hold up too; sessions whose waits are on the stream (one GPU without MPS) are found by
+/// reading their `done` words and released by writing them.
 struct Watch {
     /// `--expert-timeout`: how long a step's device-ordered calls may take.
     timeout: Duration,
@@ -399,9 +420,32 @@ impl Watch {
             .iter()
             .map(|c| c.session.device.as_ref().map(|d| d.release.address()))
             .collect();
-        let Some(i) = holding(&releases, waiting) else {
-            tracing::debug!(target: "moemesh_gate::watch", calls = f.sent.len(), ?waiting, "a step is past its deadline with no call's wait spinning");
-            return;
+        let i = match holding(&releases, waiting) {
+            Some(i) => i,
+            None => {
+                // Calls that wait on the stream (one GPU without MPS) are not in the record:
+                // their `done` words are read (a copy beside the held stream).
+                let stream_waits: Vec<usize> = (0..f.sent.len())
+                    .filter(|&i| f.sent[i].session.device.as_ref().is_some_and(|d| !d.spin))
+                    .collect();
+                tracing::debug!(target: "moemesh_gate::watch", calls = f.sent.len(), stream_waits = stream_waits.len(), ?waiting, "a step is past its deadline with no call's wait spinning");
+                let mut done: HashMap<u64, Option<Vec<u32>>> = HashMap::new();
+                for &i in &stream_waits {
+                    let c = &f.sent[i];
+                    done.entry(c.session.nonce).or_insert_with(|| {
+                        let d = c.session.device.as_ref()?;
+                        d.gate_flags.read_words_now(0, d.slots).ok()
+                    });
+                }
+                let calls: Vec<(u64, usize, u32)> = stream_waits
+                    .iter()
+                    .map(|&i| (f.sent[i].session.nonce, f.sent[i].slot, f.sent[i].seq))
+                    .collect();
+                let Some(j) = first_unfinished(&calls, &done) else {
+                    return;
+                };
+                stream_waits[j]
+            }
         };
         let c = &f.sent[i];
         if !f.failed.insert(c.client.serial) {
@@ -855,17 +899,16 @@ impl Experts for RemoteExperts {
                     // The gate's stream waits for the worker's `done` word (or the session's
                     // release), then reads the output; the slot is free for the next call once
                     // that read is queued.
-                    let g = moemesh_engine::cuda::gpu(&sum_device).ok_or_else(|| {
-                        EngineError::Internal("device-ordered calls without GPU kernels".into())
-                    })?;
-                    let word = d.gate_flags.word_address(flags::done(slot.index))?;
-                    g.wait_value(
-                        FlagWait {
-                            word,
-                            release: d.release.address(),
-                        },
-                        *seq,
-                    )?;
+                    if d.spin {
+                        let g = moemesh_engine::cuda::gpu(&sum_device).ok_or_else(|| {
+                            EngineError::Internal("device-ordered calls without GPU kernels".into())
+                        })?;
+                        let word = d.gate_flags.word_address(flags::done(slot.index))?;
+                        let release = d.release.address();
+                        g.wait_value(FlagWait { word, release }, *seq)?;
+                    } else {
+                        d.gate_flags.wait_geq(flags::done(slot.index), *seq)?;
+                    }
                     done.push(&slot.slot().output);
                 }
                 if done.is_empty() {
@@ -1688,6 +1731,38 @@ mod tests {
         assert!(group_experts(8, |e| (e != 6).then(|| holder(e)), |w| *w).is_none());
         // No experts: no calls.
         assert_eq!(group_experts(0, |e| Some(holder(e)), |w| *w), Some(vec![]));
+    }
+
+    #[test]
+    fn for_stream_waits_the_watch_blames_the_first_call_not_marked_done_in_the_order_sent() {
+        // Session 1 (slots 0 and 1) and session 2 (slot 0); calls in the order sent.
+        let calls = vec![(1, 0, 5), (2, 0, 9), (1, 1, 3), (2, 0, 10), (1, 0, 6)];
+        let done = |a: Vec<u32>, b: Vec<u32>| HashMap::from([(1, Some(a)), (2, Some(b))]);
+        // Session 2 has done 9 but not 10; session 1 is stuck at 5 on slot 0 → call 0.
+        assert_eq!(
+            first_unfinished(&calls, &done(vec![4, 3], vec![9])),
+            Some(0)
+        );
+        // Session 1 slot 0 done through 5, slot 1 through 3; session 2 stuck before 10.
+        assert_eq!(
+            first_unfinished(&calls, &done(vec![5, 3], vec![9])),
+            Some(3)
+        );
+        // Everything done: the gate itself is slow, nobody is blamed.
+        assert_eq!(first_unfinished(&calls, &done(vec![6, 3], vec![10])), None);
+        // A released word (far past) counts as done; numbers compare cyclically across the wrap.
+        assert_eq!(
+            first_unfinished(&[(1, 0, u32::MAX), (1, 0, 1)], &done(vec![0], vec![])),
+            Some(1),
+            "u32::MAX is done at 0, 1 is not"
+        );
+        assert_eq!(
+            first_unfinished(&calls, &done(vec![6 + flags::RELEASE_STRIDE, 3], vec![10])),
+            None
+        );
+        // Flags that cannot be read blame their session.
+        let unreadable = HashMap::from([(1, Some(vec![6, 3])), (2, None)]);
+        assert_eq!(first_unfinished(&calls, &unreadable), Some(1));
     }
 
     #[test]

@@ -90,9 +90,13 @@ pub struct DeviceSync {
     pub gate_flags: SharedBuffer,
     /// The worker's flags (`flags::ready` per slot), written by this gate.
     pub worker_flags: OpenedBuffer,
-    /// Releases this gate's waits on the worker's `done` words once the session breaks: a host
-    /// store, so a stream held by a worker that never answers is let go all the same.
+    /// Releases this gate's spinning waits on the worker's `done` words once the session breaks:
+    /// a host store, so a stream held by a worker that never answers is let go all the same.
     pub release: ipc::ReleaseFlag,
+    /// Whether this gate's eager waits on the worker spin in a kernel that polls `release`
+    /// ([`transport::gate_may_spin`]); otherwise they are `cuStreamWaitValue32` waits, released
+    /// by setting the `done` words past any call number on a stream of their own.
+    pub spin: bool,
     /// Per slot, the number of its last call.
     seqs: Vec<AtomicU32>,
     /// Slots, for the flag words' positions.
@@ -158,15 +162,29 @@ impl IpcSession {
     }
 
     /// Marks the session failed and releases every device-ordered wait of this gate's stream on
-    /// it (its [`ReleaseFlag`](ipc::ReleaseFlag)): those waits end without their calls, and
+    /// it: spinning waits by its [`ReleaseFlag`](ipc::ReleaseFlag) (a host store), stream waits
+    /// (a session that does not spin) by setting each slot's `done` word past any call number in
+    /// flight (and never equal to one). Those waits end without their calls, and
     /// [`settle`](crate::remote_experts) fails the step, which sees the session broken.
     pub fn break_and_release(&self) {
         if self.broken.swap(true, Ordering::SeqCst) {
             return;
         }
-        if let Some(d) = &self.device {
-            tracing::debug!(target: "moemesh_gate::watch", session = self.id, "releasing the session's waits");
-            d.release.release();
+        let Some(d) = &self.device else {
+            return;
+        };
+        tracing::debug!(target: "moemesh_gate::watch", session = self.id, spin = d.spin, "releasing the session's waits");
+        d.release.release();
+        if d.spin {
+            return;
+        }
+        for (slot, seq) in d.seqs.iter().enumerate() {
+            let past = seq
+                .load(Ordering::SeqCst)
+                .wrapping_add(flags::RELEASE_STRIDE);
+            if let Err(e) = d.gate_flags.fill_words_now(flags::done(slot), 1, past) {
+                tracing::error!(session = self.id, slot, error = %e, "could not release a device-ordered wait");
+            }
         }
     }
 
@@ -613,6 +631,7 @@ impl WorkerClient {
                         gate_flags,
                         worker_flags,
                         release,
+                        spin: transport::gate_may_spin(&self.member.device, &offer.device_name),
                         seqs: (0..IPC_SLOTS).map(|_| AtomicU32::new(0)).collect(),
                         slots: IPC_SLOTS,
                     }),
