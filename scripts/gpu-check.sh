@@ -480,7 +480,9 @@ if [[ $MODE == --ipc ]]; then
     # IPC_RUNS picks the runs: ipc (device-ordered), ipc-host (host-ordered), grpc, ipc-overlap,
     # in-process, *-nomps (no MPS: `up --mps off`), ipc-mps / grpc-mps / ipc-host-mps (the
     # mesh under an MPS daemon started for the run) and ipc-failover / grpc-failover (a worker
-    # killed and one stopped mid-load, with replicas).
+    # killed and one stopped mid-load, with replicas). The default includes ipc-nomps: the one
+    # configuration where the gate must not spin while it waits (it time-slices the GPU with its
+    # workers), so a change to the waits shows there first.
     MODEL=synthetic:v2-lite
     BENCH=(--prompt-len 128 --output-len 32 --json)
     E2E=(--concurrency 64 --requests 64 --prompt-len 128 --output-len 32 --json)
@@ -489,7 +491,7 @@ if [[ $MODE == --ipc ]]; then
     [[ -n $ED ]] && dev_args+=(--expert-devices "$ED")
     : >"$OUT/ipc.jsonl"
     MESH_LOG="warn,moemesh_gate::workers=info,moemesh_expert::service=info,moemesh_engine::graphs=debug,moemesh_gate::watch=debug"
-    for run in ${IPC_RUNS:-ipc grpc ipc-overlap in-process}; do
+    for run in ${IPC_RUNS:-ipc ipc-nomps grpc ipc-overlap in-process}; do
         t0=$SECONDS
         case $run in
             in-process)
