@@ -23,6 +23,8 @@ ap.add_argument("--conversations", type=int, default=4)
 ap.add_argument("--concurrency", type=int, help="clients (default: the text scenario's, 4)")
 ap.add_argument("--out", type=pathlib.Path, default=here / "scenarios/multi-turn-chat-tokens.json")
 args = ap.parse_args()
+if args.conversations < 1 or (args.concurrency is not None and args.concurrency < 1):
+    ap.error("--conversations and --concurrency must be at least 1")
 
 SYSTEM, USER, REPLY, CONVERSATIONS, TURNS, NEW = 1500, 24, 32, args.conversations, 3, 32
 

@@ -344,7 +344,7 @@ impl Gpu {
     }
 
     fn flag_wait(&self, w: FlagWait, table: Arg, index: usize, value: u32) -> Result<()> {
-        let waiting = Self::waiting_for(&[w])?;
+        let waiting = Self::waiting_for([&w])?;
         self.launch(
             "flag_wait_geq",
             (1, 1, 1),
@@ -362,19 +362,16 @@ impl Gpu {
     }
 
     /// The `waiting` record the waits on `ws` keep (every release flag lives beside it).
-    fn waiting_for(ws: &[FlagWait]) -> Result<u64> {
-        match super::ipc::waiting_record() {
-            Some(r)
-                if ws
-                    .iter()
-                    .all(|w| w.release != 0 && w.release.is_multiple_of(4)) =>
-            {
-                Ok(r)
+    fn waiting_for<'a>(ws: impl IntoIterator<Item = &'a FlagWait>) -> Result<u64> {
+        let record = super::ipc::waiting_record();
+        for w in ws {
+            if record.is_none() || w.release == 0 || !w.release.is_multiple_of(4) {
+                return Err(EngineError::Internal(format!(
+                    "a device-ordered wait without a release flag: {w:?}"
+                )));
             }
-            _ => Err(EngineError::Internal(format!(
-                "a device-ordered wait without a release flag: {ws:?}"
-            ))),
         }
+        record.ok_or_else(|| EngineError::Internal("no release flags in this process".into()))
     }
 
     /// Queues a one-thread kernel that copies the u32 at `from` to `seen`, then stores `value`
@@ -467,8 +464,7 @@ impl Gpu {
         for &(w, index) in waits {
             Self::check_flag(table, index, w.word, "wait_add_parts_f32")?;
         }
-        let flags: Vec<FlagWait> = waits.iter().map(|w| w.0).collect();
-        let waiting = Self::waiting_for(&flags)?;
+        let waiting = Self::waiting_for(waits.iter().map(|w| &w.0))?;
         let word = |i: usize| Arg::Ptr(waits.get(i).map_or(0, |w| w.0.word));
         let release = |i: usize| Arg::Ptr(waits.get(i).map_or(0, |w| w.0.release));
         let entry = |i: usize| i32_arg(waits.get(i).map_or(0, |w| w.1), "flag table entry");

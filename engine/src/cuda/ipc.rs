@@ -272,11 +272,6 @@ impl ReleaseFlag {
         imp::host_word_set(&self.inner, 1);
     }
 
-    /// Whether [`release`](Self::release) was called.
-    pub fn is_released(&self) -> bool {
-        imp::host_word_get(&self.inner) != 0
-    }
-
     /// The flag's device address, for the wait kernels ([`crate::cuda::FlagWait`]).
     pub fn address(&self) -> u64 {
         imp::host_word_address(&self.inner)
@@ -602,6 +597,9 @@ mod imp {
 
     static HOST_BLOCK: std::sync::Mutex<Option<HostBlock>> = std::sync::Mutex::new(None);
 
+    /// The block's device address once it is made (read by every wait launch, without the lock).
+    static RECORD: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
     fn host_block(device: &Device) -> Result<std::sync::MutexGuard<'static, Option<HostBlock>>> {
         let mut block = HOST_BLOCK.lock().unwrap_or_else(|e| e.into_inner());
         if block.is_none() {
@@ -632,6 +630,7 @@ mod imp {
                 free: Vec::new(),
                 next: 1,
             });
+            let _ = RECORD.set(d);
         }
         Ok(block)
     }
@@ -680,10 +679,6 @@ mod imp {
         w.word.store(value, std::sync::atomic::Ordering::SeqCst);
     }
 
-    pub fn host_word_get(w: &HostWord) -> u32 {
-        w.word.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
     pub fn host_word_address(w: &HostWord) -> u64 {
         w.device
     }
@@ -698,8 +693,7 @@ mod imp {
     }
 
     pub fn waiting_record() -> Option<u64> {
-        let guard = HOST_BLOCK.lock().unwrap_or_else(|e| e.into_inner());
-        guard.as_ref().map(|b| b.device)
+        RECORD.get().copied()
     }
 
     pub fn waiting_on() -> Option<u64> {
@@ -716,58 +710,14 @@ mod imp {
         })
     }
 
-    /// Pinned host memory that flag reads land in, made once (at the first read, a step's
-    /// check, not in a fault's path) and kept for the process's life. A copy into pageable
-    /// memory may be staged through the legacy stream, which waits for the process's blocking
-    /// streams: with a gate's stream held by the flag of a hung (stopped) worker, the watch's
-    /// read of the flags then waited for that worker too, and no deadline could fire.
-    struct Staging {
-        ptr: *mut u32,
-    }
-
-    // SAFETY: `ptr` is pinned host memory owned by the process for its whole life; every use
-    // holds the `STAGING` mutex.
-    unsafe impl Send for Staging {}
-
-    const STAGING_WORDS: usize = 1 << 14;
-
-    static STAGING: std::sync::Mutex<Option<Staging>> = std::sync::Mutex::new(None);
-
     pub fn read_words(r: &Region, word: usize, count: usize) -> Result<Vec<u32>> {
-        let mut staging = STAGING.lock().unwrap_or_else(|e| e.into_inner());
-        let ptr = match &*staging {
-            Some(s) => s.ptr,
-            None => {
-                bind(&r.dev)?;
-                let mut p: *mut std::ffi::c_void = std::ptr::null_mut();
-                // SAFETY: the context is current (bind above); the driver writes a pointer to
-                // `4 · STAGING_WORDS` bytes of pinned memory, usable from every context
-                // (PORTABLE), into `p`; it is never freed (see `Staging`).
-                unsafe {
-                    sys::cuMemHostAlloc(&mut p, 4 * STAGING_WORDS, sys::CU_MEMHOSTALLOC_PORTABLE)
-                }
-                .result()
-                .map_err(|e| err("cuMemHostAlloc", e))?;
-                let ptr = p.cast::<u32>();
-                *staging = Some(Staging { ptr });
-                ptr
-            }
-        };
-        let mut out = Vec::with_capacity(count);
-        let mut done = 0;
-        while done < count {
-            let n = (count - done).min(STAGING_WORDS);
-            let src = r.ptr + 4 * (word + done) as u64;
-            on_side_stream(r, "cuMemcpyDtoHAsync", |s| {
-                // SAFETY: the staging memory holds STAGING_WORDS ≥ n u32 and is ours while the
-                // mutex is held (the copy is synchronised before `on_side_stream` returns); the
-                // words lie inside the live region (checked by the caller).
-                unsafe { sys::cuMemcpyDtoHAsync_v2(ptr.cast(), src, 4 * n, s) }
-            })?;
-            // SAFETY: the copy above finished and wrote `n` u32 at `ptr`.
-            out.extend_from_slice(unsafe { std::slice::from_raw_parts(ptr, n) });
-            done += n;
-        }
+        let mut out = vec![0u32; count];
+        let dst = out.as_mut_ptr();
+        on_side_stream(r, "cuMemcpyDtoHAsync", |s| {
+            // SAFETY: `out` holds `count` u32 and outlives the copy (synchronised before
+            // `on_side_stream` returns); the words lie inside the live region.
+            unsafe { sys::cuMemcpyDtoHAsync_v2(dst.cast(), r.ptr + 4 * word as u64, 4 * count, s) }
+        })?;
         Ok(out)
     }
 }
@@ -864,10 +814,6 @@ mod imp {
     }
 
     pub fn host_word_set(w: &HostWord, _value: u32) {
-        match *w {}
-    }
-
-    pub fn host_word_get(w: &HostWord) -> u32 {
         match *w {}
     }
 

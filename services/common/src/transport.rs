@@ -73,12 +73,13 @@ pub fn under_mps() -> bool {
 }
 
 /// Whether a gate on `gate_device` may wait for a worker on `worker_device` (device names as the
-/// registry gives them) with a spinning kernel: the worker is on another GPU, or MPS runs. On one
+/// registry gives them) with a spinning kernel: the worker is on another GPU, or MPS runs
+/// (`mps`: [`under_mps`] for this process). On one
 /// GPU without MPS the processes time-slice it, and a spinning wait would hold the GPU from the
 /// very worker it waits for (on one H100, 19 → 71 ms a step at batch 1), so the gate waits with
 /// `cuStreamWaitValue32` there and takes no CUDA graphs.
-pub fn gate_may_spin(worker_device: &str, gate_device: &str) -> bool {
-    worker_device != gate_device || under_mps()
+pub fn gate_may_spin(worker_device: &str, gate_device: &str, mps: bool) -> bool {
+    worker_device != gate_device || mps
 }
 
 /// An expert worker's `--ipc-wait`: how its stream waits for a gate's flag on a device-ordered
@@ -270,8 +271,10 @@ mod tests {
 
     #[test]
     fn a_gate_spins_for_a_worker_on_another_gpu_and_on_its_own_only_under_mps() {
-        assert!(gate_may_spin("cuda:1", "cuda:0"));
-        assert_eq!(gate_may_spin("cuda:0", "cuda:0"), under_mps());
+        assert!(gate_may_spin("cuda:1", "cuda:0", false));
+        assert!(gate_may_spin("cuda:1", "cuda:0", true));
+        assert!(!gate_may_spin("cuda:0", "cuda:0", false));
+        assert!(gate_may_spin("cuda:0", "cuda:0", true));
     }
 
     fn open_req() -> v1::OpenTransportRequest {

@@ -299,9 +299,11 @@ impl RemoteExperts {
         match self.graphs {
             ExpertGraphs::Off => false,
             ExpertGraphs::On => true,
-            ExpertGraphs::Auto => {
-                moemesh_common::transport::gate_may_spin(&client.member.device, &self.gate_device)
-            }
+            ExpertGraphs::Auto => moemesh_common::transport::gate_may_spin(
+                &client.member.device,
+                &self.gate_device,
+                moemesh_common::transport::under_mps(),
+            ),
         }
     }
 

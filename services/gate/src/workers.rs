@@ -631,7 +631,11 @@ impl WorkerClient {
                         gate_flags,
                         worker_flags,
                         release,
-                        spin: transport::gate_may_spin(&self.member.device, &offer.device_name),
+                        spin: transport::gate_may_spin(
+                            &self.member.device,
+                            &offer.device_name,
+                            transport::under_mps(),
+                        ),
                         seqs: (0..IPC_SLOTS).map(|_| AtomicU32::new(0)).collect(),
                         slots: IPC_SLOTS,
                     }),
