@@ -18,6 +18,7 @@
 #   scripts/gpu-check.sh --ipc                # expert data plane: CUDA IPC vs gRPC vs in-process
 #   scripts/gpu-check.sh --multi              # gates and workers over 2 or 4 GPUs vs one GPU in-process
 #   scripts/gpu-check.sh --rebalance          # Zipf-skewed router: throughput before/after `rebalance --apply`
+#   scripts/gpu-check.sh --prefix             # prefix cache: multi-turn chat at 4 and 32 clients, step times
 #   GATE_BINS="old.gz new.gz" scripts/gpu-check.sh --sampling   # the mesh once per gate binary
 #   SKIP_MEMCHECK=1 scripts/gpu-check.sh --check   # without the compute-sanitizer pass (minutes)
 #   EXPERT_DEVICES=cuda:1 scripts/gpu-check.sh --bench   # gate on GPU 0, expert workers on GPU 1
@@ -409,6 +410,31 @@ if [[ $MODE == --multi ]]; then
         same_tokens "$OUT/inproc_$fx.jsonl" "$OUT/mesh_$fx.jsonl" "$fx f32 multi-GPU" || status=1
     done
     $PY scripts/bench/ipc_report.py "$OUT/ipc.jsonl" | tee "$OUT/ipc.md"
+    exit $status
+fi
+
+if [[ $MODE == --prefix ]]; then
+    # Issue 21's multi-turn chat (1,524-1,636-id prompts sharing a 1,500-id system prompt, 32
+    # new tokens, greedy) against `moemesh up` (gate + 2 workers on the one GPU), prefix cache
+    # off then on, at 4 clients (the committed scenario) and PREFIX_CLIENTS more (default 32: one
+    # conversation each, generated here). Each run's log has the frontend's step times
+    # (`moemesh_frontend::step_time`), summarised by scripts/bench/step_times.py: where a first
+    # token's time goes. PREFIX_CACHE picks the settings (default "false true").
+    n=${PREFIX_CLIENTS:-32}
+    $PY loadtest/make-token-chat.py --conversations "$n" --concurrency "$n" --out "$OUT/multi-turn-chat-tokens-$n.json" || exit 1
+    for sc in ${PREFIX_SCENARIOS:-multi-turn-chat-tokens $OUT/multi-turn-chat-tokens-$n.json}; do
+        for pc in ${PREFIX_CACHE:-false true}; do
+            name="$(basename "$sc" .json)-cache-$pc"
+            t0=$SECONDS
+            MOEMESH_LOG=warn,moemesh_frontend::step_time=debug MOEMESH_PREFIX_CACHE=$pc MOEMESH=$BIN \
+                MOEMESH_LOADTEST_TOOL=bench MOEMESH_MODEL=synthetic:v2-lite MOEMESH_DTYPE=bf16 MOEMESH_DEVICE=cuda:0 \
+                loadtest/run.sh --up --out "$OUT/$name" "$sc" >"$OUT/$name.txt" 2>&1 || status=1
+            echo "== $name ($((SECONDS - t0)) s)"
+            grep '^| ' "$OUT/$name/summary.md" | tail -1
+            $PY scripts/bench/step_times.py "$OUT/$name/mesh-logs/up.err"
+            gzip -f "$OUT/$name/mesh-logs/up.err"
+        done
+    done
     exit $status
 fi
 

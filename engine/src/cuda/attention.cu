@@ -100,7 +100,9 @@ KV_WRITE(kv_write_bf16, bf16)
 // the end.
 // q_lat element (h, t, d) at q_lat[h*sq_h + t*sq_t + d]; q_pe likewise with sp_*; the sequence's
 // query row is qrows[b], its length lens[b] (cache plus the new token, already in the pool), its
-// pool rows table[b*lmax + 0..len]. Output element (h, b, d) at out[h*so_h + b*so_b + d].
+// pool rows table[tb*lmax + 0..len] with tb = trows[b], or b when trows is null (several rows
+// of one sequence's prefill chunk share its table row, each with its own causal length).
+// Output element (h, b, d) at out[h*so_h + b*so_b + d].
 
 #define MLA_HB 4
 #define MLA_MAXD 4  // kv_lora ≤ MLA_MAXD · blockDim.x
@@ -111,7 +113,7 @@ __device__ void mla_decode(const T* q_lat, long long sq_h, long long sq_t, const
                            const uint32_t* table, int lmax, const uint32_t* lens,
                            const uint32_t* qrows, T* out, long long so_h, long long so_b,
                            int heads, int kv_lora, int rope_dim, int tile, float scale,
-                           int splits, float* part_o, float* part_ml) {
+                           int splits, float* part_o, float* part_ml, const uint32_t* trows) {
     extern __shared__ float smem[];
     const int width = kv_lora + rope_dim;
     const int stride = width + 4;  // rows padded so that 8 rows read one column bank-free
@@ -130,6 +132,7 @@ __device__ void mla_decode(const T* q_lat, long long sq_h, long long sq_t, const
     const int chunk = (len + splits - 1) / splits;
     const int pos0 = min(len, (int)blockIdx.z * chunk), pos1 = min(len, pos0 + chunk);
     const size_t qt = qrows[b];
+    const size_t tb = trows ? trows[b] : (size_t)b;
     const int tid = threadIdx.x, nt = blockDim.x;
 
     for (int i = tid; i < MLA_HB * width; i += nt) {
@@ -163,7 +166,7 @@ __device__ void mla_decode(const T* q_lat, long long sq_h, long long sq_t, const
         __syncthreads();
         for (int i = tid; i < n * (chunks_c + chunks_k); i += nt) {
             const int j = i / (chunks_c + chunks_k), c = i % (chunks_c + chunks_k);
-            const size_t row = table[(size_t)b * lmax + start + j];
+            const size_t row = table[tb * lmax + start + j];
             float v[8];
             int d;
             if (c < chunks_c) {
@@ -261,10 +264,10 @@ __device__ void mla_decode(const T* q_lat, long long sq_h, long long sq_t, const
         long long sp_t, const T* ckv, const T* kpe, const uint32_t* table, int lmax,            \
         const uint32_t* lens, const uint32_t* qrows, T* out, long long so_h, long long so_b,    \
         int heads, int kv_lora, int rope_dim, int tile, float scale, int splits, float* part_o, \
-        float* part_ml) {                                                                       \
+        float* part_ml, const uint32_t* trows) {                                                \
         mla_decode<T>(q_lat, sq_h, sq_t, q_pe, sp_h, sp_t, ckv, kpe, table, lmax, lens, qrows,  \
                       out, so_h, so_b, heads, kv_lora, rope_dim, tile, scale, splits, part_o,   \
-                      part_ml);                                                                 \
+                      part_ml, trows);                                                          \
     }
 MLA_DECODE(mla_decode_f32, float)
 MLA_DECODE(mla_decode_bf16, bf16)
@@ -291,7 +294,8 @@ extern "C" __global__ void __launch_bounds__(128)
                         long long sp_h, long long sp_t, const bf16* ckv, const bf16* kpe,
                         const uint32_t* table, int lmax, const uint32_t* lens,
                         const uint32_t* qrows, bf16* out, long long so_h, long long so_b,
-                        int heads, float scale, int splits, float* part_o, float* part_ml) {
+                        int heads, float scale, int splits, float* part_o, float* part_ml,
+                        const uint32_t* trows) {
     extern __shared__ __align__(128) unsigned char mla_smem[];
     bf16* sq = reinterpret_cast<bf16*>(mla_smem);                   // [16][KS]
     bf16* sk = sq + 16 * MLA_MMA_KS;                                  // [TILE][KS]
@@ -306,6 +310,7 @@ extern "C" __global__ void __launch_bounds__(128)
     const int chunk = (len + splits - 1) / splits;
     const int pos0 = min(len, (int)blockIdx.z * chunk), pos1 = min(len, pos0 + chunk);
     const size_t qt = qrows[b];
+    const size_t tb = trows ? trows[b] : (size_t)b;  // the row's table row (see mla_decode)
     constexpr int CH = MLA_MMA_QK / 8, CC = MLA_MMA_VD / 8;  // 16-byte chunks per row
     for (int id = tid; id < 16 * CH; id += 128) {
         const int r = id / CH, c = id % CH;
@@ -332,7 +337,7 @@ extern "C" __global__ void __launch_bounds__(128)
         for (int id = tid; id < MLA_MMA_TILE * CH; id += 128) {
             const int j = id / CH, c = id % CH;
             const bool ok = j < n_valid;
-            const size_t row = ok ? table[(size_t)b * lmax + start + j] : 0;
+            const size_t row = ok ? table[tb * lmax + start + j] : 0;
             const bf16* src = c < CC ? ckv + row * MLA_MMA_VD + c * 8
                                      : kpe + row * (MLA_MMA_QK - MLA_MMA_VD) + (c - CC) * 8;
             cp_async16(&sk[j * MLA_MMA_KS + c * 8], src, ok);

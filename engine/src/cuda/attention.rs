@@ -12,8 +12,12 @@ use crate::error::Result;
 pub struct DecodeTables<'a> {
     pub qrows: &'a Tensor,
     pub lens: &'a Tensor,
+    /// `[S · lmax]`: pool rows of each table row's positions.
     pub table: &'a Tensor,
     pub lmax: usize,
+    /// `[B]`: each batch row's table row; `None`: row `b` has table row `b` (S = B). Rows of one
+    /// sequence's prefill chunk share a table row, each with its own (causal) length.
+    pub trows: Option<&'a Tensor>,
 }
 
 impl Gpu {
@@ -186,7 +190,10 @@ impl Gpu {
             && b > 0
             && tables.table.dtype() == DType::U32
             && tables.lens.dtype() == DType::U32
-            && tables.qrows.dtype() == DType::U32;
+            && tables.qrows.dtype() == DType::U32
+            && tables
+                .trows
+                .is_none_or(|t| t.dtype() == DType::U32 && t.dims() == [b]);
         Ok(fits.then_some(DecodeShape {
             h,
             t,
@@ -261,6 +268,7 @@ impl Gpu {
                 i32_arg(splits, "splits")?,
                 Arg::Ptr(part_o),
                 Arg::Ptr(part_ml),
+                Arg::Ptr(tables.trows.map_or(Ok(0), |t| self.ptr(t))?),
             ],
         )?;
         self.merge_splits(&split, &out)?;
@@ -418,6 +426,7 @@ impl Gpu {
                 i32_arg(splits, "splits")?,
                 Arg::Ptr(part_o),
                 Arg::Ptr(part_ml),
+                Arg::Ptr(tables.trows.map_or(Ok(0), |t| self.ptr(t))?),
             ],
         )?;
         self.merge_splits(&split, &out)?;

@@ -111,6 +111,24 @@ pub fn flash_prefill_enabled() -> bool {
     prefill_kernels().0
 }
 
+/// Most rows a sequence may bring to a step and still be attended with the step's decodes, in
+/// latent space by the decode kernel (each row a query over its own causal prefix; when every
+/// sequence of the step is within it, see `layers::mla::DecodeBatch`), instead of by the flash
+/// prefill kernel, which expands the sequence's whole context into per-head keys
+/// and values first (`MOEMESH_LATENT_PREFILL_ROWS`, default 64; 0 keeps every prefill on the
+/// flash kernel). The short tail of a prompt whose prefix came from the prefix cache is the
+/// case: expanding 1,500 cached positions to attend 30 new rows costs more than the rows'
+/// attention, and launches per sequence and layer. Read once.
+pub fn latent_prefill_rows() -> usize {
+    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| {
+        std::env::var("MOEMESH_LATENT_PREFILL_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(64)
+    })
+}
+
 /// Whether prefill-sized expert batches take the grouped GEMM (see [`prefill_kernels`]).
 pub fn grouped_experts_enabled() -> bool {
     prefill_kernels().1

@@ -13,7 +13,7 @@
 //! causal mask by index. Memory is bounded by the chunk and the output, never queries × keys,
 //! and per query–key pair it is about a third of the absorbed form's work.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{D, DType, Device, Tensor};
 
@@ -67,18 +67,32 @@ pub struct AttentionStep<'a> {
 /// matmuls. Per-sequence attention costs about ten launches per sequence and layer, which is
 /// most of a GPU decode step at batch 64. The index tensors are the same for every layer, so
 /// they are built once per step.
+///
+/// On a GPU, when every sequence of a step brings at most [`crate::cuda::latent_prefill_rows`]
+/// rows, the batch also takes the prefill chunks (typically the uncached tail of a prompt whose
+/// prefix came from the prefix cache): each of their rows is a query of its own over its causal
+/// prefix (positions up to its own), attended in latent space by the fused decode kernels, so
+/// the batch's rows are rows, not sequences (`B` below counts rows). The flash prefill kernel
+/// would first expand the whole cached context into per-head keys and values, per sequence and
+/// layer: for a 30-row tail after 1,500 cached positions that costs more than the attention.
 pub struct DecodeBatch {
-    /// Indices into the step's sequences (and rows order: increasing).
+    /// Indices into the step's sequences (and rows order: increasing); each one's rows are all
+    /// in the batch, in order.
     seqs: Vec<usize>,
     pool: Arc<KvPool>,
-    /// `[B]`: the activation row of each decoding sequence's token.
+    /// `[B]`: the activation row of each batch row.
     rows: Tensor,
-    /// The scatter indices and the padding mask of the unfused attention (`None` for a batch
-    /// that only the fused kernels attend: a CUDA graph's).
-    unfused: Option<Unfused>,
-    /// `[B · Lmax]`: pool rows of every sequence's positions `0..=len`, padded.
+    /// The scatter indices and the padding mask of the unfused attention, made on first use
+    /// from `host` (a batch without `host`, a CUDA graph's, is attended by the fused kernels
+    /// only).
+    unfused: OnceLock<Unfused>,
+    host: Option<HostTables>,
+    /// `[S · Lmax]`: pool rows of each table row's positions, padded: a table row per sequence
+    /// (S sequences), or per batch row where `trows` is `None` (S = B).
     gather: Tensor,
-    /// `[B]`: each sequence's pool row for its new token, and its length with it (u32).
+    /// `[B]`: each batch row's table row, where some sequence brings several rows.
+    trows: Option<Tensor>,
+    /// `[B]`: each row's pool row for its new token, and its causal length with it (u32).
     targets: Tensor,
     lens: Tensor,
     lmax: usize,
@@ -93,6 +107,21 @@ struct Unfused {
     write_kpe: Tensor,
     /// `[B, 1, Lmax]`: 0 for real positions, −∞ for padding.
     mask: Tensor,
+    /// `[B · Lmax]`: the pool rows of each batch row's positions (the table rows expanded).
+    gather: Tensor,
+}
+
+/// The batch's tables on the host, from which [`Unfused`] is made when needed.
+struct HostTables {
+    targets: Vec<u32>,
+    lens: Vec<u32>,
+    /// `[B]` table row of each batch row.
+    trows: Vec<u32>,
+    /// `[S · Lmax]`.
+    gather: Vec<u32>,
+    kv_lora: usize,
+    rope: usize,
+    device: Device,
 }
 
 impl DecodeBatch {
@@ -109,56 +138,77 @@ impl DecodeBatch {
             Some(p) => p.clone(),
             None => return Ok(None),
         };
+        let gpu = crate::cuda::gpu(device).is_some();
+        let shared = |i: usize| caches[i].pool().is_some_and(|p| Arc::ptr_eq(p, &pool));
+        // Short prefill chunks join only a batch of the whole step, which the fused kernels
+        // attend through the tables; the unfused path would gather every row's whole prefix.
+        let most_rows = crate::cuda::latent_prefill_rows();
+        let chunks = gpu
+            && most_rows > 1
+            && crate::cuda::kernels_enabled()
+            && (0..rows.len()).all(|i| rows[i].len >= 1 && rows[i].len <= most_rows && shared(i));
         let seqs: Vec<usize> = (0..rows.len())
-            .filter(|&i| {
-                rows[i].len == 1 && caches[i].pool().is_some_and(|p| Arc::ptr_eq(p, &pool))
-            })
+            .filter(|&i| (rows[i].len == 1 || chunks) && shared(i))
             .collect();
-        let min_batch = if crate::cuda::gpu(device).is_some() {
-            1
-        } else {
-            2
-        };
+        let min_batch = if gpu { 1 } else { 2 };
         if seqs.len() < min_batch {
             return Ok(None);
         }
-        let b = seqs.len();
-        let lmax = seqs.iter().map(|&i| caches[i].len() + 1).max().unwrap_or(1);
-        let mut gather = Vec::with_capacity(b * lmax);
-        let mut mask = Vec::with_capacity(b * lmax);
+        let b: usize = seqs.iter().map(|&i| rows[i].len).sum();
+        let lmax = seqs
+            .iter()
+            .map(|&i| caches[i].len() + rows[i].len)
+            .max()
+            .unwrap_or(1);
+        let mut gather = Vec::with_capacity(seqs.len() * lmax);
         let mut targets = Vec::with_capacity(b);
         let mut lens = Vec::with_capacity(b);
-        for &i in &seqs {
-            let n = caches[i].len() + 1;
+        let mut trows = Vec::with_capacity(b);
+        let mut row_ids = Vec::with_capacity(b);
+        for (s, &i) in seqs.iter().enumerate() {
+            let past = caches[i].len();
+            let n = past + rows[i].len;
             let own: Vec<u32> = caches[i]
                 .pool_rows(n)
                 .ok_or_else(|| {
                     EngineError::KvCache("decode batch: KV blocks were not reserved".into())
                 })?
                 .collect();
-            let last = own[n - 1];
-            targets.push(last);
-            lens.push(n as u32);
             gather.extend_from_slice(&own);
-            gather.extend(std::iter::repeat_n(last, lmax - n));
-            mask.extend(std::iter::repeat_n(0f32, n));
-            mask.extend(std::iter::repeat_n(f32::NEG_INFINITY, lmax - n));
+            gather.extend(std::iter::repeat_n(own[n - 1], lmax - n));
+            // Row j of the sequence's rows sits at position past + j and sees positions
+            // 0..=past + j (causal).
+            for j in 0..rows[i].len {
+                targets.push(own[past + j]);
+                lens.push((past + j + 1) as u32);
+                trows.push(s as u32);
+                row_ids.push((rows[i].start + j) as u32);
+            }
         }
-        let row_ids: Vec<u32> = seqs.iter().map(|&i| rows[i].start as u32).collect();
-        let all = b == rows.len();
-        let targets = Tensor::from_vec(targets, b, device)?;
-        let t = targets.reshape((b, 1))?;
+        let all = seqs.len() == rows.len();
+        let several = b > seqs.len();
+        let s_rows = seqs.len();
         Ok(Some(DecodeBatch {
-            targets,
-            lens: Tensor::from_vec(lens, b, device)?,
+            targets: Tensor::from_slice(&targets, b, device)?,
+            lens: Tensor::from_slice(&lens, b, device)?,
             pool,
             rows: Tensor::from_vec(row_ids, b, device)?,
-            unfused: Some(Unfused {
-                write_ckv: t.broadcast_as((b, kv_lora))?.contiguous()?,
-                write_kpe: t.broadcast_as((b, rope))?.contiguous()?,
-                mask: Tensor::from_vec(mask, (b, 1, lmax), device)?,
+            unfused: OnceLock::new(),
+            gather: Tensor::from_slice(&gather, s_rows * lmax, device)?,
+            trows: if several {
+                Some(Tensor::from_slice(&trows, b, device)?)
+            } else {
+                None
+            },
+            host: Some(HostTables {
+                targets,
+                lens,
+                trows,
+                gather,
+                kv_lora,
+                rope,
+                device: device.clone(),
             }),
-            gather: Tensor::from_vec(gather, b * lmax, device)?,
             lmax,
             all,
             seqs,
@@ -189,8 +239,10 @@ impl DecodeBatch {
             seqs: (0..b).collect(),
             pool,
             rows,
-            unfused: None,
+            unfused: OnceLock::new(),
+            host: None,
             gather,
+            trows: None,
             targets,
             lens,
             lmax,
@@ -198,12 +250,48 @@ impl DecodeBatch {
         })
     }
 
+    /// Rows in the batch (`B`).
+    fn len(&self) -> usize {
+        self.lens.dims().first().copied().unwrap_or(0)
+    }
+
+    /// The fused kernels' view of the batch's tables.
+    fn tables(&self) -> crate::cuda::DecodeTables<'_> {
+        crate::cuda::DecodeTables {
+            qrows: &self.rows,
+            lens: &self.lens,
+            table: &self.gather,
+            lmax: self.lmax,
+            trows: self.trows.as_ref(),
+        }
+    }
+
     fn unfused(&self) -> Result<&Unfused> {
-        self.unfused.as_ref().ok_or_else(|| {
+        if let Some(u) = self.unfused.get() {
+            return Ok(u);
+        }
+        let h = self.host.as_ref().ok_or_else(|| {
             EngineError::Internal(
                 "this decode batch is attended by the fused kernels only (a CUDA graph's), and they did not fit".into(),
             )
-        })
+        })?;
+        let (b, lmax) = (h.lens.len(), self.lmax);
+        let mut gather = Vec::with_capacity(b * lmax);
+        let mut mask = Vec::with_capacity(b * lmax);
+        for (&t, &n) in h.trows.iter().zip(&h.lens) {
+            let row = t as usize * lmax;
+            gather.extend_from_slice(&h.gather[row..row + lmax]);
+            mask.extend(std::iter::repeat_n(0f32, n as usize));
+            mask.extend(std::iter::repeat_n(f32::NEG_INFINITY, lmax - n as usize));
+        }
+        let t = Tensor::from_slice(&h.targets, (b, 1), &h.device)?;
+        let made = Unfused {
+            write_ckv: t.broadcast_as((b, h.kv_lora))?.contiguous()?,
+            write_kpe: t.broadcast_as((b, h.rope))?.contiguous()?,
+            mask: Tensor::from_vec(mask, (b, 1, lmax), &h.device)?,
+            gather: Tensor::from_vec(gather, b * lmax, &h.device)?,
+        };
+        Ok(self.unfused.get_or_init(|| made))
     }
 }
 
@@ -366,7 +454,10 @@ impl Attention {
         let mut order: Vec<u32> = Vec::new();
         if let (Some(o), Some(db)) = (batched, &step.decode) {
             outputs.push(o);
-            order.extend(db.seqs.iter().map(|&i| step.rows[i].start as u32));
+            for &i in &db.seqs {
+                let r = step.rows[i];
+                order.extend((r.start..r.start + r.len).map(|row| row as u32));
+            }
         }
         for (i, (rows, cache)) in step.rows.iter().zip(caches.iter_mut()).enumerate() {
             if in_batch(i) {
@@ -485,7 +576,7 @@ impl Attention {
         db: &DecodeBatch,
         rotary: &Rotary,
     ) -> Result<Option<Tensor>> {
-        let b = db.seqs.len();
+        let b = db.len();
         let kv = self.kv_a_proj_with_mqa.forward(x)?; // [B, kv_lora + rope]
         let (pool_ckv, pool_kpe) = db.pool.layer(layer);
         let q = self.queries(x)?;
@@ -510,16 +601,11 @@ impl Attention {
         }
         // [H, B, nope] x [H, nope, kv_lora] -> [H, B, kv_lora].
         let q_lat = q_nope.matmul(&self.w_uk)?;
-        let tables = crate::cuda::DecodeTables {
-            qrows: &db.rows,
-            lens: &db.lens,
-            table: &db.gather,
-            lmax: db.lmax,
-        };
+        let tables = db.tables();
         let Some(o_lat) = g.mla_decode(&q_lat, &q_pe, pool_ckv, pool_kpe, &tables, self.scale)?
         else {
             // The latents are in the pool already; attend the unfused way over the same pool.
-            let (c, k) = db.pool.gather_rows(layer, &db.gather)?;
+            let (c, k) = db.pool.gather_rows(layer, &db.unfused()?.gather)?;
             let c = c.reshape((b, db.lmax, self.kv_lora))?;
             let k = k.reshape((b, db.lmax, self.rope))?;
             let ql = q_lat.transpose(0, 1)?.contiguous()?;
@@ -558,7 +644,7 @@ impl Attention {
         ckv: &Tensor,
         kpe: &Tensor,
     ) -> Result<Tensor> {
-        let b = db.seqs.len();
+        let b = db.len();
         let (ckv_b, kpe_b, ql, qp) = if db.all {
             (ckv.clone(), kpe.clone(), q_lat.clone(), q_pe.clone())
         } else {
@@ -577,7 +663,7 @@ impl Attention {
             &unfused.write_kpe,
             &kpe_b,
         )?;
-        let (c, k) = db.pool.gather_rows(layer, &db.gather)?;
+        let (c, k) = db.pool.gather_rows(layer, &db.unfused()?.gather)?;
         let c = c.reshape((b, db.lmax, self.kv_lora))?;
         let k = k.reshape((b, db.lmax, self.rope))?;
         let ql = ql.transpose(0, 1)?.contiguous()?; // [B, H, kv_lora]

@@ -150,6 +150,10 @@ impl<T> Batch<T> {
         (self.sched.running.len(), self.sched.waiting.len())
     }
 
+    pub fn get(&self, id: u64) -> Option<&Sequence<T>> {
+        self.seqs.get(&id)
+    }
+
     pub fn get_mut(&mut self, id: u64) -> Option<&mut Sequence<T>> {
         self.seqs.get_mut(&id)
     }

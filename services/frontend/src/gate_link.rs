@@ -351,7 +351,9 @@ impl StepLoop {
                 Ok(resp) if is_kv_full(&resp) => self.on_kv_full(&step, &resp),
                 Ok(resp) if resp.error.is_some() => self.on_step_error(&step, resp),
                 Ok(resp) => {
-                    self.step_seconds.record(sent.elapsed().as_secs_f64());
+                    let took = sent.elapsed();
+                    self.step_seconds.record(took.as_secs_f64());
+                    self.log_step_time(&step, sent, took);
                     self.on_ok(&step, resp);
                 }
                 Err(e) => self.on_gate_lost(e),
@@ -610,6 +612,35 @@ impl StepLoop {
                     "gate {address}: no answer to step {step_id} within {timeout:?} (--step-timeout); taking it for hung"
                 )))
             })
+    }
+
+    /// Where time to first token goes (`moemesh_frontend::step_time=debug`): each step's wall
+    /// time and composition, and for the sequences it brings their first token, how long they
+    /// waited before it was sent (arrival at this link to the step's send).
+    fn log_step_time(&self, step: &Step, sent: Instant, took: Duration) {
+        if !tracing::enabled!(target: "moemesh_frontend::step_time", tracing::Level::DEBUG) {
+            return;
+        }
+        let first: Vec<u64> = step
+            .plan
+            .slots
+            .iter()
+            .filter(|slot| slot.sample)
+            .filter_map(|slot| self.batch.get(slot.id))
+            .filter(|s| s.payload.ttft.is_none())
+            .map(|s| sent.saturating_duration_since(s.payload.start).as_micros() as u64)
+            .collect();
+        tracing::debug!(
+            target: "moemesh_frontend::step_time",
+            step = self.step_id,
+            us = took.as_micros() as u64,
+            decode = step.plan.decode,
+            prefills = step.plan.slots.len() - step.plan.decode,
+            prefill_tokens = step.plan.prefill_tokens,
+            cached_tokens = step.plan.cached_tokens,
+            first_waits_us = ?first,
+            "step time"
+        );
     }
 
     /// The step ran: tokens go to their clients; finished sequences leave.

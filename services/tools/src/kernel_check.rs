@@ -6,7 +6,9 @@
 //! queries and a random paged pool at V2-Lite's shapes (16 heads; batches of 1 to 64; contexts
 //! from 1 to 4,100 positions, in pool rows scattered over the pool; table widths both the
 //! longest context, as an eager step passes them, and a wider power of two, as a CUDA graph
-//! does), both kernels, every output compared.
+//! does), both kernels, every output compared. Two cases are prefill chunks attended in latent
+//! space (several rows of one sequence sharing its table row, each with its own causal length):
+//! the tensor-core kernel reads the shared table, the reference a table row per row.
 //!
 //! Bound: both compute in f32 from the same bf16 inputs and round the output to bf16 once, so
 //! an element may differ by a rounding step of bf16 (2⁻⁸ of its magnitude) plus the f32
@@ -28,6 +30,8 @@ pub struct KernelCheck {
 }
 
 const HEADS: usize = 16;
+/// A sequence of a case: (positions up to and with its last row, rows).
+type Seq = (usize, usize);
 const KV_LORA: usize = 512;
 const ROPE: usize = 64;
 
@@ -47,21 +51,35 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<KernelCheck>> {
         return Ok(Vec::new());
     };
     let mut rng = ChaCha8Rng::seed_from_u64(11);
-    let cases: Vec<(&str, Vec<usize>, bool)> = vec![
-        ("b1, 7 positions", vec![7], false),
-        ("b1, 160 positions, table 256", vec![160], true),
-        ("b1, 4,100 positions", vec![4100], false),
-        ("b5, 1 to 257", vec![1, 64, 65, 130, 257], false),
-        ("b5, 1 to 257, table 512", vec![1, 64, 65, 130, 257], true),
+    // Each case: sequences as (positions up to and with the last row, rows), the table width.
+    // A sequence of several rows is a prefill chunk attended in latent space (rows of one table
+    // row, each seeing its own causal prefix); the reference then takes a table row per row.
+    let one_row = |lens: Vec<usize>| lens.into_iter().map(|n| (n, 1)).collect::<Vec<_>>();
+    let cases: Vec<(&str, Vec<Seq>, bool)> = vec![
+        ("b1, 7 positions", one_row(vec![7]), false),
+        ("b1, 160 positions, table 256", one_row(vec![160]), true),
+        ("b1, 4,100 positions", one_row(vec![4100]), false),
+        ("b5, 1 to 257", one_row(vec![1, 64, 65, 130, 257]), false),
+        (
+            "b5, 1 to 257, table 512",
+            one_row(vec![1, 64, 65, 130, 257]),
+            true,
+        ),
         (
             "b64, 1 to 400",
-            (0..64).map(|i| 1 + (i * 37) % 400).collect(),
+            one_row((0..64).map(|i| 1 + (i * 37) % 400).collect()),
             true,
+        ),
+        ("chunk of 40 rows after 1,500", vec![(1540, 40)], false),
+        (
+            "3 decodes and chunks of 5 and 64 rows",
+            vec![(300, 1), (1530, 5), (17, 1), (1600, 64), (1, 1)],
+            false,
         ),
     ];
     let mut out = Vec::new();
-    for (name, lens, wide) in cases {
-        out.push(one(&g, device, &mut rng, name, &lens, wide)?);
+    for (name, seqs, wide) in cases {
+        out.push(one(&g, device, &mut rng, name, &seqs, wide)?);
     }
     Ok(out)
 }
@@ -71,18 +89,24 @@ fn one(
     device: &Device,
     rng: &mut ChaCha8Rng,
     name: &str,
-    lens: &[usize],
+    seqs: &[Seq],
     wide: bool,
 ) -> anyhow::Result<KernelCheck> {
-    let b = lens.len();
-    let longest = lens.iter().copied().max().unwrap_or(1);
+    // Batch rows: (sequence, causal length).
+    let rows: Vec<(usize, usize)> = seqs
+        .iter()
+        .enumerate()
+        .flat_map(|(s, &(n, k))| (n + 1 - k..=n).map(move |len| (s, len)))
+        .collect();
+    let b = rows.len();
+    let longest = seqs.iter().map(|s| s.0).max().unwrap_or(1);
     let lmax = if wide {
         longest.next_power_of_two().max(256)
     } else {
         longest
     };
     // A pool with room to scatter every sequence's rows.
-    let pool_rows = lens.iter().sum::<usize>() * 2 + 16;
+    let pool_rows = seqs.iter().map(|s| s.0).sum::<usize>() * 2 + 16;
     let bf16 = |v: Vec<f32>, shape: &[usize]| -> anyhow::Result<Tensor> {
         Ok(Tensor::from_vec(v, shape, device)?.to_dtype(DType::BF16)?)
     };
@@ -90,22 +114,41 @@ fn one(
     let q_pe = bf16(normal(rng, HEADS * b * ROPE, 1.0), &[HEADS, b, ROPE])?;
     let ckv = bf16(normal(rng, pool_rows * KV_LORA, 1.0), &[pool_rows, KV_LORA])?;
     let kpe = bf16(normal(rng, pool_rows * ROPE, 1.0), &[pool_rows, ROPE])?;
-    // Each sequence's positions at distinct random pool rows, the table padded with its last.
+    // Each sequence's positions at distinct random pool rows, padded with its last.
     let mut free: Vec<u32> = (0..pool_rows as u32).collect();
-    let mut table = Vec::with_capacity(b * lmax);
-    for &n in lens {
+    let mut owns = Vec::with_capacity(seqs.len());
+    for &(n, _) in seqs {
         let mut own = Vec::with_capacity(n);
         for _ in 0..n {
             let at = rng.random_range(0..free.len());
             own.push(free.swap_remove(at));
         }
-        let last = own[n - 1];
-        table.extend_from_slice(&own);
-        table.extend(std::iter::repeat_n(last, lmax - n));
+        owns.push(own);
     }
-    let table = Tensor::from_vec(table, b * lmax, device)?;
+    let padded = |own: &[u32], n: usize, table: &mut Vec<u32>| {
+        table.extend_from_slice(&own[..n]);
+        table.extend(std::iter::repeat_n(own[n - 1], lmax - n));
+    };
+    // The reference's table: a row per batch row. The shared one: a row per sequence.
+    let mut per_row = Vec::with_capacity(b * lmax);
+    for &(s, len) in &rows {
+        padded(&owns[s], len, &mut per_row);
+    }
+    let mut shared = Vec::with_capacity(seqs.len() * lmax);
+    for (own, &(n, _)) in owns.iter().zip(seqs) {
+        padded(own, n, &mut shared);
+    }
+    let several = seqs.iter().any(|s| s.1 > 1);
+    let per_row = Tensor::from_vec(per_row, b * lmax, device)?;
+    let shared_n = shared.len();
+    let shared = Tensor::from_vec(shared, shared_n, device)?;
+    let trows = Tensor::from_vec(
+        rows.iter().map(|&(s, _)| s as u32).collect::<Vec<_>>(),
+        b,
+        device,
+    )?;
     let lens_t = Tensor::from_vec(
-        lens.iter().map(|&n| n as u32).collect::<Vec<_>>(),
+        rows.iter().map(|&(_, n)| n as u32).collect::<Vec<_>>(),
         b,
         device,
     )?;
@@ -113,8 +156,15 @@ fn one(
     let tables = DecodeTables {
         qrows: &qrows,
         lens: &lens_t,
-        table: &table,
+        table: &per_row,
         lmax,
+        trows: None,
+    };
+    // The kernel under test reads the shared table where the case has chunks.
+    let tested = DecodeTables {
+        table: if several { &shared } else { &per_row },
+        trows: several.then_some(&trows),
+        ..tables
     };
     // DeepSeek-V2's softmax scale for a 192-wide query head.
     let scale = 1.0 / (192f64).sqrt();
@@ -122,7 +172,7 @@ fn one(
         .mla_decode_simple(&q_lat, &q_pe, &ckv, &kpe, &tables, scale)?
         .ok_or_else(|| anyhow::anyhow!("the CUDA-core MLA decode kernel did not take {name}"))?;
     let got = g
-        .mla_decode_mma(&q_lat, &q_pe, &ckv, &kpe, &tables, scale)?
+        .mla_decode_mma(&q_lat, &q_pe, &ckv, &kpe, &tested, scale)?
         .ok_or_else(|| anyhow::anyhow!("the tensor-core MLA decode kernel did not take {name}"))?;
     let a = reference
         .to_dtype(DType::F32)?
