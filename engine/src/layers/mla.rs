@@ -68,13 +68,15 @@ pub struct AttentionStep<'a> {
 /// most of a GPU decode step at batch 64. The index tensors are the same for every layer, so
 /// they are built once per step.
 ///
-/// On a GPU, when every sequence of a step brings at most [`crate::cuda::latent_prefill_rows`]
-/// rows, the batch also takes the prefill chunks (typically the uncached tail of a prompt whose
+/// On a GPU (fused and flash kernels on) the batch also takes prefill chunks of at most
+/// [`crate::cuda::latent_prefill_rows`] rows (typically the uncached tail of a prompt whose
 /// prefix came from the prefix cache): each of their rows is a query of its own over its causal
 /// prefix (positions up to its own), attended in latent space by the fused decode kernels, so
 /// the batch's rows are rows, not sequences (`B` below counts rows). The flash prefill kernel
 /// would first expand the whole cached context into per-head keys and values, per sequence and
 /// layer: for a 30-row tail after 1,500 cached positions that costs more than the attention.
+/// When longer prefills share the step, the batch's rows still go through the fused kernels,
+/// as a step of their own, and the longer prefills through the flash kernel.
 pub struct DecodeBatch {
     /// Indices into the step's sequences (and rows order: increasing); each one's rows are all
     /// in the batch, in order.
@@ -98,6 +100,14 @@ pub struct DecodeBatch {
     lmax: usize,
     /// Whether every row of the step is in the batch (in order).
     all: bool,
+    /// `[B]`: `0..B`, for a batch of part of its step on a GPU (its rows then run through the
+    /// fused kernels as a step of their own, [`Attention::forward`]).
+    local_rows: Option<Tensor>,
+}
+
+/// A step's decode batch's own row numbers, when it is part of the step on a GPU.
+fn db_local_rows<'a>(step: &'a AttentionStep) -> Option<&'a Tensor> {
+    step.decode.as_ref().and_then(|db| db.local_rows.as_ref())
 }
 
 /// What the unfused decode attention needs besides the tables.
@@ -140,15 +150,17 @@ impl DecodeBatch {
         };
         let gpu = crate::cuda::gpu(device).is_some();
         let shared = |i: usize| caches[i].pool().is_some_and(|p| Arc::ptr_eq(p, &pool));
-        // Short prefill chunks join only a batch of the whole step, which the fused kernels
-        // attend through the tables; the unfused path would gather every row's whole prefix.
+        // Short prefill chunks join a batch that the fused kernels attend through the tables:
+        // on a GPU with the fused and flash kernels (the rest of the step, if any, then takes
+        // the flash kernel); the unfused path would gather every row's whole prefix.
         let most_rows = crate::cuda::latent_prefill_rows();
+        let short = |i: usize| rows[i].len >= 1 && rows[i].len <= most_rows;
         let chunks = gpu
             && most_rows > 1
             && crate::cuda::kernels_enabled()
-            && (0..rows.len()).all(|i| rows[i].len >= 1 && rows[i].len <= most_rows && shared(i));
+            && crate::cuda::flash_prefill_enabled();
         let seqs: Vec<usize> = (0..rows.len())
-            .filter(|&i| (rows[i].len == 1 || chunks) && shared(i))
+            .filter(|&i| (rows[i].len == 1 || (chunks && short(i))) && shared(i))
             .collect();
         let min_batch = if gpu { 1 } else { 2 };
         if seqs.len() < min_batch {
@@ -211,6 +223,11 @@ impl DecodeBatch {
             }),
             lmax,
             all,
+            local_rows: if gpu && !all && most_rows > 0 && crate::cuda::kernels_enabled() {
+                Some(Tensor::arange(0u32, b as u32, device)?)
+            } else {
+                None
+            },
             seqs,
         }))
     }
@@ -247,6 +264,7 @@ impl DecodeBatch {
             lens,
             lmax,
             all: true,
+            local_rows: None,
         })
     }
 
@@ -389,13 +407,27 @@ impl Attention {
         rotary: &Rotary,
         caches: &mut [&mut SequenceCache],
     ) -> Result<Tensor> {
+        let gpu = crate::cuda::gpu(x.device());
         if let Some(db) = &step.decode
             && db.all
-            && let Some(g) = crate::cuda::gpu(x.device())
-            && let Some(o) = self.forward_decode_fused(&g, x, layer, step, db, rotary)?
+            && let Some(g) = &gpu
+            && let Some(o) =
+                self.forward_decode_fused(g, x, layer, step.cos, step.sin, db, &db.rows, rotary)?
         {
             return self.o_proj.forward(&o);
         }
+        // A batch beside prefills that the flash kernel takes: the batch's rows by the fused
+        // kernels as a step of their own (their latents written to the pool, attended through
+        // the tables), the other sequences below.
+        let fused_batch = match (&step.decode, &gpu, &db_local_rows(step)) {
+            (Some(db), Some(g), Some(local)) if crate::cuda::flash_prefill_enabled() => {
+                let xb = x.index_select(&db.rows, 0)?;
+                let cos = step.cos.index_select(&db.rows, 0)?;
+                let sin = step.sin.index_select(&db.rows, 0)?;
+                self.forward_decode_fused(g, &xb, layer, &cos, &sin, db, local, rotary)?
+            }
+            _ => None,
+        };
         let q = self.queries(x)?;
         let q_nope = q.narrow(2, 0, self.nope)?; // [T, H, nope]
         // Prefill attention on the GPU takes the flash kernel (non-absorbed form), with the
@@ -409,8 +441,8 @@ impl Attention {
             &q.narrow(2, self.nope, self.rope)?,
             step,
         )?; // [T, H, rope]
-        let absorbed_rows =
-            step.decode.is_some() || (flash.is_none() && !step.rows.iter().all(tiled));
+        let absorbed_rows = (step.decode.is_some() && fused_batch.is_none())
+            || (flash.is_none() && !step.rows.iter().all(tiled));
         let latent = if absorbed_rows {
             // Queries in latent space: [H, T, nope] x [H, nope, kv_lora] -> [H, T, kv_lora].
             let q_lat = q_nope.transpose(0, 1)?.contiguous()?.matmul(&self.w_uk)?;
@@ -430,8 +462,9 @@ impl Attention {
             step,
         )?; // [T, rope]
 
-        let batched = match (&step.decode, &latent) {
-            (Some(db), Some((q_lat, q_pe))) => {
+        let batched = match (&step.decode, &latent, fused_batch) {
+            (Some(_), _, Some(o)) => Some(o),
+            (Some(db), Some((q_lat, q_pe)), None) => {
                 Some(self.attend_decode_batch(db, layer, q_lat, q_pe, &ckv, &kpe)?)
             }
             _ => None,
@@ -562,35 +595,37 @@ impl Attention {
         Ok(q.reshape((t, self.heads, self.nope + self.rope))?)
     }
 
-    /// A step whose rows are all decoding tokens of one pool, with the fused kernels: the new
-    /// latents are normed, rotated and written into the pool by one kernel, the query's rotary
-    /// part lands in the heads-first layout by another, and attention reads the pool through the
-    /// block tables (no gather, no padding mask). `[B, H · v]`, or `None` if a kernel does not
-    /// fit the shapes (the caller then takes the general path, which writes the cache itself).
+    /// A decode batch's rows `x [B, hidden]` (with their rotary tables `cos`, `sin`; `qrows`:
+    /// each batch row's row of `x`) with the fused kernels: the new latents are normed, rotated
+    /// and written into the pool by one kernel, the query's rotary part lands in the
+    /// heads-first layout by another, and attention reads the pool through the block tables (no
+    /// gather, no padding mask). `[B, H · v]`, or `None` if a kernel does not fit the shapes
+    /// (the caller then takes the general path, which writes the cache itself).
+    #[allow(clippy::too_many_arguments)]
     fn forward_decode_fused(
         &self,
         g: &crate::cuda::Gpu,
         x: &Tensor,
         layer: usize,
-        step: &AttentionStep,
+        cos: &Tensor,
+        sin: &Tensor,
         db: &DecodeBatch,
+        qrows: &Tensor,
         rotary: &Rotary,
     ) -> Result<Option<Tensor>> {
         let b = db.len();
         let kv = self.kv_a_proj_with_mqa.forward(x)?; // [B, kv_lora + rope]
         let (pool_ckv, pool_kpe) = db.pool.layer(layer);
         let q = self.queries(x)?;
-        let Some((q_nope, q_pe)) =
-            g.split_q(&q, self.nope, step.cos, step.sin, rotary.interleaved())?
-        else {
+        let Some((q_nope, q_pe)) = g.split_q(&q, self.nope, cos, sin, rotary.interleaved())? else {
             return Ok(None);
         };
         let written = g.kv_write(
             &kv,
             self.kv_a_layernorm.weight(),
             self.kv_a_layernorm.eps(),
-            step.cos,
-            step.sin,
+            cos,
+            sin,
             rotary.interleaved(),
             &db.targets,
             pool_ckv,
@@ -601,7 +636,10 @@ impl Attention {
         }
         // [H, B, nope] x [H, nope, kv_lora] -> [H, B, kv_lora].
         let q_lat = q_nope.matmul(&self.w_uk)?;
-        let tables = db.tables();
+        let tables = crate::cuda::DecodeTables {
+            qrows,
+            ..db.tables()
+        };
         let Some(o_lat) = g.mla_decode(&q_lat, &q_pe, pool_ckv, pool_kpe, &tables, self.scale)?
         else {
             // The latents are in the pool already; attend the unfused way over the same pool.

@@ -413,10 +413,18 @@ fn check(
     let mut paged = paged_check(&engine, &paged_inputs)?;
     paged.fixture = fixture.clone();
     paged.dtype = dtype_name.to_string();
-    let mut chunked = chunked_check(&engine, &paged_inputs)?;
-    chunked.fixture = fixture;
+    let mut chunked = chunked_check(&engine, &paged_inputs, None)?;
+    chunked.fixture = fixture.clone();
     chunked.dtype = dtype_name.to_string();
-    let mut out = vec![c, paged, chunked];
+    // The longest prompt whole in the first step, beside the others' first chunks: on a GPU the
+    // chunks go through the fused decode kernels and the whole prompt through the flash kernel,
+    // in one step.
+    let longest = (0..paged_inputs.len()).max_by_key(|&i| paged_inputs[i].ids.len());
+    let mut mixed = chunked_check(&engine, &paged_inputs, longest)?;
+    mixed.fixture = fixture;
+    mixed.dtype = dtype_name.to_string();
+    mixed.path = "mixed";
+    let mut out = vec![c, paged, chunked, mixed];
     for c in &mut out {
         if exact {
             c.passed &= c.max_abs <= 1e-3;
@@ -521,8 +529,12 @@ fn paged_check(engine: &InProcessEngine, prompts: &[PagedPrompt]) -> anyhow::Res
 /// Prefill steps of [`PREFILL_CHUNK`] tokens per prompt, all prompts together in a paged pool (as
 /// the scheduler's chunked prefill does): every chunk after the first attends to the earlier
 /// ones through the pool, and every prompt position's logits are compared. Greedy continuation
-/// is the other checks' business.
-fn chunked_check(engine: &InProcessEngine, prompts: &[PagedPrompt]) -> anyhow::Result<Check> {
+/// is the other checks' business. `whole`: a prompt that goes whole into the first step instead.
+fn chunked_check(
+    engine: &InProcessEngine,
+    prompts: &[PagedPrompt],
+    whole: Option<usize>,
+) -> anyhow::Result<Check> {
     use moemesh_engine::serving::{SlotSpec, StepRunner, blocks_for};
     let model = &engine.model;
     let blocks: usize = prompts.iter().map(|p| blocks_for(1, p.ids.len())).sum();
@@ -531,9 +543,19 @@ fn chunked_check(engine: &InProcessEngine, prompts: &[PagedPrompt]) -> anyhow::R
     let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
     for at in (0..longest).step_by(PREFILL_CHUNK) {
         let active: Vec<usize> = (0..prompts.len())
-            .filter(|&i| at < prompts[i].ids.len())
+            .filter(|&i| at < prompts[i].ids.len() && (whole != Some(i) || at == 0))
             .collect();
-        let chunk = |i: usize| &prompts[i].ids[at..prompts[i].ids.len().min(at + PREFILL_CHUNK)];
+        if active.is_empty() {
+            continue;
+        }
+        let chunk = |i: usize| {
+            let ids = &prompts[i].ids;
+            if whole == Some(i) {
+                &ids[..]
+            } else {
+                &ids[at..ids.len().min(at + PREFILL_CHUNK)]
+            }
+        };
         let tokens: Vec<u32> = active.iter().flat_map(|&i| chunk(i)).copied().collect();
         let slots: Vec<SlotSpec<usize>> = active
             .iter()
