@@ -477,7 +477,7 @@ fn body(
         decode: Some(decode),
     };
     let x = shared.x_in.narrow(0, 0, bb)?.to_dtype(DType::F32)?;
-    let out = model.run_layers(x, &step, &mut [], experts, &mut |_, _| {})?;
+    let out = model.run_layers(x, &step, &mut [], experts, None, &mut |_, _| {})?;
     shared.x_out.slice_set(&out, 0, 0)?;
     Ok(())
 }

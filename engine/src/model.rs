@@ -342,6 +342,21 @@ impl DeepSeekModel {
         hidden: &Tensor,
         seqs: &mut [StepSeq],
         experts: &dyn Experts,
+        observe: impl FnMut(usize, &Tensor),
+    ) -> Result<Tensor> {
+        self.forward_hidden_rows(hidden, seqs, experts, None, observe)
+    }
+
+    /// [`forward_hidden`](Self::forward_hidden) that returns only rows `out_rows` (`[n]` u32,
+    /// row indices of the step) of the last layer's output, in that order: the last layer's
+    /// attention runs over every row (their KV is needed later), its feed-forward block only over
+    /// those rows, since nothing reads the others (a prefill's rows but its last).
+    pub fn forward_hidden_rows(
+        &self,
+        hidden: &Tensor,
+        seqs: &mut [StepSeq],
+        experts: &dyn Experts,
+        out_rows: Option<&Tensor>,
         mut observe: impl FnMut(usize, &Tensor),
     ) -> Result<Tensor> {
         let (rows, positions) = self.plan(hidden, seqs)?;
@@ -358,6 +373,7 @@ impl DeepSeekModel {
             &step,
             &mut caches,
             experts,
+            out_rows,
             &mut observe,
         );
         // Settled on failure too (the experts' device work of the step is then waited for).
@@ -373,17 +389,25 @@ impl DeepSeekModel {
     /// Every decoder layer over `x [T, hidden]` (f32) for one step: the one layer loop of
     /// [`forward_hidden`](Self::forward_hidden) and of a decode step's CUDA graph
     /// ([`crate::graphs`], whose batch the fused kernels attend without `caches`). Neither
-    /// settles the experts nor commits.
+    /// settles the experts nor commits. `out_rows`: see
+    /// [`forward_hidden_rows`](Self::forward_hidden_rows).
     pub(crate) fn run_layers(
         &self,
         mut x: Tensor,
         step: &AttentionStep,
         caches: &mut [&mut SequenceCache],
         experts: &dyn Experts,
+        out_rows: Option<&Tensor>,
         observe: &mut dyn FnMut(usize, &Tensor),
     ) -> Result<Tensor> {
-        for layer in &self.layers {
-            let h = layer.attention_residual(&x, step, &self.rotary, caches)?;
+        let last = self.layers.len().saturating_sub(1);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mut h = layer.attention_residual(&x, step, &self.rotary, caches)?;
+            if i == last
+                && let Some(rows) = out_rows
+            {
+                h = h.index_select(rows, 0)?;
+            }
             x = layer.ffn_residual(&h, experts)?;
             observe(layer.index, &x);
         }

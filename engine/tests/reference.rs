@@ -353,6 +353,61 @@ fn chunked_prefill_matches_transformers() {
     }
 }
 
+/// The last layer's feed-forward block over chosen rows only (`forward_hidden_rows`, what a
+/// step that samples a prefill's last row runs) gives exactly those rows of the full output,
+/// and leaves the caches as the full forward does: the next step's logits are equal too.
+#[test]
+fn last_layer_over_chosen_rows_equals_those_rows_of_the_full_forward() {
+    for dir in fixture_dirs() {
+        let r = Reference::load(&dir);
+        let engine = load(&dir);
+        let model = &engine.model;
+        let ids = r.ids(&format!("prompt{}.input_ids", r.num_prompts() - 1));
+        let n = ids.len();
+        let emb = model.embed(&ids).expect("embed");
+        let run = |rows: Option<&[u32]>| {
+            let mut cache = model.new_cache();
+            let idx = rows.map(|r| Tensor::new(r, &Device::Cpu).expect("rows"));
+            let out = {
+                let mut s = [StepSeq {
+                    cache: &mut cache,
+                    new_tokens: n,
+                }];
+                model
+                    .forward_hidden_rows(&emb, &mut s, &engine.experts, idx.as_ref(), |_, _| {})
+                    .expect("forward")
+            };
+            // One more token through the cache the step left.
+            let next = model.embed(&ids[n - 1..]).expect("embed");
+            let mut s = [StepSeq {
+                cache: &mut cache,
+                new_tokens: 1,
+            }];
+            let after = model
+                .step_last_logits(&next, &mut s, &engine.experts)
+                .expect("next step");
+            (out, after)
+        };
+        let (full, full_after) = run(None);
+        let chosen = [n as u32 - 1, 0];
+        let (part, part_after) = run(Some(&chosen));
+        let want = full
+            .index_select(&Tensor::new(&chosen[..], &Device::Cpu).expect("rows"), 0)
+            .expect("rows");
+        assert_eq!(part.dims(), want.dims(), "{}", dir.display());
+        // 1e-5: the feed-forward block over two rows may block its matmuls differently from
+        // the one over every row; the math is the same.
+        let d = max_abs_diff(&part, &want);
+        assert!(d <= 1e-5, "{}: chosen rows differ by {d}", dir.display());
+        assert_eq!(
+            max_abs_diff(&part_after, &full_after),
+            0.0,
+            "{}",
+            dir.display()
+        );
+    }
+}
+
 /// Decoding several sequences of different lengths in one batch gives the same logits and
 /// tokens as decoding each alone (tolerance 1e-4: batching changes matmul blocking, not math).
 #[test]

@@ -1120,14 +1120,21 @@ impl Gpu {
                 (Some(out), at)
             }
         };
+        let y_at = self.ptr(y)?;
+        // Four columns a thread where the rows allow 16-byte accesses.
+        let (name, width) = if hidden.is_multiple_of(4) && y_at % 16 == 0 && at % 16 == 0 {
+            ("moe_combine4", hidden / 4)
+        } else {
+            ("moe_combine", hidden)
+        };
         self.launch(
-            "moe_combine",
-            (t as u32, hidden.div_ceil(256) as u32, 1),
+            name,
+            (t as u32, width.div_ceil(256) as u32, 1),
             256,
             0,
             &[
-                Arg::Ptr(self.ptr(y)?),
-                i32_arg(hidden, "hidden size")?,
+                Arg::Ptr(y_at),
+                i32_arg(width, "hidden size")?,
                 Arg::Ptr(pos),
                 Arg::Ptr(w),
                 Arg::Ptr(row_ptr),

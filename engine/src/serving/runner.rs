@@ -655,26 +655,6 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
                 new_tokens: n,
             })
             .collect();
-        crate::cuda::trace_mark(hidden.device(), "step");
-        let graphed = self
-            .graphs
-            .step(&self.model, &self.pool, hidden, &mut step_seqs, experts)?;
-        let out = if let Some(out) = graphed {
-            out
-        } else if self.overlap {
-            self.model
-                .forward_hidden_overlapped(hidden, &mut step_seqs, experts)?
-        } else {
-            self.model
-                .forward_hidden(hidden, &mut step_seqs, experts, |_, _| {})?
-        };
-        drop(step_seqs);
-        crate::cuda::trace_mark(out.device(), "layers");
-        if keep == Keep::All {
-            crate::cuda::trace_flush("step", 0);
-            return Ok((Vec::new(), Some(self.model.logits(&out)?)));
-        }
-        *prompt_logprobs = self.prompt_logprobs(slots, &computed, &out)?;
         // Logits only for the last row of sequences that sample.
         let mut rows = Vec::new();
         let mut end = 0;
@@ -684,6 +664,50 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
                 rows.push(end as u32 - 1);
             }
         }
+        // Unless every row's output is read (all logits, prompt logprobs), the last layer's
+        // feed-forward block runs over the sampled rows only (one row if none samples: its
+        // output is then not read at all).
+        let every_row = keep == Keep::All || slots.iter().any(|s| s.prompt_logprobs.is_some());
+        let out_rows = if every_row {
+            None
+        } else {
+            let some = if rows.is_empty() {
+                vec![end.saturating_sub(1) as u32]
+            } else {
+                rows.clone()
+            };
+            let n = some.len();
+            Some(Tensor::from_vec(some, n, hidden.device())?)
+        };
+        crate::cuda::trace_mark(hidden.device(), "step");
+        let graphed = self
+            .graphs
+            .step(&self.model, &self.pool, hidden, &mut step_seqs, experts)?;
+        // Whether `out` holds the sampled rows only, in order.
+        let mut trimmed = false;
+        let out = if let Some(out) = graphed {
+            out
+        } else if self.overlap {
+            self.model
+                .forward_hidden_overlapped(hidden, &mut step_seqs, experts)?
+        } else {
+            trimmed = out_rows.is_some();
+            self.model.forward_hidden_rows(
+                hidden,
+                &mut step_seqs,
+                experts,
+                out_rows.as_ref(),
+                |_, _| {},
+            )?
+        };
+        drop(step_seqs);
+        crate::cuda::trace_mark(out.device(), "layers");
+        if keep == Keep::All {
+            crate::cuda::trace_flush("step", 0);
+            return Ok((Vec::new(), Some(self.model.logits(&out)?)));
+        }
+        // (Prompt logprobs read every row: `out` is then never trimmed.)
+        *prompt_logprobs = self.prompt_logprobs(slots, &computed, &out)?;
         if rows.is_empty() {
             crate::cuda::trace_flush("step", 0);
             return Ok((Vec::new(), None));
@@ -697,8 +721,12 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
             tracing::debug_span!("sampling", rows = n)
         };
         let _sampling = span.entered();
-        let idx = Tensor::from_vec(rows, n, self.model.device())?;
-        let logits = self.model.logits(&out.index_select(&idx, 0)?)?;
+        let logits = if trimmed {
+            self.model.logits(&out)?
+        } else {
+            let idx = Tensor::from_vec(rows, n, self.model.device())?;
+            self.model.logits(&out.index_select(&idx, 0)?)?
+        };
         let logits = masked(logits, slots.iter().filter(|s| s.sample))?;
         let mut keys = Vec::with_capacity(n);
         let mut samplers = Vec::with_capacity(n);
