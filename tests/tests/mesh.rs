@@ -75,10 +75,11 @@ async fn mesh_greedy_tokens_equal_reference_for_every_fixture() {
         assert_eq!(out.ids, expected, "{model}");
         assert_eq!(out.finish, v1::FinishReason::Length as i32);
 
-        // The gate's expert load (the placement planner's input): every MoE layer routed the
-        // same number of rows, each to top_k experts, and the rows are the prompt's and every
-        // generated token's but the last (whose KV is never needed). The first MoE layer's count
-        // is the reference; a later sequence's cached prefix rows would not count.
+        // The gate's expert load (the placement planner's input): every MoE layer but the last
+        // routed the same number of rows, each to top_k experts, and the rows are the prompt's
+        // and every generated token's but the last (whose KV is never needed); the last layer
+        // routed only the rows whose output is read, one per generated token (the prompt fits
+        // one step). A later sequence's cached prefix rows would not count.
         let files = moemesh_engine::ModelFiles::open(&dir).expect("open");
         let cfg = &files.config;
         let load = gate_info(&mesh.gate_url()).await.expect_load();
@@ -88,8 +89,13 @@ async fn mesh_greedy_tokens_equal_reference_for_every_fixture() {
             moe,
             "{model}: a count for every MoE layer"
         );
-        let rows = (input.len() + expected.len() - 1) as u64;
+        let last = cfg.num_hidden_layers - 1;
         for l in &load {
+            let rows = if l.layer as usize == last {
+                expected.len() as u64
+            } else {
+                (input.len() + expected.len() - 1) as u64
+            };
             assert_eq!(l.tokens.len(), cfg.n_routed_experts, "{model}");
             assert_eq!(
                 l.tokens.iter().sum::<u64>(),

@@ -150,19 +150,32 @@ async fn a_scrape_after_known_traffic_shows_the_expected_counts() {
         None
     );
     assert!(sum(&g, "moemesh_gate_step_duration_seconds_count", &[]) >= 1.0);
-    // Each routed token goes to top_k experts in every MoE layer.
+    // Each routed token goes to top_k experts in every MoE layer but the last, which routes
+    // only the rows whose output is read: here the rows that sampled a token (every prompt
+    // fits one step, so no step samples nothing).
+    let last = files.config.num_hidden_layers - 1;
+    assert_eq!(
+        files.config.moe_layers().last(),
+        Some(&last),
+        "the last layer is MoE"
+    );
     assert_eq!(
         sum(&g, "moemesh_gate_expert_tokens_total", &[]),
-        routed_tokens * top_k * moe_layers
+        routed_tokens * top_k * (moe_layers - 1.0) + generated * top_k
     );
     for layer in files.config.moe_layers() {
+        let rows = if layer == last {
+            generated
+        } else {
+            routed_tokens
+        };
         assert_eq!(
             sum(
                 &g,
                 "moemesh_gate_expert_tokens_total",
                 &[("layer", &layer.to_string())]
             ),
-            routed_tokens * top_k,
+            rows * top_k,
             "layer {layer}"
         );
         // Compact: per layer, never per expert; the busiest expert over the mean is 1 or more.
@@ -219,5 +232,8 @@ async fn a_scrape_after_known_traffic_shows_the_expected_counts() {
             assert!((lo..lo + 8).contains(&e), "{} computed expert {e}", w.name);
         }
     }
-    assert_eq!(worker_pairs, routed_tokens * top_k * moe_layers);
+    assert_eq!(
+        worker_pairs,
+        routed_tokens * top_k * (moe_layers - 1.0) + generated * top_k
+    );
 }
