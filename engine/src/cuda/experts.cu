@@ -640,44 +640,40 @@ MOE_KERNELS(bf16, bf16)
 
 // out[t, r] = Σ_j w[j] · y[pos[j], r] over token t's entries j: t·k..t·k+k when row_ptr is null,
 // row_ptr[t]..row_ptr[t+1] otherwise. pos = 0xffffffff skips an entry (an expert not held here).
-extern "C" __global__ void moe_combine(const float* y, int hidden, const uint32_t* pos,
-                                       const float* w, const uint32_t* row_ptr, int k,
-                                       float* out) {
+// V = float4 (moe_combine4) takes four columns a thread with 16-byte accesses: `hidden` then
+// counts float4s, and y and out are 16-byte aligned. Same sums, in the same entry order.
+__device__ __forceinline__ void fma_cols(float w, float v, float& s) { s = fmaf(w, v, s); }
+__device__ __forceinline__ void fma_cols(float w, const float4& v, float4& s) {
+    s.x = fmaf(w, v.x, s.x);
+    s.y = fmaf(w, v.y, s.y);
+    s.z = fmaf(w, v.z, s.z);
+    s.w = fmaf(w, v.w, s.w);
+}
+template <typename V>
+__device__ __forceinline__ void moe_combine_cols(const V* y, int hidden, const uint32_t* pos,
+                                                 const float* w, const uint32_t* row_ptr, int k,
+                                                 V* out) {
     const size_t t = blockIdx.x;
     const uint32_t beg = row_ptr ? row_ptr[t] : (uint32_t)(t * k);
     const uint32_t end = row_ptr ? row_ptr[t + 1] : (uint32_t)(t * k + k);
     for (int r = blockIdx.y * blockDim.x + threadIdx.x; r < hidden; r += gridDim.y * blockDim.x) {
-        float sum = 0.f;
+        V sum{};
         for (uint32_t j = beg; j < end; ++j) {
             const uint32_t q = pos[j];
-            if (q != 0xffffffffu) sum = fmaf(w[j], y[(size_t)q * hidden + r], sum);
+            if (q != 0xffffffffu) fma_cols(w[j], y[(size_t)q * hidden + r], sum);
         }
         out[t * hidden + r] = sum;
     }
 }
-
-// moe_combine four columns a thread (16-byte loads and stores): hidden a multiple of 4, y and
-// out 16-byte aligned. Same sums, in the same entry order.
+extern "C" __global__ void moe_combine(const float* y, int hidden, const uint32_t* pos,
+                                       const float* w, const uint32_t* row_ptr, int k,
+                                       float* out) {
+    moe_combine_cols<float>(y, hidden, pos, w, row_ptr, k, out);
+}
 extern "C" __global__ void moe_combine4(const float4* y, int hidden4, const uint32_t* pos,
                                         const float* w, const uint32_t* row_ptr, int k,
                                         float4* out) {
-    const size_t t = blockIdx.x;
-    const uint32_t beg = row_ptr ? row_ptr[t] : (uint32_t)(t * k);
-    const uint32_t end = row_ptr ? row_ptr[t + 1] : (uint32_t)(t * k + k);
-    for (int r = blockIdx.y * blockDim.x + threadIdx.x; r < hidden4; r += gridDim.y * blockDim.x) {
-        float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
-        for (uint32_t j = beg; j < end; ++j) {
-            const uint32_t q = pos[j];
-            if (q == 0xffffffffu) continue;
-            const float wj = w[j];
-            const float4 v = y[(size_t)q * hidden4 + r];
-            sum.x = fmaf(wj, v.x, sum.x);
-            sum.y = fmaf(wj, v.y, sum.y);
-            sum.z = fmaf(wj, v.z, sum.z);
-            sum.w = fmaf(wj, v.w, sum.w);
-        }
-        out[t * hidden4 + r] = sum;
-    }
+    moe_combine_cols<float4>(y, hidden4, pos, w, row_ptr, k, out);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -114,9 +114,10 @@ pub fn flash_prefill_enabled() -> bool {
 /// Most rows a sequence may bring to a step and still be attended with the step's decodes, in
 /// latent space by the decode kernel (each row a query over its own causal prefix; see
 /// `layers::mla::DecodeBatch`), instead of by the flash prefill kernel, which expands the
-/// sequence's whole context into per-head keys and values first (`MOEMESH_LATENT_PREFILL_ROWS`, default 64; 0 is the earlier behaviour, for
-/// A/B runs: every prefill on the flash kernel, and the decodes of a step that also prefills on
-/// the unfused path). The short tail of a prompt whose prefix came from the prefix cache is the
+/// sequence's whole context into per-head keys and values first
+/// (`MOEMESH_LATENT_PREFILL_ROWS`, default 64; 0 is the earlier behaviour, for A/B runs: every
+/// prefill on the flash kernel, and the decodes of a step that also prefills on the unfused
+/// path). The short tail of a prompt whose prefix came from the prefix cache is the
 /// case: expanding 1,500 cached positions to attend 30 new rows costs more than the rows'
 /// attention, and launches per sequence and layer. Read once.
 pub fn latent_prefill_rows() -> usize {

@@ -664,20 +664,20 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
                 rows.push(end as u32 - 1);
             }
         }
-        // Unless every row's output is read (all logits, prompt logprobs), the last layer's
-        // feed-forward block runs over the sampled rows only (one row if none samples: its
-        // output is then not read at all).
+        // Unless every row's output is read (all logits, prompt logprobs) or every row samples
+        // (a decode step: nothing to leave out), the last layer's feed-forward block runs over
+        // the sampled rows only (one row if none samples: its output is then not read at all).
         let every_row = keep == Keep::All || slots.iter().any(|s| s.prompt_logprobs.is_some());
-        let out_rows = if every_row {
+        let out_rows = if every_row || rows.len() == end {
             None
+        } else if rows.is_empty() {
+            Some(Tensor::from_slice(
+                &[(end as u32).saturating_sub(1)],
+                1,
+                hidden.device(),
+            )?)
         } else {
-            let some = if rows.is_empty() {
-                vec![end.saturating_sub(1) as u32]
-            } else {
-                rows.clone()
-            };
-            let n = some.len();
-            Some(Tensor::from_vec(some, n, hidden.device())?)
+            Some(Tensor::from_slice(&rows, rows.len(), hidden.device())?)
         };
         crate::cuda::trace_mark(hidden.device(), "step");
         let graphed = self
