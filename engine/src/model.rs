@@ -92,41 +92,61 @@ impl DecoderLayer {
         })
     }
 
-    /// `x + attention(norm(x))`, `x` f32.
+    /// This layer's input norm (the previous layer fuses it into its last residual add).
+    pub fn input_norm(&self) -> &RmsNorm {
+        &self.input_layernorm
+    }
+
+    /// `x + attention(norm(x))`, with the feed-forward block's norm of it.
     pub fn attention_residual(
         &self,
-        x: &Tensor,
+        x: &Stream,
         step: &AttentionStep,
         rotary: &Rotary,
         caches: &mut [&mut SequenceCache],
-    ) -> Result<Tensor> {
-        crate::cuda::trace_mark(x.device(), "attention");
-        let a = self.self_attn.forward(
-            &self.input_layernorm.forward_as(x, self.dtype)?,
-            self.index,
-            step,
-            rotary,
-            caches,
-        )?;
-        if let Some(g) = crate::cuda::gpu(x.device())
-            && let Some(h) = g.residual_add(x, Some(&a), None)?
-        {
-            return Ok(h);
-        }
-        Ok((x + a.to_dtype(DType::F32)?)?)
+    ) -> Result<Stream> {
+        crate::cuda::trace_mark(x.h.device(), "attention");
+        let xn = match &x.normed {
+            Some((n, _)) => n.clone(),
+            None => self.input_layernorm.forward_as(&x.h, self.dtype)?,
+        };
+        let a = self
+            .self_attn
+            .forward(&xn, self.index, step, rotary, caches)?;
+        // The router scores the f32 norm of an MoE layer's input.
+        let moe = matches!(self.mlp, FeedForward::Moe(_));
+        residual(
+            &x.h,
+            Some(&a),
+            None,
+            Some((&self.post_attention_layernorm, moe)),
+            self.dtype,
+        )
     }
 
-    /// `h + ffn(norm(h))`, calling `experts` for the routed part of an MoE layer.
-    pub fn ffn_residual(&self, h: &Tensor, experts: &dyn Experts) -> Result<Tensor> {
+    /// `h + ffn(norm(h))`, calling `experts` for the routed part of an MoE layer; `next`: the
+    /// next layer's input norm, applied to the result in the same pass on a GPU.
+    pub fn ffn_residual(
+        &self,
+        h: &Stream,
+        experts: &dyn Experts,
+        next: Option<&RmsNorm>,
+    ) -> Result<Stream> {
         let started = self.ffn_start(h, experts)?;
-        self.ffn_finish(started)
+        self.ffn_finish(started, next)
     }
 
     /// First half of the feed-forward block: norms, routes, and sends routed experts off
     /// (a dense layer computes its MLP here).
-    pub fn ffn_start(&self, h: &Tensor, experts: &dyn Experts) -> Result<FfnInFlight> {
-        crate::cuda::trace_mark(h.device(), "ffn");
-        let (x, xf) = self.post_attention_layernorm.forward_pair(h, self.dtype)?;
+    pub fn ffn_start(&self, h: &Stream, experts: &dyn Experts) -> Result<FfnInFlight> {
+        crate::cuda::trace_mark(h.h.device(), "ffn");
+        let (x, xf) = match &h.normed {
+            Some((n, Some(nf))) => (n.clone(), nf.clone()),
+            Some((n, None)) if matches!(self.mlp, FeedForward::Dense(_)) => (n.clone(), n.clone()),
+            _ => self
+                .post_attention_layernorm
+                .forward_pair(&h.h, self.dtype)?,
+        };
         let work = match &self.mlp {
             FeedForward::Dense(mlp) => Work::Done(mlp.forward(&x)?),
             FeedForward::Moe(moe) => match moe.router.route_device(&xf)? {
@@ -140,17 +160,17 @@ impl DecoderLayer {
                 }
             },
         };
-        crate::cuda::trace_mark(h.device(), "dispatched");
+        crate::cuda::trace_mark(h.h.device(), "dispatched");
         Ok(FfnInFlight {
-            h: h.clone(),
+            h: h.h.clone(),
             x,
             work,
         })
     }
 
     /// Second half: the shared experts (computed while the routed ones were away), then the
-    /// routed output, then the residual.
-    pub fn ffn_finish(&self, f: FfnInFlight) -> Result<Tensor> {
+    /// routed output, then the residual (and `next`, the next layer's input norm, of it).
+    pub fn ffn_finish(&self, f: FfnInFlight, next: Option<&RmsNorm>) -> Result<Stream> {
         // `part`: the dense MLP's or the shared experts' output (compute dtype); `routed`: the
         // routed experts' weighted sum. The shared experts run before waiting for the routed.
         let (part, routed) = match (f.work, &self.mlp) {
@@ -168,16 +188,85 @@ impl DecoderLayer {
             }
             (Work::Routed(pending), FeedForward::Dense(_)) => (Some(pending.wait()?), None),
         };
-        if let Some(g) = crate::cuda::gpu(f.h.device()) {
-            // One kernel for part + routed + residual, the routed sum kept in f32.
-            let routed = routed.map(|r| r.to_dtype(DType::F32)).transpose()?;
-            return match g.residual_add(&f.h, part.as_ref(), routed.as_ref())? {
-                Some(out) => Ok(out),
-                None => Ok(add_deltas(f.h, routed, part, f.x.dtype())?),
-            };
-        }
-        Ok(add_deltas(f.h, routed, part, f.x.dtype())?)
+        residual(
+            &f.h,
+            part.as_ref(),
+            routed.as_ref(),
+            next.map(|n| (n, false)),
+            f.x.dtype(),
+        )
     }
+}
+
+/// The residual stream (f32) after a block, and the next block's norm of it where the GPU
+/// computed that in the same pass as the residual add ([`crate::cuda::Gpu::add_rms_norm`]): the
+/// norm in the compute dtype, and in f32 when the next block routes (the router's input).
+#[derive(Debug, Clone)]
+pub struct Stream {
+    h: Tensor,
+    normed: Option<(Tensor, Option<Tensor>)>,
+}
+
+impl Stream {
+    /// The stream entering the first layer (nothing normed yet).
+    pub fn new(h: Tensor) -> Self {
+        Stream { h, normed: None }
+    }
+
+    /// The residual stream, `[T, hidden]` f32.
+    pub fn hidden(&self) -> &Tensor {
+        &self.h
+    }
+
+    pub fn into_hidden(self) -> Tensor {
+        self.h
+    }
+
+    /// Rows `rows` (`[n]` u32) of the stream and of its norm, in that order.
+    fn select_rows(self, rows: &Tensor) -> Result<Self> {
+        let pick = |t: Tensor| t.index_select(rows, 0);
+        Ok(Stream {
+            h: pick(self.h)?,
+            normed: match self.normed {
+                Some((n, nf)) => Some((pick(n)?, nf.map(pick).transpose()?)),
+                None => None,
+            },
+        })
+    }
+}
+
+/// `h + (a + b)` (`a` the compute dtype's delta, `b` an f32 one, either absent), and, with
+/// `norm = Some((n, want_f32))`, `n` of the result for the next block: one kernel on a GPU.
+fn residual(
+    h: &Tensor,
+    a: Option<&Tensor>,
+    b: Option<&Tensor>,
+    norm: Option<(&RmsNorm, bool)>,
+    dtype: DType,
+) -> Result<Stream> {
+    if let Some(g) = crate::cuda::gpu(h.device()) {
+        // The routed sum kept in f32 up to the residual.
+        let b = b.map(|b| b.to_dtype(DType::F32)).transpose()?;
+        if let Some((n, want_f32)) = norm
+            && let Some(r) =
+                g.add_rms_norm(h, a, b.as_ref(), n.weight(), n.eps(), dtype, want_f32)?
+        {
+            return Ok(Stream {
+                h: r.h,
+                normed: Some((r.normed, r.normed_f32)),
+            });
+        }
+        if let Some(out) = g.residual_add(h, a, b.as_ref())? {
+            return Ok(Stream::new(out));
+        }
+        return Ok(Stream::new(add_deltas(h.clone(), b, a.cloned(), dtype)?));
+    }
+    Ok(Stream::new(add_deltas(
+        h.clone(),
+        b.cloned(),
+        a.cloned(),
+        dtype,
+    )?))
 }
 
 /// `h + (routed + part)`, the deltas added in the compute dtype and the result in f32.
@@ -393,7 +482,7 @@ impl DeepSeekModel {
     /// [`forward_hidden_rows`](Self::forward_hidden_rows).
     pub(crate) fn run_layers(
         &self,
-        mut x: Tensor,
+        x: Tensor,
         step: &AttentionStep,
         caches: &mut [&mut SequenceCache],
         experts: &dyn Experts,
@@ -401,17 +490,19 @@ impl DeepSeekModel {
         observe: &mut dyn FnMut(usize, &Tensor),
     ) -> Result<Tensor> {
         let last = self.layers.len().saturating_sub(1);
+        let mut x = Stream::new(x);
         for (i, layer) in self.layers.iter().enumerate() {
             let mut h = layer.attention_residual(&x, step, &self.rotary, caches)?;
             if i == last
                 && let Some(rows) = out_rows
             {
-                h = h.index_select(rows, 0)?;
+                h = h.select_rows(rows)?;
             }
-            x = layer.ffn_residual(&h, experts)?;
-            observe(layer.index, &x);
+            let next = self.layers.get(i + 1).map(DecoderLayer::input_norm);
+            x = layer.ffn_residual(&h, experts, next)?;
+            observe(layer.index, x.hidden());
         }
-        Ok(x)
+        Ok(x.into_hidden())
     }
 
     /// The whole of `ids` as one new sequence, in one step (a fresh cache, dropped afterwards):
@@ -469,7 +560,10 @@ impl DeepSeekModel {
             sin.narrow(0, cut, total - cut)?,
         );
         let x = hidden.to_dtype(DType::F32)?;
-        let (mut xa, mut xb) = (x.narrow(0, 0, cut)?, x.narrow(0, cut, total - cut)?);
+        let (mut xa, mut xb) = (
+            Stream::new(x.narrow(0, 0, cut)?),
+            Stream::new(x.narrow(0, cut, total - cut)?),
+        );
         {
             let (sa, sb) = seqs.split_at_mut(split);
             let mut ca: Vec<&mut SequenceCache> = sa.iter_mut().map(|s| &mut *s.cache).collect();
@@ -487,13 +581,14 @@ impl DeepSeekModel {
                 decode: self.decode_batch(&rows_b, &cb)?,
             };
             let layers = (|| {
-                for layer in &self.layers {
+                for (i, layer) in self.layers.iter().enumerate() {
+                    let next = self.layers.get(i + 1).map(DecoderLayer::input_norm);
                     let ha = layer.attention_residual(&xa, &step_a, &self.rotary, &mut ca)?;
                     let fa = layer.ffn_start(&ha, experts)?;
                     let hb = layer.attention_residual(&xb, &step_b, &self.rotary, &mut cb)?;
                     let fb = layer.ffn_start(&hb, experts)?;
-                    xa = layer.ffn_finish(fa)?;
-                    xb = layer.ffn_finish(fb)?;
+                    xa = layer.ffn_finish(fa, next)?;
+                    xb = layer.ffn_finish(fb, next)?;
                 }
                 Ok::<_, crate::error::EngineError>(())
             })();
@@ -504,7 +599,7 @@ impl DeepSeekModel {
         for s in seqs.iter_mut() {
             s.cache.commit(s.new_tokens);
         }
-        Ok(Tensor::cat(&[xa, xb], 0)?)
+        Ok(Tensor::cat(&[xa.into_hidden(), xb.into_hidden()], 0)?)
     }
 
     fn decode_batch(

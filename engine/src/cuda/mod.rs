@@ -246,6 +246,13 @@ fn suffix(d: DType) -> &'static str {
     if d == DType::BF16 { "bf16" } else { "f32" }
 }
 
+/// What [`Gpu::add_rms_norm`] computes: the residual stream after the add (f32) and its norm.
+pub struct AddNormed {
+    pub h: Tensor,
+    pub normed: Tensor,
+    pub normed_f32: Option<Tensor>,
+}
+
 /// Handle on the kernels of one CUDA device.
 #[derive(Clone)]
 pub struct Gpu {
@@ -341,6 +348,78 @@ impl Gpu {
             ],
         )?;
         Ok(Some(out))
+    }
+
+    /// [`residual_add`](Self::residual_add) and then [`rms_norm`](Self::rms_norm) of its result
+    /// with `w`, in one pass over the rows: `(h, normed in dtype, normed in f32 when want_f32)`.
+    /// `None` if the shapes do not fit the kernel (the caller runs the two apart).
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_rms_norm(
+        &self,
+        x: &Tensor,
+        a: Option<&Tensor>,
+        b: Option<&Tensor>,
+        w: &Tensor,
+        eps: f64,
+        dtype: DType,
+        want_f32: bool,
+    ) -> Result<Option<AddNormed>> {
+        let Ok((t, d)) = x.dims2() else {
+            return Ok(None);
+        };
+        let fits = |t: &Tensor| t.is_contiguous() && t.dims() == x.dims() && aligned16(t);
+        if x.dtype() != DType::F32
+            || t == 0
+            || !d.is_multiple_of(8)
+            || !fits(x)
+            || a.is_some_and(|a| !fits(a) || !is_kernel_dtype(a.dtype()))
+            || b.is_some_and(|b| !fits(b) || b.dtype() != DType::F32)
+            || !is_kernel_dtype(dtype)
+            || w.dtype() != DType::F32
+            || !w.is_contiguous()
+            || w.dims() != [d]
+            || !aligned16(w)
+        {
+            return Ok(None);
+        }
+        let h = self.alloc(DType::F32, &[t, d])?;
+        let out = self.alloc(dtype, &[t, d])?;
+        let out_f32 = if want_f32 && dtype != DType::F32 {
+            Some(self.alloc(DType::F32, &[t, d])?)
+        } else {
+            None
+        };
+        let adt = a.map_or(DType::F32, |a| a.dtype());
+        self.launch(
+            &format!("add_rms_norm_{}_{}", suffix(adt), suffix(dtype)),
+            (t as u32, 1, 1),
+            256,
+            0,
+            &[
+                Arg::Ptr(self.ptr(x)?),
+                Arg::Ptr(a.map_or(Ok(0), |a| self.ptr(a))?),
+                Arg::Ptr(b.map_or(Ok(0), |b| self.ptr(b))?),
+                Arg::Ptr(self.ptr(&h)?),
+                Arg::Ptr(self.ptr(w)?),
+                Arg::Ptr(self.ptr(&out)?),
+                Arg::Ptr(match &out_f32 {
+                    Some(o) => self.ptr(o)?,
+                    None => 0,
+                }),
+                i32_arg(d, "norm width")?,
+                Arg::F32(eps as f32),
+            ],
+        )?;
+        let normed_f32 = match (want_f32, out_f32) {
+            (true, Some(o)) => Some(o),
+            (true, None) => Some(out.clone()),
+            (false, _) => None,
+        };
+        Ok(Some(AddNormed {
+            h,
+            normed: out,
+            normed_f32,
+        }))
     }
 
     /// SwiGLU on fused gate|up rows: `gu [T, 2I]` → `silu(gu[:, :I]) · gu[:, I:]`, `[T, I]`.

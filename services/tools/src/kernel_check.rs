@@ -15,6 +15,11 @@
 //! differences of summation order and of the probabilities' two bf16 parts (~2⁻¹⁶): the check
 //! asks every element to be within 1% of the output's largest magnitude, and the cosine
 //! over all of them to be at least 0.99999.
+//!
+//! Two more cases check the residual add fused with the next RMSNorm (`Gpu::add_rms_norm`, what
+//! every layer runs on a GPU) against the two kernels it replaces, at V2-Lite's and V3's widths:
+//! the new residual stream must be bit-equal (the same additions in the same order) and the norm
+//! within the same bound (its sum of squares is taken in another order).
 
 use moemesh_engine::cuda::{DecodeTables, Gpu};
 use moemesh_engine::{DType, Device, Tensor};
@@ -81,7 +86,96 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<KernelCheck>> {
     for (name, seqs, wide) in cases {
         out.push(one(&g, device, &mut rng, name, &seqs, wide)?);
     }
+    for (rows, width, with_b) in [(2048, 2048, true), (5, 7168, false)] {
+        out.push(add_norm(&g, device, &mut rng, rows, width, with_b)?);
+    }
     Ok(out)
+}
+
+/// Max |Δ| over the reference's largest magnitude, and the cosine, of two tensors.
+fn compare(reference: &Tensor, got: &Tensor) -> anyhow::Result<(f32, f64)> {
+    let a = reference
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let c = got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let scale_of = a
+        .iter()
+        .fold(0f32, |m, v| m.max(v.abs()))
+        .max(f32::MIN_POSITIVE);
+    let max_rel = a
+        .iter()
+        .zip(&c)
+        .map(|(x, y)| (x - y).abs() / scale_of)
+        .fold(
+            0f32,
+            |m, v| if v.is_nan() { f32::INFINITY } else { m.max(v) },
+        );
+    let (mut dot, mut na, mut nc) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(&c) {
+        dot += f64::from(*x) * f64::from(*y);
+        na += f64::from(*x) * f64::from(*x);
+        nc += f64::from(*y) * f64::from(*y);
+    }
+    let cosine = dot / (na.sqrt() * nc.sqrt()).max(f64::MIN_POSITIVE);
+    Ok((max_rel, cosine))
+}
+
+/// `add_rms_norm` against `residual_add` then `rms_norm`: `rows × width`, a bf16 delta and
+/// (`with_b`) an f32 one, the norm in bf16 and f32.
+fn add_norm(
+    g: &Gpu,
+    device: &Device,
+    rng: &mut ChaCha8Rng,
+    rows: usize,
+    width: usize,
+    with_b: bool,
+) -> anyhow::Result<KernelCheck> {
+    let n = rows * width;
+    let x = Tensor::from_vec(normal(rng, n, 4.0), &[rows, width], device)?;
+    let a = Tensor::from_vec(normal(rng, n, 1.0), &[rows, width], device)?.to_dtype(DType::BF16)?;
+    let b = if with_b {
+        Some(Tensor::from_vec(
+            normal(rng, n, 1.0),
+            &[rows, width],
+            device,
+        )?)
+    } else {
+        None
+    };
+    let w = Tensor::from_vec(normal(rng, width, 1.0), width, device)?;
+    let eps = 1e-6;
+    let name = format!(
+        "residual + RMSNorm, {rows} × {width}{}",
+        if with_b { ", two deltas" } else { "" }
+    );
+    let missing = || anyhow::anyhow!("a norm kernel did not take {name}");
+    let h_ref = g
+        .residual_add(&x, Some(&a), b.as_ref())?
+        .ok_or_else(missing)?;
+    let (n_ref, nf_ref) = g
+        .rms_norm(&h_ref, &w, eps, DType::BF16, true)?
+        .ok_or_else(missing)?;
+    let got = g
+        .add_rms_norm(&x, Some(&a), b.as_ref(), &w, eps, DType::BF16, true)?
+        .ok_or_else(missing)?;
+    let nf_ref = nf_ref.ok_or_else(missing)?;
+    let nf_got = got.normed_f32.ok_or_else(missing)?;
+    let h_equal =
+        h_ref.flatten_all()?.to_vec1::<f32>()? == got.h.flatten_all()?.to_vec1::<f32>()?;
+    let (rel_b, cos_b) = compare(&n_ref, &got.normed)?;
+    let (rel_f, cos_f) = compare(&nf_ref, &nf_got)?;
+    let (max_rel, cosine) = (rel_b.max(rel_f), cos_b.min(cos_f));
+    Ok(KernelCheck {
+        case: if h_equal {
+            name
+        } else {
+            format!("{name}: residual differs")
+        },
+        max_rel,
+        cosine,
+        passed: h_equal && max_rel <= 0.01 && cosine >= 0.99999,
+    })
 }
 
 fn one(
@@ -174,30 +268,7 @@ fn one(
     let got = g
         .mla_decode_mma(&q_lat, &q_pe, &ckv, &kpe, &tested, scale)?
         .ok_or_else(|| anyhow::anyhow!("the tensor-core MLA decode kernel did not take {name}"))?;
-    let a = reference
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    let c = got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let scale_of = a
-        .iter()
-        .fold(0f32, |m, v| m.max(v.abs()))
-        .max(f32::MIN_POSITIVE);
-    let max_rel = a
-        .iter()
-        .zip(&c)
-        .map(|(x, y)| (x - y).abs() / scale_of)
-        .fold(
-            0f32,
-            |m, v| if v.is_nan() { f32::INFINITY } else { m.max(v) },
-        );
-    let (mut dot, mut na, mut nc) = (0f64, 0f64, 0f64);
-    for (x, y) in a.iter().zip(&c) {
-        dot += f64::from(*x) * f64::from(*y);
-        na += f64::from(*x) * f64::from(*x);
-        nc += f64::from(*y) * f64::from(*y);
-    }
-    let cosine = dot / (na.sqrt() * nc.sqrt()).max(f64::MIN_POSITIVE);
+    let (max_rel, cosine) = compare(&reference, &got)?;
     Ok(KernelCheck {
         case: format!("{name} (table {lmax})"),
         max_rel,
@@ -208,7 +279,7 @@ fn one(
 
 pub fn print(device: &str, checks: &[KernelCheck]) {
     println!(
-        "moemesh verify on {device}: tensor-core MLA decode against the CUDA-core kernel (bf16, 16 heads, 512 + 64)"
+        "moemesh verify on {device}: tensor-core MLA decode against the CUDA-core kernel (bf16, 16 heads, 512 + 64); the fused residual + RMSNorm against its two kernels"
     );
     println!(
         "{:<44} {:>12} {:>10}  result",
