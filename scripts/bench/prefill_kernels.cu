@@ -105,12 +105,13 @@ static void experts(int T, int hidden, int inner, int S, int k, int check_rows, 
     uint32_t *d_ids = dev(ids), *d_sorted, *d_bs, *d_pos, *d_off, *d_sorted2, *d_pos2;
     float* d_w = dev(w);
     bf16 *d_x = dev(x), *d_wgu = dev(wgu), *d_wd = dev(wd), *d_h, *d_h2;
-    float *d_y, *d_out, *d_y2, *d_out2;
+    bf16* d_y;  // the grouped GEMM's expert outputs (bf16)
+    float *d_out, *d_y2, *d_out2;
     CK(cudaMalloc(&d_sorted, max_blocks * 128 * 4));
     CK(cudaMalloc(&d_bs, max_blocks * 4));
     CK(cudaMalloc(&d_pos, P * 4));
     CK(cudaMalloc(&d_h, (size_t)max_blocks * 128 * inner * 2));
-    CK(cudaMalloc(&d_y, (size_t)max_blocks * 128 * hidden * 4));
+    CK(cudaMalloc(&d_y, (size_t)max_blocks * 128 * hidden * 2));
     CK(cudaMalloc(&d_out, (size_t)T * hidden * 4));
     CK(cudaMalloc(&d_off, (S + 1) * 4));
     CK(cudaMalloc(&d_sorted2, P * 4));
@@ -119,7 +120,7 @@ static void experts(int T, int hidden, int inner, int S, int k, int check_rows, 
     CK(cudaMalloc(&d_y2, (size_t)P * hidden * 4));
     CK(cudaMalloc(&d_out2, (size_t)T * hidden * 4));
     auto run_old = [&]() {
-        moe_align<<<1, 1024>>>(d_ids, P, nullptr, S, d_off, d_sorted2, d_pos2);
+        moe_align<<<1, 1024>>>(d_ids, P, nullptr, S, d_off, d_sorted2, d_pos2, nullptr, 0, nullptr);
         moe_gate_up_mma<<<dim3((inner + 31) / 32, S), 128>>>(d_x, hidden, d_wgu, inner, d_off, d_sorted2, k, d_h2);
         moe_down_mma<<<dim3((hidden + 31) / 32, S), 128>>>(d_h2, inner, d_wd, hidden, d_off, d_y2);
         moe_combine<<<dim3(T, (hidden + 255) / 256), 256>>>(d_y2, hidden, d_pos2, d_w, nullptr, k, d_out2);
@@ -172,14 +173,14 @@ static void experts(int T, int hidden, int inner, int S, int k, int check_rows, 
         if (hidden % v.bk || inner % v.bk) continue;
         auto run_new = [&](int part) {
             if (part & 1)
-                moe_align_blocks<<<1, 1024>>>(d_ids, P, nullptr, S, nullptr, k, max_blocks, v.bm, d_sorted, d_bs, d_pos);
+                moe_align_blocks<<<1, 1024>>>(d_ids, P, nullptr, S, nullptr, k, max_blocks, v.bm, d_sorted, d_bs, d_pos, nullptr, 0, nullptr);
             const int mb = (P + v.bm - 1) / v.bm + S;
             if (part & 2)
                 v.gu<<<dim3((inner + v.bn / 2 - 1) / (v.bn / 2), mb), v.threads, v.smem>>>(d_x, hidden, d_wgu, inner, d_sorted, d_bs, d_h);
             if (part & 4)
                 v.down<<<dim3((hidden + v.bn - 1) / v.bn, mb), v.threads, v.smem>>>(d_h, inner, d_wd, hidden, d_sorted, d_bs, d_y);
             if (part & 8)
-                moe_combine<<<dim3(T, (hidden + 255) / 256), 256>>>(d_y, hidden, d_pos, d_w, nullptr, k, d_out);
+                moe_combine4_bf16<<<dim3(T, (hidden / 4 + 255) / 256), 256>>>((const uint2*)d_y, hidden / 4, d_pos, d_w, nullptr, k, (float4*)d_out);
         };
         run_new(15);
         CK(cudaGetLastError());

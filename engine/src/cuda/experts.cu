@@ -641,7 +641,8 @@ MOE_KERNELS(bf16, bf16)
 // out[t, r] = Σ_j w[j] · y[pos[j], r] over token t's entries j: t·k..t·k+k when row_ptr is null,
 // row_ptr[t]..row_ptr[t+1] otherwise. pos = 0xffffffff skips an entry (an expert not held here).
 // V = float4 (moe_combine4) takes four columns a thread with 16-byte accesses: `hidden` then
-// counts float4s, and y and out are 16-byte aligned. Same sums, in the same entry order.
+// counts float4s, and y and out are 16-byte aligned (y 8-byte for bf16). Same sums, in the same
+// entry order. The _bf16 forms read y in bf16 (the grouped GEMM's output), the sums in f32.
 __device__ __forceinline__ void fma_cols(float w, float v, float& s) { s = fmaf(w, v, s); }
 __device__ __forceinline__ void fma_cols(float w, const float4& v, float4& s) {
     s.x = fmaf(w, v.x, s.x);
@@ -649,8 +650,17 @@ __device__ __forceinline__ void fma_cols(float w, const float4& v, float4& s) {
     s.z = fmaf(w, v.z, s.z);
     s.w = fmaf(w, v.w, s.w);
 }
-template <typename V>
-__device__ __forceinline__ void moe_combine_cols(const V* y, int hidden, const uint32_t* pos,
+__device__ __forceinline__ float cols_of(float v) { return v; }
+__device__ __forceinline__ float cols_of(bf16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float4 cols_of(float4 v) { return v; }
+__device__ __forceinline__ float4 cols_of(uint2 v) {  // four bf16
+    return make_float4(__uint_as_float(v.x << 16), __uint_as_float(v.x & 0xffff0000u),
+                       __uint_as_float(v.y << 16), __uint_as_float(v.y & 0xffff0000u));
+}
+// Y: y's element (float or bf16 a column; float4 or uint2, four bf16, for four columns);
+// V: the f32 sum's (float or float4).
+template <typename Y, typename V>
+__device__ __forceinline__ void moe_combine_cols(const Y* y, int hidden, const uint32_t* pos,
                                                  const float* w, const uint32_t* row_ptr, int k,
                                                  V* out) {
     const size_t t = blockIdx.x;
@@ -660,7 +670,7 @@ __device__ __forceinline__ void moe_combine_cols(const V* y, int hidden, const u
         V sum{};
         for (uint32_t j = beg; j < end; ++j) {
             const uint32_t q = pos[j];
-            if (q != 0xffffffffu) fma_cols(w[j], y[(size_t)q * hidden + r], sum);
+            if (q != 0xffffffffu) fma_cols(w[j], cols_of(y[(size_t)q * hidden + r]), sum);
         }
         out[t * hidden + r] = sum;
     }
@@ -668,12 +678,22 @@ __device__ __forceinline__ void moe_combine_cols(const V* y, int hidden, const u
 extern "C" __global__ void moe_combine(const float* y, int hidden, const uint32_t* pos,
                                        const float* w, const uint32_t* row_ptr, int k,
                                        float* out) {
-    moe_combine_cols<float>(y, hidden, pos, w, row_ptr, k, out);
+    moe_combine_cols<float, float>(y, hidden, pos, w, row_ptr, k, out);
+}
+extern "C" __global__ void moe_combine_bf16(const bf16* y, int hidden, const uint32_t* pos,
+                                            const float* w, const uint32_t* row_ptr, int k,
+                                            float* out) {
+    moe_combine_cols<bf16, float>(y, hidden, pos, w, row_ptr, k, out);
 }
 extern "C" __global__ void moe_combine4(const float4* y, int hidden4, const uint32_t* pos,
                                         const float* w, const uint32_t* row_ptr, int k,
                                         float4* out) {
-    moe_combine_cols<float4>(y, hidden4, pos, w, row_ptr, k, out);
+    moe_combine_cols<float4, float4>(y, hidden4, pos, w, row_ptr, k, out);
+}
+extern "C" __global__ void moe_combine4_bf16(const uint2* y, int hidden4, const uint32_t* pos,
+                                             const float* w, const uint32_t* row_ptr, int k,
+                                             float4* out) {
+    moe_combine_cols<uint2, float4>(y, hidden4, pos, w, row_ptr, k, out);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -686,7 +706,8 @@ extern "C" __global__ void moe_combine4(const float4* y, int hidden4, const uint
 // accumulation) fed by a multi-stage cp.async pipeline through swizzled shared memory:
 //   moe_gg_gate_up: h[q, j] = silu(x[row(q)]·Wg[s, j]) · (x[row(q)]·Wu[s, j])   (bf16, as the
 //                   decode kernels store it); a tile holds 64 gate and the same 64 up columns.
-//   moe_gg_down:    y[q, r] = h[q]·Wd[s, r]                                      (f32)
+//   moe_gg_down:    y[q, r] = h[q]·Wd[s, r]      (bf16: an expert's output in the compute dtype,
+//                   as HF transformers' bf16 experts return it; the combine sums in f32)
 // Padding rows read zeros and are never combined. moe_combine then adds each token's k entries
 // in a fixed order (so the result does not depend on scheduling).
 
@@ -755,7 +776,9 @@ template <int BK> __device__ __forceinline__ int gg_off(int r, int c) {
 // GATE_UP: a = x [T, K] gathered by sorted_rows, w = w_gu [slots·2N, K], out = h [Ppad, N] bf16;
 //   a warp's columns are (BN/WN)/2 gate columns and the same up columns, so the SwiGLU is
 //   applied in registers.
-// Otherwise: a = h [Ppad, K] by block row, w = w_down [slots·N, K], out = y [Ppad, N] f32.
+// Otherwise: a = h [Ppad, K] by block row, w = w_down [slots·N, K], out = y [Ppad, N] bf16.
+// Padding rows (sorted_rows GG_NONE) are computed (from zeros, or whatever h holds there: rows
+// are independent) but not stored.
 // K % BK == 0, N % 8 == 0, 16-byte aligned rows.
 template <bool GATE_UP, int BM, int BN, int BK, int STAGES, int WM, int WN>
 __device__ __forceinline__ void moe_gg(const bf16* __restrict__ a, int K, const bf16* __restrict__ w,
@@ -869,6 +892,7 @@ __device__ __forceinline__ void moe_gg(const bf16* __restrict__ a, int K, const 
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
             const size_t q = (size_t)blk * BM + wm * TM + mi * 16 + g + half * 8;
+            if (sorted_rows[q] == GG_NONE) continue;  // padding: never read
             if (GATE_UP) {
                 bf16* h = reinterpret_cast<bf16*>(out);
 #pragma unroll
@@ -882,13 +906,13 @@ __device__ __forceinline__ void moe_gg(const bf16* __restrict__ a, int K, const 
                     }
                 }
             } else {
-                float* y = reinterpret_cast<float*>(out);
+                bf16* y = reinterpret_cast<bf16*>(out);
 #pragma unroll
                 for (int ni = 0; ni < FN; ++ni) {
                     const int r = n0 + wn * TN + ni * 8 + 2 * t4;
                     if (r < N)
-                        *reinterpret_cast<float2*>(y + q * N + r) =
-                            make_float2(acc[mi][ni][2 * half], acc[mi][ni][2 * half + 1]);
+                        *reinterpret_cast<uint32_t*>(y + q * N + r) =
+                            pack_bf16(acc[mi][ni][2 * half], acc[mi][ni][2 * half + 1]);
                 }
             }
         }
@@ -910,7 +934,7 @@ __device__ __forceinline__ void moe_gg(const bf16* __restrict__ a, int K, const 
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(128)                                            \
         moe_gg_down_##SFX(const bf16* h, int inner, const bf16* w_down, int hidden,              \
-                          const uint32_t* sorted_rows, const uint32_t* block_slot, float* y) {   \
+                          const uint32_t* sorted_rows, const uint32_t* block_slot, bf16* y) {    \
         moe_gg<false, GG_BM, GG_BN, BK, STAGES, 2, 2>(h, inner, w_down, hidden, sorted_rows,    \
                                                       block_slot, y);                            \
     }
@@ -1118,6 +1142,7 @@ __device__ __forceinline__ void moe_ws(const bf16* __restrict__ a, int K, const 
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
         const size_t q = (size_t)blk * BM + row0 + (cw & 3) * 16 + g + half * 8;
+        if (sorted_rows[q] == GG_NONE) continue;  // padding: never read
         if (GATE_UP) {
             bf16* h = reinterpret_cast<bf16*>(out);
             // Accumulator nw holds group group0 + nw: gate columns in its first 8 column
@@ -1136,15 +1161,15 @@ __device__ __forceinline__ void moe_ws(const bf16* __restrict__ a, int K, const 
                     }
                 }
         } else {
-            float* y = reinterpret_cast<float*>(out);
+            bf16* y = reinterpret_cast<bf16*>(out);
 #pragma unroll
             for (int nw = 0; nw < NW; ++nw)
 #pragma unroll
                 for (int j8 = 0; j8 < 16; ++j8) {
                     const int r = n0 + (group0 + nw) * 128 + j8 * 8 + 2 * t4;
                     if (r < N)
-                        *reinterpret_cast<float2*>(y + q * N + r) =
-                            make_float2(acc[nw][4 * j8 + 2 * half], acc[nw][4 * j8 + 2 * half + 1]);
+                        *reinterpret_cast<uint32_t*>(y + q * N + r) =
+                            pack_bf16(acc[nw][4 * j8 + 2 * half], acc[nw][4 * j8 + 2 * half + 1]);
                 }
         }
     }
@@ -1164,7 +1189,7 @@ __device__ __forceinline__ void moe_ws(const bf16* __restrict__ a, int K, const 
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(384, 1)                                         \
         moe_ws_down_##SFX(const bf16* h, int inner, const bf16* w_down, int hidden,              \
-                          const uint32_t* sorted_rows, const uint32_t* block_slot, float* y) {   \
+                          const uint32_t* sorted_rows, const uint32_t* block_slot, bf16* y) {    \
         moe_ws<false, 128, BN, STAGES>(h, inner, w_down, hidden, sorted_rows, block_slot, y);        \
     }
 WS_KERNELS(n256, 256, 4)

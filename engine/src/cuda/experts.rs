@@ -719,7 +719,7 @@ impl Gpu {
 
     /// The grouped GEMM: pairs sorted by slot into segments padded to [`GG_BM`] rows on the
     /// device (`ids`/`slot_of` as for `moe_align`, `pair_rows` 0 for row = pair / k_div), then
-    /// gate/up and down as one launch each for all experts → `(y [blocks·GG_BM, hidden] f32,
+    /// gate/up and down as one launch each for all experts → `(y [blocks·GG_BM, hidden] bf16,
     /// pos [pairs])`, pair p's row of `y` at `pos[p]`.
     #[allow(clippy::too_many_arguments)]
     fn experts_grouped(
@@ -813,7 +813,9 @@ impl Gpu {
                 Arg::Ptr(self.ptr(&h)?),
             ],
         )?;
-        let y = self.alloc(DType::F32, &[rows, hidden])?;
+        // Each pair's expert output in bf16 (as the experts' matmuls return it in a bf16 model),
+        // summed in f32 by the combine.
+        let y = self.alloc(DType::BF16, &[rows, hidden])?;
         self.launch(
             down_fn,
             (hidden.div_ceil(bn) as u32, max_blocks as u32, 1),
@@ -1121,11 +1123,15 @@ impl Gpu {
             }
         };
         let y_at = self.ptr(y)?;
-        // Four columns a thread where the rows allow 16-byte accesses.
-        let (name, width) = if hidden.is_multiple_of(4) && y_at % 16 == 0 && at % 16 == 0 {
-            ("moe_combine4", hidden / 4)
-        } else {
-            ("moe_combine", hidden)
+        // Four columns a thread where the rows allow 16-byte accesses (8 for bf16 `y`).
+        let bf16 = y.dtype() == DType::BF16;
+        let y_align = if bf16 { 8 } else { 16 };
+        let four = hidden.is_multiple_of(4) && y_at % y_align == 0 && at % 16 == 0;
+        let (name, width) = match (four, bf16) {
+            (true, false) => ("moe_combine4", hidden / 4),
+            (true, true) => ("moe_combine4_bf16", hidden / 4),
+            (false, false) => ("moe_combine", hidden),
+            (false, true) => ("moe_combine_bf16", hidden),
         };
         self.launch(
             name,
