@@ -548,6 +548,12 @@ impl Gpu {
         imp::preload(&self.inner)
     }
 
+    /// The device's free and total memory in bytes, as the driver reports them now (other
+    /// processes on the GPU included).
+    pub fn memory_info(&self) -> Result<(u64, u64)> {
+        imp::memory_info(&self.inner)
+    }
+
     fn launch(
         &self,
         name: &str,
@@ -836,6 +842,16 @@ mod imp {
         ))
     }
 
+    pub fn memory_info(inner: &Inner) -> Result<(u64, u64)> {
+        let (free, total) = inner
+            .dev
+            .cuda_stream()
+            .context()
+            .mem_get_info()
+            .map_err(|e| cuda_err("cuMemGetInfo", e))?;
+        Ok((free as u64, total as u64))
+    }
+
     pub fn preload(inner: &Inner) -> Result<()> {
         inner
             .dev
@@ -895,6 +911,10 @@ mod imp {
     pub enum Inner {}
 
     pub fn preload(inner: &Inner) -> Result<()> {
+        match *inner {}
+    }
+
+    pub fn memory_info(inner: &Inner) -> Result<(u64, u64)> {
         match *inner {}
     }
 

@@ -17,8 +17,18 @@ pub struct GateConfig {
     #[arg(long, env = "MOEMESH_EXPERT_ADDRS", value_delimiter = ',')]
     pub expert_addrs: Vec<String>,
     /// KV cache memory in MiB (the paged pool's size); ignored when --kv-blocks is given.
-    #[arg(long, env = "MOEMESH_KV_CACHE_MB", default_value_t = 1024)]
-    pub kv_cache_mb: u64,
+    /// Default: on a GPU, --kv-cache-fraction of the device memory free once the gate has
+    /// loaded its weights; on the CPU, 1024.
+    #[arg(long, env = "MOEMESH_KV_CACHE_MB")]
+    pub kv_cache_mb: Option<u64>,
+    /// On a GPU without --kv-cache-mb or --kv-blocks: the share of the device's free memory,
+    /// measured once the gate has loaded its weights, that the KV pool takes. The rest stays for
+    /// activations, CUDA graphs and expert workers on the same GPU (`moemesh up` starts its
+    /// workers before its gates, so theirs are already counted; leave room for workers added
+    /// later). Above 0, at most 0.95.
+    #[arg(long, env = "MOEMESH_KV_CACHE_FRACTION", default_value_t = 0.5, value_parser = kv_fraction,
+          allow_negative_numbers = true)]
+    pub kv_cache_fraction: f64,
     /// KV pool size in blocks of 16 tokens (overrides --kv-cache-mb).
     #[arg(long, env = "MOEMESH_KV_BLOCKS")]
     pub kv_blocks: Option<usize>,
@@ -120,7 +130,32 @@ fn host_gb(s: &str) -> Result<f64, String> {
     moemesh_common::skew::finite_non_negative("--host-kv-cache-gb", s)
 }
 
+fn kv_fraction(s: &str) -> Result<f64, String> {
+    let f = moemesh_common::skew::finite_non_negative("--kv-cache-fraction", s)?;
+    if f > 0.0 && f <= 0.95 {
+        Ok(f)
+    } else {
+        Err(format!(
+            "--kv-cache-fraction must be above 0 and at most 0.95 (got {s})"
+        ))
+    }
+}
+
+/// MiB of KV cache on the CPU when --kv-cache-mb is not given.
+pub const CPU_KV_CACHE_MB: u64 = 1024;
+
 impl GateConfig {
+    /// The KV pool's bytes when --kv-blocks is not given: --kv-cache-mb if given; else, on a
+    /// GPU (`device_free`: its free bytes after the gate's weights), --kv-cache-fraction of the
+    /// free memory; else [`CPU_KV_CACHE_MB`].
+    pub fn kv_cache_bytes(&self, device_free: Option<u64>) -> u64 {
+        match (self.kv_cache_mb, device_free) {
+            (Some(mb), _) => mb << 20,
+            (None, Some(free)) => (free as f64 * self.kv_cache_fraction) as u64,
+            (None, None) => CPU_KV_CACHE_MB << 20,
+        }
+    }
+
     /// The host tier's budget in bytes (`--host-kv-cache-gb`).
     pub fn host_kv_cache_bytes(&self) -> u64 {
         (self.host_kv_cache_gb * 1e9) as u64
@@ -164,6 +199,28 @@ mod tests {
         let err = gb(&["--host-kv-cache-gb", "-1"]).expect_err("negative");
         assert!(err.contains("--host-kv-cache-gb"), "{err}");
         assert!(gb(&["--host-kv-cache-gb", "inf"]).is_err());
+    }
+
+    #[test]
+    fn the_kv_cache_is_given_or_a_share_of_the_gpus_free_memory_or_the_cpu_default() {
+        let cfg = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("gate").chain(args.iter().copied()))
+                .map(|c| c.cfg)
+                .map_err(|e| e.to_string())
+        };
+        let gib = 1u64 << 30;
+        let default = cfg(&[]).expect("no flags");
+        assert_eq!(default.kv_cache_bytes(None), 1024 << 20);
+        assert_eq!(default.kv_cache_bytes(Some(40 * gib)), 20 * gib);
+        let given = cfg(&["--kv-cache-mb", "4096"]).expect("a size");
+        assert_eq!(given.kv_cache_bytes(Some(40 * gib)), 4 * gib);
+        assert_eq!(given.kv_cache_bytes(None), 4 * gib);
+        let share = cfg(&["--kv-cache-fraction", "0.25"]).expect("a share");
+        assert_eq!(share.kv_cache_bytes(Some(40 * gib)), 10 * gib);
+        for bad in ["0", "0.96", "-0.5", "NaN"] {
+            let err = cfg(&["--kv-cache-fraction", bad]).expect_err(bad);
+            assert!(err.contains("--kv-cache-fraction"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -326,8 +326,18 @@ pub async fn run(
         Duration::from_secs(cfg.load_window_secs),
     )
     .with_graphs(cfg.expert_graphs, &cfg.member.device);
+    // On a GPU the default pool is a share of what is free now, with this gate's weights (and
+    // the workers `up` started before it) loaded.
+    let device_free = match moemesh_engine::cuda::gpu(&device) {
+        Some(g) => Some(g.memory_info()?.0),
+        None => None,
+    };
     let blocks = cfg.kv_blocks.unwrap_or_else(|| {
-        moemesh_engine::serving::blocks_for_bytes(&files.config, dtype, cfg.kv_cache_mb << 20)
+        moemesh_engine::serving::blocks_for_bytes(
+            &files.config,
+            dtype,
+            cfg.kv_cache_bytes(device_free),
+        )
     });
     let runner = moemesh_engine::serving::StepRunner::with_blocks(model, blocks).map_err(|e| {
         MeshError::Invalid(format!(
@@ -337,6 +347,17 @@ pub async fn run(
     tracing::info!(
         blocks,
         block_tokens = runner.kv().block_tokens,
+        tokens = blocks * runner.kv().block_tokens,
+        sized_by = if cfg.kv_blocks.is_some() {
+            "--kv-blocks"
+        } else if cfg.kv_cache_mb.is_some() {
+            "--kv-cache-mb"
+        } else if device_free.is_some() {
+            "--kv-cache-fraction of the GPU's free memory"
+        } else {
+            "the CPU default"
+        },
+        device_free_bytes = device_free,
         prefix_cache = cfg.prefix_cache,
         "KV pool allocated"
     );

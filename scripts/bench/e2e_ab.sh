@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# End-to-end A/B of two moemesh binaries on one GPU, interleaved (A B A B …) so that drift falls
+# on both: requests at concurrency 64 (random prompts, EOS ignored, one warm-up wave left out),
+# 128-token prompts / 32 new tokens and 1,024 / 256, in-process (`bench --in-process`) and
+# through the mesh (`up`, gate + 2 expert workers on the same GPU, MPS as up starts it).
+# Prints one line per run: output and total token throughput, TTFT and ITL percentiles.
+#
+#   scripts/bench/e2e_ab.sh BIN_A BIN_B [ROUNDS]     (E2E_REQUESTS: requests per run, 256)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+ROUNDS=${3:-2}
+N=${E2E_REQUESTS:-256}
+for d in /opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib /usr/local/cuda/lib64; do
+    [[ -d $d ]] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+done
+export MOEMESH_LOG=${MOEMESH_LOG:-warn}
+M=(--model synthetic:v2-lite --dtype bf16)
+line() {
+    python3 -c "
+import json, sys
+r = json.loads(sys.stdin.read().strip().splitlines()[-1])
+total = r['requests_per_s'] * (r['prompt_len'] + r['output_len'])
+print(f\"{r['succeeded']}/{r['requests']} ok, out {r['output_tokens_per_s']:,.0f} tok/s, total {total:,.0f} tok/s, \"
+      f\"{r['requests_per_s']:.2f} req/s, TTFT p50/p99 {r['ttft_ms']['p50']:.1f}/{r['ttft_ms']['p99']:.1f} ms, \"
+      f\"ITL p50/p99 {r['itl_ms']['p50']:.2f}/{r['itl_ms']['p99']:.2f} ms\")"
+}
+shapes=("128 32" "1024 256")
+for round in $(seq "$ROUNDS"); do
+    for bin in "${@:1:2}"; do
+        name=$(basename "$bin")
+        for s in "${shapes[@]}"; do
+            read -r P O <<<"$s"
+            echo -n "round $round $name in-process c64 $P / $O: "
+            "$bin" bench --in-process "${M[@]}" --device cuda:0 --concurrency 64 --requests "$N" \
+                --prompt-len "$P" --output-len "$O" --json 2>/dev/null | line
+        done
+        "$bin" up --listen 127.0.0.1:50172 "${M[@]}" --device cuda:0 --expert-workers 2 >/tmp/e2e-up.out 2>/tmp/e2e-up.err &
+        pid=$!
+        for _ in $(seq 600); do grep -q '"event":"ready"' /tmp/e2e-up.out 2>/dev/null && break; sleep 0.1; done
+        for s in "${shapes[@]}"; do
+            read -r P O <<<"$s"
+            echo -n "round $round $name mesh c64 $P / $O: "
+            "$bin" bench --addr 127.0.0.1:50172 --concurrency 64 --requests "$N" \
+                --prompt-len "$P" --output-len "$O" --json 2>/dev/null | line
+        done
+        kill -TERM $pid; wait $pid 2>/dev/null
+    done
+done
