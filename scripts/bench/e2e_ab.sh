@@ -5,11 +5,13 @@
 # through the mesh (`up`, gate + 2 expert workers on the same GPU, MPS as up starts it).
 # Prints one line per run: output and total token throughput, TTFT and ITL percentiles.
 #
-#   scripts/bench/e2e_ab.sh BIN_A BIN_B [ROUNDS]     (E2E_REQUESTS: requests per run, 256)
+#   scripts/bench/e2e_ab.sh BIN_A BIN_B [ROUNDS]
+# E2E_REQUESTS: requests per run (256); E2E_LOGS: where up's logs go (/tmp), one pair per run.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ROUNDS=${3:-2}
 N=${E2E_REQUESTS:-256}
+LOGS=${E2E_LOGS:-/tmp}
 for d in /opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib /usr/local/cuda/lib64; do
     [[ -d $d ]] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
 done
@@ -34,9 +36,10 @@ for round in $(seq "$ROUNDS"); do
             "$bin" bench --in-process "${M[@]}" --device cuda:0 --concurrency 64 --requests "$N" \
                 --prompt-len "$P" --output-len "$O" --json 2>/dev/null | line
         done
-        "$bin" up --listen 127.0.0.1:50172 "${M[@]}" --device cuda:0 --expert-workers 2 >/tmp/e2e-up.out 2>/tmp/e2e-up.err &
+        log="$LOGS/e2e-up-$name-$round"
+        "$bin" up --listen 127.0.0.1:50172 "${M[@]}" --device cuda:0 --expert-workers 2 >"$log.out" 2>"$log.err" &
         pid=$!
-        for _ in $(seq 600); do grep -q '"event":"ready"' /tmp/e2e-up.out 2>/dev/null && break; sleep 0.1; done
+        for _ in $(seq 600); do grep -q '"event":"ready"' "$log.out" 2>/dev/null && break; sleep 0.1; done
         for s in "${shapes[@]}"; do
             read -r P O <<<"$s"
             echo -n "round $round $name mesh c64 $P / $O: "
