@@ -679,7 +679,8 @@ impl Worker {
         tokio::task::spawn_blocking(move || {
             let loader = files.loader(&device, dtype);
             let list: Vec<usize> = experts.iter().map(|&e| e as usize).collect();
-            let shard = from.regroup(&files.config, &loader, &list)?;
+            let per_layer = from.held().map(|(l, _)| (l, list.clone())).collect();
+            let shard = from.regroup(&files.config, &loader, &per_layer)?;
             // The new weights were written on the main stream; sessions read them on their own.
             ipc::synchronize(&device)?;
             Ok::<_, MeshError>(shard)

@@ -198,8 +198,15 @@ pub async fn plan(args: &RebalanceArgs) -> anyhow::Result<Planned> {
     let sub_load: Vec<u64> = ids.iter().map(|&e| load[e as usize]).collect();
     let share = ids.len().div_ceil(first.worker_experts.len());
     let room = vec![share + args.spare; first.worker_experts.len()];
-    let plan = placement::plan(&sub_load, &room, args.max_copies as usize)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // One pseudo-layer standing for all of them (the same experts in every layer).
+    let room: Vec<BTreeMap<u32, usize>> = room.iter().map(|&r| BTreeMap::from([(0, r)])).collect();
+    let plan = placement::plan(
+        &BTreeMap::from([(0, sub_load)]),
+        &room,
+        args.max_copies as usize,
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let plan = &plan.layers[&0];
     let planned: Vec<Vec<u32>> = plan
         .holds
         .iter()
