@@ -393,6 +393,7 @@ async fn set_all(
                 .set_experts(SetExpertsRequest {
                     experts: m.experts.clone(),
                     release_grace_ms: m.grace_ms,
+                    ..Default::default()
                 })
                 .await
                 .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?;
