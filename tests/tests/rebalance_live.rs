@@ -399,3 +399,139 @@ async fn a_live_per_layer_rebalance_under_skewed_load_fails_nothing_keeps_every_
         assert!(!p.exited(), "{} exited", p.name);
     }
 }
+
+/// Sends worker `id` (at `address`) a per-layer `SetExperts`: `layer` holds `experts` from now
+/// on (its other layers keep theirs), giving up the rest after `grace_ms`; then waits for the
+/// gate to list it.
+async fn set_layer(
+    gate: &str,
+    (id, address): &(String, String),
+    layer: u32,
+    experts: &[u32],
+    grace_ms: u32,
+) {
+    let mut c = ExpertClient::connect(format!("http://{address}"))
+        .await
+        .expect("worker reachable");
+    c.set_experts(SetExpertsRequest {
+        layer_experts: vec![moemesh_proto::v1::LayerExperts {
+            layer,
+            experts: experts.to_vec(),
+        }],
+        release_grace_ms: grace_ms,
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|s| panic!("SetExperts layer {layer} {experts:?} on {id}: {s}"));
+    moemesh_tests::mesh::wait_until("the gate to list the layer's new experts", || async move {
+        gate_info(gate).await.worker_experts.iter().any(|w| {
+            w.id == *id
+                && w.layers
+                    .iter()
+                    .any(|l| l.layer == layer && l.experts == experts)
+        })
+    })
+    .await;
+}
+
+/// Per-layer moves with no grace, under load: layer 2's halves swap between the two workers
+/// and back, again and again (layer 1 stays), each worker dropping what it gave up as soon as
+/// the registry lists the change, so a gate whose step still routes by the old placement reaches
+/// a worker that no longer holds the expert in that layer. The worker refuses the call
+/// (`not_held`), the gate re-sends its pairs to the expert's holder in that layer, and no request
+/// fails: every greedy output equals the one before any move.
+#[tokio::test(flavor = "multi_thread")]
+async fn per_layer_moves_without_grace_are_refused_and_re_sent_never_failed() {
+    let opts = MeshOpts {
+        gate_args: vec!["--metrics-listen".into(), "127.0.0.1:0".into()],
+        ..MeshOpts::default()
+    };
+    let mesh = Mesh::start_opts(Some(&fixture(MODEL)), &["0-7", "8-15"], &opts);
+    let (url, gate) = (mesh.frontend_url(), mesh.gate_url());
+    let prompts: Arc<Vec<Vec<u32>>> = Arc::new(
+        (0..4u32)
+            .map(|i| {
+                (0..(5 + i * 4))
+                    .map(|j| 3 + (i * 71 + j * 13) % 400)
+                    .collect()
+            })
+            .collect(),
+    );
+    let mut reference = Vec::new();
+    for p in prompts.iter() {
+        reference.push(
+            generate(&url, tokens_request(p, NEW_TOKENS))
+                .await
+                .expect("generate"),
+        );
+    }
+    let reference = Arc::new(reference);
+    let workers: Vec<(String, String)> = gate_info(&gate)
+        .await
+        .worker_experts
+        .iter()
+        .map(|w| (w.id.clone(), w.address.clone()))
+        .collect();
+    assert_eq!(workers.len(), 2);
+    let refusals = || {
+        let metrics = mesh.gate.0.metrics.as_deref();
+        let samples = moemesh_tests::mesh::parse_metrics(&moemesh_tests::mesh::scrape(
+            metrics.expect("the gate's metrics address"),
+        ));
+        moemesh_tests::mesh::metric_sum(&samples, "moemesh_gate_expert_refusals_total", &[])
+            .unwrap_or(0.0)
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let during = {
+        let (url, prompts, reference, stop) = (
+            url.clone(),
+            prompts.clone(),
+            reference.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(async move { load_run(&url, &prompts, &reference, 0, Some(stop)).await })
+    };
+    let (low, high): (Vec<u32>, Vec<u32>) = ((0..8).collect(), (8..16).collect());
+    let all: Vec<u32> = (0..16).collect();
+    // Swaps out and back (so the halves end where they started): at least 6, and on until the
+    // gate has re-sent a refused call, at most 20.
+    let mut swaps = 0;
+    while swaps < 6 || (swaps < 20 && refusals() == 0.0) {
+        for (to0, to1) in [(&high, &low), (&low, &high)] {
+            // Both hold all of layer 2 (phase 1), then each keeps its half (phase 2, no grace).
+            for w in &workers {
+                set_layer(&gate, w, 2, &all, 0).await;
+            }
+            set_layer(&gate, &workers[0], 2, to0, 0).await;
+            set_layer(&gate, &workers[1], 2, to1, 0).await;
+            swaps += 1;
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let during_requests = during
+        .await
+        .expect("no request failed and every output held");
+
+    // Layer 1 never moved; layer 2's halves are back where they started.
+    let info = gate_info(&gate).await;
+    for (i, w) in info.worker_experts.iter().enumerate() {
+        let held: BTreeMap<u32, Vec<u32>> = w
+            .layers
+            .iter()
+            .map(|l| (l.layer, l.experts.clone()))
+            .collect();
+        let home = if i == 0 { &low } else { &high };
+        assert_eq!(&held[&1], home, "{}: layer 1", w.id);
+        assert_eq!(&held[&2], home, "{}: layer 2", w.id);
+    }
+    let refused = refusals();
+    println!(
+        "{swaps} swaps of layer 2 with no grace: {during_requests} requests during them, none \
+         failed, every output unchanged; {refused} calls refused (not_held) and re-sent"
+    );
+    assert!(
+        refused > 0.0,
+        "no call was refused in {swaps} swaps: the re-send path did not run"
+    );
+}

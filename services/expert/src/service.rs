@@ -693,14 +693,10 @@ impl Worker {
         Ok(sorted(experts.to_vec()))
     }
 
-    /// Checks a `SetExperts` request against what is held now (`now`): the target holdings
-    /// (every served layer) and the grace.
-    fn check_set_experts(
-        &self,
-        req: &SetExpertsRequest,
-        now: &Holdings,
-    ) -> MeshResult<(Holdings, Duration)> {
-        let target = if req.layer_experts.is_empty() {
+    /// Checks a `SetExperts` request: the layers it changes, each with its new list (the
+    /// per-id `experts` field: every served layer), and the grace.
+    fn check_set_experts(&self, req: &SetExpertsRequest) -> MeshResult<(Holdings, Duration)> {
+        let changes = if req.layer_experts.is_empty() {
             let list = self.check_list("experts", &req.experts)?;
             placement::uniform(&self.layers, &list)
         } else {
@@ -710,8 +706,7 @@ impl Worker {
                         .into(),
                 ));
             }
-            let mut target = now.clone();
-            let mut seen = std::collections::BTreeSet::new();
+            let mut changes = Holdings::new();
             for (i, le) in req.layer_experts.iter().enumerate() {
                 if !self.layers.contains(&le.layer) {
                     return Err(MeshError::Invalid(format!(
@@ -719,16 +714,16 @@ impl Worker {
                         le.layer, self.id, self.layers
                     )));
                 }
-                if !seen.insert(le.layer) {
+                if changes.contains_key(&le.layer) {
                     return Err(MeshError::Invalid(format!(
                         "layer_experts[{i}].layer: layer {} is listed twice",
                         le.layer
                     )));
                 }
                 let list = self.check_list(&format!("layer_experts[{i}].experts"), &le.experts)?;
-                target.insert(le.layer, list);
+                changes.insert(le.layer, list);
             }
-            target
+            changes
         };
         if req.release_grace_ms > MAX_RELEASE_GRACE_MS {
             return Err(MeshError::Invalid(format!(
@@ -737,7 +732,7 @@ impl Worker {
             )));
         }
         Ok((
-            target,
+            changes,
             Duration::from_millis(u64::from(req.release_grace_ms)),
         ))
     }
@@ -792,6 +787,7 @@ impl Worker {
     /// intermediate state holds at least what the registry lists, so a gate that routes by the
     /// registry is never refused by a worker that is still announcing.
     async fn set_experts(&self, req: SetExpertsRequest) -> MeshResult<SetExpertsResponse> {
+        let (changes, grace) = self.check_set_experts(&req)?;
         let Ok(_one) = self.changing.try_lock() else {
             return Err(MeshError::Precondition(format!(
                 "worker {}: another SetExperts is in progress; retry once it has answered",
@@ -799,7 +795,9 @@ impl Worker {
             )));
         };
         let old = self.held.load_full();
-        let (target, grace) = self.check_set_experts(&req, &old.holdings)?;
+        // Layers the request does not list keep what they hold.
+        let mut target = old.holdings.clone();
+        target.extend(changes);
         let loaded = minus(&target, &old.holdings);
         let dropped = minus(&old.holdings, &target);
         let started = std::time::Instant::now();
