@@ -126,10 +126,16 @@ pub enum PlanError {
 /// that layer's experts it can hold; a layer missing is no room there), using at most
 /// `max_copies` copies of any one (layer, expert), at most one per worker. Minimises the sum over
 /// the layers of each layer's busiest worker's tokens (see the module doc).
+///
+/// `today` (per worker, what it holds now, numbered as `load`; empty for no preference) only
+/// decides which worker gets which of a layer's planned lists: among workers with the same room
+/// there, each list goes where it overlaps most with what is held now ([`keep_in_place`]). The
+/// lists, and so the cost, are the same; fewer experts are loaded and dropped.
 pub fn plan(
     load: &BTreeMap<u32, Vec<u64>>,
     room: &[BTreeMap<u32, usize>],
     max_copies: usize,
+    today: &[Holdings],
 ) -> Result<Plan, PlanError> {
     if room.is_empty() {
         return Err(PlanError::NoWorkers);
@@ -143,19 +149,76 @@ pub fn plan(
             .iter()
             .map(|r| r.get(&l).copied().unwrap_or(0))
             .collect();
-        let p = plan_layer(tokens, &layer_room, max_copies).map_err(|(experts, room)| {
+        let mut p = plan_layer(tokens, &layer_room, max_copies).map_err(|(experts, room)| {
             PlanError::TooLittleRoom {
                 layer: l,
                 experts,
                 room,
             }
         })?;
+        if today.len() == room.len() {
+            let now: Vec<&[u32]> = today
+                .iter()
+                .map(|h| h.get(&l).map(Vec::as_slice).unwrap_or(&[]))
+                .collect();
+            keep_in_place(&mut p, &layer_room, &now);
+        }
         layers.insert(l, p);
     }
     Ok(Plan {
         layers,
         workers: room.len(),
     })
+}
+
+/// Hands a layer's planned lists to the workers so that each keeps as many of the experts it
+/// holds now (`now`, per worker) as it can: lists move only between workers of equal room (so
+/// every worker stays within its room), greedily by overlap, largest first, unless that keeps
+/// fewer in place than the lists as planned. The plan's lists, copies and loads per list are
+/// unchanged; only which worker takes which list.
+fn keep_in_place(p: &mut LayerPlan, room: &[usize], now: &[&[u32]]) {
+    let w = room.len();
+    // (experts kept, worker, planned list), for workers and lists of equal room.
+    let mut pairs: Vec<(usize, usize, usize)> = Vec::new();
+    for (worker, held) in now.iter().enumerate() {
+        for (list, planned) in p.holds.iter().enumerate() {
+            if room[worker] == room[list] {
+                let kept = planned.iter().filter(|e| held.contains(e)).count();
+                pairs.push((kept, worker, list));
+            }
+        }
+    }
+    pairs.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    let mut given: Vec<Option<usize>> = vec![None; w];
+    let mut taken = vec![false; w];
+    for (_, worker, list) in pairs {
+        if given[worker].is_none() && !taken[list] {
+            given[worker] = Some(list);
+            taken[list] = true;
+        }
+    }
+    // Each room value has as many workers as lists, so every worker got one; its own list
+    // otherwise. The greedy matching is not always the best: where it keeps fewer experts in
+    // place than the lists as planned, those stay.
+    let mut order: Vec<usize> = (0..w).map(|i| given[i].unwrap_or(i)).collect();
+    let kept = |order: &[usize]| -> usize {
+        order
+            .iter()
+            .enumerate()
+            .map(|(worker, &list)| {
+                p.holds[list]
+                    .iter()
+                    .filter(|e| now[worker].contains(e))
+                    .count()
+            })
+            .sum()
+    };
+    let as_planned: Vec<usize> = (0..w).collect();
+    if kept(&order) < kept(&as_planned) {
+        order = as_planned;
+    }
+    p.holds = order.iter().map(|&i| p.holds[i].clone()).collect();
+    p.worker_load = order.iter().map(|&i| p.worker_load[i]).collect();
 }
 
 /// One layer's plan: `load.len()` experts on workers with room for `room[w]` of them each. An
@@ -361,7 +424,7 @@ mod tests {
     fn uniform_load_without_spare_room_is_an_even_split() {
         let load = BTreeMap::from([(1, vec![10; 8]), (2, vec![10; 8])]);
         let room = rooms(2, &[1, 2], 4);
-        let p = plan(&load, &room, 2).expect("plan");
+        let p = plan(&load, &room, 2, &[]).expect("plan");
         check_valid(&p, 8, &room);
         for lp in p.layers.values() {
             assert_eq!(lp.worker_load, vec![40.0, 40.0]);
@@ -398,7 +461,8 @@ mod tests {
         // A plan by expert id (the same experts in every layer) sees only the summed load,
         // which is symmetric: it splits the ids evenly by that sum, and here that keeps every
         // layer's hot half on one worker.
-        let by_id = plan(&BTreeMap::from([(0, summed)]), &rooms(2, &[0], 8), 1).expect("by id");
+        let by_id =
+            plan(&BTreeMap::from([(0, summed)]), &rooms(2, &[0], 8), 1, &[]).expect("by id");
         let by_id_holds: Vec<Holdings> = by_id
             .holdings()
             .into_iter()
@@ -410,7 +474,7 @@ mod tests {
         // The plan per layer, same room (no replicas): every layer within 10% of even.
         for (r, copies) in [(8, 1), (10, 2)] {
             let room = rooms(2, &[1, 2], r);
-            let p = plan(&load, &room, copies).expect("plan");
+            let p = plan(&load, &room, copies, &[]).expect("plan");
             check_valid(&p, n, &room);
             for (l, lp) in &p.layers {
                 let total: f64 = lp.worker_load.iter().sum();
@@ -440,7 +504,7 @@ mod tests {
     fn skewed_load_replicates_the_hottest_and_beats_contiguous_shards() {
         let load = BTreeMap::from([(3, zipf(16))]);
         let room = rooms(2, &[3], 10);
-        let p = plan(&load, &room, 2).expect("plan");
+        let p = plan(&load, &room, 2, &[]).expect("plan");
         check_valid(&p, 16, &room);
         let lp = &p.layers[&3];
         // The 4 spare slots went to the 4 hottest experts.
@@ -470,7 +534,7 @@ mod tests {
             BTreeMap::from([(1, 2)]),
         ];
         let load = BTreeMap::from([(1, vec![5; 6]), (2, vec![5; 6])]);
-        let p = plan(&load, &room, 3).expect("plan");
+        let p = plan(&load, &room, 3, &[]).expect("plan");
         check_valid(&p, 6, &room);
         let h = p.holdings();
         assert!(!h[1].contains_key(&1) && !h[2].contains_key(&2), "{h:?}");
@@ -484,21 +548,21 @@ mod tests {
         hot[0] = 1_000_000;
         let load = BTreeMap::from([(1, hot)]);
         let room = rooms(3, &[1], 3);
-        let p = plan(&load, &room, 8).expect("plan");
+        let p = plan(&load, &room, 8, &[]).expect("plan");
         check_valid(&p, 6, &room);
         // At most one copy per worker: three workers, three copies.
         assert_eq!(p.layers[&1].copies[0], 3);
         for h in &p.layers[&1].holds {
             assert!(h.contains(&0));
         }
-        let capped = plan(&load, &room, 2).expect("plan");
+        let capped = plan(&load, &room, 2, &[]).expect("plan");
         assert_eq!(capped.layers[&1].copies[0], 2);
     }
 
     #[test]
     fn too_little_room_no_workers_or_no_layers_is_an_error() {
         let load = BTreeMap::from([(1, vec![1; 4]), (2, vec![1; 10])]);
-        let err = plan(&load, &rooms(2, &[1, 2], 4), 2).expect_err("too little room");
+        let err = plan(&load, &rooms(2, &[1, 2], 4), 2, &[]).expect_err("too little room");
         assert_eq!(
             err,
             PlanError::TooLittleRoom {
@@ -510,21 +574,88 @@ mod tests {
         assert!(err.to_string().contains("layer 2"), "{err}");
         // A layer no worker serves has no room at all.
         assert_eq!(
-            plan(&load, &rooms(2, &[1], 8), 2),
+            plan(&load, &rooms(2, &[1], 8), 2, &[]),
             Err(PlanError::TooLittleRoom {
                 layer: 2,
                 experts: 10,
                 room: 0
             })
         );
-        assert_eq!(plan(&load, &[], 1), Err(PlanError::NoWorkers));
+        assert_eq!(plan(&load, &[], 1, &[]), Err(PlanError::NoWorkers));
         assert_eq!(
-            plan(&BTreeMap::new(), &rooms(2, &[1], 8), 1),
+            plan(&BTreeMap::new(), &rooms(2, &[1], 8), 1, &[]),
             Err(PlanError::NoLayers)
         );
         // Unused experts get no copies beyond their one.
-        let p = plan(&BTreeMap::from([(1, vec![0, 0, 5])]), &rooms(2, &[1], 3), 2).expect("plan");
+        let p = plan(
+            &BTreeMap::from([(1, vec![0, 0, 5])]),
+            &rooms(2, &[1], 3),
+            2,
+            &[],
+        )
+        .expect("plan");
         assert_eq!(p.layers[&1].copies, vec![1, 1, 2]);
+    }
+
+    /// With today's holdings given, the same lists go to the workers that hold most of them
+    /// already: same cost, fewer moves; a plan that is today's placement moves nothing.
+    #[test]
+    fn todays_holdings_decide_which_worker_takes_which_list() {
+        let load = BTreeMap::from([(1, zipf(16)), (2, zipf(16).into_iter().rev().collect())]);
+        let room = rooms(3, &[1, 2], 7);
+        let fresh = plan(&load, &room, 2, &[]).expect("plan");
+        // Today: the fresh plan's lists, handed round one worker on.
+        let h = fresh.holdings();
+        let today = vec![h[2].clone(), h[0].clone(), h[1].clone()];
+        let kept = plan(&load, &room, 2, &today).expect("plan");
+        assert_eq!(
+            kept.holdings(),
+            today,
+            "the plan is today's placement: nothing moves"
+        );
+        assert!((kept.step_load() - fresh.step_load()).abs() < 1e-9);
+        for (l, lp) in &kept.layers {
+            let mut a = lp.worker_load.clone();
+            let mut b = fresh.layers[l].worker_load.clone();
+            a.sort_by(f64::total_cmp);
+            b.sort_by(f64::total_cmp);
+            assert_eq!(a, b, "layer {l}: the same loads, other workers");
+        }
+        // From contiguous shards, the moves are never more than without the preference.
+        let contiguous: Vec<Holdings> = (0..3u32)
+            .map(|w| uniform(&[1, 2], &(w * 6..(w * 6 + 6).min(16)).collect::<Vec<_>>()))
+            .collect();
+        let moves = |p: &Plan| -> usize {
+            p.holdings()
+                .iter()
+                .zip(&contiguous)
+                .map(|(to, from)| {
+                    to.iter()
+                        .map(|(l, list)| list.iter().filter(|e| !from[l].contains(e)).count())
+                        .sum::<usize>()
+                })
+                .sum()
+        };
+        let near = plan(&load, &room, 2, &contiguous).expect("plan");
+        check_valid(&near, 16, &room);
+        assert!(
+            moves(&near) <= moves(&fresh),
+            "{} > {}",
+            moves(&near),
+            moves(&fresh)
+        );
+        assert!((near.step_load() - fresh.step_load()).abs() < 1e-9);
+        // Workers of unequal room never trade lists.
+        let uneven = vec![
+            BTreeMap::from([(1, 10), (2, 10)]),
+            BTreeMap::from([(1, 8), (2, 8)]),
+        ];
+        let swapped = vec![
+            uniform(&[1, 2], &(8..16).collect::<Vec<_>>()),
+            uniform(&[1, 2], &(0..8).collect::<Vec<_>>()),
+        ];
+        let p = plan(&load, &uneven, 2, &swapped).expect("plan");
+        check_valid(&p, 16, &uneven);
     }
 
     #[test]

@@ -243,7 +243,25 @@ fn plan_from(args: &RebalanceArgs, infos: Vec<GateInfoResponse>) -> anyhow::Resu
     if sub_load.is_empty() {
         bail!("no tokens routed {basis} in any layer the workers hold: nothing to plan from");
     }
-    let plan = placement::plan(&sub_load, &room, args.max_copies as usize)
+    // Today's holdings numbered as the planner sees each layer's experts (positions in
+    // `layer_ids`), so that it keeps experts where they are when that costs nothing.
+    let today_idx: Vec<Holdings> = today
+        .iter()
+        .map(|h| {
+            layer_ids
+                .iter()
+                .map(|(l, ids)| {
+                    let held = h.get(l).map(Vec::as_slice).unwrap_or(&[]);
+                    let idx = held
+                        .iter()
+                        .filter_map(|e| ids.binary_search(e).ok().map(|i| i as u32))
+                        .collect();
+                    (*l, idx)
+                })
+                .collect()
+        })
+        .collect();
+    let plan = placement::plan(&sub_load, &room, args.max_copies as usize, &today_idx)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut planned = today.clone();
     let mut copies = Vec::new();
@@ -799,7 +817,7 @@ mod tests {
             load_window_secs: 60,
             ..Default::default()
         };
-        let p = plan_from(&args(&["--spare", "1"]), vec![info]).expect("plan");
+        let p = plan_from(&args(&["--spare", "1"]), vec![info.clone()]).expect("plan");
         // Even summed per worker, but every layer waits for one worker with ~97% of its tokens.
         assert!((p.before.busiest_overall() - 50.0).abs() < 0.5);
         let (now, planned) = p.busiest();
@@ -816,6 +834,16 @@ mod tests {
         // The add phase gives each worker, in the layers it gains experts, old plus new.
         let gained = changed_layers(&p.today[0], &p.planned[0]);
         assert!(!gained.contains_key(&3));
+        // Planning again on the same load once the plan is in place moves nothing: the planner
+        // hands each list to the worker that holds it.
+        let mut applied = info.clone();
+        for (w, h) in applied.worker_experts.iter_mut().zip(&p.planned) {
+            for l in &mut w.layers {
+                l.experts = h[&l.layer].clone();
+            }
+        }
+        let again = plan_from(&args(&["--spare", "1"]), vec![applied]).expect("plan");
+        assert!(!again.changes(), "{:?} -> {:?}", again.today, again.planned);
     }
 
     #[test]
