@@ -245,21 +245,31 @@ impl ExpertShard {
         })
     }
 
-    /// A shard of the same layers holding `experts` instead (live re-placement on an expert
-    /// worker): experts held here are taken from this shard's stacks (a copy, no read from the
-    /// checkpoint), the others loaded through `loader` (the same checkpoint or synthetic model,
-    /// same device and dtype). This shard is left as it is, so the caller can go on computing
-    /// with it until it swaps the new one in.
+    /// A shard of the same layers holding, in each layer `l`, the experts `experts[&l]` instead
+    /// (live re-placement on an expert worker; the layers may differ in what they hold): experts
+    /// held here are taken from this shard's stacks (a copy, no read from the checkpoint), the
+    /// others loaded through `loader` (the same checkpoint or synthetic model, same device and
+    /// dtype). Every layer of this shard must be listed, and no other. This shard is left as it
+    /// is, so the caller can go on computing with it until it swaps the new one in.
     pub fn regroup(
         &self,
         cfg: &ModelConfig,
         loader: &Loader,
-        experts: &[usize],
+        experts: &BTreeMap<usize, Vec<usize>>,
     ) -> Result<ExpertShard> {
+        if let Some(l) = experts.keys().find(|l| !self.layers.contains_key(l)) {
+            return Err(EngineError::InvalidInput(format!(
+                "layer {l} is not one of this shard's layers ({:?})",
+                self.layers.keys().collect::<Vec<_>>()
+            )));
+        }
         let mut layers = BTreeMap::new();
         for (&l, old) in &self.layers {
+            let list = experts.get(&l).ok_or_else(|| {
+                EngineError::InvalidInput(format!("layer {l}: no experts given for it"))
+            })?;
             let layer =
-                LayerExperts::build(cfg, loader, l, experts, Some(old), old.slot_of.is_some())?;
+                LayerExperts::build(cfg, loader, l, list, Some(old), old.slot_of.is_some())?;
             layers.insert(l, layer);
         }
         Ok(ExpertShard {
@@ -575,10 +585,11 @@ mod tests {
     use super::*;
     use crate::ModelFiles;
 
-    /// A regrouped shard (some experts kept from the old stacks, some loaded) computes exactly
-    /// what a shard loaded fresh with those experts computes, and the old shard is unchanged.
+    /// A regrouped shard (some experts kept from the old stacks, some loaded; each layer its own
+    /// list) computes exactly what a shard loaded fresh with those experts computes, and the old
+    /// shard is unchanged.
     #[test]
-    fn a_regrouped_shard_equals_a_fresh_load_of_its_experts() {
+    fn a_regrouped_shard_equals_a_fresh_load_of_its_experts_layer_by_layer() {
         let files = ModelFiles::open_or_embedded(None).expect("embedded model");
         let cfg = &files.config;
         let loader = files.loader(&Device::Cpu, DType::F32);
@@ -587,22 +598,36 @@ mod tests {
             experts,
         };
         let old = ExpertShard::load(cfg, &loader, &spec(vec![0, 1, 2])).expect("old");
-        // Keeps 2 and 0 (in another order), drops 1, adds 3.
-        let target = vec![2, 3, 0];
+        // The first MoE layer keeps 2 and 0 (in another order), drops 1, adds 3; every other
+        // layer keeps 1 and adds 4.
+        let layers = cfg.moe_layers();
+        let first = layers[0];
+        let target_of = |l: usize| {
+            if l == first {
+                vec![2, 3, 0]
+            } else {
+                vec![1, 4]
+            }
+        };
+        let target: BTreeMap<usize, Vec<usize>> =
+            layers.iter().map(|&l| (l, target_of(l))).collect();
         let regrouped = old.regroup(cfg, &loader, &target).expect("regroup");
-        let fresh = ExpertShard::load(cfg, &loader, &spec(target.clone())).expect("fresh");
-        let layer = cfg.moe_layers()[0];
-        assert!(regrouped.has(layer, 3) && !regrouped.has(layer, 1));
-        assert!(old.has(layer, 1) && !old.has(layer, 3));
+        assert!(regrouped.has(first, 3) && !regrouped.has(first, 1));
+        assert!(old.has(first, 1) && !old.has(first, 3));
         let x = Tensor::randn(0f32, 1.0, (4, cfg.hidden_size), &Device::Cpu).expect("x");
-        let assignments = [
-            (0, 2, 0.5),
-            (0, 3, 0.25),
-            (1, 0, 1.0),
-            (2, 3, 0.7),
-            (3, 2, 0.1),
-        ];
-        for l in cfg.moe_layers() {
+        for &l in &layers {
+            let fresh = ExpertShard::load(cfg, &loader, &spec(target_of(l))).expect("fresh");
+            let held = target_of(l);
+            // Token t goes to the layer's held experts in turn.
+            let assignments: Vec<(u32, u32, f32)> = (0..5)
+                .map(|i| {
+                    (
+                        (i % 4) as u32,
+                        held[i % held.len()] as u32,
+                        0.1 + i as f32 / 8.0,
+                    )
+                })
+                .collect();
             let got = regrouped
                 .forward_assigned(l, &x, &assignments)
                 .expect("regrouped");
@@ -610,12 +635,36 @@ mod tests {
             let (got, want): (Vec<Vec<f32>>, Vec<Vec<f32>>) =
                 (got.to_vec2().expect("got"), want.to_vec2().expect("want"));
             assert_eq!(got, want, "layer {l}");
+            if l != first {
+                assert!(regrouped.has(l, 4) && !regrouped.has(l, 0), "layer {l}");
+            }
         }
-        // Nothing held, or an expert the model lacks, is refused by name.
-        let err = old.regroup(cfg, &loader, &[]).err().expect("empty");
+        // Nothing held in a layer, an expert the model lacks, a layer left out or one the
+        // shard does not have is refused by name.
+        let with = |l: usize, experts: Vec<usize>| {
+            let mut t = target.clone();
+            t.insert(l, experts);
+            t
+        };
+        let err = old
+            .regroup(cfg, &loader, &with(first, vec![]))
+            .err()
+            .expect("empty");
         assert!(err.to_string().contains("at least one"), "{err}");
         let n = cfg.n_routed_experts;
-        let err = old.regroup(cfg, &loader, &[n]).err().expect("beyond");
+        let err = old
+            .regroup(cfg, &loader, &with(first, vec![n]))
+            .err()
+            .expect("beyond");
         assert!(err.to_string().contains(&format!("expert {n}")), "{err}");
+        let mut missing = target.clone();
+        missing.remove(&first);
+        let err = old.regroup(cfg, &loader, &missing).err().expect("missing");
+        assert!(err.to_string().contains(&format!("layer {first}")), "{err}");
+        let err = old
+            .regroup(cfg, &loader, &with(0, vec![1]))
+            .err()
+            .expect("not a shard layer");
+        assert!(err.to_string().contains("layer 0"), "{err}");
     }
 }

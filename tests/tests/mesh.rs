@@ -576,18 +576,36 @@ async fn rebalance_plans_from_the_gates_measured_load() {
     assert_eq!(plan["routed_tokens"], cumulative["routed_tokens"]);
     let workers = plan["workers"].as_array().expect("workers");
     assert_eq!(workers.len(), 2, "{plan}");
-    let mut held = std::collections::BTreeSet::new();
+    // Per MoE layer: every expert held by some worker, no worker over its room there.
+    let mut held: std::collections::BTreeMap<String, std::collections::BTreeSet<u64>> =
+        Default::default();
     for w in workers {
-        // Room: an even share of the 16 experts over 2 workers, plus --spare 2.
-        let planned = w["experts_planned"].as_array().expect("planned");
-        assert!(planned.len() <= 16 / 2 + 2, "over its room: {w}");
-        held.extend(planned.iter().filter_map(|e| e.as_u64()));
+        let layers = w["layers_planned"].as_object().expect("layers planned");
+        assert!(!layers.is_empty(), "{w}");
+        for (layer, planned) in layers {
+            let planned = planned.as_array().expect("planned");
+            // Room: an even share of the 16 experts over 2 workers, plus --spare 2.
+            assert!(
+                planned.len() <= 16 / 2 + 2,
+                "over its room in layer {layer}: {w}"
+            );
+            held.entry(layer.clone())
+                .or_default()
+                .extend(planned.iter().filter_map(|e| e.as_u64()));
+        }
     }
-    assert_eq!(held, (0..16).collect(), "every expert held: {plan}");
-    // Today's shards are 12 and 4 experts: the plan evens them out.
+    for (layer, experts) in &held {
+        assert_eq!(
+            *experts,
+            (0..16).collect(),
+            "layer {layer}: every expert held: {plan}"
+        );
+    }
+    // Today's shards are 12 and 4 experts: the plan evens every layer out, so the step (each
+    // layer's busiest worker, summed) shrinks.
     let (now, planned) = (
-        plan["busiest_now"].as_f64().expect("now"),
-        plan["busiest_planned"].as_f64().expect("planned"),
+        plan["step_tokens_now"].as_f64().expect("now"),
+        plan["step_tokens_planned"].as_f64().expect("planned"),
     );
     assert!(
         planned < now,

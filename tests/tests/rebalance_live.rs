@@ -1,25 +1,33 @@
-//! Live expert re-placement (issue 22) end to end: a CPU mesh on a real etcd whose gate routes
-//! with a Zipf-skewed router, its hot experts all on one of two workers; under steady load,
-//! `moemesh rebalance --apply` moves and replicates experts while requests flow. No request
-//! fails, every greedy output equals the one generated before the move, and the busiest worker's
-//! share of the routed (token, expert) pairs drops.
+//! Live expert re-placement (issue 22) end to end, per MoE layer: a CPU mesh on a real etcd whose
+//! gate routes with a Zipf-skewed router that ranks the experts differently in each layer. The
+//! two workers start with a placement by expert id (the same experts in every layer) chosen from
+//! the measured load so that, summed over the layers, each worker takes about half of the routed
+//! pairs, while in each layer one worker takes most of them: layer 1's hot experts on one worker,
+//! layer 2's on the other. A placement by id has nothing to gain there; the per-layer plan does.
+//! Under steady load, `moemesh rebalance --apply` moves and replicates experts layer by layer
+//! while requests flow. No request fails, every greedy output equals the one generated before
+//! any move, and the step share (each layer's busiest worker's share, summed over the layers)
+//! drops.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use moemesh_proto::v1::GenerateRequest;
+use moemesh_proto::v1::expert_client::ExpertClient;
 use moemesh_proto::v1::generation_client::GenerationClient;
+use moemesh_proto::v1::{GenerateRequest, SetExpertsRequest};
 use moemesh_tests::mesh::{Mesh, MeshOpts, gate_info};
 use moemesh_tests::{fixture, tokens_request};
 
 const MODEL: &str = "tiny-deepseek-v3";
-/// The router's Zipf exponent: large enough that a layer's four top-ranked experts take most
-/// of its tokens (the tiny model routes each token to 4 of 16).
+/// The router's Zipf exponent: large enough that a layer's top-ranked experts take most of its
+/// tokens (the tiny model routes each token to 4 of 16).
 const SKEW: f32 = 4.0;
 const NEW_TOKENS: u32 = 24;
 /// Concurrent clients of the steady load.
 const CLIENTS: usize = 4;
+/// The tiny model's routed experts per layer.
+const EXPERTS: usize = 16;
 
 async fn generate(url: &str, req: GenerateRequest) -> Result<Vec<u32>, tonic::Status> {
     let mut client = GenerationClient::connect(url.to_string())
@@ -33,65 +41,141 @@ async fn generate(url: &str, req: GenerateRequest) -> Result<Vec<u32>, tonic::St
     Ok(ids)
 }
 
-/// The experts a MoE layer's skewed router ranks in its top `k`, for each of `layers`, together
-/// (the "hot" ones), and the others, as `--experts` lists of `n / 2` experts each: the hot
-/// experts (padded with the coldest) on one worker, the rest on the other.
-fn hot_and_cold(n: usize, layers: &[usize], k: usize) -> (String, String) {
-    let mut rank_sum = vec![0usize; n];
-    let mut hot = std::collections::BTreeSet::new();
-    for &l in layers {
-        let bias = moemesh_engine::router::zipf_skew(n, l, SKEW);
-        // Rank r has bias -S·ln(1 + r): sort by bias, highest first.
-        let mut order: Vec<usize> = (0..n).collect();
-        order.sort_by(|&a, &b| bias[b].total_cmp(&bias[a]));
-        for (r, &e) in order.iter().enumerate() {
-            rank_sum[e] += r;
-            if r < k {
-                hot.insert(e);
-            }
+/// Two experts lists of `EXPERTS / 2` each, from the measured load (layer → tokens per expert)
+/// of the two MoE layers: of the splits whose first half takes within 3 points of half of all
+/// the routed tokens summed over the layers (even by id), the one whose first half takes the
+/// most of the first layer's tokens and the least of the second's (each layer's hot experts on
+/// one worker). Every split of the 16 is tried.
+fn split_by_layer_skew(load: &BTreeMap<u32, Vec<u64>>) -> (Vec<u32>, Vec<u32>) {
+    let tokens = |l: &Vec<u64>| -> Vec<f64> {
+        (0..EXPERTS)
+            .map(|e| l.get(e).copied().unwrap_or(0) as f64)
+            .collect()
+    };
+    let t1 = tokens(load.values().next().expect("a layer's load"));
+    let t2 = tokens(load.values().last().expect("a layer's load"));
+    let (s1, s2): (f64, f64) = (t1.iter().sum(), t2.iter().sum());
+    let mut best: Option<(f64, u32)> = None;
+    for mask in 0u32..(1 << EXPERTS) {
+        if mask.count_ones() as usize != EXPERTS / 2 {
+            continue;
+        }
+        let mine = |t: &[f64]| -> f64 {
+            (0..EXPERTS)
+                .filter(|e| mask & (1 << e) != 0)
+                .map(|e| t[e])
+                .sum()
+        };
+        let (m1, m2) = (mine(&t1), mine(&t2));
+        if ((m1 + m2) / (s1 + s2) - 0.5).abs() > 0.03 {
+            continue;
+        }
+        let skew = m1 / s1.max(1.0) - m2 / s2.max(1.0);
+        if best.is_none_or(|(b, _)| skew > b) {
+            best = Some((skew, mask));
         }
     }
-    let mut rest: Vec<usize> = (0..n).filter(|e| !hot.contains(e)).collect();
-    rest.sort_by_key(|&e| std::cmp::Reverse(rank_sum[e]));
-    let mut first: Vec<usize> = hot.into_iter().collect();
-    while first.len() < n / 2 {
-        first.push(rest.remove(0));
-    }
-    first.sort_unstable();
-    let list = |v: &[usize]| {
-        v.iter()
-            .map(|e| e.to_string())
-            .collect::<Vec<_>>()
-            .join(",")
-    };
-    let second: Vec<usize> = (0..n).filter(|e| !first.contains(e)).collect();
-    (list(&first), list(&second))
-}
-
-/// Pairs each worker has computed for the gate so far, by worker id.
-async fn pairs(gate: &str) -> BTreeMap<String, u64> {
-    gate_info(gate)
-        .await
-        .worker_experts
-        .into_iter()
-        .map(|w| (w.id, w.routed_pairs))
-        .collect()
-}
-
-/// The busiest worker's share of the pairs routed between two readings.
-fn busiest_share(from: &BTreeMap<String, u64>, to: &BTreeMap<String, u64>) -> (f64, u64) {
-    let deltas: Vec<u64> = to
-        .iter()
-        .map(|(id, n)| n - from.get(id).copied().unwrap_or(0))
+    let (_, mask) = best.expect("an even split by id");
+    let a = (0..EXPERTS as u32)
+        .filter(|e| mask & (1 << e) != 0)
         .collect();
-    let total: u64 = deltas.iter().sum();
-    let max = deltas.iter().copied().max().unwrap_or(0);
-    (max as f64 / total.max(1) as f64, total)
+    let b = (0..EXPERTS as u32)
+        .filter(|e| mask & (1 << e) == 0)
+        .collect();
+    (a, b)
+}
+
+/// Pairs each worker has computed for the gate so far, by (worker id, layer).
+async fn pairs(gate: &str) -> BTreeMap<(String, u32), u64> {
+    let mut out = BTreeMap::new();
+    for w in gate_info(gate).await.worker_experts {
+        for l in w.layers {
+            out.insert((w.id.clone(), l.layer), l.routed_pairs);
+        }
+    }
+    out
+}
+
+/// Between two readings of [`pairs`]: the step share (each layer's busiest worker's pairs,
+/// summed over the layers, over all pairs), the busiest worker's share of all pairs summed over
+/// the layers (what a placement by id evens out), and the pairs routed.
+fn shares(
+    from: &BTreeMap<(String, u32), u64>,
+    to: &BTreeMap<(String, u32), u64>,
+) -> (f64, f64, u64) {
+    let mut per_layer: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut per_worker: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut total = 0;
+    for ((id, layer), n) in to {
+        let d = n - from.get(&(id.clone(), *layer)).copied().unwrap_or(0);
+        let m = per_layer.entry(*layer).or_default();
+        *m = (*m).max(d);
+        *per_worker.entry(id).or_default() += d;
+        total += d;
+    }
+    let step: u64 = per_layer.values().sum();
+    let busiest = per_worker.values().copied().max().unwrap_or(0);
+    let t = total.max(1) as f64;
+    (step as f64 / t, busiest as f64 / t, total)
+}
+
+/// Sends every worker its experts list (the per-id field: the same experts in every layer),
+/// in two phases that never leave an expert without a holder, and waits for the gate to list
+/// each worker's new experts.
+async fn place_by_id(gate: &str, workers: &[(String, Vec<u32>)]) {
+    let info = gate_info(gate).await;
+    let address = |id: &str| {
+        info.worker_experts
+            .iter()
+            .find(|w| w.id == id)
+            .map(|w| w.address.clone())
+            .expect("the gate lists the worker")
+    };
+    let current: BTreeMap<String, Vec<u32>> = info
+        .worker_experts
+        .iter()
+        .map(|w| (w.id.clone(), w.experts.clone()))
+        .collect();
+    for phase in 0..2 {
+        for (id, want) in workers {
+            let experts: Vec<u32> = if phase == 0 {
+                want.iter()
+                    .chain(&current[id])
+                    .copied()
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect()
+            } else {
+                want.clone()
+            };
+            let mut c = ExpertClient::connect(format!("http://{}", address(id)))
+                .await
+                .expect("worker reachable");
+            c.set_experts(SetExpertsRequest {
+                experts: experts.clone(),
+                release_grace_ms: 200,
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|s| panic!("SetExperts {experts:?} on {id}: {s}"));
+            moemesh_tests::mesh::wait_until("the gate to list the new experts", || {
+                let (id, experts) = (id.clone(), experts.clone());
+                async move {
+                    gate_info(gate)
+                        .await
+                        .worker_experts
+                        .iter()
+                        .any(|w| w.id == id && w.experts == experts)
+                }
+            })
+            .await;
+        }
+    }
 }
 
 /// `CLIENTS` clients, each generating the prompts in turn, `rounds` times (or, with `until`,
 /// until it is set, at least once): every output must equal `reference`. Returns the requests made.
-async fn load(
+async fn load_run(
     url: &str,
     prompts: &Arc<Vec<Vec<u32>>>,
     reference: &Arc<Vec<Vec<u32>>>,
@@ -133,15 +217,14 @@ async fn load(
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_live_rebalance_under_skewed_load_fails_nothing_keeps_every_token_and_evens_the_load() {
-    let (hot, cold) = hot_and_cold(16, &[1, 2], 4);
+async fn a_live_per_layer_rebalance_under_skewed_load_fails_nothing_keeps_every_token_and_evens_each_layer()
+ {
     let opts = MeshOpts {
         gate_args: vec![format!("--router-skew={SKEW}")],
         ..MeshOpts::default()
     };
-    let mut mesh = Mesh::start_opts(Some(&fixture(MODEL)), &[&hot, &cold], &opts);
+    let mut mesh = Mesh::start_opts(Some(&fixture(MODEL)), &["0-7", "8-15"], &opts);
     let (url, gate) = (mesh.frontend_url(), mesh.gate_url());
-    println!("worker0 (hot) --experts {hot}; worker1 --experts {cold}");
 
     // Outputs before any move, one request at a time.
     let prompts: Arc<Vec<Vec<u32>>> = Arc::new(
@@ -163,9 +246,27 @@ async fn a_live_rebalance_under_skewed_load_fails_nothing_keeps_every_token_and_
     }
     let reference = Arc::new(reference);
 
-    // Steady load on today's placement.
+    // The starting placement, by id, from the load those requests measured.
+    let load: BTreeMap<u32, Vec<u64>> = gate_info(&gate)
+        .await
+        .expert_load
+        .into_iter()
+        .map(|l| (l.layer, l.tokens))
+        .collect();
+    assert_eq!(load.len(), 2, "two MoE layers: {load:?}");
+    let (first, second) = split_by_layer_skew(&load);
+    let ids: Vec<String> = gate_info(&gate)
+        .await
+        .worker_experts
+        .iter()
+        .map(|w| w.id.clone())
+        .collect();
+    println!("load per layer: {load:?}\nstarting placement by id: {first:?} / {second:?}");
+    place_by_id(&gate, &[(ids[0].clone(), first), (ids[1].clone(), second)]).await;
+
+    // Steady load on the starting placement.
     let a0 = pairs(&gate).await;
-    let before_requests = load(&url, &prompts, &reference, 2, None).await;
+    let before_requests = load_run(&url, &prompts, &reference, 2, None).await;
     let a1 = pairs(&gate).await;
 
     // The same load goes on while the rebalance moves experts.
@@ -177,7 +278,7 @@ async fn a_live_rebalance_under_skewed_load_fails_nothing_keeps_every_token_and_
             reference.clone(),
             stop.clone(),
         );
-        tokio::spawn(async move { load(&url, &prompts, &reference, 0, Some(stop)).await })
+        tokio::spawn(async move { load_run(&url, &prompts, &reference, 0, Some(stop)).await })
     };
     let addr = gate.trim_start_matches("http://").to_string();
     let out = tokio::task::spawn_blocking(move || {
@@ -190,6 +291,7 @@ async fn a_live_rebalance_under_skewed_load_fails_nothing_keeps_every_token_and_
                 "2",
                 "--release-grace-ms",
                 "500",
+                "--cumulative",
             ])
             .args(["--apply-timeout", "120"])
             .output()
@@ -213,10 +315,11 @@ async fn a_live_rebalance_under_skewed_load_fails_nothing_keeps_every_token_and_
     println!("plan: {plan}\napplied: {applied}");
     assert_eq!(applied["applied"], true, "{applied}");
 
-    // The gate routes by the plan: each worker lists its planned experts, and the hottest
-    // experts have two holders.
+    // The gate routes by the plan: each worker lists its planned experts in each layer, every
+    // layer holds every expert, some are replicated, and the layers differ.
     let info = gate_info(&gate).await;
-    let mut holders: BTreeMap<u32, usize> = BTreeMap::new();
+    let mut holders: BTreeMap<(u32, u32), usize> = BTreeMap::new();
+    let mut differ = false;
     for w in &info.worker_experts {
         let planned = plan["workers"]
             .as_array()
@@ -224,43 +327,211 @@ async fn a_live_rebalance_under_skewed_load_fails_nothing_keeps_every_token_and_
             .iter()
             .find(|p| p["id"] == w.id.as_str())
             .expect("planned worker");
-        let want: Vec<u32> = planned["experts_planned"]
-            .as_array()
-            .expect("planned experts")
-            .iter()
-            .map(|e| e.as_u64().expect("id") as u32)
-            .collect();
-        assert_eq!(w.experts, want, "worker {}", w.id);
-        for &e in &w.experts {
-            *holders.entry(e).or_default() += 1;
+        let mut lists = Vec::new();
+        for l in &w.layers {
+            let want: Vec<u32> = planned["layers_planned"][l.layer.to_string()]
+                .as_array()
+                .expect("planned experts of the layer")
+                .iter()
+                .map(|e| e.as_u64().expect("id") as u32)
+                .collect();
+            assert_eq!(l.experts, want, "worker {} layer {}", w.id, l.layer);
+            for &e in &l.experts {
+                *holders.entry((l.layer, e)).or_default() += 1;
+            }
+            lists.push(l.experts.clone());
         }
+        differ |= lists.windows(2).any(|p| p[0] != p[1]);
     }
-    assert_eq!(holders.len(), 16, "every expert held: {holders:?}");
+    assert_eq!(
+        holders.len(),
+        2 * EXPERTS,
+        "every (layer, expert) held: {holders:?}"
+    );
     assert!(
         holders.values().any(|&n| n == 2),
-        "no expert was replicated: {holders:?}"
+        "nothing was replicated: {holders:?}"
+    );
+    assert!(
+        differ,
+        "no worker holds different experts per layer: {info:?}"
     );
 
     // The same load again, on the new placement.
     let c0 = pairs(&gate).await;
-    let after_requests = load(&url, &prompts, &reference, 2, None).await;
+    let after_requests = load_run(&url, &prompts, &reference, 2, None).await;
     let c1 = pairs(&gate).await;
-    let (before, before_pairs) = busiest_share(&a0, &a1);
-    let (after, after_pairs) = busiest_share(&c0, &c1);
+    let (before, before_overall, before_pairs) = shares(&a0, &a1);
+    let (after, after_overall, after_pairs) = shares(&c0, &c1);
     println!(
-        "busiest worker's share of routed pairs: {:.1}% before ({before_requests} requests, \
-         {before_pairs} pairs), {:.1}% after ({after_requests} requests, {after_pairs} pairs); \
+        "step share (each layer's busiest worker, summed over the layers) of routed pairs: \
+         {:.1}% before ({before_requests} requests, {before_pairs} pairs), {:.1}% after \
+         ({after_requests} requests, {after_pairs} pairs); busiest worker summed over the \
+         layers: {:.1}% before, {:.1}% after; plan: {} -> {} (by the gate's counts); \
          {during_requests} requests during the move, none failed, all tokens unchanged",
         before * 100.0,
-        after * 100.0
+        after * 100.0,
+        before_overall * 100.0,
+        after_overall * 100.0,
+        plan["step_share_now"],
+        plan["step_share_planned"],
     );
+    // The starting placement is about even by id and skewed per layer...
+    assert!(
+        before_overall < 0.6 && before > 0.75,
+        "the starting placement is not even by id and skewed per layer: step {before:.3}, \
+         busiest by id {before_overall:.3}"
+    );
+    // A placement by id would see the gate's counts summed over the layers, already about
+    // even: under the default --min-gain of 2 points it would not move at all.
+    let by_id_now = plan["busiest_overall_now"]
+        .as_f64()
+        .expect("busiest overall");
+    assert!(by_id_now < 52.5, "{plan}");
+    // ... and the per-layer plan lowers what each step waits for.
     assert!(
         after < before,
-        "the busiest worker's share did not drop: {before:.3} -> {after:.3}"
+        "the step share did not drop: {before:.3} -> {after:.3}"
     );
     // The workers logged the change; the processes live on.
     for (p, _) in &mut mesh.workers {
         assert!(p.log_text().contains("experts changed"), "{}", p.log_text());
         assert!(!p.exited(), "{} exited", p.name);
     }
+}
+
+/// Sends worker `id` (at `address`) a per-layer `SetExperts`: `layer` holds `experts` from now
+/// on (its other layers keep theirs), giving up the rest after `grace_ms`; then waits for the
+/// gate to list it.
+async fn set_layer(
+    gate: &str,
+    (id, address): &(String, String),
+    layer: u32,
+    experts: &[u32],
+    grace_ms: u32,
+) {
+    let mut c = ExpertClient::connect(format!("http://{address}"))
+        .await
+        .expect("worker reachable");
+    c.set_experts(SetExpertsRequest {
+        layer_experts: vec![moemesh_proto::v1::LayerExperts {
+            layer,
+            experts: experts.to_vec(),
+        }],
+        release_grace_ms: grace_ms,
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|s| panic!("SetExperts layer {layer} {experts:?} on {id}: {s}"));
+    moemesh_tests::mesh::wait_until("the gate to list the layer's new experts", || async move {
+        gate_info(gate).await.worker_experts.iter().any(|w| {
+            w.id == *id
+                && w.layers
+                    .iter()
+                    .any(|l| l.layer == layer && l.experts == experts)
+        })
+    })
+    .await;
+}
+
+/// Per-layer moves with no grace, under load: layer 2's halves swap between the two workers
+/// and back, again and again (layer 1 stays), each worker dropping what it gave up as soon as
+/// the registry lists the change, so a gate whose step still routes by the old placement reaches
+/// a worker that no longer holds the expert in that layer. The worker refuses the call
+/// (`not_held`), the gate re-sends its pairs to the expert's holder in that layer, and no request
+/// fails: every greedy output equals the one before any move.
+#[tokio::test(flavor = "multi_thread")]
+async fn per_layer_moves_without_grace_are_refused_and_re_sent_never_failed() {
+    let opts = MeshOpts {
+        gate_args: vec!["--metrics-listen".into(), "127.0.0.1:0".into()],
+        ..MeshOpts::default()
+    };
+    let mesh = Mesh::start_opts(Some(&fixture(MODEL)), &["0-7", "8-15"], &opts);
+    let (url, gate) = (mesh.frontend_url(), mesh.gate_url());
+    let prompts: Arc<Vec<Vec<u32>>> = Arc::new(
+        (0..4u32)
+            .map(|i| {
+                (0..(5 + i * 4))
+                    .map(|j| 3 + (i * 71 + j * 13) % 400)
+                    .collect()
+            })
+            .collect(),
+    );
+    let mut reference = Vec::new();
+    for p in prompts.iter() {
+        reference.push(
+            generate(&url, tokens_request(p, NEW_TOKENS))
+                .await
+                .expect("generate"),
+        );
+    }
+    let reference = Arc::new(reference);
+    let workers: Vec<(String, String)> = gate_info(&gate)
+        .await
+        .worker_experts
+        .iter()
+        .map(|w| (w.id.clone(), w.address.clone()))
+        .collect();
+    assert_eq!(workers.len(), 2);
+    let refusals = || {
+        let metrics = mesh.gate.0.metrics.as_deref();
+        let samples = moemesh_tests::mesh::parse_metrics(&moemesh_tests::mesh::scrape(
+            metrics.expect("the gate's metrics address"),
+        ));
+        moemesh_tests::mesh::metric_sum(&samples, "moemesh_gate_expert_refusals_total", &[])
+            .unwrap_or(0.0)
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let during = {
+        let (url, prompts, reference, stop) = (
+            url.clone(),
+            prompts.clone(),
+            reference.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(async move { load_run(&url, &prompts, &reference, 0, Some(stop)).await })
+    };
+    let (low, high): (Vec<u32>, Vec<u32>) = ((0..8).collect(), (8..16).collect());
+    let all: Vec<u32> = (0..16).collect();
+    // Swaps out and back (so the halves end where they started): at least 6, and on until the
+    // gate has re-sent a refused call, at most 20.
+    let mut swaps = 0;
+    while swaps < 6 || (swaps < 20 && refusals() == 0.0) {
+        for (to0, to1) in [(&high, &low), (&low, &high)] {
+            // Both hold all of layer 2 (phase 1), then each keeps its half (phase 2, no grace).
+            for w in &workers {
+                set_layer(&gate, w, 2, &all, 0).await;
+            }
+            set_layer(&gate, &workers[0], 2, to0, 0).await;
+            set_layer(&gate, &workers[1], 2, to1, 0).await;
+            swaps += 1;
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let during_requests = during
+        .await
+        .expect("no request failed and every output held");
+
+    // Layer 1 never moved; layer 2's halves are back where they started.
+    let info = gate_info(&gate).await;
+    for (i, w) in info.worker_experts.iter().enumerate() {
+        let held: BTreeMap<u32, Vec<u32>> = w
+            .layers
+            .iter()
+            .map(|l| (l.layer, l.experts.clone()))
+            .collect();
+        let home = if i == 0 { &low } else { &high };
+        assert_eq!(&held[&1], home, "{}: layer 1", w.id);
+        assert_eq!(&held[&2], home, "{}: layer 2", w.id);
+    }
+    let refused = refusals();
+    println!(
+        "{swaps} swaps of layer 2 with no grace: {during_requests} requests during them, none \
+         failed, every output unchanged; {refused} calls refused (not_held) and re-sent"
+    );
+    assert!(
+        refused > 0.0,
+        "no call was refused in {swaps} swaps: the re-send path did not run"
+    );
 }

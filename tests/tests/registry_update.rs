@@ -1,9 +1,11 @@
 //! A registration's value changes while it lives (issue 22's live re-placement: an expert
 //! worker announces experts it has just loaded): against a real etcd, a watcher sees the new
-//! expert set under the same key and lease, and an update that would change the key is refused.
+//! expert set (per layer, too) under the same key and lease, and an update that would change the
+//! key is refused.
 
 use std::time::Duration;
 
+use moemesh_common::placement::Holdings;
 use moemesh_common::registry::{Member, Registry, RegistryConfig, Role};
 use moemesh_tests::mesh::Etcd;
 
@@ -14,6 +16,7 @@ fn worker(experts: Vec<u32>) -> Member {
         address: "127.0.0.1:1".into(),
         layers: vec![1, 2],
         experts,
+        layer_experts: Vec::new(),
         device: "cpu".into(),
         fingerprint: "f".into(),
         version: "test".into(),
@@ -79,6 +82,19 @@ async fn an_updated_registration_shows_its_new_experts_to_watchers() {
         .expect("update");
     assert_eq!(listed(&mut rx, &[2, 3, 6, 7]).await, [2, 3, 6, 7]);
     assert_eq!(rx.borrow().len(), 1, "one key, rewritten");
+    // Per layer: layer 2 gives up 6 and 7 for 5. The watcher reads the per-layer holdings;
+    // `experts` keeps what both layers hold (all that an older gate would route to).
+    let per_layer = Holdings::from([(1, vec![2, 3, 6, 7]), (2, vec![2, 3, 5])]);
+    let mut m = worker(Vec::new());
+    m.set_holdings(&per_layer);
+    registration.update(m).await.expect("update");
+    assert_eq!(listed(&mut rx, &[2, 3]).await, [2, 3]);
+    let seen = rx
+        .borrow()
+        .iter()
+        .find(|m| m.id == "expert-test-1")
+        .map(Member::holdings);
+    assert_eq!(seen, Some(per_layer));
 
     // Another id would be another key: refused, naming both.
     let other = Member {

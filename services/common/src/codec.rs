@@ -1,5 +1,6 @@
 //! Tensors on the wire: candle tensors to and from `moemesh.v1.Tensor` (raw little-endian bytes,
 //! dtype, shape). Decoding checks that the byte count matches the shape before touching data.
+//! Also the small wire conversions the services share (an expert worker's holdings, logprobs).
 
 use moemesh_engine::{DType, Device, Tensor};
 use moemesh_proto::v1;
@@ -230,6 +231,32 @@ fn wire_dtype(d: v1::DType) -> MeshResult<(DType, usize)> {
         v1::DType::Bf16 => Ok((DType::BF16, 2)),
         v1::DType::Unspecified => Err(MeshError::Invalid("tensor dtype is unspecified".into())),
     }
+}
+
+/// Holdings (per layer, the experts held) as `LayerExperts` messages, ascending by layer.
+pub fn holdings_to_wire(h: &crate::placement::Holdings) -> Vec<v1::LayerExperts> {
+    h.iter()
+        .map(|(&layer, experts)| v1::LayerExperts {
+            layer,
+            experts: experts.clone(),
+        })
+        .collect()
+}
+
+/// What an expert worker's `ExpertInfoResponse` says it holds: per layer of `layers`, its
+/// `layer_experts` entry, else `experts` (an older worker lists no entries).
+pub fn holdings_from_info(info: &v1::ExpertInfoResponse) -> crate::placement::Holdings {
+    info.layers
+        .iter()
+        .map(|&l| {
+            let list = info
+                .layer_experts
+                .iter()
+                .find(|le| le.layer == l)
+                .map_or(&info.experts, |le| &le.experts);
+            (l, list.clone())
+        })
+        .collect()
 }
 
 /// The wire dtype for a compute dtype: f32 stays exact; everything else travels as bf16.

@@ -153,7 +153,8 @@ metrics_table! {
     counter WORKER_REFUSED_CALLS = "moemesh_expert_refused_calls_total";
     /// `SetExperts` changes, per `outcome` (`ok`, `error`).
     counter WORKER_SET_EXPERTS = "moemesh_expert_set_experts_total";
-    /// Routed experts this worker holds now (in each served layer).
+    /// Routed experts this worker holds now per served layer (the mean over its layers, which
+    /// may hold different experts).
     gauge WORKER_HELD_EXPERTS = "moemesh_expert_held_experts";
 
     // Registry (every role).

@@ -388,6 +388,7 @@ mod tests {
             address: url.clone(),
             layers: vec![1],
             experts: vec![0],
+            layer_experts: Vec::new(),
             device: "cpu".into(),
             fingerprint: "f".into(),
             version: String::new(),

@@ -24,6 +24,7 @@ use arc_swap::ArcSwap;
 use futures::Stream;
 use moemesh_common::member_args::DEFAULT_MAX_MESSAGE_MB;
 use moemesh_common::metrics::{code_label, names};
+use moemesh_common::placement::{self, Holdings};
 use moemesh_common::registry::{Member, Registry, Role};
 use moemesh_common::tls::{self, ClientAuth};
 use moemesh_common::transport::{DeviceLayout, flags};
@@ -113,8 +114,9 @@ static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 struct Held {
     /// The weights, in every served layer.
     shard: Arc<ExpertShard>,
-    /// The experts held (ascending), as `Info` and the registry list them.
-    experts: Vec<u32>,
+    /// The experts held, per served layer (each ascending), as `Info` and the registry list
+    /// them. Layers may hold different experts (a per-layer `SetExperts`).
+    holdings: Holdings,
     /// Slot tables of device-ordered calls that compute some of a layer's held experts, by
     /// (layer, experts). They name slots of this shard's stacks, so they live and die with it
     /// (a new shard numbers its slots anew).
@@ -122,17 +124,17 @@ struct Held {
 }
 
 impl Held {
-    fn new(shard: Arc<ExpertShard>, experts: Vec<u32>) -> Self {
+    fn new(shard: Arc<ExpertShard>, holdings: Holdings) -> Self {
         Held {
             shard,
-            experts,
+            holdings,
             slot_tables: Default::default(),
         }
     }
 }
 
-/// A new expert list for the registry, and where to say whether etcd has it.
-type Announce = (Vec<u32>, oneshot::Sender<MeshResult<()>>);
+/// New holdings for the registry, and where to say whether etcd has them.
+type Announce = (Holdings, oneshot::Sender<MeshResult<()>>);
 
 /// Longest `SetExpertsRequest.release_grace_ms`.
 const MAX_RELEASE_GRACE_MS: u32 = 60_000;
@@ -157,8 +159,8 @@ struct Worker {
     fingerprint: String,
     /// The checkpoint's weight format, reported by Info.
     weights_dtype: String,
-    /// Bytes one held expert takes on the device (all its layers), for Info's weight_bytes.
-    bytes_per_expert: u64,
+    /// Bytes one held expert of one layer takes on the device, for Info's weight_bytes.
+    bytes_per_pair: u64,
     device: Device,
     hidden_size: usize,
     /// The model's routed experts per layer (the bound on `SetExperts`).
@@ -184,15 +186,17 @@ const MAX_SLOT_TABLES: usize = 4096;
 
 impl Worker {
     fn info(&self) -> ExpertInfoResponse {
-        let experts = self.held.load().experts.clone();
+        let held = self.held.load();
+        let pairs: usize = held.holdings.values().map(Vec::len).sum();
         ExpertInfoResponse {
             id: self.id.clone(),
             layers: self.layers.clone(),
-            weight_bytes: self.bytes_per_expert * experts.len() as u64,
-            experts,
+            weight_bytes: self.bytes_per_pair * pairs as u64,
+            experts: placement::common_experts(&held.holdings),
             device: self.device_name.clone(),
             fingerprint: self.fingerprint.clone(),
             weights_dtype: self.weights_dtype.clone(),
+            layer_experts: codec::holdings_to_wire(&held.holdings),
         }
     }
 
@@ -469,8 +473,9 @@ impl Worker {
             .find(|&&e| !held.shard.has(layer, e as usize))
         {
             return Err(MeshError::Unavailable(format!(
-                "expert {e} of layer {layer} is not held by worker {} (its experts are now {:?})",
-                self.id, held.experts
+                "expert {e} of layer {layer} is not held by worker {} (its experts there are now {:?})",
+                self.id,
+                held.holdings.get(&(layer as u32))
             )));
         }
         let key = (layer, experts.to_vec());
@@ -634,26 +639,92 @@ fn sorted(mut v: Vec<u32>) -> Vec<u32> {
     v
 }
 
+/// Per layer, the experts of `a` that `b` lacks (layers where there are none left out).
+fn minus(a: &Holdings, b: &Holdings) -> Holdings {
+    a.iter()
+        .filter_map(|(&l, list)| {
+            let other = b.get(&l).map(Vec::as_slice).unwrap_or(&[]);
+            let left: Vec<u32> = list
+                .iter()
+                .copied()
+                .filter(|e| !other.contains(e))
+                .collect();
+            (!left.is_empty()).then_some((l, left))
+        })
+        .collect()
+}
+
+/// Per layer, the experts of `a` and of `b`, ascending.
+fn union(a: &Holdings, b: &Holdings) -> Holdings {
+    let mut out = a.clone();
+    for (&l, list) in b {
+        let entry = out.entry(l).or_default();
+        entry.extend(list);
+        *entry = sorted(std::mem::take(entry));
+    }
+    out
+}
+
+/// The distinct experts of every layer of `h`, ascending.
+fn all_experts(h: &Holdings) -> Vec<u32> {
+    sorted(h.values().flatten().copied().collect())
+}
+
 impl Worker {
-    /// Checks a `SetExperts` request: the target list, sorted and deduplicated, and the grace.
-    fn check_set_experts(&self, req: &SetExpertsRequest) -> MeshResult<(Vec<u32>, Duration)> {
-        if req.experts.is_empty() {
-            return Err(MeshError::Invalid(
-                "experts: empty list (a worker holds at least one expert)".into(),
-            ));
+    /// Checks an expert list of a `SetExperts` request (`field` names it in errors): sorted and
+    /// deduplicated.
+    fn check_list(&self, field: &str, experts: &[u32]) -> MeshResult<Vec<u32>> {
+        if experts.is_empty() {
+            return Err(MeshError::Invalid(format!(
+                "{field}: empty list (a worker holds at least one expert in each layer it serves)"
+            )));
         }
-        if let Some((i, e)) = req
-            .experts
+        if let Some((i, e)) = experts
             .iter()
             .enumerate()
             .find(|&(_, &e)| e as usize >= self.n_experts)
         {
             return Err(MeshError::Invalid(format!(
-                "experts[{i}]: expert {e} does not exist (the model has {} routed experts, 0-{})",
+                "{field}[{i}]: expert {e} does not exist (the model has {} routed experts, 0-{})",
                 self.n_experts,
                 self.n_experts.saturating_sub(1)
             )));
         }
+        Ok(sorted(experts.to_vec()))
+    }
+
+    /// Checks a `SetExperts` request: the layers it changes, each with its new list (the
+    /// per-id `experts` field: every served layer), and the grace.
+    fn check_set_experts(&self, req: &SetExpertsRequest) -> MeshResult<(Holdings, Duration)> {
+        let changes = if req.layer_experts.is_empty() {
+            let list = self.check_list("experts", &req.experts)?;
+            placement::uniform(&self.layers, &list)
+        } else {
+            if !req.experts.is_empty() {
+                return Err(MeshError::Invalid(
+                    "experts: must be empty when layer_experts is set (one placement per request)"
+                        .into(),
+                ));
+            }
+            let mut changes = Holdings::new();
+            for (i, le) in req.layer_experts.iter().enumerate() {
+                if !self.layers.contains(&le.layer) {
+                    return Err(MeshError::Invalid(format!(
+                        "layer_experts[{i}].layer: layer {} is not served by worker {} (its layers: {:?})",
+                        le.layer, self.id, self.layers
+                    )));
+                }
+                if changes.contains_key(&le.layer) {
+                    return Err(MeshError::Invalid(format!(
+                        "layer_experts[{i}].layer: layer {} is listed twice",
+                        le.layer
+                    )));
+                }
+                let list = self.check_list(&format!("layer_experts[{i}].experts"), &le.experts)?;
+                changes.insert(le.layer, list);
+            }
+            changes
+        };
         if req.release_grace_ms > MAX_RELEASE_GRACE_MS {
             return Err(MeshError::Invalid(format!(
                 "release_grace_ms: {} is over the limit of {MAX_RELEASE_GRACE_MS}",
@@ -661,14 +732,14 @@ impl Worker {
             )));
         }
         Ok((
-            sorted(req.experts.clone()),
+            changes,
             Duration::from_millis(u64::from(req.release_grace_ms)),
         ))
     }
 
-    /// A shard holding `experts`, built from `from` (experts it holds are copied, the others
+    /// A shard holding `holdings`, built from `from` (experts it holds are copied, the others
     /// loaded) on a blocking thread; Forward calls go on meanwhile on whatever is held.
-    async fn build(&self, from: Arc<ExpertShard>, experts: Vec<u32>) -> MeshResult<ExpertShard> {
+    async fn build(&self, from: Arc<ExpertShard>, holdings: Holdings) -> MeshResult<ExpertShard> {
         let Some(source) = &self.source else {
             return Err(MeshError::Precondition(format!(
                 "worker {} cannot load experts (no model source)",
@@ -678,8 +749,11 @@ impl Worker {
         let (files, dtype, device) = (source.files.clone(), source.dtype, self.device.clone());
         tokio::task::spawn_blocking(move || {
             let loader = files.loader(&device, dtype);
-            let list: Vec<usize> = experts.iter().map(|&e| e as usize).collect();
-            let shard = from.regroup(&files.config, &loader, &list)?;
+            let per_layer: BTreeMap<usize, Vec<usize>> = holdings
+                .iter()
+                .map(|(&l, list)| (l as usize, list.iter().map(|&e| e as usize).collect()))
+                .collect();
+            let shard = from.regroup(&files.config, &loader, &per_layer)?;
             // The new weights were written on the main stream; sessions read them on their own.
             ipc::synchronize(&device)?;
             Ok::<_, MeshError>(shard)
@@ -690,28 +764,30 @@ impl Worker {
 
     /// Swaps `held` in; calls in flight finish on what they started with.
     fn install(&self, held: Held) {
-        metrics::gauge!(names::WORKER_HELD_EXPERTS).set(held.experts.len() as f64);
+        let pairs: usize = held.holdings.values().map(Vec::len).sum();
+        metrics::gauge!(names::WORKER_HELD_EXPERTS)
+            .set(pairs as f64 / held.holdings.len().max(1) as f64);
         self.held.store(Arc::new(held));
     }
 
-    /// Lists `experts` in the registry; returns once etcd has them.
-    async fn announce(&self, experts: Vec<u32>) -> MeshResult<()> {
+    /// Lists `holdings` in the registry; returns once etcd has them.
+    async fn announce(&self, holdings: Holdings) -> MeshResult<()> {
         let Some(tx) = &self.announce else {
             return Ok(());
         };
         let (done, written) = oneshot::channel();
         let gone = || MeshError::Unavailable(format!("worker {} is shutting down", self.id));
-        tx.send((experts, done)).await.map_err(|_| gone())?;
+        tx.send((holdings, done)).await.map_err(|_| gone())?;
         written.await.map_err(|_| gone())?
     }
 
-    /// `SetExperts`: load what is missing next to what is held (union), swap that in, announce the
-    /// target list, keep computing the given-up experts for the grace, then swap in the target
-    /// shard (dropping the others once the calls using them finish). Every intermediate state
-    /// holds at least what the registry lists, so a gate that routes by the registry is never
-    /// refused by a worker that is still announcing.
+    /// `SetExperts`: load what is missing next to what is held (per layer, the union), swap that
+    /// in, announce the target holdings, keep computing the given-up experts for the grace, then
+    /// swap in the target shard (dropping the others once the calls using them finish). Every
+    /// intermediate state holds at least what the registry lists, so a gate that routes by the
+    /// registry is never refused by a worker that is still announcing.
     async fn set_experts(&self, req: SetExpertsRequest) -> MeshResult<SetExpertsResponse> {
-        let (target, grace) = self.check_set_experts(&req)?;
+        let (changes, grace) = self.check_set_experts(&req)?;
         let Ok(_one) = self.changing.try_lock() else {
             return Err(MeshError::Precondition(format!(
                 "worker {}: another SetExperts is in progress; retry once it has answered",
@@ -719,28 +795,23 @@ impl Worker {
             )));
         };
         let old = self.held.load_full();
-        let loaded: Vec<u32> = target
-            .iter()
-            .copied()
-            .filter(|e| !old.experts.contains(e))
-            .collect();
-        let dropped: Vec<u32> = old
-            .experts
-            .iter()
-            .copied()
-            .filter(|e| !target.contains(e))
-            .collect();
+        // Layers the request does not list keep what they hold.
+        let mut target = old.holdings.clone();
+        target.extend(changes);
+        let loaded = minus(&target, &old.holdings);
+        let dropped = minus(&old.holdings, &target);
         let started = std::time::Instant::now();
         tracing::info!(worker = %self.id, ?loaded, ?dropped, "changing the experts held");
         if !loaded.is_empty() {
-            let union = sorted(old.experts.iter().chain(&loaded).copied().collect());
-            let shard = self.build(old.shard.clone(), union.clone()).await?;
-            self.install(Held::new(Arc::new(shard), union));
+            let both = union(&old.holdings, &loaded);
+            let shard = self.build(old.shard.clone(), both.clone()).await?;
+            self.install(Held::new(Arc::new(shard), both));
         }
         let load_ms = started.elapsed().as_millis() as u64;
         self.announce(target.clone()).await.map_err(|e| {
             MeshError::Unavailable(format!(
-                "worker {}: the experts {loaded:?} are loaded, but announcing {target:?} failed                  (the registry still lists the old ones; the worker keeps both): {e}",
+                "worker {}: the experts {loaded:?} are loaded, but announcing {target:?} failed \
+                 (the registry still lists the old ones; the worker keeps both): {e}",
                 self.id
             ))
         })?;
@@ -751,12 +822,15 @@ impl Worker {
             let shard = self.build(now.shard.clone(), target.clone()).await?;
             self.install(Held::new(Arc::new(shard), target.clone()));
         }
-        tracing::info!(worker = %self.id, experts = ?target, ?loaded, ?dropped, load_ms, "experts changed");
+        tracing::info!(worker = %self.id, holdings = ?target, ?loaded, ?dropped, load_ms, "experts changed");
         Ok(SetExpertsResponse {
-            experts: target,
-            loaded,
-            dropped,
+            experts: placement::common_experts(&target),
+            loaded: all_experts(&loaded),
+            dropped: all_experts(&dropped),
             load_ms,
+            layer_experts: codec::holdings_to_wire(&target),
+            layer_loaded: codec::holdings_to_wire(&loaded),
+            layer_dropped: codec::holdings_to_wire(&dropped),
         })
     }
 }
@@ -1013,21 +1087,23 @@ pub async fn run(
         checkpoint = %LoadedBytes::describe(&loaded.checkpoint),
         "memory plan"
     );
-    // Every expert of a shard takes the same bytes: Info scales this by the experts held now.
-    let bytes_per_expert = loaded.resident_total() / (experts.len().max(1) as u64);
+    // Every expert of every layer of a shard takes the same bytes: Info scales this by the
+    // (layer, expert) pairs held now.
+    let bytes_per_pair = loaded.resident_total() / ((experts.len() * layers.len()).max(1) as u64);
+    let holdings = placement::uniform(&layers, &experts);
     let files = Arc::new(files);
 
     let (calls, in_flight) = serve::Drain::new();
     let (announce, mut announcements) = mpsc::channel::<Announce>(1);
     metrics::gauge!(names::WORKER_HELD_EXPERTS).set(experts.len() as f64);
     let worker = Arc::new(Worker {
-        held: ArcSwap::from_pointee(Held::new(Arc::new(shard), experts.clone())),
+        held: ArcSwap::from_pointee(Held::new(Arc::new(shard), holdings)),
         id: id.clone(),
         layers: layers.clone(),
         device_name: cfg.member.device.clone(),
         fingerprint: files.fingerprint.clone(),
         weights_dtype,
-        bytes_per_expert,
+        bytes_per_pair,
         device,
         hidden_size,
         n_experts,
@@ -1085,6 +1161,7 @@ pub async fn run(
         address: advertise.clone(),
         layers,
         experts,
+        layer_experts: Vec::new(),
         device: cfg.member.device.clone(),
         fingerprint: files.fingerprint.clone(),
         version: env!("CARGO_PKG_VERSION").to_string(),
@@ -1097,8 +1174,8 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            Some((experts, done)) = announcements.recv() => {
-                member.experts = experts;
+            Some((holdings, done)) = announcements.recv() => {
+                member.set_holdings(&holdings);
                 let _ = done.send(serving.update(member.clone()).await);
             }
         }
@@ -1126,26 +1203,30 @@ mod tests {
 
     use super::*;
 
-    /// A CPU worker for experts 0 and 1 of the embedded model's first MoE layer, in `dtype`.
+    /// A CPU worker for experts 0 and 1 of every MoE layer of the embedded model, in `dtype`.
     fn worker(dtype: DType) -> Worker {
         let files = ModelFiles::open_or_embedded(None).expect("embedded model");
         let cfg = &files.config;
         let spec = ShardSpec {
-            layers: vec![cfg.moe_layers()[0]],
+            layers: cfg.moe_layers(),
             experts: vec![0, 1],
         };
+        let layers: Vec<u32> = spec.layers.iter().map(|&l| l as u32).collect();
         let loader = files.loader(&Device::Cpu, dtype);
         let shard = ExpertShard::load(cfg, &loader, &spec).expect("shard");
         let (hidden_size, n_experts) = (cfg.hidden_size, cfg.n_routed_experts);
         drop(loader);
         Worker {
-            held: ArcSwap::from_pointee(Held::new(Arc::new(shard.with_f32_output()), vec![0, 1])),
+            held: ArcSwap::from_pointee(Held::new(
+                Arc::new(shard.with_f32_output()),
+                placement::uniform(&layers, &[0, 1]),
+            )),
             id: "worker-test".into(),
-            layers: spec.layers.iter().map(|&l| l as u32).collect(),
+            layers,
             device_name: "cpu".into(),
             fingerprint: files.fingerprint.clone(),
             weights_dtype: files.weights_format(),
-            bytes_per_expert: 0,
+            bytes_per_pair: 0,
             device: Device::Cpu,
             hidden_size,
             n_experts,
@@ -1240,8 +1321,13 @@ mod tests {
         assert!(matches!(err, MeshError::Unavailable(_)), "{err}");
     }
 
-    /// A host-path request for `experts` (one token each, weight 1) in the worker's layer.
+    /// A host-path request for `experts` (one token each, weight 1) in the worker's first layer.
     fn call_for(worker: &Worker, experts: &[u32]) -> ForwardRequest {
+        call_in(worker, worker.layers[0], experts)
+    }
+
+    /// A host-path request for `experts` (one token each, weight 1) in `layer`.
+    fn call_in(worker: &Worker, layer: u32, experts: &[u32]) -> ForwardRequest {
         let x = moemesh_engine::Tensor::randn(
             0f32,
             1.0,
@@ -1251,7 +1337,7 @@ mod tests {
         .expect("activations");
         ForwardRequest {
             call_id: 9,
-            layer: worker.layers[0],
+            layer,
             hidden: Some(codec::encode(&x, v1::DType::F32).expect("encode")),
             pairs_per_token: vec![1; experts.len()],
             expert_ids: experts.to_vec(),
@@ -1280,6 +1366,7 @@ mod tests {
             let req = SetExpertsRequest {
                 experts,
                 release_grace_ms: grace,
+                ..Default::default()
             };
             let status = Status::from(worker.set_experts(req).await.expect_err("refused"));
             assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
@@ -1292,6 +1379,7 @@ mod tests {
             let req = SetExpertsRequest {
                 experts: vec![1],
                 release_grace_ms: 0,
+                ..Default::default()
             };
             let err = worker.set_experts(req).await.expect_err("busy");
             assert_eq!(Status::from(err).code(), tonic::Code::FailedPrecondition);
@@ -1302,6 +1390,7 @@ mod tests {
             .set_experts(SetExpertsRequest {
                 experts: vec![2, 1, 2],
                 release_grace_ms: 0,
+                ..Default::default()
             })
             .await
             .expect("changed");
@@ -1347,6 +1436,97 @@ mod tests {
         let mut other = call_for(&worker, &[1]);
         other.layer = 0;
         assert!(matches!(worker.forward(&other), Err(MeshError::Invalid(_))));
+    }
+
+    /// A per-layer SetExperts checks each entry (field and limit named), changes only the layers
+    /// it lists, and from then on each layer computes and refuses by its own list.
+    #[tokio::test]
+    async fn set_experts_per_layer_checks_each_entry_and_changes_only_those_layers() {
+        let worker = cpu_worker();
+        let n = worker.n_experts as u32;
+        let (l1, l2) = (worker.layers[0], worker.layers[1]);
+        let entry = |layer: u32, experts: Vec<u32>| v1::LayerExperts { layer, experts };
+        let bad = [
+            (
+                vec![entry(0, vec![1])],
+                vec![],
+                "layer_experts[0].layer: layer 0 is not served",
+            ),
+            (
+                vec![entry(l1, vec![1]), entry(l1, vec![2])],
+                vec![],
+                "layer_experts[1].layer: layer 1 is listed twice",
+            ),
+            (
+                vec![entry(l1, vec![1]), entry(l2, vec![])],
+                vec![],
+                "layer_experts[1].experts: empty list",
+            ),
+            (
+                vec![entry(l2, vec![0, n])],
+                vec![],
+                "layer_experts[0].experts[1]: expert",
+            ),
+            (vec![entry(l1, vec![1])], vec![1], "experts: must be empty"),
+        ];
+        for (layer_experts, experts, want) in bad {
+            let req = SetExpertsRequest {
+                experts,
+                layer_experts,
+                ..Default::default()
+            };
+            let status = Status::from(worker.set_experts(req).await.expect_err("refused"));
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+            assert!(status.message().contains(want), "{want}: {status}");
+        }
+        assert!(
+            worker
+                .info()
+                .layer_experts
+                .iter()
+                .all(|le| le.experts == [0, 1])
+        );
+        // Layer l1 swaps expert 0 for 2; the other layers keep theirs.
+        let reply = worker
+            .set_experts(SetExpertsRequest {
+                layer_experts: vec![entry(l1, vec![2, 1])],
+                ..Default::default()
+            })
+            .await
+            .expect("changed");
+        assert_eq!(reply.layer_loaded, vec![entry(l1, vec![2])]);
+        assert_eq!(reply.layer_dropped, vec![entry(l1, vec![0])]);
+        assert_eq!((reply.loaded, reply.dropped), (vec![2], vec![0]));
+        // Held in every layer: only expert 1 now.
+        assert_eq!(reply.experts, vec![1]);
+        let info = worker.info();
+        assert_eq!(info.experts, vec![1]);
+        assert_eq!(codec::holdings_from_info(&info), {
+            let mut h = placement::uniform(&worker.layers, &[0, 1]);
+            h.insert(l1, vec![1, 2]);
+            h
+        });
+        assert_eq!(info.layer_experts, reply.layer_experts);
+        // Expert 0 is refused in l1 and computed in l2; expert 2 the other way round.
+        let in_l1 = worker
+            .forward(&call_in(&worker, l1, &[0, 2]))
+            .expect("an answer");
+        assert_eq!(in_l1.not_held, vec![0]);
+        let in_l2 = worker
+            .forward(&call_in(&worker, l2, &[0, 2]))
+            .expect("an answer");
+        assert_eq!(in_l2.not_held, vec![2]);
+        assert!(
+            worker
+                .forward(&call_in(&worker, l2, &[0, 1]))
+                .expect("computed")
+                .output
+                .is_some()
+        );
+        let got = worker
+            .forward(&call_in(&worker, l1, &[2, 1]))
+            .expect("computed");
+        assert!(got.not_held.is_empty() && got.output.is_some());
     }
 
     /// A bf16 worker answers a bf16 request with its f32 accumulator, not a bf16 rounding of it.

@@ -535,6 +535,7 @@ pub async fn run(
             address: a.clone(),
             layers: Vec::new(),
             experts: Vec::new(),
+            layer_experts: Vec::new(),
             device: String::new(),
             fingerprint: files.fingerprint.clone(),
             version: String::new(),

@@ -1498,9 +1498,7 @@ async fn execute(
         for result in join_all(calls).await {
             let (client, group, partial) = result?;
             if matches!(partial, Ok(Partial::Host(..) | Partial::Device(_))) {
-                client
-                    .routed_pairs
-                    .fetch_add(group.len() as u64, Ordering::Relaxed);
+                client.count_pairs(layer, group.len() as u64);
             }
             match partial {
                 Ok(Partial::Refused(experts)) => {
@@ -1733,6 +1731,56 @@ mod tests {
         assert!(group_experts(8, |e| (e != 6).then(|| holder(e)), |w| *w).is_none());
         // No experts: no calls.
         assert_eq!(group_experts(0, |e| Some(holder(e)), |w| *w), Some(vec![]));
+    }
+
+    /// A device-ordered layer's calls follow that layer's placement: with holdings that differ
+    /// per layer, the same pool groups the experts differently in each layer (what
+    /// `plan_device` and `graph_begin` send as each call's explicit expert list, and what the
+    /// worker's per-layer slot table is built from).
+    #[test]
+    fn device_groups_follow_each_layers_placement() {
+        use moemesh_common::placement::Holdings;
+        use moemesh_common::registry::{Member, Role};
+        let member = |id: &str, h: Holdings| {
+            let mut m = Member {
+                id: id.into(),
+                role: Role::Expert,
+                address: "127.0.0.1:9".into(),
+                layers: Vec::new(),
+                experts: Vec::new(),
+                layer_experts: Vec::new(),
+                device: "cpu".into(),
+                fingerprint: "fp".into(),
+                version: String::new(),
+            };
+            m.set_holdings(&h);
+            m
+        };
+        let pool = WorkerPool::new("fp".into(), None, Duration::from_millis(200));
+        pool.update(&[
+            member("a", Holdings::from([(1, vec![0, 1]), (2, vec![1, 2, 3])])),
+            member("b", Holdings::from([(1, vec![2, 3]), (2, vec![0])])),
+        ]);
+        let none = Excluded::default();
+        let groups = |layer: u32| {
+            group_experts(
+                4,
+                |e| pool.pick(layer, e, &none, 0, Placement::Step).ok(),
+                |c| c.serial,
+            )
+            .expect("every expert held")
+            .into_iter()
+            .map(|(c, experts)| (c.member.id.clone(), experts))
+            .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            groups(1),
+            [("a".to_string(), vec![0, 1]), ("b".to_string(), vec![2, 3])]
+        );
+        assert_eq!(
+            groups(2),
+            [("a".to_string(), vec![1, 2, 3]), ("b".to_string(), vec![0])]
+        );
     }
 
     #[test]

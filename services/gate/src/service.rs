@@ -20,7 +20,7 @@ use moemesh_proto::v1::expert_client::ExpertClient;
 use moemesh_proto::v1::gate_server::{Gate, GateServer};
 use moemesh_proto::v1::{
     ExpertInfoRequest, GateInfoRequest, GateInfoResponse, StepError, StepRequest, StepResponse,
-    WorkerExperts,
+    WorkerExperts, WorkerLayer,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -148,11 +148,22 @@ impl Gate for GateService {
             .await
             .map_err(|_| MeshError::Unavailable("gate engine stopped".into()))?;
         for v in self.pool.views() {
+            let layers = v
+                .member
+                .holdings()
+                .into_iter()
+                .map(|(layer, experts)| WorkerLayer {
+                    layer,
+                    experts,
+                    routed_pairs: v.routed_pairs.get(&layer).copied().unwrap_or(0),
+                })
+                .collect();
             info.worker_experts.push(WorkerExperts {
                 id: v.member.id.clone(),
                 experts: v.member.experts.clone(),
                 address: v.member.address.clone(),
-                routed_pairs: v.routed_pairs,
+                routed_pairs: v.routed_pairs.values().sum(),
+                layers,
             });
             info.expert_workers.push(v.member.id);
             info.expert_transports.push(v.transport.to_string());
@@ -203,16 +214,19 @@ async fn static_members(addrs: &[String], tls: Option<&Tls>) -> MeshResult<Vec<M
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         };
-        out.push(Member {
-            id: info.id,
+        let mut member = Member {
+            id: info.id.clone(),
             role: Role::Expert,
             address: addr.clone(),
-            layers: info.layers,
-            experts: info.experts,
-            device: info.device,
-            fingerprint: info.fingerprint,
+            layers: Vec::new(),
+            experts: Vec::new(),
+            layer_experts: Vec::new(),
+            device: info.device.clone(),
+            fingerprint: info.fingerprint.clone(),
             version: String::new(),
-        });
+        };
+        member.set_holdings(&codec::holdings_from_info(&info));
+        out.push(member);
     }
     Ok(out)
 }
@@ -446,6 +460,7 @@ pub async fn run(
                 address: advertise.clone(),
                 layers: Vec::new(),
                 experts: Vec::new(),
+                layer_experts: Vec::new(),
                 device: cfg.member.device.clone(),
                 fingerprint: files.fingerprint.clone(),
                 version: env!("CARGO_PKG_VERSION").to_string(),

@@ -258,9 +258,9 @@ pub struct WorkerClient {
     /// for the client's life; its experts may be out of date (the pool's routes say what the
     /// worker holds now).
     pub member: Member,
-    /// (token, expert) pairs the worker computed for this gate (successful calls on the gRPC and
-    /// host-ordered paths).
-    pub routed_pairs: AtomicU64,
+    /// Per MoE layer the worker serves (fixed for the client's life), the (token, expert) pairs
+    /// it computed there for this gate (successful calls on the gRPC and host-ordered paths).
+    routed_pairs: BTreeMap<u32, AtomicU64>,
     /// This client's id (see [`NEXT_SERIAL`]).
     pub serial: u64,
     /// The open stream, if any.
@@ -301,8 +301,12 @@ impl WorkerClient {
         offer: Option<Arc<IpcOffer>>,
     ) -> Self {
         WorkerClient {
+            routed_pairs: member
+                .layers
+                .iter()
+                .map(|&l| (l, AtomicU64::new(0)))
+                .collect(),
             member,
-            routed_pairs: AtomicU64::new(0),
             serial: NEXT_SERIAL.fetch_add(1, Ordering::Relaxed),
             conn: Mutex::new(None),
             dial: tokio::sync::Mutex::new(()),
@@ -316,6 +320,21 @@ impl WorkerClient {
             offer,
             transport: Mutex::new(transport::PENDING),
         }
+    }
+
+    /// Counts `pairs` (token, expert) pairs of `layer` that the worker computed for this gate.
+    pub fn count_pairs(&self, layer: u32, pairs: u64) {
+        if let Some(n) = self.routed_pairs.get(&layer) {
+            n.fetch_add(pairs, Ordering::Relaxed);
+        }
+    }
+
+    /// Per layer it serves, the pairs the worker computed for this gate.
+    pub fn routed_pairs(&self) -> BTreeMap<u32, u64> {
+        self.routed_pairs
+            .iter()
+            .map(|(&l, n)| (l, n.load(Ordering::Relaxed)))
+            .collect()
     }
 
     /// The transport this worker's activations take now.
@@ -721,8 +740,8 @@ impl WorkerClient {
     }
 }
 
-/// One placement: (layer, expert) → ids of the workers holding it, as the registry listed them
-/// at one moment.
+/// One placement: (layer, expert) → ids of the workers holding that expert in that layer, as
+/// the registry listed them at one moment (a worker may hold different experts in each layer).
 #[derive(Default)]
 pub struct Routes {
     table: HashMap<(u32, u32), Vec<String>>,
@@ -778,8 +797,8 @@ pub struct WorkerView {
     pub member: Member,
     /// The transport its activations take.
     pub transport: &'static str,
-    /// Pairs it computed for this gate.
-    pub routed_pairs: u64,
+    /// Per layer it serves, the pairs it computed there for this gate.
+    pub routed_pairs: BTreeMap<u32, u64>,
 }
 
 /// Of the replicas a call may go to, those on the gate's own GPU (`gate_device`, as the registry
@@ -871,7 +890,7 @@ impl WorkerPool {
             .map(|(id, w)| WorkerView {
                 member: st.members.get(id).unwrap_or(&w.member).clone(),
                 transport: w.transport(),
-                routed_pairs: w.routed_pairs.load(Ordering::Relaxed),
+                routed_pairs: w.routed_pairs(),
             })
             .collect()
     }
@@ -933,17 +952,18 @@ impl WorkerPool {
                     c
                 }
             };
-            for &l in &m.layers {
-                for &e in &m.experts {
+            let holdings = m.holdings();
+            for (&l, experts) in &holdings {
+                for &e in experts {
                     table.entry((l, e)).or_default().push(m.id.clone());
                 }
             }
             if st
                 .members
                 .get(&m.id)
-                .is_some_and(|old| old.experts != m.experts)
+                .is_some_and(|old| old.holdings() != holdings)
             {
-                tracing::info!(worker = %m.id, experts = ?m.experts, "expert worker's experts changed; routing by them from the next step");
+                tracing::info!(worker = %m.id, ?holdings, "expert worker's experts changed; routing by them from the next step");
             }
             workers.insert(m.id.clone(), client);
             listed.insert(m.id.clone(), m.clone());
@@ -1070,8 +1090,9 @@ mod tests {
             id: id.into(),
             role: Role::Expert,
             address: "127.0.0.1:9".into(),
-            layers: vec![1],
+            layers: vec![1, 2],
             experts,
+            layer_experts: Vec::new(),
             device: "cpu".into(),
             fingerprint: "fp".into(),
             version: String::new(),
@@ -1242,6 +1263,51 @@ mod tests {
                 .id,
             "a"
         );
+    }
+
+    /// Holdings that differ per layer route each (layer, expert) to the workers holding that
+    /// expert in that layer only (a replica in one layer is a single holder in another); pairs
+    /// are counted per layer.
+    #[test]
+    fn routes_and_counts_are_per_layer() {
+        use moemesh_common::placement::Holdings;
+        let pool = WorkerPool::new("fp".into(), None, Duration::from_millis(200));
+        let with = |id: &str, h: Holdings| {
+            let mut m = member(id, Vec::new());
+            m.set_holdings(&h);
+            m
+        };
+        pool.update(&[
+            with("a", Holdings::from([(1, vec![0, 1]), (2, vec![2, 3])])),
+            with("b", Holdings::from([(1, vec![0, 2, 3]), (2, vec![0, 1])])),
+        ]);
+        let none = Excluded::default();
+        let id = |l, e, round| {
+            pool.pick(l, e, &none, round, Placement::Step)
+                .expect("a holder")
+                .member
+                .id
+                .clone()
+        };
+        // Expert 0: replicated in layer 1, on b alone in layer 2.
+        assert_eq!([id(1, 0, 0), id(1, 0, 1)], ["a", "b"]);
+        assert_eq!([id(2, 0, 0), id(2, 0, 1)], ["b", "b"]);
+        // Expert 2: b in layer 1, a in layer 2.
+        assert_eq!(
+            (id(1, 2, 0), id(2, 2, 0)),
+            ("b".to_string(), "a".to_string())
+        );
+        assert_eq!(pool.missing(&[1, 2], 4), 0);
+        assert_eq!(pool.missing(&[1, 2], 5), 2);
+        let a = pool.pick(1, 1, &none, 0, Placement::Step).expect("a");
+        a.count_pairs(1, 3);
+        a.count_pairs(2, 2);
+        // A layer the worker does not serve counts nowhere.
+        a.count_pairs(7, 5);
+        assert_eq!(a.routed_pairs(), BTreeMap::from([(1, 3), (2, 2)]));
+        let views = pool.views();
+        assert_eq!(views[0].routed_pairs, BTreeMap::from([(1, 3), (2, 2)]));
+        assert_eq!(views[0].member.holdings()[&2], vec![2, 3]);
     }
 
     /// A replicated expert's picks alternate over its replicas as the round advances, so the

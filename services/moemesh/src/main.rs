@@ -38,7 +38,9 @@ enum Command {
     /// Memory plan: a model's bytes per part under a weights dtype, its placement on N GPUs of
     /// G GiB (gate, expert workers and their --experts ranges) and whether it fits.
     Plan(plan_cmd::PlanArgs),
-    /// Expert placement from a gate's measured load: the planner's choice beside today's.
+    /// Expert placement per MoE layer from the gates' measured load: the planner's choice
+    /// beside today's (each layer's busiest worker, summed over the layers), applied live with
+    /// --apply.
     Rebalance(rebalance_cmd::RebalanceArgs),
     /// Start a complete local mesh: expert workers, a gate and a frontend, as separate processes.
     Up(up_cmd::UpArgs),

@@ -1,13 +1,17 @@
 //! `moemesh rebalance`: the expert placement the planner (`moemesh_common::placement`) would
-//! choose from the gates' measured load (`Gate.Info`: tokens routed per (layer, expert) over each
-//! gate's recent window, or since it started with `--cumulative`, and each worker's experts),
-//! beside today's: each worker's share of the routed tokens and the busiest worker's. With
-//! `--apply` the plan is then carried out live (issue 22), in an order that never leaves an
-//! expert without a holder: first every worker that gains experts is sent `Expert.SetExperts`
-//! with its old experts plus the new ones, and the gates are polled until they list all of
-//! them; then every worker that gives experts up is sent its planned list, and the gates are
-//! polled again. Each worker's call and each wait is bounded by `--apply-timeout`. `moemesh up
-//! --rebalance-every` runs the same cycle periodically ([`cycle`]).
+//! choose, layer by layer, from the gates' measured load (`Gate.Info`: tokens routed per (layer,
+//! expert) over each gate's recent window, or since it started with `--cumulative`, and what
+//! each worker holds in each layer), beside today's. The summary that matters is the *step
+//! share*: each MoE layer's busiest worker's share of that layer's tokens, summed over the layers
+//! as a share of all routed tokens: every layer waits for its slowest worker, so that is the part
+//! of the routed work a step waits for (100% / workers when every layer is even). With `--apply`
+//! the plan is carried out live (issue 22), in an order that never leaves a (layer, expert)
+//! without a holder: first every worker that gains experts in some layer is sent
+//! `Expert.SetExperts` with, for those layers, its old experts plus the new ones, and the gates
+//! are polled until they list all of them; then every worker that gives experts up is sent its
+//! planned lists for those layers, and the gates are polled again. Each worker's call and each
+//! wait is bounded by `--apply-timeout`. `moemesh up --rebalance-every` runs the same cycle
+//! periodically ([`cycle`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -15,10 +19,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 use futures::future::join_all;
-use moemesh_common::placement;
+use moemesh_common::placement::{Balance, Holdings};
+use moemesh_common::{codec, placement};
 use moemesh_proto::v1::expert_client::ExpertClient;
 use moemesh_proto::v1::gate_client::GateClient;
-use moemesh_proto::v1::{GateInfoRequest, GateInfoResponse, SetExpertsRequest};
+use moemesh_proto::v1::{GateInfoRequest, GateInfoResponse, SetExpertsRequest, WorkerExperts};
 use moemesh_tools::client_args::ClientArgs;
 
 #[derive(Args, Debug, Clone)]
@@ -35,25 +40,27 @@ pub struct RebalanceArgs {
     /// Show the plan (always done; kept for scripts that pass it).
     #[arg(long, default_value_t = true)]
     pub plan: bool,
-    /// After showing the plan, carry it out live: the workers load their new experts while they
-    /// serve (`Expert.SetExperts`), the gates switch between steps, then the workers drop the
-    /// experts they gave up. Needs a mesh on etcd.
+    /// After showing the plan, carry it out live: the workers load their new experts (per layer)
+    /// while they serve (`Expert.SetExperts`), the gates switch between steps, then the workers
+    /// drop the experts they gave up. Needs a mesh on etcd.
     #[arg(long)]
     pub apply: bool,
-    /// Experts each worker may hold beyond an even share of them (the experts over the workers,
-    /// rounded up): room for replicas. The room does not depend on what a worker holds now, so
-    /// applying plans again and again does not make workers grow.
+    /// Experts each worker may hold in each layer beyond an even share of that layer's experts
+    /// (the experts over the workers serving the layer, rounded up): room for replicas. The room
+    /// does not depend on what a worker holds now, so applying plans again and again does not
+    /// make workers grow.
     #[arg(long, default_value_t = 2)]
     pub spare: usize,
-    /// Most copies of one expert.
+    /// Most copies of one expert in one layer.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_copies: u32,
     /// Plan from the tokens routed since the gate started instead of over its recent window
     /// (`moemesh gate --load-window-secs`).
     #[arg(long)]
     pub cumulative: bool,
-    /// With --apply: apply only when the plan lowers the busiest worker's share of the routed
-    /// tokens by at least this many percentage points (moving experts costs loading them).
+    /// With --apply: apply only when the plan lowers the step share (each layer's busiest
+    /// worker's share, summed over the layers: what a step waits for) by at least this many
+    /// percentage points (moving experts costs loading them).
     #[arg(long, default_value_t = 2.0)]
     pub min_gain: f64,
     /// With --apply: how long the workers keep computing the experts they give up after
@@ -82,22 +89,22 @@ pub struct Planned {
     pub infos: Vec<GateInfoResponse>,
     /// What the load covers ("in the last 60s").
     pub basis: String,
-    /// Tokens routed to each expert, summed over layers and gates.
-    pub load: Vec<u64>,
-    /// Per worker (the first gate's order): experts now, and planned.
-    pub today: Vec<Vec<u32>>,
-    pub planned: Vec<Vec<u32>>,
-    /// Per worker: tokens it computes now, and under the plan (a replicated expert's load split
-    /// evenly over its copies).
-    pub before: Vec<f64>,
-    pub after: Vec<f64>,
-    /// Expert ids with more than one copy planned, and their copies.
-    pub copies: Vec<(u32, u32)>,
+    /// Per MoE layer with tokens routed, the tokens routed to each expert, summed over the gates.
+    pub load: BTreeMap<u32, Vec<u64>>,
+    /// Per worker (the first gate's order): what it holds now, and planned (layers without load
+    /// keep what they hold).
+    pub today: Vec<Holdings>,
+    pub planned: Vec<Holdings>,
+    /// How today's placement and the plan spread the load.
+    pub before: Balance,
+    pub after: Balance,
+    /// (layer, expert, copies) of the (layer, expert)s with more than one copy planned.
+    pub copies: Vec<(u32, u32, u32)>,
 }
 
 impl Planned {
     pub fn total(&self) -> u64 {
-        self.load.iter().sum()
+        self.before.routed
     }
 
     /// Share (percent) of the routed tokens that `tokens` is.
@@ -108,15 +115,28 @@ impl Planned {
         }
     }
 
-    /// The busiest worker's share now and planned, in percent.
+    /// The step share (each layer's busiest worker's share, summed over the layers; see the
+    /// module doc) now and planned, in percent: what `--min-gain` compares.
     pub fn busiest(&self) -> (f64, f64) {
-        let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
-        (self.pct(max(&self.before)), self.pct(max(&self.after)))
+        (self.before.step_share(), self.after.step_share())
     }
 
     /// Whether anything would move.
     pub fn changes(&self) -> bool {
         self.today.iter().zip(&self.planned).any(|(a, b)| a != b)
+    }
+}
+
+/// What a gate says worker `w` holds: its per-layer list, or (an older gate) its experts in
+/// every one of `layers`.
+fn holdings_of(w: &WorkerExperts, layers: &[u32]) -> Holdings {
+    if w.layers.is_empty() {
+        placement::uniform(layers, &w.experts)
+    } else {
+        w.layers
+            .iter()
+            .map(|l| (l.layer, l.experts.clone()))
+            .collect()
     }
 }
 
@@ -147,35 +167,24 @@ pub async fn plan(args: &RebalanceArgs) -> anyhow::Result<Planned> {
     for addr in &args.addr {
         infos.push(gate_info(&args.client, addr, limit).await?);
     }
-    let first = &infos[0];
+    plan_from(args, infos)
+}
+
+/// The plan for the gates' answers `infos` (pure: what [`plan`] does once it has them).
+fn plan_from(args: &RebalanceArgs, infos: Vec<GateInfoResponse>) -> anyhow::Result<Planned> {
+    let Some(first) = infos.first() else {
+        bail!("--addr: no gate given");
+    };
     if first.worker_experts.is_empty() {
-        bail!("gate {} lists no expert workers", args.addr[0]);
+        bail!("gate {} lists no expert workers", args.addr.join(","));
     }
     let basis = if args.cumulative {
         "since the gate started".to_string()
     } else {
         format!("in the last {}s", first.load_window_secs)
     };
-    // Load per expert, summed over the layers (a worker holds the same experts in each) and gates.
-    let n = infos
-        .iter()
-        .flat_map(|i| {
-            let layers = if args.cumulative {
-                &i.expert_load
-            } else {
-                &i.expert_load_window
-            };
-            layers.iter().map(|l| l.tokens.len())
-        })
-        .chain(
-            first
-                .worker_experts
-                .iter()
-                .flat_map(|w| w.experts.iter().map(|&e| e as usize + 1)),
-        )
-        .max()
-        .unwrap_or(0);
-    let mut load = vec![0u64; n];
+    // Load per (layer, expert), summed over the gates.
+    let mut load: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
     for info in &infos {
         let layers = if args.cumulative {
             &info.expert_load
@@ -183,56 +192,97 @@ pub async fn plan(args: &RebalanceArgs) -> anyhow::Result<Planned> {
             &info.expert_load_window
         };
         for l in layers {
+            let tokens = load.entry(l.layer).or_default();
+            if tokens.len() < l.tokens.len() {
+                tokens.resize(l.tokens.len(), 0);
+            }
             for (e, &t) in l.tokens.iter().enumerate() {
-                load[e] += t;
+                tokens[e] += t;
             }
         }
     }
-    // Experts any worker holds now: the planner places exactly those.
-    let held: BTreeSet<u32> = first
+    let load_layers: Vec<u32> = load.keys().copied().collect();
+    let today: Vec<Holdings> = first
         .worker_experts
         .iter()
-        .flat_map(|w| w.experts.iter().copied())
+        .map(|w| holdings_of(w, &load_layers))
         .collect();
-    let ids: Vec<u32> = held.into_iter().collect();
-    let sub_load: Vec<u64> = ids.iter().map(|&e| load[e as usize]).collect();
-    let share = ids.len().div_ceil(first.worker_experts.len());
-    let room = vec![share + args.spare; first.worker_experts.len()];
-    let plan = placement::plan(&sub_load, &room, args.max_copies as usize)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let planned: Vec<Vec<u32>> = plan
-        .holds
-        .iter()
-        .map(|h| h.iter().map(|&i| ids[i as usize]).collect())
-        .collect();
-    let today: Vec<Vec<u32>> = first
-        .worker_experts
-        .iter()
-        .map(|w| w.experts.clone())
-        .collect();
-    let share = |holds: &[Vec<u32>]| -> Vec<f64> {
-        let mut copies = vec![0u32; n];
-        for h in holds {
-            for &e in h {
-                copies[e as usize] += 1;
+    // Per layer with load, the experts some worker holds there now (the planner places exactly
+    // those) and each worker's room there: an even share of them over the workers serving the
+    // layer, plus --spare; none where a worker does not serve the layer. Layers without load
+    // are not planned: they keep what they hold.
+    let mut layer_ids: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    let mut room: Vec<BTreeMap<u32, usize>> = vec![BTreeMap::new(); today.len()];
+    let mut sub_load: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+    for (&l, tokens) in &load {
+        let held: BTreeSet<u32> = today
+            .iter()
+            .filter_map(|h| h.get(&l))
+            .flatten()
+            .copied()
+            .collect();
+        if held.is_empty() {
+            continue;
+        }
+        let ids: Vec<u32> = held.into_iter().collect();
+        let servers = today.iter().filter(|h| h.contains_key(&l)).count();
+        let share = ids.len().div_ceil(servers);
+        for (w, h) in today.iter().enumerate() {
+            if h.contains_key(&l) {
+                room[w].insert(l, share + args.spare);
             }
         }
-        holds
-            .iter()
-            .map(|h| {
-                h.iter()
-                    .map(|&e| load[e as usize] as f64 / f64::from(copies[e as usize].max(1)))
-                    .sum()
-            })
-            .collect()
-    };
-    let (before, after) = (share(&today), share(&planned));
-    let copies = ids
+        sub_load.insert(
+            l,
+            ids.iter()
+                .map(|&e| tokens.get(e as usize).copied().unwrap_or(0))
+                .collect(),
+        );
+        layer_ids.insert(l, ids);
+    }
+    if sub_load.is_empty() {
+        bail!("no tokens routed {basis} in any layer the workers hold: nothing to plan from");
+    }
+    // Today's holdings numbered as the planner sees each layer's experts (positions in
+    // `layer_ids`), so that it keeps experts where they are when that costs nothing.
+    let today_idx: Vec<Holdings> = today
         .iter()
-        .zip(&plan.copies)
-        .filter(|(_, c)| **c > 1)
-        .map(|(&e, &c)| (e, c))
+        .map(|h| {
+            layer_ids
+                .iter()
+                .map(|(l, ids)| {
+                    let held = h.get(l).map(Vec::as_slice).unwrap_or(&[]);
+                    let idx = held
+                        .iter()
+                        .filter_map(|e| ids.binary_search(e).ok().map(|i| i as u32))
+                        .collect();
+                    (*l, idx)
+                })
+                .collect()
+        })
         .collect();
+    let plan = placement::plan(&sub_load, &room, args.max_copies as usize, &today_idx)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut planned = today.clone();
+    let mut copies = Vec::new();
+    for (&l, lp) in &plan.layers {
+        let ids = &layer_ids[&l];
+        for (w, h) in lp.holds.iter().enumerate() {
+            if room[w].contains_key(&l) {
+                planned[w].insert(l, h.iter().map(|&i| ids[i as usize]).collect());
+            }
+        }
+        copies.extend(
+            ids.iter()
+                .zip(&lp.copies)
+                .filter(|(_, c)| **c > 1)
+                .map(|(&e, &c)| (l, e, c)),
+        );
+    }
+    let (before, after) = (
+        placement::balance(&load, &today),
+        placement::balance(&load, &planned),
+    );
     Ok(Planned {
         infos,
         basis,
@@ -245,11 +295,62 @@ pub async fn plan(args: &RebalanceArgs) -> anyhow::Result<Planned> {
     })
 }
 
+/// Holdings as JSON: `{"<layer>": [experts]}`.
+fn holdings_json(h: &Holdings) -> serde_json::Value {
+    serde_json::Value::Object(
+        h.iter()
+            .map(|(l, e)| (l.to_string(), serde_json::json!(e)))
+            .collect(),
+    )
+}
+
+/// Holdings as text: `L1: 0-3,7; L2: 1,4` (only the layers of `h`).
+fn holdings_text(h: &Holdings) -> String {
+    h.iter()
+        .map(|(l, e)| format!("L{l}: {}", experts_flag(e)))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Per layer, the busiest worker's share of that layer's tokens, in percent.
+fn layer_shares(b: &Balance) -> BTreeMap<u32, f64> {
+    b.per_layer
+        .iter()
+        .map(|(&l, v)| {
+            let total: f64 = v.iter().sum();
+            let max = v.iter().copied().fold(0.0, f64::max);
+            (
+                l,
+                if total > 0.0 {
+                    max / total * 100.0
+                } else {
+                    0.0
+                },
+            )
+        })
+        .collect()
+}
+
+/// How many (layer, expert) pairs `to` holds that `from` lacks.
+fn pairs_added(from: &Holdings, to: &Holdings) -> usize {
+    to.iter()
+        .map(|(l, list)| {
+            let old = from.get(l).map(Vec::as_slice).unwrap_or(&[]);
+            list.iter().filter(|e| !old.contains(e)).count()
+        })
+        .sum()
+}
+
 /// Prints the plan (a table, or one JSON object).
 fn show(args: &RebalanceArgs, p: &Planned) {
     let gates = args.addr.join(",");
     let workers = &p.infos[0].worker_experts;
     let (now, planned) = p.busiest();
+    let (shares_now, shares_planned) = (layer_shares(&p.before), layer_shares(&p.after));
+    let worst = |b: &Balance| {
+        b.worst_layer()
+            .map(|(l, s)| serde_json::json!({"layer": l, "share": s}))
+    };
     if args.json {
         let workers: Vec<_> = workers
             .iter()
@@ -257,50 +358,97 @@ fn show(args: &RebalanceArgs, p: &Planned) {
             .map(|(i, w)| {
                 serde_json::json!({
                     "id": w.id,
-                    "experts_now": p.today[i],
-                    "tokens_now": p.before[i],
-                    "experts_planned": p.planned[i],
-                    "tokens_planned": p.after[i],
-                    "experts_flag": experts_flag(&p.planned[i]),
+                    "tokens_now": p.before.per_worker[i],
+                    "tokens_planned": p.after.per_worker[i],
+                    "share_now": p.pct(p.before.per_worker[i]),
+                    "share_planned": p.pct(p.after.per_worker[i]),
+                    "layers_now": holdings_json(&p.today[i]),
+                    "layers_planned": holdings_json(&p.planned[i]),
+                    "experts_planned": placement::common_experts(&p.planned[i]),
+                    "pairs_loaded": pairs_added(&p.today[i], &p.planned[i]),
+                    "pairs_dropped": pairs_added(&p.planned[i], &p.today[i]),
                 })
             })
             .collect();
-        let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+        let layers: Vec<_> = shares_now
+            .iter()
+            .map(|(l, s)| {
+                serde_json::json!({
+                    "layer": l,
+                    "busiest_share_now": s,
+                    "busiest_share_planned": shares_planned.get(l),
+                    "copies": p.copies.iter().filter(|c| c.0 == *l)
+                        .map(|&(_, e, c)| serde_json::json!({"expert": e, "copies": c}))
+                        .collect::<Vec<_>>(),
+                })
+            })
+            .collect();
         println!(
             "{}",
             serde_json::json!({
                 "gate": gates,
                 "load": p.basis,
                 "routed_tokens": p.total(),
-                "busiest_now": max(&p.before),
-                "busiest_planned": max(&p.after),
-                "busiest_share_now": now,
-                "busiest_share_planned": planned,
-                "copies": p.copies.iter().map(|(e, c)| serde_json::json!({"expert": e, "copies": c})).collect::<Vec<_>>(),
+                "step_tokens_now": p.before.step_load(),
+                "step_tokens_planned": p.after.step_load(),
+                "step_share_now": now,
+                "step_share_planned": planned,
+                "even_share": 100.0 / workers.len().max(1) as f64,
+                "worst_layer_now": worst(&p.before),
+                "worst_layer_planned": worst(&p.after),
+                "busiest_overall_now": p.before.busiest_overall(),
+                "busiest_overall_planned": p.after.busiest_overall(),
+                "layers": layers,
                 "workers": workers,
             })
         );
         return;
     }
     println!(
-        "gate {gates}: {} routed tokens {} over {} experts and {} workers",
+        "gate {gates}: {} routed tokens {} over {} MoE layers and {} workers",
         p.total(),
         p.basis,
-        p.today.iter().flatten().collect::<BTreeSet<_>>().len(),
+        p.load.len(),
         p.today.len()
     );
-    println!("| worker | share now | share planned | --experts (planned) |");
-    println!("| --- | ---: | ---: | --- |");
-    for (i, w) in workers.iter().enumerate() {
+    println!("| layer | busiest worker now | planned | replicated (expert×copies) |");
+    println!("| ---: | ---: | ---: | --- |");
+    for (l, s) in &shares_now {
+        let copies: Vec<String> = p
+            .copies
+            .iter()
+            .filter(|c| c.0 == *l)
+            .map(|&(_, e, c)| format!("{e}×{c}"))
+            .collect();
         println!(
-            "| {} | {:.1}% | {:.1}% | {} |",
-            w.id,
-            p.pct(p.before[i]),
-            p.pct(p.after[i]),
-            experts_flag(&p.planned[i])
+            "| {l} | {s:.1}% | {:.1}% | {} |",
+            shares_planned.get(l).copied().unwrap_or(0.0),
+            copies.join(" ")
         );
     }
-    println!("busiest worker: {now:.1}% of the routed tokens now, {planned:.1}% planned");
+    println!("| worker | share now | share planned | pairs loaded | pairs dropped |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    for (i, w) in workers.iter().enumerate() {
+        println!(
+            "| {} | {:.1}% | {:.1}% | {} | {} |",
+            w.id,
+            p.pct(p.before.per_worker[i]),
+            p.pct(p.after.per_worker[i]),
+            pairs_added(&p.today[i], &p.planned[i]),
+            pairs_added(&p.planned[i], &p.today[i]),
+        );
+    }
+    let worst_text = |b: &Balance| match b.worst_layer() {
+        Some((l, s)) => format!("layer {l} at {s:.1}%"),
+        None => "none".into(),
+    };
+    println!(
+        "step share (each layer's busiest worker, summed over the layers; even is {:.1}%): \
+         {now:.1}% now, {planned:.1}% planned; worst layer: {} now, {} planned",
+        100.0 / p.today.len().max(1) as f64,
+        worst_text(&p.before),
+        worst_text(&p.after)
+    );
 }
 
 pub fn run(args: RebalanceArgs) -> anyhow::Result<()> {
@@ -328,8 +476,8 @@ pub fn run(args: RebalanceArgs) -> anyhow::Result<()> {
 pub struct Applied {
     /// Why nothing was done, when nothing was.
     pub skipped: Option<String>,
-    /// Per worker changed: id, experts loaded, experts dropped, milliseconds loading.
-    pub workers: Vec<(String, Vec<u32>, Vec<u32>, u64)>,
+    /// Per worker changed: id, experts loaded and dropped per layer, milliseconds loading.
+    pub workers: Vec<(String, Holdings, Holdings, u64)>,
     /// Seconds the whole move took.
     pub secs: f64,
 }
@@ -345,8 +493,8 @@ impl Applied {
             .map(|(id, l, d, ms)| {
                 format!(
                     "{id}: +[{}] -[{}] ({ms} ms loading)",
-                    experts_flag(l),
-                    experts_flag(d)
+                    holdings_text(l),
+                    holdings_text(d)
                 )
             })
             .collect();
@@ -359,33 +507,38 @@ impl Applied {
             "skipped": self.skipped,
             "secs": self.secs,
             "workers": self.workers.iter().map(|(id, l, d, ms)| serde_json::json!({
-                "id": id, "loaded": l, "dropped": d, "load_ms": ms,
+                "id": id, "loaded": holdings_json(l), "dropped": holdings_json(d), "load_ms": ms,
             })).collect::<Vec<_>>(),
         })
     }
 }
 
-/// One worker's target in a phase.
+/// One worker's target in a phase: the layers that change, each with its whole new list.
 struct Move {
     id: String,
     address: String,
-    experts: Vec<u32>,
+    layers: Holdings,
     grace_ms: u32,
 }
+
+/// What [`set_all`] got back from one worker: its id, the experts loaded and dropped per
+/// layer, and milliseconds spent loading.
+type SetReply = (String, Holdings, Holdings, u64);
 
 /// Sends `SetExperts` to every worker of `moves` at once, each bounded by `limit`.
 async fn set_all(
     client: &ClientArgs,
     moves: &[Move],
     limit: Duration,
-) -> anyhow::Result<Vec<(String, Vec<u32>, Vec<u32>, u64)>> {
+) -> anyhow::Result<Vec<SetReply>> {
     let calls = moves.iter().map(|m| async move {
         let call = async {
             let channel = client.channel(&m.address).await?;
             let reply = ExpertClient::new(channel)
                 .set_experts(SetExpertsRequest {
-                    experts: m.experts.clone(),
+                    layer_experts: codec::holdings_to_wire(&m.layers),
                     release_grace_ms: m.grace_ms,
+                    ..Default::default()
                 })
                 .await
                 .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?;
@@ -398,21 +551,29 @@ async fn set_all(
             .with_context(|| {
                 format!(
                     "moemesh.v1.Expert/SetExperts [{}] on worker {} ({})",
-                    experts_flag(&m.experts),
+                    holdings_text(&m.layers),
                     m.id,
                     m.address
                 )
             })?;
-        anyhow::Ok((m.id.clone(), r.loaded, r.dropped, r.load_ms))
+        let per_layer = |v: &[moemesh_proto::v1::LayerExperts]| -> Holdings {
+            v.iter().map(|l| (l.layer, l.experts.clone())).collect()
+        };
+        anyhow::Ok((
+            m.id.clone(),
+            per_layer(&r.layer_loaded),
+            per_layer(&r.layer_dropped),
+            r.load_ms,
+        ))
     });
     join_all(calls).await.into_iter().collect()
 }
 
-/// Polls every gate until it lists each worker of `want` (id → experts) with exactly those
-/// experts, for at most `limit`.
+/// Polls every gate until it lists each worker of `want` (id → holdings) with exactly those
+/// holdings, for at most `limit`.
 async fn wait_listed(
     args: &RebalanceArgs,
-    want: &BTreeMap<String, Vec<u32>>,
+    want: &BTreeMap<String, Holdings>,
     limit: Duration,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + limit;
@@ -420,14 +581,14 @@ async fn wait_listed(
     for addr in &args.addr {
         loop {
             let info = gate_info(&args.client, addr, per_call).await?;
-            let listed: BTreeMap<&str, &Vec<u32>> = info
+            let listed: BTreeMap<&str, Holdings> = info
                 .worker_experts
                 .iter()
-                .map(|w| (w.id.as_str(), &w.experts))
+                .map(|w| (w.id.as_str(), holdings_of(w, &[])))
                 .collect();
             let behind: Vec<&String> = want
                 .iter()
-                .filter(|(id, e)| listed.get(id.as_str()) != Some(e))
+                .filter(|(id, h)| listed.get(id.as_str()) != Some(h))
                 .map(|(id, _)| id)
                 .collect();
             if behind.is_empty() {
@@ -445,10 +606,19 @@ async fn wait_listed(
     Ok(())
 }
 
-/// Carries out `p` live: adds (every worker its old experts plus its new ones), waits for the
-/// gates to list them, then removes (every worker its planned experts), and waits again. Never
-/// leaves an expert without a holder: after the first phase each worker holds a superset of both
-/// placements, and the planner holds every expert somewhere.
+/// Per layer of `to` that differs from `from`, `to`'s list.
+fn changed_layers(from: &Holdings, to: &Holdings) -> Holdings {
+    to.iter()
+        .filter(|(l, list)| from.get(l) != Some(list))
+        .map(|(&l, list)| (l, list.clone()))
+        .collect()
+}
+
+/// Carries out `p` live: adds (every worker, in each layer, its old experts plus its new ones),
+/// waits for the gates to list them, then removes (every worker its planned experts in the layers
+/// that change), and waits again. Never leaves a (layer, expert) without a holder: after the
+/// first phase each worker holds, in each layer, a superset of both placements, and the planner
+/// holds every expert of every layer somewhere.
 pub async fn apply(args: &RebalanceArgs, p: &Planned) -> anyhow::Result<Applied> {
     let started = Instant::now();
     for (addr, info) in args.addr.iter().zip(&p.infos) {
@@ -480,8 +650,8 @@ pub async fn apply(args: &RebalanceArgs, p: &Planned) -> anyhow::Result<Applied>
     if now - planned < args.min_gain {
         return Ok(Applied {
             skipped: Some(format!(
-                "the busiest worker's share would go from {now:.1}% to {planned:.1}%, less than \
-                 --min-gain {} points",
+                "the step share (each layer's busiest worker, summed over the layers) would go \
+                 from {now:.1}% to {planned:.1}%, less than --min-gain {} points",
                 args.min_gain
             )),
             ..Applied::default()
@@ -493,18 +663,17 @@ pub async fn apply(args: &RebalanceArgs, p: &Planned) -> anyhow::Result<Applied>
     let mut adds = Vec::new();
     let mut after_add = BTreeMap::new();
     for (i, w) in workers.iter().enumerate() {
-        let union: Vec<u32> = p.today[i]
-            .iter()
-            .chain(&p.planned[i])
-            .copied()
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        let mut union = p.today[i].clone();
+        for (&l, list) in &p.planned[i] {
+            let entry = union.entry(l).or_default();
+            let both: BTreeSet<u32> = entry.iter().chain(list).copied().collect();
+            *entry = both.into_iter().collect();
+        }
         if union != p.today[i] {
             adds.push(Move {
                 id: w.id.clone(),
                 address: w.address.clone(),
-                experts: union.clone(),
+                layers: changed_layers(&p.today[i], &union),
                 grace_ms: 0,
             });
             after_add.insert(w.id.clone(), union);
@@ -513,12 +682,21 @@ pub async fn apply(args: &RebalanceArgs, p: &Planned) -> anyhow::Result<Applied>
     if adds.iter().any(|m| m.address.is_empty()) {
         bail!("a gate did not report its workers' addresses (an older gate?): cannot apply");
     }
-    let mut done: BTreeMap<String, (Vec<u32>, Vec<u32>, u64)> = BTreeMap::new();
+    if p.infos
+        .iter()
+        .flat_map(|i| &i.worker_experts)
+        .any(|w| w.layers.is_empty())
+    {
+        bail!(
+            "a gate did not report its workers' experts per layer (an older gate?): cannot apply"
+        );
+    }
+    let mut done: BTreeMap<String, (Holdings, Holdings, u64)> = BTreeMap::new();
     for (id, loaded, _, ms) in set_all(&args.client, &adds, limit)
         .await
         .context("adding experts (nothing was removed; workers that answered hold extra copies)")?
     {
-        done.insert(id, (loaded, Vec::new(), ms));
+        done.insert(id, (loaded, Holdings::new(), ms));
     }
     wait_listed(args, &after_add, limit)
         .await
@@ -532,7 +710,7 @@ pub async fn apply(args: &RebalanceArgs, p: &Planned) -> anyhow::Result<Applied>
             removes.push(Move {
                 id: w.id.clone(),
                 address: w.address.clone(),
-                experts: p.planned[i].clone(),
+                layers: changed_layers(current, &p.planned[i]),
                 grace_ms: args.release_grace_ms,
             });
         }
@@ -586,6 +764,87 @@ fn experts_flag(experts: &[u32]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn args(extra: &[&str]) -> RebalanceArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: RebalanceArgs,
+        }
+        let argv = std::iter::once("rebalance").chain(extra.iter().copied());
+        <Cli as clap::Parser>::try_parse_from(argv)
+            .expect("args")
+            .args
+    }
+
+    fn worker(id: &str, layers: &[(u32, Vec<u32>)]) -> WorkerExperts {
+        WorkerExperts {
+            id: id.into(),
+            address: format!("{id}:1"),
+            layers: layers
+                .iter()
+                .map(|(l, e)| moemesh_proto::v1::WorkerLayer {
+                    layer: *l,
+                    experts: e.clone(),
+                    routed_pairs: 0,
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Each layer's hot experts sit on one worker (layer 1's on a, layer 2's on b): summed per
+    /// worker the load is even, each layer is not. The plan evens each layer, changes only the
+    /// layers with load, and the summary says so.
+    #[test]
+    fn the_plan_is_made_per_layer_and_layers_without_load_keep_their_experts() {
+        let half = |from: u32| (from..from + 4).collect::<Vec<u32>>();
+        let info = GateInfoResponse {
+            worker_experts: vec![
+                worker("a", &[(1, half(0)), (2, half(0)), (3, half(0))]),
+                worker("b", &[(1, half(4)), (2, half(4)), (3, half(4))]),
+            ],
+            expert_load_window: vec![
+                moemesh_proto::v1::LayerLoad {
+                    layer: 1,
+                    tokens: vec![100, 50, 30, 20, 1, 1, 1, 1],
+                },
+                moemesh_proto::v1::LayerLoad {
+                    layer: 2,
+                    tokens: vec![1, 1, 1, 1, 100, 50, 30, 20],
+                },
+            ],
+            load_window_secs: 60,
+            ..Default::default()
+        };
+        let p = plan_from(&args(&["--spare", "1"]), vec![info.clone()]).expect("plan");
+        // Even summed per worker, but every layer waits for one worker with ~97% of its tokens.
+        assert!((p.before.busiest_overall() - 50.0).abs() < 0.5);
+        let (now, planned) = p.busiest();
+        assert!(now > 95.0, "{now}");
+        assert!(planned < 60.0, "{planned}");
+        // Layer 3 had no load: unchanged.
+        assert_eq!(p.planned[0][&3], half(0));
+        assert_eq!(p.planned[1][&3], half(4));
+        // Layers 1 and 2 changed, each its own way; the hottest expert of each is replicated
+        // in its layer.
+        assert_ne!(p.planned[0][&1], p.planned[0][&2]);
+        assert!(p.copies.contains(&(1, 0, 2)) && p.copies.contains(&(2, 4, 2)));
+        assert!(p.changes());
+        // The add phase gives each worker, in the layers it gains experts, old plus new.
+        let gained = changed_layers(&p.today[0], &p.planned[0]);
+        assert!(!gained.contains_key(&3));
+        // Planning again on the same load once the plan is in place moves nothing: the planner
+        // hands each list to the worker that holds it.
+        let mut applied = info.clone();
+        for (w, h) in applied.worker_experts.iter_mut().zip(&p.planned) {
+            for l in &mut w.layers {
+                l.experts = h[&l.layer].clone();
+            }
+        }
+        let again = plan_from(&args(&["--spare", "1"]), vec![applied]).expect("plan");
+        assert!(!again.changes(), "{:?} -> {:?}", again.today, again.planned);
+    }
 
     #[test]
     fn the_experts_flag_folds_runs_into_ranges() {

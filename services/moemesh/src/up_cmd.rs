@@ -100,8 +100,9 @@ pub struct UpArgs {
           value_parser = moemesh_common::skew::parse_router_skew, allow_negative_numbers = true)]
     pub router_skew: f32,
     /// Move experts by measured load every this many seconds (`moemesh rebalance --apply`
-    /// against the gates, their loads summed; a move is made when it lowers the busiest worker's
-    /// share by 2 points or more). Needs --etcd. Off when not given.
+    /// against the gates, their loads summed, placed per MoE layer; a move is made when it lowers
+    /// the step share, each layer's busiest worker's share summed over the layers, by 2 points
+    /// or more). Needs --etcd. Off when not given.
     #[arg(long, env = "MOEMESH_REBALANCE_EVERY", value_parser = clap::value_parser!(u64).range(1..))]
     pub rebalance_every: Option<u64>,
     /// Extra flags for the gate, e.g. `--gate-args=--overlap=true` (repeatable).
@@ -586,7 +587,7 @@ async fn rebalance_loop(
             Ok((p, applied)) => {
                 let (now, planned) = p.busiest();
                 eprintln!(
-                    "moemesh up: rebalance: busiest worker {now:.1}% now, {planned:.1}% planned; {}",
+                    "moemesh up: rebalance: step share (each layer's busiest worker, summed) {now:.1}% now, {planned:.1}% planned; {}",
                     applied.line()
                 );
             }

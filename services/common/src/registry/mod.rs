@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::error::MeshResult;
+use crate::placement::{self, Holdings};
 
 /// The two kinds of registered processes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,9 +51,17 @@ pub struct Member {
     /// Expert workers: the MoE layers they hold.
     #[serde(default)]
     pub layers: Vec<u32>,
-    /// Expert workers: the routed experts they hold in each of those layers.
+    /// Expert workers: the routed experts they hold in each of those layers that
+    /// `layer_experts` does not list. A worker whose layers differ writes here the experts
+    /// common to all of them, so that a reader that knows only this field (an older gate) never
+    /// routes to an expert the worker lacks.
     #[serde(default)]
     pub experts: Vec<u32>,
+    /// Expert workers: per layer, the routed experts held there, for a worker whose layers hold
+    /// different experts (a per-layer `SetExperts`); empty while every layer holds `experts`.
+    /// Read through [`Member::holdings`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layer_experts: Vec<LayerExperts>,
     /// `cpu` or `cuda:N`.
     #[serde(default)]
     pub device: String,
@@ -61,6 +70,51 @@ pub struct Member {
     /// moemesh version of the process.
     #[serde(default)]
     pub version: String,
+}
+
+/// The routed experts an expert worker holds in one MoE layer (a registry value's
+/// `layer_experts`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerExperts {
+    /// Decoder layer index.
+    pub layer: u32,
+    /// Routed experts held there, ascending.
+    pub experts: Vec<u32>,
+}
+
+impl Member {
+    /// What an expert worker holds, per layer it serves: a layer's `layer_experts` entry, else
+    /// `experts`.
+    pub fn holdings(&self) -> Holdings {
+        self.layers
+            .iter()
+            .map(|&l| {
+                let list = self
+                    .layer_experts
+                    .iter()
+                    .find(|le| le.layer == l)
+                    .map_or(&self.experts, |le| &le.experts);
+                (l, list.clone())
+            })
+            .collect()
+    }
+
+    /// Sets `layers`, `experts` and `layer_experts` to list `h` (the compact form, `experts`
+    /// alone, while every layer holds the same experts).
+    pub fn set_holdings(&mut self, h: &Holdings) {
+        self.layers = h.keys().copied().collect();
+        self.experts = placement::common_experts(h);
+        self.layer_experts = if placement::is_uniform(h) {
+            Vec::new()
+        } else {
+            h.iter()
+                .map(|(&layer, experts)| LayerExperts {
+                    layer,
+                    experts: experts.clone(),
+                })
+                .collect()
+        };
+    }
 }
 
 /// Where the registry lives and which mesh this process belongs to.
@@ -183,5 +237,50 @@ impl Registry {
                 rx
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker() -> Member {
+        Member {
+            id: "w".into(),
+            role: Role::Expert,
+            address: "127.0.0.1:1".into(),
+            layers: vec![1, 2],
+            experts: vec![0, 1],
+            layer_experts: Vec::new(),
+            device: "cpu".into(),
+            fingerprint: "fp".into(),
+            version: String::new(),
+        }
+    }
+
+    /// A uniform worker's value is the old form (no `layer_experts` key); a per-layer one lists
+    /// every layer and keeps in `experts` what all of them hold, which is all an older reader
+    /// routes to; a value without the key reads as before.
+    #[test]
+    fn holdings_round_trip_through_the_registry_value_and_old_values_still_read() {
+        let mut m = worker();
+        assert_eq!(m.holdings(), placement::uniform(&[1, 2], &[0, 1]));
+        let json = serde_json::to_string(&m).expect("json");
+        assert!(!json.contains("layer_experts"), "{json}");
+        let per_layer = Holdings::from([(1, vec![0, 1, 2]), (2, vec![1, 3])]);
+        m.set_holdings(&per_layer);
+        assert_eq!(m.experts, vec![1]);
+        assert_eq!(m.layer_experts.len(), 2);
+        let back: Member =
+            serde_json::from_str(&serde_json::to_string(&m).expect("json")).expect("parse");
+        assert_eq!(back.holdings(), per_layer);
+        // Back to uniform: the compact form again.
+        m.set_holdings(&placement::uniform(&[1, 2], &[4]));
+        assert!(m.layer_experts.is_empty());
+        assert_eq!(m.holdings(), placement::uniform(&[1, 2], &[4]));
+        // An older writer's value.
+        let old = r#"{"id":"w","role":"expert","address":"a:1","layers":[1,2],"experts":[5],"fingerprint":"fp"}"#;
+        let old: Member = serde_json::from_str(old).expect("old value");
+        assert_eq!(old.holdings(), placement::uniform(&[1, 2], &[5]));
     }
 }
