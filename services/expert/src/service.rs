@@ -181,6 +181,15 @@ struct Worker {
     spin_waits: bool,
 }
 
+/// The host's available memory (`MemAvailable` in /proc/meminfo), in bytes; `None` where there
+/// is no such file or line.
+fn host_memory_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// Most cached slot tables (a table per replica split in use; cleared when full).
 const MAX_SLOT_TABLES: usize = 4096;
 
@@ -197,6 +206,16 @@ impl Worker {
             fingerprint: self.fingerprint.clone(),
             weights_dtype: self.weights_dtype.clone(),
             layer_experts: codec::holdings_to_wire(&held.holdings),
+            bytes_per_pair: self.bytes_per_pair,
+            memory_free_bytes: self.memory_free().unwrap_or(0),
+        }
+    }
+
+    /// The device's free memory now (see `ExpertInfoResponse.memory_free_bytes`).
+    fn memory_free(&self) -> Option<u64> {
+        match moemesh_engine::cuda::gpu(&self.device) {
+            Some(g) => g.memory_info().ok().map(|(free, _)| free),
+            None => host_memory_available(),
         }
     }
 

@@ -23,7 +23,9 @@ use moemesh_common::placement::{Balance, Holdings};
 use moemesh_common::{codec, placement};
 use moemesh_proto::v1::expert_client::ExpertClient;
 use moemesh_proto::v1::gate_client::GateClient;
-use moemesh_proto::v1::{GateInfoRequest, GateInfoResponse, SetExpertsRequest, WorkerExperts};
+use moemesh_proto::v1::{
+    ExpertInfoRequest, GateInfoRequest, GateInfoResponse, SetExpertsRequest, WorkerExperts,
+};
 use moemesh_tools::client_args::ClientArgs;
 
 #[derive(Args, Debug, Clone)]
@@ -54,6 +56,13 @@ pub struct RebalanceArgs {
     /// Most copies of one expert in one layer.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_copies: u32,
+    /// Memory each worker keeps free beyond the experts a plan has it load, in MiB. A worker's
+    /// room is also bounded by its memory (`Expert.Info`: free bytes and bytes per held (layer,
+    /// expert)): the plan gives it at most as many experts as it holds now plus what fits in
+    /// its free memory less this reserve, and `--apply` refuses a plan that has a worker load
+    /// more than that (it loads the new experts before it drops the old).
+    #[arg(long, default_value_t = 2048)]
+    pub memory_reserve_mb: u64,
     /// Plan from the tokens routed since the gate started instead of over its recent window
     /// (`moemesh gate --load-window-secs`).
     #[arg(long)]
@@ -83,6 +92,22 @@ pub struct RebalanceArgs {
     pub client: ClientArgs,
 }
 
+/// What a worker says of its memory (`Expert.Info`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerMemory {
+    /// Bytes free on its device now.
+    pub free: u64,
+    /// Bytes one held (layer, expert) takes there.
+    pub bytes_per_pair: u64,
+}
+
+impl WorkerMemory {
+    /// (layer, expert) pairs it can load on top of what it holds, keeping `reserve` bytes free.
+    pub fn loadable(&self, reserve: u64) -> u64 {
+        self.free.saturating_sub(reserve) / self.bytes_per_pair.max(1)
+    }
+}
+
 /// A plan beside today's placement.
 pub struct Planned {
     /// The gates' answers (the first one's worker list is the one planned for).
@@ -100,6 +125,10 @@ pub struct Planned {
     pub after: Balance,
     /// (layer, expert, copies) of the (layer, expert)s with more than one copy planned.
     pub copies: Vec<(u32, u32, u32)>,
+    /// Per worker, its memory as it reported it (`None`: unknown, no bound from memory).
+    pub memory: Vec<Option<WorkerMemory>>,
+    /// `--memory-reserve-mb` in bytes.
+    pub reserve: u64,
 }
 
 impl Planned {
@@ -124,6 +153,24 @@ impl Planned {
     /// Whether anything would move.
     pub fn changes(&self) -> bool {
         self.today.iter().zip(&self.planned).any(|(a, b)| a != b)
+    }
+
+    /// Workers the plan has load more than their free memory (less the reserve) takes:
+    /// (worker index, bytes to load, bytes free).
+    pub fn over_memory(&self) -> Vec<(usize, u64, u64)> {
+        self.memory
+            .iter()
+            .enumerate()
+            .filter_map(|(w, m)| {
+                let m = m.as_ref()?;
+                let loaded = pairs_added(&self.today[w], &self.planned[w]) as u64;
+                (loaded > m.loadable(self.reserve)).then_some((
+                    w,
+                    loaded * m.bytes_per_pair,
+                    m.free,
+                ))
+            })
+            .collect()
     }
 }
 
@@ -167,11 +214,50 @@ pub async fn plan(args: &RebalanceArgs) -> anyhow::Result<Planned> {
     for addr in &args.addr {
         infos.push(gate_info(&args.client, addr, limit).await?);
     }
-    plan_from(args, infos)
+    let memory = match infos.first() {
+        Some(first) => {
+            join_all(
+                first
+                    .worker_experts
+                    .iter()
+                    .map(|w| worker_memory(&args.client, &w.address, limit)),
+            )
+            .await
+        }
+        None => Vec::new(),
+    };
+    plan_from(args, infos, memory)
 }
 
-/// The plan for the gates' answers `infos` (pure: what [`plan`] does once it has them).
-fn plan_from(args: &RebalanceArgs, infos: Vec<GateInfoResponse>) -> anyhow::Result<Planned> {
+/// A worker's memory from its `Expert.Info`; `None` when it does not answer in time or does
+/// not say (an older worker, or no address).
+async fn worker_memory(client: &ClientArgs, addr: &str, limit: Duration) -> Option<WorkerMemory> {
+    if addr.is_empty() {
+        return None;
+    }
+    let info = tokio::time::timeout(limit, async {
+        let channel = client.channel(addr).await.ok()?;
+        ExpertClient::new(channel)
+            .info(ExpertInfoRequest {})
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+    })
+    .await
+    .ok()??;
+    (info.memory_free_bytes > 0 && info.bytes_per_pair > 0).then_some(WorkerMemory {
+        free: info.memory_free_bytes,
+        bytes_per_pair: info.bytes_per_pair,
+    })
+}
+
+/// The plan for the gates' answers `infos` and the workers' `memory` (in the first gate's worker
+/// order; missing or `None`: unknown) (pure: what [`plan`] does once it has them).
+fn plan_from(
+    args: &RebalanceArgs,
+    infos: Vec<GateInfoResponse>,
+    memory: Vec<Option<WorkerMemory>>,
+) -> anyhow::Result<Planned> {
     let Some(first) = infos.first() else {
         bail!("--addr: no gate given");
     };
@@ -212,6 +298,7 @@ fn plan_from(args: &RebalanceArgs, infos: Vec<GateInfoResponse>) -> anyhow::Resu
     // layer, plus --spare; none where a worker does not serve the layer. Layers without load
     // are not planned: they keep what they hold.
     let mut layer_ids: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    let mut shares: BTreeMap<u32, usize> = BTreeMap::new();
     let mut room: Vec<BTreeMap<u32, usize>> = vec![BTreeMap::new(); today.len()];
     let mut sub_load: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
     for (&l, tokens) in &load {
@@ -227,6 +314,7 @@ fn plan_from(args: &RebalanceArgs, infos: Vec<GateInfoResponse>) -> anyhow::Resu
         let ids: Vec<u32> = held.into_iter().collect();
         let servers = today.iter().filter(|h| h.contains_key(&l)).count();
         let share = ids.len().div_ceil(servers);
+        shares.insert(l, share);
         for (w, h) in today.iter().enumerate() {
             if h.contains_key(&l) {
                 room[w].insert(l, share + args.spare);
@@ -242,6 +330,34 @@ fn plan_from(args: &RebalanceArgs, infos: Vec<GateInfoResponse>) -> anyhow::Resu
     }
     if sub_load.is_empty() {
         bail!("no tokens routed {basis} in any layer the workers hold: nothing to plan from");
+    }
+    // A worker's room, summed over the planned layers, at most what it holds there now plus
+    // what its free memory takes: the spare room trimmed a slot a layer at a time, never below
+    // the even share.
+    let mut memory = memory;
+    memory.resize(today.len(), None);
+    let reserve = args.memory_reserve_mb << 20;
+    for (w, m) in memory.iter().enumerate() {
+        let Some(m) = m else { continue };
+        let held: u64 = room[w]
+            .keys()
+            .map(|l| today[w].get(l).map_or(0, |e| e.len() as u64))
+            .sum();
+        let budget = held + m.loadable(reserve);
+        let mut total: u64 = room[w].values().map(|&r| r as u64).sum();
+        while total > budget {
+            let mut trimmed = false;
+            for (l, r) in room[w].iter_mut() {
+                if total > budget && *r > shares[l] {
+                    *r -= 1;
+                    total -= 1;
+                    trimmed = true;
+                }
+            }
+            if !trimmed {
+                break;
+            }
+        }
     }
     // Today's holdings numbered as the planner sees each layer's experts (positions in
     // `layer_ids`), so that it keeps experts where they are when that costs nothing.
@@ -292,6 +408,8 @@ fn plan_from(args: &RebalanceArgs, infos: Vec<GateInfoResponse>) -> anyhow::Resu
         before,
         after,
         copies,
+        memory,
+        reserve,
     })
 }
 
@@ -367,6 +485,8 @@ fn show(args: &RebalanceArgs, p: &Planned) {
                     "experts_planned": placement::common_experts(&p.planned[i]),
                     "pairs_loaded": pairs_added(&p.today[i], &p.planned[i]),
                     "pairs_dropped": pairs_added(&p.planned[i], &p.today[i]),
+                    "memory_free_bytes": p.memory.get(i).copied().flatten().map(|m| m.free),
+                    "bytes_per_pair": p.memory.get(i).copied().flatten().map(|m| m.bytes_per_pair),
                 })
             })
             .collect();
@@ -426,15 +546,26 @@ fn show(args: &RebalanceArgs, p: &Planned) {
             copies.join(" ")
         );
     }
-    println!("| worker | share now | share planned | pairs loaded | pairs dropped |");
-    println!("| --- | ---: | ---: | ---: | ---: |");
+    println!(
+        "| worker | share now | share planned | pairs loaded | pairs dropped | GB to load / free |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
     for (i, w) in workers.iter().enumerate() {
+        let loaded = pairs_added(&p.today[i], &p.planned[i]);
+        let memory = match p.memory.get(i).copied().flatten() {
+            Some(m) => format!(
+                "{:.2} / {:.1}",
+                (loaded as u64 * m.bytes_per_pair) as f64 / 1e9,
+                m.free as f64 / 1e9
+            ),
+            None => "unknown".into(),
+        };
         println!(
-            "| {} | {:.1}% | {:.1}% | {} | {} |",
+            "| {} | {:.1}% | {:.1}% | {} | {} | {memory} |",
             w.id,
             p.pct(p.before.per_worker[i]),
             p.pct(p.after.per_worker[i]),
-            pairs_added(&p.today[i], &p.planned[i]),
+            loaded,
             pairs_added(&p.planned[i], &p.today[i]),
         );
     }
@@ -657,8 +788,18 @@ pub async fn apply(args: &RebalanceArgs, p: &Planned) -> anyhow::Result<Applied>
             ..Applied::default()
         });
     }
-    let limit = Duration::from_secs(args.apply_timeout);
     let workers = &p.infos[0].worker_experts;
+    if let Some(&(w, bytes, free)) = p.over_memory().first() {
+        bail!(
+            "worker {} would load {:.2} GB of experts with {:.2} GB free and --memory-reserve-mb {} \
+             kept: lower --spare or --max-copies, or free memory on it (nothing was changed)",
+            workers.get(w).map_or("?", |x| x.id.as_str()),
+            bytes as f64 / 1e9,
+            free as f64 / 1e9,
+            args.memory_reserve_mb
+        );
+    }
+    let limit = Duration::from_secs(args.apply_timeout);
     // Phase 1: add.
     let mut adds = Vec::new();
     let mut after_add = BTreeMap::new();
@@ -817,7 +958,7 @@ mod tests {
             load_window_secs: 60,
             ..Default::default()
         };
-        let p = plan_from(&args(&["--spare", "1"]), vec![info.clone()]).expect("plan");
+        let p = plan_from(&args(&["--spare", "1"]), vec![info.clone()], Vec::new()).expect("plan");
         // Even summed per worker, but every layer waits for one worker with ~97% of its tokens.
         assert!((p.before.busiest_overall() - 50.0).abs() < 0.5);
         let (now, planned) = p.busiest();
@@ -842,8 +983,89 @@ mod tests {
                 l.experts = h[&l.layer].clone();
             }
         }
-        let again = plan_from(&args(&["--spare", "1"]), vec![applied]).expect("plan");
+        let again = plan_from(&args(&["--spare", "1"]), vec![applied], Vec::new()).expect("plan");
         assert!(!again.changes(), "{:?} -> {:?}", again.today, again.planned);
+    }
+
+    /// A worker's memory bounds its room: with room for no extra expert it gets no replica
+    /// (the plan stays within what it holds), with room for one its total grows by at most one.
+    /// A plan that has a worker load more than its free memory takes (a swap loads before it
+    /// drops) is refused by name before anything changes; with memory to spare it is not.
+    #[test]
+    fn a_workers_free_memory_bounds_its_room_and_apply_refuses_a_plan_beyond_it() {
+        let half = |from: u32| (from..from + 4).collect::<Vec<u32>>();
+        let info = GateInfoResponse {
+            worker_experts: vec![
+                worker("a", &[(1, half(0)), (2, half(0))]),
+                worker("b", &[(1, half(4)), (2, half(4))]),
+            ],
+            expert_load_window: vec![
+                moemesh_proto::v1::LayerLoad {
+                    layer: 1,
+                    tokens: vec![100, 50, 30, 20, 1, 1, 1, 1],
+                },
+                moemesh_proto::v1::LayerLoad {
+                    layer: 2,
+                    tokens: vec![1, 1, 1, 1, 100, 50, 30, 20],
+                },
+            ],
+            load_window_secs: 60,
+            registry: "etcd".into(),
+            ..Default::default()
+        };
+        let mib = 1u64 << 20;
+        // 100 MiB a pair; the reserve is 2,048 MiB.
+        let mem = |extra_pairs: u64| {
+            Some(WorkerMemory {
+                free: 2048 * mib + extra_pairs * 100 * mib,
+                bytes_per_pair: 100 * mib,
+            })
+        };
+        let total = |h: &Holdings| h.values().map(Vec::len).sum::<usize>();
+        let a = args(&["--spare", "2"]);
+        // Unknown memory: replicas make a worker hold more than its 8 pairs.
+        let unbounded = plan_from(&a, vec![info.clone()], Vec::new()).expect("plan");
+        assert!(unbounded.planned.iter().any(|h| total(h) > 8));
+        assert!(unbounded.over_memory().is_empty());
+        // No memory to spare: each keeps 8 pairs (an even share of each layer), still evened;
+        // but evening swaps experts, which loads before it drops, so apply refuses the plan.
+        let tight = plan_from(&a, vec![info.clone()], vec![mem(0), mem(0)]).expect("plan");
+        assert!(
+            tight.planned.iter().all(|h| total(h) <= 8),
+            "{:?}",
+            tight.planned
+        );
+        let (now, planned) = tight.busiest();
+        assert!(planned < now, "{now} -> {planned}");
+        assert!(!tight.over_memory().is_empty());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let err = rt
+            .block_on(apply(&a, &tight))
+            .expect_err("over memory")
+            .to_string();
+        assert!(
+            err.contains("worker a") || err.contains("worker b"),
+            "{err}"
+        );
+        assert!(
+            err.contains("would load") && err.contains("GB free"),
+            "{err}"
+        );
+        assert!(err.contains("--memory-reserve-mb"), "{err}");
+        // Room for one more pair each: at most 9 each.
+        let one = plan_from(&a, vec![info.clone()], vec![mem(1), mem(1)]).expect("plan");
+        assert!(
+            one.planned.iter().all(|h| total(h) <= 9),
+            "{:?}",
+            one.planned
+        );
+        // Memory to spare: the same plan as unbounded, and nothing over.
+        let roomy = plan_from(&a, vec![info], vec![mem(100), mem(100)]).expect("plan");
+        assert_eq!(roomy.planned, unbounded.planned);
+        assert!(roomy.over_memory().is_empty());
     }
 
     #[test]

@@ -569,6 +569,7 @@ async fn rebalance_loop(
         apply: true,
         spare: 2,
         max_copies: 2,
+        memory_reserve_mb: 2048,
         cumulative: false,
         min_gain: 2.0,
         release_grace_ms: 1000,
