@@ -444,7 +444,7 @@ if [[ $MODE == --rebalance ]]; then
     # re-placement by measured load), with a real etcd (etcd on PATH, or .etcd/etcd.gz carried).
     # Layout: the gate on cuda:0 and one worker on each other GPU (REBALANCE_LAYOUT overrides;
     # on one GPU, the gate and 2 workers on it). Each phase: decode at batch 64 and 256, end to
-    # end at concurrency 64 and 256 (128 / 32, prompts included).
+    # end at concurrency 64 and 256 (128 / 32, prompts included), REBALANCE_ROUNDS times.
     MODEL=synthetic:v2-lite
     ETCD=$(command -v etcd || true)
     if [[ -z $ETCD && -f .etcd/etcd.gz ]]; then
@@ -479,12 +479,14 @@ if [[ $MODE == --rebalance ]]; then
                     --output-len 32 --json | sed "s/^{/{\"mode\":\"$1 e2e\",/" >>"$OUT/ipc.jsonl" || status=1
             done
         }
-        phase "skewed, before"
+        # REBALANCE_ROUNDS (default 1): each phase that many times on the same mesh, so that a
+        # first run's warm-up is told from the move's effect.
+        for r in $(seq "${REBALANCE_ROUNDS:-1}"); do phase "skewed, before, run $r"; done
         "$BIN" rebalance --addr "$gate" 2>&1 | tee "$OUT/rebalance_plan.txt" | tail -25
         t0=$SECONDS
         "$BIN" rebalance --addr "$gate" --apply 2>&1 | tee "$OUT/rebalance_apply.txt" | tail -8 || status=1
         echo "== applied in $((SECONDS - t0)) s"
-        phase "skewed, after"
+        for r in $(seq "${REBALANCE_ROUNDS:-1}"); do phase "skewed, after, run $r"; done
         "$BIN" rebalance --addr "$gate" 2>&1 | tail -6
         grep -h 'plan changed\|captured as a CUDA graph' "$OUT/up.err" | wc -l | sed 's/^/plan\/graph log lines: /'
         down
