@@ -125,6 +125,7 @@ type Resolved = (usize, usize, f32);
 pub const DENSE_MAX_ROWS: usize = 256;
 
 /// One MoE layer's held experts, stacked so that all of them can run as one GEMM.
+#[derive(Clone)]
 struct LayerExperts {
     /// expert id → slot in the stacks.
     slots: BTreeMap<usize, usize>,
@@ -268,8 +269,18 @@ impl ExpertShard {
             let list = experts.get(&l).ok_or_else(|| {
                 EngineError::InvalidInput(format!("layer {l}: no experts given for it"))
             })?;
-            let layer =
-                LayerExperts::build(cfg, loader, l, list, Some(old), old.slot_of.is_some())?;
+            // A layer whose list is what it holds, slot for slot, keeps its stacks (shared, not
+            // copied): only the layers that change take new memory while the old shard lives.
+            let same = list.len() == old.slots.len()
+                && list
+                    .iter()
+                    .enumerate()
+                    .all(|(i, e)| old.slots.get(e) == Some(&i));
+            let layer = if same {
+                old.clone()
+            } else {
+                LayerExperts::build(cfg, loader, l, list, Some(old), old.slot_of.is_some())?
+            };
             layers.insert(l, layer);
         }
         Ok(ExpertShard {

@@ -190,6 +190,10 @@ fn host_memory_available() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Device memory a `SetExperts` leaves free beyond the stacks it builds (other processes on the
+/// GPU, the gate's activations among them, allocate too).
+const SET_EXPERTS_RESERVE: u64 = 2 << 30;
+
 /// Most cached slot tables (a table per replica split in use; cleared when full).
 const MAX_SLOT_TABLES: usize = 4096;
 
@@ -756,6 +760,41 @@ impl Worker {
         ))
     }
 
+    /// Refuses (RESOURCE_EXHAUSTED, before anything is allocated) a change from `from` to `to`
+    /// whose new stacks do not fit the device's free memory less [`SET_EXPERTS_RESERVE`]: every
+    /// layer that changes is stacked anew (its kept experts copied, the others loaded) while the
+    /// old shard still serves, so a change needs its changed layers' new size on top of what is
+    /// held. A worker that cannot tell its free memory does not check.
+    fn check_room(&self, from: &Holdings, to: &Holdings) -> MeshResult<()> {
+        self.room_for(from, to, self.memory_free())
+    }
+
+    /// [`check_room`](Self::check_room) with the free bytes given (`None`: unknown).
+    fn room_for(&self, from: &Holdings, to: &Holdings, free: Option<u64>) -> MeshResult<()> {
+        let pairs: u64 = to
+            .iter()
+            .filter(|(l, list)| from.get(l) != Some(*list))
+            .map(|(_, list)| list.len() as u64)
+            .sum();
+        let need = pairs * self.bytes_per_pair;
+        let Some(free) = free.filter(|_| pairs > 0) else {
+            return Ok(());
+        };
+        if need.saturating_add(SET_EXPERTS_RESERVE) > free {
+            return Err(MeshError::Overloaded(format!(
+                "worker {}: restacking {pairs} (layer, expert) pairs needs {:.2} GB on {} beside \
+                 the experts held, and {:.2} GB are free ({:.1} GB kept for activations): \
+                 nothing changed; ask for fewer experts, or free memory on the device",
+                self.id,
+                need as f64 / 1e9,
+                self.device_name,
+                free as f64 / 1e9,
+                SET_EXPERTS_RESERVE as f64 / 1e9,
+            )));
+        }
+        Ok(())
+    }
+
     /// A shard holding `holdings`, built from `from` (experts it holds are copied, the others
     /// loaded) on a blocking thread; Forward calls go on meanwhile on whatever is held.
     async fn build(&self, from: Arc<ExpertShard>, holdings: Holdings) -> MeshResult<ExpertShard> {
@@ -823,6 +862,7 @@ impl Worker {
         tracing::info!(worker = %self.id, ?loaded, ?dropped, "changing the experts held");
         if !loaded.is_empty() {
             let both = union(&old.holdings, &loaded);
+            self.check_room(&old.holdings, &both)?;
             let shard = self.build(old.shard.clone(), both.clone()).await?;
             self.install(Held::new(Arc::new(shard), both));
         }
@@ -1363,6 +1403,32 @@ mod tests {
             weights: vec![1.0; experts.len()],
             ..Default::default()
         }
+    }
+
+    /// A change is refused (RESOURCE_EXHAUSTED, sizes named) when the layers it restacks do not
+    /// fit the device's free memory less the reserve; layers that keep their list cost nothing;
+    /// an unknown free size does not refuse.
+    #[test]
+    fn a_change_whose_new_stacks_do_not_fit_the_free_memory_is_refused() {
+        let worker = cpu_worker();
+        let layers = worker.layers.clone();
+        let from: Holdings = layers.iter().map(|&l| (l, vec![0, 1])).collect();
+        let mut to = from.clone();
+        let first = layers[0];
+        to.insert(first, vec![0, 1, 2]);
+        let b = worker.bytes_per_pair;
+        // Three pairs restacked in one layer; the other layers keep theirs.
+        let fits = SET_EXPERTS_RESERVE + 3 * b;
+        assert!(worker.room_for(&from, &to, Some(fits)).is_ok());
+        let err = worker
+            .room_for(&from, &to, Some(fits - 1))
+            .expect_err("short by a byte");
+        let status = Status::from(err);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+        assert!(status.message().contains("restacking 3"), "{status}");
+        assert!(status.message().contains("nothing changed"), "{status}");
+        assert!(worker.room_for(&from, &from, Some(0)).is_ok());
+        assert!(worker.room_for(&from, &to, None).is_ok());
     }
 
     /// SetExperts checks its input (field and limit named), loads the experts it lacks, drops

@@ -155,20 +155,38 @@ impl Planned {
         self.today.iter().zip(&self.planned).any(|(a, b)| a != b)
     }
 
-    /// Workers the plan has load more than their free memory (less the reserve) takes:
-    /// (worker index, bytes to load, bytes free).
+    /// (layer, expert) pairs worker `w` stacks anew at most in one phase of the move: a worker
+    /// rebuilds each layer that changes (first to the union of its old and new experts, then to
+    /// the new ones) while the previous stacks still serve.
+    pub fn restacked_pairs(&self, w: usize) -> u64 {
+        let (today, planned) = (&self.today[w], &self.planned[w]);
+        let changed = |l: &u32| today.get(l) != planned.get(l);
+        let union: u64 = planned
+            .iter()
+            .filter(|(l, _)| changed(l))
+            .map(|(l, list)| {
+                let old = today.get(l).map(Vec::as_slice).unwrap_or(&[]);
+                (old.len() + list.iter().filter(|e| !old.contains(e)).count()) as u64
+            })
+            .sum();
+        let target: u64 = planned
+            .iter()
+            .filter(|(l, _)| changed(l))
+            .map(|(_, list)| list.len() as u64)
+            .sum();
+        union.max(target)
+    }
+
+    /// Workers whose restacking (see [`restacked_pairs`](Self::restacked_pairs)) needs more
+    /// than their free memory less the reserve: (worker index, bytes needed, bytes free).
     pub fn over_memory(&self) -> Vec<(usize, u64, u64)> {
         self.memory
             .iter()
             .enumerate()
             .filter_map(|(w, m)| {
                 let m = m.as_ref()?;
-                let loaded = pairs_added(&self.today[w], &self.planned[w]) as u64;
-                (loaded > m.loadable(self.reserve)).then_some((
-                    w,
-                    loaded * m.bytes_per_pair,
-                    m.free,
-                ))
+                let pairs = self.restacked_pairs(w);
+                (pairs > m.loadable(self.reserve)).then_some((w, pairs * m.bytes_per_pair, m.free))
             })
             .collect()
     }
@@ -547,7 +565,7 @@ fn show(args: &RebalanceArgs, p: &Planned) {
         );
     }
     println!(
-        "| worker | share now | share planned | pairs loaded | pairs dropped | GB to load / free |"
+        "| worker | share now | share planned | pairs loaded | pairs dropped | GB restacked / free |"
     );
     println!("| --- | ---: | ---: | ---: | ---: | ---: |");
     for (i, w) in workers.iter().enumerate() {
@@ -555,7 +573,7 @@ fn show(args: &RebalanceArgs, p: &Planned) {
         let memory = match p.memory.get(i).copied().flatten() {
             Some(m) => format!(
                 "{:.2} / {:.1}",
-                (loaded as u64 * m.bytes_per_pair) as f64 / 1e9,
+                (p.restacked_pairs(i) * m.bytes_per_pair) as f64 / 1e9,
                 m.free as f64 / 1e9
             ),
             None => "unknown".into(),
@@ -656,7 +674,8 @@ struct Move {
 /// layer, and milliseconds spent loading.
 type SetReply = (String, Holdings, Holdings, u64);
 
-/// Sends `SetExperts` to every worker of `moves` at once, each bounded by `limit`.
+/// Sends `SetExperts` to the workers of `moves` one after another, each bounded by `limit`;
+/// stops at the first that fails.
 async fn set_all(
     client: &ClientArgs,
     moves: &[Move],
@@ -697,7 +716,14 @@ async fn set_all(
             r.load_ms,
         ))
     });
-    join_all(calls).await.into_iter().collect()
+    // One worker at a time: a worker restacks the layers it changes beside what it holds, and
+    // workers sharing a GPU would each count the same free memory; each checks the room it
+    // needs against what the ones before it left (and refuses, changing nothing, when short).
+    let mut done = Vec::with_capacity(moves.len());
+    for call in calls {
+        done.push(call.await?);
+    }
+    Ok(done)
 }
 
 /// Polls every gate until it lists each worker of `want` (id → holdings) with exactly those
@@ -791,8 +817,9 @@ pub async fn apply(args: &RebalanceArgs, p: &Planned) -> anyhow::Result<Applied>
     let workers = &p.infos[0].worker_experts;
     if let Some(&(w, bytes, free)) = p.over_memory().first() {
         bail!(
-            "worker {} would load {:.2} GB of experts with {:.2} GB free and --memory-reserve-mb {} \
-             kept: lower --spare or --max-copies, or free memory on it (nothing was changed)",
+            "worker {} would restack {:.2} GB of experts (the layers it changes, built beside what \
+             it holds) with {:.2} GB free and --memory-reserve-mb {} kept: lower --spare or \
+             --max-copies, or free memory on it (nothing was changed)",
             workers.get(w).map_or("?", |x| x.id.as_str()),
             bytes as f64 / 1e9,
             free as f64 / 1e9,
@@ -1051,7 +1078,7 @@ mod tests {
             "{err}"
         );
         assert!(
-            err.contains("would load") && err.contains("GB free"),
+            err.contains("would restack") && err.contains("GB free"),
             "{err}"
         );
         assert!(err.contains("--memory-reserve-mb"), "{err}");
