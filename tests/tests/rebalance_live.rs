@@ -175,6 +175,35 @@ async fn place_by_id(gate: &str, workers: &[(String, Vec<u32>)]) {
 
 /// `CLIENTS` clients, each generating the prompts in turn, `rounds` times (or, with `until`,
 /// until it is set, at least once): every output must equal `reference`. Returns the requests made.
+/// Each prompt's greedy output, one request at a time: what every later run must reproduce.
+async fn references(url: &str, prompts: &[Vec<u32>]) -> Arc<Vec<Vec<u32>>> {
+    let mut reference = Vec::new();
+    for p in prompts {
+        let ids = generate(url, tokens_request(p, NEW_TOKENS))
+            .await
+            .expect("generate");
+        assert_eq!(ids.len(), NEW_TOKENS as usize);
+        reference.push(ids);
+    }
+    Arc::new(reference)
+}
+
+/// [`load_run`] on a task of its own until `stop` is set.
+fn spawn_load(
+    url: &str,
+    prompts: &Arc<Vec<Vec<u32>>>,
+    reference: &Arc<Vec<Vec<u32>>>,
+    stop: &Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<usize> {
+    let (url, prompts, reference, stop) = (
+        url.to_string(),
+        prompts.clone(),
+        reference.clone(),
+        stop.clone(),
+    );
+    tokio::spawn(async move { load_run(&url, &prompts, &reference, 0, Some(stop)).await })
+}
+
 async fn load_run(
     url: &str,
     prompts: &Arc<Vec<Vec<u32>>>,
@@ -236,15 +265,7 @@ async fn a_live_per_layer_rebalance_under_skewed_load_fails_nothing_keeps_every_
             })
             .collect(),
     );
-    let mut reference = Vec::new();
-    for p in prompts.iter() {
-        let ids = generate(&url, tokens_request(p, NEW_TOKENS))
-            .await
-            .expect("generate");
-        assert_eq!(ids.len(), NEW_TOKENS as usize);
-        reference.push(ids);
-    }
-    let reference = Arc::new(reference);
+    let reference = references(&url, &prompts).await;
 
     // The starting placement, by id, from the load those requests measured.
     let load: BTreeMap<u32, Vec<u64>> = gate_info(&gate)
@@ -271,15 +292,7 @@ async fn a_live_per_layer_rebalance_under_skewed_load_fails_nothing_keeps_every_
 
     // The same load goes on while the rebalance moves experts.
     let stop = Arc::new(AtomicBool::new(false));
-    let during = {
-        let (url, prompts, reference, stop) = (
-            url.clone(),
-            prompts.clone(),
-            reference.clone(),
-            stop.clone(),
-        );
-        tokio::spawn(async move { load_run(&url, &prompts, &reference, 0, Some(stop)).await })
-    };
+    let during = spawn_load(&url, &prompts, &reference, &stop);
     let addr = gate.trim_start_matches("http://").to_string();
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(moemesh_tests::moemesh_bin())
@@ -457,15 +470,7 @@ async fn per_layer_moves_without_grace_are_refused_and_re_sent_never_failed() {
             })
             .collect(),
     );
-    let mut reference = Vec::new();
-    for p in prompts.iter() {
-        reference.push(
-            generate(&url, tokens_request(p, NEW_TOKENS))
-                .await
-                .expect("generate"),
-        );
-    }
-    let reference = Arc::new(reference);
+    let reference = references(&url, &prompts).await;
     let workers: Vec<(String, String)> = gate_info(&gate)
         .await
         .worker_experts
@@ -483,15 +488,7 @@ async fn per_layer_moves_without_grace_are_refused_and_re_sent_never_failed() {
     };
 
     let stop = Arc::new(AtomicBool::new(false));
-    let during = {
-        let (url, prompts, reference, stop) = (
-            url.clone(),
-            prompts.clone(),
-            reference.clone(),
-            stop.clone(),
-        );
-        tokio::spawn(async move { load_run(&url, &prompts, &reference, 0, Some(stop)).await })
-    };
+    let during = spawn_load(&url, &prompts, &reference, &stop);
     let (low, high): (Vec<u32>, Vec<u32>) = ((0..8).collect(), (8..16).collect());
     let all: Vec<u32> = (0..16).collect();
     // Swaps out and back (so the halves end where they started): at least 6, and on until the

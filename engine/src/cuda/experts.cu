@@ -675,26 +675,15 @@ __device__ __forceinline__ void moe_combine_cols(const Y* y, int hidden, const u
         out[t * hidden + r] = sum;
     }
 }
-extern "C" __global__ void moe_combine(const float* y, int hidden, const uint32_t* pos,
-                                       const float* w, const uint32_t* row_ptr, int k,
-                                       float* out) {
-    moe_combine_cols<float, float>(y, hidden, pos, w, row_ptr, k, out);
-}
-extern "C" __global__ void moe_combine_bf16(const bf16* y, int hidden, const uint32_t* pos,
-                                            const float* w, const uint32_t* row_ptr, int k,
-                                            float* out) {
-    moe_combine_cols<bf16, float>(y, hidden, pos, w, row_ptr, k, out);
-}
-extern "C" __global__ void moe_combine4(const float4* y, int hidden4, const uint32_t* pos,
-                                        const float* w, const uint32_t* row_ptr, int k,
-                                        float4* out) {
-    moe_combine_cols<float4, float4>(y, hidden4, pos, w, row_ptr, k, out);
-}
-extern "C" __global__ void moe_combine4_bf16(const uint2* y, int hidden4, const uint32_t* pos,
-                                             const float* w, const uint32_t* row_ptr, int k,
-                                             float4* out) {
-    moe_combine_cols<uint2, float4>(y, hidden4, pos, w, row_ptr, k, out);
-}
+#define MOE_COMBINE(NAME, Y, V)                                                                   \
+    extern "C" __global__ void NAME(const Y* y, int hidden, const uint32_t* pos, const float* w,  \
+                                    const uint32_t* row_ptr, int k, V* out) {                    \
+        moe_combine_cols<Y, V>(y, hidden, pos, w, row_ptr, k, out);                              \
+    }
+MOE_COMBINE(moe_combine, float, float)
+MOE_COMBINE(moe_combine_bf16, bf16, float)
+MOE_COMBINE(moe_combine4, float4, float4)
+MOE_COMBINE(moe_combine4_bf16, uint2, float4)
 
 // ---------------------------------------------------------------------------------------------
 // Prefill-sized routed experts: a grouped GEMM over padded per-expert segments (the

@@ -253,6 +253,41 @@ pub struct AddNormed {
     pub normed_f32: Option<Tensor>,
 }
 
+/// A norm kernel's outputs: `[t, d]` in the compute dtype, and a second f32 copy when one is
+/// wanted and the compute dtype is not f32 already.
+struct NormOut {
+    out: Tensor,
+    extra_f32: Option<Tensor>,
+}
+
+impl NormOut {
+    fn alloc(g: &Gpu, t: usize, d: usize, dtype: DType, want_f32: bool) -> Result<Self> {
+        Ok(NormOut {
+            out: g.alloc(dtype, &[t, d])?,
+            extra_f32: if want_f32 && dtype != DType::F32 {
+                Some(g.alloc(DType::F32, &[t, d])?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// The f32 copy's address for the kernel (0: none).
+    fn f32_ptr(&self, g: &Gpu) -> Result<u64> {
+        self.extra_f32.as_ref().map_or(Ok(0), |o| g.ptr(o))
+    }
+
+    /// `(normed, normed in f32 when want_f32)`: the f32 one is the output itself in an f32 run.
+    fn into_pair(self, want_f32: bool) -> (Tensor, Option<Tensor>) {
+        let f32_copy = match (want_f32, self.extra_f32) {
+            (true, Some(o)) => Some(o),
+            (true, None) => Some(self.out.clone()),
+            (false, _) => None,
+        };
+        (self.out, f32_copy)
+    }
+}
+
 /// Handle on the kernels of one CUDA device.
 #[derive(Clone)]
 pub struct Gpu {
@@ -282,12 +317,7 @@ impl Gpu {
         {
             return Ok(None);
         }
-        let out = self.alloc(dtype, &[t, d])?;
-        let out_f32 = if want_f32 && dtype != DType::F32 {
-            Some(self.alloc(DType::F32, &[t, d])?)
-        } else {
-            None
-        };
+        let out = NormOut::alloc(self, t, d, dtype, want_f32)?;
         let name = format!("rms_norm_{}_{}", suffix(x.dtype()), suffix(dtype));
         self.launch(
             &name,
@@ -297,21 +327,13 @@ impl Gpu {
             &[
                 Arg::Ptr(self.ptr(x)?),
                 Arg::Ptr(self.ptr(w)?),
-                Arg::Ptr(self.ptr(&out)?),
-                Arg::Ptr(match &out_f32 {
-                    Some(o) => self.ptr(o)?,
-                    None => 0,
-                }),
+                Arg::Ptr(self.ptr(&out.out)?),
+                Arg::Ptr(out.f32_ptr(self)?),
                 i32_arg(d, "norm width")?,
                 Arg::F32(eps as f32),
             ],
         )?;
-        let f32_copy = match (want_f32, out_f32) {
-            (true, Some(o)) => Some(o),
-            (true, None) => Some(out.clone()),
-            (false, _) => None,
-        };
-        Ok(Some((out, f32_copy)))
+        Ok(Some(out.into_pair(want_f32)))
     }
 
     /// `x + a + b` with `x` f32 (the residual stream), `a` in the compute dtype and `b` f32,
@@ -383,12 +405,7 @@ impl Gpu {
             return Ok(None);
         }
         let h = self.alloc(DType::F32, &[t, d])?;
-        let out = self.alloc(dtype, &[t, d])?;
-        let out_f32 = if want_f32 && dtype != DType::F32 {
-            Some(self.alloc(DType::F32, &[t, d])?)
-        } else {
-            None
-        };
+        let out = NormOut::alloc(self, t, d, dtype, want_f32)?;
         let adt = a.map_or(DType::F32, |a| a.dtype());
         self.launch(
             &format!("add_rms_norm_{}_{}", suffix(adt), suffix(dtype)),
@@ -401,23 +418,16 @@ impl Gpu {
                 Arg::Ptr(b.map_or(Ok(0), |b| self.ptr(b))?),
                 Arg::Ptr(self.ptr(&h)?),
                 Arg::Ptr(self.ptr(w)?),
-                Arg::Ptr(self.ptr(&out)?),
-                Arg::Ptr(match &out_f32 {
-                    Some(o) => self.ptr(o)?,
-                    None => 0,
-                }),
+                Arg::Ptr(self.ptr(&out.out)?),
+                Arg::Ptr(out.f32_ptr(self)?),
                 i32_arg(d, "norm width")?,
                 Arg::F32(eps as f32),
             ],
         )?;
-        let normed_f32 = match (want_f32, out_f32) {
-            (true, Some(o)) => Some(o),
-            (true, None) => Some(out.clone()),
-            (false, _) => None,
-        };
+        let (normed, normed_f32) = out.into_pair(want_f32);
         Ok(Some(AddNormed {
             h,
-            normed: out,
+            normed,
             normed_f32,
         }))
     }

@@ -246,17 +246,16 @@ pub fn holdings_to_wire(h: &crate::placement::Holdings) -> Vec<v1::LayerExperts>
 /// What an expert worker's `ExpertInfoResponse` says it holds: per layer of `layers`, its
 /// `layer_experts` entry, else `experts` (an older worker lists no entries).
 pub fn holdings_from_info(info: &v1::ExpertInfoResponse) -> crate::placement::Holdings {
-    info.layers
-        .iter()
-        .map(|&l| {
-            let list = info
-                .layer_experts
+    crate::placement::holdings_from_compact(
+        &info.layers,
+        |l| {
+            info.layer_experts
                 .iter()
                 .find(|le| le.layer == l)
-                .map_or(&info.experts, |le| &le.experts);
-            (l, list.clone())
-        })
-        .collect()
+                .map(|le| &le.experts)
+        },
+        &info.experts,
+    )
 }
 
 /// The wire dtype for a compute dtype: f32 stays exact; everything else travels as bf16.

@@ -47,6 +47,20 @@ pub fn common_experts(h: &Holdings) -> Vec<u32> {
     common.into_iter().collect()
 }
 
+/// Holdings from their compact form (a registry value, an `ExpertInfoResponse`): per layer of
+/// `layers`, its own list where `own` has one, else `every` (the experts held in every layer; an
+/// older peer lists only those).
+pub fn holdings_from_compact<'a>(
+    layers: &[u32],
+    own: impl Fn(u32) -> Option<&'a Vec<u32>>,
+    every: &'a Vec<u32>,
+) -> Holdings {
+    layers
+        .iter()
+        .map(|&l| (l, own(l).unwrap_or(every).clone()))
+        .collect()
+}
+
 /// Whether every layer of `h` holds the same experts.
 pub fn is_uniform(h: &Holdings) -> bool {
     let mut lists = h.values();

@@ -366,7 +366,7 @@ fn plan_from(
         while total > budget {
             let mut trimmed = false;
             for (l, r) in room[w].iter_mut() {
-                if total > budget && *r > shares[l] {
+                if total > budget && *r > shares.get(l).copied().unwrap_or(0) {
                     *r -= 1;
                     total -= 1;
                     trimmed = true;
@@ -961,17 +961,13 @@ mod tests {
         }
     }
 
-    /// Each layer's hot experts sit on one worker (layer 1's on a, layer 2's on b): summed per
-    /// worker the load is even, each layer is not. The plan evens each layer, changes only the
-    /// layers with load, and the summary says so.
-    #[test]
-    fn the_plan_is_made_per_layer_and_layers_without_load_keep_their_experts() {
+    /// Two workers, a holding experts 0-3 and b 4-7 in each of `layers` (on etcd); load in layers
+    /// 1 and 2 only, layer 1's hot experts on a, layer 2's on b.
+    fn hot_per_layer(layers: &[u32]) -> GateInfoResponse {
         let half = |from: u32| (from..from + 4).collect::<Vec<u32>>();
-        let info = GateInfoResponse {
-            worker_experts: vec![
-                worker("a", &[(1, half(0)), (2, half(0)), (3, half(0))]),
-                worker("b", &[(1, half(4)), (2, half(4)), (3, half(4))]),
-            ],
+        let held = |from: u32| layers.iter().map(|&l| (l, half(from))).collect::<Vec<_>>();
+        GateInfoResponse {
+            worker_experts: vec![worker("a", &held(0)), worker("b", &held(4))],
             expert_load_window: vec![
                 moemesh_proto::v1::LayerLoad {
                     layer: 1,
@@ -983,8 +979,18 @@ mod tests {
                 },
             ],
             load_window_secs: 60,
+            registry: "etcd".into(),
             ..Default::default()
-        };
+        }
+    }
+
+    /// Each layer's hot experts sit on one worker (layer 1's on a, layer 2's on b): summed per
+    /// worker the load is even, each layer is not. The plan evens each layer, changes only the
+    /// layers with load, and the summary says so.
+    #[test]
+    fn the_plan_is_made_per_layer_and_layers_without_load_keep_their_experts() {
+        let half = |from: u32| (from..from + 4).collect::<Vec<u32>>();
+        let info = hot_per_layer(&[1, 2, 3]);
         let p = plan_from(&args(&["--spare", "1"]), vec![info.clone()], Vec::new()).expect("plan");
         // Even summed per worker, but every layer waits for one worker with ~97% of its tokens.
         assert!((p.before.busiest_overall() - 50.0).abs() < 0.5);
@@ -1020,26 +1026,7 @@ mod tests {
     /// drops) is refused by name before anything changes; with memory to spare it is not.
     #[test]
     fn a_workers_free_memory_bounds_its_room_and_apply_refuses_a_plan_beyond_it() {
-        let half = |from: u32| (from..from + 4).collect::<Vec<u32>>();
-        let info = GateInfoResponse {
-            worker_experts: vec![
-                worker("a", &[(1, half(0)), (2, half(0))]),
-                worker("b", &[(1, half(4)), (2, half(4))]),
-            ],
-            expert_load_window: vec![
-                moemesh_proto::v1::LayerLoad {
-                    layer: 1,
-                    tokens: vec![100, 50, 30, 20, 1, 1, 1, 1],
-                },
-                moemesh_proto::v1::LayerLoad {
-                    layer: 2,
-                    tokens: vec![1, 1, 1, 1, 100, 50, 30, 20],
-                },
-            ],
-            load_window_secs: 60,
-            registry: "etcd".into(),
-            ..Default::default()
-        };
+        let info = hot_per_layer(&[1, 2]);
         let mib = 1u64 << 20;
         // 100 MiB a pair; the reserve is 2,048 MiB.
         let mem = |extra_pairs: u64| {

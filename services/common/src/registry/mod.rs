@@ -86,17 +86,16 @@ impl Member {
     /// What an expert worker holds, per layer it serves: a layer's `layer_experts` entry, else
     /// `experts`.
     pub fn holdings(&self) -> Holdings {
-        self.layers
-            .iter()
-            .map(|&l| {
-                let list = self
-                    .layer_experts
+        placement::holdings_from_compact(
+            &self.layers,
+            |l| {
+                self.layer_experts
                     .iter()
                     .find(|le| le.layer == l)
-                    .map_or(&self.experts, |le| &le.experts);
-                (l, list.clone())
-            })
-            .collect()
+                    .map(|le| &le.experts)
+            },
+            &self.experts,
+        )
     }
 
     /// Sets `layers`, `experts` and `layer_experts` to list `h` (the compact form, `experts`
