@@ -16,8 +16,24 @@ use nix::unistd::Pid;
 use crate::moemesh_bin;
 use crate::tls::TestCa;
 
-/// A port that was free a moment ago (bound to port 0 and released).
+/// A port that was free a moment ago (bound and released), for a process to listen on later.
+/// Chosen at random below Linux's ephemeral range (32768 and up by default), not by binding
+/// port 0: the kernel hands ephemeral ports to outgoing connections too, and one of the many
+/// connections a test run opens could take the port before the process listens on it (seen as
+/// "Address already in use" in CI). Never the same port twice in one test process.
 pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..200 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        let port = 20_000 + (h.finish() % 12_000) as u16;
+        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
