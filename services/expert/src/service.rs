@@ -820,6 +820,23 @@ impl Worker {
         .map_err(|e| MeshError::Internal(format!("loading experts: {e}")))?
     }
 
+    /// Drops `replaced` (a shard just swapped out) and, on a GPU, waits for the device: the
+    /// allocator returns freed memory to the device at a synchronisation (stream-ordered frees
+    /// go to a pool until then), so memory the worker no longer uses shows as free to its
+    /// `Info`, its next `check_room` and other processes on the GPU. Calls in flight that still
+    /// hold the old shard free it when they finish, and the next synchronisation returns it.
+    async fn release(&self, replaced: Arc<Held>) -> MeshResult<()> {
+        drop(replaced);
+        if moemesh_engine::cuda::gpu(&self.device).is_none() {
+            return Ok(());
+        }
+        let device = self.device.clone();
+        tokio::task::spawn_blocking(move || ipc::synchronize(&device))
+            .await
+            .map_err(|e| MeshError::Internal(format!("releasing experts: {e}")))??;
+        Ok(())
+    }
+
     /// Swaps `held` in; calls in flight finish on what they started with.
     fn install(&self, held: Held) {
         let pairs: usize = held.holdings.values().map(Vec::len).sum();
@@ -865,6 +882,12 @@ impl Worker {
             self.check_room(&old.holdings, &both)?;
             let shard = self.build(old.shard.clone(), both.clone()).await?;
             self.install(Held::new(Arc::new(shard), both));
+            // The replaced stacks go back to the device before this answers: the next worker
+            // changed (possibly on the same GPU) measures its room after this one's.
+            self.release(old).await?;
+        } else {
+            // Nothing replaced; not kept past this point (the drop below frees what it held).
+            drop(old);
         }
         let load_ms = started.elapsed().as_millis() as u64;
         self.announce(target.clone()).await.map_err(|e| {
@@ -880,6 +903,7 @@ impl Worker {
             let now = self.held.load_full();
             let shard = self.build(now.shard.clone(), target.clone()).await?;
             self.install(Held::new(Arc::new(shard), target.clone()));
+            self.release(now).await?;
         }
         tracing::info!(worker = %self.id, holdings = ?target, ?loaded, ?dropped, load_ms, "experts changed");
         Ok(SetExpertsResponse {

@@ -675,12 +675,13 @@ struct Move {
 type SetReply = (String, Holdings, Holdings, u64);
 
 /// Sends `SetExperts` to the workers of `moves` one after another, each bounded by `limit`;
-/// stops at the first that fails.
+/// stops at the first that fails. Returns the replies of the workers that answered, and the
+/// first failure.
 async fn set_all(
     client: &ClientArgs,
     moves: &[Move],
     limit: Duration,
-) -> anyhow::Result<Vec<SetReply>> {
+) -> (Vec<SetReply>, Option<anyhow::Error>) {
     let calls = moves.iter().map(|m| async move {
         let call = async {
             let channel = client.channel(&m.address).await?;
@@ -721,9 +722,12 @@ async fn set_all(
     // needs against what the ones before it left (and refuses, changing nothing, when short).
     let mut done = Vec::with_capacity(moves.len());
     for call in calls {
-        done.push(call.await?);
+        match call.await {
+            Ok(reply) => done.push(reply),
+            Err(e) => return (done, Some(e)),
+        }
     }
-    Ok(done)
+    (done, None)
 }
 
 /// Polls every gate until it lists each worker of `want` (id → holdings) with exactly those
@@ -860,10 +864,36 @@ pub async fn apply(args: &RebalanceArgs, p: &Planned) -> anyhow::Result<Applied>
         );
     }
     let mut done: BTreeMap<String, (Holdings, Holdings, u64)> = BTreeMap::new();
-    for (id, loaded, _, ms) in set_all(&args.client, &adds, limit)
-        .await
-        .context("adding experts (nothing was removed; workers that answered hold extra copies)")?
-    {
+    let (added, failed) = set_all(&args.client, &adds, limit).await;
+    if let Some(e) = failed {
+        // The workers before the one that failed hold extra copies, which would skew the load
+        // towards them: they go back to today's placement.
+        let undo: Vec<Move> = added
+            .iter()
+            .filter_map(|(id, ..)| {
+                let i = workers.iter().position(|w| &w.id == id)?;
+                let union = after_add.get(id)?;
+                Some(Move {
+                    id: id.clone(),
+                    address: workers[i].address.clone(),
+                    layers: changed_layers(union, &p.today[i]),
+                    grace_ms: args.release_grace_ms,
+                })
+            })
+            .collect();
+        let restored = match set_all(&args.client, &undo, limit).await {
+            (_, None) if undo.is_empty() => "no worker had added any".to_string(),
+            (_, None) => format!(
+                "the {} worker(s) that had added experts were put back as they were",
+                undo.len()
+            ),
+            (_, Some(u)) => format!(
+                "putting back the workers that had added experts failed too ({u:#}): they hold                  extra copies"
+            ),
+        };
+        return Err(e.context(format!("adding experts (nothing was removed; {restored})")));
+    }
+    for (id, loaded, _, ms) in added {
         done.insert(id, (loaded, Holdings::new(), ms));
     }
     wait_listed(args, &after_add, limit)
@@ -884,10 +914,11 @@ pub async fn apply(args: &RebalanceArgs, p: &Planned) -> anyhow::Result<Applied>
         }
         after_remove.insert(w.id.clone(), p.planned[i].clone());
     }
-    for (id, _, dropped, _) in set_all(&args.client, &removes, limit)
-        .await
-        .context("removing experts (every expert is still held at least once)")?
-    {
+    let (removed, failed) = set_all(&args.client, &removes, limit).await;
+    if let Some(e) = failed {
+        return Err(e.context("removing experts (every expert is still held at least once)"));
+    }
+    for (id, _, dropped, _) in removed {
         done.entry(id).or_default().1 = dropped;
     }
     wait_listed(args, &after_remove, limit)
@@ -1018,6 +1049,121 @@ mod tests {
         }
         let again = plan_from(&args(&["--spare", "1"]), vec![applied], Vec::new()).expect("plan");
         assert!(!again.changes(), "{:?} -> {:?}", again.today, again.planned);
+    }
+
+    /// A stand-in expert worker that answers `SetExperts` only: it records each request and
+    /// accepts it, or refuses every one (RESOURCE_EXHAUSTED, as a worker short of memory does).
+    #[derive(Clone)]
+    struct FakeWorker {
+        refuse: bool,
+        seen: std::sync::Arc<std::sync::Mutex<Vec<Holdings>>>,
+    }
+
+    #[tonic::async_trait]
+    impl moemesh_proto::v1::expert_server::Expert for FakeWorker {
+        type ForwardStream =
+            futures::stream::Empty<Result<moemesh_proto::v1::ForwardResponse, tonic::Status>>;
+        async fn forward(
+            &self,
+            _: tonic::Request<tonic::Streaming<moemesh_proto::v1::ForwardRequest>>,
+        ) -> Result<tonic::Response<Self::ForwardStream>, tonic::Status> {
+            Err(tonic::Status::unimplemented("fake"))
+        }
+        async fn info(
+            &self,
+            _: tonic::Request<moemesh_proto::v1::ExpertInfoRequest>,
+        ) -> Result<tonic::Response<moemesh_proto::v1::ExpertInfoResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("fake"))
+        }
+        async fn open_transport(
+            &self,
+            _: tonic::Request<moemesh_proto::v1::OpenTransportRequest>,
+        ) -> Result<tonic::Response<moemesh_proto::v1::OpenTransportResponse>, tonic::Status>
+        {
+            Err(tonic::Status::unimplemented("fake"))
+        }
+        async fn set_experts(
+            &self,
+            req: tonic::Request<SetExpertsRequest>,
+        ) -> Result<tonic::Response<moemesh_proto::v1::SetExpertsResponse>, tonic::Status> {
+            let layers = req.into_inner().layer_experts;
+            if self.refuse {
+                return Err(tonic::Status::resource_exhausted(
+                    "no room for the new stacks",
+                ));
+            }
+            let h: Holdings = layers
+                .iter()
+                .map(|l| (l.layer, l.experts.clone()))
+                .collect();
+            self.seen.lock().unwrap_or_else(|e| e.into_inner()).push(h);
+            Ok(tonic::Response::new(
+                moemesh_proto::v1::SetExpertsResponse {
+                    layer_experts: layers,
+                    ..Default::default()
+                },
+            ))
+        }
+    }
+
+    async fn serve(fake: FakeWorker) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(moemesh_proto::v1::expert_server::ExpertServer::new(fake))
+                .serve_with_incoming(tokio_stream_of(listener)),
+        );
+        addr
+    }
+
+    fn tokio_stream_of(
+        l: tokio::net::TcpListener,
+    ) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+        futures::stream::unfold(l, |l| async move {
+            let r = l.accept().await.map(|(s, _)| s);
+            Some((r, l))
+        })
+    }
+
+    /// When a worker refuses the add phase, the workers that had already added experts are put
+    /// back as they were (their extra copies would draw load), and the error says so.
+    #[tokio::test]
+    async fn a_refused_add_puts_back_the_workers_that_had_added() {
+        let mut info = hot_per_layer(&[1, 2]);
+        let a = FakeWorker {
+            refuse: false,
+            seen: Default::default(),
+        };
+        let b = FakeWorker {
+            refuse: true,
+            seen: Default::default(),
+        };
+        info.worker_experts[0].address = serve(a.clone()).await;
+        info.worker_experts[1].address = serve(b.clone()).await;
+        let args = args(&["--spare", "1", "--min-gain", "0"]);
+        let p = plan_from(&args, vec![info], Vec::new()).expect("plan");
+        assert!(p.changes());
+        let err = apply(&args, &p).await.expect_err("b refuses");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("no room") && text.contains("put back"),
+            "{text}"
+        );
+        let seen = a.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        assert_eq!(seen.len(), 2, "a: the add, then the undo: {seen:?}");
+        // The add gave a, in each layer it changes, a superset of what it held; the undo gives
+        // each of those layers back its list of before.
+        for (l, list) in &seen[0] {
+            assert!(p.today[0][l].iter().all(|e| list.contains(e)), "{seen:?}");
+        }
+        let undone: Vec<u32> = seen[1].keys().copied().collect();
+        assert_eq!(undone, seen[0].keys().copied().collect::<Vec<_>>());
+        for (l, list) in &seen[1] {
+            assert_eq!(list, &p.today[0][l]);
+        }
     }
 
     /// A worker's memory bounds its room: with room for no extra expert it gets no replica
