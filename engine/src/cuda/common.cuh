@@ -17,6 +17,23 @@
 
 typedef __nv_bfloat16 bf16;
 
+// Programmatic dependent launch (sm_90): a kernel launched with programmatic stream
+// serialisation may be scheduled before the kernel ahead of it on the stream has finished.
+// pdl_wait() holds it until that kernel has finished and its writes are visible (so it comes
+// before the kernel's first global read or write); pdl_trigger() lets the next kernel be
+// scheduled (its own pdl_wait still waits for this one to finish). Both do nothing in a kernel
+// launched without the attribute.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(bf16 x) { return __bfloat162float(x); }
 

@@ -220,10 +220,12 @@ __device__ __forceinline__ void align_wait(const uint32_t* wait_word, uint32_t w
 
 extern "C" __global__ void moe_align(const uint32_t* ids, int pairs, const int* slot_of,
                                      int n_slots, uint32_t* offsets, uint32_t* sorted,
-                                     uint32_t* pos, const uint32_t* wait_word,
+                                     uint32_t* pos, uint32_t* active, const uint32_t* wait_word,
                                      uint32_t wait_value, uint32_t* observed) {
     __shared__ uint32_t cnt[ALIGN_MAX_S];
     __shared__ uint32_t cur[ALIGN_MAX_S];
+    pdl_wait();
+    pdl_trigger();
     align_wait(wait_word, wait_value, observed);
     for (int s = threadIdx.x; s < n_slots; s += blockDim.x) cnt[s] = 0;
     __syncthreads();
@@ -233,13 +235,15 @@ extern "C" __global__ void moe_align(const uint32_t* ids, int pairs, const int* 
     }
     __syncthreads();
     if (threadIdx.x == 0) {
-        uint32_t acc = 0;
+        uint32_t acc = 0, used = 0;
         for (int s = 0; s < n_slots; ++s) {
             offsets[s] = acc;
             cur[s] = acc;
             acc += cnt[s];
+            if (active && cnt[s]) active[1 + used++] = (uint32_t)s;
         }
         offsets[n_slots] = acc;
+        if (active) active[0] = used;
     }
     __syncthreads();
     for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
@@ -384,15 +388,25 @@ extern "C" __global__ void copy_batch(const uint32_t* s0, const uint32_t* s1, co
     for (int i = start + blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) d[i] = s[i];
 }
 
+// The slot a block of the expert kernels works on: blockIdx.y, or, with `active` (moe_align's
+// list: the number of slots with pairs, then those slots ascending), the blockIdx.y-th slot with
+// pairs, so that a grid of min(slots, pairs) rows of blocks covers them (at batch 1, 6 of 64
+// experts: no grid of mostly idle blocks). -1: no slot for this block.
+__device__ __forceinline__ int active_slot(const uint32_t* active) {
+    if (!active) return (int)blockIdx.y;
+    return blockIdx.y < active[0] ? (int)active[1 + blockIdx.y] : -1;
+}
+
 #define MOE_GROUP 8      // tokens sharing one pass over a weight row
 #define MOE_WARPS 4      // warps per block
 #define MOE_ROWS 16      // output rows per block
 
 template <typename T>
 __device__ void moe_gate_up(const T* x, int hidden, const T* w_gu, int inner,
-                            const uint32_t* offsets, const uint32_t* sorted, int k_div,
-                            float* h_out) {
-    const int s = blockIdx.y;
+                            const uint32_t* offsets, const uint32_t* active,
+                            const uint32_t* sorted, int k_div, float* h_out) {
+    const int s = active_slot(active);
+    if (s < 0) return;
     const uint32_t beg = offsets[s], end = offsets[s + 1];
     if (beg == end) return;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -438,8 +452,9 @@ __device__ void moe_gate_up(const T* x, int hidden, const T* w_gu, int inner,
 
 template <typename T>
 __device__ void moe_down(const float* h, int inner, const T* w_down, int hidden,
-                         const uint32_t* offsets, float* y) {
-    const int s = blockIdx.y;
+                         const uint32_t* offsets, const uint32_t* active, float* y) {
+    const int s = active_slot(active);
+    if (s < 0) return;
     const uint32_t beg = offsets[s], end = offsets[s + 1];
     if (beg == end) return;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -505,13 +520,24 @@ __device__ __forceinline__ void k_half(int n32, int khalf, int& kb0, int& kb1) {
     kb1 = khalf ? n32 : mid;
 }
 
+// Loads run MMA_STAGES − 1 k blocks ahead of the MMAs (a ring of registers, slot i % ST for k
+// block i): a warp keeps that many 2 KB (gate/up) or 1 KB (down) loads in flight, which is what
+// a decode-size grid (a few warps per SM) needs to stream weights at the memory's speed (one
+// block ahead gave 1.6 TB/s at batch 1, scripts/bench/decode_experts.cu). The MMAs run in k
+// order, the same as with any depth: the sums do not depend on it.
+#define MMA_STAGES 4
+
 // h[q, j] = silu(x·Wg[j]) · (x·Wu[j]) for 16 columns j per tile; h in bf16 (what the unfused
 // bf16 path stores too). Needs hidden % 32 == 0 and inner % 16 == 0.
-extern "C" __global__ void moe_gate_up_mma(const bf16* x, int hidden, const bf16* w_gu, int inner,
-                                           const uint32_t* offsets, const uint32_t* sorted,
-                                           int k_div, bf16* h_out) {
+template <int ST>
+__device__ __forceinline__ void gate_up_mma(const bf16* x, int hidden, const bf16* w_gu, int inner,
+                                            const uint32_t* offsets, const uint32_t* active,
+                                            const uint32_t* sorted, int k_div, bf16* h_out) {
     __shared__ float other[2][32][8];
-    const int s = blockIdx.y;
+    pdl_wait();
+    pdl_trigger();
+    const int s = active_slot(active);
+    if (s < 0) return;
     const uint32_t beg = offsets[s], end = offsets[s + 1];
     if (beg == end) return;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -532,23 +558,30 @@ extern "C" __global__ void moe_gate_up_mma(const bf16* x, int hidden, const bf16
         const bf16* xr = x + (size_t)(sorted[g0 + min(g, n - 1)] / k_div) * hidden + t * 8;
         float cg[4] = {0.f, 0.f, 0.f, 0.f}, cu[4] = {0.f, 0.f, 0.f, 0.f};
         if (valid && k_begin < k_end) {
-            // Software pipeline: the next block's loads are issued before this block's MMAs.
-            uint4 a0 = ldcs16(wg0 + k_begin), a1 = ldcs16(wg1 + k_begin);
-            uint4 u0 = ldcs16(wu0 + k_begin), u1 = ldcs16(wu1 + k_begin);
-            uint4 b = ld16(xr + k_begin);
-#pragma unroll 2
-            for (int k = k_begin; k < k_end; k += 32) {
-                const int kn = k + 32 < k_end ? k + 32 : k;
-                const uint4 na0 = ldcs16(wg0 + kn), na1 = ldcs16(wg1 + kn);
-                const uint4 nu0 = ldcs16(wu0 + kn), nu1 = ldcs16(wu1 + kn);
-                const uint4 nb = ld16(xr + kn);
-                mma_k32(cg, a0, a1, b);
-                mma_k32(cu, u0, u1, b);
-                a0 = na0;
-                a1 = na1;
-                u0 = nu0;
-                u1 = nu1;
-                b = nb;
+            uint4 w[ST][4], b[ST];
+#pragma unroll
+            for (int i = 0; i < ST - 1; ++i) {
+                const int kk = k_begin + i * 32;
+                if (kk < k_end) {
+                    w[i][0] = ldcs16(wg0 + kk), w[i][1] = ldcs16(wg1 + kk);
+                    w[i][2] = ldcs16(wu0 + kk), w[i][3] = ldcs16(wu1 + kk);
+                    b[i] = ld16(xr + kk);
+                }
+            }
+            for (int k = k_begin; k < k_end; k += ST * 32) {
+#pragma unroll
+                for (int i = 0; i < ST; ++i) {
+                    const int kk = k + i * 32, kn = kk + (ST - 1) * 32, j = (i + ST - 1) % ST;
+                    if (kn < k_end) {
+                        w[j][0] = ldcs16(wg0 + kn), w[j][1] = ldcs16(wg1 + kn);
+                        w[j][2] = ldcs16(wu0 + kn), w[j][3] = ldcs16(wu1 + kn);
+                        b[j] = ld16(xr + kn);
+                    }
+                    if (kk < k_end) {
+                        mma_k32(cg, w[i][0], w[i][1], b[i]);
+                        mma_k32(cu, w[i][2], w[i][3], b[i]);
+                    }
+                }
             }
         }
         if (khalf) {
@@ -575,10 +608,15 @@ extern "C" __global__ void moe_gate_up_mma(const bf16* x, int hidden, const bf16
 }
 
 // y[q, r] = h[q]·Wd[r] for 16 rows r per tile, f32 out. Needs inner % 32 == 0, hidden % 16 == 0.
-extern "C" __global__ void moe_down_mma(const bf16* h, int inner, const bf16* w_down, int hidden,
-                                        const uint32_t* offsets, float* y) {
+template <int ST>
+__device__ __forceinline__ void down_mma(const bf16* h, int inner, const bf16* w_down, int hidden,
+                                         const uint32_t* offsets, const uint32_t* active,
+                                         float* y) {
     __shared__ float other[2][32][4];
-    const int s = blockIdx.y;
+    pdl_wait();
+    pdl_trigger();
+    const int s = active_slot(active);
+    if (s < 0) return;
     const uint32_t beg = offsets[s], end = offsets[s + 1];
     if (beg == end) return;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -597,15 +635,25 @@ extern "C" __global__ void moe_down_mma(const bf16* h, int inner, const bf16* w_
         const bf16* hr = h + (size_t)(g0 + min(g, n - 1)) * inner + t * 8;
         float c[4] = {0.f, 0.f, 0.f, 0.f};
         if (valid && k_begin < k_end) {
-            uint4 a0 = ldcs16(w0 + k_begin), a1 = ldcs16(w1 + k_begin), b = ld16(hr + k_begin);
-#pragma unroll 2
-            for (int k = k_begin; k < k_end; k += 32) {
-                const int kn = k + 32 < k_end ? k + 32 : k;
-                const uint4 na0 = ldcs16(w0 + kn), na1 = ldcs16(w1 + kn), nb = ld16(hr + kn);
-                mma_k32(c, a0, a1, b);
-                a0 = na0;
-                a1 = na1;
-                b = nb;
+            uint4 w[ST][2], b[ST];
+#pragma unroll
+            for (int i = 0; i < ST - 1; ++i) {
+                const int kk = k_begin + i * 32;
+                if (kk < k_end) {
+                    w[i][0] = ldcs16(w0 + kk), w[i][1] = ldcs16(w1 + kk);
+                    b[i] = ld16(hr + kk);
+                }
+            }
+            for (int k = k_begin; k < k_end; k += ST * 32) {
+#pragma unroll
+                for (int i = 0; i < ST; ++i) {
+                    const int kk = k + i * 32, kn = kk + (ST - 1) * 32, j = (i + ST - 1) % ST;
+                    if (kn < k_end) {
+                        w[j][0] = ldcs16(w0 + kn), w[j][1] = ldcs16(w1 + kn);
+                        b[j] = ld16(hr + kn);
+                    }
+                    if (kk < k_end) mma_k32(c, w[i][0], w[i][1], b[i]);
+                }
             }
         }
         if (khalf) {
@@ -624,16 +672,27 @@ extern "C" __global__ void moe_down_mma(const bf16* h, int inner, const bf16* w_
     }
 }
 
+extern "C" __global__ void moe_gate_up_mma(const bf16* x, int hidden, const bf16* w_gu, int inner,
+                                           const uint32_t* offsets, const uint32_t* active,
+                                           const uint32_t* sorted, int k_div, bf16* h_out) {
+    gate_up_mma<MMA_STAGES>(x, hidden, w_gu, inner, offsets, active, sorted, k_div, h_out);
+}
+extern "C" __global__ void moe_down_mma(const bf16* h, int inner, const bf16* w_down, int hidden,
+                                        const uint32_t* offsets, const uint32_t* active,
+                                        float* y) {
+    down_mma<MMA_STAGES>(h, inner, w_down, hidden, offsets, active, y);
+}
+
 #define MOE_KERNELS(SUFFIX, T)                                                                  \
-    extern "C" __global__ void moe_gate_up_##SUFFIX(const T* x, int hidden, const T* w_gu,      \
-                                                    int inner, const uint32_t* offsets,          \
-                                                    const uint32_t* sorted, int k_div,           \
-                                                    float* h_out) {                              \
-        moe_gate_up<T>(x, hidden, w_gu, inner, offsets, sorted, k_div, h_out);                  \
+    extern "C" __global__ void moe_gate_up_##SUFFIX(                                            \
+        const T* x, int hidden, const T* w_gu, int inner, const uint32_t* offsets,               \
+        const uint32_t* active, const uint32_t* sorted, int k_div, float* h_out) {               \
+        moe_gate_up<T>(x, hidden, w_gu, inner, offsets, active, sorted, k_div, h_out);          \
     }                                                                                           \
     extern "C" __global__ void moe_down_##SUFFIX(const float* h, int inner, const T* w_down,    \
-                                                 int hidden, const uint32_t* offsets, float* y) { \
-        moe_down<T>(h, inner, w_down, hidden, offsets, y);                                      \
+                                                 int hidden, const uint32_t* offsets,            \
+                                                 const uint32_t* active, float* y) {             \
+        moe_down<T>(h, inner, w_down, hidden, offsets, active, y);                              \
     }
 MOE_KERNELS(f32, float)
 MOE_KERNELS(bf16, bf16)
@@ -663,6 +722,8 @@ template <typename Y, typename V>
 __device__ __forceinline__ void moe_combine_cols(const Y* y, int hidden, const uint32_t* pos,
                                                  const float* w, const uint32_t* row_ptr, int k,
                                                  V* out) {
+    pdl_wait();
+    pdl_trigger();
     const size_t t = blockIdx.x;
     const uint32_t beg = row_ptr ? row_ptr[t] : (uint32_t)(t * k);
     const uint32_t end = row_ptr ? row_ptr[t + 1] : (uint32_t)(t * k + k);

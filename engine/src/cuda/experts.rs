@@ -646,7 +646,7 @@ impl Gpu {
         (x, x_dtype): (u64, DType),
         gate_up: &Tensor,
         down: &Tensor,
-        slots: usize,
+        (slots, active): (usize, Option<u64>),
         pairs: usize,
         offsets: u64,
         sorted: u64,
@@ -654,6 +654,12 @@ impl Gpu {
         hidden: usize,
         inner: usize,
     ) -> Result<Tensor> {
+        // With the list of slots with pairs, a row of blocks per such slot (at most one a pair).
+        let grid_slots = match active {
+            Some(_) => slots.min(pairs),
+            None => slots,
+        } as u32;
+        let active = active.unwrap_or(0);
         let mma = x_dtype == DType::BF16 && hidden.is_multiple_of(32) && inner.is_multiple_of(32);
         // Blocks of 4 warps: two 16-row tiles, each over two k halves (tensor cores), or 16
         // rows, 4 per warp (CUDA cores).
@@ -675,7 +681,7 @@ impl Gpu {
         let h = self.alloc(h_dtype, &[pairs, inner])?;
         self.launch(
             &gate_up_fn,
-            (inner.div_ceil(rows_per_block) as u32, slots as u32, 1),
+            (inner.div_ceil(rows_per_block) as u32, grid_slots, 1),
             128,
             0,
             &[
@@ -684,6 +690,7 @@ impl Gpu {
                 Arg::Ptr(self.ptr(gate_up)?),
                 i32_arg(inner, "expert inner size")?,
                 Arg::Ptr(offsets),
+                Arg::Ptr(active),
                 Arg::Ptr(sorted),
                 i32_arg(k_div, "top-k")?,
                 Arg::Ptr(self.ptr(&h)?),
@@ -692,7 +699,7 @@ impl Gpu {
         let y = self.alloc(DType::F32, &[pairs, hidden])?;
         self.launch(
             &down_fn,
-            (hidden.div_ceil(rows_per_block) as u32, slots as u32, 1),
+            (hidden.div_ceil(rows_per_block) as u32, grid_slots, 1),
             128,
             0,
             &[
@@ -701,6 +708,7 @@ impl Gpu {
                 Arg::Ptr(self.ptr(down)?),
                 i32_arg(hidden, "hidden size")?,
                 Arg::Ptr(offsets),
+                Arg::Ptr(active),
                 Arg::Ptr(self.ptr(&y)?),
             ],
         )?;
@@ -984,6 +992,9 @@ impl Gpu {
         let offsets = self.alloc(DType::U32, &[slots + 1])?;
         let sorted = self.alloc(DType::U32, &[pairs])?;
         let pos = self.alloc(DType::U32, &[pairs])?;
+        // The slots with pairs (a count, then the slots): the expert kernels' grid covers
+        // min(slots, pairs) of them instead of every slot.
+        let active = self.alloc(DType::U32, &[slots + 1])?;
         let [wait_word, wait_value, observed] = wait_args(wait);
         self.launch(
             "moe_align",
@@ -998,6 +1009,7 @@ impl Gpu {
                 Arg::Ptr(self.ptr(&offsets)?),
                 Arg::Ptr(self.ptr(&sorted)?),
                 Arg::Ptr(self.ptr(&pos)?),
+                Arg::Ptr(self.ptr(&active)?),
                 wait_word,
                 wait_value,
                 observed,
@@ -1008,7 +1020,7 @@ impl Gpu {
             (x, dtype),
             gate_up,
             down,
-            slots,
+            (slots, Some(self.ptr(&active)?)),
             pairs,
             off_p,
             sorted_p,
@@ -1047,7 +1059,7 @@ impl Gpu {
             (self.ptr(x)?, x.dtype()),
             gate_up,
             down,
-            a.slots,
+            (a.slots, None),
             a.pairs,
             offsets,
             sorted,
