@@ -61,7 +61,16 @@ pub struct Router {
     /// `--router-skew`: a load-testing bias added to the logits before the top-k (see
     /// [`zipf_skew`]); `None` when off, which leaves the logits untouched.
     skew: Option<Skew>,
+    /// On a GPU, the one-word counter of the fused logits-and-routing kernel
+    /// ([`route_logits`](crate::cuda::Gpu::route_logits)); 0 between launches. The kernels of a
+    /// model run on its device's one stream, so no two launches use it at once.
+    counter: Option<Tensor>,
 }
+
+/// Tokens up to which a GPU router computes its logits in the routing kernel itself (a decode
+/// step's few rows; one launch instead of the logits GEMM's two and the routing's one). Above,
+/// the GEMM's blocking pays: the fused kernel reads the router weight once per token.
+pub const FUSED_ROUTE_MAX_TOKENS: usize = 16;
 
 /// The router skew's per-expert bias, on the host and on the weight's device.
 #[derive(Debug, Clone)]
@@ -128,6 +137,9 @@ impl Router {
             norm_topk_prob: cfg.norm_topk_prob,
             scaling: cfg.routed_scaling_factor as f32,
             skew: None,
+            counter: crate::cuda::gpu(loader.device())
+                .map(|_| Tensor::zeros(1, DType::U32, loader.device()))
+                .transpose()?,
         })
     }
 
@@ -181,13 +193,6 @@ impl Router {
         let Some(g) = crate::cuda::gpu(x.device()) else {
             return Ok(None);
         };
-        let weight = self.weight.to_device(x.device())?;
-        let logits = x.to_dtype(DType::F32)?.matmul(&weight.t()?)?;
-        // [T, E] + [E]
-        let logits = match &self.skew {
-            Some(skew) => logits.broadcast_add(&skew.device.to_device(x.device())?)?,
-            None => logits,
-        };
         let normalise =
             self.norm_topk_prob && (self.method == TopkMethod::NoauxTc || self.top_k > 1);
         let params = crate::cuda::RouteParams {
@@ -204,6 +209,25 @@ impl Router {
             normalise,
             scale: self.method == TopkMethod::NoauxTc || !normalise,
             scaling: self.scaling,
+        };
+        let weight = self.weight.to_device(x.device())?;
+        let xf = x.to_dtype(DType::F32)?;
+        let skew = self
+            .skew
+            .as_ref()
+            .map(|s| s.device.to_device(x.device()))
+            .transpose()?;
+        if let Some(counter) = &self.counter
+            && xf.dim(0)? <= FUSED_ROUTE_MAX_TOKENS
+            && let Some(routing) = g.route_logits(&xf, &weight, skew.as_ref(), counter, &params)?
+        {
+            return Ok(Some(routing));
+        }
+        let logits = xf.matmul(&weight.t()?)?;
+        // [T, E] + [E]
+        let logits = match &skew {
+            Some(skew) => logits.broadcast_add(skew)?,
+            None => logits,
         };
         g.route(&logits, &params)
     }
@@ -362,6 +386,7 @@ mod tests {
             norm_topk_prob: true,
             scaling: 2.5,
             skew: None,
+            counter: None,
         }
     }
 

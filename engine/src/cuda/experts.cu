@@ -37,22 +37,20 @@ __device__ __forceinline__ void warp_best(float& v, int& i, float& p) {
     }
 }
 
-// One warp per token; lane l holds experts l, l+32, … (at most 8 each).
-extern "C" __global__ void moe_route(const float* logits, int tokens, int n_exp,
-                                     const float* bias, int scoring, int method, int k,
-                                     int n_group, int topk_group, int normalise,
-                                     int scale_weights, float scaling, uint32_t* ids,
-                                     float* weights) {
-    __shared__ float choice_s[ROUTE_WARPS][ROUTE_MAX_M * 32];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int t = blockIdx.x * ROUTE_WARPS + warp;
-    if (t >= tokens) return;
-    const float* l = logits + (size_t)t * n_exp;
+// Routes token t from its logits row `l` (read through L2: another block of moe_route_logits may
+// have written it), one warp; lane l holds experts l, l+32, … (at most 8 each). `cs`: this
+// warp's ROUTE_MAX_M · 32 floats of shared memory.
+__device__ __forceinline__ void route_row(const float* l, int t, int n_exp, const float* bias,
+                                          int scoring, int method, int k, int n_group,
+                                          int topk_group, int normalise, int scale_weights,
+                                          float scaling, float* cs, uint32_t* ids,
+                                          float* weights) {
+    const int lane = threadIdx.x & 31;
     float score[ROUTE_MAX_M], choice[ROUTE_MAX_M];
 #pragma unroll
     for (int m = 0; m < ROUTE_MAX_M; ++m) {
         const int e = lane + 32 * m;
-        score[m] = e < n_exp ? l[e] : -INFINITY;
+        score[m] = e < n_exp ? __ldcg(l + e) : -INFINITY;
     }
     if (scoring == 0) {
 #pragma unroll
@@ -81,7 +79,6 @@ extern "C" __global__ void moe_route(const float* logits, int tokens, int n_exp,
     }
     if (method != 0 && topk_group < n_group) {
         // Group scores, one lane per group (n_group ≤ 32), from the choices in shared memory.
-        float* cs = choice_s[warp];
 #pragma unroll
         for (int m = 0; m < ROUTE_MAX_M; ++m)
             if (lane + 32 * m < n_exp) cs[lane + 32 * m] = choice[m];
@@ -150,6 +147,65 @@ extern "C" __global__ void moe_route(const float* logits, int tokens, int n_exp,
             weights[(size_t)t * k + r] = v;
         }
     }
+}
+
+// One warp per token.
+extern "C" __global__ void moe_route(const float* logits, int tokens, int n_exp,
+                                     const float* bias, int scoring, int method, int k,
+                                     int n_group, int topk_group, int normalise,
+                                     int scale_weights, float scaling, uint32_t* ids,
+                                     float* weights) {
+    __shared__ float choice_s[ROUTE_WARPS][ROUTE_MAX_M * 32];
+    const int warp = threadIdx.x >> 5;
+    const int t = blockIdx.x * ROUTE_WARPS + warp;
+    if (t >= tokens) return;
+    route_row(logits + (size_t)t * n_exp, t, n_exp, bias, scoring, method, k, n_group,
+              topk_group, normalise, scale_weights, scaling, choice_s[warp], ids, weights);
+}
+
+// Router logits and routing in one launch, for a few tokens (a decode step): block b computes
+// the logits of experts b·ROUTE_WARPS … b·ROUTE_WARPS + 3 for every token (a warp an expert:
+// lanes over the row in float4s, then a warp sum; plus `skew[e]` when not null) into `logits`;
+// the last block to finish (`counter`, which it sets back to 0 for the next launch) routes every
+// token as moe_route does. Needs hidden % 4 == 0 and 16-byte aligned rows.
+extern "C" __global__ void moe_route_logits(const float* x, int tokens, int hidden,
+                                            const float* w_router, const float* skew,
+                                            float* logits, uint32_t* counter, int n_exp,
+                                            const float* bias, int scoring, int method, int k,
+                                            int n_group, int topk_group, int normalise,
+                                            int scale_weights, float scaling, uint32_t* ids,
+                                            float* weights) {
+    __shared__ float choice_s[ROUTE_WARPS][ROUTE_MAX_M * 32];
+    __shared__ bool last;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int e = blockIdx.x * ROUTE_WARPS + warp;
+    if (e < n_exp) {
+        const float4* wr = reinterpret_cast<const float4*>(w_router + (size_t)e * hidden);
+        for (int t = 0; t < tokens; ++t) {
+            const float4* xr = reinterpret_cast<const float4*>(x + (size_t)t * hidden);
+            float acc = 0.f;
+            for (int c = lane; c < hidden / 4; c += 32) {
+                const float4 a = wr[c], b = xr[c];
+                acc = fmaf(a.x, b.x, acc);
+                acc = fmaf(a.y, b.y, acc);
+                acc = fmaf(a.z, b.z, acc);
+                acc = fmaf(a.w, b.w, acc);
+            }
+            acc = warp_sum(acc);
+            if (lane == 0) logits[(size_t)t * n_exp + e] = skew ? acc + skew[e] : acc;
+        }
+    }
+    // Every block's logits are out before it counts itself; the last one sees them all.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    if (threadIdx.x == 0) *counter = 0u;
+    __threadfence();
+    for (int t = warp; t < tokens; t += ROUTE_WARPS)
+        route_row(logits + (size_t)t * n_exp, t, n_exp, bias, scoring, method, k, n_group,
+                  topk_group, normalise, scale_weights, scaling, choice_s[warp], ids, weights);
 }
 
 // ---------------------------------------------------------------------------------------------

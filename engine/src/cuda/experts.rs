@@ -550,55 +550,112 @@ impl Gpu {
         Ok(())
     }
 
+    /// Whether the routing kernels take `t` tokens over `e` experts with `p`.
+    fn route_fits(t: usize, e: usize, p: &RouteParams) -> bool {
+        t > 0
+            && e <= 256
+            && p.k > 0
+            && p.k <= e
+            && p.k <= 16
+            && p.n_group > 0
+            && p.n_group <= 32
+            && e.is_multiple_of(p.n_group)
+            && p.topk_group > 0
+    }
+
+    /// The routing kernels' trailing arguments (after the logits' source): `e`, the router
+    /// constants, and where the ids and weights go.
+    fn route_args(&self, e: usize, p: &RouteParams, out: &DeviceRouting) -> Result<Vec<Arg>> {
+        Ok(vec![
+            i32_arg(e, "experts")?,
+            Arg::Ptr(p.bias.map_or(Ok(0), |b| self.ptr(b))?),
+            Arg::I32(i32::from(p.softmax)),
+            Arg::I32(p.method),
+            i32_arg(p.k, "top-k")?,
+            i32_arg(p.n_group, "n_group")?,
+            i32_arg(p.topk_group, "topk_group")?,
+            Arg::I32(i32::from(p.normalise)),
+            Arg::I32(i32::from(p.scale)),
+            Arg::F32(p.scaling),
+            Arg::Ptr(self.ptr(&out.ids)?),
+            Arg::Ptr(self.ptr(&out.weights)?),
+        ])
+    }
+
+    fn routing_for(&self, t: usize, k: usize) -> Result<DeviceRouting> {
+        Ok(DeviceRouting {
+            ids: self.alloc(DType::U32, &[t, k])?,
+            weights: self.alloc(DType::F32, &[t, k])?,
+            k,
+        })
+    }
+
     /// Routing from f32 router logits `[T, E]`, on the device.
     pub fn route(&self, logits: &Tensor, p: &RouteParams) -> Result<Option<DeviceRouting>> {
         let Ok((t, e)) = logits.dims2() else {
             return Ok(None);
         };
-        if logits.dtype() != DType::F32
-            || !logits.is_contiguous()
-            || e > 256
-            || p.k == 0
-            || p.k > e
-            || p.k > 16
-            || p.n_group == 0
-            || p.n_group > 32
-            || !e.is_multiple_of(p.n_group)
-            || p.topk_group == 0
-            || t == 0
+        if logits.dtype() != DType::F32 || !logits.is_contiguous() || !Self::route_fits(t, e, p) {
+            return Ok(None);
+        }
+        let out = self.routing_for(t, p.k)?;
+        let mut args = vec![Arg::Ptr(self.ptr(logits)?), i32_arg(t, "tokens")?];
+        args.extend(self.route_args(e, p, &out)?);
+        // One warp per token, four per block.
+        self.launch("moe_route", (t.div_ceil(4) as u32, 1, 1), 128, 0, &args)?;
+        Ok(Some(out))
+    }
+
+    /// Router logits of `x: [T, hidden]` (f32) against `weight: [E, hidden]` (f32), plus
+    /// `skew: [E]` when given, and the routing of them, in one launch (`moe_route_logits`):
+    /// for a decode step's few tokens, where the logits GEMM would be two launches of its own.
+    /// `counter`: a u32 device word that is 0 between launches (the kernel's last block sets it
+    /// back), one per router, never used by two launches at once. `None` when the kernel does
+    /// not take the shapes.
+    pub fn route_logits(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        skew: Option<&Tensor>,
+        counter: &Tensor,
+        p: &RouteParams,
+    ) -> Result<Option<DeviceRouting>> {
+        let (Ok((t, hidden)), Ok((e, hidden_w))) = (x.dims2(), weight.dims2()) else {
+            return Ok(None);
+        };
+        let f32_rows = |a: &Tensor| a.dtype() == DType::F32 && a.is_contiguous() && aligned16(a);
+        if hidden != hidden_w
+            || !hidden.is_multiple_of(4)
+            || !f32_rows(x)
+            || !f32_rows(weight)
+            || skew.is_some_and(|s| s.dims() != [e] || s.dtype() != DType::F32)
+            || counter.dtype() != DType::U32
+            || counter.elem_count() != 1
+            || !Self::route_fits(t, e, p)
         {
             return Ok(None);
         }
-        let ids = self.alloc(DType::U32, &[t, p.k])?;
-        let weights = self.alloc(DType::F32, &[t, p.k])?;
-        // One warp per token, four per block.
+        let logits = self.alloc(DType::F32, &[t, e])?;
+        let out = self.routing_for(t, p.k)?;
+        let mut args = vec![
+            Arg::Ptr(self.ptr(x)?),
+            i32_arg(t, "tokens")?,
+            i32_arg(hidden, "hidden size")?,
+            Arg::Ptr(self.ptr(weight)?),
+            Arg::Ptr(skew.map_or(Ok(0), |s| self.ptr(s))?),
+            Arg::Ptr(self.ptr(&logits)?),
+            Arg::Ptr(self.ptr(counter)?),
+        ];
+        args.extend(self.route_args(e, p, &out)?);
+        // A warp an expert's logits, four per block; the last block routes.
         self.launch(
-            "moe_route",
-            (t.div_ceil(4) as u32, 1, 1),
+            "moe_route_logits",
+            (e.div_ceil(4) as u32, 1, 1),
             128,
             0,
-            &[
-                Arg::Ptr(self.ptr(logits)?),
-                i32_arg(t, "tokens")?,
-                i32_arg(e, "experts")?,
-                Arg::Ptr(p.bias.map_or(Ok(0), |b| self.ptr(b))?),
-                Arg::I32(i32::from(p.softmax)),
-                Arg::I32(p.method),
-                i32_arg(p.k, "top-k")?,
-                i32_arg(p.n_group, "n_group")?,
-                i32_arg(p.topk_group, "topk_group")?,
-                Arg::I32(i32::from(p.normalise)),
-                Arg::I32(i32::from(p.scale)),
-                Arg::F32(p.scaling),
-                Arg::Ptr(self.ptr(&ids)?),
-                Arg::Ptr(self.ptr(&weights)?),
-            ],
+            &args,
         )?;
-        Ok(Some(DeviceRouting {
-            ids,
-            weights,
-            k: p.k,
-        }))
+        Ok(Some(out))
     }
 
     fn experts_fit(x: &Tensor, gate_up: &Tensor, down: &Tensor) -> Result<Option<(usize, usize)>> {

@@ -20,6 +20,13 @@
 //! every layer runs on a GPU) against the two kernels it replaces, at V2-Lite's and V3's widths:
 //! the new residual stream must be bit-equal (the same additions in the same order) and the norm
 //! within the same bound (its sum of squares is taken in another order).
+//!
+//! Routing cases check the fused router-logits-and-routing kernel (`Gpu::route_logits`, a
+//! decode step's router) against the logits GEMM and `Gpu::route`: V2-Lite's softmax greedy
+//! top-6 of 64 and V3's sigmoid top-8 of 256 from 4 of 8 groups with a correction bias, 1 to 16
+//! tokens, one case with a router skew. Both sum the same f32 products in other orders (logits
+//! differ by ~1e-6 relative); on random rows no two choices are that close, so the experts must
+//! be the same and the weights within 1e-4 of the largest.
 
 use moemesh_engine::cuda::{DecodeTables, Gpu};
 use moemesh_engine::{DType, Device, Tensor};
@@ -89,7 +96,80 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<KernelCheck>> {
     for (rows, width, with_b) in [(2048, 2048, true), (5, 7168, false)] {
         out.push(add_norm(&g, device, &mut rng, rows, width, with_b)?);
     }
+    // (tokens, V3's router rather than V2-Lite's, a skew)
+    for (tokens, v3, skew) in [
+        (1, false, false),
+        (16, false, true),
+        (1, true, false),
+        (5, true, false),
+    ] {
+        out.push(route(&g, device, &mut rng, tokens, v3, skew)?);
+    }
     Ok(out)
+}
+
+/// `route_logits` against the logits GEMM then `route`, at V2-Lite's or V3's router.
+fn route(
+    g: &Gpu,
+    device: &Device,
+    rng: &mut ChaCha8Rng,
+    tokens: usize,
+    v3: bool,
+    skew: bool,
+) -> anyhow::Result<KernelCheck> {
+    let (hidden, e) = if v3 { (7168, 256) } else { (2048, 64) };
+    let x = Tensor::from_vec(normal(rng, tokens * hidden, 1.0), &[tokens, hidden], device)?;
+    let w = Tensor::from_vec(normal(rng, e * hidden, 0.02), &[e, hidden], device)?;
+    let bias = Tensor::from_vec(normal(rng, e, 0.1), e, device)?;
+    let skew = skew
+        .then(|| Tensor::from_vec(normal(rng, e, 1.0), e, device))
+        .transpose()?;
+    let params = moemesh_engine::cuda::RouteParams {
+        bias: v3.then_some(&bias),
+        softmax: !v3,
+        method: if v3 { 2 } else { 0 },
+        k: if v3 { 8 } else { 6 },
+        n_group: if v3 { 8 } else { 1 },
+        topk_group: if v3 { 4 } else { 1 },
+        normalise: v3,
+        scale: true,
+        scaling: if v3 { 2.5 } else { 1.0 },
+    };
+    let name = format!(
+        "router logits + routing, {tokens} × {e} experts{}",
+        if skew.is_some() { ", skewed" } else { "" }
+    );
+    let missing = || anyhow::anyhow!("a routing kernel did not take {name}");
+    let logits = x.matmul(&w.t()?)?;
+    let logits = match &skew {
+        Some(s) => logits.broadcast_add(s)?,
+        None => logits,
+    };
+    let reference = g.route(&logits, &params)?.ok_or_else(missing)?;
+    let counter = Tensor::zeros(1, DType::U32, device)?;
+    // Twice: the counter must be back at 0 for the second launch to route at all.
+    let mut got = None;
+    for _ in 0..2 {
+        got = Some(
+            g.route_logits(&x, &w, skew.as_ref(), &counter, &params)?
+                .ok_or_else(missing)?,
+        );
+    }
+    let got = got.ok_or_else(missing)?;
+    let ids_equal = reference.ids.flatten_all()?.to_vec1::<u32>()?
+        == got.ids.flatten_all()?.to_vec1::<u32>()?;
+    let counter_back = counter.to_vec1::<u32>()? == [0];
+    let (max_rel, cosine) = compare(&reference.weights, &got.weights)?;
+    Ok(KernelCheck {
+        case: match (ids_equal, counter_back) {
+            (true, true) => name,
+            (false, _) => format!("{name}: other experts"),
+            (true, false) => format!("{name}: counter left set"),
+        },
+        max_rel,
+        cosine,
+        passed: ids_equal && counter_back && max_rel <= 1e-4,
+    })
 }
 
 /// Max |Δ| over the reference's largest magnitude, and the cosine, of two tensors.
