@@ -6,23 +6,25 @@
 #include "common.cuh"
 
 // ---------------------------------------------------------------------------------------------
-// The query of decoding tokens, split for the absorbed attention in one pass: q [T, H, nope + rope]
-// (contiguous) → q_nope [H, T, nope] (copied) and q_pe [H, T, rope] (rotated), both heads-first.
-// One thread per (token, head, element of nope + rope/2).
-
+// A decode step's attention inputs, one launch: the query split and the new latents written.
+//
+// The query of decoding tokens, split for the absorbed attention in one pass: q [T, H, nope +
+// rope] (row t at q + t·q_stride) → q_nope [H, T, nope] (copied) and q_pe [H, T, rope] (rotated),
+// both heads-first. One thread per (token, head, element of nope + rope/2), over blocks
+// blk = 0 … nblk − 1.
 template <typename T>
-__device__ void split_q(const T* q, T* q_nope, T* q_pe, const T* cos_t, const T* sin_t, int tokens,
-                        int heads, int nope, int rope_dim, int interleaved) {
+__device__ void split_q(const T* q, long long q_stride, T* q_nope, T* q_pe, const T* cos_t,
+                        const T* sin_t, int tokens, int heads, int nope, int rope_dim,
+                        int interleaved, int blk, int nblk) {
     const int half = rope_dim / 2;
     const int per = nope + half;
     const size_t n = (size_t)tokens * heads * per;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x) {
+    for (size_t i = blk * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)nblk * blockDim.x) {
         const int e = (int)(i % per);
         const size_t th = i / per;
         const int h = (int)(th % heads);
         const size_t t = th / heads;
-        const T* row = q + (t * heads + h) * (size_t)(nope + rope_dim);
+        const T* row = q + t * q_stride + (size_t)h * (nope + rope_dim);
         if (e < nope) {
             q_nope[((size_t)h * tokens + t) * nope + e] = row[e];
         } else {
@@ -38,27 +40,15 @@ __device__ void split_q(const T* q, T* q_nope, T* q_pe, const T* cos_t, const T*
         }
     }
 }
-#define SPLIT_Q(NAME, T)                                                                        \
-    extern "C" __global__ void NAME(const T* q, T* q_nope, T* q_pe, const T* cos_t,             \
-                                    const T* sin_t, int tokens, int heads, int nope,            \
-                                    int rope_dim, int interleaved) {                            \
-        split_q<T>(q, q_nope, q_pe, cos_t, sin_t, tokens, heads, nope, rope_dim, interleaved);  \
-    }
-SPLIT_Q(split_q_f32, float)
-SPLIT_Q(split_q_bf16, bf16)
 
-// ---------------------------------------------------------------------------------------------
-// The new latents of decoding tokens, straight into the KV pool: for token t (one block each),
-// `kv[t] = [c (kv_lora) | k_pe (rope)]` from kv_a_proj; c is RMS-normed (weight `w`), k_pe rotated,
-// and both are written at pool row `dst[t]`.
-
+// The new latents of decoding tokens, straight into the KV pool: for token t (one block),
+// `kv[t] = [c (kv_lora) | k_pe (rope)]` from kv_a_proj (row t at kv + t·kv_stride); c is
+// RMS-normed (weight `w`), k_pe rotated, and both are written at pool row `dst[t]`.
 template <typename T>
-__device__ void kv_write(const T* kv, const float* w, float eps, const T* cos_t, const T* sin_t,
-                         int interleaved, const uint32_t* dst, T* pool_ckv, T* pool_kpe,
-                         int kv_lora, int rope_dim) {
-    const size_t t = blockIdx.x;
-    const int width = kv_lora + rope_dim;
-    const T* row = kv + t * width;
+__device__ void kv_write(const T* kv, long long kv_stride, const float* w, float eps,
+                         const T* cos_t, const T* sin_t, int interleaved, const uint32_t* dst,
+                         T* pool_ckv, T* pool_kpe, int kv_lora, int rope_dim, size_t t) {
+    const T* row = kv + t * kv_stride;
     float ss = 0.f;
     for (int i = threadIdx.x; i < kv_lora; i += blockDim.x) {
         const float v = to_f(row[i]);
@@ -82,15 +72,25 @@ __device__ void kv_write(const T* kv, const float* w, float eps, const T* cos_t,
         pool_kpe[r * rope_dim + ib] = from_f<T>(b * c + a * s);
     }
 }
-#define KV_WRITE(NAME, T)                                                                       \
-    extern "C" __global__ void NAME(const T* kv, const float* w, float eps, const T* cos_t,    \
-                                    const T* sin_t, int interleaved, const uint32_t* dst,       \
-                                    T* pool_ckv, T* pool_kpe, int kv_lora, int rope_dim) {      \
-        kv_write<T>(kv, w, eps, cos_t, sin_t, interleaved, dst, pool_ckv, pool_kpe, kv_lora,    \
-                    rope_dim);                                                                  \
+
+// Blocks 0 … split_blocks − 1 split the query, the next `tokens` blocks write a token's latents
+// each (both read the same rotary rows).
+#define DECODE_PREP(NAME, T)                                                                    \
+    extern "C" __global__ void NAME(const T* q, long long q_stride, T* q_nope, T* q_pe,         \
+                                    int heads, int nope, int split_blocks, const T* kv,         \
+                                    long long kv_stride, const float* w, float eps,             \
+                                    const uint32_t* dst, T* pool_ckv, T* pool_kpe, int kv_lora, \
+                                    const T* cos_t, const T* sin_t, int tokens, int rope_dim,   \
+                                    int interleaved) {                                          \
+        if ((int)blockIdx.x < split_blocks)                                                     \
+            split_q<T>(q, q_stride, q_nope, q_pe, cos_t, sin_t, tokens, heads, nope, rope_dim,  \
+                       interleaved, blockIdx.x, split_blocks);                                  \
+        else                                                                                    \
+            kv_write<T>(kv, kv_stride, w, eps, cos_t, sin_t, interleaved, dst, pool_ckv,        \
+                        pool_kpe, kv_lora, rope_dim, blockIdx.x - split_blocks);                \
     }
-KV_WRITE(kv_write_f32, float)
-KV_WRITE(kv_write_bf16, bf16)
+DECODE_PREP(mla_decode_prep_f32, float)
+DECODE_PREP(mla_decode_prep_bf16, bf16)
 
 // ---------------------------------------------------------------------------------------------
 // MLA decode attention in the absorbed form, over the paged latent pool. One block per

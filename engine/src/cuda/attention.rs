@@ -21,120 +21,91 @@ pub struct DecodeTables<'a> {
 }
 
 impl Gpu {
-    /// The decoding query `q [T, H, nope + rope]` (contiguous), split heads-first in one pass:
-    /// `(q_nope [H, T, nope], rotated q_pe [H, T, rope])`.
-    pub fn split_q(
+    /// A decode step's attention inputs in one launch: the query `q [T, H · (nope + rope)]`
+    /// split heads-first (`(q_nope [H, T, nope], rotated q_pe [H, T, rope])`, returned), and the
+    /// new latents `kv [T, kv_lora + rope]` (kv_a_proj's output) normalised (`norm_w`, `eps`),
+    /// rotated and written at pool rows `dst [T]` of one layer's `pool_ckv`/`pool_kpe`. Rows of
+    /// `q` and `kv` may be strided (e.g. column ranges of one projection's output). `None`
+    /// (nothing written) when the inputs do not fit the kernel.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_prep(
         &self,
         q: &Tensor,
+        heads: usize,
         nope: usize,
-        cos: &Tensor,
-        sin: &Tensor,
+        kv: &Tensor,
+        (norm_w, eps): (&Tensor, f64),
+        (cos, sin): (&Tensor, &Tensor),
         interleaved: bool,
+        (dst, pool_ckv, pool_kpe): (&Tensor, &Tensor, &Tensor),
     ) -> Result<Option<(Tensor, Tensor)>> {
-        let Ok((t, h, width)) = q.dims3() else {
+        let (Ok((t, q_width)), Ok((t_kv, width)), Ok((_, kv_lora)), Ok((_, rope))) =
+            (q.dims2(), kv.dims2(), pool_ckv.dims2(), pool_kpe.dims2())
+        else {
             return Ok(None);
         };
-        let rope = width.saturating_sub(nope);
         let dt = q.dtype();
-        if !q.is_contiguous()
-            || !is_kernel_dtype(dt)
+        let (Some(q_stride), Some(kv_stride)) = (row_stride(q), row_stride(kv)) else {
+            return Ok(None);
+        };
+        if !is_kernel_dtype(dt)
+            || t == 0
+            || t_kv != t
+            || heads == 0
+            || q_width != heads * (nope + rope)
+            || width != kv_lora + rope
             || rope == 0
             || !rope.is_multiple_of(2)
+            || kv.dtype() != dt
+            || pool_ckv.dtype() != dt
+            || pool_kpe.dtype() != dt
+            || !pool_ckv.is_contiguous()
+            || !pool_kpe.is_contiguous()
             || cos.dtype() != dt
             || sin.dtype() != dt
             || !cos.is_contiguous()
             || !sin.is_contiguous()
             || cos.dims() != [t, rope / 2]
             || sin.dims() != [t, rope / 2]
-            || t == 0
+            || dst.dtype() != DType::U32
+            || dst.dims() != [t]
+            || norm_w.dtype() != DType::F32
         {
             return Ok(None);
         }
-        let q_nope = self.alloc(dt, &[h, t, nope])?;
-        let q_pe = self.alloc(dt, &[h, t, rope])?;
-        let n = t * h * (nope + rope / 2);
-        let blocks = n.div_ceil(256).clamp(1, 65_535) as u32;
+        let q_nope = self.alloc(dt, &[heads, t, nope])?;
+        let q_pe = self.alloc(dt, &[heads, t, rope])?;
+        let n = t * heads * (nope + rope / 2);
+        let split_blocks = n.div_ceil(256).clamp(1, 65_535);
         self.launch(
-            &format!("split_q_{}", suffix(dt)),
-            (blocks, 1, 1),
+            &format!("mla_decode_prep_{}", suffix(dt)),
+            ((split_blocks + t) as u32, 1, 1),
             256,
             0,
             &[
                 Arg::Ptr(self.ptr(q)?),
+                Arg::I64(q_stride as i64),
                 Arg::Ptr(self.ptr(&q_nope)?),
                 Arg::Ptr(self.ptr(&q_pe)?),
+                i32_arg(heads, "heads")?,
+                i32_arg(nope, "nope width")?,
+                i32_arg(split_blocks, "query blocks")?,
+                Arg::Ptr(self.ptr(kv)?),
+                Arg::I64(kv_stride as i64),
+                Arg::Ptr(self.ptr(norm_w)?),
+                Arg::F32(eps as f32),
+                Arg::Ptr(self.ptr(dst)?),
+                Arg::Ptr(self.ptr(pool_ckv)?),
+                Arg::Ptr(self.ptr(pool_kpe)?),
+                i32_arg(kv_lora, "kv_lora_rank")?,
                 Arg::Ptr(self.ptr(cos)?),
                 Arg::Ptr(self.ptr(sin)?),
                 i32_arg(t, "tokens")?,
-                i32_arg(h, "heads")?,
-                i32_arg(nope, "nope width")?,
                 i32_arg(rope, "rotary width")?,
                 Arg::I32(i32::from(interleaved)),
             ],
         )?;
         Ok(Some((q_nope, q_pe)))
-    }
-
-    /// Normalises and rotates decoding tokens' new latents (`kv [T, kv_lora + rope]` from
-    /// kv_a_proj) and writes them at pool rows `dst [T]` of one layer's `pool_ckv`/`pool_kpe`.
-    /// Returns `false` (nothing written) when the inputs do not fit the kernel.
-    #[allow(clippy::too_many_arguments)]
-    pub fn kv_write(
-        &self,
-        kv: &Tensor,
-        norm_w: &Tensor,
-        eps: f64,
-        cos: &Tensor,
-        sin: &Tensor,
-        interleaved: bool,
-        dst: &Tensor,
-        pool_ckv: &Tensor,
-        pool_kpe: &Tensor,
-    ) -> Result<bool> {
-        let (Ok((t, width)), Ok((_, kv_lora)), Ok((_, rope))) =
-            (kv.dims2(), pool_ckv.dims2(), pool_kpe.dims2())
-        else {
-            return Ok(false);
-        };
-        let dt = kv.dtype();
-        if !kv.is_contiguous()
-            || !is_kernel_dtype(dt)
-            || width != kv_lora + rope
-            || pool_ckv.dtype() != dt
-            || pool_kpe.dtype() != dt
-            || !pool_ckv.is_contiguous()
-            || !pool_kpe.is_contiguous()
-            || cos.dtype() != dt
-            || !cos.is_contiguous()
-            || !sin.is_contiguous()
-            || cos.dims() != [t, rope / 2]
-            || dst.dtype() != DType::U32
-            || dst.dims() != [t]
-            || norm_w.dtype() != DType::F32
-            || t == 0
-        {
-            return Ok(false);
-        }
-        self.launch(
-            &format!("kv_write_{}", suffix(dt)),
-            (t as u32, 1, 1),
-            256,
-            0,
-            &[
-                Arg::Ptr(self.ptr(kv)?),
-                Arg::Ptr(self.ptr(norm_w)?),
-                Arg::F32(eps as f32),
-                Arg::Ptr(self.ptr(cos)?),
-                Arg::Ptr(self.ptr(sin)?),
-                Arg::I32(i32::from(interleaved)),
-                Arg::Ptr(self.ptr(dst)?),
-                Arg::Ptr(self.ptr(pool_ckv)?),
-                Arg::Ptr(self.ptr(pool_kpe)?),
-                i32_arg(kv_lora, "kv_lora_rank")?,
-                i32_arg(rope, "rotary width")?,
-            ],
-        )?;
-        Ok(true)
     }
 
     /// MLA decode attention over the paged pool: `q_lat [H, T, kv_lora]`, `q_pe [H, T, rope]`
@@ -691,4 +662,15 @@ impl Gpu {
         }
         Ok(Some(out))
     }
+}
+
+/// The element stride between rows of a 2-D tensor whose rows are contiguous (`None` when they
+/// are not): a column range of a wider matrix qualifies.
+fn row_stride(t: &Tensor) -> Option<usize> {
+    let (rows, cols) = t.dims2().ok()?;
+    let &[rs, cs] = t.layout().stride() else {
+        return None;
+    };
+    // A lone row or column has no stride to speak of; otherwise rows must not overlap.
+    ((cs == 1 || cols <= 1) && (rs >= cols || rows <= 1)).then_some(rs.max(cols))
 }

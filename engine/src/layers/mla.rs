@@ -317,6 +317,11 @@ impl DecodeBatch {
 pub struct Attention {
     q: QueryProj,
     kv_a_proj_with_mqa: Linear,
+    /// On a GPU (no biases): the first query projection's weight (`q_proj`, or `q_a_proj`)
+    /// and `kv_a_proj_with_mqa`'s stacked, `[q_out + kv_lora + rope, hidden]`, so that a decode
+    /// step computes both from x in one GEMM; those two [`Linear`]s hold row ranges of it (views,
+    /// no second copy).
+    qkv_a: Option<Tensor>,
     kv_a_layernorm: RmsNorm,
     /// `W_UK`, `[heads, qk_nope_head_dim, kv_lora_rank]`.
     w_uk: Tensor,
@@ -363,6 +368,31 @@ impl Attention {
             &format!("{prefix}.kv_b_proj.weight"),
             &[heads * (nope + v_dim), kv_lora],
         )?;
+        let mut kv_a_proj_with_mqa = Linear::new(
+            loader,
+            &format!("{prefix}.kv_a_proj_with_mqa"),
+            h,
+            kv_lora + cfg.qk_rope_head_dim,
+            bias,
+        )?;
+        let mut q = q;
+        let qkv_a = match (&mut q, crate::cuda::gpu(loader.device()).is_some() && !bias) {
+            (
+                QueryProj::Full { q_proj: first }
+                | QueryProj::LowRank {
+                    q_a_proj: first, ..
+                },
+                true,
+            ) => {
+                let n_first = first.weight().dim(0)?;
+                let both = Tensor::cat(&[first.weight(), kv_a_proj_with_mqa.weight()], 0)?;
+                *first = Linear::from_weight(both.narrow(0, 0, n_first)?);
+                kv_a_proj_with_mqa =
+                    Linear::from_weight(both.narrow(0, n_first, both.dim(0)? - n_first)?);
+                Some(both)
+            }
+            (_, false) => None,
+        };
         let kv_b3 = kv_b.reshape((heads, nope + v_dim, kv_lora))?;
         let w_uk = kv_b3.narrow(1, 0, nope)?.contiguous()?;
         let w_uv_t = kv_b3
@@ -371,13 +401,8 @@ impl Attention {
             .contiguous()?;
         Ok(Attention {
             q,
-            kv_a_proj_with_mqa: Linear::new(
-                loader,
-                &format!("{prefix}.kv_a_proj_with_mqa"),
-                h,
-                kv_lora + cfg.qk_rope_head_dim,
-                bias,
-            )?,
+            kv_a_proj_with_mqa,
+            qkv_a,
             kv_a_layernorm: RmsNorm::new(
                 loader,
                 &format!("{prefix}.kv_a_layernorm.weight"),
@@ -614,26 +639,43 @@ impl Attention {
         rotary: &Rotary,
     ) -> Result<Option<Tensor>> {
         let b = db.len();
-        let kv = self.kv_a_proj_with_mqa.forward(x)?; // [B, kv_lora + rope]
         let (pool_ckv, pool_kpe) = db.pool.layer(layer);
-        let q = self.queries(x)?;
-        let Some((q_nope, q_pe)) = g.split_q(&q, self.nope, cos, sin, rotary.interleaved())? else {
+        // [B, H · (nope + rope)] and [B, kv_lora + rope]: column ranges of one GEMM's output
+        // where the weights are stacked.
+        let (q, kv) = match &self.qkv_a {
+            Some(w) => {
+                let y = x.matmul(&w.t()?)?;
+                let n_first = y.dim(1)? - (self.kv_lora + self.rope);
+                let first = y.narrow(1, 0, n_first)?;
+                let q = match &self.q {
+                    QueryProj::LowRank {
+                        q_a_layernorm,
+                        q_b_proj,
+                        ..
+                    } => q_b_proj.forward(&q_a_layernorm.forward(&first.contiguous()?)?)?,
+                    QueryProj::Full { .. } => first,
+                };
+                (q, y.narrow(1, n_first, self.kv_lora + self.rope)?)
+            }
+            None => {
+                let t = x.dim(0)?;
+                let q = self.queries(x)?.reshape((t, ()))?;
+                (q, self.kv_a_proj_with_mqa.forward(x)?)
+            }
+        };
+        let Some((q_nope, q_pe)) = g.decode_prep(
+            &q,
+            self.heads,
+            self.nope,
+            &kv,
+            (self.kv_a_layernorm.weight(), self.kv_a_layernorm.eps()),
+            (cos, sin),
+            rotary.interleaved(),
+            (&db.targets, pool_ckv, pool_kpe),
+        )?
+        else {
             return Ok(None);
         };
-        let written = g.kv_write(
-            &kv,
-            self.kv_a_layernorm.weight(),
-            self.kv_a_layernorm.eps(),
-            cos,
-            sin,
-            rotary.interleaved(),
-            &db.targets,
-            pool_ckv,
-            pool_kpe,
-        )?;
-        if !written {
-            return Ok(None);
-        }
         // [H, B, nope] x [H, nope, kv_lora] -> [H, B, kv_lora].
         let q_lat = q_nope.matmul(&self.w_uk)?;
         let tables = crate::cuda::DecodeTables {
