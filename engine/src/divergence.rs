@@ -265,8 +265,11 @@ pub fn judge(run: &Summary, hf: &Summary) -> Verdict {
             run.positions, hf.positions
         ));
     }
-    // Written so that a NaN fails.
-    if !(run.mean_kl <= max_mean_kl) || !run.max_kl.is_finite() {
+    // A NaN mean or an infinite position fails.
+    let within = run.mean_kl.partial_cmp(&max_mean_kl) != Some(std::cmp::Ordering::Greater)
+        && run.mean_kl.is_finite()
+        && run.max_kl.is_finite();
+    if !within {
         reasons.push(format!(
             "mean KL {:.3e} > {max_mean_kl:.3e} (HF bf16: {:.3e})",
             run.mean_kl, hf.mean_kl
@@ -352,8 +355,10 @@ mod tests {
         assert!(close(s.top1_rate(), 2.0 / 3.0, 1e-12));
 
         // n = 300: rank ⌈297⌉ = 297, i.e. the 4th largest of 0..300.
-        let mut d = Divergence::default();
-        d.kl = (0..300).map(f64::from).collect();
+        let mut d = Divergence {
+            kl: (0..300).map(f64::from).collect(),
+            top1_agree: 0,
+        };
         assert_eq!(d.summary().p99_kl, 296.0);
         // n = 141: rank ⌈139.59⌉ = 140, the second largest.
         d.kl = (0..141).map(f64::from).collect();
