@@ -35,8 +35,8 @@ pub const HF_BF16_FILE: &str = "hf_bf16_reference.json";
 /// The run's mean KL may be this many times HF's. Two bf16 engines that are both correct round
 /// in different orders (fused kernels, GEMM blocking, where activations are rounded), so which
 /// near-tie tokens change experts differs between them, and with it a few positions' KL, which
-/// dominate the mean: moemesh's mean KL was within 0.5–1.6× HF's on the fixtures
-/// (docs/BENCHMARKS.md). A real fault (a wrong expert weight, a dropped shared expert, a broken
+/// dominate the mean: on the CPU moemesh's mean KL was 0.09–1.5× HF's bf16 on the four fixtures
+/// (docs/CORRECTNESS.md). A real fault (a wrong expert weight, a dropped shared expert, a broken
 /// rotary or cache read) moves the mean by one to three orders of magnitude.
 pub const KL_FACTOR: f64 = 2.0;
 /// Floor of the mean-KL bound, in nats: where HF's own bf16 is almost exact (V2-Lite's softmax
