@@ -158,6 +158,28 @@ impl Check {
         }
     }
 
+    /// Judges the logits once every prompt is in (the greedy comparison has already set
+    /// `passed` where it failed): f32 element-wise; reduced precision against HF's bf16 figures
+    /// where the fixture has them (`hf`), else by the near-tie rule.
+    fn judge(&mut self, exact: bool, hf: Option<&Summary>) {
+        self.rule = match (hf, exact) {
+            (_, true) => Rule::Exact,
+            (Some(hf), false) => Rule::HfBf16 {
+                hf: *hf,
+                verdict: divergence::judge(&self.divergence.summary(), hf),
+            },
+            (None, false) => Rule::NearTies,
+        };
+        self.passed &= match &self.rule {
+            Rule::Exact => self.max_abs <= 1e-3,
+            Rule::HfBf16 { verdict, .. } => verdict.passed,
+            Rule::NearTies => {
+                self.worst_away >= MIN_COSINE
+                    && self.near_ties as f64 <= MAX_NEAR_TIE_SHARE * self.positions as f64
+            }
+        };
+    }
+
     /// One line of `--json`: the plain figures, the near-tie count, the KL figures and, under
     /// the HF rule, HF's figures and the bounds they gave.
     fn json(&self, device: &str) -> serde_json::Value {
@@ -506,22 +528,7 @@ fn check(
     mixed.path = "mixed";
     let mut out = vec![c, paged, chunked, mixed];
     for c in &mut out {
-        c.rule = match (&hf, exact) {
-            (_, true) => Rule::Exact,
-            (Some(hf), false) => Rule::HfBf16 {
-                hf: hf.summary,
-                verdict: divergence::judge(&c.divergence.summary(), &hf.summary),
-            },
-            (None, false) => Rule::NearTies,
-        };
-        c.passed &= match &c.rule {
-            Rule::Exact => c.max_abs <= 1e-3,
-            Rule::HfBf16 { verdict, .. } => verdict.passed,
-            Rule::NearTies => {
-                c.worst_away >= MIN_COSINE
-                    && c.near_ties as f64 <= MAX_NEAR_TIE_SHARE * c.positions as f64
-            }
-        };
+        c.judge(exact, hf.as_ref().map(|h| &h.summary));
     }
     Ok(out)
 }
@@ -717,4 +724,97 @@ fn compare(got: &[Vec<f32>], want: &[Vec<f32>]) -> anyhow::Result<Comparison> {
         rows,
         max_abs,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bf16 check of 10 positions of 3 logits, 6 of them near-ties (over the earlier rule's
+    /// 40%): the top-1 flips at the first `flips` positions, and the others' top logit is
+    /// lowered by `shift`.
+    fn bf16_check(flips: usize, shift: f32) -> anyhow::Result<Check> {
+        let mut c = Check::new("fx", "prefill", "bf16");
+        let want: Vec<Vec<f32>> = (0..10).map(|_| vec![2.0, 0.0, 0.0]).collect();
+        let got: Vec<Vec<f32>> = (0..10)
+            .map(|i| {
+                if i < flips {
+                    vec![0.0, 2.0 + shift, 0.0]
+                } else {
+                    vec![2.0 - shift, 0.0, 0.0]
+                }
+            })
+            .collect();
+        let ties = Ties {
+            prompt: (0..10).map(|i| i < 6).collect(),
+            steps: Vec::new(),
+        };
+        let t = |rows: &Vec<Vec<f32>>| Tensor::new(rows.clone(), &Device::Cpu);
+        c.add_prompt(&t(&got)?, &t(&want)?, &ties, &[], &[], 0)?;
+        Ok(c)
+    }
+
+    fn hf(mean_kl: f64, top1_agree: usize) -> Summary {
+        Summary {
+            positions: 10,
+            mean_kl,
+            p99_kl: mean_kl,
+            max_kl: mean_kl,
+            top1_agree,
+        }
+    }
+
+    #[test]
+    fn without_hf_figures_bf16_keeps_the_near_tie_rule() -> anyhow::Result<()> {
+        let mut c = bf16_check(0, 0.0)?;
+        assert_eq!(c.near_ties, 6);
+        c.judge(false, None);
+        assert_eq!(c.rule.name(), "near_ties");
+        assert!(!c.passed, "6 of 10 near-ties is over the cap");
+        assert!(c.json("cpu").get("hf_bf16").is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn with_hf_figures_bf16_is_judged_by_kl_and_top1_whatever_the_near_ties() -> anyhow::Result<()>
+    {
+        // Same logits, exact: KL 0, every top-1 equal, however many near-ties.
+        let mut c = bf16_check(0, 0.0)?;
+        c.judge(false, Some(&hf(1e-6, 10)));
+        assert_eq!(c.rule.name(), "hf_bf16_kl");
+        assert!(c.passed);
+        let j = c.json("cpu");
+        assert_eq!(j["rule"], "hf_bf16_kl");
+        assert_eq!(j["hf_bf16"]["top1_agree"], 10);
+        assert_eq!(j["min_top1_agree"], 7, "10 − (2 × 0 + 3)");
+
+        // 4 flips > 2 × 0 + 3.
+        let mut c = bf16_check(4, 0.0)?;
+        c.judge(false, Some(&hf(10.0, 10)));
+        assert!(!c.passed);
+        // ...but within 2 × 1 + 3 when HF flips one itself.
+        let mut c = bf16_check(4, 0.0)?;
+        c.judge(false, Some(&hf(10.0, 9)));
+        assert!(c.passed, "{:?}", c.json("cpu"));
+
+        // No flips, but each position's distribution moved: mean KL over max(2 × HF's, floor).
+        let mut c = bf16_check(0, 1.0)?;
+        let kl = c.divergence.summary().mean_kl;
+        assert!(kl > divergence::KL_FLOOR, "{kl}");
+        c.judge(false, Some(&hf(kl / 2.5, 10)));
+        assert!(!c.passed);
+        let mut c = bf16_check(0, 1.0)?;
+        c.judge(false, Some(&hf(kl / 1.5, 10)));
+        assert!(c.passed);
+        Ok(())
+    }
+
+    #[test]
+    fn f32_stays_element_wise_whatever_the_figures() -> anyhow::Result<()> {
+        let mut c = bf16_check(0, 0.01)?;
+        c.judge(true, Some(&hf(1.0, 10)));
+        assert_eq!(c.rule.name(), "f32");
+        assert!(!c.passed, "max |Δ| 0.01 > 1e-3");
+        Ok(())
+    }
 }
