@@ -59,6 +59,10 @@ pub enum EngineError {
     /// A quantised tensor whose packing, scales or groups do not match its layer (named).
     #[error("weights: quantised tensor `{name}`: {reason}")]
     QuantizedTensor { name: String, reason: String },
+    /// A reference-figures file beside a fixture (`hf_bf16_reference.json`) that cannot be read
+    /// or does not have the expected fields.
+    #[error("reference figures: {path}: {reason}")]
+    ReferenceFigures { path: PathBuf, reason: String },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("chat template: {0}")]
@@ -103,7 +107,8 @@ impl EngineError {
             | EngineError::MissingTensor { .. }
             | EngineError::TensorShape { .. }
             | EngineError::TensorDtype { .. }
-            | EngineError::QuantizedTensor { .. } => ErrorKind::Invalid,
+            | EngineError::QuantizedTensor { .. }
+            | EngineError::ReferenceFigures { .. } => ErrorKind::Invalid,
             // The text or the template cannot be encoded or rendered as asked.
             EngineError::Tokenizer(_) | EngineError::ChatTemplate(_) => ErrorKind::Invalid,
             EngineError::InvalidInput(_) | EngineError::KvLimit(_) => ErrorKind::Invalid,

@@ -8,7 +8,8 @@
 //! the shared pool), the model ([`model`]), sampling ([`sampling`]), text ([`text`]: tokenizer,
 //! chat template, incremental detokenisation), stop strings ([`stop`]), the serving core shared
 //! by the mesh and in-process serving ([`serving`]: scheduler, batch, step runner, sequence
-//! decoder), in-process generation ([`generate`]), routing near-ties for reduced-precision checks ([`near_ties`]), the CUDA
+//! decoder), in-process generation ([`generate`]), routing near-ties for reduced-precision checks ([`near_ties`]), the KL/top-1 criterion for them
+//! against HF at the same precision ([`divergence`]), the CUDA
 //! kernels ([`cuda`]) and the error type ([`error`]).
 //!
 //! Services build on these types; nothing here depends on gRPC, tokio or etcd, and the device
@@ -18,6 +19,7 @@
 pub mod config;
 pub mod constraint;
 pub mod cuda;
+pub mod divergence;
 pub mod embedded;
 pub mod error;
 pub mod experts;

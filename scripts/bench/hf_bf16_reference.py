@@ -1,18 +1,37 @@
-# HF transformers itself in bf16 (and f32) on the GPU against the fixtures' f32 references, scored
-# with `moemesh verify`'s plain criterion: cosine of each prompt's flattened logits >= 0.999 and
-# greedy tokens equal up to the first reference top-1/top-2 margin < 0.1. Shows what a bf16
-# engine that is the reference can reach on these fixtures (routing near-ties, see
-# services/tools/src/verify.rs). Run by scripts/gpu-check.sh --check where torch and
-# transformers are installed:
+# HF transformers itself in f32 and bf16 on the GPU against the fixtures' f32 references.
 #
-#   python3 scripts/bench/hf_bf16_reference.py tests/fixtures [--json OUT.json]
-import json, os, sys, tempfile
+# For each fixture (a folder with reference.safetensors, or a folder of such folders) it runs every
+# prompt's full-sequence forward and greedy continuation, and reports:
+# - the plain criterion `moemesh verify` once used: cosine of each prompt's flattened logits
+#   >= 0.999 and greedy tokens equal up to the first reference top-1/top-2 margin < 0.1;
+# - the reduced-precision figures `moemesh verify` now judges bf16 by: per position,
+#   KL(p_ref || p_hf) of the next-token distribution and top-1 agreement, pooled over every
+#   position of every prompt into mean / p99 / max KL and the top-1 agreement count. The formulas
+#   are those of engine/src/divergence.rs, written once in docs/CORRECTNESS.md ("Reduced
+#   precision: KL and top-1 against HF at the same precision"):
+#     log p = x - logsumexp(x) in float64 from the float32 logits x;
+#     KL = sum_i p_ref_i * (log p_ref_i - log p_test_i) (terms with p_ref_i = 0 add nothing);
+#     top-1 = arg-max, the first index on equal values;
+#     p99 = nearest rank, the ceil(99 n / 100)-th smallest.
+#
+# With --figures-out DIR, the bf16 figures of each fixture go to DIR/<fixture>/hf_bf16_reference.json
+# with their provenance, so DIR can be copied into tests/fixtures/ as it is; `moemesh verify` and
+# the engine's reference tests read that file beside the fixture.
+#
+#   python3 scripts/bench/hf_bf16_reference.py tests/fixtures [--json OUT.json]    # gpu-check.sh
+#   python3 scripts/bench/hf_bf16_reference.py --figures-out OUT FIXTURE_OR_ROOT...  # figures
+#
+# Needs torch, transformers and safetensors; --device cpu runs it without a GPU (for trying the
+# script: the figures stored in the repo come from CUDA).
+import argparse, datetime, json, os, sys, tempfile
 
 import torch, transformers
 from safetensors.torch import load_file, save_file
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
+
+FIGURES_FILE = "hf_bf16_reference.json"
 
 
 def dequantized(weights, block):
@@ -36,7 +55,27 @@ def cosine(a, b):
     return float((a @ b) / (a.norm() * b.norm()))
 
 
-def check(fixture, dtype):
+def divergence(want, got):
+    """Per position of one prompt: (KL(p_want || p_got) in nats, top-1 equal), both [len, vocab]
+    float32 logits (docs/CORRECTNESS.md)."""
+    lp = want.double() - torch.logsumexp(want.double(), dim=-1, keepdim=True)
+    lq = got.double() - torch.logsumexp(got.double(), dim=-1, keepdim=True)
+    p = lp.exp()
+    kl = torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(-1)
+    top1 = torch.argmax(want, dim=-1) == torch.argmax(got, dim=-1)
+    return [float(k) for k in kl], [bool(t) for t in top1]
+
+
+def summary(kl, top1):
+    n = len(kl)
+    ranked = sorted(kl)
+    rank = (99 * n + 99) // 100  # ceil(99 n / 100)
+    return {"positions": n, "mean_kl": sum(kl) / n if n else 0.0,
+            "p99_kl": ranked[rank - 1] if n else 0.0, "max_kl": ranked[-1] if n else 0.0,
+            "top1_agree": sum(top1)}
+
+
+def check(fixture, dtype, device):
     cfg = json.load(open(os.path.join(fixture, "config.json")))
     q = cfg.pop("quantization_config", None)
     weights = load_file(os.path.join(fixture, "model.safetensors"))
@@ -47,15 +86,19 @@ def check(fixture, dtype):
         json.dump(cfg, open(os.path.join(tmp, "config.json"), "w"))
         save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(tmp, "model.safetensors"),
                   metadata={"format": "pt"})
-        model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).cuda().eval()
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(device).eval()
     flat, worst, equal, compared = 1.0, 1.0, 0, 0
+    kl, top1, prompts = [], [], []
     with torch.no_grad():
         for p, prompt in enumerate(meta["prompts"]):
-            x = ref[f"prompt{p}.input_ids"].cuda()[None]
+            x = ref[f"prompt{p}.input_ids"].to(device)[None]
             got = model(x, use_cache=False).logits[0].float().cpu()
             want = ref[f"prompt{p}.logits"].float()
             flat = min(flat, cosine(got, want))
             worst = min(worst, min(cosine(g, w) for g, w in zip(got, want)))
+            k, t = divergence(want, got)
+            kl, top1 = kl + k, top1 + t
+            prompts.append({"index": p, **summary(k, t)})
             expected = ref[f"prompt{p}.greedy_tokens"].tolist()
             g = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=len(expected),
                                do_sample=False, pad_token_id=cfg["eos_token_id"], eos_token_id=None)
@@ -69,24 +112,77 @@ def check(fixture, dtype):
             equal, compared = equal + n, compared + comparable
     return {"fixture": os.path.basename(fixture.rstrip("/")), "dtype": str(dtype).replace("torch.", ""),
             "min_cosine": flat, "worst_position_cosine": worst, "greedy_equal": equal,
-            "greedy_compared": compared, "plain_criterion": flat >= 0.999 and equal == compared}
+            "greedy_compared": compared, "plain_criterion": flat >= 0.999 and equal == compared,
+            "summary": summary(kl, top1), "prompts": prompts,
+            "attn_implementation": getattr(model.config, "_attn_implementation", None)}
+
+
+def fixture_dirs(paths):
+    """Each path is a fixture (has reference.safetensors) or a folder of fixtures."""
+    out = []
+    for path in paths:
+        if os.path.isfile(os.path.join(path, "reference.safetensors")):
+            out.append(path)
+        else:
+            out += sorted(os.path.join(path, d) for d in os.listdir(path)
+                          if os.path.isfile(os.path.join(path, d, "reference.safetensors")))
+    if not out:
+        sys.exit(f"no fixture with reference.safetensors under {paths}")
+    return out
+
+
+def figures(row, device):
+    name = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
+    return {
+        "fixture": row["fixture"],
+        "dtype": row["dtype"],
+        "reference": "reference.safetensors prompt{i}.logits: HF transformers float32 on CPU (tests/fixtures/README.md)",
+        "method": "full-sequence forward of every prompt (use_cache=False), logits cast to float32; "
+                  "KL(p_ref || p_hf) and top-1 per position, pooled over all prompts (docs/CORRECTNESS.md)",
+        "provenance": {
+            "transformers": transformers.__version__, "torch": torch.__version__, "device": name,
+            "cuda": torch.version.cuda, "attn_implementation": row["attn_implementation"], "tf32": False,
+            "date": datetime.date.today().isoformat(),
+            "command": "python3 " + " ".join(sys.argv),
+        },
+        "summary": row["summary"],
+        "prompts": row["prompts"],
+    }
 
 
 def main():
-    root = sys.argv[1]
-    out = sys.argv[sys.argv.index("--json") + 1] if "--json" in sys.argv else None
-    fixtures = sorted(os.path.join(root, d) for d in os.listdir(root)
-                      if os.path.isfile(os.path.join(root, d, "reference.safetensors")))
-    rows = [check(f, dt) for f in fixtures for dt in (torch.float32, torch.bfloat16)]
-    print(f"HF transformers {transformers.__version__} / torch {torch.__version__} on "
-          f"{torch.cuda.get_device_name(0)} against the f32 references (plain criterion)")
-    print(f"{'fixture':<24}{'dtype':>10}{'cos':>10}{'worst pos':>11}{'greedy equal':>14}{'plain':>7}")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("paths", nargs="+", help="fixture folders, or folders of fixtures")
+    ap.add_argument("--json", help="write every row (f32 and bf16) here")
+    ap.add_argument("--figures-out", help="write <fixture>/" + FIGURES_FILE + " under this folder")
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args()
+    fixtures = fixture_dirs(args.paths)
+    rows = [check(f, dt, args.device) for f in fixtures for dt in (torch.float32, torch.bfloat16)]
+    name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
+    print(f"HF transformers {transformers.__version__} / torch {torch.__version__} on {name} "
+          f"against the f32 references")
+    print(f"{'fixture':<32}{'dtype':>10}{'cos':>10}{'worst pos':>11}{'greedy equal':>14}{'plain':>7}"
+          f"{'mean KL':>11}{'p99 KL':>11}{'max KL':>11}{'top-1':>10}")
     for r in rows:
-        print(f"{r['fixture']:<24}{r['dtype']:>10}{r['min_cosine']:>10.6f}{r['worst_position_cosine']:>11.6f}"
+        s = r["summary"]
+        print(f"{r['fixture']:<32}{r['dtype']:>10}{r['min_cosine']:>10.6f}{r['worst_position_cosine']:>11.6f}"
               f"{str(r['greedy_equal']) + '/' + str(r['greedy_compared']):>14}"
-              f"{'pass' if r['plain_criterion'] else 'FAIL':>7}")
-    if out:
-        json.dump(rows, open(out, "w"), indent=1)
+              f"{'pass' if r['plain_criterion'] else 'FAIL':>7}"
+              f"{s['mean_kl']:>11.3e}{s['p99_kl']:>11.3e}{s['max_kl']:>11.3e}"
+              f"{str(s['top1_agree']) + '/' + str(s['positions']):>10}")
+    if args.json:
+        json.dump(rows, open(args.json, "w"), indent=1)
+    if args.figures_out:
+        for r in rows:
+            if r["dtype"] != "bfloat16":
+                continue
+            d = os.path.join(args.figures_out, r["fixture"])
+            os.makedirs(d, exist_ok=True)
+            with open(os.path.join(d, FIGURES_FILE), "w") as f:
+                json.dump(figures(r, args.device), f, indent=1)
+                f.write("\n")
+            print("wrote", os.path.join(d, FIGURES_FILE))
 
 
 if __name__ == "__main__":
