@@ -759,6 +759,95 @@ template <int BK> __device__ __forceinline__ int gg_off(int r, int c) {
     return r * 32 + ((c ^ ((r >> 1) & 3)) << 3);
 }
 
+// The pieces of a grouped-GEMM tile that moe_gg and its FP8 form (experts_fp8.cu) share.
+// The activations' 16-byte chunks this thread copies into a BM × BK tile: tile row r is
+// x[sorted_rows[q]] for gate/up (GG_NONE padding: zeros) or h[q] for down, q = blk · BM + r.
+template <bool GATE_UP, int BM, int BK, int THREADS, int A_PER>
+__device__ __forceinline__ void gg_a_tiles(const bf16* a, int K, const uint32_t* sorted_rows,
+                                           uint32_t blk, int tid, const bf16* (&asrc)[A_PER],
+                                           bool (&aok)[A_PER], int (&aoff)[A_PER]) {
+    constexpr int CH = BK / 8;
+#pragma unroll
+    for (int i = 0; i < A_PER; ++i) {
+        const int id = tid + i * THREADS, r = id / CH, c = id % CH;
+        aoff[i] = gg_off<BK>(r, c);
+        const uint32_t q = blk * BM + r;
+        if (GATE_UP) {
+            const uint32_t row = sorted_rows[q];
+            aok[i] = row != GG_NONE;
+            asrc[i] = a + (size_t)(aok[i] ? row : 0) * K + c * 8;
+        } else {
+            aok[i] = true;
+            asrc[i] = a + (size_t)q * K + c * 8;
+        }
+    }
+}
+
+// One BK-wide k step of a warp's (FM·16) × (FN·8) tile: acc += A[warp rows] · B[warp columns]ᵀ,
+// both bf16 tiles in shared memory laid out by gg_off.
+template <int BK, int FM, int FN, int TM, int TN>
+__device__ __forceinline__ void gg_k_step(const bf16* A, const bf16* B, int wm, int wn, int lane,
+                                          float (&acc)[FM][FN][4]) {
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+        uint32_t af[FM][4];
+#pragma unroll
+        for (int mi = 0; mi < FM; ++mi)
+            ldmatrix_x4(af[mi], A + gg_off<BK>(wm * TM + mi * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+#pragma unroll
+        for (int np = 0; np < FN / 2; ++np) {
+            uint32_t bf[4];
+            ldmatrix_x4(bf, B + gg_off<BK>(wn * TN + np * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                           kk * 2 + ((lane >> 3) & 1)));
+#pragma unroll
+            for (int mi = 0; mi < FM; ++mi) {
+                mma_bf16(acc[mi][2 * np], af[mi][0], af[mi][1], af[mi][2], af[mi][3], bf[0], bf[1]);
+                mma_bf16(acc[mi][2 * np + 1], af[mi][0], af[mi][1], af[mi][2], af[mi][3], bf[2], bf[3]);
+            }
+        }
+    }
+}
+
+// A warp's tile to memory in bf16, padding rows left out: gate/up as SiLU(gate) · up into h
+// (a warp's first FN/2 fragments are gate columns, the next FN/2 the same up columns), down
+// into y.
+template <bool GATE_UP, int BM, int FM, int FN, int TM, int TN>
+__device__ __forceinline__ void gg_store(const float (&acc)[FM][FN][4], uint32_t blk, int wm,
+                                         int wn, int lane, int n0, int N,
+                                         const uint32_t* sorted_rows, void* out) {
+    const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int mi = 0; mi < FM; ++mi) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const size_t q = (size_t)blk * BM + wm * TM + mi * 16 + g + half * 8;
+            if (sorted_rows[q] == GG_NONE) continue;  // padding: never read
+            if (GATE_UP) {
+                bf16* h = reinterpret_cast<bf16*>(out);
+#pragma unroll
+                for (int ni = 0; ni < FN / 2; ++ni) {
+                    const int j = n0 + wn * (TN / 2) + ni * 8 + 2 * t4;
+                    if (j < N) {
+                        const float h0 = silu(acc[mi][ni][2 * half]) * acc[mi][ni + FN / 2][2 * half];
+                        const float h1 =
+                            silu(acc[mi][ni][2 * half + 1]) * acc[mi][ni + FN / 2][2 * half + 1];
+                        *reinterpret_cast<uint32_t*>(h + q * N + j) = pack_bf16(h0, h1);
+                    }
+                }
+            } else {
+                bf16* y = reinterpret_cast<bf16*>(out);
+#pragma unroll
+                for (int ni = 0; ni < FN; ++ni) {
+                    const int r = n0 + wn * TN + ni * 8 + 2 * t4;
+                    if (r < N)
+                        *reinterpret_cast<uint32_t*>(y + q * N + r) =
+                            pack_bf16(acc[mi][ni][2 * half], acc[mi][ni][2 * half + 1]);
+                }
+            }
+        }
+    }
+}
+
 // One BM × BN tile of a grouped product, WM × WN warps (each (BM/WM) × (BN/WN)), BK-wide k
 // steps through a STAGES-deep cp.async pipeline in dynamic shared memory
 // (STAGES · (BM + BN) · BK · 2 bytes).
@@ -790,20 +879,7 @@ __device__ __forceinline__ void moe_gg(const bf16* __restrict__ a, int K, const 
     const bf16* asrc[A_PER];
     bool aok[A_PER];
     int aoff[A_PER];
-#pragma unroll
-    for (int i = 0; i < A_PER; ++i) {
-        const int id = tid + i * THREADS, r = id / CH, c = id % CH;
-        aoff[i] = gg_off<BK>(r, c);
-        const uint32_t q = blk * BM + r;
-        if (GATE_UP) {
-            const uint32_t row = sorted_rows[q];
-            aok[i] = row != GG_NONE;
-            asrc[i] = a + (size_t)(aok[i] ? row : 0) * K + c * 8;
-        } else {
-            aok[i] = true;
-            asrc[i] = a + (size_t)q * K + c * 8;
-        }
-    }
+    gg_a_tiles<GATE_UP, BM, BK, THREADS, A_PER>(a, K, sorted_rows, blk, tid, asrc, aok, aoff);
     const bf16* bsrc[B_PER];
     bool bok[B_PER];
     int boff[B_PER];
@@ -853,59 +929,11 @@ __device__ __forceinline__ void moe_gg(const bf16* __restrict__ a, int K, const 
         const int nk = kt + STAGES - 1;
         if (nk < kt_n) load(nk, nk % STAGES);
         cp_async_commit();
-        const bf16* A = sa + (kt % STAGES) * BM * BK;
-        const bf16* B = sb + (kt % STAGES) * BN * BK;
-#pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk) {
-            uint32_t af[FM][4];
-#pragma unroll
-            for (int mi = 0; mi < FM; ++mi)
-                ldmatrix_x4(af[mi], A + gg_off<BK>(wm * TM + mi * 16 + (lane & 15), kk * 2 + (lane >> 4)));
-#pragma unroll
-            for (int np = 0; np < FN / 2; ++np) {
-                uint32_t bf[4];
-                ldmatrix_x4(bf, B + gg_off<BK>(wn * TN + np * 16 + (lane & 7) + ((lane >> 4) << 3),
-                                               kk * 2 + ((lane >> 3) & 1)));
-#pragma unroll
-                for (int mi = 0; mi < FM; ++mi) {
-                    mma_bf16(acc[mi][2 * np], af[mi][0], af[mi][1], af[mi][2], af[mi][3], bf[0], bf[1]);
-                    mma_bf16(acc[mi][2 * np + 1], af[mi][0], af[mi][1], af[mi][2], af[mi][3], bf[2], bf[3]);
-                }
-            }
-        }
+        gg_k_step<BK, FM, FN, TM, TN>(sa + (kt % STAGES) * BM * BK, sb + (kt % STAGES) * BN * BK,
+                                      wm, wn, lane, acc);
     }
     cp_async_wait<0>();
-    const int g = lane >> 2, t4 = lane & 3;
-#pragma unroll
-    for (int mi = 0; mi < FM; ++mi) {
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const size_t q = (size_t)blk * BM + wm * TM + mi * 16 + g + half * 8;
-            if (sorted_rows[q] == GG_NONE) continue;  // padding: never read
-            if (GATE_UP) {
-                bf16* h = reinterpret_cast<bf16*>(out);
-#pragma unroll
-                for (int ni = 0; ni < FN / 2; ++ni) {
-                    const int j = n0 + wn * (TN / 2) + ni * 8 + 2 * t4;
-                    if (j < N) {
-                        const float h0 = silu(acc[mi][ni][2 * half]) * acc[mi][ni + FN / 2][2 * half];
-                        const float h1 =
-                            silu(acc[mi][ni][2 * half + 1]) * acc[mi][ni + FN / 2][2 * half + 1];
-                        *reinterpret_cast<uint32_t*>(h + q * N + j) = pack_bf16(h0, h1);
-                    }
-                }
-            } else {
-                bf16* y = reinterpret_cast<bf16*>(out);
-#pragma unroll
-                for (int ni = 0; ni < FN; ++ni) {
-                    const int r = n0 + wn * TN + ni * 8 + 2 * t4;
-                    if (r < N)
-                        *reinterpret_cast<uint32_t*>(y + q * N + r) =
-                            pack_bf16(acc[mi][ni][2 * half], acc[mi][ni][2 * half + 1]);
-                }
-            }
-        }
-    }
+    gg_store<GATE_UP, BM, FM, FN, TM, TN>(acc, blk, wm, wn, lane, n0, N, sorted_rows, out);
 }
 
 // The shapes moemesh launches (engine/src/cuda/experts.rs sizes grids and shared memory from

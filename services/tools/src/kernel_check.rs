@@ -20,6 +20,8 @@
 //! every layer runs on a GPU) against the two kernels it replaces, at V2-Lite's and V3's widths:
 //! the new residual stream must be bit-equal (the same additions in the same order) and the norm
 //! within the same bound (its sum of squares is taken in another order).
+//!
+//! Then the FP8 routed-expert kernels against the bf16 ones, bit for bit (`fp8_check`).
 
 use moemesh_engine::cuda::{DecodeTables, Gpu};
 use moemesh_engine::{DType, Device, Tensor};
@@ -40,7 +42,7 @@ type Seq = (usize, usize);
 const KV_LORA: usize = 512;
 const ROPE: usize = 64;
 
-fn normal(rng: &mut ChaCha8Rng, n: usize, spread: f32) -> Vec<f32> {
+pub(crate) fn normal(rng: &mut ChaCha8Rng, n: usize, spread: f32) -> Vec<f32> {
     (0..n)
         .map(|_| {
             let u1: f32 = rng.random::<f32>().max(f32::MIN_POSITIVE);
@@ -89,11 +91,12 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<KernelCheck>> {
     for (rows, width, with_b) in [(2048, 2048, true), (5, 7168, false)] {
         out.push(add_norm(&g, device, &mut rng, rows, width, with_b)?);
     }
+    out.extend(crate::fp8_check::run(&g, device, &mut rng)?);
     Ok(out)
 }
 
 /// Max |Δ| over the reference's largest magnitude, and the cosine, of two tensors.
-fn compare(reference: &Tensor, got: &Tensor) -> anyhow::Result<(f32, f64)> {
+pub(crate) fn compare(reference: &Tensor, got: &Tensor) -> anyhow::Result<(f32, f64)> {
     let a = reference
         .to_dtype(DType::F32)?
         .flatten_all()?
@@ -279,15 +282,15 @@ fn one(
 
 pub fn print(device: &str, checks: &[KernelCheck]) {
     println!(
-        "moemesh verify on {device}: tensor-core MLA decode against the CUDA-core kernel (bf16, 16 heads, 512 + 64); the fused residual + RMSNorm against its two kernels"
+        "moemesh verify on {device}: tensor-core MLA decode against the CUDA-core kernel (bf16, 16 heads, 512 + 64); the fused residual + RMSNorm against its two kernels; the FP8 expert kernels against the bf16 ones on the dequantised weights (bit-equal)"
     );
     println!(
-        "{:<44} {:>12} {:>10}  result",
+        "{:<56} {:>12} {:>10}  result",
         "case", "max |Δ|/max", "cosine"
     );
     for c in checks {
         println!(
-            "{:<44} {:>12.2e} {:>10.7} {}",
+            "{:<56} {:>12.2e} {:>10.7} {}",
             c.case,
             c.max_rel,
             c.cosine,
