@@ -269,11 +269,7 @@ impl LayerExperts {
         }
         let dense = |p: &ExpertTensor| match p {
             ExpertTensor::Dense(t) => Ok(t.clone()),
-            ExpertTensor::Fp8 { q, scale } => {
-                fp8::dequantize_e4m3(&q.unsqueeze(0)?, &scale.unsqueeze(0)?, dtype)?
-                    .squeeze(0)
-                    .map_err(EngineError::from)
-            }
+            ExpertTensor::Fp8 { q, scale } => fp8::dequantize_matrix(q, scale, dtype),
         };
         let (mut gate_up, mut down) = (Vec::new(), Vec::new());
         for [g, u, d] in held {
@@ -827,30 +823,15 @@ mod tests {
         let held: Vec<Projections> = (0..3)
             .map(|_| [q(inner, h), q(inner, h), q(h, inner)])
             .collect();
-        let bits = |t: &Tensor| -> Vec<u32> {
-            t.to_dtype(DType::F32)
-                .expect("f32")
-                .flatten_all()
-                .expect("flat")
-                .to_vec1::<f32>()
-                .expect("values")
-                .iter()
-                .map(|v| v.to_bits())
-                .collect()
-        };
+        let bits = fp8::f32_bits;
         let parts = |p: &ExpertTensor| match p {
             ExpertTensor::Fp8 { q, scale } => (bits(q), bits(scale)),
             ExpertTensor::Dense(_) => panic!("an e4m3 projection"),
         };
         let deq = |p: &ExpertTensor| match p {
-            ExpertTensor::Fp8 { q, scale } => bits(
-                &fp8::dequantize_e4m3(
-                    &q.unsqueeze(0).expect("3-D"),
-                    &scale.unsqueeze(0).expect("3-D"),
-                    DType::F32,
-                )
-                .expect("dequantise"),
-            ),
+            ExpertTensor::Fp8 { q, scale } => {
+                bits(&fp8::dequantize_matrix(q, scale, DType::F32).expect("dequantise"))
+            }
             ExpertTensor::Dense(_) => panic!("an e4m3 projection"),
         };
         let layer = |held: &[Projections]| {

@@ -15,9 +15,10 @@
 // rows), its scales [slots·2·⌈N/128⌉, ⌈K/128⌉]; w_down [slots·H, I] with [slots, ⌈H/128⌉, ⌈I/128⌉].
 // Both are "matrix m of R rows × C columns, scale (m·⌈R/128⌉ + r/128)·⌈C/128⌉ + c/128".
 //
-// The kernels follow experts.cu's moe_gate_up_mma / moe_down_mma (decode) and moe_gg (grouped)
-// step for step; they are separate functions so that those stay as they are (to be folded into
-// templates over the weight type once the decode-kernel work on experts.cu has landed).
+// The decode kernels follow experts.cu's moe_gate_up_mma / moe_down_mma step for step, as
+// separate functions so that those stay as they are while the decode-kernel work on experts.cu
+// (issue 18) is in flight: to be folded into templates over the weight type once it has landed.
+// The grouped GEMM is experts.cu's moe_gg itself, with e4m3 weight tiles (GgFp8Weights).
 
 #include <cuda_fp8.h>
 
@@ -209,152 +210,93 @@ extern "C" __global__ void moe_down_mma_fp8(const bf16* h, int inner, const uint
 }
 
 // ---------------------------------------------------------------------------------------------
-// Grouped (larger batches and prefill): moe_gg with e4m3 weights. The weight tile of each k step
-// arrives as e4m3 bytes through the same cp.async pipeline (half the bytes), into a staging area
-// of its own per stage; when a stage is due, the block dequantises it into one bf16 tile laid out
-// exactly as moe_gg's (gg_off swizzle), and the k step's ldmatrix and MMAs are moe_gg's. One
-// extra barrier per k step; the activations' tiles are moe_gg's.
-
-// The weight row of tile row n (as moe_gg maps them), and its matrix and row within it for the
-// scales; `ok` false past the projection's N rows (the tile row then reads zeros).
-template <bool GATE_UP, int TN>
-__device__ __forceinline__ size_t gg_weight_row(int n, int n0, uint32_t s, int N, bool& ok,
-                                                size_t& m, int& r) {
-    if (GATE_UP) {
-        const int local = n % TN;
-        const int j = n0 + (n / TN) * (TN / 2) + local % (TN / 2);
-        const bool up = local >= TN / 2;
-        ok = j < N;
-        m = (size_t)2 * s + (up ? 1 : 0);
-        r = ok ? j : 0;
-    } else {
-        const int rr = n0 + n;
-        ok = rr < N;
-        m = s;
-        r = ok ? rr : 0;
-    }
-    return m * N + r;
-}
-
-// moe_gg's tile with e4m3 weights `w` and their `scales`: the same arguments, shapes and
-// epilogue. Dynamic shared memory: STAGES · (BM · BK · 2 + BN · BK) + BN · BK · 2 bytes.
-template <bool GATE_UP, int BM, int BN, int BK, int STAGES, int WM, int WN>
-__device__ __forceinline__ void moe_gg_fp8(const bf16* __restrict__ a, int K,
-                                           const uint8_t* __restrict__ w,
-                                           const float* __restrict__ scales, int N,
-                                           const uint32_t* sorted_rows,
-                                           const uint32_t* block_slot, void* out) {
-    constexpr int THREADS = WM * WN * 32;
-    constexpr int TM = BM / WM, TN = BN / WN;  // warp tile
-    constexpr int FM = TM / 16, FN = TN / 8;  // fragments per warp
-    constexpr int CH = BK / 8;    // 16-byte bf16 chunks per row
-    constexpr int CQ = BK / 16;   // 16-byte e4m3 chunks per row
-    constexpr int A_PER = BM * CH / THREADS, B_PER = BN * CH / THREADS, Q_PER = BN * CQ / THREADS;
-    static_assert(TM % 16 == 0 && TN % 16 == 0 && A_PER >= 1 && B_PER >= 1 && Q_PER >= 1,
-                  "tile shape");
+// Grouped (larger batches and prefill): moe_gg (experts.cu) with e4m3 weight tiles. Each k step's
+// BN × BK tile arrives as e4m3 bytes through moe_gg's cp.async pipeline (half the bytes), into a
+// staging area of its own per stage; when a stage is due, the block dequantises it into one bf16
+// tile laid out exactly as moe_gg's bf16 tiles (gg_off swizzle), and the k step's ldmatrix and
+// MMAs are moe_gg's. One more barrier per k step; shared memory STAGES · BN · BK + BN · BK · 2
+// bytes for the weights.
+template <bool GATE_UP, int BN, int BK, int STAGES, int THREADS, int TN>
+struct GgFp8Weights {
+    typedef uint8_t Elem;
+    static constexpr int CH = BK / 8;   // 8-value chunks a row, dequantised
+    static constexpr int CQ = BK / 16;  // 16-byte e4m3 chunks a row, copied
+    static constexpr int PER = BN * CH / THREADS, Q_PER = BN * CQ / THREADS;
+    static constexpr int SMEM = STAGES * BN * BK + BN * BK * 2;
+    static_assert(PER >= 1 && Q_PER >= 1, "tile shape");
     static_assert(FP8_BLOCK % BK == 0, "a k step within one scale block");
-    extern __shared__ __align__(128) unsigned char gg_smem[];
-    bf16* sa = reinterpret_cast<bf16*>(gg_smem);
-    uint8_t* sq = reinterpret_cast<uint8_t*>(sa + STAGES * BM * BK);
-    bf16* sb = reinterpret_cast<bf16*>(sq + STAGES * BN * BK);
-    const uint32_t blk = blockIdx.y;
-    const uint32_t s = block_slot[blk];
-    if (s == GG_NONE) return;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int n0 = blockIdx.x * (GATE_UP ? BN / 2 : BN);
-    const bf16* asrc[A_PER];
-    bool aok[A_PER];
-    int aoff[A_PER];
-    gg_a_tiles<GATE_UP, BM, BK, THREADS, A_PER>(a, K, sorted_rows, blk, tid, asrc, aok, aoff);
-    // The e4m3 loads: 16-byte chunks of tile row n, unswizzled (row n at n · BK bytes).
+    // The copies: chunk i of tile row n at n · BK bytes of its stage (unswizzled).
     const uint8_t* qsrc[Q_PER];
     bool qok[Q_PER];
     int qoff[Q_PER];
+    // The dequantisation: 8 values at byte `from` of a stage, with their row's scales, to
+    // element `to` of the bf16 tile.
+    const float* scale[PER];
+    int from[PER], to[PER];
+    uint8_t* staged;
+    bf16* tile;
+    __device__ __forceinline__ GgFp8Weights(const uint8_t* w, const float* scales, int K, int N,
+                                            uint32_t s, int n0, int tid, unsigned char* smem)
+        : staged(smem), tile(reinterpret_cast<bf16*>(smem + STAGES * BN * BK)) {
 #pragma unroll
-    for (int i = 0; i < Q_PER; ++i) {
-        const int id = tid + i * THREADS, n = id / CQ, c = id % CQ;
-        size_t m;
-        int r;
-        const size_t wrow = gg_weight_row<GATE_UP, TN>(n, n0, s, N, qok[i], m, r);
-        qsrc[i] = w + wrow * K + c * 16;
-        qoff[i] = n * BK + c * 16;
+        for (int i = 0; i < Q_PER; ++i) {
+            const int id = tid + i * THREADS, n = id / CQ, c = id % CQ;
+            size_t m;
+            int r;
+            qsrc[i] = w + gg_weight_row<GATE_UP, TN>(n, n0, s, N, qok[i], m, r) * K + c * 16;
+            qoff[i] = n * BK + c * 16;
+        }
+#pragma unroll
+        for (int i = 0; i < PER; ++i) {
+            const int id = tid + i * THREADS, n = id / CH, c = id % CH;
+            bool ok;
+            size_t m;
+            int r;
+            gg_weight_row<GATE_UP, TN>(n, n0, s, N, ok, m, r);
+            scale[i] = fp8_scale_row(scales, m, N, r, K);
+            from[i] = n * BK + c * 8;
+            to[i] = gg_off<BK>(n, c);
+        }
     }
-    // The dequantisation: 8-value chunks of tile row n, into moe_gg's swizzled bf16 tile, with
-    // that row's scales.
-    const float* bscale[B_PER];
-    int bq[B_PER], boff[B_PER];
-#pragma unroll
-    for (int i = 0; i < B_PER; ++i) {
-        const int id = tid + i * THREADS, n = id / CH, c = id % CH;
-        bool ok;
-        size_t m;
-        int r;
-        gg_weight_row<GATE_UP, TN>(n, n0, s, N, ok, m, r);
-        bscale[i] = fp8_scale_row(scales, m, N, r, K);
-        bq[i] = n * BK + c * 8;
-        boff[i] = gg_off<BK>(n, c);
-    }
-    const int kt_n = K / BK;
-    auto load = [&](int kt, int st) {
-        const int k0 = kt * BK;
-        bf16* A = sa + st * BM * BK;
-        uint8_t* Q = sq + st * BN * BK;
-#pragma unroll
-        for (int i = 0; i < A_PER; ++i) cp_async16(A + aoff[i], asrc[i] + k0, aok[i]);
+    __device__ __forceinline__ void load(int k0, int st) {
+        uint8_t* Q = staged + st * BN * BK;
 #pragma unroll
         for (int i = 0; i < Q_PER; ++i) cp_async16(Q + qoff[i], qsrc[i] + k0, qok[i]);
-    };
-#pragma unroll
-    for (int st = 0; st < STAGES - 1; ++st) {
-        if (st < kt_n) load(st, st);
-        cp_async_commit();
     }
-    const int wm = warp / WN, wn = warp % WN;
-    float acc[FM][FN][4];
+    // Stage st (landed: the caller's wait and barrier, which also found every warp done with
+    // the previous step's tile) dequantised into the bf16 tile; every thread of the block calls
+    // it.
+    __device__ __forceinline__ const bf16* ready(int k0, int st) {
+        const uint8_t* Q = staged + st * BN * BK;
+        const int kb = k0 / FP8_BLOCK;
 #pragma unroll
-    for (int mi = 0; mi < FM; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < FN; ++ni)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
-    for (int kt = 0; kt < kt_n; ++kt) {
-        // Stage kt has landed, and every warp is done with the previous step's bf16 tile.
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();
-        const int nk = kt + STAGES - 1;
-        if (nk < kt_n) load(nk, nk % STAGES);
-        cp_async_commit();
-        const bf16* A = sa + (kt % STAGES) * BM * BK;
-        const uint8_t* Q = sq + (kt % STAGES) * BN * BK;
-        const int kb = kt * BK / FP8_BLOCK;
-#pragma unroll
-        for (int i = 0; i < B_PER; ++i) {
-            const uint2 v = *reinterpret_cast<const uint2*>(Q + bq[i]);
-            *reinterpret_cast<uint4*>(sb + boff[i]) = fp8x8_to_bf16x8(v, __ldg(bscale[i] + kb));
+        for (int i = 0; i < PER; ++i) {
+            const uint2 v = *reinterpret_cast<const uint2*>(Q + from[i]);
+            *reinterpret_cast<uint4*>(tile + to[i]) = fp8x8_to_bf16x8(v, __ldg(scale[i] + kb));
         }
         __syncthreads();
-        gg_k_step<BK, FM, FN, TM, TN>(A, sb, wm, wn, lane, acc);
+        return tile;
     }
-    cp_async_wait<0>();
-    gg_store<GATE_UP, BM, FM, FN, TM, TN>(acc, blk, wm, wn, lane, n0, N, sorted_rows, out);
-}
+};
 
 // The shapes of GG_KERNELS (experts.cu), with e4m3 weights (engine/src/cuda/experts.rs sizes
 // their shared memory: 64 KiB for k64 in 3 stages, 40 KiB for k32 in 4).
+template <bool GATE_UP, int BK, int STAGES>
+using GgFp8 = GgFp8Weights<GATE_UP, GG_BN, BK, STAGES, 128, GG_BN / 2>;
 #define GG_FP8_KERNELS(SFX, BK, STAGES)                                                            \
     extern "C" __global__ void __launch_bounds__(128)                                             \
         moe_gg_gate_up_fp8_##SFX(const bf16* x, int hidden, const uint8_t* w_gu,                  \
                                  const float* s_gu, int inner, const uint32_t* sorted_rows,       \
                                  const uint32_t* block_slot, bf16* h) {                           \
-        moe_gg_fp8<true, GG_BM, GG_BN, BK, STAGES, 2, 2>(x, hidden, w_gu, s_gu, inner,            \
-                                                         sorted_rows, block_slot, h);             \
+        moe_gg<true, GG_BM, GG_BN, BK, STAGES, 2, 2, GgFp8<true, BK, STAGES>>(                    \
+            x, hidden, w_gu, s_gu, inner, sorted_rows, block_slot, h);                            \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(128)                                             \
         moe_gg_down_fp8_##SFX(const bf16* h, int inner, const uint8_t* w_down,                    \
                               const float* s_down, int hidden, const uint32_t* sorted_rows,       \
                               const uint32_t* block_slot, bf16* y) {                              \
-        moe_gg_fp8<false, GG_BM, GG_BN, BK, STAGES, 2, 2>(h, inner, w_down, s_down, hidden,       \
-                                                          sorted_rows, block_slot, y);            \
+        moe_gg<false, GG_BM, GG_BN, BK, STAGES, 2, 2, GgFp8<false, BK, STAGES>>(                  \
+            h, inner, w_down, s_down, hidden, sorted_rows, block_slot, y);                        \
     }
 GG_FP8_KERNELS(k64, 64, 3)
 GG_FP8_KERNELS(k32, 32, 4)

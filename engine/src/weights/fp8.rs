@@ -130,6 +130,24 @@ pub fn dequantize_e4m3(q: &Tensor, scales: &Tensor, dtype: DType) -> Result<Tens
     Ok((q.to_dtype(DType::F32)? * s)?.to_dtype(dtype)?)
 }
 
+/// [`dequantize_e4m3`] of one matrix: `q [R, C]`, `scales [⌈R/128⌉, ⌈C/128⌉]` → `[R, C]`.
+pub fn dequantize_matrix(q: &Tensor, scales: &Tensor, dtype: DType) -> Result<Tensor> {
+    Ok(dequantize_e4m3(&q.unsqueeze(0)?, &scales.unsqueeze(0)?, dtype)?.squeeze(0)?)
+}
+
+/// Each value's f32 bits (of any float dtype: bf16 and e4m3 widen exactly, -0 kept), for tests
+/// that require bit equality.
+#[cfg(test)]
+pub(crate) fn f32_bits(t: &Tensor) -> Vec<u32> {
+    t.to_dtype(DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("a float tensor")
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,14 +188,7 @@ mod tests {
         let (q, s) = quantize_e4m3(&w).expect("quantise");
         assert_eq!(q.dims(), &[r, c]);
         assert_eq!(s.dims(), &[2, 3]);
-        let deq = dequantize_e4m3(
-            &q.unsqueeze(0).expect("3-D"),
-            &s.unsqueeze(0).expect("3-D"),
-            DType::F32,
-        )
-        .expect("dequantise")
-        .squeeze(0)
-        .expect("2-D");
+        let deq = dequantize_matrix(&q, &s, DType::F32).expect("dequantise");
         let (wv, dv): (Vec<Vec<f32>>, Vec<Vec<f32>>) =
             (w.to_vec2().expect("w"), deq.to_vec2().expect("deq"));
         let sv: Vec<Vec<f32>> = s.to_vec2().expect("s");
@@ -220,25 +231,9 @@ mod tests {
         .expect("host")
         .to_dtype(DType::BF16)
         .expect("bf16");
-        let ours = dequantize_e4m3(
-            &q.unsqueeze(0).expect("3-D"),
-            &s.unsqueeze(0).expect("3-D"),
-            DType::BF16,
-        )
-        .expect("bf16")
-        .squeeze(0)
-        .expect("2-D");
-        let bits = |t: &Tensor| -> Vec<u16> {
-            t.flatten_all()
-                .expect("flat")
-                .to_vec1::<half::bf16>()
-                .expect("bf16")
-                .iter()
-                .map(|v| v.to_bits())
-                .collect()
-        };
-        let (h, o) = (bits(&host), bits(&ours));
-        let diff: Vec<(usize, u16, u16)> = h
+        let ours = dequantize_matrix(&q, &s, DType::BF16).expect("bf16");
+        let (h, o) = (f32_bits(&host), f32_bits(&ours));
+        let diff: Vec<(usize, u32, u32)> = h
             .iter()
             .zip(&o)
             .enumerate()

@@ -423,8 +423,7 @@ impl<'s> Loader<'s> {
             self.count_fp8(&q, &scale, "fp8_e4m3_quantised", stored);
             return Ok(ExpertTensor::Fp8 { q, scale });
         }
-        let t =
-            fp8::dequantize_e4m3(&q.unsqueeze(0)?, &scale.unsqueeze(0)?, self.dtype)?.squeeze(0)?;
+        let t = fp8::dequantize_matrix(&q, &scale, self.dtype)?;
         self.count(&t, "fp8_e4m3_quantised", elems);
         Ok(ExpertTensor::Dense(t))
     }
@@ -861,23 +860,8 @@ mod tests {
         let plain = Loader::new(files.source.as_ref(), cfg, &Device::Cpu, DType::F32);
         let w = plain.get(&name, &[inner, h]).expect("plain");
         let (q, s) = fp8::quantize_e4m3(&w).expect("quantise");
-        let want = fp8::dequantize_e4m3(
-            &q.unsqueeze(0).expect("3-D"),
-            &s.unsqueeze(0).expect("3-D"),
-            DType::F32,
-        )
-        .expect("dequantise")
-        .squeeze(0)
-        .expect("2-D");
-        let bits = |t: &Tensor| -> Vec<u32> {
-            t.flatten_all()
-                .expect("flat")
-                .to_vec1::<f32>()
-                .expect("f32")
-                .iter()
-                .map(|v| v.to_bits())
-                .collect()
-        };
+        let want = fp8::dequantize_matrix(&q, &s, DType::F32).expect("dequantise");
+        let bits = fp8::f32_bits;
         assert_eq!(bits(&got), bits(&want));
         assert_ne!(bits(&got), bits(&w), "quantising changes some values");
         assert!(
