@@ -1232,3 +1232,65 @@ impl Gpu {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// e4m3 stacks go to the FP8 kernels only with bf16 rows, widths that are multiples of 32
+    /// and scales of the stacks' own block grid (each expert matrix its own, partial edge blocks
+    /// included); anything else is left to the callers' other paths.
+    #[test]
+    fn fp8_stacks_fit_the_kernels_only_with_their_scales() {
+        let (slots, hidden, inner) = (3, 320, 160);
+        let zeros = |shape: &[usize], dtype: DType| {
+            Tensor::zeros(shape, dtype, &Device::Cpu).expect("tensor")
+        };
+        let gate_up = zeros(&[slots * 2 * inner, hidden], DType::F8E4M3);
+        let down = zeros(&[slots, hidden, inner], DType::F8E4M3);
+        // ⌈160/128⌉ = 2 row blocks a gate or up matrix, ⌈320/128⌉ = 3 column blocks.
+        let s_gu = zeros(&[slots * 2 * 2, 3], DType::F32);
+        let s_d = zeros(&[slots, 3, 2], DType::F32);
+        fn fp8<'a>(
+            stacks: (&'a Tensor, &'a Tensor),
+            s_gu: &'a Tensor,
+            s_d: &'a Tensor,
+        ) -> ExpertWeights<'a> {
+            ExpertWeights {
+                scales: Some((s_gu, s_d)),
+                ..ExpertWeights::dense(stacks.0, stacks.1)
+            }
+        }
+        let stacks = (&gate_up, &down);
+        let fit = |dt: DType, w: &ExpertWeights| Gpu::weights_fit(hidden, dt, w).expect("fit");
+        assert_eq!(
+            fit(DType::BF16, &fp8(stacks, &s_gu, &s_d)),
+            Some((hidden, inner))
+        );
+        // f32 rows, no scales, or scales of a stacked (not per-matrix) grid: not these kernels.
+        assert_eq!(fit(DType::F32, &fp8(stacks, &s_gu, &s_d)), None);
+        assert_eq!(
+            fit(DType::BF16, &ExpertWeights::dense(&gate_up, &down)),
+            None
+        );
+        let stacked_grid = zeros(&[(slots * 2 * inner).div_ceil(128), 3], DType::F32);
+        assert_eq!(fit(DType::BF16, &fp8(stacks, &stacked_grid, &s_d)), None);
+        let s_d16 = s_d.to_dtype(DType::BF16).expect("bf16");
+        assert_eq!(fit(DType::BF16, &fp8(stacks, &s_gu, &s_d16)), None);
+        // bf16 stacks as before.
+        let (gu16, d16) = (
+            gate_up.to_dtype(DType::BF16).expect("gu"),
+            down.to_dtype(DType::BF16).expect("d"),
+        );
+        assert_eq!(
+            fit(DType::BF16, &ExpertWeights::dense(&gu16, &d16)),
+            Some((hidden, inner))
+        );
+        // Scales beside bf16 stacks: refused.
+        let mixed = ExpertWeights {
+            scales: Some((&s_gu, &s_d)),
+            ..ExpertWeights::dense(&gu16, &d16)
+        };
+        assert_eq!(fit(DType::BF16, &mixed), None);
+    }
+}
