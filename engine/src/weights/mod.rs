@@ -121,6 +121,7 @@ pub enum ExpertsDtype {
 }
 
 impl ExpertsDtype {
+    /// The flag's value.
     pub fn name(self) -> &'static str {
         match self {
             ExpertsDtype::Auto => "auto",
@@ -413,18 +414,17 @@ impl<'s> Loader<'s> {
         if self.experts_dtype != ExpertsDtype::Fp8 || stored_fp8 {
             return Ok(ExpertTensor::Dense(self.get(name, shape)?));
         }
-        // Quantised here: drawn or read in f32 on the device, then e4m3 with 128 × 128 scales.
-        let (w, _, _) = self.convert(name, shape, DType::F32)?;
+        // Quantised here: drawn or read in f32 on the device, then e4m3 with 128 × 128 scales
+        // (counted under the format and bytes it had as stored).
+        let (w, format, stored) = self.convert(name, shape, DType::F32)?;
         let (q, scale) = fp8::quantize_e4m3(&w)?;
         drop(w);
-        let elems = shape.iter().product::<usize>() as u64;
         if fp8 {
-            let stored = elems + 4 * scale.elem_count() as u64;
-            self.count_fp8(&q, &scale, "fp8_e4m3_quantised", stored);
+            self.count_fp8(&q, &scale, format, stored);
             return Ok(ExpertTensor::Fp8 { q, scale });
         }
         let t = fp8::dequantize_matrix(&q, &scale, self.dtype)?;
-        self.count(&t, "fp8_e4m3_quantised", elems);
+        self.count(&t, format, stored);
         Ok(ExpertTensor::Dense(t))
     }
 
@@ -864,12 +864,9 @@ mod tests {
         let bits = fp8::f32_bits;
         assert_eq!(bits(&got), bits(&want));
         assert_ne!(bits(&got), bits(&w), "quantising changes some values");
-        assert!(
-            loader
-                .loaded_bytes()
-                .checkpoint
-                .contains_key("fp8_e4m3_quantised")
-        );
+        let loaded = loader.loaded_bytes();
+        assert_eq!(loaded.tensors, 1);
+        assert_eq!(loaded.resident_total(), (inner * h * 4) as u64);
         // A non-expert tensor through `get` is as stored.
         let norm = "model.norm.weight";
         assert_eq!(
