@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::router::Routing;
-use crate::weights::Loader;
+use crate::weights::{ExpertTensor, Loader, fp8};
 
 /// Routed-expert output that may still be computing elsewhere.
 pub struct PendingExperts(Box<dyn FnOnce() -> Result<Tensor> + Send>);
@@ -129,19 +129,38 @@ pub const DENSE_MAX_ROWS: usize = 256;
 struct LayerExperts {
     /// expert id → slot in the stacks.
     slots: BTreeMap<usize, usize>,
-    /// `[slots · 2I, hidden]`: slot s's gate rows `2sI..2sI+I`, then its up rows.
+    /// `[slots · 2I, hidden]`: slot s's gate rows `2sI..2sI+I`, then its up rows. In the
+    /// compute dtype, or e4m3 (with `scales`).
     gate_up: Tensor,
-    /// `[slots, hidden, I]`.
+    /// `[slots, hidden, I]`, in `gate_up`'s dtype.
     down: Tensor,
+    /// For e4m3 stacks, their f32 block scales (see [`Fp8Scales`]).
+    scales: Option<Fp8Scales>,
     /// `[n_routed_experts]` (i32): each expert's slot, −1 if not held; on a GPU with the fused
     /// kernels only.
     slot_of: Option<Tensor>,
 }
 
+/// The 128 × 128 block scales of a layer's e4m3 stacks, each expert's gate, up and down
+/// matrices with their own grid (so a partial edge block of one expert never spans the next):
+/// the layout [`crate::cuda::ExpertWeights`] documents.
+#[derive(Clone)]
+struct Fp8Scales {
+    /// `[slots · 2 · ⌈I/128⌉, ⌈hidden/128⌉]`: slot s's gate blocks, then its up blocks.
+    gate_up: Tensor,
+    /// `[slots, ⌈hidden/128⌉, ⌈I/128⌉]`.
+    down: Tensor,
+}
+
+/// One expert's three projections as loaded: gate and up `[I, hidden]`, down `[hidden, I]`.
+type Projections = [ExpertTensor; 3];
+
 impl LayerExperts {
     /// Layer `l`'s stacks for `experts` (first occurrence of each kept, in order): taken from
     /// `old`'s stacks where it holds an expert (a copy, no checkpoint read), else loaded through
-    /// `loader`; with the device slot table when `slot_table`.
+    /// `loader`; with the device slot table when `slot_table`. e4m3 where the loader holds
+    /// experts so ([`Loader::experts_fp8`]) and every expert came as e4m3; otherwise any e4m3
+    /// expert is dequantised to the compute dtype (one format per stack).
     fn build(
         cfg: &ModelConfig,
         loader: &Loader,
@@ -151,8 +170,9 @@ impl LayerExperts {
         slot_table: bool,
     ) -> Result<LayerExperts> {
         let (h, inner) = (cfg.hidden_size, cfg.moe_intermediate_size);
+        let ib = inner.div_ceil(fp8::KERNEL_BLOCK);
         let mut slots = BTreeMap::new();
-        let (mut gate_up, mut down) = (Vec::new(), Vec::new());
+        let mut held: Vec<Projections> = Vec::new();
         for &e in experts {
             if e >= cfg.n_routed_experts {
                 return Err(EngineError::InvalidInput(format!(
@@ -164,19 +184,18 @@ impl LayerExperts {
                 continue;
             }
             slots.insert(e, slots.len());
-            match old.and_then(|o| o.slots.get(&e).map(|&s| (o, s))) {
-                Some((o, s)) => {
-                    // Slot s's gate rows then its up rows: [2I, hidden]; down [hidden, I].
-                    gate_up.push(o.gate_up.narrow(0, 2 * s * inner, 2 * inner)?);
-                    down.push(o.down.get(s)?);
-                }
+            let projections = match old.and_then(|o| o.slots.get(&e).map(|&s| (o, s))) {
+                Some((o, s)) => o.projections(s, inner, ib)?,
                 None => {
                     let p = format!("model.layers.{l}.mlp.experts.{e}");
-                    gate_up.push(loader.get(&format!("{p}.gate_proj.weight"), &[inner, h])?);
-                    gate_up.push(loader.get(&format!("{p}.up_proj.weight"), &[inner, h])?);
-                    down.push(loader.get(&format!("{p}.down_proj.weight"), &[h, inner])?);
+                    [
+                        loader.get_expert(&format!("{p}.gate_proj.weight"), &[inner, h])?,
+                        loader.get_expert(&format!("{p}.up_proj.weight"), &[inner, h])?,
+                        loader.get_expert(&format!("{p}.down_proj.weight"), &[h, inner])?,
+                    ]
                 }
-            }
+            };
+            held.push(projections);
         }
         if slots.is_empty() {
             return Err(EngineError::InvalidInput(
@@ -196,14 +215,129 @@ impl LayerExperts {
         } else {
             None
         };
+        let (gate_up, down, scales) = Self::stack(&held, loader.experts_fp8(), loader.dtype())?;
         Ok(LayerExperts {
             slots,
             // [slots · 2I, hidden]
-            gate_up: Tensor::cat(&gate_up, 0)?,
+            gate_up,
             // [slots, hidden, I]
-            down: Tensor::stack(&down, 0)?,
+            down,
+            scales,
             slot_of,
         })
+    }
+
+    /// The stacks of `held` experts' projections: `gate_up [slots · 2I, hidden]`, `down [slots,
+    /// hidden, I]`, and their block scales when `keep_fp8` and every projection is e4m3;
+    /// otherwise in `dtype`, any e4m3 projection dequantised (one format per stack).
+    fn stack(
+        held: &[Projections],
+        keep_fp8: bool,
+        dtype: DType,
+    ) -> Result<(Tensor, Tensor, Option<Fp8Scales>)> {
+        let all_fp8 = held
+            .iter()
+            .flatten()
+            .all(|p| matches!(p, ExpertTensor::Fp8 { .. }));
+        if all_fp8 && keep_fp8 {
+            let part = |i: usize, scale: bool| -> Vec<Tensor> {
+                held.iter()
+                    .filter_map(|p| match &p[i] {
+                        ExpertTensor::Fp8 { q, scale: s } => {
+                            Some(if scale { s } else { q }.clone())
+                        }
+                        ExpertTensor::Dense(_) => None,
+                    })
+                    .collect()
+            };
+            let (gate, up) = (part(0, false), part(1, false));
+            let (gate_s, up_s) = (part(0, true), part(1, true));
+            let interleave = |a: Vec<Tensor>, b: Vec<Tensor>| -> Vec<Tensor> {
+                a.into_iter().zip(b).flat_map(|(x, y)| [x, y]).collect()
+            };
+            let scales = Fp8Scales {
+                // [slots · 2 · ⌈I/128⌉, ⌈hidden/128⌉]
+                gate_up: Tensor::cat(&interleave(gate_s, up_s), 0)?,
+                // [slots, ⌈hidden/128⌉, ⌈I/128⌉]
+                down: Tensor::stack(&part(2, true), 0)?,
+            };
+            return Ok((
+                Tensor::cat(&interleave(gate, up), 0)?,
+                Tensor::stack(&part(2, false), 0)?,
+                Some(scales),
+            ));
+        }
+        let dense = |p: &ExpertTensor| match p {
+            ExpertTensor::Dense(t) => Ok(t.clone()),
+            ExpertTensor::Fp8 { q, scale } => fp8::dequantize_matrix(q, scale, dtype),
+        };
+        let (mut gate_up, mut down) = (Vec::new(), Vec::new());
+        for [g, u, d] in held {
+            gate_up.push(dense(g)?);
+            gate_up.push(dense(u)?);
+            down.push(dense(d)?);
+        }
+        Ok((Tensor::cat(&gate_up, 0)?, Tensor::stack(&down, 0)?, None))
+    }
+
+    /// Slot `s`'s three projections, copied out of the stacks (`ib` = ⌈I/128⌉).
+    fn projections(&self, s: usize, inner: usize, ib: usize) -> Result<Projections> {
+        let gate = self.gate_up.narrow(0, 2 * s * inner, inner)?;
+        let up = self.gate_up.narrow(0, (2 * s + 1) * inner, inner)?;
+        let down = self.down.get(s)?;
+        Ok(match &self.scales {
+            None => [
+                ExpertTensor::Dense(gate),
+                ExpertTensor::Dense(up),
+                ExpertTensor::Dense(down),
+            ],
+            Some(sc) => [
+                ExpertTensor::Fp8 {
+                    q: gate,
+                    scale: sc.gate_up.narrow(0, 2 * s * ib, ib)?,
+                },
+                ExpertTensor::Fp8 {
+                    q: up,
+                    scale: sc.gate_up.narrow(0, (2 * s + 1) * ib, ib)?,
+                },
+                ExpertTensor::Fp8 {
+                    q: down,
+                    scale: sc.down.get(s)?,
+                },
+            ],
+        })
+    }
+
+    /// The stacks as the expert kernels take them.
+    fn weights(&self) -> crate::cuda::ExpertWeights<'_> {
+        crate::cuda::ExpertWeights {
+            gate_up: &self.gate_up,
+            down: &self.down,
+            scales: self.scales.as_ref().map(|s| (&s.gate_up, &s.down)),
+            wgmma: true,
+        }
+    }
+
+    /// The stacks in `dtype` for the candle paths: as held, or e4m3 stacks dequantised (per
+    /// call: those paths are the fallback of shapes the kernels do not take).
+    fn dense(&self, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let Some(sc) = &self.scales else {
+            return Ok((self.gate_up.clone(), self.down.clone()));
+        };
+        let (rows, hidden) = self.gate_up.dims2()?;
+        let inner = self.down.dim(2)?;
+        let matrices = rows / inner.max(1);
+        let blocks = |n: usize| n.div_ceil(fp8::KERNEL_BLOCK);
+        // [slots · 2, I, hidden] with [slots · 2, ⌈I/128⌉, ⌈hidden/128⌉] scales.
+        let gate_up = fp8::dequantize_e4m3(
+            &self.gate_up.reshape((matrices, inner, hidden))?,
+            &sc.gate_up
+                .reshape((matrices, blocks(inner), blocks(hidden)))?,
+            dtype,
+        )?
+        .reshape((rows, hidden))?;
+        let down = fp8::dequantize_e4m3(&self.down, &sc.down, dtype)?;
+        Ok((gate_up, down))
     }
 }
 
@@ -355,7 +489,7 @@ impl ExpertShard {
         {
             let (le, resolved) = self.resolve(layer, t, assignments)?;
             let pairs = crate::cuda::HostPairs::build(t, le.slots.len(), &resolved, &self.device)?;
-            if let Some(out) = g.experts_pairs(x, &pairs, &le.gate_up, &le.down)? {
+            if let Some(out) = g.experts_pairs(x, &pairs, &le.weights())? {
                 return Ok(out.to_dtype(self.output_dtype())?);
             }
         }
@@ -368,7 +502,7 @@ impl ExpertShard {
             }
             let host =
                 crate::cuda::HostAssignments::build(t, le.slots.len(), &resolved, &self.device)?;
-            if let Some(out) = g.experts_assigned(x, &host, &le.gate_up, &le.down)? {
+            if let Some(out) = g.experts_assigned(x, &host, &le.weights())? {
                 return Ok(out.to_dtype(self.output_dtype())?);
             }
         }
@@ -455,7 +589,7 @@ impl ExpertShard {
             return Ok(None);
         };
         let le = self.layer(layer)?;
-        g.experts_routed(x, routing, slot_of, &le.gate_up, &le.down, usize::MAX)
+        g.experts_routed(x, routing, slot_of, &le.weights(), usize::MAX)
     }
 
     /// [`forward_routed_device`](Self::forward_routed_device) for an expert worker's
@@ -478,15 +612,7 @@ impl ExpertShard {
             return Ok(false);
         };
         let le = self.layer(layer)?;
-        g.experts_routed_at(
-            input,
-            slot_of,
-            &le.gate_up,
-            &le.down,
-            usize::MAX,
-            into,
-            wait,
-        )
+        g.experts_routed_at(input, slot_of, &le.weights(), usize::MAX, into, wait)
     }
 
     /// Expert by expert.
@@ -498,6 +624,7 @@ impl ExpertShard {
     ) -> Result<Tensor> {
         let (t, hidden) = x.dims2()?;
         let (le, resolved) = self.resolve(layer, t, assignments)?;
+        let (gate_up, down) = le.dense(self.dtype)?;
         let inner = self.inner;
         let mut by_slot: BTreeMap<usize, (Vec<u32>, Vec<f32>)> = BTreeMap::new();
         for (row, slot, w) in resolved {
@@ -511,9 +638,9 @@ impl ExpertShard {
             let n = rows.len();
             let idx = Tensor::from_vec(rows, n, &self.device)?;
             let xe = x.index_select(&idx, 0)?;
-            let gu = xe.matmul(&le.gate_up.narrow(0, 2 * slot * inner, 2 * inner)?.t()?)?;
+            let gu = xe.matmul(&gate_up.narrow(0, 2 * slot * inner, 2 * inner)?.t()?)?;
             let h = (gu.narrow(1, 0, inner)?.silu()? * gu.narrow(1, inner, inner)?)?;
-            let ye = h.matmul(&le.down.get(slot)?.t()?)?.to_dtype(DType::F32)?;
+            let ye = h.matmul(&down.get(slot)?.t()?)?.to_dtype(DType::F32)?;
             let w = Tensor::from_vec(ws, (n, 1), &self.device)?;
             out = out.index_add(&idx, &ye.broadcast_mul(&w)?, 0)?;
         }
@@ -535,12 +662,13 @@ impl ExpertShard {
         for (row, slot, w) in resolved {
             weights[row * n + slot] += w;
         }
-        let gu = x.matmul(&le.gate_up.t()?)?.reshape((t, n, 2, inner))?;
+        let (gate_up, down) = le.dense(self.dtype)?;
+        let gu = x.matmul(&gate_up.t()?)?.reshape((t, n, 2, inner))?;
         let h = (gu.narrow(2, 0, 1)?.silu()? * gu.narrow(2, 1, 1)?)?
             .reshape((t, n, inner))?
             .transpose(0, 1)?
             .contiguous()?; // [n, T, I]
-        let y = h.matmul(&le.down.transpose(1, 2)?)?; // [n, T, hidden]
+        let y = h.matmul(&down.transpose(1, 2)?)?; // [n, T, hidden]
         let y = y.to_dtype(DType::F32)?.transpose(0, 1)?.contiguous()?; // [T, n, hidden]
         let w = Tensor::from_vec(weights, (t, 1, n), &self.device)?;
         let out = w.matmul(&y)?.reshape((t, hidden))?;
@@ -571,7 +699,7 @@ impl Experts for ExpertShard {
             return Ok(None);
         };
         Ok(
-            g.experts_routed(x, routing, slot_of, &le.gate_up, &le.down, DENSE_MAX_ROWS)?
+            g.experts_routed(x, routing, slot_of, &le.weights(), DENSE_MAX_ROWS)?
                 .map(PendingExperts::ready),
         )
     }
@@ -677,5 +805,88 @@ mod tests {
             .err()
             .expect("not a shard layer");
         assert!(err.to_string().contains("layer 0"), "{err}");
+    }
+
+    /// e4m3 stacks keep each expert's own block grid (partial edge blocks here: inner 160 =
+    /// 128 + 32, hidden 288 = 2 · 128 + 32) where the kernels read it: a slot's projections
+    /// copied back out are its bytes and scales, restacking in another order (as `regroup` does)
+    /// moves them whole, and the candle fallback's dequantised stacks are each expert's own
+    /// dequantisation.
+    #[test]
+    fn fp8_stacks_keep_each_experts_blocks() {
+        let (h, inner) = (288, 160);
+        let q = |rows: usize, cols: usize| -> ExpertTensor {
+            let w = Tensor::randn(0f32, 0.02, (rows, cols), &Device::Cpu).expect("w");
+            let (q, scale) = fp8::quantize_e4m3(&w).expect("quantise");
+            ExpertTensor::Fp8 { q, scale }
+        };
+        let held: Vec<Projections> = (0..3)
+            .map(|_| [q(inner, h), q(inner, h), q(h, inner)])
+            .collect();
+        let bits = fp8::f32_bits;
+        let parts = |p: &ExpertTensor| match p {
+            ExpertTensor::Fp8 { q, scale } => (bits(q), bits(scale)),
+            ExpertTensor::Dense(_) => panic!("an e4m3 projection"),
+        };
+        let deq = |p: &ExpertTensor| match p {
+            ExpertTensor::Fp8 { q, scale } => {
+                bits(&fp8::dequantize_matrix(q, scale, DType::F32).expect("dequantise"))
+            }
+            ExpertTensor::Dense(_) => panic!("an e4m3 projection"),
+        };
+        let layer = |held: &[Projections]| {
+            let (gate_up, down, scales) =
+                LayerExperts::stack(held, true, DType::F32).expect("stack");
+            LayerExperts {
+                slots: (0..held.len()).map(|e| (e, e)).collect(),
+                gate_up,
+                down,
+                scales,
+                slot_of: None,
+            }
+        };
+        let le = layer(&held);
+        let sc = le.scales.as_ref().expect("e4m3 stacks");
+        assert_eq!(le.gate_up.dims(), &[3 * 2 * inner, h]);
+        assert_eq!(le.gate_up.dtype(), DType::F8E4M3);
+        assert_eq!(sc.gate_up.dims(), &[3 * 2 * 2, 3]);
+        assert_eq!(le.down.dims(), &[3, h, inner]);
+        assert_eq!(sc.down.dims(), &[3, 3, 2]);
+        let (gate_up, down) = le.dense(DType::F32).expect("dense");
+        for (s, p) in held.iter().enumerate() {
+            let back = le.projections(s, inner, 2).expect("projections");
+            for i in 0..3 {
+                assert_eq!(parts(&back[i]), parts(&p[i]), "slot {s}, projection {i}");
+            }
+            let gate = gate_up.narrow(0, 2 * s * inner, inner).expect("gate");
+            let up = gate_up.narrow(0, (2 * s + 1) * inner, inner).expect("up");
+            assert_eq!(bits(&gate), deq(&p[0]), "slot {s} gate");
+            assert_eq!(bits(&up), deq(&p[1]), "slot {s} up");
+            assert_eq!(
+                bits(&down.get(s).expect("down")),
+                deq(&p[2]),
+                "slot {s} down"
+            );
+        }
+        // Restacked as [2, 0]: the new slots hold the old ones' bytes and scales.
+        let moved: Vec<Projections> = [2, 0]
+            .iter()
+            .map(|&s| le.projections(s, inner, 2).expect("projections"))
+            .collect();
+        let re = layer(&moved);
+        for (new, old) in [(0, 2), (1, 0)] {
+            let back = re.projections(new, inner, 2).expect("projections");
+            for i in 0..3 {
+                assert_eq!(
+                    parts(&back[i]),
+                    parts(&held[old][i]),
+                    "slot {new}, projection {i}"
+                );
+            }
+        }
+        // Not kept e4m3 (or a mix): one dense stack of the dequantised values.
+        let (dense_gu, _, none) = LayerExperts::stack(&held, false, DType::F32).expect("stack");
+        assert!(none.is_none());
+        assert_eq!(bits(&dense_gu), bits(&gate_up));
     }
 }

@@ -54,3 +54,4 @@ pub use model::{DeepSeekModel, Parts, StepSeq};
 pub use model_dir::ModelFiles;
 pub use router::Routing;
 pub use sampling::{GREEDY_BELOW, Sampler, SamplerStart, SamplingParams};
+pub use weights::ExpertsDtype;

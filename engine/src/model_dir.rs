@@ -18,7 +18,7 @@ use crate::model::{DeepSeekModel, Parts};
 use crate::synthetic::{SyntheticSource, synthetic_config, synthetic_config_json};
 use crate::text::TextTokenizer;
 use crate::weights::safetensors::SafetensorsSource;
-use crate::weights::{LoadedBytes, Loader, TensorSource, checkpoint_format};
+use crate::weights::{ExpertsDtype, LoadedBytes, Loader, TensorSource, checkpoint_format};
 
 /// A model, opened but not loaded.
 pub struct ModelFiles {
@@ -33,6 +33,8 @@ pub struct ModelFiles {
     pub fingerprint: String,
     /// The directory, when opened from one.
     pub dir: Option<PathBuf>,
+    /// How the loaders made here hold the routed experts (`--weights-dtype`).
+    pub experts_dtype: ExpertsDtype,
 }
 
 fn fingerprint(config_bytes: &[u8], source: &dyn TensorSource) -> String {
@@ -80,6 +82,7 @@ impl ModelFiles {
             tokenizer,
             name,
             dir: Some(dir.to_path_buf()),
+            experts_dtype: ExpertsDtype::Auto,
         })
     }
 
@@ -95,6 +98,7 @@ impl ModelFiles {
             tokenizer: Some(TextTokenizer::embedded_deepseek_r1()?),
             name: EMBEDDED_MODEL_NAME.to_string(),
             dir: None,
+            experts_dtype: ExpertsDtype::Auto,
         })
     }
 
@@ -110,6 +114,7 @@ impl ModelFiles {
             tokenizer: None,
             name: format!("synthetic:{name}"),
             dir: None,
+            experts_dtype: ExpertsDtype::Auto,
         })
     }
 
@@ -121,14 +126,29 @@ impl ModelFiles {
         }
     }
 
+    /// The same model with its routed experts held as `experts` says (see [`ExpertsDtype`]).
+    /// The fingerprint stays the model's: FP8 experts quantised from bf16 compute the same model
+    /// to e4m3's precision, and the gate, which holds no routed experts, need not be told.
+    pub fn with_experts_dtype(mut self, experts: ExpertsDtype) -> Self {
+        self.experts_dtype = experts;
+        self
+    }
+
     /// The checkpoint's weight format (`bf16`, `fp8_e4m3`, `int4_gptq`, ...), as ModelInfo and
-    /// the roles' memory line report it.
+    /// the roles' memory line report it; `<format>+fp8_experts` when the routed experts are
+    /// quantised to FP8 at load (`--weights-dtype fp8` on a checkpoint that is not FP8).
     pub fn weights_format(&self) -> String {
-        checkpoint_format(&self.config, self.source.as_ref())
+        let stored = checkpoint_format(&self.config, self.source.as_ref());
+        if self.experts_dtype == ExpertsDtype::Fp8 && stored != "fp8_e4m3" {
+            format!("{stored}+fp8_experts")
+        } else {
+            stored
+        }
     }
 
     pub fn loader(&self, device: &Device, dtype: DType) -> Loader<'_> {
         Loader::new(self.source.as_ref(), &self.config, device, dtype)
+            .with_experts_dtype(self.experts_dtype)
     }
 
     /// Loads the whole model in-process (dense part and every routed expert), warning about

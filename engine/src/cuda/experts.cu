@@ -876,37 +876,14 @@ template <int BK> __device__ __forceinline__ int gg_off(int r, int c) {
     return r * 32 + ((c ^ ((r >> 1) & 3)) << 3);
 }
 
-// One BM × BN tile of a grouped product, WM × WN warps (each (BM/WM) × (BN/WN)), BK-wide k
-// steps through a STAGES-deep cp.async pipeline in dynamic shared memory
-// (STAGES · (BM + BN) · BK · 2 bytes).
-// GATE_UP: a = x [T, K] gathered by sorted_rows, w = w_gu [slots·2N, K], out = h [Ppad, N] bf16;
-//   a warp's columns are (BN/WN)/2 gate columns and the same up columns, so the SwiGLU is
-//   applied in registers.
-// Otherwise: a = h [Ppad, K] by block row, w = w_down [slots·N, K], out = y [Ppad, N] bf16.
-// Padding rows (sorted_rows GG_NONE) are computed (from zeros, or whatever h holds there: rows
-// are independent) but not stored.
-// K % BK == 0, N % 8 == 0, 16-byte aligned rows.
-template <bool GATE_UP, int BM, int BN, int BK, int STAGES, int WM, int WN>
-__device__ __forceinline__ void moe_gg(const bf16* __restrict__ a, int K, const bf16* __restrict__ w,
-                                       int N, const uint32_t* sorted_rows,
-                                       const uint32_t* block_slot, void* out) {
-    constexpr int THREADS = WM * WN * 32;
-    constexpr int TM = BM / WM, TN = BN / WN;  // warp tile
-    constexpr int FM = TM / 16, FN = TN / 8;  // fragments per warp
-    constexpr int CH = BK / 8;  // 16-byte chunks per row
-    constexpr int A_PER = BM * CH / THREADS, B_PER = BN * CH / THREADS;
-    static_assert(TM % 16 == 0 && TN % 16 == 0 && A_PER >= 1 && B_PER >= 1, "tile shape");
-    extern __shared__ __align__(128) unsigned char gg_smem[];
-    bf16* sa = reinterpret_cast<bf16*>(gg_smem);
-    bf16* sb = sa + STAGES * BM * BK;
-    const uint32_t blk = blockIdx.y;
-    const uint32_t s = block_slot[blk];
-    if (s == GG_NONE) return;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int n0 = blockIdx.x * (GATE_UP ? BN / 2 : BN);
-    const bf16* asrc[A_PER];
-    bool aok[A_PER];
-    int aoff[A_PER];
+// The pieces of a grouped-GEMM tile that moe_gg and its FP8 form (experts_fp8.cu) share.
+// The activations' 16-byte chunks this thread copies into a BM × BK tile: tile row r is
+// x[sorted_rows[q]] for gate/up (GG_NONE padding: zeros) or h[q] for down, q = blk · BM + r.
+template <bool GATE_UP, int BM, int BK, int THREADS, int A_PER>
+__device__ __forceinline__ void gg_a_tiles(const bf16* a, int K, const uint32_t* sorted_rows,
+                                           uint32_t blk, int tid, const bf16* (&asrc)[A_PER],
+                                           bool (&aok)[A_PER], int (&aoff)[A_PER]) {
+    constexpr int CH = BK / 8;
 #pragma unroll
     for (int i = 0; i < A_PER; ++i) {
         const int id = tid + i * THREADS, r = id / CH, c = id % CH;
@@ -921,77 +898,40 @@ __device__ __forceinline__ void moe_gg(const bf16* __restrict__ a, int K, const 
             asrc[i] = a + (size_t)q * K + c * 8;
         }
     }
-    const bf16* bsrc[B_PER];
-    bool bok[B_PER];
-    int boff[B_PER];
+}
+
+// One BK-wide k step of a warp's (FM·16) × (FN·8) tile: acc += A[warp rows] · B[warp columns]ᵀ,
+// both bf16 tiles in shared memory laid out by gg_off.
+template <int BK, int FM, int FN, int TM, int TN>
+__device__ __forceinline__ void gg_k_step(const bf16* A, const bf16* B, int wm, int wn, int lane,
+                                          float (&acc)[FM][FN][4]) {
 #pragma unroll
-    for (int i = 0; i < B_PER; ++i) {
-        const int id = tid + i * THREADS, n = id / CH, c = id % CH;
-        boff[i] = gg_off<BK>(n, c);
-        size_t wrow;
-        if (GATE_UP) {
-            const int local = n % TN;
-            const int j = n0 + (n / TN) * (TN / 2) + local % (TN / 2);
-            bok[i] = j < N;
-            wrow = (size_t)s * 2 * N + (local >= TN / 2 ? (size_t)N : 0) + (bok[i] ? j : 0);
-        } else {
-            const int r = n0 + n;
-            bok[i] = r < N;
-            wrow = (size_t)s * N + (bok[i] ? r : 0);
-        }
-        bsrc[i] = w + wrow * K + c * 8;
-    }
-    const int kt_n = K / BK;
-    auto load = [&](int kt, int st) {
-        const int k0 = kt * BK;
-        bf16* A = sa + st * BM * BK;
-        bf16* B = sb + st * BN * BK;
+    for (int kk = 0; kk < BK / 16; ++kk) {
+        uint32_t af[FM][4];
 #pragma unroll
-        for (int i = 0; i < A_PER; ++i) cp_async16(A + aoff[i], asrc[i] + k0, aok[i]);
+        for (int mi = 0; mi < FM; ++mi)
+            ldmatrix_x4(af[mi], A + gg_off<BK>(wm * TM + mi * 16 + (lane & 15), kk * 2 + (lane >> 4)));
 #pragma unroll
-        for (int i = 0; i < B_PER; ++i) cp_async16(B + boff[i], bsrc[i] + k0, bok[i]);
-    };
+        for (int np = 0; np < FN / 2; ++np) {
+            uint32_t bf[4];
+            ldmatrix_x4(bf, B + gg_off<BK>(wn * TN + np * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                           kk * 2 + ((lane >> 3) & 1)));
 #pragma unroll
-    for (int st = 0; st < STAGES - 1; ++st) {
-        if (st < kt_n) load(st, st);
-        cp_async_commit();
-    }
-    const int wm = warp / WN, wn = warp % WN;
-    float acc[FM][FN][4];
-#pragma unroll
-    for (int mi = 0; mi < FM; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < FN; ++ni)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
-    for (int kt = 0; kt < kt_n; ++kt) {
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();
-        const int nk = kt + STAGES - 1;
-        if (nk < kt_n) load(nk, nk % STAGES);
-        cp_async_commit();
-        const bf16* A = sa + (kt % STAGES) * BM * BK;
-        const bf16* B = sb + (kt % STAGES) * BN * BK;
-#pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk) {
-            uint32_t af[FM][4];
-#pragma unroll
-            for (int mi = 0; mi < FM; ++mi)
-                ldmatrix_x4(af[mi], A + gg_off<BK>(wm * TM + mi * 16 + (lane & 15), kk * 2 + (lane >> 4)));
-#pragma unroll
-            for (int np = 0; np < FN / 2; ++np) {
-                uint32_t bf[4];
-                ldmatrix_x4(bf, B + gg_off<BK>(wn * TN + np * 16 + (lane & 7) + ((lane >> 4) << 3),
-                                               kk * 2 + ((lane >> 3) & 1)));
-#pragma unroll
-                for (int mi = 0; mi < FM; ++mi) {
-                    mma_bf16(acc[mi][2 * np], af[mi][0], af[mi][1], af[mi][2], af[mi][3], bf[0], bf[1]);
-                    mma_bf16(acc[mi][2 * np + 1], af[mi][0], af[mi][1], af[mi][2], af[mi][3], bf[2], bf[3]);
-                }
+            for (int mi = 0; mi < FM; ++mi) {
+                mma_bf16(acc[mi][2 * np], af[mi][0], af[mi][1], af[mi][2], af[mi][3], bf[0], bf[1]);
+                mma_bf16(acc[mi][2 * np + 1], af[mi][0], af[mi][1], af[mi][2], af[mi][3], bf[2], bf[3]);
             }
         }
     }
-    cp_async_wait<0>();
+}
+
+// A warp's tile to memory in bf16, padding rows left out: gate/up as SiLU(gate) · up into h
+// (a warp's first FN/2 fragments are gate columns, the next FN/2 the same up columns), down
+// into y.
+template <bool GATE_UP, int BM, int FM, int FN, int TM, int TN>
+__device__ __forceinline__ void gg_store(const float (&acc)[FM][FN][4], uint32_t blk, int wm,
+                                         int wn, int lane, int n0, int N,
+                                         const uint32_t* sorted_rows, void* out) {
     const int g = lane >> 2, t4 = lane & 3;
 #pragma unroll
     for (int mi = 0; mi < FM; ++mi) {
@@ -1025,24 +965,153 @@ __device__ __forceinline__ void moe_gg(const bf16* __restrict__ a, int K, const 
     }
 }
 
+// Tile row n of a grouped product's weight tile (n0 its first column) → the weight row it reads
+// (`ok` false past the projection's N rows: the row reads zeros), with that row's matrix m and
+// row r within it (for block scales). Gate/up tiles take, per TN rows, TN/2 gate columns then
+// the same TN/2 up columns; slot s's gate rows are matrix 2s, its up rows 2s + 1, of N rows
+// each; down's matrix s has N rows.
+template <bool GATE_UP, int TN>
+__device__ __forceinline__ size_t gg_weight_row(int n, int n0, uint32_t s, int N, bool& ok,
+                                                size_t& m, int& r) {
+    if (GATE_UP) {
+        const unsigned local = (unsigned)n % TN;  // n ≥ 0: unsigned, so TN's powers of 2 shift
+        const int j = n0 + (int)(((unsigned)n / TN) * (TN / 2) + local % (TN / 2));
+        ok = j < N;
+        m = (size_t)2 * s + (local >= TN / 2 ? 1 : 0);
+        r = ok ? j : 0;
+    } else {
+        const int rr = n0 + n;
+        ok = rr < N;
+        m = s;
+        r = ok ? rr : 0;
+    }
+    return m * N + r;
+}
+
+// moe_gg's bf16 weight tiles: each stage's BN × BK tile (TN as moe_gg's warp tile) copied by
+// cp.async straight into its swizzled place; STAGES tiles of shared memory.
+template <bool GATE_UP, int BN, int BK, int STAGES, int THREADS, int TN>
+struct GgBf16Weights {
+    typedef bf16 Elem;
+    static constexpr int CH = BK / 8, PER = BN * CH / THREADS;
+    static constexpr int SMEM = STAGES * BN * BK * 2;
+    static_assert(PER >= 1, "tile shape");
+    const bf16* src[PER];
+    bool ok[PER];
+    int off[PER];
+    bf16* tiles;
+    __device__ __forceinline__ GgBf16Weights(const bf16* w, const float*, int K, int N, uint32_t s,
+                                             int n0, int tid, unsigned char* smem)
+        : tiles(reinterpret_cast<bf16*>(smem)) {
+#pragma unroll
+        for (int i = 0; i < PER; ++i) {
+            const int id = tid + i * THREADS, n = id / CH, c = id % CH;
+            off[i] = gg_off<BK>(n, c);
+            size_t m;
+            int r;
+            src[i] = w + gg_weight_row<GATE_UP, TN>(n, n0, s, N, ok[i], m, r) * K + c * 8;
+        }
+    }
+    // Queues stage st's copies of columns k0.. (in the caller's cp.async group).
+    __device__ __forceinline__ void load(int k0, int st) {
+        bf16* B = tiles + st * BN * BK;
+#pragma unroll
+        for (int i = 0; i < PER; ++i) cp_async16(B + off[i], src[i] + k0, ok[i]);
+    }
+    // Stage st's tile, once its copies have landed (the caller's wait and barrier).
+    __device__ __forceinline__ const bf16* ready(int, int st) const { return tiles + st * BN * BK; }
+};
+
+// One BM × BN tile of a grouped product, WM × WN warps (each (BM/WM) × (BN/WN)), BK-wide k
+// steps through a STAGES-deep cp.async pipeline in dynamic shared memory (STAGES · BM · BK · 2
+// bytes of activations, then the weight tiles' W::SMEM). W, the weights' tiles: GgBf16Weights
+// (bf16), or experts_fp8.cu's GgFp8Weights (e4m3 with block scales, dequantised into the same
+// bf16 tile, so both run the same MMAs).
+// GATE_UP: a = x [T, K] gathered by sorted_rows, w = w_gu [slots·2N, K], out = h [Ppad, N] bf16;
+//   a warp's columns are (BN/WN)/2 gate columns and the same up columns, so the SwiGLU is
+//   applied in registers.
+// Otherwise: a = h [Ppad, K] by block row, w = w_down [slots·N, K], out = y [Ppad, N] bf16.
+// Padding rows (sorted_rows GG_NONE) are computed (from zeros, or whatever h holds there: rows
+// are independent) but not stored.
+// K % BK == 0, N % 8 == 0, 16-byte aligned rows.
+template <bool GATE_UP, int BM, int BN, int BK, int STAGES, int WM, int WN, typename W>
+__device__ __forceinline__ void moe_gg(const bf16* __restrict__ a, int K,
+                                       const typename W::Elem* __restrict__ w,
+                                       const float* scales, int N, const uint32_t* sorted_rows,
+                                       const uint32_t* block_slot, void* out) {
+    constexpr int THREADS = WM * WN * 32;
+    constexpr int TM = BM / WM, TN = BN / WN;  // warp tile
+    constexpr int FM = TM / 16, FN = TN / 8;  // fragments per warp
+    constexpr int CH = BK / 8;  // 16-byte chunks per row
+    constexpr int A_PER = BM * CH / THREADS;
+    static_assert(TM % 16 == 0 && TN % 16 == 0 && A_PER >= 1, "tile shape");
+    extern __shared__ __align__(128) unsigned char gg_smem[];
+    bf16* sa = reinterpret_cast<bf16*>(gg_smem);
+    const uint32_t blk = blockIdx.y;
+    const uint32_t s = block_slot[blk];
+    if (s == GG_NONE) return;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int n0 = blockIdx.x * (GATE_UP ? BN / 2 : BN);
+    const bf16* asrc[A_PER];
+    bool aok[A_PER];
+    int aoff[A_PER];
+    gg_a_tiles<GATE_UP, BM, BK, THREADS, A_PER>(a, K, sorted_rows, blk, tid, asrc, aok, aoff);
+    W wt(w, scales, K, N, s, n0, tid, gg_smem + STAGES * BM * BK * 2);
+    const int kt_n = K / BK;
+    auto load = [&](int kt, int st) {
+        const int k0 = kt * BK;
+        bf16* A = sa + st * BM * BK;
+#pragma unroll
+        for (int i = 0; i < A_PER; ++i) cp_async16(A + aoff[i], asrc[i] + k0, aok[i]);
+        wt.load(k0, st);
+    };
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (st < kt_n) load(st, st);
+        cp_async_commit();
+    }
+    const int wm = warp / WN, wn = warp % WN;
+    float acc[FM][FN][4];
+#pragma unroll
+    for (int mi = 0; mi < FM; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < FN; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
+    for (int kt = 0; kt < kt_n; ++kt) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        const int nk = kt + STAGES - 1;
+        if (nk < kt_n) load(nk, nk % STAGES);
+        cp_async_commit();
+        const bf16* B = wt.ready(kt * BK, kt % STAGES);
+        gg_k_step<BK, FM, FN, TM, TN>(sa + (kt % STAGES) * BM * BK, B, wm, wn, lane, acc);
+    }
+    cp_async_wait<0>();
+    gg_store<GATE_UP, BM, FM, FN, TM, TN>(acc, blk, wm, wn, lane, n0, N, sorted_rows, out);
+}
+
 // The shapes moemesh launches (engine/src/cuda/experts.rs sizes grids and shared memory from
 // the same numbers): 64-row blocks (prefill segments of a few hundred pairs per expert waste
 // little padding), 128 columns, 4 warps; k steps of 64 in 3 stages (72 KiB of shared memory)
 // where both widths are multiples of 64, else of 32 in 4 stages (48 KiB). Measured on the H100
 // against 128 × 128 and 64 × 256 tiles and other depths (scripts/bench/prefill_kernels.cu):
 // 64 × 128 × 64 was fastest at 512, 2,048 and 8,192 tokens.
+// moe_gg's bf16 weight tiles at the launched shapes (4 warps, 2 × 2: warp tiles of GG_BN / 2).
+template <bool GATE_UP, int BK, int STAGES>
+using GgBf16 = GgBf16Weights<GATE_UP, GG_BN, BK, STAGES, 128, GG_BN / 2>;
 #define GG_KERNELS(SFX, BK, STAGES)                                                               \
     extern "C" __global__ void __launch_bounds__(128)                                            \
         moe_gg_gate_up_##SFX(const bf16* x, int hidden, const bf16* w_gu, int inner,             \
                              const uint32_t* sorted_rows, const uint32_t* block_slot, bf16* h) { \
-        moe_gg<true, GG_BM, GG_BN, BK, STAGES, 2, 2>(x, hidden, w_gu, inner, sorted_rows,       \
-                                                     block_slot, h);                             \
+        moe_gg<true, GG_BM, GG_BN, BK, STAGES, 2, 2, GgBf16<true, BK, STAGES>>(                 \
+            x, hidden, w_gu, nullptr, inner, sorted_rows, block_slot, h);                        \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(128)                                            \
         moe_gg_down_##SFX(const bf16* h, int inner, const bf16* w_down, int hidden,              \
                           const uint32_t* sorted_rows, const uint32_t* block_slot, bf16* y) {    \
-        moe_gg<false, GG_BM, GG_BN, BK, STAGES, 2, 2>(h, inner, w_down, hidden, sorted_rows,    \
-                                                      block_slot, y);                            \
+        moe_gg<false, GG_BM, GG_BN, BK, STAGES, 2, 2, GgBf16<false, BK, STAGES>>(               \
+            h, inner, w_down, nullptr, hidden, sorted_rows, block_slot, y);                      \
     }
 GG_KERNELS(k64, 64, 3)
 GG_KERNELS(k32, 32, 4)
@@ -1140,7 +1209,7 @@ __device__ __forceinline__ void moe_ws(const bf16* __restrict__ a, int K, const 
     // 64 rows and half the columns. NW m64n128 accumulators per consumer thread.
     constexpr int NW = BM == 128 ? BN / 128 : BN / 256;
     static_assert((BM == 128 || BM == 64) && NW >= 1, "tile shape");
-    constexpr int A_PER = BM * CH / LOADERS, B_PER = BN * CH / LOADERS;
+    constexpr int A_PER = BM * CH / LOADERS;
     static_assert(BN % 128 == 0, "tile shape");
     extern __shared__ unsigned char wg_smem_raw[];
     bf16* sa = reinterpret_cast<bf16*>(
@@ -1162,56 +1231,22 @@ __device__ __forceinline__ void moe_ws(const bf16* __restrict__ a, int K, const 
     __syncthreads();
     const int kt_n = K / BK;
     if (warp < 4) {
-        // Loader warpgroup.
+        // Loader warpgroup. Each 128 tile rows of a gate/up tile (one accumulator's columns):
+        // 64 gate columns, then the same 64 up columns.
         const bf16* asrc[A_PER];
         bool aok[A_PER];
         int aoff[A_PER];
-#pragma unroll
-        for (int i = 0; i < A_PER; ++i) {
-            const int id = tid + i * LOADERS, r = id / CH, c = id % CH;
-            aoff[i] = gg_off<BK>(r, c);
-            const uint32_t q = blk * BM + r;
-            if (GATE_UP) {
-                const uint32_t row = sorted_rows[q];
-                aok[i] = row != GG_NONE;
-                asrc[i] = a + (size_t)(aok[i] ? row : 0) * K + c * 8;
-            } else {
-                aok[i] = true;
-                asrc[i] = a + (size_t)q * K + c * 8;
-            }
-        }
-        const bf16* bsrc[B_PER];
-        bool bok[B_PER];
-        int boff[B_PER];
-#pragma unroll
-        for (int i = 0; i < B_PER; ++i) {
-            const int id = tid + i * LOADERS, n = id / CH, c = id % CH;
-            boff[i] = gg_off<BK>(n, c);
-            size_t wrow;
-            if (GATE_UP) {
-                // Each 128 tile rows (one accumulator's columns): 64 gate columns, then the
-                // same 64 up columns.
-                const bool up = (n & 127) >= 64;
-                const int j = n0 + (n >> 7) * 64 + (n & 63);
-                bok[i] = j < N;
-                wrow = (size_t)s * 2 * N + (up ? (size_t)N : 0) + (bok[i] ? j : 0);
-            } else {
-                const int r = n0 + n;
-                bok[i] = r < N;
-                wrow = (size_t)s * N + (bok[i] ? r : 0);
-            }
-            bsrc[i] = w + wrow * K + c * 8;
-        }
+        gg_a_tiles<GATE_UP, BM, BK, LOADERS, A_PER>(a, K, sorted_rows, blk, tid, asrc, aok, aoff);
+        GgBf16Weights<GATE_UP, BN, BK, STAGES, LOADERS, 128> wt(w, nullptr, K, N, s, n0, tid,
+                                                               reinterpret_cast<unsigned char*>(sb));
         for (int kt = 0; kt < kt_n; ++kt) {
             const int st = kt % STAGES;
             mbar_wait(&empty[st], ((kt / STAGES) & 1) ^ 1);
             const int k0 = kt * BK;
             bf16* A = sa + st * BM * BK;
-            bf16* B = sb + st * BN * BK;
 #pragma unroll
             for (int i = 0; i < A_PER; ++i) cp_async16(A + aoff[i], asrc[i] + k0, aok[i]);
-#pragma unroll
-            for (int i = 0; i < B_PER; ++i) cp_async16(B + boff[i], bsrc[i] + k0, bok[i]);
+            wt.load(k0, st);
             mbar_cp_async_arrive(&full[st]);
         }
         cp_async_wait<0>();

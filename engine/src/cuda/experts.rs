@@ -82,6 +82,39 @@ struct RoutedIn {
     k: usize,
 }
 
+/// One MoE layer's stacked routed-expert weights, as the expert kernels read them: bf16 or f32
+/// (the compute dtype), or e4m3 with f32 block scales (experts_fp8.cu, which dequantises in
+/// registers or shared memory to the very bf16 values the load-time dequantisation gives, then
+/// runs the bf16 kernels' products: the results are bit-identical).
+#[derive(Debug, Clone, Copy)]
+pub struct ExpertWeights<'a> {
+    /// `[slots · 2I, hidden]`: slot s's gate rows `2sI..2sI+I`, then its up rows.
+    pub gate_up: &'a Tensor,
+    /// `[slots, hidden, I]`.
+    pub down: &'a Tensor,
+    /// For e4m3 weights, their 128 × 128 block scales (`weight_scale_inv`, f32), each expert's
+    /// gate, up and down matrices with their own (partial edge blocks included):
+    /// `[slots · 2 · ⌈I/128⌉, ⌈hidden/128⌉]` (gate blocks, then up, per slot) and
+    /// `[slots, ⌈hidden/128⌉, ⌈I/128⌉]`.
+    pub scales: Option<(&'a Tensor, &'a Tensor)>,
+    /// Whether prefill-sized bf16 batches may take the wgmma grouped GEMM (`moe_ws_*`). FP8
+    /// weights have only the mma.sync form (`moe_gg_*_fp8`); the kernel checks turn this off
+    /// for bf16 so that both run the same products.
+    pub wgmma: bool,
+}
+
+impl<'a> ExpertWeights<'a> {
+    /// Weights in the compute dtype.
+    pub fn dense(gate_up: &'a Tensor, down: &'a Tensor) -> Self {
+        ExpertWeights {
+            gate_up,
+            down,
+            scales: None,
+            wgmma: true,
+        }
+    }
+}
+
 /// Router constants the routing kernel needs (see engine/src/router.rs for their meaning).
 pub struct RouteParams<'a> {
     pub bias: Option<&'a Tensor>,
@@ -658,39 +691,79 @@ impl Gpu {
         Ok(Some(out))
     }
 
-    fn experts_fit(x: &Tensor, gate_up: &Tensor, down: &Tensor) -> Result<Option<(usize, usize)>> {
+    fn experts_fit(x: &Tensor, w: &ExpertWeights) -> Result<Option<(usize, usize)>> {
         let Ok((_, hidden)) = x.dims2() else {
             return Ok(None);
         };
         if !x.is_contiguous() || !aligned16(x) {
             return Ok(None);
         }
-        Self::weights_fit(hidden, x.dtype(), gate_up, down)
+        Self::weights_fit(hidden, x.dtype(), w)
     }
 
     /// Whether the expert kernels take rows of `hidden` `dt` values against these stacked
-    /// weights: `Some((hidden, inner))` if so.
-    fn weights_fit(
-        hidden: usize,
-        dt: DType,
-        gate_up: &Tensor,
-        down: &Tensor,
-    ) -> Result<Option<(usize, usize)>> {
-        let Ok((_, hidden2, inner)) = down.dims3() else {
+    /// weights: `Some((hidden, inner))` if so. e4m3 weights take bf16 rows only, widths that
+    /// are multiples of 32 (the tensor-core kernels) and scales of the stacks' block grid.
+    fn weights_fit(hidden: usize, dt: DType, w: &ExpertWeights) -> Result<Option<(usize, usize)>> {
+        let (gate_up, down) = (w.gate_up, w.down);
+        let Ok((slots, hidden2, inner)) = down.dims3() else {
             return Ok(None);
+        };
+        let weights_dt = match w.scales {
+            None => dt,
+            Some((s_gu, s_d)) => {
+                let (hb, ib) = (hidden.div_ceil(128), inner.div_ceil(128));
+                let scales_ok = s_gu.dtype() == DType::F32
+                    && s_d.dtype() == DType::F32
+                    && s_gu.is_contiguous()
+                    && s_d.is_contiguous()
+                    && s_gu.dims() == [slots * 2 * ib, hb]
+                    && s_d.dims() == [slots, hb, ib];
+                if dt != DType::BF16
+                    || !scales_ok
+                    || !hidden.is_multiple_of(32)
+                    || !inner.is_multiple_of(32)
+                {
+                    return Ok(None);
+                }
+                DType::F8E4M3
+            }
         };
         let ok = hidden == hidden2
             && hidden.is_multiple_of(8)
             && inner.is_multiple_of(8)
             && is_kernel_dtype(dt)
-            && gate_up.dtype() == dt
-            && down.dtype() == dt
+            && gate_up.dtype() == weights_dt
+            && down.dtype() == weights_dt
             && gate_up.is_contiguous()
             && down.is_contiguous()
             && aligned16(gate_up)
             && aligned16(down)
             && gate_up.dim(1)? == hidden;
         Ok(ok.then_some((hidden, inner)))
+    }
+
+    /// An expert projection kernel's arguments: its input and the input's width `k`, the
+    /// weight stack (and its scales, for e4m3 weights), the output width `n`, then `rest`.
+    fn projection_args(
+        &self,
+        (input, k, k_what): (u64, usize, &str),
+        weights: &Tensor,
+        scales: Option<&Tensor>,
+        (n, n_what): (usize, &str),
+        rest: impl IntoIterator<Item = Arg>,
+    ) -> Result<Vec<Arg>> {
+        let mut args = vec![
+            Arg::Ptr(input),
+            i32_arg(k, k_what)?,
+            Arg::Ptr(self.ptr(weights)?),
+        ];
+        if let Some(s) = scales {
+            args.push(Arg::Ptr(self.ptr(s)?));
+        }
+        args.push(i32_arg(n, n_what)?);
+        args.extend(rest);
+        Ok(args)
     }
 
     /// The two grouped expert products over pairs already sorted by slot: `h [P, I]` then
@@ -701,8 +774,7 @@ impl Gpu {
     fn experts_core(
         &self,
         (x, x_dtype): (u64, DType),
-        gate_up: &Tensor,
-        down: &Tensor,
+        w: &ExpertWeights,
         (slots, active): (usize, Option<u64>),
         pairs: usize,
         offsets: u64,
@@ -719,12 +791,15 @@ impl Gpu {
         let active = active.unwrap_or(0);
         let mma = x_dtype == DType::BF16 && hidden.is_multiple_of(32) && inner.is_multiple_of(32);
         // Blocks of 4 warps: two 16-row tiles, each over two k halves (tensor cores), or 16
-        // rows, 4 per warp (CUDA cores).
+        // rows, 4 per warp (CUDA cores). e4m3 weights: the tensor-core kernels' FP8 forms
+        // (weights_fit checked their widths).
         let rows_per_block = if mma { 32 } else { 16 };
+        let fp8 = w.scales;
         let (gate_up_fn, down_fn, h_dtype) = if mma {
+            let sfx = if fp8.is_some() { "_fp8" } else { "" };
             (
-                "moe_gate_up_mma".to_string(),
-                "moe_down_mma".to_string(),
+                format!("moe_gate_up_mma{sfx}"),
+                format!("moe_down_mma{sfx}"),
                 DType::BF16,
             )
         } else {
@@ -736,16 +811,12 @@ impl Gpu {
             )
         };
         let h = self.alloc(h_dtype, &[pairs, inner])?;
-        self.launch(
-            &gate_up_fn,
-            (inner.div_ceil(rows_per_block) as u32, grid_slots, 1),
-            128,
-            0,
-            &[
-                Arg::Ptr(x),
-                i32_arg(hidden, "hidden size")?,
-                Arg::Ptr(self.ptr(gate_up)?),
-                i32_arg(inner, "expert inner size")?,
+        let args = self.projection_args(
+            (x, hidden, "hidden size"),
+            w.gate_up,
+            fp8.map(|s| s.0),
+            (inner, "expert inner size"),
+            [
                 Arg::Ptr(offsets),
                 Arg::Ptr(active),
                 Arg::Ptr(sorted),
@@ -753,21 +824,27 @@ impl Gpu {
                 Arg::Ptr(self.ptr(&h)?),
             ],
         )?;
+        self.launch(
+            &gate_up_fn,
+            (inner.div_ceil(rows_per_block) as u32, grid_slots, 1),
+            128,
+            0,
+            &args,
+        )?;
         let y = self.alloc(DType::F32, &[pairs, hidden])?;
+        let args = self.projection_args(
+            (self.ptr(&h)?, inner, "expert inner size"),
+            w.down,
+            fp8.map(|s| s.1),
+            (hidden, "hidden size"),
+            [Arg::Ptr(offsets), Arg::Ptr(active), Arg::Ptr(self.ptr(&y)?)],
+        )?;
         self.launch(
             &down_fn,
             (hidden.div_ceil(rows_per_block) as u32, grid_slots, 1),
             128,
             0,
-            &[
-                Arg::Ptr(self.ptr(&h)?),
-                i32_arg(inner, "expert inner size")?,
-                Arg::Ptr(self.ptr(down)?),
-                i32_arg(hidden, "hidden size")?,
-                Arg::Ptr(offsets),
-                Arg::Ptr(active),
-                Arg::Ptr(self.ptr(&y)?),
-            ],
+            &args,
         )?;
         Ok(y)
     }
@@ -790,8 +867,7 @@ impl Gpu {
     fn experts_grouped(
         &self,
         x: u64,
-        gate_up: &Tensor,
-        down: &Tensor,
+        w: &ExpertWeights,
         ids: u64,
         pairs: usize,
         slot_of: u64,
@@ -802,34 +878,42 @@ impl Gpu {
         inner: usize,
         wait: Option<&WaitFlag>,
     ) -> Result<(Tensor, Tensor)> {
+        let fp8 = w.scales;
         let wgmma = super::wgmma_experts_enabled()
+            && w.wgmma
+            && fp8.is_none()
             && hidden.is_multiple_of(64)
             && inner.is_multiple_of(64)
             && pairs >= WS_MIN_PAIRS_PER_SLOT * slots;
         // Block rows, the kernels' names, threads and shared memory: the wgmma form, or k steps
-        // of 64 in 3 stages where both widths allow, else of 32 in 4 (experts.cu).
+        // of 64 in 3 stages where both widths allow, else of 32 in 4 (experts.cu); e4m3 weights
+        // the same mma.sync tiles (experts_fp8.cu), whose shared memory holds each stage's e4m3
+        // weight tile and one bf16 tile they are dequantised into.
+        let gg_smem = |bk: usize, stages: usize| match fp8 {
+            None => stages * (GG_BM + GG_BN) * bk * 2,
+            Some(_) => stages * (GG_BM * 2 + GG_BN) * bk + GG_BN * bk * 2,
+        };
+        let sfx = if fp8.is_some() { "_fp8" } else { "" };
         let (bm, bn, gate_up_fn, down_fn, threads, smem) = if wgmma {
-            let (g, d) = ("moe_ws_gate_up_n256", "moe_ws_down_n256");
+            let (g, d) = ("moe_ws_gate_up_n256".into(), "moe_ws_down_n256".into());
             (WS_BM, WS_BN, g, d, WS_THREADS, WS_SMEM)
         } else if hidden.is_multiple_of(64) && inner.is_multiple_of(64) {
-            let smem = 3 * (GG_BM + GG_BN) * 64 * 2;
             (
                 GG_BM,
                 GG_BN,
-                "moe_gg_gate_up_k64",
-                "moe_gg_down_k64",
+                format!("moe_gg_gate_up{sfx}_k64"),
+                format!("moe_gg_down{sfx}_k64"),
                 128,
-                smem,
+                gg_smem(64, 3),
             )
         } else {
-            let smem = 4 * (GG_BM + GG_BN) * 32 * 2;
             (
                 GG_BM,
                 GG_BN,
-                "moe_gg_gate_up_k32",
-                "moe_gg_down_k32",
+                format!("moe_gg_gate_up{sfx}_k32"),
+                format!("moe_gg_down{sfx}_k32"),
                 128,
-                smem,
+                gg_smem(32, 4),
             )
         };
         // Every slot's segment wastes less than one block: an upper bound without a host sync.
@@ -863,38 +947,45 @@ impl Gpu {
         let rows = max_blocks * bm;
         let h = self.alloc(DType::BF16, &[rows, inner])?;
         // A gate/up tile is bn/2 gate and the same bn/2 up columns; a down tile bn columns.
+        let (sorted_at, block_slot_at) = (self.ptr(&sorted)?, self.ptr(&block_slot)?);
+        let args = self.projection_args(
+            (x, hidden, "hidden size"),
+            w.gate_up,
+            fp8.map(|s| s.0),
+            (inner, "expert inner size"),
+            [
+                Arg::Ptr(sorted_at),
+                Arg::Ptr(block_slot_at),
+                Arg::Ptr(self.ptr(&h)?),
+            ],
+        )?;
         self.launch(
-            gate_up_fn,
+            &gate_up_fn,
             (inner.div_ceil(bn / 2) as u32, max_blocks as u32, 1),
             threads,
             smem as u32,
-            &[
-                Arg::Ptr(x),
-                i32_arg(hidden, "hidden size")?,
-                Arg::Ptr(self.ptr(gate_up)?),
-                i32_arg(inner, "expert inner size")?,
-                Arg::Ptr(self.ptr(&sorted)?),
-                Arg::Ptr(self.ptr(&block_slot)?),
-                Arg::Ptr(self.ptr(&h)?),
-            ],
+            &args,
         )?;
         // Each pair's expert output in bf16 (as the experts' matmuls return it in a bf16 model),
         // summed in f32 by the combine.
         let y = self.alloc(DType::BF16, &[rows, hidden])?;
+        let args = self.projection_args(
+            (self.ptr(&h)?, inner, "expert inner size"),
+            w.down,
+            fp8.map(|s| s.1),
+            (hidden, "hidden size"),
+            [
+                Arg::Ptr(sorted_at),
+                Arg::Ptr(block_slot_at),
+                Arg::Ptr(self.ptr(&y)?),
+            ],
+        )?;
         self.launch(
-            down_fn,
+            &down_fn,
             (hidden.div_ceil(bn) as u32, max_blocks as u32, 1),
             threads,
             smem as u32,
-            &[
-                Arg::Ptr(self.ptr(&h)?),
-                i32_arg(inner, "expert inner size")?,
-                Arg::Ptr(self.ptr(down)?),
-                i32_arg(hidden, "hidden size")?,
-                Arg::Ptr(self.ptr(&sorted)?),
-                Arg::Ptr(self.ptr(&block_slot)?),
-                Arg::Ptr(self.ptr(&y)?),
-            ],
+            &args,
         )?;
         Ok((y, pos))
     }
@@ -909,14 +1000,13 @@ impl Gpu {
         x: &Tensor,
         routing: &DeviceRouting,
         slot_of: &Tensor,
-        gate_up: &Tensor,
-        down: &Tensor,
+        w: &ExpertWeights,
         max_rows: usize,
     ) -> Result<Option<Tensor>> {
-        let Some(input) = self.routed_in(x, routing, gate_up, down)? else {
+        let Some(input) = self.routed_in(x, routing, w)? else {
             return Ok(None);
         };
-        self.routed(&input, slot_of, gate_up, down, max_rows, None, None)
+        self.routed(&input, slot_of, w, max_rows, None, None)
             .map(Option::flatten)
     }
 
@@ -930,14 +1020,12 @@ impl Gpu {
         &self,
         input: &RowsAt,
         slot_of: &Tensor,
-        gate_up: &Tensor,
-        down: &Tensor,
+        w: &ExpertWeights,
         max_rows: usize,
         into: u64,
         wait: Option<&WaitFlag>,
     ) -> Result<bool> {
-        let Some((hidden, inner)) = Self::weights_fit(input.hidden, input.dtype, gate_up, down)?
-        else {
+        let Some((hidden, inner)) = Self::weights_fit(input.hidden, input.dtype, w)? else {
             return Ok(false);
         };
         if !input.x.is_multiple_of(16)
@@ -960,7 +1048,7 @@ impl Gpu {
             k: input.k,
         };
         Ok(self
-            .routed(&routed, slot_of, gate_up, down, max_rows, Some(into), wait)?
+            .routed(&routed, slot_of, w, max_rows, Some(into), wait)?
             .is_some())
     }
 
@@ -969,10 +1057,9 @@ impl Gpu {
         &self,
         x: &Tensor,
         routing: &DeviceRouting,
-        gate_up: &Tensor,
-        down: &Tensor,
+        w: &ExpertWeights,
     ) -> Result<Option<RoutedIn>> {
-        let Some((hidden, inner)) = Self::experts_fit(x, gate_up, down)? else {
+        let Some((hidden, inner)) = Self::experts_fit(x, w)? else {
             return Ok(None);
         };
         let t = x.dim(0)?;
@@ -1002,8 +1089,7 @@ impl Gpu {
         &self,
         input: &RoutedIn,
         slot_of: &Tensor,
-        gate_up: &Tensor,
-        down: &Tensor,
+        w: &ExpertWeights,
         max_rows: usize,
         into: Option<u64>,
         wait: Option<&WaitFlag>,
@@ -1018,7 +1104,7 @@ impl Gpu {
             weights,
             k,
         } = *input;
-        let slots = down.dim(0)?;
+        let slots = w.down.dim(0)?;
         let pairs = t * k;
         if slots > 1024 || slot_of.dtype() != DType::I32 {
             return Ok(None);
@@ -1026,8 +1112,7 @@ impl Gpu {
         if Self::grouped_fits(dtype, hidden, inner, slots) && takes_grouped(pairs, slots) {
             let (y, pos) = self.experts_grouped(
                 x,
-                gate_up,
-                down,
+                w,
                 ids,
                 pairs,
                 self.ptr(slot_of)?,
@@ -1075,8 +1160,7 @@ impl Gpu {
         let (off_p, sorted_p) = (self.ptr(&offsets)?, self.ptr(&sorted)?);
         let y = self.experts_core(
             (x, dtype),
-            gate_up,
-            down,
+            w,
             (slots, Some(self.ptr(&active)?)),
             pairs,
             off_p,
@@ -1096,14 +1180,13 @@ impl Gpu {
         &self,
         x: &Tensor,
         a: &HostAssignments,
-        gate_up: &Tensor,
-        down: &Tensor,
+        w: &ExpertWeights,
     ) -> Result<Option<Tensor>> {
-        let Some((hidden, inner)) = Self::experts_fit(x, gate_up, down)? else {
+        let Some((hidden, inner)) = Self::experts_fit(x, w)? else {
             return Ok(None);
         };
         let t = x.dim(0)?;
-        if a.rows != t || a.slots != down.dim(0)? || a.pairs == 0 {
+        if a.rows != t || a.slots != w.down.dim(0)? || a.pairs == 0 {
             return Ok(None);
         }
         let base = self.ptr(&a.packed)?;
@@ -1114,8 +1197,7 @@ impl Gpu {
         let entry_pos = at(a.slots + 1 + a.pairs + a.rows + 1);
         let y = self.experts_core(
             (self.ptr(x)?, x.dtype()),
-            gate_up,
-            down,
+            w,
             (a.slots, None),
             a.pairs,
             offsets,
@@ -1134,15 +1216,14 @@ impl Gpu {
         &self,
         x: &Tensor,
         a: &HostPairs,
-        gate_up: &Tensor,
-        down: &Tensor,
+        w: &ExpertWeights,
     ) -> Result<Option<Tensor>> {
-        let Some((hidden, inner)) = Self::experts_fit(x, gate_up, down)? else {
+        let Some((hidden, inner)) = Self::experts_fit(x, w)? else {
             return Ok(None);
         };
         let t = x.dim(0)?;
         if a.rows != t
-            || a.slots != down.dim(0)?
+            || a.slots != w.down.dim(0)?
             || a.pairs == 0
             || !Self::grouped_fits(x.dtype(), hidden, inner, a.slots)
         {
@@ -1152,8 +1233,7 @@ impl Gpu {
         let at = |elems: usize| base + 4 * elems as u64;
         let (y, pos) = self.experts_grouped(
             self.ptr(x)?,
-            gate_up,
-            down,
+            w,
             at(0),
             a.pairs,
             0,
@@ -1218,5 +1298,67 @@ impl Gpu {
             ],
         )?;
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// e4m3 stacks go to the FP8 kernels only with bf16 rows, widths that are multiples of 32
+    /// and scales of the stacks' own block grid (each expert matrix its own, partial edge blocks
+    /// included); anything else is left to the callers' other paths.
+    #[test]
+    fn fp8_stacks_fit_the_kernels_only_with_their_scales() {
+        let (slots, hidden, inner) = (3, 320, 160);
+        let zeros = |shape: &[usize], dtype: DType| {
+            Tensor::zeros(shape, dtype, &Device::Cpu).expect("tensor")
+        };
+        let gate_up = zeros(&[slots * 2 * inner, hidden], DType::F8E4M3);
+        let down = zeros(&[slots, hidden, inner], DType::F8E4M3);
+        // ⌈160/128⌉ = 2 row blocks a gate or up matrix, ⌈320/128⌉ = 3 column blocks.
+        let s_gu = zeros(&[slots * 2 * 2, 3], DType::F32);
+        let s_d = zeros(&[slots, 3, 2], DType::F32);
+        fn fp8<'a>(
+            stacks: (&'a Tensor, &'a Tensor),
+            s_gu: &'a Tensor,
+            s_d: &'a Tensor,
+        ) -> ExpertWeights<'a> {
+            ExpertWeights {
+                scales: Some((s_gu, s_d)),
+                ..ExpertWeights::dense(stacks.0, stacks.1)
+            }
+        }
+        let stacks = (&gate_up, &down);
+        let fit = |dt: DType, w: &ExpertWeights| Gpu::weights_fit(hidden, dt, w).expect("fit");
+        assert_eq!(
+            fit(DType::BF16, &fp8(stacks, &s_gu, &s_d)),
+            Some((hidden, inner))
+        );
+        // f32 rows, no scales, or scales of a stacked (not per-matrix) grid: not these kernels.
+        assert_eq!(fit(DType::F32, &fp8(stacks, &s_gu, &s_d)), None);
+        assert_eq!(
+            fit(DType::BF16, &ExpertWeights::dense(&gate_up, &down)),
+            None
+        );
+        let stacked_grid = zeros(&[(slots * 2 * inner).div_ceil(128), 3], DType::F32);
+        assert_eq!(fit(DType::BF16, &fp8(stacks, &stacked_grid, &s_d)), None);
+        let s_d16 = s_d.to_dtype(DType::BF16).expect("bf16");
+        assert_eq!(fit(DType::BF16, &fp8(stacks, &s_gu, &s_d16)), None);
+        // bf16 stacks as before.
+        let (gu16, d16) = (
+            gate_up.to_dtype(DType::BF16).expect("gu"),
+            down.to_dtype(DType::BF16).expect("d"),
+        );
+        assert_eq!(
+            fit(DType::BF16, &ExpertWeights::dense(&gu16, &d16)),
+            Some((hidden, inner))
+        );
+        // Scales beside bf16 stacks: refused.
+        let mixed = ExpertWeights {
+            scales: Some((&s_gu, &s_d)),
+            ..ExpertWeights::dense(&gu16, &d16)
+        };
+        assert_eq!(fit(DType::BF16, &mixed), None);
     }
 }

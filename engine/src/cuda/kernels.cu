@@ -8,4 +8,5 @@
 #include "norm.cu"
 #include "attention.cu"
 #include "experts.cu"
+#include "experts_fp8.cu"
 #include "sampling.cu"

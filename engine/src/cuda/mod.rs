@@ -26,8 +26,8 @@ pub mod ipc;
 
 pub use attention::{DecodeTables, PrefillQuery};
 pub use experts::{
-    DeviceRouting, FlagWait, GROUPED_MIN_PAIRS_PER_SLOT, HostAssignments, HostPairs, RouteParams,
-    RowsAt, WaitFlag, grouped_min_pairs_per_slot, takes_grouped,
+    DeviceRouting, ExpertWeights, FlagWait, GROUPED_MIN_PAIRS_PER_SLOT, HostAssignments, HostPairs,
+    RouteParams, RowsAt, WaitFlag, grouped_min_pairs_per_slot, takes_grouped,
 };
 
 /// A kernel argument. Tensors go as raw device addresses (see [`Gpu::ptr`]).
@@ -749,6 +749,7 @@ mod imp {
             CudaStorageSlice::F32(s) => s.device_ptr(&stream).0,
             CudaStorageSlice::U32(s) => s.device_ptr(&stream).0,
             CudaStorageSlice::I32(s) => s.device_ptr(&stream).0,
+            CudaStorageSlice::F8E4M3(s) => s.device_ptr(&stream).0,
             _ => {
                 return Err(cuda_err(
                     "kernel argument",

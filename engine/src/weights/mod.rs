@@ -17,7 +17,7 @@ use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::{Int4Format, Int4Quant, ModelConfig, Quantization};
+use crate::config::{Fp8Quant, Int4Format, Int4Quant, ModelConfig, Quantization};
 use crate::error::{EngineError, Result};
 
 /// A tensor's element type as stored in a checkpoint.
@@ -101,6 +101,65 @@ pub fn checkpoint_format(cfg: &ModelConfig, source: &dyn TensorSource) -> String
     .to_string()
 }
 
+/// How a process holds the routed experts (`--weights-dtype`, env `MOEMESH_WEIGHTS_DTYPE`).
+/// Everything else (attention, dense MLPs, shared experts, embeddings, `lm_head`) is always held
+/// in the compute dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExpertsDtype {
+    /// The checkpoint's own: an FP8 checkpoint's experts (128 × 128 blocks) stay e4m3 where the
+    /// FP8 kernels run (a CUDA device computing in bf16); elsewhere, and for other checkpoints,
+    /// the compute dtype.
+    #[default]
+    Auto,
+    /// `bf16`: dequantised to the compute dtype at load, as every weight (the earlier behaviour).
+    Compute,
+    /// `fp8`: e4m3 with 128 × 128 f32 block scales; weights stored otherwise (a bf16 checkpoint,
+    /// a synthetic model) are quantised at load ([`fp8::quantize_e4m3`]). Where the FP8 kernels
+    /// do not run, those quantised values are dequantised again, so every device computes the
+    /// same model.
+    Fp8,
+}
+
+impl ExpertsDtype {
+    /// The flag's value.
+    pub fn name(self) -> &'static str {
+        match self {
+            ExpertsDtype::Auto => "auto",
+            ExpertsDtype::Compute => "bf16",
+            ExpertsDtype::Fp8 => "fp8",
+        }
+    }
+}
+
+impl std::str::FromStr for ExpertsDtype {
+    type Err = EngineError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(ExpertsDtype::Auto),
+            "bf16" | "compute" => Ok(ExpertsDtype::Compute),
+            "fp8" => Ok(ExpertsDtype::Fp8),
+            other => Err(EngineError::InvalidInput(format!(
+                "weights dtype {other:?}: expected auto, bf16 (the compute dtype) or fp8"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for ExpertsDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A routed expert's projection as [`Loader::get_expert`] hands it out.
+pub enum ExpertTensor {
+    /// In the compute dtype.
+    Dense(Tensor),
+    /// `q [R, C]` e4m3 and `scale [⌈R/128⌉, ⌈C/128⌉]` f32 (`weight_scale_inv`), on the device.
+    Fp8 { q: Tensor, scale: Tensor },
+}
+
 /// A stored tensor before conversion: its bytes are borrowed from the source (e.g. an mmap).
 pub struct RawTensor<'a> {
     pub dtype: StoredDtype,
@@ -135,6 +194,8 @@ pub struct Loader<'s> {
     device: Device,
     dtype: DType,
     quant: Option<Quantization>,
+    /// How the routed experts are held ([`get_expert`](Self::get_expert)).
+    experts_dtype: ExpertsDtype,
     used: Mutex<HashSet<String>>,
     /// What was handed out so far (see [`LoadedBytes`]).
     loaded: Mutex<LoadedBytes>,
@@ -176,9 +237,16 @@ impl<'s> Loader<'s> {
             device: device.clone(),
             dtype,
             quant: cfg.quantization,
+            experts_dtype: ExpertsDtype::Auto,
             used: Mutex::new(HashSet::new()),
             loaded: Mutex::new(LoadedBytes::default()),
         }
+    }
+
+    /// The loader with routed experts held as `experts` says.
+    pub fn with_experts_dtype(mut self, experts: ExpertsDtype) -> Self {
+        self.experts_dtype = experts;
+        self
     }
 
     /// The bytes handed out so far, resident and as stored.
@@ -231,6 +299,19 @@ impl<'s> Loader<'s> {
     }
 
     fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let (tensor, format, stored_bytes) = self.convert(name, shape, dtype)?;
+        self.count(&tensor, format, stored_bytes);
+        Ok(tensor)
+    }
+
+    /// The tensor `name` in `dtype` on the device, not yet counted: with the format it is
+    /// counted under and the bytes it took as stored.
+    fn convert(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<(Tensor, &'static str, u64)> {
         let Some(raw) = self.source.raw(name)? else {
             // An INT4 checkpoint keeps a quantised layer as `<layer>.qweight` (and its zeros,
             // scales, g_idx) in place of `<layer>.weight`.
@@ -240,21 +321,14 @@ impl<'s> Loader<'s> {
             {
                 let (tensor, stored_bytes) = self.dequantize_int4(stem, shape, q)?;
                 let tensor = tensor.to_dtype(dtype)?.to_device(&self.device)?;
-                self.count(&tensor, "int4", stored_bytes);
-                return Ok(tensor);
+                return Ok((tensor, "int4", stored_bytes));
             }
             return Err(EngineError::MissingTensor {
                 name: name.to_string(),
                 hint: String::new(),
             });
         };
-        if raw.shape != shape {
-            return Err(EngineError::TensorShape {
-                name: name.to_string(),
-                expected: shape.to_vec(),
-                actual: raw.shape,
-            });
-        }
+        expect_shape(name, &raw.shape, shape)?;
         self.mark_used(name);
         let elems: u64 = shape.iter().product::<usize>() as u64;
         let (tensor, format, stored_bytes) = match (raw.dtype, raw.data) {
@@ -262,8 +336,7 @@ impl<'s> Loader<'s> {
             (_, RawData::Random { mean, std, seed }) => {
                 let t = random_normal(mean, std, seed, shape, &self.device)?.to_dtype(dtype)?;
                 // Synthetic models stand for bf16 checkpoints.
-                self.count(&t, "bf16", elems * 2);
-                return Ok(t);
+                return Ok((t, "bf16", elems * 2));
             }
             (StoredDtype::F8E4M3, RawData::Bytes(bytes)) => {
                 let (t, scale_bytes) = self.dequantize(name, shape, bytes)?;
@@ -301,8 +374,87 @@ impl<'s> Loader<'s> {
             }
         };
         let tensor = tensor.to_dtype(dtype)?.to_device(&self.device)?;
-        self.count(&tensor, format, stored_bytes);
-        Ok(tensor)
+        Ok((tensor, format, stored_bytes))
+    }
+
+    /// Whether routed experts are held as e4m3 here: the FP8 expert kernels run (a CUDA device,
+    /// bf16 compute) and either FP8 was asked for or the checkpoint is FP8 with their 128 × 128
+    /// blocks.
+    pub fn experts_fp8(&self) -> bool {
+        let kernels = self.device.is_cuda() && self.dtype == DType::BF16;
+        kernels
+            && match self.experts_dtype {
+                ExpertsDtype::Compute => false,
+                ExpertsDtype::Fp8 => true,
+                ExpertsDtype::Auto => self.kernel_blocks(),
+            }
+    }
+
+    /// Whether the checkpoint is FP8 in the blocks the FP8 kernels read.
+    fn kernel_blocks(&self) -> bool {
+        matches!(self.quant, Some(Quantization::Fp8(q))
+            if q.block_rows == fp8::KERNEL_BLOCK && q.block_cols == fp8::KERNEL_BLOCK)
+    }
+
+    /// A routed expert's projection `name` of `shape` (`[out, in]`), as this process holds it
+    /// (see [`ExpertsDtype`]): e4m3 with block scales when [`experts_fp8`](Self::experts_fp8)
+    /// (stored e4m3 bytes as they are; other weights quantised), else in the compute dtype —
+    /// for [`ExpertsDtype::Fp8`] then the quantised values dequantised again, so that every
+    /// device computes the same FP8 model.
+    pub fn get_expert(&self, name: &str, shape: &[usize]) -> Result<ExpertTensor> {
+        let fp8 = self.experts_fp8();
+        let stored_fp8 = self.kernel_blocks()
+            && self
+                .source
+                .raw(name)?
+                .is_some_and(|r| r.dtype == StoredDtype::F8E4M3);
+        if stored_fp8 && fp8 {
+            return self.fp8_as_stored(name, shape);
+        }
+        if self.experts_dtype != ExpertsDtype::Fp8 || stored_fp8 {
+            return Ok(ExpertTensor::Dense(self.get(name, shape)?));
+        }
+        // Quantised here: drawn or read in f32 on the device, then e4m3 with 128 × 128 scales
+        // (counted under the format and bytes it had as stored).
+        let (w, format, stored) = self.convert(name, shape, DType::F32)?;
+        let (q, scale) = fp8::quantize_e4m3(&w)?;
+        drop(w);
+        if fp8 {
+            self.count_fp8(&q, &scale, format, stored);
+            return Ok(ExpertTensor::Fp8 { q, scale });
+        }
+        let t = fp8::dequantize_matrix(&q, &scale, self.dtype)?;
+        self.count(&t, format, stored);
+        Ok(ExpertTensor::Dense(t))
+    }
+
+    /// A stored e4m3 tensor and its block scales, on the device as they are.
+    fn fp8_as_stored(&self, name: &str, shape: &[usize]) -> Result<ExpertTensor> {
+        let Some(raw) = self.source.raw(name)? else {
+            return Err(EngineError::MissingTensor {
+                name: name.to_string(),
+                hint: String::new(),
+            });
+        };
+        expect_shape(name, &raw.shape, shape)?;
+        let RawData::Bytes(bytes) = raw.data else {
+            return Ok(ExpertTensor::Dense(self.get(name, shape)?));
+        };
+        let (scales, scale_shape, scale_bytes, _) = self.fp8_scales(name, shape)?;
+        self.mark_used(name);
+        let q = Tensor::from_raw_buffer(bytes, DType::F8E4M3, shape, &Device::Cpu)?
+            .to_device(&self.device)?;
+        let scale = Tensor::from_vec(scales, (scale_shape[0], scale_shape[1]), &Device::Cpu)?
+            .to_device(&self.device)?;
+        self.count_fp8(&q, &scale, "fp8_e4m3", bytes.len() as u64 + scale_bytes);
+        Ok(ExpertTensor::Fp8 { q, scale })
+    }
+
+    /// Counts an e4m3 tensor and its scales as one tensor handed out.
+    fn count_fp8(&self, q: &Tensor, scale: &Tensor, stored_format: &'static str, stored: u64) {
+        self.count(q, stored_format, stored);
+        let mut l = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        *l.resident.entry(scale.dtype().as_str()).or_default() += 4 * scale.elem_count() as u64;
     }
 
     /// A stored floating-point tensor (INT4 scales) as f32 values, checked against `shape`.
@@ -314,13 +466,7 @@ impl<'s> Loader<'s> {
                 name: name.to_string(),
                 hint: format!(" ({what})"),
             })?;
-        if raw.shape != shape {
-            return Err(EngineError::TensorShape {
-                name: name.to_string(),
-                expected: shape.to_vec(),
-                actual: raw.shape,
-            });
-        }
+        expect_shape(name, &raw.shape, shape)?;
         let dt = match raw.dtype {
             StoredDtype::F32 => DType::F32,
             StoredDtype::F16 => DType::F16,
@@ -355,13 +501,7 @@ impl<'s> Loader<'s> {
         let Some(raw) = self.source.raw(name)? else {
             return Ok(None);
         };
-        if raw.shape != shape {
-            return Err(EngineError::TensorShape {
-                name: name.to_string(),
-                expected: shape.to_vec(),
-                actual: raw.shape,
-            });
-        }
+        expect_shape(name, &raw.shape, shape)?;
         if raw.dtype != StoredDtype::I32 {
             return Err(EngineError::TensorDtype {
                 name: name.to_string(),
@@ -517,6 +657,24 @@ impl<'s> Loader<'s> {
     }
 
     fn dequantize(&self, name: &str, shape: &[usize], bytes: &[u8]) -> Result<(Tensor, u64)> {
+        let (scale_values, _, scale_bytes, quant) = self.fp8_scales(name, shape)?;
+        let &[rows, cols] = shape else {
+            return Err(EngineError::Internal(format!("{name}: checked 2-D")));
+        };
+        let values = fp8::dequantize_blocks(bytes, rows, cols, &scale_values, quant);
+        Ok((
+            Tensor::from_vec(values, (rows, cols), &Device::Cpu)?,
+            scale_bytes,
+        ))
+    }
+
+    /// The f32 block scales (`weight_scale_inv`) of the FP8 tensor `name` of 2-D `shape`: their
+    /// values, shape, bytes as stored, and the checkpoint's block.
+    fn fp8_scales(
+        &self,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<(Vec<f32>, [usize; 2], u64, Fp8Quant)> {
         let Some(Quantization::Fp8(quant)) = self.quant else {
             return Err(EngineError::TensorDtype {
                 name: name.to_string(),
@@ -585,11 +743,7 @@ impl<'s> Loader<'s> {
             }
         };
         self.mark_used(&scale_name);
-        let values = fp8::dequantize_blocks(bytes, *rows, *cols, &scale_values, quant);
-        Ok((
-            Tensor::from_vec(values, (*rows, *cols), &Device::Cpu)?,
-            scale_bytes,
-        ))
+        Ok((scale_values, scale_shape, scale_bytes, quant))
     }
 
     fn mark_used(&self, name: &str) {
@@ -613,6 +767,18 @@ impl<'s> Loader<'s> {
         out.sort();
         out
     }
+}
+
+/// `TensorShape` unless the stored tensor `name` has the expected shape.
+fn expect_shape(name: &str, actual: &[usize], expected: &[usize]) -> Result<()> {
+    if actual != expected {
+        return Err(EngineError::TensorShape {
+            name: name.to_string(),
+            expected: expected.to_vec(),
+            actual: actual.to_vec(),
+        });
+    }
+    Ok(())
 }
 
 /// The format name a stored dtype is counted under in [`LoadedBytes::checkpoint`].
@@ -664,5 +830,48 @@ mod tests {
         assert_eq!(bytes.checkpoint.get("bf16"), Some(&(128 * 2)));
         assert_eq!(bytes.resident.get("f32"), Some(&((96 * 128 + 128) * 4)));
         assert_eq!(bytes.resident_total(), (96 * 128 + 128) * 4);
+    }
+
+    /// `--weights-dtype fp8` where the FP8 kernels do not run (the CPU): each routed expert is
+    /// quantised with 128 × 128 blocks and dequantised again, so the CPU computes the FP8 model;
+    /// ModelInfo's format says so. Other tensors are untouched.
+    #[test]
+    fn fp8_experts_on_the_cpu_are_the_quantised_values() {
+        let files = crate::ModelFiles::embedded()
+            .expect("embedded")
+            .with_experts_dtype(ExpertsDtype::Fp8);
+        assert!(
+            files.weights_format().ends_with("+fp8_experts"),
+            "{}",
+            files.weights_format()
+        );
+        let cfg = &files.config;
+        let (h, inner) = (cfg.hidden_size, cfg.moe_intermediate_size);
+        let name = format!(
+            "model.layers.{}.mlp.experts.0.up_proj.weight",
+            cfg.moe_layers()[0]
+        );
+        let loader = files.loader(&Device::Cpu, DType::F32);
+        assert!(!loader.experts_fp8());
+        let ExpertTensor::Dense(got) = loader.get_expert(&name, &[inner, h]).expect("expert")
+        else {
+            panic!("dequantised on the CPU");
+        };
+        let plain = Loader::new(files.source.as_ref(), cfg, &Device::Cpu, DType::F32);
+        let w = plain.get(&name, &[inner, h]).expect("plain");
+        let (q, s) = fp8::quantize_e4m3(&w).expect("quantise");
+        let want = fp8::dequantize_matrix(&q, &s, DType::F32).expect("dequantise");
+        let bits = fp8::f32_bits;
+        assert_eq!(bits(&got), bits(&want));
+        assert_ne!(bits(&got), bits(&w), "quantising changes some values");
+        let loaded = loader.loaded_bytes();
+        assert_eq!(loaded.tensors, 1);
+        assert_eq!(loaded.resident_total(), (inner * h * 4) as u64);
+        // A non-expert tensor through `get` is as stored.
+        let norm = "model.norm.weight";
+        assert_eq!(
+            bits(&loader.get(norm, &[h]).expect("norm")),
+            bits(&plain.get(norm, &[h]).expect("norm"))
+        );
     }
 }

@@ -13,6 +13,11 @@ pub struct ExpertConfig {
     /// Model directory; the embedded default model when omitted.
     #[arg(long, env = "MOEMESH_MODEL")]
     pub model: Option<PathBuf>,
+    /// How the routed experts are held: `auto` (an FP8 checkpoint's stay FP8 on a GPU computing
+    /// in bf16), `bf16` (dequantised to the compute dtype) or `fp8` (e4m3 with 128 × 128 block
+    /// scales; other weights, a synthetic model's too, quantised at load).
+    #[arg(long, env = "MOEMESH_WEIGHTS_DTYPE", default_value = "auto")]
+    pub weights_dtype: moemesh_engine::ExpertsDtype,
     /// Routed experts to serve in every served layer, e.g. `0-15` or `0-3,8,12-15` (default: all).
     #[arg(long, env = "MOEMESH_EXPERTS")]
     pub experts: Option<String>,

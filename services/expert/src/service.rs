@@ -1114,9 +1114,12 @@ pub async fn run(
     let metrics_server = mesh_metrics::start(&cfg.member.metrics).await?;
 
     let model = cfg.model.clone();
-    let files = tokio::task::spawn_blocking(move || ModelFiles::open_or_embedded(model.as_deref()))
-        .await
-        .map_err(|e| MeshError::Internal(e.to_string()))??;
+    let weights_dtype = cfg.weights_dtype;
+    let files = tokio::task::spawn_blocking(move || {
+        ModelFiles::open_or_embedded(model.as_deref()).map(|f| f.with_experts_dtype(weights_dtype))
+    })
+    .await
+    .map_err(|e| MeshError::Internal(e.to_string()))??;
     let mc = &files.config;
     let moe_layers: Vec<u32> = mc.moe_layers().into_iter().map(|l| l as u32).collect();
     let layers = match &cfg.layers {

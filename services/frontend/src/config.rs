@@ -25,6 +25,11 @@ pub struct FrontendConfig {
     pub reasoning_parser: String,
     #[arg(long, env = "MOEMESH_MODEL")]
     pub model: Option<PathBuf>,
+    /// The routed experts' format the workers are told (`--weights-dtype` of `moemesh expert`:
+    /// `auto`, `bf16` or `fp8`), for the weights format this role reports (ModelInfo / Info
+    /// `weights_dtype`); it holds no routed experts itself.
+    #[arg(long, env = "MOEMESH_WEIGHTS_DTYPE", default_value = "auto")]
+    pub weights_dtype: moemesh_engine::ExpertsDtype,
     /// etcd endpoints, comma-separated; the frontend watches gates there.
     #[arg(long, env = "MOEMESH_ETCD", value_delimiter = ',')]
     pub etcd: Vec<String>,

@@ -496,8 +496,10 @@ pub async fn run(
     // First, so that everything started below records into it.
     let metrics_server = mesh_metrics::start(&cfg.metrics).await?;
     let model_dir = cfg.model.clone();
+    let weights_dtype = cfg.weights_dtype;
     let (files, model) = tokio::task::spawn_blocking(move || {
-        let files = ModelFiles::open_or_embedded(model_dir.as_deref())?;
+        let files =
+            ModelFiles::open_or_embedded(model_dir.as_deref())?.with_experts_dtype(weights_dtype);
         let loader = files.loader(&Device::Cpu, DType::BF16);
         let model = moemesh_engine::DeepSeekModel::load(
             &files.config,

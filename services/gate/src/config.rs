@@ -13,6 +13,11 @@ pub struct GateConfig {
     /// Model directory; the embedded default model when omitted.
     #[arg(long, env = "MOEMESH_MODEL")]
     pub model: Option<PathBuf>,
+    /// The routed experts' format the workers are told (`--weights-dtype` of `moemesh expert`:
+    /// `auto`, `bf16` or `fp8`), for the weights format this role reports (ModelInfo / Info
+    /// `weights_dtype`); it holds no routed experts itself.
+    #[arg(long, env = "MOEMESH_WEIGHTS_DTYPE", default_value = "auto")]
+    pub weights_dtype: moemesh_engine::ExpertsDtype,
     /// Without etcd: the expert workers' addresses (`host:port`, comma-separated).
     #[arg(long, env = "MOEMESH_EXPERT_ADDRS", value_delimiter = ',')]
     pub expert_addrs: Vec<String>,

@@ -261,8 +261,10 @@ pub async fn run(
     let model_dir = cfg.model.clone();
     let dev = device.clone();
     let router_skew = cfg.router_skew;
+    let weights_dtype = cfg.weights_dtype;
     let (files, model, loaded) = tokio::task::spawn_blocking(move || {
-        let files = ModelFiles::open_or_embedded(model_dir.as_deref())?;
+        let files =
+            ModelFiles::open_or_embedded(model_dir.as_deref())?.with_experts_dtype(weights_dtype);
         let loader = files.loader(&dev, dtype);
         let model = moemesh_engine::DeepSeekModel::load(
             &files.config,

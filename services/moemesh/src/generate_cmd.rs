@@ -70,6 +70,16 @@ pub struct GenerateArgs {
     /// Device of the in-process model: `cpu`, or `cuda:N` in a CUDA build.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// How the in-process model holds its routed experts: `auto` (an FP8 checkpoint's stay FP8
+    /// on a GPU computing in bf16), `bf16` (dequantised to the compute dtype) or `fp8` (e4m3
+    /// with 128 × 128 block scales, other weights quantised at load).
+    #[arg(
+        long,
+        env = "MOEMESH_WEIGHTS_DTYPE",
+        default_value = "auto",
+        conflicts_with = "addr"
+    )]
+    pub weights_dtype: moemesh_engine::ExpertsDtype,
     /// Load testing: skew the in-process model's routers by this Zipf exponent (as `moemesh
     /// gate --router-skew`; 0: off). It changes the outputs.
     #[arg(long, default_value_t = 0.0, conflicts_with = "addr",
@@ -87,11 +97,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if let Some(addr) = args.addr.clone() {
         return crate::generate_cmd::remote::run(&addr, &args);
     }
-    let files =
-        ModelFiles::open_or_embedded(args.model.as_deref()).with_context(|| match &args.model {
+    let files = ModelFiles::open_or_embedded(args.model.as_deref())
+        .with_context(|| match &args.model {
             Some(d) => format!("opening model directory {}", d.display()),
             None => "building the embedded default model".to_string(),
-        })?;
+        })?
+        .with_experts_dtype(args.weights_dtype);
     let dtype = match args.dtype {
         ComputeDtype::F32 => DType::F32,
         ComputeDtype::Bf16 => DType::BF16,

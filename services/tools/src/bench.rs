@@ -85,6 +85,16 @@ pub struct BenchArgs {
     /// Compute dtype for --in-process: `f32` or `bf16`.
     #[arg(long, requires = "in_process", default_value = "f32")]
     pub dtype: String,
+    /// How --in-process holds the routed experts: `auto` (an FP8 checkpoint's stay FP8 on a
+    /// GPU computing in bf16), `bf16` (dequantised to the compute dtype) or `fp8` (e4m3 with
+    /// 128 × 128 block scales; other weights, a synthetic model's too, quantised at load).
+    #[arg(
+        long,
+        requires = "in_process",
+        env = "MOEMESH_WEIGHTS_DTYPE",
+        default_value = "auto"
+    )]
+    pub weights_dtype: moemesh_engine::ExpertsDtype,
     /// Run once per listed concurrency (comma-separated), each with as many requests as
     /// clients, in one process (the in-process model is loaded once); one JSON line or table
     /// per run.
@@ -346,9 +356,12 @@ async fn drive(args: &BenchArgs, prompts: Vec<Vec<u32>>) -> anyhow::Result<Vec<S
 
 fn load_in_process(args: &BenchArgs) -> anyhow::Result<moemesh_engine::InProcessEngine> {
     let files = moemesh_engine::ModelFiles::open_or_embedded(args.model.as_deref())
-        .context("opening the model")?;
+        .context("opening the model")?
+        .with_experts_dtype(args.weights_dtype);
     let device = moemesh_common::device::parse_device(&args.device)?;
     let dtype = moemesh_common::device::parse_dtype(&args.dtype)?;
+    let gpu = moemesh_engine::cuda::gpu(&device);
+    let free_before = gpu.as_ref().map(|g| g.memory_info()).transpose()?;
     let t = Instant::now();
     let mut engine = moemesh_engine::InProcessEngine::load(&files, &device, dtype)
         .context("loading the model")?;
@@ -356,12 +369,23 @@ fn load_in_process(args: &BenchArgs) -> anyhow::Result<moemesh_engine::InProcess
         .model
         .set_router_skew(args.router_skew)
         .context("skewing the routers")?;
+    // What the load took on the device (weights, and the allocator's rounding), for comparing
+    // weight formats.
+    let taken = match (&gpu, free_before) {
+        (Some(g), Some((before, _))) => format!(
+            ", {:.2} GiB of device memory",
+            before.saturating_sub(g.memory_info()?.0) as f64 / (1u64 << 30) as f64
+        ),
+        _ => String::new(),
+    };
+    let format = files.weights_format();
     eprintln!(
-        "moemesh bench: {} loaded on {} in {:.1} s",
+        "moemesh bench: {} ({format} weights) loaded on {} in {:.1} s{taken}",
         files.name,
         args.device,
         t.elapsed().as_secs_f64()
     );
+    engine.name = format!("{} ({format})", files.name);
     Ok(engine)
 }
 

@@ -27,6 +27,7 @@
 //! tokens, one case with a router skew. Both sum the same f32 products in other orders (logits
 //! differ by ~1e-6 relative); on random rows no two choices are that close, so the experts must
 //! be the same and the weights within 1e-4 of the largest.
+//! Then the FP8 routed-expert kernels against the bf16 ones, bit for bit (`fp8_check`).
 
 use moemesh_engine::cuda::{DecodeTables, Gpu};
 use moemesh_engine::{DType, Device, Tensor};
@@ -47,7 +48,7 @@ type Seq = (usize, usize);
 const KV_LORA: usize = 512;
 const ROPE: usize = 64;
 
-fn normal(rng: &mut ChaCha8Rng, n: usize, spread: f32) -> Vec<f32> {
+pub(crate) fn normal(rng: &mut ChaCha8Rng, n: usize, spread: f32) -> Vec<f32> {
     (0..n)
         .map(|_| {
             let u1: f32 = rng.random::<f32>().max(f32::MIN_POSITIVE);
@@ -105,6 +106,7 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<KernelCheck>> {
     ] {
         out.push(route(&g, device, &mut rng, tokens, v3, skew)?);
     }
+    out.extend(crate::fp8_check::run(&g, device, &mut rng)?);
     Ok(out)
 }
 
@@ -173,7 +175,7 @@ fn route(
 }
 
 /// Max |Δ| over the reference's largest magnitude, and the cosine, of two tensors.
-fn compare(reference: &Tensor, got: &Tensor) -> anyhow::Result<(f32, f64)> {
+pub(crate) fn compare(reference: &Tensor, got: &Tensor) -> anyhow::Result<(f32, f64)> {
     let a = reference
         .to_dtype(DType::F32)?
         .flatten_all()?
@@ -359,15 +361,15 @@ fn one(
 
 pub fn print(device: &str, checks: &[KernelCheck]) {
     println!(
-        "moemesh verify on {device}: tensor-core MLA decode against the CUDA-core kernel (bf16, 16 heads, 512 + 64); the fused residual + RMSNorm against its two kernels"
+        "moemesh verify on {device}: tensor-core MLA decode against the CUDA-core kernel (bf16, 16 heads, 512 + 64); the fused residual + RMSNorm against its two kernels; the FP8 expert kernels against the bf16 ones on the dequantised weights (bit-equal)"
     );
     println!(
-        "{:<44} {:>12} {:>10}  result",
+        "{:<56} {:>12} {:>10}  result",
         "case", "max |Δ|/max", "cosine"
     );
     for c in checks {
         println!(
-            "{:<44} {:>12.2e} {:>10.7} {}",
+            "{:<56} {:>12.2e} {:>10.7} {}",
             c.case,
             c.max_rel,
             c.cosine,

@@ -6,6 +6,7 @@
 pub mod bench;
 mod bench_scenario;
 pub mod client_args;
+mod fp8_check;
 pub mod ghz;
 pub mod kernel_check;
 pub mod sampler_check;

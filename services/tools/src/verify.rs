@@ -303,7 +303,7 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
     let kernels_failed = kernels.iter().filter(|c| !c.passed).count();
     if kernels_failed > 0 {
         bail!(
-            "{kernels_failed} of {} MLA decode kernel checks failed",
+            "{kernels_failed} of {} GPU kernel checks failed",
             kernels.len()
         );
     }
@@ -351,7 +351,7 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
             args.device
         );
         println!(
-            "{:<30}{:>8}{:>6}{:>10}{:>11}{:>11}{:>11}{:>10}{:>11}{:>11}{:>10}{:>14}{:>12}{:>8}",
+            "{:<30}{:>8}{:>10}{:>10}{:>11}{:>11}{:>11}{:>10}{:>11}{:>11}{:>10}{:>14}{:>12}{:>8}",
             "fixture",
             "path",
             "dtype",
@@ -374,7 +374,7 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
                 _ => "-".to_string(),
             };
             println!(
-                "{:<30}{:>8}{:>6}{:>10.6}{:>11.6}{:>11}{:>11.6}{:>10.2e}{:>11.2e}{:>11}{:>10}{:>14}{:>12}{:>8}",
+                "{:<30}{:>8}{:>10}{:>10.6}{:>11.6}{:>11}{:>11.6}{:>10.2e}{:>11.2e}{:>11}{:>10}{:>14}{:>12}{:>8}",
                 c.fixture,
                 c.path,
                 c.dtype,
@@ -412,6 +412,14 @@ fn check(
 ) -> anyhow::Result<Vec<Check>> {
     let files = ModelFiles::open(dir)?;
     let engine = InProcessEngine::load(&files, device, dtype)?;
+    // An FP8 fixture on a GPU in bf16 keeps its routed experts e4m3 (the FP8 kernels): said in
+    // the dtype column.
+    let fp8_label = format!("{dtype_name}+fp8");
+    let dtype_name = if files.loader(device, dtype).experts_fp8() {
+        fp8_label.as_str()
+    } else {
+        dtype_name
+    };
     let reference =
         candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)?;
     let json: serde_json::Value =

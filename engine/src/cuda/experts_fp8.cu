@@ -1,0 +1,309 @@
+// Routed experts with FP8 weights: e4m3 values and one f32 scale (`weight_scale_inv`) per
+// 128 × 128 block, as DeepSeek-V3/R1 checkpoints store them, kept so on the device (half the
+// bytes of bf16, and half the bytes a decode step reads). Launched from engine/src/cuda/experts.rs
+// by the weights' dtype, wherever the bf16 kernels of experts.cu are (`..._fp8` names).
+//
+// Numerics: a weight is bf16(e4m3 · scale), the product in f32 rounded to nearest even once —
+// exactly what the load-time dequantisation to bf16 makes of it (engine/src/weights/fp8.rs) — and
+// then the bf16 kernels' products: the same MMA instructions on the same fragments in the same
+// order. So these kernels give bit-identical results to the bf16 kernels run on the dequantised
+// weights (what `moemesh verify` checks on a GPU). The e4m3 → f16 conversion is exact (every
+// e4m3 value is an f16), f16 → f32 too.
+//
+// Layout (each expert's gate, up and down matrices with their own block grid, so that a partial
+// edge block never spans two experts): w_gu [slots·2N, K] e4m3 (slot s: gate rows 2sN.., then up
+// rows), its scales [slots·2·⌈N/128⌉, ⌈K/128⌉]; w_down [slots·H, I] with [slots, ⌈H/128⌉, ⌈I/128⌉].
+// Both are "matrix m of R rows × C columns, scale (m·⌈R/128⌉ + r/128)·⌈C/128⌉ + c/128".
+//
+// The decode kernels follow experts.cu's moe_gate_up_mma / moe_down_mma step for step, as
+// separate functions so that those stay as they are while the decode-kernel work on experts.cu
+// (issue 18) is in flight: to be folded into templates over the weight type once it has landed.
+// The grouped GEMM is experts.cu's moe_gg itself, with e4m3 weight tiles (GgFp8Weights).
+
+#include <cuda_fp8.h>
+
+#include "common.cuh"
+
+#define FP8_BLOCK 128
+
+// Two e4m3 values (low byte first) times `scale` → two bf16, packed low first.
+__device__ __forceinline__ uint32_t fp8x2_to_bf16x2(uint32_t two, float scale) {
+    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(two & 0xffffu), __NV_E4M3);
+    const float2 f = __half22float2(__half2(h));
+    return pack_bf16(f.x * scale, f.y * scale);
+}
+
+// Eight e4m3 values (8 bytes, memory order) → eight bf16 (16 bytes, the same order).
+__device__ __forceinline__ uint4 fp8x8_to_bf16x8(uint2 v, float scale) {
+    uint4 r;
+    r.x = fp8x2_to_bf16x2(v.x, scale);
+    r.y = fp8x2_to_bf16x2(v.x >> 16, scale);
+    r.z = fp8x2_to_bf16x2(v.y, scale);
+    r.w = fp8x2_to_bf16x2(v.y >> 16, scale);
+    return r;
+}
+
+__device__ __forceinline__ uint2 ldcs8(const uint8_t* p) {
+    return __ldcs(reinterpret_cast<const uint2*>(p));
+}
+
+// The scales of the 128 rows of matrix m that hold row r, over a K-column matrix: one per 128
+// columns.
+__device__ __forceinline__ const float* fp8_scale_row(const float* scales, size_t m, int rows,
+                                                      int r, int K) {
+    const int rb = (rows + FP8_BLOCK - 1) / FP8_BLOCK, cb = (K + FP8_BLOCK - 1) / FP8_BLOCK;
+    return scales + ((size_t)m * rb + r / FP8_BLOCK) * cb;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode-sized: moe_gate_up_mma / moe_down_mma with e4m3 weights. Each lane reads the 8 bytes of
+// its 8 k positions of a 32-wide k block (rows g and g + 8 of its tile: one 128-row block, as
+// tiles are 16 rows from a multiple of 16), dequantises them to the 16 bytes of bf16 the bf16
+// kernel would have loaded, and feeds the same two MMAs, block after block as it does. Loads
+// run a pair of blocks ahead, so that as many weight bytes are in flight as in the bf16 kernel.
+
+// A lane's loads for two consecutive 32-wide k blocks from k: 8 e4m3 bytes of each of R weight
+// rows and 16 bytes of its token's activations per block. A block at or past `end` reloads the
+// first (in bounds; its MMAs are skipped).
+template <int R> struct Fp8Pair {
+    uint2 w[2][R];
+    uint4 b[2];
+    __device__ __forceinline__ void load(const uint8_t* const (&rows)[R], const bf16* x, int k,
+                                         int end) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int kh = k + 32 * h < end ? k + 32 * h : k;
+#pragma unroll
+            for (int r = 0; r < R; ++r) w[h][r] = ldcs8(rows[r] + kh);
+            b[h] = ld16(x + kh);
+        }
+    }
+};
+
+extern "C" __global__ void moe_gate_up_mma_fp8(const bf16* x, int hidden, const uint8_t* w_gu,
+                                               const float* s_gu, int inner,
+                                               const uint32_t* offsets, const uint32_t* active,
+                                               const uint32_t* sorted, int k_div, bf16* h_out) {
+    __shared__ float other[2][32][8];
+    pdl_wait();
+    pdl_trigger();
+    const int s = active_slot(active);
+    if (s < 0) return;
+    const uint32_t beg = offsets[s], end = offsets[s + 1];
+    if (beg == end) return;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int tile = warp >> 1, khalf = warp & 1;
+    const int g = lane >> 2, t = lane & 3;
+    const int j0 = (blockIdx.x * 2 + tile) * 16;
+    const bool valid = j0 < inner;  // every warp still takes part in the barriers
+    const int jc = valid ? j0 : 0;
+    const uint8_t* wg0 = w_gu + ((size_t)2 * s * inner + jc + g) * hidden + t * 8;
+    const uint8_t* wg1 = wg0 + (size_t)8 * hidden;
+    const uint8_t* wu0 = wg0 + (size_t)inner * hidden;
+    const uint8_t* wu1 = wu0 + (size_t)8 * hidden;
+    const float* sg = fp8_scale_row(s_gu, (size_t)2 * s, inner, jc, hidden);
+    const float* su = fp8_scale_row(s_gu, (size_t)2 * s + 1, inner, jc, hidden);
+    int kb0, kb1;
+    k_half(hidden / 32, khalf, kb0, kb1);
+    const int k_begin = kb0 * 32, k_end = kb1 * 32;
+    for (uint32_t g0 = beg; g0 < end; g0 += 8) {
+        const int n = min((int)(end - g0), 8);
+        const bf16* xr = x + (size_t)(sorted[g0 + min(g, n - 1)] / k_div) * hidden + t * 8;
+        float cg[4] = {0.f, 0.f, 0.f, 0.f}, cu[4] = {0.f, 0.f, 0.f, 0.f};
+        if (valid && k_begin < k_end) {
+            // Software pipeline over pairs of k blocks: the next pair's loads are issued before
+            // this pair's MMAs (as many weight bytes in flight as the bf16 kernel's one block).
+            Fp8Pair<4> cur, nxt;
+            const uint8_t* rows[4] = {wg0, wg1, wu0, wu1};
+            cur.load(rows, xr, k_begin, k_end);
+            for (int k = k_begin; k < k_end; k += 64) {
+                nxt.load(rows, xr, k + 64 < k_end ? k + 64 : k, k_end);
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int kh = k + 32 * h;
+                    if (kh < k_end) {
+                        const float scg = __ldg(sg + kh / FP8_BLOCK), scu = __ldg(su + kh / FP8_BLOCK);
+                        mma_k32(cg, fp8x8_to_bf16x8(cur.w[h][0], scg), fp8x8_to_bf16x8(cur.w[h][1], scg),
+                                cur.b[h]);
+                        mma_k32(cu, fp8x8_to_bf16x8(cur.w[h][2], scu), fp8x8_to_bf16x8(cur.w[h][3], scu),
+                                cur.b[h]);
+                    }
+                }
+                cur = nxt;
+            }
+        }
+        if (khalf) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                other[tile][lane][e] = cg[e];
+                other[tile][lane][4 + e] = cu[e];
+            }
+        }
+        __syncthreads();
+        if (!khalf && valid) {
+            // c0, c1: rows g, tokens 2t, 2t+1; c2, c3: row g + 8, same tokens.
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int tok = 2 * t + (e & 1), row = g + (e >> 1) * 8;
+                const float gs = cg[e] + other[tile][lane][e];
+                const float us = cu[e] + other[tile][lane][4 + e];
+                if (tok < n)
+                    h_out[(size_t)(g0 + tok) * inner + j0 + row] = __float2bfloat16(silu(gs) * us);
+            }
+        }
+        __syncthreads();
+    }
+}
+
+extern "C" __global__ void moe_down_mma_fp8(const bf16* h, int inner, const uint8_t* w_down,
+                                            const float* s_down, int hidden,
+                                            const uint32_t* offsets, const uint32_t* active,
+                                            float* y) {
+    __shared__ float other[2][32][4];
+    pdl_wait();
+    pdl_trigger();
+    const int s = active_slot(active);
+    if (s < 0) return;
+    const uint32_t beg = offsets[s], end = offsets[s + 1];
+    if (beg == end) return;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int tile = warp >> 1, khalf = warp & 1;
+    const int g = lane >> 2, t = lane & 3;
+    const int r0 = (blockIdx.x * 2 + tile) * 16;
+    const bool valid = r0 < hidden;
+    const int rc = valid ? r0 : 0;
+    const uint8_t* w0 = w_down + ((size_t)s * hidden + rc + g) * inner + t * 8;
+    const uint8_t* w1 = w0 + (size_t)8 * inner;
+    const float* sc = fp8_scale_row(s_down, (size_t)s, hidden, rc, inner);
+    int kb0, kb1;
+    k_half(inner / 32, khalf, kb0, kb1);
+    const int k_begin = kb0 * 32, k_end = kb1 * 32;
+    for (uint32_t g0 = beg; g0 < end; g0 += 8) {
+        const int n = min((int)(end - g0), 8);
+        const bf16* hr = h + (size_t)(g0 + min(g, n - 1)) * inner + t * 8;
+        float c[4] = {0.f, 0.f, 0.f, 0.f};
+        if (valid && k_begin < k_end) {
+            Fp8Pair<2> cur, nxt;
+            const uint8_t* rows[2] = {w0, w1};
+            cur.load(rows, hr, k_begin, k_end);
+            for (int k = k_begin; k < k_end; k += 64) {
+                nxt.load(rows, hr, k + 64 < k_end ? k + 64 : k, k_end);
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int kh = k + 32 * h;
+                    if (kh < k_end) {
+                        const float scale = __ldg(sc + kh / FP8_BLOCK);
+                        mma_k32(c, fp8x8_to_bf16x8(cur.w[h][0], scale),
+                                fp8x8_to_bf16x8(cur.w[h][1], scale), cur.b[h]);
+                    }
+                }
+                cur = nxt;
+            }
+        }
+        if (khalf) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) other[tile][lane][e] = c[e];
+        }
+        __syncthreads();
+        if (!khalf && valid) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int tok = 2 * t + (e & 1), row = g + (e >> 1) * 8;
+                if (tok < n) y[(size_t)(g0 + tok) * hidden + r0 + row] = c[e] + other[tile][lane][e];
+            }
+        }
+        __syncthreads();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Grouped (larger batches and prefill): moe_gg (experts.cu) with e4m3 weight tiles. Each k step's
+// BN × BK tile arrives as e4m3 bytes through moe_gg's cp.async pipeline (half the bytes), into a
+// staging area of its own per stage; when a stage is due, the block dequantises it into one bf16
+// tile laid out exactly as moe_gg's bf16 tiles (gg_off swizzle), and the k step's ldmatrix and
+// MMAs are moe_gg's. One more barrier per k step; shared memory STAGES · BN · BK + BN · BK · 2
+// bytes for the weights.
+template <bool GATE_UP, int BN, int BK, int STAGES, int THREADS, int TN>
+struct GgFp8Weights {
+    typedef uint8_t Elem;
+    static constexpr int CH = BK / 8;   // 8-value chunks a row, dequantised
+    static constexpr int CQ = BK / 16;  // 16-byte e4m3 chunks a row, copied
+    static constexpr int PER = BN * CH / THREADS, Q_PER = BN * CQ / THREADS;
+    static constexpr int SMEM = STAGES * BN * BK + BN * BK * 2;
+    static_assert(PER >= 1 && Q_PER >= 1, "tile shape");
+    static_assert(FP8_BLOCK % BK == 0, "a k step within one scale block");
+    // The copies: chunk i of tile row n at n · BK bytes of its stage (unswizzled).
+    const uint8_t* qsrc[Q_PER];
+    bool qok[Q_PER];
+    int qoff[Q_PER];
+    // The dequantisation: 8 values at byte `from` of a stage, with their row's scales, to
+    // element `to` of the bf16 tile.
+    const float* scale[PER];
+    int from[PER], to[PER];
+    uint8_t* staged;
+    bf16* tile;
+    __device__ __forceinline__ GgFp8Weights(const uint8_t* w, const float* scales, int K, int N,
+                                            uint32_t s, int n0, int tid, unsigned char* smem)
+        : staged(smem), tile(reinterpret_cast<bf16*>(smem + STAGES * BN * BK)) {
+#pragma unroll
+        for (int i = 0; i < Q_PER; ++i) {
+            const int id = tid + i * THREADS, n = id / CQ, c = id % CQ;
+            size_t m;
+            int r;
+            qsrc[i] = w + gg_weight_row<GATE_UP, TN>(n, n0, s, N, qok[i], m, r) * K + c * 16;
+            qoff[i] = n * BK + c * 16;
+        }
+#pragma unroll
+        for (int i = 0; i < PER; ++i) {
+            const int id = tid + i * THREADS, n = id / CH, c = id % CH;
+            bool ok;
+            size_t m;
+            int r;
+            gg_weight_row<GATE_UP, TN>(n, n0, s, N, ok, m, r);
+            scale[i] = fp8_scale_row(scales, m, N, r, K);
+            from[i] = n * BK + c * 8;
+            to[i] = gg_off<BK>(n, c);
+        }
+    }
+    __device__ __forceinline__ void load(int k0, int st) {
+        uint8_t* Q = staged + st * BN * BK;
+#pragma unroll
+        for (int i = 0; i < Q_PER; ++i) cp_async16(Q + qoff[i], qsrc[i] + k0, qok[i]);
+    }
+    // Stage st (landed: the caller's wait and barrier, which also found every warp done with
+    // the previous step's tile) dequantised into the bf16 tile; every thread of the block calls
+    // it.
+    __device__ __forceinline__ const bf16* ready(int k0, int st) {
+        const uint8_t* Q = staged + st * BN * BK;
+        const int kb = k0 / FP8_BLOCK;
+#pragma unroll
+        for (int i = 0; i < PER; ++i) {
+            const uint2 v = *reinterpret_cast<const uint2*>(Q + from[i]);
+            *reinterpret_cast<uint4*>(tile + to[i]) = fp8x8_to_bf16x8(v, __ldg(scale[i] + kb));
+        }
+        __syncthreads();
+        return tile;
+    }
+};
+
+// The shapes of GG_KERNELS (experts.cu), with e4m3 weights (engine/src/cuda/experts.rs sizes
+// their shared memory: 64 KiB for k64 in 3 stages, 40 KiB for k32 in 4).
+template <bool GATE_UP, int BK, int STAGES>
+using GgFp8 = GgFp8Weights<GATE_UP, GG_BN, BK, STAGES, 128, GG_BN / 2>;
+#define GG_FP8_KERNELS(SFX, BK, STAGES)                                                            \
+    extern "C" __global__ void __launch_bounds__(128)                                             \
+        moe_gg_gate_up_fp8_##SFX(const bf16* x, int hidden, const uint8_t* w_gu,                  \
+                                 const float* s_gu, int inner, const uint32_t* sorted_rows,       \
+                                 const uint32_t* block_slot, bf16* h) {                           \
+        moe_gg<true, GG_BM, GG_BN, BK, STAGES, 2, 2, GgFp8<true, BK, STAGES>>(                    \
+            x, hidden, w_gu, s_gu, inner, sorted_rows, block_slot, h);                            \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(128)                                             \
+        moe_gg_down_fp8_##SFX(const bf16* h, int inner, const uint8_t* w_down,                    \
+                              const float* s_down, int hidden, const uint32_t* sorted_rows,       \
+                              const uint32_t* block_slot, bf16* y) {                              \
+        moe_gg<false, GG_BM, GG_BN, BK, STAGES, 2, 2, GgFp8<false, BK, STAGES>>(                  \
+            h, inner, w_down, s_down, hidden, sorted_rows, block_slot, y);                        \
+    }
+GG_FP8_KERNELS(k64, 64, 3)
+GG_FP8_KERNELS(k32, 32, 4)
