@@ -623,6 +623,39 @@ impl Gpu {
         })
     }
 
+    /// `t` cast between f32 and e4m3 on the device (`e4m3_from_f32` / `e4m3_to_f32`): f32 → e4m3
+    /// rounds to nearest even (saturating at ±448), e4m3 → f32 is exact. `None` for other
+    /// dtype pairs. candle's own casts of F8E4M3 tensors fail on CUDA (a kernel-name mismatch
+    /// in candle-core 0.11), so every e4m3 cast on a GPU goes through here
+    /// ([`crate::weights::fp8`]).
+    pub fn e4m3_cast(&self, t: &Tensor, to: DType) -> Result<Option<Tensor>> {
+        let (name, out) = match (t.dtype(), to) {
+            (DType::F32, DType::F8E4M3) => (
+                "e4m3_from_f32",
+                Tensor::zeros(t.dims(), DType::F8E4M3, t.device())?,
+            ),
+            (DType::F8E4M3, DType::F32) => ("e4m3_to_f32", self.alloc(DType::F32, t.dims())?),
+            _ => return Ok(None),
+        };
+        let t = t.contiguous()?;
+        let n = t.elem_count();
+        if n == 0 {
+            return Ok(Some(out));
+        }
+        self.launch(
+            name,
+            (n.div_ceil(256).min(65_535) as u32, 1, 1),
+            256,
+            0,
+            &[
+                Arg::Ptr(self.ptr(&t)?),
+                Arg::Ptr(self.ptr(&out)?),
+                Arg::I64(n as i64),
+            ],
+        )?;
+        Ok(Some(out))
+    }
+
     /// Routing from f32 router logits `[T, E]`, on the device.
     pub fn route(&self, logits: &Tensor, p: &RouteParams) -> Result<Option<DeviceRouting>> {
         let Ok((t, e)) = logits.dims2() else {

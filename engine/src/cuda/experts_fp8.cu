@@ -307,3 +307,18 @@ using GgFp8 = GgFp8Weights<GATE_UP, GG_BN, BK, STAGES, 128, GG_BN / 2>;
     }
 GG_FP8_KERNELS(k64, 64, 3)
 GG_FP8_KERNELS(k32, 32, 4)
+
+// e4m3 ↔ f32 casts on the device (candle 0.11's own F8E4M3 casts look kernels up under names its
+// kernel module does not define, "cast_f32_f8e4m3" against "cast_f32_f8_e4m3"): f32 → e4m3
+// rounds to nearest even and saturates to ±448 (what the host's float8 crate does for the
+// clamped values a quantiser gives it); e4m3 → f32 is exact.
+extern "C" __global__ void e4m3_from_f32(const float* in, __nv_fp8_e4m3* out, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        out[i] = __nv_fp8_e4m3(in[i]);
+}
+extern "C" __global__ void e4m3_to_f32(const __nv_fp8_e4m3* in, float* out, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        out[i] = float(in[i]);
+}

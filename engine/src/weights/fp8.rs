@@ -89,15 +89,26 @@ pub fn quantize_e4m3(w: &Tensor) -> Result<(Tensor, Tensor)> {
     // [rb, 1, cb, 1]
     let scale = (blocks.abs()?.max_keepdim(3)?.max_keepdim(1)? / f64::from(E4M3_MAX))?
         .clamp(f32::MIN_POSITIVE, f32::MAX)?;
+    // Cut to [r, c] in f32, then cast (an e4m3 tensor is only ever made contiguous).
     let q = blocks
         .broadcast_div(&scale)?
         .clamp(-E4M3_MAX, E4M3_MAX)?
-        .to_dtype(DType::F8E4M3)?
         .reshape((rb * B, cb * B))?
         .narrow(0, 0, r)?
         .narrow(1, 0, c)?
         .contiguous()?;
-    Ok((q, scale.reshape((rb, cb))?))
+    Ok((cast(&q, DType::F8E4M3)?, scale.reshape((rb, cb))?))
+}
+
+/// `t.to_dtype(to)`, through moemesh's kernels for e4m3 ↔ f32 on a GPU (candle-core 0.11's
+/// F8E4M3 casts fail there: [`crate::cuda::Gpu::e4m3_cast`]).
+fn cast(t: &Tensor, to: DType) -> Result<Tensor> {
+    if let Some(g) = crate::cuda::gpu(t.device())
+        && let Some(out) = g.e4m3_cast(t, to)?
+    {
+        return Ok(out);
+    }
+    Ok(t.to_dtype(to)?)
 }
 
 /// `q · scale_inv` per [`KERNEL_BLOCK`]² block in f32, rounded once to `dtype`, on `q`'s device:
@@ -127,7 +138,7 @@ pub fn dequantize_e4m3(q: &Tensor, scales: &Tensor, dtype: DType) -> Result<Tens
         .contiguous()?
         .index_select(&block_of(r)?, 1)?
         .index_select(&block_of(c)?, 2)?;
-    Ok((q.to_dtype(DType::F32)? * s)?.to_dtype(dtype)?)
+    Ok((cast(q, DType::F32)? * s)?.to_dtype(dtype)?)
 }
 
 /// [`dequantize_e4m3`] of one matrix: `q [R, C]`, `scales [⌈R/128⌉, ⌈C/128⌉]` → `[R, C]`.
