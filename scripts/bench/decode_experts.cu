@@ -44,12 +44,12 @@ template <int ST>
 __global__ void gate_up_st(const bf16* x, int hidden, const bf16* w_gu, int inner,
                            const uint32_t* offsets, const uint32_t* active, const uint32_t* sorted,
                            int k_div, bf16* h_out) {
-    gate_up_mma<ST>(x, hidden, w_gu, inner, offsets, active, sorted, k_div, h_out);
+    gate_up_mma<ST, MmaBf16>(x, hidden, w_gu, nullptr, inner, offsets, active, sorted, k_div, h_out);
 }
 template <int ST>
 __global__ void down_st(const bf16* h, int inner, const bf16* w_down, int hidden,
                         const uint32_t* offsets, const uint32_t* active, float* y) {
-    down_mma<ST>(h, inner, w_down, hidden, offsets, active, y);
+    down_mma<ST, MmaBf16>(h, inner, w_down, nullptr, hidden, offsets, active, y);
 }
 typedef void (*GateUpFn)(const bf16*, int, const bf16*, int, const uint32_t*, const uint32_t*,
                          const uint32_t*, int, bf16*);

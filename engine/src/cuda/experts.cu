@@ -583,12 +583,28 @@ __device__ __forceinline__ void k_half(int n32, int khalf, int& kb0, int& kb1) {
 // order, the same as with any depth: the sums do not depend on it.
 #define MMA_STAGES 4
 
+// The weights' side of the two kernels below, as a policy W: `Elem` is what a weight is stored
+// as, `Raw` what a lane loads of one row for one 32-wide k block (its 8 k positions), `load` that
+// load, and `frag` the 16 bytes of bf16 the MMA takes from it (at k, for the rows W::at named:
+// matrix m's block scales where the weights have them). MmaBf16 is the identity; the FP8 form
+// (experts_fp8.cu) dequantises e4m3 with the row's block scale.
+struct MmaBf16 {
+    typedef bf16 Elem;
+    typedef uint4 Raw;
+    __device__ static MmaBf16 at(const float*, size_t, int, int, int) { return {}; }
+    __device__ static Raw load(const bf16* p) { return ldcs16(p); }
+    __device__ uint4 frag(Raw r, int) const { return r; }
+};
+
 // h[q, j] = silu(x·Wg[j]) · (x·Wu[j]) for 16 columns j per tile; h in bf16 (what the unfused
-// bf16 path stores too). Needs hidden % 32 == 0 and inner % 16 == 0.
-template <int ST>
-__device__ __forceinline__ void gate_up_mma(const bf16* x, int hidden, const bf16* w_gu, int inner,
-                                            const uint32_t* offsets, const uint32_t* active,
-                                            const uint32_t* sorted, int k_div, bf16* h_out) {
+// bf16 path stores too). Needs hidden % 32 == 0 and inner % 16 == 0. `scales`: the weights'
+// block scales (W's; unused for bf16).
+template <int ST, typename W>
+__device__ __forceinline__ void gate_up_mma(const bf16* x, int hidden,
+                                            const typename W::Elem* w_gu, const float* scales,
+                                            int inner, const uint32_t* offsets,
+                                            const uint32_t* active, const uint32_t* sorted,
+                                            int k_div, bf16* h_out) {
     __shared__ float other[2][32][8];
     pdl_wait();
     pdl_trigger();
@@ -602,10 +618,13 @@ __device__ __forceinline__ void gate_up_mma(const bf16* x, int hidden, const bf1
     const int j0 = (blockIdx.x * 2 + tile) * 16;
     const bool valid = j0 < inner;  // every warp still takes part in the barriers
     const int jc = valid ? j0 : 0;
-    const bf16* wg0 = w_gu + ((size_t)2 * s * inner + jc + g) * hidden + t * 8;
-    const bf16* wg1 = wg0 + (size_t)8 * hidden;
-    const bf16* wu0 = wg0 + (size_t)inner * hidden;
-    const bf16* wu1 = wu0 + (size_t)8 * hidden;
+    typedef typename W::Elem E;
+    const E* wg0 = w_gu + ((size_t)2 * s * inner + jc + g) * hidden + t * 8;
+    const E* wg1 = wg0 + (size_t)8 * hidden;
+    const E* wu0 = wg0 + (size_t)inner * hidden;
+    const E* wu1 = wu0 + (size_t)8 * hidden;
+    const W wg = W::at(scales, (size_t)2 * s, inner, jc, hidden);
+    const W wu = W::at(scales, (size_t)2 * s + 1, inner, jc, hidden);
     int kb0, kb1;
     k_half(hidden / 32, khalf, kb0, kb1);
     const int k_begin = kb0 * 32, k_end = kb1 * 32;
@@ -614,13 +633,14 @@ __device__ __forceinline__ void gate_up_mma(const bf16* x, int hidden, const bf1
         const bf16* xr = x + (size_t)(sorted[g0 + min(g, n - 1)] / k_div) * hidden + t * 8;
         float cg[4] = {0.f, 0.f, 0.f, 0.f}, cu[4] = {0.f, 0.f, 0.f, 0.f};
         if (valid && k_begin < k_end) {
-            uint4 w[ST][4], b[ST];
+            typename W::Raw w[ST][4];
+            uint4 b[ST];
 #pragma unroll
             for (int i = 0; i < ST - 1; ++i) {
                 const int kk = k_begin + i * 32;
                 if (kk < k_end) {
-                    w[i][0] = ldcs16(wg0 + kk), w[i][1] = ldcs16(wg1 + kk);
-                    w[i][2] = ldcs16(wu0 + kk), w[i][3] = ldcs16(wu1 + kk);
+                    w[i][0] = W::load(wg0 + kk), w[i][1] = W::load(wg1 + kk);
+                    w[i][2] = W::load(wu0 + kk), w[i][3] = W::load(wu1 + kk);
                     b[i] = ld16(xr + kk);
                 }
             }
@@ -629,13 +649,13 @@ __device__ __forceinline__ void gate_up_mma(const bf16* x, int hidden, const bf1
                 for (int i = 0; i < ST; ++i) {
                     const int kk = k + i * 32, kn = kk + (ST - 1) * 32, j = (i + ST - 1) % ST;
                     if (kn < k_end) {
-                        w[j][0] = ldcs16(wg0 + kn), w[j][1] = ldcs16(wg1 + kn);
-                        w[j][2] = ldcs16(wu0 + kn), w[j][3] = ldcs16(wu1 + kn);
+                        w[j][0] = W::load(wg0 + kn), w[j][1] = W::load(wg1 + kn);
+                        w[j][2] = W::load(wu0 + kn), w[j][3] = W::load(wu1 + kn);
                         b[j] = ld16(xr + kn);
                     }
                     if (kk < k_end) {
-                        mma_k32(cg, w[i][0], w[i][1], b[i]);
-                        mma_k32(cu, w[i][2], w[i][3], b[i]);
+                        mma_k32(cg, wg.frag(w[i][0], kk), wg.frag(w[i][1], kk), b[i]);
+                        mma_k32(cu, wu.frag(w[i][2], kk), wu.frag(w[i][3], kk), b[i]);
                     }
                 }
             }
@@ -664,10 +684,11 @@ __device__ __forceinline__ void gate_up_mma(const bf16* x, int hidden, const bf1
 }
 
 // y[q, r] = h[q]·Wd[r] for 16 rows r per tile, f32 out. Needs inner % 32 == 0, hidden % 16 == 0.
-template <int ST>
-__device__ __forceinline__ void down_mma(const bf16* h, int inner, const bf16* w_down, int hidden,
-                                         const uint32_t* offsets, const uint32_t* active,
-                                         float* y) {
+template <int ST, typename W>
+__device__ __forceinline__ void down_mma(const bf16* h, int inner,
+                                         const typename W::Elem* w_down, const float* scales,
+                                         int hidden, const uint32_t* offsets,
+                                         const uint32_t* active, float* y) {
     __shared__ float other[2][32][4];
     pdl_wait();
     pdl_trigger();
@@ -681,8 +702,9 @@ __device__ __forceinline__ void down_mma(const bf16* h, int inner, const bf16* w
     const int r0 = (blockIdx.x * 2 + tile) * 16;
     const bool valid = r0 < hidden;
     const int rc = valid ? r0 : 0;
-    const bf16* w0 = w_down + ((size_t)s * hidden + rc + g) * inner + t * 8;
-    const bf16* w1 = w0 + (size_t)8 * inner;
+    const typename W::Elem* w0 = w_down + ((size_t)s * hidden + rc + g) * inner + t * 8;
+    const typename W::Elem* w1 = w0 + (size_t)8 * inner;
+    const W wd = W::at(scales, (size_t)s, hidden, rc, inner);
     int kb0, kb1;
     k_half(inner / 32, khalf, kb0, kb1);
     const int k_begin = kb0 * 32, k_end = kb1 * 32;
@@ -691,12 +713,13 @@ __device__ __forceinline__ void down_mma(const bf16* h, int inner, const bf16* w
         const bf16* hr = h + (size_t)(g0 + min(g, n - 1)) * inner + t * 8;
         float c[4] = {0.f, 0.f, 0.f, 0.f};
         if (valid && k_begin < k_end) {
-            uint4 w[ST][2], b[ST];
+            typename W::Raw w[ST][2];
+            uint4 b[ST];
 #pragma unroll
             for (int i = 0; i < ST - 1; ++i) {
                 const int kk = k_begin + i * 32;
                 if (kk < k_end) {
-                    w[i][0] = ldcs16(w0 + kk), w[i][1] = ldcs16(w1 + kk);
+                    w[i][0] = W::load(w0 + kk), w[i][1] = W::load(w1 + kk);
                     b[i] = ld16(hr + kk);
                 }
             }
@@ -705,10 +728,10 @@ __device__ __forceinline__ void down_mma(const bf16* h, int inner, const bf16* w
                 for (int i = 0; i < ST; ++i) {
                     const int kk = k + i * 32, kn = kk + (ST - 1) * 32, j = (i + ST - 1) % ST;
                     if (kn < k_end) {
-                        w[j][0] = ldcs16(w0 + kn), w[j][1] = ldcs16(w1 + kn);
+                        w[j][0] = W::load(w0 + kn), w[j][1] = W::load(w1 + kn);
                         b[j] = ld16(hr + kn);
                     }
-                    if (kk < k_end) mma_k32(c, w[i][0], w[i][1], b[i]);
+                    if (kk < k_end) mma_k32(c, wd.frag(w[i][0], kk), wd.frag(w[i][1], kk), b[i]);
                 }
             }
         }
@@ -731,12 +754,13 @@ __device__ __forceinline__ void down_mma(const bf16* h, int inner, const bf16* w
 extern "C" __global__ void moe_gate_up_mma(const bf16* x, int hidden, const bf16* w_gu, int inner,
                                            const uint32_t* offsets, const uint32_t* active,
                                            const uint32_t* sorted, int k_div, bf16* h_out) {
-    gate_up_mma<MMA_STAGES>(x, hidden, w_gu, inner, offsets, active, sorted, k_div, h_out);
+    gate_up_mma<MMA_STAGES, MmaBf16>(x, hidden, w_gu, nullptr, inner, offsets, active, sorted,
+                                     k_div, h_out);
 }
 extern "C" __global__ void moe_down_mma(const bf16* h, int inner, const bf16* w_down, int hidden,
                                         const uint32_t* offsets, const uint32_t* active,
                                         float* y) {
-    down_mma<MMA_STAGES>(h, inner, w_down, hidden, offsets, active, y);
+    down_mma<MMA_STAGES, MmaBf16>(h, inner, w_down, nullptr, hidden, offsets, active, y);
 }
 
 #define MOE_KERNELS(SUFFIX, T)                                                                  \

@@ -56,27 +56,21 @@ __device__ __forceinline__ const float* fp8_scale_row(const float* scales, size_
 }
 
 // ---------------------------------------------------------------------------------------------
-// Decode-sized: moe_gate_up_mma / moe_down_mma with e4m3 weights. Each lane reads the 8 bytes of
-// its 8 k positions of a 32-wide k block (rows g and g + 8 of its tile: one 128-row block, as
-// tiles are 16 rows from a multiple of 16), dequantises them to the 16 bytes of bf16 the bf16
-// kernel would have loaded, and feeds the same two MMAs, block after block as it does. Loads
-// run a pair of blocks ahead, so that as many weight bytes are in flight as in the bf16 kernel.
-
-// A lane's loads for two consecutive 32-wide k blocks from k: 8 e4m3 bytes of each of R weight
-// rows and 16 bytes of its token's activations per block. A block at or past `end` reloads the
-// first (in bounds; its MMAs are skipped).
-template <int R> struct Fp8Pair {
-    uint2 w[2][R];
-    uint4 b[2];
-    __device__ __forceinline__ void load(const uint8_t* const (&rows)[R], const bf16* x, int k,
-                                         int end) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int kh = k + 32 * h < end ? k + 32 * h : k;
-#pragma unroll
-            for (int r = 0; r < R; ++r) w[h][r] = ldcs8(rows[r] + kh);
-            b[h] = ld16(x + kh);
-        }
+// Decode-sized: experts.cu's moe_gate_up_mma / moe_down_mma (gate_up_mma, down_mma) with e4m3
+// weights. Each lane reads the 8 bytes of its 8 k positions of a 32-wide k block (rows g and
+// g + 8 of its tile: one 128-row block, as tiles are 16 rows from a multiple of 16) and
+// dequantises them, with the block's scale, to the 16 bytes of bf16 the bf16 kernel would have
+// loaded; the MMAs, their order and the load pipeline are the bf16 kernels'.
+struct MmaFp8 {
+    typedef uint8_t Elem;
+    typedef uint2 Raw;
+    const float* scale;  // the block scales of the tile's 128 rows, one per 128 columns
+    __device__ static MmaFp8 at(const float* scales, size_t m, int rows, int r, int K) {
+        return {fp8_scale_row(scales, m, rows, r, K)};
+    }
+    __device__ static Raw load(const uint8_t* p) { return ldcs8(p); }
+    __device__ uint4 frag(Raw r, int k) const {
+        return fp8x8_to_bf16x8(r, __ldg(scale + k / FP8_BLOCK));
     }
 };
 
@@ -84,136 +78,15 @@ extern "C" __global__ void moe_gate_up_mma_fp8(const bf16* x, int hidden, const 
                                                const float* s_gu, int inner,
                                                const uint32_t* offsets, const uint32_t* active,
                                                const uint32_t* sorted, int k_div, bf16* h_out) {
-    __shared__ float other[2][32][8];
-    pdl_wait();
-    pdl_trigger();
-    const int s = active_slot(active);
-    if (s < 0) return;
-    const uint32_t beg = offsets[s], end = offsets[s + 1];
-    if (beg == end) return;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int tile = warp >> 1, khalf = warp & 1;
-    const int g = lane >> 2, t = lane & 3;
-    const int j0 = (blockIdx.x * 2 + tile) * 16;
-    const bool valid = j0 < inner;  // every warp still takes part in the barriers
-    const int jc = valid ? j0 : 0;
-    const uint8_t* wg0 = w_gu + ((size_t)2 * s * inner + jc + g) * hidden + t * 8;
-    const uint8_t* wg1 = wg0 + (size_t)8 * hidden;
-    const uint8_t* wu0 = wg0 + (size_t)inner * hidden;
-    const uint8_t* wu1 = wu0 + (size_t)8 * hidden;
-    const float* sg = fp8_scale_row(s_gu, (size_t)2 * s, inner, jc, hidden);
-    const float* su = fp8_scale_row(s_gu, (size_t)2 * s + 1, inner, jc, hidden);
-    int kb0, kb1;
-    k_half(hidden / 32, khalf, kb0, kb1);
-    const int k_begin = kb0 * 32, k_end = kb1 * 32;
-    for (uint32_t g0 = beg; g0 < end; g0 += 8) {
-        const int n = min((int)(end - g0), 8);
-        const bf16* xr = x + (size_t)(sorted[g0 + min(g, n - 1)] / k_div) * hidden + t * 8;
-        float cg[4] = {0.f, 0.f, 0.f, 0.f}, cu[4] = {0.f, 0.f, 0.f, 0.f};
-        if (valid && k_begin < k_end) {
-            // Software pipeline over pairs of k blocks: the next pair's loads are issued before
-            // this pair's MMAs (as many weight bytes in flight as the bf16 kernel's one block).
-            Fp8Pair<4> cur, nxt;
-            const uint8_t* rows[4] = {wg0, wg1, wu0, wu1};
-            cur.load(rows, xr, k_begin, k_end);
-            for (int k = k_begin; k < k_end; k += 64) {
-                nxt.load(rows, xr, k + 64 < k_end ? k + 64 : k, k_end);
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int kh = k + 32 * h;
-                    if (kh < k_end) {
-                        const float scg = __ldg(sg + kh / FP8_BLOCK), scu = __ldg(su + kh / FP8_BLOCK);
-                        mma_k32(cg, fp8x8_to_bf16x8(cur.w[h][0], scg), fp8x8_to_bf16x8(cur.w[h][1], scg),
-                                cur.b[h]);
-                        mma_k32(cu, fp8x8_to_bf16x8(cur.w[h][2], scu), fp8x8_to_bf16x8(cur.w[h][3], scu),
-                                cur.b[h]);
-                    }
-                }
-                cur = nxt;
-            }
-        }
-        if (khalf) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                other[tile][lane][e] = cg[e];
-                other[tile][lane][4 + e] = cu[e];
-            }
-        }
-        __syncthreads();
-        if (!khalf && valid) {
-            // c0, c1: rows g, tokens 2t, 2t+1; c2, c3: row g + 8, same tokens.
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int tok = 2 * t + (e & 1), row = g + (e >> 1) * 8;
-                const float gs = cg[e] + other[tile][lane][e];
-                const float us = cu[e] + other[tile][lane][4 + e];
-                if (tok < n)
-                    h_out[(size_t)(g0 + tok) * inner + j0 + row] = __float2bfloat16(silu(gs) * us);
-            }
-        }
-        __syncthreads();
-    }
+    gate_up_mma<MMA_STAGES, MmaFp8>(x, hidden, w_gu, s_gu, inner, offsets, active, sorted, k_div,
+                                    h_out);
 }
 
 extern "C" __global__ void moe_down_mma_fp8(const bf16* h, int inner, const uint8_t* w_down,
                                             const float* s_down, int hidden,
                                             const uint32_t* offsets, const uint32_t* active,
                                             float* y) {
-    __shared__ float other[2][32][4];
-    pdl_wait();
-    pdl_trigger();
-    const int s = active_slot(active);
-    if (s < 0) return;
-    const uint32_t beg = offsets[s], end = offsets[s + 1];
-    if (beg == end) return;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int tile = warp >> 1, khalf = warp & 1;
-    const int g = lane >> 2, t = lane & 3;
-    const int r0 = (blockIdx.x * 2 + tile) * 16;
-    const bool valid = r0 < hidden;
-    const int rc = valid ? r0 : 0;
-    const uint8_t* w0 = w_down + ((size_t)s * hidden + rc + g) * inner + t * 8;
-    const uint8_t* w1 = w0 + (size_t)8 * inner;
-    const float* sc = fp8_scale_row(s_down, (size_t)s, hidden, rc, inner);
-    int kb0, kb1;
-    k_half(inner / 32, khalf, kb0, kb1);
-    const int k_begin = kb0 * 32, k_end = kb1 * 32;
-    for (uint32_t g0 = beg; g0 < end; g0 += 8) {
-        const int n = min((int)(end - g0), 8);
-        const bf16* hr = h + (size_t)(g0 + min(g, n - 1)) * inner + t * 8;
-        float c[4] = {0.f, 0.f, 0.f, 0.f};
-        if (valid && k_begin < k_end) {
-            Fp8Pair<2> cur, nxt;
-            const uint8_t* rows[2] = {w0, w1};
-            cur.load(rows, hr, k_begin, k_end);
-            for (int k = k_begin; k < k_end; k += 64) {
-                nxt.load(rows, hr, k + 64 < k_end ? k + 64 : k, k_end);
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int kh = k + 32 * h;
-                    if (kh < k_end) {
-                        const float scale = __ldg(sc + kh / FP8_BLOCK);
-                        mma_k32(c, fp8x8_to_bf16x8(cur.w[h][0], scale),
-                                fp8x8_to_bf16x8(cur.w[h][1], scale), cur.b[h]);
-                    }
-                }
-                cur = nxt;
-            }
-        }
-        if (khalf) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) other[tile][lane][e] = c[e];
-        }
-        __syncthreads();
-        if (!khalf && valid) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int tok = 2 * t + (e & 1), row = g + (e >> 1) * 8;
-                if (tok < n) y[(size_t)(g0 + tok) * hidden + r0 + row] = c[e] + other[tile][lane][e];
-            }
-        }
-        __syncthreads();
-    }
+    down_mma<MMA_STAGES, MmaFp8>(h, inner, w_down, s_down, hidden, offsets, active, y);
 }
 
 // ---------------------------------------------------------------------------------------------
