@@ -350,6 +350,11 @@ pub struct ExpertShard {
     /// `forward_*` return f32 instead of the compute dtype (see
     /// [`with_f32_output`](Self::with_f32_output)).
     f32_output: bool,
+    /// On a CUDA device, the combine counters of the calls queued on this shard's own stream
+    /// (the in-process engine's; [`crate::cuda::combine_counters`]), so that a decode step's
+    /// down kernel also combines. An expert worker's calls queue on its sessions' streams and
+    /// bring their own.
+    counters: Option<Tensor>,
 }
 
 impl ExpertShard {
@@ -377,6 +382,7 @@ impl ExpertShard {
             device: loader.device().clone(),
             dtype: loader.dtype(),
             f32_output: false,
+            counters: crate::cuda::combine_counters(loader.device(), cfg.hidden_size)?,
         })
     }
 
@@ -423,6 +429,7 @@ impl ExpertShard {
             device: self.device.clone(),
             dtype: self.dtype,
             f32_output: self.f32_output,
+            counters: self.counters.clone(),
         })
     }
 
@@ -589,7 +596,14 @@ impl ExpertShard {
             return Ok(None);
         };
         let le = self.layer(layer)?;
-        g.experts_routed(x, routing, slot_of, &le.weights(), usize::MAX)
+        g.experts_routed(
+            x,
+            routing,
+            slot_of,
+            &le.weights(),
+            usize::MAX,
+            self.counters.as_ref(),
+        )
     }
 
     /// [`forward_routed_device`](Self::forward_routed_device) for an expert worker's
@@ -597,8 +611,10 @@ impl ExpertShard {
     /// buffer), the `[T, hidden]` f32 result written at device address `into` (the shared output
     /// buffer), and with `wait` the wait for the gate's flag done in the first kernel; every
     /// kernel queued on `stream` (a handle of this shard's GPU: the caller's session stream,
-    /// which need not be the one the weights or `slot_of` were made on). `false` when the
-    /// device kernels do not take the call (nothing queued).
+    /// which need not be the one the weights or `slot_of` were made on), with that stream's
+    /// combine counters (`counters`, [`crate::cuda::combine_counters`]; `None`: a separate
+    /// combine). `false` when the device kernels do not take the call (nothing queued).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward_routed_at(
         &self,
         stream: &Device,
@@ -607,12 +623,21 @@ impl ExpertShard {
         slot_of: &Tensor,
         into: u64,
         wait: Option<&crate::cuda::WaitFlag>,
+        counters: Option<&Tensor>,
     ) -> Result<bool> {
         let Some(g) = crate::cuda::gpu(stream) else {
             return Ok(false);
         };
         let le = self.layer(layer)?;
-        g.experts_routed_at(input, slot_of, &le.weights(), usize::MAX, into, wait)
+        g.experts_routed_at(
+            input,
+            slot_of,
+            &le.weights(),
+            usize::MAX,
+            into,
+            wait,
+            counters,
+        )
     }
 
     /// Expert by expert.
@@ -698,10 +723,15 @@ impl Experts for ExpertShard {
         let Some(slot_of) = &le.slot_of else {
             return Ok(None);
         };
-        Ok(
-            g.experts_routed(x, routing, slot_of, &le.weights(), DENSE_MAX_ROWS)?
-                .map(PendingExperts::ready),
-        )
+        Ok(g.experts_routed(
+            x,
+            routing,
+            slot_of,
+            &le.weights(),
+            DENSE_MAX_ROWS,
+            self.counters.as_ref(),
+        )?
+        .map(PendingExperts::ready))
     }
 
     fn dispatch(&self, layer: usize, x: &Tensor, routing: &Routing) -> Result<PendingExperts> {

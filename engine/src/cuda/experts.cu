@@ -168,32 +168,54 @@ extern "C" __global__ void moe_route(const float* logits, int tokens, int n_exp,
 // lanes over the row in float4s, then a warp sum; plus `skew[e]` when not null) into `logits`;
 // the last block to finish (`counter`, which it sets back to 0 for the next launch) routes every
 // token as moe_route does. Needs hidden % 4 == 0 and 16-byte aligned rows.
-extern "C" __global__ void moe_route_logits(const float* x, int tokens, int hidden,
-                                            const float* w_router, const float* skew,
-                                            float* logits, uint32_t* counter, int n_exp,
-                                            const float* bias, int scoring, int method, int k,
-                                            int n_group, int topk_group, int normalise,
-                                            int scale_weights, float scaling, uint32_t* ids,
-                                            float* weights) {
+// A block per expert (128 threads, each over every 128th float4 of the row, its loads in
+// flight together), its tokens' dot products summed in a fixed order (lane partials, the warp's
+// butterfly, then the 4 warps in order); the last block routes. `tokens` ≤ ROUTE_LOGITS_MAX_T.
+#define ROUTE_LOGITS_MAX_T 16
+extern "C" __global__ void __launch_bounds__(ROUTE_WARPS * 32)
+    moe_route_logits(const float* x, int tokens, int hidden, const float* w_router,
+                     const float* skew, float* logits, uint32_t* counter, int n_exp,
+                     const float* bias, int scoring, int method, int k, int n_group,
+                     int topk_group, int normalise, int scale_weights, float scaling,
+                     uint32_t* ids, float* weights) {
     __shared__ float choice_s[ROUTE_WARPS][ROUTE_MAX_M * 32];
+    __shared__ float part[ROUTE_WARPS][ROUTE_LOGITS_MAX_T];
     __shared__ bool last;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int e = blockIdx.x * ROUTE_WARPS + warp;
-    if (e < n_exp) {
-        const float4* wr = reinterpret_cast<const float4*>(w_router + (size_t)e * hidden);
-        for (int t = 0; t < tokens; ++t) {
-            const float4* xr = reinterpret_cast<const float4*>(x + (size_t)t * hidden);
-            float acc = 0.f;
-            for (int c = lane; c < hidden / 4; c += 32) {
-                const float4 a = wr[c], b = xr[c];
-                acc = fmaf(a.x, b.x, acc);
-                acc = fmaf(a.y, b.y, acc);
-                acc = fmaf(a.z, b.z, acc);
-                acc = fmaf(a.w, b.w, acc);
+    const int e = blockIdx.x;
+    const int n4 = hidden / 4;
+    const float4* wr = reinterpret_cast<const float4*>(w_router + (size_t)e * hidden);
+    float acc[ROUTE_LOGITS_MAX_T];
+#pragma unroll
+    for (int t = 0; t < ROUTE_LOGITS_MAX_T; ++t) acc[t] = 0.f;
+#pragma unroll 4
+    for (int c = threadIdx.x; c < n4; c += ROUTE_WARPS * 32) {
+        const float4 a = __ldcs(wr + c);
+#pragma unroll
+        for (int t = 0; t < ROUTE_LOGITS_MAX_T; ++t) {
+            if (t < tokens) {
+                const float4 b = reinterpret_cast<const float4*>(x + (size_t)t * hidden)[c];
+                acc[t] = fmaf(a.x, b.x, acc[t]);
+                acc[t] = fmaf(a.y, b.y, acc[t]);
+                acc[t] = fmaf(a.z, b.z, acc[t]);
+                acc[t] = fmaf(a.w, b.w, acc[t]);
             }
-            acc = warp_sum(acc);
-            if (lane == 0) logits[(size_t)t * n_exp + e] = skew ? acc + skew[e] : acc;
         }
+    }
+#pragma unroll
+    for (int t = 0; t < ROUTE_LOGITS_MAX_T; ++t) {
+        if (t < tokens) {
+            const float v = warp_sum(acc[t]);
+            if (lane == 0) part[warp][t] = v;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < tokens) {
+        const int t = threadIdx.x;
+        float v = part[0][t];
+#pragma unroll
+        for (int w = 1; w < ROUTE_WARPS; ++w) v += part[w][t];
+        logits[(size_t)t * n_exp + e] = skew ? v + skew[e] : v;
     }
     // Every block's logits are out before it counts itself; the last one sees them all.
     __threadfence();
@@ -683,72 +705,117 @@ __device__ __forceinline__ void gate_up_mma(const bf16* x, int hidden,
     }
 }
 
+// The combine folded into the down kernel (a decode step's few tokens): `counters` (null: no
+// fold) holds a word per 32-column block of the grid, 0 between launches; each block counts
+// itself after its `y` is out, and the last of a column block's blocks sums those columns of
+// every token, `out[t, r] = Σ_j w[j] · y[pos[j], r]` over t's entries t·k..t·k+k in entry
+// order, as moe_combine does (the same fmaf chain from 0: the same bits), then puts the word
+// back to 0. The counters belong to one stream (a launch at a time).
+struct CombineTail {
+    const uint32_t* pos;
+    const float* w;
+    int tokens;
+    int k;
+    float* out;
+    uint32_t* counters;
+};
+
+__device__ __forceinline__ void combine_tail(const CombineTail& c, const float* y, int hidden) {
+    __shared__ bool last;
+    if (!c.counters) return;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(c.counters + blockIdx.x, 1u) == gridDim.y - 1;
+    __syncthreads();
+    if (!last) return;
+    if (threadIdx.x == 0) c.counters[blockIdx.x] = 0u;
+    __threadfence();
+    const int r0 = blockIdx.x * 32;
+    for (int i = threadIdx.x; i < c.tokens * 32; i += blockDim.x) {
+        const int t = i >> 5, r = r0 + (i & 31);
+        if (r >= hidden) continue;
+        float sum = 0.f;
+        for (int j = t * c.k; j < t * c.k + c.k; ++j) {
+            const uint32_t q = c.pos[j];
+            if (q != 0xffffffffu) sum = fmaf(c.w[j], __ldcg(y + (size_t)q * hidden + r), sum);
+        }
+        c.out[(size_t)t * hidden + r] = sum;
+    }
+}
+
 // y[q, r] = h[q]·Wd[r] for 16 rows r per tile, f32 out. Needs inner % 32 == 0, hidden % 16 == 0.
+// With `tail.counters`, also the combine of y (above).
 template <int ST, typename W>
 __device__ __forceinline__ void down_mma(const bf16* h, int inner,
                                          const typename W::Elem* w_down, const float* scales,
                                          int hidden, const uint32_t* offsets,
-                                         const uint32_t* active, float* y) {
+                                         const uint32_t* active, float* y,
+                                         const CombineTail& tail) {
     __shared__ float other[2][32][4];
     pdl_wait();
     pdl_trigger();
     const int s = active_slot(active);
-    if (s < 0) return;
-    const uint32_t beg = offsets[s], end = offsets[s + 1];
-    if (beg == end) return;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int tile = warp >> 1, khalf = warp & 1;
-    const int g = lane >> 2, t = lane & 3;
-    const int r0 = (blockIdx.x * 2 + tile) * 16;
-    const bool valid = r0 < hidden;
-    const int rc = valid ? r0 : 0;
-    const typename W::Elem* w0 = w_down + ((size_t)s * hidden + rc + g) * inner + t * 8;
-    const typename W::Elem* w1 = w0 + (size_t)8 * inner;
-    const W wd = W::at(scales, (size_t)s, hidden, rc, inner);
-    int kb0, kb1;
-    k_half(inner / 32, khalf, kb0, kb1);
-    const int k_begin = kb0 * 32, k_end = kb1 * 32;
-    for (uint32_t g0 = beg; g0 < end; g0 += 8) {
-        const int n = min((int)(end - g0), 8);
-        const bf16* hr = h + (size_t)(g0 + min(g, n - 1)) * inner + t * 8;
-        float c[4] = {0.f, 0.f, 0.f, 0.f};
-        if (valid && k_begin < k_end) {
-            typename W::Raw w[ST][2];
-            uint4 b[ST];
+    // Every block goes on to the combine's count, with pairs or without.
+    if (s >= 0) {
+        const uint32_t beg = offsets[s], end = offsets[s + 1];
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        const int tile = warp >> 1, khalf = warp & 1;
+        const int g = lane >> 2, t = lane & 3;
+        const int r0 = (blockIdx.x * 2 + tile) * 16;
+        const bool valid = r0 < hidden;
+        const int rc = valid ? r0 : 0;
+        const typename W::Elem* w0 = w_down + ((size_t)s * hidden + rc + g) * inner + t * 8;
+        const typename W::Elem* w1 = w0 + (size_t)8 * inner;
+        const W wd = W::at(scales, (size_t)s, hidden, rc, inner);
+        int kb0, kb1;
+        k_half(inner / 32, khalf, kb0, kb1);
+        const int k_begin = kb0 * 32, k_end = kb1 * 32;
+        for (uint32_t g0 = beg; g0 < end; g0 += 8) {
+            const int n = min((int)(end - g0), 8);
+            const bf16* hr = h + (size_t)(g0 + min(g, n - 1)) * inner + t * 8;
+            float c[4] = {0.f, 0.f, 0.f, 0.f};
+            if (valid && k_begin < k_end) {
+                typename W::Raw w[ST][2];
+                uint4 b[ST];
 #pragma unroll
-            for (int i = 0; i < ST - 1; ++i) {
-                const int kk = k_begin + i * 32;
-                if (kk < k_end) {
-                    w[i][0] = W::load(w0 + kk), w[i][1] = W::load(w1 + kk);
-                    b[i] = ld16(hr + kk);
-                }
-            }
-            for (int k = k_begin; k < k_end; k += ST * 32) {
-#pragma unroll
-                for (int i = 0; i < ST; ++i) {
-                    const int kk = k + i * 32, kn = kk + (ST - 1) * 32, j = (i + ST - 1) % ST;
-                    if (kn < k_end) {
-                        w[j][0] = W::load(w0 + kn), w[j][1] = W::load(w1 + kn);
-                        b[j] = ld16(hr + kn);
+                for (int i = 0; i < ST - 1; ++i) {
+                    const int kk = k_begin + i * 32;
+                    if (kk < k_end) {
+                        w[i][0] = W::load(w0 + kk), w[i][1] = W::load(w1 + kk);
+                        b[i] = ld16(hr + kk);
                     }
-                    if (kk < k_end) mma_k32(c, wd.frag(w[i][0], kk), wd.frag(w[i][1], kk), b[i]);
+                }
+                for (int k = k_begin; k < k_end; k += ST * 32) {
+#pragma unroll
+                    for (int i = 0; i < ST; ++i) {
+                        const int kk = k + i * 32, kn = kk + (ST - 1) * 32,
+                                  j = (i + ST - 1) % ST;
+                        if (kn < k_end) {
+                            w[j][0] = W::load(w0 + kn), w[j][1] = W::load(w1 + kn);
+                            b[j] = ld16(hr + kn);
+                        }
+                        if (kk < k_end)
+                            mma_k32(c, wd.frag(w[i][0], kk), wd.frag(w[i][1], kk), b[i]);
+                    }
                 }
             }
-        }
-        if (khalf) {
+            if (khalf) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) other[tile][lane][e] = c[e];
-        }
-        __syncthreads();
-        if (!khalf && valid) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int tok = 2 * t + (e & 1), row = g + (e >> 1) * 8;
-                if (tok < n) y[(size_t)(g0 + tok) * hidden + r0 + row] = c[e] + other[tile][lane][e];
+                for (int e = 0; e < 4; ++e) other[tile][lane][e] = c[e];
             }
+            __syncthreads();
+            if (!khalf && valid) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int tok = 2 * t + (e & 1), row = g + (e >> 1) * 8;
+                    if (tok < n)
+                        y[(size_t)(g0 + tok) * hidden + r0 + row] = c[e] + other[tile][lane][e];
+                }
+            }
+            __syncthreads();
         }
-        __syncthreads();
     }
+    combine_tail(tail, y, hidden);
 }
 
 extern "C" __global__ void moe_gate_up_mma(const bf16* x, int hidden, const bf16* w_gu, int inner,
@@ -759,8 +826,10 @@ extern "C" __global__ void moe_gate_up_mma(const bf16* x, int hidden, const bf16
 }
 extern "C" __global__ void moe_down_mma(const bf16* h, int inner, const bf16* w_down, int hidden,
                                         const uint32_t* offsets, const uint32_t* active,
-                                        float* y) {
-    down_mma<MMA_STAGES, MmaBf16>(h, inner, w_down, nullptr, hidden, offsets, active, y);
+                                        float* y, const uint32_t* pos, const float* w, int tokens,
+                                        int k, float* out, uint32_t* counters) {
+    down_mma<MMA_STAGES, MmaBf16>(h, inner, w_down, nullptr, hidden, offsets, active, y,
+                                  CombineTail{pos, w, tokens, k, out, counters});
 }
 
 #define MOE_KERNELS(SUFFIX, T)                                                                  \

@@ -82,6 +82,41 @@ struct RoutedIn {
     k: usize,
 }
 
+/// Tokens up to which a routed call given combine counters folds the combine into the down
+/// kernel (`moe_down_mma`'s tail: its last block per column block sums those columns of every
+/// token, so the tail grows with the tokens; a decode step's few rows).
+pub const FOLD_MAX_TOKENS: usize = 16;
+
+/// Words of combine counters a routed call needs: one per 32 columns of `hidden`.
+pub const fn combine_counter_words(hidden: usize) -> usize {
+    hidden.div_ceil(32)
+}
+
+/// Combine counters for routed calls of `hidden` columns on `device`'s stream (zeros, which the
+/// kernels leave as they found them): `None` off CUDA devices. One stream's: two launches at
+/// once must not share them (an expert worker keeps one per session stream).
+pub fn combine_counters(device: &Device, hidden: usize) -> Result<Option<Tensor>> {
+    if !device.is_cuda() {
+        return Ok(None);
+    }
+    Ok(Some(Tensor::zeros(
+        combine_counter_words(hidden),
+        DType::U32,
+        device,
+    )?))
+}
+
+/// The folded combine's arguments (device addresses; all 0: no fold).
+#[derive(Debug, Clone, Copy, Default)]
+struct CombineFold {
+    pos: u64,
+    weights: u64,
+    tokens: usize,
+    k: usize,
+    out: u64,
+    counters: u64,
+}
+
 /// One MoE layer's stacked routed-expert weights, as the expert kernels read them: bf16 or f32
 /// (the compute dtype), or e4m3 with f32 block scales (experts_fp8.cu, which dequantises in
 /// registers or shared memory to the very bf16 values the load-time dequantisation gives, then
@@ -697,6 +732,7 @@ impl Gpu {
             || skew.is_some_and(|s| s.dims() != [e] || s.dtype() != DType::F32)
             || counter.dtype() != DType::U32
             || counter.elem_count() != 1
+            || t > crate::router::FUSED_ROUTE_MAX_TOKENS
             || !Self::route_fits(t, e, p)
         {
             return Ok(None);
@@ -713,14 +749,8 @@ impl Gpu {
             Arg::Ptr(self.ptr(counter)?),
         ];
         args.extend(self.route_args(e, p, &out)?);
-        // A warp an expert's logits, four per block; the last block routes.
-        self.launch(
-            "moe_route_logits",
-            (e.div_ceil(4) as u32, 1, 1),
-            128,
-            0,
-            &args,
-        )?;
+        // A block an expert's logits; the last block routes.
+        self.launch("moe_route_logits", (e as u32, 1, 1), 128, 0, &args)?;
         Ok(Some(out))
     }
 
@@ -803,6 +833,8 @@ impl Gpu {
     /// `y [P, hidden]` (f32). bf16 weights run on the tensor cores (`h` in bf16, as the unfused
     /// bf16 path rounds it); f32 weights, or widths that are not multiples of 32, on the CUDA
     /// cores in f32.
+    /// With `fold` and the tensor-core kernels, the down kernel also writes the combine of `y`
+    /// (`moe_down_mma`'s tail): the second value says whether it did.
     #[allow(clippy::too_many_arguments)]
     fn experts_core(
         &self,
@@ -815,14 +847,15 @@ impl Gpu {
         k_div: usize,
         hidden: usize,
         inner: usize,
-    ) -> Result<Tensor> {
+        fold: Option<&CombineFold>,
+    ) -> Result<(Tensor, bool)> {
         // With the list of slots with pairs, a row of blocks per such slot (at most one a pair).
         let grid_slots = match active {
             Some(_) => slots.min(pairs),
             None => slots,
         } as u32;
         let active = active.unwrap_or(0);
-        let mma = x_dtype == DType::BF16 && hidden.is_multiple_of(32) && inner.is_multiple_of(32);
+        let mma = Self::takes_mma(x_dtype, hidden, inner);
         // Blocks of 4 warps: two 16-row tiles, each over two k halves (tensor cores), or 16
         // rows, 4 per warp (CUDA cores). e4m3 weights: the tensor-core kernels' FP8 forms
         // (weights_fit checked their widths).
@@ -865,13 +898,25 @@ impl Gpu {
             &args,
         )?;
         let y = self.alloc(DType::F32, &[pairs, hidden])?;
-        let args = self.projection_args(
+        let mut args = self.projection_args(
             (self.ptr(&h)?, inner, "expert inner size"),
             w.down,
             fp8.map(|s| s.1),
             (hidden, "hidden size"),
             [Arg::Ptr(offsets), Arg::Ptr(active), Arg::Ptr(self.ptr(&y)?)],
         )?;
+        let fold = fold.filter(|_| mma);
+        if mma {
+            let f = fold.copied().unwrap_or_default();
+            args.extend([
+                Arg::Ptr(f.pos),
+                Arg::Ptr(f.weights),
+                i32_arg(f.tokens, "tokens")?,
+                i32_arg(f.k, "top-k")?,
+                Arg::Ptr(f.out),
+                Arg::Ptr(f.counters),
+            ]);
+        }
         self.launch(
             &down_fn,
             (hidden.div_ceil(rows_per_block) as u32, grid_slots, 1),
@@ -879,7 +924,12 @@ impl Gpu {
             0,
             &args,
         )?;
-        Ok(y)
+        Ok((y, fold.is_some()))
+    }
+
+    /// Whether the tensor-core decode kernels take rows of `dtype` at these widths.
+    fn takes_mma(dtype: DType, hidden: usize, inner: usize) -> bool {
+        dtype == DType::BF16 && hidden.is_multiple_of(32) && inner.is_multiple_of(32)
     }
 
     /// Whether the grouped GEMM takes these shapes: bf16, both projections' k widths multiples
@@ -1035,11 +1085,12 @@ impl Gpu {
         slot_of: &Tensor,
         w: &ExpertWeights,
         max_rows: usize,
+        counters: Option<&Tensor>,
     ) -> Result<Option<Tensor>> {
         let Some(input) = self.routed_in(x, routing, w)? else {
             return Ok(None);
         };
-        self.routed(&input, slot_of, w, max_rows, None, None)
+        self.routed(&input, slot_of, w, max_rows, None, None, counters)
             .map(Option::flatten)
     }
 
@@ -1057,6 +1108,7 @@ impl Gpu {
         max_rows: usize,
         into: u64,
         wait: Option<&WaitFlag>,
+        counters: Option<&Tensor>,
     ) -> Result<bool> {
         let Some((hidden, inner)) = Self::weights_fit(input.hidden, input.dtype, w)? else {
             return Ok(false);
@@ -1081,7 +1133,7 @@ impl Gpu {
             k: input.k,
         };
         Ok(self
-            .routed(&routed, slot_of, w, max_rows, Some(into), wait)?
+            .routed(&routed, slot_of, w, max_rows, Some(into), wait, counters)?
             .is_some())
     }
 
@@ -1126,6 +1178,7 @@ impl Gpu {
         max_rows: usize,
         into: Option<u64>,
         wait: Option<&WaitFlag>,
+        counters: Option<&Tensor>,
     ) -> Result<Option<Option<Tensor>>> {
         let RoutedIn {
             x,
@@ -1191,7 +1244,35 @@ impl Gpu {
             ],
         )?;
         let (off_p, sorted_p) = (self.ptr(&offsets)?, self.ptr(&sorted)?);
-        let y = self.experts_core(
+        let pos = self.ptr(&pos)?;
+        // A decode step's few tokens: the combine in the down kernel's tail (one launch fewer).
+        let fold_into = match counters {
+            Some(c)
+                if t <= FOLD_MAX_TOKENS
+                    && Self::takes_mma(dtype, hidden, inner)
+                    && c.dtype() == DType::U32
+                    && c.elem_count() >= combine_counter_words(hidden) =>
+            {
+                Some(match into {
+                    Some(at) => (None, at, self.ptr(c)?),
+                    None => {
+                        let out = self.alloc(DType::F32, &[t, hidden])?;
+                        let at = self.ptr(&out)?;
+                        (Some(out), at, self.ptr(c)?)
+                    }
+                })
+            }
+            _ => None,
+        };
+        let fold = fold_into.as_ref().map(|&(_, out, counters)| CombineFold {
+            pos,
+            weights,
+            tokens: t,
+            k,
+            out,
+            counters,
+        });
+        let (y, folded) = self.experts_core(
             (x, dtype),
             w,
             (slots, Some(self.ptr(&active)?)),
@@ -1201,8 +1282,11 @@ impl Gpu {
             k,
             hidden,
             inner,
+            fold.as_ref(),
         )?;
-        let pos = self.ptr(&pos)?;
+        if folded && let Some((out, _, _)) = fold_into {
+            return Ok(Some(out));
+        }
         Ok(Some(
             self.combine_to(&y, t, hidden, pos, weights, 0, k, into)?,
         ))
@@ -1228,7 +1312,7 @@ impl Gpu {
         let sorted = at(a.slots + 1);
         let row_ptr = at(a.slots + 1 + a.pairs);
         let entry_pos = at(a.slots + 1 + a.pairs + a.rows + 1);
-        let y = self.experts_core(
+        let (y, _) = self.experts_core(
             (self.ptr(x)?, x.dtype()),
             w,
             (a.slots, None),
@@ -1238,6 +1322,7 @@ impl Gpu {
             1,
             hidden,
             inner,
+            None,
         )?;
         let w = self.ptr(&a.weights)?;
         self.combine_to(&y, t, hidden, entry_pos, w, row_ptr, 0, None)

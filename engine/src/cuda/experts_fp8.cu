@@ -85,8 +85,10 @@ extern "C" __global__ void moe_gate_up_mma_fp8(const bf16* x, int hidden, const 
 extern "C" __global__ void moe_down_mma_fp8(const bf16* h, int inner, const uint8_t* w_down,
                                             const float* s_down, int hidden,
                                             const uint32_t* offsets, const uint32_t* active,
-                                            float* y) {
-    down_mma<MMA_STAGES, MmaFp8>(h, inner, w_down, s_down, hidden, offsets, active, y);
+                                            float* y, const uint32_t* pos, const float* w,
+                                            int tokens, int k, float* out, uint32_t* counters) {
+    down_mma<MMA_STAGES, MmaFp8>(h, inner, w_down, s_down, hidden, offsets, active, y,
+                                 CombineTail{pos, w, tokens, k, out, counters});
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -9,4 +9,5 @@
 #include "attention.cu"
 #include "experts.cu"
 #include "experts_fp8.cu"
+#include "dense.cu"
 #include "sampling.cu"

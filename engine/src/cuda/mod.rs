@@ -26,8 +26,9 @@ pub mod ipc;
 
 pub use attention::{DecodeTables, PrefillQuery};
 pub use experts::{
-    DeviceRouting, ExpertWeights, FlagWait, GROUPED_MIN_PAIRS_PER_SLOT, HostAssignments, HostPairs,
-    RouteParams, RowsAt, WaitFlag, grouped_min_pairs_per_slot, takes_grouped,
+    DeviceRouting, ExpertWeights, FOLD_MAX_TOKENS, FlagWait, GROUPED_MIN_PAIRS_PER_SLOT,
+    HostAssignments, HostPairs, RouteParams, RowsAt, WaitFlag, combine_counters,
+    grouped_min_pairs_per_slot, takes_grouped,
 };
 
 /// A kernel argument. Tensors go as raw device addresses (see [`Gpu::ptr`]).
@@ -85,6 +86,22 @@ pub fn kernels_enabled() -> bool {
             .unwrap_or(true)
     })
 }
+
+/// Whether a decode step's dense projections take moemesh's tensor-core kernel
+/// ([`Gpu::dense_small`]; default) or cuBLAS (`MOEMESH_DENSE_MMA=0`, for A/B measurements), read
+/// once.
+pub fn dense_mma_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var("MOEMESH_DENSE_MMA")
+            .map(|v| !matches!(v.as_str(), "0" | "false" | "off"))
+            .unwrap_or(true)
+    })
+}
+
+/// Rows up to which [`Gpu::dense_small`] takes a product (dense.cu's `DENSE_MAX_ROWS`: the
+/// tensor-core MMA's token width).
+pub const DENSE_SMALL_MAX_ROWS: usize = 8;
 
 /// Which prefill kernels are on, read once from `MOEMESH_FLASH_PREFILL`: both (default), none
 /// (`0`, the earlier path: attention through materialised scores and a host-built causal mask,
@@ -457,6 +474,54 @@ impl Gpu {
             ],
         )?;
         Ok(Some(out))
+    }
+
+    /// `x [T, K] · wᵀ` for a decode step's few rows (T ≤ [`DENSE_SMALL_MAX_ROWS`]), bf16, with
+    /// `w [N, K]` as a linear layer stores it → `[T, N]` bf16 (dense.cu: the weights streamed
+    /// through the tensor cores, f32 sums rounded once). With `gate_up`, `w` is an MLP's stacked
+    /// `[2·N, K]` gate and up rows and the result is `silu(x·Wgᵀ) ⊙ (x·Wuᵀ)`, `[T, N]`. `None`
+    /// when the kernel does not take the shapes (K a multiple of 32, N of 16, contiguous
+    /// 16-byte-aligned operands) or `MOEMESH_DENSE_MMA=0`.
+    pub fn dense_small(&self, x: &Tensor, w: &Tensor, gate_up: bool) -> Result<Option<Tensor>> {
+        let (Ok((t, k)), Ok((wn, wk))) = (x.dims2(), w.dims2()) else {
+            return Ok(None);
+        };
+        let n = if gate_up { wn / 2 } else { wn };
+        let bf16_rows = |a: &Tensor| a.dtype() == DType::BF16 && a.is_contiguous() && aligned16(a);
+        if !dense_mma_enabled()
+            || t == 0
+            || t > DENSE_SMALL_MAX_ROWS
+            || wk != k
+            || !k.is_multiple_of(32)
+            || n == 0
+            || !n.is_multiple_of(16)
+            || (gate_up && !wn.is_multiple_of(2))
+            || !bf16_rows(x)
+            || !bf16_rows(w)
+        {
+            return Ok(None);
+        }
+        let y = self.alloc(DType::BF16, &[t, n])?;
+        let name = if gate_up {
+            "dense_gate_up_mma_bf16"
+        } else {
+            "dense_mma_bf16"
+        };
+        self.launch(
+            name,
+            ((n / 16) as u32, 1, 1),
+            256,
+            0,
+            &[
+                Arg::Ptr(self.ptr(x)?),
+                i32_arg(t, "rows")?,
+                i32_arg(k, "input width")?,
+                Arg::Ptr(self.ptr(w)?),
+                i32_arg(n, "output width")?,
+                Arg::Ptr(self.ptr(&y)?),
+            ],
+        )?;
+        Ok(Some(y))
     }
 
     /// Greedy sampling of each row of f32 `logits [N, V]`: `(token, logprob)` per row, with one

@@ -40,12 +40,23 @@ impl Linear {
 
     /// `x: [T, in] -> [T, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = matmul_t(x, &self.weight)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
     }
+}
+
+/// `x [T, in] · wᵀ` with `w [out, in]`: a decode step's few rows through moemesh's tensor-core
+/// kernel on a GPU ([`crate::cuda::Gpu::dense_small`]), anything else through candle (cuBLAS).
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if let Some(g) = crate::cuda::gpu(x.device())
+        && let Some(y) = g.dense_small(x, w, false)?
+    {
+        return Ok(y);
+    }
+    Ok(x.matmul(&w.t()?)?)
 }
 
 impl Module for Linear {

@@ -644,7 +644,7 @@ impl Attention {
         // where the weights are stacked.
         let (q, kv) = match &self.qkv_a {
             Some(w) => {
-                let y = x.matmul(&w.t()?)?;
+                let y = super::linear::matmul_t(x, w)?;
                 let n_first = y.dim(1)? - (self.kv_lora + self.rope);
                 let first = y.narrow(1, 0, n_first)?;
                 let q = match &self.q {

@@ -47,6 +47,12 @@ impl Mlp {
                 (gate_proj.forward(x)?.silu()? * up_proj.forward(x)?)?
             }
             GateUp::Stacked(gate_up) => {
+                // A decode step's few rows: both products and the SwiGLU in one kernel.
+                if let Some(g) = crate::cuda::gpu(x.device())
+                    && let Some(h) = g.dense_small(x, gate_up.weight(), true)?
+                {
+                    return self.down_proj.forward(&h);
+                }
                 let gu = gate_up.forward(x)?;
                 match crate::cuda::gpu(x.device()).map(|g| g.silu_mul(&gu)) {
                     Some(Ok(Some(h))) => h,

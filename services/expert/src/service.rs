@@ -74,6 +74,9 @@ struct DeviceSide {
     queued: Vec<AtomicU32>,
     /// Whether waits spin in a kernel instead of `cuStreamWaitValue32` (`--ipc-wait`).
     spin: bool,
+    /// The combine counters of the calls queued on `stream` (the down kernel folds a decode
+    /// call's combine with them; `moemesh_engine::cuda::combine_counters`).
+    counters: Option<moemesh_engine::Tensor>,
 }
 
 impl Drop for Session {
@@ -314,6 +317,8 @@ impl Worker {
             own_flags.fill_words_now(0, words, 0)
         };
         probe().map_err(|e| format!("stream memory operations: {e}"))?;
+        let counters = moemesh_engine::cuda::combine_counters(&stream, self.hidden_size)
+            .map_err(|e| format!("combine counters: {e}"))?;
         Ok(DeviceSide {
             stream,
             layout,
@@ -322,6 +327,7 @@ impl Worker {
             own_flags,
             queued: (0..slots).map(|_| AtomicU32::new(0)).collect(),
             spin: self.spin_waits,
+            counters,
         })
     }
 
@@ -442,10 +448,15 @@ impl Worker {
             dtype,
         };
         let into = output.address(0, 4 * rows * hidden)?;
-        if !held
-            .shard
-            .forward_routed_at(&d.stream, layer, &input, &slot_of, into, wait.as_ref())?
-        {
+        if !held.shard.forward_routed_at(
+            &d.stream,
+            layer,
+            &input,
+            &slot_of,
+            into,
+            wait.as_ref(),
+            d.counters.as_ref(),
+        )? {
             return Err(unfit());
         }
         moemesh_engine::cuda::trace_mark(&d.stream, "worker done");

@@ -161,7 +161,10 @@ fn one(
         }
     }
     let name = format!("FP8 experts, {}, {entry:?}, {t} tokens", sh.name).to_lowercase();
-    let run = |w: &ExpertWeights| -> anyhow::Result<Option<Tensor>> {
+    // The routed entry's FP8 run folds the combine into its down kernel (up to
+    // FOLD_MAX_TOKENS tokens), the bf16 reference combines apart: equal bits check both.
+    let counters = moemesh_engine::cuda::combine_counters(device, sh.hidden)?;
+    let run = |w: &ExpertWeights, counters: Option<&Tensor>| -> anyhow::Result<Option<Tensor>> {
         Ok(match entry {
             Entry::Assigned => {
                 let a = HostAssignments::build(t, sh.experts, &triples, device)?;
@@ -181,13 +184,13 @@ fn one(
                 };
                 let slot_of: Vec<i32> = (0..sh.experts as i32).collect();
                 let slot_of = Tensor::from_vec(slot_of, sh.experts, device)?;
-                g.experts_routed(&x, &routing, &slot_of, w, usize::MAX)?
+                g.experts_routed(&x, &routing, &slot_of, w, usize::MAX, counters)?
             }
         })
     };
     let missing = |what: &str| anyhow::anyhow!("the {what} expert kernels did not take {name}");
-    let reference = run(&st.bf16())?.ok_or_else(|| missing("bf16"))?;
-    let got = run(&st.fp8())?.ok_or_else(|| missing("FP8"))?;
+    let reference = run(&st.bf16(), None)?.ok_or_else(|| missing("bf16"))?;
+    let got = run(&st.fp8(), counters.as_ref())?.ok_or_else(|| missing("FP8"))?;
     let bits = |t: &Tensor| -> anyhow::Result<Vec<u32>> {
         Ok(t.flatten_all()?
             .to_vec1::<f32>()?

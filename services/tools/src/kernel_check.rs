@@ -27,7 +27,8 @@
 //! tokens, one case with a router skew. Both sum the same f32 products in other orders (logits
 //! differ by ~1e-6 relative); on random rows no two choices are that close, so the experts must
 //! be the same and the weights within 1e-4 of the largest.
-//! Then the FP8 routed-expert kernels against the bf16 ones, bit for bit (`fp8_check`).
+//! Then the decode-sized dense projections (`dense_small`) against f32 products, and the FP8
+//! routed-expert kernels against the bf16 ones, bit for bit (`fp8_check`).
 
 use moemesh_engine::cuda::{DecodeTables, Gpu};
 use moemesh_engine::{DType, Device, Tensor};
@@ -106,8 +107,61 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<KernelCheck>> {
     ] {
         out.push(route(&g, device, &mut rng, tokens, v3, skew)?);
     }
+    // (rows, K, N, gate_up): V2-Lite's o_proj, stacked q/kv_a, shared experts' gate/up and
+    // down, and a tiny fixture's width.
+    for (rows, k, n, gate_up) in [
+        (1, 2048, 2048, false),
+        (5, 2048, 3648, false),
+        (8, 2816, 2048, false),
+        (1, 2048, 2816, true),
+        (8, 2048, 2816, true),
+        (3, 128, 96, false),
+    ] {
+        out.push(dense(&g, device, &mut rng, rows, k, n, gate_up)?);
+    }
     out.extend(crate::fp8_check::run(&g, device, &mut rng)?);
     Ok(out)
+}
+
+/// `dense_small` (a decode step's dense projections on the tensor cores) against the product
+/// in f32 of the same bf16 values (and SwiGLU in f32 for the stacked gate/up form): within
+/// the output's one bf16 rounding (unit roundoff 2⁻⁸ of a value, so of the largest), plus 5%
+/// for the f32 sums' other order.
+fn dense(
+    g: &Gpu,
+    device: &Device,
+    rng: &mut ChaCha8Rng,
+    rows: usize,
+    k: usize,
+    n: usize,
+    gate_up: bool,
+) -> anyhow::Result<KernelCheck> {
+    let wn = if gate_up { 2 * n } else { n };
+    let x =
+        Tensor::from_vec(normal(rng, rows * k, 1.0), (rows, k), device)?.to_dtype(DType::BF16)?;
+    let w = Tensor::from_vec(normal(rng, wn * k, 0.02), (wn, k), device)?.to_dtype(DType::BF16)?;
+    let name = format!(
+        "dense {}{rows} × {k} → {n}",
+        if gate_up { "gate/up + SwiGLU, " } else { "" }
+    );
+    let got = g
+        .dense_small(&x, &w, gate_up)?
+        .ok_or_else(|| anyhow::anyhow!("the dense kernel did not take {name}"))?;
+    let y = x
+        .to_dtype(DType::F32)?
+        .matmul(&w.to_dtype(DType::F32)?.t()?)?;
+    let reference = if gate_up {
+        (y.narrow(1, 0, n)?.silu()? * y.narrow(1, n, n)?)?
+    } else {
+        y
+    };
+    let (max_rel, cosine) = compare(&reference, &got)?;
+    Ok(KernelCheck {
+        case: name,
+        max_rel,
+        cosine,
+        passed: max_rel <= 1.05 * 2f32.powi(-8) && cosine >= 0.99999,
+    })
 }
 
 /// `route_logits` against the logits GEMM then `route`, at V2-Lite's or V3's router.

@@ -1,0 +1,94 @@
+// Decode-sized dense projections on the tensor cores: `y[t, n] = x[t]·W[n]` for a decode step's
+// few rows (at most 8: the MMA's token width), W `[N, K]` bf16 as a checkpoint stores a linear
+// layer. cuBLAS runs these shapes (one to a few rows against megabytes of weights) at about half
+// the memory's speed and adds a split-K reduction or a SwiGLU kernel; this streams the weights
+// the way experts.cu's moe_gate_up_mma / moe_down_mma do (16-byte streaming loads, several k
+// blocks in flight, mma.sync m16n8k16 with f32 sums; its helpers: included after experts.cu).
+// Launched from engine/src/cuda/mod.rs (`Gpu::dense_small`).
+//
+// A block of DENSE_WARPS warps owns 16 output columns; its warps split the k blocks (of 32)
+// into contiguous ranges and their sums are added through shared memory in warp order (a fixed
+// order: the same bits every run). `GU`: W holds an MLP's gate rows then its up rows (`[2N, K]`,
+// engine/src/layers/mlp.rs's stacked weight) and y = silu(x·Wg) · (x·Wu), the SwiGLU in f32 on
+// the sums, rounded to bf16 once.
+
+#define DENSE_WARPS 8
+#define DENSE_STAGES 4
+#define DENSE_MAX_ROWS 8
+
+template <bool GU>
+__device__ __forceinline__ void dense_mma(const bf16* x, int rows, int K, const bf16* w, int N,
+                                          bf16* y) {
+    constexpr int P = GU ? 8 : 4;  // partial sums a lane hands over
+    constexpr int NW = GU ? 4 : 2; // weight loads a lane makes per k block
+    __shared__ float part[DENSE_WARPS][32][P];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int j0 = blockIdx.x * 16;
+    const int n32 = K / 32, per = (n32 + DENSE_WARPS - 1) / DENSE_WARPS;
+    const int k_begin = min(n32, warp * per) * 32, k_end = min(n32, warp * per + per) * 32;
+    const bf16* w0 = w + (size_t)(j0 + g) * K + t * 8;
+    const bf16* w1 = w0 + (size_t)8 * K;
+    const bf16* u0 = w0 + (size_t)N * K;  // GU only
+    const bf16* u1 = u0 + (size_t)8 * K;
+    const int n = min(rows, 8);
+    const bf16* xr = x + (size_t)min(g, n - 1) * K + t * 8;
+    float c[4] = {0.f, 0.f, 0.f, 0.f}, cu[4] = {0.f, 0.f, 0.f, 0.f};
+    if (k_begin < k_end) {
+        uint4 wr[DENSE_STAGES][NW];
+        uint4 b[DENSE_STAGES];
+#pragma unroll
+        for (int i = 0; i < DENSE_STAGES - 1; ++i) {
+            const int kk = k_begin + i * 32;
+            if (kk < k_end) {
+                wr[i][0] = ldcs16(w0 + kk), wr[i][1] = ldcs16(w1 + kk);
+                if (GU) wr[i][NW - 2] = ldcs16(u0 + kk), wr[i][NW - 1] = ldcs16(u1 + kk);
+                b[i] = ld16(xr + kk);
+            }
+        }
+        for (int k = k_begin; k < k_end; k += DENSE_STAGES * 32) {
+#pragma unroll
+            for (int i = 0; i < DENSE_STAGES; ++i) {
+                const int kk = k + i * 32, kn = kk + (DENSE_STAGES - 1) * 32;
+                const int j = (i + DENSE_STAGES - 1) % DENSE_STAGES;
+                if (kn < k_end) {
+                    wr[j][0] = ldcs16(w0 + kn), wr[j][1] = ldcs16(w1 + kn);
+                    if (GU) wr[j][NW - 2] = ldcs16(u0 + kn), wr[j][NW - 1] = ldcs16(u1 + kn);
+                    b[j] = ld16(xr + kn);
+                }
+                if (kk < k_end) {
+                    mma_k32(c, wr[i][0], wr[i][1], b[i]);
+                    if (GU) mma_k32(cu, wr[i][NW - 2], wr[i][NW - 1], b[i]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        part[warp][lane][e] = c[e];
+        if (GU) part[warp][lane][4 + e] = cu[e];
+    }
+    __syncthreads();
+    if (warp == 0) {
+        // c0, c1: column g, tokens 2t, 2t+1; c2, c3: column g + 8, same tokens.
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            float s = part[0][lane][e], su = GU ? part[0][lane][4 + e] : 0.f;
+            for (int v = 1; v < DENSE_WARPS; ++v) {
+                s += part[v][lane][e];
+                if (GU) su += part[v][lane][4 + e];
+            }
+            const int tok = 2 * t + (e & 1), col = j0 + g + (e >> 1) * 8;
+            if (tok < n) y[(size_t)tok * N + col] = __float2bfloat16(GU ? silu(s) * su : s);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(DENSE_WARPS * 32)
+    dense_mma_bf16(const bf16* x, int rows, int K, const bf16* w, int N, bf16* y) {
+    dense_mma<false>(x, rows, K, w, N, y);
+}
+extern "C" __global__ void __launch_bounds__(DENSE_WARPS * 32)
+    dense_gate_up_mma_bf16(const bf16* x, int rows, int K, const bf16* w, int N, bf16* y) {
+    dense_mma<true>(x, rows, K, w, N, y);
+}
