@@ -550,14 +550,7 @@ impl<'s> Loader<'s> {
             name: name.to_string(),
             reason,
         };
-        let &[n_out, n_in] = shape else {
-            return Err(bad(
-                &qweight,
-                format!(
-                    "stands for `{stem}.weight` of shape {shape:?}, but INT4 packs only 2-D linear weights"
-                ),
-            ));
-        };
+        let (n_out, n_in) = int4_dims(&qweight, stem, shape)?;
         if !n_out.is_multiple_of(8) {
             return Err(bad(
                 &qweight,
@@ -686,14 +679,7 @@ impl<'s> Loader<'s> {
             name: name.to_string(),
             reason,
         };
-        let &[n_out, n_in] = shape else {
-            return Err(bad(
-                &packed,
-                format!(
-                    "stands for `{stem}.weight` of shape {shape:?}, but INT4 packs only 2-D linear weights"
-                ),
-            ));
-        };
+        let (n_out, n_in) = int4_dims(&packed, stem, shape)?;
         if !n_in.is_multiple_of(8) {
             return Err(bad(
                 &packed,
@@ -953,6 +939,20 @@ fn stored_label(d: StoredDtype) -> &'static str {
 }
 
 /// The decoder-layer index in a checkpoint name like `model.layers.12.mlp...`.
+/// The `[out, in]` dimensions of the INT4 layer `stem`, whose packed tensor `packed` stands
+/// for `stem.weight` of `shape`: INT4 packs only 2-D linear weights.
+fn int4_dims(packed: &str, stem: &str, shape: &[usize]) -> Result<(usize, usize)> {
+    match *shape {
+        [n_out, n_in] => Ok((n_out, n_in)),
+        _ => Err(EngineError::QuantizedTensor {
+            name: packed.to_string(),
+            reason: format!(
+                "stands for `{stem}.weight` of shape {shape:?}, but INT4 packs only 2-D linear weights"
+            ),
+        }),
+    }
+}
+
 pub fn layer_index(name: &str) -> Option<usize> {
     let rest = name.strip_prefix("model.layers.")?;
     rest.split('.').next()?.parse().ok()
