@@ -349,7 +349,7 @@ impl DeepSeekModel {
             let norm = RmsNorm::new(loader, "model.norm.weight", h, cfg.rms_norm_eps)?;
             let lm_head = match (&embed_tokens, cfg.tie_word_embeddings) {
                 (Some(e), true) => Linear::from_weight(e.clone()),
-                _ => Linear::new(loader, "lm_head", h, v, false)?,
+                _ => Linear::new_dense(loader, "lm_head", h, v, false)?,
             };
             (layers, Some(norm), Some(lm_head))
         } else {

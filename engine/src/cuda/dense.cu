@@ -11,13 +11,20 @@
 // order: the same bits every run). `GU`: W holds an MLP's gate rows then its up rows (`[2N, K]`,
 // engine/src/layers/mlp.rs's stacked weight) and y = silu(x·Wg) · (x·Wu), the SwiGLU in f32 on
 // the sums, rounded to bf16 once.
+//
+// `W`: the weights' format, experts.cu's policies: bf16 as stored (`MmaBf16`), or e4m3 with f32
+// 128 × 128 block scales (`MmaFp8`, experts_fp8.cu: each lane's 8 bytes dequantised with their
+// block's scale to the bf16 the bf16 kernel would have loaded, so the same MMAs in the same
+// order: the bits of the bf16 kernel over the dequantised weights). A stacked gate/up weight is
+// one matrix of 2N rows to the scales (row r's blocks at r / 128).
 
 #define DENSE_WARPS 8
 #define DENSE_STAGES 4
 #define DENSE_MAX_ROWS 8
 
-template <bool GU>
-__device__ __forceinline__ void dense_mma(const bf16* x, int rows, int K, const bf16* w, int N,
+template <bool GU, typename W, int ST>
+__device__ __forceinline__ void dense_mma(const bf16* x, int rows, int K,
+                                          const typename W::Elem* w, const float* scales, int N,
                                           bf16* y) {
     constexpr int P = GU ? 8 : 4;  // partial sums a lane hands over
     constexpr int NW = GU ? 4 : 2; // weight loads a lane makes per k block
@@ -27,38 +34,42 @@ __device__ __forceinline__ void dense_mma(const bf16* x, int rows, int K, const 
     const int j0 = blockIdx.x * 16;
     const int n32 = K / 32, per = (n32 + DENSE_WARPS - 1) / DENSE_WARPS;
     const int k_begin = min(n32, warp * per) * 32, k_end = min(n32, warp * per + per) * 32;
-    const bf16* w0 = w + (size_t)(j0 + g) * K + t * 8;
-    const bf16* w1 = w0 + (size_t)8 * K;
-    const bf16* u0 = w0 + (size_t)N * K;  // GU only
-    const bf16* u1 = u0 + (size_t)8 * K;
+    typedef typename W::Elem E;
+    const E* w0 = w + (size_t)(j0 + g) * K + t * 8;
+    const E* w1 = w0 + (size_t)8 * K;
+    const E* u0 = w0 + (size_t)N * K;  // GU only
+    const E* u1 = u0 + (size_t)8 * K;
+    const int wrows = GU ? 2 * N : N;
+    const W wg = W::at(scales, 0, wrows, j0, K);
+    const W wu = W::at(scales, 0, wrows, GU ? N + j0 : j0, K);
     const int n = min(rows, 8);
     const bf16* xr = x + (size_t)min(g, n - 1) * K + t * 8;
     float c[4] = {0.f, 0.f, 0.f, 0.f}, cu[4] = {0.f, 0.f, 0.f, 0.f};
     if (k_begin < k_end) {
-        uint4 wr[DENSE_STAGES][NW];
-        uint4 b[DENSE_STAGES];
+        typename W::Raw wr[ST][NW];
+        uint4 b[ST];
 #pragma unroll
-        for (int i = 0; i < DENSE_STAGES - 1; ++i) {
+        for (int i = 0; i < ST - 1; ++i) {
             const int kk = k_begin + i * 32;
             if (kk < k_end) {
-                wr[i][0] = ldcs16(w0 + kk), wr[i][1] = ldcs16(w1 + kk);
-                if (GU) wr[i][NW - 2] = ldcs16(u0 + kk), wr[i][NW - 1] = ldcs16(u1 + kk);
+                wr[i][0] = W::load(w0 + kk), wr[i][1] = W::load(w1 + kk);
+                if (GU) wr[i][NW - 2] = W::load(u0 + kk), wr[i][NW - 1] = W::load(u1 + kk);
                 b[i] = ld16(xr + kk);
             }
         }
-        for (int k = k_begin; k < k_end; k += DENSE_STAGES * 32) {
+        for (int k = k_begin; k < k_end; k += ST * 32) {
 #pragma unroll
-            for (int i = 0; i < DENSE_STAGES; ++i) {
-                const int kk = k + i * 32, kn = kk + (DENSE_STAGES - 1) * 32;
-                const int j = (i + DENSE_STAGES - 1) % DENSE_STAGES;
+            for (int i = 0; i < ST; ++i) {
+                const int kk = k + i * 32, kn = kk + (ST - 1) * 32;
+                const int j = (i + ST - 1) % ST;
                 if (kn < k_end) {
-                    wr[j][0] = ldcs16(w0 + kn), wr[j][1] = ldcs16(w1 + kn);
-                    if (GU) wr[j][NW - 2] = ldcs16(u0 + kn), wr[j][NW - 1] = ldcs16(u1 + kn);
+                    wr[j][0] = W::load(w0 + kn), wr[j][1] = W::load(w1 + kn);
+                    if (GU) wr[j][NW - 2] = W::load(u0 + kn), wr[j][NW - 1] = W::load(u1 + kn);
                     b[j] = ld16(xr + kn);
                 }
                 if (kk < k_end) {
-                    mma_k32(c, wr[i][0], wr[i][1], b[i]);
-                    if (GU) mma_k32(cu, wr[i][NW - 2], wr[i][NW - 1], b[i]);
+                    mma_k32(c, wg.frag(wr[i][0], kk), wg.frag(wr[i][1], kk), b[i]);
+                    if (GU) mma_k32(cu, wu.frag(wr[i][NW - 2], kk), wu.frag(wr[i][NW - 1], kk), b[i]);
                 }
             }
         }
@@ -86,9 +97,36 @@ __device__ __forceinline__ void dense_mma(const bf16* x, int rows, int K, const 
 
 extern "C" __global__ void __launch_bounds__(DENSE_WARPS * 32)
     dense_mma_bf16(const bf16* x, int rows, int K, const bf16* w, int N, bf16* y) {
-    dense_mma<false>(x, rows, K, w, N, y);
+    dense_mma<false, MmaBf16, DENSE_STAGES>(x, rows, K, w, nullptr, N, y);
 }
 extern "C" __global__ void __launch_bounds__(DENSE_WARPS * 32)
     dense_gate_up_mma_bf16(const bf16* x, int rows, int K, const bf16* w, int N, bf16* y) {
-    dense_mma<true>(x, rows, K, w, N, y);
+    dense_mma<true, MmaBf16, DENSE_STAGES>(x, rows, K, w, nullptr, N, y);
+}
+
+// e4m3 with bf16's pipeline depth: on an H200 twice the k blocks in flight (to make up for the
+// 8-byte loads) was slower at batch 1 (2.90–2.94 against 2.83–2.84 ms a step, 2026-11-28): a
+// warp's k range is only 8 blocks of 32 at V2-Lite's widths.
+extern "C" __global__ void __launch_bounds__(DENSE_WARPS * 32)
+    dense_mma_fp8(const bf16* x, int rows, int K, const uint8_t* w, const float* s, int N,
+                  bf16* y) {
+    dense_mma<false, MmaFp8, DENSE_STAGES>(x, rows, K, w, s, N, y);
+}
+extern "C" __global__ void __launch_bounds__(DENSE_WARPS * 32)
+    dense_gate_up_mma_fp8(const bf16* x, int rows, int K, const uint8_t* w, const float* s, int N,
+                          bf16* y) {
+    dense_mma<true, MmaFp8, DENSE_STAGES>(x, rows, K, w, s, N, y);
+}
+
+// An e4m3 weight `q [R, C]` with its block scales dequantised to bf16 `out [R, C]`, 8 values a
+// thread (C % 8 == 0): the values the FP8 kernels feed their MMAs, for the products no FP8
+// kernel takes (cuBLAS over the result).
+extern "C" __global__ void fp8_dequant_bf16(const uint8_t* q, const float* s, int R, int C,
+                                            bf16* out) {
+    const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (i >= (size_t)R * C) return;
+    const int r = (int)(i / C), c = (int)(i % C);
+    const float scale = __ldg(fp8_scale_row(s, 0, R, r, C) + c / FP8_BLOCK);
+    const uint2 v = *reinterpret_cast<const uint2*>(q + i);
+    *reinterpret_cast<uint4*>(out + i) = fp8x8_to_bf16x8(v, scale);
 }

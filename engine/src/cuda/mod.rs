@@ -25,6 +25,7 @@ mod experts;
 pub mod ipc;
 
 pub use attention::{DecodeTables, PrefillQuery};
+
 pub use experts::{
     DeviceRouting, ExpertWeights, FOLD_MAX_TOKENS, FlagWait, GROUPED_MIN_PAIRS_PER_SLOT,
     HostAssignments, HostPairs, RouteParams, RowsAt, WaitFlag, combine_counters,
@@ -476,52 +477,106 @@ impl Gpu {
         Ok(Some(out))
     }
 
-    /// `x [T, K] · wᵀ` for a decode step's few rows (T ≤ [`DENSE_SMALL_MAX_ROWS`]), bf16, with
-    /// `w [N, K]` as a linear layer stores it → `[T, N]` bf16 (dense.cu: the weights streamed
-    /// through the tensor cores, f32 sums rounded once). With `gate_up`, `w` is an MLP's stacked
+    /// `x [T, K] · wᵀ` for a decode step's few rows (bf16 `x`, T ≤ [`DENSE_SMALL_MAX_ROWS`]), with
+    /// `w [N, K]` as a linear layer stores it (bf16, or e4m3 with block scales) → `[T, N]` bf16 (dense.cu: the weights streamed through the tensor cores, e4m3
+    /// dequantised in registers, f32 sums rounded once). With `gate_up`, `w` is an MLP's stacked
     /// `[2·N, K]` gate and up rows and the result is `silu(x·Wgᵀ) ⊙ (x·Wuᵀ)`, `[T, N]`. `None`
     /// when the kernel does not take the shapes (K a multiple of 32, N of 16, contiguous
     /// 16-byte-aligned operands) or `MOEMESH_DENSE_MMA=0`.
-    pub fn dense_small(&self, x: &Tensor, w: &Tensor, gate_up: bool) -> Result<Option<Tensor>> {
-        let (Ok((t, k)), Ok((wn, wk))) = (x.dims2(), w.dims2()) else {
+    pub fn dense_small(
+        &self,
+        x: &Tensor,
+        w: DenseWeight<'_>,
+        gate_up: bool,
+    ) -> Result<Option<Tensor>> {
+        let Some((t, n)) = dense_small_shape(x, w, gate_up) else {
             return Ok(None);
         };
-        let n = if gate_up { wn / 2 } else { wn };
-        let bf16_rows = |a: &Tensor| a.dtype() == DType::BF16 && a.is_contiguous() && aligned16(a);
-        if !dense_mma_enabled()
-            || t == 0
-            || t > DENSE_SMALL_MAX_ROWS
-            || wk != k
-            || !k.is_multiple_of(32)
-            || n == 0
-            || !n.is_multiple_of(16)
-            || (gate_up && !wn.is_multiple_of(2))
-            || !bf16_rows(x)
-            || !bf16_rows(w)
+        let y = self.alloc(DType::BF16, &[t, n])?;
+        self.launch_dense(x, w, gate_up, &y)?;
+        Ok(Some(y))
+    }
+
+    /// Queues dense.cu's kernel for `x · wᵀ` (or the SwiGLU form) into `y`, whose shape
+    /// [`dense_small_shape`] gave.
+    fn launch_dense(
+        &self,
+        x: &Tensor,
+        w: DenseWeight<'_>,
+        gate_up: bool,
+        y: &Tensor,
+    ) -> Result<()> {
+        let (t, k) = x.dims2()?;
+        let n = y.dim(1)?;
+        let grid = ((n / 16) as u32, 1, 1);
+        let head = [
+            Arg::Ptr(self.ptr(x)?),
+            i32_arg(t, "rows")?,
+            i32_arg(k, "input width")?,
+        ];
+        let tail = [i32_arg(n, "output width")?, Arg::Ptr(self.ptr(y)?)];
+        let (name, args): (&str, Vec<Arg>) = match w {
+            DenseWeight::Bf16(w) => (
+                if gate_up {
+                    "dense_gate_up_mma_bf16"
+                } else {
+                    "dense_mma_bf16"
+                },
+                [&head[..], &[Arg::Ptr(self.ptr(w)?)], &tail[..]].concat(),
+            ),
+            DenseWeight::Fp8 { q, scale } => (
+                if gate_up {
+                    "dense_gate_up_mma_fp8"
+                } else {
+                    "dense_mma_fp8"
+                },
+                [
+                    &head[..],
+                    &[Arg::Ptr(self.ptr(q)?), Arg::Ptr(self.ptr(scale)?)],
+                    &tail[..],
+                ]
+                .concat(),
+            ),
+        };
+        self.launch(name, grid, 256, 0, &args)
+    }
+
+    /// An e4m3 weight `q [R, C]` with its block scales `[⌈R/128⌉, ⌈C/128⌉]` dequantised to bf16
+    /// in one pass (the values [`Gpu::dense_small`]'s FP8 kernel multiplies, the same as
+    /// `weights::fp8::dequantize_matrix` to bf16). `None` where the kernel does not take it
+    /// (C not a multiple of 8, a view not 8-byte aligned).
+    pub fn fp8_dequant_bf16(&self, q: &Tensor, scale: &Tensor) -> Result<Option<Tensor>> {
+        let Ok((r, c)) = q.dims2() else {
+            return Ok(None);
+        };
+        let w = DenseWeight::Fp8 { q, scale };
+        if !w.well_formed()
+            || !c.is_multiple_of(8)
+            || !q.is_contiguous()
+            || !self.ptr(q)?.is_multiple_of(8)
+            || r * c == 0
         {
             return Ok(None);
         }
-        let y = self.alloc(DType::BF16, &[t, n])?;
-        let name = if gate_up {
-            "dense_gate_up_mma_bf16"
-        } else {
-            "dense_mma_bf16"
-        };
+        let out = self.alloc(DType::BF16, &[r, c])?;
+        let threads = (r * c / 8) as u64;
+        let blocks = u32::try_from(threads.div_ceil(256)).map_err(|_| {
+            EngineError::InvalidInput(format!("an e4m3 weight of {r} × {c} is too large"))
+        })?;
         self.launch(
-            name,
-            ((n / 16) as u32, 1, 1),
+            "fp8_dequant_bf16",
+            (blocks, 1, 1),
             256,
             0,
             &[
-                Arg::Ptr(self.ptr(x)?),
-                i32_arg(t, "rows")?,
-                i32_arg(k, "input width")?,
-                Arg::Ptr(self.ptr(w)?),
-                i32_arg(n, "output width")?,
-                Arg::Ptr(self.ptr(&y)?),
+                Arg::Ptr(self.ptr(q)?),
+                Arg::Ptr(self.ptr(scale)?),
+                i32_arg(r, "rows")?,
+                i32_arg(c, "columns")?,
+                Arg::Ptr(self.ptr(&out)?),
             ],
         )?;
-        Ok(Some(y))
+        Ok(Some(out))
     }
 
     /// Greedy sampling of each row of f32 `logits [N, V]`: `(token, logprob)` per row, with one
@@ -666,6 +721,80 @@ impl Gpu {
             inner: imp::end_capture(&self.inner)?,
         })
     }
+}
+
+/// A projection's weight for [`Gpu::dense_small`]: `[N, K]` bf16, or e4m3 with its f32
+/// 128 × 128 block scales `[⌈N/128⌉, ⌈K/128⌉]` (row r's at r / 128; a stacked gate/up weight is
+/// one matrix of 2N rows to them).
+#[derive(Debug, Clone, Copy)]
+pub enum DenseWeight<'a> {
+    Bf16(&'a Tensor),
+    Fp8 { q: &'a Tensor, scale: &'a Tensor },
+}
+
+impl DenseWeight<'_> {
+    fn tensor(&self) -> &Tensor {
+        match self {
+            DenseWeight::Bf16(w) => w,
+            DenseWeight::Fp8 { q, .. } => q,
+        }
+    }
+
+    /// Whether the format is one the kernel reads: bf16, or e4m3 with a scale grid of the
+    /// weight's shape.
+    fn well_formed(&self) -> bool {
+        let fp8_block = crate::weights::fp8::KERNEL_BLOCK;
+        match self {
+            DenseWeight::Bf16(w) => w.dtype() == DType::BF16,
+            DenseWeight::Fp8 { q, scale } => {
+                q.dtype() == DType::F8E4M3
+                    && scale.dtype() == DType::F32
+                    && scale.is_contiguous()
+                    && match (q.dims2(), scale.dims2()) {
+                        (Ok((n, k)), Ok((sr, sc))) => {
+                            sr == n.div_ceil(fp8_block) && sc == k.div_ceil(fp8_block)
+                        }
+                        _ => false,
+                    }
+            }
+        }
+    }
+}
+
+/// `(rows, output width)` where [`Gpu::dense_small`] takes `x · wᵀ` (`gate_up`: the SwiGLU form
+/// over a stacked weight), `None` where it does not.
+fn dense_small_shape(x: &Tensor, w: DenseWeight<'_>, gate_up: bool) -> Option<(usize, usize)> {
+    let (t, k) = x.dims2().ok()?;
+    let bf16_rows = |a: &Tensor| a.dtype() == DType::BF16 && a.is_contiguous() && aligned16(a);
+    if !bf16_rows(x) {
+        return None;
+    }
+    dense_small_dims(t, k, w, gate_up)
+}
+
+/// [`dense_small_shape`] for an input of `t` contiguous bf16 rows of width `k` (a fresh
+/// allocation, so aligned).
+fn dense_small_dims(
+    t: usize,
+    k: usize,
+    w: DenseWeight<'_>,
+    gate_up: bool,
+) -> Option<(usize, usize)> {
+    let wt = w.tensor();
+    let (wn, wk) = wt.dims2().ok()?;
+    let n = if gate_up { wn / 2 } else { wn };
+    let ok = dense_mma_enabled()
+        && t > 0
+        && t <= DENSE_SMALL_MAX_ROWS
+        && wk == k
+        && k.is_multiple_of(32)
+        && n > 0
+        && n.is_multiple_of(16)
+        && (!gate_up || wn.is_multiple_of(2))
+        && w.well_formed()
+        && wt.is_contiguous()
+        && aligned16(wt);
+    ok.then_some((t, n))
 }
 
 /// A captured piece of the device's work (a decode step, [`crate::graphs`]), replayed with the

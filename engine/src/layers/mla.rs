@@ -321,7 +321,7 @@ pub struct Attention {
     /// and `kv_a_proj_with_mqa`'s stacked, `[q_out + kv_lora + rope, hidden]`, so that a decode
     /// step computes both from x in one GEMM; those two [`Linear`]s hold row ranges of it (views,
     /// no second copy).
-    qkv_a: Option<Tensor>,
+    qkv_a: Option<Linear>,
     kv_a_layernorm: RmsNorm,
     /// `W_UK`, `[heads, qk_nope_head_dim, kv_lora_rank]`.
     w_uk: Tensor,
@@ -384,11 +384,10 @@ impl Attention {
                 },
                 true,
             ) => {
-                let n_first = first.weight().dim(0)?;
-                let both = Tensor::cat(&[first.weight(), kv_a_proj_with_mqa.weight()], 0)?;
-                *first = Linear::from_weight(both.narrow(0, 0, n_first)?);
-                kv_a_proj_with_mqa =
-                    Linear::from_weight(both.narrow(0, n_first, both.dim(0)? - n_first)?);
+                let n_first = first.out_dim()?;
+                let both = Linear::stack(&[first, &kv_a_proj_with_mqa])?;
+                *first = both.rows(0, n_first)?;
+                kv_a_proj_with_mqa = both.rows(n_first, both.out_dim()? - n_first)?;
                 Some(both)
             }
             (_, false) => None,
@@ -644,7 +643,7 @@ impl Attention {
         // where the weights are stacked.
         let (q, kv) = match &self.qkv_a {
             Some(w) => {
-                let y = super::linear::matmul_t(x, w)?;
+                let y = w.forward(x)?;
                 let n_first = y.dim(1)? - (self.kv_lora + self.rope);
                 let first = y.narrow(1, 0, n_first)?;
                 let q = match &self.q {

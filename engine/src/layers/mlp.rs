@@ -27,10 +27,7 @@ impl Mlp {
         let gate_proj = Linear::new(loader, &format!("{prefix}.gate_proj"), hidden, inner, false)?;
         let up_proj = Linear::new(loader, &format!("{prefix}.up_proj"), hidden, inner, false)?;
         let gate_up = if crate::cuda::gpu(loader.device()).is_some() {
-            GateUp::Stacked(Linear::from_weight(Tensor::cat(
-                &[gate_proj.weight(), up_proj.weight()],
-                0,
-            )?))
+            GateUp::Stacked(Linear::stack(&[&gate_proj, &up_proj])?)
         } else {
             GateUp::Separate { gate_proj, up_proj }
         };
@@ -49,7 +46,7 @@ impl Mlp {
             GateUp::Stacked(gate_up) => {
                 // A decode step's few rows: both products and the SwiGLU in one kernel.
                 if let Some(g) = crate::cuda::gpu(x.device())
-                    && let Some(h) = g.dense_small(x, gate_up.weight(), true)?
+                    && let Some(h) = g.dense_small(x, gate_up.kernel_weight(), true)?
                 {
                     return self.down_proj.forward(&h);
                 }

@@ -396,6 +396,32 @@ impl<'s> Loader<'s> {
             }
     }
 
+    /// Whether the dense projections (attention's `q`/`kv_a`/`o` projections, the shared experts'
+    /// and dense MLPs' gate/up/down; not `kv_b_proj`, `lm_head`, embeddings, norms or the router)
+    /// are held as the routed experts are: e4m3 where [`experts_fp8`](Self::experts_fp8), when
+    /// `MOEMESH_DENSE_FP8=1` (read once; off by default). Half their memory, decoded at batch
+    /// ≤ 8 by dense.cu's FP8 kernel (no faster than bf16's there), but a larger product
+    /// dequantises the weight first, which costs 4% at batch 64 on an H200
+    /// (docs/BENCHMARKS.md, 2026-11-28) until an FP8 GEMM takes those.
+    pub fn dense_fp8(&self) -> bool {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        self.experts_fp8()
+            && *ON.get_or_init(|| {
+                std::env::var("MOEMESH_DENSE_FP8")
+                    .is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "on"))
+            })
+    }
+
+    /// A dense projection `name` of `shape` (`[out, in]`): e4m3 with block scales where
+    /// [`dense_fp8`](Self::dense_fp8) (by [`get_expert`](Self::get_expert)'s rules), else in the
+    /// compute dtype.
+    pub fn get_projection(&self, name: &str, shape: &[usize]) -> Result<ExpertTensor> {
+        if self.dense_fp8() {
+            return self.get_expert(name, shape);
+        }
+        Ok(ExpertTensor::Dense(self.get(name, shape)?))
+    }
+
     /// Whether the checkpoint is FP8 in the blocks the FP8 kernels read.
     fn kernel_blocks(&self) -> bool {
         matches!(self.quant, Some(Quantization::Fp8(q))

@@ -17,9 +17,16 @@
 //!
 //! At V2-Lite's shape (hidden 2,048, 64 experts of 1,408, top-6), whose blocks are whole, and at
 //! a shape of partial edge blocks (hidden 320, 8 experts of 160, top-2; also the k32 tiles).
+//!
+//! Then the dense projections' FP8 kernel (`dense_small` with an e4m3 weight, dense.cu) against
+//! the bf16 kernel over the weight dequantised by `fp8_dequant_bf16` (itself checked bit-equal to
+//! `dequantize_matrix`): bit equality, at 1 to 8 rows, plain and gate/up + SwiGLU, at V2-Lite's
+//! shapes and partial-block ones.
 
-use moemesh_engine::cuda::{DeviceRouting, ExpertWeights, Gpu, HostAssignments, HostPairs};
-use moemesh_engine::weights::fp8::{dequantize_e4m3, quantize_e4m3};
+use moemesh_engine::cuda::{
+    DenseWeight, DeviceRouting, ExpertWeights, Gpu, HostAssignments, HostPairs,
+};
+use moemesh_engine::weights::fp8::{dequantize_e4m3, dequantize_matrix, quantize_e4m3};
 use moemesh_engine::{DType, Device, Tensor};
 use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
@@ -209,5 +216,75 @@ fn one(
         max_rel,
         cosine,
         passed: equal,
+    })
+}
+
+/// The dense FP8 cases (see the module doc): (rows, K, N, gate/up).
+pub fn dense(g: &Gpu, device: &Device, rng: &mut ChaCha8Rng) -> anyhow::Result<Vec<KernelCheck>> {
+    let mut out = Vec::new();
+    for (rows, k, n, gate_up) in [
+        (1, 2048, 3648, false),
+        (8, 2048, 2048, false),
+        (5, 2048, 2816, true),
+        (8, 1408, 2048, false),
+        (1, 2048, 1408, true),
+        (8, 2048, 1408, true),
+        (5, 320, 176, false),
+        (3, 320, 80, true),
+    ] {
+        out.push(dense_one(g, device, rng, rows, k, n, gate_up)?);
+    }
+    Ok(out)
+}
+
+fn dense_one(
+    g: &Gpu,
+    device: &Device,
+    rng: &mut ChaCha8Rng,
+    rows: usize,
+    k: usize,
+    n: usize,
+    gate_up: bool,
+) -> anyhow::Result<KernelCheck> {
+    let wn = if gate_up { 2 * n } else { n };
+    let name = format!(
+        "dense FP8 {}{rows} × {k} → {n}",
+        if gate_up { "gate/up + SwiGLU, " } else { "" }
+    );
+    let missing = |what: &str| anyhow::anyhow!("the {what} kernel did not take {name}");
+    device.set_seed(rng.random())?;
+    let w = Tensor::randn(0f32, 0.03, (wn, k), device)?;
+    let (q, s) = quantize_e4m3(&w)?;
+    let x =
+        Tensor::from_vec(normal(rng, rows * k, 1.0), (rows, k), device)?.to_dtype(DType::BF16)?;
+    let deq = g
+        .fp8_dequant_bf16(&q, &s)?
+        .ok_or_else(|| missing("dequantisation"))?;
+    let bits = |t: &Tensor| -> anyhow::Result<Vec<u32>> {
+        Ok(t.to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|v| v.to_bits())
+            .collect())
+    };
+    let deq_equal = bits(&deq)? == bits(&dequantize_matrix(&q, &s, DType::BF16)?)?;
+    let reference = g
+        .dense_small(&x, DenseWeight::Bf16(&deq), gate_up)?
+        .ok_or_else(|| missing("bf16 dense"))?;
+    let got = g
+        .dense_small(&x, DenseWeight::Fp8 { q: &q, scale: &s }, gate_up)?
+        .ok_or_else(|| missing("FP8 dense"))?;
+    let equal = bits(&reference)? == bits(&got)?;
+    let (max_rel, cosine) = compare(&reference, &got)?;
+    Ok(KernelCheck {
+        case: match (deq_equal, equal) {
+            (true, true) => name,
+            (false, _) => format!("{name}: dequantisation not bit-equal"),
+            (true, false) => format!("{name}: not bit-equal"),
+        },
+        max_rel,
+        cosine,
+        passed: deq_equal && equal,
     })
 }

@@ -30,7 +30,7 @@
 //! Then the decode-sized dense projections (`dense_small`) against f32 products, and the FP8
 //! routed-expert kernels against the bf16 ones, bit for bit (`fp8_check`).
 
-use moemesh_engine::cuda::{DecodeTables, Gpu};
+use moemesh_engine::cuda::{DecodeTables, DenseWeight, Gpu};
 use moemesh_engine::{DType, Device, Tensor};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -120,6 +120,7 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<KernelCheck>> {
         out.push(dense(&g, device, &mut rng, rows, k, n, gate_up)?);
     }
     out.extend(crate::fp8_check::run(&g, device, &mut rng)?);
+    out.extend(crate::fp8_check::dense(&g, device, &mut rng)?);
     Ok(out)
 }
 
@@ -145,7 +146,7 @@ fn dense(
         if gate_up { "gate/up + SwiGLU, " } else { "" }
     );
     let got = g
-        .dense_small(&x, &w, gate_up)?
+        .dense_small(&x, DenseWeight::Bf16(&w), gate_up)?
         .ok_or_else(|| anyhow::anyhow!("the dense kernel did not take {name}"))?;
     let y = x
         .to_dtype(DType::F32)?
