@@ -72,8 +72,8 @@ pub struct Fp8Quant {
 pub enum Quantization {
     /// `quant_method: "fp8"`: e4m3 weights with f32 inverse scales per block (DeepSeek-V3/R1).
     Fp8(Fp8Quant),
-    /// `quant_method: "gptq"` or `"awq"`: 4-bit weight-only, packed in int32 with per-group scales
-    /// and zero points.
+    /// `quant_method: "gptq"`, `"awq"` or `"compressed-tensors"` (`pack-quantized`, 4-bit int
+    /// weights): 4-bit weight-only, packed in int32 with per-group scales (and zero points).
     Int4(Int4Quant),
 }
 
@@ -95,14 +95,27 @@ pub enum Int4Format {
     /// dimension in the interleaved order [0, 2, 4, 6, 1, 3, 5, 7], `qzeros [groups, out/8]`
     /// likewise, `scales [groups, out]`.
     Awq,
+    /// compressed-tensors' `pack-quantized` (vLLM's llm-compressor, RedHatAI's `w4a16` models):
+    /// `weight_packed [out, in/8]` packed along the input dimension, low nibble first, each
+    /// nibble the signed value + 8; `weight_scale [out, in/group]`; `weight_shape [2]`; when
+    /// asymmetric, `weight_zero_point [out/8, groups]` (packed along the output dimension, + 8).
+    /// A layer's group size is read from its scale's shape (config groups may differ); layers in
+    /// `ignore` keep a plain `weight`.
+    CompressedTensors {
+        /// Every config group's weights are symmetric (no zero points stored); `false`: every
+        /// group's are asymmetric (each quantised layer has `weight_zero_point`).
+        symmetric: bool,
+    },
 }
 
 /// INT4 weight-only quantisation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Int4Quant {
     pub format: Int4Format,
-    /// Input rows per scale/zero group; `None` for GPTQ's `group_size: -1` (one group spans the
-    /// whole input dimension).
+    /// Input rows per scale/zero group; `None` for GPTQ's `group_size: -1` or compressed-tensors'
+    /// `channel` strategy (one group spans the whole input dimension). For compressed-tensors,
+    /// the smallest of its config groups' sizes (what the memory plan counts; each layer's own
+    /// comes from its scales).
     pub group_size: Option<usize>,
 }
 
@@ -119,6 +132,10 @@ impl Quantization {
                 format: Int4Format::Awq,
                 ..
             }) => "int4_awq",
+            Quantization::Int4(Int4Quant {
+                format: Int4Format::CompressedTensors { .. },
+                ..
+            }) => "int4_compressed_tensors",
         }
     }
 }
@@ -623,10 +640,11 @@ fn parse_quantization(v: &Option<Value>) -> Result<Option<Quantization>> {
     match method {
         "fp8" => parse_fp8(obj).map(|q| Some(Quantization::Fp8(q))),
         "gptq" | "awq" => parse_int4(obj, method).map(|q| Some(Quantization::Int4(q))),
+        "compressed-tensors" => parse_compressed_tensors(obj).map(|q| Some(Quantization::Int4(q))),
         _ => Err(EngineError::unsupported(
             "quantization_config.quant_method",
             format!("{method:?}"),
-            "moemesh loads \"fp8\" block-quantised, and \"gptq\" or \"awq\" 4-bit checkpoints",
+            "moemesh loads \"fp8\" block-quantised, and \"gptq\", \"awq\" or \"compressed-tensors\" 4-bit checkpoints",
         )),
     }
 }
@@ -772,6 +790,120 @@ fn parse_int4(obj: &serde_json::Map<String, Value>, method: &str) -> Result<Int4
         Int4Format::Awq
     };
     Ok(Int4Quant { format, group_size })
+}
+
+/// compressed-tensors' `quantization_config` (`quant_method: "compressed-tensors"`): only its
+/// `pack-quantized` format with 4-bit integer weights, `group` or `channel` strategy, and no
+/// activation quantisation (W4A16) is read; `ignore` needs nothing (those layers store a plain
+/// `weight`).
+fn parse_compressed_tensors(obj: &serde_json::Map<String, Value>) -> Result<Int4Quant> {
+    let key = |k: &str| format!("quantization_config.{k}");
+    match obj.get("format").and_then(Value::as_str) {
+        Some("pack-quantized") => {}
+        other => {
+            return Err(EngineError::unsupported(
+                key("format"),
+                format!("{other:?}"),
+                "moemesh reads compressed-tensors' \"pack-quantized\" (4-bit int) checkpoints",
+            ));
+        }
+    }
+    let groups = match obj.get("config_groups") {
+        Some(Value::Object(g)) if !g.is_empty() => g,
+        other => {
+            return Err(EngineError::unsupported(
+                key("config_groups"),
+                format!("{other:?}"),
+                "at least one config group",
+            ));
+        }
+    };
+    let (mut symmetric, mut smallest) = (None::<bool>, None::<Option<usize>>);
+    for (name, group) in groups {
+        let at = |k: &str| key(&format!("config_groups.{name}.{k}"));
+        for act in ["input_activations", "output_activations"] {
+            if group.get(act).is_some_and(|v| !v.is_null()) {
+                return Err(EngineError::unsupported(
+                    at(act),
+                    &group[act],
+                    "null: moemesh runs weight-only (W4A16) compressed-tensors checkpoints",
+                ));
+            }
+        }
+        let Some(w) = group.get("weights").and_then(Value::as_object) else {
+            return Err(EngineError::unsupported(
+                at("weights"),
+                "missing",
+                "the group's weight quantisation",
+            ));
+        };
+        let field = |k: &str| w.get(k).filter(|v| !v.is_null());
+        if field("num_bits").and_then(Value::as_u64) != Some(4) {
+            return Err(EngineError::unsupported(
+                at("weights.num_bits"),
+                format!("{:?}", field("num_bits")),
+                "4 (moemesh loads 4-bit compressed-tensors checkpoints)",
+            ));
+        }
+        if let Some(t) = field("type").and_then(Value::as_str)
+            && t != "int"
+        {
+            return Err(EngineError::unsupported(
+                at("weights.type"),
+                format!("{t:?}"),
+                "\"int\"",
+            ));
+        }
+        let sym = match field("symmetric") {
+            None => true,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => {
+                return Err(EngineError::unsupported(
+                    at("weights.symmetric"),
+                    v,
+                    "true or false",
+                ));
+            }
+        };
+        if symmetric.is_some_and(|s| s != sym) {
+            return Err(EngineError::unsupported(
+                at("weights.symmetric"),
+                sym,
+                "the same in every config group (moemesh reads all-symmetric or all-asymmetric checkpoints)",
+            ));
+        }
+        symmetric = Some(sym);
+        let size = match field("strategy").and_then(Value::as_str) {
+            Some("channel") => None,
+            Some("group") => match field("group_size").and_then(Value::as_u64) {
+                Some(g) if g > 0 && g.is_multiple_of(8) => Some(g as usize),
+                _ => {
+                    return Err(EngineError::unsupported(
+                        at("weights.group_size"),
+                        format!("{:?}", field("group_size")),
+                        "a positive multiple of 8 (e.g. 128)",
+                    ));
+                }
+            },
+            other => {
+                return Err(EngineError::unsupported(
+                    at("weights.strategy"),
+                    format!("{other:?}"),
+                    "\"group\" or \"channel\"",
+                ));
+            }
+        };
+        smallest = Some(match (smallest.flatten(), size) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        });
+    }
+    Ok(Int4Quant {
+        format: Int4Format::CompressedTensors {
+            symmetric: symmetric.unwrap_or(true),
+        },
+        group_size: smallest.flatten(),
+    })
 }
 
 #[cfg(test)]
@@ -947,6 +1079,86 @@ mod tests {
             for n in needles {
                 assert!(err.contains(n), "{q}: {err} lacks {n:?}");
             }
+        }
+    }
+
+    /// As llm-compressor writes a W4A16 checkpoint's config (RedHatAI's DeepSeek-R1 w4a16).
+    fn compressed_tensors(group: Value) -> Value {
+        serde_json::json!({
+            "quant_method": "compressed-tensors", "format": "pack-quantized",
+            "quantization_status": "compressed", "ignore": ["lm_head", "re:.*mlp.gate$"],
+            "config_groups": {"group_0": {
+                "targets": ["Linear"], "input_activations": null, "output_activations": null,
+                "weights": group
+            }}
+        })
+    }
+
+    #[test]
+    fn reads_compressed_tensors_w4a16_configs() {
+        let q = with_quant(compressed_tensors(serde_json::json!({
+            "num_bits": 4, "type": "int", "symmetric": true, "strategy": "group",
+            "group_size": 128, "dynamic": false, "observer": "minmax"
+        })))
+        .expect("w4a16");
+        assert_eq!(
+            q.quantization,
+            Some(Quantization::Int4(Int4Quant {
+                format: Int4Format::CompressedTensors { symmetric: true },
+                group_size: Some(128),
+            }))
+        );
+        assert_eq!(
+            q.quantization.map(|q| q.label()),
+            Some("int4_compressed_tensors")
+        );
+        let channel = with_quant(compressed_tensors(serde_json::json!({
+            "num_bits": 4, "type": "int", "symmetric": false, "strategy": "channel"
+        })))
+        .expect("channel");
+        assert_eq!(
+            channel.quantization,
+            Some(Quantization::Int4(Int4Quant {
+                format: Int4Format::CompressedTensors { symmetric: false },
+                group_size: None,
+            }))
+        );
+    }
+
+    #[test]
+    fn unsupported_compressed_tensors_settings_name_the_key() {
+        let w = |extra: Value| {
+            let mut g = serde_json::json!({
+                "num_bits": 4, "type": "int", "symmetric": true, "strategy": "group",
+                "group_size": 128
+            });
+            for (k, v) in extra.as_object().expect("object") {
+                g[k] = v.clone();
+            }
+            compressed_tensors(g)
+        };
+        let mut fp8 = w(serde_json::json!({}));
+        fp8["format"] = "float-quantized".into();
+        let mut w4a8 = w(serde_json::json!({}));
+        w4a8["config_groups"]["group_0"]["input_activations"] =
+            serde_json::json!({"num_bits": 8, "type": "int"});
+        let cases = [
+            (w(serde_json::json!({"num_bits": 8})), "weights.num_bits"),
+            (w(serde_json::json!({"type": "float"})), "weights.type"),
+            (
+                w(serde_json::json!({"strategy": "tensor"})),
+                "weights.strategy",
+            ),
+            (
+                w(serde_json::json!({"group_size": 100})),
+                "weights.group_size",
+            ),
+            (fp8, "quantization_config.format"),
+            (w4a8, "group_0.input_activations"),
+        ];
+        for (q, needle) in cases {
+            let err = with_quant(q.clone()).expect_err("unsupported").to_string();
+            assert!(err.contains(needle), "{q}: {err} lacks {needle:?}");
         }
     }
 

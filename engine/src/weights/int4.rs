@@ -21,6 +21,25 @@
 //!   `4k..`) of word `(i, c)` holds column `8c + ORDER[k]`. `qzeros: [groups, out/8]` likewise,
 //!   `scales: [groups, out]`; the group of row `i` is `i / group_size`; zeros are stored as
 //!   they are.
+//! - **compressed-tensors** `pack-quantized` (vLLM's llm-compressor; RedHatAI's w4a16 models;
+//!   `compressed_tensors/compressors/pack_quantized` in compressed-tensors 0.20):
+//!   `weight_packed: [out, ⌈in/8⌉]`, packed along the *input* dimension, column `8k + j` of a
+//!   row in bits `4j..` of word `k`; each nibble is the signed value plus 8 (`q − 8 ∈ [−8, 7]`).
+//!   `weight_scale: [out, groups]` (the weight's dtype), group of column `i` = `i / group_size`
+//!   (`channel` strategy: one group). Symmetric layers store no zero point (it is 8 in nibble
+//!   terms); asymmetric ones `weight_zero_point: [⌈out/8⌉, groups]`, packed along the *output*
+//!   dimension (row `8k + j` in bits `4j..` of word `(k, g)`), also plus 8. `weight_shape: [2]`
+//!   holds `[out, in]`. Its dequantisation (`quantization/lifecycle/forward.py`) is
+//!   `(q − z) · s` in the scale's dtype.
+//!
+//! [`Int4Tensor`] is that last layout as moemesh keeps it, in candle tensors: the routed experts
+//! on a GPU stay so ([`crate::weights::ExpertsDtype::Int4`]), read by the INT4 expert kernels
+//! (engine/src/cuda/experts_int4.cu), which dequantise in registers or shared memory to exactly
+//! the values [`Int4Tensor::dequantize`] gives.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{EngineError, Result};
 
 /// AWQ's packing order: nibble `k` of a word holds output column `AWQ_ORDER[k]` of its 8.
 pub const AWQ_ORDER: [usize; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
@@ -91,6 +110,136 @@ pub fn dequantize_awq_in_out(
             let z = nibble(zeros[o / 8], k) as f32;
             scale[o] * (q - z)
         }));
+    }
+    out
+}
+
+/// The zero point, in stored-nibble terms, of a symmetric layer (signed value 0).
+pub const SYMMETRIC_ZERO: u8 = 8;
+
+/// The group size moemesh quantises to (`--weights-dtype int4` on a checkpoint stored otherwise):
+/// 128 input columns, as GPTQ, AWQ and compressed-tensors' W4A16 preset use.
+pub const QUANT_GROUP: usize = 128;
+
+/// An INT4 matrix `W [R, C]` in compressed-tensors' layout, on some device:
+/// `W[r][c] = scale[r][c / group] · (q[r][c] − zero[r][c / group])`, the difference exact and
+/// the product in f32. The last group of a row may be partial (`C` need not be a multiple of
+/// `group`: each matrix keeps its own grid, as FP8's edge blocks do).
+#[derive(Clone, Debug)]
+pub struct Int4Tensor {
+    /// `[R, C/2]` u8: column `c` of row `r` in byte `c/2`, the low nibble for even `c` (the
+    /// bytes of compressed-tensors' little-endian `weight_packed` words).
+    pub q: Tensor,
+    /// `[R, ⌈C/group⌉]` f32.
+    pub scale: Tensor,
+    /// `[R, ⌈C/group⌉]` u8 nibble values (0..=15), or `None`: every zero is [`SYMMETRIC_ZERO`].
+    pub zero: Option<Tensor>,
+    /// Input columns per scale.
+    pub group: usize,
+}
+
+impl Int4Tensor {
+    /// `[R, C]`.
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        let (r, half) = self.q.dims2()?;
+        Ok((r, 2 * half))
+    }
+
+    /// Round-to-nearest symmetric quantisation of `w [R, C]` (any float dtype, any device; `C` a
+    /// multiple of 8) in groups of `group` columns, compressed-tensors' W4A16 recipe
+    /// (`calculate_qparams` with `symmetric: true`, then `quantize`): per group
+    /// `scale = amax(|w|) / 7.5` (the int4 range's half-width, (7 − (−8)) / 2), an all-zero group
+    /// getting scale 1; `q = clamp(round(w / scale), −8, 7)`, the division in f32 and ties
+    /// rounded away from zero (candle's `round`; torch rounds them to even, which differs only
+    /// on exact ties); stored as `q + 8`, no zero points.
+    pub fn quantize(w: &Tensor, group: usize) -> Result<Int4Tensor> {
+        let (r, c) = w.dims2()?;
+        if !c.is_multiple_of(8) || group == 0 || !group.is_multiple_of(8) {
+            return Err(EngineError::InvalidInput(format!(
+                "INT4 quantisation of a [{r}, {c}] matrix in groups of {group}: the columns and \
+                 the group size must be multiples of 8"
+            )));
+        }
+        let groups = c.div_ceil(group);
+        // [R, G, group]
+        let blocks = w
+            .to_dtype(DType::F32)?
+            .pad_with_zeros(1, 0, groups * group - c)?
+            .reshape((r, groups, group))?;
+        let amax = blocks.abs()?.max_keepdim(2)?;
+        // A true division (candle's `t / 7.5` multiplies by the reciprocal).
+        let half_range = Tensor::new(7.5f32, w.device())?;
+        let scale = amax.broadcast_div(&half_range)?;
+        let scale = (&scale + scale.eq(0f32)?.to_dtype(DType::F32)?)?;
+        let q = blocks
+            .broadcast_div(&scale)?
+            .round()?
+            .clamp(-8f32, 7f32)?
+            .affine(1.0, f64::from(SYMMETRIC_ZERO))?
+            .reshape((r, groups * group))?
+            .narrow(1, 0, c)?
+            .reshape((r, c / 2, 2))?;
+        let (lo, hi) = (q.narrow(2, 0, 1)?, q.narrow(2, 1, 1)?);
+        let bytes = (lo + (hi * 16.0)?)?.squeeze(2)?.to_dtype(DType::U8)?;
+        Ok(Int4Tensor {
+            q: bytes,
+            scale: scale.reshape((r, groups))?,
+            zero: None,
+            group,
+        })
+    }
+
+    /// `W` in `dtype` on the tensors' device: `scale · (q − zero)` in f32, converted to `dtype`
+    /// once (round to nearest even) — what the INT4 kernels compute in registers.
+    pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
+        let (r, c) = self.dims()?;
+        let device = self.q.device();
+        // [R, C/2, 2]: low nibble, then high, as f32 (exact).
+        let bytes = self.q.to_dtype(DType::F32)?;
+        let hi = (&bytes / 16.0)?.floor()?;
+        let lo = (&bytes - (&hi * 16.0)?)?;
+        let q = Tensor::stack(&[lo, hi], 2)?.reshape((r, c))?;
+        let group_of: Vec<u32> = (0..c).map(|i| (i / self.group) as u32).collect();
+        let group_of = Tensor::from_vec(group_of, c, device)?;
+        let per_column = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.to_dtype(DType::F32)?
+                .contiguous()?
+                .index_select(&group_of, 1)?)
+        };
+        let centred = match &self.zero {
+            Some(z) => (q - per_column(z)?)?,
+            None => (q - f64::from(SYMMETRIC_ZERO))?,
+        };
+        Ok((centred * per_column(&self.scale)?)?.to_dtype(dtype)?)
+    }
+
+    /// The same tensors on `device`.
+    pub fn to_device(&self, device: &Device) -> Result<Int4Tensor> {
+        Ok(Int4Tensor {
+            q: self.q.to_device(device)?,
+            scale: self.scale.to_device(device)?,
+            zero: self
+                .zero
+                .as_ref()
+                .map(|z| z.to_device(device))
+                .transpose()?,
+            group: self.group,
+        })
+    }
+
+    /// Bytes held: the nibbles, the f32 scales and the zero points.
+    pub fn bytes(&self) -> u64 {
+        let n = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+        n(&self.q) + n(&self.scale) + self.zero.as_ref().map_or(0, n)
+    }
+}
+
+/// compressed-tensors' packed zero points `[⌈rows/8⌉, groups]` (row `8k + j` in bits `4j..` of
+/// word `(k, g)`) unpacked to `[rows, groups]` nibble values.
+pub fn unpack_zero_points(words: &[u32], rows: usize, groups: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(rows * groups);
+    for r in 0..rows {
+        out.extend((0..groups).map(|g| nibble(words[(r / 8) * groups + g], r % 8) as u8));
     }
     out
 }
@@ -411,6 +560,202 @@ mod tests {
         assert!(
             msg.contains("down_proj.qweight") && msg.contains("12 output features"),
             "{msg}"
+        );
+    }
+
+    /// compressed-tensors' `pack_to_int32` by hand: `weight_packed [OUT, IN/8]`, column `8k + j`
+    /// of a row in bits `4j` of word `k`, each nibble the signed value + 8; asymmetric zero
+    /// points `[OUT/8, groups]` packed along the output dimension, also + 8.
+    fn pack_compressed_tensors(groups: usize) -> (Vec<u32>, Vec<u32>) {
+        let mut packed = vec![0u32; OUT * IN / 8];
+        for o in 0..OUT {
+            for i in 0..IN {
+                packed[o * IN / 8 + i / 8] |= q(i, o) << (4 * (i % 8));
+            }
+        }
+        let mut zeros = vec![0u32; OUT / 8 * groups];
+        for o in 0..OUT {
+            for g in 0..groups {
+                zeros[(o / 8) * groups + g] |= z(g, o) << (4 * (o % 8));
+            }
+        }
+        (packed, zeros)
+    }
+
+    /// `weight_scale [OUT, groups]` in bf16 (the weight's dtype, as llm-compressor stores it).
+    fn scales_out_by_group_bf16(groups: usize) -> Vec<u8> {
+        (0..OUT)
+            .flat_map(|o| (0..groups).map(move |g| half::bf16::from_f32(s(g, o))))
+            .flat_map(|v| v.to_le_bytes())
+            .collect()
+    }
+
+    fn compressed_tensors_config(symmetric: bool) -> ModelConfig {
+        config(serde_json::json!({
+            "quant_method": "compressed-tensors", "format": "pack-quantized",
+            "ignore": ["lm_head"],
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                "num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": "group",
+                "group_size": GROUP}}}
+        }))
+    }
+
+    fn compressed_tensors_checkpoint(
+        dir: &Path,
+        zero_points: bool,
+        weight_shape: [i64; 2],
+    ) -> SafetensorsSource {
+        let groups = IN / GROUP;
+        let (packed, zeros) = pack_compressed_tensors(groups);
+        let shape_bytes: Vec<u8> = weight_shape.iter().flat_map(|d| d.to_le_bytes()).collect();
+        let mut t = vec![
+            (
+                "model.layers.0.mlp.down_proj.weight_packed",
+                Dtype::I32,
+                vec![OUT, IN / 8],
+                le(&packed),
+            ),
+            (
+                "model.layers.0.mlp.down_proj.weight_scale",
+                Dtype::BF16,
+                vec![OUT, groups],
+                scales_out_by_group_bf16(groups),
+            ),
+            (
+                "model.layers.0.mlp.down_proj.weight_shape",
+                Dtype::I64,
+                vec![2],
+                shape_bytes,
+            ),
+        ];
+        if zero_points {
+            t.push((
+                "model.layers.0.mlp.down_proj.weight_zero_point",
+                Dtype::I32,
+                vec![OUT / 8, groups],
+                le(&zeros),
+            ));
+        }
+        checkpoint(dir, &t)
+    }
+
+    #[test]
+    fn compressed_tensors_asymmetric_dequantises_exactly() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = compressed_tensors_checkpoint(dir.path(), true, [OUT as i64, IN as i64]);
+        let cfg = compressed_tensors_config(false);
+        assert_eq!(
+            load(&src, &cfg).expect("dequantised"),
+            expected(|i| i / GROUP)
+        );
+        let loader = Loader::new(&src, &cfg, &Device::Cpu, DType::F32);
+        assert!(
+            loader
+                .contains(&format!("{STEM}.weight"))
+                .expect("contains")
+        );
+        loader
+            .get(&format!("{STEM}.weight"), &[OUT, IN])
+            .expect("load");
+        assert!(loader.unused(1).is_empty(), "{:?}", loader.unused(1));
+        let stored = 4 * (OUT * IN / 8) + 2 * (OUT * 2) + 16 + 4 * (OUT / 8 * 2);
+        assert_eq!(
+            loader.loaded_bytes().checkpoint.get("int4"),
+            Some(&(stored as u64))
+        );
+    }
+
+    #[test]
+    fn compressed_tensors_symmetric_centres_on_eight() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = compressed_tensors_checkpoint(dir.path(), false, [OUT as i64, IN as i64]);
+        let got = load(&src, &compressed_tensors_config(true)).expect("dequantised");
+        let want: Vec<Vec<f32>> = (0..OUT)
+            .map(|o| {
+                (0..IN)
+                    .map(|i| s(i / GROUP, o) * (q(i, o) as f32 - 8.0))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn compressed_tensors_errors_name_the_tensor() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Asymmetric config, no zero points stored.
+        let src = compressed_tensors_checkpoint(dir.path(), false, [OUT as i64, IN as i64]);
+        let err = load(&src, &compressed_tensors_config(false)).expect_err("no zeros");
+        assert!(
+            matches!(&err, EngineError::MissingTensor { name, .. }
+                if name == "model.layers.0.mlp.down_proj.weight_zero_point"),
+            "{err}"
+        );
+        // weight_shape contradicting the model.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = compressed_tensors_checkpoint(dir.path(), false, [OUT as i64, 2 * IN as i64]);
+        let msg = load(&src, &compressed_tensors_config(true))
+            .expect_err("shape")
+            .to_string();
+        assert!(
+            msg.contains("down_proj.weight_shape") && msg.contains("[16, 64]"),
+            "{msg}"
+        );
+        // The packed words of another width.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = compressed_tensors_checkpoint(dir.path(), false, [OUT as i64, IN as i64]);
+        let loader = Loader::new(
+            &src,
+            &compressed_tensors_config(true),
+            &Device::Cpu,
+            DType::F32,
+        );
+        let err = loader
+            .get(&format!("{STEM}.weight"), &[2 * OUT, IN])
+            .expect_err("rows");
+        assert!(err.to_string().contains("down_proj.weight_shape"), "{err}");
+    }
+
+    /// The quantiser's round trip: every value within half a step of its group's scale, the
+    /// scale amax / 7.5, and `dequantize` equal to the formula evaluated on the host — partial
+    /// last groups included.
+    #[test]
+    fn quantise_then_dequantise_is_the_formula() {
+        let (r, c, group) = (24, 160, 128);
+        let w = Tensor::randn(0f32, 0.05, (r, c), &Device::Cpu).expect("w");
+        let t = Int4Tensor::quantize(&w, group).expect("quantise");
+        assert_eq!(t.q.dims(), &[r, c / 2]);
+        assert_eq!(t.scale.dims(), &[r, 2]);
+        let bytes = t.q.to_vec2::<u8>().expect("bytes");
+        let scale = t.scale.to_vec2::<f32>().expect("scales");
+        let wv = w.to_vec2::<f32>().expect("w");
+        let got = t
+            .dequantize(DType::F32)
+            .expect("dequantise")
+            .to_vec2::<f32>()
+            .expect("f32");
+        for row in 0..r {
+            for (g, &sc) in scale[row].iter().enumerate() {
+                let cols = g * group..((g + 1) * group).min(c);
+                let amax = wv[row][cols].iter().fold(0f32, |m, v| m.max(v.abs()));
+                assert_eq!(sc, amax / 7.5);
+            }
+            for col in 0..c {
+                let nib = u32::from(bytes[row][col / 2]);
+                let qv = (nib >> (4 * (col % 2))) & 0xf;
+                let sc = scale[row][col / group];
+                assert_eq!(got[row][col], sc * (qv as f32 - 8.0));
+                assert!((got[row][col] - wv[row][col]).abs() <= sc / 2.0 * (1.0 + 1e-4));
+            }
+        }
+        let bf16 = t.dequantize(DType::BF16).expect("bf16");
+        let want = Tensor::new(got, &Device::Cpu)
+            .expect("t")
+            .to_dtype(DType::BF16)
+            .expect("bf16");
+        assert_eq!(
+            crate::weights::fp8::f32_bits(&bf16),
+            crate::weights::fp8::f32_bits(&want)
         );
     }
 

@@ -285,15 +285,17 @@ impl<'s> Loader<'s> {
     }
 
     /// Whether the source has a tensor called `name` (for optional tensors such as biases),
-    /// counting an INT4 layer's `<layer>.qweight` as its `<layer>.weight`.
+    /// counting an INT4 layer's `<layer>.qweight` (`<layer>.weight_packed`) as its
+    /// `<layer>.weight`.
     pub fn contains(&self, name: &str) -> Result<bool> {
         if self.source.raw(name)?.is_some() {
             return Ok(true);
         }
         match (self.quant, name.strip_suffix(".weight")) {
-            (Some(Quantization::Int4(_)), Some(stem)) => {
-                Ok(self.source.raw(&format!("{stem}.qweight"))?.is_some())
-            }
+            (Some(Quantization::Int4(q)), Some(stem)) => Ok(self
+                .source
+                .raw(&format!("{stem}.{}", int4_packed_name(q)))?
+                .is_some()),
             _ => Ok(false),
         }
     }
@@ -314,10 +316,14 @@ impl<'s> Loader<'s> {
     ) -> Result<(Tensor, &'static str, u64)> {
         let Some(raw) = self.source.raw(name)? else {
             // An INT4 checkpoint keeps a quantised layer as `<layer>.qweight` (and its zeros,
-            // scales, g_idx) in place of `<layer>.weight`.
+            // scales, g_idx), or `<layer>.weight_packed` (compressed-tensors), in place of
+            // `<layer>.weight`.
             if let (Some(Quantization::Int4(q)), Some(stem)) =
                 (self.quant, name.strip_suffix(".weight"))
-                && self.source.raw(&format!("{stem}.qweight"))?.is_some()
+                && self
+                    .source
+                    .raw(&format!("{stem}.{}", int4_packed_name(q)))?
+                    .is_some()
             {
                 let (tensor, stored_bytes) = self.dequantize_int4(stem, shape, q)?;
                 let tensor = tensor.to_dtype(dtype)?.to_device(&self.device)?;
@@ -535,6 +541,10 @@ impl<'s> Loader<'s> {
     /// Dequantises the INT4 layer `stem` (`stem.qweight`, `.qzeros`, `.scales`, GPTQ's `.g_idx`)
     /// into an f32 `[out, in]` tensor on the host; also returns the bytes it took as stored.
     fn dequantize_int4(&self, stem: &str, shape: &[usize], q: Int4Quant) -> Result<(Tensor, u64)> {
+        if let Int4Format::CompressedTensors { symmetric } = q.format {
+            let (packed, stored) = self.compressed_tensors_int4(stem, shape, symmetric)?;
+            return Ok((packed.dequantize(DType::F32)?, stored));
+        }
         let qweight = format!("{stem}.qweight");
         let bad = |name: &str, reason: String| EngineError::QuantizedTensor {
             name: name.to_string(),
@@ -640,6 +650,11 @@ impl<'s> Loader<'s> {
                 };
                 int4::dequantize_gptq_in_out(&layout, &words, &zeros, &scales, zeros_minus_one)
             }
+            Int4Format::CompressedTensors { .. } => {
+                return Err(EngineError::Internal(format!(
+                    "{qweight}: compressed-tensors layers are read above"
+                )));
+            }
             Int4Format::Awq => {
                 let layout = int4::Int4Layout {
                     in_features: n_in,
@@ -654,6 +669,142 @@ impl<'s> Loader<'s> {
             .t()?
             .contiguous()?;
         Ok((w, stored))
+    }
+
+    /// The compressed-tensors INT4 layer `stem` (`weight_packed`, `weight_scale`, `weight_shape`,
+    /// and `weight_zero_point` unless `symmetric`) standing for `<stem>.weight` of `shape`
+    /// (`[out, in]`), as an [`int4::Int4Tensor`] on the host; also the bytes it took as stored.
+    /// The layer's group size is `in / scale columns`.
+    fn compressed_tensors_int4(
+        &self,
+        stem: &str,
+        shape: &[usize],
+        symmetric: bool,
+    ) -> Result<(int4::Int4Tensor, u64)> {
+        let packed = format!("{stem}.weight_packed");
+        let bad = |name: &str, reason: String| EngineError::QuantizedTensor {
+            name: name.to_string(),
+            reason,
+        };
+        let &[n_out, n_in] = shape else {
+            return Err(bad(
+                &packed,
+                format!(
+                    "stands for `{stem}.weight` of shape {shape:?}, but INT4 packs only 2-D linear weights"
+                ),
+            ));
+        };
+        if !n_in.is_multiple_of(8) {
+            return Err(bad(
+                &packed,
+                format!("{n_in} input features are not a multiple of 8 (8 per int32 word)"),
+            ));
+        }
+        // `weight_shape` first: a layer quantised at another shape is named as such.
+        let shape_name = format!("{stem}.weight_shape");
+        let raw = self
+            .source
+            .raw(&shape_name)?
+            .ok_or_else(|| EngineError::MissingTensor {
+                name: shape_name.clone(),
+                hint: format!(" (the unpacked shape of INT4 tensor `{packed}`)"),
+            })?;
+        expect_shape(&shape_name, &raw.shape, &[2])?;
+        let dims: Vec<i64> = match (raw.dtype, raw.data) {
+            (StoredDtype::Other("I64"), RawData::Bytes(b)) => b
+                .chunks_exact(8)
+                .map(|w| i64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
+                .collect(),
+            (StoredDtype::I32, RawData::Bytes(b)) => b
+                .chunks_exact(4)
+                .map(|w| i64::from(i32::from_le_bytes([w[0], w[1], w[2], w[3]])))
+                .collect(),
+            (_, RawData::Tensor(t)) => t.to_dtype(DType::I64)?.to_vec1()?,
+            (d, _) => {
+                return Err(EngineError::TensorDtype {
+                    name: shape_name,
+                    dtype: format!("{d:?}"),
+                    expected: "I64 or I32 (the weight's [out, in])".into(),
+                });
+            }
+        };
+        if dims != [n_out as i64, n_in as i64] {
+            return Err(bad(
+                &shape_name,
+                format!("says the weight is {dims:?}, but `{stem}.weight` is [{n_out}, {n_in}]"),
+            ));
+        }
+        self.mark_used(&shape_name);
+        let words = self
+            .int_words(&packed, &[n_out, n_in / 8])?
+            .ok_or_else(|| EngineError::MissingTensor {
+                name: packed.clone(),
+                hint: String::new(),
+            })?;
+        let scale_name = format!("{stem}.weight_scale");
+        let groups = match self.source.raw(&scale_name)? {
+            Some(r) if r.shape.len() == 2 && r.shape[0] == n_out && r.shape[1] > 0 => r.shape[1],
+            Some(r) => {
+                return Err(EngineError::TensorShape {
+                    name: scale_name,
+                    expected: vec![n_out, n_in / int4::QUANT_GROUP.min(n_in)],
+                    actual: r.shape,
+                });
+            }
+            None => {
+                return Err(EngineError::MissingTensor {
+                    name: scale_name,
+                    hint: format!(" (the group scales of INT4 tensor `{packed}`)"),
+                });
+            }
+        };
+        if !n_in.is_multiple_of(groups) || !(n_in / groups).is_multiple_of(8) {
+            return Err(bad(
+                &scale_name,
+                format!(
+                    "{groups} groups over {n_in} input features: the group size must divide them and be a multiple of 8"
+                ),
+            ));
+        }
+        let group = n_in / groups;
+        let (scales, scale_bytes) = self.float_values(
+            &scale_name,
+            &[n_out, groups],
+            &format!("the group scales of INT4 tensor `{packed}`"),
+        )?;
+        let zero_name = format!("{stem}.weight_zero_point");
+        let zero_shape = [n_out.div_ceil(8), groups];
+        let mut stored = 4 * words.len() as u64 + scale_bytes + 16;
+        let zero = match (symmetric, self.int_words(&zero_name, &zero_shape)?) {
+            (true, None) => None,
+            (false, Some(z)) => {
+                stored += 4 * z.len() as u64;
+                let nibbles = int4::unpack_zero_points(&z, n_out, groups);
+                Some(Tensor::from_vec(nibbles, (n_out, groups), &Device::Cpu)?)
+            }
+            (false, None) => {
+                return Err(EngineError::MissingTensor {
+                    name: zero_name,
+                    hint: format!(
+                        " (the zero points of INT4 tensor `{packed}`: the config's weights are asymmetric)"
+                    ),
+                });
+            }
+            (true, Some(_)) => {
+                return Err(bad(
+                    &zero_name,
+                    "is stored, but the config's weights are symmetric (no zero points)".into(),
+                ));
+            }
+        };
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let tensor = int4::Int4Tensor {
+            q: Tensor::from_vec(bytes, (n_out, n_in / 2), &Device::Cpu)?,
+            scale: Tensor::from_vec(scales, (n_out, groups), &Device::Cpu)?,
+            zero,
+            group,
+        };
+        Ok((tensor, stored))
     }
 
     fn dequantize(&self, name: &str, shape: &[usize], bytes: &[u8]) -> Result<(Tensor, u64)> {
@@ -766,6 +917,14 @@ impl<'s> Loader<'s> {
             .collect();
         out.sort();
         out
+    }
+}
+
+/// The suffix of an INT4 layer's packed weights (`<layer>.<suffix>` stands for `<layer>.weight`).
+fn int4_packed_name(q: Int4Quant) -> &'static str {
+    match q.format {
+        Int4Format::CompressedTensors { .. } => "weight_packed",
+        Int4Format::Gptq { .. } | Int4Format::Awq => "qweight",
     }
 }
 
