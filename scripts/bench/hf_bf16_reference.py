@@ -50,6 +50,35 @@ def dequantized(weights, block):
     return out
 
 
+def unpacked_int4(weights):
+    """compressed-tensors' pack-quantized INT4 layers (weight_packed, weight_scale, weight_shape,
+    weight_zero_point) dequantised as its `decompress` does: (q - zero) * scale in the scale's
+    dtype, q and zero the stored nibbles minus 8 (low nibble first along the packed dimension: the
+    input dimension for weights, the output dimension for zero points). Without compressed-tensors
+    itself, so that the check runs where only torch and transformers are installed."""
+    def nibbles(words, n):
+        b = words.contiguous().view(torch.uint8)
+        return torch.stack((b & 0xF, b >> 4), dim=-1).flatten(-2)[..., :n].to(torch.int32) - 8
+
+    out = {}
+    for k, v in weights.items():
+        if not k.endswith(".weight_packed"):
+            if not any(k.endswith(s) for s in (".weight_scale", ".weight_shape", ".weight_zero_point")):
+                out[k] = v.float()
+            continue
+        stem = k[: -len(".weight_packed")]
+        o, i = (int(d) for d in weights[stem + ".weight_shape"])
+        scale = weights[stem + ".weight_scale"]
+        q = nibbles(v, i)
+        zp = weights.get(stem + ".weight_zero_point")
+        groups = scale.shape[1]
+        if zp is not None:
+            z = nibbles(zp.t(), o).t()  # [out, groups]
+            q = q - z.repeat_interleave(i // groups, 1)
+        out[stem + ".weight"] = (q.to(scale.dtype) * scale.repeat_interleave(i // groups, 1)).float()
+    return out
+
+
 def cosine(a, b):
     a, b = a.double().flatten(), b.double().flatten()
     return float((a @ b) / (a.norm() * b.norm()))
@@ -79,7 +108,12 @@ def check(fixture, dtype, device):
     cfg = json.load(open(os.path.join(fixture, "config.json")))
     q = cfg.pop("quantization_config", None)
     weights = load_file(os.path.join(fixture, "model.safetensors"))
-    weights = dequantized(weights, q["weight_block_size"]) if q else {k: v.float() for k, v in weights.items()}
+    if q and q.get("quant_method") == "compressed-tensors":
+        weights = unpacked_int4(weights)
+    elif q:
+        weights = dequantized(weights, q["weight_block_size"])
+    else:
+        weights = {k: v.float() for k, v in weights.items()}
     ref = load_file(os.path.join(fixture, "reference.safetensors"))
     meta = json.load(open(os.path.join(fixture, "reference.json")))
     with tempfile.TemporaryDirectory() as tmp:
