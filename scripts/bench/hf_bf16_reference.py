@@ -12,7 +12,11 @@
 #     log p = x - logsumexp(x) in float64 from the float32 logits x;
 #     KL = sum_i p_ref_i * (log p_ref_i - log p_test_i) (terms with p_ref_i = 0 add nothing);
 #     top-1 = arg-max, the first index on equal values;
-#     p99 = nearest rank, the ceil(99 n / 100)-th smallest.
+#     p99 = nearest rank, the ceil(99 n / 100)-th smallest;
+#     flips = positions with KL > FLIP_KL (0.05 nats, divergence::FLIP_KL), rest_mean_kl = the
+#     mean KL of the other positions (the figures `divergence::judge` bounds).
+#   Each prompt's entry lists its positions' KLs ("kl"), from which moemesh counts the flips again
+#   at its own threshold.
 #
 # With --figures-out DIR, the bf16 figures of each fixture go to DIR/<fixture>/hf_bf16_reference.json
 # with their provenance, so DIR can be copied into tests/fixtures/ as it is; `moemesh verify` and
@@ -32,6 +36,9 @@ torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
 FIGURES_FILE = "hf_bf16_reference.json"
+# A position whose KL is above this is a flip (a routing decision or the top token changed at a
+# near-tie); divergence::FLIP_KL says why 0.05.
+FLIP_KL = 0.05
 
 
 def dequantized(weights, block):
@@ -99,9 +106,11 @@ def summary(kl, top1):
     n = len(kl)
     ranked = sorted(kl)
     rank = (99 * n + 99) // 100  # ceil(99 n / 100)
+    rest = [k for k in kl if not k > FLIP_KL]
     return {"positions": n, "mean_kl": sum(kl) / n if n else 0.0,
             "p99_kl": ranked[rank - 1] if n else 0.0, "max_kl": ranked[-1] if n else 0.0,
-            "top1_agree": sum(top1)}
+            "top1_agree": sum(top1), "flip_kl": FLIP_KL, "flips": n - len(rest),
+            "rest_mean_kl": sum(rest) / len(rest) if rest else 0.0}
 
 
 def check(fixture, dtype, device):
@@ -132,7 +141,7 @@ def check(fixture, dtype, device):
             worst = min(worst, min(cosine(g, w) for g, w in zip(got, want)))
             k, t = divergence(want, got)
             kl, top1 = kl + k, top1 + t
-            prompts.append({"index": p, **summary(k, t)})
+            prompts.append({"index": p, **summary(k, t), "kl": k})
             expected = ref[f"prompt{p}.greedy_tokens"].tolist()
             g = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=len(expected),
                                do_sample=False, pad_token_id=cfg["eos_token_id"], eos_token_id=None)
@@ -172,7 +181,8 @@ def figures(row, device):
         "dtype": row["dtype"],
         "reference": "reference.safetensors prompt{i}.logits: HF transformers float32 on CPU (tests/fixtures/README.md)",
         "method": "full-sequence forward of every prompt (use_cache=False), logits cast to float32; "
-                  "KL(p_ref || p_hf) and top-1 per position, pooled over all prompts (docs/CORRECTNESS.md)",
+                  "KL(p_ref || p_hf) and top-1 per position, pooled over all prompts; flips: positions "
+                  f"with KL > {FLIP_KL}, rest_mean_kl: the mean of the others (docs/CORRECTNESS.md)",
         "provenance": {
             "transformers": transformers.__version__, "torch": torch.__version__, "device": name,
             "cuda": torch.version.cuda, "attn_implementation": row["attn_implementation"], "tf32": False,
@@ -197,13 +207,14 @@ def main():
     print(f"HF transformers {transformers.__version__} / torch {torch.__version__} on {name} "
           f"against the f32 references")
     print(f"{'fixture':<32}{'dtype':>10}{'cos':>10}{'worst pos':>11}{'greedy equal':>14}{'plain':>7}"
-          f"{'mean KL':>11}{'p99 KL':>11}{'max KL':>11}{'top-1':>10}")
+          f"{'mean KL':>11}{'p99 KL':>11}{'max KL':>11}{'rest KL':>11}{'flips':>7}{'top-1':>10}")
     for r in rows:
         s = r["summary"]
         print(f"{r['fixture']:<32}{r['dtype']:>10}{r['min_cosine']:>10.6f}{r['worst_position_cosine']:>11.6f}"
               f"{str(r['greedy_equal']) + '/' + str(r['greedy_compared']):>14}"
               f"{'pass' if r['plain_criterion'] else 'FAIL':>7}"
               f"{s['mean_kl']:>11.3e}{s['p99_kl']:>11.3e}{s['max_kl']:>11.3e}"
+              f"{s['rest_mean_kl']:>11.3e}{s['flips']:>7}"
               f"{str(s['top1_agree']) + '/' + str(s['positions']):>10}")
     if args.json:
         json.dump(rows, open(args.json, "w"), indent=1)
