@@ -135,14 +135,14 @@ impl ModelFiles {
     }
 
     /// The checkpoint's weight format (`bf16`, `fp8_e4m3`, `int4_gptq`, ...), as ModelInfo and
-    /// the roles' memory line report it; `<format>+fp8_experts` when the routed experts are
-    /// quantised to FP8 at load (`--weights-dtype fp8` on a checkpoint that is not FP8).
+    /// the roles' memory line report it; `<format>+fp8_experts` (`+int4_experts`) when the routed
+    /// experts are quantised at load (`--weights-dtype fp8` on a checkpoint that is not FP8,
+    /// `int4` on one that is not INT4).
     pub fn weights_format(&self) -> String {
         let stored = checkpoint_format(&self.config, self.source.as_ref());
-        if self.experts_dtype == ExpertsDtype::Fp8 && stored != "fp8_e4m3" {
-            format!("{stored}+fp8_experts")
-        } else {
-            stored
+        match self.experts_dtype.format_suffix(&stored) {
+            Some(suffix) => format!("{stored}{suffix}"),
+            None => stored,
         }
     }
 

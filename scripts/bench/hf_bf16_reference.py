@@ -12,7 +12,11 @@
 #     log p = x - logsumexp(x) in float64 from the float32 logits x;
 #     KL = sum_i p_ref_i * (log p_ref_i - log p_test_i) (terms with p_ref_i = 0 add nothing);
 #     top-1 = arg-max, the first index on equal values;
-#     p99 = nearest rank, the ceil(99 n / 100)-th smallest.
+#     p99 = nearest rank, the ceil(99 n / 100)-th smallest;
+#     flips = positions with KL > FLIP_KL (0.05 nats, divergence::FLIP_KL), rest_mean_kl = the
+#     mean KL of the other positions (the figures `divergence::judge` bounds).
+#   Each prompt's entry lists its positions' KLs ("kl"), from which moemesh counts the flips again
+#   at its own threshold.
 #
 # With --figures-out DIR, the bf16 figures of each fixture go to DIR/<fixture>/hf_bf16_reference.json
 # with their provenance, so DIR can be copied into tests/fixtures/ as it is; `moemesh verify` and
@@ -32,6 +36,9 @@ torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
 FIGURES_FILE = "hf_bf16_reference.json"
+# A position whose KL is above this is a flip (a routing decision or the top token changed at a
+# near-tie); divergence::FLIP_KL says why 0.05.
+FLIP_KL = 0.05
 
 
 def dequantized(weights, block):
@@ -47,6 +54,35 @@ def dequantized(weights, block):
         o, i = v.shape
         full = s.float().repeat_interleave(block[0], 0)[:o].repeat_interleave(block[1], 1)[:, :i]
         out[k] = v.float() * full
+    return out
+
+
+def unpacked_int4(weights):
+    """compressed-tensors' pack-quantized INT4 layers (weight_packed, weight_scale, weight_shape,
+    weight_zero_point) dequantised as its `decompress` does: (q - zero) * scale in the scale's
+    dtype, q and zero the stored nibbles minus 8 (low nibble first along the packed dimension: the
+    input dimension for weights, the output dimension for zero points). Without compressed-tensors
+    itself, so that the check runs where only torch and transformers are installed."""
+    def nibbles(words, n):
+        b = words.contiguous().view(torch.uint8)
+        return torch.stack((b & 0xF, b >> 4), dim=-1).flatten(-2)[..., :n].to(torch.int32) - 8
+
+    out = {}
+    for k, v in weights.items():
+        if not k.endswith(".weight_packed"):
+            if not any(k.endswith(s) for s in (".weight_scale", ".weight_shape", ".weight_zero_point")):
+                out[k] = v.float()
+            continue
+        stem = k[: -len(".weight_packed")]
+        o, i = (int(d) for d in weights[stem + ".weight_shape"])
+        scale = weights[stem + ".weight_scale"]
+        q = nibbles(v, i)
+        zp = weights.get(stem + ".weight_zero_point")
+        groups = scale.shape[1]
+        if zp is not None:
+            z = nibbles(zp.t(), o).t()  # [out, groups]
+            q = q - z.repeat_interleave(i // groups, 1)
+        out[stem + ".weight"] = (q.to(scale.dtype) * scale.repeat_interleave(i // groups, 1)).float()
     return out
 
 
@@ -70,16 +106,23 @@ def summary(kl, top1):
     n = len(kl)
     ranked = sorted(kl)
     rank = (99 * n + 99) // 100  # ceil(99 n / 100)
+    rest = [k for k in kl if not k > FLIP_KL]
     return {"positions": n, "mean_kl": sum(kl) / n if n else 0.0,
             "p99_kl": ranked[rank - 1] if n else 0.0, "max_kl": ranked[-1] if n else 0.0,
-            "top1_agree": sum(top1)}
+            "top1_agree": sum(top1), "flip_kl": FLIP_KL, "flips": n - len(rest),
+            "rest_mean_kl": sum(rest) / len(rest) if rest else 0.0}
 
 
 def check(fixture, dtype, device):
     cfg = json.load(open(os.path.join(fixture, "config.json")))
     q = cfg.pop("quantization_config", None)
     weights = load_file(os.path.join(fixture, "model.safetensors"))
-    weights = dequantized(weights, q["weight_block_size"]) if q else {k: v.float() for k, v in weights.items()}
+    if q and q.get("quant_method") == "compressed-tensors":
+        weights = unpacked_int4(weights)
+    elif q:
+        weights = dequantized(weights, q["weight_block_size"])
+    else:
+        weights = {k: v.float() for k, v in weights.items()}
     ref = load_file(os.path.join(fixture, "reference.safetensors"))
     meta = json.load(open(os.path.join(fixture, "reference.json")))
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,7 +141,7 @@ def check(fixture, dtype, device):
             worst = min(worst, min(cosine(g, w) for g, w in zip(got, want)))
             k, t = divergence(want, got)
             kl, top1 = kl + k, top1 + t
-            prompts.append({"index": p, **summary(k, t)})
+            prompts.append({"index": p, **summary(k, t), "kl": k})
             expected = ref[f"prompt{p}.greedy_tokens"].tolist()
             g = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=len(expected),
                                do_sample=False, pad_token_id=cfg["eos_token_id"], eos_token_id=None)
@@ -138,7 +181,8 @@ def figures(row, device):
         "dtype": row["dtype"],
         "reference": "reference.safetensors prompt{i}.logits: HF transformers float32 on CPU (tests/fixtures/README.md)",
         "method": "full-sequence forward of every prompt (use_cache=False), logits cast to float32; "
-                  "KL(p_ref || p_hf) and top-1 per position, pooled over all prompts (docs/CORRECTNESS.md)",
+                  "KL(p_ref || p_hf) and top-1 per position, pooled over all prompts; flips: positions "
+                  f"with KL > {FLIP_KL}, rest_mean_kl: the mean of the others (docs/CORRECTNESS.md)",
         "provenance": {
             "transformers": transformers.__version__, "torch": torch.__version__, "device": name,
             "cuda": torch.version.cuda, "attn_implementation": row["attn_implementation"], "tf32": False,
@@ -163,13 +207,14 @@ def main():
     print(f"HF transformers {transformers.__version__} / torch {torch.__version__} on {name} "
           f"against the f32 references")
     print(f"{'fixture':<32}{'dtype':>10}{'cos':>10}{'worst pos':>11}{'greedy equal':>14}{'plain':>7}"
-          f"{'mean KL':>11}{'p99 KL':>11}{'max KL':>11}{'top-1':>10}")
+          f"{'mean KL':>11}{'p99 KL':>11}{'max KL':>11}{'rest KL':>11}{'flips':>7}{'top-1':>10}")
     for r in rows:
         s = r["summary"]
         print(f"{r['fixture']:<32}{r['dtype']:>10}{r['min_cosine']:>10.6f}{r['worst_position_cosine']:>11.6f}"
               f"{str(r['greedy_equal']) + '/' + str(r['greedy_compared']):>14}"
               f"{'pass' if r['plain_criterion'] else 'FAIL':>7}"
               f"{s['mean_kl']:>11.3e}{s['p99_kl']:>11.3e}{s['max_kl']:>11.3e}"
+              f"{s['rest_mean_kl']:>11.3e}{s['flips']:>7}"
               f"{str(s['top1_agree']) + '/' + str(s['positions']):>10}")
     if args.json:
         json.dump(rows, open(args.json, "w"), indent=1)

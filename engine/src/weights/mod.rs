@@ -118,6 +118,13 @@ pub enum ExpertsDtype {
     /// do not run, those quantised values are dequantised again, so every device computes the
     /// same model.
     Fp8,
+    /// `int4`: 4-bit integers with one f32 scale per group of input columns, compressed-tensors'
+    /// layout ([`int4::Int4Tensor`]); weights stored otherwise are quantised at load
+    /// ([`int4::Int4Tensor::quantize`], round-to-nearest, symmetric, groups of
+    /// [`int4::QUANT_GROUP`]); a compressed-tensors INT4 checkpoint's experts are its own. Until
+    /// INT4 expert kernels run, every device holds those values dequantised to the compute dtype
+    /// (so each computes the same INT4 model).
+    Int4,
 }
 
 impl ExpertsDtype {
@@ -127,6 +134,17 @@ impl ExpertsDtype {
             ExpertsDtype::Auto => "auto",
             ExpertsDtype::Compute => "bf16",
             ExpertsDtype::Fp8 => "fp8",
+            ExpertsDtype::Int4 => "int4",
+        }
+    }
+
+    /// What ModelInfo's weights format adds for experts quantised at load from a checkpoint of
+    /// format `stored` (`+fp8_experts`, `+int4_experts`), or nothing.
+    pub fn format_suffix(self, stored: &str) -> Option<&'static str> {
+        match self {
+            ExpertsDtype::Fp8 if stored != "fp8_e4m3" => Some("+fp8_experts"),
+            ExpertsDtype::Int4 if !stored.starts_with("int4_") => Some("+int4_experts"),
+            _ => None,
         }
     }
 }
@@ -139,8 +157,9 @@ impl std::str::FromStr for ExpertsDtype {
             "auto" => Ok(ExpertsDtype::Auto),
             "bf16" | "compute" => Ok(ExpertsDtype::Compute),
             "fp8" => Ok(ExpertsDtype::Fp8),
+            "int4" => Ok(ExpertsDtype::Int4),
             other => Err(EngineError::InvalidInput(format!(
-                "weights dtype {other:?}: expected auto, bf16 (the compute dtype) or fp8"
+                "weights dtype {other:?}: expected auto, bf16 (the compute dtype), fp8 or int4"
             ))),
         }
     }
@@ -390,7 +409,7 @@ impl<'s> Loader<'s> {
         let kernels = self.device.is_cuda() && self.dtype == DType::BF16;
         kernels
             && match self.experts_dtype {
-                ExpertsDtype::Compute => false,
+                ExpertsDtype::Compute | ExpertsDtype::Int4 => false,
                 ExpertsDtype::Fp8 => true,
                 ExpertsDtype::Auto => self.kernel_blocks(),
             }
@@ -443,6 +462,9 @@ impl<'s> Loader<'s> {
         if stored_fp8 && fp8 {
             return self.fp8_as_stored(name, shape);
         }
+        if self.experts_dtype == ExpertsDtype::Int4 {
+            return self.int4_expert(name, shape);
+        }
         if self.experts_dtype != ExpertsDtype::Fp8 || stored_fp8 {
             return Ok(ExpertTensor::Dense(self.get(name, shape)?));
         }
@@ -456,6 +478,26 @@ impl<'s> Loader<'s> {
             return Ok(ExpertTensor::Fp8 { q, scale });
         }
         let t = fp8::dequantize_matrix(&q, &scale, self.dtype)?;
+        self.count(&t, format, stored);
+        Ok(ExpertTensor::Dense(t))
+    }
+
+    /// A routed expert's projection under [`ExpertsDtype::Int4`]: a compressed-tensors INT4
+    /// checkpoint's own values, else the weights quantised here ([`int4::Int4Tensor::quantize`],
+    /// drawn or read in f32 on the device, counted under the format they had as stored); in
+    /// the compute dtype (no INT4 expert kernels yet).
+    fn int4_expert(&self, name: &str, shape: &[usize]) -> Result<ExpertTensor> {
+        let stored_int4 = matches!(self.quant, Some(Quantization::Int4(q))
+            if matches!(q.format, Int4Format::CompressedTensors { .. }))
+            && self.contains(name)?
+            && self.source.raw(name)?.is_none();
+        if stored_int4 {
+            return Ok(ExpertTensor::Dense(self.get(name, shape)?));
+        }
+        let (w, format, stored) = self.convert(name, shape, DType::F32)?;
+        let q = int4::Int4Tensor::quantize(&w, int4::QUANT_GROUP)?;
+        drop(w);
+        let t = q.dequantize(self.dtype)?;
         self.count(&t, format, stored);
         Ok(ExpertTensor::Dense(t))
     }
@@ -1015,6 +1057,49 @@ mod tests {
         assert_eq!(bytes.checkpoint.get("bf16"), Some(&(128 * 2)));
         assert_eq!(bytes.resident.get("f32"), Some(&((96 * 128 + 128) * 4)));
         assert_eq!(bytes.resident_total(), (96 * 128 + 128) * 4);
+    }
+
+    /// `--weights-dtype int4` on a bf16 model: each routed expert is quantised (groups of 128,
+    /// symmetric) and dequantised again; ModelInfo's format says so; other tensors untouched.
+    #[test]
+    fn int4_experts_are_the_quantised_values() {
+        let files = crate::ModelFiles::embedded()
+            .expect("embedded")
+            .with_experts_dtype(ExpertsDtype::Int4);
+        assert!(
+            files.weights_format().ends_with("+int4_experts"),
+            "{}",
+            files.weights_format()
+        );
+        let cfg = &files.config;
+        let (h, inner) = (cfg.hidden_size, cfg.moe_intermediate_size);
+        let name = format!(
+            "model.layers.{}.mlp.experts.0.down_proj.weight",
+            cfg.moe_layers()[0]
+        );
+        let loader = files.loader(&Device::Cpu, DType::F32);
+        let ExpertTensor::Dense(got) = loader.get_expert(&name, &[h, inner]).expect("expert")
+        else {
+            panic!("dequantised");
+        };
+        let plain = Loader::new(files.source.as_ref(), cfg, &Device::Cpu, DType::F32);
+        let w = plain.get(&name, &[h, inner]).expect("plain");
+        let want = int4::Int4Tensor::quantize(&w, int4::QUANT_GROUP)
+            .and_then(|q| q.dequantize(DType::F32))
+            .expect("int4");
+        let bits = fp8::f32_bits;
+        assert_eq!(bits(&got), bits(&want));
+        assert_ne!(bits(&got), bits(&w), "quantising changes the values");
+        // 16 levels a group: far fewer distinct values than the weights have.
+        let norm = "model.norm.weight";
+        assert_eq!(
+            bits(&loader.get(norm, &[h]).expect("norm")),
+            bits(&plain.get(norm, &[h]).expect("norm"))
+        );
+        assert_eq!(
+            "int4".parse::<ExpertsDtype>().ok(),
+            Some(ExpertsDtype::Int4)
+        );
     }
 
     /// `--weights-dtype fp8` where the FP8 kernels do not run (the CPU): each routed expert is

@@ -82,8 +82,10 @@ pub struct Scheme {
     pub fp8_block: (usize, usize),
     /// INT4 input rows per scale/zero group.
     pub int4_group: usize,
-    /// Whether INT4 stores GPTQ's `g_idx` (not AWQ).
+    /// Whether INT4 stores GPTQ's `g_idx` (not AWQ or compressed-tensors).
     pub int4_g_idx: bool,
+    /// Whether INT4 stores zero points (not a symmetric compressed-tensors checkpoint).
+    pub int4_zeros: bool,
 }
 
 impl Scheme {
@@ -95,12 +97,15 @@ impl Scheme {
             fp8_block: (DEFAULT_FP8_BLOCK, DEFAULT_FP8_BLOCK),
             int4_group: DEFAULT_INT4_GROUP,
             int4_g_idx: true,
+            int4_zeros: true,
         };
         match cfg.quantization {
             Some(Quantization::Fp8(q)) => s.fp8_block = (q.block_rows, q.block_cols),
             Some(Quantization::Int4(q)) => {
                 s.int4_group = q.group_size.unwrap_or(cfg.hidden_size.max(1));
                 s.int4_g_idx = matches!(q.format, Int4Format::Gptq { .. });
+                s.int4_zeros =
+                    !matches!(q.format, Int4Format::CompressedTensors { symmetric: true });
             }
             None => {}
         }
@@ -138,7 +143,11 @@ impl Scheme {
                 // A `[out, in]` weight: groups run along the input dimension.
                 let groups = cols.div_ceil(self.int4_group as u64);
                 let scales = 2 * groups * rows;
-                let zeros = 4 * groups * rows.div_ceil(8);
+                let zeros = if self.int4_zeros {
+                    4 * groups * rows.div_ceil(8)
+                } else {
+                    0
+                };
                 let g_idx = if self.int4_g_idx { 4 * cols } else { 0 };
                 vec![
                     ("int4", n.div_ceil(2)),
@@ -590,6 +599,31 @@ mod tests {
         );
         let p = place(&m, &input(8, 80)).expect("plan");
         assert!(p.fits(), "R1 in INT4 fits 8 × 80 GiB");
+
+        // A symmetric compressed-tensors checkpoint (RedHatAI's R1 w4a16) stores no zeros and
+        // no g_idx: 0.5 byte a weight and its scales.
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/deepseek-r1/config.json"
+        );
+        let text = std::fs::read_to_string(path).expect("the R1 config");
+        let mut raw: serde_json::Value = serde_json::from_str(&text).expect("r1 config json");
+        raw["quantization_config"] = serde_json::json!({
+            "quant_method": "compressed-tensors", "format": "pack-quantized",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                "num_bits": 4, "type": "int", "symmetric": true, "strategy": "group",
+                "group_size": 128}}}
+        });
+        let raw: RawConfig = serde_json::from_value(raw).expect("raw");
+        let ct = ModelConfig::from_raw(&raw).expect("config");
+        let scheme = Scheme::new(WeightsDtype::of_config(&ct), &ct);
+        assert_eq!(scheme.dtype, WeightsDtype::Int4);
+        let m = ModelBytes::of(&ct, scheme);
+        let proj = |out: u64, inp: u64| out * inp / 2 + inp / 128 * out * 2;
+        assert_eq!(
+            m.expert_layer.total(),
+            2 * proj(2048, 7168) + proj(7168, 2048)
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ pub struct GateConfig {
     #[arg(long, env = "MOEMESH_MODEL")]
     pub model: Option<PathBuf>,
     /// The routed experts' format the workers are told (`--weights-dtype` of `moemesh expert`:
-    /// `auto`, `bf16` or `fp8`), for the weights format this role reports (ModelInfo / Info
+    /// `auto`, `bf16`, `fp8` or `int4`), for the weights format this role reports (ModelInfo / Info
     /// `weights_dtype`); it holds no routed experts itself.
     #[arg(long, env = "MOEMESH_WEIGHTS_DTYPE", default_value = "auto")]
     pub weights_dtype: moemesh_engine::ExpertsDtype,

@@ -153,8 +153,9 @@ fn print_text(
             s.fp8_block.0, s.fp8_block.1
         ),
         WeightsDtype::Int4 => format!(
-            "projections 4-bit + per {}-row group f16 scales and 4-bit zeros{}",
+            "projections 4-bit + per {}-row group f16 scales{}{}",
             s.int4_group,
+            if s.int4_zeros { " and 4-bit zeros" } else { "" },
             if s.int4_g_idx { " + GPTQ g_idx" } else { "" }
         ),
     };
