@@ -102,8 +102,9 @@ pub fn checkpoint_format(cfg: &ModelConfig, source: &dyn TensorSource) -> String
 }
 
 /// How a process holds the routed experts (`--weights-dtype`, env `MOEMESH_WEIGHTS_DTYPE`).
-/// Everything else (attention, dense MLPs, shared experts, embeddings, `lm_head`) is always held
-/// in the compute dtype.
+/// Everything else (attention, dense MLPs, shared experts, embeddings, `lm_head`) is held in the
+/// compute dtype, except that `MOEMESH_DENSE_FP8=1` keeps the dense projections as FP8 experts
+/// are ([`Loader::dense_fp8`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ExpertsDtype {
     /// The checkpoint's own: an FP8 checkpoint's experts (128 × 128 blocks) stay e4m3 where the
