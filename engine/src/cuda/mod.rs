@@ -481,7 +481,7 @@ impl Gpu {
     /// `w [N, K]` as a linear layer stores it (bf16, or e4m3 with block scales) → `[T, N]` bf16 (dense.cu: the weights streamed through the tensor cores, e4m3
     /// dequantised in registers, f32 sums rounded once). With `gate_up`, `w` is an MLP's stacked
     /// `[2·N, K]` gate and up rows and the result is `silu(x·Wgᵀ) ⊙ (x·Wuᵀ)`, `[T, N]`. `None`
-    /// when the kernel does not take the shapes (K a multiple of 32, N of 16, contiguous
+    /// when the kernel does not take the shapes (K a multiple of 64, N of 16, contiguous
     /// 16-byte-aligned operands) or `MOEMESH_DENSE_MMA=0`.
     pub fn dense_small(
         &self,
@@ -787,7 +787,7 @@ fn dense_small_dims(
         && t > 0
         && t <= DENSE_SMALL_MAX_ROWS
         && wk == k
-        && k.is_multiple_of(32)
+        && k.is_multiple_of(64)
         && n > 0
         && n.is_multiple_of(16)
         && (!gate_up || wn.is_multiple_of(2))
