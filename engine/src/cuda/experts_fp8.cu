@@ -72,6 +72,17 @@ struct MmaFp8 {
     __device__ uint4 frag(Raw r, int k) const {
         return fp8x8_to_bf16x8(r, __ldg(scale + k / FP8_BLOCK));
     }
+    // A lane's 16 values of a 64-wide chunk: one 16-byte load (experts.cu's chunk walk).
+    typedef uint4 Chunk;
+    static constexpr int CHUNK_STAGES = 4;
+    __device__ static Chunk load2(const uint8_t* p) {
+        return __ldcs(reinterpret_cast<const uint4*>(p));
+    }
+    __device__ void frags2(const Chunk& r, int k, uint4& lo, uint4& hi) const {
+        const float s = __ldg(scale + k / FP8_BLOCK);
+        lo = fp8x8_to_bf16x8(make_uint2(r.x, r.y), s);
+        hi = fp8x8_to_bf16x8(make_uint2(r.z, r.w), s);
+    }
 };
 
 extern "C" __global__ void moe_gate_up_mma_fp8(const bf16* x, int hidden, const uint8_t* w_gu,
