@@ -4,8 +4,8 @@
 // captured in one CUDA graph and replayed. Prints µs per layer and the bandwidth over the bytes of
 // the distinct experts a layer reads: the grid over every slot ("all slots") or over the slots
 // with pairs only ("active"), kernels launched as programmatic dependent launches or not
-// ("PDL"), loads 1 to 7 k blocks ahead of the MMAs ("stages"); checks that all give the same
-// sums, bit for bit.
+// ("PDL"); checks that all give the same sums, bit for bit. (The load-depth sweep it once ran is
+// gone: the depth is the weight policy's CHUNK_STAGES now.)
 // Build: nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o decode_experts scripts/bench/decode_experts.cu
 // Run on a GPU machine: ./decode_experts [batch ...]   (default 1 2 8 64; exit 1 on a mismatch)
 #include "../../engine/src/cuda/kernels.cu"
@@ -39,17 +39,18 @@ __global__ void fill_bf16(bf16* p, size_t n, uint32_t seed, float scale) {
     }
 }
 
-// The two projections at a given load-pipeline depth (MMA_STAGES in experts.cu is the one used).
-template <int ST>
-__global__ void gate_up_st(const bf16* x, int hidden, const bf16* w_gu, int inner,
-                           const uint32_t* offsets, const uint32_t* active, const uint32_t* sorted,
-                           int k_div, bf16* h_out) {
-    gate_up_mma<ST, MmaBf16>(x, hidden, w_gu, nullptr, inner, offsets, active, sorted, k_div, h_out);
+// The two projections as experts.cu runs them (its pipeline depth is the weight policy's
+// CHUNK_STAGES since 2026-11-28; the depth sweep this file did before is in docs/BENCHMARKS.md),
+// the down kernel without the folded combine.
+__global__ void gate_up_plain(const bf16* x, int hidden, const bf16* w_gu, int inner,
+                              const uint32_t* offsets, const uint32_t* active,
+                              const uint32_t* sorted, int k_div, bf16* h_out) {
+    gate_up_mma<MmaBf16>(x, hidden, w_gu, nullptr, inner, offsets, active, sorted, k_div, h_out);
 }
-template <int ST>
-__global__ void down_st(const bf16* h, int inner, const bf16* w_down, int hidden,
-                        const uint32_t* offsets, const uint32_t* active, float* y) {
-    down_mma<ST, MmaBf16>(h, inner, w_down, nullptr, hidden, offsets, active, y);
+__global__ void down_plain(const bf16* h, int inner, const bf16* w_down, int hidden,
+                           const uint32_t* offsets, const uint32_t* active, float* y) {
+    down_mma<MmaBf16>(h, inner, w_down, nullptr, hidden, offsets, active, y,
+                      CombineTail{nullptr, nullptr, 0, 0, nullptr, nullptr});
 }
 typedef void (*GateUpFn)(const bf16*, int, const bf16*, int, const uint32_t*, const uint32_t*,
                          const uint32_t*, int, bf16*);
@@ -62,14 +63,9 @@ struct Variant {
     DownFn dn;
 };
 static const Variant VARIANTS[] = {
-    {"all slots, 2 stages   ", false, false, gate_up_st<2>, down_st<2>},
-    {"active, 2 stages      ", true, false, gate_up_st<2>, down_st<2>},
-    {"active+PDL, 2 stages  ", true, true, gate_up_st<2>, down_st<2>},
-    {"active+PDL, 3 stages  ", true, true, gate_up_st<3>, down_st<3>},
-    {"active+PDL, 4 stages  ", true, true, gate_up_st<4>, down_st<4>},
-    {"active+PDL, 6 stages  ", true, true, gate_up_st<6>, down_st<6>},
-    {"active+PDL, 8 stages  ", true, true, gate_up_st<8>, down_st<8>},
-    {"active+PDL, production", true, true, moe_gate_up_mma, moe_down_mma},
+    {"all slots ", false, false, gate_up_plain, down_plain},
+    {"active    ", true, false, gate_up_plain, down_plain},
+    {"active+PDL", true, true, gate_up_plain, down_plain},
 };
 static const int N_VARIANTS = sizeof(VARIANTS) / sizeof(VARIANTS[0]);
 

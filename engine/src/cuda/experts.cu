@@ -598,12 +598,11 @@ __device__ __forceinline__ void k_half(int n32, int khalf, int& kb0, int& kb1) {
     kb1 = khalf ? n32 : mid;
 }
 
-// Loads run MMA_STAGES − 1 k blocks ahead of the MMAs (a ring of registers, slot i % ST for k
-// block i): a warp keeps that many 2 KB (gate/up) or 1 KB (down) loads in flight, which is what
-// a decode-size grid (a few warps per SM) needs to stream weights at the memory's speed (one
-// block ahead gave 1.6 TB/s at batch 1, scripts/bench/decode_experts.cu). The MMAs run in k
-// order, the same as with any depth: the sums do not depend on it.
-#define MMA_STAGES 4
+// Loads run CHUNK_STAGES − 1 chunks of 64 k ahead of the MMAs (a ring of registers, slot i % CS
+// for chunk i; the policy's: 2 for bf16, as many bytes as the earlier 4 blocks of 32, 4 for
+// e4m3): what a decode-size grid (a few warps per SM) needs to stream weights at the memory's
+// speed (one block ahead gave 1.6 TB/s at batch 1, scripts/bench/decode_experts.cu). The MMAs
+// run in k order, the same as with any depth: the sums do not depend on it.
 
 // The weights' side of the two kernels below, as a policy W: `Elem` is what a weight is stored
 // as, `Raw` what a lane loads of one row for one 32-wide k block (its 8 k positions), `load` that
@@ -635,7 +634,7 @@ struct MmaBf16 {
 // h[q, j] = silu(x·Wg[j]) · (x·Wu[j]) for 16 columns j per tile; h in bf16 (what the unfused
 // bf16 path stores too). Needs hidden % 32 == 0 and inner % 16 == 0. `scales`: the weights'
 // block scales (W's; unused for bf16).
-template <int ST, typename W>
+template <typename W>
 __device__ __forceinline__ void gate_up_mma(const bf16* x, int hidden,
                                             const typename W::Elem* w_gu, const float* scales,
                                             int inner, const uint32_t* offsets,
@@ -776,7 +775,7 @@ __device__ __forceinline__ void combine_tail(const CombineTail& c, const float* 
 
 // y[q, r] = h[q]·Wd[r] for 16 rows r per tile, f32 out. Needs inner % 32 == 0, hidden % 16 == 0.
 // With `tail.counters`, also the combine of y (above).
-template <int ST, typename W>
+template <typename W>
 __device__ __forceinline__ void down_mma(const bf16* h, int inner,
                                          const typename W::Elem* w_down, const float* scales,
                                          int hidden, const uint32_t* offsets,
@@ -865,15 +864,15 @@ __device__ __forceinline__ void down_mma(const bf16* h, int inner,
 extern "C" __global__ void moe_gate_up_mma(const bf16* x, int hidden, const bf16* w_gu, int inner,
                                            const uint32_t* offsets, const uint32_t* active,
                                            const uint32_t* sorted, int k_div, bf16* h_out) {
-    gate_up_mma<MMA_STAGES, MmaBf16>(x, hidden, w_gu, nullptr, inner, offsets, active, sorted,
-                                     k_div, h_out);
+    gate_up_mma<MmaBf16>(x, hidden, w_gu, nullptr, inner, offsets, active, sorted, k_div,
+                         h_out);
 }
 extern "C" __global__ void moe_down_mma(const bf16* h, int inner, const bf16* w_down, int hidden,
                                         const uint32_t* offsets, const uint32_t* active,
                                         float* y, const uint32_t* pos, const float* w, int tokens,
                                         int k, float* out, uint32_t* counters) {
-    down_mma<MMA_STAGES, MmaBf16>(h, inner, w_down, nullptr, hidden, offsets, active, y,
-                                  CombineTail{pos, w, tokens, k, out, counters});
+    down_mma<MmaBf16>(h, inner, w_down, nullptr, hidden, offsets, active, y,
+                      CombineTail{pos, w, tokens, k, out, counters});
 }
 
 #define MOE_KERNELS(SUFFIX, T)                                                                  \

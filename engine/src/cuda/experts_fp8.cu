@@ -89,8 +89,7 @@ extern "C" __global__ void moe_gate_up_mma_fp8(const bf16* x, int hidden, const 
                                                const float* s_gu, int inner,
                                                const uint32_t* offsets, const uint32_t* active,
                                                const uint32_t* sorted, int k_div, bf16* h_out) {
-    gate_up_mma<MMA_STAGES, MmaFp8>(x, hidden, w_gu, s_gu, inner, offsets, active, sorted, k_div,
-                                    h_out);
+    gate_up_mma<MmaFp8>(x, hidden, w_gu, s_gu, inner, offsets, active, sorted, k_div, h_out);
 }
 
 extern "C" __global__ void moe_down_mma_fp8(const bf16* h, int inner, const uint8_t* w_down,
@@ -98,8 +97,8 @@ extern "C" __global__ void moe_down_mma_fp8(const bf16* h, int inner, const uint
                                             const uint32_t* offsets, const uint32_t* active,
                                             float* y, const uint32_t* pos, const float* w,
                                             int tokens, int k, float* out, uint32_t* counters) {
-    down_mma<MMA_STAGES, MmaFp8>(h, inner, w_down, s_down, hidden, offsets, active, y,
-                                 CombineTail{pos, w, tokens, k, out, counters});
+    down_mma<MmaFp8>(h, inner, w_down, s_down, hidden, offsets, active, y,
+                     CombineTail{pos, w, tokens, k, out, counters});
 }
 
 // ---------------------------------------------------------------------------------------------
