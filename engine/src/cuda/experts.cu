@@ -631,6 +631,51 @@ struct MmaBf16 {
     }
 };
 
+// One warp's k chunks [k_begin, k_end) (multiples of 64) for NA pairs of weight rows, W's
+// CHUNK_STAGES chunks in flight: pair a's rows g and g + 8 start at w[2a] and w[2a + 1] (each at
+// its lane's t·16), with their policy pol[a], summed into c[a]; x's row at xr (also at t·16).
+// The MMAs run in k order, pair by pair within a chunk. Shared by the expert kernels below and
+// dense.cu.
+template <typename W, int NA>
+__device__ __forceinline__ void chunk_walk(const typename W::Elem* const (&w)[2 * NA],
+                                           const W (&pol)[NA], const bf16* xr, int k_begin,
+                                           int k_end, float (&c)[NA][4]) {
+    constexpr int CS = W::CHUNK_STAGES;
+    if (k_begin >= k_end) return;
+    typename W::Chunk r[CS][2 * NA];
+    uint4 b[CS][2];
+#pragma unroll
+    for (int i = 0; i < CS - 1; ++i) {
+        const int kk = k_begin + i * 64;
+        if (kk < k_end) {
+#pragma unroll
+            for (int q = 0; q < 2 * NA; ++q) r[i][q] = W::load2(w[q] + kk);
+            b[i][0] = ld16(xr + kk), b[i][1] = ld16(xr + kk + 8);
+        }
+    }
+    for (int k = k_begin; k < k_end; k += CS * 64) {
+#pragma unroll
+        for (int i = 0; i < CS; ++i) {
+            const int kk = k + i * 64, kn = kk + (CS - 1) * 64, j = (i + CS - 1) % CS;
+            if (kn < k_end) {
+#pragma unroll
+                for (int q = 0; q < 2 * NA; ++q) r[j][q] = W::load2(w[q] + kn);
+                b[j][0] = ld16(xr + kn), b[j][1] = ld16(xr + kn + 8);
+            }
+            if (kk < k_end) {
+#pragma unroll
+                for (int a = 0; a < NA; ++a) {
+                    uint4 a0, a1, h0, h1;
+                    pol[a].frags2(r[i][2 * a], kk, a0, a1);
+                    pol[a].frags2(r[i][2 * a + 1], kk, h0, h1);
+                    mma_k32(c[a], a0, h0, b[i][0]);
+                    mma_k32(c[a], a1, h1, b[i][1]);
+                }
+            }
+        }
+    }
+}
+
 // h[q, j] = silu(x·Wg[j]) · (x·Wu[j]) for 16 columns j per tile; h in bf16 (what the unfused
 // bf16 path stores too). Needs hidden % 32 == 0 and inner % 16 == 0. `scales`: the weights'
 // block scales (W's; unused for bf16).
@@ -660,52 +705,21 @@ __device__ __forceinline__ void gate_up_mma(const bf16* x, int hidden,
     const E* wu1 = wu0 + (size_t)8 * hidden;
     const W wg = W::at(scales, (size_t)2 * s, inner, jc, hidden);
     const W wu = W::at(scales, (size_t)2 * s + 1, inner, jc, hidden);
-    constexpr int CS = W::CHUNK_STAGES;
     int kb0, kb1;
     k_half(hidden / 64, khalf, kb0, kb1);
     const int k_begin = kb0 * 64, k_end = kb1 * 64;
     // A last 32-wide block (hidden % 64 == 32): the second half's, 8 values a lane at t·8.
     const int k_tail = (hidden / 64) * 64;
     const bool tail = khalf && k_tail < hidden;
+    const E* const rows[4] = {wg0, wg1, wu0, wu1};
+    const W pols[2] = {wg, wu};
     for (uint32_t g0 = beg; g0 < end; g0 += 8) {
         const int n = min((int)(end - g0), 8);
         const bf16* xr = x + (size_t)(sorted[g0 + min(g, n - 1)] / k_div) * hidden + t * 16;
-        float cg[4] = {0.f, 0.f, 0.f, 0.f}, cu[4] = {0.f, 0.f, 0.f, 0.f};
-        if (valid && k_begin < k_end) {
-            typename W::Chunk w[CS][4];
-            uint4 b[CS][2];
-#pragma unroll
-            for (int i = 0; i < CS - 1; ++i) {
-                const int kk = k_begin + i * 64;
-                if (kk < k_end) {
-                    w[i][0] = W::load2(wg0 + kk), w[i][1] = W::load2(wg1 + kk);
-                    w[i][2] = W::load2(wu0 + kk), w[i][3] = W::load2(wu1 + kk);
-                    b[i][0] = ld16(xr + kk), b[i][1] = ld16(xr + kk + 8);
-                }
-            }
-            for (int k = k_begin; k < k_end; k += CS * 64) {
-#pragma unroll
-                for (int i = 0; i < CS; ++i) {
-                    const int kk = k + i * 64, kn = kk + (CS - 1) * 64, j = (i + CS - 1) % CS;
-                    if (kn < k_end) {
-                        w[j][0] = W::load2(wg0 + kn), w[j][1] = W::load2(wg1 + kn);
-                        w[j][2] = W::load2(wu0 + kn), w[j][3] = W::load2(wu1 + kn);
-                        b[j][0] = ld16(xr + kn), b[j][1] = ld16(xr + kn + 8);
-                    }
-                    if (kk < k_end) {
-                        uint4 a0, a1, h0, h1;
-                        wg.frags2(w[i][0], kk, a0, a1);
-                        wg.frags2(w[i][1], kk, h0, h1);
-                        mma_k32(cg, a0, h0, b[i][0]);
-                        mma_k32(cg, a1, h1, b[i][1]);
-                        wu.frags2(w[i][2], kk, a0, a1);
-                        wu.frags2(w[i][3], kk, h0, h1);
-                        mma_k32(cu, a0, h0, b[i][0]);
-                        mma_k32(cu, a1, h1, b[i][1]);
-                    }
-                }
-            }
-        }
+        float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+        float(&cg)[4] = acc[0];
+        float(&cu)[4] = acc[1];
+        if (valid) chunk_walk<W, 2>(rows, pols, xr, k_begin, k_end, acc);
         if (valid && tail) {
             const int o = k_tail - t * 8;  // from t·16 to t·8 into the block at k_tail
             const uint4 bt = ld16(xr + o);
@@ -797,46 +811,19 @@ __device__ __forceinline__ void down_mma(const bf16* h, int inner,
         const typename W::Elem* w0 = w_down + ((size_t)s * hidden + rc + g) * inner + t * 16;
         const typename W::Elem* w1 = w0 + (size_t)8 * inner;
         const W wd = W::at(scales, (size_t)s, hidden, rc, inner);
-        constexpr int CS = W::CHUNK_STAGES;
         int kb0, kb1;
         k_half(inner / 64, khalf, kb0, kb1);
         const int k_begin = kb0 * 64, k_end = kb1 * 64;
         const int k_tail = (inner / 64) * 64;
         const bool tail = khalf && k_tail < inner;
+        const typename W::Elem* const rows[2] = {w0, w1};
+        const W pols[1] = {wd};
         for (uint32_t g0 = beg; g0 < end; g0 += 8) {
             const int n = min((int)(end - g0), 8);
             const bf16* hr = h + (size_t)(g0 + min(g, n - 1)) * inner + t * 16;
-            float c[4] = {0.f, 0.f, 0.f, 0.f};
-            if (valid && k_begin < k_end) {
-                typename W::Chunk w[CS][2];
-                uint4 b[CS][2];
-#pragma unroll
-                for (int i = 0; i < CS - 1; ++i) {
-                    const int kk = k_begin + i * 64;
-                    if (kk < k_end) {
-                        w[i][0] = W::load2(w0 + kk), w[i][1] = W::load2(w1 + kk);
-                        b[i][0] = ld16(hr + kk), b[i][1] = ld16(hr + kk + 8);
-                    }
-                }
-                for (int k = k_begin; k < k_end; k += CS * 64) {
-#pragma unroll
-                    for (int i = 0; i < CS; ++i) {
-                        const int kk = k + i * 64, kn = kk + (CS - 1) * 64,
-                                  j = (i + CS - 1) % CS;
-                        if (kn < k_end) {
-                            w[j][0] = W::load2(w0 + kn), w[j][1] = W::load2(w1 + kn);
-                            b[j][0] = ld16(hr + kn), b[j][1] = ld16(hr + kn + 8);
-                        }
-                        if (kk < k_end) {
-                            uint4 a0, a1, h0, h1;
-                            wd.frags2(w[i][0], kk, a0, a1);
-                            wd.frags2(w[i][1], kk, h0, h1);
-                            mma_k32(c, a0, h0, b[i][0]);
-                            mma_k32(c, a1, h1, b[i][1]);
-                        }
-                    }
-                }
-            }
+            float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
+            float(&c)[4] = acc[0];
+            if (valid) chunk_walk<W, 1>(rows, pols, hr, k_begin, k_end, acc);
             if (valid && tail) {
                 const int o = k_tail - t * 8;
                 mma_k32(c, wd.frag(W::load(w0 + o), k_tail), wd.frag(W::load(w1 + o), k_tail),

@@ -198,13 +198,6 @@ fn one(
     let missing = |what: &str| anyhow::anyhow!("the {what} expert kernels did not take {name}");
     let reference = run(&st.bf16(), None)?.ok_or_else(|| missing("bf16"))?;
     let got = run(&st.fp8(), counters.as_ref())?.ok_or_else(|| missing("FP8"))?;
-    let bits = |t: &Tensor| -> anyhow::Result<Vec<u32>> {
-        Ok(t.flatten_all()?
-            .to_vec1::<f32>()?
-            .iter()
-            .map(|v| v.to_bits())
-            .collect())
-    };
     let equal = bits(&reference)? == bits(&got)?;
     let (max_rel, cosine) = compare(&reference, &got)?;
     Ok(KernelCheck {
@@ -217,6 +210,16 @@ fn one(
         cosine,
         passed: equal,
     })
+}
+
+/// Every value's f32 bits (bf16 and f32 widen exactly): what bit equality compares.
+fn bits(t: &Tensor) -> anyhow::Result<Vec<u32>> {
+    Ok(t.to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .map(|v| v.to_bits())
+        .collect())
 }
 
 /// The dense FP8 cases (see the module doc): (rows, K, N, gate/up).
@@ -260,14 +263,6 @@ fn dense_one(
     let deq = g
         .fp8_dequant_bf16(&q, &s)?
         .ok_or_else(|| missing("dequantisation"))?;
-    let bits = |t: &Tensor| -> anyhow::Result<Vec<u32>> {
-        Ok(t.to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?
-            .iter()
-            .map(|v| v.to_bits())
-            .collect())
-    };
     let deq_equal = bits(&deq)? == bits(&dequantize_matrix(&q, &s, DType::BF16)?)?;
     let reference = g
         .dense_small(&x, DenseWeight::Bf16(&deq), gate_up)?
