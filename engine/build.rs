@@ -10,12 +10,13 @@ use std::process::Command;
 const KERNELS: &str = "src/cuda/kernels.cu";
 
 /// Everything it includes, each watched for changes.
-const PARTS: [&str; 7] = [
+const PARTS: [&str; 8] = [
     "src/cuda/common.cuh",
     "src/cuda/norm.cu",
     "src/cuda/attention.cu",
     "src/cuda/experts.cu",
     "src/cuda/experts_fp8.cu",
+    "src/cuda/experts_int4.cu",
     "src/cuda/dense.cu",
     "src/cuda/sampling.cu",
 ];

@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::router::Routing;
+use crate::weights::int4::Int4Tensor;
 use crate::weights::{ExpertTensor, Loader, fp8};
 
 /// Routed-expert output that may still be computing elsewhere.
@@ -130,15 +131,72 @@ struct LayerExperts {
     /// expert id → slot in the stacks.
     slots: BTreeMap<usize, usize>,
     /// `[slots · 2I, hidden]`: slot s's gate rows `2sI..2sI+I`, then its up rows. In the
-    /// compute dtype, or e4m3 (with `scales`).
+    /// compute dtype, e4m3, or INT4 nibbles (`[slots · 2I, hidden / 2]` u8), as `quant` says.
     gate_up: Tensor,
-    /// `[slots, hidden, I]`, in `gate_up`'s dtype.
+    /// `[slots, hidden, I]` (INT4: `[slots, hidden, I / 2]`), in `gate_up`'s dtype.
     down: Tensor,
-    /// For e4m3 stacks, their f32 block scales (see [`Fp8Scales`]).
-    scales: Option<Fp8Scales>,
+    /// What quantised stacks need besides their values.
+    quant: StackQuant,
     /// `[n_routed_experts]` (i32): each expert's slot, −1 if not held; on a GPU with the fused
     /// kernels only.
     slot_of: Option<Tensor>,
+}
+
+/// The format of a layer's stacks.
+#[derive(Clone)]
+enum StackQuant {
+    /// In the compute dtype.
+    None,
+    /// e4m3, with their f32 block scales.
+    Fp8(Fp8Scales),
+    /// INT4 (compressed-tensors' nibbles), with the gate/up rows' groups and the down rows'.
+    Int4 {
+        gate_up: Int4Groups,
+        down: Int4Groups,
+    },
+}
+
+/// The group scales and zero points of an INT4 stack's rows (each matrix's own groups; one
+/// group size for the stack): `[rows, ⌈columns / group⌉]` f32 and u8 (or `None`: symmetric).
+#[derive(Clone)]
+struct Int4Groups {
+    scale: Tensor,
+    zero: Option<Tensor>,
+    group: usize,
+}
+
+impl Int4Groups {
+    /// The stack `q` (`[rows, columns / 2]` u8) with these groups.
+    fn tensor(&self, q: Tensor) -> Int4Tensor {
+        Int4Tensor {
+            q,
+            scale: self.scale.clone(),
+            zero: self.zero.clone(),
+            group: self.group,
+        }
+    }
+
+    /// Rows `start..start + len` of the groups with those rows of a stack.
+    fn rows(&self, q: Tensor, start: usize, len: usize) -> Result<Int4Tensor> {
+        Ok(Int4Tensor {
+            q,
+            scale: self.scale.narrow(0, start, len)?,
+            zero: self
+                .zero
+                .as_ref()
+                .map(|z| z.narrow(0, start, len))
+                .transpose()?,
+            group: self.group,
+        })
+    }
+
+    fn view(&self) -> crate::cuda::Int4Groups<'_> {
+        crate::cuda::Int4Groups {
+            scale: &self.scale,
+            zero: self.zero.as_ref(),
+            group: self.group,
+        }
+    }
 }
 
 /// The 128 × 128 block scales of a layer's e4m3 stacks, each expert's gate, up and down
@@ -215,38 +273,44 @@ impl LayerExperts {
         } else {
             None
         };
-        let (gate_up, down, scales) = Self::stack(&held, loader.experts_fp8(), loader.dtype())?;
+        let keep = loader.experts_fp8() || loader.experts_int4();
+        let (gate_up, down, quant) = Self::stack(&held, keep, loader.dtype())?;
         Ok(LayerExperts {
             slots,
             // [slots · 2I, hidden]
             gate_up,
             // [slots, hidden, I]
             down,
-            scales,
+            quant,
             slot_of,
         })
     }
 
     /// The stacks of `held` experts' projections: `gate_up [slots · 2I, hidden]`, `down [slots,
-    /// hidden, I]`, and their block scales when `keep_fp8` and every projection is e4m3;
-    /// otherwise in `dtype`, any e4m3 projection dequantised (one format per stack).
+    /// hidden, I]`, with their block scales when `keep` and every projection is e4m3, or as INT4
+    /// when `keep` and every projection is INT4 in groups the kernels take (one group size and
+    /// one zero-point form for the gate and up matrices, one for the down ones); otherwise in
+    /// `dtype`, any quantised projection dequantised (one format per stack).
     fn stack(
         held: &[Projections],
-        keep_fp8: bool,
+        keep: bool,
         dtype: DType,
-    ) -> Result<(Tensor, Tensor, Option<Fp8Scales>)> {
+    ) -> Result<(Tensor, Tensor, StackQuant)> {
         let all_fp8 = held
             .iter()
             .flatten()
             .all(|p| matches!(p, ExpertTensor::Fp8 { .. }));
-        if all_fp8 && keep_fp8 {
+        if keep && let Some(int4) = Self::int4_stacks(held)? {
+            return Ok(int4);
+        }
+        if all_fp8 && keep {
             let part = |i: usize, scale: bool| -> Vec<Tensor> {
                 held.iter()
                     .filter_map(|p| match &p[i] {
                         ExpertTensor::Fp8 { q, scale: s } => {
                             Some(if scale { s } else { q }.clone())
                         }
-                        ExpertTensor::Dense(_) => None,
+                        _ => None,
                     })
                     .collect()
             };
@@ -264,12 +328,13 @@ impl LayerExperts {
             return Ok((
                 Tensor::cat(&interleave(gate, up), 0)?,
                 Tensor::stack(&part(2, false), 0)?,
-                Some(scales),
+                StackQuant::Fp8(scales),
             ));
         }
         let dense = |p: &ExpertTensor| match p {
             ExpertTensor::Dense(t) => Ok(t.clone()),
             ExpertTensor::Fp8 { q, scale } => fp8::dequantize_matrix(q, scale, dtype),
+            ExpertTensor::Int4(t) => t.dequantize(dtype),
         };
         let (mut gate_up, mut down) = (Vec::new(), Vec::new());
         for [g, u, d] in held {
@@ -277,7 +342,67 @@ impl LayerExperts {
             gate_up.push(dense(u)?);
             down.push(dense(d)?);
         }
-        Ok((Tensor::cat(&gate_up, 0)?, Tensor::stack(&down, 0)?, None))
+        Ok((
+            Tensor::cat(&gate_up, 0)?,
+            Tensor::stack(&down, 0)?,
+            StackQuant::None,
+        ))
+    }
+
+    /// [`stack`](Self::stack)'s INT4 stacks, or `None` when not every projection is INT4 in
+    /// groups the kernels take.
+    fn int4_stacks(held: &[Projections]) -> Result<Option<(Tensor, Tensor, StackQuant)>> {
+        let int4 = |i: usize| -> Option<Vec<&Int4Tensor>> {
+            held.iter()
+                .map(|p| match &p[i] {
+                    ExpertTensor::Int4(t) => Some(t),
+                    _ => None,
+                })
+                .collect()
+        };
+        let (Some(gate), Some(up), Some(down)) = (int4(0), int4(1), int4(2)) else {
+            return Ok(None);
+        };
+        // One group size and zero-point form per stack, one the kernels take.
+        let uniform = |ts: &[&Int4Tensor]| {
+            ts.iter().all(|t| {
+                t.group == ts[0].group
+                    && t.zero.is_some() == ts[0].zero.is_some()
+                    && crate::cuda::Int4Groups::kernel_group(t.group)
+            })
+        };
+        let gate_up: Vec<&Int4Tensor> = gate.iter().zip(&up).flat_map(|(g, u)| [*g, *u]).collect();
+        if gate_up.is_empty() || !uniform(&gate_up) || !uniform(&down) {
+            return Ok(None);
+        }
+        let groups = |ts: &[&Int4Tensor]| -> Result<Int4Groups> {
+            let cat = |f: &dyn Fn(&Int4Tensor) -> Option<Tensor>| -> Result<Option<Tensor>> {
+                let parts: Option<Vec<Tensor>> = ts.iter().map(|t| f(t)).collect();
+                Ok(match parts {
+                    Some(p) => Some(Tensor::cat(&p, 0)?),
+                    None => None,
+                })
+            };
+            let scale = cat(&|t| Some(t.scale.clone()))?
+                .ok_or_else(|| EngineError::Internal("INT4 stack: no scales".into()))?;
+            Ok(Int4Groups {
+                scale,
+                zero: cat(&|t| t.zero.clone())?,
+                group: ts[0].group,
+            })
+        };
+        let q_gate_up: Vec<Tensor> = gate_up.iter().map(|t| t.q.clone()).collect();
+        let q_down: Vec<Tensor> = down.iter().map(|t| t.q.clone()).collect();
+        Ok(Some((
+            // [slots · 2I, hidden / 2]
+            Tensor::cat(&q_gate_up, 0)?,
+            // [slots, hidden, I / 2]
+            Tensor::stack(&q_down, 0)?,
+            StackQuant::Int4 {
+                gate_up: groups(&gate_up)?,
+                down: groups(&down)?,
+            },
+        )))
     }
 
     /// Slot `s`'s three projections, copied out of the stacks (`ib` = ⌈I/128⌉).
@@ -285,13 +410,24 @@ impl LayerExperts {
         let gate = self.gate_up.narrow(0, 2 * s * inner, inner)?;
         let up = self.gate_up.narrow(0, (2 * s + 1) * inner, inner)?;
         let down = self.down.get(s)?;
-        Ok(match &self.scales {
-            None => [
+        Ok(match &self.quant {
+            StackQuant::None => [
                 ExpertTensor::Dense(gate),
                 ExpertTensor::Dense(up),
                 ExpertTensor::Dense(down),
             ],
-            Some(sc) => [
+            StackQuant::Int4 {
+                gate_up: g,
+                down: d,
+            } => {
+                let h = self.down.dim(1)?;
+                [
+                    ExpertTensor::Int4(g.rows(gate, 2 * s * inner, inner)?),
+                    ExpertTensor::Int4(g.rows(up, (2 * s + 1) * inner, inner)?),
+                    ExpertTensor::Int4(d.rows(down, s * h, h)?),
+                ]
+            }
+            StackQuant::Fp8(sc) => [
                 ExpertTensor::Fp8 {
                     q: gate,
                     scale: sc.gate_up.narrow(0, 2 * s * ib, ib)?,
@@ -310,19 +446,42 @@ impl LayerExperts {
 
     /// The stacks as the expert kernels take them.
     fn weights(&self) -> crate::cuda::ExpertWeights<'_> {
-        crate::cuda::ExpertWeights {
+        use crate::cuda::ExpertQuant;
+        let mut w = crate::cuda::ExpertWeights {
             gate_up: &self.gate_up,
             down: &self.down,
-            scales: self.scales.as_ref().map(|s| (&s.gate_up, &s.down)),
+            quant: match &self.quant {
+                StackQuant::None => ExpertQuant::None,
+                StackQuant::Fp8(s) => ExpertQuant::Fp8 {
+                    gate_up: &s.gate_up,
+                    down: &s.down,
+                },
+                StackQuant::Int4 { gate_up, down } => ExpertQuant::Int4 {
+                    gate_up: gate_up.view(),
+                    down: down.view(),
+                },
+            },
             wgmma: true,
-        }
+            grouped_from: 0.0,
+        };
+        w.grouped_from = crate::cuda::grouped_min_pairs_per_slot(&w.quant);
+        w
     }
 
-    /// The stacks in `dtype` for the candle paths: as held, or e4m3 stacks dequantised (per
-    /// call: those paths are the fallback of shapes the kernels do not take).
+    /// The stacks in `dtype` for the candle paths: as held, or quantised stacks dequantised
+    /// (per call: those paths are the fallback of shapes the kernels do not take).
     fn dense(&self, dtype: DType) -> Result<(Tensor, Tensor)> {
-        let Some(sc) = &self.scales else {
-            return Ok((self.gate_up.clone(), self.down.clone()));
+        let sc = match &self.quant {
+            StackQuant::None => return Ok((self.gate_up.clone(), self.down.clone())),
+            StackQuant::Int4 { gate_up, down } => {
+                let (slots, h, half) = self.down.dims3()?;
+                let d = down
+                    .tensor(self.down.reshape((slots * h, half))?)
+                    .dequantize(dtype)?
+                    .reshape((slots, h, 2 * half))?;
+                return Ok((gate_up.tensor(self.gate_up.clone()).dequantize(dtype)?, d));
+            }
+            StackQuant::Fp8(sc) => sc,
         };
         let (rows, hidden) = self.gate_up.dims2()?;
         let inner = self.down.dim(2)?;
@@ -476,7 +635,7 @@ impl ExpertShard {
     /// CPU always goes expert by expert (its FLOPs are what cost).
     ///
     /// With the fused CUDA kernels (engine/src/cuda), prefill-sized batches in bf16 (at least
-    /// [`crate::cuda::GROUPED_MIN_PAIRS_PER_SLOT`] pairs per held expert) take the grouped GEMM:
+    /// [`crate::cuda::ExpertWeights::grouped_from`] pairs per held expert) take the grouped GEMM:
     /// pairs sorted into padded per-expert segments on the device, one tensor-core launch per
     /// projection for all experts, then the combine. Other batches up to [`DENSE_MAX_ROWS`] rows
     /// take a fourth way: the pairs are sorted by expert on the host and two grouped GEMV kernels read
@@ -491,7 +650,7 @@ impl ExpertShard {
         let t = x.dim(0)?;
         if self.dtype == DType::BF16
             && crate::cuda::grouped_experts_enabled()
-            && crate::cuda::takes_grouped(assignments.len(), le.slots.len())
+            && crate::cuda::takes_grouped(assignments.len(), le.slots.len(), &le.weights())
             && let Some(g) = crate::cuda::gpu(&self.device)
         {
             let (le, resolved) = self.resolve(layer, t, assignments)?;
@@ -856,27 +1015,29 @@ mod tests {
         let bits = fp8::f32_bits;
         let parts = |p: &ExpertTensor| match p {
             ExpertTensor::Fp8 { q, scale } => (bits(q), bits(scale)),
-            ExpertTensor::Dense(_) => panic!("an e4m3 projection"),
+            _ => panic!("an e4m3 projection"),
         };
         let deq = |p: &ExpertTensor| match p {
             ExpertTensor::Fp8 { q, scale } => {
                 bits(&fp8::dequantize_matrix(q, scale, DType::F32).expect("dequantise"))
             }
-            ExpertTensor::Dense(_) => panic!("an e4m3 projection"),
+            _ => panic!("an e4m3 projection"),
         };
         let layer = |held: &[Projections]| {
-            let (gate_up, down, scales) =
+            let (gate_up, down, quant) =
                 LayerExperts::stack(held, true, DType::F32).expect("stack");
             LayerExperts {
                 slots: (0..held.len()).map(|e| (e, e)).collect(),
                 gate_up,
                 down,
-                scales,
+                quant,
                 slot_of: None,
             }
         };
         let le = layer(&held);
-        let sc = le.scales.as_ref().expect("e4m3 stacks");
+        let StackQuant::Fp8(sc) = &le.quant else {
+            panic!("e4m3 stacks")
+        };
         assert_eq!(le.gate_up.dims(), &[3 * 2 * inner, h]);
         assert_eq!(le.gate_up.dtype(), DType::F8E4M3);
         assert_eq!(sc.gate_up.dims(), &[3 * 2 * 2, 3]);
@@ -916,7 +1077,114 @@ mod tests {
         }
         // Not kept e4m3 (or a mix): one dense stack of the dequantised values.
         let (dense_gu, _, none) = LayerExperts::stack(&held, false, DType::F32).expect("stack");
-        assert!(none.is_none());
+        assert!(matches!(none, StackQuant::None));
         assert_eq!(bits(&dense_gu), bits(&gate_up));
+    }
+
+    /// INT4 stacks keep each expert's nibbles and groups (zero points too) where the kernels read
+    /// them: a slot's projections copied back out are its own, and the candle fallback's
+    /// dequantised stacks are each expert's own dequantisation. Groups the kernels do not take
+    /// (8 columns), or a mix of group sizes within a stack, give one dense stack instead.
+    #[test]
+    fn int4_stacks_keep_each_experts_groups() {
+        let (h, inner) = (256, 96);
+        let q = |rows: usize, cols: usize, group: usize, zero: bool| -> ExpertTensor {
+            let w = Tensor::randn(0f32, 0.02, (rows, cols), &Device::Cpu).expect("w");
+            let mut t = Int4Tensor::quantize(&w, group).expect("quantise");
+            if zero {
+                let groups = cols.div_ceil(group);
+                let z: Vec<u8> = (0..rows * groups).map(|i| (i % 7 + 5) as u8).collect();
+                t.zero = Some(Tensor::from_vec(z, (rows, groups), &Device::Cpu).expect("z"));
+            }
+            ExpertTensor::Int4(t)
+        };
+        let held: Vec<Projections> = (0..3)
+            .map(|_| {
+                [
+                    q(inner, h, 128, false),
+                    q(inner, h, 128, false),
+                    q(h, inner, 32, true),
+                ]
+            })
+            .collect();
+        let bits = fp8::f32_bits;
+        let u8s = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<u8>()).expect("u8");
+        let parts = |p: &ExpertTensor| match p {
+            ExpertTensor::Int4(t) => (u8s(&t.q), bits(&t.scale), t.zero.as_ref().map(u8s), t.group),
+            _ => panic!("an INT4 projection"),
+        };
+        let deq = |p: &ExpertTensor| match p {
+            ExpertTensor::Int4(t) => bits(&t.dequantize(DType::F32).expect("dequantise")),
+            _ => panic!("an INT4 projection"),
+        };
+        let (gate_up, down, quant) = LayerExperts::stack(&held, true, DType::F32).expect("stack");
+        let StackQuant::Int4 {
+            gate_up: g,
+            down: d,
+        } = &quant
+        else {
+            panic!("INT4 stacks")
+        };
+        assert_eq!(gate_up.dims(), &[3 * 2 * inner, h / 2]);
+        assert_eq!(gate_up.dtype(), DType::U8);
+        assert_eq!(g.scale.dims(), &[3 * 2 * inner, 2]);
+        assert!(g.zero.is_none());
+        assert_eq!(down.dims(), &[3, h, inner / 2]);
+        assert_eq!(d.scale.dims(), &[3 * h, 3]);
+        assert_eq!(
+            d.zero.as_ref().map(|z| z.dims().to_vec()),
+            Some(vec![3 * h, 3])
+        );
+        let le = LayerExperts {
+            slots: (0..3).map(|e| (e, e)).collect(),
+            gate_up,
+            down,
+            quant,
+            slot_of: None,
+        };
+        let (dense_gu, dense_d) = le.dense(DType::F32).expect("dense");
+        for (s, p) in held.iter().enumerate() {
+            let back = le.projections(s, inner, 1).expect("projections");
+            for i in 0..3 {
+                assert_eq!(parts(&back[i]), parts(&p[i]), "slot {s}, projection {i}");
+            }
+            let gate = dense_gu.narrow(0, 2 * s * inner, inner).expect("gate");
+            let up = dense_gu.narrow(0, (2 * s + 1) * inner, inner).expect("up");
+            assert_eq!(bits(&gate), deq(&p[0]), "slot {s} gate");
+            assert_eq!(bits(&up), deq(&p[1]), "slot {s} up");
+            assert_eq!(
+                bits(&dense_d.get(s).expect("down")),
+                deq(&p[2]),
+                "slot {s} down"
+            );
+        }
+        // Groups of 8, or of two sizes in the gate/up stack: dequantised, one dense stack.
+        let small: Vec<Projections> = (0..2)
+            .map(|_| {
+                [
+                    q(inner, h, 8, false),
+                    q(inner, h, 8, false),
+                    q(h, inner, 32, false),
+                ]
+            })
+            .collect();
+        let mixed: Vec<Projections> = (0..2)
+            .map(|_| {
+                [
+                    q(inner, h, 128, false),
+                    q(inner, h, 64, false),
+                    q(h, inner, 32, false),
+                ]
+            })
+            .collect();
+        for held in [small, mixed] {
+            let (gu, _, quant) = LayerExperts::stack(&held, true, DType::F32).expect("stack");
+            assert!(matches!(quant, StackQuant::None));
+            assert_eq!(gu.dims(), &[2 * 2 * inner, h]);
+            assert_eq!(
+                bits(&gu.narrow(0, 0, inner).expect("gate")),
+                deq(&held[0][0])
+            );
+        }
     }
 }

@@ -34,24 +34,22 @@ __device__ __forceinline__ void dense_mma(const bf16* x, int rows, int K,
     const int n64 = K / 64, per = (n64 + DENSE_WARPS - 1) / DENSE_WARPS;
     const int k_begin = min(n64, warp * per) * 64, k_end = min(n64, warp * per + per) * 64;
     typedef typename W::Elem E;
-    const E* w0 = w + (size_t)(j0 + g) * K + t * 16;
-    const E* w1 = w0 + (size_t)8 * K;
-    const E* u0 = w0 + (size_t)N * K;  // GU only
-    const E* u1 = u0 + (size_t)8 * K;
-    const int wrows = GU ? 2 * N : N;
-    const W wg = W::at(scales, 0, wrows, j0, K);
-    const W wu = W::at(scales, 0, wrows, GU ? N + j0 : j0, K);
+    const E* w0 = w_at<W>(w, (size_t)(j0 + g) * K + t * 16);
+    const E* w1 = w_at<W>(w0, (size_t)8 * K);
+    const E* u0 = w_at<W>(w0, (size_t)N * K);  // GU only
+    const E* u1 = w_at<W>(u0, (size_t)8 * K);
+    const int wrows = GU ? 2 * N : N, ju = GU ? N + j0 : j0;
+    const QuantArgs qa{scales, nullptr, 0};
     const int n = min(rows, 8);
     const bf16* xr = x + (size_t)min(g, n - 1) * K + t * 16;
     constexpr int NA = GU ? 2 : 1;  // row pairs: the gate's (and the up's)
     const E* const all[4] = {w0, w1, u0, u1};
-    const W all_pol[2] = {wg, wu};
+    const W all_pol[4] = {W::at(qa, 0, wrows, j0 + g, K), W::at(qa, 0, wrows, j0 + g + 8, K),
+                          W::at(qa, 0, wrows, ju + g, K), W::at(qa, 0, wrows, ju + g + 8, K)};
     const E* wp[2 * NA];
-    W pol[NA];
+    W pol[2 * NA];
 #pragma unroll
-    for (int q = 0; q < 2 * NA; ++q) wp[q] = all[q];
-#pragma unroll
-    for (int a = 0; a < NA; ++a) pol[a] = all_pol[a];
+    for (int q = 0; q < 2 * NA; ++q) wp[q] = all[q], pol[q] = all_pol[q];
     float acc[NA][4] = {};
     chunk_walk<W, NA>(wp, pol, xr, k_begin, k_end, acc);
     const float* c = acc[0];

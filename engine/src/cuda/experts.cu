@@ -615,6 +615,25 @@ __device__ __forceinline__ void k_half(int n32, int khalf, int& kb0, int& kb1) {
 // bf16 of its first and last 8, for two MMAs of 32 k; x is read the same way), which takes
 // half as many loads for e4m3 and half the loop's iterations for bf16 as 8 values of a 32-wide
 // block (dense.cu's measure, 2026-11-28); `CHUNK_STAGES` chunks in flight.
+//
+// A policy is made per weight row (`at`: row r of matrix m, which has `rows` rows of K values),
+// so that formats with per-row scales (INT4's groups) and per-block ones (e4m3's 128 × 128) are
+// alike to the walk; `K_PER_ELEM` values share one stored `Elem` (two nibbles a byte for INT4),
+// and `w_at` finds value k of a row.
+//
+// What a weight format needs besides its values, passed through unchanged: e4m3's block scales,
+// INT4's group scales, zero points (null: symmetric) and group size (experts_int4.cu).
+struct QuantArgs {
+    const float* scales;
+    const uint8_t* zeros;
+    int group_shift;  // log2 of INT4's group size
+};
+
+template <typename W>
+__device__ __forceinline__ const typename W::Elem* w_at(const typename W::Elem* p, ptrdiff_t k) {
+    return p + k / W::K_PER_ELEM;
+}
+
 struct MmaBf16 {
     typedef bf16 Elem;
     typedef uint4 Raw;
@@ -622,7 +641,8 @@ struct MmaBf16 {
         uint4 a, b;
     };
     static constexpr int CHUNK_STAGES = 2;
-    __device__ static MmaBf16 at(const float*, size_t, int, int, int) { return {}; }
+    static constexpr int K_PER_ELEM = 1;
+    __device__ static MmaBf16 at(const QuantArgs&, size_t, int, int, int) { return {}; }
     __device__ static Raw load(const bf16* p) { return ldcs16(p); }
     __device__ uint4 frag(Raw r, int) const { return r; }
     __device__ static Chunk load2(const bf16* p) { return {ldcs16(p), ldcs16(p + 8)}; }
@@ -633,12 +653,13 @@ struct MmaBf16 {
 
 // One warp's k chunks [k_begin, k_end) (multiples of 64) for NA pairs of weight rows, W's
 // CHUNK_STAGES chunks in flight: pair a's rows g and g + 8 start at w[2a] and w[2a + 1] (each at
-// its lane's t·16), with their policy pol[a], summed into c[a]; x's row at xr (also at t·16).
+// its lane's t·16), with their policies pol[2a] and pol[2a + 1], summed into c[a]; x's row at xr
+// (also at t·16).
 // The MMAs run in k order, pair by pair within a chunk. Shared by the expert kernels below and
 // dense.cu.
 template <typename W, int NA>
 __device__ __forceinline__ void chunk_walk(const typename W::Elem* const (&w)[2 * NA],
-                                           const W (&pol)[NA], const bf16* xr, int k_begin,
+                                           const W (&pol)[2 * NA], const bf16* xr, int k_begin,
                                            int k_end, float (&c)[NA][4]) {
     constexpr int CS = W::CHUNK_STAGES;
     if (k_begin >= k_end) return;
@@ -649,7 +670,7 @@ __device__ __forceinline__ void chunk_walk(const typename W::Elem* const (&w)[2 
         const int kk = k_begin + i * 64;
         if (kk < k_end) {
 #pragma unroll
-            for (int q = 0; q < 2 * NA; ++q) r[i][q] = W::load2(w[q] + kk);
+            for (int q = 0; q < 2 * NA; ++q) r[i][q] = W::load2(w_at<W>(w[q], kk));
             b[i][0] = ld16(xr + kk), b[i][1] = ld16(xr + kk + 8);
         }
     }
@@ -659,15 +680,15 @@ __device__ __forceinline__ void chunk_walk(const typename W::Elem* const (&w)[2 
             const int kk = k + i * 64, kn = kk + (CS - 1) * 64, j = (i + CS - 1) % CS;
             if (kn < k_end) {
 #pragma unroll
-                for (int q = 0; q < 2 * NA; ++q) r[j][q] = W::load2(w[q] + kn);
+                for (int q = 0; q < 2 * NA; ++q) r[j][q] = W::load2(w_at<W>(w[q], kn));
                 b[j][0] = ld16(xr + kn), b[j][1] = ld16(xr + kn + 8);
             }
             if (kk < k_end) {
 #pragma unroll
                 for (int a = 0; a < NA; ++a) {
                     uint4 a0, a1, h0, h1;
-                    pol[a].frags2(r[i][2 * a], kk, a0, a1);
-                    pol[a].frags2(r[i][2 * a + 1], kk, h0, h1);
+                    pol[2 * a].frags2(r[i][2 * a], kk, a0, a1);
+                    pol[2 * a + 1].frags2(r[i][2 * a + 1], kk, h0, h1);
                     mma_k32(c[a], a0, h0, b[i][0]);
                     mma_k32(c[a], a1, h1, b[i][1]);
                 }
@@ -677,11 +698,11 @@ __device__ __forceinline__ void chunk_walk(const typename W::Elem* const (&w)[2 
 }
 
 // h[q, j] = silu(x·Wg[j]) · (x·Wu[j]) for 16 columns j per tile; h in bf16 (what the unfused
-// bf16 path stores too). Needs hidden % 32 == 0 and inner % 16 == 0. `scales`: the weights'
-// block scales (W's; unused for bf16).
+// bf16 path stores too). Needs hidden % 32 == 0 and inner % 16 == 0. `qa`: the weights'
+// scales (W's; unused for bf16).
 template <typename W>
 __device__ __forceinline__ void gate_up_mma(const bf16* x, int hidden,
-                                            const typename W::Elem* w_gu, const float* scales,
+                                            const typename W::Elem* w_gu, const QuantArgs& qa,
                                             int inner, const uint32_t* offsets,
                                             const uint32_t* active, const uint32_t* sorted,
                                             int k_div, bf16* h_out) {
@@ -699,12 +720,14 @@ __device__ __forceinline__ void gate_up_mma(const bf16* x, int hidden,
     const bool valid = j0 < inner;  // every warp still takes part in the barriers
     const int jc = valid ? j0 : 0;
     typedef typename W::Elem E;
-    const E* wg0 = w_gu + ((size_t)2 * s * inner + jc + g) * hidden + t * 16;
-    const E* wg1 = wg0 + (size_t)8 * hidden;
-    const E* wu0 = wg0 + (size_t)inner * hidden;
-    const E* wu1 = wu0 + (size_t)8 * hidden;
-    const W wg = W::at(scales, (size_t)2 * s, inner, jc, hidden);
-    const W wu = W::at(scales, (size_t)2 * s + 1, inner, jc, hidden);
+    const E* wg0 = w_at<W>(w_gu, ((size_t)2 * s * inner + jc + g) * hidden + t * 16);
+    const E* wg1 = w_at<W>(wg0, (size_t)8 * hidden);
+    const E* wu0 = w_at<W>(wg0, (size_t)inner * hidden);
+    const E* wu1 = w_at<W>(wu0, (size_t)8 * hidden);
+    const W pols[4] = {W::at(qa, (size_t)2 * s, inner, jc + g, hidden),
+                       W::at(qa, (size_t)2 * s, inner, jc + g + 8, hidden),
+                       W::at(qa, (size_t)2 * s + 1, inner, jc + g, hidden),
+                       W::at(qa, (size_t)2 * s + 1, inner, jc + g + 8, hidden)};
     int kb0, kb1;
     k_half(hidden / 64, khalf, kb0, kb1);
     const int k_begin = kb0 * 64, k_end = kb1 * 64;
@@ -712,7 +735,6 @@ __device__ __forceinline__ void gate_up_mma(const bf16* x, int hidden,
     const int k_tail = (hidden / 64) * 64;
     const bool tail = khalf && k_tail < hidden;
     const E* const rows[4] = {wg0, wg1, wu0, wu1};
-    const W pols[2] = {wg, wu};
     for (uint32_t g0 = beg; g0 < end; g0 += 8) {
         const int n = min((int)(end - g0), 8);
         const bf16* xr = x + (size_t)(sorted[g0 + min(g, n - 1)] / k_div) * hidden + t * 16;
@@ -723,8 +745,10 @@ __device__ __forceinline__ void gate_up_mma(const bf16* x, int hidden,
         if (valid && tail) {
             const int o = k_tail - t * 8;  // from t·16 to t·8 into the block at k_tail
             const uint4 bt = ld16(xr + o);
-            mma_k32(cg, wg.frag(W::load(wg0 + o), k_tail), wg.frag(W::load(wg1 + o), k_tail), bt);
-            mma_k32(cu, wu.frag(W::load(wu0 + o), k_tail), wu.frag(W::load(wu1 + o), k_tail), bt);
+            mma_k32(cg, pols[0].frag(W::load(w_at<W>(wg0, o)), k_tail),
+                    pols[1].frag(W::load(w_at<W>(wg1, o)), k_tail), bt);
+            mma_k32(cu, pols[2].frag(W::load(w_at<W>(wu0, o)), k_tail),
+                    pols[3].frag(W::load(w_at<W>(wu1, o)), k_tail), bt);
         }
         if (khalf) {
 #pragma unroll
@@ -791,7 +815,7 @@ __device__ __forceinline__ void combine_tail(const CombineTail& c, const float* 
 // With `tail.counters`, also the combine of y (above).
 template <typename W>
 __device__ __forceinline__ void down_mma(const bf16* h, int inner,
-                                         const typename W::Elem* w_down, const float* scales,
+                                         const typename W::Elem* w_down, const QuantArgs& qa,
                                          int hidden, const uint32_t* offsets,
                                          const uint32_t* active, float* y,
                                          const CombineTail& tail) {
@@ -808,16 +832,16 @@ __device__ __forceinline__ void down_mma(const bf16* h, int inner,
         const int r0 = (blockIdx.x * 2 + tile) * 16;
         const bool valid = r0 < hidden;
         const int rc = valid ? r0 : 0;
-        const typename W::Elem* w0 = w_down + ((size_t)s * hidden + rc + g) * inner + t * 16;
-        const typename W::Elem* w1 = w0 + (size_t)8 * inner;
-        const W wd = W::at(scales, (size_t)s, hidden, rc, inner);
+        const typename W::Elem* w0 = w_at<W>(w_down, ((size_t)s * hidden + rc + g) * inner + t * 16);
+        const typename W::Elem* w1 = w_at<W>(w0, (size_t)8 * inner);
         int kb0, kb1;
         k_half(inner / 64, khalf, kb0, kb1);
         const int k_begin = kb0 * 64, k_end = kb1 * 64;
         const int k_tail = (inner / 64) * 64;
         const bool tail = khalf && k_tail < inner;
         const typename W::Elem* const rows[2] = {w0, w1};
-        const W pols[1] = {wd};
+        const W pols[2] = {W::at(qa, (size_t)s, hidden, rc + g, inner),
+                           W::at(qa, (size_t)s, hidden, rc + g + 8, inner)};
         for (uint32_t g0 = beg; g0 < end; g0 += 8) {
             const int n = min((int)(end - g0), 8);
             const bf16* hr = h + (size_t)(g0 + min(g, n - 1)) * inner + t * 16;
@@ -826,8 +850,8 @@ __device__ __forceinline__ void down_mma(const bf16* h, int inner,
             if (valid) chunk_walk<W, 1>(rows, pols, hr, k_begin, k_end, acc);
             if (valid && tail) {
                 const int o = k_tail - t * 8;
-                mma_k32(c, wd.frag(W::load(w0 + o), k_tail), wd.frag(W::load(w1 + o), k_tail),
-                        ld16(hr + o));
+                mma_k32(c, pols[0].frag(W::load(w_at<W>(w0, o)), k_tail),
+                        pols[1].frag(W::load(w_at<W>(w1, o)), k_tail), ld16(hr + o));
             }
             if (khalf) {
 #pragma unroll
@@ -851,14 +875,14 @@ __device__ __forceinline__ void down_mma(const bf16* h, int inner,
 extern "C" __global__ void moe_gate_up_mma(const bf16* x, int hidden, const bf16* w_gu, int inner,
                                            const uint32_t* offsets, const uint32_t* active,
                                            const uint32_t* sorted, int k_div, bf16* h_out) {
-    gate_up_mma<MmaBf16>(x, hidden, w_gu, nullptr, inner, offsets, active, sorted, k_div,
+    gate_up_mma<MmaBf16>(x, hidden, w_gu, QuantArgs{}, inner, offsets, active, sorted, k_div,
                          h_out);
 }
 extern "C" __global__ void moe_down_mma(const bf16* h, int inner, const bf16* w_down, int hidden,
                                         const uint32_t* offsets, const uint32_t* active,
                                         float* y, const uint32_t* pos, const float* w, int tokens,
                                         int k, float* out, uint32_t* counters) {
-    down_mma<MmaBf16>(h, inner, w_down, nullptr, hidden, offsets, active, y,
+    down_mma<MmaBf16>(h, inner, w_down, QuantArgs{}, hidden, offsets, active, y,
                       CombineTail{pos, w, tokens, k, out, counters});
 }
 
@@ -1123,7 +1147,7 @@ struct GgBf16Weights {
     bool ok[PER];
     int off[PER];
     bf16* tiles;
-    __device__ __forceinline__ GgBf16Weights(const bf16* w, const float*, int K, int N, uint32_t s,
+    __device__ __forceinline__ GgBf16Weights(const bf16* w, const QuantArgs&, int K, int N, uint32_t s,
                                              int n0, int tid, unsigned char* smem)
         : tiles(reinterpret_cast<bf16*>(smem)) {
 #pragma unroll
@@ -1160,7 +1184,7 @@ struct GgBf16Weights {
 template <bool GATE_UP, int BM, int BN, int BK, int STAGES, int WM, int WN, typename W>
 __device__ __forceinline__ void moe_gg(const bf16* __restrict__ a, int K,
                                        const typename W::Elem* __restrict__ w,
-                                       const float* scales, int N, const uint32_t* sorted_rows,
+                                       const QuantArgs& qa, int N, const uint32_t* sorted_rows,
                                        const uint32_t* block_slot, void* out) {
     constexpr int THREADS = WM * WN * 32;
     constexpr int TM = BM / WM, TN = BN / WN;  // warp tile
@@ -1179,7 +1203,7 @@ __device__ __forceinline__ void moe_gg(const bf16* __restrict__ a, int K,
     bool aok[A_PER];
     int aoff[A_PER];
     gg_a_tiles<GATE_UP, BM, BK, THREADS, A_PER>(a, K, sorted_rows, blk, tid, asrc, aok, aoff);
-    W wt(w, scales, K, N, s, n0, tid, gg_smem + STAGES * BM * BK * 2);
+    W wt(w, qa, K, N, s, n0, tid, gg_smem + STAGES * BM * BK * 2);
     const int kt_n = K / BK;
     auto load = [&](int kt, int st) {
         const int k0 = kt * BK;
@@ -1228,13 +1252,13 @@ using GgBf16 = GgBf16Weights<GATE_UP, GG_BN, BK, STAGES, 128, GG_BN / 2>;
         moe_gg_gate_up_##SFX(const bf16* x, int hidden, const bf16* w_gu, int inner,             \
                              const uint32_t* sorted_rows, const uint32_t* block_slot, bf16* h) { \
         moe_gg<true, GG_BM, GG_BN, BK, STAGES, 2, 2, GgBf16<true, BK, STAGES>>(                 \
-            x, hidden, w_gu, nullptr, inner, sorted_rows, block_slot, h);                        \
+            x, hidden, w_gu, QuantArgs{}, inner, sorted_rows, block_slot, h);                    \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(128)                                            \
         moe_gg_down_##SFX(const bf16* h, int inner, const bf16* w_down, int hidden,              \
                           const uint32_t* sorted_rows, const uint32_t* block_slot, bf16* y) {    \
         moe_gg<false, GG_BM, GG_BN, BK, STAGES, 2, 2, GgBf16<false, BK, STAGES>>(               \
-            h, inner, w_down, nullptr, hidden, sorted_rows, block_slot, y);                      \
+            h, inner, w_down, QuantArgs{}, hidden, sorted_rows, block_slot, y);                  \
     }
 GG_KERNELS(k64, 64, 3)
 GG_KERNELS(k32, 32, 4)
@@ -1360,7 +1384,7 @@ __device__ __forceinline__ void moe_ws(const bf16* __restrict__ a, int K, const 
         bool aok[A_PER];
         int aoff[A_PER];
         gg_a_tiles<GATE_UP, BM, BK, LOADERS, A_PER>(a, K, sorted_rows, blk, tid, asrc, aok, aoff);
-        GgBf16Weights<GATE_UP, BN, BK, STAGES, LOADERS, 128> wt(w, nullptr, K, N, s, n0, tid,
+        GgBf16Weights<GATE_UP, BN, BK, STAGES, LOADERS, 128> wt(w, QuantArgs{}, K, N, s, n0, tid,
                                                                reinterpret_cast<unsigned char*>(sb));
         for (int kt = 0; kt < kt_n; ++kt) {
             const int st = kt % STAGES;

@@ -118,24 +118,80 @@ struct CombineFold {
 }
 
 /// One MoE layer's stacked routed-expert weights, as the expert kernels read them: bf16 or f32
-/// (the compute dtype), or e4m3 with f32 block scales (experts_fp8.cu, which dequantises in
-/// registers or shared memory to the very bf16 values the load-time dequantisation gives, then
-/// runs the bf16 kernels' products: the results are bit-identical).
+/// (the compute dtype), e4m3 with f32 block scales (experts_fp8.cu), or INT4 with group scales
+/// (experts_int4.cu). The quantised kernels dequantise in registers or shared memory to the very
+/// bf16 values the load-time dequantisation gives, then run the bf16 kernels' products: the
+/// results are bit-identical.
 #[derive(Debug, Clone, Copy)]
 pub struct ExpertWeights<'a> {
-    /// `[slots · 2I, hidden]`: slot s's gate rows `2sI..2sI+I`, then its up rows.
+    /// `[slots · 2I, hidden]`: slot s's gate rows `2sI..2sI+I`, then its up rows (INT4: two
+    /// values a byte, `[slots · 2I, hidden / 2]` u8).
     pub gate_up: &'a Tensor,
-    /// `[slots, hidden, I]`.
+    /// `[slots, hidden, I]` (INT4: `[slots, hidden, I / 2]` u8).
     pub down: &'a Tensor,
-    /// For e4m3 weights, their 128 × 128 block scales (`weight_scale_inv`, f32), each expert's
-    /// gate, up and down matrices with their own (partial edge blocks included):
+    /// What the values need besides themselves.
+    pub quant: ExpertQuant<'a>,
+    /// Whether prefill-sized bf16 batches may take the wgmma grouped GEMM (`moe_ws_*`). FP8
+    /// and INT4 weights have only the mma.sync form (`moe_gg_*_fp8`, `moe_gg_*_int4`); the
+    /// kernel checks turn this off for bf16 so that both run the same products.
+    pub wgmma: bool,
+    /// Average pairs per held expert from which a batch takes the grouped GEMM
+    /// ([`grouped_min_pairs_per_slot`] of the format; the kernel checks give the bf16 side the
+    /// quantised side's, so that both run the same products).
+    pub grouped_from: f64,
+}
+
+/// The format of [`ExpertWeights`]' stacks beyond their dtype.
+#[derive(Debug, Clone, Copy)]
+pub enum ExpertQuant<'a> {
+    /// In the compute dtype.
+    None,
+    /// e4m3, with their 128 × 128 block scales (`weight_scale_inv`, f32), each expert's gate,
+    /// up and down matrices with their own (partial edge blocks included):
     /// `[slots · 2 · ⌈I/128⌉, ⌈hidden/128⌉]` (gate blocks, then up, per slot) and
     /// `[slots, ⌈hidden/128⌉, ⌈I/128⌉]`.
-    pub scales: Option<(&'a Tensor, &'a Tensor)>,
-    /// Whether prefill-sized bf16 batches may take the wgmma grouped GEMM (`moe_ws_*`). FP8
-    /// weights have only the mma.sync form (`moe_gg_*_fp8`); the kernel checks turn this off
-    /// for bf16 so that both run the same products.
-    pub wgmma: bool,
+    Fp8 {
+        gate_up: &'a Tensor,
+        down: &'a Tensor,
+    },
+    /// INT4 (compressed-tensors' nibbles, [`crate::weights::int4::Int4Tensor`]), with the
+    /// groups of the gate/up rows (`[slots · 2I, ⌈hidden/G⌉]`) and of the down rows
+    /// (`[slots · hidden, ⌈I/G'⌉]`).
+    Int4 {
+        gate_up: Int4Groups<'a>,
+        down: Int4Groups<'a>,
+    },
+}
+
+/// An INT4 stack's group scales and zero points, one per (row, group of input columns).
+#[derive(Debug, Clone, Copy)]
+pub struct Int4Groups<'a> {
+    /// `[rows, ⌈columns / group⌉]` f32.
+    pub scale: &'a Tensor,
+    /// The same shape in u8 nibble values, or `None`: every zero point is 8 (symmetric).
+    pub zero: Option<&'a Tensor>,
+    /// Input columns per group: the kernels take powers of two from 16 (a lane's values of a
+    /// k chunk then share one group).
+    pub group: usize,
+}
+
+impl Int4Groups<'_> {
+    /// Whether the INT4 kernels take a group size.
+    pub fn kernel_group(group: usize) -> bool {
+        group.is_power_of_two() && group >= 16
+    }
+
+    /// Whether these groups cover a `[rows, cols]` matrix stack as the kernels read them.
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        let shape = [rows, cols.div_ceil(self.group.max(1))];
+        Self::kernel_group(self.group)
+            && self.scale.dtype() == DType::F32
+            && self.scale.is_contiguous()
+            && self.scale.dims() == shape
+            && self
+                .zero
+                .is_none_or(|z| z.dtype() == DType::U8 && z.is_contiguous() && z.dims() == shape)
+    }
 }
 
 impl<'a> ExpertWeights<'a> {
@@ -144,8 +200,20 @@ impl<'a> ExpertWeights<'a> {
         ExpertWeights {
             gate_up,
             down,
-            scales: None,
+            quant: ExpertQuant::None,
             wgmma: true,
+            grouped_from: grouped_min_pairs_per_slot(&ExpertQuant::None),
+        }
+    }
+}
+
+impl ExpertQuant<'_> {
+    /// The kernels' name suffix for this format.
+    fn suffix(&self) -> &'static str {
+        match self {
+            ExpertQuant::None => "",
+            ExpertQuant::Fp8 { .. } => "_fp8",
+            ExpertQuant::Int4 { .. } => "_int4",
         }
     }
 }
@@ -299,32 +367,44 @@ const WS_SMEM: usize = 4 * (WS_BM + WS_BN) * 64 * 2 + 1024 + 16 * 4;
 /// tokens) 0.713 vs 0.811; 768 (8,192 tokens) 1.94 vs 2.84.
 pub const WS_MIN_PAIRS_PER_SLOT: usize = 128;
 
-/// Average (token, expert) pairs per held expert from which a batch takes the grouped GEMM
-/// (segments padded to 64 rows, tensor-core tiles, the weights streamed by cp.async in 3
-/// stages); below it the GEMV-style kernels, which read each expert's weights once for all of
-/// its tokens without padding. Measured on an H200 (docs/BENCHMARKS.md, 2026-11-27, V2-Lite's
-/// 64 experts, decode step in-process): the grouped GEMM is faster from batch 8 (0.75 pairs per
-/// expert: 9.5–9.8 vs 11.1 ms) up (batch 64: 14.8 vs 18.9 ms), because it streams the weights
-/// closer to the memory's speed and its padded FLOPs cost less than that; at batch 1–4 the two
-/// were within the run-to-run spread. The earlier value, 8, came from prefill-sized batches.
-pub const GROUPED_MIN_PAIRS_PER_SLOT: f64 = 0.5;
+/// Average (token, expert) pairs per held expert from which a batch of bf16 experts takes the
+/// grouped GEMM (segments padded to 64 rows, tensor-core tiles, the weights streamed by cp.async
+/// in 3 stages); below it the decode kernels (`moe_*_mma`), which read each expert's weights once
+/// per 8 of its tokens without padding. Measured on an H200 (docs/BENCHMARKS.md, 2026-11-28,
+/// V2-Lite's 64 experts, decode step in-process, ms, decode kernels / grouped): batch 8 (0.75
+/// pairs per expert) 6.60 / 7.04, 16 (1.5) 8.94 / 9.10, 32 (3) 9.57 / 10.21, 64 (6) 11.35 /
+/// 10.96, 128 (12) 17.68 / 11.65. (0.5 until then, measured before the decode kernels ran on the
+/// tensor cores.)
+pub const GROUPED_MIN_PAIRS_PER_SLOT: f64 = 4.0;
 
-/// [`GROUPED_MIN_PAIRS_PER_SLOT`], or `MOEMESH_GROUPED_MIN_PAIRS` where set (read once; a
-/// positive number, fractions allowed), for A/B runs of where the grouped GEMM takes over.
-pub fn grouped_min_pairs_per_slot() -> f64 {
-    static N: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *N.get_or_init(|| {
+/// The same for FP8 and INT4 experts, whose grouped GEMM dequantises each weight tile in shared
+/// memory (one more pass and barrier per k step) while the decode kernels do it in registers:
+/// the same measurement, FP8 / INT4, decode kernels against grouped: batch 64 (6 pairs per
+/// expert) 10.60 / 11.63 and 10.43 / 12.69 ms, batch 128 (12) 15.88 / 12.41 and 15.51 / 13.56.
+pub const GROUPED_MIN_PAIRS_PER_SLOT_QUANTISED: f64 = 8.0;
+
+/// [`GROUPED_MIN_PAIRS_PER_SLOT`] (bf16 and f32 weights) or
+/// [`GROUPED_MIN_PAIRS_PER_SLOT_QUANTISED`], or `MOEMESH_GROUPED_MIN_PAIRS` where set (read once;
+/// a positive number, fractions allowed; every format), for A/B runs of where the grouped GEMM
+/// takes over.
+pub fn grouped_min_pairs_per_slot(quant: &ExpertQuant) -> f64 {
+    static N: std::sync::OnceLock<Option<f64>> = std::sync::OnceLock::new();
+    let set = *N.get_or_init(|| {
         std::env::var("MOEMESH_GROUPED_MIN_PAIRS")
             .ok()
             .and_then(|v| v.parse().ok())
             .filter(|&n: &f64| n > 0.0 && n.is_finite())
-            .unwrap_or(GROUPED_MIN_PAIRS_PER_SLOT)
+    });
+    set.unwrap_or(match quant {
+        ExpertQuant::None => GROUPED_MIN_PAIRS_PER_SLOT,
+        ExpertQuant::Fp8 { .. } | ExpertQuant::Int4 { .. } => GROUPED_MIN_PAIRS_PER_SLOT_QUANTISED,
     })
 }
 
-/// Whether `pairs` (token, expert) pairs over `slots` held experts take the grouped GEMM.
-pub fn takes_grouped(pairs: usize, slots: usize) -> bool {
-    pairs as f64 >= grouped_min_pairs_per_slot() * slots as f64
+/// Whether `pairs` (token, expert) pairs over `slots` experts take the grouped GEMM, for the
+/// weights `w` ([`ExpertWeights::grouped_from`]).
+pub fn takes_grouped(pairs: usize, slots: usize, w: &ExpertWeights) -> bool {
+    pairs as f64 >= w.grouped_from * slots as f64
 }
 
 impl Gpu {
@@ -769,12 +849,31 @@ impl Gpu {
     /// are multiples of 32 (the tensor-core kernels) and scales of the stacks' block grid.
     fn weights_fit(hidden: usize, dt: DType, w: &ExpertWeights) -> Result<Option<(usize, usize)>> {
         let (gate_up, down) = (w.gate_up, w.down);
-        let Ok((slots, hidden2, inner)) = down.dims3() else {
+        let Ok((slots, hidden2, down_cols)) = down.dims3() else {
             return Ok(None);
         };
-        let weights_dt = match w.scales {
-            None => dt,
-            Some((s_gu, s_d)) => {
+        let mut inner = down_cols;
+        let (weights_dt, values_per_elem) = match w.quant {
+            ExpertQuant::None => (dt, 1),
+            ExpertQuant::Int4 {
+                gate_up: g_gu,
+                down: g_d,
+            } => {
+                inner = 2 * down_cols;
+                if dt != DType::BF16
+                    || !hidden.is_multiple_of(32)
+                    || !inner.is_multiple_of(32)
+                    || !g_gu.fits(slots * 2 * inner, hidden)
+                    || !g_d.fits(slots * hidden, inner)
+                {
+                    return Ok(None);
+                }
+                (DType::U8, 2)
+            }
+            ExpertQuant::Fp8 {
+                gate_up: s_gu,
+                down: s_d,
+            } => {
                 let (hb, ib) = (hidden.div_ceil(128), inner.div_ceil(128));
                 let scales_ok = s_gu.dtype() == DType::F32
                     && s_d.dtype() == DType::F32
@@ -789,7 +888,7 @@ impl Gpu {
                 {
                     return Ok(None);
                 }
-                DType::F8E4M3
+                (DType::F8E4M3, 1)
             }
         };
         let ok = hidden == hidden2
@@ -802,17 +901,19 @@ impl Gpu {
             && down.is_contiguous()
             && aligned16(gate_up)
             && aligned16(down)
-            && gate_up.dim(1)? == hidden;
+            && gate_up.dim(1)? * values_per_elem == hidden;
         Ok(ok.then_some((hidden, inner)))
     }
 
     /// An expert projection kernel's arguments: its input and the input's width `k`, the
-    /// weight stack (and its scales, for e4m3 weights), the output width `n`, then `rest`.
+    /// weight stack (and what its format needs: e4m3's block scales; INT4's group scales, zero
+    /// points and log2 of the group size), the output width `n`, then `rest`. `gate_up`: which
+    /// of the stacks.
     fn projection_args(
         &self,
         (input, k, k_what): (u64, usize, &str),
         weights: &Tensor,
-        scales: Option<&Tensor>,
+        (quant, gate_up): (&ExpertQuant, bool),
         (n, n_what): (usize, &str),
         rest: impl IntoIterator<Item = Arg>,
     ) -> Result<Vec<Arg>> {
@@ -821,8 +922,20 @@ impl Gpu {
             i32_arg(k, k_what)?,
             Arg::Ptr(self.ptr(weights)?),
         ];
-        if let Some(s) = scales {
-            args.push(Arg::Ptr(self.ptr(s)?));
+        match *quant {
+            ExpertQuant::None => {}
+            ExpertQuant::Fp8 { gate_up: g, down } => {
+                args.push(Arg::Ptr(self.ptr(if gate_up { g } else { down })?));
+            }
+            ExpertQuant::Int4 { gate_up: g, down } => {
+                let groups = if gate_up { g } else { down };
+                args.push(Arg::Ptr(self.ptr(groups.scale)?));
+                args.push(Arg::Ptr(match groups.zero {
+                    Some(z) => self.ptr(z)?,
+                    None => 0,
+                }));
+                args.push(Arg::I32(groups.group.trailing_zeros() as i32));
+            }
         }
         args.push(i32_arg(n, n_what)?);
         args.extend(rest);
@@ -860,9 +973,8 @@ impl Gpu {
         // rows, 4 per warp (CUDA cores). e4m3 weights: the tensor-core kernels' FP8 forms
         // (weights_fit checked their widths).
         let rows_per_block = if mma { 32 } else { 16 };
-        let fp8 = w.scales;
         let (gate_up_fn, down_fn, h_dtype) = if mma {
-            let sfx = if fp8.is_some() { "_fp8" } else { "" };
+            let sfx = w.quant.suffix();
             (
                 format!("moe_gate_up_mma{sfx}"),
                 format!("moe_down_mma{sfx}"),
@@ -880,7 +992,7 @@ impl Gpu {
         let args = self.projection_args(
             (x, hidden, "hidden size"),
             w.gate_up,
-            fp8.map(|s| s.0),
+            (&w.quant, true),
             (inner, "expert inner size"),
             [
                 Arg::Ptr(offsets),
@@ -901,7 +1013,7 @@ impl Gpu {
         let mut args = self.projection_args(
             (self.ptr(&h)?, inner, "expert inner size"),
             w.down,
-            fp8.map(|s| s.1),
+            (&w.quant, false),
             (hidden, "hidden size"),
             [Arg::Ptr(offsets), Arg::Ptr(active), Arg::Ptr(self.ptr(&y)?)],
         )?;
@@ -961,22 +1073,23 @@ impl Gpu {
         inner: usize,
         wait: Option<&WaitFlag>,
     ) -> Result<(Tensor, Tensor)> {
-        let fp8 = w.scales;
         let wgmma = super::wgmma_experts_enabled()
             && w.wgmma
-            && fp8.is_none()
+            && matches!(w.quant, ExpertQuant::None)
             && hidden.is_multiple_of(64)
             && inner.is_multiple_of(64)
             && pairs >= WS_MIN_PAIRS_PER_SLOT * slots;
         // Block rows, the kernels' names, threads and shared memory: the wgmma form, or k steps
         // of 64 in 3 stages where both widths allow, else of 32 in 4 (experts.cu); e4m3 weights
         // the same mma.sync tiles (experts_fp8.cu), whose shared memory holds each stage's e4m3
-        // weight tile and one bf16 tile they are dequantised into.
-        let gg_smem = |bk: usize, stages: usize| match fp8 {
-            None => stages * (GG_BM + GG_BN) * bk * 2,
-            Some(_) => stages * (GG_BM * 2 + GG_BN) * bk + GG_BN * bk * 2,
+        // weight tile and one bf16 tile they are dequantised into; INT4 the same with a quarter
+        // of bf16's bytes staged (experts_int4.cu).
+        let gg_smem = |bk: usize, stages: usize| match w.quant {
+            ExpertQuant::None => stages * (GG_BM + GG_BN) * bk * 2,
+            ExpertQuant::Fp8 { .. } => stages * (GG_BM * 2 + GG_BN) * bk + GG_BN * bk * 2,
+            ExpertQuant::Int4 { .. } => stages * (GG_BM * 2 * bk + GG_BN * bk / 2) + GG_BN * bk * 2,
         };
-        let sfx = if fp8.is_some() { "_fp8" } else { "" };
+        let sfx = w.quant.suffix();
         let (bm, bn, gate_up_fn, down_fn, threads, smem) = if wgmma {
             let (g, d) = ("moe_ws_gate_up_n256".into(), "moe_ws_down_n256".into());
             (WS_BM, WS_BN, g, d, WS_THREADS, WS_SMEM)
@@ -1034,7 +1147,7 @@ impl Gpu {
         let args = self.projection_args(
             (x, hidden, "hidden size"),
             w.gate_up,
-            fp8.map(|s| s.0),
+            (&w.quant, true),
             (inner, "expert inner size"),
             [
                 Arg::Ptr(sorted_at),
@@ -1055,7 +1168,7 @@ impl Gpu {
         let args = self.projection_args(
             (self.ptr(&h)?, inner, "expert inner size"),
             w.down,
-            fp8.map(|s| s.1),
+            (&w.quant, false),
             (hidden, "hidden size"),
             [
                 Arg::Ptr(sorted_at),
@@ -1076,7 +1189,7 @@ impl Gpu {
     /// Routed experts for device routing: `x [T, hidden]`, the stacked weights of `slots`
     /// experts (`gate_up [slots·2I, hidden]`, `down [slots, hidden, I]`), `slot_of [E]` (i32,
     /// −1 for experts not held) → `Σ_k w·expert(x)`, `[T, hidden]` f32. Prefill-sized batches
-    /// (at least [`GROUPED_MIN_PAIRS_PER_SLOT`] pairs per slot, bf16) take the grouped GEMM;
+    /// (at least [`ExpertWeights::grouped_from`] pairs per slot, bf16) take the grouped GEMM;
     /// others the GEMV-style kernels, up to `max_rows` rows (`None` beyond).
     pub fn experts_routed(
         &self,
@@ -1195,7 +1308,11 @@ impl Gpu {
         if slots > 1024 || slot_of.dtype() != DType::I32 {
             return Ok(None);
         }
-        if Self::grouped_fits(dtype, hidden, inner, slots) && takes_grouped(pairs, slots) {
+        // The pairs are the routing's, of every expert; a shard (an expert worker's) gets about
+        // its share of them, so pairs per held expert are pairs over the model's experts (the
+        // slot table's length), as in-process.
+        let experts = slot_of.dim(0)?.max(1);
+        if Self::grouped_fits(dtype, hidden, inner, slots) && takes_grouped(pairs, experts, w) {
             let (y, pos) = self.experts_grouped(
                 x,
                 w,
@@ -1443,7 +1560,10 @@ mod tests {
             s_d: &'a Tensor,
         ) -> ExpertWeights<'a> {
             ExpertWeights {
-                scales: Some((s_gu, s_d)),
+                quant: ExpertQuant::Fp8 {
+                    gate_up: s_gu,
+                    down: s_d,
+                },
                 ..ExpertWeights::dense(stacks.0, stacks.1)
             }
         }
@@ -1474,9 +1594,58 @@ mod tests {
         );
         // Scales beside bf16 stacks: refused.
         let mixed = ExpertWeights {
-            scales: Some((&s_gu, &s_d)),
+            quant: ExpertQuant::Fp8 {
+                gate_up: &s_gu,
+                down: &s_d,
+            },
             ..ExpertWeights::dense(&gu16, &d16)
         };
         assert_eq!(fit(DType::BF16, &mixed), None);
+    }
+
+    /// INT4 stacks (two values a byte) go to the INT4 kernels only with bf16 rows, groups of a
+    /// power of two from 16 whose scales (and zero points, when given) cover each row, and
+    /// widths that are multiples of 32.
+    #[test]
+    fn int4_stacks_fit_the_kernels_only_with_their_groups() {
+        let (slots, hidden, inner) = (3, 320, 160);
+        let zeros = |shape: &[usize], dtype: DType| {
+            Tensor::zeros(shape, dtype, &Device::Cpu).expect("tensor")
+        };
+        let gate_up = zeros(&[slots * 2 * inner, hidden / 2], DType::U8);
+        let down = zeros(&[slots, hidden, inner / 2], DType::U8);
+        let s_gu = zeros(&[slots * 2 * inner, hidden / 32], DType::F32);
+        let s_d = zeros(&[slots * hidden, inner / 32], DType::F32);
+        let z_d = zeros(&[slots * hidden, inner / 32], DType::U8);
+        let int4 = |s_gu: &'_ Tensor, group_gu: usize, z: Option<&'_ Tensor>| {
+            let w = ExpertWeights {
+                quant: ExpertQuant::Int4 {
+                    gate_up: Int4Groups {
+                        scale: s_gu,
+                        zero: None,
+                        group: group_gu,
+                    },
+                    down: Int4Groups {
+                        scale: &s_d,
+                        zero: z,
+                        group: 32,
+                    },
+                },
+                ..ExpertWeights::dense(&gate_up, &down)
+            };
+            (
+                Gpu::weights_fit(hidden, DType::BF16, &w).expect("fit"),
+                Gpu::weights_fit(hidden, DType::F32, &w).expect("fit"),
+            )
+        };
+        assert_eq!(int4(&s_gu, 32, None), (Some((hidden, inner)), None));
+        assert_eq!(int4(&s_gu, 32, Some(&z_d)), (Some((hidden, inner)), None));
+        // Scales of another group size, or a group the kernels do not take.
+        assert_eq!(int4(&s_gu, 64, None).0, None);
+        let s_gu8 = zeros(&[slots * 2 * inner, hidden / 8], DType::F32);
+        assert_eq!(int4(&s_gu8, 8, None).0, None);
+        // Zero points of the wrong shape.
+        let z_bad = zeros(&[slots * hidden, 1], DType::U8);
+        assert_eq!(int4(&s_gu, 32, Some(&z_bad)).0, None);
     }
 }

@@ -64,9 +64,10 @@ __device__ __forceinline__ const float* fp8_scale_row(const float* scales, size_
 struct MmaFp8 {
     typedef uint8_t Elem;
     typedef uint2 Raw;
-    const float* scale;  // the block scales of the tile's 128 rows, one per 128 columns
-    __device__ static MmaFp8 at(const float* scales, size_t m, int rows, int r, int K) {
-        return {fp8_scale_row(scales, m, rows, r, K)};
+    const float* scale;  // the block scales of the row's 128 rows, one per 128 columns
+    static constexpr int K_PER_ELEM = 1;
+    __device__ static MmaFp8 at(const QuantArgs& qa, size_t m, int rows, int r, int K) {
+        return {fp8_scale_row(qa.scales, m, rows, r, K)};
     }
     __device__ static Raw load(const uint8_t* p) { return ldcs8(p); }
     __device__ uint4 frag(Raw r, int k) const {
@@ -89,7 +90,8 @@ extern "C" __global__ void moe_gate_up_mma_fp8(const bf16* x, int hidden, const 
                                                const float* s_gu, int inner,
                                                const uint32_t* offsets, const uint32_t* active,
                                                const uint32_t* sorted, int k_div, bf16* h_out) {
-    gate_up_mma<MmaFp8>(x, hidden, w_gu, s_gu, inner, offsets, active, sorted, k_div, h_out);
+    gate_up_mma<MmaFp8>(x, hidden, w_gu, QuantArgs{s_gu, nullptr, 0}, inner, offsets, active,
+                        sorted, k_div, h_out);
 }
 
 extern "C" __global__ void moe_down_mma_fp8(const bf16* h, int inner, const uint8_t* w_down,
@@ -97,7 +99,7 @@ extern "C" __global__ void moe_down_mma_fp8(const bf16* h, int inner, const uint
                                             const uint32_t* offsets, const uint32_t* active,
                                             float* y, const uint32_t* pos, const float* w,
                                             int tokens, int k, float* out, uint32_t* counters) {
-    down_mma<MmaFp8>(h, inner, w_down, s_down, hidden, offsets, active, y,
+    down_mma<MmaFp8>(h, inner, w_down, QuantArgs{s_down, nullptr, 0}, hidden, offsets, active, y,
                      CombineTail{pos, w, tokens, k, out, counters});
 }
 
@@ -127,7 +129,7 @@ struct GgFp8Weights {
     int from[PER], to[PER];
     uint8_t* staged;
     bf16* tile;
-    __device__ __forceinline__ GgFp8Weights(const uint8_t* w, const float* scales, int K, int N,
+    __device__ __forceinline__ GgFp8Weights(const uint8_t* w, const QuantArgs& qa, int K, int N,
                                             uint32_t s, int n0, int tid, unsigned char* smem)
         : staged(smem), tile(reinterpret_cast<bf16*>(smem + STAGES * BN * BK)) {
 #pragma unroll
@@ -145,7 +147,7 @@ struct GgFp8Weights {
             size_t m;
             int r;
             gg_weight_row<GATE_UP, TN>(n, n0, s, N, ok, m, r);
-            scale[i] = fp8_scale_row(scales, m, N, r, K);
+            scale[i] = fp8_scale_row(qa.scales, m, N, r, K);
             from[i] = n * BK + c * 8;
             to[i] = gg_off<BK>(n, c);
         }
@@ -181,14 +183,14 @@ using GgFp8 = GgFp8Weights<GATE_UP, GG_BN, BK, STAGES, 128, GG_BN / 2>;
                                  const float* s_gu, int inner, const uint32_t* sorted_rows,       \
                                  const uint32_t* block_slot, bf16* h) {                           \
         moe_gg<true, GG_BM, GG_BN, BK, STAGES, 2, 2, GgFp8<true, BK, STAGES>>(                    \
-            x, hidden, w_gu, s_gu, inner, sorted_rows, block_slot, h);                            \
+            x, hidden, w_gu, QuantArgs{s_gu, nullptr, 0}, inner, sorted_rows, block_slot, h);     \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(128)                                             \
         moe_gg_down_fp8_##SFX(const bf16* h, int inner, const uint8_t* w_down,                    \
                               const float* s_down, int hidden, const uint32_t* sorted_rows,       \
                               const uint32_t* block_slot, bf16* y) {                              \
         moe_gg<false, GG_BM, GG_BN, BK, STAGES, 2, 2, GgFp8<false, BK, STAGES>>(                  \
-            h, inner, w_down, s_down, hidden, sorted_rows, block_slot, y);                        \
+            h, inner, w_down, QuantArgs{s_down, nullptr, 0}, hidden, sorted_rows, block_slot, y); \
     }
 GG_FP8_KERNELS(k64, 64, 3)
 GG_FP8_KERNELS(k32, 32, 4)

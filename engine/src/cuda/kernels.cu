@@ -9,5 +9,6 @@
 #include "attention.cu"
 #include "experts.cu"
 #include "experts_fp8.cu"
+#include "experts_int4.cu"
 #include "dense.cu"
 #include "sampling.cu"

@@ -27,9 +27,10 @@ pub mod ipc;
 pub use attention::{DecodeTables, PrefillQuery};
 
 pub use experts::{
-    DeviceRouting, ExpertWeights, FOLD_MAX_TOKENS, FlagWait, GROUPED_MIN_PAIRS_PER_SLOT,
-    HostAssignments, HostPairs, RouteParams, RowsAt, WaitFlag, combine_counters,
-    grouped_min_pairs_per_slot, takes_grouped,
+    DeviceRouting, ExpertQuant, ExpertWeights, FOLD_MAX_TOKENS, FlagWait,
+    GROUPED_MIN_PAIRS_PER_SLOT, GROUPED_MIN_PAIRS_PER_SLOT_QUANTISED, HostAssignments, HostPairs,
+    Int4Groups, RouteParams, RowsAt, WaitFlag, combine_counters, grouped_min_pairs_per_slot,
+    takes_grouped,
 };
 
 /// A kernel argument. Tensors go as raw device addresses (see [`Gpu::ptr`]).
@@ -944,6 +945,7 @@ mod imp {
             CudaStorageSlice::U32(s) => s.device_ptr(&stream).0,
             CudaStorageSlice::I32(s) => s.device_ptr(&stream).0,
             CudaStorageSlice::F8E4M3(s) => s.device_ptr(&stream).0,
+            CudaStorageSlice::U8(s) => s.device_ptr(&stream).0,
             _ => {
                 return Err(cuda_err(
                     "kernel argument",

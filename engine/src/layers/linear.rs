@@ -45,6 +45,8 @@ impl Linear {
                 scale,
                 dtype: loader.dtype(),
             },
+            // Not handed out for projections; dequantised should it ever be.
+            ExpertTensor::Int4(t) => Weight::Dense(t.dequantize(loader.dtype())?),
         };
         Self::with_bias(loader, prefix, out_dim, bias, weight)
     }

@@ -108,8 +108,9 @@ pub fn checkpoint_format(cfg: &ModelConfig, source: &dyn TensorSource) -> String
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ExpertsDtype {
     /// The checkpoint's own: an FP8 checkpoint's experts (128 × 128 blocks) stay e4m3 where the
-    /// FP8 kernels run (a CUDA device computing in bf16); elsewhere, and for other checkpoints,
-    /// the compute dtype.
+    /// FP8 kernels run (a CUDA device computing in bf16), a compressed-tensors INT4 checkpoint's
+    /// stay INT4 where the INT4 kernels run; elsewhere, and for other checkpoints, the compute
+    /// dtype.
     #[default]
     Auto,
     /// `bf16`: dequantised to the compute dtype at load, as every weight (the earlier behaviour).
@@ -122,9 +123,10 @@ pub enum ExpertsDtype {
     /// `int4`: 4-bit integers with one f32 scale per group of input columns, compressed-tensors'
     /// layout ([`int4::Int4Tensor`]); weights stored otherwise are quantised at load
     /// ([`int4::Int4Tensor::quantize`], round-to-nearest, symmetric, groups of
-    /// [`int4::QUANT_GROUP`]); a compressed-tensors INT4 checkpoint's experts are its own. Until
-    /// INT4 expert kernels run, every device holds those values dequantised to the compute dtype
-    /// (so each computes the same INT4 model).
+    /// [`int4::QUANT_GROUP`]); a compressed-tensors INT4 checkpoint's experts are its own. Kept
+    /// so where the INT4 expert kernels run (a CUDA device computing in bf16,
+    /// [`Loader::experts_int4`]); elsewhere those values are dequantised to the compute dtype,
+    /// so every device computes the same INT4 model.
     Int4,
 }
 
@@ -178,6 +180,9 @@ pub enum ExpertTensor {
     Dense(Tensor),
     /// `q [R, C]` e4m3 and `scale [⌈R/128⌉, ⌈C/128⌉]` f32 (`weight_scale_inv`), on the device.
     Fp8 { q: Tensor, scale: Tensor },
+    /// INT4 in compressed-tensors' layout, on the device (routed experts under
+    /// [`Loader::experts_int4`] only).
+    Int4(int4::Int4Tensor),
 }
 
 /// A stored tensor before conversion: its bytes are borrowed from the source (e.g. an mmap).
@@ -416,6 +421,30 @@ impl<'s> Loader<'s> {
             }
     }
 
+    /// Whether routed experts are held as INT4 here: the INT4 expert kernels run (a CUDA device,
+    /// bf16 compute) and either INT4 was asked for or the checkpoint is compressed-tensors INT4
+    /// (whose layers are kept as stored; GPTQ and AWQ checkpoints are dequantised at load).
+    pub fn experts_int4(&self) -> bool {
+        let kernels = self.device.is_cuda() && self.dtype == DType::BF16;
+        kernels
+            && match self.experts_dtype {
+                ExpertsDtype::Int4 => true,
+                ExpertsDtype::Auto => self.compressed_tensors_int4_checkpoint().is_some(),
+                ExpertsDtype::Compute | ExpertsDtype::Fp8 => false,
+            }
+    }
+
+    /// For a compressed-tensors INT4 checkpoint, whether its weights are symmetric.
+    fn compressed_tensors_int4_checkpoint(&self) -> Option<bool> {
+        match self.quant {
+            Some(Quantization::Int4(q)) => match q.format {
+                Int4Format::CompressedTensors { symmetric } => Some(symmetric),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
     /// Whether the dense projections (attention's `q`/`kv_a`/`o` projections, the shared experts'
     /// and dense MLPs' gate/up/down; not `kv_b_proj`, `lm_head`, embeddings, norms or the router)
     /// are held as the routed experts are: e4m3 where [`experts_fp8`](Self::experts_fp8), when
@@ -463,7 +492,7 @@ impl<'s> Loader<'s> {
         if stored_fp8 && fp8 {
             return self.fp8_as_stored(name, shape);
         }
-        if self.experts_dtype == ExpertsDtype::Int4 {
+        if self.experts_dtype == ExpertsDtype::Int4 || self.experts_int4() {
             return self.int4_expert(name, shape);
         }
         if self.experts_dtype != ExpertsDtype::Fp8 || stored_fp8 {
@@ -483,24 +512,57 @@ impl<'s> Loader<'s> {
         Ok(ExpertTensor::Dense(t))
     }
 
-    /// A routed expert's projection under [`ExpertsDtype::Int4`]: a compressed-tensors INT4
-    /// checkpoint's own values, else the weights quantised here ([`int4::Int4Tensor::quantize`],
-    /// drawn or read in f32 on the device, counted under the format they had as stored); in
-    /// the compute dtype (no INT4 expert kernels yet).
+    /// A routed expert's projection under [`ExpertsDtype::Int4`], or a compressed-tensors INT4
+    /// checkpoint's under [`ExpertsDtype::Auto`] where [`experts_int4`](Self::experts_int4): a
+    /// compressed-tensors INT4 checkpoint's own values, else (`Int4` only; `auto` keeps a layer
+    /// stored plain as it is) the weights quantised here ([`int4::Int4Tensor::quantize`], drawn
+    /// or read in f32 on the device, counted under the format they had as stored). INT4 on the
+    /// device where [`experts_int4`](Self::experts_int4), else dequantised to the compute dtype.
     fn int4_expert(&self, name: &str, shape: &[usize]) -> Result<ExpertTensor> {
-        let stored_int4 = matches!(self.quant, Some(Quantization::Int4(q))
-            if matches!(q.format, Int4Format::CompressedTensors { .. }))
-            && self.contains(name)?
-            && self.source.raw(name)?.is_none();
-        if stored_int4 {
+        let keep = self.experts_int4();
+        let stored = match (
+            self.compressed_tensors_int4_checkpoint(),
+            name.strip_suffix(".weight"),
+        ) {
+            (Some(symmetric), Some(stem))
+                if self.contains(name)? && self.source.raw(name)?.is_none() =>
+            {
+                Some((stem, symmetric))
+            }
+            _ => None,
+        };
+        if let Some((stem, symmetric)) = stored {
+            if !keep {
+                return Ok(ExpertTensor::Dense(self.get(name, shape)?));
+            }
+            let (t, stored_bytes) = self.compressed_tensors_int4(stem, shape, symmetric)?;
+            let t = t.to_device(&self.device)?;
+            self.count_int4(&t, "int4", stored_bytes);
+            return Ok(ExpertTensor::Int4(t));
+        }
+        if self.experts_dtype != ExpertsDtype::Int4 {
             return Ok(ExpertTensor::Dense(self.get(name, shape)?));
         }
         let (w, format, stored) = self.convert(name, shape, DType::F32)?;
         let q = int4::Int4Tensor::quantize(&w, int4::QUANT_GROUP)?;
         drop(w);
+        if keep {
+            self.count_int4(&q, format, stored);
+            return Ok(ExpertTensor::Int4(q));
+        }
         let t = q.dequantize(self.dtype)?;
         self.count(&t, format, stored);
         Ok(ExpertTensor::Dense(t))
+    }
+
+    /// Counts an INT4 tensor (its nibbles, scales and zero points) as one tensor handed out.
+    fn count_int4(&self, t: &int4::Int4Tensor, stored_format: &'static str, stored: u64) {
+        self.count(&t.q, stored_format, stored);
+        let mut l = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        *l.resident.entry(t.scale.dtype().as_str()).or_default() += 4 * t.scale.elem_count() as u64;
+        if let Some(z) = &t.zero {
+            *l.resident.entry(z.dtype().as_str()).or_default() += z.elem_count() as u64;
+        }
     }
 
     /// A stored e4m3 tensor and its block scales, on the device as they are.

@@ -253,9 +253,10 @@ fn print_text(
     }
     if s.dtype != WeightsDtype::Bf16 {
         println!(
-            "note: these are the sizes of weights kept quantised on the GPU (issue 20's FP8/INT4 \
-             kernels). Today's loader dequantises them to --dtype at load, so a process holds \
-             the --weights-dtype bf16 numbers for now."
+            "note: these are the sizes of weights kept quantised on the GPU. A CUDA process \
+             computing in bf16 keeps the routed experts so (the FP8 and INT4 expert kernels); \
+             the gate's projections are held in bf16 unless MOEMESH_DENSE_FP8=1 (FP8 only), so \
+             the gate rows are low by the difference."
         );
     }
 }

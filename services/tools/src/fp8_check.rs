@@ -10,13 +10,21 @@
 //! - `assigned`: host-built assignments through the decode (GEMV-style, tensor-core) kernels, at
 //!   batches 1, 8 and 64;
 //! - `routed`: a device routing through the engine's own dispatch (the decode kernels below
-//!   [`moemesh_engine::cuda::GROUPED_MIN_PAIRS_PER_SLOT`] pairs per expert, the grouped GEMM from
-//!   there: V2-Lite's 64 experts take it from batch 6), at batches 1, 8 and 64;
+//!   [`moemesh_engine::cuda::GROUPED_MIN_PAIRS_PER_SLOT_QUANTISED`] pairs per expert, the grouped
+//!   GEMM from there, the bf16 side held to the same rule: V2-Lite's 64 experts take it from
+//!   batch 86, the partial shape's 8 from batch 32), at batches 1, 8, 64 and 128;
 //! - `pairs`: a 2,048-token prefill through the grouped GEMM (the bf16 side held to the same
 //!   mma.sync form: FP8 has no wgmma form).
 //!
 //! At V2-Lite's shape (hidden 2,048, 64 experts of 1,408, top-6), whose blocks are whole, and at
 //! a shape of partial edge blocks (hidden 320, 8 experts of 160, top-2; also the k32 tiles).
+//!
+//! The INT4 routed-expert kernels (engine/src/cuda/experts_int4.cu) the same way, against the bf16
+//! kernels over `Int4Tensor::dequantize`'s values (weights quantised by `Int4Tensor::quantize`,
+//! what `--weights-dtype int4` does at load): bit equality, the same cases, at V2-Lite's shape in
+//! groups of 128 (symmetric, as compressed-tensors' W4A16 stores them) and at the partial shape in
+//! groups of 32 with random zero points (asymmetric checkpoints; also the k32 tiles and a 32-wide
+//! k tail in the decode kernels).
 //!
 //! Then the dense projections' FP8 kernel (`dense_small` with an e4m3 weight, dense.cu) against
 //! the bf16 kernel over the weight dequantised by `fp8_dequant_bf16` (itself checked bit-equal to
@@ -24,9 +32,11 @@
 //! shapes and partial-block ones.
 
 use moemesh_engine::cuda::{
-    DenseWeight, DeviceRouting, ExpertWeights, Gpu, HostAssignments, HostPairs,
+    DenseWeight, DeviceRouting, ExpertQuant, ExpertWeights, Gpu, HostAssignments, HostPairs,
+    Int4Groups, grouped_min_pairs_per_slot,
 };
 use moemesh_engine::weights::fp8::{dequantize_e4m3, dequantize_matrix, quantize_e4m3};
+use moemesh_engine::weights::int4::Int4Tensor;
 use moemesh_engine::{DType, Device, Tensor};
 use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
@@ -42,29 +52,73 @@ struct Shape {
     k: usize,
 }
 
-/// One layer's stacks both ways: e4m3 with scales, and those dequantised to bf16.
+/// One layer's stacks both ways: quantised (e4m3 with scales, or INT4 with groups), and those
+/// dequantised to bf16.
 struct Stacks {
     gate_up: Tensor,
     down: Tensor,
-    gate_up_scales: Tensor,
-    down_scales: Tensor,
+    quant: Quant,
     gate_up_bf16: Tensor,
     down_bf16: Tensor,
 }
 
+/// What the quantised stacks carry besides their values.
+enum Quant {
+    Fp8 {
+        gate_up: Tensor,
+        down: Tensor,
+    },
+    Int4 {
+        gate_up: (Tensor, Option<Tensor>),
+        down: (Tensor, Option<Tensor>),
+        group: usize,
+    },
+}
+
+impl Quant {
+    fn name(&self) -> &'static str {
+        match self {
+            Quant::Fp8 { .. } => "FP8",
+            Quant::Int4 { .. } => "INT4",
+        }
+    }
+}
+
+fn int4_groups((scale, zero): &(Tensor, Option<Tensor>), group: usize) -> Int4Groups<'_> {
+    Int4Groups {
+        scale,
+        zero: zero.as_ref(),
+        group,
+    }
+}
+
 impl Stacks {
-    fn fp8(&self) -> ExpertWeights<'_> {
+    fn quantised(&self) -> ExpertWeights<'_> {
+        let quant = match &self.quant {
+            Quant::Fp8 { gate_up, down } => ExpertQuant::Fp8 { gate_up, down },
+            Quant::Int4 {
+                gate_up,
+                down,
+                group,
+            } => ExpertQuant::Int4 {
+                gate_up: int4_groups(gate_up, *group),
+                down: int4_groups(down, *group),
+            },
+        };
         ExpertWeights {
             gate_up: &self.gate_up,
             down: &self.down,
-            scales: Some((&self.gate_up_scales, &self.down_scales)),
+            quant,
             wgmma: false,
+            grouped_from: grouped_min_pairs_per_slot(&quant),
         }
     }
 
+    /// The dequantised stacks, taking the grouped GEMM where the quantised ones do.
     fn bf16(&self) -> ExpertWeights<'_> {
         ExpertWeights {
             wgmma: false,
+            grouped_from: self.quantised().grouped_from,
             ..ExpertWeights::dense(&self.gate_up_bf16, &self.down_bf16)
         }
     }
@@ -103,8 +157,75 @@ fn stacks(device: &Device, rng: &mut ChaCha8Rng, sh: &Shape) -> anyhow::Result<S
         gate_up,
         // [experts, hidden, inner] and [experts, ⌈hidden/128⌉, ⌈inner/128⌉]
         down: down.reshape((e, h, i))?,
-        gate_up_scales,
-        down_scales: down_scales.reshape((e, hb, ib))?,
+        quant: Quant::Fp8 {
+            gate_up: gate_up_scales,
+            down: down_scales.reshape((e, hb, ib))?,
+        },
+        gate_up_bf16,
+        down_bf16: down_bf16.reshape((e, h, i))?,
+    })
+}
+
+/// `m` random `[rows, cols]` matrices, each quantised to INT4 in groups of `group` columns, with
+/// random zero points in 5..=11 when `asymmetric`: `(q [m·rows, cols/2], (scales [m·rows,
+/// ⌈cols/group⌉], zeros), dequantised bf16 [m·rows, cols])`.
+type Int4Stack = (Tensor, (Tensor, Option<Tensor>), Tensor);
+fn int4_quantised(
+    device: &Device,
+    rng: &mut ChaCha8Rng,
+    (m, rows, cols): (usize, usize, usize),
+    group: usize,
+    asymmetric: bool,
+) -> anyhow::Result<Int4Stack> {
+    let (mut qs, mut ss, mut zs, mut ds) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..m {
+        device.set_seed(rng.random())?;
+        let w = Tensor::randn(0f32, 0.03, (rows, cols), device)?;
+        let mut t = Int4Tensor::quantize(&w, group)?;
+        if asymmetric {
+            let groups = t.scale.dim(1)?;
+            let z: Vec<u8> = (0..rows * groups)
+                .map(|_| rng.random_range(5..=11))
+                .collect();
+            t.zero = Some(Tensor::from_vec(z, (rows, groups), device)?);
+        }
+        ds.push(t.dequantize(DType::BF16)?);
+        qs.push(t.q);
+        ss.push(t.scale);
+        zs.extend(t.zero);
+    }
+    let zeros = if zs.is_empty() {
+        None
+    } else {
+        Some(Tensor::cat(&zs, 0)?)
+    };
+    Ok((
+        Tensor::cat(&qs, 0)?,
+        (Tensor::cat(&ss, 0)?, zeros),
+        Tensor::cat(&ds, 0)?,
+    ))
+}
+
+fn int4_stacks(
+    device: &Device,
+    rng: &mut ChaCha8Rng,
+    sh: &Shape,
+    group: usize,
+    asymmetric: bool,
+) -> anyhow::Result<Stacks> {
+    let (e, h, i) = (sh.experts, sh.hidden, sh.inner);
+    let (gate_up, gu_groups, gate_up_bf16) =
+        int4_quantised(device, rng, (2 * e, i, h), group, asymmetric)?;
+    let (down, d_groups, down_bf16) = int4_quantised(device, rng, (e, h, i), group, asymmetric)?;
+    Ok(Stacks {
+        gate_up,
+        // [experts, hidden, inner / 2]; the groups stay [experts · hidden, ⌈inner/group⌉]
+        down: down.reshape((e, h, i / 2))?,
+        quant: Quant::Int4 {
+            gate_up: gu_groups,
+            down: d_groups,
+            group,
+        },
         gate_up_bf16,
         down_bf16: down_bf16.reshape((e, h, i))?,
     })
@@ -129,13 +250,20 @@ pub fn run(g: &Gpu, device: &Device, rng: &mut ChaCha8Rng) -> anyhow::Result<Vec
         },
     ];
     let mut out = Vec::new();
-    for sh in &shapes {
-        let st = stacks(device, rng, sh)?;
-        for batch in [1, 8, 64] {
-            out.push(one(g, device, rng, sh, &st, Entry::Assigned, batch)?);
-            out.push(one(g, device, rng, sh, &st, Entry::Routed, batch)?);
+    for (n, sh) in shapes.iter().enumerate() {
+        // INT4: V2-Lite in groups of 128, symmetric; the partial shape in groups of 32 with
+        // zero points.
+        let partial = n == 1;
+        for st in [
+            stacks(device, rng, sh)?,
+            int4_stacks(device, rng, sh, if partial { 32 } else { 128 }, partial)?,
+        ] {
+            for batch in [1, 8, 64, 128] {
+                out.push(one(g, device, rng, sh, &st, Entry::Assigned, batch)?);
+                out.push(one(g, device, rng, sh, &st, Entry::Routed, batch)?);
+            }
+            out.push(one(g, device, rng, sh, &st, Entry::Pairs, 2048)?);
         }
-        out.push(one(g, device, rng, sh, &st, Entry::Pairs, 2048)?);
     }
     Ok(out)
 }
@@ -167,8 +295,13 @@ fn one(
             triples.push((row, e, 0.05 + 0.95 * rng.random::<f32>()));
         }
     }
-    let name = format!("FP8 experts, {}, {entry:?}, {t} tokens", sh.name).to_lowercase();
-    // The routed entry's FP8 run folds the combine into its down kernel (up to
+    let name = format!(
+        "{} experts, {}, {entry:?}, {t} tokens",
+        st.quant.name(),
+        sh.name
+    )
+    .to_lowercase();
+    // The routed entry's quantised run folds the combine into its down kernel (up to
     // FOLD_MAX_TOKENS tokens), the bf16 reference combines apart: equal bits check both.
     let counters = moemesh_engine::cuda::combine_counters(device, sh.hidden)?;
     let run = |w: &ExpertWeights, counters: Option<&Tensor>| -> anyhow::Result<Option<Tensor>> {
@@ -197,7 +330,7 @@ fn one(
     };
     let missing = |what: &str| anyhow::anyhow!("the {what} expert kernels did not take {name}");
     let reference = run(&st.bf16(), None)?.ok_or_else(|| missing("bf16"))?;
-    let got = run(&st.fp8(), counters.as_ref())?.ok_or_else(|| missing("FP8"))?;
+    let got = run(&st.quantised(), counters.as_ref())?.ok_or_else(|| missing(st.quant.name()))?;
     let equal = bits(&reference)? == bits(&got)?;
     let (max_rel, cosine) = compare(&reference, &got)?;
     Ok(KernelCheck {

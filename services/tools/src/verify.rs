@@ -447,14 +447,17 @@ fn check(
 ) -> anyhow::Result<Vec<Check>> {
     let files = ModelFiles::open(dir)?;
     let engine = InProcessEngine::load(&files, device, dtype)?;
-    // An FP8 fixture on a GPU in bf16 keeps its routed experts e4m3 (the FP8 kernels): said in
-    // the dtype column.
-    let fp8_label = format!("{dtype_name}+fp8");
-    let dtype_name = if files.loader(device, dtype).experts_fp8() {
-        fp8_label.as_str()
+    // An FP8 fixture on a GPU in bf16 keeps its routed experts e4m3 (the FP8 kernels), an INT4
+    // one INT4 (the INT4 kernels): said in the dtype column.
+    let loader = files.loader(device, dtype);
+    let label = if loader.experts_fp8() {
+        format!("{dtype_name}+fp8")
+    } else if loader.experts_int4() {
+        format!("{dtype_name}+int4")
     } else {
-        dtype_name
+        dtype_name.to_string()
     };
+    let dtype_name = label.as_str();
     let reference =
         candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)?;
     let json: serde_json::Value =

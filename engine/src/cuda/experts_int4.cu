@@ -1,0 +1,210 @@
+// Routed experts with INT4 weights (w4a16): 4-bit integers with one f32 scale per group of input
+// columns and, for asymmetric checkpoints, one 4-bit zero point per group, in compressed-tensors'
+// layout (engine/src/weights/int4.rs, `Int4Tensor`), kept so on the device: a quarter of bf16's
+// bytes. Launched from engine/src/cuda/experts.rs by the weights' format, wherever the bf16
+// kernels of experts.cu are (`..._int4` names).
+//
+// Numerics: a weight is bf16(scale · (q − zero)), the difference exact in f32 and the product in
+// f32 rounded to nearest even, then to bf16 once more — exactly what `Int4Tensor::dequantize`
+// makes of it — and then the bf16 kernels' products: the same MMA instructions on the same
+// fragments in the same order. So these kernels give bit-identical results to the bf16 kernels
+// run on the dequantised weights (what `moemesh verify` checks on a GPU).
+//
+// Layout (each expert's gate, up and down matrices with their own groups): w_gu [slots·2N, K/2]
+// bytes (slot s: gate rows 2sN.., then up rows; column c of a row in byte c/2, the low nibble
+// for even c), its scales [slots·2N, ⌈K/G⌉] f32 and zero points (or null: every zero is 8, the
+// symmetric case) [slots·2N, ⌈K/G⌉] u8; w_down [slots·H, I/2] with [slots·H, ⌈I/G'⌉]. That is
+// "row r of matrix m of R rows: scales at (m·R + r)·⌈K/G⌉". G a power of two, at least 16 (a
+// lane's 16 values of a chunk, or a tail's 8, then share one group).
+
+#define INT4_BIAS 8388608.f  // 2^23: as a float, 0x4B000000 | n is 2^23 + n exactly (n < 2^23)
+
+// Eight nibbles of `w` (value j in bits 4j..4j+3) → eight bf16 of scale · (n − zero), 16 bytes
+// in value order. `bias` = 2^23 + zero, so the difference is exact; the product is f32's
+// (__fmul_rn: never contracted), then rounded to bf16 (pack_bf16).
+__device__ __forceinline__ uint4 int4x8_to_bf16x8(uint32_t w, float bias, float scale) {
+    float f[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+        f[j] = __fmul_rn(__fsub_rn(__uint_as_float(0x4B000000u | ((w >> (4 * j)) & 0xfu)), bias),
+                         scale);
+    return make_uint4(pack_bf16(f[0], f[1]), pack_bf16(f[2], f[3]), pack_bf16(f[4], f[5]),
+                      pack_bf16(f[6], f[7]));
+}
+
+// The scales (and zero points) of row r of matrix m (of `rows` rows, K columns).
+__device__ __forceinline__ size_t int4_group_row(size_t m, int rows, int r, int K, int shift) {
+    const int groups = (K + (1 << shift) - 1) >> shift;
+    return ((size_t)m * rows + r) * groups;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode-sized: experts.cu's gate_up_mma / down_mma with INT4 weights. In a 64-wide chunk a lane
+// holds its 16 values in one 8-byte load (bf16's 32 bytes), in a 32-wide tail its 8 in 4 bytes,
+// and dequantises them with their group's scale and zero point to the bf16 the bf16 kernel would
+// have loaded; the MMAs, their order and the walk are the bf16 kernels'.
+struct MmaInt4 {
+    typedef uint8_t Elem;
+    typedef uint32_t Raw;
+    typedef uint2 Chunk;
+    static constexpr int K_PER_ELEM = 2;
+    // Four chunks in flight, as e4m3's (half its bytes): at batch 1 the walk is bound by the
+    // loads' latency more than by their bytes.
+    static constexpr int CHUNK_STAGES = 4;
+    const float* scale;   // the row's group scales
+    const uint8_t* zero;  // the row's zero points, or null (8)
+    int shift;
+    __device__ static MmaInt4 at(const QuantArgs& qa, size_t m, int rows, int r, int K) {
+        const size_t i = int4_group_row(m, rows, r, K, qa.group_shift);
+        return {qa.scales + i, qa.zeros ? qa.zeros + i : nullptr, qa.group_shift};
+    }
+    // The bias and scale of the group holding column c.
+    __device__ __forceinline__ void group(int c, float& bias, float& s) const {
+        const int gi = c >> shift;
+        s = __ldg(scale + gi);
+        bias = INT4_BIAS + (zero ? (float)__ldg(zero + gi) : 8.f);
+    }
+    __device__ static Raw load(const uint8_t* p) {
+        return __ldcs(reinterpret_cast<const unsigned int*>(p));
+    }
+    // A 32-wide block at k: the lane's 8 values start at k + t·8.
+    __device__ uint4 frag(Raw r, int k) const {
+        float bias, s;
+        group(k + (threadIdx.x & 3) * 8, bias, s);
+        return int4x8_to_bf16x8(r, bias, s);
+    }
+    __device__ static Chunk load2(const uint8_t* p) {
+        return __ldcs(reinterpret_cast<const uint2*>(p));
+    }
+    // A 64-wide chunk at k: the lane's 16 values start at k + t·16.
+    __device__ void frags2(const Chunk& r, int k, uint4& lo, uint4& hi) const {
+        float bias, s;
+        group(k + (threadIdx.x & 3) * 16, bias, s);
+        lo = int4x8_to_bf16x8(r.x, bias, s);
+        hi = int4x8_to_bf16x8(r.y, bias, s);
+    }
+};
+
+extern "C" __global__ void moe_gate_up_mma_int4(const bf16* x, int hidden, const uint8_t* w_gu,
+                                                const float* s_gu, const uint8_t* z_gu,
+                                                int shift_gu, int inner, const uint32_t* offsets,
+                                                const uint32_t* active, const uint32_t* sorted,
+                                                int k_div, bf16* h_out) {
+    gate_up_mma<MmaInt4>(x, hidden, w_gu, QuantArgs{s_gu, z_gu, shift_gu}, inner, offsets,
+                         active, sorted, k_div, h_out);
+}
+
+extern "C" __global__ void moe_down_mma_int4(const bf16* h, int inner, const uint8_t* w_down,
+                                             const float* s_down, const uint8_t* z_down,
+                                             int shift_down, int hidden, const uint32_t* offsets,
+                                             const uint32_t* active, float* y,
+                                             const uint32_t* pos, const float* w, int tokens,
+                                             int k, float* out, uint32_t* counters) {
+    down_mma<MmaInt4>(h, inner, w_down, QuantArgs{s_down, z_down, shift_down}, hidden, offsets,
+                      active, y, CombineTail{pos, w, tokens, k, out, counters});
+}
+
+// ---------------------------------------------------------------------------------------------
+// Grouped (larger batches and prefill): moe_gg (experts.cu) with INT4 weight tiles, as
+// experts_fp8.cu's GgFp8Weights: each k step's BN × BK tile arrives as packed nibbles through
+// moe_gg's cp.async pipeline (a quarter of bf16's bytes) into a staging area per stage; when a
+// stage is due, the block dequantises it into one bf16 tile laid out as moe_gg's (gg_off
+// swizzle), and the k step's ldmatrix and MMAs are moe_gg's. Shared memory
+// STAGES · BN · BK / 2 + BN · BK · 2 bytes for the weights.
+template <bool GATE_UP, int BN, int BK, int STAGES, int THREADS, int TN>
+struct GgInt4Weights {
+    typedef uint8_t Elem;
+    static constexpr int RB = BK / 2;    // bytes of a tile row
+    static constexpr int CH = BK / 8;    // 8-value (4-byte) chunks a row, dequantised
+    static constexpr int CQ = RB / 16;   // 16-byte chunks a row, copied
+    static constexpr int PER = BN * CH / THREADS, Q_PER = BN * CQ / THREADS;
+    static constexpr int SMEM = STAGES * BN * RB + BN * BK * 2;
+    static_assert(PER >= 1 && Q_PER >= 1 && THREADS % CH == 0, "tile shape");
+    // The copies: chunk i of tile row n at n · RB bytes of its stage (unswizzled).
+    const uint8_t* qsrc[Q_PER];
+    bool qok[Q_PER];
+    int qoff[Q_PER];
+    // The dequantisation: 8 values at byte `from` of a stage, at column `col` of the k step,
+    // with their row's groups (index into the scales / zero points), to element `to` of the
+    // bf16 tile. A thread's chunks are all at the same column (THREADS % CH == 0).
+    size_t grow[PER];
+    int from[PER], to[PER];
+    int col, shift;
+    const float* scales;
+    const uint8_t* zeros;
+    uint8_t* staged;
+    bf16* tile;
+    __device__ __forceinline__ GgInt4Weights(const uint8_t* w, const QuantArgs& qa, int K, int N,
+                                             uint32_t s, int n0, int tid, unsigned char* smem)
+        : col((tid % CH) * 8),
+          shift(qa.group_shift),
+          scales(qa.scales),
+          zeros(qa.zeros),
+          staged(smem),
+          tile(reinterpret_cast<bf16*>(smem + STAGES * BN * RB)) {
+#pragma unroll
+        for (int i = 0; i < Q_PER; ++i) {
+            const int id = tid + i * THREADS, n = id / CQ, c = id % CQ;
+            size_t m;
+            int r;
+            qsrc[i] = w + gg_weight_row<GATE_UP, TN>(n, n0, s, N, qok[i], m, r) * (K / 2) + c * 16;
+            qoff[i] = n * RB + c * 16;
+        }
+#pragma unroll
+        for (int i = 0; i < PER; ++i) {
+            const int id = tid + i * THREADS, n = id / CH, c = id % CH;
+            bool ok;
+            size_t m;
+            int r;
+            gg_weight_row<GATE_UP, TN>(n, n0, s, N, ok, m, r);
+            grow[i] = int4_group_row(m, N, r, K, shift);
+            from[i] = n * RB + c * 4;
+            to[i] = gg_off<BK>(n, c);
+        }
+    }
+    __device__ __forceinline__ void load(int k0, int st) {
+        uint8_t* Q = staged + st * BN * RB;
+#pragma unroll
+        for (int i = 0; i < Q_PER; ++i) cp_async16(Q + qoff[i], qsrc[i] + k0 / 2, qok[i]);
+    }
+    // Stage st (landed: the caller's wait and barrier, which also found every warp done with
+    // the previous step's tile) dequantised into the bf16 tile; every thread of the block calls
+    // it.
+    __device__ __forceinline__ const bf16* ready(int k0, int st) {
+        const uint8_t* Q = staged + st * BN * RB;
+        const int gi = (k0 + col) >> shift;
+#pragma unroll
+        for (int i = 0; i < PER; ++i) {
+            const uint32_t v = *reinterpret_cast<const uint32_t*>(Q + from[i]);
+            const float sc = __ldg(scales + grow[i] + gi);
+            const float bias = INT4_BIAS + (zeros ? (float)__ldg(zeros + grow[i] + gi) : 8.f);
+            *reinterpret_cast<uint4*>(tile + to[i]) = int4x8_to_bf16x8(v, bias, sc);
+        }
+        __syncthreads();
+        return tile;
+    }
+};
+
+// The shapes of GG_KERNELS (experts.cu), with INT4 weights (engine/src/cuda/experts.rs sizes
+// their shared memory).
+template <bool GATE_UP, int BK, int STAGES>
+using GgInt4 = GgInt4Weights<GATE_UP, GG_BN, BK, STAGES, 128, GG_BN / 2>;
+#define GG_INT4_KERNELS(SFX, BK, STAGES)                                                          \
+    extern "C" __global__ void __launch_bounds__(128) moe_gg_gate_up_int4_##SFX(                 \
+        const bf16* x, int hidden, const uint8_t* w_gu, const float* s_gu, const uint8_t* z_gu,  \
+        int shift_gu, int inner, const uint32_t* sorted_rows, const uint32_t* block_slot,        \
+        bf16* h) {                                                                               \
+        moe_gg<true, GG_BM, GG_BN, BK, STAGES, 2, 2, GgInt4<true, BK, STAGES>>(                  \
+            x, hidden, w_gu, QuantArgs{s_gu, z_gu, shift_gu}, inner, sorted_rows, block_slot,    \
+            h);                                                                                  \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(128) moe_gg_down_int4_##SFX(                    \
+        const bf16* h, int inner, const uint8_t* w_down, const float* s_down,                    \
+        const uint8_t* z_down, int shift_down, int hidden, const uint32_t* sorted_rows,          \
+        const uint32_t* block_slot, bf16* y) {                                                   \
+        moe_gg<false, GG_BM, GG_BN, BK, STAGES, 2, 2, GgInt4<false, BK, STAGES>>(                \
+            h, inner, w_down, QuantArgs{s_down, z_down, shift_down}, hidden, sorted_rows,        \
+            block_slot, y);                                                                      \
+    }
+GG_INT4_KERNELS(k64, 64, 3)
+GG_INT4_KERNELS(k32, 32, 4)
