@@ -684,7 +684,7 @@ fi
 # Greedy tokens with decode graphs (the default) and without, in-process, for every fixture.
 graphs_unchanged() {
     for dt in f32 bf16; do
-        for fx in tiny-deepseek-v3 tiny-deepseek-v2-lite tiny-deepseek-v3-fp8; do
+        for fx in tiny-deepseek-v3 tiny-deepseek-v2-lite tiny-deepseek-v3-fp8 tiny-deepseek-v3-int4; do
             ids=$($PY -c "import json;print(','.join(map(str,json.load(open('tests/fixtures/$fx/reference.json'))['prompts'][2]['input_ids'])))" 2>/dev/null || echo 5,17,42,7,99,300,12)
             common=(--model "tests/fixtures/$fx" --device cuda:0 --dtype $dt --prompt-ids "$ids" --max-new-tokens 32 --ignore-eos --json)
             "$BIN" generate "${common[@]}" >"$OUT/graph_$fx.jsonl" || status=1
@@ -813,7 +813,7 @@ if [[ $MODE != --bench ]]; then
     # of the experts changes GEMM shapes and rounding, so a near-tie may flip: reported only.
     for dt in f32 bf16; do
     echo "== mesh equals in-process on the GPU (greedy, $dt)"
-    for fx in tiny-deepseek-v3 tiny-deepseek-v2-lite tiny-deepseek-v3-fp8; do
+    for fx in tiny-deepseek-v3 tiny-deepseek-v2-lite tiny-deepseek-v3-fp8 tiny-deepseek-v3-int4; do
         ids=$($PY -c "import json;print(','.join(map(str,json.load(open('tests/fixtures/$fx/reference.json'))['prompts'][2]['input_ids'])))" 2>/dev/null || echo 5,17,42,7,99,300,12)
         common=(--prompt-ids "$ids" --max-new-tokens 32 --ignore-eos --json)
         "$BIN" generate --model "tests/fixtures/$fx" --device cuda:0 --dtype $dt "${common[@]}" >"$OUT/inproc_$fx.jsonl" || status=1
