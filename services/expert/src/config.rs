@@ -13,11 +13,11 @@ pub struct ExpertConfig {
     /// Model directory; the embedded default model when omitted.
     #[arg(long, env = "MOEMESH_MODEL")]
     pub model: Option<PathBuf>,
-    /// How the routed experts are held: `auto` (an FP8 checkpoint's stay FP8 on a GPU computing
-    /// in bf16), `bf16` (dequantised to the compute dtype), `fp8` (e4m3 with 128 × 128 block
-    /// scales; other weights, a synthetic model's too, quantised at load) or `int4` (4 bits, one
-    /// f32 scale per 128 input columns, quantised at load where stored otherwise; dequantised on
-    /// every device until INT4 expert kernels exist).
+    /// How the routed experts are held: `auto` (an FP8 checkpoint's stay FP8, an INT4 one's
+    /// INT4, on a GPU computing in bf16), `bf16` (dequantised to the compute dtype), `fp8` (e4m3
+    /// with 128 × 128 block scales; other weights, a synthetic model's too, quantised at load) or
+    /// `int4` (4 bits, one f32 scale per 128 input columns, quantised at load where stored
+    /// otherwise); quantised experts stay so on a GPU computing in bf16, dequantised elsewhere.
     #[arg(long, env = "MOEMESH_WEIGHTS_DTYPE", default_value = "auto")]
     pub weights_dtype: moemesh_engine::ExpertsDtype,
     /// Routed experts to serve in every served layer, e.g. `0-15` or `0-3,8,12-15` (default: all).

@@ -70,11 +70,11 @@ pub struct GenerateArgs {
     /// Device of the in-process model: `cpu`, or `cuda:N` in a CUDA build.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// How the in-process model holds its routed experts: `auto` (an FP8 checkpoint's stay FP8
-    /// on a GPU computing in bf16), `bf16` (dequantised to the compute dtype), `fp8` (e4m3
-    /// with 128 × 128 block scales, other weights quantised at load) or `int4` (4 bits, one f32
-    /// scale per 128 input columns, quantised at load where stored otherwise; dequantised on
-    /// every device until INT4 expert kernels exist).
+    /// How the in-process model holds its routed experts: `auto` (an FP8 checkpoint's stay FP8,
+    /// an INT4 one's INT4, on a GPU computing in bf16), `bf16` (dequantised to the compute
+    /// dtype), `fp8` (e4m3 with 128 × 128 block scales, other weights quantised at load) or
+    /// `int4` (4 bits, one f32 scale per 128 input columns, quantised at load where stored
+    /// otherwise); quantised experts stay so on a GPU computing in bf16, dequantised elsewhere.
     #[arg(
         long,
         env = "MOEMESH_WEIGHTS_DTYPE",

@@ -85,11 +85,12 @@ pub struct BenchArgs {
     /// Compute dtype for --in-process: `f32` or `bf16`.
     #[arg(long, requires = "in_process", default_value = "f32")]
     pub dtype: String,
-    /// How --in-process holds the routed experts: `auto` (an FP8 checkpoint's stay FP8 on a
-    /// GPU computing in bf16), `bf16` (dequantised to the compute dtype), `fp8` (e4m3 with
-    /// 128 × 128 block scales; other weights, a synthetic model's too, quantised at load) or
-    /// `int4` (4 bits, one f32 scale per 128 input columns, quantised at load where stored
-    /// otherwise; dequantised on every device until INT4 expert kernels exist).
+    /// How --in-process holds the routed experts: `auto` (an FP8 checkpoint's stay FP8, an
+    /// INT4 one's INT4, on a GPU computing in bf16), `bf16` (dequantised to the compute dtype),
+    /// `fp8` (e4m3 with 128 × 128 block scales; other weights, a synthetic model's too,
+    /// quantised at load) or `int4` (4 bits, one f32 scale per 128 input columns, quantised at
+    /// load where stored otherwise); quantised experts stay so on a GPU computing in bf16,
+    /// dequantised elsewhere.
     #[arg(
         long,
         requires = "in_process",
