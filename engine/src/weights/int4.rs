@@ -234,6 +234,65 @@ impl Int4Tensor {
     }
 }
 
+/// A GPTQ layer whose rows are grouped by position (`i / group`: no act-order permutation) in
+/// [`Int4Tensor`]'s layout, the same values: its [`Int4Tensor::dequantize`] is
+/// [`dequantize_gptq_in_out`]'s `W`, transposed to `[out, in]`. Zero points become nibble values
+/// (v1's stored `z − 1` plus one, so up to 16). Lengths as for [`dequantize_gptq_in_out`]
+/// (`in` a multiple of 8); the caller checks the grouping.
+pub fn gptq_to_tensor(
+    (n_in, n_out, group): (usize, usize, usize),
+    qweight: &[u32],
+    qzeros: &[u32],
+    scales: &[f32],
+    zeros_minus_one: bool,
+) -> Result<Int4Tensor> {
+    let offset = u32::from(zeros_minus_one);
+    let q = |i: usize, o: usize| nibble(qweight[(i / 8) * n_out + o], i % 8);
+    let z = |g: usize, o: usize| nibble(qzeros[g * (n_out / 8) + o / 8], o % 8) + offset;
+    int4_tensor((n_in, n_out, group), q, z, |g, o| scales[g * n_out + o])
+}
+
+/// An AWQ layer in [`Int4Tensor`]'s layout, the same values: its [`Int4Tensor::dequantize`] is
+/// [`dequantize_awq_in_out`]'s `W`, transposed to `[out, in]`.
+pub fn awq_to_tensor(
+    (n_in, n_out, group): (usize, usize, usize),
+    qweight: &[u32],
+    qzeros: &[u32],
+    scales: &[f32],
+) -> Result<Int4Tensor> {
+    let wpr = n_out / 8;
+    let q = |i: usize, o: usize| nibble(qweight[i * wpr + o / 8], AWQ_NIBBLE[o % 8]);
+    let z = |g: usize, o: usize| nibble(qzeros[g * wpr + o / 8], AWQ_NIBBLE[o % 8]);
+    int4_tensor((n_in, n_out, group), q, z, |g, o| scales[g * n_out + o])
+}
+
+/// An [`Int4Tensor`] `[out, in]` on the host from each (input row, output column)'s nibble
+/// `q(i, o)` and each (group, output column)'s zero point `z(g, o)` and scale `s(g, o)`.
+fn int4_tensor(
+    (n_in, n_out, group): (usize, usize, usize),
+    q: impl Fn(usize, usize) -> u32,
+    z: impl Fn(usize, usize) -> u32,
+    s: impl Fn(usize, usize) -> f32,
+) -> Result<Int4Tensor> {
+    let groups = n_in.div_ceil(group.max(1));
+    let mut bytes = Vec::with_capacity(n_out * n_in / 2);
+    let (mut scale, mut zero) = (
+        Vec::with_capacity(n_out * groups),
+        Vec::with_capacity(n_out * groups),
+    );
+    for o in 0..n_out {
+        bytes.extend((0..n_in / 2).map(|c| (q(2 * c, o) | (q(2 * c + 1, o) << 4)) as u8));
+        scale.extend((0..groups).map(|g| s(g, o)));
+        zero.extend((0..groups).map(|g| z(g, o) as u8));
+    }
+    Ok(Int4Tensor {
+        q: Tensor::from_vec(bytes, (n_out, n_in / 2), &Device::Cpu)?,
+        scale: Tensor::from_vec(scale, (n_out, groups), &Device::Cpu)?,
+        zero: Some(Tensor::from_vec(zero, (n_out, groups), &Device::Cpu)?),
+        group,
+    })
+}
+
 /// compressed-tensors' packed zero points `[⌈rows/8⌉, groups]` (row `8k + j` in bits `4j..` of
 /// word `(k, g)`) unpacked to `[rows, groups]` nibble values.
 pub fn unpack_zero_points(words: &[u32], rows: usize, groups: usize) -> Vec<u8> {
@@ -764,5 +823,123 @@ mod tests {
         for (k, &col) in AWQ_ORDER.iter().enumerate() {
             assert_eq!(AWQ_NIBBLE[col], k);
         }
+    }
+
+    /// GPTQ (v1 and v2) and AWQ layers repacked into the compressed-tensors layout hold the same
+    /// values: their dequantisation equals the format's own, transposed, bit for bit.
+    #[test]
+    fn gptq_and_awq_repack_into_the_same_values() {
+        let groups = IN / GROUP;
+        let scales: Vec<f32> = (0..groups)
+            .flat_map(|g| (0..OUT).map(move |o| s(g, o)))
+            .collect();
+        let by_position: Vec<usize> = (0..IN).map(|i| i / GROUP).collect();
+        let layout = Int4Layout {
+            in_features: IN,
+            out_features: OUT,
+            group_of_row: &by_position,
+        };
+        let transposed = |w: Vec<f32>| -> Vec<u32> {
+            (0..OUT)
+                .flat_map(|o| (0..IN).map(move |i| (i, o)))
+                .map(|(i, o)| w[i * OUT + o].to_bits())
+                .collect()
+        };
+        let bits = |t: &Int4Tensor| -> Vec<u32> {
+            t.dequantize(DType::F32)
+                .and_then(|w| Ok(w.flatten_all()?.to_vec1::<f32>()?))
+                .expect("dequantise")
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        for zeros_minus_one in [true, false] {
+            let (qweight, qzeros) = pack_gptq(groups, zeros_minus_one);
+            let t = gptq_to_tensor(
+                (IN, OUT, GROUP),
+                &qweight,
+                &qzeros,
+                &scales,
+                zeros_minus_one,
+            )
+            .expect("repack");
+            assert_eq!(t.dims().expect("dims"), (OUT, IN));
+            let want = dequantize_gptq_in_out(&layout, &qweight, &qzeros, &scales, zeros_minus_one);
+            assert_eq!(bits(&t), transposed(want), "gptq, v1: {zeros_minus_one}");
+        }
+        let (qweight, qzeros) = pack_awq(groups);
+        let t = awq_to_tensor((IN, OUT, GROUP), &qweight, &qzeros, &scales).expect("repack");
+        let want = dequantize_awq_in_out(&layout, &qweight, &qzeros, &scales);
+        assert_eq!(bits(&t), transposed(want), "awq");
+    }
+
+    /// What the loader hands the GPU's INT4 stacks (`read_int4` packed): GPTQ grouped by
+    /// position and AWQ repacked with their own values; a GPTQ layer in activation order (a
+    /// permuted `g_idx`) dequantised instead.
+    #[test]
+    fn the_loader_repacks_gptq_and_awq_unless_act_order() {
+        let read = |src: &SafetensorsSource, cfg: &ModelConfig| {
+            let loader = Loader::new(src, cfg, &Device::Cpu, DType::F32);
+            let q = loader.int4_checkpoint().expect("an INT4 checkpoint");
+            let (layer, _) = loader.read_int4(STEM, &[OUT, IN], q, true).expect("read");
+            match layer {
+                super::super::Int4Layer::Packed(t) => {
+                    (true, t.dequantize(DType::F32).expect("dequantise"))
+                }
+                super::super::Int4Layer::Values(w) => (false, w),
+            }
+        };
+        let values = |w: Tensor| w.to_vec2::<f32>().expect("f32");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (qweight, qzeros) = pack_gptq(2, true);
+        let by_position: Vec<u32> = (0..IN).map(|i| (i / GROUP) as u32).collect();
+        let src = checkpoint(
+            dir.path(),
+            &gptq_tensors(&qweight, &qzeros, Some(&by_position)),
+        );
+        let (packed, w) = read(&src, &gptq_config(false, "gptq"));
+        assert!(packed);
+        assert_eq!(values(w), expected(|i| i / GROUP));
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let act_order: Vec<u32> = (0..IN).map(|i| (i % 2) as u32).collect();
+        let src = checkpoint(
+            dir.path(),
+            &gptq_tensors(&qweight, &qzeros, Some(&act_order)),
+        );
+        let (packed, w) = read(&src, &gptq_config(true, "gptq"));
+        assert!(!packed, "a permuted g_idx has no compressed-tensors layout");
+        assert_eq!(values(w), expected(|i| i % 2));
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (qweight, qzeros) = pack_awq(IN / GROUP);
+        let tensors = vec![
+            (
+                "model.layers.0.mlp.down_proj.qweight",
+                Dtype::I32,
+                vec![IN, OUT / 8],
+                le(&qweight),
+            ),
+            (
+                "model.layers.0.mlp.down_proj.qzeros",
+                Dtype::I32,
+                vec![IN / GROUP, OUT / 8],
+                le(&qzeros),
+            ),
+            (
+                "model.layers.0.mlp.down_proj.scales",
+                Dtype::F16,
+                vec![IN / GROUP, OUT],
+                scales_f16(IN / GROUP),
+            ),
+        ];
+        let src = checkpoint(dir.path(), &tensors);
+        let awq = config(serde_json::json!({
+            "quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": true,
+            "version": "gemm"
+        }));
+        let (packed, w) = read(&src, &awq);
+        assert!(packed);
+        assert_eq!(values(w), expected(|i| i / GROUP));
     }
 }

@@ -174,6 +174,13 @@ impl std::fmt::Display for ExpertsDtype {
     }
 }
 
+/// An INT4 layer as read: in [`int4::Int4Tensor`]'s layout, or dequantised (f32 `[out, in]` on
+/// the host).
+enum Int4Layer {
+    Packed(int4::Int4Tensor),
+    Values(Tensor),
+}
+
 /// A routed expert's projection as [`Loader::get_expert`] hands it out.
 pub enum ExpertTensor {
     /// In the compute dtype.
@@ -422,25 +429,23 @@ impl<'s> Loader<'s> {
     }
 
     /// Whether routed experts are held as INT4 here: the INT4 expert kernels run (a CUDA device,
-    /// bf16 compute) and either INT4 was asked for or the checkpoint is compressed-tensors INT4
-    /// (whose layers are kept as stored; GPTQ and AWQ checkpoints are dequantised at load).
+    /// bf16 compute) and either INT4 was asked for or the checkpoint is INT4 (compressed-tensors
+    /// layers kept as stored, GPTQ and AWQ ones repacked into that layout; a GPTQ layer with an
+    /// act-order permutation is dequantised).
     pub fn experts_int4(&self) -> bool {
         let kernels = self.device.is_cuda() && self.dtype == DType::BF16;
         kernels
             && match self.experts_dtype {
                 ExpertsDtype::Int4 => true,
-                ExpertsDtype::Auto => self.compressed_tensors_int4_checkpoint().is_some(),
+                ExpertsDtype::Auto => self.int4_checkpoint().is_some(),
                 ExpertsDtype::Compute | ExpertsDtype::Fp8 => false,
             }
     }
 
-    /// For a compressed-tensors INT4 checkpoint, whether its weights are symmetric.
-    fn compressed_tensors_int4_checkpoint(&self) -> Option<bool> {
+    /// The checkpoint's INT4 quantisation, if it is INT4.
+    fn int4_checkpoint(&self) -> Option<Int4Quant> {
         match self.quant {
-            Some(Quantization::Int4(q)) => match q.format {
-                Int4Format::CompressedTensors { symmetric } => Some(symmetric),
-                _ => None,
-            },
+            Some(Quantization::Int4(q)) => Some(q),
             _ => None,
         }
     }
@@ -512,33 +517,36 @@ impl<'s> Loader<'s> {
         Ok(ExpertTensor::Dense(t))
     }
 
-    /// A routed expert's projection under [`ExpertsDtype::Int4`], or a compressed-tensors INT4
-    /// checkpoint's under [`ExpertsDtype::Auto`] where [`experts_int4`](Self::experts_int4): a
-    /// compressed-tensors INT4 checkpoint's own values, else (`Int4` only; `auto` keeps a layer
+    /// A routed expert's projection under [`ExpertsDtype::Int4`], or an INT4 checkpoint's under
+    /// [`ExpertsDtype::Auto`] where [`experts_int4`](Self::experts_int4): an INT4 checkpoint's
+    /// own values ([`read_int4`](Self::read_int4)), else (`Int4` only; `auto` keeps a layer
     /// stored plain as it is) the weights quantised here ([`int4::Int4Tensor::quantize`], drawn
     /// or read in f32 on the device, counted under the format they had as stored). INT4 on the
     /// device where [`experts_int4`](Self::experts_int4), else dequantised to the compute dtype.
     fn int4_expert(&self, name: &str, shape: &[usize]) -> Result<ExpertTensor> {
         let keep = self.experts_int4();
-        let stored = match (
-            self.compressed_tensors_int4_checkpoint(),
-            name.strip_suffix(".weight"),
-        ) {
-            (Some(symmetric), Some(stem))
-                if self.contains(name)? && self.source.raw(name)?.is_none() =>
-            {
-                Some((stem, symmetric))
+        let stored = match (self.int4_checkpoint(), name.strip_suffix(".weight")) {
+            (Some(q), Some(stem)) if self.contains(name)? && self.source.raw(name)?.is_none() => {
+                Some((stem, q))
             }
             _ => None,
         };
-        if let Some((stem, symmetric)) = stored {
+        if let Some((stem, q)) = stored {
             if !keep {
                 return Ok(ExpertTensor::Dense(self.get(name, shape)?));
             }
-            let (t, stored_bytes) = self.compressed_tensors_int4(stem, shape, symmetric)?;
-            let t = t.to_device(&self.device)?;
-            self.count_int4(&t, "int4", stored_bytes);
-            return Ok(ExpertTensor::Int4(t));
+            return Ok(match self.read_int4(stem, shape, q, true)? {
+                (Int4Layer::Packed(t), stored_bytes) => {
+                    let t = t.to_device(&self.device)?;
+                    self.count_int4(&t, "int4", stored_bytes);
+                    ExpertTensor::Int4(t)
+                }
+                (Int4Layer::Values(w), stored_bytes) => {
+                    let t = w.to_dtype(self.dtype)?.to_device(&self.device)?;
+                    self.count(&t, "int4", stored_bytes);
+                    ExpertTensor::Dense(t)
+                }
+            });
         }
         if self.experts_dtype != ExpertsDtype::Int4 {
             return Ok(ExpertTensor::Dense(self.get(name, shape)?));
@@ -672,9 +680,31 @@ impl<'s> Loader<'s> {
     /// Dequantises the INT4 layer `stem` (`stem.qweight`, `.qzeros`, `.scales`, GPTQ's `.g_idx`)
     /// into an f32 `[out, in]` tensor on the host; also returns the bytes it took as stored.
     fn dequantize_int4(&self, stem: &str, shape: &[usize], q: Int4Quant) -> Result<(Tensor, u64)> {
+        let (layer, stored) = self.read_int4(stem, shape, q, false)?;
+        Ok(match layer {
+            Int4Layer::Values(t) => (t, stored),
+            Int4Layer::Packed(t) => (t.dequantize(DType::F32)?, stored),
+        })
+    }
+
+    /// The INT4 layer `stem` as [`int4::Int4Tensor`] on the host where `packed` and its layout
+    /// allows (compressed-tensors as stored; GPTQ without an act-order permutation and AWQ
+    /// repacked, [`int4::gptq_to_tensor`] / [`int4::awq_to_tensor`]), else dequantised to f32
+    /// `[out, in]`; also the bytes it took as stored. Every shape is checked either way.
+    fn read_int4(
+        &self,
+        stem: &str,
+        shape: &[usize],
+        q: Int4Quant,
+        packed: bool,
+    ) -> Result<(Int4Layer, u64)> {
         if let Int4Format::CompressedTensors { symmetric } = q.format {
-            let (packed, stored) = self.compressed_tensors_int4(stem, shape, symmetric)?;
-            return Ok((packed.dequantize(DType::F32)?, stored));
+            let (t, stored) = self.compressed_tensors_int4(stem, shape, symmetric)?;
+            return Ok(if packed {
+                (Int4Layer::Packed(t), stored)
+            } else {
+                (Int4Layer::Values(t.dequantize(DType::F32)?), stored)
+            });
         }
         let qweight = format!("{stem}.qweight");
         let bad = |name: &str, reason: String| EngineError::QuantizedTensor {
@@ -739,7 +769,7 @@ impl<'s> Loader<'s> {
                             hint: " (desc_act checkpoints give each input row's group)".into(),
                         });
                     }
-                    None => by_position,
+                    None => by_position.clone(),
                     Some(g_idx) => {
                         stored += 4 * g_idx.len() as u64;
                         let mut rows = Vec::with_capacity(n_in);
@@ -767,6 +797,16 @@ impl<'s> Loader<'s> {
                         rows
                     }
                 };
+                if packed && group_of_row == by_position {
+                    let t = int4::gptq_to_tensor(
+                        (n_in, n_out, group_size),
+                        &words,
+                        &zeros,
+                        &scales,
+                        zeros_minus_one,
+                    )?;
+                    return Ok((Int4Layer::Packed(t), stored));
+                }
                 let layout = int4::Int4Layout {
                     in_features: n_in,
                     out_features: n_out,
@@ -780,6 +820,11 @@ impl<'s> Loader<'s> {
                 )));
             }
             Int4Format::Awq => {
+                if packed {
+                    let t =
+                        int4::awq_to_tensor((n_in, n_out, group_size), &words, &zeros, &scales)?;
+                    return Ok((Int4Layer::Packed(t), stored));
+                }
                 let layout = int4::Int4Layout {
                     in_features: n_in,
                     out_features: n_out,
@@ -792,7 +837,7 @@ impl<'s> Loader<'s> {
         let w = Tensor::from_vec(values, (n_in, n_out), &Device::Cpu)?
             .t()?
             .contiguous()?;
-        Ok((w, stored))
+        Ok((Int4Layer::Values(w), stored))
     }
 
     /// The compressed-tensors INT4 layer `stem` (`weight_packed`, `weight_scale`, `weight_shape`,
