@@ -104,6 +104,37 @@ extern "C" __global__ void moe_down_mma_fp8(const bf16* h, int inner, const uint
 }
 
 // ---------------------------------------------------------------------------------------------
+// The copies of a packed weight tile (e4m3 here, INT4 in experts_int4.cu: K_PER_BYTE values a
+// byte) into one stage of shared memory, unswizzled: a k step's BN tile rows of RB bytes each, as
+// 16-byte cp.async chunks (chunk i of row n at n · RB bytes). Rows past N are zero-filled.
+template <bool GATE_UP, int BN, int RB, int THREADS, int TN, int K_PER_BYTE>
+struct GgStagedCopies {
+    static constexpr int CQ = RB / 16;  // 16-byte chunks a row
+    static constexpr int PER = BN * CQ / THREADS;
+    static_assert(PER >= 1, "tile shape");
+    const uint8_t* src[PER];
+    bool ok[PER];
+    int off[PER];
+    __device__ __forceinline__ GgStagedCopies(const uint8_t* w, int K, int N, uint32_t s, int n0,
+                                              int tid) {
+#pragma unroll
+        for (int i = 0; i < PER; ++i) {
+            const int id = tid + i * THREADS, n = id / CQ, c = id % CQ;
+            size_t m;
+            int r;
+            src[i] = w + gg_weight_row<GATE_UP, TN>(n, n0, s, N, ok[i], m, r) * (K / K_PER_BYTE) +
+                     c * 16;
+            off[i] = n * RB + c * 16;
+        }
+    }
+    // Queues the copies of columns k0.. into `stage` (in the caller's cp.async group).
+    __device__ __forceinline__ void load(uint8_t* stage, int k0) const {
+#pragma unroll
+        for (int i = 0; i < PER; ++i) cp_async16(stage + off[i], src[i] + k0 / K_PER_BYTE, ok[i]);
+    }
+};
+
+// ---------------------------------------------------------------------------------------------
 // Grouped (larger batches and prefill): moe_gg (experts.cu) with e4m3 weight tiles. Each k step's
 // BN × BK tile arrives as e4m3 bytes through moe_gg's cp.async pipeline (half the bytes), into a
 // staging area of its own per stage; when a stage is due, the block dequantises it into one bf16
@@ -113,16 +144,13 @@ extern "C" __global__ void moe_down_mma_fp8(const bf16* h, int inner, const uint
 template <bool GATE_UP, int BN, int BK, int STAGES, int THREADS, int TN>
 struct GgFp8Weights {
     typedef uint8_t Elem;
-    static constexpr int CH = BK / 8;   // 8-value chunks a row, dequantised
-    static constexpr int CQ = BK / 16;  // 16-byte e4m3 chunks a row, copied
-    static constexpr int PER = BN * CH / THREADS, Q_PER = BN * CQ / THREADS;
+    static constexpr int CH = BK / 8;  // 8-value chunks a row, dequantised
+    static constexpr int PER = BN * CH / THREADS;
     static constexpr int SMEM = STAGES * BN * BK + BN * BK * 2;
-    static_assert(PER >= 1 && Q_PER >= 1, "tile shape");
+    static_assert(PER >= 1, "tile shape");
     static_assert(FP8_BLOCK % BK == 0, "a k step within one scale block");
-    // The copies: chunk i of tile row n at n · BK bytes of its stage (unswizzled).
-    const uint8_t* qsrc[Q_PER];
-    bool qok[Q_PER];
-    int qoff[Q_PER];
+    // The copies: a stage's BN rows of BK bytes.
+    GgStagedCopies<GATE_UP, BN, BK, THREADS, TN, 1> copies;
     // The dequantisation: 8 values at byte `from` of a stage, with their row's scales, to
     // element `to` of the bf16 tile.
     const float* scale[PER];
@@ -131,15 +159,9 @@ struct GgFp8Weights {
     bf16* tile;
     __device__ __forceinline__ GgFp8Weights(const uint8_t* w, const QuantArgs& qa, int K, int N,
                                             uint32_t s, int n0, int tid, unsigned char* smem)
-        : staged(smem), tile(reinterpret_cast<bf16*>(smem + STAGES * BN * BK)) {
-#pragma unroll
-        for (int i = 0; i < Q_PER; ++i) {
-            const int id = tid + i * THREADS, n = id / CQ, c = id % CQ;
-            size_t m;
-            int r;
-            qsrc[i] = w + gg_weight_row<GATE_UP, TN>(n, n0, s, N, qok[i], m, r) * K + c * 16;
-            qoff[i] = n * BK + c * 16;
-        }
+        : copies(w, K, N, s, n0, tid),
+          staged(smem),
+          tile(reinterpret_cast<bf16*>(smem + STAGES * BN * BK)) {
 #pragma unroll
         for (int i = 0; i < PER; ++i) {
             const int id = tid + i * THREADS, n = id / CH, c = id % CH;
@@ -153,9 +175,7 @@ struct GgFp8Weights {
         }
     }
     __device__ __forceinline__ void load(int k0, int st) {
-        uint8_t* Q = staged + st * BN * BK;
-#pragma unroll
-        for (int i = 0; i < Q_PER; ++i) cp_async16(Q + qoff[i], qsrc[i] + k0, qok[i]);
+        copies.load(staged + st * BN * BK, k0);
     }
     // Stage st (landed: the caller's wait and barrier, which also found every warp done with
     // the previous step's tile) dequantised into the bf16 tile; every thread of the block calls

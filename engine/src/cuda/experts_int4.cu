@@ -116,14 +116,11 @@ struct GgInt4Weights {
     typedef uint8_t Elem;
     static constexpr int RB = BK / 2;    // bytes of a tile row
     static constexpr int CH = BK / 8;    // 8-value (4-byte) chunks a row, dequantised
-    static constexpr int CQ = RB / 16;   // 16-byte chunks a row, copied
-    static constexpr int PER = BN * CH / THREADS, Q_PER = BN * CQ / THREADS;
+    static constexpr int PER = BN * CH / THREADS;
     static constexpr int SMEM = STAGES * BN * RB + BN * BK * 2;
-    static_assert(PER >= 1 && Q_PER >= 1 && THREADS % CH == 0, "tile shape");
-    // The copies: chunk i of tile row n at n · RB bytes of its stage (unswizzled).
-    const uint8_t* qsrc[Q_PER];
-    bool qok[Q_PER];
-    int qoff[Q_PER];
+    static_assert(PER >= 1 && THREADS % CH == 0, "tile shape");
+    // The copies: a stage's BN rows of RB bytes (experts_fp8.cu's GgStagedCopies).
+    GgStagedCopies<GATE_UP, BN, RB, THREADS, TN, 2> copies;
     // The dequantisation: 8 values at byte `from` of a stage, at column `col` of the k step,
     // with their row's groups (index into the scales / zero points), to element `to` of the
     // bf16 tile. A thread's chunks are all at the same column (THREADS % CH == 0).
@@ -136,20 +133,13 @@ struct GgInt4Weights {
     bf16* tile;
     __device__ __forceinline__ GgInt4Weights(const uint8_t* w, const QuantArgs& qa, int K, int N,
                                              uint32_t s, int n0, int tid, unsigned char* smem)
-        : col((tid % CH) * 8),
+        : copies(w, K, N, s, n0, tid),
+          col((tid % CH) * 8),
           shift(qa.group_shift),
           scales(qa.scales),
           zeros(qa.zeros),
           staged(smem),
           tile(reinterpret_cast<bf16*>(smem + STAGES * BN * RB)) {
-#pragma unroll
-        for (int i = 0; i < Q_PER; ++i) {
-            const int id = tid + i * THREADS, n = id / CQ, c = id % CQ;
-            size_t m;
-            int r;
-            qsrc[i] = w + gg_weight_row<GATE_UP, TN>(n, n0, s, N, qok[i], m, r) * (K / 2) + c * 16;
-            qoff[i] = n * RB + c * 16;
-        }
 #pragma unroll
         for (int i = 0; i < PER; ++i) {
             const int id = tid + i * THREADS, n = id / CH, c = id % CH;
@@ -163,9 +153,7 @@ struct GgInt4Weights {
         }
     }
     __device__ __forceinline__ void load(int k0, int st) {
-        uint8_t* Q = staged + st * BN * RB;
-#pragma unroll
-        for (int i = 0; i < Q_PER; ++i) cp_async16(Q + qoff[i], qsrc[i] + k0 / 2, qok[i]);
+        copies.load(staged + st * BN * RB, k0);
     }
     // Stage st (landed: the caller's wait and barrier, which also found every warp done with
     // the previous step's tile) dequantised into the bf16 tile; every thread of the block calls
