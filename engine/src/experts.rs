@@ -996,6 +996,36 @@ mod tests {
         assert!(err.to_string().contains("layer 0"), "{err}");
     }
 
+    /// Every slot of `le` (stacked from `held`, in order) gives back its projections as they came
+    /// (`parts`: what identifies one), and the candle fallback's dequantised stacks hold each
+    /// projection's own dequantisation (`deq`, f32 bits); `ib` = ⌈I/128⌉ for e4m3 stacks.
+    fn assert_slots_round_trip<P: PartialEq + std::fmt::Debug>(
+        le: &LayerExperts,
+        held: &[Projections],
+        ib: usize,
+        parts: impl Fn(&ExpertTensor) -> P,
+        deq: impl Fn(&ExpertTensor) -> Vec<u32>,
+    ) {
+        let inner = le.gate_up.dim(0).expect("rows") / (2 * held.len());
+        let bits = fp8::f32_bits;
+        let (gate_up, down) = le.dense(DType::F32).expect("dense");
+        for (s, p) in held.iter().enumerate() {
+            let back = le.projections(s, inner, ib).expect("projections");
+            for i in 0..3 {
+                assert_eq!(parts(&back[i]), parts(&p[i]), "slot {s}, projection {i}");
+            }
+            let gate = gate_up.narrow(0, 2 * s * inner, inner).expect("gate");
+            let up = gate_up.narrow(0, (2 * s + 1) * inner, inner).expect("up");
+            assert_eq!(bits(&gate), deq(&p[0]), "slot {s} gate");
+            assert_eq!(bits(&up), deq(&p[1]), "slot {s} up");
+            assert_eq!(
+                bits(&down.get(s).expect("down")),
+                deq(&p[2]),
+                "slot {s} down"
+            );
+        }
+    }
+
     /// e4m3 stacks keep each expert's own block grid (partial edge blocks here: inner 160 =
     /// 128 + 32, hidden 288 = 2 · 128 + 32) where the kernels read it: a slot's projections
     /// copied back out are its bytes and scales, restacking in another order (as `regroup` does)
@@ -1043,22 +1073,7 @@ mod tests {
         assert_eq!(sc.gate_up.dims(), &[3 * 2 * 2, 3]);
         assert_eq!(le.down.dims(), &[3, h, inner]);
         assert_eq!(sc.down.dims(), &[3, 3, 2]);
-        let (gate_up, down) = le.dense(DType::F32).expect("dense");
-        for (s, p) in held.iter().enumerate() {
-            let back = le.projections(s, inner, 2).expect("projections");
-            for i in 0..3 {
-                assert_eq!(parts(&back[i]), parts(&p[i]), "slot {s}, projection {i}");
-            }
-            let gate = gate_up.narrow(0, 2 * s * inner, inner).expect("gate");
-            let up = gate_up.narrow(0, (2 * s + 1) * inner, inner).expect("up");
-            assert_eq!(bits(&gate), deq(&p[0]), "slot {s} gate");
-            assert_eq!(bits(&up), deq(&p[1]), "slot {s} up");
-            assert_eq!(
-                bits(&down.get(s).expect("down")),
-                deq(&p[2]),
-                "slot {s} down"
-            );
-        }
+        assert_slots_round_trip(&le, &held, 2, parts, deq);
         // Restacked as [2, 0]: the new slots hold the old ones' bytes and scales.
         let moved: Vec<Projections> = [2, 0]
             .iter()
@@ -1078,6 +1093,7 @@ mod tests {
         // Not kept e4m3 (or a mix): one dense stack of the dequantised values.
         let (dense_gu, _, none) = LayerExperts::stack(&held, false, DType::F32).expect("stack");
         assert!(matches!(none, StackQuant::None));
+        let (gate_up, _) = le.dense(DType::F32).expect("dense");
         assert_eq!(bits(&dense_gu), bits(&gate_up));
     }
 
@@ -1142,22 +1158,7 @@ mod tests {
             quant,
             slot_of: None,
         };
-        let (dense_gu, dense_d) = le.dense(DType::F32).expect("dense");
-        for (s, p) in held.iter().enumerate() {
-            let back = le.projections(s, inner, 1).expect("projections");
-            for i in 0..3 {
-                assert_eq!(parts(&back[i]), parts(&p[i]), "slot {s}, projection {i}");
-            }
-            let gate = dense_gu.narrow(0, 2 * s * inner, inner).expect("gate");
-            let up = dense_gu.narrow(0, (2 * s + 1) * inner, inner).expect("up");
-            assert_eq!(bits(&gate), deq(&p[0]), "slot {s} gate");
-            assert_eq!(bits(&up), deq(&p[1]), "slot {s} up");
-            assert_eq!(
-                bits(&dense_d.get(s).expect("down")),
-                deq(&p[2]),
-                "slot {s} down"
-            );
-        }
+        assert_slots_round_trip(&le, &held, 1, parts, deq);
         // Groups of 8, or of two sizes in the gate/up stack: dequantised, one dense stack.
         let small: Vec<Projections> = (0..2)
             .map(|_| {

@@ -132,7 +132,8 @@ pub struct Int4Tensor {
     pub q: Tensor,
     /// `[R, ⌈C/group⌉]` f32.
     pub scale: Tensor,
-    /// `[R, ⌈C/group⌉]` u8 nibble values (0..=15), or `None`: every zero is [`SYMMETRIC_ZERO`].
+    /// `[R, ⌈C/group⌉]` u8 zero points (0..=15; 16 from a GPTQ v1 checkpoint, which stores
+    /// `z − 1`), or `None`: every zero is [`SYMMETRIC_ZERO`].
     pub zero: Option<Tensor>,
     /// Input columns per scale.
     pub group: usize,
@@ -472,6 +473,40 @@ mod tests {
         t
     }
 
+    /// An AWQ layer's tensors (groups of GROUP input rows).
+    fn awq_tensors(
+        qweight: &[u32],
+        qzeros: &[u32],
+    ) -> Vec<(&'static str, Dtype, Vec<usize>, Vec<u8>)> {
+        vec![
+            (
+                "model.layers.0.mlp.down_proj.qweight",
+                Dtype::I32,
+                vec![IN, OUT / 8],
+                le(qweight),
+            ),
+            (
+                "model.layers.0.mlp.down_proj.qzeros",
+                Dtype::I32,
+                vec![IN / GROUP, OUT / 8],
+                le(qzeros),
+            ),
+            (
+                "model.layers.0.mlp.down_proj.scales",
+                Dtype::F16,
+                vec![IN / GROUP, OUT],
+                scales_f16(IN / GROUP),
+            ),
+        ]
+    }
+
+    fn awq_config() -> ModelConfig {
+        config(serde_json::json!({
+            "quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": true,
+            "version": "gemm"
+        }))
+    }
+
     fn gptq_config(desc_act: bool, format: &str) -> ModelConfig {
         config(serde_json::json!({
             "quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": desc_act,
@@ -549,31 +584,8 @@ mod tests {
     fn awq_dequantises_exactly() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (qweight, qzeros) = pack_awq(IN / GROUP);
-        let tensors = vec![
-            (
-                "model.layers.0.mlp.down_proj.qweight",
-                Dtype::I32,
-                vec![IN, OUT / 8],
-                le(&qweight),
-            ),
-            (
-                "model.layers.0.mlp.down_proj.qzeros",
-                Dtype::I32,
-                vec![IN / GROUP, OUT / 8],
-                le(&qzeros),
-            ),
-            (
-                "model.layers.0.mlp.down_proj.scales",
-                Dtype::F16,
-                vec![IN / GROUP, OUT],
-                scales_f16(IN / GROUP),
-            ),
-        ];
-        let src = checkpoint(dir.path(), &tensors);
-        let awq = config(serde_json::json!({
-            "quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": true,
-            "version": "gemm"
-        }));
+        let src = checkpoint(dir.path(), &awq_tensors(&qweight, &qzeros));
+        let awq = awq_config();
         assert_eq!(
             load(&src, &awq).expect("dequantised"),
             expected(|i| i / GROUP)
@@ -913,31 +925,8 @@ mod tests {
 
         let dir = tempfile::tempdir().expect("tempdir");
         let (qweight, qzeros) = pack_awq(IN / GROUP);
-        let tensors = vec![
-            (
-                "model.layers.0.mlp.down_proj.qweight",
-                Dtype::I32,
-                vec![IN, OUT / 8],
-                le(&qweight),
-            ),
-            (
-                "model.layers.0.mlp.down_proj.qzeros",
-                Dtype::I32,
-                vec![IN / GROUP, OUT / 8],
-                le(&qzeros),
-            ),
-            (
-                "model.layers.0.mlp.down_proj.scales",
-                Dtype::F16,
-                vec![IN / GROUP, OUT],
-                scales_f16(IN / GROUP),
-            ),
-        ];
-        let src = checkpoint(dir.path(), &tensors);
-        let awq = config(serde_json::json!({
-            "quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": true,
-            "version": "gemm"
-        }));
+        let src = checkpoint(dir.path(), &awq_tensors(&qweight, &qzeros));
+        let awq = awq_config();
         let (packed, w) = read(&src, &awq);
         assert!(packed);
         assert_eq!(values(w), expected(|i| i / GROUP));
