@@ -460,17 +460,23 @@ impl Mesh {
             frontend_args: owned(frontend_args),
             ..MeshOpts::default()
         };
-        Mesh::start_opts_ca(model, shards, &opts, Some(ca))
+        Mesh::start_opts_ca(model, &experts_args(shards), &opts, Some(ca))
     }
 
     /// Like [`start`](Self::start), with extra flags and environment for its processes.
     pub fn start_opts(model: Option<&Path>, shards: &[&str], opts: &MeshOpts) -> Mesh {
-        Mesh::start_opts_ca(model, shards, opts, None)
+        Mesh::start_opts_ca(model, &experts_args(shards), opts, None)
+    }
+
+    /// A mesh whose workers are told their shards by `shard_args` (one flag list per worker,
+    /// e.g. `--plan-shard 0/3 …`) instead of `--experts`.
+    pub fn start_shard_args(model: Option<&Path>, shard_args: &[Vec<String>]) -> Mesh {
+        Mesh::start_opts_ca(model, shard_args, &MeshOpts::default(), None)
     }
 
     fn start_opts_ca(
         model: Option<&Path>,
-        shards: &[&str],
+        shard_args: &[Vec<String>],
         opts: &MeshOpts,
         ca: Option<&TestCa>,
     ) -> Mesh {
@@ -486,7 +492,7 @@ impl Mesh {
         let cluster = format!("test{}", free_port());
         let model = model.map(Path::to_path_buf);
         let mut workers = Vec::new();
-        for (i, shard) in shards.iter().enumerate() {
+        for (i, shard) in shard_args.iter().enumerate() {
             let name = format!("worker{i}");
             let mut args = opts.worker_args.clone();
             args.extend(tls(&name, "expert"));
@@ -528,7 +534,7 @@ impl Mesh {
             self.dir.path(),
             common_args(&self.etcd, &self.cluster, model.as_deref()),
             name,
-            experts,
+            &["--experts".to_string(), experts.to_string()],
             &[],
             &[],
         )
@@ -569,22 +575,27 @@ fn common_args(etcd: &Etcd, cluster: &str, model: Option<&Path>) -> Vec<String> 
     a
 }
 
-/// `common`: the registry and model flags ([`common_args`]).
+/// `--experts SHARD` for each shard.
+fn experts_args(shards: &[&str]) -> Vec<Vec<String>> {
+    shards
+        .iter()
+        .map(|s| vec!["--experts".to_string(), s.to_string()])
+        .collect()
+}
+
+/// `common`: the registry and model flags ([`common_args`]); `shard`: what the worker serves
+/// (`--experts …`).
 fn start_worker(
     dir: &Path,
     mut args: Vec<String>,
     name: &str,
-    experts: &str,
+    shard: &[String],
     extra: &[String],
     env: &[(String, String)],
 ) -> (Proc, String) {
     args.extend(extra.iter().cloned());
-    args.extend([
-        "--experts".into(),
-        experts.to_string(),
-        "--lease-ttl".into(),
-        "3".into(),
-    ]);
+    args.extend(shard.iter().cloned());
+    args.extend(["--lease-ttl".into(), "3".into()]);
     args.extend(["--id".into(), name.to_string()]);
     start_role_env(dir, name, "expert", &args, env)
 }

@@ -65,6 +65,17 @@ impl WeightsDtype {
         }
     }
 
+    /// What a role's `--weights-dtype` asks the plan to count: `auto` the checkpoint's own,
+    /// `bf16` bf16, `fp8`/`int4` those (quantised at load where stored otherwise).
+    pub fn of_flag(flag: moemesh_engine::ExpertsDtype, cfg: &ModelConfig) -> Self {
+        match flag {
+            moemesh_engine::ExpertsDtype::Auto => Self::of_config(cfg),
+            moemesh_engine::ExpertsDtype::Compute => WeightsDtype::Bf16,
+            moemesh_engine::ExpertsDtype::Fp8 => WeightsDtype::Fp8,
+            moemesh_engine::ExpertsDtype::Int4 => WeightsDtype::Int4,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             WeightsDtype::Bf16 => "bf16",
@@ -254,6 +265,17 @@ pub enum GateGpuExperts {
     Yes,
 }
 
+impl GateGpuExperts {
+    /// The flag's value.
+    pub fn name(self) -> &'static str {
+        match self {
+            GateGpuExperts::Auto => "auto",
+            GateGpuExperts::No => "no",
+            GateGpuExperts::Yes => "yes",
+        }
+    }
+}
+
 /// What a plan is asked for.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlanInput {
@@ -424,6 +446,168 @@ fn layout(model: &ModelBytes, input: &PlanInput, shared: bool) -> Placement {
         gpus,
         workers,
     }
+}
+
+/// The plan's default KV cache reserve on the gate's GPU and workspace reserve per process, GiB.
+pub const DEFAULT_KV_CACHE_GIB: f64 = 8.0;
+pub const DEFAULT_WORKSPACE_GIB: f64 = 4.0;
+
+/// The plan's reserves as flags, shared by `moemesh plan`, `moemesh expert --plan-shard` and
+/// `moemesh up --placement plan`, so that every process given the same values computes the same
+/// placement.
+#[derive(clap::Args, Debug, Clone, PartialEq)]
+pub struct PlanReserves {
+    /// KV cache reserved on the gate's GPU, in GiB (start the gate with the matching
+    /// --kv-cache-mb).
+    #[arg(long, env = "MOEMESH_PLAN_KV_CACHE_GIB", default_value_t = DEFAULT_KV_CACHE_GIB, value_parser = non_negative_gib)]
+    pub kv_cache_gib: f64,
+    /// Activation and workspace reserve of each process on a GPU, in GiB (CUDA context, cuBLAS
+    /// workspace, a step's activations, CUDA graphs, transport buffers).
+    #[arg(long, env = "MOEMESH_PLAN_WORKSPACE_GIB", default_value_t = DEFAULT_WORKSPACE_GIB, value_parser = non_negative_gib)]
+    pub workspace_gib: f64,
+    /// Whether GPU 0 runs an expert worker beside the gate: auto (only when the other GPUs
+    /// cannot hold the experts, or there is one GPU), no, or yes.
+    #[arg(long, env = "MOEMESH_PLAN_GATE_GPU_EXPERTS", value_enum, default_value_t = GateGpuExperts::Auto)]
+    pub gate_gpu_experts: GateGpuExperts,
+}
+
+impl PlanReserves {
+    /// The flags' defaults.
+    pub fn default_values() -> Self {
+        PlanReserves {
+            kv_cache_gib: DEFAULT_KV_CACHE_GIB,
+            workspace_gib: DEFAULT_WORKSPACE_GIB,
+            gate_gpu_experts: GateGpuExperts::Auto,
+        }
+    }
+
+    /// The plan's input for `gpus` GPUs of `gpu_mem_gib` GiB each.
+    pub fn input(&self, gpus: usize, gpu_mem_gib: f64) -> PlanInput {
+        PlanInput {
+            gpus,
+            gpu_mem_bytes: bytes_of_gib(gpu_mem_gib),
+            kv_cache_bytes: bytes_of_gib(self.kv_cache_gib),
+            workspace_bytes: bytes_of_gib(self.workspace_gib),
+            gate_gpu_experts: self.gate_gpu_experts,
+        }
+    }
+}
+
+/// A GiB flag's value: a finite number, 0 or more.
+pub fn non_negative_gib(s: &str) -> Result<f64, String> {
+    crate::skew::finite_non_negative("GiB", s)
+}
+
+/// A GPU memory flag's value: a finite number of GiB, more than 0.
+pub fn positive_gib(s: &str) -> Result<f64, String> {
+    let v = non_negative_gib(s)?;
+    if v == 0.0 {
+        return Err("GiB: 0; a GPU needs some memory".into());
+    }
+    Ok(v)
+}
+
+pub fn bytes_of_gib(gib: f64) -> u64 {
+    (gib * GIB as f64).round() as u64
+}
+
+pub fn gib(bytes: u64) -> f64 {
+    bytes as f64 / GIB as f64
+}
+
+/// Worker `index` of an `N`-GPU plan, as `moemesh expert --plan-shard INDEX/N` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanShard {
+    pub index: usize,
+    pub gpus: usize,
+}
+
+impl std::str::FromStr for PlanShard {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "--plan-shard: {s:?} is not INDEX/GPUS, e.g. 0/8 (worker 0 of the plan on 8 GPUs)"
+            )
+        };
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let index: usize = i.trim().parse().map_err(|_| bad())?;
+        let gpus: usize = n.trim().parse().map_err(|_| bad())?;
+        if gpus == 0 || gpus > MAX_PLAN_GPUS {
+            return Err(format!(
+                "--plan-shard: {gpus} GPUs; a plan takes 1 to {MAX_PLAN_GPUS}"
+            ));
+        }
+        if index >= gpus {
+            return Err(format!(
+                "--plan-shard: worker {index} of a plan on {gpus} GPUs; a plan has at most one \
+                 worker per GPU, numbered from 0"
+            ));
+        }
+        Ok(PlanShard { index, gpus })
+    }
+}
+
+impl std::fmt::Display for PlanShard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.gpus)
+    }
+}
+
+/// The most GPUs a plan takes (`moemesh plan --gpus`).
+pub const MAX_PLAN_GPUS: usize = 1024;
+
+impl Placement {
+    /// The GPUs over their budget, e.g. `GPU 1 needs 150.20 GiB of 139.80, GPU 2 …`.
+    pub fn overflow(&self) -> String {
+        self.gpus
+            .iter()
+            .filter(|g| !g.fits())
+            .map(|g| {
+                format!(
+                    "GPU {} needs {:.2} GiB of {:.2}",
+                    g.index,
+                    gib(g.total()),
+                    gib(g.budget_bytes)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// The worker `shard` names in the plan of `model` on `shard.gpus` GPUs (the rest of the plan's
+/// input as `input` gives it): what an expert worker started with `--plan-shard` serves. Refuses a
+/// plan that does not fit (naming the GPUs over budget) and an index past the plan's workers.
+pub fn shard_of_plan(
+    model: &ModelBytes,
+    input: &PlanInput,
+    shard: PlanShard,
+) -> MeshResult<Worker> {
+    let plan = place(model, input)?;
+    let what = format!(
+        "--plan-shard {shard}: the plan on {} × {:.2} GiB (`moemesh plan --gpus {} --gpu-mem-gib \
+         {:.2}` prints it)",
+        input.gpus,
+        gib(input.gpu_mem_bytes),
+        input.gpus,
+        gib(input.gpu_mem_bytes)
+    );
+    if !plan.fits() {
+        return Err(MeshError::Invalid(format!(
+            "{what} does not fit: {}",
+            plan.overflow()
+        )));
+    }
+    plan.workers.get(shard.index).cloned().ok_or_else(|| {
+        MeshError::Invalid(format!(
+            "{what} has {} expert worker(s), numbered 0 to {}; there is no worker {}",
+            plan.workers.len(),
+            plan.workers.len().saturating_sub(1),
+            shard.index
+        ))
+    })
 }
 
 /// `n` items over bins of capacity `caps` (whose sum is at least `n`), as evenly as the
@@ -648,6 +832,59 @@ mod tests {
         assert!(err.contains("--gate-gpu-experts"), "{err}");
         let err = place(&m, &input(0, 80)).expect_err("no GPUs").to_string();
         assert!(err.contains("--gpus must be at least 1"), "{err}");
+    }
+
+    #[test]
+    fn a_plan_shard_is_its_workers_range_and_refused_past_them_or_when_over_budget() {
+        let cfg = r1();
+        let m = ModelBytes::of(&cfg, Scheme::new(WeightsDtype::Fp8, &cfg));
+        let shard = |s: &str, gib: u64| {
+            let s: PlanShard = s.parse().expect("a shard");
+            shard_of_plan(&m, &input(s.gpus, gib), s)
+        };
+        // Each index is the plan's worker of that index (the gate's GPU 0 holds none).
+        let w = shard("0/8", 141).expect("fits");
+        assert_eq!((w.gpu, w.experts_flag()), (1, "0-36".to_string()));
+        let w = shard("6/8", 141).expect("fits");
+        assert_eq!((w.gpu, w.experts_flag()), (7, "220-255".to_string()));
+        let err = shard("7/8", 141).expect_err("7 workers").to_string();
+        assert!(
+            err.contains("--plan-shard 7/8")
+                && err.contains("has 7 expert worker(s), numbered 0 to 6"),
+            "{err}"
+        );
+        // On 8 × 80 GiB the plan does not fit: every worker refuses it, naming the GPUs over.
+        let err = shard("0/8", 80).expect_err("over").to_string();
+        assert!(
+            err.contains("does not fit") && err.contains("GPU 0 needs") && err.contains("of 80.00"),
+            "{err}"
+        );
+        assert_eq!(
+            "3/8".parse::<PlanShard>().map(|s| s.to_string()),
+            Ok("3/8".into())
+        );
+        for bad in ["8/8", "0/0", "1", "a/2", "0/1025", "-1/2"] {
+            let err = bad.parse::<PlanShard>().expect_err(bad);
+            assert!(err.starts_with("--plan-shard: "), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_reserve_flags_default_to_the_constants_and_make_the_input() {
+        let r = PlanReserves::default_values();
+        let i = r.input(8, 139.8);
+        assert_eq!(i.kv_cache_bytes, 8 * GIB);
+        assert_eq!(i.workspace_bytes, 4 * GIB);
+        assert_eq!(i.gpu_mem_bytes, (139.8 * GIB as f64).round() as u64);
+        assert_eq!(i.gate_gpu_experts, GateGpuExperts::Auto);
+        assert_eq!(
+            WeightsDtype::of_flag(moemesh_engine::ExpertsDtype::Auto, &r1()),
+            WeightsDtype::Fp8
+        );
+        assert_eq!(
+            WeightsDtype::of_flag(moemesh_engine::ExpertsDtype::Compute, &r1()),
+            WeightsDtype::Bf16
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use moemesh_common::member_args::MemberArgs;
+use moemesh_common::memory_plan::{PlanReserves, PlanShard, positive_gib};
 use moemesh_common::transport::IpcWait;
 
 #[derive(Args, Debug, Clone)]
@@ -23,6 +24,20 @@ pub struct ExpertConfig {
     /// Routed experts to serve in every served layer, e.g. `0-15` or `0-3,8,12-15` (default: all).
     #[arg(long, env = "MOEMESH_EXPERTS")]
     pub experts: Option<String>,
+    /// Size this worker's shard from the memory plan instead of --experts: worker INDEX of the
+    /// plan on GPUS GPUs, e.g. `2/8` (`moemesh plan --gpus 8` lists the workers). Every worker
+    /// given the same model, --weights-dtype, --gpu-mem-gib and reserves computes the same plan,
+    /// so their shards tile the routed experts; a plan that does not fit is refused at start.
+    #[arg(long, env = "MOEMESH_PLAN_SHARD", conflicts_with = "experts")]
+    pub plan_shard: Option<PlanShard>,
+    /// With --plan-shard: the memory of each of the plan's GPUs in GiB. Default: this worker's
+    /// GPU's total memory (give it on a host of mixed GPUs, so that every worker plans alike; a
+    /// CPU worker must give it).
+    #[arg(long, env = "MOEMESH_GPU_MEM_GIB", value_parser = positive_gib)]
+    pub gpu_mem_gib: Option<f64>,
+    /// With --plan-shard: the plan's reserves (as `moemesh plan` takes them).
+    #[command(flatten)]
+    pub plan: PlanReserves,
     /// MoE layers to serve, e.g. `1-26` (default: every MoE layer).
     #[arg(long, env = "MOEMESH_LAYERS")]
     pub layers: Option<String>,
@@ -66,7 +81,7 @@ pub fn parse_range(s: &str, what: &str) -> Result<Vec<u32>, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{IpcWait, parse_range};
+    use super::{IpcWait, PlanReserves, PlanShard, parse_range};
     use clap::Parser;
 
     #[derive(Parser)]
@@ -88,6 +103,37 @@ mod tests {
         assert!(IpcWait::Kernel.spins() && !IpcWait::Stream.spins());
         let err = wait(&["--ipc-wait", "spin"]).expect_err("not a value");
         assert!(err.contains("--ipc-wait"), "{err}");
+    }
+
+    #[test]
+    fn the_plan_flags_default_to_moemesh_plans_and_plan_shard_excludes_experts() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("expert").chain(args.iter().copied()))
+                .map(|c| c.cfg)
+                .map_err(|e| e.to_string())
+        };
+        let cfg = parse(&[]).expect("no flags");
+        assert_eq!(cfg.plan, PlanReserves::default_values());
+        assert_eq!((cfg.plan_shard, cfg.gpu_mem_gib), (None, None));
+        let cfg = parse(&[
+            "--plan-shard",
+            "2/8",
+            "--gpu-mem-gib",
+            "139.8",
+            "--workspace-gib",
+            "6",
+        ])
+        .expect("a plan shard");
+        assert_eq!(cfg.plan_shard, Some(PlanShard { index: 2, gpus: 8 }));
+        assert_eq!(cfg.gpu_mem_gib, Some(139.8));
+        assert_eq!(cfg.plan.workspace_gib, 6.0);
+        let err = parse(&["--plan-shard", "0/2", "--experts", "0-3"]).expect_err("both");
+        assert!(
+            err.contains("--experts") && err.contains("--plan-shard"),
+            "{err}"
+        );
+        let err = parse(&["--plan-shard", "0/2", "--gpu-mem-gib", "0"]).expect_err("0 GiB");
+        assert!(err.contains("--gpu-mem-gib"), "{err}");
     }
 
     #[test]

@@ -23,6 +23,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use futures::Stream;
 use moemesh_common::member_args::DEFAULT_MAX_MESSAGE_MB;
+use moemesh_common::memory_plan::{self, PlanShard};
 use moemesh_common::metrics::{code_label, names};
 use moemesh_common::placement::{self, Holdings};
 use moemesh_common::registry::{Member, Registry, Role};
@@ -1106,6 +1107,43 @@ impl Expert for ExpertService {
     }
 }
 
+/// The routed experts of worker `shard` in the memory plan (`--plan-shard`): the plan of the
+/// model under this worker's `--weights-dtype` on `shard.gpus` GPUs of `--gpu-mem-gib` (default:
+/// this GPU's total memory), with the reserve flags' values.
+fn planned_experts(
+    cfg: &ExpertConfig,
+    shard: PlanShard,
+    mc: &moemesh_engine::ModelConfig,
+    device: &moemesh_engine::Device,
+) -> MeshResult<Vec<u32>> {
+    let gpu_mem_gib = match (cfg.gpu_mem_gib, moemesh_engine::cuda::gpu(device)) {
+        (Some(g), _) => g,
+        (None, Some(gpu)) => memory_plan::gib(gpu.memory_info()?.1),
+        (None, None) => {
+            return Err(MeshError::Invalid(format!(
+                "--plan-shard on {}: give --gpu-mem-gib (the plan's GPU memory; a CPU worker has \
+                 no GPU to read it from)",
+                cfg.member.device
+            )));
+        }
+    };
+    let dtype = memory_plan::WeightsDtype::of_flag(cfg.weights_dtype, mc);
+    let model = memory_plan::ModelBytes::of(mc, memory_plan::Scheme::new(dtype, mc));
+    let input = cfg.plan.input(shard.gpus, gpu_mem_gib);
+    let w = memory_plan::shard_of_plan(&model, &input, shard)?;
+    tracing::info!(
+        plan_shard = %shard,
+        plan_gpu = w.gpu,
+        gpu_mem_gib,
+        weights_dtype = dtype.name(),
+        experts = %w.experts_flag(),
+        expert_count = w.experts,
+        planned_bytes = w.experts as u64 * model.expert_bytes(),
+        "shard sized from the memory plan"
+    );
+    Ok((w.first_expert as u32..(w.first_expert + w.experts) as u32).collect())
+}
+
 /// Loads the shard, serves on `listener` until `shutdown` resolves, then leaves the registry and
 /// drains.
 pub async fn run(
@@ -1142,9 +1180,17 @@ pub async fn run(
             "--layers: layer {bad} has no routed experts (MoE layers: {moe_layers:?})"
         )));
     }
-    let experts = match &cfg.experts {
-        Some(s) => parse_range(s, "experts").map_err(MeshError::Invalid)?,
-        None => (0..mc.n_routed_experts as u32).collect(),
+    if cfg.gpu_mem_gib.is_some() && cfg.plan_shard.is_none() {
+        return Err(MeshError::Invalid(
+            "--gpu-mem-gib sizes the shard of --plan-shard; without --plan-shard the worker \
+             serves --experts (default: all)"
+                .into(),
+        ));
+    }
+    let experts = match (&cfg.experts, cfg.plan_shard) {
+        (Some(s), _) => parse_range(s, "experts").map_err(MeshError::Invalid)?,
+        (None, Some(shard)) => planned_experts(&cfg, shard, mc, &device)?,
+        (None, None) => (0..mc.n_routed_experts as u32).collect(),
     };
     if let Some(bad) = experts.iter().find(|&&e| e as usize >= mc.n_routed_experts) {
         return Err(MeshError::Invalid(format!(

@@ -9,7 +9,8 @@ use std::path::Path;
 use anyhow::Context;
 use clap::Args;
 use moemesh_common::memory_plan::{
-    GIB, GateGpuExperts, ModelBytes, PartBytes, Placement, PlanInput, Scheme, WeightsDtype, place,
+    GIB, ModelBytes, PartBytes, Placement, PlanInput, PlanReserves, Scheme, WeightsDtype, gib,
+    place, positive_gib,
 };
 use moemesh_engine::ModelConfig;
 use moemesh_engine::config::RawConfig;
@@ -32,42 +33,12 @@ pub struct PlanArgs {
     /// (GPTQ/AWQ, group 128). Default: the checkpoint's own (its quantization_config).
     #[arg(long, value_enum)]
     pub weights_dtype: Option<WeightsDtype>,
-    /// KV cache reserved on the gate's GPU, in GiB (start the gate with the matching
-    /// --kv-cache-mb).
-    #[arg(long, default_value_t = 8.0, value_parser = non_negative_gib)]
-    pub kv_cache_gib: f64,
-    /// Activation and workspace reserve of each process on a GPU, in GiB (CUDA context, cuBLAS
-    /// workspace, a step's activations, CUDA graphs, transport buffers).
-    #[arg(long, default_value_t = 4.0, value_parser = non_negative_gib)]
-    pub workspace_gib: f64,
-    /// Whether GPU 0 runs an expert worker beside the gate: auto (only when the other GPUs
-    /// cannot hold the experts, or there is one GPU), no, or yes.
-    #[arg(long, value_enum, default_value_t = GateGpuExperts::Auto)]
-    pub gate_gpu_experts: GateGpuExperts,
+    #[command(flatten)]
+    pub reserves: PlanReserves,
     /// Also print the plan as one JSON object, the last line of stdout (`fits` answers whether
     /// it fits).
     #[arg(long)]
     pub json: bool,
-}
-
-fn non_negative_gib(s: &str) -> Result<f64, String> {
-    moemesh_common::skew::finite_non_negative("GiB", s)
-}
-
-fn positive_gib(s: &str) -> Result<f64, String> {
-    let v = non_negative_gib(s)?;
-    if v == 0.0 {
-        return Err("GiB: 0; a GPU needs some memory".into());
-    }
-    Ok(v)
-}
-
-fn bytes_of_gib(gib: f64) -> u64 {
-    (gib * GIB as f64).round() as u64
-}
-
-fn gib(bytes: u64) -> f64 {
-    bytes as f64 / GIB as f64
 }
 
 /// The config of `--model`: `synthetic:NAME`, a `config.json` path, or a directory holding one.
@@ -107,13 +78,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| WeightsDtype::of_config(&cfg));
     let scheme = Scheme::new(dtype, &cfg);
     let model = ModelBytes::of(&cfg, scheme);
-    let input = PlanInput {
-        gpus: args.gpus as usize,
-        gpu_mem_bytes: bytes_of_gib(args.gpu_mem_gib),
-        kv_cache_bytes: bytes_of_gib(args.kv_cache_gib),
-        workspace_bytes: bytes_of_gib(args.workspace_gib),
-        gate_gpu_experts: args.gate_gpu_experts,
-    };
+    let input = args.reserves.input(args.gpus as usize, args.gpu_mem_gib);
     let plan = place(&model, &input).map_err(|e| anyhow::anyhow!("{e}"))?;
     print_text(&args, &cfg, &name, &model, &input, &plan);
     if args.json {
@@ -241,6 +206,13 @@ fn print_text(
                 w.experts_flag()
             );
         }
+        println!(
+            "or let each worker size its shard from this plan: `moemesh expert … --plan-shard \
+             I/{} {}` for worker I (0 to {}); `moemesh up --expert-workers plan` starts them all",
+            input.gpus,
+            shard_flags(args),
+            plan.workers.len().saturating_sub(1)
+        );
     } else {
         let need: u64 = plan.gpus.iter().map(|g| g.total()).sum();
         let have = input.gpu_mem_bytes * input.gpus as u64;
@@ -259,6 +231,27 @@ fn print_text(
              the gate rows are low by the difference."
         );
     }
+}
+
+/// The flags besides `--plan-shard` that make a worker compute this plan: the GPU memory, the
+/// weights dtype when given, and the reserves that differ from their defaults.
+fn shard_flags(args: &PlanArgs) -> String {
+    let mut v = vec![format!("--gpu-mem-gib {}", args.gpu_mem_gib)];
+    if let Some(d) = args.weights_dtype {
+        v.push(format!("--weights-dtype {}", d.name()));
+    }
+    let r = &args.reserves;
+    let default = PlanReserves::default_values();
+    if r.kv_cache_gib != default.kv_cache_gib {
+        v.push(format!("--kv-cache-gib {}", r.kv_cache_gib));
+    }
+    if r.workspace_gib != default.workspace_gib {
+        v.push(format!("--workspace-gib {}", r.workspace_gib));
+    }
+    if r.gate_gpu_experts != default.gate_gpu_experts {
+        v.push(format!("--gate-gpu-experts {}", r.gate_gpu_experts.name()));
+    }
+    v.join(" ")
 }
 
 fn to_json(
@@ -294,9 +287,11 @@ fn to_json(
     let workers: Vec<_> = plan
         .workers
         .iter()
-        .map(|w| {
+        .enumerate()
+        .map(|(i, w)| {
             json!({
                 "device": format!("cuda:{}", w.gpu),
+                "plan_shard": format!("{i}/{}", input.gpus),
                 "experts": w.experts_flag(),
                 "expert_count": w.experts,
                 "weight_bytes": w.experts as u64 * model.expert_bytes(),

@@ -33,9 +33,22 @@ pub struct UpArgs {
     /// Address of the public API (the frontend).
     #[arg(long, env = "MOEMESH_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: String,
-    /// Number of expert-worker processes; the routed experts are split evenly between them.
-    #[arg(long, env = "MOEMESH_EXPERT_WORKERS", default_value_t = 2)]
-    pub expert_workers: usize,
+    /// Number of expert-worker processes, the routed experts split evenly between them; or
+    /// `plan`: the workers of the memory plan (`moemesh plan`) over the GPUs of --device and
+    /// --expert-devices, each sizing its shard from it (`moemesh expert --plan-shard`).
+    #[arg(long, env = "MOEMESH_EXPERT_WORKERS", default_value = "2")]
+    pub expert_workers: ExpertWorkers,
+    /// With `--expert-workers plan`: the memory of each GPU in GiB (default: the total memory of
+    /// --device's GPU).
+    #[arg(long, env = "MOEMESH_GPU_MEM_GIB", value_parser = moemesh_common::memory_plan::positive_gib)]
+    pub gpu_mem_gib: Option<f64>,
+    /// With `--expert-workers plan`: the plan's reserves.
+    #[command(flatten)]
+    pub plan: moemesh_common::memory_plan::PlanReserves,
+    /// How the routed experts are held (`auto`, `bf16`, `fp8`, `int4`), passed to every process
+    /// (`moemesh expert --weights-dtype`); the plan counts their bytes so.
+    #[arg(long, env = "MOEMESH_WEIGHTS_DTYPE", default_value = "auto")]
+    pub weights_dtype: moemesh_engine::ExpertsDtype,
     /// Processes per expert shard: 2 starts every shard twice (replicas the gate balances over
     /// and fails over to), on the next device of --expert-devices.
     #[arg(long, env = "MOEMESH_EXPERT_REPLICAS", default_value_t = 1,
@@ -119,6 +132,162 @@ pub struct UpArgs {
     /// it is plaintext anyway.
     #[arg(long, env = "MOEMESH_PUBLIC_PLAINTEXT")]
     pub public_plaintext: bool,
+}
+
+/// `--expert-workers`: how many shards, split evenly, or the memory plan's workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertWorkers {
+    Even(usize),
+    Plan,
+}
+
+impl std::str::FromStr for ExpertWorkers {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "plan" {
+            return Ok(ExpertWorkers::Plan);
+        }
+        match s.parse::<usize>() {
+            Ok(0) => Err("--expert-workers: 0; a mesh needs at least 1".into()),
+            Ok(n) => Ok(ExpertWorkers::Even(n)),
+            Err(_) => Err(format!(
+                "--expert-workers: {s:?} is neither a number of workers nor `plan`"
+            )),
+        }
+    }
+}
+
+/// One expert-worker process `up` starts.
+#[derive(Debug, Clone, PartialEq)]
+struct WorkerSpec {
+    /// Shard and replica, for the log.
+    shard: usize,
+    replica: usize,
+    device: String,
+    /// The experts it serves, `lo-hi`, for the log.
+    experts: String,
+    /// `--experts …`, or `--plan-shard …` with the plan's flags.
+    flags: Vec<String>,
+}
+
+/// The expert workers `args` asks for. `gpu_mem_gib` reads a GPU's total memory, for a plan
+/// without --gpu-mem-gib.
+fn worker_specs(
+    args: &UpArgs,
+    cfg: &moemesh_engine::ModelConfig,
+    gpu_mem_gib: impl FnOnce(&str) -> anyhow::Result<f64>,
+) -> anyhow::Result<Vec<WorkerSpec>> {
+    use moemesh_common::memory_plan::{self, ModelBytes, PlanShard, Scheme, WeightsDtype};
+    let n_experts = cfg.n_routed_experts;
+    let replicas = usize::from(args.expert_replicas);
+    let n = match args.expert_workers {
+        ExpertWorkers::Even(n) => n,
+        ExpertWorkers::Plan => {
+            if replicas > 1 {
+                bail!(
+                    "--expert-workers plan places one worker per shard; --expert-replicas {replicas} \
+                     would need room the plan does not count (start replicas with `moemesh expert \
+                     --plan-shard` on other GPUs)"
+                );
+            }
+            if args.gates > 1 {
+                bail!(
+                    "--expert-workers plan places one gate, on --device; with --gates {} give \
+                     --expert-workers a number (`moemesh plan` shows what fits)",
+                    args.gates
+                );
+            }
+            let gpus = plan_gpus(args);
+            if let Some(bad) = gpus.iter().find(|d| !d.starts_with("cuda")) {
+                bail!(
+                    "--expert-workers plan places the mesh on GPUs, and {bad} is not one: give \
+                     --device cuda:N (and --expert-devices for the other GPUs)"
+                );
+            }
+            let mem = match args.gpu_mem_gib {
+                Some(g) => g,
+                None => gpu_mem_gib(&gpus[0])?,
+            };
+            let dtype = WeightsDtype::of_flag(args.weights_dtype, cfg);
+            let model = ModelBytes::of(cfg, Scheme::new(dtype, cfg));
+            let input = args.plan.input(gpus.len(), mem);
+            let plan = memory_plan::place(&model, &input)?;
+            let mut specs = Vec::new();
+            for (i, w) in plan.workers.iter().enumerate() {
+                let shard = PlanShard {
+                    index: i,
+                    gpus: gpus.len(),
+                };
+                // The worker checks the plan fits (and refuses it with the GPUs over budget).
+                let flags = vec![
+                    "--plan-shard".to_string(),
+                    shard.to_string(),
+                    format!("--gpu-mem-gib={mem}"),
+                    format!("--kv-cache-gib={}", args.plan.kv_cache_gib),
+                    format!("--workspace-gib={}", args.plan.workspace_gib),
+                    format!("--gate-gpu-experts={}", args.plan.gate_gpu_experts.name()),
+                ];
+                specs.push(WorkerSpec {
+                    shard: i,
+                    replica: 0,
+                    device: gpus[w.gpu].clone(),
+                    experts: w.experts_flag(),
+                    flags,
+                });
+            }
+            if !plan.fits() {
+                bail!(
+                    "--expert-workers plan: the model does not fit {} × {mem:.2} GiB \
+                     ({}; `moemesh plan --gpus {} --gpu-mem-gib {mem}` prints the plan)",
+                    gpus.len(),
+                    plan.overflow(),
+                    gpus.len()
+                );
+            }
+            return Ok(specs);
+        }
+    };
+    if n > n_experts.max(1) {
+        bail!("--expert-workers {n} exceeds the model's {n_experts} routed experts");
+    }
+    Ok((0..n * replicas)
+        .map(|k| {
+            // Shard i, replica r: replicas of one shard go on consecutive devices.
+            let (i, r) = (k / replicas, k % replicas);
+            let (lo, hi) = (i * n_experts / n, (i + 1) * n_experts / n);
+            let experts = format!("{lo}-{}", hi - 1);
+            WorkerSpec {
+                shard: i,
+                replica: r,
+                device: worker_device(args, k),
+                flags: vec!["--experts".into(), experts.clone()],
+                experts,
+            }
+        })
+        .collect())
+}
+
+/// The GPUs of `--expert-workers plan`, GPU 0 first: --device (the gate's), then the other
+/// --expert-devices in their order.
+fn plan_gpus(args: &UpArgs) -> Vec<String> {
+    let mut gpus = vec![args.device.clone()];
+    for d in &args.expert_devices {
+        if !gpus.contains(d) {
+            gpus.push(d.clone());
+        }
+    }
+    gpus
+}
+
+/// The total memory of `device`'s GPU in GiB, read through a CUDA context that is released
+/// before the mesh starts.
+fn gpu_total_gib(device: &str) -> anyhow::Result<f64> {
+    let d = moemesh_common::device::parse_device(device)?;
+    let gpu = moemesh_engine::cuda::gpu(&d)
+        .with_context(|| format!("{device}: not a GPU, so it has no GPU memory to plan with"))?;
+    let (_, total) = gpu.memory_info()?;
+    Ok(moemesh_common::memory_plan::gib(total))
 }
 
 /// Variables that would give the children another transport than the one `up` chooses.
@@ -320,11 +489,10 @@ fn worker_device(args: &UpArgs, k: usize) -> String {
 }
 
 /// The device of every GPU-using process `up` starts (gates and expert workers).
-fn process_devices(args: &UpArgs) -> Vec<String> {
-    let workers = args.expert_workers * usize::from(args.expert_replicas);
+fn process_devices(args: &UpArgs, workers: &[WorkerSpec]) -> Vec<String> {
     (0..usize::from(args.gates))
         .map(|g| gate_device(args, g))
-        .chain((0..workers).map(|k| worker_device(args, k)))
+        .chain(workers.iter().map(|w| w.device.clone()))
         .collect()
 }
 
@@ -342,7 +510,10 @@ fn prefix_cache_flag(args: &UpArgs) -> Vec<String> {
 }
 
 fn common(args: &UpArgs) -> Vec<String> {
-    let mut v = Vec::new();
+    let mut v = vec![
+        "--weights-dtype".to_string(),
+        args.weights_dtype.name().to_string(),
+    ];
     if let Some(m) = &args.model {
         v.extend(["--model".to_string(), m.display().to_string()]);
     }
@@ -358,9 +529,6 @@ fn common(args: &UpArgs) -> Vec<String> {
 }
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
-    if args.expert_workers == 0 {
-        bail!("--expert-workers must be at least 1");
-    }
     if args.rebalance_every.is_some() && args.etcd.is_none() {
         bail!(
             "--rebalance-every needs --etcd: placement changes reach the gates through the registry \
@@ -369,13 +537,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     let files = moemesh_engine::ModelFiles::open_or_embedded(args.model.as_deref())
         .context("opening the model")?;
-    let n_experts = files.config.n_routed_experts;
-    if args.expert_workers > n_experts.max(1) {
-        bail!(
-            "--expert-workers {} exceeds the model's {n_experts} routed experts",
-            args.expert_workers
-        );
-    }
+    let specs = worker_specs(&args, &files.config, gpu_total_gib)?;
     drop(files);
     let listen: std::net::SocketAddr = args.listen.parse().with_context(|| {
         format!(
@@ -394,8 +556,9 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         pki: (!args.plaintext).then(DevPki::new).transpose()?,
     };
     let mps = {
-        let on_cuda = process_devices(&args).iter().any(|d| d.starts_with("cuda"));
-        let shares = crate::mps::shares_gpu(&process_devices(&args));
+        let devices = process_devices(&args, &specs);
+        let on_cuda = devices.iter().any(|d| d.starts_with("cuda"));
+        let shares = crate::mps::shares_gpu(&devices);
         let control = crate::mps::find_on_path(crate::mps::CONTROL);
         let external = std::env::var_os("CUDA_MPS_PIPE_DIRECTORY").is_some();
         let (start, why) =
@@ -426,24 +589,20 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         let mut rebalancer: Option<tokio::task::JoinHandle<()>> = None;
         let result = async {
             let mut worker_addrs = Vec::new();
-            let replicas = usize::from(args.expert_replicas);
-            for k in 0..args.expert_workers * replicas {
-                // Shard i, replica r: replicas of one shard go on consecutive devices.
-                let (i, r) = (k / replicas, k % replicas);
-                let (lo, hi) = (i * n_experts / args.expert_workers, (i + 1) * n_experts / args.expert_workers);
+            for (k, w) in specs.iter().enumerate() {
                 let mut a = common(&args);
                 a.extend(["--listen".into(), "127.0.0.1:0".into(), "--dtype".into(), args.dtype.clone()]);
-                a.extend(["--experts".into(), format!("{lo}-{}", hi - 1)]);
-                a.extend(["--device".into(), worker_device(&args, k)]);
+                a.extend(w.flags.iter().cloned());
+                a.extend(["--device".into(), w.device.clone()]);
                 a.extend(metrics_flag(&args, 2 + k)?);
                 a.extend(transport.flags(&format!("expert-{k}"), CertRole::Expert)?);
                 let (p, addr) = start("expert", a, &child_env).await?;
-                eprintln!("moemesh up: expert worker {i} replica {r} (experts {lo}-{}) on {addr}, pid {}", hi - 1, p.child.id().unwrap_or(0));
+                eprintln!("moemesh up: expert worker {} replica {} (experts {}) on {addr} ({}), pid {}", w.shard, w.replica, w.experts, w.device, p.child.id().unwrap_or(0));
                 procs.push(p);
                 worker_addrs.push(addr);
             }
             let mut gate_addrs = Vec::new();
-            let workers = args.expert_workers * replicas;
+            let workers = specs.len();
             for g in 0..usize::from(args.gates) {
                 let mut a = common(&args);
                 a.extend(["--listen".into(), "127.0.0.1:0".into(), "--dtype".into(), args.dtype.clone()]);
@@ -713,6 +872,149 @@ mod tests {
         );
     }
 
+    /// V2-Lite's config (64 routed experts over 26 MoE layers).
+    fn v2_lite() -> moemesh_engine::ModelConfig {
+        let raw: moemesh_engine::config::RawConfig = serde_json::from_value(
+            moemesh_engine::synthetic::synthetic_config_json("v2-lite").expect("synthetic"),
+        )
+        .expect("config");
+        moemesh_engine::ModelConfig::from_raw(&raw).expect("valid")
+    }
+
+    fn no_gpu(device: &str) -> anyhow::Result<f64> {
+        bail!("no GPU to ask for {device}")
+    }
+
+    fn devices(args: &UpArgs) -> Vec<String> {
+        let specs = worker_specs(args, &v2_lite(), no_gpu).expect("workers");
+        process_devices(args, &specs)
+    }
+
+    #[test]
+    fn even_shards_split_the_experts_and_replicas_follow_their_shard() {
+        let specs = worker_specs(
+            &up(&["--expert-workers", "3", "--expert-replicas", "2"]),
+            &v2_lite(),
+            no_gpu,
+        )
+        .expect("workers");
+        let got: Vec<(usize, usize, &str)> = specs
+            .iter()
+            .map(|w| (w.shard, w.replica, w.experts.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (0, 0, "0-20"),
+                (0, 1, "0-20"),
+                (1, 0, "21-41"),
+                (1, 1, "21-41"),
+                (2, 0, "42-63"),
+                (2, 1, "42-63")
+            ]
+        );
+        assert_eq!(specs[2].flags, ["--experts", "21-41"]);
+        let err = worker_specs(&up(&["--expert-workers", "65"]), &v2_lite(), no_gpu)
+            .expect_err("more workers than experts");
+        assert!(
+            err.to_string()
+                .contains("--expert-workers 65 exceeds the model's 64"),
+            "{err}"
+        );
+        for bad in ["0", "two", "2.5"] {
+            let err = Cli::try_parse_from(["up", "--expert-workers", bad])
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains("--expert-workers"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn plan_workers_take_the_memory_plans_shards_and_gpus() {
+        // V2-Lite in bf16: 31.4 GB of routed experts. On 3 × 24 GiB the gate takes GPU 0
+        // alone and the experts split over GPUs 1 and 2; each worker is told its shard of the
+        // same plan.
+        let args = up(&[
+            "--device",
+            "cuda:0",
+            "--expert-devices",
+            "cuda:1,cuda:2",
+            "--expert-workers",
+            "plan",
+            "--kv-cache-gib",
+            "2",
+        ]);
+        assert_eq!(plan_gpus(&args), ["cuda:0", "cuda:1", "cuda:2"]);
+        let mut asked = Vec::new();
+        let specs = worker_specs(&args, &v2_lite(), |d| {
+            asked.push(d.to_string());
+            Ok(24.0)
+        })
+        .expect("fits");
+        // The GPU memory is read once, from the gate's GPU, and handed to every worker.
+        assert_eq!(asked, ["cuda:0"]);
+        let got: Vec<(&str, &str)> = specs
+            .iter()
+            .map(|w| (w.device.as_str(), w.experts.as_str()))
+            .collect();
+        assert_eq!(got, [("cuda:1", "0-31"), ("cuda:2", "32-63")]);
+        assert_eq!(
+            specs[1].flags,
+            [
+                "--plan-shard",
+                "1/3",
+                "--gpu-mem-gib=24",
+                "--kv-cache-gib=2",
+                "--workspace-gib=4",
+                "--gate-gpu-experts=auto"
+            ]
+        );
+        // The same plan as `moemesh plan` computes.
+        let plan = moemesh_common::memory_plan::place(
+            &moemesh_common::memory_plan::ModelBytes::of(
+                &v2_lite(),
+                moemesh_common::memory_plan::Scheme::new(
+                    moemesh_common::memory_plan::WeightsDtype::Bf16,
+                    &v2_lite(),
+                ),
+            ),
+            &args.plan.input(3, 24.0),
+        )
+        .expect("plan");
+        let flags: Vec<String> = plan.workers.iter().map(|w| w.experts_flag()).collect();
+        assert_eq!(flags, ["0-31", "32-63"]);
+        // One 24 GiB GPU holds the gate but not the experts beside it: refused, naming the GPU.
+        let one = up(&[
+            "--device",
+            "cuda:0",
+            "--expert-workers",
+            "plan",
+            "--gpu-mem-gib",
+            "24",
+        ]);
+        let err = worker_specs(&one, &v2_lite(), no_gpu).expect_err("does not fit");
+        assert!(
+            err.to_string().contains("does not fit 1 × 24.00 GiB")
+                && err.to_string().contains("GPU 0 needs"),
+            "{err}"
+        );
+        // Plans are for GPUs, one gate and one replica.
+        for (flags, says) in [
+            (&["--device", "cpu"][..], "cpu is not one"),
+            (&["--device", "cuda:0", "--gates", "2"][..], "--gates 2"),
+            (
+                &["--device", "cuda:0", "--expert-replicas", "2"][..],
+                "--expert-replicas 2",
+            ),
+        ] {
+            let mut a = vec!["--expert-workers", "plan", "--gpu-mem-gib", "80"];
+            a.extend_from_slice(flags);
+            let err = worker_specs(&up(&a), &v2_lite(), no_gpu).expect_err("refused");
+            assert!(err.to_string().contains(says), "{flags:?}: {err}");
+        }
+    }
+
     #[test]
     fn gates_and_workers_go_round_robin_over_their_devices() {
         let a = up(&[
@@ -725,11 +1027,8 @@ mod tests {
             "--expert-devices",
             "cuda:2,cuda:3",
         ]);
-        assert_eq!(
-            process_devices(&a),
-            ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
-        );
-        assert!(!crate::mps::shares_gpu(&process_devices(&a)));
+        assert_eq!(devices(&a), ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]);
+        assert!(!crate::mps::shares_gpu(&devices(&a)));
         // Without device lists every process is on --device (and MPS is for them).
         let b = up(&[
             "--device",
@@ -739,8 +1038,8 @@ mod tests {
             "--expert-workers",
             "3",
         ]);
-        assert_eq!(process_devices(&b), vec!["cuda:0"; 5]);
-        assert!(crate::mps::shares_gpu(&process_devices(&b)));
+        assert_eq!(devices(&b), vec!["cuda:0"; 5]);
+        assert!(crate::mps::shares_gpu(&devices(&b)));
         // Replicas count as processes: 2 shards × 2 replicas on two GPUs.
         let c = up(&[
             "--device",
@@ -751,7 +1050,7 @@ mod tests {
             "cuda:1,cuda:2",
         ]);
         assert_eq!(
-            process_devices(&c),
+            devices(&c),
             ["cuda:0", "cuda:1", "cuda:2", "cuda:1", "cuda:2"]
         );
     }
