@@ -453,7 +453,7 @@ pub const DEFAULT_KV_CACHE_GIB: f64 = 8.0;
 pub const DEFAULT_WORKSPACE_GIB: f64 = 4.0;
 
 /// The plan's reserves as flags, shared by `moemesh plan`, `moemesh expert --plan-shard` and
-/// `moemesh up --placement plan`, so that every process given the same values computes the same
+/// `moemesh up --expert-workers plan`, so that every process given the same values computes the same
 /// placement.
 #[derive(clap::Args, Debug, Clone, PartialEq)]
 pub struct PlanReserves {
