@@ -245,6 +245,32 @@ fn worker_specs(
                     gpus.len()
                 );
             }
+            // The plan as placed: each GPU's processes and bytes against its budget.
+            for g in &plan.gpus {
+                let mut procs = Vec::new();
+                if g.gate {
+                    procs.push("gate".to_string());
+                }
+                if let Some(w) = g.worker.map(|w| &plan.workers[w]) {
+                    procs.push(format!("experts {}", w.experts_flag()));
+                }
+                eprintln!(
+                    "moemesh up: memory plan ({}): {} {}: {:.2} GiB of {:.2} (weights {:.2}, \
+                     KV {:.2}, workspace {:.2})",
+                    dtype.name(),
+                    gpus[g.index],
+                    if procs.is_empty() {
+                        "-".to_string()
+                    } else {
+                        procs.join(" + ")
+                    },
+                    memory_plan::gib(g.total()),
+                    memory_plan::gib(g.budget_bytes),
+                    memory_plan::gib(g.weight_bytes),
+                    memory_plan::gib(g.kv_bytes),
+                    memory_plan::gib(g.workspace_bytes),
+                );
+            }
             return Ok(specs);
         }
     };
