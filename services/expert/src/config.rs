@@ -36,7 +36,7 @@ pub struct ExpertConfig {
     #[arg(long, env = "MOEMESH_GPU_MEM_GIB", value_parser = positive_gib)]
     pub gpu_mem_gib: Option<f64>,
     /// With --plan-shard: the plan's reserves (as `moemesh plan` takes them).
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Memory plan (with --plan-shard)")]
     pub plan: PlanReserves,
     /// MoE layers to serve, e.g. `1-26` (default: every MoE layer).
     #[arg(long, env = "MOEMESH_LAYERS")]
