@@ -14,8 +14,12 @@
 //!   `kv_b_proj`, `o_proj`; the dense MLPs, shared and routed experts) as e4m3, 1 B per parameter, plus one f32 inverse scale per 128 × 128 block
 //!   (DeepSeek-V3/R1's `weight_block_size`; the config's own when it is an FP8 checkpoint).
 //! - `int4`: the same projections as 4-bit integers, 0.5 B per parameter, plus per group of 128
-//!   input rows (the config's group size for a GPTQ/AWQ checkpoint) an f16 scale and a 4-bit zero
-//!   point per output column, and GPTQ's `g_idx` (4 B per input row; AWQ has none).
+//!   input columns (the config's group size for an INT4 checkpoint) an f32 scale per output row
+//!   and, where the checkpoint is asymmetric (GPTQ, AWQ, asymmetric compressed-tensors), a u8
+//!   zero point: the layout the GPU keeps INT4 experts in (`engine/src/weights/int4.rs`,
+//!   GPTQ's `g_idx` and packed words repacked away). A GPTQ checkpoint in activation order
+//!   (`desc_act`) is dequantised at load, so its projections count as bf16. `--weights-dtype
+//!   int4` on any other checkpoint quantises symmetrically (no zero points).
 //! - In every scheme the embeddings, the norms and `lm_head` stay bf16, and the router
 //!   (`mlp.gate.weight`, `e_score_correction_bias`) is held in f32, as the engine evaluates it.
 //!
@@ -93,28 +97,29 @@ pub struct Scheme {
     pub fp8_block: (usize, usize),
     /// INT4 input rows per scale/zero group.
     pub int4_group: usize,
-    /// Whether INT4 stores GPTQ's `g_idx` (not AWQ or compressed-tensors).
-    pub int4_g_idx: bool,
+    /// Whether INT4 projections are dequantised at load (GPTQ in activation order): bf16.
+    pub int4_dequantised: bool,
     /// Whether INT4 stores zero points (not a symmetric compressed-tensors checkpoint).
     pub int4_zeros: bool,
 }
 
 impl Scheme {
     /// `dtype` with the config's own block or group size where the checkpoint is quantised that
-    /// way, else the defaults (128; GPTQ with its `g_idx`).
+    /// way, else the defaults (128 × 128 blocks; INT4 groups of 128, symmetric, as
+    /// `--weights-dtype int4` quantises at load).
     pub fn new(dtype: WeightsDtype, cfg: &ModelConfig) -> Self {
         let mut s = Scheme {
             dtype,
             fp8_block: (DEFAULT_FP8_BLOCK, DEFAULT_FP8_BLOCK),
             int4_group: DEFAULT_INT4_GROUP,
-            int4_g_idx: true,
-            int4_zeros: true,
+            int4_dequantised: false,
+            int4_zeros: false,
         };
         match cfg.quantization {
             Some(Quantization::Fp8(q)) => s.fp8_block = (q.block_rows, q.block_cols),
             Some(Quantization::Int4(q)) => {
                 s.int4_group = q.group_size.unwrap_or(cfg.hidden_size.max(1));
-                s.int4_g_idx = matches!(q.format, Int4Format::Gptq { .. });
+                s.int4_dequantised = matches!(q.format, Int4Format::Gptq { desc_act: true, .. });
                 s.int4_zeros =
                     !matches!(q.format, Int4Format::CompressedTensors { symmetric: true });
             }
@@ -150,20 +155,19 @@ impl Scheme {
                     ),
                 ]
             }
+            WeightsDtype::Int4 if self.int4_dequantised => vec![("bf16", 2 * n)],
             WeightsDtype::Int4 => {
-                // A `[out, in]` weight: groups run along the input dimension.
+                // A `[out, in]` weight: groups run along the input dimension, a scale (and a
+                // zero point) per output row and group.
                 let groups = cols.div_ceil(self.int4_group as u64);
-                let scales = 2 * groups * rows;
-                let zeros = if self.int4_zeros {
-                    4 * groups * rows.div_ceil(8)
-                } else {
-                    0
-                };
-                let g_idx = if self.int4_g_idx { 4 * cols } else { 0 };
-                vec![
+                let mut v = vec![
                     ("int4", n.div_ceil(2)),
-                    ("int4_scales_zeros", scales + zeros + g_idx),
-                ]
+                    ("f32_group_scales", 4 * groups * rows),
+                ];
+                if self.int4_zeros {
+                    v.push(("u8_zero_points", groups * rows));
+                }
+                v
             }
         }
     }
@@ -768,15 +772,27 @@ mod tests {
         assert!(p.gpus.iter().skip(1).all(|g| !g.fits()));
     }
 
+    /// R1's config with `quantization_config` replaced by `q`.
+    fn r1_quantised(q: serde_json::Value) -> ModelConfig {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/deepseek-r1/config.json"
+        );
+        let text = std::fs::read_to_string(path).expect("the R1 config");
+        let mut raw: serde_json::Value = serde_json::from_str(&text).expect("r1 config json");
+        raw["quantization_config"] = q;
+        let raw: RawConfig = serde_json::from_value(raw).expect("raw");
+        ModelConfig::from_raw(&raw).expect("config")
+    }
+
     #[test]
-    fn int4_counts_packed_words_scales_zeros_and_g_idx() {
+    fn int4_counts_the_gpus_layout_nibbles_f32_scales_and_zero_points_where_stored() {
+        // `--weights-dtype int4` on R1's FP8 checkpoint quantises at load: symmetric, groups of
+        // 128 input columns, an f32 scale per output row and group, no zero points.
+        // [out, in] = [2048, 7168]: 56 groups; [7168, 2048]: 16 groups.
         let cfg = r1();
         let m = ModelBytes::of(&cfg, Scheme::new(WeightsDtype::Int4, &cfg));
-        // [out, in] = [2048, 7168]: 56 groups of 128 input rows; [7168, 2048]: 16 groups.
-        let proj = |out: u64, inp: u64| {
-            let groups = inp / 128;
-            out * inp / 2 + groups * out * 2 + groups * out / 8 * 4 + 4 * inp
-        };
+        let proj = |out: u64, inp: u64| out * inp / 2 + inp / 128 * out * 4;
         assert_eq!(
             m.expert_layer.total(),
             2 * proj(2048, 7168) + proj(7168, 2048)
@@ -784,30 +800,37 @@ mod tests {
         let p = place(&m, &input(8, 80)).expect("plan");
         assert!(p.fits(), "R1 in INT4 fits 8 × 80 GiB");
 
-        // A symmetric compressed-tensors checkpoint (RedHatAI's R1 w4a16) stores no zeros and
-        // no g_idx: 0.5 byte a weight and its scales.
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../tests/fixtures/deepseek-r1/config.json"
-        );
-        let text = std::fs::read_to_string(path).expect("the R1 config");
-        let mut raw: serde_json::Value = serde_json::from_str(&text).expect("r1 config json");
-        raw["quantization_config"] = serde_json::json!({
+        // A symmetric compressed-tensors checkpoint (RedHatAI's R1 w4a16): the same bytes.
+        let ct = r1_quantised(serde_json::json!({
             "quant_method": "compressed-tensors", "format": "pack-quantized",
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
                 "num_bits": 4, "type": "int", "symmetric": true, "strategy": "group",
                 "group_size": 128}}}
-        });
-        let raw: RawConfig = serde_json::from_value(raw).expect("raw");
-        let ct = ModelConfig::from_raw(&raw).expect("config");
+        }));
         let scheme = Scheme::new(WeightsDtype::of_config(&ct), &ct);
         assert_eq!(scheme.dtype, WeightsDtype::Int4);
-        let m = ModelBytes::of(&ct, scheme);
-        let proj = |out: u64, inp: u64| out * inp / 2 + inp / 128 * out * 2;
+        assert_eq!(
+            ModelBytes::of(&ct, scheme).expert_layer.total(),
+            m.expert_layer.total()
+        );
+
+        // GPTQ (v1, groups of 64) is asymmetric: a u8 zero point per output row and group
+        // besides each scale; its `g_idx` and packed words are repacked away at load.
+        let gptq = r1_quantised(serde_json::json!({
+            "quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": false, "sym": false
+        }));
+        let m = ModelBytes::of(&gptq, Scheme::new(WeightsDtype::of_config(&gptq), &gptq));
+        let proj = |out: u64, inp: u64| out * inp / 2 + inp / 64 * out * (4 + 1);
         assert_eq!(
             m.expert_layer.total(),
             2 * proj(2048, 7168) + proj(7168, 2048)
         );
+        // In activation order its layers are dequantised at load: bf16.
+        let act = r1_quantised(serde_json::json!({
+            "quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": true, "sym": false
+        }));
+        let m = ModelBytes::of(&act, Scheme::new(WeightsDtype::of_config(&act), &act));
+        assert_eq!(m.expert_layer.total(), 2 * 3 * 2048 * 7168);
     }
 
     #[test]

@@ -117,11 +117,17 @@ fn print_text(
             "projections e4m3 + an f32 scale per {}×{} block",
             s.fp8_block.0, s.fp8_block.1
         ),
+        WeightsDtype::Int4 if s.int4_dequantised => {
+            "GPTQ in activation order: projections dequantised to bf16 at load".to_string()
+        }
         WeightsDtype::Int4 => format!(
-            "projections 4-bit + per {}-row group f16 scales{}{}",
+            "projections 4-bit + an f32 scale{} per {} input columns and output row",
+            if s.int4_zeros {
+                " and a u8 zero point"
+            } else {
+                ""
+            },
             s.int4_group,
-            if s.int4_zeros { " and 4-bit zeros" } else { "" },
-            if s.int4_g_idx { " + GPTQ g_idx" } else { "" }
         ),
     };
     println!(

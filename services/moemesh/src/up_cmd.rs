@@ -43,7 +43,10 @@ pub struct UpArgs {
     #[arg(long, env = "MOEMESH_GPU_MEM_GIB", value_parser = moemesh_common::memory_plan::positive_gib)]
     pub gpu_mem_gib: Option<f64>,
     /// With `--expert-workers plan`: the plan's reserves.
-    #[command(flatten, next_help_heading = "Memory plan (with --expert-workers plan)")]
+    #[command(
+        flatten,
+        next_help_heading = "Memory plan (with --expert-workers plan)"
+    )]
     pub plan: moemesh_common::memory_plan::PlanReserves,
     /// How the routed experts are held (`auto`, `bf16`, `fp8`, `int4`), passed to every process
     /// (`moemesh expert --weights-dtype`); the plan counts their bytes so.
