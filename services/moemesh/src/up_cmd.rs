@@ -201,6 +201,14 @@ fn worker_specs(
                     args.gates
                 );
             }
+            if args.gate_devices.iter().any(|d| *d != args.device) {
+                bail!(
+                    "--expert-workers plan puts the gate on --device {} (the plan's GPU 0); \
+                     --gate-devices {} would put it elsewhere",
+                    args.device,
+                    args.gate_devices.join(",")
+                );
+            }
             let gpus = plan_gpus(args);
             if let Some(bad) = gpus.iter().find(|d| !d.starts_with("cuda")) {
                 bail!(
@@ -1035,6 +1043,10 @@ mod tests {
             (
                 &["--device", "cuda:0", "--expert-replicas", "2"][..],
                 "--expert-replicas 2",
+            ),
+            (
+                &["--device", "cuda:0", "--gate-devices", "cuda:1"][..],
+                "--gate-devices cuda:1",
             ),
         ] {
             let mut a = vec!["--expert-workers", "plan", "--gpu-mem-gib", "80"];
