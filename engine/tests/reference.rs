@@ -1053,3 +1053,99 @@ fn int4_fixture_is_a_compressed_tensors_checkpoint() {
     assert_eq!(loader.unused(cfg.num_hidden_layers), Vec::<String>::new());
     assert!(loader.loaded_bytes().checkpoint.contains_key("int4"));
 }
+
+/// tiny-deepseek-v3-gptq and tiny-deepseek-v3-awq are tiny-deepseek-v3's weights quantised and
+/// packed by AutoGPTQ's and AutoAWQ's own code (`tests/fixtures/make_gptq_awq.sh`): their f32
+/// checks are the other tests' (every fixture found, against HF transformers on the weights as
+/// those libraries dequantise them), which go through the loader's dequantisation (the CPU path).
+/// This one checks that they are what they say (the experts packed, `kv_a_proj_with_mqa`, whose
+/// 80 rows neither library packs, the router, `lm_head`, embeddings and norms plain; nothing
+/// unread) and that the GPU path's repacking of the library-packed words (`gptq_to_tensor`,
+/// `awq_to_tensor`: the INT4 expert kernels' layout) dequantises to the same weights, bit for bit.
+#[test]
+fn gptq_and_awq_fixtures_are_library_packed_and_repack_to_the_gpu_layout_exactly() {
+    use moemesh_engine::weights::int4::{awq_to_tensor, gptq_to_tensor};
+    for (name, format) in [
+        ("tiny-deepseek-v3-gptq", "int4_gptq"),
+        ("tiny-deepseek-v3-awq", "int4_awq"),
+    ] {
+        let dir = fixtures_root().join(name);
+        let files = ModelFiles::open(&dir).expect("open");
+        assert_eq!(files.weights_format(), format);
+        let names = files.source.names();
+        let has = |n: &str| names.iter().any(|x| x == n);
+        let e = "model.layers.1.mlp.experts.3";
+        for p in ["gate_proj", "up_proj", "down_proj"] {
+            assert!(has(&format!("{e}.{p}.qweight")), "{name}: {e}.{p} packed");
+            assert!(
+                !has(&format!("{e}.{p}.weight")),
+                "{name}: {e}.{p} not plain"
+            );
+        }
+        for plain in [
+            "lm_head.weight",
+            "model.embed_tokens.weight",
+            "model.layers.1.mlp.gate.weight",
+            "model.layers.1.self_attn.kv_a_proj_with_mqa.weight",
+            "model.norm.weight",
+        ] {
+            assert!(has(plain), "{name}: {plain} stays unquantised");
+        }
+        let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
+            .expect("model.safetensors");
+        let words = |n: &str| -> Vec<u32> {
+            let t = &tensors[n];
+            assert_eq!(t.dtype(), DType::I32, "{n}");
+            t.flatten_all()
+                .and_then(|t| t.to_vec1::<i32>())
+                .expect("words")
+                .into_iter()
+                .map(|w| w as u32)
+                .collect()
+        };
+        let cfg = &files.config;
+        let loader = files.loader(&Device::Cpu, DType::F32);
+        let (h, inner) = (cfg.hidden_size, cfg.moe_intermediate_size);
+        for (p, out, inp) in [
+            ("gate_proj", inner, h),
+            ("up_proj", inner, h),
+            ("down_proj", h, inner),
+        ] {
+            let stem = format!("{e}.{p}");
+            let scales: Vec<f32> = tensors[&format!("{stem}.scales")]
+                .to_dtype(DType::F32)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1())
+                .expect("scales");
+            let (qweight, qzeros) = (
+                words(&format!("{stem}.qweight")),
+                words(&format!("{stem}.qzeros")),
+            );
+            let repacked = if format == "int4_gptq" {
+                gptq_to_tensor((inp, out, 32), &qweight, &qzeros, &scales, true)
+            } else {
+                awq_to_tensor((inp, out, 32), &qweight, &qzeros, &scales)
+            }
+            .expect("repack");
+            let bits = |t: &Tensor| -> Vec<u32> {
+                t.flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .expect("values")
+                    .into_iter()
+                    .map(f32::to_bits)
+                    .collect()
+            };
+            let via_gpu_layout = repacked.dequantize(DType::F32).expect("dequantise");
+            let loaded = loader
+                .get(&format!("{stem}.weight"), &[out, inp])
+                .expect("load");
+            assert_eq!(bits(&via_gpu_layout), bits(&loaded), "{name}: {stem}");
+        }
+        let loader = files.loader(&Device::Cpu, DType::F32);
+        moemesh_engine::model::DeepSeekModel::load(cfg, &loader, moemesh_engine::model::Parts::ALL)
+            .expect("dense part");
+        ExpertShard::load(cfg, &loader, &moemesh_engine::ShardSpec::all(cfg)).expect("experts");
+        assert_eq!(loader.unused(cfg.num_hidden_layers), Vec::<String>::new());
+        assert!(loader.loaded_bytes().checkpoint.contains_key("int4"));
+    }
+}

@@ -86,6 +86,44 @@ def unpacked_int4(weights):
     return out
 
 
+def unpacked_gptq_awq(weights, q):
+    """GPTQ (`qweight [in/8, out]` packed along the input dimension, `qzeros [groups, out/8]`, v1
+    zero points stored minus one unless `checkpoint_format` is "gptq_v2", `g_idx`) and AWQ GEMM
+    (`qweight [in, out/8]` packed along the output dimension in the order 0 2 4 6 1 3 5 7, `qzeros`
+    likewise) layers dequantised to `(q - z) * s` in float32 (exact), as the libraries' own
+    unpacking gives them (tests/fixtures/make_gptq_awq.py checks that). Torch only."""
+    gptq = q["quant_method"] == "gptq"
+    minus_one = gptq and q.get("checkpoint_format", "gptq") == "gptq"
+    awq_nibble = torch.tensor([0, 4, 1, 5, 2, 6, 3, 7])
+
+    def nibbles(words):  # [..., w] int32 -> [..., 8w], nibble j of word c at 8c + j
+        shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+        return ((words.unsqueeze(-1) >> shifts) & 0xF).flatten(-2)
+
+    out = {}
+    for k, v in weights.items():
+        if not k.endswith(".qweight"):
+            if not any(k.endswith(s) for s in (".qzeros", ".scales", ".g_idx")):
+                out[k] = v.float()
+            continue
+        stem = k[: -len(".qweight")]
+        scales = weights[stem + ".scales"].float()  # [groups, out]
+        zeros = nibbles(weights[stem + ".qzeros"])  # [groups, out] (AWQ: interleaved)
+        if gptq:
+            w = nibbles(v.t()).t()  # [in, out]
+            zeros = zeros + (1 if minus_one else 0)
+            g_idx = weights[stem + ".g_idx"].long()
+        else:
+            cols = torch.arange(v.shape[1] * 8)
+            order = (cols // 8) * 8 + awq_nibble[cols % 8]
+            w = nibbles(v)[:, order]
+            zeros = zeros[:, order]
+            g_idx = torch.arange(w.shape[0]) // (w.shape[0] // scales.shape[0])
+        deq = (w - zeros[g_idx]).float() * scales[g_idx]  # [in, out]
+        out[stem + ".weight"] = deq.t().contiguous()
+    return out
+
+
 def cosine(a, b):
     a, b = a.double().flatten(), b.double().flatten()
     return float((a @ b) / (a.norm() * b.norm()))
@@ -119,6 +157,8 @@ def check(fixture, dtype, device):
     weights = load_file(os.path.join(fixture, "model.safetensors"))
     if q and q.get("quant_method") == "compressed-tensors":
         weights = unpacked_int4(weights)
+    elif q and q.get("quant_method") in ("gptq", "awq"):
+        weights = unpacked_gptq_awq(weights, q)
     elif q:
         weights = dequantized(weights, q["weight_block_size"])
     else:
