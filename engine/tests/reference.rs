@@ -1054,8 +1054,9 @@ fn int4_fixture_is_a_compressed_tensors_checkpoint() {
     assert!(loader.loaded_bytes().checkpoint.contains_key("int4"));
 }
 
-/// tiny-deepseek-v3-gptq and tiny-deepseek-v3-awq are tiny-deepseek-v3's weights quantised and
-/// packed by AutoGPTQ's and AutoAWQ's own code (`tests/fixtures/make_gptq_awq.sh`): their f32
+/// tiny-deepseek-v3-gptq, -gptq-actorder and -awq are tiny-deepseek-v3's weights quantised and
+/// packed by AutoGPTQ's and AutoAWQ's own code (`tests/fixtures/make_gptq_awq.sh`; the act-order
+/// one by GPTQ's algorithm itself, whose `g_idx` groups permuted columns): their f32
 /// checks are the other tests' (every fixture found, against HF transformers on the weights as
 /// those libraries dequantise them), which go through the loader's dequantisation (the CPU path).
 /// This one checks that they are what they say (the experts packed, `kv_a_proj_with_mqa`, whose
@@ -1065,9 +1066,10 @@ fn int4_fixture_is_a_compressed_tensors_checkpoint() {
 #[test]
 fn gptq_and_awq_fixtures_are_library_packed_and_repack_to_the_gpu_layout_exactly() {
     use moemesh_engine::weights::int4::{awq_to_tensor, gptq_to_tensor};
-    for (name, format) in [
-        ("tiny-deepseek-v3-gptq", "int4_gptq"),
-        ("tiny-deepseek-v3-awq", "int4_awq"),
+    for (name, format, act_order) in [
+        ("tiny-deepseek-v3-gptq", "int4_gptq", false),
+        ("tiny-deepseek-v3-gptq-actorder", "int4_gptq", true),
+        ("tiny-deepseek-v3-awq", "int4_awq", false),
     ] {
         let dir = fixtures_root().join(name);
         let files = ModelFiles::open(&dir).expect("open");
@@ -1121,6 +1123,18 @@ fn gptq_and_awq_fixtures_are_library_packed_and_repack_to_the_gpu_layout_exactly
                 words(&format!("{stem}.qweight")),
                 words(&format!("{stem}.qzeros")),
             );
+            if act_order {
+                // GPTQ's own act order: the groups follow a permutation of the input columns
+                // (the loader reads each row's group from g_idx; the GPU path dequantises such
+                // layers at load, so there is no repacked layout to compare).
+                let g_idx = words(&format!("{stem}.g_idx"));
+                assert_eq!(g_idx.len(), inp);
+                assert!(
+                    g_idx.iter().enumerate().any(|(i, &g)| g as usize != i / 32),
+                    "{name}: {stem} groups by position"
+                );
+                continue;
+            }
             let repacked = if format == "int4_gptq" {
                 gptq_to_tensor((inp, out, 32), &qweight, &qzeros, &scales, true)
             } else {
