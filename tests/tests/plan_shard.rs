@@ -55,7 +55,7 @@ fn planned_workers() -> Vec<(String, String)> {
         serde_json::from_str(stdout.lines().last().expect("a last line")).expect("json");
     assert_eq!(v["fits"], true, "{stdout}");
     assert!(
-        stdout.contains("--plan-shard I/3 --gpu-mem-gib 1 --kv-cache-gib 0 --workspace-gib 0"),
+        stdout.contains("--plan-shard I/3 --gpu-mem-gib=1 --kv-cache-gib=0 --workspace-gib=0"),
         "{stdout}"
     );
     v["workers"]

@@ -248,6 +248,11 @@ impl ModelBytes {
         m
     }
 
+    /// The bytes under a role's `--weights-dtype` ([`WeightsDtype::of_flag`]).
+    pub fn of_flag(cfg: &ModelConfig, flag: moemesh_engine::ExpertsDtype) -> Self {
+        Self::of(cfg, Scheme::new(WeightsDtype::of_flag(flag, cfg), cfg))
+    }
+
     pub fn total_params(&self) -> u64 {
         self.gate.params + self.routed_experts.params
     }
@@ -485,6 +490,26 @@ impl PlanReserves {
         }
     }
 
+    /// The flags (`--kv-cache-gib=…` …) of the values that differ from the defaults: what makes
+    /// another process (`moemesh expert --plan-shard`) compute the same plan.
+    pub fn flags(&self) -> Vec<String> {
+        let d = Self::default_values();
+        let mut v = Vec::new();
+        if self.kv_cache_gib != d.kv_cache_gib {
+            v.push(format!("--kv-cache-gib={}", self.kv_cache_gib));
+        }
+        if self.workspace_gib != d.workspace_gib {
+            v.push(format!("--workspace-gib={}", self.workspace_gib));
+        }
+        if self.gate_gpu_experts != d.gate_gpu_experts {
+            v.push(format!(
+                "--gate-gpu-experts={}",
+                self.gate_gpu_experts.name()
+            ));
+        }
+        v
+    }
+
     /// The plan's input for `gpus` GPUs of `gpu_mem_gib` GiB each.
     pub fn input(&self, gpus: usize, gpu_mem_gib: f64) -> PlanInput {
         PlanInput {
@@ -563,6 +588,22 @@ impl std::fmt::Display for PlanShard {
 pub const MAX_PLAN_GPUS: usize = 1024;
 
 impl Placement {
+    /// GPU `g`'s processes, e.g. `gate + experts 0-36 (37)`, or `-`.
+    pub fn processes(&self, g: &GpuUse) -> String {
+        let mut procs = Vec::new();
+        if g.gate {
+            procs.push("gate".to_string());
+        }
+        if let Some(w) = g.worker.and_then(|w| self.workers.get(w)) {
+            procs.push(format!("experts {} ({})", w.experts_flag(), w.experts));
+        }
+        if procs.is_empty() {
+            "-".to_string()
+        } else {
+            procs.join(" + ")
+        }
+    }
+
     /// The GPUs over their budget, e.g. `GPU 1 needs 150.20 GiB of 139.80, GPU 2 …`.
     pub fn overflow(&self) -> String {
         self.gpus

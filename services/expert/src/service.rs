@@ -1127,15 +1127,14 @@ fn planned_experts(
             )));
         }
     };
-    let dtype = memory_plan::WeightsDtype::of_flag(cfg.weights_dtype, mc);
-    let model = memory_plan::ModelBytes::of(mc, memory_plan::Scheme::new(dtype, mc));
+    let model = memory_plan::ModelBytes::of_flag(mc, cfg.weights_dtype);
     let input = cfg.plan.input(shard.gpus, gpu_mem_gib);
     let w = memory_plan::shard_of_plan(&model, &input, shard)?;
     tracing::info!(
         plan_shard = %shard,
         plan_gpu = w.gpu,
         gpu_mem_gib,
-        weights_dtype = dtype.name(),
+        weights_dtype = model.scheme.dtype.name(),
         experts = %w.experts_flag(),
         expert_count = w.experts,
         planned_bytes = w.experts as u64 * model.expert_bytes(),

@@ -173,21 +173,10 @@ fn print_text(
         "GPU", "processes", "weights", "KV", "workspace", "total", "free"
     );
     for g in &plan.gpus {
-        let mut procs = Vec::new();
-        if g.gate {
-            procs.push("gate".to_string());
-        }
-        if let Some(w) = g.worker.map(|w| &plan.workers[w]) {
-            procs.push(format!("experts {} ({})", w.experts_flag(), w.experts));
-        }
         println!(
             "{:<4} {:<24} {:>9.2} {:>7.2} {:>10.2} {:>9.2} {:>9.2}{}",
             g.index,
-            if procs.is_empty() {
-                "-".to_string()
-            } else {
-                procs.join(" + ")
-            },
+            plan.processes(g),
             gib(g.weight_bytes),
             gib(g.kv_bytes),
             gib(g.workspace_bytes),
@@ -242,21 +231,11 @@ fn print_text(
 /// The flags besides `--plan-shard` that make a worker compute this plan: the GPU memory, the
 /// weights dtype when given, and the reserves that differ from their defaults.
 fn shard_flags(args: &PlanArgs) -> String {
-    let mut v = vec![format!("--gpu-mem-gib {}", args.gpu_mem_gib)];
+    let mut v = vec![format!("--gpu-mem-gib={}", args.gpu_mem_gib)];
     if let Some(d) = args.weights_dtype {
-        v.push(format!("--weights-dtype {}", d.name()));
+        v.push(format!("--weights-dtype={}", d.name()));
     }
-    let r = &args.reserves;
-    let default = PlanReserves::default_values();
-    if r.kv_cache_gib != default.kv_cache_gib {
-        v.push(format!("--kv-cache-gib {}", r.kv_cache_gib));
-    }
-    if r.workspace_gib != default.workspace_gib {
-        v.push(format!("--workspace-gib {}", r.workspace_gib));
-    }
-    if r.gate_gpu_experts != default.gate_gpu_experts {
-        v.push(format!("--gate-gpu-experts {}", r.gate_gpu_experts.name()));
-    }
+    v.extend(args.reserves.flags());
     v.join(" ")
 }
 

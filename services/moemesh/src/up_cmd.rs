@@ -181,7 +181,7 @@ fn worker_specs(
     cfg: &moemesh_engine::ModelConfig,
     gpu_mem_gib: impl FnOnce(&str) -> anyhow::Result<f64>,
 ) -> anyhow::Result<Vec<WorkerSpec>> {
-    use moemesh_common::memory_plan::{self, ModelBytes, PlanShard, Scheme, WeightsDtype};
+    use moemesh_common::memory_plan::{self, ModelBytes, PlanShard};
     let n_experts = cfg.n_routed_experts;
     let replicas = usize::from(args.expert_replicas);
     let n = match args.expert_workers {
@@ -220,8 +220,7 @@ fn worker_specs(
                 Some(g) => g,
                 None => gpu_mem_gib(&gpus[0])?,
             };
-            let dtype = WeightsDtype::of_flag(args.weights_dtype, cfg);
-            let model = ModelBytes::of(cfg, Scheme::new(dtype, cfg));
+            let model = ModelBytes::of_flag(cfg, args.weights_dtype);
             let input = args.plan.input(gpus.len(), mem);
             let plan = memory_plan::place(&model, &input)?;
             let mut specs = Vec::new();
@@ -231,14 +230,12 @@ fn worker_specs(
                     gpus: gpus.len(),
                 };
                 // The worker checks the plan fits (and refuses it with the GPUs over budget).
-                let flags = vec![
+                let mut flags = vec![
                     "--plan-shard".to_string(),
                     shard.to_string(),
                     format!("--gpu-mem-gib={mem}"),
-                    format!("--kv-cache-gib={}", args.plan.kv_cache_gib),
-                    format!("--workspace-gib={}", args.plan.workspace_gib),
-                    format!("--gate-gpu-experts={}", args.plan.gate_gpu_experts.name()),
                 ];
+                flags.extend(args.plan.flags());
                 specs.push(WorkerSpec {
                     shard: i,
                     replica: 0,
@@ -258,23 +255,12 @@ fn worker_specs(
             }
             // The plan as placed: each GPU's processes and bytes against its budget.
             for g in &plan.gpus {
-                let mut procs = Vec::new();
-                if g.gate {
-                    procs.push("gate".to_string());
-                }
-                if let Some(w) = g.worker.map(|w| &plan.workers[w]) {
-                    procs.push(format!("experts {}", w.experts_flag()));
-                }
                 eprintln!(
                     "moemesh up: memory plan ({}): {} {}: {:.2} GiB of {:.2} (weights {:.2}, \
                      KV {:.2}, workspace {:.2})",
-                    dtype.name(),
+                    model.scheme.dtype.name(),
                     gpus[g.index],
-                    if procs.is_empty() {
-                        "-".to_string()
-                    } else {
-                        procs.join(" + ")
-                    },
+                    plan.processes(g),
                     memory_plan::gib(g.total()),
                     memory_plan::gib(g.budget_bytes),
                     memory_plan::gib(g.weight_bytes),
@@ -1002,9 +988,7 @@ mod tests {
                 "--plan-shard",
                 "1/3",
                 "--gpu-mem-gib=24",
-                "--kv-cache-gib=2",
-                "--workspace-gib=4",
-                "--gate-gpu-experts=auto"
+                "--kv-cache-gib=2"
             ]
         );
         // The same plan as `moemesh plan` computes.
