@@ -1114,15 +1114,20 @@ mod tests {
             }
             ExpertTensor::Int4(t)
         };
-        let held: Vec<Projections> = (0..3)
-            .map(|_| {
-                [
-                    q(inner, h, 128, false),
-                    q(inner, h, 128, false),
-                    q(h, inner, 32, true),
-                ]
-            })
-            .collect();
+        // `n` experts whose gate, up and down are quantised in groups of `g` (down with zero
+        // points when `zero`).
+        let layer = |n: usize, [gg, gu, gd]: [usize; 3], zero: bool| -> Vec<Projections> {
+            (0..n)
+                .map(|_| {
+                    [
+                        q(inner, h, gg, false),
+                        q(inner, h, gu, false),
+                        q(h, inner, gd, zero),
+                    ]
+                })
+                .collect()
+        };
+        let held = layer(3, [128, 128, 32], true);
         let bits = fp8::f32_bits;
         let u8s = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<u8>()).expect("u8");
         let parts = |p: &ExpertTensor| match p {
@@ -1160,25 +1165,7 @@ mod tests {
         };
         assert_slots_round_trip(&le, &held, 1, parts, deq);
         // Groups of 8, or of two sizes in the gate/up stack: dequantised, one dense stack.
-        let small: Vec<Projections> = (0..2)
-            .map(|_| {
-                [
-                    q(inner, h, 8, false),
-                    q(inner, h, 8, false),
-                    q(h, inner, 32, false),
-                ]
-            })
-            .collect();
-        let mixed: Vec<Projections> = (0..2)
-            .map(|_| {
-                [
-                    q(inner, h, 128, false),
-                    q(inner, h, 64, false),
-                    q(h, inner, 32, false),
-                ]
-            })
-            .collect();
-        for held in [small, mixed] {
+        for held in [layer(2, [8, 8, 32], false), layer(2, [128, 64, 32], false)] {
             let (gu, _, quant) = LayerExperts::stack(&held, true, DType::F32).expect("stack");
             assert!(matches!(quant, StackQuant::None));
             assert_eq!(gu.dims(), &[2 * 2 * inner, h]);

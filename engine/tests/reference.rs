@@ -1000,6 +1000,49 @@ fn many_expert_fixture_has_v3_routing_at_scale_and_hf_bf16_figures() {
     assert_eq!(hf.fixture, "tiny-deepseek-v3-many-experts");
 }
 
+/// Checks that the INT4 fixture at `dir` is what it says: `format` as ModelInfo reports it,
+/// expert 3 of layer 1 stored as `<proj>.<packed>` (no plain weight), `plain` tensors stored
+/// as they are, and a full load (dense part and experts) that reads every stored tensor and
+/// counts INT4 bytes. Returns the opened files.
+fn assert_int4_checkpoint(dir: &Path, format: &str, packed: &str, plain: &[&str]) -> ModelFiles {
+    let files = ModelFiles::open(dir).expect("open");
+    assert_eq!(files.weights_format(), format, "{}", dir.display());
+    let names = files.source.names();
+    let has = |n: &str| names.iter().any(|x| x == n);
+    let e = "model.layers.1.mlp.experts.3";
+    for p in ["gate_proj", "up_proj", "down_proj"] {
+        assert!(
+            has(&format!("{e}.{p}.{packed}")),
+            "{}: {e}.{p} packed",
+            dir.display()
+        );
+        assert!(
+            !has(&format!("{e}.{p}.weight")),
+            "{}: {e}.{p} not plain",
+            dir.display()
+        );
+    }
+    for name in plain {
+        assert!(has(name), "{}: {name} stays unquantised", dir.display());
+    }
+    let cfg = &files.config;
+    let loader = files.loader(&Device::Cpu, DType::F32);
+    moemesh_engine::model::DeepSeekModel::load(cfg, &loader, moemesh_engine::model::Parts::ALL)
+        .expect("dense part");
+    ExpertShard::load(cfg, &loader, &moemesh_engine::ShardSpec::all(cfg)).expect("experts");
+    assert_eq!(loader.unused(cfg.num_hidden_layers), Vec::<String>::new());
+    assert!(loader.loaded_bytes().checkpoint.contains_key("int4"));
+    files
+}
+
+/// Tensors no INT4 checkpoint here quantises.
+const INT4_PLAIN: [&str; 4] = [
+    "lm_head.weight",
+    "model.embed_tokens.weight",
+    "model.layers.1.mlp.gate.weight",
+    "model.norm.weight",
+];
+
 /// tiny-deepseek-v3-int4 is a compressed-tensors INT4 checkpoint (tiny-deepseek-v3's weights
 /// quantised by compressed-tensors' own quantiser, `tests/fixtures/make_int4.sh`): its f32
 /// checks are the other tests' (every fixture found, against HF transformers on its dequantised
@@ -1017,23 +1060,13 @@ fn int4_fixture_is_a_compressed_tensors_checkpoint() {
         );
         return;
     }
-    let files = ModelFiles::open(&dir).expect("open");
-    assert_eq!(files.weights_format(), "int4_compressed_tensors");
-    let names = files.source.names();
-    let has = |n: &str| names.iter().any(|x| x == n);
+    assert_int4_checkpoint(
+        &dir,
+        "int4_compressed_tensors",
+        "weight_packed",
+        &INT4_PLAIN,
+    );
     let e = "model.layers.1.mlp.experts.3";
-    for p in ["gate_proj", "up_proj", "down_proj"] {
-        assert!(has(&format!("{e}.{p}.weight_packed")), "{e}.{p} packed");
-        assert!(!has(&format!("{e}.{p}.weight")), "{e}.{p} not plain");
-    }
-    for plain in [
-        "lm_head.weight",
-        "model.embed_tokens.weight",
-        "model.layers.1.mlp.gate.weight",
-        "model.norm.weight",
-    ] {
-        assert!(has(plain), "{plain} stays unquantised");
-    }
     let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
         .expect("model.safetensors");
     // hidden 128 → groups of 128 (one scale a row); moe_intermediate 160 → groups of 32 (5).
@@ -1045,13 +1078,6 @@ fn int4_fixture_is_a_compressed_tensors_checkpoint() {
         tensors[&format!("{e}.down_proj.weight_scale")].dims(),
         &[128, 5]
     );
-    let cfg = &files.config;
-    let loader = files.loader(&Device::Cpu, DType::F32);
-    moemesh_engine::model::DeepSeekModel::load(cfg, &loader, moemesh_engine::model::Parts::ALL)
-        .expect("dense part");
-    ExpertShard::load(cfg, &loader, &moemesh_engine::ShardSpec::all(cfg)).expect("experts");
-    assert_eq!(loader.unused(cfg.num_hidden_layers), Vec::<String>::new());
-    assert!(loader.loaded_bytes().checkpoint.contains_key("int4"));
 }
 
 /// tiny-deepseek-v3-gptq, -gptq-actorder and -awq are tiny-deepseek-v3's weights quantised and
@@ -1072,27 +1098,11 @@ fn gptq_and_awq_fixtures_are_library_packed_and_repack_to_the_gpu_layout_exactly
         ("tiny-deepseek-v3-awq", "int4_awq", false),
     ] {
         let dir = fixtures_root().join(name);
-        let files = ModelFiles::open(&dir).expect("open");
-        assert_eq!(files.weights_format(), format);
-        let names = files.source.names();
-        let has = |n: &str| names.iter().any(|x| x == n);
+        // kv_a_proj_with_mqa's 80 rows: neither library packs them.
+        let mut plain = INT4_PLAIN.to_vec();
+        plain.push("model.layers.1.self_attn.kv_a_proj_with_mqa.weight");
+        let files = assert_int4_checkpoint(&dir, format, "qweight", &plain);
         let e = "model.layers.1.mlp.experts.3";
-        for p in ["gate_proj", "up_proj", "down_proj"] {
-            assert!(has(&format!("{e}.{p}.qweight")), "{name}: {e}.{p} packed");
-            assert!(
-                !has(&format!("{e}.{p}.weight")),
-                "{name}: {e}.{p} not plain"
-            );
-        }
-        for plain in [
-            "lm_head.weight",
-            "model.embed_tokens.weight",
-            "model.layers.1.mlp.gate.weight",
-            "model.layers.1.self_attn.kv_a_proj_with_mqa.weight",
-            "model.norm.weight",
-        ] {
-            assert!(has(plain), "{name}: {plain} stays unquantised");
-        }
         let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
             .expect("model.safetensors");
         let words = |n: &str| -> Vec<u32> {
@@ -1155,11 +1165,5 @@ fn gptq_and_awq_fixtures_are_library_packed_and_repack_to_the_gpu_layout_exactly
                 .expect("load");
             assert_eq!(bits(&via_gpu_layout), bits(&loaded), "{name}: {stem}");
         }
-        let loader = files.loader(&Device::Cpu, DType::F32);
-        moemesh_engine::model::DeepSeekModel::load(cfg, &loader, moemesh_engine::model::Parts::ALL)
-            .expect("dense part");
-        ExpertShard::load(cfg, &loader, &moemesh_engine::ShardSpec::all(cfg)).expect("experts");
-        assert_eq!(loader.unused(cfg.num_hidden_layers), Vec::<String>::new());
-        assert!(loader.loaded_bytes().checkpoint.contains_key("int4"));
     }
 }
