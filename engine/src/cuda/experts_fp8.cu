@@ -134,6 +134,47 @@ struct GgStagedCopies {
     }
 };
 
+// What the FP8 and INT4 grouped tiles (GgFp8Weights, experts_int4.cu's GgInt4Weights) share: a
+// stage's packed BN × BK weight tile (RB = BK / K_PER_BYTE bytes a row) in shared memory, STAGES
+// of them, then the one bf16 tile they are dequantised into; the copies into a stage; and for each
+// of a thread's 8-value chunks its byte in a stage (`from`) and its element in the bf16 tile
+// (`to`). The constructor hands `row(i, m, r)` each chunk's weight row (row r of matrix m), from
+// which a format keeps what its scales need.
+template <bool GATE_UP, int BN, int BK, int STAGES, int THREADS, int TN, int K_PER_BYTE>
+struct GgStagedTile {
+    static constexpr int RB = BK / K_PER_BYTE;  // bytes of a stage's tile row
+    static constexpr int CH = BK / 8;           // 8-value chunks a row, dequantised
+    static constexpr int PER = BN * CH / THREADS;
+    static constexpr int SMEM = STAGES * BN * RB + BN * BK * 2;
+    static_assert(PER >= 1, "tile shape");
+    GgStagedCopies<GATE_UP, BN, RB, THREADS, TN, K_PER_BYTE> copies;
+    int from[PER], to[PER];
+    uint8_t* staged;
+    bf16* tile;
+    template <typename Row>
+    __device__ __forceinline__ GgStagedTile(const uint8_t* w, int K, int N, uint32_t s, int n0,
+                                            int tid, unsigned char* smem, Row row)
+        : copies(w, K, N, s, n0, tid),
+          staged(smem),
+          tile(reinterpret_cast<bf16*>(smem + STAGES * BN * RB)) {
+#pragma unroll
+        for (int i = 0; i < PER; ++i) {
+            const int id = tid + i * THREADS, n = id / CH, c = id % CH;
+            bool ok;
+            size_t m;
+            int r;
+            gg_weight_row<GATE_UP, TN>(n, n0, s, N, ok, m, r);
+            row(i, m, r);
+            from[i] = n * RB + c * (8 / K_PER_BYTE);
+            to[i] = gg_off<BK>(n, c);
+        }
+    }
+    // Queues stage st's copies of columns k0.. (in the caller's cp.async group).
+    __device__ __forceinline__ void load(int k0, int st) { copies.load(staged + st * BN * RB, k0); }
+    // Stage st's packed bytes.
+    __device__ __forceinline__ const uint8_t* stage(int st) const { return staged + st * BN * RB; }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Grouped (larger batches and prefill): moe_gg (experts.cu) with e4m3 weight tiles. Each k step's
 // BN × BK tile arrives as e4m3 bytes through moe_gg's cp.async pipeline (half the bytes), into a
@@ -144,52 +185,32 @@ struct GgStagedCopies {
 template <bool GATE_UP, int BN, int BK, int STAGES, int THREADS, int TN>
 struct GgFp8Weights {
     typedef uint8_t Elem;
-    static constexpr int CH = BK / 8;  // 8-value chunks a row, dequantised
-    static constexpr int PER = BN * CH / THREADS;
-    static constexpr int SMEM = STAGES * BN * BK + BN * BK * 2;
-    static_assert(PER >= 1, "tile shape");
+    typedef GgStagedTile<GATE_UP, BN, BK, STAGES, THREADS, TN, 1> Tile;
+    static constexpr int PER = Tile::PER;
+    static constexpr int SMEM = Tile::SMEM;
     static_assert(FP8_BLOCK % BK == 0, "a k step within one scale block");
-    // The copies: a stage's BN rows of BK bytes.
-    GgStagedCopies<GATE_UP, BN, BK, THREADS, TN, 1> copies;
-    // The dequantisation: 8 values at byte `from` of a stage, with their row's scales, to
-    // element `to` of the bf16 tile.
+    // Each chunk's row's block scales, one per 128 columns.
     const float* scale[PER];
-    int from[PER], to[PER];
-    uint8_t* staged;
-    bf16* tile;
+    Tile t;
     __device__ __forceinline__ GgFp8Weights(const uint8_t* w, const QuantArgs& qa, int K, int N,
                                             uint32_t s, int n0, int tid, unsigned char* smem)
-        : copies(w, K, N, s, n0, tid),
-          staged(smem),
-          tile(reinterpret_cast<bf16*>(smem + STAGES * BN * BK)) {
-#pragma unroll
-        for (int i = 0; i < PER; ++i) {
-            const int id = tid + i * THREADS, n = id / CH, c = id % CH;
-            bool ok;
-            size_t m;
-            int r;
-            gg_weight_row<GATE_UP, TN>(n, n0, s, N, ok, m, r);
-            scale[i] = fp8_scale_row(qa.scales, m, N, r, K);
-            from[i] = n * BK + c * 8;
-            to[i] = gg_off<BK>(n, c);
-        }
-    }
-    __device__ __forceinline__ void load(int k0, int st) {
-        copies.load(staged + st * BN * BK, k0);
-    }
+        : t(w, K, N, s, n0, tid, smem, [&](int i, size_t m, int r) {
+              scale[i] = fp8_scale_row(qa.scales, m, N, r, K);
+          }) {}
+    __device__ __forceinline__ void load(int k0, int st) { t.load(k0, st); }
     // Stage st (landed: the caller's wait and barrier, which also found every warp done with
     // the previous step's tile) dequantised into the bf16 tile; every thread of the block calls
     // it.
     __device__ __forceinline__ const bf16* ready(int k0, int st) {
-        const uint8_t* Q = staged + st * BN * BK;
+        const uint8_t* Q = t.stage(st);
         const int kb = k0 / FP8_BLOCK;
 #pragma unroll
         for (int i = 0; i < PER; ++i) {
-            const uint2 v = *reinterpret_cast<const uint2*>(Q + from[i]);
-            *reinterpret_cast<uint4*>(tile + to[i]) = fp8x8_to_bf16x8(v, __ldg(scale[i] + kb));
+            const uint2 v = *reinterpret_cast<const uint2*>(Q + t.from[i]);
+            *reinterpret_cast<uint4*>(t.tile + t.to[i]) = fp8x8_to_bf16x8(v, __ldg(scale[i] + kb));
         }
         __syncthreads();
-        return tile;
+        return t.tile;
     }
 };
 

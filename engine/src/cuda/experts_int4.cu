@@ -114,62 +114,43 @@ extern "C" __global__ void moe_down_mma_int4(const bf16* h, int inner, const uin
 template <bool GATE_UP, int BN, int BK, int STAGES, int THREADS, int TN>
 struct GgInt4Weights {
     typedef uint8_t Elem;
-    static constexpr int RB = BK / 2;    // bytes of a tile row
-    static constexpr int CH = BK / 8;    // 8-value (4-byte) chunks a row, dequantised
-    static constexpr int PER = BN * CH / THREADS;
-    static constexpr int SMEM = STAGES * BN * RB + BN * BK * 2;
-    static_assert(PER >= 1 && THREADS % CH == 0, "tile shape");
-    // The copies: a stage's BN rows of RB bytes (experts_fp8.cu's GgStagedCopies).
-    GgStagedCopies<GATE_UP, BN, RB, THREADS, TN, 2> copies;
-    // The dequantisation: 8 values at byte `from` of a stage, at column `col` of the k step,
-    // with their row's groups (index into the scales / zero points), to element `to` of the
-    // bf16 tile. A thread's chunks are all at the same column (THREADS % CH == 0).
-    size_t grow[PER];
-    int from[PER], to[PER];
+    typedef GgStagedTile<GATE_UP, BN, BK, STAGES, THREADS, TN, 2> Tile;
+    static constexpr int PER = Tile::PER;
+    static constexpr int SMEM = Tile::SMEM;
+    static_assert(THREADS % Tile::CH == 0, "tile shape");
+    // The dequantisation: a thread's chunks are all at column `col` of the k step
+    // (THREADS % CH == 0), each with its row's groups (`grow`: index into the scales / zero
+    // points).
     int col, shift;
     const float* scales;
     const uint8_t* zeros;
-    uint8_t* staged;
-    bf16* tile;
+    size_t grow[PER];
+    Tile t;
     __device__ __forceinline__ GgInt4Weights(const uint8_t* w, const QuantArgs& qa, int K, int N,
                                              uint32_t s, int n0, int tid, unsigned char* smem)
-        : copies(w, K, N, s, n0, tid),
-          col((tid % CH) * 8),
+        : col((tid % Tile::CH) * 8),
           shift(qa.group_shift),
           scales(qa.scales),
           zeros(qa.zeros),
-          staged(smem),
-          tile(reinterpret_cast<bf16*>(smem + STAGES * BN * RB)) {
-#pragma unroll
-        for (int i = 0; i < PER; ++i) {
-            const int id = tid + i * THREADS, n = id / CH, c = id % CH;
-            bool ok;
-            size_t m;
-            int r;
-            gg_weight_row<GATE_UP, TN>(n, n0, s, N, ok, m, r);
-            grow[i] = int4_group_row(m, N, r, K, shift);
-            from[i] = n * RB + c * 4;
-            to[i] = gg_off<BK>(n, c);
-        }
-    }
-    __device__ __forceinline__ void load(int k0, int st) {
-        copies.load(staged + st * BN * RB, k0);
-    }
+          t(w, K, N, s, n0, tid, smem, [&](int i, size_t m, int r) {
+              grow[i] = int4_group_row(m, N, r, K, shift);
+          }) {}
+    __device__ __forceinline__ void load(int k0, int st) { t.load(k0, st); }
     // Stage st (landed: the caller's wait and barrier, which also found every warp done with
     // the previous step's tile) dequantised into the bf16 tile; every thread of the block calls
     // it.
     __device__ __forceinline__ const bf16* ready(int k0, int st) {
-        const uint8_t* Q = staged + st * BN * RB;
+        const uint8_t* Q = t.stage(st);
         const int gi = (k0 + col) >> shift;
 #pragma unroll
         for (int i = 0; i < PER; ++i) {
-            const uint32_t v = *reinterpret_cast<const uint32_t*>(Q + from[i]);
+            const uint32_t v = *reinterpret_cast<const uint32_t*>(Q + t.from[i]);
             const float sc = __ldg(scales + grow[i] + gi);
             const float bias = INT4_BIAS + (zeros ? (float)__ldg(zeros + grow[i] + gi) : 8.f);
-            *reinterpret_cast<uint4*>(tile + to[i]) = int4x8_to_bf16x8(v, bias, sc);
+            *reinterpret_cast<uint4*>(t.tile + t.to[i]) = int4x8_to_bf16x8(v, bias, sc);
         }
         __syncthreads();
-        return tile;
+        return t.tile;
     }
 };
 
