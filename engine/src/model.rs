@@ -51,7 +51,7 @@ impl DecoderLayer {
         let h = cfg.hidden_size;
         let mlp = if cfg.is_moe_layer(index) {
             let shared_experts = if cfg.n_shared_experts > 0 {
-                Some(Mlp::new(
+                Some(Mlp::shared_experts(
                     loader,
                     &format!("{p}.mlp.shared_experts"),
                     h,

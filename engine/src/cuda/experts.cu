@@ -619,7 +619,15 @@ __device__ __forceinline__ void k_half(int n32, int khalf, int& kb0, int& kb1) {
 // A policy is made per weight row (`at`: row r of matrix m, which has `rows` rows of K values),
 // so that formats with per-row scales (INT4's groups) and per-block ones (e4m3's 128 × 128) are
 // alike to the walk; `K_PER_ELEM` values share one stored `Elem` (two nibbles a byte for INT4),
-// and `w_at` finds value k of a row.
+// and `w_at` finds value k of a row. `load2(p, k)` may load what decoding the chunk at k needs
+// besides its values (INT4's group scale and zero point) into the `Chunk`.
+//
+// `EPILOGUE`: `frags2` gives the stored values unscaled (exact in bf16); the walk sums each scale
+// group (`group_size()` columns, a multiple of 64) into accumulators of its own and adds them
+// times the chunk's `s` (rows g and g + 8: each row pair's own) at the group's end, or at the
+// warp's k_end. `PERMUTE_X`: `frags2` gives a lane's values in another pair order, and
+// `permute_x` puts the activations' fragment in the same one (the MMA's k order is any order
+// both operands share).
 //
 // What a weight format needs besides its values, passed through unchanged: e4m3's block scales,
 // INT4's group scales, zero points (null: symmetric) and group size (experts_int4.cu).
@@ -642,10 +650,13 @@ struct MmaBf16 {
     };
     static constexpr int CHUNK_STAGES = 2;
     static constexpr int K_PER_ELEM = 1;
+    static constexpr bool EPILOGUE = false, PERMUTE_X = false;
+    __device__ static uint4 permute_x(uint4 x) { return x; }
+    __device__ int group_size() const { return 1 << 30; }
     __device__ static MmaBf16 at(const QuantArgs&, size_t, int, int, int) { return {}; }
     __device__ static Raw load(const bf16* p) { return ldcs16(p); }
     __device__ uint4 frag(Raw r, int) const { return r; }
-    __device__ static Chunk load2(const bf16* p) { return {ldcs16(p), ldcs16(p + 8)}; }
+    __device__ Chunk load2(const bf16* p, int) const { return {ldcs16(p), ldcs16(p + 8)}; }
     __device__ void frags2(const Chunk& r, int, uint4& lo, uint4& hi) const {
         lo = r.a, hi = r.b;
     }
@@ -665,12 +676,22 @@ __device__ __forceinline__ void chunk_walk(const typename W::Elem* const (&w)[2 
     if (k_begin >= k_end) return;
     typename W::Chunk r[CS][2 * NA];
     uint4 b[CS][2];
+    // W::EPILOGUE: the fragments are the stored values unscaled (exact in bf16), summed per
+    // scale group into cb and scaled into c at each group's end (the scales per row pair: rows
+    // g and g + 8, each chunk's own `s`).
+    float cb[NA][4];
+    if constexpr (W::EPILOGUE) {
+#pragma unroll
+        for (int a = 0; a < NA; ++a)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) cb[a][e] = 0.f;
+    }
 #pragma unroll
     for (int i = 0; i < CS - 1; ++i) {
         const int kk = k_begin + i * 64;
         if (kk < k_end) {
 #pragma unroll
-            for (int q = 0; q < 2 * NA; ++q) r[i][q] = W::load2(w_at<W>(w[q], kk));
+            for (int q = 0; q < 2 * NA; ++q) r[i][q] = pol[q].load2(w_at<W>(w[q], kk), kk);
             b[i][0] = ld16(xr + kk), b[i][1] = ld16(xr + kk + 8);
         }
     }
@@ -680,17 +701,41 @@ __device__ __forceinline__ void chunk_walk(const typename W::Elem* const (&w)[2 
             const int kk = k + i * 64, kn = kk + (CS - 1) * 64, j = (i + CS - 1) % CS;
             if (kn < k_end) {
 #pragma unroll
-                for (int q = 0; q < 2 * NA; ++q) r[j][q] = W::load2(w_at<W>(w[q], kn));
+                for (int q = 0; q < 2 * NA; ++q) r[j][q] = pol[q].load2(w_at<W>(w[q], kn), kn);
                 b[j][0] = ld16(xr + kn), b[j][1] = ld16(xr + kn + 8);
             }
             if (kk < k_end) {
+                uint4 x0 = b[i][0], x1 = b[i][1];
+                if constexpr (W::PERMUTE_X) {
+                    x0 = W::permute_x(x0);
+                    x1 = W::permute_x(x1);
+                }
 #pragma unroll
                 for (int a = 0; a < NA; ++a) {
                     uint4 a0, a1, h0, h1;
                     pol[2 * a].frags2(r[i][2 * a], kk, a0, a1);
                     pol[2 * a + 1].frags2(r[i][2 * a + 1], kk, h0, h1);
-                    mma_k32(c[a], a0, h0, b[i][0]);
-                    mma_k32(c[a], a1, h1, b[i][1]);
+                    if constexpr (W::EPILOGUE) {
+                        mma_k32(cb[a], a0, h0, x0);
+                        mma_k32(cb[a], a1, h1, x1);
+                    } else {
+                        mma_k32(c[a], a0, h0, x0);
+                        mma_k32(c[a], a1, h1, x1);
+                    }
+                }
+                if constexpr (W::EPILOGUE) {
+                    if (((kk + 64) & (pol[0].group_size() - 1)) == 0 || kk + 64 >= k_end) {
+#pragma unroll
+                        for (int a = 0; a < NA; ++a) {
+                            const float s0 = r[i][2 * a].s, s1 = r[i][2 * a + 1].s;
+                            c[a][0] = fmaf(cb[a][0], s0, c[a][0]);
+                            c[a][1] = fmaf(cb[a][1], s0, c[a][1]);
+                            c[a][2] = fmaf(cb[a][2], s1, c[a][2]);
+                            c[a][3] = fmaf(cb[a][3], s1, c[a][3]);
+#pragma unroll
+                            for (int e = 0; e < 4; ++e) cb[a][e] = 0.f;
+                        }
+                    }
                 }
             }
         }

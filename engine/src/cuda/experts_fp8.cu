@@ -66,6 +66,9 @@ struct MmaFp8 {
     typedef uint2 Raw;
     const float* scale;  // the block scales of the row's 128 rows, one per 128 columns
     static constexpr int K_PER_ELEM = 1;
+    static constexpr bool EPILOGUE = false, PERMUTE_X = false;
+    __device__ static uint4 permute_x(uint4 x) { return x; }
+    __device__ int group_size() const { return 1 << 30; }
     __device__ static MmaFp8 at(const QuantArgs& qa, size_t m, int rows, int r, int K) {
         return {fp8_scale_row(qa.scales, m, rows, r, K)};
     }
@@ -73,10 +76,14 @@ struct MmaFp8 {
     __device__ uint4 frag(Raw r, int k) const {
         return fp8x8_to_bf16x8(r, __ldg(scale + k / FP8_BLOCK));
     }
-    // A lane's 16 values of a 64-wide chunk: one 16-byte load (experts.cu's chunk walk).
+    // A lane's 16 values of a 64-wide chunk: one 16-byte load (experts.cu's chunk walk). The
+    // block scale is read when the chunk's MMAs want it: loading it with the chunk, in the ring
+    // of loads in flight, was slower at every batch (scripts/bench/decode_quant.cu, 2026-11-28:
+    // 36.2 against 34.0 µs a layer at batch 1, 327 against 283 at batch 64), as was applying it
+    // to the f32 sums per 128-column block instead of to each value (35.3 / 319).
     typedef uint4 Chunk;
     static constexpr int CHUNK_STAGES = 4;
-    __device__ static Chunk load2(const uint8_t* p) {
+    __device__ Chunk load2(const uint8_t* p, int) const {
         return __ldcs(reinterpret_cast<const uint4*>(p));
     }
     __device__ void frags2(const Chunk& r, int k, uint4& lo, uint4& hi) const {

@@ -4,11 +4,16 @@
 // bytes. Launched from engine/src/cuda/experts.rs by the weights' format, wherever the bf16
 // kernels of experts.cu are (`..._int4` names).
 //
-// Numerics: a weight is bf16(scale · (q − zero)), the difference exact in f32 and the product in
-// f32 rounded to nearest even, then to bf16 once more — exactly what `Int4Tensor::dequantize`
-// makes of it — and then the bf16 kernels' products: the same MMA instructions on the same
-// fragments in the same order. So these kernels give bit-identical results to the bf16 kernels
-// run on the dequantised weights (what `moemesh verify` checks on a GPU).
+// Numerics, the decode kernels (groups of 64 or more columns, `MmaInt4`): the values
+// q − zero are exact in bf16, the MMAs sum them times the bf16 activations in f32 per group, and
+// each group's f32 sums are multiplied by its scale at the group's end: the exact product of
+// the stored values but for f32's rounding of those sums (closer to the INT4 model than rounding
+// each scaled weight to bf16, what `Int4Tensor::dequantize` gives the bf16 kernels). Groups of
+// 16 or 32 (`MmaInt4Fine`, a chunk's 64 columns spanning several groups) and the grouped GEMM:
+// a weight is bf16(scale · (q − zero)), the difference exact in f32 and the product in f32
+// rounded to nearest even once — exactly `Int4Tensor::dequantize`'s value — and then the bf16
+// kernels' products in the same order: bit-identical to the bf16 kernels run on the
+// dequantised weights. `moemesh verify` checks both on a GPU.
 //
 // Layout (each expert's gate, up and down matrices with their own groups): w_gu [slots·2N, K/2]
 // bytes (slot s: gate rows 2sN.., then up rows; column c of a row in byte c/2, the low nibble
@@ -41,20 +46,99 @@ __device__ __forceinline__ size_t int4_group_row(size_t m, int rows, int r, int 
 // ---------------------------------------------------------------------------------------------
 // Decode-sized: experts.cu's gate_up_mma / down_mma with INT4 weights. In a 64-wide chunk a lane
 // holds its 16 values in one 8-byte load (bf16's 32 bytes), in a 32-wide tail its 8 in 4 bytes,
-// and dequantises them with their group's scale and zero point to the bf16 the bf16 kernel would
-// have loaded; the MMAs, their order and the walk are the bf16 kernels'.
+// loaded with their group's scale and zero point (so that those ride the ring of loads in
+// flight rather than being a dependent round trip when the chunk's MMAs want them).
+//
+// MmaInt4 (groups of 64 columns or more: a chunk within one group): a pair of nibbles n, n' in
+// bits 0–3 and 16–19 of a word becomes the bf16 pair (128 + n, 128 + n') with one LOP3
+// (0x4300 | n is bf16 128 + n), and one bf16x2 subtraction of 128 + zero makes q − zero, exact;
+// the words (w >> 4j) & 0x000f000f hold values j and j + 4 of the lane's eight, so the
+// activations' fragment is permuted to the same pairs (`permute_x`; the MMA's k order is any
+// order both operands share). The chunk walk sums a group into its own f32 accumulators and
+// adds them times the scale at the group's end (W::EPILOGUE). About 1.5 instructions a value
+// instead of 4.5: 26.7 against 36.3 µs a layer at batch 1, 219 against 277 at batch 64
+// (scripts/bench/decode_quant.cu, H200, 2026-11-28).
 struct MmaInt4 {
     typedef uint8_t Elem;
     typedef uint32_t Raw;
-    typedef uint2 Chunk;
     static constexpr int K_PER_ELEM = 2;
+    static constexpr bool EPILOGUE = true, PERMUTE_X = true;
+    static constexpr int CHUNK_STAGES = 4;
+    const float* scale;   // the row's group scales
+    const uint8_t* zero;  // the row's zero points, or null (8)
+    int shift;
+    struct Chunk {
+        uint2 v;
+        uint32_t zz;  // bf16 128 + zero, twice
+        float s;
+    };
+    __device__ static MmaInt4 at(const QuantArgs& qa, size_t m, int rows, int r, int K) {
+        const size_t i = int4_group_row(m, rows, r, K, qa.group_shift);
+        return {qa.scales + i, qa.zeros ? qa.zeros + i : nullptr, qa.group_shift};
+    }
+    __device__ int group_size() const { return 1 << shift; }
+    // x's eight bf16 (x0 x1 | x2 x3 | x4 x5 | x6 x7) → (x0 x4 | x1 x5 | x2 x6 | x3 x7).
+    __device__ static uint4 permute_x(uint4 x) {
+        return make_uint4(__byte_perm(x.x, x.z, 0x5410), __byte_perm(x.x, x.z, 0x7632),
+                          __byte_perm(x.y, x.w, 0x5410), __byte_perm(x.y, x.w, 0x7632));
+    }
+    // Eight nibbles → the four bf16 pairs (q_j − z, q_{j+4} − z), j = 0..3.
+    __device__ static uint4 pairs(uint32_t w, uint32_t zz) {
+        uint32_t p[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const uint32_t v = ((w >> (4 * j)) & 0x000f000fu) | 0x43004300u;
+            const __nv_bfloat162 d = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&v),
+                                             *reinterpret_cast<const __nv_bfloat162*>(&zz));
+            p[j] = *reinterpret_cast<const uint32_t*>(&d);
+        }
+        return make_uint4(p[0], p[1], p[2], p[3]);
+    }
+    __device__ Chunk load2(const uint8_t* p, int k) const {
+        Chunk c;
+        c.v = __ldcs(reinterpret_cast<const uint2*>(p));
+        const int gi = (k + (threadIdx.x & 3) * 16) >> shift;
+        c.s = __ldg(scale + gi);
+        const uint32_t z = 0x4300u | (zero ? (uint32_t)__ldg(zero + gi) : 8u);
+        c.zz = z | (z << 16);
+        return c;
+    }
+    __device__ void frags2(const Chunk& r, int, uint4& lo, uint4& hi) const {
+        lo = pairs(r.v.x, r.zz);
+        hi = pairs(r.v.y, r.zz);
+    }
+    // The 32-wide tail after the walk (K % 64 == 32): 8 values scaled one by one, in memory
+    // order (the tail's fragment of x is not permuted).
+    __device__ static Raw load(const uint8_t* p) {
+        return __ldcs(reinterpret_cast<const unsigned int*>(p));
+    }
+    __device__ uint4 frag(Raw r, int k) const {
+        const int gi = (k + (threadIdx.x & 3) * 8) >> shift;
+        return int4x8_to_bf16x8(r, INT4_BIAS + (zero ? (float)__ldg(zero + gi) : 8.f),
+                                __ldg(scale + gi));
+    }
+};
+
+// Groups of 16 or 32 columns: each value scaled in f32 and rounded to bf16 (the bf16 kernels'
+// bits over the dequantised weights).
+struct MmaInt4Fine {
+    typedef uint8_t Elem;
+    typedef uint32_t Raw;
+    struct Chunk {
+        uint2 v;
+        float bias, s;
+    };
+    static constexpr int K_PER_ELEM = 2;
+    static constexpr bool EPILOGUE = false, PERMUTE_X = false;
+    __device__ static uint4 permute_x(uint4 x) { return x; }
+    __device__ int group_size() const { return 1 << 30; }
     // Four chunks in flight, as e4m3's (half its bytes): at batch 1 the walk is bound by the
     // loads' latency more than by their bytes.
     static constexpr int CHUNK_STAGES = 4;
     const float* scale;   // the row's group scales
     const uint8_t* zero;  // the row's zero points, or null (8)
     int shift;
-    __device__ static MmaInt4 at(const QuantArgs& qa, size_t m, int rows, int r, int K) {
+    __device__ static MmaInt4Fine at(const QuantArgs& qa, size_t m, int rows, int r, int K) {
         const size_t i = int4_group_row(m, rows, r, K, qa.group_shift);
         return {qa.scales + i, qa.zeros ? qa.zeros + i : nullptr, qa.group_shift};
     }
@@ -73,25 +157,34 @@ struct MmaInt4 {
         group(k + (threadIdx.x & 3) * 8, bias, s);
         return int4x8_to_bf16x8(r, bias, s);
     }
-    __device__ static Chunk load2(const uint8_t* p) {
-        return __ldcs(reinterpret_cast<const uint2*>(p));
+    // A 64-wide chunk at k (the lane's 16 values start at k + t·16) with its group's bias and
+    // scale.
+    __device__ Chunk load2(const uint8_t* p, int k) const {
+        Chunk c;
+        c.v = __ldcs(reinterpret_cast<const uint2*>(p));
+        group(k + (threadIdx.x & 3) * 16, c.bias, c.s);
+        return c;
     }
-    // A 64-wide chunk at k: the lane's 16 values start at k + t·16.
-    __device__ void frags2(const Chunk& r, int k, uint4& lo, uint4& hi) const {
-        float bias, s;
-        group(k + (threadIdx.x & 3) * 16, bias, s);
-        lo = int4x8_to_bf16x8(r.x, bias, s);
-        hi = int4x8_to_bf16x8(r.y, bias, s);
+    __device__ void frags2(const Chunk& r, int, uint4& lo, uint4& hi) const {
+        lo = int4x8_to_bf16x8(r.v.x, r.bias, r.s);
+        hi = int4x8_to_bf16x8(r.v.y, r.bias, r.s);
     }
 };
+
+// The decode kernels take either policy by the group size (a uniform branch).
+#define INT4_EPILOGUE_MIN_SHIFT 6
 
 extern "C" __global__ void moe_gate_up_mma_int4(const bf16* x, int hidden, const uint8_t* w_gu,
                                                 const float* s_gu, const uint8_t* z_gu,
                                                 int shift_gu, int inner, const uint32_t* offsets,
                                                 const uint32_t* active, const uint32_t* sorted,
                                                 int k_div, bf16* h_out) {
-    gate_up_mma<MmaInt4>(x, hidden, w_gu, QuantArgs{s_gu, z_gu, shift_gu}, inner, offsets,
-                         active, sorted, k_div, h_out);
+    const QuantArgs qa{s_gu, z_gu, shift_gu};
+    if (shift_gu >= INT4_EPILOGUE_MIN_SHIFT)
+        gate_up_mma<MmaInt4>(x, hidden, w_gu, qa, inner, offsets, active, sorted, k_div, h_out);
+    else
+        gate_up_mma<MmaInt4Fine>(x, hidden, w_gu, qa, inner, offsets, active, sorted, k_div,
+                                 h_out);
 }
 
 extern "C" __global__ void moe_down_mma_int4(const bf16* h, int inner, const uint8_t* w_down,
@@ -100,8 +193,12 @@ extern "C" __global__ void moe_down_mma_int4(const bf16* h, int inner, const uin
                                              const uint32_t* active, float* y,
                                              const uint32_t* pos, const float* w, int tokens,
                                              int k, float* out, uint32_t* counters) {
-    down_mma<MmaInt4>(h, inner, w_down, QuantArgs{s_down, z_down, shift_down}, hidden, offsets,
-                      active, y, CombineTail{pos, w, tokens, k, out, counters});
+    const QuantArgs qa{s_down, z_down, shift_down};
+    const CombineTail tail{pos, w, tokens, k, out, counters};
+    if (shift_down >= INT4_EPILOGUE_MIN_SHIFT)
+        down_mma<MmaInt4>(h, inner, w_down, qa, hidden, offsets, active, y, tail);
+    else
+        down_mma<MmaInt4Fine>(h, inner, w_down, qa, hidden, offsets, active, y, tail);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -38,7 +38,26 @@ impl Linear {
         out_dim: usize,
         bias: bool,
     ) -> Result<Self> {
-        let weight = match loader.get_projection(&format!("{prefix}.weight"), &[out_dim, in_dim])? {
+        let held = loader.get_projection(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+        let weight = Self::held(loader, held)?;
+        Self::with_bias(loader, prefix, out_dim, bias, weight)
+    }
+
+    /// A shared expert's projection `{prefix}.weight` (no bias), held as
+    /// [`Loader::get_shared_expert`] says.
+    pub fn new_shared_expert(
+        loader: &Loader,
+        prefix: &str,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<Self> {
+        let held = loader.get_shared_expert(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+        let weight = Self::held(loader, held)?;
+        Self::with_bias(loader, prefix, out_dim, false, weight)
+    }
+
+    fn held(loader: &Loader, held: ExpertTensor) -> Result<Weight> {
+        Ok(match held {
             ExpertTensor::Dense(w) => Weight::Dense(w),
             ExpertTensor::Fp8 { q, scale } => Weight::Fp8 {
                 q,
@@ -47,8 +66,7 @@ impl Linear {
             },
             // Not handed out for projections; dequantised should it ever be.
             ExpertTensor::Int4(t) => Weight::Dense(t.dequantize(loader.dtype())?),
-        };
-        Self::with_bias(loader, prefix, out_dim, bias, weight)
+        })
     }
 
     /// [`new`](Self::new) always in the compute dtype (`lm_head`, which FP8 checkpoints keep in

@@ -22,10 +22,36 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    /// Loads `{prefix}.{gate,up,down}_proj.weight` for a hidden → `inner` → hidden block.
+    /// Loads `{prefix}.{gate,up,down}_proj.weight` for a hidden → `inner` → hidden block (a
+    /// dense MLP layer: projections held as [`Loader::get_projection`] says).
     pub fn new(loader: &Loader, prefix: &str, hidden: usize, inner: usize) -> Result<Self> {
-        let gate_proj = Linear::new(loader, &format!("{prefix}.gate_proj"), hidden, inner, false)?;
-        let up_proj = Linear::new(loader, &format!("{prefix}.up_proj"), hidden, inner, false)?;
+        Self::of(loader, hidden, inner, |name, i, o| {
+            Linear::new(loader, &format!("{prefix}.{name}"), i, o, false)
+        })
+    }
+
+    /// [`new`](Self::new) for an MoE layer's shared experts, held as the routed experts are
+    /// where those are FP8 ([`Loader::get_shared_expert`]).
+    pub fn shared_experts(
+        loader: &Loader,
+        prefix: &str,
+        hidden: usize,
+        inner: usize,
+    ) -> Result<Self> {
+        Self::of(loader, hidden, inner, |name, i, o| {
+            Linear::new_shared_expert(loader, &format!("{prefix}.{name}"), i, o)
+        })
+    }
+
+    /// The block from its three projections, `proj(name, in, out)`.
+    fn of(
+        loader: &Loader,
+        hidden: usize,
+        inner: usize,
+        proj: impl Fn(&str, usize, usize) -> Result<Linear>,
+    ) -> Result<Self> {
+        let gate_proj = proj("gate_proj", hidden, inner)?;
+        let up_proj = proj("up_proj", hidden, inner)?;
         let gate_up = if crate::cuda::gpu(loader.device()).is_some() {
             GateUp::Stacked(Linear::stack(&[&gate_proj, &up_proj])?)
         } else {
@@ -33,7 +59,7 @@ impl Mlp {
         };
         Ok(Mlp {
             gate_up,
-            down_proj: Linear::new(loader, &format!("{prefix}.down_proj"), inner, hidden, false)?,
+            down_proj: proj("down_proj", inner, hidden)?,
         })
     }
 

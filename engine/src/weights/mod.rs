@@ -101,10 +101,11 @@ pub fn checkpoint_format(cfg: &ModelConfig, source: &dyn TensorSource) -> String
     .to_string()
 }
 
-/// How a process holds the routed experts (`--weights-dtype`, env `MOEMESH_WEIGHTS_DTYPE`).
-/// Everything else (attention, dense MLPs, shared experts, embeddings, `lm_head`) is held in the
-/// compute dtype, except that `MOEMESH_DENSE_FP8=1` keeps the dense projections as FP8 experts
-/// are ([`Loader::dense_fp8`]).
+/// How a process holds the routed experts (`--weights-dtype`, env `MOEMESH_WEIGHTS_DTYPE`), and
+/// with FP8 the shared experts too ([`Loader::get_shared_expert`]). Everything else (attention,
+/// dense MLPs, embeddings, `lm_head`) is held in the compute dtype, except that
+/// `MOEMESH_DENSE_FP8=1` keeps the dense projections as FP8 experts are
+/// ([`Loader::dense_fp8`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ExpertsDtype {
     /// The checkpoint's own: an FP8 checkpoint's experts (128 × 128 blocks) stay e4m3 where the
@@ -450,8 +451,9 @@ impl<'s> Loader<'s> {
         }
     }
 
-    /// Whether the dense projections (attention's `q`/`kv_a`/`o` projections, the shared experts'
-    /// and dense MLPs' gate/up/down; not `kv_b_proj`, `lm_head`, embeddings, norms or the router)
+    /// Whether the dense projections (attention's `q`/`kv_a`/`o` projections, the dense MLPs'
+    /// gate/up/down; not `kv_b_proj`, `lm_head`, embeddings, norms or the router; the shared
+    /// experts are FP8 with the routed ones anyway, [`get_shared_expert`](Self::get_shared_expert))
     /// are held as the routed experts are: e4m3 where [`experts_fp8`](Self::experts_fp8), when
     /// `MOEMESH_DENSE_FP8=1` (read once; off by default). Half their memory, decoded at batch
     /// ≤ 8 by dense.cu's FP8 kernel (no faster than bf16's there), but a larger product
@@ -474,6 +476,19 @@ impl<'s> Loader<'s> {
             return self.get_expert(name, shape);
         }
         Ok(ExpertTensor::Dense(self.get(name, shape)?))
+    }
+
+    /// A shared expert's projection `name` of `shape` (`[out, in]`): as the routed experts are
+    /// held where those are FP8 (`--weights-dtype fp8`, or an FP8 checkpoint on the GPU), so that
+    /// a shared expert is the same FP8 MLP as a routed one: e4m3 with block scales where the FP8
+    /// kernels run, the quantised values dequantised again elsewhere. Otherwise as
+    /// [`get_projection`](Self::get_projection) (INT4 models keep their shared experts in the
+    /// compute dtype: no INT4 dense kernel reads them).
+    pub fn get_shared_expert(&self, name: &str, shape: &[usize]) -> Result<ExpertTensor> {
+        if self.experts_fp8() || self.experts_dtype == ExpertsDtype::Fp8 {
+            return self.get_expert(name, shape);
+        }
+        self.get_projection(name, shape)
     }
 
     /// Whether the checkpoint is FP8 in the blocks the FP8 kernels read.
@@ -1250,6 +1265,66 @@ mod tests {
         assert_eq!(
             bits(&loader.get(norm, &[h]).expect("norm")),
             bits(&plain.get(norm, &[h]).expect("norm"))
+        );
+    }
+
+    /// A shared expert is held as the routed experts are where those are FP8 (the same FP8 MLP;
+    /// here on the CPU: quantised and dequantised again), and as stored otherwise: with
+    /// `--weights-dtype bf16` or `int4` (no INT4 dense kernel), and attention's projections
+    /// under FP8 too (only `MOEMESH_DENSE_FP8=1` changes those).
+    #[test]
+    fn shared_experts_are_fp8_with_fp8_routed_experts_only() {
+        let embedded = crate::ModelFiles::embedded().expect("embedded");
+        let cfg = embedded.config.clone();
+        assert!(
+            cfg.n_shared_experts > 0,
+            "the embedded model has shared experts"
+        );
+        let layer = cfg.moe_layers()[0];
+        let shape = [
+            cfg.moe_intermediate_size * cfg.n_shared_experts,
+            cfg.hidden_size,
+        ];
+        let name = format!("model.layers.{layer}.mlp.shared_experts.gate_proj.weight");
+        let plain = Loader::new(embedded.source.as_ref(), &cfg, &Device::Cpu, DType::F32);
+        let w = plain.get(&name, &shape).expect("plain");
+        let (q, s) = fp8::quantize_e4m3(&w).expect("quantise");
+        let fp8_values = fp8::dequantize_matrix(&q, &s, DType::F32).expect("dequantise");
+        let bits = fp8::f32_bits;
+        assert_ne!(
+            bits(&fp8_values),
+            bits(&w),
+            "quantising changes some values"
+        );
+        for (dtype, want) in [
+            (ExpertsDtype::Fp8, &fp8_values),
+            (ExpertsDtype::Compute, &w),
+            (ExpertsDtype::Int4, &w),
+            (ExpertsDtype::Auto, &w),
+        ] {
+            let files = crate::ModelFiles::embedded()
+                .expect("embedded")
+                .with_experts_dtype(dtype);
+            let loader = files.loader(&Device::Cpu, DType::F32);
+            let ExpertTensor::Dense(got) = loader.get_shared_expert(&name, &shape).expect("shared")
+            else {
+                panic!("{dtype:?}: the CPU holds shared experts in the compute dtype");
+            };
+            assert_eq!(bits(&got), bits(want), "{dtype:?}");
+        }
+        let files = crate::ModelFiles::embedded()
+            .expect("embedded")
+            .with_experts_dtype(ExpertsDtype::Fp8);
+        let loader = files.loader(&Device::Cpu, DType::F32);
+        let o_proj = format!("model.layers.{layer}.self_attn.o_proj.weight");
+        let o_shape = [cfg.hidden_size, cfg.num_attention_heads * cfg.v_head_dim];
+        let ExpertTensor::Dense(got) = loader.get_projection(&o_proj, &o_shape).expect("o_proj")
+        else {
+            panic!("attention's projections stay in the compute dtype");
+        };
+        assert_eq!(
+            bits(&got),
+            bits(&plain.get(&o_proj, &o_shape).expect("plain"))
         );
     }
 }

@@ -1,0 +1,417 @@
+// The decode-size routed-expert products (moe_gate_up_mma / moe_down_mma's walk) at
+// DeepSeek-V2-Lite's shapes (64 experts, hidden 2048, inner 1408, top-6) for each weight format
+// and each way of decoding it, as a decode step runs them: 26 layers with weights of their own
+// (no layer's experts in L2), moe_align + gate/up + down + combine per layer, captured in one CUDA
+// graph and replayed. Prints µs per layer and GB/s over the bytes of the distinct experts a
+// layer reads, per variant:
+//   bf16       the bf16 kernels
+//   fp8        e4m3 · scale in f32 → bf16 per value, the block scale read at the MMAs' use
+//              (engine/src/cuda/experts_fp8.cu)
+//   fp8 pref   the same values, the scale loaded with the chunk (in the ring of loads in flight)
+//   fp8 epi    e4m3 → bf16 unscaled (exact), the MMAs summed per 128-column block and the
+//              block's scale applied to those f32 sums (no multiply per value)
+//   int4 old   INT4 as before 2026-11-28 (groups of 128, symmetric): each value scaled, the
+//              group's scale read at the MMAs' use
+//   int4 fine  experts_int4.cu's MmaInt4Fine (groups < 64): the same values, the scale loaded
+//              with the chunk
+//   int4       experts_int4.cu's MmaInt4 (groups ≥ 64): q − zero exact in bf16 (one LOP3 and a
+//              bf16x2 subtraction a pair), the scale applied to each group's f32 sums
+//   no-op      the same grids doing nothing: moe_align, the combine and the launches alone
+// Checks: `fp8 pref` equals `fp8` and `int4 fine` equals `int4 old` bit for bit; the scaled-sums
+// forms against those by ‖a − b‖ / ‖b‖ (they round differently: the exact product of the stored
+// values against each scaled weight rounded to bf16).
+// Build: nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o decode_quant scripts/bench/decode_quant.cu
+// Run on a GPU machine: ./decode_quant [batch ...]   (default 1 8 64; exit 1 on a mismatch)
+#include "../../engine/src/cuda/kernels.cu"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <set>
+#include <vector>
+
+#define CK(x)                                                                              \
+    do {                                                                                   \
+        cudaError_t e_ = (x);                                                              \
+        if (e_ != cudaSuccess) {                                                           \
+            printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
+            exit(2);                                                                       \
+        }                                                                                  \
+    } while (0)
+
+__device__ __forceinline__ uint32_t mix(uint32_t h) {
+    h ^= h >> 15;
+    h *= 2246822519u;
+    h ^= h >> 13;
+    h *= 3266489917u;
+    h ^= h >> 16;
+    return h;
+}
+
+// Fills n bf16 with a hash of the index, scaled: values of either sign.
+__global__ void fill_bf16(bf16* p, size_t n, uint32_t seed, float scale) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const uint32_t h = mix((uint32_t)i * 2654435761u ^ seed);
+        p[i] = __float2bfloat16(((int)(h & 0xffff) - 32768) * (scale / 32768.f));
+    }
+}
+// Random bytes; e4m3 NaN (x111 1111) replaced by 0.
+__global__ void fill_bytes(uint8_t* p, size_t n, uint32_t seed, bool e4m3) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        uint8_t b = (uint8_t)mix((uint32_t)i * 2654435761u ^ seed);
+        if (e4m3 && (b & 0x7f) == 0x7f) b = 0;
+        p[i] = b;
+    }
+}
+// Positive scales in [lo, 2·lo).
+__global__ void fill_scales(float* p, size_t n, uint32_t seed, float lo) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        p[i] = lo * (1.f + (mix((uint32_t)i ^ seed) & 0xffff) / 65536.f);
+}
+
+// --- Forms measured and not kept, for the A/B. ---
+// e4m3 with the block scale loaded with the chunk (the ring of loads in flight).
+struct MmaFp8Prefetch {
+    typedef uint8_t Elem;
+    typedef uint2 Raw;
+    const float* scale;
+    static constexpr int K_PER_ELEM = 1;
+    static constexpr bool EPILOGUE = false, PERMUTE_X = false;
+    __device__ static uint4 permute_x(uint4 x) { return x; }
+    __device__ int group_size() const { return 1 << 30; }
+    __device__ static MmaFp8Prefetch at(const QuantArgs& qa, size_t m, int rows, int r, int K) {
+        return {fp8_scale_row(qa.scales, m, rows, r, K)};
+    }
+    __device__ static Raw load(const uint8_t* p) { return ldcs8(p); }
+    __device__ uint4 frag(Raw r, int k) const {
+        return fp8x8_to_bf16x8(r, __ldg(scale + k / FP8_BLOCK));
+    }
+    struct Chunk {
+        uint4 v;
+        float s;
+    };
+    static constexpr int CHUNK_STAGES = 4;
+    __device__ Chunk load2(const uint8_t* p, int k) const {
+        return {__ldcs(reinterpret_cast<const uint4*>(p)), __ldg(scale + k / FP8_BLOCK)};
+    }
+    __device__ void frags2(const Chunk& r, int, uint4& lo, uint4& hi) const {
+        lo = fp8x8_to_bf16x8(make_uint2(r.v.x, r.v.y), r.s);
+        hi = fp8x8_to_bf16x8(make_uint2(r.v.z, r.v.w), r.s);
+    }
+};
+
+// INT4 before 2026-11-28: each value scaled, the group's scale read at the MMAs' use.
+struct MmaInt4Old {
+    typedef uint8_t Elem;
+    typedef uint32_t Raw;
+    typedef uint2 Chunk;
+    static constexpr int K_PER_ELEM = 2;
+    static constexpr bool EPILOGUE = false, PERMUTE_X = false;
+    __device__ static uint4 permute_x(uint4 x) { return x; }
+    __device__ int group_size() const { return 1 << 30; }
+    static constexpr int CHUNK_STAGES = 4;
+    const float* scale;
+    const uint8_t* zero;
+    int shift;
+    __device__ static MmaInt4Old at(const QuantArgs& qa, size_t m, int rows, int r, int K) {
+        const size_t i = int4_group_row(m, rows, r, K, qa.group_shift);
+        return {qa.scales + i, qa.zeros ? qa.zeros + i : nullptr, qa.group_shift};
+    }
+    __device__ __forceinline__ void group(int c, float& bias, float& s) const {
+        const int gi = c >> shift;
+        s = __ldg(scale + gi);
+        bias = INT4_BIAS + (zero ? (float)__ldg(zero + gi) : 8.f);
+    }
+    __device__ static Raw load(const uint8_t* p) {
+        return __ldcs(reinterpret_cast<const unsigned int*>(p));
+    }
+    __device__ uint4 frag(Raw r, int k) const {
+        float bias, s;
+        group(k + (threadIdx.x & 3) * 8, bias, s);
+        return int4x8_to_bf16x8(r, bias, s);
+    }
+    __device__ Chunk load2(const uint8_t* p, int) const {
+        return __ldcs(reinterpret_cast<const uint2*>(p));
+    }
+    __device__ void frags2(const Chunk& r, int k, uint4& lo, uint4& hi) const {
+        float bias, s;
+        group(k + (threadIdx.x & 3) * 16, bias, s);
+        lo = int4x8_to_bf16x8(r.x, bias, s);
+        hi = int4x8_to_bf16x8(r.y, bias, s);
+    }
+};
+
+// --- Scale in the epilogue. ---
+// Two e4m3 (low byte first) → two bf16, unscaled: exact (every e4m3 value is a bf16).
+__device__ __forceinline__ uint32_t fp8x2_to_bf16x2_exact(uint32_t two) {
+    const __half2_raw h =
+        __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(two & 0xffffu), __NV_E4M3);
+    const float2 f = __half22float2(__half2(h));
+    return pack_bf16(f.x, f.y);
+}
+__device__ __forceinline__ uint4 fp8x8_to_bf16x8_exact(uint32_t a, uint32_t b) {
+    return make_uint4(fp8x2_to_bf16x2_exact(a), fp8x2_to_bf16x2_exact(a >> 16),
+                      fp8x2_to_bf16x2_exact(b), fp8x2_to_bf16x2_exact(b >> 16));
+}
+
+struct MmaFp8Epi {
+    typedef uint8_t Elem;
+    typedef uint2 Raw;
+    const float* scale;
+    static constexpr int K_PER_ELEM = 1;
+    static constexpr bool EPILOGUE = true, PERMUTE_X = false;
+    __device__ static uint4 permute_x(uint4 x) { return x; }
+    __device__ int group_size() const { return FP8_BLOCK; }
+    __device__ static MmaFp8Epi at(const QuantArgs& qa, size_t m, int rows, int r, int K) {
+        return {fp8_scale_row(qa.scales, m, rows, r, K)};
+    }
+    // The 32-wide tail (not at these shapes): scaled per value, added after the walk.
+    __device__ static Raw load(const uint8_t* p) { return ldcs8(p); }
+    __device__ uint4 frag(Raw r, int k) const {
+        return fp8x8_to_bf16x8(r, __ldg(scale + k / FP8_BLOCK));
+    }
+    struct Chunk {
+        uint4 v;
+        float s;
+    };
+    static constexpr int CHUNK_STAGES = 4;
+    __device__ Chunk load2(const uint8_t* p, int k) const {
+        return {__ldcs(reinterpret_cast<const uint4*>(p)), __ldg(scale + k / FP8_BLOCK)};
+    }
+    __device__ void frags2(const Chunk& r, int, uint4& lo, uint4& hi) const {
+        lo = fp8x8_to_bf16x8_exact(r.v.x, r.v.y);
+        hi = fp8x8_to_bf16x8_exact(r.v.z, r.v.w);
+    }
+};
+
+template <typename W>
+__global__ void gu_kernel(const bf16* x, int hidden, const typename W::Elem* w, QuantArgs qa,
+                          int inner, const uint32_t* offsets, const uint32_t* active,
+                          const uint32_t* sorted, int k_div, bf16* h) {
+    gate_up_mma<W>(x, hidden, w, qa, inner, offsets, active, sorted, k_div, h);
+}
+template <typename W>
+__global__ void dn_kernel(const bf16* h, int inner, const typename W::Elem* w, QuantArgs qa,
+                          int hidden, const uint32_t* offsets, const uint32_t* active, float* y) {
+    down_mma<W>(h, inner, w, qa, hidden, offsets, active, y,
+                CombineTail{nullptr, nullptr, 0, 0, nullptr, nullptr});
+}
+
+// The same grids doing nothing: what align, combine and four launches cost a layer.
+__global__ void gu_empty(const bf16*, int, const bf16*, QuantArgs, int, const uint32_t*,
+                         const uint32_t*, const uint32_t*, int, bf16*) {}
+__global__ void dn_empty(const bf16*, int, const bf16*, QuantArgs, int, const uint32_t*,
+                         const uint32_t*, float*) {}
+
+struct Layer {
+    void *gu, *dn;
+    QuantArgs qgu, qdn;
+};
+enum Fmt { BF16, FP8, INT4 };
+struct Variant {
+    const char* name;
+    Fmt fmt;
+    int ref;  // the variant this one must equal bit for bit (−1: none), or compare to (epi)
+    bool exact;
+    void (*run)(cudaStream_t, const Layer&, int gy, const bf16* x, int hidden, int inner,
+                const uint32_t* off, const uint32_t* act, const uint32_t* sorted, int k, bf16* h,
+                float* y);
+};
+template <typename W>
+static void run_w(cudaStream_t st, const Layer& L, int gy, const bf16* x, int hidden, int inner,
+                  const uint32_t* off, const uint32_t* act, const uint32_t* sorted, int k,
+                  bf16* h, float* y) {
+    gu_kernel<W><<<dim3(inner / 32, gy), 128, 0, st>>>(
+        x, hidden, (const typename W::Elem*)L.gu, L.qgu, inner, off, act, sorted, k, h);
+    dn_kernel<W><<<dim3(hidden / 32, gy), 128, 0, st>>>(
+        h, inner, (const typename W::Elem*)L.dn, L.qdn, hidden, off, act, y);
+}
+static void run_empty(cudaStream_t st, const Layer& L, int gy, const bf16* x, int hidden,
+                      int inner, const uint32_t* off, const uint32_t* act,
+                      const uint32_t* sorted, int k, bf16* h, float* y) {
+    gu_empty<<<dim3(inner / 32, gy), 128, 0, st>>>(x, hidden, (const bf16*)L.gu, L.qgu, inner,
+                                                   off, act, sorted, k, h);
+    dn_empty<<<dim3(hidden / 32, gy), 128, 0, st>>>(h, inner, (const bf16*)L.dn, L.qdn, hidden,
+                                                    off, act, y);
+}
+static const Variant VARIANTS[] = {
+    {"bf16     ", BF16, -1, true, run_w<MmaBf16>},
+    {"fp8      ", FP8, -1, true, run_w<MmaFp8>},
+    {"fp8 pref ", FP8, 1, true, run_w<MmaFp8Prefetch>},
+    {"fp8 epi  ", FP8, 1, false, run_w<MmaFp8Epi>},
+    {"int4 old ", INT4, -1, true, run_w<MmaInt4Old>},
+    {"int4 fine", INT4, 4, true, run_w<MmaInt4Fine>},
+    {"int4     ", INT4, 4, false, run_w<MmaInt4>},
+    {"no-op    ", BF16, -2, true, run_empty},
+};
+static const int N_VARIANTS = sizeof(VARIANTS) / sizeof(VARIANTS[0]);
+
+int main(int argc, char** argv) {
+    const int S = 64, hidden = 2048, inner = 1408, k = 6, NL = 26;
+    std::vector<int> batches;
+    for (int i = 1; i < argc; ++i) batches.push_back(atoi(argv[i]));
+    if (batches.empty()) batches = {1, 8, 64};
+    const size_t gu_n = (size_t)S * 2 * inner * hidden, dn_n = (size_t)S * hidden * inner;
+    // Per format, per layer.
+    std::vector<Layer> layers[3];
+    for (int f = 0; f < 3; ++f) layers[f].resize(NL);
+    for (int l = 0; l < NL; ++l) {
+        Layer& b = layers[BF16][l];
+        CK(cudaMalloc(&b.gu, gu_n * 2));
+        CK(cudaMalloc(&b.dn, dn_n * 2));
+        fill_bf16<<<1024, 256>>>((bf16*)b.gu, gu_n, 17u + l, 1.f / 45.f);
+        fill_bf16<<<1024, 256>>>((bf16*)b.dn, dn_n, 991u + l, 1.f / 37.f);
+        b.qgu = b.qdn = QuantArgs{nullptr, nullptr, 0};
+        // e4m3: blocks of 128 × 128 per matrix (gate, up of each slot; down of each slot).
+        Layer& e = layers[FP8][l];
+        CK(cudaMalloc(&e.gu, gu_n));
+        CK(cudaMalloc(&e.dn, dn_n));
+        fill_bytes<<<1024, 256>>>((uint8_t*)e.gu, gu_n, 23u + l, true);
+        fill_bytes<<<1024, 256>>>((uint8_t*)e.dn, dn_n, 29u + l, true);
+        const size_t sgu = (size_t)S * 2 * ((inner + 127) / 128) * (hidden / 128);
+        const size_t sdn = (size_t)S * (hidden / 128) * ((inner + 127) / 128);
+        float *s1, *s2;
+        CK(cudaMalloc(&s1, sgu * 4));
+        CK(cudaMalloc(&s2, sdn * 4));
+        fill_scales<<<64, 256>>>(s1, sgu, 3u + l, 1.f / 4096.f);
+        fill_scales<<<64, 256>>>(s2, sdn, 5u + l, 1.f / 4096.f);
+        e.qgu = QuantArgs{s1, nullptr, 0};
+        e.qdn = QuantArgs{s2, nullptr, 0};
+        // INT4: nibbles, a scale per row per 128 columns, symmetric.
+        Layer& q = layers[INT4][l];
+        CK(cudaMalloc(&q.gu, gu_n / 2));
+        CK(cudaMalloc(&q.dn, dn_n / 2));
+        fill_bytes<<<1024, 256>>>((uint8_t*)q.gu, gu_n / 2, 31u + l, false);
+        fill_bytes<<<1024, 256>>>((uint8_t*)q.dn, dn_n / 2, 37u + l, false);
+        const size_t qgu = (size_t)S * 2 * inner * (hidden / 128);
+        const size_t qdn = (size_t)S * hidden * ((inner + 127) / 128);
+        float *q1, *q2;
+        CK(cudaMalloc(&q1, qgu * 4));
+        CK(cudaMalloc(&q2, qdn * 4));
+        fill_scales<<<64, 256>>>(q1, qgu, 7u + l, 1.f / 256.f);
+        fill_scales<<<64, 256>>>(q2, qdn, 11u + l, 1.f / 256.f);
+        q.qgu = QuantArgs{q1, nullptr, 7};
+        q.qdn = QuantArgs{q2, nullptr, 7};
+    }
+    CK(cudaDeviceSynchronize());
+    const double params = 3.0 * inner * hidden;
+    const double bytes_per[3] = {2.0, 1.0 + 4.0 / (128 * 128), 0.5 + 4.0 / 128};
+    int bad = 0;
+    std::mt19937 rng(7);
+    printf("%-6s %-9s %10s %8s %s\n", "batch", "variant", "us/layer", "GB/s", "check");
+    for (int T : batches) {
+        const int P = T * k;
+        std::vector<uint32_t> ids(P);
+        std::set<uint32_t> distinct;
+        for (int t = 0; t < T; ++t) {
+            std::vector<uint32_t> perm(S);
+            for (int s = 0; s < S; ++s) perm[s] = s;
+            std::shuffle(perm.begin(), perm.end(), rng);
+            for (int j = 0; j < k; ++j) {
+                ids[t * k + j] = perm[j];
+                distinct.insert(perm[j]);
+            }
+        }
+        std::vector<float> w(P, 1.f / k);
+        uint32_t *d_ids, *d_off, *d_sorted, *d_pos, *d_active;
+        float *d_w, *d_y, *d_out;
+        bf16 *d_x, *d_h;
+        CK(cudaMalloc(&d_ids, P * 4));
+        CK(cudaMalloc(&d_w, P * 4));
+        CK(cudaMemcpy(d_ids, ids.data(), P * 4, cudaMemcpyHostToDevice));
+        CK(cudaMemcpy(d_w, w.data(), P * 4, cudaMemcpyHostToDevice));
+        CK(cudaMalloc(&d_off, (S + 1) * 4));
+        CK(cudaMalloc(&d_active, (S + 1) * 4));
+        CK(cudaMalloc(&d_sorted, P * 4));
+        CK(cudaMalloc(&d_pos, P * 4));
+        CK(cudaMalloc(&d_x, (size_t)T * hidden * 2));
+        CK(cudaMalloc(&d_h, (size_t)P * inner * 2));
+        CK(cudaMalloc(&d_y, (size_t)P * hidden * 4));
+        CK(cudaMalloc(&d_out, (size_t)NL * T * hidden * 4));
+        fill_bf16<<<64, 256>>>(d_x, (size_t)T * hidden, 5u, 1.f);
+        std::vector<std::vector<float>> outs(N_VARIANTS);
+        for (int vi = 0; vi < N_VARIANTS; ++vi) {
+            const Variant& V = VARIANTS[vi];
+            const int gy = std::min(S, P);
+            cudaStream_t st;
+            CK(cudaStreamCreate(&st));
+            cudaGraph_t graph;
+            cudaGraphExec_t exec;
+            CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+            for (int l = 0; l < NL; ++l) {
+                moe_align<<<1, 1024, 0, st>>>(d_ids, P, nullptr, S, d_off, d_sorted, d_pos,
+                                              d_active, nullptr, 0u, nullptr);
+                V.run(st, layers[V.fmt][l], gy, d_x, hidden, inner, d_off, d_active, d_sorted,
+                      k, d_h, d_y);
+                moe_combine4<<<dim3(T, (hidden / 4 + 255) / 256), 256, 0, st>>>(
+                    reinterpret_cast<const float4*>(d_y), hidden / 4, d_pos, d_w, nullptr, k,
+                    reinterpret_cast<float4*>(d_out + (size_t)l * T * hidden));
+            }
+            CK(cudaStreamEndCapture(st, &graph));
+            CK(cudaGraphInstantiate(&exec, graph, 0));
+            for (int i = 0; i < 3; ++i) CK(cudaGraphLaunch(exec, st));
+            CK(cudaStreamSynchronize(st));
+            CK(cudaGetLastError());
+            cudaEvent_t a, b;
+            CK(cudaEventCreate(&a));
+            CK(cudaEventCreate(&b));
+            // Median of 7 timings of 10 replays.
+            std::vector<float> times;
+            for (int rep = 0; rep < 7; ++rep) {
+                CK(cudaEventRecord(a, st));
+                for (int i = 0; i < 10; ++i) CK(cudaGraphLaunch(exec, st));
+                CK(cudaEventRecord(b, st));
+                CK(cudaEventSynchronize(b));
+                float ms = 0;
+                CK(cudaEventElapsedTime(&ms, a, b));
+                times.push_back(ms);
+            }
+            std::sort(times.begin(), times.end());
+            const double us_layer = times[3] * 1000.0 / 10 / NL;
+            const double gbs = distinct.size() * params * bytes_per[V.fmt] / (us_layer * 1e3);
+            outs[vi].resize((size_t)NL * T * hidden);
+            CK(cudaMemcpy(outs[vi].data(), d_out, outs[vi].size() * 4, cudaMemcpyDeviceToHost));
+            char check[128] = "";
+            bool finite = true;
+            for (float v : outs[vi]) finite = finite && std::isfinite(v);
+            if (V.ref == -2) {
+                snprintf(check, sizeof check, "(launches, align, combine only)");
+            } else if (!finite) {
+                snprintf(check, sizeof check, "NON-FINITE");
+                bad = 1;
+            } else if (V.ref >= 0) {
+                const std::vector<float>& r = outs[V.ref];
+                if (V.exact) {
+                    const bool same = memcmp(r.data(), outs[vi].data(), r.size() * 4) == 0;
+                    snprintf(check, sizeof check, "%s '%s'", same ? "bit-equal to" : "DIFFERS from",
+                             VARIANTS[V.ref].name);
+                    bad |= !same;
+                } else {
+                    double num = 0, den = 0;
+                    for (size_t i = 0; i < r.size(); ++i) {
+                        const double d = (double)outs[vi][i] - r[i];
+                        num += d * d;
+                        den += (double)r[i] * r[i];
+                    }
+                    const double rel = std::sqrt(num / den);
+                    snprintf(check, sizeof check, "rel. diff. to '%s' %.2e", VARIANTS[V.ref].name,
+                             rel);
+                    bad |= !(rel < 1e-2);
+                }
+            }
+            printf("%-6d %-9s %10.2f %8.0f %s\n", T, V.name, us_layer, gbs, check);
+            CK(cudaGraphExecDestroy(exec));
+            CK(cudaGraphDestroy(graph));
+            CK(cudaStreamDestroy(st));
+        }
+        cudaFree(d_ids); cudaFree(d_w); cudaFree(d_off); cudaFree(d_active); cudaFree(d_sorted);
+        cudaFree(d_pos); cudaFree(d_x); cudaFree(d_h); cudaFree(d_y); cudaFree(d_out);
+    }
+    return bad;
+}
