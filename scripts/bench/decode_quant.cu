@@ -10,6 +10,9 @@
 //   fp8 pref   the same values, the scale loaded with the chunk (in the ring of loads in flight)
 //   fp8 epi    e4m3 → bf16 unscaled (exact), the MMAs summed per 128-column block and the
 //              block's scale applied to those f32 sums (no multiply per value)
+//   fp8 epi2   as fp8 epi, with f16 → bf16 by integer operations and one bf16x2 multiplication
+//              (one conversion-pipe instruction a pair of values instead of three), the scale
+//              read at the block's end
 //   int4 old   INT4 as before 2026-11-28 (groups of 128, symmetric): each value scaled, the
 //              group's scale read at the MMAs' use
 //   int4 fine  experts_int4.cu's MmaInt4Fine (groups < 64): the same values, the scale loaded
@@ -85,6 +88,7 @@ struct MmaFp8Prefetch {
     static constexpr bool EPILOGUE = false, PERMUTE_X = false;
     __device__ static uint4 permute_x(uint4 x) { return x; }
     __device__ int group_size() const { return 1 << 30; }
+    __device__ float epi_scale(const uint4&, int) const { return 1.f; }
     __device__ static MmaFp8Prefetch at(const QuantArgs& qa, size_t m, int rows, int r, int K) {
         return {fp8_scale_row(qa.scales, m, rows, r, K)};
     }
@@ -115,6 +119,7 @@ struct MmaInt4Old {
     static constexpr bool EPILOGUE = false, PERMUTE_X = false;
     __device__ static uint4 permute_x(uint4 x) { return x; }
     __device__ int group_size() const { return 1 << 30; }
+    __device__ float epi_scale(const uint2&, int) const { return 1.f; }
     static constexpr int CHUNK_STAGES = 4;
     const float* scale;
     const uint8_t* zero;
@@ -168,6 +173,8 @@ struct MmaFp8Epi {
     static constexpr bool EPILOGUE = true, PERMUTE_X = false;
     __device__ static uint4 permute_x(uint4 x) { return x; }
     __device__ int group_size() const { return FP8_BLOCK; }
+    template <typename C>
+    __device__ float epi_scale(const C& c, int) const { return c.s; }
     __device__ static MmaFp8Epi at(const QuantArgs& qa, size_t m, int rows, int r, int K) {
         return {fp8_scale_row(qa.scales, m, rows, r, K)};
     }
@@ -187,6 +194,57 @@ struct MmaFp8Epi {
     __device__ void frags2(const Chunk& r, int, uint4& lo, uint4& hi) const {
         lo = fp8x8_to_bf16x8_exact(r.v.x, r.v.y);
         hi = fp8x8_to_bf16x8_exact(r.v.z, r.v.w);
+    }
+};
+
+// e4m3 → f16 pair by the conversion instruction (exact), then f16 → bf16 with integer operations
+// (f16 bits shifted right by 3 are the bf16 of value · 2^-112, every such value a bf16 normal or
+// zero) and one bf16x2 multiplication by 2^112, exact: one conversion-pipe instruction a pair
+// instead of three. The block scale multiplies the f32 sums per 128 columns, read at the flush.
+__device__ __forceinline__ uint32_t fp8x2_to_bf16x2_int(uint32_t two) {
+    const __half2_raw h =
+        __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(two & 0xffffu), __NV_E4M3);
+    const uint32_t u = (uint32_t)h.x | ((uint32_t)h.y << 16);
+    const uint32_t b = ((u >> 3) & 0x0fff0fffu) | (u & 0x80008000u);
+    const __nv_bfloat162 r = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&b),
+                                     __floats2bfloat162_rn(0x1p112f, 0x1p112f));
+    return *reinterpret_cast<const uint32_t*>(&r);
+}
+struct MmaFp8Epi2 {
+    typedef uint8_t Elem;
+    typedef uint2 Raw;
+    const float* scale;
+    static constexpr int K_PER_ELEM = 1;
+    static constexpr bool EPILOGUE = true, PERMUTE_X = false;
+    __device__ static uint4 permute_x(uint4 x) { return x; }
+    __device__ int group_size() const { return FP8_BLOCK; }
+    __device__ float epi_scale(const uint4&, int k) const { return __ldg(scale + k / FP8_BLOCK); }
+    __device__ static MmaFp8Epi2 at(const QuantArgs& qa, size_t m, int rows, int r, int K) {
+        return {fp8_scale_row(qa.scales, m, rows, r, K)};
+    }
+    __device__ static Raw load(const uint8_t* p) { return ldcs8(p); }
+    __device__ uint4 frag(Raw r, int k) const {
+        return fp8x8_to_bf16x8(r, __ldg(scale + k / FP8_BLOCK));
+    }
+    typedef uint4 Chunk;
+    static constexpr int CHUNK_STAGES = 4;
+    __device__ Chunk load2(const uint8_t* p, int) const {
+        return __ldcs(reinterpret_cast<const uint4*>(p));
+    }
+    __device__ void frags2(const Chunk& r, int, uint4& lo, uint4& hi) const {
+        lo = make_uint4(fp8x2_to_bf16x2_int(r.x), fp8x2_to_bf16x2_int(r.x >> 16),
+                        fp8x2_to_bf16x2_int(r.y), fp8x2_to_bf16x2_int(r.y >> 16));
+        hi = make_uint4(fp8x2_to_bf16x2_int(r.z), fp8x2_to_bf16x2_int(r.z >> 16),
+                        fp8x2_to_bf16x2_int(r.w), fp8x2_to_bf16x2_int(r.w >> 16));
+    }
+};
+
+// experts_fp8.cu's MmaFp8 with fewer chunks in flight (fewer registers, more blocks an SM).
+template <int CS>
+struct MmaFp8Stages : MmaFp8 {
+    static constexpr int CHUNK_STAGES = CS;
+    __device__ static MmaFp8Stages at(const QuantArgs& qa, size_t m, int rows, int r, int K) {
+        return {MmaFp8::at(qa, m, rows, r, K)};
     }
 };
 
@@ -223,6 +281,31 @@ struct Variant {
                 const uint32_t* off, const uint32_t* act, const uint32_t* sorted, int k, bf16* h,
                 float* y);
 };
+// experts_int4.cu's MmaInt4 with another number of chunks in flight.
+template <int CS>
+struct MmaInt4Stages : MmaInt4 {
+    static constexpr int CHUNK_STAGES = CS;
+    __device__ static MmaInt4Stages at(const QuantArgs& qa, size_t m, int rows, int r, int K) {
+        return {MmaInt4::at(qa, m, rows, r, K)};
+    }
+};
+// The gate/up kernel held to `MIN_BLOCKS` blocks an SM (registers capped to fit).
+template <typename W, int MIN_BLOCKS>
+__global__ void __launch_bounds__(128, MIN_BLOCKS)
+    gu_kernel_lb(const bf16* x, int hidden, const typename W::Elem* w, QuantArgs qa, int inner,
+                 const uint32_t* offsets, const uint32_t* active, const uint32_t* sorted,
+                 int k_div, bf16* h) {
+    gate_up_mma<W>(x, hidden, w, qa, inner, offsets, active, sorted, k_div, h);
+}
+template <typename W, int MIN_BLOCKS>
+static void run_lb(cudaStream_t st, const Layer& L, int gy, const bf16* x, int hidden, int inner,
+                   const uint32_t* off, const uint32_t* act, const uint32_t* sorted, int k,
+                   bf16* h, float* y) {
+    gu_kernel_lb<W, MIN_BLOCKS><<<dim3(inner / 32, gy), 128, 0, st>>>(
+        x, hidden, (const typename W::Elem*)L.gu, L.qgu, inner, off, act, sorted, k, h);
+    dn_kernel<W><<<dim3(hidden / 32, gy), 128, 0, st>>>(
+        h, inner, (const typename W::Elem*)L.dn, L.qdn, hidden, off, act, y);
+}
 template <typename W>
 static void run_w(cudaStream_t st, const Layer& L, int gy, const bf16* x, int hidden, int inner,
                   const uint32_t* off, const uint32_t* act, const uint32_t* sorted, int k,
@@ -245,9 +328,19 @@ static const Variant VARIANTS[] = {
     {"fp8      ", FP8, -1, true, run_w<MmaFp8>},
     {"fp8 pref ", FP8, 1, true, run_w<MmaFp8Prefetch>},
     {"fp8 epi  ", FP8, 1, false, run_w<MmaFp8Epi>},
+    {"fp8 epi2 ", FP8, 1, false, run_w<MmaFp8Epi2>},
+    {"fp8 cs3  ", FP8, 1, true, run_w<MmaFp8Stages<3>>},
+    {"fp8 cs2  ", FP8, 1, true, run_w<MmaFp8Stages<2>>},
+    {"fp8 lb3  ", FP8, 1, true, run_lb<MmaFp8, 3>},
+    {"fp8 lb4  ", FP8, 1, true, run_lb<MmaFp8, 4>},
+    {"fp8 cs3lb3", FP8, 1, true, run_lb<MmaFp8Stages<3>, 3>},
     {"int4 old ", INT4, -1, true, run_w<MmaInt4Old>},
-    {"int4 fine", INT4, 4, true, run_w<MmaInt4Fine>},
-    {"int4     ", INT4, 4, false, run_w<MmaInt4>},
+    {"int4 fine", INT4, 10, true, run_w<MmaInt4Fine>},
+    {"int4     ", INT4, 10, false, run_w<MmaInt4>},
+    {"int4 lb3 ", INT4, 10, false, run_lb<MmaInt4, 3>},
+    {"int4 cs3 ", INT4, 10, false, run_w<MmaInt4Stages<3>>},
+    {"int4 cs2 ", INT4, 10, false, run_w<MmaInt4Stages<2>>},
+    {"int4 cs6 ", INT4, 10, false, run_w<MmaInt4Stages<6>>},
     {"no-op    ", BF16, -2, true, run_empty},
 };
 static const int N_VARIANTS = sizeof(VARIANTS) / sizeof(VARIANTS[0]);
@@ -304,7 +397,7 @@ int main(int argc, char** argv) {
     const double bytes_per[3] = {2.0, 1.0 + 4.0 / (128 * 128), 0.5 + 4.0 / 128};
     int bad = 0;
     std::mt19937 rng(7);
-    printf("%-6s %-9s %10s %8s %s\n", "batch", "variant", "us/layer", "GB/s", "check");
+    printf("%-6s %-10s %10s %8s %s\n", "batch", "variant", "us/layer", "GB/s", "check");
     for (int T : batches) {
         const int P = T * k;
         std::vector<uint32_t> ids(P);
@@ -405,7 +498,7 @@ int main(int argc, char** argv) {
                     bad |= !(rel < 1e-2);
                 }
             }
-            printf("%-6d %-9s %10.2f %8.0f %s\n", T, V.name, us_layer, gbs, check);
+            printf("%-6d %-10s %10.2f %8.0f %s\n", T, V.name, us_layer, gbs, check);
             CK(cudaGraphExecDestroy(exec));
             CK(cudaGraphDestroy(graph));
             CK(cudaStreamDestroy(st));

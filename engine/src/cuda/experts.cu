@@ -599,10 +599,11 @@ __device__ __forceinline__ void k_half(int n32, int khalf, int& kb0, int& kb1) {
 }
 
 // Loads run CHUNK_STAGES − 1 chunks of 64 k ahead of the MMAs (a ring of registers, slot i % CS
-// for chunk i; the policy's: 2 for bf16, as many bytes as the earlier 4 blocks of 32, 4 for
-// e4m3): what a decode-size grid (a few warps per SM) needs to stream weights at the memory's
-// speed (one block ahead gave 1.6 TB/s at batch 1, scripts/bench/decode_experts.cu). The MMAs
-// run in k order, the same as with any depth: the sums do not depend on it.
+// for chunk i; the policy's: 2 for bf16, as many bytes as the earlier 4 blocks of 32, and for
+// e4m3, where a deeper ring cost more in registers (blocks an SM) than it gave; 4 for INT4):
+// what a decode-size grid (a few warps per SM) needs to stream weights at the memory's speed
+// (scripts/bench/decode_quant.cu measures the depths). The MMAs run in k order, the same as
+// with any depth: the sums do not depend on it.
 
 // The weights' side of the two kernels below, as a policy W: `Elem` is what a weight is stored
 // as, `Raw` what a lane loads of one row for one 32-wide k block (its 8 k positions), `load` that
@@ -624,7 +625,7 @@ __device__ __forceinline__ void k_half(int n32, int khalf, int& kb0, int& kb1) {
 //
 // `EPILOGUE`: `frags2` gives the stored values unscaled (exact in bf16); the walk sums each scale
 // group (`group_size()` columns, a multiple of 64) into accumulators of its own and adds them
-// times the chunk's `s` (rows g and g + 8: each row pair's own) at the group's end, or at the
+// times `epi_scale(chunk, k)` (rows g and g + 8: each row's own) at the group's end, or at the
 // warp's k_end. `PERMUTE_X`: `frags2` gives a lane's values in another pair order, and
 // `permute_x` puts the activations' fragment in the same one (the MMA's k order is any order
 // both operands share).
@@ -653,6 +654,7 @@ struct MmaBf16 {
     static constexpr bool EPILOGUE = false, PERMUTE_X = false;
     __device__ static uint4 permute_x(uint4 x) { return x; }
     __device__ int group_size() const { return 1 << 30; }
+    __device__ float epi_scale(const Chunk&, int) const { return 1.f; }
     __device__ static MmaBf16 at(const QuantArgs&, size_t, int, int, int) { return {}; }
     __device__ static Raw load(const bf16* p) { return ldcs16(p); }
     __device__ uint4 frag(Raw r, int) const { return r; }
@@ -727,7 +729,8 @@ __device__ __forceinline__ void chunk_walk(const typename W::Elem* const (&w)[2 
                     if (((kk + 64) & (pol[0].group_size() - 1)) == 0 || kk + 64 >= k_end) {
 #pragma unroll
                         for (int a = 0; a < NA; ++a) {
-                            const float s0 = r[i][2 * a].s, s1 = r[i][2 * a + 1].s;
+                            const float s0 = pol[2 * a].epi_scale(r[i][2 * a], kk);
+                            const float s1 = pol[2 * a + 1].epi_scale(r[i][2 * a + 1], kk);
                             c[a][0] = fmaf(cb[a][0], s0, c[a][0]);
                             c[a][1] = fmaf(cb[a][1], s0, c[a][1]);
                             c[a][2] = fmaf(cb[a][2], s1, c[a][2]);

@@ -69,6 +69,7 @@ struct MmaFp8 {
     static constexpr bool EPILOGUE = false, PERMUTE_X = false;
     __device__ static uint4 permute_x(uint4 x) { return x; }
     __device__ int group_size() const { return 1 << 30; }
+    __device__ float epi_scale(const uint4&, int) const { return 1.f; }
     __device__ static MmaFp8 at(const QuantArgs& qa, size_t m, int rows, int r, int K) {
         return {fp8_scale_row(qa.scales, m, rows, r, K)};
     }
@@ -81,8 +82,12 @@ struct MmaFp8 {
     // of loads in flight, was slower at every batch (scripts/bench/decode_quant.cu, 2026-11-28:
     // 36.2 against 34.0 µs a layer at batch 1, 327 against 283 at batch 64), as was applying it
     // to the f32 sums per 128-column block instead of to each value (35.3 / 319).
+    // Two chunks in flight (one loading while one is used), as bf16's: fewer registers (137
+    // against 252 in the gate/up kernel), so more blocks an SM, which pays more than a deeper
+    // ring: 32.6 against 34.3 µs a layer at batch 1, 244 against 286 at batch 64, the same bits
+    // (scripts/bench/decode_quant.cu, 2026-11-28).
     typedef uint4 Chunk;
-    static constexpr int CHUNK_STAGES = 4;
+    static constexpr int CHUNK_STAGES = 2;
     __device__ Chunk load2(const uint8_t* p, int) const {
         return __ldcs(reinterpret_cast<const uint4*>(p));
     }

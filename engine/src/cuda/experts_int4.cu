@@ -63,6 +63,8 @@ struct MmaInt4 {
     typedef uint32_t Raw;
     static constexpr int K_PER_ELEM = 2;
     static constexpr bool EPILOGUE = true, PERMUTE_X = true;
+    // Four chunks in flight: 27.0 µs a layer at batch 1 against 27.5 with three, 31.8 with two,
+    // 33.3 with six; three is 3–4% faster at batches 8–64 (decode_quant.cu, 2026-11-28).
     static constexpr int CHUNK_STAGES = 4;
     const float* scale;   // the row's group scales
     const uint8_t* zero;  // the row's zero points, or null (8)
@@ -77,6 +79,7 @@ struct MmaInt4 {
         return {qa.scales + i, qa.zeros ? qa.zeros + i : nullptr, qa.group_shift};
     }
     __device__ int group_size() const { return 1 << shift; }
+    __device__ float epi_scale(const Chunk& c, int) const { return c.s; }
     // x's eight bf16 (x0 x1 | x2 x3 | x4 x5 | x6 x7) → (x0 x4 | x1 x5 | x2 x6 | x3 x7).
     __device__ static uint4 permute_x(uint4 x) {
         return make_uint4(__byte_perm(x.x, x.z, 0x5410), __byte_perm(x.x, x.z, 0x7632),
@@ -132,8 +135,9 @@ struct MmaInt4Fine {
     static constexpr bool EPILOGUE = false, PERMUTE_X = false;
     __device__ static uint4 permute_x(uint4 x) { return x; }
     __device__ int group_size() const { return 1 << 30; }
-    // Four chunks in flight, as e4m3's (half its bytes): at batch 1 the walk is bound by the
-    // loads' latency more than by their bytes.
+    __device__ float epi_scale(const Chunk&, int) const { return 1.f; }
+    // Four chunks in flight: at batch 1 the walk is bound by the loads' latency more than by
+    // their bytes.
     static constexpr int CHUNK_STAGES = 4;
     const float* scale;   // the row's group scales
     const uint8_t* zero;  // the row's zero points, or null (8)
