@@ -6,7 +6,8 @@
 // layer reads, per variant:
 //   bf16       the bf16 kernels
 //   fp8        e4m3 · scale in f32 → bf16 per value, the block scale read at the MMAs' use
-//              (engine/src/cuda/experts_fp8.cu)
+//              (engine/src/cuda/experts_fp8.cu: two chunks in flight since 2026-11-28; the
+//              pref / epi / epi2 forms below keep four)
 //   fp8 pref   the same values, the scale loaded with the chunk (in the ring of loads in flight)
 //   fp8 epi    e4m3 → bf16 unscaled (exact), the MMAs summed per 128-column block and the
 //              block's scale applied to those f32 sums (no multiply per value)
@@ -19,6 +20,9 @@
 //              with the chunk
 //   int4       experts_int4.cu's MmaInt4 (groups ≥ 64): q − zero exact in bf16 (one LOP3 and a
 //              bf16x2 subtraction a pair), the scale applied to each group's f32 sums
+//   fp8 csN    fp8 with N chunks in flight (fp8 cs2 is the kernels' own)
+//   fp8 lbN    fp8 (four chunks) with the gate/up kernel held to N blocks an SM
+//   int4 lb3, int4 csN   the same for INT4
 //   no-op      the same grids doing nothing: moe_align, the combine and the launches alone
 // Checks: `fp8 pref` equals `fp8` and `int4 fine` equals `int4 old` bit for bit; the scaled-sums
 // forms against those by ‖a − b‖ / ‖b‖ (they round differently: the exact product of the stored
@@ -331,8 +335,8 @@ static const Variant VARIANTS[] = {
     {"fp8 epi2 ", FP8, 1, false, run_w<MmaFp8Epi2>},
     {"fp8 cs3  ", FP8, 1, true, run_w<MmaFp8Stages<3>>},
     {"fp8 cs2  ", FP8, 1, true, run_w<MmaFp8Stages<2>>},
-    {"fp8 lb3  ", FP8, 1, true, run_lb<MmaFp8, 3>},
-    {"fp8 lb4  ", FP8, 1, true, run_lb<MmaFp8, 4>},
+    {"fp8 lb3  ", FP8, 1, true, run_lb<MmaFp8Stages<4>, 3>},
+    {"fp8 lb4  ", FP8, 1, true, run_lb<MmaFp8Stages<4>, 4>},
     {"fp8 cs3lb3", FP8, 1, true, run_lb<MmaFp8Stages<3>, 3>},
     {"int4 old ", INT4, -1, true, run_w<MmaInt4Old>},
     {"int4 fine", INT4, 10, true, run_w<MmaInt4Fine>},
