@@ -82,29 +82,31 @@ __global__ void fill_scales(float* p, size_t n, uint32_t seed, float lo) {
         p[i] = lo * (1.f + (mix((uint32_t)i ^ seed) & 0xffff) / 65536.f);
 }
 
-// --- Forms measured and not kept, for the A/B. ---
-// e4m3 with the block scale loaded with the chunk (the ring of loads in flight).
-struct MmaFp8Prefetch {
-    typedef uint8_t Elem;
-    typedef uint2 Raw;
-    const float* scale;
-    static constexpr int K_PER_ELEM = 1;
-    static constexpr bool EPILOGUE = false, PERMUTE_X = false;
-    __device__ static uint4 permute_x(uint4 x) { return x; }
-    __device__ int group_size() const { return 1 << 30; }
-    __device__ float epi_scale(const uint4&, int) const { return 1.f; }
-    __device__ static MmaFp8Prefetch at(const QuantArgs& qa, size_t m, int rows, int r, int K) {
-        return {fp8_scale_row(qa.scales, m, rows, r, K)};
+// --- Forms measured and not kept, for the A/B: each the kernels' policy with what it changed. ---
+// `at` made again so that it returns the derived type.
+#define WITH_AT(NAME, BASE)                                                                   \
+    __device__ static NAME at(const QuantArgs& qa, size_t m, int rows, int r, int K) {        \
+        return {BASE::at(qa, m, rows, r, K)};                                                 \
     }
-    __device__ static Raw load(const uint8_t* p) { return ldcs8(p); }
-    __device__ uint4 frag(Raw r, int k) const {
-        return fp8x8_to_bf16x8(r, __ldg(scale + k / FP8_BLOCK));
-    }
+// A policy with CS chunks in flight.
+template <int CS>
+struct MmaFp8Stages : MmaFp8 {
+    static constexpr int CHUNK_STAGES = CS;
+    WITH_AT(MmaFp8Stages, MmaFp8)
+};
+template <int CS>
+struct MmaInt4Stages : MmaInt4 {
+    static constexpr int CHUNK_STAGES = CS;
+    WITH_AT(MmaInt4Stages, MmaInt4)
+};
+
+// e4m3 (four chunks in flight) with the block scale loaded with the chunk.
+struct MmaFp8Prefetch : MmaFp8Stages<4> {
+    WITH_AT(MmaFp8Prefetch, MmaFp8)
     struct Chunk {
         uint4 v;
         float s;
     };
-    static constexpr int CHUNK_STAGES = 4;
     __device__ Chunk load2(const uint8_t* p, int k) const {
         return {__ldcs(reinterpret_cast<const uint4*>(p)), __ldg(scale + k / FP8_BLOCK)};
     }
@@ -112,39 +114,14 @@ struct MmaFp8Prefetch {
         lo = fp8x8_to_bf16x8(make_uint2(r.v.x, r.v.y), r.s);
         hi = fp8x8_to_bf16x8(make_uint2(r.v.z, r.v.w), r.s);
     }
+    __device__ float epi_scale(const Chunk&, int) const { return 1.f; }
 };
 
-// INT4 before 2026-11-28: each value scaled, the group's scale read at the MMAs' use.
-struct MmaInt4Old {
-    typedef uint8_t Elem;
-    typedef uint32_t Raw;
+// INT4 before 2026-11-28 (MmaInt4Fine's values, every group size): the group's scale read at the
+// MMAs' use.
+struct MmaInt4Old : MmaInt4Fine {
+    WITH_AT(MmaInt4Old, MmaInt4Fine)
     typedef uint2 Chunk;
-    static constexpr int K_PER_ELEM = 2;
-    static constexpr bool EPILOGUE = false, PERMUTE_X = false;
-    __device__ static uint4 permute_x(uint4 x) { return x; }
-    __device__ int group_size() const { return 1 << 30; }
-    __device__ float epi_scale(const uint2&, int) const { return 1.f; }
-    static constexpr int CHUNK_STAGES = 4;
-    const float* scale;
-    const uint8_t* zero;
-    int shift;
-    __device__ static MmaInt4Old at(const QuantArgs& qa, size_t m, int rows, int r, int K) {
-        const size_t i = int4_group_row(m, rows, r, K, qa.group_shift);
-        return {qa.scales + i, qa.zeros ? qa.zeros + i : nullptr, qa.group_shift};
-    }
-    __device__ __forceinline__ void group(int c, float& bias, float& s) const {
-        const int gi = c >> shift;
-        s = __ldg(scale + gi);
-        bias = INT4_BIAS + (zero ? (float)__ldg(zero + gi) : 8.f);
-    }
-    __device__ static Raw load(const uint8_t* p) {
-        return __ldcs(reinterpret_cast<const unsigned int*>(p));
-    }
-    __device__ uint4 frag(Raw r, int k) const {
-        float bias, s;
-        group(k + (threadIdx.x & 3) * 8, bias, s);
-        return int4x8_to_bf16x8(r, bias, s);
-    }
     __device__ Chunk load2(const uint8_t* p, int) const {
         return __ldcs(reinterpret_cast<const uint2*>(p));
     }
@@ -154,57 +131,20 @@ struct MmaInt4Old {
         lo = int4x8_to_bf16x8(r.x, bias, s);
         hi = int4x8_to_bf16x8(r.y, bias, s);
     }
+    __device__ float epi_scale(const Chunk&, int) const { return 1.f; }
 };
 
-// --- Scale in the epilogue. ---
-// Two e4m3 (low byte first) → two bf16, unscaled: exact (every e4m3 value is a bf16).
+// e4m3 pairs (low byte first) → the bf16 pair of the unscaled values, exact, two ways:
+// through f32 (the conversion instruction to f16, two to f32, one to bf16) ...
 __device__ __forceinline__ uint32_t fp8x2_to_bf16x2_exact(uint32_t two) {
     const __half2_raw h =
         __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(two & 0xffffu), __NV_E4M3);
     const float2 f = __half22float2(__half2(h));
     return pack_bf16(f.x, f.y);
 }
-__device__ __forceinline__ uint4 fp8x8_to_bf16x8_exact(uint32_t a, uint32_t b) {
-    return make_uint4(fp8x2_to_bf16x2_exact(a), fp8x2_to_bf16x2_exact(a >> 16),
-                      fp8x2_to_bf16x2_exact(b), fp8x2_to_bf16x2_exact(b >> 16));
-}
-
-struct MmaFp8Epi {
-    typedef uint8_t Elem;
-    typedef uint2 Raw;
-    const float* scale;
-    static constexpr int K_PER_ELEM = 1;
-    static constexpr bool EPILOGUE = true, PERMUTE_X = false;
-    __device__ static uint4 permute_x(uint4 x) { return x; }
-    __device__ int group_size() const { return FP8_BLOCK; }
-    template <typename C>
-    __device__ float epi_scale(const C& c, int) const { return c.s; }
-    __device__ static MmaFp8Epi at(const QuantArgs& qa, size_t m, int rows, int r, int K) {
-        return {fp8_scale_row(qa.scales, m, rows, r, K)};
-    }
-    // The 32-wide tail (not at these shapes): scaled per value, added after the walk.
-    __device__ static Raw load(const uint8_t* p) { return ldcs8(p); }
-    __device__ uint4 frag(Raw r, int k) const {
-        return fp8x8_to_bf16x8(r, __ldg(scale + k / FP8_BLOCK));
-    }
-    struct Chunk {
-        uint4 v;
-        float s;
-    };
-    static constexpr int CHUNK_STAGES = 4;
-    __device__ Chunk load2(const uint8_t* p, int k) const {
-        return {__ldcs(reinterpret_cast<const uint4*>(p)), __ldg(scale + k / FP8_BLOCK)};
-    }
-    __device__ void frags2(const Chunk& r, int, uint4& lo, uint4& hi) const {
-        lo = fp8x8_to_bf16x8_exact(r.v.x, r.v.y);
-        hi = fp8x8_to_bf16x8_exact(r.v.z, r.v.w);
-    }
-};
-
-// e4m3 → f16 pair by the conversion instruction (exact), then f16 → bf16 with integer operations
-// (f16 bits shifted right by 3 are the bf16 of value · 2^-112, every such value a bf16 normal or
-// zero) and one bf16x2 multiplication by 2^112, exact: one conversion-pipe instruction a pair
-// instead of three. The block scale multiplies the f32 sums per 128 columns, read at the flush.
+// ... or the conversion instruction to f16, then integer operations: f16 bits shifted right by 3
+// are the bf16 of value · 2^-112 (every such value a bf16 normal or zero), and one bf16x2
+// multiplication by 2^112 makes it exact: one conversion-pipe instruction a pair instead of three.
 __device__ __forceinline__ uint32_t fp8x2_to_bf16x2_int(uint32_t two) {
     const __half2_raw h =
         __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(two & 0xffffu), __NV_E4M3);
@@ -214,43 +154,32 @@ __device__ __forceinline__ uint32_t fp8x2_to_bf16x2_int(uint32_t two) {
                                      __floats2bfloat162_rn(0x1p112f, 0x1p112f));
     return *reinterpret_cast<const uint32_t*>(&r);
 }
-struct MmaFp8Epi2 {
-    typedef uint8_t Elem;
-    typedef uint2 Raw;
-    const float* scale;
-    static constexpr int K_PER_ELEM = 1;
-    static constexpr bool EPILOGUE = true, PERMUTE_X = false;
-    __device__ static uint4 permute_x(uint4 x) { return x; }
+
+// e4m3 (four chunks in flight) summed per 128-column block, the block's scale applied to the
+// f32 sums: loaded with the chunk (SCALE_WITH_CHUNK) or read at the block's end.
+template <uint32_t (*Convert)(uint32_t), bool SCALE_WITH_CHUNK>
+struct MmaFp8Sums : MmaFp8Stages<4> {
+    static constexpr bool EPILOGUE = true;
+    WITH_AT(MmaFp8Sums, MmaFp8)
     __device__ int group_size() const { return FP8_BLOCK; }
-    __device__ float epi_scale(const uint4&, int k) const { return __ldg(scale + k / FP8_BLOCK); }
-    __device__ static MmaFp8Epi2 at(const QuantArgs& qa, size_t m, int rows, int r, int K) {
-        return {fp8_scale_row(qa.scales, m, rows, r, K)};
+    struct Chunk {
+        uint4 v;
+        float s;
+    };
+    __device__ Chunk load2(const uint8_t* p, int k) const {
+        return {__ldcs(reinterpret_cast<const uint4*>(p)),
+                SCALE_WITH_CHUNK ? __ldg(scale + k / FP8_BLOCK) : 0.f};
     }
-    __device__ static Raw load(const uint8_t* p) { return ldcs8(p); }
-    __device__ uint4 frag(Raw r, int k) const {
-        return fp8x8_to_bf16x8(r, __ldg(scale + k / FP8_BLOCK));
-    }
-    typedef uint4 Chunk;
-    static constexpr int CHUNK_STAGES = 4;
-    __device__ Chunk load2(const uint8_t* p, int) const {
-        return __ldcs(reinterpret_cast<const uint4*>(p));
+    __device__ float epi_scale(const Chunk& c, int k) const {
+        return SCALE_WITH_CHUNK ? c.s : __ldg(scale + k / FP8_BLOCK);
     }
     __device__ void frags2(const Chunk& r, int, uint4& lo, uint4& hi) const {
-        lo = make_uint4(fp8x2_to_bf16x2_int(r.x), fp8x2_to_bf16x2_int(r.x >> 16),
-                        fp8x2_to_bf16x2_int(r.y), fp8x2_to_bf16x2_int(r.y >> 16));
-        hi = make_uint4(fp8x2_to_bf16x2_int(r.z), fp8x2_to_bf16x2_int(r.z >> 16),
-                        fp8x2_to_bf16x2_int(r.w), fp8x2_to_bf16x2_int(r.w >> 16));
+        lo = make_uint4(Convert(r.v.x), Convert(r.v.x >> 16), Convert(r.v.y), Convert(r.v.y >> 16));
+        hi = make_uint4(Convert(r.v.z), Convert(r.v.z >> 16), Convert(r.v.w), Convert(r.v.w >> 16));
     }
 };
-
-// experts_fp8.cu's MmaFp8 with fewer chunks in flight (fewer registers, more blocks an SM).
-template <int CS>
-struct MmaFp8Stages : MmaFp8 {
-    static constexpr int CHUNK_STAGES = CS;
-    __device__ static MmaFp8Stages at(const QuantArgs& qa, size_t m, int rows, int r, int K) {
-        return {MmaFp8::at(qa, m, rows, r, K)};
-    }
-};
+typedef MmaFp8Sums<fp8x2_to_bf16x2_exact, true> MmaFp8Epi;
+typedef MmaFp8Sums<fp8x2_to_bf16x2_int, false> MmaFp8Epi2;
 
 template <typename W>
 __global__ void gu_kernel(const bf16* x, int hidden, const typename W::Elem* w, QuantArgs qa,
@@ -284,14 +213,6 @@ struct Variant {
     void (*run)(cudaStream_t, const Layer&, int gy, const bf16* x, int hidden, int inner,
                 const uint32_t* off, const uint32_t* act, const uint32_t* sorted, int k, bf16* h,
                 float* y);
-};
-// experts_int4.cu's MmaInt4 with another number of chunks in flight.
-template <int CS>
-struct MmaInt4Stages : MmaInt4 {
-    static constexpr int CHUNK_STAGES = CS;
-    __device__ static MmaInt4Stages at(const QuantArgs& qa, size_t m, int rows, int r, int K) {
-        return {MmaInt4::at(qa, m, rows, r, K)};
-    }
 };
 // The gate/up kernel held to `MIN_BLOCKS` blocks an SM (registers capped to fit).
 template <typename W, int MIN_BLOCKS>
