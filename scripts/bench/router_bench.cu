@@ -1,0 +1,197 @@
+// Where a decode step's router time goes (issue 18): `moe_route_logits` (router logits and
+// routing in one launch, engine/src/cuda/experts.cu) took 11.4 µs a layer at batch 1 under Nsight
+// Compute on an H200 (docs/BENCHMARKS.md, session 23), as long as a 34 MB dense projection, for a
+// 64 × 2,048 f32 product and a top-6. This times it and its parts the way a decode step runs them:
+// 26 layers, each with router weights of its own, captured in one CUDA graph and replayed; µs a
+// layer, median of 7 × 20 replays:
+//   fused        moe_route_logits (what the engine runs, batch ≤ 16)
+//   logits       the same kernel's logits half alone (its code up to the last-block hand-off)
+//   route        moe_route alone over those logits (one warp a token)
+//   no-op        an empty kernel with the fused kernel's grid: the launch floor in a graph
+// at DeepSeek-V2-Lite's router (64 experts, hidden 2,048, softmax, greedy top-6) and V3's (256
+// experts, hidden 7,168, sigmoid + bias, noaux_tc top-8 from 4 of 8 groups), batches 1 and 8.
+// Checks that the fused kernel's ids and weights equal route-after-logits' (the same routing code).
+// Build: nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o router_bench scripts/bench/router_bench.cu
+// Run on a GPU machine: ./router_bench   (exit 1 on a mismatch)
+#include "../../engine/src/cuda/kernels.cu"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#define CK(x)                                                                              \
+    do {                                                                                   \
+        cudaError_t e_ = (x);                                                              \
+        if (e_ != cudaSuccess) {                                                           \
+            printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
+            exit(2);                                                                       \
+        }                                                                                  \
+    } while (0)
+
+__global__ void fill_f32(float* p, size_t n, uint32_t seed, float scale) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
+        h ^= h >> 15;
+        h *= 2246822519u;
+        h ^= h >> 13;
+        p[i] = ((int)(h & 0xffff) - 32768) * (scale / 32768.f);
+    }
+}
+
+// moe_route_logits' first half: block e's logits of every token, nothing after.
+__global__ void __launch_bounds__(ROUTE_WARPS * 32)
+    logits_only(const float* x, int tokens, int hidden, const float* w_router, float* logits,
+                int n_exp) {
+    __shared__ float part[ROUTE_WARPS][ROUTE_LOGITS_MAX_T];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int e = blockIdx.x;
+    const int n4 = hidden / 4;
+    const float4* wr = reinterpret_cast<const float4*>(w_router + (size_t)e * hidden);
+    float acc[ROUTE_LOGITS_MAX_T];
+#pragma unroll
+    for (int t = 0; t < ROUTE_LOGITS_MAX_T; ++t) acc[t] = 0.f;
+#pragma unroll 4
+    for (int c = threadIdx.x; c < n4; c += ROUTE_WARPS * 32) {
+        const float4 a = __ldcs(wr + c);
+#pragma unroll
+        for (int t = 0; t < ROUTE_LOGITS_MAX_T; ++t) {
+            if (t < tokens) {
+                const float4 b = reinterpret_cast<const float4*>(x + (size_t)t * hidden)[c];
+                acc[t] = fmaf(a.x, b.x, acc[t]);
+                acc[t] = fmaf(a.y, b.y, acc[t]);
+                acc[t] = fmaf(a.z, b.z, acc[t]);
+                acc[t] = fmaf(a.w, b.w, acc[t]);
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < ROUTE_LOGITS_MAX_T; ++t) {
+        if (t < tokens) {
+            const float v = warp_sum(acc[t]);
+            if (lane == 0) part[warp][t] = v;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < tokens) {
+        const int t = threadIdx.x;
+        float v = part[0][t];
+#pragma unroll
+        for (int w = 1; w < ROUTE_WARPS; ++w) v += part[w][t];
+        logits[(size_t)t * n_exp + e] = v;
+    }
+}
+
+__global__ void empty_kernel() {}
+
+struct Router {
+    const char* name;
+    int experts, hidden, scoring, method, k, n_group, topk_group, normalise;
+    bool bias;
+};
+static const Router ROUTERS[] = {
+    {"V2-Lite", 64, 2048, 1, 0, 6, 1, 1, 0, false},
+    {"V3", 256, 7168, 0, 2, 8, 8, 4, 1, true},
+};
+
+int main() {
+    const int L = 26;
+    int bad = 0;
+    printf("%-8s %5s %-7s %10s\n", "router", "batch", "variant", "us/layer");
+    for (const Router& R : ROUTERS) {
+        std::vector<float*> w(L);
+        for (int l = 0; l < L; ++l) {
+            CK(cudaMalloc(&w[l], (size_t)R.experts * R.hidden * 4));
+            fill_f32<<<256, 256>>>(w[l], (size_t)R.experts * R.hidden, 11u + l, 0.05f);
+        }
+        float* bias = nullptr;
+        if (R.bias) {
+            CK(cudaMalloc(&bias, R.experts * 4));
+            fill_f32<<<1, 256>>>(bias, R.experts, 3u, 0.01f);
+        }
+        for (int T : {1, 8}) {
+            float *x, *logits;
+            uint32_t *ids_f, *ids_r, *counter;
+            float *wts_f, *wts_r;
+            CK(cudaMalloc(&x, (size_t)T * R.hidden * 4));
+            CK(cudaMalloc(&logits, (size_t)L * T * R.experts * 4));
+            CK(cudaMalloc(&ids_f, (size_t)L * T * R.k * 4));
+            CK(cudaMalloc(&ids_r, (size_t)L * T * R.k * 4));
+            CK(cudaMalloc(&wts_f, (size_t)L * T * R.k * 4));
+            CK(cudaMalloc(&wts_r, (size_t)L * T * R.k * 4));
+            CK(cudaMalloc(&counter, L * 4));
+            CK(cudaMemset(counter, 0, L * 4));
+            fill_f32<<<64, 256>>>(x, (size_t)T * R.hidden, 5u, 1.f);
+            const char* names[] = {"fused", "logits", "route", "no-op"};
+            for (int v = 0; v < 4; ++v) {
+                cudaStream_t st;
+                CK(cudaStreamCreate(&st));
+                cudaGraph_t graph;
+                cudaGraphExec_t exec;
+                CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+                for (int l = 0; l < L; ++l) {
+                    float* lg = logits + (size_t)l * T * R.experts;
+                    const size_t o = (size_t)l * T * R.k;
+                    if (v == 0)
+                        moe_route_logits<<<R.experts, ROUTE_WARPS * 32, 0, st>>>(
+                            x, T, R.hidden, w[l], nullptr, lg, counter + l, R.experts, bias,
+                            R.scoring, R.method, R.k, R.n_group, R.topk_group, R.normalise, 0,
+                            1.f, ids_f + o, wts_f + o);
+                    else if (v == 1)
+                        logits_only<<<R.experts, ROUTE_WARPS * 32, 0, st>>>(x, T, R.hidden, w[l],
+                                                                            lg, R.experts);
+                    else if (v == 2)
+                        moe_route<<<(T + ROUTE_WARPS - 1) / ROUTE_WARPS, ROUTE_WARPS * 32, 0,
+                                    st>>>(lg, T, R.experts, bias, R.scoring, R.method, R.k,
+                                          R.n_group, R.topk_group, R.normalise, 0, 1.f,
+                                          ids_r + o, wts_r + o);
+                    else
+                        empty_kernel<<<R.experts, ROUTE_WARPS * 32, 0, st>>>();
+                }
+                CK(cudaStreamEndCapture(st, &graph));
+                CK(cudaGraphInstantiate(&exec, graph, 0));
+                for (int i = 0; i < 3; ++i) CK(cudaGraphLaunch(exec, st));
+                CK(cudaStreamSynchronize(st));
+                CK(cudaGetLastError());
+                cudaEvent_t a, b;
+                CK(cudaEventCreate(&a));
+                CK(cudaEventCreate(&b));
+                std::vector<float> times;
+                for (int rep = 0; rep < 7; ++rep) {
+                    CK(cudaEventRecord(a, st));
+                    for (int i = 0; i < 20; ++i) CK(cudaGraphLaunch(exec, st));
+                    CK(cudaEventRecord(b, st));
+                    CK(cudaEventSynchronize(b));
+                    float ms = 0;
+                    CK(cudaEventElapsedTime(&ms, a, b));
+                    times.push_back(ms);
+                }
+                std::sort(times.begin(), times.end());
+                printf("%-8s %5d %-7s %10.2f\n", R.name, T, names[v],
+                       times[3] * 1000.0 / 20 / L);
+                CK(cudaGraphExecDestroy(exec));
+                CK(cudaGraphDestroy(graph));
+                CK(cudaStreamDestroy(st));
+            }
+            // The fused kernel's routing against moe_route over the logits it wrote (the route
+            // variant ran last over the logits-only variant's, the same values).
+            std::vector<uint32_t> a((size_t)L * T * R.k), b(a.size());
+            std::vector<float> wa(a.size()), wb(a.size());
+            CK(cudaMemcpy(a.data(), ids_f, a.size() * 4, cudaMemcpyDeviceToHost));
+            CK(cudaMemcpy(b.data(), ids_r, b.size() * 4, cudaMemcpyDeviceToHost));
+            CK(cudaMemcpy(wa.data(), wts_f, wa.size() * 4, cudaMemcpyDeviceToHost));
+            CK(cudaMemcpy(wb.data(), wts_r, wb.size() * 4, cudaMemcpyDeviceToHost));
+            const bool same = a == b && memcmp(wa.data(), wb.data(), wa.size() * 4) == 0;
+            printf("%-8s %5d routing %s\n", R.name, T,
+                   same ? "fused = route after logits" : "MISMATCH");
+            bad |= !same;
+            cudaFree(x); cudaFree(logits); cudaFree(ids_f); cudaFree(ids_r); cudaFree(wts_f);
+            cudaFree(wts_r); cudaFree(counter);
+        }
+        for (float* p : w) cudaFree(p);
+        if (bias) cudaFree(bias);
+    }
+    return bad;
+}
