@@ -60,7 +60,8 @@ typedef void (*GgFn)(const bf16*, int, const bf16*, int, const uint32_t*, const 
 template <bool GU, int BM, int BN, int BK, int ST, int WM, int WN>
 __global__ void __launch_bounds__(WM* WN * 32) gg_var(const bf16* a, int K, const bf16* w, int N,
                                                      const uint32_t* sr, const uint32_t* bs, void* out) {
-    moe_gg<GU, BM, BN, BK, ST, WM, WN>(a, K, w, N, sr, bs, out);
+    moe_gg<GU, BM, BN, BK, ST, WM, WN, GgBf16Weights<GU, BN, BK, ST, WM * WN * 32, BN / WN>>(
+        a, K, w, QuantArgs{}, N, sr, bs, out);
 }
 struct Variant {
     const char* name;
@@ -122,7 +123,8 @@ static void experts(int T, int hidden, int inner, int S, int k, int check_rows, 
     auto run_old = [&]() {
         moe_align<<<1, 1024>>>(d_ids, P, nullptr, S, d_off, d_sorted2, d_pos2, nullptr, nullptr, 0, nullptr);
         moe_gate_up_mma<<<dim3((inner + 31) / 32, S), 128>>>(d_x, hidden, d_wgu, inner, d_off, nullptr, d_sorted2, k, d_h2);
-        moe_down_mma<<<dim3((hidden + 31) / 32, S), 128>>>(d_h2, inner, d_wd, hidden, d_off, nullptr, d_y2);
+        moe_down_mma<<<dim3((hidden + 31) / 32, S), 128>>>(d_h2, inner, d_wd, hidden, d_off, nullptr, d_y2,
+                                                           nullptr, nullptr, 0, 0, nullptr, nullptr);
         moe_combine<<<dim3(T, (hidden + 255) / 256), 256>>>(d_y2, hidden, d_pos2, d_w, nullptr, k, d_out2);
     };
     // CPU reference rows.

@@ -643,7 +643,19 @@ __device__ __forceinline__ const typename W::Elem* w_at(const typename W::Elem* 
     return p + k / W::K_PER_ELEM;
 }
 
-struct MmaBf16 {
+// What a policy that scales each value (every one but INT4's in groups of 64+) has of the
+// EPILOGUE / PERMUTE_X interface: neither, so the walk sums into c directly.
+struct ScaledValues {
+    static constexpr bool EPILOGUE = false, PERMUTE_X = false;
+    __device__ static uint4 permute_x(uint4 x) { return x; }
+    __device__ int group_size() const { return 1 << 30; }
+    template <typename C>
+    __device__ float epi_scale(const C&, int) const {
+        return 1.f;
+    }
+};
+
+struct MmaBf16 : ScaledValues {
     typedef bf16 Elem;
     typedef uint4 Raw;
     struct Chunk {
@@ -651,10 +663,6 @@ struct MmaBf16 {
     };
     static constexpr int CHUNK_STAGES = 2;
     static constexpr int K_PER_ELEM = 1;
-    static constexpr bool EPILOGUE = false, PERMUTE_X = false;
-    __device__ static uint4 permute_x(uint4 x) { return x; }
-    __device__ int group_size() const { return 1 << 30; }
-    __device__ float epi_scale(const Chunk&, int) const { return 1.f; }
     __device__ static MmaBf16 at(const QuantArgs&, size_t, int, int, int) { return {}; }
     __device__ static Raw load(const bf16* p) { return ldcs16(p); }
     __device__ uint4 frag(Raw r, int) const { return r; }

@@ -61,17 +61,13 @@ __device__ __forceinline__ const float* fp8_scale_row(const float* scales, size_
 // g + 8 of its tile: one 128-row block, as tiles are 16 rows from a multiple of 16) and
 // dequantises them, with the block's scale, to the 16 bytes of bf16 the bf16 kernel would have
 // loaded; the MMAs, their order and the load pipeline are the bf16 kernels'.
-struct MmaFp8 {
+struct MmaFp8 : ScaledValues {
     typedef uint8_t Elem;
     typedef uint2 Raw;
     const float* scale;  // the block scales of the row's 128 rows, one per 128 columns
     static constexpr int K_PER_ELEM = 1;
-    static constexpr bool EPILOGUE = false, PERMUTE_X = false;
-    __device__ static uint4 permute_x(uint4 x) { return x; }
-    __device__ int group_size() const { return 1 << 30; }
-    __device__ float epi_scale(const uint4&, int) const { return 1.f; }
     __device__ static MmaFp8 at(const QuantArgs& qa, size_t m, int rows, int r, int K) {
-        return {fp8_scale_row(qa.scales, m, rows, r, K)};
+        return {{}, fp8_scale_row(qa.scales, m, rows, r, K)};
     }
     __device__ static Raw load(const uint8_t* p) { return ldcs8(p); }
     __device__ uint4 frag(Raw r, int k) const {

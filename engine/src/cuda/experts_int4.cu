@@ -124,7 +124,7 @@ struct MmaInt4 {
 
 // Groups of 16 or 32 columns: each value scaled in f32 and rounded to bf16 (the bf16 kernels'
 // bits over the dequantised weights).
-struct MmaInt4Fine {
+struct MmaInt4Fine : ScaledValues {
     typedef uint8_t Elem;
     typedef uint32_t Raw;
     struct Chunk {
@@ -132,10 +132,6 @@ struct MmaInt4Fine {
         float bias, s;
     };
     static constexpr int K_PER_ELEM = 2;
-    static constexpr bool EPILOGUE = false, PERMUTE_X = false;
-    __device__ static uint4 permute_x(uint4 x) { return x; }
-    __device__ int group_size() const { return 1 << 30; }
-    __device__ float epi_scale(const Chunk&, int) const { return 1.f; }
     // Four chunks in flight: at batch 1 the walk is bound by the loads' latency more than by
     // their bytes.
     static constexpr int CHUNK_STAGES = 4;
@@ -144,7 +140,7 @@ struct MmaInt4Fine {
     int shift;
     __device__ static MmaInt4Fine at(const QuantArgs& qa, size_t m, int rows, int r, int K) {
         const size_t i = int4_group_row(m, rows, r, K, qa.group_shift);
-        return {qa.scales + i, qa.zeros ? qa.zeros + i : nullptr, qa.group_shift};
+        return {{}, qa.scales + i, qa.zeros ? qa.zeros + i : nullptr, qa.group_shift};
     }
     // The bias and scale of the group holding column c.
     __device__ __forceinline__ void group(int c, float& bias, float& s) const {
