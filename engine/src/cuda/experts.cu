@@ -687,8 +687,8 @@ __device__ __forceinline__ void chunk_walk(const typename W::Elem* const (&w)[2 
     typename W::Chunk r[CS][2 * NA];
     uint4 b[CS][2];
     // W::EPILOGUE: the fragments are the stored values unscaled (exact in bf16), summed per
-    // scale group into cb and scaled into c at each group's end (the scales per row pair: rows
-    // g and g + 8, each chunk's own `s`).
+    // scale group into cb and scaled into c at each group's end (`epi_scale` of rows g and
+    // g + 8, each its own).
     float cb[NA][4];
     if constexpr (W::EPILOGUE) {
 #pragma unroll
