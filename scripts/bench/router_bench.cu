@@ -5,12 +5,14 @@
 // 26 layers, each with router weights of its own, captured in one CUDA graph and replayed; µs a
 // layer, median of 7 × 20 replays:
 //   fused        moe_route_logits (what the engine runs, batch ≤ 16)
+//   fused-reg    the same with route_row's weights in registers (no 64-byte stack frame)
 //   logits       the same kernel's logits half alone (its code up to the last-block hand-off)
 //   route        moe_route alone over those logits (one warp a token)
 //   no-op        an empty kernel with the fused kernel's grid: the launch floor in a graph
 // at DeepSeek-V2-Lite's router (64 experts, hidden 2,048, softmax, greedy top-6) and V3's (256
 // experts, hidden 7,168, sigmoid + bias, noaux_tc top-8 from 4 of 8 groups), batches 1 and 8.
-// Checks that the fused kernel's ids and weights equal route-after-logits' (the same routing code).
+// Checks that the fused kernel's ids and weights equal route-after-logits' and fused-reg's (the
+// same routing arithmetic), bit for bit.
 // Build: nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o router_bench scripts/bench/router_bench.cu
 // Run on a GPU machine: ./router_bench   (exit 1 on a mismatch)
 #include "../../engine/src/cuda/kernels.cu"
@@ -86,6 +88,17 @@ __global__ void __launch_bounds__(ROUTE_WARPS * 32)
 
 __global__ void empty_kernel() {}
 
+// The fused kernel with route_row's k weights in registers (lane r holds round r's, the k lanes
+// store at once) instead of the local-memory array lane 0 walks.
+__global__ void __launch_bounds__(ROUTE_WARPS * 32)
+    fused_reg(const float* x, int tokens, int hidden, const float* w_router, float* logits,
+              uint32_t* counter, int n_exp, const float* bias, int scoring, int method, int k,
+              int n_group, int topk_group, int normalise, uint32_t* ids, float* weights) {
+    route_logits<true>(x, tokens, hidden, w_router, nullptr, logits, counter, n_exp, bias,
+                       scoring, method, k, n_group, topk_group, normalise, 0, 1.f, ids,
+                       weights);
+}
+
 struct Router {
     const char* name;
     int experts, hidden, scoring, method, k, n_group, topk_group, normalise;
@@ -99,7 +112,7 @@ static const Router ROUTERS[] = {
 int main() {
     const int L = 26;
     int bad = 0;
-    printf("%-8s %5s %-7s %10s\n", "router", "batch", "variant", "us/layer");
+    printf("%-8s %5s %-9s %10s\n", "router", "batch", "variant", "us/layer");
     for (const Router& R : ROUTERS) {
         std::vector<float*> w(L);
         for (int l = 0; l < L; ++l) {
@@ -113,19 +126,21 @@ int main() {
         }
         for (int T : {1, 8}) {
             float *x, *logits;
-            uint32_t *ids_f, *ids_r, *counter;
-            float *wts_f, *wts_r;
+            uint32_t *ids_f, *ids_r, *ids_g, *counter;
+            float *wts_f, *wts_r, *wts_g;
             CK(cudaMalloc(&x, (size_t)T * R.hidden * 4));
             CK(cudaMalloc(&logits, (size_t)L * T * R.experts * 4));
             CK(cudaMalloc(&ids_f, (size_t)L * T * R.k * 4));
             CK(cudaMalloc(&ids_r, (size_t)L * T * R.k * 4));
+            CK(cudaMalloc(&ids_g, (size_t)L * T * R.k * 4));
+            CK(cudaMalloc(&wts_g, (size_t)L * T * R.k * 4));
             CK(cudaMalloc(&wts_f, (size_t)L * T * R.k * 4));
             CK(cudaMalloc(&wts_r, (size_t)L * T * R.k * 4));
             CK(cudaMalloc(&counter, L * 4));
             CK(cudaMemset(counter, 0, L * 4));
             fill_f32<<<64, 256>>>(x, (size_t)T * R.hidden, 5u, 1.f);
-            const char* names[] = {"fused", "logits", "route", "no-op"};
-            for (int v = 0; v < 4; ++v) {
+            const char* names[] = {"fused", "fused-reg", "logits", "route", "no-op"};
+            for (int v = 0; v < 5; ++v) {
                 cudaStream_t st;
                 CK(cudaStreamCreate(&st));
                 cudaGraph_t graph;
@@ -140,9 +155,14 @@ int main() {
                             R.scoring, R.method, R.k, R.n_group, R.topk_group, R.normalise, 0,
                             1.f, ids_f + o, wts_f + o);
                     else if (v == 1)
+                        fused_reg<<<R.experts, ROUTE_WARPS * 32, 0, st>>>(
+                            x, T, R.hidden, w[l], lg, counter + l, R.experts, bias, R.scoring,
+                            R.method, R.k, R.n_group, R.topk_group, R.normalise, ids_g + o,
+                            wts_g + o);
+                    else if (v == 2)
                         logits_only<<<R.experts, ROUTE_WARPS * 32, 0, st>>>(x, T, R.hidden, w[l],
                                                                             lg, R.experts);
-                    else if (v == 2)
+                    else if (v == 3)
                         moe_route<<<(T + ROUTE_WARPS - 1) / ROUTE_WARPS, ROUTE_WARPS * 32, 0,
                                     st>>>(lg, T, R.experts, bias, R.scoring, R.method, R.k,
                                           R.n_group, R.topk_group, R.normalise, 0, 1.f,
@@ -169,7 +189,7 @@ int main() {
                     times.push_back(ms);
                 }
                 std::sort(times.begin(), times.end());
-                printf("%-8s %5d %-7s %10.2f\n", R.name, T, names[v],
+                printf("%-8s %5d %-9s %10.2f\n", R.name, T, names[v],
                        times[3] * 1000.0 / 20 / L);
                 CK(cudaGraphExecDestroy(exec));
                 CK(cudaGraphDestroy(graph));
@@ -177,18 +197,22 @@ int main() {
             }
             // The fused kernel's routing against moe_route over the logits it wrote (the route
             // variant ran last over the logits-only variant's, the same values).
-            std::vector<uint32_t> a((size_t)L * T * R.k), b(a.size());
-            std::vector<float> wa(a.size()), wb(a.size());
+            std::vector<uint32_t> a((size_t)L * T * R.k), b(a.size()), c(a.size());
+            std::vector<float> wa(a.size()), wb(a.size()), wc(a.size());
             CK(cudaMemcpy(a.data(), ids_f, a.size() * 4, cudaMemcpyDeviceToHost));
             CK(cudaMemcpy(b.data(), ids_r, b.size() * 4, cudaMemcpyDeviceToHost));
+            CK(cudaMemcpy(c.data(), ids_g, c.size() * 4, cudaMemcpyDeviceToHost));
             CK(cudaMemcpy(wa.data(), wts_f, wa.size() * 4, cudaMemcpyDeviceToHost));
             CK(cudaMemcpy(wb.data(), wts_r, wb.size() * 4, cudaMemcpyDeviceToHost));
-            const bool same = a == b && memcmp(wa.data(), wb.data(), wa.size() * 4) == 0;
+            CK(cudaMemcpy(wc.data(), wts_g, wc.size() * 4, cudaMemcpyDeviceToHost));
+            const bool same = a == b && a == c &&
+                              memcmp(wa.data(), wb.data(), wa.size() * 4) == 0 &&
+                              memcmp(wa.data(), wc.data(), wa.size() * 4) == 0;
             printf("%-8s %5d routing %s\n", R.name, T,
-                   same ? "fused = route after logits" : "MISMATCH");
+                   same ? "fused = fused-reg = route after logits" : "MISMATCH");
             bad |= !same;
             cudaFree(x); cudaFree(logits); cudaFree(ids_f); cudaFree(ids_r); cudaFree(wts_f);
-            cudaFree(wts_r); cudaFree(counter);
+            cudaFree(wts_r); cudaFree(ids_g); cudaFree(wts_g); cudaFree(counter);
         }
         for (float* p : w) cudaFree(p);
         if (bias) cudaFree(bias);

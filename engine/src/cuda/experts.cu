@@ -39,7 +39,11 @@ __device__ __forceinline__ void warp_best(float& v, int& i, float& p) {
 
 // Routes token t from its logits row `l` (read through L2: another block of moe_route_logits may
 // have written it), one warp; lane l holds experts l, l+32, … (at most 8 each). `cs`: this
-// warp's ROUTE_MAX_M · 32 floats of shared memory.
+// warp's ROUTE_MAX_M · 32 floats of shared memory. The k weights: in an array indexed by the
+// round (local memory: the kernels' 64-byte stack frame), normalised and stored by lane 0 one
+// by one; or, with REG_WEIGHTS, round r's in lane r's register, the k lanes storing theirs at
+// once (the same arithmetic, the same bits; scripts/bench/router_bench.cu times both).
+template <bool REG_WEIGHTS = false>
 __device__ __forceinline__ void route_row(const float* l, int t, int n_exp, const float* bias,
                                           int scoring, int method, int k, int n_group,
                                           int topk_group, int normalise, int scale_weights,
@@ -118,7 +122,8 @@ __device__ __forceinline__ void route_row(const float* l, int t, int n_exp, cons
         }
     }
     unsigned taken = 0;
-    float w[ROUTE_MAX_K];
+    float w[REG_WEIGHTS ? 1 : ROUTE_MAX_K];
+    float mine = 0.f;
     float sum = 0.f;
     for (int r = 0; r < k; ++r) {
         float v = 0.f, p = 0.f;
@@ -135,11 +140,22 @@ __device__ __forceinline__ void route_row(const float* l, int t, int n_exp, cons
         warp_best(v, i, p);
         if ((i & 31) == lane) taken |= 1u << (i >> 5);
         if (lane == 0) ids[(size_t)t * k + r] = (uint32_t)i;
-        w[r] = p;
+        if constexpr (REG_WEIGHTS) {
+            if (lane == r) mine = p;
+        } else {
+            w[r] = p;
+        }
         sum += p;
     }
     sum += 1e-20f;
-    if (lane == 0) {
+    if constexpr (REG_WEIGHTS) {
+        if (lane < k) {
+            float v = mine;
+            if (normalise) v = v / sum;
+            if (scale_weights) v = v * scaling;
+            weights[(size_t)t * k + lane] = v;
+        }
+    } else if (lane == 0) {
         for (int r = 0; r < k; ++r) {
             float v = w[r];
             if (normalise) v = v / sum;
@@ -172,12 +188,14 @@ extern "C" __global__ void moe_route(const float* logits, int tokens, int n_exp,
 // flight together), its tokens' dot products summed in a fixed order (lane partials, the warp's
 // butterfly, then the 4 warps in order); the last block routes. `tokens` ≤ ROUTE_LOGITS_MAX_T.
 #define ROUTE_LOGITS_MAX_T 16
-extern "C" __global__ void __launch_bounds__(ROUTE_WARPS * 32)
-    moe_route_logits(const float* x, int tokens, int hidden, const float* w_router,
-                     const float* skew, float* logits, uint32_t* counter, int n_exp,
-                     const float* bias, int scoring, int method, int k, int n_group,
-                     int topk_group, int normalise, int scale_weights, float scaling,
-                     uint32_t* ids, float* weights) {
+template <bool REG_WEIGHTS>
+__device__ __forceinline__ void route_logits(const float* x, int tokens, int hidden,
+                                             const float* w_router, const float* skew,
+                                             float* logits, uint32_t* counter, int n_exp,
+                                             const float* bias, int scoring, int method, int k,
+                                             int n_group, int topk_group, int normalise,
+                                             int scale_weights, float scaling, uint32_t* ids,
+                                             float* weights) {
     __shared__ float choice_s[ROUTE_WARPS][ROUTE_MAX_M * 32];
     __shared__ float part[ROUTE_WARPS][ROUTE_LOGITS_MAX_T];
     __shared__ bool last;
@@ -226,8 +244,19 @@ extern "C" __global__ void __launch_bounds__(ROUTE_WARPS * 32)
     if (threadIdx.x == 0) *counter = 0u;
     __threadfence();
     for (int t = warp; t < tokens; t += ROUTE_WARPS)
-        route_row(logits + (size_t)t * n_exp, t, n_exp, bias, scoring, method, k, n_group,
-                  topk_group, normalise, scale_weights, scaling, choice_s[warp], ids, weights);
+        route_row<REG_WEIGHTS>(logits + (size_t)t * n_exp, t, n_exp, bias, scoring, method, k,
+                               n_group, topk_group, normalise, scale_weights, scaling,
+                               choice_s[warp], ids, weights);
+}
+extern "C" __global__ void __launch_bounds__(ROUTE_WARPS * 32)
+    moe_route_logits(const float* x, int tokens, int hidden, const float* w_router,
+                     const float* skew, float* logits, uint32_t* counter, int n_exp,
+                     const float* bias, int scoring, int method, int k, int n_group,
+                     int topk_group, int normalise, int scale_weights, float scaling,
+                     uint32_t* ids, float* weights) {
+    route_logits<false>(x, tokens, hidden, w_router, skew, logits, counter, n_exp, bias, scoring,
+                        method, k, n_group, topk_group, normalise, scale_weights, scaling, ids,
+                        weights);
 }
 
 // ---------------------------------------------------------------------------------------------
