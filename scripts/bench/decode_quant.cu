@@ -30,6 +30,7 @@
 // Build: nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o decode_quant scripts/bench/decode_quant.cu
 // Run on a GPU machine: ./decode_quant [batch ...]   (default 1 8 64; exit 1 on a mismatch)
 #include "../../engine/src/cuda/kernels.cu"
+#include "bench_common.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -40,14 +41,6 @@
 #include <set>
 #include <vector>
 
-#define CK(x)                                                                              \
-    do {                                                                                   \
-        cudaError_t e_ = (x);                                                              \
-        if (e_ != cudaSuccess) {                                                           \
-            printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
-            exit(2);                                                                       \
-        }                                                                                  \
-    } while (0)
 
 __device__ __forceinline__ uint32_t mix(uint32_t h) {
     h ^= h >> 15;
@@ -222,24 +215,20 @@ __global__ void __launch_bounds__(128, MIN_BLOCKS)
                  int k_div, bf16* h) {
     gate_up_mma<W>(x, hidden, w, qa, inner, offsets, active, sorted, k_div, h);
 }
-template <typename W, int MIN_BLOCKS>
-static void run_lb(cudaStream_t st, const Layer& L, int gy, const bf16* x, int hidden, int inner,
+// A layer's routed experts with policy W: gate/up by the kernel GU, then down.
+template <typename W, auto GU>
+static void run_gu(cudaStream_t st, const Layer& L, int gy, const bf16* x, int hidden, int inner,
                    const uint32_t* off, const uint32_t* act, const uint32_t* sorted, int k,
                    bf16* h, float* y) {
-    gu_kernel_lb<W, MIN_BLOCKS><<<dim3(inner / 32, gy), 128, 0, st>>>(
-        x, hidden, (const typename W::Elem*)L.gu, L.qgu, inner, off, act, sorted, k, h);
+    GU<<<dim3(inner / 32, gy), 128, 0, st>>>(x, hidden, (const typename W::Elem*)L.gu, L.qgu,
+                                             inner, off, act, sorted, k, h);
     dn_kernel<W><<<dim3(hidden / 32, gy), 128, 0, st>>>(
         h, inner, (const typename W::Elem*)L.dn, L.qdn, hidden, off, act, y);
 }
 template <typename W>
-static void run_w(cudaStream_t st, const Layer& L, int gy, const bf16* x, int hidden, int inner,
-                  const uint32_t* off, const uint32_t* act, const uint32_t* sorted, int k,
-                  bf16* h, float* y) {
-    gu_kernel<W><<<dim3(inner / 32, gy), 128, 0, st>>>(
-        x, hidden, (const typename W::Elem*)L.gu, L.qgu, inner, off, act, sorted, k, h);
-    dn_kernel<W><<<dim3(hidden / 32, gy), 128, 0, st>>>(
-        h, inner, (const typename W::Elem*)L.dn, L.qdn, hidden, off, act, y);
-}
+constexpr auto run_w = run_gu<W, gu_kernel<W>>;
+template <typename W, int MIN_BLOCKS>
+constexpr auto run_lb = run_gu<W, gu_kernel_lb<W, MIN_BLOCKS>>;
 static void run_empty(cudaStream_t st, const Layer& L, int gy, const bf16* x, int hidden,
                       int inner, const uint32_t* off, const uint32_t* act,
                       const uint32_t* sorted, int k, bf16* h, float* y) {
@@ -270,6 +259,25 @@ static const Variant VARIANTS[] = {
 };
 static const int N_VARIANTS = sizeof(VARIANTS) / sizeof(VARIANTS[0]);
 
+// A layer's quantised stacks: `gu_bytes` and `dn_bytes` random bytes (no e4m3 NaN where
+// `e4m3`), `sgu` and `sdn` f32 scales in [lo, 2·lo), INT4's group shift `shift` (0: e4m3).
+static Layer quantised(size_t gu_bytes, size_t dn_bytes, bool e4m3, size_t sgu, size_t sdn,
+                       float lo, int shift, uint32_t seed) {
+    Layer q;
+    float *s1, *s2;
+    CK(cudaMalloc(&q.gu, gu_bytes));
+    CK(cudaMalloc(&q.dn, dn_bytes));
+    CK(cudaMalloc(&s1, sgu * 4));
+    CK(cudaMalloc(&s2, sdn * 4));
+    fill_bytes<<<1024, 256>>>((uint8_t*)q.gu, gu_bytes, seed, e4m3);
+    fill_bytes<<<1024, 256>>>((uint8_t*)q.dn, dn_bytes, seed + 6, e4m3);
+    fill_scales<<<64, 256>>>(s1, sgu, seed + 100, lo);
+    fill_scales<<<64, 256>>>(s2, sdn, seed + 102, lo);
+    q.qgu = QuantArgs{s1, nullptr, shift};
+    q.qdn = QuantArgs{s2, nullptr, shift};
+    return q;
+}
+
 int main(int argc, char** argv) {
     const int S = 64, hidden = 2048, inner = 1408, k = 6, NL = 26;
     std::vector<int> batches;
@@ -287,35 +295,15 @@ int main(int argc, char** argv) {
         fill_bf16<<<1024, 256>>>((bf16*)b.dn, dn_n, 991u + l, 1.f / 37.f);
         b.qgu = b.qdn = QuantArgs{nullptr, nullptr, 0};
         // e4m3: blocks of 128 × 128 per matrix (gate, up of each slot; down of each slot).
-        Layer& e = layers[FP8][l];
-        CK(cudaMalloc(&e.gu, gu_n));
-        CK(cudaMalloc(&e.dn, dn_n));
-        fill_bytes<<<1024, 256>>>((uint8_t*)e.gu, gu_n, 23u + l, true);
-        fill_bytes<<<1024, 256>>>((uint8_t*)e.dn, dn_n, 29u + l, true);
-        const size_t sgu = (size_t)S * 2 * ((inner + 127) / 128) * (hidden / 128);
-        const size_t sdn = (size_t)S * (hidden / 128) * ((inner + 127) / 128);
-        float *s1, *s2;
-        CK(cudaMalloc(&s1, sgu * 4));
-        CK(cudaMalloc(&s2, sdn * 4));
-        fill_scales<<<64, 256>>>(s1, sgu, 3u + l, 1.f / 4096.f);
-        fill_scales<<<64, 256>>>(s2, sdn, 5u + l, 1.f / 4096.f);
-        e.qgu = QuantArgs{s1, nullptr, 0};
-        e.qdn = QuantArgs{s2, nullptr, 0};
+        layers[FP8][l] = quantised(gu_n, dn_n, true,
+                                   (size_t)S * 2 * ((inner + 127) / 128) * (hidden / 128),
+                                   (size_t)S * (hidden / 128) * ((inner + 127) / 128),
+                                   1.f / 4096.f, 0, 23u + l);
         // INT4: nibbles, a scale per row per 128 columns, symmetric.
-        Layer& q = layers[INT4][l];
-        CK(cudaMalloc(&q.gu, gu_n / 2));
-        CK(cudaMalloc(&q.dn, dn_n / 2));
-        fill_bytes<<<1024, 256>>>((uint8_t*)q.gu, gu_n / 2, 31u + l, false);
-        fill_bytes<<<1024, 256>>>((uint8_t*)q.dn, dn_n / 2, 37u + l, false);
-        const size_t qgu = (size_t)S * 2 * inner * (hidden / 128);
-        const size_t qdn = (size_t)S * hidden * ((inner + 127) / 128);
-        float *q1, *q2;
-        CK(cudaMalloc(&q1, qgu * 4));
-        CK(cudaMalloc(&q2, qdn * 4));
-        fill_scales<<<64, 256>>>(q1, qgu, 7u + l, 1.f / 256.f);
-        fill_scales<<<64, 256>>>(q2, qdn, 11u + l, 1.f / 256.f);
-        q.qgu = QuantArgs{q1, nullptr, 7};
-        q.qdn = QuantArgs{q2, nullptr, 7};
+        layers[INT4][l] = quantised(gu_n / 2, dn_n / 2, false,
+                                    (size_t)S * 2 * inner * (hidden / 128),
+                                    (size_t)S * hidden * ((inner + 127) / 128), 1.f / 256.f, 7,
+                                    31u + l);
     }
     CK(cudaDeviceSynchronize());
     const double params = 3.0 * inner * hidden;
@@ -357,41 +345,18 @@ int main(int argc, char** argv) {
         for (int vi = 0; vi < N_VARIANTS; ++vi) {
             const Variant& V = VARIANTS[vi];
             const int gy = std::min(S, P);
-            cudaStream_t st;
-            CK(cudaStreamCreate(&st));
-            cudaGraph_t graph;
-            cudaGraphExec_t exec;
-            CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
-            for (int l = 0; l < NL; ++l) {
-                moe_align<<<1, 1024, 0, st>>>(d_ids, P, nullptr, S, d_off, d_sorted, d_pos,
-                                              d_active, nullptr, 0u, nullptr);
-                V.run(st, layers[V.fmt][l], gy, d_x, hidden, inner, d_off, d_active, d_sorted,
-                      k, d_h, d_y);
-                moe_combine4<<<dim3(T, (hidden / 4 + 255) / 256), 256, 0, st>>>(
-                    reinterpret_cast<const float4*>(d_y), hidden / 4, d_pos, d_w, nullptr, k,
-                    reinterpret_cast<float4*>(d_out + (size_t)l * T * hidden));
-            }
-            CK(cudaStreamEndCapture(st, &graph));
-            CK(cudaGraphInstantiate(&exec, graph, 0));
-            for (int i = 0; i < 3; ++i) CK(cudaGraphLaunch(exec, st));
-            CK(cudaStreamSynchronize(st));
-            CK(cudaGetLastError());
-            cudaEvent_t a, b;
-            CK(cudaEventCreate(&a));
-            CK(cudaEventCreate(&b));
-            // Median of 7 timings of 10 replays.
-            std::vector<float> times;
-            for (int rep = 0; rep < 7; ++rep) {
-                CK(cudaEventRecord(a, st));
-                for (int i = 0; i < 10; ++i) CK(cudaGraphLaunch(exec, st));
-                CK(cudaEventRecord(b, st));
-                CK(cudaEventSynchronize(b));
-                float ms = 0;
-                CK(cudaEventElapsedTime(&ms, a, b));
-                times.push_back(ms);
-            }
-            std::sort(times.begin(), times.end());
-            const double us_layer = times[3] * 1000.0 / 10 / NL;
+            const float ms = graph_median_ms([&](cudaStream_t st) {
+                for (int l = 0; l < NL; ++l) {
+                    moe_align<<<1, 1024, 0, st>>>(d_ids, P, nullptr, S, d_off, d_sorted, d_pos,
+                                                  d_active, nullptr, 0u, nullptr);
+                    V.run(st, layers[V.fmt][l], gy, d_x, hidden, inner, d_off, d_active,
+                          d_sorted, k, d_h, d_y);
+                    moe_combine4<<<dim3(T, (hidden / 4 + 255) / 256), 256, 0, st>>>(
+                        reinterpret_cast<const float4*>(d_y), hidden / 4, d_pos, d_w, nullptr, k,
+                        reinterpret_cast<float4*>(d_out + (size_t)l * T * hidden));
+                }
+            });
+            const double us_layer = ms * 1000.0 / NL;
             const double gbs = distinct.size() * params * bytes_per[V.fmt] / (us_layer * 1e3);
             outs[vi].resize((size_t)NL * T * hidden);
             CK(cudaMemcpy(outs[vi].data(), d_out, outs[vi].size() * 4, cudaMemcpyDeviceToHost));
@@ -424,9 +389,6 @@ int main(int argc, char** argv) {
                 }
             }
             printf("%-6d %-10s %10.2f %8.0f %s\n", T, V.name, us_layer, gbs, check);
-            CK(cudaGraphExecDestroy(exec));
-            CK(cudaGraphDestroy(graph));
-            CK(cudaStreamDestroy(st));
         }
         cudaFree(d_ids); cudaFree(d_w); cudaFree(d_off); cudaFree(d_active); cudaFree(d_sorted);
         cudaFree(d_pos); cudaFree(d_x); cudaFree(d_h); cudaFree(d_y); cudaFree(d_out);

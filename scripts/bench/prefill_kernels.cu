@@ -4,6 +4,7 @@
 // Run on a GPU machine: ./prefill_kernels  (prints one line per check and timing; exit 1 on a
 // failed check).
 #include "../../engine/src/cuda/kernels.cu"
+#include "bench_common.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -11,15 +12,6 @@
 #include <cstdlib>
 #include <random>
 #include <vector>
-
-#define CK(x)                                                                                \
-    do {                                                                                     \
-        cudaError_t e = (x);                                                                 \
-        if (e != cudaSuccess) {                                                              \
-            printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e), __FILE__, __LINE__);   \
-            exit(2);                                                                         \
-        }                                                                                    \
-    } while (0)
 
 static std::mt19937 rng(7);
 static float bfr(float x) { return __bfloat162float(__float2bfloat16(x)); }

@@ -3,10 +3,11 @@
 // Compute on an H200 (docs/BENCHMARKS.md, session 23), as long as a 34 MB dense projection, for a
 // 64 × 2,048 f32 product and a top-6. This times it and its parts the way a decode step runs them:
 // 26 layers, each with router weights of its own, captured in one CUDA graph and replayed; µs a
-// layer, median of 7 × 20 replays:
+// layer, median of 7 × 20 replays (bench_common.cuh):
 //   fused        moe_route_logits (what the engine runs, batch ≤ 16)
 //   fused-reg    the same with route_row's weights in registers (no 64-byte stack frame)
-//   logits       the same kernel's logits half alone (its code up to the last-block hand-off)
+//   logits       the same kernel with a counter that never names a last block: its logits half
+//                (and the count) alone
 //   route        moe_route alone over those logits (one warp a token)
 //   no-op        an empty kernel with the fused kernel's grid: the launch floor in a graph
 // at DeepSeek-V2-Lite's router (64 experts, hidden 2,048, softmax, greedy top-6) and V3's (256
@@ -16,6 +17,7 @@
 // Build: nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o router_bench scripts/bench/router_bench.cu
 // Run on a GPU machine: ./router_bench   (exit 1 on a mismatch)
 #include "../../engine/src/cuda/kernels.cu"
+#include "bench_common.cuh"
 
 #include <algorithm>
 #include <cstdio>
@@ -23,14 +25,6 @@
 #include <cstring>
 #include <vector>
 
-#define CK(x)                                                                              \
-    do {                                                                                   \
-        cudaError_t e_ = (x);                                                              \
-        if (e_ != cudaSuccess) {                                                           \
-            printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
-            exit(2);                                                                       \
-        }                                                                                  \
-    } while (0)
 
 __global__ void fill_f32(float* p, size_t n, uint32_t seed, float scale) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
@@ -40,49 +34,6 @@ __global__ void fill_f32(float* p, size_t n, uint32_t seed, float scale) {
         h *= 2246822519u;
         h ^= h >> 13;
         p[i] = ((int)(h & 0xffff) - 32768) * (scale / 32768.f);
-    }
-}
-
-// moe_route_logits' first half: block e's logits of every token, nothing after.
-__global__ void __launch_bounds__(ROUTE_WARPS * 32)
-    logits_only(const float* x, int tokens, int hidden, const float* w_router, float* logits,
-                int n_exp) {
-    __shared__ float part[ROUTE_WARPS][ROUTE_LOGITS_MAX_T];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int e = blockIdx.x;
-    const int n4 = hidden / 4;
-    const float4* wr = reinterpret_cast<const float4*>(w_router + (size_t)e * hidden);
-    float acc[ROUTE_LOGITS_MAX_T];
-#pragma unroll
-    for (int t = 0; t < ROUTE_LOGITS_MAX_T; ++t) acc[t] = 0.f;
-#pragma unroll 4
-    for (int c = threadIdx.x; c < n4; c += ROUTE_WARPS * 32) {
-        const float4 a = __ldcs(wr + c);
-#pragma unroll
-        for (int t = 0; t < ROUTE_LOGITS_MAX_T; ++t) {
-            if (t < tokens) {
-                const float4 b = reinterpret_cast<const float4*>(x + (size_t)t * hidden)[c];
-                acc[t] = fmaf(a.x, b.x, acc[t]);
-                acc[t] = fmaf(a.y, b.y, acc[t]);
-                acc[t] = fmaf(a.z, b.z, acc[t]);
-                acc[t] = fmaf(a.w, b.w, acc[t]);
-            }
-        }
-    }
-#pragma unroll
-    for (int t = 0; t < ROUTE_LOGITS_MAX_T; ++t) {
-        if (t < tokens) {
-            const float v = warp_sum(acc[t]);
-            if (lane == 0) part[warp][t] = v;
-        }
-    }
-    __syncthreads();
-    if (threadIdx.x < tokens) {
-        const int t = threadIdx.x;
-        float v = part[0][t];
-#pragma unroll
-        for (int w = 1; w < ROUTE_WARPS; ++w) v += part[w][t];
-        logits[(size_t)t * n_exp + e] = v;
     }
 }
 
@@ -126,77 +77,64 @@ int main() {
         }
         for (int T : {1, 8}) {
             float *x, *logits;
-            uint32_t *ids_f, *ids_r, *ids_g, *counter;
-            float *wts_f, *wts_r, *wts_g;
+            uint32_t *ids_f, *ids_r, *ids_g, *ids_n, *counter, *never;
+            float *wts_f, *wts_r, *wts_g, *wts_n;
             CK(cudaMalloc(&x, (size_t)T * R.hidden * 4));
             CK(cudaMalloc(&logits, (size_t)L * T * R.experts * 4));
             CK(cudaMalloc(&ids_f, (size_t)L * T * R.k * 4));
             CK(cudaMalloc(&ids_r, (size_t)L * T * R.k * 4));
             CK(cudaMalloc(&ids_g, (size_t)L * T * R.k * 4));
             CK(cudaMalloc(&wts_g, (size_t)L * T * R.k * 4));
+            CK(cudaMalloc(&ids_n, (size_t)L * T * R.k * 4));
+            CK(cudaMalloc(&wts_n, (size_t)L * T * R.k * 4));
             CK(cudaMalloc(&wts_f, (size_t)L * T * R.k * 4));
             CK(cudaMalloc(&wts_r, (size_t)L * T * R.k * 4));
             CK(cudaMalloc(&counter, L * 4));
             CK(cudaMemset(counter, 0, L * 4));
+            CK(cudaMalloc(&never, L * 4));
+            {
+                const std::vector<uint32_t> from(L, 0x80000000u);
+                CK(cudaMemcpy(never, from.data(), L * 4, cudaMemcpyHostToDevice));
+            }
             fill_f32<<<64, 256>>>(x, (size_t)T * R.hidden, 5u, 1.f);
             const char* names[] = {"fused", "fused-reg", "logits", "route", "no-op"};
             for (int v = 0; v < 5; ++v) {
-                cudaStream_t st;
-                CK(cudaStreamCreate(&st));
-                cudaGraph_t graph;
-                cudaGraphExec_t exec;
-                CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
-                for (int l = 0; l < L; ++l) {
-                    float* lg = logits + (size_t)l * T * R.experts;
-                    const size_t o = (size_t)l * T * R.k;
-                    if (v == 0)
-                        moe_route_logits<<<R.experts, ROUTE_WARPS * 32, 0, st>>>(
-                            x, T, R.hidden, w[l], nullptr, lg, counter + l, R.experts, bias,
-                            R.scoring, R.method, R.k, R.n_group, R.topk_group, R.normalise, 0,
-                            1.f, ids_f + o, wts_f + o);
-                    else if (v == 1)
-                        fused_reg<<<R.experts, ROUTE_WARPS * 32, 0, st>>>(
-                            x, T, R.hidden, w[l], lg, counter + l, R.experts, bias, R.scoring,
-                            R.method, R.k, R.n_group, R.topk_group, R.normalise, ids_g + o,
-                            wts_g + o);
-                    else if (v == 2)
-                        logits_only<<<R.experts, ROUTE_WARPS * 32, 0, st>>>(x, T, R.hidden, w[l],
-                                                                            lg, R.experts);
-                    else if (v == 3)
-                        moe_route<<<(T + ROUTE_WARPS - 1) / ROUTE_WARPS, ROUTE_WARPS * 32, 0,
-                                    st>>>(lg, T, R.experts, bias, R.scoring, R.method, R.k,
-                                          R.n_group, R.topk_group, R.normalise, 0, 1.f,
-                                          ids_r + o, wts_r + o);
-                    else
-                        empty_kernel<<<R.experts, ROUTE_WARPS * 32, 0, st>>>();
-                }
-                CK(cudaStreamEndCapture(st, &graph));
-                CK(cudaGraphInstantiate(&exec, graph, 0));
-                for (int i = 0; i < 3; ++i) CK(cudaGraphLaunch(exec, st));
-                CK(cudaStreamSynchronize(st));
-                CK(cudaGetLastError());
-                cudaEvent_t a, b;
-                CK(cudaEventCreate(&a));
-                CK(cudaEventCreate(&b));
-                std::vector<float> times;
-                for (int rep = 0; rep < 7; ++rep) {
-                    CK(cudaEventRecord(a, st));
-                    for (int i = 0; i < 20; ++i) CK(cudaGraphLaunch(exec, st));
-                    CK(cudaEventRecord(b, st));
-                    CK(cudaEventSynchronize(b));
-                    float ms = 0;
-                    CK(cudaEventElapsedTime(&ms, a, b));
-                    times.push_back(ms);
-                }
-                std::sort(times.begin(), times.end());
-                printf("%-8s %5d %-9s %10.2f\n", R.name, T, names[v],
-                       times[3] * 1000.0 / 20 / L);
-                CK(cudaGraphExecDestroy(exec));
-                CK(cudaGraphDestroy(graph));
-                CK(cudaStreamDestroy(st));
+                const float ms = graph_median_ms(
+                    [&](cudaStream_t st) {
+                        for (int l = 0; l < L; ++l) {
+                            float* lg = logits + (size_t)l * T * R.experts;
+                            const size_t o = (size_t)l * T * R.k;
+                            if (v == 0)
+                                moe_route_logits<<<R.experts, ROUTE_WARPS * 32, 0, st>>>(
+                                    x, T, R.hidden, w[l], nullptr, lg, counter + l, R.experts,
+                                    bias, R.scoring, R.method, R.k, R.n_group, R.topk_group,
+                                    R.normalise, 0, 1.f, ids_f + o, wts_f + o);
+                            else if (v == 1)
+                                fused_reg<<<R.experts, ROUTE_WARPS * 32, 0, st>>>(
+                                    x, T, R.hidden, w[l], lg, counter + l, R.experts, bias,
+                                    R.scoring, R.method, R.k, R.n_group, R.topk_group,
+                                    R.normalise, ids_g + o, wts_g + o);
+                            else if (v == 2)
+                                // `never` counts from 2^31: no block is ever the last, so the
+                                // kernel stops after the logits (ids and weights untouched).
+                                moe_route_logits<<<R.experts, ROUTE_WARPS * 32, 0, st>>>(
+                                    x, T, R.hidden, w[l], nullptr, lg, never + l, R.experts,
+                                    bias, R.scoring, R.method, R.k, R.n_group, R.topk_group,
+                                    R.normalise, 0, 1.f, ids_n + o, wts_n + o);
+                            else if (v == 3)
+                                moe_route<<<(T + ROUTE_WARPS - 1) / ROUTE_WARPS,
+                                            ROUTE_WARPS * 32, 0, st>>>(
+                                    lg, T, R.experts, bias, R.scoring, R.method, R.k, R.n_group,
+                                    R.topk_group, R.normalise, 0, 1.f, ids_r + o, wts_r + o);
+                            else
+                                empty_kernel<<<R.experts, ROUTE_WARPS * 32, 0, st>>>();
+                        }
+                    },
+                    20);
+                printf("%-8s %5d %-9s %10.2f\n", R.name, T, names[v], ms * 1000.0 / L);
             }
-            // The fused kernel's routing against moe_route over the logits it wrote (the route
-            // variant ran last over the logits-only variant's, the same values).
+            // The fused kernels' routings against moe_route over the logits (the route variant
+            // ran after the logits one, which wrote the same values).
             std::vector<uint32_t> a((size_t)L * T * R.k), b(a.size()), c(a.size());
             std::vector<float> wa(a.size()), wb(a.size()), wc(a.size());
             CK(cudaMemcpy(a.data(), ids_f, a.size() * 4, cudaMemcpyDeviceToHost));
@@ -212,7 +150,8 @@ int main() {
                    same ? "fused = fused-reg = route after logits" : "MISMATCH");
             bad |= !same;
             cudaFree(x); cudaFree(logits); cudaFree(ids_f); cudaFree(ids_r); cudaFree(wts_f);
-            cudaFree(wts_r); cudaFree(ids_g); cudaFree(wts_g); cudaFree(counter);
+            cudaFree(wts_r); cudaFree(ids_g); cudaFree(wts_g); cudaFree(ids_n); cudaFree(wts_n);
+            cudaFree(counter); cudaFree(never);
         }
         for (float* p : w) cudaFree(p);
         if (bias) cudaFree(bias);
