@@ -49,79 +49,6 @@ __device__ __forceinline__ size_t int4_group_row(size_t m, int rows, int r, int 
 // loaded with their group's scale and zero point (so that those ride the ring of loads in
 // flight rather than being a dependent round trip when the chunk's MMAs want them).
 //
-// MmaInt4 (groups of 64 columns or more: a chunk within one group): a pair of nibbles n, n' in
-// bits 0–3 and 16–19 of a word becomes the bf16 pair (128 + n, 128 + n') with one LOP3
-// (0x4300 | n is bf16 128 + n), and one bf16x2 subtraction of 128 + zero makes q − zero, exact;
-// the words (w >> 4j) & 0x000f000f hold values j and j + 4 of the lane's eight, so the
-// activations' fragment is permuted to the same pairs (`permute_x`; the MMA's k order is any
-// order both operands share). The chunk walk sums a group into its own f32 accumulators and
-// adds them times the scale at the group's end (W::EPILOGUE). About 1.5 instructions a value
-// instead of 4.5: 26.7 against 36.3 µs a layer at batch 1, 219 against 277 at batch 64
-// (scripts/bench/decode_quant.cu, H200, 2026-11-28).
-struct MmaInt4 {
-    typedef uint8_t Elem;
-    typedef uint32_t Raw;
-    static constexpr int K_PER_ELEM = 2;
-    static constexpr bool EPILOGUE = true, PERMUTE_X = true;
-    // Four chunks in flight: 27.0 µs a layer at batch 1 against 27.5 with three, 31.8 with two,
-    // 33.3 with six; three is 3–4% faster at batches 8–64 (decode_quant.cu, 2026-11-28).
-    static constexpr int CHUNK_STAGES = 4;
-    const float* scale;   // the row's group scales
-    const uint8_t* zero;  // the row's zero points, or null (8)
-    int shift;
-    struct Chunk {
-        uint2 v;
-        uint32_t zz;  // bf16 128 + zero, twice
-        float s;
-    };
-    __device__ static MmaInt4 at(const QuantArgs& qa, size_t m, int rows, int r, int K) {
-        const size_t i = int4_group_row(m, rows, r, K, qa.group_shift);
-        return {qa.scales + i, qa.zeros ? qa.zeros + i : nullptr, qa.group_shift};
-    }
-    __device__ int group_size() const { return 1 << shift; }
-    __device__ float epi_scale(const Chunk& c, int) const { return c.s; }
-    // x's eight bf16 (x0 x1 | x2 x3 | x4 x5 | x6 x7) → (x0 x4 | x1 x5 | x2 x6 | x3 x7).
-    __device__ static uint4 permute_x(uint4 x) {
-        return make_uint4(__byte_perm(x.x, x.z, 0x5410), __byte_perm(x.x, x.z, 0x7632),
-                          __byte_perm(x.y, x.w, 0x5410), __byte_perm(x.y, x.w, 0x7632));
-    }
-    // Eight nibbles → the four bf16 pairs (q_j − z, q_{j+4} − z), j = 0..3.
-    __device__ static uint4 pairs(uint32_t w, uint32_t zz) {
-        uint32_t p[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const uint32_t v = ((w >> (4 * j)) & 0x000f000fu) | 0x43004300u;
-            const __nv_bfloat162 d = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&v),
-                                             *reinterpret_cast<const __nv_bfloat162*>(&zz));
-            p[j] = *reinterpret_cast<const uint32_t*>(&d);
-        }
-        return make_uint4(p[0], p[1], p[2], p[3]);
-    }
-    __device__ Chunk load2(const uint8_t* p, int k) const {
-        Chunk c;
-        c.v = __ldcs(reinterpret_cast<const uint2*>(p));
-        const int gi = (k + (threadIdx.x & 3) * 16) >> shift;
-        c.s = __ldg(scale + gi);
-        const uint32_t z = 0x4300u | (zero ? (uint32_t)__ldg(zero + gi) : 8u);
-        c.zz = z | (z << 16);
-        return c;
-    }
-    __device__ void frags2(const Chunk& r, int, uint4& lo, uint4& hi) const {
-        lo = pairs(r.v.x, r.zz);
-        hi = pairs(r.v.y, r.zz);
-    }
-    // The 32-wide tail after the walk (K % 64 == 32): 8 values scaled one by one, in memory
-    // order (the tail's fragment of x is not permuted).
-    __device__ static Raw load(const uint8_t* p) {
-        return __ldcs(reinterpret_cast<const unsigned int*>(p));
-    }
-    __device__ uint4 frag(Raw r, int k) const {
-        const int gi = (k + (threadIdx.x & 3) * 8) >> shift;
-        return int4x8_to_bf16x8(r, INT4_BIAS + (zero ? (float)__ldg(zero + gi) : 8.f),
-                                __ldg(scale + gi));
-    }
-};
-
 // Groups of 16 or 32 columns: each value scaled in f32 and rounded to bf16 (the bf16 kernels'
 // bits over the dequantised weights).
 struct MmaInt4Fine : ScaledValues {
@@ -168,6 +95,63 @@ struct MmaInt4Fine : ScaledValues {
     __device__ void frags2(const Chunk& r, int, uint4& lo, uint4& hi) const {
         lo = int4x8_to_bf16x8(r.v.x, r.bias, r.s);
         hi = int4x8_to_bf16x8(r.v.y, r.bias, r.s);
+    }
+};
+
+// MmaInt4 (groups of 64 columns or more: a chunk within one group): a pair of nibbles n, n' in
+// bits 0–3 and 16–19 of a word becomes the bf16 pair (128 + n, 128 + n') with one LOP3
+// (0x4300 | n is bf16 128 + n), and one bf16x2 subtraction of 128 + zero makes q − zero, exact;
+// the words (w >> 4j) & 0x000f000f hold values j and j + 4 of the lane's eight, so the
+// activations' fragment is permuted to the same pairs (`permute_x`; the MMA's k order is any
+// order both operands share). The chunk walk sums a group into its own f32 accumulators and
+// adds them times the scale at the group's end (W::EPILOGUE). About 1.5 instructions a value
+// instead of 4.5: 26.7 against 36.3 µs a layer at batch 1, 219 against 277 at batch 64
+// (scripts/bench/decode_quant.cu, H200, 2026-11-28). MmaInt4Fine's row, loads and 32-wide tail
+// (8 values scaled one by one, in memory order, after the walk); its own chunks.
+struct MmaInt4 : MmaInt4Fine {
+    static constexpr bool EPILOGUE = true, PERMUTE_X = true;
+    // Four chunks in flight (MmaInt4Fine's): 27.0 µs a layer at batch 1 against 27.5 with
+    // three, 31.8 with two, 33.3 with six; three is 3–4% faster at batches 8–64
+    // (decode_quant.cu, 2026-11-28).
+    struct Chunk {
+        uint2 v;
+        uint32_t zz;  // bf16 128 + zero, twice
+        float s;
+    };
+    __device__ static MmaInt4 at(const QuantArgs& qa, size_t m, int rows, int r, int K) {
+        return {MmaInt4Fine::at(qa, m, rows, r, K)};
+    }
+    __device__ int group_size() const { return 1 << shift; }
+    __device__ float epi_scale(const Chunk& c, int) const { return c.s; }
+    // x's eight bf16 (x0 x1 | x2 x3 | x4 x5 | x6 x7) → (x0 x4 | x1 x5 | x2 x6 | x3 x7).
+    __device__ static uint4 permute_x(uint4 x) {
+        return make_uint4(__byte_perm(x.x, x.z, 0x5410), __byte_perm(x.x, x.z, 0x7632),
+                          __byte_perm(x.y, x.w, 0x5410), __byte_perm(x.y, x.w, 0x7632));
+    }
+    // Eight nibbles → the four bf16 pairs (q_j − z, q_{j+4} − z), j = 0..3.
+    __device__ static uint4 pairs(uint32_t w, uint32_t zz) {
+        uint32_t p[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const uint32_t v = ((w >> (4 * j)) & 0x000f000fu) | 0x43004300u;
+            const __nv_bfloat162 d = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&v),
+                                             *reinterpret_cast<const __nv_bfloat162*>(&zz));
+            p[j] = *reinterpret_cast<const uint32_t*>(&d);
+        }
+        return make_uint4(p[0], p[1], p[2], p[3]);
+    }
+    __device__ Chunk load2(const uint8_t* p, int k) const {
+        Chunk c;
+        c.v = __ldcs(reinterpret_cast<const uint2*>(p));
+        const int gi = (k + (threadIdx.x & 3) * 16) >> shift;
+        c.s = __ldg(scale + gi);
+        const uint32_t z = 0x4300u | (zero ? (uint32_t)__ldg(zero + gi) : 8u);
+        c.zz = z | (z << 16);
+        return c;
+    }
+    __device__ void frags2(const Chunk& r, int, uint4& lo, uint4& hi) const {
+        lo = pairs(r.v.x, r.zz);
+        hi = pairs(r.v.y, r.zz);
     }
 };
 
