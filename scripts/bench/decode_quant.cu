@@ -193,6 +193,35 @@ __global__ void gu_empty(const bf16*, int, const bf16*, QuantArgs, int, const ui
 __global__ void dn_empty(const bf16*, int, const bf16*, QuantArgs, int, const uint32_t*,
                          const uint32_t*, float*) {}
 
+// Diagnostics, timing only (the values are not decoded, so the sums are garbage): the fp8
+// kernels' walk with the conversions cut, to bound what conversion work costs at each batch.
+//   fp8 nocvt  the 16 loaded bytes handed to the MMAs as they are (no instruction a value);
+//              nocvt4: with four chunks in flight
+//   fp8 cvt1   e4m3 pairs → f16 pairs, one conversion instruction a pair, the bits taken as bf16
+//              (what a kernel on f16 MMAs with the scale on the sums would convert)
+template <int CS>
+struct MmaFp8NoCvt : MmaFp8Stages<CS> {
+    WITH_AT(MmaFp8NoCvt, MmaFp8)
+    typedef typename MmaFp8Stages<CS>::Chunk Chunk;
+    __device__ void frags2(const Chunk& r, int, uint4& lo, uint4& hi) const {
+        lo = r;
+        hi = make_uint4(r.y, r.x, r.w, r.z);
+    }
+};
+__device__ __forceinline__ uint32_t fp8x2_to_f16x2_bits(uint32_t two) {
+    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(two & 0xffffu), __NV_E4M3);
+    return (uint32_t)h.x | ((uint32_t)h.y << 16);
+}
+struct MmaFp8Cvt1 : MmaFp8 {
+    WITH_AT(MmaFp8Cvt1, MmaFp8)
+    __device__ void frags2(const Chunk& r, int, uint4& lo, uint4& hi) const {
+        lo = make_uint4(fp8x2_to_f16x2_bits(r.x), fp8x2_to_f16x2_bits(r.x >> 16),
+                        fp8x2_to_f16x2_bits(r.y), fp8x2_to_f16x2_bits(r.y >> 16));
+        hi = make_uint4(fp8x2_to_f16x2_bits(r.z), fp8x2_to_f16x2_bits(r.z >> 16),
+                        fp8x2_to_f16x2_bits(r.w), fp8x2_to_f16x2_bits(r.w >> 16));
+    }
+};
+
 struct Layer {
     void *gu, *dn;
     QuantArgs qgu, qdn;
@@ -201,7 +230,8 @@ enum Fmt { BF16, FP8, INT4 };
 struct Variant {
     const char* name;
     Fmt fmt;
-    int ref;  // the variant this one must equal bit for bit (−1: none), or compare to (epi)
+    int ref;  // the variant this one must equal bit for bit (−1: none, −2: no-op, −3: timing
+              // only), or compare to (epi)
     bool exact;
     void (*run)(cudaStream_t, const Layer&, int gy, const bf16* x, int hidden, int inner,
                 const uint32_t* off, const uint32_t* act, const uint32_t* sorted, int k, bf16* h,
@@ -248,13 +278,16 @@ static const Variant VARIANTS[] = {
     {"fp8 lb3  ", FP8, 1, true, run_lb<MmaFp8Stages<4>, 3>},
     {"fp8 lb4  ", FP8, 1, true, run_lb<MmaFp8Stages<4>, 4>},
     {"fp8 cs3lb3", FP8, 1, true, run_lb<MmaFp8Stages<3>, 3>},
+    {"fp8 nocvt", FP8, -3, true, run_w<MmaFp8NoCvt<2>>},
+    {"fp8 nocvt4", FP8, -3, true, run_w<MmaFp8NoCvt<4>>},
+    {"fp8 cvt1 ", FP8, -3, true, run_w<MmaFp8Cvt1>},
     {"int4 old ", INT4, -1, true, run_w<MmaInt4Old>},
-    {"int4 fine", INT4, 10, true, run_w<MmaInt4Fine>},
-    {"int4     ", INT4, 10, false, run_w<MmaInt4>},
-    {"int4 lb3 ", INT4, 10, false, run_lb<MmaInt4, 3>},
-    {"int4 cs3 ", INT4, 10, false, run_w<MmaInt4Stages<3>>},
-    {"int4 cs2 ", INT4, 10, false, run_w<MmaInt4Stages<2>>},
-    {"int4 cs6 ", INT4, 10, false, run_w<MmaInt4Stages<6>>},
+    {"int4 fine", INT4, 13, true, run_w<MmaInt4Fine>},
+    {"int4     ", INT4, 13, false, run_w<MmaInt4>},
+    {"int4 lb3 ", INT4, 13, false, run_lb<MmaInt4, 3>},
+    {"int4 cs3 ", INT4, 13, false, run_w<MmaInt4Stages<3>>},
+    {"int4 cs2 ", INT4, 13, false, run_w<MmaInt4Stages<2>>},
+    {"int4 cs6 ", INT4, 13, false, run_w<MmaInt4Stages<6>>},
     {"no-op    ", BF16, -2, true, run_empty},
 };
 static const int N_VARIANTS = sizeof(VARIANTS) / sizeof(VARIANTS[0]);
@@ -365,6 +398,8 @@ int main(int argc, char** argv) {
             for (float v : outs[vi]) finite = finite && std::isfinite(v);
             if (V.ref == -2) {
                 snprintf(check, sizeof check, "(launches, align, combine only)");
+            } else if (V.ref == -3) {
+                snprintf(check, sizeof check, "(timing only: values not decoded)");
             } else if (!finite) {
                 snprintf(check, sizeof check, "NON-FINITE");
                 bad = 1;

@@ -4,16 +4,20 @@
 // 64 × 2,048 f32 product and a top-6. This times it and its parts the way a decode step runs them:
 // 26 layers, each with router weights of its own, captured in one CUDA graph and replayed; µs a
 // layer, median of 7 × 20 replays (bench_common.cuh):
-//   fused        moe_route_logits (what the engine runs, batch ≤ 16)
-//   fused-reg    the same with route_row's weights in registers (no 64-byte stack frame)
+//   fused        moe_route_logits (k rounds of a warp's arg-max; the engine's above 64 experts)
+//   fused-arr    the same with route_row's weights in a local-memory array (before 2026-11-28)
 //   logits       the same kernel with a counter that never names a last block: its logits half
 //                (and the count) alone
 //   route        moe_route alone over those logits (one warp a token)
+//   fused-rank   the fused kernel with the top k by rank (moe_route_logits_e64, the engine's at
+//                ≤ 64 experts; at V3's 256, route_row<false, 8>)
+//   route-rank   moe_route likewise (moe_route_e64)
+//   fused-uU     the fused kernel with its weight loads unrolled U deep (the engine's: 4)
+//   route-serial moe_route with V3's group scores walked by one lane a group (before 2026-11-28)
 //   no-op        an empty kernel with the fused kernel's grid: the launch floor in a graph
 // at DeepSeek-V2-Lite's router (64 experts, hidden 2,048, softmax, greedy top-6) and V3's (256
 // experts, hidden 7,168, sigmoid + bias, noaux_tc top-8 from 4 of 8 groups), batches 1 and 8.
-// Checks that the fused kernel's ids and weights equal route-after-logits' and fused-reg's (the
-// same routing arithmetic), bit for bit.
+// Checks that every variant's ids and weights equal the fused kernel's, bit for bit.
 // Build: nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o router_bench scripts/bench/router_bench.cu
 // Run on a GPU machine: ./router_bench   (exit 1 on a mismatch)
 #include "../../engine/src/cuda/kernels.cu"
@@ -39,15 +43,116 @@ __global__ void fill_f32(float* p, size_t n, uint32_t seed, float scale) {
 
 __global__ void empty_kernel() {}
 
-// The fused kernel with route_row's k weights in registers (lane r holds round r's, the k lanes
-// store at once) instead of the local-memory array lane 0 walks.
+// The fused kernel with route_row's k weights in the local-memory array lane 0 walks (before
+// 2026-11-28) instead of registers (lane r holds round r's, the k lanes store at once).
 __global__ void __launch_bounds__(ROUTE_WARPS * 32)
-    fused_reg(const float* x, int tokens, int hidden, const float* w_router, float* logits,
+    fused_arr(const float* x, int tokens, int hidden, const float* w_router, float* logits,
               uint32_t* counter, int n_exp, const float* bias, int scoring, int method, int k,
               int n_group, int topk_group, int normalise, uint32_t* ids, float* weights) {
-    route_logits<true>(x, tokens, hidden, w_router, nullptr, logits, counter, n_exp, bias,
-                       scoring, method, k, n_group, topk_group, normalise, 0, 1.f, ids,
-                       weights);
+    route_logits<false>(x, tokens, hidden, w_router, nullptr, logits, counter, n_exp, bias,
+                        scoring, method, k, n_group, topk_group, normalise, 0, 1.f, ids,
+                        weights);
+}
+
+// The fused kernel and moe_route with the top k by rank at 256 experts (route_row<false, 8>;
+// the engine has the rank form for ≤ 64 experts only, moe_route_logits_e64 and moe_route_e64).
+template <int M>
+__global__ void __launch_bounds__(ROUTE_WARPS * 32)
+    fused_rank(const float* x, int tokens, int hidden, const float* w_router, float* logits,
+               uint32_t* counter, int n_exp, const float* bias, int scoring, int method, int k,
+               int n_group, int topk_group, int normalise, uint32_t* ids, float* weights) {
+    route_logits<false, M>(x, tokens, hidden, w_router, nullptr, logits, counter, n_exp, bias,
+                           scoring, method, k, n_group, topk_group, normalise, 0, 1.f, ids,
+                           weights);
+}
+template <int M>
+__global__ void route_rank(const float* logits, int tokens, int n_exp, const float* bias,
+                           int scoring, int method, int k, int n_group, int topk_group,
+                           int normalise, uint32_t* ids, float* weights) {
+    __shared__ float choice_s[ROUTE_WARPS][ROUTE_MAX_M * 32];
+    __shared__ float sel_s[ROUTE_WARPS][2 * ROUTE_MAX_K];
+    const int warp = threadIdx.x >> 5;
+    const int t = blockIdx.x * ROUTE_WARPS + warp;
+    if (t >= tokens) return;
+    route_row<false, M>(logits + (size_t)t * n_exp, t, n_exp, bias, scoring, method, k, n_group,
+                        topk_group, normalise, 0, 1.f, choice_s[warp], ids, weights,
+                        sel_s[warp]);
+}
+
+// Ties: logits drawn from 5 values (so most experts tie with others) and some −inf, over 64,
+// 40 and 7 experts (rows not a multiple of 32 wide), k up to 8, softmax and sigmoid: the rank
+// form (moe_route_e64) must pick what the rounds (moe_route) pick, the lower index on a tie, and
+// sum the same weights, bit for bit.
+__global__ void fill_ties(float* p, int n, uint32_t seed) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
+        h ^= h >> 15;
+        h *= 2246822519u;
+        h ^= h >> 13;
+        const int v = (int)(h % 6);
+        p[i] = v == 5 ? -INFINITY : 0.5f * (float)v - 1.f;
+    }
+}
+static int ties_check() {
+    const int T = 512;
+    int bad = 0;
+    for (int E : {64, 40, 7}) {
+        for (int scoring : {0, 1}) {
+            for (int k : {1, 6, 8}) {
+                if (k > E) continue;
+                float *logits, *w1, *w2;
+                uint32_t *i1, *i2;
+                CK(cudaMalloc(&logits, (size_t)T * E * 4));
+                CK(cudaMalloc(&w1, (size_t)T * k * 4));
+                CK(cudaMalloc(&w2, (size_t)T * k * 4));
+                CK(cudaMalloc(&i1, (size_t)T * k * 4));
+                CK(cudaMalloc(&i2, (size_t)T * k * 4));
+                fill_ties<<<64, 256>>>(logits, T * E, 17u + E + k);
+                const int blocks = (T + ROUTE_WARPS - 1) / ROUTE_WARPS;
+                moe_route<<<blocks, ROUTE_WARPS * 32>>>(logits, T, E, nullptr, scoring, 0, k, 1, 1,
+                                                        1, 0, 1.f, i1, w1);
+                moe_route_e64<<<blocks, ROUTE_WARPS * 32>>>(logits, T, E, nullptr, scoring, 0, k,
+                                                            1, 1, 1, 0, 1.f, i2, w2);
+                CK(cudaDeviceSynchronize());
+                std::vector<uint32_t> a((size_t)T * k), b(a.size());
+                std::vector<float> wa(a.size()), wb(a.size());
+                CK(cudaMemcpy(a.data(), i1, a.size() * 4, cudaMemcpyDeviceToHost));
+                CK(cudaMemcpy(b.data(), i2, b.size() * 4, cudaMemcpyDeviceToHost));
+                CK(cudaMemcpy(wa.data(), w1, wa.size() * 4, cudaMemcpyDeviceToHost));
+                CK(cudaMemcpy(wb.data(), w2, wb.size() * 4, cudaMemcpyDeviceToHost));
+                const bool same =
+                    a == b && memcmp(wa.data(), wb.data(), wa.size() * 4) == 0;
+                printf("ties: %d experts, %s, top-%d: rank %s rounds\n", E,
+                       scoring ? "softmax" : "sigmoid", k, same ? "=" : "DIFFERS FROM");
+                bad |= !same;
+                cudaFree(logits); cudaFree(w1); cudaFree(w2); cudaFree(i1); cudaFree(i2);
+            }
+        }
+    }
+    return bad;
+}
+
+// The fused kernel with its weight loads unrolled U deep (the engine's: 4), and moe_route with
+// the group scores walked serially by one lane a group (route_row's GROUP_WARP off: how it was).
+template <int U>
+__global__ void __launch_bounds__(ROUTE_WARPS * 32)
+    fused_unroll(const float* x, int tokens, int hidden, const float* w_router, float* logits,
+                 uint32_t* counter, int n_exp, const float* bias, int scoring, int method, int k,
+                 int n_group, int topk_group, int normalise, uint32_t* ids, float* weights) {
+    route_logits<true, 0, U>(x, tokens, hidden, w_router, nullptr, logits, counter, n_exp, bias,
+                              scoring, method, k, n_group, topk_group, normalise, 0, 1.f, ids,
+                              weights);
+}
+__global__ void route_serial(const float* logits, int tokens, int n_exp, const float* bias,
+                             int scoring, int method, int k, int n_group, int topk_group,
+                             int normalise, uint32_t* ids, float* weights) {
+    __shared__ float choice_s[ROUTE_WARPS][ROUTE_MAX_M * 32];
+    const int warp = threadIdx.x >> 5;
+    const int t = blockIdx.x * ROUTE_WARPS + warp;
+    if (t >= tokens) return;
+    route_row<true, 0, false>(logits + (size_t)t * n_exp, t, n_exp, bias, scoring, method, k,
+                               n_group, topk_group, normalise, 0, 1.f, choice_s[warp], ids,
+                               weights);
 }
 
 struct Router {
@@ -59,6 +164,47 @@ static const Router ROUTERS[] = {
     {"V2-Lite", 64, 2048, 1, 0, 6, 1, 1, 0, false},
     {"V3", 256, 7168, 0, 2, 8, 8, 4, 1, true},
 };
+
+// Ties in the group scores: 256 experts in 8 groups of 32 (V3's), top-4 groups, top-8, logits
+// from 5 values (and some −inf), sigmoid + a bias from 3 values and softmax: group scores by warp
+// reductions (moe_route) must equal one lane's walk (route_serial), bit for bit.
+static int group_ties_check() {
+    const int T = 512, E = 256, k = 8;
+    int bad = 0;
+    float *logits, *bias, *w1, *w2;
+    uint32_t *i1, *i2;
+    CK(cudaMalloc(&logits, (size_t)T * E * 4));
+    CK(cudaMalloc(&bias, E * 4));
+    CK(cudaMalloc(&w1, (size_t)T * k * 4));
+    CK(cudaMalloc(&w2, (size_t)T * k * 4));
+    CK(cudaMalloc(&i1, (size_t)T * k * 4));
+    CK(cudaMalloc(&i2, (size_t)T * k * 4));
+    fill_ties<<<64, 256>>>(logits, T * E, 99u);
+    for (int method : {1, 2}) {
+        for (int scoring : {0, 1}) {
+            fill_ties<<<1, 256>>>(bias, E, 7u + method);
+            const float* b = scoring == 0 ? bias : nullptr;
+            const int blocks = (T + ROUTE_WARPS - 1) / ROUTE_WARPS;
+            moe_route<<<blocks, ROUTE_WARPS * 32>>>(logits, T, E, b, scoring, method, k, 8, 4, 1,
+                                                    0, 1.f, i1, w1);
+            route_serial<<<blocks, ROUTE_WARPS * 32>>>(logits, T, E, b, scoring, method, k, 8, 4,
+                                                       1, i2, w2);
+            CK(cudaDeviceSynchronize());
+            std::vector<uint32_t> a((size_t)T * k), c(a.size());
+            std::vector<float> wa(a.size()), wc(a.size());
+            CK(cudaMemcpy(a.data(), i1, a.size() * 4, cudaMemcpyDeviceToHost));
+            CK(cudaMemcpy(c.data(), i2, c.size() * 4, cudaMemcpyDeviceToHost));
+            CK(cudaMemcpy(wa.data(), w1, wa.size() * 4, cudaMemcpyDeviceToHost));
+            CK(cudaMemcpy(wc.data(), w2, wc.size() * 4, cudaMemcpyDeviceToHost));
+            const bool same = a == c && memcmp(wa.data(), wc.data(), wa.size() * 4) == 0;
+            printf("group ties: method %d, %s: warp %s serial\n", method,
+                   scoring ? "softmax" : "sigmoid + bias", same ? "=" : "DIFFERS FROM");
+            bad |= !same;
+        }
+    }
+    cudaFree(logits); cudaFree(bias); cudaFree(w1); cudaFree(w2); cudaFree(i1); cudaFree(i2);
+    return bad;
+}
 
 int main() {
     const int L = 26;
@@ -77,8 +223,18 @@ int main() {
         }
         for (int T : {1, 8}) {
             float *x, *logits;
-            uint32_t *ids_f, *ids_r, *ids_g, *ids_n, *counter, *never;
-            float *wts_f, *wts_r, *wts_g, *wts_n;
+            uint32_t *ids_f, *ids_r, *ids_g, *ids_n, *ids_k, *ids_q, *counter, *never;
+            float *wts_f, *wts_r, *wts_g, *wts_n, *wts_k, *wts_q;
+            uint32_t *ids_u8, *ids_u16, *ids_s;
+            float *wts_u8, *wts_u16, *wts_s;
+            for (uint32_t** p : {&ids_u8, &ids_u16, &ids_s})
+                CK(cudaMalloc(p, (size_t)L * T * R.k * 4));
+            for (float** p : {&wts_u8, &wts_u16, &wts_s})
+                CK(cudaMalloc(p, (size_t)L * T * R.k * 4));
+            CK(cudaMalloc(&ids_k, (size_t)L * T * R.k * 4));
+            CK(cudaMalloc(&wts_k, (size_t)L * T * R.k * 4));
+            CK(cudaMalloc(&ids_q, (size_t)L * T * R.k * 4));
+            CK(cudaMalloc(&wts_q, (size_t)L * T * R.k * 4));
             CK(cudaMalloc(&x, (size_t)T * R.hidden * 4));
             CK(cudaMalloc(&logits, (size_t)L * T * R.experts * 4));
             CK(cudaMalloc(&ids_f, (size_t)L * T * R.k * 4));
@@ -97,8 +253,10 @@ int main() {
                 CK(cudaMemcpy(never, from.data(), L * 4, cudaMemcpyHostToDevice));
             }
             fill_f32<<<64, 256>>>(x, (size_t)T * R.hidden, 5u, 1.f);
-            const char* names[] = {"fused", "fused-reg", "logits", "route", "no-op"};
-            for (int v = 0; v < 5; ++v) {
+            const char* names[] = {"fused",      "fused-arr",  "logits",   "route",
+                                   "fused-rank", "route-rank", "fused-u8", "fused-u16",
+                                   "route-serial", "no-op"};
+            for (int v = 0; v < 10; ++v) {
                 const float ms = graph_median_ms(
                     [&](cudaStream_t st) {
                         for (int l = 0; l < L; ++l) {
@@ -110,7 +268,7 @@ int main() {
                                     bias, R.scoring, R.method, R.k, R.n_group, R.topk_group,
                                     R.normalise, 0, 1.f, ids_f + o, wts_f + o);
                             else if (v == 1)
-                                fused_reg<<<R.experts, ROUTE_WARPS * 32, 0, st>>>(
+                                fused_arr<<<R.experts, ROUTE_WARPS * 32, 0, st>>>(
                                     x, T, R.hidden, w[l], lg, counter + l, R.experts, bias,
                                     R.scoring, R.method, R.k, R.n_group, R.topk_group,
                                     R.normalise, ids_g + o, wts_g + o);
@@ -126,6 +284,38 @@ int main() {
                                             ROUTE_WARPS * 32, 0, st>>>(
                                     lg, T, R.experts, bias, R.scoring, R.method, R.k, R.n_group,
                                     R.topk_group, R.normalise, 0, 1.f, ids_r + o, wts_r + o);
+                            else if (v == 4 && R.experts <= 64)
+                                moe_route_logits_e64<<<R.experts, ROUTE_WARPS * 32, 0, st>>>(
+                                    x, T, R.hidden, w[l], nullptr, lg, counter + l, R.experts,
+                                    bias, R.scoring, R.method, R.k, R.n_group, R.topk_group,
+                                    R.normalise, 0, 1.f, ids_k + o, wts_k + o);
+                            else if (v == 4)
+                                fused_rank<8><<<R.experts, ROUTE_WARPS * 32, 0, st>>>(
+                                    x, T, R.hidden, w[l], lg, counter + l, R.experts, bias,
+                                    R.scoring, R.method, R.k, R.n_group, R.topk_group,
+                                    R.normalise, ids_k + o, wts_k + o);
+                            else if (v == 5 && R.experts <= 64)
+                                moe_route_e64<<<(T + ROUTE_WARPS - 1) / ROUTE_WARPS,
+                                                ROUTE_WARPS * 32, 0, st>>>(
+                                    lg, T, R.experts, bias, R.scoring, R.method, R.k, R.n_group,
+                                    R.topk_group, R.normalise, 0, 1.f, ids_q + o, wts_q + o);
+                            else if (v == 5)
+                                route_rank<8><<<(T + ROUTE_WARPS - 1) / ROUTE_WARPS,
+                                                ROUTE_WARPS * 32, 0, st>>>(
+                                    lg, T, R.experts, bias, R.scoring, R.method, R.k, R.n_group,
+                                    R.topk_group, R.normalise, ids_q + o, wts_q + o);
+                            else if (v == 6 || v == 7)
+                                (v == 6 ? fused_unroll<8> : fused_unroll<16>)<<<
+                                    R.experts, ROUTE_WARPS * 32, 0, st>>>(
+                                    x, T, R.hidden, w[l], lg, counter + l, R.experts, bias,
+                                    R.scoring, R.method, R.k, R.n_group, R.topk_group,
+                                    R.normalise, (v == 6 ? ids_u8 : ids_u16) + o,
+                                    (v == 6 ? wts_u8 : wts_u16) + o);
+                            else if (v == 8)
+                                route_serial<<<(T + ROUTE_WARPS - 1) / ROUTE_WARPS,
+                                               ROUTE_WARPS * 32, 0, st>>>(
+                                    lg, T, R.experts, bias, R.scoring, R.method, R.k, R.n_group,
+                                    R.topk_group, R.normalise, ids_s + o, wts_s + o);
                             else
                                 empty_kernel<<<R.experts, ROUTE_WARPS * 32, 0, st>>>();
                         }
@@ -135,26 +325,48 @@ int main() {
             }
             // The fused kernels' routings against moe_route over the logits (the route variant
             // ran after the logits one, which wrote the same values).
-            std::vector<uint32_t> a((size_t)L * T * R.k), b(a.size()), c(a.size());
-            std::vector<float> wa(a.size()), wb(a.size()), wc(a.size());
+            std::vector<uint32_t> a((size_t)L * T * R.k), b(a.size()), c(a.size()), d(a.size()),
+                e(a.size());
+            std::vector<float> wa(a.size()), wb(a.size()), wc(a.size()), wd(a.size()),
+                we(a.size());
+            CK(cudaMemcpy(d.data(), ids_k, d.size() * 4, cudaMemcpyDeviceToHost));
+            CK(cudaMemcpy(e.data(), ids_q, e.size() * 4, cudaMemcpyDeviceToHost));
+            CK(cudaMemcpy(wd.data(), wts_k, wd.size() * 4, cudaMemcpyDeviceToHost));
+            CK(cudaMemcpy(we.data(), wts_q, we.size() * 4, cudaMemcpyDeviceToHost));
             CK(cudaMemcpy(a.data(), ids_f, a.size() * 4, cudaMemcpyDeviceToHost));
             CK(cudaMemcpy(b.data(), ids_r, b.size() * 4, cudaMemcpyDeviceToHost));
             CK(cudaMemcpy(c.data(), ids_g, c.size() * 4, cudaMemcpyDeviceToHost));
             CK(cudaMemcpy(wa.data(), wts_f, wa.size() * 4, cudaMemcpyDeviceToHost));
             CK(cudaMemcpy(wb.data(), wts_r, wb.size() * 4, cudaMemcpyDeviceToHost));
             CK(cudaMemcpy(wc.data(), wts_g, wc.size() * 4, cudaMemcpyDeviceToHost));
-            const bool same = a == b && a == c &&
+            bool extra = true;
+            for (auto pr : {std::make_pair(ids_u8, wts_u8), std::make_pair(ids_u16, wts_u16),
+                            std::make_pair(ids_s, wts_s)}) {
+                std::vector<uint32_t> i2(a.size());
+                std::vector<float> w2(a.size());
+                CK(cudaMemcpy(i2.data(), pr.first, i2.size() * 4, cudaMemcpyDeviceToHost));
+                CK(cudaMemcpy(w2.data(), pr.second, w2.size() * 4, cudaMemcpyDeviceToHost));
+                extra = extra && i2 == a && memcmp(w2.data(), wa.data(), wa.size() * 4) == 0;
+                cudaFree(pr.first);
+                cudaFree(pr.second);
+            }
+            const bool same = extra && a == b && a == c && a == d && a == e &&
                               memcmp(wa.data(), wb.data(), wa.size() * 4) == 0 &&
-                              memcmp(wa.data(), wc.data(), wa.size() * 4) == 0;
+                              memcmp(wa.data(), wc.data(), wa.size() * 4) == 0 &&
+                              memcmp(wa.data(), wd.data(), wa.size() * 4) == 0 &&
+                              memcmp(wa.data(), we.data(), wa.size() * 4) == 0;
             printf("%-8s %5d routing %s\n", R.name, T,
-                   same ? "fused = fused-reg = route after logits" : "MISMATCH");
+                   same ? "every variant's ids and weights equal, bit for bit" : "MISMATCH");
             bad |= !same;
             cudaFree(x); cudaFree(logits); cudaFree(ids_f); cudaFree(ids_r); cudaFree(wts_f);
             cudaFree(wts_r); cudaFree(ids_g); cudaFree(wts_g); cudaFree(ids_n); cudaFree(wts_n);
-            cudaFree(counter); cudaFree(never);
+            cudaFree(counter); cudaFree(never); cudaFree(ids_k); cudaFree(wts_k);
+            cudaFree(ids_q); cudaFree(wts_q);
         }
         for (float* p : w) cudaFree(p);
         if (bias) cudaFree(bias);
     }
+    bad |= ties_check();
+    bad |= group_ties_check();
     return bad;
 }

@@ -40,71 +40,109 @@ __device__ __forceinline__ void warp_best(float& v, int& i, float& p) {
 // Routes token t from its logits row `l` (read through L2: another block of moe_route_logits may
 // have written it), one warp; lane l holds experts l, l+32, … (at most 8 each). `cs`: this
 // warp's ROUTE_MAX_M · 32 floats of shared memory. The k weights: in an array indexed by the
-// round (local memory: the kernels' 64-byte stack frame), normalised and stored by lane 0 one
-// by one; or, with REG_WEIGHTS, round r's in lane r's register, the k lanes storing theirs at
-// once (the same arithmetic, the same bits; scripts/bench/router_bench.cu times both).
-template <bool REG_WEIGHTS = false>
+// round (local memory: a 64-byte stack frame), normalised and stored by lane 0 one by one; or,
+// with REG_WEIGHTS (the engine's kernels), round r's in lane r's register, the k lanes storing
+// theirs at once (the same arithmetic, the same bits; scripts/bench/router_bench.cu times both).
+//
+// RANK_M > 0 (n_exp ≤ 32 · RANK_M; `sel`: 2 · ROUTE_MAX_K words of this warp's shared memory):
+// lane l holds RANK_M experts, and the top k by rank instead of k rounds of a warp's arg-max:
+// every lane counts, for each expert it holds, the experts that beat it (the host's order is a
+// total order: the value, then the index), all at once; an expert of rank r < k is round r's
+// pick, and the weights are summed in rank order as the rounds sum them (the same bits; a NaN
+// choice ranks as -inf, where the rounds would keep the first one a lane sees).
+//
+// Group scores (method 1 or 2, some groups dropped): where a group is 32 experts (V3's and R1's
+// 256 in 8), group g is every lane's expert slot m = g, so with GROUP_WARP all groups' scores come
+// from warp reductions at once (the largest, or the two largest summed, as the host takes them);
+// otherwise lane g walks its group's choices in shared memory. The same scores unless a choice
+// is NaN.
+template <bool REG_WEIGHTS = false, int RANK_M = 0, bool GROUP_WARP = true>
 __device__ __forceinline__ void route_row(const float* l, int t, int n_exp, const float* bias,
                                           int scoring, int method, int k, int n_group,
                                           int topk_group, int normalise, int scale_weights,
                                           float scaling, float* cs, uint32_t* ids,
-                                          float* weights) {
+                                          float* weights, float* sel = nullptr) {
+    constexpr int M = RANK_M ? RANK_M : ROUTE_MAX_M;  // experts a lane holds
     const int lane = threadIdx.x & 31;
-    float score[ROUTE_MAX_M], choice[ROUTE_MAX_M];
+    float score[M], choice[M];
 #pragma unroll
-    for (int m = 0; m < ROUTE_MAX_M; ++m) {
+    for (int m = 0; m < M; ++m) {
         const int e = lane + 32 * m;
         score[m] = e < n_exp ? __ldcg(l + e) : -INFINITY;
     }
     if (scoring == 0) {
 #pragma unroll
-        for (int m = 0; m < ROUTE_MAX_M; ++m) score[m] = 1.f / (1.f + expf(-score[m]));
+        for (int m = 0; m < M; ++m) score[m] = 1.f / (1.f + expf(-score[m]));
     } else {
         float mx = -INFINITY;
 #pragma unroll
-        for (int m = 0; m < ROUTE_MAX_M; ++m)
+        for (int m = 0; m < M; ++m)
             if (lane + 32 * m < n_exp) mx = fmaxf(mx, score[m]);
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
         float sum = 0.f;
 #pragma unroll
-        for (int m = 0; m < ROUTE_MAX_M; ++m) {
+        for (int m = 0; m < M; ++m) {
             score[m] = lane + 32 * m < n_exp ? expf(score[m] - mx) : 0.f;
             sum += score[m];
         }
         sum = warp_sum(sum);
 #pragma unroll
-        for (int m = 0; m < ROUTE_MAX_M; ++m) score[m] = score[m] / sum;
+        for (int m = 0; m < M; ++m) score[m] = score[m] / sum;
     }
 #pragma unroll
-    for (int m = 0; m < ROUTE_MAX_M; ++m) {
+    for (int m = 0; m < M; ++m) {
         const int e = lane + 32 * m;
         choice[m] = e < n_exp ? (bias ? score[m] + bias[e] : score[m]) : -INFINITY;
     }
     if (method != 0 && topk_group < n_group) {
-        // Group scores, one lane per group (n_group ≤ 32), from the choices in shared memory.
-#pragma unroll
-        for (int m = 0; m < ROUTE_MAX_M; ++m)
-            if (lane + 32 * m < n_exp) cs[lane + 32 * m] = choice[m];
-        __syncwarp();
         const int per = n_exp / n_group;
         float gs = -INFINITY;
         int gi = ROUTE_NONE;
-        if (lane < n_group) {
-            const float* c = cs + lane * per;
-            gi = lane;
-            if (method == 2) {
-                int b1 = 0;
-                for (int e = 1; e < per; ++e)
-                    if (c[e] > c[b1]) b1 = e;
-                int b2 = -1;
-                for (int e = 0; e < per; ++e)
-                    if (e != b1 && (b2 < 0 || c[e] > c[b2])) b2 = e;
-                gs = b2 < 0 ? c[b1] : c[b1] + c[b2];
-            } else {
-                float mg = -INFINITY;
-                for (int e = 0; e < per; ++e) mg = fmaxf(mg, c[e]);
-                gs = mg;
+        if (GROUP_WARP && per == 32) {
+            // Each slot's two largest choices over the warp (a pair merged with a pair: the
+            // larger of the tops, then the larger of the smaller top and the larger second).
+            float t1[M], t2[M];
+#pragma unroll
+            for (int m = 0; m < M; ++m) t1[m] = choice[m], t2[m] = -INFINITY;
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+                for (int m = 0; m < M; ++m) {
+                    const float o1 = __shfl_xor_sync(0xffffffffu, t1[m], o);
+                    const float o2 = __shfl_xor_sync(0xffffffffu, t2[m], o);
+                    t2[m] = fmaxf(fminf(t1[m], o1), fmaxf(t2[m], o2));
+                    t1[m] = fmaxf(t1[m], o1);
+                }
+            }
+#pragma unroll
+            for (int m = 0; m < M; ++m)
+                if (m == lane && m < n_group) {
+                    gi = lane;
+                    gs = method == 2 ? t1[m] + t2[m] : t1[m];
+                }
+        } else {
+            // One lane per group (n_group ≤ 32), from the choices in shared memory.
+#pragma unroll
+            for (int m = 0; m < M; ++m)
+                if (lane + 32 * m < n_exp) cs[lane + 32 * m] = choice[m];
+            __syncwarp();
+            if (lane < n_group) {
+                const float* c = cs + lane * per;
+                gi = lane;
+                if (method == 2) {
+                    int b1 = 0;
+                    for (int e = 1; e < per; ++e)
+                        if (c[e] > c[b1]) b1 = e;
+                    int b2 = -1;
+                    for (int e = 0; e < per; ++e)
+                        if (e != b1 && (b2 < 0 || c[e] > c[b2])) b2 = e;
+                    gs = b2 < 0 ? c[b1] : c[b1] + c[b2];
+                } else {
+                    float mg = -INFINITY;
+                    for (int e = 0; e < per; ++e) mg = fmaxf(mg, c[e]);
+                    gs = mg;
+                }
             }
         }
         bool kept = false;
@@ -116,10 +154,52 @@ __device__ __forceinline__ void route_row(const float* l, int t, int n_exp, cons
         }
         const unsigned kept_mask = __ballot_sync(0xffffffffu, kept);
 #pragma unroll
-        for (int m = 0; m < ROUTE_MAX_M; ++m) {
+        for (int m = 0; m < M; ++m) {
             const int e = lane + 32 * m;
             if (e < n_exp && !((kept_mask >> (e / per)) & 1u)) choice[m] = -INFINITY;
         }
+    }
+    if constexpr (RANK_M > 0) {
+        uint32_t* sel_i = reinterpret_cast<uint32_t*>(sel + ROUTE_MAX_K);
+        __syncwarp();  // the group pass's lanes are done reading `cs`
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+            const int e = lane + 32 * m;
+            if (choice[m] != choice[m]) choice[m] = -INFINITY;
+            if (e < n_exp) cs[e] = choice[m];
+        }
+        __syncwarp();
+        int rank[M];
+#pragma unroll
+        for (int m = 0; m < M; ++m) rank[m] = 0;
+#pragma unroll 8
+        for (int j = 0; j < n_exp; ++j) {
+            const float c = cs[j];
+#pragma unroll
+            for (int m = 0; m < M; ++m)
+                rank[m] += (c > choice[m]) | ((c == choice[m]) & (j < lane + 32 * m));
+        }
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+            const int e = lane + 32 * m;
+            if (e < n_exp && rank[m] < k) {
+                sel[rank[m]] = score[m];
+                sel_i[rank[m]] = (uint32_t)e;
+            }
+        }
+        __syncwarp();
+        float sum = 0.f;
+        for (int r = 0; r < k; ++r) sum += sel[r];
+        sum += 1e-20f;
+        if (lane < k) {
+            float v = sel[lane];
+            if (normalise) v = v / sum;
+            if (scale_weights) v = v * scaling;
+            ids[(size_t)t * k + lane] = sel_i[lane];
+            weights[(size_t)t * k + lane] = v;
+        }
+        __syncwarp();  // `sel` and `cs` are read before the warp's next token writes them
+        return;
     }
     unsigned taken = 0;
     float w[REG_WEIGHTS ? 1 : ROUTE_MAX_K];
@@ -129,7 +209,7 @@ __device__ __forceinline__ void route_row(const float* l, int t, int n_exp, cons
         float v = 0.f, p = 0.f;
         int i = ROUTE_NONE;
 #pragma unroll
-        for (int m = 0; m < ROUTE_MAX_M; ++m) {
+        for (int m = 0; m < M; ++m) {
             const int e = lane + 32 * m;
             if (e < n_exp && !((taken >> m) & 1u) && beats(choice[m], e, v, i)) {
                 v = choice[m];
@@ -165,19 +245,35 @@ __device__ __forceinline__ void route_row(const float* l, int t, int n_exp, cons
     }
 }
 
-// One warp per token.
-extern "C" __global__ void moe_route(const float* logits, int tokens, int n_exp,
-                                     const float* bias, int scoring, int method, int k,
-                                     int n_group, int topk_group, int normalise,
-                                     int scale_weights, float scaling, uint32_t* ids,
-                                     float* weights) {
+
+// One warp per token: k rounds with the weights in registers (route_row<true>), or, in
+// moe_route_e64, for ≤ 64 experts, the top k by rank (route_row<false, 2>).
+template <int RANK_M>
+__device__ __forceinline__ void route_tokens(const float* logits, int tokens, int n_exp,
+                                             const float* bias, int scoring, int method, int k,
+                                             int n_group, int topk_group, int normalise,
+                                             int scale_weights, float scaling, uint32_t* ids,
+                                             float* weights) {
     __shared__ float choice_s[ROUTE_WARPS][ROUTE_MAX_M * 32];
+    __shared__ float sel_s[ROUTE_WARPS][RANK_M ? 2 * ROUTE_MAX_K : 1];
     const int warp = threadIdx.x >> 5;
     const int t = blockIdx.x * ROUTE_WARPS + warp;
     if (t >= tokens) return;
-    route_row(logits + (size_t)t * n_exp, t, n_exp, bias, scoring, method, k, n_group,
-              topk_group, normalise, scale_weights, scaling, choice_s[warp], ids, weights);
+    route_row<RANK_M == 0, RANK_M>(logits + (size_t)t * n_exp, t, n_exp, bias, scoring, method,
+                                   k, n_group, topk_group, normalise, scale_weights, scaling,
+                                   choice_s[warp], ids, weights, sel_s[warp]);
 }
+#define ROUTE_ARGS                                                                              \
+    const float *logits, int tokens, int n_exp, const float *bias, int scoring, int method,     \
+        int k, int n_group, int topk_group, int normalise, int scale_weights, float scaling,   \
+        uint32_t *ids, float *weights
+#define ROUTE_PASS                                                                              \
+    logits, tokens, n_exp, bias, scoring, method, k, n_group, topk_group, normalise,           \
+        scale_weights, scaling, ids, weights
+extern "C" __global__ void moe_route(ROUTE_ARGS) { route_tokens<0>(ROUTE_PASS); }
+extern "C" __global__ void moe_route_e64(ROUTE_ARGS) { route_tokens<2>(ROUTE_PASS); }
+#undef ROUTE_ARGS
+#undef ROUTE_PASS
 
 // Router logits and routing in one launch, for a few tokens (a decode step): block b computes
 // the logits of experts b·ROUTE_WARPS … b·ROUTE_WARPS + 3 for every token (a warp an expert:
@@ -188,7 +284,7 @@ extern "C" __global__ void moe_route(const float* logits, int tokens, int n_exp,
 // flight together), its tokens' dot products summed in a fixed order (lane partials, the warp's
 // butterfly, then the 4 warps in order); the last block routes. `tokens` ≤ ROUTE_LOGITS_MAX_T.
 #define ROUTE_LOGITS_MAX_T 16
-template <bool REG_WEIGHTS>
+template <bool REG_WEIGHTS, int RANK_M = 0, int UNROLL = 4>
 __device__ __forceinline__ void route_logits(const float* x, int tokens, int hidden,
                                              const float* w_router, const float* skew,
                                              float* logits, uint32_t* counter, int n_exp,
@@ -198,6 +294,7 @@ __device__ __forceinline__ void route_logits(const float* x, int tokens, int hid
                                              float* weights) {
     __shared__ float choice_s[ROUTE_WARPS][ROUTE_MAX_M * 32];
     __shared__ float part[ROUTE_WARPS][ROUTE_LOGITS_MAX_T];
+    __shared__ float sel_s[ROUTE_WARPS][RANK_M ? 2 * ROUTE_MAX_K : 1];
     __shared__ bool last;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int e = blockIdx.x;
@@ -206,7 +303,7 @@ __device__ __forceinline__ void route_logits(const float* x, int tokens, int hid
     float acc[ROUTE_LOGITS_MAX_T];
 #pragma unroll
     for (int t = 0; t < ROUTE_LOGITS_MAX_T; ++t) acc[t] = 0.f;
-#pragma unroll 4
+#pragma unroll UNROLL
     for (int c = threadIdx.x; c < n4; c += ROUTE_WARPS * 32) {
         const float4 a = __ldcs(wr + c);
 #pragma unroll
@@ -244,20 +341,33 @@ __device__ __forceinline__ void route_logits(const float* x, int tokens, int hid
     if (threadIdx.x == 0) *counter = 0u;
     __threadfence();
     for (int t = warp; t < tokens; t += ROUTE_WARPS)
-        route_row<REG_WEIGHTS>(logits + (size_t)t * n_exp, t, n_exp, bias, scoring, method, k,
-                               n_group, topk_group, normalise, scale_weights, scaling,
-                               choice_s[warp], ids, weights);
+        route_row<REG_WEIGHTS, RANK_M>(logits + (size_t)t * n_exp, t, n_exp, bias, scoring,
+                                       method, k, n_group, topk_group, normalise,
+                                       scale_weights, scaling, choice_s[warp], ids, weights,
+                                       sel_s[warp]);
+}
+// moe_route_logits: k rounds with the weights in registers (route_row<true>); _e64: the top k by
+// rank (route_row<false, 2>), for ≤ 64 experts: 9.5 → 5.8–6.0 µs a layer at V2-Lite's router,
+// batch 1, on an H200 (scripts/bench/router_bench.cu; at 256 experts the rank costs more than
+// the rounds, 27 against 24 µs).
+#define ROUTE_LOGITS_ARGS                                                                       \
+    const float *x, int tokens, int hidden, const float *w_router, const float *skew,          \
+        float *logits, uint32_t *counter, int n_exp, const float *bias, int scoring,           \
+        int method, int k, int n_group, int topk_group, int normalise, int scale_weights,      \
+        float scaling, uint32_t *ids, float *weights
+#define ROUTE_LOGITS_PASS                                                                       \
+    x, tokens, hidden, w_router, skew, logits, counter, n_exp, bias, scoring, method, k,       \
+        n_group, topk_group, normalise, scale_weights, scaling, ids, weights
+extern "C" __global__ void __launch_bounds__(ROUTE_WARPS * 32)
+    moe_route_logits(ROUTE_LOGITS_ARGS) {
+    route_logits<true>(ROUTE_LOGITS_PASS);
 }
 extern "C" __global__ void __launch_bounds__(ROUTE_WARPS * 32)
-    moe_route_logits(const float* x, int tokens, int hidden, const float* w_router,
-                     const float* skew, float* logits, uint32_t* counter, int n_exp,
-                     const float* bias, int scoring, int method, int k, int n_group,
-                     int topk_group, int normalise, int scale_weights, float scaling,
-                     uint32_t* ids, float* weights) {
-    route_logits<false>(x, tokens, hidden, w_router, skew, logits, counter, n_exp, bias, scoring,
-                        method, k, n_group, topk_group, normalise, scale_weights, scaling, ids,
-                        weights);
+    moe_route_logits_e64(ROUTE_LOGITS_ARGS) {
+    route_logits<false, 2>(ROUTE_LOGITS_PASS);
 }
+#undef ROUTE_LOGITS_ARGS
+#undef ROUTE_LOGITS_PASS
 
 // ---------------------------------------------------------------------------------------------
 // Grouped routed experts. A step's (token, expert) pairs are sorted by expert slot so that each

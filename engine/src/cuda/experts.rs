@@ -82,6 +82,12 @@ struct RoutedIn {
     k: usize,
 }
 
+/// Experts up to which the routing kernels pick the top k by rank (`moe_route_e64`,
+/// `moe_route_logits_e64`: every lane ranks its two experts against all at once) instead of k
+/// rounds of a warp's arg-max; the same routing, bit for bit. Above it the rank's all-pairs
+/// count costs more than the rounds (scripts/bench/router_bench.cu).
+const ROUTE_RANK_MAX_EXPERTS: usize = 64;
+
 /// Tokens up to which a routed call given combine counters folds the combine into the down
 /// kernel (`moe_down_mma`'s tail: its last block per column block sums those columns of every
 /// token, so the tail grows with the tokens; a decode step's few rows).
@@ -783,7 +789,12 @@ impl Gpu {
         let mut args = vec![Arg::Ptr(self.ptr(logits)?), i32_arg(t, "tokens")?];
         args.extend(self.route_args(e, p, &out)?);
         // One warp per token, four per block.
-        self.launch("moe_route", (t.div_ceil(4) as u32, 1, 1), 128, 0, &args)?;
+        let name = if e <= ROUTE_RANK_MAX_EXPERTS {
+            "moe_route_e64"
+        } else {
+            "moe_route"
+        };
+        self.launch(name, (t.div_ceil(4) as u32, 1, 1), 128, 0, &args)?;
         Ok(Some(out))
     }
 
@@ -830,7 +841,12 @@ impl Gpu {
         ];
         args.extend(self.route_args(e, p, &out)?);
         // A block an expert's logits; the last block routes.
-        self.launch("moe_route_logits", (e as u32, 1, 1), 128, 0, &args)?;
+        let name = if e <= ROUTE_RANK_MAX_EXPERTS {
+            "moe_route_logits_e64"
+        } else {
+            "moe_route_logits"
+        };
+        self.launch(name, (e as u32, 1, 1), 128, 0, &args)?;
         Ok(Some(out))
     }
 
