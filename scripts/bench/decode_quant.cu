@@ -21,6 +21,11 @@
 //   int4       experts_int4.cu's MmaInt4 (groups ≥ 64): q − zero exact in bf16 (one LOP3 and a
 //              bf16x2 subtraction a pair), the scale applied to each group's f32 sums
 //   fp8 csN    fp8 with N chunks in flight (fp8 cs2 is the kernels' own)
+//   fp8 wide   experts_fp8.cu's MmaFp8Wide: 128-wide chunks (two 16-byte loads a row, a whole
+//              L2 line), two in flight; wide3: three; wide lbN: the gate/up kernel held to N
+//              blocks an SM
+//   fp8 smemS  fp8 with the weights through a shared-memory ring of S slots (cp.async, S − 1
+//              chunks ahead; chunk_walk's SMEM_STAGES)
 //   fp8 lbN    fp8 (four chunks) with the gate/up kernel held to N blocks an SM
 //   int4 lb3, int4 csN   the same for INT4
 //   no-op      the same grids doing nothing: moe_align, the combine and the launches alone
@@ -193,6 +198,21 @@ __global__ void gu_empty(const bf16*, int, const bf16*, QuantArgs, int, const ui
 __global__ void dn_empty(const bf16*, int, const bf16*, QuantArgs, int, const uint32_t*,
                          const uint32_t*, float*) {}
 
+// e4m3 with the weights' chunks through a shared-memory ring S − 1 chunks ahead (chunk_walk's
+// SMEM_STAGES; the register ring holds none then).
+template <int S>
+struct MmaFp8Smem : MmaFp8 {
+    static constexpr int SMEM_STAGES = S;
+    WITH_AT(MmaFp8Smem, MmaFp8)
+};
+
+// experts_fp8.cu's MmaFp8Wide (128-wide chunks) with CS chunks in flight.
+template <int CS>
+struct MmaFp8WideStages : MmaFp8Wide {
+    static constexpr int CHUNK_STAGES = CS;
+    WITH_AT(MmaFp8WideStages, MmaFp8Wide)
+};
+
 // Diagnostics, timing only (the values are not decoded, so the sums are garbage): the fp8
 // kernels' walk with the conversions cut, to bound what conversion work costs at each batch.
 //   fp8 nocvt  the 16 loaded bytes handed to the MMAs as they are (no instruction a value);
@@ -278,16 +298,23 @@ static const Variant VARIANTS[] = {
     {"fp8 lb3  ", FP8, 1, true, run_lb<MmaFp8Stages<4>, 3>},
     {"fp8 lb4  ", FP8, 1, true, run_lb<MmaFp8Stages<4>, 4>},
     {"fp8 cs3lb3", FP8, 1, true, run_lb<MmaFp8Stages<3>, 3>},
+    {"fp8 wide ", FP8, 1, false, run_w<MmaFp8Wide>},
+    {"fp8 wide3", FP8, 1, false, run_w<MmaFp8WideStages<3>>},
+    {"fp8 wide lb3", FP8, 1, false, run_lb<MmaFp8Wide, 3>},
+    {"fp8 wide lb4", FP8, 1, false, run_lb<MmaFp8Wide, 4>},
+    {"fp8 smem3", FP8, 1, true, run_w<MmaFp8Smem<3>>},
+    {"fp8 smem4", FP8, 1, true, run_w<MmaFp8Smem<4>>},
+    {"fp8 smem5", FP8, 1, true, run_w<MmaFp8Smem<5>>},
     {"fp8 nocvt", FP8, -3, true, run_w<MmaFp8NoCvt<2>>},
     {"fp8 nocvt4", FP8, -3, true, run_w<MmaFp8NoCvt<4>>},
     {"fp8 cvt1 ", FP8, -3, true, run_w<MmaFp8Cvt1>},
     {"int4 old ", INT4, -1, true, run_w<MmaInt4Old>},
-    {"int4 fine", INT4, 13, true, run_w<MmaInt4Fine>},
-    {"int4     ", INT4, 13, false, run_w<MmaInt4>},
-    {"int4 lb3 ", INT4, 13, false, run_lb<MmaInt4, 3>},
-    {"int4 cs3 ", INT4, 13, false, run_w<MmaInt4Stages<3>>},
-    {"int4 cs2 ", INT4, 13, false, run_w<MmaInt4Stages<2>>},
-    {"int4 cs6 ", INT4, 13, false, run_w<MmaInt4Stages<6>>},
+    {"int4 fine", INT4, 20, true, run_w<MmaInt4Fine>},
+    {"int4     ", INT4, 20, false, run_w<MmaInt4>},
+    {"int4 lb3 ", INT4, 20, false, run_lb<MmaInt4, 3>},
+    {"int4 cs3 ", INT4, 20, false, run_w<MmaInt4Stages<3>>},
+    {"int4 cs2 ", INT4, 20, false, run_w<MmaInt4Stages<2>>},
+    {"int4 cs6 ", INT4, 20, false, run_w<MmaInt4Stages<6>>},
     {"no-op    ", BF16, -2, true, run_empty},
 };
 static const int N_VARIANTS = sizeof(VARIANTS) / sizeof(VARIANTS[0]);

@@ -786,6 +786,8 @@ __device__ __forceinline__ const typename W::Elem* w_at(const typename W::Elem* 
 // EPILOGUE / PERMUTE_X interface: neither, so the walk sums into c directly.
 struct ScaledValues {
     static constexpr bool EPILOGUE = false, PERMUTE_X = false;
+    static constexpr int SMEM_STAGES = 0;  // chunk_walk's ring: in registers
+    static constexpr int CHUNK_K = 64;     // chunk_walk's chunks: 64 k wide
     __device__ static uint4 permute_x(uint4 x) { return x; }
     __device__ int group_size() const { return 1 << 30; }
     template <typename C>
@@ -820,11 +822,10 @@ struct MmaBf16 : ScaledValues {
 template <typename W, int NA>
 __device__ __forceinline__ void chunk_walk(const typename W::Elem* const (&w)[2 * NA],
                                            const W (&pol)[2 * NA], const bf16* xr, int k_begin,
-                                           int k_end, float (&c)[NA][4]) {
+                                           int k_end, float (&c)[NA][4],
+                                           typename W::Chunk* ring = nullptr) {
     constexpr int CS = W::CHUNK_STAGES;
     if (k_begin >= k_end) return;
-    typename W::Chunk r[CS][2 * NA];
-    uint4 b[CS][2];
     // W::EPILOGUE: the fragments are the stored values unscaled (exact in bf16), summed per
     // scale group into cb and scaled into c at each group's end (`epi_scale` of rows g and
     // g + 8, each its own).
@@ -835,58 +836,140 @@ __device__ __forceinline__ void chunk_walk(const typename W::Elem* const (&w)[2 
 #pragma unroll
             for (int e = 0; e < 4; ++e) cb[a][e] = 0.f;
     }
-#pragma unroll
-    for (int i = 0; i < CS - 1; ++i) {
-        const int kk = k_begin + i * 64;
-        if (kk < k_end) {
-#pragma unroll
-            for (int q = 0; q < 2 * NA; ++q) r[i][q] = pol[q].load2(w_at<W>(w[q], kk), kk);
-            b[i][0] = ld16(xr + kk), b[i][1] = ld16(xr + kk + 8);
+    // One chunk's MMAs (rows' chunks r, x's 16 values x0 and x1 at kk).
+    // (Generic, so that it is compiled only for the walks that call it.)
+    auto consume = [&](const auto& r, uint4 x0, uint4 x1, int kk) {
+        if constexpr (W::PERMUTE_X) {
+            x0 = W::permute_x(x0);
+            x1 = W::permute_x(x1);
         }
-    }
-    for (int k = k_begin; k < k_end; k += CS * 64) {
 #pragma unroll
-        for (int i = 0; i < CS; ++i) {
-            const int kk = k + i * 64, kn = kk + (CS - 1) * 64, j = (i + CS - 1) % CS;
-            if (kn < k_end) {
-#pragma unroll
-                for (int q = 0; q < 2 * NA; ++q) r[j][q] = pol[q].load2(w_at<W>(w[q], kn), kn);
-                b[j][0] = ld16(xr + kn), b[j][1] = ld16(xr + kn + 8);
+        for (int a = 0; a < NA; ++a) {
+            uint4 a0, a1, h0, h1;
+            pol[2 * a].frags2(r[2 * a], kk, a0, a1);
+            pol[2 * a + 1].frags2(r[2 * a + 1], kk, h0, h1);
+            if constexpr (W::EPILOGUE) {
+                mma_k32(cb[a], a0, h0, x0);
+                mma_k32(cb[a], a1, h1, x1);
+            } else {
+                mma_k32(c[a], a0, h0, x0);
+                mma_k32(c[a], a1, h1, x1);
             }
-            if (kk < k_end) {
-                uint4 x0 = b[i][0], x1 = b[i][1];
-                if constexpr (W::PERMUTE_X) {
-                    x0 = W::permute_x(x0);
-                    x1 = W::permute_x(x1);
-                }
+        }
+        if constexpr (W::EPILOGUE) {
+            if (((kk + 64) & (pol[0].group_size() - 1)) == 0 || kk + 64 >= k_end) {
 #pragma unroll
                 for (int a = 0; a < NA; ++a) {
-                    uint4 a0, a1, h0, h1;
-                    pol[2 * a].frags2(r[i][2 * a], kk, a0, a1);
-                    pol[2 * a + 1].frags2(r[i][2 * a + 1], kk, h0, h1);
-                    if constexpr (W::EPILOGUE) {
-                        mma_k32(cb[a], a0, h0, x0);
-                        mma_k32(cb[a], a1, h1, x1);
-                    } else {
-                        mma_k32(c[a], a0, h0, x0);
-                        mma_k32(c[a], a1, h1, x1);
+                    const float s0 = pol[2 * a].epi_scale(r[2 * a], kk);
+                    const float s1 = pol[2 * a + 1].epi_scale(r[2 * a + 1], kk);
+                    c[a][0] = fmaf(cb[a][0], s0, c[a][0]);
+                    c[a][1] = fmaf(cb[a][1], s0, c[a][1]);
+                    c[a][2] = fmaf(cb[a][2], s1, c[a][2]);
+                    c[a][3] = fmaf(cb[a][3], s1, c[a][3]);
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) cb[a][e] = 0.f;
+                }
+            }
+        }
+    };
+    if constexpr (W::CHUNK_K == 128) {
+        // 128-wide chunks (k_begin, k_end multiples of 128): lane t holds the 32 consecutive
+        // values at t·32 of each row's chunk (the callers' pointers are at t·16: t·16 more) and
+        // of x's, four MMA steps of 32 a row pair. An e4m3 row's chunk is then 128 bytes, a
+        // whole L2 line, as a bf16 row's 64-wide chunk is; at 64 wide each e4m3 request is half
+        // a line. W::frags4 gives the four steps' fragments.
+        static_assert(!W::EPILOGUE && !W::PERMUTE_X, "wide chunks: per-value scales only");
+        const int t16 = (threadIdx.x & 3) * 16;
+        typename W::Chunk r[CS][2 * NA];
+        uint4 b[CS][4];
+        auto load = [&](int i, int kn) {
+#pragma unroll
+            for (int q = 0; q < 2 * NA; ++q) r[i][q] = pol[q].load2(w_at<W>(w[q], kn + t16), kn);
+#pragma unroll
+            for (int v = 0; v < 4; ++v) b[i][v] = ld16(xr + kn + t16 + 8 * v);
+        };
+#pragma unroll
+        for (int i = 0; i < CS - 1; ++i)
+            if (k_begin + i * 128 < k_end) load(i, k_begin + i * 128);
+        for (int k = k_begin; k < k_end; k += CS * 128) {
+#pragma unroll
+            for (int i = 0; i < CS; ++i) {
+                const int kk = k + i * 128, kn = kk + (CS - 1) * 128;
+                if (kn < k_end) load((i + CS - 1) % CS, kn);
+                if (kk < k_end) {
+#pragma unroll
+                    for (int a = 0; a < NA; ++a) {
+                        uint4 fa[4], fh[4];
+                        pol[2 * a].frags4(r[i][2 * a], kk, fa);
+                        pol[2 * a + 1].frags4(r[i][2 * a + 1], kk, fh);
+#pragma unroll
+                        for (int v = 0; v < 4; ++v) mma_k32(c[a], fa[v], fh[v], b[i][v]);
                     }
                 }
-                if constexpr (W::EPILOGUE) {
-                    if (((kk + 64) & (pol[0].group_size() - 1)) == 0 || kk + 64 >= k_end) {
+            }
+        }
+    } else if constexpr (W::SMEM_STAGES > 0) {
+        // The weights through shared memory: `ring` holds this warp's SMEM_STAGES slots of
+        // 2·NA chunks a lane (slot i, row q, lane l at (i·2NA + q)·32 + l), filled by cp.async
+        // SMEM_STAGES − 1 chunks ahead. A lane reads back only what it copied, so its own
+        // cp.async.wait_group is all the ordering there is (no barrier). The bytes in flight
+        // cost no registers: more of them than the register ring holds, at fewer registers.
+        constexpr int S = W::SMEM_STAGES;
+        constexpr int P = sizeof(typename W::Chunk) / 16;
+        static_assert(sizeof(typename W::Chunk) % 16 == 0, "chunks of whole 16-byte pieces");
+        const int lane = threadIdx.x & 31;
+        auto issue = [&](int slot, int kn) {
+            if (kn < k_end) {
 #pragma unroll
-                        for (int a = 0; a < NA; ++a) {
-                            const float s0 = pol[2 * a].epi_scale(r[i][2 * a], kk);
-                            const float s1 = pol[2 * a + 1].epi_scale(r[i][2 * a + 1], kk);
-                            c[a][0] = fmaf(cb[a][0], s0, c[a][0]);
-                            c[a][1] = fmaf(cb[a][1], s0, c[a][1]);
-                            c[a][2] = fmaf(cb[a][2], s1, c[a][2]);
-                            c[a][3] = fmaf(cb[a][3], s1, c[a][3]);
+                for (int q = 0; q < 2 * NA; ++q) {
+                    const uint4* src = reinterpret_cast<const uint4*>(w_at<W>(w[q], kn));
+                    uint4* dst = reinterpret_cast<uint4*>(ring + (slot * 2 * NA + q) * 32 + lane);
 #pragma unroll
-                            for (int e = 0; e < 4; ++e) cb[a][e] = 0.f;
-                        }
-                    }
+                    for (int p = 0; p < P; ++p) cp_async16(dst + p, src + p, true);
                 }
+            }
+            cp_async_commit();  // an empty group past the end keeps the count uniform
+        };
+#pragma unroll
+        for (int i = 0; i < S - 1; ++i) issue(i, k_begin + i * 64);
+        uint4 x0 = ld16(xr + k_begin), x1 = ld16(xr + k_begin + 8);
+        int slot = 0;
+        for (int kk = k_begin; kk < k_end; kk += 64) {
+            issue(slot == 0 ? S - 1 : slot - 1, kk + (S - 1) * 64);
+            uint4 n0 = x0, n1 = x1;
+            if (kk + 64 < k_end) n0 = ld16(xr + kk + 64), n1 = ld16(xr + kk + 72);
+            cp_async_wait<S - 1>();  // chunk kk's group is in
+            typename W::Chunk r[2 * NA];
+#pragma unroll
+            for (int q = 0; q < 2 * NA; ++q) r[q] = ring[(slot * 2 * NA + q) * 32 + lane];
+            consume(r, x0, x1, kk);
+            x0 = n0, x1 = n1;
+            slot = slot == S - 1 ? 0 : slot + 1;
+        }
+        cp_async_wait<0>();
+    } else {
+        typename W::Chunk r[CS][2 * NA];
+        uint4 b[CS][2];
+#pragma unroll
+        for (int i = 0; i < CS - 1; ++i) {
+            const int kk = k_begin + i * 64;
+            if (kk < k_end) {
+#pragma unroll
+                for (int q = 0; q < 2 * NA; ++q) r[i][q] = pol[q].load2(w_at<W>(w[q], kk), kk);
+                b[i][0] = ld16(xr + kk), b[i][1] = ld16(xr + kk + 8);
+            }
+        }
+        for (int k = k_begin; k < k_end; k += CS * 64) {
+#pragma unroll
+            for (int i = 0; i < CS; ++i) {
+                const int kk = k + i * 64, kn = kk + (CS - 1) * 64, j = (i + CS - 1) % CS;
+                if (kn < k_end) {
+#pragma unroll
+                    for (int q = 0; q < 2 * NA; ++q)
+                        r[j][q] = pol[q].load2(w_at<W>(w[q], kn), kn);
+                    b[j][0] = ld16(xr + kn), b[j][1] = ld16(xr + kn + 8);
+                }
+                if (kk < k_end) consume(r[i], b[i][0], b[i][1], kk);
             }
         }
     }
@@ -924,19 +1007,23 @@ __device__ __forceinline__ void gate_up_mma(const bf16* x, int hidden,
                        W::at(qa, (size_t)2 * s + 1, inner, jc + g, hidden),
                        W::at(qa, (size_t)2 * s + 1, inner, jc + g + 8, hidden)};
     int kb0, kb1;
-    k_half(hidden / 64, khalf, kb0, kb1);
-    const int k_begin = kb0 * 64, k_end = kb1 * 64;
+    k_half(hidden / W::CHUNK_K, khalf, kb0, kb1);
+    const int k_begin = kb0 * W::CHUNK_K, k_end = kb1 * W::CHUNK_K;
     // A last 32-wide block (hidden % 64 == 32): the second half's, 8 values a lane at t·8.
     const int k_tail = (hidden / 64) * 64;
     const bool tail = khalf && k_tail < hidden;
     const E* const rows[4] = {wg0, wg1, wu0, wu1};
+    // W's shared-memory ring, if it has one: 4 warps' SMEM_STAGES slots of 4 rows' chunks.
+    constexpr int RS = W::SMEM_STAGES;
+    __shared__ typename W::Chunk ring_s[RS > 0 ? 4 * RS * 4 * 32 : 1];
+    typename W::Chunk* const ring = RS > 0 ? ring_s + warp * RS * 4 * 32 : nullptr;
     for (uint32_t g0 = beg; g0 < end; g0 += 8) {
         const int n = min((int)(end - g0), 8);
         const bf16* xr = x + (size_t)(sorted[g0 + min(g, n - 1)] / k_div) * hidden + t * 16;
         float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
         float(&cg)[4] = acc[0];
         float(&cu)[4] = acc[1];
-        if (valid) chunk_walk<W, 2>(rows, pols, xr, k_begin, k_end, acc);
+        if (valid) chunk_walk<W, 2>(rows, pols, xr, k_begin, k_end, acc, ring);
         if (valid && tail) {
             const int o = k_tail - t * 8;  // from t·16 to t·8 into the block at k_tail
             const uint4 bt = ld16(xr + o);
@@ -1030,19 +1117,23 @@ __device__ __forceinline__ void down_mma(const bf16* h, int inner,
         const typename W::Elem* w0 = w_at<W>(w_down, ((size_t)s * hidden + rc + g) * inner + t * 16);
         const typename W::Elem* w1 = w_at<W>(w0, (size_t)8 * inner);
         int kb0, kb1;
-        k_half(inner / 64, khalf, kb0, kb1);
-        const int k_begin = kb0 * 64, k_end = kb1 * 64;
+        k_half(inner / W::CHUNK_K, khalf, kb0, kb1);
+        const int k_begin = kb0 * W::CHUNK_K, k_end = kb1 * W::CHUNK_K;
         const int k_tail = (inner / 64) * 64;
         const bool tail = khalf && k_tail < inner;
         const typename W::Elem* const rows[2] = {w0, w1};
         const W pols[2] = {W::at(qa, (size_t)s, hidden, rc + g, inner),
                            W::at(qa, (size_t)s, hidden, rc + g + 8, inner)};
+        // W's shared-memory ring, if it has one: 4 warps' SMEM_STAGES slots of 2 rows' chunks.
+        constexpr int RS = W::SMEM_STAGES;
+        __shared__ typename W::Chunk ring_s[RS > 0 ? 4 * RS * 2 * 32 : 1];
+        typename W::Chunk* const ring = RS > 0 ? ring_s + warp * RS * 2 * 32 : nullptr;
         for (uint32_t g0 = beg; g0 < end; g0 += 8) {
             const int n = min((int)(end - g0), 8);
             const bf16* hr = h + (size_t)(g0 + min(g, n - 1)) * inner + t * 16;
             float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
             float(&c)[4] = acc[0];
-            if (valid) chunk_walk<W, 1>(rows, pols, hr, k_begin, k_end, acc);
+            if (valid) chunk_walk<W, 1>(rows, pols, hr, k_begin, k_end, acc, ring);
             if (valid && tail) {
                 const int o = k_tail - t * 8;
                 mma_k32(c, pols[0].frag(W::load(w_at<W>(w0, o)), k_tail),

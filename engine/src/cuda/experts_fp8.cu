@@ -94,6 +94,31 @@ struct MmaFp8 : ScaledValues {
     }
 };
 
+// MmaFp8 over 128-wide chunks (chunk_walk's CHUNK_K; the matrix's K a multiple of 128): two
+// 16-byte loads a row a chunk, 128 bytes a row as bf16's 64-wide chunks read, and one block scale
+// a chunk (the chunk is one scale block). The same weights; the f32 sums in another order than
+// the 64-wide walk's (each MMA step takes other k positions).
+struct MmaFp8Wide : MmaFp8 {
+    static constexpr int CHUNK_K = 128;
+    struct Chunk {
+        uint4 a, b;
+    };
+    __device__ static MmaFp8Wide at(const QuantArgs& qa, size_t m, int rows, int r, int K) {
+        return {MmaFp8::at(qa, m, rows, r, K)};
+    }
+    __device__ Chunk load2(const uint8_t* p, int) const {
+        return {__ldcs(reinterpret_cast<const uint4*>(p)),
+                __ldcs(reinterpret_cast<const uint4*>(p + 16))};
+    }
+    __device__ void frags4(const Chunk& r, int k, uint4 (&f)[4]) const {
+        const float s = __ldg(scale + k / FP8_BLOCK);
+        f[0] = fp8x8_to_bf16x8(make_uint2(r.a.x, r.a.y), s);
+        f[1] = fp8x8_to_bf16x8(make_uint2(r.a.z, r.a.w), s);
+        f[2] = fp8x8_to_bf16x8(make_uint2(r.b.x, r.b.y), s);
+        f[3] = fp8x8_to_bf16x8(make_uint2(r.b.z, r.b.w), s);
+    }
+};
+
 extern "C" __global__ void moe_gate_up_mma_fp8(const bf16* x, int hidden, const uint8_t* w_gu,
                                                const float* s_gu, int inner,
                                                const uint32_t* offsets, const uint32_t* active,
@@ -109,6 +134,28 @@ extern "C" __global__ void moe_down_mma_fp8(const bf16* h, int inner, const uint
                                             int tokens, int k, float* out, uint32_t* counters) {
     down_mma<MmaFp8>(h, inner, w_down, QuantArgs{s_down, nullptr, 0}, hidden, offsets, active, y,
                      CombineTail{pos, w, tokens, k, out, counters});
+}
+
+// The same over 128-wide chunks (MmaFp8Wide), for a k width (hidden for gate/up, inner for down)
+// that is a multiple of 128: experts.rs picks these then. The gate/up kernel is held to 3 blocks
+// an SM (≤ 168 registers; 196 unbounded). One V2-Lite layer's routed experts
+// (scripts/bench/decode_quant.cu, H200, 2026-11-28): 32.5 → 29.3 µs at batch 1, 123.7 → 102.8 at
+// batch 8, 244 → 208 at batch 64; the sums within 4e-5 of the 64-wide walk's (another order).
+extern "C" __global__ void __launch_bounds__(128, 3)
+    moe_gate_up_mma_fp8w(const bf16* x, int hidden, const uint8_t* w_gu, const float* s_gu,
+                         int inner, const uint32_t* offsets, const uint32_t* active,
+                         const uint32_t* sorted, int k_div, bf16* h_out) {
+    gate_up_mma<MmaFp8Wide>(x, hidden, w_gu, QuantArgs{s_gu, nullptr, 0}, inner, offsets, active,
+                            sorted, k_div, h_out);
+}
+
+extern "C" __global__ void moe_down_mma_fp8w(const bf16* h, int inner, const uint8_t* w_down,
+                                             const float* s_down, int hidden,
+                                             const uint32_t* offsets, const uint32_t* active,
+                                             float* y, const uint32_t* pos, const float* w,
+                                             int tokens, int k, float* out, uint32_t* counters) {
+    down_mma<MmaFp8Wide>(h, inner, w_down, QuantArgs{s_down, nullptr, 0}, hidden, offsets, active,
+                         y, CombineTail{pos, w, tokens, k, out, counters});
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 //! (`weights::fp8::dequantize_e4m3`, the values the load-time dequantisation gives).
 //!
 //! The FP8 kernels dequantise to exactly those bf16 values and then run the bf16 kernels'
-//! products in the same order, so the bound is **bit equality** of every output element. Random
+//! products in the same order, so the bound is **bit equality** of every output element; except
+//! the decode kernels over a k width that is a multiple of 128 (V2-Lite's), which walk 128-wide
+//! chunks and so sum in another order: there ‖Δ‖/‖bf16‖ ≤ 1e-3 (see `one`). Random
 //! bf16 weights are quantised to e4m3 with 128 × 128 block scales (`weights::fp8::quantize_e4m3`,
 //! what `--weights-dtype fp8` does at load), random bf16 activations and routings; each case runs
 //! one expert entry point twice, on the e4m3 stacks and on the dequantised bf16 stacks:
@@ -365,6 +367,27 @@ fn one(
             max_rel,
             cosine,
             passed: e_got <= e_ref,
+        });
+    }
+    // FP8 through the decode kernels where a k width is a multiple of 128 (V2-Lite's both):
+    // the 128-wide chunk forms (experts_fp8.cu's MmaFp8Wide) take the same bf16 weight values
+    // in another order of f32 sums, which can also flip a bf16 rounding of the intermediate h.
+    // Held to ‖Δ‖/‖bf16‖ ≤ 1e-3: a quarter of one bf16 step (2⁻⁸ = 3.9e-3), a tenth of what
+    // rounding the weights to bf16 costs against the exact layer (3.3e-3 at this shape, the
+    // INT4 cases'), and far below what a wrong scale, row or chunk gives (≥ 1e-2).
+    let wide = matches!(st.quant, Quant::Fp8 { .. })
+        && decode
+        && (sh.hidden.is_multiple_of(128) || sh.inner.is_multiple_of(128));
+    if wide {
+        let d = rel_l2(&reference, &got)?;
+        return Ok(KernelCheck {
+            case: format!(
+                "{name} (128-wide chunks): ‖Δ‖/‖bf16 kernels‖ {d:.2e}{}",
+                if d <= 1e-3 { "" } else { " (> 1e-3)" }
+            ),
+            max_rel,
+            cosine,
+            passed: d <= 1e-3,
         });
     }
     let equal = bits(&reference)? == bits(&got)?;

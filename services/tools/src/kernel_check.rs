@@ -416,7 +416,7 @@ fn one(
 
 pub fn print(device: &str, checks: &[KernelCheck]) {
     println!(
-        "moemesh verify on {device}: tensor-core MLA decode against the CUDA-core kernel (bf16, 16 heads, 512 + 64); the fused residual + RMSNorm against its two kernels; the FP8 and INT4 expert kernels against the bf16 ones on the dequantised weights (bit-equal)"
+        "moemesh verify on {device}: tensor-core MLA decode against the CUDA-core kernel (bf16, 16 heads, 512 + 64); the fused residual + RMSNorm against its two kernels; the FP8 and INT4 expert kernels against the bf16 ones on the dequantised weights (bit-equal where they sum in the same order)"
     );
     println!(
         "{:<56} {:>12} {:>10}  result",
