@@ -24,8 +24,6 @@
 //   fp8 wide   experts_fp8.cu's MmaFp8Wide: 128-wide chunks (two 16-byte loads a row, a whole
 //              L2 line), two in flight; wide3: three; wide lbN: the gate/up kernel held to N
 //              blocks an SM
-//   fp8 smemS  fp8 with the weights through a shared-memory ring of S slots (cp.async, S − 1
-//              chunks ahead; chunk_walk's SMEM_STAGES)
 //   fp8 lbN    fp8 (four chunks) with the gate/up kernel held to N blocks an SM
 //   int4 lb3, int4 csN   the same for INT4
 //   no-op      the same grids doing nothing: moe_align, the combine and the launches alone
@@ -198,14 +196,6 @@ __global__ void gu_empty(const bf16*, int, const bf16*, QuantArgs, int, const ui
 __global__ void dn_empty(const bf16*, int, const bf16*, QuantArgs, int, const uint32_t*,
                          const uint32_t*, float*) {}
 
-// e4m3 with the weights' chunks through a shared-memory ring S − 1 chunks ahead (chunk_walk's
-// SMEM_STAGES; the register ring holds none then).
-template <int S>
-struct MmaFp8Smem : MmaFp8 {
-    static constexpr int SMEM_STAGES = S;
-    WITH_AT(MmaFp8Smem, MmaFp8)
-};
-
 // experts_fp8.cu's MmaFp8Wide (128-wide chunks) with CS chunks in flight.
 template <int CS>
 struct MmaFp8WideStages : MmaFp8Wide {
@@ -302,19 +292,16 @@ static const Variant VARIANTS[] = {
     {"fp8 wide3", FP8, 1, false, run_w<MmaFp8WideStages<3>>},
     {"fp8 wide lb3", FP8, 1, false, run_lb<MmaFp8Wide, 3>},
     {"fp8 wide lb4", FP8, 1, false, run_lb<MmaFp8Wide, 4>},
-    {"fp8 smem3", FP8, 1, true, run_w<MmaFp8Smem<3>>},
-    {"fp8 smem4", FP8, 1, true, run_w<MmaFp8Smem<4>>},
-    {"fp8 smem5", FP8, 1, true, run_w<MmaFp8Smem<5>>},
     {"fp8 nocvt", FP8, -3, true, run_w<MmaFp8NoCvt<2>>},
     {"fp8 nocvt4", FP8, -3, true, run_w<MmaFp8NoCvt<4>>},
     {"fp8 cvt1 ", FP8, -3, true, run_w<MmaFp8Cvt1>},
     {"int4 old ", INT4, -1, true, run_w<MmaInt4Old>},
-    {"int4 fine", INT4, 20, true, run_w<MmaInt4Fine>},
-    {"int4     ", INT4, 20, false, run_w<MmaInt4>},
-    {"int4 lb3 ", INT4, 20, false, run_lb<MmaInt4, 3>},
-    {"int4 cs3 ", INT4, 20, false, run_w<MmaInt4Stages<3>>},
-    {"int4 cs2 ", INT4, 20, false, run_w<MmaInt4Stages<2>>},
-    {"int4 cs6 ", INT4, 20, false, run_w<MmaInt4Stages<6>>},
+    {"int4 fine", INT4, 17, true, run_w<MmaInt4Fine>},
+    {"int4     ", INT4, 17, false, run_w<MmaInt4>},
+    {"int4 lb3 ", INT4, 17, false, run_lb<MmaInt4, 3>},
+    {"int4 cs3 ", INT4, 17, false, run_w<MmaInt4Stages<3>>},
+    {"int4 cs2 ", INT4, 17, false, run_w<MmaInt4Stages<2>>},
+    {"int4 cs6 ", INT4, 17, false, run_w<MmaInt4Stages<6>>},
     {"no-op    ", BF16, -2, true, run_empty},
 };
 static const int N_VARIANTS = sizeof(VARIANTS) / sizeof(VARIANTS[0]);

@@ -786,7 +786,6 @@ __device__ __forceinline__ const typename W::Elem* w_at(const typename W::Elem* 
 // EPILOGUE / PERMUTE_X interface: neither, so the walk sums into c directly.
 struct ScaledValues {
     static constexpr bool EPILOGUE = false, PERMUTE_X = false;
-    static constexpr int SMEM_STAGES = 0;  // chunk_walk's ring: in registers
     static constexpr int CHUNK_K = 64;     // chunk_walk's chunks: 64 k wide
     __device__ static uint4 permute_x(uint4 x) { return x; }
     __device__ int group_size() const { return 1 << 30; }
@@ -822,8 +821,7 @@ struct MmaBf16 : ScaledValues {
 template <typename W, int NA>
 __device__ __forceinline__ void chunk_walk(const typename W::Elem* const (&w)[2 * NA],
                                            const W (&pol)[2 * NA], const bf16* xr, int k_begin,
-                                           int k_end, float (&c)[NA][4],
-                                           typename W::Chunk* ring = nullptr) {
+                                           int k_end, float (&c)[NA][4]) {
     constexpr int CS = W::CHUNK_STAGES;
     if (k_begin >= k_end) return;
     // W::EPILOGUE: the fragments are the stored values unscaled (exact in bf16), summed per
@@ -908,45 +906,6 @@ __device__ __forceinline__ void chunk_walk(const typename W::Elem* const (&w)[2 
                 }
             }
         }
-    } else if constexpr (W::SMEM_STAGES > 0) {
-        // The weights through shared memory: `ring` holds this warp's SMEM_STAGES slots of
-        // 2·NA chunks a lane (slot i, row q, lane l at (i·2NA + q)·32 + l), filled by cp.async
-        // SMEM_STAGES − 1 chunks ahead. A lane reads back only what it copied, so its own
-        // cp.async.wait_group is all the ordering there is (no barrier). The bytes in flight
-        // cost no registers: more of them than the register ring holds, at fewer registers.
-        constexpr int S = W::SMEM_STAGES;
-        constexpr int P = sizeof(typename W::Chunk) / 16;
-        static_assert(sizeof(typename W::Chunk) % 16 == 0, "chunks of whole 16-byte pieces");
-        const int lane = threadIdx.x & 31;
-        auto issue = [&](int slot, int kn) {
-            if (kn < k_end) {
-#pragma unroll
-                for (int q = 0; q < 2 * NA; ++q) {
-                    const uint4* src = reinterpret_cast<const uint4*>(w_at<W>(w[q], kn));
-                    uint4* dst = reinterpret_cast<uint4*>(ring + (slot * 2 * NA + q) * 32 + lane);
-#pragma unroll
-                    for (int p = 0; p < P; ++p) cp_async16(dst + p, src + p, true);
-                }
-            }
-            cp_async_commit();  // an empty group past the end keeps the count uniform
-        };
-#pragma unroll
-        for (int i = 0; i < S - 1; ++i) issue(i, k_begin + i * 64);
-        uint4 x0 = ld16(xr + k_begin), x1 = ld16(xr + k_begin + 8);
-        int slot = 0;
-        for (int kk = k_begin; kk < k_end; kk += 64) {
-            issue(slot == 0 ? S - 1 : slot - 1, kk + (S - 1) * 64);
-            uint4 n0 = x0, n1 = x1;
-            if (kk + 64 < k_end) n0 = ld16(xr + kk + 64), n1 = ld16(xr + kk + 72);
-            cp_async_wait<S - 1>();  // chunk kk's group is in
-            typename W::Chunk r[2 * NA];
-#pragma unroll
-            for (int q = 0; q < 2 * NA; ++q) r[q] = ring[(slot * 2 * NA + q) * 32 + lane];
-            consume(r, x0, x1, kk);
-            x0 = n0, x1 = n1;
-            slot = slot == S - 1 ? 0 : slot + 1;
-        }
-        cp_async_wait<0>();
     } else {
         typename W::Chunk r[CS][2 * NA];
         uint4 b[CS][2];
@@ -1013,17 +972,13 @@ __device__ __forceinline__ void gate_up_mma(const bf16* x, int hidden,
     const int k_tail = (hidden / 64) * 64;
     const bool tail = khalf && k_tail < hidden;
     const E* const rows[4] = {wg0, wg1, wu0, wu1};
-    // W's shared-memory ring, if it has one: 4 warps' SMEM_STAGES slots of 4 rows' chunks.
-    constexpr int RS = W::SMEM_STAGES;
-    __shared__ typename W::Chunk ring_s[RS > 0 ? 4 * RS * 4 * 32 : 1];
-    typename W::Chunk* const ring = RS > 0 ? ring_s + warp * RS * 4 * 32 : nullptr;
     for (uint32_t g0 = beg; g0 < end; g0 += 8) {
         const int n = min((int)(end - g0), 8);
         const bf16* xr = x + (size_t)(sorted[g0 + min(g, n - 1)] / k_div) * hidden + t * 16;
         float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
         float(&cg)[4] = acc[0];
         float(&cu)[4] = acc[1];
-        if (valid) chunk_walk<W, 2>(rows, pols, xr, k_begin, k_end, acc, ring);
+        if (valid) chunk_walk<W, 2>(rows, pols, xr, k_begin, k_end, acc);
         if (valid && tail) {
             const int o = k_tail - t * 8;  // from t·16 to t·8 into the block at k_tail
             const uint4 bt = ld16(xr + o);
@@ -1124,16 +1079,12 @@ __device__ __forceinline__ void down_mma(const bf16* h, int inner,
         const typename W::Elem* const rows[2] = {w0, w1};
         const W pols[2] = {W::at(qa, (size_t)s, hidden, rc + g, inner),
                            W::at(qa, (size_t)s, hidden, rc + g + 8, inner)};
-        // W's shared-memory ring, if it has one: 4 warps' SMEM_STAGES slots of 2 rows' chunks.
-        constexpr int RS = W::SMEM_STAGES;
-        __shared__ typename W::Chunk ring_s[RS > 0 ? 4 * RS * 2 * 32 : 1];
-        typename W::Chunk* const ring = RS > 0 ? ring_s + warp * RS * 2 * 32 : nullptr;
         for (uint32_t g0 = beg; g0 < end; g0 += 8) {
             const int n = min((int)(end - g0), 8);
             const bf16* hr = h + (size_t)(g0 + min(g, n - 1)) * inner + t * 16;
             float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
             float(&c)[4] = acc[0];
-            if (valid) chunk_walk<W, 1>(rows, pols, hr, k_begin, k_end, acc, ring);
+            if (valid) chunk_walk<W, 1>(rows, pols, hr, k_begin, k_end, acc);
             if (valid && tail) {
                 const int o = k_tail - t * 8;
                 mma_k32(c, pols[0].frag(W::load(w_at<W>(w0, o)), k_tail),
