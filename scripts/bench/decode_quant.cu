@@ -26,6 +26,8 @@
 //              blocks an SM
 //   fp8 lbN    fp8 (four chunks) with the gate/up kernel held to N blocks an SM
 //   int4 lb3, int4 csN   the same for INT4
+//   int4 wide  experts_int4.cu's MmaInt4Wide: 128-wide chunks (one 16-byte load a row, 64 bytes
+//              a row), two in flight; lb3: gate/up held to 3 blocks an SM; wide3: three in flight
 //   no-op      the same grids doing nothing: moe_align, the combine and the launches alone
 // Checks: `fp8 pref` equals `fp8` and `int4 fine` equals `int4 old` bit for bit; the scaled-sums
 // forms against those by ‖a − b‖ / ‖b‖ (they round differently: the exact product of the stored
@@ -196,6 +198,12 @@ __global__ void gu_empty(const bf16*, int, const bf16*, QuantArgs, int, const ui
 __global__ void dn_empty(const bf16*, int, const bf16*, QuantArgs, int, const uint32_t*,
                          const uint32_t*, float*) {}
 
+// experts_int4.cu's MmaInt4Wide with CS chunks in flight.
+template <int CS>
+struct MmaInt4WideStages : MmaInt4Wide {
+    static constexpr int CHUNK_STAGES = CS;
+    WITH_AT(MmaInt4WideStages, MmaInt4Wide)
+};
 // experts_fp8.cu's MmaFp8Wide (128-wide chunks) with CS chunks in flight.
 template <int CS>
 struct MmaFp8WideStages : MmaFp8Wide {
@@ -296,6 +304,9 @@ static const Variant VARIANTS[] = {
     {"fp8 nocvt4", FP8, -3, true, run_w<MmaFp8NoCvt<4>>},
     {"fp8 cvt1 ", FP8, -3, true, run_w<MmaFp8Cvt1>},
     {"int4 old ", INT4, -1, true, run_w<MmaInt4Old>},
+    {"int4 wide", INT4, 17, false, run_w<MmaInt4Wide>},
+    {"int4 wide lb3", INT4, 17, false, run_lb<MmaInt4Wide, 3>},
+    {"int4 wide3", INT4, 17, false, run_w<MmaInt4WideStages<3>>},
     {"int4 fine", INT4, 17, true, run_w<MmaInt4Fine>},
     {"int4     ", INT4, 17, false, run_w<MmaInt4>},
     {"int4 lb3 ", INT4, 17, false, run_lb<MmaInt4, 3>},

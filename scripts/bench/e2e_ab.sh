@@ -6,7 +6,8 @@
 # Prints one line per run: output and total token throughput, TTFT and ITL percentiles.
 #
 #   scripts/bench/e2e_ab.sh BIN_A BIN_B [ROUNDS]
-# E2E_REQUESTS: requests per run (256); E2E_LOGS: where up's logs go (/tmp), one pair per run.
+# E2E_REQUESTS: requests per run (256); E2E_LOGS: where up's logs go (/tmp), one pair per run;
+# E2E_MESH=0 leaves the mesh out.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ROUNDS=${3:-2}
@@ -36,6 +37,7 @@ for round in $(seq "$ROUNDS"); do
             "$bin" bench --in-process "${M[@]}" --device cuda:0 --concurrency 64 --requests "$N" \
                 --prompt-len "$P" --output-len "$O" --json 2>/dev/null | line
         done
+        [[ ${E2E_MESH:-1} == 0 ]] && continue
         log="$LOGS/e2e-up-$name-$round"
         "$bin" up --listen 127.0.0.1:50172 "${M[@]}" --device cuda:0 --expert-workers 2 >"$log.out" 2>"$log.err" &
         pid=$!

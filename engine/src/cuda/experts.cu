@@ -834,6 +834,25 @@ __device__ __forceinline__ void chunk_walk(const typename W::Elem* const (&w)[2 
 #pragma unroll
             for (int e = 0; e < 4; ++e) cb[a][e] = 0.f;
     }
+    // After the chunk of `width` at kk (rows' chunks r): at a scale group's end (or the walk's),
+    // the group's sums times each row's scale into c.
+    auto group_end = [&](const auto& r, int kk, int width) {
+        if constexpr (W::EPILOGUE) {
+            if (((kk + width) & (pol[0].group_size() - 1)) == 0 || kk + width >= k_end) {
+#pragma unroll
+                for (int a = 0; a < NA; ++a) {
+                    const float s0 = pol[2 * a].epi_scale(r[2 * a], kk);
+                    const float s1 = pol[2 * a + 1].epi_scale(r[2 * a + 1], kk);
+                    c[a][0] = fmaf(cb[a][0], s0, c[a][0]);
+                    c[a][1] = fmaf(cb[a][1], s0, c[a][1]);
+                    c[a][2] = fmaf(cb[a][2], s1, c[a][2]);
+                    c[a][3] = fmaf(cb[a][3], s1, c[a][3]);
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) cb[a][e] = 0.f;
+                }
+            }
+        }
+    };
     // One chunk's MMAs (rows' chunks r, x's 16 values x0 and x1 at kk).
     // (Generic, so that it is compiled only for the walks that call it.)
     auto consume = [&](const auto& r, uint4 x0, uint4 x1, int kk) {
@@ -854,29 +873,15 @@ __device__ __forceinline__ void chunk_walk(const typename W::Elem* const (&w)[2 
                 mma_k32(c[a], a1, h1, x1);
             }
         }
-        if constexpr (W::EPILOGUE) {
-            if (((kk + 64) & (pol[0].group_size() - 1)) == 0 || kk + 64 >= k_end) {
-#pragma unroll
-                for (int a = 0; a < NA; ++a) {
-                    const float s0 = pol[2 * a].epi_scale(r[2 * a], kk);
-                    const float s1 = pol[2 * a + 1].epi_scale(r[2 * a + 1], kk);
-                    c[a][0] = fmaf(cb[a][0], s0, c[a][0]);
-                    c[a][1] = fmaf(cb[a][1], s0, c[a][1]);
-                    c[a][2] = fmaf(cb[a][2], s1, c[a][2]);
-                    c[a][3] = fmaf(cb[a][3], s1, c[a][3]);
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) cb[a][e] = 0.f;
-                }
-            }
-        }
+        group_end(r, kk, 64);
     };
     if constexpr (W::CHUNK_K == 128) {
         // 128-wide chunks (k_begin, k_end multiples of 128): lane t holds the 32 consecutive
         // values at t·32 of each row's chunk (the callers' pointers are at t·16: t·16 more) and
         // of x's, four MMA steps of 32 a row pair. An e4m3 row's chunk is then 128 bytes, a
         // whole L2 line, as a bf16 row's 64-wide chunk is; at 64 wide each e4m3 request is half
-        // a line. W::frags4 gives the four steps' fragments.
-        static_assert(!W::EPILOGUE && !W::PERMUTE_X, "wide chunks: per-value scales only");
+        // a line. W::frags4 gives the four steps' fragments. (With W::EPILOGUE, a chunk lies in
+        // one scale group: groups of 128 or more.)
         const int t16 = (threadIdx.x & 3) * 16;
         typename W::Chunk r[CS][2 * NA];
         uint4 b[CS][4];
@@ -895,14 +900,20 @@ __device__ __forceinline__ void chunk_walk(const typename W::Elem* const (&w)[2 
                 const int kk = k + i * 128, kn = kk + (CS - 1) * 128;
                 if (kn < k_end) load((i + CS - 1) % CS, kn);
                 if (kk < k_end) {
+                    uint4 xv[4];
+#pragma unroll
+                    for (int v = 0; v < 4; ++v)
+                        xv[v] = W::PERMUTE_X ? W::permute_x(b[i][v]) : b[i][v];
 #pragma unroll
                     for (int a = 0; a < NA; ++a) {
                         uint4 fa[4], fh[4];
                         pol[2 * a].frags4(r[i][2 * a], kk, fa);
                         pol[2 * a + 1].frags4(r[i][2 * a + 1], kk, fh);
 #pragma unroll
-                        for (int v = 0; v < 4; ++v) mma_k32(c[a], fa[v], fh[v], b[i][v]);
+                        for (int v = 0; v < 4; ++v)
+                            mma_k32(W::EPILOGUE ? cb[a] : c[a], fa[v], fh[v], xv[v]);
                     }
+                    group_end(r[i], kk, 128);
                 }
             }
         }

@@ -389,8 +389,14 @@ pub const GROUPED_MIN_PAIRS_PER_SLOT: f64 = 4.0;
 /// expert) 10.60 / 11.63 and 10.43 / 12.69 ms, batch 128 (12) 15.88 / 12.41 and 15.51 / 13.56.
 pub const GROUPED_MIN_PAIRS_PER_SLOT_QUANTISED: f64 = 8.0;
 
-/// [`GROUPED_MIN_PAIRS_PER_SLOT`] (bf16 and f32 weights) or
-/// [`GROUPED_MIN_PAIRS_PER_SLOT_QUANTISED`], or `MOEMESH_GROUPED_MIN_PAIRS` where set (read once;
+/// INT4's, since its decode kernels walk 128-wide chunks (2026-11-28, H200, V2-Lite in groups
+/// of 128, decode step in-process, ms): batch 128 (12 pairs per expert) 11.60 through the decode
+/// kernels against 13.78 through the grouped GEMM; batch 256 (24) 18.97 against 15.35. (FP8 at
+/// batch 128: 12.83 against 12.97, no gain: it keeps 8.)
+pub const GROUPED_MIN_PAIRS_PER_SLOT_INT4: f64 = 16.0;
+
+/// [`GROUPED_MIN_PAIRS_PER_SLOT`] (bf16 and f32 weights),
+/// [`GROUPED_MIN_PAIRS_PER_SLOT_QUANTISED`] (FP8) or [`GROUPED_MIN_PAIRS_PER_SLOT_INT4`], or `MOEMESH_GROUPED_MIN_PAIRS` where set (read once;
 /// a positive number, fractions allowed; every format), for A/B runs of where the grouped GEMM
 /// takes over.
 pub fn grouped_min_pairs_per_slot(quant: &ExpertQuant) -> f64 {
@@ -403,7 +409,8 @@ pub fn grouped_min_pairs_per_slot(quant: &ExpertQuant) -> f64 {
     });
     set.unwrap_or(match quant {
         ExpertQuant::None => GROUPED_MIN_PAIRS_PER_SLOT,
-        ExpertQuant::Fp8 { .. } | ExpertQuant::Int4 { .. } => GROUPED_MIN_PAIRS_PER_SLOT_QUANTISED,
+        ExpertQuant::Fp8 { .. } => GROUPED_MIN_PAIRS_PER_SLOT_QUANTISED,
+        ExpertQuant::Int4 { .. } => GROUPED_MIN_PAIRS_PER_SLOT_INT4,
     })
 }
 
@@ -991,16 +998,28 @@ impl Gpu {
         let rows_per_block = if mma { 32 } else { 16 };
         let (gate_up_fn, down_fn, h_dtype) = if mma {
             let sfx = w.quant.suffix();
-            // e4m3 over a k width that is a multiple of 128: the 128-wide chunk form (`_fp8w`,
-            // a whole L2 line a row a chunk; 8–17% faster at V2-Lite's shapes, the sums in
-            // another order).
-            let wide = |k: usize| match w.quant {
-                ExpertQuant::Fp8 { .. } if k.is_multiple_of(128) => "w",
-                _ => "",
+            // e4m3, or INT4 in groups of 128 or more, over a k width that is a multiple of
+            // 128: the 128-wide chunk forms (`_fp8w`, `_int4w`: 128 bytes a row a chunk for
+            // e4m3, 64 for INT4, twice the 64-wide walk's; 8–18% faster at V2-Lite's shapes,
+            // the sums in another order).
+            let wide = |k: usize, gate_up: bool| {
+                let quant_ok = match w.quant {
+                    ExpertQuant::Fp8 { .. } => true,
+                    ExpertQuant::Int4 {
+                        gate_up: ref g,
+                        ref down,
+                    } => (if gate_up { g } else { down }).group >= 128,
+                    ExpertQuant::None => false,
+                };
+                if quant_ok && k.is_multiple_of(128) {
+                    "w"
+                } else {
+                    ""
+                }
             };
             (
-                format!("moe_gate_up_mma{sfx}{}", wide(hidden)),
-                format!("moe_down_mma{sfx}{}", wide(inner)),
+                format!("moe_gate_up_mma{sfx}{}", wide(hidden, true)),
+                format!("moe_down_mma{sfx}{}", wide(inner, false)),
                 DType::BF16,
             )
         } else {

@@ -155,6 +155,38 @@ struct MmaInt4 : MmaInt4Fine {
     }
 };
 
+// MmaInt4 over 128-wide chunks (chunk_walk's CHUNK_K), for groups of 128 or more and a k width
+// that is a multiple of 128: a lane's 32 values of a chunk in one 16-byte load, 64 bytes a row
+// (at 64 wide, 32: one sector), each chunk in one group. The same sums in another order.
+struct MmaInt4Wide : MmaInt4 {
+    static constexpr int CHUNK_K = 128;
+    static constexpr int CHUNK_STAGES = 2;
+    struct Chunk {
+        uint4 v;
+        uint32_t zz;  // bf16 128 + zero, twice
+        float s;
+    };
+    __device__ static MmaInt4Wide at(const QuantArgs& qa, size_t m, int rows, int r, int K) {
+        return {MmaInt4::at(qa, m, rows, r, K)};
+    }
+    __device__ float epi_scale(const Chunk& c, int) const { return c.s; }
+    __device__ Chunk load2(const uint8_t* p, int k) const {
+        Chunk c;
+        c.v = __ldcs(reinterpret_cast<const uint4*>(p));
+        const int gi = k >> shift;  // the chunk's group
+        c.s = __ldg(scale + gi);
+        const uint32_t z = 0x4300u | (zero ? (uint32_t)__ldg(zero + gi) : 8u);
+        c.zz = z | (z << 16);
+        return c;
+    }
+    __device__ void frags4(const Chunk& r, int, uint4 (&f)[4]) const {
+        f[0] = pairs(r.v.x, r.zz);
+        f[1] = pairs(r.v.y, r.zz);
+        f[2] = pairs(r.v.z, r.zz);
+        f[3] = pairs(r.v.w, r.zz);
+    }
+};
+
 // The decode kernels take either policy by the group size (a uniform branch).
 #define INT4_EPILOGUE_MIN_SHIFT 6
 
@@ -183,6 +215,31 @@ extern "C" __global__ void moe_down_mma_int4(const bf16* h, int inner, const uin
         down_mma<MmaInt4>(h, inner, w_down, qa, hidden, offsets, active, y, tail);
     else
         down_mma<MmaInt4Fine>(h, inner, w_down, qa, hidden, offsets, active, y, tail);
+}
+
+// MmaInt4Wide's forms, for groups of 128 or more and a k width (hidden for gate/up, inner for
+// down) that is a multiple of 128: experts.rs picks these then. The gate/up kernel is held to 3
+// blocks an SM (≤ 168 registers; 197 unbounded). One V2-Lite layer's routed experts in groups of
+// 128 (scripts/bench/decode_quant.cu, H200, 2026-11-28): 26.8 → 27.2 µs at batch 1, 111.5 → 92.6
+// at batch 8, 225.7 → 185.6 at batch 64.
+extern "C" __global__ void __launch_bounds__(128, 3)
+    moe_gate_up_mma_int4w(const bf16* x, int hidden, const uint8_t* w_gu, const float* s_gu,
+                          const uint8_t* z_gu, int shift_gu, int inner, const uint32_t* offsets,
+                          const uint32_t* active, const uint32_t* sorted, int k_div,
+                          bf16* h_out) {
+    gate_up_mma<MmaInt4Wide>(x, hidden, w_gu, QuantArgs{s_gu, z_gu, shift_gu}, inner, offsets,
+                             active, sorted, k_div, h_out);
+}
+
+extern "C" __global__ void moe_down_mma_int4w(const bf16* h, int inner, const uint8_t* w_down,
+                                              const float* s_down, const uint8_t* z_down,
+                                              int shift_down, int hidden,
+                                              const uint32_t* offsets, const uint32_t* active,
+                                              float* y, const uint32_t* pos, const float* w,
+                                              int tokens, int k, float* out,
+                                              uint32_t* counters) {
+    down_mma<MmaInt4Wide>(h, inner, w_down, QuantArgs{s_down, z_down, shift_down}, hidden,
+                          offsets, active, y, CombineTail{pos, w, tokens, k, out, counters});
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -12,9 +12,10 @@
 //! - `assigned`: host-built assignments through the decode (GEMV-style, tensor-core) kernels, at
 //!   batches 1, 8 and 64;
 //! - `routed`: a device routing through the engine's own dispatch (the decode kernels below
-//!   [`moemesh_engine::cuda::GROUPED_MIN_PAIRS_PER_SLOT_QUANTISED`] pairs per expert, the grouped
+//!   [`moemesh_engine::cuda::grouped_min_pairs_per_slot`] pairs per expert, the grouped
 //!   GEMM from there, the bf16 side held to the same rule: V2-Lite's 64 experts take it from
-//!   batch 86, the partial shape's 8 from batch 32), at batches 1, 8, 64 and 128;
+//!   batch 86 in FP8 and 171 in INT4, the partial shape's 8 from batch 32 and 64), at batches
+//!   1, 8, 64 and 128;
 //! - `pairs`: a 2,048-token prefill through the grouped GEMM (the bf16 side held to the same
 //!   mma.sync form: FP8 has no wgmma form).
 //!
@@ -27,7 +28,8 @@
 //! (symmetric, as compressed-tensors' W4A16 stores them) and at the partial shape in groups of 32
 //! with random zero points (asymmetric checkpoints; also the k32 tiles and a 32-wide k tail in
 //! the decode kernels): bit equality, except where the decode kernels take groups of 64 or more
-//! columns, which sum each group's exact values and scale the f32 sums: there both sides are
+//! columns, which sum each group's exact values and scale the f32 sums (at V2-Lite's shape over
+//! 128-wide chunks, `MmaInt4Wide`): there both sides are
 //! compared with the exact INT4 layer in f32 (f32 weights, f32 activations between the
 //! products), and the INT4 kernels' relative error ‖Δ‖/‖exact‖ may not exceed the bf16
 //! kernels' (which round every scaled weight to bf16).
