@@ -86,17 +86,16 @@ __global__ void fill_scales(float* p, size_t n, uint32_t seed, float lo) {
     __device__ static NAME at(const QuantArgs& qa, size_t m, int rows, int r, int K) {        \
         return {BASE::at(qa, m, rows, r, K)};                                                 \
     }
-// A policy with CS chunks in flight.
-template <int CS>
-struct MmaFp8Stages : MmaFp8 {
+// Policy P with CS chunks in flight.
+template <typename P, int CS>
+struct Stages : P {
     static constexpr int CHUNK_STAGES = CS;
-    WITH_AT(MmaFp8Stages, MmaFp8)
+    WITH_AT(Stages, P)
 };
 template <int CS>
-struct MmaInt4Stages : MmaInt4 {
-    static constexpr int CHUNK_STAGES = CS;
-    WITH_AT(MmaInt4Stages, MmaInt4)
-};
+using MmaFp8Stages = Stages<MmaFp8, CS>;
+template <int CS>
+using MmaInt4Stages = Stages<MmaInt4, CS>;
 
 // e4m3 (four chunks in flight) with the block scale loaded with the chunk.
 struct MmaFp8Prefetch : MmaFp8Stages<4> {
@@ -198,18 +197,7 @@ __global__ void gu_empty(const bf16*, int, const bf16*, QuantArgs, int, const ui
 __global__ void dn_empty(const bf16*, int, const bf16*, QuantArgs, int, const uint32_t*,
                          const uint32_t*, float*) {}
 
-// experts_int4.cu's MmaInt4Wide with CS chunks in flight.
-template <int CS>
-struct MmaInt4WideStages : MmaInt4Wide {
-    static constexpr int CHUNK_STAGES = CS;
-    WITH_AT(MmaInt4WideStages, MmaInt4Wide)
-};
-// experts_fp8.cu's MmaFp8Wide (128-wide chunks) with CS chunks in flight.
-template <int CS>
-struct MmaFp8WideStages : MmaFp8Wide {
-    static constexpr int CHUNK_STAGES = CS;
-    WITH_AT(MmaFp8WideStages, MmaFp8Wide)
-};
+
 
 // Diagnostics, timing only (the values are not decoded, so the sums are garbage): the fp8
 // kernels' walk with the conversions cut, to bound what conversion work costs at each batch.
@@ -297,7 +285,7 @@ static const Variant VARIANTS[] = {
     {"fp8 lb4  ", FP8, 1, true, run_lb<MmaFp8Stages<4>, 4>},
     {"fp8 cs3lb3", FP8, 1, true, run_lb<MmaFp8Stages<3>, 3>},
     {"fp8 wide ", FP8, 1, false, run_w<MmaFp8Wide>},
-    {"fp8 wide3", FP8, 1, false, run_w<MmaFp8WideStages<3>>},
+    {"fp8 wide3", FP8, 1, false, run_w<Stages<MmaFp8Wide, 3>>},
     {"fp8 wide lb3", FP8, 1, false, run_lb<MmaFp8Wide, 3>},
     {"fp8 wide lb4", FP8, 1, false, run_lb<MmaFp8Wide, 4>},
     {"fp8 nocvt", FP8, -3, true, run_w<MmaFp8NoCvt<2>>},
@@ -306,7 +294,7 @@ static const Variant VARIANTS[] = {
     {"int4 old ", INT4, -1, true, run_w<MmaInt4Old>},
     {"int4 wide", INT4, 17, false, run_w<MmaInt4Wide>},
     {"int4 wide lb3", INT4, 17, false, run_lb<MmaInt4Wide, 3>},
-    {"int4 wide3", INT4, 17, false, run_w<MmaInt4WideStages<3>>},
+    {"int4 wide3", INT4, 17, false, run_w<Stages<MmaInt4Wide, 3>>},
     {"int4 fine", INT4, 17, true, run_w<MmaInt4Fine>},
     {"int4     ", INT4, 17, false, run_w<MmaInt4>},
     {"int4 lb3 ", INT4, 17, false, run_lb<MmaInt4, 3>},

@@ -812,10 +812,11 @@ struct MmaBf16 : ScaledValues {
     }
 };
 
-// One warp's k chunks [k_begin, k_end) (multiples of 64) for NA pairs of weight rows, W's
-// CHUNK_STAGES chunks in flight: pair a's rows g and g + 8 start at w[2a] and w[2a + 1] (each at
-// its lane's t·16), with their policies pol[2a] and pol[2a + 1], summed into c[a]; x's row at xr
-// (also at t·16).
+// One warp's k chunks [k_begin, k_end) (multiples of W::CHUNK_K: 64, or 128 for the wide FP8
+// and INT4 policies, whose lanes then hold 32 values of a chunk) for NA pairs of weight rows,
+// W's CHUNK_STAGES chunks in flight: pair a's rows g and g + 8 start at w[2a] and w[2a + 1]
+// (each at its lane's t·16), with their policies pol[2a] and pol[2a + 1], summed into c[a]; x's
+// row at xr (also at t·16).
 // The MMAs run in k order, pair by pair within a chunk. Shared by the expert kernels below and
 // dense.cu.
 template <typename W, int NA>

@@ -8,7 +8,9 @@
 // then the bf16 kernels' products: the same MMA instructions on the same fragments in the same
 // order. So these kernels give bit-identical results to the bf16 kernels run on the dequantised
 // weights (what `moemesh verify` checks on a GPU). The e4m3 → f16 conversion is exact (every
-// e4m3 value is an f16), f16 → f32 too.
+// e4m3 value is an f16), f16 → f32 too. The decode kernels' 128-wide forms (`_fp8w`,
+// MmaFp8Wide, where the k width is a multiple of 128) take the same weight values with the sums
+// in another order: within 1e-3 (relative L2) of the bf16 kernels, which `verify` checks.
 //
 // Layout (each expert's gate, up and down matrices with their own block grid, so that a partial
 // edge block never spans two experts): w_gu [slots·2N, K] e4m3 (slot s: gate rows 2sN.., then up
@@ -119,44 +121,31 @@ struct MmaFp8Wide : MmaFp8 {
     }
 };
 
-extern "C" __global__ void moe_gate_up_mma_fp8(const bf16* x, int hidden, const uint8_t* w_gu,
-                                               const float* s_gu, int inner,
-                                               const uint32_t* offsets, const uint32_t* active,
-                                               const uint32_t* sorted, int k_div, bf16* h_out) {
-    gate_up_mma<MmaFp8>(x, hidden, w_gu, QuantArgs{s_gu, nullptr, 0}, inner, offsets, active,
-                        sorted, k_div, h_out);
-}
+// The decode kernels with policy W (`BOUNDS`: their __launch_bounds__).
+#define FP8_DECODE_KERNELS(SUFFIX, W, BOUNDS)                                                 \
+    extern "C" __global__ void BOUNDS moe_gate_up_mma_##SUFFIX(                              \
+        const bf16* x, int hidden, const uint8_t* w_gu, const float* s_gu, int inner,        \
+        const uint32_t* offsets, const uint32_t* active, const uint32_t* sorted, int k_div,  \
+        bf16* h_out) {                                                                       \
+        gate_up_mma<W>(x, hidden, w_gu, QuantArgs{s_gu, nullptr, 0}, inner, offsets, active, \
+                       sorted, k_div, h_out);                                                \
+    }                                                                                        \
+    extern "C" __global__ void moe_down_mma_##SUFFIX(                                        \
+        const bf16* h, int inner, const uint8_t* w_down, const float* s_down, int hidden,    \
+        const uint32_t* offsets, const uint32_t* active, float* y, const uint32_t* pos,      \
+        const float* w, int tokens, int k, float* out, uint32_t* counters) {                 \
+        down_mma<W>(h, inner, w_down, QuantArgs{s_down, nullptr, 0}, hidden, offsets, active, \
+                    y, CombineTail{pos, w, tokens, k, out, counters});                       \
+    }
 
-extern "C" __global__ void moe_down_mma_fp8(const bf16* h, int inner, const uint8_t* w_down,
-                                            const float* s_down, int hidden,
-                                            const uint32_t* offsets, const uint32_t* active,
-                                            float* y, const uint32_t* pos, const float* w,
-                                            int tokens, int k, float* out, uint32_t* counters) {
-    down_mma<MmaFp8>(h, inner, w_down, QuantArgs{s_down, nullptr, 0}, hidden, offsets, active, y,
-                     CombineTail{pos, w, tokens, k, out, counters});
-}
-
+FP8_DECODE_KERNELS(fp8, MmaFp8, )
 // The same over 128-wide chunks (MmaFp8Wide), for a k width (hidden for gate/up, inner for down)
 // that is a multiple of 128: experts.rs picks these then. The gate/up kernel is held to 3 blocks
 // an SM (≤ 168 registers; 196 unbounded). One V2-Lite layer's routed experts
 // (scripts/bench/decode_quant.cu, H200, 2026-11-28): 32.5 → 29.3 µs at batch 1, 123.7 → 102.8 at
 // batch 8, 244 → 208 at batch 64; the sums within 4e-5 of the 64-wide walk's (another order).
-extern "C" __global__ void __launch_bounds__(128, 3)
-    moe_gate_up_mma_fp8w(const bf16* x, int hidden, const uint8_t* w_gu, const float* s_gu,
-                         int inner, const uint32_t* offsets, const uint32_t* active,
-                         const uint32_t* sorted, int k_div, bf16* h_out) {
-    gate_up_mma<MmaFp8Wide>(x, hidden, w_gu, QuantArgs{s_gu, nullptr, 0}, inner, offsets, active,
-                            sorted, k_div, h_out);
-}
-
-extern "C" __global__ void moe_down_mma_fp8w(const bf16* h, int inner, const uint8_t* w_down,
-                                             const float* s_down, int hidden,
-                                             const uint32_t* offsets, const uint32_t* active,
-                                             float* y, const uint32_t* pos, const float* w,
-                                             int tokens, int k, float* out, uint32_t* counters) {
-    down_mma<MmaFp8Wide>(h, inner, w_down, QuantArgs{s_down, nullptr, 0}, hidden, offsets, active,
-                         y, CombineTail{pos, w, tokens, k, out, counters});
-}
+FP8_DECODE_KERNELS(fp8w, MmaFp8Wide, __launch_bounds__(128, 3))
+#undef FP8_DECODE_KERNELS
 
 // ---------------------------------------------------------------------------------------------
 // The copies of a packed weight tile (e4m3 here, INT4 in experts_int4.cu: K_PER_BYTE values a

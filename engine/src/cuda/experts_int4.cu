@@ -113,16 +113,33 @@ struct MmaInt4 : MmaInt4Fine {
     // Four chunks in flight (MmaInt4Fine's): 27.0 µs a layer at batch 1 against 27.5 with
     // three, 31.8 with two, 33.3 with six; three is 3–4% faster at batches 8–64
     // (decode_quant.cu, 2026-11-28).
-    struct Chunk {
-        uint2 v;
-        uint32_t zz;  // bf16 128 + zero, twice
+    // A chunk's words (uint2 here, MmaInt4Wide's uint4) with its group's bf16 128 + zero (twice)
+    // and scale.
+    template <typename V>
+    struct ChunkOf {
+        V v;
+        uint32_t zz;
         float s;
     };
+    typedef ChunkOf<uint2> Chunk;
     __device__ static MmaInt4 at(const QuantArgs& qa, size_t m, int rows, int r, int K) {
         return {MmaInt4Fine::at(qa, m, rows, r, K)};
     }
     __device__ int group_size() const { return 1 << shift; }
-    __device__ float epi_scale(const Chunk& c, int) const { return c.s; }
+    template <typename C>
+    __device__ float epi_scale(const C& c, int) const {
+        return c.s;
+    }
+    // The words at p, with group gi's zero point and scale.
+    template <typename V>
+    __device__ ChunkOf<V> load_group(const uint8_t* p, int gi) const {
+        ChunkOf<V> c;
+        c.v = __ldcs(reinterpret_cast<const V*>(p));
+        c.s = __ldg(scale + gi);
+        const uint32_t z = 0x4300u | (zero ? (uint32_t)__ldg(zero + gi) : 8u);
+        c.zz = z | (z << 16);
+        return c;
+    }
     // x's eight bf16 (x0 x1 | x2 x3 | x4 x5 | x6 x7) → (x0 x4 | x1 x5 | x2 x6 | x3 x7).
     __device__ static uint4 permute_x(uint4 x) {
         return make_uint4(__byte_perm(x.x, x.z, 0x5410), __byte_perm(x.x, x.z, 0x7632),
@@ -141,13 +158,7 @@ struct MmaInt4 : MmaInt4Fine {
         return make_uint4(p[0], p[1], p[2], p[3]);
     }
     __device__ Chunk load2(const uint8_t* p, int k) const {
-        Chunk c;
-        c.v = __ldcs(reinterpret_cast<const uint2*>(p));
-        const int gi = (k + (threadIdx.x & 3) * 16) >> shift;
-        c.s = __ldg(scale + gi);
-        const uint32_t z = 0x4300u | (zero ? (uint32_t)__ldg(zero + gi) : 8u);
-        c.zz = z | (z << 16);
-        return c;
+        return load_group<uint2>(p, (k + (threadIdx.x & 3) * 16) >> shift);
     }
     __device__ void frags2(const Chunk& r, int, uint4& lo, uint4& hi) const {
         lo = pairs(r.v.x, r.zz);
@@ -161,23 +172,12 @@ struct MmaInt4 : MmaInt4Fine {
 struct MmaInt4Wide : MmaInt4 {
     static constexpr int CHUNK_K = 128;
     static constexpr int CHUNK_STAGES = 2;
-    struct Chunk {
-        uint4 v;
-        uint32_t zz;  // bf16 128 + zero, twice
-        float s;
-    };
+    typedef ChunkOf<uint4> Chunk;
     __device__ static MmaInt4Wide at(const QuantArgs& qa, size_t m, int rows, int r, int K) {
         return {MmaInt4::at(qa, m, rows, r, K)};
     }
-    __device__ float epi_scale(const Chunk& c, int) const { return c.s; }
     __device__ Chunk load2(const uint8_t* p, int k) const {
-        Chunk c;
-        c.v = __ldcs(reinterpret_cast<const uint4*>(p));
-        const int gi = k >> shift;  // the chunk's group
-        c.s = __ldg(scale + gi);
-        const uint32_t z = 0x4300u | (zero ? (uint32_t)__ldg(zero + gi) : 8u);
-        c.zz = z | (z << 16);
-        return c;
+        return load_group<uint4>(p, k >> shift);  // the chunk's group
     }
     __device__ void frags4(const Chunk& r, int, uint4 (&f)[4]) const {
         f[0] = pairs(r.v.x, r.zz);
