@@ -73,7 +73,7 @@ const MIN_COSINE: f64 = 0.999;
 #[derive(Args, Debug)]
 pub struct VerifyArgs {
     /// Folder of reference fixtures (each subfolder with config.json, model.safetensors,
-    /// reference.safetensors and reference.json).
+    /// reference.safetensors and reference.json), or one such fixture folder.
     #[arg(long, default_value = "tests/fixtures")]
     pub fixtures: PathBuf,
     /// Device to check: `cpu` or `cuda:N`.
@@ -343,18 +343,7 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&args.fixtures)
-        .with_context(|| format!("reading {}", args.fixtures.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("reference.safetensors").is_file())
-        .collect();
-    dirs.sort();
-    if dirs.is_empty() {
-        bail!(
-            "no fixtures with reference.safetensors under {}",
-            args.fixtures.display()
-        );
-    }
+    let dirs = fixture_dirs(&args.fixtures)?;
     let mut checks = Vec::new();
     for dir in &dirs {
         for d in &args.dtype {
@@ -772,9 +761,50 @@ fn compare(got: &[Vec<f32>], want: &[Vec<f32>]) -> anyhow::Result<Comparison> {
     })
 }
 
+/// The fixtures `--fixtures` names: the folder itself where it is one (it holds
+/// reference.safetensors), else its subfolders that are, in name order.
+fn fixture_dirs(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let is_fixture = |p: &Path| p.join("reference.safetensors").is_file();
+    if is_fixture(path) {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| is_fixture(p))
+        .collect();
+    dirs.sort();
+    if dirs.is_empty() {
+        bail!(
+            "no fixtures with reference.safetensors in or under {}",
+            path.display()
+        );
+    }
+    Ok(dirs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fixtures_name_a_folder_of_fixtures_or_one_fixture() -> anyhow::Result<()> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+        let all = fixture_dirs(&root)?;
+        let one = root.join("tiny-deepseek-v3");
+        assert!(all.len() > 1 && all.contains(&one), "{all:?}");
+        assert!(all.windows(2).all(|w| w[0] < w[1]), "{all:?}");
+        assert_eq!(fixture_dirs(&one)?, vec![one]);
+        // A folder that is neither (R1's config, no weights or references).
+        let none = root.join("deepseek-r1");
+        let err = fixture_dirs(&none).err().map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains("no fixtures with reference.safetensors")),
+            "{err:?}"
+        );
+        Ok(())
+    }
 
     /// A bf16 check of 10 positions of 3 logits, 6 of them near-ties (over the earlier rule's
     /// 40%): the top-1 flips at the first `flips` positions, and the others' top logit is
