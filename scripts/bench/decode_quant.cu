@@ -21,6 +21,10 @@
 //   int4       experts_int4.cu's MmaInt4 (groups ≥ 64): q − zero exact in bf16 (one LOP3 and a
 //              bf16x2 subtraction a pair), the scale applied to each group's f32 sums
 //   fp8 csN    fp8 with N chunks in flight (fp8 cs2 is the kernels' own)
+//   fp8 wsum   128-wide chunks, the values unscaled and exact in bf16, each chunk's f32 sums
+//              times its block's scale (no multiplication a value), gate/up held to 3 blocks
+//              an SM: `bits` converts with integer operations and one bf16x2 multiplication,
+//              `cvt1` with one conversion instruction a pair; `nolb` unbounded (not yet run)
 //   fp8 wide   experts_fp8.cu's MmaFp8Wide: 128-wide chunks (two 16-byte loads a row, a whole
 //              L2 line), two in flight; wide3: three; wide lbN: the gate/up kernel held to N
 //              blocks an SM
@@ -178,6 +182,48 @@ struct MmaFp8Sums : MmaFp8Stages<4> {
 typedef MmaFp8Sums<fp8x2_to_bf16x2_exact, true> MmaFp8Epi;
 typedef MmaFp8Sums<fp8x2_to_bf16x2_int, false> MmaFp8Epi2;
 
+// ... or with no conversion instruction at all: a byte b of e4m3 (s eeee mmm) as the bf16
+// (b & 0x80) << 8 | (b & 0x7f) << 4 is the value · 2^-120, normal or subnormal alike (the
+// exponent field taken as is), and one bf16x2 multiplication by 2^120 makes it exact (a bf16
+// subnormal times 2^120 is a normal): a byte permutation, two shifts and a LOP3 (integer pipe)
+// and one bf16x2 multiplication a pair, where the kernels' own take two conversion-pipe
+// instructions, two f32 multiplications and more.
+__device__ __forceinline__ uint32_t fp8x2_to_bf16x2_bits(uint32_t two) {
+    const uint32_t t = __byte_perm(two, 0u, 0x4140);  // byte 1 to bits 16–23, byte 0 to 0–7
+    const uint32_t b = ((t << 8) & 0x80008000u) | ((t << 4) & 0x07f007f0u);
+    const __nv_bfloat162 r = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&b),
+                                     __floats2bfloat162_rn(0x1p120f, 0x1p120f));
+    return *reinterpret_cast<const uint32_t*>(&r);
+}
+
+// experts_fp8.cu's 128-wide chunks (one chunk = one block's 128 columns) with the unscaled
+// values exact in bf16 (Convert) and the block's scale on each chunk's f32 sums (the walk's
+// EPILOGUE, every chunk a group): no multiplication a value.
+template <uint32_t (*Convert)(uint32_t)>
+struct MmaFp8WideSums : MmaFp8Wide {
+    static constexpr bool EPILOGUE = true;
+    struct Chunk {
+        uint4 a, b;
+        float s;
+    };
+    WITH_AT(MmaFp8WideSums, MmaFp8Wide)
+    __device__ int group_size() const { return FP8_BLOCK; }
+    __device__ float epi_scale(const Chunk& c, int) const { return c.s; }
+    __device__ Chunk load2(const uint8_t* p, int k) const {
+        return {__ldcs(reinterpret_cast<const uint4*>(p)),
+                __ldcs(reinterpret_cast<const uint4*>(p + 16)), __ldg(scale + k / FP8_BLOCK)};
+    }
+    __device__ static uint4 eight(uint32_t lo, uint32_t hi) {
+        return make_uint4(Convert(lo), Convert(lo >> 16), Convert(hi), Convert(hi >> 16));
+    }
+    __device__ void frags4(const Chunk& r, int, uint4 (&f)[4]) const {
+        f[0] = eight(r.a.x, r.a.y);
+        f[1] = eight(r.a.z, r.a.w);
+        f[2] = eight(r.b.x, r.b.y);
+        f[3] = eight(r.b.z, r.b.w);
+    }
+};
+
 template <typename W>
 __global__ void gu_kernel(const bf16* x, int hidden, const typename W::Elem* w, QuantArgs qa,
                           int inner, const uint32_t* offsets, const uint32_t* active,
@@ -287,20 +333,23 @@ static const Variant VARIANTS[] = {
     {"fp8 wide ", FP8, 1, false, run_w<MmaFp8Wide>},
     {"fp8 wide3", FP8, 1, false, run_w<Stages<MmaFp8Wide, 3>>},
     {"fp8 wide lb3", FP8, 1, false, run_lb<MmaFp8Wide, 3>},
+    {"fp8 wsum bits", FP8, 1, false, run_lb<MmaFp8WideSums<fp8x2_to_bf16x2_bits>, 3>},
+    {"fp8 wsum cvt1", FP8, 1, false, run_lb<MmaFp8WideSums<fp8x2_to_bf16x2_int>, 3>},
+    {"fp8 wsum bits nolb", FP8, 1, false, run_w<MmaFp8WideSums<fp8x2_to_bf16x2_bits>>},
     {"fp8 wide lb4", FP8, 1, false, run_lb<MmaFp8Wide, 4>},
     {"fp8 nocvt", FP8, -3, true, run_w<MmaFp8NoCvt<2>>},
     {"fp8 nocvt4", FP8, -3, true, run_w<MmaFp8NoCvt<4>>},
     {"fp8 cvt1 ", FP8, -3, true, run_w<MmaFp8Cvt1>},
     {"int4 old ", INT4, -1, true, run_w<MmaInt4Old>},
-    {"int4 wide", INT4, 17, false, run_w<MmaInt4Wide>},
-    {"int4 wide lb3", INT4, 17, false, run_lb<MmaInt4Wide, 3>},
-    {"int4 wide3", INT4, 17, false, run_w<Stages<MmaInt4Wide, 3>>},
-    {"int4 fine", INT4, 17, true, run_w<MmaInt4Fine>},
-    {"int4     ", INT4, 17, false, run_w<MmaInt4>},
-    {"int4 lb3 ", INT4, 17, false, run_lb<MmaInt4, 3>},
-    {"int4 cs3 ", INT4, 17, false, run_w<MmaInt4Stages<3>>},
-    {"int4 cs2 ", INT4, 17, false, run_w<MmaInt4Stages<2>>},
-    {"int4 cs6 ", INT4, 17, false, run_w<MmaInt4Stages<6>>},
+    {"int4 wide", INT4, 20, false, run_w<MmaInt4Wide>},
+    {"int4 wide lb3", INT4, 20, false, run_lb<MmaInt4Wide, 3>},
+    {"int4 wide3", INT4, 20, false, run_w<Stages<MmaInt4Wide, 3>>},
+    {"int4 fine", INT4, 20, true, run_w<MmaInt4Fine>},
+    {"int4     ", INT4, 20, false, run_w<MmaInt4>},
+    {"int4 lb3 ", INT4, 20, false, run_lb<MmaInt4, 3>},
+    {"int4 cs3 ", INT4, 20, false, run_w<MmaInt4Stages<3>>},
+    {"int4 cs2 ", INT4, 20, false, run_w<MmaInt4Stages<2>>},
+    {"int4 cs6 ", INT4, 20, false, run_w<MmaInt4Stages<6>>},
     {"no-op    ", BF16, -2, true, run_empty},
 };
 static const int N_VARIANTS = sizeof(VARIANTS) / sizeof(VARIANTS[0]);
