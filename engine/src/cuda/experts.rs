@@ -414,6 +414,20 @@ pub fn grouped_min_pairs_per_slot(quant: &ExpertQuant) -> f64 {
     })
 }
 
+/// Whether the decode kernels take the 128-wide chunk forms (`_fp8w`, `_int4w`) for a product
+/// over `k` input columns (`hidden` for gate/up, `inner` for down) of weights in `quant`: e4m3,
+/// or INT4 in groups of 128 or more (a chunk within one group), where `k` is a multiple of 128.
+/// A row's chunk is then 128 bytes for e4m3 and 64 for INT4, twice the 64-wide walk's: 8–18%
+/// faster at V2-Lite's shapes (docs/BENCHMARKS.md, session 24), the sums in another order.
+pub fn takes_wide_chunks(quant: &ExpertQuant, k: usize, gate_up: bool) -> bool {
+    let quant_ok = match quant {
+        ExpertQuant::Fp8 { .. } => true,
+        ExpertQuant::Int4 { gate_up: g, down } => (if gate_up { g } else { down }).group >= 128,
+        ExpertQuant::None => false,
+    };
+    quant_ok && k.is_multiple_of(128)
+}
+
 /// Whether `pairs` (token, expert) pairs over `slots` experts take the grouped GEMM, for the
 /// weights `w` ([`ExpertWeights::grouped_from`]).
 pub fn takes_grouped(pairs: usize, slots: usize, w: &ExpertWeights) -> bool {
@@ -998,20 +1012,8 @@ impl Gpu {
         let rows_per_block = if mma { 32 } else { 16 };
         let (gate_up_fn, down_fn, h_dtype) = if mma {
             let sfx = w.quant.suffix();
-            // e4m3, or INT4 in groups of 128 or more, over a k width that is a multiple of
-            // 128: the 128-wide chunk forms (`_fp8w`, `_int4w`: 128 bytes a row a chunk for
-            // e4m3, 64 for INT4, twice the 64-wide walk's; 8–18% faster at V2-Lite's shapes,
-            // the sums in another order).
             let wide = |k: usize, gate_up: bool| {
-                let quant_ok = match w.quant {
-                    ExpertQuant::Fp8 { .. } => true,
-                    ExpertQuant::Int4 {
-                        gate_up: ref g,
-                        ref down,
-                    } => (if gate_up { g } else { down }).group >= 128,
-                    ExpertQuant::None => false,
-                };
-                if quant_ok && k.is_multiple_of(128) {
+                if takes_wide_chunks(&w.quant, k, gate_up) {
                     "w"
                 } else {
                     ""
@@ -1581,6 +1583,50 @@ impl Gpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The 128-wide chunk forms: e4m3 at any k that is a multiple of 128; INT4 only where that
+    /// projection's groups are 128 or more (a chunk in one group); bf16 never.
+    #[test]
+    fn wide_chunks_need_k_a_multiple_of_128_and_int4_groups_of_128() {
+        let t = Tensor::zeros(1, DType::F32, &Device::Cpu).expect("tensor");
+        let fp8 = ExpertQuant::Fp8 {
+            gate_up: &t,
+            down: &t,
+        };
+        let groups = |group| Int4Groups {
+            scale: &t,
+            zero: None,
+            group,
+        };
+        // V2-Lite: hidden 2,048 (gate/up's k), inner 1,408 (down's); the FP8 fixture's 320 / 160.
+        for (k, want) in [
+            (2048, true),
+            (1408, true),
+            (7168, true),
+            (320, false),
+            (160, false),
+        ] {
+            assert_eq!(takes_wide_chunks(&fp8, k, true), want, "{k}");
+            assert_eq!(takes_wide_chunks(&fp8, k, false), want, "{k}");
+            assert!(!takes_wide_chunks(&ExpertQuant::None, k, true));
+        }
+        let int4 = ExpertQuant::Int4 {
+            gate_up: groups(128),
+            down: groups(64),
+        };
+        assert!(takes_wide_chunks(&int4, 2048, true));
+        assert!(
+            !takes_wide_chunks(&int4, 1408, false),
+            "groups of 64 span half a chunk"
+        );
+        assert!(!takes_wide_chunks(&int4, 320, true));
+        let int4_256 = ExpertQuant::Int4 {
+            gate_up: groups(256),
+            down: groups(32),
+        };
+        assert!(takes_wide_chunks(&int4_256, 2048, true));
+        assert!(!takes_wide_chunks(&int4_256, 2048, false));
+    }
 
     /// e4m3 stacks go to the FP8 kernels only with bf16 rows, widths that are multiples of 32
     /// and scales of the stacks' own block grid (each expert matrix its own, partial edge blocks

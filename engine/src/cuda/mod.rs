@@ -30,7 +30,7 @@ pub use experts::{
     DeviceRouting, ExpertQuant, ExpertWeights, FOLD_MAX_TOKENS, FlagWait,
     GROUPED_MIN_PAIRS_PER_SLOT, GROUPED_MIN_PAIRS_PER_SLOT_QUANTISED, HostAssignments, HostPairs,
     Int4Groups, RouteParams, RowsAt, WaitFlag, combine_counters, grouped_min_pairs_per_slot,
-    takes_grouped,
+    takes_grouped, takes_wide_chunks,
 };
 
 /// A kernel argument. Tensors go as raw device addresses (see [`Gpu::ptr`]).

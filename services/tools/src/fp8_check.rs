@@ -41,7 +41,7 @@
 
 use moemesh_engine::cuda::{
     DenseWeight, DeviceRouting, ExpertQuant, ExpertWeights, Gpu, HostAssignments, HostPairs,
-    Int4Groups, grouped_min_pairs_per_slot, takes_grouped,
+    Int4Groups, grouped_min_pairs_per_slot, takes_grouped, takes_wide_chunks,
 };
 use moemesh_engine::weights::fp8::{dequantize_e4m3, dequantize_matrix, quantize_e4m3};
 use moemesh_engine::weights::int4::Int4Tensor;
@@ -377,9 +377,10 @@ fn one(
     // Held to ‖Δ‖/‖bf16‖ ≤ 1e-3: a quarter of one bf16 step (2⁻⁸ = 3.9e-3), a tenth of what
     // rounding the weights to bf16 costs against the exact layer (3.3e-3 at this shape, the
     // INT4 cases'), and far below what a wrong scale, row or chunk gives (≥ 1e-2).
+    let q = st.quantised().quant;
     let wide = matches!(st.quant, Quant::Fp8 { .. })
         && decode
-        && (sh.hidden.is_multiple_of(128) || sh.inner.is_multiple_of(128));
+        && (takes_wide_chunks(&q, sh.hidden, true) || takes_wide_chunks(&q, sh.inner, false));
     if wide {
         let d = rel_l2(&reference, &got)?;
         return Ok(KernelCheck {
