@@ -26,7 +26,6 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <vector>
 
 
@@ -79,6 +78,18 @@ __global__ void route_rank(const float* logits, int tokens, int n_exp, const flo
                         sel_s[warp]);
 }
 
+// A routing copied to the host: n ids and weights; equal = the same ids and the same weights,
+// bit for bit.
+struct HostRouting {
+    std::vector<uint32_t> ids;
+    std::vector<uint32_t> wbits;
+    HostRouting(const uint32_t* d_ids, const float* d_w, size_t n) : ids(n), wbits(n) {
+        CK(cudaMemcpy(ids.data(), d_ids, n * 4, cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(wbits.data(), d_w, n * 4, cudaMemcpyDeviceToHost));
+    }
+    bool operator==(const HostRouting& o) const { return ids == o.ids && wbits == o.wbits; }
+};
+
 // Ties: logits drawn from 5 values (so most experts tie with others) and some −inf, over 64,
 // 40 and 7 experts (rows not a multiple of 32 wide), k up to 8, softmax and sigmoid: the rank
 // form (moe_route_e64) must pick what the rounds (moe_route) pick, the lower index on a tie, and
@@ -114,14 +125,8 @@ static int ties_check() {
                 moe_route_e64<<<blocks, ROUTE_WARPS * 32>>>(logits, T, E, nullptr, scoring, 0, k,
                                                             1, 1, 1, 0, 1.f, i2, w2);
                 CK(cudaDeviceSynchronize());
-                std::vector<uint32_t> a((size_t)T * k), b(a.size());
-                std::vector<float> wa(a.size()), wb(a.size());
-                CK(cudaMemcpy(a.data(), i1, a.size() * 4, cudaMemcpyDeviceToHost));
-                CK(cudaMemcpy(b.data(), i2, b.size() * 4, cudaMemcpyDeviceToHost));
-                CK(cudaMemcpy(wa.data(), w1, wa.size() * 4, cudaMemcpyDeviceToHost));
-                CK(cudaMemcpy(wb.data(), w2, wb.size() * 4, cudaMemcpyDeviceToHost));
-                const bool same =
-                    a == b && memcmp(wa.data(), wb.data(), wa.size() * 4) == 0;
+                const bool same = HostRouting(i1, w1, (size_t)T * k) ==
+                                  HostRouting(i2, w2, (size_t)T * k);
                 printf("ties: %d experts, %s, top-%d: rank %s rounds\n", E,
                        scoring ? "softmax" : "sigmoid", k, same ? "=" : "DIFFERS FROM");
                 bad |= !same;
@@ -190,13 +195,8 @@ static int group_ties_check() {
             route_serial<<<blocks, ROUTE_WARPS * 32>>>(logits, T, E, b, scoring, method, k, 8, 4,
                                                        1, i2, w2);
             CK(cudaDeviceSynchronize());
-            std::vector<uint32_t> a((size_t)T * k), c(a.size());
-            std::vector<float> wa(a.size()), wc(a.size());
-            CK(cudaMemcpy(a.data(), i1, a.size() * 4, cudaMemcpyDeviceToHost));
-            CK(cudaMemcpy(c.data(), i2, c.size() * 4, cudaMemcpyDeviceToHost));
-            CK(cudaMemcpy(wa.data(), w1, wa.size() * 4, cudaMemcpyDeviceToHost));
-            CK(cudaMemcpy(wc.data(), w2, wc.size() * 4, cudaMemcpyDeviceToHost));
-            const bool same = a == c && memcmp(wa.data(), wc.data(), wa.size() * 4) == 0;
+            const bool same =
+                HostRouting(i1, w1, (size_t)T * k) == HostRouting(i2, w2, (size_t)T * k);
             printf("group ties: method %d, %s: warp %s serial\n", method,
                    scoring ? "softmax" : "sigmoid + bias", same ? "=" : "DIFFERS FROM");
             bad |= !same;
@@ -323,38 +323,18 @@ int main() {
                     20);
                 printf("%-8s %5d %-9s %10.2f\n", R.name, T, names[v], ms * 1000.0 / L);
             }
-            // The fused kernels' routings against moe_route over the logits (the route variant
-            // ran after the logits one, which wrote the same values).
-            std::vector<uint32_t> a((size_t)L * T * R.k), b(a.size()), c(a.size()), d(a.size()),
-                e(a.size());
-            std::vector<float> wa(a.size()), wb(a.size()), wc(a.size()), wd(a.size()),
-                we(a.size());
-            CK(cudaMemcpy(d.data(), ids_k, d.size() * 4, cudaMemcpyDeviceToHost));
-            CK(cudaMemcpy(e.data(), ids_q, e.size() * 4, cudaMemcpyDeviceToHost));
-            CK(cudaMemcpy(wd.data(), wts_k, wd.size() * 4, cudaMemcpyDeviceToHost));
-            CK(cudaMemcpy(we.data(), wts_q, we.size() * 4, cudaMemcpyDeviceToHost));
-            CK(cudaMemcpy(a.data(), ids_f, a.size() * 4, cudaMemcpyDeviceToHost));
-            CK(cudaMemcpy(b.data(), ids_r, b.size() * 4, cudaMemcpyDeviceToHost));
-            CK(cudaMemcpy(c.data(), ids_g, c.size() * 4, cudaMemcpyDeviceToHost));
-            CK(cudaMemcpy(wa.data(), wts_f, wa.size() * 4, cudaMemcpyDeviceToHost));
-            CK(cudaMemcpy(wb.data(), wts_r, wb.size() * 4, cudaMemcpyDeviceToHost));
-            CK(cudaMemcpy(wc.data(), wts_g, wc.size() * 4, cudaMemcpyDeviceToHost));
-            bool extra = true;
-            for (auto pr : {std::make_pair(ids_u8, wts_u8), std::make_pair(ids_u16, wts_u16),
-                            std::make_pair(ids_s, wts_s)}) {
-                std::vector<uint32_t> i2(a.size());
-                std::vector<float> w2(a.size());
-                CK(cudaMemcpy(i2.data(), pr.first, i2.size() * 4, cudaMemcpyDeviceToHost));
-                CK(cudaMemcpy(w2.data(), pr.second, w2.size() * 4, cudaMemcpyDeviceToHost));
-                extra = extra && i2 == a && memcmp(w2.data(), wa.data(), wa.size() * 4) == 0;
-                cudaFree(pr.first);
-                cudaFree(pr.second);
-            }
-            const bool same = extra && a == b && a == c && a == d && a == e &&
-                              memcmp(wa.data(), wb.data(), wa.size() * 4) == 0 &&
-                              memcmp(wa.data(), wc.data(), wa.size() * 4) == 0 &&
-                              memcmp(wa.data(), wd.data(), wa.size() * 4) == 0 &&
-                              memcmp(wa.data(), we.data(), wa.size() * 4) == 0;
+            // Every variant's routing against the fused kernel's (the route variants ran after
+            // the logits one, which wrote the same logits).
+            const size_t n = (size_t)L * T * R.k;
+            const HostRouting fused(ids_f, wts_f, n);
+            bool same = true;
+            for (auto pr : {std::make_pair(ids_r, wts_r), std::make_pair(ids_g, wts_g),
+                            std::make_pair(ids_k, wts_k), std::make_pair(ids_q, wts_q),
+                            std::make_pair(ids_u8, wts_u8), std::make_pair(ids_u16, wts_u16),
+                            std::make_pair(ids_s, wts_s)})
+                same = same && HostRouting(pr.first, pr.second, n) == fused;
+            for (auto p : {ids_u8, ids_u16, ids_s}) cudaFree(p);
+            for (auto p : {wts_u8, wts_u16, wts_s}) cudaFree(p);
             printf("%-8s %5d routing %s\n", R.name, T,
                    same ? "every variant's ids and weights equal, bit for bit" : "MISMATCH");
             bad |= !same;
