@@ -1,5 +1,5 @@
-// What the standalone kernel benches (scripts/bench/*.cu) share: the CUDA error check and the
-// timing of a captured CUDA graph's replays.
+// What the standalone kernel benches (scripts/bench/*.cu) share: the CUDA error check, the
+// timing of a captured CUDA graph's replays, and random-looking bf16 test data.
 #pragma once
 
 #include <algorithm>
@@ -55,4 +55,22 @@ float graph_median_ms(Capture capture, int replays = 10, int rounds = 7) {
     CK(cudaGraphDestroy(graph));
     CK(cudaStreamDestroy(st));
     return times[times.size() / 2];
+}
+
+// Random-looking test data (the benches include engine/src/cuda/kernels.cu first, for bf16):
+// a hash of the index, and n bf16 of either sign in (−scale, scale) from it.
+__device__ __forceinline__ uint32_t mix(uint32_t h) {
+    h ^= h >> 15;
+    h *= 2246822519u;
+    h ^= h >> 13;
+    h *= 3266489917u;
+    h ^= h >> 16;
+    return h;
+}
+__global__ void fill_bf16(bf16* p, size_t n, uint32_t seed, float scale) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const uint32_t h = mix((uint32_t)i * 2654435761u ^ seed);
+        p[i] = __float2bfloat16(((int)(h & 0xffff) - 32768) * (scale / 32768.f));
+    }
 }

@@ -51,23 +51,6 @@
 #include <vector>
 
 
-__device__ __forceinline__ uint32_t mix(uint32_t h) {
-    h ^= h >> 15;
-    h *= 2246822519u;
-    h ^= h >> 13;
-    h *= 3266489917u;
-    h ^= h >> 16;
-    return h;
-}
-
-// Fills n bf16 with a hash of the index, scaled: values of either sign.
-__global__ void fill_bf16(bf16* p, size_t n, uint32_t seed, float scale) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x) {
-        const uint32_t h = mix((uint32_t)i * 2654435761u ^ seed);
-        p[i] = __float2bfloat16(((int)(h & 0xffff) - 32768) * (scale / 32768.f));
-    }
-}
 // Random bytes; e4m3 NaN (x111 1111) replaced by 0.
 __global__ void fill_bytes(uint8_t* p, size_t n, uint32_t seed, bool e4m3) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;

@@ -455,28 +455,31 @@ extern "C" __global__ void __launch_bounds__(128)
 // every output element is an independent weighted sum over the splits (no chain of dependent
 // loads per element). Empty splits (m = −∞) weigh 0 and are not read. At most 64 splits.
 #define MLA_MAX_SPLITS 64
+// One warp: the split weights of the splits' (max, sum) pairs at part_ml[base · 2 ..] into wz.
+__device__ __forceinline__ void split_weights(const float* part_ml, size_t base, int splits,
+                                              float* wz) {
+    const int lane = threadIdx.x & 31;
+    float mx = -INFINITY;
+    for (int z = lane; z < splits; z += 32) mx = fmaxf(mx, part_ml[(base + z) * 2]);
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    float denom = 0.f;
+    for (int z = lane; z < splits; z += 32) {
+        const float m = part_ml[(base + z) * 2];
+        if (m != -INFINITY) denom += expf(m - mx) * part_ml[(base + z) * 2 + 1];
+    }
+    for (int o = 16; o > 0; o >>= 1) denom += __shfl_xor_sync(0xffffffffu, denom, o);
+    for (int z = lane; z < splits; z += 32) {
+        const float m = part_ml[(base + z) * 2];
+        wz[z] = m != -INFINITY ? expf(m - mx) / denom : 0.f;
+    }
+}
 template <typename T>
 __device__ void mla_combine(const float* part_o, const float* part_ml, int splits, int heads,
                             int kv_lora, T* out, long long so_h, long long so_b) {
     __shared__ float wz[MLA_MAX_SPLITS];
     const int b = blockIdx.x, h = blockIdx.y;
     const size_t base = ((size_t)b * heads + h) * splits;
-    if (threadIdx.x < 32) {
-        const int lane = threadIdx.x;
-        float mx = -INFINITY;
-        for (int z = lane; z < splits; z += 32) mx = fmaxf(mx, part_ml[(base + z) * 2]);
-        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-        float denom = 0.f;
-        for (int z = lane; z < splits; z += 32) {
-            const float m = part_ml[(base + z) * 2];
-            if (m != -INFINITY) denom += expf(m - mx) * part_ml[(base + z) * 2 + 1];
-        }
-        for (int o = 16; o > 0; o >>= 1) denom += __shfl_xor_sync(0xffffffffu, denom, o);
-        for (int z = lane; z < splits; z += 32) {
-            const float m = part_ml[(base + z) * 2];
-            wz[z] = m != -INFINITY ? expf(m - mx) / denom : 0.f;
-        }
-    }
+    if (threadIdx.x < 32) split_weights(part_ml, base, splits, wz);
     __syncthreads();
     for (int d = threadIdx.x; d < kv_lora; d += blockDim.x) {
         float o = 0.f;
@@ -496,6 +499,192 @@ extern "C" __global__ void mla_combine_bf16(const float* part_o, const float* pa
                                             int splits, int heads, int kv_lora, bf16* out,
                                             long long so_h, long long so_b) {
     mla_combine<bf16>(part_o, part_ml, splits, heads, kv_lora, out, so_h, so_b);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The absorbed decode's two products on its small side, fused with what runs next to them (bf16,
+// at most MLA_ABSORB_ROWS query rows and sequences): `mla_decode_prep_absorb_bf16` is
+// mla_decode_prep with the query's latent product q_lat = q_nope · W_UK done in the same launch
+// (no q_nope tensor, no batched GEMM), and `mla_combine_uv_bf16` merges the decode's splits and
+// applies W_UV, writing `[B, H · v]` as o_proj takes it (no o_lat tensor, no GEMM, no transpose).
+// Both sum in f32 and round to bf16 once, as the GEMMs they replace (in another order).
+#define MLA_ABSORB_ROWS 8
+#define MLA_ABSORB_MAX_NOPE 256
+
+// Blocks 0 … heads · kv_lora/64 − 1: block (h, c) computes q_lat[h, t, 64c .. 64c + 63] for every
+// row t, from W_UK [H, nope, kv_lora] (row n of head h contiguous); thread (rg, c8) takes
+// columns 64c + 8·c8 .. + 7 over rows n ≡ rg (mod 32), the 32 row groups added by two shuffles
+// and then in warp order. Blocks with c = 0 also rotate head h's q_pe (as split_q). The last
+// `tokens` blocks write the latents (kv_write).
+extern "C" __global__ void __launch_bounds__(256) mla_decode_prep_absorb_bf16(
+    const bf16* q, long long q_stride, const bf16* w_uk, bf16* q_lat, bf16* q_pe, int heads,
+    int nope, const bf16* kv, long long kv_stride, const float* w, float eps,
+    const uint32_t* dst, bf16* pool_ckv, bf16* pool_kpe, int kv_lora, const bf16* cos_t,
+    const bf16* sin_t, int tokens, int rope_dim, int interleaved) {
+    __shared__ float qs[MLA_ABSORB_ROWS][MLA_ABSORB_MAX_NOPE];
+    __shared__ float red[8][MLA_ABSORB_ROWS][64];
+    const int cpb = kv_lora / 64;
+    if ((int)blockIdx.x >= heads * cpb) {
+        kv_write<bf16>(kv, kv_stride, w, eps, cos_t, sin_t, interleaved, dst, pool_ckv, pool_kpe,
+                       kv_lora, rope_dim, blockIdx.x - heads * cpb);
+        return;
+    }
+    const int h = blockIdx.x / cpb, c = blockIdx.x % cpb;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int qw = nope + rope_dim;
+    // The thread's W_UK rows first (rows n ≡ rg mod 32, 8 columns each), so that their latency
+    // runs under the query's loads.
+    const int c8 = tid & 7, rg = tid >> 3;
+    const bf16* wp = w_uk + (size_t)h * nope * kv_lora + c * 64 + c8 * 8;
+    uint4 wr[MLA_ABSORB_MAX_NOPE / 32];
+#pragma unroll
+    for (int i = 0; i < MLA_ABSORB_MAX_NOPE / 32; ++i)
+        if (rg + 32 * i < nope)
+            wr[i] = __ldcs(reinterpret_cast<const uint4*>(wp + (size_t)(rg + 32 * i) * kv_lora));
+    for (int i = tid; i < tokens * nope; i += blockDim.x) {
+        const int t = i / nope, n = i % nope;
+        qs[t][n] = to_f(q[(size_t)t * q_stride + (size_t)h * qw + n]);
+    }
+    if (c == 0) {
+        const int half = rope_dim / 2;
+        for (int i = tid; i < tokens * half; i += blockDim.x) {
+            const int t = i / half, p = i % half;
+            const bf16* pe = q + (size_t)t * q_stride + (size_t)h * qw + nope;
+            bf16* o = q_pe + ((size_t)h * tokens + t) * rope_dim;
+            const float cs = to_f(cos_t[t * half + p]), sn = to_f(sin_t[t * half + p]);
+            const int ia = interleaved ? 2 * p : p;
+            const int ib = interleaved ? 2 * p + 1 : p + half;
+            const float a = to_f(pe[ia]), b = to_f(pe[ib]);
+            o[ia] = from_f<bf16>(a * cs - b * sn);
+            o[ib] = from_f<bf16>(b * cs + a * sn);
+        }
+    }
+    __syncthreads();
+    float acc[MLA_ABSORB_ROWS][8];
+#pragma unroll
+    for (int t = 0; t < MLA_ABSORB_ROWS; ++t)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[t][e] = 0.f;
+#pragma unroll
+    for (int i = 0; i < MLA_ABSORB_MAX_NOPE / 32; ++i) {
+        const int n = rg + 32 * i;
+        if (n >= nope) break;
+        const uint4 u = wr[i];
+        const float wv[8] = {__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u),
+                             __uint_as_float(u.y << 16), __uint_as_float(u.y & 0xffff0000u),
+                             __uint_as_float(u.z << 16), __uint_as_float(u.z & 0xffff0000u),
+                             __uint_as_float(u.w << 16), __uint_as_float(u.w & 0xffff0000u)};
+#pragma unroll
+        for (int t = 0; t < MLA_ABSORB_ROWS; ++t) {
+            if (t < tokens) {
+                const float qv = qs[t][n];
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[t][e] = fmaf(qv, wv[e], acc[t][e]);
+            }
+        }
+    }
+    // Lanes c8, c8 + 8, c8 + 16, c8 + 24 hold the same columns: fold them into lanes 0 … 7.
+#pragma unroll
+    for (int t = 0; t < MLA_ABSORB_ROWS; ++t) {
+        if (t < tokens) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                float v = acc[t][e];
+                v += __shfl_xor_sync(0xffffffffu, v, 8);
+                v += __shfl_xor_sync(0xffffffffu, v, 16);
+                if (lane < 8) red[warp][t][c8 * 8 + e] = v;
+            }
+        }
+    }
+    __syncthreads();
+    for (int i = tid; i < tokens * 64; i += blockDim.x) {
+        const int t = i / 64, j = i % 64;
+        float v = red[0][t][j];
+#pragma unroll
+        for (int wv = 1; wv < 8; ++wv) v += red[wv][t][j];
+        q_lat[((size_t)h * tokens + t) * kv_lora + c * 64 + j] = from_f<bf16>(v);
+    }
+}
+
+// Block (h, vc): out[b, h·v + 16·vc + j] = Σ_d o_lat[h, b, d] · W_UV[h, j, d] for j < 16 and
+// every sequence b, W_UV's row j of head h at kv_b[(h·(nope + v) + nope + j)·512] (kv_b_proj as
+// stored: a row contiguous over the latent of 512). o_lat is the merge of the decode's splits
+// (`part_o`, `part_ml` as mla_combine takes them, rounded to bf16 as mla_combine stores it), or
+// with one split (`part_o` null) the decode's normalised `o_lat [H, B, 512]`. Each warp takes 2
+// of the 16 rows, a lane 8 consecutive latents of each 256, loaded before the merge so that
+// their latency runs under it.
+#define MLA_UV_LATENT 512
+#define MLA_UV_COLS 16
+extern "C" __global__ void __launch_bounds__(256) mla_combine_uv_bf16(
+    const float* part_o, const float* part_ml, int splits, const bf16* o_lat, int seqs,
+    int heads, const bf16* kv_b, int nope, int v_dim, bf16* out) {
+    __shared__ __align__(16) float os[MLA_ABSORB_ROWS][MLA_UV_LATENT];
+    __shared__ float wz[MLA_ABSORB_ROWS][MLA_MAX_SPLITS];
+    constexpr int L = MLA_UV_LATENT;
+    const int h = blockIdx.x, vc = blockIdx.y;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    uint4 wr[2][2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int j = vc * MLA_UV_COLS + warp * 2 + r;
+        const bf16* row = kv_b + ((size_t)h * (nope + v_dim) + nope + j) * L + lane * 8;
+#pragma unroll
+        for (int q = 0; q < 2; ++q) wr[r][q] = __ldcs(reinterpret_cast<const uint4*>(row + q * 256));
+    }
+    if (part_o) {
+        // Warp b: sequence b's split weights (mla_combine's).
+        if (warp < seqs) split_weights(part_ml, ((size_t)warp * heads + h) * splits, splits, wz[warp]);
+        __syncthreads();
+        for (int i = tid; i < seqs * L; i += blockDim.x) {
+            const int b = i / L, d = i % L;
+            const size_t base = ((size_t)b * heads + h) * splits;
+            float o = 0.f;
+            for (int z = 0; z < splits; ++z) {
+                const float wgt = wz[b][z];
+                if (wgt != 0.f) o = fmaf(wgt, part_o[(base + z) * L + d], o);
+            }
+            os[b][d] = __bfloat162float(__float2bfloat16(o));
+        }
+    } else {
+        for (int i = tid; i < seqs * L; i += blockDim.x) {
+            const int b = i / L, d = i % L;
+            os[b][d] = to_f(o_lat[((size_t)h * seqs + b) * L + d]);
+        }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int j = vc * MLA_UV_COLS + warp * 2 + r;
+        float acc[MLA_ABSORB_ROWS];
+#pragma unroll
+        for (int b = 0; b < MLA_ABSORB_ROWS; ++b) acc[b] = 0.f;
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+            const uint4 u = wr[r][q];
+            const float wv[8] = {__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u),
+                                 __uint_as_float(u.y << 16), __uint_as_float(u.y & 0xffff0000u),
+                                 __uint_as_float(u.z << 16), __uint_as_float(u.z & 0xffff0000u),
+                                 __uint_as_float(u.w << 16), __uint_as_float(u.w & 0xffff0000u)};
+            const int d0 = q * 256 + lane * 8;
+#pragma unroll
+            for (int b = 0; b < MLA_ABSORB_ROWS; ++b) {
+                if (b < seqs) {
+                    const float4 x0 = *reinterpret_cast<const float4*>(&os[b][d0]);
+                    const float4 x1 = *reinterpret_cast<const float4*>(&os[b][d0 + 4]);
+                    const float xv[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+                    acc[b] += dot8(wv, xv);
+                }
+            }
+        }
+#pragma unroll
+        for (int b = 0; b < MLA_ABSORB_ROWS; ++b) {
+            if (b < seqs) {
+                const float v = warp_sum(acc[b]);
+                if (lane == 0)
+                    out[(size_t)b * heads * v_dim + (size_t)h * v_dim + j] = from_f<bf16>(v);
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

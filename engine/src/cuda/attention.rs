@@ -34,11 +34,103 @@ impl Gpu {
         heads: usize,
         nope: usize,
         kv: &Tensor,
-        (norm_w, eps): (&Tensor, f64),
-        (cos, sin): (&Tensor, &Tensor),
+        norm: (&Tensor, f64),
+        rot: (&Tensor, &Tensor),
         interleaved: bool,
-        (dst, pool_ckv, pool_kpe): (&Tensor, &Tensor, &Tensor),
+        pool: (&Tensor, &Tensor, &Tensor),
     ) -> Result<Option<(Tensor, Tensor)>> {
+        let Some(p) = Self::prep_fits(q, heads, nope, kv, norm, rot, pool)? else {
+            return Ok(None);
+        };
+        let dt = q.dtype();
+        let q_nope = self.alloc(dt, &[heads, p.t, nope])?;
+        let q_pe = self.alloc(dt, &[heads, p.t, p.rope])?;
+        let n = p.t * heads * (nope + p.rope / 2);
+        let split_blocks = n.div_ceil(256).clamp(1, 65_535);
+        let mut args = vec![
+            Arg::Ptr(self.ptr(q)?),
+            Arg::I64(p.q_stride as i64),
+            Arg::Ptr(self.ptr(&q_nope)?),
+            Arg::Ptr(self.ptr(&q_pe)?),
+            i32_arg(heads, "heads")?,
+            i32_arg(nope, "nope width")?,
+            i32_arg(split_blocks, "query blocks")?,
+        ];
+        args.extend(self.prep_latent_args(&p, kv, norm, rot, interleaved, pool)?);
+        self.launch(
+            &format!("mla_decode_prep_{}", suffix(dt)),
+            ((split_blocks + p.t) as u32, 1, 1),
+            256,
+            0,
+            &args,
+        )?;
+        Ok(Some((q_nope, q_pe)))
+    }
+
+    /// [`decode_prep`](Self::decode_prep) with the query's latent product in the same launch:
+    /// `(q_lat [H, T, kv_lora] = q_nope · w_uk, rotated q_pe [H, T, rope])`, `w_uk [H, nope,
+    /// kv_lora]` (the absorbed decode's W_UK), no q_nope tensor and no batched GEMM. bf16, at most
+    /// eight rows, kv_lora a multiple of 64 (attention.cu's `mla_decode_prep_absorb_bf16`);
+    /// otherwise `None`, nothing written.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_prep_absorb(
+        &self,
+        q: &Tensor,
+        heads: usize,
+        nope: usize,
+        w_uk: &Tensor,
+        kv: &Tensor,
+        norm: (&Tensor, f64),
+        rot: (&Tensor, &Tensor),
+        interleaved: bool,
+        pool: (&Tensor, &Tensor, &Tensor),
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let Some(p) = Self::prep_fits(q, heads, nope, kv, norm, rot, pool)? else {
+            return Ok(None);
+        };
+        if q.dtype() != DType::BF16
+            || p.t > ABSORB_ROWS
+            || nope > ABSORB_MAX_NOPE
+            || !p.kv_lora.is_multiple_of(64)
+            || w_uk.dtype() != DType::BF16
+            || !w_uk.is_contiguous()
+            || !aligned16(w_uk)
+            || w_uk.dims() != [heads, nope, p.kv_lora]
+        {
+            return Ok(None);
+        }
+        let q_lat = self.alloc(DType::BF16, &[heads, p.t, p.kv_lora])?;
+        let q_pe = self.alloc(DType::BF16, &[heads, p.t, p.rope])?;
+        let mut args = vec![
+            Arg::Ptr(self.ptr(q)?),
+            Arg::I64(p.q_stride as i64),
+            Arg::Ptr(self.ptr(w_uk)?),
+            Arg::Ptr(self.ptr(&q_lat)?),
+            Arg::Ptr(self.ptr(&q_pe)?),
+            i32_arg(heads, "heads")?,
+            i32_arg(nope, "nope width")?,
+        ];
+        args.extend(self.prep_latent_args(&p, kv, norm, rot, interleaved, pool)?);
+        self.launch(
+            "mla_decode_prep_absorb_bf16",
+            ((heads * p.kv_lora / 64 + p.t) as u32, 1, 1),
+            256,
+            0,
+            &args,
+        )?;
+        Ok(Some((q_lat, q_pe)))
+    }
+
+    /// The shapes [`decode_prep`](Self::decode_prep)'s kernels take, or `None`.
+    fn prep_fits(
+        q: &Tensor,
+        heads: usize,
+        nope: usize,
+        kv: &Tensor,
+        (norm_w, _eps): (&Tensor, f64),
+        (cos, sin): (&Tensor, &Tensor),
+        (dst, pool_ckv, pool_kpe): (&Tensor, &Tensor, &Tensor),
+    ) -> Result<Option<PrepShape>> {
         let (Ok((t, q_width)), Ok((t_kv, width)), Ok((_, kv_lora)), Ok((_, rope))) =
             (q.dims2(), kv.dims2(), pool_ckv.dims2(), pool_kpe.dims2())
         else {
@@ -48,64 +140,63 @@ impl Gpu {
         let (Some(q_stride), Some(kv_stride)) = (row_stride(q), row_stride(kv)) else {
             return Ok(None);
         };
-        if !is_kernel_dtype(dt)
-            || t == 0
-            || t_kv != t
-            || heads == 0
-            || q_width != heads * (nope + rope)
-            || width != kv_lora + rope
-            || rope == 0
-            || !rope.is_multiple_of(2)
-            || kv.dtype() != dt
-            || pool_ckv.dtype() != dt
-            || pool_kpe.dtype() != dt
-            || !pool_ckv.is_contiguous()
-            || !pool_kpe.is_contiguous()
-            || cos.dtype() != dt
-            || sin.dtype() != dt
-            || !cos.is_contiguous()
-            || !sin.is_contiguous()
-            || cos.dims() != [t, rope / 2]
-            || sin.dims() != [t, rope / 2]
-            || dst.dtype() != DType::U32
-            || dst.dims() != [t]
-            || norm_w.dtype() != DType::F32
-        {
-            return Ok(None);
-        }
-        let q_nope = self.alloc(dt, &[heads, t, nope])?;
-        let q_pe = self.alloc(dt, &[heads, t, rope])?;
-        let n = t * heads * (nope + rope / 2);
-        let split_blocks = n.div_ceil(256).clamp(1, 65_535);
-        self.launch(
-            &format!("mla_decode_prep_{}", suffix(dt)),
-            ((split_blocks + t) as u32, 1, 1),
-            256,
-            0,
-            &[
-                Arg::Ptr(self.ptr(q)?),
-                Arg::I64(q_stride as i64),
-                Arg::Ptr(self.ptr(&q_nope)?),
-                Arg::Ptr(self.ptr(&q_pe)?),
-                i32_arg(heads, "heads")?,
-                i32_arg(nope, "nope width")?,
-                i32_arg(split_blocks, "query blocks")?,
-                Arg::Ptr(self.ptr(kv)?),
-                Arg::I64(kv_stride as i64),
-                Arg::Ptr(self.ptr(norm_w)?),
-                Arg::F32(eps as f32),
-                Arg::Ptr(self.ptr(dst)?),
-                Arg::Ptr(self.ptr(pool_ckv)?),
-                Arg::Ptr(self.ptr(pool_kpe)?),
-                i32_arg(kv_lora, "kv_lora_rank")?,
-                Arg::Ptr(self.ptr(cos)?),
-                Arg::Ptr(self.ptr(sin)?),
-                i32_arg(t, "tokens")?,
-                i32_arg(rope, "rotary width")?,
-                Arg::I32(i32::from(interleaved)),
-            ],
-        )?;
-        Ok(Some((q_nope, q_pe)))
+        let fits = is_kernel_dtype(dt)
+            && t != 0
+            && t_kv == t
+            && heads != 0
+            && q_width == heads * (nope + rope)
+            && width == kv_lora + rope
+            && rope != 0
+            && rope.is_multiple_of(2)
+            && kv.dtype() == dt
+            && pool_ckv.dtype() == dt
+            && pool_kpe.dtype() == dt
+            && pool_ckv.is_contiguous()
+            && pool_kpe.is_contiguous()
+            && cos.dtype() == dt
+            && sin.dtype() == dt
+            && cos.is_contiguous()
+            && sin.is_contiguous()
+            && cos.dims() == [t, rope / 2]
+            && sin.dims() == [t, rope / 2]
+            && dst.dtype() == DType::U32
+            && dst.dims() == [t]
+            && norm_w.dtype() == DType::F32;
+        Ok(fits.then_some(PrepShape {
+            t,
+            kv_lora,
+            rope,
+            q_stride,
+            kv_stride,
+        }))
+    }
+
+    /// The prep kernels' arguments after the query's: the latents' source, norm, pool rows and
+    /// rotary tables.
+    fn prep_latent_args(
+        &self,
+        p: &PrepShape,
+        kv: &Tensor,
+        (norm_w, eps): (&Tensor, f64),
+        (cos, sin): (&Tensor, &Tensor),
+        interleaved: bool,
+        (dst, pool_ckv, pool_kpe): (&Tensor, &Tensor, &Tensor),
+    ) -> Result<Vec<Arg>> {
+        Ok(vec![
+            Arg::Ptr(self.ptr(kv)?),
+            Arg::I64(p.kv_stride as i64),
+            Arg::Ptr(self.ptr(norm_w)?),
+            Arg::F32(eps as f32),
+            Arg::Ptr(self.ptr(dst)?),
+            Arg::Ptr(self.ptr(pool_ckv)?),
+            Arg::Ptr(self.ptr(pool_kpe)?),
+            i32_arg(p.kv_lora, "kv_lora_rank")?,
+            Arg::Ptr(self.ptr(cos)?),
+            Arg::Ptr(self.ptr(sin)?),
+            i32_arg(p.t, "tokens")?,
+            i32_arg(p.rope, "rotary width")?,
+            Arg::I32(i32::from(interleaved)),
+        ])
     }
 
     /// MLA decode attention over the paged pool: `q_lat [H, T, kv_lora]`, `q_pe [H, T, rope]`
@@ -258,6 +349,23 @@ struct Splits {
     parts: Option<(Tensor, Tensor)>,
 }
 
+/// A decode prep call's shapes: query rows, latent and rotary widths, the row strides of the
+/// query and of the latents' source.
+struct PrepShape {
+    t: usize,
+    kv_lora: usize,
+    rope: usize,
+    q_stride: usize,
+    kv_stride: usize,
+}
+
+/// attention.cu's `MLA_ABSORB_ROWS`, `MLA_ABSORB_MAX_NOPE`: the fused absorbed products take at
+/// most this many query rows (and sequences) and nope widths.
+pub const ABSORB_ROWS: usize = 8;
+const ABSORB_MAX_NOPE: usize = 256;
+/// attention.cu's `MLA_UV_COLS`: value columns a block of `mla_combine_uv_bf16` takes.
+const UV_COLS: usize = 16;
+
 /// A decode attention call's shapes: heads, query rows, latent and rotary widths, sequences.
 struct DecodeShape {
     h: usize,
@@ -351,6 +459,26 @@ impl Gpu {
         tables: &DecodeTables,
         scale: f64,
     ) -> Result<Option<Tensor>> {
+        let Some((split, out)) =
+            self.mla_decode_mma_split(q_lat, q_pe, pool_ckv, pool_kpe, tables, scale)?
+        else {
+            return Ok(None);
+        };
+        self.merge_splits(&split, &out)?;
+        Ok(Some(out))
+    }
+
+    /// The tensor-core decode kernel's launch, its splits not yet merged: the split state, and
+    /// `o_lat [H, B, kv_lora]`, which holds the result only when there is one split.
+    fn mla_decode_mma_split(
+        &self,
+        q_lat: &Tensor,
+        q_pe: &Tensor,
+        pool_ckv: &Tensor,
+        pool_kpe: &Tensor,
+        tables: &DecodeTables,
+        scale: f64,
+    ) -> Result<Option<(Splits, Tensor)>> {
         let Some(DecodeShape {
             h,
             t,
@@ -400,7 +528,66 @@ impl Gpu {
                 Arg::Ptr(tables.trows.map_or(Ok(0), |t| self.ptr(t))?),
             ],
         )?;
-        self.merge_splits(&split, &out)?;
+        Ok(Some((split, out)))
+    }
+
+    /// Absorbed decode attention and its value projection, fused at the small side: the
+    /// tensor-core decode kernel, then one launch that merges its splits and applies W_UV
+    /// (rows `nope .. nope + v_dim` of each head's block of `kv_b [H · (nope + v), kv_lora]`,
+    /// kv_b_proj as stored) → `[B, H · v]`, o_proj's input (attention.cu's
+    /// `mla_combine_uv_bf16`; no o_lat tensor, GEMM or transpose). `None` (nothing launched)
+    /// unless the tensor-core kernel takes the inputs and there are at most eight sequences.
+    #[allow(clippy::too_many_arguments)]
+    pub fn mla_decode_uv(
+        &self,
+        q_lat: &Tensor,
+        q_pe: &Tensor,
+        pool_ckv: &Tensor,
+        pool_kpe: &Tensor,
+        tables: &DecodeTables,
+        scale: f64,
+        (kv_b, nope, v_dim): (&Tensor, usize, usize),
+    ) -> Result<Option<Tensor>> {
+        let (Ok((h, _, kv_lora)), Ok(b)) = (q_lat.dims3(), tables.qrows.dim(0)) else {
+            return Ok(None);
+        };
+        if b == 0
+            || b > ABSORB_ROWS
+            || v_dim == 0
+            || !v_dim.is_multiple_of(UV_COLS)
+            || kv_lora != MMA_VD
+            || kv_b.dtype() != DType::BF16
+            || !kv_b.is_contiguous()
+            || !aligned16(kv_b)
+            || kv_b.dims() != [h * (nope + v_dim), kv_lora]
+        {
+            return Ok(None);
+        }
+        let Some((split, o_lat)) =
+            self.mla_decode_mma_split(q_lat, q_pe, pool_ckv, pool_kpe, tables, scale)?
+        else {
+            return Ok(None);
+        };
+        let (part_o, part_ml) = self.split_ptrs(&split)?;
+        let out = self.alloc(DType::BF16, &[b, h * v_dim])?;
+        self.launch(
+            "mla_combine_uv_bf16",
+            (h as u32, (v_dim / UV_COLS) as u32, 1),
+            256,
+            0,
+            &[
+                Arg::Ptr(part_o),
+                Arg::Ptr(part_ml),
+                i32_arg(split.splits, "splits")?,
+                Arg::Ptr(self.ptr(&o_lat)?),
+                i32_arg(b, "sequences")?,
+                i32_arg(h, "heads")?,
+                Arg::Ptr(self.ptr(kv_b)?),
+                i32_arg(nope, "nope width")?,
+                i32_arg(v_dim, "value width")?,
+                Arg::Ptr(self.ptr(&out)?),
+            ],
+        )?;
         Ok(Some(out))
     }
 

@@ -24,7 +24,7 @@ mod attention;
 mod experts;
 pub mod ipc;
 
-pub use attention::{DecodeTables, PrefillQuery};
+pub use attention::{ABSORB_ROWS, DecodeTables, PrefillQuery};
 
 pub use experts::{
     DeviceRouting, ExpertQuant, ExpertWeights, FOLD_MAX_TOKENS, FlagWait,
@@ -191,6 +191,19 @@ fn mla_decode_kernel() -> &'static str {
     K.get_or_init(|| match std::env::var("MOEMESH_MLA_DECODE").as_deref() {
         Ok("simple") => "simple",
         _ => "mma",
+    })
+}
+
+/// Whether a decode step of at most eight rows takes the absorbed products fused with their
+/// neighbours (`Gpu::decode_prep_absorb`, `Gpu::mla_decode_uv`): `MOEMESH_MLA_FUSED`, default
+/// on; `0`, `false` or `off` keep the batched GEMMs. Read once.
+pub fn mla_fused() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        mla_decode_kernel() == "mma"
+            && std::env::var("MOEMESH_MLA_FUSED")
+                .map(|v| !matches!(v.as_str(), "0" | "false" | "off"))
+                .unwrap_or(true)
     })
 }
 

@@ -662,27 +662,73 @@ impl Attention {
                 (q, self.kv_a_proj_with_mqa.forward(x)?)
             }
         };
+        let norm = (self.kv_a_layernorm.weight(), self.kv_a_layernorm.eps());
+        let pool = (&db.targets, pool_ckv, pool_kpe);
+        let tables = crate::cuda::DecodeTables {
+            qrows,
+            ..db.tables()
+        };
+        // A few rows: the latent products fused with the prep and with the split merge (two
+        // launches and a transpose fewer a layer); else the batched GEMMs.
+        if crate::cuda::mla_fused()
+            && b <= crate::cuda::ABSORB_ROWS
+            && let Some((q_lat, q_pe)) = g.decode_prep_absorb(
+                &q,
+                self.heads,
+                self.nope,
+                &self.w_uk,
+                &kv,
+                norm,
+                (cos, sin),
+                rotary.interleaved(),
+                pool,
+            )?
+        {
+            let uv = (&self.kv_b, self.nope, self.v_dim);
+            if let Some(o) =
+                g.mla_decode_uv(&q_lat, &q_pe, pool_ckv, pool_kpe, &tables, self.scale, uv)?
+            {
+                return Ok(Some(o));
+            }
+            // The latents are in the pool; attend with the query as the unfused path has it.
+            return self
+                .attend_pooled(g, db, layer, &q_lat, &q_pe, &tables)
+                .map(Some);
+        }
         let Some((q_nope, q_pe)) = g.decode_prep(
             &q,
             self.heads,
             self.nope,
             &kv,
-            (self.kv_a_layernorm.weight(), self.kv_a_layernorm.eps()),
+            norm,
             (cos, sin),
             rotary.interleaved(),
-            (&db.targets, pool_ckv, pool_kpe),
+            pool,
         )?
         else {
             return Ok(None);
         };
         // [H, B, nope] x [H, nope, kv_lora] -> [H, B, kv_lora].
         let q_lat = q_nope.matmul(&self.w_uk)?;
-        let tables = crate::cuda::DecodeTables {
-            qrows,
-            ..db.tables()
-        };
-        let Some(o_lat) = g.mla_decode(&q_lat, &q_pe, pool_ckv, pool_kpe, &tables, self.scale)?
-        else {
+        self.attend_pooled(g, db, layer, &q_lat, &q_pe, &tables)
+            .map(Some)
+    }
+
+    /// Decode attention of `q_lat [H, B, kv_lora]`, `q_pe [H, B, rope]` over one layer's pool
+    /// (the step's latents already in it), then W_UV → `[B, H · v]`: the decode kernel where it
+    /// takes the shapes, else gathered rows and matmuls.
+    fn attend_pooled(
+        &self,
+        g: &crate::cuda::Gpu,
+        db: &DecodeBatch,
+        layer: usize,
+        q_lat: &Tensor,
+        q_pe: &Tensor,
+        tables: &crate::cuda::DecodeTables,
+    ) -> Result<Tensor> {
+        let b = db.len();
+        let (pool_ckv, pool_kpe) = db.pool.layer(layer);
+        let Some(o_lat) = g.mla_decode(q_lat, q_pe, pool_ckv, pool_kpe, tables, self.scale)? else {
             // The latents are in the pool already; attend the unfused way over the same pool.
             let (c, k) = db.pool.gather_rows(layer, &db.unfused()?.gather)?;
             let c = c.reshape((b, db.lmax, self.kv_lora))?;
@@ -698,18 +744,15 @@ impl Attention {
                 .transpose(0, 1)?
                 .contiguous()?
                 .matmul(&self.w_uv_t)?;
-            return Ok(Some(
-                o.transpose(0, 1)?
-                    .contiguous()?
-                    .reshape((b, self.heads * self.v_dim))?,
-            ));
+            return Ok(o
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((b, self.heads * self.v_dim))?);
         };
         let o = o_lat.matmul(&self.w_uv_t)?; // [H, B, v]
-        Ok(Some(
-            o.transpose(0, 1)?
-                .contiguous()?
-                .reshape((b, self.heads * self.v_dim))?,
-        ))
+        Ok(o.transpose(0, 1)?
+            .contiguous()?
+            .reshape((b, self.heads * self.v_dim))?)
     }
 
     /// The decode batch: `q_lat [H, T, kv_lora]`, `q_pe [H, T, rope]`, the step's new latents

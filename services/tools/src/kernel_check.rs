@@ -27,7 +27,8 @@
 //! tokens, one case with a router skew. Both sum the same f32 products in other orders (logits
 //! differ by ~1e-6 relative); on random rows no two choices are that close, so the experts must
 //! be the same and the weights within 1e-4 of the largest.
-//! Then the decode-sized dense projections (`dense_small`) against f32 products, and the FP8
+//! Then the decode-sized dense projections (`dense_small`) against f32 products, the absorbed
+//! MLA decode's fused products against the GEMM path (`mla_fused_check`), and the FP8
 //! routed-expert kernels against the bf16 ones, bit for bit (`fp8_check`).
 
 use moemesh_engine::cuda::{DecodeTables, DenseWeight, Gpu};
@@ -119,6 +120,7 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<KernelCheck>> {
     ] {
         out.push(dense(&g, device, &mut rng, rows, k, n, gate_up)?);
     }
+    out.extend(crate::mla_fused_check::run(&g, device)?);
     out.extend(crate::fp8_check::run(&g, device, &mut rng)?);
     out.extend(crate::fp8_check::dense(&g, device, &mut rng)?);
     Ok(out)
@@ -416,7 +418,7 @@ fn one(
 
 pub fn print(device: &str, checks: &[KernelCheck]) {
     println!(
-        "moemesh verify on {device}: tensor-core MLA decode against the CUDA-core kernel (bf16, 16 heads, 512 + 64); the fused residual + RMSNorm against its two kernels; the FP8 and INT4 expert kernels against the bf16 ones on the dequantised weights (bit-equal where they sum in the same order)"
+        "moemesh verify on {device}: tensor-core MLA decode against the CUDA-core kernel (bf16, 16 heads, 512 + 64); the fused absorbed products (prep + W_UK, split merge + W_UV) against the GEMM path; the fused residual + RMSNorm against its two kernels; the FP8 and INT4 expert kernels against the bf16 ones on the dequantised weights (bit-equal where they sum in the same order)"
     );
     println!(
         "{:<56} {:>12} {:>10}  result",

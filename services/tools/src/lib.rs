@@ -9,5 +9,6 @@ pub mod client_args;
 mod fp8_check;
 pub mod ghz;
 pub mod kernel_check;
+mod mla_fused_check;
 pub mod sampler_check;
 pub mod verify;
