@@ -319,8 +319,9 @@ extern "C" __global__ void __launch_bounds__(128)
                                  : q_pe + h * sp_h + qt * sp_t + (c - CC) * 8;
         cp_async16(&sq[r * MLA_MMA_KS + c * 8], src, true);
     }
+    // Not waited for here: the first tile's wait takes the query with it (one memory latency
+    // a block fewer; the loop's barriers come before any read of sq).
     cp_async_commit();
-    cp_async_wait<0>();
     if (tid < 16) {
         sm[tid] = -INFINITY;
         sl[tid] = 0.f;
@@ -427,6 +428,7 @@ extern "C" __global__ void __launch_bounds__(128)
             }
         }
     }
+    cp_async_wait<0>();  // an empty split's query copies
     __syncthreads();
     const float lrow[2] = {sl[g], sl[g + 8]};
 #pragma unroll
