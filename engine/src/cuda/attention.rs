@@ -861,3 +861,52 @@ fn row_stride(t: &Tensor) -> Option<usize> {
     // A lone row or column has no stride to speak of; otherwise rows must not overlap.
     ((cs == 1 || cols <= 1) && (rs >= cols || rows <= 1)).then_some(rs.max(cols))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn zeros(dt: DType, shape: &[usize]) -> Tensor {
+        Tensor::zeros(shape, dt, &Device::Cpu).expect("zeros")
+    }
+
+    /// V2-Lite's decode prep: q and kv as column ranges of one stacked projection's output
+    /// (rows strided by its full width), a pool of 100 rows.
+    #[test]
+    fn prep_takes_column_ranges_of_a_stacked_projection() {
+        let (t, h, nope, rope, lora) = (3, 16, 128, 64, 512);
+        let qw = h * (nope + rope);
+        let width = qw + lora + rope;
+        let y = zeros(DType::BF16, &[t, width]);
+        let q = y.narrow(1, 0, qw).expect("q");
+        let kv = y.narrow(1, qw, lora + rope).expect("kv");
+        let w = zeros(DType::F32, &[lora]);
+        let (cos, sin) = (
+            zeros(DType::BF16, &[t, rope / 2]),
+            zeros(DType::BF16, &[t, rope / 2]),
+        );
+        let dst = zeros(DType::U32, &[t]);
+        let (ckv, kpe) = (
+            zeros(DType::BF16, &[100, lora]),
+            zeros(DType::BF16, &[100, rope]),
+        );
+        let fits = |q: &Tensor, kv: &Tensor, w: &Tensor, cos: &Tensor| {
+            Gpu::prep_fits(q, h, nope, kv, (w, 1e-6), (cos, &sin), (&dst, &ckv, &kpe))
+                .expect("prep_fits")
+        };
+        let p = fits(&q, &kv, &w, &cos).expect("a decode step's prep fits");
+        assert_eq!(
+            (p.t, p.kv_lora, p.rope, p.q_stride, p.kv_stride),
+            (t, lora, rope, width, width)
+        );
+        // What the kernels cannot take: a latent width other than the pool's, the norm weight
+        // in bf16, rotary tables of another row count, a query of another head width.
+        let kv_short = y.narrow(1, qw, lora + rope - 8).expect("kv");
+        assert!(fits(&q, &kv_short, &w, &cos).is_none());
+        assert!(fits(&q, &kv, &zeros(DType::BF16, &[lora]), &cos).is_none());
+        assert!(fits(&q, &kv, &w, &zeros(DType::BF16, &[t + 1, rope / 2])).is_none());
+        let q_wide = y.narrow(1, 0, qw + 8).expect("q");
+        assert!(fits(&q_wide, &kv, &w, &cos).is_none());
+    }
+}
