@@ -60,6 +60,51 @@ fn tokens_and_logprobs(out: &[u32], n: usize) -> Vec<(u32, f32)> {
         .collect()
 }
 
+/// Blocks a row of `sample_rows_c8` (sampling.cu's `SAMPLE_CLUSTER`).
+const SAMPLE_CLUSTER: usize = 8;
+/// Most rows for which the device sampler takes a cluster of blocks a row.
+const SAMPLE_CLUSTER_MAX_ROWS: usize = 16;
+
+/// When the device sampler takes a cluster of blocks a row (`MOEMESH_SAMPLE_CLUSTER`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SampleCluster {
+    /// `0`, `off`, `false`: one block a row at any count.
+    Never,
+    /// The default: for up to [`SAMPLE_CLUSTER_MAX_ROWS`] rows, where one block a row leaves
+    /// the GPU idle (at 64 rows one block each is faster: BENCHMARKS, session 25).
+    FewRows,
+    /// `always`: at any count (for checks of the cluster kernel).
+    Always,
+}
+
+impl SampleCluster {
+    fn parse(v: Option<&str>) -> Self {
+        match v {
+            Some("0" | "off" | "false") => Self::Never,
+            Some("always") => Self::Always,
+            _ => Self::FewRows,
+        }
+    }
+
+    fn takes(self, rows: usize) -> bool {
+        match self {
+            Self::Never => false,
+            Self::FewRows => rows <= SAMPLE_CLUSTER_MAX_ROWS,
+            Self::Always => true,
+        }
+    }
+}
+
+/// Whether `n` rows are sampled with a cluster of blocks a row ([`SampleCluster`]; the
+/// environment read once).
+fn sample_cluster_rows(n: usize) -> bool {
+    static MODE: std::sync::OnceLock<SampleCluster> = std::sync::OnceLock::new();
+    MODE.get_or_init(|| {
+        SampleCluster::parse(std::env::var("MOEMESH_SAMPLE_CLUSTER").ok().as_deref())
+    })
+    .takes(n)
+}
+
 /// Threads per row of `sample_rows` (sampling.cu's `SAMPLE_THREADS`).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 const SAMPLE_THREADS: u32 = 512;
@@ -658,9 +703,17 @@ impl Gpu {
             None => 0,
         };
         let out = self.alloc(DType::U32, &[2 * n])?;
+        // A few rows: a cluster of blocks a row (sampling.cu's `sample_rows_c8`), so that the
+        // passes over the vocabulary run on several multiprocessors; more rows fill the GPU
+        // with one block each.
+        let (kernel, blocks) = if sample_cluster_rows(n) {
+            ("sample_rows_c8", n * SAMPLE_CLUSTER)
+        } else {
+            ("sample_rows", n)
+        };
         self.launch(
-            "sample_rows",
-            (n as u32, 1, 1),
+            kernel,
+            (blocks as u32, 1, 1),
             SAMPLE_THREADS,
             SAMPLE_DYN_SMEM,
             &[
@@ -1223,6 +1276,20 @@ mod tests {
         assert_eq!(&packed[6..], &[0, 2, 2, 3]);
         assert_eq!(h.weights.to_vec1::<f32>().expect("w"), vec![0.5, 1.0, 0.25]);
         assert_eq!((h.slots, h.pairs, h.rows), (2, 3, 3));
+    }
+
+    #[test]
+    fn the_sampler_takes_clusters_for_few_rows_unless_told() {
+        let auto = SampleCluster::parse(None);
+        assert!(auto.takes(1) && auto.takes(SAMPLE_CLUSTER_MAX_ROWS));
+        assert!(!auto.takes(SAMPLE_CLUSTER_MAX_ROWS + 1) && !auto.takes(64));
+        assert_eq!(SampleCluster::parse(Some("something")), auto);
+        for off in ["0", "off", "false"] {
+            let never = SampleCluster::parse(Some(off));
+            assert!(!never.takes(1) && !never.takes(64));
+        }
+        let always = SampleCluster::parse(Some("always"));
+        assert!(always.takes(1) && always.takes(4096));
     }
 
     #[test]

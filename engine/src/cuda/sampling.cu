@@ -1,6 +1,8 @@
 // Sampling on the device: greedy arg-max with its log-probability. Launched from
 // engine/src/cuda/mod.rs (`Gpu::argmax_logprob`).
 
+#include <cooperative_groups.h>
+
 #include "common.cuh"
 
 // ---------------------------------------------------------------------------------------------
@@ -81,6 +83,44 @@ struct SampleCut {
     uint32_t id;
 };
 
+// The ids [s0, s1) of a row that this block takes: the whole row, or with a cluster of C blocks
+// a row (`sample_rows_c8`) block `rank`'s contiguous share (a multiple of 4 ids long, so that
+// float4 loads stay aligned). Everything below that walks ids in id order walks them as
+// (rank, warp, lane): the blocks' shares in rank order.
+struct SampleSlice {
+    int s0, s1;
+    unsigned rank;
+};
+
+// A value every thread of each block holds, combined over the cluster's blocks in rank order
+// (the same result in every block): `slot[0]`, this block's shared word the others read,
+// `slot[-1]` where the result is handed to the block. Lane q of warp 0 reads block q's (one
+// remote latency), lane 0 folds them in rank order. C = 1: v.
+template <int C, class T, class Op>
+__device__ __forceinline__ T sample_cluster(T v, Op op, T* slot) {
+    static_assert(C <= 32, "a lane per block");
+    if constexpr (C == 1) {
+        return v;
+    } else {
+        cooperative_groups::cluster_group cl = cooperative_groups::this_cluster();
+        if (threadIdx.x == 0) *slot = v;
+        cl.sync();
+        if (threadIdx.x < 32) {
+            const unsigned lane = threadIdx.x;
+            const T mine = lane < (unsigned)C ? *cl.map_shared_rank(slot, lane) : v;
+            T r = __shfl_sync(0xffffffffu, mine, 0);
+            for (int q = 1; q < C; ++q) r = op(r, __shfl_sync(0xffffffffu, mine, q));
+            if (lane == 0) slot[-1] = r;
+        }
+        cl.sync();
+        return slot[-1];
+    }
+}
+template <int C>
+__device__ __forceinline__ void sample_cluster_sync() {
+    if constexpr (C > 1) cooperative_groups::this_cluster().sync();
+}
+
 // A float's bits mapped so that unsigned order is total order (sampling.rs: `order_key`).
 __device__ __forceinline__ uint32_t sample_key(float v) {
     const uint32_t b = __float_as_uint(v);
@@ -120,12 +160,12 @@ __device__ __forceinline__ double sample_weight(uint32_t key, float mx) {
 // Calls f(i, a[i]) for every i of this thread's share of a row, with float4 loads where the
 // row allows them (four times fewer loads in flight per byte: these passes are latency-bound).
 template <class F>
-__device__ __forceinline__ void sample_each(const float* a, int vocab, F f) {
-    if ((vocab & 3) == 0 && (((size_t)a) & 15) == 0) {
+__device__ __forceinline__ void sample_each(const float* a, SampleSlice sl, F f) {
+    if ((sl.s0 & 3) == 0 && (sl.s1 & 3) == 0 && (((size_t)a) & 15) == 0) {
         const float4* a4 = reinterpret_cast<const float4*>(a);
-        const int n4 = vocab >> 2;
+        const int e4 = sl.s1 >> 2;
 #pragma unroll 4
-        for (int j = threadIdx.x; j < n4; j += SAMPLE_THREADS) {
+        for (int j = (sl.s0 >> 2) + threadIdx.x; j < e4; j += SAMPLE_THREADS) {
             const float4 v = a4[j];
             f(4 * j, v.x);
             f(4 * j + 1, v.y);
@@ -133,7 +173,7 @@ __device__ __forceinline__ void sample_each(const float* a, int vocab, F f) {
             f(4 * j + 3, v.w);
         }
     } else {
-        for (int i = threadIdx.x; i < vocab; i += SAMPLE_THREADS) f(i, a[i]);
+        for (int i = sl.s0 + threadIdx.x; i < sl.s1; i += SAMPLE_THREADS) f(i, a[i]);
     }
 }
 
@@ -194,22 +234,31 @@ __device__ T sample_block_reduce(T v, T id, Op op, T* sh) {
     return sample_warp_reduce(v, op);
 }
 
+// Over the row: the block's, then the cluster's blocks' in rank order (each block's shared
+// scratch `sh` of 32: sh[0 .. SAMPLE_WARPS) for the warps, sh[31] the block's result, sh[30]
+// the cluster's).
 // The raw row's maximum skips NaN before it gets here, so `>` is fmaxf on what it sees.
+static_assert(SAMPLE_WARPS < 30, "sh[30], sh[31] are free for the cluster's combine");
+template <int C>
 __device__ __forceinline__ float sample_max_f(float v, float* sh) {
-    return sample_block_reduce(v, -INFINITY, SampleMax{}, sh);
+    return sample_cluster<C>(sample_block_reduce(v, -INFINITY, SampleMax{}, sh), SampleMax{},
+                             sh + 31);
 }
+template <int C>
 __device__ __forceinline__ uint32_t sample_max_u(uint32_t v, uint32_t* sh) {
-    return sample_block_reduce(v, 0u, SampleMax{}, sh);
+    return sample_cluster<C>(sample_block_reduce(v, 0u, SampleMax{}, sh), SampleMax{}, sh + 31);
 }
 __device__ __forceinline__ uint32_t sample_max_u_warp(uint32_t v) {
     return sample_warp_reduce(v, SampleMax{});
 }
+template <int C>
 __device__ __forceinline__ uint32_t sample_sum_u(uint32_t v, uint32_t* sh) {
-    return sample_block_reduce(v, 0u, SampleAdd{}, sh);
+    return sample_cluster<C>(sample_block_reduce(v, 0u, SampleAdd{}, sh), SampleAdd{}, sh + 31);
 }
 
-// Sums in a fixed order (lane tree, then warps in order), so a row's result never depends on
-// timing.
+// Sums in a fixed order (lane tree, then warps in order, then the cluster's blocks in rank
+// order), so a row's result never depends on timing.
+template <int C>
 __device__ double sample_sum_d(double v, double* sh) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -218,15 +267,93 @@ __device__ double sample_sum_d(double v, double* sh) {
     __syncthreads();
     double s = 0.0;
     for (int w = 0; w < SAMPLE_WARPS; ++w) s += sh[w];
-    return s;
+    return sample_cluster<C>(s, SampleAdd{}, sh + 31);
+}
+
+// Where `target_of(total)` falls in the running sum, in id order, of every block's segment values
+// `seg[0 .. SAMPLE_WARPS)` (a block's warps' contiguous segments; the blocks in rank order),
+// `total` being their sum: the first segment (rank, warp) with target < before + its value, and
+// `before`, the sum ahead of it; warp −1 when none. One block (C = 1): thread 0 walks the warps
+// in order. A cluster: lane q of warp 0 reads block q's total (`scratch[0]`, each block's sum of
+// its own in warp order), the lanes fold them in rank order to find the block, then read that
+// block's segments and find the warp. Every thread gets the answer (through `out`).
+template <class T>
+struct SampleSeg {
+    int warp;
+    unsigned rank;
+    T before, target;
+};
+template <int C, class T, class F>
+__device__ SampleSeg<T> sample_seg_find(const T* seg, T* scratch, SampleSeg<T>* out, F target_of) {
+    if constexpr (C == 1) {
+        if (threadIdx.x == 0) {
+            T total = 0;
+            for (int j = 0; j < SAMPLE_WARPS; ++j) total += seg[j];
+            const T target = target_of(total);
+            T before = 0;
+            int sw = -1;
+            for (int j = 0; j < SAMPLE_WARPS; ++j) {
+                if (target < before + seg[j]) {
+                    sw = j;
+                    break;
+                }
+                before += seg[j];
+            }
+            *out = SampleSeg<T>{sw, 0u, before, target};
+        }
+        __syncthreads();
+        return *out;
+    } else {
+        cooperative_groups::cluster_group cl = cooperative_groups::this_cluster();
+        if (threadIdx.x == 0) {
+            T t = 0;
+            for (int j = 0; j < SAMPLE_WARPS; ++j) t += seg[j];
+            scratch[0] = t;
+        }
+        cl.sync();
+        if (threadIdx.x < 32) {
+            const int lane = threadIdx.x;
+            const T mine = lane < C ? *cl.map_shared_rank(scratch, (unsigned)lane) : T(0);
+            T total = 0;
+            for (int q = 0; q < C; ++q) total += __shfl_sync(0xffffffffu, mine, q);
+            const T target = target_of(total);
+            T before = 0;
+            int sq = -1, sw = -1;
+            for (int q = 0; q < C; ++q) {
+                const T x = __shfl_sync(0xffffffffu, mine, q);
+                if (sq < 0) {
+                    if (target < before + x)
+                        sq = q;
+                    else
+                        before += x;
+                }
+            }
+            if (sq >= 0) {
+                const T v = lane < SAMPLE_WARPS ? cl.map_shared_rank(seg, (unsigned)sq)[lane] : T(0);
+                for (int j = 0; j < SAMPLE_WARPS; ++j) {
+                    const T x = __shfl_sync(0xffffffffu, v, j);
+                    if (sw < 0) {
+                        if (target < before + x)
+                            sw = j;
+                        else
+                            before += x;
+                    }
+                }
+            }
+            if (lane == 0) *out = SampleSeg<T>{sw, sq < 0 ? 0u : (unsigned)sq, before, target};
+        }
+        cl.sync();
+        return *out;
+    }
 }
 
 // The arg-max of a row as sampling.rs's `argmax`: strictly greater than -inf, ties to the
 // lowest id, NaN never; 0 when nothing is.
-__device__ uint32_t sample_argmax(const float* a, int vocab, float* shv, uint32_t* shi) {
+template <int C>
+__device__ uint32_t sample_argmax(const float* a, SampleSlice sl, float* shv, uint32_t* shi) {
     float best = -INFINITY;
     uint32_t bi = SAMPLE_NONE;
-    for (int i = threadIdx.x; i < vocab; i += SAMPLE_THREADS) {
+    for (int i = sl.s0 + threadIdx.x; i < sl.s1; i += SAMPLE_THREADS) {
         const float v = a[i];
         if (v > best) {
             best = v;
@@ -258,17 +385,38 @@ __device__ uint32_t sample_argmax(const float* a, int vocab, float* shv, uint32_
             bi = i2;
         }
     }
+    if constexpr (C > 1) {
+        // The blocks' picks in rank order, by the same rule (shv[31], shi[31]: this block's).
+        cooperative_groups::cluster_group cl = cooperative_groups::this_cluster();
+        if (threadIdx.x == 0) {
+            shv[31] = best;
+            shi[31] = bi;
+        }
+        cl.sync();
+        best = -INFINITY;
+        bi = SAMPLE_NONE;
+        for (unsigned q = 0; q < (unsigned)C; ++q) {
+            const uint32_t i2 = *cl.map_shared_rank(shi + 31, q);
+            const float v2 = *cl.map_shared_rank(shv + 31, q);
+            if (i2 != SAMPLE_NONE && (bi == SAMPLE_NONE || v2 > best || (v2 == best && i2 < bi))) {
+                best = v2;
+                bi = i2;
+            }
+        }
+        cl.sync();
+    }
     return bi == SAMPLE_NONE ? 0u : bi;
 }
 
 // The id of the r-th (1-based) candidate in id order whose key is `key` and that `cut` keeps;
 // SAMPLE_NONE when there are fewer. Each warp counts its contiguous segment of the row; the
 // warp whose segment holds the r-th walks it again, 32 ids at a time.
-__device__ uint32_t sample_nth_tie(const float* a, int vocab, float inv_t, SampleCut cut,
+template <int C>
+__device__ uint32_t sample_nth_tie(const float* a, SampleSlice sl, float inv_t, SampleCut cut,
                                    uint32_t key, uint32_t r, uint32_t* shu, uint32_t* found) {
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    const int seg = ((vocab + SAMPLE_THREADS - 1) / SAMPLE_THREADS) * 32;
-    const int begin = w * seg, end = min(begin + seg, vocab);
+    const int seg = ((sl.s1 - sl.s0 + SAMPLE_THREADS - 1) / SAMPLE_THREADS) * 32;
+    const int begin = sl.s0 + w * seg, end = min(begin + seg, sl.s1);
     uint32_t c = 0;
     for (int i = begin + lane; i < end; i += 32) {
         uint32_t k;
@@ -278,19 +426,16 @@ __device__ uint32_t sample_nth_tie(const float* a, int vocab, float inv_t, Sampl
     for (int o = 16; o > 0; o >>= 1) c += __shfl_xor_sync(0xffffffffu, c, o);
     __syncthreads();
     if (lane == 0) shu[w] = c;
-    __syncthreads();
-    uint32_t before = 0;
-    int sw = -1;
-    for (int j = 0; j < SAMPLE_WARPS; ++j) {
-        if (before + shu[j] >= r) {
-            sw = j;
-            break;
-        }
-        before += shu[j];
-    }
     if (threadIdx.x == 0) *found = SAMPLE_NONE;
     __syncthreads();
-    if (w == sw) {
+    // The (block, warp) whose segment holds the r-th: the first where r − 1 < before + count.
+    __shared__ SampleSeg<uint32_t> at;
+    const SampleSeg<uint32_t> f =
+        sample_seg_find<C>(shu, shu + 31, &at, [&](uint32_t) { return r - 1; });
+    const int sw = f.warp;
+    const unsigned srank = f.rank;
+    uint32_t before = f.before;
+    if (w == sw && srank == sl.rank) {
         for (int base = begin; base < end; base += 32) {
             const int i = base + lane;
             uint32_t k = 0;
@@ -309,6 +454,14 @@ __device__ uint32_t sample_nth_tie(const float* a, int vocab, float inv_t, Sampl
         }
     }
     __syncthreads();
+    if constexpr (C > 1) {
+        // The id the selected block found (SAMPLE_NONE where there was none).
+        cooperative_groups::cluster_group cl = cooperative_groups::this_cluster();
+        cl.sync();
+        const uint32_t id = *cl.map_shared_rank(found, srank);
+        cl.sync();
+        return id;
+    }
     return *found;
 }
 
@@ -324,9 +477,12 @@ struct SampleBins {
     double* mass;    // [SAMPLE_BINS][SAMPLE_THREADS]
     uint32_t* count; // [SAMPLE_BINS][SAMPLE_THREADS]
     uint32_t* low;   // [SAMPLE_BINS][SAMPLE_THREADS]: smallest id
-    double* bins;    // [SAMPLE_BINS] reduced
+    double* bins;    // [SAMPLE_BINS] reduced (over the cluster's blocks with C > 1)
     uint32_t* counts;
     uint32_t* lows;
+    double* cbins;   // [SAMPLE_BINS]: the cluster's totals on their way (C > 1)
+    uint32_t* ccounts;
+    uint32_t* clows;
 };
 
 // Clears this thread's column.
@@ -341,7 +497,8 @@ __device__ __forceinline__ void sample_clear_bins(SampleBins h, bool mass, bool 
 }
 
 // Sums bin `w` (this warp's) over the threads into bins/counts/lows (mass and the smallest id
-// only where asked).
+// only where asked), then, with a cluster, over its blocks in rank order.
+template <int C>
 __device__ __forceinline__ void sample_reduce_bins(SampleBins h, bool mass, bool low) {
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     __syncthreads();
@@ -367,11 +524,37 @@ __device__ __forceinline__ void sample_reduce_bins(SampleBins h, bool mass, bool
         }
     }
     __syncthreads();
+    if constexpr (C > 1) {
+        cooperative_groups::cluster_group cl = cooperative_groups::this_cluster();
+        cl.sync();
+        if (threadIdx.x < SAMPLE_BINS) {
+            const int b = threadIdx.x;
+            double s = *cl.map_shared_rank(h.bins + b, 0);
+            uint32_t n = *cl.map_shared_rank(h.counts + b, 0);
+            uint32_t l = *cl.map_shared_rank(h.lows + b, 0);
+            for (unsigned q = 1; q < (unsigned)C; ++q) {
+                if (mass) s += *cl.map_shared_rank(h.bins + b, q);
+                n += *cl.map_shared_rank(h.counts + b, q);
+                if (low) l = min(l, *cl.map_shared_rank(h.lows + b, q));
+            }
+            h.cbins[b] = s;
+            h.ccounts[b] = n;
+            h.clows[b] = l;
+        }
+        cl.sync();
+        if (threadIdx.x < SAMPLE_BINS) {
+            h.bins[threadIdx.x] = h.cbins[threadIdx.x];
+            h.counts[threadIdx.x] = h.ccounts[threadIdx.x];
+            h.lows[threadIdx.x] = h.clows[threadIdx.x];
+        }
+        __syncthreads();
+    }
 }
 
 // The cut that keeps the first `rank` (>= 1) candidates in walk order among those `cut`
 // keeps: top_k. False when `cut` keeps no more than `rank` (no cut, as on the host).
-__device__ bool sample_select_rank(const float* a, int vocab, float inv_t, SampleCut cut,
+template <int C>
+__device__ bool sample_select_rank(const float* a, SampleSlice sl, float inv_t, SampleCut cut,
                                    uint32_t rank, SampleBins h, uint32_t* shu, uint32_t* found,
                                    SampleCut* out) {
     uint32_t prefix = 0, above = 0, low = SAMPLE_NONE;
@@ -379,7 +562,7 @@ __device__ bool sample_select_rank(const float* a, int vocab, float inv_t, Sampl
         const uint32_t hi = shift == 28 ? 0u : (0xFFFFFFFFu << (shift + 4));
         const bool last = shift == 0;
         sample_clear_bins(h, false, last);
-        sample_each(a, vocab, [&](int i, float v) {
+        sample_each(a, sl, [&](int i, float v) {
             uint32_t k;
             if (!sample_val(v, inv_t, &k) || (k & hi) != prefix || !cut_keeps(cut, k, (uint32_t)i))
                 return;
@@ -387,7 +570,7 @@ __device__ bool sample_select_rank(const float* a, int vocab, float inv_t, Sampl
             h.count[at] += 1;
             if (last) h.low[at] = min(h.low[at], (uint32_t)i);
         });
-        sample_reduce_bins(h, false, last);
+        sample_reduce_bins<C>(h, false, last);
         if (shift == 28) {
             uint32_t total = 0;
             for (int b = 0; b < SAMPLE_BINS; ++b) total += h.counts[b];
@@ -403,7 +586,7 @@ __device__ bool sample_select_rank(const float* a, int vocab, float inv_t, Sampl
     }
     const uint32_t need = rank - above;
     const uint32_t id =
-        need == 1 ? low : sample_nth_tie(a, vocab, inv_t, cut, prefix, need, shu, found);
+        need == 1 ? low : sample_nth_tie<C>(a, sl, inv_t, cut, prefix, need, shu, found);
     *out = SampleCut{prefix, id};
     return true;
 }
@@ -411,7 +594,8 @@ __device__ bool sample_select_rank(const float* a, int vocab, float inv_t, Sampl
 // The cut at the first candidate in walk order (among those `cut` keeps) where the mass so far
 // reaches top_p × the mass of all of them: top_p. False when the whole mass stays below it
 // (rounding).
-__device__ bool sample_select_mass(const float* a, int vocab, float inv_t, float mx, SampleCut cut,
+template <int C>
+__device__ bool sample_select_mass(const float* a, SampleSlice sl, float inv_t, float mx, SampleCut cut,
                                    float top_p, SampleBins h, uint32_t* shu, uint32_t* found,
                                    SampleCut* out) {
     uint32_t prefix = 0, ties = 0, low = SAMPLE_NONE;
@@ -420,7 +604,7 @@ __device__ bool sample_select_mass(const float* a, int vocab, float inv_t, float
         const uint32_t hi = shift == 28 ? 0u : (0xFFFFFFFFu << (shift + 4));
         const bool last = shift == 0;
         sample_clear_bins(h, true, last);
-        sample_each(a, vocab, [&](int i, float v) {
+        sample_each(a, sl, [&](int i, float v) {
             uint32_t k;
             if (!sample_val(v, inv_t, &k) || (k & hi) != prefix || !cut_keeps(cut, k, (uint32_t)i))
                 return;
@@ -429,7 +613,7 @@ __device__ bool sample_select_mass(const float* a, int vocab, float inv_t, float
             h.count[at] += 1;
             if (last) h.low[at] = min(h.low[at], (uint32_t)i);
         });
-        sample_reduce_bins(h, true, last);
+        sample_reduce_bins<C>(h, true, last);
         if (shift == 28) {
             // The first pass sees every candidate: their mass is the total.
             double total = 0.0;
@@ -451,8 +635,8 @@ __device__ bool sample_select_mass(const float* a, int vocab, float inv_t, float
     double need = x > 0.0 ? ceil((target - above) / x) : 1.0;
     need = fmin(fmax(need, 1.0), (double)ties);
     const uint32_t id = need == 1.0 ? low
-                                    : sample_nth_tie(a, vocab, inv_t, cut, prefix,
-                                                     (uint32_t)need, shu, found);
+                                    : sample_nth_tie<C>(a, sl, inv_t, cut, prefix,
+                                                        (uint32_t)need, shu, found);
     *out = SampleCut{prefix, id};
     return true;
 }
@@ -462,23 +646,40 @@ __device__ bool sample_select_mass(const float* a, int vocab, float inv_t, float
 // scratch for the adjusted rows (only rows with adjustments touch it; null when none has).
 // Writes each row's token to out[row] and its raw log-softmax's bits to out[rows + row].
 // Dynamic shared memory: SAMPLE_DYN_SMEM bytes (the digit histograms).
-extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
-    sample_rows(const float* logits, float* work, int vocab, const uint32_t* plans, int adjust_at,
-                uint32_t* out) {
+// With C > 1 (`sample_rows_c8`), a cluster of C blocks takes each row, block `rank` the ids of
+// its SampleSlice: every pass over the row runs on C multiprocessors, and every sum, maximum,
+// histogram and id-order walk is combined over the blocks in rank order (distributed shared
+// memory), so the result is the same in every block and never depends on timing. The host
+// launches it for a few rows (where one block a row leaves the GPU idle); the f64 sums add the
+// same terms in another order than one block's, so a draw may differ from C = 1's where a
+// uniform lands within their rounding of a boundary, as against the host sampler.
+template <int C>
+__device__ __forceinline__ void sample_row(const float* logits, float* work, int vocab,
+                                           const uint32_t* plans, int adjust_at, uint32_t* out) {
     __shared__ float shf[32];
     __shared__ uint32_t shu[32];
     __shared__ double shd[32];
     __shared__ uint32_t binu[SAMPLE_BINS], binl[SAMPLE_BINS];
     __shared__ double bind[SAMPLE_BINS];
+    __shared__ uint32_t cbinu[SAMPLE_BINS], cbinl[SAMPLE_BINS];
+    __shared__ double cbind[SAMPLE_BINS];
     extern __shared__ double sample_dyn[];
     double* mb = sample_dyn;
     uint32_t* cb = reinterpret_cast<uint32_t*>(sample_dyn + SAMPLE_BINS * SAMPLE_THREADS);
     __shared__ uint32_t found;
     __shared__ int sel_warp;
+    __shared__ unsigned sel_rank;
     __shared__ double sel_before, sel_target;
     __shared__ uint32_t picked;
 
-    const int row = blockIdx.x;
+    const int row = blockIdx.x / C, rows = gridDim.x / C;
+    SampleSlice sl{0, vocab, 0u};
+    if constexpr (C > 1) {
+        sl.rank = cooperative_groups::this_cluster().block_rank();
+        const int share = ((vocab + C - 1) / C + 3) & ~3;
+        sl.s0 = min(vocab, (int)sl.rank * share);
+        sl.s1 = min(vocab, sl.s0 + share);
+    }
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     const uint32_t* P = plans + (size_t)row * SAMPLE_PLAN_WORDS;
     const uint32_t* adjust = plans + adjust_at;
@@ -495,8 +696,10 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
     const uint32_t ab = P[10], ae = P[11];
     const bool adjusted = ae > ab;
     if (adjusted) {
+        // Each block copies and adjusts its own ids (an id is adjusted at most once), and reads
+        // only those.
         float* wr = work + (size_t)row * vocab;
-        sample_each(raw, vocab, [&](int i, float v) {
+        sample_each(raw, sl, [&](int i, float v) {
             wr[i] = v;
             if (v == v) mraw = fmaxf(mraw, v);
         });
@@ -505,7 +708,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
         for (uint32_t j = ab + threadIdx.x; j < ae; j += SAMPLE_THREADS) {
             const uint32_t id = adjust[3 * j], mode = adjust[3 * j + 1];
             const float sub = __uint_as_float(adjust[3 * j + 2]);
-            if (id >= (uint32_t)vocab) continue;
+            if (id < (uint32_t)sl.s0 || id >= (uint32_t)sl.s1) continue;
             float v = wr[id];
             if (mode & 1u) v = v > 0.0f ? __fdiv_rn(v, rep) : __fmul_rn(v, rep);
             v = __fsub_rn(v, sub);
@@ -515,7 +718,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
         __syncthreads();
         a = wr;
         if (sampled) {
-            sample_each(a, vocab, [&](int, float v) {
+            sample_each(a, sl, [&](int, float v) {
                 uint32_t k;
                 if (sample_val(v, inv_t, &k)) {
                     mk = max(mk, k);
@@ -524,7 +727,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
             });
         }
     } else if (sampled) {
-        sample_each(raw, vocab, [&](int, float v) {
+        sample_each(raw, sl, [&](int, float v) {
             if (v == v) mraw = fmaxf(mraw, v);
             uint32_t k;
             if (sample_val(v, inv_t, &k)) {
@@ -533,37 +736,39 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
             }
         });
     } else {
-        sample_each(raw, vocab, [&](int, float v) {
+        sample_each(raw, sl, [&](int, float v) {
             if (v == v) mraw = fmaxf(mraw, v);
         });
     }
-    mraw = sample_max_f(mraw, shf);
+    mraw = sample_max_f<C>(mraw, shf);
 
     uint32_t token;
     double sraw = 0.0;
     bool have_sraw = false;
     if (sampled) {
-        mk = sample_max_u(mk, shu);
-        n = sample_sum_u(n, shu);
+        mk = sample_max_u<C>(mk, shu);
+        n = sample_sum_u<C>(n, shu);
     }
     if (!sampled || n == 0) {
-        token = sample_argmax(a, vocab, shf, shu);
+        token = sample_argmax<C>(a, sl, shf, shu);
     } else {
         const float mx = sample_unkey(mk);
         SampleCut cut{0u, SAMPLE_NONE};
         if (P[0] & 2u) cut = SampleCut{sample_key(__fadd_rn(mx, __uint_as_float(P[3]))), SAMPLE_NONE};
-        const SampleBins h{mb, cb, cb + SAMPLE_BINS * SAMPLE_THREADS, bind, binu, binl};
+        const SampleBins h{mb,   cb,    cb + SAMPLE_BINS * SAMPLE_THREADS,
+                           bind, binu, binl, cbind, cbinu, cbinl};
         SampleCut c2;
         const uint32_t top_k = P[4];
-        if (top_k > 0 && sample_select_rank(a, vocab, inv_t, cut, top_k, h, shu, &found, &c2))
+        if (top_k > 0 && sample_select_rank<C>(a, sl, inv_t, cut, top_k, h, shu, &found, &c2))
             cut = cut_tighter(cut, c2);
         const float top_p = __uint_as_float(P[2]);
-        if (top_p < 1.0f && sample_select_mass(a, vocab, inv_t, mx, cut, top_p, h, shu, &found, &c2))
+        if (top_p < 1.0f &&
+            sample_select_mass<C>(a, sl, inv_t, mx, cut, top_p, h, shu, &found, &c2))
             cut = cut_tighter(cut, c2);
-        // The draw: kept ids in id order, each warp over one contiguous segment; the raw row's
-        // softmax sum on the way.
-        const int seg = ((vocab + SAMPLE_THREADS - 1) / SAMPLE_THREADS) * 32;
-        const int begin = w * seg, end = min(begin + seg, vocab);
+        // The draw: kept ids in id order, each warp over one contiguous segment of its block's
+        // share; the raw row's softmax sum on the way.
+        const int seg = ((sl.s1 - sl.s0 + SAMPLE_THREADS - 1) / SAMPLE_THREADS) * 32;
+        const int begin = sl.s0 + w * seg, end = min(begin + seg, sl.s1);
         double part = 0.0, sr = 0.0;
         uint32_t last = 0;  // 1 + the last kept id, 0 for none
 #pragma unroll 4
@@ -577,35 +782,29 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
                 last = (uint32_t)i + 1;
             }
         }
-        sraw = sample_sum_d(sr, shd);
+        sraw = sample_sum_d<C>(sr, shd);
         have_sraw = true;
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
-        const uint32_t last_all = sample_max_u(last, shu);
+        const uint32_t last_all = sample_max_u<C>(last, shu);
         __syncthreads();
         if (lane == 0) shd[w] = part;
         __syncthreads();
+        // The segment (block, warp) where the uniform's share of the kept mass falls.
+        __shared__ SampleSeg<double> at;
+        const SampleSeg<double> f = sample_seg_find<C>(shd, shd + 31, &at, [&](double kept) {
+            return philox_uniform(P[6], P[7], P[8], P[9]) * kept;
+        });
         if (threadIdx.x == 0) {
-            double kept = 0.0;
-            for (int j = 0; j < SAMPLE_WARPS; ++j) kept += shd[j];
-            const double u = philox_uniform(P[6], P[7], P[8], P[9]);
-            const double target = u * kept;
-            double before = 0.0;
-            int sw = -1;
-            for (int j = 0; j < SAMPLE_WARPS; ++j) {
-                if (target < before + shd[j]) {
-                    sw = j;
-                    break;
-                }
-                before += shd[j];
-            }
-            sel_warp = sw;
-            sel_before = before;
-            sel_target = target;
+            sel_warp = f.warp;
+            sel_rank = f.rank;
+            sel_before = f.before;
+            sel_target = f.target;
             picked = last_all == 0 ? 0u : last_all - 1;
         }
         __syncthreads();
-        if (w == sel_warp) {
+        sample_cluster_sync<C>();
+        if (w == sel_warp && sel_rank == sl.rank) {
             double acc = sel_before;
             const double target = sel_target;
             uint32_t mine = SAMPLE_NONE;
@@ -633,21 +832,41 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
                 const uint32_t l = sample_max_u_warp(last);
                 mine = l == 0 ? 0u : l - 1;
             }
-            if (lane == 0) picked = mine;
+            if (lane == 0) {
+                // Into rank 0's `picked`, which writes the row's result.
+                if constexpr (C > 1)
+                    *cooperative_groups::this_cluster().map_shared_rank(&picked, 0) = mine;
+                else
+                    picked = mine;
+            }
         }
         __syncthreads();
+        sample_cluster_sync<C>();
         token = picked;
     }
     if (!have_sraw) {
         double sr = 0.0;
-        sample_each(raw, vocab, [&](int, float v) {
+        sample_each(raw, sl, [&](int, float v) {
             if (v == v) sr += (double)expf(v - mraw);
         });
-        sraw = sample_sum_d(sr, shd);
+        sraw = sample_sum_d<C>(sr, shd);
     }
-    if (threadIdx.x == 0) {
+    if (sl.rank == 0 && threadIdx.x == 0) {
         out[row] = token;
-        out[gridDim.x + row] =
-            __float_as_uint((float)((double)(raw[token] - mraw) - log(sraw)));
+        out[rows + row] = __float_as_uint((float)((double)(raw[token] - mraw) - log(sraw)));
     }
+}
+
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
+    sample_rows(const float* logits, float* work, int vocab, const uint32_t* plans, int adjust_at,
+                uint32_t* out) {
+    sample_row<1>(logits, work, vocab, plans, adjust_at, out);
+}
+// A cluster of SAMPLE_CLUSTER blocks a row (grid: rows · SAMPLE_CLUSTER blocks).
+#define SAMPLE_CLUSTER 8
+extern "C" __global__ void __cluster_dims__(SAMPLE_CLUSTER, 1, 1)
+    __launch_bounds__(SAMPLE_THREADS, 1)
+        sample_rows_c8(const float* logits, float* work, int vocab, const uint32_t* plans,
+                       int adjust_at, uint32_t* out) {
+    sample_row<SAMPLE_CLUSTER>(logits, work, vocab, plans, adjust_at, out);
 }
