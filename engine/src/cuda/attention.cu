@@ -7,6 +7,19 @@
 
 // ---------------------------------------------------------------------------------------------
 // A decode step's attention inputs, one launch: the query split and the new latents written.
+
+// Rotary of pair p of a rope-wide part `pe` with row t's tables, into `out`: (a, b) →
+// (a·c − b·s, b·c + a·s), the pair (2p, 2p + 1) when interleaved, else (p, p + half).
+template <typename T>
+__device__ __forceinline__ void rope_pair(const T* pe, T* out, const T* cos_t, const T* sin_t,
+                                          size_t t, int p, int half, int interleaved) {
+    const float c = to_f(cos_t[t * half + p]), s = to_f(sin_t[t * half + p]);
+    const int ia = interleaved ? 2 * p : p;
+    const int ib = interleaved ? 2 * p + 1 : p + half;
+    const float a = to_f(pe[ia]), b = to_f(pe[ib]);
+    out[ia] = from_f<T>(a * c - b * s);
+    out[ib] = from_f<T>(b * c + a * s);
+}
 //
 // The query of decoding tokens, split for the absorbed attention in one pass: q [T, H, nope +
 // rope] (row t at q + t·q_stride) → q_nope [H, T, nope] (copied) and q_pe [H, T, rope] (rotated),
@@ -28,15 +41,8 @@ __device__ void split_q(const T* q, long long q_stride, T* q_nope, T* q_pe, cons
         if (e < nope) {
             q_nope[((size_t)h * tokens + t) * nope + e] = row[e];
         } else {
-            const int p = e - nope;
-            const T* pe = row + nope;
-            T* out = q_pe + ((size_t)h * tokens + t) * rope_dim;
-            const float c = to_f(cos_t[t * half + p]), s = to_f(sin_t[t * half + p]);
-            const int ia = interleaved ? 2 * p : p;
-            const int ib = interleaved ? 2 * p + 1 : p + half;
-            const float a = to_f(pe[ia]), b = to_f(pe[ib]);
-            out[ia] = from_f<T>(a * c - b * s);
-            out[ib] = from_f<T>(b * c + a * s);
+            rope_pair<T>(row + nope, q_pe + ((size_t)h * tokens + t) * rope_dim, cos_t, sin_t, t,
+                         e - nope, half, interleaved);
         }
     }
 }
@@ -62,15 +68,9 @@ __device__ void kv_write(const T* kv, long long kv_stride, const float* w, float
         pool_ckv[r * kv_lora + i] = from_f<T>(to_f(row[i]) * inv * w[i]);
     }
     const int half = rope_dim / 2;
-    const T* pe = row + kv_lora;
-    for (int p = threadIdx.x; p < half; p += blockDim.x) {
-        const float c = to_f(cos_t[t * half + p]), s = to_f(sin_t[t * half + p]);
-        const int ia = interleaved ? 2 * p : p;
-        const int ib = interleaved ? 2 * p + 1 : p + half;
-        const float a = to_f(pe[ia]), b = to_f(pe[ib]);
-        pool_kpe[r * rope_dim + ia] = from_f<T>(a * c - b * s);
-        pool_kpe[r * rope_dim + ib] = from_f<T>(b * c + a * s);
-    }
+    for (int p = threadIdx.x; p < half; p += blockDim.x)
+        rope_pair<T>(row + kv_lora, pool_kpe + r * rope_dim, cos_t, sin_t, t, p, half,
+                     interleaved);
 }
 
 // Blocks 0 … split_blocks − 1 split the query, the next `tokens` blocks write a token's latents
@@ -550,15 +550,10 @@ extern "C" __global__ void __launch_bounds__(256) mla_decode_prep_absorb_bf16(
     if (c == 0) {
         const int half = rope_dim / 2;
         for (int i = tid; i < tokens * half; i += blockDim.x) {
-            const int t = i / half, p = i % half;
-            const bf16* pe = q + (size_t)t * q_stride + (size_t)h * qw + nope;
-            bf16* o = q_pe + ((size_t)h * tokens + t) * rope_dim;
-            const float cs = to_f(cos_t[t * half + p]), sn = to_f(sin_t[t * half + p]);
-            const int ia = interleaved ? 2 * p : p;
-            const int ib = interleaved ? 2 * p + 1 : p + half;
-            const float a = to_f(pe[ia]), b = to_f(pe[ib]);
-            o[ia] = from_f<bf16>(a * cs - b * sn);
-            o[ib] = from_f<bf16>(b * cs + a * sn);
+            const int t = i / half;
+            rope_pair<bf16>(q + (size_t)t * q_stride + (size_t)h * qw + nope,
+                            q_pe + ((size_t)h * tokens + t) * rope_dim, cos_t, sin_t, t,
+                            i % half, half, interleaved);
         }
     }
     __syncthreads();
