@@ -1059,14 +1059,8 @@ __device__ __forceinline__ void rope_rows(const T* x, int rs, int hs, const T* c
         const size_t th = i / half;
         const int h = (int)(th % heads);
         const size_t t = th / heads;
-        const T* row = x + t * (size_t)rs + (size_t)h * hs;
-        T* o = out + th * rope;
-        const float c = to_f(cos_t[t * half + pr]), s = to_f(sin_t[t * half + pr]);
-        const int ia = interleaved ? 2 * pr : pr;
-        const int ib = interleaved ? 2 * pr + 1 : pr + half;
-        const float a = to_f(row[ia]), b = to_f(row[ib]);
-        o[ia] = from_f<T>(a * c - b * s);
-        o[ib] = from_f<T>(b * c + a * s);
+        rope_pair<T>(x + t * (size_t)rs + (size_t)h * hs, out + th * rope, cos_t, sin_t, t, pr,
+                     half, interleaved);
     }
 }
 extern "C" __global__ void rope_rows_f32(const float* x, int rs, int hs, const float* cos_t,

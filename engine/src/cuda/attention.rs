@@ -22,17 +22,22 @@ pub struct DecodeTables<'a> {
 
 impl Gpu {
     /// A decode step's attention inputs in one launch: the query `q [T, H · (nope + rope)]`
-    /// split heads-first (`(q_nope [H, T, nope], rotated q_pe [H, T, rope])`, returned), and the
-    /// new latents `kv [T, kv_lora + rope]` (kv_a_proj's output) normalised (`norm_w`, `eps`),
+    /// split heads-first, with its rotary part rotated (`q_pe [H, T, rope]`), and the new
+    /// latents `kv [T, kv_lora + rope]` (kv_a_proj's output) normalised (`norm_w`, `eps`),
     /// rotated and written at pool rows `dst [T]` of one layer's `pool_ckv`/`pool_kpe`. Rows of
-    /// `q` and `kv` may be strided (e.g. column ranges of one projection's output). `None`
-    /// (nothing written) when the inputs do not fit the kernel.
+    /// `q` and `kv` may be strided (e.g. column ranges of one projection's output). Returns
+    /// `(q_nope [H, T, nope], q_pe)`; or, given `w_uk [H, nope, kv_lora]` (the absorbed
+    /// decode's W_UK), `(q_lat [H, T, kv_lora] = q_nope · w_uk, q_pe)` from the same launch (no
+    /// q_nope tensor, no batched GEMM: attention.cu's `mla_decode_prep_absorb_bf16`, bf16, at
+    /// most eight rows, kv_lora a multiple of 64). `None` (nothing written) when the inputs do
+    /// not fit the kernel.
     #[allow(clippy::too_many_arguments)]
     pub fn decode_prep(
         &self,
         q: &Tensor,
         heads: usize,
         nope: usize,
+        w_uk: Option<&Tensor>,
         kv: &Tensor,
         norm: (&Tensor, f64),
         rot: (&Tensor, &Tensor),
@@ -43,82 +48,73 @@ impl Gpu {
             return Ok(None);
         };
         let dt = q.dtype();
-        let q_nope = self.alloc(dt, &[heads, p.t, nope])?;
-        let q_pe = self.alloc(dt, &[heads, p.t, p.rope])?;
-        let n = p.t * heads * (nope + p.rope / 2);
-        let split_blocks = n.div_ceil(256).clamp(1, 65_535);
-        let mut args = vec![
-            Arg::Ptr(self.ptr(q)?),
-            Arg::I64(p.q_stride as i64),
-            Arg::Ptr(self.ptr(&q_nope)?),
-            Arg::Ptr(self.ptr(&q_pe)?),
-            i32_arg(heads, "heads")?,
-            i32_arg(nope, "nope width")?,
-            i32_arg(split_blocks, "query blocks")?,
-        ];
-        args.extend(self.prep_latent_args(&p, kv, norm, rot, interleaved, pool)?);
-        self.launch(
-            &format!("mla_decode_prep_{}", suffix(dt)),
-            ((split_blocks + p.t) as u32, 1, 1),
-            256,
-            0,
-            &args,
-        )?;
-        Ok(Some((q_nope, q_pe)))
-    }
-
-    /// [`decode_prep`](Self::decode_prep) with the query's latent product in the same launch:
-    /// `(q_lat [H, T, kv_lora] = q_nope · w_uk, rotated q_pe [H, T, rope])`, `w_uk [H, nope,
-    /// kv_lora]` (the absorbed decode's W_UK), no q_nope tensor and no batched GEMM. bf16, at most
-    /// eight rows, kv_lora a multiple of 64 (attention.cu's `mla_decode_prep_absorb_bf16`);
-    /// otherwise `None`, nothing written.
-    #[allow(clippy::too_many_arguments)]
-    pub fn decode_prep_absorb(
-        &self,
-        q: &Tensor,
-        heads: usize,
-        nope: usize,
-        w_uk: &Tensor,
-        kv: &Tensor,
-        norm: (&Tensor, f64),
-        rot: (&Tensor, &Tensor),
-        interleaved: bool,
-        pool: (&Tensor, &Tensor, &Tensor),
-    ) -> Result<Option<(Tensor, Tensor)>> {
-        let Some(p) = Self::prep_fits(q, heads, nope, kv, norm, rot, pool)? else {
-            return Ok(None);
+        let absorb_fits = |w: &Tensor| {
+            dt == DType::BF16
+                && p.t <= ABSORB_ROWS
+                && nope <= ABSORB_MAX_NOPE
+                && p.kv_lora.is_multiple_of(64)
+                && w.dtype() == DType::BF16
+                && w.is_contiguous()
+                && aligned16(w)
+                && w.dims() == [heads, nope, p.kv_lora]
         };
-        if q.dtype() != DType::BF16
-            || p.t > ABSORB_ROWS
-            || nope > ABSORB_MAX_NOPE
-            || !p.kv_lora.is_multiple_of(64)
-            || w_uk.dtype() != DType::BF16
-            || !w_uk.is_contiguous()
-            || !aligned16(w_uk)
-            || w_uk.dims() != [heads, nope, p.kv_lora]
-        {
+        if w_uk.is_some_and(|w| !absorb_fits(w)) {
             return Ok(None);
         }
-        let q_lat = self.alloc(DType::BF16, &[heads, p.t, p.kv_lora])?;
-        let q_pe = self.alloc(DType::BF16, &[heads, p.t, p.rope])?;
-        let mut args = vec![
-            Arg::Ptr(self.ptr(q)?),
-            Arg::I64(p.q_stride as i64),
-            Arg::Ptr(self.ptr(w_uk)?),
-            Arg::Ptr(self.ptr(&q_lat)?),
-            Arg::Ptr(self.ptr(&q_pe)?),
-            i32_arg(heads, "heads")?,
-            i32_arg(nope, "nope width")?,
-        ];
-        args.extend(self.prep_latent_args(&p, kv, norm, rot, interleaved, pool)?);
-        self.launch(
-            "mla_decode_prep_absorb_bf16",
-            ((heads * p.kv_lora / 64 + p.t) as u32, 1, 1),
-            256,
-            0,
-            &args,
-        )?;
-        Ok(Some((q_lat, q_pe)))
+        let first = self.alloc(dt, &[heads, p.t, w_uk.map_or(nope, |_| p.kv_lora)])?;
+        let q_pe = self.alloc(dt, &[heads, p.t, p.rope])?;
+        // The query's arguments (the kernels differ there), then the latents'.
+        let (name, blocks, mut args) = match w_uk {
+            Some(w) => (
+                "mla_decode_prep_absorb_bf16".to_string(),
+                heads * p.kv_lora / 64,
+                vec![
+                    Arg::Ptr(self.ptr(q)?),
+                    Arg::I64(p.q_stride as i64),
+                    Arg::Ptr(self.ptr(w)?),
+                    Arg::Ptr(self.ptr(&first)?),
+                    Arg::Ptr(self.ptr(&q_pe)?),
+                    i32_arg(heads, "heads")?,
+                    i32_arg(nope, "nope width")?,
+                ],
+            ),
+            None => {
+                let n = p.t * heads * (nope + p.rope / 2);
+                let split_blocks = n.div_ceil(256).clamp(1, 65_535);
+                (
+                    format!("mla_decode_prep_{}", suffix(dt)),
+                    split_blocks,
+                    vec![
+                        Arg::Ptr(self.ptr(q)?),
+                        Arg::I64(p.q_stride as i64),
+                        Arg::Ptr(self.ptr(&first)?),
+                        Arg::Ptr(self.ptr(&q_pe)?),
+                        i32_arg(heads, "heads")?,
+                        i32_arg(nope, "nope width")?,
+                        i32_arg(split_blocks, "query blocks")?,
+                    ],
+                )
+            }
+        };
+        let ((norm_w, eps), (cos, sin), (dst, pool_ckv, pool_kpe)) = (norm, rot, pool);
+        args.extend([
+            Arg::Ptr(self.ptr(kv)?),
+            Arg::I64(p.kv_stride as i64),
+            Arg::Ptr(self.ptr(norm_w)?),
+            Arg::F32(eps as f32),
+            Arg::Ptr(self.ptr(dst)?),
+            Arg::Ptr(self.ptr(pool_ckv)?),
+            Arg::Ptr(self.ptr(pool_kpe)?),
+            i32_arg(p.kv_lora, "kv_lora_rank")?,
+            Arg::Ptr(self.ptr(cos)?),
+            Arg::Ptr(self.ptr(sin)?),
+            i32_arg(p.t, "tokens")?,
+            i32_arg(p.rope, "rotary width")?,
+            Arg::I32(i32::from(interleaved)),
+        ]);
+        // The query's blocks, then one a token for its latents.
+        self.launch(&name, ((blocks + p.t) as u32, 1, 1), 256, 0, &args)?;
+        Ok(Some((first, q_pe)))
     }
 
     /// The shapes [`decode_prep`](Self::decode_prep)'s kernels take, or `None`.
@@ -169,34 +165,6 @@ impl Gpu {
             q_stride,
             kv_stride,
         }))
-    }
-
-    /// The prep kernels' arguments after the query's: the latents' source, norm, pool rows and
-    /// rotary tables.
-    fn prep_latent_args(
-        &self,
-        p: &PrepShape,
-        kv: &Tensor,
-        (norm_w, eps): (&Tensor, f64),
-        (cos, sin): (&Tensor, &Tensor),
-        interleaved: bool,
-        (dst, pool_ckv, pool_kpe): (&Tensor, &Tensor, &Tensor),
-    ) -> Result<Vec<Arg>> {
-        Ok(vec![
-            Arg::Ptr(self.ptr(kv)?),
-            Arg::I64(p.kv_stride as i64),
-            Arg::Ptr(self.ptr(norm_w)?),
-            Arg::F32(eps as f32),
-            Arg::Ptr(self.ptr(dst)?),
-            Arg::Ptr(self.ptr(pool_ckv)?),
-            Arg::Ptr(self.ptr(pool_kpe)?),
-            i32_arg(p.kv_lora, "kv_lora_rank")?,
-            Arg::Ptr(self.ptr(cos)?),
-            Arg::Ptr(self.ptr(sin)?),
-            i32_arg(p.t, "tokens")?,
-            i32_arg(p.rope, "rotary width")?,
-            Arg::I32(i32::from(interleaved)),
-        ])
     }
 
     /// MLA decode attention over the paged pool: `q_lat [H, T, kv_lora]`, `q_pe [H, T, rope]`

@@ -240,7 +240,7 @@ fn mla_decode_kernel() -> &'static str {
 }
 
 /// Whether a decode step of at most eight rows takes the absorbed products fused with their
-/// neighbours (`Gpu::decode_prep_absorb`, `Gpu::mla_decode_uv`): `MOEMESH_MLA_FUSED`, default
+/// neighbours (`Gpu::decode_prep` given W_UK, `Gpu::mla_decode_uv`): `MOEMESH_MLA_FUSED`, default
 /// on; `0`, `false` or `off` keep the batched GEMMs. Read once.
 pub fn mla_fused() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

@@ -672,11 +672,11 @@ impl Attention {
         // launches and a transpose fewer a layer); else the batched GEMMs.
         if crate::cuda::mla_fused()
             && b <= crate::cuda::ABSORB_ROWS
-            && let Some((q_lat, q_pe)) = g.decode_prep_absorb(
+            && let Some((q_lat, q_pe)) = g.decode_prep(
                 &q,
                 self.heads,
                 self.nope,
-                &self.w_uk,
+                Some(&self.w_uk),
                 &kv,
                 norm,
                 (cos, sin),
@@ -699,6 +699,7 @@ impl Attention {
             &q,
             self.heads,
             self.nope,
+            None,
             &kv,
             norm,
             (cos, sin),

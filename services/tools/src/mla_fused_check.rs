@@ -1,5 +1,5 @@
 //! `moemesh verify` on a GPU: the absorbed decode's products fused with their neighbours
-//! (`Gpu::decode_prep_absorb`: the prep and q_nope · W_UK in one launch; `Gpu::mla_decode_uv`:
+//! (`Gpu::decode_prep` given W_UK: the prep and q_nope · W_UK in one launch; `Gpu::mla_decode_uv`:
 //! the split merge and W_UV in one launch, `[B, H · v]` out) against the path they replace (the
 //! prep kernel, the batched GEMM, the decode kernel with its merge, the GEMM and the transpose),
 //! at DeepSeek-V2-Lite's attention shapes (16 heads, nope 128, rope 64, v 128, latent 512) with
@@ -110,6 +110,7 @@ fn one(
             &q,
             HEADS,
             NOPE,
+            None,
             &kv,
             norm,
             (&cos, &sin),
@@ -130,11 +131,11 @@ fn one(
     // The fused kernels on another copy.
     let (ckv_b, kpe_b) = (ckv.copy()?, kpe.copy()?);
     let (q_lat, q_pe) = g
-        .decode_prep_absorb(
+        .decode_prep(
             &q,
             HEADS,
             NOPE,
-            &w_uk,
+            Some(&w_uk),
             &kv,
             norm,
             (&cos, &sin),
