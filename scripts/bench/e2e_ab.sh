@@ -13,20 +13,7 @@ cd "$(dirname "$0")/../.."
 ROUNDS=${3:-2}
 N=${E2E_REQUESTS:-256}
 LOGS=${E2E_LOGS:-/tmp}
-for d in /opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib /usr/local/cuda/lib64; do
-    [[ -d $d ]] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
-done
-export MOEMESH_LOG=${MOEMESH_LOG:-warn}
-M=(--model synthetic:v2-lite --dtype bf16)
-line() {
-    python3 -c "
-import json, sys
-r = json.loads(sys.stdin.read().strip().splitlines()[-1])
-total = r['requests_per_s'] * (r['prompt_len'] + r['output_len'])
-print(f\"{r['succeeded']}/{r['requests']} ok, out {r['output_tokens_per_s']:,.0f} tok/s, total {total:,.0f} tok/s, \"
-      f\"{r['requests_per_s']:.2f} req/s, TTFT p50/p99 {r['ttft_ms']['p50']:.1f}/{r['ttft_ms']['p99']:.1f} ms, \"
-      f\"ITL p50/p99 {r['itl_ms']['p50']:.2f}/{r['itl_ms']['p99']:.2f} ms\")"
-}
+source scripts/bench/ab_env.sh
 shapes=("128 32" "1024 256")
 for round in $(seq "$ROUNDS"); do
     for bin in "${@:1:2}"; do

@@ -11,26 +11,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ROUNDS=${3:-2}
-for d in /opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib /usr/local/cuda/lib64; do
-    [[ -d $d ]] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
-done
-export MOEMESH_LOG=${MOEMESH_LOG:-warn}
-M=(--model synthetic:v2-lite --dtype bf16)
-line() {
-    python3 -c "
-import json, sys
-r = json.loads(sys.stdin.read().strip().splitlines()[-1])
-print(f\"{r['succeeded']}/{r['requests']} ok, out {r['output_tokens_per_s']:,.0f} tok/s, {r['requests_per_s']:.2f} req/s, \"
-      f\"TTFT p50/p99 {r['ttft_ms']['p50']:.1f}/{r['ttft_ms']['p99']:.1f} ms, ITL p50/p99 {r['itl_ms']['p50']:.2f}/{r['itl_ms']['p99']:.2f} ms\")"
-}
-sweep() {
-    python3 -c "
-import json, sys
-for l in sys.stdin:
-    if l.startswith('{'):
-        r = json.loads(l)
-        print(f\"$1 decode batch {r['concurrency']}: {r['itl_ms']['p50']:.2f} ms/step (ITL p50)\")"
-}
+source scripts/bench/ab_env.sh
 for round in $(seq "$ROUNDS"); do
     for bin in "${@:1:2}"; do
         name=$(basename "$bin")
@@ -49,9 +30,9 @@ for round in $(seq "$ROUNDS"); do
                 --prompt-len 128 --output-len 32 --json 2>/dev/null | line
         done
         "$bin" bench --addr 127.0.0.1:50173 --sweep 1,64 --prompt-len 128 --output-len 32 \
-            --json 2>/dev/null | sweep "round $round $name mesh"
+            --json 2>/dev/null | steps "round $round $name mesh decode"
         kill -TERM $pid; wait $pid 2>/dev/null
         "$bin" bench --in-process "${M[@]}" --device cuda:0 --sweep 1,64 --prompt-len 128 \
-            --output-len 32 --json 2>/dev/null | sweep "round $round $name in-process"
+            --output-len 32 --json 2>/dev/null | steps "round $round $name in-process decode"
     done
 done

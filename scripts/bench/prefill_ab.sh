@@ -9,11 +9,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ROUNDS=${3:-2}
-for d in /opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib /usr/local/cuda/lib64; do
-    [[ -d $d ]] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
-done
-export MOEMESH_LOG=${MOEMESH_LOG:-warn}
-M=(--model synthetic:v2-lite --dtype bf16)
+source scripts/bench/ab_env.sh
 ttft() { python3 -c "import json,sys; r=json.loads(sys.stdin.read().strip().splitlines()[-1]); t=r['ttft_ms']['p50']; print(f\"TTFT p50 {t:.2f} ms  {r['concurrency']*$1/t*1e3:,.0f} tok/s  out {r['output_tokens_per_s']:,.0f} tok/s\")"; }
 for round in $(seq "$ROUNDS"); do
     for bin in "${@:1:2}"; do
