@@ -609,7 +609,8 @@ extern "C" __global__ void __launch_bounds__(256) mla_decode_prep_absorb_bf16(
 // (`part_o`, `part_ml` as mla_combine takes them, rounded to bf16 as mla_combine stores it), or
 // with one split (`part_o` null) the decode's normalised `o_lat [H, B, 512]`. Each warp takes 2
 // of the 16 rows, a lane 8 consecutive latents of each 256, loaded before the merge so that
-// their latency runs under it.
+// their latency runs under it. Each of a head's v / 16 blocks merges the splits itself (reading
+// splits × 2 KB a sequence from L2 again): cheaper than a launch between the merge and W_UV.
 #define MLA_UV_LATENT 512
 #define MLA_UV_COLS 16
 extern "C" __global__ void __launch_bounds__(256) mla_combine_uv_bf16(
