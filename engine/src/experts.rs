@@ -17,20 +17,50 @@ use crate::weights::int4::Int4Tensor;
 use crate::weights::{ExpertTensor, Loader, fp8};
 
 /// Routed-expert output that may still be computing elsewhere.
-pub struct PendingExperts(Box<dyn FnOnce() -> Result<Tensor> + Send>);
+pub struct PendingExperts(Box<dyn FnOnce() -> Result<RoutedOut> + Send>);
+
+/// What a [`PendingExperts`] gives: the routed sum (`[T, hidden]`), or its parts where other
+/// processes write them, each readable once its flag says so (the gate's device-ordered calls):
+/// the caller either folds their wait and sum into its next kernel
+/// ([`crate::cuda::Gpu::wait_add_rms_norm`]) or has them summed ([`RoutedOut::sum`]).
+pub enum RoutedOut {
+    Sum(Tensor),
+    Parts(crate::cuda::WaitParts),
+}
+
+impl RoutedOut {
+    /// The routed sum as a tensor (the parts waited for and added on their device).
+    pub fn sum(self) -> Result<Tensor> {
+        match self {
+            RoutedOut::Sum(t) => Ok(t),
+            RoutedOut::Parts(p) => p.sum(),
+        }
+    }
+}
 
 impl PendingExperts {
     /// Already computed.
     pub fn ready(t: Tensor) -> Self {
-        PendingExperts(Box::new(move || Ok(t)))
+        PendingExperts(Box::new(move || Ok(RoutedOut::Sum(t))))
     }
 
     /// Computed when [`wait`](Self::wait) runs `f` (e.g. blocking on remote replies).
     pub fn deferred(f: impl FnOnce() -> Result<Tensor> + Send + 'static) -> Self {
+        PendingExperts(Box::new(move || f().map(RoutedOut::Sum)))
+    }
+
+    /// Like [`deferred`](Self::deferred), where `f` may give the parts still being written.
+    pub fn deferred_out(f: impl FnOnce() -> Result<RoutedOut> + Send + 'static) -> Self {
         PendingExperts(Box::new(f))
     }
 
+    /// The routed sum.
     pub fn wait(self) -> Result<Tensor> {
+        (self.0)()?.sum()
+    }
+
+    /// The routed sum, or its parts with their flags (see [`RoutedOut`]).
+    pub fn wait_out(self) -> Result<RoutedOut> {
         (self.0)()
     }
 }
@@ -63,6 +93,11 @@ pub trait Experts: Send + Sync {
         Ok(())
     }
 
+    /// Marks where a forward pass's device work ends, for a [`settle`](Self::settle) called
+    /// later, once more work is queued behind it (a decode graph's logits): that settle then
+    /// waits for the pass, not for the work after it. The default keeps nothing.
+    fn settle_mark(&self) {}
+
     /// Whether a forward pass over this implementation can be captured as a CUDA graph
     /// ([`crate::graphs`]): all its work is queued on the model's device stream, nothing waits
     /// for the device or for another process, and nothing it keeps outlives the pass. Default:
@@ -83,13 +118,19 @@ pub trait Experts: Send + Sync {
         Ok(None)
     }
 
-    /// Sends the fixed plan's calls for one run of the layers (an eager run or a graph's replay,
-    /// never a capture, which runs nothing) and fills the flag table, before the run is queued.
-    /// `false`, having sent nothing, when the calls cannot go now (the step then runs the
-    /// ordinary way).
+    /// Readies the fixed plan's calls for one run of the layers (an eager run or a graph's
+    /// replay, never a capture, which runs nothing): takes room for every message and fills
+    /// the flag table, before the run is queued. `false`, having sent nothing, when the calls
+    /// cannot go now (the step then runs the ordinary way). Messages it does not send at once
+    /// go with [`graph_post`](Self::graph_post).
     fn graph_send(&self) -> Result<bool> {
         Ok(false)
     }
+
+    /// Sends the messages [`graph_send`](Self::graph_send) readied (it cannot fail then: their
+    /// room is taken). Called once the run is queued, so that the host's sends overlap the
+    /// GPU's first layers (the calls' device work waits on the flags, whichever comes first).
+    fn graph_post(&self) {}
 
     /// Ends the plan of [`graph_begin`](Self::graph_begin); `ran`: whether the last run that
     /// [`graph_send`](Self::graph_send) sent calls for was queued whole (when not, the calls it
@@ -768,11 +809,13 @@ impl ExpertShard {
     /// [`forward_routed_device`](Self::forward_routed_device) for an expert worker's
     /// device-ordered call: the rows and routing read where they are (`input`, the gate's shared
     /// buffer), the `[T, hidden]` f32 result written at device address `into` (the shared output
-    /// buffer), and with `wait` the wait for the gate's flag done in the first kernel; every
-    /// kernel queued on `stream` (a handle of this shard's GPU: the caller's session stream,
-    /// which need not be the one the weights or `slot_of` were made on), with that stream's
-    /// combine counters (`counters`, [`crate::cuda::combine_counters`]; `None`: a separate
-    /// combine). `false` when the device kernels do not take the call (nothing queued).
+    /// buffer), with `wait` the wait for the gate's flag done in the first kernel, and with
+    /// `done` the call's end signalled by its last kernel where it can be; every kernel queued
+    /// on `stream` (a handle of this shard's GPU: the caller's session stream, which need not
+    /// be the one the weights or `slot_of` were made on), with that stream's combine counters
+    /// (`counters`, [`crate::cuda::combine_counters`]; `None`: a separate combine). `None` when
+    /// the device kernels do not take the call (nothing queued), else whether `done` was
+    /// signalled (if not, the caller signals it after the call).
     #[allow(clippy::too_many_arguments)]
     pub fn forward_routed_at(
         &self,
@@ -781,11 +824,14 @@ impl ExpertShard {
         input: &crate::cuda::RowsAt,
         slot_of: &Tensor,
         into: u64,
-        wait: Option<&crate::cuda::WaitFlag>,
+        flags: (
+            Option<&crate::cuda::WaitFlag>,
+            Option<&crate::cuda::DoneFlag>,
+        ),
         counters: Option<&Tensor>,
-    ) -> Result<bool> {
+    ) -> Result<Option<bool>> {
         let Some(g) = crate::cuda::gpu(stream) else {
-            return Ok(false);
+            return Ok(None);
         };
         let le = self.layer(layer)?;
         g.experts_routed_at(
@@ -794,7 +840,7 @@ impl ExpertShard {
             &le.weights(),
             usize::MAX,
             into,
-            wait,
+            flags,
             counters,
         )
     }

@@ -222,10 +222,12 @@ impl DecodeGraphs {
     }
 
     /// Runs a decode step through its bucket's graph when the step is one for a graph: plans
-    /// it (reserving KV), runs the layers, settles the experts and commits one token to every
-    /// cache, as [`DeepSeekModel::forward_hidden`] does. Returns the last layer's output for
-    /// the real rows (`[B, hidden]` f32, a view of a buffer the next step overwrites), or
-    /// `None`, having committed nothing, when the step should run the ordinary way.
+    /// it (reserving KV) and runs the layers, as [`DeepSeekModel::forward_hidden`] does, up to
+    /// its end: the caller settles the experts ([`Experts::settle`], once it has queued what
+    /// follows: the pass's end is marked with [`Experts::settle_mark`]) and then commits one
+    /// token to every cache ([`finish_step`]). Returns the last layer's output for the real
+    /// rows (`[B, hidden]` f32, a view of a buffer the next step overwrites), or `None`, having
+    /// committed nothing, when the step should run the ordinary way.
     pub fn step(
         &mut self,
         model: &DeepSeekModel,
@@ -340,6 +342,7 @@ impl DecodeGraphs {
                 }
                 graph.launch()?;
                 if let Some(p) = plan.as_mut() {
+                    experts.graph_post();
                     p.ran = true;
                 }
                 self.stats.replayed += 1;
@@ -349,6 +352,9 @@ impl DecodeGraphs {
                     .ok_or_else(|| EngineError::Internal("the GPU went away".into()))?;
                 if !send(&mut plan)? {
                     return Ok(None);
+                }
+                if plan.is_some() {
+                    experts.graph_post();
                 }
                 // The eager run fills candle's cache of small uploads; the capture reads it.
                 if let Err(e) = g.with_cached_uploads(|| run(&bucket.ints)) {
@@ -399,10 +405,7 @@ impl DecodeGraphs {
                 }
             }
         }
-        experts.settle()?;
-        for s in seqs.iter_mut() {
-            s.cache.commit(1);
-        }
+        experts.settle_mark();
         Ok(Some(shared.x_out.narrow(0, 0, b)?))
     }
 
@@ -433,6 +436,59 @@ impl DecodeGraphs {
         });
         Ok(true)
     }
+}
+
+/// Rows from which a graph step's [`finish_step`] waits until the step's logits are queued
+/// (below it, it runs as soon as the layers are): through the mesh on an H200 the late check
+/// took 0.4–0.9 ms off a 64-row step but added 0.2–0.3 ms to a 1-row one (docs/BENCHMARKS.md,
+/// session 26).
+pub const SETTLE_LATE_MIN_ROWS: usize = 32;
+
+/// When a graph step's [`finish_step`] waits until its logits are queued
+/// (`MOEMESH_SETTLE_LATE`: unset or `auto`, from [`SETTLE_LATE_MIN_ROWS`] rows; `1`/`on`
+/// always; `0`/`off` never, for A/B runs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SettleLate {
+    Auto,
+    Always,
+    Never,
+}
+
+impl SettleLate {
+    pub fn parse(v: Option<&str>) -> Self {
+        match v.map(str::trim) {
+            Some("1" | "on" | "true" | "always") => Self::Always,
+            Some("0" | "off" | "false" | "never") => Self::Never,
+            _ => Self::Auto,
+        }
+    }
+
+    /// Whether a step of `rows` rows settles late.
+    pub fn takes(self, rows: usize) -> bool {
+        match self {
+            Self::Auto => rows >= SETTLE_LATE_MIN_ROWS,
+            Self::Always => true,
+            Self::Never => false,
+        }
+    }
+}
+
+/// [`SettleLate`] from the environment (read once) for a step of `rows` rows.
+pub fn settle_late(rows: usize) -> bool {
+    static MODE: std::sync::OnceLock<SettleLate> = std::sync::OnceLock::new();
+    MODE.get_or_init(|| SettleLate::parse(std::env::var("MOEMESH_SETTLE_LATE").ok().as_deref()))
+        .takes(rows)
+}
+
+/// The end of a step that [`DecodeGraphs::step`] ran: the experts settled (a call released
+/// rather than computed fails the step here, before anything is committed), then one token
+/// committed to every sequence's cache.
+pub fn finish_step(experts: &dyn Experts, seqs: &mut [StepSeq]) -> Result<()> {
+    experts.settle()?;
+    for s in seqs.iter_mut() {
+        s.cache.commit(1);
+    }
+    Ok(())
 }
 
 /// The work a graph holds: the layers over the fixed buffers of bucket `(bb, lcap)`, the
@@ -485,6 +541,20 @@ fn body(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn large_steps_settle_late_unless_told() {
+        let auto = SettleLate::parse(None);
+        assert_eq!(SettleLate::parse(Some("auto")), auto);
+        assert!(!auto.takes(1) && !auto.takes(SETTLE_LATE_MIN_ROWS - 1));
+        assert!(auto.takes(SETTLE_LATE_MIN_ROWS) && auto.takes(256));
+        for on in ["1", "on", "always"] {
+            assert!(SettleLate::parse(Some(on)).takes(1));
+        }
+        for off in ["0", "off", "never"] {
+            assert!(!SettleLate::parse(Some(off)).takes(256));
+        }
+    }
 
     #[test]
     fn batches_pad_to_few_buckets() {

@@ -46,7 +46,7 @@ pub mod weights;
 pub use candle_core::{DType, Device, Tensor};
 pub use config::{Arch, ModelConfig};
 pub use error::{EngineError, ErrorKind, Result};
-pub use experts::{ExpertShard, Experts, PendingExperts, ShardSpec};
+pub use experts::{ExpertShard, Experts, PendingExperts, RoutedOut, ShardSpec};
 pub use generate::{FinishReason, GenerationOutput, GenerationRequest, InProcessEngine, Limits};
 pub use kv_cache::SequenceCache;
 pub use kv_pool::KvPool;

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
-use crate::experts::{Experts, PendingExperts};
+use crate::experts::{Experts, PendingExperts, RoutedOut};
 use crate::kv_cache::SequenceCache;
 use crate::layers::mla::{AttentionStep, DecodeBatch, SeqRows};
 use crate::layers::{Attention, Linear, Mlp, RmsNorm, Rotary};
@@ -182,7 +182,32 @@ impl DecoderLayer {
                     .map(|s| s.forward(&f.x))
                     .transpose()?;
                 crate::cuda::trace_mark(f.h.device(), "shared");
-                let routed = pending.wait()?;
+                let routed = match pending.wait_out()? {
+                    RoutedOut::Sum(t) => t,
+                    // The workers' parts: their wait and sum folded into the residual add and
+                    // the next norm where that kernel takes them.
+                    RoutedOut::Parts(parts) => {
+                        if let Some(n) = next
+                            && let Some(g) = crate::cuda::gpu(f.h.device())
+                            && let Some(r) = g.wait_add_rms_norm(
+                                &f.h,
+                                shared.as_ref(),
+                                &parts,
+                                n.weight(),
+                                n.eps(),
+                                f.x.dtype(),
+                                false,
+                            )?
+                        {
+                            crate::cuda::trace_mark(f.h.device(), "routed");
+                            return Ok(Stream {
+                                h: r.h,
+                                normed: Some((r.normed, r.normed_f32)),
+                            });
+                        }
+                        parts.sum()?
+                    }
+                };
                 crate::cuda::trace_mark(f.h.device(), "routed");
                 (shared, Some(routed))
             }

@@ -116,7 +116,8 @@ static void experts(int T, int hidden, int inner, int S, int k, int check_rows, 
         moe_align<<<1, 1024>>>(d_ids, P, nullptr, S, d_off, d_sorted2, d_pos2, nullptr, nullptr, 0, nullptr);
         moe_gate_up_mma<<<dim3((inner + 31) / 32, S), 128>>>(d_x, hidden, d_wgu, inner, d_off, nullptr, d_sorted2, k, d_h2);
         moe_down_mma<<<dim3((hidden + 31) / 32, S), 128>>>(d_h2, inner, d_wd, hidden, d_off, nullptr, d_y2,
-                                                           nullptr, nullptr, 0, 0, nullptr, nullptr);
+                                                           nullptr, nullptr, 0, 0, nullptr, nullptr, nullptr,
+                                                           nullptr, nullptr, 0);
         moe_combine<<<dim3(T, (hidden + 255) / 256), 256>>>(d_y2, hidden, d_pos2, d_w, nullptr, k, d_out2);
     };
     // CPU reference rows.

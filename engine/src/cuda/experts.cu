@@ -573,12 +573,46 @@ extern "C" __global__ void wait_add_parts_f32(float4* out, const float4* p0, con
     sum_parts(out, p0, p1, p2, p3, parts, n4);
 }
 
+// norm.cu's add_rms_norm with its f32 delta in up to four parts (the workers' outputs), after
+// waiting for each part's `done` word as wait_add_parts_f32 does (thread 0 of each block, then
+// the barrier; block 0 keeps the `waiting` record): the gate's wait, sum and next residual add
+// and norm in one launch. One block a row (few rows: every block polls).
+#define WAIT_ADD_RMS_NORM(NAME, TA, TO)                                                         \
+    extern "C" __global__ void NAME(                                                            \
+        const float* x, const TA* a, const float* p0, const float* p1, const float* p2,         \
+        const float* p3, int parts, const uint32_t* w0, const uint32_t* w1, const uint32_t* w2, \
+        const uint32_t* w3, const uint32_t* table, int i0, int i1, int i2, int i3,              \
+        const uint32_t* r0, const uint32_t* r1, const uint32_t* r2, const uint32_t* r3,         \
+        uint32_t* waiting, float* h, const float* w, TO* out, float* out_f32, int d,            \
+        float eps) {                                                                            \
+        if (threadIdx.x == 0) {                                                                 \
+            const uint32_t* words[4] = {w0, w1, w2, w3};                                        \
+            const uint32_t* release[4] = {r0, r1, r2, r3};                                      \
+            const int at[4] = {i0, i1, i2, i3};                                                 \
+            uint32_t* record = blockIdx.x == 0 ? waiting : nullptr;                             \
+            for (int j = 0; j < parts && j < 4; ++j)                                            \
+                wait_or_release(words[j], table[at[j]], 128, release[j], record, nullptr);     \
+            __threadfence_system();                                                             \
+        }                                                                                       \
+        __syncthreads();                                                                        \
+        add_rms_norm<TA, TO>(x, a, p0, p1, p2, p3, parts, h, w, out, out_f32, d, eps);          \
+    }
+WAIT_ADD_RMS_NORM(wait_add_rms_norm_f32_f32, float, float)
+WAIT_ADD_RMS_NORM(wait_add_rms_norm_f32_bf16, float, bf16)
+WAIT_ADD_RMS_NORM(wait_add_rms_norm_bf16_f32, bf16, float)
+WAIT_ADD_RMS_NORM(wait_add_rms_norm_bf16_bf16, bf16, bf16)
+
 // Up to eight copies of n_c u32 words from s_c to d_c in one launch (blockIdx.y = c): the
 // activations and routing into the expert workers' shared buffers, and out of them, without a
 // copy launch each. 16-byte moves where both ends are aligned.
-extern "C" __global__ void copy_batch(const uint32_t* s0, const uint32_t* s1, const uint32_t* s2, const uint32_t* s3, const uint32_t* s4, const uint32_t* s5, const uint32_t* s6, const uint32_t* s7,
-                                      uint32_t* d0, uint32_t* d1, uint32_t* d2, uint32_t* d3, uint32_t* d4, uint32_t* d5, uint32_t* d6, uint32_t* d7,
-                                      int n0, int n1, int n2, int n3, int n4, int n5, int n6, int n7) {
+#define COPY_BATCH_ARGS                                                                         \
+    const uint32_t *s0, const uint32_t *s1, const uint32_t *s2, const uint32_t *s3,             \
+        const uint32_t *s4, const uint32_t *s5, const uint32_t *s6, const uint32_t *s7,         \
+        uint32_t *d0, uint32_t *d1, uint32_t *d2, uint32_t *d3, uint32_t *d4, uint32_t *d5,     \
+        uint32_t *d6, uint32_t *d7, int n0, int n1, int n2, int n3, int n4, int n5, int n6, int n7
+#define COPY_BATCH_PASS s0, s1, s2, s3, s4, s5, s6, s7, d0, d1, d2, d3, d4, d5, d6, d7, n0, n1, n2, n3, n4, n5, n6, n7
+
+__device__ __forceinline__ void copy_batch_block(COPY_BATCH_ARGS) {
     const uint32_t* s = nullptr;
     uint32_t* d = nullptr;
     int n = 0;
@@ -603,6 +637,35 @@ extern "C" __global__ void copy_batch(const uint32_t* s0, const uint32_t* s1, co
         start = n4 << 2;
     }
     for (int i = start + blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) d[i] = s[i];
+}
+
+extern "C" __global__ void copy_batch(COPY_BATCH_ARGS) { copy_batch_block(COPY_BATCH_PASS); }
+
+// copy_batch, then flag_signal_n's stores, in one launch (a decode graph's rows and routing into
+// the workers' slots, then their `ready` words): every block fences its copies at system scope
+// and counts itself in *counter (0 between launches; one stream's); the last block puts the
+// counter back to 0 and stores table[i_j] to word j (the first `words` of them), released at
+// system scope, as flag_signal_n does after a copy launch.
+extern "C" __global__ void copy_batch_signal(COPY_BATCH_ARGS, uint32_t* counter, uint32_t* w0,
+                                             uint32_t* w1, uint32_t* w2, uint32_t* w3,
+                                             const uint32_t* table, int i0, int i1, int i2,
+                                             int i3, int words) {
+    __shared__ bool last;
+    copy_batch_block(COPY_BATCH_PASS);
+    __threadfence_system();
+    __syncthreads();
+    if (threadIdx.x == 0)
+        last = atomicAdd(counter, 1u) == gridDim.x * gridDim.y - 1;
+    __syncthreads();
+    if (!last || threadIdx.x != 0) return;
+    *counter = 0u;
+    __threadfence_system();
+    uint32_t* w[4] = {w0, w1, w2, w3};
+    const int at[4] = {i0, i1, i2, i3};
+    for (int j = 0; j < words && j < 4; ++j) {
+        const uint32_t v = table[at[j]];
+        asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(w[j]), "r"(v) : "memory");
+    }
 }
 
 // The slot a block of the expert kernels works on: blockIdx.y, or, with `active` (moe_align's
@@ -1028,6 +1091,10 @@ __device__ __forceinline__ void gate_up_mma(const bf16* x, int hidden,
 // every token, `out[t, r] = Σ_j w[j] · y[pos[j], r]` over t's entries t·k..t·k+k in entry
 // order, as moe_combine does (the same fmaf chain from 0: the same bits), then puts the word
 // back to 0. The counters belong to one stream (a launch at a time).
+// With `done` (an expert worker's device-ordered call), the call's end is signalled here too,
+// as flag_seen_done would in a launch of its own: `counters[gridDim.x]` counts the column
+// blocks whose combine is out, and the last one's block copies *seen_from to *seen, then stores
+// `done_value` to *done released at system scope after every block's fenced writes.
 struct CombineTail {
     const uint32_t* pos;
     const float* w;
@@ -1035,6 +1102,10 @@ struct CombineTail {
     int k;
     float* out;
     uint32_t* counters;
+    const uint32_t* seen_from;
+    uint32_t* seen;
+    uint32_t* done;
+    uint32_t done_value;
 };
 
 __device__ __forceinline__ void combine_tail(const CombineTail& c, const float* y, int hidden) {
@@ -1058,6 +1129,18 @@ __device__ __forceinline__ void combine_tail(const CombineTail& c, const float* 
         }
         c.out[(size_t)t * hidden + r] = sum;
     }
+    if (!c.done) return;
+    __shared__ bool finish;
+    __threadfence_system();
+    __syncthreads();
+    if (threadIdx.x == 0) finish = atomicAdd(c.counters + gridDim.x, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!finish || threadIdx.x != 0) return;
+    c.counters[gridDim.x] = 0u;
+    __threadfence_system();
+    *c.seen = *c.seen_from;
+    __threadfence_system();
+    asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(c.done), "r"(c.done_value) : "memory");
 }
 
 // y[q, r] = h[q]·Wd[r] for 16 rows r per tile, f32 out. Needs inner % 32 == 0, hidden % 16 == 0.
@@ -1130,9 +1213,12 @@ extern "C" __global__ void moe_gate_up_mma(const bf16* x, int hidden, const bf16
 extern "C" __global__ void moe_down_mma(const bf16* h, int inner, const bf16* w_down, int hidden,
                                         const uint32_t* offsets, const uint32_t* active,
                                         float* y, const uint32_t* pos, const float* w, int tokens,
-                                        int k, float* out, uint32_t* counters) {
+                                        int k, float* out, uint32_t* counters,
+                                        const uint32_t* seen_from, uint32_t* seen,
+                                        uint32_t* done, uint32_t done_value) {
     down_mma<MmaBf16>(h, inner, w_down, QuantArgs{}, hidden, offsets, active, y,
-                      CombineTail{pos, w, tokens, k, out, counters});
+                      CombineTail{pos, w, tokens, k, out, counters, seen_from, seen, done,
+                                  done_value});
 }
 
 #define MOE_KERNELS(SUFFIX, T)                                                                  \

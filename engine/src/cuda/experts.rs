@@ -49,6 +49,56 @@ pub struct WaitFlag {
     pub observed: u64,
 }
 
+/// The end of a worker's device-ordered call, signalled by the call's last kernel where it can
+/// be (the down kernel's folded combine): the u32 at `seen_from` (what the call's wait saw) copied
+/// to `seen`, then `value` stored to `done`, released at system scope after the call's output.
+#[derive(Debug, Clone, Copy)]
+pub struct DoneFlag {
+    pub seen_from: u64,
+    pub seen: u64,
+    pub done: u64,
+    pub value: u32,
+}
+
+/// A routed sum's parts where other processes write them: up to four `[rows, cols]` f32 arrays
+/// at device addresses (16-byte aligned), part `j` readable once the word of `waits[j].0`
+/// reaches `table[waits[j].1]` in the cyclic order (or its release flag is set; see
+/// [`FlagWait`]). `keep` holds what the addresses belong to until a kernel reading them is
+/// queued.
+pub struct WaitParts {
+    pub parts: Vec<u64>,
+    pub waits: Vec<(FlagWait, usize)>,
+    pub table: Tensor,
+    pub rows: usize,
+    pub cols: usize,
+    pub keep: std::sync::Arc<dyn std::any::Any + Send + Sync>,
+}
+
+impl WaitParts {
+    /// The sum of the parts, `[rows, cols]` f32, on the table's device: the waits and the sum
+    /// in one launch where it takes them, else a wait launch each, then the sum.
+    pub fn sum(self) -> Result<Tensor> {
+        let g = super::gpu(self.table.device()).ok_or_else(|| {
+            EngineError::Internal("a routed sum's parts off the GPU kernels' devices".into())
+        })?;
+        let shape = [self.rows, self.cols];
+        if let Some(sum) = g.wait_add_parts(&self.parts, &self.waits, &self.table, &shape)? {
+            return Ok(sum);
+        }
+        for &(w, index) in &self.waits {
+            g.wait_word(w, &self.table, index)?;
+        }
+        g.add_parts(&self.parts, &shape)?.ok_or_else(|| {
+            EngineError::Internal(format!(
+                "{} parts of [{}, {}] that the sum kernel does not take",
+                self.parts.len(),
+                self.rows,
+                self.cols
+            ))
+        })
+    }
+}
+
 /// A gate's device-ordered wait on a worker's flag: the flag word's device address, and the
 /// [`ReleaseFlag::address`](super::ipc::ReleaseFlag::address) of the host flag that releases
 /// the wait when the worker's stream fails.
@@ -69,6 +119,12 @@ fn wait_args(wait: Option<&WaitFlag>) -> [Arg; 3] {
         None => [Arg::Ptr(0), Arg::I32(0), Arg::Ptr(0)],
     }
 }
+
+/// A launch's grid (x, y, z).
+type Grid = (u32, u32, u32);
+
+/// Copies `copy_batch` takes in one launch (experts.cu's `copy_batch`: eight pointer pairs).
+const COPIES_PER_LAUNCH: usize = 8;
 
 /// The inputs of a routed-experts call, as the kernels take them.
 struct RoutedIn {
@@ -93,9 +149,10 @@ const ROUTE_RANK_MAX_EXPERTS: usize = 64;
 /// token, so the tail grows with the tokens; a decode step's few rows).
 pub const FOLD_MAX_TOKENS: usize = 16;
 
-/// Words of combine counters a routed call needs: one per 32 columns of `hidden`.
+/// Words of combine counters a routed call needs: one per 32 columns of `hidden`, and one that
+/// counts the column blocks done (a [`DoneFlag`] signalled by the down kernel).
 pub const fn combine_counter_words(hidden: usize) -> usize {
-    hidden.div_ceil(32)
+    hidden.div_ceil(32) + 1
 }
 
 /// Combine counters for routed calls of `hidden` columns on `device`'s stream (zeros, which the
@@ -121,6 +178,7 @@ struct CombineFold {
     k: usize,
     out: u64,
     counters: u64,
+    done: Option<DoneFlag>,
 }
 
 /// One MoE layer's stacked routed-expert weights, as the expert kernels read them: bf16 or f32
@@ -636,14 +694,34 @@ impl Gpu {
         if waits.len() != parts.len() || n4.div_ceil(256) > MAX_BLOCKS {
             return Ok(None);
         }
+        let extra = self.wait_args(waits, table, "wait_add_parts_f32")?;
+        self.sum_parts("wait_add_parts_f32", parts, shape, n4.div_ceil(256), &extra)
+            .map(Some)
+    }
+
+    /// The flag arguments of the kernels that wait for up to four parts (experts.cu's
+    /// `wait_add_parts_f32` and `wait_add_rms_norm_*`, alike): four words, the table, four
+    /// entries, four release flags, the `waiting` record.
+    pub(super) fn wait_args(
+        &self,
+        waits: &[(FlagWait, usize)],
+        table: &Tensor,
+        name: &str,
+    ) -> Result<Vec<Arg>> {
+        if waits.is_empty() || waits.len() > 4 {
+            return Err(EngineError::Internal(format!(
+                "{name}: {} flags (1 to 4)",
+                waits.len()
+            )));
+        }
         for &(w, index) in waits {
-            Self::check_flag(table, index, w.word, "wait_add_parts_f32")?;
+            Self::check_flag(table, index, w.word, name)?;
         }
         let waiting = Self::waiting_for(waits.iter().map(|w| &w.0))?;
         let word = |i: usize| Arg::Ptr(waits.get(i).map_or(0, |w| w.0.word));
         let release = |i: usize| Arg::Ptr(waits.get(i).map_or(0, |w| w.0.release));
         let entry = |i: usize| i32_arg(waits.get(i).map_or(0, |w| w.1), "flag table entry");
-        let extra = [
+        Ok(vec![
             word(0),
             word(1),
             word(2),
@@ -658,9 +736,7 @@ impl Gpu {
             release(2),
             release(3),
             Arg::Ptr(waiting),
-        ];
-        self.sum_parts("wait_add_parts_f32", parts, shape, n4.div_ceil(256), &extra)
-            .map(Some)
+        ])
     }
 
     /// The device address of contiguous `t`'s first element (for [`copy_batch`](Self::copy_batch)).
@@ -677,8 +753,55 @@ impl Gpu {
     /// Queues `(source, destination, bytes)` copies between device addresses (4-byte aligned,
     /// whole u32 words), eight to a launch: several small copies for the price of one launch.
     pub fn copy_batch(&self, copies: &[(u64, u64, usize)]) -> Result<()> {
-        const PER_LAUNCH: usize = 8;
-        if let Some(c) = copies
+        for chunk in copies.chunks(COPIES_PER_LAUNCH) {
+            if let Some((args, grid)) = Self::copy_args(chunk)? {
+                self.launch("copy_batch", grid, 256, 0, &args)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`copy_batch`](Self::copy_batch) then [`signal_words`](Self::signal_words) in one launch
+    /// (its last block stores the words): at most eight copies and four words, with `table`'s
+    /// entry `counter` (0 between launches, this stream's) counting the blocks. `false` when
+    /// the call does not fit one launch (nothing queued then).
+    pub fn copy_batch_signal(
+        &self,
+        copies: &[(u64, u64, usize)],
+        words: &[(u64, usize)],
+        table: &Tensor,
+        counter: usize,
+    ) -> Result<bool> {
+        if copies.len() > COPIES_PER_LAUNCH || words.is_empty() || words.len() > 4 {
+            return Ok(false);
+        }
+        let Some((mut args, grid)) = Self::copy_args(copies)? else {
+            return Ok(false);
+        };
+        Self::check_flag(table, counter, 0, "copy_batch_signal")?;
+        for &(word, i) in words {
+            Self::check_flag(table, i, word, "copy_batch_signal")?;
+        }
+        args.push(Arg::Ptr(self.ptr(table)? + 4 * counter as u64));
+        for j in 0..4 {
+            args.push(Arg::Ptr(words.get(j).map_or(0, |w| w.0)));
+        }
+        args.push(Arg::Ptr(self.ptr(table)?));
+        for j in 0..4 {
+            args.push(i32_arg(
+                words.get(j).map_or(0, |w| w.1),
+                "flag table entry",
+            )?);
+        }
+        args.push(i32_arg(words.len(), "flag words")?);
+        self.launch("copy_batch_signal", grid, 256, 0, &args)?;
+        Ok(true)
+    }
+
+    /// A launch of `copy_batch`'s arguments and grid for up to eight copies (`None`: nothing
+    /// to copy).
+    fn copy_args(chunk: &[(u64, u64, usize)]) -> Result<Option<(Vec<Arg>, Grid)>> {
+        if let Some(c) = chunk
             .iter()
             .find(|(s, d, n)| !s.is_multiple_of(4) || !d.is_multiple_of(4) || !n.is_multiple_of(4))
         {
@@ -686,31 +809,22 @@ impl Gpu {
                 "copy_batch: {c:?} is not in whole aligned u32 words"
             )));
         }
-        for chunk in copies.chunks(PER_LAUNCH) {
-            let words = chunk.iter().map(|c| c.2 / 4).max().unwrap_or(0);
-            if words == 0 {
-                continue;
-            }
-            let mut args = Vec::with_capacity(3 * PER_LAUNCH);
-            for i in 0..PER_LAUNCH {
-                args.push(Arg::Ptr(chunk.get(i).map_or(0, |c| c.0)));
-            }
-            for i in 0..PER_LAUNCH {
-                args.push(Arg::Ptr(chunk.get(i).map_or(0, |c| c.1)));
-            }
-            for i in 0..PER_LAUNCH {
-                args.push(i32_arg(chunk.get(i).map_or(0, |c| c.2 / 4), "copy words")?);
-            }
-            let blocks = words.div_ceil(4 * 256).clamp(1, 2 * super::SMS);
-            self.launch(
-                "copy_batch",
-                (blocks as u32, chunk.len() as u32, 1),
-                256,
-                0,
-                &args,
-            )?;
+        let words = chunk.iter().map(|c| c.2 / 4).max().unwrap_or(0);
+        if words == 0 || chunk.len() > COPIES_PER_LAUNCH {
+            return Ok(None);
         }
-        Ok(())
+        let mut args = Vec::with_capacity(3 * COPIES_PER_LAUNCH + 11);
+        for i in 0..COPIES_PER_LAUNCH {
+            args.push(Arg::Ptr(chunk.get(i).map_or(0, |c| c.0)));
+        }
+        for i in 0..COPIES_PER_LAUNCH {
+            args.push(Arg::Ptr(chunk.get(i).map_or(0, |c| c.1)));
+        }
+        for i in 0..COPIES_PER_LAUNCH {
+            args.push(i32_arg(chunk.get(i).map_or(0, |c| c.2 / 4), "copy words")?);
+        }
+        let blocks = words.div_ceil(4 * 256).clamp(1, 2 * super::SMS);
+        Ok(Some((args, (blocks as u32, chunk.len() as u32, 1))))
     }
 
     /// A flag kernel's table entry and word: a u32 table holding `index`, a 4-byte aligned word.
@@ -1072,6 +1186,15 @@ impl Gpu {
                 Arg::Ptr(f.out),
                 Arg::Ptr(f.counters),
             ]);
+            args.extend(match f.done {
+                Some(d) => [
+                    Arg::Ptr(d.seen_from),
+                    Arg::Ptr(d.seen),
+                    Arg::Ptr(d.done),
+                    Arg::I32(d.value as i32),
+                ],
+                None => [Arg::Ptr(0), Arg::Ptr(0), Arg::Ptr(0), Arg::I32(0)],
+            });
         }
         self.launch(
             &down_fn,
@@ -1247,15 +1370,18 @@ impl Gpu {
         let Some(input) = self.routed_in(x, routing, w)? else {
             return Ok(None);
         };
-        self.routed(&input, slot_of, w, max_rows, None, None, counters)
-            .map(Option::flatten)
+        Ok(self
+            .routed(&input, slot_of, w, max_rows, None, (None, None), counters)?
+            .and_then(|(out, _)| out))
     }
 
     /// [`experts_routed`](Self::experts_routed) for an expert worker's call: the rows and the
     /// routing read where they are (`input`, the gate's shared buffer), the `[rows, hidden]` f32
     /// result written at device address `into` (`4 · rows · hidden` bytes), and, with `wait`,
-    /// the wait for the gate's flag done by the call's first kernel. `false` when the kernels
-    /// do not take this call (nothing queued then).
+    /// the wait for the gate's flag done by the call's first kernel, and with `done` the call's
+    /// end signalled by its last kernel where that kernel can (the combine folded into the
+    /// down kernel). `None` when the kernels do not take this call (nothing queued then), else
+    /// whether `done` was signalled (if not, the caller signals it).
     #[allow(clippy::too_many_arguments)]
     pub fn experts_routed_at(
         &self,
@@ -1264,11 +1390,11 @@ impl Gpu {
         w: &ExpertWeights,
         max_rows: usize,
         into: u64,
-        wait: Option<&WaitFlag>,
+        (wait, done): (Option<&WaitFlag>, Option<&DoneFlag>),
         counters: Option<&Tensor>,
-    ) -> Result<bool> {
+    ) -> Result<Option<bool>> {
         let Some((hidden, inner)) = Self::weights_fit(input.hidden, input.dtype, w)? else {
-            return Ok(false);
+            return Ok(None);
         };
         if !input.x.is_multiple_of(16)
             || !input.ids.is_multiple_of(4)
@@ -1277,7 +1403,7 @@ impl Gpu {
             || input.rows == 0
             || input.k == 0
         {
-            return Ok(false);
+            return Ok(None);
         }
         let routed = RoutedIn {
             x: input.x,
@@ -1290,8 +1416,16 @@ impl Gpu {
             k: input.k,
         };
         Ok(self
-            .routed(&routed, slot_of, w, max_rows, Some(into), wait, counters)?
-            .is_some())
+            .routed(
+                &routed,
+                slot_of,
+                w,
+                max_rows,
+                Some(into),
+                (wait, done),
+                counters,
+            )?
+            .map(|(_, signalled)| signalled))
     }
 
     /// A tensor call's inputs as the kernels take them (`None`: they do not take them).
@@ -1324,8 +1458,8 @@ impl Gpu {
         }))
     }
 
-    /// Both of the above: `None` when the kernels do not take the call, `Some(None)` when the
-    /// result went to `into`.
+    /// Both of the above: `None` when the kernels do not take the call, `Some((None, _))` when
+    /// the result went to `into`; the flag says whether `done` was signalled by the kernels.
     #[allow(clippy::too_many_arguments)]
     fn routed(
         &self,
@@ -1334,9 +1468,9 @@ impl Gpu {
         w: &ExpertWeights,
         max_rows: usize,
         into: Option<u64>,
-        wait: Option<&WaitFlag>,
+        (wait, done): (Option<&WaitFlag>, Option<&DoneFlag>),
         counters: Option<&Tensor>,
-    ) -> Result<Option<Option<Tensor>>> {
+    ) -> Result<Option<(Option<Tensor>, bool)>> {
         let RoutedIn {
             x,
             dtype,
@@ -1371,9 +1505,10 @@ impl Gpu {
                 wait,
             )?;
             let pos = self.ptr(&pos)?;
-            return Ok(Some(
+            return Ok(Some((
                 self.combine_to(&y, t, hidden, pos, weights, 0, k, into)?,
-            ));
+                false,
+            )));
         }
         if t > max_rows {
             return Ok(None);
@@ -1432,6 +1567,7 @@ impl Gpu {
             k,
             out,
             counters,
+            done: done.copied().filter(|_| super::MeshFolds::get().done),
         });
         let (y, folded) = self.experts_core(
             (x, dtype),
@@ -1446,11 +1582,13 @@ impl Gpu {
             fold.as_ref(),
         )?;
         if folded && let Some((out, _, _)) = fold_into {
-            return Ok(Some(out));
+            let signalled = fold.is_some_and(|f| f.done.is_some());
+            return Ok(Some((out, signalled)));
         }
-        Ok(Some(
+        Ok(Some((
             self.combine_to(&y, t, hidden, pos, weights, 0, k, into)?,
-        ))
+            false,
+        )))
     }
 
     /// Routed experts for host-built assignments (an expert worker's request) → `[T, hidden]` f32.

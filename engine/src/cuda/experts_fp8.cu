@@ -133,9 +133,11 @@ struct MmaFp8Wide : MmaFp8 {
     extern "C" __global__ void moe_down_mma_##SUFFIX(                                        \
         const bf16* h, int inner, const uint8_t* w_down, const float* s_down, int hidden,    \
         const uint32_t* offsets, const uint32_t* active, float* y, const uint32_t* pos,      \
-        const float* w, int tokens, int k, float* out, uint32_t* counters) {                 \
+        const float* w, int tokens, int k, float* out, uint32_t* counters,                   \
+        const uint32_t* seen_from, uint32_t* seen, uint32_t* done, uint32_t done_value) {     \
         down_mma<W>(h, inner, w_down, QuantArgs{s_down, nullptr, 0}, hidden, offsets, active, \
-                    y, CombineTail{pos, w, tokens, k, out, counters});                       \
+                    y, CombineTail{pos, w, tokens, k, out, counters, seen_from, seen, done,  \
+                                   done_value});                                             \
     }
 
 FP8_DECODE_KERNELS(fp8, MmaFp8, )

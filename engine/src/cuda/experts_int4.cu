@@ -208,9 +208,11 @@ extern "C" __global__ void moe_down_mma_int4(const bf16* h, int inner, const uin
                                              int shift_down, int hidden, const uint32_t* offsets,
                                              const uint32_t* active, float* y,
                                              const uint32_t* pos, const float* w, int tokens,
-                                             int k, float* out, uint32_t* counters) {
+                                             int k, float* out, uint32_t* counters,
+                                             const uint32_t* seen_from, uint32_t* seen,
+                                             uint32_t* done, uint32_t done_value) {
     const QuantArgs qa{s_down, z_down, shift_down};
-    const CombineTail tail{pos, w, tokens, k, out, counters};
+    const CombineTail tail{pos, w, tokens, k, out, counters, seen_from, seen, done, done_value};
     if (shift_down >= INT4_EPILOGUE_MIN_SHIFT)
         down_mma<MmaInt4>(h, inner, w_down, qa, hidden, offsets, active, y, tail);
     else
@@ -237,9 +239,13 @@ extern "C" __global__ void moe_down_mma_int4w(const bf16* h, int inner, const ui
                                               const uint32_t* offsets, const uint32_t* active,
                                               float* y, const uint32_t* pos, const float* w,
                                               int tokens, int k, float* out,
-                                              uint32_t* counters) {
+                                              uint32_t* counters, const uint32_t* seen_from,
+                                              uint32_t* seen, uint32_t* done,
+                                              uint32_t done_value) {
     down_mma<MmaInt4Wide>(h, inner, w_down, QuantArgs{s_down, z_down, shift_down}, hidden,
-                          offsets, active, y, CombineTail{pos, w, tokens, k, out, counters});
+                          offsets, active, y,
+                          CombineTail{pos, w, tokens, k, out, counters, seen_from, seen, done,
+                                      done_value});
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -710,7 +710,89 @@ mod imp {
         })
     }
 
+    /// A stream and a pinned buffer per GPU for reading flag words back (the gate's check of
+    /// every step's calls): made once, so that a read is one copy into pinned memory and one
+    /// stream synchronisation, with no stream made and destroyed and no pageable staging.
+    struct Reader {
+        ordinal: usize,
+        stream: sys::CUstream,
+        host: *mut u32,
+    }
+
+    // SAFETY: a Reader's stream and pinned buffer are only used under READERS' lock.
+    unsafe impl Send for Reader {}
+
+    /// Words a [`Reader`] takes at once (larger reads take a stream of their own).
+    const READER_WORDS: usize = 16_384;
+
+    static READERS: std::sync::Mutex<Vec<Reader>> = std::sync::Mutex::new(Vec::new());
+
+    /// `count` words at `word` through this GPU's reader; `None` when it has none and cannot
+    /// make one (the caller reads the other way).
+    fn read_pinned(r: &Region, word: usize, count: usize) -> Result<Option<Vec<u32>>> {
+        if count > READER_WORDS {
+            return Ok(None);
+        }
+        bind(&r.dev)?;
+        let ordinal = r.dev.cuda_stream().context().ordinal();
+        let mut readers = READERS.lock().unwrap_or_else(|e| e.into_inner());
+        if !readers.iter().any(|x| x.ordinal == ordinal) {
+            let mut stream: sys::CUstream = std::ptr::null_mut();
+            // SAFETY: the context is current (bind above); the driver writes a new stream into
+            // `stream`, kept for the process's life.
+            let made = unsafe {
+                sys::cuStreamCreate(
+                    &mut stream,
+                    sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+                )
+            };
+            if made.result().is_err() {
+                return Ok(None);
+            }
+            let mut p: *mut std::ffi::c_void = std::ptr::null_mut();
+            // SAFETY: the context is current; the driver writes a pointer to `4 · READER_WORDS`
+            // bytes of pinned host memory into `p`, kept for the process's life.
+            let pinned = unsafe { sys::cuMemHostAlloc(&mut p, 4 * READER_WORDS, 0) };
+            if pinned.result().is_err() {
+                // SAFETY: `stream` was made above and is not used elsewhere.
+                let _ = unsafe { sys::cuStreamDestroy_v2(stream) };
+                return Ok(None);
+            }
+            readers.push(Reader {
+                ordinal,
+                stream,
+                host: p.cast(),
+            });
+        }
+        let Some(reader) = readers.iter().find(|x| x.ordinal == ordinal) else {
+            return Ok(None);
+        };
+        // SAFETY: the pinned buffer holds READER_WORDS ≥ count u32 and is only used under the
+        // lock held here; the words lie inside the live region; the copy is waited for below.
+        unsafe {
+            sys::cuMemcpyDtoHAsync_v2(
+                reader.host.cast(),
+                r.ptr + 4 * word as u64,
+                4 * count,
+                reader.stream,
+            )
+        }
+        .result()
+        .map_err(|e| err("cuMemcpyDtoHAsync", e))?;
+        // SAFETY: the reader's stream, made above.
+        unsafe { sys::cuStreamSynchronize(reader.stream) }
+            .result()
+            .map_err(|e| err("cuStreamSynchronize", e))?;
+        // SAFETY: the copy above wrote `count` words there and has completed.
+        Ok(Some(
+            unsafe { std::slice::from_raw_parts(reader.host, count) }.to_vec(),
+        ))
+    }
+
     pub fn read_words(r: &Region, word: usize, count: usize) -> Result<Vec<u32>> {
+        if let Some(words) = read_pinned(r, word, count)? {
+            return Ok(words);
+        }
         let mut out = vec![0u32; count];
         let dst = out.as_mut_ptr();
         on_side_stream(r, "cuMemcpyDtoHAsync", |s| {

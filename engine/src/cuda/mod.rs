@@ -27,10 +27,10 @@ pub mod ipc;
 pub use attention::{ABSORB_ROWS, DecodeTables, PrefillQuery};
 
 pub use experts::{
-    DeviceRouting, ExpertQuant, ExpertWeights, FOLD_MAX_TOKENS, FlagWait,
+    DeviceRouting, DoneFlag, ExpertQuant, ExpertWeights, FOLD_MAX_TOKENS, FlagWait,
     GROUPED_MIN_PAIRS_PER_SLOT, GROUPED_MIN_PAIRS_PER_SLOT_QUANTISED, HostAssignments, HostPairs,
-    Int4Groups, RouteParams, RowsAt, WaitFlag, combine_counters, grouped_min_pairs_per_slot,
-    takes_grouped, takes_wide_chunks,
+    Int4Groups, RouteParams, RowsAt, WaitFlag, WaitParts, combine_counter_words, combine_counters,
+    grouped_min_pairs_per_slot, takes_grouped, takes_wide_chunks,
 };
 
 /// A kernel argument. Tensors go as raw device addresses (see [`Gpu::ptr`]).
@@ -252,6 +252,73 @@ pub fn mla_fused() -> bool {
     })
 }
 
+/// Which of a device-ordered expert call's flag launches fold into the kernels beside them
+/// (`MOEMESH_MESH_FOLDS`, read once; default all three): `signal`, the gate's `ready` stores
+/// done by the kernel that copies the rows and routing into the workers' slots (its last
+/// block); `done`, the worker's `seen` copy and `done` store by its down kernel's folded
+/// combine (its last column block); `wait`, the gate's wait for the workers' `done` words and
+/// the sum of their outputs done by the next residual add and norm. `none` (or `0`) keeps each
+/// in a launch of its own, for A/B runs; a comma list names the folds to take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MeshFolds {
+    pub signal: bool,
+    pub done: bool,
+    pub wait: bool,
+}
+
+impl MeshFolds {
+    pub const ALL: MeshFolds = MeshFolds {
+        signal: true,
+        done: true,
+        wait: true,
+    };
+    pub const NONE: MeshFolds = MeshFolds {
+        signal: false,
+        done: false,
+        wait: false,
+    };
+
+    /// `None` (unset), `all`: every fold; `none`, `0`, `off`: none; else a comma list of
+    /// `signal`, `done`, `wait`. An unknown name is an error naming it.
+    pub fn parse(v: Option<&str>) -> std::result::Result<Self, String> {
+        let v = match v.map(str::trim) {
+            None | Some("" | "all" | "1" | "on") => return Ok(Self::ALL),
+            Some("none" | "0" | "off") => return Ok(Self::NONE),
+            Some(v) => v,
+        };
+        let mut f = Self::NONE;
+        for name in v.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            match name {
+                "signal" => f.signal = true,
+                "done" => f.done = true,
+                "wait" => f.wait = true,
+                other => {
+                    return Err(format!(
+                        "MOEMESH_MESH_FOLDS: unknown fold {other:?} (expected all, none, or a \
+                         comma list of signal, done, wait)"
+                    ));
+                }
+            }
+        }
+        Ok(f)
+    }
+
+    /// The process's folds (the environment read once; an unknown value is reported and every
+    /// fold taken).
+    pub fn get() -> Self {
+        static F: std::sync::OnceLock<MeshFolds> = std::sync::OnceLock::new();
+        *F.get_or_init(
+            || match Self::parse(std::env::var("MOEMESH_MESH_FOLDS").ok().as_deref()) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!("{e}; taking every fold");
+                    Self::ALL
+                }
+            },
+        )
+    }
+}
+
 /// Most context positions whose keys and values prefill attention expands at once
 /// (`MOEMESH_PREFILL_KV_CHUNK`, default 4096): a longer context is attended chunk by chunk and
 /// merged by log-sum-exp, so the expanded keys and values stay bounded
@@ -322,6 +389,9 @@ fn aligned16(t: &Tensor) -> bool {
 fn suffix(d: DType) -> &'static str {
     if d == DType::BF16 { "bf16" } else { "f32" }
 }
+
+/// Most rows [`Gpu::wait_add_rms_norm`] takes: each row's block polls the workers' flags.
+pub const WAIT_NORM_MAX_ROWS: usize = 32;
 
 /// What [`Gpu::add_rms_norm`] computes: the residual stream after the add (f32) and its norm.
 pub struct AddNormed {
@@ -463,6 +533,69 @@ impl Gpu {
         dtype: DType,
         want_f32: bool,
     ) -> Result<Option<AddNormed>> {
+        if b.is_some_and(|b| !b.is_contiguous() || b.dims() != x.dims() || !aligned16(b))
+            || b.is_some_and(|b| b.dtype() != DType::F32)
+        {
+            return Ok(None);
+        }
+        let b = b.map(|b| self.ptr(b)).transpose()?;
+        self.add_rms_norm_launch(x, a, w, eps, dtype, want_f32, |args| {
+            args.insert(2, Arg::Ptr(b.unwrap_or(0)));
+            Ok("add_rms_norm")
+        })
+    }
+
+    /// [`add_rms_norm`](Self::add_rms_norm) with `b` the sum of `parts`, each waited for
+    /// first (its flag reaching its table entry, or released): the gate's wait for its
+    /// workers, their sum and the next residual add and norm in one launch. `None` when the
+    /// kernel does not take them (more than [`WAIT_NORM_MAX_ROWS`] rows, parts that are not
+    /// `x`'s shape; nothing queued then).
+    #[allow(clippy::too_many_arguments)]
+    pub fn wait_add_rms_norm(
+        &self,
+        x: &Tensor,
+        a: Option<&Tensor>,
+        parts: &experts::WaitParts,
+        w: &Tensor,
+        eps: f64,
+        dtype: DType,
+        want_f32: bool,
+    ) -> Result<Option<AddNormed>> {
+        let n = parts.parts.len();
+        if x.dims() != [parts.rows, parts.cols]
+            || parts.rows > WAIT_NORM_MAX_ROWS
+            || n == 0
+            || n > 4
+            || parts.waits.len() != n
+            || parts.parts.iter().any(|p| !p.is_multiple_of(16))
+            || parts.table.device().location() != x.device().location()
+        {
+            return Ok(None);
+        }
+        let flags = self.wait_args(&parts.waits, &parts.table, "wait_add_rms_norm")?;
+        self.add_rms_norm_launch(x, a, w, eps, dtype, want_f32, |args| {
+            let at = |i: usize| Arg::Ptr(parts.parts.get(i).copied().unwrap_or(0));
+            let mut ins = vec![at(0), at(1), at(2), at(3), i32_arg(n, "parts")?];
+            ins.extend(flags);
+            args.splice(2..2, ins);
+            Ok("wait_add_rms_norm")
+        })
+    }
+
+    /// The launch both of the above share: `x`, `a` (and what `fill` inserts at argument 2:
+    /// the f32 delta's arguments) then `h, w, out, out_f32, d, eps`; one block a row. `fill`
+    /// names the kernel family (`{name}_{a}_{out}`).
+    #[allow(clippy::too_many_arguments)]
+    fn add_rms_norm_launch(
+        &self,
+        x: &Tensor,
+        a: Option<&Tensor>,
+        w: &Tensor,
+        eps: f64,
+        dtype: DType,
+        want_f32: bool,
+        fill: impl FnOnce(&mut Vec<Arg>) -> Result<&'static str>,
+    ) -> Result<Option<AddNormed>> {
         let Ok((t, d)) = x.dims2() else {
             return Ok(None);
         };
@@ -472,7 +605,6 @@ impl Gpu {
             || !d.is_multiple_of(8)
             || !fits(x)
             || a.is_some_and(|a| !fits(a) || !is_kernel_dtype(a.dtype()))
-            || b.is_some_and(|b| !fits(b) || b.dtype() != DType::F32)
             || !is_kernel_dtype(dtype)
             || w.dtype() != DType::F32
             || !w.is_contiguous()
@@ -484,22 +616,23 @@ impl Gpu {
         let h = self.alloc(DType::F32, &[t, d])?;
         let out = NormOut::alloc(self, t, d, dtype, want_f32)?;
         let adt = a.map_or(DType::F32, |a| a.dtype());
+        let mut args = vec![
+            Arg::Ptr(self.ptr(x)?),
+            Arg::Ptr(a.map_or(Ok(0), |a| self.ptr(a))?),
+            Arg::Ptr(self.ptr(&h)?),
+            Arg::Ptr(self.ptr(w)?),
+            Arg::Ptr(self.ptr(&out.out)?),
+            Arg::Ptr(out.f32_ptr(self)?),
+            i32_arg(d, "norm width")?,
+            Arg::F32(eps as f32),
+        ];
+        let name = fill(&mut args)?;
         self.launch(
-            &format!("add_rms_norm_{}_{}", suffix(adt), suffix(dtype)),
+            &format!("{name}_{}_{}", suffix(adt), suffix(dtype)),
             (t as u32, 1, 1),
             256,
             0,
-            &[
-                Arg::Ptr(self.ptr(x)?),
-                Arg::Ptr(a.map_or(Ok(0), |a| self.ptr(a))?),
-                Arg::Ptr(b.map_or(Ok(0), |b| self.ptr(b))?),
-                Arg::Ptr(self.ptr(&h)?),
-                Arg::Ptr(self.ptr(w)?),
-                Arg::Ptr(self.ptr(&out.out)?),
-                Arg::Ptr(out.f32_ptr(self)?),
-                i32_arg(d, "norm width")?,
-                Arg::F32(eps as f32),
-            ],
+            &args,
         )?;
         let (normed, normed_f32) = out.into_pair(want_f32);
         Ok(Some(AddNormed {
@@ -1290,6 +1423,44 @@ mod tests {
         }
         let always = SampleCluster::parse(Some("always"));
         assert!(always.takes(1) && always.takes(4096));
+    }
+
+    #[test]
+    fn mesh_folds_default_to_all_and_take_a_list() {
+        assert_eq!(MeshFolds::parse(None), Ok(MeshFolds::ALL));
+        assert_eq!(MeshFolds::parse(Some("all")), Ok(MeshFolds::ALL));
+        for off in ["none", "0", "off"] {
+            assert_eq!(MeshFolds::parse(Some(off)), Ok(MeshFolds::NONE));
+        }
+        assert_eq!(
+            MeshFolds::parse(Some("done, wait")),
+            Ok(MeshFolds {
+                signal: false,
+                done: true,
+                wait: true
+            })
+        );
+        assert_eq!(
+            MeshFolds::parse(Some("signal")),
+            Ok(MeshFolds {
+                signal: true,
+                done: false,
+                wait: false
+            })
+        );
+        let e = MeshFolds::parse(Some("signal,combine")).expect_err("unknown fold");
+        assert!(
+            e.contains("\"combine\"") && e.contains("MOEMESH_MESH_FOLDS"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn combine_counters_hold_a_word_per_column_block_and_one_for_the_end() {
+        // V2-Lite's 2,048 columns: 64 column blocks of 32, and the word the down kernel's
+        // last column block counts on to signal a worker's call done.
+        assert_eq!(combine_counter_words(2048), 65);
+        assert_eq!(combine_counter_words(33), 3);
     }
 
     #[test]

@@ -62,7 +62,8 @@ extern "C" __global__ void residual_add_bf16(const float* x, const bf16* a, cons
 // ---------------------------------------------------------------------------------------------
 // The residual add and the next block's RMSNorm in one pass over each row (one block per row):
 // h = x + (a + b), exactly as residual_add (the deltas first; `a` in TA, `b` f32, either null),
-// written to `h`; then out = h / sqrt(mean(h²) + eps) · w as rms_norm computes it (the sum of
+// written to `h` (`b` may come in `nb` f32 parts b, b1, b2, b3, summed in that order first, as
+// add_parts_f32 sums them: the expert workers' partial sums where they wrote them); then out = h / sqrt(mean(h²) + eps) · w as rms_norm computes it (the sum of
 // squares in another order: a last-bit difference in the scale), `out` in TO and `out_f32` an
 // optional f32 copy (the router's). Eight columns a thread: d % 8 == 0, rows 16-byte aligned.
 
@@ -76,17 +77,28 @@ __device__ __forceinline__ void store8(bf16* p, const float v[8]) {
 }
 
 template <typename TA, typename TO>
-__device__ void add_rms_norm(const float* __restrict__ x, const TA* __restrict__ a,
-                             const float* __restrict__ b, float* __restrict__ h,
-                             const float* __restrict__ w, TO* __restrict__ out,
-                             float* __restrict__ out_f32, int d, float eps) {
+__device__ __forceinline__ void add_rms_norm(const float* __restrict__ x, const TA* __restrict__ a,
+                                             const float* __restrict__ b, const float* b1,
+                                             const float* b2, const float* b3, int nb,
+                                             float* __restrict__ h, const float* __restrict__ w,
+                                             TO* __restrict__ out, float* __restrict__ out_f32,
+                                             int d, float eps) {
     const size_t o = (size_t)blockIdx.x * d;
+    const float* more[3] = {b1, b2, b3};
     float ss = 0.f;
     for (int i = threadIdx.x * 8; i < d; i += blockDim.x * 8) {
         float hv[8], av[8], bv[8];
         load8(x + o + i, hv);
         if (a) load8(a + o + i, av);
-        if (b) load8(b + o + i, bv);
+        if (b) {
+            load8(b + o + i, bv);
+            for (int p = 1; p < nb; ++p) {
+                float pv[8];
+                load8(more[p - 1] + o + i, pv);
+#pragma unroll
+                for (int k = 0; k < 8; ++k) bv[k] += pv[k];
+            }
+        }
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
             float dk = 0.f;
@@ -113,7 +125,7 @@ __device__ void add_rms_norm(const float* __restrict__ x, const TA* __restrict__
 #define ADD_RMS_NORM(NAME, TA, TO)                                                              \
     extern "C" __global__ void NAME(const float* x, const TA* a, const float* b, float* h,      \
                                     const float* w, TO* out, float* out_f32, int d, float eps) { \
-        add_rms_norm<TA, TO>(x, a, b, h, w, out, out_f32, d, eps);                              \
+        add_rms_norm<TA, TO>(x, a, b, nullptr, nullptr, nullptr, 1, h, w, out, out_f32, d, eps); \
     }
 ADD_RMS_NORM(add_rms_norm_f32_f32, float, float)
 ADD_RMS_NORM(add_rms_norm_f32_bf16, float, bf16)

@@ -683,6 +683,17 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
         let graphed = self
             .graphs
             .step(&self.model, &self.pool, hidden, &mut step_seqs, experts)?;
+        // A graph's step is settled and committed by `finish_step`: for a large step that
+        // samples, once its logits are queued (the experts' check then runs while the GPU
+        // computes them), else at once.
+        let finish_late = graphed.is_some()
+            && keep != Keep::All
+            && !every_row
+            && !rows.is_empty()
+            && crate::graphs::settle_late(step_seqs.len());
+        if graphed.is_some() && !finish_late {
+            crate::graphs::finish_step(experts, &mut step_seqs)?;
+        }
         // Whether `out` holds the sampled rows only, in order.
         let mut trimmed = false;
         let out = if let Some(out) = graphed {
@@ -700,7 +711,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
                 |_, _| {},
             )?
         };
-        drop(step_seqs);
+        let mut unfinished = finish_late.then_some(step_seqs);
         crate::cuda::trace_mark(out.device(), "layers");
         if keep == Keep::All {
             crate::cuda::trace_flush("step", 0);
@@ -727,6 +738,10 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> StepRunner<K> {
             let idx = Tensor::from_vec(rows, n, self.model.device())?;
             self.model.logits(&out.index_select(&idx, 0)?)?
         };
+        if let Some(seqs) = unfinished.as_mut() {
+            crate::graphs::finish_step(experts, seqs)?;
+        }
+        drop(unfinished);
         let logits = masked(logits, slots.iter().filter(|s| s.sample))?;
         let mut keys = Vec::with_capacity(n);
         let mut samplers = Vec::with_capacity(n);

@@ -449,34 +449,43 @@ impl Worker {
             dtype,
         };
         let into = output.address(0, 4 * rows * hidden)?;
-        if !held.shard.forward_routed_at(
+        // The call's end: what the wait saw into the gate's `seen` word, then its `done` word;
+        // by the down kernel where it folds the combine, else by a launch of its own (spinning
+        // waits) or stream memory operations.
+        let seen = gate_flags.word_address(flags::seen(slots, index, seq))?;
+        let done_word = gate_flags.word_address(flags::done(index))?;
+        let done = moemesh_engine::cuda::DoneFlag {
+            seen_from: observed,
+            seen,
+            done: done_word,
+            value: seq,
+        };
+        let Some(signalled) = held.shard.forward_routed_at(
             &d.stream,
             layer,
             &input,
             &slot_of,
             into,
-            wait.as_ref(),
+            (wait.as_ref(), Some(&done)),
             d.counters.as_ref(),
-        )? {
+        )?
+        else {
             return Err(unfit());
-        }
+        };
         moemesh_engine::cuda::trace_mark(&d.stream, "worker done");
         // A trace line per 26 calls (a V2-Lite step's MoE layers) where traces are on.
         moemesh_engine::cuda::trace_flush("worker", 52);
-        match wait {
-            Some(_) => g.seen_then_signal(
-                observed,
-                gate_flags.word_address(flags::seen(slots, index, seq))?,
-                gate_flags.word_address(flags::done(index))?,
-                seq,
-            )?,
-            None => {
-                own.copy_word(
-                    flags::scratch(slots, index),
-                    &gate_flags,
-                    flags::seen(slots, index, seq),
-                )?;
-                gate_flags.signal(flags::done(index), seq)?;
+        if !signalled {
+            match wait {
+                Some(_) => g.seen_then_signal(observed, seen, done_word, seq)?,
+                None => {
+                    own.copy_word(
+                        flags::scratch(slots, index),
+                        &gate_flags,
+                        flags::seen(slots, index, seq),
+                    )?;
+                    gate_flags.signal(flags::done(index), seq)?;
+                }
             }
         }
         Ok(ForwardResponse {

@@ -32,7 +32,9 @@ use moemesh_common::metrics::names;
 use moemesh_common::transport::{DeviceLayout, ExpertGraphs, flags};
 use moemesh_common::{MeshError, MeshResult, codec, telemetry};
 use moemesh_engine::cuda::{FlagWait, ipc};
-use moemesh_engine::{DType, Device, EngineError, Experts, PendingExperts, Routing, Tensor};
+use moemesh_engine::{
+    DType, Device, EngineError, Experts, PendingExperts, RoutedOut, Routing, Tensor,
+};
 use moemesh_proto::v1::{self, ForwardRequest, SharedActivations};
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
@@ -179,13 +181,38 @@ struct GraphPlan {
     rows: usize,
     dtype: DType,
     calls: Arc<PlanCalls>,
-    /// `[calls]` u32 on the device: each call's number for the run in progress.
+    /// `[calls + 1]` u32 on the device: each call's number for the run in progress, then the
+    /// block counter of the launches that copy a layer's inputs and signal (0 between them).
     table: Tensor,
     /// Every slot of every session the plan uses, held for the step.
     _slots: Vec<SlotGuard>,
     /// The newest number sent per (session, slot) by the last `graph_send`, to release the
     /// calls of a run that was not queued whole.
     sent: Mutex<Vec<(Arc<IpcSession>, usize, u32)>>,
+    /// The run's messages, their room taken by `graph_send`, sent by `graph_post`.
+    posts: Mutex<Vec<GraphPost>>,
+}
+
+/// Messages of a decode graph's run sent before the run is launched (the first layers' calls,
+/// in layer order); the others go right after the launch. `MOEMESH_GRAPH_EARLY_CALLS` (read
+/// once; default: every message before the launch). Sending only the first layers' calls
+/// first (8, 0) measured the same within noise on an H200 (docs/BENCHMARKS.md, session 26).
+fn graph_early_calls() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("MOEMESH_GRAPH_EARLY_CALLS")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(usize::MAX)
+    })
+}
+
+/// One readied message of a decode graph's run: its room on the worker's stream, the message,
+/// and what the watch tracks once it is sent.
+struct GraphPost {
+    permit: mpsc::OwnedPermit<ForwardRequest>,
+    call: ForwardRequest,
+    sent: Sent,
 }
 
 /// Steps between two reads of the device-side expert load into the metrics.
@@ -328,6 +355,8 @@ struct InFlight {
     device: Device,
     deadline: Instant,
     sent: Vec<Sent>,
+    /// Where the step's device work ends (`settle_mark`), when work was queued after it.
+    end: Option<ipc::Fence>,
     /// Workers (serials) whose streams the watch failed for this step.
     failed: HashSet<u64>,
 }
@@ -468,6 +497,7 @@ impl Watch {
             device: device.clone(),
             deadline: Instant::now() + self.timeout,
             sent: Vec::new(),
+            end: None,
             failed: HashSet::new(),
         });
         f.sent.push(sent);
@@ -536,18 +566,10 @@ fn write_inputs(
     ids: &Tensor,
     weights: &Tensor,
 ) -> moemesh_engine::Result<()> {
-    let sizes = [x, ids, weights].map(|t| t.elem_count() * t.dtype().size_in_bytes());
-    if let Some(g) = moemesh_engine::cuda::gpu(x.device()) {
-        let src = [g.address(x)?, g.address(ids)?, g.address(weights)?];
-        if src.iter().all(|a| a.is_multiple_of(4)) && sizes.iter().all(|n| n.is_multiple_of(4)) {
-            let mut copies = Vec::with_capacity(3 * inputs.len());
-            for (input, layout) in inputs {
-                for (i, at) in [0, layout.ids, layout.weights].into_iter().enumerate() {
-                    copies.push((src[i], input.address(at, sizes[i])?, sizes[i]));
-                }
-            }
-            return g.copy_batch(&copies);
-        }
+    if let Some(g) = moemesh_engine::cuda::gpu(x.device())
+        && let Some(copies) = input_copies(&g, inputs, x, ids, weights)?
+    {
+        return g.copy_batch(&copies);
     }
     for (input, layout) in inputs {
         input.write_at(0, x)?;
@@ -555,6 +577,30 @@ fn write_inputs(
         input.write_at(layout.weights, weights)?;
     }
     Ok(())
+}
+
+/// [`write_inputs`]'s copies as `(source, destination, bytes)` device addresses for
+/// [`Gpu::copy_batch`](moemesh_engine::cuda::Gpu::copy_batch) (`None`: not in whole aligned
+/// words; the buffers' own writes then).
+fn input_copies(
+    g: &moemesh_engine::cuda::Gpu,
+    inputs: &[(&ipc::SharedBuffer, DeviceLayout)],
+    x: &Tensor,
+    ids: &Tensor,
+    weights: &Tensor,
+) -> moemesh_engine::Result<Option<Vec<(u64, u64, usize)>>> {
+    let sizes = [x, ids, weights].map(|t| t.elem_count() * t.dtype().size_in_bytes());
+    let src = [g.address(x)?, g.address(ids)?, g.address(weights)?];
+    if !src.iter().all(|a| a.is_multiple_of(4)) || !sizes.iter().all(|n| n.is_multiple_of(4)) {
+        return Ok(None);
+    }
+    let mut copies = Vec::with_capacity(3 * inputs.len());
+    for (input, layout) in inputs {
+        for (i, at) in [0, layout.ids, layout.weights].into_iter().enumerate() {
+            copies.push((src[i], input.address(at, sizes[i])?, sizes[i]));
+        }
+    }
+    Ok(Some(copies))
 }
 
 /// The sum of the workers' `[t, h]` f32 partial sums in their slots' output buffers (after
@@ -702,9 +748,9 @@ impl RemoteExperts {
         let table = {
             let mut t = lock(&self.graph_table);
             match t.as_ref() {
-                Some((k, table)) if *k == key && table.dim(0)? == n => table.clone(),
+                Some((k, table)) if *k == key && table.dim(0)? == n + 1 => table.clone(),
                 _ => {
-                    let table = Tensor::zeros(n, DType::U32, device)?;
+                    let table = Tensor::zeros(n + 1, DType::U32, device)?;
                     *t = Some((key, table.clone()));
                     table
                 }
@@ -717,6 +763,7 @@ impl RemoteExperts {
             table,
             _slots: slots,
             sent: Mutex::new(Vec::new()),
+            posts: Mutex::new(Vec::new()),
         }));
         Ok(())
     }
@@ -774,7 +821,6 @@ impl RemoteExperts {
                 .ok_or_else(|| internal(format!("no slot {}", c.slot)))?;
             inputs.push((&slot.input, d.layout));
         }
-        write_inputs(&inputs, &x, &ids, &weights)?;
         let mut ready = Vec::with_capacity(calls.len());
         for c in calls {
             let Some(d) = c.session.device.as_ref() else {
@@ -782,11 +828,22 @@ impl RemoteExperts {
             };
             ready.push((d.worker_flags.word_address(flags::ready(c.slot))?, c.entry));
         }
-        g.signal_words(&ready, &plan.table)?;
+        // The copies and the `ready` words in one launch where they fit one (the table's last
+        // word counts its blocks), else a launch each.
+        let counter = plan.calls.order.len();
+        let folded = moemesh_engine::cuda::MeshFolds::get().signal
+            && match input_copies(&g, &inputs, &x, &ids, &weights)? {
+                Some(copies) => g.copy_batch_signal(&copies, &ready, &plan.table, counter)?,
+                None => false,
+            };
+        if !folded {
+            write_inputs(&inputs, &x, &ids, &weights)?;
+            g.signal_words(&ready, &plan.table)?;
+        }
         // Counted after the signals: off the workers' critical path.
         lock(&self.load).add(layer as u32, &ids, self.n_experts)?;
         let plan = plan.clone();
-        Ok(PendingExperts::deferred(move || {
+        Ok(PendingExperts::deferred_out(move || {
             let calls = plan
                 .calls
                 .layers
@@ -805,18 +862,34 @@ impl RemoteExperts {
                 done.push((FlagWait { word, release }, c.entry));
                 outputs.push(&slot.output);
             }
-            // Small steps wait and add in one launch; others wait per worker, then add.
             let parts = outputs
                 .iter()
                 .map(|o| o.address(0, 4 * t * h))
                 .collect::<moemesh_engine::Result<Vec<u64>>>()?;
+            // A few rows: the parts and their flags go to the layer's residual add and next
+            // norm, which waits and sums in its own launch (or has them summed).
+            if moemesh_engine::cuda::MeshFolds::get().wait
+                && (1..=4).contains(&parts.len())
+                && t <= moemesh_engine::cuda::WAIT_NORM_MAX_ROWS
+            {
+                let keep: Arc<dyn std::any::Any + Send + Sync> = plan.clone();
+                return Ok(RoutedOut::Parts(moemesh_engine::cuda::WaitParts {
+                    parts,
+                    waits: done,
+                    table: plan.table.clone(),
+                    rows: t,
+                    cols: h,
+                    keep,
+                }));
+            }
+            // Small steps wait and add in one launch; others wait per worker, then add.
             if let Some(sum) = g.wait_add_parts(&parts, &done, &plan.table, &[t, h])? {
-                return Ok(sum);
+                return Ok(RoutedOut::Sum(sum));
             }
             for &(w, entry) in &done {
                 g.wait_word(w, &plan.table, entry)?;
             }
-            sum_outputs(&outputs, t, h, &device)
+            sum_outputs(&outputs, t, h, &device).map(RoutedOut::Sum)
         }))
     }
 }
@@ -1071,32 +1144,55 @@ impl Experts for RemoteExperts {
         let n = seqs.len();
         plan.table
             .slice_set(&Tensor::from_vec(seqs.clone(), n, &device)?, 0, 0)?;
+        let mut posts = Vec::with_capacity(calls.len());
         for ((c, permit), seq) in calls.iter().zip(permits).zip(seqs) {
-            permit.send(device_call(
-                c.client.next_call_id(),
-                plan.calls.order[c.entry].0,
-                (c.session.id, c.slot),
-                plan.rows,
-                plan.dtype,
-                seq,
-                c.experts.clone(),
-            ));
-            self.watch.track(
-                &device,
-                Sent {
+            posts.push(GraphPost {
+                permit,
+                call: device_call(
+                    c.client.next_call_id(),
+                    plan.calls.order[c.entry].0,
+                    (c.session.id, c.slot),
+                    plan.rows,
+                    plan.dtype,
+                    seq,
+                    c.experts.clone(),
+                ),
+                sent: Sent {
                     client: c.client.clone(),
                     conn: c.conn.clone(),
                     session: c.session.clone(),
                     slot: c.slot,
                     seq,
                 },
-            );
+            });
         }
+        // The first layers' messages go now, so that the workers queue those calls while the
+        // run is launched; the rest once it is (`graph_post`), while the GPU runs the first
+        // layers.
+        let early = graph_early_calls().min(posts.len());
+        let rest = posts.split_off(early);
+        for p in posts {
+            p.permit.send(p.call);
+            self.watch.track(&device, p.sent);
+        }
+        *lock(&plan.posts) = rest;
         *lock(&plan.sent) = newest
             .into_iter()
             .map(|((_, slot), (session, seq))| (session, slot, seq))
             .collect();
         Ok(true)
+    }
+
+    fn graph_post(&self) {
+        let Some(plan) = lock(&self.graph).clone() else {
+            return;
+        };
+        let posts = std::mem::take(&mut *lock(&plan.posts));
+        let device = plan.table.device().clone();
+        for p in posts {
+            p.permit.send(p.call);
+            self.watch.track(&device, p.sent);
+        }
     }
 
     fn graph_end(&self, ran: bool) {
@@ -1126,12 +1222,31 @@ impl Experts for RemoteExperts {
         *lock(&self.watch.step) = None;
     }
 
+    fn settle_mark(&self) {
+        let mut step = lock(&self.watch.step);
+        if let Some(f) = step.as_mut() {
+            match ipc::fence(&f.device) {
+                Ok(end) => f.end = Some(end),
+                // `settle` then waits for everything queued by then.
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not mark the end of a step's device work")
+                }
+            }
+        }
+    }
+
     fn settle(&self) -> moemesh_engine::Result<()> {
-        let Some(device) = lock(&self.watch.step).as_ref().map(|f| f.device.clone()) else {
+        let Some((device, end)) = lock(&self.watch.step)
+            .as_mut()
+            .map(|f| (f.device.clone(), f.end.take()))
+        else {
             return Ok(());
         };
         // Bounded: past the deadline the watch releases every wait of the step.
-        let waited = ipc::fence(&device).and_then(|f| f.wait());
+        let waited = match end {
+            Some(end) => end.wait(),
+            None => ipc::fence(&device).and_then(|f| f.wait()),
+        };
         let Some(step) = lock(&self.watch.step).take() else {
             return waited;
         };
