@@ -355,8 +355,9 @@ struct InFlight {
     device: Device,
     deadline: Instant,
     sent: Vec<Sent>,
-    /// Where the step's device work ends (`settle_mark`), when work was queued after it.
-    end: Option<ipc::Fence>,
+    /// Where the step's device work ends (`settle_mark`), when work was queued after it, and
+    /// how many calls were tracked then (a call tracked later makes the mark stale).
+    end: Option<(ipc::Fence, usize)>,
     /// Workers (serials) whose streams the watch failed for this step.
     failed: HashSet<u64>,
 }
@@ -1226,7 +1227,7 @@ impl Experts for RemoteExperts {
         let mut step = lock(&self.watch.step);
         if let Some(f) = step.as_mut() {
             match ipc::fence(&f.device) {
-                Ok(end) => f.end = Some(end),
+                Ok(end) => f.end = Some((end, f.sent.len())),
                 // `settle` then waits for everything queued by then.
                 Err(e) => {
                     tracing::debug!(error = %e, "could not mark the end of a step's device work")
@@ -1236,15 +1237,15 @@ impl Experts for RemoteExperts {
     }
 
     fn settle(&self) -> moemesh_engine::Result<()> {
-        let Some((device, end)) = lock(&self.watch.step)
-            .as_mut()
-            .map(|f| (f.device.clone(), f.end.take()))
-        else {
+        let Some((device, end)) = lock(&self.watch.step).as_mut().map(|f| {
+            let end = f.end.take().filter(|(_, n)| *n == f.sent.len());
+            (f.device.clone(), end)
+        }) else {
             return Ok(());
         };
         // Bounded: past the deadline the watch releases every wait of the step.
         let waited = match end {
-            Some(end) => end.wait(),
+            Some((end, _)) => end.wait(),
             None => ipc::fence(&device).and_then(|f| f.wait()),
         };
         let Some(step) = lock(&self.watch.step).take() else {
