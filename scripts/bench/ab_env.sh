@@ -25,3 +25,18 @@ for l in sys.stdin.read().strip().splitlines():
     r = json.loads(l)
     print(f\"$1 batch {r['concurrency']}: {r['itl_ms']['p50']:.2f} ms/step (ITL p50), p99 {r['itl_ms']['p99']:.2f}\")"
 }
+# `warm_up BIN`: one unrecorded mesh (`up`, gate + 2 workers on cuda:0) and a short batch-1 run
+# through it before the first round, unless AB_WARMUP=0: the first `up` on a fresh machine ran
+# slow for every binary (c1 ITL 4.7-5.3 ms against 3.4-3.8 after; BENCHMARKS, session 26).
+warm_up() {
+    [[ ${AB_WARMUP:-1} == 0 ]] && return 0
+    "$1" up --listen 127.0.0.1:50179 "${M[@]}" --device cuda:0 --expert-workers 2 \
+        >/tmp/ab-warmup.out 2>/tmp/ab-warmup.err &
+    local pid=$!
+    for _ in $(seq 600); do grep -q '"event":"ready"' /tmp/ab-warmup.out 2>/dev/null && break; sleep 0.1; done
+    "$1" bench --addr 127.0.0.1:50179 --concurrency 1 --requests 8 --prompt-len 128 \
+        --output-len 32 --json >/dev/null 2>&1
+    kill -TERM $pid
+    wait $pid 2>/dev/null
+    return 0
+}

@@ -5,12 +5,14 @@
 # MPS as up starts it). Prints one line per run and batch size.
 #
 #   scripts/bench/decode_ab.sh BIN_A BIN_B [ROUNDS]
-# DECODE_SWEEP: batch sizes (1,64); DECODE_MESH=0 leaves the mesh out.
+# DECODE_SWEEP: batch sizes (1,64); DECODE_MESH=0 leaves the mesh out; AB_WARMUP=0 skips the
+# unrecorded warm-up mesh before round 1 (ab_env.sh's warm_up).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ROUNDS=${3:-2}
 SWEEP=${DECODE_SWEEP:-1,64}
 source scripts/bench/ab_env.sh
+warm_up "$1"
 for round in $(seq "$ROUNDS"); do
     for bin in "${@:1:2}"; do
         name=$(basename "$bin")

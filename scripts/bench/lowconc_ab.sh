@@ -6,12 +6,14 @@
 # decode sweep at batch 1 and 64 on both. One line per run.
 #
 #   scripts/bench/lowconc_ab.sh BIN_A BIN_B [ROUNDS]
+# AB_WARMUP=0 skips the unrecorded warm-up mesh before round 1 (ab_env.sh's warm_up).
 # To A/B an environment switch of one binary, pass two wrapper scripts, e.g.
 #   printf '#!/bin/sh\nMOEMESH_MLA_FUSED=0 exec /tmp/mm "$@"\n' > /tmp/off
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ROUNDS=${3:-2}
 source scripts/bench/ab_env.sh
+warm_up "$1"
 for round in $(seq "$ROUNDS"); do
     for bin in "${@:1:2}"; do
         name=$(basename "$bin")
