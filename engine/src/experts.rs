@@ -118,19 +118,13 @@ pub trait Experts: Send + Sync {
         Ok(None)
     }
 
-    /// Readies the fixed plan's calls for one run of the layers (an eager run or a graph's
-    /// replay, never a capture, which runs nothing): takes room for every message and fills
-    /// the flag table, before the run is queued. `false`, having sent nothing, when the calls
-    /// cannot go now (the step then runs the ordinary way). Messages it does not send at once
-    /// go with [`graph_post`](Self::graph_post).
+    /// Sends the fixed plan's calls for one run of the layers (an eager run or a graph's replay,
+    /// never a capture, which runs nothing) and fills the flag table, before the run is queued.
+    /// `false`, having sent nothing, when the calls cannot go now (the step then runs the
+    /// ordinary way).
     fn graph_send(&self) -> Result<bool> {
         Ok(false)
     }
-
-    /// Sends the messages [`graph_send`](Self::graph_send) readied (it cannot fail then: their
-    /// room is taken). Called once the run is queued, so that the host's sends overlap the
-    /// GPU's first layers (the calls' device work waits on the flags, whichever comes first).
-    fn graph_post(&self) {}
 
     /// Ends the plan of [`graph_begin`](Self::graph_begin); `ran`: whether the last run that
     /// [`graph_send`](Self::graph_send) sent calls for was queued whole (when not, the calls it

@@ -342,7 +342,6 @@ impl DecodeGraphs {
                 }
                 graph.launch()?;
                 if let Some(p) = plan.as_mut() {
-                    experts.graph_post();
                     p.ran = true;
                 }
                 self.stats.replayed += 1;
@@ -352,9 +351,6 @@ impl DecodeGraphs {
                     .ok_or_else(|| EngineError::Internal("the GPU went away".into()))?;
                 if !send(&mut plan)? {
                     return Ok(None);
-                }
-                if plan.is_some() {
-                    experts.graph_post();
                 }
                 // The eager run fills candle's cache of small uploads; the capture reads it.
                 if let Err(e) = g.with_cached_uploads(|| run(&bucket.ints)) {

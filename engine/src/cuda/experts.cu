@@ -506,17 +506,46 @@ extern "C" __global__ void flag_wait_geq(const uint32_t* word, const uint32_t* t
     __threadfence_system();
 }
 
-// Up to four words at once: word j gets table[i_j] (the first n are written).
-extern "C" __global__ void flag_signal_n(uint32_t* w0, uint32_t* w1, uint32_t* w2, uint32_t* w3,
-                                         const uint32_t* table, int i0, int i1, int i2, int i3,
-                                         int n) {
-    __threadfence_system();
+// Word j (of the first n, up to four) gets table[i_j], each a release store at system scope
+// (the caller fences first).
+__device__ __forceinline__ void store_from_table(uint32_t* w0, uint32_t* w1, uint32_t* w2,
+                                                 uint32_t* w3, const uint32_t* table, int i0,
+                                                 int i1, int i2, int i3, int n) {
     uint32_t* words[4] = {w0, w1, w2, w3};
     const int at[4] = {i0, i1, i2, i3};
     for (int j = 0; j < n && j < 4; ++j) {
         const uint32_t v = table[at[j]];
         asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(words[j]), "r"(v) : "memory");
     }
+}
+
+// Thread 0 of each block waits for word j (of the first n, up to four) to reach table[i_j] or
+// for its release flag r_j (wait_or_release; block 0 keeps the `waiting` record), then fences;
+// the barrier holds the block's other threads until then.
+__device__ __forceinline__ void wait_words_block(const uint32_t* w0, const uint32_t* w1,
+                                                 const uint32_t* w2, const uint32_t* w3,
+                                                 const uint32_t* table, int i0, int i1, int i2,
+                                                 int i3, const uint32_t* r0, const uint32_t* r1,
+                                                 const uint32_t* r2, const uint32_t* r3,
+                                                 uint32_t* waiting, int n) {
+    if (threadIdx.x == 0) {
+        const uint32_t* words[4] = {w0, w1, w2, w3};
+        const uint32_t* release[4] = {r0, r1, r2, r3};
+        const int at[4] = {i0, i1, i2, i3};
+        uint32_t* record = blockIdx.x == 0 ? waiting : nullptr;
+        for (int j = 0; j < n && j < 4; ++j)
+            wait_or_release(words[j], table[at[j]], 128, release[j], record, nullptr);
+        __threadfence_system();
+    }
+    __syncthreads();
+}
+
+// Up to four words at once: word j gets table[i_j] (the first n are written).
+extern "C" __global__ void flag_signal_n(uint32_t* w0, uint32_t* w1, uint32_t* w2, uint32_t* w3,
+                                         const uint32_t* table, int i0, int i1, int i2, int i3,
+                                         int n) {
+    __threadfence_system();
+    store_from_table(w0, w1, w2, w3, table, i0, i1, i2, i3, n);
 }
 
 // After a call's output: *seen = *from (what the wait saw), then `done` = v, released after
@@ -560,16 +589,7 @@ extern "C" __global__ void wait_add_parts_f32(float4* out, const float4* p0, con
                                               int i3, const uint32_t* r0, const uint32_t* r1,
                                               const uint32_t* r2, const uint32_t* r3,
                                               uint32_t* waiting) {
-    if (threadIdx.x == 0) {
-        const uint32_t* words[4] = {w0, w1, w2, w3};
-        const uint32_t* release[4] = {r0, r1, r2, r3};
-        const int at[4] = {i0, i1, i2, i3};
-        uint32_t* record = blockIdx.x == 0 ? waiting : nullptr;
-        for (int j = 0; j < parts && j < 4; ++j)
-            wait_or_release(words[j], table[at[j]], 128, release[j], record, nullptr);
-        __threadfence_system();
-    }
-    __syncthreads();
+    wait_words_block(w0, w1, w2, w3, table, i0, i1, i2, i3, r0, r1, r2, r3, waiting, parts);
     sum_parts(out, p0, p1, p2, p3, parts, n4);
 }
 
@@ -585,16 +605,7 @@ extern "C" __global__ void wait_add_parts_f32(float4* out, const float4* p0, con
         const uint32_t* r0, const uint32_t* r1, const uint32_t* r2, const uint32_t* r3,         \
         uint32_t* waiting, float* h, const float* w, TO* out, float* out_f32, int d,            \
         float eps) {                                                                            \
-        if (threadIdx.x == 0) {                                                                 \
-            const uint32_t* words[4] = {w0, w1, w2, w3};                                        \
-            const uint32_t* release[4] = {r0, r1, r2, r3};                                      \
-            const int at[4] = {i0, i1, i2, i3};                                                 \
-            uint32_t* record = blockIdx.x == 0 ? waiting : nullptr;                             \
-            for (int j = 0; j < parts && j < 4; ++j)                                            \
-                wait_or_release(words[j], table[at[j]], 128, release[j], record, nullptr);     \
-            __threadfence_system();                                                             \
-        }                                                                                       \
-        __syncthreads();                                                                        \
+        wait_words_block(w0, w1, w2, w3, table, i0, i1, i2, i3, r0, r1, r2, r3, waiting, parts); \
         add_rms_norm<TA, TO>(x, a, p0, p1, p2, p3, parts, h, w, out, out_f32, d, eps);          \
     }
 WAIT_ADD_RMS_NORM(wait_add_rms_norm_f32_f32, float, float)
@@ -660,12 +671,7 @@ extern "C" __global__ void copy_batch_signal(COPY_BATCH_ARGS, uint32_t* counter,
     if (!last || threadIdx.x != 0) return;
     *counter = 0u;
     __threadfence_system();
-    uint32_t* w[4] = {w0, w1, w2, w3};
-    const int at[4] = {i0, i1, i2, i3};
-    for (int j = 0; j < words && j < 4; ++j) {
-        const uint32_t v = table[at[j]];
-        asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(w[j]), "r"(v) : "memory");
-    }
+    store_from_table(w0, w1, w2, w3, table, i0, i1, i2, i3, words);
 }
 
 // The slot a block of the expert kernels works on: blockIdx.y, or, with `active` (moe_align's

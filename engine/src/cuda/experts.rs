@@ -535,24 +535,38 @@ impl Gpu {
     /// [`crate::cuda::ipc::Region::word_address`]).
     pub fn signal_words(&self, words: &[(u64, usize)], table: &Tensor) -> Result<()> {
         for chunk in words.chunks(4) {
-            let mut args = Vec::with_capacity(10);
-            for j in 0..4 {
-                args.push(Arg::Ptr(chunk.get(j).map_or(0, |w| w.0)));
-            }
-            args.push(Arg::Ptr(self.ptr(table)?));
-            for &(word, i) in chunk {
-                Self::check_flag(table, i, word, "flag_signal_n")?;
-            }
-            for j in 0..4 {
-                args.push(i32_arg(
-                    chunk.get(j).map_or(0, |w| w.1),
-                    "flag table entry",
-                )?);
-            }
-            args.push(i32_arg(chunk.len(), "flag words")?);
+            let args = self.signal_args(chunk, table, "flag_signal_n")?;
             self.launch("flag_signal_n", (1, 1, 1), 1, 0, &args)?;
         }
         Ok(())
+    }
+
+    /// The arguments of the kernels that store table entries to up to four flag words
+    /// (experts.cu's `store_from_table`: `flag_signal_n`, the tail of `copy_batch_signal`):
+    /// four words, the table, four entries, the count.
+    fn signal_args(&self, words: &[(u64, usize)], table: &Tensor, name: &str) -> Result<Vec<Arg>> {
+        if words.len() > 4 {
+            return Err(EngineError::Internal(format!(
+                "{name}: {} flag words (at most 4)",
+                words.len()
+            )));
+        }
+        for &(word, i) in words {
+            Self::check_flag(table, i, word, name)?;
+        }
+        let mut args = Vec::with_capacity(10);
+        for j in 0..4 {
+            args.push(Arg::Ptr(words.get(j).map_or(0, |w| w.0)));
+        }
+        args.push(Arg::Ptr(self.ptr(table)?));
+        for j in 0..4 {
+            args.push(i32_arg(
+                words.get(j).map_or(0, |w| w.1),
+                "flag table entry",
+            )?);
+        }
+        args.push(i32_arg(words.len(), "flag words")?);
+        Ok(args)
     }
 
     /// Queues a one-thread kernel that waits until the flag `w.word` reaches `table[index]` in
@@ -779,21 +793,8 @@ impl Gpu {
             return Ok(false);
         };
         Self::check_flag(table, counter, 0, "copy_batch_signal")?;
-        for &(word, i) in words {
-            Self::check_flag(table, i, word, "copy_batch_signal")?;
-        }
         args.push(Arg::Ptr(self.ptr(table)? + 4 * counter as u64));
-        for j in 0..4 {
-            args.push(Arg::Ptr(words.get(j).map_or(0, |w| w.0)));
-        }
-        args.push(Arg::Ptr(self.ptr(table)?));
-        for j in 0..4 {
-            args.push(i32_arg(
-                words.get(j).map_or(0, |w| w.1),
-                "flag table entry",
-            )?);
-        }
-        args.push(i32_arg(words.len(), "flag words")?);
+        args.extend(self.signal_args(words, table, "copy_batch_signal")?);
         self.launch("copy_batch_signal", grid, 256, 0, &args)?;
         Ok(true)
     }

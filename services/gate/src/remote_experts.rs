@@ -189,30 +189,6 @@ struct GraphPlan {
     /// The newest number sent per (session, slot) by the last `graph_send`, to release the
     /// calls of a run that was not queued whole.
     sent: Mutex<Vec<(Arc<IpcSession>, usize, u32)>>,
-    /// The run's messages, their room taken by `graph_send`, sent by `graph_post`.
-    posts: Mutex<Vec<GraphPost>>,
-}
-
-/// Messages of a decode graph's run sent before the run is launched (the first layers' calls,
-/// in layer order); the others go right after the launch. `MOEMESH_GRAPH_EARLY_CALLS` (read
-/// once; default: every message before the launch). Sending only the first layers' calls
-/// first (8, 0) measured the same within noise on an H200 (docs/BENCHMARKS.md, session 26).
-fn graph_early_calls() -> usize {
-    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *N.get_or_init(|| {
-        std::env::var("MOEMESH_GRAPH_EARLY_CALLS")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(usize::MAX)
-    })
-}
-
-/// One readied message of a decode graph's run: its room on the worker's stream, the message,
-/// and what the watch tracks once it is sent.
-struct GraphPost {
-    permit: mpsc::OwnedPermit<ForwardRequest>,
-    call: ForwardRequest,
-    sent: Sent,
 }
 
 /// Steps between two reads of the device-side expert load into the metrics.
@@ -764,7 +740,6 @@ impl RemoteExperts {
             table,
             _slots: slots,
             sent: Mutex::new(Vec::new()),
-            posts: Mutex::new(Vec::new()),
         }));
         Ok(())
     }
@@ -1145,55 +1120,32 @@ impl Experts for RemoteExperts {
         let n = seqs.len();
         plan.table
             .slice_set(&Tensor::from_vec(seqs.clone(), n, &device)?, 0, 0)?;
-        let mut posts = Vec::with_capacity(calls.len());
         for ((c, permit), seq) in calls.iter().zip(permits).zip(seqs) {
-            posts.push(GraphPost {
-                permit,
-                call: device_call(
-                    c.client.next_call_id(),
-                    plan.calls.order[c.entry].0,
-                    (c.session.id, c.slot),
-                    plan.rows,
-                    plan.dtype,
-                    seq,
-                    c.experts.clone(),
-                ),
-                sent: Sent {
+            permit.send(device_call(
+                c.client.next_call_id(),
+                plan.calls.order[c.entry].0,
+                (c.session.id, c.slot),
+                plan.rows,
+                plan.dtype,
+                seq,
+                c.experts.clone(),
+            ));
+            self.watch.track(
+                &device,
+                Sent {
                     client: c.client.clone(),
                     conn: c.conn.clone(),
                     session: c.session.clone(),
                     slot: c.slot,
                     seq,
                 },
-            });
+            );
         }
-        // The first layers' messages go now, so that the workers queue those calls while the
-        // run is launched; the rest once it is (`graph_post`), while the GPU runs the first
-        // layers.
-        let early = graph_early_calls().min(posts.len());
-        let rest = posts.split_off(early);
-        for p in posts {
-            p.permit.send(p.call);
-            self.watch.track(&device, p.sent);
-        }
-        *lock(&plan.posts) = rest;
         *lock(&plan.sent) = newest
             .into_iter()
             .map(|((_, slot), (session, seq))| (session, slot, seq))
             .collect();
         Ok(true)
-    }
-
-    fn graph_post(&self) {
-        let Some(plan) = lock(&self.graph).clone() else {
-            return;
-        };
-        let posts = std::mem::take(&mut *lock(&plan.posts));
-        let device = plan.table.device().clone();
-        for p in posts {
-            p.permit.send(p.call);
-            self.watch.track(&device, p.sent);
-        }
     }
 
     fn graph_end(&self, ran: bool) {
