@@ -783,9 +783,16 @@ impl Gpu {
         // Tokens, then the logprobs' bits: one copy back.
         let out = self.alloc(DType::U32, &[2 * n])?;
         let at = self.ptr(&out)?;
+        // A few rows: a cluster of blocks a row, as the sampler takes them (one block walked a
+        // row's logits twice on one multiprocessor).
+        let (kernel, blocks) = if sample_cluster_rows(n) {
+            ("argmax_logprob_c8", n * SAMPLE_CLUSTER)
+        } else {
+            ("argmax_logprob", n)
+        };
         self.launch(
-            "argmax_logprob",
-            (n as u32, 1, 1),
+            kernel,
+            (blocks as u32, 1, 1),
             1024,
             0,
             &[

@@ -870,3 +870,89 @@ extern "C" __global__ void __cluster_dims__(SAMPLE_CLUSTER, 1, 1)
                        int adjust_at, uint32_t* out) {
     sample_row<SAMPLE_CLUSTER>(logits, work, vocab, plans, adjust_at, out);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Greedy sampling of a few rows on a cluster of SAMPLE_CLUSTER blocks a row (grid: rows ·
+// SAMPLE_CLUSTER blocks of 1,024 threads), the host's rule as `argmax_logprob` has it (lowest id
+// on ties, NaN never chosen; the log-softmax's sum in f64): one block a row walked its 102,400
+// logits twice on one multiprocessor (47 us a step at batch 1, H200; BENCHMARKS session 27).
+// Block `rank` takes the contiguous ids of its SampleSlice; the maximum and its id go over the
+// cluster as one 64-bit key (value's order key high, inverted id low: the largest key is the
+// largest value at its lowest id), the sum in rank order, so every block sees the same result.
+// The sum adds the same terms as one block's in another order (the last bits of the f64 sum).
+__device__ __forceinline__ unsigned long long argmax_block_max(unsigned long long k,
+                                                               unsigned long long* part) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const unsigned long long other = __shfl_xor_sync(0xffffffffu, k, o);
+        k = other > k ? other : k;
+    }
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = k;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        k = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0ull;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const unsigned long long other = __shfl_xor_sync(0xffffffffu, k, o);
+            k = other > k ? other : k;
+        }
+    }
+    return k;  // valid in warp 0
+}
+
+__device__ __forceinline__ double argmax_block_sum(double s, double* part) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
+    __syncthreads();
+    double tot = 0.0;
+    if (threadIdx.x == 0)
+        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) tot += part[w];
+    return tot;  // valid in thread 0
+}
+
+extern "C" __global__ void __cluster_dims__(SAMPLE_CLUSTER, 1, 1) __launch_bounds__(1024, 1)
+    argmax_logprob_c8(const float* logits, int vocab, uint32_t* token, float* logprob) {
+    constexpr int C = SAMPLE_CLUSTER;
+    __shared__ unsigned long long kpart[32], kslot[2];
+    __shared__ double dpart[32], dslot[2];
+    __shared__ unsigned long long kblock;
+    __shared__ double dblock;
+    const int row = blockIdx.x / C;
+    const unsigned rank = cooperative_groups::this_cluster().block_rank();
+    const int share = ((vocab + C - 1) / C + 3) & ~3;
+    const int s0 = min(vocab, (int)rank * share), s1 = min(vocab, s0 + share);
+    const float* l = logits + (size_t)row * vocab;
+
+    unsigned long long key = 0ull;
+    for (int i = s0 + threadIdx.x; i < s1; i += blockDim.x) {
+        const float v = l[i];
+        if (v != v) continue;
+        const unsigned long long k =
+            ((unsigned long long)sample_key(v) << 32) | (unsigned long long)(0xFFFFFFFFu - (uint32_t)i);
+        key = k > key ? k : key;
+    }
+    key = argmax_block_max(key, kpart);
+    if (threadIdx.x == 0) kblock = key;
+    __syncthreads();
+    key = sample_cluster<C>(
+        kblock, [](unsigned long long a, unsigned long long b) { return b > a ? b : a; }, &kslot[1]);
+    // No valid logit: id 0 against a maximum of -inf (as `argmax_logprob`).
+    const float mx = key ? sample_unkey((uint32_t)(key >> 32)) : -INFINITY;
+    const uint32_t arg = key ? 0xFFFFFFFFu - (uint32_t)(key & 0xFFFFFFFFull) : 0u;
+
+    double s = 0.0;
+    for (int i = s0 + threadIdx.x; i < s1; i += blockDim.x) {
+        const float v = l[i];
+        if (v == v) s += (double)expf(v - mx);
+    }
+    s = argmax_block_sum(s, dpart);
+    if (threadIdx.x == 0) dblock = s;
+    __syncthreads();
+    const double tot =
+        sample_cluster<C>(dblock, [](double a, double b) { return a + b; }, &dslot[1]);
+    if (rank == 0 && threadIdx.x == 0) {
+        token[row] = arg;
+        logprob[row] = (float)((double)(l[arg] - mx) - log(tot));
+    }
+}

@@ -51,13 +51,20 @@ fn normal_row(rng: &mut ChaCha8Rng, vocab: usize, spread: f32) -> Vec<f32> {
 }
 
 /// The parameter sets checked, by name.
-fn param_sets() -> Vec<(&'static str, SamplingParams)> {
+/// The parameter sets, each with the batch it runs at where that is fixed: the plain greedy
+/// rows go through `argmax_logprob`, at 8 rows on a cluster of blocks a row
+/// (`argmax_logprob_c8`) and at 32 with one block a row.
+fn param_sets() -> Vec<(&'static str, SamplingParams, Option<usize>)> {
     let base = SamplingParams {
         temperature: 1.0,
         seed: Some(0),
         ..SamplingParams::default()
     };
-    vec![
+    let greedy = SamplingParams {
+        temperature: 0.0,
+        ..base
+    };
+    let sets = vec![
         ("T1", base),
         (
             "T0.6 p0.95",
@@ -114,7 +121,11 @@ fn param_sets() -> Vec<(&'static str, SamplingParams)> {
                 ..base
             },
         ),
-    ]
+    ];
+    let mut out: Vec<_> = sets.into_iter().map(|(n, p)| (n, p, None)).collect();
+    out.push(("greedy, 8 rows", greedy, Some(8)));
+    out.push(("greedy, 32 rows", greedy, Some(32)));
+    out
 }
 
 /// Runs both checks on `device`; an empty report where the device is not a GPU. `quick` runs
@@ -153,7 +164,9 @@ pub fn run(device: &Device, quick: bool) -> anyhow::Result<Vec<SamplerCheck>> {
         (32, 4)
     };
     for (row_name, row) in &rows {
-        for (pname, params) in param_sets() {
+        for (pname, params, rows_here) in param_sets() {
+            let batch = rows_here.unwrap_or(batch);
+            let plain_greedy = rows_here.is_some();
             let mut device_side: Vec<Sampler> = (0..batch)
                 .map(|b| {
                     let p = SamplingParams {
@@ -162,9 +175,10 @@ pub fn run(device: &Device, quick: bool) -> anyhow::Result<Vec<SamplerCheck>> {
                     };
                     let prompt: Vec<u32> = (0..64).map(|_| rng.random_range(0..200u32)).collect();
                     let generated: Vec<u32> = (0..8).map(|_| rng.random_range(0..200u32)).collect();
-                    // Every fourth sampler also has EOS-like ids suppressed for a while.
+                    // Every fourth sampler also has EOS-like ids suppressed for a while (not in
+                    // the plain greedy sets: a row with suppressed ids goes to the sampler).
                     let s = Sampler::resume(p, b as u32).with_history(&prompt, &generated);
-                    if b % 4 == 0 {
+                    if b % 4 == 0 && !plain_greedy {
                         s.with_min_new_tokens(10 + steps, &[1, 2, 3])
                     } else {
                         s
