@@ -12,7 +12,7 @@ use crate::logprobs::PromptLogprob;
 
 use super::decoder::SequenceDecoder;
 use super::runner::{PromptAsk, SeqOutput, SlotSpec};
-use super::scheduler::{Entry, KvState, Limits, Plan, Scheduler};
+use super::scheduler::{Entry, KvState, Limits, Plan, Scheduler, Slot};
 
 /// A sequence in a step loop.
 pub struct Sequence<T> {
@@ -271,6 +271,50 @@ impl<T> Batch<T> {
         }
     }
 
+    /// The step after `prev` in a run of decode steps (the gate runs several steps of the same
+    /// sequences for one request, feeding each the tokens the one before sampled): the same
+    /// slots one position on, one row each, sampling; no ids (the runner has them), nothing
+    /// released. The planner is not asked: a run holds its sequences as they were, and
+    /// [`on_tokens`](Self::on_tokens) skips those that finished meanwhile (their KV is released
+    /// with the next step sent).
+    pub fn continue_step(prev: &Step) -> Step {
+        let slots: Vec<Slot> = prev
+            .plan
+            .slots
+            .iter()
+            .map(|s| Slot {
+                id: s.id,
+                start: s.start + s.len,
+                len: 1,
+                sample: true,
+                cached: 0,
+            })
+            .collect();
+        Step {
+            slots: prev
+                .slots
+                .iter()
+                .map(|s| SlotSpec {
+                    key: s.key,
+                    start: s.start + s.tokens,
+                    tokens: 1,
+                    sample: true,
+                    sampling: None,
+                    cache_salt: s.cache_salt,
+                    prompt_logprobs: None,
+                    allowed: None,
+                })
+                .collect(),
+            ids: Vec::new(),
+            release: Vec::new(),
+            plan: Plan {
+                decode: slots.len(),
+                slots,
+                ..Plan::default()
+            },
+        }
+    }
+
     /// The runner computed prompt logprobs for (sequence, its rows' logprobs): they are kept
     /// until the sequence's first token. Call before [`on_tokens`](Self::on_tokens).
     pub fn on_prompt_logprobs(&mut self, lps: Vec<(u64, Vec<PromptLogprob>)>) {
@@ -383,6 +427,85 @@ mod tests {
             prompt_logprobs: Vec::new(),
             payload: (),
         }
+    }
+
+    #[test]
+    fn a_run_continues_its_decodes_one_position_on_and_skips_what_finished() {
+        let limits = Limits {
+            token_budget: 64,
+            max_running: 8,
+            max_skips: 4,
+        };
+        let mut batch = Batch::default();
+        batch.set_kv(KvState {
+            free_blocks: 100,
+            total_blocks: 100,
+            block_tokens: 16,
+        });
+        // Sequence 2 may make 2 tokens, sequence 1 four (`seq`).
+        batch.admit(seq(1, 5));
+        let mut two = seq(2, 3);
+        two.req.max_new_tokens = 2;
+        two.decoder =
+            SequenceDecoder::new(&two.req, None, Arc::from(vec![]), 4096).expect("decoder");
+        batch.admit(two);
+        let (prefill, _) = batch.next_step(limits);
+        let out = |ids: &[u64], token| -> Vec<SeqOutput<u64>> {
+            ids.iter()
+                .map(|&key| SeqOutput {
+                    key,
+                    token,
+                    logprob: 0.0,
+                    top: Vec::new(),
+                })
+                .collect()
+        };
+        assert!(
+            batch
+                .on_tokens(&prefill, &out(&[1, 2], 7), |_, _| {})
+                .is_empty()
+        );
+        let (decode, _) = batch.next_step(limits);
+        let starts = |st: &Step| -> Vec<(u64, usize, usize)> {
+            st.plan
+                .slots
+                .iter()
+                .map(|x| (x.id, x.start, x.len))
+                .collect()
+        };
+        assert_eq!(starts(&decode), vec![(1, 5, 1), (2, 3, 1)]);
+        let run = Batch::<()>::continue_step(&decode);
+        assert_eq!(starts(&run), vec![(1, 6, 1), (2, 4, 1)]);
+        assert!(run.ids.is_empty() && run.release.is_empty());
+        assert!(
+            run.slots
+                .iter()
+                .all(|x| x.tokens == 1 && x.sample && x.sampling.is_none())
+        );
+        assert_eq!(
+            run.slots
+                .iter()
+                .map(|x| (x.key, x.start))
+                .collect::<Vec<_>>(),
+            vec![(1, 6), (2, 4)]
+        );
+        // Sequence 2 finishes with the decode step's token; the run's next step still holds
+        // it (the gate runs it), and its token there is not delivered.
+        let done = batch.on_tokens(&decode, &out(&[1, 2], 8), |_, _| {});
+        assert_eq!(done.iter().map(|(s, _)| s.id).collect::<Vec<_>>(), vec![2]);
+        let mut delivered = Vec::new();
+        batch.on_tokens(&run, &out(&[1, 2], 9), |s, t| {
+            delivered.push((s.id, t.token))
+        });
+        assert_eq!(delivered, vec![(1, 9)]);
+        assert_eq!(
+            batch.get(1).map(|s| s.generated.clone()),
+            Some(vec![7, 8, 9])
+        );
+        // The next step sent releases the finished sequence and continues the other.
+        let (next, _) = batch.next_step(limits);
+        assert_eq!(next.release, vec![2]);
+        assert_eq!(starts(&next), vec![(1, 7, 1)]);
     }
 
     #[test]

@@ -191,6 +191,8 @@ fn step_from(u: &mut Unstructured) -> Result<v1::StepRequest> {
         seqs,
         activations,
         release: Vec::new(),
+        run_steps: 0,
+        end_run: false,
     })
 }
 
@@ -305,7 +307,7 @@ mod tests {
                 shape: vec![2, HIDDEN as u32],
                 data: vec![0; 2 * HIDDEN * 2],
             }),
-            release: Vec::new(),
+            ..Default::default()
         };
         let t = codec::decode_step(&req, HIDDEN, usize::MAX, &Device::Cpu).expect("valid");
         assert_eq!(t.dims2().expect("2-D"), (2, HIDDEN));

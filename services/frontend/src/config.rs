@@ -68,6 +68,18 @@ pub struct FrontendConfig {
     #[arg(long, env = "MOEMESH_STEP_TIMEOUT", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub step_timeout: u64,
+    /// Most decode steps one request to a gate may run: while no request waits and every
+    /// running sequence decodes (no prompt logprobs, no constraint, not traced: a traced
+    /// sequence's trace shows every step under its own frontend span), the gate runs up to this
+    /// many steps of them for one request, feeding each step the tokens the one before sampled
+    /// and answering each, which saves the round trip to the frontend between steps (~0.2 ms a
+    /// step through the mesh at batch 1 on an H200: docs/BENCHMARKS.md, session 27). A request
+    /// that arrives meanwhile ends the run after the step in progress. A run stops short of
+    /// every sequence's max_tokens; rows after an EOS or a stop met inside a run are computed
+    /// and dropped. 1: one step a request. Gates that do not offer runs (their Info) get one.
+    #[arg(long, env = "MOEMESH_DECODE_RUN_STEPS", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub decode_run_steps: u32,
     /// Milliseconds to open the step stream to a gate (TCP connect, TLS handshake, its Info
     /// call and the stream's headers); a gate that accepts connections and never answers costs
     /// at most this before its sequences go elsewhere.

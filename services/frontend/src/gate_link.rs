@@ -21,6 +21,7 @@ use moemesh_engine::{DeepSeekModel, GenerationRequest};
 use moemesh_proto::v1::gate_client::GateClient;
 use moemesh_proto::v1::{self, GenerateResponse, SeqSampling, SeqStep, StepRequest, StepResponse};
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 use tracing::Span;
@@ -43,6 +44,9 @@ pub struct Ctx {
     pub step_timeout: Duration,
     /// `--gate-connect-timeout-ms`: opening the step stream.
     pub connect_timeout: Duration,
+    /// `--decode-run-steps`: the most decode steps one request to a gate may run (1: a request
+    /// a step).
+    pub run_steps: u32,
 }
 
 pub type ClientTx = mpsc::UnboundedSender<Result<GenerateResponse, Status>>;
@@ -214,6 +218,8 @@ struct GateInfo {
     device: String,
     /// Blocks its prefix cache can hold (device pool and host tier); 0 without one.
     prefix_blocks: usize,
+    /// The most steps one request may run there (1 for a gate that runs one).
+    max_run_steps: u32,
 }
 
 struct Conn {
@@ -271,6 +277,11 @@ async fn connect(
             kv,
             device: info.device,
             prefix_blocks,
+            max_run_steps: if info.embeds_tokens {
+                info.max_run_steps.max(1)
+            } else {
+                1
+            },
         },
     ))
 }
@@ -300,6 +311,9 @@ struct StepLoop {
     /// The CPU budget until the gate's Info says it computes on a GPU.
     limits: Limits,
     conn: Option<Conn>,
+    /// The most steps a request to this gate runs: `--decode-run-steps`, as far as the gate's
+    /// Info allows (1 until the stream is open).
+    run_cap: u32,
     step_id: u64,
     shared: Shared,
     reroute: Reroute,
@@ -322,6 +336,7 @@ impl StepLoop {
             ctx,
             batch: Batch::default(),
             conn: None,
+            run_cap: 1,
             step_id: 0,
             shared,
             reroute,
@@ -341,22 +356,165 @@ impl StepLoop {
                 self.admit(n);
             }
             self.drop_gone();
-            let Some((step, request, _step_spans)) = self.next_step() else {
+            let Some((mut step, mut request, _step_spans)) = self.next_step() else {
                 continue;
             };
+            let run = self.run_length(&step);
+            if run > 1 {
+                request.run_steps = run;
+            }
             // The sequences' `step` spans end when the gate's answer is in (dropped with this
             // iteration).
-            let sent = Instant::now();
-            match self.exchange(request).await {
-                Ok(resp) if is_kv_full(&resp) => self.on_kv_full(&step, &resp),
-                Ok(resp) if resp.error.is_some() => self.on_step_error(&step, resp),
-                Ok(resp) => {
-                    let took = sent.elapsed();
-                    self.step_seconds.record(took.as_secs_f64());
-                    self.log_step_time(&step, sent, took);
-                    self.on_ok(&step, resp);
+            let mut sent = Instant::now();
+            let answer = self.exchange(request).await;
+            if !self.on_answer(&step, sent, answer) {
+                continue;
+            }
+            // A run: the gate goes on with the same sequences and answers each step. A request
+            // that arrives meanwhile ends it after the step in progress (it waits one step, not
+            // the run).
+            let mut asked_end = false;
+            loop {
+                // Sequences aborted, gone or past their deadline leave now (their later tokens
+                // are dropped); the run is not worth going on for the rest alone.
+                let before = self.batch.len();
+                self.drop_gone();
+                if self.batch.len() < before && !asked_end {
+                    asked_end = true;
+                    if let Err(e) = self.end_run().await {
+                        self.on_gate_lost(e);
+                        break;
+                    }
                 }
-                Err(e) => self.on_gate_lost(e),
+                step = Batch::<Client>::continue_step(&step);
+                sent = Instant::now();
+                let answer = self.run_answer(&mut rx, &mut asked_end).await;
+                if !self.on_answer(&step, sent, answer) {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// How many steps to ask the gate to run for `step` (`StepRequest::run_steps`; 1: this
+    /// step alone). More than one only when the gate allows it, nothing waits, every sequence
+    /// decodes one token with no prompt logprobs, no constraint (a constraint's mask follows
+    /// each token) and no trace, and each may make that many more tokens: a run never computes past a
+    /// sequence's max_tokens or context (only past an EOS or stop it meets on the way; those
+    /// rows are dropped).
+    fn run_length(&self, step: &Step) -> u32 {
+        if self.run_cap < 2 || step.slots.is_empty() || self.batch.counts().1 > 0 {
+            return 1;
+        }
+        let mut n = self.run_cap as usize;
+        for slot in &step.slots {
+            let Some(s) = self.batch.get(slot.key) else {
+                return 1;
+            };
+            // A traced sequence keeps one request a step, so that its trace holds each step
+            // under its own frontend `step` span (the context goes with the request).
+            if slot.tokens != 1
+                || !slot.sample
+                || slot.prompt_logprobs.is_some()
+                || slot.allowed.is_some()
+                || slot.start + 1 != s.len()
+                || s.payload.traced
+            {
+                return 1;
+            }
+            let left = s
+                .req
+                .max_new_tokens
+                .saturating_sub(s.generated.len())
+                .min(self.ctx.context_length.saturating_sub(s.len()));
+            n = n.min(left);
+        }
+        n.max(1) as u32
+    }
+
+    /// One answer from the gate: the sequences move on as it says. Whether a run goes on (the
+    /// answer was a step of a run, not its last).
+    fn on_answer(&mut self, step: &Step, sent: Instant, answer: MeshResult<StepResponse>) -> bool {
+        match answer {
+            Ok(resp) if is_kv_full(&resp) => self.on_kv_full(step, &resp),
+            Ok(resp) if resp.error.is_some() => self.on_step_error(step, resp),
+            Ok(resp) => {
+                let took = sent.elapsed();
+                self.step_seconds.record(took.as_secs_f64());
+                self.log_step_time(step, sent, took);
+                let more = resp.run_continues;
+                self.on_ok(step, resp);
+                return more;
+            }
+            Err(e) => self.on_gate_lost(e),
+        }
+        false
+    }
+
+    /// Asks the gate to end its run after the step in progress (`StepRequest::end_run`).
+    async fn end_run(&mut self) -> MeshResult<()> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(MeshError::Internal("no gate connection".into()));
+        };
+        let end = StepRequest {
+            end_run: true,
+            ..Default::default()
+        };
+        conn.tx.send(end).await.map_err(|_| {
+            MeshError::Unavailable(format!("gate {}: step stream closed", self.address))
+        })
+    }
+
+    /// The next answer of a run, within --step-timeout. A request that arrives meanwhile is
+    /// admitted (it waits for the run's end) and the gate asked once to end the run.
+    async fn run_answer(
+        &mut self,
+        rx: &mut mpsc::UnboundedReceiver<NewSeq>,
+        asked_end: &mut bool,
+    ) -> MeshResult<StepResponse> {
+        enum Event {
+            Answer(Option<Result<StepResponse, Status>>),
+            Arrived(Option<Box<NewSeq>>),
+            Late,
+        }
+        let (address, timeout) = (self.address.clone(), self.ctx.step_timeout);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                return Err(MeshError::Internal("no gate connection".into()));
+            };
+            let event = tokio::select! {
+                biased;
+                m = conn.rx.next() => Event::Answer(m),
+                n = rx.recv(), if !*asked_end => Event::Arrived(n.map(Box::new)),
+                _ = tokio::time::sleep_until(deadline) => Event::Late,
+            };
+            match event {
+                Event::Answer(Some(Ok(r))) => return Ok(r),
+                Event::Answer(None) => {
+                    return Err(MeshError::Unavailable(format!(
+                        "gate {address}: step stream closed"
+                    )));
+                }
+                Event::Answer(Some(Err(status))) => {
+                    return Err(MeshError::Peer {
+                        peer: format!("gate {address}"),
+                        status,
+                    });
+                }
+                Event::Arrived(n) => {
+                    *asked_end = true;
+                    if let Some(n) = n {
+                        self.admit(*n);
+                    }
+                    self.end_run().await?;
+                }
+                Event::Late => {
+                    return Err(MeshError::Unavailable(format!(
+                        "gate {address}: no answer to step {} within {timeout:?} (--step-timeout); taking it for hung",
+                        self.step_id
+                    )));
+                }
             }
         }
     }
@@ -554,6 +712,8 @@ impl StepLoop {
                 seqs: seq_steps,
                 activations: None,
                 release: step.release.clone(),
+                run_steps: 0,
+                end_run: false,
             },
             spans,
         ))
@@ -579,6 +739,7 @@ impl StepLoop {
                     ))
                 })??;
                 self.conn = Some(c);
+                self.run_cap = self.ctx.run_steps.min(info.max_run_steps).max(1);
                 if let Some(kv) = info.kv {
                     self.batch.set_kv(kv);
                 }

@@ -592,6 +592,7 @@ pub async fn run(
                 .max(cfg.max_running),
             step_timeout: Duration::from_secs(cfg.step_timeout),
             connect_timeout: Duration::from_millis(cfg.gate_connect_timeout_ms),
+            run_steps: cfg.decode_run_steps,
         }),
         name: files.name.clone(),
         fingerprint: files.fingerprint.clone(),

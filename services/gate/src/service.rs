@@ -5,10 +5,10 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use moemesh_common::member_args::DEFAULT_MAX_MESSAGE_MB;
 use moemesh_common::metrics::names;
 use moemesh_common::registry::{Member, Registry, Role};
@@ -66,25 +66,39 @@ impl Gate for GateService {
         let engine = self.engine.clone();
         let stepped = self.stepped.clone();
         tokio::spawn(async move {
+            // Set by an `end_run` message while a run is answered (see `answer_run`).
+            let end_run = Arc::new(AtomicBool::new(false));
+            // A step that came while a run was answered (the frontend waits for a run's last
+            // answer before its next step; this keeps one that did not): it goes next.
+            let mut early: Option<StepRequest> = None;
             loop {
-                let req = match incoming.message().await {
-                    Ok(Some(r)) => r,
-                    Ok(None) => break,
-                    // A message that does not decode (malformed, or over --max-message-mb) ends
-                    // the stream with its status, not with OK: the server's status layer makes it
-                    // INVALID_ARGUMENT or RESOURCE_EXHAUSTED naming the limit. (If the frontend
-                    // went away, no one reads this.)
-                    Err(status) => {
-                        let _ = tx.send(Err(status)).await;
-                        break;
-                    }
+                let req = match early.take() {
+                    Some(r) => r,
+                    None => match incoming.message().await {
+                        Ok(Some(r)) => r,
+                        Ok(None) => break,
+                        // A message that does not decode (malformed, or over --max-message-mb)
+                        // ends the stream with its status, not with OK: the server's status
+                        // layer makes it INVALID_ARGUMENT or RESOURCE_EXHAUSTED naming the limit.
+                        // (If the frontend went away, no one reads this.)
+                        Err(status) => {
+                            let _ = tx.send(Err(status)).await;
+                            break;
+                        }
+                    },
                 };
-                let (reply_tx, reply_rx) = oneshot::channel();
+                // Outside a run there is nothing to end.
+                if req.end_run && req.seqs.is_empty() && req.release.is_empty() {
+                    continue;
+                }
+                end_run.store(false, Ordering::Release);
+                let (reply_tx, reply_rx) = mpsc::unbounded_channel();
                 if engine
                     .send(Command::Step {
                         conn,
                         req,
                         reply: reply_tx,
+                        end_run: end_run.clone(),
                     })
                     .await
                     .is_err()
@@ -96,36 +110,15 @@ impl Gate for GateService {
                         .await;
                     break;
                 }
-                let reply = match reply_rx.await {
-                    Ok(Ok(r)) => r,
-                    // A failed step is answered in-band so the stream (and every other
-                    // sequence on it) survives; a closed stream means this gate is gone.
-                    Ok(Err(e)) => {
-                        let status = Status::from(e);
-                        let kv = kv_state(&engine).await;
-                        StepResponse {
-                            error: Some(StepError {
-                                code: status.code() as i32,
-                                message: status.message().to_string(),
-                            }),
-                            kv_blocks_free: kv.kv_blocks_free,
-                            kv_blocks_total: kv.kv_blocks_total,
-                            kv_block_tokens: kv.kv_block_tokens,
-                            ..Default::default()
+                match answer_run(reply_rx, &mut incoming, &end_run, &engine, &tx, &stepped).await {
+                    RunEnd::Done => {}
+                    RunEnd::Early(r) => early = Some(r),
+                    RunEnd::Close(status) => {
+                        if let Some(status) = status {
+                            let _ = tx.send(Err(status)).await;
                         }
-                    }
-                    Err(_) => {
-                        let _ = tx
-                            .send(Err(
-                                MeshError::Unavailable("gate engine stopped".into()).into()
-                            ))
-                            .await;
                         break;
                     }
-                };
-                stepped.send_replace(());
-                if tx.send(Ok(reply)).await.is_err() {
-                    break;
                 }
             }
             // The frontend left (or a step failed and ended the stream): free its sequences.
@@ -173,6 +166,95 @@ impl Gate for GateService {
         info.weight_bytes = self.weight_bytes;
         info.registry = self.registry.to_string();
         Ok(Response::new(info))
+    }
+}
+
+/// How answering a run ended.
+enum RunEnd {
+    /// Every answer sent; the stream goes on.
+    Done,
+    /// Answered, and a step came meanwhile: it goes next.
+    Early(StepRequest),
+    /// The stream ends (the frontend left or sent what does not decode: its status, if any; or
+    /// the engine or the answer stream is gone).
+    Close(Option<Status>),
+}
+
+/// Forwards a step's or a run's answers to the stream, in order, until the engine drops the
+/// run's sender; meanwhile reads the stream for an `end_run` (the run ends after the step in
+/// progress) or a frontend that leaves (so does the run).
+async fn answer_run(
+    mut replies: mpsc::UnboundedReceiver<MeshResult<StepResponse>>,
+    incoming: &mut Streaming<StepRequest>,
+    end_run: &AtomicBool,
+    engine: &mpsc::Sender<Command>,
+    tx: &mpsc::Sender<Result<StepResponse, Status>>,
+    stepped: &watch::Sender<()>,
+) -> RunEnd {
+    let mut answered = false;
+    let mut reading = true;
+    let mut after: Option<RunEnd> = None;
+    loop {
+        let reply = tokio::select! {
+            biased;
+            r = replies.recv() => r,
+            m = incoming.next(), if reading => {
+                match m {
+                    Some(Ok(r)) if r.end_run && r.seqs.is_empty() && r.release.is_empty() => {
+                        end_run.store(true, Ordering::Release);
+                    }
+                    Some(Ok(r)) => {
+                        end_run.store(true, Ordering::Release);
+                        after = Some(RunEnd::Early(r));
+                        reading = false;
+                    }
+                    Some(Err(status)) => {
+                        end_run.store(true, Ordering::Release);
+                        after = Some(RunEnd::Close(Some(status)));
+                        reading = false;
+                    }
+                    None => {
+                        end_run.store(true, Ordering::Release);
+                        after = Some(RunEnd::Close(None));
+                        reading = false;
+                    }
+                }
+                continue;
+            }
+        };
+        let reply = match reply {
+            Some(Ok(r)) => r,
+            // A failed step is answered in-band so the stream (and every other sequence on it)
+            // survives; it is a run's last answer.
+            Some(Err(e)) => {
+                let status = Status::from(e);
+                let kv = kv_state(engine).await;
+                StepResponse {
+                    error: Some(StepError {
+                        code: status.code() as i32,
+                        message: status.message().to_string(),
+                    }),
+                    kv_blocks_free: kv.kv_blocks_free,
+                    kv_blocks_total: kv.kv_blocks_total,
+                    kv_block_tokens: kv.kv_block_tokens,
+                    ..Default::default()
+                }
+            }
+            None if answered => return after.unwrap_or(RunEnd::Done),
+            None => {
+                let _ = tx
+                    .send(Err(
+                        MeshError::Unavailable("gate engine stopped".into()).into()
+                    ))
+                    .await;
+                return RunEnd::Close(None);
+            }
+        };
+        answered = true;
+        stepped.send_replace(());
+        if tx.send(Ok(reply)).await.is_err() {
+            return RunEnd::Close(None);
+        }
     }
 }
 

@@ -3,6 +3,8 @@
 //! connection's sequences are freed when its stream ends. Runs on a dedicated OS thread because
 //! model math is synchronous CPU (or device) work that must not block the async runtime.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use moemesh_common::metrics::names;
@@ -11,7 +13,8 @@ use moemesh_common::{MeshError, MeshResult, codec};
 use moemesh_engine::serving::{PromptAsk, SlotSpec, StepRunner};
 use moemesh_engine::{SamplerStart, SamplingParams};
 use moemesh_proto::v1::{
-    GateInfoResponse, LayerLoad, SeqCached, SeqPromptLogprobs, SeqResult, StepRequest, StepResponse,
+    GateInfoResponse, LayerLoad, SeqCached, SeqPromptLogprobs, SeqResult, SeqStep, StepRequest,
+    StepResponse,
 };
 use tokio::sync::{mpsc, oneshot};
 use tracing::Span;
@@ -19,10 +22,15 @@ use tracing::Span;
 use crate::remote_experts::RemoteExperts;
 
 pub enum Command {
+    /// A step, or a run of steps (`StepRequest::run_steps`): one answer a step, in order; the
+    /// sender is dropped after the last (an error is always the last).
     Step {
         conn: u64,
         req: StepRequest,
-        reply: oneshot::Sender<MeshResult<StepResponse>>,
+        reply: mpsc::UnboundedSender<MeshResult<StepResponse>>,
+        /// Set by the connection (`StepRequest::end_run`): the run ends after the step in
+        /// progress.
+        end_run: Arc<AtomicBool>,
     },
     /// The connection's stream ended: free all of its sequences.
     ReleaseConn { conn: u64 },
@@ -66,27 +74,45 @@ impl StepEngine {
     pub fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         while let Some(cmd) = rx.blocking_recv() {
             match cmd {
-                Command::Step { conn, req, reply } => {
-                    let started = Instant::now();
-                    let tokens: u64 = req.seqs.iter().map(|s| s.num_tokens as u64).sum();
-                    let (lead, _others) = step_spans(&req);
-                    let result = lead.in_scope(|| self.step(conn, req));
-                    if let Err(e) = &result {
-                        lead.record("otel.status_code", "ERROR");
-                        lead.record("error", tracing::field::display(e));
-                    }
-                    if tokens > 0 {
-                        metrics::histogram!(names::GATE_STEP)
-                            .record(started.elapsed().as_secs_f64());
-                        let outcome = if result.is_ok() { "ok" } else { "error" };
-                        metrics::counter!(names::GATE_STEPS, "outcome" => outcome).increment(1);
-                        if result.is_ok() {
-                            metrics::counter!(names::GATE_STEP_TOKENS).increment(tokens);
+                Command::Step {
+                    conn,
+                    req,
+                    reply,
+                    end_run,
+                } => {
+                    let steps = match run_length(&req, self.runner.model().has_embeddings()) {
+                        Ok(n) => n,
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                            continue;
+                        }
+                    };
+                    let mut req = req;
+                    for i in 0..steps {
+                        let result = self.step_once(conn, &req);
+                        // The run ends at its length, at an error, when the frontend asks, or
+                        // when another command waits (another frontend's step: runs take
+                        // turns step by step).
+                        let last = i + 1 == steps
+                            || result.is_err()
+                            || end_run.load(Ordering::Acquire)
+                            || !rx.is_empty();
+                        let next = match &result {
+                            Ok(resp) if !last => Some(next_in_run(&req, resp)),
+                            _ => None,
+                        };
+                        let result = result.map(|mut r| {
+                            r.run_continues = next.is_some();
+                            r
+                        });
+                        if reply.send(result).is_err() {
+                            break;
+                        }
+                        match next {
+                            Some(n) => req = n,
+                            None => break,
                         }
                     }
-                    self.record_kv();
-                    self.experts.routed.publish();
-                    let _ = reply.send(result);
                 }
                 Command::ReleaseConn { conn } => {
                     let freed = self.runner.retain(|(c, _)| *c != conn);
@@ -117,10 +143,40 @@ impl StepEngine {
                         weight_bytes: 0,
                         embeds_tokens: self.runner.model().has_embeddings(),
                         registry: String::new(),
+                        // A run feeds each step the tokens the one before sampled: only where
+                        // the gate embeds them.
+                        max_run_steps: if self.runner.model().has_embeddings() {
+                            MAX_RUN_STEPS
+                        } else {
+                            1
+                        },
                     });
                 }
             }
         }
+    }
+
+    /// One step with its span and metrics.
+    fn step_once(&mut self, conn: u64, req: &StepRequest) -> MeshResult<StepResponse> {
+        let started = Instant::now();
+        let tokens: u64 = req.seqs.iter().map(|s| s.num_tokens as u64).sum();
+        let (lead, _others) = step_spans(req);
+        let result = lead.in_scope(|| self.step(conn, req));
+        if let Err(e) = &result {
+            lead.record("otel.status_code", "ERROR");
+            lead.record("error", tracing::field::display(e));
+        }
+        if tokens > 0 {
+            metrics::histogram!(names::GATE_STEP).record(started.elapsed().as_secs_f64());
+            let outcome = if result.is_ok() { "ok" } else { "error" };
+            metrics::counter!(names::GATE_STEPS, "outcome" => outcome).increment(1);
+            if result.is_ok() {
+                metrics::counter!(names::GATE_STEP_TOKENS).increment(tokens);
+            }
+        }
+        self.record_kv();
+        self.experts.routed.publish();
+        result
     }
 
     /// Publishes the KV pool's and the sequence table's state.
@@ -151,7 +207,7 @@ impl StepEngine {
         metrics::gauge!(names::PREFIX_HOST_BLOCKS).set(h.blocks as f64);
     }
 
-    fn step(&mut self, conn: u64, req: StepRequest) -> MeshResult<StepResponse> {
+    fn step(&mut self, conn: u64, req: &StepRequest) -> MeshResult<StepResponse> {
         for id in &req.release {
             self.runner.release(&(conn, *id));
         }
@@ -159,7 +215,7 @@ impl StepEngine {
             return Ok(self.response(req.step_id, Vec::new()));
         }
         let model = self.runner.model();
-        let ids = step_ids(&req)?;
+        let ids = step_ids(req)?;
         let hidden = if req.activations.is_none() {
             // The frontend sent token ids only (the gate's Info says it embeds them): the rows
             // are embedded here, on the gate's device.
@@ -170,7 +226,7 @@ impl StepEngine {
                         .into(),
                 ));
             }
-            codec::check_step_seqs(&req, self.max_step_sequences, ids.len(), "token_ids have")?;
+            codec::check_step_seqs(req, self.max_step_sequences, ids.len(), "token_ids have")?;
             model.embed(&ids).map_err(|e| match e {
                 moemesh_engine::EngineError::InvalidInput(why) => {
                     MeshError::Invalid(format!("seqs.token_ids: {why}"))
@@ -179,7 +235,7 @@ impl StepEngine {
             })?
         } else {
             codec::decode_step(
-                &req,
+                req,
                 model.config().hidden_size,
                 self.max_step_sequences,
                 model.device(),
@@ -297,6 +353,7 @@ impl StepEngine {
         let kv = self.runner.kv();
         StepResponse {
             step_id,
+            run_continues: false,
             error: None,
             results,
             live_sequences: self.runner.live() as u32,
@@ -307,6 +364,76 @@ impl StepEngine {
             cached: Vec::new(),
             prompt_logprobs: Vec::new(),
         }
+    }
+}
+
+/// The most steps one request's run may have (`StepRequest::run_steps`; the gate's Info
+/// says it as `max_run_steps`).
+pub const MAX_RUN_STEPS: u32 = 64;
+
+/// How many steps `req` runs: its `run_steps` (0 is 1), checked: a run of more than one step
+/// needs every sequence to decode one token and sample, with no prompt logprobs and no allowed
+/// ids (the frontend's mask follows each token), and the gate to embed the tokens it feeds.
+fn run_length(req: &StepRequest, embeds: bool) -> MeshResult<u32> {
+    let n = req.run_steps.max(1);
+    if n == 1 {
+        return Ok(1);
+    }
+    if n > MAX_RUN_STEPS {
+        return Err(MeshError::Invalid(format!(
+            "run_steps is {n}, the limit is {MAX_RUN_STEPS} (the gate's Info max_run_steps)"
+        )));
+    }
+    if !embeds || req.activations.is_some() {
+        return Err(MeshError::Invalid(
+            "run_steps: a run needs token ids only (the gate embeds each step's sampled tokens); \
+             this step carries activations or the gate does not embed tokens"
+                .into(),
+        ));
+    }
+    if let Some(s) = req.seqs.iter().find(|s| {
+        s.num_tokens != 1
+            || !s.sample
+            || s.prompt_logprobs.is_some()
+            || !s.allowed_tokens.is_empty()
+            || s.token_ids.len() != 1
+    }) {
+        return Err(MeshError::Invalid(format!(
+            "run_steps: sequence {} does not decode one token id and sample, or asks for prompt \
+             logprobs or allowed tokens; a run of {n} steps takes only such sequences",
+            s.seq_id
+        )));
+    }
+    Ok(n)
+}
+
+/// The run's next step after `req` answered `resp`: every sequence one position on, fed the
+/// token it sampled; nothing released again, sampling set up already.
+fn next_in_run(req: &StepRequest, resp: &StepResponse) -> StepRequest {
+    let sampled: std::collections::HashMap<u64, u32> = resp
+        .results
+        .iter()
+        .map(|r| (r.seq_id, r.token_id))
+        .collect();
+    StepRequest {
+        step_id: req.step_id,
+        seqs: req
+            .seqs
+            .iter()
+            .filter_map(|s| {
+                let token = *sampled.get(&s.seq_id)?;
+                Some(SeqStep {
+                    start_position: s.start_position + s.num_tokens,
+                    token_ids: vec![token],
+                    sampling: None,
+                    ..s.clone()
+                })
+            })
+            .collect(),
+        activations: None,
+        release: Vec::new(),
+        run_steps: 0,
+        end_run: false,
     }
 }
 
@@ -444,6 +571,69 @@ mod tests {
     }
 
     #[test]
+    fn a_run_takes_decoding_sequences_only_and_feeds_each_step_what_the_last_sampled() {
+        let decode = |seq_id, start_position, token| SeqStep {
+            seq_id,
+            start_position,
+            num_tokens: 1,
+            sample: true,
+            token_ids: vec![token],
+            traceparent: "tp".into(),
+            ..Default::default()
+        };
+        let run = |seqs, run_steps| StepRequest {
+            step_id: 4,
+            seqs,
+            release: vec![9],
+            run_steps,
+            ..Default::default()
+        };
+        let ok = run(vec![decode(1, 10, 5), decode(2, 3, 6)], 8);
+        assert_eq!(run_length(&ok, true).expect("a run"), 8);
+        assert_eq!(run_length(&run(ok.seqs.clone(), 0), false).expect("one"), 1);
+        let refused = |req: &StepRequest, embeds: bool, names: &str| {
+            let e = run_length(req, embeds).expect_err("refused");
+            let status = tonic::Status::from(e);
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(status.message().contains(names), "{}", status.message());
+        };
+        refused(
+            &run(ok.seqs.clone(), MAX_RUN_STEPS + 1),
+            true,
+            "the limit is 64",
+        );
+        refused(&ok, false, "embeds");
+        let mut prefill = decode(3, 0, 7);
+        prefill.num_tokens = 2;
+        prefill.token_ids = vec![7, 8];
+        refused(&run(vec![decode(1, 10, 5), prefill], 2), true, "sequence 3");
+        let mut masked = decode(4, 2, 7);
+        masked.allowed_tokens = vec![1];
+        refused(&run(vec![masked], 2), true, "sequence 4");
+        let mut quiet = decode(5, 2, 7);
+        quiet.sample = false;
+        refused(&run(vec![quiet], 2), true, "sequence 5");
+
+        // The next step: one position on, the sampled token, nothing released again; a
+        // sequence without a token (none sampled) is left out.
+        let resp = StepResponse {
+            results: vec![SeqResult {
+                seq_id: 2,
+                token_id: 42,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let next = next_in_run(&ok, &resp);
+        assert_eq!(next.seqs.len(), 1);
+        let s = &next.seqs[0];
+        assert_eq!((s.seq_id, s.start_position, s.num_tokens), (2, 4, 1));
+        assert_eq!(s.token_ids, vec![42]);
+        assert!(s.sample && s.sampling.is_none() && s.traceparent == "tp");
+        assert!(next.release.is_empty() && next.run_steps == 0 && next.step_id == 4);
+    }
+
+    #[test]
     fn each_traced_sequence_gets_a_gate_span_and_the_shared_work_goes_under_the_first() {
         let keep = Keep::default();
         let provider = SdkTracerProvider::builder()
@@ -460,8 +650,7 @@ mod tests {
         let req = StepRequest {
             step_id: 9,
             seqs: vec![seq(1, ""), seq(2, A), seq(3, UNSAMPLED), seq(4, B)],
-            activations: None,
-            release: Vec::new(),
+            ..Default::default()
         };
         tracing::subscriber::with_default(subscriber, || {
             let (lead, others) = step_spans(&req);
