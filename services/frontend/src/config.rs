@@ -74,9 +74,9 @@ pub struct FrontendConfig {
     /// many steps of them for one request, feeding each step the tokens the one before sampled
     /// and answering each, which saves the round trip to the frontend between steps (~0.2 ms a
     /// step through the mesh at batch 1 on an H200: docs/BENCHMARKS.md, session 27). A request
-    /// that arrives meanwhile ends the run after the step in progress. A run stops short of
-    /// every sequence's max_tokens; rows after an EOS or a stop met inside a run are computed
-    /// and dropped. 1: one step a request. Gates that do not offer runs (their Info) get one.
+    /// that arrives meanwhile, or a sequence that finishes or leaves, ends the run after the
+    /// step in progress; a run stops short of every sequence's max_tokens. 1: one step a
+    /// request. Gates that do not offer runs (their Info) get one.
     #[arg(long, env = "MOEMESH_DECODE_RUN_STEPS", default_value_t = 16,
           value_parser = clap::value_parser!(u32).range(1..=64))]
     pub decode_run_steps: u32,

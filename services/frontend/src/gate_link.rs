@@ -365,6 +365,8 @@ impl StepLoop {
             }
             // The sequences' `step` spans end when the gate's answer is in (dropped with this
             // iteration).
+            // The run's sequences (nothing waits when one starts).
+            let members = self.batch.len();
             let mut sent = Instant::now();
             let answer = self.exchange(request).await;
             if !self.on_answer(&step, sent, answer) {
@@ -376,10 +378,10 @@ impl StepLoop {
             let mut asked_end = false;
             loop {
                 // Sequences aborted, gone or past their deadline leave now (their later tokens
-                // are dropped); the run is not worth going on for the rest alone.
-                let before = self.batch.len();
+                // are dropped). Once one has left (so too one that finished), the run is not
+                // worth going on: the next request releases it and plans afresh.
                 self.drop_gone();
-                if self.batch.len() < before && !asked_end {
+                if self.batch.len() < members && !asked_end {
                     asked_end = true;
                     if let Err(e) = self.end_run().await {
                         self.on_gate_lost(e);
