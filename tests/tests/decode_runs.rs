@@ -4,7 +4,6 @@
 //! greedy and seeded; a request that arrives during a run ends it and is served; the frontend
 //! sends fewer requests than there are steps.
 
-use moemesh_proto::v1::generate_request::Input;
 use moemesh_proto::v1::generation_client::GenerationClient;
 use moemesh_proto::v1::{self, GenerateRequest};
 use moemesh_tests::fixture;
@@ -12,16 +11,8 @@ use moemesh_tests::mesh::{Mesh, gate_info};
 
 fn request(ids: Vec<u32>, max_new: u32, sampling: Option<v1::SamplingParams>) -> GenerateRequest {
     GenerateRequest {
-        input: Some(Input::Tokens(v1::TokenIds { ids })),
         sampling,
-        stopping: Some(v1::StoppingCriteria {
-            max_new_tokens: Some(max_new),
-            stop: vec![],
-            ignore_eos: true,
-            ..Default::default()
-        }),
-        request_id: String::new(),
-        cache_salt: String::new(),
+        ..moemesh_tests::tokens_request(&ids, max_new)
     }
 }
 

@@ -1,7 +1,6 @@
 //! Continuous batching through the mesh: batched output equals unbatched output, and a long
 //! prompt is prefilled in chunks while running decodes keep flowing.
 
-use moemesh_proto::v1::generate_request::Input;
 use moemesh_proto::v1::generation_client::GenerationClient;
 use moemesh_proto::v1::{self, GenerateRequest};
 use moemesh_tests::fixture;
@@ -9,16 +8,8 @@ use moemesh_tests::mesh::Mesh;
 
 fn request(ids: Vec<u32>, max_new: u32, sampling: Option<v1::SamplingParams>) -> GenerateRequest {
     GenerateRequest {
-        input: Some(Input::Tokens(v1::TokenIds { ids })),
         sampling,
-        stopping: Some(v1::StoppingCriteria {
-            max_new_tokens: Some(max_new),
-            stop: vec![],
-            ignore_eos: true,
-            ..Default::default()
-        }),
-        request_id: String::new(),
-        cache_salt: String::new(),
+        ..moemesh_tests::tokens_request(&ids, max_new)
     }
 }
 

@@ -429,8 +429,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_run_continues_its_decodes_one_position_on_and_skips_what_finished() {
+    /// A budget of 64 tokens, 8 running, and 100 free KV blocks of 16 tokens.
+    fn small_batch() -> (Limits, Batch<()>) {
         let limits = Limits {
             token_budget: 64,
             max_running: 8,
@@ -442,6 +442,12 @@ mod tests {
             total_blocks: 100,
             block_tokens: 16,
         });
+        (limits, batch)
+    }
+
+    #[test]
+    fn a_run_continues_its_decodes_one_position_on_and_skips_what_finished() {
+        let (limits, mut batch) = small_batch();
         // Sequence 2 may make 2 tokens, sequence 1 four (`seq`).
         batch.admit(seq(1, 5));
         let mut two = seq(2, 3);
@@ -510,17 +516,7 @@ mod tests {
 
     #[test]
     fn expected_cache_hits_shape_the_chunks_and_a_miss_expects_no_more() {
-        let limits = Limits {
-            token_budget: 64,
-            max_running: 8,
-            max_skips: 4,
-        };
-        let mut batch = Batch::default();
-        batch.set_kv(KvState {
-            free_blocks: 100,
-            total_blocks: 100,
-            block_tokens: 16,
-        });
+        let (limits, mut batch) = small_batch();
         batch.admit(seq(1, 500));
         // The estimate is cut to whole blocks, short of the last token.
         batch.expect_cached(|_| 330);
