@@ -20,6 +20,7 @@
 //   gcc -O2 -shared -fPIC -I CUPTI/include -o ktrace.so scripts/bench/ktrace.c
 //     -L CUPTI/lib -l:libcupti.so.13 -lpthread
 #include <cupti.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,6 +30,9 @@
 #define BUF_SIZE (8u << 20)
 #define ALIGN 8
 
+// CUPTI hands buffers over on its own thread, and at exit on the main one: the file and the
+// count are written under this lock.
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static FILE *out;
 static unsigned long long records, max_records = 4000000ull;
 
@@ -89,15 +93,19 @@ static void CUPTIAPI buffer_completed(CUcontext ctx, uint32_t stream, uint8_t *b
     (void)stream;
     (void)size;
     CUpti_Activity *record = NULL;
+    pthread_mutex_lock(&lock);
     while (cuptiActivityGetNextRecord(buffer, valid, &record) == CUPTI_SUCCESS) write_record(record);
     if (out) fflush(out);
+    pthread_mutex_unlock(&lock);
     free(buffer);
 }
 
 static void at_exit(void) {
     cuptiActivityFlushAll(1);
+    pthread_mutex_lock(&lock);
     if (out) fclose(out);
     out = NULL;
+    pthread_mutex_unlock(&lock);
 }
 
 static int enable(CUpti_ActivityKind kind) {

@@ -287,20 +287,36 @@ async fn connect(
 }
 
 async fn exchange(conn: &mut Conn, address: &str, req: StepRequest) -> MeshResult<StepResponse> {
-    conn.tx
-        .send(req)
-        .await
-        .map_err(|_| MeshError::Unavailable(format!("gate {address}: step stream closed")))?;
-    match conn.rx.message().await {
-        Ok(Some(r)) => Ok(r),
-        Ok(None) => Err(MeshError::Unavailable(format!(
-            "gate {address}: step stream closed"
-        ))),
-        Err(s) => Err(MeshError::Peer {
+    send(conn, address, req).await?;
+    answer(address, conn.rx.next().await)
+}
+
+/// A message onto the step stream.
+async fn send(conn: &mut Conn, address: &str, req: StepRequest) -> MeshResult<()> {
+    conn.tx.send(req).await.map_err(|_| closed(address))
+}
+
+/// What the step stream gave: an answer, its end, or the gate's status.
+fn answer(address: &str, m: Option<Result<StepResponse, Status>>) -> MeshResult<StepResponse> {
+    match m {
+        Some(Ok(r)) => Ok(r),
+        None => Err(closed(address)),
+        Some(Err(status)) => Err(MeshError::Peer {
             peer: format!("gate {address}"),
-            status: s,
+            status,
         }),
     }
+}
+
+fn closed(address: &str) -> MeshError {
+    MeshError::Unavailable(format!("gate {address}: step stream closed"))
+}
+
+/// A gate that gave no answer to a step within --step-timeout.
+fn hung(address: &str, step_id: u64, timeout: Duration) -> MeshError {
+    MeshError::Unavailable(format!(
+        "gate {address}: no answer to step {step_id} within {timeout:?} (--step-timeout); taking it for hung"
+    ))
 }
 
 /// One gate's step loop.
@@ -401,9 +417,9 @@ impl StepLoop {
     /// How many steps to ask the gate to run for `step` (`StepRequest::run_steps`; 1: this
     /// step alone). More than one only when the gate allows it, nothing waits, every sequence
     /// decodes one token with no prompt logprobs, no constraint (a constraint's mask follows
-    /// each token) and no trace, and each may make that many more tokens: a run never computes past a
-    /// sequence's max_tokens or context (only past an EOS or stop it meets on the way; those
-    /// rows are dropped).
+    /// each token) and no trace, and each may make that many more tokens: a run never computes
+    /// past a sequence's max_tokens or context (a sequence that finishes earlier, at an EOS or
+    /// a stop, ends the run after the step in progress).
     fn run_length(&self, step: &Step) -> u32 {
         if self.run_cap < 2 || step.slots.is_empty() || self.batch.counts().1 > 0 {
             return 1;
@@ -462,9 +478,7 @@ impl StepLoop {
             end_run: true,
             ..Default::default()
         };
-        conn.tx.send(end).await.map_err(|_| {
-            MeshError::Unavailable(format!("gate {}: step stream closed", self.address))
-        })
+        send(conn, &self.address, end).await
     }
 
     /// The next answer of a run, within --step-timeout. A request that arrives meanwhile is
@@ -492,18 +506,7 @@ impl StepLoop {
                 _ = tokio::time::sleep_until(deadline) => Event::Late,
             };
             match event {
-                Event::Answer(Some(Ok(r))) => return Ok(r),
-                Event::Answer(None) => {
-                    return Err(MeshError::Unavailable(format!(
-                        "gate {address}: step stream closed"
-                    )));
-                }
-                Event::Answer(Some(Err(status))) => {
-                    return Err(MeshError::Peer {
-                        peer: format!("gate {address}"),
-                        status,
-                    });
-                }
+                Event::Answer(m) => return answer(&address, m),
                 Event::Arrived(n) => {
                     *asked_end = true;
                     if let Some(n) = n {
@@ -511,12 +514,7 @@ impl StepLoop {
                     }
                     self.end_run().await?;
                 }
-                Event::Late => {
-                    return Err(MeshError::Unavailable(format!(
-                        "gate {address}: no answer to step {} within {timeout:?} (--step-timeout); taking it for hung",
-                        self.step_id
-                    )));
-                }
+                Event::Late => return Err(hung(&address, self.step_id, timeout)),
             }
         }
     }
@@ -770,11 +768,7 @@ impl StepLoop {
         };
         tokio::time::timeout(timeout, result)
             .await
-            .unwrap_or_else(|_| {
-                Err(MeshError::Unavailable(format!(
-                    "gate {address}: no answer to step {step_id} within {timeout:?} (--step-timeout); taking it for hung"
-                )))
-            })
+            .unwrap_or_else(|_| Err(hung(&address, step_id, timeout)))
     }
 
     /// Where time to first token goes (`moemesh_frontend::step_time=debug`): each step's wall

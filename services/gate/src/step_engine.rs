@@ -375,9 +375,21 @@ pub const MAX_RUN_STEPS: u32 = 64;
 /// needs every sequence to decode one token and sample, with no prompt logprobs and no allowed
 /// ids (the frontend's mask follows each token), and the gate to embed the tokens it feeds.
 fn run_length(req: &StepRequest, embeds: bool) -> MeshResult<u32> {
+    if req.end_run {
+        return Err(MeshError::Invalid(
+            "end_run: sent alone (no seqs, no release), while a run is answered; this request \
+             carries a step"
+                .into(),
+        ));
+    }
     let n = req.run_steps.max(1);
     if n == 1 {
         return Ok(1);
+    }
+    if req.seqs.is_empty() {
+        return Err(MeshError::Invalid(format!(
+            "run_steps is {n} for a step with no seqs; a run needs at least one sequence"
+        )));
     }
     if n > MAX_RUN_STEPS {
         return Err(MeshError::Invalid(format!(
@@ -602,6 +614,12 @@ mod tests {
             true,
             "the limit is 64",
         );
+        refused(&run(Vec::new(), 2), true, "no seqs");
+        let ended = StepRequest {
+            end_run: true,
+            ..run(ok.seqs.clone(), 0)
+        };
+        refused(&ended, true, "end_run");
         refused(&ok, false, "embeds");
         let mut prefill = decode(3, 0, 7);
         prefill.num_tokens = 2;
