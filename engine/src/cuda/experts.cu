@@ -855,6 +855,9 @@ __device__ __forceinline__ const typename W::Elem* w_at(const typename W::Elem* 
 // EPILOGUE / PERMUTE_X interface: neither, so the walk sums into c directly.
 struct ScaledValues {
     static constexpr bool EPILOGUE = false, PERMUTE_X = false;
+    // OWN_WALK: the policy walks its chunks itself (`W::walk<NA>`, chunk_walk's arguments):
+    // scripts/bench/decode_quant.cu's W8A8 forms, whose MMAs take e4m3 activations too.
+    static constexpr bool OWN_WALK = false;
     static constexpr int CHUNK_K = 64;     // chunk_walk's chunks: 64 k wide
     __device__ static uint4 permute_x(uint4 x) { return x; }
     __device__ int group_size() const { return 1 << 30; }
@@ -894,6 +897,10 @@ __device__ __forceinline__ void chunk_walk(const typename W::Elem* const (&w)[2 
                                            int k_end, float (&c)[NA][4]) {
     constexpr int CS = W::CHUNK_STAGES;
     if (k_begin >= k_end) return;
+    if constexpr (W::OWN_WALK) {
+        W::template walk<NA>(w, pol, xr, k_begin, k_end, c);
+        return;
+    }
     // W::EPILOGUE: the fragments are the stored values unscaled (exact in bf16), summed per
     // scale group into cb and scaled into c at each group's end (`epi_scale` of rows g and
     // g + 8, each its own).

@@ -457,6 +457,53 @@ pub const GROUPED_MIN_PAIRS_PER_SLOT_INT4: f64 = 16.0;
 /// [`GROUPED_MIN_PAIRS_PER_SLOT_QUANTISED`] (FP8) or [`GROUPED_MIN_PAIRS_PER_SLOT_INT4`], or `MOEMESH_GROUPED_MIN_PAIRS` where set (read once;
 /// a positive number, fractions allowed; every format), for A/B runs of where the grouped GEMM
 /// takes over.
+/// The grouped GEMM's block shape, kernels, threads and shared memory for a weight format:
+/// the wgmma form (bf16, where `wgmma`), or k steps of 64 in 3 stages where both widths allow,
+/// else of 32 in 4 (experts.cu); e4m3 weights the same mma.sync tiles (experts_fp8.cu), whose
+/// shared memory holds each stage's e4m3 weight tile and one bf16 tile they are dequantised
+/// into; INT4 the same with a quarter of bf16's bytes staged (experts_int4.cu).
+struct GgPlan {
+    bm: usize,
+    bn: usize,
+    gate_up_fn: String,
+    down_fn: String,
+    threads: u32,
+    smem: usize,
+}
+
+impl GgPlan {
+    fn new(w: &ExpertWeights, hidden: usize, inner: usize, wgmma: bool) -> GgPlan {
+        let gg_smem = |bk: usize, stages: usize| match w.quant {
+            ExpertQuant::None => stages * (GG_BM + GG_BN) * bk * 2,
+            ExpertQuant::Fp8 { .. } => stages * (GG_BM * 2 + GG_BN) * bk + GG_BN * bk * 2,
+            ExpertQuant::Int4 { .. } => stages * (GG_BM * 2 * bk + GG_BN * bk / 2) + GG_BN * bk * 2,
+        };
+        let sfx = w.quant.suffix();
+        let gg = |bk: usize, stages: usize| GgPlan {
+            bm: GG_BM,
+            bn: GG_BN,
+            gate_up_fn: format!("moe_gg_gate_up{sfx}_k{bk}"),
+            down_fn: format!("moe_gg_down{sfx}_k{bk}"),
+            threads: 128,
+            smem: gg_smem(bk, stages),
+        };
+        if wgmma {
+            GgPlan {
+                bm: WS_BM,
+                bn: WS_BN,
+                gate_up_fn: "moe_ws_gate_up_n256".into(),
+                down_fn: "moe_ws_down_n256".into(),
+                threads: WS_THREADS,
+                smem: WS_SMEM,
+            }
+        } else if hidden.is_multiple_of(64) && inner.is_multiple_of(64) {
+            gg(64, 3)
+        } else {
+            gg(32, 4)
+        }
+    }
+}
+
 pub fn grouped_min_pairs_per_slot(quant: &ExpertQuant) -> f64 {
     static N: std::sync::OnceLock<Option<f64>> = std::sync::OnceLock::new();
     let set = *N.get_or_init(|| {
@@ -1247,42 +1294,10 @@ impl Gpu {
             && hidden.is_multiple_of(64)
             && inner.is_multiple_of(64)
             && pairs >= WS_MIN_PAIRS_PER_SLOT * slots;
-        // Block rows, the kernels' names, threads and shared memory: the wgmma form, or k steps
-        // of 64 in 3 stages where both widths allow, else of 32 in 4 (experts.cu); e4m3 weights
-        // the same mma.sync tiles (experts_fp8.cu), whose shared memory holds each stage's e4m3
-        // weight tile and one bf16 tile they are dequantised into; INT4 the same with a quarter
-        // of bf16's bytes staged (experts_int4.cu).
-        let gg_smem = |bk: usize, stages: usize| match w.quant {
-            ExpertQuant::None => stages * (GG_BM + GG_BN) * bk * 2,
-            ExpertQuant::Fp8 { .. } => stages * (GG_BM * 2 + GG_BN) * bk + GG_BN * bk * 2,
-            ExpertQuant::Int4 { .. } => stages * (GG_BM * 2 * bk + GG_BN * bk / 2) + GG_BN * bk * 2,
-        };
-        let sfx = w.quant.suffix();
-        let (bm, bn, gate_up_fn, down_fn, threads, smem) = if wgmma {
-            let (g, d) = ("moe_ws_gate_up_n256".into(), "moe_ws_down_n256".into());
-            (WS_BM, WS_BN, g, d, WS_THREADS, WS_SMEM)
-        } else if hidden.is_multiple_of(64) && inner.is_multiple_of(64) {
-            (
-                GG_BM,
-                GG_BN,
-                format!("moe_gg_gate_up{sfx}_k64"),
-                format!("moe_gg_down{sfx}_k64"),
-                128,
-                gg_smem(64, 3),
-            )
-        } else {
-            (
-                GG_BM,
-                GG_BN,
-                format!("moe_gg_gate_up{sfx}_k32"),
-                format!("moe_gg_down{sfx}_k32"),
-                128,
-                gg_smem(32, 4),
-            )
-        };
+        let plan = GgPlan::new(w, hidden, inner, wgmma);
         // Every slot's segment wastes less than one block: an upper bound without a host sync.
-        let max_blocks = pairs.div_ceil(bm) + slots;
-        let sorted = self.alloc(DType::U32, &[max_blocks * bm])?;
+        let max_blocks = pairs.div_ceil(plan.bm) + slots;
+        let sorted = self.alloc(DType::U32, &[max_blocks * plan.bm])?;
         let block_slot = self.alloc(DType::U32, &[max_blocks])?;
         let pos = self.alloc(DType::U32, &[pairs])?;
         let [wait_word, wait_value, observed] = wait_args(wait);
@@ -1299,7 +1314,7 @@ impl Gpu {
                 Arg::Ptr(pair_rows),
                 i32_arg(k_div, "top-k")?,
                 i32_arg(max_blocks, "expert blocks")?,
-                i32_arg(bm, "block rows")?,
+                i32_arg(plan.bm, "block rows")?,
                 Arg::Ptr(self.ptr(&sorted)?),
                 Arg::Ptr(self.ptr(&block_slot)?),
                 Arg::Ptr(self.ptr(&pos)?),
@@ -1308,50 +1323,63 @@ impl Gpu {
                 observed,
             ],
         )?;
-        let rows = max_blocks * bm;
-        let h = self.alloc(DType::BF16, &[rows, inner])?;
-        // A gate/up tile is bn/2 gate and the same bn/2 up columns; a down tile bn columns.
-        let (sorted_at, block_slot_at) = (self.ptr(&sorted)?, self.ptr(&block_slot)?);
-        let args = self.projection_args(
-            (x, hidden, "hidden size"),
-            w.gate_up,
-            (&w.quant, true),
-            (inner, "expert inner size"),
-            [
-                Arg::Ptr(sorted_at),
-                Arg::Ptr(block_slot_at),
-                Arg::Ptr(self.ptr(&h)?),
-            ],
-        )?;
-        self.launch(
-            &gate_up_fn,
-            (inner.div_ceil(bn / 2) as u32, max_blocks as u32, 1),
-            threads,
-            smem as u32,
-            &args,
-        )?;
+        let blocks = (&sorted, &block_slot, max_blocks);
+        let h = self.gg_product(&plan, true, x, w, blocks, (hidden, inner))?;
         // Each pair's expert output in bf16 (as the experts' matmuls return it in a bf16 model),
         // summed in f32 by the combine.
-        let y = self.alloc(DType::BF16, &[rows, hidden])?;
+        let y = self.gg_product(&plan, false, self.ptr(&h)?, w, blocks, (hidden, inner))?;
+        Ok((y, pos))
+    }
+
+    /// One of the grouped GEMM's two products over rows already sorted into blocks (`blocks`:
+    /// moe_align_blocks' sorted rows and block slots, and how many blocks): gate/up (`h [rows,
+    /// inner]` bf16 from `input [·, hidden]`) or down (`y [rows, hidden]` bf16 from `input
+    /// [rows, inner]`), rows = blocks · plan.bm.
+    fn gg_product(
+        &self,
+        plan: &GgPlan,
+        gate_up: bool,
+        input: u64,
+        w: &ExpertWeights,
+        (sorted, block_slot, max_blocks): (&Tensor, &Tensor, usize),
+        (hidden, inner): (usize, usize),
+    ) -> Result<Tensor> {
+        let rows = max_blocks * plan.bm;
+        let (k, n, out_width) = if gate_up {
+            ((hidden, "hidden size"), (inner, "expert inner size"), inner)
+        } else {
+            (
+                (inner, "expert inner size"),
+                (hidden, "hidden size"),
+                hidden,
+            )
+        };
+        let out = self.alloc(DType::BF16, &[rows, out_width])?;
         let args = self.projection_args(
-            (self.ptr(&h)?, inner, "expert inner size"),
-            w.down,
-            (&w.quant, false),
-            (hidden, "hidden size"),
+            (input, k.0, k.1),
+            if gate_up { w.gate_up } else { w.down },
+            (&w.quant, gate_up),
+            n,
             [
-                Arg::Ptr(sorted_at),
-                Arg::Ptr(block_slot_at),
-                Arg::Ptr(self.ptr(&y)?),
+                Arg::Ptr(self.ptr(sorted)?),
+                Arg::Ptr(self.ptr(block_slot)?),
+                Arg::Ptr(self.ptr(&out)?),
             ],
         )?;
+        // A gate/up tile is bn/2 gate and the same bn/2 up columns; a down tile bn columns.
+        let (name, tile) = if gate_up {
+            (&plan.gate_up_fn, plan.bn / 2)
+        } else {
+            (&plan.down_fn, plan.bn)
+        };
         self.launch(
-            &down_fn,
-            (hidden.div_ceil(bn) as u32, max_blocks as u32, 1),
-            threads,
-            smem as u32,
+            name,
+            (out_width.div_ceil(tile) as u32, max_blocks as u32, 1),
+            plan.threads,
+            plan.smem as u32,
             &args,
         )?;
-        Ok((y, pos))
+        Ok(out)
     }
 
     /// Routed experts for device routing: `x [T, hidden]`, the stacked weights of `slots`
