@@ -70,7 +70,7 @@ template <int BM, int BN, int BK, int ST, int WM, int WN> Variant variant(const 
 template <bool GU, int BM, int BN, int ST>
 __global__ void __launch_bounds__(384, 1) ws_var(const bf16* a, int K, const bf16* w, int N, const uint32_t* sr,
                                                  const uint32_t* bs, void* out) {
-    moe_ws<GU, BM, BN, ST>(a, K, w, N, sr, bs, out);
+    moe_ws<GU, BM, BN, ST>(a, K, w, QuantArgs{}, N, sr, bs, out);
 }
 template <int BM, int BN, int ST> Variant ws_variant(const char* name) {
     Variant v{name, (GgFn)ws_var<true, BM, BN, ST>, (GgFn)ws_var<false, BM, BN, ST>, BM, BN, 384, WS_SMEM(BM, BN, ST), 64};

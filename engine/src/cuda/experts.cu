@@ -1695,9 +1695,31 @@ __device__ __forceinline__ void mbar_cp_async_arrive(uint64_t* bar) {
                  : "memory");
 }
 
-template <bool GATE_UP, int BM, int BN, int STAGES>
-__device__ __forceinline__ void moe_ws(const bf16* __restrict__ a, int K, const bf16* __restrict__ w,
-                                       int N, const uint32_t* sorted_rows,
+// The loader warpgroup's weight side (`WL`): WsBf16Loader (below) copies each stage's bf16 tile
+// with cp.async; experts_fp8.cu's WsFp8Loader copies e4m3 tiles a few k steps ahead into a
+// staging ring of its own and dequantises each into the stage's bf16 tile. `FULL`: the arrivals
+// a stage's `full` barrier counts; `load(kt, st, full)` queues or makes stage st's tile for k step
+// kt, the activations' copies already queued by the calling thread, and arrives on `full` (once
+// for those copies and its own, through cp.async's arrive, plus whatever else it writes).
+template <bool GATE_UP, int BN, int STAGES>
+struct WsBf16Loader {
+    typedef bf16 Elem;
+    static constexpr int FULL = 128, EXTRA_SMEM = 0;
+    GgBf16Weights<GATE_UP, BN, 64, STAGES, 128, 128> wt;
+    __device__ __forceinline__ WsBf16Loader(const bf16* w, const QuantArgs& qa, int K, int N,
+                                            uint32_t s, int n0, int tid, bf16* sb, unsigned char*)
+        : wt(w, qa, K, N, s, n0, tid, reinterpret_cast<unsigned char*>(sb)) {}
+    __device__ __forceinline__ void start(int) {}
+    __device__ __forceinline__ void load(int kt, int st, int, uint64_t* full) {
+        wt.load(kt * 64, st);
+        mbar_cp_async_arrive(full);
+    }
+};
+
+template <bool GATE_UP, int BM, int BN, int STAGES, typename WL = WsBf16Loader<GATE_UP, BN, STAGES>>
+__device__ __forceinline__ void moe_ws(const bf16* __restrict__ a, int K,
+                                       const typename WL::Elem* __restrict__ w,
+                                       const QuantArgs& qa, int N, const uint32_t* sorted_rows,
                                        const uint32_t* block_slot, void* out) {
     constexpr int BK = 64, CH = BK / 8, LOADERS = 128, CONSUMERS = 256;
     // 128 rows: each consumer warpgroup takes 64 rows and every column; 64 rows: each takes the
@@ -1719,7 +1741,7 @@ __device__ __forceinline__ void moe_ws(const bf16* __restrict__ a, int K, const 
     const int n0 = blockIdx.x * (GATE_UP ? BN / 2 : BN);
     if (tid == 0) {
         for (int st = 0; st < STAGES; ++st) {
-            mbar_init(&full[st], LOADERS);
+            mbar_init(&full[st], WL::FULL);
             mbar_init(&empty[st], CONSUMERS);
         }
     }
@@ -1732,8 +1754,9 @@ __device__ __forceinline__ void moe_ws(const bf16* __restrict__ a, int K, const 
         bool aok[A_PER];
         int aoff[A_PER];
         gg_a_tiles<GATE_UP, BM, BK, LOADERS, A_PER>(a, K, sorted_rows, blk, tid, asrc, aok, aoff);
-        GgBf16Weights<GATE_UP, BN, BK, STAGES, LOADERS, 128> wt(w, QuantArgs{}, K, N, s, n0, tid,
-                                                               reinterpret_cast<unsigned char*>(sb));
+        WL wt(w, qa, K, N, s, n0, tid, sb,
+              reinterpret_cast<unsigned char*>(full + 2 * STAGES));
+        wt.start(kt_n);
         for (int kt = 0; kt < kt_n; ++kt) {
             const int st = kt % STAGES;
             mbar_wait(&empty[st], ((kt / STAGES) & 1) ^ 1);
@@ -1741,8 +1764,7 @@ __device__ __forceinline__ void moe_ws(const bf16* __restrict__ a, int K, const 
             bf16* A = sa + st * BM * BK;
 #pragma unroll
             for (int i = 0; i < A_PER; ++i) cp_async16(A + aoff[i], asrc[i] + k0, aok[i]);
-            wt.load(k0, st);
-            mbar_cp_async_arrive(&full[st]);
+            wt.load(kt, st, kt_n, &full[st]);
         }
         cp_async_wait<0>();
         return;
@@ -1759,7 +1781,7 @@ __device__ __forceinline__ void moe_ws(const bf16* __restrict__ a, int K, const 
     for (int kt = 0; kt < kt_n; ++kt) {
         const int st = kt % STAGES;
         mbar_wait(&full[st], (kt / STAGES) & 1);
-        fence_proxy_async();  // the cp.async writes, seen by the tensor cores' async proxy
+        fence_proxy_async();  // the stage's writes, seen by the tensor cores' async proxy
         const bf16* A = sa + st * BM * BK + row0 * BK;
         const bf16* B = sb + st * BN * BK + group0 * 128 * BK;
         wg_fence();
@@ -1821,11 +1843,13 @@ __device__ __forceinline__ void moe_ws(const bf16* __restrict__ a, int K, const 
     extern "C" __global__ void __launch_bounds__(384, 1)                                         \
         moe_ws_gate_up_##SFX(const bf16* x, int hidden, const bf16* w_gu, int inner,             \
                              const uint32_t* sorted_rows, const uint32_t* block_slot, bf16* h) { \
-        moe_ws<true, 128, BN, STAGES>(x, hidden, w_gu, inner, sorted_rows, block_slot, h);           \
+        moe_ws<true, 128, BN, STAGES>(x, hidden, w_gu, QuantArgs{}, inner, sorted_rows, block_slot, \
+                                      h);                                                        \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(384, 1)                                         \
         moe_ws_down_##SFX(const bf16* h, int inner, const bf16* w_down, int hidden,              \
                           const uint32_t* sorted_rows, const uint32_t* block_slot, bf16* y) {    \
-        moe_ws<false, 128, BN, STAGES>(h, inner, w_down, hidden, sorted_rows, block_slot, y);        \
+        moe_ws<false, 128, BN, STAGES>(h, inner, w_down, QuantArgs{}, hidden, sorted_rows,         \
+                                       block_slot, y);                                           \
     }
 WS_KERNELS(n256, 256, 4)

@@ -195,9 +195,10 @@ pub struct ExpertWeights<'a> {
     pub down: &'a Tensor,
     /// What the values need besides themselves.
     pub quant: ExpertQuant<'a>,
-    /// Whether prefill-sized bf16 batches may take the wgmma grouped GEMM (`moe_ws_*`). FP8
-    /// and INT4 weights have only the mma.sync form (`moe_gg_*_fp8`, `moe_gg_*_int4`); the
-    /// kernel checks turn this off for bf16 so that both run the same products.
+    /// Whether prefill-sized bf16 and FP8 batches may take the wgmma grouped GEMM (`moe_ws_*`,
+    /// `moe_ws_*_fp8`: the e4m3 tiles dequantised into the bf16 ones, the same products). INT4
+    /// weights have only the mma.sync form (`moe_gg_*_int4`); the kernel checks set this alike
+    /// on both sides so that both run the same products.
     pub wgmma: bool,
     /// Average pairs per held expert from which a batch takes the grouped GEMM
     /// ([`grouped_min_pairs_per_slot`] of the format; the kernel checks give the bf16 side the
@@ -424,6 +425,14 @@ const WS_BM: usize = 128;
 const WS_BN: usize = 256;
 const WS_THREADS: u32 = 384;
 const WS_SMEM: usize = 4 * (WS_BM + WS_BN) * 64 * 2 + 1024 + 16 * 4;
+/// The same with e4m3 weights (`moe_ws_*_fp8_n256`, experts_fp8.cu's `WS_FP8_STAGES` bf16
+/// stages and `WS_FP8_SLOTS` e4m3 staging slots of 256 × 64 bytes).
+const WS_FP8_STAGES: usize = 4;
+const WS_FP8_SLOTS: usize = 2;
+const WS_FP8_SMEM: usize = WS_FP8_STAGES * (WS_BM + WS_BN) * 64 * 2
+    + 1024
+    + 16 * WS_FP8_STAGES
+    + WS_FP8_SLOTS * WS_BN * 64;
 /// Average pairs per held expert from which the grouped GEMM takes the wgmma form: its
 /// 128-row segments waste more padding than the 64-row ones, which pays only for larger
 /// segments. Measured on the H100 (scripts/bench/prefill_kernels.cu, one V2-Lite layer): 48
@@ -458,7 +467,7 @@ pub const GROUPED_MIN_PAIRS_PER_SLOT_INT4: f64 = 16.0;
 /// a positive number, fractions allowed; every format), for A/B runs of where the grouped GEMM
 /// takes over.
 /// The grouped GEMM's block shape, kernels, threads and shared memory for a weight format:
-/// the wgmma form (bf16, where `wgmma`), or k steps of 64 in 3 stages where both widths allow,
+/// the wgmma form (bf16 and FP8, where `wgmma`), or k steps of 64 in 3 stages where both widths allow,
 /// else of 32 in 4 (experts.cu); e4m3 weights the same mma.sync tiles (experts_fp8.cu), whose
 /// shared memory holds each stage's e4m3 weight tile and one bf16 tile they are dequantised
 /// into; INT4 the same with a quarter of bf16's bytes staged (experts_int4.cu).
@@ -491,10 +500,13 @@ impl GgPlan {
             GgPlan {
                 bm: WS_BM,
                 bn: WS_BN,
-                gate_up_fn: "moe_ws_gate_up_n256".into(),
-                down_fn: "moe_ws_down_n256".into(),
+                gate_up_fn: format!("moe_ws_gate_up{sfx}_n256"),
+                down_fn: format!("moe_ws_down{sfx}_n256"),
                 threads: WS_THREADS,
-                smem: WS_SMEM,
+                smem: match w.quant {
+                    ExpertQuant::Fp8 { .. } => WS_FP8_SMEM,
+                    _ => WS_SMEM,
+                },
             }
         } else if hidden.is_multiple_of(64) && inner.is_multiple_of(64) {
             gg(64, 3)
@@ -1290,7 +1302,7 @@ impl Gpu {
     ) -> Result<(Tensor, Tensor)> {
         let wgmma = super::wgmma_experts_enabled()
             && w.wgmma
-            && matches!(w.quant, ExpertQuant::None)
+            && matches!(w.quant, ExpertQuant::None | ExpertQuant::Fp8 { .. })
             && hidden.is_multiple_of(64)
             && inner.is_multiple_of(64)
             && pairs >= WS_MIN_PAIRS_PER_SLOT * slots;

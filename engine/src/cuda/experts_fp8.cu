@@ -20,7 +20,8 @@
 // The decode kernels follow experts.cu's moe_gate_up_mma / moe_down_mma step for step, as
 // separate functions so that those stay as they are while the decode-kernel work on experts.cu
 // (issue 18) is in flight: to be folded into templates over the weight type once it has landed.
-// The grouped GEMM is experts.cu's moe_gg itself, with e4m3 weight tiles (GgFp8Weights).
+// The grouped GEMM is experts.cu's moe_gg itself, with e4m3 weight tiles (GgFp8Weights), and on
+// Hopper for prefill-sized batches its warp-specialised wgmma form moe_ws (WsFp8Loader).
 
 #include <cuda_fp8.h>
 
@@ -248,15 +249,61 @@ struct GgFp8Weights {
     // the previous step's tile) dequantised into the bf16 tile; every thread of the block calls
     // it.
     __device__ __forceinline__ const bf16* ready(int k0, int st) {
+        convert(k0, st, t.tile);
+        __syncthreads();
+        return t.tile;
+    }
+    // This thread's chunks of stage st (columns k0..) dequantised into the bf16 tile `dst`.
+    __device__ __forceinline__ void convert(int k0, int st, bf16* dst) const {
         const uint8_t* Q = t.stage(st);
         const int kb = k0 / FP8_BLOCK;
 #pragma unroll
         for (int i = 0; i < PER; ++i) {
             const uint2 v = *reinterpret_cast<const uint2*>(Q + t.from[i]);
-            *reinterpret_cast<uint4*>(t.tile + t.to[i]) = fp8x8_to_bf16x8(v, __ldg(scale[i] + kb));
+            *reinterpret_cast<uint4*>(dst + t.to[i]) = fp8x8_to_bf16x8(v, __ldg(scale[i] + kb));
         }
-        __syncthreads();
-        return t.tile;
+    }
+};
+
+// moe_ws's loader with e4m3 weights (experts.cu's WsBf16Loader is the bf16 one): the loader
+// warpgroup copies each k step's BN × 64 e4m3 tile into a staging ring of S8 slots (`extra`
+// shared memory, S8 · BN · 64 bytes) S8 − 1 steps ahead, and when the step's stage is free
+// dequantises its slot into the stage's bf16 tile in moe_ws's layout (gg_off<64>, as GgFp8Weights
+// does for moe_gg), so the consumers' wgmma read the same bf16 values as over a dequantised
+// checkpoint, in the same order: the bf16 kernel's bits. A stage is full after each loader
+// thread's activation copies land (cp.async's arrive) and it has written its part of the tile
+// (a plain arrive after a proxy fence): FULL = 2 · 128.
+template <bool GATE_UP, int BN, int S8>
+struct WsFp8Loader {
+    typedef uint8_t Elem;
+    static constexpr int FULL = 256, EXTRA_SMEM = S8 * BN * 64;
+    typedef GgFp8Weights<GATE_UP, BN, 64, S8, 128, 128> Staged;
+    Staged wt;
+    bf16* sb;
+    __device__ __forceinline__ WsFp8Loader(const uint8_t* w, const QuantArgs& qa, int K, int N,
+                                           uint32_t s, int n0, int tid, bf16* sb_,
+                                           unsigned char* extra)
+        : wt(w, qa, K, N, s, n0, tid, extra), sb(sb_) {}
+    // The first S8 − 1 steps' copies, a cp.async group each.
+    __device__ __forceinline__ void start(int kt_n) {
+#pragma unroll
+        for (int i = 0; i < S8 - 1; ++i) {
+            if (i < kt_n) wt.load(i * 64, i);
+            cp_async_commit();
+        }
+    }
+    __device__ __forceinline__ void load(int kt, int st, int kt_n, uint64_t* full) {
+        mbar_cp_async_arrive(full);  // the activations' copies of this stage
+        // Every loader thread is done dequantising step kt − 1, whose slot the next copies take.
+        asm volatile("bar.sync 1, 128;\n" ::: "memory");
+        const int kn = kt + S8 - 1;
+        if (kn < kt_n) wt.load(kn * 64, kn % S8);
+        cp_async_commit();
+        cp_async_wait<S8 - 1>();  // this thread's copies of step kt have landed
+        asm volatile("bar.sync 1, 128;\n" ::: "memory");  // and every loader thread's
+        wt.convert(kt * 64, kt % S8, sb + st * BN * 64);
+        fence_proxy_async();
+        mbar_arrive(full);
     }
 };
 
@@ -281,6 +328,29 @@ using GgFp8 = GgFp8Weights<GATE_UP, GG_BN, BK, STAGES, 128, GG_BN / 2>;
     }
 GG_FP8_KERNELS(k64, 64, 3)
 GG_FP8_KERNELS(k32, 32, 4)
+
+// moe_ws (experts.cu's warp-specialised wgmma grouped GEMM) with e4m3 weights: WsFp8Loader with
+// 4 bf16 stages and 2 e4m3 staging slots of 256 × 64 bytes (engine/src/cuda/experts.rs
+// `WS_FP8_SMEM`: 225 KiB). Against 3 + 3, 3 + 5 and 2 + 6 (H200, a V2-Lite layer at 8,192
+// tokens, µs a call, gate/up / down): 1,107 / 577 against 1,249 / 630, 1,268 / 621 and
+// 1,291 / 645, and the mma.sync form's 1,317 / 664 (docs/BENCHMARKS.md, session 28): the
+// consumers' slack (bf16 stages) pays more than copies further ahead.
+#define WS_FP8_STAGES 4
+#define WS_FP8_SLOTS 2
+extern "C" __global__ void __launch_bounds__(384, 1)
+    moe_ws_gate_up_fp8_n256(const bf16* x, int hidden, const uint8_t* w_gu, const float* s_gu,
+                            int inner, const uint32_t* sorted_rows, const uint32_t* block_slot,
+                            bf16* h) {
+    moe_ws<true, 128, 256, WS_FP8_STAGES, WsFp8Loader<true, 256, WS_FP8_SLOTS>>(
+        x, hidden, w_gu, QuantArgs{s_gu, nullptr, 0}, inner, sorted_rows, block_slot, h);
+}
+extern "C" __global__ void __launch_bounds__(384, 1)
+    moe_ws_down_fp8_n256(const bf16* h, int inner, const uint8_t* w_down, const float* s_down,
+                         int hidden, const uint32_t* sorted_rows, const uint32_t* block_slot,
+                         bf16* y) {
+    moe_ws<false, 128, 256, WS_FP8_STAGES, WsFp8Loader<false, 256, WS_FP8_SLOTS>>(
+        h, inner, w_down, QuantArgs{s_down, nullptr, 0}, hidden, sorted_rows, block_slot, y);
+}
 
 // e4m3 ↔ f32 casts on the device (candle 0.11's own F8E4M3 casts look kernels up under names its
 // kernel module does not define, "cast_f32_f8e4m3" against "cast_f32_f8_e4m3"): f32 → e4m3

@@ -17,7 +17,8 @@
 //!   batch 86 in FP8 and 171 in INT4, the partial shape's 8 from batch 32 and 64), at batches
 //!   1, 8, 64 and 128;
 //! - `pairs`: a 2,048-token prefill through the grouped GEMM (the bf16 side held to the same
-//!   mma.sync form: FP8 has no wgmma form).
+//!   form: the wgmma one for FP8, where the widths are multiples of 64, else mma.sync; INT4 has
+//!   only the mma.sync form).
 //!
 //! At V2-Lite's shape (hidden 2,048, 64 experts of 1,408, top-6), whose blocks are whole, and at
 //! a shape of partial edge blocks (hidden 320, 8 experts of 160, top-2; also the k32 tiles).
@@ -120,16 +121,18 @@ impl Stacks {
             gate_up: &self.gate_up,
             down: &self.down,
             quant,
-            wgmma: false,
+            wgmma: matches!(quant, ExpertQuant::Fp8 { .. }),
             grouped_from: grouped_min_pairs_per_slot(&quant),
         }
     }
 
-    /// The dequantised stacks, taking the grouped GEMM where the quantised ones do.
+    /// The dequantised stacks, taking the grouped GEMM (and its form) where the quantised ones
+    /// do.
     fn bf16(&self) -> ExpertWeights<'_> {
+        let q = self.quantised();
         ExpertWeights {
-            wgmma: false,
-            grouped_from: self.quantised().grouped_from,
+            wgmma: q.wgmma,
+            grouped_from: q.grouped_from,
             ..ExpertWeights::dense(&self.gate_up_bf16, &self.down_bf16)
         }
     }
