@@ -1688,6 +1688,8 @@ __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"((uint32_t)__cvta_generic_to_shared(bar))
                  : "memory");
 }
+// Named barrier 2 over moe_ws's 256 consumer threads (warps 4–11).
+__device__ __forceinline__ void consumer_bar() { asm volatile("bar.sync 2, 256;\n" ::: "memory"); }
 // The barrier counts one arrival when all of this thread's earlier cp.async have landed.
 __device__ __forceinline__ void mbar_cp_async_arrive(uint64_t* bar) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(
@@ -1705,6 +1707,9 @@ template <bool GATE_UP, int BN, int STAGES>
 struct WsBf16Loader {
     typedef bf16 Elem;
     static constexpr int FULL = 128, EXTRA_SMEM = 0;
+    // The weights' shared memory after the activations' stages: STAGES bf16 tiles.
+    static constexpr int B_BYTES = STAGES * BN * 64 * 2;
+    static constexpr bool CONSUMER_DEQUANT = false;
     GgBf16Weights<GATE_UP, BN, 64, STAGES, 128, 128> wt;
     __device__ __forceinline__ WsBf16Loader(const bf16* w, const QuantArgs& qa, int K, int N,
                                             uint32_t s, int n0, int tid, bf16* sb, unsigned char*)
@@ -1732,7 +1737,8 @@ __device__ __forceinline__ void moe_ws(const bf16* __restrict__ a, int K,
     bf16* sa = reinterpret_cast<bf16*>(
         (reinterpret_cast<uintptr_t>(wg_smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
     bf16* sb = sa + STAGES * BM * BK;
-    uint64_t* full = reinterpret_cast<uint64_t*>(sb + STAGES * BN * BK);
+    uint64_t* full =
+        reinterpret_cast<uint64_t*>(reinterpret_cast<unsigned char*>(sb) + WL::B_BYTES);
     uint64_t* empty = full + STAGES;
     const uint32_t blk = blockIdx.y;
     const uint32_t s = block_slot[blk];
@@ -1778,12 +1784,10 @@ __device__ __forceinline__ void moe_ws(const bf16* __restrict__ a, int K,
     for (int nw = 0; nw < NW; ++nw)
 #pragma unroll
         for (int e = 0; e < 64; ++e) acc[nw][e] = 0.f;
-    for (int kt = 0; kt < kt_n; ++kt) {
-        const int st = kt % STAGES;
-        mbar_wait(&full[st], (kt / STAGES) & 1);
-        fence_proxy_async();  // the stage's writes, seen by the tensor cores' async proxy
+    // One k step's wgmma: the activations' stage st and the weights' bf16 tile `Bt`.
+    auto mma_step = [&](int st, const bf16* Bt) {
         const bf16* A = sa + st * BM * BK + row0 * BK;
-        const bf16* B = sb + st * BN * BK + group0 * 128 * BK;
+        const bf16* B = Bt + group0 * 128 * BK;
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < BK / 16; ++kk) {
@@ -1792,8 +1796,43 @@ __device__ __forceinline__ void moe_ws(const bf16* __restrict__ a, int K,
             for (int nw = 0; nw < NW; ++nw) wg_m64n128k16(acc[nw], da, wg_desc(B + nw * 128 * BK + kk * 16));
         }
         wg_commit();
-        wg_wait<1>();
-        if (kt > 0) mbar_arrive(&empty[(kt - 1) % STAGES]);
+    };
+    if constexpr (WL::CONSUMER_DEQUANT) {
+        // The consumers make each step's bf16 tile from the stage's staged weights (WL::Conv)
+        // into one of two buffers, step kt + 1's while step kt's wgmma run; named barrier 2
+        // over the 256 consumer threads: before a buffer is written (both warpgroups' wgmma
+        // that read it have retired) and before it is read (every thread's part is written).
+        typename WL::Conv cv(qa, K, N, s, n0, tid - LOADERS, reinterpret_cast<unsigned char*>(sb));
+        mbar_wait(&full[0], 0);
+        cv.convert(0, 0);
+        fence_proxy_async();
+        consumer_bar();
+        for (int kt = 0; kt < kt_n; ++kt) {
+            const int st = kt % STAGES;
+            fence_proxy_async();  // the stage's activations, seen by the async proxy
+            mma_step(st, cv.tile(kt));
+            wg_wait<1>();  // this warpgroup's step kt − 1 has retired
+            if (kt + 1 < kt_n) {
+                const int sn = (kt + 1) % STAGES;
+                mbar_wait(&full[sn], ((kt + 1) / STAGES) & 1);
+                consumer_bar();  // and the other's: tile (kt + 1) % 2 is free
+                if (kt > 0) mbar_arrive(&empty[(kt - 1) % STAGES]);
+                cv.convert(kt + 1, sn);
+                fence_proxy_async();
+                consumer_bar();
+            } else if (kt > 0) {
+                mbar_arrive(&empty[(kt - 1) % STAGES]);
+            }
+        }
+    } else {
+        for (int kt = 0; kt < kt_n; ++kt) {
+            const int st = kt % STAGES;
+            mbar_wait(&full[st], (kt / STAGES) & 1);
+            fence_proxy_async();  // the stage's writes, seen by the tensor cores' async proxy
+            mma_step(st, sb + st * BN * BK);
+            wg_wait<1>();
+            if (kt > 0) mbar_arrive(&empty[(kt - 1) % STAGES]);
+        }
     }
     wg_wait<0>();
     const int g = lane >> 2, t4 = lane & 3;

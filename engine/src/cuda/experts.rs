@@ -425,14 +425,33 @@ const WS_BM: usize = 128;
 const WS_BN: usize = 256;
 const WS_THREADS: u32 = 384;
 const WS_SMEM: usize = 4 * (WS_BM + WS_BN) * 64 * 2 + 1024 + 16 * 4;
-/// The same with e4m3 weights (`moe_ws_*_fp8_n256`, experts_fp8.cu's `WS_FP8_STAGES` bf16
-/// stages and `WS_FP8_SLOTS` e4m3 staging slots of 256 × 64 bytes).
+/// The same with e4m3 weights. The default (`moe_ws_*_fp8_n256c`, experts_fp8.cu's
+/// `WsFp8ConsumerLoader`): `WS_FP8C_STAGES` stages of activations and e4m3 tiles, two bf16 tiles
+/// the consumers dequantise into. The loader-dequantising form (`moe_ws_*_fp8_n256`,
+/// `WsFp8Loader`): `WS_FP8_STAGES` bf16 stages and `WS_FP8_SLOTS` e4m3 staging slots.
+const WS_FP8C_STAGES: usize = 5;
+const WS_FP8C_SMEM: usize =
+    WS_FP8C_STAGES * (WS_BM * 2 + WS_BN) * 64 + 2 * WS_BN * 64 * 2 + 1024 + 16 * WS_FP8C_STAGES;
 const WS_FP8_STAGES: usize = 4;
 const WS_FP8_SLOTS: usize = 2;
 const WS_FP8_SMEM: usize = WS_FP8_STAGES * (WS_BM + WS_BN) * 64 * 2
     + 1024
     + 16 * WS_FP8_STAGES
     + WS_FP8_SLOTS * WS_BN * 64;
+
+/// Which wgmma form FP8 experts take: the consumers dequantising (default) or the loader
+/// (`MOEMESH_WS_FP8=loader`, for A/B runs; read once): the kernels' name suffix and shared
+/// memory. H200, a V2-Lite layer at 8,192 tokens: gate/up 1,007 against 1,105 µs, down 502
+/// against 576 (docs/BENCHMARKS.md, session 28).
+fn ws_fp8_form() -> (&'static str, usize) {
+    static LOADER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *LOADER.get_or_init(|| std::env::var("MOEMESH_WS_FP8").as_deref() == Ok("loader")) {
+        ("", WS_FP8_SMEM)
+    } else {
+        ("c", WS_FP8C_SMEM)
+    }
+}
+
 /// Average pairs per held expert from which the grouped GEMM takes the wgmma form: its
 /// 128-row segments waste more padding than the 64-row ones, which pays only for larger
 /// segments. Measured on the H100 (scripts/bench/prefill_kernels.cu, one V2-Lite layer): 48
@@ -497,16 +516,17 @@ impl GgPlan {
             smem: gg_smem(bk, stages),
         };
         if wgmma {
+            let (form, smem) = match w.quant {
+                ExpertQuant::Fp8 { .. } => ws_fp8_form(),
+                _ => ("", WS_SMEM),
+            };
             GgPlan {
                 bm: WS_BM,
                 bn: WS_BN,
-                gate_up_fn: format!("moe_ws_gate_up{sfx}_n256"),
-                down_fn: format!("moe_ws_down{sfx}_n256"),
+                gate_up_fn: format!("moe_ws_gate_up{sfx}_n256{form}"),
+                down_fn: format!("moe_ws_down{sfx}_n256{form}"),
                 threads: WS_THREADS,
-                smem: match w.quant {
-                    ExpertQuant::Fp8 { .. } => WS_FP8_SMEM,
-                    _ => WS_SMEM,
-                },
+                smem,
             }
         } else if hidden.is_multiple_of(64) && inner.is_multiple_of(64) {
             gg(64, 3)

@@ -21,7 +21,8 @@
 // separate functions so that those stay as they are while the decode-kernel work on experts.cu
 // (issue 18) is in flight: to be folded into templates over the weight type once it has landed.
 // The grouped GEMM is experts.cu's moe_gg itself, with e4m3 weight tiles (GgFp8Weights), and on
-// Hopper for prefill-sized batches its warp-specialised wgmma form moe_ws (WsFp8Loader).
+// Hopper for prefill-sized batches its warp-specialised wgmma form moe_ws (WsFp8ConsumerLoader,
+// or WsFp8Loader).
 
 #include <cuda_fp8.h>
 
@@ -273,10 +274,12 @@ struct GgFp8Weights {
 // checkpoint, in the same order: the bf16 kernel's bits. A stage is full after each loader
 // thread's activation copies land (cp.async's arrive) and it has written its part of the tile
 // (a plain arrive after a proxy fence): FULL = 2 · 128.
-template <bool GATE_UP, int BN, int S8>
+template <bool GATE_UP, int BN, int S8, int STAGES>
 struct WsFp8Loader {
     typedef uint8_t Elem;
     static constexpr int FULL = 256, EXTRA_SMEM = S8 * BN * 64;
+    static constexpr int B_BYTES = STAGES * BN * 64 * 2;
+    static constexpr bool CONSUMER_DEQUANT = false;
     typedef GgFp8Weights<GATE_UP, BN, 64, S8, 128, 128> Staged;
     Staged wt;
     bf16* sb;
@@ -329,26 +332,118 @@ using GgFp8 = GgFp8Weights<GATE_UP, GG_BN, BK, STAGES, 128, GG_BN / 2>;
 GG_FP8_KERNELS(k64, 64, 3)
 GG_FP8_KERNELS(k32, 32, 4)
 
-// moe_ws (experts.cu's warp-specialised wgmma grouped GEMM) with e4m3 weights: WsFp8Loader with
-// 4 bf16 stages and 2 e4m3 staging slots of 256 × 64 bytes (engine/src/cuda/experts.rs
-// `WS_FP8_SMEM`: 225 KiB). Against 3 + 3, 3 + 5 and 2 + 6 (H200, a V2-Lite layer at 8,192
-// tokens, µs a call, gate/up / down): 1,107 / 577 against 1,249 / 630, 1,268 / 621 and
-// 1,291 / 645, and the mma.sync form's 1,317 / 664 (docs/BENCHMARKS.md, session 28): the
-// consumers' slack (bf16 stages) pays more than copies further ahead.
+// moe_ws's weights e4m3 with the dequantisation in the consumers (CONSUMER_DEQUANT): the loader
+// warpgroup only copies each stage's 256 × 64 e4m3 tile (STAGES of them, 16 KiB each) beside the
+// activations, and the 256 consumer threads dequantise step kt + 1's tile into one of two bf16
+// buffers (32 KiB each) while step kt's wgmma run (moe_ws's loop), 8 of a tile's 2,048 8-value
+// chunks each. The same values in the same layout as WsFp8Loader's (gg_off<64>): the same bits.
+template <bool GATE_UP, int BN, int STAGES>
+struct WsFp8ConsumerLoader {
+    typedef uint8_t Elem;
+    static constexpr int FULL = 128, EXTRA_SMEM = 0;
+    static constexpr int B_BYTES = STAGES * BN * 64 + 2 * BN * 64 * 2;
+    static constexpr bool CONSUMER_DEQUANT = true;
+    GgStagedCopies<GATE_UP, BN, 64, 128, 128, 1> copies;
+    unsigned char* staged;
+    __device__ __forceinline__ WsFp8ConsumerLoader(const uint8_t* w, const QuantArgs&, int K,
+                                                   int N, uint32_t s, int n0, int tid, bf16* sb,
+                                                   unsigned char*)
+        : copies(w, K, N, s, n0, tid), staged(reinterpret_cast<unsigned char*>(sb)) {}
+    __device__ __forceinline__ void start(int) {}
+    __device__ __forceinline__ void load(int kt, int st, int, uint64_t* full) {
+        copies.load(staged + st * BN * 64, kt * 64);
+        mbar_cp_async_arrive(full);
+    }
+    // A consumer thread's part (ct in 0..255): tile rows n = ct / 8 + 32 i (i < 8), chunk ct % 8
+    // of each. A gate/up tile's 256 rows are 128 output columns from n0 (a multiple of 128: one
+    // block row of scales), gate rows (local row < 64 of each 128) and up rows; a down tile's
+    // are rows n0 + n (n0 a multiple of 256: two block rows, the second clamped to the last for
+    // a partial edge, whose rows are zeros).
+    struct Conv {
+        const float* scales;
+        uint32_t soff[2];  // scale-row offsets: gate / up, or block rows 0 / 1 of the tile
+        int from0, to0, nb;
+        unsigned char* staged;
+        bf16* bufs;
+        __device__ __forceinline__ Conv(const QuantArgs& qa, int K, int N, uint32_t s, int n0,
+                                        int ct, unsigned char* sb)
+            : scales(qa.scales),
+              staged(sb),
+              bufs(reinterpret_cast<bf16*>(sb + STAGES * BN * 64)) {
+            const int rb = (N + FP8_BLOCK - 1) / FP8_BLOCK, cb = (K + FP8_BLOCK - 1) / FP8_BLOCK;
+            nb = ct / 8;
+            const int c = ct % 8;
+            from0 = nb * 64 + c * 8;
+            to0 = gg_off<64>(nb, c);
+            if (GATE_UP) {
+                const int br = n0 / FP8_BLOCK;
+                soff[0] = (uint32_t)(((size_t)2 * s * rb + br) * cb);
+                soff[1] = (uint32_t)(((size_t)(2 * s + 1) * rb + br) * cb);
+            } else {
+                const int b0 = min(n0 / FP8_BLOCK, rb - 1), b1 = min(n0 / FP8_BLOCK + 1, rb - 1);
+                soff[0] = (uint32_t)(((size_t)s * rb + b0) * cb);
+                soff[1] = (uint32_t)(((size_t)s * rb + b1) * cb);
+            }
+        }
+        __device__ __forceinline__ const bf16* tile(int kt) const {
+            return bufs + (kt & 1) * BN * 64;
+        }
+        // Step kt's staged tile (stage st) into buffer kt % 2.
+        __device__ __forceinline__ void convert(int kt, int st) const {
+            const int kb = kt * 64 / FP8_BLOCK;
+            const float s0 = __ldg(scales + soff[0] + kb), s1 = __ldg(scales + soff[1] + kb);
+            const unsigned char* Q = staged + st * BN * 64;
+            bf16* T = bufs + (kt & 1) * BN * 64;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                const int n = nb + 32 * i;
+                // gate/up: local row n % 128 ≥ 64 is an up row; down: n ≥ 128 the second block row
+                const bool second = GATE_UP ? (n & 127) >= 64 : n >= 128;
+                const uint2 v = *reinterpret_cast<const uint2*>(Q + from0 + i * 32 * 64);
+                *reinterpret_cast<uint4*>(T + to0 + i * 32 * 64) =
+                    fp8x8_to_bf16x8(v, second ? s1 : s0);
+            }
+        }
+    };
+};
+
+// moe_ws (experts.cu's warp-specialised wgmma grouped GEMM) with e4m3 weights (engine/src/cuda/
+// experts.rs `ws_fp8_form` picks; its `WS_FP8*` constants size the shared memory). H200, a
+// V2-Lite layer at 8,192 tokens, µs a call, gate/up / down (docs/BENCHMARKS.md, session 28):
+// the consumers dequantising (`_n256c`, the default) 1,007 / 502; the loader dequantising
+// (`_n256`) with 4 bf16 stages and 2 staging slots 1,107 / 577, against 3 + 3, 3 + 5 and 2 + 6:
+// 1,249 / 630, 1,268 / 621 and 1,291 / 645; the mma.sync form 1,317 / 664; bf16's 561 / 297.
 #define WS_FP8_STAGES 4
 #define WS_FP8_SLOTS 2
+// The consumer-dequantising form (WsFp8ConsumerLoader, the default): 5 stages of activations and
+// e4m3 tiles and two bf16 tiles (225 KiB).
+#define WS_FP8C_STAGES 5
+extern "C" __global__ void __launch_bounds__(384, 1)
+    moe_ws_gate_up_fp8_n256c(const bf16* x, int hidden, const uint8_t* w_gu, const float* s_gu,
+                             int inner, const uint32_t* sorted_rows, const uint32_t* block_slot,
+                             bf16* h) {
+    moe_ws<true, 128, 256, WS_FP8C_STAGES, WsFp8ConsumerLoader<true, 256, WS_FP8C_STAGES>>(
+        x, hidden, w_gu, QuantArgs{s_gu, nullptr, 0}, inner, sorted_rows, block_slot, h);
+}
+extern "C" __global__ void __launch_bounds__(384, 1)
+    moe_ws_down_fp8_n256c(const bf16* h, int inner, const uint8_t* w_down, const float* s_down,
+                          int hidden, const uint32_t* sorted_rows, const uint32_t* block_slot,
+                          bf16* y) {
+    moe_ws<false, 128, 256, WS_FP8C_STAGES, WsFp8ConsumerLoader<false, 256, WS_FP8C_STAGES>>(
+        h, inner, w_down, QuantArgs{s_down, nullptr, 0}, hidden, sorted_rows, block_slot, y);
+}
 extern "C" __global__ void __launch_bounds__(384, 1)
     moe_ws_gate_up_fp8_n256(const bf16* x, int hidden, const uint8_t* w_gu, const float* s_gu,
                             int inner, const uint32_t* sorted_rows, const uint32_t* block_slot,
                             bf16* h) {
-    moe_ws<true, 128, 256, WS_FP8_STAGES, WsFp8Loader<true, 256, WS_FP8_SLOTS>>(
+    moe_ws<true, 128, 256, WS_FP8_STAGES, WsFp8Loader<true, 256, WS_FP8_SLOTS, WS_FP8_STAGES>>(
         x, hidden, w_gu, QuantArgs{s_gu, nullptr, 0}, inner, sorted_rows, block_slot, h);
 }
 extern "C" __global__ void __launch_bounds__(384, 1)
     moe_ws_down_fp8_n256(const bf16* h, int inner, const uint8_t* w_down, const float* s_down,
                          int hidden, const uint32_t* sorted_rows, const uint32_t* block_slot,
                          bf16* y) {
-    moe_ws<false, 128, 256, WS_FP8_STAGES, WsFp8Loader<false, 256, WS_FP8_SLOTS>>(
+    moe_ws<false, 128, 256, WS_FP8_STAGES, WsFp8Loader<false, 256, WS_FP8_SLOTS, WS_FP8_STAGES>>(
         h, inner, w_down, QuantArgs{s_down, nullptr, 0}, hidden, sorted_rows, block_slot, y);
 }
 
