@@ -96,8 +96,12 @@ impl SampleCluster {
 }
 
 /// Whether `n` rows are sampled with a cluster of blocks a row ([`SampleCluster`]; the
-/// environment read once).
+/// environment read once). Never in a build for a GPU without clusters: the PTX has them for
+/// compute capability 9.0 only (engine/build.rs's `moemesh_wgmma`; sampling.cu).
 fn sample_cluster_rows(n: usize) -> bool {
+    if !cfg!(moemesh_wgmma) {
+        return false;
+    }
     static MODE: std::sync::OnceLock<SampleCluster> = std::sync::OnceLock::new();
     MODE.get_or_init(|| {
         SampleCluster::parse(std::env::var("MOEMESH_SAMPLE_CLUSTER").ok().as_deref())

@@ -5,6 +5,31 @@
 
 #include "common.cuh"
 
+// Thread-block clusters (the few-row kernels below, `_c8`) exist from compute capability 9.0.
+// Elsewhere (a build for another CUDA_COMPUTE_CAP, engine/build.rs) `sample_cg` stands in so that
+// the shared templates compile, the `_c8` kernels trap, and the Rust side never launches them
+// (engine/src/cuda/mod.rs `sample_cluster_rows`, off without `moemesh_wgmma`).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define SAMPLE_CLUSTERS 0
+namespace sample_cg {
+struct cluster_group {
+    __device__ void sync() const { __trap(); }
+    __device__ unsigned block_rank() const { return 0; }
+    template <typename T>
+    __device__ T* map_shared_rank(T* p, unsigned) const {
+        __trap();
+        return p;
+    }
+};
+__device__ inline cluster_group this_cluster() { return {}; }
+}  // namespace sample_cg
+#define SAMPLE_CLUSTER_DIMS(N)
+#else
+#define SAMPLE_CLUSTERS 1
+namespace sample_cg = cooperative_groups;
+#define SAMPLE_CLUSTER_DIMS(N) __cluster_dims__(N, 1, 1)
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // Greedy sampling on the device: per row of f32 logits, the arg-max (lowest index on ties, NaN
 // never chosen) and its log-softmax, as engine/src/sampling.rs computes them (sum in f64).
@@ -102,7 +127,7 @@ __device__ __forceinline__ T sample_cluster(T v, Op op, T* slot) {
     if constexpr (C == 1) {
         return v;
     } else {
-        cooperative_groups::cluster_group cl = cooperative_groups::this_cluster();
+        sample_cg::cluster_group cl = sample_cg::this_cluster();
         if (threadIdx.x == 0) *slot = v;
         cl.sync();
         if (threadIdx.x < 32) {
@@ -118,7 +143,7 @@ __device__ __forceinline__ T sample_cluster(T v, Op op, T* slot) {
 }
 template <int C>
 __device__ __forceinline__ void sample_cluster_sync() {
-    if constexpr (C > 1) cooperative_groups::this_cluster().sync();
+    if constexpr (C > 1) sample_cg::this_cluster().sync();
 }
 
 // A float's bits mapped so that unsigned order is total order (sampling.rs: `order_key`).
@@ -304,7 +329,7 @@ __device__ SampleSeg<T> sample_seg_find(const T* seg, T* scratch, SampleSeg<T>* 
         __syncthreads();
         return *out;
     } else {
-        cooperative_groups::cluster_group cl = cooperative_groups::this_cluster();
+        sample_cg::cluster_group cl = sample_cg::this_cluster();
         if (threadIdx.x == 0) {
             T t = 0;
             for (int j = 0; j < SAMPLE_WARPS; ++j) t += seg[j];
@@ -387,7 +412,7 @@ __device__ uint32_t sample_argmax(const float* a, SampleSlice sl, float* shv, ui
     }
     if constexpr (C > 1) {
         // The blocks' picks in rank order, by the same rule (shv[31], shi[31]: this block's).
-        cooperative_groups::cluster_group cl = cooperative_groups::this_cluster();
+        sample_cg::cluster_group cl = sample_cg::this_cluster();
         if (threadIdx.x == 0) {
             shv[31] = best;
             shi[31] = bi;
@@ -456,7 +481,7 @@ __device__ uint32_t sample_nth_tie(const float* a, SampleSlice sl, float inv_t, 
     __syncthreads();
     if constexpr (C > 1) {
         // The id the selected block found (SAMPLE_NONE where there was none).
-        cooperative_groups::cluster_group cl = cooperative_groups::this_cluster();
+        sample_cg::cluster_group cl = sample_cg::this_cluster();
         cl.sync();
         const uint32_t id = *cl.map_shared_rank(found, srank);
         cl.sync();
@@ -525,7 +550,7 @@ __device__ __forceinline__ void sample_reduce_bins(SampleBins h, bool mass, bool
     }
     __syncthreads();
     if constexpr (C > 1) {
-        cooperative_groups::cluster_group cl = cooperative_groups::this_cluster();
+        sample_cg::cluster_group cl = sample_cg::this_cluster();
         cl.sync();
         if (threadIdx.x < SAMPLE_BINS) {
             const int b = threadIdx.x;
@@ -675,7 +700,7 @@ __device__ __forceinline__ void sample_row(const float* logits, float* work, int
     const int row = blockIdx.x / C, rows = gridDim.x / C;
     SampleSlice sl{0, vocab, 0u};
     if constexpr (C > 1) {
-        sl.rank = cooperative_groups::this_cluster().block_rank();
+        sl.rank = sample_cg::this_cluster().block_rank();
         const int share = ((vocab + C - 1) / C + 3) & ~3;
         sl.s0 = min(vocab, (int)sl.rank * share);
         sl.s1 = min(vocab, sl.s0 + share);
@@ -835,7 +860,7 @@ __device__ __forceinline__ void sample_row(const float* logits, float* work, int
             if (lane == 0) {
                 // Into rank 0's `picked`, which writes the row's result.
                 if constexpr (C > 1)
-                    *cooperative_groups::this_cluster().map_shared_rank(&picked, 0) = mine;
+                    *sample_cg::this_cluster().map_shared_rank(&picked, 0) = mine;
                 else
                     picked = mine;
             }
@@ -864,10 +889,11 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
 }
 // A cluster of SAMPLE_CLUSTER blocks a row (grid: rows · SAMPLE_CLUSTER blocks).
 #define SAMPLE_CLUSTER 8
-extern "C" __global__ void __cluster_dims__(SAMPLE_CLUSTER, 1, 1)
+extern "C" __global__ void SAMPLE_CLUSTER_DIMS(SAMPLE_CLUSTER)
     __launch_bounds__(SAMPLE_THREADS, 1)
         sample_rows_c8(const float* logits, float* work, int vocab, const uint32_t* plans,
                        int adjust_at, uint32_t* out) {
+    if (!SAMPLE_CLUSTERS) __trap();  // no clusters in this build (above)
     sample_row<SAMPLE_CLUSTER>(logits, work, vocab, plans, adjust_at, out);
 }
 
@@ -911,15 +937,16 @@ __device__ __forceinline__ double argmax_block_sum(double s, double* part) {
     return tot;  // valid in thread 0
 }
 
-extern "C" __global__ void __cluster_dims__(SAMPLE_CLUSTER, 1, 1) __launch_bounds__(1024, 1)
+extern "C" __global__ void SAMPLE_CLUSTER_DIMS(SAMPLE_CLUSTER) __launch_bounds__(1024, 1)
     argmax_logprob_c8(const float* logits, int vocab, uint32_t* token, float* logprob) {
+    if (!SAMPLE_CLUSTERS) __trap();  // no clusters in this build (above)
     constexpr int C = SAMPLE_CLUSTER;
     __shared__ unsigned long long kpart[32], kslot[2];
     __shared__ double dpart[32], dslot[2];
     __shared__ unsigned long long kblock;
     __shared__ double dblock;
     const int row = blockIdx.x / C;
-    const unsigned rank = cooperative_groups::this_cluster().block_rank();
+    const unsigned rank = sample_cg::this_cluster().block_rank();
     const int share = ((vocab + C - 1) / C + 3) & ~3;
     const int s0 = min(vocab, (int)rank * share), s1 = min(vocab, s0 + share);
     const float* l = logits + (size_t)row * vocab;
