@@ -418,34 +418,28 @@ struct WsFp8ConsumerLoader {
 // The consumer-dequantising form (WsFp8ConsumerLoader, the default): 5 stages of activations and
 // e4m3 tiles and two bf16 tiles (225 KiB).
 #define WS_FP8C_STAGES 5
-extern "C" __global__ void __launch_bounds__(384, 1)
-    moe_ws_gate_up_fp8_n256c(const bf16* x, int hidden, const uint8_t* w_gu, const float* s_gu,
-                             int inner, const uint32_t* sorted_rows, const uint32_t* block_slot,
-                             bf16* h) {
-    moe_ws<true, 128, 256, WS_FP8C_STAGES, WsFp8ConsumerLoader<true, 256, WS_FP8C_STAGES>>(
-        x, hidden, w_gu, QuantArgs{s_gu, nullptr, 0}, inner, sorted_rows, block_slot, h);
-}
-extern "C" __global__ void __launch_bounds__(384, 1)
-    moe_ws_down_fp8_n256c(const bf16* h, int inner, const uint8_t* w_down, const float* s_down,
-                          int hidden, const uint32_t* sorted_rows, const uint32_t* block_slot,
-                          bf16* y) {
-    moe_ws<false, 128, 256, WS_FP8C_STAGES, WsFp8ConsumerLoader<false, 256, WS_FP8C_STAGES>>(
-        h, inner, w_down, QuantArgs{s_down, nullptr, 0}, hidden, sorted_rows, block_slot, y);
-}
-extern "C" __global__ void __launch_bounds__(384, 1)
-    moe_ws_gate_up_fp8_n256(const bf16* x, int hidden, const uint8_t* w_gu, const float* s_gu,
-                            int inner, const uint32_t* sorted_rows, const uint32_t* block_slot,
-                            bf16* h) {
-    moe_ws<true, 128, 256, WS_FP8_STAGES, WsFp8Loader<true, 256, WS_FP8_SLOTS, WS_FP8_STAGES>>(
-        x, hidden, w_gu, QuantArgs{s_gu, nullptr, 0}, inner, sorted_rows, block_slot, h);
-}
-extern "C" __global__ void __launch_bounds__(384, 1)
-    moe_ws_down_fp8_n256(const bf16* h, int inner, const uint8_t* w_down, const float* s_down,
-                         int hidden, const uint32_t* sorted_rows, const uint32_t* block_slot,
-                         bf16* y) {
-    moe_ws<false, 128, 256, WS_FP8_STAGES, WsFp8Loader<false, 256, WS_FP8_SLOTS, WS_FP8_STAGES>>(
-        h, inner, w_down, QuantArgs{s_down, nullptr, 0}, hidden, sorted_rows, block_slot, y);
-}
+// The gate/up and down kernels `moe_ws_{gate_up,down}_fp8_n256{SFX}` over loader policy L.
+#define WS_FP8_KERNELS(SFX, STAGES, L)                                                             \
+    extern "C" __global__ void __launch_bounds__(384, 1) moe_ws_gate_up_fp8_n256##SFX(            \
+        const bf16* x, int hidden, const uint8_t* w_gu, const float* s_gu, int inner,              \
+        const uint32_t* sorted_rows, const uint32_t* block_slot, bf16* h) {                        \
+        moe_ws<true, 128, 256, STAGES, L(true)>(x, hidden, w_gu, QuantArgs{s_gu, nullptr, 0},      \
+                                                inner, sorted_rows, block_slot, h);                \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(384, 1) moe_ws_down_fp8_n256##SFX(               \
+        const bf16* h, int inner, const uint8_t* w_down, const float* s_down, int hidden,          \
+        const uint32_t* sorted_rows, const uint32_t* block_slot, bf16* y) {                        \
+        moe_ws<false, 128, 256, STAGES, L(false)>(h, inner, w_down,                                \
+                                                  QuantArgs{s_down, nullptr, 0}, hidden,           \
+                                                  sorted_rows, block_slot, y);                     \
+    }
+#define WS_FP8_CONSUMER(GU) WsFp8ConsumerLoader<GU, 256, WS_FP8C_STAGES>
+#define WS_FP8_LOADER(GU) WsFp8Loader<GU, 256, WS_FP8_SLOTS, WS_FP8_STAGES>
+WS_FP8_KERNELS(c, WS_FP8C_STAGES, WS_FP8_CONSUMER)
+WS_FP8_KERNELS(, WS_FP8_STAGES, WS_FP8_LOADER)
+#undef WS_FP8_KERNELS
+#undef WS_FP8_CONSUMER
+#undef WS_FP8_LOADER
 
 // e4m3 ↔ f32 casts on the device (candle 0.11's own F8E4M3 casts look kernels up under names its
 // kernel module does not define, "cast_f32_f8e4m3" against "cast_f32_f8_e4m3"): f32 → e4m3
