@@ -131,36 +131,47 @@ __device__ __forceinline__ void quant_e4m3_x32(const uint4 (&x)[4], float inv, u
 // Lane t's 32 bytes of a row's chunk (k = t·32 …) are MMA v's a0 / a2 (row g) and a1 / a3 (row
 // g + 8) as words 2v and 2v + 1, and the activations' words 2v, 2v + 1 its b0 / b1: the same k
 // permutation on both sides.
-struct MmaFp8A8 : MmaFp8Wide {
+//
+// Activations quantised ahead of the products (`fp8_act_quant`), in a buffer shaped as the bf16
+// activations were ([rows, cols] of 2 bytes, so the kernels' row arithmetic is unchanged): row r's
+// first `cols` bytes are its e4m3 values, the next cols / 128 · 4 bytes its groups' f32 scales.
+// (PRE below; otherwise the walk quantises each chunk of x itself.)
+template <bool PRE>
+struct MmaFp8A8T : MmaFp8Wide {
     static constexpr bool OWN_WALK = true;
-    __device__ static MmaFp8A8 at(const QuantArgs& qa, size_t m, int rows, int r, int K) {
-        return {MmaFp8Wide::at(qa, m, rows, r, K)};
+    int K;  // the row's width (PRE: its scales sit K bytes on from the row's start)
+    __device__ static MmaFp8A8T at(const QuantArgs& qa, size_t m, int rows, int r, int K) {
+        return {MmaFp8Wide::at(qa, m, rows, r, K), K};
     }
-    // One 128-wide chunk's MMAs for NA row pairs (`r`: their chunks) against the token's e4m3
-    // values `xq`, each pair's f32 sums times its weight block's scale and tokens 2t's / 2t + 1's
-    // group scales (s0, s1) into c. Rows g and g + 8 lie in one 128-row block (a tile is 16 rows
-    // from a multiple of 16): one weight scale a pair.
-    template <int NA, typename P>
-    __device__ static void chunk_mmas(const Chunk (&r)[2 * NA], const uint32_t (&xq)[8], float s0,
-                                      float s1, const P (&pol)[2 * NA], int kk,
-                                      float (&c)[NA][4]) {
+    // A lane's activations of a chunk: PRE the e4m3 bytes and the group's scale as loaded,
+    // otherwise the 32 bf16 values.
+    struct X {
+        uint4 v[PRE ? 2 : 4];
+        float s;
+    };
+    // Lane t's e4m3 words of token g's chunk and the group's scale.
+    __device__ static void quantised(const X& x, uint32_t (&xq)[8], float& sx) {
+        if constexpr (PRE) {
+            const uint32_t w[8] = {x.v[0].x, x.v[0].y, x.v[0].z, x.v[0].w,
+                                   x.v[1].x, x.v[1].y, x.v[1].z, x.v[1].w};
 #pragma unroll
-        for (int a = 0; a < NA; ++a) {
-            const Chunk& lo = r[2 * a];
-            const Chunk& hi = r[2 * a + 1];
-            const uint32_t wl[8] = {lo.a.x, lo.a.y, lo.a.z, lo.a.w, lo.b.x, lo.b.y, lo.b.z, lo.b.w};
-            const uint32_t wh[8] = {hi.a.x, hi.a.y, hi.a.z, hi.a.w, hi.b.x, hi.b.y, hi.b.z, hi.b.w};
-            float cb[4] = {0.f, 0.f, 0.f, 0.f};
+            for (int i = 0; i < 8; ++i) xq[i] = w[i];
+            sx = x.s;
+        } else {
+            // The token group's scale: the quad's largest magnitude.
+            float amax = 0.f;
 #pragma unroll
-            for (int v = 0; v < 4; ++v)
-                mma_e4m3(cb, wl[2 * v], wh[2 * v], wl[2 * v + 1], wh[2 * v + 1], xq[2 * v],
-                         xq[2 * v + 1]);
-            const float sw = __ldg(pol[2 * a].scale + kk / FP8_BLOCK);
-            const float w0 = sw * s0, w1 = sw * s1;
-            c[a][0] = fmaf(cb[0], w0, c[a][0]);
-            c[a][1] = fmaf(cb[1], w1, c[a][1]);
-            c[a][2] = fmaf(cb[2], w0, c[a][2]);
-            c[a][3] = fmaf(cb[3], w1, c[a][3]);
+            for (int v = 0; v < 4; ++v) {
+                const uint32_t u[4] = {x.v[v].x, x.v[v].y, x.v[v].z, x.v[v].w};
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    amax = fmaxf(amax, fmaxf(fabsf(__uint_as_float(u[e] << 16)),
+                                             fabsf(__uint_as_float(u[e] & 0xffff0000u))));
+            }
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+            sx = e4m3_group_scale(amax);
+            quant_e4m3_x32(x.v, 1.f / sx, xq);
         }
     }
     // (P: this policy, or one derived from it with another CHUNK_STAGES.)
@@ -168,17 +179,28 @@ struct MmaFp8A8 : MmaFp8Wide {
     __device__ static void walk(const uint8_t* const (&w)[2 * NA], const P (&pol)[2 * NA],
                                 const bf16* xr, int k_begin, int k_end, float (&c)[NA][4]) {
         constexpr int CS = P::CHUNK_STAGES;
-        const int lane = threadIdx.x & 31, t = lane & 3, t16 = t * 16;
+        const int t = threadIdx.x & 3, t16 = t * 16;
+        // PRE: `xr` (as the kernels compute it) is the packed row's byte 32·t, lane t's 32
+        // bytes of chunk 0.
+        const uint8_t* xq0 = reinterpret_cast<const uint8_t*>(xr);
+        const float* xs = reinterpret_cast<const float*>(xq0 - 32 * t + pol[0].K);
         // The lanes holding tokens 2t and 2t + 1 (lane 4·token): c0 / c2 are token 2t's sums,
         // c1 / c3 token 2t + 1's.
         const int tok0 = 8 * t, tok1 = 8 * t + 4;
         Chunk r[CS][2 * NA];
-        uint4 b[CS][4];
+        X b[CS];
         auto load = [&](int i, int kn) {
 #pragma unroll
             for (int q = 0; q < 2 * NA; ++q) r[i][q] = pol[q].load2(w[q] + kn + t16, kn);
+            if constexpr (PRE) {
+                b[i].v[0] = *reinterpret_cast<const uint4*>(xq0 + kn);
+                b[i].v[1] = *reinterpret_cast<const uint4*>(xq0 + kn + 16);
+                b[i].s = xs[kn / FP8_BLOCK];
+            } else {
 #pragma unroll
-            for (int v = 0; v < 4; ++v) b[i][v] = *reinterpret_cast<const uint4*>(xr + kn + t16 + 8 * v);
+                for (int v = 0; v < 4; ++v)
+                    b[i].v[v] = *reinterpret_cast<const uint4*>(xr + kn + t16 + 8 * v);
+            }
         };
 #pragma unroll
         for (int i = 0; i < CS - 1; ++i)
@@ -189,35 +211,44 @@ struct MmaFp8A8 : MmaFp8Wide {
                 const int kk = k + i * 128, kn = kk + (CS - 1) * 128;
                 if (kn < k_end) load((i + CS - 1) % CS, kn);
                 if (kk < k_end) {
-                    // The token group's scale: the quad's largest magnitude.
-                    float amax = 0.f;
-#pragma unroll
-                    for (int v = 0; v < 4; ++v) {
-                        const uint32_t u[4] = {b[i][v].x, b[i][v].y, b[i][v].z, b[i][v].w};
-#pragma unroll
-                        for (int e = 0; e < 4; ++e)
-                            amax = fmaxf(amax, fmaxf(fabsf(__uint_as_float(u[e] << 16)),
-                                                     fabsf(__uint_as_float(u[e] & 0xffff0000u))));
-                    }
-                    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-                    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-                    const float sx = e4m3_group_scale(amax);
                     uint32_t xq[8];
-                    quant_e4m3_x32(b[i], 1.f / sx, xq);
+                    float sx;
+                    quantised(b[i], xq, sx);
                     const float s0 = __shfl_sync(0xffffffffu, sx, tok0);
                     const float s1 = __shfl_sync(0xffffffffu, sx, tok1);
-                    chunk_mmas<NA>(r[i], xq, s0, s1, pol, kk, c);
+                    // Each row pair's four MMAs, its f32 sums times its weight block's scale
+                    // (rows g and g + 8 lie in one 128-row block) and the tokens' group scales.
+#pragma unroll
+                    for (int a = 0; a < NA; ++a) {
+                        const Chunk& lo = r[i][2 * a];
+                        const Chunk& hi = r[i][2 * a + 1];
+                        const uint32_t wl[8] = {lo.a.x, lo.a.y, lo.a.z, lo.a.w,
+                                                lo.b.x, lo.b.y, lo.b.z, lo.b.w};
+                        const uint32_t wh[8] = {hi.a.x, hi.a.y, hi.a.z, hi.a.w,
+                                                hi.b.x, hi.b.y, hi.b.z, hi.b.w};
+                        float cb[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+                        for (int v = 0; v < 4; ++v)
+                            mma_e4m3(cb, wl[2 * v], wh[2 * v], wl[2 * v + 1], wh[2 * v + 1],
+                                     xq[2 * v], xq[2 * v + 1]);
+                        const float sw = __ldg(pol[2 * a].scale + kk / FP8_BLOCK);
+                        const float w0 = sw * s0, w1 = sw * s1;
+                        c[a][0] = fmaf(cb[0], w0, c[a][0]);
+                        c[a][1] = fmaf(cb[1], w1, c[a][1]);
+                        c[a][2] = fmaf(cb[2], w0, c[a][2]);
+                        c[a][3] = fmaf(cb[3], w1, c[a][3]);
+                    }
                 }
             }
         }
     }
 };
+typedef MmaFp8A8T<false> MmaFp8A8;
+typedef MmaFp8A8T<true> MmaFp8A8Pre;
 
-// Activations quantised ahead of the products (`fp8_act_quant`), in a buffer shaped as the bf16
-// activations were ([rows, cols] of 2 bytes, so the kernels' row arithmetic is unchanged): row r's
-// first `cols` bytes are its e4m3 values, the next cols / 128 · 4 bytes its groups' f32 scales.
-// One warp a group of 128: e4m3_group_scale of the group's largest magnitude, each value times
-// its inverse rounded to e4m3 (as MmaFp8A8's walk quantises). Needs cols % 128 == 0.
+// fp8_act_quant: MmaFp8A8Pre's buffer from bf16 rows, one warp a group of 128:
+// e4m3_group_scale of the group's largest magnitude, each value times its inverse rounded to e4m3
+// (as MmaFp8A8's walk quantises). Needs cols % 128 == 0.
 extern "C" __global__ void fp8_act_quant(const bf16* in, int rows, int cols, bf16* out) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int groups = cols / 128, gi = blockIdx.y * (blockDim.x >> 5) + warp, r = blockIdx.x;
@@ -237,51 +268,6 @@ extern "C" __global__ void fp8_act_quant(const bf16* in, int rows, int cols, bf1
     *reinterpret_cast<uint32_t*>(row + gi * 128 + lane * 4) = a | (b << 16);
     if (lane == 0) reinterpret_cast<float*>(row + cols)[gi] = s;
 }
-
-// MmaFp8A8 over activations fp8_act_quant made (`xr`, as the kernels compute it, is the packed
-// row's byte 32·t: lane t's 32 bytes of chunk 0; the scales sit `K` bytes on from the row's start).
-struct MmaFp8A8Pre : MmaFp8A8 {
-    int K;
-    __device__ static MmaFp8A8Pre at(const QuantArgs& qa, size_t m, int rows, int r, int K) {
-        return {MmaFp8A8::at(qa, m, rows, r, K), K};
-    }
-    template <int NA, typename P>
-    __device__ static void walk(const uint8_t* const (&w)[2 * NA], const P (&pol)[2 * NA],
-                                const bf16* xr, int k_begin, int k_end, float (&c)[NA][4]) {
-        constexpr int CS = P::CHUNK_STAGES;
-        const int t = threadIdx.x & 3, t16 = t * 16;
-        const uint8_t* xq = reinterpret_cast<const uint8_t*>(xr);
-        const float* xs = reinterpret_cast<const float*>(xq - 32 * t + pol[0].K);
-        const int tok0 = 8 * t, tok1 = 8 * t + 4;
-        Chunk r[CS][2 * NA];
-        uint4 b[CS][2];
-        float sx[CS];
-        auto load = [&](int i, int kn) {
-#pragma unroll
-            for (int q = 0; q < 2 * NA; ++q) r[i][q] = pol[q].load2(w[q] + kn + t16, kn);
-            b[i][0] = *reinterpret_cast<const uint4*>(xq + kn);
-            b[i][1] = *reinterpret_cast<const uint4*>(xq + kn + 16);
-            sx[i] = xs[kn / FP8_BLOCK];
-        };
-#pragma unroll
-        for (int i = 0; i < CS - 1; ++i)
-            if (k_begin + i * 128 < k_end) load(i, k_begin + i * 128);
-        for (int k = k_begin; k < k_end; k += CS * 128) {
-#pragma unroll
-            for (int i = 0; i < CS; ++i) {
-                const int kk = k + i * 128, kn = kk + (CS - 1) * 128;
-                if (kn < k_end) load((i + CS - 1) % CS, kn);
-                if (kk < k_end) {
-                    const uint32_t xq8[8] = {b[i][0].x, b[i][0].y, b[i][0].z, b[i][0].w,
-                                             b[i][1].x, b[i][1].y, b[i][1].z, b[i][1].w};
-                    const float s0 = __shfl_sync(0xffffffffu, sx[i], tok0);
-                    const float s1 = __shfl_sync(0xffffffffu, sx[i], tok1);
-                    chunk_mmas<NA>(r[i], xq8, s0, s1, pol, kk, c);
-                }
-            }
-        }
-    }
-};
 
 // --- Forms measured and not kept, for the A/B: each the kernels' policy with what it changed. ---
 // `at` made again so that it returns the derived type.

@@ -98,6 +98,18 @@ pub fn tokens_request(ids: &[u32], max_new_tokens: u32) -> moemesh_proto::v1::Ge
     }
 }
 
+/// [`tokens_request`] with `sampling` (None: greedy).
+pub fn sampled_tokens_request(
+    ids: &[u32],
+    max_new_tokens: u32,
+    sampling: Option<moemesh_proto::v1::SamplingParams>,
+) -> moemesh_proto::v1::GenerateRequest {
+    moemesh_proto::v1::GenerateRequest {
+        sampling,
+        ..tokens_request(ids, max_new_tokens)
+    }
+}
+
 /// The reference prompt and greedy continuation of a fixture.
 pub fn reference_greedy(model: &str, prompt: usize) -> (Vec<u32>, Vec<u32>) {
     let text =

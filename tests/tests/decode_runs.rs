@@ -10,10 +10,7 @@ use moemesh_tests::fixture;
 use moemesh_tests::mesh::{Mesh, gate_info};
 
 fn request(ids: Vec<u32>, max_new: u32, sampling: Option<v1::SamplingParams>) -> GenerateRequest {
-    GenerateRequest {
-        sampling,
-        ..moemesh_tests::tokens_request(&ids, max_new)
-    }
+    moemesh_tests::sampled_tokens_request(&ids, max_new, sampling)
 }
 
 /// The frontend's requests to its gate (its `step composition` records: one per request sent,
@@ -148,15 +145,15 @@ async fn a_run_over_a_prefill_is_refused_naming_run_steps() {
     })
     .await
     .expect("send");
-    let mut positions = Vec::new();
+    let mut step_ids = Vec::new();
     loop {
         let r = answers.message().await.expect("answer").expect("one");
         assert!(r.error.is_none(), "{:?}", r.error);
         assert_eq!(r.results.len(), 1);
-        positions.push(r.step_id);
+        step_ids.push(r.step_id);
         if !r.run_continues {
             break;
         }
     }
-    assert_eq!(positions, vec![2, 2, 2]);
+    assert_eq!(step_ids, vec![2, 2, 2]);
 }

@@ -7,10 +7,7 @@ use moemesh_tests::fixture;
 use moemesh_tests::mesh::Mesh;
 
 fn request(ids: Vec<u32>, max_new: u32, sampling: Option<v1::SamplingParams>) -> GenerateRequest {
-    GenerateRequest {
-        sampling,
-        ..moemesh_tests::tokens_request(&ids, max_new)
-    }
+    moemesh_tests::sampled_tokens_request(&ids, max_new, sampling)
 }
 
 async fn run(url: String, req: GenerateRequest) -> Vec<u32> {

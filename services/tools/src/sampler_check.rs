@@ -50,8 +50,7 @@ fn normal_row(rng: &mut ChaCha8Rng, vocab: usize, spread: f32) -> Vec<f32> {
         .collect()
 }
 
-/// The parameter sets checked, by name.
-/// The parameter sets, each with the batch it runs at where that is fixed: the plain greedy
+/// The parameter sets checked, by name, each with the batch it runs at where that is fixed: the plain greedy
 /// rows go through `argmax_logprob`, at 8 rows on a cluster of blocks a row
 /// (`argmax_logprob_c8`) and at 32 with one block a row.
 fn param_sets() -> Vec<(&'static str, SamplingParams, Option<usize>)> {
