@@ -1697,17 +1697,21 @@ __device__ __forceinline__ void mbar_cp_async_arrive(uint64_t* bar) {
                  : "memory");
 }
 
-// The loader warpgroup's weight side (`WL`): WsBf16Loader (below) copies each stage's bf16 tile
-// with cp.async; experts_fp8.cu's WsFp8Loader copies e4m3 tiles a few k steps ahead into a
-// staging ring of its own and dequantises each into the stage's bf16 tile. `FULL`: the arrivals
-// a stage's `full` barrier counts; `load(kt, st, full)` queues or makes stage st's tile for k step
-// kt, the activations' copies already queued by the calling thread, and arrives on `full` (once
-// for those copies and its own, through cp.async's arrive, plus whatever else it writes).
+// moe_ws's weight side (`WL`): WsBf16Loader (below) copies each stage's bf16 tile with cp.async;
+// experts_fp8.cu's WsFp8Loader copies e4m3 tiles a few k steps ahead into a staging ring of its
+// own (after the barriers) and the loader warpgroup dequantises each into the stage's bf16 tile;
+// its WsFp8ConsumerLoader copies each stage's e4m3 tile and the consumers dequantise
+// (`CONSUMER_DEQUANT`, through its `Conv`: moe_ws's consumer loop). `B_BYTES`: the weights'
+// shared memory after the activations' stages; `FULL`: the arrivals a stage's `full` barrier
+// counts; `start(kt_n)` queues what goes ahead of the loop; `load(kt, st, kt_n, full)` queues
+// or makes stage st's weights for k step kt, the activations' copies already queued by the
+// calling thread, and arrives on `full` (once for those copies and its own, through cp.async's
+// arrive, plus once for whatever else it writes).
 template <bool GATE_UP, int BN, int STAGES>
 struct WsBf16Loader {
     typedef bf16 Elem;
-    static constexpr int FULL = 128, EXTRA_SMEM = 0;
-    // The weights' shared memory after the activations' stages: STAGES bf16 tiles.
+    static constexpr int FULL = 128;
+    // STAGES bf16 tiles.
     static constexpr int B_BYTES = STAGES * BN * 64 * 2;
     static constexpr bool CONSUMER_DEQUANT = false;
     GgBf16Weights<GATE_UP, BN, 64, STAGES, 128, 128> wt;

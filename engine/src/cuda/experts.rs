@@ -481,15 +481,11 @@ pub const GROUPED_MIN_PAIRS_PER_SLOT_QUANTISED: f64 = 8.0;
 /// batch 128: 12.83 against 12.97, no gain: it keeps 8.)
 pub const GROUPED_MIN_PAIRS_PER_SLOT_INT4: f64 = 16.0;
 
-/// [`GROUPED_MIN_PAIRS_PER_SLOT`] (bf16 and f32 weights),
-/// [`GROUPED_MIN_PAIRS_PER_SLOT_QUANTISED`] (FP8) or [`GROUPED_MIN_PAIRS_PER_SLOT_INT4`], or `MOEMESH_GROUPED_MIN_PAIRS` where set (read once;
-/// a positive number, fractions allowed; every format), for A/B runs of where the grouped GEMM
-/// takes over.
 /// The grouped GEMM's block shape, kernels, threads and shared memory for a weight format:
-/// the wgmma form (bf16 and FP8, where `wgmma`), or k steps of 64 in 3 stages where both widths allow,
-/// else of 32 in 4 (experts.cu); e4m3 weights the same mma.sync tiles (experts_fp8.cu), whose
-/// shared memory holds each stage's e4m3 weight tile and one bf16 tile they are dequantised
-/// into; INT4 the same with a quarter of bf16's bytes staged (experts_int4.cu).
+/// the wgmma form (bf16 and FP8, where `wgmma`), or k steps of 64 in 3 stages where both widths
+/// allow, else of 32 in 4 (experts.cu); e4m3 weights the same mma.sync tiles (experts_fp8.cu),
+/// whose shared memory holds each stage's e4m3 weight tile and one bf16 tile they are
+/// dequantised into; INT4 the same with a quarter of bf16's bytes staged (experts_int4.cu).
 struct GgPlan {
     bm: usize,
     bn: usize,
@@ -536,6 +532,10 @@ impl GgPlan {
     }
 }
 
+/// [`GROUPED_MIN_PAIRS_PER_SLOT`] (bf16 and f32 weights),
+/// [`GROUPED_MIN_PAIRS_PER_SLOT_QUANTISED`] (FP8) or [`GROUPED_MIN_PAIRS_PER_SLOT_INT4`], or `MOEMESH_GROUPED_MIN_PAIRS` where set (read once;
+/// a positive number, fractions allowed; every format), for A/B runs of where the grouped GEMM
+/// takes over.
 pub fn grouped_min_pairs_per_slot(quant: &ExpertQuant) -> f64 {
     static N: std::sync::OnceLock<Option<f64>> = std::sync::OnceLock::new();
     let set = *N.get_or_init(|| {

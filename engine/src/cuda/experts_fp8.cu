@@ -277,7 +277,8 @@ struct GgFp8Weights {
 template <bool GATE_UP, int BN, int S8, int STAGES>
 struct WsFp8Loader {
     typedef uint8_t Elem;
-    static constexpr int FULL = 256, EXTRA_SMEM = S8 * BN * 64;
+    // (Its staging ring, S8 · BN · 64 bytes, follows moe_ws's barriers: experts.rs sizes it.)
+    static constexpr int FULL = 256;
     static constexpr int B_BYTES = STAGES * BN * 64 * 2;
     static constexpr bool CONSUMER_DEQUANT = false;
     typedef GgFp8Weights<GATE_UP, BN, 64, S8, 128, 128> Staged;
@@ -340,7 +341,7 @@ GG_FP8_KERNELS(k32, 32, 4)
 template <bool GATE_UP, int BN, int STAGES>
 struct WsFp8ConsumerLoader {
     typedef uint8_t Elem;
-    static constexpr int FULL = 128, EXTRA_SMEM = 0;
+    static constexpr int FULL = 128;
     static constexpr int B_BYTES = STAGES * BN * 64 + 2 * BN * 64 * 2;
     static constexpr bool CONSUMER_DEQUANT = true;
     GgStagedCopies<GATE_UP, BN, 64, 128, 128, 1> copies;
