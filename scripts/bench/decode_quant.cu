@@ -39,6 +39,14 @@
 //              ‖Δ‖/‖ref‖ < 0.1 (the activations' rounding: ~2–3% expected)
 //   fp8 a8 pre the same MMAs over activations quantised ahead (fp8_act_quant of x before
 //              gate/up and of h before down: two launches more a layer)
+//   fp8 bulk   experts_fp8.cu's moe_{gate_up,down}_bulk_*: a persistent grid, the weights copied
+//              into shared memory by the copy engine (cp.async.bulk) an item of 32 rows at a
+//              time; `bulk` takes MmaFp8's bf16 values (bf16 MMAs), `bulk f16` e4m3 as f16 with
+//              the block scales on each chunk's f32 sums (the engine's gate/up kernel, its lines
+//              evict-first in L2; checked against `fp8 wide lb3` within 1e-2: it rounds the
+//              weights less), `bulk raw` the bytes as they are (timing only); `gu` the gate/up
+//              kernel with the wide down kernel
+//   gu only:   the gate/up kernel alone (timing only: no down, no output)
 //   no-op      the same grids doing nothing: moe_align, the combine and the launches alone
 // Checks: `fp8 pref` equals `fp8` and `int4 fine` equals `int4 old` bit for bit; the scaled-sums
 // forms against those by ‖a − b‖ / ‖b‖ (they round differently: the exact product of the stored
@@ -55,6 +63,7 @@
 #include <cstring>
 #include <random>
 #include <set>
+#include <string>
 #include <vector>
 
 
@@ -521,6 +530,36 @@ static void run_pre(cudaStream_t st, const Layer& L, int gy, const bf16* x, int 
     dn_kernel<W><<<dim3(hidden / 32, gy), 128, 0, st>>>(g_hq, inner, (const uint8_t*)L.dn, L.qdn,
                                                         hidden, off, act, y);
 }
+// The bulk-copy kernels (experts_fp8.cu's moe_*_bulk_fp8): one block an SM. `bulk` both,
+// `bulk gu` the gate/up one with the wide down kernel.
+static int g_sms;
+template <auto GU, auto DN>
+static void run_bulk(cudaStream_t st, const Layer& L, int gy, const bf16* x, int hidden,
+                     int inner, const uint32_t* off, const uint32_t* act, const uint32_t* sorted,
+                     int k, bf16* h, float* y) {
+    GU<<<g_sms, 32 * (BULK_CWARPS + 1), BULK_SMEM, st>>>(
+        x, hidden, (const uint8_t*)L.gu, L.qgu.scales, inner, off, act, sorted, k, h);
+    if constexpr (DN == nullptr)
+        dn_kernel<MmaFp8Wide><<<dim3(hidden / 32, gy), 128, 0, st>>>(
+            h, inner, (const uint8_t*)L.dn, L.qdn, hidden, off, act, y);
+    else
+        DN<<<g_sms, 32 * (BULK_CWARPS + 1), BULK_SMEM, st>>>(
+            h, inner, (const uint8_t*)L.dn, L.qdn.scales, hidden, off, act, y);
+}
+// Timing only: the gate/up kernel alone (no down: y and the output not computed).
+template <auto GU, bool BULK>
+static void run_gu_only(cudaStream_t st, const Layer& L, int gy, const bf16* x, int hidden,
+                        int inner, const uint32_t* off, const uint32_t* act,
+                        const uint32_t* sorted, int k, bf16* h, float* y) {
+    if constexpr (BULK)
+        GU<<<g_sms, 32 * (BULK_CWARPS + 1), BULK_SMEM, st>>>(
+            x, hidden, (const uint8_t*)L.gu, L.qgu.scales, inner, off, act, sorted, k, h);
+    else
+        GU<<<dim3(inner / 32, gy), 128, 0, st>>>(x, hidden, (const uint8_t*)L.gu, L.qgu, inner,
+                                                 off, act, sorted, k, h);
+}
+typedef void (*DnBulk)(const bf16*, int, const uint8_t*, const float*, int, const uint32_t*,
+                       const uint32_t*, float*);
 static const Variant VARIANTS[] = {
     {"bf16     ", BF16, -1, true, run_w<MmaBf16>},
     {"fp8      ", FP8, -1, true, run_w<MmaFp8>},
@@ -559,6 +598,14 @@ static const Variant VARIANTS[] = {
     {"fp8 a8 pre cs3", FP8, 12, false, run_pre<Stages<MmaFp8A8Pre, 3>, 3>, 0.1},
     {"fp8 a8 pre nolb", FP8, 12, false, run_pre<MmaFp8A8Pre, 1>, 0.1},
     {"fp8 a8 pre lb4", FP8, 12, false, run_pre<MmaFp8A8Pre, 4>, 0.1},
+    {"fp8 bulk gu", FP8, 12, false, run_bulk<moe_gate_up_bulk_fp8, (DnBulk) nullptr>, 1e-3},
+    {"fp8 bulk ", FP8, 12, false, run_bulk<moe_gate_up_bulk_fp8, moe_down_bulk_fp8>, 1e-3},
+    {"fp8 bulk f16 gu", FP8, 12, false, run_bulk<moe_gate_up_bulk_fp8h, (DnBulk) nullptr>, 1e-2},
+    {"fp8 bulk f16", FP8, 12, false, run_bulk<moe_gate_up_bulk_fp8h, moe_down_bulk_fp8h>, 1e-2},
+    {"fp8 bulk raw", FP8, -3, true, run_bulk<moe_gate_up_bulk_raw, moe_down_bulk_raw>},
+    {"gu only: wide lb3", FP8, -3, true, run_gu_only<gu_kernel_lb<MmaFp8Wide, 3>, false>},
+    {"gu only: bulk f16", FP8, -3, true, run_gu_only<moe_gate_up_bulk_fp8h, true>},
+    {"gu only: bulk raw", FP8, -3, true, run_gu_only<moe_gate_up_bulk_raw, true>},
     {"no-op    ", BF16, -2, true, run_empty},
 };
 static const int N_VARIANTS = sizeof(VARIANTS) / sizeof(VARIANTS[0]);
@@ -580,6 +627,23 @@ static Layer quantised(size_t gu_bytes, size_t dn_bytes, bool e4m3, size_t sgu, 
     q.qgu = QuantArgs{s1, nullptr, shift};
     q.qdn = QuantArgs{s2, nullptr, shift};
     return q;
+}
+
+// DQ_ONLY="a,b,…": only the variants whose names contain one of these (a variant's `ref` must
+// be among them).
+static bool selected(const char* name) {
+    const char* only = getenv("DQ_ONLY");
+    if (!only || !*only) return true;
+    std::string s(only);
+    size_t at = 0;
+    while (at <= s.size()) {
+        const size_t comma = s.find(',', at);
+        const std::string part = s.substr(at, comma == std::string::npos ? std::string::npos : comma - at);
+        if (!part.empty() && strstr(name, part.c_str())) return true;
+        if (comma == std::string::npos) break;
+        at = comma + 1;
+    }
+    return false;
 }
 
 int main(int argc, char** argv) {
@@ -610,6 +674,12 @@ int main(int argc, char** argv) {
                                     31u + l);
     }
     CK(cudaDeviceSynchronize());
+    CK(cudaDeviceGetAttribute(&g_sms, cudaDevAttrMultiProcessorCount, 0));
+    for (const void* f : {(const void*)moe_gate_up_bulk_fp8, (const void*)moe_down_bulk_fp8,
+                          (const void*)moe_gate_up_bulk_fp8h, (const void*)moe_down_bulk_fp8h,
+                          (const void*)moe_gate_up_bulk_raw, (const void*)moe_down_bulk_raw})
+        CK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, BULK_SMEM));
+
     const double params = 3.0 * inner * hidden;
     const double bytes_per[3] = {2.0, 1.0 + 4.0 / (128 * 128), 0.5 + 4.0 / 128};
     int bad = 0;
@@ -651,6 +721,7 @@ int main(int argc, char** argv) {
         std::vector<std::vector<float>> outs(N_VARIANTS);
         for (int vi = 0; vi < N_VARIANTS; ++vi) {
             const Variant& V = VARIANTS[vi];
+            if (!selected(V.name)) continue;
             const int gy = std::min(S, P);
             const float ms = graph_median_ms([&](cudaStream_t st) {
                 for (int l = 0; l < NL; ++l) {

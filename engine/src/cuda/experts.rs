@@ -565,6 +565,51 @@ pub fn takes_wide_chunks(quant: &ExpertQuant, k: usize, gate_up: bool) -> bool {
     quant_ok && k.is_multiple_of(128)
 }
 
+/// Shared memory of `moe_gate_up_bulk_fp8h` (experts_fp8.cu's `BULK_SMEM`): 3 stages of 32 rows
+/// of 2,048 + 16 bytes, two reduction buffers of 8 warps × 32 lanes × 8 f32, a stage's 32 scales
+/// each, and 6 barriers.
+const BULK_SMEM: usize = 3 * 32 * (2048 + 16) + 2 * 8 * 32 * 8 * 4 + 3 * 32 * 4 + 2 * 3 * 8;
+// Within sm_90's 227 KiB of shared memory a block.
+const _: () = assert!(BULK_SMEM <= 227 * 1024);
+/// Its block: 8 consumer warps and the producer warp.
+const BULK_THREADS: u32 = 32 * 9;
+
+/// Whether a decode step's FP8 gate/up product takes `moe_gate_up_bulk_fp8h` (experts_fp8.cu):
+/// the weights streamed into shared memory by the copy engine, e4m3 read as f16, the block scales
+/// on each 128-wide chunk's f32 sums. Needs Hopper ([`super::bulk_decode_enabled`]), a hidden size
+/// that is a multiple of 128 and at most 2,048 (a stage holds 32 whole rows; V2-Lite's 2,048,
+/// not V3's 7,168), the list of experts with pairs (the routed entry), and at least
+/// [`bulk_min_pairs`] pairs: its grid holds every SM's shared memory, so a call of a few pairs,
+/// latency-bound, waits for (or holds up) whatever else runs on the GPU (two expert workers on
+/// one GPU). 8–14% less time for a V2-Lite layer's routed experts at batches 1 to 64
+/// (docs/BENCHMARKS.md, session 29).
+pub fn takes_bulk_gate_up(quant: &ExpertQuant, hidden: usize, inner: usize, pairs: usize) -> bool {
+    super::bulk_decode_enabled() && bulk_fits(quant, hidden, inner, pairs, bulk_min_pairs())
+}
+
+/// [`takes_bulk_gate_up`]'s rule, the build and the environment aside.
+fn bulk_fits(quant: &ExpertQuant, hidden: usize, inner: usize, pairs: usize, min: usize) -> bool {
+    matches!(quant, ExpertQuant::Fp8 { .. })
+        && pairs >= min
+        && hidden.is_multiple_of(128)
+        && hidden <= 2048
+        && inner.is_multiple_of(16)
+}
+
+/// Pairs from which a decode call's FP8 gate/up takes the bulk-copy kernel
+/// ([`takes_bulk_gate_up`]): `MOEMESH_FP8_BULK_MIN_PAIRS` (read once), else 8 (a batch of 2
+/// in-process; 3 pairs a worker at batch 1 through a mesh of two stay on the register walk).
+pub fn bulk_min_pairs() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("MOEMESH_FP8_BULK_MIN_PAIRS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(BULK_MIN_PAIRS)
+    })
+}
+const BULK_MIN_PAIRS: usize = 8;
+
 /// Whether `pairs` (token, expert) pairs over `slots` experts take the grouped GEMM, for the
 /// weights `w` ([`ExpertWeights::grouped_from`]).
 pub fn takes_grouped(pairs: usize, slots: usize, w: &ExpertWeights) -> bool {
@@ -1198,8 +1243,10 @@ impl Gpu {
             Some(_) => slots.min(pairs),
             None => slots,
         } as u32;
+        let listed = active.is_some();
         let active = active.unwrap_or(0);
         let mma = Self::takes_mma(x_dtype, hidden, inner);
+        let bulk = mma && listed && takes_bulk_gate_up(&w.quant, hidden, inner, pairs);
         // Blocks of 4 warps: two 16-row tiles, each over two k halves (tensor cores), or 16
         // rows, 4 per warp (CUDA cores). e4m3 weights: the tensor-core kernels' FP8 forms
         // (weights_fit checked their widths).
@@ -1214,7 +1261,11 @@ impl Gpu {
                 }
             };
             (
-                format!("moe_gate_up_mma{sfx}{}", wide(hidden, true)),
+                if bulk {
+                    "moe_gate_up_bulk_fp8h".to_string()
+                } else {
+                    format!("moe_gate_up_mma{sfx}{}", wide(hidden, true))
+                },
                 format!("moe_down_mma{sfx}{}", wide(inner, false)),
                 DType::BF16,
             )
@@ -1240,13 +1291,24 @@ impl Gpu {
                 Arg::Ptr(self.ptr(&h)?),
             ],
         )?;
-        self.launch(
-            &gate_up_fn,
-            (inner.div_ceil(rows_per_block) as u32, grid_slots, 1),
-            128,
-            0,
-            &args,
-        )?;
+        if bulk {
+            // A persistent grid: one block an SM, each a run of the (expert, 16 columns) items.
+            self.launch(
+                &gate_up_fn,
+                (super::SMS as u32, 1, 1),
+                BULK_THREADS,
+                BULK_SMEM as u32,
+                &args,
+            )?;
+        } else {
+            self.launch(
+                &gate_up_fn,
+                (inner.div_ceil(rows_per_block) as u32, grid_slots, 1),
+                128,
+                0,
+                &args,
+            )?;
+        }
         let y = self.alloc(DType::F32, &[pairs, hidden])?;
         let mut args = self.projection_args(
             (self.ptr(&h)?, inner, "expert inner size"),
@@ -1782,6 +1844,30 @@ impl Gpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bulk-copy gate/up: FP8 only, a hidden size that is a multiple of 128 and at most
+    /// 2,048 (V2-Lite's and the FP8 fixture's 128; not V3's 7,168), inner a multiple of 16, from
+    /// `min` pairs; its shared memory as experts_fp8.cu's `BULK_SMEM` adds it up; never in a
+    /// build without the sm_90a PTX (CI's).
+    #[test]
+    fn bulk_gate_up_takes_fp8_up_to_2048_wide_from_min_pairs() {
+        let t = Tensor::zeros(1, DType::F32, &Device::Cpu).expect("tensor");
+        let fp8 = ExpertQuant::Fp8 {
+            gate_up: &t,
+            down: &t,
+        };
+        assert!(bulk_fits(&fp8, 2048, 1408, 8, 8));
+        assert!(bulk_fits(&fp8, 128, 160, 8, 8));
+        assert!(!bulk_fits(&fp8, 2048, 1408, 7, 8));
+        assert!(!bulk_fits(&fp8, 7168, 2048, 512, 8));
+        assert!(!bulk_fits(&fp8, 320, 160, 64, 8));
+        assert!(!bulk_fits(&fp8, 2048, 1400, 64, 8));
+        assert!(!bulk_fits(&ExpertQuant::None, 2048, 1408, 64, 8));
+        assert_eq!(BULK_SMEM, 214_960);
+        if !cfg!(moemesh_wgmma) {
+            assert!(!takes_bulk_gate_up(&fp8, 2048, 1408, 64));
+        }
+    }
 
     /// The 128-wide chunk forms: e4m3 at any k that is a multiple of 128; INT4 only where that
     /// projection's groups are 128 or more (a chunk in one group); bf16 never.

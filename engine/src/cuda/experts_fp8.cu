@@ -152,6 +152,368 @@ FP8_DECODE_KERNELS(fp8w, MmaFp8Wide, __launch_bounds__(128, 3))
 #undef FP8_DECODE_KERNELS
 
 // ---------------------------------------------------------------------------------------------
+// Decode-sized, weights streamed by the copy engine (sm_90's cp.async.bulk): a persistent grid,
+// one block an SM, each block a contiguous run of work items. An item is 32 weight rows of one
+// expert over the whole k width (K ≤ BULK_KMAX): gate/up, 16 gate and the same 16 up rows
+// (columns j0 … j0 + 15 of h); down, 32 rows of w_down (columns r0 … r0 + 31 of y). A producer
+// warp copies each item's 32 rows (one bulk copy a row, K bytes) into one of BULK_STAGES stages
+// in shared memory, BULK_STAGES − 1 items ahead, with the rows' block scales, completing on the
+// stage's `full` barrier; eight consumer warps each take the 128-wide chunks c ≡ warp (mod 8) of
+// the item for up to 8 tokens at a time (MmaFp8Wide's lanes and MMA steps: lane t the 32 values
+// at t·32 of a row's chunk, four steps of 32), release the stage on its `empty` barrier, and add
+// their f32 sums in warp order through shared memory. So the bytes in flight an SM are up to
+// two items' (128 KiB), held by the copy engine, not registers: what the register-ring kernels
+// above could not reach (two chunks a warp). Rows in a stage are K + 16 bytes apart (a 16-byte
+// skew: lanes g and g + 1 of a 16-byte load fall in other banks).
+// Numerics: the same weight values (bf16(e4m3 · scale)), the same MMA steps a chunk; the k range
+// split over 8 warps instead of 2, so the f32 sums come in another order than moe_*_mma_fp8w's.
+#define BULK_KMAX 2048
+#define BULK_ROWS 32
+#define BULK_STAGES 3
+#define BULK_CWARPS 8
+#define BULK_STAGE_BYTES (BULK_ROWS * (BULK_KMAX + 16))
+#define BULK_RED_FLOATS (2 * BULK_CWARPS * 32 * 8)
+// Stages, the two reduction buffers, each stage's 32 scales, the barriers (experts.rs sizes it).
+#define BULK_SMEM \
+    (BULK_STAGES * BULK_STAGE_BYTES + BULK_RED_FLOATS * 4 + BULK_STAGES * 32 * 4 + 2 * BULK_STAGES * 8)
+
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(
+                     (uint32_t)__cvta_generic_to_shared(bar)),
+                 "r"(bytes)
+                 : "memory");
+#else
+    __trap();
+#endif
+}
+// `bytes` (a multiple of 16) from global `src` to shared `dst` (16-byte aligned), completing
+// `bytes` of transaction on `bar`.
+__device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, uint32_t bytes,
+                                              uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
+            "r"((uint32_t)__cvta_generic_to_shared(dst)),
+        "l"(src), "r"(bytes), "r"((uint32_t)__cvta_generic_to_shared(bar))
+        : "memory");
+#else
+    __trap();
+#endif
+}
+// The same, the lines marked evict-first in L2 (weights read once a step).
+__device__ __forceinline__ void bulk_copy_g2s_evict(void* dst, const void* src, uint32_t bytes,
+                                                    uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile(
+        "{\n.reg .b64 pol;\ncreatepolicy.fractional.L2::evict_first.b64 pol, 1.0;\n"
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], pol;\n}\n" ::
+            "r"((uint32_t)__cvta_generic_to_shared(dst)),
+        "l"(src), "r"(bytes), "r"((uint32_t)__cvta_generic_to_shared(bar))
+        : "memory");
+#else
+    __trap();
+#endif
+}
+__device__ __forceinline__ void fence_mbar_init() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+// Named barrier 1 over the 256 consumer threads (warps 0–7).
+__device__ __forceinline__ void bulk_consumer_bar() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
+
+// GATE_UP: x [tokens, K] bf16 gathered by `sorted` (/ k_div), w = w_gu, N = inner, out h (bf16,
+// silu(gate) · up). Down: x = h [pairs, K], w = w_down, N = hidden, out y (f32). Needs K % 128
+// == 0, K ≤ BULK_KMAX, N % 32 == 0 and `active` (the list moe_align writes).
+// MODE: BULK_BF16 dequantises each value to bf16(e4m3 · scale) (MmaFp8's values, bf16 MMAs);
+// BULK_F16 takes e4m3 as f16 (exact: one conversion a pair), the activations as f16 scaled by a
+// power of two per (token, 128-wide chunk) (exact but for values below 2⁻²⁵ of the chunk's
+// largest), f16 MMAs with f32 sums, and each chunk's sums times the weights' block scale and the
+// activations' power of two: the exact product of the checkpoint's values, rounded once in f32
+// per chunk; BULK_RAW hands the bytes to the MMAs as they are (timing only).
+#define BULK_BF16 0
+#define BULK_F16 1
+#define BULK_RAW 2
+__device__ __forceinline__ void mma_f16(float c[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                        uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma_k32_f16(float c[4], uint4 lo, uint4 hi, uint4 b) {
+    mma_f16(c, lo.x, hi.x, lo.y, hi.y, b.x, b.y);
+    mma_f16(c, lo.z, hi.z, lo.w, hi.w, b.z, b.w);
+}
+// Four e4m3 (a word, low byte first) → four f16 (two words, the same order), exact.
+__device__ __forceinline__ uint2 e4m3x4_to_f16x4(uint32_t v) {
+    const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(v & 0xffffu), __NV_E4M3);
+    const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(v >> 16), __NV_E4M3);
+    return make_uint2((uint32_t)lo.x | ((uint32_t)lo.y << 16), (uint32_t)hi.x | ((uint32_t)hi.y << 16));
+}
+// Sixteen e4m3 (a uint4) → two uint4 of eight f16 each (the same order).
+__device__ __forceinline__ void e4m3x16_to_f16(uint4 u, uint4& lo, uint4& hi) {
+    const uint2 a = e4m3x4_to_f16x4(u.x), b = e4m3x4_to_f16x4(u.y);
+    const uint2 c = e4m3x4_to_f16x4(u.z), d = e4m3x4_to_f16x4(u.w);
+    lo = make_uint4(a.x, a.y, b.x, b.y);
+    hi = make_uint4(c.x, c.y, d.x, d.y);
+}
+// Eight bf16 (a uint4) times `inv` → eight f16, the same order.
+__device__ __forceinline__ uint4 bf16x8_to_f16(uint4 u, float inv) {
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+    uint32_t r[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const __half2 h = __floats2half2_rn(__uint_as_float(w[i] << 16) * inv,
+                                            __uint_as_float(w[i] & 0xffff0000u) * inv);
+        r[i] = *reinterpret_cast<const uint32_t*>(&h);
+    }
+    return make_uint4(r[0], r[1], r[2], r[3]);
+}
+__device__ __forceinline__ float bf16x8_absmax(uint4 u, float m) {
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        m = fmaxf(m, fmaxf(fabsf(__uint_as_float(w[i] << 16)), fabsf(__uint_as_float(w[i] & 0xffff0000u))));
+    return m;
+}
+
+template <bool GATE_UP, int MODE = BULK_BF16, bool EVICT = false>
+__device__ __forceinline__ void moe_bulk_fp8(const bf16* __restrict__ x_in, int K,
+                                             const uint8_t* __restrict__ w,
+                                             const float* __restrict__ scales, int N,
+                                             const uint32_t* offsets, const uint32_t* active,
+                                             const uint32_t* sorted, int k_div, bf16* h_out,
+                                             float* y) {
+    extern __shared__ __align__(128) unsigned char bulk_smem[];
+    constexpr int NST = BULK_STAGES, SB = BULK_STAGE_BYTES;
+    float* red = reinterpret_cast<float*>(bulk_smem + NST * SB);
+    float* sscale = red + BULK_RED_FLOATS;  // [NST][32]: tile 0's chunks, then tile 1's
+    uint64_t* full = reinterpret_cast<uint64_t*>(sscale + NST * 32);
+    uint64_t* empty = full + NST;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int stride = K + 16, nchunk = K / 128;
+    if (tid == 0) {
+        for (int i = 0; i < NST; ++i) {
+            mbar_init(full + i, 1);
+            mbar_init(empty + i, BULK_CWARPS);
+        }
+        fence_mbar_init();
+    }
+    __syncthreads();
+    pdl_wait();
+    pdl_trigger();
+    // Items: (active expert a, tile) in order; the block's run [i0, i1).
+    const int tiles = GATE_UP ? N / 16 : N / 32;
+    const int total = (int)active[0] * tiles;
+    const int i0 = (int)((long long)total * blockIdx.x / gridDim.x);
+    const int i1 = (int)((long long)total * (blockIdx.x + 1) / gridDim.x);
+    if (warp == BULK_CWARPS) {
+        // The producer. Lane r copies row r of each item; lanes < 2·nchunk load its scales.
+        // (Measured and not kept, scripts/bench/decode_quant.cu, session 29: an item's k width
+        // in 2 or 4 stages of half or quarter rows, 9–70% slower; each tile's 16 rows as one
+        // copy, unskewed, +7% at batch 64.)
+        int ca = -1, s = 0;
+        for (int item = i0, it = 0; item < i1; ++item, ++it) {
+            const int a = item / tiles, tile = item % tiles, st = it % NST;
+            if (a != ca) s = (int)active[1 + a], ca = a;
+            if (it >= NST) mbar_wait(empty + st, ((it / NST) & 1) ^ 1);
+            const int r0 = GATE_UP ? tile * 16 : tile * 32;
+            const size_t row = GATE_UP ? (size_t)2 * s * N + (lane >= 16 ? N : 0) + r0 + (lane & 15)
+                                       : (size_t)s * N + r0 + lane;
+            unsigned char* dst = bulk_smem + st * SB + lane * stride;
+            if constexpr (EVICT)
+                bulk_copy_g2s_evict(dst, w + row * K, (uint32_t)K, full + st);
+            else
+                bulk_copy_g2s(dst, w + row * K, (uint32_t)K, full + st);
+            if (lane < 2 * nchunk) {
+                const int tl = lane / nchunk, c = lane % nchunk;
+                const size_t m = GATE_UP ? (size_t)2 * s + tl : (size_t)s;
+                sscale[st * 32 + tl * 16 + c] = __ldg(fp8_scale_row(scales, m, N, r0, K) + c);
+            }
+            __syncwarp();
+            if (lane == 0) mbar_expect_tx(full + st, (uint32_t)(BULK_ROWS * K));
+        }
+        return;
+    }
+    // The consumers. The activations of an expert's first two groups of 8 tokens stay in
+    // registers while the block's items are that expert's (x0, x1); a third group or more (rare
+    // at decode sizes) is loaded into x1 each time it is due.
+    const int g = lane >> 2, t = lane & 3;
+    int ca = -1, s = 0, xs = -1;
+    uint32_t beg = 0, end = 0, xg1 = 0;
+    uint4 x0[2][4], x1[2][4];
+    float xsc0[2][2], xsc1[2][2];  // BULK_F16: the activations' powers of two, tokens 2t, 2t + 1
+    // Group g0's activations (lane: token g0 + g, or the group's last) into x, for this warp's
+    // chunks; BULK_F16 makes them f16 with their powers of two in xsc.
+    auto load_x = [&](uint32_t g0, uint4(&x)[2][4]) {
+        const int n = min((int)(end - g0), 8);
+        const uint32_t q = g0 + min(g, n - 1);
+        const bf16* xp = GATE_UP ? x_in + (size_t)(sorted[q] / k_div) * K : x_in + (size_t)q * K;
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int c = warp + j * BULK_CWARPS;
+            if (c < nchunk) {
+#pragma unroll
+                for (int v = 0; v < 4; ++v) x[j][v] = ld16(xp + c * 128 + t * 32 + 8 * v);
+            }
+        }
+    };
+    auto prep_x = [&](uint4(&x)[2][4], float(&xsc)[2][2]) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            xsc[j][0] = xsc[j][1] = 1.f;
+            if constexpr (MODE == BULK_F16) {
+                // Token g's chunk is held by lanes 4g … 4g + 3: its largest magnitude, the
+                // power of two that brings it into [2¹⁴, 2¹⁵), the f16 values; the sums of
+                // tokens 2t and 2t + 1 take those tokens' powers (lanes 8t, 8t + 4).
+                float m = 0.f;
+#pragma unroll
+                for (int v = 0; v < 4; ++v) m = bf16x8_absmax(x[j][v], m);
+                m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+                m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+                const uint32_t ex = min(max((__float_as_uint(m) >> 23) & 0xffu, 15u), 254u);
+                const float inv = __uint_as_float((268u - ex) << 23);
+                const float sx = __uint_as_float((ex - 14u) << 23);
+#pragma unroll
+                for (int v = 0; v < 4; ++v) x[j][v] = bf16x8_to_f16(x[j][v], inv);
+                xsc[j][0] = __shfl_sync(0xffffffffu, sx, 8 * t);
+                xsc[j][1] = __shfl_sync(0xffffffffu, sx, 8 * t + 4);
+            }
+        }
+    };
+    int nb = 0;
+    for (int item = i0, it = 0; item < i1; ++item, ++it) {
+        const int a = item / tiles, tile = item % tiles, st = it % NST;
+        if (a != ca) {
+            s = (int)active[1 + a], ca = a;
+            beg = offsets[s], end = offsets[s + 1];
+        }
+        if (s != xs) {
+            // Both groups' loads in flight at once, then converted.
+            load_x(beg, x0);
+            if (end - beg > 8) load_x(beg + 8, x1);
+            prep_x(x0, xsc0);
+            if (end - beg > 8) prep_x(x1, xsc1);
+            xs = s, xg1 = beg + 8;
+        }
+        const int r0 = GATE_UP ? tile * 16 : tile * 32;
+        const unsigned char* sb = bulk_smem + st * SB;
+        mbar_wait(full + st, (it / NST) & 1);
+        // One group of ≤ 8 tokens at g0 with activations x (powers xsc): the MMAs, the stage
+        // released after the last group, the warps' sums added and stored.
+        auto group = [&](uint32_t g0, const uint4(&x)[2][4], const float(&xsc)[2][2]) {
+            const int n = min((int)(end - g0), 8);
+            float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const int c = warp + j * BULK_CWARPS;
+                if (c < nchunk) {
+#pragma unroll
+                    for (int tl = 0; tl < 2; ++tl) {
+                        const float sc = sscale[st * 32 + tl * 16 + c];
+                        const unsigned char* p0 = sb + (tl * 16 + g) * stride + c * 128 + t * 32;
+                        const unsigned char* p1 = p0 + 8 * stride;
+                        const uint4 u0 = *reinterpret_cast<const uint4*>(p0);
+                        const uint4 u1 = *reinterpret_cast<const uint4*>(p0 + 16);
+                        const uint4 v0 = *reinterpret_cast<const uint4*>(p1);
+                        const uint4 v1 = *reinterpret_cast<const uint4*>(p1 + 16);
+                        if constexpr (MODE == BULK_BF16) {
+                            mma_k32(acc[tl], fp8x8_to_bf16x8(make_uint2(u0.x, u0.y), sc),
+                                    fp8x8_to_bf16x8(make_uint2(v0.x, v0.y), sc), x[j][0]);
+                            mma_k32(acc[tl], fp8x8_to_bf16x8(make_uint2(u0.z, u0.w), sc),
+                                    fp8x8_to_bf16x8(make_uint2(v0.z, v0.w), sc), x[j][1]);
+                            mma_k32(acc[tl], fp8x8_to_bf16x8(make_uint2(u1.x, u1.y), sc),
+                                    fp8x8_to_bf16x8(make_uint2(v1.x, v1.y), sc), x[j][2]);
+                            mma_k32(acc[tl], fp8x8_to_bf16x8(make_uint2(u1.z, u1.w), sc),
+                                    fp8x8_to_bf16x8(make_uint2(v1.z, v1.w), sc), x[j][3]);
+                        } else {
+                            uint4 wa[4], wb[4];
+                            if constexpr (MODE == BULK_F16) {
+                                e4m3x16_to_f16(u0, wa[0], wa[1]);
+                                e4m3x16_to_f16(u1, wa[2], wa[3]);
+                                e4m3x16_to_f16(v0, wb[0], wb[1]);
+                                e4m3x16_to_f16(v1, wb[2], wb[3]);
+                            } else {
+                                wa[0] = u0, wa[1] = make_uint4(u0.y, u0.x, u0.w, u0.z), wa[2] = u1,
+                                wa[3] = make_uint4(u1.y, u1.x, u1.w, u1.z);
+                                wb[0] = v0, wb[1] = make_uint4(v0.y, v0.x, v0.w, v0.z), wb[2] = v1,
+                                wb[3] = make_uint4(v1.y, v1.x, v1.w, v1.z);
+                            }
+                            float part[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+                            for (int v = 0; v < 4; ++v) mma_k32_f16(part, wa[v], wb[v], x[j][v]);
+                            const float f0 = sc * xsc[j][0], f1 = sc * xsc[j][1];
+                            acc[tl][0] = fmaf(part[0], f0, acc[tl][0]);
+                            acc[tl][1] = fmaf(part[1], f1, acc[tl][1]);
+                            acc[tl][2] = fmaf(part[2], f0, acc[tl][2]);
+                            acc[tl][3] = fmaf(part[3], f1, acc[tl][3]);
+                        }
+                    }
+                }
+            }
+            float* rb = red + (nb & 1) * (BULK_CWARPS * 32 * 8);
+            *reinterpret_cast<float4*>(rb + (warp * 32 + lane) * 8) =
+                make_float4(acc[0][0], acc[0][1], acc[0][2], acc[0][3]);
+            *reinterpret_cast<float4*>(rb + (warp * 32 + lane) * 8 + 4) =
+                make_float4(acc[1][0], acc[1][1], acc[1][2], acc[1][3]);
+            if (g0 + 8 >= end) {
+                // The stage's last use by this warp.
+                __syncwarp();
+                if (lane == 0) mbar_arrive(empty + st);
+            }
+            bulk_consumer_bar();
+            // Output (row, tok) of tile tl: lane (row % 8)·4 + tok / 2, element (row / 8)·2 +
+            // tok % 2 (mma's c layout), summed over the warps in order.
+            const int tl = tid >> 7, row = (tid >> 3) & 15, tok = tid & 7;
+            const int L = (row & 7) * 4 + (tok >> 1), e = (row >> 3) * 2 + (tok & 1);
+            if (tok < n && (!GATE_UP || tl == 0)) {
+                float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+                for (int v = 0; v < BULK_CWARPS; ++v) {
+                    s0 += rb[(v * 32 + L) * 8 + tl * 4 + e];
+                    if (GATE_UP) s1 += rb[(v * 32 + L) * 8 + 4 + e];
+                }
+                if constexpr (GATE_UP)
+                    h_out[(size_t)(g0 + tok) * N + r0 + row] = __float2bfloat16(silu(s0) * s1);
+                else
+                    y[(size_t)(g0 + tok) * N + r0 + tl * 16 + row] = s0;
+            }
+            ++nb;
+        };
+        group(beg, x0, xsc0);
+        for (uint32_t g0 = beg + 8; g0 < end; g0 += 8) {
+            if (g0 != xg1) {
+                load_x(g0, x1);
+                prep_x(x1, xsc1);
+                xg1 = g0;
+            }
+            group(g0, x1, xsc1);
+        }
+    }
+}
+
+#define BULK_KERNELS(SFX, MODE, EVICT)                                                             \
+    extern "C" __global__ void __launch_bounds__(32 * (BULK_CWARPS + 1), 1)                        \
+        moe_gate_up_bulk_##SFX(const bf16* x, int hidden, const uint8_t* w_gu, const float* s_gu,  \
+                               int inner, const uint32_t* offsets, const uint32_t* active,         \
+                               const uint32_t* sorted, int k_div, bf16* h_out) {                   \
+        moe_bulk_fp8<true, MODE, EVICT>(x, hidden, w_gu, s_gu, inner, offsets, active, sorted,    \
+                                        k_div, h_out, nullptr);                                    \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(32 * (BULK_CWARPS + 1), 1)                        \
+        moe_down_bulk_##SFX(const bf16* h, int inner, const uint8_t* w_down, const float* s_down,  \
+                            int hidden, const uint32_t* offsets, const uint32_t* active,           \
+                            float* y) {                                                            \
+        moe_bulk_fp8<false, MODE, EVICT>(h, inner, w_down, s_down, hidden, offsets, active,       \
+                                         nullptr, 1, nullptr, y);                                  \
+    }
+BULK_KERNELS(fp8, BULK_BF16, false)
+BULK_KERNELS(fp8h, BULK_F16, true)
+BULK_KERNELS(raw, BULK_RAW, false)
+
+// ---------------------------------------------------------------------------------------------
 // The copies of a packed weight tile (e4m3 here, INT4 in experts_int4.cu: K_PER_BYTE values a
 // byte) into one stage of shared memory, unswizzled: a k step's BN tile rows of RB bytes each, as
 // 16-byte cp.async chunks (chunk i of row n at n · RB bytes). Rows past N are zero-filled.

@@ -30,7 +30,7 @@ pub use experts::{
     DeviceRouting, DoneFlag, ExpertQuant, ExpertWeights, FOLD_MAX_TOKENS, FlagWait,
     GROUPED_MIN_PAIRS_PER_SLOT, GROUPED_MIN_PAIRS_PER_SLOT_QUANTISED, HostAssignments, HostPairs,
     Int4Groups, RouteParams, RowsAt, WaitFlag, WaitParts, combine_counter_words, combine_counters,
-    grouped_min_pairs_per_slot, takes_grouped, takes_wide_chunks,
+    grouped_min_pairs_per_slot, takes_bulk_gate_up, takes_grouped, takes_wide_chunks,
 };
 
 /// A kernel argument. Tensors go as raw device addresses (see [`Gpu::ptr`]).
@@ -211,6 +211,17 @@ pub fn wgmma_experts_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| {
         cfg!(moemesh_wgmma) && std::env::var("MOEMESH_PREFILL_GEMM").as_deref() != Ok("mma")
+    })
+}
+
+/// Whether a decode step's FP8 gate/up product may take the bulk-copy kernel
+/// ([`experts::takes_bulk_gate_up`]): only in a build whose PTX targets sm_90a (its
+/// `cp.async.bulk` and `mbarrier` transactions), and not where `MOEMESH_FP8_DECODE=wide` asks for
+/// the 128-wide register walk (`moe_gate_up_mma_fp8w`) as before (read once; for A/B runs).
+pub fn bulk_decode_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        cfg!(moemesh_wgmma) && std::env::var("MOEMESH_FP8_DECODE").as_deref() != Ok("wide")
     })
 }
 

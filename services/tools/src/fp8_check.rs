@@ -5,7 +5,10 @@
 //! The FP8 kernels dequantise to exactly those bf16 values and then run the bf16 kernels'
 //! products in the same order, so the bound is **bit equality** of every output element; except
 //! the decode kernels over a k width that is a multiple of 128 (V2-Lite's), which walk 128-wide
-//! chunks and so sum in another order: there ‖Δ‖/‖bf16‖ ≤ 1e-3 (see `one`). Random
+//! chunks and so sum in another order: there ‖Δ‖/‖bf16‖ ≤ 1e-3 (see `one`); and the routed
+//! entry's gate/up on Hopper at V2-Lite's shape (`takes_bulk_gate_up`: e4m3 read as f16, the
+//! block scales on each chunk's f32 sums), held with the FP8 stacks' exact layer in f32 as the
+//! INT4 scaled-sums kernels are (below): its error may not exceed the bf16 kernels'. Random
 //! bf16 weights are quantised to e4m3 with 128 × 128 block scales (`weights::fp8::quantize_e4m3`,
 //! what `--weights-dtype fp8` does at load), random bf16 activations and routings; each case runs
 //! one expert entry point twice, on the e4m3 stacks and on the dequantised bf16 stacks:
@@ -42,7 +45,7 @@
 
 use moemesh_engine::cuda::{
     DenseWeight, DeviceRouting, ExpertQuant, ExpertWeights, Gpu, HostAssignments, HostPairs,
-    Int4Groups, grouped_min_pairs_per_slot, takes_grouped, takes_wide_chunks,
+    Int4Groups, grouped_min_pairs_per_slot, takes_bulk_gate_up, takes_grouped, takes_wide_chunks,
 };
 use moemesh_engine::weights::fp8::{dequantize_e4m3, dequantize_matrix, quantize_e4m3};
 use moemesh_engine::weights::int4::Int4Tensor;
@@ -69,8 +72,8 @@ struct Stacks {
     quant: Quant,
     gate_up_bf16: Tensor,
     down_bf16: Tensor,
-    /// INT4 only: the dequantised values in f32, unrounded (the exact INT4 model), `[2E·I, H]`
-    /// and `[E, H, I]`: the reference the scaled-sums decode kernels are held to.
+    /// The dequantised values in f32, unrounded (the exact INT4 or FP8 model), `[2E·I, H]` and
+    /// `[E, H, I]`: the reference the scaled-sums decode kernels are held to.
     exact: Option<(Tensor, Tensor)>,
 }
 
@@ -139,14 +142,15 @@ impl Stacks {
 }
 
 /// `m` random `[rows, cols]` matrices, each quantised on its own: `(q [m·rows, cols],
-/// scales [m·⌈rows/128⌉, ⌈cols/128⌉], dequantised bf16 [m·rows, cols])`.
+/// scales [m·⌈rows/128⌉, ⌈cols/128⌉], dequantised bf16 [m·rows, cols], dequantised f32
+/// [m·rows, cols])` (f32: e4m3 · scale, the exact FP8 model).
 fn quantised(
     device: &Device,
     rng: &mut ChaCha8Rng,
     m: usize,
     rows: usize,
     cols: usize,
-) -> anyhow::Result<(Tensor, Tensor, Tensor)> {
+) -> anyhow::Result<(Tensor, Tensor, Tensor, Tensor)> {
     let (mut qs, mut ss) = (Vec::with_capacity(m), Vec::with_capacity(m));
     for _ in 0..m {
         device.set_seed(rng.random())?;
@@ -157,14 +161,21 @@ fn quantised(
     }
     let (q, s) = (Tensor::stack(&qs, 0)?, Tensor::stack(&ss, 0)?);
     let deq = dequantize_e4m3(&q, &s, DType::BF16)?.reshape((m * rows, cols))?;
+    let exact = dequantize_e4m3(&q, &s, DType::F32)?.reshape((m * rows, cols))?;
     let (rb, cb) = (s.dim(1)?, s.dim(2)?);
-    Ok((q.reshape((m * rows, cols))?, s.reshape((m * rb, cb))?, deq))
+    Ok((
+        q.reshape((m * rows, cols))?,
+        s.reshape((m * rb, cb))?,
+        deq,
+        exact,
+    ))
 }
 
 fn stacks(device: &Device, rng: &mut ChaCha8Rng, sh: &Shape) -> anyhow::Result<Stacks> {
-    let (gate_up, gate_up_scales, gate_up_bf16) =
+    let (gate_up, gate_up_scales, gate_up_bf16, gate_up_f32) =
         quantised(device, rng, 2 * sh.experts, sh.inner, sh.hidden)?;
-    let (down, down_scales, down_bf16) = quantised(device, rng, sh.experts, sh.hidden, sh.inner)?;
+    let (down, down_scales, down_bf16, down_f32) =
+        quantised(device, rng, sh.experts, sh.hidden, sh.inner)?;
     let (e, h, i) = (sh.experts, sh.hidden, sh.inner);
     let (hb, ib) = (h.div_ceil(128), i.div_ceil(128));
     Ok(Stacks {
@@ -177,7 +188,7 @@ fn stacks(device: &Device, rng: &mut ChaCha8Rng, sh: &Shape) -> anyhow::Result<S
         },
         gate_up_bf16,
         down_bf16: down_bf16.reshape((e, h, i))?,
-        exact: None,
+        exact: Some((gate_up_f32, down_f32.reshape((e, h, i))?)),
     })
 }
 
@@ -360,7 +371,16 @@ fn one(
         Entry::Routed => !takes_grouped(t * sh.k, sh.experts, &st.quantised()),
         Entry::Pairs => false,
     };
-    let scaled_sums = matches!(st.quant, Quant::Int4 { group, .. } if group >= 64) && decode;
+    // FP8's gate/up through the bulk-copy kernel (the routed entry at V2-Lite's shape on Hopper,
+    // `takes_bulk_gate_up`) takes e4m3 as f16 and scales each chunk's f32 sums: the exact
+    // products, not the bf16 kernels' rounded weights; held to the exact layer likewise.
+    let q = st.quantised().quant;
+    let bulk = matches!(st.quant, Quant::Fp8 { .. })
+        && matches!(entry, Entry::Routed)
+        && decode
+        && takes_bulk_gate_up(&q, sh.hidden, sh.inner, t * sh.k);
+    let scaled_sums =
+        (matches!(st.quant, Quant::Int4 { group, .. } if group >= 64) && decode) || bulk;
     if let (true, Some((gate_up, down))) = (scaled_sums, &st.exact) {
         let exact = exact_layer(&x, &triples, gate_up, down, sh)?;
         let (e_got, e_ref) = (rel_l2(&exact, &got)?, rel_l2(&exact, &reference)?);
@@ -380,7 +400,6 @@ fn one(
     // Held to ‖Δ‖/‖bf16‖ ≤ 1e-3: a quarter of one bf16 step (2⁻⁸ = 3.9e-3), a tenth of what
     // rounding the weights to bf16 costs against the exact layer (3.3e-3 at this shape, the
     // INT4 cases'), and far below what a wrong scale, row or chunk gives (≥ 1e-2).
-    let q = st.quantised().quant;
     let wide = matches!(st.quant, Quant::Fp8 { .. })
         && decode
         && (takes_wide_chunks(&q, sh.hidden, true) || takes_wide_chunks(&q, sh.inner, false));
