@@ -165,8 +165,13 @@ FP8_DECODE_KERNELS(fp8w, MmaFp8Wide, __launch_bounds__(128, 3))
 // two items' (128 KiB), held by the copy engine, not registers: what the register-ring kernels
 // above could not reach (two chunks a warp). Rows in a stage are K + 16 bytes apart (a 16-byte
 // skew: lanes g and g + 1 of a 16-byte load fall in other banks).
-// Numerics: the same weight values (bf16(e4m3 · scale)), the same MMA steps a chunk; the k range
-// split over 8 warps instead of 2, so the f32 sums come in another order than moe_*_mma_fp8w's.
+// Numerics: by MODE (below). The engine takes the gate/up kernel in BULK_F16 (`_fp8h`, from 8
+// pairs a call on Hopper: engine/src/cuda/experts.rs `takes_bulk_gate_up`): the exact products of
+// the checkpoint's values, which `moemesh verify` holds to the exact FP8 layer in f32. BULK_BF16
+// (`_fp8`) takes the walk's values, bf16(e4m3 · scale), with the k range over 8 warps instead of
+// 2 (another order of f32 sums than moe_*_mma_fp8w's); it and the down kernels are measured in
+// scripts/bench/decode_quant.cu, not used (the conversions make BULK_BF16 25% slower at batch 64;
+// the down kernel was no faster than the walk: docs/BENCHMARKS.md, session 29).
 #define BULK_KMAX 2048
 #define BULK_ROWS 32
 #define BULK_STAGES 3
@@ -228,7 +233,7 @@ __device__ __forceinline__ void bulk_consumer_bar() { asm volatile("bar.sync 1, 
 // == 0, K ≤ BULK_KMAX, N % 32 == 0 and `active` (the list moe_align writes).
 // MODE: BULK_BF16 dequantises each value to bf16(e4m3 · scale) (MmaFp8's values, bf16 MMAs);
 // BULK_F16 takes e4m3 as f16 (exact: one conversion a pair), the activations as f16 scaled by a
-// power of two per (token, 128-wide chunk) (exact but for values below 2⁻²⁵ of the chunk's
+// power of two per (token, 128-wide chunk) (exact but for values below 2⁻³¹ of the chunk's
 // largest), f16 MMAs with f32 sums, and each chunk's sums times the weights' block scale and the
 // activations' power of two: the exact product of the checkpoint's values, rounded once in f32
 // per chunk; BULK_RAW hands the bytes to the MMAs as they are (timing only).
