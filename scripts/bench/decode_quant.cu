@@ -46,7 +46,8 @@
 //              evict-first in L2; checked against `fp8 wide lb3` within 1e-2: it rounds the
 //              weights less), `bulk raw` the bytes as they are (timing only); `gu` the gate/up
 //              kernel with the wide down kernel
-//   gu only:   the gate/up kernel alone (timing only: no down, no output)
+//   gu only:   the gate/up kernel alone (timing only: no down, no output); `bulk copies`: the
+//              bulk kernel's copies alone, its consumers only releasing each stage
 //   no-op      the same grids doing nothing: moe_align, the combine and the launches alone
 // Checks: `fp8 pref` equals `fp8` and `int4 fine` equals `int4 old` bit for bit; the scaled-sums
 // forms against those by ‖a − b‖ / ‖b‖ (they round differently: the exact product of the stored
@@ -558,6 +559,15 @@ static void run_gu_only(cudaStream_t st, const Layer& L, int gy, const bf16* x, 
         GU<<<dim3(inner / 32, gy), 128, 0, st>>>(x, hidden, (const uint8_t*)L.gu, L.qgu, inner,
                                                  off, act, sorted, k, h);
 }
+// Timing only: the bulk gate/up's copies alone (BULK_COPY), evict-first or not.
+template <bool EVICT>
+__global__ void __launch_bounds__(32 * (BULK_CWARPS + 1), 1)
+    gu_bulk_copy(const bf16* x, int hidden, const uint8_t* w_gu, const float* s_gu, int inner,
+                 const uint32_t* offsets, const uint32_t* active, const uint32_t* sorted,
+                 int k_div, bf16* h_out) {
+    moe_bulk_fp8<true, BULK_COPY, EVICT>(x, hidden, w_gu, s_gu, inner, offsets, active, sorted,
+                                         k_div, h_out, nullptr);
+}
 typedef void (*DnBulk)(const bf16*, int, const uint8_t*, const float*, int, const uint32_t*,
                        const uint32_t*, float*);
 static const Variant VARIANTS[] = {
@@ -606,6 +616,8 @@ static const Variant VARIANTS[] = {
     {"gu only: wide lb3", FP8, -3, true, run_gu_only<gu_kernel_lb<MmaFp8Wide, 3>, false>},
     {"gu only: bulk f16", FP8, -3, true, run_gu_only<moe_gate_up_bulk_fp8h, true>},
     {"gu only: bulk raw", FP8, -3, true, run_gu_only<moe_gate_up_bulk_raw, true>},
+    {"gu only: bulk copies", FP8, -3, true, run_gu_only<gu_bulk_copy<true>, true>},
+    {"gu only: bulk copies no hint", FP8, -3, true, run_gu_only<gu_bulk_copy<false>, true>},
     {"no-op    ", BF16, -2, true, run_empty},
 };
 static const int N_VARIANTS = sizeof(VARIANTS) / sizeof(VARIANTS[0]);
@@ -629,8 +641,8 @@ static Layer quantised(size_t gu_bytes, size_t dn_bytes, bool e4m3, size_t sgu, 
     return q;
 }
 
-// DQ_ONLY="a,b,…": only the variants whose names contain one of these (a variant's `ref` must
-// be among them).
+// DQ_ONLY="a,b,…": only the variants whose names contain one of these ("=name": that name only;
+// a variant's `ref` must be among them for its check).
 static bool selected(const char* name) {
     const char* only = getenv("DQ_ONLY");
     if (!only || !*only) return true;
@@ -639,7 +651,14 @@ static bool selected(const char* name) {
     while (at <= s.size()) {
         const size_t comma = s.find(',', at);
         const std::string part = s.substr(at, comma == std::string::npos ? std::string::npos : comma - at);
-        if (!part.empty() && strstr(name, part.c_str())) return true;
+        if (part.size() > 1 && part[0] == '=') {
+            // "=name": that variant only (its name without the padding).
+            std::string n(name);
+            n.erase(n.find_last_not_of(' ') + 1);
+            if (n == part.substr(1)) return true;
+        } else if (!part.empty() && strstr(name, part.c_str())) {
+            return true;
+        }
         if (comma == std::string::npos) break;
         at = comma + 1;
     }
@@ -677,7 +696,8 @@ int main(int argc, char** argv) {
     CK(cudaDeviceGetAttribute(&g_sms, cudaDevAttrMultiProcessorCount, 0));
     for (const void* f : {(const void*)moe_gate_up_bulk_fp8, (const void*)moe_down_bulk_fp8,
                           (const void*)moe_gate_up_bulk_fp8h, (const void*)moe_down_bulk_fp8h,
-                          (const void*)moe_gate_up_bulk_raw, (const void*)moe_down_bulk_raw})
+                          (const void*)moe_gate_up_bulk_raw, (const void*)moe_down_bulk_raw,
+                          (const void*)gu_bulk_copy<true>, (const void*)gu_bulk_copy<false>})
         CK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, BULK_SMEM));
 
     const double params = 3.0 * inner * hidden;

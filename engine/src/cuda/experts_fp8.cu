@@ -240,6 +240,7 @@ __device__ __forceinline__ void bulk_consumer_bar() { asm volatile("bar.sync 1, 
 #define BULK_BF16 0
 #define BULK_F16 1
 #define BULK_RAW 2
+#define BULK_COPY 3  // the copies alone: consumers wait for each stage and release it (timing only)
 __device__ __forceinline__ void mma_f16(float c[4], uint32_t a0, uint32_t a1, uint32_t a2,
                                         uint32_t a3, uint32_t b0, uint32_t b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
@@ -395,7 +396,7 @@ __device__ __forceinline__ void moe_bulk_fp8(const bf16* __restrict__ x_in, int 
             s = (int)active[1 + a], ca = a;
             beg = offsets[s], end = offsets[s + 1];
         }
-        if (s != xs) {
+        if (MODE != BULK_COPY && s != xs) {
             // Both groups' loads in flight at once, then converted.
             load_x(beg, x0);
             if (end - beg > 8) load_x(beg + 8, x1);
@@ -406,6 +407,11 @@ __device__ __forceinline__ void moe_bulk_fp8(const bf16* __restrict__ x_in, int 
         const int r0 = GATE_UP ? tile * 16 : tile * 32;
         const unsigned char* sb = bulk_smem + st * SB;
         mbar_wait(full + st, (it / NST) & 1);
+        if constexpr (MODE == BULK_COPY) {
+            __syncwarp();
+            if (lane == 0) mbar_arrive(empty + st);
+            continue;
+        }
         // One group of ≤ 8 tokens at g0 with activations x (powers xsc): the MMAs, the stage
         // released after the last group, the warps' sums added and stored.
         auto group = [&](uint32_t g0, const uint4(&x)[2][4], const float(&xsc)[2][2]) {
