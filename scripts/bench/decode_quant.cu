@@ -39,7 +39,7 @@
 //              ‖Δ‖/‖ref‖ < 0.1 (the activations' rounding: ~2–3% expected)
 //   fp8 a8 pre the same MMAs over activations quantised ahead (fp8_act_quant of x before
 //              gate/up and of h before down: two launches more a layer)
-//   fp8 bulk   experts_fp8.cu's moe_{gate_up,down}_bulk_*: a persistent grid, the weights copied
+//   fp8 bulk   experts_fp8.cu's moe_bulk_fp8 (gu_bulk, dn_bulk here): a persistent grid, the weights copied
 //              into shared memory by the copy engine (cp.async.bulk) an item of 32 rows at a
 //              time; `bulk` takes MmaFp8's bf16 values (bf16 MMAs), `bulk f16` e4m3 as f16 with
 //              the block scales on each chunk's f32 sums (the engine's gate/up kernel, its lines
@@ -559,14 +559,21 @@ static void run_gu_only(cudaStream_t st, const Layer& L, int gy, const bf16* x, 
         GU<<<dim3(inner / 32, gy), 128, 0, st>>>(x, hidden, (const uint8_t*)L.gu, L.qgu, inner,
                                                  off, act, sorted, k, h);
 }
-// Timing only: the bulk gate/up's copies alone (BULK_COPY), evict-first or not.
-template <bool EVICT>
+// The bulk kernels in each mode (the engine instantiates only moe_gate_up_bulk_fp8h).
+template <int MODE, bool EVICT>
 __global__ void __launch_bounds__(32 * (BULK_CWARPS + 1), 1)
-    gu_bulk_copy(const bf16* x, int hidden, const uint8_t* w_gu, const float* s_gu, int inner,
-                 const uint32_t* offsets, const uint32_t* active, const uint32_t* sorted,
-                 int k_div, bf16* h_out) {
-    moe_bulk_fp8<true, BULK_COPY, EVICT>(x, hidden, w_gu, s_gu, inner, offsets, active, sorted,
-                                         k_div, h_out, nullptr);
+    gu_bulk(const bf16* x, int hidden, const uint8_t* w_gu, const float* s_gu, int inner,
+            const uint32_t* offsets, const uint32_t* active, const uint32_t* sorted, int k_div,
+            bf16* h_out) {
+    moe_bulk_fp8<true, MODE, EVICT>(x, hidden, w_gu, s_gu, inner, offsets, active, sorted, k_div,
+                                    h_out, nullptr);
+}
+template <int MODE, bool EVICT>
+__global__ void __launch_bounds__(32 * (BULK_CWARPS + 1), 1)
+    dn_bulk(const bf16* h, int inner, const uint8_t* w_down, const float* s_down, int hidden,
+            const uint32_t* offsets, const uint32_t* active, float* y) {
+    moe_bulk_fp8<false, MODE, EVICT>(h, inner, w_down, s_down, hidden, offsets, active, nullptr,
+                                     1, nullptr, y);
 }
 typedef void (*DnBulk)(const bf16*, int, const uint8_t*, const float*, int, const uint32_t*,
                        const uint32_t*, float*);
@@ -608,16 +615,16 @@ static const Variant VARIANTS[] = {
     {"fp8 a8 pre cs3", FP8, 12, false, run_pre<Stages<MmaFp8A8Pre, 3>, 3>, 0.1},
     {"fp8 a8 pre nolb", FP8, 12, false, run_pre<MmaFp8A8Pre, 1>, 0.1},
     {"fp8 a8 pre lb4", FP8, 12, false, run_pre<MmaFp8A8Pre, 4>, 0.1},
-    {"fp8 bulk gu", FP8, 12, false, run_bulk<moe_gate_up_bulk_fp8, (DnBulk) nullptr>, 1e-3},
-    {"fp8 bulk ", FP8, 12, false, run_bulk<moe_gate_up_bulk_fp8, moe_down_bulk_fp8>, 1e-3},
+    {"fp8 bulk gu", FP8, 12, false, run_bulk<gu_bulk<BULK_BF16, false>, (DnBulk) nullptr>, 1e-3},
+    {"fp8 bulk ", FP8, 12, false, run_bulk<gu_bulk<BULK_BF16, false>, dn_bulk<BULK_BF16, false>>, 1e-3},
     {"fp8 bulk f16 gu", FP8, 12, false, run_bulk<moe_gate_up_bulk_fp8h, (DnBulk) nullptr>, 1e-2},
-    {"fp8 bulk f16", FP8, 12, false, run_bulk<moe_gate_up_bulk_fp8h, moe_down_bulk_fp8h>, 1e-2},
-    {"fp8 bulk raw", FP8, -3, true, run_bulk<moe_gate_up_bulk_raw, moe_down_bulk_raw>},
+    {"fp8 bulk f16", FP8, 12, false, run_bulk<moe_gate_up_bulk_fp8h, dn_bulk<BULK_F16, true>>, 1e-2},
+    {"fp8 bulk raw", FP8, -3, true, run_bulk<gu_bulk<BULK_RAW, false>, dn_bulk<BULK_RAW, false>>},
     {"gu only: wide lb3", FP8, -3, true, run_gu_only<gu_kernel_lb<MmaFp8Wide, 3>, false>},
     {"gu only: bulk f16", FP8, -3, true, run_gu_only<moe_gate_up_bulk_fp8h, true>},
-    {"gu only: bulk raw", FP8, -3, true, run_gu_only<moe_gate_up_bulk_raw, true>},
-    {"gu only: bulk copies", FP8, -3, true, run_gu_only<gu_bulk_copy<true>, true>},
-    {"gu only: bulk copies no hint", FP8, -3, true, run_gu_only<gu_bulk_copy<false>, true>},
+    {"gu only: bulk raw", FP8, -3, true, run_gu_only<gu_bulk<BULK_RAW, false>, true>},
+    {"gu only: bulk copies", FP8, -3, true, run_gu_only<gu_bulk<BULK_COPY, true>, true>},
+    {"gu only: bulk copies no hint", FP8, -3, true, run_gu_only<gu_bulk<BULK_COPY, false>, true>},
     {"no-op    ", BF16, -2, true, run_empty},
 };
 static const int N_VARIANTS = sizeof(VARIANTS) / sizeof(VARIANTS[0]);
@@ -694,10 +701,11 @@ int main(int argc, char** argv) {
     }
     CK(cudaDeviceSynchronize());
     CK(cudaDeviceGetAttribute(&g_sms, cudaDevAttrMultiProcessorCount, 0));
-    for (const void* f : {(const void*)moe_gate_up_bulk_fp8, (const void*)moe_down_bulk_fp8,
-                          (const void*)moe_gate_up_bulk_fp8h, (const void*)moe_down_bulk_fp8h,
-                          (const void*)moe_gate_up_bulk_raw, (const void*)moe_down_bulk_raw,
-                          (const void*)gu_bulk_copy<true>, (const void*)gu_bulk_copy<false>})
+    for (const void* f :
+         {(const void*)moe_gate_up_bulk_fp8h, (const void*)gu_bulk<BULK_BF16, false>,
+          (const void*)gu_bulk<BULK_RAW, false>, (const void*)gu_bulk<BULK_COPY, true>,
+          (const void*)gu_bulk<BULK_COPY, false>, (const void*)dn_bulk<BULK_BF16, false>,
+          (const void*)dn_bulk<BULK_F16, true>, (const void*)dn_bulk<BULK_RAW, false>})
         CK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, BULK_SMEM));
 
     const double params = 3.0 * inner * hidden;

@@ -1845,6 +1845,14 @@ impl Gpu {
 mod tests {
     use super::*;
 
+    /// FP8 weights for the rules below (the rules read only the format).
+    fn fp8_of(t: &Tensor) -> ExpertQuant<'_> {
+        ExpertQuant::Fp8 {
+            gate_up: t,
+            down: t,
+        }
+    }
+
     /// The bulk-copy gate/up: FP8 only, a hidden size that is a multiple of 128 and at most
     /// 2,048 (V2-Lite's and the FP8 fixture's 128; not V3's 7,168), inner a multiple of 16, from
     /// `min` pairs; its shared memory as experts_fp8.cu's `BULK_SMEM` adds it up; never in a
@@ -1852,10 +1860,7 @@ mod tests {
     #[test]
     fn bulk_gate_up_takes_fp8_up_to_2048_wide_from_min_pairs() {
         let t = Tensor::zeros(1, DType::F32, &Device::Cpu).expect("tensor");
-        let fp8 = ExpertQuant::Fp8 {
-            gate_up: &t,
-            down: &t,
-        };
+        let fp8 = fp8_of(&t);
         assert!(bulk_fits(&fp8, 2048, 1408, 8, 8));
         assert!(bulk_fits(&fp8, 128, 160, 8, 8));
         assert!(!bulk_fits(&fp8, 2048, 1408, 7, 8));
@@ -1874,10 +1879,7 @@ mod tests {
     #[test]
     fn wide_chunks_need_k_a_multiple_of_128_and_int4_groups_of_128() {
         let t = Tensor::zeros(1, DType::F32, &Device::Cpu).expect("tensor");
-        let fp8 = ExpertQuant::Fp8 {
-            gate_up: &t,
-            down: &t,
-        };
+        let fp8 = fp8_of(&t);
         let groups = |group| Int4Groups {
             scale: &t,
             zero: None,

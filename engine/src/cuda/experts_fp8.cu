@@ -165,10 +165,10 @@ FP8_DECODE_KERNELS(fp8w, MmaFp8Wide, __launch_bounds__(128, 3))
 // two items' (128 KiB), held by the copy engine, not registers: what the register-ring kernels
 // above could not reach (two chunks a warp). Rows in a stage are K + 16 bytes apart (a 16-byte
 // skew: lanes g and g + 1 of a 16-byte load fall in other banks).
-// Numerics: by MODE (below). The engine takes the gate/up kernel in BULK_F16 (`_fp8h`, from 8
-// pairs a call on Hopper: engine/src/cuda/experts.rs `takes_bulk_gate_up`): the exact products of
-// the checkpoint's values, which `moemesh verify` holds to the exact FP8 layer in f32. BULK_BF16
-// (`_fp8`) takes the walk's values, bf16(e4m3 · scale), with the k range over 8 warps instead of
+// Numerics: by MODE (below). The engine takes the gate/up kernel in BULK_F16
+// (`moe_gate_up_bulk_fp8h`, from 8 pairs a call on Hopper: engine/src/cuda/experts.rs
+// `takes_bulk_gate_up`): the exact products of the checkpoint's values, which `moemesh verify`
+// holds to the exact FP8 layer in f32. BULK_BF16 takes the walk's values, bf16(e4m3 · scale), with the k range over 8 warps instead of
 // 2 (another order of f32 sums than moe_*_mma_fp8w's); it and the down kernels are measured in
 // scripts/bench/decode_quant.cu, not used (the conversions make BULK_BF16 25% slower at batch 64;
 // the down kernel was no faster than the walk: docs/BENCHMARKS.md, session 29).
@@ -193,29 +193,27 @@ __device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
 #endif
 }
 // `bytes` (a multiple of 16) from global `src` to shared `dst` (16-byte aligned), completing
-// `bytes` of transaction on `bar`.
+// `bytes` of transaction on `bar`; EVICT marks the lines evict-first in L2 (weights read once a
+// step).
+template <bool EVICT>
 __device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, uint32_t bytes,
                                               uint64_t* bar) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
-            "r"((uint32_t)__cvta_generic_to_shared(dst)),
-        "l"(src), "r"(bytes), "r"((uint32_t)__cvta_generic_to_shared(bar))
-        : "memory");
-#else
-    __trap();
-#endif
-}
-// The same, the lines marked evict-first in L2 (weights read once a step).
-__device__ __forceinline__ void bulk_copy_g2s_evict(void* dst, const void* src, uint32_t bytes,
-                                                    uint64_t* bar) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile(
-        "{\n.reg .b64 pol;\ncreatepolicy.fractional.L2::evict_first.b64 pol, 1.0;\n"
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], pol;\n}\n" ::
-            "r"((uint32_t)__cvta_generic_to_shared(dst)),
-        "l"(src), "r"(bytes), "r"((uint32_t)__cvta_generic_to_shared(bar))
-        : "memory");
+    const uint32_t d = (uint32_t)__cvta_generic_to_shared(dst);
+    const uint32_t b = (uint32_t)__cvta_generic_to_shared(bar);
+    if constexpr (EVICT)
+        asm volatile(
+            "{\n.reg .b64 pol;\ncreatepolicy.fractional.L2::evict_first.b64 pol, 1.0;\n"
+            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint "
+            "[%0], [%1], %2, [%3], pol;\n}\n" ::"r"(d),
+            "l"(src), "r"(bytes), "r"(b)
+            : "memory");
+    else
+        asm volatile(
+            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, "
+            "[%3];\n" ::"r"(d),
+            "l"(src), "r"(bytes), "r"(b)
+            : "memory");
 #else
     __trap();
 #endif
@@ -329,10 +327,7 @@ __device__ __forceinline__ void moe_bulk_fp8(const bf16* __restrict__ x_in, int 
             const size_t row = GATE_UP ? (size_t)2 * s * N + (lane >= 16 ? N : 0) + r0 + (lane & 15)
                                        : (size_t)s * N + r0 + lane;
             unsigned char* dst = bulk_smem + st * SB + lane * stride;
-            if constexpr (EVICT)
-                bulk_copy_g2s_evict(dst, w + row * K, (uint32_t)K, full + st);
-            else
-                bulk_copy_g2s(dst, w + row * K, (uint32_t)K, full + st);
+            bulk_copy_g2s<EVICT>(dst, w + row * K, (uint32_t)K, full + st);
             if (lane < 2 * nchunk) {
                 const int tl = lane / nchunk, c = lane % nchunk;
                 const size_t m = GATE_UP ? (size_t)2 * s + tl : (size_t)s;
@@ -505,24 +500,15 @@ __device__ __forceinline__ void moe_bulk_fp8(const bf16* __restrict__ x_in, int 
     }
 }
 
-#define BULK_KERNELS(SFX, MODE, EVICT)                                                             \
-    extern "C" __global__ void __launch_bounds__(32 * (BULK_CWARPS + 1), 1)                        \
-        moe_gate_up_bulk_##SFX(const bf16* x, int hidden, const uint8_t* w_gu, const float* s_gu,  \
-                               int inner, const uint32_t* offsets, const uint32_t* active,         \
-                               const uint32_t* sorted, int k_div, bf16* h_out) {                   \
-        moe_bulk_fp8<true, MODE, EVICT>(x, hidden, w_gu, s_gu, inner, offsets, active, sorted,    \
-                                        k_div, h_out, nullptr);                                    \
-    }                                                                                              \
-    extern "C" __global__ void __launch_bounds__(32 * (BULK_CWARPS + 1), 1)                        \
-        moe_down_bulk_##SFX(const bf16* h, int inner, const uint8_t* w_down, const float* s_down,  \
-                            int hidden, const uint32_t* offsets, const uint32_t* active,           \
-                            float* y) {                                                            \
-        moe_bulk_fp8<false, MODE, EVICT>(h, inner, w_down, s_down, hidden, offsets, active,       \
-                                         nullptr, 1, nullptr, y);                                  \
-    }
-BULK_KERNELS(fp8, BULK_BF16, false)
-BULK_KERNELS(fp8h, BULK_F16, true)
-BULK_KERNELS(raw, BULK_RAW, false)
+// The kernel the engine launches (experts.rs `takes_bulk_gate_up`). The other modes, and the
+// down product, are instantiated by scripts/bench/decode_quant.cu, which measures them.
+extern "C" __global__ void __launch_bounds__(32 * (BULK_CWARPS + 1), 1)
+    moe_gate_up_bulk_fp8h(const bf16* x, int hidden, const uint8_t* w_gu, const float* s_gu,
+                          int inner, const uint32_t* offsets, const uint32_t* active,
+                          const uint32_t* sorted, int k_div, bf16* h_out) {
+    moe_bulk_fp8<true, BULK_F16, true>(x, hidden, w_gu, s_gu, inner, offsets, active, sorted,
+                                       k_div, h_out, nullptr);
+}
 
 // ---------------------------------------------------------------------------------------------
 // The copies of a packed weight tile (e4m3 here, INT4 in experts_int4.cu: K_PER_BYTE values a
