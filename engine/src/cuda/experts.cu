@@ -891,6 +891,24 @@ struct MmaBf16 : ScaledValues {
 // row at xr (also at t·16).
 // The MMAs run in k order, pair by pair within a chunk. Shared by the expert kernels below and
 // dense.cu.
+// The ring of loads the walks share: chunks of CK at k_begin … k_end, CS in flight: `load(slot,
+// k)` fills ring slot `slot` with the chunk at k, CS − 1 chunks ahead of `use(slot, k)`; chunk i
+// lives in slot i % CS.
+template <int CS, int CK, typename Load, typename Use>
+__device__ __forceinline__ void ring_walk(int k_begin, int k_end, Load&& load, Use&& use) {
+#pragma unroll
+    for (int i = 0; i < CS - 1; ++i)
+        if (k_begin + i * CK < k_end) load(i, k_begin + i * CK);
+    for (int k = k_begin; k < k_end; k += CS * CK) {
+#pragma unroll
+        for (int i = 0; i < CS; ++i) {
+            const int kk = k + i * CK, kn = kk + (CS - 1) * CK;
+            if (kn < k_end) load((i + CS - 1) % CS, kn);
+            if (kk < k_end) use(i, kk);
+        }
+    }
+}
+
 template <typename W, int NA>
 __device__ __forceinline__ void chunk_walk(const typename W::Elem* const (&w)[2 * NA],
                                            const W (&pol)[2 * NA], const bf16* xr, int k_begin,
@@ -968,57 +986,32 @@ __device__ __forceinline__ void chunk_walk(const typename W::Elem* const (&w)[2 
 #pragma unroll
             for (int v = 0; v < 4; ++v) b[i][v] = ld16(xr + kn + t16 + 8 * v);
         };
+        ring_walk<CS, 128>(k_begin, k_end, load, [&](int i, int kk) {
+            uint4 xv[4];
 #pragma unroll
-        for (int i = 0; i < CS - 1; ++i)
-            if (k_begin + i * 128 < k_end) load(i, k_begin + i * 128);
-        for (int k = k_begin; k < k_end; k += CS * 128) {
+            for (int v = 0; v < 4; ++v) xv[v] = W::PERMUTE_X ? W::permute_x(b[i][v]) : b[i][v];
 #pragma unroll
-            for (int i = 0; i < CS; ++i) {
-                const int kk = k + i * 128, kn = kk + (CS - 1) * 128;
-                if (kn < k_end) load((i + CS - 1) % CS, kn);
-                if (kk < k_end) {
-                    uint4 xv[4];
+            for (int a = 0; a < NA; ++a) {
+                uint4 fa[4], fh[4];
+                pol[2 * a].frags4(r[i][2 * a], kk, fa);
+                pol[2 * a + 1].frags4(r[i][2 * a + 1], kk, fh);
 #pragma unroll
-                    for (int v = 0; v < 4; ++v)
-                        xv[v] = W::PERMUTE_X ? W::permute_x(b[i][v]) : b[i][v];
-#pragma unroll
-                    for (int a = 0; a < NA; ++a) {
-                        uint4 fa[4], fh[4];
-                        pol[2 * a].frags4(r[i][2 * a], kk, fa);
-                        pol[2 * a + 1].frags4(r[i][2 * a + 1], kk, fh);
-#pragma unroll
-                        for (int v = 0; v < 4; ++v)
-                            mma_k32(W::EPILOGUE ? cb[a] : c[a], fa[v], fh[v], xv[v]);
-                    }
-                    group_end(r[i], kk, 128);
-                }
+                for (int v = 0; v < 4; ++v)
+                    mma_k32(W::EPILOGUE ? cb[a] : c[a], fa[v], fh[v], xv[v]);
             }
-        }
+            group_end(r[i], kk, 128);
+        });
     } else {
         typename W::Chunk r[CS][2 * NA];
         uint4 b[CS][2];
+        ring_walk<CS, 64>(
+            k_begin, k_end,
+            [&](int j, int kn) {
 #pragma unroll
-        for (int i = 0; i < CS - 1; ++i) {
-            const int kk = k_begin + i * 64;
-            if (kk < k_end) {
-#pragma unroll
-                for (int q = 0; q < 2 * NA; ++q) r[i][q] = pol[q].load2(w_at<W>(w[q], kk), kk);
-                b[i][0] = ld16(xr + kk), b[i][1] = ld16(xr + kk + 8);
-            }
-        }
-        for (int k = k_begin; k < k_end; k += CS * 64) {
-#pragma unroll
-            for (int i = 0; i < CS; ++i) {
-                const int kk = k + i * 64, kn = kk + (CS - 1) * 64, j = (i + CS - 1) % CS;
-                if (kn < k_end) {
-#pragma unroll
-                    for (int q = 0; q < 2 * NA; ++q)
-                        r[j][q] = pol[q].load2(w_at<W>(w[q], kn), kn);
-                    b[j][0] = ld16(xr + kn), b[j][1] = ld16(xr + kn + 8);
-                }
-                if (kk < k_end) consume(r[i], b[i][0], b[i][1], kk);
-            }
-        }
+                for (int q = 0; q < 2 * NA; ++q) r[j][q] = pol[q].load2(w_at<W>(w[q], kn), kn);
+                b[j][0] = ld16(xr + kn), b[j][1] = ld16(xr + kn + 8);
+            },
+            [&](int i, int kk) { consume(r[i], b[i][0], b[i][1], kk); });
     }
 }
 

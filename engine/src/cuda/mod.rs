@@ -154,6 +154,52 @@ pub fn dense_mma_enabled() -> bool {
 /// tensor-core MMA's token width).
 pub const DENSE_SMALL_MAX_ROWS: usize = 8;
 
+/// Rows up to which dense.cu's kernels take a product with e4m3 weights (`_rows16` / `_rows32`
+/// beyond 8), where the alternative is a dequantisation of the whole weight to bf16 every call
+/// and cuBLAS. bf16 weights keep cuBLAS beyond 8 rows (as fast or faster there).
+pub const DENSE_FP8_KERNEL_ROWS: usize = 32;
+
+/// Rows up to which [`Gpu::dense_small`] takes e4m3 weights by default. H200, V2-Lite with
+/// FP8 experts (docs/BENCHMARKS.md, session 30): a step's dense products alone
+/// (scripts/bench/dense_rows.cu) 16 rows 788 against 1,214 µs, 32 rows 1,063 against 1,231;
+/// decode steps in-process −0.45 ms at batch 12–16 and −0.2 at 24–32, through the mesh (gate
+/// and two workers on the GPU) −0.35 at 16 but +0.8 at 32 with `_rows32` (its one block an SM
+/// holds the SMs the workers' experts share): so 16.
+pub const DENSE_FP8_DEFAULT_ROWS: usize = 16;
+
+/// [`DENSE_FP8_DEFAULT_ROWS`], or what `MOEMESH_DENSE_FP8_ROWS` says (8 … 32; 8: e4m3 weights
+/// take the kernels up to 8 rows only, as before session 30), read once.
+pub fn dense_fp8_max_rows() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("MOEMESH_DENSE_FP8_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(DENSE_FP8_DEFAULT_ROWS, |n: usize| {
+                n.clamp(DENSE_SMALL_MAX_ROWS, DENSE_FP8_KERNEL_ROWS)
+            })
+    })
+}
+
+/// dense.cu's kernel for `t` rows of a product with e4m3 (`fp8`) or bf16 weights (`gate_up`: the
+/// SwiGLU form), up to `fp8_rows` rows for e4m3 ([`dense_fp8_max_rows`]); `None` beyond what the
+/// kernels take.
+fn dense_kernel(fp8: bool, gate_up: bool, t: usize, fp8_rows: usize) -> Option<&'static str> {
+    Some(match (fp8, gate_up, t) {
+        (_, _, 0) => return None,
+        (false, false, 1..=DENSE_SMALL_MAX_ROWS) => "dense_mma_bf16",
+        (false, true, 1..=DENSE_SMALL_MAX_ROWS) => "dense_gate_up_mma_bf16",
+        (false, _, _) => return None,
+        (true, _, _) if t > fp8_rows.min(DENSE_FP8_KERNEL_ROWS) => return None,
+        (true, false, 1..=DENSE_SMALL_MAX_ROWS) => "dense_mma_fp8",
+        (true, true, 1..=DENSE_SMALL_MAX_ROWS) => "dense_gate_up_mma_fp8",
+        (true, false, 9..=16) => "dense_rows16_fp8",
+        (true, true, 9..=16) => "dense_gate_up_rows16_fp8",
+        (true, false, _) => "dense_rows32_fp8",
+        (true, true, _) => "dense_gate_up_rows32_fp8",
+    })
+}
+
 /// Which prefill kernels are on, read once from `MOEMESH_FLASH_PREFILL`: both (default), none
 /// (`0`, the earlier path: attention through materialised scores and a host-built causal mask,
 /// experts one after another beyond [`crate::experts::DENSE_MAX_ROWS`] rows), or one of them
@@ -684,7 +730,8 @@ impl Gpu {
         Ok(Some(out))
     }
 
-    /// `x [T, K] · wᵀ` for a decode step's few rows (bf16 `x`, T ≤ [`DENSE_SMALL_MAX_ROWS`]), with
+    /// `x [T, K] · wᵀ` for a decode step's few rows (bf16 `x`, T ≤ [`DENSE_SMALL_MAX_ROWS`], or ≤
+    /// [`dense_fp8_max_rows`] for e4m3 weights), with
     /// `w [N, K]` as a linear layer stores it (bf16, or e4m3 with block scales) → `[T, N]` bf16 (dense.cu: the weights streamed through the tensor cores, e4m3
     /// dequantised in registers, f32 sums rounded once). With `gate_up`, `w` is an MLP's stacked
     /// `[2·N, K]` gate and up rows and the result is `silu(x·Wgᵀ) ⊙ (x·Wuᵀ)`, `[T, N]`. `None`
@@ -716,35 +763,23 @@ impl Gpu {
         let (t, k) = x.dims2()?;
         let n = y.dim(1)?;
         let grid = ((n / 16) as u32, 1, 1);
+        let fp8 = matches!(w, DenseWeight::Fp8 { .. });
+        let name = dense_kernel(fp8, gate_up, t, dense_fp8_max_rows()).ok_or_else(|| {
+            EngineError::Internal(format!("no dense kernel for {t} rows (fp8: {fp8})"))
+        })?;
         let head = [
             Arg::Ptr(self.ptr(x)?),
             i32_arg(t, "rows")?,
             i32_arg(k, "input width")?,
         ];
         let tail = [i32_arg(n, "output width")?, Arg::Ptr(self.ptr(y)?)];
-        let (name, args): (&str, Vec<Arg>) = match w {
-            DenseWeight::Bf16(w) => (
-                if gate_up {
-                    "dense_gate_up_mma_bf16"
-                } else {
-                    "dense_mma_bf16"
-                },
-                [&head[..], &[Arg::Ptr(self.ptr(w)?)], &tail[..]].concat(),
-            ),
-            DenseWeight::Fp8 { q, scale } => (
-                if gate_up {
-                    "dense_gate_up_mma_fp8"
-                } else {
-                    "dense_mma_fp8"
-                },
-                [
-                    &head[..],
-                    &[Arg::Ptr(self.ptr(q)?), Arg::Ptr(self.ptr(scale)?)],
-                    &tail[..],
-                ]
-                .concat(),
-            ),
+        let weights = match w {
+            DenseWeight::Bf16(w) => vec![Arg::Ptr(self.ptr(w)?)],
+            DenseWeight::Fp8 { q, scale } => {
+                vec![Arg::Ptr(self.ptr(q)?), Arg::Ptr(self.ptr(scale)?)]
+            }
         };
+        let args = [&head[..], &weights[..], &tail[..]].concat();
         self.launch(name, grid, 256, 0, &args)
     }
 
@@ -1005,9 +1040,9 @@ fn dense_small_dims(
     let wt = w.tensor();
     let (wn, wk) = wt.dims2().ok()?;
     let n = if gate_up { wn / 2 } else { wn };
+    let fp8 = matches!(w, DenseWeight::Fp8 { .. });
     let ok = dense_mma_enabled()
-        && t > 0
-        && t <= DENSE_SMALL_MAX_ROWS
+        && dense_kernel(fp8, gate_up, t, dense_fp8_max_rows()).is_some()
         && wk == k
         && k.is_multiple_of(64)
         && n > 0
@@ -1400,6 +1435,51 @@ mod imp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dense_kernels_take_bf16_to_8_rows_and_e4m3_to_32_by_groups() {
+        for gu in [false, true] {
+            let pre = if gu { "dense_gate_up_" } else { "dense_" };
+            let name = |fp8, t, most| dense_kernel(fp8, gu, t, most);
+            assert_eq!(name(false, 0, 32), None);
+            assert_eq!(name(true, 0, 32), None);
+            for t in 1..=8 {
+                assert_eq!(
+                    name(false, t, 32),
+                    Some(format!("{pre}mma_bf16")).as_deref()
+                );
+                assert_eq!(name(true, t, 32), Some(format!("{pre}mma_fp8")).as_deref());
+                assert_eq!(name(true, t, 8), Some(format!("{pre}mma_fp8")).as_deref());
+            }
+            for t in 9..=16 {
+                assert_eq!(
+                    name(false, t, 32),
+                    None,
+                    "bf16 weights: cuBLAS beyond 8 rows"
+                );
+                assert_eq!(
+                    name(true, t, 32),
+                    Some(format!("{pre}rows16_fp8")).as_deref()
+                );
+                assert_eq!(
+                    name(true, t, 8),
+                    None,
+                    "MOEMESH_DENSE_FP8_ROWS=8: as before"
+                );
+            }
+            for t in 17..=32 {
+                assert_eq!(
+                    name(true, t, 32),
+                    Some(format!("{pre}rows32_fp8")).as_deref()
+                );
+                assert_eq!(name(true, t, 16), None);
+            }
+            // Beyond 32 rows (and beyond any setting) e4m3 weights are dequantised for cuBLAS.
+            assert_eq!(name(true, 33, 32), None);
+            assert_eq!(name(true, 33, 64), None);
+            assert_eq!(name(true, 64, usize::MAX), None);
+        }
+    }
 
     #[test]
     fn host_assignments_sort_pairs_by_slot_and_keep_each_rows_order() {

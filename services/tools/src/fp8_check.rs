@@ -38,14 +38,17 @@
 //! products), and the INT4 kernels' relative error ‖Δ‖/‖exact‖ may not exceed the bf16
 //! kernels' (which round every scaled weight to bf16).
 //!
-//! Then the dense projections' FP8 kernel (`dense_small` with an e4m3 weight, dense.cu) against
+//! Then the dense projections' FP8 kernels (`dense_small` with an e4m3 weight, dense.cu) against
 //! the bf16 kernel over the weight dequantised by `fp8_dequant_bf16` (itself checked bit-equal to
-//! `dequantize_matrix`): bit equality, at 1 to 8 rows, plain and gate/up + SwiGLU, at V2-Lite's
-//! shapes and partial-block ones.
+//! `dequantize_matrix`): bit equality, plain and gate/up + SwiGLU, at V2-Lite's shapes and
+//! partial-block ones, at 1 to 8 rows and at 9 to 32 (the `_rows16` / `_rows32` kernels, up to
+//! `MOEMESH_DENSE_FP8_ROWS`), there against the bf16 kernel run on each 8 rows in turn: the walk
+//! feeds every group of 8 the same MMAs in the same order as the 8-row kernel.
 
 use moemesh_engine::cuda::{
-    DenseWeight, DeviceRouting, ExpertQuant, ExpertWeights, Gpu, HostAssignments, HostPairs,
-    Int4Groups, grouped_min_pairs_per_slot, takes_bulk_gate_up, takes_grouped, takes_wide_chunks,
+    DENSE_SMALL_MAX_ROWS, DenseWeight, DeviceRouting, ExpertQuant, ExpertWeights, Gpu,
+    HostAssignments, HostPairs, Int4Groups, dense_fp8_max_rows, grouped_min_pairs_per_slot,
+    takes_bulk_gate_up, takes_grouped, takes_wide_chunks,
 };
 use moemesh_engine::weights::fp8::{dequantize_e4m3, dequantize_matrix, quantize_e4m3};
 use moemesh_engine::weights::int4::Int4Tensor;
@@ -496,8 +499,16 @@ pub fn dense(g: &Gpu, device: &Device, rng: &mut ChaCha8Rng) -> anyhow::Result<V
         (8, 2048, 1408, true),
         (5, 320, 176, false),
         (3, 320, 80, true),
+        (16, 2048, 2816, true),
+        (13, 2048, 3648, false),
+        (24, 2048, 2816, true),
+        (32, 2816, 2048, false),
+        (20, 320, 176, false),
+        (17, 320, 80, true),
     ] {
-        out.push(dense_one(g, device, rng, rows, k, n, gate_up)?);
+        if rows <= dense_fp8_max_rows() {
+            out.push(dense_one(g, device, rng, rows, k, n, gate_up)?);
+        }
     }
     Ok(out)
 }
@@ -526,9 +537,18 @@ fn dense_one(
         .fp8_dequant_bf16(&q, &s)?
         .ok_or_else(|| missing("dequantisation"))?;
     let deq_equal = bits(&deq)? == bits(&dequantize_matrix(&q, &s, DType::BF16)?)?;
-    let reference = g
-        .dense_small(&x, DenseWeight::Bf16(&deq), gate_up)?
-        .ok_or_else(|| missing("bf16 dense"))?;
+    // The bf16 kernel on 8 rows at a time (all of them up to 8).
+    let reference = (0..rows)
+        .step_by(DENSE_SMALL_MAX_ROWS)
+        .map(|r0| {
+            let xs = x
+                .narrow(0, r0, DENSE_SMALL_MAX_ROWS.min(rows - r0))?
+                .contiguous()?;
+            g.dense_small(&xs, DenseWeight::Bf16(&deq), gate_up)?
+                .ok_or_else(|| missing("bf16 dense"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let reference = Tensor::cat(&reference, 0)?;
     let got = g
         .dense_small(&x, DenseWeight::Fp8 { q: &q, scale: &s }, gate_up)?
         .ok_or_else(|| missing("FP8 dense"))?;
