@@ -12,7 +12,8 @@
 //   fp8 cublas+dq   the shared experts in e4m3 with 128 × 128 block scales, dequantised to bf16
 //                   every call (dense.cu's fp8_dequant_bf16) and then cuBLAS (what e4m3 weights
 //                   take beyond 32 rows); the attention projections bf16 through cuBLAS
-//   fp8 rows ngN    the same weights through the walk (attention bf16, shared e4m3)
+//   fp8 rows ngN    the same weights through the walk (attention bf16, shared e4m3); `lb2`:
+//                   registers capped for 2 blocks an SM
 //   fp8 cublas+dq scratch / pieces   the dequantisation into one scratch buffer for every
 //                   product, or in pieces of 1,024 weight rows each multiplied at once (its bf16
 //                   read back from L2)
@@ -87,11 +88,10 @@ struct RowsForm {
         NAME, NG, rows_ng<false, MmaBf16, NG, MINB>, rows_ng<true, MmaBf16, NG, MINB>,       \
             rows_ng<false, MmaFp8, NG, MINB>, rows_ng<true, MmaFp8, NG, MINB>                \
     }
-// 8 groups (64 rows) a block; 4 (dense.cu's `_rows32`); 2 (`_rows16`); the same with registers
-// capped for 2 or 3 blocks an SM (`lbN`).
-static const RowsForm FORMS[] = {FORM("rows ng8", 8, 1),     FORM("rows ng4", 4, 1),
-                                 FORM("rows ng2", 2, 1),     FORM("rows ng8 lb2", 8, 2),
-                                 FORM("rows ng4 lb2", 4, 2), FORM("rows ng2 lb3", 2, 3)};
+// 8 groups (64 rows) a block; 4 (dense.cu's `_rows32`); 2 (`_rows16`); 4 with registers capped
+// for 2 blocks an SM.
+static const RowsForm FORMS[] = {FORM("rows ng8", 8, 1), FORM("rows ng4", 4, 1),
+                                 FORM("rows ng2", 2, 1), FORM("rows ng4 lb2", 4, 2)};
 #undef FORM
 const int NFORMS = sizeof FORMS / sizeof FORMS[0];
 
