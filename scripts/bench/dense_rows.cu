@@ -14,6 +14,8 @@
 //                   take beyond 32 rows); the attention projections bf16 through cuBLAS
 //   fp8 rows ngN    the same weights through the walk (attention bf16, shared e4m3); `lb2`:
 //                   registers capped for 2 blocks an SM
+//   wg s4 / fp8 wg s4   the swap-AB wgmma form below (every product / the shared experts e4m3;
+//                   written in session 30, not yet run on a GPU)
 //   fp8 cublas+dq scratch / pieces   the dequantisation into one scratch buffer for every
 //                   product, or in pieces of 1,024 weight rows each multiplied at once (its bf16
 //                   read back from L2)
@@ -94,6 +96,134 @@ static const RowsForm FORMS[] = {FORM("rows ng8", 8, 1), FORM("rows ng4", 4, 1),
                                  FORM("rows ng2", 2, 1), FORM("rows ng4 lb2", 4, 2)};
 #undef FORM
 const int NFORMS = sizeof FORMS / sizeof FORMS[0];
+
+// ---------------------------------------------------------------------------------------------
+// `wg`: a swap-AB wgmma form (written in session 30, NOT YET RUN ON A GPU: its check against
+// cuBLAS below is the first thing to look at). A warpgroup computes 64 weight rows × 64 tokens:
+// the weights are wgmma's A operand from registers (each warp's 16 rows loaded and converted as
+// dense_mma's walk does, lane t's 16 consecutive values of a 64-wide chunk), the activations
+// its B operand from shared memory (K-major, 128-byte swizzle), staged once per block for its k
+// slice with the walk's k permutation (MMA k 2t, 2t+1, 2t+8, 2t+9 of step j ↔ memory
+// 16t + 4j + 0, 1, 2, 3), so neither the tokens' fragments nor their loads cost registers. The
+// k range is split over a cluster of WG_S blocks (grid x) and the f32 sums added in rank order
+// over distributed shared memory; GU: warps 0–1 hold 32 gate rows, warps 2–3 the same 32 up
+// rows, and the SwiGLU is applied in the sum. Rows ≤ 64 (padding tokens are zeros).
+#define WG_S 4
+#define WG_T 64
+
+// d[32] += A[64 × 16] (registers: rows 16·warp + g, + 8; k 2t, 2t + 1, 2t + 8, 2t + 9) ·
+// B[64 × 16]ᵀ (shared memory descriptor).
+__device__ __forceinline__ void wg_m64n64k16_ra(float d[32], uint32_t a0, uint32_t a1,
+                                                uint32_t a2, uint32_t a3, uint64_t db) {
+#ifdef MOEMESH_WGMMA
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, "
+        "1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(db), "r"(1));
+#else
+    __trap();
+#endif
+}
+
+template <bool GU, typename W>
+__global__ void __cluster_dims__(WG_S, 1, 1) __launch_bounds__(128)
+    wg_rows(const bf16* x, int rows, int K, const typename W::Elem* w, const float* scales,
+            int N, bf16* y) {
+    static_assert(W::CHUNK_K == 64 && !W::EPILOGUE && !W::PERMUTE_X && !W::OWN_WALK, "walk");
+    constexpr int CS = 4;  // weight chunks in flight (even: the A buffers alternate)
+    extern __shared__ unsigned char wg_rows_smem[];
+    bf16* xs = reinterpret_cast<bf16*>(
+        (reinterpret_cast<uintptr_t>(wg_rows_smem) + 1023) & ~static_cast<uintptr_t>(1023));
+    float* part = reinterpret_cast<float*>(xs);  // [WG_T tokens][64 tile rows], after the MMAs
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int rank = blockIdx.x;
+    const int n = min(rows, WG_T);
+    const int ks = K / WG_S, k0 = rank * ks, chunks = ks / 64;
+    // The activations' slice: chunk c a [64 tokens × 64 k] tile; tile row r's 16-byte logical
+    // chunk lc (k step j = lc / 2, half = lc % 2) at physical chunk lc ^ (r & 7); its word u
+    // (MMA k 8·half + 2u, + 1) the values at memory k 16u + 4j + 2·half, + 1.
+    for (int i = tid; i < chunks * WG_T * 8; i += 128) {
+        const int c = i / (WG_T * 8), r = (i / 8) % WG_T, lc = i % 8;
+        const int j = lc >> 1, half = lc & 1;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (r < n) {
+            const bf16* xr = x + (size_t)r * K + k0 + c * 64 + 4 * j + 2 * half;
+            v.x = *reinterpret_cast<const uint32_t*>(xr);
+            v.y = *reinterpret_cast<const uint32_t*>(xr + 16);
+            v.z = *reinterpret_cast<const uint32_t*>(xr + 32);
+            v.w = *reinterpret_cast<const uint32_t*>(xr + 48);
+        }
+        *reinterpret_cast<uint4*>(xs + c * WG_T * 64 + r * 64 + ((lc ^ (r & 7)) << 3)) = v;
+    }
+    // The warp's 16 weight rows (tile rows 16·warp …): GU, warps 0–1 gate rows j0 + 16·warp …,
+    // warps 2–3 the up rows N + j0 + 16·(warp − 2) ….
+    const int j0 = blockIdx.y * (GU ? 32 : 64);
+    const int wrow = GU ? (warp < 2 ? j0 + 16 * warp : N + j0 + 16 * (warp - 2)) : j0 + 16 * warp;
+    const int wrows = GU ? 2 * N : N;
+    typedef typename W::Elem E;
+    const QuantArgs qa{scales, nullptr, 0};
+    const E* wp[2] = {w_at<W>(w, (size_t)(wrow + g) * K + t * 16),
+                      w_at<W>(w, (size_t)(wrow + g + 8) * K + t * 16)};
+    const W pol[2] = {W::at(qa, 0, wrows, wrow + g, K), W::at(qa, 0, wrows, wrow + g + 8, K)};
+    float acc[32];
+#pragma unroll
+    for (int e = 0; e < 32; ++e) acc[e] = 0.f;
+    typename W::Chunk r[CS][2];
+    uint4 fa[2][2], fh[2][2];  // A of two chunks: rows g (lo, hi) and g + 8
+    fence_proxy_async();       // the staged activations, for the tensor cores' async proxy
+    __syncthreads();
+    ring_walk<CS, 64>(
+        k0, k0 + ks,
+        [&](int sl, int kn) {
+#pragma unroll
+            for (int q = 0; q < 2; ++q) r[sl][q] = pol[q].load2(w_at<W>(wp[q], kn), kn);
+        },
+        [&](int i, int kk) {
+            const int b = i & 1;
+            pol[0].frags2(r[i][0], kk, fa[b][0], fa[b][1]);
+            pol[1].frags2(r[i][1], kk, fh[b][0], fh[b][1]);
+            const bf16* tile = xs + ((kk - k0) / 64) * WG_T * 64;
+            wg_fence();
+            wg_m64n64k16_ra(acc, fa[b][0].x, fh[b][0].x, fa[b][0].y, fh[b][0].y, wg_desc(tile));
+            wg_m64n64k16_ra(acc, fa[b][0].z, fh[b][0].z, fa[b][0].w, fh[b][0].w,
+                            wg_desc(tile + 16));
+            wg_m64n64k16_ra(acc, fa[b][1].x, fh[b][1].x, fa[b][1].y, fh[b][1].y,
+                            wg_desc(tile + 32));
+            wg_m64n64k16_ra(acc, fa[b][1].z, fh[b][1].z, fa[b][1].w, fh[b][1].w,
+                            wg_desc(tile + 48));
+            wg_commit();
+            wg_wait<1>();  // the chunk before has retired: its A buffer may be written
+        });
+    wg_wait<0>();
+    __syncthreads();  // every wgmma has read the activations: the sums go over them
+    // d[4c + e]: tile row 16·warp + g + 8·(e / 2), token 8c + 2t + e % 2.
+#pragma unroll
+    for (int e = 0; e < 32; ++e) {
+        const int row = 16 * warp + g + 8 * ((e >> 1) & 1), tok = 8 * (e >> 2) + 2 * t + (e & 1);
+        part[tok * 64 + row] = acc[e];
+    }
+    sample_cg::cluster_group cl = sample_cg::this_cluster();
+    cl.sync();
+    // Tokens rank, rank + S, … of the tile's columns, over the cluster's blocks in rank order.
+    constexpr int COLS = GU ? 32 : 64;
+    for (int i = tid; i < ((WG_T - rank + WG_S - 1) / WG_S) * COLS; i += 128) {
+        const int tok = rank + WG_S * (i / COLS), col = i % COLS;
+        if (tok < n) {
+            float s = 0.f, su = 0.f;
+#pragma unroll
+            for (int q = 0; q < WG_S; ++q) {
+                const float* pq = cl.map_shared_rank(part, (unsigned)q) + tok * 64;
+                s += pq[col];
+                if (GU) su += pq[32 + col];
+            }
+            y[(size_t)tok * N + j0 + col] = __float2bfloat16(GU ? silu(s) * su : s);
+        }
+    }
+    cl.sync();  // no block leaves while another reads its sums
+}
 
 struct Proj {
     int N, K;  // output width (gate/up: each half's), input width
@@ -181,6 +311,9 @@ int main(int argc, char** argv) {
     // Modes: 0 cublas; 1 … NFORMS the `_rows` walk in FORMS' shapes; then the same with the
     // shared experts in e4m3 (cuBLAS after a dequantisation, and the forms).
 
+    for (auto k : {(const void*)wg_rows<false, MmaBf16>, (const void*)wg_rows<true, MmaBf16>,
+                   (const void*)wg_rows<false, MmaFp8>, (const void*)wg_rows<true, MmaFp8>})
+        CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, 100 * 1024));
     int bad = 0;
     for (int T : rows_list) {
         printf("rows %d: %zu products; %.1f MB of weights a replay (bf16), %.1f MB (shared "
@@ -189,20 +322,23 @@ int main(int argc, char** argv) {
         printf("%-18s %10s %10s %8s %s\n", "variant", "us/replay", "us/layer", "GB/s", "check");
         std::vector<bf16> ref[2];
         // The fp8 modes add two: the dequantisation into one scratch, and in pieces.
-        const int PER = 1 + NFORMS, NM = 2 * PER + 2;
+        // Per set (bf16, fp8): cuBLAS, FORMS, then `wg` (the last form).
+        const int PER = 2 + NFORMS, NM = 2 * PER + 2;
         for (int m = 0; m < NM; ++m) {
             const int form = m < 2 * PER ? m % PER : 0;
             const bool fp8_mode = m >= PER;
             const int dq = m < 2 * PER ? 0 : m - 2 * PER + 1;  // 1 scratch, 2 pieces
-            const RowsForm* rf = form > 0 ? &FORMS[form - 1] : nullptr;
-            if (rf && T > 64) continue;
+            const bool wg = form == NFORMS + 1;
+            const RowsForm* rf = form > 0 && !wg ? &FORMS[form - 1] : nullptr;
+            if ((rf || wg) && T > 64) continue;
             char name[64];
             snprintf(name, sizeof name, "%s%s", fp8_mode ? "fp8 " : "",
-                     rf ? rf->name
-                        : !fp8_mode ? "cublas"
-                        : dq == 0   ? "cublas+dq"
-                        : dq == 1   ? "cublas+dq scratch"
-                                    : "cublas+dq pieces");
+                     wg          ? "wg s4"
+                     : rf        ? rf->name
+                     : !fp8_mode ? "cublas"
+                     : dq == 0   ? "cublas+dq"
+                     : dq == 1   ? "cublas+dq scratch"
+                                 : "cublas+dq pieces");
             CK(cudaMemset(outs, 0, chain.size() * ostride * 2));
             const float ms = graph_median_ms([&](cudaStream_t st) {
                 for (size_t i = 0; i < chain.size(); ++i) {
@@ -211,7 +347,21 @@ int main(int argc, char** argv) {
                     bf16* y = outs + i * ostride;
                     const bool fp8 = fp8_mode && p.shared;
                     const int wrows = (p.gu ? 2 : 1) * p.N;
-                    if (rf) {
+                    if (wg) {
+                        const dim3 grid(WG_S, p.N / (p.gu ? 32 : 64));
+                        const int smem = p.K / WG_S * 128 + 1024;
+                        if (fp8) {
+                            if (p.gu)
+                                wg_rows<true, MmaFp8><<<grid, 128, smem, st>>>(x, T, p.K, p.q, p.s, p.N, y);
+                            else
+                                wg_rows<false, MmaFp8><<<grid, 128, smem, st>>>(x, T, p.K, p.q, p.s, p.N, y);
+                        } else {
+                            if (p.gu)
+                                wg_rows<true, MmaBf16><<<grid, 128, smem, st>>>(x, T, p.K, p.w, nullptr, p.N, y);
+                            else
+                                wg_rows<false, MmaBf16><<<grid, 128, smem, st>>>(x, T, p.K, p.w, nullptr, p.N, y);
+                        }
+                    } else if (rf) {
                         const dim3 grid(p.N / 16, (T + 8 * rf->ng - 1) / (8 * rf->ng));
                         const int B = DENSE_WARPS * 32;
                         if (fp8)
@@ -253,7 +403,7 @@ int main(int argc, char** argv) {
             std::vector<bf16> got(chain.size() * ostride);
             CK(cudaMemcpy(got.data(), outs, got.size() * 2, cudaMemcpyDeviceToHost));
             char check[96] = "(reference)";
-            if (rf || dq) {
+            if (rf || wg || dq) {
                 const double e = rel_l2(got, ref[fp8_mode]);
                 const bool ok = e <= 1e-2;
                 snprintf(check, sizeof check, "rel L2 %.2e against %s%s", e,
