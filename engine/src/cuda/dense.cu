@@ -1,6 +1,6 @@
 // Decode-sized dense projections on the tensor cores: `y[t, n] = x[t]·W[n]` for a decode step's
-// few rows (at most 8: the MMA's token width), W `[N, K]` bf16 as a checkpoint stores a linear
-// layer. cuBLAS runs these shapes (one to a few rows against megabytes of weights) at about half
+// few rows (at most 8: the MMA's token width; e4m3 weights also 9 … 32 as groups of 8, the
+// `_rows16` / `_rows32` kernels below), W `[N, K]` bf16 as a checkpoint stores a linear layer. cuBLAS runs these shapes (one to a few rows against megabytes of weights) at about half
 // the memory's speed and adds a split-K reduction or a SwiGLU kernel; this streams the weights
 // much as experts.cu's moe_gate_up_mma / moe_down_mma do (16-byte streaming loads, several k
 // chunks in flight, mma.sync m16n8k16 with f32 sums; its helpers: included after experts.cu).

@@ -743,30 +743,20 @@ impl Gpu {
         w: DenseWeight<'_>,
         gate_up: bool,
     ) -> Result<Option<Tensor>> {
-        let Some((t, n)) = dense_small_shape(x, w, gate_up) else {
+        let Some(DenseShape { rows: t, n, kernel }) = dense_small_shape(x, w, gate_up) else {
             return Ok(None);
         };
         let y = self.alloc(DType::BF16, &[t, n])?;
-        self.launch_dense(x, w, gate_up, &y)?;
+        self.launch_dense(x, w, kernel, &y)?;
         Ok(Some(y))
     }
 
-    /// Queues dense.cu's kernel for `x · wᵀ` (or the SwiGLU form) into `y`, whose shape
-    /// [`dense_small_shape`] gave.
-    fn launch_dense(
-        &self,
-        x: &Tensor,
-        w: DenseWeight<'_>,
-        gate_up: bool,
-        y: &Tensor,
-    ) -> Result<()> {
+    /// Queues dense.cu's `kernel` for `x · wᵀ` (or the SwiGLU form) into `y`, as
+    /// [`dense_small_shape`] chose them.
+    fn launch_dense(&self, x: &Tensor, w: DenseWeight<'_>, kernel: &str, y: &Tensor) -> Result<()> {
         let (t, k) = x.dims2()?;
         let n = y.dim(1)?;
         let grid = ((n / 16) as u32, 1, 1);
-        let fp8 = matches!(w, DenseWeight::Fp8 { .. });
-        let name = dense_kernel(fp8, gate_up, t, dense_fp8_max_rows()).ok_or_else(|| {
-            EngineError::Internal(format!("no dense kernel for {t} rows (fp8: {fp8})"))
-        })?;
         let head = [
             Arg::Ptr(self.ptr(x)?),
             i32_arg(t, "rows")?,
@@ -780,7 +770,7 @@ impl Gpu {
             }
         };
         let args = [&head[..], &weights[..], &tail[..]].concat();
-        self.launch(name, grid, 256, 0, &args)
+        self.launch(kernel, grid, 256, 0, &args)
     }
 
     /// An e4m3 weight `q [R, C]` with its block scales `[⌈R/128⌉, ⌈C/128⌉]` dequantised to bf16
@@ -1018,9 +1008,17 @@ impl DenseWeight<'_> {
     }
 }
 
-/// `(rows, output width)` where [`Gpu::dense_small`] takes `x · wᵀ` (`gate_up`: the SwiGLU form
-/// over a stacked weight), `None` where it does not.
-fn dense_small_shape(x: &Tensor, w: DenseWeight<'_>, gate_up: bool) -> Option<(usize, usize)> {
+/// What [`Gpu::dense_small`] launches for a product: its rows, output width and dense.cu kernel.
+#[derive(Debug, Clone, Copy)]
+struct DenseShape {
+    rows: usize,
+    n: usize,
+    kernel: &'static str,
+}
+
+/// Where [`Gpu::dense_small`] takes `x · wᵀ` (`gate_up`: the SwiGLU form over a stacked weight),
+/// `None` where it does not.
+fn dense_small_shape(x: &Tensor, w: DenseWeight<'_>, gate_up: bool) -> Option<DenseShape> {
     let (t, k) = x.dims2().ok()?;
     let bf16_rows = |a: &Tensor| a.dtype() == DType::BF16 && a.is_contiguous() && aligned16(a);
     if !bf16_rows(x) {
@@ -1031,18 +1029,13 @@ fn dense_small_shape(x: &Tensor, w: DenseWeight<'_>, gate_up: bool) -> Option<(u
 
 /// [`dense_small_shape`] for an input of `t` contiguous bf16 rows of width `k` (a fresh
 /// allocation, so aligned).
-fn dense_small_dims(
-    t: usize,
-    k: usize,
-    w: DenseWeight<'_>,
-    gate_up: bool,
-) -> Option<(usize, usize)> {
+fn dense_small_dims(t: usize, k: usize, w: DenseWeight<'_>, gate_up: bool) -> Option<DenseShape> {
     let wt = w.tensor();
     let (wn, wk) = wt.dims2().ok()?;
     let n = if gate_up { wn / 2 } else { wn };
     let fp8 = matches!(w, DenseWeight::Fp8 { .. });
+    let kernel = dense_kernel(fp8, gate_up, t, dense_fp8_max_rows())?;
     let ok = dense_mma_enabled()
-        && dense_kernel(fp8, gate_up, t, dense_fp8_max_rows()).is_some()
         && wk == k
         && k.is_multiple_of(64)
         && n > 0
@@ -1051,7 +1044,7 @@ fn dense_small_dims(
         && w.well_formed()
         && wt.is_contiguous()
         && aligned16(wt);
-    ok.then_some((t, n))
+    ok.then_some(DenseShape { rows: t, n, kernel })
 }
 
 /// A captured piece of the device's work (a decode step, [`crate::graphs`]), replayed with the
