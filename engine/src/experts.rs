@@ -84,6 +84,20 @@ pub trait Experts: Send + Sync {
         Ok(None)
     }
 
+    /// For an MoE layer routed on the GPU: the hand-off of its rows `x` and of its routing (`k`
+    /// experts a token) to the processes that compute it, for the routing launch itself to do
+    /// ([`crate::cuda::RouteHandoff`]: no launch of its own between the router and the
+    /// workers), or `None`, the default, when `dispatch_device` hands them off itself (it also
+    /// does when the routing came back with `handed_off` false).
+    fn route_handoff(
+        &self,
+        _layer: usize,
+        _x: &Tensor,
+        _k: usize,
+    ) -> Result<Option<crate::cuda::RouteHandoff>> {
+        Ok(None)
+    }
+
     /// Called once per forward pass, after its last layer and before it commits anything to
     /// the caches (also when a layer failed). An implementation whose results may still be
     /// arriving on the device (the gate's device-ordered expert calls) waits for them here and

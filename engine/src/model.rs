@@ -149,16 +149,24 @@ impl DecoderLayer {
         };
         let work = match &self.mlp {
             FeedForward::Dense(mlp) => Work::Done(mlp.forward(&x)?),
-            FeedForward::Moe(moe) => match moe.router.route_device(&xf)? {
-                Some(routing) => match experts.dispatch_device(self.index, &x, &routing)? {
-                    Some(pending) => Work::Routed(pending),
-                    None => Work::Routed(experts.dispatch(self.index, &x, &routing.to_host()?)?),
-                },
-                None => {
-                    let routing = moe.router.route(&xf)?;
-                    Work::Routed(experts.dispatch(self.index, &x, &routing)?)
+            FeedForward::Moe(moe) => {
+                let handoff = match crate::cuda::gpu(xf.device()) {
+                    Some(_) => experts.route_handoff(self.index, &x, moe.router.top_k())?,
+                    None => None,
+                };
+                match moe.router.route_device(&xf, handoff.as_ref())? {
+                    Some(routing) => match experts.dispatch_device(self.index, &x, &routing)? {
+                        Some(pending) => Work::Routed(pending),
+                        None => {
+                            Work::Routed(experts.dispatch(self.index, &x, &routing.to_host()?)?)
+                        }
+                    },
+                    None => {
+                        let routing = moe.router.route(&xf)?;
+                        Work::Routed(experts.dispatch(self.index, &x, &routing)?)
+                    }
                 }
-            },
+            }
         };
         crate::cuda::trace_mark(h.h.device(), "dispatched");
         Ok(FfnInFlight {

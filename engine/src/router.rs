@@ -186,10 +186,21 @@ impl Router {
         })
     }
 
+    /// Experts a token is routed to.
+    pub fn top_k(&self) -> usize {
+        self.top_k
+    }
+
     /// Routes on the GPU with the routing kernel (same rules, same tie-breaking as
     /// [`route_token`](Self::route_token)): the result stays on the device, so the in-process
-    /// experts need no host round trip. `None` off the GPU.
-    pub fn route_device(&self, x: &Tensor) -> Result<Option<crate::cuda::DeviceRouting>> {
+    /// experts need no host round trip. `None` off the GPU. `handoff`: the rows and routing
+    /// to hand to expert workers in the same launch where the fused kernel runs
+    /// ([`crate::cuda::RouteHandoff`]; the routing's `handed_off` says whether it did).
+    pub fn route_device(
+        &self,
+        x: &Tensor,
+        handoff: Option<&crate::cuda::RouteHandoff>,
+    ) -> Result<Option<crate::cuda::DeviceRouting>> {
         let Some(g) = crate::cuda::gpu(x.device()) else {
             return Ok(None);
         };
@@ -219,7 +230,8 @@ impl Router {
             .transpose()?;
         if let Some(counter) = &self.counter
             && xf.dim(0)? <= FUSED_ROUTE_MAX_TOKENS
-            && let Some(routing) = g.route_logits(&xf, &weight, skew.as_ref(), counter, &params)?
+            && let Some(routing) =
+                g.route_logits(&xf, &weight, skew.as_ref(), counter, &params, handoff)?
         {
             return Ok(Some(routing));
         }

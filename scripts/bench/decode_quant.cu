@@ -575,6 +575,64 @@ __global__ void __launch_bounds__(32 * (BULK_CWARPS + 1), 1)
     moe_bulk_fp8<false, MODE, EVICT>(h, inner, w_down, s_down, hidden, offsets, active, nullptr,
                                      1, nullptr, y);
 }
+// The down product with TILES tiles of 16 rows a block and the k chunks split over KP warps a
+// tile (experts.cu's down_mma: TILES 2, KP 2), the KP partial sums added in warp order through
+// shared memory. Needs inner % W::CHUNK_K == 0 (V2-Lite's 1,408 = 11 · 128). Session 31: is the
+// down walk (2.7 TB/s at b64) bound by its bytes in flight a block, or by blocks too short?
+template <typename W, int TILES, int KP>
+__global__ void __launch_bounds__(32 * TILES * KP)
+    dn_kp(const bf16* h, int inner, const typename W::Elem* w_down, QuantArgs qa, int hidden,
+          const uint32_t* offsets, const uint32_t* active, float* y) {
+    __shared__ float other[TILES][KP][32][4];
+    const int s = active_slot(active);
+    if (s < 0) return;
+    const uint32_t beg = offsets[s], end = offsets[s + 1];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int tile = warp / KP, kp = warp % KP;
+    const int g = lane >> 2, t = lane & 3;
+    const int r0 = (blockIdx.x * TILES + tile) * 16;
+    const bool valid = r0 < hidden;
+    const int rc = valid ? r0 : 0;
+    const typename W::Elem* w0 = w_at<W>(w_down, ((size_t)s * hidden + rc + g) * inner + t * 16);
+    const typename W::Elem* w1 = w_at<W>(w0, (size_t)8 * inner);
+    const int nch = inner / W::CHUNK_K;
+    const int k_begin = (kp * nch / KP) * W::CHUNK_K, k_end = ((kp + 1) * nch / KP) * W::CHUNK_K;
+    const typename W::Elem* const rows[2] = {w0, w1};
+    const W pols[2] = {W::at(qa, (size_t)s, hidden, rc + g, inner),
+                       W::at(qa, (size_t)s, hidden, rc + g + 8, inner)};
+    for (uint32_t g0 = beg; g0 < end; g0 += 8) {
+        const int n = min((int)(end - g0), 8);
+        const bf16* hr = h + (size_t)(g0 + min(g, n - 1)) * inner + t * 16;
+        float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
+        if (valid) chunk_walk<W, 1>(rows, pols, hr, k_begin, k_end, acc);
+        if (kp > 0) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) other[tile][kp][lane][e] = acc[0][e];
+        }
+        __syncthreads();
+        if (kp == 0 && valid) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float c = acc[0][e];
+#pragma unroll
+                for (int q = 1; q < KP; ++q) c += other[tile][q][lane][e];
+                const int tok = 2 * t + (e & 1), row = g + (e >> 1) * 8;
+                if (tok < n) y[(size_t)(g0 + tok) * hidden + r0 + row] = c;
+            }
+        }
+        __syncthreads();
+    }
+}
+// The engine's gate/up (moe_gate_up_bulk_fp8h) with dn_kp<W, TILES, KP> for the down product.
+template <typename W, int TILES, int KP>
+static void run_bulk_kp(cudaStream_t st, const Layer& L, int gy, const bf16* x, int hidden,
+                        int inner, const uint32_t* off, const uint32_t* act,
+                        const uint32_t* sorted, int k, bf16* h, float* y) {
+    moe_gate_up_bulk_fp8h<<<g_sms, 32 * (BULK_CWARPS + 1), BULK_SMEM, st>>>(
+        x, hidden, (const uint8_t*)L.gu, L.qgu.scales, inner, off, act, sorted, k, h);
+    dn_kp<W, TILES, KP><<<dim3(hidden / (16 * TILES), gy), 32 * TILES * KP, 0, st>>>(
+        h, inner, (const uint8_t*)L.dn, L.qdn, hidden, off, act, y);
+}
 typedef void (*DnBulk)(const bf16*, int, const uint8_t*, const float*, int, const uint32_t*,
                        const uint32_t*, float*);
 static const Variant VARIANTS[] = {
@@ -625,6 +683,16 @@ static const Variant VARIANTS[] = {
     {"gu only: bulk raw", FP8, -3, true, run_gu_only<gu_bulk<BULK_RAW, false>, true>},
     {"gu only: bulk copies", FP8, -3, true, run_gu_only<gu_bulk<BULK_COPY, true>, true>},
     {"gu only: bulk copies no hint", FP8, -3, true, run_gu_only<gu_bulk<BULK_COPY, false>, true>},
+    {"dn t2k2 ", FP8, 12, false, run_bulk_kp<MmaFp8Wide, 2, 2>, 1e-2},
+    {"dn t2k4 ", FP8, 12, false, run_bulk_kp<MmaFp8Wide, 2, 4>, 1e-2},
+    {"dn t1k4 ", FP8, 12, false, run_bulk_kp<MmaFp8Wide, 1, 4>, 1e-2},
+    {"dn t1k2 ", FP8, 12, false, run_bulk_kp<MmaFp8Wide, 1, 2>, 1e-2},
+    {"dn t4k2 ", FP8, 12, false, run_bulk_kp<MmaFp8Wide, 4, 2>, 1e-2},
+    {"dn t1k8 ", FP8, 12, false, run_bulk_kp<MmaFp8Wide, 1, 8>, 1e-2},
+    {"dn t2k2 cs3", FP8, 12, false, run_bulk_kp<Stages<MmaFp8Wide, 3>, 2, 2>, 1e-2},
+    {"dn t2k2 cs4", FP8, 12, false, run_bulk_kp<Stages<MmaFp8Wide, 4>, 2, 2>, 1e-2},
+    {"dn t1k4 cs3", FP8, 12, false, run_bulk_kp<Stages<MmaFp8Wide, 3>, 1, 4>, 1e-2},
+    {"dn t2k4 cs3", FP8, 12, false, run_bulk_kp<Stages<MmaFp8Wide, 3>, 2, 4>, 1e-2},
     {"no-op    ", BF16, -2, true, run_empty},
 };
 static const int N_VARIANTS = sizeof(VARIANTS) / sizeof(VARIANTS[0]);

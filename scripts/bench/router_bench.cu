@@ -23,6 +23,13 @@
 #include "../../engine/src/cuda/kernels.cu"
 #include "bench_common.cuh"
 
+// The routing launch's hand-off arguments (experts.cu's ROUTE_HANDOFF_ARGS) with none: a
+// router alone, as in-process.
+#define NO_HANDOFF                                                                              \
+    nullptr, 0, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,        \
+        nullptr, nullptr, nullptr, nullptr, 0, nullptr, nullptr, nullptr, nullptr, nullptr, 0, \
+        0, 0, 0, 0, nullptr
+
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -266,7 +273,7 @@ int main() {
                                 moe_route_logits<<<R.experts, ROUTE_WARPS * 32, 0, st>>>(
                                     x, T, R.hidden, w[l], nullptr, lg, counter + l, R.experts,
                                     bias, R.scoring, R.method, R.k, R.n_group, R.topk_group,
-                                    R.normalise, 0, 1.f, ids_f + o, wts_f + o);
+                                    R.normalise, 0, 1.f, ids_f + o, wts_f + o, NO_HANDOFF);
                             else if (v == 1)
                                 fused_arr<<<R.experts, ROUTE_WARPS * 32, 0, st>>>(
                                     x, T, R.hidden, w[l], lg, counter + l, R.experts, bias,
@@ -278,7 +285,7 @@ int main() {
                                 moe_route_logits<<<R.experts, ROUTE_WARPS * 32, 0, st>>>(
                                     x, T, R.hidden, w[l], nullptr, lg, never + l, R.experts,
                                     bias, R.scoring, R.method, R.k, R.n_group, R.topk_group,
-                                    R.normalise, 0, 1.f, ids_n + o, wts_n + o);
+                                    R.normalise, 0, 1.f, ids_n + o, wts_n + o, NO_HANDOFF);
                             else if (v == 3)
                                 moe_route<<<(T + ROUTE_WARPS - 1) / ROUTE_WARPS,
                                             ROUTE_WARPS * 32, 0, st>>>(
@@ -288,7 +295,7 @@ int main() {
                                 moe_route_logits_e64<<<R.experts, ROUTE_WARPS * 32, 0, st>>>(
                                     x, T, R.hidden, w[l], nullptr, lg, counter + l, R.experts,
                                     bias, R.scoring, R.method, R.k, R.n_group, R.topk_group,
-                                    R.normalise, 0, 1.f, ids_k + o, wts_k + o);
+                                    R.normalise, 0, 1.f, ids_k + o, wts_k + o, NO_HANDOFF);
                             else if (v == 4)
                                 fused_rank<8><<<R.experts, ROUTE_WARPS * 32, 0, st>>>(
                                     x, T, R.hidden, w[l], lg, counter + l, R.experts, bias,

@@ -275,6 +275,54 @@ extern "C" __global__ void moe_route_e64(ROUTE_ARGS) { route_tokens<2>(ROUTE_PAS
 #undef ROUTE_ARGS
 #undef ROUTE_PASS
 
+// Stores table[i_j] to flag word j (the first n of four), released at system scope: the flag
+// values of a CUDA graph's run, read when the kernel runs.
+__device__ __forceinline__ void store_from_table(uint32_t* w0, uint32_t* w1, uint32_t* w2,
+                                                 uint32_t* w3, const uint32_t* table, int i0,
+                                                 int i1, int i2, int i3, int n) {
+    uint32_t* words[4] = {w0, w1, w2, w3};
+    const int at[4] = {i0, i1, i2, i3};
+    for (int j = 0; j < n && j < 4; ++j) {
+        const uint32_t v = table[at[j]];
+        asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(words[j]), "r"(v) : "memory");
+    }
+}
+
+// A mesh's decode graph: the hand-off of an MoE layer's rows and routing to its expert workers'
+// slots, done by the routing launch (route_logits) instead of a copy_batch_signal launch after
+// it (the gate's `route` fold, services/gate's RemoteExperts::route_handoff). Each block copies
+// its share of `rows` (the rows in the workers' dtype, `row_words` u32) into every slot's x and
+// fences at system scope before it counts itself; the last block, once it has routed, copies
+// the ids and weights into every slot, fences, stores the `ready` words from the table (as
+// copy_batch_signal's last block does), then adds the ids to `counts` (the gate's expert load;
+// null: none). `slots` 0: no hand-off.
+struct RouteHandoff {
+    const uint32_t* rows;
+    int row_words;
+    uint32_t* x[4];
+    uint32_t* ids[4];
+    uint32_t* weights[4];
+    int slots;
+    uint32_t* words[4];
+    const uint32_t* table;
+    int at[4];
+    int n_words;
+    uint32_t* counts;
+};
+#define ROUTE_HANDOFF_ARGS                                                                      \
+    const uint32_t *ho_rows, int ho_row_words, uint32_t *ho_x0, uint32_t *ho_x1,                \
+        uint32_t *ho_x2, uint32_t *ho_x3, uint32_t *ho_i0, uint32_t *ho_i1, uint32_t *ho_i2,    \
+        uint32_t *ho_i3, uint32_t *ho_w0, uint32_t *ho_w1, uint32_t *ho_w2, uint32_t *ho_w3,    \
+        int ho_slots, uint32_t *ho_f0, uint32_t *ho_f1, uint32_t *ho_f2, uint32_t *ho_f3,       \
+        const uint32_t *ho_table, int ho_a0, int ho_a1, int ho_a2, int ho_a3, int ho_words,     \
+        uint32_t *ho_counts
+#define ROUTE_HANDOFF_MAKE                                                                      \
+    RouteHandoff {                                                                              \
+        ho_rows, ho_row_words, {ho_x0, ho_x1, ho_x2, ho_x3}, {ho_i0, ho_i1, ho_i2, ho_i3},      \
+            {ho_w0, ho_w1, ho_w2, ho_w3}, ho_slots, {ho_f0, ho_f1, ho_f2, ho_f3}, ho_table,     \
+            {ho_a0, ho_a1, ho_a2, ho_a3}, ho_words, ho_counts                                   \
+    }
+
 // Router logits and routing in one launch, for a few tokens (a decode step): block b computes
 // the logits of experts b·ROUTE_WARPS … b·ROUTE_WARPS + 3 for every token (a warp an expert:
 // lanes over the row in float4s, then a warp sum; plus `skew[e]` when not null) into `logits`;
@@ -291,7 +339,8 @@ __device__ __forceinline__ void route_logits(const float* x, int tokens, int hid
                                              const float* bias, int scoring, int method, int k,
                                              int n_group, int topk_group, int normalise,
                                              int scale_weights, float scaling, uint32_t* ids,
-                                             float* weights) {
+                                             float* weights,
+                                             const RouteHandoff& ho = RouteHandoff{}) {
     __shared__ float choice_s[ROUTE_WARPS][ROUTE_MAX_M * 32];
     __shared__ float part[ROUTE_WARPS][ROUTE_LOGITS_MAX_T];
     __shared__ float sel_s[ROUTE_WARPS][RANK_M ? 2 * ROUTE_MAX_K : 1];
@@ -332,6 +381,14 @@ __device__ __forceinline__ void route_logits(const float* x, int tokens, int hid
         for (int w = 1; w < ROUTE_WARPS; ++w) v += part[w][t];
         logits[(size_t)t * n_exp + e] = skew ? v + skew[e] : v;
     }
+    if (ho.slots > 0) {
+        // This block's share of the rows, into every slot (fenced for the workers).
+        const int per = (ho.row_words + gridDim.x - 1) / gridDim.x;
+        const int b0 = blockIdx.x * per, b1 = min(ho.row_words, b0 + per);
+        for (int s = 0; s < ho.slots; ++s)
+            for (int i = b0 + threadIdx.x; i < b1; i += blockDim.x) ho.x[s][i] = ho.rows[i];
+        __threadfence_system();
+    }
     // Every block's logits are out before it counts itself; the last one sees them all.
     __threadfence();
     __syncthreads();
@@ -345,6 +402,26 @@ __device__ __forceinline__ void route_logits(const float* x, int tokens, int hid
                                        method, k, n_group, topk_group, normalise,
                                        scale_weights, scaling, choice_s[warp], ids, weights,
                                        sel_s[warp]);
+    if (ho.slots == 0) return;
+    // The routing into every slot, then the `ready` words (after every block's fenced rows and
+    // this block's fenced routing), then the load count.
+    __syncthreads();
+    const int n = tokens * k;
+    for (int s = 0; s < ho.slots; ++s)
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            ho.ids[s][i] = ids[i];
+            ho.weights[s][i] = __float_as_uint(weights[i]);
+        }
+    __threadfence_system();
+    __syncthreads();
+    if (threadIdx.x == 0)
+        store_from_table(ho.words[0], ho.words[1], ho.words[2], ho.words[3], ho.table, ho.at[0],
+                         ho.at[1], ho.at[2], ho.at[3], ho.n_words);
+    if (!ho.counts) return;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const uint32_t e = ids[i];
+        if (e < (uint32_t)n_exp) atomicAdd(&ho.counts[e], 1u);
+    }
 }
 // moe_route_logits: k rounds with the weights in registers (route_row<true>); _e64: the top k by
 // rank (route_row<false, 2>), for ≤ 64 experts: 9.5 → 5.8–6.0 µs a layer at V2-Lite's router,
@@ -354,10 +431,10 @@ __device__ __forceinline__ void route_logits(const float* x, int tokens, int hid
     const float *x, int tokens, int hidden, const float *w_router, const float *skew,          \
         float *logits, uint32_t *counter, int n_exp, const float *bias, int scoring,           \
         int method, int k, int n_group, int topk_group, int normalise, int scale_weights,      \
-        float scaling, uint32_t *ids, float *weights
+        float scaling, uint32_t *ids, float *weights, ROUTE_HANDOFF_ARGS
 #define ROUTE_LOGITS_PASS                                                                       \
     x, tokens, hidden, w_router, skew, logits, counter, n_exp, bias, scoring, method, k,       \
-        n_group, topk_group, normalise, scale_weights, scaling, ids, weights
+        n_group, topk_group, normalise, scale_weights, scaling, ids, weights, ROUTE_HANDOFF_MAKE
 extern "C" __global__ void __launch_bounds__(ROUTE_WARPS * 32)
     moe_route_logits(ROUTE_LOGITS_ARGS) {
     route_logits<true>(ROUTE_LOGITS_PASS);
@@ -368,6 +445,8 @@ extern "C" __global__ void __launch_bounds__(ROUTE_WARPS * 32)
 }
 #undef ROUTE_LOGITS_ARGS
 #undef ROUTE_LOGITS_PASS
+#undef ROUTE_HANDOFF_ARGS
+#undef ROUTE_HANDOFF_MAKE
 
 // ---------------------------------------------------------------------------------------------
 // Grouped routed experts. A step's (token, expert) pairs are sorted by expert slot so that each
@@ -504,19 +583,6 @@ extern "C" __global__ void flag_wait_geq(const uint32_t* word, const uint32_t* t
                                          uint32_t* waiting) {
     wait_or_release(word, table ? table[i] : value, 256, release, waiting, nullptr);
     __threadfence_system();
-}
-
-// Word j (of the first n, up to four) gets table[i_j], each a release store at system scope
-// (the caller fences first).
-__device__ __forceinline__ void store_from_table(uint32_t* w0, uint32_t* w1, uint32_t* w2,
-                                                 uint32_t* w3, const uint32_t* table, int i0,
-                                                 int i1, int i2, int i3, int n) {
-    uint32_t* words[4] = {w0, w1, w2, w3};
-    const int at[4] = {i0, i1, i2, i3};
-    for (int j = 0; j < n && j < 4; ++j) {
-        const uint32_t v = table[at[j]];
-        asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(words[j]), "r"(v) : "memory");
-    }
 }
 
 // Thread 0 of each block waits for word j (of the first n, up to four) to reach table[i_j] or
@@ -656,11 +722,15 @@ extern "C" __global__ void copy_batch(COPY_BATCH_ARGS) { copy_batch_block(COPY_B
 // the workers' slots, then their `ready` words): every block fences its copies at system scope
 // and counts itself in *counter (0 between launches; one stream's); the last block puts the
 // counter back to 0 and stores table[i_j] to word j (the first `words` of them), released at
-// system scope, as flag_signal_n does after a copy launch.
+// system scope, as flag_signal_n does after a copy launch. With `counts` (null: none), that
+// block then adds the layer's routed ids to the gate's per-layer expert load as expert_count
+// does (counts[e] += |{p < count_n : count_ids[p] = e}|, ids ≥ n_experts left out): after the
+// signal, so off the workers' path, and without a launch of its own.
 extern "C" __global__ void copy_batch_signal(COPY_BATCH_ARGS, uint32_t* counter, uint32_t* w0,
                                              uint32_t* w1, uint32_t* w2, uint32_t* w3,
                                              const uint32_t* table, int i0, int i1, int i2,
-                                             int i3, int words) {
+                                             int i3, int words, const uint32_t* count_ids,
+                                             int count_n, int n_experts, uint32_t* counts) {
     __shared__ bool last;
     copy_batch_block(COPY_BATCH_PASS);
     __threadfence_system();
@@ -668,10 +738,17 @@ extern "C" __global__ void copy_batch_signal(COPY_BATCH_ARGS, uint32_t* counter,
     if (threadIdx.x == 0)
         last = atomicAdd(counter, 1u) == gridDim.x * gridDim.y - 1;
     __syncthreads();
-    if (!last || threadIdx.x != 0) return;
-    *counter = 0u;
-    __threadfence_system();
-    store_from_table(w0, w1, w2, w3, table, i0, i1, i2, i3, words);
+    if (!last) return;
+    if (threadIdx.x == 0) {
+        *counter = 0u;
+        __threadfence_system();
+        store_from_table(w0, w1, w2, w3, table, i0, i1, i2, i3, words);
+    }
+    if (!counts) return;
+    for (int p = threadIdx.x; p < count_n; p += blockDim.x) {
+        const uint32_t e = count_ids[p];
+        if (e < (uint32_t)n_experts) atomicAdd(&counts[e], 1u);
+    }
 }
 
 // The slot a block of the expert kernels works on: blockIdx.y, or, with `active` (moe_align's

@@ -13,6 +13,32 @@ pub struct DeviceRouting {
     pub ids: Tensor,
     pub weights: Tensor,
     pub k: usize,
+    /// Whether the routing launch also handed the rows and this routing to expert workers'
+    /// slots and signalled them ([`RouteHandoff`]): the caller then copies and signals nothing.
+    pub handed_off: bool,
+}
+
+/// Most expert calls (slots) and `ready` words one [`RouteHandoff`] serves.
+pub const ROUTE_HANDOFF_MAX: usize = 4;
+
+/// A mesh decode graph's hand-off of an MoE layer's rows and routing to its expert workers,
+/// done by the routing launch ([`Gpu::route_logits`]; experts.cu's `RouteHandoff`) instead of a
+/// copy-and-signal launch after it: every block copies its share of the rows into each slot,
+/// and the last one, once it has routed, copies the ids and weights, stores the `ready` words
+/// (their values read from `table` when the kernel runs, as a graph's flags are) and adds the
+/// ids to `counts`. Built by the gate ([`crate::experts::Experts::route_handoff`]).
+pub struct RouteHandoff {
+    /// The rows the workers take: `[T, hidden]` in their dtype, contiguous.
+    pub rows: Tensor,
+    /// Per call (at most [`ROUTE_HANDOFF_MAX`]): the device addresses of its slot's rows, ids
+    /// and weights (4-byte aligned).
+    pub slots: Vec<[u64; 3]>,
+    /// The `ready` words and their entries in `table` (at most [`ROUTE_HANDOFF_MAX`]).
+    pub words: Vec<(u64, usize)>,
+    /// `[n]` u32 on the device: the flag values of the run in progress.
+    pub table: Tensor,
+    /// The layer's expert load (`[E]` u32), added to after the signal; `None`: not counted.
+    pub counts: Option<Tensor>,
 }
 
 impl DeviceRouting {
@@ -621,17 +647,9 @@ impl Gpu {
     /// name each expert; ids ≥ E are left out. One launch, no host sync: the gate's per-layer
     /// expert load. `false` (nothing done) where the tensors do not fit.
     pub fn count_experts(&self, ids: &Tensor, counts: &Tensor) -> Result<bool> {
-        let Ok(e) = counts.dims1() else {
+        let Some(e) = Self::count_fits(ids, counts) else {
             return Ok(false);
         };
-        if ids.dtype() != DType::U32
-            || counts.dtype() != DType::U32
-            || e > 1024
-            || !ids.is_contiguous()
-            || !counts.is_contiguous()
-        {
-            return Ok(false);
-        }
         let n = ids.elem_count();
         if n == 0 {
             return Ok(true);
@@ -650,6 +668,18 @@ impl Gpu {
             ],
         )?;
         Ok(true)
+    }
+
+    /// The experts E of `counts` when [`count_experts`](Self::count_experts) (and
+    /// [`copy_batch_signal`](Self::copy_batch_signal)'s count) take these tensors.
+    fn count_fits(ids: &Tensor, counts: &Tensor) -> Option<usize> {
+        let e = counts.dims1().ok()?;
+        (ids.dtype() == DType::U32
+            && counts.dtype() == DType::U32
+            && e <= 1024
+            && ids.is_contiguous()
+            && counts.is_contiguous())
+        .then_some(e)
     }
 
     /// Queues a one-thread kernel that stores `table[i]` (u32, on this device) to the u32 at
@@ -901,24 +931,43 @@ impl Gpu {
 
     /// [`copy_batch`](Self::copy_batch) then [`signal_words`](Self::signal_words) in one launch
     /// (its last block stores the words): at most eight copies and four words, with `table`'s
-    /// entry `counter` (0 between launches, this stream's) counting the blocks. `false` when
-    /// the call does not fit one launch (nothing queued then).
+    /// entry `counter` (0 between launches, this stream's) counting the blocks. With `count`
+    /// (`(ids, counts)`, as [`count_experts`](Self::count_experts) takes them), the same block
+    /// then adds the ids to the counts, so the expert load needs no launch of its own.
+    /// `false` when the call does not fit one launch (nothing queued then, nothing counted).
     pub fn copy_batch_signal(
         &self,
         copies: &[(u64, u64, usize)],
         words: &[(u64, usize)],
         table: &Tensor,
         counter: usize,
+        count: Option<(&Tensor, &Tensor)>,
     ) -> Result<bool> {
         if copies.len() > COPIES_PER_LAUNCH || words.is_empty() || words.len() > 4 {
             return Ok(false);
         }
+        let count = match count {
+            Some((ids, counts)) => match Self::count_fits(ids, counts) {
+                Some(e) => Some((ids, counts, e)),
+                None => return Ok(false),
+            },
+            None => None,
+        };
         let Some((mut args, grid)) = Self::copy_args(copies)? else {
             return Ok(false);
         };
         Self::check_flag(table, counter, 0, "copy_batch_signal")?;
         args.push(Arg::Ptr(self.ptr(table)? + 4 * counter as u64));
         args.extend(self.signal_args(words, table, "copy_batch_signal")?);
+        match count {
+            Some((ids, counts, e)) if ids.elem_count() > 0 => args.extend([
+                Arg::Ptr(self.ptr(ids)?),
+                i32_arg(ids.elem_count(), "expert ids")?,
+                i32_arg(e, "experts")?,
+                Arg::Ptr(self.ptr(counts)?),
+            ]),
+            _ => args.extend([Arg::Ptr(0), Arg::I32(0), Arg::I32(0), Arg::Ptr(0)]),
+        }
         self.launch("copy_batch_signal", grid, 256, 0, &args)?;
         Ok(true)
     }
@@ -964,6 +1013,69 @@ impl Gpu {
         Ok(())
     }
 
+    /// Whether the routing launch of `t` tokens over `e` experts takes `h`: one to four slots
+    /// and words, whole aligned u32 words of rows of `t` rows, counts of `e` experts.
+    fn handoff_fits(h: &RouteHandoff, t: usize, e: usize) -> bool {
+        let row_bytes = h.rows.elem_count() * h.rows.dtype().size_in_bytes();
+        (1..=ROUTE_HANDOFF_MAX).contains(&h.slots.len())
+            && (1..=ROUTE_HANDOFF_MAX).contains(&h.words.len())
+            && h.rows.dims().first() == Some(&t)
+            && h.rows.is_contiguous()
+            && row_bytes.is_multiple_of(4)
+            && h.slots.iter().flatten().all(|a| a.is_multiple_of(4))
+            && h.words
+                .iter()
+                .all(|&(w, i)| Self::check_flag(&h.table, i, w, "route hand-off").is_ok())
+            && h.counts
+                .as_ref()
+                .is_none_or(|c| c.dtype() == DType::U32 && c.is_contiguous() && c.dims() == [e])
+    }
+
+    /// The routing kernels' hand-off arguments (experts.cu's ROUTE_HANDOFF_ARGS) for `h`
+    /// (checked by [`handoff_fits`](Self::handoff_fits)).
+    fn handoff_args(&self, h: &RouteHandoff) -> Result<Vec<Arg>> {
+        let rows = self.ptr(&h.rows)?;
+        if !rows.is_multiple_of(4) {
+            return Err(EngineError::Internal(format!(
+                "route hand-off: rows at {rows:#x} are not 4-byte aligned"
+            )));
+        }
+        let words = h.rows.elem_count() * h.rows.dtype().size_in_bytes() / 4;
+        let mut args = vec![Arg::Ptr(rows), i32_arg(words, "hand-off rows")?];
+        for part in 0..3 {
+            for j in 0..ROUTE_HANDOFF_MAX {
+                args.push(Arg::Ptr(h.slots.get(j).map_or(0, |s| s[part])));
+            }
+        }
+        args.push(i32_arg(h.slots.len(), "hand-off slots")?);
+        for j in 0..ROUTE_HANDOFF_MAX {
+            args.push(Arg::Ptr(h.words.get(j).map_or(0, |w| w.0)));
+        }
+        args.push(Arg::Ptr(self.ptr(&h.table)?));
+        for j in 0..ROUTE_HANDOFF_MAX {
+            args.push(i32_arg(
+                h.words.get(j).map_or(0, |w| w.1),
+                "flag table entry",
+            )?);
+        }
+        args.push(i32_arg(h.words.len(), "flag words")?);
+        args.push(Arg::Ptr(h.counts.as_ref().map_or(Ok(0), |c| self.ptr(c))?));
+        Ok(args)
+    }
+
+    /// ROUTE_HANDOFF_ARGS with no hand-off (no slots).
+    fn no_handoff_args() -> Vec<Arg> {
+        let mut args = vec![Arg::Ptr(0), Arg::I32(0)];
+        args.extend([Arg::Ptr(0); 3 * ROUTE_HANDOFF_MAX]);
+        args.push(Arg::I32(0));
+        args.extend([Arg::Ptr(0); ROUTE_HANDOFF_MAX]);
+        args.push(Arg::Ptr(0));
+        args.extend([Arg::I32(0); ROUTE_HANDOFF_MAX]);
+        args.push(Arg::I32(0));
+        args.push(Arg::Ptr(0));
+        args
+    }
+
     /// Whether the routing kernels take `t` tokens over `e` experts with `p`.
     fn route_fits(t: usize, e: usize, p: &RouteParams) -> bool {
         t > 0
@@ -1001,6 +1113,7 @@ impl Gpu {
             ids: self.alloc(DType::U32, &[t, k])?,
             weights: self.alloc(DType::F32, &[t, k])?,
             k,
+            handed_off: false,
         })
     }
 
@@ -1063,7 +1176,8 @@ impl Gpu {
     /// for a decode step's few tokens, where the logits GEMM would be two launches of its own.
     /// `counter`: a u32 device word that is 0 between launches (the kernel's last block sets it
     /// back), one per router, never used by two launches at once. `None` when the kernel does
-    /// not take the shapes.
+    /// not take the shapes. With `handoff`, the same launch hands the rows and the routing to
+    /// expert workers where it takes the hand-off (the routing's `handed_off` says whether).
     pub fn route_logits(
         &self,
         x: &Tensor,
@@ -1071,6 +1185,7 @@ impl Gpu {
         skew: Option<&Tensor>,
         counter: &Tensor,
         p: &RouteParams,
+        handoff: Option<&RouteHandoff>,
     ) -> Result<Option<DeviceRouting>> {
         let (Ok((t, hidden)), Ok((e, hidden_w))) = (x.dims2(), weight.dims2()) else {
             return Ok(None);
@@ -1089,7 +1204,7 @@ impl Gpu {
             return Ok(None);
         }
         let logits = self.alloc(DType::F32, &[t, e])?;
-        let out = self.routing_for(t, p.k)?;
+        let mut out = self.routing_for(t, p.k)?;
         let mut args = vec![
             Arg::Ptr(self.ptr(x)?),
             i32_arg(t, "tokens")?,
@@ -1100,6 +1215,13 @@ impl Gpu {
             Arg::Ptr(self.ptr(counter)?),
         ];
         args.extend(self.route_args(e, p, &out)?);
+        match handoff.filter(|h| Self::handoff_fits(h, t, e)) {
+            Some(h) => {
+                args.extend(self.handoff_args(h)?);
+                out.handed_off = true;
+            }
+            None => args.extend(Self::no_handoff_args()),
+        }
         // A block an expert's logits; the last block routes.
         let name = if e <= ROUTE_RANK_MAX_EXPERTS {
             "moe_route_logits_e64"

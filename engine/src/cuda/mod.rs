@@ -29,8 +29,9 @@ pub use attention::{ABSORB_ROWS, DecodeTables, PrefillQuery};
 pub use experts::{
     DeviceRouting, DoneFlag, ExpertQuant, ExpertWeights, FOLD_MAX_TOKENS, FlagWait,
     GROUPED_MIN_PAIRS_PER_SLOT, GROUPED_MIN_PAIRS_PER_SLOT_QUANTISED, HostAssignments, HostPairs,
-    Int4Groups, RouteParams, RowsAt, WaitFlag, WaitParts, combine_counter_words, combine_counters,
-    grouped_min_pairs_per_slot, takes_bulk_gate_up, takes_grouped, takes_wide_chunks,
+    Int4Groups, ROUTE_HANDOFF_MAX, RouteHandoff, RouteParams, RowsAt, WaitFlag, WaitParts,
+    combine_counter_words, combine_counters, grouped_min_pairs_per_slot, takes_bulk_gate_up,
+    takes_grouped, takes_wide_chunks,
 };
 
 /// A kernel argument. Tensors go as raw device addresses (see [`Gpu::ptr`]).
@@ -314,17 +315,20 @@ pub fn mla_fused() -> bool {
 }
 
 /// Which of a device-ordered expert call's flag launches fold into the kernels beside them
-/// (`MOEMESH_MESH_FOLDS`, read once; default all three): `signal`, the gate's `ready` stores
+/// (`MOEMESH_MESH_FOLDS`, read once; default all four): `signal`, the gate's `ready` stores
 /// done by the kernel that copies the rows and routing into the workers' slots (its last
 /// block); `done`, the worker's `seen` copy and `done` store by its down kernel's folded
 /// combine (its last column block); `wait`, the gate's wait for the workers' `done` words and
-/// the sum of their outputs done by the next residual add and norm. `none` (or `0`) keeps each
-/// in a launch of its own, for A/B runs; a comma list names the folds to take.
+/// the sum of their outputs done by the next residual add and norm; `route`, the rows and
+/// routing copied into the workers' slots and their `ready` words stored by the routing launch
+/// itself (for the few rows its fused kernel takes; else `signal`'s launch does it). `none` (or
+/// `0`) keeps each in a launch of its own, for A/B runs; a comma list names the folds to take.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MeshFolds {
     pub signal: bool,
     pub done: bool,
     pub wait: bool,
+    pub route: bool,
 }
 
 impl MeshFolds {
@@ -332,15 +336,17 @@ impl MeshFolds {
         signal: true,
         done: true,
         wait: true,
+        route: true,
     };
     pub const NONE: MeshFolds = MeshFolds {
         signal: false,
         done: false,
         wait: false,
+        route: false,
     };
 
     /// `None` (unset), `all`: every fold; `none`, `0`, `off`: none; else a comma list of
-    /// `signal`, `done`, `wait`. An unknown name is an error naming it.
+    /// `signal`, `done`, `wait`, `route`. An unknown name is an error naming it.
     pub fn parse(v: Option<&str>) -> std::result::Result<Self, String> {
         let v = match v.map(str::trim) {
             None | Some("" | "all" | "1" | "on") => return Ok(Self::ALL),
@@ -353,10 +359,11 @@ impl MeshFolds {
                 "signal" => f.signal = true,
                 "done" => f.done = true,
                 "wait" => f.wait = true,
+                "route" => f.route = true,
                 other => {
                     return Err(format!(
                         "MOEMESH_MESH_FOLDS: unknown fold {other:?} (expected all, none, or a \
-                         comma list of signal, done, wait)"
+                         comma list of signal, done, wait, route)"
                     ));
                 }
             }
@@ -1532,7 +1539,8 @@ mod tests {
             Ok(MeshFolds {
                 signal: false,
                 done: true,
-                wait: true
+                wait: true,
+                route: false
             })
         );
         assert_eq!(
@@ -1540,7 +1548,23 @@ mod tests {
             Ok(MeshFolds {
                 signal: true,
                 done: false,
-                wait: false
+                wait: false,
+                route: false
+            })
+        );
+        // Session 31's fold named alone; the three before it without it (for A/B runs).
+        assert_eq!(
+            MeshFolds::parse(Some("route")),
+            Ok(MeshFolds {
+                route: true,
+                ..MeshFolds::NONE
+            })
+        );
+        assert_eq!(
+            MeshFolds::parse(Some("signal,done,wait")),
+            Ok(MeshFolds {
+                route: false,
+                ..MeshFolds::ALL
             })
         );
         let e = MeshFolds::parse(Some("signal,combine")).expect_err("unknown fold");

@@ -211,10 +211,7 @@ impl DeviceLoad {
     /// Adds a layer's routed ids to its counts. On the GPU the counts stay in one buffer per
     /// layer for good (a decode graph's kernels add to it at every replay).
     fn add(&mut self, layer: u32, ids: &Tensor, n_experts: usize) -> moemesh_engine::Result<()> {
-        let counts = match self.counts.remove(&layer) {
-            Some(c) => c,
-            None => Tensor::zeros(n_experts, DType::U32, ids.device())?,
-        };
+        let counts = self.buffer(layer, n_experts, ids.device())?;
         // One histogram launch: candle's `index_add` with one output element runs its loop over
         // the ids in a single thread (2 ms a layer at 2,048 rows, on the step's critical path).
         let counted = match moemesh_engine::cuda::gpu(ids.device()) {
@@ -230,6 +227,22 @@ impl DeviceLoad {
         };
         self.counts.insert(layer, counts);
         Ok(())
+    }
+
+    /// A layer's counts (`[n_experts]` u32 on `device`), made (zeros) on first use and kept:
+    /// for a kernel that adds to them itself (`copy_batch_signal`'s count).
+    fn buffer(
+        &mut self,
+        layer: u32,
+        n_experts: usize,
+        device: &Device,
+    ) -> moemesh_engine::Result<Tensor> {
+        if let Some(c) = self.counts.get(&layer) {
+            return Ok(c.clone());
+        }
+        let c = Tensor::zeros(n_experts, DType::U32, device)?;
+        self.counts.insert(layer, c.clone());
+        Ok(c)
     }
 
     /// Every [`LOAD_FLUSH_STEPS`]th call: the counts into `routed`, and zero again.
@@ -744,6 +757,74 @@ impl RemoteExperts {
         Ok(())
     }
 
+    /// A decode graph's MoE layer's hand-off done by launches of its own (when the routing
+    /// launch did not do it): the rows and routing into each call's slot, then the `ready`
+    /// words, and the layer's expert load counted.
+    fn graph_inputs(
+        &self,
+        plan: &GraphPlan,
+        calls: &[GraphCall],
+        g: &moemesh_engine::cuda::Gpu,
+        layer: usize,
+        x: &Tensor,
+        routing: &moemesh_engine::cuda::DeviceRouting,
+    ) -> moemesh_engine::Result<()> {
+        let internal = move |what: String| {
+            EngineError::Internal(format!("decode graph, layer {layer}: {what}"))
+        };
+        let x = x.contiguous()?;
+        let ids = routing.ids.contiguous()?;
+        let weights = routing.weights.contiguous()?;
+        let mut inputs = Vec::with_capacity(calls.len());
+        let mut ready = Vec::with_capacity(calls.len());
+        for c in calls {
+            let d = c
+                .session
+                .device
+                .as_ref()
+                .ok_or_else(|| internal("a session without device flags".into()))?;
+            if d.top_k != routing.k {
+                return Err(internal(format!(
+                    "routing of width {} on a session of width {}",
+                    routing.k, d.top_k
+                )));
+            }
+            let slot = c
+                .session
+                .slots
+                .get(c.slot)
+                .ok_or_else(|| internal(format!("no slot {}", c.slot)))?;
+            inputs.push((&slot.input, d.layout));
+            ready.push((d.worker_flags.word_address(flags::ready(c.slot))?, c.entry));
+        }
+        // The copies and the `ready` words in one launch where they fit one (the table's last
+        // word counts its blocks), else a launch each; the layer's expert load counted by that
+        // launch too, after its signals.
+        let counter = plan.calls.order.len();
+        let folded = moemesh_engine::cuda::MeshFolds::get().signal
+            && match input_copies(g, &inputs, &x, &ids, &weights)? {
+                Some(copies) => {
+                    let counts =
+                        lock(&self.load).buffer(layer as u32, self.n_experts, x.device())?;
+                    g.copy_batch_signal(
+                        &copies,
+                        &ready,
+                        &plan.table,
+                        counter,
+                        Some((&ids, &counts)),
+                    )?
+                }
+                None => false,
+            };
+        if !folded {
+            write_inputs(&inputs, &x, &ids, &weights)?;
+            g.signal_words(&ready, &plan.table)?;
+            // Counted after the signals: off the workers' critical path.
+            lock(&self.load).add(layer as u32, &ids, self.n_experts)?;
+        }
+        Ok(())
+    }
+
     /// A decode graph's MoE layer: the fixed calls' device work only (rows and routing into each
     /// slot, the `ready` flag from the table; then, deferred, each `done` flag waited for and the
     /// partial sums added). The messages went out in `graph_send`.
@@ -774,50 +855,9 @@ impl RemoteExperts {
         let device = x.device().clone();
         let g =
             moemesh_engine::cuda::gpu(&device).ok_or_else(|| internal("no GPU kernels".into()))?;
-        let x = x.contiguous()?;
-        let ids = routing.ids.contiguous()?;
-        let weights = routing.weights.contiguous()?;
-        let mut inputs = Vec::with_capacity(calls.len());
-        for c in calls {
-            let d = c
-                .session
-                .device
-                .as_ref()
-                .ok_or_else(|| internal("a session without device flags".into()))?;
-            if d.top_k != routing.k {
-                return Err(internal(format!(
-                    "routing of width {} on a session of width {}",
-                    routing.k, d.top_k
-                )));
-            }
-            let slot = c
-                .session
-                .slots
-                .get(c.slot)
-                .ok_or_else(|| internal(format!("no slot {}", c.slot)))?;
-            inputs.push((&slot.input, d.layout));
+        if !routing.handed_off {
+            self.graph_inputs(plan, calls, &g, layer, x, routing)?;
         }
-        let mut ready = Vec::with_capacity(calls.len());
-        for c in calls {
-            let Some(d) = c.session.device.as_ref() else {
-                continue;
-            };
-            ready.push((d.worker_flags.word_address(flags::ready(c.slot))?, c.entry));
-        }
-        // The copies and the `ready` words in one launch where they fit one (the table's last
-        // word counts its blocks), else a launch each.
-        let counter = plan.calls.order.len();
-        let folded = moemesh_engine::cuda::MeshFolds::get().signal
-            && match input_copies(&g, &inputs, &x, &ids, &weights)? {
-                Some(copies) => g.copy_batch_signal(&copies, &ready, &plan.table, counter)?,
-                None => false,
-            };
-        if !folded {
-            write_inputs(&inputs, &x, &ids, &weights)?;
-            g.signal_words(&ready, &plan.table)?;
-        }
-        // Counted after the signals: off the workers' critical path.
-        lock(&self.load).add(layer as u32, &ids, self.n_experts)?;
         let plan = plan.clone();
         Ok(PendingExperts::deferred_out(move || {
             let calls = plan
@@ -871,6 +911,59 @@ impl RemoteExperts {
 }
 
 impl Experts for RemoteExperts {
+    fn route_handoff(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        k: usize,
+    ) -> moemesh_engine::Result<Option<moemesh_engine::cuda::RouteHandoff>> {
+        if !moemesh_engine::cuda::MeshFolds::get().route {
+            return Ok(None);
+        }
+        let Some(plan) = lock(&self.graph).clone() else {
+            return Ok(None);
+        };
+        let (t, _) = x.dims2()?;
+        let Some(calls) = plan.calls.layers.get(&layer) else {
+            return Ok(None);
+        };
+        if t != plan.rows
+            || x.dtype() != plan.dtype
+            || calls.is_empty()
+            || calls.len() > moemesh_engine::cuda::ROUTE_HANDOFF_MAX
+        {
+            return Ok(None);
+        }
+        let rows = x.contiguous()?;
+        let row_bytes = rows.elem_count() * rows.dtype().size_in_bytes();
+        let id_bytes = t * k * 4;
+        let mut slots = Vec::with_capacity(calls.len());
+        let mut words = Vec::with_capacity(calls.len());
+        for c in calls {
+            let (Some(d), Some(slot)) = (c.session.device.as_ref(), c.session.slots.get(c.slot))
+            else {
+                return Ok(None);
+            };
+            if d.top_k != k {
+                return Ok(None);
+            }
+            slots.push([
+                slot.input.address(0, row_bytes)?,
+                slot.input.address(d.layout.ids, id_bytes)?,
+                slot.input.address(d.layout.weights, id_bytes)?,
+            ]);
+            words.push((d.worker_flags.word_address(flags::ready(c.slot))?, c.entry));
+        }
+        let counts = lock(&self.load).buffer(layer as u32, self.n_experts, rows.device())?;
+        Ok(Some(moemesh_engine::cuda::RouteHandoff {
+            rows,
+            slots,
+            words,
+            table: plan.table.clone(),
+            counts: Some(counts),
+        }))
+    }
+
     fn dispatch_device(
         &self,
         layer: usize,

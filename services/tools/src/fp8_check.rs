@@ -354,6 +354,7 @@ fn one(
                     ids: Tensor::from_vec(ids, (t, sh.k), device)?,
                     weights: Tensor::from_vec(ws, (t, sh.k), device)?,
                     k: sh.k,
+                    handed_off: false,
                 };
                 let slot_of: Vec<i32> = (0..sh.experts as i32).collect();
                 let slot_of = Tensor::from_vec(slot_of, sh.experts, device)?;

@@ -108,6 +108,11 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<KernelCheck>> {
     ] {
         out.push(route(&g, device, &mut rng, tokens, v3, skew)?);
     }
+    // The mesh's hand-off in the routing launch: 1 and 16 tokens (a decode step's extremes),
+    // two workers' slots, V2-Lite's router.
+    for (tokens, slots) in [(1, 2), (16, 2), (5, 4)] {
+        out.push(route_handoff(&g, device, &mut rng, tokens, slots)?);
+    }
     // (rows, K, N, gate_up): V2-Lite's o_proj, stacked q/kv_a, shared experts' gate/up and
     // down, and a tiny fixture's width.
     for (rows, k, n, gate_up) in [
@@ -210,7 +215,7 @@ fn route(
     let mut got = None;
     for _ in 0..2 {
         got = Some(
-            g.route_logits(&x, &w, skew.as_ref(), &counter, &params)?
+            g.route_logits(&x, &w, skew.as_ref(), &counter, &params, None)?
                 .ok_or_else(missing)?,
         );
     }
@@ -228,6 +233,137 @@ fn route(
         max_rel,
         cosine,
         passed: ids_equal && counter_back && max_rel <= 1e-4,
+    })
+}
+
+/// `route_logits` with a [`RouteHandoff`](moemesh_engine::cuda::RouteHandoff) (the mesh's
+/// `route` fold) at V2-Lite's router, launched twice: every slot must hold the rows' bits and the
+/// launch's ids and weights bit for bit, each `ready` word its table value, the counts twice each
+/// expert's routed tokens, the routing the same as without the hand-off, the counter back at 0.
+fn route_handoff(
+    g: &Gpu,
+    device: &Device,
+    rng: &mut ChaCha8Rng,
+    tokens: usize,
+    slots: usize,
+) -> anyhow::Result<KernelCheck> {
+    let (hidden, e, k) = (2048, 64, 6);
+    let xf = Tensor::from_vec(normal(rng, tokens * hidden, 1.0), &[tokens, hidden], device)?;
+    let rows = xf.to_dtype(DType::BF16)?;
+    let w = Tensor::from_vec(normal(rng, e * hidden, 0.02), &[e, hidden], device)?;
+    let params = moemesh_engine::cuda::RouteParams {
+        bias: None,
+        softmax: true,
+        method: 0,
+        k,
+        n_group: 1,
+        topk_group: 1,
+        normalise: false,
+        scale: true,
+        scaling: 1.0,
+    };
+    let name = format!("router with the workers' hand-off, {tokens} tokens, {slots} slots");
+    let missing = || anyhow::anyhow!("the routing kernel did not take {name}");
+    let row_words = tokens * hidden / 2;
+    let x_slots = (0..slots)
+        .map(|_| Tensor::zeros(row_words, DType::U32, device))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let id_slots = (0..slots)
+        .map(|_| Tensor::zeros(tokens * k, DType::U32, device))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let w_slots = (0..slots)
+        .map(|_| Tensor::zeros(tokens * k, DType::U32, device))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let flags = Tensor::zeros(slots, DType::U32, device)?;
+    let values: Vec<u32> = (0..slots as u32).map(|j| 7 + 2 * j).collect();
+    let table = Tensor::from_vec([values.clone(), vec![0]].concat(), slots + 1, device)?;
+    let counts = Tensor::zeros(e, DType::U32, device)?;
+    let handoff = moemesh_engine::cuda::RouteHandoff {
+        rows: rows.clone(),
+        slots: (0..slots)
+            .map(|j| {
+                Ok([
+                    g.address(&x_slots[j])?,
+                    g.address(&id_slots[j])?,
+                    g.address(&w_slots[j])?,
+                ])
+            })
+            .collect::<moemesh_engine::Result<Vec<_>>>()?,
+        words: (0..slots)
+            .map(|j| Ok((g.address(&flags)? + 4 * j as u64, j)))
+            .collect::<moemesh_engine::Result<Vec<_>>>()?,
+        table,
+        counts: Some(counts.clone()),
+    };
+    let counter = Tensor::zeros(1, DType::U32, device)?;
+    let plain = g
+        .route_logits(&xf, &w, None, &counter, &params, None)?
+        .ok_or_else(missing)?;
+    let mut got = None;
+    for _ in 0..2 {
+        got = Some(
+            g.route_logits(&xf, &w, None, &counter, &params, Some(&handoff))?
+                .ok_or_else(missing)?,
+        );
+    }
+    let got = got.ok_or_else(missing)?;
+    let ids = got.ids.flatten_all()?.to_vec1::<u32>()?;
+    let weight_bits: Vec<u32> = got
+        .weights
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .map(|v| v.to_bits())
+        .collect();
+    // bf16 → f32 is exact: a value's bf16 bits are its f32 bits' top half.
+    let row_bits: Vec<u32> = rows
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .chunks(2)
+        .map(|p| (p[0].to_bits() >> 16) | (p[1].to_bits() & 0xffff_0000))
+        .collect();
+    let mut failures = Vec::new();
+    if !got.handed_off {
+        failures.push("not handed off");
+    }
+    if ids != plain.ids.flatten_all()?.to_vec1::<u32>()? {
+        failures.push("other experts than without the hand-off");
+    }
+    for j in 0..slots {
+        if x_slots[j].to_vec1::<u32>()? != row_bits {
+            failures.push("a slot's rows differ");
+        }
+        if id_slots[j].to_vec1::<u32>()? != ids {
+            failures.push("a slot's ids differ");
+        }
+        if w_slots[j].to_vec1::<u32>()? != weight_bits {
+            failures.push("a slot's weights differ");
+        }
+    }
+    if flags.to_vec1::<u32>()? != values {
+        failures.push("a ready word without its table value");
+    }
+    let mut expect = vec![0u32; e];
+    for &id in &ids {
+        expect[id as usize] += 2;
+    }
+    if counts.to_vec1::<u32>()? != expect {
+        failures.push("the expert load miscounted");
+    }
+    if counter.to_vec1::<u32>()? != [0] {
+        failures.push("counter left set");
+    }
+    failures.dedup();
+    Ok(KernelCheck {
+        case: if failures.is_empty() {
+            name
+        } else {
+            format!("{name}: {}", failures.join(", "))
+        },
+        max_rel: 0.0,
+        cosine: 1.0,
+        passed: failures.is_empty(),
     })
 }
 
