@@ -27,6 +27,7 @@ pub const ROUTE_HANDOFF_MAX: usize = 4;
 /// and the last one, once it has routed, copies the ids and weights, stores the `ready` words
 /// (their values read from `table` when the kernel runs, as a graph's flags are) and adds the
 /// ids to `counts`. Built by the gate ([`crate::experts::Experts::route_handoff`]).
+#[derive(Clone)]
 pub struct RouteHandoff {
     /// The rows the workers take: `[T, hidden]` in their dtype, contiguous.
     pub rows: Tensor,
@@ -1994,6 +1995,52 @@ mod tests {
         if !cfg!(moemesh_wgmma) {
             assert!(!takes_bulk_gate_up(&fp8, 2048, 1408, 64));
         }
+    }
+
+    /// The routing launch's hand-off to expert workers (the mesh's `route` fold) takes one to
+    /// four slots and `ready` words, 4-byte aligned addresses, rows of the launch's tokens in
+    /// whole u32 words, table entries inside the table and counts of the launch's experts (or
+    /// none); anything else leaves the hand-off to the gate's own launch.
+    #[test]
+    fn route_handoff_takes_one_to_four_aligned_slots_of_the_launchs_rows() {
+        let zeros = |shape: &[usize], dtype: DType| {
+            Tensor::zeros(shape, dtype, &Device::Cpu).expect("tensor")
+        };
+        let (t, e) = (3, 64);
+        let base = RouteHandoff {
+            rows: zeros(&[t, 2048], DType::BF16),
+            slots: vec![[0x1000, 0x2000, 0x3000]; 2],
+            words: vec![(0x4000, 0), (0x4004, 1)],
+            table: zeros(&[3], DType::U32),
+            counts: Some(zeros(&[e], DType::U32)),
+        };
+        let fits = |change: &dyn Fn(&mut RouteHandoff)| {
+            let mut h = base.clone();
+            change(&mut h);
+            Gpu::handoff_fits(&h, t, e)
+        };
+        assert!(fits(&|_| {}));
+        assert!(fits(&|h| h.counts = None));
+        assert!(fits(&|h| {
+            h.slots = vec![[0x1000, 0x2000, 0x3000]; ROUTE_HANDOFF_MAX];
+            h.words = vec![(0x4000, 2); ROUTE_HANDOFF_MAX];
+        }));
+        // Slots and words: none, or more than the kernel's four.
+        assert!(!fits(&|h| h.slots.clear()));
+        assert!(!fits(&|h| h.slots = vec![[0x1000, 0x2000, 0x3000]; 5]));
+        assert!(!fits(&|h| h.words.clear()));
+        assert!(!fits(&|h| h.words = vec![(0x4000, 0); 5]));
+        // Addresses off 4 bytes, a table entry past the table, a table not of u32.
+        assert!(!fits(&|h| h.slots[1][2] = 0x3002));
+        assert!(!fits(&|h| h.words[0].0 = 0x4001));
+        assert!(!fits(&|h| h.words[1].1 = 3));
+        assert!(!fits(&|h| h.table = zeros(&[3], DType::F32)));
+        // Rows of another step, or not whole u32 words (3 bf16 values).
+        assert!(!fits(&|h| h.rows = zeros(&[t + 1, 2048], DType::BF16)));
+        assert!(!fits(&|h| h.rows = zeros(&[t, 1], DType::BF16)));
+        // Counts of another expert count or dtype.
+        assert!(!fits(&|h| h.counts = Some(zeros(&[e / 2], DType::U32))));
+        assert!(!fits(&|h| h.counts = Some(zeros(&[e], DType::F32))));
     }
 
     /// The 128-wide chunk forms: e4m3 at any k that is a multiple of 128; INT4 only where that
