@@ -352,23 +352,31 @@ fi
 
 if [[ $MODE == --multi ]]; then
     # Several GPUs of one host (issue 17): gates and expert workers spread over them, against
-    # one GPU in-process, same binary and call. With 4 GPUs: 4 gates (two on cuda:0, two on
-    # cuda:1, under `up`'s MPS daemon: one gate's host cannot keep a GPU busy) and 2 workers
-    # (cuda:2, cuda:3); with 2: 1 gate (cuda:0) and 2 workers on cuda:1. Decode at batch 1, 64 and
-    # 256, end to end at concurrency 64, 256 and 512 (128 / 32, prompts included), then the
-    # greedy tokens of two fixtures through that mesh against in-process (f32, must be equal).
-    # GATES overrides the number of gates on 4 GPUs, MULTI_WORKERS the number of expert workers
-    # (default 2), MULTI_CONC the end-to-end concurrencies of the mesh (default "64 256 512"), INPROC_CONC the one-GPU run's (same default).
+    # one GPU in-process, same binary and call. The default layout is the best measured: a gate
+    # and a whole replica of the experts on every GPU, each gate preferring the replica beside
+    # it (`--expert-workers 1 --expert-replicas N`; 4 × H200, session 14: 3.0–3.2× one GPU
+    # in-process at c1,024, where 4 gates on two GPUs with the experts sharded over the other two
+    # gave 1.4–1.85×, and a gate and a half of the experts on each of two GPUs gave 1.46×).
+    # Decode at batch 1, 64 and 256, end to end at concurrency 256, 512 and 1,024 on 4 GPUs (64,
+    # 256 and 512 on 2; 128 / 32, prompts included), then the greedy tokens of two fixtures
+    # through that mesh against in-process (f32, must be equal).
+    # GATES overrides the number of gates on 4 GPUs, MULTI_CONC the end-to-end concurrencies of
+    # the mesh, INPROC_CONC the one-GPU run's (same default), MULTI_LAYOUT the whole layout
+    # (the `up` flags after --model and --dtype; it names --expert-workers itself), e.g. the
+    # sharded "--device cuda:0 --gates 2 --gate-devices cuda:0,cuda:1 --expert-workers 2
+    # --expert-devices cuda:0,cuda:1".
     MODEL=synthetic:v2-lite
     BENCH=(--prompt-len 128 --output-len 32 --json)
     n=$(nvidia-smi -L | wc -l)
     if (( n >= 4 )); then
-        layout=(--device cuda:0 --gates "${GATES:-4}" --gate-devices cuda:0,cuda:1 --expert-devices cuda:2,cuda:3)
+        layout=(--device cuda:0 --gates "${GATES:-4}" --gate-devices cuda:0,cuda:1,cuda:2,cuda:3
+            --expert-workers 1 --expert-replicas 4 --expert-devices cuda:0,cuda:1,cuda:2,cuda:3)
+        conc="256 512 1024"
     else
-        layout=(--device cuda:0 --expert-devices cuda:1)
+        layout=(--device cuda:0 --gates 2 --gate-devices cuda:0,cuda:1
+            --expert-workers 1 --expert-replicas 2 --expert-devices cuda:0,cuda:1)
+        conc="64 256 512"
     fi
-    # MULTI_LAYOUT overrides it, e.g. "--device cuda:0 --gates 2 --gate-devices cuda:0,cuda:1
-    # --expert-devices cuda:0,cuda:1" (a gate and a worker on each of two GPUs, under MPS).
     [[ -n ${MULTI_LAYOUT:-} ]] && read -ra layout <<<"$MULTI_LAYOUT"
     echo "layout on $n GPUs: ${layout[*]}"
     : >"$OUT/ipc.jsonl"
@@ -376,15 +384,15 @@ if [[ $MODE == --multi ]]; then
     t0=$SECONDS
     [[ -z ${MULTI_SKIP_INPROC:-} ]] && { "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 --sweep 1,64,256 "${BENCH[@]}" \
         | sed 's/^{/{"mode":"in-process",/' >>"$OUT/ipc.jsonl" || status=1; }
-    for c in ${INPROC_CONC-64 256 512}; do
+    for c in ${INPROC_CONC-$conc}; do
         "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 --concurrency $c --requests $((2 * c)) "${BENCH[@]}" \
             | sed 's/^{/{"mode":"in-process e2e",/' >>"$OUT/ipc.jsonl" || status=1
     done
     echo "== in-process: $((SECONDS - t0)) s"; t0=$SECONDS
-    if MOEMESH_LOG=$MESH_LOG up --model $MODEL --dtype bf16 --expert-workers ${MULTI_WORKERS:-2} "${layout[@]}" --gate-args=--kv-cache-mb=8192; then
+    if MOEMESH_LOG=$MESH_LOG up --model $MODEL --dtype bf16 "${layout[@]}" --gate-args=--kv-cache-mb=8192; then
         "$BIN" bench --addr "127.0.0.1:$PORT" --sweep 1,64,256 "${BENCH[@]}" \
             | sed 's/^{/{"mode":"mesh multi",/' >>"$OUT/ipc.jsonl" || status=1
-        for c in ${MULTI_CONC:-64 256 512}; do
+        for c in ${MULTI_CONC:-$conc}; do
             "$BIN" bench --addr "127.0.0.1:$PORT" --concurrency $c --requests $((2 * c)) "${BENCH[@]}" \
                 | sed 's/^{/{"mode":"mesh multi e2e",/' >>"$OUT/ipc.jsonl" || status=1
         done
@@ -401,7 +409,7 @@ if [[ $MODE == --multi ]]; then
         ids=$($PY -c "import json;print(','.join(map(str,json.load(open('tests/fixtures/$fx/reference.json'))['prompts'][2]['input_ids'])))" 2>/dev/null || echo 5,17,42,7,99,300,12)
         common=(--prompt-ids "$ids" --max-new-tokens 32 --ignore-eos --json)
         "$BIN" generate --model "tests/fixtures/$fx" --device cuda:0 --dtype f32 "${common[@]}" >"$OUT/inproc_$fx.jsonl" || status=1
-        if MOEMESH_LOG=$MESH_LOG up --model "tests/fixtures/$fx" --dtype f32 --expert-workers ${MULTI_WORKERS:-2} "${layout[@]}"; then
+        if MOEMESH_LOG=$MESH_LOG up --model "tests/fixtures/$fx" --dtype f32 "${layout[@]}"; then
             "$BIN" generate --addr "127.0.0.1:$PORT" "${common[@]}" >"$OUT/mesh_$fx.jsonl" || status=1
             down
         else
