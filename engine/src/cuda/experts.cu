@@ -288,6 +288,24 @@ __device__ __forceinline__ void store_from_table(uint32_t* w0, uint32_t* w1, uin
     }
 }
 
+// The end of a launch that hands an MoE layer to expert workers (copy_batch_signal's last
+// block, or the routing launch's with a RouteHandoff), once the block's copies are fenced: thread
+// 0 stores the `ready` words from the table, then the block adds the layer's routed ids to the
+// gate's expert load (counts[e] += |{p < n : ids[p] = e}|, ids ≥ n_experts left out; null
+// counts: none), after the signal, so off the workers' path.
+__device__ __forceinline__ void signal_then_count(uint32_t* w0, uint32_t* w1, uint32_t* w2,
+                                                  uint32_t* w3, const uint32_t* table, int i0,
+                                                  int i1, int i2, int i3, int words,
+                                                  const uint32_t* ids, int n, int n_experts,
+                                                  uint32_t* counts) {
+    if (threadIdx.x == 0) store_from_table(w0, w1, w2, w3, table, i0, i1, i2, i3, words);
+    if (!counts) return;
+    for (int p = threadIdx.x; p < n; p += blockDim.x) {
+        const uint32_t e = ids[p];
+        if (e < (uint32_t)n_experts) atomicAdd(&counts[e], 1u);
+    }
+}
+
 // A mesh's decode graph: the hand-off of an MoE layer's rows and routing to its expert workers'
 // slots, done by the routing launch (route_logits) instead of a copy_batch_signal launch after
 // it (the gate's `route` fold, services/gate's RemoteExperts::route_handoff). Each block copies
@@ -414,14 +432,8 @@ __device__ __forceinline__ void route_logits(const float* x, int tokens, int hid
         }
     __threadfence_system();
     __syncthreads();
-    if (threadIdx.x == 0)
-        store_from_table(ho.words[0], ho.words[1], ho.words[2], ho.words[3], ho.table, ho.at[0],
-                         ho.at[1], ho.at[2], ho.at[3], ho.n_words);
-    if (!ho.counts) return;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const uint32_t e = ids[i];
-        if (e < (uint32_t)n_exp) atomicAdd(&ho.counts[e], 1u);
-    }
+    signal_then_count(ho.words[0], ho.words[1], ho.words[2], ho.words[3], ho.table, ho.at[0],
+                      ho.at[1], ho.at[2], ho.at[3], ho.n_words, ids, n, n_exp, ho.counts);
 }
 // moe_route_logits: k rounds with the weights in registers (route_row<true>); _e64: the top k by
 // rank (route_row<false, 2>), for ≤ 64 experts: 9.5 → 5.8–6.0 µs a layer at V2-Lite's router,
@@ -722,10 +734,9 @@ extern "C" __global__ void copy_batch(COPY_BATCH_ARGS) { copy_batch_block(COPY_B
 // the workers' slots, then their `ready` words): every block fences its copies at system scope
 // and counts itself in *counter (0 between launches; one stream's); the last block puts the
 // counter back to 0 and stores table[i_j] to word j (the first `words` of them), released at
-// system scope, as flag_signal_n does after a copy launch. With `counts` (null: none), that
-// block then adds the layer's routed ids to the gate's per-layer expert load as expert_count
-// does (counts[e] += |{p < count_n : count_ids[p] = e}|, ids ≥ n_experts left out): after the
-// signal, so off the workers' path, and without a launch of its own.
+// system scope, as flag_signal_n does after a copy launch; with `counts`, that block then adds
+// the layer's routed ids to the gate's per-layer expert load (signal_then_count), so the load
+// needs no expert_count launch of its own.
 extern "C" __global__ void copy_batch_signal(COPY_BATCH_ARGS, uint32_t* counter, uint32_t* w0,
                                              uint32_t* w1, uint32_t* w2, uint32_t* w3,
                                              const uint32_t* table, int i0, int i1, int i2,
@@ -742,13 +753,9 @@ extern "C" __global__ void copy_batch_signal(COPY_BATCH_ARGS, uint32_t* counter,
     if (threadIdx.x == 0) {
         *counter = 0u;
         __threadfence_system();
-        store_from_table(w0, w1, w2, w3, table, i0, i1, i2, i3, words);
     }
-    if (!counts) return;
-    for (int p = threadIdx.x; p < count_n; p += blockDim.x) {
-        const uint32_t e = count_ids[p];
-        if (e < (uint32_t)n_experts) atomicAdd(&counts[e], 1u);
-    }
+    signal_then_count(w0, w1, w2, w3, table, i0, i1, i2, i3, words, count_ids, count_n,
+                      n_experts, counts);
 }
 
 // The slot a block of the expert kernels works on: blockIdx.y, or, with `active` (moe_align's

@@ -169,17 +169,46 @@ pub const DENSE_FP8_KERNEL_ROWS: usize = 32;
 pub const DENSE_FP8_DEFAULT_ROWS: usize = 16;
 
 /// [`DENSE_FP8_DEFAULT_ROWS`], or what `MOEMESH_DENSE_FP8_ROWS` says (8 … 32; 8: e4m3 weights
-/// take the kernels up to 8 rows only, as before session 30), read once.
+/// take the kernels up to 8 rows only, as before session 30), read once; a value that is not a
+/// number, or lies outside 8 … 32, is reported (the default, or the nearest bound, taken).
 pub fn dense_fp8_max_rows() -> usize {
     static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *N.get_or_init(|| {
-        std::env::var("MOEMESH_DENSE_FP8_ROWS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .map_or(DENSE_FP8_DEFAULT_ROWS, |n: usize| {
-                n.clamp(DENSE_SMALL_MAX_ROWS, DENSE_FP8_KERNEL_ROWS)
-            })
+        let v = std::env::var("MOEMESH_DENSE_FP8_ROWS").ok();
+        let (rows, problem) = parse_dense_fp8_rows(v.as_deref());
+        if let Some(p) = problem {
+            tracing::warn!("{p}");
+        }
+        rows
     })
+}
+
+/// [`dense_fp8_max_rows`]'s reading of `MOEMESH_DENSE_FP8_ROWS`: the rows, and what was wrong
+/// with the value if anything.
+fn parse_dense_fp8_rows(v: Option<&str>) -> (usize, Option<String>) {
+    let Some(v) = v.map(str::trim).filter(|v| !v.is_empty()) else {
+        return (DENSE_FP8_DEFAULT_ROWS, None);
+    };
+    let range = DENSE_SMALL_MAX_ROWS..=DENSE_FP8_KERNEL_ROWS;
+    match v.parse::<usize>() {
+        Ok(n) if range.contains(&n) => (n, None),
+        Ok(n) => {
+            let rows = n.clamp(DENSE_SMALL_MAX_ROWS, DENSE_FP8_KERNEL_ROWS);
+            let why = format!(
+                "MOEMESH_DENSE_FP8_ROWS={n} is outside {DENSE_SMALL_MAX_ROWS} … \
+                 {DENSE_FP8_KERNEL_ROWS}; taking {rows}"
+            );
+            (rows, Some(why))
+        }
+        Err(_) => {
+            let why = format!(
+                "MOEMESH_DENSE_FP8_ROWS={v:?} is not a number of rows \
+                 ({DENSE_SMALL_MAX_ROWS} … {DENSE_FP8_KERNEL_ROWS}); taking the default \
+                 {DENSE_FP8_DEFAULT_ROWS}"
+            );
+            (DENSE_FP8_DEFAULT_ROWS, Some(why))
+        }
+    }
 }
 
 /// dense.cu's kernel for `t` rows of a product with e4m3 (`fp8`) or bf16 weights (`gate_up`: the
@@ -1435,6 +1464,26 @@ mod imp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dense_fp8_rows_default_to_16_and_report_what_they_cannot_take() {
+        assert_eq!(parse_dense_fp8_rows(None), (DENSE_FP8_DEFAULT_ROWS, None));
+        assert_eq!(
+            parse_dense_fp8_rows(Some(" ")),
+            (DENSE_FP8_DEFAULT_ROWS, None)
+        );
+        assert_eq!(parse_dense_fp8_rows(Some("8")), (8, None));
+        assert_eq!(parse_dense_fp8_rows(Some(" 32 ")), (32, None));
+        let (rows, why) = parse_dense_fp8_rows(Some("64"));
+        assert_eq!(rows, 32);
+        assert!(why.is_some_and(|w| w.contains("MOEMESH_DENSE_FP8_ROWS=64") && w.contains("32")));
+        let (rows, why) = parse_dense_fp8_rows(Some("2"));
+        assert_eq!(rows, 8);
+        assert!(why.is_some_and(|w| w.contains("outside 8")));
+        let (rows, why) = parse_dense_fp8_rows(Some("sixteen"));
+        assert_eq!(rows, DENSE_FP8_DEFAULT_ROWS);
+        assert!(why.is_some_and(|w| w.contains("\"sixteen\"") && w.contains("not a number")));
+    }
 
     #[test]
     fn dense_kernels_take_bf16_to_8_rows_and_e4m3_to_32_by_groups() {

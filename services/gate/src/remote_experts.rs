@@ -927,7 +927,9 @@ impl Experts for RemoteExperts {
         let Some(calls) = plan.calls.layers.get(&layer) else {
             return Ok(None);
         };
+        // Only the fused routing kernel (a few rows) takes a hand-off.
         if t != plan.rows
+            || t > moemesh_engine::router::FUSED_ROUTE_MAX_TOKENS
             || x.dtype() != plan.dtype
             || calls.is_empty()
             || calls.len() > moemesh_engine::cuda::ROUTE_HANDOFF_MAX
