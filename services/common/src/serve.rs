@@ -65,6 +65,43 @@ pub fn health_and_reflection(
     (RoleHealth::new(reporter, service), health, (v1, v1alpha))
 }
 
+/// A listening socket on `addr` whose accept queue holds `backlog` connections (tokio's own
+/// `TcpListener::bind` asks for 128, which a load test's burst of connections overflows: the
+/// kernel then drops them and their clients see resets). Linux caps the backlog at
+/// `net.core.somaxconn`, silently; a lower cap is logged here, naming the sysctl. Call it
+/// inside the runtime.
+pub fn bind(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As tokio's bind does: a restarted server gets its port back while old connections linger.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    if let Some(cap) = somaxconn()
+        && cap < backlog
+    {
+        tracing::warn!(
+            %addr,
+            backlog,
+            somaxconn = cap,
+            "the kernel caps this listener's backlog at net.core.somaxconn ({cap}, below \
+             --listen-backlog {backlog}): a larger burst of new connections is dropped"
+        );
+    }
+    socket.listen(backlog)
+}
+
+/// `net.core.somaxconn`, where the system shows it.
+fn somaxconn() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Accepted connections of `listener` with TCP_NODELAY set: every RPC here is a small
 /// request/response exchange on a long-lived stream, where Nagle's algorithm plus delayed ACKs
 /// would add ~40 ms stalls.

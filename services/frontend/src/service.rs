@@ -737,8 +737,10 @@ async fn serve_http(
     auth: AuthLayer,
     shed: moemesh_common::layers::InflightLimitLayer,
 ) -> MeshResult<HttpApi> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
+    let listener = frontend
+        .cfg
+        .limits
+        .bind(addr)
         .map_err(|e| MeshError::Invalid(format!("--http-listen {addr}: {e}")))?;
     let local = listener
         .local_addr()

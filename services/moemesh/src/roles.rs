@@ -13,10 +13,12 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))
+/// Binds `addr` with the role's `--listen-backlog`; inside the runtime.
+fn bind(
+    addr: SocketAddr,
+    limits: &moemesh_common::limits::ServerLimits,
+) -> anyhow::Result<tokio::net::TcpListener> {
+    limits.bind(addr).with_context(|| format!("binding {addr}"))
 }
 
 pub fn frontend(cfg: moemesh_frontend::FrontendConfig) -> anyhow::Result<()> {
@@ -24,7 +26,7 @@ pub fn frontend(cfg: moemesh_frontend::FrontendConfig) -> anyhow::Result<()> {
     // TLS or --plaintext must be chosen before any port is bound.
     cfg.tls.check()?;
     runtime()?.block_on(async {
-        let listener = bind(cfg.listen).await?;
+        let listener = bind(cfg.listen, &cfg.limits)?;
         moemesh_frontend::run(cfg, listener, shutdown_signal())
             .await
             .context("frontend")
@@ -35,7 +37,7 @@ pub fn gate(cfg: moemesh_gate::GateConfig) -> anyhow::Result<()> {
     tracing::info!(config = ?cfg, "gate");
     cfg.member.tls.check()?;
     runtime()?.block_on(async {
-        let listener = bind(cfg.member.listen).await?;
+        let listener = bind(cfg.member.listen, &cfg.member.limits)?;
         moemesh_gate::run(cfg, listener, shutdown_signal())
             .await
             .context("gate")
@@ -46,7 +48,7 @@ pub fn expert(cfg: moemesh_expert::ExpertConfig) -> anyhow::Result<()> {
     tracing::info!(config = ?cfg, "expert");
     cfg.member.tls.check()?;
     runtime()?.block_on(async {
-        let listener = bind(cfg.member.listen).await?;
+        let listener = bind(cfg.member.listen, &cfg.member.limits)?;
         moemesh_expert::run(cfg, listener, shutdown_signal())
             .await
             .context("expert worker")

@@ -229,7 +229,15 @@ async fn one(client: &mut Client, req: GenerateRequest) -> Sample {
     .await;
     if let Err(st) = result {
         s.error = Some(format!("{:?}", st.code()));
-        s.error_message = Some(st.message().to_string());
+        // The transport's own words too: a dropped connection reads "transport error" or
+        // "operation was canceled" alone, its cause only in the source chain.
+        let mut message = st.message().to_string();
+        let mut source = std::error::Error::source(&st);
+        while let Some(e) = source {
+            message.push_str(&format!(": {e}"));
+            source = e.source();
+        }
+        s.error_message = Some(message);
     }
     s
 }
