@@ -985,6 +985,7 @@ impl Expert for ExpertService {
                 if let Some(shared) = &req.shared {
                     used.insert(shared.session);
                 }
+                let device_ordered = req.shared.as_ref().is_some_and(|s| s.device_seq != 0);
                 let call = worker.in_flight.enter();
                 // A child of the gate's dispatch span when the call carries a sampled context;
                 // the worker starts no trace of its own.
@@ -1007,14 +1008,22 @@ impl Expert for ExpertService {
                 };
                 let w = worker.clone();
                 let started = std::time::Instant::now();
-                let result = tokio::task::spawn_blocking(move || {
+                let run = move || {
                     let result = span.in_scope(|| w.forward(&req));
                     if result.is_err() {
                         span.record("otel.status_code", "ERROR");
                     }
                     result
-                })
-                .await;
+                };
+                // A device-ordered call only queues work on its session's stream (tens of µs of
+                // driver calls, nothing waits for the device): it runs here, without a hop to
+                // the blocking pool and back, which cost as much again on each of a step's 26
+                // calls. Calls that compute on the host (tensors in the message) take the pool.
+                let result = if device_ordered && inline_device_calls() {
+                    Ok(run())
+                } else {
+                    tokio::task::spawn_blocking(run).await
+                };
                 drop(call);
                 let reply = match result {
                     Ok(r) => r.map_err(Status::from),
@@ -1119,6 +1128,13 @@ impl Expert for ExpertService {
 /// The routed experts of worker `shard` in the memory plan (`--plan-shard`): the plan of the
 /// model under this worker's `--weights-dtype` on `shard.gpus` GPUs of `--gpu-mem-gib` (default:
 /// this GPU's total memory), with the reserve flags' values.
+/// Whether device-ordered calls run on the stream's task (default) rather than in the blocking
+/// pool: `MOEMESH_WORKER_INLINE=0` sends them to the pool, as before, for A/B runs.
+fn inline_device_calls() -> bool {
+    static INLINE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *INLINE.get_or_init(|| std::env::var("MOEMESH_WORKER_INLINE").map_or(true, |v| v != "0"))
+}
+
 fn planned_experts(
     cfg: &ExpertConfig,
     shard: PlanShard,
