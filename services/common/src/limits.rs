@@ -273,9 +273,9 @@ mod tests {
         assert_eq!(conn.read(&mut buf).await.expect("read"), 1);
     }
 
-    #[test]
-    fn zero_limits_are_refused_by_flag() {
-        let mut l = ServerLimits {
+    /// Every limit at its least value.
+    fn least() -> ServerLimits {
+        ServerLimits {
             max_message_mb: None,
             max_concurrent_streams: 1,
             max_header_bytes: 1,
@@ -284,7 +284,12 @@ mod tests {
             keepalive_timeout: 1,
             request_timeout: 1,
             listen_backlog: 1,
-        };
+        }
+    }
+
+    #[test]
+    fn zero_limits_are_refused_by_flag() {
+        let mut l = least();
         assert_eq!(l.validate(), Ok(()));
         assert_eq!(l.max_message_bytes(4), 4 << 20);
         l.max_message_mb = Some(0);
@@ -313,14 +318,8 @@ mod tests {
             .unwrap_or(4096);
         let burst = 200.min(cap.saturating_sub(1)).max(1);
         let limits = ServerLimits {
-            max_message_mb: None,
-            max_concurrent_streams: 1,
-            max_header_bytes: 1,
-            handshake_timeout: 1,
-            keepalive_interval: 1,
-            keepalive_timeout: 1,
-            request_timeout: 1,
             listen_backlog: 256,
+            ..least()
         };
         let listener = limits
             .bind("127.0.0.1:0".parse().expect("addr"))
