@@ -329,8 +329,20 @@ async fn drive(args: &BenchArgs, prompts: Vec<Vec<u32>>) -> anyhow::Result<Vec<S
         let (client_args, addr) = (args.client.clone(), args.addr().to_string());
         tasks.push(tokio::spawn(async move {
             let mut samples = Vec::new();
-            let Ok(mut client) = client_args.connect(&addr).await else {
-                return samples;
+            let mut client = match client_args.connect(&addr).await {
+                Ok(c) => c,
+                Err(e) => {
+                    // A client that cannot connect fails one request, so that the run shows it
+                    // (the others take the rest at a lower concurrency than asked for).
+                    if next.fetch_add(1, Ordering::SeqCst) < prompts.len() {
+                        samples.push(Sample {
+                            error: Some(format!("{:?}", tonic::Code::Unavailable)),
+                            error_message: Some(format!("{e:#}")),
+                            ..Default::default()
+                        });
+                    }
+                    return samples;
+                }
             };
             loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
