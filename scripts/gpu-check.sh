@@ -7,6 +7,7 @@
 #   scripts/gpu-check.sh --bench              # benchmarks only
 #   scripts/gpu-check.sh --profile            # ncu: kernel time of one decode step, batch 1 and 64
 #   scripts/gpu-check.sh --sampling           # greedy vs sampled decoding, in-process and mesh
+#   scripts/gpu-check.sh --lines              # issues 18 and 20's decode lines in one call
 #   scripts/gpu-check.sh --graphs             # decode steps as CUDA graphs vs eager (in-process)
 #   scripts/gpu-check.sh --api                # constrained output and prompt logprobs through the HTTP API
 #   scripts/gpu-check.sh --prefill            # prefill: flash/grouped path vs the earlier one
@@ -756,6 +757,43 @@ for line in open(sys.argv[1]):
     t = (r.get('ttft_ms') or {}).get('p50', float('nan'))
     print(f"| {r['mode']} | {r['concurrency']} | {r['output_tokens_per_s']:.0f} | {t:.1f} | {r['itl_ms']['p50']:.2f} | {r['itl_ms']['p99']:.2f} |")
 EOF
+    exit $status
+fi
+
+if [[ $MODE == --lines ]]; then
+    # The open decode lines in one call, for a machine lent rarely (issue 18's are set for an
+    # H100, issue 20's too): in-process decode steps at batch 1 / 64 / 256 with bf16, FP8 and
+    # INT4 routed experts (synthetic:v2-lite, bf16 compute; the experts quantised at load) and
+    # the device memory each load took; greedy against sampled (T 0.6, top_p 0.95) in bf16; the
+    # mesh (gate + 2 workers on the GPU, MPS) at batch 1 / 64, greedy and sampled. Then each
+    # line beside its measurement (scripts/bench/lines_report.py). ~4 minutes on an H200.
+    MODEL=synthetic:v2-lite
+    BENCH=(--prompt-len 128 --output-len 32 --json)
+    SAMPLED=(--temperature 0.6 --top-p 0.95)
+    : >"$OUT/lines.jsonl"
+    for wd in bf16 fp8 int4; do
+        "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 --weights-dtype $wd \
+            --sweep 1,64,256 "${BENCH[@]}" 2>"$OUT/lines_$wd.err" \
+            | sed "s/^{/{\"mode\":\"in-process $wd greedy\",/" >>"$OUT/lines.jsonl" || status=1
+        # "… loaded on cuda:0 in 1.5 s, 30.50 GiB of device memory"
+        gib=$(grep -o '[0-9.]* GiB of device memory' "$OUT/lines_$wd.err" | head -1 | cut -d' ' -f1)
+        echo "{\"mode\":\"memory $wd\",\"gib\":${gib:-null}}" >>"$OUT/lines.jsonl"
+    done
+    "$BIN" bench --in-process --model $MODEL --device cuda:0 --dtype bf16 --sweep 1,64,256 "${BENCH[@]}" "${SAMPLED[@]}" \
+        | sed 's/^{/{"mode":"in-process bf16 sampled",/' >>"$OUT/lines.jsonl" || status=1
+    if up --model $MODEL --dtype bf16 --expert-workers 2 --device cuda:0 --gate-args=--kv-cache-mb=16384; then
+        # One unrecorded run first: a fresh mesh's first steps ran slow (BENCHMARKS, session 26).
+        "$BIN" bench --addr "127.0.0.1:$PORT" --concurrency 1 --requests 4 "${BENCH[@]}" >/dev/null || status=1
+        for how in greedy sampled; do
+            extra=(); [[ $how == sampled ]] && extra=("${SAMPLED[@]}")
+            "$BIN" bench --addr "127.0.0.1:$PORT" --sweep 1,64 "${BENCH[@]}" "${extra[@]}" \
+                | sed "s/^{/{\"mode\":\"mesh bf16 $how\",/" >>"$OUT/lines.jsonl" || status=1
+        done
+        down
+    else
+        status=1
+    fi
+    $PY scripts/bench/lines_report.py "$OUT/lines.jsonl" | tee "$OUT/lines.md"
     exit $status
 fi
 
