@@ -1125,9 +1125,6 @@ impl Expert for ExpertService {
     }
 }
 
-/// The routed experts of worker `shard` in the memory plan (`--plan-shard`): the plan of the
-/// model under this worker's `--weights-dtype` on `shard.gpus` GPUs of `--gpu-mem-gib` (default:
-/// this GPU's total memory), with the reserve flags' values.
 /// Whether device-ordered calls run on the stream's task (default) rather than in the blocking
 /// pool: `MOEMESH_WORKER_INLINE=0` sends them to the pool, as before, for A/B runs.
 fn inline_device_calls() -> bool {
@@ -1135,6 +1132,9 @@ fn inline_device_calls() -> bool {
     *INLINE.get_or_init(|| std::env::var("MOEMESH_WORKER_INLINE").map_or(true, |v| v != "0"))
 }
 
+/// The routed experts of worker `shard` in the memory plan (`--plan-shard`): the plan of the
+/// model under this worker's `--weights-dtype` on `shard.gpus` GPUs of `--gpu-mem-gib` (default:
+/// this GPU's total memory), with the reserve flags' values.
 fn planned_experts(
     cfg: &ExpertConfig,
     shard: PlanShard,
