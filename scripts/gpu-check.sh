@@ -58,6 +58,16 @@ up() {
     echo "moemesh up did not get ready" >&2
     return 1
 }
+# `mesh_sweeps SWEEP LABEL OUT`: the mesh at 127.0.0.1:$PORT, greedy then sampled (T 0.6,
+# top_p 0.95), `bench --sweep SWEEP`, each record labelled "LABEL greedy|sampled" into OUT.
+mesh_sweeps() {
+    local how extra
+    for how in greedy sampled; do
+        extra=(); [[ $how == sampled ]] && extra=(--temperature 0.6 --top-p 0.95)
+        "$BIN" bench --addr "127.0.0.1:$PORT" --sweep "$1" --prompt-len 128 --output-len 32 --json "${extra[@]}" \
+            | sed "s/^{/{\"mode\":\"$2 $how\",/" >>"$3" || status=1
+    done
+}
 down() {
     kill -TERM "$UP_PID" 2>/dev/null
     wait "$UP_PID" 2>/dev/null
@@ -784,11 +794,7 @@ if [[ $MODE == --lines ]]; then
     if up --model $MODEL --dtype bf16 --expert-workers 2 --device cuda:0 --gate-args=--kv-cache-mb=16384; then
         # One unrecorded run first: a fresh mesh's first steps ran slow (BENCHMARKS, session 26).
         "$BIN" bench --addr "127.0.0.1:$PORT" --concurrency 1 --requests 4 "${BENCH[@]}" >/dev/null || status=1
-        for how in greedy sampled; do
-            extra=(); [[ $how == sampled ]] && extra=("${SAMPLED[@]}")
-            "$BIN" bench --addr "127.0.0.1:$PORT" --sweep 1,64 "${BENCH[@]}" "${extra[@]}" \
-                | sed "s/^{/{\"mode\":\"mesh bf16 $how\",/" >>"$OUT/lines.jsonl" || status=1
-        done
+        mesh_sweeps 1,64 "mesh bf16" "$OUT/lines.jsonl"
         down
     else
         status=1
@@ -819,11 +825,7 @@ if [[ $MODE == --sampling ]]; then
         UP_BIN=/tmp/gate-$name
         gunzip -c "$gz" >"$UP_BIN" && chmod +x "$UP_BIN" || { status=1; continue; }
         if up --model $MODEL --dtype bf16 --expert-workers 2 --device cuda:0 --gate-args=--kv-cache-mb=16384; then
-            for how in greedy sampled; do
-                extra=(); [[ $how == sampled ]] && extra=("${SAMPLED[@]}")
-                "$BIN" bench --addr "127.0.0.1:$PORT" --sweep 8,64 "${BENCH[@]}" "${extra[@]}" \
-                    | sed "s/^{/{\"mode\":\"mesh $name $how\",/" >>"$OUT/sampling.jsonl" || status=1
-            done
+            mesh_sweeps 8,64 "mesh $name" "$OUT/sampling.jsonl"
             down
         else
             status=1

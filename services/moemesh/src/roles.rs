@@ -13,11 +13,13 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-/// Binds `addr` with the role's `--listen-backlog`; inside the runtime.
+/// Binds `addr` with the role's `--listen-backlog`, once the limits are checked (a zero limit is
+/// refused by flag before any port is bound); inside the runtime.
 fn bind(
     addr: SocketAddr,
     limits: &moemesh_common::limits::ServerLimits,
 ) -> anyhow::Result<tokio::net::TcpListener> {
+    limits.validate().map_err(anyhow::Error::msg)?;
     limits.bind(addr).with_context(|| format!("binding {addr}"))
 }
 
