@@ -496,6 +496,20 @@ impl Worker {
         })
     }
 
+    /// Whether a device-ordered call for `layer` finds its slot table without building one:
+    /// every held expert (`shared.experts` empty), or a subset already built. Building one
+    /// uploads it and waits for the device, which a call run on the stream's task must not do.
+    fn slot_table_cached(&self, layer: u32, shared: &pb::SharedActivations) -> bool {
+        shared.experts.is_empty()
+            || self
+                .held
+                .load()
+                .slot_tables
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(&(layer as usize, shared.experts.clone()))
+    }
+
     /// The slot table for a call computing `experts` of `layer` (empty: every held one) on the
     /// shard of `held`. An expert not held is UNAVAILABLE (retryable: the gate's placement is
     /// behind a `SetExperts`).
@@ -985,7 +999,11 @@ impl Expert for ExpertService {
                 if let Some(shared) = &req.shared {
                     used.insert(shared.session);
                 }
-                let device_ordered = req.shared.as_ref().is_some_and(|s| s.device_seq != 0);
+                // Whether the call only queues work on its session's stream (see below).
+                let queues_only = req
+                    .shared
+                    .as_ref()
+                    .is_some_and(|s| s.device_seq != 0 && worker.slot_table_cached(req.layer, s));
                 let call = worker.in_flight.enter();
                 // A child of the gate's dispatch span when the call carries a sampled context;
                 // the worker starts no trace of its own.
@@ -1018,8 +1036,10 @@ impl Expert for ExpertService {
                 // A device-ordered call only queues work on its session's stream (tens of µs of
                 // driver calls, nothing waits for the device): it runs here, without a hop to
                 // the blocking pool and back, which cost as much again on each of a step's 26
-                // calls. Calls that compute on the host (tensors in the message) take the pool.
-                let result = if device_ordered && inline_device_calls() {
+                // calls. Calls that compute on the host (tensors in the message), and the first
+                // call for a subset of the held experts (its slot table's upload waits for the
+                // device), take the pool.
+                let result = if queues_only && inline_device_calls() {
                     Ok(run())
                 } else {
                     tokio::task::spawn_blocking(run).await
