@@ -103,6 +103,24 @@ pub struct Plan {
     pub rejected: Vec<u64>,
 }
 
+impl Plan {
+    /// Adds a prefill chunk of `n` tokens of `e` (`cached` of them expected from the prefix
+    /// cache; the chunk samples when it ends the prompt). Returns the rows it computes, which
+    /// is what the chunk costs of the step's token budget.
+    fn prefill_chunk(&mut self, e: &Entry, n: usize, cached: usize) -> usize {
+        self.slots.push(Slot {
+            id: e.id,
+            start: e.gate_pos,
+            len: n,
+            sample: n == e.pending(),
+            cached,
+        });
+        self.prefill_tokens += n;
+        self.cached_tokens += cached;
+        n - cached
+    }
+}
+
 /// The gate's KV capacity as last reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvState {
@@ -253,16 +271,7 @@ impl Scheduler {
                     continue;
                 }
                 free -= kv.map_or(0, |k| k.need(e.gate_pos, n));
-                plan.slots.push(Slot {
-                    id: e.id,
-                    start: e.gate_pos,
-                    len: n,
-                    sample: n == e.pending(),
-                    cached,
-                });
-                plan.prefill_tokens += n;
-                plan.cached_tokens += cached;
-                budget = budget.saturating_sub(n - cached);
+                budget = budget.saturating_sub(plan.prefill_chunk(e, n, cached));
             }
         }
         let mut i = 0;
@@ -286,16 +295,7 @@ impl Scheduler {
             }
             let (n, cached) = chunk(kv, &e, budget, usize::MAX);
             free -= kv.map_or(0, |k| k.need(e.gate_pos, n));
-            plan.slots.push(Slot {
-                id: e.id,
-                start: e.gate_pos,
-                len: n,
-                sample: n == e.pending(),
-                cached,
-            });
-            plan.prefill_tokens += n;
-            plan.cached_tokens += cached;
-            budget = budget.saturating_sub(n - cached);
+            budget = budget.saturating_sub(plan.prefill_chunk(&e, n, cached));
             self.running.push(e);
         }
         plan
