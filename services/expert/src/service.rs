@@ -1434,6 +1434,39 @@ mod tests {
         Arc::new(worker(DType::F32))
     }
 
+    /// A device-ordered call runs on the stream's task only when its slot table is there: every
+    /// held expert, or a subset built by an earlier call; the first call for a new subset (whose
+    /// upload waits for the device) does not, and an expert not held stays UNAVAILABLE.
+    #[test]
+    fn only_a_built_slot_table_keeps_a_call_on_the_stream_task() {
+        let worker = cpu_worker();
+        let layer = worker.layers[0];
+        let shared = |experts: Vec<u32>| pb::SharedActivations {
+            experts,
+            device_seq: 1,
+            ..Default::default()
+        };
+        assert!(worker.slot_table_cached(layer, &shared(Vec::new())));
+        assert!(!worker.slot_table_cached(layer, &shared(vec![0])));
+        // As the first call for experts [0] leaves it (on the CPU a shard has no slot tables to
+        // build from).
+        let held = worker.held.load_full();
+        let table =
+            moemesh_engine::Tensor::from_vec(vec![0i32, -1], 2, &Device::Cpu).expect("a table");
+        held.slot_tables
+            .lock()
+            .expect("not poisoned")
+            .insert((layer as usize, vec![0]), table);
+        assert!(worker.slot_table_cached(layer, &shared(vec![0])));
+        assert!(!worker.slot_table_cached(layer, &shared(vec![1])));
+        assert!(!worker.slot_table_cached(layer, &shared(vec![0, 1])));
+        assert!(matches!(
+            worker.slot_table(&held, layer as usize, &[2]),
+            Err(MeshError::Unavailable(_))
+        ));
+        assert!(!worker.slot_table_cached(layer, &shared(vec![2])));
+    }
+
     /// A CPU worker refuses CUDA IPC with a reason (the gate keeps gRPC), not with an error.
     #[tokio::test]
     async fn a_cpu_worker_refuses_cuda_ipc_and_keeps_grpc() {
