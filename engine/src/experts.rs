@@ -775,7 +775,11 @@ impl ExpertShard {
     /// for a call that computes some of the held experts (their replicas elsewhere take the rest).
     pub fn slot_table_for(&self, layer: usize, experts: &[u32]) -> Result<Tensor> {
         let le = self.layer(layer)?;
-        let n = le.slot_of.as_ref().map_or(0, |t| t.elem_count());
+        let Some(n) = le.slot_of.as_ref().map(|t| t.elem_count()) else {
+            return Err(EngineError::InvalidInput(
+                "slot tables are for a shard on a GPU (device-ordered calls)".into(),
+            ));
+        };
         let mut table = vec![-1i32; n];
         for &e in experts {
             let (Some(&slot), Some(entry)) =

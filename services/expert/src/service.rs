@@ -1464,6 +1464,11 @@ mod tests {
             worker.slot_table(&held, layer as usize, &[2]),
             Err(MeshError::Unavailable(_))
         ));
+        // No call is device-ordered on the CPU; asked anyway, a subset's table says why not.
+        let err = worker
+            .slot_table(&held, layer as usize, &[1])
+            .expect_err("a CPU shard has no slot tables");
+        assert!(err.to_string().contains("shard on a GPU"), "{err}");
         assert!(!worker.slot_table_cached(layer, &shared(vec![2])));
     }
 
