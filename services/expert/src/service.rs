@@ -121,10 +121,34 @@ struct Held {
     /// The experts held, per served layer (each ascending), as `Info` and the registry list
     /// them. Layers may hold different experts (a per-layer `SetExperts`).
     holdings: Holdings,
-    /// Slot tables of device-ordered calls that compute some of a layer's held experts, by
-    /// (layer, experts). They name slots of this shard's stacks, so they live and die with it
-    /// (a new shard numbers its slots anew).
-    slot_tables: std::sync::Mutex<HashMap<(usize, Vec<u32>), moemesh_engine::Tensor>>,
+    /// Slot tables of device-ordered calls that compute some of a layer's held experts. They
+    /// name slots of this shard's stacks, so they live and die with it (a new shard numbers its
+    /// slots anew).
+    slot_tables: SlotTables,
+}
+
+/// Built slot tables, by layer, then by the experts a call computes (looked up by the call's
+/// list as it came, without a copy: every device-ordered call of a replica split asks).
+#[derive(Default)]
+struct SlotTables(std::sync::Mutex<HashMap<usize, HashMap<Vec<u32>, moemesh_engine::Tensor>>>);
+
+impl SlotTables {
+    fn get(&self, layer: usize, experts: &[u32]) -> Option<moemesh_engine::Tensor> {
+        let tables = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        tables.get(&layer)?.get(experts).cloned()
+    }
+
+    /// Keeps `table`; past [`MAX_SLOT_TABLES`] the ones kept are dropped first.
+    fn insert(&self, layer: usize, experts: &[u32], table: moemesh_engine::Tensor) {
+        let mut tables = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if tables.values().map(HashMap::len).sum::<usize>() >= MAX_SLOT_TABLES {
+            tables.clear();
+        }
+        tables
+            .entry(layer)
+            .or_default()
+            .insert(experts.to_vec(), table);
+    }
 }
 
 impl Held {
@@ -505,9 +529,8 @@ impl Worker {
                 .held
                 .load()
                 .slot_tables
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains_key(&(layer as usize, shared.experts.clone()))
+                .get(layer as usize, &shared.experts)
+                .is_some()
     }
 
     /// The slot table for a call computing `experts` of `layer` (empty: every held one) on the
@@ -536,23 +559,13 @@ impl Worker {
                 held.holdings.get(&(layer as u32))
             )));
         }
-        let key = (layer, experts.to_vec());
-        if let Some(t) = held
-            .slot_tables
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-        {
-            return Ok(t.clone());
+        if let Some(t) = held.slot_tables.get(layer, experts) {
+            return Ok(t);
         }
         let t = held.shard.slot_table_for(layer, experts)?;
         // Uploaded on the main stream, read on sessions' streams.
         ipc::synchronize(&self.device)?;
-        let mut cache = held.slot_tables.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= MAX_SLOT_TABLES {
-            cache.clear();
-        }
-        cache.insert(key, t.clone());
+        held.slot_tables.insert(layer, experts, t.clone());
         Ok(t)
     }
 
@@ -1453,10 +1466,7 @@ mod tests {
         let held = worker.held.load_full();
         let table =
             moemesh_engine::Tensor::from_vec(vec![0i32, -1], 2, &Device::Cpu).expect("a table");
-        held.slot_tables
-            .lock()
-            .expect("not poisoned")
-            .insert((layer as usize, vec![0]), table);
+        held.slot_tables.insert(layer as usize, &[0], table);
         assert!(worker.slot_table_cached(layer, &shared(vec![0])));
         assert!(!worker.slot_table_cached(layer, &shared(vec![1])));
         assert!(!worker.slot_table_cached(layer, &shared(vec![0, 1])));
@@ -1470,6 +1480,22 @@ mod tests {
             .expect_err("a CPU shard has no slot tables");
         assert!(err.to_string().contains("shard on a GPU"), "{err}");
         assert!(!worker.slot_table_cached(layer, &shared(vec![2])));
+    }
+
+    /// The cache counts its tables over every layer: the one past MAX_SLOT_TABLES starts it
+    /// anew, whichever layer it is for.
+    #[test]
+    fn slot_tables_start_anew_past_their_cap() {
+        let tables = SlotTables::default();
+        let table = || moemesh_engine::Tensor::from_vec(vec![0i32], 1, &Device::Cpu).expect("t");
+        for i in 0..MAX_SLOT_TABLES as u32 {
+            tables.insert((i % 2) as usize, &[i], table());
+        }
+        assert!(tables.get(0, &[0]).is_some() && tables.get(1, &[1]).is_some());
+        assert!(tables.get(0, &[1]).is_none(), "layer 0 never had [1]");
+        tables.insert(2, &[7], table());
+        assert!(tables.get(2, &[7]).is_some());
+        assert!(tables.get(0, &[0]).is_none() && tables.get(1, &[1]).is_none());
     }
 
     /// A CPU worker refuses CUDA IPC with a reason (the gate keeps gRPC), not with an error.
