@@ -312,10 +312,7 @@ mod tests {
         // full accept queue, and those connects cannot complete until the server accepts; with
         // `--listen-backlog` above the burst every one completes at once. Where the system caps
         // backlogs lower (net.core.somaxconn), the burst shrinks to fit under the cap.
-        let cap = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
-            .ok()
-            .and_then(|s| s.trim().parse::<usize>().ok())
-            .unwrap_or(4096);
+        let cap = crate::serve::somaxconn().map_or(4096, |c| c as usize);
         let burst = 200.min(cap.saturating_sub(1)).max(1);
         let limits = ServerLimits {
             listen_backlog: 256,

@@ -94,7 +94,7 @@ pub fn bind(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<tokio::
 }
 
 /// `net.core.somaxconn`, where the system shows it.
-fn somaxconn() -> Option<u32> {
+pub(crate) fn somaxconn() -> Option<u32> {
     std::fs::read_to_string("/proc/sys/net/core/somaxconn")
         .ok()?
         .trim()
