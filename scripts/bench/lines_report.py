@@ -11,9 +11,10 @@ rows = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
 
 
 def step(mode, batch):
-    """ms a step of `mode` at `batch`, or None."""
+    """ms a step of `mode` at `batch` where every request of the run succeeded, or None."""
     for r in rows:
-        if r.get("mode") == mode and r.get("concurrency") == batch and r.get("succeeded"):
+        if (r.get("mode") == mode and r.get("concurrency") == batch
+                and r.get("requests") and r.get("succeeded") == r.get("requests")):
             return r["itl_ms"]["p50"]
     return None
 
