@@ -74,3 +74,26 @@ __global__ void fill_bf16(bf16* p, size_t n, uint32_t seed, float scale) {
         p[i] = __float2bfloat16(((int)(h & 0xffff) - 32768) * (scale / 32768.f));
     }
 }
+// n e4m3 of either sign, exponents 4 … 11 (magnitudes 2^-3 … 2^4), no NaN.
+__global__ void fill_e4m3(uint8_t* p, size_t n, uint32_t seed) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const uint32_t h = mix((uint32_t)i * 2654435761u ^ seed);
+        p[i] = (uint8_t)((h & 0x80u) | ((4u + ((h >> 8) & 7u)) << 3) | ((h >> 16) & 7u));
+    }
+}
+// n f32 in [lo, hi).
+__global__ void fill_f32_range(float* p, size_t n, uint32_t seed, float lo, float hi) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        p[i] = lo + (hi - lo) * (mix((uint32_t)i ^ seed) & 0xffff) / 65536.f;
+}
+// y[t, j] = silu(g[t, j]) · u[t, j] from gu [T, 2N] (the engine's silu_mul after cuBLAS).
+__global__ void swiglu(const bf16* gu, int T, int N, bf16* y) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < T * N; i += gridDim.x * blockDim.x) {
+        const int t = i / N, j = i % N;
+        const float g = __bfloat162float(gu[(size_t)t * 2 * N + j]);
+        const float u = __bfloat162float(gu[(size_t)t * 2 * N + N + j]);
+        y[i] = __float2bfloat16(silu(g) * u);
+    }
+}

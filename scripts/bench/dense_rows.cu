@@ -44,29 +44,6 @@
         }                                                            \
     } while (0)
 
-__global__ void fill_e4m3(uint8_t* p, size_t n, uint32_t seed) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x) {
-        const uint32_t h = mix((uint32_t)i * 2654435761u ^ seed);
-        // e4m3 of either sign, exponents 4 … 11 (magnitudes 2^-3 … 2^4), no NaN
-        p[i] = (uint8_t)((h & 0x80u) | ((4u + ((h >> 8) & 7u)) << 3) | ((h >> 16) & 7u));
-    }
-}
-__global__ void fill_f32(float* p, size_t n, uint32_t seed, float lo, float hi) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x)
-        p[i] = lo + (hi - lo) * (mix((uint32_t)i ^ seed) & 0xffff) / 65536.f;
-}
-// y[t, j] = silu(g[t, j]) · u[t, j] from gu [T, 2N] (the engine's silu_mul after cuBLAS).
-__global__ void swiglu(const bf16* gu, int T, int N, bf16* y) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < T * N; i += gridDim.x * blockDim.x) {
-        const int t = i / N, j = i % N;
-        const float g = __bfloat162float(gu[(size_t)t * 2 * N + j]);
-        const float u = __bfloat162float(gu[(size_t)t * 2 * N + N + j]);
-        y[i] = __float2bfloat16(silu(g) * u);
-    }
-}
-
 // dense_mma with NG groups of 8 rows a block, blockIdx.y taking rows 8·NG·y on (NG < 8: more blocks, fewer registers, the weights read again per y, from L2 if
 // still there).
 // (MINB: __launch_bounds__' blocks an SM, registers capped to fit them.)
@@ -270,7 +247,7 @@ int main(int argc, char** argv) {
                 CK(cudaMalloc(&p.wd, n * 2));
                 fill_e4m3<<<1024, 256>>>(p.q, n, 91u * l + i);
                 const float sc = 0.15f / std::sqrt((float)p.K);
-                fill_f32<<<64, 256>>>(p.s, ns, 13u * l + i, 0.5f * sc, 1.5f * sc);
+                fill_f32_range<<<64, 256>>>(p.s, ns, 13u * l + i, 0.5f * sc, 1.5f * sc);
                 fp8_bytes += n + ns * 4.0;
             } else {
                 fp8_bytes += n * 2.0;

@@ -1594,6 +1594,45 @@ struct GgBf16Weights {
     __device__ __forceinline__ const bf16* ready(int, int st) const { return tiles + st * BN * BK; }
 };
 
+// The k loop of a grouped-GEMM tile (moe_gg, and experts_fp8.cu's split-k dense_fp8_sk): k steps
+// kt0 … kt0 + kt_n − 1, the activations' 16-byte chunks (asrc / aok / aoff, as gg_a_tiles
+// makes them) and the weight tiles `wt` arriving through a STAGES-deep cp.async pipeline, each
+// step's MMAs (gg_k_step) into acc, which starts at zero. Every thread of the block calls it.
+template <int BM, int BK, int STAGES, int FM, int FN, int TM, int TN, int A_PER, typename W>
+__device__ __forceinline__ void gg_mainloop(bf16* sa, W& wt, const bf16* const (&asrc)[A_PER],
+                                            const bool (&aok)[A_PER], const int (&aoff)[A_PER],
+                                            int kt0, int kt_n, int wm, int wn, int lane,
+                                            float (&acc)[FM][FN][4]) {
+    auto load = [&](int kt, int st) {
+        const int k0 = (kt0 + kt) * BK;
+        bf16* A = sa + st * BM * BK;
+#pragma unroll
+        for (int i = 0; i < A_PER; ++i) cp_async16(A + aoff[i], asrc[i] + k0, aok[i]);
+        wt.load(k0, st);
+    };
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (st < kt_n) load(st, st);
+        cp_async_commit();
+    }
+#pragma unroll
+    for (int mi = 0; mi < FM; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < FN; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
+    for (int kt = 0; kt < kt_n; ++kt) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        const int nk = kt + STAGES - 1;
+        if (nk < kt_n) load(nk, nk % STAGES);
+        cp_async_commit();
+        const bf16* B = wt.ready((kt0 + kt) * BK, kt % STAGES);
+        gg_k_step<BK, FM, FN, TM, TN>(sa + (kt % STAGES) * BM * BK, B, wm, wn, lane, acc);
+    }
+    cp_async_wait<0>();
+}
+
 // One BM × BN tile of a grouped product, WM × WN warps (each (BM/WM) × (BN/WN)), BK-wide k
 // steps through a STAGES-deep cp.async pipeline in dynamic shared memory (STAGES · BM · BK · 2
 // bytes of activations, then the weight tiles' W::SMEM). W, the weights' tiles: GgBf16Weights
@@ -1629,37 +1668,10 @@ __device__ __forceinline__ void moe_gg(const bf16* __restrict__ a, int K,
     int aoff[A_PER];
     gg_a_tiles<GATE_UP, BM, BK, THREADS, A_PER>(a, K, sorted_rows, blk, tid, asrc, aok, aoff);
     W wt(w, qa, K, N, s, n0, tid, gg_smem + STAGES * BM * BK * 2);
-    const int kt_n = K / BK;
-    auto load = [&](int kt, int st) {
-        const int k0 = kt * BK;
-        bf16* A = sa + st * BM * BK;
-#pragma unroll
-        for (int i = 0; i < A_PER; ++i) cp_async16(A + aoff[i], asrc[i] + k0, aok[i]);
-        wt.load(k0, st);
-    };
-#pragma unroll
-    for (int st = 0; st < STAGES - 1; ++st) {
-        if (st < kt_n) load(st, st);
-        cp_async_commit();
-    }
     const int wm = warp / WN, wn = warp % WN;
     float acc[FM][FN][4];
-#pragma unroll
-    for (int mi = 0; mi < FM; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < FN; ++ni)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
-    for (int kt = 0; kt < kt_n; ++kt) {
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();
-        const int nk = kt + STAGES - 1;
-        if (nk < kt_n) load(nk, nk % STAGES);
-        cp_async_commit();
-        const bf16* B = wt.ready(kt * BK, kt % STAGES);
-        gg_k_step<BK, FM, FN, TM, TN>(sa + (kt % STAGES) * BM * BK, B, wm, wn, lane, acc);
-    }
-    cp_async_wait<0>();
+    gg_mainloop<BM, BK, STAGES, FM, FN, TM, TN, A_PER>(sa, wt, asrc, aok, aoff, 0, K / BK, wm, wn,
+                                                      lane, acc);
     gg_store<GATE_UP, BM, FM, FN, TM, TN>(acc, blk, wm, wn, lane, n0, N, sorted_rows, out);
 }
 

@@ -692,6 +692,108 @@ using GgFp8 = GgFp8Weights<GATE_UP, GG_BN, BK, STAGES, 128, GG_BN / 2>;
 GG_FP8_KERNELS(k64, 64, 3)
 GG_FP8_KERNELS(k32, 32, 4)
 
+// ---------------------------------------------------------------------------------------------
+// One wide e4m3 matrix (the shared experts' stacked gate/up [2N, K] or down [N, K], 128 × 128
+// block scales) times a few dozen to a few hundred rows x [T, K]: the products above dense.cu's
+// rows (17 … 256). cuBLAS needs the weight dequantised to bf16 on every call (reads 1 byte,
+// writes 2 and reads them again), and moe_gg's grid over one matrix's columns (44 or 16 blocks)
+// leaves most SMs idle. Here moe_gg's tile (64 rows × 128 columns, k steps of 64 in 3 stages,
+// the e4m3 dequantised into its bf16 tile) runs over one k range of `gridDim.z` (each a run of
+// whole k steps), so the weights are read once by enough blocks to fill the GPU, and each block
+// writes its f32 sums to `part [gridDim.z][T][C]` (C = 2N for gate/up: gate column j at j, up
+// at N + j; N for down). dense_fp8_sk_swiglu / dense_fp8_sk_sum add the k ranges' sums. (The
+// sums added into one zeroed buffer by f32 atomics instead were slower: session 34.)
+// Grid: x the column tiles (gate/up: ⌈N / 64⌉, else ⌈N / 128⌉), y ⌈T / 64⌉, z the k ranges.
+// K % 64 == 0; gate/up: the stacked [2N, K] weight with N % 128 == 0 (gate and up rows each
+// start a block row of scales).
+template <bool GATE_UP>
+__device__ __forceinline__ void dense_fp8_sk_tile(const bf16* __restrict__ x, int T, int K,
+                                             const uint8_t* __restrict__ w, const float* scales,
+                                             int N, float* __restrict__ part) {
+    constexpr int BM = GG_BM, BN = GG_BN, BK = 64, STAGES = 3, WM = 2, WN = 2;
+    constexpr int THREADS = WM * WN * 32, TM = BM / WM, TN = BN / WN, FM = TM / 16, FN = TN / 8;
+    constexpr int CH = BK / 8, A_PER = BM * CH / THREADS;
+    typedef GgFp8<GATE_UP, BK, STAGES> W;
+    extern __shared__ __align__(128) unsigned char gg_smem[];
+    bf16* sa = reinterpret_cast<bf16*>(gg_smem);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int n0 = blockIdx.x * (GATE_UP ? BN / 2 : BN);
+    const int r0 = blockIdx.y * BM;
+    const int kt_all = K / BK, S = gridDim.z, z = blockIdx.z;
+    const int kt0 = kt_all * z / S, kt1 = kt_all * (z + 1) / S;
+    const bf16* asrc[A_PER];
+    bool aok[A_PER];
+    int aoff[A_PER];
+#pragma unroll
+    for (int i = 0; i < A_PER; ++i) {
+        const int id = tid + i * THREADS, r = id / CH, c = id % CH;
+        aoff[i] = gg_off<BK>(r, c);
+        aok[i] = r0 + r < T;
+        asrc[i] = x + (size_t)(aok[i] ? r0 + r : 0) * K + c * 8;
+    }
+    W wt(w, QuantArgs{scales, nullptr, 0}, K, N, 0, n0, tid, gg_smem + STAGES * BM * BK * 2);
+    const int wm = warp / WN, wn = warp % WN;
+    float acc[FM][FN][4];
+    gg_mainloop<BM, BK, STAGES, FM, FN, TM, TN, A_PER>(sa, wt, asrc, aok, aoff, kt0, kt1 - kt0, wm,
+                                                      wn, lane, acc);
+    const int C = GATE_UP ? 2 * N : N;
+    float* out = part + (size_t)z * T * C;
+    const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int mi = 0; mi < FM; ++mi)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int q = r0 + wm * TM + mi * 16 + g + half * 8;
+            if (q >= T) continue;
+#pragma unroll
+            for (int ni = 0; ni < FN; ++ni) {
+                // gate/up: a warp's first FN/2 fragments are gate columns, the next FN/2 the
+                // same up columns (gg_weight_row's tile order).
+                const int j = GATE_UP ? n0 + wn * (TN / 2) + (ni % (FN / 2)) * 8 + 2 * t4
+                                      : n0 + wn * TN + ni * 8 + 2 * t4;
+                const int col = GATE_UP && ni >= FN / 2 ? N + j : j;
+                if (j < N)
+                    *reinterpret_cast<float2*>(out + (size_t)q * C + col) =
+                        make_float2(acc[mi][ni][2 * half], acc[mi][ni][2 * half + 1]);
+            }
+        }
+}
+extern "C" __global__ void __launch_bounds__(128)
+    dense_fp8_sk_gate_up(const bf16* x, int T, int K, const uint8_t* w, const float* s, int N,
+                         float* part) {
+    dense_fp8_sk_tile<true>(x, T, K, w, s, N, part);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    dense_fp8_sk(const bf16* x, int T, int K, const uint8_t* w, const float* s, int N,
+                 float* part) {
+    dense_fp8_sk_tile<false>(x, T, K, w, s, N, part);
+}
+// h [T, N] = SiLU(Σ gate) · Σ up over the S k ranges' sums `part [S][T][2N]`, 2 columns a thread.
+extern "C" __global__ void dense_fp8_sk_swiglu(const float* part, int S, int T, int N, bf16* h) {
+    const int i = (blockIdx.x * blockDim.x + threadIdx.x) * 2;
+    if (i >= T * N) return;
+    const int t = i / N, j = i % N;
+    float2 g = make_float2(0.f, 0.f), u = g;
+    for (int z = 0; z < S; ++z) {
+        const float* p = part + ((size_t)z * T + t) * 2 * N;
+        const float2 a = *reinterpret_cast<const float2*>(p + j);
+        const float2 b = *reinterpret_cast<const float2*>(p + N + j);
+        g.x += a.x, g.y += a.y, u.x += b.x, u.y += b.y;
+    }
+    *reinterpret_cast<uint32_t*>(h + i) = pack_bf16(silu(g.x) * u.x, silu(g.y) * u.y);
+}
+// y [T, N] = Σ over the S k ranges' sums `part [S][T][N]`, 2 columns a thread.
+extern "C" __global__ void dense_fp8_sk_sum(const float* part, int S, int T, int N, bf16* y) {
+    const int i = (blockIdx.x * blockDim.x + threadIdx.x) * 2;
+    if (i >= T * N) return;
+    float2 a = make_float2(0.f, 0.f);
+    for (int z = 0; z < S; ++z) {
+        const float2 b = *reinterpret_cast<const float2*>(part + (size_t)z * T * N + i);
+        a.x += b.x, a.y += b.y;
+    }
+    *reinterpret_cast<uint32_t*>(y + i) = pack_bf16(a.x, a.y);
+}
+
 // moe_ws's weights e4m3 with the dequantisation in the consumers (CONSUMER_DEQUANT): the loader
 // warpgroup only copies each stage's 256 × 64 e4m3 tile (STAGES of them, 16 KiB each) beside the
 // activations, and the 256 consumer threads dequantise step kt + 1's tile into one of two bf16

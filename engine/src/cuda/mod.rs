@@ -230,6 +230,85 @@ fn dense_kernel(fp8: bool, gate_up: bool, t: usize, fp8_rows: usize) -> Option<&
     })
 }
 
+/// Rows up to which [`Gpu::dense_small`] takes an e4m3 product past dense.cu's kernels
+/// ([`dense_fp8_max_rows`]) through experts_fp8.cu's `dense_fp8_sk` (one block row of 64; beyond
+/// it each block row would read the weights again, slower than the dequantisation + cuBLAS it
+/// replaces: docs/BENCHMARKS.md, session 34).
+pub const DENSE_FP8_SPLIT_MAX_ROWS: usize = 64;
+
+/// `dense_fp8_sk`'s shared memory: 3 stages of 64 × 64 bf16 activations and of 128 × 64 e4m3
+/// weights, and the 128 × 64 bf16 tile they are dequantised into.
+const DENSE_FP8_SK_SMEM: u32 = 3 * 64 * 64 * 2 + 3 * 128 * 64 + 128 * 64 * 2;
+
+/// Whether e4m3 products of [`dense_fp8_max_rows`] + 1 … [`DENSE_FP8_SPLIT_MAX_ROWS`] rows run
+/// on `dense_fp8_sk` (default) or dequantise the weight for cuBLAS as before
+/// (`MOEMESH_DENSE_FP8_SPLIT=0`, for A/B measurements), read once.
+pub fn dense_fp8_split_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var("MOEMESH_DENSE_FP8_SPLIT")
+            .map(|v| !matches!(v.trim(), "0" | "false" | "off"))
+            .unwrap_or(true)
+    })
+}
+
+/// `dense_fp8_sk`'s k ranges for `tiles` column blocks over `k` columns: about two waves of the
+/// GPU's multiprocessors (fewer blocks measured slower: session 34), whole k steps of 64, at
+/// least two steps a range, at most 16 ranges.
+fn dense_fp8_splits(tiles: usize, k: usize) -> usize {
+    (2 * SMS)
+        .div_ceil(tiles.max(1))
+        .min(k / 64 / 2)
+        .clamp(1, 16)
+}
+
+/// Where [`Gpu::dense_small`] takes `t` rows of width `k` times an e4m3 weight through
+/// `dense_fp8_sk`: the output width, the column blocks and the k ranges; `None` where it does
+/// not (bf16 weights, rows outside what dense.cu leaves … [`DENSE_FP8_SPLIT_MAX_ROWS`], widths
+/// the tiles do not take: k a multiple of 64; gate/up halves a multiple of 128, so that the
+/// stacked gate and up rows each start a block row of scales).
+fn dense_fp8_split_dims(
+    t: usize,
+    k: usize,
+    w: DenseWeight<'_>,
+    gate_up: bool,
+    fp8_rows: usize,
+) -> Option<SplitShape> {
+    let DenseWeight::Fp8 { q, .. } = w else {
+        return None;
+    };
+    let (wn, wk) = q.dims2().ok()?;
+    let n = if gate_up { wn / 2 } else { wn };
+    let ok = t > fp8_rows.min(DENSE_FP8_KERNEL_ROWS)
+        && t <= DENSE_FP8_SPLIT_MAX_ROWS
+        && wk == k
+        && k.is_multiple_of(64)
+        && n > 0
+        && n.is_multiple_of(2)
+        && (!gate_up || (wn == 2 * n && n.is_multiple_of(128)))
+        && w.well_formed()
+        && q.is_contiguous()
+        && aligned16(q);
+    let tiles = if gate_up {
+        n.div_ceil(64)
+    } else {
+        n.div_ceil(128)
+    };
+    ok.then(|| SplitShape {
+        n,
+        tiles,
+        splits: dense_fp8_splits(tiles, k),
+    })
+}
+
+/// [`dense_fp8_split_dims`]'s answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SplitShape {
+    n: usize,
+    tiles: usize,
+    splits: usize,
+}
+
 /// Which prefill kernels are on, read once from `MOEMESH_FLASH_PREFILL`: both (default), none
 /// (`0`, the earlier path: attention through materialised scores and a host-built causal mask,
 /// experts one after another beyond [`crate::experts::DENSE_MAX_ROWS`] rows), or one of them
@@ -772,19 +851,88 @@ impl Gpu {
     /// dequantised in registers, f32 sums rounded once). With `gate_up`, `w` is an MLP's stacked
     /// `[2·N, K]` gate and up rows and the result is `silu(x·Wgᵀ) ⊙ (x·Wuᵀ)`, `[T, N]`. `None`
     /// when the kernel does not take the shapes (K a multiple of 64, N of 16, contiguous
-    /// 16-byte-aligned operands) or `MOEMESH_DENSE_MMA=0`.
+    /// 16-byte-aligned operands) or `MOEMESH_DENSE_MMA=0`. e4m3 weights past dense.cu's rows
+    /// ([`dense_fp8_max_rows`]), up to [`DENSE_FP8_SPLIT_MAX_ROWS`], take experts_fp8.cu's
+    /// `dense_fp8_sk` instead (the weight read once over k ranges, no dequantised copy) where
+    /// [`dense_fp8_split_enabled`] and the widths fit ([`dense_fp8_split_dims`]).
     pub fn dense_small(
         &self,
         x: &Tensor,
         w: DenseWeight<'_>,
         gate_up: bool,
     ) -> Result<Option<Tensor>> {
-        let Some(DenseShape { rows: t, n, kernel }) = dense_small_shape(x, w, gate_up) else {
-            return Ok(None);
+        if let Some(DenseShape { rows: t, n, kernel }) = dense_small_shape(x, w, gate_up) {
+            let y = self.alloc(DType::BF16, &[t, n])?;
+            self.launch_dense(x, w, kernel, &y)?;
+            return Ok(Some(y));
+        }
+        if let DenseWeight::Fp8 { q, scale } = w
+            && dense_fp8_split_enabled()
+            && let Ok((t, k)) = x.dims2()
+            && x.dtype() == DType::BF16
+            && x.is_contiguous()
+            && aligned16(x)
+            && let Some(shape) = dense_fp8_split_dims(t, k, w, gate_up, dense_fp8_max_rows())
+        {
+            return self.dense_fp8_split(x, q, scale, gate_up, shape).map(Some);
+        }
+        Ok(None)
+    }
+
+    /// `x [T, K] · qᵀ` (or the SwiGLU form) through experts_fp8.cu's `dense_fp8_sk`: the weight
+    /// read once, its columns and k range spread over `shape`'s blocks, each k range's f32 sums
+    /// added (and the SwiGLU applied) by `dense_fp8_sk_sum` / `_swiglu` into `[T, N]` bf16.
+    fn dense_fp8_split(
+        &self,
+        x: &Tensor,
+        q: &Tensor,
+        scale: &Tensor,
+        gate_up: bool,
+        shape: SplitShape,
+    ) -> Result<Tensor> {
+        let (t, k) = x.dims2()?;
+        let SplitShape { n, tiles, splits } = shape;
+        let part = self.alloc(DType::F32, &[splits, t, if gate_up { 2 * n } else { n }])?;
+        let (kernel, add) = if gate_up {
+            ("dense_fp8_sk_gate_up", "dense_fp8_sk_swiglu")
+        } else {
+            ("dense_fp8_sk", "dense_fp8_sk_sum")
         };
+        let tiles = u32::try_from(tiles).map_err(|_| {
+            EngineError::InvalidInput(format!("an output width of {n} is too large"))
+        })?;
+        self.launch(
+            kernel,
+            (tiles, 1, splits as u32),
+            128,
+            DENSE_FP8_SK_SMEM,
+            &[
+                Arg::Ptr(self.ptr(x)?),
+                i32_arg(t, "rows")?,
+                i32_arg(k, "input width")?,
+                Arg::Ptr(self.ptr(q)?),
+                Arg::Ptr(self.ptr(scale)?),
+                i32_arg(n, "output width")?,
+                Arg::Ptr(self.ptr(&part)?),
+            ],
+        )?;
         let y = self.alloc(DType::BF16, &[t, n])?;
-        self.launch_dense(x, w, kernel, &y)?;
-        Ok(Some(y))
+        let blocks = u32::try_from((t * n / 2).div_ceil(256))
+            .map_err(|_| EngineError::InvalidInput(format!("{t} rows of {n} are too many")))?;
+        self.launch(
+            add,
+            (blocks, 1, 1),
+            256,
+            0,
+            &[
+                Arg::Ptr(self.ptr(&part)?),
+                i32_arg(splits, "k ranges")?,
+                i32_arg(t, "rows")?,
+                i32_arg(n, "output width")?,
+                Arg::Ptr(self.ptr(&y)?),
+            ],
+        )?;
+        Ok(y)
     }
 
     /// Queues dense.cu's `kernel` for `x · wᵀ` (or the SwiGLU form) into `y`, as
@@ -1483,6 +1631,83 @@ mod tests {
         let (rows, why) = parse_dense_fp8_rows(Some("sixteen"));
         assert_eq!(rows, DENSE_FP8_DEFAULT_ROWS);
         assert!(why.is_some_and(|w| w.contains("\"sixteen\"") && w.contains("not a number")));
+    }
+
+    #[test]
+    fn e4m3_products_past_the_dense_kernels_split_k_to_fill_the_gpu() {
+        use crate::weights::fp8::KERNEL_BLOCK as B;
+        let cpu = candle_core::Device::Cpu;
+        let fp8 = |n: usize, k: usize| {
+            let q = Tensor::zeros((n, k), DType::F8E4M3, &cpu).expect("q");
+            let s = Tensor::zeros((n.div_ceil(B), k.div_ceil(B)), DType::F32, &cpu).expect("s");
+            (q, s)
+        };
+        // V2-Lite's shared experts: gate/up [2 · 2,816, 2,048], down [2,048, 2,816].
+        let (gq, gs) = fp8(2 * 2816, 2048);
+        let (dq, ds) = fp8(2048, 2816);
+        let gu = DenseWeight::Fp8 { q: &gq, scale: &gs };
+        let down = DenseWeight::Fp8 { q: &dq, scale: &ds };
+        for t in 17..=DENSE_FP8_SPLIT_MAX_ROWS {
+            // 44 column blocks of 64 gate + 64 up columns: 6 k ranges of the 32 steps (264
+            // blocks, two waves of 132 SMs); down 16 blocks of 128: 16 ranges (the cap).
+            let want = SplitShape {
+                n: 2816,
+                tiles: 44,
+                splits: 6,
+            };
+            assert_eq!(dense_fp8_split_dims(t, 2048, gu, true, 16), Some(want));
+            let want = SplitShape {
+                n: 2048,
+                tiles: 16,
+                splits: 16,
+            };
+            assert_eq!(dense_fp8_split_dims(t, 2816, down, false, 16), Some(want));
+        }
+        // Rows dense.cu takes, rows past one block row, widths that do not match: none.
+        for t in [0, 1, 8, 16, DENSE_FP8_SPLIT_MAX_ROWS + 1, 256] {
+            assert_eq!(
+                dense_fp8_split_dims(t, 2048, gu, true, 16),
+                None,
+                "rows {t}"
+            );
+        }
+        assert_eq!(
+            dense_fp8_split_dims(24, 2048, gu, true, 32),
+            None,
+            "dense.cu's to 32"
+        );
+        assert!(dense_fp8_split_dims(40, 2048, gu, true, 32).is_some());
+        assert_eq!(
+            dense_fp8_split_dims(32, 1024, gu, true, 16),
+            None,
+            "k differs"
+        );
+        let (oq, os) = fp8(2 * 2816, 2000);
+        let odd_k = DenseWeight::Fp8 { q: &oq, scale: &os };
+        assert_eq!(
+            dense_fp8_split_dims(32, 2000, odd_k, true, 16),
+            None,
+            "k % 64"
+        );
+        let (hq, hs) = fp8(2 * 192, 2048);
+        let half_blocks = DenseWeight::Fp8 { q: &hq, scale: &hs };
+        assert_eq!(
+            dense_fp8_split_dims(32, 2048, half_blocks, true, 16),
+            None,
+            "the up rows would start inside a block row of scales"
+        );
+        assert!(dense_fp8_split_dims(32, 2048, half_blocks, false, 16).is_some());
+        let bf = Tensor::zeros((2048, 2816), DType::BF16, &cpu).expect("bf16");
+        assert_eq!(
+            dense_fp8_split_dims(32, 2816, DenseWeight::Bf16(&bf), false, 16),
+            None
+        );
+        // The k ranges: two waves' worth, at least two steps of 64 each, at most 16.
+        assert_eq!(dense_fp8_splits(44, 2048), 6);
+        assert_eq!(dense_fp8_splits(1, 2048), 16);
+        assert_eq!(dense_fp8_splits(300, 2048), 1);
+        assert_eq!(dense_fp8_splits(16, 192), 1, "three steps: one range");
+        assert_eq!(dense_fp8_splits(16, 64), 1);
     }
 
     #[test]
