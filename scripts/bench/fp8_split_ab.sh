@@ -8,10 +8,12 @@
 #      within 0.15 of each other until then (the earlier paths' own spread: below);
 #   2. end to end at concurrency 32 and 64 (128-token prompts, 32 new tokens), off and on
 #      interleaved, ROUNDS rounds, and bf16 once for the FP8 ratio;
-#   3. decode steps (ITL p50 of `bench --sweep`) at SWEEP, off and on interleaved.
+#   3. decode steps (ITL p50 of `bench --sweep`) at SWEEP, off and on interleaved;
+#   4. (`mesh`) the same end to end through a mesh on the GPU (`up --expert-workers 2`: the gate
+#      runs the shared experts while the workers' routed experts share the SMs), off and on.
 #
 #   scripts/bench/fp8_split_ab.sh [BIN] [ROUNDS]   (SWEEP default 24,32,48,64; PARTS default
-#   "check e2e sweep")
+#   "check e2e sweep mesh")
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/bench/ab_env.sh
@@ -19,7 +21,7 @@ BIN=${1:-dist/moemesh-cuda}
 ROUNDS=${2:-2}
 FP8=("${M[@]}" --weights-dtype fp8 --device cuda:0)
 status=0
-for part in ${PARTS:-check e2e sweep}; do
+for part in ${PARTS:-check e2e sweep mesh}; do
     case $part in
     check)
         for len in 24 64; do
@@ -80,6 +82,28 @@ EOF
             for split in 0 1; do
                 MOEMESH_DENSE_FP8_SPLIT=$split "$BIN" bench --in-process "${FP8[@]}" --sweep "${SWEEP:-24,32,48,64}" \
                     --prompt-len 128 --output-len 32 --json | steps "round $round split=$split" || status=1
+            done
+        done
+        ;;
+    mesh)
+        warm_up "$BIN"
+        for round in $(seq "$ROUNDS"); do
+            for split in 0 1; do
+                MOEMESH_DENSE_FP8_SPLIT=$split "$BIN" up --listen 127.0.0.1:50187 "${FP8[@]}" \
+                    --expert-workers 2 >/tmp/split-up.out 2>/tmp/split-up.err &
+                pid=$!
+                for _ in $(seq 900); do
+                    grep -q '"event":"ready"' /tmp/split-up.out 2>/dev/null && break
+                    kill -0 $pid 2>/dev/null || break
+                    sleep 0.1
+                done
+                for c in 32 64; do
+                    echo -n "round $round mesh c$c split=$split: "
+                    "$BIN" bench --addr 127.0.0.1:50187 --concurrency $c --requests $((3 * c)) \
+                        --prompt-len 128 --output-len 32 --json | line || status=1
+                done
+                kill -TERM $pid
+                wait $pid 2>/dev/null
             done
         done
         ;;
