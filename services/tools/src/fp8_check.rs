@@ -43,12 +43,16 @@
 //! `dequantize_matrix`): bit equality, plain and gate/up + SwiGLU, at V2-Lite's shapes and
 //! partial-block ones, at 1 to 8 rows and at 9 to 32 (the `_rows16` / `_rows32` kernels, up to
 //! `MOEMESH_DENSE_FP8_ROWS`), there against the bf16 kernel run on each 8 rows in turn: the walk
-//! feeds every group of 8 the same MMAs in the same order as the 8-row kernel.
+//! feeds every group of 8 the same MMAs in the same order as the 8-row kernel. Past those rows,
+//! to 64, the split-k `dense_fp8_sk` (`dense_split`): against the f32 product of the same bf16
+//! values, within one bf16 rounding of the output (its k ranges' f32 sums are added in another
+//! order than any bf16 kernel's).
 
 use moemesh_engine::cuda::{
-    DENSE_SMALL_MAX_ROWS, DenseWeight, DeviceRouting, ExpertQuant, ExpertWeights, Gpu,
-    HostAssignments, HostPairs, Int4Groups, dense_fp8_max_rows, grouped_min_pairs_per_slot,
-    takes_bulk_gate_up, takes_grouped, takes_wide_chunks,
+    DENSE_FP8_SPLIT_MAX_ROWS, DENSE_SMALL_MAX_ROWS, DenseWeight, DeviceRouting, ExpertQuant,
+    ExpertWeights, Gpu, HostAssignments, HostPairs, Int4Groups, dense_fp8_max_rows,
+    dense_fp8_split_enabled, grouped_min_pairs_per_slot, takes_bulk_gate_up, takes_grouped,
+    takes_wide_chunks,
 };
 use moemesh_engine::weights::fp8::{dequantize_e4m3, dequantize_matrix, quantize_e4m3};
 use moemesh_engine::weights::int4::Int4Tensor;
@@ -510,6 +514,94 @@ pub fn dense(g: &Gpu, device: &Device, rng: &mut ChaCha8Rng) -> anyhow::Result<V
         if rows <= dense_fp8_max_rows() {
             out.push(dense_one(g, device, rng, rows, k, n, gate_up)?);
         }
+    }
+    Ok(out)
+}
+
+/// e4m3 products of more rows than dense.cu's kernels take, up to
+/// [`DENSE_FP8_SPLIT_MAX_ROWS`]: experts_fp8.cu's split-k `dense_fp8_sk` (through `dense_small`,
+/// where [`dense_fp8_split_enabled`]) against the product in f32 of the same bf16 values (the
+/// weight as `fp8_dequant_bf16` gives it, which the kernel's tiles hold; SwiGLU in f32 for the
+/// gate/up form): within the output's one bf16 rounding plus 5% for the f32 sums' other order
+/// (k ranges added in f32), as `kernel_check`'s dense cases. (rows, K, N, gate/up): V2-Lite's
+/// shared experts' gate/up and down at 24–64 rows, its o_proj, a gate/up half of 1,408, a column
+/// block cut short (N 176), a k range of 3 steps (one range), and a gate/up form whose halves do
+/// not start a block row of scales (N 80: not taken, `None`, so the caller dequantises).
+pub fn dense_split(
+    g: &Gpu,
+    device: &Device,
+    rng: &mut ChaCha8Rng,
+) -> anyhow::Result<Vec<KernelCheck>> {
+    let mut out = Vec::new();
+    if !dense_fp8_split_enabled() {
+        return Ok(out);
+    }
+    for (rows, k, n, gate_up) in [
+        (24, 2048, 2816, true),
+        (64, 2048, 2816, true),
+        (32, 2816, 2048, false),
+        (64, 2816, 2048, false),
+        (17, 2048, 2048, false),
+        (40, 2048, 1408, true),
+        (20, 320, 176, false),
+        (48, 192, 256, false),
+        (33, 320, 80, true),
+    ] {
+        if rows <= dense_fp8_max_rows() || rows > DENSE_FP8_SPLIT_MAX_ROWS {
+            continue;
+        }
+        let wn = if gate_up { 2 * n } else { n };
+        let name = format!(
+            "dense FP8 split-k {}{rows} × {k} → {n}",
+            if gate_up { "gate/up + SwiGLU, " } else { "" }
+        );
+        device.set_seed(rng.random())?;
+        let w = Tensor::randn(0f32, 0.03, (wn, k), device)?;
+        let (q, s) = quantize_e4m3(&w)?;
+        let x = Tensor::from_vec(normal(rng, rows * k, 1.0), (rows, k), device)?
+            .to_dtype(DType::BF16)?;
+        let got = g.dense_small(&x, DenseWeight::Fp8 { q: &q, scale: &s }, gate_up)?;
+        let takes = !gate_up || n.is_multiple_of(128);
+        let Some(got) = got else {
+            out.push(KernelCheck {
+                case: if takes {
+                    format!("{name}: not taken")
+                } else {
+                    format!("{name}: not taken (as it must not be)")
+                },
+                max_rel: 0.0,
+                cosine: 1.0,
+                passed: !takes,
+            });
+            continue;
+        };
+        if !takes {
+            out.push(KernelCheck {
+                case: format!("{name}: taken, though its up rows start inside a scale block"),
+                max_rel: f32::INFINITY,
+                cosine: 0.0,
+                passed: false,
+            });
+            continue;
+        }
+        let deq = g
+            .fp8_dequant_bf16(&q, &s)?
+            .ok_or_else(|| anyhow::anyhow!("the dequantisation did not take {name}"))?;
+        let y = x
+            .to_dtype(DType::F32)?
+            .matmul(&deq.to_dtype(DType::F32)?.t()?)?;
+        let reference = if gate_up {
+            (y.narrow(1, 0, n)?.silu()? * y.narrow(1, n, n)?)?
+        } else {
+            y
+        };
+        let (max_rel, cosine) = compare(&reference, &got)?;
+        out.push(KernelCheck {
+            case: name,
+            max_rel,
+            cosine,
+            passed: max_rel <= 1.05 * 2f32.powi(-8) && cosine >= 0.99999,
+        });
     }
     Ok(out)
 }

@@ -128,6 +128,7 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<KernelCheck>> {
     out.extend(crate::mla_fused_check::run(&g, device)?);
     out.extend(crate::fp8_check::run(&g, device, &mut rng)?);
     out.extend(crate::fp8_check::dense(&g, device, &mut rng)?);
+    out.extend(crate::fp8_check::dense_split(&g, device, &mut rng)?);
     Ok(out)
 }
 
