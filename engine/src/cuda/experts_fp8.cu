@@ -694,8 +694,8 @@ GG_FP8_KERNELS(k32, 32, 4)
 
 // ---------------------------------------------------------------------------------------------
 // One wide e4m3 matrix (the shared experts' stacked gate/up [2N, K] or down [N, K], 128 × 128
-// block scales) times a few dozen to a few hundred rows x [T, K]: the products above dense.cu's
-// rows (17 … 256). cuBLAS needs the weight dequantised to bf16 on every call (reads 1 byte,
+// block scales) times a few dozen rows x [T, K]: the products past dense.cu's rows (17 … 64 by
+// default; `Gpu::dense_small` launches it for one block row, DENSE_FP8_SPLIT_MAX_ROWS). cuBLAS needs the weight dequantised to bf16 on every call (reads 1 byte,
 // writes 2 and reads them again), and moe_gg's grid over one matrix's columns (44 or 16 blocks)
 // leaves most SMs idle. Here moe_gg's tile (64 rows × 128 columns, k steps of 64 in 3 stages,
 // the e4m3 dequantised into its bf16 tile) runs over one k range of `gridDim.z` (each a run of

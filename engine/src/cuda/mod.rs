@@ -861,17 +861,16 @@ impl Gpu {
         w: DenseWeight<'_>,
         gate_up: bool,
     ) -> Result<Option<Tensor>> {
-        if let Some(DenseShape { rows: t, n, kernel }) = dense_small_shape(x, w, gate_up) {
+        let Some((t, k)) = bf16_rows(x) else {
+            return Ok(None);
+        };
+        if let Some(DenseShape { rows: t, n, kernel }) = dense_small_dims(t, k, w, gate_up) {
             let y = self.alloc(DType::BF16, &[t, n])?;
             self.launch_dense(x, w, kernel, &y)?;
             return Ok(Some(y));
         }
         if let DenseWeight::Fp8 { q, scale } = w
             && dense_fp8_split_enabled()
-            && let Ok((t, k)) = x.dims2()
-            && x.dtype() == DType::BF16
-            && x.is_contiguous()
-            && aligned16(x)
             && let Some(shape) = dense_fp8_split_dims(t, k, w, gate_up, dense_fp8_max_rows())
         {
             return self.dense_fp8_split(x, q, scale, gate_up, shape).map(Some);
@@ -936,7 +935,7 @@ impl Gpu {
     }
 
     /// Queues dense.cu's `kernel` for `x · wᵀ` (or the SwiGLU form) into `y`, as
-    /// [`dense_small_shape`] chose them.
+    /// [`dense_small_dims`] chose them.
     fn launch_dense(&self, x: &Tensor, w: DenseWeight<'_>, kernel: &str, y: &Tensor) -> Result<()> {
         let (t, k) = x.dims2()?;
         let n = y.dim(1)?;
@@ -1200,19 +1199,16 @@ struct DenseShape {
     kernel: &'static str,
 }
 
-/// Where [`Gpu::dense_small`] takes `x · wᵀ` (`gate_up`: the SwiGLU form over a stacked weight),
-/// `None` where it does not.
-fn dense_small_shape(x: &Tensor, w: DenseWeight<'_>, gate_up: bool) -> Option<DenseShape> {
+/// `x`'s rows and width where [`Gpu::dense_small`]'s kernels read it: contiguous, 16-byte
+/// aligned bf16 rows; `None` otherwise.
+fn bf16_rows(x: &Tensor) -> Option<(usize, usize)> {
     let (t, k) = x.dims2().ok()?;
-    let bf16_rows = |a: &Tensor| a.dtype() == DType::BF16 && a.is_contiguous() && aligned16(a);
-    if !bf16_rows(x) {
-        return None;
-    }
-    dense_small_dims(t, k, w, gate_up)
+    (x.dtype() == DType::BF16 && x.is_contiguous() && aligned16(x)).then_some((t, k))
 }
 
-/// [`dense_small_shape`] for an input of `t` contiguous bf16 rows of width `k` (a fresh
-/// allocation, so aligned).
+/// Which of dense.cu's kernels [`Gpu::dense_small`] takes `x · wᵀ` with (`gate_up`: the SwiGLU
+/// form over a stacked weight) for an input of `t` contiguous, aligned bf16 rows of width `k`;
+/// `None` where none does.
 fn dense_small_dims(t: usize, k: usize, w: DenseWeight<'_>, gate_up: bool) -> Option<DenseShape> {
     let wt = w.tensor();
     let (wn, wk) = wt.dims2().ok()?;

@@ -60,7 +60,7 @@ use moemesh_engine::{DType, Device, Tensor};
 use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
 
-use crate::kernel_check::{KernelCheck, compare, normal};
+use crate::kernel_check::{KernelCheck, against_f32_product, compare, normal};
 
 /// An expert layer's shape: hidden, inner, experts, top-k.
 struct Shape {
@@ -521,9 +521,8 @@ pub fn dense(g: &Gpu, device: &Device, rng: &mut ChaCha8Rng) -> anyhow::Result<V
 /// e4m3 products of more rows than dense.cu's kernels take, up to
 /// [`DENSE_FP8_SPLIT_MAX_ROWS`]: experts_fp8.cu's split-k `dense_fp8_sk` (through `dense_small`,
 /// where [`dense_fp8_split_enabled`]) against the product in f32 of the same bf16 values (the
-/// weight as `fp8_dequant_bf16` gives it, which the kernel's tiles hold; SwiGLU in f32 for the
-/// gate/up form): within the output's one bf16 rounding plus 5% for the f32 sums' other order
-/// (k ranges added in f32), as `kernel_check`'s dense cases. (rows, K, N, gate/up): V2-Lite's
+/// weight as `fp8_dequant_bf16` gives it, which the kernel's tiles hold), by
+/// `kernel_check::against_f32_product`'s bound, as the bf16 dense cases. (rows, K, N, gate/up): V2-Lite's
 /// shared experts' gate/up and down at 24–64 rows, its o_proj, a gate/up half of 1,408, a column
 /// block cut short (N 176), a k range of 3 steps (one range), and a gate/up form whose halves do
 /// not start a block row of scales (N 80: not taken, `None`, so the caller dequantises).
@@ -567,7 +566,7 @@ pub fn dense_split(
                 case: if takes {
                     format!("{name}: not taken")
                 } else {
-                    format!("{name}: not taken (as it must not be)")
+                    format!("{name}: not taken, as it must not be")
                 },
                 max_rel: 0.0,
                 cosine: 1.0,
@@ -587,21 +586,7 @@ pub fn dense_split(
         let deq = g
             .fp8_dequant_bf16(&q, &s)?
             .ok_or_else(|| anyhow::anyhow!("the dequantisation did not take {name}"))?;
-        let y = x
-            .to_dtype(DType::F32)?
-            .matmul(&deq.to_dtype(DType::F32)?.t()?)?;
-        let reference = if gate_up {
-            (y.narrow(1, 0, n)?.silu()? * y.narrow(1, n, n)?)?
-        } else {
-            y
-        };
-        let (max_rel, cosine) = compare(&reference, &got)?;
-        out.push(KernelCheck {
-            case: name,
-            max_rel,
-            cosine,
-            passed: max_rel <= 1.05 * 2f32.powi(-8) && cosine >= 0.99999,
-        });
+        out.push(against_f32_product(name, &x, &deq, n, gate_up, &got)?);
     }
     Ok(out)
 }

@@ -133,9 +133,7 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<KernelCheck>> {
 }
 
 /// `dense_small` (a decode step's dense projections on the tensor cores) against the product
-/// in f32 of the same bf16 values (and SwiGLU in f32 for the stacked gate/up form): within
-/// the output's one bf16 rounding (unit roundoff 2⁻⁸ of a value, so of the largest), plus 5%
-/// for the f32 sums' other order.
+/// in f32 of the same bf16 values ([`against_f32_product`]).
 fn dense(
     g: &Gpu,
     device: &Device,
@@ -156,6 +154,21 @@ fn dense(
     let got = g
         .dense_small(&x, DenseWeight::Bf16(&w), gate_up)?
         .ok_or_else(|| anyhow::anyhow!("the dense kernel did not take {name}"))?;
+    against_f32_product(name, &x, &w, n, gate_up, &got)
+}
+
+/// `got`, a kernel's bf16 `x · wᵀ` (`gate_up`: the SwiGLU of a stacked `[2n, K]` weight's
+/// products) from bf16 `x` and `w`, against the product in f32 of the same values (and SwiGLU in
+/// f32): within the output's one bf16 rounding (unit roundoff 2⁻⁸ of a value, so of the
+/// largest), plus 5% for the f32 sums' other order; cosine ≥ 0.99999.
+pub(crate) fn against_f32_product(
+    case: String,
+    x: &Tensor,
+    w: &Tensor,
+    n: usize,
+    gate_up: bool,
+    got: &Tensor,
+) -> anyhow::Result<KernelCheck> {
     let y = x
         .to_dtype(DType::F32)?
         .matmul(&w.to_dtype(DType::F32)?.t()?)?;
@@ -164,9 +177,9 @@ fn dense(
     } else {
         y
     };
-    let (max_rel, cosine) = compare(&reference, &got)?;
+    let (max_rel, cosine) = compare(&reference, got)?;
     Ok(KernelCheck {
-        case: name,
+        case,
         max_rel,
         cosine,
         passed: max_rel <= 1.05 * 2f32.powi(-8) && cosine >= 0.99999,
